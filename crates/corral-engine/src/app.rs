@@ -1,0 +1,83 @@
+//! The application trait: what the engine asks of whatever serves requests.
+//!
+//! The engine parses and frames HTTP; an [`App`] sees a [`Request`] (the
+//! parsed head, the peer, the listener) and an [`Exchange`] through which it
+//! reads the body and writes the response. The WSGI adapter is one `App`; the
+//! engine's own tests use plain Rust ones, so no Python is needed to test the
+//! engine.
+
+use corral_proto::http1::{Field, Head, Known, Version};
+
+use crate::exchange::Exchange;
+
+/// Per-process facts about a listener, shared by every request it accepts.
+#[derive(Debug, Clone)]
+pub struct ListenerInfo {
+    pub server_name: String,
+    pub server_port: String,
+    pub is_unix: bool,
+}
+
+/// The parsed request head, borrowed for the duration of one call.
+pub struct Request<'a> {
+    pub head: &'a Head,
+    /// The bytes the head's ranges index.
+    pub bytes: &'a [u8],
+    /// REMOTE_ADDR and REMOTE_PORT (empty for unix sockets).
+    pub remote_addr: &'a str,
+    pub remote_port: &'a str,
+    pub listener: &'a ListenerInfo,
+    pub listener_index: usize,
+}
+
+impl<'a> Request<'a> {
+    pub fn method(&self) -> &'a [u8] {
+        &self.bytes[self.head.method.clone()]
+    }
+    /// The request target exactly as sent (REQUEST_URI).
+    pub fn target(&self) -> &'a [u8] {
+        &self.bytes[self.head.target.clone()]
+    }
+    /// The raw (still percent-encoded) path.
+    pub fn path(&self) -> &'a [u8] {
+        &self.bytes[self.head.path.clone()]
+    }
+    pub fn query(&self) -> &'a [u8] {
+        &self.bytes[self.head.query.clone()]
+    }
+    pub fn protocol(&self) -> &'static str {
+        match self.head.version {
+            Version::Http10 => "HTTP/1.0",
+            Version::Http11 => "HTTP/1.1",
+        }
+    }
+    /// Header fields in arrival order: (name, value, kind).
+    pub fn fields(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8], Known)> + 'a {
+        let bytes = self.bytes;
+        self.head
+            .fields
+            .iter()
+            .map(move |f: &Field| (&bytes[f.name.clone()], &bytes[f.value.clone()], f.known))
+    }
+}
+
+/// Serves requests. One value lives in each worker process; every worker
+/// thread calls it with its own per-thread state.
+pub trait App: Send + Sync + 'static {
+    /// State owned by one worker thread (for Python, its thread state).
+    type Thread;
+
+    /// Called once on each worker thread before it serves anything.
+    fn thread_start(&self) -> Self::Thread;
+
+    /// Serves one request. The engine completes the response afterwards if
+    /// the app did not (an empty 500 when nothing was started).
+    fn call(&self, thread: &mut Self::Thread, req: &Request<'_>, ex: &mut Exchange);
+
+    /// Runs `f`, which blocks on a socket, in a way that lets other threads of
+    /// this app run meanwhile (for Python: with the GIL released). Only called
+    /// from inside [`App::call`].
+    fn blocking(f: &mut dyn FnMut()) {
+        f()
+    }
+}

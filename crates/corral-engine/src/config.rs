@@ -1,0 +1,53 @@
+//! Settings the engine runs with, already validated by the command line.
+
+use std::time::Duration;
+
+use corral_proto::http1::Limits;
+
+use crate::listen::Addr;
+
+/// Default `--graceful-timeout`: how long in-flight requests get to finish on
+/// a graceful stop (gunicorn's default).
+pub const DEFAULT_GRACEFUL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time a client has to send a whole request head (hyper's 30 s;
+/// nginx allows 60 s per read).
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default idle time of a keep-alive connection between requests. Long enough
+/// for nginx/HAProxy upstream pools (they close first at 60 s by default).
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(75);
+/// Default wait for the client while reading a body or writing a response.
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// Consecutive worker deaths during boot after which the master gives up.
+pub const MAX_BOOT_FAILURES: u32 = 5;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub http: Vec<Addr>,
+    pub workers: usize,
+    pub threads: usize,
+    pub backlog: i32,
+    pub limits: Limits,
+    /// Largest request body accepted (413 beyond it); `u64::MAX` for no limit.
+    pub max_body_size: u64,
+    pub graceful_timeout: Duration,
+    pub header_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub io_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            http: Vec::new(),
+            workers: 1,
+            threads: 1,
+            backlog: crate::listen::DEFAULT_BACKLOG,
+            limits: Limits::default(),
+            max_body_size: u64::MAX,
+            graceful_timeout: DEFAULT_GRACEFUL_TIMEOUT,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            io_timeout: DEFAULT_IO_TIMEOUT,
+        }
+    }
+}

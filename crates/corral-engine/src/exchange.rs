@@ -1,0 +1,850 @@
+//! One request/response exchange on a connection: the body reader and the
+//! response writer an [`App`](crate::App) uses.
+//!
+//! An [`Exchange`] is a cheap handle (an `Arc` and a generation number) so
+//! an app may keep it in objects that outlive the call, such as a WSGI
+//! `wsgi.input`; once the engine moves on to the next request on the
+//! connection the generation changes and stale handles read EOF and refuse to
+//! write, so nothing of one request can reach another.
+//!
+//! Sockets are non-blocking. A read or write that would block waits in
+//! `poll(2)` inside the app's [`blocking`](crate::App::blocking) hook, so a
+//! Python app releases the GIL only when it actually has to wait.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::BytesMut;
+use corral_proto::http1::{parse_content_length, Chunk, ChunkedDecoder};
+
+use crate::date;
+
+/// How many bytes the engine reads from a socket at a time.
+pub(crate) const READ_CHUNK: usize = 64 * 1024;
+/// Unread request body the engine discards to keep a connection alive; past
+/// this it closes the connection instead of reading what the app ignored.
+pub(crate) const MAX_DRAIN: u64 = 1024 * 1024;
+
+/// Why a body read failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyError {
+    /// The chunked framing was invalid (400).
+    Framing(corral_proto::http1::Error),
+    /// The body is larger than `--max-body-size` (413).
+    TooLarge,
+    /// The client closed the connection before the whole body arrived.
+    Truncated,
+    /// No bytes arrived within the I/O timeout.
+    Timeout,
+    /// The socket failed.
+    Io(i32),
+    /// This handle belongs to a request that has ended.
+    Stale,
+}
+
+impl BodyError {
+    /// The status to answer with when the app lets this error escape.
+    pub fn status(self) -> u16 {
+        match self {
+            BodyError::Framing(e) => e.status(),
+            BodyError::TooLarge => 413,
+            BodyError::Timeout => 408,
+            _ => 400,
+        }
+    }
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::Framing(e) => write!(f, "invalid request body: {e}"),
+            BodyError::TooLarge => f.write_str("request body larger than the configured maximum"),
+            BodyError::Truncated => f.write_str("client closed the connection before sending the whole body"),
+            BodyError::Timeout => f.write_str("timed out waiting for the request body"),
+            BodyError::Io(e) => write!(f, "reading the request body: {}", io::Error::from_raw_os_error(*e)),
+            BodyError::Stale => f.write_str("wsgi.input used after its request ended"),
+        }
+    }
+}
+
+/// Why the app's response could not be used or sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResponseError {
+    /// The status or a header the app gave is invalid; the message says which.
+    Invalid(String),
+    /// start_response was called again after the headers went out.
+    AlreadySent,
+    /// Nothing was started before writing.
+    NotStarted,
+    /// The client went away (EPIPE, ECONNRESET) or stopped reading past the timeout.
+    ClientGone(String),
+    Stale,
+}
+
+impl std::fmt::Display for ResponseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResponseError::Invalid(m) => f.write_str(m),
+            ResponseError::AlreadySent => f.write_str("response headers already sent"),
+            ResponseError::NotStarted => f.write_str("write before start_response"),
+            ResponseError::ClientGone(m) => write!(f, "client disconnected: {m}"),
+            ResponseError::Stale => f.write_str("response used after its request ended"),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) enum BodyState {
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    Done,
+    Failed(BodyError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RespFraming {
+    /// Content-Length given by the app, with the bytes still owed.
+    Length(u64),
+    Chunked,
+    /// HTTP/1.0 without Content-Length: the close ends the body.
+    Close,
+    /// HEAD, 1xx, 204, 304: headers only.
+    NoBody,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RespPhase {
+    /// Nothing started yet.
+    Idle,
+    /// Status and headers buffered, not sent.
+    Started,
+    /// Headers on the wire.
+    Sent,
+    /// Complete.
+    Finished,
+}
+
+/// Mutable per-connection state, behind the exchange's lock.
+pub(crate) struct Io {
+    pub fd: RawFd,
+    pub generation: u64,
+    /// Bytes read from the socket and not yet consumed: body, then any
+    /// pipelined requests.
+    pub buf: BytesMut,
+    pub body: BodyState,
+    pub body_received: u64,
+    pub max_body: u64,
+    /// Decoded body bytes held back by readline.
+    pub pending: BytesMut,
+    /// `Expect: 100-continue` was asked and not yet answered.
+    pub continue_owed: bool,
+    pub http11: bool,
+    pub head_request: bool,
+    /// The connection may carry another request after this response.
+    pub keep_alive: bool,
+    pub timeout_ms: i32,
+    /// The socket failed; nothing more is written and the connection closes.
+    pub broken: bool,
+    /// The app failed after sending headers: close with a reset.
+    pub aborted: bool,
+    pub phase: RespPhase,
+    pub status: u16,
+    pub head: Vec<u8>,
+    pub framing: RespFraming,
+    pub app_length: Option<u64>,
+    pub bytes_sent: u64,
+}
+
+impl Io {
+    pub(crate) fn new(fd: RawFd, timeout_ms: i32, max_body: u64) -> Io {
+        Io {
+            fd,
+            generation: 0,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            body: BodyState::Done,
+            body_received: 0,
+            max_body,
+            pending: BytesMut::new(),
+            continue_owed: false,
+            http11: true,
+            head_request: false,
+            keep_alive: true,
+            timeout_ms,
+            broken: false,
+            aborted: false,
+            phase: RespPhase::Idle,
+            status: 0,
+            head: Vec::with_capacity(512),
+            framing: RespFraming::NoBody,
+            app_length: None,
+            bytes_sent: 0,
+        }
+    }
+
+    /// Reads what the socket has into `buf`. Ok(0) is end of input; a would-block
+    /// is `Err(WouldBlock)`.
+    pub(crate) fn read_some(&mut self) -> io::Result<usize> {
+        if self.buf.capacity() - self.buf.len() < 4096 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        let spare = self.buf.spare_capacity_mut();
+        let n = unsafe { libc::read(self.fd, spare.as_mut_ptr().cast(), spare.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        unsafe { self.buf.set_len(self.buf.len() + n as usize) };
+        Ok(n as usize)
+    }
+
+    fn wait(&self, events: i16, blocking: fn(&mut dyn FnMut())) -> bool {
+        let mut ready = false;
+        let fd = self.fd;
+        let timeout = self.timeout_ms;
+        blocking(&mut || ready = poll_one(fd, events, timeout));
+        ready
+    }
+
+    /// Reads more of the body from the socket, waiting up to the timeout.
+    fn fill(&mut self, blocking: fn(&mut dyn FnMut())) -> Result<(), BodyError> {
+        if self.continue_owed {
+            self.continue_owed = false;
+            if self.phase < RespPhase::Sent {
+                self.write_parts(&[b"HTTP/1.1 100 Continue\r\n\r\n"], blocking)
+                    .map_err(|_| BodyError::Truncated)?;
+            }
+        }
+        loop {
+            match self.read_some() {
+                Ok(0) => return Err(BodyError::Truncated),
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !self.wait(libc::POLLIN, blocking) {
+                        return Err(BodyError::Timeout);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(BodyError::Io(e.raw_os_error().unwrap_or(0))),
+            }
+        }
+    }
+
+    /// Appends up to `max` body bytes to `out`; Ok(0) only at the end of the body.
+    pub(crate) fn read_body(
+        &mut self,
+        out: &mut Vec<u8>,
+        max: usize,
+        blocking: fn(&mut dyn FnMut()),
+    ) -> Result<usize, BodyError> {
+        if max == 0 {
+            return Ok(0);
+        }
+        if !self.pending.is_empty() {
+            let n = self.pending.len().min(max);
+            out.extend_from_slice(&self.pending.split_to(n));
+            return Ok(n);
+        }
+        loop {
+            match &mut self.body {
+                BodyState::Done => return Ok(0),
+                BodyState::Failed(e) => return Err(*e),
+                BodyState::Length(left) => {
+                    if self.buf.is_empty() {
+                        if let Err(e) = self.fill(blocking) {
+                            self.body = BodyState::Failed(e);
+                            return Err(e);
+                        }
+                        continue;
+                    }
+                    let n = (self.buf.len() as u64).min(*left).min(max as u64) as usize;
+                    out.extend_from_slice(&self.buf.split_to(n));
+                    *left -= n as u64;
+                    if *left == 0 {
+                        self.body = BodyState::Done;
+                    }
+                    return Ok(n);
+                }
+                BodyState::Chunked(dec) => match dec.decode(&self.buf) {
+                    Ok(Chunk::Data { data, consumed }) => {
+                        let take = data.len().min(max);
+                        let total = self.body_received + take as u64;
+                        if total > self.max_body {
+                            self.body = BodyState::Failed(BodyError::TooLarge);
+                            return Err(BodyError::TooLarge);
+                        }
+                        out.extend_from_slice(&self.buf[data.start..data.start + take]);
+                        self.body_received = total;
+                        if take < data.len() {
+                            // Hand back what did not fit: the decoder counted it as consumed,
+                            // so keep it decoded in `pending`.
+                            self.pending.extend_from_slice(&self.buf[data.start + take..data.end]);
+                        }
+                        let _ = self.buf.split_to(consumed);
+                        return Ok(take);
+                    }
+                    Ok(Chunk::NeedMore { consumed }) => {
+                        let _ = self.buf.split_to(consumed);
+                        if let Err(e) = self.fill(blocking) {
+                            let e = if e == BodyError::Truncated {
+                                BodyError::Framing(corral_proto::http1::Error::ChunkTerminator)
+                            } else {
+                                e
+                            };
+                            self.body = BodyState::Failed(e);
+                            return Err(e);
+                        }
+                    }
+                    Ok(Chunk::End { consumed }) => {
+                        let _ = self.buf.split_to(consumed);
+                        self.body = BodyState::Done;
+                        return Ok(0);
+                    }
+                    Err(e) => {
+                        self.body = BodyState::Failed(BodyError::Framing(e));
+                        return Err(BodyError::Framing(e));
+                    }
+                },
+            }
+        }
+    }
+
+    /// Appends bytes up to and including the next LF (or `max` bytes, or the end).
+    pub(crate) fn read_line(
+        &mut self,
+        out: &mut Vec<u8>,
+        max: usize,
+        blocking: fn(&mut dyn FnMut()),
+    ) -> Result<usize, BodyError> {
+        let start = out.len();
+        loop {
+            if let Some(i) = self.pending.iter().position(|&b| b == b'\n') {
+                let n = (i + 1).min(max - (out.len() - start));
+                out.extend_from_slice(&self.pending.split_to(n));
+                return Ok(out.len() - start);
+            }
+            let room = max - (out.len() - start);
+            if self.pending.len() >= room {
+                out.extend_from_slice(&self.pending.split_to(room));
+                return Ok(out.len() - start);
+            }
+            let mut chunk = Vec::new();
+            let n = self.read_body(&mut chunk, READ_CHUNK, blocking)?;
+            // read_body serves `pending` first; it is empty here unless a
+            // chunk overflowed, so rebuild it in order.
+            let rest = std::mem::take(&mut self.pending);
+            self.pending.extend_from_slice(&chunk);
+            self.pending.extend_from_slice(&rest);
+            if n == 0 && self.pending.is_empty() {
+                return Ok(out.len() - start);
+            }
+            if n == 0 {
+                let all = self.pending.len().min(room);
+                out.extend_from_slice(&self.pending.split_to(all));
+                return Ok(out.len() - start);
+            }
+        }
+    }
+
+    pub(crate) fn body_finished(&self) -> bool {
+        matches!(self.body, BodyState::Done) && self.pending.is_empty()
+    }
+
+    /// Writes all of `parts` (one writev where possible), waiting for the socket
+    /// when it is full.
+    pub(crate) fn write_parts(
+        &mut self,
+        parts: &[&[u8]],
+        blocking: fn(&mut dyn FnMut()),
+    ) -> Result<(), ResponseError> {
+        if self.broken {
+            return Err(ResponseError::ClientGone("connection already failed".into()));
+        }
+        let mut iov: [libc::iovec; 4] = unsafe { std::mem::zeroed() };
+        let mut cnt = 0;
+        for p in parts.iter().filter(|p| !p.is_empty()) {
+            iov[cnt] = libc::iovec { iov_base: p.as_ptr() as *mut _, iov_len: p.len() };
+            cnt += 1;
+        }
+        let mut first = 0;
+        while first < cnt {
+            let n = unsafe { libc::writev(self.fd, iov[first..].as_ptr(), (cnt - first) as i32) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => {
+                        if !self.wait(libc::POLLOUT, blocking) {
+                            self.broken = true;
+                            return Err(ResponseError::ClientGone("timed out writing the response".into()));
+                        }
+                        continue;
+                    }
+                    io::ErrorKind::Interrupted => continue,
+                    _ => {
+                        self.broken = true;
+                        return Err(ResponseError::ClientGone(e.to_string()));
+                    }
+                }
+            }
+            let mut n = n as usize;
+            while n > 0 && first < cnt {
+                let len = iov[first].iov_len;
+                if n >= len {
+                    n -= len;
+                    first += 1;
+                } else {
+                    iov[first].iov_base = unsafe { (iov[first].iov_base as *mut u8).add(n) }.cast();
+                    iov[first].iov_len -= n;
+                    n = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Finishes the buffered head: date, framing and connection headers.
+    /// `known_len` is the whole body's length when the app handed it over in
+    /// one piece, so a Content-Length can replace chunking.
+    fn seal_head(&mut self, known_len: Option<u64>) {
+        let no_body = self.head_request || self.status < 200 || self.status == 204 || self.status == 304;
+        self.framing = match (self.app_length, no_body) {
+            (Some(n), false) => RespFraming::Length(n),
+            (_, true) => RespFraming::NoBody,
+            (None, false) => match known_len {
+                Some(n) => {
+                    self.head.extend_from_slice(b"Content-Length: ");
+                    self.head.extend_from_slice(itoa(n, &mut [0u8; 20]));
+                    self.head.extend_from_slice(b"\r\n");
+                    RespFraming::Length(n)
+                }
+                None if self.http11 => {
+                    self.head.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+                    RespFraming::Chunked
+                }
+                None => {
+                    self.keep_alive = false;
+                    RespFraming::Close
+                }
+            },
+        };
+        if self.continue_owed && !self.body_finished() {
+            // The client is waiting for permission to send a body nobody will
+            // read: the connection cannot be reused.
+            self.keep_alive = false;
+        }
+        date::append_date_header(&mut self.head);
+        if !self.keep_alive {
+            if self.http11 {
+                self.head.extend_from_slice(b"Connection: close\r\n");
+            }
+        } else if !self.http11 {
+            self.head.extend_from_slice(b"Connection: keep-alive\r\n");
+        }
+        self.head.extend_from_slice(b"\r\n");
+    }
+
+    /// Sends `data` as body bytes (with the head first if it is still buffered).
+    pub(crate) fn write_body(
+        &mut self,
+        data: &[u8],
+        last: bool,
+        blocking: fn(&mut dyn FnMut()),
+    ) -> Result<(), ResponseError> {
+        let head = match self.phase {
+            RespPhase::Idle => return Err(ResponseError::NotStarted),
+            RespPhase::Started => {
+                self.seal_head(if last { Some(data.len() as u64) } else { None });
+                self.phase = RespPhase::Sent;
+                std::mem::take(&mut self.head)
+            }
+            RespPhase::Sent => Vec::new(),
+            RespPhase::Finished => return Ok(()),
+        };
+        let result = self.send_framed(&head, data, blocking);
+        if self.head.capacity() == 0 {
+            self.head = head;
+            self.head.clear();
+        }
+        result
+    }
+
+    fn send_framed(&mut self, head: &[u8], data: &[u8], blocking: fn(&mut dyn FnMut())) -> Result<(), ResponseError> {
+        match self.framing {
+            RespFraming::NoBody => self.write_parts(&[head], blocking),
+            RespFraming::Close => {
+                self.bytes_sent += data.len() as u64;
+                self.write_parts(&[head, data], blocking)
+            }
+            RespFraming::Length(left) => {
+                // Bytes past the declared length would be read as the next
+                // response by the client: drop them, as gunicorn does.
+                let n = (data.len() as u64).min(left) as usize;
+                self.framing = RespFraming::Length(left - n as u64);
+                self.bytes_sent += n as u64;
+                self.write_parts(&[head, &data[..n]], blocking)
+            }
+            RespFraming::Chunked => {
+                if data.is_empty() {
+                    return self.write_parts(&[head], blocking);
+                }
+                let mut size = [0u8; 18];
+                let len = hex_line(data.len(), &mut size);
+                self.bytes_sent += data.len() as u64;
+                self.write_parts(&[head, &size[..len], data, b"\r\n"], blocking)
+            }
+        }
+    }
+
+    /// Completes the response. Returns an error when the app sent fewer bytes
+    /// than its Content-Length, in which case the connection must close.
+    pub(crate) fn finish(&mut self, blocking: fn(&mut dyn FnMut())) -> Result<(), ResponseError> {
+        match self.phase {
+            RespPhase::Idle => return Err(ResponseError::NotStarted),
+            RespPhase::Started => self.write_body(b"", true, blocking)?,
+            RespPhase::Sent => {}
+            RespPhase::Finished => return Ok(()),
+        }
+        self.phase = RespPhase::Finished;
+        match self.framing {
+            RespFraming::Chunked => self.write_parts(&[b"0\r\n\r\n"], blocking),
+            RespFraming::Length(left) if left > 0 => {
+                self.keep_alive = false;
+                Err(ResponseError::Invalid(format!(
+                    "the app declared Content-Length {} but sent {} bytes; closing the connection",
+                    self.app_length.unwrap_or(0),
+                    self.bytes_sent
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Sends `count` bytes of `file` from `offset` with sendfile(2).
+    pub(crate) fn sendfile(
+        &mut self,
+        file: RawFd,
+        mut offset: i64,
+        count: u64,
+        blocking: fn(&mut dyn FnMut()),
+    ) -> Result<(), ResponseError> {
+        let mut count = match self.framing {
+            RespFraming::Length(left) if self.phase == RespPhase::Sent => count.min(left),
+            _ => count,
+        };
+        if self.phase == RespPhase::Started {
+            // Head first; when the app gave no length this file is the whole body.
+            let head_len = if self.app_length.is_none() { Some(count) } else { None };
+            self.seal_head(head_len);
+            self.phase = RespPhase::Sent;
+            let head = std::mem::take(&mut self.head);
+            self.write_parts(&[&head], blocking)?;
+            if let RespFraming::Length(left) = self.framing {
+                count = count.min(left);
+            }
+        }
+        match self.framing {
+            RespFraming::NoBody => return Ok(()),
+            RespFraming::Chunked => {
+                let mut size = [0u8; 18];
+                let len = hex_line(count as usize, &mut size);
+                self.write_parts(&[&size[..len]], blocking)?;
+            }
+            _ => {}
+        }
+        let mut left = count;
+        while left > 0 {
+            let n = unsafe { libc::sendfile(self.fd, file, &mut offset, left.min(1 << 30) as usize) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => {
+                        if !self.wait(libc::POLLOUT, blocking) {
+                            self.broken = true;
+                            return Err(ResponseError::ClientGone("timed out writing the response".into()));
+                        }
+                        continue;
+                    }
+                    io::ErrorKind::Interrupted => continue,
+                    _ => {
+                        self.broken = true;
+                        return Err(ResponseError::ClientGone(e.to_string()));
+                    }
+                }
+            }
+            if n == 0 {
+                break; // the file is shorter than it said
+            }
+            left -= n as u64;
+            self.bytes_sent += n as u64;
+        }
+        if let RespFraming::Length(l) = self.framing {
+            self.framing = RespFraming::Length(l - (count - left));
+        }
+        if self.framing == RespFraming::Chunked {
+            if left > 0 {
+                // The chunk size was announced; a short file cannot be framed.
+                self.broken = true;
+                return Err(ResponseError::Invalid("file ended before its announced size".into()));
+            }
+            self.write_parts(&[b"\r\n"], blocking)?;
+        }
+        Ok(())
+    }
+}
+
+/// Handle the app uses to read the body and write the response.
+#[derive(Clone)]
+pub struct Exchange {
+    pub(crate) io: Arc<Mutex<Io>>,
+    pub(crate) generation: u64,
+    pub(crate) blocking: fn(&mut dyn FnMut()),
+}
+
+/// Hop-by-hop headers an app may not set (PEP 3333); the server owns framing.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+];
+
+impl Exchange {
+    fn lock(&self) -> Option<MutexGuard<'_, Io>> {
+        let io = self.io.lock().unwrap_or_else(|p| p.into_inner());
+        (io.generation == self.generation).then_some(io)
+    }
+
+    /// Reads up to `max` body bytes into `out`; Ok(0) at the end of the body.
+    pub fn read(&self, out: &mut Vec<u8>, max: usize) -> Result<usize, BodyError> {
+        let mut io = self.lock().ok_or(BodyError::Stale)?;
+        io.read_body(out, max, self.blocking)
+    }
+
+    /// Reads the rest of the body (up to `max` bytes) into `out`.
+    pub fn read_to_end(&self, out: &mut Vec<u8>, max: usize) -> Result<usize, BodyError> {
+        let mut io = self.lock().ok_or(BodyError::Stale)?;
+        let start = out.len();
+        while out.len() - start < max {
+            let want = (max - (out.len() - start)).min(READ_CHUNK * 4);
+            if io.read_body(out, want, self.blocking)? == 0 {
+                break;
+            }
+        }
+        Ok(out.len() - start)
+    }
+
+    /// Reads one line (through LF), at most `max` bytes.
+    pub fn read_line(&self, out: &mut Vec<u8>, max: usize) -> Result<usize, BodyError> {
+        let mut io = self.lock().ok_or(BodyError::Stale)?;
+        io.read_line(out, max, self.blocking)
+    }
+
+    /// Begins (or, before anything was sent, replaces) the response with a
+    /// status such as `200 OK`.
+    pub fn start(&self, status: &[u8]) -> Result<(), ResponseError> {
+        let mut io = self.lock().ok_or(ResponseError::Stale)?;
+        if io.phase >= RespPhase::Sent {
+            return Err(ResponseError::AlreadySent);
+        }
+        let code = parse_status(status)?;
+        io.status = code;
+        io.app_length = None;
+        io.head.clear();
+        io.head.extend_from_slice(b"HTTP/1.1 ");
+        io.head.extend_from_slice(status);
+        io.head.extend_from_slice(b"\r\n");
+        io.phase = RespPhase::Started;
+        Ok(())
+    }
+
+    /// Adds one response header after [`Exchange::start`].
+    pub fn header(&self, name: &[u8], value: &[u8]) -> Result<(), ResponseError> {
+        let mut io = self.lock().ok_or(ResponseError::Stale)?;
+        if io.phase != RespPhase::Started {
+            return Err(ResponseError::NotStarted);
+        }
+        if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
+            return Err(ResponseError::Invalid(format!(
+                "invalid response header name {:?}",
+                String::from_utf8_lossy(name)
+            )));
+        }
+        if value.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+            return Err(ResponseError::Invalid(format!(
+                "response header {:?} has a control character (CR, LF or NUL) in its value",
+                String::from_utf8_lossy(name)
+            )));
+        }
+        if HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes())) {
+            return Err(ResponseError::Invalid(format!(
+                "hop-by-hop header {:?} is not allowed from a WSGI app",
+                String::from_utf8_lossy(name)
+            )));
+        }
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let n = parse_content_length(value).map_err(|_| {
+                ResponseError::Invalid(format!("invalid Content-Length {:?}", String::from_utf8_lossy(value)))
+            })?;
+            if io.app_length.is_some_and(|m| m != n) {
+                return Err(ResponseError::Invalid("conflicting Content-Length headers".into()));
+            }
+            io.app_length = Some(n);
+        }
+        io.head.extend_from_slice(name);
+        io.head.extend_from_slice(b": ");
+        io.head.extend_from_slice(value);
+        io.head.extend_from_slice(b"\r\n");
+        Ok(())
+    }
+
+    /// Sends body bytes. `last` says that this is the whole remaining body,
+    /// which lets a response without Content-Length avoid chunking.
+    pub fn write(&self, data: &[u8], last: bool) -> Result<(), ResponseError> {
+        let mut io = self.lock().ok_or(ResponseError::Stale)?;
+        io.write_body(data, last, self.blocking)
+    }
+
+    /// Sends `count` bytes of an open file from `offset`, without copying
+    /// them through user space.
+    pub fn sendfile(&self, file: RawFd, offset: i64, count: u64) -> Result<(), ResponseError> {
+        let mut io = self.lock().ok_or(ResponseError::Stale)?;
+        if io.phase == RespPhase::Idle {
+            return Err(ResponseError::NotStarted);
+        }
+        io.sendfile(file, offset, count, self.blocking)
+    }
+
+    /// Completes the response.
+    pub fn finish(&self) -> Result<(), ResponseError> {
+        let mut io = self.lock().ok_or(ResponseError::Stale)?;
+        io.finish(self.blocking)
+    }
+
+    /// Whether the status line and headers have gone out.
+    pub fn headers_sent(&self) -> bool {
+        self.lock().is_some_and(|io| io.phase >= RespPhase::Sent)
+    }
+
+    /// Whether the response was started (headers buffered or sent).
+    pub fn started(&self) -> bool {
+        self.lock().is_some_and(|io| io.phase >= RespPhase::Started)
+    }
+
+    /// The app failed after the headers went out: the connection will be
+    /// reset so the client cannot take a truncated body for a whole one.
+    pub fn abort(&self) {
+        if let Some(mut io) = self.lock() {
+            io.aborted = true;
+            io.keep_alive = false;
+        }
+    }
+
+    /// The status the app chose, once started.
+    pub fn status(&self) -> u16 {
+        self.lock().map_or(0, |io| io.status)
+    }
+}
+
+/// `NNN reason`: three digits, a space, and a reason with no control characters.
+fn parse_status(s: &[u8]) -> Result<u16, ResponseError> {
+    let bad = || ResponseError::Invalid(format!("invalid status {:?}", String::from_utf8_lossy(s)));
+    if s.len() < 4 || !s[..3].iter().all(u8::is_ascii_digit) || s[3] != b' ' {
+        return Err(bad());
+    }
+    if s[4..].iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+        return Err(bad());
+    }
+    let code = s[..3].iter().fold(0u16, |n, &d| n * 10 + u16::from(d - b'0'));
+    if code < 100 {
+        return Err(bad());
+    }
+    Ok(code)
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Formats `n` as hex followed by CRLF; returns the length used.
+fn hex_line(n: usize, out: &mut [u8; 18]) -> usize {
+    let digits = if n == 0 { 1 } else { (usize::BITS - n.leading_zeros()).div_ceil(4) as usize };
+    for i in 0..digits {
+        let d = (n >> (4 * (digits - 1 - i))) & 0xf;
+        out[i] = b"0123456789abcdef"[d];
+    }
+    out[digits] = b'\r';
+    out[digits + 1] = b'\n';
+    digits + 2
+}
+
+pub(crate) fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+/// Waits for `events` on `fd`; false on timeout or error.
+pub(crate) fn poll_one(fd: RawFd, events: i16, timeout_ms: i32) -> bool {
+    let mut p = libc::pollfd { fd, events, revents: 0 };
+    loop {
+        let r = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+        if r < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return r > 0;
+    }
+}
+
+impl PartialOrd for RespPhase {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some((*self as u8).cmp(&(*other as u8)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_lines() {
+        let mut b = [0u8; 18];
+        let n = hex_line(1024, &mut b);
+        assert_eq!(&b[..n], b"400\r\n");
+        let n = hex_line(0, &mut b);
+        assert_eq!(&b[..n], b"0\r\n");
+        let n = hex_line(15, &mut b);
+        assert_eq!(&b[..n], b"f\r\n");
+    }
+
+    #[test]
+    fn statuses() {
+        assert_eq!(parse_status(b"200 OK"), Ok(200));
+        assert_eq!(parse_status(b"404 "), Ok(404));
+        assert!(parse_status(b"200").is_err());
+        assert!(parse_status(b"20x OK").is_err());
+        assert!(parse_status(b"200 OK\r\nX: y").is_err());
+        assert!(parse_status(b"099 Low").is_err());
+    }
+}
+
+impl Exchange {
+    /// The error that ended the body, if reading it failed: the status to
+    /// answer with when the app gives up because of it.
+    pub fn body_error(&self) -> Option<BodyError> {
+        let io = self.lock()?;
+        match io.body {
+            BodyState::Failed(e) => Some(e),
+            _ => None,
+        }
+    }
+}

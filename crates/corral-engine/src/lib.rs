@@ -1,0 +1,22 @@
+//! corral's server engine: listeners, connections, the worker event loop and
+//! the master process that supervises workers.
+//!
+//! Nothing here knows about Python. An application plugs in through
+//! [`App`]; the master's embedding (forking an interpreter, say) plugs in
+//! through [`supervise::Hooks`]. The protocol codecs live in `corral-proto`.
+
+pub mod app;
+pub mod config;
+pub mod date;
+pub mod exchange;
+pub mod listen;
+pub mod scoreboard;
+pub mod supervise;
+pub mod worker;
+
+pub use app::{App, ListenerInfo, Request};
+pub use config::Config;
+pub use exchange::{BodyError, Exchange, ResponseError};
+pub use listen::{Addr, Listener};
+pub use supervise::{Hooks, Master};
+pub use worker::{run_worker, WorkerCtx};

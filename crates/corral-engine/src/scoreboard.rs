@@ -1,0 +1,172 @@
+//! A table in shared memory where each worker thread says what it is doing.
+//!
+//! The master maps it before forking, so every worker writes to the same
+//! pages. Workers write only their own slots, with plain atomic stores; the
+//! master reads them to say what a dead worker was serving and whether a
+//! worker finished booting.
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
+
+/// Bytes of "METHOD /path" kept per thread.
+const TEXT: usize = 112;
+
+#[repr(C)]
+struct ThreadSlot {
+    /// Monotonic ms when the current request started; 0 when idle.
+    since_ms: AtomicU64,
+    len: AtomicU32,
+    _pad: u32,
+    text: [u8; TEXT],
+}
+
+#[repr(C)]
+struct WorkerHeader {
+    pid: AtomicI32,
+    state: AtomicU32,
+    requests: AtomicU64,
+}
+
+/// Lifecycle of a worker as the master sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum WorkerState {
+    Booting = 0,
+    Ready = 1,
+    Draining = 2,
+}
+
+/// The shared table; cheap to copy into each worker (a pointer and sizes).
+#[derive(Clone, Copy)]
+pub struct Scoreboard {
+    base: NonNull<u8>,
+    slots: usize,
+    threads: usize,
+}
+
+unsafe impl Send for Scoreboard {}
+unsafe impl Sync for Scoreboard {}
+
+impl Scoreboard {
+    /// Maps a table for `slots` workers of `threads` threads each. Call in the
+    /// master before the first fork.
+    pub fn new(slots: usize, threads: usize) -> std::io::Result<Scoreboard> {
+        let size = Self::slot_size(threads) * slots.max(1);
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Scoreboard { base: NonNull::new(p.cast()).expect("mmap returned null"), slots, threads })
+    }
+
+    fn slot_size(threads: usize) -> usize {
+        std::mem::size_of::<WorkerHeader>() + threads * std::mem::size_of::<ThreadSlot>()
+    }
+
+    fn header(&self, slot: usize) -> &WorkerHeader {
+        assert!(slot < self.slots);
+        unsafe { &*(self.base.as_ptr().add(slot * Self::slot_size(self.threads)) as *const WorkerHeader) }
+    }
+
+    fn thread(&self, slot: usize, t: usize) -> &ThreadSlot {
+        assert!(slot < self.slots && t < self.threads);
+        let off = slot * Self::slot_size(self.threads)
+            + std::mem::size_of::<WorkerHeader>()
+            + t * std::mem::size_of::<ThreadSlot>();
+        unsafe { &*(self.base.as_ptr().add(off) as *const ThreadSlot) }
+    }
+
+    /// Resets a slot for a new worker process.
+    pub fn reset(&self, slot: usize, pid: i32) {
+        let h = self.header(slot);
+        h.pid.store(pid, Ordering::Relaxed);
+        h.requests.store(0, Ordering::Relaxed);
+        h.state.store(WorkerState::Booting as u32, Ordering::Release);
+        for t in 0..self.threads {
+            self.thread(slot, t).since_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
+    pub fn set_state(&self, slot: usize, s: WorkerState) {
+        self.header(slot).state.store(s as u32, Ordering::Release);
+    }
+
+    pub fn state(&self, slot: usize) -> WorkerState {
+        match self.header(slot).state.load(Ordering::Acquire) {
+            1 => WorkerState::Ready,
+            2 => WorkerState::Draining,
+            _ => WorkerState::Booting,
+        }
+    }
+
+    pub fn requests(&self, slot: usize) -> u64 {
+        self.header(slot).requests.load(Ordering::Relaxed)
+    }
+
+    /// Records the request a thread starts serving.
+    pub fn begin(&self, slot: usize, t: usize, method: &[u8], path: &[u8], now_ms: u64) {
+        let s = self.thread(slot, t);
+        let text = unsafe { &mut *(s.text.as_ptr() as *mut [u8; TEXT]) };
+        let m = method.len().min(TEXT);
+        text[..m].copy_from_slice(&method[..m]);
+        let mut len = m;
+        if len < TEXT {
+            text[len] = b' ';
+            len += 1;
+            let p = path.len().min(TEXT - len);
+            text[len..len + p].copy_from_slice(&path[..p]);
+            len += p;
+        }
+        s.len.store(len as u32, Ordering::Relaxed);
+        s.since_ms.store(now_ms.max(1), Ordering::Release);
+    }
+
+    pub fn end(&self, slot: usize, t: usize) {
+        self.thread(slot, t).since_ms.store(0, Ordering::Release);
+        self.header(slot).requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// What the threads of a worker are serving: ("GET /x", ms since start).
+    pub fn in_flight(&self, slot: usize, now_ms: u64) -> Vec<(String, u64)> {
+        (0..self.threads)
+            .filter_map(|t| {
+                let s = self.thread(slot, t);
+                let since = s.since_ms.load(Ordering::Acquire);
+                (since != 0).then(|| {
+                    let len = (s.len.load(Ordering::Relaxed) as usize).min(TEXT);
+                    (String::from_utf8_lossy(&s.text[..len]).into_owned(), now_ms.saturating_sub(since))
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn begin_end_in_flight() {
+        let sb = Scoreboard::new(2, 3).unwrap();
+        sb.reset(1, 42);
+        assert_eq!(sb.state(1), WorkerState::Booting);
+        sb.set_state(1, WorkerState::Ready);
+        sb.begin(1, 2, b"GET", b"/slow", 1000);
+        assert_eq!(sb.in_flight(1, 1500), vec![("GET /slow".to_string(), 500)]);
+        sb.end(1, 2);
+        assert!(sb.in_flight(1, 1600).is_empty());
+        assert_eq!(sb.requests(1), 1);
+        let long = vec![b'a'; 500];
+        sb.begin(0, 0, b"POST", &long, 5);
+        assert_eq!(sb.in_flight(0, 5)[0].0.len(), TEXT);
+    }
+}

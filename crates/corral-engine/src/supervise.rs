@@ -1,0 +1,455 @@
+//! The master process: forks the workers, replaces the ones that die, and
+//! turns signals into lifecycle actions.
+//!
+//! The master never runs more than one thread. Signals are blocked and read
+//! from a signalfd, so there is no signal-handling thread, and every fork
+//! happens in a process whose only thread is the one forking: the child
+//! inherits no lock held by a thread that does not exist on its side.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use tracing::{error, info, warn};
+
+use crate::app::ListenerInfo;
+use crate::config::{Config, MAX_BOOT_FAILURES};
+use crate::date::mono_ms;
+use crate::listen::Listener;
+use crate::scoreboard::{Scoreboard, WorkerState};
+use crate::worker::WorkerCtx;
+
+/// Exit code a worker uses when the application cannot be loaded: the
+/// master stops instead of respawning into the same error.
+pub const EXIT_APP_LOAD_FAILED: i32 = 3;
+
+/// Where the master is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Serving; dead workers are replaced.
+    Running,
+    /// Workers were told to finish their requests; wait for them until the deadline.
+    Draining { deadline: Instant },
+    /// Workers were told to stop at once.
+    Stopping { deadline: Instant },
+}
+
+/// What a signal asks the master to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    GracefulStop,
+    QuickStop,
+    /// Replace every worker with a new one (new workers import the app anew
+    /// unless it was preloaded), old ones finishing their requests.
+    Reload,
+    AddWorker,
+    RemoveWorker,
+    ReopenLogs,
+    ReapChildren,
+}
+
+/// The one table from signal to action.
+pub const SIGNALS: &[(libc::c_int, Action)] = &[
+    (libc::SIGTERM, Action::GracefulStop),
+    (libc::SIGINT, Action::GracefulStop),
+    (libc::SIGQUIT, Action::QuickStop),
+    (libc::SIGHUP, Action::Reload),
+    (libc::SIGTTIN, Action::AddWorker),
+    (libc::SIGTTOU, Action::RemoveWorker),
+    (libc::SIGUSR1, Action::ReopenLogs),
+    (libc::SIGCHLD, Action::ReapChildren),
+];
+
+/// What the embedding (the Python binding) does around forks and waits.
+pub trait Hooks {
+    /// Just before fork, in the master (e.g. take the interpreter's locks).
+    fn before_fork(&self) {}
+    /// Just after fork, in the master.
+    fn after_fork_parent(&self) {}
+    /// Just after fork, in the new worker.
+    fn after_fork_child(&self) {}
+    /// Runs `f`, a blocking wait, letting other threads of the embedding run.
+    fn unlocked(&self, f: &mut dyn FnMut()) {
+        f()
+    }
+    /// Runs the worker in the child: load the app, serve, return the exit code.
+    fn worker_main(&self, ctx: WorkerCtx) -> i32;
+    /// Ends the worker process with `code` (after any at-exit work).
+    fn worker_exit(&self, code: i32) -> !;
+}
+
+struct Worker {
+    slot: usize,
+    started: Instant,
+    /// Asked to stop (reload, scale down, shutdown); its death is expected.
+    retiring: bool,
+}
+
+pub struct Master<'a, H: Hooks> {
+    config: Config,
+    listeners: Vec<Listener>,
+    hooks: &'a H,
+    scoreboard: Scoreboard,
+    workers: HashMap<libc::pid_t, Worker>,
+    /// Free scoreboard slots.
+    free_slots: Vec<usize>,
+    target: usize,
+    phase: Phase,
+    boot_failures: u32,
+    respawn_at: Option<Instant>,
+    signal_fd: RawFd,
+    exit_code: i32,
+}
+
+/// Scoreboard slots: room for growing with TTIN and for a full reload set.
+fn slot_capacity(workers: usize) -> usize {
+    (workers * 2 + 16).max(32)
+}
+
+impl<'a, H: Hooks> Master<'a, H> {
+    pub fn new(config: Config, listeners: Vec<Listener>, hooks: &'a H) -> io::Result<Self> {
+        let cap = slot_capacity(config.workers);
+        let scoreboard = Scoreboard::new(cap, config.threads.max(1))?;
+        let signal_fd = block_signals()?;
+        Ok(Master {
+            target: config.workers.max(1),
+            config,
+            listeners,
+            hooks,
+            scoreboard,
+            workers: HashMap::new(),
+            free_slots: (0..cap).rev().collect(),
+            phase: Phase::Running,
+            boot_failures: 0,
+            respawn_at: None,
+            signal_fd,
+            exit_code: 0,
+        })
+    }
+
+    /// Supervises until shutdown; returns the exit code for the master.
+    pub fn run(mut self) -> i32 {
+        for _ in 0..self.target {
+            self.spawn();
+        }
+        loop {
+            let timeout = self.next_timeout();
+            let sfd = self.signal_fd;
+            let mut ready = false;
+            self.hooks.unlocked(&mut || ready = crate::exchange::poll_one(sfd, libc::POLLIN, timeout));
+            if ready {
+                for sig in read_signals(sfd) {
+                    if let Some(&(_, action)) = SIGNALS.iter().find(|(s, _)| *s == sig) {
+                        self.act(action, sig);
+                    }
+                }
+            }
+            self.reap();
+            if let Some(code) = self.step() {
+                self.cleanup();
+                return code;
+            }
+        }
+    }
+
+    fn next_timeout(&self) -> i32 {
+        let mut ms = 1000;
+        if let Some(at) = self.respawn_at {
+            ms = ms.min(at.saturating_duration_since(Instant::now()).as_millis() as i32);
+        }
+        ms.max(10)
+    }
+
+    fn act(&mut self, action: Action, sig: libc::c_int) {
+        let name = signal_name(sig);
+        match action {
+            Action::ReapChildren => {}
+            Action::GracefulStop => {
+                if let Phase::Running = self.phase {
+                    info!(
+                        "Received {name}: graceful shutdown, waiting up to {:?} for in-flight requests",
+                        self.config.graceful_timeout
+                    );
+                    // Closing the master's copies too means that once the
+                    // workers close theirs, new connections are refused
+                    // rather than left in a queue nobody accepts from.
+                    self.close_listeners();
+                    self.signal_all(libc::SIGTERM);
+                    self.phase = Phase::Draining { deadline: Instant::now() + self.config.graceful_timeout };
+                }
+            }
+            Action::QuickStop => {
+                info!("Received {name}: stopping now");
+                self.close_listeners();
+                self.signal_all(libc::SIGQUIT);
+                self.phase = Phase::Stopping { deadline: Instant::now() + Duration::from_secs(2) };
+            }
+            Action::Reload => {
+                if self.phase != Phase::Running {
+                    return;
+                }
+                info!("Received {name}: replacing all {} worker(s), old ones finish their requests", self.target);
+                let old: Vec<libc::pid_t> = self.workers.keys().copied().collect();
+                for pid in old {
+                    if let Some(w) = self.workers.get_mut(&pid) {
+                        w.retiring = true;
+                    }
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGTERM);
+                }
+                for _ in 0..self.target {
+                    self.spawn();
+                }
+            }
+            Action::AddWorker => {
+                if self.phase == Phase::Running {
+                    self.target += 1;
+                    info!("Received {name}: workers {} -> {}", self.target - 1, self.target);
+                    self.spawn();
+                }
+            }
+            Action::RemoveWorker => {
+                if self.phase == Phase::Running && self.target > 1 {
+                    self.target -= 1;
+                    info!("Received {name}: workers {} -> {}", self.target + 1, self.target);
+                    let newest = self
+                        .workers
+                        .iter()
+                        .filter(|(_, w)| !w.retiring)
+                        .max_by_key(|(_, w)| w.started)
+                        .map(|(p, _)| *p);
+                    if let Some(pid) = newest {
+                        self.workers.get_mut(&pid).unwrap().retiring = true;
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGTERM);
+                    }
+                }
+            }
+            Action::ReopenLogs => {
+                info!("Received {name}: logs go to stderr; nothing to reopen");
+            }
+        }
+    }
+
+    /// Advances the phase; Some(code) when the master should exit.
+    fn step(&mut self) -> Option<i32> {
+        match self.phase {
+            Phase::Running => {
+                let active = self.workers.values().filter(|w| !w.retiring).count();
+                if active < self.target {
+                    let now = Instant::now();
+                    if self.respawn_at.is_none_or(|at| now >= at) {
+                        self.respawn_at = None;
+                        for _ in active..self.target {
+                            self.spawn();
+                        }
+                    }
+                }
+                None
+            }
+            Phase::Draining { deadline } => {
+                if self.workers.is_empty() {
+                    info!("Shutdown complete");
+                    return Some(self.exit_code);
+                }
+                if Instant::now() >= deadline {
+                    warn!("{} worker(s) still running after the graceful timeout; killing them", self.workers.len());
+                    self.signal_all(libc::SIGKILL);
+                    self.phase = Phase::Stopping { deadline: Instant::now() + Duration::from_secs(5) };
+                }
+                None
+            }
+            Phase::Stopping { deadline } => {
+                if self.workers.is_empty() {
+                    info!("Shutdown complete");
+                    return Some(self.exit_code);
+                }
+                if Instant::now() >= deadline {
+                    self.signal_all(libc::SIGKILL);
+                    if Instant::now() >= deadline + Duration::from_secs(5) {
+                        error!("{} worker(s) did not exit even after SIGKILL", self.workers.len());
+                        return Some(self.exit_code);
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    fn spawn(&mut self) {
+        let Some(slot) = self.free_slots.pop() else {
+            error!("no free worker slot");
+            return;
+        };
+        self.scoreboard.reset(slot, 0);
+        let listeners: Vec<(RawFd, ListenerInfo)> = self
+            .listeners
+            .iter()
+            .map(|l| {
+                (
+                    l.fd.as_raw_fd(),
+                    ListenerInfo {
+                        server_name: l.server_name.clone(),
+                        server_port: l.server_port.clone(),
+                        is_unix: l.is_unix,
+                    },
+                )
+            })
+            .collect();
+        self.hooks.before_fork();
+        // The master is single-threaded (see the module doc), so forking here is safe.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            self.hooks.after_fork_parent();
+            error!("fork: {}", io::Error::last_os_error());
+            self.free_slots.push(slot);
+            return;
+        }
+        if pid == 0 {
+            self.hooks.after_fork_child();
+            unsafe {
+                libc::close(self.signal_fd);
+                // If the master is killed outright, workers hear about it.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            }
+            self.scoreboard.reset(slot, std::process::id() as i32);
+            let ctx = WorkerCtx { config: self.config.clone(), listeners, slot, scoreboard: self.scoreboard };
+            let code = self.hooks.worker_main(ctx);
+            self.hooks.worker_exit(code);
+        }
+        self.hooks.after_fork_parent();
+        self.workers.insert(pid, Worker { slot, started: Instant::now(), retiring: false });
+        info!("Booting worker {slot} with pid {pid}");
+    }
+
+    fn reap(&mut self) {
+        loop {
+            let mut status = 0;
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if pid <= 0 {
+                return;
+            }
+            let Some(w) = self.workers.remove(&pid) else { continue };
+            let booted = self.scoreboard.state(w.slot) != WorkerState::Booting;
+            let serving = self.scoreboard.in_flight(w.slot, mono_ms());
+            self.free_slots.push(w.slot);
+            let how = describe_exit(status);
+            let clean = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+            if w.retiring || self.phase != Phase::Running {
+                if clean {
+                    info!("Worker {} (pid {pid}) exited", w.slot);
+                } else {
+                    warn!("Worker {} (pid {pid}) {how}{}", w.slot, describe_serving(&serving));
+                }
+                continue;
+            }
+            if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == EXIT_APP_LOAD_FAILED {
+                error!("Worker {} (pid {pid}) could not load the application (see the error above); shutting down", w.slot);
+                self.fail(1);
+                return;
+            }
+            if !booted {
+                self.boot_failures += 1;
+                if self.boot_failures >= MAX_BOOT_FAILURES {
+                    error!(
+                        "Worker {} (pid {pid}) {how} while booting; {} boot failures in a row, giving up",
+                        w.slot, self.boot_failures
+                    );
+                    self.fail(1);
+                    return;
+                }
+                let backoff = Duration::from_millis(100 << self.boot_failures.min(6));
+                error!(
+                    "Worker {} (pid {pid}) {how} while booting (failure {} of {MAX_BOOT_FAILURES}); retrying in {:?}",
+                    w.slot, self.boot_failures, backoff
+                );
+                self.respawn_at = Some(Instant::now() + backoff);
+            } else {
+                self.boot_failures = 0;
+                error!("Worker {} (pid {pid}) {how}{}; replacing it", w.slot, describe_serving(&serving));
+            }
+        }
+    }
+
+    fn fail(&mut self, code: i32) {
+        self.exit_code = code;
+        self.close_listeners();
+        self.signal_all(libc::SIGQUIT);
+        self.phase = Phase::Stopping { deadline: Instant::now() + Duration::from_secs(2) };
+        for w in self.workers.values_mut() {
+            w.retiring = true;
+        }
+    }
+
+    fn signal_all(&self, sig: libc::c_int) {
+        for pid in self.workers.keys() {
+            unsafe { libc::kill(*pid, sig) };
+        }
+    }
+
+    fn close_listeners(&mut self) {
+        for l in self.listeners.drain(..) {
+            if let Some(p) = &l.unix_path {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+
+    fn cleanup(&mut self) {
+        self.close_listeners();
+    }
+}
+
+/// Blocks the master's signals and returns a signalfd that reads them.
+fn block_signals() -> io::Result<RawFd> {
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for (sig, _) in SIGNALS {
+            libc::sigaddset(&mut set, *sig);
+        }
+        if libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(fd)
+    }
+}
+
+fn read_signals(fd: RawFd) -> Vec<libc::c_int> {
+    let mut out = Vec::new();
+    loop {
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let n = unsafe {
+            libc::read(fd, &mut info as *mut _ as *mut libc::c_void, std::mem::size_of::<libc::signalfd_siginfo>())
+        };
+        if n != std::mem::size_of::<libc::signalfd_siginfo>() as isize {
+            return out;
+        }
+        out.push(info.ssi_signo as libc::c_int);
+    }
+}
+
+pub fn signal_name(sig: libc::c_int) -> String {
+    nix::sys::signal::Signal::try_from(sig).map_or_else(|_| format!("signal {sig}"), |s| s.as_str().to_string())
+}
+
+fn describe_exit(status: libc::c_int) -> String {
+    if libc::WIFSIGNALED(status) {
+        let sig = libc::WTERMSIG(status);
+        let core = if libc::WCOREDUMP(status) { ", core dumped" } else { "" };
+        format!("was killed by signal {sig} ({}{core})", signal_name(sig))
+    } else {
+        format!("exited with code {}", libc::WEXITSTATUS(status))
+    }
+}
+
+fn describe_serving(serving: &[(String, u64)]) -> String {
+    if serving.is_empty() {
+        return " while idle".to_string();
+    }
+    let list: Vec<String> = serving.iter().map(|(r, ms)| format!("{r} ({ms} ms in)")).collect();
+    format!(" while serving {}", list.join(", "))
+}

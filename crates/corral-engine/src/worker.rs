@@ -1,0 +1,718 @@
+//! The worker process: one epoll set shared by `--threads` threads, each of
+//! which accepts, reads, parses, calls the app and writes the response itself.
+//!
+//! No request is handed from one thread to another: a thread-to-thread
+//! hand-off costs about as much as serving a small request. Connections sit
+//! in the epoll set with `EPOLLONESHOT`, so exactly one thread owns a
+//! connection from the moment it becomes readable until it is re-armed.
+//! Listeners are registered with `EPOLLEXCLUSIVE`, so one connection wakes
+//! one worker process, not all of them.
+//!
+//! The process's main thread serves nothing: it handles signals, closes idle
+//! connections whose deadline passed, and runs the graceful drain.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use corral_proto::http1::{self, BodyFraming, Head, Version};
+use corral_proto::Status;
+use tracing::{debug, error, info, warn};
+
+use crate::app::{App, ListenerInfo, Request};
+use crate::config::Config;
+use crate::date::mono_ms;
+use crate::exchange::{BodyState, Exchange, Io, RespPhase, MAX_DRAIN};
+use crate::scoreboard::{Scoreboard, WorkerState};
+
+/// epoll tokens below this are listener indexes; the wake token sits just
+/// under it; anything else is a `*mut Conn`.
+const LISTENER_TOKENS: u64 = 1 << 16;
+/// Connections taken from one listener wake-up before looking at other work.
+const ACCEPT_BATCH: usize = 64;
+/// How often the main thread looks for expired connections.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
+
+const IDLE: u8 = 0;
+const BUSY: u8 = 1;
+const CLOSING: u8 = 2;
+
+/// What the master hands a freshly forked worker.
+pub struct WorkerCtx {
+    pub config: Config,
+    /// (listening fd, facts for the environ), inherited from the master.
+    pub listeners: Vec<(RawFd, ListenerInfo)>,
+    pub slot: usize,
+    pub scoreboard: Scoreboard,
+}
+
+/// The part of a connection other threads may look at: the main thread
+/// reads it to expire idle connections and to drain.
+struct Entry {
+    fd: RawFd,
+    state: AtomicU8,
+    /// Monotonic ms after which an idle connection is closed; 0 = none.
+    deadline: AtomicU64,
+}
+
+/// A connection, owned by whichever thread epoll handed it to.
+struct Conn {
+    entry: Arc<Entry>,
+    slot: usize,
+    io: Arc<Mutex<Io>>,
+    head: Head,
+    listener: usize,
+    remote_addr: String,
+    remote_port: String,
+    /// Monotonic ms when the first byte of the current request arrived.
+    request_started: u64,
+}
+
+struct Shared<A: App> {
+    app: A,
+    config: Config,
+    listeners: Vec<(RawFd, ListenerInfo)>,
+    epfd: RawFd,
+    registry: Mutex<Registry>,
+    draining: AtomicBool,
+    scoreboard: Scoreboard,
+    slot: usize,
+}
+
+#[derive(Default)]
+struct Registry {
+    entries: Vec<Option<Arc<Entry>>>,
+    free: Vec<usize>,
+    live: usize,
+}
+
+/// Runs a worker until it is told to stop; returns the process exit code.
+/// Call on the process's only thread, right after fork and app loading.
+pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
+    let signals = match WorkerSignals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            error!("cannot install signal handlers: {e}");
+            return 1;
+        }
+    };
+    let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if epfd < 0 {
+        error!("epoll_create1: {}", io::Error::last_os_error());
+        return 1;
+    }
+    for (i, (fd, _)) in ctx.listeners.iter().enumerate() {
+        let mut ev = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32, u64: i as u64 };
+        if unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, *fd, &mut ev) } < 0 {
+            error!("epoll_ctl on listener: {}", io::Error::last_os_error());
+            return 1;
+        }
+    }
+    let threads = ctx.config.threads.max(1);
+    let shared = Arc::new(Shared {
+        app,
+        config: ctx.config,
+        listeners: ctx.listeners,
+        epfd,
+        registry: Mutex::new(Registry::default()),
+        draining: AtomicBool::new(false),
+        scoreboard: ctx.scoreboard,
+        slot: ctx.slot,
+    });
+    for t in 0..threads {
+        let s = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("corral-{t}"))
+            .spawn(move || thread_main(&s, t));
+        if let Err(e) = spawned {
+            error!("cannot start worker thread: {e}");
+            return 1;
+        }
+    }
+    shared.scoreboard.set_state(shared.slot, WorkerState::Ready);
+    info!("Worker ready: pid={} threads={}", std::process::id(), threads);
+    main_loop(&shared, &signals)
+}
+
+/// Signals a worker acts on, delivered through a self-pipe so the main
+/// thread can wait for them together with its sweep timer.
+struct WorkerSignals {
+    read_fd: RawFd,
+    stop: Arc<AtomicBool>,
+    quit: Arc<AtomicBool>,
+}
+
+impl WorkerSignals {
+    fn install() -> io::Result<WorkerSignals> {
+        use signal_hook::consts::*;
+        // The master blocks its signals to read them from a signalfd; a
+        // worker runs app code that may start subprocesses, so it takes
+        // them with handlers and an unblocked mask instead.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        }
+        let mut fds = [0; 2];
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let quit = Arc::new(AtomicBool::new(false));
+        for sig in [SIGTERM, SIGINT] {
+            signal_hook::flag::register(sig, stop.clone())?;
+        }
+        signal_hook::flag::register(SIGQUIT, quit.clone())?;
+        for sig in [SIGTERM, SIGINT, SIGQUIT] {
+            let w = unsafe { libc::dup(fds[1]) };
+            signal_hook::low_level::pipe::register_raw(sig, w)?;
+        }
+        // Signals meant for the master alone: a worker ignores them rather
+        // than die of their default action when a whole group is signalled.
+        for sig in [SIGHUP, SIGUSR1, SIGUSR2, SIGTTIN, SIGTTOU, SIGWINCH] {
+            unsafe { libc::signal(sig, libc::SIG_IGN) };
+        }
+        unsafe { libc::close(fds[1]) };
+        Ok(WorkerSignals { read_fd: fds[0], stop, quit })
+    }
+
+    fn wait(&self, timeout: Duration) {
+        crate::exchange::poll_one(self.read_fd, libc::POLLIN, timeout.as_millis() as i32);
+        let mut buf = [0u8; 64];
+        while unsafe { libc::read(self.read_fd, buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+    }
+}
+
+fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
+    let mut drain_deadline: Option<u64> = None;
+    loop {
+        signals.wait(SWEEP_INTERVAL);
+        if signals.quit.load(Ordering::Relaxed) {
+            info!("Worker exiting at once (SIGQUIT): pid={}", std::process::id());
+            return 0;
+        }
+        if signals.stop.load(Ordering::Relaxed) && drain_deadline.is_none() {
+            drain_deadline = Some(mono_ms() + w.config.graceful_timeout.as_millis() as u64);
+            begin_drain(w);
+        }
+        let now = mono_ms();
+        sweep(w, now, drain_deadline.is_some());
+        if let Some(deadline) = drain_deadline {
+            let live = w.registry.lock().unwrap().live;
+            if live == 0 {
+                info!("Worker stopped gracefully: pid={}", std::process::id());
+                return 0;
+            }
+            if now >= deadline {
+                warn!(
+                    "Worker stopping with {live} connection(s) still open after the graceful timeout: pid={}",
+                    std::process::id()
+                );
+                return 0;
+            }
+        }
+        if unsafe { libc::getppid() } == 1 {
+            // The master is gone (killed outright): nobody will replace or stop us.
+            if drain_deadline.is_none() {
+                warn!("Master process died; worker draining and exiting");
+                drain_deadline = Some(mono_ms() + w.config.graceful_timeout.as_millis() as u64);
+                begin_drain(w);
+            }
+        }
+    }
+}
+
+/// Stops accepting: the listeners leave this worker's epoll set and close,
+/// so the kernel sends new connections to workers still accepting (or, once
+/// the master closed its copy too, refuses them).
+fn begin_drain<A: App>(w: &Shared<A>) {
+    w.draining.store(true, Ordering::SeqCst);
+    w.scoreboard.set_state(w.slot, WorkerState::Draining);
+    for (fd, _) in &w.listeners {
+        unsafe {
+            libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_DEL, *fd, std::ptr::null_mut());
+            libc::close(*fd);
+        }
+    }
+    info!("Worker draining: pid={}", std::process::id());
+}
+
+/// Closes idle connections past their deadline, or every idle connection
+/// with nothing pending while draining. A connection with unread bytes is a
+/// request on its way and is left for a thread to serve.
+fn sweep<A: App>(w: &Shared<A>, now: u64, draining: bool) {
+    let reg = w.registry.lock().unwrap();
+    for e in reg.entries.iter().flatten() {
+        if e.state.load(Ordering::Acquire) != IDLE {
+            continue;
+        }
+        let expired = {
+            let d = e.deadline.load(Ordering::Relaxed);
+            d != 0 && now >= d
+        };
+        if !expired && !(draining && pending_bytes(e.fd) == 0) {
+            continue;
+        }
+        if e.state.compare_exchange(IDLE, CLOSING, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+            // The fd stays open until the owning thread sees the hang-up and
+            // removes the entry under this same lock, so it cannot be reused here.
+            unsafe { libc::shutdown(e.fd, libc::SHUT_RDWR) };
+            if expired && !draining {
+                debug!("closing connection idle past its timeout (fd {})", e.fd);
+            }
+        }
+    }
+}
+
+fn pending_bytes(fd: RawFd) -> i32 {
+    let mut n: libc::c_int = 0;
+    unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+    n
+}
+
+fn thread_main<A: App>(w: &Shared<A>, t: usize) {
+    let mut state = w.app.thread_start();
+    // With several threads, take one event at a time so a slow request never
+    // holds other ready connections hostage on this thread.
+    let batch = if w.config.threads > 1 { 1 } else { 64 };
+    let mut events: Vec<libc::epoll_event> = vec![libc::epoll_event { events: 0, u64: 0 }; batch];
+    loop {
+        let n = unsafe { libc::epoll_wait(w.epfd, events.as_mut_ptr(), batch as i32, -1) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            error!("epoll_wait: {e}");
+            return;
+        }
+        for ev in &events[..n as usize] {
+            let token = ev.u64;
+            if token < LISTENER_TOKENS {
+                accept_batch(w, &mut state, t, token as usize);
+            } else {
+                let conn = unsafe { Box::from_raw(token as *mut Conn) };
+                serve(w, &mut state, t, conn);
+            }
+        }
+    }
+}
+
+fn accept_batch<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, idx: usize) {
+    if w.draining.load(Ordering::Relaxed) {
+        return;
+    }
+    let lfd = w.listeners[idx].0;
+    for _ in 0..ACCEPT_BATCH {
+        let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let fd = unsafe {
+            libc::accept4(
+                lfd,
+                &mut addr as *mut _ as *mut libc::sockaddr,
+                &mut len,
+                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::ECONNABORTED) | Some(libc::EINTR) => {}
+                Some(libc::EMFILE) | Some(libc::ENFILE) => {
+                    warn!("accept: {e}: too many open files; raise the limit (ulimit -n)");
+                }
+                _ => error!("accept: {e}"),
+            }
+            return;
+        }
+        let (remote_addr, remote_port) = peer_strings(&addr, w.listeners[idx].1.is_unix);
+        if !w.listeners[idx].1.is_unix {
+            let one: libc::c_int = 1;
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::IPPROTO_TCP,
+                    libc::TCP_NODELAY,
+                    &one as *const _ as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as u32,
+                )
+            };
+        }
+        let entry = Arc::new(Entry { fd, state: AtomicU8::new(BUSY), deadline: AtomicU64::new(0) });
+        let slot = {
+            let mut reg = w.registry.lock().unwrap();
+            reg.live += 1;
+            match reg.free.pop() {
+                Some(i) => {
+                    reg.entries[i] = Some(entry.clone());
+                    i
+                }
+                None => {
+                    reg.entries.push(Some(entry.clone()));
+                    reg.entries.len() - 1
+                }
+            }
+        };
+        let conn = Box::new(Conn {
+            entry,
+            slot,
+            io: Arc::new(Mutex::new(Io::new(
+                fd,
+                w.config.io_timeout.as_millis() as i32,
+                w.config.max_body_size,
+            ))),
+            head: Head::default(),
+            listener: idx,
+            remote_addr,
+            remote_port,
+            request_started: mono_ms(),
+        });
+        // Serve right away: the request often arrived with the connection.
+        serve_claimed(w, state, t, conn);
+    }
+}
+
+fn peer_strings(addr: &libc::sockaddr_storage, is_unix: bool) -> (String, String) {
+    if is_unix {
+        return (String::new(), String::new());
+    }
+    match addr.ss_family as i32 {
+        libc::AF_INET => {
+            let a = unsafe { &*(addr as *const _ as *const libc::sockaddr_in) };
+            let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+            (ip.to_string(), u16::from_be(a.sin_port).to_string())
+        }
+        libc::AF_INET6 => {
+            let a = unsafe { &*(addr as *const _ as *const libc::sockaddr_in6) };
+            let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+            (ip.to_string(), u16::from_be(a.sin6_port).to_string())
+        }
+        _ => (String::new(), String::new()),
+    }
+}
+
+/// A connection epoll handed to this thread: claim it from the sweeper first.
+fn serve<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, conn: Box<Conn>) {
+    if conn.entry.state.compare_exchange(IDLE, BUSY, Ordering::AcqRel, Ordering::Relaxed).is_err() {
+        // The sweeper shut it down (timeout or drain).
+        close(w, conn, false);
+        return;
+    }
+    serve_claimed(w, state, t, conn);
+}
+
+/// What to do with a connection after looking at its buffer.
+enum Next {
+    /// A request head is complete; this many bytes are its head.
+    Request(usize),
+    /// Wait in epoll for more bytes.
+    Park,
+    Close,
+}
+
+fn serve_claimed<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, mut conn: Box<Conn>) {
+    loop {
+        let next = read_head(w, &mut conn);
+        match next {
+            Next::Request(n) => {
+                if !handle_request(w, state, t, &mut conn, n) {
+                    close(w, conn, false);
+                    return;
+                }
+            }
+            Next::Park => {
+                park(w, conn);
+                return;
+            }
+            Next::Close => {
+                close(w, conn, false);
+                return;
+            }
+        }
+    }
+}
+
+/// Reads until a whole head is buffered, the socket is drained, or the head is bad.
+fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
+    let mut io = conn.io.lock().unwrap();
+    let mut read_once = false;
+    loop {
+        if !io.buf.is_empty() {
+            match http1::parse_head(&io.buf, &w.config.limits, &mut conn.head) {
+                Ok(Status::Complete((), n)) => return Next::Request(n),
+                Ok(Status::Partial) => {}
+                Err(e) => {
+                    info!(
+                        "Bad request from {}: {e} ({} {})",
+                        peer(conn, &w.listeners[conn.listener].1),
+                        e.status(),
+                        reason(e.status())
+                    );
+                    let blocking: fn(&mut dyn FnMut()) = |f| f();
+                    let _ = io.write_parts(&[&error_response(e.status(), &e.to_string())], blocking);
+                    drain_and_close(io.fd);
+                    return Next::Close;
+                }
+            }
+        }
+        if w.draining.load(Ordering::Relaxed) && io.buf.is_empty() && read_once {
+            return Next::Close;
+        }
+        let was_empty = io.buf.is_empty();
+        match io.read_some() {
+            Ok(0) => return Next::Close,
+            Ok(_) => {
+                read_once = true;
+                if was_empty {
+                    conn.request_started = mono_ms();
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if io.buf.is_empty() && w.draining.load(Ordering::Relaxed) {
+                    return Next::Close;
+                }
+                return Next::Park;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                debug!("read from {}: {e}", peer(conn, &w.listeners[conn.listener].1));
+                return Next::Close;
+            }
+        }
+    }
+}
+
+/// Hands the connection back to epoll until it is readable again.
+fn park<A: App>(w: &Shared<A>, conn: Box<Conn>) {
+    let now = mono_ms();
+    let idle = conn.io.lock().unwrap().buf.is_empty();
+    let deadline = if idle {
+        now + w.config.keepalive_timeout.as_millis() as u64
+    } else {
+        conn.request_started + w.config.header_timeout.as_millis() as u64
+    };
+    conn.entry.deadline.store(deadline, Ordering::Relaxed);
+    let fd = conn.entry.fd;
+    let entry = conn.entry.clone();
+    let ptr = Box::into_raw(conn);
+    entry.state.store(IDLE, Ordering::Release);
+    let mut ev = libc::epoll_event {
+        events: (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLONESHOT) as u32,
+        u64: ptr as u64,
+    };
+    // First park of a new connection adds it; later ones re-arm it.
+    let r = unsafe { libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_MOD, fd, &mut ev) };
+    if r < 0 && unsafe { libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+        error!("epoll_ctl: {}", io::Error::last_os_error());
+        let conn = unsafe { Box::from_raw(ptr) };
+        close(w, conn, false);
+    }
+}
+
+fn close<A: App>(w: &Shared<A>, conn: Box<Conn>, reset: bool) {
+    let fd = conn.entry.fd;
+    {
+        let mut reg = w.registry.lock().unwrap();
+        reg.entries[conn.slot] = None;
+        reg.free.push(conn.slot);
+        reg.live -= 1;
+        if reset {
+            let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    &linger as *const _ as *const libc::c_void,
+                    std::mem::size_of::<libc::linger>() as u32,
+                )
+            };
+        }
+        // Closed under the registry lock so the sweeper never shuts down a
+        // reused descriptor number.
+        unsafe { libc::close(fd) };
+    }
+    drop(conn);
+}
+
+/// Reads and discards what the client already sent, so that closing does not
+/// turn into a reset that destroys the response still in flight.
+fn drain_and_close(fd: RawFd) {
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    let mut buf = [0u8; 4096];
+    for _ in 0..16 {
+        if unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) } <= 0 {
+            break;
+        }
+    }
+}
+
+/// Serves one request whose head is the first `n` buffered bytes. Returns
+/// whether the connection may carry another request.
+fn handle_request<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, conn: &mut Conn, n: usize) -> bool {
+    let listener = &w.listeners[conn.listener].1;
+    let (head_bytes, generation) = {
+        let mut io = conn.io.lock().unwrap();
+        let head_bytes = io.buf.split_to(n).freeze();
+        let head = &conn.head;
+        if let BodyFraming::Length(len) = head.framing {
+            if len > w.config.max_body_size {
+                info!(
+                    "Request body too large from {}: Content-Length {len} exceeds --max-body-size {}",
+                    peer(conn, listener),
+                    w.config.max_body_size
+                );
+                let blocking: fn(&mut dyn FnMut()) = |f| f();
+                let _ = io.write_parts(&[&error_response(413, "request body too large")], blocking);
+                drain_and_close(io.fd);
+                return false;
+            }
+        }
+        io.body = match head.framing {
+            BodyFraming::None => BodyState::Done,
+            BodyFraming::Length(len) => BodyState::Length(len),
+            BodyFraming::Chunked => BodyState::Chunked(http1::ChunkedDecoder::new()),
+        };
+        io.body_received = 0;
+        io.pending.clear();
+        io.continue_owed = head.expect_continue && !matches!(io.body, BodyState::Done);
+        io.http11 = head.version == Version::Http11;
+        io.head_request = &head_bytes[head.method.clone()] == b"HEAD";
+        io.keep_alive = head.keep_alive && !w.draining.load(Ordering::Relaxed);
+        io.phase = RespPhase::Idle;
+        io.status = 0;
+        io.app_length = None;
+        io.bytes_sent = 0;
+        io.aborted = false;
+        io.generation += 1;
+        (head_bytes, io.generation)
+    };
+    let req = Request {
+        head: &conn.head,
+        bytes: &head_bytes,
+        remote_addr: &conn.remote_addr,
+        remote_port: &conn.remote_port,
+        listener,
+        listener_index: conn.listener,
+    };
+    w.scoreboard.begin(w.slot, t, req.method(), req.target(), mono_ms());
+    let mut ex = Exchange { io: conn.io.clone(), generation, blocking: A::blocking };
+    w.app.call(state, &req, &mut ex);
+    w.scoreboard.end(w.slot, t);
+
+    let mut io = conn.io.lock().unwrap();
+    // Stale handles kept by the app must not touch the next request.
+    io.generation += 1;
+    let blocking: fn(&mut dyn FnMut()) = |f| f();
+    if io.phase == RespPhase::Idle && !io.broken {
+        error!(
+            "App returned without starting a response: {} {}",
+            String::from_utf8_lossy(req.method()),
+            String::from_utf8_lossy(req.target())
+        );
+        io.keep_alive = false;
+        let _ = io.write_parts(&[&error_response(500, "Internal Server Error")], blocking);
+        return false;
+    }
+    if io.phase != RespPhase::Finished && !io.broken && !io.aborted {
+        if let Err(e) = io.finish(blocking) {
+            warn!(
+                "{} {} from {}: {e}",
+                String::from_utf8_lossy(req.method()),
+                String::from_utf8_lossy(req.target()),
+                peer(conn, listener)
+            );
+        }
+    }
+    if io.aborted {
+        drop(io);
+        // Reset, so the client cannot mistake a truncated body for a whole one.
+        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+        unsafe {
+            libc::setsockopt(
+                conn.entry.fd,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                &linger as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::linger>() as u32,
+            )
+        };
+        return false;
+    }
+    if io.broken {
+        return false;
+    }
+    if matches!(io.body, BodyState::Failed(_)) {
+        drain_and_close(io.fd);
+        return false;
+    }
+    if !io.keep_alive {
+        if !io.body_finished() || !io.buf.is_empty() {
+            drain_and_close(io.fd);
+        }
+        return false;
+    }
+    if !io.body_finished() {
+        // Discard what the app did not read so the next request parses from
+        // the right byte; a large remainder is not worth reading.
+        let mut sink = Vec::new();
+        let mut total = 0u64;
+        loop {
+            sink.clear();
+            match io.read_body(&mut sink, 64 * 1024, blocking) {
+                Ok(0) => break,
+                Ok(n) => {
+                    total += n as u64;
+                    if total > MAX_DRAIN {
+                        return false;
+                    }
+                }
+                Err(_) => return false,
+            }
+        }
+    }
+    conn.request_started = mono_ms();
+    true
+}
+
+fn peer(conn: &Conn, l: &ListenerInfo) -> String {
+    if l.is_unix {
+        format!("unix:{}", l.server_name)
+    } else {
+        format!("{}:{}", conn.remote_addr, conn.remote_port)
+    }
+}
+
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        404 => "Not Found",
+        408 => "Request Timeout",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        414 => "URI Too Long",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
+        _ => "Error",
+    }
+}
+
+/// A complete error response that closes the connection.
+pub fn error_response(status: u16, detail: &str) -> Vec<u8> {
+    let body = format!("{status} {}: {detail}\n", reason(status));
+    let mut out = Vec::with_capacity(160 + body.len());
+    out.extend_from_slice(format!("HTTP/1.1 {status} {}\r\n", reason(status)).as_bytes());
+    out.extend_from_slice(b"Content-Type: text/plain; charset=utf-8\r\n");
+    out.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
+    crate::date::append_date_header(&mut out);
+    out.extend_from_slice(b"Connection: close\r\n\r\n");
+    out.extend_from_slice(body.as_bytes());
+    out
+}

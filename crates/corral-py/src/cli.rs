@@ -1,0 +1,253 @@
+//! The `corral` command line: options, their environment variables, and the
+//! start-up sequence of the master (bind, optionally preload, supervise).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::builder::TypedValueParser as _;
+use clap::{Parser, ValueEnum};
+use corral_engine::{config, Addr, Config, Listener, Master};
+use corral_proto::http1::{Limits, HARD_MAX_HEADERS};
+use pyo3::prelude::*;
+use tracing::{error, info};
+
+use crate::load::{load_app, AppSpec};
+use crate::runtime::Runtime;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warning,
+    Error,
+}
+
+/// Serve a WSGI application.
+///
+/// Every option can also be set with an environment variable named
+/// CORRAL_<OPTION> (for example CORRAL_WORKERS=4); the command line wins.
+#[derive(Debug, Parser)]
+#[command(name = "corral", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// The application: MODULE:CALLABLE, MODULE (callable `application`) or MODULE:FACTORY().
+    #[arg(value_name = "APP", env = "CORRAL_APP")]
+    pub app: String,
+
+    /// Serve HTTP/1.1 on ADDR: HOST:PORT, [IPv6]:PORT or unix:PATH. Repeatable. Default 127.0.0.1:8000.
+    #[arg(long, value_name = "ADDR", env = "CORRAL_HTTP", value_delimiter = ',')]
+    pub http: Vec<String>,
+
+    /// Worker processes.
+    #[arg(long, value_name = "N", env = "CORRAL_WORKERS", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub workers: u32,
+
+    /// Threads per worker; they run the app concurrently while it waits on I/O.
+    #[arg(long, value_name = "N", env = "CORRAL_THREADS", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub threads: u32,
+
+    /// Import the app in the master before forking the workers (shares memory copy-on-write).
+    #[arg(long, env = "CORRAL_PRELOAD")]
+    pub preload: bool,
+
+    /// Change to DIR before loading the app.
+    #[arg(long, value_name = "DIR", env = "CORRAL_CHDIR")]
+    pub chdir: Option<PathBuf>,
+
+    /// Add DIR to the front of sys.path. Repeatable.
+    #[arg(long, value_name = "DIR", env = "CORRAL_PYTHONPATH", value_delimiter = ':')]
+    pub pythonpath: Vec<PathBuf>,
+
+    /// Set an environment variable for the app. Repeatable.
+    #[arg(long = "env", value_name = "KEY=VALUE", env = "CORRAL_ENV")]
+    pub env: Vec<String>,
+
+    /// Seconds in-flight requests get to finish on a graceful stop.
+    #[arg(long, value_name = "SECS", env = "CORRAL_GRACEFUL_TIMEOUT", default_value = "30",
+          value_parser = parse_secs)]
+    pub graceful_timeout: Duration,
+
+    /// Seconds a client has to send a whole request head.
+    #[arg(long, value_name = "SECS", env = "CORRAL_HEADER_TIMEOUT", default_value = "30",
+          value_parser = parse_positive_secs)]
+    pub header_timeout: Duration,
+
+    /// Seconds an idle keep-alive connection is kept open.
+    #[arg(long, value_name = "SECS", env = "CORRAL_KEEPALIVE_TIMEOUT", default_value = "75",
+          value_parser = parse_positive_secs)]
+    pub keepalive_timeout: Duration,
+
+    /// Log level.
+    #[arg(long, value_enum, env = "CORRAL_LOG_LEVEL", default_value = "info")]
+    pub log_level: LogLevel,
+
+    /// Serve the app under this URL prefix: SCRIPT_NAME is set to it and PATH_INFO excludes it.
+    /// Defaults to the SCRIPT_NAME environment variable.
+    #[arg(long, value_name = "PREFIX", env = "CORRAL_MOUNT")]
+    pub mount: Option<String>,
+
+    /// Largest request body in bytes; larger ones get 413. Unlimited by default.
+    #[arg(long, value_name = "BYTES", env = "CORRAL_MAX_BODY_SIZE")]
+    pub max_body_size: Option<u64>,
+
+    /// Longest request line in bytes (414 beyond it).
+    #[arg(long, value_name = "N", env = "CORRAL_LIMIT_REQUEST_LINE",
+          default_value_t = corral_proto::http1::DEFAULT_MAX_REQUEST_LINE,
+          value_parser = clap::value_parser!(u64).range(16..=1_048_576).map(|v| v as usize))]
+    pub limit_request_line: usize,
+
+    /// Most header fields in a request (431 beyond it).
+    #[arg(long, value_name = "N", env = "CORRAL_LIMIT_REQUEST_FIELDS",
+          default_value_t = corral_proto::http1::DEFAULT_MAX_HEADERS,
+          value_parser = clap::value_parser!(u64).range(1..=HARD_MAX_HEADERS as u64).map(|v| v as usize))]
+    pub limit_request_fields: usize,
+
+    /// Longest header field line in bytes (431 beyond it).
+    #[arg(long, value_name = "N", env = "CORRAL_LIMIT_REQUEST_FIELD_SIZE",
+          default_value_t = corral_proto::http1::DEFAULT_MAX_HEADER_LINE,
+          value_parser = clap::value_parser!(u64).range(16..=1_048_576).map(|v| v as usize))]
+    pub limit_request_field_size: usize,
+
+    /// listen(2) backlog of each listener.
+    #[arg(long, value_name = "N", env = "CORRAL_BACKLOG", default_value_t = corral_engine::listen::DEFAULT_BACKLOG,
+          value_parser = clap::value_parser!(i32).range(1..=65535))]
+    pub backlog: i32,
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(0.0..=86400.0 * 365.0).contains(&v) {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn parse_positive_secs(s: &str) -> Result<Duration, String> {
+    let d = parse_secs(s)?;
+    if d.is_zero() {
+        return Err("must be greater than 0".into());
+    }
+    Ok(d)
+}
+
+/// Entry point behind `corral` and `python -m corral`; returns the exit code.
+pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
+    let cli = match Cli::try_parse_from(&argv) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return Ok(code);
+        }
+    };
+    crate::logging::init(cli.log_level);
+
+    for kv in &cli.env {
+        let Some((k, v)) = kv.split_once('=') else {
+            error!("--env {kv:?}: expected KEY=VALUE");
+            return Ok(2);
+        };
+        py.import("os")?.getattr("environ")?.set_item(k, v)?;
+    }
+    if let Some(dir) = &cli.chdir {
+        if let Err(e) = std::env::set_current_dir(dir) {
+            error!("--chdir {}: {e}", dir.display());
+            return Ok(2);
+        }
+    }
+    let sys_path = py.import("sys")?.getattr("path")?;
+    let cwd = std::env::current_dir().map(|p| p.display().to_string()).unwrap_or_default();
+    sys_path.call_method1("insert", (0, cwd))?;
+    for dir in cli.pythonpath.iter().rev() {
+        sys_path.call_method1("insert", (0, dir.display().to_string()))?;
+    }
+
+    let spec = match AppSpec::parse(&cli.app) {
+        Ok(s) => s,
+        Err(e) => {
+            error!("{e}");
+            return Ok(2);
+        }
+    };
+    let mount = cli.mount.clone().or_else(|| std::env::var("SCRIPT_NAME").ok()).unwrap_or_default();
+    let mount = mount.trim_end_matches('/').to_string();
+    if !mount.is_empty() && !mount.starts_with('/') {
+        error!("--mount {mount:?}: must start with '/'");
+        return Ok(2);
+    }
+
+    let addrs = if cli.http.is_empty() { vec!["127.0.0.1:8000".to_string()] } else { cli.http.clone() };
+    let mut parsed = Vec::new();
+    for a in &addrs {
+        match Addr::parse(a) {
+            Ok(addr) => parsed.push(addr),
+            Err(e) => {
+                error!("--http {e}");
+                return Ok(2);
+            }
+        }
+    }
+    let config = Config {
+        http: parsed.clone(),
+        workers: cli.workers as usize,
+        threads: cli.threads as usize,
+        backlog: cli.backlog,
+        limits: Limits {
+            max_request_line: cli.limit_request_line,
+            max_headers: cli.limit_request_fields,
+            max_header_line: cli.limit_request_field_size,
+        },
+        max_body_size: cli.max_body_size.unwrap_or(u64::MAX),
+        graceful_timeout: cli.graceful_timeout,
+        header_timeout: cli.header_timeout,
+        keepalive_timeout: cli.keepalive_timeout,
+        io_timeout: config::DEFAULT_IO_TIMEOUT,
+    };
+
+    let mut listeners = Vec::new();
+    for addr in &parsed {
+        match Listener::bind(addr, config.backlog) {
+            Ok(l) => {
+                info!("Listening at: {}", l.url());
+                listeners.push(l);
+            }
+            Err(e) => {
+                error!("{e}");
+                return Ok(1);
+            }
+        }
+    }
+
+    let preloaded = if cli.preload {
+        match load_app(py, &spec) {
+            Ok(app) => {
+                info!("Preloaded application {}", cli.app);
+                Some(app)
+            }
+            Err(msg) => {
+                error!("{msg}");
+                return Ok(1);
+            }
+        }
+    } else {
+        None
+    };
+
+    info!(
+        "Starting corral {} with {} worker(s) x {} thread(s), pid {}",
+        env!("CARGO_PKG_VERSION"),
+        config.workers,
+        config.threads,
+        std::process::id()
+    );
+    let runtime = Runtime::new(spec, preloaded, mount, &config);
+    let master = match Master::new(config, listeners, &runtime) {
+        Ok(m) => m,
+        Err(e) => {
+            error!("cannot start the master: {e}");
+            return Ok(1);
+        }
+    };
+    Ok(master.run())
+}

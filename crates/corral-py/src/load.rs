@@ -1,0 +1,87 @@
+//! Finding the WSGI callable from `MODULE:NAME`, with errors that say exactly
+//! what went wrong (and the import's traceback).
+
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+
+/// A parsed APP argument.
+#[derive(Debug, Clone)]
+pub struct AppSpec {
+    pub module: String,
+    pub attr: String,
+    /// `NAME()`: call it to get the app.
+    pub factory: bool,
+}
+
+impl AppSpec {
+    pub fn parse(s: &str) -> Result<AppSpec, String> {
+        let (module, attr) = s.split_once(':').unwrap_or((s, "application"));
+        let (attr, factory) = match attr.strip_suffix("()") {
+            Some(a) => (a, true),
+            None => (attr, false),
+        };
+        let valid = |p: &str| !p.is_empty() && p.split('.').all(|x| !x.is_empty() && x.chars().all(|c| c.is_alphanumeric() || c == '_'));
+        if !valid(module) || !valid(attr) {
+            return Err(format!("APP {s:?}: expected MODULE:CALLABLE, MODULE or MODULE:FACTORY()"));
+        }
+        Ok(AppSpec { module: module.to_string(), attr: attr.to_string(), factory })
+    }
+}
+
+impl std::fmt::Display for AppSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}{}", self.module, self.attr, if self.factory { "()" } else { "" })
+    }
+}
+
+/// Imports the module and returns the callable, or a message for the log.
+pub fn load_app(py: Python<'_>, spec: &AppSpec) -> Result<PyObject, String> {
+    let module = py
+        .import(spec.module.as_str())
+        .map_err(|e| format!("Failed to import module {:?}:\n{}", spec.module, format_exception(py, &e)))?;
+    let mut obj = module.clone().into_any();
+    for part in spec.attr.split('.') {
+        obj = obj.getattr(part).map_err(|_| {
+            format!("Module {:?} has no attribute {:?} (APP is {spec})", spec.module, spec.attr)
+        })?;
+    }
+    if spec.factory {
+        obj = obj
+            .call0()
+            .map_err(|e| format!("Application factory {spec} raised:\n{}", format_exception(py, &e)))?;
+    }
+    if !obj.is_callable() {
+        let ty = obj.get_type().name().map(|n| n.to_string()).unwrap_or_default();
+        return Err(format!("{spec} is not callable (it is a {ty} object); a WSGI app is a callable"));
+    }
+    Ok(obj.unbind())
+}
+
+/// The exception with its traceback, as Python prints it.
+pub fn format_exception(py: Python<'_>, e: &PyErr) -> String {
+    let formatted = (|| -> PyResult<String> {
+        let tb = py.import("traceback")?;
+        let args = PyTuple::new(py, [e.get_type(py).into_any(), e.value(py).clone().into_any(), e.traceback(py).map_or_else(|| py.None().into_bound(py), |t| t.into_any())])?;
+        let lines = tb.getattr("format_exception")?.call1(args)?;
+        let joined: String = "".into_pyobject(py)?.call_method1("join", (lines,))?.extract()?;
+        Ok(joined)
+    })();
+    formatted.unwrap_or_else(|_| e.to_string()).trim_end().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs() {
+        let s = AppSpec::parse("pkg.mod:app").unwrap();
+        assert_eq!((s.module.as_str(), s.attr.as_str(), s.factory), ("pkg.mod", "app", false));
+        let s = AppSpec::parse("mod").unwrap();
+        assert_eq!(s.attr, "application");
+        let s = AppSpec::parse("mod:create_app()").unwrap();
+        assert!(s.factory);
+        assert!(AppSpec::parse("mod:").is_err());
+        assert!(AppSpec::parse("mod:a b").is_err());
+    }
+}

@@ -1,0 +1,95 @@
+//! The embedding side of the master: what happens around each fork, how the
+//! master waits without holding the GIL, and how a worker loads the app,
+//! serves, and exits.
+
+use pyo3::ffi;
+use pyo3::prelude::*;
+use tracing::error;
+
+use corral_engine::supervise::{Hooks, EXIT_APP_LOAD_FAILED};
+use corral_engine::{run_worker, Config, WorkerCtx};
+
+use crate::load::{load_app, AppSpec};
+use crate::wsgi::WsgiApp;
+
+pub struct Runtime {
+    spec: AppSpec,
+    preloaded: Option<PyObject>,
+    mount: String,
+    multiprocess: bool,
+    multithread: bool,
+}
+
+impl Runtime {
+    pub fn new(spec: AppSpec, preloaded: Option<PyObject>, mount: String, config: &Config) -> Runtime {
+        Runtime {
+            spec,
+            preloaded,
+            mount,
+            multiprocess: config.workers > 1,
+            multithread: config.threads > 1,
+        }
+    }
+}
+
+impl Hooks for Runtime {
+    fn before_fork(&self) {
+        // The master holds the GIL here (it only lets go inside `unlocked`).
+        unsafe { ffi::PyOS_BeforeFork() };
+    }
+
+    fn after_fork_parent(&self) {
+        unsafe { ffi::PyOS_AfterFork_Parent() };
+    }
+
+    fn after_fork_child(&self) {
+        unsafe { ffi::PyOS_AfterFork_Child() };
+    }
+
+    fn unlocked(&self, f: &mut dyn FnMut()) {
+        unsafe {
+            let ts = ffi::PyEval_SaveThread();
+            f();
+            ffi::PyEval_RestoreThread(ts);
+        }
+    }
+
+    fn worker_main(&self, ctx: WorkerCtx) -> i32 {
+        // Still the GIL-holding main thread, now in the child.
+        let py = unsafe { Python::assume_gil_acquired() };
+        let app = match &self.preloaded {
+            Some(a) => a.clone_ref(py),
+            None => match load_app(py, &self.spec) {
+                Ok(a) => a,
+                Err(msg) => {
+                    error!("{msg}");
+                    return EXIT_APP_LOAD_FAILED;
+                }
+            },
+        };
+        let wsgi = match WsgiApp::new(py, app, &ctx, &self.mount, self.multiprocess, self.multithread) {
+            Ok(w) => w,
+            Err(e) => {
+                error!("cannot prepare the WSGI environment: {e}");
+                return EXIT_APP_LOAD_FAILED;
+            }
+        };
+        // Serve with the GIL released; worker threads take it per request.
+        let ts = unsafe { ffi::PyEval_SaveThread() };
+        let code = run_worker(wsgi, ctx);
+        unsafe { ffi::PyEval_RestoreThread(ts) };
+        code
+    }
+
+    fn worker_exit(&self, code: i32) -> ! {
+        // Run the app's atexit handlers and flush Python's streams, then leave
+        // without finalizing the interpreter under still-parked threads.
+        let py = unsafe { Python::assume_gil_acquired() };
+        let _ = py.import("atexit").and_then(|m| m.call_method0("_run_exitfuncs"));
+        let _ = py.import("sys").and_then(|sys| {
+            sys.getattr("stdout")?.call_method0("flush")?;
+            sys.getattr("stderr")?.call_method0("flush")
+        });
+        unsafe { libc::_exit(code) }
+    }
+}

@@ -1,0 +1,615 @@
+//! The WSGI adapter (PEP 3333): builds the environ, provides
+//! `start_response`, `wsgi.input`, `wsgi.errors` and `wsgi.file_wrapper`,
+//! and turns the app's iterable into a response through the engine's
+//! [`Exchange`].
+//!
+//! Each worker thread keeps one Python thread state for its whole life and
+//! holds the GIL only while Python runs: the engine's socket waits go through
+//! [`WsgiApp::blocking`], which releases it.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use corral_engine::{App, BodyError, Exchange, Request, ResponseError, WorkerCtx};
+use corral_proto::http1::{percent_decode, Known, TargetForm};
+use pyo3::exceptions::{PyAssertionError, PyOSError, PyTypeError, PyValueError};
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+use tracing::{error, info};
+
+use crate::load::format_exception;
+
+pyo3::create_exception!(
+    _corral,
+    ClientDisconnected,
+    PyOSError,
+    "The client closed the connection, or stopped reading, before the exchange ended."
+);
+pyo3::create_exception!(
+    _corral,
+    InvalidRequestBody,
+    PyOSError,
+    "The request body could not be read: bad framing, too large, or a timeout."
+);
+
+/// Header-key strings cached beyond this many distinct names are built per
+/// request instead, so odd names from clients cannot grow memory.
+const MAX_CACHED_KEYS: usize = 512;
+
+/// Interned environ keys and constant values, created once per worker.
+struct Keys {
+    request_method: Py<PyString>,
+    path_info: Py<PyString>,
+    script_name: Py<PyString>,
+    query_string: Py<PyString>,
+    request_uri: Py<PyString>,
+    server_protocol: Py<PyString>,
+    remote_addr: Py<PyString>,
+    remote_port: Py<PyString>,
+    content_type: Py<PyString>,
+    content_length: Py<PyString>,
+    wsgi_input: Py<PyString>,
+    http10: Py<PyString>,
+    http11: Py<PyString>,
+    empty: Py<PyString>,
+    methods: Vec<(&'static [u8], Py<PyString>)>,
+}
+
+pub struct WsgiApp {
+    app: PyObject,
+    templates: Vec<Py<PyDict>>,
+    keys: Keys,
+    header_keys: Mutex<HashMap<Box<[u8]>, Py<PyString>>>,
+    mount: Vec<u8>,
+    max_body: u64,
+}
+
+/// A worker thread's Python thread state, parked while the thread waits.
+pub struct PyThread(*mut ffi::PyThreadState);
+
+impl WsgiApp {
+    pub fn new(
+        py: Python<'_>,
+        app: PyObject,
+        ctx: &WorkerCtx,
+        mount: &str,
+        multiprocess: bool,
+        multithread: bool,
+    ) -> PyResult<WsgiApp> {
+        let s = |v: &str| PyString::intern(py, v).unbind();
+        let errors = Bound::new(py, ErrorStream {})?;
+        let wrapper = py.get_type::<FileWrapper>();
+        let mut templates = Vec::new();
+        for (_, l) in &ctx.listeners {
+            let d = PyDict::new(py);
+            d.set_item("wsgi.version", (1, 0))?;
+            d.set_item("wsgi.url_scheme", "http")?;
+            d.set_item("wsgi.errors", &errors)?;
+            d.set_item("wsgi.multithread", multithread)?;
+            d.set_item("wsgi.multiprocess", multiprocess)?;
+            d.set_item("wsgi.run_once", false)?;
+            d.set_item("wsgi.input_terminated", true)?;
+            d.set_item("wsgi.file_wrapper", &wrapper)?;
+            d.set_item("SERVER_SOFTWARE", concat!("corral/", env!("CARGO_PKG_VERSION")))?;
+            d.set_item("SERVER_NAME", &l.server_name)?;
+            d.set_item("SERVER_PORT", &l.server_port)?;
+            d.set_item("SCRIPT_NAME", mount)?;
+            templates.push(d.unbind());
+        }
+        let methods = ["GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH"]
+            .iter()
+            .map(|m| (m.as_bytes(), s(m)))
+            .collect();
+        Ok(WsgiApp {
+            app,
+            templates,
+            keys: Keys {
+                request_method: s("REQUEST_METHOD"),
+                path_info: s("PATH_INFO"),
+                script_name: s("SCRIPT_NAME"),
+                query_string: s("QUERY_STRING"),
+                request_uri: s("REQUEST_URI"),
+                server_protocol: s("SERVER_PROTOCOL"),
+                remote_addr: s("REMOTE_ADDR"),
+                remote_port: s("REMOTE_PORT"),
+                content_type: s("CONTENT_TYPE"),
+                content_length: s("CONTENT_LENGTH"),
+                wsgi_input: s("wsgi.input"),
+                http10: s("HTTP/1.0"),
+                http11: s("HTTP/1.1"),
+                empty: s(""),
+                methods,
+            },
+            header_keys: Mutex::new(HashMap::new()),
+            mount: mount.as_bytes().to_vec(),
+            max_body: ctx.config.max_body_size,
+        })
+    }
+
+    fn environ<'py>(&self, py: Python<'py>, req: &Request<'_>, ex: &Exchange) -> PyResult<Bound<'py, PyDict>> {
+        let k = &self.keys;
+        let env = self.templates[req.listener_index].bind(py).copy()?;
+        let method = req.method();
+        match k.methods.iter().find(|(m, _)| *m == method) {
+            Some((_, s)) => env.set_item(k.request_method.bind(py), s.bind(py))?,
+            None => env.set_item(k.request_method.bind(py), latin1(py, method))?,
+        }
+        let mut decoded = Vec::new();
+        if req.head.form == TargetForm::Asterisk {
+            decoded.push(b'*');
+        } else {
+            percent_decode(req.path(), &mut decoded);
+        }
+        let mut path: &[u8] = &decoded;
+        if !self.mount.is_empty() {
+            let under = path.starts_with(&self.mount)
+                && (path.len() == self.mount.len() || path[self.mount.len()] == b'/');
+            if under {
+                path = &path[self.mount.len()..];
+            } else {
+                env.set_item(k.script_name.bind(py), k.empty.bind(py))?;
+            }
+        }
+        env.set_item(k.path_info.bind(py), latin1(py, path))?;
+        let query = req.query();
+        if query.is_empty() {
+            env.set_item(k.query_string.bind(py), k.empty.bind(py))?;
+        } else {
+            env.set_item(k.query_string.bind(py), latin1(py, query))?;
+        }
+        env.set_item(k.request_uri.bind(py), latin1(py, req.target()))?;
+        let proto = if req.protocol() == "HTTP/1.1" { &k.http11 } else { &k.http10 };
+        env.set_item(k.server_protocol.bind(py), proto.bind(py))?;
+        env.set_item(k.remote_addr.bind(py), req.remote_addr)?;
+        env.set_item(k.remote_port.bind(py), req.remote_port)?;
+        for (name, value, known) in req.fields() {
+            match known {
+                Known::ContentType => env.set_item(k.content_type.bind(py), latin1(py, value))?,
+                Known::ContentLength => env.set_item(k.content_length.bind(py), latin1(py, value))?,
+                _ => {
+                    let key = self.header_key(py, name);
+                    let value = latin1(py, value);
+                    match env.get_item(&key)? {
+                        None => env.set_item(key, value)?,
+                        Some(prev) => {
+                            // RFC 9110 lets repeated fields be joined with commas; Cookie uses "; ".
+                            let sep = if known == Known::Cookie { "; " } else { "," };
+                            let joined = format!("{}{sep}{}", prev.extract::<&str>()?, value.to_str()?);
+                            env.set_item(key, joined)?;
+                        }
+                    }
+                }
+            }
+        }
+        let input = Bound::new(py, Input { ex: ex.clone(), max: self.max_body })?;
+        env.set_item(k.wsgi_input.bind(py), input)?;
+        Ok(env)
+    }
+
+    /// `HTTP_` + the name upper-cased with `-` as `_`, cached per distinct name.
+    fn header_key<'py>(&self, py: Python<'py>, name: &[u8]) -> Bound<'py, PyString> {
+        let mut cache = self.header_keys.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = cache.get(name) {
+            return k.bind(py).clone();
+        }
+        let mut key = String::with_capacity(5 + name.len());
+        key.push_str("HTTP_");
+        for &b in name {
+            key.push(if b == b'-' { '_' } else { b.to_ascii_uppercase() as char });
+        }
+        let s = PyString::intern(py, &key);
+        if cache.len() < MAX_CACHED_KEYS {
+            cache.insert(name.into(), s.clone().unbind());
+        }
+        s
+    }
+
+    fn serve(&self, py: Python<'_>, req: &Request<'_>, ex: &Exchange) {
+        let environ = match self.environ(py, req, ex) {
+            Ok(e) => e,
+            Err(e) => return self.app_error(py, req, ex, &e),
+        };
+        let start_response = match Bound::new(py, StartResponse { ex: ex.clone() }) {
+            Ok(s) => s,
+            Err(e) => return self.app_error(py, req, ex, &e),
+        };
+        match self.app.bind(py).call1((environ, start_response)) {
+            Ok(result) => self.send(py, req, ex, &result),
+            Err(e) => self.app_error(py, req, ex, &e),
+        }
+    }
+
+    /// Sends the app's iterable and calls its close() exactly once.
+    fn send(&self, py: Python<'_>, req: &Request<'_>, ex: &Exchange, result: &Bound<'_, PyAny>) {
+        let outcome = self.send_body(py, ex, result);
+        let closed = match result.getattr(pyo3::intern!(py, "close")) {
+            Ok(close) => close.call0().map(|_| ()),
+            Err(_) => Ok(()),
+        };
+        if let Err(e) = outcome {
+            self.app_error(py, req, ex, &e);
+        } else if let Err(e) = closed {
+            self.app_error(py, req, ex, &e);
+        } else if !ex.started() {
+            error!(
+                "App error in {} {}: the application returned without calling start_response",
+                String::from_utf8_lossy(req.method()),
+                String::from_utf8_lossy(req.target())
+            );
+            respond_error(ex, 500);
+        }
+    }
+
+    fn send_body(&self, py: Python<'_>, ex: &Exchange, result: &Bound<'_, PyAny>) -> PyResult<()> {
+        // The common case: a list holding the whole body, sent with its length in one write.
+        if let Ok(list) = result.downcast::<PyList>() {
+            if list.len() == 1 {
+                let item = list.get_item(0)?;
+                if let Ok(b) = item.downcast::<PyBytes>() {
+                    return write(ex, b.as_bytes(), true);
+                }
+            }
+        }
+        if let Ok(fw) = result.downcast::<FileWrapper>() {
+            if sendfile(py, ex, &fw.borrow())? {
+                return Ok(());
+            }
+        }
+        for item in result.try_iter()? {
+            let item = item?;
+            let b = item.downcast::<PyBytes>().map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "the response iterable yielded a {} object; WSGI bodies are bytes",
+                    item.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+                ))
+            })?;
+            let data = b.as_bytes();
+            if data.is_empty() {
+                continue;
+            }
+            write(ex, data, false)?;
+        }
+        Ok(())
+    }
+
+    /// Logs an exception from the app and answers 500 if nothing was sent yet;
+    /// otherwise the connection is reset so the client sees the failure.
+    fn app_error(&self, py: Python<'_>, req: &Request<'_>, ex: &Exchange, e: &PyErr) {
+        let what = format!(
+            "{} {}",
+            String::from_utf8_lossy(req.method()),
+            String::from_utf8_lossy(req.target())
+        );
+        if e.is_instance_of::<ClientDisconnected>(py) {
+            info!("{what}: {}", e.value(py));
+            ex.abort();
+            return;
+        }
+        if let Some(be) = ex.body_error() {
+            info!("{what}: {be}");
+            if !ex.headers_sent() {
+                respond_error(ex, be.status());
+            } else {
+                ex.abort();
+            }
+            return;
+        }
+        error!("Error handling request {what}:\n{}", format_exception(py, e));
+        if ex.headers_sent() {
+            ex.abort();
+        } else {
+            respond_error(ex, 500);
+        }
+    }
+}
+
+fn respond_error(ex: &Exchange, status: u16) {
+    let reason = corral_engine::worker::reason(status);
+    let body = format!("{status} {reason}\n");
+    let _ = ex.start(format!("{status} {reason}").as_bytes());
+    let _ = ex.header(b"Content-Type", b"text/plain; charset=utf-8");
+    let _ = ex.write(body.as_bytes(), true);
+}
+
+fn write(ex: &Exchange, data: &[u8], last: bool) -> PyResult<()> {
+    ex.write(data, last).map_err(response_error)
+}
+
+fn response_error(e: ResponseError) -> PyErr {
+    match e {
+        ResponseError::ClientGone(m) => ClientDisconnected::new_err(m),
+        ResponseError::Invalid(m) => PyValueError::new_err(m),
+        ResponseError::NotStarted => PyAssertionError::new_err("write() before start_response()"),
+        other => PyValueError::new_err(other.to_string()),
+    }
+}
+
+fn body_error(e: BodyError) -> PyErr {
+    match e {
+        BodyError::Truncated | BodyError::Io(_) => ClientDisconnected::new_err(e.to_string()),
+        _ => InvalidRequestBody::new_err(e.to_string()),
+    }
+}
+
+/// Bytes to `str` as ISO-8859-1, as PEP 3333 maps them.
+fn latin1<'py>(py: Python<'py>, b: &[u8]) -> Bound<'py, PyString> {
+    if b.is_ascii() {
+        // SAFETY: ASCII is valid UTF-8.
+        return PyString::new(py, unsafe { std::str::from_utf8_unchecked(b) });
+    }
+    unsafe {
+        let p = ffi::PyUnicode_DecodeLatin1(b.as_ptr().cast(), b.len() as ffi::Py_ssize_t, std::ptr::null());
+        Bound::from_owned_ptr(py, p).downcast_into_unchecked()
+    }
+}
+
+fn latin1_bytes(s: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u8>> {
+    let s = s
+        .downcast::<PyString>()
+        .map_err(|_| PyTypeError::new_err(format!("{what} must be a str, got {}", type_name(s))))?;
+    let text = s.to_str()?;
+    if text.is_ascii() {
+        return Ok(text.as_bytes().to_vec());
+    }
+    text.chars()
+        .map(|c| u8::try_from(c as u32).map_err(|_| PyValueError::new_err(format!("{what} {text:?} is not latin-1"))))
+        .collect()
+}
+
+fn type_name(o: &Bound<'_, PyAny>) -> String {
+    o.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+}
+
+/// Sends a file_wrapper's file with sendfile(2) when it is a regular file.
+fn sendfile(py: Python<'_>, ex: &Exchange, fw: &FileWrapper) -> PyResult<bool> {
+    let file = fw.filelike.bind(py);
+    let Ok(fileno) = file.getattr(pyo3::intern!(py, "fileno")) else { return Ok(false) };
+    let Ok(fd) = fileno.call0().and_then(|f| f.extract::<i32>()) else { return Ok(false) };
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } < 0 || (st.st_mode & libc::S_IFMT) != libc::S_IFREG {
+        return Ok(false);
+    }
+    let offset: i64 = match file.getattr(pyo3::intern!(py, "tell")) {
+        Ok(tell) => tell.call0()?.extract()?,
+        Err(_) => 0,
+    };
+    let count = (st.st_size - offset).max(0) as u64;
+    ex.sendfile(fd, offset, count).map_err(response_error)?;
+    Ok(true)
+}
+
+impl App for WsgiApp {
+    type Thread = PyThread;
+
+    fn thread_start(&self) -> PyThread {
+        unsafe {
+            // Creates this thread's Python state, which it keeps for good.
+            ffi::PyGILState_Ensure();
+            PyThread(ffi::PyEval_SaveThread())
+        }
+    }
+
+    fn call(&self, thread: &mut PyThread, req: &Request<'_>, ex: &mut Exchange) {
+        unsafe { ffi::PyEval_RestoreThread(thread.0) };
+        Python::with_gil(|py| self.serve(py, req, ex));
+        thread.0 = unsafe { ffi::PyEval_SaveThread() };
+    }
+
+    fn blocking(f: &mut dyn FnMut()) {
+        // Called only from inside `call`, where this thread holds the GIL.
+        unsafe {
+            let ts = ffi::PyEval_SaveThread();
+            f();
+            ffi::PyEval_RestoreThread(ts);
+        }
+    }
+}
+
+/// The `start_response` callable.
+#[pyclass(module = "corral._corral")]
+pub struct StartResponse {
+    ex: Exchange,
+}
+
+#[pymethods]
+impl StartResponse {
+    #[pyo3(signature = (status, headers, exc_info = None))]
+    fn __call__(
+        &self,
+        py: Python<'_>,
+        status: &Bound<'_, PyAny>,
+        headers: &Bound<'_, PyAny>,
+        exc_info: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<Write>> {
+        let ex = &self.ex;
+        match exc_info.filter(|e| !e.is_none()) {
+            Some(info) => {
+                if ex.headers_sent() {
+                    // PEP 3333: too late to change the response; re-raise the app's error.
+                    let value = info.get_item(1)?;
+                    return Err(PyErr::from_value(value));
+                }
+            }
+            None => {
+                if ex.started() {
+                    return Err(PyAssertionError::new_err(
+                        "start_response() called a second time without exc_info",
+                    ));
+                }
+            }
+        }
+        let status = latin1_bytes(status, "status")?;
+        ex.start(&status).map_err(response_error)?;
+        let headers_list = headers
+            .downcast::<PyList>()
+            .map_err(|_| PyTypeError::new_err(format!("headers must be a list, got {}", type_name(headers))))?;
+        for item in headers_list.iter() {
+            let pair = item.downcast::<PyTuple>().map_err(|_| {
+                PyTypeError::new_err(format!("each header must be a (name, value) tuple, got {}", type_name(&item)))
+            })?;
+            if pair.len() != 2 {
+                return Err(PyTypeError::new_err("each header must be a (name, value) tuple of two str"));
+            }
+            let name = latin1_bytes(&pair.get_item(0)?, "header name")?;
+            let value = latin1_bytes(&pair.get_item(1)?, &format!("value of header {:?}", String::from_utf8_lossy(&name)))?;
+            ex.header(&name, &value).map_err(response_error)?;
+        }
+        Py::new(py, Write { ex: ex.clone() })
+    }
+}
+
+/// The `write()` callable start_response returns.
+#[pyclass(module = "corral._corral")]
+pub struct Write {
+    ex: Exchange,
+}
+
+#[pymethods]
+impl Write {
+    fn __call__(&self, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let b = data
+            .downcast::<PyBytes>()
+            .map_err(|_| PyTypeError::new_err(format!("write() takes bytes, got {}", type_name(data))))?;
+        write(&self.ex, b.as_bytes(), false)
+    }
+}
+
+/// `wsgi.input`: the request body, read on demand from the connection.
+#[pyclass(module = "corral._corral")]
+pub struct Input {
+    ex: Exchange,
+    max: u64,
+}
+
+fn size_arg(size: Option<&Bound<'_, PyAny>>) -> PyResult<Option<usize>> {
+    match size {
+        None => Ok(None),
+        Some(s) if s.is_none() => Ok(None),
+        Some(s) => {
+            let n: i64 = s.extract()?;
+            Ok((n >= 0).then_some(n as usize))
+        }
+    }
+}
+
+#[pymethods]
+impl Input {
+    #[pyo3(signature = (size = None))]
+    fn read<'py>(&self, py: Python<'py>, size: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyBytes>> {
+        let mut out = Vec::new();
+        match size_arg(size)? {
+            Some(n) => {
+                // read(n) returns n bytes unless the body ends first, like a file.
+                while out.len() < n {
+                    let want = n - out.len();
+                    if self.ex.read(&mut out, want).map_err(body_error)? == 0 {
+                        break;
+                    }
+                }
+            }
+            None => {
+                self.ex.read_to_end(&mut out, self.max.min(usize::MAX as u64) as usize).map_err(body_error)?;
+            }
+        }
+        Ok(PyBytes::new(py, &out))
+    }
+
+    #[pyo3(signature = (size = None))]
+    fn readline<'py>(&self, py: Python<'py>, size: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyBytes>> {
+        let max = size_arg(size)?.unwrap_or(usize::MAX);
+        let mut out = Vec::new();
+        self.ex.read_line(&mut out, max).map_err(body_error)?;
+        Ok(PyBytes::new(py, &out))
+    }
+
+    #[pyo3(signature = (hint = None))]
+    fn readlines<'py>(&self, py: Python<'py>, hint: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyList>> {
+        let hint = size_arg(hint)?.filter(|&h| h > 0).unwrap_or(usize::MAX);
+        let lines = PyList::empty(py);
+        let mut total = 0;
+        loop {
+            let mut out = Vec::new();
+            if self.ex.read_line(&mut out, usize::MAX).map_err(body_error)? == 0 {
+                break;
+            }
+            total += out.len();
+            lines.append(PyBytes::new(py, &out))?;
+            if total >= hint {
+                break;
+            }
+        }
+        Ok(lines)
+    }
+
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let mut out = Vec::new();
+        if self.ex.read_line(&mut out, usize::MAX).map_err(body_error)? == 0 {
+            return Ok(None);
+        }
+        Ok(Some(PyBytes::new(py, &out)))
+    }
+}
+
+/// `wsgi.errors`: text written here goes to the server's error log (stderr).
+#[pyclass(module = "corral._corral")]
+pub struct ErrorStream {}
+
+#[pymethods]
+impl ErrorStream {
+    fn write(&self, s: &str) -> usize {
+        use std::io::Write as _;
+        let _ = std::io::stderr().write_all(s.as_bytes());
+        s.len()
+    }
+
+    fn writelines(&self, lines: &Bound<'_, PyAny>) -> PyResult<()> {
+        for line in lines.try_iter()? {
+            self.write(line?.extract::<&str>()?);
+        }
+        Ok(())
+    }
+
+    fn flush(&self) {}
+}
+
+/// `wsgi.file_wrapper`: regular files go out with sendfile(2); anything else
+/// is read in `blksize` blocks.
+#[pyclass(module = "corral._corral")]
+pub struct FileWrapper {
+    filelike: PyObject,
+    blksize: usize,
+}
+
+#[pymethods]
+impl FileWrapper {
+    #[new]
+    #[pyo3(signature = (filelike, blksize = 8192))]
+    fn new(filelike: PyObject, blksize: usize) -> Self {
+        FileWrapper { filelike, blksize: blksize.max(1) }
+    }
+
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let data = self.filelike.bind(py).call_method1(pyo3::intern!(py, "read"), (self.blksize,))?;
+        if data.len()? == 0 {
+            return Ok(None);
+        }
+        Ok(Some(data))
+    }
+
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let f = self.filelike.bind(py);
+        if let Ok(close) = f.getattr(pyo3::intern!(py, "close")) {
+            close.call0()?;
+        }
+        Ok(())
+    }
+}
