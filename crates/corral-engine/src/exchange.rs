@@ -100,6 +100,9 @@ pub(crate) enum BodyState {
     Chunked(ChunkedDecoder),
     Done,
     Failed(BodyError),
+    /// The client half-closed before sending Content-Length bytes: reads see
+    /// end of input, as with a short file, and the connection closes after.
+    Truncated,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,7 +214,7 @@ impl Io {
             self.continue_owed = false;
             if self.phase < RespPhase::Sent {
                 self.write_parts(&[b"HTTP/1.1 100 Continue\r\n\r\n"], blocking)
-                    .map_err(|_| BodyError::Truncated)?;
+                    .map_err(|_| BodyError::Io(libc::EPIPE))?;
             }
         }
         loop {
@@ -246,13 +249,25 @@ impl Io {
         }
         loop {
             match &mut self.body {
-                BodyState::Done => return Ok(0),
+                BodyState::Done | BodyState::Truncated => return Ok(0),
                 BodyState::Failed(e) => return Err(*e),
                 BodyState::Length(left) => {
                     if self.buf.is_empty() {
-                        if let Err(e) = self.fill(blocking) {
-                            self.body = BodyState::Failed(e);
-                            return Err(e);
+                        let left = *left;
+                        match self.fill(blocking) {
+                            Ok(()) => {}
+                            Err(BodyError::Truncated) => {
+                                tracing::warn!(
+                                    "client closed its side {left} bytes short of the declared Content-Length; \
+                                     the app sees end of input"
+                                );
+                                self.body = BodyState::Truncated;
+                                return Ok(0);
+                            }
+                            Err(e) => {
+                                self.body = BodyState::Failed(e);
+                                return Err(e);
+                            }
                         }
                         continue;
                     }
@@ -426,6 +441,10 @@ impl Io {
                 }
             },
         };
+        if matches!(self.body, BodyState::Failed(_) | BodyState::Truncated) {
+            // The body's framing is lost: nothing after it can be parsed.
+            self.keep_alive = false;
+        }
         if self.continue_owed && !self.body_finished() {
             // The client is waiting for permission to send a body nobody will
             // read: the connection cannot be reused.
@@ -467,7 +486,12 @@ impl Io {
         result
     }
 
-    fn send_framed(&mut self, head: &[u8], data: &[u8], blocking: fn(&mut dyn FnMut())) -> Result<(), ResponseError> {
+    fn send_framed(
+        &mut self,
+        head: &[u8],
+        data: &[u8],
+        blocking: fn(&mut dyn FnMut()),
+    ) -> Result<(), ResponseError> {
         match self.framing {
             RespFraming::NoBody => self.write_parts(&[head], blocking),
             RespFraming::Close => {
@@ -771,9 +795,8 @@ fn is_tchar(b: u8) -> bool {
 /// Formats `n` as hex followed by CRLF; returns the length used.
 fn hex_line(n: usize, out: &mut [u8; 18]) -> usize {
     let digits = if n == 0 { 1 } else { (usize::BITS - n.leading_zeros()).div_ceil(4) as usize };
-    for i in 0..digits {
-        let d = (n >> (4 * (digits - 1 - i))) & 0xf;
-        out[i] = b"0123456789abcdef"[d];
+    for (i, slot) in out[..digits].iter_mut().enumerate() {
+        *slot = b"0123456789abcdef"[(n >> (4 * (digits - 1 - i))) & 0xf];
     }
     out[digits] = b'\r';
     out[digits + 1] = b'\n';
@@ -811,6 +834,18 @@ impl PartialOrd for RespPhase {
     }
 }
 
+impl Exchange {
+    /// The error that ended the body, if reading it failed: the status to
+    /// answer with when the app gives up because of it.
+    pub fn body_error(&self) -> Option<BodyError> {
+        let io = self.lock()?;
+        match io.body {
+            BodyState::Failed(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -834,17 +869,5 @@ mod tests {
         assert!(parse_status(b"20x OK").is_err());
         assert!(parse_status(b"200 OK\r\nX: y").is_err());
         assert!(parse_status(b"099 Low").is_err());
-    }
-}
-
-impl Exchange {
-    /// The error that ended the body, if reading it failed: the status to
-    /// answer with when the app gives up because of it.
-    pub fn body_error(&self) -> Option<BodyError> {
-        let io = self.lock()?;
-        match io.body {
-            BodyState::Failed(e) => Some(e),
-            _ => None,
-        }
     }
 }

@@ -34,9 +34,7 @@ impl Addr {
             return Ok(Addr::Unix(PathBuf::from(path)));
         }
         let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-            let (h, p) = rest
-                .split_once("]:")
-                .ok_or_else(|| format!("{s:?}: expected [IPv6]:PORT"))?;
+            let (h, p) = rest.split_once("]:").ok_or_else(|| format!("{s:?}: expected [IPv6]:PORT"))?;
             (h.to_string(), p)
         } else {
             let (h, p) = s
@@ -96,11 +94,7 @@ impl Listener {
                 sock.bind(&sa.into()).map_err(|e| bind_error(addr, e))?;
                 sock.listen(backlog).map_err(|e| format!("listen on {addr}: {e}"))?;
                 sock.set_nonblocking(true).map_err(|e| e.to_string())?;
-                let local = sock
-                    .local_addr()
-                    .ok()
-                    .and_then(|a| a.as_socket())
-                    .unwrap_or(sa);
+                let local = sock.local_addr().ok().and_then(|a| a.as_socket()).unwrap_or(sa);
                 let bound = Addr::Tcp(local.ip().to_string(), local.port());
                 Ok(Listener {
                     fd: sock.into(),
@@ -156,7 +150,10 @@ fn remove_stale_socket(path: &PathBuf) -> Result<(), String> {
         return Ok(());
     };
     if !meta.file_type().is_socket() {
-        return Err(format!("cannot bind unix:{}: a file that is not a socket is in the way", path.display()));
+        return Err(format!(
+            "cannot bind unix:{}: a file that is not a socket is in the way",
+            path.display()
+        ));
     }
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err(format!("cannot bind unix:{}: address already in use", path.display()));

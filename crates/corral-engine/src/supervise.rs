@@ -189,13 +189,17 @@ impl<'a, H: Hooks> Master<'a, H> {
                 if self.phase != Phase::Running {
                     return;
                 }
-                info!("Received {name}: replacing all {} worker(s), old ones finish their requests", self.target);
+                info!(
+                    "Received {name}: replacing all {} worker(s), old ones finish their requests",
+                    self.target
+                );
                 let old: Vec<libc::pid_t> = self.workers.keys().copied().collect();
                 for pid in old {
                     if let Some(w) = self.workers.get_mut(&pid) {
                         w.retiring = true;
                     }
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGTERM);
+                    let _ =
+                        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGTERM);
                 }
                 for _ in 0..self.target {
                     self.spawn();
@@ -220,7 +224,10 @@ impl<'a, H: Hooks> Master<'a, H> {
                         .map(|(p, _)| *p);
                     if let Some(pid) = newest {
                         self.workers.get_mut(&pid).unwrap().retiring = true;
-                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGTERM);
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::SIGTERM,
+                        );
                     }
                 }
             }
@@ -252,7 +259,10 @@ impl<'a, H: Hooks> Master<'a, H> {
                     return Some(self.exit_code);
                 }
                 if Instant::now() >= deadline {
-                    warn!("{} worker(s) still running after the graceful timeout; killing them", self.workers.len());
+                    warn!(
+                        "{} worker(s) still running after the graceful timeout; killing them",
+                        self.workers.len()
+                    );
                     self.signal_all(libc::SIGKILL);
                     self.phase = Phase::Stopping { deadline: Instant::now() + Duration::from_secs(5) };
                 }
@@ -423,7 +433,11 @@ fn read_signals(fd: RawFd) -> Vec<libc::c_int> {
     loop {
         let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
         let n = unsafe {
-            libc::read(fd, &mut info as *mut _ as *mut libc::c_void, std::mem::size_of::<libc::signalfd_siginfo>())
+            libc::read(
+                fd,
+                &mut info as *mut _ as *mut libc::c_void,
+                std::mem::size_of::<libc::signalfd_siginfo>(),
+            )
         };
         if n != std::mem::size_of::<libc::signalfd_siginfo>() as isize {
             return out;
@@ -433,7 +447,8 @@ fn read_signals(fd: RawFd) -> Vec<libc::c_int> {
 }
 
 pub fn signal_name(sig: libc::c_int) -> String {
-    nix::sys::signal::Signal::try_from(sig).map_or_else(|_| format!("signal {sig}"), |s| s.as_str().to_string())
+    nix::sys::signal::Signal::try_from(sig)
+        .map_or_else(|_| format!("signal {sig}"), |s| s.as_str().to_string())
 }
 
 fn describe_exit(status: libc::c_int) -> String {

@@ -104,7 +104,8 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
         return 1;
     }
     for (i, (fd, _)) in ctx.listeners.iter().enumerate() {
-        let mut ev = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32, u64: i as u64 };
+        let mut ev =
+            libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32, u64: i as u64 };
         if unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, *fd, &mut ev) } < 0 {
             error!("epoll_ctl on listener: {}", io::Error::last_os_error());
             return 1;
@@ -123,9 +124,8 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
     });
     for t in 0..threads {
         let s = shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("corral-{t}"))
-            .spawn(move || thread_main(&s, t));
+        let spawned =
+            std::thread::Builder::new().name(format!("corral-{t}")).spawn(move || thread_main(&s, t));
         if let Err(e) = spawned {
             error!("cannot start worker thread: {e}");
             return 1;
@@ -252,7 +252,7 @@ fn sweep<A: App>(w: &Shared<A>, now: u64, draining: bool) {
             let d = e.deadline.load(Ordering::Relaxed);
             d != 0 && now >= d
         };
-        if !expired && !(draining && pending_bytes(e.fd) == 0) {
+        if !(expired || draining && pending_bytes(e.fd) == 0) {
             continue;
         }
         if e.state.compare_exchange(IDLE, CLOSING, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
@@ -606,7 +606,7 @@ fn handle_request<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, conn: 
     // Stale handles kept by the app must not touch the next request.
     io.generation += 1;
     let blocking: fn(&mut dyn FnMut()) = |f| f();
-    if io.phase == RespPhase::Idle && !io.broken {
+    if io.phase == RespPhase::Idle && !io.broken && !io.aborted {
         error!(
             "App returned without starting a response: {} {}",
             String::from_utf8_lossy(req.method()),
@@ -644,7 +644,7 @@ fn handle_request<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, conn: 
     if io.broken {
         return false;
     }
-    if matches!(io.body, BodyState::Failed(_)) {
+    if matches!(io.body, BodyState::Failed(_) | BodyState::Truncated) {
         drain_and_close(io.fd);
         return false;
     }

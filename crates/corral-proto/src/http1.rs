@@ -460,7 +460,8 @@ fn check_line_endings(raw: &[u8]) -> Result<(), Error> {
 /// Methods are tokens; like gunicorn, lowercase letters and `#` are refused
 /// since no real method has them and they mark a desynchronised stream.
 fn check_method(m: &[u8]) -> Result<(), Error> {
-    if m.is_empty() || m.len() > 32 || m.iter().any(|&b| b.is_ascii_lowercase() || b == b'#' || !is_tchar(b)) {
+    if m.is_empty() || m.len() > 32 || m.iter().any(|&b| b.is_ascii_lowercase() || b == b'#' || !is_tchar(b))
+    {
         return Err(Error::Method);
     }
     Ok(())
@@ -485,7 +486,19 @@ fn split_target<'a>(method: &[u8], t: &'a [u8]) -> Result<(TargetForm, &'a [u8],
     }
     if method == b"CONNECT" {
         check_authority(t)?;
-        return Ok((TargetForm::Authority, &t[t.len()..], &t[t.len()..]));
+        // There is no path. What WSGI servers put in PATH_INFO for CONNECT
+        // is what Python's urlsplit makes of the authority (gunicorn): a
+        // leading `host:` that looks like a scheme is dropped.
+        let path = match t.iter().position(|&b| b == b':') {
+            Some(i)
+                if t[0].is_ascii_alphabetic()
+                    && t[..i].iter().all(|&b| b.is_ascii_alphanumeric() || b"+-.".contains(&b)) =>
+            {
+                &t[i + 1..]
+            }
+            _ => t,
+        };
+        return Ok((TargetForm::Authority, path, &t[t.len()..]));
     }
     let (form, rest) = if t[0] == b'/' {
         (TargetForm::Origin, t)
@@ -694,7 +707,11 @@ impl ChunkedDecoder {
                         return Ok(Chunk::NeedMore { consumed: pos });
                     }
                     let n = avail.min(left) as usize;
-                    self.state = if n as u64 == left { ChunkState::DataEnd } else { ChunkState::Data(left - n as u64) };
+                    self.state = if n as u64 == left {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left - n as u64)
+                    };
                     return Ok(Chunk::Data { data: pos..pos + n, consumed: pos + n });
                 }
                 ChunkState::DataEnd => {
@@ -799,16 +816,8 @@ fn check_trailer(line: &[u8]) -> Result<(), Error> {
     if trim_ows(&line[colon + 1..]).iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
         return Err(Error::HeaderValue);
     }
-    const FORBIDDEN: [&str; 8] = [
-        "content-length",
-        "transfer-encoding",
-        "host",
-        "te",
-        "trailer",
-        "connection",
-        "content-type",
-        "expect",
-    ];
+    const FORBIDDEN: [&str; 6] =
+        ["content-length", "transfer-encoding", "host", "te", "trailer", "connection"];
     if FORBIDDEN.iter().any(|f| name.eq_ignore_ascii_case(f.as_bytes())) {
         return Err(Error::Trailer);
     }
@@ -839,13 +848,25 @@ mod tests {
         (b"POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n", Ok(BodyFraming::Length(12))),
         (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", Ok(BodyFraming::Chunked)),
         (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", Ok(BodyFraming::Chunked)),
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\n\r\n", Ok(BodyFraming::Chunked)),
+        (
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\n\r\n",
+            Ok(BodyFraming::Chunked),
+        ),
         (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", Err(Error::BadTransferEncoding)),
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", Err(Error::BadTransferEncoding)),
+        (
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            Err(Error::BadTransferEncoding),
+        ),
         (b"POST / HTTP/1.1\r\nTransfer-Encoding: foo, chunked\r\n\r\n", Err(Error::UnknownTransferCoding)),
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: identity\r\nContent-Length: 5\r\n\r\n", Err(Error::IdentityEncoding)),
+        (
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: identity\r\nContent-Length: 5\r\n\r\n",
+            Err(Error::IdentityEncoding),
+        ),
         (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", Err(Error::BadTransferEncoding)),
-        (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", Err(Error::LengthAndEncoding)),
+        (
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            Err(Error::LengthAndEncoding),
+        ),
         (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n", Err(Error::ContentLength)),
         (b"POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n", Err(Error::ContentLength)),
         (b"POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n", Err(Error::ContentLength)),

@@ -20,7 +20,10 @@ impl AppSpec {
             Some(a) => (a, true),
             None => (attr, false),
         };
-        let valid = |p: &str| !p.is_empty() && p.split('.').all(|x| !x.is_empty() && x.chars().all(|c| c.is_alphanumeric() || c == '_'));
+        let valid = |p: &str| {
+            !p.is_empty()
+                && p.split('.').all(|x| !x.is_empty() && x.chars().all(|c| c.is_alphanumeric() || c == '_'))
+        };
         if !valid(module) || !valid(attr) {
             return Err(format!("APP {s:?}: expected MODULE:CALLABLE, MODULE or MODULE:FACTORY()"));
         }
@@ -61,7 +64,14 @@ pub fn load_app(py: Python<'_>, spec: &AppSpec) -> Result<PyObject, String> {
 pub fn format_exception(py: Python<'_>, e: &PyErr) -> String {
     let formatted = (|| -> PyResult<String> {
         let tb = py.import("traceback")?;
-        let args = PyTuple::new(py, [e.get_type(py).into_any(), e.value(py).clone().into_any(), e.traceback(py).map_or_else(|| py.None().into_bound(py), |t| t.into_any())])?;
+        let args = PyTuple::new(
+            py,
+            [
+                e.get_type(py).into_any(),
+                e.value(py).clone().into_any(),
+                e.traceback(py).map_or_else(|| py.None().into_bound(py), |t| t.into_any()),
+            ],
+        )?;
         let lines = tb.getattr("format_exception")?.call1(args)?;
         let joined: String = "".into_pyobject(py)?.call_method1("join", (lines,))?.extract()?;
         Ok(joined)

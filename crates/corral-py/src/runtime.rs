@@ -22,13 +22,7 @@ pub struct Runtime {
 
 impl Runtime {
     pub fn new(spec: AppSpec, preloaded: Option<PyObject>, mount: String, config: &Config) -> Runtime {
-        Runtime {
-            spec,
-            preloaded,
-            mount,
-            multiprocess: config.workers > 1,
-            multithread: config.threads > 1,
-        }
+        Runtime { spec, preloaded, mount, multiprocess: config.workers > 1, multithread: config.threads > 1 }
     }
 }
 

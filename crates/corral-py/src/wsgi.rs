@@ -127,7 +127,12 @@ impl WsgiApp {
         })
     }
 
-    fn environ<'py>(&self, py: Python<'py>, req: &Request<'_>, ex: &Exchange) -> PyResult<Bound<'py, PyDict>> {
+    fn environ<'py>(
+        &self,
+        py: Python<'py>,
+        req: &Request<'_>,
+        ex: &Exchange,
+    ) -> PyResult<Bound<'py, PyDict>> {
         let k = &self.keys;
         let env = self.templates[req.listener_index].bind(py).copy()?;
         let method = req.method();
@@ -276,11 +281,8 @@ impl WsgiApp {
     /// Logs an exception from the app and answers 500 if nothing was sent yet;
     /// otherwise the connection is reset so the client sees the failure.
     fn app_error(&self, py: Python<'_>, req: &Request<'_>, ex: &Exchange, e: &PyErr) {
-        let what = format!(
-            "{} {}",
-            String::from_utf8_lossy(req.method()),
-            String::from_utf8_lossy(req.target())
-        );
+        let what =
+            format!("{} {}", String::from_utf8_lossy(req.method()), String::from_utf8_lossy(req.target()));
         if e.is_instance_of::<ClientDisconnected>(py) {
             info!("{what}: {}", e.value(py));
             ex.abort();
@@ -353,7 +355,10 @@ fn latin1_bytes(s: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u8>> {
         return Ok(text.as_bytes().to_vec());
     }
     text.chars()
-        .map(|c| u8::try_from(c as u32).map_err(|_| PyValueError::new_err(format!("{what} {text:?} is not latin-1"))))
+        .map(|c| {
+            u8::try_from(c as u32)
+                .map_err(|_| PyValueError::new_err(format!("{what} {text:?} is not latin-1")))
+        })
         .collect()
 }
 
@@ -441,18 +446,24 @@ impl StartResponse {
         }
         let status = latin1_bytes(status, "status")?;
         ex.start(&status).map_err(response_error)?;
-        let headers_list = headers
-            .downcast::<PyList>()
-            .map_err(|_| PyTypeError::new_err(format!("headers must be a list, got {}", type_name(headers))))?;
+        let headers_list = headers.downcast::<PyList>().map_err(|_| {
+            PyTypeError::new_err(format!("headers must be a list, got {}", type_name(headers)))
+        })?;
         for item in headers_list.iter() {
             let pair = item.downcast::<PyTuple>().map_err(|_| {
-                PyTypeError::new_err(format!("each header must be a (name, value) tuple, got {}", type_name(&item)))
+                PyTypeError::new_err(format!(
+                    "each header must be a (name, value) tuple, got {}",
+                    type_name(&item)
+                ))
             })?;
             if pair.len() != 2 {
                 return Err(PyTypeError::new_err("each header must be a (name, value) tuple of two str"));
             }
             let name = latin1_bytes(&pair.get_item(0)?, "header name")?;
-            let value = latin1_bytes(&pair.get_item(1)?, &format!("value of header {:?}", String::from_utf8_lossy(&name)))?;
+            let value = latin1_bytes(
+                &pair.get_item(1)?,
+                &format!("value of header {:?}", String::from_utf8_lossy(&name)),
+            )?;
             ex.header(&name, &value).map_err(response_error)?;
         }
         Py::new(py, Write { ex: ex.clone() })
@@ -509,14 +520,20 @@ impl Input {
                 }
             }
             None => {
-                self.ex.read_to_end(&mut out, self.max.min(usize::MAX as u64) as usize).map_err(body_error)?;
+                self.ex
+                    .read_to_end(&mut out, self.max.min(usize::MAX as u64) as usize)
+                    .map_err(body_error)?;
             }
         }
         Ok(PyBytes::new(py, &out))
     }
 
     #[pyo3(signature = (size = None))]
-    fn readline<'py>(&self, py: Python<'py>, size: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyBytes>> {
+    fn readline<'py>(
+        &self,
+        py: Python<'py>,
+        size: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
         let max = size_arg(size)?.unwrap_or(usize::MAX);
         let mut out = Vec::new();
         self.ex.read_line(&mut out, max).map_err(body_error)?;
@@ -524,7 +541,11 @@ impl Input {
     }
 
     #[pyo3(signature = (hint = None))]
-    fn readlines<'py>(&self, py: Python<'py>, hint: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyList>> {
+    fn readlines<'py>(
+        &self,
+        py: Python<'py>,
+        hint: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyList>> {
         let hint = size_arg(hint)?.filter(|&h| h > 0).unwrap_or(usize::MAX);
         let lines = PyList::empty(py);
         let mut total = 0;
