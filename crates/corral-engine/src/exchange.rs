@@ -441,6 +441,10 @@ impl Io {
                 }
             },
         };
+        if crate::worker::draining() {
+            // Tell the client now rather than close under it after this response.
+            self.keep_alive = false;
+        }
         if matches!(self.body, BodyState::Failed(_) | BodyState::Truncated) {
             // The body's framing is lost: nothing after it can be parsed.
             self.keep_alive = false;

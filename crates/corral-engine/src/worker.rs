@@ -35,6 +35,15 @@ const ACCEPT_BATCH: usize = 64;
 /// How often the main thread looks for expired connections.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 
+/// Set once this worker process starts its graceful drain. Process-wide
+/// because a process runs exactly one worker.
+static DRAINING: AtomicBool = AtomicBool::new(false);
+
+/// Whether this worker process is draining: responses then close their connection.
+pub fn draining() -> bool {
+    DRAINING.load(Ordering::Relaxed)
+}
+
 const IDLE: u8 = 0;
 const BUSY: u8 = 1;
 const CLOSING: u8 = 2;
@@ -76,7 +85,6 @@ struct Shared<A: App> {
     listeners: Vec<(RawFd, ListenerInfo)>,
     epfd: RawFd,
     registry: Mutex<Registry>,
-    draining: AtomicBool,
     scoreboard: Scoreboard,
     slot: usize,
 }
@@ -118,7 +126,6 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
         listeners: ctx.listeners,
         epfd,
         registry: Mutex::new(Registry::default()),
-        draining: AtomicBool::new(false),
         scoreboard: ctx.scoreboard,
         slot: ctx.slot,
     });
@@ -228,7 +235,7 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
 /// so the kernel sends new connections to workers still accepting (or, once
 /// the master closed its copy too, refuses them).
 fn begin_drain<A: App>(w: &Shared<A>) {
-    w.draining.store(true, Ordering::SeqCst);
+    DRAINING.store(true, Ordering::SeqCst);
     w.scoreboard.set_state(w.slot, WorkerState::Draining);
     for (fd, _) in &w.listeners {
         unsafe {
@@ -301,7 +308,7 @@ fn thread_main<A: App>(w: &Shared<A>, t: usize) {
 }
 
 fn accept_batch<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, idx: usize) {
-    if w.draining.load(Ordering::Relaxed) {
+    if draining() {
         return;
     }
     let lfd = w.listeners[idx].0;
@@ -457,7 +464,7 @@ fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                 }
             }
         }
-        if w.draining.load(Ordering::Relaxed) && io.buf.is_empty() && read_once {
+        if draining() && io.buf.is_empty() && read_once {
             return Next::Close;
         }
         let was_empty = io.buf.is_empty();
@@ -470,7 +477,7 @@ fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if io.buf.is_empty() && w.draining.load(Ordering::Relaxed) {
+                if io.buf.is_empty() && draining() {
                     return Next::Close;
                 }
                 return Next::Park;
@@ -580,7 +587,7 @@ fn handle_request<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, conn: 
         io.continue_owed = head.expect_continue && !matches!(io.body, BodyState::Done);
         io.http11 = head.version == Version::Http11;
         io.head_request = &head_bytes[head.method.clone()] == b"HEAD";
-        io.keep_alive = head.keep_alive && !w.draining.load(Ordering::Relaxed);
+        io.keep_alive = head.keep_alive && !draining();
         io.phase = RespPhase::Idle;
         io.status = 0;
         io.app_length = None;

@@ -1,0 +1,202 @@
+//! The engine end to end with a Rust app: a forked worker process serving
+//! real sockets on loopback, no Python involved.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::time::{Duration, Instant};
+
+use corral_engine::scoreboard::Scoreboard;
+use corral_engine::{run_worker, Addr, App, Config, Exchange, Listener, ListenerInfo, Request, WorkerCtx};
+
+struct TestApp;
+
+impl App for TestApp {
+    type Thread = ();
+
+    fn thread_start(&self) {}
+
+    fn call(&self, _: &mut (), req: &Request<'_>, ex: &mut Exchange) {
+        match req.path() {
+            b"/hello" => {
+                ex.start(b"200 OK").unwrap();
+                ex.header(b"Content-Type", b"text/plain").unwrap();
+                ex.write(b"hello", true).unwrap();
+            }
+            b"/echo" => {
+                let mut body = Vec::new();
+                match ex.read_to_end(&mut body, 1 << 20) {
+                    Ok(_) => {
+                        ex.start(b"200 OK").unwrap();
+                        ex.write(&body, false).unwrap();
+                    }
+                    Err(e) => {
+                        ex.start(format!("{} Bad", e.status()).as_bytes()).unwrap();
+                        ex.write(b"", true).unwrap();
+                    }
+                }
+            }
+            b"/stream" => {
+                ex.start(b"200 OK").unwrap();
+                for part in [&b"one,"[..], b"two,", b"three"] {
+                    ex.write(part, false).unwrap();
+                }
+            }
+            b"/short" => {
+                ex.start(b"200 OK").unwrap();
+                ex.header(b"Content-Length", b"10").unwrap();
+                ex.write(b"12345", false).unwrap();
+            }
+            b"/slow" => {
+                std::thread::sleep(Duration::from_millis(800));
+                ex.start(b"200 OK").unwrap();
+                ex.write(b"slow done", true).unwrap();
+            }
+            b"/hop" => {
+                ex.start(b"200 OK").unwrap();
+                let err = ex.header(b"Connection", b"close").unwrap_err();
+                ex.start(b"500 Internal Server Error").unwrap();
+                ex.write(err.to_string().as_bytes(), true).unwrap();
+            }
+            _ => {
+                ex.start(b"404 Not Found").unwrap();
+                ex.write(b"", true).unwrap();
+            }
+        }
+    }
+}
+
+struct Worker {
+    pid: libc::pid_t,
+    port: u16,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        unsafe {
+            libc::kill(self.pid, libc::SIGKILL);
+            libc::waitpid(self.pid, std::ptr::null_mut(), 0);
+        }
+    }
+}
+
+fn start(threads: usize) -> Worker {
+    let listener = Listener::bind(&Addr::parse("127.0.0.1:0").unwrap(), 64).unwrap();
+    let port: u16 = listener.server_port.parse().unwrap();
+    let config = Config {
+        threads,
+        header_timeout: Duration::from_secs(1),
+        keepalive_timeout: Duration::from_secs(1),
+        graceful_timeout: Duration::from_secs(5),
+        ..Config::default()
+    };
+    let scoreboard = Scoreboard::new(1, threads).unwrap();
+    let info = ListenerInfo {
+        server_name: listener.server_name.clone(),
+        server_port: listener.server_port.clone(),
+        is_unix: false,
+    };
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        let ctx = WorkerCtx { config, listeners: vec![(listener.raw(), info)], slot: 0, scoreboard };
+        let code = run_worker(TestApp, ctx);
+        unsafe { libc::_exit(code) };
+    }
+    Worker { pid, port }
+}
+
+fn roundtrip(port: u16, raw: &[u8]) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(raw).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn engine_end_to_end() {
+    let w = start(2);
+
+    // Keep-alive with pipelining: three responses on one connection, in order.
+    let out = roundtrip(
+        w.port,
+        b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\nGET /stream HTTP/1.1\r\n\r\nGET /hello HTTP/1.1\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(out.matches("HTTP/1.1 200 OK").count(), 3, "{out}");
+    assert!(out.contains("Content-Length: 5\r\n"), "{out}");
+    assert!(out.contains("Transfer-Encoding: chunked\r\n"), "{out}");
+    assert!(out.contains("\r\n\r\n4\r\none,\r\n4\r\ntwo,\r\n5\r\nthree\r\n0\r\n\r\n"), "{out}");
+    assert!(out.contains("Date: "), "{out}");
+
+    // A chunked request body, echoed back.
+    let out = roundtrip(
+        w.port,
+        b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    );
+    assert!(out.contains("hello world"), "{out}");
+
+    // HTTP/1.0 without Content-Length: the close ends the body, no chunking.
+    let out = roundtrip(w.port, b"GET /stream HTTP/1.0\r\n\r\n");
+    assert!(out.ends_with("\r\n\r\none,two,three"), "{out}");
+    assert!(!out.contains("chunked"), "{out}");
+
+    // HEAD: the headers, no body.
+    let out = roundtrip(w.port, b"HEAD /hello HTTP/1.1\r\nConnection: close\r\n\r\n");
+    assert!(out.starts_with("HTTP/1.1 200 OK") && out.ends_with("\r\n\r\n"), "{out}");
+
+    // Expect: 100-continue is answered once the app reads the body.
+    let mut s = TcpStream::connect(("127.0.0.1", w.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n").unwrap();
+    let mut buf = [0u8; 25];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 100 Continue\r\n\r\n");
+    s.write_all(b"ping").unwrap();
+    let mut rest = vec![0u8; 512];
+    let n = s.read(&mut rest).unwrap();
+    assert!(String::from_utf8_lossy(&rest[..n]).ends_with("ping\r\n0\r\n\r\n"));
+
+    // Smuggling attempt and malformed requests are refused with the right status.
+    let out = roundtrip(w.port, b"POST /echo HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n");
+    assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
+    let out = roundtrip(w.port, b"POST /echo HTTP/1.1\r\nTransfer-Encoding: br, chunked\r\n\r\n");
+    assert!(out.starts_with("HTTP/1.1 501 "), "{out}");
+    let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(9000));
+    assert!(roundtrip(w.port, long.as_bytes()).starts_with("HTTP/1.1 414 "));
+    let out = roundtrip(w.port, b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n");
+    assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
+
+    // The app sends fewer bytes than its Content-Length: the connection closes
+    // after them, and a pipelined request is not answered as if all was well.
+    let out = roundtrip(w.port, b"GET /short HTTP/1.1\r\n\r\nGET /hello HTTP/1.1\r\n\r\n");
+    assert!(out.ends_with("\r\n\r\n12345"), "{out}");
+
+    // Hop-by-hop headers are refused to the app.
+    let out = roundtrip(w.port, b"GET /hop HTTP/1.1\r\nConnection: close\r\n\r\n");
+    assert!(out.starts_with("HTTP/1.1 500") && out.contains("hop-by-hop"), "{out}");
+
+    // An idle keep-alive connection is closed after the keep-alive timeout.
+    let mut s = TcpStream::connect(("127.0.0.1", w.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let t0 = Instant::now();
+    let mut b = [0u8; 16];
+    assert_eq!(s.read(&mut b).unwrap_or(0), 0);
+    assert!(t0.elapsed() < Duration::from_secs(5));
+
+    // SIGTERM: the in-flight request completes, then the worker exits 0.
+    let mut slow = TcpStream::connect(("127.0.0.1", w.port)).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    slow.write_all(b"GET /slow HTTP/1.1\r\n\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    unsafe { libc::kill(w.pid, libc::SIGTERM) };
+    let mut out = Vec::new();
+    let _ = slow.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.contains("slow done") && out.contains("Connection: close"), "{out}");
+    let mut status = 0;
+    unsafe { libc::waitpid(w.pid, &mut status, 0) };
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "status {status}");
+    std::mem::forget(w);
+}
