@@ -20,8 +20,11 @@ use corral_proto::http1::{parse_content_length, Chunk, ChunkedDecoder};
 
 use crate::date;
 
-/// How many bytes the engine reads from a socket at a time.
+/// The most the engine asks a socket for at a time while reading a body.
 pub(crate) const READ_CHUNK: usize = 64 * 1024;
+/// A new connection's buffer: room for a typical request head. Idle
+/// keep-alive connections are many, so they start small and grow on demand.
+const INITIAL_BUFFER: usize = 8 * 1024;
 /// Unread request body the engine discards to keep a connection alive; past
 /// this it closes the connection instead of reading what the app ignored.
 pub(crate) const MAX_DRAIN: u64 = 1024 * 1024;
@@ -164,7 +167,7 @@ impl Io {
         Io {
             fd,
             generation: 0,
-            buf: BytesMut::with_capacity(READ_CHUNK),
+            buf: BytesMut::with_capacity(INITIAL_BUFFER),
             body: BodyState::Done,
             body_received: 0,
             max_body,
@@ -189,7 +192,8 @@ impl Io {
     /// is `Err(WouldBlock)`.
     pub(crate) fn read_some(&mut self) -> io::Result<usize> {
         if self.buf.capacity() - self.buf.len() < 4096 {
-            self.buf.reserve(READ_CHUNK);
+            // Grow with what is buffered, so a large body is read in large gulps.
+            self.buf.reserve(self.buf.len().clamp(INITIAL_BUFFER, READ_CHUNK));
         }
         let spare = self.buf.spare_capacity_mut();
         let n = unsafe { libc::read(self.fd, spare.as_mut_ptr().cast(), spare.len()) };
