@@ -15,16 +15,15 @@ use std::io;
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use corral_proto::http1::{parse_content_length, Chunk, ChunkedDecoder};
 
 use crate::date;
 
 /// The most the engine asks a socket for at a time while reading a body.
-pub(crate) const READ_CHUNK: usize = 64 * 1024;
-/// A new connection's buffer: room for a typical request head. Idle
-/// keep-alive connections are many, so they start small and grow on demand.
-const INITIAL_BUFFER: usize = 8 * 1024;
+pub const READ_CHUNK: usize = 64 * 1024;
+/// The least room a read asks the socket to fill.
+const MIN_READ: usize = 8 * 1024;
 /// Unread request body the engine discards to keep a connection alive; past
 /// this it closes the connection instead of reading what the app ignored.
 pub(crate) const MAX_DRAIN: u64 = 1024 * 1024;
@@ -167,7 +166,7 @@ impl Io {
         Io {
             fd,
             generation: 0,
-            buf: BytesMut::with_capacity(INITIAL_BUFFER),
+            buf: BytesMut::new(),
             body: BodyState::Done,
             body_received: 0,
             max_body,
@@ -188,12 +187,13 @@ impl Io {
         }
     }
 
-    /// Reads what the socket has into `buf`. Ok(0) is end of input; a would-block
-    /// is `Err(WouldBlock)`.
-    pub(crate) fn read_some(&mut self) -> io::Result<usize> {
-        if self.buf.capacity() - self.buf.len() < 4096 {
-            // Grow with what is buffered, so a large body is read in large gulps.
-            self.buf.reserve(self.buf.len().clamp(INITIAL_BUFFER, READ_CHUNK));
+    /// Reads what the socket has into `buf`, with room for at least `want`
+    /// more bytes where that is reasonable. Ok(0) is end of input; a
+    /// would-block is `Err(WouldBlock)`.
+    pub(crate) fn read_some(&mut self, want: usize) -> io::Result<usize> {
+        let want = want.clamp(MIN_READ, READ_CHUNK);
+        if self.buf.capacity() - self.buf.len() < want.min(4096) || self.buf.capacity() - self.buf.len() < want / 2 {
+            self.buf.reserve(want);
         }
         let spare = self.buf.spare_capacity_mut();
         let n = unsafe { libc::read(self.fd, spare.as_mut_ptr().cast(), spare.len()) };
@@ -221,8 +221,13 @@ impl Io {
                     .map_err(|_| BodyError::Io(libc::EPIPE))?;
             }
         }
+        // Room for the rest of a body whose length is known, so it comes in one read.
+        let want = match self.body {
+            BodyState::Length(left) => left as usize,
+            _ => READ_CHUNK,
+        };
         loop {
-            match self.read_some() {
+            match self.read_some(want) {
                 Ok(0) => return Err(BodyError::Truncated),
                 Ok(_) => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -243,12 +248,24 @@ impl Io {
         max: usize,
         blocking: fn(&mut dyn FnMut()),
     ) -> Result<usize, BodyError> {
+        self.read_body_with(max, &mut |d| out.extend_from_slice(d), blocking)
+    }
+
+    /// Hands up to `max` body bytes to `sink` (in one call); Ok(0) only at
+    /// the end of the body.
+    pub(crate) fn read_body_with(
+        &mut self,
+        max: usize,
+        sink: &mut dyn FnMut(&[u8]),
+        blocking: fn(&mut dyn FnMut()),
+    ) -> Result<usize, BodyError> {
         if max == 0 {
             return Ok(0);
         }
         if !self.pending.is_empty() {
             let n = self.pending.len().min(max);
-            out.extend_from_slice(&self.pending.split_to(n));
+            sink(&self.pending[..n]);
+            self.pending.advance(n);
             return Ok(n);
         }
         loop {
@@ -276,7 +293,8 @@ impl Io {
                         continue;
                     }
                     let n = (self.buf.len() as u64).min(*left).min(max as u64) as usize;
-                    out.extend_from_slice(&self.buf.split_to(n));
+                    sink(&self.buf[..n]);
+                    self.buf.advance(n);
                     *left -= n as u64;
                     if *left == 0 {
                         self.body = BodyState::Done;
@@ -291,18 +309,18 @@ impl Io {
                             self.body = BodyState::Failed(BodyError::TooLarge);
                             return Err(BodyError::TooLarge);
                         }
-                        out.extend_from_slice(&self.buf[data.start..data.start + take]);
+                        sink(&self.buf[data.start..data.start + take]);
                         self.body_received = total;
                         if take < data.len() {
                             // Hand back what did not fit: the decoder counted it as consumed,
                             // so keep it decoded in `pending`.
                             self.pending.extend_from_slice(&self.buf[data.start + take..data.end]);
                         }
-                        let _ = self.buf.split_to(consumed);
+                        self.buf.advance(consumed);
                         return Ok(take);
                     }
                     Ok(Chunk::NeedMore { consumed }) => {
-                        let _ = self.buf.split_to(consumed);
+                        self.buf.advance(consumed);
                         if let Err(e) = self.fill(blocking) {
                             let e = if e == BodyError::Truncated {
                                 BodyError::Framing(corral_proto::http1::Error::ChunkTerminator)
@@ -314,7 +332,7 @@ impl Io {
                         }
                     }
                     Ok(Chunk::End { consumed }) => {
-                        let _ = self.buf.split_to(consumed);
+                        self.buf.advance(consumed);
                         self.body = BodyState::Done;
                         return Ok(0);
                     }
@@ -338,12 +356,14 @@ impl Io {
         loop {
             if let Some(i) = self.pending.iter().position(|&b| b == b'\n') {
                 let n = (i + 1).min(max - (out.len() - start));
-                out.extend_from_slice(&self.pending.split_to(n));
+                out.extend_from_slice(&self.pending[..n]);
+                self.pending.advance(n);
                 return Ok(out.len() - start);
             }
             let room = max - (out.len() - start);
             if self.pending.len() >= room {
-                out.extend_from_slice(&self.pending.split_to(room));
+                out.extend_from_slice(&self.pending[..room]);
+                self.pending.advance(room);
                 return Ok(out.len() - start);
             }
             let mut chunk = Vec::new();
@@ -358,7 +378,8 @@ impl Io {
             }
             if n == 0 {
                 let all = self.pending.len().min(room);
-                out.extend_from_slice(&self.pending.split_to(all));
+                out.extend_from_slice(&self.pending[..all]);
+                self.pending.advance(all);
                 return Ok(out.len() - start);
             }
         }
@@ -653,6 +674,37 @@ impl Exchange {
     pub fn read(&self, out: &mut Vec<u8>, max: usize) -> Result<usize, BodyError> {
         let mut io = self.lock().ok_or(BodyError::Stale)?;
         io.read_body(out, max, self.blocking)
+    }
+
+    /// Fills `dst` from the body; fewer bytes only at the end of the body.
+    pub fn read_exact_or_end(&self, dst: &mut [u8]) -> Result<usize, BodyError> {
+        let mut io = self.lock().ok_or(BodyError::Stale)?;
+        let mut pos = 0;
+        while pos < dst.len() {
+            let room = dst.len() - pos;
+            let n = io.read_body_with(
+                room,
+                &mut |d| {
+                    dst[pos..pos + d.len()].copy_from_slice(d);
+                },
+                self.blocking,
+            )?;
+            if n == 0 {
+                break;
+            }
+            pos += n;
+        }
+        Ok(pos)
+    }
+
+    /// Body bytes still to come when the request declared its length.
+    pub fn remaining_hint(&self) -> Option<u64> {
+        let io = self.lock()?;
+        match io.body {
+            BodyState::Length(left) => Some(left + io.pending.len() as u64),
+            BodyState::Done | BodyState::Truncated => Some(io.pending.len() as u64),
+            _ => None,
+        }
     }
 
     /// Reads the rest of the body (up to `max` bytes) into `out`.

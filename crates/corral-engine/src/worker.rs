@@ -24,7 +24,7 @@ use tracing::{debug, error, info, warn};
 use crate::app::{App, ListenerInfo, Request};
 use crate::config::Config;
 use crate::date::mono_ms;
-use crate::exchange::{BodyState, Exchange, Io, RespPhase, MAX_DRAIN};
+use crate::exchange::{BodyState, Exchange, Io, RespPhase, MAX_DRAIN, READ_CHUNK};
 use crate::scoreboard::{Scoreboard, WorkerState};
 
 /// epoll tokens below this are listener indexes; the wake token sits just
@@ -32,6 +32,9 @@ use crate::scoreboard::{Scoreboard, WorkerState};
 const LISTENER_TOKENS: u64 = 1 << 16;
 /// Connections taken from one listener wake-up before looking at other work.
 const ACCEPT_BATCH: usize = 64;
+/// Request bodies up to this size are read in full before the app is
+/// called (unless the client waits for `100 Continue`).
+const PREREAD_MAX: u64 = 64 * 1024;
 /// How often the main thread looks for expired connections.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -445,10 +448,27 @@ fn serve_claimed<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, mut con
 fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
     let mut io = conn.io.lock().unwrap();
     let mut read_once = false;
+    let mut want = READ_CHUNK;
     loop {
         if !io.buf.is_empty() {
             match http1::parse_head(&io.buf, &w.config.limits, &mut conn.head) {
-                Ok(Status::Complete((), n)) => return Next::Request(n),
+                Ok(Status::Complete((), n)) => {
+                    // A small body is read before the app runs, like the head:
+                    // a slow client then ties up a connection, never a thread.
+                    let missing = match conn.head.framing {
+                        BodyFraming::Length(len)
+                            if len <= PREREAD_MAX.min(w.config.max_body_size)
+                                && !conn.head.expect_continue =>
+                        {
+                            (n as u64 + len).saturating_sub(io.buf.len() as u64)
+                        }
+                        _ => 0,
+                    };
+                    if missing == 0 {
+                        return Next::Request(n);
+                    }
+                    want = missing as usize;
+                }
                 Ok(Status::Partial) => {}
                 Err(e) => {
                     info!(
@@ -468,7 +488,7 @@ fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
             return Next::Close;
         }
         let was_empty = io.buf.is_empty();
-        match io.read_some() {
+        match io.read_some(want) {
             Ok(0) => return Next::Close,
             Ok(_) => {
                 read_once = true;
@@ -494,7 +514,17 @@ fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
 /// Hands the connection back to epoll until it is readable again.
 fn park<A: App>(w: &Shared<A>, conn: Box<Conn>) {
     let now = mono_ms();
-    let idle = conn.io.lock().unwrap().buf.is_empty();
+    let idle = {
+        let mut io = conn.io.lock().unwrap();
+        let idle = io.buf.is_empty();
+        if idle {
+            // An idle connection holds no buffer: there may be thousands of
+            // them, and the next request gets a fresh one big enough to be
+            // read in one call.
+            io.buf = bytes::BytesMut::new();
+        }
+        idle
+    };
     let deadline = if idle {
         now + w.config.keepalive_timeout.as_millis() as u64
     } else {

@@ -37,6 +37,9 @@ pyo3::create_exception!(
 /// request instead, so odd names from clients cannot grow memory.
 const MAX_CACHED_KEYS: usize = 512;
 
+/// Largest body `read()` reads straight into one preallocated bytes object.
+const DIRECT_READ_MAX: u64 = 16 * 1024 * 1024;
+
 /// Interned environ keys and constant values, created once per worker.
 struct Keys {
     request_method: Py<PyString>,
@@ -493,6 +496,32 @@ pub struct Input {
     max: u64,
 }
 
+/// Reads up to `n` body bytes into a new bytes object without an
+/// intermediate buffer.
+fn read_into_bytes<'py>(py: Python<'py>, ex: &Exchange, n: usize) -> PyResult<Bound<'py, PyBytes>> {
+    if n == 0 {
+        return Ok(PyBytes::new(py, b""));
+    }
+    unsafe {
+        let mut obj = ffi::PyBytes_FromStringAndSize(std::ptr::null(), n as ffi::Py_ssize_t);
+        if obj.is_null() {
+            return Err(PyErr::fetch(py));
+        }
+        let dst = std::slice::from_raw_parts_mut(ffi::PyBytes_AsString(obj) as *mut u8, n);
+        let got = match ex.read_exact_or_end(dst) {
+            Ok(got) => got,
+            Err(e) => {
+                ffi::Py_DECREF(obj);
+                return Err(body_error(e));
+            }
+        };
+        if got < n && ffi::_PyBytes_Resize(&mut obj, got as ffi::Py_ssize_t) < 0 {
+            return Err(PyErr::fetch(py));
+        }
+        Ok(Bound::from_owned_ptr(py, obj).downcast_into_unchecked())
+    }
+}
+
 fn size_arg(size: Option<&Bound<'_, PyAny>>) -> PyResult<Option<usize>> {
     match size {
         None => Ok(None),
@@ -508,24 +537,21 @@ fn size_arg(size: Option<&Bound<'_, PyAny>>) -> PyResult<Option<usize>> {
 impl Input {
     #[pyo3(signature = (size = None))]
     fn read<'py>(&self, py: Python<'py>, size: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyBytes>> {
-        let mut out = Vec::new();
-        match size_arg(size)? {
-            Some(n) => {
-                // read(n) returns n bytes unless the body ends first, like a file.
-                while out.len() < n {
-                    let want = n - out.len();
-                    if self.ex.read(&mut out, want).map_err(body_error)? == 0 {
-                        break;
-                    }
-                }
-            }
+        let want = match size_arg(size)? {
+            Some(n) => Some(n),
+            // A declared length is the client's word: allocate for it only
+            // when it is modest, else grow with what actually arrives.
+            None => self.ex.remaining_hint().filter(|&r| r <= DIRECT_READ_MAX).map(|r| r as usize),
+        };
+        match want {
+            // The size is known: read straight into the bytes object.
+            Some(n) => read_into_bytes(py, &self.ex, n),
             None => {
-                self.ex
-                    .read_to_end(&mut out, self.max.min(usize::MAX as u64) as usize)
-                    .map_err(body_error)?;
+                let mut out = Vec::new();
+                self.ex.read_to_end(&mut out, self.max.min(usize::MAX as u64) as usize).map_err(body_error)?;
+                Ok(PyBytes::new(py, &out))
             }
         }
-        Ok(PyBytes::new(py, &out))
     }
 
     #[pyo3(signature = (size = None))]
