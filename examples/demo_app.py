@@ -30,5 +30,7 @@ def app(environ, start_response):
         query=html.escape(environ["QUERY_STRING"]),
         echo=echo,
     ).encode("utf-8")
-    start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(body)))])
+    start_response(
+        "200 OK", [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(body)))]
+    )
     return [body]

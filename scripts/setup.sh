@@ -1,28 +1,53 @@
 #!/usr/bin/env bash
-# Installs what corral's demo and tests need on a fresh Debian machine (as
-# root, with Rust and Python 3 present), then builds corral into .venv.
-# Idempotent: a second run only rebuilds what changed.
+# Installs what corral's demo and tests need on a fresh Debian 12 machine (as
+# root, with Rust from rustup and Python 3 present), then builds corral into
+# .venv. Idempotent: a second run installs nothing new and only rebuilds what
+# changed in the Rust code.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+section() { printf '\n===== %s =====\n' "$*"; }
+
+# cargo from rustup may not be on PATH in a non-login shell.
+if ! command -v cargo >/dev/null && [ -f "$HOME/.cargo/env" ]; then
+    # shellcheck disable=SC1091
+    . "$HOME/.cargo/env"
+fi
+command -v cargo >/dev/null || { echo "cargo not found: install Rust with rustup first" >&2; exit 1; }
+command -v python3 >/dev/null || { echo "python3 not found" >&2; exit 1; }
+
+section "system packages"
 need_apt=()
 for cmd in nginx wrk curl tmux; do
-    command -v "$cmd" >/dev/null || need_apt+=("$cmd")
+    command -v "$cmd" >/dev/null || [ -x "/usr/sbin/$cmd" ] || need_apt+=("$cmd")
 done
+# Debian's own python3 needs python3-venv for `python3 -m venv`.
+if [ ! -x .venv/bin/python ] && ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+    need_apt+=(python3-venv)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
-    echo "== apt-get install ${need_apt[*]}"
+    echo "installing: ${need_apt[*]}"
+    export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+else
+    echo "nginx, wrk, curl and tmux are installed"
 fi
 
-if [ ! -x .venv/bin/python ]; then
-    echo "== creating .venv"
+section "Python environment (.venv)"
+if ! .venv/bin/python -c 'import sys' 2>/dev/null; then
+    echo "creating .venv"
+    rm -rf .venv
     python3 -m venv .venv
 fi
-echo "== Python packages"
-.venv/bin/pip install -q --disable-pip-version-check \
-    "maturin>=1.5,<2" pytest pytest-timeout requests ruff flask==3.1.3 django==5.2.19
+.venv/bin/python -m pip install -q --disable-pip-version-check \
+    "maturin>=1.5,<2" pytest pytest-timeout flask==3.1.3 django==5.2.19 ruff requests
+.venv/bin/python --version
 
-echo "== building corral into .venv (release)"
-VIRTUAL_ENV="$PWD/.venv" .venv/bin/maturin develop --release -q
+section "building corral into .venv (release)"
+# maturin runs cargo, which rebuilds only when the Rust code changed, then
+# reinstalls the package in development mode.
+export VIRTUAL_ENV="$PWD/.venv"
+export PYO3_PYTHON="$PWD/.venv/bin/python"
+.venv/bin/maturin develop --release --quiet
 .venv/bin/corral --version

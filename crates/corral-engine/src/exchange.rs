@@ -192,7 +192,9 @@ impl Io {
     /// would-block is `Err(WouldBlock)`.
     pub(crate) fn read_some(&mut self, want: usize) -> io::Result<usize> {
         let want = want.clamp(MIN_READ, READ_CHUNK);
-        if self.buf.capacity() - self.buf.len() < want.min(4096) || self.buf.capacity() - self.buf.len() < want / 2 {
+        if self.buf.capacity() - self.buf.len() < want.min(4096)
+            || self.buf.capacity() - self.buf.len() < want / 2
+        {
             self.buf.reserve(want);
         }
         let spare = self.buf.spare_capacity_mut();
@@ -366,22 +368,19 @@ impl Io {
                 self.pending.advance(room);
                 return Ok(out.len() - start);
             }
+            // No newline yet and room left: keep what is pending and fetch
+            // more. `pending` is empty afterwards, so read_body reads fresh
+            // bytes rather than serving the same ones again.
+            out.extend_from_slice(&self.pending);
+            self.pending.clear();
             let mut chunk = Vec::new();
             let n = self.read_body(&mut chunk, READ_CHUNK, blocking)?;
-            // read_body serves `pending` first; it is empty here unless a
-            // chunk overflowed, so rebuild it in order.
+            if n == 0 {
+                return Ok(out.len() - start);
+            }
             let rest = std::mem::take(&mut self.pending);
             self.pending.extend_from_slice(&chunk);
             self.pending.extend_from_slice(&rest);
-            if n == 0 && self.pending.is_empty() {
-                return Ok(out.len() - start);
-            }
-            if n == 0 {
-                let all = self.pending.len().min(room);
-                out.extend_from_slice(&self.pending[..all]);
-                self.pending.advance(all);
-                return Ok(out.len() - start);
-            }
         }
     }
 

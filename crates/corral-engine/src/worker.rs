@@ -197,6 +197,9 @@ impl WorkerSignals {
 
 fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
     let mut drain_deadline: Option<u64> = None;
+    // Compared with the current parent to notice the master's death (the
+    // master may itself be PID 1 in a container, so "parent is 1" is no test).
+    let master = unsafe { libc::getppid() };
     loop {
         signals.wait(SWEEP_INTERVAL);
         if signals.quit.load(Ordering::Relaxed) {
@@ -223,7 +226,7 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
                 return 0;
             }
         }
-        if unsafe { libc::getppid() } == 1 {
+        if unsafe { libc::getppid() } != master {
             // The master is gone (killed outright): nobody will replace or stop us.
             if drain_deadline.is_none() {
                 warn!("Master process died; worker draining and exiting");
@@ -449,6 +452,7 @@ fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
     let mut io = conn.io.lock().unwrap();
     let mut read_once = false;
     let mut want = READ_CHUNK;
+    let mut head_len = None;
     loop {
         if !io.buf.is_empty() {
             match http1::parse_head(&io.buf, &w.config.limits, &mut conn.head) {
@@ -467,6 +471,7 @@ fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                     if missing == 0 {
                         return Next::Request(n);
                     }
+                    head_len = Some(n);
                     want = missing as usize;
                 }
                 Ok(Status::Partial) => {}
@@ -489,7 +494,10 @@ fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
         }
         let was_empty = io.buf.is_empty();
         match io.read_some(want) {
-            Ok(0) => return Next::Close,
+            // The client half-closed inside a small body: run the request
+            // anyway so the app sees the short body (and the log says so)
+            // rather than the client getting no answer at all.
+            Ok(0) => return head_len.map_or(Next::Close, Next::Request),
             Ok(_) => {
                 read_once = true;
                 if was_empty {

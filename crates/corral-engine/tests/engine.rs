@@ -159,13 +159,17 @@ fn engine_end_to_end() {
     assert!(String::from_utf8_lossy(&rest[..n]).ends_with("ping\r\n0\r\n\r\n"));
 
     // Smuggling attempt and malformed requests are refused with the right status.
-    let out = roundtrip(w.port, b"POST /echo HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n");
+    let out =
+        roundtrip(w.port, b"POST /echo HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n");
     assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
     let out = roundtrip(w.port, b"POST /echo HTTP/1.1\r\nTransfer-Encoding: br, chunked\r\n\r\n");
     assert!(out.starts_with("HTTP/1.1 501 "), "{out}");
     let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(9000));
     assert!(roundtrip(w.port, long.as_bytes()).starts_with("HTTP/1.1 414 "));
-    let out = roundtrip(w.port, b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n");
+    let out = roundtrip(
+        w.port,
+        b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n",
+    );
     assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
 
     // The app sends fewer bytes than its Content-Length: the connection closes

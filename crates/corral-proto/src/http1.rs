@@ -972,7 +972,8 @@ mod tests {
         Err(Error::ChunkTerminator)
     }
 
-    const CHUNKED: &[(&[u8], Result<&[u8], Error>)] = &[
+    type ChunkVector = (&'static [u8], Result<&'static [u8], Error>);
+    const CHUNKED: &[ChunkVector] = &[
         (b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", Ok(b"hello world")),
         (b"5; a; b=c\r\nhello\r\n0\r\n\r\n", Ok(b"hello")),
         (b"5;foo=\"bar baz\"\r\nhello\r\n0\r\n\r\n", Ok(b"hello")),

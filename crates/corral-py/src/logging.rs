@@ -73,7 +73,8 @@ pub fn init(level: LogLevel) {
 mod tests {
     #[test]
     fn civil() {
+        // Expected values from Python: date(1970, 1, 1) + timedelta(days=N).
         assert_eq!(super::civil_from_days(0), (1970, 1, 1));
-        assert_eq!(super::civil_from_days(20416), (2025, 11, 23));
+        assert_eq!(super::civil_from_days(20416), (2025, 11, 24));
     }
 }

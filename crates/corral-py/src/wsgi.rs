@@ -231,9 +231,14 @@ impl WsgiApp {
     /// Sends the app's iterable and calls its close() exactly once.
     fn send(&self, py: Python<'_>, req: &Request<'_>, ex: &Exchange, result: &Bound<'_, PyAny>) {
         let outcome = self.send_body(py, ex, result);
-        let closed = match result.getattr(pyo3::intern!(py, "close")) {
-            Ok(close) => close.call0().map(|_| ()),
-            Err(_) => Ok(()),
+        // Lists and tuples have no close(); asking would build an AttributeError per request.
+        let closed = if result.is_exact_instance_of::<PyList>() || result.is_exact_instance_of::<PyTuple>() {
+            Ok(())
+        } else {
+            match result.getattr(pyo3::intern!(py, "close")) {
+                Ok(close) => close.call0().map(|_| ()),
+                Err(_) => Ok(()),
+            }
         };
         if let Err(e) = outcome {
             self.app_error(py, req, ex, &e);
@@ -537,18 +542,22 @@ fn size_arg(size: Option<&Bound<'_, PyAny>>) -> PyResult<Option<usize>> {
 impl Input {
     #[pyo3(signature = (size = None))]
     fn read<'py>(&self, py: Python<'py>, size: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyBytes>> {
-        let want = match size_arg(size)? {
-            Some(n) => Some(n),
-            // A declared length is the client's word: allocate for it only
-            // when it is modest, else grow with what actually arrives.
-            None => self.ex.remaining_hint().filter(|&r| r <= DIRECT_READ_MAX).map(|r| r as usize),
+        let asked = size_arg(size)?;
+        let remaining = self.ex.remaining_hint();
+        // Read straight into one bytes object when the size is known and
+        // modest; a declared length is the client's word, so a large one is
+        // read into a buffer that grows with what actually arrives.
+        let direct = match (asked, remaining) {
+            (Some(n), Some(r)) => Some((n as u64).min(r)),
+            (Some(n), None) => Some(n as u64),
+            (None, r) => r,
         };
-        match want {
-            // The size is known: read straight into the bytes object.
-            Some(n) => read_into_bytes(py, &self.ex, n),
-            None => {
+        match direct {
+            Some(n) if n <= DIRECT_READ_MAX => read_into_bytes(py, &self.ex, n as usize),
+            _ => {
+                let limit = asked.map_or(self.max, |n| n as u64).min(usize::MAX as u64) as usize;
                 let mut out = Vec::new();
-                self.ex.read_to_end(&mut out, self.max.min(usize::MAX as u64) as usize).map_err(body_error)?;
+                self.ex.read_to_end(&mut out, limit).map_err(body_error)?;
                 Ok(PyBytes::new(py, &out))
             }
         }

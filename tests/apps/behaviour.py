@@ -1,0 +1,341 @@
+"""One WSGI app with an endpoint per behaviour the tests drive, chosen by PATH_INFO.
+
+Well-behaved endpoints run inside wsgiref.validate.validator, with its warnings
+turned into errors, so a server that breaks PEP 3333 turns them into 500s. The
+endpoints that misbehave on purpose (bad headers, exceptions, short bodies,
+file wrappers, which the validator would hide behind its own iterator) are not
+wrapped.
+
+When a response iterable of /closing is closed, a line "<id>" is appended to
+the file named by the CORRAL_TEST_MARKERS environment variable.
+"""
+
+import io
+import json
+import os
+import sys
+import time
+import warnings
+from urllib.parse import parse_qs
+from wsgiref.validate import WSGIWarning, validator
+
+warnings.simplefilter("error", WSGIWarning)
+
+TEXT = [("Content-Type", "text/plain")]
+
+
+def _query(environ):
+    return {k: v[-1] for k, v in parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True).items()}
+
+
+def _ok(start_response, body, headers=TEXT, status="200 OK"):
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    start_response(status, [*headers, ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def _json(start_response, obj, status="200 OK"):
+    return _ok(start_response, json.dumps(obj), [("Content-Type", "application/json")], status)
+
+
+def _read_all(stream, size=8192):
+    """Reads wsgi.input to its end with read(size) calls only (what the validator allows)."""
+    parts = []
+    while True:
+        data = stream.read(size)
+        if not data:
+            return b"".join(parts)
+        parts.append(data)
+
+
+def _describe(value):
+    if isinstance(value, (str, bool, int, float)) or value is None:
+        return value
+    if isinstance(value, tuple):
+        return list(value)
+    return None
+
+
+# -- well-behaved endpoints (validated) -----------------------------------------
+
+
+def environ_dump(environ, start_response):
+    out = {k: {"type": type(v).__name__, "value": _describe(v)} for k, v in environ.items()}
+    out["_input_methods"] = [
+        m for m in ("read", "readline", "readlines", "__iter__") if hasattr(environ["wsgi.input"], m)
+    ]
+    out["_errors_methods"] = [
+        m for m in ("write", "writelines", "flush") if hasattr(environ["wsgi.errors"], m)
+    ]
+    out["_body"] = _read_all(environ["wsgi.input"]).decode("latin-1")
+    return _json(start_response, out)
+
+
+def echo(environ, start_response):
+    """Echoes the request body."""
+    return _ok(
+        start_response, _read_all(environ["wsgi.input"]), [("Content-Type", "application/octet-stream")]
+    )
+
+
+def ignore_body(environ, start_response):
+    """Answers without touching wsgi.input."""
+    return _ok(start_response, "ignored")
+
+
+def fixed(environ, start_response):
+    return _ok(start_response, "hello world")
+
+
+def stream(environ, start_response):
+    """A body of n pieces and no Content-Length."""
+    n = int(_query(environ).get("n", "3"))
+    start_response("200 OK", TEXT)
+    return (f"chunk{i}\n".encode() for i in range(n))
+
+
+def pid(environ, start_response):
+    return _ok(start_response, str(os.getpid()))
+
+
+def slow(environ, start_response):
+    q = _query(environ)
+    environ["wsgi.errors"].write(f"slow request started: {q.get('id', '')}\n")
+    environ["wsgi.errors"].flush()
+    time.sleep(float(q.get("secs", "2")))
+    return _ok(start_response, f"slept {q.get('id', '')}")
+
+
+def errors(environ, start_response):
+    msg = _query(environ).get("msg", "")
+    environ["wsgi.errors"].write(msg + "\n")
+    environ["wsgi.errors"].writelines([msg + " again\n"])
+    environ["wsgi.errors"].flush()
+    return _ok(start_response, "logged")
+
+
+def os_environ(environ, start_response):
+    key = _query(environ)["key"]
+    return _json(start_response, {"value": os.environ.get(key)})
+
+
+def cwd(environ, start_response):
+    return _json(start_response, {"cwd": os.getcwd(), "sys_path": sys.path})
+
+
+def write_callable(environ, start_response):
+    write = start_response("200 OK", TEXT)
+    write(b"hello ")
+    write(b"from ")
+    return [b"write()"]
+
+
+def exc_info_replace(environ, start_response):
+    """start_response called again with exc_info before anything was sent: the new status wins."""
+    start_response("200 OK", TEXT)
+    try:
+        raise ValueError("changed my mind")
+    except ValueError:
+        start_response(
+            "503 Service Unavailable", [("Content-Type", "text/plain"), ("X-Replaced", "yes")], sys.exc_info()
+        )
+    return [b"replaced"]
+
+
+VALIDATED = {
+    "/environ": environ_dump,
+    "/echo": echo,
+    "/ignore-body": ignore_body,
+    "/fixed": fixed,
+    "/stream": stream,
+    "/pid": pid,
+    "/slow": slow,
+    "/errors": errors,
+    "/os-environ": os_environ,
+    "/cwd": cwd,
+    "/write": write_callable,
+    "/exc-info-replace": exc_info_replace,
+}
+
+
+# -- endpoints that misbehave or that the validator would get in the way of --------------
+
+
+def input_ops(environ, start_response):
+    """Reads wsgi.input in the way ?op= asks and reports what each call returned."""
+    q = _query(environ)
+    op, size = q.get("op", "read"), int(q.get("size", "4"))
+    stream = environ["wsgi.input"]
+    calls = []
+    if op == "read":
+        calls.append(stream.read())
+        calls.append(stream.read())
+    elif op == "read-none":
+        calls.append(stream.read(None))
+    elif op == "read-minus-one":
+        calls.append(stream.read(-1))
+    elif op == "readn":
+        while True:
+            data = stream.read(size)
+            calls.append(data)
+            if not data:
+                break
+    elif op == "readline":
+        while True:
+            data = stream.readline()
+            calls.append(data)
+            if not data:
+                break
+    elif op == "readline-size":
+        while True:
+            data = stream.readline(size)
+            calls.append(data)
+            if not data:
+                break
+    elif op == "readlines":
+        calls = stream.readlines()
+        assert isinstance(calls, list)
+    elif op == "iter":
+        calls = list(stream)
+    types = sorted({type(c).__name__ for c in calls})
+    return _json(start_response, {"calls": [c.decode("latin-1") for c in calls], "types": types})
+
+
+def short_body(environ, start_response):
+    """Declares 10 bytes, sends 5."""
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "10")])
+    return [b"12345"]
+
+
+def bad_header(environ, start_response):
+    q = _query(environ)
+    kind = q.get("kind")
+    if kind == "crlf":
+        headers = [("X-Injected", "a\r\nSet-Cookie: evil=1")]
+    elif kind == "lf":
+        headers = [("X-Injected", "a\nb")]
+    elif kind == "nonstr":
+        headers = [("X-Number", 42)]
+    elif kind == "bytes":
+        headers = [("X-Bytes", b"value")]
+    elif kind == "hop":
+        headers = [(q["name"], q.get("value", "close"))]
+    elif kind == "name-space":
+        headers = [("X Bad Name", "v")]
+    else:
+        raise ValueError(kind)
+    try:
+        start_response("200 OK", [("Content-Type", "text/plain"), *headers])
+    except Exception as e:
+        environ["wsgi.errors"].write(f"start_response raised {type(e).__name__}: {e}\n")
+        raise
+    return [b"should not be sent"]
+
+
+def start_response_twice(environ, start_response):
+    start_response("200 OK", TEXT)
+    try:
+        start_response("404 Not Found", TEXT)
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        result = f"raised {type(e).__name__}"
+    else:
+        result = "did not raise"
+    return [result.encode()]
+
+
+def exc_info_after_headers(environ, start_response):
+    """start_response with exc_info once the headers were sent must re-raise."""
+    start_response("200 OK", TEXT)
+    yield b"first part\n"
+    try:
+        raise KeyError("late failure")
+    except KeyError:
+        start_response("500 Internal Server Error", TEXT, sys.exc_info())
+    yield b"must not be reached\n"
+
+
+class Closing:
+    """A response iterable that records close() calls in the markers file."""
+
+    def __init__(self, tag, mode, count):
+        self.tag, self.mode, self.count = tag, mode, count
+
+    def __iter__(self):
+        i = 0
+        while self.mode == "infinite" or i < self.count:
+            if self.mode == "raise" and i == 1:
+                raise RuntimeError(f"failing mid-iteration {self.tag}")
+            yield b"x" * 65536 if self.mode == "infinite" else f"piece{i}\n".encode()
+            if self.mode == "infinite":
+                time.sleep(0.005)
+            i += 1
+
+    def close(self):
+        with open(os.environ["CORRAL_TEST_MARKERS"], "a") as f:
+            f.write(f"{self.tag}\n")
+
+
+def closing(environ, start_response):
+    q = _query(environ)
+    start_response("200 OK", TEXT)
+    return Closing(q["id"], q.get("mode", "normal"), int(q.get("count", "3")))
+
+
+def serve_file(environ, start_response):
+    q = _query(environ)
+    path = q["path"]
+    headers = [("Content-Type", "application/octet-stream")]
+    if q.get("cl", "1") == "1":
+        headers.append(("Content-Length", str(os.path.getsize(path))))
+    start_response("200 OK", headers)
+    return environ["wsgi.file_wrapper"](open(path, "rb"), 65536)
+
+
+def serve_bytesio(environ, start_response):
+    size = int(_query(environ).get("size", "100000"))
+    data = bytes(i % 251 for i in range(size))
+    start_response("200 OK", [("Content-Type", "application/octet-stream")])
+    return environ["wsgi.file_wrapper"](io.BytesIO(data), 8192)
+
+
+def raise_before(environ, start_response):
+    raise RuntimeError("boom before start_response")
+
+
+def raise_after(environ, start_response):
+    start_response("200 OK", TEXT)
+    yield b"part one\n"
+    raise RuntimeError("boom after the headers were sent")
+
+
+def raise_after_cl(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "100")])
+    yield b"part one\n"
+    raise RuntimeError("boom after the headers were sent")
+
+
+UNVALIDATED = {
+    "/input": input_ops,
+    "/short": short_body,
+    "/bad-header": bad_header,
+    "/twice": start_response_twice,
+    "/exc-info-after-headers": exc_info_after_headers,
+    "/closing": closing,
+    "/file": serve_file,
+    "/bytesio": serve_bytesio,
+    "/raise-before": raise_before,
+    "/raise-after": raise_after,
+    "/raise-after-cl": raise_after_cl,
+}
+
+_validated = {path: validator(app) for path, app in VALIDATED.items()}
+
+
+def application(environ, start_response):
+    path = environ.get("PATH_INFO", "")
+    app = _validated.get(path) or UNVALIDATED.get(path)
+    if app is None:
+        # Everything else (other paths, --mount tests) gets the environ dump.
+        app = _validated["/environ"]
+    return app(environ, start_response)

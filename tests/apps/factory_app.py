@@ -1,0 +1,17 @@
+"""An app made by a factory (`factory_app:create()`), and a plain `application`."""
+
+
+def _make(greeting):
+    def app(environ, start_response):
+        body = greeting.encode()
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    return app
+
+
+def create():
+    return _make("made by the factory")
+
+
+application = _make("plain application")

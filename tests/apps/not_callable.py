@@ -1,0 +1,3 @@
+"""Its `application` is not callable."""
+
+application = 42

@@ -1,0 +1,3 @@
+"""Raises while being imported."""
+
+raise RuntimeError("explodes while importing raises_at_import")

@@ -1,0 +1,258 @@
+"""The WSGI environ (PEP 3333) as apps see it.
+
+/environ in apps/behaviour.py runs inside wsgiref.validate.validator (its
+warnings made errors), so a 200 already means the validator found nothing.
+"""
+
+import json
+import uuid
+
+import pytest
+
+CGI_KEYS = [
+    "REQUEST_METHOD",
+    "SCRIPT_NAME",
+    "PATH_INFO",
+    "QUERY_STRING",
+    "SERVER_NAME",
+    "SERVER_PORT",
+    "SERVER_PROTOCOL",
+    "REMOTE_ADDR",
+    "REMOTE_PORT",
+    "REQUEST_URI",
+]
+
+
+def _environ(server, target="/environ", method="GET", headers=None, body=b"", version="HTTP/1.1"):
+    with server.connect() as conn:
+        conn.send_request(
+            method, target, {"Host": "example.test:8080", **(headers or {})}, body, version=version
+        )
+        resp = conn.read_response()
+        assert resp.status == 200, (resp.status, resp.body[:3000], server.log[-3000:])
+        env = json.loads(resp.body)
+        env["_client_port"] = conn.sock.getsockname()[1]
+        return env
+
+
+def _v(env, key):
+    return env[key]["value"]
+
+
+def test_environ_keys_and_types(behaviour):
+    env = _environ(behaviour, "/environ?x=1&y=%20z", headers={"User-Agent": "pytest", "X-Custom": "v"})
+    for key in CGI_KEYS:
+        assert env[key]["type"] == "str", key
+    assert _v(env, "REQUEST_METHOD") == "GET"
+    assert _v(env, "SCRIPT_NAME") == ""
+    assert _v(env, "PATH_INFO") == "/environ"
+    assert _v(env, "QUERY_STRING") == "x=1&y=%20z"
+    assert _v(env, "REQUEST_URI") == "/environ?x=1&y=%20z"
+    assert _v(env, "SERVER_PROTOCOL") == "HTTP/1.1"
+    # From the listener, or (as some servers do) from the Host header: either pair is PEP 3333.
+    assert (_v(env, "SERVER_NAME"), _v(env, "SERVER_PORT")) in (
+        ("127.0.0.1", str(behaviour.port)),
+        ("example.test", "8080"),
+    )
+    assert _v(env, "REMOTE_ADDR") == "127.0.0.1"
+    assert _v(env, "REMOTE_PORT") == str(env["_client_port"])
+    assert _v(env, "HTTP_HOST") == "example.test:8080"
+    assert _v(env, "HTTP_USER_AGENT") == "pytest"
+    assert _v(env, "HTTP_X_CUSTOM") == "v"
+    assert _v(env, "wsgi.version") == [1, 0]
+    assert env["wsgi.version"]["type"] == "tuple"
+    assert _v(env, "wsgi.url_scheme") == "http"
+    assert _v(env, "wsgi.run_once") is False
+    assert _v(env, "wsgi.input_terminated") is True
+    assert env["wsgi.multithread"]["type"] == "bool"
+    assert env["wsgi.multiprocess"]["type"] == "bool"
+    assert "wsgi.file_wrapper" in env
+    assert env["_input_methods"] == ["read", "readline", "readlines", "__iter__"]
+    assert env["_errors_methods"] == ["write", "writelines", "flush"]
+    # No body, so no CONTENT_LENGTH (or an empty one) and no HTTP_CONTENT_* anywhere.
+    assert env.get("CONTENT_LENGTH", {"value": ""})["value"] in ("", "0")
+    assert not any(k.startswith("HTTP_CONTENT_") for k in env)
+    for key in env:
+        if key.isupper():
+            assert env[key]["type"] == "str", key
+
+
+def test_http10_request_protocol(behaviour):
+    env = _environ(behaviour, version="HTTP/1.0")
+    assert _v(env, "SERVER_PROTOCOL") == "HTTP/1.0"
+
+
+def test_content_type_and_length(behaviour):
+    env = _environ(
+        behaviour,
+        "/environ",
+        "POST",
+        headers={"Content-Type": "text/plain; charset=utf-8"},
+        body=b"some body",
+    )
+    assert _v(env, "CONTENT_TYPE") == "text/plain; charset=utf-8"
+    assert _v(env, "CONTENT_LENGTH") == "9"
+    assert "HTTP_CONTENT_TYPE" not in env
+    assert "HTTP_CONTENT_LENGTH" not in env
+    assert env["_body"] == "some body"
+
+
+def test_chunked_body_has_no_content_length(behaviour):
+    env = _environ(
+        behaviour, "/environ", "POST", headers={"Transfer-Encoding": "chunked"}, body=b"3\r\nabc\r\n0\r\n\r\n"
+    )
+    assert env.get("CONTENT_LENGTH", {"value": ""})["value"] == ""
+    assert "HTTP_TRANSFER_ENCODING" not in env or _v(env, "HTTP_TRANSFER_ENCODING") == "chunked"
+    assert _v(env, "wsgi.input_terminated") is True
+    assert env["_body"] == "abc"
+
+
+@pytest.mark.parametrize(
+    "target,path,query",
+    [
+        ("/caf%C3%A9", "/caf\u00c3\u00a9", ""),  # percent-decoded, then each byte as latin-1
+        ("/a%20b/c%2Bd+e", "/a b/c+d+e", ""),
+        ("/x?q=caf%C3%A9&a=%20+b", "/x", "q=caf%C3%A9&a=%20+b"),  # the query stays raw
+        ("/x?", "/x", ""),
+        ("//double//slashes", "//double//slashes", ""),
+        ("/%7Euser", "/~user", ""),
+    ],
+)
+def test_path_and_query_decoding(behaviour, target, path, query):
+    env = _environ(behaviour, target)
+    assert _v(env, "PATH_INFO") == path
+    assert _v(env, "QUERY_STRING") == query
+    assert _v(env, "REQUEST_URI") == target
+
+
+def test_repeated_headers_are_joined(behaviour):
+    with behaviour.connect() as conn:
+        conn.send(
+            b"GET /environ HTTP/1.1\r\nHost: x\r\nX-Multi: a\r\nX-Multi: b\r\n"
+            b"Cookie: a=1\r\nCookie: b=2\r\nAccept: text/html\r\naccept: text/plain\r\n\r\n"
+        )
+        env = json.loads(conn.read_response().body)
+    assert _v(env, "HTTP_X_MULTI") == "a,b"
+    assert _v(env, "HTTP_COOKIE") == "a=1; b=2"
+    assert _v(env, "HTTP_ACCEPT") == "text/html,text/plain"
+
+
+def test_header_names_with_underscores_are_dropped(behaviour):
+    env = _environ(behaviour, headers={"X_Sneaky": "1", "X-Fine": "2"})
+    assert "HTTP_X_SNEAKY" not in env
+    assert _v(env, "HTTP_X_FINE") == "2"
+
+
+@pytest.mark.parametrize("workers,threads", [(1, 1), (2, 1), (1, 2)])
+def test_multiprocess_and_multithread_flags(start_server, workers, threads):
+    server = start_server("behaviour:application", workers=workers, threads=threads)
+    env = _environ(server)
+    assert _v(env, "wsgi.multiprocess") is (workers > 1)
+    assert _v(env, "wsgi.multithread") is (threads > 1)
+
+
+@pytest.fixture(scope="module")
+def mounted(start_module_server):
+    return start_module_server("behaviour:application", "--mount", "/prefix", threads=2)
+
+
+@pytest.mark.parametrize(
+    "target,path",
+    [("/prefix/foo", "/foo"), ("/prefix/", "/"), ("/prefix", ""), ("/prefix/a/b?q=1", "/a/b")],
+)
+def test_mount_sets_script_name(mounted, target, path):
+    env = _environ(mounted, target)
+    assert _v(env, "SCRIPT_NAME") == "/prefix"
+    assert _v(env, "PATH_INFO") == path
+    assert _v(env, "REQUEST_URI") == target
+
+
+def test_script_name_from_the_environment(start_server):
+    server = start_server("behaviour:application", env={"SCRIPT_NAME": "/fromenv"})
+    env = _environ(server, "/fromenv/thing")
+    assert _v(env, "SCRIPT_NAME") == "/fromenv"
+    assert _v(env, "PATH_INFO") == "/thing"
+
+
+BODY = b"line1\nline2\nlonger line three\n\nend"
+LINES = [b"line1\n", b"line2\n", b"longer line three\n", b"\n", b"end"]
+
+
+@pytest.fixture
+def input_server(start_server):
+    # A server of its own for each wsgi.input test, so that one stuck read cannot hold up the others.
+    return start_server("behaviour:application", threads=2)
+
+
+def _send_body(server, op, framing, size=4):
+    target = f"/input?op={op}&size={size}"
+    if framing == "length":
+        headers, body = {}, BODY
+    else:
+        headers = {"Transfer-Encoding": "chunked"}
+        body = b"".join(
+            b"%x\r\n%s\r\n" % (len(BODY[i : i + 7]), BODY[i : i + 7]) for i in range(0, len(BODY), 7)
+        )
+        body += b"0\r\n\r\n"
+    resp = server.request("POST", target, headers, body, timeout=5)
+    assert resp.status == 200, (resp.status, resp.body[:2000], server.log[-3000:])
+    out = json.loads(resp.body)
+    assert out["types"] in (["bytes"], [])
+    return [c.encode("latin-1") for c in out["calls"]]
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_input_read_all(input_server, framing):
+    assert _send_body(input_server, "read", framing) == [BODY, b""]
+    assert _send_body(input_server, "read-none", framing) == [BODY]
+    assert _send_body(input_server, "read-minus-one", framing) == [BODY]
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+@pytest.mark.parametrize("size", [1, 4, 100])
+def test_input_read_n(input_server, framing, size):
+    calls = _send_body(input_server, "readn", framing, size)
+    assert calls[-1] == b""
+    assert all(0 < len(c) <= size for c in calls[:-1])
+    assert b"".join(calls) == BODY
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_input_readline(input_server, framing):
+    assert _send_body(input_server, "readline", framing) == [*LINES, b""]
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_input_readline_with_size(input_server, framing):
+    calls = _send_body(input_server, "readline-size", framing, 4)
+    assert calls[-1] == b""
+    assert all(0 < len(c) <= 4 for c in calls[:-1])
+    assert b"".join(calls) == BODY
+    # A line never continues past its newline.
+    for c in calls:
+        assert b"\n" not in c[:-1]
+    assert calls[:3] == [b"line", b"1\n", b"line"]
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_input_readlines(input_server, framing):
+    assert _send_body(input_server, "readlines", framing) == LINES
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_input_iteration(input_server, framing):
+    assert _send_body(input_server, "iter", framing) == LINES
+
+
+def test_input_empty_body(input_server):
+    resp = input_server.request("GET", "/input?op=read")
+    assert json.loads(resp.body)["calls"] == ["", ""]
+
+
+def test_wsgi_errors_reach_the_log(behaviour):
+    marker = f"errors-marker-{uuid.uuid4().hex}"
+    mark = behaviour.mark()
+    resp = behaviour.request("GET", f"/errors?msg={marker}")
+    assert resp.status == 200
+    behaviour.wait_for(marker, since=mark)
+    behaviour.wait_for(f"{marker} again", since=mark)

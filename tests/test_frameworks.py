@@ -1,0 +1,131 @@
+"""Real Flask and Django apps under corral (2 workers x 2 threads), driven with requests."""
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+CHUNK = bytes(range(256)) * 256
+
+
+def expected_download(size):
+    h = hashlib.sha256()
+    while size > 0:
+        piece = CHUNK[: min(size, len(CHUNK))]
+        size -= len(piece)
+        h.update(piece)
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module", params=["flask", "django"])
+def framework(request, start_module_server):
+    if request.param == "flask":
+        server = start_module_server("flask_app:app", workers=2, threads=2)
+    else:
+        server = start_module_server(
+            "djproject.wsgi:application",
+            "--env",
+            "DJANGO_SETTINGS_MODULE=djproject.settings",
+            workers=2,
+            threads=2,
+        )
+    server.name = request.param
+    return server
+
+
+def test_index(framework):
+    resp = requests.get(framework.url + "/", timeout=30)
+    assert resp.status_code == 200
+    assert f"hello from {framework.name}" in resp.text
+
+
+def test_form_post(framework):
+    resp = requests.post(framework.url + "/form", data={"name": "Zoë & co", "item": ["a", "b c"]}, timeout=30)
+    assert resp.status_code == 200
+    assert resp.json() == {"name": "Zoë & co", "items": ["a", "b c"]}
+
+
+def test_cookies_and_redirect(framework):
+    with requests.Session() as s:
+        resp = s.get(framework.url + "/set-cookie", timeout=30)
+        assert resp.status_code == 200
+        assert [r.status_code for r in resp.history] == [302]
+        cookies = resp.json()
+        assert cookies["count"] in ("3", "7")
+        assert cookies["flavour"] in ("oatmeal raisin", "chocolate chip")
+        # The session sends them back on later requests too.
+        assert s.get(framework.url + "/show-cookie", timeout=30).json() == cookies
+
+
+def test_redirect_target(framework):
+    resp = requests.get(framework.url + "/old", allow_redirects=False, timeout=30)
+    assert resp.status_code in (301, 302)
+    assert resp.headers["Location"] in ("/", framework.url + "/")
+
+
+def test_upload_5mib(framework):
+    data = os.urandom(5 * 1024 * 1024)
+    resp = requests.post(
+        framework.url + "/upload", files={"file": ("big.bin", data, "application/octet-stream")}, timeout=60
+    )
+    assert resp.status_code == 200, resp.text[:2000]
+    assert resp.json() == {
+        "filename": "big.bin",
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+def test_upload_chunked(framework):
+    if framework.name != "flask":
+        pytest.skip("Django needs a Content-Length for request bodies")
+    data = os.urandom(3 * 1024 * 1024 + 17)
+
+    def gen():
+        for i in range(0, len(data), 100_000):
+            yield data[i : i + 100_000]
+
+    resp = requests.put(framework.url + "/raw", data=gen(), timeout=60)
+    assert resp.status_code == 200, resp.text[:2000]
+    assert resp.json() == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@pytest.mark.parametrize("variant", ["stream", "fixed"])
+def test_download_10mib(framework, variant):
+    size = 10 * 1024 * 1024
+    if framework.name == "flask":
+        url = framework.url + ("/download" if variant == "stream" else "/download-fixed") + f"?size={size}"
+    else:
+        url = framework.url + f"/download?size={size}&stream={1 if variant == 'stream' else 0}"
+    resp = requests.get(url, timeout=60)
+    assert resp.status_code == 200
+    assert len(resp.content) == size
+    assert hashlib.sha256(resp.content).hexdigest() == expected_download(size)
+    if variant == "fixed":
+        assert resp.headers["Content-Length"] == str(size)
+
+
+def test_concurrent_requests(framework):
+    def one(i):
+        resp = requests.post(framework.url + "/form", data={"name": f"n{i}"}, timeout=30)
+        return resp.status_code, resp.json()["name"]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(40)))
+    assert results == [(200, f"n{i}") for i in range(40)]
+
+
+def test_django_csrf_protection(framework):
+    if framework.name != "django":
+        pytest.skip("Django only")
+    assert requests.get(framework.url + "/protected", timeout=30).status_code == 200
+    assert requests.post(framework.url + "/protected", data={"a": "b"}, timeout=30).status_code == 403
+
+
+def test_django_disallowed_host(framework):
+    if framework.name != "django":
+        pytest.skip("Django only")
+    resp = requests.get(framework.url + "/", headers={"Host": "evil.example"}, timeout=30)
+    assert resp.status_code == 400

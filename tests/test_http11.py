@@ -1,0 +1,367 @@
+"""HTTP/1.1 behaviour (RFC 9110/9112), driven with raw sockets."""
+
+import email.utils
+import json
+import socket
+import time
+
+import pytest
+
+
+def _get(conn, target, version="HTTP/1.1", headers=None, method="GET", body=b""):
+    conn.send_request(method, target, {"Host": "localhost", **(headers or {})}, body, version=version)
+    return conn.read_response(head=method == "HEAD")
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(behaviour):
+    with behaviour.connect() as conn:
+        ports = set()
+        for i in range(5):
+            resp = _get(conn, f"/environ?i={i}")
+            assert resp.status == 200
+            assert resp.header("Connection", "").lower() != "close"
+            env = json.loads(resp.body)
+            assert env["QUERY_STRING"]["value"] == f"i={i}"
+            ports.add(env["REMOTE_PORT"]["value"])
+        # The same connection carried every request.
+        assert ports == {str(conn.sock.getsockname()[1])}
+        assert not conn.eof
+
+
+def test_pipelined_requests_are_answered_in_order(behaviour):
+    with behaviour.connect() as conn:
+        conn.send(b"".join(f"GET /stream?n={n} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for n in (1, 2, 3)))
+        bodies = [conn.read_response().body for _ in range(3)]
+    assert bodies == [b"chunk0\n", b"chunk0\nchunk1\n", b"chunk0\nchunk1\nchunk2\n"]
+
+
+def test_pipelined_requests_with_bodies(behaviour):
+    reqs = b"".join(
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(b), b)
+        for b in (b"one", b"second", b"")
+    )
+    reqs += b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nfour\r\n0\r\n\r\n"
+    with behaviour.connect() as conn:
+        conn.send(reqs)
+        bodies = [conn.read_response().body for _ in range(4)]
+    assert bodies == [b"one", b"second", b"", b"four"]
+
+
+def test_http10_closes_by_default(behaviour):
+    with behaviour.connect() as conn:
+        resp = _get(conn, "/fixed", version="HTTP/1.0")
+        assert resp.status == 200
+        assert resp.version == "HTTP/1.1"
+        assert resp.body == b"hello world"
+        assert conn.at_eof(10), "an HTTP/1.0 connection without keep-alive must be closed"
+
+
+def test_http10_keep_alive_when_asked(behaviour):
+    with behaviour.connect() as conn:
+        for _ in range(3):
+            resp = _get(conn, "/fixed", version="HTTP/1.0", headers={"Connection": "keep-alive"})
+            assert resp.status == 200
+            assert resp.body == b"hello world"
+            assert resp.header("Connection", "").lower() == "keep-alive"
+
+
+def test_http11_connection_close_is_honoured(behaviour):
+    with behaviour.connect() as conn:
+        resp = _get(conn, "/fixed", headers={"Connection": "close"})
+        assert resp.status == 200
+        assert resp.header("Connection", "").lower() == "close"
+        assert conn.at_eof(10)
+
+
+def test_chunked_request_body(behaviour):
+    with behaviour.connect() as conn:
+        conn.send(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n1;ext=1\r\n \r\n5\r\nworld\r\n0\r\nX-Trailer: t\r\n\r\n"
+        )
+        resp = conn.read_response()
+        assert resp.status == 200
+        assert resp.body == b"hello world"
+        # The connection is still usable afterwards.
+        assert _get(conn, "/fixed").body == b"hello world"
+
+
+def test_large_chunked_request_body(behaviour):
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    chunks = b"".join(
+        b"%x\r\n%s\r\n" % (len(payload[i : i + 70000]), payload[i : i + 70000])
+        for i in range(0, len(payload), 70000)
+    )
+    with behaviour.connect() as conn:
+        conn.send(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"
+        )
+        resp = conn.read_response()
+    assert resp.status == 200
+    assert resp.body == payload
+
+
+def test_chunked_response_without_content_length(behaviour):
+    with behaviour.connect() as conn:
+        resp = _get(conn, "/stream?n=4")
+        assert resp.status == 200
+        assert resp.chunked, resp.headers
+        assert resp.header("Content-Length") is None
+        assert resp.complete
+        assert resp.body == b"chunk0\nchunk1\nchunk2\nchunk3\n"
+        # Properly terminated: the next request on the connection works.
+        assert _get(conn, "/fixed").body == b"hello world"
+
+
+def test_http10_response_without_content_length_is_close_delimited(behaviour):
+    with behaviour.connect() as conn:
+        resp = _get(conn, "/stream?n=3", version="HTTP/1.0")
+        assert resp.status == 200
+        assert resp.header("Transfer-Encoding") is None
+        assert resp.header("Content-Length") is None
+        assert resp.body == b"chunk0\nchunk1\nchunk2\n"
+        assert conn.eof
+
+
+def test_empty_response_body(behaviour):
+    with behaviour.connect() as conn:
+        resp = _get(conn, "/stream?n=0")
+        assert resp.status == 200
+        assert resp.body == b""
+        assert resp.complete
+        assert _get(conn, "/fixed").body == b"hello world"
+
+
+@pytest.mark.parametrize("target", ["/fixed", "/stream?n=3", "/environ"])
+def test_head_has_the_headers_of_get_and_no_body(behaviour, target):
+    with behaviour.connect() as conn:
+        get = _get(conn, target)
+        head = _get(conn, target, method="HEAD")
+        assert head.status == get.status == 200
+        assert head.body == b""
+        if get.header("Content-Length") is not None and target != "/environ":
+            assert head.header("Content-Length") == get.header("Content-Length")
+        assert head.header("Content-Type") == get.header("Content-Type")
+        # No body bytes were sent after the HEAD response: the next response parses cleanly.
+        nxt = _get(conn, "/fixed")
+        assert nxt.status == 200
+        assert nxt.body == b"hello world"
+
+
+def test_date_header(behaviour):
+    resp = behaviour.request("GET", "/fixed")
+    date = resp.header("Date")
+    assert date is not None
+    parsed = email.utils.parsedate_to_datetime(date)
+    assert parsed.tzinfo is not None
+    assert date.endswith(" GMT")
+    assert abs(parsed.timestamp() - time.time()) < 300
+
+
+def test_expect_100_continue_when_the_app_reads(behaviour):
+    with behaviour.connect() as conn:
+        conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\nExpect: 100-continue\r\n\r\n")
+        interim = conn.read_head()
+        assert interim.status == 100
+        assert interim.version == "HTTP/1.1"
+        conn.send(b"hello world")
+        resp = conn.read_response()
+        assert resp.status == 200
+        assert resp.body == b"hello world"
+        assert _get(conn, "/fixed").body == b"hello world"
+
+
+def test_expect_100_continue_chunked(behaviour):
+    with behaviour.connect() as conn:
+        conn.send(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n"
+        )
+        assert conn.read_head().status == 100
+        conn.send(b"3\r\nabc\r\n0\r\n\r\n")
+        resp = conn.read_response()
+        assert resp.body == b"abc"
+
+
+def test_no_100_continue_when_the_app_does_not_read(behaviour):
+    with behaviour.connect() as conn:
+        conn.send(
+            b"POST /ignore-body HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+        )
+        resp = conn.read_response()
+        assert resp.status == 200
+        assert resp.body == b"ignored"
+        assert resp.interim == []
+        # The body was never sent: the server must not wait for it nor read it as a request.
+        conn.sock.settimeout(3)
+        try:
+            rest = conn.read_to_close()
+        except (socket.timeout, TimeoutError):
+            rest = conn.buf
+        assert b"100 Continue" not in rest
+
+
+def test_short_app_body_closes_the_connection(behaviour):
+    mark = behaviour.mark()
+    with behaviour.connect() as conn:
+        conn.send_request("GET", "/short", {"Host": "x"})
+        resp = conn.read_response()
+        assert resp.status == 200
+        assert resp.header("Content-Length") == "10"
+        assert resp.body == b"12345"
+        assert not resp.complete
+        assert conn.eof
+    # The log says what happened to which request.
+    behaviour.wait_for(r"(?i)/short.*(content-length|short|fewer|sent)", since=mark)
+
+
+def test_unknown_transfer_encoding_is_501(behaviour):
+    for te in ("frobnicate", "frobnicate, chunked"):
+        with behaviour.connect() as conn:
+            conn.send(f"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {te}\r\n\r\n0\r\n\r\n".encode())
+            resp = conn.read_response()
+            assert resp.status == 501, te
+            assert conn.at_eof(10)
+
+
+def test_absolute_form_target(behaviour):
+    resp = behaviour.request("GET", "http://example.com/fixed")
+    assert resp.status == 200
+    assert resp.body == b"hello world"
+
+
+# -- limits --------------------------------------------------------------------
+
+
+def test_default_request_line_limit(behaviour):
+    # 8190 by default, as nginx: an 8000-byte request line passes, a 9000-byte one is 414.
+    prefix = "/environ?q="
+    target = prefix + "a" * (8000 - len("GET  HTTP/1.1") - len(prefix))
+    assert len(f"GET {target} HTTP/1.1") == 8000
+    resp = behaviour.request("GET", target)
+    assert resp.status == 200
+    long_target = prefix + "a" * (9000 - len("GET  HTTP/1.1") - len(prefix))
+    with behaviour.connect() as conn:
+        conn.send_request("GET", long_target, {"Host": "x"})
+        resp = conn.read_response()
+        assert resp.status == 414
+        assert conn.at_eof(10)
+
+
+def test_too_many_headers_is_431(behaviour):
+    headers = {f"X-H{i}": "v" for i in range(101)}
+    with behaviour.connect() as conn:
+        conn.send_request("GET", "/fixed", headers)
+        resp = conn.read_response()
+        assert resp.status == 431
+        assert conn.at_eof(10)
+    ok = behaviour.request("GET", "/fixed", {f"X-H{i}": "v" for i in range(90)})
+    assert ok.status == 200
+
+
+def test_oversized_header_is_431(behaviour):
+    with behaviour.connect() as conn:
+        conn.send_request("GET", "/fixed", {"Host": "x", "X-Big": "a" * 9000})
+        resp = conn.read_response()
+        assert resp.status == 431
+        assert conn.at_eof(10)
+    ok = behaviour.request("GET", "/fixed", {"X-Big": "a" * 8000})
+    assert ok.status == 200
+
+
+@pytest.fixture(scope="module")
+def limited(start_module_server):
+    return start_module_server(
+        "behaviour:application",
+        "--max-body-size",
+        "1000",
+        "--limit-request-fields",
+        "10",
+        "--limit-request-field-size",
+        "200",
+        "--limit-request-line",
+        "300",
+        threads=2,
+    )
+
+
+def test_max_body_size_content_length(limited):
+    assert limited.request("POST", "/echo", body=b"x" * 1000).body == b"x" * 1000
+    with limited.connect() as conn:
+        conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n" + b"x" * 2000)
+        resp = conn.read_response()
+        assert resp.status == 413
+        assert conn.at_eof(10)
+
+
+def test_max_body_size_chunked(limited):
+    with limited.connect() as conn:
+        body = b"".join(b"64\r\n" + b"y" * 100 + b"\r\n" for _ in range(20)) + b"0\r\n\r\n"
+        conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+        resp = conn.read_response()
+        assert resp.status == 413
+        assert conn.at_eof(10)
+
+
+def test_max_body_size_with_expect_gets_no_100(limited):
+    with limited.connect() as conn:
+        conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n")
+        resp = conn.read_response()
+        assert resp.status == 413
+        assert resp.interim == []
+
+
+def test_configured_header_limits(limited):
+    assert limited.request("GET", "/fixed", {f"X-H{i}": "v" for i in range(8)}).status == 200
+    assert limited.request("GET", "/fixed", {f"X-H{i}": "v" for i in range(11)}).status == 431
+    assert limited.request("GET", "/fixed", {"X-Big": "a" * 150}).status == 200
+    assert limited.request("GET", "/fixed", {"X-Big": "a" * 250}).status == 431
+    assert limited.request("GET", "/fixed?" + "a" * 250).status == 200
+    assert limited.request("GET", "/fixed?" + "a" * 350).status == 414
+
+
+# -- timeouts ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def impatient(start_module_server):
+    return start_module_server(
+        "behaviour:application", "--header-timeout", "1", "--keepalive-timeout", "1", threads=2
+    )
+
+
+def test_header_timeout_closes_a_slow_client(impatient):
+    with impatient.connect() as conn:
+        conn.send(b"GET /fixed HTTP/1.1\r\nHost: x\r\n")
+        # The server gives up on the head (perhaps with a 408) and closes, well before 10 s.
+        conn.sock.settimeout(10)
+        try:
+            rest = conn.read_to_close()
+        except (socket.timeout, TimeoutError):
+            pytest.fail("the server kept a connection whose head never finished")
+        assert rest == b"" or rest.startswith(b"HTTP/1.1 408")
+    # The server still serves others.
+    assert impatient.request("GET", "/fixed").status == 200
+
+
+def test_header_timeout_applies_to_a_silent_connection(impatient):
+    with impatient.connect() as conn:
+        assert conn.at_eof(10), "a connection that never sent anything was kept open"
+
+
+def test_keepalive_timeout_closes_an_idle_connection(impatient):
+    with impatient.connect() as conn:
+        assert _get(conn, "/fixed").status == 200
+        assert conn.at_eof(10), "an idle keep-alive connection was kept open"
+
+
+def test_slow_but_steady_client_within_timeouts(impatient):
+    with impatient.connect() as conn:
+        for piece in (b"GET /fixed HTTP/1.1\r\n", b"Host: x\r\n", b"\r\n"):
+            conn.send(piece)
+            time.sleep(0.2)
+        assert conn.read_response().status == 200
+
+
+def test_many_sequential_connections(behaviour):
+    statuses = [behaviour.request("GET", "/fixed").status for _ in range(100)]
+    assert statuses == [200] * 100

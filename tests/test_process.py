@@ -1,0 +1,218 @@
+"""The process model: workers, signals, graceful shutdown, crashes, --preload."""
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from support import READY_RE, IncompleteResponse, group_members, wait_until
+
+
+def _pid_of_request(server, target="/pid"):
+    resp = server.request("GET", target)
+    assert resp.status == 200, resp
+    return int(resp.body)
+
+
+def test_several_workers_share_the_load(start_server):
+    server = start_server("behaviour:application", workers=3, threads=1)
+    pids = server.worker_pids()
+    assert len(set(pids)) == 3
+    assert server.proc.pid not in pids
+    seen = {_pid_of_request(server) for _ in range(30)}
+    # Concurrent slow requests cannot all be served by one single-threaded worker.
+    with ThreadPoolExecutor(6) as pool:
+        bodies = list(pool.map(lambda i: server.request("GET", f"/slow?secs=0.5&id=p{i}"), range(6)))
+    assert all(b.status == 200 for b in bodies)
+    seen |= {_pid_of_request(server) for _ in range(30)}
+    with ThreadPoolExecutor(6) as pool:
+        seen |= set(pool.map(lambda i: _pid_of_request(server), range(60)))
+    assert seen <= set(pids)
+    assert len(seen) >= 2, f"every request went to one worker: {seen}"
+
+
+class Load:
+    """Light background load: one request at a time, new connection each, bounded in time."""
+
+    def __init__(self, server, target="/pid", limit=30.0):
+        self.server, self.target, self.limit = server, target, limit
+        self.results = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        deadline = time.monotonic() + self.limit
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            try:
+                self.results.append(self.server.request("GET", self.target, timeout=5).status)
+            except OSError as e:
+                self.results.append(e)
+            time.sleep(0.02)
+
+    def finish(self):
+        self.stop.set()
+        self.thread.join(30)
+        return self.results
+
+
+def test_killed_worker_is_replaced(start_server):
+    server = start_server("behaviour:application", workers=2, threads=2)
+    before = server.worker_pids()
+    load = Load(server)
+    time.sleep(0.3)
+    victim = before[0]
+    mark = server.mark()
+    os.kill(victim, signal.SIGKILL)
+    ready = server.wait_for(READY_RE.pattern, since=mark)
+    new_pid = int(ready[0].group(1))
+    assert new_pid not in before
+    # The master says which worker died and how.
+    died = server.wait_for(rf"\b{victim}\b.*(signal 9|SIGKILL)", since=mark)
+    assert died
+    time.sleep(0.3)
+    load.finish()
+    assert 200 in load.results
+    for _ in range(20):
+        assert _pid_of_request(server) in set(before[1:]) | {new_pid}
+    assert server.running()
+    assert not any(p == victim for p in group_members(server.pgid))
+
+
+def _in_flight_then_signal(server, send_signal, n=3, secs=2):
+    """Starts `n` slow requests, waits until the app runs them all, then signals; returns the responses."""
+    mark = server.mark()
+    with ThreadPoolExecutor(n) as pool:
+        futures = [
+            pool.submit(server.request, "GET", f"/slow?secs={secs}&id=r{i}", timeout=30) for i in range(n)
+        ]
+        server.wait_for(r"slow request started: r\d", count=n, since=mark)
+        send_signal()
+        responses = [f.result(timeout=60) for f in futures]
+    return responses
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "killpg"])
+def test_graceful_stop_finishes_in_flight_requests(start_server, how):
+    server = start_server("behaviour:application", workers=2, threads=2)
+    if how == "killpg":
+
+        def send():
+            os.killpg(server.pgid, signal.SIGTERM)
+
+    else:
+
+        def send():
+            server.signal(getattr(signal, how))
+
+    responses = _in_flight_then_signal(server, send)
+    assert [r.status for r in responses] == [200, 200, 200]
+    assert sorted(r.body for r in responses) == [b"slept r0", b"slept r1", b"slept r2"]
+    assert server.wait_exit(30) == 0, server.log
+    assert wait_until(lambda: not group_members(server.pgid), timeout=10)
+
+
+def test_graceful_stop_refuses_new_connections(start_server):
+    server = start_server("behaviour:application", workers=1, threads=2)
+    mark = server.mark()
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(server.request, "GET", "/slow?secs=2&id=last", timeout=30)
+        server.wait_for("slow request started: last", since=mark)
+        server.signal(signal.SIGTERM)
+        # Once the listener is closed new connections are refused (the in-flight one still finishes).
+        assert wait_until(lambda: _refused(server), timeout=10)
+        assert future.result(timeout=30).status == 200
+    assert server.wait_exit(30) == 0
+
+
+def _refused(server):
+    try:
+        server.request("GET", "/fixed", timeout=2)
+    except (ConnectionRefusedError, ConnectionResetError):
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def test_sigquit_stops_promptly(start_server):
+    server = start_server("behaviour:application", workers=2, threads=2)
+    started = time.monotonic()
+    server.signal(signal.SIGQUIT)
+    server.wait_exit(10)
+    assert time.monotonic() - started < 10
+    assert wait_until(lambda: not group_members(server.pgid), timeout=10)
+
+
+def test_sigquit_does_not_wait_for_slow_requests(start_server):
+    server = start_server("behaviour:application", workers=1, threads=2)
+    mark = server.mark()
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(server.request, "GET", "/slow?secs=20&id=q", timeout=30)
+        server.wait_for("slow request started: q", since=mark)
+        started = time.monotonic()
+        server.signal(signal.SIGQUIT)
+        server.wait_exit(10)
+        assert time.monotonic() - started < 10
+        try:
+            resp = future.result(timeout=30)
+        except (OSError, IncompleteResponse):
+            resp = None
+    # The slow request was cut off, not served in full.
+    assert resp is None or not (resp.status == 200 and resp.complete), resp
+
+
+@pytest.mark.parametrize("crash", ["exit", "segv"])
+def test_workers_dying_at_boot_make_the_master_give_up(start_server, crash):
+    started = time.monotonic()
+    server = start_server("exit_at_boot:application", workers=2, wait=False, env={"CORRAL_TEST_CRASH": crash})
+    code = server.wait_exit(30)
+    assert code != 0
+    assert time.monotonic() - started < 30
+    boots = server.grep("Booting worker")
+    assert 2 <= len(boots) <= 30, server.log
+    # The last word says why it gave up.
+    errors = server.grep(r"\[ERROR\].*")
+    assert errors, server.log
+    assert any(s in server.log.lower() for s in ("boot", "giving up", "gave up")), server.log
+    assert wait_until(lambda: not group_members(server.pgid), timeout=10)
+
+
+def test_preload_imports_once_in_the_master(start_server):
+    server = start_server("preload_app:application", "--preload", workers=2)
+    imports = [line for line in server.lines + server.stdout_lines if "preload_app imported" in line]
+    assert imports == [f"preload_app imported in pid={server.proc.pid}"]
+    workers = set(server.worker_pids())
+    assert {_pid_of_request(server, "/") for _ in range(10)} <= workers
+
+
+def test_without_preload_each_worker_imports(start_server):
+    server = start_server("preload_app:application", workers=2)
+    wait_until(lambda: len(server.grep("preload_app imported")) >= 2, timeout=10)
+    pids = {int(m.group(1)) for m in server.grep(r"preload_app imported in pid=(\d+)")}
+    assert pids == set(server.worker_pids())
+
+
+def test_hup_replaces_the_workers(start_server):
+    server = start_server("preload_app:application", workers=2)
+    before = set(server.worker_pids())
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    server.wait_for(READY_RE.pattern, count=2, since=mark)
+    after = set(server.worker_pids(since=mark))
+    assert not after & before
+    assert wait_until(lambda: not (set(group_members(server.pgid)) & before), timeout=15)
+    assert {_pid_of_request(server, "/") for _ in range(10)} <= after
+
+
+def test_ttin_ttou_change_the_worker_count(start_server):
+    server = start_server("behaviour:application", workers=1)
+    mark = server.mark()
+    server.signal(signal.SIGTTIN)
+    server.wait_for(READY_RE.pattern, since=mark)
+    assert wait_until(lambda: len(group_members(server.pgid)) == 3, timeout=10)
+    server.signal(signal.SIGTTOU)
+    assert wait_until(lambda: len(group_members(server.pgid)) == 2, timeout=15)
+    assert server.request("GET", "/fixed").status == 200

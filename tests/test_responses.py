@@ -1,0 +1,210 @@
+"""The response side of PEP 3333: start_response checks, exc_info, write(), close(),
+wsgi.file_wrapper, and apps that fail before or after the headers went out."""
+
+import hashlib
+import os
+import time
+
+import pytest
+from support import wait_until
+
+
+def _closed_tags(server):
+    return server.markers.read_text().split()
+
+
+def _wait_closed(server, tag):
+    """Waits until close() of the iterable `tag` was recorded; then makes sure it stays recorded once."""
+    assert wait_until(lambda: tag in _closed_tags(server), timeout=10), (
+        f"close() was never called for {tag}\n{server.log[-3000:]}"
+    )
+    time.sleep(0.3)
+    assert _closed_tags(server).count(tag) == 1, _closed_tags(server)
+
+
+# -- start_response checks ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "query,name",
+    [
+        ("kind=crlf", "X-Injected"),
+        ("kind=lf", "X-Injected"),
+        ("kind=nonstr", "X-Number"),
+        ("kind=bytes", "X-Bytes"),
+        ("kind=hop&name=Connection&value=close", "Connection"),
+        ("kind=hop&name=Transfer-Encoding&value=chunked", "Transfer-Encoding"),
+        ("kind=hop&name=Keep-Alive&value=timeout%3D5", "Keep-Alive"),
+        ("kind=hop&name=Upgrade&value=websocket", "Upgrade"),
+        ("kind=name-space", "X Bad Name"),
+    ],
+)
+def test_invalid_headers_give_500_and_a_log_line(behaviour, query, name):
+    mark = behaviour.mark()
+    resp = behaviour.request("GET", f"/bad-header?{query}")
+    assert resp.status == 500
+    assert b"should not be sent" not in resp.body
+    assert resp.header("X-Injected") is None
+    assert resp.header("Set-Cookie") is None
+    # A log line names the offending header.
+    behaviour.wait_for(name, since=mark)
+    # And the server carries on.
+    assert behaviour.request("GET", "/fixed").status == 200
+
+
+def test_start_response_twice_without_exc_info_raises(behaviour):
+    resp = behaviour.request("GET", "/twice")
+    assert resp.status == 200
+    assert resp.body.startswith(b"raised ")
+
+
+def test_exc_info_before_headers_were_sent_replaces_the_status(behaviour):
+    resp = behaviour.request("GET", "/exc-info-replace")
+    assert resp.status == 503
+    assert resp.header("X-Replaced") == "yes"
+    assert resp.body == b"replaced"
+
+
+def test_exc_info_after_headers_were_sent_reraises_and_aborts(behaviour):
+    mark = behaviour.mark()
+    with behaviour.connect() as conn:
+        conn.send_request("GET", "/exc-info-after-headers", {"Host": "x"})
+        resp = conn.read_response()
+        assert resp.status == 200
+        assert resp.chunked
+        assert not resp.complete, "the response must not look complete"
+        assert b"must not be reached" not in resp.body
+        assert resp.body.startswith(b"first part\n")
+    behaviour.wait_for("KeyError", since=mark)
+
+
+def test_write_callable(behaviour):
+    resp = behaviour.request("GET", "/write")
+    assert resp.status == 200
+    assert resp.body == b"hello from write()"
+
+
+# -- close() ----------------------------------------------------------------
+
+
+def test_close_called_once_after_a_normal_response(behaviour):
+    resp = behaviour.request("GET", "/closing?id=normal-1&count=3")
+    assert resp.status == 200
+    assert resp.body == b"piece0\npiece1\npiece2\n"
+    _wait_closed(behaviour, "normal-1")
+
+
+def test_close_called_once_on_keep_alive_connection(behaviour):
+    with behaviour.connect() as conn:
+        for tag in ("ka-1", "ka-2"):
+            conn.send_request("GET", f"/closing?id={tag}", {"Host": "x"})
+            assert conn.read_response().complete
+    _wait_closed(behaviour, "ka-1")
+    _wait_closed(behaviour, "ka-2")
+
+
+def test_close_called_once_when_iteration_raises(behaviour):
+    mark = behaviour.mark()
+    with behaviour.connect() as conn:
+        conn.send_request("GET", "/closing?id=raise-1&mode=raise", {"Host": "x"})
+        resp = conn.read_response()
+        assert not resp.complete
+    _wait_closed(behaviour, "raise-1")
+    behaviour.wait_for("failing mid-iteration raise-1", since=mark)
+
+
+def test_close_called_once_when_the_client_disconnects(behaviour):
+    conn = behaviour.connect()
+    conn.send_request("GET", "/closing?id=gone-1&mode=infinite", {"Host": "x"})
+    resp = conn.read_head()
+    assert resp.status == 200
+    conn.read_exact(200_000)
+    conn.close()
+    _wait_closed(behaviour, "gone-1")
+    # The worker thread is free again.
+    assert behaviour.request("GET", "/fixed").status == 200
+
+
+def test_close_called_for_head_requests(behaviour):
+    resp = behaviour.request("HEAD", "/closing?id=head-1")
+    assert resp.status == 200
+    _wait_closed(behaviour, "head-1")
+
+
+# -- wsgi.file_wrapper -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def big_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("files") / "random.bin"
+    data = os.urandom(1024 * 1024 + 123)
+    path.write_bytes(data)
+    return path, hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("cl", ["1", "0"])
+def test_file_wrapper_serves_a_real_file(behaviour, big_file, cl):
+    path, digest = big_file
+    with behaviour.connect(timeout=30) as conn:
+        conn.send_request("GET", f"/file?path={path}&cl={cl}", {"Host": "x"})
+        resp = conn.read_response()
+        assert resp.status == 200
+        assert resp.complete
+        assert hashlib.sha256(resp.body).hexdigest() == digest
+        if cl == "1" or not resp.chunked:
+            # Without the app's Content-Length the server may send the file's size itself.
+            assert resp.header("Content-Length") == str(path.stat().st_size)
+        # The connection is still in step.
+        conn.send_request("GET", "/fixed", {"Host": "x"})
+        assert conn.read_response().body == b"hello world"
+
+
+def test_file_wrapper_head(behaviour, big_file):
+    path, _ = big_file
+    resp = behaviour.request("HEAD", f"/file?path={path}")
+    assert resp.status == 200
+    assert resp.header("Content-Length") == str(path.stat().st_size)
+    assert resp.body == b""
+
+
+def test_file_wrapper_falls_back_to_iteration_without_fileno(behaviour):
+    resp = behaviour.request("GET", "/bytesio?size=100000")
+    assert resp.status == 200
+    assert resp.body == bytes(i % 251 for i in range(100000))
+
+
+# -- app exceptions ------------------------------------------------------------------
+
+
+def test_exception_before_start_response_is_500_with_traceback_logged(behaviour):
+    mark = behaviour.mark()
+    resp = behaviour.request("GET", "/raise-before")
+    assert resp.status == 500
+    assert b"boom before start_response" not in resp.body, "the traceback must not leak to the client"
+    behaviour.wait_for("Traceback", since=mark)
+    behaviour.wait_for("RuntimeError: boom before start_response", since=mark)
+    assert behaviour.request("GET", "/fixed").status == 200
+
+
+def test_exception_after_headers_aborts_a_chunked_response(behaviour):
+    mark = behaviour.mark()
+    with behaviour.connect() as conn:
+        conn.send_request("GET", "/raise-after", {"Host": "x"})
+        resp = conn.read_response()
+        assert resp.status == 200
+        assert resp.chunked
+        assert resp.body == b"part one\n"
+        assert not resp.complete, "no terminating chunk may follow a failed body"
+        assert conn.at_eof(10)
+    behaviour.wait_for("RuntimeError: boom after the headers were sent", since=mark)
+    assert behaviour.request("GET", "/fixed").status == 200
+
+
+def test_exception_after_headers_aborts_a_content_length_response(behaviour):
+    with behaviour.connect() as conn:
+        conn.send_request("GET", "/raise-after-cl", {"Host": "x"})
+        resp = conn.read_response()
+        assert resp.status == 200
+        assert resp.body == b"part one\n"
+        assert not resp.complete
+        assert conn.at_eof(10)

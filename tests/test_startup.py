@@ -1,0 +1,250 @@
+"""Startup: loading the app, startup errors, command line and environment configuration."""
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from support import CORRAL, ROOT
+
+
+def _fails_fast(start_server, app, *args, **kw):
+    started = time.monotonic()
+    server = start_server(app, *args, wait=False, **kw)
+    code = server.wait_exit(timeout=10)
+    elapsed = time.monotonic() - started
+    assert code != 0, server.log
+    assert elapsed < 10
+    # No respawn loop: at most one boot per worker slot.
+    boots = server.grep(r"Booting worker")
+    assert len(boots) <= kw.get("workers", 1), server.log
+    return server
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_import_error_exits_with_the_traceback(start_server, workers):
+    server = _fails_fast(start_server, "broken_import:application", workers=workers)
+    assert "Traceback" in server.log
+    assert re.search(r"(ModuleNotFoundError|ImportError).*corral_tests_no_such_module", server.log), (
+        server.log
+    )
+
+
+def test_import_error_with_preload(start_server):
+    server = _fails_fast(start_server, "broken_import:application", "--preload", workers=2)
+    assert "Traceback" in server.log
+    assert "corral_tests_no_such_module" in server.log
+    assert not server.grep("Booting worker")
+
+
+def test_exception_at_import_exits_with_the_traceback(start_server):
+    server = _fails_fast(start_server, "raises_at_import:application")
+    assert "Traceback" in server.log
+    assert "RuntimeError: explodes while importing raises_at_import" in server.log
+
+
+def test_missing_module(start_server):
+    server = _fails_fast(start_server, "corral_no_such_app_module:application")
+    assert "corral_no_such_app_module" in server.log
+
+
+def test_missing_attribute(start_server):
+    server = _fails_fast(start_server, "factory_app:no_such_callable")
+    assert "no_such_callable" in server.log
+
+
+def test_not_callable(start_server):
+    server = _fails_fast(start_server, "not_callable:application")
+    assert re.search(r"(?i)not callable", server.log), server.log
+
+
+def test_address_in_use(start_server):
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = _fails_fast(start_server, "factory_app:application", http=f"127.0.0.1:{port}")
+    assert re.search(r"(?i)address already in use|address in use|EADDRINUSE", server.log), server.log
+    assert str(port) in server.log
+
+
+def test_invalid_app_spec(start_server):
+    server = _fails_fast(start_server, "not a module!")
+    assert "not a module!" in server.log
+
+
+def test_unknown_option_is_a_usage_error():
+    proc = subprocess.run([*CORRAL, "--no-such-option", "x:y"], check=False, capture_output=True, timeout=30)
+    assert proc.returncode != 0
+    assert b"--no-such-option" in proc.stderr
+
+
+# -- loading ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "app,body",
+    [
+        ("factory_app:application", b"plain application"),
+        ("factory_app", b"plain application"),  # the callable defaults to `application`
+        ("factory_app:create()", b"made by the factory"),
+    ],
+)
+def test_app_specs(start_server, app, body):
+    server = start_server(app)
+    assert server.request("GET", "/").body == body
+
+
+def test_version():
+    for cmd in (CORRAL, [sys.executable, "-m", "corral"]):
+        proc = subprocess.run([*cmd, "--version"], check=False, capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        assert re.search(r"corral \d+\.\d+\.\d+", proc.stdout), proc.stdout
+
+
+def test_help():
+    proc = subprocess.run([*CORRAL, "--help"], check=False, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0
+    for option in ("--http", "--workers", "--threads", "--preload", "--max-body-size", "--mount"):
+        assert option in proc.stdout
+
+
+def test_env_option_reaches_the_app(start_server):
+    server = start_server(
+        "behaviour:application",
+        "--env",
+        "CORRAL_TEST_A=hello world",
+        "--env",
+        "CORRAL_TEST_B=x=y",
+        "--env",
+        "CORRAL_TEST_EMPTY=",
+    )
+    assert server.get_json("/os-environ?key=CORRAL_TEST_A")["value"] == "hello world"
+    assert server.get_json("/os-environ?key=CORRAL_TEST_B")["value"] == "x=y"
+    assert server.get_json("/os-environ?key=CORRAL_TEST_EMPTY")["value"] == ""
+
+
+APP_SOURCE = """
+import os
+
+
+def application(environ, start_response):
+    body = ("%s %s" % (__name__, os.getcwd())).encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+"""
+
+
+def test_chdir(start_server, tmp_path):
+    (tmp_path / "chdir_app.py").write_text(APP_SOURCE)
+    server = start_server("chdir_app:application", "--chdir", str(tmp_path), pythonpath=None, cwd="/")
+    assert server.request("GET", "/").body == f"chdir_app {tmp_path}".encode()
+
+
+def test_pythonpath(start_server, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    (two / "path_app.py").write_text(APP_SOURCE)
+    server = start_server(
+        "path_app:application", "--pythonpath", str(one), "--pythonpath", str(two), pythonpath=None, cwd="/"
+    )
+    assert server.request("GET", "/").body == b"path_app /"
+
+
+def test_settings_from_environment_variables(start_server):
+    server = start_server(
+        "behaviour:application",
+        workers=None,
+        env={"CORRAL_WORKERS": "2", "CORRAL_THREADS": "3", "CORRAL_MAX_BODY_SIZE": "10"},
+    )
+    server.wait_for("Worker ready", count=2)
+    env = server.get_json("/environ")
+    assert env["wsgi.multiprocess"]["value"] is True
+    assert env["wsgi.multithread"]["value"] is True
+    assert server.request("POST", "/echo", body=b"x" * 100).status == 413
+
+
+def test_command_line_wins_over_the_environment(start_server):
+    server = start_server("behaviour:application", workers=1, env={"CORRAL_WORKERS": "3"})
+    time.sleep(0.5)
+    assert len(server.worker_pids()) == 1
+    assert server.get_json("/environ")["wsgi.multiprocess"]["value"] is False
+
+
+def test_http_address_from_the_environment(start_server):
+    server = start_server("factory_app:application", http=None, env={"CORRAL_HTTP": "127.0.0.1:0"})
+    assert server.request("GET", "/").body == b"plain application"
+
+
+def test_unix_socket(start_server, tmp_path):
+    path = tmp_path / "corral.sock"
+    server = start_server("behaviour:application", http=f"unix:{path}")
+    assert server.unix_path == str(path)
+    assert path.is_socket()
+    env = json.loads(server.request("GET", "/environ").body)
+    assert env["PATH_INFO"]["value"] == "/environ"
+    server.signal(15)
+    assert server.wait_exit(15) == 0
+    assert not path.exists(), "the socket file is removed on shutdown"
+
+
+def test_several_listeners(start_server, tmp_path):
+    path = tmp_path / "second.sock"
+    server = start_server("factory_app:application", http=["127.0.0.1:0", f"unix:{path}"])
+    assert len(server.listeners) == 2
+    assert server.request("GET", "/").body == b"plain application"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(path))
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200")
+    assert data.endswith(b"plain application")
+
+
+def _ipv6_loopback():
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_ipv6_listener(start_server):
+    server = start_server("behaviour:application", http="[::1]:0")
+    assert server.host in ("[::1]", "::1")
+    port = server.port
+    with socket.create_connection(("::1", port), timeout=10) as s:
+        s.sendall(b"GET /environ HTTP/1.0\r\nHost: x\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    env = json.loads(body)
+    assert env["REMOTE_ADDR"]["value"] == "::1"
+
+
+def test_demo_app(start_server):
+    server = start_server(
+        "demo_app:app", "--chdir", str(ROOT / "examples"), pythonpath=None, workers=2, threads=2
+    )
+    page = server.request("GET", "/hello?name=x")
+    assert page.status == 200
+    assert b"/hello" in page.body
+    assert b"name=x" in page.body
+    echo = server.request(
+        "POST", "/", {"Content-Type": "application/x-www-form-urlencoded"}, b"message=hi+%3Cthere%3E"
+    )
+    assert echo.status == 200
+    assert b"POST" in echo.body
+    assert b"hi &lt;there&gt;" in echo.body
