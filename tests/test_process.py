@@ -75,10 +75,42 @@ def test_killed_worker_is_replaced(start_server):
     time.sleep(0.3)
     load.finish()
     assert 200 in load.results
+    # The load sends one request at a time, so at most the one in flight on
+    # the victim can fail.
+    failures = [r for r in load.results if r != 200]
+    assert len(failures) <= 1, failures
     for _ in range(20):
         assert _pid_of_request(server) in set(before[1:]) | {new_pid}
     assert server.running()
     assert not any(p == victim for p in group_members(server.pgid))
+
+
+def test_killed_worker_fails_only_its_own_request(start_server):
+    server = start_server("behaviour:application", workers=1, threads=2)
+    (victim,) = server.worker_pids()
+    mark = server.mark()
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(server.request, "GET", "/slow?secs=30&id=victim", timeout=60)
+        server.wait_for("slow request started: victim", since=mark)
+        load = Load(server)
+        time.sleep(0.2)
+        os.kill(victim, signal.SIGKILL)
+        # The master names the request the worker was serving when it died.
+        assert server.wait_for(rf"\b{victim}\b.*while serving GET /slow", since=mark)
+        server.wait_for(READY_RE.pattern, since=mark)
+        time.sleep(0.3)
+        results = load.finish()
+        # The slow request dies with its worker: the client sees the
+        # connection end without a response.
+        with pytest.raises((OSError, IncompleteResponse)):
+            slow.result(timeout=30)
+    # Requests queued while no worker was alive wait in the listen backlog and
+    # are answered by the replacement; only the in-flight load request (if it
+    # was on the victim at that instant) may fail besides the slow one.
+    failures = [r for r in results if r != 200]
+    assert len(failures) <= 1, failures
+    assert results.count(200) >= 2
+    assert _pid_of_request(server) != victim
 
 
 def _in_flight_then_signal(server, send_signal, n=3, secs=2):
