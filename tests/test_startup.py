@@ -1,14 +1,16 @@
 """Startup: loading the app, startup errors, command line and environment configuration."""
 
 import json
+import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
 import time
 
 import pytest
-from support import CORRAL, ROOT
+from support import APPS, CORRAL, ROOT
 
 
 def _fails_fast(start_server, app, *args, **kw):
@@ -70,6 +72,38 @@ def test_address_in_use(start_server):
         server = _fails_fast(start_server, "factory_app:application", http=f"127.0.0.1:{port}")
     assert re.search(r"(?i)address already in use|address in use|EADDRINUSE", server.log), server.log
     assert str(port) in server.log
+
+
+def test_address_not_on_this_host(start_server):
+    # 192.0.2.0/24 is TEST-NET-1: never assigned to a local interface.
+    server = _fails_fast(start_server, "factory_app:application", http="192.0.2.1:8000")
+    assert re.search(r"(?i)cannot bind 192\.0\.2\.1:8000: address not available", server.log), server.log
+
+
+def test_unix_socket_path_not_usable(start_server, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    path = blocker / "corral.sock"
+    server = _fails_fast(start_server, "factory_app:application", http=f"unix:{path}")
+    assert re.search(rf"(?i)cannot bind unix:{re.escape(str(path))}: not a directory", server.log), server.log
+
+
+def test_privileged_port_not_permitted():
+    cmd = [*CORRAL, "--http", "127.0.0.1:80", "factory_app:application"]
+    if os.geteuid() == 0:
+        # Run as nobody, the way an unprivileged user meets this error.
+        drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        if (
+            shutil.which("setpriv") is None
+            or subprocess.run([*drop, CORRAL[0], "--version"], check=False).returncode
+        ):
+            pytest.skip("cannot run corral as an unprivileged user here")
+        cmd = [*drop, *cmd]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, check=False, capture_output=True, timeout=30, cwd=APPS)
+    assert time.monotonic() - start < 5
+    assert proc.returncode != 0
+    assert b"cannot bind 127.0.0.1:80: permission denied" in proc.stderr, proc.stderr
 
 
 def test_invalid_app_spec(start_server):
