@@ -8,7 +8,9 @@
 
 use corral_proto::http1::{Field, Head, Known, Version};
 
+use crate::cgi::CgiParams;
 use crate::exchange::Exchange;
+use crate::listen::Protocol;
 
 /// Per-process facts about a listener, shared by every request it accepts.
 #[derive(Debug, Clone)]
@@ -16,12 +18,21 @@ pub struct ListenerInfo {
     pub server_name: String,
     pub server_port: String,
     pub is_unix: bool,
+    pub protocol: Protocol,
 }
 
-/// The parsed request head, borrowed for the duration of one call.
+/// What the request says about itself: an HTTP head, or the CGI-style
+/// variables a front end sent over uwsgi, FastCGI or SCGI.
+#[derive(Clone, Copy)]
+pub enum Meta<'a> {
+    Http(&'a Head),
+    Cgi(&'a CgiParams),
+}
+
+/// The parsed request, borrowed for the duration of one call.
 pub struct Request<'a> {
-    pub head: &'a Head,
-    /// The bytes the head's ranges index.
+    pub meta: Meta<'a>,
+    /// The bytes the ranges of `meta` index.
     pub bytes: &'a [u8],
     /// REMOTE_ADDR and REMOTE_PORT (empty for unix sockets).
     pub remote_addr: &'a str,
@@ -31,33 +42,61 @@ pub struct Request<'a> {
 }
 
 impl<'a> Request<'a> {
+    /// The HTTP head, for requests that arrived over HTTP.
+    pub fn http(&self) -> Option<&'a Head> {
+        match self.meta {
+            Meta::Http(h) => Some(h),
+            Meta::Cgi(_) => None,
+        }
+    }
+    /// The front end's variables, for requests over uwsgi, FastCGI or SCGI.
+    pub fn cgi(&self) -> Option<&'a CgiParams> {
+        match self.meta {
+            Meta::Http(_) => None,
+            Meta::Cgi(c) => Some(c),
+        }
+    }
     pub fn method(&self) -> &'a [u8] {
-        &self.bytes[self.head.method.clone()]
+        match self.meta {
+            Meta::Http(h) => &self.bytes[h.method.clone()],
+            Meta::Cgi(c) => c.get(self.bytes, b"REQUEST_METHOD").unwrap_or(b""),
+        }
     }
     /// The request target exactly as sent (REQUEST_URI).
     pub fn target(&self) -> &'a [u8] {
-        &self.bytes[self.head.target.clone()]
-    }
-    /// The raw (still percent-encoded) path.
-    pub fn path(&self) -> &'a [u8] {
-        &self.bytes[self.head.path.clone()]
-    }
-    pub fn query(&self) -> &'a [u8] {
-        &self.bytes[self.head.query.clone()]
-    }
-    pub fn protocol(&self) -> &'static str {
-        match self.head.version {
-            Version::Http10 => "HTTP/1.0",
-            Version::Http11 => "HTTP/1.1",
+        match self.meta {
+            Meta::Http(h) => &self.bytes[h.target.clone()],
+            Meta::Cgi(c) => c.get(self.bytes, b"REQUEST_URI").unwrap_or(b""),
         }
     }
-    /// Header fields in arrival order: (name, value, kind).
+    /// The raw (still percent-encoded) path of an HTTP request.
+    pub fn path(&self) -> &'a [u8] {
+        match self.meta {
+            Meta::Http(h) => &self.bytes[h.path.clone()],
+            Meta::Cgi(_) => b"",
+        }
+    }
+    /// The query of an HTTP request.
+    pub fn query(&self) -> &'a [u8] {
+        match self.meta {
+            Meta::Http(h) => &self.bytes[h.query.clone()],
+            Meta::Cgi(_) => b"",
+        }
+    }
+    pub fn protocol(&self) -> &'static str {
+        match self.meta {
+            Meta::Http(h) if h.version == Version::Http10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        }
+    }
+    /// Header fields of an HTTP request in arrival order: (name, value, kind).
     pub fn fields(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8], Known)> + 'a {
         let bytes = self.bytes;
-        self.head
-            .fields
-            .iter()
-            .map(move |f: &Field| (&bytes[f.name.clone()], &bytes[f.value.clone()], f.known))
+        let fields: &'a [Field] = match self.meta {
+            Meta::Http(h) => &h.fields,
+            Meta::Cgi(_) => &[],
+        };
+        fields.iter().map(move |f: &Field| (&bytes[f.name.clone()], &bytes[f.value.clone()], f.known))
     }
 }
 

@@ -16,9 +16,11 @@ use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Buf, BytesMut};
+use corral_proto::fastcgi;
 use corral_proto::http1::{parse_content_length, Chunk, ChunkedDecoder};
 
 use crate::date;
+use crate::gateway::{self, FcgiIn, Stray};
 
 /// The most the engine asks a socket for at a time while reading a body.
 pub const READ_CHUNK: usize = 64 * 1024;
@@ -43,6 +45,10 @@ pub enum BodyError {
     Io(i32),
     /// This handle belongs to a request that has ended.
     Stale,
+    /// The front end broke the FastCGI framing of the body; the text says how.
+    Gateway(&'static str),
+    /// The front end aborted the request (FastCGI ABORT_REQUEST).
+    Aborted,
 }
 
 impl BodyError {
@@ -66,6 +72,8 @@ impl std::fmt::Display for BodyError {
             BodyError::Timeout => f.write_str("timed out waiting for the request body"),
             BodyError::Io(e) => write!(f, "reading the request body: {}", io::Error::from_raw_os_error(*e)),
             BodyError::Stale => f.write_str("wsgi.input used after its request ended"),
+            BodyError::Gateway(m) => write!(f, "invalid FastCGI body stream: {m}"),
+            BodyError::Aborted => f.write_str("the front end aborted the request"),
         }
     }
 }
@@ -105,6 +113,21 @@ pub(crate) enum BodyState {
     /// The client half-closed before sending Content-Length bytes: reads see
     /// end of input, as with a short file, and the connection closes after.
     Truncated,
+    /// A FastCGI STDIN stream, read record by record.
+    Fcgi(FcgiIn),
+}
+
+/// What frames the responses on this connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    /// HTTP/1.x straight to the client.
+    Http,
+    /// uwsgi: an HTTP status line and headers, one request per connection.
+    Uwsgi,
+    /// SCGI: CGI headers (`Status:`), one request per connection.
+    Scgi,
+    /// FastCGI: CGI headers and body in STDOUT records of request `id`.
+    FastCgi { id: u16, keep_conn: bool },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +139,9 @@ pub(crate) enum RespFraming {
     Close,
     /// HEAD, 1xx, 204, 304: headers only.
     NoBody,
+    /// Behind a gateway protocol, with no length given: the bytes go as they
+    /// come and the protocol marks the end (END_REQUEST, or the close).
+    Raw,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,6 +159,7 @@ pub(crate) enum RespPhase {
 /// Mutable per-connection state, behind the exchange's lock.
 pub(crate) struct Io {
     pub fd: RawFd,
+    pub wire: Wire,
     pub generation: u64,
     /// Bytes read from the socket and not yet consumed: body, then any
     /// pipelined requests.
@@ -153,6 +180,8 @@ pub(crate) struct Io {
     pub broken: bool,
     /// The app failed after sending headers: close with a reset.
     pub aborted: bool,
+    /// The FastCGI front end sent ABORT_REQUEST for the active request.
+    pub fcgi_aborted: bool,
     pub phase: RespPhase,
     pub status: u16,
     pub head: Vec<u8>,
@@ -165,6 +194,7 @@ impl Io {
     pub(crate) fn new(fd: RawFd, timeout_ms: i32, max_body: u64) -> Io {
         Io {
             fd,
+            wire: Wire::Http,
             generation: 0,
             buf: BytesMut::new(),
             body: BodyState::Done,
@@ -178,6 +208,7 @@ impl Io {
             timeout_ms,
             broken: false,
             aborted: false,
+            fcgi_aborted: false,
             phase: RespPhase::Idle,
             status: 0,
             head: Vec::with_capacity(512),
@@ -303,6 +334,7 @@ impl Io {
                     }
                     return Ok(n);
                 }
+                BodyState::Fcgi(_) => return self.read_fcgi_body(max, sink, blocking),
                 BodyState::Chunked(dec) => match dec.decode(&self.buf) {
                     Ok(Chunk::Data { data, consumed }) => {
                         let take = data.len().min(max);
@@ -388,6 +420,143 @@ impl Io {
         matches!(self.body, BodyState::Done) && self.pending.is_empty()
     }
 
+    /// The FastCGI side of [`Io::read_body_with`]: STDIN content of the
+    /// active request, skipping padding and dealing with whatever other
+    /// records the front end interleaves.
+    fn read_fcgi_body(
+        &mut self,
+        max: usize,
+        sink: &mut dyn FnMut(&[u8]),
+        blocking: fn(&mut dyn FnMut()),
+    ) -> Result<usize, BodyError> {
+        let Wire::FastCgi { id, .. } = self.wire else {
+            return Ok(0);
+        };
+        loop {
+            let BodyState::Fcgi(st) = &mut self.body else {
+                return Ok(0);
+            };
+            if st.content > 0 && !self.buf.is_empty() {
+                let n = self.buf.len().min(st.content).min(max);
+                let total = self.body_received + n as u64;
+                if total > self.max_body {
+                    self.body = BodyState::Failed(BodyError::TooLarge);
+                    return Err(BodyError::TooLarge);
+                }
+                st.content -= n;
+                sink(&self.buf[..n]);
+                self.buf.advance(n);
+                self.body_received = total;
+                return Ok(n);
+            }
+            if st.content == 0 && st.padding > 0 && !self.buf.is_empty() {
+                let n = self.buf.len().min(st.padding);
+                st.padding -= n;
+                self.buf.advance(n);
+                continue;
+            }
+            if st.content == 0 && st.padding == 0 {
+                if st.ended {
+                    self.body = BodyState::Done;
+                    return Ok(0);
+                }
+                match gateway::next_stdin(&self.buf, id) {
+                    Ok(Some(gateway::StdinStep::Data { header, content, padding })) => {
+                        self.buf.advance(header);
+                        *st = FcgiIn { content, padding, ended: content == 0 };
+                        continue;
+                    }
+                    Ok(Some(gateway::StdinStep::Other { used, stray })) => {
+                        let mut out = Vec::new();
+                        let action = {
+                            let rec = &self.buf[..used];
+                            gateway::stray_record(rec, Some(id), &mut out)
+                        };
+                        self.buf.advance(used);
+                        if !out.is_empty() {
+                            self.write_parts(&[&out], blocking).map_err(|_| BodyError::Io(libc::EPIPE))?;
+                        }
+                        if action == Stray::AbortActive || stray == Stray::AbortActive {
+                            self.fcgi_aborted = true;
+                            self.body = BodyState::Failed(BodyError::Aborted);
+                            return Err(BodyError::Aborted);
+                        }
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(m) => {
+                        let e = BodyError::Gateway(m);
+                        self.body = BodyState::Failed(e);
+                        return Err(e);
+                    }
+                }
+            }
+            if let Err(e) = self.fill(blocking) {
+                let e = if e == BodyError::Truncated {
+                    BodyError::Gateway("connection closed inside the body")
+                } else {
+                    e
+                };
+                self.body = BodyState::Failed(e);
+                return Err(e);
+            }
+        }
+    }
+
+    /// Writes response bytes in the connection's framing: as they are, or in
+    /// FastCGI STDOUT records.
+    fn emit(&mut self, parts: &[&[u8]], blocking: fn(&mut dyn FnMut())) -> Result<(), ResponseError> {
+        let Wire::FastCgi { id, .. } = self.wire else {
+            return self.write_parts(parts, blocking);
+        };
+        if self.fcgi_aborted {
+            return Err(ResponseError::ClientGone("the front end aborted the request".into()));
+        }
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        if total == 0 {
+            return Ok(());
+        }
+        // One record header per RECORD bytes of content, each followed by the
+        // slices of `parts` it covers; written a batch of records at a time.
+        const RECORD: usize = 65528;
+        const BATCH: usize = 128;
+        let records = total.div_ceil(RECORD);
+        let mut headers: Vec<[u8; 8]> = Vec::with_capacity(records.min(BATCH));
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(2 * records.min(BATCH) + parts.len());
+        let (mut part, mut offset) = (0usize, 0usize);
+        let mut left = total;
+        while left > 0 {
+            headers.clear();
+            iov.clear();
+            let mut lens = Vec::with_capacity(BATCH);
+            while left > 0 && headers.len() < BATCH {
+                let n = left.min(RECORD);
+                headers.push(gateway::record_header(fastcgi::RecordType::Stdout, id, n));
+                lens.push(n);
+                left -= n;
+            }
+            for (h, &n) in headers.iter().zip(&lens) {
+                iov.push(libc::iovec { iov_base: h.as_ptr() as *mut _, iov_len: 8 });
+                let mut want = n;
+                while want > 0 {
+                    let p = parts[part];
+                    let take = (p.len() - offset).min(want);
+                    if take > 0 {
+                        iov.push(libc::iovec { iov_base: p[offset..].as_ptr() as *mut _, iov_len: take });
+                    }
+                    offset += take;
+                    want -= take;
+                    if offset == p.len() {
+                        part += 1;
+                        offset = 0;
+                    }
+                }
+            }
+            self.writev_all(&mut iov, blocking)?;
+        }
+        Ok(())
+    }
+
     /// Writes all of `parts` (one writev where possible), waiting for the socket
     /// when it is full.
     pub(crate) fn write_parts(
@@ -404,9 +573,23 @@ impl Io {
             iov[cnt] = libc::iovec { iov_base: p.as_ptr() as *mut _, iov_len: p.len() };
             cnt += 1;
         }
+        self.writev_all(&mut iov[..cnt], blocking)
+    }
+
+    /// Writes every byte `iov` points to, waiting for the socket when it is full.
+    fn writev_all(
+        &mut self,
+        iov: &mut [libc::iovec],
+        blocking: fn(&mut dyn FnMut()),
+    ) -> Result<(), ResponseError> {
+        if self.broken {
+            return Err(ResponseError::ClientGone("connection already failed".into()));
+        }
+        let cnt = iov.len();
         let mut first = 0;
         while first < cnt {
-            let n = unsafe { libc::writev(self.fd, iov[first..].as_ptr(), (cnt - first) as i32) };
+            let batch = (cnt - first).min(1024);
+            let n = unsafe { libc::writev(self.fd, iov[first..].as_ptr(), batch as i32) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 match e.kind() {
@@ -436,6 +619,9 @@ impl Io {
                     n = 0;
                 }
             }
+            while first < cnt && iov[first].iov_len == 0 {
+                first += 1;
+            }
         }
         Ok(())
     }
@@ -445,6 +631,23 @@ impl Io {
     /// one piece, so a Content-Length can replace chunking.
     fn seal_head(&mut self, known_len: Option<u64>) {
         let no_body = self.head_request || self.status < 200 || self.status == 204 || self.status == 304;
+        if self.wire != Wire::Http {
+            // The front end frames the response for its client and adds Date
+            // and Connection itself; a length lets it keep that connection.
+            self.framing = match (self.app_length, no_body, known_len) {
+                (_, true, _) => RespFraming::NoBody,
+                (Some(n), false, _) => RespFraming::Length(n),
+                (None, false, Some(n)) => {
+                    self.head.extend_from_slice(b"Content-Length: ");
+                    self.head.extend_from_slice(itoa(n, &mut [0u8; 20]));
+                    self.head.extend_from_slice(b"\r\n");
+                    RespFraming::Length(n)
+                }
+                (None, false, None) => RespFraming::Raw,
+            };
+            self.head.extend_from_slice(b"\r\n");
+            return;
+        }
         self.framing = match (self.app_length, no_body) {
             (Some(n), false) => RespFraming::Length(n),
             (_, true) => RespFraming::NoBody,
@@ -506,6 +709,9 @@ impl Io {
             RespPhase::Sent => Vec::new(),
             RespPhase::Finished => return Ok(()),
         };
+        if !last && matches!(self.wire, Wire::FastCgi { .. }) {
+            self.check_fcgi_abort()?;
+        }
         let result = self.send_framed(&head, data, blocking);
         if self.head.capacity() == 0 {
             self.head = head;
@@ -521,10 +727,10 @@ impl Io {
         blocking: fn(&mut dyn FnMut()),
     ) -> Result<(), ResponseError> {
         match self.framing {
-            RespFraming::NoBody => self.write_parts(&[head], blocking),
-            RespFraming::Close => {
+            RespFraming::NoBody => self.emit(&[head], blocking),
+            RespFraming::Close | RespFraming::Raw => {
                 self.bytes_sent += data.len() as u64;
-                self.write_parts(&[head, data], blocking)
+                self.emit(&[head, data], blocking)
             }
             RespFraming::Length(left) => {
                 // Bytes past the declared length would be read as the next
@@ -532,7 +738,7 @@ impl Io {
                 let n = (data.len() as u64).min(left) as usize;
                 self.framing = RespFraming::Length(left - n as u64);
                 self.bytes_sent += n as u64;
-                self.write_parts(&[head, &data[..n]], blocking)
+                self.emit(&[head, &data[..n]], blocking)
             }
             RespFraming::Chunked => {
                 if data.is_empty() {
@@ -544,6 +750,29 @@ impl Io {
                 self.write_parts(&[head, &size[..len], data, b"\r\n"], blocking)
             }
         }
+    }
+
+    /// While a FastCGI response streams, looks (without waiting) for what
+    /// the front end sent meanwhile: ABORT_REQUEST ends the request, a closed
+    /// connection ends the exchange. Other records stay buffered for later.
+    fn check_fcgi_abort(&mut self) -> Result<(), ResponseError> {
+        let Wire::FastCgi { id, .. } = self.wire else {
+            return Ok(());
+        };
+        if !matches!(self.body, BodyState::Done) {
+            return Ok(());
+        }
+        if let Ok(0) = self.read_some(fastcgi::HEADER_LEN) {
+            self.broken = true;
+            return Err(ResponseError::ClientGone("the front end closed the connection".into()));
+        }
+        if gateway::has_abort(&self.buf, id) {
+            self.fcgi_aborted = true;
+            return Err(ResponseError::ClientGone(
+                "the front end aborted the request (ABORT_REQUEST)".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Completes the response. Returns an error when the app sent fewer bytes
@@ -559,6 +788,8 @@ impl Io {
         match self.framing {
             RespFraming::Chunked => self.write_parts(&[b"0\r\n\r\n"], blocking),
             RespFraming::Length(left) if left > 0 => {
+                // Over FastCGI too the front end then sees the connection
+                // close without END_REQUEST: never a short body as a whole one.
                 self.keep_alive = false;
                 Err(ResponseError::Invalid(format!(
                     "the app declared Content-Length {} but sent {} bytes; closing the connection",
@@ -566,8 +797,19 @@ impl Io {
                     self.bytes_sent
                 )))
             }
-            _ => Ok(()),
+            _ => self.end_fcgi_request(blocking),
         }
+    }
+
+    /// Ends a FastCGI request: the empty STDOUT record and END_REQUEST.
+    pub(crate) fn end_fcgi_request(&mut self, blocking: fn(&mut dyn FnMut())) -> Result<(), ResponseError> {
+        let Wire::FastCgi { id, .. } = self.wire else {
+            return Ok(());
+        };
+        let mut out = Vec::with_capacity(24);
+        fastcgi::write_stream_end(&mut out, fastcgi::RecordType::Stdout, id);
+        fastcgi::write_end_request(&mut out, id, 0, fastcgi::ProtocolStatus::RequestComplete);
+        self.write_parts(&[&out], blocking)
     }
 
     /// Sends `count` bytes of `file` from `offset` with sendfile(2).
@@ -588,7 +830,7 @@ impl Io {
             self.seal_head(head_len);
             self.phase = RespPhase::Sent;
             let head = std::mem::take(&mut self.head);
-            self.write_parts(&[&head], blocking)?;
+            self.emit(&[&head], blocking)?;
             if let RespFraming::Length(left) = self.framing {
                 count = count.min(left);
             }
@@ -601,6 +843,9 @@ impl Io {
                 self.write_parts(&[&size[..len]], blocking)?;
             }
             _ => {}
+        }
+        if let Wire::FastCgi { id, .. } = self.wire {
+            return self.sendfile_fcgi(id, file, offset, count, blocking);
         }
         let mut left = count;
         while left > 0 {
@@ -638,6 +883,61 @@ impl Io {
                 return Err(ResponseError::Invalid("file ended before its announced size".into()));
             }
             self.write_parts(&[b"\r\n"], blocking)?;
+        }
+        Ok(())
+    }
+}
+
+impl Io {
+    /// sendfile(2) inside FastCGI STDOUT records: a header, then that many
+    /// bytes straight from the file, record by record.
+    fn sendfile_fcgi(
+        &mut self,
+        id: u16,
+        file: RawFd,
+        mut offset: i64,
+        count: u64,
+        blocking: fn(&mut dyn FnMut()),
+    ) -> Result<(), ResponseError> {
+        let mut left = count;
+        while left > 0 {
+            let record = left.min(65528) as usize;
+            let header = gateway::record_header(fastcgi::RecordType::Stdout, id, record);
+            self.write_parts(&[&header], blocking)?;
+            let mut owed = record;
+            while owed > 0 {
+                let n = unsafe { libc::sendfile(self.fd, file, &mut offset, owed) };
+                if n < 0 {
+                    let e = io::Error::last_os_error();
+                    match e.kind() {
+                        io::ErrorKind::WouldBlock => {
+                            if !self.wait(libc::POLLOUT, blocking) {
+                                self.broken = true;
+                                return Err(ResponseError::ClientGone(
+                                    "timed out writing the response".into(),
+                                ));
+                            }
+                            continue;
+                        }
+                        io::ErrorKind::Interrupted => continue,
+                        _ => {
+                            self.broken = true;
+                            return Err(ResponseError::ClientGone(e.to_string()));
+                        }
+                    }
+                }
+                if n == 0 {
+                    // The record's length is announced; a short file cannot fill it.
+                    self.broken = true;
+                    return Err(ResponseError::Invalid("file ended before its announced size".into()));
+                }
+                owed -= n as usize;
+                self.bytes_sent += n as u64;
+            }
+            left -= record as u64;
+            if let RespFraming::Length(l) = self.framing {
+                self.framing = RespFraming::Length(l - record as u64);
+            }
         }
         Ok(())
     }
@@ -736,7 +1036,11 @@ impl Exchange {
         io.status = code;
         io.app_length = None;
         io.head.clear();
-        io.head.extend_from_slice(b"HTTP/1.1 ");
+        let prefix: &[u8] = match io.wire {
+            Wire::Http | Wire::Uwsgi => b"HTTP/1.1 ",
+            Wire::Scgi | Wire::FastCgi { .. } => b"Status: ",
+        };
+        io.head.extend_from_slice(prefix);
         io.head.extend_from_slice(status);
         io.head.extend_from_slice(b"\r\n");
         io.phase = RespPhase::Started;
@@ -820,6 +1124,10 @@ impl Exchange {
     /// reset so the client cannot take a truncated body for a whole one.
     pub fn abort(&self) {
         if let Some(mut io) = self.lock() {
+            if io.fcgi_aborted {
+                // Ended by the front end: END_REQUEST closes it cleanly.
+                return;
+            }
             io.aborted = true;
             io.keep_alive = false;
         }

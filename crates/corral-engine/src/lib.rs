@@ -6,17 +6,19 @@
 //! through [`supervise::Hooks`]. The protocol codecs live in `corral-proto`.
 
 pub mod app;
+pub mod cgi;
 pub mod config;
 pub mod date;
 pub mod exchange;
+mod gateway;
 pub mod listen;
 pub mod scoreboard;
 pub mod supervise;
 pub mod worker;
 
-pub use app::{App, ListenerInfo, Request};
+pub use app::{App, ListenerInfo, Meta, Request};
 pub use config::Config;
 pub use exchange::{BodyError, Exchange, ResponseError};
-pub use listen::{Addr, Listener};
+pub use listen::{Addr, Listener, Protocol, SocketFileOptions};
 pub use supervise::{Hooks, Master};
 pub use worker::{run_worker, WorkerCtx};

@@ -17,16 +17,55 @@ use socket2::{Domain, SockAddr, Socket, Type};
 /// gives 502s under bursts.
 pub const DEFAULT_BACKLOG: i32 = 2048;
 
+/// The protocol a listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http,
+    Uwsgi,
+    FastCgi,
+    Scgi,
+}
+
+impl Protocol {
+    /// The name used in option names and log lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Uwsgi => "uwsgi",
+            Protocol::FastCgi => "fastcgi",
+            Protocol::Scgi => "scgi",
+        }
+    }
+
+    /// Whether the protocol trusts whatever its peer says about the request
+    /// (client address, scheme, paths): such a socket must face only the
+    /// front end, never the internet.
+    pub fn trusts_peer(self) -> bool {
+        matches!(self, Protocol::Uwsgi | Protocol::FastCgi)
+    }
+}
+
 /// Where to listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Addr {
     Tcp(String, u16),
     Unix(PathBuf),
+    /// An already listening socket inherited as this descriptor (from
+    /// systemd socket activation or a supervising process).
+    Fd(RawFd),
 }
 
 impl Addr {
-    /// Parses `HOST:PORT`, `[v6]:PORT`, `:PORT` (all interfaces) or `unix:/path`.
+    /// Parses `HOST:PORT`, `[v6]:PORT`, `:PORT` (all interfaces), `unix:/path` or `fd://N`.
     pub fn parse(s: &str) -> Result<Addr, String> {
+        if let Some(n) = s.strip_prefix("fd://") {
+            let fd: RawFd =
+                n.parse().map_err(|_| format!("{s:?}: expected fd://N with N a descriptor number"))?;
+            if fd < 0 {
+                return Err(format!("{s:?}: negative descriptor"));
+            }
+            return Ok(Addr::Fd(fd));
+        }
         if let Some(path) = s.strip_prefix("unix:") {
             if path.is_empty() {
                 return Err(format!("{s:?}: empty unix socket path"));
@@ -53,8 +92,18 @@ impl fmt::Display for Addr {
             Addr::Tcp(h, p) if h.contains(':') => write!(f, "[{h}]:{p}"),
             Addr::Tcp(h, p) => write!(f, "{h}:{p}"),
             Addr::Unix(p) => write!(f, "unix:{}", p.display()),
+            Addr::Fd(n) => write!(f, "fd://{n}"),
         }
     }
+}
+
+/// How unix socket files are created.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SocketFileOptions {
+    /// Permission bits of the socket file (`--socket-mode`).
+    pub mode: Option<u32>,
+    /// Owner and group of the socket file (`--socket-owner`); `None` keeps that part.
+    pub owner: Option<(Option<u32>, Option<u32>)>,
 }
 
 /// A bound, listening socket and the facts the environ takes from it.
@@ -69,6 +118,7 @@ pub struct Listener {
     pub is_unix: bool,
     /// A unix socket file this process created and removes at exit.
     pub unix_path: Option<PathBuf>,
+    pub protocol: Protocol,
 }
 
 impl Listener {
@@ -78,7 +128,44 @@ impl Listener {
 
     /// Binds and listens. Errors name the address and the reason.
     pub fn bind(addr: &Addr, backlog: i32) -> Result<Listener, String> {
+        Listener::bind_with(addr, Protocol::Http, backlog, SocketFileOptions::default())
+    }
+
+    /// Binds and listens for `protocol`; unix socket files get `files`' mode and owner.
+    pub fn bind_with(
+        addr: &Addr,
+        protocol: Protocol,
+        backlog: i32,
+        files: SocketFileOptions,
+    ) -> Result<Listener, String> {
+        let mut l = Listener::bind_addr(addr, backlog)?;
+        l.protocol = protocol;
+        if let Some(path) = &l.unix_path {
+            if let Some(mode) = files.mode {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                    .map_err(|e| format!("--socket-mode on {addr}: {e}"))?;
+            }
+            if let Some((uid, gid)) = files.owner {
+                std::os::unix::fs::chown(path, uid, gid)
+                    .map_err(|e| format!("--socket-owner on {addr}: {e}"))?;
+            }
+        }
+        Ok(l)
+    }
+
+    /// Whether the socket is reachable from other machines: not a unix
+    /// socket and not bound to a loopback address.
+    pub fn is_public(&self) -> bool {
+        match &self.addr {
+            Addr::Tcp(host, _) => !host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()),
+            _ => false,
+        }
+    }
+
+    fn bind_addr(addr: &Addr, backlog: i32) -> Result<Listener, String> {
         match addr {
+            Addr::Fd(fd) => Listener::inherit(*fd),
             Addr::Tcp(host, port) => {
                 let sa: SocketAddr = (host.as_str(), *port)
                     .to_socket_addrs()
@@ -103,6 +190,7 @@ impl Listener {
                     server_port: local.port().to_string(),
                     is_unix: false,
                     unix_path: None,
+                    protocol: Protocol::Http,
                 })
             }
             Addr::Unix(path) => {
@@ -120,16 +208,79 @@ impl Listener {
                     server_port: String::new(),
                     is_unix: true,
                     unix_path: Some(path.clone()),
+                    protocol: Protocol::Http,
                 })
             }
         }
     }
 
-    /// The socket's current accept-queue length, where the kernel reports it.
+    /// Takes over an inherited listening socket. Its file (for a unix
+    /// socket) belongs to whoever created it and is left in place at exit.
+    fn inherit(fd: RawFd) -> Result<Listener, String> {
+        use std::os::fd::FromRawFd;
+        let addr = Addr::Fd(fd);
+        let mut accepting: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_ACCEPTCONN,
+                (&mut accepting as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if r < 0 {
+            return Err(format!("{addr}: not a socket: {}", io::Error::last_os_error()));
+        }
+        if accepting == 0 {
+            return Err(format!("{addr}: the socket is not listening"));
+        }
+        // The descriptor is ours from here on; keep it out of anything the app execs.
+        let sock = unsafe { Socket::from_raw_fd(fd) };
+        sock.set_cloexec(true).map_err(|e| format!("{addr}: {e}"))?;
+        sock.set_nonblocking(true).map_err(|e| format!("{addr}: {e}"))?;
+        let local = sock.local_addr().map_err(|e| format!("{addr}: {e}"))?;
+        let (server_name, server_port, is_unix) = match local.as_socket() {
+            Some(sa) => (sa.ip().to_string(), sa.port().to_string(), false),
+            None => {
+                let path = local.as_pathname().map(|p| p.display().to_string()).unwrap_or_default();
+                (path, String::new(), true)
+            }
+        };
+        Ok(Listener {
+            fd: sock.into(),
+            addr,
+            server_name,
+            server_port,
+            is_unix,
+            unix_path: None,
+            protocol: Protocol::Http,
+        })
+    }
+
+    /// How the listener is named in log lines: `http://127.0.0.1:8000`,
+    /// `uwsgi://127.0.0.1:3031`, `unix:/run/app.sock (fastcgi)`.
     pub fn url(&self) -> String {
-        match &self.addr {
+        let proto = self.protocol.name();
+        let at = match &self.addr {
+            Addr::Fd(n) if self.is_unix => format!("unix:{} (fd {n})", self.server_name),
+            Addr::Fd(n) if self.server_port.is_empty() => format!("fd://{n}"),
+            Addr::Fd(n) => {
+                let host = if self.server_name.contains(':') {
+                    format!("[{}]", self.server_name)
+                } else {
+                    self.server_name.clone()
+                };
+                return format!("{proto}://{host}:{} (fd {n})", self.server_port);
+            }
             Addr::Unix(p) => format!("unix:{}", p.display()),
-            a => format!("http://{a}"),
+            a => return format!("{proto}://{a}"),
+        };
+        if self.protocol == Protocol::Http {
+            at
+        } else {
+            format!("{at} ({proto})")
         }
     }
 }
@@ -174,6 +325,9 @@ mod tests {
         assert!(Addr::parse("localhost").is_err());
         assert!(Addr::parse("h:99999").is_err());
         assert_eq!(Addr::parse("[::1]:80").unwrap().to_string(), "[::1]:80");
+        assert_eq!(Addr::parse("fd://3"), Ok(Addr::Fd(3)));
+        assert!(Addr::parse("fd://x").is_err());
+        assert!(Addr::parse("fd://-1").is_err());
     }
 
     #[test]
@@ -182,5 +336,26 @@ mod tests {
         assert_ne!(l.server_port, "0");
         let again = Listener::bind(&l.addr, 16).unwrap_err();
         assert!(again.contains("already in use"), "{again}");
+    }
+
+    #[test]
+    fn inherit_a_listening_descriptor() {
+        let l = Listener::bind(&Addr::parse("127.0.0.1:0").unwrap(), 16).unwrap();
+        let fd = unsafe { libc::dup(l.raw()) };
+        let inherited =
+            Listener::bind_with(&Addr::Fd(fd), Protocol::Uwsgi, 16, SocketFileOptions::default()).unwrap();
+        assert_eq!(inherited.server_port, l.server_port);
+        assert!(inherited.url().starts_with("uwsgi://127.0.0.1:"), "{}", inherited.url());
+        assert!(!inherited.is_public());
+    }
+
+    #[test]
+    fn not_listening_descriptor_is_refused() {
+        let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        let fd = sock.as_raw_fd();
+        let err = Listener::bind(&Addr::Fd(fd), 16).unwrap_err();
+        assert!(err.contains("not listening"), "{err}");
+        let err = Listener::bind(&Addr::Fd(9999), 16).unwrap_err();
+        assert!(err.contains("not a socket"), "{err}");
     }
 }

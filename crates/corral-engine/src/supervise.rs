@@ -301,6 +301,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                         server_name: l.server_name.clone(),
                         server_port: l.server_port.clone(),
                         is_unix: l.is_unix,
+                        protocol: l.protocol,
                     },
                 )
             })

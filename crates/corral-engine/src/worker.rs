@@ -17,14 +17,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes};
 use corral_proto::http1::{self, BodyFraming, Head, Version};
-use corral_proto::Status;
+use corral_proto::{fastcgi, Status};
 use tracing::{debug, error, info, warn};
 
-use crate::app::{App, ListenerInfo, Request};
+use crate::app::{App, ListenerInfo, Meta, Request};
+use crate::cgi::{self, CgiParams};
 use crate::config::Config;
 use crate::date::mono_ms;
-use crate::exchange::{BodyState, Exchange, Io, RespPhase, MAX_DRAIN, READ_CHUNK};
+use crate::exchange::{BodyState, Exchange, Io, RespPhase, Wire, MAX_DRAIN, READ_CHUNK};
+use crate::gateway::{self, FcgiConn, FcgiIn};
+use crate::listen::Protocol;
 use crate::scoreboard::{Scoreboard, WorkerState};
 
 /// epoll tokens below this are listener indexes; the wake token sits just
@@ -67,6 +71,10 @@ struct Entry {
     state: AtomicU8,
     /// Monotonic ms after which an idle connection is closed; 0 = none.
     deadline: AtomicU64,
+    /// No request has started on it yet. A drain closes idle keep-alive
+    /// connections, but a new one is waiting for its first request, which
+    /// the client has already committed to this server: it is served.
+    fresh: AtomicBool,
 }
 
 /// A connection, owned by whichever thread epoll handed it to.
@@ -80,6 +88,8 @@ struct Conn {
     remote_port: String,
     /// Monotonic ms when the first byte of the current request arrived.
     request_started: u64,
+    /// FastCGI state between records (FastCGI listeners only).
+    fcgi: FcgiConn,
 }
 
 struct Shared<A: App> {
@@ -123,6 +133,7 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
         }
     }
     let threads = ctx.config.threads.max(1);
+    gateway::MAX_REQS.store(threads, Ordering::Relaxed);
     let shared = Arc::new(Shared {
         app,
         config: ctx.config,
@@ -265,7 +276,8 @@ fn sweep<A: App>(w: &Shared<A>, now: u64, draining: bool) {
             let d = e.deadline.load(Ordering::Relaxed);
             d != 0 && now >= d
         };
-        if !(expired || draining && pending_bytes(e.fd) == 0) {
+        let idle_keepalive = !e.fresh.load(Ordering::Relaxed) && pending_bytes(e.fd) == 0;
+        if !(expired || draining && idle_keepalive) {
             continue;
         }
         if e.state.compare_exchange(IDLE, CLOSING, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
@@ -353,7 +365,12 @@ fn accept_batch<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, idx: usi
                 )
             };
         }
-        let entry = Arc::new(Entry { fd, state: AtomicU8::new(BUSY), deadline: AtomicU64::new(0) });
+        let entry = Arc::new(Entry {
+            fd,
+            state: AtomicU8::new(BUSY),
+            deadline: AtomicU64::new(0),
+            fresh: AtomicBool::new(true),
+        });
         let slot = {
             let mut reg = w.registry.lock().unwrap();
             reg.live += 1;
@@ -381,6 +398,7 @@ fn accept_batch<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, idx: usi
             remote_addr,
             remote_port,
             request_started: mono_ms(),
+            fcgi: FcgiConn::default(),
         });
         // Serve right away: the request often arrived with the connection.
         serve_claimed(w, state, t, conn);
@@ -416,10 +434,21 @@ fn serve<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, conn: Box<Conn>
     serve_claimed(w, state, t, conn);
 }
 
+/// A request that arrived over uwsgi, FastCGI or SCGI.
+struct GatewayRequest {
+    /// The bytes `params` index.
+    bytes: Bytes,
+    params: CgiParams,
+    wire: Wire,
+    body: BodyState,
+}
+
 /// What to do with a connection after looking at its buffer.
 enum Next {
     /// A request head is complete; this many bytes are its head.
     Request(usize),
+    /// A gateway request's variables are complete.
+    Gateway(GatewayRequest),
     /// Wait in epoll for more bytes.
     Park,
     Close,
@@ -427,10 +456,19 @@ enum Next {
 
 fn serve_claimed<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, mut conn: Box<Conn>) {
     loop {
-        let next = read_head(w, &mut conn);
+        let next = match w.listeners[conn.listener].1.protocol {
+            Protocol::Http => read_head(w, &mut conn),
+            _ => read_gateway(w, &mut conn),
+        };
         match next {
             Next::Request(n) => {
-                if !handle_request(w, state, t, &mut conn, n) {
+                if !handle_request(w, state, t, &mut conn, Incoming::Http(n)) {
+                    close(w, conn, false);
+                    return;
+                }
+            }
+            Next::Gateway(req) => {
+                if !handle_request(w, state, t, &mut conn, Incoming::Gateway(req)) {
                     close(w, conn, false);
                     return;
                 }
@@ -505,7 +543,7 @@ fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if io.buf.is_empty() && draining() {
+                if io.buf.is_empty() && draining() && !conn.entry.fresh.load(Ordering::Relaxed) {
                     return Next::Close;
                 }
                 return Next::Park;
@@ -517,6 +555,177 @@ fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
             }
         }
     }
+}
+
+/// Reads until a front end's request variables are complete (uwsgi, SCGI,
+/// FastCGI), answering FastCGI management records on the way.
+fn read_gateway<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
+    let listener = &w.listeners[conn.listener].1;
+    let protocol = listener.protocol;
+    let io_arc = conn.io.clone();
+    let mut io = io_arc.lock().unwrap();
+    let mut read_once = false;
+    let mut want = READ_CHUNK;
+    let blocking: fn(&mut dyn FnMut()) = |f| f();
+    loop {
+        // Set when a uwsgi/SCGI head is complete but its small body is not.
+        let mut head_ready = false;
+        if !io.buf.is_empty() {
+            let parsed = match protocol {
+                Protocol::Uwsgi | Protocol::Scgi => {
+                    let (head, wire) = if protocol == Protocol::Uwsgi {
+                        (gateway::uwsgi_head(&io.buf), Wire::Uwsgi)
+                    } else {
+                        (gateway::scgi_head(&io.buf), Wire::Scgi)
+                    };
+                    match head {
+                        Ok(Some(head)) => {
+                            let len = match cgi::check(&head.params, &io.buf) {
+                                Ok(len) => len.unwrap_or(0),
+                                Err(e) => return refuse(w, conn, &mut io, wire, 400, &e.to_string()),
+                            };
+                            // A small body is read before the app runs, as over HTTP.
+                            let missing = if len <= PREREAD_MAX.min(w.config.max_body_size) {
+                                (head.len as u64 + len).saturating_sub(io.buf.len() as u64)
+                            } else {
+                                0
+                            };
+                            if missing == 0 {
+                                let bytes = io.buf.split_to(head.len).freeze();
+                                let body = if len == 0 { BodyState::Done } else { BodyState::Length(len) };
+                                Ok(Some(GatewayRequest { bytes, params: head.params, wire, body }))
+                            } else {
+                                want = missing as usize;
+                                head_ready = true;
+                                Ok(None)
+                            }
+                        }
+                        Ok(None) => Ok(None),
+                        Err(m) => Err(m),
+                    }
+                }
+                _ => {
+                    let mut out = Vec::new();
+                    match gateway::fcgi_head(&mut conn.fcgi, &io.buf, &mut out) {
+                        Ok((used, req)) => {
+                            io.buf.advance(used);
+                            if !out.is_empty() && io.write_parts(&[&out], blocking).is_err() {
+                                return Next::Close;
+                            }
+                            if conn.fcgi.close_after {
+                                return Next::Close;
+                            }
+                            match req {
+                                Some(r) => {
+                                    let wire = Wire::FastCgi { id: r.id, keep_conn: r.keep_conn };
+                                    if let Err(e) = cgi::check(&r.params, &r.params_bytes) {
+                                        return refuse(w, conn, &mut io, wire, 400, &e.to_string());
+                                    }
+                                    Ok(Some(GatewayRequest {
+                                        bytes: Bytes::from(r.params_bytes),
+                                        params: r.params,
+                                        wire,
+                                        body: BodyState::Fcgi(FcgiIn {
+                                            content: 0,
+                                            padding: 0,
+                                            ended: false,
+                                        }),
+                                    }))
+                                }
+                                None => Ok(None),
+                            }
+                        }
+                        Err(m) => Err(m),
+                    }
+                }
+            };
+            match parsed {
+                Ok(Some(req)) => return Next::Gateway(req),
+                Ok(None) => {}
+                Err(m) => {
+                    warn!(
+                        "Bad {} request from {}: {m}; closing the connection",
+                        protocol.name(),
+                        peer(conn, listener)
+                    );
+                    drain_and_close(io.fd);
+                    return Next::Close;
+                }
+            }
+        }
+        if draining() && io.buf.is_empty() && read_once {
+            return Next::Close;
+        }
+        let was_empty = io.buf.is_empty();
+        match io.read_some(want) {
+            Ok(0) if head_ready => {
+                // Closed inside a small body: serve it short (the app sees
+                // end of input and the log says so) rather than not at all.
+                return take_short_gateway_request(&mut io, protocol);
+            }
+            Ok(0) => {
+                if !io.buf.is_empty() || conn.fcgi.active.is_some() {
+                    warn!(
+                        "Bad {} request from {}: connection closed inside the request",
+                        protocol.name(),
+                        peer(conn, listener)
+                    );
+                }
+                return Next::Close;
+            }
+            Ok(_) => {
+                read_once = true;
+                if was_empty {
+                    conn.request_started = mono_ms();
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if io.buf.is_empty() && draining() && !conn.entry.fresh.load(Ordering::Relaxed) {
+                    return Next::Close;
+                }
+                return Next::Park;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                debug!("read from {}: {e}", peer(conn, listener));
+                return Next::Close;
+            }
+        }
+    }
+}
+
+/// A uwsgi/SCGI request whose front end closed inside its body.
+fn take_short_gateway_request(io: &mut Io, protocol: Protocol) -> Next {
+    let (head, wire) = if protocol == Protocol::Uwsgi {
+        (gateway::uwsgi_head(&io.buf), Wire::Uwsgi)
+    } else {
+        (gateway::scgi_head(&io.buf), Wire::Scgi)
+    };
+    let Ok(Some(head)) = head else {
+        return Next::Close;
+    };
+    let Ok(len) = cgi::check(&head.params, &io.buf) else {
+        return Next::Close;
+    };
+    let bytes = io.buf.split_to(head.len).freeze();
+    let body = BodyState::Length(len.unwrap_or(0));
+    Next::Gateway(GatewayRequest { bytes, params: head.params, wire, body })
+}
+
+/// Answers a gateway request that cannot be served with an error response
+/// in the protocol's framing, logs why, and closes the connection.
+fn refuse<A: App>(w: &Shared<A>, conn: &Conn, io: &mut Io, wire: Wire, status: u16, why: &str) -> Next {
+    let listener = &w.listeners[conn.listener].1;
+    warn!(
+        "Bad {} request from {}: {why} ({status} {})",
+        listener.protocol.name(),
+        peer(conn, listener),
+        reason(status)
+    );
+    let blocking: fn(&mut dyn FnMut()) = |f| f();
+    let _ = io.write_parts(&[&error_reply(wire, status, why)], blocking);
+    drain_and_close(io.fd);
+    Next::Close
 }
 
 /// Hands the connection back to epoll until it is readable again.
@@ -533,7 +742,9 @@ fn park<A: App>(w: &Shared<A>, conn: Box<Conn>) {
         }
         idle
     };
-    let deadline = if idle {
+    // A new connection has the header timeout, counted from the accept, to
+    // send its first request; between requests the keep-alive timeout applies.
+    let deadline = if idle && !conn.entry.fresh.load(Ordering::Relaxed) {
         now + w.config.keepalive_timeout.as_millis() as u64
     } else {
         conn.request_started + w.config.header_timeout.as_millis() as u64
@@ -594,15 +805,52 @@ fn drain_and_close(fd: RawFd) {
     }
 }
 
-/// Serves one request whose head is the first `n` buffered bytes. Returns
-/// whether the connection may carry another request.
-fn handle_request<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, conn: &mut Conn, n: usize) -> bool {
+/// A request ready to be served.
+enum Incoming {
+    /// An HTTP request whose head is the first `n` buffered bytes.
+    Http(usize),
+    Gateway(GatewayRequest),
+}
+
+/// Serves one request. Returns whether the connection may carry another.
+fn handle_request<A: App>(
+    w: &Shared<A>,
+    state: &mut A::Thread,
+    t: usize,
+    conn: &mut Conn,
+    incoming: Incoming,
+) -> bool {
     let listener = &w.listeners[conn.listener].1;
-    let (head_bytes, generation) = {
+    conn.entry.fresh.store(false, Ordering::Relaxed);
+    let (bytes, params, generation) = {
         let mut io = conn.io.lock().unwrap();
-        let head_bytes = io.buf.split_to(n).freeze();
-        let head = &conn.head;
-        if let BodyFraming::Length(len) = head.framing {
+        let (bytes, params) = match incoming {
+            Incoming::Http(n) => {
+                let head_bytes = io.buf.split_to(n).freeze();
+                let head = &conn.head;
+                io.wire = Wire::Http;
+                io.body = match head.framing {
+                    BodyFraming::None => BodyState::Done,
+                    BodyFraming::Length(len) => BodyState::Length(len),
+                    BodyFraming::Chunked => BodyState::Chunked(http1::ChunkedDecoder::new()),
+                };
+                io.continue_owed = head.expect_continue && !matches!(io.body, BodyState::Done);
+                io.http11 = head.version == Version::Http11;
+                io.head_request = &head_bytes[head.method.clone()] == b"HEAD";
+                io.keep_alive = head.keep_alive && !draining();
+                (head_bytes, None)
+            }
+            Incoming::Gateway(g) => {
+                io.wire = g.wire;
+                io.body = g.body;
+                io.continue_owed = false;
+                io.http11 = true;
+                io.head_request = g.params.get(&g.bytes, b"REQUEST_METHOD") == Some(b"HEAD");
+                io.keep_alive = matches!(g.wire, Wire::FastCgi { keep_conn: true, .. }) && !draining();
+                (g.bytes, Some(g.params))
+            }
+        };
+        if let BodyState::Length(len) = io.body {
             if len > w.config.max_body_size {
                 info!(
                     "Request body too large from {}: Content-Length {len} exceeds --max-body-size {}",
@@ -610,33 +858,29 @@ fn handle_request<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, conn: 
                     w.config.max_body_size
                 );
                 let blocking: fn(&mut dyn FnMut()) = |f| f();
-                let _ = io.write_parts(&[&error_response(413, "request body too large")], blocking);
+                let reply = error_reply(io.wire, 413, "request body too large");
+                let _ = io.write_parts(&[&reply], blocking);
                 drain_and_close(io.fd);
                 return false;
             }
         }
-        io.body = match head.framing {
-            BodyFraming::None => BodyState::Done,
-            BodyFraming::Length(len) => BodyState::Length(len),
-            BodyFraming::Chunked => BodyState::Chunked(http1::ChunkedDecoder::new()),
-        };
         io.body_received = 0;
         io.pending.clear();
-        io.continue_owed = head.expect_continue && !matches!(io.body, BodyState::Done);
-        io.http11 = head.version == Version::Http11;
-        io.head_request = &head_bytes[head.method.clone()] == b"HEAD";
-        io.keep_alive = head.keep_alive && !draining();
         io.phase = RespPhase::Idle;
         io.status = 0;
         io.app_length = None;
         io.bytes_sent = 0;
         io.aborted = false;
+        io.fcgi_aborted = false;
         io.generation += 1;
-        (head_bytes, io.generation)
+        (bytes, params, io.generation)
     };
     let req = Request {
-        head: &conn.head,
-        bytes: &head_bytes,
+        meta: match &params {
+            Some(p) => Meta::Cgi(p),
+            None => Meta::Http(&conn.head),
+        },
+        bytes: &bytes,
         remote_addr: &conn.remote_addr,
         remote_port: &conn.remote_port,
         listener,
@@ -651,6 +895,21 @@ fn handle_request<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, conn: 
     // Stale handles kept by the app must not touch the next request.
     io.generation += 1;
     let blocking: fn(&mut dyn FnMut()) = |f| f();
+    if io.fcgi_aborted {
+        // The front end gave up on this request (ABORT_REQUEST): it is owed
+        // END_REQUEST, and the connection stays usable when it asked for that.
+        info!(
+            "{} {} from {}: the front end aborted the request",
+            String::from_utf8_lossy(req.method()),
+            String::from_utf8_lossy(req.target()),
+            peer(conn, listener)
+        );
+        if io.end_fcgi_request(blocking).is_err() || !io.keep_alive {
+            return false;
+        }
+        conn.request_started = mono_ms();
+        return true;
+    }
     if io.phase == RespPhase::Idle && !io.broken && !io.aborted {
         error!(
             "App returned without starting a response: {} {}",
@@ -658,9 +917,11 @@ fn handle_request<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, conn: 
             String::from_utf8_lossy(req.target())
         );
         io.keep_alive = false;
-        let _ = io.write_parts(&[&error_response(500, "Internal Server Error")], blocking);
+        let reply = error_reply(io.wire, 500, "Internal Server Error");
+        let _ = io.write_parts(&[&reply], blocking);
         return false;
     }
+
     if io.phase != RespPhase::Finished && !io.broken && !io.aborted {
         if let Err(e) = io.finish(blocking) {
             warn!(
@@ -746,6 +1007,34 @@ pub fn reason(status: u16) -> &'static str {
         504 => "Gateway Timeout",
         505 => "HTTP Version Not Supported",
         _ => "Error",
+    }
+}
+
+/// A complete error response in a connection's framing: HTTP for HTTP and
+/// uwsgi, CGI headers for SCGI, and those in STDOUT records followed by
+/// END_REQUEST for FastCGI.
+fn error_reply(wire: Wire, status: u16, detail: &str) -> Vec<u8> {
+    let cgi_response = || {
+        let body = format!("{status} {}: {detail}\n", reason(status));
+        let mut out = format!(
+            "Status: {status} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\r\n",
+            reason(status),
+            body.len()
+        )
+        .into_bytes();
+        out.extend_from_slice(body.as_bytes());
+        out
+    };
+    match wire {
+        Wire::Http | Wire::Uwsgi => error_response(status, detail),
+        Wire::Scgi => cgi_response(),
+        Wire::FastCgi { id, .. } => {
+            let mut out = Vec::new();
+            fastcgi::write_stdout(&mut out, id, &cgi_response());
+            fastcgi::write_stream_end(&mut out, fastcgi::RecordType::Stdout, id);
+            fastcgi::write_end_request(&mut out, id, 0, fastcgi::ProtocolStatus::RequestComplete);
+            out
+        }
     }
 }
 

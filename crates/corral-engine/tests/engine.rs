@@ -94,6 +94,7 @@ fn start(threads: usize) -> Worker {
         server_name: listener.server_name.clone(),
         server_port: listener.server_port.clone(),
         is_unix: false,
+        protocol: listener.protocol,
     };
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0);

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use clap::builder::TypedValueParser as _;
 use clap::{Parser, ValueEnum};
-use corral_engine::{config, Addr, Config, Listener, Master};
+use corral_engine::{config, Addr, Config, Listener, Master, Protocol, SocketFileOptions};
 use corral_proto::http1::{Limits, HARD_MAX_HEADERS};
 use pyo3::prelude::*;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::load::{load_app, AppSpec};
 use crate::runtime::Runtime;
@@ -33,9 +33,30 @@ pub struct Cli {
     #[arg(value_name = "APP", env = "CORRAL_APP")]
     pub app: String,
 
-    /// Serve HTTP/1.1 on ADDR: HOST:PORT, [IPv6]:PORT or unix:PATH. Repeatable. Default 127.0.0.1:8000.
+    /// Serve HTTP/1.1 on ADDR: HOST:PORT, [IPv6]:PORT, unix:PATH or fd://N. Repeatable.
+    /// Default 127.0.0.1:8000 when no listener is given.
     #[arg(long, value_name = "ADDR", env = "CORRAL_HTTP", value_delimiter = ',')]
     pub http: Vec<String>,
+
+    /// Serve the uwsgi protocol (nginx uwsgi_pass, Apache mod_proxy_uwsgi) on ADDR. Repeatable.
+    #[arg(long, value_name = "ADDR", env = "CORRAL_UWSGI", value_delimiter = ',')]
+    pub uwsgi: Vec<String>,
+
+    /// Serve FastCGI (nginx fastcgi_pass, Apache mod_proxy_fcgi, HAProxy fcgi-app) on ADDR. Repeatable.
+    #[arg(long, value_name = "ADDR", env = "CORRAL_FASTCGI", value_delimiter = ',')]
+    pub fastcgi: Vec<String>,
+
+    /// Serve SCGI (nginx scgi_pass, Apache mod_proxy_scgi) on ADDR. Repeatable.
+    #[arg(long, value_name = "ADDR", env = "CORRAL_SCGI", value_delimiter = ',')]
+    pub scgi: Vec<String>,
+
+    /// Permission bits (octal, e.g. 660) of the unix socket files corral creates.
+    #[arg(long, value_name = "MODE", env = "CORRAL_SOCKET_MODE", value_parser = parse_mode)]
+    pub socket_mode: Option<u32>,
+
+    /// Owner of the unix socket files corral creates: USER, USER:GROUP or :GROUP (names or ids).
+    #[arg(long, value_name = "USER[:GROUP]", env = "CORRAL_SOCKET_OWNER")]
+    pub socket_owner: Option<String>,
 
     /// Worker processes.
     #[arg(long, value_name = "N", env = "CORRAL_WORKERS", default_value_t = 1,
@@ -115,6 +136,46 @@ pub struct Cli {
     pub backlog: i32,
 }
 
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let m = u32::from_str_radix(s, 8).map_err(|_| format!("{s:?} is not an octal mode such as 660"))?;
+    if m > 0o7777 {
+        return Err(format!("{s:?} is not a file mode (at most 7777)"));
+    }
+    Ok(m)
+}
+
+/// Resolves `USER[:GROUP]` (names or numeric ids) for `--socket-owner`.
+fn parse_owner(s: &str) -> Result<(Option<u32>, Option<u32>), String> {
+    let (user, group) = match s.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (s, None),
+    };
+    let uid = if user.is_empty() {
+        None
+    } else if let Ok(n) = user.parse::<u32>() {
+        Some(n)
+    } else {
+        match nix::unistd::User::from_name(user) {
+            Ok(Some(u)) => Some(u.uid.as_raw()),
+            _ => return Err(format!("--socket-owner {s:?}: no user named {user:?}")),
+        }
+    };
+    let gid = match group {
+        None | Some("") => None,
+        Some(g) => match g.parse::<u32>() {
+            Ok(n) => Some(n),
+            Err(_) => match nix::unistd::Group::from_name(g) {
+                Ok(Some(gr)) => Some(gr.gid.as_raw()),
+                _ => return Err(format!("--socket-owner {s:?}: no group named {g:?}")),
+            },
+        },
+    };
+    if uid.is_none() && gid.is_none() {
+        return Err(format!("--socket-owner {s:?}: expected USER, USER:GROUP or :GROUP"));
+    }
+    Ok((uid, gid))
+}
+
 fn parse_secs(s: &str) -> Result<Duration, String> {
     let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
     if !(0.0..=86400.0 * 365.0).contains(&v) {
@@ -177,19 +238,38 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         return Ok(2);
     }
 
-    let addrs = if cli.http.is_empty() { vec!["127.0.0.1:8000".to_string()] } else { cli.http.clone() };
+    let mut wanted: Vec<(Protocol, &str)> = Vec::new();
+    for (protocol, list) in [
+        (Protocol::Http, &cli.http),
+        (Protocol::Uwsgi, &cli.uwsgi),
+        (Protocol::FastCgi, &cli.fastcgi),
+        (Protocol::Scgi, &cli.scgi),
+    ] {
+        wanted.extend(list.iter().map(|a| (protocol, a.as_str())));
+    }
+    if wanted.is_empty() {
+        wanted.push((Protocol::Http, "127.0.0.1:8000"));
+    }
     let mut parsed = Vec::new();
-    for a in &addrs {
+    for (protocol, a) in &wanted {
         match Addr::parse(a) {
-            Ok(addr) => parsed.push(addr),
+            Ok(addr) => parsed.push((*protocol, addr)),
             Err(e) => {
-                error!("--http {e}");
+                error!("--{} {e}", protocol.name());
                 return Ok(2);
             }
         }
     }
+    let owner = match cli.socket_owner.as_deref().map(parse_owner).transpose() {
+        Ok(o) => o,
+        Err(e) => {
+            error!("{e}");
+            return Ok(2);
+        }
+    };
+    let files = SocketFileOptions { mode: cli.socket_mode, owner };
     let config = Config {
-        http: parsed.clone(),
+        http: parsed.iter().map(|(_, a)| a.clone()).collect(),
         workers: cli.workers as usize,
         threads: cli.threads as usize,
         backlog: cli.backlog,
@@ -206,10 +286,20 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     };
 
     let mut listeners = Vec::new();
-    for addr in &parsed {
-        match Listener::bind(addr, config.backlog) {
+    for (protocol, addr) in &parsed {
+        match Listener::bind_with(addr, *protocol, config.backlog, files) {
             Ok(l) => {
                 info!("Listening at: {}", l.url());
+                if protocol.trusts_peer() && l.is_public() {
+                    warn!(
+                        "The {} listener {} is reachable from other machines: the {} protocol trusts \
+                         whatever its peer sends (client address, scheme, paths) and must not face \
+                         the internet; bind it to a loopback address or a unix socket behind the front end",
+                        protocol.name(),
+                        l.url(),
+                        protocol.name()
+                    );
+                }
                 listeners.push(l);
             }
             Err(e) => {

@@ -10,7 +10,8 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use corral_engine::{App, BodyError, Exchange, Request, ResponseError, WorkerCtx};
+use corral_engine::cgi::CgiParams;
+use corral_engine::{App, BodyError, Exchange, Meta, Request, ResponseError, WorkerCtx};
 use corral_proto::http1::{percent_decode, Known, TargetForm};
 use pyo3::exceptions::{PyAssertionError, PyOSError, PyTypeError, PyValueError};
 use pyo3::ffi;
@@ -53,6 +54,8 @@ struct Keys {
     content_type: Py<PyString>,
     content_length: Py<PyString>,
     wsgi_input: Py<PyString>,
+    url_scheme: Py<PyString>,
+    https: Py<PyString>,
     http10: Py<PyString>,
     http11: Py<PyString>,
     empty: Py<PyString>,
@@ -64,6 +67,7 @@ pub struct WsgiApp {
     templates: Vec<Py<PyDict>>,
     keys: Keys,
     header_keys: Mutex<HashMap<Box<[u8]>, Py<PyString>>>,
+    var_keys: Mutex<HashMap<Box<[u8]>, Py<PyString>>>,
     mount: Vec<u8>,
     max_body: u64,
 }
@@ -119,12 +123,15 @@ impl WsgiApp {
                 content_type: s("CONTENT_TYPE"),
                 content_length: s("CONTENT_LENGTH"),
                 wsgi_input: s("wsgi.input"),
+                url_scheme: s("wsgi.url_scheme"),
+                https: s("https"),
                 http10: s("HTTP/1.0"),
                 http11: s("HTTP/1.1"),
                 empty: s(""),
                 methods,
             },
             header_keys: Mutex::new(HashMap::new()),
+            var_keys: Mutex::new(HashMap::new()),
             mount: mount.as_bytes().to_vec(),
             max_body: ctx.config.max_body_size,
         })
@@ -138,13 +145,22 @@ impl WsgiApp {
     ) -> PyResult<Bound<'py, PyDict>> {
         let k = &self.keys;
         let env = self.templates[req.listener_index].bind(py).copy()?;
+        let head = match req.meta {
+            Meta::Http(head) => head,
+            Meta::Cgi(params) => {
+                self.cgi_environ(py, &env, req, params)?;
+                let input = Bound::new(py, Input { ex: ex.clone(), max: self.max_body })?;
+                env.set_item(k.wsgi_input.bind(py), input)?;
+                return Ok(env);
+            }
+        };
         let method = req.method();
         match k.methods.iter().find(|(m, _)| *m == method) {
             Some((_, s)) => env.set_item(k.request_method.bind(py), s.bind(py))?,
             None => env.set_item(k.request_method.bind(py), latin1(py, method))?,
         }
         let mut decoded = Vec::new();
-        if req.head.form == TargetForm::Asterisk {
+        if head.form == TargetForm::Asterisk {
             decoded.push(b'*');
         } else {
             percent_decode(req.path(), &mut decoded);
@@ -193,6 +209,54 @@ impl WsgiApp {
         let input = Bound::new(py, Input { ex: ex.clone(), max: self.max_body })?;
         env.set_item(k.wsgi_input.bind(py), input)?;
         Ok(env)
+    }
+
+    /// The environ of a request a front end sent over uwsgi, FastCGI or SCGI:
+    /// its variables, normalized by [`corral_engine::cgi::environ`].
+    fn cgi_environ(
+        &self,
+        py: Python<'_>,
+        env: &Bound<'_, PyDict>,
+        req: &Request<'_>,
+        params: &CgiParams,
+    ) -> PyResult<()> {
+        let k = &self.keys;
+        let cgi = corral_engine::cgi::environ(params, req.bytes, &self.mount);
+        for (name, value) in &cgi.vars {
+            let key = self.var_key(py, name);
+            if name == b"REQUEST_METHOD" {
+                if let Some((_, s)) = k.methods.iter().find(|(m, _)| *m == &value[..]) {
+                    env.set_item(key, s.bind(py))?;
+                    continue;
+                }
+            }
+            env.set_item(key, latin1(py, value))?;
+        }
+        env.set_item(k.path_info.bind(py), latin1(py, &cgi.path_info))?;
+        if cgi.script_name.is_empty() {
+            env.set_item(k.script_name.bind(py), k.empty.bind(py))?;
+        } else {
+            env.set_item(k.script_name.bind(py), latin1(py, &cgi.script_name))?;
+        }
+        if cgi.https {
+            env.set_item(k.url_scheme.bind(py), k.https.bind(py))?;
+        }
+        Ok(())
+    }
+
+    /// A front end's variable name as a Python string, cached per distinct name.
+    fn var_key<'py>(&self, py: Python<'py>, name: &[u8]) -> Bound<'py, PyString> {
+        let mut cache = self.var_keys.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = cache.get(name) {
+            return k.bind(py).clone();
+        }
+        let s = latin1(py, name);
+        if cache.len() < MAX_CACHED_KEYS {
+            let s = PyString::intern(py, s.to_str().unwrap_or_default());
+            cache.insert(name.into(), s.clone().unbind());
+            return s;
+        }
+        s
     }
 
     /// `HTTP_` + the name upper-cased with `-` as `_`, cached per distinct name.

@@ -1,0 +1,355 @@
+//! The CGI-style variables a front end sends over uwsgi, FastCGI and SCGI,
+//! and how they become a WSGI environ.
+//!
+//! The three protocols differ only in how the variables are framed; what the
+//! front ends put in them differs more (which of PATH_INFO, SCRIPT_NAME and
+//! REQUEST_URI they send, repeated keys, a port in SERVER_NAME). [`environ`]
+//! turns any of them into one consistent set of values, so the WSGI adapter
+//! does not care which protocol or front end a request came through.
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+use corral_proto::http1::percent_decode;
+
+/// The variables of one request: ranges into the request's bytes.
+#[derive(Debug, Default, Clone)]
+pub struct CgiParams {
+    pub pairs: Vec<(Range<usize>, Range<usize>)>,
+    /// uwsgi `modifier1` 30: remove SCRIPT_NAME from the front of PATH_INFO.
+    pub strip_script_name: bool,
+}
+
+impl CgiParams {
+    /// The last value of `key` (a front end that sets a variable twice means
+    /// the second one).
+    pub fn get<'b>(&self, bytes: &'b [u8], key: &[u8]) -> Option<&'b [u8]> {
+        self.pairs.iter().rev().find(|(k, _)| &bytes[k.clone()] == key).map(|(_, v)| &bytes[v.clone()])
+    }
+
+    pub fn iter<'b>(&'b self, bytes: &'b [u8]) -> impl Iterator<Item = (&'b [u8], &'b [u8])> + 'b {
+        self.pairs.iter().map(move |(k, v)| (&bytes[k.clone()], &bytes[v.clone()]))
+    }
+}
+
+/// Why a front end's variables cannot make a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CgiError {
+    MissingMethod,
+    BadContentLength(String),
+}
+
+impl std::fmt::Display for CgiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CgiError::MissingMethod => f.write_str("no REQUEST_METHOD variable"),
+            CgiError::BadContentLength(v) => write!(f, "invalid CONTENT_LENGTH {v:?}"),
+        }
+    }
+}
+
+/// Checks what the engine itself needs and returns the body length that
+/// CONTENT_LENGTH announces (`None` when absent or empty).
+pub fn check(params: &CgiParams, bytes: &[u8]) -> Result<Option<u64>, CgiError> {
+    match params.get(bytes, b"REQUEST_METHOD") {
+        Some(m) if !m.is_empty() => {}
+        _ => return Err(CgiError::MissingMethod),
+    }
+    match params.get(bytes, b"CONTENT_LENGTH") {
+        None | Some(b"") => Ok(None),
+        Some(v) => corral_proto::http1::parse_content_length(v)
+            .map(Some)
+            .map_err(|_| CgiError::BadContentLength(String::from_utf8_lossy(v).into_owned())),
+    }
+}
+
+/// The environ values a request's variables give, ready to be turned into
+/// Python strings (latin-1).
+#[derive(Debug, PartialEq, Eq)]
+pub struct CgiEnviron<'b> {
+    /// Every variable to set, in order, each key once. Does not include
+    /// PATH_INFO and SCRIPT_NAME, which are below.
+    pub vars: Vec<(&'b [u8], Cow<'b, [u8]>)>,
+    pub path_info: Cow<'b, [u8]>,
+    pub script_name: Cow<'b, [u8]>,
+    /// The front end says the client used TLS: `wsgi.url_scheme` is https.
+    pub https: bool,
+}
+
+/// Maps a front end's variables to environ values.
+///
+/// - Repeated `HTTP_*` variables (nginx sends one per header line) are
+///   joined with "," (Cookie with "; "); for other names the last one wins.
+/// - HTTP_CONTENT_LENGTH and HTTP_CONTENT_TYPE are dropped: PEP 3333 has
+///   only the CGI names.
+/// - PATH_INFO, when the front end sends none, is REQUEST_URI's path,
+///   percent-decoded; a SCRIPT_NAME sent without PATH_INFO is then ignored,
+///   because stock nginx and Apache FastCGI configs put the whole path there.
+/// - `strip_script_name` (uwsgi modifier1 30) removes SCRIPT_NAME from the
+///   front of PATH_INFO; `mount` (the `--mount` prefix) moves itself from
+///   PATH_INFO to SCRIPT_NAME when nothing set SCRIPT_NAME.
+/// - SERVER_NAME loses a `:port` suffix (HAProxy sends one); QUERY_STRING and
+///   SERVER_PROTOCOL get defaults when absent.
+pub fn environ<'b>(params: &CgiParams, bytes: &'b [u8], mount: &'b [u8]) -> CgiEnviron<'b> {
+    let mut vars: Vec<(&'b [u8], Cow<'b, [u8]>)> = Vec::with_capacity(params.pairs.len() + 2);
+    let mut path_sent: Option<&'b [u8]> = None;
+    let mut script_sent: Option<&'b [u8]> = None;
+    let mut request_uri: Option<&'b [u8]> = None;
+    let mut https = false;
+    let mut have_query = false;
+    let mut have_protocol = false;
+    let mut server_port_sent = false;
+    let mut port_from_name: Option<&'b [u8]> = None;
+    for (k, v) in params.pairs.iter() {
+        let key = &bytes[k.clone()];
+        let value = &bytes[v.clone()];
+        match key {
+            b"PATH_INFO" => {
+                path_sent = Some(value);
+                continue;
+            }
+            b"SCRIPT_NAME" => {
+                script_sent = Some(value);
+                continue;
+            }
+            b"HTTP_CONTENT_LENGTH" | b"HTTP_CONTENT_TYPE" => continue,
+            b"HTTPS" => https |= value.eq_ignore_ascii_case(b"on") || value == b"1",
+            b"REQUEST_SCHEME" => https |= value.eq_ignore_ascii_case(b"https"),
+            b"REQUEST_URI" => request_uri = Some(value),
+            b"QUERY_STRING" => have_query = true,
+            b"SERVER_PROTOCOL" => have_protocol = true,
+            b"SERVER_PORT" => server_port_sent = true,
+            b"SERVER_NAME" => {
+                let (host, port) = split_host_port(value);
+                port_from_name = port.or(port_from_name);
+                set(&mut vars, key, Cow::Borrowed(host));
+                continue;
+            }
+            _ => {}
+        }
+        if key.starts_with(b"HTTP_") {
+            if let Some(slot) = vars.iter_mut().find(|(k, _)| *k == key) {
+                let sep: &[u8] = if key == b"HTTP_COOKIE" { b"; " } else { b"," };
+                let mut joined = slot.1.to_vec();
+                joined.extend_from_slice(sep);
+                joined.extend_from_slice(value);
+                slot.1 = Cow::Owned(joined);
+                continue;
+            }
+            vars.push((key, Cow::Borrowed(value)));
+        } else {
+            set(&mut vars, key, Cow::Borrowed(value));
+        }
+    }
+    if let (Some(port), false) = (port_from_name, server_port_sent) {
+        vars.push((b"SERVER_PORT", Cow::Borrowed(port)));
+    }
+    let (uri_path, uri_query) = match request_uri {
+        Some(u) => match u.iter().position(|&b| b == b'?') {
+            Some(i) => (&u[..i], Some(&u[i + 1..])),
+            None => (u, None),
+        },
+        None => (&b""[..], None),
+    };
+    if !have_query {
+        vars.push((b"QUERY_STRING", Cow::Borrowed(uri_query.unwrap_or(b""))));
+    }
+    if !have_protocol {
+        vars.push((b"SERVER_PROTOCOL", Cow::Borrowed(b"HTTP/1.1")));
+    }
+
+    let (mut path, mut script): (Cow<'b, [u8]>, Cow<'b, [u8]>) = match path_sent {
+        Some(p) => (Cow::Borrowed(p), Cow::Borrowed(script_sent.unwrap_or(b""))),
+        None if request_uri.is_some() => {
+            let mut decoded = Vec::with_capacity(uri_path.len());
+            percent_decode(uri_path, &mut decoded);
+            (Cow::Owned(decoded), Cow::Borrowed(b""))
+        }
+        // Neither PATH_INFO nor REQUEST_URI (a bare CGI environment): the
+        // script name is all there is to go by.
+        None => (Cow::Borrowed(script_sent.unwrap_or(b"")), Cow::Borrowed(b"")),
+    };
+    if params.strip_script_name && !script.is_empty() && under(&path, &script) {
+        path = Cow::Owned(path[script.len()..].to_vec());
+    }
+    if script.is_empty() && !mount.is_empty() && under(&path, mount) {
+        path = Cow::Owned(path[mount.len()..].to_vec());
+        script = Cow::Borrowed(mount);
+    }
+    // SCRIPT_NAME is "" at the root and never ends in "/" (PEP 3333, CGI).
+    if script.ends_with(b"/") {
+        let trimmed = script.len() - script.iter().rev().take_while(|&&b| b == b'/').count();
+        script = Cow::Owned(script[..trimmed].to_vec());
+        if !path.starts_with(b"/") {
+            let mut p = b"/".to_vec();
+            p.extend_from_slice(&path);
+            path = Cow::Owned(p);
+        }
+    }
+    CgiEnviron { vars, path_info: path, script_name: script, https }
+}
+
+/// Whether `path` is `prefix` or lies below it (at a `/` boundary).
+fn under(path: &[u8], prefix: &[u8]) -> bool {
+    path.starts_with(prefix) && (path.len() == prefix.len() || path[prefix.len()] == b'/')
+}
+
+fn set<'b>(vars: &mut Vec<(&'b [u8], Cow<'b, [u8]>)>, key: &'b [u8], value: Cow<'b, [u8]>) {
+    match vars.iter_mut().find(|(k, _)| *k == key) {
+        Some(slot) => slot.1 = value,
+        None => vars.push((key, value)),
+    }
+}
+
+/// `host:port` -> (host, Some(port)); `[v6]:port` -> (v6, Some(port)); a bare
+/// host or IPv6 address is returned whole.
+fn split_host_port(v: &[u8]) -> (&[u8], Option<&[u8]>) {
+    let digits = |p: &[u8]| !p.is_empty() && p.iter().all(u8::is_ascii_digit);
+    if let Some(rest) = v.strip_prefix(b"[") {
+        if let Some(end) = rest.iter().position(|&b| b == b']') {
+            let port = rest[end + 1..].strip_prefix(b":").filter(|p| digits(p));
+            return (&rest[..end], port);
+        }
+        return (v, None);
+    }
+    match v.iter().position(|&b| b == b':') {
+        // One colon only: more would be a bare IPv6 address.
+        Some(i) if !v[i + 1..].contains(&b':') && digits(&v[i + 1..]) => (&v[..i], Some(&v[i + 1..])),
+        _ => (v, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(pairs: &[(&str, &str)]) -> (CgiParams, Vec<u8>) {
+        let mut bytes = Vec::new();
+        let mut p = CgiParams::default();
+        for (k, v) in pairs {
+            let ks = bytes.len();
+            bytes.extend_from_slice(k.as_bytes());
+            let vs = bytes.len();
+            bytes.extend_from_slice(v.as_bytes());
+            p.pairs.push((ks..vs, vs..bytes.len()));
+        }
+        (p, bytes)
+    }
+
+    fn env_of(
+        pairs: &[(&str, &str)],
+        mount: &str,
+        strip: bool,
+    ) -> (Vec<(String, String)>, String, String, bool) {
+        let (mut p, bytes) = params(pairs);
+        p.strip_script_name = strip;
+        let e = environ(&p, &bytes, mount.as_bytes());
+        let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        let vars = e.vars.iter().map(|(k, v)| (s(k), s(v))).collect();
+        (vars, s(&e.path_info), s(&e.script_name), e.https)
+    }
+
+    fn var(vars: &[(String, String)], k: &str) -> Option<String> {
+        vars.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone())
+    }
+
+    /// (variables sent, --mount, modifier1 30?) -> (PATH_INFO, SCRIPT_NAME)
+    type PathVector =
+        (&'static [(&'static str, &'static str)], &'static str, bool, &'static str, &'static str);
+    const PATHS: &[PathVector] = &[
+        // nginx uwsgi_params: PATH_INFO decoded, no SCRIPT_NAME.
+        (&[("REQUEST_URI", "/a%20b?x=1"), ("PATH_INFO", "/a b")], "", false, "/a b", ""),
+        // nginx scgi_params: REQUEST_URI only.
+        // Decoded bytes C3 A9 (shown here through from_utf8_lossy).
+        (&[("REQUEST_URI", "/caf%C3%A9?q")], "", false, "/café", ""),
+        // Stock fastcgi_params: SCRIPT_NAME is the whole path, no PATH_INFO.
+        (&[("SCRIPT_NAME", "/x/y"), ("REQUEST_URI", "/x/y?z")], "", false, "/x/y", ""),
+        // Documented FastCGI config: SCRIPT_NAME "" and PATH_INFO given.
+        (&[("SCRIPT_NAME", ""), ("PATH_INFO", "/x"), ("REQUEST_URI", "/x")], "", false, "/x", ""),
+        // --mount splits the path.
+        (&[("REQUEST_URI", "/app/x")], "/app", false, "/x", "/app"),
+        (&[("REQUEST_URI", "/app")], "/app", false, "", "/app"),
+        (&[("REQUEST_URI", "/application")], "/app", false, "/application", ""),
+        (&[("PATH_INFO", "/app/x"), ("REQUEST_URI", "/app/x")], "/app", false, "/x", "/app"),
+        // modifier1 30: SCRIPT_NAME removed from PATH_INFO.
+        (&[("SCRIPT_NAME", "/app"), ("PATH_INFO", "/app/x")], "", true, "/x", "/app"),
+        (&[("SCRIPT_NAME", "/app"), ("PATH_INFO", "/app/x")], "", false, "/app/x", "/app"),
+        // SCRIPT_NAME is never "/".
+        (&[("SCRIPT_NAME", "/"), ("PATH_INFO", "x")], "", false, "/x", ""),
+        // A bare CGI environment.
+        (&[("SCRIPT_NAME", "/s")], "", false, "/s", ""),
+    ];
+
+    #[test]
+    fn path_info_and_script_name() {
+        for (pairs, mount, strip, path, script) in PATHS {
+            let (_, p, s, _) = env_of(pairs, mount, *strip);
+            assert_eq!((p.as_str(), s.as_str()), (*path, *script), "{pairs:?} mount={mount:?}");
+        }
+    }
+
+    #[test]
+    fn repeated_and_forbidden_variables() {
+        let (vars, ..) = env_of(
+            &[
+                ("HTTP_X_A", "1"),
+                ("HTTP_COOKIE", "a=1"),
+                ("HTTP_X_A", "2"),
+                ("HTTP_COOKIE", "b=2"),
+                ("HTTP_CONTENT_LENGTH", "5"),
+                ("HTTP_CONTENT_TYPE", "text/plain"),
+                ("CONTENT_LENGTH", "5"),
+                ("DOCUMENT_ROOT", "/one"),
+                ("DOCUMENT_ROOT", "/two"),
+            ],
+            "",
+            false,
+        );
+        assert_eq!(var(&vars, "HTTP_X_A").as_deref(), Some("1,2"));
+        assert_eq!(var(&vars, "HTTP_COOKIE").as_deref(), Some("a=1; b=2"));
+        assert_eq!(var(&vars, "HTTP_CONTENT_LENGTH"), None);
+        assert_eq!(var(&vars, "HTTP_CONTENT_TYPE"), None);
+        assert_eq!(var(&vars, "CONTENT_LENGTH").as_deref(), Some("5"));
+        assert_eq!(var(&vars, "DOCUMENT_ROOT").as_deref(), Some("/two"));
+        assert_eq!(vars.iter().filter(|(k, _)| k == "DOCUMENT_ROOT").count(), 1);
+    }
+
+    #[test]
+    fn scheme_server_and_defaults() {
+        let cases: &[(&[(&str, &str)], bool)] = &[
+            (&[("HTTPS", "on")], true),
+            (&[("HTTPS", "1")], true),
+            (&[("HTTPS", "off")], false),
+            (&[("REQUEST_SCHEME", "https")], true),
+            (&[("REQUEST_SCHEME", "http")], false),
+            (&[], false),
+        ];
+        for (pairs, https) in cases {
+            assert_eq!(env_of(pairs, "", false).3, *https, "{pairs:?}");
+        }
+        let (vars, ..) = env_of(&[("SERVER_NAME", "example.com:8080"), ("REQUEST_URI", "/p?a=b")], "", false);
+        assert_eq!(var(&vars, "SERVER_NAME").as_deref(), Some("example.com"));
+        assert_eq!(var(&vars, "SERVER_PORT").as_deref(), Some("8080"));
+        assert_eq!(var(&vars, "QUERY_STRING").as_deref(), Some("a=b"));
+        assert_eq!(var(&vars, "SERVER_PROTOCOL").as_deref(), Some("HTTP/1.1"));
+        let (vars, ..) = env_of(&[("SERVER_NAME", "[::1]:81"), ("SERVER_PORT", "82")], "", false);
+        assert_eq!(var(&vars, "SERVER_NAME").as_deref(), Some("::1"));
+        assert_eq!(var(&vars, "SERVER_PORT").as_deref(), Some("82"));
+        let (vars, ..) = env_of(&[("SERVER_NAME", "::1")], "", false);
+        assert_eq!(var(&vars, "SERVER_NAME").as_deref(), Some("::1"));
+    }
+
+    #[test]
+    fn checks() {
+        let (p, b) = params(&[("REQUEST_METHOD", "GET")]);
+        assert_eq!(check(&p, &b), Ok(None));
+        let (p, b) = params(&[("REQUEST_METHOD", "POST"), ("CONTENT_LENGTH", "12")]);
+        assert_eq!(check(&p, &b), Ok(Some(12)));
+        let (p, b) = params(&[("REQUEST_METHOD", "POST"), ("CONTENT_LENGTH", "")]);
+        assert_eq!(check(&p, &b), Ok(None));
+        let (p, b) = params(&[("REQUEST_METHOD", "POST"), ("CONTENT_LENGTH", "-1")]);
+        assert!(matches!(check(&p, &b), Err(CgiError::BadContentLength(_))));
+        let (p, b) = params(&[("CONTENT_LENGTH", "1")]);
+        assert_eq!(check(&p, &b), Err(CgiError::MissingMethod));
+    }
+}

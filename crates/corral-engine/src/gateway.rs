@@ -1,0 +1,419 @@
+//! Reading requests that a front end sends over uwsgi, FastCGI or SCGI.
+//!
+//! The codecs in `corral-proto` parse bytes; this module applies them to a
+//! connection's buffer: it finds where a request's variables end and its
+//! body begins, keeps the FastCGI connection state between reads, and
+//! answers the management records FastCGI allows at any time. It does no
+//! I/O itself: answers are appended to an output buffer the worker writes.
+
+use std::ops::Range;
+
+use corral_proto::fastcgi::{self, ProtocolStatus, RecordType, Role};
+use corral_proto::{scgi, uwsgi, Status};
+
+use crate::cgi::CgiParams;
+
+/// Where a FastCGI STDIN stream stands between reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FcgiIn {
+    /// Content bytes left in the current STDIN record.
+    pub content: usize,
+    /// Padding bytes left after it.
+    pub padding: usize,
+    /// The empty STDIN record arrived: the body ends after the padding.
+    pub ended: bool,
+}
+
+/// What the FastCGI reader learned from the next record in the buffer.
+pub(crate) enum StdinStep {
+    /// A STDIN record of the active request: skip `header` bytes, then
+    /// `content` bytes of body and `padding` bytes to drop.
+    Data { header: usize, content: usize, padding: usize },
+    /// A whole record of another kind, `used` bytes long, to pass to
+    /// [`stray_record`].
+    Other { used: usize, stray: Stray },
+}
+
+/// What a record that is not part of the active request's streams means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stray {
+    Ignore,
+    /// ABORT_REQUEST for the active request.
+    AbortActive,
+}
+
+/// Most FastCGI connections, for GET_VALUES: what a worker's epoll set holds
+/// comfortably. The front end only uses it to size its pool.
+const MAX_CONNS: usize = 10_000;
+
+/// Looks at the next record while a STDIN stream is read. `Ok(None)` when
+/// the record is not all there yet (for STDIN, the header is enough).
+pub(crate) fn next_stdin(buf: &[u8], active: u16) -> Result<Option<StdinStep>, &'static str> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    if buf[0] != fastcgi::VERSION {
+        return Err("record with an unknown FastCGI version");
+    }
+    if buf.len() < fastcgi::HEADER_LEN {
+        return Ok(None);
+    }
+    let kind = RecordType::from_u8(buf[1]);
+    let id = u16::from_be_bytes([buf[2], buf[3]]);
+    let content = usize::from(u16::from_be_bytes([buf[4], buf[5]]));
+    let padding = usize::from(buf[6]);
+    if kind == RecordType::Stdin && id == active {
+        return Ok(Some(StdinStep::Data { header: fastcgi::HEADER_LEN, content, padding }));
+    }
+    let used = fastcgi::HEADER_LEN + content + padding;
+    if buf.len() < used {
+        return Ok(None);
+    }
+    let stray =
+        if kind == RecordType::AbortRequest && id == active { Stray::AbortActive } else { Stray::Ignore };
+    Ok(Some(StdinStep::Other { used, stray }))
+}
+
+/// Deals with a whole record that belongs to no stream of the active
+/// request: answers management records and second requests, and says
+/// whether it aborts the active one. `rec` is the record with its padding.
+pub(crate) fn stray_record(rec: &[u8], active: Option<u16>, out: &mut Vec<u8>) -> Stray {
+    let Ok(Status::Complete(r, _)) = fastcgi::parse_record(rec) else {
+        return Stray::Ignore;
+    };
+    match r.kind {
+        RecordType::GetValues if r.request_id == fastcgi::NULL_REQUEST_ID => get_values(r.content, out),
+        RecordType::Unknown(t) => fastcgi::write_unknown_type(out, t),
+        RecordType::BeginRequest if Some(r.request_id) != active => {
+            // One request at a time per connection: the front end must use
+            // another connection (FCGI_MPXS_CONNS is 0).
+            fastcgi::write_end_request(out, r.request_id, 0, ProtocolStatus::CantMpxConn);
+        }
+        RecordType::AbortRequest if Some(r.request_id) == active => return Stray::AbortActive,
+        // Streams of requests refused earlier, DATA (FILTER role only), and
+        // records only an application sends: nothing to do.
+        _ => {}
+    }
+    Stray::Ignore
+}
+
+/// Answers GET_VALUES truthfully for the variables asked about.
+fn get_values(content: &[u8], out: &mut Vec<u8>) {
+    let reqs = MAX_REQS.load(std::sync::atomic::Ordering::Relaxed).to_string();
+    let conns = MAX_CONNS.to_string();
+    let mut answer: Vec<(&[u8], &[u8])> = Vec::new();
+    if let Ok(pairs) = fastcgi::parse_pairs(content) {
+        for (name, _) in pairs {
+            match name {
+                fastcgi::MAX_CONNS => answer.push((fastcgi::MAX_CONNS, conns.as_bytes())),
+                fastcgi::MAX_REQS => answer.push((fastcgi::MAX_REQS, reqs.as_bytes())),
+                fastcgi::MPXS_CONNS => answer.push((fastcgi::MPXS_CONNS, b"0")),
+                _ => {}
+            }
+        }
+    }
+    let _ = fastcgi::write_get_values_result(out, &answer);
+}
+
+/// Requests one worker serves at once (its threads), for GET_VALUES.
+pub(crate) static MAX_REQS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+
+/// Whether the buffer holds an ABORT_REQUEST for `id` among its complete records.
+pub(crate) fn has_abort(buf: &[u8], id: u16) -> bool {
+    let mut rest = buf;
+    while let Ok(Status::Complete(r, n)) = fastcgi::parse_record(rest) {
+        if r.kind == RecordType::AbortRequest && r.request_id == id {
+            return true;
+        }
+        rest = &rest[n..];
+    }
+    false
+}
+
+/// A record header for `len` content bytes and no padding.
+pub(crate) fn record_header(kind: RecordType, id: u16, len: usize) -> [u8; 8] {
+    let [id_hi, id_lo] = id.to_be_bytes();
+    let [len_hi, len_lo] = (len as u16).to_be_bytes();
+    [fastcgi::VERSION, kind.as_u8(), id_hi, id_lo, len_hi, len_lo, 0, 0]
+}
+
+/// A request's variables found in a buffer.
+pub(crate) struct Head {
+    /// Bytes of the buffer the variables took (the body starts after them).
+    pub len: usize,
+    pub params: CgiParams,
+}
+
+fn range_in(outer: &[u8], inner: &[u8]) -> Range<usize> {
+    let start = inner.as_ptr() as usize - outer.as_ptr() as usize;
+    start..start + inner.len()
+}
+
+/// Parses a uwsgi packet at the start of `buf`.
+pub(crate) fn uwsgi_head(buf: &[u8]) -> Result<Option<Head>, String> {
+    match uwsgi::parse_request(buf) {
+        Ok(Status::Complete(req, len)) => {
+            let pairs = req.vars().map(|(k, v)| (range_in(buf, k), range_in(buf, v))).collect();
+            Ok(Some(Head { len, params: CgiParams { pairs, strip_script_name: req.strips_script_name() } }))
+        }
+        Ok(Status::Partial) => {
+            // The packet header says how long the vars are; nothing else may
+            // stretch it.
+            Ok(None)
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Parses an SCGI netstring at the start of `buf`.
+pub(crate) fn scgi_head(buf: &[u8]) -> Result<Option<Head>, String> {
+    match scgi::parse_request(buf) {
+        Ok(Status::Complete(req, len)) => {
+            let pairs = req.headers().map(|(k, v)| (range_in(buf, k), range_in(buf, v))).collect();
+            Ok(Some(Head { len, params: CgiParams { pairs, strip_script_name: false } }))
+        }
+        Ok(Status::Partial) => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The FastCGI side of a connection between requests.
+#[derive(Debug, Default)]
+pub(crate) struct FcgiConn {
+    /// The request being received: its id, KEEP_CONN, and its PARAMS so far.
+    pub active: Option<(u16, bool)>,
+    pub params: Vec<u8>,
+    /// The connection must close once the pending output is written (a
+    /// refused request without KEEP_CONN).
+    pub close_after: bool,
+}
+
+/// A FastCGI request whose PARAMS stream is complete.
+#[derive(Debug)]
+pub(crate) struct FcgiRequest {
+    pub id: u16,
+    pub keep_conn: bool,
+    pub params_bytes: Vec<u8>,
+    pub params: CgiParams,
+}
+
+/// Consumes whole records from the front of `buf` until a request's PARAMS
+/// are complete. Returns the bytes consumed and the request, if one is
+/// ready; answers to management records and refused requests go to `out`.
+pub(crate) fn fcgi_head(
+    st: &mut FcgiConn,
+    buf: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(usize, Option<FcgiRequest>), String> {
+    let mut used = 0;
+    loop {
+        let rest = &buf[used..];
+        let (r, n) = match fastcgi::parse_record(rest) {
+            Ok(Status::Complete(r, n)) => (r, n),
+            Ok(Status::Partial) => return Ok((used, None)),
+            Err(e) => return Err(e.to_string()),
+        };
+        let record = &rest[..n];
+        used += n;
+        match (r.kind, st.active) {
+            (RecordType::BeginRequest, None) => {
+                let begin = fastcgi::parse_begin_request(r.content).map_err(|e| e.to_string())?;
+                if r.request_id == fastcgi::NULL_REQUEST_ID {
+                    return Err("BEGIN_REQUEST with the management request id 0".into());
+                }
+                match begin.role {
+                    Role::Responder => {
+                        st.active = Some((r.request_id, begin.keep_conn));
+                        st.params.clear();
+                    }
+                    _ => {
+                        fastcgi::write_end_request(out, r.request_id, 0, ProtocolStatus::UnknownRole);
+                        if !begin.keep_conn {
+                            st.close_after = true;
+                            return Ok((used, None));
+                        }
+                    }
+                }
+            }
+            (RecordType::Params, Some((id, keep_conn))) if r.request_id == id => {
+                if r.content.is_empty() {
+                    let params_bytes = std::mem::take(&mut st.params);
+                    let pairs = fastcgi::parse_pairs(&params_bytes)
+                        .map_err(|e| e.to_string())?
+                        .map(|(k, v)| (range_in(&params_bytes, k), range_in(&params_bytes, v)))
+                        .collect();
+                    st.active = None;
+                    return Ok((
+                        used,
+                        Some(FcgiRequest {
+                            id,
+                            keep_conn,
+                            params_bytes,
+                            params: CgiParams { pairs, strip_script_name: false },
+                        }),
+                    ));
+                }
+                if st.params.len() + r.content.len() > fastcgi::MAX_PARAMS_LEN {
+                    return Err(format!("PARAMS over {} bytes", fastcgi::MAX_PARAMS_LEN));
+                }
+                st.params.extend_from_slice(r.content);
+            }
+            (RecordType::AbortRequest, Some((id, keep_conn))) if r.request_id == id => {
+                // Aborted before it started: nothing ran, only END_REQUEST is owed.
+                st.active = None;
+                st.params.clear();
+                fastcgi::write_end_request(out, id, 0, ProtocolStatus::RequestComplete);
+                if !keep_conn {
+                    st.close_after = true;
+                    return Ok((used, None));
+                }
+            }
+            (_, active) => {
+                stray_record(record, active.map(|(id, _)| id), out);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(kind: u8, id: u16, content: &[u8], padding: u8) -> Vec<u8> {
+        let mut v = vec![1, kind];
+        v.extend_from_slice(&id.to_be_bytes());
+        v.extend_from_slice(&(content.len() as u16).to_be_bytes());
+        v.push(padding);
+        v.push(0);
+        v.extend_from_slice(content);
+        v.extend(std::iter::repeat_n(0, padding as usize));
+        v
+    }
+
+    fn begin(id: u16, role: u16, keep: bool) -> Vec<u8> {
+        let mut c = role.to_be_bytes().to_vec();
+        c.push(u8::from(keep));
+        c.extend_from_slice(&[0; 5]);
+        record(1, id, &c, 0)
+    }
+
+    #[test]
+    fn fastcgi_request_in_pieces() {
+        let mut params = Vec::new();
+        fastcgi::encode_pair(&mut params, b"REQUEST_METHOD", b"GET");
+        fastcgi::encode_pair(&mut params, b"REQUEST_URI", b"/x");
+        let mut wire = begin(1, 1, true);
+        // PARAMS split inside a pair, with padding.
+        wire.extend(record(4, 1, &params[..5], 3));
+        wire.extend(record(4, 1, &params[5..], 0));
+        wire.extend(record(4, 1, b"", 0));
+        wire.extend(record(5, 1, b"body", 4));
+        let mut st = FcgiConn::default();
+        let mut out = Vec::new();
+        // Byte by byte, nothing is ready until the empty PARAMS record.
+        let (used, req) = fcgi_head(&mut st, &wire[..10], &mut out).unwrap();
+        assert!(req.is_none());
+        let mut consumed = used;
+        let mut found = None;
+        for end in 11..=wire.len() {
+            let (used, req) = fcgi_head(&mut st, &wire[consumed..end], &mut out).unwrap();
+            consumed += used;
+            if let Some(r) = req {
+                found = Some(r);
+                break;
+            }
+        }
+        let req = found.unwrap();
+        assert_eq!((req.id, req.keep_conn), (1, true));
+        assert_eq!(req.params.get(&req.params_bytes, b"REQUEST_URI"), Some(&b"/x"[..]));
+        assert!(out.is_empty());
+        // The STDIN record is left for the body reader.
+        match next_stdin(&wire[consumed..], 1).unwrap() {
+            Some(StdinStep::Data { header: 8, content: 4, padding: 4 }) => {}
+            _ => panic!("expected STDIN"),
+        }
+    }
+
+    #[test]
+    fn fastcgi_management_and_refusals() {
+        let mut st = FcgiConn::default();
+        let mut out = Vec::new();
+        let mut q = Vec::new();
+        fastcgi::encode_pair(&mut q, fastcgi::MPXS_CONNS, b"");
+        let mut wire = record(9, 0, &q, 0);
+        wire.extend(record(200, 0, b"", 0));
+        wire.extend(begin(7, 2, true));
+        let (used, req) = fcgi_head(&mut st, &wire, &mut out).unwrap();
+        assert_eq!(used, wire.len());
+        assert!(req.is_none());
+        // GET_VALUES_RESULT, UNKNOWN_TYPE, END_REQUEST(UNKNOWN_ROLE).
+        let mut kinds = Vec::new();
+        let mut rest = &out[..];
+        while let Ok(Status::Complete(r, n)) = fastcgi::parse_record(rest) {
+            kinds.push((r.kind, r.request_id, r.content.to_vec()));
+            rest = &rest[n..];
+        }
+        assert_eq!(kinds[0].0, RecordType::GetValuesResult);
+        assert!(kinds[0].2.ends_with(b"FCGI_MPXS_CONNS0"));
+        assert_eq!(kinds[1].0, RecordType::UnknownType);
+        assert_eq!(kinds[1].2[0], 200);
+        assert_eq!((kinds[2].0, kinds[2].1), (RecordType::EndRequest, 7));
+        assert_eq!(kinds[2].2[4], ProtocolStatus::UnknownRole as u8);
+        assert!(!st.close_after);
+
+        // A second BEGIN_REQUEST while one is being received.
+        let mut st = FcgiConn::default();
+        let mut out = Vec::new();
+        let mut wire = begin(1, 1, false);
+        wire.extend(begin(2, 1, false));
+        fcgi_head(&mut st, &wire, &mut out).unwrap();
+        let Ok(Status::Complete(r, _)) = fastcgi::parse_record(&out) else { panic!() };
+        assert_eq!((r.kind, r.request_id, r.content[4]), (RecordType::EndRequest, 2, 1));
+    }
+
+    #[test]
+    fn fastcgi_bad_input() {
+        let mut st = FcgiConn::default();
+        let mut out = Vec::new();
+        assert!(fcgi_head(&mut st, &[2, 1, 0, 1, 0, 8, 0, 0], &mut out).unwrap_err().contains("version"));
+        let mut st = FcgiConn::default();
+        assert!(fcgi_head(&mut st, &record(1, 1, b"short", 0), &mut out).is_err());
+        let mut st = FcgiConn::default();
+        let mut wire = begin(1, 1, false);
+        wire.extend(record(4, 1, &[0x80, 0, 0, 1, 1, b'a'], 0));
+        wire.extend(record(4, 1, b"", 0));
+        assert!(fcgi_head(&mut st, &wire, &mut out).is_err());
+        assert!(next_stdin(&[9], 1).is_err());
+    }
+
+    #[test]
+    fn uwsgi_and_scgi_heads() {
+        let mut vars = Vec::new();
+        for (k, v) in [("REQUEST_METHOD", "GET"), ("PATH_INFO", "/")] {
+            vars.extend_from_slice(&(k.len() as u16).to_le_bytes());
+            vars.extend_from_slice(k.as_bytes());
+            vars.extend_from_slice(&(v.len() as u16).to_le_bytes());
+            vars.extend_from_slice(v.as_bytes());
+        }
+        let mut pkt = vec![30];
+        pkt.extend_from_slice(&(vars.len() as u16).to_le_bytes());
+        pkt.push(0);
+        pkt.extend_from_slice(&vars);
+        pkt.extend_from_slice(b"body");
+        let head = uwsgi_head(&pkt).unwrap().unwrap();
+        assert_eq!(head.len, pkt.len() - 4);
+        assert!(head.params.strip_script_name);
+        assert_eq!(head.params.get(&pkt, b"PATH_INFO"), Some(&b"/"[..]));
+        assert!(uwsgi_head(&pkt[..6]).unwrap().is_none());
+        assert!(uwsgi_head(&[5, 0, 0, 0]).is_err());
+
+        let block = b"CONTENT_LENGTH\x000\x00SCGI\x001\x00REQUEST_METHOD\x00GET\x00";
+        let mut ns = format!("{}:", block.len()).into_bytes();
+        ns.extend_from_slice(block);
+        ns.push(b',');
+        let head = scgi_head(&ns).unwrap().unwrap();
+        assert_eq!(head.len, ns.len());
+        assert_eq!(head.params.get(&ns, b"REQUEST_METHOD"), Some(&b"GET"[..]));
+        assert!(scgi_head(b"12x").is_err());
+    }
+}
