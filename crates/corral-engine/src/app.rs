@@ -106,8 +106,9 @@ pub trait App: Send + Sync + 'static {
     /// State owned by one worker thread (for Python, its thread state).
     type Thread;
 
-    /// Called once on each worker thread before it serves anything.
-    fn thread_start(&self) -> Self::Thread;
+    /// Called once on each worker thread before it serves anything; `t` is
+    /// the thread's index among the worker's threads.
+    fn thread_start(&self, t: usize) -> Self::Thread;
 
     /// Serves one request. The engine completes the response afterwards if
     /// the app did not (an empty 500 when nothing was started).
@@ -118,5 +119,13 @@ pub trait App: Send + Sync + 'static {
     /// from inside [`App::call`].
     fn blocking(f: &mut dyn FnMut()) {
         f()
+    }
+
+    /// The stack of worker thread `t` (its index among the worker's
+    /// threads), for the log when its request runs past `--timeout`. Called
+    /// from another thread while `t` may be stuck anywhere, even holding
+    /// locks the app uses, so it must not wait for any of them.
+    fn thread_traceback(&self, _t: usize) -> Option<String> {
+        None
     }
 }

@@ -33,6 +33,15 @@ pub struct Config {
     pub header_timeout: Duration,
     pub keepalive_timeout: Duration,
     pub io_timeout: Duration,
+    /// Longest a request may run before it is answered 504 and its worker replaced.
+    pub timeout: Option<Duration>,
+    /// Requests after which a worker is replaced, plus up to `max_requests_jitter` more.
+    pub max_requests: Option<u64>,
+    pub max_requests_jitter: u64,
+    /// Age after which a worker is replaced.
+    pub max_worker_lifetime: Option<Duration>,
+    /// Resident memory (bytes) above which a worker is replaced.
+    pub reload_on_rss: Option<u64>,
 }
 
 impl Default for Config {
@@ -48,6 +57,11 @@ impl Default for Config {
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
             io_timeout: DEFAULT_IO_TIMEOUT,
+            timeout: None,
+            max_requests: None,
+            max_requests_jitter: 0,
+            max_worker_lifetime: None,
+            reload_on_rss: None,
         }
     }
 }

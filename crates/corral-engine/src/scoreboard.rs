@@ -25,6 +25,30 @@ struct WorkerHeader {
     pid: AtomicI32,
     state: AtomicU32,
     requests: AtomicU64,
+    /// Why the worker asks to be replaced ([`Retire`] as u32); 0 = it does not.
+    retire: AtomicU32,
+    _pad: u32,
+}
+
+/// Why a worker asks the master to replace it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Retire {
+    MaxRequests = 1,
+    Lifetime = 2,
+    Rss = 3,
+    Timeout = 4,
+}
+
+impl Retire {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Retire::MaxRequests => "it reached --max-requests",
+            Retire::Lifetime => "it reached --max-worker-lifetime",
+            Retire::Rss => "its memory passed --reload-on-rss",
+            Retire::Timeout => "a request ran past --timeout",
+        }
+    }
 }
 
 /// Lifecycle of a worker as the master sees it.
@@ -90,6 +114,7 @@ impl Scoreboard {
         let h = self.header(slot);
         h.pid.store(pid, Ordering::Relaxed);
         h.requests.store(0, Ordering::Relaxed);
+        h.retire.store(0, Ordering::Relaxed);
         h.state.store(WorkerState::Booting as u32, Ordering::Release);
         for t in 0..self.threads {
             self.thread(slot, t).since_ms.store(0, Ordering::Relaxed);
@@ -105,6 +130,21 @@ impl Scoreboard {
             1 => WorkerState::Ready,
             2 => WorkerState::Draining,
             _ => WorkerState::Booting,
+        }
+    }
+
+    /// Asks the master to replace this worker (the first reason sticks).
+    pub fn request_retire(&self, slot: usize, why: Retire) {
+        let _ = self.header(slot).retire.compare_exchange(0, why as u32, Ordering::AcqRel, Ordering::Relaxed);
+    }
+
+    pub fn retire(&self, slot: usize) -> Option<Retire> {
+        match self.header(slot).retire.load(Ordering::Acquire) {
+            1 => Some(Retire::MaxRequests),
+            2 => Some(Retire::Lifetime),
+            3 => Some(Retire::Rss),
+            4 => Some(Retire::Timeout),
+            _ => None,
         }
     }
 
@@ -133,6 +173,16 @@ impl Scoreboard {
     pub fn end(&self, slot: usize, t: usize) {
         self.thread(slot, t).since_ms.store(0, Ordering::Release);
         self.header(slot).requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// What one thread is serving: ("GET /x", monotonic ms it started), if anything.
+    pub fn thread_request(&self, slot: usize, t: usize) -> Option<(String, u64)> {
+        let s = self.thread(slot, t);
+        let since = s.since_ms.load(Ordering::Acquire);
+        (since != 0).then(|| {
+            let len = (s.len.load(Ordering::Relaxed) as usize).min(TEXT);
+            (String::from_utf8_lossy(&s.text[..len]).into_owned(), since)
+        })
     }
 
     /// What the threads of a worker are serving: ("GET /x", ms since start).
@@ -165,6 +215,12 @@ mod tests {
         sb.end(1, 2);
         assert!(sb.in_flight(1, 1600).is_empty());
         assert_eq!(sb.requests(1), 1);
+        assert_eq!(sb.retire(1), None);
+        sb.request_retire(1, Retire::Rss);
+        sb.request_retire(1, Retire::Timeout);
+        assert_eq!(sb.retire(1), Some(Retire::Rss));
+        sb.reset(1, 43);
+        assert_eq!(sb.retire(1), None);
         let long = vec![b'a'; 500];
         sb.begin(0, 0, b"POST", &long, 5);
         assert_eq!(sb.in_flight(0, 5)[0].0.len(), TEXT);

@@ -84,6 +84,11 @@ struct Worker {
     started: Instant,
     /// Asked to stop (reload, scale down, shutdown); its death is expected.
     retiring: bool,
+    /// When a retiring worker that has not exited is killed.
+    kill_at: Option<Instant>,
+    /// The worker this one is booting to replace; it is told to stop once
+    /// this one is ready, so the pool never shrinks during a replacement.
+    replaces: Option<libc::pid_t>,
 }
 
 pub struct Master<'a, H: Hooks> {
@@ -100,6 +105,8 @@ pub struct Master<'a, H: Hooks> {
     respawn_at: Option<Instant>,
     signal_fd: RawFd,
     exit_code: i32,
+    /// No replacement is started before this, after one failed to boot.
+    replace_after: Option<Instant>,
 }
 
 /// Scoreboard slots: room for growing with TTIN and for a full reload set.
@@ -125,6 +132,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             respawn_at: None,
             signal_fd,
             exit_code: 0,
+            replace_after: None,
         })
     }
 
@@ -154,7 +162,9 @@ impl<'a, H: Hooks> Master<'a, H> {
     }
 
     fn next_timeout(&self) -> i32 {
-        let mut ms = 1000;
+        // Often enough to notice workers asking to be replaced and
+        // replacements becoming ready without delaying a reload.
+        let mut ms = 100;
         if let Some(at) = self.respawn_at {
             ms = ms.min(at.saturating_duration_since(Instant::now()).as_millis() as i32);
         }
@@ -189,20 +199,26 @@ impl<'a, H: Hooks> Master<'a, H> {
                 if self.phase != Phase::Running {
                     return;
                 }
+                let old: Vec<libc::pid_t> = self
+                    .workers
+                    .iter()
+                    .filter(|(_, w)| !w.retiring && w.replaces.is_none())
+                    .map(|(p, _)| *p)
+                    .collect();
                 info!(
-                    "Received {name}: replacing all {} worker(s), old ones finish their requests",
-                    self.target
+                    "Received {name}: starting {} new worker(s); each old one stops accepting and finishes \
+                     its requests once its replacement is ready",
+                    old.len()
                 );
-                let old: Vec<libc::pid_t> = self.workers.keys().copied().collect();
-                for pid in old {
-                    if let Some(w) = self.workers.get_mut(&pid) {
-                        w.retiring = true;
-                    }
-                    let _ =
-                        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGTERM);
+                // A reload also cancels replacements still booting from an
+                // earlier one: their old workers get fresh replacements.
+                let booting: Vec<libc::pid_t> =
+                    self.workers.iter().filter(|(_, w)| w.replaces.is_some()).map(|(p, _)| *p).collect();
+                for pid in booting {
+                    self.retire(pid, libc::SIGKILL);
                 }
-                for _ in 0..self.target {
-                    self.spawn();
+                for pid in old {
+                    self.spawn_replacing(Some(pid));
                 }
             }
             Action::AddWorker => {
@@ -241,6 +257,7 @@ impl<'a, H: Hooks> Master<'a, H> {
     fn step(&mut self) -> Option<i32> {
         match self.phase {
             Phase::Running => {
+                self.advance_replacements();
                 let active = self.workers.values().filter(|w| !w.retiring).count();
                 if active < self.target {
                     let now = Instant::now();
@@ -285,7 +302,76 @@ impl<'a, H: Hooks> Master<'a, H> {
         }
     }
 
+    /// Starts replacements for workers that ask for one, retires the
+    /// workers whose replacement is ready, and kills retiring workers past
+    /// their deadline.
+    fn advance_replacements(&mut self) {
+        let now = Instant::now();
+        let ready: Vec<(libc::pid_t, libc::pid_t)> = self
+            .workers
+            .iter()
+            .filter_map(|(pid, w)| {
+                let old = w.replaces?;
+                (self.scoreboard.state(w.slot) == WorkerState::Ready).then_some((*pid, old))
+            })
+            .collect();
+        for (new, old) in ready {
+            if let Some(w) = self.workers.get_mut(&new) {
+                w.replaces = None;
+            }
+            if self.workers.contains_key(&old) {
+                info!(
+                    "Worker pid {new} is ready; worker pid {old} stops accepting and finishes its requests"
+                );
+                self.retire(old, libc::SIGTERM);
+            }
+        }
+        if self.replace_after.is_none_or(|at| now >= at) {
+            let asking: Vec<(libc::pid_t, usize)> = self
+                .workers
+                .iter()
+                .filter(|(_, w)| !w.retiring)
+                .filter(|(pid, _)| !self.workers.values().any(|o| o.replaces == Some(**pid)))
+                .filter(|(_, w)| self.scoreboard.retire(w.slot).is_some())
+                .map(|(p, w)| (*p, w.slot))
+                .collect();
+            for (pid, slot) in asking {
+                let why = self.scoreboard.retire(slot).map_or("", |r| r.describe());
+                info!("Worker {slot} (pid {pid}) is to be replaced because {why}; starting its replacement");
+                self.spawn_replacing(Some(pid));
+            }
+        }
+        let overdue: Vec<libc::pid_t> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.retiring && w.kill_at.is_some_and(|at| now >= at))
+            .map(|(p, _)| *p)
+            .collect();
+        for pid in overdue {
+            warn!("Worker pid {pid} did not finish within the graceful timeout; killing it");
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            if let Some(w) = self.workers.get_mut(&pid) {
+                w.kill_at = None;
+            }
+        }
+    }
+
+    /// Tells a worker to stop; its exit is then expected.
+    fn retire(&mut self, pid: libc::pid_t, sig: libc::c_int) {
+        let grace = self.config.graceful_timeout + Duration::from_secs(5);
+        if let Some(w) = self.workers.get_mut(&pid) {
+            w.retiring = true;
+            w.replaces = None;
+            w.kill_at = Some(Instant::now() + grace);
+        }
+        unsafe { libc::kill(pid, sig) };
+    }
+
     fn spawn(&mut self) {
+        self.spawn_replacing(None);
+    }
+
+    fn spawn_replacing(&mut self, replaces: Option<libc::pid_t>) {
         let Some(slot) = self.free_slots.pop() else {
             error!("no free worker slot");
             return;
@@ -323,12 +409,19 @@ impl<'a, H: Hooks> Master<'a, H> {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
             }
             self.scoreboard.reset(slot, std::process::id() as i32);
-            let ctx = WorkerCtx { config: self.config.clone(), listeners, slot, scoreboard: self.scoreboard };
+            let ctx = WorkerCtx {
+                max_requests: self.config.max_requests.map(|m| m + jitter(self.config.max_requests_jitter)),
+                config: self.config.clone(),
+                listeners,
+                slot,
+                scoreboard: self.scoreboard,
+            };
             let code = self.hooks.worker_main(ctx);
             self.hooks.worker_exit(code);
         }
         self.hooks.after_fork_parent();
-        self.workers.insert(pid, Worker { slot, started: Instant::now(), retiring: false });
+        self.workers
+            .insert(pid, Worker { slot, started: Instant::now(), retiring: false, kill_at: None, replaces });
         info!("Booting worker {slot} with pid {pid}");
     }
 
@@ -345,6 +438,27 @@ impl<'a, H: Hooks> Master<'a, H> {
             self.free_slots.push(w.slot);
             let how = describe_exit(status);
             let clean = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+            if let (Some(old), Phase::Running) = (w.replaces, self.phase) {
+                // A replacement died before it was ready: the worker it was
+                // to replace keeps serving.
+                let load_failed =
+                    libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == EXIT_APP_LOAD_FAILED;
+                let retry = Duration::from_secs(if load_failed { 5 } else { 1 });
+                if load_failed {
+                    error!(
+                        "Replacement worker {} (pid {pid}) could not load the application (see the error \
+                         above); worker pid {old} keeps serving the code it has",
+                        w.slot
+                    );
+                } else {
+                    error!(
+                        "Replacement worker {} (pid {pid}) {how} before it was ready; worker pid {old} keeps serving",
+                        w.slot
+                    );
+                }
+                self.replace_after = Some(Instant::now() + retry);
+                continue;
+            }
             if w.retiring || self.phase != Phase::Running {
                 if clean {
                     info!("Worker {} (pid {pid}) exited", w.slot);
@@ -460,6 +574,22 @@ fn describe_exit(status: libc::c_int) -> String {
     } else {
         format!("exited with code {}", libc::WEXITSTATUS(status))
     }
+}
+
+/// A number in 0..=max that differs between workers, so that workers
+/// started together do not all recycle at the same request count.
+fn jitter(max: u64) -> u64 {
+    if max == 0 {
+        return 0;
+    }
+    let mut x =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+            ^ (u64::from(std::process::id()) << 32);
+    // splitmix64 finalizer: spreads nearby inputs over the whole range.
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d049bb133111eb);
+    x ^= x >> 31;
+    x % (max + 1)
 }
 
 fn describe_serving(serving: &[(String, u64)]) -> String {

@@ -13,7 +13,7 @@
 
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ use crate::date::mono_ms;
 use crate::exchange::{BodyState, Exchange, Io, RespPhase, Wire, MAX_DRAIN, READ_CHUNK};
 use crate::gateway::{self, FcgiConn, FcgiIn};
 use crate::listen::Protocol;
-use crate::scoreboard::{Scoreboard, WorkerState};
+use crate::scoreboard::{Retire, Scoreboard, WorkerState};
 
 /// epoll tokens below this are listener indexes; the wake token sits just
 /// under it; anything else is a `*mut Conn`.
@@ -58,6 +58,8 @@ const CLOSING: u8 = 2;
 /// What the master hands a freshly forked worker.
 pub struct WorkerCtx {
     pub config: Config,
+    /// This worker's `--max-requests`, jitter included.
+    pub max_requests: Option<u64>,
     /// (listening fd, facts for the environ), inherited from the master.
     pub listeners: Vec<(RawFd, ListenerInfo)>,
     pub slot: usize,
@@ -92,9 +94,20 @@ struct Conn {
     fcgi: FcgiConn,
 }
 
+/// A connection a thread is serving a request on: its descriptor and state.
+type Serving = (RawFd, Arc<Mutex<Io>>);
+
 struct Shared<A: App> {
     app: A,
     config: Config,
+    max_requests: Option<u64>,
+    /// Per thread: the connection of the request it is serving, so the main
+    /// thread can answer 504 for it when it runs past `--timeout`.
+    current: Vec<Mutex<Option<Serving>>>,
+    /// Per thread: its current request was timed out.
+    timed_out: Vec<AtomicBool>,
+    /// Requests timed out and not yet returned from the app.
+    stuck: AtomicUsize,
     listeners: Vec<(RawFd, ListenerInfo)>,
     epfd: RawFd,
     registry: Mutex<Registry>,
@@ -136,6 +149,10 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
     gateway::MAX_REQS.store(threads, Ordering::Relaxed);
     let shared = Arc::new(Shared {
         app,
+        max_requests: ctx.max_requests,
+        current: (0..threads).map(|_| Mutex::new(None)).collect(),
+        timed_out: (0..threads).map(|_| AtomicBool::new(false)).collect(),
+        stuck: AtomicUsize::new(0),
         config: ctx.config,
         listeners: ctx.listeners,
         epfd,
@@ -208,6 +225,8 @@ impl WorkerSignals {
 
 fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
     let mut drain_deadline: Option<u64> = None;
+    let born = mono_ms();
+    let mut recycling = false;
     // Compared with the current parent to notice the master's death (the
     // master may itself be PID 1 in a container, so "parent is 1" is no test).
     let master = unsafe { libc::getppid() };
@@ -223,17 +242,34 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
         }
         let now = mono_ms();
         sweep(w, now, drain_deadline.is_some());
+        check_timeouts(w, now);
+        if !recycling && drain_deadline.is_none() {
+            recycling = check_recycle(w, now - born);
+        }
         if let Some(deadline) = drain_deadline {
             let live = w.registry.lock().unwrap().live;
+            let stuck = w.stuck.load(Ordering::Acquire);
             if live == 0 {
                 info!("Worker stopped gracefully: pid={}", std::process::id());
                 return 0;
+            }
+            if live <= stuck {
+                // Only timed-out requests are left; they may hold the GIL
+                // forever, so leave without running any Python.
+                warn!(
+                    "Worker exiting with {stuck} timed-out request(s) still running: pid={}",
+                    std::process::id()
+                );
+                unsafe { libc::_exit(0) };
             }
             if now >= deadline {
                 warn!(
                     "Worker stopping with {live} connection(s) still open after the graceful timeout: pid={}",
                     std::process::id()
                 );
+                if stuck > 0 {
+                    unsafe { libc::_exit(0) };
+                }
                 return 0;
             }
         }
@@ -246,6 +282,104 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
             }
         }
     }
+}
+
+/// Answers requests that ran past `--timeout` with 504 (or cuts them off if
+/// their response already started), logs where their thread is stuck, and
+/// asks the master to replace this worker.
+fn check_timeouts<A: App>(w: &Shared<A>, now: u64) {
+    let Some(limit) = w.config.timeout else {
+        return;
+    };
+    let limit_ms = limit.as_millis() as u64;
+    for t in 0..w.timed_out.len() {
+        let Some((what, since)) = w.scoreboard.thread_request(w.slot, t) else {
+            continue;
+        };
+        if now.saturating_sub(since) < limit_ms || w.timed_out[t].load(Ordering::Acquire) {
+            continue;
+        }
+        w.timed_out[t].store(true, Ordering::Release);
+        w.stuck.fetch_add(1, Ordering::AcqRel);
+        let current = w.current[t].lock().unwrap().clone();
+        let answered = match current {
+            None => "its connection was already gone",
+            Some((fd, io)) => {
+                let outcome = match io.try_lock() {
+                    Ok(mut io) => {
+                        let blocking: fn(&mut dyn FnMut()) = |f| f();
+                        let fresh = io.phase < RespPhase::Sent && !io.broken;
+                        if fresh {
+                            let reply = error_reply(io.wire, 504, "the request timed out");
+                            let _ = io.write_parts(&[&reply], blocking);
+                        }
+                        // Whatever the app does next goes nowhere.
+                        io.broken = true;
+                        io.keep_alive = false;
+                        if fresh {
+                            "the client got 504"
+                        } else {
+                            "its response had started, so the connection was cut"
+                        }
+                    }
+                    // The thread is inside a socket wait of its own.
+                    Err(_) => "the connection was cut",
+                };
+                // Sends what is queued (the 504), then ends the connection,
+                // which also wakes the thread if it waits on this socket.
+                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+                outcome
+            }
+        };
+        let traceback = w.app.thread_traceback(t).unwrap_or_else(|| "(no traceback available)\n".to_string());
+        error!(
+            "Request timeout: {what} ran for {:.1} s, over --timeout {:.1} s, in worker {} (pid {}), \
+             thread {t}; {answered}. The worker is being replaced. Stack of the stuck thread:\n{}",
+            now.saturating_sub(since) as f64 / 1000.0,
+            limit.as_secs_f64(),
+            w.slot,
+            std::process::id(),
+            traceback.trim_end()
+        );
+        w.scoreboard.request_retire(w.slot, Retire::Timeout);
+    }
+}
+
+/// Asks the master for a replacement when this worker reached one of its
+/// recycling limits; returns whether it did.
+fn check_recycle<A: App>(w: &Shared<A>, age_ms: u64) -> bool {
+    let served = w.scoreboard.requests(w.slot);
+    let reason = if let Some(max) = w.max_requests.filter(|&m| served >= m) {
+        Some((Retire::MaxRequests, format!("served {served} requests (limit {max})")))
+    } else if let Some(life) = w.config.max_worker_lifetime.filter(|l| age_ms >= l.as_millis() as u64) {
+        Some((
+            Retire::Lifetime,
+            format!("running for {:.0} s (limit {:.0} s)", age_ms as f64 / 1000.0, life.as_secs_f64()),
+        ))
+    } else if let Some(limit) = w.config.reload_on_rss {
+        let rss = rss_bytes();
+        (rss > limit)
+            .then(|| (Retire::Rss, format!("resident memory {} MiB (limit {} MiB)", rss >> 20, limit >> 20)))
+    } else {
+        None
+    };
+    let Some((why, detail)) = reason else {
+        return false;
+    };
+    info!(
+        "Worker {} (pid {}) recycling: {detail}; it finishes its requests once its replacement is ready",
+        w.slot,
+        std::process::id()
+    );
+    w.scoreboard.request_retire(w.slot, why);
+    true
+}
+
+/// This process's resident set size in bytes.
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64
 }
 
 /// Stops accepting: the listeners leave this worker's epoll set and close,
@@ -298,7 +432,7 @@ fn pending_bytes(fd: RawFd) -> i32 {
 }
 
 fn thread_main<A: App>(w: &Shared<A>, t: usize) {
-    let mut state = w.app.thread_start();
+    let mut state = w.app.thread_start(t);
     // With several threads, take one event at a time so a slow request never
     // holds other ready connections hostage on this thread.
     let batch = if w.config.threads > 1 { 1 } else { 64 };
@@ -886,10 +1020,25 @@ fn handle_request<A: App>(
         listener,
         listener_index: conn.listener,
     };
+    if w.config.timeout.is_some() {
+        *w.current[t].lock().unwrap() = Some((conn.entry.fd, conn.io.clone()));
+    }
     w.scoreboard.begin(w.slot, t, req.method(), req.target(), mono_ms());
     let mut ex = Exchange { io: conn.io.clone(), generation, blocking: A::blocking };
     w.app.call(state, &req, &mut ex);
     w.scoreboard.end(w.slot, t);
+    if w.config.timeout.is_some() {
+        *w.current[t].lock().unwrap() = None;
+        if w.timed_out[t].swap(false, Ordering::AcqRel) {
+            w.stuck.fetch_sub(1, Ordering::AcqRel);
+            warn!(
+                "Timed-out request {} {} returned after all",
+                String::from_utf8_lossy(req.method()),
+                String::from_utf8_lossy(req.target())
+            );
+            return false;
+        }
+    }
 
     let mut io = conn.io.lock().unwrap();
     // Stale handles kept by the app must not touch the next request.

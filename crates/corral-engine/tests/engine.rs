@@ -13,7 +13,7 @@ struct TestApp;
 impl App for TestApp {
     type Thread = ();
 
-    fn thread_start(&self) {}
+    fn thread_start(&self, _: usize) {}
 
     fn call(&self, _: &mut (), req: &Request<'_>, ex: &mut Exchange) {
         match req.path() {
@@ -99,7 +99,13 @@ fn start(threads: usize) -> Worker {
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0);
     if pid == 0 {
-        let ctx = WorkerCtx { config, listeners: vec![(listener.raw(), info)], slot: 0, scoreboard };
+        let ctx = WorkerCtx {
+            config,
+            max_requests: None,
+            listeners: vec![(listener.raw(), info)],
+            slot: 0,
+            scoreboard,
+        };
         let code = run_worker(TestApp, ctx);
         unsafe { libc::_exit(code) };
     }

@@ -99,6 +99,35 @@ pub struct Cli {
           value_parser = parse_positive_secs)]
     pub keepalive_timeout: Duration,
 
+    /// Seconds a request may run. Past it the client gets 504 (if nothing was sent yet), the
+    /// log gets the stuck thread's traceback, and the worker is replaced. Off by default.
+    #[arg(long, value_name = "SECS", env = "CORRAL_TIMEOUT", value_parser = parse_positive_secs)]
+    pub timeout: Option<Duration>,
+
+    /// Replace a worker after it served N requests (it finishes them first). Off by default.
+    #[arg(long, value_name = "N", env = "CORRAL_MAX_REQUESTS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_requests: Option<u64>,
+
+    /// Add up to N to each worker's --max-requests, so workers do not all recycle at once.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "CORRAL_MAX_REQUESTS_JITTER",
+        default_value_t = 0,
+        requires = "max_requests"
+    )]
+    pub max_requests_jitter: u64,
+
+    /// Replace a worker after it ran for SECS seconds. Off by default.
+    #[arg(long, value_name = "SECS", env = "CORRAL_MAX_WORKER_LIFETIME", value_parser = parse_positive_secs)]
+    pub max_worker_lifetime: Option<Duration>,
+
+    /// Replace a worker whose resident memory passes MiB (checked four times a second). Off by default.
+    #[arg(long, value_name = "MiB", env = "CORRAL_RELOAD_ON_RSS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub reload_on_rss: Option<u64>,
+
     /// Log level.
     #[arg(long, value_enum, env = "CORRAL_LOG_LEVEL", default_value = "info")]
     pub log_level: LogLevel,
@@ -283,6 +312,11 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         header_timeout: cli.header_timeout,
         keepalive_timeout: cli.keepalive_timeout,
         io_timeout: config::DEFAULT_IO_TIMEOUT,
+        timeout: cli.timeout,
+        max_requests: cli.max_requests,
+        max_requests_jitter: cli.max_requests_jitter,
+        max_worker_lifetime: cli.max_worker_lifetime,
+        reload_on_rss: cli.reload_on_rss.map(|m| m << 20),
     };
 
     let mut listeners = Vec::new();

@@ -5,6 +5,7 @@ mod cli;
 mod load;
 mod logging;
 mod runtime;
+mod traceback;
 mod wsgi;
 
 use pyo3::prelude::*;

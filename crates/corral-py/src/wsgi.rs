@@ -68,6 +68,8 @@ pub struct WsgiApp {
     keys: Keys,
     header_keys: Mutex<HashMap<Box<[u8]>, Py<PyString>>>,
     var_keys: Mutex<HashMap<Box<[u8]>, Py<PyString>>>,
+    /// pthread_self() of each worker thread, by index, for tracebacks.
+    thread_idents: Mutex<Vec<u64>>,
     mount: Vec<u8>,
     max_body: u64,
 }
@@ -132,6 +134,7 @@ impl WsgiApp {
             },
             header_keys: Mutex::new(HashMap::new()),
             var_keys: Mutex::new(HashMap::new()),
+            thread_idents: Mutex::new(Vec::new()),
             mount: mount.as_bytes().to_vec(),
             max_body: ctx.config.max_body_size,
         })
@@ -459,7 +462,15 @@ fn sendfile(py: Python<'_>, ex: &Exchange, fw: &FileWrapper) -> PyResult<bool> {
 impl App for WsgiApp {
     type Thread = PyThread;
 
-    fn thread_start(&self) -> PyThread {
+    fn thread_start(&self, t: usize) -> PyThread {
+        {
+            let mut idents = self.thread_idents.lock().unwrap_or_else(|p| p.into_inner());
+            if idents.len() <= t {
+                idents.resize(t + 1, 0);
+            }
+            // Python names threads by pthread_self() in its tracebacks.
+            idents[t] = unsafe { libc::pthread_self() } as u64;
+        }
         unsafe {
             // Creates this thread's Python state, which it keeps for good.
             ffi::PyGILState_Ensure();
@@ -471,6 +482,11 @@ impl App for WsgiApp {
         unsafe { ffi::PyEval_RestoreThread(thread.0) };
         Python::with_gil(|py| self.serve(py, req, ex));
         thread.0 = unsafe { ffi::PyEval_SaveThread() };
+    }
+
+    fn thread_traceback(&self, t: usize) -> Option<String> {
+        let ident = *self.thread_idents.lock().unwrap_or_else(|p| p.into_inner()).get(t)?;
+        crate::traceback::thread_stack(ident)
     }
 
     fn blocking(f: &mut dyn FnMut()) {
