@@ -14,6 +14,7 @@ mod gateway;
 pub mod listen;
 pub mod scoreboard;
 pub mod supervise;
+pub mod systemd;
 pub mod worker;
 
 pub use app::{App, ListenerInfo, Meta, Request};

@@ -107,6 +107,8 @@ pub struct Master<'a, H: Hooks> {
     exit_code: i32,
     /// No replacement is started before this, after one failed to boot.
     replace_after: Option<Instant>,
+    /// The service manager was told READY=1 (and not RELOADING=1 since).
+    told_ready: bool,
 }
 
 /// Scoreboard slots: room for growing with TTIN and for a full reload set.
@@ -133,6 +135,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             signal_fd,
             exit_code: 0,
             replace_after: None,
+            told_ready: false,
         })
     }
 
@@ -184,6 +187,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                     // Closing the master's copies too means that once the
                     // workers close theirs, new connections are refused
                     // rather than left in a queue nobody accepts from.
+                    crate::systemd::notify("STOPPING=1");
                     self.close_listeners();
                     self.signal_all(libc::SIGTERM);
                     self.phase = Phase::Draining { deadline: Instant::now() + self.config.graceful_timeout };
@@ -191,6 +195,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             }
             Action::QuickStop => {
                 info!("Received {name}: stopping now");
+                crate::systemd::notify("STOPPING=1");
                 self.close_listeners();
                 self.signal_all(libc::SIGQUIT);
                 self.phase = Phase::Stopping { deadline: Instant::now() + Duration::from_secs(2) };
@@ -217,6 +222,8 @@ impl<'a, H: Hooks> Master<'a, H> {
                 for pid in booting {
                     self.retire(pid, libc::SIGKILL);
                 }
+                crate::systemd::notify_reloading();
+                self.told_ready = false;
                 for pid in old {
                     self.spawn_replacing(Some(pid));
                 }
@@ -258,6 +265,18 @@ impl<'a, H: Hooks> Master<'a, H> {
         match self.phase {
             Phase::Running => {
                 self.advance_replacements();
+                if !self.told_ready {
+                    let ready = self
+                        .workers
+                        .values()
+                        .filter(|w| !w.retiring && self.scoreboard.state(w.slot) == WorkerState::Ready)
+                        .count();
+                    let booting = self.workers.values().any(|w| w.replaces.is_some());
+                    if ready >= self.target && !booting {
+                        crate::systemd::notify(&format!("READY=1\nSTATUS=serving with {ready} worker(s)"));
+                        self.told_ready = true;
+                    }
+                }
                 let active = self.workers.values().filter(|w| !w.retiring).count();
                 if active < self.target {
                     let now = Instant::now();

@@ -128,6 +128,22 @@ pub struct Cli {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub reload_on_rss: Option<u64>,
 
+    /// Write the master's pid to FILE (removed at exit).
+    #[arg(long, value_name = "FILE", env = "CORRAL_PIDFILE")]
+    pub pidfile: Option<PathBuf>,
+
+    /// Set the process umask (octal, e.g. 027) before creating sockets and files.
+    #[arg(long, value_name = "MODE", env = "CORRAL_UMASK", value_parser = parse_mode)]
+    pub umask: Option<u32>,
+
+    /// Run the app as USER (name or id) after binding the listeners. Needs root.
+    #[arg(long, value_name = "USER", env = "CORRAL_USER")]
+    pub user: Option<String>,
+
+    /// Run the app with GROUP (name or id) after binding; default: USER's primary group.
+    #[arg(long, value_name = "GROUP", env = "CORRAL_GROUP")]
+    pub group: Option<String>,
+
     /// Log level.
     #[arg(long, value_enum, env = "CORRAL_LOG_LEVEL", default_value = "info")]
     pub log_level: LogLevel,
@@ -276,8 +292,38 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     ] {
         wanted.extend(list.iter().map(|a| (protocol, a.as_str())));
     }
+    // Socket activation: descriptors from the service manager. Named ones
+    // (FileDescriptorName=http, uwsgi, fastcgi, scgi) get that protocol;
+    // they are used when no listener is given on the command line, and are
+    // reachable as fd://N either way.
+    let activated = corral_engine::systemd::take_listen_fds();
+    let activated_addrs: Vec<(Protocol, String)> = activated
+        .iter()
+        .map(|(fd, name)| {
+            let protocol = match name.as_deref() {
+                Some("uwsgi") => Protocol::Uwsgi,
+                Some("fastcgi") => Protocol::FastCgi,
+                Some("scgi") => Protocol::Scgi,
+                _ => Protocol::Http,
+            };
+            (protocol, format!("fd://{fd}"))
+        })
+        .collect();
+    if wanted.is_empty() {
+        wanted.extend(activated_addrs.iter().map(|(p, a)| (*p, a.as_str())));
+    }
     if wanted.is_empty() {
         wanted.push((Protocol::Http, "127.0.0.1:8000"));
+    }
+    let ids = match resolve_ids(cli.user.as_deref(), cli.group.as_deref()) {
+        Ok(ids) => ids,
+        Err(e) => {
+            error!("{e}");
+            return Ok(2);
+        }
+    };
+    if let Some(mask) = cli.umask {
+        unsafe { libc::umask(mask as libc::mode_t) };
     }
     let mut parsed = Vec::new();
     for (protocol, a) in &wanted {
@@ -343,6 +389,32 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         }
     }
 
+    if let Some(path) = &cli.pidfile {
+        if let Err(e) = std::fs::write(path, format!("{}\n", std::process::id())) {
+            error!("--pidfile {}: {e}", path.display());
+            return Ok(1);
+        }
+    }
+    let remove_pidfile = || {
+        if let Some(path) = &cli.pidfile {
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    // After --user, the pidfile's directory may not be ours to change.
+                    warn!("--pidfile {}: cannot remove it: {e}", path.display());
+                }
+                _ => {}
+            }
+        }
+    };
+    if let Some((uid, gid, name)) = &ids {
+        if let Err(e) = drop_privileges(*uid, *gid, name) {
+            error!("{e}");
+            remove_pidfile();
+            return Ok(1);
+        }
+        info!("Running as user {name} (uid {uid}, gid {gid})");
+    }
+
     let preloaded = if cli.preload {
         match load_app(py, &spec) {
             Ok(app) => {
@@ -351,6 +423,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             }
             Err(msg) => {
                 error!("{msg}");
+                remove_pidfile();
                 return Ok(1);
             }
         }
@@ -370,8 +443,62 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         Ok(m) => m,
         Err(e) => {
             error!("cannot start the master: {e}");
+            remove_pidfile();
             return Ok(1);
         }
     };
-    Ok(master.run())
+    let code = master.run();
+    remove_pidfile();
+    Ok(code)
+}
+
+/// Resolves `--user` and `--group` to (uid, gid, user name) before anything
+/// is bound, so a typo fails at once.
+fn resolve_ids(user: Option<&str>, group: Option<&str>) -> Result<Option<(u32, u32, String)>, String> {
+    use nix::unistd::{Group, User};
+    let Some(user) = user else {
+        if group.is_some() {
+            return Err("--group needs --user".into());
+        }
+        return Ok(None);
+    };
+    let found = match user.parse::<u32>() {
+        Ok(uid) => User::from_uid(nix::unistd::Uid::from_raw(uid)),
+        Err(_) => User::from_name(user),
+    };
+    let u = match found {
+        Ok(Some(u)) => u,
+        _ => return Err(format!("--user {user:?}: no such user")),
+    };
+    let gid = match group {
+        None => u.gid.as_raw(),
+        Some(g) => {
+            let found = match g.parse::<u32>() {
+                Ok(gid) => Group::from_gid(nix::unistd::Gid::from_raw(gid)),
+                Err(_) => Group::from_name(g),
+            };
+            match found {
+                Ok(Some(gr)) => gr.gid.as_raw(),
+                _ => return Err(format!("--group {g:?}: no such group")),
+            }
+        }
+    };
+    if !nix::unistd::geteuid().is_root() && nix::unistd::geteuid().as_raw() != u.uid.as_raw() {
+        return Err(format!("--user {user:?}: changing user needs root"));
+    }
+    Ok(Some((u.uid.as_raw(), gid, u.name)))
+}
+
+/// Switches the whole process to `uid`/`gid` (supplementary groups from the
+/// user's entry), after the listeners are bound and before any worker exists.
+fn drop_privileges(uid: u32, gid: u32, name: &str) -> Result<(), String> {
+    use nix::unistd::{setgid, setuid, Gid, Uid};
+    if nix::unistd::geteuid().as_raw() == uid {
+        return Ok(());
+    }
+    let cname = std::ffi::CString::new(name).map_err(|e| e.to_string())?;
+    nix::unistd::initgroups(&cname, Gid::from_raw(gid)).map_err(|e| format!("--user: initgroups: {e}"))?;
+    setgid(Gid::from_raw(gid)).map_err(|e| format!("--group: setgid({gid}): {e}"))?;
+    setuid(Uid::from_raw(uid)).map_err(|e| format!("--user: setuid({uid}): {e}"))?;
+    Ok(())
 }
