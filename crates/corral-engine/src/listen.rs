@@ -154,6 +154,23 @@ impl Listener {
         Ok(l)
     }
 
+    /// Takes over a socket this master's previous program bound for `addr`
+    /// (see `supervise::INHERIT_ENV`): the same listener, not a new bind.
+    pub fn adopt(fd: RawFd, addr: &Addr, protocol: Protocol) -> Result<Listener, String> {
+        let mut l = Listener::inherit(fd)?;
+        l.protocol = protocol;
+        if let Addr::Tcp(..) = addr {
+            l.addr = Addr::Tcp(l.server_name.clone(), l.server_port.parse().unwrap_or(0));
+        }
+        if let Addr::Unix(path) = addr {
+            l.addr = addr.clone();
+            // Still ours: removed at exit as if this program had bound it.
+            l.unix_path = Some(path.clone());
+            l.server_name = path.display().to_string();
+        }
+        Ok(l)
+    }
+
     /// Whether the socket is reachable from other machines: not a unix
     /// socket and not bound to a loopback address.
     pub fn is_public(&self) -> bool {

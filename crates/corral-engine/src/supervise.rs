@@ -47,6 +47,9 @@ pub enum Action {
     RemoveWorker,
     ReopenLogs,
     ReapChildren,
+    /// Replace the master's own program in place (same pid, same listening
+    /// sockets), then replace the workers: picks up an upgraded corral.
+    Reexec,
 }
 
 /// The one table from signal to action.
@@ -58,8 +61,16 @@ pub const SIGNALS: &[(libc::c_int, Action)] = &[
     (libc::SIGTTIN, Action::AddWorker),
     (libc::SIGTTOU, Action::RemoveWorker),
     (libc::SIGUSR1, Action::ReopenLogs),
+    (libc::SIGUSR2, Action::Reexec),
     (libc::SIGCHLD, Action::ReapChildren),
 ];
+
+/// Environment variable through which a re-executed master finds the
+/// listening sockets it already has: `PROTOCOL ADDRESS=FD` entries, `;`-separated.
+pub const INHERIT_ENV: &str = "CORRAL_INHERITED_LISTENERS";
+/// Environment variable listing the workers a re-executed master inherits
+/// (still its children): they are told to stop once new workers are ready.
+pub const OLD_WORKERS_ENV: &str = "CORRAL_INHERITED_WORKERS";
 
 /// What the embedding (the Python binding) does around forks and waits.
 pub trait Hooks {
@@ -77,6 +88,16 @@ pub trait Hooks {
     fn worker_main(&self, ctx: WorkerCtx) -> i32;
     /// Ends the worker process with `code` (after any at-exit work).
     fn worker_exit(&self, code: i32) -> !;
+    /// The program and arguments that start this master again, for an
+    /// in-place re-exec; `None` if it cannot be re-executed.
+    fn reexec_command(&self) -> Option<(std::ffi::CString, Vec<std::ffi::CString>)> {
+        None
+    }
+    /// Whether a reload must re-exec the master to pick up new code (the
+    /// app was imported in the master before forking).
+    fn reload_needs_reexec(&self) -> bool {
+        false
+    }
 }
 
 struct Worker {
@@ -109,6 +130,9 @@ pub struct Master<'a, H: Hooks> {
     replace_after: Option<Instant>,
     /// The service manager was told READY=1 (and not RELOADING=1 since).
     told_ready: bool,
+    /// Workers started by this master's previous program (before a re-exec):
+    /// stopped once the new workers are ready.
+    inherited: Vec<libc::pid_t>,
 }
 
 /// Scoreboard slots: room for growing with TTIN and for a full reload set.
@@ -136,6 +160,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             exit_code: 0,
             replace_after: None,
             told_ready: false,
+            inherited: take_inherited_workers(),
         })
     }
 
@@ -200,8 +225,18 @@ impl<'a, H: Hooks> Master<'a, H> {
                 self.signal_all(libc::SIGQUIT);
                 self.phase = Phase::Stopping { deadline: Instant::now() + Duration::from_secs(2) };
             }
+            Action::Reexec => {
+                if self.phase == Phase::Running {
+                    self.reexec(&name);
+                }
+            }
             Action::Reload => {
                 if self.phase != Phase::Running {
+                    return;
+                }
+                if self.hooks.reload_needs_reexec() {
+                    info!("Received {name}: the app was preloaded, so the master re-executes itself to load it anew");
+                    self.reexec(&name);
                     return;
                 }
                 let old: Vec<libc::pid_t> = self
@@ -275,6 +310,10 @@ impl<'a, H: Hooks> Master<'a, H> {
                     if ready >= self.target && !booting {
                         crate::systemd::notify(&format!("READY=1\nSTATUS=serving with {ready} worker(s)"));
                         self.told_ready = true;
+                        for pid in &self.inherited {
+                            info!("New workers are ready; worker pid {pid} from before the re-exec finishes its requests");
+                            unsafe { libc::kill(*pid, libc::SIGTERM) };
+                        }
                     }
                 }
                 let active = self.workers.values().filter(|w| !w.retiring).count();
@@ -290,7 +329,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                 None
             }
             Phase::Draining { deadline } => {
-                if self.workers.is_empty() {
+                if self.workers.is_empty() && self.inherited.is_empty() {
                     info!("Shutdown complete");
                     return Some(self.exit_code);
                 }
@@ -305,7 +344,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                 None
             }
             Phase::Stopping { deadline } => {
-                if self.workers.is_empty() {
+                if self.workers.is_empty() && self.inherited.is_empty() {
                     info!("Shutdown complete");
                     return Some(self.exit_code);
                 }
@@ -373,6 +412,47 @@ impl<'a, H: Hooks> Master<'a, H> {
                 w.kill_at = None;
             }
         }
+    }
+
+    /// Replaces this process's program with a fresh start of corral, keeping
+    /// the pid (so the workers stay its children and the pidfile stays true)
+    /// and the listening sockets (so no connection is refused). The new
+    /// program starts its own workers and stops these once they are ready.
+    fn reexec(&mut self, why: &str) {
+        let Some((program, args)) = self.hooks.reexec_command() else {
+            error!("Received {why}: this master cannot re-execute itself");
+            return;
+        };
+        let mut inherit = Vec::new();
+        for l in &self.listeners {
+            let fd = l.fd.as_raw_fd();
+            unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+            inherit.push(format!("{} {}={fd}", l.protocol.name(), l.addr));
+        }
+        let workers: Vec<String> =
+            self.workers.keys().chain(self.inherited.iter()).map(|p| p.to_string()).collect();
+        info!(
+            "Received {why}: re-executing the master ({}), keeping {} listener(s); {} worker(s) serve until the new ones are ready",
+            program.to_string_lossy(),
+            inherit.len(),
+            workers.len()
+        );
+        std::env::set_var(INHERIT_ENV, inherit.join(";"));
+        std::env::set_var(OLD_WORKERS_ENV, workers.join(","));
+        crate::systemd::notify_reloading();
+        // Signals stay blocked across execve; the new program blocks the same
+        // set again and reads what arrived meanwhile from its signalfd.
+        let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+        argv.push(std::ptr::null());
+        unsafe { libc::execv(program.as_ptr(), argv.as_ptr()) };
+        let e = io::Error::last_os_error();
+        error!("re-exec of {} failed: {e}; this master keeps running", program.to_string_lossy());
+        std::env::remove_var(INHERIT_ENV);
+        std::env::remove_var(OLD_WORKERS_ENV);
+        for l in &self.listeners {
+            unsafe { libc::fcntl(l.fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
+        self.told_ready = false;
     }
 
     /// Tells a worker to stop; its exit is then expected.
@@ -451,7 +531,13 @@ impl<'a, H: Hooks> Master<'a, H> {
             if pid <= 0 {
                 return;
             }
-            let Some(w) = self.workers.remove(&pid) else { continue };
+            let Some(w) = self.workers.remove(&pid) else {
+                if let Some(i) = self.inherited.iter().position(|p| *p == pid) {
+                    self.inherited.swap_remove(i);
+                    info!("Worker pid {pid} from before the re-exec {}", describe_exit(status));
+                }
+                continue;
+            };
             let booted = self.scoreboard.state(w.slot) != WorkerState::Booting;
             let serving = self.scoreboard.in_flight(w.slot, mono_ms());
             self.free_slots.push(w.slot);
@@ -525,7 +611,7 @@ impl<'a, H: Hooks> Master<'a, H> {
     }
 
     fn signal_all(&self, sig: libc::c_int) {
-        for pid in self.workers.keys() {
+        for pid in self.workers.keys().chain(self.inherited.iter()) {
             unsafe { libc::kill(*pid, sig) };
         }
     }
@@ -541,6 +627,27 @@ impl<'a, H: Hooks> Master<'a, H> {
     fn cleanup(&mut self) {
         self.close_listeners();
     }
+}
+
+/// Workers handed down by the program this master replaced (see [`OLD_WORKERS_ENV`]).
+fn take_inherited_workers() -> Vec<libc::pid_t> {
+    let list = std::env::var(OLD_WORKERS_ENV).unwrap_or_default();
+    std::env::remove_var(OLD_WORKERS_ENV);
+    list.split(',').filter_map(|p| p.trim().parse().ok()).collect()
+}
+
+/// Listening sockets handed down by the program this master replaced:
+/// (protocol name, address as written, descriptor). Removes the variable.
+pub fn take_inherited_listeners() -> Vec<(String, String, RawFd)> {
+    let list = std::env::var(INHERIT_ENV).unwrap_or_default();
+    std::env::remove_var(INHERIT_ENV);
+    list.split(';')
+        .filter_map(|entry| {
+            let (proto, rest) = entry.split_once(' ')?;
+            let (addr, fd) = rest.rsplit_once('=')?;
+            Some((proto.to_string(), addr.to_string(), fd.parse().ok()?))
+        })
+        .collect()
 }
 
 /// Blocks the master's signals and returns a signalfd that reads them.

@@ -227,6 +227,8 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
     let mut drain_deadline: Option<u64> = None;
     let born = mono_ms();
     let mut recycling = false;
+    // Ticks in a row with no connection left while draining.
+    let mut empty_ticks = 0;
     // Compared with the current parent to notice the master's death (the
     // master may itself be PID 1 in a container, so "parent is 1" is no test).
     let master = unsafe { libc::getppid() };
@@ -249,11 +251,14 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
         if let Some(deadline) = drain_deadline {
             let live = w.registry.lock().unwrap().live;
             let stuck = w.stuck.load(Ordering::Acquire);
-            if live == 0 {
+            // Twice in a row: a thread may have accepted a connection just
+            // before the listeners closed and not registered it yet.
+            empty_ticks = if live == 0 { empty_ticks + 1 } else { 0 };
+            if empty_ticks >= 2 {
                 info!("Worker stopped gracefully: pid={}", std::process::id());
                 return 0;
             }
-            if live <= stuck {
+            if stuck > 0 && live <= stuck {
                 // Only timed-out requests are left; they may hold the GIL
                 // forever, so leave without running any Python.
                 warn!(
@@ -388,11 +393,15 @@ fn rss_bytes() -> u64 {
 fn begin_drain<A: App>(w: &Shared<A>) {
     DRAINING.store(true, Ordering::SeqCst);
     w.scoreboard.set_state(w.slot, WorkerState::Draining);
-    for (fd, _) in &w.listeners {
-        unsafe {
-            libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_DEL, *fd, std::ptr::null_mut());
-            libc::close(*fd);
+    for (idx, (fd, _)) in w.listeners.iter().enumerate() {
+        unsafe { libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_DEL, *fd, std::ptr::null_mut()) };
+        // A wake-up epoll gave this worker just before the removal is not
+        // given to any other worker: take what is queued now and serve it.
+        // Connections arriving from here on wake the other workers.
+        while let Some(conn) = accept_one(w, idx) {
+            park(w, conn);
         }
+        unsafe { libc::close(*fd) };
     }
     info!("Worker draining: pid={}", std::process::id());
 }
@@ -460,83 +469,90 @@ fn thread_main<A: App>(w: &Shared<A>, t: usize) {
 }
 
 fn accept_batch<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, idx: usize) {
-    if draining() {
-        return;
-    }
-    let lfd = w.listeners[idx].0;
+    // Even while draining: epoll woke this worker (and no other) for these
+    // connections, so they are served here or nowhere.
     for _ in 0..ACCEPT_BATCH {
-        let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        let fd = unsafe {
-            libc::accept4(
-                lfd,
-                &mut addr as *mut _ as *mut libc::sockaddr,
-                &mut len,
-                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EAGAIN) | Some(libc::ECONNABORTED) | Some(libc::EINTR) => {}
-                Some(libc::EMFILE) | Some(libc::ENFILE) => {
-                    warn!("accept: {e}: too many open files; raise the limit (ulimit -n)");
-                }
-                _ => error!("accept: {e}"),
-            }
+        let Some(conn) = accept_one(w, idx) else {
             return;
-        }
-        let (remote_addr, remote_port) = peer_strings(&addr, w.listeners[idx].1.is_unix);
-        if !w.listeners[idx].1.is_unix {
-            let one: libc::c_int = 1;
-            unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::IPPROTO_TCP,
-                    libc::TCP_NODELAY,
-                    &one as *const _ as *const libc::c_void,
-                    std::mem::size_of::<libc::c_int>() as u32,
-                )
-            };
-        }
-        let entry = Arc::new(Entry {
-            fd,
-            state: AtomicU8::new(BUSY),
-            deadline: AtomicU64::new(0),
-            fresh: AtomicBool::new(true),
-        });
-        let slot = {
-            let mut reg = w.registry.lock().unwrap();
-            reg.live += 1;
-            match reg.free.pop() {
-                Some(i) => {
-                    reg.entries[i] = Some(entry.clone());
-                    i
-                }
-                None => {
-                    reg.entries.push(Some(entry.clone()));
-                    reg.entries.len() - 1
-                }
-            }
         };
-        let conn = Box::new(Conn {
-            entry,
-            slot,
-            io: Arc::new(Mutex::new(Io::new(
-                fd,
-                w.config.io_timeout.as_millis() as i32,
-                w.config.max_body_size,
-            ))),
-            head: Head::default(),
-            listener: idx,
-            remote_addr,
-            remote_port,
-            request_started: mono_ms(),
-            fcgi: FcgiConn::default(),
-        });
         // Serve right away: the request often arrived with the connection.
         serve_claimed(w, state, t, conn);
     }
+}
+
+/// Accepts one connection from listener `idx`, if one is waiting.
+fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Option<Box<Conn>> {
+    let lfd = w.listeners[idx].0;
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let fd = unsafe {
+        libc::accept4(
+            lfd,
+            &mut addr as *mut _ as *mut libc::sockaddr,
+            &mut len,
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            // EBADF/EINVAL: the listener was closed by a drain meanwhile.
+            Some(libc::EAGAIN)
+            | Some(libc::ECONNABORTED)
+            | Some(libc::EINTR)
+            | Some(libc::EBADF)
+            | Some(libc::EINVAL) => {}
+            Some(libc::EMFILE) | Some(libc::ENFILE) => {
+                warn!("accept: {e}: too many open files; raise the limit (ulimit -n)");
+            }
+            _ => error!("accept: {e}"),
+        }
+        return None;
+    }
+    let (remote_addr, remote_port) = peer_strings(&addr, w.listeners[idx].1.is_unix);
+    if !w.listeners[idx].1.is_unix {
+        let one: libc::c_int = 1;
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                &one as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
+    }
+    let entry = Arc::new(Entry {
+        fd,
+        state: AtomicU8::new(BUSY),
+        deadline: AtomicU64::new(0),
+        fresh: AtomicBool::new(true),
+    });
+    let slot = {
+        let mut reg = w.registry.lock().unwrap();
+        reg.live += 1;
+        match reg.free.pop() {
+            Some(i) => {
+                reg.entries[i] = Some(entry.clone());
+                i
+            }
+            None => {
+                reg.entries.push(Some(entry.clone()));
+                reg.entries.len() - 1
+            }
+        }
+    };
+    Some(Box::new(Conn {
+        entry,
+        slot,
+        io: Arc::new(Mutex::new(Io::new(fd, w.config.io_timeout.as_millis() as i32, w.config.max_body_size))),
+        head: Head::default(),
+        listener: idx,
+        remote_addr,
+        remote_port,
+        request_started: mono_ms(),
+        fcgi: FcgiConn::default(),
+    }))
 }
 
 fn peer_strings(addr: &libc::sockaddr_storage, is_unix: bool) -> (String, String) {

@@ -248,6 +248,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         }
     };
     crate::logging::init(cli.log_level);
+    let start_dir = std::env::current_dir().ok();
 
     for kv in &cli.env {
         let Some((k, v)) = kv.split_once('=') else {
@@ -365,9 +366,21 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         reload_on_rss: cli.reload_on_rss.map(|m| m << 20),
     };
 
+    // After a re-exec the previous program's sockets are still open here:
+    // the same command line lists the same listeners in the same order.
+    let mut inherited = corral_engine::supervise::take_inherited_listeners();
     let mut listeners = Vec::new();
-    for (protocol, addr) in &parsed {
-        match Listener::bind_with(addr, *protocol, config.backlog, files) {
+    for (i, (protocol, addr)) in parsed.iter().enumerate() {
+        let reuse = inherited.get_mut(i).filter(|(p, _, _)| p == protocol.name()).map(|e| {
+            let fd = e.2;
+            e.2 = -1;
+            fd
+        });
+        let bound = match reuse {
+            Some(fd) => Listener::adopt(fd, addr, *protocol),
+            None => Listener::bind_with(addr, *protocol, config.backlog, files),
+        };
+        match bound {
             Ok(l) => {
                 info!("Listening at: {}", l.url());
                 if protocol.trusts_peer() && l.is_public() {
@@ -389,6 +402,10 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         }
     }
 
+    for (_, addr, fd) in inherited.iter().filter(|e| e.2 >= 0) {
+        info!("Closing inherited listener {addr} that the command line no longer asks for");
+        unsafe { libc::close(*fd) };
+    }
     if let Some(path) = &cli.pidfile {
         if let Err(e) = std::fs::write(path, format!("{}\n", std::process::id())) {
             error!("--pidfile {}: {e}", path.display());
@@ -438,7 +455,12 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         config.threads,
         std::process::id()
     );
-    let runtime = Runtime::new(spec, preloaded, mount, &config);
+    let sys = py.import("sys")?;
+    let reexec = (
+        sys.getattr("executable")?.extract::<String>()?,
+        sys.getattr("orig_argv")?.extract::<Vec<String>>()?,
+    );
+    let runtime = Runtime::new(spec, preloaded, mount, &config, reexec, start_dir);
     let master = match Master::new(config, listeners, &runtime) {
         Ok(m) => m,
         Err(e) => {

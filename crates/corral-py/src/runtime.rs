@@ -2,6 +2,8 @@
 //! master waits without holding the GIL, and how a worker loads the app,
 //! serves, and exits.
 
+use std::ffi::CString;
+
 use pyo3::ffi;
 use pyo3::prelude::*;
 use tracing::error;
@@ -18,11 +20,30 @@ pub struct Runtime {
     mount: String,
     multiprocess: bool,
     multithread: bool,
+    /// sys.executable and sys.orig_argv: how to start this master again.
+    reexec: (String, Vec<String>),
+    /// The directory corral was started in (before --chdir), for a re-exec.
+    start_dir: Option<std::path::PathBuf>,
 }
 
 impl Runtime {
-    pub fn new(spec: AppSpec, preloaded: Option<PyObject>, mount: String, config: &Config) -> Runtime {
-        Runtime { spec, preloaded, mount, multiprocess: config.workers > 1, multithread: config.threads > 1 }
+    pub fn new(
+        spec: AppSpec,
+        preloaded: Option<PyObject>,
+        mount: String,
+        config: &Config,
+        reexec: (String, Vec<String>),
+        start_dir: Option<std::path::PathBuf>,
+    ) -> Runtime {
+        Runtime {
+            spec,
+            preloaded,
+            mount,
+            multiprocess: config.workers > 1,
+            multithread: config.threads > 1,
+            reexec,
+            start_dir,
+        }
     }
 }
 
@@ -73,6 +94,28 @@ impl Hooks for Runtime {
         let code = run_worker(wsgi, ctx);
         unsafe { ffi::PyEval_RestoreThread(ts) };
         code
+    }
+
+    fn reexec_command(&self) -> Option<(CString, Vec<CString>)> {
+        let (exe, orig) = &self.reexec;
+        if exe.is_empty() || orig.is_empty() {
+            return None;
+        }
+        // A relative --chdir, --pythonpath or app path means what it meant
+        // at the first start only from the directory of the first start.
+        if let Some(dir) = &self.start_dir {
+            let _ = std::env::set_current_dir(dir);
+        }
+        let program = CString::new(exe.as_str()).ok()?;
+        let mut args = vec![program.clone()];
+        for a in &orig[1..] {
+            args.push(CString::new(a.as_str()).ok()?);
+        }
+        Some((program, args))
+    }
+
+    fn reload_needs_reexec(&self) -> bool {
+        self.preloaded.is_some()
     }
 
     fn worker_exit(&self, code: i32) -> ! {
