@@ -42,7 +42,19 @@ pub struct Config {
     pub max_worker_lifetime: Option<Duration>,
     /// Resident memory (bytes) above which a worker is replaced.
     pub reload_on_rss: Option<u64>,
+    /// Adaptive pool: grow up to `workers_max` while every worker is busy,
+    /// shrink back to `workers` after `scale_down_idle` without work for
+    /// the extra ones. `None`: the pool stays at `workers`.
+    pub workers_max: Option<usize>,
+    pub scale_down_idle: Duration,
+    /// Connections one worker holds at most; past it new ones get 503.
+    pub max_connections: usize,
 }
+
+/// Default `--max-connections` per worker (gunicorn's worker_connections).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1000;
+/// Default idle time before an adaptive pool gives back a worker.
+pub const DEFAULT_SCALE_DOWN_IDLE: Duration = Duration::from_secs(10);
 
 impl Default for Config {
     fn default() -> Self {
@@ -62,6 +74,9 @@ impl Default for Config {
             max_requests_jitter: 0,
             max_worker_lifetime: None,
             reload_on_rss: None,
+            workers_max: None,
+            scale_down_idle: DEFAULT_SCALE_DOWN_IDLE,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }

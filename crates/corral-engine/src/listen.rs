@@ -171,6 +171,32 @@ impl Listener {
         Ok(l)
     }
 
+    /// Connections waiting in the accept queue, where the kernel reports
+    /// it (TCP listeners); 0 otherwise.
+    pub fn queued(&self) -> u32 {
+        if self.is_unix {
+            return 0;
+        }
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let r = unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&mut info as *mut libc::tcp_info).cast(),
+                &mut len,
+            )
+        };
+        // For a listening socket the kernel reports the accept queue's
+        // length in tcpi_unacked (and its limit in tcpi_sacked).
+        if r == 0 {
+            info.tcpi_unacked
+        } else {
+            0
+        }
+    }
+
     /// Whether the socket is reachable from other machines: not a unix
     /// socket and not bound to a loopback address.
     pub fn is_public(&self) -> bool {

@@ -185,6 +185,11 @@ impl Scoreboard {
         })
     }
 
+    /// How many of a worker's threads are serving a request now.
+    pub fn busy_threads(&self, slot: usize) -> usize {
+        (0..self.threads).filter(|&t| self.thread(slot, t).since_ms.load(Ordering::Relaxed) != 0).count()
+    }
+
     /// What the threads of a worker are serving: ("GET /x", ms since start).
     pub fn in_flight(&self, slot: usize, now_ms: u64) -> Vec<(String, u64)> {
         (0..self.threads)

@@ -133,7 +133,23 @@ pub struct Master<'a, H: Hooks> {
     /// Workers started by this master's previous program (before a re-exec):
     /// stopped once the new workers are ready.
     inherited: Vec<libc::pid_t>,
+    /// Adaptive pool: when the pool was last seen with a spare worker.
+    scale: Scaling,
 }
+
+/// What the adaptive pool has seen lately.
+#[derive(Debug, Default)]
+struct Scaling {
+    /// Consecutive ticks with every thread of every worker busy, or
+    /// connections waiting in a listen queue.
+    saturated_ticks: u32,
+    /// Since when at most `workers - 1` workers were needed.
+    idle_since: Option<Instant>,
+    last_change: Option<Instant>,
+}
+
+/// Ticks (100 ms) of saturation before the adaptive pool grows.
+const SCALE_UP_TICKS: u32 = 3;
 
 /// Scoreboard slots: room for growing with TTIN and for a full reload set.
 fn slot_capacity(workers: usize) -> usize {
@@ -161,6 +177,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             replace_after: None,
             told_ready: false,
             inherited: take_inherited_workers(),
+            scale: Scaling::default(),
         })
     }
 
@@ -264,14 +281,14 @@ impl<'a, H: Hooks> Master<'a, H> {
                 }
             }
             Action::AddWorker => {
-                if self.phase == Phase::Running {
+                if self.phase == Phase::Running && self.target < self.max_workers() {
                     self.target += 1;
                     info!("Received {name}: workers {} -> {}", self.target - 1, self.target);
                     self.spawn();
                 }
             }
             Action::RemoveWorker => {
-                if self.phase == Phase::Running && self.target > 1 {
+                if self.phase == Phase::Running && self.target > self.min_workers() {
                     self.target -= 1;
                     info!("Received {name}: workers {} -> {}", self.target + 1, self.target);
                     let newest = self
@@ -300,6 +317,7 @@ impl<'a, H: Hooks> Master<'a, H> {
         match self.phase {
             Phase::Running => {
                 self.advance_replacements();
+                self.autoscale();
                 if !self.told_ready {
                     let ready = self
                         .workers
@@ -453,6 +471,82 @@ impl<'a, H: Hooks> Master<'a, H> {
             unsafe { libc::fcntl(l.fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
         }
         self.told_ready = false;
+    }
+
+    fn min_workers(&self) -> usize {
+        if self.config.workers_max.is_some() {
+            self.config.workers.max(1)
+        } else {
+            1
+        }
+    }
+
+    fn max_workers(&self) -> usize {
+        self.config.workers_max.unwrap_or(self.free_slots.len() + self.workers.len())
+    }
+
+    /// The adaptive pool (`--workers-max`): one worker more after a few
+    /// ticks with every thread busy or connections waiting to be accepted;
+    /// one fewer after `scale_down_idle` in which the pool had a worker to
+    /// spare. Each decision is logged with its reason.
+    fn autoscale(&mut self) {
+        let Some(max) = self.config.workers_max else {
+            return;
+        };
+        let min = self.min_workers();
+        let serving: Vec<usize> = self.workers.values().filter(|w| !w.retiring).map(|w| w.slot).collect();
+        if serving.iter().any(|&s| self.scoreboard.state(s) != WorkerState::Ready) {
+            return; // a worker is booting: judge the pool once it is whole
+        }
+        let threads = self.config.threads.max(1);
+        let busy: usize = serving.iter().map(|&s| self.scoreboard.busy_threads(s)).sum();
+        let queued: u32 = self.listeners.iter().map(|l| l.queued()).sum();
+        let capacity = serving.len() * threads;
+        let now = Instant::now();
+        let settled = self.scale.last_change.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
+        if busy >= capacity || queued > 0 {
+            self.scale.saturated_ticks += 1;
+            self.scale.idle_since = None;
+        } else {
+            self.scale.saturated_ticks = 0;
+            // Spare capacity: what is busy would fit in one worker fewer.
+            if busy + threads <= capacity {
+                self.scale.idle_since.get_or_insert(now);
+            } else {
+                self.scale.idle_since = None;
+            }
+        }
+        if self.scale.saturated_ticks >= SCALE_UP_TICKS && self.target < max && settled {
+            self.target += 1;
+            info!(
+                "Scaling up to {} worker(s): {busy} of {capacity} threads busy, {queued} connection(s) waiting to be accepted",
+                self.target
+            );
+            self.scale.saturated_ticks = 0;
+            self.scale.last_change = Some(now);
+            self.spawn();
+            return;
+        }
+        let idle_for = self.scale.idle_since.map_or(Duration::ZERO, |t| now.duration_since(t));
+        if idle_for >= self.config.scale_down_idle && self.target > min && settled {
+            self.target -= 1;
+            info!(
+                "Scaling down to {} worker(s): at most {busy} of {capacity} threads busy for {:.0} s",
+                self.target,
+                idle_for.as_secs_f64()
+            );
+            self.scale.idle_since = Some(now);
+            self.scale.last_change = Some(now);
+            let newest = self
+                .workers
+                .iter()
+                .filter(|(_, w)| !w.retiring && w.replaces.is_none())
+                .max_by_key(|(_, w)| w.started)
+                .map(|(p, _)| *p);
+            if let Some(pid) = newest {
+                self.retire(pid, libc::SIGTERM);
+            }
+        }
     }
 
     /// Tells a worker to stop; its exit is then expected.

@@ -398,8 +398,12 @@ fn begin_drain<A: App>(w: &Shared<A>) {
         // A wake-up epoll gave this worker just before the removal is not
         // given to any other worker: take what is queued now and serve it.
         // Connections arriving from here on wake the other workers.
-        while let Some(conn) = accept_one(w, idx) {
-            park(w, conn);
+        loop {
+            match accept_one(w, idx) {
+                Accepted::Conn(conn) => park(w, conn),
+                Accepted::Shed => {}
+                Accepted::None => break,
+            }
         }
         unsafe { libc::close(*fd) };
     }
@@ -472,16 +476,57 @@ fn accept_batch<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, idx: usi
     // Even while draining: epoll woke this worker (and no other) for these
     // connections, so they are served here or nowhere.
     for _ in 0..ACCEPT_BATCH {
-        let Some(conn) = accept_one(w, idx) else {
-            return;
-        };
-        // Serve right away: the request often arrived with the connection.
-        serve_claimed(w, state, t, conn);
+        match accept_one(w, idx) {
+            // Serve right away: the request often arrived with the connection.
+            Accepted::Conn(conn) => serve_claimed(w, state, t, conn),
+            Accepted::Shed => {}
+            Accepted::None => return,
+        }
+    }
+}
+
+enum Accepted {
+    Conn(Box<Conn>),
+    /// Over `--max-connections`: answered 503 and closed.
+    Shed,
+    None,
+}
+
+/// Connections shed since the last log line about it, and when that was.
+static SHED: Mutex<(u64, u64)> = Mutex::new((0, 0));
+
+/// Answers a connection over the limit with 503 and closes it; logs at most
+/// once a second how many were turned away.
+fn shed<A: App>(w: &Shared<A>, fd: RawFd, idx: usize) {
+    let blocking: fn(&mut dyn FnMut()) = |f| f();
+    let mut io = Io::new(fd, 1000, 0);
+    let reply = match w.listeners[idx].1.protocol {
+        // FastCGI needs a request id to answer on; closing is its 503.
+        Protocol::FastCgi => Vec::new(),
+        Protocol::Scgi => error_reply(Wire::Scgi, 503, "server overloaded"),
+        _ => error_response(503, "server overloaded"),
+    };
+    if !reply.is_empty() {
+        let _ = io.write_parts(&[&reply], blocking);
+    }
+    drain_and_close(fd);
+    unsafe { libc::close(fd) };
+    let now = mono_ms();
+    let mut shed = SHED.lock().unwrap_or_else(|p| p.into_inner());
+    shed.0 += 1;
+    if now >= shed.1 + 1000 {
+        warn!(
+            "Overloaded: {} connection(s) turned away with 503 (this worker holds --max-connections {}): pid={}",
+            shed.0,
+            w.config.max_connections,
+            std::process::id()
+        );
+        *shed = (0, now);
     }
 }
 
 /// Accepts one connection from listener `idx`, if one is waiting.
-fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Option<Box<Conn>> {
+fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Accepted {
     let lfd = w.listeners[idx].0;
     let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
@@ -507,7 +552,11 @@ fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Option<Box<Conn>> {
             }
             _ => error!("accept: {e}"),
         }
-        return None;
+        return Accepted::None;
+    }
+    if w.registry.lock().unwrap().live >= w.config.max_connections {
+        shed(w, fd, idx);
+        return Accepted::Shed;
     }
     let (remote_addr, remote_port) = peer_strings(&addr, w.listeners[idx].1.is_unix);
     if !w.listeners[idx].1.is_unix {
@@ -542,7 +591,7 @@ fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Option<Box<Conn>> {
             }
         }
     };
-    Some(Box::new(Conn {
+    Accepted::Conn(Box::new(Conn {
         entry,
         slot,
         io: Arc::new(Mutex::new(Io::new(fd, w.config.io_timeout.as_millis() as i32, w.config.max_body_size))),

@@ -63,6 +63,28 @@ pub struct Cli {
           value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub workers: u32,
 
+    /// Adaptive pool: the fewest workers (default: --workers). Needs --workers-max.
+    #[arg(long, value_name = "N", env = "CORRAL_WORKERS_MIN", requires = "workers_max",
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub workers_min: Option<u32>,
+
+    /// Adaptive pool: grow up to N workers while every thread is busy or connections wait,
+    /// shrink back after --scale-down-idle seconds with a worker to spare.
+    #[arg(long, value_name = "N", env = "CORRAL_WORKERS_MAX",
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub workers_max: Option<u32>,
+
+    /// Adaptive pool: seconds with a worker to spare before one is stopped.
+    #[arg(long, value_name = "SECS", env = "CORRAL_SCALE_DOWN_IDLE", default_value = "10",
+          value_parser = parse_positive_secs)]
+    pub scale_down_idle: Duration,
+
+    /// Connections one worker holds at most; past it new connections get 503 (logged).
+    #[arg(long, value_name = "N", env = "CORRAL_MAX_CONNECTIONS",
+          default_value_t = corral_engine::config::DEFAULT_MAX_CONNECTIONS as u64,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
+
     /// Threads per worker; they run the app concurrently while it waits on I/O.
     #[arg(long, value_name = "N", env = "CORRAL_THREADS", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=1024))]
@@ -344,9 +366,20 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         }
     };
     let files = SocketFileOptions { mode: cli.socket_mode, owner };
+    let workers = match (cli.workers_min, cli.workers_max) {
+        (min, Some(max)) => {
+            let min = min.unwrap_or(cli.workers);
+            if min > max {
+                error!("--workers-min {min} is greater than --workers-max {max}");
+                return Ok(2);
+            }
+            min
+        }
+        _ => cli.workers,
+    };
     let config = Config {
         http: parsed.iter().map(|(_, a)| a.clone()).collect(),
-        workers: cli.workers as usize,
+        workers: workers as usize,
         threads: cli.threads as usize,
         backlog: cli.backlog,
         limits: Limits {
@@ -364,6 +397,9 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         max_requests_jitter: cli.max_requests_jitter,
         max_worker_lifetime: cli.max_worker_lifetime,
         reload_on_rss: cli.reload_on_rss.map(|m| m << 20),
+        workers_max: cli.workers_max.map(|m| m as usize),
+        scale_down_idle: cli.scale_down_idle,
+        max_connections: cli.max_connections as usize,
     };
 
     // After a re-exec the previous program's sockets are still open here:
