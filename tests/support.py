@@ -84,6 +84,7 @@ class Server:
         cwd: str | os.PathLike | None = None,
         pythonpath: str | os.PathLike | None = APPS,
         command: list[str] | None = None,
+        pass_fds: tuple[int, ...] = (),
     ):
         cmd = list(command or CORRAL)
         for addr in [http] if isinstance(http, str) else http or []:
@@ -111,6 +112,7 @@ class Server:
             env=full_env,
             cwd=cwd,
             start_new_session=True,
+            pass_fds=pass_fds,
         )
         self.pgid = self.proc.pid
         STARTED_GROUPS.append(self.pgid)

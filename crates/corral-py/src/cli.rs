@@ -320,6 +320,12 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     // they are used when no listener is given on the command line, and are
     // reachable as fd://N either way.
     let activated = corral_engine::systemd::take_listen_fds();
+    // Python copied the environment at start-up: drop these from its copy
+    // too, or the app and its subprocesses would still see them.
+    let environ = py.import("os")?.getattr("environ")?;
+    for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        environ.call_method1("pop", (var, py.None()))?;
+    }
     let activated_addrs: Vec<(Protocol, String)> = activated
         .iter()
         .map(|(fd, name)| {
@@ -459,15 +465,6 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             }
         }
     };
-    if let Some((uid, gid, name)) = &ids {
-        if let Err(e) = drop_privileges(*uid, *gid, name) {
-            error!("{e}");
-            remove_pidfile();
-            return Ok(1);
-        }
-        info!("Running as user {name} (uid {uid}, gid {gid})");
-    }
-
     let preloaded = if cli.preload {
         match load_app(py, &spec) {
             Ok(app) => {
@@ -483,6 +480,17 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     } else {
         None
     };
+
+    // After --preload: the app is imported with the rights it was started
+    // with (as gunicorn's master does), then the whole process switches.
+    if let Some((uid, gid, name)) = &ids {
+        if let Err(e) = drop_privileges(*uid, *gid, name) {
+            error!("{e}");
+            remove_pidfile();
+            return Ok(1);
+        }
+        info!("Running as user {name} (uid {uid}, gid {gid})");
+    }
 
     info!(
         "Starting corral {} with {} worker(s) x {} thread(s), pid {}",
@@ -505,6 +513,10 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             return Ok(1);
         }
     };
+    // The master has read what a re-exec handed down; the app must not see it.
+    for var in [corral_engine::supervise::INHERIT_ENV, corral_engine::supervise::OLD_WORKERS_ENV] {
+        environ.call_method1("pop", (var, py.None()))?;
+    }
     let code = master.run();
     remove_pidfile();
     Ok(code)

@@ -1,0 +1,210 @@
+"""systemd integration, driven by the sample units in docs/deploy/systemd/.
+
+The tests do what systemd does with those files, without systemd: bind the
+socket unit's socket and hand it to corral as descriptor 3 with LISTEN_PID,
+LISTEN_FDS and LISTEN_FDNAMES, run the service's ExecStart command line, and
+listen on a NOTIFY_SOCKET for its READY/RELOADING/STOPPING messages. They
+also run corral as root dropping to an unprivileged user, as `User=` asks.
+"""
+
+import configparser
+import os
+import pathlib
+import shlex
+import shutil
+import signal
+import socket
+import stat
+import sys
+import tempfile
+
+import pytest
+from support import APPS, CORRAL, ROOT
+
+UNITS = ROOT / "docs" / "deploy" / "systemd"
+
+# Moves descriptor argv[1] to 3, sets LISTEN_PID to this process, and execs argv[2:].
+LAUNCH = (
+    "import os, sys\n"
+    "fd = int(sys.argv[1])\n"
+    "os.dup2(fd, 3)\n"
+    "os.close(fd)\n"
+    "os.environ['LISTEN_PID'] = str(os.getpid())\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def _unit(name):
+    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    parser.optionxform = str  # keys are case-sensitive in systemd units
+    parser.read(UNITS / name)
+    return parser
+
+
+class Notifications:
+    """A NOTIFY_SOCKET: a unix datagram socket anyone may send to (like systemd's)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        os.chmod(self.path, 0o777)
+
+    def next(self, timeout=20.0) -> dict:
+        self.sock.settimeout(timeout)
+        data = self.sock.recv(4096).decode()
+        return dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
+
+    def close(self):
+        self.sock.close()
+
+
+def _service_args():
+    """ExecStart's options, with the sample project's app replaced by a test app."""
+    argv = shlex.split(_unit("corral.service")["Service"]["ExecStart"])
+    assert argv[0].endswith("/corral")
+    assert argv[-1] == "myproject.wsgi:application"
+    return argv[1:-1]
+
+
+def test_socket_activation_and_notify(start_server, tmp_path):
+    sock_unit = _unit("corral.socket")["Socket"]
+    service = _unit("corral.service")["Service"]
+    assert service["Type"] == "notify"
+    assert service["KillMode"] == "mixed"
+    name = sock_unit["FileDescriptorName"]
+    host, _port = sock_unit["ListenStream"].rsplit(":", 1)
+    listener = socket.socket()
+    listener.bind((host, 0))  # the unit's address, on a free port
+    listener.listen(int(sock_unit["Backlog"]))
+    port = listener.getsockname()[1]
+    notify = Notifications(tmp_path / "notify.sock")
+    try:
+        # systemd passes the socket as fd 3 and names the receiving pid, which
+        # exec keeps: the launcher's own pid becomes corral's.
+        fd = listener.fileno()
+        launcher = [sys.executable, "-c", LAUNCH, str(fd), *CORRAL]
+        server = start_server(
+            "behaviour:application",
+            *_service_args(),
+            http=None,
+            command=launcher,
+            pass_fds=(fd,),
+            env={"LISTEN_FDS": "1", "LISTEN_FDNAMES": name, "NOTIFY_SOCKET": notify.path},
+            wait=False,
+        )
+        listener.close()  # corral has it now, as systemd would keep its own copy
+        ready = notify.next()
+        assert ready.get("READY") == "1", ready
+        server.wait_for(rf"Listening at: http://{host}:{port} \(fd 3\)")
+        server.host, server.port = host, port
+        server.wait_for(r"Worker ready", count=4)
+        assert server.request("GET", "/fixed").status == 200
+        # LISTEN_* are meant for corral alone: the app does not see them.
+        for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            assert server.get_json(f"/os-environ?key={key}")["value"] is None, key
+
+        server.signal(signal.SIGHUP)
+        assert "RELOADING" in notify.next()
+        assert notify.next().get("READY") == "1"
+        assert server.request("GET", "/fixed").status == 200
+
+        server.signal(signal.SIGTERM)
+        assert notify.next().get("STOPPING") == "1"
+        assert server.wait_exit(30) == 0
+    finally:
+        notify.close()
+
+
+def _uid_of(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no Uid line for {pid}")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_runs_as_nobody_after_binding_a_privileged_port(start_server, request):
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    # Like /run/corral: a directory the unprivileged user can reach and write,
+    # so it can remove its pidfile and socket at exit (pytest's own tmp dirs
+    # are private to root).
+    rundir = pathlib.Path(tempfile.mkdtemp(prefix="corral-run-"))
+    request.addfinalizer(lambda: shutil.rmtree(rundir, ignore_errors=True))
+    os.chmod(rundir, 0o777)
+    pidfile = rundir / "corral.pid"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free_low = None
+        for candidate in range(800, 1000):
+            try:
+                with socket.socket() as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    s.bind(("127.0.0.1", candidate))
+                free_low = candidate
+                break
+            except OSError:
+                continue
+    assert free_low is not None
+    server = start_server(
+        "behaviour:application",
+        "--user",
+        "nobody",
+        "--pidfile",
+        str(pidfile),
+        "--umask",
+        "027",
+        # Imported as root before the switch: the interpreter's own files
+        # (here under root's home) need not be readable by nobody then.
+        "--preload",
+        "--uwsgi",
+        f"unix:{rundir}/app.sock",
+        http=f"127.0.0.1:{free_low}",
+    )
+    assert server.port == free_low  # bound as root: a port below 1024
+    assert server.grep(r"Running as user nobody")
+    master = int(pidfile.read_text())
+    assert master == server.proc.pid
+    assert _uid_of(master) == nobody.pw_uid
+    for pid in server.worker_pids():
+        assert _uid_of(pid) == nobody.pw_uid
+    # The umask applied to the socket file corral created.
+    mode = stat.S_IMODE(os.stat(rundir / "app.sock").st_mode)
+    assert mode & 0o007 == 0, oct(mode)
+    assert server.request("GET", "/fixed").status == 200
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(30) == 0
+    assert not pidfile.exists()
+    assert not (rundir / "app.sock").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--user", "no-such-user-here"], "--user"),
+        (["--group", "nogroup"], "--group needs --user"),
+        (["--user", "nobody", "--group", "no-such-group-here"], "--group"),
+        (["--umask", "999"], "--umask"),
+        (["--workers-min", "3", "--workers-max", "2"], "--workers-min 3 is greater than --workers-max 2"),
+        (["--workers-min", "2"], "--workers-max"),
+        (["--timeout", "0"], "--timeout"),
+    ],
+)
+def test_bad_lifecycle_options_fail_at_start(start_server, args, message):
+    server = start_server("behaviour:application", *args, wait=False)
+    assert server.wait_exit(10) != 0
+    assert message in server.log, server.log
+
+
+def test_docs_units_use_existing_options():
+    """Every option in the sample ExecStart is one corral accepts."""
+    import subprocess
+
+    help_text = subprocess.run([*CORRAL, "--help"], capture_output=True, text=True, check=True).stdout
+    for arg in _service_args():
+        if arg.startswith("--"):
+            assert arg in help_text, arg
+    assert (APPS / "behaviour.py").exists()
