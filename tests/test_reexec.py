@@ -1,0 +1,88 @@
+"""The master re-executing itself (SIGUSR2) under load, and --timeout on a
+request stuck in C code with the GIL held."""
+
+import re
+import signal
+import threading
+import time
+
+from support import READY_RE, IncompleteResponse, wait_until
+
+
+class Load:
+    """Sequential requests on new connections, each one counted."""
+
+    def __init__(self, server, target="/fixed"):
+        self.server, self.target = server, target
+        self.ok = 0
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                status = self.server.request("GET", self.target, timeout=10).status
+                if status == 200:
+                    self.ok += 1
+                else:
+                    self.failures.append(f"status {status}")
+            except (OSError, IncompleteResponse) as e:
+                self.failures.append(repr(e))
+
+    def finish(self):
+        self.stop.set()
+        self.thread.join(30)
+        return self
+
+
+def test_usr2_reexec_under_load_refuses_nothing(start_server):
+    server = start_server("behaviour:application", workers=2, threads=2)
+    old_workers = set(server.worker_pids())
+    loads = [Load(server) for _ in range(3)]
+    for round_ in range(3):
+        mark = server.mark()
+        server.signal(signal.SIGUSR2)
+        server.wait_for(r"re-executing the master", since=mark)
+        # The same master (pid) starts new workers, then stops the old ones.
+        server.wait_for(READY_RE.pattern, count=2, since=mark, timeout=20)
+        server.wait_for(r"from before the re-exec exited", count=2, since=mark, timeout=20)
+        assert server.running()
+    results = [load.finish() for load in loads]
+    failures = [f for r in results for f in r.failures]
+    assert not failures, failures
+    assert sum(r.ok for r in results) > 100
+    # The listening address never changed and the new workers answer.
+    now = {int(server.request("GET", "/pid").body) for _ in range(10)}
+    assert not now & old_workers
+    assert len(server.grep(r"Listening at: http://")) == 4  # first start + 3 re-execs, same port
+    ports = {m.group(0) for m in server.grep(r"Listening at: http://\S+")}
+    assert len(ports) == 1, ports
+
+
+def test_timeout_on_a_request_stuck_in_c_with_the_gil(start_server):
+    server = start_server("c_hang:application", "--timeout", "1", workers=2, threads=2)
+    stuck_pid = None
+    mark = server.mark()
+    started = time.monotonic()
+    resp = server.request("GET", "/hang", timeout=30)
+    elapsed = time.monotonic() - started
+    assert resp.status == 504
+    # Loose bound (the deadline is checked four times a second): it is the
+    # worker's main thread, not Python, that notices.
+    assert elapsed < 5, elapsed
+    line = server.wait_for(r"Request timeout: GET /hang ran for .* in worker \d+ \(pid (\d+)\)", since=mark)[
+        0
+    ]
+    stuck_pid = int(line.group(1))
+    # The stack names the Python function that called into C.
+    assert re.search(r"line \d+ in hold_the_gil_in_c", server.log), server.log
+    # The stuck worker is replaced and then gone; the pool is whole again.
+    server.wait_for(READY_RE.pattern, since=mark, timeout=20)
+    assert wait_until(
+        lambda: server.grep(rf"\(pid {stuck_pid}\) exited|pid {stuck_pid}\) was killed", since=mark), 30
+    )
+    pids = {int(server.request("GET", "/").body) for _ in range(20)}
+    assert stuck_pid not in pids
+    assert server.running()
