@@ -49,6 +49,8 @@ pub struct Config {
     pub scale_down_idle: Duration,
     /// Connections one worker holds at most; past it new ones get 503.
     pub max_connections: usize,
+    /// Access log: where (`-` for stdout, or a file) and in what format.
+    pub access_log: Option<(String, crate::access::Format)>,
 }
 
 /// Default `--max-connections` per worker (gunicorn's worker_connections).
@@ -77,6 +79,7 @@ impl Default for Config {
             workers_max: None,
             scale_down_idle: DEFAULT_SCALE_DOWN_IDLE,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            access_log: None,
         }
     }
 }

@@ -22,6 +22,28 @@ pub fn mono_ms() -> u64 {
     ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
 }
 
+/// UTC calendar fields of `secs` since the epoch: (year, month, day, hour,
+/// minute, second).
+pub fn civil(secs: i64) -> (i64, u32, u32, u32, u32, u32) {
+    let (y, m, d) = civil_from_days(secs.div_euclid(86400));
+    let rem = secs.rem_euclid(86400) as u32;
+    (y, m, d, rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
 /// Appends `Date: <IMF-fixdate>\r\n`.
 pub fn append_date_header(out: &mut Vec<u8>) {
     let now = now_secs();
@@ -40,6 +62,14 @@ pub fn append_date_header(out: &mut Vec<u8>) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn civil_dates() {
+        // Expected values from Python: datetime.fromtimestamp(N, timezone.utc).
+        assert_eq!(super::civil(0), (1970, 1, 1, 0, 0, 0));
+        assert_eq!(super::civil(1_763_997_637), (2025, 11, 24, 15, 20, 37));
+        assert_eq!(super::civil_from_days(20416), (2025, 11, 24));
+    }
+
     #[test]
     fn date_header_shape() {
         let mut v = Vec::new();

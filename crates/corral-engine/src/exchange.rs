@@ -188,6 +188,9 @@ pub(crate) struct Io {
     pub framing: RespFraming,
     pub app_length: Option<u64>,
     pub bytes_sent: u64,
+    /// Response headers as the app gave them, kept only when the access
+    /// log shows some (`%({name}o)s`).
+    pub logged_headers: Option<Vec<(Vec<u8>, Vec<u8>)>>,
 }
 
 impl Io {
@@ -215,6 +218,7 @@ impl Io {
             framing: RespFraming::NoBody,
             app_length: None,
             bytes_sent: 0,
+            logged_headers: None,
         }
     }
 
@@ -1035,6 +1039,9 @@ impl Exchange {
         let code = parse_status(status)?;
         io.status = code;
         io.app_length = None;
+        if let Some(kept) = &mut io.logged_headers {
+            kept.clear();
+        }
         io.head.clear();
         let prefix: &[u8] = match io.wire {
             Wire::Http | Wire::Uwsgi => b"HTTP/1.1 ",
@@ -1084,6 +1091,9 @@ impl Exchange {
         io.head.extend_from_slice(b": ");
         io.head.extend_from_slice(value);
         io.head.extend_from_slice(b"\r\n");
+        if let Some(kept) = &mut io.logged_headers {
+            kept.push((name.to_ascii_lowercase(), value.to_vec()));
+        }
         Ok(())
     }
 

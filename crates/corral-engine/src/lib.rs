@@ -5,6 +5,7 @@
 //! [`App`]; the master's embedding (forking an interpreter, say) plugs in
 //! through [`supervise::Hooks`]. The protocol codecs live in `corral-proto`.
 
+pub mod access;
 pub mod app;
 pub mod cgi;
 pub mod config;
@@ -12,6 +13,7 @@ pub mod date;
 pub mod exchange;
 mod gateway;
 pub mod listen;
+pub mod logfile;
 pub mod scoreboard;
 pub mod supervise;
 pub mod systemd;

@@ -220,6 +220,12 @@ impl<'a, H: Hooks> Master<'a, H> {
         let name = signal_name(sig);
         match action {
             Action::ReapChildren => {}
+            Action::GracefulStop if matches!(self.phase, Phase::Draining { .. }) => {
+                // A second TERM or INT (Ctrl-C twice) means: do not wait.
+                info!("Received {name} again while draining: stopping now");
+                self.signal_all(libc::SIGQUIT);
+                self.phase = Phase::Stopping { deadline: Instant::now() + Duration::from_secs(2) };
+            }
             Action::GracefulStop => {
                 if let Phase::Running = self.phase {
                     info!(
@@ -307,7 +313,12 @@ impl<'a, H: Hooks> Master<'a, H> {
                 }
             }
             Action::ReopenLogs => {
-                info!("Received {name}: logs go to stderr; nothing to reopen");
+                match crate::logfile::reopen() {
+                    Ok(true) => info!("Received {name}: reopened the error log; workers reopen their logs"),
+                    Ok(false) => info!("Received {name}: workers reopen their log files"),
+                    Err(e) => error!("Received {name}: {e}"),
+                }
+                self.signal_all(libc::SIGUSR1);
             }
         }
     }

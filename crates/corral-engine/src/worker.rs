@@ -22,6 +22,7 @@ use corral_proto::http1::{self, BodyFraming, Head, Version};
 use corral_proto::{fastcgi, Status};
 use tracing::{debug, error, info, warn};
 
+use crate::access::{AccessLog, Sink};
 use crate::app::{App, ListenerInfo, Meta, Request};
 use crate::cgi::{self, CgiParams};
 use crate::config::Config;
@@ -99,6 +100,7 @@ type Serving = (RawFd, Arc<Mutex<Io>>);
 
 struct Shared<A: App> {
     app: A,
+    access: Option<AccessLog>,
     config: Config,
     max_requests: Option<u64>,
     /// Per thread: the connection of the request it is serving, so the main
@@ -147,8 +149,19 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
     }
     let threads = ctx.config.threads.max(1);
     gateway::MAX_REQS.store(threads, Ordering::Relaxed);
+    let access = match &ctx.config.access_log {
+        Some((target, format)) => match Sink::open(target) {
+            Ok(sink) => Some(AccessLog::new(format.clone(), sink, threads)),
+            Err(e) => {
+                error!("{e}");
+                return 1;
+            }
+        },
+        None => None,
+    };
     let shared = Arc::new(Shared {
         app,
+        access,
         max_requests: ctx.max_requests,
         current: (0..threads).map(|_| Mutex::new(None)).collect(),
         timed_out: (0..threads).map(|_| AtomicBool::new(false)).collect(),
@@ -180,6 +193,8 @@ struct WorkerSignals {
     read_fd: RawFd,
     stop: Arc<AtomicBool>,
     quit: Arc<AtomicBool>,
+    /// SIGUSR1: reopen log files (after logrotate renamed them).
+    reopen: Arc<AtomicBool>,
 }
 
 impl WorkerSignals {
@@ -203,17 +218,19 @@ impl WorkerSignals {
             signal_hook::flag::register(sig, stop.clone())?;
         }
         signal_hook::flag::register(SIGQUIT, quit.clone())?;
-        for sig in [SIGTERM, SIGINT, SIGQUIT] {
+        let reopen = Arc::new(AtomicBool::new(false));
+        signal_hook::flag::register(SIGUSR1, reopen.clone())?;
+        for sig in [SIGTERM, SIGINT, SIGQUIT, SIGUSR1] {
             let w = unsafe { libc::dup(fds[1]) };
             signal_hook::low_level::pipe::register_raw(sig, w)?;
         }
         // Signals meant for the master alone: a worker ignores them rather
         // than die of their default action when a whole group is signalled.
-        for sig in [SIGHUP, SIGUSR1, SIGUSR2, SIGTTIN, SIGTTOU, SIGWINCH] {
+        for sig in [SIGHUP, SIGUSR2, SIGTTIN, SIGTTOU, SIGWINCH] {
             unsafe { libc::signal(sig, libc::SIG_IGN) };
         }
         unsafe { libc::close(fds[1]) };
-        Ok(WorkerSignals { read_fd: fds[0], stop, quit })
+        Ok(WorkerSignals { read_fd: fds[0], stop, quit, reopen })
     }
 
     fn wait(&self, timeout: Duration) {
@@ -236,6 +253,9 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
         signals.wait(SWEEP_INTERVAL);
         if signals.quit.load(Ordering::Relaxed) {
             info!("Worker exiting at once (SIGQUIT): pid={}", std::process::id());
+            if let Some(log) = &w.access {
+                log.flush();
+            }
             return 0;
         }
         if signals.stop.load(Ordering::Relaxed) && drain_deadline.is_none() {
@@ -243,6 +263,21 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
             begin_drain(w);
         }
         let now = mono_ms();
+        let reopen = signals.reopen.swap(false, Ordering::Relaxed);
+        if reopen {
+            if let Err(e) = crate::logfile::reopen() {
+                error!("{e}");
+            }
+        }
+        if let Some(log) = &w.access {
+            log.flush();
+            if reopen {
+                match log.reopen() {
+                    Ok(()) => info!("Reopened the access log: pid={}", std::process::id()),
+                    Err(e) => error!("{e}"),
+                }
+            }
+        }
         sweep(w, now, drain_deadline.is_some());
         check_timeouts(w, now);
         if !recycling && drain_deadline.is_none() {
@@ -255,8 +290,14 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
             // before the listeners closed and not registered it yet.
             empty_ticks = if live == 0 { empty_ticks + 1 } else { 0 };
             if empty_ticks >= 2 {
+                if let Some(log) = &w.access {
+                    log.flush();
+                }
                 info!("Worker stopped gracefully: pid={}", std::process::id());
                 return 0;
+            }
+            if let Some(log) = &w.access {
+                log.flush();
             }
             if stuck > 0 && live <= stuck {
                 // Only timed-out requests are left; they may hold the GIL
@@ -315,6 +356,7 @@ fn check_timeouts<A: App>(w: &Shared<A>, now: u64) {
                         let blocking: fn(&mut dyn FnMut()) = |f| f();
                         let fresh = io.phase < RespPhase::Sent && !io.broken;
                         if fresh {
+                            io.status = 504;
                             let reply = error_reply(io.wire, 504, "the request timed out");
                             let _ = io.write_parts(&[&reply], blocking);
                         }
@@ -1071,6 +1113,9 @@ fn handle_request<A: App>(
         io.bytes_sent = 0;
         io.aborted = false;
         io.fcgi_aborted = false;
+        if w.access.as_ref().is_some_and(|a| a.format.needs_response_headers()) {
+            io.logged_headers.get_or_insert_with(Vec::new).clear();
+        }
         io.generation += 1;
         (bytes, params, io.generation)
     };
@@ -1088,23 +1133,92 @@ fn handle_request<A: App>(
     if w.config.timeout.is_some() {
         *w.current[t].lock().unwrap() = Some((conn.entry.fd, conn.io.clone()));
     }
+    let started = std::time::Instant::now();
     w.scoreboard.begin(w.slot, t, req.method(), req.target(), mono_ms());
     let mut ex = Exchange { io: conn.io.clone(), generation, blocking: A::blocking };
     w.app.call(state, &req, &mut ex);
     w.scoreboard.end(w.slot, t);
-    if w.config.timeout.is_some() {
+    let keep = if w.config.timeout.is_some() && {
         *w.current[t].lock().unwrap() = None;
-        if w.timed_out[t].swap(false, Ordering::AcqRel) {
-            w.stuck.fetch_sub(1, Ordering::AcqRel);
-            warn!(
-                "Timed-out request {} {} returned after all",
-                String::from_utf8_lossy(req.method()),
-                String::from_utf8_lossy(req.target())
-            );
-            return false;
-        }
+        w.timed_out[t].swap(false, Ordering::AcqRel)
+    } {
+        w.stuck.fetch_sub(1, Ordering::AcqRel);
+        warn!(
+            "Timed-out request {} {} returned after all",
+            String::from_utf8_lossy(req.method()),
+            String::from_utf8_lossy(req.target())
+        );
+        false
+    } else {
+        complete(conn, listener, &req)
+    };
+    if let Some(log) = &w.access {
+        log_request(log, t, conn, &req, started.elapsed());
     }
+    if keep {
+        conn.request_started = mono_ms();
+    }
+    keep
+}
 
+/// Writes the access log line of a request that has ended.
+fn log_request(log: &AccessLog, t: usize, conn: &Conn, req: &Request<'_>, took: Duration) {
+    let io = conn.io.lock().unwrap();
+    let cgi = req.cgi();
+    let remote = match cgi.and_then(|c| c.get(req.bytes, b"REMOTE_ADDR")) {
+        Some(a) => String::from_utf8_lossy(a).into_owned(),
+        None => conn.remote_addr.clone(),
+    };
+    let request_header = |name: &str| -> Option<Vec<u8>> {
+        match cgi {
+            Some(c) => {
+                let key: Vec<u8> = b"HTTP_"
+                    .iter()
+                    .copied()
+                    .chain(name.bytes().map(|b| if b == b'-' { b'_' } else { b.to_ascii_uppercase() }))
+                    .collect();
+                c.get(req.bytes, &key).map(<[u8]>::to_vec)
+            }
+            None => {
+                let mut values = req.fields().filter(|(n, _, _)| n.eq_ignore_ascii_case(name.as_bytes()));
+                let first = values.next()?.1.to_vec();
+                Some(values.fold(first, |mut acc, (_, v, _)| {
+                    acc.push(b',');
+                    acc.extend_from_slice(v);
+                    acc
+                }))
+            }
+        }
+    };
+    let response_header = |name: &str| -> Option<Vec<u8>> {
+        let kept = io.logged_headers.as_ref()?;
+        kept.iter().find(|(n, _)| n == name.as_bytes()).map(|(_, v)| v.clone())
+    };
+    let environ = |name: &str| std::env::var_os(name).map(|v| v.into_encoded_bytes());
+    let protocol = match cgi.and_then(|c| c.get(req.bytes, b"SERVER_PROTOCOL")) {
+        Some(p) => String::from_utf8_lossy(p).into_owned(),
+        None => req.protocol().to_string(),
+    };
+    log.log(
+        t,
+        &crate::access::Entry {
+            remote_addr: &remote,
+            method: req.method(),
+            target: req.target(),
+            protocol: &protocol,
+            status: io.status,
+            bytes: io.bytes_sent,
+            micros: took.as_micros() as u64,
+            request_header: &request_header,
+            response_header: &response_header,
+            environ: &environ,
+        },
+    );
+}
+
+/// Finishes the exchange after the app returned: completes or aborts the
+/// response and decides whether the connection carries another request.
+fn complete(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>) -> bool {
     let mut io = conn.io.lock().unwrap();
     // Stale handles kept by the app must not touch the next request.
     io.generation += 1;
@@ -1121,7 +1235,6 @@ fn handle_request<A: App>(
         if io.end_fcgi_request(blocking).is_err() || !io.keep_alive {
             return false;
         }
-        conn.request_started = mono_ms();
         return true;
     }
     if io.phase == RespPhase::Idle && !io.broken && !io.aborted {
@@ -1131,6 +1244,7 @@ fn handle_request<A: App>(
             String::from_utf8_lossy(req.target())
         );
         io.keep_alive = false;
+        io.status = 500;
         let reply = error_reply(io.wire, 500, "Internal Server Error");
         let _ = io.write_parts(&[&reply], blocking);
         return false;
@@ -1193,7 +1307,6 @@ fn handle_request<A: App>(
             }
         }
     }
-    conn.request_started = mono_ms();
     true
 }
 

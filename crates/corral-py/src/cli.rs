@@ -14,6 +14,12 @@ use tracing::{error, info, warn};
 use crate::load::{load_app, AppSpec};
 use crate::runtime::Runtime;
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum LogLevel {
     Debug,
@@ -166,6 +172,24 @@ pub struct Cli {
     #[arg(long, value_name = "GROUP", env = "CORRAL_GROUP")]
     pub group: Option<String>,
 
+    /// Write an access log line per request to FILE, or to stdout with `-`. Off by default.
+    #[arg(long, value_name = "FILE|-", env = "CORRAL_ACCESS_LOG")]
+    pub access_log: Option<String>,
+
+    /// Access log format: gunicorn's %(x)s atoms (h l u t r m U q H s B b f a T M D L p
+    /// {header}i {header}o {var}e), or `json`.
+    #[arg(long, value_name = "FORMAT", env = "CORRAL_ACCESS_LOG_FORMAT",
+          default_value = corral_engine::access::DEFAULT_FORMAT)]
+    pub access_log_format: String,
+
+    /// Write the error log to FILE instead of stderr (`-`). SIGUSR1 reopens it.
+    #[arg(long, value_name = "FILE|-", env = "CORRAL_ERROR_LOG", default_value = "-")]
+    pub error_log: String,
+
+    /// Error log lines as text or as JSON objects.
+    #[arg(long, value_enum, env = "CORRAL_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+
     /// Log level.
     #[arg(long, value_enum, env = "CORRAL_LOG_LEVEL", default_value = "info")]
     pub log_level: LogLevel,
@@ -269,7 +293,26 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             return Ok(code);
         }
     };
+    corral_engine::logfile::set_json(cli.log_format == LogFormat::Json);
+    if let Err(e) = corral_engine::logfile::set_error_log(&cli.error_log) {
+        eprintln!("corral: {e}");
+        return Ok(2);
+    }
     crate::logging::init(cli.log_level);
+    let access_format = match corral_engine::access::Format::parse(&cli.access_log_format) {
+        Ok(f) => f,
+        Err(e) => {
+            error!("--access-log-format: {e}");
+            return Ok(2);
+        }
+    };
+    if let Some(target) = &cli.access_log {
+        // Opened here once so a bad path fails at start, not in every worker.
+        if let Err(e) = corral_engine::access::Sink::open(target) {
+            error!("{e}");
+            return Ok(2);
+        }
+    }
     let start_dir = std::env::current_dir().ok();
 
     for kv in &cli.env {
@@ -406,6 +449,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         workers_max: cli.workers_max.map(|m| m as usize),
         scale_down_idle: cli.scale_down_idle,
         max_connections: cli.max_connections as usize,
+        access_log: cli.access_log.clone().map(|t| (t, access_format)),
     };
 
     // After a re-exec the previous program's sockets are still open here:

@@ -1,16 +1,57 @@
-//! Log lines on stderr: `[time] [pid] [LEVEL] message`, one line per event,
-//! in the shape gunicorn users already grep for.
+//! The error log: `[time] [pid] [LEVEL] message` (workers add `[worker N]`
+//! after the pid), one line per event, in the shape gunicorn users already
+//! grep for; or, with `--log-format json`, one JSON object per line. Lines go
+//! to stderr or to `--error-log FILE` (see `corral_engine::logfile`).
 
 use std::fmt;
+use std::io;
+use std::sync::atomic::{AtomicI64, Ordering};
 
+use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
 use tracing_subscriber::registry::LookupSpan;
 
 use crate::cli::LogLevel;
 
+/// This process's worker slot, or -1 in the master.
+static WORKER: AtomicI64 = AtomicI64::new(-1);
+
+/// Called in a new worker process: its lines carry its slot from now on.
+pub fn set_worker(slot: usize) {
+    WORKER.store(slot as i64, Ordering::Relaxed);
+}
+
 struct LineFormat;
+
+fn level_name(level: &Level) -> &'static str {
+    match *level {
+        Level::ERROR => "ERROR",
+        Level::WARN => "WARNING",
+        Level::INFO => "INFO",
+        Level::DEBUG => "DEBUG",
+        Level::TRACE => "TRACE",
+    }
+}
+
+/// Collects an event's message.
+#[derive(Default)]
+struct Message(String);
+
+impl Visit for Message {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if field.name() == "message" {
+            use fmt::Write as _;
+            let _ = write!(self.0, "{value:?}");
+        }
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.0.push_str(value);
+        }
+    }
+}
 
 impl<S, N> FormatEvent<S, N> for LineFormat
 where
@@ -18,41 +59,105 @@ where
     N: for<'a> FormatFields<'a> + 'static,
 {
     fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut w: Writer<'_>, event: &Event<'_>) -> fmt::Result {
-        let now = httpdate_like();
-        let level = match *event.metadata().level() {
-            Level::ERROR => "ERROR",
-            Level::WARN => "WARNING",
-            Level::INFO => "INFO",
-            Level::DEBUG => "DEBUG",
-            Level::TRACE => "TRACE",
-        };
-        write!(w, "[{now}] [{}] [{level}] ", std::process::id())?;
+        let level = level_name(event.metadata().level());
+        if corral_engine::logfile::json() {
+            let mut msg = Message::default();
+            event.record(&mut msg);
+            return writeln!(w, "{}", json_line(level, &msg.0));
+        }
+        let now = timestamp();
+        let pid = std::process::id();
+        match WORKER.load(Ordering::Relaxed) {
+            -1 => write!(w, "[{now}] [{pid}] [{level}] ")?,
+            n => write!(w, "[{now}] [{pid}] [worker {n}] [{level}] ")?,
+        }
         ctx.field_format().format_fields(w.by_ref(), event)?;
         writeln!(w)
     }
 }
 
-/// UTC time as `YYYY-MM-DD HH:MM:SS +0000`.
-fn httpdate_like() -> String {
-    let secs = corral_engine::date::now_secs();
-    let days = secs.div_euclid(86400);
-    let rem = secs.rem_euclid(86400);
-    let (y, m, d) = civil_from_days(days);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} +0000", rem / 3600, rem % 3600 / 60, rem % 60)
+/// One JSON log object; every string is escaped, so a message cannot end
+/// the line or add a field.
+pub fn json_line(level: &str, message: &str) -> String {
+    let worker = match WORKER.load(Ordering::Relaxed) {
+        -1 => "null".to_string(),
+        n => n.to_string(),
+    };
+    format!(
+        "{{\"time\":\"{}\",\"level\":\"{level}\",\"pid\":{},\"worker\":{worker},\"message\":{}}}",
+        iso_timestamp(),
+        std::process::id(),
+        json_string(message)
+    )
 }
 
-/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// UTC time as `YYYY-MM-DD HH:MM:SS +0000`.
+fn timestamp() -> String {
+    let (y, m, d, h, mi, s) = corral_engine::date::civil(corral_engine::date::now_secs());
+    format!("{y:04}-{m:02}-{d:02} {h:02}:{mi:02}:{s:02} +0000")
+}
+
+fn iso_timestamp() -> String {
+    let (y, m, d, h, mi, s) = corral_engine::date::civil(corral_engine::date::now_secs());
+    format!("{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
+}
+
+/// Text written to `wsgi.errors`: as it is in the text format, one JSON
+/// object per line in the JSON format.
+pub fn app_error_text(text: &str) {
+    if corral_engine::logfile::json() {
+        let mut out = String::new();
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            out.push_str(&json_line("ERROR", line));
+            out.push('\n');
+        }
+        corral_engine::logfile::write(out.as_bytes());
+    } else {
+        corral_engine::logfile::write(text.as_bytes());
+    }
+}
+
+/// Buffers one event and writes it in one piece.
+struct EventWriter(Vec<u8>);
+
+impl io::Write for EventWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for EventWriter {
+    fn drop(&mut self) {
+        corral_engine::logfile::write(&self.0);
+    }
+}
+
+struct ErrorLog;
+
+impl<'a> MakeWriter<'a> for ErrorLog {
+    type Writer = EventWriter;
+    fn make_writer(&'a self) -> EventWriter {
+        EventWriter(Vec::with_capacity(256))
+    }
 }
 
 pub fn init(level: LogLevel) {
@@ -64,7 +169,7 @@ pub fn init(level: LogLevel) {
     };
     let _ = tracing_subscriber::fmt()
         .with_max_level(max)
-        .with_writer(std::io::stderr)
+        .with_writer(ErrorLog)
         .event_format(LineFormat)
         .try_init();
 }
@@ -72,9 +177,9 @@ pub fn init(level: LogLevel) {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn civil() {
-        // Expected values from Python: date(1970, 1, 1) + timedelta(days=N).
-        assert_eq!(super::civil_from_days(0), (1970, 1, 1));
-        assert_eq!(super::civil_from_days(20416), (2025, 11, 24));
+    fn json_lines_cannot_be_forged() {
+        let line = super::json_line("INFO", "a\"b\nc\\d\u{1}");
+        assert!(!line.contains('\n'));
+        assert!(line.ends_with(r#""message":"a\"b\u000ac\\d\u0001"}"#), "{line}");
     }
 }

@@ -70,6 +70,7 @@ impl Hooks for Runtime {
     }
 
     fn worker_main(&self, ctx: WorkerCtx) -> i32 {
+        crate::logging::set_worker(ctx.slot);
         // Still the GIL-holding main thread, now in the child.
         let py = unsafe { Python::assume_gil_acquired() };
         let app = match &self.preloaded {

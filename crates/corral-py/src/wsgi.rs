@@ -691,15 +691,14 @@ impl Input {
     }
 }
 
-/// `wsgi.errors`: text written here goes to the server's error log (stderr).
+/// `wsgi.errors`: text written here goes to the server's error log.
 #[pyclass(module = "corral._corral")]
 pub struct ErrorStream {}
 
 #[pymethods]
 impl ErrorStream {
     fn write(&self, s: &str) -> usize {
-        use std::io::Write as _;
-        let _ = std::io::stderr().write_all(s.as_bytes());
+        crate::logging::app_error_text(s);
         s.len()
     }
 

@@ -1,0 +1,67 @@
+//! Where the error log goes: stderr, or a file that SIGUSR1 reopens (so
+//! logrotate can rename it away), shared by the master and its workers.
+
+use std::fs::File;
+use std::io::Write as _;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+static ERROR_LOG: Mutex<Option<(PathBuf, File)>> = Mutex::new(None);
+static JSON: AtomicBool = AtomicBool::new(false);
+
+/// Sends the error log to `target`: `-` for stderr, otherwise a file opened
+/// for appending.
+pub fn set_error_log(target: &str) -> Result<(), String> {
+    if target == "-" {
+        *ERROR_LOG.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        return Ok(());
+    }
+    let path = PathBuf::from(target);
+    let file = open(&path).map_err(|e| format!("--error-log {target}: {e}"))?;
+    *ERROR_LOG.lock().unwrap_or_else(|p| p.into_inner()) = Some((path, file));
+    Ok(())
+}
+
+/// Whether log lines are JSON objects (`--log-format json`).
+pub fn set_json(on: bool) {
+    JSON.store(on, Ordering::Relaxed);
+}
+
+pub fn json() -> bool {
+    JSON.load(Ordering::Relaxed)
+}
+
+/// Opens the error log file again under its name; `Ok(false)` when the log
+/// goes to stderr. The descriptor number stays the same, so a process that
+/// forked after opening it writes to the new file as well.
+pub fn reopen() -> Result<bool, String> {
+    let mut guard = ERROR_LOG.lock().unwrap_or_else(|p| p.into_inner());
+    let Some((path, file)) = guard.as_mut() else {
+        return Ok(false);
+    };
+    let fresh = open(path).map_err(|e| format!("reopening the error log {}: {e}", path.display()))?;
+    if unsafe { libc::dup2(fresh.as_raw_fd(), file.as_raw_fd()) } < 0 {
+        *file = fresh;
+    }
+    Ok(true)
+}
+
+/// Writes whole lines to the error log (one write, so lines from several
+/// processes never interleave).
+pub fn write(data: &[u8]) {
+    let mut guard = ERROR_LOG.lock().unwrap_or_else(|p| p.into_inner());
+    match guard.as_mut() {
+        Some((_, file)) => {
+            let _ = file.write_all(data);
+        }
+        None => {
+            let _ = std::io::stderr().write_all(data);
+        }
+    }
+}
+
+fn open(path: &PathBuf) -> std::io::Result<File> {
+    std::fs::OpenOptions::new().create(true).append(true).open(path)
+}
