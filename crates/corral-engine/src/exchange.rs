@@ -188,6 +188,8 @@ pub(crate) struct Io {
     pub framing: RespFraming,
     pub app_length: Option<u64>,
     pub bytes_sent: u64,
+    /// Bytes read from the socket since the metrics last took them.
+    pub read_total: u64,
     /// Response headers as the app gave them, kept only when the access
     /// log shows some (`%({name}o)s`).
     pub logged_headers: Option<Vec<(Vec<u8>, Vec<u8>)>>,
@@ -219,6 +221,7 @@ impl Io {
             app_length: None,
             bytes_sent: 0,
             logged_headers: None,
+            read_total: 0,
         }
     }
 
@@ -238,6 +241,7 @@ impl Io {
             return Err(io::Error::last_os_error());
         }
         unsafe { self.buf.set_len(self.buf.len() + n as usize) };
+        self.read_total += n as u64;
         Ok(n as usize)
     }
 

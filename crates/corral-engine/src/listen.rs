@@ -20,10 +20,10 @@ pub const DEFAULT_BACKLOG: i32 = 2048;
 /// The protocol a listener speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
-    Http,
-    Uwsgi,
-    FastCgi,
-    Scgi,
+    Http = 0,
+    Uwsgi = 1,
+    FastCgi = 2,
+    Scgi = 3,
 }
 
 impl Protocol {

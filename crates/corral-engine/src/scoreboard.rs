@@ -27,8 +27,32 @@ struct WorkerHeader {
     requests: AtomicU64,
     /// Why the worker asks to be replaced ([`Retire`] as u32); 0 = it does not.
     retire: AtomicU32,
-    _pad: u32,
+    error_len: AtomicU32,
+    /// Counters for the metrics, indexed by the `C_*` constants.
+    counters: [AtomicU64; COUNTERS],
+    /// The last exception the app raised, as text (truncated).
+    error: [u8; ERROR_TEXT],
 }
+
+/// Bytes of the last exception's text kept per worker.
+const ERROR_TEXT: usize = 240;
+
+/// Upper bounds (seconds) of the request-duration histogram buckets; the
+/// last bucket is everything above.
+pub const LATENCY_BUCKETS: [f64; 14] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+/// Protocols counted apart, in [`crate::listen::Protocol`] order.
+pub const PROTOCOLS: [&str; 4] = ["http", "uwsgi", "fastcgi", "scgi"];
+/// Requests by protocol and status class (1xx..5xx): PROTOCOLS x 5.
+pub const C_REQUESTS: usize = 0;
+/// Duration histogram: LATENCY_BUCKETS + 1 counts (not cumulative).
+pub const C_LATENCY: usize = C_REQUESTS + PROTOCOLS.len() * 5;
+pub const C_LATENCY_SUM_US: usize = C_LATENCY + LATENCY_BUCKETS.len() + 1;
+pub const C_BYTES_IN: usize = C_LATENCY_SUM_US + 1;
+pub const C_BYTES_OUT: usize = C_BYTES_IN + 1;
+pub const C_TIMEOUTS: usize = C_BYTES_OUT + 1;
+pub const C_SHED: usize = C_TIMEOUTS + 1;
+pub const COUNTERS: usize = C_SHED + 1;
 
 /// Why a worker asks the master to replace it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +65,16 @@ pub enum Retire {
 }
 
 impl Retire {
+    /// The reason as a metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Retire::MaxRequests => "max_requests",
+            Retire::Lifetime => "lifetime",
+            Retire::Rss => "rss",
+            Retire::Timeout => "timeout",
+        }
+    }
+
     pub fn describe(self) -> &'static str {
         match self {
             Retire::MaxRequests => "it reached --max-requests",
@@ -115,6 +149,10 @@ impl Scoreboard {
         h.pid.store(pid, Ordering::Relaxed);
         h.requests.store(0, Ordering::Relaxed);
         h.retire.store(0, Ordering::Relaxed);
+        h.error_len.store(0, Ordering::Relaxed);
+        for c in &h.counters {
+            c.store(0, Ordering::Relaxed);
+        }
         h.state.store(WorkerState::Booting as u32, Ordering::Release);
         for t in 0..self.threads {
             self.thread(slot, t).since_ms.store(0, Ordering::Relaxed);
@@ -185,6 +223,60 @@ impl Scoreboard {
         })
     }
 
+    /// Adds to one of a worker's metric counters.
+    pub fn count(&self, slot: usize, counter: usize, n: u64) {
+        self.header(slot).counters[counter].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A worker's metric counters.
+    pub fn counters(&self, slot: usize) -> [u64; COUNTERS] {
+        let h = self.header(slot);
+        std::array::from_fn(|i| h.counters[i].load(Ordering::Relaxed))
+    }
+
+    /// Records one finished request in a worker's counters.
+    pub fn record(
+        &self,
+        slot: usize,
+        protocol: usize,
+        status: u16,
+        micros: u64,
+        bytes_in: u64,
+        bytes_out: u64,
+    ) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.count(slot, C_REQUESTS + protocol * 5 + class, 1);
+        let secs = micros as f64 / 1e6;
+        let bucket = LATENCY_BUCKETS.iter().position(|&b| secs <= b).unwrap_or(LATENCY_BUCKETS.len());
+        self.count(slot, C_LATENCY + bucket, 1);
+        self.count(slot, C_LATENCY_SUM_US, micros);
+        self.count(slot, C_BYTES_IN, bytes_in);
+        self.count(slot, C_BYTES_OUT, bytes_out);
+    }
+
+    /// Keeps the text of the last exception the app raised in this worker.
+    pub fn set_error(&self, slot: usize, text: &str) {
+        let h = self.header(slot);
+        let bytes = text.as_bytes();
+        let mut n = bytes.len().min(ERROR_TEXT);
+        while n > 0 && !text.is_char_boundary(n) {
+            n -= 1;
+        }
+        let dst = unsafe { &mut *(h.error.as_ptr() as *mut [u8; ERROR_TEXT]) };
+        dst[..n].copy_from_slice(&bytes[..n]);
+        h.error_len.store(n as u32, Ordering::Release);
+    }
+
+    pub fn error(&self, slot: usize) -> Option<String> {
+        let h = self.header(slot);
+        let n = (h.error_len.load(Ordering::Acquire) as usize).min(ERROR_TEXT);
+        (n > 0).then(|| String::from_utf8_lossy(&h.error[..n]).into_owned())
+    }
+
+    pub fn pid(&self, slot: usize) -> i32 {
+        self.header(slot).pid.load(Ordering::Relaxed)
+    }
+
     /// How many of a worker's threads are serving a request now.
     pub fn busy_threads(&self, slot: usize) -> usize {
         (0..self.threads).filter(|&t| self.thread(slot, t).since_ms.load(Ordering::Relaxed) != 0).count()
@@ -221,11 +313,25 @@ mod tests {
         assert!(sb.in_flight(1, 1600).is_empty());
         assert_eq!(sb.requests(1), 1);
         assert_eq!(sb.retire(1), None);
+        sb.record(1, 2, 404, 3000, 10, 20);
+        let c = sb.counters(1);
+        assert_eq!(c[C_REQUESTS + 2 * 5 + 3], 1);
+        assert_eq!(c[C_LATENCY + 2], 1); // 3 ms: the <= 5 ms bucket
+        assert_eq!((c[C_BYTES_IN], c[C_BYTES_OUT]), (10, 20));
+        sb.set_error(1, "ValueError: bad");
+        assert_eq!(sb.error(1).as_deref(), Some("ValueError: bad"));
         sb.request_retire(1, Retire::Rss);
         sb.request_retire(1, Retire::Timeout);
         assert_eq!(sb.retire(1), Some(Retire::Rss));
         sb.reset(1, 43);
         assert_eq!(sb.retire(1), None);
+        sb.record(1, 2, 404, 3000, 10, 20);
+        let c = sb.counters(1);
+        assert_eq!(c[C_REQUESTS + 2 * 5 + 3], 1);
+        assert_eq!(c[C_LATENCY + 2], 1); // 3 ms: the <= 5 ms bucket
+        assert_eq!((c[C_BYTES_IN], c[C_BYTES_OUT]), (10, 20));
+        sb.set_error(1, "ValueError: bad");
+        assert_eq!(sb.error(1).as_deref(), Some("ValueError: bad"));
         let long = vec![b'a'; 500];
         sb.begin(0, 0, b"POST", &long, 5);
         assert_eq!(sb.in_flight(0, 5)[0].0.len(), TEXT);

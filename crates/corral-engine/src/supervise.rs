@@ -17,7 +17,8 @@ use crate::app::ListenerInfo;
 use crate::config::{Config, MAX_BOOT_FAILURES};
 use crate::date::mono_ms;
 use crate::listen::Listener;
-use crate::scoreboard::{Scoreboard, WorkerState};
+use crate::scoreboard::{Scoreboard, WorkerState, COUNTERS};
+use crate::stats::{Snapshot, WorkerView};
 use crate::worker::WorkerCtx;
 
 /// Exit code a worker uses when the application cannot be loaded: the
@@ -135,6 +136,15 @@ pub struct Master<'a, H: Hooks> {
     inherited: Vec<libc::pid_t>,
     /// Adaptive pool: when the pool was last seen with a spare worker.
     scale: Scaling,
+    /// The `--stats` listener, served by this process.
+    stats: Option<Listener>,
+    /// Metric counters of workers that have exited.
+    totals: [u64; COUNTERS],
+    /// Workers started to replace another, by reason.
+    respawns: Vec<(&'static str, u64)>,
+    /// Replacements per scoreboard slot.
+    slot_respawns: Vec<u64>,
+    born: Instant,
 }
 
 /// What the adaptive pool has seen lately.
@@ -178,7 +188,100 @@ impl<'a, H: Hooks> Master<'a, H> {
             told_ready: false,
             inherited: take_inherited_workers(),
             scale: Scaling::default(),
+            stats: None,
+            totals: [0; COUNTERS],
+            respawns: Vec::new(),
+            slot_respawns: vec![0; cap],
+            born: Instant::now(),
         })
+    }
+
+    /// Serves `/metrics`, `/stats`, `/healthz` and `/readyz` on `listener`.
+    pub fn set_stats(&mut self, listener: Listener) {
+        self.stats = Some(listener);
+    }
+
+    fn note_respawn(&mut self, reason: &'static str, slot: usize) {
+        match self.respawns.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, n)) => *n += 1,
+            None => self.respawns.push((reason, 1)),
+        }
+        if let Some(n) = self.slot_respawns.get_mut(slot) {
+            *n += 1;
+        }
+    }
+
+    /// What `/metrics` and `/stats` report, read now.
+    fn snapshot(&self) -> Snapshot {
+        let now = mono_ms();
+        let mut counters = self.totals;
+        let mut workers: Vec<WorkerView> = self
+            .workers
+            .iter()
+            .map(|(pid, w)| {
+                let c = self.scoreboard.counters(w.slot);
+                for (total, v) in counters.iter_mut().zip(c) {
+                    *total += v;
+                }
+                let state = match (self.scoreboard.state(w.slot), w.retiring) {
+                    (_, true) | (WorkerState::Draining, _) => "draining",
+                    (WorkerState::Booting, _) => "booting",
+                    (WorkerState::Ready, _) => "ready",
+                };
+                WorkerView {
+                    slot: w.slot,
+                    pid: *pid,
+                    state,
+                    requests: self.scoreboard.requests(w.slot),
+                    busy_threads: self.scoreboard.busy_threads(w.slot),
+                    rss: rss_of(*pid),
+                    respawns: self.slot_respawns.get(w.slot).copied().unwrap_or(0),
+                    age_s: w.started.elapsed().as_secs_f64(),
+                    current: self.scoreboard.in_flight(w.slot, now),
+                    last_exception: self.scoreboard.error(w.slot),
+                }
+            })
+            .collect();
+        workers.sort_by_key(|w| w.slot);
+        let ready = self.phase == Phase::Running && workers.iter().any(|w| w.state == "ready");
+        Snapshot {
+            master_pid: std::process::id(),
+            phase: match self.phase {
+                Phase::Running => "running",
+                Phase::Draining { .. } => "draining",
+                Phase::Stopping { .. } => "stopping",
+            },
+            ready,
+            target_workers: self.target,
+            threads: self.config.threads.max(1),
+            uptime_s: self.born.elapsed().as_secs_f64(),
+            workers,
+            counters,
+            respawns: self.respawns.clone(),
+            queues: self.listeners.iter().map(|l| (l.url(), l.queued())).collect(),
+        }
+    }
+
+    /// Answers every stats client waiting to be accepted.
+    fn serve_stats(&self) {
+        let Some(l) = &self.stats else {
+            return;
+        };
+        loop {
+            let fd = unsafe {
+                libc::accept4(
+                    l.raw(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                )
+            };
+            if fd < 0 {
+                return;
+            }
+            crate::stats::serve(fd, &|| self.snapshot());
+            unsafe { libc::close(fd) };
+        }
     }
 
     /// Supervises until shutdown; returns the exit code for the master.
@@ -188,10 +291,22 @@ impl<'a, H: Hooks> Master<'a, H> {
         }
         loop {
             let timeout = self.next_timeout();
+            let mut fds = [
+                libc::pollfd { fd: self.signal_fd, events: libc::POLLIN, revents: 0 },
+                libc::pollfd {
+                    fd: self.stats.as_ref().map_or(-1, |l| l.raw()),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            self.hooks.unlocked(&mut || {
+                unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
+            });
+            if fds[1].revents & libc::POLLIN != 0 {
+                self.serve_stats();
+            }
             let sfd = self.signal_fd;
-            let mut ready = false;
-            self.hooks.unlocked(&mut || ready = crate::exchange::poll_one(sfd, libc::POLLIN, timeout));
-            if ready {
+            if fds[0].revents & libc::POLLIN != 0 {
                 for sig in read_signals(sfd) {
                     if let Some(&(_, action)) = SIGNALS.iter().find(|(s, _)| *s == sig) {
                         self.act(action, sig);
@@ -283,6 +398,9 @@ impl<'a, H: Hooks> Master<'a, H> {
                 crate::systemd::notify_reloading();
                 self.told_ready = false;
                 for pid in old {
+                    if let Some(slot) = self.workers.get(&pid).map(|w| w.slot) {
+                        self.note_respawn("reload", slot);
+                    }
                     self.spawn_replacing(Some(pid));
                 }
             }
@@ -423,7 +541,9 @@ impl<'a, H: Hooks> Master<'a, H> {
                 .map(|(p, w)| (*p, w.slot))
                 .collect();
             for (pid, slot) in asking {
-                let why = self.scoreboard.retire(slot).map_or("", |r| r.describe());
+                let reason = self.scoreboard.retire(slot);
+                self.note_respawn(reason.map_or("other", |r| r.name()), slot);
+                let why = reason.map_or("", |r| r.describe());
                 info!("Worker {slot} (pid {pid}) is to be replaced because {why}; starting its replacement");
                 self.spawn_replacing(Some(pid));
             }
@@ -458,6 +578,10 @@ impl<'a, H: Hooks> Master<'a, H> {
             unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
             inherit.push(format!("{} {}={fd}", l.protocol.name(), l.addr));
         }
+        if let Some(l) = &self.stats {
+            unsafe { libc::fcntl(l.raw(), libc::F_SETFD, 0) };
+            inherit.push(format!("stats {}={}", l.addr, l.raw()));
+        }
         let workers: Vec<String> =
             self.workers.keys().chain(self.inherited.iter()).map(|p| p.to_string()).collect();
         info!(
@@ -478,7 +602,7 @@ impl<'a, H: Hooks> Master<'a, H> {
         error!("re-exec of {} failed: {e}; this master keeps running", program.to_string_lossy());
         std::env::remove_var(INHERIT_ENV);
         std::env::remove_var(OLD_WORKERS_ENV);
-        for l in &self.listeners {
+        for l in self.listeners.iter().chain(self.stats.iter()) {
             unsafe { libc::fcntl(l.fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
         }
         self.told_ready = false;
@@ -636,6 +760,12 @@ impl<'a, H: Hooks> Master<'a, H> {
             if pid <= 0 {
                 return;
             }
+            if let Some(w) = self.workers.get(&pid) {
+                let c = self.scoreboard.counters(w.slot);
+                for (total, v) in self.totals.iter_mut().zip(c) {
+                    *total += v;
+                }
+            }
             let Some(w) = self.workers.remove(&pid) else {
                 if let Some(i) = self.inherited.iter().position(|p| *p == pid) {
                     self.inherited.swap_remove(i);
@@ -700,6 +830,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                 self.respawn_at = Some(Instant::now() + backoff);
             } else {
                 self.boot_failures = 0;
+                self.note_respawn("crash", w.slot);
                 error!("Worker {} (pid {pid}) {how}{}; replacing it", w.slot, describe_serving(&serving));
             }
         }
@@ -731,7 +862,17 @@ impl<'a, H: Hooks> Master<'a, H> {
 
     fn cleanup(&mut self) {
         self.close_listeners();
+        if let Some(p) = self.stats.take().and_then(|l| l.unix_path.clone()) {
+            let _ = std::fs::remove_file(p);
+        }
     }
+}
+
+/// Resident memory of a process, from /proc; 0 if it is gone.
+fn rss_of(pid: libc::pid_t) -> u64 {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap_or_default();
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64
 }
 
 /// Workers handed down by the program this master replaced (see [`OLD_WORKERS_ENV`]).

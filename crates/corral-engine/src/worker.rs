@@ -124,6 +124,16 @@ struct Registry {
     live: usize,
 }
 
+/// This process's scoreboard slot, for [`note_exception`].
+static SLOT: Mutex<Option<(Scoreboard, usize)>> = Mutex::new(None);
+
+/// Records the text of an exception the app raised (shown in `/stats`).
+pub fn note_exception(text: &str) {
+    if let Some((sb, slot)) = *SLOT.lock().unwrap_or_else(|p| p.into_inner()) {
+        sb.set_error(slot, text);
+    }
+}
+
 /// Runs a worker until it is told to stop; returns the process exit code.
 /// Call on the process's only thread, right after fork and app loading.
 pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
@@ -149,6 +159,7 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
     }
     let threads = ctx.config.threads.max(1);
     gateway::MAX_REQS.store(threads, Ordering::Relaxed);
+    *SLOT.lock().unwrap_or_else(|p| p.into_inner()) = Some((ctx.scoreboard, ctx.slot));
     let access = match &ctx.config.access_log {
         Some((target, format)) => match Sink::open(target) {
             Ok(sink) => Some(AccessLog::new(format.clone(), sink, threads)),
@@ -389,6 +400,7 @@ fn check_timeouts<A: App>(w: &Shared<A>, now: u64) {
             traceback.trim_end()
         );
         w.scoreboard.request_retire(w.slot, Retire::Timeout);
+        w.scoreboard.count(w.slot, crate::scoreboard::C_TIMEOUTS, 1);
     }
 }
 
@@ -553,6 +565,7 @@ fn shed<A: App>(w: &Shared<A>, fd: RawFd, idx: usize) {
     }
     drain_and_close(fd);
     unsafe { libc::close(fd) };
+    w.scoreboard.count(w.slot, crate::scoreboard::C_SHED, 1);
     let now = mono_ms();
     let mut shed = SHED.lock().unwrap_or_else(|p| p.into_inner());
     shed.0 += 1;
@@ -1152,8 +1165,15 @@ fn handle_request<A: App>(
     } else {
         complete(conn, listener, &req)
     };
+    let took = started.elapsed();
+    {
+        let mut io = conn.io.lock().unwrap();
+        let bytes_in = std::mem::take(&mut io.read_total);
+        let protocol = listener.protocol as usize;
+        w.scoreboard.record(w.slot, protocol, io.status, took.as_micros() as u64, bytes_in, io.bytes_sent);
+    }
     if let Some(log) = &w.access {
-        log_request(log, t, conn, &req, started.elapsed());
+        log_request(log, t, conn, &req, took);
     }
     if keep {
         conn.request_started = mono_ms();

@@ -172,6 +172,11 @@ pub struct Cli {
     #[arg(long, value_name = "GROUP", env = "CORRAL_GROUP")]
     pub group: Option<String>,
 
+    /// Serve /metrics (Prometheus), /stats (JSON), /healthz and /readyz on ADDR, from the
+    /// master process. Off by default.
+    #[arg(long, value_name = "ADDR", env = "CORRAL_STATS")]
+    pub stats: Option<String>,
+
     /// Write an access log line per request to FILE, or to stdout with `-`. Off by default.
     #[arg(long, value_name = "FILE|-", env = "CORRAL_ACCESS_LOG")]
     pub access_log: Option<String>,
@@ -488,6 +493,32 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         }
     }
 
+    let stats = match &cli.stats {
+        None => None,
+        Some(a) => {
+            // Inherited across a re-exec like the other listeners: it comes
+            // right after them in the list the previous program handed down.
+            let reuse = inherited.get_mut(parsed.len()).filter(|(p, _, _)| p == "stats").map(|e| {
+                let fd = e.2;
+                e.2 = -1;
+                fd
+            });
+            let bound = Addr::parse(a).and_then(|addr| match reuse {
+                Some(fd) => Listener::adopt(fd, &addr, Protocol::Http),
+                None => Listener::bind_with(&addr, Protocol::Http, 64, files),
+            });
+            match bound {
+                Ok(l) => {
+                    info!("Stats at: {}", l.url());
+                    Some(l)
+                }
+                Err(e) => {
+                    error!("--stats {e}");
+                    return Ok(2);
+                }
+            }
+        }
+    };
     for (_, addr, fd) in inherited.iter().filter(|e| e.2 >= 0) {
         info!("Closing inherited listener {addr} that the command line no longer asks for");
         unsafe { libc::close(*fd) };
@@ -549,7 +580,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         sys.getattr("orig_argv")?.extract::<Vec<String>>()?,
     );
     let runtime = Runtime::new(spec, preloaded, mount, &config, reexec, start_dir);
-    let master = match Master::new(config, listeners, &runtime) {
+    let mut master = match Master::new(config, listeners, &runtime) {
         Ok(m) => m,
         Err(e) => {
             error!("cannot start the master: {e}");
@@ -557,6 +588,9 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             return Ok(1);
         }
     };
+    if let Some(l) = stats {
+        master.set_stats(l);
+    }
     // The master has read what a re-exec handed down; the app must not see it.
     for var in [corral_engine::supervise::INHERIT_ENV, corral_engine::supervise::OLD_WORKERS_ENV] {
         environ.call_method1("pop", (var, py.None()))?;

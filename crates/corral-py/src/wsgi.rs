@@ -372,7 +372,10 @@ impl WsgiApp {
             }
             return;
         }
-        error!("Error handling request {what}:\n{}", format_exception(py, e));
+        let text = format_exception(py, e);
+        // The exception's last line ("ValueError: ...") for /stats.
+        corral_engine::worker::note_exception(text.trim_end().lines().last().unwrap_or_default());
+        error!("Error handling request {what}:\n{text}");
         if ex.headers_sent() {
             ex.abort();
         } else {

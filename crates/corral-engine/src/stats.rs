@@ -1,0 +1,324 @@
+//! The `--stats` listener, served by the master off the request path:
+//! `/metrics` (Prometheus text format), `/stats` (JSON), `/healthz` (the
+//! master is alive) and `/readyz` (workers are accepting; false while
+//! draining).
+//!
+//! Workers never answer these: the master reads what they publish in the
+//! scoreboard, so a pool that is completely busy still reports on itself.
+
+use std::fmt::Write as _;
+use std::io;
+use std::os::fd::RawFd;
+
+use crate::scoreboard::{
+    COUNTERS, C_BYTES_IN, C_BYTES_OUT, C_LATENCY, C_LATENCY_SUM_US, C_REQUESTS, C_SHED, C_TIMEOUTS,
+    LATENCY_BUCKETS, PROTOCOLS,
+};
+
+/// What one worker looks like at the moment of a scrape.
+pub struct WorkerView {
+    pub slot: usize,
+    pub pid: i32,
+    pub state: &'static str,
+    pub requests: u64,
+    pub busy_threads: usize,
+    pub rss: u64,
+    pub respawns: u64,
+    pub age_s: f64,
+    /// ("GET /path", ms since it started) per busy thread.
+    pub current: Vec<(String, u64)>,
+    pub last_exception: Option<String>,
+}
+
+/// Everything a scrape reports.
+pub struct Snapshot {
+    pub master_pid: u32,
+    pub phase: &'static str,
+    pub ready: bool,
+    pub target_workers: usize,
+    pub threads: usize,
+    pub uptime_s: f64,
+    pub workers: Vec<WorkerView>,
+    /// Counters summed over every worker that ever ran.
+    pub counters: [u64; COUNTERS],
+    /// (reason, count) of workers started to replace another.
+    pub respawns: Vec<(&'static str, u64)>,
+    /// (listener, connections waiting to be accepted).
+    pub queues: Vec<(String, u32)>,
+}
+
+/// The Prometheus text exposition format (version 0.0.4).
+pub fn metrics(s: &Snapshot) -> String {
+    let mut o = String::with_capacity(4096);
+    let c = &s.counters;
+    o.push_str("# HELP corral_requests_total Requests served, by protocol and status class.\n");
+    o.push_str("# TYPE corral_requests_total counter\n");
+    for (p, proto) in PROTOCOLS.iter().enumerate() {
+        for class in 0..5 {
+            let _ = writeln!(
+                o,
+                "corral_requests_total{{protocol=\"{proto}\",status=\"{}xx\"}} {}",
+                class + 1,
+                c[C_REQUESTS + p * 5 + class]
+            );
+        }
+    }
+    o.push_str(
+        "# HELP corral_request_duration_seconds Time from a request's head to the end of its response.\n",
+    );
+    o.push_str("# TYPE corral_request_duration_seconds histogram\n");
+    let mut cumulative = 0;
+    for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
+        cumulative += c[C_LATENCY + i];
+        let _ = writeln!(o, "corral_request_duration_seconds_bucket{{le=\"{le}\"}} {cumulative}");
+    }
+    cumulative += c[C_LATENCY + LATENCY_BUCKETS.len()];
+    let _ = writeln!(o, "corral_request_duration_seconds_bucket{{le=\"+Inf\"}} {cumulative}");
+    let _ = writeln!(o, "corral_request_duration_seconds_sum {}", c[C_LATENCY_SUM_US] as f64 / 1e6);
+    let _ = writeln!(o, "corral_request_duration_seconds_count {cumulative}");
+    let busy: usize = s.workers.iter().map(|w| w.busy_threads).sum();
+    let total_threads = s.workers.len() * s.threads;
+    gauge(&mut o, "corral_requests_in_flight", "Requests being served now.", busy as u64);
+    o.push_str("# HELP corral_workers Worker processes by state.\n# TYPE corral_workers gauge\n");
+    let busy_workers = s.workers.iter().filter(|w| w.busy_threads > 0).count();
+    let _ = writeln!(o, "corral_workers{{state=\"busy\"}} {busy_workers}");
+    let _ = writeln!(o, "corral_workers{{state=\"idle\"}} {}", s.workers.len() - busy_workers);
+    o.push_str("# HELP corral_threads Worker threads by state.\n# TYPE corral_threads gauge\n");
+    let _ = writeln!(o, "corral_threads{{state=\"busy\"}} {busy}");
+    let _ = writeln!(o, "corral_threads{{state=\"idle\"}} {}", total_threads.saturating_sub(busy));
+    o.push_str("# HELP corral_listen_queue Connections waiting to be accepted (TCP listeners).\n");
+    o.push_str("# TYPE corral_listen_queue gauge\n");
+    for (name, q) in &s.queues {
+        let _ = writeln!(o, "corral_listen_queue{{listener=\"{}\"}} {q}", label(name));
+    }
+    o.push_str("# HELP corral_worker_rss_bytes Resident memory of each worker.\n# TYPE corral_worker_rss_bytes gauge\n");
+    for w in &s.workers {
+        let _ = writeln!(o, "corral_worker_rss_bytes{{worker=\"{}\",pid=\"{}\"}} {}", w.slot, w.pid, w.rss);
+    }
+    o.push_str("# HELP corral_worker_respawns_total Workers started to replace another, by reason.\n");
+    o.push_str("# TYPE corral_worker_respawns_total counter\n");
+    for (reason, n) in &s.respawns {
+        let _ = writeln!(o, "corral_worker_respawns_total{{reason=\"{reason}\"}} {n}");
+    }
+    counter(&mut o, "corral_request_timeouts_total", "Requests that ran past --timeout.", c[C_TIMEOUTS]);
+    counter(
+        &mut o,
+        "corral_connections_shed_total",
+        "Connections turned away with 503 (--max-connections).",
+        c[C_SHED],
+    );
+    counter(&mut o, "corral_received_bytes_total", "Bytes read from clients and front ends.", c[C_BYTES_IN]);
+    counter(&mut o, "corral_sent_bytes_total", "Response bytes sent (bodies).", c[C_BYTES_OUT]);
+    gauge(
+        &mut o,
+        "corral_ready",
+        "1 while workers accept requests, 0 while starting or draining.",
+        u64::from(s.ready),
+    );
+    o
+}
+
+fn gauge(o: &mut String, name: &str, help: &str, v: u64) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+}
+
+fn counter(o: &mut String, name: &str, help: &str, v: u64) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+}
+
+fn label(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// `/stats`: the master and one object per worker.
+pub fn json(s: &Snapshot) -> String {
+    let mut o = String::with_capacity(2048);
+    let c = &s.counters;
+    let total: u64 = (0..PROTOCOLS.len() * 5).map(|i| c[C_REQUESTS + i]).sum();
+    let _ = write!(
+        o,
+        "{{\"master\":{{\"pid\":{},\"phase\":\"{}\",\"ready\":{},\"target_workers\":{},\"threads\":{},\"uptime_s\":{:.1}}},\
+         \"requests\":{total},\"timeouts\":{},\"workers\":[",
+        s.master_pid, s.phase, s.ready, s.target_workers, s.threads, s.uptime_s, c[C_TIMEOUTS]
+    );
+    for (i, w) in s.workers.iter().enumerate() {
+        if i > 0 {
+            o.push(',');
+        }
+        let _ = write!(
+            o,
+            "{{\"worker\":{},\"pid\":{},\"state\":\"{}\",\"requests\":{},\"busy_threads\":{},\"rss\":{},\
+             \"respawns\":{},\"age_s\":{:.1},\"current\":[",
+            w.slot, w.pid, w.state, w.requests, w.busy_threads, w.rss, w.respawns, w.age_s
+        );
+        for (j, (what, age)) in w.current.iter().enumerate() {
+            if j > 0 {
+                o.push(',');
+            }
+            let (method, path) = what.split_once(' ').unwrap_or((what.as_str(), ""));
+            let _ = write!(o, "{{\"method\":{},\"path\":{},\"age_ms\":{age}}}", js(method), js(path));
+        }
+        o.push_str("],\"last_exception\":");
+        match &w.last_exception {
+            Some(e) => o.push_str(&js(e)),
+            None => o.push_str("null"),
+        }
+        o.push('}');
+    }
+    o.push_str("]}");
+    o
+}
+
+fn js(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for ch in s.chars() {
+        match ch {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Reads one request from a stats client (bounded in size and time) and
+/// answers it. The socket is blocking-free: waits are `poll` with a short
+/// timeout, so a silent client cannot hold the master up for long.
+pub fn serve(fd: RawFd, snapshot: &dyn Fn() -> Snapshot) {
+    let mut buf = Vec::with_capacity(1024);
+    let deadline = crate::date::mono_ms() + 500;
+    loop {
+        if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.len() > 8192 {
+            break;
+        }
+        let left = deadline.saturating_sub(crate::date::mono_ms()) as i32;
+        if left <= 0 || !crate::exchange::poll_one(fd, libc::POLLIN, left) {
+            return;
+        }
+        let mut chunk = [0u8; 2048];
+        let n = unsafe { libc::read(fd, chunk.as_mut_ptr().cast(), chunk.len()) };
+        if n <= 0 {
+            return;
+        }
+        buf.extend_from_slice(&chunk[..n as usize]);
+    }
+    let line = buf.split(|&b| b == b'\n').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    let method = parts.next().unwrap_or_default();
+    let target = parts.next().unwrap_or_default();
+    let path = target.split(|&b| b == b'?').next().unwrap_or_default();
+    let (status, ctype, body) = if method != b"GET" && method != b"HEAD" {
+        ("405 Method Not Allowed", "text/plain", "GET only\n".to_string())
+    } else {
+        match path {
+            b"/metrics" => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics(&snapshot())),
+            b"/stats" => ("200 OK", "application/json", json(&snapshot())),
+            b"/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
+            b"/readyz" => {
+                if snapshot().ready {
+                    ("200 OK", "text/plain", "ready\n".to_string())
+                } else {
+                    ("503 Service Unavailable", "text/plain", "not ready\n".to_string())
+                }
+            }
+            _ => ("404 Not Found", "text/plain", "try /metrics, /stats, /healthz or /readyz\n".to_string()),
+        }
+    };
+    let body = if method == b"HEAD" { String::new() } else { body };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = write_all(fd, head.as_bytes()).and_then(|_| write_all(fd, body.as_bytes()));
+}
+
+fn write_all(fd: RawFd, mut data: &[u8]) -> io::Result<()> {
+    let deadline = crate::date::mono_ms() + 1000;
+    while !data.is_empty() {
+        let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::WouldBlock {
+                let left = deadline.saturating_sub(crate::date::mono_ms()) as i32;
+                if left <= 0 || !crate::exchange::poll_one(fd, libc::POLLOUT, left) {
+                    return Err(e);
+                }
+                continue;
+            }
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        data = &data[n as usize..];
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot() -> Snapshot {
+        let mut counters = [0u64; COUNTERS];
+        counters[C_REQUESTS + 1] = 3; // http 2xx
+        counters[C_REQUESTS + 5 + 3] = 1; // uwsgi 4xx
+        counters[C_LATENCY] = 2;
+        counters[C_LATENCY + 3] = 2;
+        counters[C_LATENCY_SUM_US] = 1_500_000;
+        Snapshot {
+            master_pid: 1,
+            phase: "running",
+            ready: true,
+            target_workers: 1,
+            threads: 2,
+            uptime_s: 3.0,
+            workers: vec![WorkerView {
+                slot: 0,
+                pid: 7,
+                state: "ready",
+                requests: 4,
+                busy_threads: 1,
+                rss: 1 << 20,
+                respawns: 0,
+                age_s: 2.0,
+                current: vec![("GET /a\"b".into(), 5)],
+                last_exception: Some("ValueError: x".into()),
+            }],
+            counters,
+            respawns: vec![("crash", 2)],
+            queues: vec![("http://127.0.0.1:8000".into(), 0)],
+        }
+    }
+
+    #[test]
+    fn prometheus_text() {
+        let m = metrics(&snapshot());
+        assert!(m.contains("corral_requests_total{protocol=\"http\",status=\"2xx\"} 3\n"));
+        assert!(m.contains("corral_requests_total{protocol=\"uwsgi\",status=\"4xx\"} 1\n"));
+        assert!(m.contains("corral_request_duration_seconds_bucket{le=\"0.001\"} 2\n"));
+        assert!(m.contains("corral_request_duration_seconds_bucket{le=\"0.01\"} 4\n"));
+        assert!(m.contains("corral_request_duration_seconds_bucket{le=\"+Inf\"} 4\n"));
+        assert!(m.contains("corral_request_duration_seconds_sum 1.5\n"));
+        assert!(m.contains("corral_threads{state=\"idle\"} 1\n"));
+        assert!(m.contains("corral_worker_respawns_total{reason=\"crash\"} 2\n"));
+        // Every sample line is "name{labels} value".
+        for line in m.lines().filter(|l| !l.starts_with('#')) {
+            assert_eq!(line.rsplit_once(' ').map(|(_, v)| v.parse::<f64>().is_ok()), Some(true), "{line}");
+        }
+    }
+
+    #[test]
+    fn json_stats() {
+        let j = json(&snapshot());
+        assert!(j.starts_with("{\"master\":{\"pid\":1,"), "{j}");
+        assert!(j.contains("\"requests\":4,"), "{j}");
+        assert!(j.contains("\"current\":[{\"method\":\"GET\",\"path\":\"/a\\\"b\",\"age_ms\":5}]"), "{j}");
+        assert!(j.contains("\"last_exception\":\"ValueError: x\""), "{j}");
+    }
+}

@@ -1,0 +1,336 @@
+"""Access and error logs, metrics, health endpoints, `corral stats` and `corral top`."""
+
+import json
+import os
+import pty
+import re
+import select
+import signal
+import socket
+import struct
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from support import CORRAL, wait_until
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(port, path, timeout=5):
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def _uwsgi(port, variables, body=b""):
+    """One uwsgi request; returns the raw response."""
+    data = b""
+    for k, v in variables:
+        k, v = k.encode("latin-1"), v.encode("latin-1")
+        data += struct.pack("<H", len(k)) + k + struct.pack("<H", len(v)) + v
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(bytes([0]) + struct.pack("<H", len(data)) + bytes([0]) + data + body)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def _read_lines(path, count, timeout=10.0):
+    """Waits until `path` holds at least `count` lines (the log is flushed once a second)."""
+
+    def ready():
+        try:
+            lines = path.read_text(encoding="latin-1").splitlines()
+        except FileNotFoundError:
+            return None
+        return lines if len(lines) >= count else None
+
+    lines = wait_until(ready, timeout=timeout)
+    assert lines, f"{path} did not get {count} lines: {path.read_text() if path.exists() else 'missing'}"
+    return lines
+
+
+ALL_ATOMS = (
+    '%(h)s|%(l)s|%(u)s|%(t)s|"%(r)s"|%(m)s|%(U)s|%(q)s|%(H)s|%(s)s|%(B)s|%(b)s|%(f)s|%(a)s|'
+    "%(T)s|%(M)s|%(D)s|%(L)s|%(p)s|%({X-Trace}i)s|%({Content-Type}o)s|%({CORRAL_TEST_VAR}e)s"
+)
+
+
+def test_access_log_atoms(start_server, tmp_path):
+    log = tmp_path / "access.log"
+    server = start_server(
+        "behaviour:application",
+        "--access-log",
+        str(log),
+        "--access-log-format",
+        ALL_ATOMS,
+        env={"CORRAL_TEST_VAR": "from-env"},
+    )
+    resp = server.request(
+        "GET",
+        "/fixed?a=1&b=2",
+        headers={
+            "Referer": "http://ref.example/",
+            "User-Agent": "agent/1.0",
+            "X-Trace": "abc",
+            "Authorization": "Basic YWxpY2U6c2VjcmV0",
+        },
+    )
+    assert resp.status == 200
+    (line,) = _read_lines(log, 1)
+    f = line.split("|")
+    assert f[0] == "127.0.0.1"
+    assert f[1] == "-"
+    assert f[2] == "alice"
+    assert re.fullmatch(r"\[\d\d/[A-Z][a-z]{2}/\d{4}:\d\d:\d\d:\d\d \+0000\]", f[3]), f[3]
+    assert f[4] == '"GET /fixed?a=1&b=2 HTTP/1.1"'
+    assert f[5:9] == ["GET", "/fixed", "a=1&b=2", "HTTP/1.1"]
+    assert f[9] == "200"
+    assert f[10] == f[11] == str(len(resp.body))
+    assert f[12] == "http://ref.example/"
+    assert f[13] == "agent/1.0"
+    t, ms, us, secs = int(f[14]), int(f[15]), int(f[16]), float(f[17])
+    assert t == us // 1_000_000 and ms == us // 1000 and abs(secs - us / 1e6) < 1e-5
+    assert f[18] == f"<{server.worker_pids()[0]}>"
+    assert f[19] == "abc"
+    assert f[20] == {k.lower(): v for k, v in resp.headers}["content-type"]
+    assert f[21] == "from-env"
+
+
+def test_default_access_log_format_on_stdout(start_server):
+    server = start_server("behaviour:application", "--access-log", "-")
+    server.request("GET", "/fixed", headers={"User-Agent": "ua"})
+    # gunicorn's default: h l u t "r" s b "f" "a"
+    pattern = r'^127\.0\.0\.1 - - \[[^\]]+\] "GET /fixed HTTP/1\.1" 200 \d+ "-" "ua"$'
+    assert wait_until(lambda: any(re.match(pattern, line) for line in server.stdout_lines), 5), (
+        server.stdout_lines
+    )
+
+
+def test_json_access_log_cannot_be_forged(start_server, tmp_path):
+    """A header full of quotes, backslashes, control characters and even
+    newlines (which only a front end can pass, over uwsgi) stays inside its
+    JSON string: one line, one object, the same keys."""
+    log = tmp_path / "access.json"
+    port = _free_port()
+    server = start_server(
+        "behaviour:application",
+        "--uwsgi",
+        f"127.0.0.1:{port}",
+        "--access-log",
+        str(log),
+        "--access-log-format",
+        "json",
+    )
+    hostile = 'x", "status": 999, "injected": "1\n{"forged": true}\\ \x01 caf\xe9'
+    out = _uwsgi(
+        port,
+        [
+            ("REQUEST_METHOD", "GET"),
+            ("REQUEST_URI", "/fixed"),
+            ("SERVER_PROTOCOL", "HTTP/1.1"),
+            ("REMOTE_ADDR", "203.0.113.9"),
+            ("HTTP_USER_AGENT", hostile),
+        ],
+    )
+    assert out.startswith(b"HTTP/1.1 200 ")
+    server.request("GET", "/fixed", headers={"User-Agent": 'q"uote\\back'})
+    lines = _read_lines(log, 2)
+    assert len(lines) == 2
+    first, second = (json.loads(line) for line in lines)
+    assert set(first) == set(second)
+    assert first["user_agent"] == hostile
+    assert first["status"] == 200
+    assert first["remote_addr"] == "203.0.113.9"
+    assert "injected" not in first and "forged" not in first
+    assert second["user_agent"] == 'q"uote\\back'
+    assert second["path"] == "/fixed" and second["method"] == "GET"
+
+
+def _start_logging_to(start_server, errors, *args, workers=1):
+    """Starts a server whose error log goes to a file (not to the harness's stderr)."""
+    port = _free_port()
+    server = start_server(
+        "behaviour:application",
+        "--error-log",
+        str(errors),
+        *args,
+        http=f"127.0.0.1:{port}",
+        workers=workers,
+        wait=False,
+    )
+    assert wait_until(lambda: errors.exists() and errors.read_text().count("Worker ready") >= workers, 20), (
+        errors.read_text() if errors.exists() else "no error log"
+    )
+    server.host, server.port = "127.0.0.1", port
+    return server
+
+
+def test_logs_reopen_after_rename(start_server, tmp_path):
+    access, errors = tmp_path / "access.log", tmp_path / "error.log"
+    server = _start_logging_to(
+        start_server, errors, "--access-log", str(access), "--access-log-format", "%(U)s", workers=2
+    )
+    server.request("GET", "/fixed")
+    _read_lines(access, 1)
+    os.rename(access, tmp_path / "access.log.1")
+    os.rename(errors, tmp_path / "error.log.1")
+    os.kill(server.proc.pid, signal.SIGUSR1)
+    # Each process reopens on its next tick; then requests go to the new file.
+    assert wait_until(
+        lambda: errors.exists() and errors.read_text().count("Reopened the access log") >= 2, 10
+    )
+    server.request("GET", "/pid")
+    assert _read_lines(access, 1) == ["/pid"]
+    assert (tmp_path / "access.log.1").read_text().splitlines() == ["/fixed"]
+    assert "Worker ready" in (tmp_path / "error.log.1").read_text()
+    # The error log file gets the master's and the workers' lines, with worker ids.
+    assert re.search(r"\[\d+\] \[worker \d\] \[INFO\] Reopened the access log", errors.read_text())
+
+
+def test_json_error_log(start_server, tmp_path):
+    errors = tmp_path / "error.log"
+    server = _start_logging_to(start_server, errors, "--log-format", "json")
+    server.request("GET", "/errors?msg=hello%22there")
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(30) == 0
+    objs = [json.loads(line) for line in errors.read_text().splitlines()]
+    assert all(set(o) == {"time", "level", "pid", "worker", "message"} for o in objs)
+    assert any(o["message"].startswith("Listening at:") and o["worker"] is None for o in objs)
+    assert any(o["message"] == 'hello"there' and o["worker"] == 0 for o in objs)
+
+
+@pytest.fixture
+def stats_server(start_server):
+    stats_port = _free_port()
+    uwsgi_port = _free_port()
+    server = start_server(
+        "behaviour:application",
+        "--stats",
+        f"127.0.0.1:{stats_port}",
+        "--uwsgi",
+        f"127.0.0.1:{uwsgi_port}",
+        workers=2,
+        threads=2,
+    )
+    server.stats_port = stats_port
+    server.uwsgi_port = uwsgi_port
+    return server
+
+
+def _metric(text, name, labels=""):
+    m = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.MULTILINE)
+    assert m, f"{name}{labels} not in\n{text}"
+    return float(m.group(1))
+
+
+def test_metrics_count_a_known_mix_exactly(stats_server):
+    s = stats_server
+    for _ in range(5):
+        assert s.request("GET", "/fixed").status == 200
+    for _ in range(2):
+        assert s.request("GET", "/raise-before").status == 500
+    for _ in range(3):
+        assert s.request("GET", "/bad-header").status == 500
+    uw = _uwsgi(s.uwsgi_port, [("REQUEST_METHOD", "GET"), ("REQUEST_URI", "/fixed")])
+    assert uw.startswith(b"HTTP/1.1 200")
+    status, body = _get(s.stats_port, "/metrics")
+    assert status == 200
+    text = body.decode()
+    assert _metric(text, "corral_requests_total", '{protocol="http",status="2xx"}') == 5
+    assert _metric(text, "corral_requests_total", '{protocol="http",status="5xx"}') == 5
+    assert _metric(text, "corral_requests_total", '{protocol="uwsgi",status="2xx"}') == 1
+    assert _metric(text, "corral_request_duration_seconds_count") == 11
+    assert _metric(text, "corral_request_duration_seconds_bucket", '{le="+Inf"}') == 11
+    assert _metric(text, "corral_requests_in_flight") == 0
+    assert _metric(text, "corral_threads", '{state="idle"}') == 4
+    assert _metric(text, "corral_ready") == 1
+    assert _metric(text, "corral_sent_bytes_total") > 0
+    for pid in s.worker_pids():
+        assert re.search(
+            rf'^corral_worker_rss_bytes{{worker="\d+",pid="{pid}"}} [1-9]\d*$', text, re.MULTILINE
+        ), text
+
+
+def test_stats_json_and_cli(stats_server):
+    s = stats_server
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(s.request, "GET", "/slow?secs=2&id=seen", timeout=30)
+        s.wait_for("slow request started: seen")
+        s.request("GET", "/raise-before")
+        status, body = _get(s.stats_port, "/stats")
+        assert status == 200
+        data = json.loads(body)
+        assert {w["pid"] for w in data["workers"]} == set(s.worker_pids())
+        busy = [c for w in data["workers"] for c in w["current"]]
+        assert any(c["method"] == "GET" and c["path"].startswith("/slow") for c in busy), data
+        assert any((w["last_exception"] or "").startswith("RuntimeError") for w in data["workers"]), data
+        # `corral stats ADDR` prints the same document.
+        out = subprocess.run(
+            [*CORRAL, "stats", f"127.0.0.1:{s.stats_port}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        assert {w["pid"] for w in json.loads(out)["workers"]} == set(s.worker_pids())
+        assert slow.result(30).status == 200
+
+
+def test_readyz_flips_during_graceful_shutdown(stats_server):
+    s = stats_server
+    assert _get(s.stats_port, "/healthz") == (200, b"ok\n")
+    assert _get(s.stats_port, "/readyz")[0] == 200
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(s.request, "GET", "/slow?secs=2&id=drain", timeout=30)
+        s.wait_for("slow request started: drain")
+        s.signal(signal.SIGTERM)
+        # Draining: not ready, still alive, while the slow request finishes.
+        assert wait_until(lambda: _get(s.stats_port, "/readyz")[0] == 503, 5)
+        assert _get(s.stats_port, "/healthz")[0] == 200
+        assert slow.result(30).status == 200
+    assert s.wait_exit(30) == 0
+
+
+def test_top_renders_in_a_terminal(stats_server):
+    s = stats_server
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.environ["COLUMNS"], os.environ["LINES"] = "120", "30"
+        os.execv(CORRAL[0], [*CORRAL, "top", f"127.0.0.1:{s.stats_port}"])
+    try:
+        screen = b""
+        deadline = time.monotonic() + 15
+        # Two redraws: the second shows a request rate.
+        while time.monotonic() < deadline and screen.count(b"corral master") < 2:
+            if select.select([fd], [], [], 0.5)[0]:
+                try:
+                    screen += os.read(fd, 65536)
+                except OSError:
+                    break
+        text = screen.decode(errors="replace")
+        last = text.split("\x1b[H\x1b[2J")[-1]
+        assert "WORKER" in last and "STATE" in last, text
+        for wpid in s.worker_pids():
+            assert str(wpid) in last, last
+        assert "req/s" in last, last
+        os.write(fd, b"q")
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.close(fd)
