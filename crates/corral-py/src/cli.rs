@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::builder::TypedValueParser as _;
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use corral_engine::{config, Addr, Config, Listener, Master, Protocol, SocketFileOptions};
 use corral_proto::http1::{Limits, HARD_MAX_HEADERS};
 use pyo3::prelude::*;
@@ -38,6 +38,16 @@ pub struct Cli {
     /// The application: MODULE:CALLABLE, MODULE (callable `application`) or MODULE:FACTORY().
     #[arg(value_name = "APP", env = "CORRAL_APP")]
     pub app: String,
+
+    /// Read options from a TOML file (keys are the long option names: `workers = 4`,
+    /// `http = ["127.0.0.1:8000"]`, `app = "myproject.wsgi"`). The command line and
+    /// CORRAL_* variables win over it.
+    #[arg(long, value_name = "FILE", env = "CORRAL_CONFIG")]
+    pub config: Option<String>,
+
+    /// Print the effective configuration, and where each value came from, then exit.
+    #[arg(long)]
+    pub print_config: bool,
 
     /// Serve HTTP/1.1 on ADDR: HOST:PORT, [IPv6]:PORT, unix:PATH or fd://N. Repeatable.
     /// Default 127.0.0.1:8000 when no listener is given.
@@ -290,12 +300,46 @@ fn parse_positive_secs(s: &str) -> Result<Duration, String> {
 
 /// Entry point behind `corral` and `python -m corral`; returns the exit code.
 pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
-    let cli = match Cli::try_parse_from(&argv) {
-        Ok(c) => c,
+    let cmd = Cli::command();
+    let (argv, origins) = match crate::config_file::layer(&cmd, &argv) {
+        Ok(layered) => layered,
+        Err(e) => {
+            eprintln!("corral: error: {e}");
+            return Ok(2);
+        }
+    };
+    let parsed =
+        cmd.clone().try_get_matches_from(&argv).and_then(|m| Cli::from_arg_matches(&m).map(|c| (m, c)));
+    let (matches, cli) = match parsed {
+        Ok(p) => p,
         Err(e) => {
             let code = if e.use_stderr() { 2 } else { 0 };
             let _ = e.print();
+            if let Some(clap::error::ContextValue::String(arg)) = e.get(clap::error::ContextKind::InvalidArg)
+            {
+                let id = arg
+                    .trim_start_matches('-')
+                    .split([' ', '='])
+                    .next()
+                    .unwrap_or_default()
+                    .replace('-', "_");
+                if let Some(at) = origins.get(&id) {
+                    eprintln!("(that value comes from {at})");
+                }
+            }
             return Ok(code);
+        }
+    };
+    if cli.print_config {
+        print!("{}", crate::config_file::describe(&cmd, &matches, &origins));
+        return Ok(0);
+    }
+    let from_file = |ids: &[&str]| -> String {
+        let at: Vec<&str> = ids.iter().filter_map(|id| origins.get(*id).map(String::as_str)).collect();
+        if at.is_empty() {
+            String::new()
+        } else {
+            format!(" (set in {})", at.join(", "))
         }
     };
     corral_engine::logfile::set_json(cli.log_format == LogFormat::Json);
@@ -424,7 +468,10 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         (min, Some(max)) => {
             let min = min.unwrap_or(cli.workers);
             if min > max {
-                error!("--workers-min {min} is greater than --workers-max {max}");
+                error!(
+                    "--workers-min {min} is greater than --workers-max {max}{}",
+                    from_file(&["workers_min", "workers_max", "workers"])
+                );
                 return Ok(2);
             }
             min

@@ -2,6 +2,7 @@
 //! It only registers what the other modules define.
 
 mod cli;
+mod config_file;
 mod load;
 mod logging;
 mod runtime;

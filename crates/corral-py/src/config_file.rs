@@ -1,0 +1,174 @@
+//! `--config FILE`: options from a TOML file, under the command line and the
+//! environment.
+//!
+//! Every command-line option is a key of the same name (`workers = 4`,
+//! `max-requests = 1000`, `http = ["127.0.0.1:8000", "unix:/run/app.sock"]`,
+//! `preload = true`, and `app = "myproject.wsgi"` for the positional APP).
+//! Precedence: command line > `CORRAL_*` environment variables > file >
+//! defaults. The file's values are turned into command-line arguments for
+//! the options that neither the command line nor the environment set, so
+//! they go through exactly the same parsing and checks; an error in one of
+//! them names the key and the file line.
+
+use std::collections::HashMap;
+
+use clap::parser::ValueSource;
+use clap::{ArgAction, ArgMatches, Command};
+use toml_edit::{ImDocument, Item, Value};
+
+/// Where each option set from the file came from: option id -> "FILE:LINE".
+pub type FileOrigins = HashMap<String, String>;
+
+/// The argument list with the file's options added, and their origins.
+pub fn layer(cmd: &Command, argv: &[String]) -> Result<(Vec<String>, FileOrigins), String> {
+    // A lenient first pass: the APP may be in the file, and errors in the
+    // command line itself are reported by the real parse afterwards.
+    let first = cmd.clone().ignore_errors(true).try_get_matches_from(argv).map_err(|e| e.to_string())?;
+    let path = match first.get_one::<String>("config") {
+        Some(p) => p.clone(),
+        None => return Ok((argv.to_vec(), HashMap::new())),
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("--config {path}: {e}"))?;
+    let doc = ImDocument::parse(text.as_str()).map_err(|e| {
+        let line = e.span().map_or(0, |s| line_of(&text, s.start));
+        format!("{path}:{line}: invalid TOML: {}", e.message())
+    })?;
+    let mut injected: Vec<String> = Vec::new();
+    let mut app: Option<String> = None;
+    let mut origins = HashMap::new();
+    for (key, item) in doc.as_table().iter() {
+        let line = item
+            .span()
+            .or_else(|| doc.as_table().key(key).and_then(|k| k.span()))
+            .map_or(0, |s| line_of(&text, s.start));
+        let at = format!("{path}:{line}");
+        let Some(arg) = cmd
+            .get_arguments()
+            .find(|a| a.get_long() == Some(key) || (a.get_long().is_none() && a.get_id() == key))
+        else {
+            return Err(format!(
+                "{at}: unknown key `{key}` (keys are the long option names, such as `workers`)"
+            ));
+        };
+        if key == "config" {
+            return Err(format!("{at}: `config` cannot be set from a config file"));
+        }
+        let id = arg.get_id().to_string();
+        if matches!(first.value_source(&id), Some(ValueSource::CommandLine | ValueSource::EnvVariable)) {
+            continue;
+        }
+        let value = match item {
+            Item::Value(v) => v,
+            _ => return Err(format!("{at}: `{key}` must be a value, not a table")),
+        };
+        if arg.get_long().is_none() {
+            let Value::String(s) = value else {
+                return Err(format!("{at}: `{key}` must be a string"));
+            };
+            app = Some(s.value().clone());
+            origins.insert(id, at);
+            continue;
+        }
+        if matches!(arg.get_action(), ArgAction::SetTrue) {
+            match value {
+                Value::Boolean(b) => {
+                    if *b.value() {
+                        injected.push(format!("--{key}"));
+                    }
+                }
+                _ => return Err(format!("{at}: `{key}` must be true or false")),
+            }
+            origins.insert(id, at);
+            continue;
+        }
+        let repeatable = matches!(arg.get_action(), ArgAction::Append);
+        let values: Vec<&Value> = match value {
+            Value::Array(a) if repeatable => a.iter().collect(),
+            Value::Array(_) => return Err(format!("{at}: `{key}` takes one value, not a list")),
+            v => vec![v],
+        };
+        for v in values {
+            let s = scalar(v).ok_or_else(|| format!("{at}: `{key}` must be a string or a number"))?;
+            // Check each value alone, so a bad one is reported at its line.
+            let mut probe = vec![argv[0].clone(), format!("--{key}={s}"), "app:probe".to_string()];
+            if key == "group" {
+                probe.splice(1..1, ["--user=root".to_string()]);
+            }
+            if let Err(e) = cmd.clone().try_get_matches_from(&probe) {
+                if e.kind() != clap::error::ErrorKind::MissingRequiredArgument {
+                    let msg = e.to_string();
+                    let first_line = msg.lines().next().unwrap_or_default().trim_start_matches("error: ");
+                    return Err(format!("{at}: `{key}`: {first_line}"));
+                }
+            }
+            injected.push(format!("--{key}={s}"));
+        }
+        origins.insert(id, at);
+    }
+    let mut out = vec![argv[0].clone()];
+    out.extend(injected);
+    out.extend(argv[1..].iter().cloned());
+    if let Some(app) = app {
+        out.push(app);
+    }
+    Ok((out, origins))
+}
+
+fn scalar(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.value().clone()),
+        Value::Integer(i) => Some(i.value().to_string()),
+        Value::Float(f) => Some(f.value().to_string()),
+        _ => None,
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// `--print-config`: every option's effective value and where it came from.
+pub fn describe(cmd: &Command, matches: &ArgMatches, origins: &FileOrigins) -> String {
+    let mut out = String::new();
+    for arg in cmd.get_arguments() {
+        let id = arg.get_id().as_str();
+        if matches!(id, "help" | "version" | "print_config") {
+            continue;
+        }
+        let name = arg.get_long().unwrap_or(id);
+        let values: Vec<String> = matches
+            .get_raw(id)
+            .map(|v| v.map(|s| s.to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        let shown = match (arg.get_action(), values.as_slice()) {
+            (ArgAction::SetTrue, [v]) => v.clone(),
+            (_, []) => "(not set)".to_string(),
+            (_, [v]) => format!("{v:?}"),
+            (_, vs) => format!("{vs:?}"),
+        };
+        let source = match (origins.get(id), matches.value_source(id)) {
+            (_, Some(ValueSource::CommandLine)) if !origins.contains_key(id) => "command line".to_string(),
+            (Some(at), _) => format!("config file {at}"),
+            (None, Some(ValueSource::EnvVariable)) => {
+                format!(
+                    "environment {}",
+                    arg.get_env().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default()
+                )
+            }
+            (None, Some(ValueSource::DefaultValue)) => "default".to_string(),
+            _ => "default".to_string(),
+        };
+        out.push_str(&format!("{name} = {shown}  # {source}\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn lines() {
+        assert_eq!(super::line_of("a\nb\nc", 0), 1);
+        assert_eq!(super::line_of("a\nb\nc", 2), 2);
+        assert_eq!(super::line_of("a\nb\nc", 4), 3);
+    }
+}

@@ -1,0 +1,89 @@
+"""--config FILE (TOML), its precedence under the environment and the command
+line, --print-config, and errors that name the key and the line."""
+
+import subprocess
+
+import pytest
+from support import APPS, CORRAL
+
+
+def _run(args, env=None, cwd=None):
+    import os
+
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [*CORRAL, *args], check=False, capture_output=True, text=True, timeout=30, env=full_env, cwd=cwd
+    )
+
+
+def _printed(out):
+    """--print-config lines as {name: (value, source)}."""
+    result = {}
+    for line in out.splitlines():
+        left, _, source = line.partition("  # ")
+        name, _, value = left.partition(" = ")
+        result[name] = (value, source)
+    return result
+
+
+def test_precedence_cli_over_env_over_file_over_defaults(tmp_path):
+    cfg = tmp_path / "corral.toml"
+    cfg.write_text(
+        'app = "behaviour:application"\n'
+        "workers = 3\n"
+        "threads = 5\n"
+        'http = ["127.0.0.1:9", "unix:/tmp/x.sock"]\n'
+        "preload = true\n"
+        "max-requests = 100\n"
+    )
+    proc = _run(["--config", str(cfg), "--threads", "7", "--print-config"], env={"CORRAL_WORKERS": "2"})
+    assert proc.returncode == 0, proc.stderr
+    p = _printed(proc.stdout)
+    assert p["threads"] == ('"7"', "command line")
+    assert p["workers"] == ('"2"', "environment CORRAL_WORKERS")
+    assert p["max-requests"] == ('"100"', f"config file {cfg}:6")
+    assert p["preload"] == ("true", f"config file {cfg}:5")
+    assert p["http"] == ('["127.0.0.1:9", "unix:/tmp/x.sock"]', f"config file {cfg}:4")
+    assert p["app"] == ('"behaviour:application"', f"config file {cfg}:1")
+    assert p["graceful-timeout"] == ('"30"', "default")
+
+
+def test_a_server_runs_from_the_file(start_server, tmp_path):
+    cfg = tmp_path / "corral.toml"
+    cfg.write_text(f'app = "behaviour:application"\nworkers = 2\npythonpath = ["{APPS}"]\n')
+    # The harness puts its first argument last on the command line: here the
+    # config file's path, right after --config (the app comes from the file).
+    server = start_server(str(cfg), "--config", pythonpath=None, workers=None, wait=False)
+    server.expected_workers = 2
+    server.wait_started()
+    assert server.request("GET", "/fixed").status == 200
+    assert len(server.worker_pids()) == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("workers = 2\nwrkers = 4\n", ":2: unknown key `wrkers`"),
+        ('workers = "four"\n', ":1: `workers`: invalid value 'four'"),
+        ("preload = 1\n", ":1: `preload` must be true or false"),
+        ("threads = [1, 2]\n", ":1: `threads` takes one value, not a list"),
+        ("[server]\nworkers = 2\n", ":1: unknown key `server`"),
+        ("http = [1, 2\n", ":2: invalid TOML"),
+        ("workers-min = 5\nworkers-max = 2\n", "--workers-min 5 is greater than --workers-max 2 (set in"),
+        ("timeout = 0\n", ":1: `timeout`"),
+    ],
+)
+def test_errors_name_the_key_and_line(tmp_path, text, message):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(text)
+    proc = _run(["--config", str(cfg), "behaviour:application"], cwd=APPS)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+    assert str(cfg) in proc.stderr or "set in" in proc.stderr
+
+
+def test_missing_config_file(tmp_path):
+    proc = _run(["--config", str(tmp_path / "nope.toml"), "x:y"])
+    assert proc.returncode == 2
+    assert "nope.toml" in proc.stderr
