@@ -23,7 +23,11 @@ pub type FileOrigins = HashMap<String, String>;
 pub fn layer(cmd: &Command, argv: &[String]) -> Result<(Vec<String>, FileOrigins), String> {
     // A lenient first pass: the APP may be in the file, and errors in the
     // command line itself are reported by the real parse afterwards.
-    let first = cmd.clone().ignore_errors(true).try_get_matches_from(argv).map_err(|e| e.to_string())?;
+    let first = match cmd.clone().ignore_errors(true).try_get_matches_from(argv) {
+        Ok(m) => m,
+        // --help, --version and the like: the real parse shows them.
+        Err(_) => return Ok((argv.to_vec(), HashMap::new())),
+    };
     let path = match first.get_one::<String>("config") {
         Some(p) => p.clone(),
         None => return Ok((argv.to_vec(), HashMap::new())),
