@@ -2,9 +2,10 @@
 line, --print-config, and errors that name the key and the line."""
 
 import subprocess
+import time
 
 import pytest
-from support import APPS, CORRAL
+from support import APPS, CORRAL, wait_until
 
 
 def _run(args, env=None, cwd=None):
@@ -87,3 +88,32 @@ def test_missing_config_file(tmp_path):
     proc = _run(["--config", str(tmp_path / "nope.toml"), "x:y"])
     assert proc.returncode == 2
     assert "nope.toml" in proc.stderr
+
+
+def test_reload_picks_up_an_edited_module(start_server, tmp_path):
+    app_dir = tmp_path / "site"
+    (app_dir / "pkg").mkdir(parents=True)
+    (app_dir / "pkg" / "__init__.py").write_text("")
+    (app_dir / "pkg" / "views.py").write_text('VERSION = b"one"\n')
+    (app_dir / "reloadable.py").write_text(
+        "from pkg import views\n\n\n"
+        "def application(environ, start_response):\n"
+        '    start_response("200 OK", [("Content-Type", "text/plain")])\n'
+        "    return [views.VERSION]\n"
+    )
+    server = start_server("reloadable:application", "--reload", "--chdir", str(app_dir), pythonpath=None)
+    assert server.grep(r"--reload: watching \d+ director")
+    assert server.request("GET", "/").body == b"one"
+    mark = server.mark()
+    # An edit in a subpackage; then a burst of saves counts as one change.
+    (app_dir / "pkg" / "views.py").write_text('VERSION = b"two"\n')
+    (app_dir / "pkg" / "views.py").write_text('VERSION = b"three"\n')
+    server.wait_for(r"Detected a change in .*views\.py; reloading the workers", since=mark)
+    server.wait_for(r"Worker ready", since=mark)
+    assert wait_until(lambda: server.request("GET", "/").body == b"three", 10)
+    assert len(server.grep(r"Detected a change", since=mark)) == 1
+    # Files other than Python sources do not reload.
+    mark = server.mark()
+    (app_dir / "notes.txt").write_text("hello")
+    time.sleep(1)
+    assert not server.grep(r"Detected a change", since=mark)

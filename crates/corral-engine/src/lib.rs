@@ -18,6 +18,7 @@ pub mod scoreboard;
 pub mod stats;
 pub mod supervise;
 pub mod systemd;
+pub mod watch;
 pub mod worker;
 
 pub use app::{App, ListenerInfo, Meta, Request};

@@ -145,6 +145,8 @@ pub struct Master<'a, H: Hooks> {
     /// Replacements per scoreboard slot.
     slot_respawns: Vec<u64>,
     born: Instant,
+    /// `--reload`: source directories to watch.
+    watcher: Option<crate::watch::Watcher>,
 }
 
 /// What the adaptive pool has seen lately.
@@ -193,7 +195,13 @@ impl<'a, H: Hooks> Master<'a, H> {
             respawns: Vec::new(),
             slot_respawns: vec![0; cap],
             born: Instant::now(),
+            watcher: None,
         })
+    }
+
+    /// Reloads the workers (as SIGHUP does) when a watched `.py` file changes.
+    pub fn set_watcher(&mut self, w: crate::watch::Watcher) {
+        self.watcher = Some(w);
     }
 
     /// Serves `/metrics`, `/stats`, `/healthz` and `/readyz` on `listener`.
@@ -291,6 +299,10 @@ impl<'a, H: Hooks> Master<'a, H> {
         }
         loop {
             let timeout = self.next_timeout();
+            let timeout = match self.watcher.as_ref().and_then(|w| w.wait_ms()) {
+                Some(ms) => timeout.min(ms.max(10)),
+                None => timeout,
+            };
             let mut fds = [
                 libc::pollfd { fd: self.signal_fd, events: libc::POLLIN, revents: 0 },
                 libc::pollfd {
@@ -298,12 +310,28 @@ impl<'a, H: Hooks> Master<'a, H> {
                     events: libc::POLLIN,
                     revents: 0,
                 },
+                libc::pollfd {
+                    fd: self.watcher.as_ref().map_or(-1, |w| w.raw()),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
             ];
             self.hooks.unlocked(&mut || {
-                unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
+                unsafe { libc::poll(fds.as_mut_ptr(), 3, timeout) };
             });
             if fds[1].revents & libc::POLLIN != 0 {
                 self.serve_stats();
+            }
+            if let Some(w) = &mut self.watcher {
+                if fds[2].revents & libc::POLLIN != 0 {
+                    w.read();
+                }
+                if let Some(changed) = w.due() {
+                    if self.phase == Phase::Running {
+                        info!("Detected a change in {}; reloading the workers", changed.display());
+                        self.act(Action::Reload, 0);
+                    }
+                }
             }
             let sfd = self.signal_fd;
             if fds[0].revents & libc::POLLIN != 0 {
@@ -332,7 +360,8 @@ impl<'a, H: Hooks> Master<'a, H> {
     }
 
     fn act(&mut self, action: Action, sig: libc::c_int) {
-        let name = signal_name(sig);
+        // Signal 0 is the master's own decision (a --reload source change).
+        let name = if sig == 0 { "a source change (--reload)".to_string() } else { signal_name(sig) };
         match action {
             Action::ReapChildren => {}
             Action::GracefulStop if matches!(self.phase, Phase::Draining { .. }) => {

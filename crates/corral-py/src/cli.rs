@@ -182,6 +182,11 @@ pub struct Cli {
     #[arg(long, value_name = "GROUP", env = "CORRAL_GROUP")]
     pub group: Option<String>,
 
+    /// Development: reload the workers when a .py file under the current directory (after
+    /// --chdir) or a --pythonpath directory changes.
+    #[arg(long, env = "CORRAL_RELOAD")]
+    pub reload: bool,
+
     /// Serve /metrics (Prometheus), /stats (JSON), /healthz and /readyz on ADDR, from the
     /// master process. Off by default.
     #[arg(long, value_name = "ADDR", env = "CORRAL_STATS")]
@@ -637,6 +642,24 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     };
     if let Some(l) = stats {
         master.set_stats(l);
+    }
+    if cli.reload {
+        let mut roots: Vec<PathBuf> = std::env::current_dir().into_iter().collect();
+        roots.extend(cli.pythonpath.iter().cloned());
+        match corral_engine::watch::Watcher::new(&roots) {
+            Ok(w) => {
+                info!(
+                    "--reload: watching {} director(ies) under {} for .py changes",
+                    w.watched(),
+                    roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
+                );
+                master.set_watcher(w);
+            }
+            Err(e) => {
+                error!("{e}");
+                return Ok(2);
+            }
+        }
     }
     // The master has read what a re-exec handed down; the app must not see it.
     for var in [corral_engine::supervise::INHERIT_ENV, corral_engine::supervise::OLD_WORKERS_ENV] {
