@@ -51,6 +51,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Access log: where (`-` for stdout, or a file) and in what format.
     pub access_log: Option<(String, crate::access::Format)>,
+    /// `--static` mounts, answered without the app.
+    pub static_mounts: Vec<crate::static_files::Mount>,
 }
 
 /// Default `--max-connections` per worker (gunicorn's worker_connections).
@@ -80,6 +82,7 @@ impl Default for Config {
             scale_down_idle: DEFAULT_SCALE_DOWN_IDLE,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             access_log: None,
+            static_mounts: Vec::new(),
         }
     }
 }

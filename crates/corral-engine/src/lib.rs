@@ -15,6 +15,7 @@ mod gateway;
 pub mod listen;
 pub mod logfile;
 pub mod scoreboard;
+pub mod static_files;
 pub mod stats;
 pub mod supervise;
 pub mod systemd;

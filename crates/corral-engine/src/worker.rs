@@ -1148,8 +1148,26 @@ fn handle_request<A: App>(
     }
     let started = std::time::Instant::now();
     w.scoreboard.begin(w.slot, t, req.method(), req.target(), mono_ms());
-    let mut ex = Exchange { io: conn.io.clone(), generation, blocking: A::blocking };
-    w.app.call(state, &req, &mut ex);
+    match static_target(&w.config.static_mounts, &req) {
+        Some((mount, rel)) => {
+            // Answered here: no app, no GIL, so waits block this thread plainly.
+            let ex = Exchange { io: conn.io.clone(), generation, blocking: |f| f() };
+            let header = |name: &str| request_header(&req, name);
+            let conditions = crate::static_files::Conditions {
+                if_none_match: header("if-none-match"),
+                if_modified_since: header("if-modified-since"),
+                range: header("range"),
+                accept_encoding: header("accept-encoding"),
+            };
+            let method = req.method();
+            let ok = method == b"GET" || method == b"HEAD";
+            crate::static_files::serve(&ex, mount, &rel, method == b"HEAD", ok, &conditions);
+        }
+        None => {
+            let mut ex = Exchange { io: conn.io.clone(), generation, blocking: A::blocking };
+            w.app.call(state, &req, &mut ex);
+        }
+    }
     w.scoreboard.end(w.slot, t);
     let keep = if w.config.timeout.is_some() && {
         *w.current[t].lock().unwrap() = None;
@@ -1179,6 +1197,48 @@ fn handle_request<A: App>(
         conn.request_started = mono_ms();
     }
     keep
+}
+
+/// The `--static` mount a request falls under, with the decoded path below it.
+fn static_target<'m>(
+    mounts: &'m [crate::static_files::Mount],
+    req: &Request<'_>,
+) -> Option<(&'m crate::static_files::Mount, Vec<u8>)> {
+    if mounts.is_empty() {
+        return None;
+    }
+    let raw: &[u8] = match req.cgi() {
+        Some(c) => match c.get(req.bytes, b"PATH_INFO") {
+            Some(p) => {
+                // Already decoded by the front end.
+                return mounts.iter().find_map(|m| m.relative(p).map(|r| (m, r.to_vec())));
+            }
+            None => {
+                let uri = c.get(req.bytes, b"REQUEST_URI").unwrap_or(b"");
+                uri.split(|&b| b == b'?').next().unwrap_or(b"")
+            }
+        },
+        None => req.path(),
+    };
+    let mut decoded = Vec::with_capacity(raw.len());
+    corral_proto::http1::percent_decode(raw, &mut decoded);
+    mounts.iter().find_map(|m| m.relative(&decoded).map(|r| (m, r.to_vec())))
+}
+
+/// A request header by lower-case name (joined with "," when repeated over
+/// HTTP; as the front end sent it otherwise).
+fn request_header<'r>(req: &Request<'r>, name: &str) -> Option<&'r [u8]> {
+    match req.cgi() {
+        Some(c) => {
+            let key: Vec<u8> = b"HTTP_"
+                .iter()
+                .copied()
+                .chain(name.bytes().map(|b| if b == b'-' { b'_' } else { b.to_ascii_uppercase() }))
+                .collect();
+            c.get(req.bytes, &key)
+        }
+        None => req.fields().find(|(n, _, _)| n.eq_ignore_ascii_case(name.as_bytes())).map(|(_, v, _)| v),
+    }
 }
 
 /// Writes the access log line of a request that has ended.

@@ -182,6 +182,11 @@ pub struct Cli {
     #[arg(long, value_name = "GROUP", env = "CORRAL_GROUP")]
     pub group: Option<String>,
 
+    /// Serve the files under DIR at URL prefix /URL, from Rust (sendfile, ranges, ETag,
+    /// precompressed .br/.gz): `--static /static=./staticfiles`. Repeatable.
+    #[arg(long = "static", value_name = "/URL=DIR", env = "CORRAL_STATIC", value_delimiter = ',')]
+    pub static_dirs: Vec<String>,
+
     /// Development: reload the workers when a .py file under the current directory (after
     /// --chdir) or a --pythonpath directory changes.
     #[arg(long, env = "CORRAL_RELOAD")]
@@ -469,6 +474,16 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         }
     };
     let files = SocketFileOptions { mode: cli.socket_mode, owner };
+    let mut static_mounts = Vec::new();
+    for spec in &cli.static_dirs {
+        match corral_engine::static_files::Mount::parse(spec) {
+            Ok(m) => static_mounts.push(m),
+            Err(e) => {
+                error!("{e}");
+                return Ok(2);
+            }
+        }
+    }
     let workers = match (cli.workers_min, cli.workers_max) {
         (min, Some(max)) => {
             let min = min.unwrap_or(cli.workers);
@@ -507,6 +522,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         scale_down_idle: cli.scale_down_idle,
         max_connections: cli.max_connections as usize,
         access_log: cli.access_log.clone().map(|t| (t, access_format)),
+        static_mounts,
     };
 
     // After a re-exec the previous program's sockets are still open here:

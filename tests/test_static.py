@@ -1,0 +1,130 @@
+"""--static /url=DIR: files served by corral itself, with ranges,
+conditional requests, precompressed siblings and no way out of DIR."""
+
+import gzip
+import hashlib
+import os
+import time
+
+import pytest
+
+
+@pytest.fixture
+def site(start_server, tmp_path):
+    public = tmp_path / "public"
+    (public / "css").mkdir(parents=True)
+    (tmp_path / "secret.txt").write_text("top secret")
+    (public / "css" / "app.css").write_text("body { color: red }\n" * 100)
+    data = os.urandom(300_000)
+    (public / "blob.bin").write_bytes(data)
+    (public / "index.html").write_text("<h1>home</h1>")
+    big_js = "console.log('x');\n" * 500
+    (public / "app.js").write_text(big_js)
+    (public / "app.js.gz").write_bytes(gzip.compress(big_js.encode()))
+    os.symlink(tmp_path / "secret.txt", public / "escape.txt")
+    os.symlink(public / "index.html", public / "alias.html")
+    # The app sees everything outside /static (and /static itself is never passed to it).
+    server = start_server("behaviour:application", "--static", f"/static={public}", "--access-log", "-")
+    server.public, server.data, server.js = public, data, big_js
+    return server
+
+
+def _h(resp):
+    return {k.lower(): v for k, v in resp.headers}
+
+
+def test_files_types_and_lengths(site):
+    r = site.request("GET", "/static/css/app.css")
+    assert r.status == 200
+    assert r.body == (site.public / "css" / "app.css").read_bytes()
+    h = _h(r)
+    assert h["content-type"] == "text/css; charset=utf-8"
+    assert h["content-length"] == str(len(r.body))
+    assert h["accept-ranges"] == "bytes"
+    assert "etag" in h and "last-modified" in h
+    blob = site.request("GET", "/static/blob.bin")
+    assert hashlib.sha256(blob.body).digest() == hashlib.sha256(site.data).digest()
+    assert _h(blob)["content-type"] == "application/octet-stream"
+    assert site.request("GET", "/static/").body == b"<h1>home</h1>"
+    head = site.request("HEAD", "/static/blob.bin")
+    assert head.status == 200 and head.body == b"" and _h(head)["content-length"] == str(len(site.data))
+    assert site.request("GET", "/static/missing.txt").status == 404
+    assert site.request("POST", "/static/css/app.css").status == 405
+    # Outside the mount, the app answers as usual.
+    assert site.request("GET", "/fixed").status == 200
+
+
+def test_ranges(site):
+    r = site.request("GET", "/static/blob.bin", headers={"Range": "bytes=100-199"})
+    assert r.status == 206
+    assert r.body == site.data[100:200]
+    assert _h(r)["content-range"] == f"bytes 100-199/{len(site.data)}"
+    r = site.request("GET", "/static/blob.bin", headers={"Range": "bytes=-10"})
+    assert r.status == 206 and r.body == site.data[-10:]
+    r = site.request("GET", "/static/blob.bin", headers={"Range": f"bytes={len(site.data)}-"})
+    assert r.status == 416
+    assert _h(r)["content-range"] == f"bytes */{len(site.data)}"
+
+
+def test_conditional_requests(site):
+    first = site.request("GET", "/static/css/app.css")
+    etag, modified = _h(first)["etag"], _h(first)["last-modified"]
+    r = site.request("GET", "/static/css/app.css", headers={"If-None-Match": etag})
+    assert r.status == 304 and r.body == b"" and _h(r)["etag"] == etag
+    r = site.request("GET", "/static/css/app.css", headers={"If-Modified-Since": modified})
+    assert r.status == 304
+    r = site.request("GET", "/static/css/app.css", headers={"If-None-Match": '"other"'})
+    assert r.status == 200
+    # A changed file gets a new validator.
+    time.sleep(1.1)
+    (site.public / "css" / "app.css").write_text("body { color: blue }\n")
+    r = site.request("GET", "/static/css/app.css", headers={"If-None-Match": etag})
+    assert r.status == 200 and b"blue" in r.body and _h(r)["etag"] != etag
+
+
+def test_precompressed_sibling(site):
+    r = site.request("GET", "/static/app.js", headers={"Accept-Encoding": "gzip, deflate"})
+    assert r.status == 200
+    h = _h(r)
+    assert h["content-encoding"] == "gzip"
+    assert h["vary"] == "Accept-Encoding"
+    assert h["content-type"] == "text/javascript; charset=utf-8"
+    assert gzip.decompress(r.body).decode() == site.js
+    plain = site.request("GET", "/static/app.js")
+    assert "content-encoding" not in _h(plain) and plain.body.decode() == site.js
+    refused = site.request("GET", "/static/app.js", headers={"Accept-Encoding": "gzip;q=0"})
+    assert "content-encoding" not in _h(refused)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/static/../secret.txt",
+        "/static/%2e%2e/secret.txt",
+        "/static/css/%2E%2E/%2e%2e/secret.txt",
+        "/static/css/..%2f..%2fsecret.txt",
+        "/static/escape.txt",
+        "/static/./css/app.css",
+        "/static/app.js%00.txt",
+    ],
+)
+def test_traversal_is_refused(site, target):
+    r = site.request("GET", target)
+    assert r.status in (400, 404), (target, r.status)
+    assert b"top secret" not in r.body
+
+
+def test_symlink_inside_the_mount_is_served(site):
+    assert site.request("GET", "/static/alias.html").body == b"<h1>home</h1>"
+
+
+def test_static_requests_are_logged(site):
+    site.request("GET", "/static/css/app.css")
+    assert any('"GET /static/css/app.css HTTP/1.1" 200' in line for line in _wait_stdout(site))
+
+
+def _wait_stdout(server):
+    from support import wait_until
+
+    wait_until(lambda: any("/static/" in line for line in server.stdout_lines), 5)
+    return server.stdout_lines
