@@ -334,3 +334,24 @@ def test_top_renders_in_a_terminal(stats_server):
         except ProcessLookupError:
             pass
         os.close(fd)
+
+
+def test_shutdown_delay_turns_readiness_off_before_listeners_close(start_server):
+    stats_port = _free_port()
+    server = start_server(
+        "behaviour:application", "--stats", f"127.0.0.1:{stats_port}", "--shutdown-delay", "2", workers=2
+    )
+    assert _get(stats_port, "/readyz")[0] == 200
+    mark = server.mark()
+    started = time.monotonic()
+    server.signal(signal.SIGTERM)
+    assert wait_until(lambda: _get(stats_port, "/readyz")[0] == 503, 5)
+    # Not ready, yet still serving: a load balancer has time to move away.
+    served = 0
+    while time.monotonic() - started < 1.5:
+        assert server.request("GET", "/fixed").status == 200
+        served += 1
+    assert served > 0
+    server.wait_for(r"Shutdown delay over", since=mark)
+    assert time.monotonic() - started >= 2
+    assert server.wait_exit(30) == 0

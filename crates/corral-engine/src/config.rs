@@ -30,6 +30,9 @@ pub struct Config {
     /// Largest request body accepted (413 beyond it); `u64::MAX` for no limit.
     pub max_body_size: u64,
     pub graceful_timeout: Duration,
+    /// After SIGTERM, time spent still serving with `/readyz` failing before
+    /// the listeners close.
+    pub shutdown_delay: Duration,
     pub header_timeout: Duration,
     pub keepalive_timeout: Duration,
     pub io_timeout: Duration,
@@ -70,6 +73,7 @@ impl Default for Config {
             limits: Limits::default(),
             max_body_size: u64::MAX,
             graceful_timeout: DEFAULT_GRACEFUL_TIMEOUT,
+            shutdown_delay: Duration::ZERO,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
             io_timeout: DEFAULT_IO_TIMEOUT,

@@ -30,6 +30,9 @@ pub const EXIT_APP_LOAD_FAILED: i32 = 3;
 pub enum Phase {
     /// Serving; dead workers are replaced.
     Running,
+    /// Asked to stop with `--shutdown-delay`: still serving, but `/readyz`
+    /// says no, so load balancers stop sending work before the listeners close.
+    Announcing { until: Instant },
     /// Workers were told to finish their requests; wait for them until the deadline.
     Draining { deadline: Instant },
     /// Workers were told to stop at once.
@@ -256,6 +259,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             master_pid: std::process::id(),
             phase: match self.phase {
                 Phase::Running => "running",
+                Phase::Announcing { .. } => "stopping-soon",
                 Phase::Draining { .. } => "draining",
                 Phase::Stopping { .. } => "stopping",
             },
@@ -370,21 +374,26 @@ impl<'a, H: Hooks> Master<'a, H> {
                 self.signal_all(libc::SIGQUIT);
                 self.phase = Phase::Stopping { deadline: Instant::now() + Duration::from_secs(2) };
             }
-            Action::GracefulStop => {
-                if let Phase::Running = self.phase {
+            Action::GracefulStop => match self.phase {
+                Phase::Running if !self.config.shutdown_delay.is_zero() => {
+                    info!(
+                        "Received {name}: /readyz now answers 503; still serving for {:?} (--shutdown-delay), \
+                         then a graceful shutdown",
+                        self.config.shutdown_delay
+                    );
+                    crate::systemd::notify("STOPPING=1");
+                    self.phase = Phase::Announcing { until: Instant::now() + self.config.shutdown_delay };
+                }
+                Phase::Running | Phase::Announcing { .. } => {
                     info!(
                         "Received {name}: graceful shutdown, waiting up to {:?} for in-flight requests",
                         self.config.graceful_timeout
                     );
-                    // Closing the master's copies too means that once the
-                    // workers close theirs, new connections are refused
-                    // rather than left in a queue nobody accepts from.
                     crate::systemd::notify("STOPPING=1");
-                    self.close_listeners();
-                    self.signal_all(libc::SIGTERM);
-                    self.phase = Phase::Draining { deadline: Instant::now() + self.config.graceful_timeout };
+                    self.begin_graceful_stop();
                 }
-            }
+                _ => {}
+            },
             Action::QuickStop => {
                 info!("Received {name}: stopping now");
                 crate::systemd::notify("STOPPING=1");
@@ -501,6 +510,14 @@ impl<'a, H: Hooks> Master<'a, H> {
                             self.spawn();
                         }
                     }
+                }
+                None
+            }
+            Phase::Announcing { until } => {
+                self.advance_replacements();
+                if Instant::now() >= until {
+                    info!("Shutdown delay over: closing the listeners and finishing in-flight requests");
+                    self.begin_graceful_stop();
                 }
                 None
             }
@@ -711,6 +728,16 @@ impl<'a, H: Hooks> Master<'a, H> {
                 self.retire(pid, libc::SIGTERM);
             }
         }
+    }
+
+    /// Closes the listeners and tells the workers to finish their requests.
+    fn begin_graceful_stop(&mut self) {
+        // Closing the master's copies too means that once the workers close
+        // theirs, new connections are refused rather than left in a queue
+        // nobody accepts from.
+        self.close_listeners();
+        self.signal_all(libc::SIGTERM);
+        self.phase = Phase::Draining { deadline: Instant::now() + self.config.graceful_timeout };
     }
 
     /// Tells a worker to stop; its exit is then expected.

@@ -127,6 +127,12 @@ pub struct Cli {
           value_parser = parse_secs)]
     pub graceful_timeout: Duration,
 
+    /// Seconds to keep serving after SIGTERM/SIGINT while /readyz already answers 503, so
+    /// load balancers stop sending work before the listeners close. Default 0.
+    #[arg(long, value_name = "SECS", env = "CORRAL_SHUTDOWN_DELAY", default_value = "0",
+          value_parser = parse_secs)]
+    pub shutdown_delay: Duration,
+
     /// Seconds a client has to send a whole request head.
     #[arg(long, value_name = "SECS", env = "CORRAL_HEADER_TIMEOUT", default_value = "30",
           value_parser = parse_positive_secs)]
@@ -510,6 +516,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         },
         max_body_size: cli.max_body_size.unwrap_or(u64::MAX),
         graceful_timeout: cli.graceful_timeout,
+        shutdown_delay: cli.shutdown_delay,
         header_timeout: cli.header_timeout,
         keepalive_timeout: cli.keepalive_timeout,
         io_timeout: config::DEFAULT_IO_TIMEOUT,
