@@ -714,27 +714,27 @@ fn serve_claimed<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, mut con
             Protocol::Http => read_head(w, &mut conn),
             _ => read_gateway(w, &mut conn),
         };
-        match next {
-            Next::Request(n) => {
-                if !handle_request(w, state, t, &mut conn, Incoming::Http(n)) {
-                    close(w, conn, false);
-                    return;
-                }
-            }
-            Next::Gateway(req) => {
-                if !handle_request(w, state, t, &mut conn, Incoming::Gateway(req)) {
-                    close(w, conn, false);
-                    return;
-                }
-            }
+        let keep = match next {
+            Next::Request(n) => handle_request(w, state, t, &mut conn, Incoming::Http(n)),
+            Next::Gateway(req) => handle_request(w, state, t, &mut conn, Incoming::Gateway(req)),
             Next::Park => {
                 park(w, conn);
                 return;
             }
-            Next::Close => {
-                close(w, conn, false);
-                return;
-            }
+            Next::Close => false,
+        };
+        if !keep {
+            close(w, conn, false);
+            return;
+        }
+        // Pipelined bytes are served at once; otherwise the connection goes
+        // back to epoll rather than being read again right away. Reading
+        // again would often find the client's next request already there,
+        // and this thread would then serve one connection back and forth
+        // while the others wait, waking an idle client for every response.
+        if conn.io.lock().unwrap().buf.is_empty() {
+            park(w, conn);
+            return;
         }
     }
 }
