@@ -1,0 +1,101 @@
+"""The adaptive pool (--workers-min/--workers-max) and overload shedding
+(--max-connections), driven by real concurrent load."""
+
+import re
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from support import READY_RE, wait_until
+
+
+def _live_workers(server, since=0):
+    """Pids that logged ready and have not been reported as exited."""
+    ready = {int(m.group(1)) for m in server.grep(READY_RE.pattern, since)}
+    gone = {int(m.group(1)) for m in server.grep(r"\(pid (\d+)\) exited", since)}
+    return ready - gone
+
+
+def test_burst_grows_the_pool_to_the_max_and_idle_shrinks_it(start_server):
+    server = start_server(
+        "behaviour:application",
+        "--workers-min",
+        "1",
+        "--workers-max",
+        "3",
+        "--scale-down-idle",
+        "1",
+        workers=None,
+        threads=1,
+    )
+    assert len(_live_workers(server)) == 1
+    mark = server.mark()
+    # 12 requests of 1 s at once against one single-threaded worker: every
+    # thread is busy and connections queue, so the pool grows to its maximum.
+    with ThreadPoolExecutor(12) as pool:
+        results = list(
+            pool.map(lambda i: server.request("GET", f"/slow?secs=1&id=b{i}", timeout=60), range(12))
+        )
+    assert all(r.status == 200 for r in results), [r.status for r in results]
+    ups = server.grep(
+        r"Scaling up to (\d+) worker\(s\): (\d+) of (\d+) threads busy, (\d+) connection", since=mark
+    )
+    assert [int(m.group(1)) for m in ups] == [2, 3], server.log
+    assert all(int(m.group(2)) == int(m.group(3)) or int(m.group(4)) > 0 for m in ups)
+    # Idle: one worker less per --scale-down-idle, down to the minimum.
+    downs = server.wait_for(r"Scaling down to (\d+) worker", count=2, since=mark, timeout=20)
+    assert [int(m.group(1)) for m in downs] == [2, 1]
+    assert wait_until(lambda: len(_live_workers(server)) == 1, 10), server.log
+    assert server.request("GET", "/fixed").status == 200
+
+
+def test_ttin_ttou_stay_within_the_bounds(start_server):
+    server = start_server(
+        "behaviour:application",
+        "--workers-min",
+        "1",
+        "--workers-max",
+        "2",
+        "--scale-down-idle",
+        "60",
+        workers=None,
+    )
+    mark = server.mark()
+    server.signal(signal.SIGTTIN)
+    server.wait_for(r"Received SIGTTIN: workers 1 -> 2", since=mark)
+    server.wait_for(READY_RE.pattern, since=mark)
+    server.signal(signal.SIGTTIN)  # already at the maximum: ignored
+    server.signal(signal.SIGTTOU)
+    server.wait_for(r"Received SIGTTOU: workers 2 -> 1", since=mark)
+    server.signal(signal.SIGTTOU)  # already at the minimum: ignored
+    time.sleep(0.5)
+    assert not server.grep(r"workers 2 -> 3|workers 1 -> 0", since=mark)
+    assert wait_until(lambda: len(_live_workers(server)) == 1, 10)
+
+
+def test_max_connections_sheds_with_503(start_server):
+    server = start_server("behaviour:application", "--max-connections", "3", threads=2)
+    held = []
+    try:
+        # Three idle keep-alive connections fill the worker's allowance.
+        for _ in range(3):
+            conn = server.connect()
+            conn.send_request("GET", "/fixed", {"Host": "x"})
+            assert conn.read_response().status == 200
+            held.append(conn)
+        extra = socket.create_connection((server.host, server.port), timeout=10)
+        extra.sendall(b"GET /fixed HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while chunk := extra.recv(4096):
+            data += chunk
+        extra.close()
+        assert data.startswith(b"HTTP/1.1 503 "), data
+        line = server.wait_for(r"Overloaded: (\d+) connection\(s\) turned away with 503")[0]
+        assert int(line.group(1)) >= 1
+    finally:
+        for conn in held:
+            conn.close()
+    # Once connections close, new ones are served again.
+    assert wait_until(lambda: server.request("GET", "/fixed").status == 200, 10)
+    assert re.search(r"--max-connections 3", server.log)
