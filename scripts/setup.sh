@@ -18,8 +18,13 @@ command -v python3 >/dev/null || { echo "python3 not found" >&2; exit 1; }
 
 section "system packages"
 need_apt=()
-for cmd in nginx wrk curl tmux; do
-    command -v "$cmd" >/dev/null || [ -x "/usr/sbin/$cmd" ] || need_apt+=("$cmd")
+# command:package. nginx, apache2, haproxy and cgi-fcgi are the front ends
+# the tests put in front of corral; iproute2 gives `ss`.
+for pair in nginx:nginx wrk:wrk curl:curl tmux:tmux apache2:apache2 haproxy:haproxy \
+    cgi-fcgi:libfcgi-bin ss:iproute2; do
+    cmd="${pair%%:*}"
+    pkg="${pair#*:}"
+    command -v "$cmd" >/dev/null || [ -x "/usr/sbin/$cmd" ] || need_apt+=("$pkg")
 done
 # Debian's own python3 needs python3-venv for `python3 -m venv`.
 if [ ! -x .venv/bin/python ] && ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
@@ -31,7 +36,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 else
-    echo "nginx, wrk, curl and tmux are installed"
+    echo "nginx, apache2, haproxy, cgi-fcgi, wrk, curl, tmux and ss are installed"
 fi
 
 section "Python environment (.venv)"

@@ -1,0 +1,330 @@
+"""corral behind real front ends: nginx over uwsgi, FastCGI (also with
+keep-conn and an upstream keepalive pool) and SCGI on TCP and unix sockets,
+Apache over all three, HAProxy over FastCGI, and cgi-fcgi.
+
+Every combination serves the same checks: a GET with a query, a form POST, a
+1 MiB upload and a 100 MiB download with checksums, a streamed response,
+non-ASCII and percent-encoded paths, repeated headers, the HTTPS flag, an
+app mounted at /prefix, and the front end's own error when corral is stopped,
+then requests flowing again once it is back. The configurations are the ones
+docs/deploy/ shows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import signal
+import subprocess
+
+import front_ends
+import pytest
+from front_ends import free_port
+from support import Server, wait_until
+
+PATTERN = bytes(range(256)) * 4096
+
+NGINX_PROTOCOLS = {
+    # protocol: (params file, pass directive, extra directives for the HTTPS server)
+    "uwsgi": ("uwsgi_params", "uwsgi_pass", "uwsgi_param HTTPS on;"),
+    "fastcgi": ("fastcgi_params", "fastcgi_pass", "fastcgi_param HTTPS on;"),
+    "scgi": ("scgi_params", "scgi_pass", "scgi_param HTTPS on;"),
+}
+
+COMBOS = [
+    ("nginx", "uwsgi", "tcp"),
+    ("nginx", "uwsgi", "unix"),
+    ("nginx", "fastcgi", "tcp"),
+    ("nginx", "fastcgi", "unix"),
+    ("nginx", "fastcgi-keepalive", "tcp"),
+    ("nginx", "scgi", "tcp"),
+    ("nginx", "scgi", "unix"),
+    ("apache", "uwsgi", "tcp"),
+    ("apache", "fastcgi", "tcp"),
+    ("apache", "scgi", "tcp"),
+    ("haproxy", "fastcgi", "tcp"),
+]
+
+
+class Stack:
+    """corral behind one front end; `port` is the front end's, `https_port`
+    the same route with the front end saying the client used TLS."""
+
+    def __init__(self, tmp, front, protocol, transport):
+        self.tmp, self.front_name, self.protocol, self.transport = tmp, front, protocol, transport
+        self.wire = protocol.split("-")[0]
+        if transport == "unix":
+            self.backend = f"unix:{tmp}/corral.sock"
+        else:
+            self.backend = f"127.0.0.1:{free_port()}"
+        self.corral = None
+        self.start_corral()
+        self.port, self.https_port = free_port(), free_port()
+        self.front = getattr(self, f"_{front}")()
+
+    def start_corral(self):
+        # 666: Apache's workers run as www-data.
+        self.corral = Server(
+            "front_app:application",
+            f"--{self.wire}",
+            self.backend,
+            "--mount",
+            "/prefix",
+            "--socket-mode",
+            "666",
+            http=None,
+            threads=4,
+        )
+        self.corral.wait_for(r"Worker ready", timeout=20)
+
+    def stop_corral(self):
+        self.corral.signal(signal.SIGTERM)
+        assert self.corral.wait_exit(30) == 0
+        self.corral.cleanup()
+
+    def _nginx(self):
+        params, directive, https = NGINX_PROTOCOLS[self.wire]
+        target = self.backend  # HOST:PORT, or unix:/path, which is nginx's own syntax too
+        upstream, extra = "", ""
+        if self.protocol == "fastcgi-keepalive":
+            upstream = f"upstream corral {{ server {target}; keepalive 8; }}"
+            target, extra = "corral", "fastcgi_keep_conn on;"
+        servers = []
+        for port, flag in ((self.port, ""), (self.https_port, https)):
+            servers.append(
+                f"""
+    server {{
+        listen {port};
+        location / {{
+            include {front_ends.NGINX_PARAMS}/{params};
+            {flag}
+            {extra}
+            {directive} {target};
+        }}
+    }}"""
+            )
+        return front_ends.nginx(self.tmp / "nginx", upstream + "\n".join(servers))
+
+    def _apache(self):
+        scheme = {"uwsgi": "uwsgi", "fastcgi": "fcgi", "scgi": "scgi"}[self.wire]
+        hosts = []
+        for port, flag in ((self.port, ""), (self.https_port, "SetEnv HTTPS on")):
+            hosts.append(
+                f"""
+<VirtualHost 127.0.0.1:{port}>
+    {flag}
+    ProxyPass "/" "{scheme}://{self.backend}/"
+</VirtualHost>"""
+            )
+        return front_ends.apache(self.tmp / "apache", "\n".join(hosts), [self.port, self.https_port])
+
+    def _haproxy(self):
+        cfg = f"""
+global
+    maxconn 200
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+fcgi-app corral
+    docroot /
+    option keep-conn
+fcgi-app corral-https
+    docroot /
+    option keep-conn
+    set-param HTTPS on
+frontend plain
+    bind 127.0.0.1:{self.port}
+    default_backend corral
+frontend tls
+    bind 127.0.0.1:{self.https_port}
+    default_backend corral-https
+backend corral
+    use-fcgi-app corral
+    server s1 {self.backend} proto fcgi
+backend corral-https
+    use-fcgi-app corral-https
+    server s1 {self.backend} proto fcgi
+"""
+        return front_ends.haproxy(self.tmp / "haproxy", cfg, [self.port, self.https_port])
+
+    def request(self, method, path, body=None, headers=(), port=None, timeout=60):
+        conn = http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=timeout)
+        try:
+            conn.putrequest(method, path, skip_accept_encoding=True)
+            for k, v in headers:
+                conn.putheader(k, v)
+            if body is not None:
+                conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body)
+            resp = conn.getresponse()
+            return resp.status, dict(resp.getheaders()), resp.read()
+        finally:
+            conn.close()
+
+    def environ(self, path="/environ", **kw):
+        status, _, body = self.request("GET", path, **kw)
+        assert status == 200, (status, body[:500], self.front.logs())
+        return json.loads(body)
+
+
+@pytest.fixture(scope="module", params=COMBOS, ids=["-".join(c) for c in COMBOS])
+def stack(request, tmp_path_factory):
+    front, protocol, transport = request.param
+    needs = {"nginx": "nginx", "apache": "apache2", "haproxy": "haproxy"}[front]
+    if not front_ends.available(needs):
+        pytest.skip(f"{needs} is not installed (scripts/setup.sh installs it)")
+    s = Stack(tmp_path_factory.mktemp(f"{front}-{protocol}-{transport}"), front, protocol, transport)
+    yield s
+    s.front.stop()
+    s.corral.cleanup()
+
+
+def test_get_with_query(stack):
+    env = stack.environ("/environ?a=1&b=x%20y&c")
+    assert env["REQUEST_METHOD"] == "GET"
+    assert env["QUERY_STRING"] == "a=1&b=x%20y&c"
+    assert env["PATH_INFO"] == "/environ"
+    assert env["SCRIPT_NAME"] == ""
+    assert env["wsgi.url_scheme"] == "http"
+    assert env["REMOTE_ADDR"] == "127.0.0.1"
+    assert env["SERVER_PROTOCOL"].startswith("HTTP/1.")
+    assert "HTTP_CONTENT_LENGTH" not in env and "HTTP_CONTENT_TYPE" not in env
+
+
+def test_form_post(stack):
+    body = b"name=caf%C3%A9&n=1&n=2"
+    status, _, out = stack.request(
+        "POST", "/form", body, headers=[("Content-Type", "application/x-www-form-urlencoded")]
+    )
+    assert status == 200, out
+    assert json.loads(out) == {"name": ["café"], "n": ["1", "2"]}
+
+
+def test_upload_1mib(stack):
+    data = os.urandom(1 << 20)
+    status, _, out = stack.request(
+        "POST", "/upload", data, headers=[("Content-Type", "application/octet-stream")]
+    )
+    assert status == 200, out
+    assert json.loads(out) == {"length": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_download_100mib(stack):
+    conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=120)
+    try:
+        conn.request("GET", "/download?mib=100")
+        resp = conn.getresponse()
+        assert resp.status == 200
+        h, n = hashlib.sha256(), 0
+        while chunk := resp.read(1 << 20):
+            h.update(chunk)
+            n += len(chunk)
+    finally:
+        conn.close()
+    expected = hashlib.sha256()
+    for _ in range(100):
+        expected.update(PATTERN)
+    assert n == 100 << 20
+    assert h.hexdigest() == expected.hexdigest()
+
+
+def test_streamed_response(stack):
+    status, _, body = stack.request("GET", "/stream")
+    assert status == 200
+    assert body == b"".join(f"line {i}\n".encode() for i in range(100))
+
+
+def test_non_ascii_and_percent_encoded_paths(stack):
+    # PATH_INFO is the decoded bytes as latin-1 (PEP 3333).
+    assert stack.environ("/caf%C3%A9/environ")["PATH_INFO"] == "/caf\u00c3\u00a9/environ"
+    assert stack.environ("/a%20b/environ")["PATH_INFO"] == "/a b/environ"
+
+
+def test_repeated_headers(stack):
+    env = stack.environ(headers=[("X-Multi", "one"), ("X-Multi", "two")])
+    # nginx and HAProxy pass both lines (corral joins them); Apache joins them itself.
+    assert env["HTTP_X_MULTI"].replace(" ", "") == "one,two"
+
+
+def test_https_flag(stack):
+    assert stack.environ(port=stack.https_port)["wsgi.url_scheme"] == "https"
+    assert stack.environ()["wsgi.url_scheme"] == "http"
+
+
+def test_app_mounted_at_prefix(stack):
+    env = stack.environ("/prefix/environ?x=1")
+    assert env["SCRIPT_NAME"] == "/prefix"
+    assert env["PATH_INFO"] == "/environ"
+    assert env["QUERY_STRING"] == "x=1"
+
+
+def test_keepalive_reuses_backend_connections(stack):
+    if stack.protocol != "fastcgi-keepalive" and stack.front_name != "haproxy":
+        pytest.skip("only FastCGI with keep-conn keeps backend connections")
+    for _ in range(20):
+        assert stack.environ()["REQUEST_METHOD"] == "GET"
+    # With FCGI_KEEP_CONN, the backend connections stay open between requests.
+    port = stack.backend.rsplit(":", 1)[1]
+    out = subprocess.run(
+        ["ss", "-Htn", "state", "established", f"( sport = :{port} )"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    open_conns = [line for line in out.splitlines() if line.strip()]
+    assert 1 <= len(open_conns) <= 8, out
+    # And nothing was logged as a protocol error.
+    assert not stack.corral.grep(r"Bad fastcgi request")
+
+
+def test_front_end_error_when_corral_is_stopped_then_recovery(stack):
+    stack.stop_corral()
+    status, _, _ = stack.request("GET", "/environ")
+    # nginx answers 502, Apache 503, HAProxy 503: the front end's own error.
+    assert status in (502, 503), status
+    stack.start_corral()
+    assert wait_until(lambda: stack.request("GET", "/environ")[0] == 200, 15), stack.front.logs()
+    assert stack.environ()["PATH_INFO"] == "/environ"
+
+
+@pytest.mark.skipif(not front_ends.available("cgi-fcgi"), reason="cgi-fcgi (libfcgi-bin) is not installed")
+def test_cgi_fcgi(start_server):
+    port = free_port()
+    start_server("front_app:application", "--fastcgi", f"127.0.0.1:{port}", http=None, wait=False).wait_for(
+        "Worker ready"
+    )
+    base = {
+        "PATH": os.environ.get("PATH", ""),
+        "SERVER_NAME": "localhost",
+        "SERVER_PORT": "80",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "10.1.2.3",
+    }
+    env = {**base, "REQUEST_METHOD": "GET", "REQUEST_URI": "/environ?q=1", "QUERY_STRING": "q=1"}
+    out = subprocess.run(
+        ["cgi-fcgi", "-bind", "-connect", f"127.0.0.1:{port}"],
+        env=env,
+        capture_output=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"Status: 200 OK"), out[:300]
+    data = json.loads(body)
+    assert (data["PATH_INFO"], data["QUERY_STRING"], data["REMOTE_ADDR"]) == ("/environ", "q=1", "10.1.2.3")
+    payload = os.urandom(100_000)
+    env = {**base, "REQUEST_METHOD": "POST", "REQUEST_URI": "/upload", "CONTENT_LENGTH": str(len(payload))}
+    out = subprocess.run(
+        ["cgi-fcgi", "-bind", "-connect", f"127.0.0.1:{port}"],
+        env=env,
+        input=payload,
+        capture_output=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    body = out.partition(b"\r\n\r\n")[2]
+    assert json.loads(body) == {"length": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
