@@ -355,3 +355,27 @@ def test_shutdown_delay_turns_readiness_off_before_listeners_close(start_server)
     server.wait_for(r"Shutdown delay over", since=mark)
     assert time.monotonic() - started >= 2
     assert server.wait_exit(30) == 0
+
+
+def test_app_logging_keeps_working(start_server):
+    server = start_server("logging_app:application", workers=2)
+    assert server.request("GET", "/hello").status == 200
+    server.wait_for(r"^APPLOG INFO myapp: handling /hello$")
+    server.wait_for(r"^APPLOG WARNING myapp: a warning with 1 args$")
+
+
+def test_client_disconnect_is_one_line_not_a_traceback(start_server):
+    server = start_server("behaviour:application")
+    conn = server.connect()
+    conn.send_request("GET", "/closing?id=gone-log&mode=infinite", {"Host": "x"})
+    assert conn.read_head().status == 200
+    conn.read_exact(100_000)
+    mark = server.mark()
+    conn.close()
+    lines = server.wait_for(r"GET /closing\?id=gone-log&mode=infinite: client disconnected", since=mark)
+    assert len(lines) == 1
+    time.sleep(0.5)
+    after = server.log.splitlines()[mark:]
+    assert not [line for line in after if "Traceback" in line or "ClientDisconnected" in line], after
+    assert len([line for line in after if "client disconnected" in line]) == 1
+    assert server.request("GET", "/fixed").status == 200
