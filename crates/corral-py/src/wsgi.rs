@@ -359,7 +359,7 @@ impl WsgiApp {
         let what =
             format!("{} {}", String::from_utf8_lossy(req.method()), String::from_utf8_lossy(req.target()));
         if e.is_instance_of::<ClientDisconnected>(py) {
-            info!("{what}: {}", e.value(py));
+            info!("{what}: client disconnected ({})", e.value(py));
             ex.abort();
             return;
         }
