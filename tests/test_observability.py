@@ -372,7 +372,9 @@ def test_client_disconnect_is_one_line_not_a_traceback(start_server):
     conn.read_exact(100_000)
     mark = server.mark()
     conn.close()
-    lines = server.wait_for(r"\[INFO\] GET /closing\?id=gone-log&mode=infinite: client disconnected", since=mark)
+    lines = server.wait_for(
+        r"\[INFO\] GET /closing\?id=gone-log&mode=infinite: client disconnected", since=mark
+    )
     assert len(lines) == 1
     time.sleep(0.5)
     after = server.log.splitlines()[mark:]
