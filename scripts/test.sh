@@ -37,8 +37,8 @@ check "cargo fmt --all --check" cargo fmt --all --check
 check "cargo clippy --workspace --all-targets -- -D warnings" \
     cargo clippy --workspace --all-targets --quiet -- -D warnings
 check "cargo test --workspace" cargo test --workspace --quiet
-check "ruff check" .venv/bin/ruff check tests python examples
-check "ruff format --check" .venv/bin/ruff format --check tests python examples
+check "ruff check" .venv/bin/ruff check tests python examples bench
+check "ruff format --check" .venv/bin/ruff format --check tests python examples bench
 check "pytest" .venv/bin/pytest -q tests "$@"
 
 section "summary"
