@@ -381,3 +381,16 @@ def test_client_disconnect_is_one_line_not_a_traceback(start_server):
     assert not [line for line in after if "Traceback" in line or "ClientDisconnected" in line], after
     assert len([line for line in after if "client disconnected" in line]) == 1
     assert server.request("GET", "/fixed").status == 200
+
+
+def test_log_format_json_applies_to_the_access_log_too(start_server, tmp_path):
+    log = tmp_path / "access.log"
+    server = start_server(
+        "behaviour:application", "--log-format", "json", "--access-log", str(log), wait=False
+    )
+    server.wait_for(r'"message":"Worker ready')
+    port = int(server.wait_for(r"Listening at: http://127\.0\.0\.1:(\d+)")[0].group(1))
+    server.host, server.port = "127.0.0.1", port
+    server.request("GET", "/fixed")
+    (line,) = _read_lines(log, 1)
+    assert json.loads(line)["path"] == "/fixed"

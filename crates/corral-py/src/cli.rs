@@ -217,7 +217,8 @@ pub struct Cli {
     #[arg(long, value_name = "FILE|-", env = "CORRAL_ERROR_LOG", default_value = "-")]
     pub error_log: String,
 
-    /// Error log lines as text or as JSON objects.
+    /// Log lines as text or as JSON objects: the error log, and the access log unless
+    /// --access-log-format says otherwise.
     #[arg(long, value_enum, env = "CORRAL_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
 
@@ -364,7 +365,12 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         return Ok(2);
     }
     crate::logging::init(cli.log_level);
-    let access_format = match corral_engine::access::Format::parse(&cli.access_log_format) {
+    // --log-format json makes both logs JSON unless the access log's format is set.
+    let access_format_text = match (cli.log_format, matches.value_source("access_log_format")) {
+        (LogFormat::Json, Some(clap::parser::ValueSource::DefaultValue)) => "json",
+        _ => cli.access_log_format.as_str(),
+    };
+    let access_format = match corral_engine::access::Format::parse(access_format_text) {
         Ok(f) => f,
         Err(e) => {
             error!("--access-log-format: {e}");
