@@ -1,0 +1,113 @@
+"""Lifecycle under constant load, counting every response: ten HUP reloads
+with the code changed in between, worker recycling, and a graceful stop."""
+
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from support import IncompleteResponse, wait_until
+
+
+class Load:
+    """Threads sending requests on new connections back to back."""
+
+    def __init__(self, server, target="/", threads=3):
+        self.server, self.target = server, target
+        self.bodies: list[bytes] = []
+        self.failures: list[str] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                resp = self.server.request("GET", self.target, timeout=20)
+                with self.lock:
+                    if resp.status == 200:
+                        self.bodies.append(resp.body)
+                    else:
+                        self.failures.append(f"status {resp.status}")
+            except (OSError, IncompleteResponse) as e:
+                with self.lock:
+                    self.failures.append(repr(e))
+
+    def count(self):
+        with self.lock:
+            return len(self.bodies)
+
+    def finish(self):
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+        return self
+
+
+def _write_app(path, version):
+    path.write_text(
+        "def application(environ, start_response):\n"
+        f"    body = b'version {version}'\n"
+        "    start_response('200 OK', [('Content-Type', 'text/plain'), ('Content-Length', str(len(body)))])\n"
+        "    return [body]\n"
+    )
+
+
+def test_ten_hup_reloads_under_load_with_new_code(start_server, tmp_path):
+    app = tmp_path / "versioned.py"
+    _write_app(app, 0)
+    server = start_server(
+        "versioned:application", "--chdir", str(tmp_path), workers=2, threads=2, pythonpath=None
+    )
+    load = Load(server)
+    try:
+        for version in range(1, 11):
+            _write_app(app, version)
+            mark = server.mark()
+            server.signal(signal.SIGHUP)
+            # Both old workers are replaced: new ones ready, old ones gone.
+            server.wait_for(r"Worker ready", count=2, since=mark, timeout=30)
+            server.wait_for(r"Worker \d+ \(pid \d+\) exited", count=2, since=mark, timeout=30)
+            seen = load.count()
+            wanted = f"version {version}".encode()
+            assert wait_until(lambda seen=seen: load.count() > seen + 5, 10)
+            with load.lock:
+                after = load.bodies[seen:]
+            assert after and all(b == wanted for b in after), set(after)
+    finally:
+        load.finish()
+    assert not load.failures, load.failures[:10]
+    assert load.count() > 100
+
+
+def test_recycling_under_load_fails_nothing(start_server):
+    server = start_server(
+        "behaviour:application", "--max-requests", "30", "--max-requests-jitter", "10", workers=2, threads=2
+    )
+    load = Load(server, "/pid")
+    try:
+        assert wait_until(lambda: len(server.grep(r"recycling: served")) >= 4, 60), server.log[-3000:]
+    finally:
+        load.finish()
+    assert not load.failures, load.failures[:10]
+    pids = {int(b) for b in load.bodies}
+    assert len(pids) >= 4, pids
+
+
+def test_sigterm_under_load_finishes_in_flight_requests(start_server):
+    server = start_server("behaviour:application", workers=2, threads=4)
+    load = Load(server, "/fixed")
+    with ThreadPoolExecutor(4) as pool:
+        slow = [pool.submit(server.request, "GET", f"/slow?secs=2&id=t{i}", timeout=30) for i in range(4)]
+        server.wait_for(r"slow request started: t\d", count=4)
+        server.signal(signal.SIGTERM)
+        results = [f.result(30) for f in slow]
+    time.sleep(0.5)
+    load.finish()
+    assert [r.status for r in results] == [200] * 4
+    assert server.wait_exit(30) == 0
+    # Once the listeners closed, new connections are refused: those are the
+    # only failures the load may see, never a reset or a cut response.
+    assert all("ConnectionRefusedError" in f for f in load.failures), load.failures[:10]
