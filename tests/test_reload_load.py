@@ -111,3 +111,59 @@ def test_sigterm_under_load_finishes_in_flight_requests(start_server):
     # Once the listeners closed, new connections are refused: those are the
     # only failures the load may see, never a reset or a cut response.
     assert all("ConnectionRefusedError" in f for f in load.failures), load.failures[:10]
+
+
+def test_reload_on_rss_recycles_a_leaking_app_without_failures(start_server):
+    server = start_server("leaky_app:application", "--reload-on-rss", "80", workers=2)
+    load = Load(server, "/", threads=2)
+    try:
+        assert wait_until(
+            lambda: len(server.grep(r"recycling: resident memory \d+ MiB \(limit 80 MiB\)")) >= 2, 60
+        )
+        # The replaced workers finish and exit; their replacements serve.
+        assert wait_until(lambda: len(server.grep(r"Worker \d+ \(pid \d+\) exited")) >= 2, 30)
+        seen = load.count()
+        assert wait_until(lambda: load.count() > seen + 5, 10)
+    finally:
+        load.finish()
+    assert not load.failures, load.failures[:10]
+    assert len({int(b) for b in load.bodies}) >= 3
+
+
+def test_worker_lifetime_recycles_without_failures(start_server):
+    server = start_server("behaviour:application", "--max-worker-lifetime", "1", workers=2)
+    load = Load(server, "/pid")
+    try:
+        assert wait_until(lambda: len(server.grep(r"recycling: running for")) >= 4, 30)
+    finally:
+        load.finish()
+    assert not load.failures, load.failures[:10]
+    assert len({int(b) for b in load.bodies}) >= 4
+
+
+def test_timeout_of_a_sleeping_request_under_load(start_server):
+    server = start_server("behaviour:application", "--timeout", "2", workers=2, threads=2)
+    load = Load(server, "/fixed", threads=2)
+    try:
+        mark = server.mark()
+        started = time.monotonic()
+        resp = server.request("GET", "/slow?secs=30&id=stuck", timeout=30)
+        elapsed = time.monotonic() - started
+        assert resp.status == 504
+        # Within timeout + 1 s (checked four times a second).
+        assert elapsed < 3.0, elapsed
+        line = server.wait_for(
+            r"Request timeout: GET /slow\?secs=30&id=stuck ran for .* \(pid (\d+)\)", since=mark
+        )[0]
+        stuck = int(line.group(1))
+        # The stack names the line that sleeps.
+        assert server.grep(r'behaviour\.py", line \d+ in slow', since=mark)
+        server.wait_for(rf"\(pid {stuck}\) exited", since=mark, timeout=30)
+        seen = load.count()
+        assert wait_until(lambda: load.count() > seen + 10, 10)
+    finally:
+        load.finish()
+    # Other requests were served throughout, none failed.
+    assert not load.failures, load.failures[:10]
+    pids = {int(server.request("GET", "/pid").body) for _ in range(20)}
+    assert stuck not in pids
