@@ -167,3 +167,49 @@ def test_timeout_of_a_sleeping_request_under_load(start_server):
     assert not load.failures, load.failures[:10]
     pids = {int(server.request("GET", "/pid").body) for _ in range(20)}
     assert stuck not in pids
+
+
+def test_hup_with_broken_code_keeps_the_old_workers_then_fixed_code_loads(start_server, tmp_path):
+    app = tmp_path / "versioned.py"
+    _write_app(app, 1)
+    server = start_server("versioned:application", "--chdir", str(tmp_path), workers=2, pythonpath=None)
+    load = Load(server)
+    try:
+        app.write_text("def application(environ, start_response):\n    return [b'unclosed'\n")
+        mark = server.mark()
+        server.signal(signal.SIGHUP)
+        server.wait_for(
+            r"could not load the application .*keeps serving the code it has", count=2, since=mark
+        )
+        seen = load.count()
+        assert wait_until(lambda: load.count() > seen + 20, 10)
+        with load.lock:
+            assert set(load.bodies[seen:]) == {b"version 1"}
+        _write_app(app, 2)
+        mark = server.mark()
+        server.signal(signal.SIGHUP)
+        server.wait_for(r"Worker \d+ \(pid \d+\) exited", count=2, since=mark, timeout=30)
+        assert wait_until(lambda: server.request("GET", "/").body == b"version 2", 10)
+    finally:
+        load.finish()
+    assert not load.failures, load.failures[:10]
+
+
+def test_hup_with_preload_reexecutes_and_loads_new_code(start_server, tmp_path):
+    app = tmp_path / "versioned.py"
+    _write_app(app, 1)
+    server = start_server(
+        "versioned:application", "--preload", "--chdir", str(tmp_path), workers=2, pythonpath=None
+    )
+    load = Load(server)
+    try:
+        _write_app(app, 2)
+        mark = server.mark()
+        server.signal(signal.SIGHUP)
+        server.wait_for(r"re-executing the master", since=mark)
+        server.wait_for(r"from before the re-exec exited", count=2, since=mark, timeout=30)
+        assert wait_until(lambda: server.request("GET", "/").body == b"version 2", 10)
+        assert server.running()
+    finally:
+        load.finish()
+    assert not load.failures, load.failures[:10]
