@@ -238,6 +238,18 @@ def test_streamed_response(stack):
     assert body == b"".join(f"line {i}\n".encode() for i in range(100))
 
 
+def test_many_responses_in_a_row_arrive_whole(stack):
+    # A front end may still be sending the end of a request when the response
+    # is complete (Apache sends FastCGI's empty STDIN record late); closing
+    # then must not reset the connection under the response.
+    expected = b"".join(f"line {i}\n".encode() for i in range(100))
+    for _ in range(30):
+        status, _, body = stack.request("GET", "/stream")
+        assert (status, body) == (200, expected)
+        status, _, body = stack.request("POST", "/upload", b"x" * 1000)
+        assert status == 200 and json.loads(body)["length"] == 1000
+
+
 def test_non_ascii_and_percent_encoded_paths(stack):
     # PATH_INFO is the decoded bytes as latin-1 (PEP 3333).
     assert stack.environ("/caf%C3%A9/environ")["PATH_INFO"] == "/caf\u00c3\u00a9/environ"

@@ -189,3 +189,22 @@ def test_nothing_leaks_between_requests(gateways):
     assert "HTTP_X_ONE" not in keys
     assert env["REQUEST_METHOD"]["value"] == "GET"
     assert env.get("CONTENT_LENGTH", {"value": ""})["value"] in ("", "0")
+
+
+def test_fastcgi_stream_survives_a_half_close(gateways):
+    """Apache's mod_proxy_fcgi shuts down its sending side once the request
+    is sent; a streamed response must still arrive whole."""
+    port = gateways.ports["fastcgi"]
+    for _ in range(5):
+        out = _send(port, _fcgi([(b"REQUEST_METHOD", b"GET"), (b"REQUEST_URI", b"/stream?n=200")]))
+        stdout, rest, ended = b"", out, False
+        while len(rest) >= 8:
+            _, kind, _, length, pad, _ = struct.unpack(">BBHHBB", rest[:8])
+            if kind == 6:
+                stdout += rest[8 : 8 + length]
+            elif kind == 3:
+                ended = True
+            rest = rest[8 + length + pad :]
+        assert ended, out[-200:]
+        body = stdout.partition(b"\r\n\r\n")[2]
+        assert body == b"".join(f"chunk{i}\n".encode() for i in range(200)), body[-100:]

@@ -182,6 +182,8 @@ pub(crate) struct Io {
     pub aborted: bool,
     /// The FastCGI front end sent ABORT_REQUEST for the active request.
     pub fcgi_aborted: bool,
+    /// The peer shut down its sending side (nothing more will be read).
+    pub peer_eof: bool,
     pub phase: RespPhase,
     pub status: u16,
     pub head: Vec<u8>,
@@ -214,6 +216,7 @@ impl Io {
             broken: false,
             aborted: false,
             fcgi_aborted: false,
+            peer_eof: false,
             phase: RespPhase::Idle,
             status: 0,
             head: Vec::with_capacity(512),
@@ -770,9 +773,14 @@ impl Io {
         if !matches!(self.body, BodyState::Done) {
             return Ok(());
         }
+        if self.peer_eof {
+            return Ok(());
+        }
         if let Ok(0) = self.read_some(fastcgi::HEADER_LEN) {
-            self.broken = true;
-            return Err(ResponseError::ClientGone("the front end closed the connection".into()));
+            // A half-close, as Apache's mod_proxy_fcgi does once it has sent
+            // the request: the response still goes out. A front end that is
+            // really gone shows up as a failed write.
+            self.peer_eof = true;
         }
         if gateway::has_abort(&self.buf, id) {
             self.fcgi_aborted = true;

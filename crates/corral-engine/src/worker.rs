@@ -1363,6 +1363,21 @@ fn complete(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>) -> bool {
         return false;
     }
     if !io.keep_alive {
+        if io.wire != Wire::Http && !io.body_finished() {
+            // A front end may still be sending the request (the empty STDIN
+            // record Apache sends after the response began, a body the app
+            // ignored): read it before closing, or the close turns into a
+            // reset that destroys the response the front end has not read yet.
+            let mut sink = Vec::new();
+            let mut total = 0u64;
+            while total <= MAX_DRAIN {
+                sink.clear();
+                match io.read_body(&mut sink, 64 * 1024, blocking) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => total += n as u64,
+                }
+            }
+        }
         if !io.body_finished() || !io.buf.is_empty() {
             drain_and_close(io.fd);
         }
