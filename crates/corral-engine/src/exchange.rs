@@ -29,6 +29,10 @@ const MIN_READ: usize = 8 * 1024;
 /// Unread request body the engine discards to keep a connection alive; past
 /// this it closes the connection instead of reading what the app ignored.
 pub(crate) const MAX_DRAIN: u64 = 1024 * 1024;
+/// Buffered input past which a FastCGI response stops looking for records
+/// the front end sent meanwhile (ABORT_REQUEST, a second BEGIN_REQUEST):
+/// reading more would buffer a body the app ignores.
+const PEEK_MAX: usize = 256 * 1024;
 
 /// Why a body read failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,6 +186,9 @@ pub(crate) struct Io {
     pub aborted: bool,
     /// The FastCGI front end sent ABORT_REQUEST for the active request.
     pub fcgi_aborted: bool,
+    /// END_REQUEST for the active FastCGI request went out with its last
+    /// STDOUT bytes.
+    pub fcgi_ended: bool,
     /// The peer shut down its sending side (nothing more will be read).
     pub peer_eof: bool,
     pub phase: RespPhase,
@@ -216,6 +223,7 @@ impl Io {
             broken: false,
             aborted: false,
             fcgi_aborted: false,
+            fcgi_ended: false,
             peer_eof: false,
             phase: RespPhase::Idle,
             status: 0,
@@ -515,8 +523,13 @@ impl Io {
     }
 
     /// Writes response bytes in the connection's framing: as they are, or in
-    /// FastCGI STDOUT records.
-    fn emit(&mut self, parts: &[&[u8]], blocking: fn(&mut dyn FnMut())) -> Result<(), ResponseError> {
+    /// FastCGI STDOUT records followed by `trailer` as it is.
+    fn emit(
+        &mut self,
+        parts: &[&[u8]],
+        trailer: &[u8],
+        blocking: fn(&mut dyn FnMut()),
+    ) -> Result<(), ResponseError> {
         let Wire::FastCgi { id, .. } = self.wire else {
             return self.write_parts(parts, blocking);
         };
@@ -525,7 +538,7 @@ impl Io {
         }
         let total: usize = parts.iter().map(|p| p.len()).sum();
         if total == 0 {
-            return Ok(());
+            return self.write_parts(&[trailer], blocking);
         }
         // One record header per RECORD bytes of content, each followed by the
         // slices of `parts` it covers; written a batch of records at a time.
@@ -562,6 +575,9 @@ impl Io {
                         offset = 0;
                     }
                 }
+            }
+            if left == 0 && !trailer.is_empty() {
+                iov.push(libc::iovec { iov_base: trailer.as_ptr() as *mut _, iov_len: trailer.len() });
             }
             self.writev_all(&mut iov, blocking)?;
         }
@@ -720,10 +736,19 @@ impl Io {
             RespPhase::Sent => Vec::new(),
             RespPhase::Finished => return Ok(()),
         };
-        if !last && matches!(self.wire, Wire::FastCgi { .. }) {
-            self.check_fcgi_abort()?;
+        let mut trailer = Vec::new();
+        if let Wire::FastCgi { id, .. } = self.wire {
+            if !last {
+                self.check_fcgi_abort()?;
+            } else if self.completes_body(data.len()) {
+                // The whole body: END_REQUEST goes out in the same write.
+                self.refuse_concurrent_fcgi(&mut trailer);
+                fastcgi::write_stream_end(&mut trailer, fastcgi::RecordType::Stdout, id);
+                fastcgi::write_end_request(&mut trailer, id, 0, fastcgi::ProtocolStatus::RequestComplete);
+                self.fcgi_ended = true;
+            }
         }
-        let result = self.send_framed(&head, data, blocking);
+        let result = self.send_framed(&head, data, &trailer, blocking);
         if self.head.capacity() == 0 {
             self.head = head;
             self.head.clear();
@@ -731,17 +756,29 @@ impl Io {
         result
     }
 
+    /// Whether writing `len` more body bytes leaves nothing owed under the
+    /// response's framing.
+    fn completes_body(&self, len: usize) -> bool {
+        match self.framing {
+            RespFraming::NoBody | RespFraming::Raw => true,
+            RespFraming::Length(left) => left <= len as u64,
+            RespFraming::Close | RespFraming::Chunked => false,
+        }
+    }
+
+    /// `trailer` goes out after the framed bytes, as it is (FastCGI's end records).
     fn send_framed(
         &mut self,
         head: &[u8],
         data: &[u8],
+        trailer: &[u8],
         blocking: fn(&mut dyn FnMut()),
     ) -> Result<(), ResponseError> {
         match self.framing {
-            RespFraming::NoBody => self.emit(&[head], blocking),
+            RespFraming::NoBody => self.emit(&[head], trailer, blocking),
             RespFraming::Close | RespFraming::Raw => {
                 self.bytes_sent += data.len() as u64;
-                self.emit(&[head, data], blocking)
+                self.emit(&[head, data], trailer, blocking)
             }
             RespFraming::Length(left) => {
                 // Bytes past the declared length would be read as the next
@@ -749,7 +786,7 @@ impl Io {
                 let n = (data.len() as u64).min(left) as usize;
                 self.framing = RespFraming::Length(left - n as u64);
                 self.bytes_sent += n as u64;
-                self.emit(&[head, &data[..n]], blocking)
+                self.emit(&[head, &data[..n]], trailer, blocking)
             }
             RespFraming::Chunked => {
                 if data.is_empty() {
@@ -770,25 +807,51 @@ impl Io {
         let Wire::FastCgi { id, .. } = self.wire else {
             return Ok(());
         };
-        if !matches!(self.body, BodyState::Done) {
+        let Some(from) = self.peek_fcgi_records() else {
             return Ok(());
-        }
-        if self.peer_eof {
-            return Ok(());
-        }
-        if let Ok(0) = self.read_some(fastcgi::HEADER_LEN) {
-            // A half-close, as Apache's mod_proxy_fcgi does once it has sent
-            // the request: the response still goes out. A front end that is
-            // really gone shows up as a failed write.
-            self.peer_eof = true;
-        }
-        if gateway::has_abort(&self.buf, id) {
+        };
+        if gateway::has_abort(&self.buf[from..], id) {
             self.fcgi_aborted = true;
             return Err(ResponseError::ClientGone(
                 "the front end aborted the request (ABORT_REQUEST)".into(),
             ));
         }
         Ok(())
+    }
+
+    /// Reads (without waiting) what the front end sent while the request
+    /// ran, and returns where the next whole record starts in the buffer,
+    /// past the STDIN bytes the app has not read: `None` when that is not
+    /// known.
+    fn peek_fcgi_records(&mut self) -> Option<usize> {
+        let from = match &self.body {
+            BodyState::Done => 0,
+            BodyState::Fcgi(st) => st.content + st.padding,
+            _ => return None,
+        };
+        // Bounded, for a large body the app ignores: an ABORT_REQUEST
+        // behind it is found when the body is drained instead.
+        if !self.peer_eof && self.buf.len() < PEEK_MAX {
+            if let Ok(0) = self.read_some(fastcgi::HEADER_LEN) {
+                // A half-close, as Apache's mod_proxy_fcgi does once it has sent
+                // the request: the response still goes out. A front end that is
+                // really gone shows up as a failed write.
+                self.peer_eof = true;
+            }
+        }
+        (from <= self.buf.len()).then_some(from)
+    }
+
+    /// Before END_REQUEST goes out: second requests the front end began on
+    /// this connection meanwhile get CANT_MPX_CONN (appended to `out`), as
+    /// they would while this request's streams were read.
+    fn refuse_concurrent_fcgi(&mut self, out: &mut Vec<u8>) {
+        let Wire::FastCgi { id, .. } = self.wire else {
+            return;
+        };
+        if let Some(from) = self.peek_fcgi_records() {
+            gateway::refuse_concurrent_begins(&mut self.buf, from, id, out);
+        }
     }
 
     /// Completes the response. Returns an error when the app sent fewer bytes
@@ -822,7 +885,14 @@ impl Io {
         let Wire::FastCgi { id, .. } = self.wire else {
             return Ok(());
         };
-        let mut out = Vec::with_capacity(24);
+        if self.fcgi_ended {
+            return Ok(());
+        }
+        self.fcgi_ended = true;
+        let mut out = Vec::with_capacity(48);
+        if !self.fcgi_aborted {
+            self.refuse_concurrent_fcgi(&mut out);
+        }
         fastcgi::write_stream_end(&mut out, fastcgi::RecordType::Stdout, id);
         fastcgi::write_end_request(&mut out, id, 0, fastcgi::ProtocolStatus::RequestComplete);
         self.write_parts(&[&out], blocking)
@@ -846,7 +916,7 @@ impl Io {
             self.seal_head(head_len);
             self.phase = RespPhase::Sent;
             let head = std::mem::take(&mut self.head);
-            self.emit(&[&head], blocking)?;
+            self.emit(&[&head], &[], blocking)?;
             if let RespFraming::Length(left) = self.framing {
                 count = count.min(left);
             }

@@ -8,6 +8,8 @@
 
 use std::ops::Range;
 
+use bytes::BytesMut;
+
 use corral_proto::fastcgi::{self, ProtocolStatus, RecordType, Role};
 use corral_proto::{scgi, uwsgi, Status};
 
@@ -115,7 +117,8 @@ fn get_values(content: &[u8], out: &mut Vec<u8>) {
     let _ = fastcgi::write_get_values_result(out, &answer);
 }
 
-/// Requests one worker serves at once (its threads), for GET_VALUES.
+/// Requests the whole pool serves at once (every worker's threads), for
+/// GET_VALUES.
 pub(crate) static MAX_REQS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
 
 /// Whether the buffer holds an ABORT_REQUEST for `id` among its complete records.
@@ -128,6 +131,37 @@ pub(crate) fn has_abort(buf: &[u8], id: u16) -> bool {
         rest = &rest[n..];
     }
     false
+}
+
+/// Refuses, with END_REQUEST CANT_MPX_CONN appended to `out`, every
+/// BEGIN_REQUEST for another id among the complete records of `buf` from
+/// `from` on, and removes those records from `buf`. The front end sent them
+/// while `active` ran, so they are concurrent requests on one connection;
+/// their PARAMS and STDIN records then match no request and are ignored.
+pub(crate) fn refuse_concurrent_begins(buf: &mut BytesMut, from: usize, active: u16, out: &mut Vec<u8>) {
+    let mut refused: Vec<Range<usize>> = Vec::new();
+    let mut at = from;
+    while at < buf.len() {
+        let Ok(Status::Complete(r, n)) = fastcgi::parse_record(&buf[at..]) else {
+            break;
+        };
+        if r.kind == RecordType::BeginRequest && r.request_id != active {
+            fastcgi::write_end_request(out, r.request_id, 0, ProtocolStatus::CantMpxConn);
+            refused.push(at..at + n);
+        }
+        at += n;
+    }
+    if refused.is_empty() {
+        return;
+    }
+    let mut kept = BytesMut::with_capacity(buf.len());
+    let mut start = 0;
+    for r in refused {
+        kept.extend_from_slice(&buf[start..r.start]);
+        start = r.end;
+    }
+    kept.extend_from_slice(&buf[start..]);
+    *buf = kept;
 }
 
 /// A record header for `len` content bytes and no padding.
@@ -369,6 +403,37 @@ mod tests {
         fcgi_head(&mut st, &wire, &mut out).unwrap();
         let Ok(Status::Complete(r, _)) = fastcgi::parse_record(&out) else { panic!() };
         assert_eq!((r.kind, r.request_id, r.content[4]), (RecordType::EndRequest, 2, 1));
+    }
+
+    #[test]
+    fn concurrent_begins_are_refused_and_removed() {
+        // Unread STDIN of request 1, then what the front end sent meanwhile:
+        // a second request (BEGIN and PARAMS) and a half record.
+        let mut wire = vec![b'x'; 5];
+        wire.extend(begin(2, 1, true));
+        wire.extend(record(4, 2, b"", 0));
+        wire.extend(begin(1, 1, true));
+        wire.extend(&record(8, 1, b"", 0)[..4]);
+        let mut buf = BytesMut::from(&wire[..]);
+        let mut out = Vec::new();
+        refuse_concurrent_begins(&mut buf, 5, 1, &mut out);
+        let Ok(Status::Complete(r, n)) = fastcgi::parse_record(&out) else { panic!() };
+        assert_eq!(
+            (r.kind, r.request_id, r.content[4]),
+            (RecordType::EndRequest, 2, ProtocolStatus::CantMpxConn as u8)
+        );
+        assert_eq!(n, out.len());
+        let mut expect = vec![b'x'; 5];
+        expect.extend(record(4, 2, b"", 0));
+        expect.extend(begin(1, 1, true));
+        expect.extend(&record(8, 1, b"", 0)[..4]);
+        assert_eq!(&buf[..], &expect[..]);
+
+        // Nothing concurrent: the buffer is untouched.
+        let mut out = Vec::new();
+        refuse_concurrent_begins(&mut buf, 5, 1, &mut out);
+        assert!(out.is_empty());
+        assert_eq!(&buf[..], &expect[..]);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::app::{App, ListenerInfo, Meta, Request};
 use crate::cgi::{self, CgiParams};
 use crate::config::Config;
 use crate::date::mono_ms;
-use crate::exchange::{BodyState, Exchange, Io, RespPhase, Wire, MAX_DRAIN, READ_CHUNK};
+use crate::exchange::{BodyError, BodyState, Exchange, Io, RespPhase, Wire, MAX_DRAIN, READ_CHUNK};
 use crate::gateway::{self, FcgiConn, FcgiIn};
 use crate::listen::Protocol;
 use crate::scoreboard::{Retire, Scoreboard, WorkerState};
@@ -158,7 +158,10 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
         }
     }
     let threads = ctx.config.threads.max(1);
-    gateway::MAX_REQS.store(threads, Ordering::Relaxed);
+    // Every worker accepts from the same listeners, so the application as a
+    // whole takes as many concurrent requests as the pool can grow to hold.
+    let pool = ctx.config.workers_max.unwrap_or(ctx.config.workers).max(1);
+    gateway::MAX_REQS.store(pool * threads, Ordering::Relaxed);
     *SLOT.lock().unwrap_or_else(|p| p.into_inner()) = Some((ctx.scoreboard, ctx.slot));
     let access = match &ctx.config.access_log {
         Some((target, format)) => match Sink::open(target) {
@@ -1126,6 +1129,7 @@ fn handle_request<A: App>(
         io.bytes_sent = 0;
         io.aborted = false;
         io.fcgi_aborted = false;
+        io.fcgi_ended = false;
         if w.access.as_ref().is_some_and(|a| a.format.needs_response_headers()) {
             io.logged_headers.get_or_insert_with(Vec::new).clear();
         }
@@ -1359,6 +1363,7 @@ fn complete(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>) -> bool {
         return false;
     }
     if matches!(io.body, BodyState::Failed(_) | BodyState::Truncated) {
+        warn_bad_stream(conn, listener, &io);
         drain_and_close(io.fd);
         return false;
     }
@@ -1378,6 +1383,7 @@ fn complete(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>) -> bool {
                 }
             }
         }
+        warn_bad_stream(conn, listener, &io);
         if !io.body_finished() || !io.buf.is_empty() {
             drain_and_close(io.fd);
         }
@@ -1398,11 +1404,26 @@ fn complete(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>) -> bool {
                         return false;
                     }
                 }
-                Err(_) => return false,
+                Err(_) => {
+                    warn_bad_stream(conn, listener, &io);
+                    return false;
+                }
             }
         }
     }
     true
+}
+
+/// The one log line for a FastCGI body stream the front end broke, wherever
+/// it was found (by the app reading wsgi.input, or by draining what it left).
+fn warn_bad_stream(conn: &Conn, listener: &ListenerInfo, io: &Io) {
+    if let BodyState::Failed(BodyError::Gateway(m)) = io.body {
+        warn!(
+            "Bad {} request from {}: {m} (in the request body); closing the connection",
+            listener.protocol.name(),
+            peer(conn, listener)
+        );
+    }
 }
 
 fn peer(conn: &Conn, l: &ListenerInfo) -> String {

@@ -364,7 +364,11 @@ impl WsgiApp {
             return;
         }
         if let Some(be) = ex.body_error() {
-            info!("{what}: {be}");
+            // A broken FastCGI stream is the front end's fault: the engine
+            // logs it once, with the peer, when it closes the connection.
+            if !matches!(be, BodyError::Gateway(_)) {
+                info!("{what}: {be}");
+            }
             if !ex.headers_sent() {
                 respond_error(ex, be.status());
             } else {

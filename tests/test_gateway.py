@@ -1,0 +1,966 @@
+"""corral behind a front end, driven by the raw protocol clients of gateway.py:
+uwsgi, FastCGI and SCGI on TCP and unix sockets; the environ the front end's
+variables give; large, streamed and file bodies; FastCGI records (keep-conn,
+padding, split streams, management records, roles, multiplexing, aborts);
+socket files and listener warnings; malformed input."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import signal
+import socket
+import stat
+import struct
+import uuid
+
+import gateway as g
+import pytest
+from support import wait_until
+
+PROTOS = g.PROTOCOLS
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def gw(start_module_server, tmp_path_factory):
+    """One worker with four threads; every protocol on TCP and on a unix socket."""
+    d = tmp_path_factory.mktemp("gw")
+    markers = d / "closed.log"
+    markers.touch()
+    listeners = [(p, "127.0.0.1:0") for p in PROTOS] + [(p, f"unix:{d}/{p}.sock") for p in PROTOS]
+    server = g.start_gateways(
+        start_module_server,
+        "gateway_probe:application",
+        listeners,
+        "--env",
+        f"CORRAL_TEST_MARKERS={markers}",
+        workers=1,
+        threads=4,
+    )
+    server.markers = markers
+    yield server
+    server.cleanup()
+    assert "without being closed" not in server.log, server.log
+
+
+@pytest.fixture(scope="module")
+def mounted(start_module_server):
+    return g.start_gateways(
+        start_module_server,
+        "behaviour:application",
+        [(p, "127.0.0.1:0") for p in PROTOS],
+        "--mount",
+        "/prefix",
+        threads=2,
+    )
+
+
+def _pid(server, proto="uwsgi", unix=False) -> int:
+    r = g.call(proto, server.addr(proto, unix), uri="/pid")
+    assert r.status == 200, (r.status, r.body)
+    return int(r.body)
+
+
+def _env(server, proto, uri="/environ", extra=(), **kw) -> dict:
+    r = g.call(proto, server.addr(proto), uri=uri, extra=extra, **kw)
+    assert r.status == 200, (proto, r.status, r.body[:2000], server.log[-3000:])
+    return {k: v["value"] if isinstance(v, dict) else v for k, v in r.json().items()}
+
+
+def _head_of(proto: str) -> bytes:
+    return b"HTTP/1.1 200 OK\r\n" if proto == "uwsgi" else b"Status: 200 OK\r\n"
+
+
+# -- each protocol, each transport ---------------------------------------------------
+
+
+@pytest.mark.parametrize("unix", [False, True], ids=["tcp", "unix"])
+@pytest.mark.parametrize("proto", PROTOS)
+def test_request_and_response_framing(gw, proto, unix):
+    r = g.call(proto, gw.addr(proto, unix), uri="/environ?x=1&y=%20z", extra=[("HTTP_USER_AGENT", "probe")])
+    assert r.status == 200 and r.reason == "OK", r.raw[:300]
+    # uwsgi answers with an HTTP status line, SCGI and FastCGI with a CGI Status header first.
+    assert r.raw.startswith(_head_of(proto)), r.raw[:100]
+    assert r.header("Content-Type") == "application/json"
+    assert r.complete
+    env = {k: v["value"] for k, v in r.json().items() if isinstance(v, dict)}
+    assert env["REQUEST_METHOD"] == "GET"
+    assert env["SCRIPT_NAME"] == ""
+    assert env["PATH_INFO"] == "/environ"
+    assert env["QUERY_STRING"] == "x=1&y=%20z"
+    assert env["REQUEST_URI"] == "/environ?x=1&y=%20z"
+    assert env["SERVER_PROTOCOL"] == "HTTP/1.1"
+    assert (env["SERVER_NAME"], env["SERVER_PORT"]) == ("gateway.test", "8080")
+    assert (env["REMOTE_ADDR"], env["REMOTE_PORT"]) == ("192.0.2.10", "40000")
+    assert env["HTTP_HOST"] == "gateway.test:8080"
+    assert env["HTTP_USER_AGENT"] == "probe"
+    assert env["wsgi.url_scheme"] == "http"
+    assert env["wsgi.input_terminated"] is True
+    # SCGI always carries a CONTENT_LENGTH number.
+    assert env.get("CONTENT_LENGTH", "") in ("", "0")
+    if proto == "fastcgi":
+        assert (r.app_status, r.protocol_status) == (0, g.FCGI_REQUEST_COMPLETE)
+        kinds = [(rec.type, len(rec.content)) for rec in r.records]
+        # STDOUT with data, one empty STDOUT, then END_REQUEST.
+        assert kinds[-2:] == [(g.FCGI_STDOUT, 0), (g.FCGI_END_REQUEST, 8)], kinds
+        assert all(t == g.FCGI_STDOUT and n > 0 for t, n in kinds[:-2]), kinds
+    # No keep-alive over uwsgi and SCGI, and none for FastCGI without FCGI_KEEP_CONN.
+    assert r.closed
+
+
+@pytest.mark.parametrize("proto", ["uwsgi", "scgi"])
+def test_one_request_per_connection(gw, proto):
+    """A second request sent on a uwsgi or SCGI connection is never answered: the
+    connection closes after the first response."""
+    pairs = g.cgi_params("GET", "/fixed", extra=[("SCGI", "1")] if proto == "scgi" else ())
+    if proto == "scgi":
+        pairs[0] = (b"CONTENT_LENGTH", b"0")
+    one = g.request_bytes(proto, pairs)
+    with g.connect(gw.addr(proto)) as sock:
+        sock.sendall(one + one)
+        data, closed = g.read_until_close(sock)
+    assert closed
+    r = g.parse_any(proto, data)
+    assert r.status == 200
+    assert r.body == b"hello world"
+
+
+@pytest.mark.parametrize("proto", PROTOS)
+def test_post_echo(gw, proto):
+    r = g.call(proto, gw.addr(proto), "POST", "/echo", b"hello body")
+    assert r.status == 200
+    assert r.body == b"hello body"
+
+
+@pytest.mark.parametrize("proto", PROTOS)
+def test_missing_request_method_gets_400(gw, proto):
+    pairs = [(k, v) for k, v in g.cgi_params(uri="/environ") if k != b"REQUEST_METHOD"]
+    if proto == "scgi":
+        pairs = [(b"CONTENT_LENGTH", b"0"), (b"SCGI", b"1"), *pairs[1:]]
+    mark = gw.mark()
+    r = g.call(proto, gw.addr(proto), params=pairs)
+    assert r.status == 400, r.raw[:300]
+    if proto == "fastcgi":
+        assert r.protocol_status == g.FCGI_REQUEST_COMPLETE
+    gw.wait_for(rf"\[WARNING\] Bad {proto} request from 127\.0\.0\.1:\d+: no REQUEST_METHOD", since=mark)
+
+
+# -- environ mapping -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("proto", PROTOS)
+def test_repeated_http_variables_are_joined(gw, proto):
+    env = _env(
+        gw,
+        proto,
+        extra=[
+            ("HTTP_X_MULTI", "a"),
+            ("HTTP_COOKIE", "a=1"),
+            ("HTTP_X_MULTI", "b"),
+            ("HTTP_COOKIE", "b=2"),
+            ("HTTP_X_MULTI", "c d"),
+        ],
+    )
+    assert env["HTTP_X_MULTI"] == "a,b,c d"
+    assert env["HTTP_COOKIE"] == "a=1; b=2"
+
+
+@pytest.mark.parametrize("proto", ["uwsgi", "fastcgi"])
+def test_last_value_wins_for_other_variables(gw, proto):
+    env = _env(
+        gw,
+        proto,
+        extra=[
+            ("SERVER_NAME", "first.test"),
+            ("DOCUMENT_ROOT", "/srv/one"),
+            ("SERVER_NAME", "second.test"),
+            ("DOCUMENT_ROOT", "/srv/two"),
+        ],
+    )
+    assert env["SERVER_NAME"] == "second.test"
+    assert env["DOCUMENT_ROOT"] == "/srv/two"
+
+
+def test_scgi_repeated_non_http_name_closes_the_connection(gw):
+    # The SCGI spec forbids duplicate header names. nginx repeats HTTP_* names
+    # for repeated request headers, so those are joined; any other repeat is
+    # malformed input.
+    with pytest.raises(g.BadReply):
+        _env(gw, "scgi", extra=[("SERVER_NAME", "first.test"), ("SERVER_NAME", "second.test")])
+    wait_until(lambda: "repeated SCGI header name" in gw.log)
+    assert _env(gw, "scgi")["REQUEST_METHOD"] == "GET"
+
+
+@pytest.mark.parametrize("proto", PROTOS)
+def test_http_content_length_and_type_never_reach_environ(gw, proto):
+    env = _env(
+        gw,
+        proto,
+        method="POST",
+        body=b"abc",
+        extra=[
+            ("CONTENT_TYPE", "text/plain"),
+            ("HTTP_CONTENT_LENGTH", "3"),
+            ("HTTP_CONTENT_TYPE", "text/plain"),
+        ],
+    )
+    assert "HTTP_CONTENT_LENGTH" not in env
+    assert "HTTP_CONTENT_TYPE" not in env
+    assert env["CONTENT_TYPE"] == "text/plain"
+    assert env["CONTENT_LENGTH"] == "3"
+    assert env["_body"] == "abc"
+
+
+@pytest.mark.parametrize("proto", PROTOS)
+def test_path_info_derived_from_request_uri(gw, proto):
+    env = _env(gw, proto, uri="/caf%C3%A9/a%20b?q=%C3%A9+x&r=%2F")
+    assert env["PATH_INFO"] == "/caf\u00c3\u00a9/a b"  # percent-decoded bytes as latin-1
+    assert env["QUERY_STRING"] == "q=%C3%A9+x&r=%2F"
+    assert env["SCRIPT_NAME"] == ""
+
+
+@pytest.mark.parametrize("proto", PROTOS)
+def test_path_info_sent_is_used(gw, proto):
+    env = _env(gw, proto, uri="/original?a=1", extra=[("PATH_INFO", "/rewritten"), ("SCRIPT_NAME", "/app")])
+    assert env["PATH_INFO"] == "/rewritten"
+    assert env["SCRIPT_NAME"] == "/app"
+    assert env["QUERY_STRING"] == "a=1"
+
+
+@pytest.mark.parametrize("proto", PROTOS)
+def test_script_name_without_path_info_is_ignored(gw, proto):
+    """Stock nginx fastcgi_params put the whole path in SCRIPT_NAME and send no PATH_INFO."""
+    env = _env(gw, proto, uri="/app/page?x=1", extra=[("SCRIPT_NAME", "/app/page")])
+    assert env["SCRIPT_NAME"] == ""
+    assert env["PATH_INFO"] == "/app/page"
+
+
+def test_uwsgi_modifier1_30_strips_script_name(gw):
+    extra = [("SCRIPT_NAME", "/app"), ("PATH_INFO", "/app/hello")]
+    r = g.call("uwsgi", gw.addr("uwsgi"), uri="/app/hello", extra=extra, modifier1=30)
+    assert (r.env("SCRIPT_NAME"), r.env("PATH_INFO")) == ("/app", "/hello")
+    # modifier1 0 leaves PATH_INFO as sent.
+    r = g.call("uwsgi", gw.addr("uwsgi"), uri="/app/hello", extra=extra, modifier1=0)
+    assert (r.env("SCRIPT_NAME"), r.env("PATH_INFO")) == ("/app", "/app/hello")
+
+
+@pytest.mark.parametrize(
+    ("uri", "extra", "script", "path"),
+    [
+        ("/prefix/a/b?q=1", [], "/prefix", "/a/b"),
+        ("/prefix", [], "/prefix", ""),
+        ("/other", [], "", "/other"),
+        ("/prefixed", [], "", "/prefixed"),
+        # uwsgi_params style: PATH_INFO sent.
+        ("/prefix/x", [("PATH_INFO", "/prefix/x")], "/prefix", "/x"),
+        # fastcgi_params style: SCRIPT_NAME holds the whole path, no PATH_INFO.
+        ("/prefix/y", [("SCRIPT_NAME", "/prefix/y")], "/prefix", "/y"),
+    ],
+)
+@pytest.mark.parametrize("proto", PROTOS)
+def test_mount_splits_path_info(mounted, proto, uri, extra, script, path):
+    env = _env(mounted, proto, uri=uri, extra=extra)
+    assert (env["SCRIPT_NAME"], env["PATH_INFO"]) == (script, path)
+
+
+@pytest.mark.parametrize(
+    ("extra", "scheme"),
+    [
+        ([("HTTPS", "on")], "https"),
+        ([("HTTPS", "1")], "https"),
+        ([("REQUEST_SCHEME", "https")], "https"),
+        ([("HTTPS", "off")], "http"),
+        ([("REQUEST_SCHEME", "http")], "http"),
+        ([], "http"),
+    ],
+    ids=["https-on", "https-1", "scheme-https", "https-off", "scheme-http", "none"],
+)
+@pytest.mark.parametrize("proto", PROTOS)
+def test_url_scheme(gw, proto, extra, scheme):
+    assert _env(gw, proto, extra=extra)["wsgi.url_scheme"] == scheme
+
+
+@pytest.mark.parametrize("proto", PROTOS)
+def test_server_name_with_port_loses_the_port(gw, proto):
+    """HAProxy's fcgi-app sends SERVER_NAME as host:port."""
+    pairs = [(k, v) for k, v in g.cgi_params(uri="/environ") if k not in (b"SERVER_NAME", b"SERVER_PORT")]
+    pairs.append((b"SERVER_NAME", b"haproxy.test:8443"))
+    if proto == "scgi":
+        pairs = [(b"CONTENT_LENGTH", b"0"), (b"SCGI", b"1"), *pairs[1:]]
+    r = g.call(proto, gw.addr(proto), params=pairs)
+    assert r.env("SERVER_NAME") == "haproxy.test"
+    assert r.env("SERVER_PORT") == "8443"
+
+
+# -- bodies ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("unix", [False, True], ids=["tcp", "unix"])
+@pytest.mark.parametrize("proto", PROTOS)
+def test_post_one_mib(gw, proto, unix):
+    payload = random.Random(7).randbytes(MIB)
+    r = g.call(proto, gw.addr(proto, unix), "POST", "/sha", payload)
+    got = r.json()
+    assert got["length"] == MIB
+    assert got["sha256"] == hashlib.sha256(payload).hexdigest()
+    assert got["content_length"] == str(MIB)
+    assert got["input_terminated"] is True
+
+
+@pytest.mark.parametrize("stdin_chunk", [1000, g.MAX_CONTENT])
+def test_fastcgi_stdin_without_content_length(gw, stdin_chunk):
+    """nginx with fastcgi_request_buffering off: no CONTENT_LENGTH, the empty STDIN record ends the body."""
+    payload = random.Random(8).randbytes(300_000)
+    params = g.cgi_params("POST", "/sha", content_length=False)
+    assert not any(k == b"CONTENT_LENGTH" for k, _ in params)
+    r = g.fastcgi_request(gw.addr("fastcgi"), params, payload, stdin_chunk=stdin_chunk)
+    got = r.json()
+    assert (got["length"], got["sha256"]) == (len(payload), hashlib.sha256(payload).hexdigest())
+    assert got["content_length"] in (None, "")
+    assert got["input_terminated"] is True
+
+
+@pytest.mark.parametrize("proto", PROTOS)
+def test_streamed_response(gw, proto):
+    r = g.call(proto, gw.addr(proto), uri="/stream?n=200")
+    assert r.status == 200
+    assert r.body == b"".join(f"chunk{i}\n".encode() for i in range(200))
+    # No chunked coding over a gateway: the end of the stream (close or END_REQUEST) ends the body.
+    assert r.header("Transfer-Encoding") is None
+    assert r.header("Content-Length") is None
+    assert r.closed
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["no-length", "length"])
+@pytest.mark.parametrize("proto", PROTOS)
+def test_large_response(gw, proto, cl):
+    size = 20 * MIB + 13
+    r = g.call(proto, gw.addr(proto), uri=f"/big?size={size}&piece=100000&seed=3&cl={int(cl)}", timeout=30)
+    assert r.status == 200
+    assert len(r.body) == size
+    assert hashlib.sha256(r.body).hexdigest() == r.header("X-Sha256")
+    assert r.header("Content-Length") == (str(size) if cl else None)
+    assert r.closed
+
+
+@pytest.mark.parametrize("cl", ["1", "0"], ids=["length", "no-length"])
+@pytest.mark.parametrize("proto", PROTOS)
+def test_file_wrapper_response(gw, proto, cl, tmp_path):
+    data = random.Random(9).randbytes(3 * MIB + 123)
+    path = tmp_path / "payload.bin"
+    path.write_bytes(data)
+    r = g.call(proto, gw.addr(proto), uri=f"/file?path={path}&cl={cl}")
+    assert r.status == 200
+    assert r.body == data
+    assert r.complete and r.closed
+
+
+def test_uwsgi_full_vars_block_is_accepted(gw):
+    pairs = [(b"REQUEST_METHOD", b"GET"), (b"REQUEST_URI", b"/environ"), (b"SERVER_PROTOCOL", b"HTTP/1.1")]
+    used = len(g.uwsgi_vars(pairs))
+    name = b"HTTP_X_BIG"
+    value = b"v" * (0xFFFF - used - 4 - len(name))
+    pairs.append((name, value))
+    assert len(g.uwsgi_vars(pairs)) == 0xFFFF
+    r = g.uwsgi_request(gw.addr("uwsgi"), pairs)
+    assert r.env("HTTP_X_BIG") == value.decode()
+
+
+def test_scgi_header_block_of_one_mib_is_accepted(gw):
+    pairs = [
+        (b"CONTENT_LENGTH", b"0"),
+        (b"SCGI", b"1"),
+        (b"REQUEST_METHOD", b"GET"),
+        (b"REQUEST_URI", b"/environ"),
+    ]
+    used = len(g.scgi_netstring(pairs)) - len(b"nn:,")
+    value = b"v" * (MIB - used - len(b"HTTP_X_BIG\0\0"))
+    pairs.append((b"HTTP_X_BIG", value))
+    assert g.scgi_netstring(pairs).startswith(b"%d:" % MIB)
+    r = g.scgi_request(gw.addr("scgi"), pairs)
+    assert len(r.env("HTTP_X_BIG")) == len(value)
+
+
+def test_fastcgi_params_of_one_mib_are_accepted(gw):
+    pairs = [(b"REQUEST_METHOD", b"GET"), (b"REQUEST_URI", b"/environ")]
+    # The big pair: 1-byte name length, 4-byte value length, name, value.
+    size = MIB - len(g.encode_pairs(pairs)) - 1 - 4 - len(b"HTTP_X_BIG")
+    pairs.append((b"HTTP_X_BIG", b"v" * size))
+    assert len(g.encode_pairs(pairs)) == MIB
+    r = g.fastcgi_request(gw.addr("fastcgi"), pairs)
+    assert len(r.env("HTTP_X_BIG")) == size
+
+
+# -- FastCGI records ------------------------------------------------------------------
+
+
+def test_fastcgi_keep_conn_fifty_requests(gw):
+    """Fifty requests on one connection, with new and reused ids, GETs and POSTs:
+    each sees only its own variables and body."""
+    with g.FcgiConn(gw.addr("fastcgi")) as conn:
+        for i in range(50):
+            rid = i % 7 + 1
+            if i % 2:
+                body = f"body {i} ".encode() * (i + 1)
+                r = conn.request(g.cgi_params("POST", "/echo", body), body, rid, keep_conn=True)
+                assert r.body == body
+            else:
+                params = g.cgi_params(uri=f"/environ?i={i}", extra=[(f"HTTP_X_REQ_{i}", str(i))])
+                r = conn.request(params, request_id=rid, keep_conn=True)
+                env = r.json()
+                assert env["QUERY_STRING"]["value"] == f"i={i}"
+                assert [k for k in env if k.startswith("HTTP_X_REQ_")] == [f"HTTP_X_REQ_{i}"]
+                assert env["_body"] == ""
+            assert (r.status, r.app_status, r.protocol_status) == (200, 0, 0)
+            assert not r.closed
+        assert not conn.others
+        # A last request without FCGI_KEEP_CONN: the connection closes after END_REQUEST.
+        r = conn.request(g.cgi_params(uri="/fixed"), request_id=9)
+        assert r.body == b"hello world"
+        assert r.closed
+
+
+def _padded_request(params, body, rid, keep_conn, pads):
+    """A request whose records carry padding from `pads`, in turn."""
+    pad = iter(pads * 1000)
+    enc = g.encode_pairs(params)
+    out = [g.begin_request(rid, keep_conn=keep_conn, padding=next(pad))]
+    out += [g.record(g.FCGI_PARAMS, rid, enc[i : i + 10], next(pad)) for i in range(0, len(enc), 10)]
+    out.append(g.record(g.FCGI_PARAMS, rid, b"", next(pad)))
+    out += [g.record(g.FCGI_STDIN, rid, body[i : i + 333], next(pad)) for i in range(0, len(body), 333)]
+    out.append(g.record(g.FCGI_STDIN, rid, b"", next(pad)))
+    return b"".join(out)
+
+
+def test_fastcgi_padding_is_skipped(gw):
+    body = bytes(range(256)) * 20
+    with g.FcgiConn(gw.addr("fastcgi")) as conn:
+        for pads in ([1, 7, 0, 255, 3], [8], [255]):
+            conn.send(_padded_request(g.cgi_params("POST", "/echo", body), body, 1, True, pads))
+            r = conn.read_response(1)
+            assert (r.status, r.protocol_status) == (200, 0)
+            assert r.body == body
+        conn.send(_padded_request(g.cgi_params(uri="/fixed"), b"", 2, False, [5]))
+        r = conn.read_response(2)
+        assert r.body == b"hello world"
+        assert conn.at_eof()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 127, 1000])
+def test_fastcgi_params_split_across_records(gw, chunk):
+    """PARAMS cut anywhere, inside 4-byte lengths and names included; lengths that
+    could be one byte sent as four."""
+    long_name = "HTTP_X_" + "N" * 150
+    params = g.cgi_params(uri="/environ?split=1", extra=[(long_name, "v" * 300), ("HTTP_X_SHORT", "s")])
+    enc = g.encode_pairs(params[:-1]) + g.encode_pair("HTTP_X_SHORT", "s", long=True)
+    data = g.begin_request(1) + g.stream(g.FCGI_PARAMS, 1, enc, chunk) + g.stream(g.FCGI_STDIN, 1, b"")
+    with g.FcgiConn(gw.addr("fastcgi")) as conn:
+        conn.send(data)
+        r = conn.read_response(1)
+    env = r.json()
+    assert env[long_name]["value"] == "v" * 300
+    assert env["HTTP_X_SHORT"]["value"] == "s"
+    assert env["QUERY_STRING"]["value"] == "split=1"
+
+
+def test_fastcgi_management_records_interleaved_with_a_request(gw):
+    """GET_VALUES and unknown record types between a request's PARAMS and STDIN
+    records are answered; the request goes on."""
+    enc = g.encode_pairs(g.cgi_params("POST", "/echo", b"abcdef"))
+    ask = g.encode_pairs([(b"FCGI_MPXS_CONNS", b"")])
+    with g.FcgiConn(gw.addr("fastcgi")) as conn:
+        conn.send(
+            g.begin_request(1, keep_conn=True)
+            + g.record(g.FCGI_PARAMS, 1, enc[:20])
+            + g.record(g.FCGI_GET_VALUES, 0, ask)
+            + g.record(g.FCGI_PARAMS, 1, enc[20:])
+            + g.record(99, 0, b"xyz", 5)
+            + g.record(g.FCGI_PARAMS, 1)
+            + g.record(g.FCGI_STDIN, 1, b"abc")
+            + g.record(g.FCGI_GET_VALUES, 0, ask, 2)
+            + g.record(g.FCGI_STDIN, 1, b"def")
+            + g.record(g.FCGI_STDIN, 1)
+        )
+        r = conn.read_response(1)
+        assert r.body == b"abcdef"
+        kinds = [rec.type for rec in conn.others]
+        assert kinds.count(g.FCGI_GET_VALUES_RESULT) == 2, conn.others
+        assert kinds.count(g.FCGI_UNKNOWN_TYPE) == 1, conn.others
+        for rec in conn.others:
+            if rec.type == g.FCGI_GET_VALUES_RESULT:
+                assert rec.pairs() == [(b"FCGI_MPXS_CONNS", b"0")]
+            else:
+                assert rec.content == bytes([99]) + b"\0" * 7
+
+
+def test_fastcgi_get_values(gw):
+    with g.FcgiConn(gw.addr("fastcgi")) as conn:
+        values = conn.get_values(
+            ["FCGI_MAX_CONNS", "FCGI_MAX_REQS", "FCGI_MPXS_CONNS", "FCGI_NOT_A_VARIABLE"]
+        )
+        assert set(values) == {b"FCGI_MAX_CONNS", b"FCGI_MAX_REQS", b"FCGI_MPXS_CONNS"}
+        assert values[b"FCGI_MPXS_CONNS"] == b"0"
+        assert values[b"FCGI_MAX_REQS"] == b"4"  # 1 worker x 4 threads
+        assert int(values[b"FCGI_MAX_CONNS"]) > 0
+        # Asking for one variable gets just that one; the connection stays usable.
+        assert conn.get_values(["FCGI_MAX_REQS"]) == {b"FCGI_MAX_REQS": b"4"}
+        r = conn.request(g.cgi_params(uri="/fixed"))
+        assert r.body == b"hello world"
+        assert r.closed
+
+
+def test_fastcgi_get_values_max_reqs_counts_every_worker(start_server):
+    server = g.start_gateways(
+        start_server, "behaviour:application", [("fastcgi", "127.0.0.1:0")], workers=2, threads=3
+    )
+    with g.FcgiConn(server.addr("fastcgi")) as conn:
+        assert conn.get_values(["FCGI_MAX_REQS"]) == {b"FCGI_MAX_REQS": b"6"}
+
+
+def test_fastcgi_unknown_record_type(gw):
+    with g.FcgiConn(gw.addr("fastcgi")) as conn:
+        conn.send_record(42, 0, b"whatever")
+        rec = conn.read_record()
+        assert (rec.type, rec.request_id, rec.content) == (g.FCGI_UNKNOWN_TYPE, 0, bytes([42]) + b"\0" * 7)
+        conn.send_record(200, 1)
+        rec = conn.read_record()
+        assert (rec.type, rec.content[0]) == (g.FCGI_UNKNOWN_TYPE, 200)
+        r = conn.request(g.cgi_params(uri="/fixed"))
+        assert (r.status, r.body) == (200, b"hello world")
+
+
+@pytest.mark.parametrize("keep_conn", [True, False], ids=["keep", "close"])
+@pytest.mark.parametrize("role", [g.FCGI_AUTHORIZER, g.FCGI_FILTER, 77])
+def test_fastcgi_unknown_role(gw, role, keep_conn):
+    with g.FcgiConn(gw.addr("fastcgi")) as conn:
+        conn.send(
+            g.begin_request(1, role, keep_conn)
+            + g.stream(g.FCGI_PARAMS, 1, g.encode_pairs(g.cgi_params(uri="/fixed")))
+            + g.stream(g.FCGI_STDIN, 1, b"")
+        )
+        r = conn.read_response(1)
+        assert r.protocol_status == g.FCGI_UNKNOWN_ROLE
+        assert r.records[0].type == g.FCGI_END_REQUEST, "no STDOUT for a refused role"
+        if keep_conn:
+            r = conn.request(g.cgi_params(uri="/fixed"), request_id=2)
+            assert (r.status, r.body) == (200, b"hello world")
+        else:
+            assert conn.at_eof()
+
+
+@pytest.mark.parametrize("phase", ["params", "stdin", "running"])
+def test_fastcgi_second_request_id_gets_cant_mpx_conn(gw, phase):
+    """BEGIN_REQUEST for another id while a request is active: END_REQUEST
+    CANT_MPX_CONN for that id; the active request completes."""
+    mark = gw.mark()
+    enc = g.encode_pairs(g.cgi_params("POST", f"/read-then/slow?secs=0.5&id={phase}", b"abcdef"))
+    second = g.fcgi_request_bytes(g.cgi_params(uri="/fixed"), request_id=2, keep_conn=True)
+    with g.FcgiConn(gw.addr("fastcgi")) as conn:
+        conn.send(g.begin_request(1, keep_conn=True) + g.record(g.FCGI_PARAMS, 1, enc[:15]))
+        if phase == "params":
+            conn.send(second)
+        conn.send(
+            g.record(g.FCGI_PARAMS, 1, enc[15:])
+            + g.record(g.FCGI_PARAMS, 1)
+            + g.record(g.FCGI_STDIN, 1, b"abc")
+        )
+        if phase == "stdin":
+            conn.send(second)
+        conn.send(g.record(g.FCGI_STDIN, 1, b"def") + g.record(g.FCGI_STDIN, 1))
+        if phase == "running":
+            gw.wait_for(rf"slow request started: {phase}$", since=mark)
+            conn.send(second)
+        refused = conn.read_response(2)
+        assert refused.protocol_status == g.FCGI_CANT_MPX_CONN
+        assert refused.records[0].type == g.FCGI_END_REQUEST, "no STDOUT for a refused request"
+        first = conn.read_response(1)
+        assert (first.status, first.body, first.protocol_status) == (200, f"slept {phase}".encode(), 0)
+        # The connection still serves requests afterwards.
+        r = conn.request(g.cgi_params(uri="/fixed"), request_id=3)
+        assert r.body == b"hello world"
+        assert not conn.others
+
+
+@pytest.mark.parametrize("reads_body", [True, False], ids=["app-read-body", "app-ignores-body"])
+def test_fastcgi_abort_request_closes_the_iterable(gw, reads_body):
+    tag = uuid.uuid4().hex
+    path = "/read-then/closing" if reads_body else "/closing"
+    mark = gw.mark()
+    with g.FcgiConn(gw.addr("fastcgi")) as conn:
+        conn.send(g.fcgi_request_bytes(g.cgi_params(uri=f"{path}?id={tag}&mode=infinite"), keep_conn=True))
+        for _ in range(3):
+            rec = conn.read_record()
+            assert rec.type == g.FCGI_STDOUT and rec.content, rec
+        conn.send_record(g.FCGI_ABORT_REQUEST, 1)
+        # The response stops: END_REQUEST, or the connection closes, within a few records
+        # (those already on their way) and a few seconds.
+        after, end = 0, None
+        while True:
+            rec = conn.read_record(timeout=5)
+            if rec is None or rec.type == g.FCGI_END_REQUEST:
+                end = rec
+                break
+            after += 1
+            assert after < 200, "the response goes on after ABORT_REQUEST"
+        assert wait_until(lambda: tag in gw.markers.read_text().split(), timeout=5), "close() was not called"
+        if end is not None:
+            assert end.request_id == 1
+            # The connection asked to be kept and still serves requests.
+            r = conn.request(g.cgi_params(uri="/fixed"), request_id=1)
+            assert r.body == b"hello world"
+    gw.wait_for(r"the front end aborted the request", since=mark)
+
+
+def test_fastcgi_abort_before_the_params_end(gw):
+    enc = g.encode_pairs(g.cgi_params(uri="/pid"))
+    with g.FcgiConn(gw.addr("fastcgi")) as conn:
+        conn.send(g.begin_request(1, keep_conn=True) + g.record(g.FCGI_PARAMS, 1, enc[:10]))
+        conn.send_record(g.FCGI_ABORT_REQUEST, 1)
+        r = conn.read_response(1)
+        assert r.records[0].type == g.FCGI_END_REQUEST, "nothing ran, only END_REQUEST is owed"
+        assert r.protocol_status == g.FCGI_REQUEST_COMPLETE
+        r = conn.request(g.cgi_params(uri="/fixed"), request_id=1)
+        assert r.body == b"hello world"
+
+
+# -- socket files and listeners -----------------------------------------------------
+
+
+def _short_dir(tmp_path):
+    # Unix socket paths are limited to 107 bytes.
+    assert len(str(tmp_path)) < 80, tmp_path
+    return tmp_path
+
+
+def test_socket_mode_and_removal_at_exit(start_server, tmp_path):
+    d = _short_dir(tmp_path)
+    paths = {p: d / f"{p}.sock" for p in PROTOS}
+    server = g.start_gateways(
+        start_server,
+        "behaviour:application",
+        [(p, f"unix:{paths[p]}") for p in PROTOS],
+        "--socket-mode",
+        "660",
+    )
+    for proto, path in paths.items():
+        st = os.stat(path)
+        assert stat.S_ISSOCK(st.st_mode)
+        assert stat.S_IMODE(st.st_mode) == 0o660, (proto, oct(st.st_mode))
+        assert g.call(proto, str(path), uri="/fixed").body == b"hello world"
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit() == 0
+    assert [p for p in paths.values() if p.exists()] == []
+
+
+def test_socket_owner(start_server, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("changing a file's owner needs root")
+    path = _short_dir(tmp_path) / "owned.sock"
+    server = g.start_gateways(
+        start_server, "behaviour:application", [("uwsgi", f"unix:{path}")], "--socket-owner", "nobody:nogroup"
+    )
+    st = os.stat(path)
+    assert (st.st_uid, st.st_gid) == (65534, 65534)
+    assert g.call("uwsgi", server.addr("uwsgi", unix=True), uri="/fixed").body == b"hello world"
+
+
+def test_stale_socket_file_is_replaced(start_server, tmp_path):
+    path = _short_dir(tmp_path) / "stale.sock"
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(path))
+    dead.close()  # the file stays, nothing listens on it
+    assert path.exists()
+    server = g.start_gateways(start_server, "behaviour:application", [("scgi", f"unix:{path}")])
+    assert g.call("scgi", server.addr("scgi", unix=True), uri="/fixed").body == b"hello world"
+
+
+def test_socket_in_use_is_not_taken(start_server, tmp_path):
+    path = _short_dir(tmp_path) / "busy.sock"
+    with socket.socket(socket.AF_UNIX) as live:
+        live.bind(str(path))
+        live.listen()
+        server = start_server("behaviour:application", "--fastcgi", f"unix:{path}", http=None, wait=False)
+        assert server.wait_exit() != 0
+        assert "address already in use" in server.log, server.log
+        # The other program's socket is untouched.
+        with socket.socket(socket.AF_UNIX) as c:
+            c.connect(str(path))
+
+
+def test_non_loopback_listeners_warn_for_uwsgi_and_fastcgi(start_server, tmp_path):
+    listeners = [
+        ("uwsgi", "0.0.0.0:0"),
+        ("fastcgi", "0.0.0.0:0"),
+        ("fastcgi", "[::]:0"),
+        ("scgi", "0.0.0.0:0"),
+        ("uwsgi", "127.0.0.2:0"),
+        ("fastcgi", "[::1]:0"),
+        ("uwsgi", f"unix:{_short_dir(tmp_path)}/u.sock"),
+        ("fastcgi", "127.0.0.1:0"),
+    ]
+    server = g.start_gateways(start_server, "behaviour:application", listeners, http="0.0.0.0:0")
+    warnings = [line for line in server.lines if "[WARNING]" in line]
+    assert len(warnings) == 3, "\n".join(warnings)
+    addrs = server.gateways
+    for proto, host, port in [
+        ("uwsgi", "0.0.0.0", addrs["uwsgi"][0][1]),
+        ("fastcgi", "0.0.0.0", addrs["fastcgi"][0][1]),
+        ("fastcgi", "[::]", addrs["fastcgi"][1][1]),
+    ]:
+        url = f"{proto}://{host}:{port}"
+        assert [w for w in warnings if url in w and "must not face the internet" in w], (url, warnings)
+    # The loopback and unix ones serve without a warning.
+    assert g.call("uwsgi", ("127.0.0.2", addrs["uwsgi"][1][1]), uri="/fixed").body == b"hello world"
+    assert g.call("fastcgi", ("::1", addrs["fastcgi"][2][1]), uri="/fixed").body == b"hello world"
+
+
+# -- malformed input ------------------------------------------------------------------
+
+GOOD = [(b"REQUEST_METHOD", b"GET"), (b"REQUEST_URI", b"/environ"), (b"SERVER_PROTOCOL", b"HTTP/1.1")]
+EVIL = [*GOOD, (b"HTTP_X_EVIL", b"1")]
+U16 = struct.Struct("<H")
+
+
+def _scgi(pairs, body=b""):
+    return g.scgi_netstring(pairs) + body
+
+
+def _ns(block):
+    return b"%d:%s," % (len(block), block)
+
+
+SCGI_OK = [(b"CONTENT_LENGTH", b"4"), (b"SCGI", b"1"), *EVIL]
+
+BAD = [
+    # uwsgi
+    ("uwsgi", "modifier1", g.uwsgi_packet(EVIL, b"", modifier1=5), "unsupported uwsgi modifier1 5"),
+    ("uwsgi", "modifier1-255", g.uwsgi_packet(EVIL, b"", modifier1=255), "unsupported uwsgi modifier1 255"),
+    ("uwsgi", "key-past-end", b"\0" + U16.pack(5) + b"\0" + U16.pack(50) + b"KEY", "runs past the end"),
+    (
+        "uwsgi",
+        "value-past-end",
+        b"\0" + U16.pack(10) + b"\0" + U16.pack(4) + b"HTTP" + U16.pack(60000) + b"ab",
+        "runs past the end",
+    ),
+    (
+        "uwsgi",
+        "oversized-var-in-full-block",
+        b"\0" + U16.pack(0xFFFF) + b"\0" + U16.pack(0xFFFF) + b"K" * (0xFFFF - 2),
+        "runs past the end",
+    ),
+    ("uwsgi", "empty-key", g.uwsgi_packet([(b"", b"x"), *EVIL]), "empty var name"),
+    ("uwsgi", "truncated-packet", g.uwsgi_packet(EVIL)[:20], "connection closed inside the request"),
+    ("uwsgi", "truncated-header", b"\0\x20", "connection closed inside the request"),
+    # SCGI
+    ("scgi", "length-not-a-number", b"12x:" + b"A" * 20, "not a decimal number"),
+    ("scgi", "empty-length", b":CONTENT_LENGTH\x000\x00,", "not a decimal number"),
+    ("scgi", "leading-zero", b"0012:", "leading zero"),
+    ("scgi", "length-over-limit", b"%d:" % (MIB + 1), "over 1 MiB"),
+    ("scgi", "missing-comma", _scgi(SCGI_OK)[:-1] + b";EVIL", "not followed by ','"),
+    ("scgi", "no-scgi-1", _scgi([(b"CONTENT_LENGTH", b"4"), *EVIL], b"EVIL"), "SCGI header missing or not 1"),
+    (
+        "scgi",
+        "scgi-2",
+        _scgi([(b"CONTENT_LENGTH", b"4"), (b"SCGI", b"2"), *EVIL], b"EVIL"),
+        "SCGI header missing",
+    ),
+    (
+        "scgi",
+        "content-length-not-first",
+        _scgi([(b"SCGI", b"1"), (b"CONTENT_LENGTH", b"4"), *EVIL], b"EVIL"),
+        "CONTENT_LENGTH missing or not the first",
+    ),
+    ("scgi", "no-content-length", _scgi([(b"SCGI", b"1"), *EVIL]), "CONTENT_LENGTH missing or not the first"),
+    (
+        "scgi",
+        "bad-content-length",
+        _scgi([(b"CONTENT_LENGTH", b"4x"), (b"SCGI", b"1"), *EVIL]),
+        "invalid SCGI CONTENT_LENGTH",
+    ),
+    ("scgi", "not-nul-terminated", _ns(b"CONTENT_LENGTH\x000\x00SCGI\x001\x00ABC"), "does not end in NUL"),
+    (
+        "scgi",
+        "name-without-value",
+        _ns(b"CONTENT_LENGTH\x000\x00SCGI\x001\x00ABC\x00"),
+        "name without a value",
+    ),
+    ("scgi", "truncated", _scgi(SCGI_OK)[:30], "connection closed inside the request"),
+    # FastCGI
+    (
+        "fastcgi",
+        "version-2",
+        g.record(1, 1, struct.pack(">HB5x", 1, 0), version=2),
+        "unsupported FastCGI version 2",
+    ),
+    (
+        "fastcgi",
+        "version-0",
+        g.record(1, 1, struct.pack(">HB5x", 1, 0), version=0),
+        "unsupported FastCGI version 0",
+    ),
+    (
+        "fastcgi",
+        "version-in-stdin",
+        g.begin_request(1)
+        + g.stream(
+            g.FCGI_PARAMS, 1, g.encode_pairs([*EVIL[:1], (b"REQUEST_URI", b"/sha"), (b"HTTP_X_EVIL", b"1")])
+        )
+        + g.record(g.FCGI_STDIN, 1, b"EVIL")
+        + g.record(g.FCGI_STDIN, 1, b"EVIL", version=9),
+        "unknown FastCGI version",
+    ),
+    (
+        "fastcgi",
+        "begin-body-short",
+        g.record(g.FCGI_BEGIN_REQUEST, 1, b"\0\x01\0"),
+        "BEGIN_REQUEST body is not 8 bytes",
+    ),
+    ("fastcgi", "begin-id-0", g.begin_request(0), "management request id 0"),
+    (
+        "fastcgi",
+        "pair-cut-short",
+        g.begin_request(1) + g.stream(g.FCGI_PARAMS, 1, g.encode_pairs(EVIL) + b"\x05\x01ab"),
+        "pair cut short",
+    ),
+    (
+        "fastcgi",
+        "empty-name",
+        g.begin_request(1) + g.stream(g.FCGI_PARAMS, 1, g.encode_pair(b"", b"x")),
+        "empty FastCGI parameter name",
+    ),
+    (
+        "fastcgi",
+        "params-over-limit",
+        g.begin_request(1)
+        + g.stream(g.FCGI_PARAMS, 1, g.encode_pairs(EVIL) + g.encode_pair("HTTP_X_PAD", "p" * MIB)),
+        "over",
+    ),
+    (
+        "fastcgi",
+        "pair-claims-over-limit",
+        g.begin_request(1)
+        + g.stream(
+            g.FCGI_PARAMS,
+            1,
+            g.encode_pairs(EVIL) + b"\x01" + struct.pack(">I", 0x80000000 | (2 * MIB)) + b"A",
+        ),
+        "over 1 MiB",
+    ),
+    (
+        "fastcgi",
+        "closed-in-params",
+        g.begin_request(1) + g.record(g.FCGI_PARAMS, 1, g.encode_pairs(EVIL)),
+        "connection closed inside the request",
+    ),
+    ("fastcgi", "closed-in-header", g.begin_request(1)[:5], "connection closed inside the request"),
+]
+
+
+def _good_request(proto: str) -> bytes:
+    params = [*GOOD, (b"HTTP_X_GOOD", b"1"), (b"CONTENT_LENGTH", b"9")]
+    if proto == "scgi":
+        params = [(b"CONTENT_LENGTH", b"9"), (b"SCGI", b"1"), *params[:-1]]
+    return g.request_bytes(proto, params, b"good-body")
+
+
+def _check_bad_input(server, proto, data, why, unix=False):
+    addr = server.addr(proto, unix)
+    before = _pid(server, proto, unix)
+    # A good connection opened, and half sent, before the bad one; finished after it.
+    good_bytes = _good_request(proto)
+    good = g.connect(addr)
+    good.sendall(good_bytes[: len(good_bytes) // 2])
+    mark = server.mark()
+    out, closed = g.send_raw(addr, data)
+    assert closed, "the bad connection was not closed"
+    assert b" 200 " not in out[:100] and b"Status: 200" not in out[:200], out[:300]
+    peer = re.escape(f"unix:{addr}") if unix else r"127\.0\.0\.1:\d+"
+    server.wait_for(rf"\[WARNING\] Bad {proto} request from {peer}: .*{re.escape(why)}", since=mark)
+    with good:
+        good.sendall(good_bytes[len(good_bytes) // 2 :])
+        got, _ = g.read_until_close(good)
+    env = g.parse_any(proto, got).json()
+    assert env["HTTP_X_GOOD"]["value"] == "1"
+    assert "HTTP_X_EVIL" not in env
+    assert env["_body"] == "good-body"
+    # The same worker answers; nothing else was logged about it.
+    assert _pid(server, proto, unix) == before
+    noise = [line for line in server.lines[mark:] if re.search(r"\[(WARNING|ERROR|CRITICAL)\]", line)]
+    assert len(noise) == 1, "\n".join(noise)
+    assert server.running()
+
+
+@pytest.mark.parametrize(
+    ("proto", "data", "why"), [b[:1] + b[2:] for b in BAD], ids=[f"{b[0]}-{b[1]}" for b in BAD]
+)
+def test_bad_input_closes_only_that_connection(gw, proto, data, why):
+    _check_bad_input(gw, proto, data, why)
+
+
+@pytest.mark.parametrize("proto", PROTOS)
+def test_bad_input_on_a_unix_socket(gw, proto):
+    case = {"uwsgi": "modifier1", "scgi": "length-not-a-number", "fastcgi": "version-2"}[proto]
+    [(_, _, data, why)] = [b for b in BAD if b[:2] == (proto, case)]
+    _check_bad_input(gw, proto, data, why, unix=True)
+
+
+# SCGI's CONTENT_LENGTH is part of its framing: a bad one is among the bad-input cases.
+@pytest.mark.parametrize("proto", ["uwsgi", "fastcgi"])
+def test_invalid_content_length_gets_400(gw, proto):
+    mark = gw.mark()
+    r = g.call(proto, gw.addr(proto), params=[*EVIL, (b"CONTENT_LENGTH", b"12abc")])
+    assert r.status == 400, r.raw[:300]
+    gw.wait_for(rf"\[WARNING\] Bad {proto} request from .*invalid CONTENT_LENGTH", since=mark)
+
+
+def test_nothing_leaks_between_requests_on_a_kept_connection(gw):
+    with g.FcgiConn(gw.addr("fastcgi")) as conn:
+        first = g.cgi_params("POST", "/echo", b"secret", extra=[("HTTP_X_ONE", "1"), ("HTTPS", "on")])
+        assert conn.request(first, b"secret", keep_conn=True).body == b"secret"
+        # STDIN carrying more than CONTENT_LENGTH: whatever this request makes of it,
+        # the extra bytes are not the next request's.
+        r = conn.request(g.cgi_params("POST", "/echo", b"abc"), b"abcEXTRA", keep_conn=True)
+        assert r.body.startswith(b"abc")
+        env = conn.request(g.cgi_params(uri="/environ"), keep_conn=True).json()
+    assert not [k for k in env if k.startswith("HTTP_X_")]
+    assert env["wsgi.url_scheme"]["value"] == "http"
+    assert env["_body"] == ""
+    assert env.get("CONTENT_LENGTH", {"value": ""})["value"] == ""
+
+
+def test_bad_input_leaves_concurrent_requests_alone(gw):
+    """Bad input on many connections while good requests are in flight on others."""
+    import concurrent.futures as cf
+
+    before = _pid(gw)
+    payload = random.Random(11).randbytes(200_000)
+
+    def good(i):
+        proto = PROTOS[i % 3]
+        r = g.call(proto, gw.addr(proto), "POST", "/sha", payload)
+        return r.json()["sha256"]
+
+    def bad(i):
+        proto, _, data, _ = BAD[i % len(BAD)]
+        return g.send_raw(gw.addr(proto), data)[1]
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        goods = [pool.submit(good, i) for i in range(30)]
+        bads = [pool.submit(bad, i) for i in range(30)]
+        assert all(f.result() for f in bads)
+        assert {f.result() for f in goods} == {hashlib.sha256(payload).hexdigest()}
+    assert _pid(gw) == before
+
+
+def test_fastcgi_stream_survives_a_half_close(gw):
+    """Apache's mod_proxy_fcgi shuts down its sending side once the request
+    is sent; a streamed response must still arrive whole."""
+    for _ in range(5):
+        out, closed = g.send_raw(gw.addr("fastcgi"), g.fcgi_request_bytes(g.cgi_params(uri="/stream?n=200")))
+        assert closed
+        r = g.parse_any("fastcgi", out)
+        assert r.protocol_status == g.FCGI_REQUEST_COMPLETE
+        assert r.body == b"".join(f"chunk{i}\n".encode() for i in range(200)), r.body[-100:]
