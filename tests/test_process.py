@@ -178,15 +178,24 @@ def test_sigquit_stops_promptly(start_server):
     assert wait_until(lambda: not group_members(server.pgid), timeout=10)
 
 
-def test_sigquit_does_not_wait_for_slow_requests(start_server):
-    server = start_server("behaviour:application", workers=1, threads=2)
+@pytest.mark.parametrize(
+    ("how", "args"),
+    [("SIGQUIT", ()), ("SIGINT", ("--sigint", "quick")), ("killpg-SIGINT", ("--sigint", "quick"))],
+)
+def test_quick_stop_does_not_wait_for_slow_requests(start_server, how, args):
+    server = start_server("behaviour:application", *args, workers=1, threads=2)
     mark = server.mark()
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(server.request, "GET", "/slow?secs=20&id=q", timeout=30)
         server.wait_for("slow request started: q", since=mark)
         started = time.monotonic()
-        server.signal(signal.SIGQUIT)
+        if how.startswith("killpg"):
+            # Ctrl-C in a terminal: the master and every worker get INT at once.
+            os.killpg(server.pgid, signal.SIGINT)
+        else:
+            server.signal(getattr(signal, how))
         server.wait_exit(10)
+        assert "stopping now" in server.log, server.log
         assert time.monotonic() - started < 10
         try:
             resp = future.result(timeout=30)

@@ -20,6 +20,17 @@ pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// Consecutive worker deaths during boot after which the master gives up.
 pub const MAX_BOOT_FAILURES: u32 = 5;
 
+/// What SIGINT asks for. SIGTERM is always a graceful stop and SIGQUIT
+/// always a quick one; SIGINT is graceful by default, so that a Ctrl-C or a
+/// container runtime configured to send INT loses no request, and quick for
+/// operators used to gunicorn's meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SigintMode {
+    #[default]
+    Graceful,
+    Quick,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub http: Vec<Addr>,
@@ -30,6 +41,7 @@ pub struct Config {
     /// Largest request body accepted (413 beyond it); `u64::MAX` for no limit.
     pub max_body_size: u64,
     pub graceful_timeout: Duration,
+    pub sigint: SigintMode,
     /// After SIGTERM, time spent still serving with `/readyz` failing before
     /// the listeners close.
     pub shutdown_delay: Duration,
@@ -73,6 +85,7 @@ impl Default for Config {
             limits: Limits::default(),
             max_body_size: u64::MAX,
             graceful_timeout: DEFAULT_GRACEFUL_TIMEOUT,
+            sigint: SigintMode::Graceful,
             shutdown_delay: Duration::ZERO,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
 
 use crate::app::ListenerInfo;
-use crate::config::{Config, MAX_BOOT_FAILURES};
+use crate::config::{Config, SigintMode, MAX_BOOT_FAILURES};
 use crate::date::mono_ms;
 use crate::listen::Listener;
 use crate::scoreboard::{Scoreboard, WorkerState, COUNTERS};
@@ -56,18 +56,35 @@ pub enum Action {
     Reexec,
 }
 
-/// The one table from signal to action.
-pub const SIGNALS: &[(libc::c_int, Action)] = &[
-    (libc::SIGTERM, Action::GracefulStop),
-    (libc::SIGINT, Action::GracefulStop),
-    (libc::SIGQUIT, Action::QuickStop),
-    (libc::SIGHUP, Action::Reload),
-    (libc::SIGTTIN, Action::AddWorker),
-    (libc::SIGTTOU, Action::RemoveWorker),
-    (libc::SIGUSR1, Action::ReopenLogs),
-    (libc::SIGUSR2, Action::Reexec),
-    (libc::SIGCHLD, Action::ReapChildren),
+/// The signals the master handles.
+pub const SIGNALS: &[libc::c_int] = &[
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGQUIT,
+    libc::SIGHUP,
+    libc::SIGTTIN,
+    libc::SIGTTOU,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGCHLD,
 ];
+
+/// The one table from signal to action (`--sigint` chooses INT's).
+pub fn signal_action(sig: libc::c_int, sigint: SigintMode) -> Option<Action> {
+    Some(match sig {
+        libc::SIGTERM => Action::GracefulStop,
+        libc::SIGINT if sigint == SigintMode::Quick => Action::QuickStop,
+        libc::SIGINT => Action::GracefulStop,
+        libc::SIGQUIT => Action::QuickStop,
+        libc::SIGHUP => Action::Reload,
+        libc::SIGTTIN => Action::AddWorker,
+        libc::SIGTTOU => Action::RemoveWorker,
+        libc::SIGUSR1 => Action::ReopenLogs,
+        libc::SIGUSR2 => Action::Reexec,
+        libc::SIGCHLD => Action::ReapChildren,
+        _ => return None,
+    })
+}
 
 /// Environment variable through which a re-executed master finds the
 /// listening sockets it already has: `PROTOCOL ADDRESS=FD` entries, `;`-separated.
@@ -340,7 +357,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             let sfd = self.signal_fd;
             if fds[0].revents & libc::POLLIN != 0 {
                 for sig in read_signals(sfd) {
-                    if let Some(&(_, action)) = SIGNALS.iter().find(|(s, _)| *s == sig) {
+                    if let Some(action) = signal_action(sig, self.config.sigint) {
                         self.act(action, sig);
                     }
                 }
@@ -957,7 +974,7 @@ fn block_signals() -> io::Result<RawFd> {
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for (sig, _) in SIGNALS {
+        for sig in SIGNALS {
             libc::sigaddset(&mut set, *sig);
         }
         if libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) < 0 {

@@ -25,7 +25,7 @@ use tracing::{debug, error, info, warn};
 use crate::access::{AccessLog, Sink};
 use crate::app::{App, ListenerInfo, Meta, Request};
 use crate::cgi::{self, CgiParams};
-use crate::config::Config;
+use crate::config::{Config, SigintMode};
 use crate::date::mono_ms;
 use crate::exchange::{BodyError, BodyState, Exchange, Io, RespPhase, Wire, MAX_DRAIN, READ_CHUNK};
 use crate::gateway::{self, FcgiConn, FcgiIn};
@@ -137,7 +137,7 @@ pub fn note_exception(text: &str) {
 /// Runs a worker until it is told to stop; returns the process exit code.
 /// Call on the process's only thread, right after fork and app loading.
 pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
-    let signals = match WorkerSignals::install() {
+    let signals = match WorkerSignals::install(ctx.config.sigint) {
         Ok(s) => s,
         Err(e) => {
             error!("cannot install signal handlers: {e}");
@@ -212,7 +212,7 @@ struct WorkerSignals {
 }
 
 impl WorkerSignals {
-    fn install() -> io::Result<WorkerSignals> {
+    fn install(sigint: SigintMode) -> io::Result<WorkerSignals> {
         use signal_hook::consts::*;
         // The master blocks its signals to read them from a signalfd; a
         // worker runs app code that may start subprocesses, so it takes
@@ -228,9 +228,10 @@ impl WorkerSignals {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let quit = Arc::new(AtomicBool::new(false));
-        for sig in [SIGTERM, SIGINT] {
-            signal_hook::flag::register(sig, stop.clone())?;
-        }
+        // The same meanings as in the master's table, for a signal sent to
+        // the whole process group (Ctrl-C, systemd's KillMode=control-group).
+        signal_hook::flag::register(SIGTERM, stop.clone())?;
+        signal_hook::flag::register(SIGINT, if sigint == SigintMode::Quick { &quit } else { &stop }.clone())?;
         signal_hook::flag::register(SIGQUIT, quit.clone())?;
         let reopen = Arc::new(AtomicBool::new(false));
         signal_hook::flag::register(SIGUSR1, reopen.clone())?;

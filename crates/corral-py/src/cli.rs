@@ -20,6 +20,15 @@ pub enum LogFormat {
     Json,
 }
 
+/// What SIGINT does (see `corral_engine::config::SigintMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Sigint {
+    /// Like SIGTERM: in-flight requests finish (a second INT stops at once).
+    Graceful,
+    /// Like SIGQUIT: stop at once (gunicorn's meaning).
+    Quick,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum LogLevel {
     Debug,
@@ -126,6 +135,10 @@ pub struct Cli {
     #[arg(long, value_name = "SECS", env = "CORRAL_GRACEFUL_TIMEOUT", default_value = "30",
           value_parser = parse_secs)]
     pub graceful_timeout: Duration,
+
+    /// What SIGINT does: a graceful stop like SIGTERM, or a quick stop like SIGQUIT.
+    #[arg(long, value_enum, env = "CORRAL_SIGINT", default_value = "graceful")]
+    pub sigint: Sigint,
 
     /// Seconds to keep serving after SIGTERM/SIGINT while /readyz already answers 503, so
     /// load balancers stop sending work before the listeners close. Default 0.
@@ -522,6 +535,10 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         },
         max_body_size: cli.max_body_size.unwrap_or(u64::MAX),
         graceful_timeout: cli.graceful_timeout,
+        sigint: match cli.sigint {
+            Sigint::Graceful => config::SigintMode::Graceful,
+            Sigint::Quick => config::SigintMode::Quick,
+        },
         shutdown_delay: cli.shutdown_delay,
         header_timeout: cli.header_timeout,
         keepalive_timeout: cli.keepalive_timeout,
