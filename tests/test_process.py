@@ -2,12 +2,14 @@
 
 import os
 import signal
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
-from support import READY_RE, IncompleteResponse, group_members, wait_until
+from support import CORRAL, READY_RE, IncompleteResponse, group_members, wait_until
 
 
 def _pid_of_request(server, target="/pid"):
@@ -257,3 +259,39 @@ def test_ttin_ttou_change_the_worker_count(start_server):
     server.signal(signal.SIGTTOU)
     assert wait_until(lambda: len(group_members(server.pgid)) == 2, timeout=15)
     assert server.request("GET", "/fixed").status == 200
+
+
+def _corral_signal(*args):
+    return subprocess.run([*CORRAL, "signal", *args], check=False, capture_output=True, text=True, timeout=30)
+
+
+def test_corral_signal_by_name_through_the_pidfile(start_server, tmp_path):
+    pidfile = tmp_path / "corral.pid"
+    server = start_server("behaviour:application", "--pidfile", str(pidfile), workers=1, threads=1)
+    assert wait_until(pidfile.exists)
+    mark = server.mark()
+    done = _corral_signal("ttin", str(pidfile))
+    assert done.returncode == 0, done.stderr
+    assert f"sent SIGTTIN (one worker more) to {server.proc.pid}" in done.stdout
+    server.wait_for(r"Received SIGTTIN: workers 1 -> 2", since=mark)
+    assert _corral_signal("SIGTERM", str(pidfile)).returncode == 0
+    assert server.wait_exit(30) == 0
+    assert not pidfile.exists()
+
+
+def test_corral_signal_errors_name_the_problem(tmp_path):
+    pidfile = tmp_path / "corral.pid"
+    done = _corral_signal("RESTART", str(pidfile))
+    assert done.returncode == 2
+    assert "unknown signal name 'RESTART'" in done.stderr and "HUP (zero-downtime reload)" in done.stderr
+    done = _corral_signal("HUP", str(pidfile))
+    assert done.returncode == 1 and f"cannot read the pid file {pidfile}" in done.stderr
+    pidfile.write_text("not a pid\n")
+    done = _corral_signal("HUP", str(pidfile))
+    assert done.returncode == 1 and "does not hold a process id" in done.stderr
+    # A pid that no process has: pid_max is never reached.
+    pidfile.write_text(f"{int(Path('/proc/sys/kernel/pid_max').read_text())}\n")
+    done = _corral_signal("HUP", str(pidfile))
+    assert done.returncode == 1 and "is corral running?" in done.stderr
+    done = _corral_signal("HUP")
+    assert done.returncode == 2 and "usage: corral signal NAME PIDFILE" in done.stderr

@@ -2,8 +2,10 @@
 
 ``corral [OPTIONS] APP`` serves an app (see ``corral --help``);
 ``corral stats ADDR`` prints a running server's ``--stats`` JSON once and
-``corral top ADDR`` shows it live. (An app module named ``stats`` or ``top``
-is given as ``stats:application``.)
+``corral top ADDR`` shows it live; ``corral signal NAME PIDFILE`` sends a
+running master a signal by name (HUP, TERM, INT, QUIT, USR1, USR2, TTIN,
+TTOU). (An app module named ``stats``, ``top`` or ``signal`` is given as
+``stats:application``.)
 """
 
 import sys
@@ -17,6 +19,13 @@ def main() -> None:
         from corral import monitor
 
         sys.exit(monitor.stats_main(args[1]) if args[0] == "stats" else monitor.top_main(args[1]))
+    if args[:1] == ["signal"]:
+        if len(args) != 3:
+            print("usage: corral signal NAME PIDFILE", file=sys.stderr)
+            sys.exit(2)
+        from corral import control
+
+        sys.exit(control.signal_main(args[1], args[2]))
     sys.exit(_main(["corral", *args]))
 
 
