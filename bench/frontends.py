@@ -132,8 +132,9 @@ def wait_http(url: str, timeout: float = 20.0) -> bytes:
             time.sleep(0.1)
 
 
-def expected_body(bench_dir: Path, app: str) -> bytes:
-    """The app's body, computed in-process (as the shared harness checks it)."""
+def expected_body(bench_dir: Path, python: str, app: str) -> bytes:
+    """The app's body, computed in-process (as the shared harness checks it) by
+    `python`, which has the frameworks."""
     code = (
         "import sys, io; sys.path.insert(0, sys.argv[1]); import apps;"
         "env={'REQUEST_METHOD':'GET','PATH_INFO':'/','SCRIPT_NAME':'','QUERY_STRING':'','SERVER_NAME':'x',"
@@ -143,7 +144,7 @@ def expected_body(bench_dir: Path, app: str) -> bytes:
         f"b=b''.join(getattr(apps, {app!r})(env, lambda *a: None)); sys.stdout.buffer.write(b)"
     )
     return subprocess.run(
-        [sys.executable, "-c", code, str(bench_dir)], capture_output=True, check=True, env={**os.environ}
+        [python, "-c", code, str(bench_dir)], capture_output=True, check=True, env={**os.environ}
     ).stdout
 
 
@@ -232,7 +233,9 @@ def main() -> int:
     table = backends(args.corral, args.anchor_venv)
     names = args.backends.split(",")
     cases = args.cases.split(",")
-    args.expected = {c: expected_body(args.bench_dir, c) for c in cases}
+    venv_python = args.anchor_venv / "bin" / "python"
+    python = str(venv_python) if venv_python.exists() else sys.executable
+    args.expected = {c: expected_body(args.bench_dir, python, c) for c in cases}
     results: dict[tuple[str, str], list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="corral-frontbench-") as tmp:
         for r in range(args.rounds):
