@@ -19,9 +19,10 @@ command -v python3 >/dev/null || { echo "python3 not found" >&2; exit 1; }
 section "system packages"
 need_apt=()
 # command:package. nginx, apache2, haproxy and cgi-fcgi are the front ends
-# the tests put in front of corral; iproute2 gives `ss`.
+# the tests put in front of corral; iproute2 gives `ss` and `ip netns`;
+# podman, runc and debootstrap build and run the container image recipe.
 for pair in nginx:nginx wrk:wrk curl:curl tmux:tmux apache2:apache2 haproxy:haproxy \
-    cgi-fcgi:libfcgi-bin ss:iproute2; do
+    cgi-fcgi:libfcgi-bin ss:iproute2 podman:podman runc:runc debootstrap:debootstrap; do
     cmd="${pair%%:*}"
     pkg="${pair#*:}"
     command -v "$cmd" >/dev/null || [ -x "/usr/sbin/$cmd" ] || need_apt+=("$pkg")
@@ -36,7 +37,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 else
-    echo "nginx, apache2, haproxy, cgi-fcgi, wrk, curl, tmux and ss are installed"
+    echo "nginx, apache2, haproxy, cgi-fcgi, wrk, curl, tmux, ss, podman, runc and debootstrap are installed"
 fi
 
 section "Python environment (.venv)"

@@ -17,9 +17,12 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
+import netns
 import pytest
 from support import CORRAL, READY_RE, ROOT, Server, group_members, wait_until
 
@@ -218,3 +221,198 @@ def test_image_cmd_as_pid_1(tmp_path):
         assert not group_members(server.pgid)
     finally:
         server.cleanup()
+
+
+# -- the image -----------------------------------------------------------------
+
+DOCKERFILE = ROOT / "docs" / "deploy" / "Dockerfile"
+BASE_IMAGE = "localhost/corral-test-base:bookworm"
+# Container runtime settings this machine needs and a cluster node does not:
+# crun refuses the hybrid cgroup layout here (runc takes it), and a container
+# may not raise its limits above the ones the tests run with.
+RUNTIME = ["--runtime", "runc"]
+LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
+
+
+def test_page_shows_the_dockerfile():
+    assert _block("dockerfile") == DOCKERFILE.read_text()
+
+
+def _image_tools_missing() -> str | None:
+    if os.geteuid() != 0:
+        return "building and running an image here needs root"
+    for tool in ("podman", "runc", "debootstrap"):
+        if not shutil.which(tool):
+            return f"{tool} is not installed (scripts/setup.sh installs it)"
+    return netns.available()
+
+
+def _run(*cmd: str, timeout: float = 600) -> str:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    assert done.returncode == 0, f"{' '.join(cmd)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def _logs(name: str) -> str:
+    """The container's output (podman gives its stderr, corral's log, on stderr)."""
+    done = subprocess.run(["podman", "logs", name], capture_output=True, text=True, timeout=30, check=False)
+    return done.stdout + done.stderr
+
+
+def _base_image(work) -> str:
+    """A Debian image with Python 3 in a virtualenv on PATH, standing in for
+    the python:*-slim image (no registry is reachable here), made with
+    debootstrap from Debian's own packages. Kept between runs."""
+    if subprocess.run(["podman", "image", "exists", BASE_IMAGE], check=False).returncode == 0:
+        return BASE_IMAGE
+    rootfs = work / "rootfs"
+    _run(
+        "debootstrap",
+        "--variant=minbase",
+        "--include=python3,python3-venv",
+        "bookworm",
+        str(rootfs),
+        "http://deb.debian.org/debian",
+    )
+    _run("chroot", str(rootfs), "python3", "-m", "venv", "/opt/venv")
+    tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+    path = "/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    done = subprocess.run(
+        ["podman", "import", "--change", f"ENV PATH={path}", "-", BASE_IMAGE],
+        stdin=tar.stdout,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    tar.stdout.close()
+    assert tar.wait() == 0 and done.returncode == 0, done.stderr
+    shutil.rmtree(rootfs, ignore_errors=True)
+    return BASE_IMAGE
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    """The page's Dockerfile built as a user would: a project directory with
+    requirements.txt, the project's code (the host app as myproject/wsgi.py)
+    and corral's wheel, built from this checkout, in wheels/."""
+    why = _image_tools_missing()
+    if why:
+        pytest.skip(why)
+    work = tmp_path_factory.mktemp("image")
+    base = _base_image(work)
+    ctx = work / "project"
+    (ctx / "myproject").mkdir(parents=True)
+    (ctx / "wheels").mkdir()
+    maturin = Path(sys.executable).parent / "maturin"
+    _run(
+        str(maturin),
+        "build",
+        "--release",
+        "-q",
+        "-i",
+        sys.executable,
+        "-o",
+        str(ctx / "wheels"),
+        timeout=1200,
+    )
+    shutil.copy(DOCKERFILE, ctx / "Dockerfile")
+    (ctx / "requirements.txt").write_text("")
+    (ctx / "VERSION").write_text("image\n")
+    (ctx / "myproject" / "__init__.py").write_text("")
+    shutil.copy(ROOT / "tests" / "apps" / "host_app.py", ctx / "myproject" / "wsgi.py")
+    tag = f"localhost/corral-test-app:{os.getpid()}"
+    # chroot isolation: the RUN step needs no container runtime.
+    _run(
+        "podman", "build", "--isolation", "chroot", "--network", "host",
+        "--build-arg", f"PYTHON_IMAGE={base}", "-t", tag, str(ctx),
+    )  # fmt: skip
+    yield tag
+    subprocess.run(["podman", "rmi", "-f", tag], capture_output=True, check=False)
+
+
+def _uid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return int(next(line for line in f if line.startswith("Uid:")).split()[1])
+    except (OSError, StopIteration):
+        return None
+
+
+def _get_at(addr: str, port: int, path: str) -> tuple[int, bytes] | None:
+    conn = http.client.HTTPConnection(addr, port, timeout=10)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    except OSError:
+        return None
+    finally:
+        conn.close()
+
+
+# The first run makes the base image with debootstrap: a few minutes.
+@pytest.mark.timeout(900)
+def test_image_runs_and_stops_as_a_pod_would(image):
+    cmd, m = image_cmd(), manifest()
+    http_port, stats_port = m["ports"]["http"], m["ports"]["stats"]
+    workers = int(option(cmd, "--workers"))
+    delay = int(option(cmd, "--shutdown-delay"))
+    hosts = netns.Hosts(1)
+    addr = hosts.addrs[0]
+    name = f"corral-test-{os.getpid()}"
+    try:
+        # The pod's network: a namespace of its own, reached at its address.
+        _run(
+            "podman", *RUNTIME, "run", "-d", *LIMITS, "--name", name,
+            "--network", f"ns:/run/netns/{hosts.names[0]}", image,
+        )  # fmt: skip
+        assert wait_until(
+            lambda: (_get_at(addr, stats_port, m["readiness"]["path"]) or (0,))[0] == 200, 30
+        ), _logs(name)
+        assert _get_at(addr, stats_port, m["liveness"]["path"])[0] == 200
+        assert _get_at(addr, http_port, "/") == (200, b"? image")
+
+        # corral is the container's PID 1, its workers are its children, and
+        # all of them run as the image's user.
+        master = int(_run("podman", "inspect", "--format", "{{.State.Pid}}", name))
+        assert _ns_pid(master) == 1
+        assert "corral" in Path(f"/proc/{master}/cmdline").read_text()
+        kids = _children(master)
+        assert len(kids) == workers, kids
+        assert {_uid(p) for p in [master, *kids]} == {65534}
+
+        # An orphan the app leaves behind is reaped by PID 1.
+        status, body = _get_at(addr, http_port, "/orphan?secs=0.5")
+        assert status == 200
+        orphan = next(p for p in _children(master) if _ns_pid(p) == int(body))
+        assert wait_until(lambda: _stat(orphan) is None, 5), f"orphan {orphan} left as {_stat(orphan)}"
+
+        # `podman stop` sends SIGTERM to PID 1 and SIGKILL after the grace
+        # period, as the kubelet does.
+        slow = {}
+        t = threading.Thread(
+            target=lambda: slow.update(r=_get_at(addr, http_port, f"/?delay={delay + 1.5}&tag=inflight")),
+            daemon=True,
+        )
+        t.start()
+        assert wait_until(lambda: "request inflight started" in _logs(name), 10)
+        t_term = time.monotonic()
+        stop = subprocess.Popen(
+            ["podman", "stop", "-t", str(m["grace"]), name], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        assert wait_until(lambda: (_get_at(addr, stats_port, "/readyz") or (0,))[0] == 503, 3)
+        assert _get_at(addr, stats_port, "/healthz")[0] == 200
+        assert _get_at(addr, http_port, "/") == (200, b"? image")
+        t.join(30)
+        assert slow.get("r") == (200, b"? image"), slow
+        assert stop.wait(m["grace"] + 10) == 0, stop.stderr.read()
+        assert time.monotonic() - t_term < m["grace"]
+        state = _run("podman", "inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", name).split()
+        assert state == ["exited", "0"], _logs(name)
+        log = _logs(name)
+        assert (
+            "Shutdown complete" in log and len(re.findall(r"Worker \d+ \(pid \d+\) exited", log)) == workers
+        )
+    finally:
+        subprocess.run(["podman", "rm", "-f", name], capture_output=True, check=False)
+        hosts.destroy()
