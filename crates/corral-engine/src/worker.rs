@@ -228,11 +228,15 @@ impl WorkerSignals {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let quit = Arc::new(AtomicBool::new(false));
-        // The same meanings as in the master's table, for a signal sent to
-        // the whole process group (Ctrl-C, systemd's KillMode=control-group).
-        signal_hook::flag::register(SIGTERM, stop.clone())?;
-        signal_hook::flag::register(SIGINT, if sigint == SigintMode::Quick { &quit } else { &stop }.clone())?;
-        signal_hook::flag::register(SIGQUIT, quit.clone())?;
+        // The master's table decides, for a signal sent to the whole process
+        // group too (Ctrl-C, systemd's KillMode=control-group).
+        for sig in [SIGTERM, SIGINT, SIGQUIT] {
+            let flag = match crate::supervise::signal_action(sig, sigint) {
+                Some(crate::supervise::Action::QuickStop) => &quit,
+                _ => &stop,
+            };
+            signal_hook::flag::register(sig, flag.clone())?;
+        }
         let reopen = Arc::new(AtomicBool::new(false));
         signal_hook::flag::register(SIGUSR1, reopen.clone())?;
         for sig in [SIGTERM, SIGINT, SIGQUIT, SIGUSR1] {
@@ -518,14 +522,15 @@ fn thread_main<A: App>(w: &Shared<A>, t: usize) {
             error!("epoll_wait: {e}");
             return;
         }
-        for ev in &events[..n as usize] {
-            let token = ev.u64;
-            if token < LISTENER_TOKENS {
-                accept_batch(w, &mut state, t, token as usize);
-            } else {
-                let conn = unsafe { Box::from_raw(token as *mut Conn) };
-                serve(w, &mut state, t, conn);
-            }
+        // Connections this worker already holds come before new ones: they
+        // can be served by no other worker.
+        let ready = &events[..n as usize];
+        for ev in ready.iter().filter(|ev| ev.u64 >= LISTENER_TOKENS) {
+            let conn = unsafe { Box::from_raw(ev.u64 as *mut Conn) };
+            serve(w, &mut state, t, conn);
+        }
+        for ev in ready.iter().filter(|ev| ev.u64 < LISTENER_TOKENS) {
+            accept_batch(w, &mut state, t, ev.u64 as usize);
         }
     }
 }
@@ -539,6 +544,13 @@ fn accept_batch<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, idx: usi
             Accepted::Conn(conn) => serve_claimed(w, state, t, conn),
             Accepted::Shed => {}
             Accepted::None => return,
+        }
+        // Accept more only while this worker holds no other connection. One
+        // parked here (a client that connected before sending, a keep-alive
+        // one) can be served by this worker alone: back to epoll, so it is
+        // not left waiting behind connections idle workers could take.
+        if w.registry.lock().unwrap().live > 0 {
+            return;
         }
     }
 }
