@@ -50,7 +50,7 @@ class Load:
         while not self.stop.is_set() and time.monotonic() < deadline:
             try:
                 self.results.append(self.server.request("GET", self.target, timeout=5).status)
-            except OSError as e:
+            except (OSError, IncompleteResponse) as e:
                 self.results.append(e)
             time.sleep(0.02)
 

@@ -113,6 +113,9 @@ struct Shared<A: App> {
     listeners: Vec<(RawFd, ListenerInfo)>,
     epfd: RawFd,
     registry: Mutex<Registry>,
+    /// Threads between accept(2) and registering what it returned: a
+    /// connection the registry does not count yet.
+    accepting: AtomicUsize,
     scoreboard: Scoreboard,
     slot: usize,
 }
@@ -184,6 +187,7 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
         listeners: ctx.listeners,
         epfd,
         registry: Mutex::new(Registry::default()),
+        accepting: AtomicUsize::new(0),
         scoreboard: ctx.scoreboard,
         slot: ctx.slot,
     });
@@ -303,7 +307,10 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
             recycling = check_recycle(w, now - born);
         }
         if let Some(deadline) = drain_deadline {
-            let live = w.registry.lock().unwrap().live;
+            // `accepting` first: a connection leaves it only once the
+            // registry counts it, so none is missed between the two reads.
+            let accepting = w.accepting.load(Ordering::SeqCst);
+            let live = w.registry.lock().unwrap().live + accepting;
             let stuck = w.stuck.load(Ordering::Acquire);
             // Twice in a row: a thread may have accepted a connection just
             // before the listeners closed and not registered it yet.
@@ -598,6 +605,14 @@ fn shed<A: App>(w: &Shared<A>, fd: RawFd, idx: usize) {
 
 /// Accepts one connection from listener `idx`, if one is waiting.
 fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Accepted {
+    struct Accepting<'a>(&'a AtomicUsize);
+    impl Drop for Accepting<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    w.accepting.fetch_add(1, Ordering::SeqCst);
+    let _accepting = Accepting(&w.accepting);
     let lfd = w.listeners[idx].0;
     let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
