@@ -529,15 +529,14 @@ fn thread_main<A: App>(w: &Shared<A>, t: usize) {
             error!("epoll_wait: {e}");
             return;
         }
-        // Connections this worker already holds come before new ones: they
-        // can be served by no other worker.
-        let ready = &events[..n as usize];
-        for ev in ready.iter().filter(|ev| ev.u64 >= LISTENER_TOKENS) {
-            let conn = unsafe { Box::from_raw(ev.u64 as *mut Conn) };
-            serve(w, &mut state, t, conn);
-        }
-        for ev in ready.iter().filter(|ev| ev.u64 < LISTENER_TOKENS) {
-            accept_batch(w, &mut state, t, ev.u64 as usize);
+        for ev in &events[..n as usize] {
+            let token = ev.u64;
+            if token < LISTENER_TOKENS {
+                accept_batch(w, &mut state, t, token as usize);
+            } else {
+                let conn = unsafe { Box::from_raw(token as *mut Conn) };
+                serve(w, &mut state, t, conn);
+            }
         }
     }
 }
@@ -551,13 +550,6 @@ fn accept_batch<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, idx: usi
             Accepted::Conn(conn) => serve_claimed(w, state, t, conn),
             Accepted::Shed => {}
             Accepted::None => return,
-        }
-        // Accept more only while this worker holds no other connection. One
-        // parked here (a client that connected before sending, a keep-alive
-        // one) can be served by this worker alone: back to epoll, so it is
-        // not left waiting behind connections idle workers could take.
-        if w.registry.lock().unwrap().live > 0 {
-            return;
         }
     }
 }
