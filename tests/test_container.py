@@ -109,17 +109,27 @@ def _children(pid: int) -> list[int]:
     return [int(e) for e in os.listdir("/proc") if e.isdigit() and (_stat(int(e)) or ("", 0))[1] == pid]
 
 
-def _ns_pid(pid: int) -> int | None:
-    """The pid of a host process as seen in its own (innermost) PID namespace."""
+def _status_field(pid: int, name: str) -> list[str] | None:
+    """The values of one line of /proc/PID/status, or None if the process is gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            return int(next(line for line in f if line.startswith("NSpid:")).split()[-1])
+            return next(line for line in f if line.startswith(f"{name}:")).split()[1:]
     except (OSError, StopIteration):
         return None
 
 
+def _ns_pid(pid: int) -> int | None:
+    """The pid of a host process as seen in its own (innermost) PID namespace."""
+    values = _status_field(pid, "NSpid")
+    return int(values[-1]) if values else None
+
+
 def _get(port: int, path: str) -> tuple[int, bytes] | None:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    return _get_at("127.0.0.1", port, path)
+
+
+def _get_at(addr: str, port: int, path: str) -> tuple[int, bytes] | None:
+    conn = http.client.HTTPConnection(addr, port, timeout=10)
     try:
         conn.request("GET", path)
         resp = conn.getresponse()
@@ -331,23 +341,9 @@ def image(tmp_path_factory):
 
 
 def _uid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return int(next(line for line in f if line.startswith("Uid:")).split()[1])
-    except (OSError, StopIteration):
-        return None
-
-
-def _get_at(addr: str, port: int, path: str) -> tuple[int, bytes] | None:
-    conn = http.client.HTTPConnection(addr, port, timeout=10)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    except OSError:
-        return None
-    finally:
-        conn.close()
+    """The real user id of a process."""
+    values = _status_field(pid, "Uid")
+    return int(values[0]) if values else None
 
 
 # The first run makes the base image with debootstrap: a few minutes.
