@@ -84,6 +84,32 @@ def test_write_callable(behaviour):
     assert resp.body == b"hello from write()"
 
 
+def _blocks_arrive_while_the_app_waits(server, tmp_path):
+    marker = tmp_path / "go"
+    with server.connect(timeout=5) as conn:
+        conn.send_request("GET", f"/pause?marker={marker}", {"Host": "x"})
+        assert conn.read_head().status == 200
+        # The app now waits for the marker: both blocks must be here already,
+        # even though they were yielded too closely to be written one by one.
+        while b"second," not in conn.buf:
+            assert conn._fill(), conn.buf
+        marker.touch()
+        body, complete = conn._read_chunked()
+        assert complete and body == b"first,second,third"
+
+
+def test_stream_blocks_are_sent_while_the_app_produces_the_next(behaviour, tmp_path):
+    _blocks_arrive_while_the_app_waits(behaviour, tmp_path)
+
+
+def test_stream_blocks_are_sent_while_the_app_produces_the_next_one_thread(start_server, tmp_path):
+    # One thread per worker also holds finished responses until its pass over
+    # the ready connections ends; a stream's blocks are not among them.
+    markers = tmp_path / "closed.log"
+    server = start_server("behaviour:application", "--env", f"CORRAL_TEST_MARKERS={markers}", threads=1)
+    _blocks_arrive_while_the_app_waits(server, tmp_path)
+
+
 # -- close() ----------------------------------------------------------------
 
 

@@ -299,6 +299,18 @@ def serve_bytesio(environ, start_response):
     return environ["wsgi.file_wrapper"](io.BytesIO(data), 8192)
 
 
+def pause(environ, start_response):
+    """Two small blocks at once, then nothing until the file `marker` exists (at most 10 s)."""
+    marker = _query(environ)["marker"]
+    start_response("200 OK", TEXT)
+    yield b"first,"
+    yield b"second,"
+    deadline = time.monotonic() + 10
+    while not os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    yield b"third"
+
+
 def raise_before(environ, start_response):
     raise RuntimeError("boom before start_response")
 
@@ -324,6 +336,7 @@ UNVALIDATED = {
     "/closing": closing,
     "/file": serve_file,
     "/bytesio": serve_bytesio,
+    "/pause": pause,
     "/raise-before": raise_before,
     "/raise-after": raise_after,
     "/raise-after-cl": raise_after_cl,

@@ -13,13 +13,15 @@
 
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use corral_proto::fastcgi;
 use corral_proto::http1::{parse_content_length, Chunk, ChunkedDecoder};
 
 use crate::date;
+use crate::flusher::{self, STREAM_HOLD};
 use crate::gateway::{self, FcgiIn, Stray};
 
 /// The most the engine asks a socket for at a time while reading a body.
@@ -33,6 +35,20 @@ pub(crate) const MAX_DRAIN: u64 = 1024 * 1024;
 /// the front end sent meanwhile (ABORT_REQUEST, a second BEGIN_REQUEST):
 /// reading more would buffer a body the app ignores.
 const PEEK_MAX: usize = 256 * 1024;
+/// The most bytes of finished responses a connection holds back (when its
+/// thread asks for that with [`Io::hold`]) to write them after the other
+/// ready connections were served. Larger responses go out at once: the
+/// copy would cost more than the wake-up of the client it saves.
+pub(crate) const HOLD_MAX: usize = 16 * 1024;
+/// Blocks of a streamed body that follow the previous one this closely are
+/// gathered into one write (see [`crate::flusher`]); slower streams, such
+/// as server-sent events, have each block written as it comes.
+const STREAM_BURST: Duration = Duration::from_micros(100);
+/// The largest block that is gathered: larger ones amortise their system
+/// call themselves.
+const GATHER_BLOCK_MAX: usize = 16 * 1024;
+/// Gathered bytes past which they are written at once.
+const GATHER_MAX: usize = 64 * 1024;
 
 /// Why a body read failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,6 +218,23 @@ pub(crate) struct Io {
     /// Response headers as the app gave them, kept only when the access
     /// log shows some (`%({name}o)s`).
     pub logged_headers: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+    /// The thread serving this connection writes finished responses after
+    /// its pass over the ready connections, so one wake-up of a client
+    /// process covers several responses instead of one each.
+    pub hold: bool,
+    /// The write in progress may be held: it finishes a response the app
+    /// has produced in full, so nothing of a stream waits behind it.
+    holding: bool,
+    /// Held response bytes, written by [`Io::flush_out`] before anything
+    /// else goes out on the connection or waits on it.
+    pub out: Vec<u8>,
+    /// When the app handed over the previous block of this response's body.
+    pub block_at: Option<Instant>,
+    /// The flusher has an entry for this connection, due within STREAM_HOLD.
+    gather_armed: bool,
+    /// This connection's own handle, for the flusher; without it no block
+    /// of a stream is gathered.
+    pub me: Option<Weak<Mutex<Io>>>,
 }
 
 impl Io {
@@ -232,6 +265,12 @@ impl Io {
             app_length: None,
             bytes_sent: 0,
             logged_headers: None,
+            hold: false,
+            holding: false,
+            out: Vec::new(),
+            block_at: None,
+            gather_armed: false,
+            me: None,
             read_total: 0,
         }
     }
@@ -283,6 +322,10 @@ impl Io {
                 Ok(0) => return Err(BodyError::Truncated),
                 Ok(_) => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // The client may wait for a held response before it sends more.
+                    if self.flush_out(blocking).is_err() {
+                        return Err(BodyError::Io(libc::EPIPE));
+                    }
                     if !self.wait(libc::POLLIN, blocking) {
                         return Err(BodyError::Timeout);
                     }
@@ -612,6 +655,34 @@ impl Io {
         if self.broken {
             return Err(ResponseError::ClientGone("connection already failed".into()));
         }
+        if self.holding {
+            for v in iov.iter() {
+                // SAFETY: each iovec points into a slice borrowed for this call.
+                self.out.extend_from_slice(unsafe {
+                    std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
+                });
+            }
+            return Ok(());
+        }
+        if !self.out.is_empty() {
+            // Held bytes first, in the same system call.
+            let mut out = std::mem::take(&mut self.out);
+            let mut all = Vec::with_capacity(iov.len() + 1);
+            all.push(libc::iovec { iov_base: out.as_mut_ptr().cast(), iov_len: out.len() });
+            all.extend_from_slice(iov);
+            let result = self.writev_raw(&mut all, blocking);
+            out.clear();
+            self.out = out;
+            return result;
+        }
+        self.writev_raw(iov, blocking)
+    }
+
+    fn writev_raw(
+        &mut self,
+        iov: &mut [libc::iovec],
+        blocking: fn(&mut dyn FnMut()),
+    ) -> Result<(), ResponseError> {
         let cnt = iov.len();
         let mut first = 0;
         while first < cnt {
@@ -651,6 +722,19 @@ impl Io {
             }
         }
         Ok(())
+    }
+
+    /// Writes the held response bytes, if any.
+    pub(crate) fn flush_out(&mut self, blocking: fn(&mut dyn FnMut())) -> Result<(), ResponseError> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let mut out = std::mem::take(&mut self.out);
+        let mut iov = [libc::iovec { iov_base: out.as_mut_ptr().cast(), iov_len: out.len() }];
+        let result = self.writev_raw(&mut iov, blocking);
+        out.clear();
+        self.out = out;
+        result
     }
 
     /// Finishes the buffered head: date, framing and connection headers.
@@ -736,6 +820,14 @@ impl Io {
             RespPhase::Sent => Vec::new(),
             RespPhase::Finished => return Ok(()),
         };
+        // The whole response in this one write (or the last block of it):
+        // no later block of the body can be kept waiting behind it.
+        let whole = !head.is_empty()
+            && (last || matches!(self.framing, RespFraming::Length(n) if n <= data.len() as u64));
+        self.holding = self.hold && whole && self.out.len() + head.len() + data.len() <= HOLD_MAX;
+        if !whole && !data.is_empty() {
+            self.holding = self.gather(data.len());
+        }
         let mut trailer = Vec::new();
         if let Wire::FastCgi { id, .. } = self.wire {
             if !last {
@@ -749,11 +841,65 @@ impl Io {
             }
         }
         let result = self.send_framed(&head, data, &trailer, blocking);
+        self.holding = false;
         if self.head.capacity() == 0 {
             self.head = head;
             self.head.clear();
         }
         result
+    }
+
+    /// Whether a block of `len` bytes of a streamed body is gathered rather
+    /// than written now: it follows the previous block within
+    /// STREAM_BURST, and the flusher will write it within STREAM_HOLD if
+    /// nothing else does.
+    fn gather(&mut self, len: usize) -> bool {
+        let now = Instant::now();
+        let quick = self.block_at.is_some_and(|t| now.duration_since(t) < STREAM_BURST);
+        self.block_at = Some(now);
+        // Room for the block and its framing (a chunk-size line, or a
+        // FastCGI record header and END_REQUEST).
+        if !quick || len > GATHER_BLOCK_MAX || self.out.len() + len + 64 > GATHER_MAX {
+            return false;
+        }
+        if self.gather_armed {
+            return true;
+        }
+        let (Some(me), Some(f)) = (self.me.as_ref().and_then(Weak::upgrade), flusher::get()) else {
+            return false;
+        };
+        f.register(&me, now + STREAM_HOLD);
+        self.gather_armed = true;
+        true
+    }
+
+    /// The flusher's turn: writes what the socket takes now of the gathered
+    /// bytes, without waiting. Returns whether some remain, to be tried again.
+    pub(crate) fn flush_gathered(&mut self) -> bool {
+        self.gather_armed = false;
+        if self.broken {
+            self.out.clear();
+        }
+        while !self.out.is_empty() {
+            let n = unsafe { libc::write(self.fd, self.out.as_ptr().cast(), self.out.len()) };
+            if n >= 0 {
+                self.out.drain(..n as usize);
+                continue;
+            }
+            match io::Error::last_os_error().kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock => {
+                    self.gather_armed = true;
+                    return true;
+                }
+                _ => {
+                    // The app's next write reports the failure.
+                    self.broken = true;
+                    self.out.clear();
+                }
+            }
+        }
+        false
     }
 
     /// Whether writing `len` more body bytes leaves nothing owed under the
@@ -864,6 +1010,14 @@ impl Io {
             RespPhase::Finished => return Ok(()),
         }
         self.phase = RespPhase::Finished;
+        // The app is done: what is left is the response's tail.
+        self.holding = self.hold && self.out.len() < HOLD_MAX;
+        let result = self.finish_framing(blocking);
+        self.holding = false;
+        result
+    }
+
+    fn finish_framing(&mut self, blocking: fn(&mut dyn FnMut())) -> Result<(), ResponseError> {
         match self.framing {
             RespFraming::Chunked => self.write_parts(&[b"0\r\n\r\n"], blocking),
             RespFraming::Length(left) if left > 0 => {
@@ -906,6 +1060,7 @@ impl Io {
         count: u64,
         blocking: fn(&mut dyn FnMut()),
     ) -> Result<(), ResponseError> {
+        self.flush_out(blocking)?;
         let mut count = match self.framing {
             RespFraming::Length(left) if self.phase == RespPhase::Sent => count.min(left),
             _ => count,

@@ -11,6 +11,7 @@ pub mod cgi;
 pub mod config;
 pub mod date;
 pub mod exchange;
+mod flusher;
 mod gateway;
 pub mod listen;
 pub mod logfile;

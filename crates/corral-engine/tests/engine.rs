@@ -51,6 +51,19 @@ impl App for TestApp {
                 ex.start(b"200 OK").unwrap();
                 ex.write(b"slow done", true).unwrap();
             }
+            b"/pause" => {
+                // Two blocks in quick succession, then nothing until the
+                // client says it has them (see `stream_blocks_are_not_held_back`).
+                ex.start(b"200 OK").unwrap();
+                ex.write(b"first,", false).unwrap();
+                ex.write(b"second,", false).unwrap();
+                let marker = pause_marker(unsafe { libc::getppid() });
+                let t0 = Instant::now();
+                while !marker.exists() && t0.elapsed() < Duration::from_secs(10) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                ex.write(b"third", false).unwrap();
+            }
             b"/hop" => {
                 ex.start(b"200 OK").unwrap();
                 let err = ex.header(b"Connection", b"close").unwrap_err();
@@ -63,6 +76,11 @@ impl App for TestApp {
             }
         }
     }
+}
+
+/// The file the `/pause` route waits for; named after the test process.
+fn pause_marker(test_pid: libc::pid_t) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("corral-engine-pause-{test_pid}"))
 }
 
 struct Worker {
@@ -219,4 +237,81 @@ fn engine_end_to_end() {
     unsafe { libc::waitpid(w.pid, &mut status, 0) };
     assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "status {status}");
     std::mem::forget(w);
+}
+
+/// Reads from `s` until `want` has arrived, failing after the read timeout.
+fn read_until(s: &mut TcpStream, got: &mut Vec<u8>, want: &[u8]) {
+    let mut chunk = [0u8; 4096];
+    while !got.windows(want.len()).any(|w| w == want) {
+        match s.read(&mut chunk) {
+            Ok(0) => panic!("connection closed before {:?}: {}", want, String::from_utf8_lossy(got)),
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) => {
+                panic!("no {:?} yet ({e}): {}", String::from_utf8_lossy(want), String::from_utf8_lossy(got))
+            }
+        }
+    }
+}
+
+#[test]
+fn stream_blocks_are_not_held_back() {
+    // Blocks that follow each other closely are gathered into one write;
+    // they must still reach the client while the app waits before its next
+    // block (PEP 3333), with one thread (responses of a pass held back) and
+    // with several.
+    for threads in [1, 3] {
+        let marker = pause_marker(std::process::id() as libc::pid_t);
+        let _ = std::fs::remove_file(&marker);
+        let w = start(threads);
+        let mut s = TcpStream::connect(("127.0.0.1", w.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /pause HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut got = Vec::new();
+        // The app is now waiting for the marker: "second," must be here already.
+        read_until(&mut s, &mut got, b"second,\r\n");
+        std::fs::write(&marker, b"").unwrap();
+        read_until(&mut s, &mut got, b"0\r\n\r\n");
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.ends_with("\r\n\r\n6\r\nfirst,\r\n7\r\nsecond,\r\n5\r\nthird\r\n0\r\n\r\n"), "{text}");
+        std::fs::remove_file(&marker).unwrap();
+    }
+}
+
+#[test]
+fn responses_of_one_pass_reach_every_connection_in_order() {
+    // One thread: the responses to connections that were ready together
+    // are written after the pass; each connection must get its own, in
+    // order, pipelined or not.
+    let w = start(1);
+    let mut conns: Vec<TcpStream> = (0..24)
+        .map(|_| {
+            let s = TcpStream::connect(("127.0.0.1", w.port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s
+        })
+        .collect();
+    for round in 0..5 {
+        for (i, s) in conns.iter_mut().enumerate() {
+            let pipelined = 1 + (i + round) % 3;
+            let req = format!("POST /echo HTTP/1.1\r\nContent-Length: 8\r\n\r\nc{i:02}-r{round}-");
+            let mut all = String::new();
+            for k in 0..pipelined {
+                all.push_str(&req);
+                all.push_str(&format!("{k}"));
+                // Each body is 8 bytes: "cNN-rR-K".
+            }
+            s.write_all(all.as_bytes()).unwrap();
+        }
+        for (i, s) in conns.iter_mut().enumerate() {
+            let pipelined = 1 + (i + round) % 3;
+            let mut got = Vec::new();
+            let last = format!("c{i:02}-r{round}-{}", pipelined - 1);
+            read_until(s, &mut got, last.as_bytes());
+            let text = String::from_utf8_lossy(&got);
+            let bodies: Vec<&str> =
+                text.match_indices(&format!("c{i:02}-r{round}-")).map(|(at, _)| &text[at..at + 8]).collect();
+            let want: Vec<String> = (0..pipelined).map(|k| format!("c{i:02}-r{round}-{k}")).collect();
+            assert_eq!(bodies, want, "{text}");
+        }
+    }
 }

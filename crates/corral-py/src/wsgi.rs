@@ -7,6 +7,7 @@
 //! holds the GIL only while Python runs: the engine's socket waits go through
 //! [`WsgiApp::blocking`], which releases it.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -428,20 +429,23 @@ fn latin1<'py>(py: Python<'py>, b: &[u8]) -> Bound<'py, PyString> {
     }
 }
 
-fn latin1_bytes(s: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u8>> {
+/// A `str` as ISO-8859-1 bytes, borrowed when it is ASCII (the usual case).
+/// `what` names the value in the error, built only when there is one.
+fn latin1_bytes<'a>(s: &'a Bound<'_, PyAny>, what: &dyn Fn() -> String) -> PyResult<Cow<'a, [u8]>> {
     let s = s
         .downcast::<PyString>()
-        .map_err(|_| PyTypeError::new_err(format!("{what} must be a str, got {}", type_name(s))))?;
+        .map_err(|_| PyTypeError::new_err(format!("{} must be a str, got {}", what(), type_name(s))))?;
     let text = s.to_str()?;
     if text.is_ascii() {
-        return Ok(text.as_bytes().to_vec());
+        return Ok(Cow::Borrowed(text.as_bytes()));
     }
     text.chars()
         .map(|c| {
             u8::try_from(c as u32)
-                .map_err(|_| PyValueError::new_err(format!("{what} {text:?} is not latin-1")))
+                .map_err(|_| PyValueError::new_err(format!("{} {text:?} is not latin-1", what())))
         })
-        .collect()
+        .collect::<PyResult<Vec<u8>>>()
+        .map(Cow::Owned)
 }
 
 fn type_name(o: &Bound<'_, PyAny>) -> String {
@@ -539,7 +543,7 @@ impl StartResponse {
                 }
             }
         }
-        let status = latin1_bytes(status, "status")?;
+        let status = latin1_bytes(status, &|| "status".into())?;
         ex.start(&status).map_err(response_error)?;
         let headers_list = headers.downcast::<PyList>().map_err(|_| {
             PyTypeError::new_err(format!("headers must be a list, got {}", type_name(headers)))
@@ -554,11 +558,10 @@ impl StartResponse {
             if pair.len() != 2 {
                 return Err(PyTypeError::new_err("each header must be a (name, value) tuple of two str"));
             }
-            let name = latin1_bytes(&pair.get_item(0)?, "header name")?;
-            let value = latin1_bytes(
-                &pair.get_item(1)?,
-                &format!("value of header {:?}", String::from_utf8_lossy(&name)),
-            )?;
+            let (name, value) = (pair.get_item(0)?, pair.get_item(1)?);
+            let name = latin1_bytes(&name, &|| "header name".into())?;
+            let value =
+                latin1_bytes(&value, &|| format!("value of header {:?}", String::from_utf8_lossy(&name)))?;
             ex.header(&name, &value).map_err(response_error)?;
         }
         Py::new(py, Write { ex: ex.clone() })
