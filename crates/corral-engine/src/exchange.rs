@@ -21,7 +21,7 @@ use corral_proto::fastcgi;
 use corral_proto::http1::{parse_content_length, Chunk, ChunkedDecoder};
 
 use crate::date;
-use crate::flusher::{self, STREAM_HOLD};
+use crate::flusher;
 use crate::gateway::{self, FcgiIn, Stray};
 
 /// The most the engine asks a socket for at a time while reading a body.
@@ -230,8 +230,9 @@ pub(crate) struct Io {
     pub out: Vec<u8>,
     /// When the app handed over the previous block of this response's body.
     pub block_at: Option<Instant>,
-    /// The flusher has an entry for this connection, due within STREAM_HOLD.
-    gather_armed: bool,
+    /// The flusher holder (serving thread) whose current pass lists this
+    /// connection; 0 for none.
+    pub(crate) listed: usize,
     /// This connection's own handle, for the flusher; without it no block
     /// of a stream is gathered.
     pub me: Option<Weak<Mutex<Io>>>,
@@ -269,7 +270,7 @@ impl Io {
             holding: false,
             out: Vec::new(),
             block_at: None,
-            gather_armed: false,
+            listed: 0,
             me: None,
             read_total: 0,
         }
@@ -824,7 +825,8 @@ impl Io {
         // no later block of the body can be kept waiting behind it.
         let whole = !head.is_empty()
             && (last || matches!(self.framing, RespFraming::Length(n) if n <= data.len() as u64));
-        self.holding = self.hold && whole && self.out.len() + head.len() + data.len() <= HOLD_MAX;
+        self.holding =
+            self.hold && whole && self.out.len() + head.len() + data.len() <= HOLD_MAX && self.arm();
         if !whole && !data.is_empty() {
             self.holding = self.gather(data.len());
         }
@@ -851,7 +853,7 @@ impl Io {
 
     /// Whether a block of `len` bytes of a streamed body is gathered rather
     /// than written now: it follows the previous block within
-    /// STREAM_BURST, and the flusher will write it within STREAM_HOLD if
+    /// STREAM_BURST, and the flusher will write it within its HOLD if
     /// nothing else does.
     fn gather(&mut self, len: usize) -> bool {
         let now = Instant::now();
@@ -862,21 +864,22 @@ impl Io {
         if !quick || len > GATHER_BLOCK_MAX || self.out.len() + len + 64 > GATHER_MAX {
             return false;
         }
-        if self.gather_armed {
-            return true;
-        }
-        let (Some(me), Some(f)) = (self.me.as_ref().and_then(Weak::upgrade), flusher::get()) else {
-            return false;
-        };
-        f.register(&me, now + STREAM_HOLD);
-        self.gather_armed = true;
-        true
+        self.arm()
     }
 
-    /// The flusher's turn: writes what the socket takes now of the gathered
+    /// Makes sure what this connection holds goes out within
+    /// [`flusher::HOLD`], whatever the app or this connection's thread do
+    /// meanwhile. False (and nothing may be held) without that promise.
+    fn arm(&mut self) -> bool {
+        let Some(me) = self.me.as_ref().and_then(Weak::upgrade) else {
+            return false;
+        };
+        flusher::promise(&me, &mut self.listed)
+    }
+
+    /// The flusher's turn: writes what the socket takes now of the held
     /// bytes, without waiting. Returns whether some remain, to be tried again.
-    pub(crate) fn flush_gathered(&mut self) -> bool {
-        self.gather_armed = false;
+    pub(crate) fn flush_held_nowait(&mut self) -> bool {
         if self.broken {
             self.out.clear();
         }
@@ -888,10 +891,7 @@ impl Io {
             }
             match io::Error::last_os_error().kind() {
                 io::ErrorKind::Interrupted => {}
-                io::ErrorKind::WouldBlock => {
-                    self.gather_armed = true;
-                    return true;
-                }
+                io::ErrorKind::WouldBlock => return true,
                 _ => {
                     // The app's next write reports the failure.
                     self.broken = true;
@@ -1011,7 +1011,7 @@ impl Io {
         }
         self.phase = RespPhase::Finished;
         // The app is done: what is left is the response's tail.
-        self.holding = self.hold && self.out.len() < HOLD_MAX;
+        self.holding = self.hold && self.out.len() < HOLD_MAX && self.arm();
         let result = self.finish_framing(blocking);
         self.holding = false;
         result

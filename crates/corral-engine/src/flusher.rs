@@ -1,101 +1,184 @@
-//! The guarantee behind coalescing a streamed body: blocks an app yields in
-//! quick succession are gathered into one write, and this thread writes
-//! whatever is still gathered when the app goes quiet.
+//! The guarantee behind holding response bytes back: whatever a serving
+//! thread holds is written within [`HOLD`], by the flusher thread if the
+//! serving thread is still busy (in a slow app call) by then.
 //!
-//! PEP 3333 lets a server hold a block back only if it "will continue
-//! transmission even while the application is producing its next block".
-//! Writing each small block with a system call of its own costs the server
-//! the whole TCP path and a wake-up of the client per block (most of the
-//! time of a 64 x 1 KiB stream), so a connection's thread gathers blocks
-//! that follow each other within a short burst interval and
-//! registers the connection here; at most [`STREAM_HOLD`] later, if the
-//! response has not ended (and written them) by then, this thread writes
-//! them. It never waits on a socket: what the socket cannot take at once
-//! is retried a hold period later, the kernel meanwhile still sending
-//! what it has.
+//! Each write to a socket costs the server the whole TCP path and, when the
+//! client process sleeps, its wake-up (an inter-processor interrupt, dear
+//! in a VM). Two things are therefore held back instead of written at once:
+//! the finished responses of a pass over ready connections (see
+//! `worker::Held`), and the blocks of a streamed body that follow each
+//! other closely, gathered into one write (`Io::gather`). PEP 3333 allows
+//! holding a block only if the server "will continue transmission even
+//! while the application is producing its next block": this module is that
+//! promise, so no held byte waits for a slow app call.
 //!
-//! Deadlines are "registration time + STREAM_HOLD", so the queue is
-//! ordered by construction; one thread serves every connection of the
-//! worker, and a registration wakes it only when it is asleep with nothing
-//! to do, which is at most once per hold period under load.
+//! Each serving thread has a [`Holder`]: the connections it holds bytes
+//! for in its current pass, and a timerfd armed when it first holds
+//! something and disarmed when its pass ends. The flusher thread sleeps in
+//! epoll on those timers, so in the common case, where a pass ends well
+//! within HOLD, it never runs at all; the cost is two timerfd_settime
+//! calls per pass. When a timer fires, the flusher writes what the
+//! sockets take at once, never waiting on one: what a full socket cannot
+//! take is retried a hold period later, the kernel meanwhile sending what
+//! it has.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::exchange::Io;
 
-/// The longest a gathered block of a streamed body waits before it is
-/// written, when the app produces no further block meanwhile.
-pub const STREAM_HOLD: Duration = Duration::from_millis(1);
+/// The longest held response bytes wait before they are written.
+pub const HOLD: Duration = Duration::from_millis(1);
 
-struct Queue {
-    due: VecDeque<(Instant, Arc<Mutex<Io>>)>,
-    /// The thread waits without a deadline: a registration must wake it.
-    idle: bool,
+/// One serving thread's held connections and their timer.
+pub(crate) struct Holder {
+    /// Non-zero, unique in the worker: what `Io::listed` holds while the
+    /// connection is in this holder's list.
+    id: usize,
+    timer: OwnedFd,
+    /// The timer runs; cleared by the flusher when it fires, and by the
+    /// serving thread when its pass ends.
+    armed: AtomicBool,
+    /// When the timer was last armed by the serving thread.
+    armed_at: Mutex<Option<Instant>>,
+    /// Connections that held bytes in the current pass (each once).
+    listed: Mutex<Vec<Arc<Mutex<Io>>>>,
 }
 
-pub(crate) struct Flusher {
-    queue: Mutex<Queue>,
-    wake: Condvar,
-}
+impl Holder {
+    fn new(id: usize) -> io::Result<Holder> {
+        let fd =
+            unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_CLOEXEC | libc::TFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Holder {
+            id,
+            timer: unsafe { OwnedFd::from_raw_fd(fd) },
+            armed: AtomicBool::new(false),
+            armed_at: Mutex::new(None),
+            listed: Mutex::new(Vec::new()),
+        })
+    }
 
-static FLUSHER: OnceLock<Option<&'static Flusher>> = OnceLock::new();
+    fn set_timer(&self, after: Option<Duration>) {
+        let after = after.unwrap_or_default();
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
+            it_value: libc::timespec { tv_sec: after.as_secs() as i64, tv_nsec: after.subsec_nanos() as i64 },
+        };
+        unsafe { libc::timerfd_settime(self.timer.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+    }
 
-/// The flusher, started on first use so that only a process serving
-/// streamed responses (a worker, never the master, which forks) has this
-/// thread. `None` if the thread could not be started: nothing may be
-/// gathered then.
-pub(crate) fn get() -> Option<&'static Flusher> {
-    *FLUSHER.get_or_init(|| {
-        let f: &'static Flusher = Box::leak(Box::new(Flusher {
-            queue: Mutex::new(Queue { due: VecDeque::new(), idle: false }),
-            wake: Condvar::new(),
-        }));
-        match std::thread::Builder::new().name("corral-flush".into()).spawn(move || run(f)) {
-            Ok(_) => Some(f),
-            Err(e) => {
-                tracing::error!(
-                    "cannot start the stream flusher thread, streamed blocks are written one by one: {e}"
-                );
-                None
+    /// Whether the serving thread has held bytes for half of HOLD: it ends
+    /// its pass then, so the timer is left for slow app calls.
+    pub(crate) fn half_due(&self) -> bool {
+        self.armed.load(Ordering::Acquire)
+            && self
+                .armed_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some_and(|t| t.elapsed() >= HOLD / 2)
+    }
+
+    /// The serving thread's pass is over and nothing it served holds bytes
+    /// any more: forget the connections and stop the timer.
+    pub(crate) fn pass_over(&self) {
+        let listed = std::mem::take(&mut *self.listed.lock().unwrap_or_else(|p| p.into_inner()));
+        for io in &listed {
+            let mut io = io.lock().unwrap_or_else(|p| p.into_inner());
+            // Another thread may have taken the connection up since.
+            if io.listed == self.id {
+                io.listed = 0;
             }
         }
+        if self.armed.swap(false, Ordering::AcqRel) {
+            self.set_timer(None);
+        }
+    }
+
+    /// The timer fired: write what every listed connection holds.
+    fn fire(&self) {
+        let mut buf = [0u8; 8];
+        unsafe { libc::read(self.timer.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+        // Cleared first: bytes held from here on arm the timer again.
+        self.armed.store(false, Ordering::Release);
+        // A copy, so no connection is locked under the list's lock (the
+        // serving thread takes them the other way round).
+        let listed = self.listed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut again = false;
+        for io in listed {
+            again |= io.lock().unwrap_or_else(|p| p.into_inner()).flush_held_nowait();
+        }
+        if again && !self.armed.swap(true, Ordering::AcqRel) {
+            self.set_timer(Some(HOLD));
+        }
+    }
+}
+
+thread_local! {
+    /// The holder of the serving thread running here, if any.
+    static HOLDER: RefCell<Option<Arc<Holder>>> = const { RefCell::new(None) };
+}
+
+/// Makes this thread a serving thread with `holder`.
+pub(crate) fn enter(holder: Arc<Holder>) {
+    HOLDER.with(|h| *h.borrow_mut() = Some(holder));
+}
+
+/// Promises that `io`'s held bytes go out within HOLD. Called with `io`
+/// locked (`io_listed` is its `listed`). False, and nothing may be held,
+/// on a thread that is not a serving thread (an app writing from a thread
+/// of its own).
+pub(crate) fn promise(io: &Arc<Mutex<Io>>, io_listed: &mut usize) -> bool {
+    HOLDER.with(|h| {
+        let h = h.borrow();
+        let Some(holder) = h.as_ref() else {
+            return false;
+        };
+        if *io_listed != holder.id {
+            holder.listed.lock().unwrap_or_else(|p| p.into_inner()).push(io.clone());
+            *io_listed = holder.id;
+        }
+        if !holder.armed.swap(true, Ordering::AcqRel) {
+            holder.set_timer(Some(HOLD));
+            *holder.armed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        }
+        true
     })
 }
 
-impl Flusher {
-    /// Asks for `io`'s gathered bytes to be written by `deadline` if the
-    /// connection's own thread has not written them by then.
-    pub(crate) fn register(&self, io: &Arc<Mutex<Io>>, deadline: Instant) {
-        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        q.due.push_back((deadline, io.clone()));
-        if q.idle {
-            q.idle = false;
-            self.wake.notify_one();
+/// Starts the flusher thread for `threads` serving threads and returns
+/// their holders. Called in a worker, after the fork.
+pub(crate) fn start(threads: usize) -> io::Result<Vec<Arc<Holder>>> {
+    let holders: Vec<Arc<Holder>> =
+        (1..=threads).map(|id| Holder::new(id).map(Arc::new)).collect::<io::Result<_>>()?;
+    let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if epfd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let epfd = unsafe { OwnedFd::from_raw_fd(epfd) };
+    for (i, h) in holders.iter().enumerate() {
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: i as u64 };
+        if unsafe { libc::epoll_ctl(epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, h.timer.as_raw_fd(), &mut ev) } < 0
+        {
+            return Err(io::Error::last_os_error());
         }
     }
-}
-
-fn run(f: &'static Flusher) {
-    let mut q = f.queue.lock().unwrap_or_else(|p| p.into_inner());
-    loop {
-        let Some(&(deadline, _)) = q.due.front() else {
-            q.idle = true;
-            q = f.wake.wait(q).unwrap_or_else(|p| p.into_inner());
-            continue;
-        };
-        let now = Instant::now();
-        if deadline > now {
-            q = f.wake.wait_timeout(q, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
-            continue;
+    let watched = holders.clone();
+    std::thread::Builder::new().name("corral-flush".into()).spawn(move || {
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; watched.len()];
+        loop {
+            let n =
+                unsafe { libc::epoll_wait(epfd.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, -1) };
+            for ev in &events[..n.max(0) as usize] {
+                watched[ev.u64 as usize].fire();
+            }
         }
-        let (_, io) = q.due.pop_front().expect("front exists");
-        drop(q);
-        let again = io.lock().unwrap_or_else(|p| p.into_inner()).flush_gathered();
-        q = f.queue.lock().unwrap_or_else(|p| p.into_inner());
-        if again {
-            q.due.push_back((Instant::now() + STREAM_HOLD, io));
-        }
-    }
+    })?;
+    Ok(holders)
 }

@@ -15,7 +15,7 @@ use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use corral_proto::http1::{self, BodyFraming, Head, Version};
@@ -43,9 +43,6 @@ const PREREAD_MAX: u64 = 64 * 1024;
 /// Connections whose finished responses one thread holds back before
 /// writing them all (see [`Held`]).
 const HOLD_CONNS: usize = 16;
-/// The longest a held response waits for the next app call to end before
-/// the held ones are written.
-const HOLD_AGE: Duration = Duration::from_millis(1);
 /// How often the main thread looks for expired connections.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -197,10 +194,18 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
         scoreboard: ctx.scoreboard,
         slot: ctx.slot,
     });
-    for t in 0..threads {
+    // Without the flusher nothing is held back: every write goes out at once.
+    let holders: Vec<Option<_>> = match crate::flusher::start(threads) {
+        Ok(h) => h.into_iter().map(Some).collect(),
+        Err(e) => {
+            warn!("cannot start the flusher thread, so every response is written on its own: {e}");
+            vec![None; threads]
+        }
+    };
+    for (t, holder) in holders.into_iter().enumerate() {
         let s = shared.clone();
         let spawned =
-            std::thread::Builder::new().name(format!("corral-{t}")).spawn(move || thread_main(&s, t));
+            std::thread::Builder::new().name(format!("corral-{t}")).spawn(move || thread_main(&s, t, holder));
         if let Err(e) = spawned {
             error!("cannot start worker thread: {e}");
             return 1;
@@ -523,23 +528,25 @@ fn pending_bytes(fd: RawFd) -> i32 {
 /// responses are held back, each with whether it stays open afterwards.
 ///
 /// Writing a response to a client process that sleeps in epoll_wait costs
-/// the writer the wake-up of that process (an inter-processor interrupt,
-/// expensive in a VM): on a small request that is a tenth of the server's
-/// time. Writing the responses of a pass back to back wakes a client once
-/// for several of them, as bjoern's event loop does. Only whole responses
-/// (or the tail after the app returned) are held, so no block of a
-/// streamed body waits for another request; a held response waits at most
-/// for the app calls of this pass, bounded by HOLD_CONNS and HOLD_AGE.
-/// With one thread per worker a slow app call stalls every other ready
-/// connection anyway; with several threads nothing is held.
+/// the writer the wake-up of that process: on a small request that is a
+/// tenth of the server's time. Writing the responses of a pass back to back
+/// wakes a client once for several of them, as bjoern's event loop does.
+/// Only whole responses (or a response's tail once the app returned) are
+/// held, and the flusher writes them within its HOLD if this thread is
+/// still busy with a slow app call by then. Only a worker with one thread
+/// holds responses: with several, each takes one ready connection at a
+/// time. Gathered blocks of a streamed body are held with any number.
 struct Held {
     conns: Vec<(Box<Conn>, bool)>,
-    since: Option<Instant>,
+    holder: Option<Arc<crate::flusher::Holder>>,
 }
 
 impl Held {
-    fn new() -> Held {
-        Held { conns: Vec::with_capacity(HOLD_CONNS), since: None }
+    fn new(holder: Option<Arc<crate::flusher::Holder>>) -> Held {
+        if let Some(h) = &holder {
+            crate::flusher::enter(h.clone());
+        }
+        Held { conns: Vec::with_capacity(HOLD_CONNS), holder }
     }
 
     /// Parks or closes `conn` now, or after its held bytes were written.
@@ -552,13 +559,14 @@ impl Held {
             }
             return;
         }
-        self.since.get_or_insert_with(Instant::now);
         self.conns.push((conn, keep));
     }
 
-    /// Whether the held responses should go out before the next app call.
+    /// Whether the held responses should go out before the next request:
+    /// enough of them, or held for half the flusher's HOLD already (so its
+    /// timer fires only when one app call takes that long).
     fn due(&self) -> bool {
-        self.conns.len() >= HOLD_CONNS || self.since.is_some_and(|t| t.elapsed() >= HOLD_AGE)
+        self.conns.len() >= HOLD_CONNS || self.holder.as_ref().is_some_and(|h| h.half_due())
     }
 
     /// Writes every held response, then parks or closes its connection.
@@ -571,17 +579,19 @@ impl Held {
                 close(w, conn, false);
             }
         }
-        self.since = None;
+        if let Some(h) = &self.holder {
+            h.pass_over();
+        }
     }
 }
 
-fn thread_main<A: App>(w: &Shared<A>, t: usize) {
+fn thread_main<A: App>(w: &Shared<A>, t: usize, holder: Option<Arc<crate::flusher::Holder>>) {
     let mut state = w.app.thread_start(t);
     // With several threads, take one event at a time so a slow request never
     // holds other ready connections hostage on this thread.
     let batch = if w.config.threads > 1 { 1 } else { 64 };
     let mut events: Vec<libc::epoll_event> = vec![libc::epoll_event { events: 0, u64: 0 }; batch];
-    let mut held = Held::new();
+    let mut held = Held::new(holder);
     loop {
         let n = unsafe { libc::epoll_wait(w.epfd, events.as_mut_ptr(), batch as i32, -1) };
         if n < 0 {

@@ -64,6 +64,16 @@ impl App for TestApp {
                 }
                 ex.write(b"third", false).unwrap();
             }
+            b"/wait" => {
+                // Nothing at all until the client says so.
+                let marker = pause_marker(unsafe { libc::getppid() });
+                let t0 = Instant::now();
+                while !marker.exists() && t0.elapsed() < Duration::from_secs(10) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                ex.start(b"200 OK").unwrap();
+                ex.write(b"waited", true).unwrap();
+            }
             b"/hop" => {
                 ex.start(b"200 OK").unwrap();
                 let err = ex.header(b"Connection", b"close").unwrap_err();
@@ -78,7 +88,7 @@ impl App for TestApp {
     }
 }
 
-/// The file the `/pause` route waits for; named after the test process.
+/// The file the `/pause` and `/wait` routes wait for; named after the test process.
 fn pause_marker(test_pid: libc::pid_t) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("corral-engine-pause-{test_pid}"))
 }
@@ -273,6 +283,16 @@ fn stream_blocks_are_not_held_back() {
         read_until(&mut s, &mut got, b"0\r\n\r\n");
         let text = String::from_utf8_lossy(&got);
         assert!(text.ends_with("\r\n\r\n6\r\nfirst,\r\n7\r\nsecond,\r\n5\r\nthird\r\n0\r\n\r\n"), "{text}");
+        std::fs::remove_file(&marker).unwrap();
+
+        // A finished response is held too (one thread writes those of a
+        // pass together), but not until a slow request pipelined behind it
+        // on the same connection is done.
+        s.write_all(b"GET /hello HTTP/1.1\r\n\r\nGET /wait HTTP/1.1\r\n\r\n").unwrap();
+        let mut got = Vec::new();
+        read_until(&mut s, &mut got, b"\r\n\r\nhello");
+        std::fs::write(&marker, b"").unwrap();
+        read_until(&mut s, &mut got, b"\r\n\r\nwaited");
         std::fs::remove_file(&marker).unwrap();
     }
 }
