@@ -112,7 +112,15 @@ impl Holder {
         let listed = self.listed.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut again = false;
         for io in listed {
-            again |= io.lock().unwrap_or_else(|p| p.into_inner()).flush_held_nowait();
+            again |= match io.try_lock() {
+                Ok(mut io) => io.flush_held_nowait(),
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().flush_held_nowait(),
+                // In use: by a write, which sends what is held first, or a
+                // wait, which is only entered once nothing is held; either
+                // way this thread must not wait for it (a slow client would
+                // hold up every other connection), so look again later.
+                Err(std::sync::TryLockError::WouldBlock) => true,
+            };
         }
         if again && !self.armed.swap(true, Ordering::AcqRel) {
             self.set_timer(Some(HOLD));
