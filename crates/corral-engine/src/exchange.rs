@@ -657,6 +657,7 @@ impl Io {
             return Err(ResponseError::ClientGone("connection already failed".into()));
         }
         if self.holding {
+            self.out.reserve(iov.iter().map(|v| v.iov_len).sum());
             for v in iov.iter() {
                 // SAFETY: each iovec points into a slice borrowed for this call.
                 self.out.extend_from_slice(unsafe {

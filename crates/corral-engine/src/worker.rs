@@ -1109,8 +1109,11 @@ fn park<A: App>(w: &Shared<A>, conn: Box<Conn>) {
         if idle {
             // An idle connection holds no buffer: there may be thousands of
             // them, and the next request gets a fresh one big enough to be
-            // read in one call.
+            // read in one call. Nor room for held responses (written by now).
             io.buf = bytes::BytesMut::new();
+            if io.out.is_empty() {
+                io.out = Vec::new();
+            }
         }
         idle
     };
