@@ -312,8 +312,14 @@ def test_top_renders_in_a_terminal(stats_server):
     try:
         screen = b""
         deadline = time.monotonic() + 15
-        # Two redraws: the second shows a request rate.
-        while time.monotonic() < deadline and screen.count(b"corral master") < 2:
+
+        # Two whole redraws (a frame ends with its "q to quit" line): the
+        # second shows a request rate.
+        def two_frames():
+            frames = screen.split(b"\x1b[H\x1b[2J")
+            return screen.count(b"corral master") >= 2 and b"(q to quit)" in frames[-1]
+
+        while time.monotonic() < deadline and not two_frames():
             if select.select([fd], [], [], 0.5)[0]:
                 try:
                     screen += os.read(fd, 65536)
