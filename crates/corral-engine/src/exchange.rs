@@ -656,7 +656,8 @@ impl Io {
         if self.broken {
             return Err(ResponseError::ClientGone("connection already failed".into()));
         }
-        if self.holding {
+        // Held only with the promise that it goes out within the flusher's HOLD.
+        if self.holding && self.arm() {
             self.out.reserve(iov.iter().map(|v| v.iov_len).sum());
             for v in iov.iter() {
                 // SAFETY: each iovec points into a slice borrowed for this call.
@@ -731,12 +732,7 @@ impl Io {
         if self.out.is_empty() {
             return Ok(());
         }
-        let mut out = std::mem::take(&mut self.out);
-        let mut iov = [libc::iovec { iov_base: out.as_mut_ptr().cast(), iov_len: out.len() }];
-        let result = self.writev_raw(&mut iov, blocking);
-        out.clear();
-        self.out = out;
-        result
+        self.writev_all(&mut [], blocking)
     }
 
     /// Finishes the buffered head: date, framing and connection headers.
@@ -826,8 +822,7 @@ impl Io {
         // no later block of the body can be kept waiting behind it.
         let whole = !head.is_empty()
             && (last || matches!(self.framing, RespFraming::Length(n) if n <= data.len() as u64));
-        self.holding =
-            self.hold && whole && self.out.len() + head.len() + data.len() <= HOLD_MAX && self.arm();
+        self.holding = self.hold && whole && self.out.len() + head.len() + data.len() <= HOLD_MAX;
         if !whole && !data.is_empty() {
             self.holding = self.gather(data.len());
         }
@@ -852,20 +847,17 @@ impl Io {
         result
     }
 
-    /// Whether a block of `len` bytes of a streamed body is gathered rather
-    /// than written now: it follows the previous block within
-    /// STREAM_BURST, and the flusher will write it within its HOLD if
-    /// nothing else does.
+    /// Whether a block of `len` bytes of a streamed body may be gathered
+    /// rather than written now: it follows the previous block within
+    /// STREAM_BURST (the flusher writes it within its HOLD if nothing else
+    /// does, see `arm`).
     fn gather(&mut self, len: usize) -> bool {
         let now = Instant::now();
         let quick = self.block_at.is_some_and(|t| now.duration_since(t) < STREAM_BURST);
         self.block_at = Some(now);
         // Room for the block and its framing (a chunk-size line, or a
         // FastCGI record header and END_REQUEST).
-        if !quick || len > GATHER_BLOCK_MAX || self.out.len() + len + 64 > GATHER_MAX {
-            return false;
-        }
-        self.arm()
+        quick && len <= GATHER_BLOCK_MAX && self.out.len() + len + 64 <= GATHER_MAX
     }
 
     /// Makes sure what this connection holds goes out within
@@ -1012,7 +1004,7 @@ impl Io {
         }
         self.phase = RespPhase::Finished;
         // The app is done: what is left is the response's tail.
-        self.holding = self.hold && self.out.len() < HOLD_MAX && self.arm();
+        self.holding = self.hold && self.out.len() < HOLD_MAX;
         let result = self.finish_framing(blocking);
         self.holding = false;
         result

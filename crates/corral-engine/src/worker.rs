@@ -552,14 +552,10 @@ impl Held {
     /// Parks or closes `conn` now, or after its held bytes were written.
     fn settle<A: App>(&mut self, w: &Shared<A>, conn: Box<Conn>, keep: bool) {
         if conn.io.lock().unwrap().out.is_empty() {
-            if keep {
-                park(w, conn);
-            } else {
-                close(w, conn, false);
-            }
-            return;
+            park_or_close(w, conn, keep);
+        } else {
+            self.conns.push((conn, keep));
         }
-        self.conns.push((conn, keep));
     }
 
     /// Whether the held responses should go out before the next request:
@@ -573,15 +569,19 @@ impl Held {
     fn release<A: App>(&mut self, w: &Shared<A>) {
         for (conn, keep) in self.conns.drain(..) {
             let written = conn.io.lock().unwrap().flush_out(|f| f()).is_ok();
-            if keep && written {
-                park(w, conn);
-            } else {
-                close(w, conn, false);
-            }
+            park_or_close(w, conn, keep && written);
         }
         if let Some(h) = &self.holder {
             h.pass_over();
         }
+    }
+}
+
+fn park_or_close<A: App>(w: &Shared<A>, conn: Box<Conn>, keep: bool) {
+    if keep {
+        park(w, conn);
+    } else {
+        close(w, conn, false);
     }
 }
 
