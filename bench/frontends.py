@@ -63,7 +63,10 @@ def nginx_conf(workdir: Path, port: int, protocol: str, sock: str) -> str:
     keep = protocol == "fastcgi-keep"
     wire = "fastcgi" if keep else protocol
     params, directive = PARAMS[wire]
-    upstream = f"upstream backend {{ server unix:{sock}; keepalive 16; }}" if keep else ""
+    # A pool as large as the load's concurrency (wrk -c64), so every request
+    # reuses a connection, which is what keep_conn is for: with a smaller
+    # pool nginx closes the connections past it after each request.
+    upstream = f"upstream backend {{ server unix:{sock}; keepalive 64; }}" if keep else ""
     target = "backend" if keep else f"unix:{sock}"
     extra = "fastcgi_keep_conn on;" if keep else ""
     user = "user root;" if os.geteuid() == 0 else ""

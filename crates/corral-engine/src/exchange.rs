@@ -35,6 +35,13 @@ pub(crate) const MAX_DRAIN: u64 = 1024 * 1024;
 /// the front end sent meanwhile (ABORT_REQUEST, a second BEGIN_REQUEST):
 /// reading more would buffer a body the app ignores.
 const PEEK_MAX: usize = 256 * 1024;
+/// A FastCGI request that ends within this time of the socket last being
+/// found empty does not read it again before END_REQUEST to refuse a second
+/// BEGIN_REQUEST: one that arrived meanwhile is read after END_REQUEST and
+/// served in turn, like any later request. That saves a read per request
+/// (a tenth of a small request's system time) where the refusal would
+/// spare the front end no wait worth having.
+const PEEK_QUIET: Duration = Duration::from_millis(1);
 /// The most bytes of finished responses a connection holds back (when its
 /// thread asks for that with [`Io::hold`]) to write them after the other
 /// ready connections were served. Larger responses go out at once: the
@@ -230,6 +237,8 @@ pub(crate) struct Io {
     pub out: Vec<u8>,
     /// When the app handed over the previous block of this response's body.
     pub block_at: Option<Instant>,
+    /// When a read last found the socket empty.
+    drained_at: Option<Instant>,
     /// The flusher holder (serving thread) whose current pass lists this
     /// connection; 0 for none.
     pub(crate) listed: usize,
@@ -270,6 +279,7 @@ impl Io {
             holding: false,
             out: Vec::new(),
             block_at: None,
+            drained_at: None,
             listed: 0,
             me: None,
             read_total: 0,
@@ -287,9 +297,18 @@ impl Io {
             self.buf.reserve(want);
         }
         let spare = self.buf.spare_capacity_mut();
-        let n = unsafe { libc::read(self.fd, spare.as_mut_ptr().cast(), spare.len()) };
+        let room = spare.len();
+        let n = unsafe { libc::read(self.fd, spare.as_mut_ptr().cast(), room) };
         if n < 0 {
-            return Err(io::Error::last_os_error());
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::WouldBlock {
+                self.drained_at = Some(Instant::now());
+            }
+            return Err(e);
+        }
+        if (n as usize) < room {
+            // A short read took all the socket had.
+            self.drained_at = Some(Instant::now());
         }
         unsafe { self.buf.set_len(self.buf.len() + n as usize) };
         self.read_total += n as u64;
@@ -946,7 +965,7 @@ impl Io {
         let Wire::FastCgi { id, .. } = self.wire else {
             return Ok(());
         };
-        let Some(from) = self.peek_fcgi_records() else {
+        let Some(from) = self.peek_fcgi_records(true) else {
             return Ok(());
         };
         if gateway::has_abort(&self.buf[from..], id) {
@@ -961,8 +980,8 @@ impl Io {
     /// Reads (without waiting) what the front end sent while the request
     /// ran, and returns where the next whole record starts in the buffer,
     /// past the STDIN bytes the app has not read: `None` when that is not
-    /// known.
-    fn peek_fcgi_records(&mut self) -> Option<usize> {
+    /// known. Without `read`, looks at what is buffered only.
+    fn peek_fcgi_records(&mut self, read: bool) -> Option<usize> {
         let from = match &self.body {
             BodyState::Done => 0,
             BodyState::Fcgi(st) => st.content + st.padding,
@@ -970,7 +989,7 @@ impl Io {
         };
         // Bounded, for a large body the app ignores: an ABORT_REQUEST
         // behind it is found when the body is drained instead.
-        if !self.peer_eof && self.buf.len() < PEEK_MAX {
+        if read && !self.peer_eof && self.buf.len() < PEEK_MAX {
             if let Ok(0) = self.read_some(fastcgi::HEADER_LEN) {
                 // A half-close, as Apache's mod_proxy_fcgi does once it has sent
                 // the request: the response still goes out. A front end that is
@@ -988,7 +1007,8 @@ impl Io {
         let Wire::FastCgi { id, .. } = self.wire else {
             return;
         };
-        if let Some(from) = self.peek_fcgi_records() {
+        let quiet = self.drained_at.is_some_and(|t| t.elapsed() < PEEK_QUIET);
+        if let Some(from) = self.peek_fcgi_records(!quiet) {
             gateway::refuse_concurrent_begins(&mut self.buf, from, id, out);
         }
     }

@@ -63,12 +63,17 @@ struct Keys {
     methods: Vec<(&'static [u8], Py<PyString>)>,
 }
 
+/// Python strings for names seen before, so each request's environ reuses
+/// them. foldhash rather than the standard SipHash: a lookup per variable
+/// per request, and the seed is still random per process.
+type KeyCache = HashMap<Box<[u8]>, Py<PyString>, foldhash::fast::RandomState>;
+
 pub struct WsgiApp {
     app: PyObject,
     templates: Vec<Py<PyDict>>,
     keys: Keys,
-    header_keys: Mutex<HashMap<Box<[u8]>, Py<PyString>>>,
-    var_keys: Mutex<HashMap<Box<[u8]>, Py<PyString>>>,
+    header_keys: Mutex<KeyCache>,
+    var_keys: Mutex<KeyCache>,
     /// pthread_self() of each worker thread, by index, for tracebacks.
     thread_idents: Mutex<Vec<u64>>,
     mount: Vec<u8>,
@@ -133,8 +138,8 @@ impl WsgiApp {
                 empty: s(""),
                 methods,
             },
-            header_keys: Mutex::new(HashMap::new()),
-            var_keys: Mutex::new(HashMap::new()),
+            header_keys: Mutex::new(KeyCache::default()),
+            var_keys: Mutex::new(KeyCache::default()),
             thread_idents: Mutex::new(Vec::new()),
             mount: mount.as_bytes().to_vec(),
             max_body: ctx.config.max_body_size,
@@ -226,8 +231,9 @@ impl WsgiApp {
     ) -> PyResult<()> {
         let k = &self.keys;
         let cgi = corral_engine::cgi::environ(params, req.bytes, &self.mount);
+        let mut cache = self.var_keys.lock().unwrap_or_else(|p| p.into_inner());
         for (name, value) in &cgi.vars {
-            let key = self.var_key(py, name);
+            let key = var_key(&mut cache, py, name);
             if name == b"REQUEST_METHOD" {
                 if let Some((_, s)) = k.methods.iter().find(|(m, _)| *m == &value[..]) {
                     env.set_item(key, s.bind(py))?;
@@ -246,21 +252,6 @@ impl WsgiApp {
             env.set_item(k.url_scheme.bind(py), k.https.bind(py))?;
         }
         Ok(())
-    }
-
-    /// A front end's variable name as a Python string, cached per distinct name.
-    fn var_key<'py>(&self, py: Python<'py>, name: &[u8]) -> Bound<'py, PyString> {
-        let mut cache = self.var_keys.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(k) = cache.get(name) {
-            return k.bind(py).clone();
-        }
-        let s = latin1(py, name);
-        if cache.len() < MAX_CACHED_KEYS {
-            let s = PyString::intern(py, s.to_str().unwrap_or_default());
-            cache.insert(name.into(), s.clone().unbind());
-            return s;
-        }
-        s
     }
 
     /// `HTTP_` + the name upper-cased with `-` as `_`, cached per distinct name.
@@ -418,6 +409,20 @@ fn body_error(e: BodyError) -> PyErr {
 }
 
 /// Bytes to `str` as ISO-8859-1, as PEP 3333 maps them.
+/// A front end's variable name as a Python string, cached per distinct name.
+fn var_key<'py>(cache: &mut KeyCache, py: Python<'py>, name: &[u8]) -> Bound<'py, PyString> {
+    if let Some(k) = cache.get(name) {
+        return k.bind(py).clone();
+    }
+    let s = latin1(py, name);
+    if cache.len() < MAX_CACHED_KEYS {
+        let s = PyString::intern(py, s.to_str().unwrap_or_default());
+        cache.insert(name.into(), s.clone().unbind());
+        return s;
+    }
+    s
+}
+
 fn latin1<'py>(py: Python<'py>, b: &[u8]) -> Bound<'py, PyString> {
     if b.is_ascii() {
         // SAFETY: ASCII is valid UTF-8.
