@@ -14,6 +14,7 @@ import signal
 import socket
 import stat
 import struct
+import time
 import uuid
 
 import gateway as g
@@ -582,6 +583,33 @@ def test_fastcgi_second_request_id_gets_cant_mpx_conn(gw, phase):
         r = conn.request(g.cgi_params(uri="/fixed"), request_id=3)
         assert r.body == b"hello world"
         assert not conn.others
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.0002, 0.002], ids=["same-write", "0.2ms", "2ms"])
+def test_fastcgi_second_request_right_behind_the_first_is_never_lost(gw, gap):
+    """A second request id sent just behind a quick first one is either refused
+    with CANT_MPX_CONN (seen while the first ran) or served once the first has
+    ended; either way it gets an answer and the connection goes on."""
+    first = g.fcgi_request_bytes(g.cgi_params(uri="/fixed"), request_id=1, keep_conn=True)
+    second = g.fcgi_request_bytes(g.cgi_params(uri="/fixed?n=2"), request_id=2, keep_conn=True)
+    for _ in range(20):
+        with g.FcgiConn(gw.addr("fastcgi")) as conn:
+            if gap:
+                conn.send(first)
+                time.sleep(gap)
+                conn.send(second)
+            else:
+                conn.send(first + second)
+            r1 = conn.read_response(1)
+            assert (r1.status, r1.body, r1.protocol_status) == (200, b"hello world", 0)
+            r2 = conn.read_response(2)
+            if r2.protocol_status == g.FCGI_CANT_MPX_CONN:
+                assert r2.records[0].type == g.FCGI_END_REQUEST
+            else:
+                assert (r2.status, r2.body, r2.protocol_status) == (200, b"hello world", 0)
+            r3 = conn.request(g.cgi_params(uri="/fixed"), request_id=3)
+            assert r3.body == b"hello world"
+            assert not conn.others
 
 
 @pytest.mark.parametrize("reads_body", [True, False], ids=["app-read-body", "app-ignores-body"])
