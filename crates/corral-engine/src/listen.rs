@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 
-use socket2::{Domain, SockAddr, Socket, Type};
+use socket2::{Domain, SockAddr, SockFilter, Socket, Type};
 
 /// The default `listen(2)` backlog: gunicorn's, far above uWSGI's 100 that
 /// gives 502s under bursts.
@@ -124,6 +124,35 @@ pub struct Listener {
 impl Listener {
     pub fn raw(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+
+    /// Lets no new TCP connection into this listener's accept queue, while
+    /// handshakes already under way complete: a classic BPF filter drops
+    /// segments that open a connection (SYN without ACK) and passes the
+    /// rest. Connections still queued when the last descriptor of a
+    /// listening socket closes are reset by the kernel, so before a full
+    /// stop the workers take what is queued with the queue closed to
+    /// newcomers; a client refused this way retries its SYN a second later
+    /// and then finds the port closed. Only for sockets this process bound:
+    /// one handed in by descriptor (systemd) outlives it, and its queue is
+    /// for the next instance. Returns whether the filter was attached.
+    pub fn close_queue(&self) -> io::Result<bool> {
+        if self.is_unix || matches!(self.addr, Addr::Fd(_)) {
+            return Ok(false);
+        }
+        // A socket filter sees a TCP segment from its TCP header on.
+        const TCP_FLAGS: u32 = 13;
+        const SYN: u32 = 0x02;
+        const SYN_ACK: u32 = 0x12;
+        let program = [
+            SockFilter::new((libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16, 0, 0, TCP_FLAGS),
+            SockFilter::new((libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16, 0, 0, SYN_ACK),
+            SockFilter::new((libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16, 0, 1, SYN),
+            SockFilter::new((libc::BPF_RET | libc::BPF_K) as u16, 0, 0, 0),
+            SockFilter::new((libc::BPF_RET | libc::BPF_K) as u16, 0, 0, u32::MAX),
+        ];
+        socket2::SockRef::from(&self.fd).attach_filter(&program)?;
+        Ok(true)
     }
 
     /// Binds and listens. Errors name the address and the reason.
@@ -390,6 +419,40 @@ mod tests {
         assert_eq!(inherited.server_port, l.server_port);
         assert!(inherited.url().starts_with("uwsgi://127.0.0.1:"), "{}", inherited.url());
         assert!(!inherited.is_public());
+    }
+
+    #[test]
+    fn a_closed_queue_takes_no_new_connection_but_keeps_the_queued_ones() {
+        use std::io::{Read, Write};
+        use std::net::TcpStream;
+        use std::time::Duration;
+        let l = Listener::bind(&Addr::parse("127.0.0.1:0").unwrap(), 16).unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", l.server_port).parse().unwrap();
+        let mut queued = TcpStream::connect(addr).unwrap();
+        queued.write_all(b"before").unwrap();
+        assert!(l.close_queue().unwrap());
+        // The SYN is dropped: no answer, so the connect times out (the
+        // client would retry a second later) instead of being queued.
+        let late = TcpStream::connect_timeout(&addr, Duration::from_millis(300));
+        assert_eq!(late.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        let sock = socket2::SockRef::from(&l.fd);
+        sock.set_nonblocking(false).unwrap();
+        let (accepted, _) = sock.accept().unwrap();
+        let mut accepted: TcpStream = accepted.into();
+        let mut got = [0u8; 6];
+        accepted.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"before");
+        // Data both ways still flows on it (segments with ACK set pass).
+        accepted.write_all(b"after").unwrap();
+        queued.read_exact(&mut got[..5]).unwrap();
+        assert_eq!(&got[..5], b"after");
+        sock.set_nonblocking(true).unwrap();
+        assert!(sock.accept().is_err(), "nothing else was queued");
+        let path = std::env::temp_dir().join(format!("corral-queue-{}.sock", std::process::id()));
+        let unix = Listener::bind(&Addr::Unix(path.clone()), 4).unwrap();
+        let attached = unix.close_queue().unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert!(!attached, "a unix socket has no SYN to drop");
     }
 
     #[test]

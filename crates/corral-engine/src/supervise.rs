@@ -39,6 +39,11 @@ pub enum Phase {
     Stopping { deadline: Instant },
 }
 
+/// How long a graceful stop waits, once no new connection can enter the
+/// accept queues, for handshakes under way to end in them before the
+/// workers take the last of what is queued.
+const HANDSHAKE_SETTLE: Duration = Duration::from_millis(20);
+
 /// What a signal asks the master to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -749,6 +754,24 @@ impl<'a, H: Hooks> Master<'a, H> {
 
     /// Closes the listeners and tells the workers to finish their requests.
     fn begin_graceful_stop(&mut self) {
+        // New connections must not reach a queue the workers have stopped
+        // taking from: the kernel resets whatever is still queued when the
+        // last worker closes its copy of a listener. So the queues close to
+        // newcomers first, and the workers, still accepting meanwhile, drain
+        // them when told to stop.
+        let mut closed = false;
+        for l in &self.listeners {
+            match l.close_queue() {
+                Ok(c) => closed |= c,
+                Err(e) => warn!("{}: cannot close the accept queue before stopping: {e}", l.url()),
+            }
+        }
+        if closed {
+            // Handshakes already under way (their SYN came before the filter)
+            // end in the queue within a round trip; on the same host or
+            // network that is far less than this.
+            std::thread::sleep(HANDSHAKE_SETTLE);
+        }
         // Closing the master's copies too means that once the workers close
         // theirs, new connections are refused rather than left in a queue
         // nobody accepts from.
