@@ -141,8 +141,10 @@ def _get_at(addr: str, port: int, path: str) -> tuple[int, bytes] | None:
 
 
 def _refused(port: int) -> bool:
+    # A SYN that meets a stopping server's closed accept queue is dropped and
+    # sent again by the kernel a second later, by when the port is closed.
     try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        socket.create_connection(("127.0.0.1", port), timeout=3).close()
         return False
     except ConnectionRefusedError:
         return True
@@ -197,7 +199,7 @@ def test_image_cmd_as_pid_1(tmp_path):
         # A request in flight when the SIGTERM comes, and lasting past the delay.
         slow = {}
         t = threading.Thread(
-            target=lambda: slow.update(r=_get(http_port, f"/?delay={delay + 1.5}&tag=inflight")), daemon=True
+            target=lambda: slow.update(r=_get(http_port, f"/?delay={delay + 3}&tag=inflight")), daemon=True
         )
         t.start()
         server.wait_for(r"request inflight started")
@@ -212,7 +214,7 @@ def test_image_cmd_as_pid_1(tmp_path):
 
         # Then the listener closes while the slow request is still running.
         server.wait_for(r"Shutdown delay over", since=mark, timeout=delay + 5)
-        assert wait_until(lambda: _refused(http_port), 2)
+        assert wait_until(lambda: _refused(http_port), 5)
         assert "r" not in slow
         assert _get(stats_port, "/healthz")[0] == 200
 

@@ -42,7 +42,7 @@ pub enum Phase {
 /// How long a graceful stop waits, once no new connection can enter the
 /// accept queues, for handshakes under way to end in them before the
 /// workers take the last of what is queued.
-const HANDSHAKE_SETTLE: Duration = Duration::from_millis(20);
+const HANDSHAKE_SETTLE: Duration = Duration::from_millis(5);
 
 /// What a signal asks the master to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
