@@ -718,7 +718,7 @@ fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Accepted {
     let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     // A unix peer's address says nothing (the front end's socket is
-    // unnamed), and asking the kernel for it is a tenth of accept's cost.
+    // unnamed), and asking the kernel for it is about 8 % of accept's cost.
     let (addr_ptr, len_ptr) = if is_unix {
         (std::ptr::null_mut(), std::ptr::null_mut())
     } else {
