@@ -74,8 +74,9 @@ pub struct WsgiApp {
     keys: Keys,
     header_keys: Mutex<KeyCache>,
     var_keys: Mutex<KeyCache>,
-    /// pthread_self() of each worker thread, by index, for tracebacks.
-    thread_idents: Mutex<Vec<u64>>,
+    /// Each serving thread's Python thread state (a `PyThreadState *`, kept
+    /// for the thread's life), by index, for tracebacks.
+    thread_states: Mutex<Vec<usize>>,
     mount: Vec<u8>,
     max_body: u64,
 }
@@ -140,7 +141,7 @@ impl WsgiApp {
             },
             header_keys: Mutex::new(KeyCache::default()),
             var_keys: Mutex::new(KeyCache::default()),
-            thread_idents: Mutex::new(Vec::new()),
+            thread_states: Mutex::new(Vec::new()),
             mount: mount.as_bytes().to_vec(),
             max_body: ctx.config.max_body_size,
         })
@@ -231,9 +232,19 @@ impl WsgiApp {
     ) -> PyResult<()> {
         let k = &self.keys;
         let cgi = corral_engine::cgi::environ(params, req.bytes, &self.mount);
-        let mut cache = self.var_keys.lock().unwrap_or_else(|p| p.into_inner());
-        for (name, value) in &cgi.vars {
-            let key = var_key(&mut cache, py, name);
+        // Every name looked up under one lock; the lock is never held while
+        // Python allocates, since a collection could run a __del__ that lets
+        // another thread in, which would then wait for the lock with the GIL.
+        let known: Vec<Option<Bound<'_, PyString>>> = {
+            let cache = self.var_keys.lock().unwrap_or_else(|p| p.into_inner());
+            cgi.vars.iter().map(|(name, _)| cache.get(&name[..]).map(|k| k.bind(py).clone())).collect()
+        };
+        for ((name, value), key) in cgi.vars.iter().zip(known) {
+            let key = key.unwrap_or_else(|| {
+                // Latin-1, as every environ string: one char per byte.
+                let text: String = name.iter().map(|&b| b as char).collect();
+                new_key(&self.var_keys, py, name, &text)
+            });
             if name == b"REQUEST_METHOD" {
                 if let Some((_, s)) = k.methods.iter().find(|(m, _)| *m == &value[..]) {
                     env.set_item(key, s.bind(py))?;
@@ -256,20 +267,15 @@ impl WsgiApp {
 
     /// `HTTP_` + the name upper-cased with `-` as `_`, cached per distinct name.
     fn header_key<'py>(&self, py: Python<'py>, name: &[u8]) -> Bound<'py, PyString> {
-        let mut cache = self.header_keys.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(k) = cache.get(name) {
-            return k.bind(py).clone();
+        if let Some(k) = cached(&self.header_keys, py, name) {
+            return k;
         }
         let mut key = String::with_capacity(5 + name.len());
         key.push_str("HTTP_");
         for &b in name {
             key.push(if b == b'-' { '_' } else { b.to_ascii_uppercase() as char });
         }
-        let s = PyString::intern(py, &key);
-        if cache.len() < MAX_CACHED_KEYS {
-            cache.insert(name.into(), s.clone().unbind());
-        }
-        s
+        new_key(&self.header_keys, py, name, &key)
     }
 
     fn serve(&self, py: Python<'_>, req: &Request<'_>, ex: &Exchange) {
@@ -409,16 +415,25 @@ fn body_error(e: BodyError) -> PyErr {
 }
 
 /// Bytes to `str` as ISO-8859-1, as PEP 3333 maps them.
-/// A front end's variable name as a Python string, cached per distinct name.
-fn var_key<'py>(cache: &mut KeyCache, py: Python<'py>, name: &[u8]) -> Bound<'py, PyString> {
-    if let Some(k) = cache.get(name) {
-        return k.bind(py).clone();
+/// The cached Python string for `name`, if any. The lock is held for the
+/// lookup only: nothing under it allocates Python objects.
+fn cached<'py>(cache: &Mutex<KeyCache>, py: Python<'py>, name: &[u8]) -> Option<Bound<'py, PyString>> {
+    cache.lock().unwrap_or_else(|p| p.into_inner()).get(name).map(|k| k.bind(py).clone())
+}
+
+/// The Python string `text` for a name not cached yet, interned and cached
+/// while the cache has room (up to MAX_CACHED_KEYS names); past that a
+/// plain string, so names a client makes up cannot grow the interpreter's
+/// table of interned strings without bound.
+fn new_key<'py>(cache: &Mutex<KeyCache>, py: Python<'py>, name: &[u8], text: &str) -> Bound<'py, PyString> {
+    let room = cache.lock().unwrap_or_else(|p| p.into_inner()).len() < MAX_CACHED_KEYS;
+    if !room {
+        return PyString::new(py, text);
     }
-    let s = latin1(py, name);
+    let s = PyString::intern(py, text);
+    let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
     if cache.len() < MAX_CACHED_KEYS {
-        let s = PyString::intern(py, s.to_str().unwrap_or_default());
         cache.insert(name.into(), s.clone().unbind());
-        return s;
     }
     s
 }
@@ -479,19 +494,17 @@ impl App for WsgiApp {
     type Thread = PyThread;
 
     fn thread_start(&self, t: usize) -> PyThread {
-        {
-            let mut idents = self.thread_idents.lock().unwrap_or_else(|p| p.into_inner());
-            if idents.len() <= t {
-                idents.resize(t + 1, 0);
-            }
-            // Python names threads by pthread_self() in its tracebacks.
-            idents[t] = unsafe { libc::pthread_self() } as u64;
-        }
-        unsafe {
-            // Creates this thread's Python state, which it keeps for good.
+        // Creates this thread's Python state, which it keeps for good.
+        let tstate = unsafe {
             ffi::PyGILState_Ensure();
-            PyThread(ffi::PyEval_SaveThread())
+            ffi::PyEval_SaveThread()
+        };
+        let mut states = self.thread_states.lock().unwrap_or_else(|p| p.into_inner());
+        if states.len() <= t {
+            states.resize(t + 1, 0);
         }
+        states[t] = tstate as usize;
+        PyThread(tstate)
     }
 
     fn call(&self, thread: &mut PyThread, req: &Request<'_>, ex: &mut Exchange) {
@@ -501,8 +514,8 @@ impl App for WsgiApp {
     }
 
     fn thread_traceback(&self, t: usize) -> Option<String> {
-        let ident = *self.thread_idents.lock().unwrap_or_else(|p| p.into_inner()).get(t)?;
-        crate::traceback::thread_stack(ident)
+        let tstate = *self.thread_states.lock().unwrap_or_else(|p| p.into_inner()).get(t)?;
+        crate::traceback::thread_stack(tstate as *mut libc::c_void)
     }
 
     fn blocking(f: &mut dyn FnMut()) {
