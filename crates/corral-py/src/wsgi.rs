@@ -414,7 +414,6 @@ fn body_error(e: BodyError) -> PyErr {
     }
 }
 
-/// Bytes to `str` as ISO-8859-1, as PEP 3333 maps them.
 /// The cached Python string for `name`, if any. The lock is held for the
 /// lookup only: nothing under it allocates Python objects.
 fn cached<'py>(cache: &Mutex<KeyCache>, py: Python<'py>, name: &[u8]) -> Option<Bound<'py, PyString>> {
@@ -438,6 +437,7 @@ fn new_key<'py>(cache: &Mutex<KeyCache>, py: Python<'py>, name: &[u8], text: &st
     s
 }
 
+/// Bytes to `str` as ISO-8859-1, as PEP 3333 maps them.
 fn latin1<'py>(py: Python<'py>, b: &[u8]) -> Bound<'py, PyString> {
     if b.is_ascii() {
         // SAFETY: ASCII is valid UTF-8.
