@@ -7,6 +7,14 @@ nginx's CPU 0 saturated means nginx, not the backend, set the pace.
 
     python3 bench/frontends.py                      # every backend, default cases
     python3 bench/frontends.py --cases hello -d 4 --backends corral-uwsgi,uwsgi
+    python3 bench/frontends.py --cases hello --floor   # and the Python-free floors
+
+--floor adds, on the hello case only, two kinds of backend with no Python in
+them (crates/corral-engine/examples/floor.rs, built here with cargo):
+`floor-raw-uwsgi`, a uwsgi backend reduced to a blocking accept, one read, one
+write and a close per request, the least any uwsgi backend can cost on this
+kernel; and `engine-*`, corral's engine with a Rust app answering the same
+body, so that corral minus engine is what Python and PEP 3333 cost.
 
 The apps come from the shared benchmark harness (--bench-dir, default
 ../shared/bench); uWSGI and gunicorn from its anchor virtualenv (--anchor-venv,
@@ -39,9 +47,16 @@ PARAMS = {
 }
 
 
-def backends(corral: str, venv: Path) -> dict[str, tuple[str, str]]:
+FLOOR_CASE = "hello"
+
+
+def backends(corral: str, venv: Path, floor: str) -> dict[str, tuple[str, str]]:
     """name -> (nginx protocol, command template with {sock} and {app})."""
     return {
+        "floor-raw-uwsgi": ("uwsgi", f"{floor} raw unix:{{sock}}"),
+        "engine-uwsgi": ("uwsgi", f"{floor} engine uwsgi unix:{{sock}}"),
+        "engine-fastcgi": ("fastcgi-keep", f"{floor} engine fastcgi unix:{{sock}}"),
+        "engine-scgi": ("scgi", f"{floor} engine scgi unix:{{sock}}"),
         "corral-uwsgi": ("uwsgi", f"{corral} --uwsgi unix:{{sock}} --log-level warning {{app}}"),
         "corral-fastcgi": ("fastcgi-keep", f"{corral} --fastcgi unix:{{sock}} --log-level warning {{app}}"),
         "corral-scgi": ("scgi", f"{corral} --scgi unix:{{sock}} --log-level warning {{app}}"),
@@ -201,10 +216,6 @@ def run_one(name, protocol, template, app, args, workdir):
         return {
             "rps": rps,
             "us": backend_s / total * 1e6,
-            # The kernel's share: the socket calls every request needs whatever
-            # the server does (accept, read, write, close, or their FastCGI
-            # equivalents), counted as the backend's system time.
-            "sys_us": (b1[1] - b0[1]) / total * 1e6,
             "backend_cpu": backend_s / args.duration * 100,
             "nginx_cpu": nginx_s / args.duration * 100,
             "errors": (errors.group(1) if errors else "0")
@@ -229,12 +240,24 @@ def main() -> int:
     ap.add_argument("--backends", default="corral-uwsgi,corral-fastcgi,corral-scgi,uwsgi,gunicorn")
     ap.add_argument("-d", "--duration", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--floor", action="store_true", help="add the Python-free backends (hello case only)")
     args = ap.parse_args()
     args.bench_dir = args.bench_dir.resolve()
     if not shutil.which("nginx") and not Path("/usr/sbin/nginx").exists():
         sys.exit("nginx is not installed")
-    table = backends(args.corral, args.anchor_venv)
+    floor = ROOT / "target" / "release" / "examples" / "floor"
+    table = backends(args.corral, args.anchor_venv, str(floor))
     names = args.backends.split(",")
+    if args.floor:
+        names += [
+            n for n in ("floor-raw-uwsgi", "engine-uwsgi", "engine-fastcgi", "engine-scgi") if n not in names
+        ]
+    if any(table[n][1].startswith(str(floor)) for n in names):
+        subprocess.run(
+            ["cargo", "build", "--quiet", "--release", "-p", "corral-engine", "--example", "floor"],
+            cwd=ROOT,
+            check=True,
+        )
     cases = args.cases.split(",")
     venv_python = args.anchor_venv / "bin" / "python"
     python = str(venv_python) if venv_python.exists() else sys.executable
@@ -246,11 +269,12 @@ def main() -> int:
             for case in cases:
                 for name in order:
                     protocol, template = table[name]
+                    if template.startswith(str(floor)) and case != FLOOR_CASE:
+                        continue
                     res = run_one(name, protocol, template, case, args, Path(tmp))
                     results.setdefault((case, name), []).append(res)
                     print(
                         f"[r{r + 1}] {case:10} {name:15} {res['rps']:9.0f} rps  backend {res['us']:6.1f} us/req "
-                        f"(sys {res['sys_us']:5.1f}) "
                         f"cpu {res['backend_cpu']:3.0f}%  nginx cpu {res['nginx_cpu']:3.0f}%  err {res['errors']}",
                         flush=True,
                     )
@@ -258,25 +282,28 @@ def main() -> int:
     def med(case, name, key):
         return statistics.median(x[key] for x in results[(case, name)])
 
+    def cell(case, name, key, fmt):
+        return fmt.format(med(case, name, key)) if (case, name) in results else "-"
+
     lines = ["| backend | " + " | ".join(cases) + " |", "|---|" + "---:|" * len(cases)]
     lines.insert(0, "Requests/sec (median):\n")
     for name in names:
-        lines.append(f"| {name} | " + " | ".join(f"{med(c, name, 'rps'):.0f}" for c in cases) + " |")
+        lines.append(f"| {name} | " + " | ".join(cell(c, name, "rps", "{:.0f}") for c in cases) + " |")
     lines.append("\nBackend CPU microseconds per request (median; lower is better):\n")
     lines.append("| backend | " + " | ".join(cases) + " |")
     lines.append("|---|" + "---:|" * len(cases))
     for name in names:
-        lines.append(f"| {name} | " + " | ".join(f"{med(c, name, 'us'):.1f}" for c in cases) + " |")
-    lines.append("\nOf which in the kernel (system time, microseconds per request, median):\n")
-    lines.append("| backend | " + " | ".join(cases) + " |")
-    lines.append("|---|" + "---:|" * len(cases))
-    for name in names:
-        lines.append(f"| {name} | " + " | ".join(f"{med(c, name, 'sys_us'):.1f}" for c in cases) + " |")
+        lines.append(f"| {name} | " + " | ".join(cell(c, name, "us", "{:.1f}") for c in cases) + " |")
     lines.append("\nBackend CPU % / nginx CPU % during the load (100 = its core saturated):\n")
     lines.append("| backend | " + " | ".join(cases) + " |")
     lines.append("|---|" + "---:|" * len(cases))
     for name in names:
-        cells = [f"{med(c, name, 'backend_cpu'):.0f} / {med(c, name, 'nginx_cpu'):.0f}" for c in cases]
+        cells = [
+            f"{med(c, name, 'backend_cpu'):.0f} / {med(c, name, 'nginx_cpu'):.0f}"
+            if (c, name) in results
+            else "-"
+            for c in cases
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
     return 0

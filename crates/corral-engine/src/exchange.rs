@@ -237,8 +237,14 @@ pub(crate) struct Io {
     pub out: Vec<u8>,
     /// When the app handed over the previous block of this response's body.
     pub block_at: Option<Instant>,
-    /// When a read last found the socket empty.
+    /// When a read last found the socket empty (FastCGI only, see
+    /// `peek_fcgi_records`).
     drained_at: Option<Instant>,
+    /// Whether to keep `drained_at`.
+    pub(crate) time_drains: bool,
+    /// The last read found the socket empty (a short read or would-block):
+    /// whatever arrives from here on raises a new epoll event.
+    pub(crate) drained: bool,
     /// The flusher holder (serving thread) whose current pass lists this
     /// connection; 0 for none.
     pub(crate) listed: usize,
@@ -280,6 +286,8 @@ impl Io {
             out: Vec::new(),
             block_at: None,
             drained_at: None,
+            time_drains: false,
+            drained: false,
             listed: 0,
             me: None,
             read_total: 0,
@@ -302,12 +310,16 @@ impl Io {
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::WouldBlock {
-                self.drained_at = Some(Instant::now());
+                self.drained = true;
+                if self.time_drains {
+                    self.drained_at = Some(Instant::now());
+                }
             }
             return Err(e);
         }
-        if (n as usize) < room {
-            // A short read took all the socket had.
+        // A short read took all the socket had.
+        self.drained = (n as usize) < room;
+        if self.drained && self.time_drains {
             self.drained_at = Some(Instant::now());
         }
         unsafe { self.buf.set_len(self.buf.len() + n as usize) };

@@ -2,9 +2,12 @@
 //! which accepts, reads, parses, calls the app and writes the response itself.
 //!
 //! No request is handed from one thread to another: a thread-to-thread
-//! hand-off costs about as much as serving a small request. Connections sit
-//! in the epoll set with `EPOLLONESHOT`, so exactly one thread owns a
-//! connection from the moment it becomes readable until it is re-armed.
+//! hand-off costs about as much as serving a small request. With several
+//! threads, connections sit in the epoll set with `EPOLLONESHOT`, so exactly
+//! one thread owns a connection from the moment it becomes readable until it
+//! is re-armed. With one thread there is no one to share with: connections
+//! stay armed edge-triggered, which saves re-arming (an `epoll_ctl`) after
+//! every request on a kept-alive connection.
 //! Listeners are registered with `EPOLLEXCLUSIVE`, so one connection wakes
 //! one worker process, not all of them.
 //!
@@ -98,6 +101,10 @@ struct Conn {
     fcgi: FcgiConn,
     /// The descriptor is in the worker's epoll set (it has been parked once).
     registered: bool,
+    /// The token the descriptor is registered with (this box's address).
+    token: u64,
+    /// Registered edge-triggered: it stays armed between requests.
+    edge: bool,
 }
 
 /// A connection a thread is serving a request on: its descriptor and state.
@@ -786,6 +793,7 @@ fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Accepted {
             // Held responses are written once a pass over the ready
             // connections ends, which only a thread taking many at once has.
             io.hold = w.config.threads == 1;
+            io.time_drains = w.listeners[idx].1.protocol == Protocol::FastCgi;
             io.me = Some(me.clone());
             Mutex::new(io)
         }),
@@ -796,6 +804,8 @@ fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Accepted {
         request_started: mono_ms(),
         fcgi: FcgiConn::default(),
         registered: false,
+        token: 0,
+        edge: false,
     }))
 }
 
@@ -1154,15 +1164,33 @@ fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
     };
     conn.entry.deadline.store(deadline, Ordering::Relaxed);
     let op = if conn.registered { libc::EPOLL_CTL_MOD } else { libc::EPOLL_CTL_ADD };
-    conn.registered = true;
+    // uwsgi and SCGI carry one request per connection: nothing to re-arm.
+    let edge = w.config.threads <= 1
+        && matches!(w.listeners[conn.listener].1.protocol, Protocol::Http | Protocol::FastCgi);
     let fd = conn.entry.fd;
+    let drained = conn.io.lock().unwrap().drained;
     let entry = conn.entry.clone();
+    let registered = conn.registered;
+    conn.registered = true;
     let ptr = Box::into_raw(conn);
+    let token = ptr as u64;
+    // Edge-triggered and still armed: bytes that arrive from now on raise an
+    // event, and none are waiting unread, since the last read found the
+    // socket empty and every byte since then raised an event of its own.
+    if edge && registered && drained && unsafe { (*ptr).token } == token {
+        entry.state.store(IDLE, Ordering::Release);
+        return;
+    }
+    unsafe {
+        (*ptr).token = token;
+        (*ptr).edge = edge;
+    }
     entry.state.store(IDLE, Ordering::Release);
-    let mut ev = libc::epoll_event {
-        events: (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLONESHOT) as u32,
-        u64: ptr as u64,
-    };
+    // One-shot with several threads: the event goes to one of them, which
+    // owns the connection until it parks it again. A MOD also checks the
+    // socket, so bytes already waiting raise the event at once.
+    let mode = if edge { libc::EPOLLET } else { libc::EPOLLONESHOT };
+    let mut ev = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLRDHUP | mode) as u32, u64: token };
     // First park of a new connection adds it; later ones re-arm it.
     if unsafe { libc::epoll_ctl(w.epfd, op, fd, &mut ev) } < 0 {
         error!("epoll_ctl: {}", io::Error::last_os_error());
@@ -1196,6 +1224,12 @@ fn close<A: App>(w: &Shared<A>, conn: Box<Conn>, reset: bool) {
                     std::mem::size_of::<libc::linger>() as u32,
                 )
             };
+        }
+        if conn.edge {
+            // Still armed (edge-triggered): close() alone leaves it in the
+            // epoll set while a forked child of the app holds a copy of the
+            // descriptor, and its next event would name this freed box.
+            unsafe { libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
         }
         // Closed under the registry lock so the sweeper never shuts down a
         // reused descriptor number.

@@ -335,3 +335,41 @@ fn responses_of_one_pass_reach_every_connection_in_order() {
         }
     }
 }
+
+#[test]
+fn a_burst_of_pipelined_requests_is_served_to_the_end() {
+    // One thread, whose connections stay armed edge-triggered between
+    // requests: after a read that filled the buffer, more bytes may wait in
+    // the socket while the buffer empties exactly at a request's end, and
+    // no new event will come for them. 64-byte requests fill a read exactly.
+    let w = start(1);
+    let req = b"GET /hello HTTP/1.1\r\nHost: x\r\nX-Pad: 0123456789abcdefghijklm\r\n\r\n";
+    assert_eq!(req.len(), 64);
+    const COUNT: usize = 8192;
+    let mut s = TcpStream::connect(("127.0.0.1", w.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut writer = s.try_clone().unwrap();
+    // Written from another thread: the responses must be read meanwhile,
+    // or both sides could end up blocked on full socket buffers.
+    let sender = std::thread::spawn(move || {
+        let burst: Vec<u8> = req.iter().copied().cycle().take(req.len() * COUNT).collect();
+        writer.write_all(&burst).unwrap();
+    });
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 65536];
+    let mut answered = 0;
+    while answered < COUNT {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                // Counted over what is new, plus 4 bytes a body may straddle.
+                let from = got.len().saturating_sub(4);
+                got.extend_from_slice(&chunk[..n]);
+                answered += got[from..].windows(5).filter(|w| w == b"hello").count();
+            }
+            Err(e) => panic!("after {answered} of {COUNT} responses: {e}"),
+        }
+    }
+    sender.join().unwrap();
+    assert_eq!(answered, COUNT);
+}
