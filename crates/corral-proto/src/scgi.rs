@@ -23,10 +23,14 @@ use crate::Status;
 /// 800 KiB. It also bounds what the server buffers before refusing a bogus
 /// length, and makes the length field at most seven digits.
 pub const MAX_HEADER_BLOCK: usize = 1 << 20;
-/// Most pairs in one block. Duplicate detection sorts the names in a table on
-/// the stack, and this sizes that table (16 KiB); it matches the HTTP/1
-/// parser's hard ceiling on header fields.
+/// Most pairs in one block; it matches the HTTP/1 parser's hard ceiling on
+/// header fields.
 pub const MAX_HEADERS: usize = 1024;
+/// Names checked for repeats in a table on the stack; a block with more
+/// moves them to the heap. A front end's block has about 15 names that are
+/// not HTTP_* (those may repeat), and clearing a table of all MAX_HEADERS
+/// (16 KiB) cost more than the rest of the parse.
+const STACK_NAMES: usize = 64;
 
 /// Why an SCGI request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,11 +192,13 @@ fn check_block(block: &[u8]) -> Result<u64, Error> {
     if block.iter().filter(|&&b| b == 0).count() % 2 != 0 {
         return Err(Error::OddStrings);
     }
-    let mut names: [&[u8]; MAX_HEADERS] = [&[]; MAX_HEADERS];
-    let mut count = 0;
+    // Names that must not repeat: all but HTTP_*.
+    let mut names: [&[u8]; STACK_NAMES] = [&[]; STACK_NAMES];
+    let mut more: Vec<&[u8]> = Vec::new();
+    let mut unique = 0;
     let mut content_length = None;
     let mut scgi = false;
-    for (name, value) in (Headers { rest: block }) {
+    for (count, (name, value)) in (Headers { rest: block }).enumerate() {
         if name.is_empty() {
             return Err(Error::EmptyName);
         }
@@ -208,19 +214,32 @@ fn check_block(block: &[u8]) -> Result<u64, Error> {
             }
             scgi = true;
         }
-        *names.get_mut(count).ok_or(Error::TooManyHeaders)? = name;
-        count += 1;
+        if count == MAX_HEADERS {
+            return Err(Error::TooManyHeaders);
+        }
+        if name.starts_with(b"HTTP_") {
+            // nginx sends one pair per header line, as it does over uwsgi
+            // and FastCGI, and the server joins repeated ones.
+            continue;
+        }
+        if unique < STACK_NAMES {
+            names[unique] = name;
+        } else {
+            if more.is_empty() {
+                more.extend_from_slice(&names);
+            }
+            more.push(name);
+        }
+        unique += 1;
     }
     if !scgi {
         return Err(Error::ScgiVersion);
     }
-    // Sorting keeps the check O(n log n) without allocating; a pairwise scan
-    // would let a block of many long, similar names burn CPU. Repeated
-    // HTTP_* names are allowed: nginx sends one pair per header line, as
-    // it does over uwsgi and FastCGI, and the server joins them.
-    let names = &mut names[..count];
+    // Sorting keeps the check O(n log n); a pairwise scan would let a block
+    // of many long, similar names burn CPU.
+    let names = if more.is_empty() { &mut names[..unique] } else { &mut more[..] };
     names.sort_unstable();
-    if names.windows(2).any(|w| w[0] == w[1] && !w[0].starts_with(b"HTTP_")) {
+    if names.windows(2).any(|w| w[0] == w[1]) {
         return Err(Error::DuplicateName);
     }
     content_length.ok_or(Error::ContentLengthNotFirst)
@@ -331,6 +350,11 @@ REQUEST_URI\x00/deepthought\x00,What is the answer to life?";
         many.extend(many_names[2..].iter().map(|n| (&n[..], &b""[..])));
         let mut too_many = many.clone();
         too_many.push((b"ONE_MORE", b""));
+        // Past the names checked on the stack, a repeat is still found.
+        let mut late_repeat: Vec<(&[u8], &[u8])> = minimal.to_vec();
+        late_repeat.extend(many_names[2..200].iter().map(|n| (&n[..], &b""[..])));
+        let ok_late = late_repeat.clone();
+        late_repeat.push((b"H150", b"again"));
         vec![
             ("spec example", SPEC.to_vec(), Want::Ok(27, owned(spec_pairs), 74)),
             ("GET", request(GET), ok(0, GET)),
@@ -419,6 +443,8 @@ REQUEST_URI\x00/deepthought\x00,What is the answer to life?";
                 Want::Err(Error::DuplicateName)
             }),
             ("too many pairs", request(&too_many), Want::Err(Error::TooManyHeaders)),
+            ("200 names", request(&ok_late), ok(0, &ok_late)),
+            ("a repeat among 200 names", request(&late_repeat), Want::Err(Error::DuplicateName)),
         ]
     }
 
