@@ -317,8 +317,9 @@ impl Io {
             }
             return Err(e);
         }
-        // A short read took all the socket had.
-        self.drained = (n as usize) < room;
+        // A short read took all the socket had; an end of stream is not
+        // "empty": no later event will say it again.
+        self.drained = n > 0 && (n as usize) < room;
         if self.drained && self.time_drains {
             self.drained_at = Some(Instant::now());
         }

@@ -105,6 +105,10 @@ struct Conn {
     token: u64,
     /// Registered edge-triggered: it stays armed between requests.
     edge: bool,
+    /// The event that handed this connection over said the peer closed or
+    /// failed. Under edge triggering that is said once: a read that takes
+    /// the last request bytes does not see the end of stream behind them.
+    hung_up: bool,
 }
 
 /// A connection a thread is serving a request on: its descriptor and state.
@@ -640,7 +644,8 @@ fn thread_main<A: App>(w: &Shared<A>, t: usize, holder: Option<Arc<crate::flushe
             if token < LISTENER_TOKENS {
                 accept_batch(w, &mut state, t, token as usize, &mut held);
             } else {
-                let conn = unsafe { Box::from_raw(token as *mut Conn) };
+                let mut conn = unsafe { Box::from_raw(token as *mut Conn) };
+                conn.hung_up = ev.events & (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0;
                 serve(w, &mut state, t, conn, &mut held);
                 if held.due() {
                     held.release(w);
@@ -806,6 +811,7 @@ fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Accepted {
         registered: false,
         token: 0,
         edge: false,
+        hung_up: false,
     }))
 }
 
@@ -1176,8 +1182,9 @@ fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
     let token = ptr as u64;
     // Edge-triggered and still armed: bytes that arrive from now on raise an
     // event, and none are waiting unread, since the last read found the
-    // socket empty and every byte since then raised an event of its own.
-    if edge && registered && drained && unsafe { (*ptr).token } == token {
+    // socket empty and every byte since then raised an event of its own. A
+    // hang-up already reported is not reported again: re-arm, which looks.
+    if edge && registered && drained && !unsafe { (*ptr).hung_up } && unsafe { (*ptr).token } == token {
         entry.state.store(IDLE, Ordering::Release);
         return;
     }

@@ -108,12 +108,16 @@ impl Drop for Worker {
 }
 
 fn start(threads: usize) -> Worker {
+    start_with(threads, Duration::from_secs(1))
+}
+
+fn start_with(threads: usize, keepalive_timeout: Duration) -> Worker {
     let listener = Listener::bind(&Addr::parse("127.0.0.1:0").unwrap(), 64).unwrap();
     let port: u16 = listener.server_port.parse().unwrap();
     let config = Config {
         threads,
         header_timeout: Duration::from_secs(1),
-        keepalive_timeout: Duration::from_secs(1),
+        keepalive_timeout,
         graceful_timeout: Duration::from_secs(5),
         ..Config::default()
     };
@@ -372,4 +376,34 @@ fn a_burst_of_pipelined_requests_is_served_to_the_end() {
     }
     sender.join().unwrap();
     assert_eq!(answered, COUNT);
+}
+
+#[test]
+fn a_half_close_that_arrives_with_the_request_closes_the_connection() {
+    // One thread, edge-triggered connections: the request and the client's
+    // FIN reach the socket while the thread is busy elsewhere, so one event
+    // covers both. The read that takes the request does not see the FIN;
+    // the connection must still be closed after the response rather than
+    // wait for its keep-alive timeout.
+    let w = start_with(1, Duration::from_secs(60));
+    let mut a = TcpStream::connect(("127.0.0.1", w.port)).unwrap();
+    a.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    a.write_all(b"GET /hello HTTP/1.1\r\n\r\n").unwrap();
+    let mut got = Vec::new();
+    read_until(&mut a, &mut got, b"hello");
+    // Keep the only thread busy, then send the next request and the FIN.
+    let mut b = TcpStream::connect(("127.0.0.1", w.port)).unwrap();
+    b.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    b.write_all(b"GET /slow HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    a.write_all(b"GET /hello HTTP/1.1\r\n\r\n").unwrap();
+    a.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    let t0 = Instant::now();
+    let end = a.read_to_end(&mut rest);
+    assert!(end.is_ok(), "no end of stream after {:?}: {end:?}", t0.elapsed());
+    assert!(String::from_utf8_lossy(&rest).ends_with("hello"), "{}", String::from_utf8_lossy(&rest));
+    let mut slow = Vec::new();
+    b.read_to_end(&mut slow).unwrap();
+    assert!(String::from_utf8_lossy(&slow).ends_with("slow done"));
 }
