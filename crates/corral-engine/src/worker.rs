@@ -605,7 +605,12 @@ impl Held {
     /// Writes every held response, then parks or closes its connection.
     fn release<A: App>(&mut self, w: &Shared<A>) {
         for (conn, keep) in self.conns.drain(..) {
-            let written = conn.io.lock().unwrap().flush_out(|f| f()).is_ok();
+            let written = {
+                let mut io = conn.io.lock().unwrap();
+                // The flusher may have found the connection broken and
+                // dropped what it held: then there is nothing to flush.
+                io.flush_out(|f| f()).is_ok() && !io.broken
+            };
             park_or_close(w, conn, keep && written);
         }
         if let Some(h) = &self.holder {
