@@ -612,6 +612,29 @@ def test_fastcgi_second_request_right_behind_the_first_is_never_lost(gw, gap):
             assert not conn.others
 
 
+def test_fastcgi_keep_conn_half_close_with_the_request_ends_the_connection(start_server):
+    """With one thread, kept-alive connections stay armed edge-triggered between
+    requests. A request and the front end's half-close that arrive together, while
+    the thread is busy with another connection, reach the worker as one event: the
+    request is answered and the connection then closed, not left open until the
+    keep-alive timeout (75 s by default)."""
+    server = g.start_gateways(
+        start_server, "gateway_probe:application", [("fastcgi", "127.0.0.1:0")], workers=1, threads=1
+    )
+    addr = server.addr("fastcgi")
+    with g.FcgiConn(addr, timeout=30) as conn, g.FcgiConn(addr, timeout=30) as busy:
+        r = conn.request(g.cgi_params(uri="/fixed"), request_id=1, keep_conn=True)
+        assert (r.body, r.closed) == (b"hello world", False)
+        busy.send(g.fcgi_request_bytes(g.cgi_params(uri="/slow?secs=1"), request_id=1))
+        server.wait_for("slow request started")
+        conn.send(g.fcgi_request_bytes(g.cgi_params(uri="/fixed"), request_id=2, keep_conn=True))
+        conn.half_close()
+        r = conn.read_response(2)
+        assert (r.status, r.body) == (200, b"hello world")
+        assert conn.at_eof(timeout=20), server.log[-2000:]
+        assert busy.read_response(1).status == 200
+
+
 @pytest.mark.parametrize("reads_body", [True, False], ids=["app-read-body", "app-ignores-body"])
 def test_fastcgi_abort_request_closes_the_iterable(gw, reads_body):
     tag = uuid.uuid4().hex
