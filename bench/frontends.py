@@ -12,8 +12,8 @@ nginx's CPU 0 saturated means nginx, not the backend, set the pace.
 --floor adds, on the hello case only, two kinds of backend with no Python in
 them (crates/corral-engine/examples/floor.rs, built here with cargo):
 `floor-raw-uwsgi`, a uwsgi backend reduced to a blocking accept, one read, one
-write and a close per request, the least any uwsgi backend can cost on this
-kernel; and `engine-*`, corral's engine with a Rust app answering the same
+write and a close per request, about the least any uwsgi backend can cost on
+this kernel; and `engine-*`, corral's engine with a Rust app answering the same
 body, so that corral minus engine is what Python and PEP 3333 cost.
 
 The apps come from the shared benchmark harness (--bench-dir, default

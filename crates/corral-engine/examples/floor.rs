@@ -8,9 +8,11 @@
 //!   PEP 3333 cost.
 //! - `floor raw ADDR`: a uwsgi backend reduced to the system calls the
 //!   protocol needs: a blocking accept, a read, one write and a close per
-//!   request, no epoll and no parsing beyond the packet's length. No uwsgi
-//!   backend can spend less of its own time per request than this on the
-//!   same kernel, which is what the speed target of a backend is compared with.
+//!   request, no epoll and no parsing beyond the packet's length (it sleeps
+//!   in accept when the front end is slower, as any backend sleeps
+//!   somewhere). Every uwsgi backend makes these four calls per request, so
+//!   this is about the least one can spend on the same kernel: the line a
+//!   speed target for backends has to be read against.
 //!
 //! ADDR is `HOST:PORT` or `unix:/path`.
 
