@@ -903,8 +903,8 @@ impl Io {
     }
 
     /// The flusher's turn: writes what the socket takes now of the held
-    /// bytes, without waiting. Returns whether some remain, to be tried again.
-    pub(crate) fn flush_held_nowait(&mut self) -> bool {
+    /// bytes, without waiting; what remains is tried again later.
+    pub(crate) fn flush_held_nowait(&mut self) {
         if self.broken {
             self.out.clear();
         }
@@ -916,7 +916,7 @@ impl Io {
             }
             match io::Error::last_os_error().kind() {
                 io::ErrorKind::Interrupted => {}
-                io::ErrorKind::WouldBlock => return true,
+                io::ErrorKind::WouldBlock => return,
                 _ => {
                     // The app's next write reports the failure.
                     self.broken = true;
@@ -924,7 +924,6 @@ impl Io {
                 }
             }
         }
-        false
     }
 
     /// Whether writing `len` more body bytes leaves nothing owed under the

@@ -102,25 +102,23 @@ impl Holder {
         self.held_since.store(0, Ordering::SeqCst);
     }
 
-    /// Held for HOLD: write what every listed connection holds. Returns
-    /// whether some bytes could not be written yet.
-    fn fire(&self) -> bool {
+    /// Held for HOLD: write what every listed connection holds. What cannot
+    /// be written yet is looked at again a HOLD later (see `run`).
+    fn fire(&self) {
         // A copy, so no connection is locked under the list's lock (the
         // serving thread takes them the other way round).
         let listed = self.listed.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let mut again = false;
         for io in listed {
-            again |= match io.try_lock() {
+            match io.try_lock() {
                 Ok(mut io) => io.flush_held_nowait(),
                 Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().flush_held_nowait(),
                 // In use: by a write, which sends what is held first, or a
                 // wait, which is only entered once nothing is held; either
                 // way this thread must not wait for it (a slow client would
                 // hold up every other connection), so look again later.
-                Err(std::sync::TryLockError::WouldBlock) => true,
-            };
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
         }
-        again
     }
 }
 

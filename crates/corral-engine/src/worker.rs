@@ -99,11 +99,11 @@ struct Conn {
     request_started: u64,
     /// FastCGI state between records (FastCGI listeners only).
     fcgi: FcgiConn,
-    /// The descriptor is in the worker's epoll set (it has been parked once).
+    /// The descriptor is in the worker's epoll set (it has been parked once),
+    /// with this box's address as its token (a box never moves).
     registered: bool,
-    /// The token the descriptor is registered with (this box's address).
-    token: u64,
-    /// Registered edge-triggered: it stays armed between requests.
+    /// Registered edge-triggered, so it stays armed between requests: a
+    /// kept-alive connection (HTTP, FastCGI) of a worker with one thread.
     edge: bool,
     /// The event that handed this connection over said the peer closed or
     /// failed. Under edge triggering that is said once: a read that takes
@@ -763,6 +763,7 @@ fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Accepted {
         return Accepted::Shed;
     }
     let (remote_addr, remote_port) = peer_strings(&addr, is_unix);
+    let protocol = w.listeners[idx].1.protocol;
     if !is_unix {
         let one: libc::c_int = 1;
         unsafe {
@@ -803,7 +804,7 @@ fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Accepted {
             // Held responses are written once a pass over the ready
             // connections ends, which only a thread taking many at once has.
             io.hold = w.config.threads == 1;
-            io.time_drains = w.listeners[idx].1.protocol == Protocol::FastCgi;
+            io.time_drains = protocol == Protocol::FastCgi;
             io.me = Some(me.clone());
             Mutex::new(io)
         }),
@@ -814,8 +815,8 @@ fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Accepted {
         request_started: mono_ms(),
         fcgi: FcgiConn::default(),
         registered: false,
-        token: 0,
-        edge: false,
+        // uwsgi and SCGI carry one request per connection: nothing to re-arm.
+        edge: w.config.threads <= 1 && matches!(protocol, Protocol::Http | Protocol::FastCgi),
         hung_up: false,
     }))
 }
@@ -1152,7 +1153,7 @@ fn refuse<A: App>(w: &Shared<A>, conn: &Conn, io: &mut Io, wire: Wire, status: u
 /// Hands the connection back to epoll until it is readable again.
 fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
     let now = mono_ms();
-    let idle = {
+    let (idle, drained) = {
         let mut io = conn.io.lock().unwrap();
         let idle = io.buf.is_empty();
         if idle {
@@ -1164,7 +1165,7 @@ fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
                 io.out = Vec::new();
             }
         }
-        idle
+        (idle, io.drained)
     };
     // A new connection has the header timeout, counted from the accept, to
     // send its first request; between requests the keep-alive timeout applies.
@@ -1175,34 +1176,26 @@ fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
     };
     conn.entry.deadline.store(deadline, Ordering::Relaxed);
     let op = if conn.registered { libc::EPOLL_CTL_MOD } else { libc::EPOLL_CTL_ADD };
-    // uwsgi and SCGI carry one request per connection: nothing to re-arm.
-    let edge = w.config.threads <= 1
-        && matches!(w.listeners[conn.listener].1.protocol, Protocol::Http | Protocol::FastCgi);
-    let fd = conn.entry.fd;
-    let drained = conn.io.lock().unwrap().drained;
-    let entry = conn.entry.clone();
-    let registered = conn.registered;
-    conn.registered = true;
-    let ptr = Box::into_raw(conn);
-    let token = ptr as u64;
     // Edge-triggered and still armed: bytes that arrive from now on raise an
     // event, and none are waiting unread, since the last read found the
     // socket empty and every byte since then raised an event of its own. A
     // hang-up already reported is not reported again: re-arm, which looks.
-    if edge && registered && drained && !unsafe { (*ptr).hung_up } && unsafe { (*ptr).token } == token {
-        entry.state.store(IDLE, Ordering::Release);
+    let armed = conn.edge && conn.registered && drained && !conn.hung_up;
+    conn.registered = true;
+    let edge = conn.edge;
+    let fd = conn.entry.fd;
+    let entry = conn.entry.clone();
+    let ptr = Box::into_raw(conn);
+    entry.state.store(IDLE, Ordering::Release);
+    if armed {
         return;
     }
-    unsafe {
-        (*ptr).token = token;
-        (*ptr).edge = edge;
-    }
-    entry.state.store(IDLE, Ordering::Release);
     // One-shot with several threads: the event goes to one of them, which
     // owns the connection until it parks it again. A MOD also checks the
     // socket, so bytes already waiting raise the event at once.
     let mode = if edge { libc::EPOLLET } else { libc::EPOLLONESHOT };
-    let mut ev = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLRDHUP | mode) as u32, u64: token };
+    let mut ev =
+        libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLRDHUP | mode) as u32, u64: ptr as u64 };
     // First park of a new connection adds it; later ones re-arm it.
     if unsafe { libc::epoll_ctl(w.epfd, op, fd, &mut ev) } < 0 {
         error!("epoll_ctl: {}", io::Error::last_os_error());
@@ -1237,7 +1230,7 @@ fn close<A: App>(w: &Shared<A>, conn: Box<Conn>, reset: bool) {
                 )
             };
         }
-        if conn.edge {
+        if conn.edge && conn.registered {
             // Still armed (edge-triggered): close() alone leaves it in the
             // epoll set while a forked child of the app holds a copy of the
             // descriptor, and its next event would name this freed box.
