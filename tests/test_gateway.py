@@ -513,12 +513,45 @@ def test_fastcgi_get_values(gw):
         assert r.closed
 
 
-def test_fastcgi_get_values_max_reqs_counts_every_worker(start_server):
+def test_fastcgi_get_values_counts_every_worker(start_server):
     server = g.start_gateways(
-        start_server, "behaviour:application", [("fastcgi", "127.0.0.1:0")], workers=2, threads=3
+        start_server,
+        "behaviour:application",
+        [("fastcgi", "127.0.0.1:0")],
+        "--max-connections",
+        "3",
+        workers=2,
+        threads=3,
     )
-    with g.FcgiConn(server.addr("fastcgi")) as conn:
-        assert conn.get_values(["FCGI_MAX_REQS"]) == {b"FCGI_MAX_REQS": b"6"}
+    addr = server.addr("fastcgi")
+    with g.FcgiConn(addr) as conn:
+        assert conn.get_values(["FCGI_MAX_REQS", "FCGI_MAX_CONNS"]) == {
+            b"FCGI_MAX_REQS": b"6",
+            b"FCGI_MAX_CONNS": b"6",  # 2 workers x --max-connections 3
+        }
+
+
+def test_fastcgi_get_values_max_conns_is_the_real_limit(start_server):
+    """The front end may open as many connections as FCGI_MAX_CONNS says, and each
+    of them is served; the next one is turned away."""
+    server = g.start_gateways(
+        start_server, "behaviour:application", [("fastcgi", "127.0.0.1:0")], "--max-connections", "3"
+    )
+    addr = server.addr("fastcgi")
+    conns = [g.FcgiConn(addr) for _ in range(3)]
+    try:
+        limit = int(conns[0].get_values(["FCGI_MAX_CONNS"])[b"FCGI_MAX_CONNS"])
+        assert limit == 3
+        for c in conns:
+            r = c.request(g.cgi_params(uri="/fixed"), keep_conn=True)
+            assert r.body == b"hello world"
+        mark = server.mark()
+        with g.FcgiConn(addr) as extra:
+            assert extra.at_eof(timeout=10), "a connection past FCGI_MAX_CONNS was kept"
+        server.wait_for(r"--max-connections 3", since=mark)
+    finally:
+        for c in conns:
+            c.close()
 
 
 def test_fastcgi_unknown_record_type(gw):
@@ -663,6 +696,80 @@ def test_fastcgi_abort_request_closes_the_iterable(gw, reads_body):
             r = conn.request(g.cgi_params(uri="/fixed"), request_id=1)
             assert r.body == b"hello world"
     gw.wait_for(r"the front end aborted the request", since=mark)
+
+
+@pytest.mark.parametrize("keep_conn", [True, False], ids=["keep-conn", "no-keep-conn"])
+def test_fastcgi_abort_while_the_app_reads_the_body(gw, keep_conn):
+    """ABORT_REQUEST arriving while the app waits for more STDIN: the app's read
+    fails, and the request still gets its END_REQUEST (FastCGI 5.4)."""
+    mark = gw.mark()
+    params = g.cgi_params("POST", "/sha", extra=[("CONTENT_LENGTH", "1000")])
+    with g.FcgiConn(gw.addr("fastcgi")) as conn:
+        conn.send(
+            g.begin_request(1, keep_conn=keep_conn)
+            + g.stream(g.FCGI_PARAMS, 1, g.encode_pairs(params))
+            + g.record(g.FCGI_STDIN, 1, b"abc")
+            + g.record(g.FCGI_ABORT_REQUEST, 1)
+        )
+        r = conn.read_response(1, timeout=10)
+        assert r.records[-1].type == g.FCGI_END_REQUEST, r.records
+        assert r.protocol_status == g.FCGI_REQUEST_COMPLETE
+        if keep_conn:
+            r = conn.request(g.cgi_params(uri="/fixed"), request_id=2, keep_conn=True)
+            assert r.body == b"hello world"
+        else:
+            assert conn.at_eof(timeout=10)
+    gw.wait_for(r"POST /sha from .*: the front end aborted the request", since=mark)
+
+
+def test_fastcgi_stdin_past_content_length_is_not_read(gw):
+    """The app reads CONTENT_LENGTH bytes and then sees end of input (PEP 3333); what
+    the front end sent beyond it is dropped, logged, and does not reach the next
+    request on the connection."""
+    mark = gw.mark()
+    with g.FcgiConn(gw.addr("fastcgi")) as conn:
+        params = g.cgi_params("POST", "/sha", extra=[("CONTENT_LENGTH", "2")])
+        conn.send(g.fcgi_request_bytes(params, b"abcdef", keep_conn=True))
+        r = conn.read_response(1)
+        assert r.status == 200
+        got = r.json()
+        assert (got["length"], got["sha256"]) == (2, hashlib.sha256(b"ab").hexdigest())
+        r = conn.request(g.cgi_params("POST", "/sha", body=b"xyz"), b"xyz", request_id=2, keep_conn=True)
+        assert r.json()["sha256"] == hashlib.sha256(b"xyz").hexdigest()
+    gw.wait_for(r"POST /sha from .*: the front end sent 4 bytes of STDIN past CONTENT_LENGTH", since=mark)
+
+
+def test_fastcgi_stdin_shorter_than_content_length_is_logged(gw):
+    mark = gw.mark()
+    with g.FcgiConn(gw.addr("fastcgi")) as conn:
+        params = g.cgi_params("POST", "/sha", extra=[("CONTENT_LENGTH", "100")])
+        conn.send(g.fcgi_request_bytes(params, b"abc", keep_conn=True))
+        r = conn.read_response(1)
+        assert r.json()["length"] == 3
+        assert conn.request(g.cgi_params(uri="/fixed"), request_id=2, keep_conn=True).body == b"hello world"
+    gw.wait_for(r"POST /sha from .*: STDIN ended 97 bytes short of CONTENT_LENGTH", since=mark)
+
+
+@pytest.mark.parametrize("proto", PROTOS)
+def test_a_request_head_that_stalls_is_closed_and_logged(start_server, proto):
+    server = g.start_gateways(
+        start_server, "behaviour:application", [(proto, "127.0.0.1:0")], "--header-timeout", "1"
+    )
+    whole = g.request_bytes(proto, g.cgi_params(uri="/fixed"))
+    mark = server.mark()
+    sock = g.connect(server.addr(proto))
+    try:
+        sock.sendall(whole[:10])
+        data, closed = g.read_until_close(sock, timeout=15)
+        assert closed and data == b""
+    finally:
+        sock.close()
+    server.wait_for(
+        rf"Timed out: {proto} request from 127\.0\.0\.1:\d+: incomplete after the header timeout "
+        r"\(1 s, 10 bytes received\)",
+        since=mark,
+    )
+    assert g.call(proto, server.addr(proto), uri="/fixed").body == b"hello world"
 
 
 def test_fastcgi_abort_before_the_params_end(gw):

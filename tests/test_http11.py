@@ -330,6 +330,7 @@ def impatient(start_module_server):
 
 
 def test_header_timeout_closes_a_slow_client(impatient):
+    mark = impatient.mark()
     with impatient.connect() as conn:
         conn.send(b"GET /fixed HTTP/1.1\r\nHost: x\r\n")
         # The server gives up on the head (perhaps with a 408) and closes, well before 10 s.
@@ -339,6 +340,11 @@ def test_header_timeout_closes_a_slow_client(impatient):
         except (socket.timeout, TimeoutError):
             pytest.fail("the server kept a connection whose head never finished")
         assert rest == b"" or rest.startswith(b"HTTP/1.1 408")
+    impatient.wait_for(
+        r"Timed out: http request from 127\.0\.0\.1:\d+: incomplete after the header timeout "
+        r"\(1 s, 30 bytes received\)",
+        since=mark,
+    )
     # The server still serves others.
     assert impatient.request("GET", "/fixed").status == 200
 

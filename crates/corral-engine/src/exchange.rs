@@ -214,6 +214,10 @@ pub(crate) struct Io {
     pub fcgi_ended: bool,
     /// The peer shut down its sending side (nothing more will be read).
     pub peer_eof: bool,
+    /// Something wrong with the request body that did not stop the request
+    /// (a short body, STDIN past CONTENT_LENGTH), logged with the request
+    /// and its peer once the exchange completes.
+    pub body_note: Option<String>,
     pub phase: RespPhase,
     pub status: u16,
     pub head: Vec<u8>,
@@ -273,6 +277,7 @@ impl Io {
             aborted: false,
             fcgi_aborted: false,
             fcgi_ended: false,
+            body_note: None,
             peer_eof: false,
             phase: RespPhase::Idle,
             status: 0,
@@ -406,10 +411,10 @@ impl Io {
                         match self.fill(blocking) {
                             Ok(()) => {}
                             Err(BodyError::Truncated) => {
-                                tracing::warn!(
-                                    "client closed its side {left} bytes short of the declared Content-Length; \
-                                     the app sees end of input"
-                                );
+                                self.body_note = Some(format!(
+                                    "the peer closed its side {left} bytes short of the declared \
+                                     Content-Length; the app saw end of input there"
+                                ));
                                 self.body = BodyState::Truncated;
                                 return Ok(0);
                             }
@@ -531,14 +536,30 @@ impl Io {
             let BodyState::Fcgi(st) = &mut self.body else {
                 return Ok(0);
             };
+            if st.content > 0 && !self.buf.is_empty() && st.left == Some(0) {
+                let n = self.buf.len().min(st.content);
+                st.content -= n;
+                st.surplus += n as u64;
+                self.buf.advance(n);
+                if st.surplus > MAX_DRAIN {
+                    let e = BodyError::Gateway("STDIN runs on far past CONTENT_LENGTH");
+                    self.body = BodyState::Failed(e);
+                    return Err(e);
+                }
+                continue;
+            }
             if st.content > 0 && !self.buf.is_empty() {
                 let n = self.buf.len().min(st.content).min(max);
+                let n = st.left.map_or(n, |left| n.min(left.min(usize::MAX as u64) as usize));
                 let total = self.body_received + n as u64;
                 if total > self.max_body {
                     self.body = BodyState::Failed(BodyError::TooLarge);
                     return Err(BodyError::TooLarge);
                 }
                 st.content -= n;
+                if let Some(left) = &mut st.left {
+                    *left -= n as u64;
+                }
                 sink(&self.buf[..n]);
                 self.buf.advance(n);
                 self.body_received = total;
@@ -552,13 +573,23 @@ impl Io {
             }
             if st.content == 0 && st.padding == 0 {
                 if st.ended {
+                    if st.surplus > 0 {
+                        self.body_note = Some(format!(
+                            "the front end sent {} bytes of STDIN past CONTENT_LENGTH; the app did not see them",
+                            st.surplus
+                        ));
+                    } else if let Some(left) = st.left.filter(|&l| l > 0) {
+                        self.body_note = Some(format!(
+                            "STDIN ended {left} bytes short of CONTENT_LENGTH; the app saw end of input there"
+                        ));
+                    }
                     self.body = BodyState::Done;
                     return Ok(0);
                 }
                 match gateway::next_stdin(&self.buf, id) {
                     Ok(Some(gateway::StdinStep::Data { header, content, padding })) => {
                         self.buf.advance(header);
-                        *st = FcgiIn { content, padding, ended: content == 0 };
+                        *st = FcgiIn { content, padding, ended: content == 0, ..*st };
                         continue;
                     }
                     Ok(Some(gateway::StdinStep::Other { used, stray })) => {
@@ -867,10 +898,13 @@ impl Io {
                 self.refuse_concurrent_fcgi(&mut trailer);
                 fastcgi::write_stream_end(&mut trailer, fastcgi::RecordType::Stdout, id);
                 fastcgi::write_end_request(&mut trailer, id, 0, fastcgi::ProtocolStatus::RequestComplete);
-                self.fcgi_ended = true;
             }
         }
         let result = self.send_framed(&head, data, &trailer, blocking);
+        // Ended only once END_REQUEST went out (or is held to go out): a
+        // request the front end aborted meanwhile sends nothing here and is
+        // still owed its END_REQUEST.
+        self.fcgi_ended |= !trailer.is_empty() && result.is_ok();
         self.holding = false;
         if self.head.capacity() == 0 {
             self.head = head;

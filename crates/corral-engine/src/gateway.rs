@@ -24,6 +24,11 @@ pub struct FcgiIn {
     pub padding: usize,
     /// The empty STDIN record arrived: the body ends after the padding.
     pub ended: bool,
+    /// Body bytes CONTENT_LENGTH still announces (`None` without one): the
+    /// app reads no further, as PEP 3333 asks, and STDIN beyond it is dropped.
+    pub left: Option<u64>,
+    /// STDIN bytes dropped past CONTENT_LENGTH.
+    pub surplus: u64,
 }
 
 /// What the FastCGI reader learned from the next record in the buffer.
@@ -43,10 +48,6 @@ pub enum Stray {
     /// ABORT_REQUEST for the active request.
     AbortActive,
 }
-
-/// Most FastCGI connections, for GET_VALUES: what a worker's epoll set holds
-/// comfortably. The front end only uses it to size its pool.
-const MAX_CONNS: usize = 10_000;
 
 /// Looks at the next record while a STDIN stream is read. `Ok(None)` when
 /// the record is not all there yet (for STDIN, the header is enough).
@@ -102,7 +103,7 @@ pub(crate) fn stray_record(rec: &[u8], active: Option<u16>, out: &mut Vec<u8>) -
 /// Answers GET_VALUES truthfully for the variables asked about.
 fn get_values(content: &[u8], out: &mut Vec<u8>) {
     let reqs = MAX_REQS.load(std::sync::atomic::Ordering::Relaxed).to_string();
-    let conns = MAX_CONNS.to_string();
+    let conns = MAX_CONNS.load(std::sync::atomic::Ordering::Relaxed).to_string();
     let mut answer: Vec<(&[u8], &[u8])> = Vec::new();
     if let Ok(pairs) = fastcgi::parse_pairs(content) {
         for (name, _) in pairs {
@@ -120,6 +121,10 @@ fn get_values(content: &[u8], out: &mut Vec<u8>) {
 /// Requests the whole pool serves at once (every worker's threads), for
 /// GET_VALUES.
 pub(crate) static MAX_REQS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+
+/// Connections the whole pool holds at once (every worker's
+/// `--max-connections`), for GET_VALUES: past it a worker turns new ones away.
+pub(crate) static MAX_CONNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
 
 /// Whether the buffer holds an ABORT_REQUEST for `id` among its complete records.
 pub(crate) fn has_abort(buf: &[u8], id: u16) -> bool {

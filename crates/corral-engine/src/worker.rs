@@ -182,6 +182,7 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
     // whole takes as many concurrent requests as the pool can grow to hold.
     let pool = ctx.config.workers_max.unwrap_or(ctx.config.workers).max(1);
     gateway::MAX_REQS.store(pool * threads, Ordering::Relaxed);
+    gateway::MAX_CONNS.store(pool.saturating_mul(ctx.config.max_connections), Ordering::Relaxed);
     *SLOT.lock().unwrap_or_else(|p| p.into_inner()) = Some((ctx.scoreboard, ctx.slot));
     let access = match &ctx.config.access_log {
         Some((target, format)) => match Sink::open(target) {
@@ -843,7 +844,26 @@ fn peer_strings(addr: &libc::sockaddr_storage, is_unix: bool) -> (String, String
 /// A connection epoll handed to this thread: claim it from the sweeper first.
 fn serve<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, conn: Box<Conn>, held: &mut Held) {
     if conn.entry.state.compare_exchange(IDLE, BUSY, Ordering::AcqRel, Ordering::Relaxed).is_err() {
-        // The sweeper shut it down (timeout or drain).
+        // The sweeper shut it down (timeout or drain). Bytes still buffered
+        // are a request that did not arrive whole in time: say so.
+        let partial = conn.io.lock().unwrap().buf.len();
+        if partial > 0 && !draining() {
+            let listener = &w.listeners[conn.listener].1;
+            let what = format!(
+                "{} request from {}: incomplete after the header timeout ({} s, {partial} bytes received); \
+                 closing the connection",
+                listener.protocol.name(),
+                peer(&conn, listener),
+                w.config.header_timeout.as_secs_f64()
+            );
+            // A client that stalls is routine on the open internet; a front
+            // end that stalls inside its own request is not.
+            if listener.protocol == Protocol::Http {
+                info!("Timed out: {what}");
+            } else {
+                warn!("Timed out: {what}");
+            }
+        }
         close(w, conn, false);
         return;
     }
@@ -1040,9 +1060,10 @@ fn read_gateway<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                             match req {
                                 Some(r) => {
                                     let wire = Wire::FastCgi { id: r.id, keep_conn: r.keep_conn };
-                                    if let Err(e) = cgi::check(&r.params, &r.params_bytes) {
-                                        return refuse(w, conn, &mut io, wire, 400, &e.to_string());
-                                    }
+                                    let left = match cgi::check(&r.params, &r.params_bytes) {
+                                        Ok(len) => len,
+                                        Err(e) => return refuse(w, conn, &mut io, wire, 400, &e.to_string()),
+                                    };
                                     Ok(Some(GatewayRequest {
                                         bytes: Bytes::from(r.params_bytes),
                                         params: r.params,
@@ -1051,6 +1072,8 @@ fn read_gateway<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                                             content: 0,
                                             padding: 0,
                                             ended: false,
+                                            left,
+                                            surplus: 0,
                                         }),
                                     }))
                                 }
@@ -1500,6 +1523,19 @@ fn log_request(log: &AccessLog, t: usize, conn: &Conn, req: &Request<'_>, took: 
 /// response and decides whether the connection carries another request.
 fn complete(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>) -> bool {
     let mut io = conn.io.lock().unwrap();
+    let keep = complete_locked(conn, listener, req, &mut io);
+    if let Some(note) = io.body_note.take() {
+        warn!(
+            "{} {} from {}: {note}",
+            String::from_utf8_lossy(req.method()),
+            String::from_utf8_lossy(req.target()),
+            peer(conn, listener)
+        );
+    }
+    keep
+}
+
+fn complete_locked(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>, io: &mut Io) -> bool {
     // Stale handles kept by the app must not touch the next request.
     io.generation += 1;
     let blocking: fn(&mut dyn FnMut()) = |f| f();
@@ -1544,7 +1580,6 @@ fn complete(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>) -> bool {
         // What was held of the response goes out before the reset, as it
         // would have without holding.
         let _ = io.flush_out(blocking);
-        drop(io);
         // Reset, so the client cannot mistake a truncated body for a whole one.
         let linger = libc::linger { l_onoff: 1, l_linger: 0 };
         unsafe {
@@ -1562,8 +1597,8 @@ fn complete(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>) -> bool {
         return false;
     }
     if matches!(io.body, BodyState::Failed(_) | BodyState::Truncated) {
-        warn_bad_stream(conn, listener, &io);
-        drain_and_close(&mut io);
+        warn_bad_stream(conn, listener, io);
+        drain_and_close(io);
         return false;
     }
     if !io.keep_alive {
@@ -1582,9 +1617,9 @@ fn complete(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>) -> bool {
                 }
             }
         }
-        warn_bad_stream(conn, listener, &io);
+        warn_bad_stream(conn, listener, io);
         if !io.body_finished() || !io.buf.is_empty() {
-            drain_and_close(&mut io);
+            drain_and_close(io);
         }
         return false;
     }
@@ -1604,7 +1639,7 @@ fn complete(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>) -> bool {
                     }
                 }
                 Err(_) => {
-                    warn_bad_stream(conn, listener, &io);
+                    warn_bad_stream(conn, listener, io);
                     return false;
                 }
             }
