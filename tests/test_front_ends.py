@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 
 import front_ends
 import pytest
@@ -59,10 +60,15 @@ class Stack:
             self.backend = f"unix:{tmp}/corral.sock"
         else:
             self.backend = f"127.0.0.1:{free_port()}"
+        self.stats_port = free_port()
         self.corral = None
         self.start_corral()
         self.port, self.https_port = free_port(), free_port()
-        self.front = getattr(self, f"_{front}")()
+        try:
+            self.front = getattr(self, f"_{front}")()
+        except BaseException:
+            self.stop_corral()
+            raise
 
     def start_corral(self):
         # 666: Apache's workers run as www-data.
@@ -74,6 +80,8 @@ class Stack:
             "/prefix",
             "--socket-mode",
             "666",
+            "--stats",
+            f"127.0.0.1:{self.stats_port}",
             http=None,
             threads=4,
         )
@@ -144,7 +152,8 @@ frontend tls
     default_backend corral-https
 backend corral
     use-fcgi-app corral
-    server s1 {self.backend} proto fcgi
+    option httpchk GET /readyz
+    server s1 {self.backend} proto fcgi check check-proto h1 port {self.stats_port} inter 1s
 backend corral-https
     use-fcgi-app corral-https
     server s1 {self.backend} proto fcgi
@@ -265,6 +274,25 @@ def test_repeated_headers(stack):
 def test_https_flag(stack):
     assert stack.environ(port=stack.https_port)["wsgi.url_scheme"] == "https"
     assert stack.environ()["wsgi.url_scheme"] == "http"
+
+
+def test_dot_segments_and_repeated_slashes_reach_the_app_resolved(stack):
+    """The app routes on the path the front end routed on: `..`, `.` (also
+    percent-encoded) and `//` are resolved, whichever protocol carried the request."""
+    env = stack.environ("/internal/../a//b/./c/%2e%2e/environ?q=1")
+    assert (env["SCRIPT_NAME"], env["PATH_INFO"], env["QUERY_STRING"]) == ("", "/a/b/environ", "q=1")
+    env = stack.environ("//prefix//x/../environ")
+    assert (env["SCRIPT_NAME"], env["PATH_INFO"]) == ("/prefix", "/environ")
+
+
+def test_haproxy_health_check_keeps_the_server_in_rotation(stack):
+    """docs/deploy/haproxy.md's check: HTTP on corral's --stats port (/readyz)."""
+    if stack.front_name != "haproxy":
+        pytest.skip("HAProxy only")
+    # Three failed checks (fall 3, inter 1s) would take the server down.
+    time.sleep(4.5)
+    assert stack.environ()["REQUEST_METHOD"] == "GET"
+    assert "is DOWN" not in stack.front.logs(), stack.front.logs()[-2000:]
 
 
 def test_app_mounted_at_prefix(stack):

@@ -82,9 +82,15 @@ pub struct CgiEnviron<'b> {
 ///   joined with "," (Cookie with "; "); for other names the last one wins.
 /// - HTTP_CONTENT_LENGTH and HTTP_CONTENT_TYPE are dropped: PEP 3333 has
 ///   only the CGI names.
-/// - PATH_INFO, when the front end sends none, is REQUEST_URI's path,
-///   percent-decoded; a SCRIPT_NAME sent without PATH_INFO is then ignored,
-///   because stock nginx and Apache FastCGI configs put the whole path there.
+/// - PATH_INFO, when the front end sends none, is the path the front end
+///   routed on: DOCUMENT_URI when sent (nginx's `$document_uri`, decoded and
+///   normalized, what nginx itself sends as PATH_INFO over uwsgi), else
+///   REQUEST_URI's path percent-decoded with its dot segments resolved and
+///   repeated slashes merged, as nginx and Apache do before they route. A
+///   raw `/internal/../public` must not reach the app as a path under
+///   /internal when the front end allowed it as /public. A SCRIPT_NAME sent
+///   without PATH_INFO is then ignored, because stock nginx and Apache
+///   FastCGI configs put the whole path there.
 /// - `strip_script_name` (uwsgi modifier1 30) removes SCRIPT_NAME from the
 ///   front of PATH_INFO; `mount` (the `--mount` prefix) moves itself from
 ///   PATH_INFO to SCRIPT_NAME when nothing set SCRIPT_NAME.
@@ -95,6 +101,7 @@ pub fn environ<'b>(params: &CgiParams, bytes: &'b [u8], mount: &'b [u8]) -> CgiE
     let mut path_sent: Option<&'b [u8]> = None;
     let mut script_sent: Option<&'b [u8]> = None;
     let mut request_uri: Option<&'b [u8]> = None;
+    let mut document_uri: Option<&'b [u8]> = None;
     let mut https = false;
     let mut have_query = false;
     let mut have_protocol = false;
@@ -116,6 +123,7 @@ pub fn environ<'b>(params: &CgiParams, bytes: &'b [u8], mount: &'b [u8]) -> CgiE
             b"HTTPS" => https |= value.eq_ignore_ascii_case(b"on") || value == b"1",
             b"REQUEST_SCHEME" => https |= value.eq_ignore_ascii_case(b"https"),
             b"REQUEST_URI" => request_uri = Some(value),
+            b"DOCUMENT_URI" => document_uri = Some(value),
             b"QUERY_STRING" => have_query = true,
             b"SERVER_PROTOCOL" => have_protocol = true,
             b"SERVER_PORT" => server_port_sent = true,
@@ -160,10 +168,13 @@ pub fn environ<'b>(params: &CgiParams, bytes: &'b [u8], mount: &'b [u8]) -> CgiE
 
     let (mut path, mut script): (Cow<'b, [u8]>, Cow<'b, [u8]>) = match path_sent {
         Some(p) => (Cow::Borrowed(p), Cow::Borrowed(script_sent.unwrap_or(b""))),
+        None if document_uri.is_some_and(|d| d.starts_with(b"/")) => {
+            (Cow::Borrowed(document_uri.unwrap_or_default()), Cow::Borrowed(b""))
+        }
         None if request_uri.is_some() => {
             let mut decoded = Vec::with_capacity(uri_path.len());
             percent_decode(uri_path, &mut decoded);
-            (Cow::Owned(decoded), Cow::Borrowed(b""))
+            (Cow::Owned(normalize_path(decoded)), Cow::Borrowed(b""))
         }
         // Neither PATH_INFO nor REQUEST_URI (a bare CGI environment): the
         // script name is all there is to go by.
@@ -187,6 +198,45 @@ pub fn environ<'b>(params: &CgiParams, bytes: &'b [u8], mount: &'b [u8]) -> CgiE
         }
     }
     CgiEnviron { vars, path_info: path, script_name: script, https }
+}
+
+/// A decoded absolute path with `.` and `..` segments resolved (RFC 3986
+/// 5.2.4; `..` never climbs above the root) and runs of `/` merged into one,
+/// as nginx (`merge_slashes on`, its default) and Apache (`MergeSlashes On`)
+/// do before matching locations. A path not starting with `/` is returned as
+/// it is.
+pub fn normalize_path(path: Vec<u8>) -> Vec<u8> {
+    let needs = path.starts_with(b"/") && path.windows(2).any(|w| w == b"//" || w == b"/.");
+    if !needs {
+        return path;
+    }
+    let mut segments: Vec<&[u8]> = Vec::new();
+    let mut trailing_slash = false;
+    let parts: Vec<&[u8]> = path[1..].split(|&b| b == b'/').collect();
+    let last = parts.len() - 1;
+    for (i, seg) in parts.iter().enumerate() {
+        let is_last = i == last;
+        match *seg {
+            b"" | b"." => trailing_slash = is_last,
+            b".." => {
+                segments.pop();
+                trailing_slash = is_last;
+            }
+            _ => {
+                segments.push(seg);
+                trailing_slash = false;
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(path.len());
+    for seg in &segments {
+        out.push(b'/');
+        out.extend_from_slice(seg);
+    }
+    if trailing_slash || out.is_empty() {
+        out.push(b'/');
+    }
+    out
 }
 
 /// Whether `path` is `prefix` or lies below it (at a `/` boundary).
@@ -278,7 +328,46 @@ mod tests {
         (&[("SCRIPT_NAME", "/"), ("PATH_INFO", "x")], "", false, "/x", ""),
         // A bare CGI environment.
         (&[("SCRIPT_NAME", "/s")], "", false, "/s", ""),
+        // nginx's stock fastcgi_params and scgi_params: DOCUMENT_URI is the
+        // decoded, normalized path nginx routed on.
+        (&[("REQUEST_URI", "/a/../b//c/%2e%2e/d?q"), ("DOCUMENT_URI", "/b/d")], "", false, "/b/d", ""),
+        (&[("REQUEST_URI", "/x/%2541"), ("DOCUMENT_URI", "/x/%41")], "", false, "/x/%41", ""),
+        (&[("REQUEST_URI", "//app//x"), ("DOCUMENT_URI", "/app/x")], "/app", false, "/x", "/app"),
+        // PATH_INFO, when sent, wins over DOCUMENT_URI.
+        (&[("PATH_INFO", "/p"), ("DOCUMENT_URI", "/d")], "", false, "/p", ""),
+        // Only REQUEST_URI (Apache, HAProxy): decoded, then normalized.
+        (&[("REQUEST_URI", "/internal/%2e%2e/public")], "", false, "/public", ""),
+        (&[("REQUEST_URI", "/internal/../public?x=/..")], "", false, "/public", ""),
+        (&[("REQUEST_URI", "//app//x/./y/")], "/app", false, "/x/y/", "/app"),
+        (&[("REQUEST_URI", "/../../etc")], "", false, "/etc", ""),
     ];
+
+    #[test]
+    fn normalized_paths() {
+        let cases: &[(&str, &str)] = &[
+            ("/", "/"),
+            ("/a/b", "/a/b"),
+            ("/a/b/", "/a/b/"),
+            ("//", "/"),
+            ("/a//b", "/a/b"),
+            ("/a/./b", "/a/b"),
+            ("/a/b/.", "/a/b/"),
+            ("/a/b/..", "/a/"),
+            ("/a/..", "/"),
+            ("/..", "/"),
+            ("/../a", "/a"),
+            ("/a/b/../../../c", "/c"),
+            ("/a/.b/..c/...", "/a/.b/..c/..."),
+            ("/a/b/./", "/a/b/"),
+            ("*", "*"),
+            ("", ""),
+            ("a/../b", "a/../b"),
+        ];
+        for (input, want) in cases {
+            let got = normalize_path(input.as_bytes().to_vec());
+            assert_eq!(String::from_utf8_lossy(&got), *want, "{input:?}");
+        }
+    }
 
     #[test]
     fn path_info_and_script_name() {
