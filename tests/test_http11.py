@@ -302,6 +302,25 @@ def test_max_body_size_chunked(limited):
         assert conn.at_eof(10)
 
 
+@pytest.mark.parametrize(
+    "path,chunks",
+    [
+        # One chunk past the limit, read 8 KiB at a time: the part of the chunk
+        # kept for the next read counts too.
+        ("/echo", [3000]),
+        # read() with no size, with the limit reached exactly on a chunk boundary.
+        ("/input?op=read", [500, 500, 4]),
+    ],
+    ids=["one-big-chunk", "read-all-on-a-boundary"],
+)
+def test_max_body_size_chunked_whatever_the_reads(limited, path, chunks):
+    with limited.connect() as conn:
+        body = b"".join(b"%x\r\n" % n + b"z" * n + b"\r\n" for n in chunks) + b"0\r\n\r\n"
+        conn.send(f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode() + body)
+        resp = conn.read_response()
+        assert resp.status == 413, (resp.status, resp.body[:200])
+
+
 def test_max_body_size_with_expect_gets_no_100(limited):
     with limited.connect() as conn:
         conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n")

@@ -400,3 +400,81 @@ def test_log_format_json_applies_to_the_access_log_too(start_server, tmp_path):
     server.request("GET", "/fixed")
     (line,) = _read_lines(log, 1)
     assert json.loads(line)["path"] == "/fixed"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--user needs root")
+def test_log_files_with_user_and_chdir(start_server):
+    """Relative log paths name files in the directory corral starts in (not the
+    --chdir one); files corral creates are given to --user, so workers can write
+    the access log and reopen both logs on SIGUSR1."""
+    import http.client
+    import pwd
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from front_ends import free_port
+
+    base = Path(tempfile.mkdtemp(prefix="corral-logs-"))
+    try:
+        base.chmod(0o755)
+        start, app_dir = base / "start", base / "app"
+        start.mkdir(mode=0o755)
+        app_dir.mkdir(mode=0o755)
+        port = free_port()
+        server = start_server(
+            "behaviour:application",
+            # Imported by the master, as root: the interpreter's own files may
+            # not be readable by nobody.
+            "--preload",
+            "--user",
+            "nobody",
+            "--access-log",
+            "access.log",
+            "--error-log",
+            "error.log",
+            "--chdir",
+            str(app_dir),
+            http=f"127.0.0.1:{port}",
+            cwd=start,
+            wait=False,
+        )
+        error_log, access_log = start / "error.log", start / "access.log"
+
+        def error_text():
+            return error_log.read_text() if error_log.exists() else ""
+
+        assert wait_until(lambda: "Worker ready" in error_text(), 20), error_text()
+
+        def get(path):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            try:
+                conn.request("GET", path)
+                return conn.getresponse().status
+            finally:
+                conn.close()
+
+        assert get("/fixed") == 200
+        assert wait_until(lambda: access_log.exists() and "GET /fixed" in access_log.read_text(), 10)
+        nobody = pwd.getpwnam("nobody").pw_uid
+        assert error_log.stat().st_uid == nobody and access_log.stat().st_uid == nobody
+        assert not (app_dir / "access.log").exists() and not (app_dir / "error.log").exists()
+        server.signal(signal.SIGUSR1)
+        assert get("/fixed?after=usr1") == 200
+        assert wait_until(lambda: "after=usr1" in access_log.read_text(), 10)
+        assert "Permission denied" not in error_text(), error_text()
+        assert "replacing it" not in error_text() and "while booting" not in error_text(), error_text()
+        server.signal(signal.SIGTERM)
+        assert server.wait_exit(30) == 0
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--user needs root")
+def test_existing_log_file_the_user_cannot_write_is_refused_at_start(start_server, tmp_path):
+    log = tmp_path / "access.log"
+    log.write_text("")
+    log.chmod(0o644)
+    server = start_server("behaviour:application", "--user", "nobody", "--access-log", str(log), wait=False)
+    assert server.wait_exit(20) == 2
+    assert server.grep(r"--access-log .*access\.log: user nobody cannot write it")

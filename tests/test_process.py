@@ -87,6 +87,25 @@ def test_killed_worker_is_replaced(start_server):
     assert not any(p == victim for p in group_members(server.pgid))
 
 
+@pytest.mark.parametrize("code", [1, 3])
+def test_a_serving_worker_that_exits_is_replaced(start_server, code):
+    """Exit code 3 says "could not load the application" only while a worker boots:
+    an app that exits with it while serving gets its worker replaced like any other."""
+    server = start_server("behaviour:application", workers=2)
+    before = set(server.worker_pids())
+    mark = server.mark()
+    with pytest.raises((OSError, IncompleteResponse)):
+        server.request("GET", f"/exit?code={code}", timeout=10)
+    died = server.wait_for(
+        rf"Worker \d+ \(pid (\d+)\) exited with code {code} while serving GET /exit", since=mark
+    )
+    assert int(died[0].group(1)) in before
+    server.wait_for(READY_RE.pattern, since=mark)
+    assert server.running()
+    assert not server.grep("shutting down", since=mark)
+    assert server.request("GET", "/fixed").status == 200
+
+
 def test_killed_worker_fails_only_its_own_request(start_server):
     server = start_server("behaviour:application", workers=1, threads=2)
     (victim,) = server.worker_pids()

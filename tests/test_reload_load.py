@@ -6,6 +6,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from support import IncompleteResponse, wait_until
 
 
@@ -207,6 +208,42 @@ def test_hup_with_preload_reexecutes_and_loads_new_code(start_server, tmp_path):
         mark = server.mark()
         server.signal(signal.SIGHUP)
         server.wait_for(r"re-executing the master", since=mark)
+        server.wait_for(r"from before the re-exec exited", count=2, since=mark, timeout=30)
+        assert wait_until(lambda: server.request("GET", "/").body == b"version 2", 10)
+        assert server.running()
+    finally:
+        load.finish()
+    assert not load.failures, load.failures[:10]
+
+
+@pytest.mark.parametrize("how", ["hup-preload", "usr2"])
+def test_reexec_with_broken_code_keeps_the_old_workers_then_fixed_code_loads(start_server, tmp_path, how):
+    """A re-exec (HUP with --preload, USR2) whose new code fails to import: the
+    workers from before it keep serving the previous code, the master stays up,
+    and the new code is tried again until it loads."""
+    app = tmp_path / "versioned.py"
+    _write_app(app, 1)
+    preload = ("--preload",) if how == "hup-preload" else ()
+    server = start_server(
+        "versioned:application", *preload, "--chdir", str(tmp_path), workers=2, pythonpath=None
+    )
+    load = Load(server)
+    try:
+        app.write_text("def application(environ, start_response):\n    return [b'unclosed'\n")
+        mark = server.mark()
+        server.signal(signal.SIGHUP if how == "hup-preload" else signal.SIGUSR2)
+        server.wait_for(
+            r"could not load the new code .*keep serving the previous code", since=mark, timeout=30
+        )
+        if how == "hup-preload":
+            assert server.grep(r"The new code could not be preloaded", since=mark)
+        seen = load.count()
+        assert wait_until(lambda: load.count() > seen + 20, 10)
+        with load.lock:
+            assert set(load.bodies[seen:]) == {b"version 1"}
+        assert server.running()
+        _write_app(app, 2)
+        mark = server.mark()
         server.wait_for(r"from before the re-exec exited", count=2, since=mark, timeout=30)
         assert wait_until(lambda: server.request("GET", "/").body == b"version 2", 10)
         assert server.running()

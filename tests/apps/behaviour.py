@@ -95,6 +95,11 @@ def stream(environ, start_response):
     return (f"chunk{i}\n".encode() for i in range(n))
 
 
+def exit_now(environ, start_response):
+    """Ends the worker process at once with ?code= (an app that calls os._exit)."""
+    os._exit(int(_query(environ).get("code", "1")))
+
+
 def pid(environ, start_response):
     return _ok(start_response, str(os.getpid()))
 
@@ -150,6 +155,7 @@ VALIDATED = {
     "/fixed": fixed,
     "/stream": stream,
     "/pid": pid,
+    "/exit": exit_now,
     "/slow": slow,
     "/errors": errors,
     "/os-environ": os_environ,

@@ -437,8 +437,10 @@ impl Io {
                 BodyState::Fcgi(_) => return self.read_fcgi_body(max, sink, blocking),
                 BodyState::Chunked(dec) => match dec.decode(&self.buf) {
                     Ok(Chunk::Data { data, consumed }) => {
+                        // The whole chunk counts against the limit, also the part
+                        // kept in `pending` for the next read.
                         let take = data.len().min(max);
-                        let total = self.body_received + take as u64;
+                        let total = self.body_received + data.len() as u64;
                         if total > self.max_body {
                             self.body = BodyState::Failed(BodyError::TooLarge);
                             return Err(BodyError::TooLarge);

@@ -25,6 +25,10 @@ use crate::worker::WorkerCtx;
 /// master stops instead of respawning into the same error.
 pub const EXIT_APP_LOAD_FAILED: i32 = 3;
 
+/// After a re-exec whose new code fails to load, how long the master waits
+/// before a new worker tries it again (the previous workers serve meanwhile).
+const RELOAD_RETRY: Duration = Duration::from_secs(5);
+
 /// Where the master is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -834,7 +838,10 @@ impl<'a, H: Hooks> Master<'a, H> {
             }
             self.scoreboard.reset(slot, std::process::id() as i32);
             let ctx = WorkerCtx {
-                max_requests: self.config.max_requests.map(|m| m + jitter(self.config.max_requests_jitter)),
+                max_requests: self
+                    .config
+                    .max_requests
+                    .map(|m| m.saturating_add(jitter(self.config.max_requests_jitter))),
                 config: self.config.clone(),
                 listeners,
                 slot,
@@ -903,7 +910,25 @@ impl<'a, H: Hooks> Master<'a, H> {
                 }
                 continue;
             }
-            if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == EXIT_APP_LOAD_FAILED {
+            // Exit code 3 means "could not load the application" only from a
+            // worker still booting: a serving app may exit with any code.
+            let load_failed =
+                !booted && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == EXIT_APP_LOAD_FAILED;
+            if load_failed && !self.inherited.is_empty() {
+                // After a re-exec (HUP with --preload, USR2, --reload): the
+                // workers from before it still serve the code that loaded.
+                // They go on; the new code is tried again until it loads.
+                error!(
+                    "Worker {} (pid {pid}) could not load the new code (see the error above); the {} worker(s) \
+                     from before the re-exec keep serving the previous code; trying again in {}s",
+                    w.slot,
+                    self.inherited.len(),
+                    RELOAD_RETRY.as_secs()
+                );
+                self.respawn_at = Some(Instant::now() + RELOAD_RETRY);
+                continue;
+            }
+            if load_failed {
                 error!("Worker {} (pid {pid}) could not load the application (see the error above); shutting down", w.slot);
                 self.fail(1);
                 return;
@@ -1057,7 +1082,7 @@ fn jitter(max: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d049bb133111eb);
     x ^= x >> 31;
-    x % (max + 1)
+    x % max.saturating_add(1).max(1)
 }
 
 fn describe_serving(serving: &[(String, u64)]) -> String {

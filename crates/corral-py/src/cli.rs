@@ -163,7 +163,7 @@ pub struct Cli {
 
     /// Replace a worker after it served N requests (it finishes them first). Off by default.
     #[arg(long, value_name = "N", env = "CORRAL_MAX_REQUESTS",
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=MAX_COUNT))]
     pub max_requests: Option<u64>,
 
     /// Add up to N to each worker's --max-requests, so workers do not all recycle at once.
@@ -172,7 +172,8 @@ pub struct Cli {
         value_name = "N",
         env = "CORRAL_MAX_REQUESTS_JITTER",
         default_value_t = 0,
-        requires = "max_requests"
+        requires = "max_requests",
+        value_parser = clap::value_parser!(u64).range(0..=MAX_COUNT)
     )]
     pub max_requests_jitter: u64,
 
@@ -182,7 +183,7 @@ pub struct Cli {
 
     /// Replace a worker whose resident memory passes MiB (checked four times a second). Off by default.
     #[arg(long, value_name = "MiB", env = "CORRAL_RELOAD_ON_RSS",
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=MAX_RSS_MIB))]
     pub reload_on_rss: Option<u64>,
 
     /// Write the master's pid to FILE (removed at exit).
@@ -193,7 +194,8 @@ pub struct Cli {
     #[arg(long, value_name = "MODE", env = "CORRAL_UMASK", value_parser = parse_mode)]
     pub umask: Option<u32>,
 
-    /// Run the app as USER (name or id) after binding the listeners. Needs root.
+    /// Run the app as USER (name or id) after binding the listeners. Needs root. Log files
+    /// corral creates are given to USER; existing ones must be writable by USER.
     #[arg(long, value_name = "USER", env = "CORRAL_USER")]
     pub user: Option<String>,
 
@@ -271,6 +273,12 @@ pub struct Cli {
           value_parser = clap::value_parser!(i32).range(1..=65535))]
     pub backlog: i32,
 }
+
+/// The largest --max-requests and --max-requests-jitter: far beyond any
+/// use, and their sum still fits a u64.
+const MAX_COUNT: u64 = 1 << 40;
+/// The largest --reload-on-rss (1 PiB), so its byte count fits a u64.
+const MAX_RSS_MIB: u64 = 1 << 30;
 
 fn parse_mode(s: &str) -> Result<u32, String> {
     let m = u32::from_str_radix(s, 8).map_err(|_| format!("{s:?} is not an octal mode such as 660"))?;
@@ -373,7 +381,18 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         }
     };
     corral_engine::logfile::set_json(cli.log_format == LogFormat::Json);
-    if let Err(e) = corral_engine::logfile::set_error_log(&cli.error_log) {
+    // Log files are named from the directory corral starts in: --chdir
+    // happens later, and workers and SIGUSR1 open them again by name.
+    let error_log = absolute_log_path(&cli.error_log);
+    let access_log = cli.access_log.as_deref().map(absolute_log_path);
+    let logs_existed: Vec<(&str, String, bool)> =
+        [("--error-log", Some(&error_log)), ("--access-log", access_log.as_ref())]
+            .into_iter()
+            .filter_map(|(flag, p)| {
+                p.filter(|p| *p != "-").map(|p| (flag, p.clone(), std::path::Path::new(p).exists()))
+            })
+            .collect();
+    if let Err(e) = corral_engine::logfile::set_error_log(&error_log) {
         eprintln!("corral: {e}");
         return Ok(2);
     }
@@ -390,7 +409,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             return Ok(2);
         }
     };
-    if let Some(target) = &cli.access_log {
+    if let Some(target) = &access_log {
         // Opened here once so a bad path fails at start, not in every worker.
         if let Err(e) = corral_engine::access::Sink::open(target) {
             error!("{e}");
@@ -478,6 +497,16 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             return Ok(2);
         }
     };
+    if let Some((uid, gid, name)) = &ids {
+        // Workers run as that user, open the access log themselves and
+        // reopen both logs on SIGUSR1: the files must be theirs to write.
+        for (flag, path, existed) in &logs_existed {
+            if let Err(e) = give_log_to_user(path, *existed, *uid, *gid, name) {
+                error!("{flag} {path}: {e}");
+                return Ok(2);
+            }
+        }
+    }
     if let Some(mask) = cli.umask {
         unsafe { libc::umask(mask as libc::mode_t) };
     }
@@ -551,7 +580,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         workers_max: cli.workers_max.map(|m| m as usize),
         scale_down_idle: cli.scale_down_idle,
         max_connections: cli.max_connections as usize,
-        access_log: cli.access_log.clone().map(|t| (t, access_format)),
+        access_log: access_log.clone().map(|t| (t, access_format)),
         static_mounts,
     };
 
@@ -638,11 +667,26 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             }
         }
     };
+    // Set by the program this master replaced (HUP with --preload, USR2, --reload).
+    let reexec_with_workers =
+        std::env::var(corral_engine::supervise::OLD_WORKERS_ENV).is_ok_and(|v| !v.trim().is_empty());
     let preloaded = if cli.preload {
         match load_app(py, &spec) {
             Ok(app) => {
                 info!("Preloaded application {}", cli.app);
                 Some(app)
+            }
+            Err(msg) if reexec_with_workers => {
+                // The workers from before the re-exec still serve the code
+                // that loaded: keep them, and let new workers import the app
+                // themselves until it loads (the master then replaces them).
+                error!("{msg}");
+                error!(
+                    "The new code could not be preloaded; the workers from before the re-exec keep serving \
+                     the previous code, and new workers import the application themselves (without \
+                     --preload) until it loads"
+                );
+                None
             }
             Err(msg) => {
                 error!("{msg}");
@@ -714,6 +758,45 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     let code = master.run();
     remove_pidfile();
     Ok(code)
+}
+
+/// A log file's name made absolute against the current directory (`-`,
+/// standard output or error, stays as it is).
+fn absolute_log_path(target: &str) -> String {
+    if target == "-" {
+        return target.to_string();
+    }
+    std::path::absolute(target).map_or_else(|_| target.to_string(), |p| p.display().to_string())
+}
+
+/// Makes a log file writable by the user the workers run as: one corral
+/// just created becomes theirs; an existing one must already be writable
+/// by them (corral does not take over a file someone else owns).
+fn give_log_to_user(path: &str, existed: bool, uid: u32, gid: u32, name: &str) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    if !existed {
+        return std::os::unix::fs::chown(path, Some(uid), Some(gid))
+            .map_err(|e| format!("cannot give it to user {name}: {e}"));
+    }
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    let mode = meta.mode();
+    let writable = if meta.uid() == uid {
+        mode & 0o200 != 0
+    } else if meta.gid() == gid {
+        mode & 0o020 != 0
+    } else {
+        mode & 0o002 != 0
+    };
+    if writable {
+        return Ok(());
+    }
+    Err(format!(
+        "user {name} cannot write it (owner uid {}, gid {}, mode {:o}); give it to that user or let corral \
+         create it",
+        meta.uid(),
+        meta.gid(),
+        mode & 0o7777
+    ))
 }
 
 /// Resolves `--user` and `--group` to (uid, gid, user name) before anything

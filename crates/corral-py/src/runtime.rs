@@ -91,10 +91,11 @@ impl Hooks for Runtime {
             }
         };
         // Serve with the GIL released; worker threads take it per request.
-        let ts = unsafe { ffi::PyEval_SaveThread() };
-        let code = run_worker(wsgi, ctx);
-        unsafe { ffi::PyEval_RestoreThread(ts) };
-        code
+        // allow_threads rather than a bare PyEval_SaveThread: this thread is
+        // inside a Python call, so PyO3 would otherwise take the GIL for held
+        // and drop the app's objects (when run_worker returns early) with a
+        // bare Py_DECREF, which aborts the process.
+        py.allow_threads(move || run_worker(wsgi, ctx))
     }
 
     fn reexec_command(&self) -> Option<(CString, Vec<CString>)> {

@@ -663,7 +663,10 @@ impl Input {
         match direct {
             Some(n) if n <= DIRECT_READ_MAX => read_into_bytes(py, &self.ex, n as usize),
             _ => {
-                let limit = asked.map_or(self.max, |n| n as u64).min(usize::MAX as u64) as usize;
+                // One byte past the limit: a body longer than --max-body-size
+                // then fails here instead of stopping short without a word.
+                let limit =
+                    asked.map_or(self.max.saturating_add(1), |n| n as u64).min(usize::MAX as u64) as usize;
                 let mut out = Vec::new();
                 self.ex.read_to_end(&mut out, limit).map_err(body_error)?;
                 Ok(PyBytes::new(py, &out))
