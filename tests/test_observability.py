@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from support import CORRAL, wait_until
+from support import CORRAL, IncompleteResponse, wait_until
 
 
 def _free_port():
@@ -478,3 +478,18 @@ def test_existing_log_file_the_user_cannot_write_is_refused_at_start(start_serve
     server = start_server("behaviour:application", "--user", "nobody", "--access-log", str(log), wait=False)
     assert server.wait_exit(20) == 2
     assert server.grep(r"--access-log .*access\.log: user nobody cannot write it")
+
+
+def test_access_log_lines_survive_a_worker_that_dies(start_server, tmp_path):
+    """Lines of requests already answered are written before the worker dies."""
+    log = tmp_path / "access.log"
+    server = start_server("behaviour:application", "--access-log", str(log), workers=1)
+    for i in range(3):
+        assert server.request("GET", f"/fixed?n={i}").status == 200
+    mark = server.mark()
+    with pytest.raises((OSError, IncompleteResponse)):
+        server.request("GET", "/exit?code=1", timeout=10)
+    server.wait_for(r"exited with code 1 while serving GET /exit", since=mark)
+    text = log.read_text()
+    for i in range(3):
+        assert f"GET /fixed?n={i} " in text, text

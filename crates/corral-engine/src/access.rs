@@ -227,6 +227,15 @@ impl AccessLog {
         }
     }
 
+    /// Writes out thread `t`'s buffer, when it holds lines.
+    pub fn flush_thread(&self, t: usize) {
+        let mut buf = self.buffers[t].lock().unwrap_or_else(|p| p.into_inner());
+        if !buf.is_empty() {
+            self.sink.write(&buf);
+            buf.clear();
+        }
+    }
+
     /// Writes out every thread's buffer.
     pub fn flush(&self) {
         for b in &self.buffers {

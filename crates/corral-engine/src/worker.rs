@@ -351,6 +351,7 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
             }
         }
         sweep(w, now, drain_deadline.is_some());
+        report_shed(w, now);
         check_timeouts(w, now);
         if !recycling && drain_deadline.is_none() {
             recycling = check_recycle(w, now - born);
@@ -659,6 +660,13 @@ fn thread_main<A: App>(w: &Shared<A>, t: usize, holder: Option<Arc<crate::flushe
             }
         }
         held.release(w);
+        // The lines of this pass's requests go out before the thread waits
+        // again: a worker that dies (an app calling os._exit, a crash in C)
+        // loses at most the lines of the pass it died in, and one write
+        // covers a whole pass under load.
+        if let Some(log) = &w.access {
+            log.flush_thread(t);
+        }
     }
 }
 
@@ -707,10 +715,16 @@ fn shed<A: App>(w: &Shared<A>, fd: RawFd, idx: usize) {
     drain_and_close(&mut io);
     unsafe { libc::close(fd) };
     w.scoreboard.count(w.slot, crate::scoreboard::C_SHED, 1);
-    let now = mono_ms();
+    SHED.lock().unwrap_or_else(|p| p.into_inner()).0 += 1;
+    report_shed(w, mono_ms());
+}
+
+/// Logs how many connections were turned away since the last report, at
+/// most once a second; the main loop calls it too, so the tail of a burst
+/// is reported even when no connection is turned away after it.
+fn report_shed<A: App>(w: &Shared<A>, now: u64) {
     let mut shed = SHED.lock().unwrap_or_else(|p| p.into_inner());
-    shed.0 += 1;
-    if now >= shed.1 + 1000 {
+    if shed.0 > 0 && now >= shed.1 + 1000 {
         warn!(
             "Overloaded: {} connection(s) turned away with 503 (this worker holds --max-connections {}): pid={}",
             shed.0,

@@ -721,7 +721,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         sys.getattr("executable")?.extract::<String>()?,
         sys.getattr("orig_argv")?.extract::<Vec<String>>()?,
     );
-    let runtime = Runtime::new(spec, preloaded, mount, &config, reexec, start_dir);
+    let runtime = Runtime::new(spec, preloaded, cli.preload, mount, &config, reexec, start_dir);
     let mut master = match Master::new(config, listeners, &runtime) {
         Ok(m) => m,
         Err(e) => {

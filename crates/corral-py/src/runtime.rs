@@ -17,6 +17,9 @@ use crate::wsgi::WsgiApp;
 pub struct Runtime {
     spec: AppSpec,
     preloaded: Option<PyObject>,
+    /// --preload was asked for (even if the app failed to preload after a
+    /// re-exec, a reload re-executes to try again).
+    preload: bool,
     mount: String,
     multiprocess: bool,
     multithread: bool,
@@ -30,6 +33,7 @@ impl Runtime {
     pub fn new(
         spec: AppSpec,
         preloaded: Option<PyObject>,
+        preload: bool,
         mount: String,
         config: &Config,
         reexec: (String, Vec<String>),
@@ -38,6 +42,7 @@ impl Runtime {
         Runtime {
             spec,
             preloaded,
+            preload,
             mount,
             multiprocess: config.workers > 1,
             multithread: config.threads > 1,
@@ -117,7 +122,7 @@ impl Hooks for Runtime {
     }
 
     fn reload_needs_reexec(&self) -> bool {
-        self.preloaded.is_some()
+        self.preload
     }
 
     fn worker_exit(&self, code: i32) -> ! {
