@@ -19,7 +19,7 @@ import uuid
 
 import gateway as g
 import pytest
-from support import wait_until
+from support import CORRAL, wait_until
 
 PROTOS = g.PROTOCOLS
 MIB = 1 << 20
@@ -848,31 +848,89 @@ def test_socket_in_use_is_not_taken(start_server, tmp_path):
             c.connect(str(path))
 
 
-def test_non_loopback_listeners_warn_for_uwsgi_and_fastcgi(start_server, tmp_path):
+def test_a_start_that_fails_after_binding_leaves_no_socket_file(start_server, tmp_path):
+    path = _short_dir(tmp_path) / "early.sock"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        server = start_server(
+            "behaviour:application", "--uwsgi", f"unix:{path}", http=f"127.0.0.1:{port}", wait=False
+        )
+        assert server.wait_exit() != 0
+    assert "address already in use" in server.log, server.log
+    assert not path.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop the right to connect")
+def test_a_socket_that_cannot_be_checked_is_not_taken(start_server, tmp_path):
+    """A socket file whose listener this process may not connect to is not
+    "stale": the start fails, and the other server keeps its socket."""
+    path = _short_dir(tmp_path) / "private.sock"
+    with socket.socket(socket.AF_UNIX) as live:
+        live.bind(str(path))
+        live.listen()
+        os.chmod(path, 0o600)
+        os.chown(path, 65534, 65534)
+        # root without the capabilities that override file permissions.
+        caps = "-dac_override,-dac_read_search"
+        command = ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", "--", *CORRAL]
+        server = start_server(
+            "behaviour:application",
+            "--uwsgi",
+            f"unix:{path}",
+            http=None,
+            wait=False,
+            command=command,
+        )
+        assert server.wait_exit() != 0
+        assert "cannot be checked" in server.log, server.log
+        with socket.socket(socket.AF_UNIX) as c:
+            c.connect(str(path))
+
+
+def test_non_loopback_listeners_warn_for_the_gateway_protocols(start_server, tmp_path):
+    """uwsgi, FastCGI and SCGI trust what their peer says (client address, scheme,
+    paths): bound where other machines reach them, whether by address or as an
+    inherited descriptor, they get a warning; HTTP, loopback and unix ones do not."""
+    inherited = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    inherited.bind(("0.0.0.0", 0))
+    inherited.listen(16)
+    fd = inherited.fileno()
     listeners = [
         ("uwsgi", "0.0.0.0:0"),
         ("fastcgi", "0.0.0.0:0"),
         ("fastcgi", "[::]:0"),
         ("scgi", "0.0.0.0:0"),
+        ("uwsgi", f"fd://{fd}"),
         ("uwsgi", "127.0.0.2:0"),
         ("fastcgi", "[::1]:0"),
         ("uwsgi", f"unix:{_short_dir(tmp_path)}/u.sock"),
         ("fastcgi", "127.0.0.1:0"),
+        ("scgi", "tcp://127.0.0.1:0"),
     ]
-    server = g.start_gateways(start_server, "behaviour:application", listeners, http="0.0.0.0:0")
+    try:
+        server = g.start_gateways(
+            start_server, "behaviour:application", listeners, http="0.0.0.0:0", pass_fds=(fd,)
+        )
+    finally:
+        inherited.close()
     warnings = [line for line in server.lines if "[WARNING]" in line]
-    assert len(warnings) == 3, "\n".join(warnings)
+    assert len(warnings) == 5, "\n".join(warnings)
     addrs = server.gateways
     for proto, host, port in [
         ("uwsgi", "0.0.0.0", addrs["uwsgi"][0][1]),
         ("fastcgi", "0.0.0.0", addrs["fastcgi"][0][1]),
         ("fastcgi", "[::]", addrs["fastcgi"][1][1]),
+        ("scgi", "0.0.0.0", addrs["scgi"][0][1]),
     ]:
         url = f"{proto}://{host}:{port}"
         assert [w for w in warnings if url in w and "must not face the internet" in w], (url, warnings)
+    assert [w for w in warnings if f"(fd {fd})" in w and "must not face the internet" in w], warnings
     # The loopback and unix ones serve without a warning.
-    assert g.call("uwsgi", ("127.0.0.2", addrs["uwsgi"][1][1]), uri="/fixed").body == b"hello world"
+    assert g.call("uwsgi", ("127.0.0.2", addrs["uwsgi"][2][1]), uri="/fixed").body == b"hello world"
     assert g.call("fastcgi", ("::1", addrs["fastcgi"][2][1]), uri="/fixed").body == b"hello world"
+    assert g.call("scgi", ("127.0.0.1", addrs["scgi"][1][1]), uri="/fixed").body == b"hello world"
 
 
 # -- malformed input ------------------------------------------------------------------

@@ -41,7 +41,7 @@ impl Protocol {
     /// (client address, scheme, paths): such a socket must face only the
     /// front end, never the internet.
     pub fn trusts_peer(self) -> bool {
-        matches!(self, Protocol::Uwsgi | Protocol::FastCgi)
+        matches!(self, Protocol::Uwsgi | Protocol::FastCgi | Protocol::Scgi)
     }
 }
 
@@ -56,8 +56,15 @@ pub enum Addr {
 }
 
 impl Addr {
-    /// Parses `HOST:PORT`, `[v6]:PORT`, `:PORT` (all interfaces), `unix:/path` or `fd://N`.
+    /// Parses `HOST:PORT`, `[v6]:PORT`, `:PORT` (all interfaces), `unix:/path` or
+    /// `fd://N`; `tcp://` before a TCP address is accepted, as gunicorn does.
     pub fn parse(s: &str) -> Result<Addr, String> {
+        if let Some(tcp) = s.strip_prefix("tcp://") {
+            if tcp.starts_with("unix:") || tcp.starts_with("fd://") {
+                return Err(format!("{s:?}: tcp:// takes HOST:PORT"));
+            }
+            return Addr::parse(tcp);
+        }
         if let Some(n) = s.strip_prefix("fd://") {
             let fd: RawFd =
                 n.parse().map_err(|_| format!("{s:?}: expected fd://N with N a descriptor number"))?;
@@ -118,10 +125,61 @@ pub struct Listener {
     pub is_unix: bool,
     /// A unix socket file this process created and removes at exit.
     pub unix_path: Option<PathBuf>,
+    /// Device and inode of that file when bound: at exit it is removed only
+    /// if it is still this one, not a socket another server bound since.
+    file_id: Option<(u64, u64)>,
+    /// The process that bound it: a forked child never removes it.
+    owner_pid: u32,
     pub protocol: Protocol,
 }
 
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if self.owner_pid == std::process::id() {
+            self.remove_file();
+        }
+    }
+}
+
 impl Listener {
+    /// Removes this listener's socket file, if it is still the one bound.
+    pub fn remove_file(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        let Some(path) = self.unix_path.take() else {
+            return;
+        };
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if Some((m.dev(), m.ino())) == self.file_id => {
+                if let Err(e) = std::fs::remove_file(&path) {
+                    // After --user, the socket's directory may not be ours to change.
+                    tracing::warn!("cannot remove the socket file {}: {e}", path.display());
+                }
+            }
+            Ok(_) => tracing::warn!(
+                "{} is no longer the socket this server bound (another server bound it since); left in place",
+                path.display()
+            ),
+            Err(_) => {}
+        }
+    }
+
+    fn unix(fd: OwnedFd, addr: Addr, server_name: String, is_unix: bool, path: Option<PathBuf>) -> Listener {
+        use std::os::unix::fs::MetadataExt;
+        let file_id =
+            path.as_ref().and_then(|p| std::fs::symlink_metadata(p).ok()).map(|m| (m.dev(), m.ino()));
+        Listener {
+            fd,
+            addr,
+            server_name,
+            server_port: String::new(),
+            is_unix,
+            unix_path: path,
+            file_id,
+            owner_pid: std::process::id(),
+            protocol: Protocol::Http,
+        }
+    }
+
     pub fn raw(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
@@ -192,9 +250,11 @@ impl Listener {
             l.addr = Addr::Tcp(l.server_name.clone(), l.server_port.parse().unwrap_or(0));
         }
         if let Addr::Unix(path) = addr {
+            use std::os::unix::fs::MetadataExt;
             l.addr = addr.clone();
             // Still ours: removed at exit as if this program had bound it.
             l.unix_path = Some(path.clone());
+            l.file_id = std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()));
             l.server_name = path.display().to_string();
         }
         Ok(l)
@@ -227,12 +287,10 @@ impl Listener {
     }
 
     /// Whether the socket is reachable from other machines: not a unix
-    /// socket and not bound to a loopback address.
+    /// socket and not bound to a loopback address (as bound, so also for a
+    /// socket inherited as `fd://N` or from systemd).
     pub fn is_public(&self) -> bool {
-        match &self.addr {
-            Addr::Tcp(host, _) => !host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()),
-            _ => false,
-        }
+        !self.is_unix && !self.server_name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
     }
 
     fn bind_addr(addr: &Addr, backlog: i32) -> Result<Listener, String> {
@@ -255,15 +313,9 @@ impl Listener {
                 sock.set_nonblocking(true).map_err(|e| e.to_string())?;
                 let local = sock.local_addr().ok().and_then(|a| a.as_socket()).unwrap_or(sa);
                 let bound = Addr::Tcp(local.ip().to_string(), local.port());
-                Ok(Listener {
-                    fd: sock.into(),
-                    addr: bound,
-                    server_name: local.ip().to_string(),
-                    server_port: local.port().to_string(),
-                    is_unix: false,
-                    unix_path: None,
-                    protocol: Protocol::Http,
-                })
+                let mut l = Listener::unix(sock.into(), bound, local.ip().to_string(), false, None);
+                l.server_port = local.port().to_string();
+                Ok(l)
             }
             Addr::Unix(path) => {
                 remove_stale_socket(path)?;
@@ -271,17 +323,18 @@ impl Listener {
                     .map_err(|e| format!("socket for {addr}: {e}"))?;
                 let sa = SockAddr::unix(path).map_err(|e| format!("{addr}: {e}"))?;
                 sock.bind(&sa).map_err(|e| bind_error(addr, e))?;
+                // From here on the file is ours: a failure below removes it.
+                let l = Listener::unix(
+                    sock.into(),
+                    addr.clone(),
+                    path.display().to_string(),
+                    true,
+                    Some(path.clone()),
+                );
+                let sock = socket2::SockRef::from(&l.fd);
                 sock.listen(backlog).map_err(|e| format!("listen on {addr}: {e}"))?;
                 sock.set_nonblocking(true).map_err(|e| e.to_string())?;
-                Ok(Listener {
-                    fd: sock.into(),
-                    addr: addr.clone(),
-                    server_name: path.display().to_string(),
-                    server_port: String::new(),
-                    is_unix: true,
-                    unix_path: Some(path.clone()),
-                    protocol: Protocol::Http,
-                })
+                Ok(l)
             }
         }
     }
@@ -320,15 +373,9 @@ impl Listener {
                 (path, String::new(), true)
             }
         };
-        Ok(Listener {
-            fd: sock.into(),
-            addr,
-            server_name,
-            server_port,
-            is_unix,
-            unix_path: None,
-            protocol: Protocol::Http,
-        })
+        let mut l = Listener::unix(sock.into(), addr, server_name, is_unix, None);
+        l.server_port = server_port;
+        Ok(l)
     }
 
     /// How the listener is named in log lines: `http://127.0.0.1:8000`,
@@ -378,10 +425,19 @@ fn remove_stale_socket(path: &PathBuf) -> Result<(), String> {
             path.display()
         ));
     }
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        return Err(format!("cannot bind unix:{}: address already in use", path.display()));
+    // Only a refused connection proves that nothing listens there: any
+    // other failure (no permission to connect, say) leaves the file alone.
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(format!("cannot bind unix:{}: address already in use", path.display())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => std::fs::remove_file(path)
+            .map_err(|e| format!("cannot remove stale socket {}: {e}", path.display())),
+        Err(e) => Err(format!(
+            "cannot bind unix:{}: a socket file is there and whether a server listens on it cannot be \
+             checked ({e}); remove it if none does",
+            path.display()
+        )),
     }
-    std::fs::remove_file(path).map_err(|e| format!("cannot remove stale socket {}: {e}", path.display()))
 }
 
 #[cfg(test)]
@@ -400,6 +456,44 @@ mod tests {
         assert_eq!(Addr::parse("fd://3"), Ok(Addr::Fd(3)));
         assert!(Addr::parse("fd://x").is_err());
         assert!(Addr::parse("fd://-1").is_err());
+        assert_eq!(Addr::parse("tcp://127.0.0.1:80"), Ok(Addr::Tcp("127.0.0.1".into(), 80)));
+        assert_eq!(Addr::parse("tcp://[::1]:80"), Ok(Addr::Tcp("::1".into(), 80)));
+        assert!(Addr::parse("tcp://unix:/x").is_err());
+    }
+
+    fn temp_socket_path(name: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("corral-listen-{}-{name}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        p
+    }
+
+    #[test]
+    fn a_stale_socket_file_is_replaced_and_a_live_one_is_not() {
+        let path = temp_socket_path("stale");
+        let addr = Addr::Unix(path.clone());
+        // A socket file nothing listens on (its listener closed without removing it).
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let live = Listener::bind(&addr, 16).unwrap();
+        let second = Listener::bind(&addr, 16).unwrap_err();
+        assert!(second.contains("address already in use"), "{second}");
+        drop(live);
+        assert!(!path.exists(), "the socket file is removed with its listener");
+    }
+
+    #[test]
+    fn at_exit_only_the_socket_file_this_listener_bound_is_removed() {
+        let path = temp_socket_path("inode");
+        let addr = Addr::Unix(path.clone());
+        let first = Listener::bind(&addr, 16).unwrap();
+        // Someone removes the file and another server binds the same path.
+        std::fs::remove_file(&path).unwrap();
+        let second = Listener::bind(&addr, 16).unwrap();
+        drop(first);
+        assert!(path.exists(), "the other server's socket file was removed");
+        std::os::unix::net::UnixStream::connect(&path).unwrap();
+        drop(second);
+        assert!(!path.exists());
     }
 
     #[test]

@@ -974,17 +974,15 @@ impl<'a, H: Hooks> Master<'a, H> {
     }
 
     fn close_listeners(&mut self) {
-        for l in self.listeners.drain(..) {
-            if let Some(p) = &l.unix_path {
-                let _ = std::fs::remove_file(p);
-            }
+        for mut l in self.listeners.drain(..) {
+            l.remove_file();
         }
     }
 
     fn cleanup(&mut self) {
         self.close_listeners();
-        if let Some(p) = self.stats.take().and_then(|l| l.unix_path.clone()) {
-            let _ = std::fs::remove_file(p);
+        if let Some(mut l) = self.stats.take() {
+            l.remove_file();
         }
     }
 }
