@@ -72,6 +72,8 @@ def test_ttin_ttou_stay_within_the_bounds(start_server):
     server.signal(signal.SIGTTOU)
     server.wait_for(r"Received SIGTTOU: workers 2 -> 1", since=mark)
     server.signal(signal.SIGTTOU)  # already at the minimum: ignored
+    server.wait_for(r"Received SIGTTOU: already at the fewest workers \(1\); ignored", since=mark)
+    server.wait_for(r"Received SIGTTIN: already at the most workers \(2\); ignored", since=mark)
     time.sleep(0.5)
     assert not server.grep(r"workers 2 -> 3|workers 1 -> 0", since=mark)
     assert wait_until(lambda: len(_live_workers(server)) == 1, 10)

@@ -282,3 +282,24 @@ def test_demo_app(start_server):
     assert echo.status == 200
     assert b"POST" in echo.body
     assert b"hi &lt;there&gt;" in echo.body
+
+
+def test_timeout_covers_loading_the_app(start_server):
+    server = start_server(
+        "slow_import:application", "--timeout", "1", wait=False, env={"CORRAL_TEST_IMPORT_SECS": "60"}
+    )
+    server.wait_for(r"did not finish loading the application within --timeout 1s; killing it", timeout=15)
+    server.wait_for(r"was killed by signal 9 \(SIGKILL\) while booting \(failure 1 of 5\)", timeout=15)
+    assert server.running()
+
+
+def test_stop_while_a_worker_loads_the_app_is_immediate(start_server):
+    import signal
+
+    server = start_server("slow_import:application", wait=False, env={"CORRAL_TEST_IMPORT_SECS": "60"})
+    server.wait_for(r"Booting worker 0", timeout=15)
+    time.sleep(0.5)
+    server.signal(signal.SIGTERM)
+    # Well within the 30 s graceful timeout: nothing is in flight on a booting worker.
+    assert server.wait_exit(timeout=20) == 0, server.log
+    assert server.grep(r"is still loading the application; stopping it at once")

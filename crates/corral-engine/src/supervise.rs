@@ -473,6 +473,8 @@ impl<'a, H: Hooks> Master<'a, H> {
                     self.target += 1;
                     info!("Received {name}: workers {} -> {}", self.target - 1, self.target);
                     self.spawn();
+                } else if self.phase == Phase::Running {
+                    info!("Received {name}: already at the most workers ({}); ignored", self.target);
                 }
             }
             Action::RemoveWorker => {
@@ -492,6 +494,8 @@ impl<'a, H: Hooks> Master<'a, H> {
                             nix::sys::signal::SIGTERM,
                         );
                     }
+                } else if self.phase == Phase::Running {
+                    info!("Received {name}: already at the fewest workers ({}); ignored", self.target);
                 }
             }
             Action::ReopenLogs => {
@@ -618,6 +622,31 @@ impl<'a, H: Hooks> Master<'a, H> {
                 let why = reason.map_or("", |r| r.describe());
                 info!("Worker {slot} (pid {pid}) is to be replaced because {why}; starting its replacement");
                 self.spawn_replacing(Some(pid));
+            }
+        }
+        if let Some(limit) = self.config.timeout {
+            // --timeout covers loading the app too, as gunicorn's does: a
+            // worker stuck in an import would otherwise never serve.
+            let stuck: Vec<(libc::pid_t, usize)> = self
+                .workers
+                .iter()
+                .filter(|(_, w)| {
+                    w.kill_at.is_none()
+                        && now.duration_since(w.started) > limit
+                        && self.scoreboard.state(w.slot) == WorkerState::Booting
+                })
+                .map(|(p, w)| (*p, w.slot))
+                .collect();
+            for (pid, slot) in stuck {
+                error!(
+                    "Worker {slot} (pid {pid}) did not finish loading the application within --timeout {}s; \
+                     killing it",
+                    limit.as_secs_f64()
+                );
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                if let Some(w) = self.workers.get_mut(&pid) {
+                    w.kill_at = Some(now);
+                }
             }
         }
         let overdue: Vec<libc::pid_t> = self
@@ -781,6 +810,14 @@ impl<'a, H: Hooks> Master<'a, H> {
         // nobody accepts from.
         self.close_listeners();
         self.signal_all(libc::SIGTERM);
+        // A worker still loading the app has no request to finish, and its
+        // signals wait until the import is done, which may be never.
+        for (pid, w) in &self.workers {
+            if self.scoreboard.state(w.slot) == WorkerState::Booting {
+                info!("Worker {} (pid {pid}) is still loading the application; stopping it at once", w.slot);
+                unsafe { libc::kill(*pid, libc::SIGKILL) };
+            }
+        }
         self.phase = Phase::Draining { deadline: Instant::now() + self.config.graceful_timeout };
     }
 
