@@ -157,7 +157,8 @@ pub struct Cli {
     pub keepalive_timeout: Duration,
 
     /// Seconds a request may run. Past it the client gets 504 (if nothing was sent yet), the
-    /// log gets the stuck thread's traceback, and the worker is replaced. Off by default.
+    /// log gets the stuck thread's traceback, and the worker is replaced. A worker that takes
+    /// longer to load the application is killed too. Off by default.
     #[arg(long, value_name = "SECS", env = "CORRAL_TIMEOUT", value_parser = parse_positive_secs)]
     pub timeout: Option<Duration>,
 
