@@ -148,6 +148,67 @@ def test_head_has_the_headers_of_get_and_no_body(behaviour, target):
         assert nxt.body == b"hello world"
 
 
+def test_head_gets_the_content_length_get_would_have(behaviour):
+    with behaviour.connect() as conn:
+        get = _get(conn, "/status?body=hello-body")
+        head = _get(conn, "/status?body=hello-body", method="HEAD")
+        assert get.header("Content-Length") == "10"
+        assert head.header("Content-Length") == "10"
+        assert head.body == b""
+        assert _get(conn, "/fixed").body == b"hello world"
+
+
+def test_a_204_carries_no_content_length_or_body(behaviour):
+    with behaviour.connect() as conn:
+        resp = _get(conn, "/status?s=204+No+Content&cl=5&body=hello")
+        assert resp.status == 204
+        assert resp.header("Content-Length") is None
+        assert resp.body == b""
+        assert _get(conn, "/fixed").body == b"hello world"
+
+
+@pytest.mark.parametrize(
+    "status", ["100 Continue", "101 Switching Protocols", "103 Early Hints", "600 Odd", "999 X"]
+)
+def test_a_status_that_cannot_be_final_is_refused(behaviour, status):
+    """A WSGI response is final: a 1xx would make the client take the next response
+    for this one, and codes end at 599. The app gets a 500 and the log says why."""
+    mark = behaviour.mark()
+    with behaviour.connect() as conn:
+        resp = _get(conn, "/status?s=" + status.replace(" ", "+") + "&body=x")
+        assert resp.status == 500
+        assert _get(conn, "/fixed").body == b"hello world"
+    behaviour.wait_for(r"invalid status .*a WSGI response's status is 200 to 599", since=mark)
+
+
+def test_absolute_form_target_replaces_host(behaviour):
+    with behaviour.connect() as conn:
+        conn.send(b"GET http://example.com:81/environ?x=1 HTTP/1.1\r\nHost: other\r\n\r\n")
+        env = json.loads(conn.read_response().body)
+        assert env["HTTP_HOST"]["value"] == "example.com:81"
+        assert env["PATH_INFO"]["value"] == "/environ"
+        assert env["QUERY_STRING"]["value"] == "x=1"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /fixed HTTP/1.1\r\nHost: a b@c/d\r\n\r\n",
+        b"GET /fixed HTTP/1.1\r\nHost: evil.com/x\r\n\r\n",
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \r\nContent-Length: 3\r\n\r\nabc",
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        b"\r\n" * 4096 + b"GET /fixed HTTP/1.1\r\nHost: a\r\n\r\n",
+    ],
+    ids=["host-with-space", "host-with-path", "empty-te-with-cl", "empty-te", "empty-line-flood"],
+)
+def test_heads_refused_with_400(behaviour, raw):
+    with behaviour.connect() as conn:
+        conn.send(raw)
+        resp = conn.read_response()
+        assert resp.status == 400
+        assert conn.at_eof(10)
+
+
 def test_date_header(behaviour):
     resp = behaviour.request("GET", "/fixed")
     date = resp.header("Date")

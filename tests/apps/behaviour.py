@@ -95,6 +95,17 @@ def stream(environ, start_response):
     return (f"chunk{i}\n".encode() for i in range(n))
 
 
+def status(environ, start_response):
+    """Answers with ?s= as the status, ?body= as the body (one piece), and a
+    Content-Length of ?cl= when given."""
+    q = _query(environ)
+    headers = [("Content-Type", "text/plain")]
+    if "cl" in q:
+        headers.append(("Content-Length", q["cl"]))
+    start_response(q.get("s", "200 OK"), headers)
+    return [q.get("body", "").encode()]
+
+
 def exit_now(environ, start_response):
     """Ends the worker process at once with ?code= (an app that calls os._exit)."""
     os._exit(int(_query(environ).get("code", "1")))
@@ -334,6 +345,7 @@ def raise_after_cl(environ, start_response):
 
 
 UNVALIDATED = {
+    "/status": status,
     "/input": input_ops,
     "/short": short_body,
     "/bad-header": bad_header,

@@ -76,6 +76,14 @@ impl<'a> Request<'a> {
             Meta::Cgi(_) => b"",
         }
     }
+    /// The authority of an absolute-form HTTP target (`http://host:port/x`),
+    /// which stands for the Host field (RFC 9112 3.2.2); empty otherwise.
+    pub fn authority(&self) -> &'a [u8] {
+        match self.meta {
+            Meta::Http(h) => &self.bytes[h.authority.clone()],
+            Meta::Cgi(_) => b"",
+        }
+    }
     /// The query of an HTTP request.
     pub fn query(&self) -> &'a [u8] {
         match self.meta {

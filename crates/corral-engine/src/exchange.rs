@@ -824,6 +824,16 @@ impl Io {
         }
         self.framing = match (self.app_length, no_body) {
             (Some(n), false) => RespFraming::Length(n),
+            (None, true) if self.head_request && self.status != 304 && self.status != 204 => {
+                // The Content-Length a GET would have had (RFC 9110 9.3.2),
+                // when the app gave its whole body at once.
+                if let Some(n) = known_len {
+                    self.head.extend_from_slice(b"Content-Length: ");
+                    self.head.extend_from_slice(itoa(n, &mut [0u8; 20]));
+                    self.head.extend_from_slice(b"\r\n");
+                }
+                RespFraming::NoBody
+            }
             (_, true) => RespFraming::NoBody,
             (None, false) => match known_len {
                 Some(n) => {
@@ -1384,6 +1394,10 @@ impl Exchange {
                 return Err(ResponseError::Invalid("conflicting Content-Length headers".into()));
             }
             io.app_length = Some(n);
+            if io.status == 204 {
+                // RFC 9110 8.6: a 204 carries no Content-Length.
+                return Ok(());
+            }
         }
         io.head.extend_from_slice(name);
         io.head.extend_from_slice(b": ");
@@ -1457,8 +1471,13 @@ fn parse_status(s: &[u8]) -> Result<u16, ResponseError> {
         return Err(bad());
     }
     let code = s[..3].iter().fold(0u16, |n, &d| n * 10 + u16::from(d - b'0'));
-    if code < 100 {
-        return Err(bad());
+    // A WSGI app gives the final response: a 1xx is never final (the client
+    // would take the next response for this one), and codes run to 599.
+    if !(200..=599).contains(&code) {
+        return Err(ResponseError::Invalid(format!(
+            "invalid status {:?}: a WSGI response's status is 200 to 599",
+            String::from_utf8_lossy(s)
+        )));
     }
     Ok(code)
 }

@@ -29,6 +29,10 @@ pub const DEFAULT_MAX_HEADER_LINE: usize = 8190;
 /// Hard ceiling on the header count, whatever the configuration says: the
 /// parser keeps its header table on the stack.
 pub const HARD_MAX_HEADERS: usize = 1024;
+/// Bytes of empty lines (CR, LF) tolerated before a request line: RFC 9112
+/// 2.2 asks a server to skip at least one, which some clients send after a
+/// body; far more is a client filling the buffer with nothing.
+pub const MAX_LEADING_EMPTY: usize = 16;
 /// Longest chunk-size line (size plus extensions) in a chunked body.
 pub const MAX_CHUNK_LINE: usize = 4096;
 /// Most bytes of trailer fields after the last chunk.
@@ -94,6 +98,10 @@ pub enum Error {
     Trailer,
     /// Transfer-Encoding: identity, which RFC 9112 removed.
     IdentityEncoding,
+    /// More empty lines before the request line than a client sends.
+    LeadingEmptyLines,
+    /// A Host field whose value is not `host[:port]` (RFC 9112 3.2).
+    Host,
 }
 
 impl Error {
@@ -133,6 +141,8 @@ impl fmt::Display for Error {
             Error::ChunkTerminator => "chunk data not followed by CRLF",
             Error::Trailer => "invalid or forbidden trailer field",
             Error::IdentityEncoding => "Transfer-Encoding: identity is not allowed",
+            Error::LeadingEmptyLines => "too many empty lines before the request line",
+            Error::Host => "invalid Host header (expected host[:port])",
         };
         f.write_str(s)
     }
@@ -200,6 +210,9 @@ pub struct Head {
     pub keep_alive: bool,
     /// `Expect: 100-continue` was sent (HTTP/1.1 only).
     pub expect_continue: bool,
+    /// The authority of an absolute-form target (`http://host:port/...`),
+    /// which replaces the Host field (RFC 9112 3.2.2); empty otherwise.
+    pub authority: Range<usize>,
     /// Fields with names containing `_` are not here: they could impersonate
     /// dashed names once mapped to `HTTP_*` keys.
     pub fields: Vec<Field>,
@@ -217,6 +230,7 @@ impl Default for Head {
             framing: BodyFraming::None,
             keep_alive: true,
             expect_continue: false,
+            authority: 0..0,
             fields: Vec::new(),
         }
     }
@@ -230,6 +244,9 @@ impl Default for Head {
 /// skipped and counted.
 pub fn parse_head(buf: &[u8], limits: &Limits, head: &mut Head) -> Result<Status<()>, Error> {
     let skip = buf.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
+    if skip > MAX_LEADING_EMPTY {
+        return Err(Error::LeadingEmptyLines);
+    }
     let data = &buf[skip..];
     if data.is_empty() {
         return Ok(Status::Partial);
@@ -286,7 +303,7 @@ pub fn parse_head(buf: &[u8], limits: &Limits, head: &mut Head) -> Result<Status
         Some(1) => Version::Http11,
         _ => return Err(Error::Version),
     };
-    let (form, path, query) = split_target(method, target)?;
+    let (form, authority, path, query) = split_target(method, target)?;
 
     head.fields.clear();
     head.method = off(method);
@@ -297,9 +314,11 @@ pub fn parse_head(buf: &[u8], limits: &Limits, head: &mut Head) -> Result<Status
     head.version = version;
     head.expect_continue = false;
 
+    head.authority = off(authority);
     let mut content_length: Option<u64> = None;
     let mut saw_te = false;
     let mut chunked_last = false;
+    let mut saw_identity = false;
     let mut conn_close = false;
     let mut conn_keep_alive = false;
     let mut saw_host = false;
@@ -325,6 +344,9 @@ pub fn parse_head(buf: &[u8], limits: &Limits, head: &mut Head) -> Result<Status
                 content_length = Some(parse_content_length(value)?);
             }
             Known::TransferEncoding => {
+                // Present at all, the field decides the framing: an empty
+                // list has no final chunked, which is a 400 (RFC 9112 6.3).
+                saw_te = true;
                 for coding in value.split(|&b| b == b',') {
                     let coding = trim_ows(coding);
                     if coding.is_empty() {
@@ -334,11 +356,11 @@ pub fn parse_head(buf: &[u8], limits: &Limits, head: &mut Head) -> Result<Status
                         // chunked must be the final coding, and only once.
                         return Err(Error::BadTransferEncoding);
                     }
-                    saw_te = true;
                     if coding.eq_ignore_ascii_case(b"chunked") {
                         chunked_last = true;
                     } else if coding.eq_ignore_ascii_case(b"identity") {
                         // Tolerated only as a no-op before chunked (as gunicorn does).
+                        saw_identity = true;
                     } else if !is_known_coding(coding) {
                         return Err(Error::UnknownTransferCoding);
                     }
@@ -363,6 +385,11 @@ pub fn parse_head(buf: &[u8], limits: &Limits, head: &mut Head) -> Result<Status
                 if saw_host {
                     return Err(Error::DuplicateHeader);
                 }
+                // Empty is allowed (a target without authority); otherwise
+                // host[:port], no userinfo.
+                if !value.is_empty() && (value.contains(&b'@') || check_authority(value).is_err()) {
+                    return Err(Error::Host);
+                }
                 saw_host = true;
             }
             Known::ContentType => {
@@ -380,7 +407,7 @@ pub fn parse_head(buf: &[u8], limits: &Limits, head: &mut Head) -> Result<Status
         if version == Version::Http10 || !chunked_last {
             return Err(if version == Version::Http10 {
                 Error::BadTransferEncoding
-            } else if content_length.is_some() {
+            } else if saw_identity && content_length.is_some() {
                 Error::IdentityEncoding
             } else {
                 Error::BadTransferEncoding
@@ -467,7 +494,10 @@ fn check_method(m: &[u8]) -> Result<(), Error> {
     Ok(())
 }
 
-fn split_target<'a>(method: &[u8], t: &'a [u8]) -> Result<(TargetForm, &'a [u8], &'a [u8]), Error> {
+/// (form, authority of an absolute-form target or empty, path, query)
+type Target<'a> = (TargetForm, &'a [u8], &'a [u8], &'a [u8]);
+
+fn split_target<'a>(method: &[u8], t: &'a [u8]) -> Result<Target<'a>, Error> {
     if t.is_empty() {
         return Err(Error::Target);
     }
@@ -479,7 +509,7 @@ fn split_target<'a>(method: &[u8], t: &'a [u8]) -> Result<(TargetForm, &'a [u8],
     }
     if t == b"*" {
         return if method == b"OPTIONS" {
-            Ok((TargetForm::Asterisk, &t[..1], &t[1..]))
+            Ok((TargetForm::Asterisk, &t[..0], &t[..1], &t[1..]))
         } else {
             Err(Error::Target)
         };
@@ -498,10 +528,10 @@ fn split_target<'a>(method: &[u8], t: &'a [u8]) -> Result<(TargetForm, &'a [u8],
             }
             _ => t,
         };
-        return Ok((TargetForm::Authority, path, &t[t.len()..]));
+        return Ok((TargetForm::Authority, &t[..0], path, &t[t.len()..]));
     }
-    let (form, rest) = if t[0] == b'/' {
-        (TargetForm::Origin, t)
+    let (form, authority, rest) = if t[0] == b'/' {
+        (TargetForm::Origin, &t[..0], t)
     } else {
         // absolute-form: scheme "://" authority path-abempty [ "?" query ]
         let colon = t.iter().position(|&b| b == b':').ok_or(Error::Target)?;
@@ -516,7 +546,7 @@ fn split_target<'a>(method: &[u8], t: &'a [u8]) -> Result<(TargetForm, &'a [u8],
         let after = &t[colon + 3..];
         let end = after.iter().position(|&b| b == b'/' || b == b'?' || b == b'#').unwrap_or(after.len());
         check_authority(&after[..end])?;
-        (TargetForm::Absolute, &after[end..])
+        (TargetForm::Absolute, &after[..end], &after[end..])
     };
     let rest = match rest.iter().position(|&b| b == b'#') {
         Some(i) => &rest[..i],
@@ -526,7 +556,7 @@ fn split_target<'a>(method: &[u8], t: &'a [u8]) -> Result<(TargetForm, &'a [u8],
         Some(i) => (&rest[..i], &rest[i + 1..]),
         None => (rest, &rest[rest.len()..]),
     };
-    Ok((form, path, query))
+    Ok((form, authority, path, query))
 }
 
 /// authority = [ userinfo "@" ] host [ ":" port ]
@@ -833,6 +863,23 @@ mod tests {
         parse_head(raw, &Limits::default(), &mut head)
     }
 
+    #[test]
+    fn a_flood_of_empty_lines_is_refused_before_a_request_line() {
+        assert_eq!(parse(&[b'\r', b'\n'].repeat(9)), Err(Error::LeadingEmptyLines));
+        assert_eq!(parse(&[b'\n'; 17]), Err(Error::LeadingEmptyLines));
+        assert_eq!(parse(b"\r\n\r\n"), Ok(Status::Partial));
+    }
+
+    #[test]
+    fn an_absolute_form_target_gives_its_authority() {
+        let raw = b"GET http://example.com:81/a?b HTTP/1.1\r\nHost: other\r\n\r\n";
+        let (h, _) = parse_ok(raw);
+        assert_eq!(&raw[h.authority.clone()], b"example.com:81");
+        assert_eq!(&raw[h.path.clone()], b"/a");
+        let raw = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert!(parse_ok(raw).0.authority.is_empty());
+    }
+
     fn parse_ok(raw: &[u8]) -> (Head, usize) {
         let mut head = Head::default();
         match parse_head(raw, &Limits::default(), &mut head) {
@@ -844,6 +891,25 @@ mod tests {
     /// (input, expected framing or error)
     const HEADS: &[(&[u8], Result<BodyFraming, Error>)] = &[
         (b"GET / HTTP/1.1\r\n\r\n", Ok(BodyFraming::None)),
+        // An empty Transfer-Encoding has no final chunked: 400, never ignored.
+        (
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: \r\nContent-Length: 3\r\n\r\n",
+            Err(Error::BadTransferEncoding),
+        ),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding:\r\n\r\n", Err(Error::BadTransferEncoding)),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: ,\r\n\r\n", Err(Error::BadTransferEncoding)),
+        // Host: host[:port] or empty.
+        (b"GET / HTTP/1.1\r\nHost: example.com:8080\r\n\r\n", Ok(BodyFraming::None)),
+        (b"GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n", Ok(BodyFraming::None)),
+        (b"GET / HTTP/1.1\r\nHost: \r\n\r\n", Ok(BodyFraming::None)),
+        (b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", Err(Error::Host)),
+        (b"GET / HTTP/1.1\r\nHost: evil.com/x\r\n\r\n", Err(Error::Host)),
+        (b"GET / HTTP/1.1\r\nHost: user@evil.com\r\n\r\n", Err(Error::Host)),
+        (b"GET / HTTP/1.1\r\nHost: a:b:c\r\n\r\n", Err(Error::Host)),
+        (b"GET / HTTP/1.1\r\nHost: a:99999999\r\n\r\n", Err(Error::Host)),
+        // One or a few empty lines before the request line are skipped; a flood is not.
+        (b"\r\nGET / HTTP/1.1\r\n\r\n", Ok(BodyFraming::None)),
+        (b"\r\n\r\n\r\n\r\nGET / HTTP/1.1\r\n\r\n", Ok(BodyFraming::None)),
         (b"GET / HTTP/1.0\r\nContent-Length: 0\r\n\r\n", Ok(BodyFraming::None)),
         (b"POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n", Ok(BodyFraming::Length(12))),
         (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", Ok(BodyFraming::Chunked)),

@@ -197,10 +197,13 @@ impl WsgiApp {
         env.set_item(k.server_protocol.bind(py), proto.bind(py))?;
         env.set_item(k.remote_addr.bind(py), req.remote_addr)?;
         env.set_item(k.remote_port.bind(py), req.remote_port)?;
+        let authority = req.authority();
         for (name, value, known) in req.fields() {
             match known {
                 Known::ContentType => env.set_item(k.content_type.bind(py), latin1(py, value))?,
                 Known::ContentLength => env.set_item(k.content_length.bind(py), latin1(py, value))?,
+                // An absolute-form target's authority replaces Host (below).
+                Known::Host if !authority.is_empty() => {}
                 _ => {
                     let key = self.header_key(py, name);
                     let value = latin1(py, value);
@@ -215,6 +218,9 @@ impl WsgiApp {
                     }
                 }
             }
+        }
+        if !authority.is_empty() {
+            env.set_item(self.header_key(py, b"host"), latin1(py, authority))?;
         }
         let input = Bound::new(py, Input { ex: ex.clone(), max: self.max_body })?;
         env.set_item(k.wsgi_input.bind(py), input)?;
