@@ -151,6 +151,11 @@ def test_multiprocess_and_multithread_flags(start_server, workers, threads):
     assert _v(env, "wsgi.multithread") is (threads > 1)
 
 
+def test_multiprocess_flag_with_an_adaptive_pool(start_server):
+    server = start_server("behaviour:application", "--workers-min", "1", "--workers-max", "3", workers=None)
+    assert _v(_environ(server), "wsgi.multiprocess") is True
+
+
 @pytest.fixture(scope="module")
 def mounted(start_module_server):
     return start_module_server("behaviour:application", "--mount", "/prefix", threads=2)

@@ -211,6 +211,18 @@ def test_json_error_log(start_server, tmp_path):
     assert any(o["message"] == 'hello"there' and o["worker"] == 0 for o in objs)
 
 
+def test_json_error_log_keeps_printed_lines_whole(start_server, tmp_path):
+    errors = tmp_path / "error.log"
+    server = _start_logging_to(start_server, errors, "--log-format", "json")
+    server.request("GET", "/print-errors")
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(30) == 0
+    messages = [json.loads(line)["message"] for line in errors.read_text().splitlines()]
+    assert "piece by 42" in messages, messages
+    assert "no newline at the end" in messages, messages
+    assert not [m for m in messages if m in ("piece", "by", "42", " ")], messages
+
+
 @pytest.fixture
 def stats_server(start_server):
     stats_port = _free_port()

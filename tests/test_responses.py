@@ -234,3 +234,18 @@ def test_exception_after_headers_aborts_a_content_length_response(behaviour):
         assert resp.body == b"part one\n"
         assert not resp.complete
         assert conn.at_eof(10)
+
+
+def test_close_that_raises_after_a_whole_body_keeps_the_response(behaviour):
+    """The client already has the whole body: it gets a complete response (the
+    chunked terminator included) and the connection stays usable; the log gets
+    the error."""
+    mark = behaviour.mark()
+    with behaviour.connect() as conn:
+        conn.send(b"GET /close-fails HTTP/1.1\r\nHost: x\r\n\r\n")
+        resp = conn.read_response()
+        assert (resp.status, resp.body, resp.complete) == (200, b"hello world", True)
+        conn.send(b"GET /fixed HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert conn.read_response().body == b"hello world"
+    behaviour.wait_for(r"Error in close\(\) of the response iterable of GET /close-fails", since=mark)
+    behaviour.wait_for(r"RuntimeError: close failed", since=mark)

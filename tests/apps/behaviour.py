@@ -106,6 +106,32 @@ def status(environ, start_response):
     return [q.get("body", "").encode()]
 
 
+def print_errors(environ, start_response):
+    """Writes to wsgi.errors the way print() does (the line in several pieces), and
+    a last line without its newline."""
+    print("piece", "by", 42, file=environ["wsgi.errors"])
+    environ["wsgi.errors"].write("no newline at the end")
+    return _ok(start_response, "printed")
+
+
+class _CloseFails:
+    def __init__(self, items):
+        self.items = items
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def close(self):
+        raise RuntimeError("close failed")
+
+
+def close_fails(environ, start_response):
+    """A whole body whose iterable's close() raises (a Django request_finished
+    handler that fails, say)."""
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return _CloseFails([b"hello ", b"world"])
+
+
 def exit_now(environ, start_response):
     """Ends the worker process at once with ?code= (an app that calls os._exit)."""
     os._exit(int(_query(environ).get("code", "1")))
@@ -346,6 +372,8 @@ def raise_after_cl(environ, start_response):
 
 UNVALIDATED = {
     "/status": status,
+    "/print-errors": print_errors,
+    "/close-fails": close_fails,
     "/input": input_ops,
     "/short": short_body,
     "/bad-header": bad_header,

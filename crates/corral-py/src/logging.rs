@@ -120,6 +120,38 @@ fn iso_timestamp() -> String {
 /// Text written to `wsgi.errors`: as it is in the text format, one JSON
 /// object per line in the JSON format.
 pub fn app_error_text(text: &str) {
+    // Whole lines only: print() and tracebacks write a line in pieces, and
+    // pieces from two threads or processes must not interleave in a line.
+    PENDING.with(|p| {
+        let mut p = p.borrow_mut();
+        p.push_str(text);
+        if let Some(end) = p.rfind('\n') {
+            let rest = p.split_off(end + 1);
+            let lines = std::mem::replace(&mut *p, rest);
+            emit_app_lines(&lines);
+        }
+    });
+}
+
+/// Writes what this thread's `wsgi.errors` holds of an unfinished line
+/// (`wsgi.errors.flush()`, and after each request).
+pub fn app_error_flush() {
+    PENDING.with(|p| {
+        let mut p = p.borrow_mut();
+        if !p.is_empty() {
+            let mut line = std::mem::take(&mut *p);
+            line.push('\n');
+            emit_app_lines(&line);
+        }
+    });
+}
+
+thread_local! {
+    /// This thread's `wsgi.errors` text after its last newline.
+    static PENDING: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+fn emit_app_lines(text: &str) {
     if corral_engine::logfile::json() {
         let mut out = String::new();
         for line in text.lines().filter(|l| !l.is_empty()) {

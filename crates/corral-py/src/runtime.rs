@@ -44,7 +44,9 @@ impl Runtime {
             preloaded,
             preload,
             mount,
-            multiprocess: config.workers > 1,
+            // Another process may run the app at the same time whenever the
+            // pool can hold more than one worker (--workers-max included).
+            multiprocess: config.workers.max(config.workers_max.unwrap_or(0)) > 1,
             multithread: config.threads > 1,
             reexec,
             start_dir,

@@ -297,6 +297,8 @@ impl WsgiApp {
             Ok(result) => self.send(py, req, ex, &result),
             Err(e) => self.app_error(py, req, ex, &e),
         }
+        // A last line the app wrote to wsgi.errors without its newline.
+        crate::logging::app_error_flush();
     }
 
     /// Sends the app's iterable and calls its close() exactly once.
@@ -314,7 +316,19 @@ impl WsgiApp {
         if let Err(e) = outcome {
             self.app_error(py, req, ex, &e);
         } else if let Err(e) = closed {
-            self.app_error(py, req, ex, &e);
+            if ex.started() {
+                // The whole body went out: the client gets it complete, as
+                // under gunicorn, and the log gets the error.
+                let text = format_exception(py, &e);
+                corral_engine::worker::note_exception(text.trim_end().lines().last().unwrap_or_default());
+                error!(
+                    "Error in close() of the response iterable of {} {} (the response was sent whole):\n{text}",
+                    String::from_utf8_lossy(req.method()),
+                    String::from_utf8_lossy(req.target())
+                );
+            } else {
+                self.app_error(py, req, ex, &e);
+            }
         } else if !ex.started() {
             error!(
                 "App error in {} {}: the application returned without calling start_response",
@@ -739,14 +753,16 @@ impl ErrorStream {
         s.len()
     }
 
+    fn flush(&self) {
+        crate::logging::app_error_flush();
+    }
+
     fn writelines(&self, lines: &Bound<'_, PyAny>) -> PyResult<()> {
         for line in lines.try_iter()? {
             self.write(line?.extract::<&str>()?);
         }
         Ok(())
     }
-
-    fn flush(&self) {}
 }
 
 /// `wsgi.file_wrapper`: regular files go out with sendfile(2); anything else
