@@ -315,6 +315,48 @@ def test_readyz_flips_during_graceful_shutdown(stats_server):
     assert s.wait_exit(30) == 0
 
 
+def test_idle_monitoring_clients_do_not_hold_up_the_master(stats_server):
+    """Clients that connect to the stats port and send nothing (a stuck scraper,
+    half-open probes) cost the master nothing: other probes are answered and a
+    killed worker is replaced while they stay connected."""
+    s = stats_server
+    idle = [socket.create_connection(("127.0.0.1", s.stats_port), timeout=10) for _ in range(20)]
+    try:
+        time.sleep(0.2)
+        assert _get(s.stats_port, "/healthz", timeout=3) == (200, b"ok\n")
+        victim = s.worker_pids()[0]
+        mark = s.mark()
+        os.kill(victim, signal.SIGKILL)
+        s.wait_for(r"Worker ready", since=mark, timeout=5)
+        assert _get(s.stats_port, "/readyz", timeout=3)[0] == 200
+    finally:
+        for c in idle:
+            c.close()
+
+
+def test_stats_responses_follow_http(stats_server):
+    s = stats_server
+
+    def raw(request):
+        with socket.create_connection(("127.0.0.1", s.stats_port), timeout=5) as c:
+            c.sendall(request)
+            data = b""
+            while chunk := c.recv(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        return lines[0], {k.lower(): v for k, _, v in (ln.partition(": ") for ln in lines[1:])}, body
+
+    status, headers, _ = raw(b"POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status.startswith("HTTP/1.1 405") and headers["allow"] == "GET, HEAD"
+    _, get_headers, get_body = raw(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, head_headers, head_body = raw(b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status.startswith("HTTP/1.1 200") and head_body == b""
+    assert int(head_headers["content-length"]) > 0
+    assert int(get_headers["content-length"]) == len(get_body)
+    assert "date" in get_headers and "date" in head_headers
+
+
 def test_top_renders_in_a_terminal(stats_server):
     s = stats_server
     pid, fd = pty.fork()

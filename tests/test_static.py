@@ -128,3 +128,71 @@ def _wait_stdout(server):
 
     wait_until(lambda: any("/static/" in line for line in server.stdout_lines), 5)
     return server.stdout_lines
+
+
+def test_precondition_headers(site):
+    first = site.request("GET", "/static/blob.bin")
+    etag, modified = _h(first)["etag"], _h(first)["last-modified"]
+    past = "Sat, 01 Jan 2000 00:00:00 GMT"
+    # If-Match / If-Unmodified-Since (RFC 9110 13.1.1, 13.1.4): 412 when they fail.
+    assert site.request("GET", "/static/blob.bin", headers={"If-Match": '"nomatch"'}).status == 412
+    assert site.request("GET", "/static/blob.bin", headers={"If-Match": etag}).status == 200
+    assert site.request("GET", "/static/blob.bin", headers={"If-Match": "*"}).status == 200
+    assert site.request("GET", "/static/blob.bin", headers={"If-Match": "W/" + etag}).status == 412
+    assert site.request("GET", "/static/blob.bin", headers={"If-Unmodified-Since": past}).status == 412
+    assert site.request("GET", "/static/blob.bin", headers={"If-Unmodified-Since": modified}).status == 200
+    # If-Range: the range only for the client's own copy, else the whole file.
+    rng = {"Range": "bytes=500-999"}
+    assert site.request("GET", "/static/blob.bin", headers={**rng, "If-Range": etag}).status == 206
+    assert site.request("GET", "/static/blob.bin", headers={**rng, "If-Range": modified}).status == 206
+    for stale in ('"old-etag"', past):
+        r = site.request("GET", "/static/blob.bin", headers={**rng, "If-Range": stale})
+        assert r.status == 200 and r.body == site.data, stale
+
+
+def test_repeated_header_lines_form_one_list(site):
+    etag = _h(site.request("GET", "/static/css/app.css"))["etag"]
+    with site.connect() as conn:
+        conn.send(
+            b'GET /static/css/app.css HTTP/1.1\r\nHost: x\r\nIf-None-Match: "other"\r\n'
+            + b"If-None-Match: "
+            + etag.encode()
+            + b"\r\n\r\n"
+        )
+        assert conn.read_response().status == 304
+        conn.send(
+            b"GET /static/app.js HTTP/1.1\r\nHost: x\r\nAccept-Encoding: identity\r\nAccept-Encoding: gzip\r\n\r\n"
+        )
+        assert _h(conn.read_response()).get("content-encoding") == "gzip"
+
+
+@pytest.mark.parametrize(
+    "accept,coding",
+    [
+        ("br, gzip", "br"),
+        ("br;Q=0, gzip", "gzip"),
+        ("br;q=0., gzip", "gzip"),
+        ("br;q=0.5, gzip;q=1", "gzip"),
+        ("gzip;q=0.5, br;q=0.5", "br"),
+        ("*;q=0.2", "br"),
+        ("*, br;q=0, gzip;q=0", None),
+        ("identity", None),
+    ],
+)
+def test_the_preferred_precompressed_coding_is_chosen(site, accept, coding):
+    (site.public / "app.js.br").write_bytes(b"brotli bytes")
+    r = site.request("GET", "/static/app.js", headers={"Accept-Encoding": accept})
+    assert r.status == 200
+    assert _h(r).get("content-encoding") == coding, accept
+
+
+def test_a_precompressed_sibling_linking_outside_is_not_served(site, tmp_path):
+    (site.public / "t.txt").write_text("text")
+    # Newer than t.txt, as a real precompressed sibling would be.
+    later = time.time() + 100
+    os.utime(tmp_path / "secret.txt", (later, later))
+    os.symlink(tmp_path / "secret.txt", site.public / "t.txt.br")
+    os.symlink(tmp_path / "secret.txt", site.public / "t.txt.gz")
+    r = site.request("GET", "/static/t.txt", headers={"Accept-Encoding": "br, gzip"})
+    assert r.status == 200 and r.body == b"text"
+    assert "content-encoding" not in _h(r)

@@ -1,12 +1,14 @@
 //! `--static /url=DIR`: files answered by the worker thread itself, before
-//! and without the app (no GIL), with sendfile(2), single byte ranges,
-//! ETag / If-None-Match, Last-Modified / If-Modified-Since, precompressed
-//! `.br` / `.gz` siblings, and a Content-Type from the file extension.
+//! and without the app (no GIL), with sendfile(2), single byte ranges and
+//! If-Range, the conditional requests of RFC 9110 13 (If-Match,
+//! If-Unmodified-Since, If-None-Match, If-Modified-Since) against a strong
+//! ETag and Last-Modified, precompressed `.br` / `.gz` siblings chosen by
+//! Accept-Encoding's q-values, and a Content-Type from the file extension.
 //!
 //! A request can never leave DIR: `.` and `..` segments (also when
 //! percent-encoded, since the path is decoded first) and NUL bytes are
-//! refused, and the resolved file (symlinks followed) must still lie inside
-//! the resolved DIR.
+//! refused, and the resolved file (symlinks followed), precompressed
+//! siblings included, must still lie inside the resolved DIR.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -49,8 +51,11 @@ impl Mount {
 /// What the request asks of the file, from its headers.
 #[derive(Default)]
 pub struct Conditions<'a> {
+    pub if_match: Option<&'a [u8]>,
     pub if_none_match: Option<&'a [u8]>,
     pub if_modified_since: Option<&'a [u8]>,
+    pub if_unmodified_since: Option<&'a [u8]>,
+    pub if_range: Option<&'a [u8]>,
     pub range: Option<&'a [u8]>,
     pub accept_encoding: Option<&'a [u8]>,
 }
@@ -70,9 +75,15 @@ pub fn resolve(dir: &Path, rel: &[u8]) -> Option<PathBuf> {
     }
     let mut real = std::fs::canonicalize(&path).ok()?;
     if real.is_dir() {
-        real = std::fs::canonicalize(real.join("index.html")).ok()?;
+        real = real.join("index.html");
     }
-    // Symlinks are followed, but only to places inside the mount.
+    inside(dir, &real)
+}
+
+/// `path` with its symlinks resolved, if that is a file inside `dir`:
+/// symlinks are followed, but only to places inside the mount.
+fn inside(dir: &Path, path: &Path) -> Option<PathBuf> {
+    let real = std::fs::canonicalize(path).ok()?;
     (real.starts_with(dir) && real.is_file()).then_some(real)
 }
 
@@ -150,16 +161,64 @@ pub fn parse_range(v: &[u8], len: u64) -> Ranged {
     }
 }
 
-fn accepts(accept_encoding: Option<&[u8]>, coding: &str) -> bool {
+/// The weight Accept-Encoding gives `coding` (RFC 9110 12.5.3): its own
+/// entry's q, else `*`'s, else 0. A q that does not parse counts as 0.
+pub fn coding_weight(accept_encoding: Option<&[u8]>, coding: &str) -> f32 {
     let Some(v) = accept_encoding else {
-        return false;
+        return 0.0;
     };
-    String::from_utf8_lossy(v).split(',').any(|part| {
+    let (mut own, mut any) = (None, None);
+    for part in String::from_utf8_lossy(v).split(',') {
         let mut it = part.split(';');
         let name = it.next().unwrap_or("").trim();
-        let q_zero = it.any(|p| matches!(p.trim(), "q=0" | "q=0.0" | "q=0.00" | "q=0.000"));
-        name.eq_ignore_ascii_case(coding) && !q_zero
+        let mut q = 1.0;
+        for param in it {
+            if let Some((k, val)) = param.split_once('=') {
+                if k.trim().eq_ignore_ascii_case("q") {
+                    q = parse_qvalue(val.trim()).unwrap_or(0.0);
+                }
+            }
+        }
+        if name.eq_ignore_ascii_case(coding) {
+            own = Some(q);
+        } else if name == "*" {
+            any = Some(q);
+        }
+    }
+    own.or(any).unwrap_or(0.0)
+}
+
+/// qvalue = ( "0" [ "." 0*3DIGIT ] ) / ( "1" [ "." 0*3("0") ] )
+fn parse_qvalue(v: &str) -> Option<f32> {
+    let (int, frac) = v.split_once('.').unwrap_or((v, ""));
+    if frac.len() > 3 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    match int {
+        "0" => Some(format!("0.{frac}0").parse().ok()?),
+        "1" if frac.bytes().all(|b| b == b'0') => Some(1.0),
+        _ => None,
+    }
+}
+
+/// Whether an entity-tag list (If-Match, If-None-Match) holds `etag`: `*`
+/// matches any; `weak` compares ignoring the `W/` prefix (RFC 9110 8.8.3.2).
+fn etag_listed(list: &[u8], etag: &str, weak: bool) -> bool {
+    let list = String::from_utf8_lossy(list);
+    if list.trim() == "*" {
+        return true;
+    }
+    list.split(',').map(str::trim).any(|t| {
+        if weak {
+            t.trim_start_matches("W/") == etag
+        } else {
+            !t.starts_with("W/") && t == etag
+        }
     })
+}
+
+fn http_date(v: &[u8]) -> Option<std::time::SystemTime> {
+    httpdate::parse_http_date(std::str::from_utf8(v).ok()?.trim()).ok()
 }
 
 /// Answers a request under a mount. `head` is a HEAD request.
@@ -177,19 +236,26 @@ pub fn serve(ex: &Exchange, mount: &Mount, rel: &[u8], head: bool, method_ok: bo
         let _ = ex.write(b"404 Not Found\n", true);
         return;
     };
-    // A precompressed sibling, when the client takes it and it is as new.
+    // A precompressed sibling, when the client takes it and it is as new:
+    // the coding with the highest q, br before gzip at equal q. A sibling
+    // is resolved like the file itself: it must lie inside the mount.
     let mut chosen = (path.clone(), None);
+    let mut best = 0.0f32;
     for (coding, ext) in [("br", "br"), ("gzip", "gz")] {
-        if accepts(c.accept_encoding, coding) {
-            let mut sibling = path.clone().into_os_string();
-            sibling.push(".");
-            sibling.push(ext);
-            let sibling = PathBuf::from(sibling);
-            if let (Ok(s), Ok(o)) = (std::fs::metadata(&sibling), std::fs::metadata(&path)) {
-                if s.is_file() && s.mtime() >= o.mtime() {
-                    chosen = (sibling, Some(coding));
-                    break;
-                }
+        let q = coding_weight(c.accept_encoding, coding);
+        if q <= best {
+            continue;
+        }
+        let mut sibling = path.clone().into_os_string();
+        sibling.push(".");
+        sibling.push(ext);
+        let Some(sibling) = inside(&mount.dir, Path::new(&sibling)) else {
+            continue;
+        };
+        if let (Ok(s), Ok(o)) = (std::fs::metadata(&sibling), std::fs::metadata(&path)) {
+            if s.mtime() >= o.mtime() {
+                chosen = (sibling, Some(coding));
+                best = q;
             }
         }
     }
@@ -213,15 +279,22 @@ pub fn serve(ex: &Exchange, mount: &Mount, rel: &[u8], head: bool, method_ok: bo
     );
     let modified = UNIX_EPOCH + Duration::from_secs(meta.mtime().max(0) as u64);
     let last_modified = httpdate::fmt_http_date(modified);
+    // RFC 9110 13.2.2, in its order.
+    let failed = match (c.if_match, c.if_unmodified_since) {
+        (Some(im), _) => !etag_listed(im, &etag, false),
+        (None, Some(ius)) => http_date(ius).is_some_and(|at| modified > at),
+        _ => false,
+    };
+    if failed {
+        let _ = ex.start(b"412 Precondition Failed");
+        let _ = ex.header(b"ETag", etag.as_bytes());
+        let _ = ex.header(b"Content-Type", b"text/plain; charset=utf-8");
+        let _ = ex.write(b"412 Precondition Failed\n", true);
+        return;
+    }
     let not_modified = match (c.if_none_match, c.if_modified_since) {
-        (Some(inm), _) => {
-            let inm = String::from_utf8_lossy(inm);
-            inm.trim() == "*" || inm.split(',').any(|t| t.trim().trim_start_matches("W/") == etag)
-        }
-        (None, Some(ims)) => std::str::from_utf8(ims)
-            .ok()
-            .and_then(|s| httpdate::parse_http_date(s.trim()).ok())
-            .is_some_and(|since| modified <= since),
+        (Some(inm), _) => etag_listed(inm, &etag, true),
+        (None, Some(ims)) => http_date(ims).is_some_and(|since| modified <= since),
         _ => false,
     };
     let common = |ex: &Exchange| {
@@ -236,7 +309,14 @@ pub fn serve(ex: &Exchange, mount: &Mount, rel: &[u8], head: bool, method_ok: bo
         let _ = ex.write(b"", true);
         return;
     }
-    let range = match c.range.map(|r| parse_range(r, len)) {
+    // If-Range: the range only if the client's copy is this one (a strong
+    // ETag, or exactly this Last-Modified); else the whole file.
+    let range_applies = match c.if_range {
+        None => true,
+        Some(v) if v.starts_with(b"\"") => v == etag.as_bytes(),
+        Some(v) => http_date(v).is_some_and(|at| at == modified),
+    };
+    let range = match c.range.filter(|_| range_applies).map(|r| parse_range(r, len)) {
         Some(Ranged::Unsatisfiable) => {
             let _ = ex.start(b"416 Range Not Satisfiable");
             let _ = ex.header(b"Content-Range", format!("bytes */{len}").as_bytes());
@@ -312,9 +392,46 @@ mod tests {
 
     #[test]
     fn encodings() {
-        assert!(accepts(Some(b"gzip, deflate, br"), "br"));
-        assert!(!accepts(Some(b"gzip;q=0, br"), "gzip"));
-        assert!(!accepts(None, "gzip"));
+        let w = |v: &[u8], c: &str| coding_weight(Some(v), c);
+        assert_eq!(w(b"gzip, deflate, br", "br"), 1.0);
+        assert_eq!(w(b"gzip;q=0, br", "gzip"), 0.0);
+        assert_eq!(w(b"br;Q=0, gzip", "br"), 0.0);
+        assert_eq!(w(b"br;q=0., gzip", "br"), 0.0);
+        assert_eq!(w(b"br;q=0.5, gzip;q=1", "br"), 0.5);
+        assert_eq!(w(b"br;q=0.5, gzip;q=1", "gzip"), 1.0);
+        assert_eq!(w(b"*;q=0.3", "gzip"), 0.3);
+        assert_eq!(w(b"*;q=0.3, gzip;q=0", "gzip"), 0.0);
+        assert_eq!(w(b"gzip;q=2", "gzip"), 0.0);
+        assert_eq!(w(b"gzip;q=0.1234", "gzip"), 0.0);
+        assert_eq!(w(b"identity", "gzip"), 0.0);
+        assert_eq!(coding_weight(None, "gzip"), 0.0);
         assert_eq!(content_type(Path::new("x.JS")), "text/javascript; charset=utf-8");
+    }
+
+    #[test]
+    fn entity_tags() {
+        let e = "\"5-a\"";
+        assert!(etag_listed(b"*", e, false));
+        assert!(etag_listed(b"\"x\", \"5-a\"", e, false));
+        assert!(!etag_listed(b"W/\"5-a\"", e, false));
+        assert!(etag_listed(b"W/\"5-a\"", e, true));
+        assert!(!etag_listed(b"\"x\"", e, true));
+    }
+
+    #[test]
+    fn a_precompressed_sibling_outside_the_mount_is_not_served() {
+        let root = std::env::temp_dir().join(format!("corral-static-br-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("public")).unwrap();
+        std::fs::write(root.join("public/t.txt"), "text").unwrap();
+        std::fs::write(root.join("secret.txt"), "secret").unwrap();
+        std::os::unix::fs::symlink(root.join("secret.txt"), root.join("public/t.txt.br")).unwrap();
+        let m = Mount::parse(&format!("/static={}", root.join("public").display())).unwrap();
+        let sibling = m.dir.join("t.txt.br");
+        assert_eq!(inside(&m.dir, &sibling), None);
+        std::fs::remove_file(&sibling).unwrap();
+        std::fs::write(&sibling, "br").unwrap();
+        assert!(inside(&m.dir, &sibling).is_some());
+        let _ = std::fs::remove_dir_all(&root);
     }
 }

@@ -8,7 +8,7 @@
 
 use std::fmt::Write as _;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use crate::scoreboard::{
     COUNTERS, C_BYTES_IN, C_BYTES_OUT, C_LATENCY, C_LATENCY_SUM_US, C_REQUESTS, C_SHED, C_TIMEOUTS,
@@ -189,31 +189,103 @@ fn js(s: &str) -> String {
 /// Reads one request from a stats client (bounded in size and time) and
 /// answers it. The socket is blocking-free: waits are `poll` with a short
 /// timeout, so a silent client cannot hold the master up for long.
-pub fn serve(fd: RawFd, snapshot: &dyn Fn() -> Snapshot) {
-    let mut buf = Vec::with_capacity(1024);
-    let deadline = crate::date::mono_ms() + 500;
-    loop {
-        if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.len() > 8192 {
-            break;
+/// How long a monitoring client has to send its request and take the
+/// answer; one that idles past it is dropped.
+pub const CONN_DEADLINE_MS: u64 = 2000;
+/// The most request bytes read: a monitoring request is one short head.
+const MAX_REQUEST: usize = 8192;
+
+/// One connection to the stats listener, served by the master's poll loop
+/// without ever waiting on it: a slow or idle client costs the master
+/// nothing, and other probes, signals and reaping go on meanwhile.
+pub struct Conn {
+    fd: OwnedFd,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+    sent: usize,
+    deadline: u64,
+}
+
+impl Conn {
+    /// A connection just accepted (non-blocking).
+    pub fn new(fd: OwnedFd) -> Conn {
+        Conn {
+            fd,
+            buf: Vec::new(),
+            out: Vec::new(),
+            sent: 0,
+            deadline: crate::date::mono_ms() + CONN_DEADLINE_MS,
         }
-        let left = deadline.saturating_sub(crate::date::mono_ms()) as i32;
-        if left <= 0 || !crate::exchange::poll_one(fd, libc::POLLIN, left) {
-            return;
-        }
-        let mut chunk = [0u8; 2048];
-        let n = unsafe { libc::read(fd, chunk.as_mut_ptr().cast(), chunk.len()) };
-        if n <= 0 {
-            return;
-        }
-        buf.extend_from_slice(&chunk[..n as usize]);
     }
-    let line = buf.split(|&b| b == b'\n').next().unwrap_or_default();
+
+    pub fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// The poll events this connection waits for.
+    pub fn events(&self) -> libc::c_short {
+        if self.out.is_empty() {
+            libc::POLLIN
+        } else {
+            libc::POLLOUT
+        }
+    }
+
+    pub fn deadline(&self) -> u64 {
+        self.deadline
+    }
+
+    /// Reads or writes what the socket allows now; true when the exchange
+    /// is over and the connection can be closed.
+    pub fn advance(&mut self, snapshot: &dyn Fn() -> Snapshot) -> bool {
+        if self.out.is_empty() {
+            let mut chunk = [0u8; 2048];
+            loop {
+                let n = unsafe { libc::read(self.fd(), chunk.as_mut_ptr().cast(), chunk.len()) };
+                if n == 0 {
+                    return true;
+                }
+                if n < 0 {
+                    let e = io::Error::last_os_error();
+                    match e.kind() {
+                        io::ErrorKind::WouldBlock => return false,
+                        io::ErrorKind::Interrupted => continue,
+                        _ => return true,
+                    }
+                }
+                self.buf.extend_from_slice(&chunk[..n as usize]);
+                if self.buf.windows(4).any(|w| w == b"\r\n\r\n") || self.buf.len() > MAX_REQUEST {
+                    self.out = response(&self.buf, snapshot);
+                    break;
+                }
+            }
+        }
+        while self.sent < self.out.len() {
+            let rest = &self.out[self.sent..];
+            let n = unsafe { libc::write(self.fd(), rest.as_ptr().cast(), rest.len()) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => return false,
+                    io::ErrorKind::Interrupted => continue,
+                    _ => return true,
+                }
+            }
+            self.sent += n as usize;
+        }
+        true
+    }
+}
+
+/// The whole response to a request head sent to the stats listener.
+pub fn response(request: &[u8], snapshot: &dyn Fn() -> Snapshot) -> Vec<u8> {
+    let line = request.split(|&b| b == b'\n').next().unwrap_or_default();
     let mut parts = line.split(|&b| b == b' ');
     let method = parts.next().unwrap_or_default();
     let target = parts.next().unwrap_or_default();
     let path = target.split(|&b| b == b'?').next().unwrap_or_default();
     let (status, ctype, body) = if method != b"GET" && method != b"HEAD" {
-        ("405 Method Not Allowed", "text/plain", "GET only\n".to_string())
+        ("405 Method Not Allowed", "text/plain", "GET or HEAD only\n".to_string())
     } else {
         match path {
             b"/metrics" => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics(&snapshot())),
@@ -229,35 +301,18 @@ pub fn serve(fd: RawFd, snapshot: &dyn Fn() -> Snapshot) {
             _ => ("404 Not Found", "text/plain", "try /metrics, /stats, /healthz or /readyz\n".to_string()),
         }
     };
-    let body = if method == b"HEAD" { String::new() } else { body };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    let _ = write_all(fd, head.as_bytes()).and_then(|_| write_all(fd, body.as_bytes()));
-}
-
-fn write_all(fd: RawFd, mut data: &[u8]) -> io::Result<()> {
-    let deadline = crate::date::mono_ms() + 1000;
-    while !data.is_empty() {
-        let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::WouldBlock {
-                let left = deadline.saturating_sub(crate::date::mono_ms()) as i32;
-                if left <= 0 || !crate::exchange::poll_one(fd, libc::POLLOUT, left) {
-                    return Err(e);
-                }
-                continue;
-            }
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        data = &data[n as usize..];
+    let mut out = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n", body.len())
+        .into_bytes();
+    if status.starts_with("405") {
+        out.extend_from_slice(b"Allow: GET, HEAD\r\n");
     }
-    Ok(())
+    crate::date::append_date_header(&mut out);
+    out.extend_from_slice(b"Connection: close\r\n\r\n");
+    // HEAD: the same head as GET, Content-Length included, and no body.
+    if method != b"HEAD" {
+        out.extend_from_slice(body.as_bytes());
+    }
+    out
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
@@ -24,6 +24,9 @@ use crate::worker::WorkerCtx;
 /// Exit code a worker uses when the application cannot be loaded: the
 /// master stops instead of respawning into the same error.
 pub const EXIT_APP_LOAD_FAILED: i32 = 3;
+
+/// Monitoring clients the master serves at once; more are closed on accept.
+const MAX_STATS_CONNS: usize = 64;
 
 /// After a re-exec whose new code fails to load, how long the master waits
 /// before a new worker tries it again (the previous workers serve meanwhile).
@@ -167,6 +170,8 @@ pub struct Master<'a, H: Hooks> {
     scale: Scaling,
     /// The `--stats` listener, served by this process.
     stats: Option<Listener>,
+    /// Monitoring clients being served (see [`crate::stats::Conn`]).
+    stats_conns: Vec<crate::stats::Conn>,
     /// Metric counters of workers that have exited.
     totals: [u64; COUNTERS],
     /// Workers started to replace another, by reason.
@@ -220,6 +225,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             inherited: take_inherited_workers(),
             scale: Scaling::default(),
             stats: None,
+            stats_conns: Vec::new(),
             totals: [0; COUNTERS],
             respawns: Vec::new(),
             slot_respawns: vec![0; cap],
@@ -301,7 +307,9 @@ impl<'a, H: Hooks> Master<'a, H> {
     }
 
     /// Answers every stats client waiting to be accepted.
-    fn serve_stats(&self) {
+    /// Takes the monitoring clients waiting on the stats listener.
+    fn accept_stats(&mut self) {
+        use std::os::fd::FromRawFd;
         let Some(l) = &self.stats else {
             return;
         };
@@ -317,9 +325,29 @@ impl<'a, H: Hooks> Master<'a, H> {
             if fd < 0 {
                 return;
             }
-            crate::stats::serve(fd, &|| self.snapshot());
-            unsafe { libc::close(fd) };
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            if self.stats_conns.len() >= MAX_STATS_CONNS {
+                // Closed at once: a flood of idle clients must not grow the master.
+                continue;
+            }
+            self.stats_conns.push(crate::stats::Conn::new(fd));
         }
+    }
+
+    /// Serves the monitoring clients whose sockets are ready (`ready[i]` for
+    /// `stats_conns[i]`), and drops those past their deadline.
+    fn serve_stats(&mut self, ready: &[bool]) {
+        let now = mono_ms();
+        let mut conns = std::mem::take(&mut self.stats_conns);
+        let mut i = 0;
+        conns.retain_mut(|c| {
+            let go = ready.get(i).copied().unwrap_or(false);
+            i += 1;
+            let done = go && c.advance(&|| self.snapshot());
+            !done && c.deadline() > now
+        });
+        conns.append(&mut self.stats_conns);
+        self.stats_conns = conns;
     }
 
     /// Supervises until shutdown; returns the exit code for the master.
@@ -333,7 +361,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                 Some(ms) => timeout.min(ms.max(10)),
                 None => timeout,
             };
-            let mut fds = [
+            let mut fds = vec![
                 libc::pollfd { fd: self.signal_fd, events: libc::POLLIN, revents: 0 },
                 libc::pollfd {
                     fd: self.stats.as_ref().map_or(-1, |l| l.raw()),
@@ -346,11 +374,27 @@ impl<'a, H: Hooks> Master<'a, H> {
                     revents: 0,
                 },
             ];
+            fds.extend(self.stats_conns.iter().map(|c| libc::pollfd {
+                fd: c.fd(),
+                events: c.events(),
+                revents: 0,
+            }));
+            let timeout = match self.stats_conns.iter().map(|c| c.deadline()).min() {
+                Some(d) => timeout.min(d.saturating_sub(mono_ms()) as i32 + 1),
+                None => timeout,
+            };
             self.hooks.unlocked(&mut || {
-                unsafe { libc::poll(fds.as_mut_ptr(), 3, timeout) };
+                unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
             });
+            if !self.stats_conns.is_empty() {
+                let ready: Vec<bool> = fds[3..].iter().map(|f| f.revents != 0).collect();
+                self.serve_stats(&ready);
+            }
             if fds[1].revents & libc::POLLIN != 0 {
-                self.serve_stats();
+                self.accept_stats();
+                // A client that sent its request with the connect is answered now.
+                let ready = vec![true; self.stats_conns.len()];
+                self.serve_stats(&ready);
             }
             if let Some(w) = &mut self.watcher {
                 if fds[2].revents & libc::POLLIN != 0 {
@@ -868,6 +912,8 @@ impl<'a, H: Hooks> Master<'a, H> {
         }
         if pid == 0 {
             self.hooks.after_fork_child();
+            // The master's monitoring clients are not the worker's to hold open.
+            self.stats_conns.clear();
             unsafe {
                 libc::close(self.signal_fd);
                 // If the master is killed outright, workers hear about it.

@@ -1390,11 +1390,25 @@ fn handle_request<A: App>(
             // Answered here: no app, no GIL, so waits block this thread plainly.
             let ex = Exchange { io: conn.io.clone(), generation, blocking: |f| f() };
             let header = |name: &str| request_header(&req, name);
+            let values = [
+                "if-match",
+                "if-none-match",
+                "if-modified-since",
+                "if-unmodified-since",
+                "if-range",
+                "range",
+                "accept-encoding",
+            ]
+            .map(header);
+            let v = |i: usize| values[i].as_deref();
             let conditions = crate::static_files::Conditions {
-                if_none_match: header("if-none-match"),
-                if_modified_since: header("if-modified-since"),
-                range: header("range"),
-                accept_encoding: header("accept-encoding"),
+                if_match: v(0),
+                if_none_match: v(1),
+                if_modified_since: v(2),
+                if_unmodified_since: v(3),
+                if_range: v(4),
+                range: v(5),
+                accept_encoding: v(6),
             };
             let method = req.method();
             let ok = method == b"GET" || method == b"HEAD";
@@ -1464,7 +1478,7 @@ fn static_target<'m>(
 
 /// A request header by lower-case name (joined with "," when repeated over
 /// HTTP; as the front end sent it otherwise).
-fn request_header<'r>(req: &Request<'r>, name: &str) -> Option<&'r [u8]> {
+fn request_header<'r>(req: &Request<'r>, name: &str) -> Option<std::borrow::Cow<'r, [u8]>> {
     match req.cgi() {
         Some(c) => {
             let key: Vec<u8> = b"HTTP_"
@@ -1472,10 +1486,24 @@ fn request_header<'r>(req: &Request<'r>, name: &str) -> Option<&'r [u8]> {
                 .copied()
                 .chain(name.bytes().map(|b| if b == b'-' { b'_' } else { b.to_ascii_uppercase() }))
                 .collect();
-            c.get(req.bytes, &key)
+            join_values(c.iter(req.bytes).filter(|(k, _)| *k == &key[..]).map(|(_, v)| v))
         }
-        None => req.fields().find(|(n, _, _)| n.eq_ignore_ascii_case(name.as_bytes())).map(|(_, v, _)| v),
+        None => join_values(
+            req.fields().filter(|(n, _, _)| n.eq_ignore_ascii_case(name.as_bytes())).map(|(_, v, _)| v),
+        ),
     }
+}
+
+/// Several field lines of one name are one comma-separated list (RFC 9110 5.3).
+fn join_values<'r>(mut values: impl Iterator<Item = &'r [u8]>) -> Option<std::borrow::Cow<'r, [u8]>> {
+    let first = values.next()?;
+    let mut joined: Option<Vec<u8>> = None;
+    for v in values {
+        let j = joined.get_or_insert_with(|| first.to_vec());
+        j.extend_from_slice(b", ");
+        j.extend_from_slice(v);
+    }
+    Some(joined.map_or(std::borrow::Cow::Borrowed(first), std::borrow::Cow::Owned))
 }
 
 /// Writes the access log line of a request that has ended.
