@@ -156,6 +156,9 @@ def test_head_gets_the_content_length_get_would_have(behaviour):
         assert head.header("Content-Length") == "10"
         assert head.body == b""
         assert _get(conn, "/fixed").body == b"hello world"
+        # An empty body on HEAD (Werkzeug returns none for HEAD, whatever GET sends)
+        # says nothing of GET's length: no Content-Length: 0.
+        assert _get(conn, "/status", method="HEAD").header("Content-Length") is None
 
 
 def test_a_204_carries_no_content_length_or_body(behaviour):
@@ -188,6 +191,9 @@ def test_absolute_form_target_replaces_host(behaviour):
         assert env["HTTP_HOST"]["value"] == "example.com:81"
         assert env["PATH_INFO"]["value"] == "/environ"
         assert env["QUERY_STRING"]["value"] == "x=1"
+        # userinfo is not part of the host.
+        conn.send(b"GET http://good.example@evil.example/environ HTTP/1.1\r\nHost: good.example\r\n\r\n")
+        assert json.loads(conn.read_response().body)["HTTP_HOST"]["value"] == "evil.example"
 
 
 @pytest.mark.parametrize(

@@ -826,8 +826,10 @@ impl Io {
             (Some(n), false) => RespFraming::Length(n),
             (None, true) if self.head_request && self.status != 304 && self.status != 204 => {
                 // The Content-Length a GET would have had (RFC 9110 9.3.2),
-                // when the app gave its whole body at once.
-                if let Some(n) = known_len {
+                // when the app gave its whole body at once. An empty one is
+                // no evidence: frameworks (Werkzeug) return no body for HEAD
+                // whatever GET would send.
+                if let Some(n) = known_len.filter(|&n| n > 0) {
                     self.head.extend_from_slice(b"Content-Length: ");
                     self.head.extend_from_slice(itoa(n, &mut [0u8; 20]));
                     self.head.extend_from_slice(b"\r\n");

@@ -546,7 +546,10 @@ fn split_target<'a>(method: &[u8], t: &'a [u8]) -> Result<Target<'a>, Error> {
         let after = &t[colon + 3..];
         let end = after.iter().position(|&b| b == b'/' || b == b'?' || b == b'#').unwrap_or(after.len());
         check_authority(&after[..end])?;
-        (TargetForm::Absolute, &after[..end], &after[end..])
+        // The authority stands for Host, which has no userinfo: drop it
+        // (RFC 9110 4.2.4 deprecates userinfo in http URIs; gunicorn accepts it).
+        let host_start = after[..end].iter().rposition(|&b| b == b'@').map_or(0, |i| i + 1);
+        (TargetForm::Absolute, &after[host_start..end], &after[end..])
     };
     let rest = match rest.iter().position(|&b| b == b'#') {
         Some(i) => &rest[..i],
@@ -878,6 +881,9 @@ mod tests {
         assert_eq!(&raw[h.path.clone()], b"/a");
         let raw = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
         assert!(parse_ok(raw).0.authority.is_empty());
+        let raw = b"GET http://good@evil.example:81/ HTTP/1.1\r\nHost: good\r\n\r\n";
+        let (h, _) = parse_ok(raw);
+        assert_eq!(&raw[h.authority.clone()], b"evil.example:81");
     }
 
     fn parse_ok(raw: &[u8]) -> (Head, usize) {

@@ -781,9 +781,15 @@ fn give_log_to_user(path: &str, existed: bool, uid: u32, gid: u32, name: &str) -
     }
     let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
     let mode = meta.mode();
+    // The groups the workers will have: the primary one and, through
+    // initgroups, every group the user belongs to.
+    let groups: Vec<u32> = std::ffi::CString::new(name)
+        .ok()
+        .and_then(|c| nix::unistd::getgrouplist(&c, nix::unistd::Gid::from_raw(gid)).ok())
+        .map_or_else(|| vec![gid], |g| g.into_iter().map(|g| g.as_raw()).collect());
     let writable = if meta.uid() == uid {
         mode & 0o200 != 0
-    } else if meta.gid() == gid {
+    } else if groups.contains(&meta.gid()) {
         mode & 0o020 != 0
     } else {
         mode & 0o002 != 0
