@@ -306,7 +306,6 @@ impl<'a, H: Hooks> Master<'a, H> {
         }
     }
 
-    /// Answers every stats client waiting to be accepted.
     /// Takes the monitoring clients waiting on the stats listener.
     fn accept_stats(&mut self) {
         use std::os::fd::FromRawFd;

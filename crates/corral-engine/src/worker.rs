@@ -662,8 +662,9 @@ fn thread_main<A: App>(w: &Shared<A>, t: usize, holder: Option<Arc<crate::flushe
         held.release(w);
         // The lines of this pass's requests go out before the thread waits
         // again: a worker that dies (an app calling os._exit, a crash in C)
-        // loses at most the lines of the pass it died in, and one write
-        // covers a whole pass under load.
+        // loses at most the lines of the pass it died in. With one thread
+        // one write covers a whole pass under load; with several a pass is
+        // one request.
         if let Some(log) = &w.access {
             log.flush_thread(t);
         }
