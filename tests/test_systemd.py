@@ -208,3 +208,76 @@ def test_docs_units_use_existing_options():
         if arg.startswith("--"):
             assert arg in help_text, arg
     assert (APPS / "behaviour.py").exists()
+
+
+# Moves descriptors argv[1] and argv[2] to 3 and 4, sets LISTEN_PID, execs argv[3:].
+LAUNCH_TWO = (
+    "import os, sys\n"
+    "a, b = int(sys.argv[1]), int(sys.argv[2])\n"
+    "os.dup2(a, 3)\n"
+    "os.dup2(b, 4)\n"
+    "os.environ['LISTEN_PID'] = str(os.getpid())\n"
+    "os.execv(sys.argv[3], sys.argv[3:])\n"
+)
+
+
+def test_reexec_keeps_activated_sockets(start_server, tmp_path):
+    """USR2 (and HUP with --preload) re-executes the master: the sockets systemd
+    handed over (here an HTTP and a uwsgi one) stay its listeners, with their
+    protocols, and nothing falls back to the default address."""
+    import struct
+
+    from front_ends import free_port
+
+    http_sock, uwsgi_sock = socket.socket(), socket.socket()
+    for s in (http_sock, uwsgi_sock):
+        s.bind(("127.0.0.1", 0))
+        s.listen(64)
+    http_port, uwsgi_port = http_sock.getsockname()[1], uwsgi_sock.getsockname()[1]
+    stats_port = free_port()
+    notify = Notifications(tmp_path / "notify.sock")
+    try:
+        fds = (http_sock.fileno(), uwsgi_sock.fileno())
+        launcher = [sys.executable, "-c", LAUNCH_TWO, str(fds[0]), str(fds[1]), *CORRAL]
+        server = start_server(
+            "behaviour:application",
+            "--stats",
+            f"127.0.0.1:{stats_port}",
+            http=None,
+            command=launcher,
+            pass_fds=fds,
+            env={"LISTEN_FDS": "2", "LISTEN_FDNAMES": "http:uwsgi", "NOTIFY_SOCKET": notify.path},
+            wait=False,
+        )
+        http_sock.close()
+        uwsgi_sock.close()
+        assert notify.next().get("READY") == "1"
+        server.host, server.port = "127.0.0.1", http_port
+
+        def uwsgi_ok():
+            body = b""
+            for k, v in ((b"REQUEST_METHOD", b"GET"), (b"REQUEST_URI", b"/fixed"), (b"PATH_INFO", b"/fixed")):
+                body += struct.pack("<H", len(k)) + k + struct.pack("<H", len(v)) + v
+            with socket.create_connection(("127.0.0.1", uwsgi_port), timeout=10) as c:
+                c.sendall(b"\0" + struct.pack("<H", len(body)) + b"\0" + body)
+                out = b""
+                while chunk := c.recv(65536):
+                    out += chunk
+            return out.startswith(b"HTTP/1.1 200") and out.endswith(b"hello world")
+
+        assert server.request("GET", "/fixed").status == 200 and uwsgi_ok()
+        mark = server.mark()
+        server.signal(signal.SIGUSR2)
+        assert "RELOADING" in notify.next()
+        assert notify.next().get("READY") == "1"
+        assert server.grep(r"re-executing the master", since=mark)
+        assert not server.grep(r"Closing inherited listener|127\.0\.0\.1:8000", since=mark), server.log
+        assert server.request("GET", "/fixed").status == 200 and uwsgi_ok()
+        with socket.create_connection(("127.0.0.1", stats_port), timeout=10) as c:
+            c.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert c.recv(4096).startswith(b"HTTP/1.1 200")
+        assert server.running()
+        server.signal(signal.SIGTERM)
+        assert server.wait_exit(30) == 0
+    finally:
+        notify.close()

@@ -131,6 +131,11 @@ pub trait Hooks {
     fn reload_needs_reexec(&self) -> bool {
         false
     }
+    /// Environment variables the re-executed program needs besides those
+    /// of this module (socket activation's `LISTEN_*`).
+    fn reexec_env(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }
 
 struct Worker {
@@ -736,6 +741,10 @@ impl<'a, H: Hooks> Master<'a, H> {
         );
         std::env::set_var(INHERIT_ENV, inherit.join(";"));
         std::env::set_var(OLD_WORKERS_ENV, workers.join(","));
+        let extra = self.hooks.reexec_env();
+        for (k, v) in &extra {
+            std::env::set_var(k, v);
+        }
         crate::systemd::notify_reloading();
         // Signals stay blocked across execve; the new program blocks the same
         // set again and reads what arrived meanwhile from its signalfd.
@@ -746,6 +755,9 @@ impl<'a, H: Hooks> Master<'a, H> {
         error!("re-exec of {} failed: {e}; this master keeps running", program.to_string_lossy());
         std::env::remove_var(INHERIT_ENV);
         std::env::remove_var(OLD_WORKERS_ENV);
+        for (k, _) in &extra {
+            std::env::remove_var(k);
+        }
         for l in self.listeners.iter().chain(self.stats.iter()) {
             unsafe { libc::fcntl(l.fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
         }

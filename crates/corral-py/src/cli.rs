@@ -485,6 +485,9 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             (protocol, format!("fd://{fd}"))
         })
         .collect();
+    // Listeners taken from socket activation are handed to a re-executed
+    // master the same way, or it would fall back to the default address.
+    let from_activation = wanted.is_empty() && !activated.is_empty();
     if wanted.is_empty() {
         wanted.extend(activated_addrs.iter().map(|(p, a)| (*p, a.as_str())));
     }
@@ -718,11 +721,13 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         std::process::id()
     );
     let sys = py.import("sys")?;
-    let reexec = (
-        sys.getattr("executable")?.extract::<String>()?,
-        sys.getattr("orig_argv")?.extract::<Vec<String>>()?,
-    );
-    let runtime = Runtime::new(spec, preloaded, cli.preload, mount, &config, reexec, start_dir);
+    let reexec = crate::runtime::Reexec {
+        exe: sys.getattr("executable")?.extract::<String>()?,
+        argv: sys.getattr("orig_argv")?.extract::<Vec<String>>()?,
+        start_dir,
+        listen_fds: if from_activation { activated.clone() } else { Vec::new() },
+    };
+    let runtime = Runtime::new(spec, preloaded, cli.preload, mount, &config, reexec);
     let mut master = match Master::new(config, listeners, &runtime) {
         Ok(m) => m,
         Err(e) => {

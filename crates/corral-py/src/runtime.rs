@@ -24,9 +24,19 @@ pub struct Runtime {
     multiprocess: bool,
     multithread: bool,
     /// sys.executable and sys.orig_argv: how to start this master again.
-    reexec: (String, Vec<String>),
-    /// The directory corral was started in (before --chdir), for a re-exec.
-    start_dir: Option<std::path::PathBuf>,
+    reexec: Reexec,
+}
+
+/// What a re-exec of the master needs to start the same program again.
+pub struct Reexec {
+    /// sys.executable and sys.orig_argv.
+    pub exe: String,
+    pub argv: Vec<String>,
+    /// The directory corral was started in (before --chdir).
+    pub start_dir: Option<std::path::PathBuf>,
+    /// The socket-activation descriptors (and names) the listeners came
+    /// from, handed to the new program the way the service manager did.
+    pub listen_fds: Vec<(i32, Option<String>)>,
 }
 
 impl Runtime {
@@ -36,8 +46,7 @@ impl Runtime {
         preload: bool,
         mount: String,
         config: &Config,
-        reexec: (String, Vec<String>),
-        start_dir: Option<std::path::PathBuf>,
+        reexec: Reexec,
     ) -> Runtime {
         Runtime {
             spec,
@@ -49,7 +58,6 @@ impl Runtime {
             multiprocess: config.workers.max(config.workers_max.unwrap_or(0)) > 1,
             multithread: config.threads > 1,
             reexec,
-            start_dir,
         }
     }
 }
@@ -106,13 +114,13 @@ impl Hooks for Runtime {
     }
 
     fn reexec_command(&self) -> Option<(CString, Vec<CString>)> {
-        let (exe, orig) = &self.reexec;
+        let (exe, orig) = (&self.reexec.exe, &self.reexec.argv);
         if exe.is_empty() || orig.is_empty() {
             return None;
         }
         // A relative --chdir, --pythonpath or app path means what it meant
         // at the first start only from the directory of the first start.
-        if let Some(dir) = &self.start_dir {
+        if let Some(dir) = &self.reexec.start_dir {
             let _ = std::env::set_current_dir(dir);
         }
         let program = CString::new(exe.as_str()).ok()?;
@@ -121,6 +129,20 @@ impl Hooks for Runtime {
             args.push(CString::new(a.as_str()).ok()?);
         }
         Some((program, args))
+    }
+
+    fn reexec_env(&self) -> Vec<(String, String)> {
+        let fds = &self.reexec.listen_fds;
+        if fds.is_empty() {
+            return Vec::new();
+        }
+        // Same pid after execve: the new program takes them as its own.
+        let names: Vec<&str> = fds.iter().map(|(_, n)| n.as_deref().unwrap_or("")).collect();
+        vec![
+            ("LISTEN_PID".into(), std::process::id().to_string()),
+            ("LISTEN_FDS".into(), fds.len().to_string()),
+            ("LISTEN_FDNAMES".into(), names.join(":")),
+        ]
     }
 
     fn reload_needs_reexec(&self) -> bool {
