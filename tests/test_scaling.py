@@ -108,3 +108,29 @@ def test_max_connections_sheds_with_503(start_server):
     # Once connections close, new ones are served again.
     assert wait_until(lambda: server.request("GET", "/fixed").status == 200, 10)
     assert re.search(r"--max-connections 3", server.log)
+
+
+def test_adaptive_pool_settles_under_steady_load(start_server):
+    """One client sending slow requests back to back uses one thread: the pool may
+    grow once, but does not shrink and grow again while the load lasts (a pool
+    that shrinks to exactly full is saturated at once)."""
+    server = start_server(
+        "behaviour:application",
+        "--workers-min",
+        "1",
+        "--workers-max",
+        "3",
+        "--scale-down-idle",
+        "1",
+        workers=None,
+    )
+    mark = server.mark()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        assert server.request("GET", "/slow?secs=0.3&id=steady", timeout=30).status == 200
+    ups = server.grep(r"Scaling up", since=mark)
+    assert len(ups) <= 1, server.log[-3000:]
+    assert not server.grep(r"Scaling down", since=mark), server.log[-3000:]
+    if ups:
+        # Once the load stops, the spare worker goes.
+        server.wait_for(r"Scaling down to 1 worker", since=mark, timeout=10)

@@ -519,6 +519,8 @@ impl<'a, H: Hooks> Master<'a, H> {
             Action::AddWorker => {
                 if self.phase == Phase::Running && self.target < self.max_workers() {
                     self.target += 1;
+                    // The adaptive pool judges the new size afresh.
+                    self.scale = Scaling { last_change: Some(Instant::now()), ..Scaling::default() };
                     info!("Received {name}: workers {} -> {}", self.target - 1, self.target);
                     self.spawn();
                 } else if self.phase == Phase::Running {
@@ -528,6 +530,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             Action::RemoveWorker => {
                 if self.phase == Phase::Running && self.target > self.min_workers() {
                     self.target -= 1;
+                    self.scale = Scaling { last_change: Some(Instant::now()), ..Scaling::default() };
                     info!("Received {name}: workers {} -> {}", self.target + 1, self.target);
                     let newest = self
                         .workers
@@ -800,8 +803,11 @@ impl<'a, H: Hooks> Master<'a, H> {
             self.scale.idle_since = None;
         } else {
             self.scale.saturated_ticks = 0;
-            // Spare capacity: what is busy would fit in one worker fewer.
-            if busy + threads <= capacity {
+            // Spare capacity: what is busy would fit in one worker fewer
+            // with a thread still free, so the smaller pool is not saturated
+            // at once (a pool that shrank to exactly full would grow again,
+            // and cycle).
+            if busy + threads < capacity {
                 self.scale.idle_since.get_or_insert(now);
             } else {
                 self.scale.idle_since = None;
