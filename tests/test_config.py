@@ -73,6 +73,13 @@ def test_a_server_runs_from_the_file(start_server, tmp_path):
         ("http = [1, 2\n", ":2: invalid TOML"),
         ("workers-min = 5\nworkers-max = 2\n", "--workers-min 5 is greater than --workers-max 2 (set in"),
         ("timeout = 0\n", ":1: `timeout`"),
+        # TOML reads 0o660 as the integer 432: a mode must be a string.
+        ("socket-mode = 0o660\n", ":1: `socket-mode` is an octal mode: write it as a string"),
+        ("umask = 0o027\n", ":1: `umask` is an octal mode"),
+        ('workers = 1\nhttp = ["nonsense"]\n', ":2: `http`: invalid value 'nonsense'"),
+        ('stats = "bad"\n', ":1: `stats`: invalid value 'bad'"),
+        ('env = ["NOEQ"]\n', ":1: `env`: invalid value 'NOEQ'"),
+        ('mount = "x"\n', ":1: `mount`: invalid value 'x'"),
     ],
 )
 def test_errors_name_the_key_and_line(tmp_path, text, message):

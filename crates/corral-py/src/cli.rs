@@ -60,19 +60,19 @@ pub struct Cli {
 
     /// Serve HTTP/1.1 on ADDR: HOST:PORT, [IPv6]:PORT, unix:PATH or fd://N. Repeatable.
     /// Default 127.0.0.1:8000 when no listener is given.
-    #[arg(long, value_name = "ADDR", env = "CORRAL_HTTP", value_delimiter = ',')]
+    #[arg(long, value_name = "ADDR", env = "CORRAL_HTTP", value_delimiter = ',', value_parser = parse_addr)]
     pub http: Vec<String>,
 
     /// Serve the uwsgi protocol (nginx uwsgi_pass, Apache mod_proxy_uwsgi) on ADDR. Repeatable.
-    #[arg(long, value_name = "ADDR", env = "CORRAL_UWSGI", value_delimiter = ',')]
+    #[arg(long, value_name = "ADDR", env = "CORRAL_UWSGI", value_delimiter = ',', value_parser = parse_addr)]
     pub uwsgi: Vec<String>,
 
     /// Serve FastCGI (nginx fastcgi_pass, Apache mod_proxy_fcgi, HAProxy fcgi-app) on ADDR. Repeatable.
-    #[arg(long, value_name = "ADDR", env = "CORRAL_FASTCGI", value_delimiter = ',')]
+    #[arg(long, value_name = "ADDR", env = "CORRAL_FASTCGI", value_delimiter = ',', value_parser = parse_addr)]
     pub fastcgi: Vec<String>,
 
     /// Serve SCGI (nginx scgi_pass, Apache mod_proxy_scgi) on ADDR. Repeatable.
-    #[arg(long, value_name = "ADDR", env = "CORRAL_SCGI", value_delimiter = ',')]
+    #[arg(long, value_name = "ADDR", env = "CORRAL_SCGI", value_delimiter = ',', value_parser = parse_addr)]
     pub scgi: Vec<String>,
 
     /// Permission bits (octal, e.g. 660) of the unix socket files corral creates.
@@ -128,7 +128,7 @@ pub struct Cli {
     pub pythonpath: Vec<PathBuf>,
 
     /// Set an environment variable for the app. Repeatable.
-    #[arg(long = "env", value_name = "KEY=VALUE", env = "CORRAL_ENV")]
+    #[arg(long = "env", value_name = "KEY=VALUE", env = "CORRAL_ENV", value_parser = parse_env_pair)]
     pub env: Vec<String>,
 
     /// Seconds in-flight requests get to finish on a graceful stop.
@@ -216,7 +216,7 @@ pub struct Cli {
 
     /// Serve /metrics (Prometheus), /stats (JSON), /healthz and /readyz on ADDR, from the
     /// master process. Off by default.
-    #[arg(long, value_name = "ADDR", env = "CORRAL_STATS")]
+    #[arg(long, value_name = "ADDR", env = "CORRAL_STATS", value_parser = parse_addr)]
     pub stats: Option<String>,
 
     /// Write an access log line per request to FILE, or to stdout with `-`. Off by default.
@@ -244,7 +244,7 @@ pub struct Cli {
 
     /// Serve the app under this URL prefix: SCRIPT_NAME is set to it and PATH_INFO excludes it.
     /// Defaults to the SCRIPT_NAME environment variable.
-    #[arg(long, value_name = "PREFIX", env = "CORRAL_MOUNT")]
+    #[arg(long, value_name = "PREFIX", env = "CORRAL_MOUNT", value_parser = parse_mount)]
     pub mount: Option<String>,
 
     /// Largest request body in bytes; larger ones get 413. Unlimited by default.
@@ -280,6 +280,27 @@ pub struct Cli {
 const MAX_COUNT: u64 = 1 << 40;
 /// The largest --reload-on-rss (1 PiB), so its byte count fits a u64.
 const MAX_RSS_MIB: u64 = 1 << 30;
+
+/// A listener address, checked when read (so a config file's bad value is
+/// reported at its line); the string itself is kept for later.
+fn parse_addr(s: &str) -> Result<String, String> {
+    corral_engine::listen::Addr::parse(s).map(|_| s.to_string())
+}
+
+fn parse_env_pair(s: &str) -> Result<String, String> {
+    match s.split_once('=') {
+        Some((k, _)) if !k.is_empty() => Ok(s.to_string()),
+        _ => Err(format!("{s:?}: expected KEY=VALUE")),
+    }
+}
+
+fn parse_mount(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.starts_with('/') {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?}: must start with '/'"))
+    }
+}
 
 fn parse_mode(s: &str) -> Result<u32, String> {
     let m = u32::from_str_radix(s, 8).map_err(|_| format!("{s:?} is not an octal mode such as 660"))?;

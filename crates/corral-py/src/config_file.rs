@@ -92,6 +92,13 @@ pub fn layer(cmd: &Command, argv: &[String]) -> Result<(Vec<String>, FileOrigins
             v => vec![v],
         };
         for v in values {
+            if OCTAL_KEYS.contains(&key) && matches!(v, Value::Integer(_)) {
+                // TOML reads 0o660 and 660 alike as plain integers: which one
+                // was meant cannot be told, and a wrong mode would go unnoticed.
+                return Err(format!(
+                    "{at}: `{key}` is an octal mode: write it as a string, e.g. {key} = \"660\""
+                ));
+            }
             let s = scalar(v).ok_or_else(|| format!("{at}: `{key}` must be a string or a number"))?;
             // Check each value alone, so a bad one is reported at its line.
             let mut probe = vec![argv[0].clone(), format!("--{key}={s}"), "app:probe".to_string()];
@@ -117,6 +124,9 @@ pub fn layer(cmd: &Command, argv: &[String]) -> Result<(Vec<String>, FileOrigins
     }
     Ok((out, origins))
 }
+
+/// Options whose value is an octal file mode.
+const OCTAL_KEYS: [&str; 2] = ["socket-mode", "umask"];
 
 fn scalar(v: &Value) -> Option<String> {
     match v {
