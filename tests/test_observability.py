@@ -547,3 +547,58 @@ def test_access_log_lines_survive_a_worker_that_dies(start_server, tmp_path):
     text = log.read_text()
     for i in range(3):
         assert f"GET /fixed?n={i} " in text, text
+
+
+def test_stats_subcommand_errors(tmp_path):
+    import threading
+
+    def run(*args):
+        return subprocess.run([*CORRAL, *args], capture_output=True, text=True, timeout=30, check=False)
+
+    # No address: a usage line, never a server started for an app named "stats".
+    for sub in ("stats", "top"):
+        proc = run(sub)
+        assert proc.returncode == 2 and f"usage: corral {sub} ADDR" in proc.stderr, proc.stderr
+        assert "Listening at" not in proc.stderr
+    # A peer that is not an HTTP server, and an HTTP server that is not corral's stats.
+    replies = [
+        b"SSH-2.0-OpenSSH_9.2\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+    ]
+    for reply in replies:
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+
+        def answer(srv=srv, reply=reply):
+            c, _ = srv.accept()
+            c.recv(4096)
+            c.sendall(reply)
+            c.close()
+
+        t = threading.Thread(target=answer)
+        t.start()
+        proc = run("stats", f"127.0.0.1:{srv.getsockname()[1]}")
+        t.join(10)
+        srv.close()
+        assert proc.returncode == 1, proc.stderr
+        assert "corral stats: cannot read" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_stats_subcommand_into_a_closed_pipe(stats_server):
+    """A reader that is gone (`| head`, say) is no error of corral stats."""
+    r, w = os.pipe()
+    os.close(r)  # every write to w now fails with EPIPE
+    try:
+        proc = subprocess.run(
+            [*CORRAL, "stats", f"127.0.0.1:{stats_server.stats_port}"],
+            stdout=w,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        os.close(w)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr

@@ -15,7 +15,13 @@ from corral._corral import main as _main
 
 def main() -> None:
     args = sys.argv[1:]
-    if len(args) == 2 and args[0] in ("stats", "top"):
+    if args[:1] in (["stats"], ["top"]):
+        if len(args) != 2:
+            print(
+                f"usage: corral {args[0]} ADDR   (the --stats address: HOST:PORT or unix:PATH)",
+                file=sys.stderr,
+            )
+            sys.exit(2)
         from corral import monitor
 
         sys.exit(monitor.stats_main(args[1]) if args[0] == "stats" else monitor.top_main(args[1]))

@@ -40,17 +40,29 @@ def fetch(addr: str, path: str = "/stats", timeout: float = 5.0) -> dict:
         conn.close()
     if resp.status != 200:
         raise OSError(f"{addr}{path}: HTTP {resp.status}")
-    return json.loads(body)
+    data = json.loads(body)
+    if not isinstance(data, dict) or "master" not in data or "workers" not in data:
+        raise ValueError(f"{addr}{path} is not a corral --stats listener")
+    return data
+
+
+# What a peer that is not a corral --stats listener can make fetch() raise.
+READ_ERRORS = (OSError, ValueError, http.client.HTTPException)
 
 
 def stats_main(addr: str) -> int:
     try:
         data = fetch(addr)
-    except (OSError, ValueError) as e:
-        print(f"corral stats: cannot read {addr}: {e}", file=sys.stderr)
+    except READ_ERRORS as e:
+        print(f"corral stats: cannot read {addr}: {e or type(e).__name__}", file=sys.stderr)
         return 1
-    json.dump(data, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    try:
+        json.dump(data, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader (head, say) stopped early: not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
@@ -59,7 +71,8 @@ def _mib(n: int) -> str:
 
 
 def render(data: dict, width: int, previous: dict | None = None, interval: float = 1.0) -> str:
-    """The screen for one /stats reading (a pure function, for tests)."""
+    """The screen for one /stats reading (a pure function, for tests); `interval`
+    is the time since the `previous` reading."""
     m = data["master"]
     rate = ""
     if previous is not None:
@@ -97,26 +110,30 @@ def top_main(addr: str, interval: float = 1.0) -> int:
 
         old = termios.tcgetattr(sys.stdin)
         tty.setcbreak(sys.stdin.fileno())
-    previous = None
+    previous, previous_at = None, 0.0
     try:
         sys.stdout.write("\x1b[?25l")  # hide the cursor while redrawing
         while True:
             width = shutil.get_terminal_size((120, 40)).columns
             try:
                 data = fetch(addr)
-                screen = render(data, width, previous, interval)
-                previous = data
-            except (OSError, ValueError) as e:
-                screen = f"corral top: cannot read {addr}: {e}"
+                now = time.monotonic()
+                # The rate over the time that really passed between readings.
+                screen = render(data, width, previous, max(now - previous_at, 1e-3))
+                previous, previous_at = data, now
+            except READ_ERRORS as e:
+                screen = f"corral top: cannot read {addr}: {e or type(e).__name__}"
             sys.stdout.write("\x1b[H\x1b[2J" + screen + "\n\n(q to quit)")
             sys.stdout.flush()
             deadline = time.monotonic() + interval
             while (left := deadline - time.monotonic()) > 0:
-                if interactive and select.select([sys.stdin], [], [], left)[0]:
-                    if os.read(sys.stdin.fileno(), 1) in (b"q", b"Q"):
-                        return 0
-                else:
+                if not interactive:
                     time.sleep(left)
+                elif select.select([sys.stdin], [], [], left)[0] and os.read(sys.stdin.fileno(), 1) in (
+                    b"q",
+                    b"Q",
+                ):
+                    return 0
     except KeyboardInterrupt:
         return 0
     finally:
