@@ -42,7 +42,15 @@ pub enum LogLevel {
 /// Every option can also be set with an environment variable named
 /// CORRAL_<OPTION> (for example CORRAL_WORKERS=4); the command line wins.
 #[derive(Debug, Parser)]
-#[command(name = "corral", version, about, max_term_width = 100)]
+#[command(
+    name = "corral",
+    version,
+    about,
+    max_term_width = 100,
+    after_help = "Also: `corral stats ADDR` prints a running server's --stats JSON once, `corral top ADDR` \
+                  shows it live, `corral signal NAME PIDFILE` sends its master a signal (HUP, TERM, INT, \
+                  QUIT, USR1, USR2, TTIN, TTOU)."
+)]
 pub struct Cli {
     /// The application: MODULE:CALLABLE, MODULE (callable `application`) or MODULE:FACTORY().
     #[arg(value_name = "APP", env = "CORRAL_APP")]
@@ -116,7 +124,7 @@ pub struct Cli {
     pub threads: u32,
 
     /// Import the app in the master before forking the workers (shares memory copy-on-write).
-    #[arg(long, env = "CORRAL_PRELOAD")]
+    #[arg(long, env = "CORRAL_PRELOAD", value_parser = clap::builder::BoolishValueParser::new())]
     pub preload: bool,
 
     /// Change to DIR before loading the app.
@@ -211,7 +219,7 @@ pub struct Cli {
 
     /// Development: reload the workers when a .py file under the current directory (after
     /// --chdir) or a --pythonpath directory changes.
-    #[arg(long, env = "CORRAL_RELOAD")]
+    #[arg(long, env = "CORRAL_RELOAD", value_parser = clap::builder::BoolishValueParser::new())]
     pub reload: bool,
 
     /// Serve /metrics (Prometheus), /stats (JSON), /healthz and /readyz on ADDR, from the
