@@ -560,6 +560,10 @@ def test_stats_subcommand_errors(tmp_path):
         proc = run(sub)
         assert proc.returncode == 2 and f"usage: corral {sub} ADDR" in proc.stderr, proc.stderr
         assert "Listening at" not in proc.stderr
+        proc = run(sub, "--help")
+        assert proc.returncode == 0 and f"usage: corral {sub} ADDR" in proc.stdout, proc
+        proc = run(sub, "not-an-address")
+        assert proc.returncode in (1, 2) and "not HOST:PORT" in proc.stderr, proc
     # A peer that is not an HTTP server, and an HTTP server that is not corral's stats.
     replies = [
         b"SSH-2.0-OpenSSH_9.2\r\n",

@@ -16,11 +16,14 @@ from corral._corral import main as _main
 def main() -> None:
     args = sys.argv[1:]
     if args[:1] in (["stats"], ["top"]):
+        usage = (
+            f"usage: corral {args[0]} ADDR   (the --stats address: HOST:PORT, http://HOST:PORT or unix:PATH)"
+        )
+        if args[1:] in (["-h"], ["--help"]):
+            print(usage)
+            sys.exit(0)
         if len(args) != 2:
-            print(
-                f"usage: corral {args[0]} ADDR   (the --stats address: HOST:PORT or unix:PATH)",
-                file=sys.stderr,
-            )
+            print(usage, file=sys.stderr)
             sys.exit(2)
         from corral import monitor
 

@@ -24,14 +24,22 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock.connect(self._path)
 
 
+def _host_port(addr: str) -> tuple[str, int]:
+    """HOST:PORT or http://HOST:PORT; ValueError for anything else."""
+    hostport = addr.removeprefix("http://").rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{addr!r} is not HOST:PORT, http://HOST:PORT or unix:PATH")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
 def fetch(addr: str, path: str = "/stats", timeout: float = 5.0) -> dict:
     """GETs `path` from a stats listener at HOST:PORT, http://HOST:PORT or unix:/path."""
     if addr.startswith("unix:"):
         conn: http.client.HTTPConnection = _UnixConnection(addr[5:], timeout)
     else:
-        hostport = addr.removeprefix("http://").rstrip("/")
-        host, _, port = hostport.rpartition(":")
-        conn = http.client.HTTPConnection(host.strip("[]") or "127.0.0.1", int(port), timeout=timeout)
+        host, port = _host_port(addr)
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         conn.request("GET", path)
         resp = conn.getresponse()
@@ -102,6 +110,13 @@ def render(data: dict, width: int, previous: dict | None = None, interval: float
 
 def top_main(addr: str, interval: float = 1.0) -> int:
     """Redraws the view every `interval` seconds until q or Ctrl-C."""
+    if not addr.startswith("unix:"):
+        try:
+            _host_port(addr)
+        except ValueError as e:
+            # A typo never gets better by redrawing: say so once.
+            print(f"corral top: {e}", file=sys.stderr)
+            return 2
     interactive = sys.stdin.isatty()
     old = None
     if interactive:
