@@ -3,6 +3,7 @@ wsgi.file_wrapper, and apps that fail before or after the headers went out."""
 
 import hashlib
 import os
+import pathlib
 import time
 
 import pytest
@@ -249,3 +250,27 @@ def test_close_that_raises_after_a_whole_body_keeps_the_response(behaviour):
         assert conn.read_response().body == b"hello world"
     behaviour.wait_for(r"Error in close\(\) of the response iterable of GET /close-fails", since=mark)
     behaviour.wait_for(r"RuntimeError: close failed", since=mark)
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_the_flusher_rests_while_a_slow_stream_holds_nothing(start_server, threads):
+    """Held bytes go out within the hold time; after that, a pass that goes on
+    (a stream that waits between pieces) holds nothing, and the flusher thread
+    sleeps instead of waking every millisecond until the pass ends."""
+    server = start_server("behaviour:application", threads=threads)
+    (worker,) = server.worker_pids()
+    flusher = next(
+        t
+        for t in os.listdir(f"/proc/{worker}/task")
+        if pathlib.Path(f"/proc/{worker}/task/{t}/comm").read_text().strip() == "corral-flush"
+    )
+
+    def wakeups():
+        with open(f"/proc/{worker}/task/{flusher}/status") as f:
+            return int(next(line.split()[1] for line in f if line.startswith("voluntary_ctxt_switches")))
+
+    before = wakeups()
+    resp = server.request("GET", "/burst-then-slow?slow=2", timeout=30)
+    assert resp.status == 200 and resp.body.startswith(b"burst 0\nburst 1\nburst 2\nslow 0")
+    # A timer every millisecond would be some 2000 wake-ups over the 2 s.
+    assert wakeups() - before < 100

@@ -132,6 +132,21 @@ def close_fails(environ, start_response):
     return _CloseFails([b"hello ", b"world"])
 
 
+def burst_then_slow(environ, start_response):
+    """Three pieces at once (gathered and held), then ?slow= pieces a second apart."""
+    slow = int(_query(environ).get("slow", "2"))
+    start_response("200 OK", [("Content-Type", "text/plain")])
+
+    def gen():
+        for i in range(3):
+            yield b"burst %d\n" % i
+        for i in range(slow):
+            time.sleep(1)
+            yield b"slow %d\n" % i
+
+    return gen()
+
+
 def exit_now(environ, start_response):
     """Ends the worker process at once with ?code= (an app that calls os._exit)."""
     os._exit(int(_query(environ).get("code", "1")))
@@ -372,6 +387,7 @@ def raise_after_cl(environ, start_response):
 
 UNVALIDATED = {
     "/status": status,
+    "/burst-then-slow": burst_then_slow,
     "/print-errors": print_errors,
     "/close-fails": close_fails,
     "/input": input_ops,

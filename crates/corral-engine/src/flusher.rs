@@ -74,6 +74,11 @@ pub(crate) struct Holder {
     held_since: AtomicU64,
     /// Connections that held bytes in the current pass (each once).
     listed: Mutex<Vec<Arc<Mutex<Io>>>>,
+    /// The flusher found nothing held in this pass any more and stopped
+    /// timing it (a long pass, such as a slow stream, must not wake it every
+    /// HOLD for nothing). Whoever turns this from true to false makes sure
+    /// the timer runs: the serving thread when it holds bytes again.
+    dormant: AtomicBool,
     clock: Arc<Clock>,
 }
 
@@ -100,25 +105,36 @@ impl Holder {
             }
         }
         self.held_since.store(0, Ordering::SeqCst);
+        self.dormant.store(false, Ordering::SeqCst);
     }
 
     /// Held for HOLD: write what every listed connection holds. What cannot
-    /// be written yet is looked at again a HOLD later (see `run`).
-    fn fire(&self) {
+    /// be written yet is looked at again a HOLD later (see `run`). Returns
+    /// whether anything may still be held.
+    fn fire(&self) -> bool {
         // A copy, so no connection is locked under the list's lock (the
         // serving thread takes them the other way round).
         let listed = self.listed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut left = false;
         for io in listed {
             match io.try_lock() {
-                Ok(mut io) => io.flush_held_nowait(),
-                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().flush_held_nowait(),
+                Ok(mut io) => {
+                    io.flush_held_nowait();
+                    left |= !io.out.is_empty();
+                }
+                Err(std::sync::TryLockError::Poisoned(p)) => {
+                    let mut io = p.into_inner();
+                    io.flush_held_nowait();
+                    left |= !io.out.is_empty();
+                }
                 // In use: by a write, which sends what is held first, or a
                 // wait, which is only entered once nothing is held; either
                 // way this thread must not wait for it (a slow client would
                 // hold up every other connection), so look again later.
-                Err(std::sync::TryLockError::WouldBlock) => {}
+                Err(std::sync::TryLockError::WouldBlock) => left = true,
             }
         }
+        left
     }
 }
 
@@ -146,11 +162,20 @@ pub(crate) fn promise(io: &Arc<Mutex<Io>>, io_listed: &mut usize) -> bool {
             holder.listed.lock().unwrap_or_else(|p| p.into_inner()).push(io.clone());
             *io_listed = holder.id;
         }
-        if holder.held_since.load(Ordering::Relaxed) == 0 {
+        let first = holder.held_since.load(Ordering::Relaxed) == 0;
+        if first {
+            // A new pass: a dormant mark the flusher left on the last one
+            // (after it ended) does not apply.
+            holder.dormant.store(false, Ordering::SeqCst);
             holder.held_since.store(now_ns(), Ordering::SeqCst);
-            // The flusher, about to stop its timer, looks at held_since
-            // after clearing `ticking`; this looks at `ticking` after
-            // setting held_since: one of the two sees the other.
+        }
+        // Holding again after the flusher stopped timing this pass.
+        let woken =
+            !first && holder.dormant.load(Ordering::Relaxed) && holder.dormant.swap(false, Ordering::SeqCst);
+        if first || woken {
+            // The flusher, about to stop its timer, looks at held_since and
+            // `dormant` after clearing `ticking`; this looks at `ticking`
+            // after setting them: one of the two sees the other.
             let clock = &holder.clock;
             if !clock.ticking.load(Ordering::SeqCst) && !clock.ticking.swap(true, Ordering::SeqCst) {
                 clock.set(HOLD);
@@ -176,6 +201,7 @@ pub(crate) fn start(threads: usize) -> io::Result<Vec<Arc<Holder>>> {
                 id,
                 held_since: AtomicU64::new(0),
                 listed: Mutex::new(Vec::new()),
+                dormant: AtomicBool::new(false),
                 clock: clock.clone(),
             })
         })
@@ -201,13 +227,21 @@ fn run(clock: &Clock, holders: &[Arc<Holder>]) {
         let mut next: Option<u64> = None;
         for h in holders {
             let since = h.held_since.load(Ordering::SeqCst);
-            if since == 0 {
+            if since == 0 || h.dormant.load(Ordering::SeqCst) {
                 continue;
             }
             let due = if now >= since + hold {
-                h.fire();
-                // Whatever is left (a full socket, or bytes the thread
-                // holds again in this long pass) is looked at a HOLD later.
+                // Dormant from before the look: bytes the thread holds from
+                // here on either are written by this fire, or find it set
+                // and wake the timer themselves, or clear it (seen below).
+                h.dormant.store(true, Ordering::SeqCst);
+                let left = h.fire();
+                if !left && h.dormant.load(Ordering::SeqCst) {
+                    continue;
+                }
+                h.dormant.store(false, Ordering::SeqCst);
+                // Whatever is left (a full socket, or bytes the thread held
+                // again meanwhile) is looked at a HOLD later.
                 now + hold
             } else {
                 since + hold
@@ -221,7 +255,9 @@ fn run(clock: &Clock, holders: &[Arc<Holder>]) {
         clock.ticking.store(false, Ordering::SeqCst);
         // A thread that began holding after the loop above but saw
         // `ticking` still set relies on this look.
-        if holders.iter().any(|h| h.held_since.load(Ordering::SeqCst) != 0)
+        if holders
+            .iter()
+            .any(|h| h.held_since.load(Ordering::SeqCst) != 0 && !h.dormant.load(Ordering::SeqCst))
             && !clock.ticking.swap(true, Ordering::SeqCst)
         {
             clock.set(HOLD);

@@ -512,6 +512,11 @@ fn rss_bytes() -> u64 {
 fn begin_drain<A: App>(w: &Shared<A>) {
     DRAINING.store(true, Ordering::SeqCst);
     w.scoreboard.set_state(w.slot, WorkerState::Draining);
+    // What takes each listener's descriptor number in this process once it
+    // is let go: a thread still in its batch of accepts from an earlier
+    // wake-up may call accept4 on that number again, and must get an error
+    // (ENOTSOCK), not a socket the app opened meanwhile under the same number.
+    let placeholder = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
     for (idx, (fd, _)) in w.listeners.iter().enumerate() {
         unsafe { libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_DEL, *fd, std::ptr::null_mut()) };
         // A wake-up epoll gave this worker just before the removal is not
@@ -524,7 +529,14 @@ fn begin_drain<A: App>(w: &Shared<A>) {
                 Accepted::None => break,
             }
         }
-        unsafe { libc::close(*fd) };
+        // Lets go of this process's reference to the listening socket (the
+        // queue closes once every process has), keeping the number taken.
+        if placeholder < 0 || unsafe { libc::dup3(placeholder, *fd, libc::O_CLOEXEC) } < 0 {
+            unsafe { libc::close(*fd) };
+        }
+    }
+    if placeholder >= 0 {
+        unsafe { libc::close(placeholder) };
     }
     info!("Worker draining: pid={}", std::process::id());
 }
@@ -761,11 +773,12 @@ fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Accepted {
     if fd < 0 {
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
-            // EBADF/EINVAL: the listener was closed by a drain meanwhile.
+            // EBADF/EINVAL/ENOTSOCK: the listener was let go by a drain meanwhile.
             Some(libc::EAGAIN)
             | Some(libc::ECONNABORTED)
             | Some(libc::EINTR)
             | Some(libc::EBADF)
+            | Some(libc::ENOTSOCK)
             | Some(libc::EINVAL) => {}
             Some(libc::EMFILE) | Some(libc::ENFILE) => {
                 warn!("accept: {e}: too many open files; raise the limit (ulimit -n)");
