@@ -163,7 +163,8 @@ impl Listener {
         }
     }
 
-    fn unix(fd: OwnedFd, addr: Addr, server_name: String, is_unix: bool, path: Option<PathBuf>) -> Listener {
+    /// A listener on `fd` (TCP or unix); `path` is a socket file it bound.
+    fn new(fd: OwnedFd, addr: Addr, server_name: String, is_unix: bool, path: Option<PathBuf>) -> Listener {
         use std::os::unix::fs::MetadataExt;
         let file_id =
             path.as_ref().and_then(|p| std::fs::symlink_metadata(p).ok()).map(|m| (m.dev(), m.ino()));
@@ -313,7 +314,7 @@ impl Listener {
                 sock.set_nonblocking(true).map_err(|e| e.to_string())?;
                 let local = sock.local_addr().ok().and_then(|a| a.as_socket()).unwrap_or(sa);
                 let bound = Addr::Tcp(local.ip().to_string(), local.port());
-                let mut l = Listener::unix(sock.into(), bound, local.ip().to_string(), false, None);
+                let mut l = Listener::new(sock.into(), bound, local.ip().to_string(), false, None);
                 l.server_port = local.port().to_string();
                 Ok(l)
             }
@@ -324,7 +325,7 @@ impl Listener {
                 let sa = SockAddr::unix(path).map_err(|e| format!("{addr}: {e}"))?;
                 sock.bind(&sa).map_err(|e| bind_error(addr, e))?;
                 // From here on the file is ours: a failure below removes it.
-                let l = Listener::unix(
+                let l = Listener::new(
                     sock.into(),
                     addr.clone(),
                     path.display().to_string(),
@@ -373,7 +374,7 @@ impl Listener {
                 (path, String::new(), true)
             }
         };
-        let mut l = Listener::unix(sock.into(), addr, server_name, is_unix, None);
+        let mut l = Listener::new(sock.into(), addr, server_name, is_unix, None);
         l.server_port = server_port;
         Ok(l)
     }

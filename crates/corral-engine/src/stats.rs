@@ -246,11 +246,9 @@ impl Conn {
                     return true;
                 }
                 if n < 0 {
-                    let e = io::Error::last_os_error();
-                    match e.kind() {
-                        io::ErrorKind::WouldBlock => return false,
-                        io::ErrorKind::Interrupted => continue,
-                        _ => return true,
+                    match after_error() {
+                        None => continue,
+                        Some(done) => return done,
                     }
                 }
                 self.buf.extend_from_slice(&chunk[..n as usize]);
@@ -264,16 +262,25 @@ impl Conn {
             let rest = &self.out[self.sent..];
             let n = unsafe { libc::write(self.fd(), rest.as_ptr().cast(), rest.len()) };
             if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::WouldBlock => return false,
-                    io::ErrorKind::Interrupted => continue,
-                    _ => return true,
+                match after_error() {
+                    None => continue,
+                    Some(done) => return done,
                 }
             }
             self.sent += n as usize;
         }
         true
+    }
+}
+
+/// What the read or write that just failed means for the exchange: `None`
+/// to try again at once (EINTR), `Some(false)` to wait for the socket,
+/// `Some(true)` when it is over.
+fn after_error() -> Option<bool> {
+    match io::Error::last_os_error().kind() {
+        io::ErrorKind::Interrupted => None,
+        io::ErrorKind::WouldBlock => Some(false),
+        _ => Some(true),
     }
 }
 

@@ -342,15 +342,13 @@ impl<'a, H: Hooks> Master<'a, H> {
     /// `stats_conns[i]`), and drops those past their deadline.
     fn serve_stats(&mut self, ready: &[bool]) {
         let now = mono_ms();
+        // Taken out while served: answering reads the rest of `self`.
         let mut conns = std::mem::take(&mut self.stats_conns);
-        let mut i = 0;
+        let mut ready = ready.iter();
         conns.retain_mut(|c| {
-            let go = ready.get(i).copied().unwrap_or(false);
-            i += 1;
-            let done = go && c.advance(&|| self.snapshot());
+            let done = ready.next().copied().unwrap_or(false) && c.advance(&|| self.snapshot());
             !done && c.deadline() > now
         });
-        conns.append(&mut self.stats_conns);
         self.stats_conns = conns;
     }
 

@@ -387,7 +387,7 @@ pub fn parse_head(buf: &[u8], limits: &Limits, head: &mut Head) -> Result<Status
                 }
                 // Empty is allowed (a target without authority); otherwise
                 // host[:port], no userinfo.
-                if !value.is_empty() && (value.contains(&b'@') || check_authority(value).is_err()) {
+                if !value.is_empty() && check_host_port(value).is_err() {
                     return Err(Error::Host);
                 }
                 saw_host = true;
@@ -573,6 +573,11 @@ fn check_authority(a: &[u8]) -> Result<(), Error> {
         }
         None => a,
     };
+    check_host_port(hostport)
+}
+
+/// host [ ":" port ], as in a Host field: no userinfo.
+fn check_host_port(hostport: &[u8]) -> Result<(), Error> {
     let (host, port) = if hostport.first() == Some(&b'[') {
         let close = hostport.iter().position(|&b| b == b']').ok_or(Error::Target)?;
         let inner = &hostport[1..close];
