@@ -50,6 +50,15 @@ def test_precedence_cli_over_env_over_file_over_defaults(tmp_path):
     assert p["graceful-timeout"] == ('"30"', "default")
 
 
+def test_print_config_shows_the_listener_used_when_none_is_given():
+    proc = _run(["--print-config", "behaviour:application"])
+    assert proc.returncode == 0, proc.stderr
+    assert _printed(proc.stdout)["http"] == ('["127.0.0.1:8000"]', "default, as no listener is given")
+    proc = _run(["--print-config", "--uwsgi", "127.0.0.1:9", "behaviour:application"])
+    assert _printed(proc.stdout)["http"] == ("(not set)", "default")
+    assert _printed(proc.stdout)["uwsgi"] == ('"127.0.0.1:9"', "command line")
+
+
 def test_a_server_runs_from_the_file(start_server, tmp_path):
     cfg = tmp_path / "corral.toml"
     cfg.write_text(f'app = "behaviour:application"\nworkers = 2\npythonpath = ["{APPS}"]\n')

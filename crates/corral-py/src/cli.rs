@@ -283,6 +283,10 @@ pub struct Cli {
     pub backlog: i32,
 }
 
+/// The HTTP listener when none of --http, --uwsgi, --fastcgi, --scgi is
+/// given and no socket was handed over by socket activation.
+pub const DEFAULT_HTTP: &str = "127.0.0.1:8000";
+
 /// The largest --max-requests and --max-requests-jitter: far beyond any
 /// use, and their sum still fits a u64.
 const MAX_COUNT: u64 = 1 << 40;
@@ -521,7 +525,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         wanted.extend(activated_addrs.iter().map(|(p, a)| (*p, a.as_str())));
     }
     if wanted.is_empty() {
-        wanted.push((Protocol::Http, "127.0.0.1:8000"));
+        wanted.push((Protocol::Http, DEFAULT_HTTP));
     }
     let ids = match resolve_ids(cli.user.as_deref(), cli.group.as_deref()) {
         Ok(ids) => ids,

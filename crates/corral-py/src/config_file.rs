@@ -154,6 +154,19 @@ pub fn describe(cmd: &Command, matches: &ArgMatches, origins: &FileOrigins) -> S
             .get_raw(id)
             .map(|v| v.map(|s| s.to_string_lossy().into_owned()).collect())
             .unwrap_or_default();
+        let no_listener = id == "http"
+            && values.is_empty()
+            && ["uwsgi", "fastcgi", "scgi"].iter().all(|l| matches.get_raw(l).is_none());
+        if no_listener {
+            // The same choice the server makes when it starts.
+            let implied = if std::env::var_os("LISTEN_FDS").is_some() {
+                "the descriptors from socket activation (LISTEN_FDS)".to_string()
+            } else {
+                format!("[{:?}]", crate::cli::DEFAULT_HTTP)
+            };
+            out.push_str(&format!("{name} = {implied}  # default, as no listener is given\n"));
+            continue;
+        }
         let shown = match (arg.get_action(), values.as_slice()) {
             (ArgAction::SetTrue, [v]) => v.clone(),
             (_, []) => "(not set)".to_string(),
