@@ -290,6 +290,15 @@ def test_unknown_transfer_encoding_is_501(behaviour):
             assert conn.at_eof(10)
 
 
+@pytest.mark.parametrize(("version", "status"), [("HTTP/2.0", 505), ("HTTP/3.0", 505), ("HTTP/1.10", 400)])
+def test_other_http_versions_are_refused(behaviour, version, status):
+    with behaviour.connect() as conn:
+        conn.send(f"GET /fixed {version}\r\nHost: x\r\n\r\n".encode())
+        resp = conn.read_response()
+        assert resp.status == status
+        assert conn.at_eof(10)
+
+
 def test_absolute_form_target(behaviour):
     resp = behaviour.request("GET", "http://example.com/fixed")
     assert resp.status == 200

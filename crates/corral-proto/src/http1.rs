@@ -74,6 +74,8 @@ pub enum Error {
     /// Raw bytes >= 0x80 in the request target (they must be percent-encoded).
     NonAsciiTarget,
     Version,
+    /// A well-formed `HTTP/x.y` whose major version is not 1 (505).
+    VersionNotSupported,
     HeaderName,
     HeaderValue,
     /// A LF not preceded by CR, or a CR not followed by LF.
@@ -111,6 +113,7 @@ impl Error {
             Error::RequestLineTooLong => 414,
             Error::TooManyHeaders | Error::HeaderLineTooLong => 431,
             Error::UnknownTransferCoding => 501,
+            Error::VersionNotSupported => 505,
             _ => 400,
         }
     }
@@ -124,6 +127,7 @@ impl fmt::Display for Error {
             Error::Target => "invalid request target",
             Error::NonAsciiTarget => "raw non-ASCII byte in request target",
             Error::Version => "unsupported or malformed HTTP version",
+            Error::VersionNotSupported => "HTTP major version other than 1",
             Error::HeaderName => "invalid header name",
             Error::HeaderValue => "invalid character in header value",
             Error::BareLineEnding => "bare CR or LF in request head",
@@ -441,11 +445,34 @@ fn map_httparse_error(e: httparse::Error, data: &[u8]) -> Error {
             }
         }
         E::HeaderValue => Error::HeaderValue,
+        // httparse stops right after `HTTP/1.1` when more follows it.
+        E::NewLine if !matches!(version_token(data), Some(b"HTTP/1.1" | b"HTTP/1.0") | None) => {
+            Error::Version
+        }
         E::NewLine => Error::BareLineEnding,
         E::Status | E::Token => Error::RequestLine,
-        E::Version => Error::Version,
+        E::Version => version_error(data),
         E::TooManyHeaders => Error::TooManyHeaders,
     }
+}
+
+/// A version httparse refused: 505 if it is a well-formed `HTTP/x.y` of
+/// another major version (RFC 9110 15.6.6), 400 if it is malformed.
+fn version_error(data: &[u8]) -> Error {
+    match version_token(data).unwrap_or(b"") {
+        [b'H', b'T', b'T', b'P', b'/', major, b'.', minor]
+            if major.is_ascii_digit() && minor.is_ascii_digit() && *major != b'1' =>
+        {
+            Error::VersionNotSupported
+        }
+        _ => Error::Version,
+    }
+}
+
+/// The last word of a complete request line ending in CRLF.
+fn version_token(data: &[u8]) -> Option<&[u8]> {
+    let line = data[..memchr(b'\n', data)?].strip_suffix(b"\r")?;
+    line.rsplit(|&b| b == b' ').next()
 }
 
 /// Finds a header line that starts with SP or HTAB (a continuation line).
@@ -957,7 +984,12 @@ mod tests {
         (b"GET / HTTP/1.1\r\nName : x\r\n\r\n", Err(Error::HeaderName)),
         (b"get / HTTP/1.1\r\n\r\n", Err(Error::Method)),
         (b"GET /foo FTP/1.1\r\n\r\n", Err(Error::Version)),
-        (b"GET /foo HTTP/2.0\r\n\r\n", Err(Error::Version)),
+        (b"GET /foo HTTP/2.0\r\n\r\n", Err(Error::VersionNotSupported)),
+        (b"GET /foo HTTP/3.0\r\nHost: a\r\n\r\n", Err(Error::VersionNotSupported)),
+        (b"GET /foo HTTP/0.9\r\n\r\n", Err(Error::VersionNotSupported)),
+        (b"GET /foo HTTP/1.10\r\n\r\n", Err(Error::Version)),
+        (b"GET /foo HTTP/20.0\r\n\r\n", Err(Error::Version)),
+        (b"GET /foo http/2.0\r\n\r\n", Err(Error::Version)),
         (b"GET * HTTP/1.1\r\n\r\n", Err(Error::Target)),
         (b"OPTIONS * HTTP/1.1\r\n\r\n", Ok(BodyFraming::None)),
         (b"GET foo/bar HTTP/1.1\r\n\r\n", Err(Error::Target)),
