@@ -5,6 +5,7 @@ warnings made errors), so a 200 already means the validator found nothing.
 """
 
 import json
+import time
 import uuid
 
 import pytest
@@ -247,6 +248,23 @@ def test_input_readlines(input_server, framing):
 @pytest.mark.parametrize("framing", ["length", "chunked"])
 def test_input_iteration(input_server, framing):
     assert _send_body(input_server, "iter", framing) == LINES
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_input_read_on_another_thread_while_start_response_runs(start_server, threads):
+    # The reader waits for the slow body with the GIL released but the
+    # connection held; start_response must not wait for the connection
+    # while holding the GIL, or the two wait for each other for ever.
+    server = start_server("behaviour:application", threads=threads)
+    size = 200_000
+    with server.connect() as conn:
+        conn.send(b"POST /input-in-thread HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+        conn.send(b"x" * 1000)
+        time.sleep(1)
+        conn.send(b"x" * (size - 1000))
+        resp = conn.read_response()
+    assert (resp.status, resp.body) == (200, str(size).encode()), server.log[-3000:]
+    assert server.request("GET", "/fixed").status == 200
 
 
 def test_input_empty_body(input_server):

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import sys
+import threading
 import time
 import warnings
 from urllib.parse import parse_qs
@@ -369,6 +370,17 @@ def pause(environ, start_response):
     yield b"third"
 
 
+def input_in_thread(environ, start_response):
+    """Reads the body on a thread of its own while this one calls start_response."""
+    got = []
+    reader = threading.Thread(target=lambda: got.append(_read_all(environ["wsgi.input"])))
+    reader.start()
+    time.sleep(0.2)
+    start_response("200 OK", TEXT)
+    reader.join()
+    return [str(len(got[0])).encode()]
+
+
 def raise_before(environ, start_response):
     raise RuntimeError("boom before start_response")
 
@@ -399,6 +411,7 @@ UNVALIDATED = {
     "/file": serve_file,
     "/bytesio": serve_bytesio,
     "/pause": pause,
+    "/input-in-thread": input_in_thread,
     "/raise-before": raise_before,
     "/raise-after": raise_after,
     "/raise-after-cl": raise_after_cl,

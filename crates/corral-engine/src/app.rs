@@ -124,7 +124,8 @@ pub trait App: Send + Sync + 'static {
 
     /// Runs `f`, which blocks on a socket, in a way that lets other threads of
     /// this app run meanwhile (for Python: with the GIL released). Only called
-    /// from inside [`App::call`].
+    /// on a thread running the app's code: inside [`App::call`], or on a
+    /// thread the app started that uses the [`Exchange`].
     fn blocking(f: &mut dyn FnMut()) {
         f()
     }

@@ -13,7 +13,7 @@
 
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
@@ -1278,8 +1278,25 @@ const HOP_BY_HOP: [&str; 8] = [
 ];
 
 impl Exchange {
+    /// The connection's I/O, if it still belongs to this request.
+    ///
+    /// The caller may hold the app's global lock (Python's GIL), and the
+    /// holder of this mutex may be waiting for that lock: a body read
+    /// releases the GIL while it polls and takes it back before it lets the
+    /// mutex go. So a contended mutex is waited for inside the `blocking`
+    /// hook, never while keeping the app's lock, or a thread the app
+    /// started to read `wsgi.input` and the request thread calling
+    /// `start_response` would wait for each other for ever.
     fn lock(&self) -> Option<MutexGuard<'_, Io>> {
-        let io = self.io.lock().unwrap_or_else(|p| p.into_inner());
+        let io = match self.io.try_lock() {
+            Ok(io) => io,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                let mut taken = None;
+                (self.blocking)(&mut || taken = Some(self.io.lock().unwrap_or_else(|p| p.into_inner())));
+                taken.expect("the blocking hook runs its closure")
+            }
+        };
         (io.generation == self.generation).then_some(io)
     }
 

@@ -539,7 +539,7 @@ impl App for WsgiApp {
     }
 
     fn blocking(f: &mut dyn FnMut()) {
-        // Called only from inside `call`, where this thread holds the GIL.
+        // Called only on a thread running Python code, which holds the GIL.
         unsafe {
             let ts = ffi::PyEval_SaveThread();
             f();
