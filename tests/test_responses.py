@@ -252,6 +252,22 @@ def test_close_that_raises_after_a_whole_body_keeps_the_response(behaviour):
     behaviour.wait_for(r"RuntimeError: close failed", since=mark)
 
 
+def test_a_forked_child_returning_from_the_app_leaves_without_answering(behaviour):
+    mark = behaviour.mark()
+    worker = behaviour.request("GET", "/pid").body.decode()
+    with behaviour.connect() as conn:
+        conn.send(b"GET /fork-returns HTTP/1.1\r\nHost: x\r\n\r\n")
+        resp = conn.read_response()
+        # Only the worker answers: the child neither wrote on its connection nor lived on.
+        assert resp.body == f"parent {worker}, child exit code 1".encode()
+        conn.send(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert conn.read_response().body.decode() == worker
+    behaviour.wait_for(
+        r"GET /fork-returns: the app forked \(pid \d+ -> \d+\) and the child returned", since=mark
+    )
+    assert {behaviour.request("GET", "/pid").body.decode() for _ in range(20)} == {worker}
+
+
 @pytest.mark.parametrize("threads", [1, 4])
 def test_the_flusher_rests_while_a_slow_stream_holds_nothing(start_server, threads):
     """Held bytes go out within the hold time; after that, a pass that goes on
@@ -259,11 +275,19 @@ def test_the_flusher_rests_while_a_slow_stream_holds_nothing(start_server, threa
     sleeps instead of waking every millisecond until the pass ends."""
     server = start_server("behaviour:application", threads=threads)
     (worker,) = server.worker_pids()
-    flusher = next(
-        t
-        for t in os.listdir(f"/proc/{worker}/task")
-        if pathlib.Path(f"/proc/{worker}/task/{t}/comm").read_text().strip() == "corral-flush"
-    )
+
+    def find_flusher():
+        # A thread names itself once it runs, which may be just after "Worker ready".
+        tasks = os.listdir(f"/proc/{worker}/task")
+        named = [
+            t
+            for t in tasks
+            if pathlib.Path(f"/proc/{worker}/task/{t}/comm").read_text().strip() == "corral-flush"
+        ]
+        return named[0] if named else None
+
+    wait_until(find_flusher)
+    flusher = find_flusher()
 
     def wakeups():
         with open(f"/proc/{worker}/task/{flusher}/status") as f:

@@ -381,6 +381,17 @@ def input_in_thread(environ, start_response):
     return [str(len(got[0])).encode()]
 
 
+def fork_returns(environ, start_response):
+    """Forks; the child returns from the app too, as if it forgot os._exit()."""
+    child = os.fork()
+    if child == 0:
+        start_response("200 OK", TEXT)
+        return [b"from the child"]
+    _, status = os.waitpid(child, 0)
+    start_response("200 OK", TEXT)
+    return [f"parent {os.getpid()}, child exit code {os.waitstatus_to_exitcode(status)}".encode()]
+
+
 def raise_before(environ, start_response):
     raise RuntimeError("boom before start_response")
 
@@ -412,6 +423,7 @@ UNVALIDATED = {
     "/bytesio": serve_bytesio,
     "/pause": pause,
     "/input-in-thread": input_in_thread,
+    "/fork-returns": fork_returns,
     "/raise-before": raise_before,
     "/raise-after": raise_after,
     "/raise-after-cl": raise_after_cl,

@@ -48,6 +48,13 @@ pub fn reopen() -> Result<bool, String> {
     Ok(true)
 }
 
+/// Whether a line can be written without waiting: false in a forked child
+/// when another thread of the parent held the log at the fork (that thread
+/// does not exist in the child, so waiting would be for ever).
+pub fn free() -> bool {
+    ERROR_LOG.try_lock().is_ok()
+}
+
 /// Writes whole lines to the error log (one write, so lines from several
 /// processes never interleave).
 pub fn write(data: &[u8]) {

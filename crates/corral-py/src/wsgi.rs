@@ -9,6 +9,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use corral_engine::cgi::CgiParams;
@@ -79,6 +80,17 @@ pub struct WsgiApp {
     thread_states: Mutex<Vec<usize>>,
     mount: Vec<u8>,
     max_body: u64,
+    /// The worker's pid, for the log when a forked child comes back.
+    pid: u32,
+}
+
+/// Set in a child of `fork()`, by the handler [`WsgiApp::new`] registers
+/// with `pthread_atfork` in the worker: a load per request, where asking
+/// for the pid would be a system call.
+static FORKED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn mark_forked() {
+    FORKED.store(true, Ordering::Relaxed);
 }
 
 /// A worker thread's Python thread state, parked while the thread waits.
@@ -117,7 +129,7 @@ impl WsgiApp {
             .iter()
             .map(|m| (m.as_bytes(), s(m)))
             .collect();
-        Ok(WsgiApp {
+        let app = WsgiApp {
             app,
             templates,
             keys: Keys {
@@ -144,7 +156,10 @@ impl WsgiApp {
             thread_states: Mutex::new(Vec::new()),
             mount: mount.as_bytes().to_vec(),
             max_body: ctx.config.max_body_size,
-        })
+            pid: std::process::id(),
+        };
+        unsafe { libc::pthread_atfork(None, None, Some(mark_forked)) };
+        Ok(app)
     }
 
     fn environ<'py>(
@@ -293,12 +308,35 @@ impl WsgiApp {
             Ok(s) => s,
             Err(e) => return self.app_error(py, req, ex, &e),
         };
-        match self.app.bind(py).call1((environ, start_response)) {
+        let result = self.app.bind(py).call1((environ, start_response));
+        if FORKED.load(Ordering::Relaxed) {
+            self.forked_child_returned(req);
+        }
+        match result {
             Ok(result) => self.send(py, req, ex, &result),
             Err(e) => self.app_error(py, req, ex, &e),
         }
         // A last line the app wrote to wsgi.errors without its newline.
         crate::logging::app_error_flush();
+    }
+
+    /// The app called `os.fork()` and the child returned from the app
+    /// instead of ending with `os._exit()`. Going on would write a second
+    /// response on the parent's connection, then serve the parent's
+    /// listeners with nobody supervising it (it has none of the worker's
+    /// other threads, so it would not even see a stop). It leaves at once.
+    fn forked_child_returned(&self, req: &Request<'_>) -> ! {
+        if corral_engine::logfile::free() {
+            error!(
+                "{} {}: the app forked (pid {} -> {}) and the child returned to the server; \
+                 the child exits without answering (end a forked child with os._exit())",
+                String::from_utf8_lossy(req.method()),
+                String::from_utf8_lossy(req.target()),
+                self.pid,
+                std::process::id(),
+            );
+        }
+        unsafe { libc::_exit(1) }
     }
 
     /// Sends the app's iterable and calls its close() exactly once.
