@@ -213,6 +213,14 @@ def test_exception_before_start_response_is_500_with_traceback_logged(behaviour)
     assert behaviour.request("GET", "/fixed").status == 200
 
 
+def test_undecodable_text_in_wsgi_errors_and_exceptions_is_logged_escaped(behaviour):
+    mark = behaviour.mark()
+    assert behaviour.request("GET", "/undecodable").status == 500
+    behaviour.wait_for(r"cannot open file\\udcff\.txt", since=mark)
+    behaviour.wait_for("Traceback", since=mark)
+    behaviour.wait_for(r"FileNotFoundError: no such file: file\\udcff\.txt", since=mark)
+
+
 def test_exception_after_headers_aborts_a_chunked_response(behaviour):
     mark = behaviour.mark()
     with behaviour.connect() as conn:

@@ -392,6 +392,13 @@ def fork_returns(environ, start_response):
     return [f"parent {os.getpid()}, child exit code {os.waitstatus_to_exitcode(status)}".encode()]
 
 
+def undecodable(environ, start_response):
+    """A file name os.fsdecode could not decode (a lone surrogate), in wsgi.errors and in an exception."""
+    name = os.fsdecode(b"file\xff.txt")
+    environ["wsgi.errors"].write(f"cannot open {name}\n")
+    raise FileNotFoundError(f"no such file: {name}")
+
+
 def raise_before(environ, start_response):
     raise RuntimeError("boom before start_response")
 
@@ -424,6 +431,7 @@ UNVALIDATED = {
     "/pause": pause,
     "/input-in-thread": input_in_thread,
     "/fork-returns": fork_returns,
+    "/undecodable": undecodable,
     "/raise-before": raise_before,
     "/raise-after": raise_after,
     "/raise-after-cl": raise_after_cl,

@@ -2,7 +2,7 @@
 //! what went wrong (and the import's traceback).
 
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
+use pyo3::types::{PyString, PyTuple};
 
 /// A parsed APP argument.
 #[derive(Debug, Clone)]
@@ -73,8 +73,8 @@ pub fn format_exception(py: Python<'_>, e: &PyErr) -> String {
             ],
         )?;
         let lines = tb.getattr("format_exception")?.call1(args)?;
-        let joined: String = "".into_pyobject(py)?.call_method1("join", (lines,))?.extract()?;
-        Ok(joined)
+        let joined = "".into_pyobject(py)?.call_method1("join", (lines,))?;
+        Ok(crate::logging::log_text(joined.downcast::<PyString>()?).into_owned())
     })();
     formatted.unwrap_or_else(|_| e.to_string()).trim_end().to_string()
 }

@@ -3,10 +3,13 @@
 //! grep for; or, with `--log-format json`, one JSON object per line. Lines go
 //! to stderr or to `--error-log FILE` (see `corral_engine::logfile`).
 
+use std::borrow::Cow;
 use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicI64, Ordering};
 
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyString};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
@@ -204,6 +207,17 @@ pub fn init(level: LogLevel) {
         .with_writer(ErrorLog)
         .event_format(LineFormat)
         .try_init();
+}
+
+/// A Python string for the log. A string that is not valid Unicode (a lone
+/// surrogate, as `os.fsdecode` makes of undecodable file names) is written
+/// with `\udcff` escapes, as Python's own stderr does, not refused.
+pub fn log_text<'a>(s: &'a Bound<'_, PyString>) -> Cow<'a, str> {
+    s.to_cow().unwrap_or_else(|_| {
+        let escaped = s.call_method1("encode", ("utf-8", "backslashreplace"));
+        let bytes = escaped.as_ref().ok().and_then(|b| b.downcast::<PyBytes>().ok());
+        Cow::Owned(bytes.map(|b| String::from_utf8_lossy(b.as_bytes()).into_owned()).unwrap_or_default())
+    })
 }
 
 #[cfg(test)]

@@ -786,8 +786,8 @@ pub struct ErrorStream {}
 
 #[pymethods]
 impl ErrorStream {
-    fn write(&self, s: &str) -> usize {
-        crate::logging::app_error_text(s);
+    fn write(&self, s: &Bound<'_, PyString>) -> PyResult<usize> {
+        crate::logging::app_error_text(&crate::logging::log_text(s));
         s.len()
     }
 
@@ -797,7 +797,7 @@ impl ErrorStream {
 
     fn writelines(&self, lines: &Bound<'_, PyAny>) -> PyResult<()> {
         for line in lines.try_iter()? {
-            self.write(line?.extract::<&str>()?);
+            self.write(line?.downcast::<PyString>()?)?;
         }
         Ok(())
     }
