@@ -225,6 +225,16 @@ def test_date_header(behaviour):
     assert abs(parsed.timestamp() - time.time()) < 300
 
 
+def test_the_apps_own_date_header_replaces_the_servers(behaviour):
+    with behaviour.connect() as conn:
+        conn.send(b"GET /status?date=Mon,%2001%20Jan%202001%2000:00:00%20GMT HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert conn.read_response().header_all("Date") == ["Mon, 01 Jan 2001 00:00:00 GMT"]
+        # The next response on the connection gets the server's again.
+        conn.send(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+        (date,) = conn.read_response().header_all("Date")
+        assert date != "Mon, 01 Jan 2001 00:00:00 GMT"
+
+
 def test_expect_100_continue_when_the_app_reads(behaviour):
     with behaviour.connect() as conn:
         conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\nExpect: 100-continue\r\n\r\n")

@@ -186,6 +186,29 @@ def test_file_wrapper_serves_a_real_file(behaviour, big_file, cl):
         assert conn.read_response().body == b"hello world"
 
 
+@pytest.mark.parametrize("cl", ["1", "0"])
+def test_file_that_shrinks_while_sent_ends_the_connection_with_a_log_line(behaviour, tmp_path, cl):
+    path = tmp_path / "shrinks.bin"
+    size = 64 * 1024 * 1024
+    with open(path, "wb") as f:
+        f.truncate(size)
+    mark = behaviour.mark()
+    with behaviour.connect(timeout=30) as conn:
+        conn.send_request("GET", f"/file?path={path}&cl={cl}", {"Host": "x"})
+        # Far more than the socket buffers hold: the server is mid-file when it shrinks.
+        time.sleep(0.5)
+        os.truncate(path, 1024 * 1024)
+        resp = conn.read_response()
+        assert resp.status == 200
+        assert resp.header("Content-Length") == str(size)
+        assert not resp.complete
+        assert conn.at_eof(10)
+    if cl == "1":
+        behaviour.wait_for(rf"the app declared Content-Length {size} but sent \d+ bytes", since=mark)
+    else:
+        behaviour.wait_for(rf"the body ended after \d+ of the {size} bytes its file had", since=mark)
+
+
 def test_file_wrapper_head(behaviour, big_file):
     path, _ = big_file
     resp = behaviour.request("HEAD", f"/file?path={path}")
@@ -219,6 +242,12 @@ def test_undecodable_text_in_wsgi_errors_and_exceptions_is_logged_escaped(behavi
     behaviour.wait_for(r"cannot open file\\udcff\.txt", since=mark)
     behaviour.wait_for("Traceback", since=mark)
     behaviour.wait_for(r"FileNotFoundError: no such file: file\\udcff\.txt", since=mark)
+
+
+def test_a_body_before_start_response_is_a_500_that_says_so(behaviour):
+    mark = behaviour.mark()
+    assert behaviour.request("GET", "/no-start").status == 500
+    behaviour.wait_for(r"gave body bytes before start_response\(\) was called", since=mark)
 
 
 def test_exception_after_headers_aborts_a_chunked_response(behaviour):

@@ -98,11 +98,13 @@ def stream(environ, start_response):
 
 def status(environ, start_response):
     """Answers with ?s= as the status, ?body= as the body (one piece), and a
-    Content-Length of ?cl= when given."""
+    Content-Length of ?cl= and a Date of ?date= when given."""
     q = _query(environ)
     headers = [("Content-Type", "text/plain")]
     if "cl" in q:
         headers.append(("Content-Length", q["cl"]))
+    if "date" in q:
+        headers.append(("date", q["date"]))
     start_response(q.get("s", "200 OK"), headers)
     return [q.get("body", "").encode()]
 
@@ -399,6 +401,10 @@ def undecodable(environ, start_response):
     raise FileNotFoundError(f"no such file: {name}")
 
 
+def no_start(environ, start_response):
+    return [b"a body, and start_response never called"]
+
+
 def raise_before(environ, start_response):
     raise RuntimeError("boom before start_response")
 
@@ -432,6 +438,7 @@ UNVALIDATED = {
     "/input-in-thread": input_in_thread,
     "/fork-returns": fork_returns,
     "/undecodable": undecodable,
+    "/no-start": no_start,
     "/raise-before": raise_before,
     "/raise-after": raise_after,
     "/raise-after-cl": raise_after_cl,

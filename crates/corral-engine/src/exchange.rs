@@ -223,6 +223,8 @@ pub(crate) struct Io {
     pub head: Vec<u8>,
     pub framing: RespFraming,
     pub app_length: Option<u64>,
+    /// The app set its own Date header, so the server adds none.
+    pub app_date: bool,
     pub bytes_sent: u64,
     /// Bytes read from the socket since the metrics last took them.
     pub read_total: u64,
@@ -284,6 +286,7 @@ impl Io {
             head: Vec::with_capacity(512),
             framing: RespFraming::NoBody,
             app_length: None,
+            app_date: false,
             bytes_sent: 0,
             logged_headers: None,
             hold: false,
@@ -867,7 +870,9 @@ impl Io {
             // read: the connection cannot be reused.
             self.keep_alive = false;
         }
-        date::append_date_header(&mut self.head);
+        if !self.app_date {
+            date::append_date_header(&mut self.head);
+        }
         if !self.keep_alive {
             if self.http11 {
                 self.head.extend_from_slice(b"Connection: close\r\n");
@@ -1097,11 +1102,18 @@ impl Io {
                 // Over FastCGI too the front end then sees the connection
                 // close without END_REQUEST: never a short body as a whole one.
                 self.keep_alive = false;
-                Err(ResponseError::Invalid(format!(
-                    "the app declared Content-Length {} but sent {} bytes; closing the connection",
-                    self.app_length.unwrap_or(0),
-                    self.bytes_sent
-                )))
+                Err(ResponseError::Invalid(match self.app_length {
+                    Some(n) => format!(
+                        "the app declared Content-Length {n} but sent {} bytes; closing the connection",
+                        self.bytes_sent
+                    ),
+                    None => format!(
+                        "the body ended after {} of the {} bytes its file had when the response \
+                         started; closing the connection",
+                        self.bytes_sent,
+                        self.bytes_sent + left
+                    ),
+                }))
             }
             _ => self.end_fcgi_request(blocking),
         }
@@ -1366,6 +1378,7 @@ impl Exchange {
         let code = parse_status(status)?;
         io.status = code;
         io.app_length = None;
+        io.app_date = false;
         if let Some(kept) = &mut io.logged_headers {
             kept.clear();
         }
@@ -1417,6 +1430,10 @@ impl Exchange {
                 // RFC 9110 8.6: a 204 carries no Content-Length.
                 return Ok(());
             }
+        }
+        if name.len() == 4 && name.eq_ignore_ascii_case(b"date") {
+            // A response has one Date (RFC 9110 5.3): the app's own, if it set one.
+            io.app_date = true;
         }
         io.head.extend_from_slice(name);
         io.head.extend_from_slice(b": ");

@@ -1373,6 +1373,7 @@ fn handle_request<A: App>(
         io.block_at = None;
         io.status = 0;
         io.app_length = None;
+        io.app_date = false;
         io.bytes_sent = 0;
         io.aborted = false;
         io.fcgi_aborted = false;

@@ -383,7 +383,7 @@ impl WsgiApp {
             if list.len() == 1 {
                 let item = list.get_item(0)?;
                 if let Ok(b) = item.downcast::<PyBytes>() {
-                    return write(ex, b.as_bytes(), true);
+                    return body_write(ex, b.as_bytes(), true);
                 }
             }
         }
@@ -404,7 +404,7 @@ impl WsgiApp {
             if data.is_empty() {
                 continue;
             }
-            write(ex, data, false)?;
+            body_write(ex, data, false)?;
         }
         Ok(())
     }
@@ -454,6 +454,20 @@ fn respond_error(ex: &Exchange, status: u16) {
 
 fn write(ex: &Exchange, data: &[u8], last: bool) -> PyResult<()> {
     ex.write(data, last).map_err(response_error)
+}
+
+/// A piece of the response iterable.
+fn body_write(ex: &Exchange, data: &[u8], last: bool) -> PyResult<()> {
+    ex.write(data, last).map_err(iterable_error)
+}
+
+fn iterable_error(e: ResponseError) -> PyErr {
+    match e {
+        ResponseError::NotStarted => PyAssertionError::new_err(
+            "the response iterable gave body bytes before start_response() was called",
+        ),
+        other => response_error(other),
+    }
 }
 
 fn response_error(e: ResponseError) -> PyErr {
@@ -544,7 +558,7 @@ fn sendfile(py: Python<'_>, ex: &Exchange, fw: &FileWrapper) -> PyResult<bool> {
         Err(_) => 0,
     };
     let count = (st.st_size - offset).max(0) as u64;
-    ex.sendfile(fd, offset, count).map_err(response_error)?;
+    ex.sendfile(fd, offset, count).map_err(iterable_error)?;
     Ok(true)
 }
 
