@@ -314,3 +314,29 @@ def test_corral_signal_errors_name_the_problem(tmp_path):
     assert done.returncode == 1 and "is corral running?" in done.stderr
     done = _corral_signal("HUP")
     assert done.returncode == 2 and "usage: corral signal NAME PIDFILE" in done.stderr
+    done = _corral_signal("--help")
+    assert done.returncode == 0 and "usage: corral signal NAME PIDFILE" in done.stdout
+
+
+def test_corral_signal_refuses_a_stale_pidfile_naming_another_program(tmp_path):
+    pidfile = tmp_path / "corral.pid"
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        pidfile.write_text(f"{other.pid}\n")
+        done = _corral_signal("TERM", str(pidfile))
+        assert done.returncode == 1 and f"process {other.pid} (from {pidfile}) is not corral" in done.stderr
+        assert other.poll() is None, "the unrelated process must not be signalled"
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_second_server_refuses_the_pidfile_of_a_running_one(start_server, tmp_path):
+    pidfile = tmp_path / "corral.pid"
+    first = start_server("behaviour:application", "--pidfile", str(pidfile), workers=1, threads=1)
+    assert wait_until(lambda: pidfile.exists() and pidfile.read_text().strip() == str(first.proc.pid))
+    second = start_server("behaviour:application", "--pidfile", str(pidfile), wait=False)
+    assert second.wait_exit() == 1
+    assert f"corral is already running there as pid {first.proc.pid}" in second.log
+    assert pidfile.read_text().strip() == str(first.proc.pid)
+    assert first.request("GET", "/fixed").status == 200

@@ -5,12 +5,13 @@ import os
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import time
 
 import pytest
-from support import APPS, CORRAL, ROOT
+from support import APPS, CORRAL, ROOT, wait_until
 
 
 def _fails_fast(start_server, app, *args, **kw):
@@ -177,6 +178,77 @@ def test_chdir(start_server, tmp_path):
     (tmp_path / "chdir_app.py").write_text(APP_SOURCE)
     server = start_server("chdir_app:application", "--chdir", str(tmp_path), pythonpath=None, cwd="/")
     assert server.request("GET", "/").body == f"chdir_app {tmp_path}".encode()
+
+
+def test_relative_paths_are_taken_from_the_start_directory_with_chdir(start_server, tmp_path):
+    appdir, start = tmp_path / "app", tmp_path / "start"
+    appdir.mkdir()
+    (appdir / "chdir_app.py").write_text(APP_SOURCE)
+    (start / "static").mkdir(parents=True)
+    (start / "static" / "a.txt").write_text("static a")
+    server = start_server(
+        "chdir_app:application",
+        "--chdir",
+        str(appdir),
+        "--pidfile",
+        "corral.pid",
+        "--access-log",
+        "access.log",
+        "--static",
+        "/s=static",
+        http="unix:corral.sock",
+        pythonpath=None,
+        cwd=str(start),
+    )
+    assert server.unix_path == str(start / "corral.sock")
+    assert server.request("GET", "/").body == f"chdir_app {appdir}".encode()
+    assert server.request("GET", "/s/a.txt").body == b"static a"
+    assert (start / "corral.pid").read_text().strip() == str(server.proc.pid)
+    assert wait_until(
+        lambda: (start / "access.log").exists() and "GET /s/a.txt" in (start / "access.log").read_text()
+    )
+    assert not any((appdir / name).exists() for name in ("corral.pid", "corral.sock", "access.log"))
+
+
+def test_umask_applies_to_every_file_corral_creates(start_server, tmp_path):
+    access, pidfile, sock = tmp_path / "access.log", tmp_path / "corral.pid", tmp_path / "corral.sock"
+    server = start_server(
+        "behaviour:application",
+        "--umask",
+        "077",
+        "--access-log",
+        str(access),
+        "--pidfile",
+        str(pidfile),
+        http=f"unix:{sock}",
+    )
+    assert server.request("GET", "/fixed").status == 200
+    assert wait_until(pidfile.exists)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (access, pidfile, sock)}
+    assert modes == {"access.log": 0o600, "corral.pid": 0o600, "corral.sock": 0o700}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--scale-down-idle", "5"], "--workers-max"),
+        (["--access-log-format", "%(h)s"], "--access-log"),
+        (["--workers", "4", "--workers-min", "2", "--workers-max", "6"], "cannot be used with"),
+    ],
+    ids=["scale-down-idle", "access-log-format", "workers-and-workers-min"],
+)
+def test_an_option_that_cannot_apply_is_refused(args, message):
+    proc = subprocess.run(
+        [*CORRAL, *args, "behaviour:application"], check=False, capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr
+
+
+def test_socket_options_without_a_unix_socket_are_reported(start_server):
+    server = start_server("behaviour:application", "--socket-mode", "600", "--socket-owner", str(os.getuid()))
+    server.wait_for(r"--socket-mode is not used: no listener is a unix:PATH socket")
+    server.wait_for(r"--socket-owner is not used")
 
 
 def test_pythonpath(start_server, tmp_path):

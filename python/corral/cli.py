@@ -29,8 +29,12 @@ def main() -> None:
 
         sys.exit(monitor.stats_main(args[1]) if args[0] == "stats" else monitor.top_main(args[1]))
     if args[:1] == ["signal"]:
+        usage = "usage: corral signal NAME PIDFILE   (NAME: HUP, TERM, INT, QUIT, USR1, USR2, TTIN or TTOU)"
+        if args[1:] in (["-h"], ["--help"]):
+            print(usage)
+            sys.exit(0)
         if len(args) != 3:
-            print("usage: corral signal NAME PIDFILE", file=sys.stderr)
+            print(usage, file=sys.stderr)
             sys.exit(2)
         from corral import control
 

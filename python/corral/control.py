@@ -24,6 +24,14 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
+def _is_corral(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"corral" in f.read()
+    except OSError:
+        return False
+
+
 def signal_main(name: str, pidfile: str) -> int:
     key = name.upper().removeprefix("SIG")
     if key not in ACTIONS:
@@ -37,6 +45,9 @@ def signal_main(name: str, pidfile: str) -> int:
     if not text.isdigit() or int(text) <= 1:
         return _fail(f"{pidfile} does not hold a process id: {text[:40]!r}")
     pid = int(text)
+    if os.path.exists(f"/proc/{pid}") and not _is_corral(pid):
+        # A stale file: the system gave its pid to another program.
+        return _fail(f"process {pid} (from {pidfile}) is not corral: the pid file is stale")
     try:
         os.kill(pid, getattr(signal, f"SIG{key}"))
     except ProcessLookupError:

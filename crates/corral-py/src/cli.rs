@@ -45,7 +45,6 @@ pub enum LogLevel {
 #[command(
     name = "corral",
     version,
-    about,
     max_term_width = 100,
     after_help = "Also: `corral stats ADDR` prints a running server's --stats JSON once, `corral top ADDR` \
                   shows it live, `corral signal NAME PIDFILE` sends its master a signal (HUP, TERM, INT, \
@@ -92,11 +91,11 @@ pub struct Cli {
     pub socket_owner: Option<String>,
 
     /// Worker processes.
-    #[arg(long, value_name = "N", env = "CORRAL_WORKERS", default_value_t = 1,
+    #[arg(long, value_name = "N", env = "CORRAL_WORKERS", default_value_t = 1, conflicts_with = "workers_min",
           value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub workers: u32,
 
-    /// Adaptive pool: the fewest workers (default: --workers). Needs --workers-max.
+    /// Adaptive pool: the fewest workers (in place of --workers). Needs --workers-max.
     #[arg(long, value_name = "N", env = "CORRAL_WORKERS_MIN", requires = "workers_max",
           value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub workers_min: Option<u32>,
@@ -109,7 +108,7 @@ pub struct Cli {
 
     /// Adaptive pool: seconds with a worker to spare before one is stopped.
     #[arg(long, value_name = "SECS", env = "CORRAL_SCALE_DOWN_IDLE", default_value = "10",
-          value_parser = parse_positive_secs)]
+          requires = "workers_max", value_parser = parse_positive_secs)]
     pub scale_down_idle: Duration,
 
     /// Connections one worker holds at most; past it new connections get 503 (logged).
@@ -127,7 +126,9 @@ pub struct Cli {
     #[arg(long, env = "CORRAL_PRELOAD", value_parser = clap::builder::BoolishValueParser::new())]
     pub preload: bool,
 
-    /// Change to DIR before loading the app.
+    /// Change to DIR before loading the app. Relative paths given to other options (log files,
+    /// --pidfile, unix:PATH listeners, --static directories) are still taken from the directory
+    /// corral starts in.
     #[arg(long, value_name = "DIR", env = "CORRAL_CHDIR")]
     pub chdir: Option<PathBuf>,
 
@@ -234,7 +235,7 @@ pub struct Cli {
     /// Access log format: gunicorn's %(x)s atoms (h l u t r m U q H s B b f a T M D L p
     /// {header}i {header}o {var}e), or `json`.
     #[arg(long, value_name = "FORMAT", env = "CORRAL_ACCESS_LOG_FORMAT",
-          default_value = corral_engine::access::DEFAULT_FORMAT)]
+          default_value = corral_engine::access::DEFAULT_FORMAT, requires = "access_log")]
     pub access_log_format: String,
 
     /// Write the error log to FILE instead of stderr (`-`). SIGUSR1 reopens it.
@@ -414,9 +415,14 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             format!(" (set in {})", at.join(", "))
         }
     };
+    // Before anything is created: the log files too.
+    if let Some(mask) = cli.umask {
+        unsafe { libc::umask(mask as libc::mode_t) };
+    }
     corral_engine::logfile::set_json(cli.log_format == LogFormat::Json);
-    // Log files are named from the directory corral starts in: --chdir
-    // happens later, and workers and SIGUSR1 open them again by name.
+    // Paths on the command line are taken from the directory corral starts
+    // in, whatever --chdir says: log files (which workers and SIGUSR1 open
+    // again by name), the pid file, unix sockets and static directories.
     let error_log = absolute_log_path(&cli.error_log);
     let access_log = cli.access_log.as_deref().map(absolute_log_path);
     let logs_existed: Vec<(&str, String, bool)> =
@@ -451,6 +457,27 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         }
     }
     let start_dir = std::env::current_dir().ok();
+    let pidfile = cli.pidfile.as_deref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
+    if let Some((path, pid)) = pidfile.as_deref().and_then(|p| running_corral(p).map(|pid| (p, pid))) {
+        error!(
+            "--pidfile {}: corral is already running there as pid {pid}; stop it first, or choose another file",
+            path.display()
+        );
+        return Ok(1);
+    }
+    // Without --chdir a relative socket path stays relative: the 108 bytes
+    // of a socket address may not hold it joined to a deep directory.
+    let chdir_from = start_dir.as_deref().filter(|_| cli.chdir.is_some());
+    let mut static_mounts = Vec::new();
+    for spec in &cli.static_dirs {
+        match corral_engine::static_files::Mount::parse(spec) {
+            Ok(m) => static_mounts.push(m),
+            Err(e) => {
+                error!("{e}");
+                return Ok(2);
+            }
+        }
+    }
 
     for kv in &cli.env {
         let Some((k, v)) = kv.split_once('=') else {
@@ -544,13 +571,10 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             }
         }
     }
-    if let Some(mask) = cli.umask {
-        unsafe { libc::umask(mask as libc::mode_t) };
-    }
     let mut parsed = Vec::new();
     for (protocol, a) in &wanted {
         match Addr::parse(a) {
-            Ok(addr) => parsed.push((*protocol, addr)),
+            Ok(addr) => parsed.push((*protocol, from_start(addr, chdir_from))),
             Err(e) => {
                 error!("--{} {e}", protocol.name());
                 return Ok(2);
@@ -565,13 +589,14 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         }
     };
     let files = SocketFileOptions { mode: cli.socket_mode, owner };
-    let mut static_mounts = Vec::new();
-    for spec in &cli.static_dirs {
-        match corral_engine::static_files::Mount::parse(spec) {
-            Ok(m) => static_mounts.push(m),
-            Err(e) => {
-                error!("{e}");
-                return Ok(2);
+    let socket_files = parsed.iter().any(|(_, a)| matches!(a, Addr::Unix(_)))
+        || cli.stats.as_deref().is_some_and(|s| s.starts_with("unix:"));
+    if !socket_files {
+        for (flag, given) in
+            [("--socket-mode", cli.socket_mode.is_some()), ("--socket-owner", owner.is_some())]
+        {
+            if given {
+                warn!("{flag} is not used: no listener is a unix:PATH socket corral creates");
             }
         }
     }
@@ -579,8 +604,9 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         (min, Some(max)) => {
             let min = min.unwrap_or(cli.workers);
             if min > max {
+                let which = if cli.workers_min.is_some() { "--workers-min" } else { "--workers" };
                 error!(
-                    "--workers-min {min} is greater than --workers-max {max}{}",
+                    "{which} {min} is greater than --workers-max {max}{}",
                     from_file(&["workers_min", "workers_max", "workers"])
                 );
                 return Ok(2);
@@ -667,7 +693,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
                 e.2 = -1;
                 fd
             });
-            let bound = Addr::parse(a).and_then(|addr| match reuse {
+            let bound = Addr::parse(a).map(|a| from_start(a, chdir_from)).and_then(|addr| match reuse {
                 Some(fd) => Listener::adopt(fd, &addr, Protocol::Http),
                 None => Listener::bind_with(&addr, Protocol::Http, 64, files),
             });
@@ -687,14 +713,18 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         info!("Closing inherited listener {addr} that the command line no longer asks for");
         unsafe { libc::close(*fd) };
     }
-    if let Some(path) = &cli.pidfile {
+    if let Some(path) = &pidfile {
         if let Err(e) = std::fs::write(path, format!("{}\n", std::process::id())) {
             error!("--pidfile {}: {e}", path.display());
             return Ok(1);
         }
     }
     let remove_pidfile = || {
-        if let Some(path) = &cli.pidfile {
+        // Only while it still names this master: never another's.
+        let ours = |p: &std::path::Path| {
+            std::fs::read_to_string(p).is_ok_and(|t| t.trim() == std::process::id().to_string())
+        };
+        if let Some(path) = pidfile.as_deref().filter(|p| ours(p)) {
             match std::fs::remove_file(path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     // After --user, the pidfile's directory may not be ours to change.
@@ -801,6 +831,28 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
 
 /// A log file's name made absolute against the current directory (`-`,
 /// standard output or error, stays as it is).
+/// The pid a pid file names, if that process is alive and is a corral other
+/// than this one (a re-executed master keeps its pid). A stale file may name
+/// a pid the system has since given to another program: that one does not
+/// count.
+fn running_corral(path: &std::path::Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
+    if pid == std::process::id() {
+        return None;
+    }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    cmdline.split(|&b| b == 0).any(|arg| arg.windows(6).any(|w| w == b"corral")).then_some(pid)
+}
+
+/// A unix socket's relative path, taken from the directory corral started in
+/// when it changes to another.
+fn from_start(addr: Addr, start: Option<&std::path::Path>) -> Addr {
+    match (addr, start) {
+        (Addr::Unix(p), Some(dir)) if p.is_relative() => Addr::Unix(dir.join(p)),
+        (addr, _) => addr,
+    }
+}
+
 fn absolute_log_path(target: &str) -> String {
     if target == "-" {
         return target.to_string();
