@@ -59,6 +59,34 @@ def test_print_config_shows_the_listener_used_when_none_is_given():
     assert _printed(proc.stdout)["uwsgi"] == ('"127.0.0.1:9"', "command line")
 
 
+def test_the_command_line_turns_off_what_the_file_turns_on(tmp_path):
+    cfg = tmp_path / "corral.toml"
+    cfg.write_text(
+        'app = "behaviour:application"\npreload = true\nreload = true\ntimeout = 30\nmax-requests = 5\n'
+    )
+    args = ["--config", str(cfg), "--print-config"]
+    p = _printed(_run(args).stdout)
+    assert (p["preload"][0], p["reload"][0], p["timeout"][0]) == ("true", "true", '"30"')
+    off = ["--preload=false", "--reload=no", "--timeout", "0", "--max-requests", "0"]
+    p = _printed(_run([*args, *off]).stdout)
+    assert p["preload"] == ("false", "command line")
+    assert p["reload"] == ("false", "command line")
+    assert p["timeout"] == ('"0"', "command line")
+    p = _printed(_run(args, env={"CORRAL_PRELOAD": "off"}).stdout)
+    assert p["preload"] == ("false", "environment CORRAL_PRELOAD")
+
+
+def test_timeout_and_max_requests_zero_mean_off(start_server):
+    server = start_server(
+        "behaviour:application", "--timeout", "0", "--max-requests", "0", workers=1, threads=1
+    )
+    (worker,) = server.worker_pids()
+    assert server.request("GET", "/slow?secs=1.5").status == 200
+    for _ in range(5):
+        assert server.request("GET", "/fixed").status == 200
+    assert server.worker_pids() == [worker]
+
+
 def test_a_server_runs_from_the_file(start_server, tmp_path):
     cfg = tmp_path / "corral.toml"
     cfg.write_text(f'app = "behaviour:application"\nworkers = 2\npythonpath = ["{APPS}"]\n')
@@ -81,7 +109,8 @@ def test_a_server_runs_from_the_file(start_server, tmp_path):
         ("[server]\nworkers = 2\n", ":1: unknown key `server`"),
         ("http = [1, 2\n", ":2: invalid TOML"),
         ("workers-min = 5\nworkers-max = 2\n", "--workers-min 5 is greater than --workers-max 2 (set in"),
-        ("timeout = 0\n", ":1: `timeout`"),
+        ("timeout = -1\n", ":1: `timeout`"),
+        ('preload = "yes"\n', ":1: `preload` must be true or false"),
         # TOML reads 0o660 as the integer 432: a mode must be a string.
         ("socket-mode = 0o660\n", ":1: `socket-mode` is an octal mode: write it as a string"),
         ("umask = 0o027\n", ":1: `umask` is an octal mode"),

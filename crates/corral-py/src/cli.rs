@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::builder::TypedValueParser as _;
-use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, ValueEnum};
 use corral_engine::{config, Addr, Config, Listener, Master, Protocol, SocketFileOptions};
 use corral_proto::http1::{Limits, HARD_MAX_HEADERS};
 use pyo3::prelude::*;
@@ -123,7 +123,10 @@ pub struct Cli {
     pub threads: u32,
 
     /// Import the app in the master before forking the workers (shares memory copy-on-write).
-    #[arg(long, env = "CORRAL_PRELOAD", value_parser = clap::builder::BoolishValueParser::new())]
+    /// --preload=false turns off a preload set in a config file or the environment.
+    #[arg(long, value_name = "BOOL", env = "CORRAL_PRELOAD", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value = "false", action = ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub preload: bool,
 
     /// Change to DIR before loading the app. Relative paths given to other options (log files,
@@ -167,13 +170,14 @@ pub struct Cli {
 
     /// Seconds a request may run. Past it the client gets 504 (if nothing was sent yet), the
     /// log gets the stuck thread's traceback, and the worker is replaced. A worker that takes
-    /// longer to load the application is killed too. Off by default.
-    #[arg(long, value_name = "SECS", env = "CORRAL_TIMEOUT", value_parser = parse_positive_secs)]
+    /// longer to load the application is killed too. Off by default; 0 turns it off.
+    #[arg(long, value_name = "SECS", env = "CORRAL_TIMEOUT", value_parser = parse_secs)]
     pub timeout: Option<Duration>,
 
-    /// Replace a worker after it served N requests (it finishes them first). Off by default.
+    /// Replace a worker after it served N requests (it finishes them first). Off by default;
+    /// 0 turns it off.
     #[arg(long, value_name = "N", env = "CORRAL_MAX_REQUESTS",
-          value_parser = clap::value_parser!(u64).range(1..=MAX_COUNT))]
+          value_parser = clap::value_parser!(u64).range(0..=MAX_COUNT))]
     pub max_requests: Option<u64>,
 
     /// Add up to N to each worker's --max-requests, so workers do not all recycle at once.
@@ -187,13 +191,14 @@ pub struct Cli {
     )]
     pub max_requests_jitter: u64,
 
-    /// Replace a worker after it ran for SECS seconds. Off by default.
-    #[arg(long, value_name = "SECS", env = "CORRAL_MAX_WORKER_LIFETIME", value_parser = parse_positive_secs)]
+    /// Replace a worker after it ran for SECS seconds. Off by default; 0 turns it off.
+    #[arg(long, value_name = "SECS", env = "CORRAL_MAX_WORKER_LIFETIME", value_parser = parse_secs)]
     pub max_worker_lifetime: Option<Duration>,
 
-    /// Replace a worker whose resident memory passes MiB (checked four times a second). Off by default.
+    /// Replace a worker whose resident memory passes MiB (checked four times a second). Off by
+    /// default; 0 turns it off.
     #[arg(long, value_name = "MiB", env = "CORRAL_RELOAD_ON_RSS",
-          value_parser = clap::value_parser!(u64).range(1..=MAX_RSS_MIB))]
+          value_parser = clap::value_parser!(u64).range(0..=MAX_RSS_MIB))]
     pub reload_on_rss: Option<u64>,
 
     /// Write the master's pid to FILE (removed at exit).
@@ -219,8 +224,10 @@ pub struct Cli {
     pub static_dirs: Vec<String>,
 
     /// Development: reload the workers when a .py file under the current directory (after
-    /// --chdir) or a --pythonpath directory changes.
-    #[arg(long, env = "CORRAL_RELOAD", value_parser = clap::builder::BoolishValueParser::new())]
+    /// --chdir) or a --pythonpath directory changes. --reload=false turns it off.
+    #[arg(long, value_name = "BOOL", env = "CORRAL_RELOAD", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value = "false", action = ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub reload: bool,
 
     /// Serve /metrics (Prometheus), /stats (JSON), /healthz and /readyz on ADDR, from the
@@ -404,7 +411,10 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         }
     };
     if cli.print_config {
-        print!("{}", crate::config_file::describe(&cmd, &matches, &origins));
+        use std::io::Write as _;
+        // A closed pipe (`| head`) is not an error.
+        let _ =
+            std::io::stdout().write_all(crate::config_file::describe(&cmd, &matches, &origins).as_bytes());
         return Ok(0);
     }
     let from_file = |ids: &[&str]| -> String {
@@ -635,11 +645,12 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         header_timeout: cli.header_timeout,
         keepalive_timeout: cli.keepalive_timeout,
         io_timeout: config::DEFAULT_IO_TIMEOUT,
-        timeout: cli.timeout,
-        max_requests: cli.max_requests,
+        // 0 is "off", as in gunicorn.
+        timeout: cli.timeout.filter(|d| !d.is_zero()),
+        max_requests: cli.max_requests.filter(|&n| n > 0),
         max_requests_jitter: cli.max_requests_jitter,
-        max_worker_lifetime: cli.max_worker_lifetime,
-        reload_on_rss: cli.reload_on_rss.map(|m| m << 20),
+        max_worker_lifetime: cli.max_worker_lifetime.filter(|d| !d.is_zero()),
+        reload_on_rss: cli.reload_on_rss.filter(|&m| m > 0).map(|m| m << 20),
         workers_max: cli.workers_max.map(|m| m as usize),
         scale_down_idle: cli.scale_down_idle,
         max_connections: cli.max_connections as usize,

@@ -73,13 +73,9 @@ pub fn layer(cmd: &Command, argv: &[String]) -> Result<(Vec<String>, FileOrigins
             origins.insert(id, at);
             continue;
         }
-        if matches!(arg.get_action(), ArgAction::SetTrue) {
+        if is_switch(arg) {
             match value {
-                Value::Boolean(b) => {
-                    if *b.value() {
-                        injected.push(format!("--{key}"));
-                    }
-                }
+                Value::Boolean(b) => injected.push(format!("--{key}={}", b.value())),
                 _ => return Err(format!("{at}: `{key}` must be true or false")),
             }
             origins.insert(id, at);
@@ -125,6 +121,12 @@ pub fn layer(cmd: &Command, argv: &[String]) -> Result<(Vec<String>, FileOrigins
     Ok((out, origins))
 }
 
+/// An on/off option: `--preload`, or `--preload=false` to undo a setting.
+fn is_switch(arg: &clap::Arg) -> bool {
+    matches!(arg.get_action(), ArgAction::SetTrue)
+        || arg.get_num_args().is_some_and(|n| n.min_values() == 0 && n.max_values() == 1)
+}
+
 /// Options whose value is an octal file mode.
 const OCTAL_KEYS: [&str; 2] = ["socket-mode", "umask"];
 
@@ -168,7 +170,7 @@ pub fn describe(cmd: &Command, matches: &ArgMatches, origins: &FileOrigins) -> S
             continue;
         }
         let shown = match (arg.get_action(), values.as_slice()) {
-            (ArgAction::SetTrue, [v]) => v.clone(),
+            (_, [_]) if is_switch(arg) => matches.get_one::<bool>(id).is_some_and(|b| *b).to_string(),
             (_, []) => "(not set)".to_string(),
             (_, [v]) => format!("{v:?}"),
             (_, vs) => format!("{vs:?}"),
