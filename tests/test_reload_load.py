@@ -131,6 +131,17 @@ def test_reload_on_rss_recycles_a_leaking_app_without_failures(start_server):
     assert len({int(b) for b in load.bodies}) >= 3
 
 
+def test_reload_on_rss_below_a_fresh_worker_is_reported_not_looped(start_server):
+    server = start_server("behaviour:application", "--reload-on-rss", "1", workers=1)
+    server.wait_for(r"before serving anything, over --reload-on-rss 1 MiB: the limit cannot be met")
+    (worker,) = server.worker_pids()
+    for _ in range(20):
+        assert server.request("GET", "/pid").body.decode() == str(worker)
+    time.sleep(1)  # four checks of the limit
+    assert server.worker_pids() == [worker]
+    assert not server.grep("recycling")
+
+
 def test_worker_lifetime_recycles_without_failures(start_server):
     server = start_server("behaviour:application", "--max-worker-lifetime", "1", workers=2)
     load = Load(server, "/pid")

@@ -217,6 +217,9 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
             vec![None; threads]
         }
     };
+    if shared.config.reload_on_rss.is_some() {
+        FRESH_RSS.store(rss_bytes(), Ordering::Relaxed);
+    }
     for (t, holder) in holders.into_iter().enumerate() {
         let s = shared.clone();
         let spawned =
@@ -469,6 +472,11 @@ fn check_timeouts<A: App>(w: &Shared<A>, now: u64) {
     }
 }
 
+/// This worker's resident memory when it became ready, before any request.
+static FRESH_RSS: AtomicU64 = AtomicU64::new(0);
+/// Set once this worker found --reload-on-rss below that size.
+static RSS_LIMIT_UNREACHABLE: AtomicBool = AtomicBool::new(false);
+
 /// Asks the master for a replacement when this worker reached one of its
 /// recycling limits; returns whether it did.
 fn check_recycle<A: App>(w: &Shared<A>, age_ms: u64) -> bool {
@@ -480,8 +488,26 @@ fn check_recycle<A: App>(w: &Shared<A>, age_ms: u64) -> bool {
             Retire::Lifetime,
             format!("running for {:.0} s (limit {:.0} s)", age_ms as f64 / 1000.0, life.as_secs_f64()),
         ))
-    } else if let Some(limit) = w.config.reload_on_rss {
+    } else if let Some(limit) =
+        w.config.reload_on_rss.filter(|_| !RSS_LIMIT_UNREACHABLE.load(Ordering::Relaxed))
+    {
         let rss = rss_bytes();
+        let fresh = FRESH_RSS.load(Ordering::Relaxed);
+        if fresh > limit {
+            // A fresh worker is this big already: each replacement would be
+            // replaced in turn, for ever, and serve nothing meanwhile.
+            RSS_LIMIT_UNREACHABLE.store(true, Ordering::Relaxed);
+            warn!(
+                "Worker {} (pid {}) had {} MiB of resident memory before serving anything, over \
+                 --reload-on-rss {} MiB: the limit cannot be met, so this worker does not apply it; \
+                 raise it above the size of a fresh worker",
+                w.slot,
+                std::process::id(),
+                fresh >> 20,
+                limit >> 20
+            );
+            return false;
+        }
         (rss > limit)
             .then(|| (Retire::Rss, format!("resident memory {} MiB (limit {} MiB)", rss >> 20, limit >> 20)))
     } else {
