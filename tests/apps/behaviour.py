@@ -405,6 +405,12 @@ def no_start(environ, start_response):
     return [b"a body, and start_response never called"]
 
 
+def set_user(environ, start_response):
+    """Sets REMOTE_USER in the environ, as authentication middleware does."""
+    environ["REMOTE_USER"] = _query(environ)["user"]
+    return _ok(start_response, "ok")
+
+
 def raise_before(environ, start_response):
     raise RuntimeError("boom before start_response")
 
@@ -439,6 +445,7 @@ UNVALIDATED = {
     "/fork-returns": fork_returns,
     "/undecodable": undecodable,
     "/no-start": no_start,
+    "/set-user": set_user,
     "/raise-before": raise_before,
     "/raise-after": raise_after,
     "/raise-after-cl": raise_after_cl,

@@ -69,8 +69,19 @@ impl Format {
         let mut atoms = Vec::new();
         let mut lit = String::new();
         let mut rest = s;
-        while let Some(i) = rest.find("%(") {
+        while let Some(i) = rest.find('%') {
             lit.push_str(&rest[..i]);
+            // `%%` is one `%`, as in Python's % formatting (gunicorn's).
+            if rest[i + 1..].starts_with('%') {
+                lit.push('%');
+                rest = &rest[i + 2..];
+                continue;
+            }
+            if !rest[i + 1..].starts_with('(') {
+                lit.push('%');
+                rest = &rest[i + 1..];
+                continue;
+            }
             let after = &rest[i + 2..];
             let end = after.find(")s").ok_or_else(|| format!("unterminated atom at {:?}", &rest[i..]))?;
             let name = &after[..end];
@@ -100,7 +111,9 @@ impl Format {
                 n if n.starts_with('{') && n.ends_with("}o") => {
                     Atom::ResponseHeader(n[1..n.len() - 2].to_ascii_lowercase())
                 }
-                n if n.starts_with('{') && n.ends_with("}e") => Atom::Environ(n[1..n.len() - 2].to_string()),
+                n if n.starts_with('{') && n.ends_with("}e") => {
+                    Atom::Environ(n[1..n.len() - 2].to_ascii_lowercase())
+                }
                 other => return Err(format!("unknown atom %({other})s")),
             };
             if !lit.is_empty() {
@@ -120,6 +133,19 @@ impl Format {
     pub fn needs_response_headers(&self) -> bool {
         matches!(self, Format::Text(a) if a.iter().any(|x| matches!(x, Atom::ResponseHeader(_))))
     }
+
+    /// The environ variables lines show (`%({name}e)s`), lower-case: the
+    /// app keeps their values for the log after it ran.
+    pub fn environ_names(&self) -> Vec<String> {
+        let Format::Text(atoms) = self else { return Vec::new() };
+        let mut names: Vec<String> = atoms
+            .iter()
+            .filter_map(|a| if let Atom::Environ(n) = a { Some(n.clone()) } else { None })
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
 }
 
 /// What one request contributes to its log line.
@@ -136,7 +162,8 @@ pub struct Entry<'a> {
     pub request_header: &'a dyn Fn(&str) -> Option<Vec<u8>>,
     /// Response header lookup by lower-case name.
     pub response_header: &'a dyn Fn(&str) -> Option<Vec<u8>>,
-    /// Process environment variable lookup by name (gunicorn's `{var}e`).
+    /// The request's WSGI environ variable by lower-case name, as the app
+    /// left it (gunicorn's `{var}e`).
     pub environ: &'a dyn Fn(&str) -> Option<Vec<u8>>,
 }
 
@@ -476,7 +503,8 @@ mod tests {
             _ => None,
         };
         let resp = |h: &str| (h == "content-type").then(|| b"text/html".to_vec());
-        let env = |v: &str| (v == "REMOTE_USER").then(|| b"bob".to_vec());
+        // Names arrive lower-case: gunicorn matches environ keys case-insensitively.
+        let env = |v: &str| (v == "remote_user").then(|| b"bob".to_vec());
         let e = entry_with(&req, &resp, &env);
         assert_eq!(
             line("%(h)s %(l)s %(u)s \"%(r)s\" %(m)s %(U)s %(q)s %(H)s %(s)s %(B)s %(b)s %(f)s", &e),
@@ -491,9 +519,12 @@ mod tests {
         let ua = line("\"%(a)s\"", &e);
         assert_eq!(ua, r#""curl/8 \"evil\"\x0a[01/Jan/2000] \"GET / HTTP/1.1\" 200""#);
         assert!(!ua.contains('\n'));
+        assert_eq!(line("100%% %(s)s 5% %%(h)s", &e), "100% 200 5% %(h)s");
         assert!(Format::parse("%(zz)s").is_err());
         assert!(Format::parse("%(h").is_err());
         assert!(Format::parse(DEFAULT_FORMAT).is_ok());
+        let f = Format::parse("%({REMOTE_USER}e)s %({x}i)s %({Path_Info}e)s").unwrap();
+        assert_eq!(f.environ_names(), ["path_info", "remote_user"]);
     }
 
     #[test]

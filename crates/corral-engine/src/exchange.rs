@@ -231,6 +231,9 @@ pub(crate) struct Io {
     /// Response headers as the app gave them, kept only when the access
     /// log shows some (`%({name}o)s`).
     pub logged_headers: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+    /// Environ variables the access log shows (`%({name}e)s`), by
+    /// lower-case name, as the app left them.
+    pub logged_environ: Vec<(String, Vec<u8>)>,
     /// The thread serving this connection writes finished responses after
     /// its pass over the ready connections, so one wake-up of a client
     /// process covers several responses instead of one each.
@@ -289,6 +292,7 @@ impl Io {
             app_date: false,
             bytes_sent: 0,
             logged_headers: None,
+            logged_environ: Vec::new(),
             hold: false,
             holding: false,
             out: Vec::new(),
@@ -1443,6 +1447,13 @@ impl Exchange {
             kept.push((name.to_ascii_lowercase(), value.to_vec()));
         }
         Ok(())
+    }
+
+    /// Keeps an environ variable's value for the access log line.
+    pub fn log_environ(&self, name: &str, value: &[u8]) {
+        if let Some(mut io) = self.lock() {
+            io.logged_environ.push((name.to_string(), value.to_vec()));
+        }
     }
 
     /// Sends body bytes. `last` says that this is the whole remaining body,

@@ -1407,6 +1407,7 @@ fn handle_request<A: App>(
         if w.access.as_ref().is_some_and(|a| a.format.needs_response_headers()) {
             io.logged_headers.get_or_insert_with(Vec::new).clear();
         }
+        io.logged_environ.clear();
         io.generation += 1;
         (bytes, params, io.generation)
     };
@@ -1580,7 +1581,7 @@ fn log_request(log: &AccessLog, t: usize, conn: &Conn, req: &Request<'_>, took: 
         let kept = io.logged_headers.as_ref()?;
         kept.iter().find(|(n, _)| n == name.as_bytes()).map(|(_, v)| v.clone())
     };
-    let environ = |name: &str| std::env::var_os(name).map(|v| v.into_encoded_bytes());
+    let environ = |name: &str| io.logged_environ.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
     let protocol = match cgi.and_then(|c| c.get(req.bytes, b"SERVER_PROTOCOL")) {
         Some(p) => String::from_utf8_lossy(p).into_owned(),
         None => req.protocol().to_string(),

@@ -82,6 +82,8 @@ pub struct WsgiApp {
     max_body: u64,
     /// The worker's pid, for the log when a forked child comes back.
     pid: u32,
+    /// Environ variables the access log shows, lower-case (`%({name}e)s`).
+    log_environ: Vec<String>,
 }
 
 /// Set in a child of `fork()`, by the handler [`WsgiApp::new`] registers
@@ -157,6 +159,7 @@ impl WsgiApp {
             mount: mount.as_bytes().to_vec(),
             max_body: ctx.config.max_body_size,
             pid: std::process::id(),
+            log_environ: ctx.config.access_log.as_ref().map(|(_, f)| f.environ_names()).unwrap_or_default(),
         };
         unsafe { libc::pthread_atfork(None, None, Some(mark_forked)) };
         Ok(app)
@@ -308,7 +311,7 @@ impl WsgiApp {
             Ok(s) => s,
             Err(e) => return self.app_error(py, req, ex, &e),
         };
-        let result = self.app.bind(py).call1((environ, start_response));
+        let result = self.app.bind(py).call1((&environ, start_response));
         if FORKED.load(Ordering::Relaxed) {
             self.forked_child_returned(req);
         }
@@ -316,8 +319,33 @@ impl WsgiApp {
             Ok(result) => self.send(py, req, ex, &result),
             Err(e) => self.app_error(py, req, ex, &e),
         }
+        if !self.log_environ.is_empty() {
+            self.keep_environ_for_log(ex, &environ);
+        }
         // A last line the app wrote to wsgi.errors without its newline.
         crate::logging::app_error_flush();
+    }
+
+    /// The environ variables the access log shows, as the app left them
+    /// (middleware may have added REMOTE_USER, say), matched without
+    /// regard to case as gunicorn does.
+    fn keep_environ_for_log(&self, ex: &Exchange, environ: &Bound<'_, PyDict>) {
+        for (key, value) in environ.iter() {
+            let Ok(key) = key.downcast::<PyString>() else { continue };
+            let Ok(key) = key.to_cow() else { continue };
+            let lower = key.to_ascii_lowercase();
+            if !self.log_environ.contains(&lower) {
+                continue;
+            }
+            let text = match value.downcast::<PyString>() {
+                Ok(s) => crate::logging::log_text(s).into_owned(),
+                Err(_) => match value.str() {
+                    Ok(s) => crate::logging::log_text(&s).into_owned(),
+                    Err(_) => continue,
+                },
+            };
+            ex.log_environ(&lower, text.as_bytes());
+        }
     }
 
     /// The app called `os.fork()` and the child returned from the app
