@@ -87,6 +87,16 @@ def test_timeout_and_max_requests_zero_mean_off(start_server):
     assert server.worker_pids() == [worker]
 
 
+def test_a_bad_value_from_the_environment_names_the_variable():
+    proc = _run(["behaviour:application"], env={"CORRAL_WORKERS": "abc"})
+    assert proc.returncode == 2
+    assert "invalid value 'abc' for '--workers <N>'" in proc.stderr
+    assert "(that value comes from the environment variable CORRAL_WORKERS)" in proc.stderr
+    # Given on the command line, the bad value is the command line's.
+    proc = _run(["--workers=abc", "behaviour:application"], env={"CORRAL_WORKERS": "abc"})
+    assert proc.returncode == 2 and "environment variable" not in proc.stderr
+
+
 def test_a_server_runs_from_the_file(start_server, tmp_path):
     cfg = tmp_path / "corral.toml"
     cfg.write_text(f'app = "behaviour:application"\nworkers = 2\npythonpath = ["{APPS}"]\n')
@@ -110,6 +120,10 @@ def test_a_server_runs_from_the_file(start_server, tmp_path):
         ("http = [1, 2\n", ":2: invalid TOML"),
         ("workers-min = 5\nworkers-max = 2\n", "--workers-min 5 is greater than --workers-max 2 (set in"),
         ("timeout = -1\n", ":1: `timeout`"),
+        (
+            'sigint = "QUICK"\n',
+            ":1: `sigint`: invalid value 'QUICK' for '--sigint <SIGINT>' [possible values: graceful, quick]",
+        ),
         ('preload = "yes"\n', ":1: `preload` must be true or false"),
         # TOML reads 0o660 as the integer 432: a mode must be a string.
         ("socket-mode = 0o660\n", ":1: `socket-mode` is an octal mode: write it as a string"),

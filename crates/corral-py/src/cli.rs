@@ -399,12 +399,20 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             {
                 let id = arg
                     .trim_start_matches('-')
-                    .split([' ', '='])
+                    .split([' ', '=', '['])
                     .next()
                     .unwrap_or_default()
                     .replace('-', "_");
                 if let Some(at) = origins.get(&id) {
                     eprintln!("(that value comes from {at})");
+                } else if let Some(var) = cmd
+                    .get_arguments()
+                    .find(|a| a.get_id() == id.as_str())
+                    .filter(|a| a.get_long().is_some_and(|l| !given_on_command_line(&argv, l)))
+                    .and_then(|a| a.get_env())
+                    .filter(|var| std::env::var_os(var).is_some())
+                {
+                    eprintln!("(that value comes from the environment variable {})", var.to_string_lossy());
                 }
             }
             return Ok(code);
@@ -842,6 +850,15 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
 
 /// A log file's name made absolute against the current directory (`-`,
 /// standard output or error, stays as it is).
+/// Whether `--long` (alone, or as `--long=VALUE`) is among the arguments.
+fn given_on_command_line(argv: &[String], long: &str) -> bool {
+    argv.iter().any(|a| {
+        a.strip_prefix("--")
+            .and_then(|a| a.strip_prefix(long))
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('='))
+    })
+}
+
 /// The pid a pid file names, if that process is alive and is a corral other
 /// than this one (a re-executed master keeps its pid). A stale file may name
 /// a pid the system has since given to another program: that one does not

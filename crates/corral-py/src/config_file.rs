@@ -103,9 +103,16 @@ pub fn layer(cmd: &Command, argv: &[String]) -> Result<(Vec<String>, FileOrigins
             }
             if let Err(e) = cmd.clone().try_get_matches_from(&probe) {
                 if e.kind() != clap::error::ErrorKind::MissingRequiredArgument {
+                    // clap's message, without its pointer to --help (the
+                    // possible values, when it lists them, are kept).
                     let msg = e.to_string();
-                    let first_line = msg.lines().next().unwrap_or_default().trim_start_matches("error: ");
-                    return Err(format!("{at}: `{key}`: {first_line}"));
+                    let lines: Vec<&str> = msg
+                        .lines()
+                        .map(str::trim)
+                        .take_while(|l| !l.starts_with("For more information") && !l.starts_with("Usage:"))
+                        .filter(|l| !l.is_empty())
+                        .collect();
+                    return Err(format!("{at}: `{key}`: {}", lines.join(" ").trim_start_matches("error: ")));
                 }
             }
             injected.push(format!("--{key}={s}"));
