@@ -87,6 +87,25 @@ def test_timeout_and_max_requests_zero_mean_off(start_server):
     assert server.worker_pids() == [worker]
 
 
+def test_print_config_refuses_what_a_start_would_refuse(tmp_path):
+    for args, message in [
+        (["--static", f"/s={tmp_path / 'missing'}"], "--static"),
+        (["--user", "no-such-user-here"], "no-such-user-here"),
+        (["--chdir", str(tmp_path / "missing")], "--chdir"),
+        (["--access-log", "-", "--access-log-format", "%(zz)s"], "unknown atom"),
+    ]:
+        proc = _run(["--print-config", *args, "behaviour:application"])
+        assert proc.returncode == 2, (args, proc.stdout)
+        assert message in proc.stderr, (args, proc.stderr)
+
+
+def test_print_config_shows_values_other_options_imply():
+    p = _printed(_run(["--print-config", "--log-format", "json", "behaviour:application"]).stdout)
+    assert p["access-log-format"] == ('"json"', "default, as --log-format is json")
+    p = _printed(_run(["--print-config", "behaviour:application"], env={"SCRIPT_NAME": "/app"}).stdout)
+    assert p["mount"] == ('"/app"', "environment SCRIPT_NAME")
+
+
 def test_a_bad_value_from_the_environment_names_the_variable():
     proc = _run(["behaviour:application"], env={"CORRAL_WORKERS": "abc"})
     assert proc.returncode == 2

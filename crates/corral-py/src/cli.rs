@@ -420,6 +420,12 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     };
     if cli.print_config {
         use std::io::Write as _;
+        // What a start would refuse, checked without creating anything, so
+        // the output can be trusted as the configuration that runs.
+        if let Err(e) = check_without_effects(&cli) {
+            eprintln!("corral: error: {e}");
+            return Ok(2);
+        }
         // A closed pipe (`| head`) is not an error.
         let _ =
             std::io::stdout().write_all(crate::config_file::describe(&cmd, &matches, &origins).as_bytes());
@@ -850,6 +856,35 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
 
 /// A log file's name made absolute against the current directory (`-`,
 /// standard output or error, stays as it is).
+/// The checks of a start that have no effect on the system: for
+/// `--print-config`.
+fn check_without_effects(cli: &Cli) -> Result<(), String> {
+    let format = if cli.log_format == LogFormat::Json
+        && cli.access_log_format == corral_engine::access::DEFAULT_FORMAT
+    {
+        "json"
+    } else {
+        cli.access_log_format.as_str()
+    };
+    corral_engine::access::Format::parse(format).map_err(|e| format!("--access-log-format: {e}"))?;
+    if let (Some(max), min) = (cli.workers_max, cli.workers_min.unwrap_or(cli.workers)) {
+        if min > max {
+            return Err(format!("the pool's fewest workers, {min}, is more than --workers-max {max}"));
+        }
+    }
+    for spec in &cli.static_dirs {
+        corral_engine::static_files::Mount::parse(spec)?;
+    }
+    resolve_ids(cli.user.as_deref(), cli.group.as_deref())?;
+    if let Some(dir) = cli.chdir.as_deref().filter(|d| !d.is_dir()) {
+        return Err(format!("--chdir {}: not a directory", dir.display()));
+    }
+    if let Some(m) = cli.mount.as_deref().filter(|m| !m.is_empty() && !m.starts_with('/')) {
+        return Err(format!("--mount {m:?}: must start with '/'"));
+    }
+    Ok(())
+}
+
 /// Whether `--long` (alone, or as `--long=VALUE`) is among the arguments.
 fn given_on_command_line(argv: &[String], long: &str) -> bool {
     argv.iter().any(|a| {

@@ -176,6 +176,19 @@ pub fn describe(cmd: &Command, matches: &ArgMatches, origins: &FileOrigins) -> S
             out.push_str(&format!("{name} = {implied}  # default, as no listener is given\n"));
             continue;
         }
+        if id == "access_log_format"
+            && matches.value_source(id) == Some(ValueSource::DefaultValue)
+            && matches.get_one::<crate::cli::LogFormat>("log_format") == Some(&crate::cli::LogFormat::Json)
+        {
+            out.push_str(&format!("{name} = \"json\"  # default, as --log-format is json\n"));
+            continue;
+        }
+        if id == "mount" && values.is_empty() {
+            if let Ok(script_name) = std::env::var("SCRIPT_NAME") {
+                out.push_str(&format!("{name} = {script_name:?}  # environment SCRIPT_NAME\n"));
+                continue;
+            }
+        }
         let shown = match (arg.get_action(), values.as_slice()) {
             (_, [_]) if is_switch(arg) => matches.get_one::<bool>(id).is_some_and(|b| *b).to_string(),
             (_, []) => "(not set)".to_string(),
