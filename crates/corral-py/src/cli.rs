@@ -65,8 +65,9 @@ pub struct Cli {
     #[arg(long)]
     pub print_config: bool,
 
-    /// Serve HTTP/1.1 on ADDR: HOST:PORT, [IPv6]:PORT, unix:PATH or fd://N. Repeatable.
-    /// Default 127.0.0.1:8000 when no listener is given.
+    /// Serve HTTP/1.1 on ADDR: HOST:PORT, [IPv6]:PORT, unix:PATH or fd://N. Repeatable, or
+    /// several separated by commas (so a unix:PATH cannot contain one). Default 127.0.0.1:8000
+    /// when no listener is given.
     #[arg(long, value_name = "ADDR", env = "CORRAL_HTTP", value_delimiter = ',', value_parser = parse_addr)]
     pub http: Vec<String>,
 
@@ -135,7 +136,7 @@ pub struct Cli {
     #[arg(long, value_name = "DIR", env = "CORRAL_CHDIR")]
     pub chdir: Option<PathBuf>,
 
-    /// Add DIR to the front of sys.path. Repeatable.
+    /// Add DIR to the front of sys.path. Repeatable, or several separated by colons.
     #[arg(long, value_name = "DIR", env = "CORRAL_PYTHONPATH", value_delimiter = ':')]
     pub pythonpath: Vec<PathBuf>,
 
@@ -219,7 +220,8 @@ pub struct Cli {
     pub group: Option<String>,
 
     /// Serve the files under DIR at URL prefix /URL, from Rust (sendfile, ranges, ETag,
-    /// precompressed .br/.gz): `--static /static=./staticfiles`. Repeatable.
+    /// precompressed .br/.gz): `--static /static=./staticfiles`. Repeatable, or several
+    /// separated by commas.
     #[arg(long = "static", value_name = "/URL=DIR", env = "CORRAL_STATIC", value_delimiter = ',')]
     pub static_dirs: Vec<String>,
 
