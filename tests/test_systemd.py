@@ -190,7 +190,7 @@ def test_runs_as_nobody_after_binding_a_privileged_port(start_server, request):
         (["--umask", "999"], "--umask"),
         (["--workers-min", "3", "--workers-max", "2"], "--workers-min 3 is greater than --workers-max 2"),
         (["--workers-min", "2"], "--workers-max"),
-        (["--timeout", "0"], "--timeout"),
+        (["--timeout", "soon"], "--timeout"),
     ],
 )
 def test_bad_lifecycle_options_fail_at_start(start_server, args, message):

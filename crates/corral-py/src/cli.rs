@@ -746,10 +746,18 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             return Ok(1);
         }
     }
+    let file_id = |p: &std::path::Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::symlink_metadata(p).ok().map(|m| (m.dev(), m.ino()))
+    };
+    let written = pidfile.as_deref().and_then(file_id);
     let remove_pidfile = || {
-        // Only while it still names this master: never another's.
-        let ours = |p: &std::path::Path| {
-            std::fs::read_to_string(p).is_ok_and(|t| t.trim() == std::process::id().to_string())
+        // Only while it still names this master: never another's. After
+        // --user the file may not be readable any more; then it is ours if
+        // it is still the file this master wrote.
+        let ours = |p: &std::path::Path| match std::fs::read_to_string(p) {
+            Ok(text) => text.trim() == std::process::id().to_string(),
+            Err(_) => written.is_some() && file_id(p) == written,
         };
         if let Some(path) = pidfile.as_deref().filter(|p| ours(p)) {
             match std::fs::remove_file(path) {
