@@ -1,7 +1,10 @@
 """The process model: workers, signals, graceful shutdown, crashes, --preload."""
 
+import contextlib
+import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -9,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from front_ends import free_port
 from support import CORRAL, READY_RE, IncompleteResponse, group_members, wait_until
 
 
@@ -278,6 +282,73 @@ def test_ttin_ttou_change_the_worker_count(start_server):
     server.signal(signal.SIGTTOU)
     assert wait_until(lambda: len(group_members(server.pgid)) == 2, timeout=15)
     assert server.request("GET", "/fixed").status == 200
+
+
+def _signal_masks(pid):
+    fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(fields["SigBlk"], 16), int(fields["SigIgn"], 16)
+
+
+@pytest.mark.parametrize("preload", [False, True], ids=["in-the-worker", "preload"])
+def test_programs_the_app_starts_at_import_take_signals(start_server, tmp_path, preload):
+    """Neither the master's blocked mask nor a worker's ignored signals reach
+    a program the app starts while it loads (before, after a re-exec too)."""
+    helpers = tmp_path / "helpers"
+    args = ["--preload"] if preload else []
+    server = start_server("spawn_at_import:application", *args, "--env", f"CORRAL_TEST_HELPERS={helpers}")
+    started = []
+    try:
+        assert wait_until(lambda: helpers.exists() and helpers.read_text().strip())
+        if preload:
+            # HUP with --preload re-executes the master, which imports the app again.
+            server.signal(signal.SIGHUP)
+            assert wait_until(lambda: len(helpers.read_text().split()) >= 2, 30), server.log[-2000:]
+        started = [int(p) for p in helpers.read_text().split()]
+        for pid in started:
+            blocked, ignored = _signal_masks(pid)
+            assert blocked == 0, f"helper {pid} has signals blocked: {blocked:#x}"
+            for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGUSR1):
+                assert not ignored & (1 << (sig - 1)), f"helper {pid} ignores {sig.name}"
+        os.kill(started[-1], signal.SIGTERM)
+        assert wait_until(lambda: not Path(f"/proc/{started[-1]}").exists() or _is_zombie(started[-1]))
+    finally:
+        for pid in started or [int(p) for p in (helpers.read_text().split() if helpers.exists() else [])]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_worker_passes_no_descriptor_to_the_programs_it_runs(start_server, tmp_path):
+    server = start_server(
+        "behaviour:application",
+        "--stats",
+        f"unix:{tmp_path / 'stats.sock'}",
+        "--access-log",
+        str(tmp_path / "access.log"),
+        threads=2,
+    )
+    assert json.loads(server.request("GET", "/inheritable-fds").body) == []
+
+
+def test_workers_do_not_hold_the_stats_port(start_server):
+    """After the master is killed outright, a worker still finishing a request
+    must not keep the stats port: a new instance binds it at once."""
+    stats_port = free_port()
+    server = start_server("behaviour:application", "--stats", f"127.0.0.1:{stats_port}", threads=2)
+    slow = ThreadPoolExecutor(1).submit(server.request, "GET", "/slow?secs=4", timeout=30)
+    server.wait_for("slow request started")
+    os.kill(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(10)
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", stats_port))
+    assert slow.result(30).status == 200
+
+
+def _is_zombie(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 def _corral_signal(*args):

@@ -411,6 +411,22 @@ def set_user(environ, start_response):
     return _ok(start_response, "ok")
 
 
+def inheritable_fds(environ, start_response):
+    """The worker's descriptors above 2 that a program it runs would inherit."""
+    import fcntl
+
+    fds = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            flags = fcntl.fcntl(fd, fcntl.F_GETFD)
+        except OSError:
+            continue  # the directory listing's own descriptor, closed by now
+        if fd > 2 and not flags & fcntl.FD_CLOEXEC:
+            fds.append(f"{fd} -> {os.readlink(f'/proc/self/fd/{fd}')}")
+    return _json(start_response, fds)
+
+
 def raise_before(environ, start_response):
     raise RuntimeError("boom before start_response")
 
@@ -446,6 +462,7 @@ UNVALIDATED = {
     "/undecodable": undecodable,
     "/no-start": no_start,
     "/set-user": set_user,
+    "/inheritable-fds": inheritable_fds,
     "/raise-before": raise_before,
     "/raise-after": raise_after,
     "/raise-after-cl": raise_after_cl,

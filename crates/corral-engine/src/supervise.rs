@@ -927,8 +927,20 @@ impl<'a, H: Hooks> Master<'a, H> {
         }
         if pid == 0 {
             self.hooks.after_fork_child();
-            // The master's monitoring clients are not the worker's to hold open.
+            // The worker takes its signals with handlers before it loads the
+            // app: a program the app starts at import must not inherit the
+            // master's blocked mask (it would ignore TERM for ever).
+            if let Err(e) = crate::worker::prepare_signals(self.config.sigint) {
+                error!("cannot set up the worker's signals: {e}");
+                unsafe { libc::_exit(1) };
+            }
+            // The master's monitoring clients and its stats listener are not
+            // the worker's to hold open: after the master's death the port
+            // must be free, not held by a worker that never answers on it.
             self.stats_conns.clear();
+            if let Some(stats) = self.stats.take() {
+                drop(stats);
+            }
             unsafe {
                 libc::close(self.signal_fd);
                 // If the master is killed outright, workers hear about it.
@@ -1113,22 +1125,85 @@ pub fn take_inherited_listeners() -> Vec<(String, String, RawFd)> {
         .collect()
 }
 
-/// Blocks the master's signals and returns a signalfd that reads them.
-fn block_signals() -> io::Result<RawFd> {
+/// The master's signals as a set.
+fn signal_set() -> libc::sigset_t {
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         for sig in SIGNALS {
             libc::sigaddset(&mut set, *sig);
         }
+        set
+    }
+}
+
+/// Blocks the master's signals and returns a signalfd that reads them.
+fn block_signals() -> io::Result<RawFd> {
+    let set = signal_set();
+    unsafe {
         if libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) < 0 {
             return Err(io::Error::last_os_error());
         }
-        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
+    }
+    release_early_signals();
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// The master's signals that arrived while they were held, one bit each.
+static EARLY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// The dispositions [`hold_early_signals`] replaced, to put back.
+static HELD: std::sync::Mutex<Vec<(libc::c_int, libc::sigaction)>> = std::sync::Mutex::new(Vec::new());
+
+extern "C" fn note_early_signal(sig: libc::c_int) {
+    EARLY.fetch_or(1 << sig, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// From the start of the program until the master reads its signalfd, its
+/// signals are noted by a handler with the mask empty, rather than blocked.
+/// A program the app starts meanwhile (while `--preload` imports it)
+/// inherits the mask, and blocked signals would make it deaf to TERM for
+/// its whole life: after a re-exec the previous program's blocked mask is
+/// still in force. A handler, unlike a mask, does not outlive `exec`.
+/// What arrives meanwhile is raised again once the signals are blocked, so
+/// the master acts on it as usual.
+pub fn hold_early_signals() {
+    let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+    if !held.is_empty() {
+        return;
+    }
+    for sig in SIGNALS {
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = note_early_signal as *const () as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(*sig, &action, &mut old) == 0 {
+                held.push((*sig, old));
+            }
         }
-        Ok(fd)
+    }
+    let set = signal_set();
+    unsafe { libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+}
+
+/// Ends [`hold_early_signals`] once the signals are blocked: the old
+/// dispositions come back and what arrived is raised again, to wait in the
+/// signalfd.
+fn release_early_signals() {
+    let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+    for (sig, old) in held.drain(..) {
+        unsafe { libc::sigaction(sig, &old, std::ptr::null_mut()) };
+    }
+    let early = EARLY.swap(0, std::sync::atomic::Ordering::Relaxed);
+    for sig in SIGNALS {
+        if early & (1 << sig) != 0 {
+            unsafe { libc::raise(*sig) };
+        }
     }
 }
 

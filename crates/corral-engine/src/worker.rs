@@ -156,7 +156,8 @@ pub fn note_exception(text: &str) {
 /// Runs a worker until it is told to stop; returns the process exit code.
 /// Call on the process's only thread, right after fork and app loading.
 pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
-    let signals = match WorkerSignals::install(ctx.config.sigint) {
+    let prepared = PREPARED_SIGNALS.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let signals = match prepared.map_or_else(|| WorkerSignals::install(ctx.config.sigint), Ok) {
         Ok(s) => s,
         Err(e) => {
             error!("cannot install signal handlers: {e}");
@@ -257,6 +258,20 @@ fn tune_allocator() {
     }
 }
 
+/// The worker's signal handlers, set up right after the fork by
+/// [`prepare_signals`], for [`run_worker`] to take.
+static PREPARED_SIGNALS: Mutex<Option<WorkerSignals>> = Mutex::new(None);
+
+/// Sets up a new worker's signals before it loads the app: a stop asked
+/// for meanwhile is noted and acted on once the worker runs, and the mask
+/// is empty, so programs the app starts while it loads take signals as
+/// they should.
+pub fn prepare_signals(sigint: SigintMode) -> io::Result<()> {
+    let signals = WorkerSignals::install(sigint)?;
+    *PREPARED_SIGNALS.lock().unwrap_or_else(|p| p.into_inner()) = Some(signals);
+    Ok(())
+}
+
 /// Signals a worker acts on, delivered through a self-pipe so the main
 /// thread can wait for them together with its sweep timer.
 struct WorkerSignals {
@@ -296,13 +311,24 @@ impl WorkerSignals {
         let reopen = Arc::new(AtomicBool::new(false));
         signal_hook::flag::register(SIGUSR1, reopen.clone())?;
         for sig in [SIGTERM, SIGINT, SIGQUIT, SIGUSR1] {
-            let w = unsafe { libc::dup(fds[1]) };
+            // Close-on-exec like the pipe itself: programs the app runs
+            // must not inherit the worker's signal pipe.
+            let w = unsafe { libc::fcntl(fds[1], libc::F_DUPFD_CLOEXEC, 0) };
             signal_hook::low_level::pipe::register_raw(sig, w)?;
         }
         // Signals meant for the master alone: a worker ignores them rather
         // than die of their default action when a whole group is signalled.
+        // With a handler that does nothing, not SIG_IGN: an ignored signal
+        // stays ignored in the programs the app runs, a handler does not.
+        extern "C" fn ignore(_: libc::c_int) {}
         for sig in [SIGHUP, SIGUSR2, SIGTTIN, SIGTTOU, SIGWINCH] {
-            unsafe { libc::signal(sig, libc::SIG_IGN) };
+            unsafe {
+                let mut action: libc::sigaction = std::mem::zeroed();
+                action.sa_sigaction = ignore as *const () as libc::sighandler_t;
+                action.sa_flags = libc::SA_RESTART;
+                libc::sigemptyset(&mut action.sa_mask);
+                libc::sigaction(sig, &action, std::ptr::null_mut());
+            }
         }
         unsafe { libc::close(fds[1]) };
         Ok(WorkerSignals { read_fd: fds[0], stop, quit, reopen })

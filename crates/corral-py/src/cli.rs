@@ -382,6 +382,8 @@ fn parse_positive_secs(s: &str) -> Result<Duration, String> {
 
 /// Entry point behind `corral` and `python -m corral`; returns the exit code.
 pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
+    // Before anything can start a program (a --preload import): see there.
+    corral_engine::supervise::hold_early_signals();
     let cmd = Cli::command();
     let (argv, origins) = match crate::config_file::layer(&cmd, &argv) {
         Ok(layered) => layered,
