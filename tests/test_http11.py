@@ -277,6 +277,21 @@ def test_no_100_continue_when_the_app_does_not_read(behaviour):
         assert b"100 Continue" not in rest
 
 
+@pytest.mark.parametrize("declared", [100_000_000, 500_000], ids=["over-the-drain-limit", "stalled"])
+def test_an_unread_body_the_client_never_finishes_does_not_hold_the_thread(start_server, declared):
+    """The app ignores the body; the client sends 100 kB of it and stops. The
+    one serving thread answers it, then must not wait for the rest of the
+    body (its I/O timeout is 60 s) while another client waits."""
+    server = start_server("behaviour:application", threads=1)
+    with server.connect(timeout=30) as stalled:
+        stalled.send(b"POST /ignore-body HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % declared)
+        stalled.send(b"x" * 100_000)
+        assert stalled.read_response().body == b"ignored"
+        # The client holds its connection open and sends nothing more.
+        assert server.request("GET", "/fixed", timeout=15).body == b"hello world"
+        assert stalled.at_eof(15)
+
+
 def test_short_app_body_closes_the_connection(behaviour):
     mark = behaviour.mark()
     with behaviour.connect() as conn:

@@ -1717,15 +1717,7 @@ fn complete_locked(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>, io: 
             // record Apache sends after the response began, a body the app
             // ignored): read it before closing, or the close turns into a
             // reset that destroys the response the front end has not read yet.
-            let mut sink = Vec::new();
-            let mut total = 0u64;
-            while total <= MAX_DRAIN {
-                sink.clear();
-                match io.read_body(&mut sink, 64 * 1024, blocking) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => total += n as u64,
-                }
-            }
+            let _ = discard_body(io, blocking);
         }
         warn_bad_stream(conn, listener, io);
         if !io.body_finished() || !io.buf.is_empty() {
@@ -1735,27 +1727,65 @@ fn complete_locked(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>, io: 
     }
     if !io.body_finished() {
         // Discard what the app did not read so the next request parses from
-        // the right byte; a large remainder is not worth reading.
-        let mut sink = Vec::new();
-        let mut total = 0u64;
-        loop {
-            sink.clear();
-            match io.read_body(&mut sink, 64 * 1024, blocking) {
-                Ok(0) => break,
-                Ok(n) => {
-                    total += n as u64;
-                    if total > MAX_DRAIN {
-                        return false;
-                    }
-                }
-                Err(_) => {
-                    warn_bad_stream(conn, listener, io);
-                    return false;
-                }
+        // the right byte.
+        match discard_body(io, blocking) {
+            Discarded::All => {}
+            Discarded::Failed => {
+                warn_bad_stream(conn, listener, io);
+                return false;
+            }
+            Discarded::GaveUp => {
+                drain_and_close(io);
+                return false;
             }
         }
     }
     true
+}
+
+/// How discarding the rest of a request body ended.
+enum Discarded {
+    All,
+    /// The stream broke (or the front end broke its framing).
+    Failed,
+    /// More than [`MAX_DRAIN`] was left, or it did not come within
+    /// [`DRAIN_WAIT`].
+    GaveUp,
+}
+
+/// The longest the serving thread waits for the rest of a body the app did
+/// not read. The thread serves nothing else meanwhile, so a client that
+/// declares a body and stops sending must not hold it for the whole I/O
+/// timeout (nginx gives such a client its lingering_timeout, 5 s).
+const DRAIN_WAIT: Duration = Duration::from_secs(2);
+
+/// Reads and drops the rest of the request body: at most [`MAX_DRAIN`]
+/// bytes (a larger remainder is not worth reading), for at most
+/// [`DRAIN_WAIT`].
+fn discard_body(io: &mut Io, blocking: fn(&mut dyn FnMut())) -> Discarded {
+    if matches!(io.body, BodyState::Length(left) if left > MAX_DRAIN) {
+        return Discarded::GaveUp;
+    }
+    let saved = io.timeout_ms;
+    let deadline = mono_ms() + DRAIN_WAIT.as_millis() as u64;
+    let mut sink = Vec::new();
+    let mut total = 0u64;
+    let outcome = loop {
+        let left = deadline.saturating_sub(mono_ms());
+        if left == 0 || total > MAX_DRAIN {
+            break Discarded::GaveUp;
+        }
+        io.timeout_ms = left as i32;
+        sink.clear();
+        match io.read_body(&mut sink, READ_CHUNK, blocking) {
+            Ok(0) => break Discarded::All,
+            Ok(n) => total += n as u64,
+            Err(BodyError::Timeout) => break Discarded::GaveUp,
+            Err(_) => break Discarded::Failed,
+        }
+    };
+    io.timeout_ms = saved;
+    outcome
 }
 
 /// The one log line for a FastCGI body stream the front end broke, wherever
