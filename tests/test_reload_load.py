@@ -97,6 +97,18 @@ def test_recycling_under_load_fails_nothing(start_server):
     assert len(pids) >= 4, pids
 
 
+def test_max_requests_asks_for_the_replacement_at_the_nth_request(start_server):
+    """Judged at the end of request N itself, not at a later sweep that may
+    come hundreds of requests after it."""
+    server = start_server("behaviour:application", "--max-requests", "50", workers=1, threads=1)
+    with server.connect() as conn:
+        for _ in range(60):
+            conn.send(b"GET /fixed HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert conn.read_response().status == 200
+    (line,) = server.wait_for(r"recycling: served (\d+) requests \(limit 50\)")
+    assert line.group(1) == "50"
+
+
 def test_sigterm_under_load_finishes_in_flight_requests(start_server):
     server = start_server("behaviour:application", workers=2, threads=4)
     load = Load(server, "/fixed")

@@ -244,8 +244,12 @@ impl Scoreboard {
         bytes_in: u64,
         bytes_out: u64,
     ) {
-        let class = usize::from(status / 100).clamp(1, 5) - 1;
-        self.count(slot, C_REQUESTS + protocol * 5 + class, 1);
+        // A request that ended before any response (the client went away,
+        // a worker stopping) has no status class to count under.
+        if status >= 100 {
+            let class = usize::from(status / 100).clamp(1, 5) - 1;
+            self.count(slot, C_REQUESTS + protocol * 5 + class, 1);
+        }
         let secs = micros as f64 / 1e6;
         let bucket = LATENCY_BUCKETS.iter().position(|&b| secs <= b).unwrap_or(LATENCY_BUCKETS.len());
         self.count(slot, C_LATENCY + bucket, 1);
@@ -332,6 +336,10 @@ mod tests {
         assert_eq!((c[C_BYTES_IN], c[C_BYTES_OUT]), (10, 20));
         sb.set_error(1, "ValueError: bad");
         assert_eq!(sb.error(1).as_deref(), Some("ValueError: bad"));
+        // No response, no status class.
+        sb.record(1, 2, 0, 3000, 10, 0);
+        let c = sb.counters(1);
+        assert_eq!((0..5).map(|k| c[C_REQUESTS + 2 * 5 + k]).sum::<u64>(), 1);
         let long = vec![b'a'; 500];
         sb.begin(0, 0, b"POST", &long, 5);
         assert_eq!(sb.in_flight(0, 5)[0].0.len(), TEXT);

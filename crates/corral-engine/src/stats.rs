@@ -51,7 +51,7 @@ pub struct Snapshot {
 pub fn metrics(s: &Snapshot) -> String {
     let mut o = String::with_capacity(4096);
     let c = &s.counters;
-    o.push_str("# HELP corral_requests_total Requests served, by protocol and status class.\n");
+    o.push_str("# HELP corral_requests_total Requests answered, by protocol and status class.\n");
     o.push_str("# TYPE corral_requests_total counter\n");
     for (p, proto) in PROTOCOLS.iter().enumerate() {
         for class in 0..5 {

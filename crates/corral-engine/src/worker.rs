@@ -344,7 +344,6 @@ impl WorkerSignals {
 fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
     let mut drain_deadline: Option<u64> = None;
     let born = mono_ms();
-    let mut recycling = false;
     // Ticks in a row with no connection left while draining.
     let mut empty_ticks = 0;
     // Compared with the current parent to notice the master's death (the
@@ -382,8 +381,8 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
         sweep(w, now, drain_deadline.is_some());
         report_shed(w, now);
         check_timeouts(w, now);
-        if !recycling && drain_deadline.is_none() {
-            recycling = check_recycle(w, now - born);
+        if !RECYCLING.load(Ordering::Acquire) && drain_deadline.is_none() {
+            check_recycle(w, now - born);
         }
         if let Some(deadline) = drain_deadline {
             // `accepting` first: a connection leaves it only once the
@@ -542,6 +541,17 @@ fn check_recycle<A: App>(w: &Shared<A>, age_ms: u64) -> bool {
     let Some((why, detail)) = reason else {
         return false;
     };
+    ask_recycle(w, why, &detail)
+}
+
+/// Set once this worker asked to be replaced.
+static RECYCLING: AtomicBool = AtomicBool::new(false);
+
+/// Asks the master for a replacement, once; returns whether this call did.
+fn ask_recycle<A: App>(w: &Shared<A>, why: Retire, detail: &str) -> bool {
+    if RECYCLING.swap(true, Ordering::AcqRel) {
+        return false;
+    }
     info!(
         "Worker {} (pid {}) recycling: {detail}; it finishes its requests once its replacement is ready",
         w.slot,
@@ -1508,6 +1518,14 @@ fn handle_request<A: App>(
         let bytes_in = std::mem::take(&mut io.read_total);
         let protocol = listener.protocol as usize;
         w.scoreboard.record(w.slot, protocol, io.status, took.as_micros() as u64, bytes_in, io.bytes_sent);
+    }
+    // --max-requests is judged at each request's end, as gunicorn does,
+    // rather than at the next sweep, which may come hundreds of requests later.
+    if let Some(max) = w.max_requests {
+        let served = w.scoreboard.requests(w.slot);
+        if served >= max && !RECYCLING.load(Ordering::Acquire) {
+            ask_recycle(w, Retire::MaxRequests, &format!("served {served} requests (limit {max})"));
+        }
     }
     if let Some(log) = &w.access {
         log_request(log, t, conn, &req, took);
