@@ -25,6 +25,9 @@ use crate::worker::WorkerCtx;
 /// master stops instead of respawning into the same error.
 pub const EXIT_APP_LOAD_FAILED: i32 = 3;
 
+/// How often a master short of worker slots says so.
+const SLOT_WARN_EVERY: Duration = Duration::from_secs(10);
+
 /// Monitoring clients the master serves at once; more are closed on accept.
 const MAX_STATS_CONNS: usize = 64;
 
@@ -177,6 +180,8 @@ pub struct Master<'a, H: Hooks> {
     stats: Option<Listener>,
     /// Monitoring clients being served (see [`crate::stats::Conn`]).
     stats_conns: Vec<crate::stats::Conn>,
+    /// When "no free slot" was last logged.
+    slot_warned: Option<Instant>,
     /// Metric counters of workers that have exited.
     totals: [u64; COUNTERS],
     /// Workers started to replace another, by reason.
@@ -230,6 +235,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             inherited: take_inherited_workers(),
             scale: Scaling::default(),
             stats: None,
+            slot_warned: None,
             stats_conns: Vec::new(),
             totals: [0; COUNTERS],
             respawns: Vec::new(),
@@ -897,7 +903,15 @@ impl<'a, H: Hooks> Master<'a, H> {
 
     fn spawn_replacing(&mut self, replaces: Option<libc::pid_t>) {
         let Some(slot) = self.free_slots.pop() else {
-            error!("no free worker slot");
+            // Retried on every pass until a slot frees: one line in a while.
+            let now = Instant::now();
+            if self.slot_warned.is_none_or(|at| now.duration_since(at) >= SLOT_WARN_EVERY) {
+                self.slot_warned = Some(now);
+                warn!(
+                    "Every worker slot is taken (workers still finishing their requests hold theirs); \
+                     the new worker starts once one frees"
+                );
+            }
             return;
         };
         self.scoreboard.reset(slot, 0);
