@@ -263,9 +263,17 @@ def test_metrics_count_a_known_mix_exactly(stats_server):
         assert s.request("GET", "/bad-header").status == 500
     uw = _uwsgi(s.uwsgi_port, [("REQUEST_METHOD", "GET"), ("REQUEST_URI", "/fixed")])
     assert uw.startswith(b"HTTP/1.1 200")
-    status, body = _get(s.stats_port, "/metrics")
-    assert status == 200
-    text = body.decode()
+
+    # A worker counts a request once its response is out, so the client may
+    # read the response a moment before it is counted.
+    def settled():
+        status, body = _get(s.stats_port, "/metrics")
+        assert status == 200
+        text = body.decode()
+        return text if _metric(text, "corral_request_duration_seconds_count") >= 11 else None
+
+    text = wait_until(settled)
+    assert text
     assert _metric(text, "corral_requests_total", '{protocol="http",status="2xx"}') == 5
     assert _metric(text, "corral_requests_total", '{protocol="http",status="5xx"}') == 5
     assert _metric(text, "corral_requests_total", '{protocol="uwsgi",status="2xx"}') == 1
