@@ -193,6 +193,51 @@ def test_timeout_of_a_sleeping_request_under_load(start_server):
     assert stuck not in pids
 
 
+def test_a_worker_whose_only_thread_is_stuck_leaves_at_once(start_server):
+    """With one thread stuck past --timeout the worker can serve nothing
+    more: it takes no connection from the shared queue, and it leaves without
+    waiting out the graceful timeout (30 s) with connections it cannot serve."""
+    server = start_server("behaviour:application", "--timeout", "2", workers=2, threads=1)
+    load = Load(server, "/fixed", threads=3)
+    try:
+        mark = server.mark()
+        assert server.request("GET", "/slow?secs=60&id=stuck", timeout=30).status == 504
+        stuck = int(server.wait_for(r"Request timeout: .* \(pid (\d+)\)", since=mark)[0].group(1))
+        server.wait_for(
+            rf"Worker exiting with 1 timed-out request\(s\) still running: pid={stuck}",
+            since=mark,
+            timeout=15,
+        )
+        seen = load.count()
+        assert wait_until(lambda: load.count() > seen + 10, 10)
+    finally:
+        load.finish()
+    # A connection the stuck worker held may be closed; none waits for it.
+    assert not [f for f in load.failures if "timed out" in f], load.failures[:10]
+
+
+def test_a_request_on_an_idle_keep_alive_connection_as_the_drain_begins_is_served(start_server):
+    """A client (or nginx's upstream pool) may send on an idle keep-alive
+    connection just as its worker starts draining: the request is served,
+    with Connection: close, rather than lost to a close under it."""
+    server = start_server("behaviour:application", workers=1)
+    with server.connect() as conn:
+        conn.send(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
+        old = conn.read_response().body.decode()
+        mark = server.mark()
+        server.signal(signal.SIGHUP)
+        server.wait_for(rf"Worker draining: pid={old}", since=mark)
+        # Past the worker's next sweep (every 0.25 s), within its linger (2 s).
+        time.sleep(0.5)
+        conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        resp = conn.read_response()
+        assert (resp.status, resp.body) == (200, b"hello")
+        assert resp.header("Connection") == "close"
+        assert conn.at_eof(10)
+    # Idle ones are closed after a moment, and the old worker leaves.
+    server.wait_for(rf"Worker stopped gracefully: pid={old}", since=mark)
+
+
 def test_hup_with_broken_code_keeps_the_old_workers_then_fixed_code_loads(start_server, tmp_path):
     app = tmp_path / "versioned.py"
     _write_app(app, 1)

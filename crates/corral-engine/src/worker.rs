@@ -58,6 +58,30 @@ pub fn draining() -> bool {
     DRAINING.load(Ordering::Relaxed)
 }
 
+/// When the drain began ([`mono_ms`]).
+static DRAIN_STARTED: AtomicU64 = AtomicU64::new(0);
+
+/// How long a draining worker keeps its idle keep-alive connections open.
+/// A client (or nginx, from its upstream keepalive pool) may be sending a
+/// request on one at the very moment it is closed, and that request is
+/// lost: nginx answers a POST with 502, since it retries only idempotent
+/// requests. Kept open a little, such a request is served (with
+/// `Connection: close`); what stays idle through it, and so is the least
+/// likely to be picked next, is closed after.
+const DRAIN_KEEPALIVE_LINGER: Duration = Duration::from_secs(2);
+
+/// Whether every thread of the worker is stuck in a request past --timeout:
+/// then it can serve nothing more.
+fn all_stuck<A: App>(w: &Shared<A>) -> bool {
+    w.stuck.load(Ordering::Acquire) >= w.current.len()
+}
+
+/// Whether a draining worker may close its idle keep-alive connections.
+fn idle_linger_over() -> bool {
+    draining()
+        && mono_ms() >= DRAIN_STARTED.load(Ordering::Relaxed) + DRAIN_KEEPALIVE_LINGER.as_millis() as u64
+}
+
 const IDLE: u8 = 0;
 const BUSY: u8 = 1;
 const CLOSING: u8 = 2;
@@ -378,7 +402,7 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
                 }
             }
         }
-        sweep(w, now, drain_deadline.is_some());
+        sweep(w, now, idle_linger_over());
         report_shed(w, now);
         check_timeouts(w, now);
         if !RECYCLING.load(Ordering::Acquire) && drain_deadline.is_none() {
@@ -403,9 +427,12 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
             if let Some(log) = &w.access {
                 log.flush();
             }
-            if stuck > 0 && live <= stuck {
-                // Only timed-out requests are left; they may hold the GIL
-                // forever, so leave without running any Python.
+            if stuck > 0 && (live <= stuck || all_stuck(w)) {
+                // Only timed-out requests are left, or every thread is in
+                // one and the connections held here could never be served
+                // (closed now, their clients retry rather than wait for the
+                // graceful timeout). They may hold the GIL for ever, so
+                // leave without running any Python.
                 warn!(
                     "Worker exiting with {stuck} timed-out request(s) still running: pid={}",
                     std::process::id()
@@ -572,6 +599,7 @@ fn rss_bytes() -> u64 {
 /// so the kernel sends new connections to workers still accepting (or, once
 /// the master closed its copy too, refuses them).
 fn begin_drain<A: App>(w: &Shared<A>) {
+    DRAIN_STARTED.store(mono_ms(), Ordering::Relaxed);
     DRAINING.store(true, Ordering::SeqCst);
     w.scoreboard.set_state(w.slot, WorkerState::Draining);
     // What takes each listener's descriptor number in this process once it
@@ -583,8 +611,10 @@ fn begin_drain<A: App>(w: &Shared<A>) {
         unsafe { libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_DEL, *fd, std::ptr::null_mut()) };
         // A wake-up epoll gave this worker just before the removal is not
         // given to any other worker: take what is queued now and serve it.
-        // Connections arriving from here on wake the other workers.
-        loop {
+        // Connections arriving from here on wake the other workers. Unless
+        // every thread is stuck past --timeout: nothing taken here would be
+        // served, while the replacement and the other workers will be.
+        while !all_stuck(w) {
             match accept_one(w, idx) {
                 Accepted::Conn(conn) => park(w, conn),
                 Accepted::Shed => {}
@@ -603,10 +633,11 @@ fn begin_drain<A: App>(w: &Shared<A>) {
     info!("Worker draining: pid={}", std::process::id());
 }
 
-/// Closes idle connections past their deadline, or every idle connection
-/// with nothing pending while draining. A connection with unread bytes is a
-/// request on its way and is left for a thread to serve.
-fn sweep<A: App>(w: &Shared<A>, now: u64, draining: bool) {
+/// Closes connections idle past their deadline, and with `close_idle`
+/// (a drain past its linger) every idle keep-alive connection with nothing
+/// pending. A connection with unread bytes is a request on its way and is
+/// left for a thread to serve.
+fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) {
     let reg = w.registry.lock().unwrap();
     for e in reg.entries.iter().flatten() {
         if e.state.load(Ordering::Acquire) != IDLE {
@@ -617,14 +648,14 @@ fn sweep<A: App>(w: &Shared<A>, now: u64, draining: bool) {
             d != 0 && now >= d
         };
         let idle_keepalive = !e.fresh.load(Ordering::Relaxed) && pending_bytes(e.fd) == 0;
-        if !(expired || draining && idle_keepalive) {
+        if !(expired || close_idle && idle_keepalive) {
             continue;
         }
         if e.state.compare_exchange(IDLE, CLOSING, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
             // The fd stays open until the owning thread sees the hang-up and
             // removes the entry under this same lock, so it cannot be reused here.
             unsafe { libc::shutdown(e.fd, libc::SHUT_RDWR) };
-            if expired && !draining {
+            if expired && !close_idle {
                 debug!("closing connection idle past its timeout (fd {})", e.fd);
             }
         }
@@ -1075,7 +1106,7 @@ fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if io.buf.is_empty() && draining() && !conn.entry.fresh.load(Ordering::Relaxed) {
+                if io.buf.is_empty() && idle_linger_over() && !conn.entry.fresh.load(Ordering::Relaxed) {
                     return Next::Close;
                 }
                 return Next::Park;
@@ -1215,7 +1246,7 @@ fn read_gateway<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if io.buf.is_empty() && draining() && !conn.entry.fresh.load(Ordering::Relaxed) {
+                if io.buf.is_empty() && idle_linger_over() && !conn.entry.fresh.load(Ordering::Relaxed) {
                     return Next::Close;
                 }
                 return Next::Park;
