@@ -44,7 +44,10 @@ impl Watcher {
     }
 
     fn add_tree(&mut self, dir: &Path) {
+        // IN_ATTRIB for a modification time set alone (`os.utime`, tools
+        // that restore timestamps), which a polling reloader would notice.
         let flags = AddWatchFlags::IN_CLOSE_WRITE
+            | AddWatchFlags::IN_ATTRIB
             | AddWatchFlags::IN_MOVED_TO
             | AddWatchFlags::IN_MOVED_FROM
             | AddWatchFlags::IN_CREATE
@@ -133,6 +136,14 @@ mod tests {
         std::thread::sleep(DEBOUNCE + Duration::from_millis(50));
         assert_eq!(w.due(), Some(root.join("pkg/sub/mod.py")));
         assert!(w.due().is_none());
+        // Only the modification time set, the content untouched.
+        let path = std::ffi::CString::new(root.join("pkg/sub/mod.py").into_os_string().into_encoded_bytes())
+            .unwrap();
+        let times = [libc::timespec { tv_sec: 1_000_000, tv_nsec: 0 }; 2];
+        assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) }, 0);
+        w.read();
+        std::thread::sleep(DEBOUNCE + Duration::from_millis(50));
+        assert_eq!(w.due(), Some(root.join("pkg/sub/mod.py")));
         let _ = std::fs::remove_dir_all(&root);
     }
 }
