@@ -3,6 +3,7 @@
 import email.utils
 import json
 import socket
+import threading
 import time
 
 import pytest
@@ -290,6 +291,44 @@ def test_an_unread_body_the_client_never_finishes_does_not_hold_the_thread(start
         # The client holds its connection open and sends nothing more.
         assert server.request("GET", "/fixed", timeout=15).body == b"hello world"
         assert stalled.at_eof(15)
+
+
+def test_kept_alive_connections_do_not_wait_behind_a_batch_of_new_slow_ones(start_server):
+    """One thread, busy with a slow request on a new connection; a kept-alive
+    connection sends a quick one, then four more new connections bring slow
+    ones. The quick one is served after at most one more slow one, not after
+    the whole batch the thread can accept meanwhile."""
+    server = start_server("behaviour:application", threads=1)
+    finished = []
+    lock = threading.Lock()
+
+    def wait_for(name, conn):
+        conn.read_response()
+        with lock:
+            finished.append(name)
+
+    with server.connect(timeout=30) as kept:
+        kept.send(b"GET /fixed HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert kept.read_response().status == 200
+        slow = b"GET /slow?secs=0.5&id=%d HTTP/1.1\r\nHost: x\r\n\r\n"
+        fresh = [server.connect(timeout=30)]
+        fresh[0].send(slow % 0)
+        server.wait_for("slow request started: 0")
+        kept.send(b"GET /fixed HTTP/1.1\r\nHost: x\r\n\r\n")
+        # These arrive after the kept-alive request, while the thread is busy.
+        for i in range(1, 5):
+            fresh.append(server.connect(timeout=30))
+            fresh[i].send(slow % i)
+        readers = [threading.Thread(target=wait_for, args=("kept", kept))]
+        readers += [threading.Thread(target=wait_for, args=(f"slow {i}", c)) for i, c in enumerate(fresh)]
+        for r in readers:
+            r.start()
+        for r in readers:
+            r.join(30)
+        for conn in fresh:
+            conn.close()
+    assert len(finished) == 6, finished
+    assert finished.index("kept") <= 2, finished
 
 
 def test_short_app_body_closes_the_connection(behaviour):

@@ -40,6 +40,11 @@ use crate::scoreboard::{Retire, Scoreboard, WorkerState};
 const LISTENER_TOKENS: u64 = 1 << 16;
 /// Connections taken from one listener wake-up before looking at other work.
 const ACCEPT_BATCH: usize = 64;
+/// Milliseconds of serving new connections after which a batch of accepts
+/// ends early (read from a coarse clock, so a little more in fact). Fast
+/// requests fill a batch long before; a slow one ends it, so connections
+/// already kept alive get their turn.
+const ACCEPT_BATCH_TIME_MS: u64 = 5;
 /// Request bodies up to this size are read in full before the app is
 /// called (unless the client waits for `100 Continue`).
 const PREREAD_MAX: u64 = 64 * 1024;
@@ -777,8 +782,7 @@ fn thread_main<A: App>(w: &Shared<A>, t: usize, holder: Option<Arc<crate::flushe
 }
 
 fn accept_batch<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, idx: usize, held: &mut Held) {
-    // Even while draining: epoll woke this worker (and no other) for these
-    // connections, so they are served here or nowhere.
+    let started = mono_ms();
     for _ in 0..ACCEPT_BATCH {
         match accept_one(w, idx) {
             // Serve right away: the request often arrived with the connection.
@@ -790,6 +794,15 @@ fn accept_batch<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, idx: usi
             }
             Accepted::Shed => {}
             Accepted::None => return,
+        }
+        // Slow requests on new connections must not keep kept-alive ones
+        // waiting for a whole batch: past ACCEPT_BATCH_TIME the thread goes
+        // back to epoll, which reports the listener again (it is
+        // level-triggered) after what became ready meanwhile. Not while
+        // draining: epoll woke this worker (and no other) for these
+        // connections, and the listener is gone from its set.
+        if mono_ms().saturating_sub(started) >= ACCEPT_BATCH_TIME_MS && !draining() {
+            return;
         }
     }
 }
