@@ -13,29 +13,32 @@ import sys
 from corral._corral import main as _main
 
 
+def _check_usage(args: list, count: int, usage: str) -> None:
+    """Exits with the usage: on stdout for --help, on stderr for a wrong count of arguments."""
+    if args[1:] in (["-h"], ["--help"]):
+        print(usage)
+        sys.exit(0)
+    if len(args) != count:
+        print(usage, file=sys.stderr)
+        sys.exit(2)
+
+
 def main() -> None:
     args = sys.argv[1:]
     if args[:1] in (["stats"], ["top"]):
         usage = (
             f"usage: corral {args[0]} ADDR   (the --stats address: HOST:PORT, http://HOST:PORT or unix:PATH)"
         )
-        if args[1:] in (["-h"], ["--help"]):
-            print(usage)
-            sys.exit(0)
-        if len(args) != 2:
-            print(usage, file=sys.stderr)
-            sys.exit(2)
+        _check_usage(args, 2, usage)
         from corral import monitor
 
         sys.exit(monitor.stats_main(args[1]) if args[0] == "stats" else monitor.top_main(args[1]))
     if args[:1] == ["signal"]:
-        usage = "usage: corral signal NAME PIDFILE   (NAME: HUP, TERM, INT, QUIT, USR1, USR2, TTIN or TTOU)"
-        if args[1:] in (["-h"], ["--help"]):
-            print(usage)
-            sys.exit(0)
-        if len(args) != 3:
-            print(usage, file=sys.stderr)
-            sys.exit(2)
+        _check_usage(
+            args,
+            3,
+            "usage: corral signal NAME PIDFILE   (NAME: HUP, TERM, INT, QUIT, USR1, USR2, TTIN or TTOU)",
+        )
         from corral import control
 
         sys.exit(control.signal_main(args[1], args[2]))

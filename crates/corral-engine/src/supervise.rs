@@ -952,9 +952,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             // the worker's to hold open: after the master's death the port
             // must be free, not held by a worker that never answers on it.
             self.stats_conns.clear();
-            if let Some(stats) = self.stats.take() {
-                drop(stats);
-            }
+            self.stats = None;
             unsafe {
                 libc::close(self.signal_fd);
                 // If the master is killed outright, workers hear about it.
@@ -1190,19 +1188,26 @@ pub fn hold_early_signals() {
         return;
     }
     for sig in SIGNALS {
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = note_early_signal as *const () as libc::sighandler_t;
-            action.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&mut action.sa_mask);
-            let mut old: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(*sig, &action, &mut old) == 0 {
-                held.push((*sig, old));
-            }
+        if let Some(old) = set_handler(*sig, note_early_signal) {
+            held.push((*sig, old));
         }
     }
     let set = signal_set();
     unsafe { libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+}
+
+/// Runs `handler` for `sig` (restarting interrupted system calls); returns
+/// the disposition it replaced. Unlike `SIG_IGN`, a handler is reset to the
+/// default in a program started with `exec`.
+pub(crate) fn set_handler(sig: libc::c_int, handler: extern "C" fn(libc::c_int)) -> Option<libc::sigaction> {
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = handler as *const () as libc::sighandler_t;
+        action.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut action.sa_mask);
+        let mut old: libc::sigaction = std::mem::zeroed();
+        (libc::sigaction(sig, &action, &mut old) == 0).then_some(old)
+    }
 }
 
 /// Ends [`hold_early_signals`] once the signals are blocked: the old

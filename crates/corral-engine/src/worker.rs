@@ -351,13 +351,7 @@ impl WorkerSignals {
         // stays ignored in the programs the app runs, a handler does not.
         extern "C" fn ignore(_: libc::c_int) {}
         for sig in [SIGHUP, SIGUSR2, SIGTTIN, SIGTTOU, SIGWINCH] {
-            unsafe {
-                let mut action: libc::sigaction = std::mem::zeroed();
-                action.sa_sigaction = ignore as *const () as libc::sighandler_t;
-                action.sa_flags = libc::SA_RESTART;
-                libc::sigemptyset(&mut action.sa_mask);
-                libc::sigaction(sig, &action, std::ptr::null_mut());
-            }
+            crate::supervise::set_handler(sig, ignore);
         }
         unsafe { libc::close(fds[1]) };
         Ok(WorkerSignals { read_fd: fds[0], stop, quit, reopen })
@@ -535,8 +529,8 @@ static FRESH_RSS: AtomicU64 = AtomicU64::new(0);
 static RSS_LIMIT_UNREACHABLE: AtomicBool = AtomicBool::new(false);
 
 /// Asks the master for a replacement when this worker reached one of its
-/// recycling limits; returns whether it did.
-fn check_recycle<A: App>(w: &Shared<A>, age_ms: u64) -> bool {
+/// recycling limits.
+fn check_recycle<A: App>(w: &Shared<A>, age_ms: u64) {
     let served = w.scoreboard.requests(w.slot);
     let reason = if let Some(max) = w.max_requests.filter(|&m| served >= m) {
         Some((Retire::MaxRequests, format!("served {served} requests (limit {max})")))
@@ -563,7 +557,7 @@ fn check_recycle<A: App>(w: &Shared<A>, age_ms: u64) -> bool {
                 fresh >> 20,
                 limit >> 20
             );
-            return false;
+            return;
         }
         (rss > limit)
             .then(|| (Retire::Rss, format!("resident memory {} MiB (limit {} MiB)", rss >> 20, limit >> 20)))
@@ -571,18 +565,18 @@ fn check_recycle<A: App>(w: &Shared<A>, age_ms: u64) -> bool {
         None
     };
     let Some((why, detail)) = reason else {
-        return false;
+        return;
     };
-    ask_recycle(w, why, &detail)
+    ask_recycle(w, why, &detail);
 }
 
 /// Set once this worker asked to be replaced.
 static RECYCLING: AtomicBool = AtomicBool::new(false);
 
-/// Asks the master for a replacement, once; returns whether this call did.
-fn ask_recycle<A: App>(w: &Shared<A>, why: Retire, detail: &str) -> bool {
+/// Asks the master for a replacement, once.
+fn ask_recycle<A: App>(w: &Shared<A>, why: Retire, detail: &str) {
     if RECYCLING.swap(true, Ordering::AcqRel) {
-        return false;
+        return;
     }
     info!(
         "Worker {} (pid {}) recycling: {detail}; it finishes its requests once its replacement is ready",
@@ -590,7 +584,6 @@ fn ask_recycle<A: App>(w: &Shared<A>, why: Retire, detail: &str) -> bool {
         std::process::id()
     );
     w.scoreboard.request_retire(w.slot, why);
-    true
 }
 
 /// This process's resident set size in bytes.

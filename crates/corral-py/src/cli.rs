@@ -426,7 +426,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         use std::io::Write as _;
         // What a start would refuse, checked without creating anything, so
         // the output can be trusted as the configuration that runs.
-        if let Err(e) = check_without_effects(&cli) {
+        if let Err(e) = check_without_effects(&cli, &matches) {
             eprintln!("corral: error: {e}");
             return Ok(2);
         }
@@ -466,14 +466,10 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     }
     crate::logging::init(cli.log_level);
     // --log-format json makes both logs JSON unless the access log's format is set.
-    let access_format_text = match (cli.log_format, matches.value_source("access_log_format")) {
-        (LogFormat::Json, Some(clap::parser::ValueSource::DefaultValue)) => "json",
-        _ => cli.access_log_format.as_str(),
-    };
-    let access_format = match corral_engine::access::Format::parse(access_format_text) {
+    let access_format = match access_format(&cli, &matches) {
         Ok(f) => f,
         Err(e) => {
-            error!("--access-log-format: {e}");
+            error!("{e}");
             return Ok(2);
         }
     };
@@ -496,16 +492,13 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     // Without --chdir a relative socket path stays relative: the 108 bytes
     // of a socket address may not hold it joined to a deep directory.
     let chdir_from = start_dir.as_deref().filter(|_| cli.chdir.is_some());
-    let mut static_mounts = Vec::new();
-    for spec in &cli.static_dirs {
-        match corral_engine::static_files::Mount::parse(spec) {
-            Ok(m) => static_mounts.push(m),
-            Err(e) => {
-                error!("{e}");
-                return Ok(2);
-            }
+    let static_mounts = match static_mounts(&cli) {
+        Ok(m) => m,
+        Err(e) => {
+            error!("{e}");
+            return Ok(2);
         }
-    }
+    };
 
     for kv in &cli.env {
         let Some((k, v)) = kv.split_once('=') else {
@@ -534,12 +527,13 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             return Ok(2);
         }
     };
-    let mount = cli.mount.clone().or_else(|| std::env::var("SCRIPT_NAME").ok()).unwrap_or_default();
-    let mount = mount.trim_end_matches('/').to_string();
-    if !mount.is_empty() && !mount.starts_with('/') {
-        error!("--mount {mount:?}: must start with '/'");
-        return Ok(2);
-    }
+    let mount = match mount_prefix(&cli) {
+        Ok(m) => m,
+        Err(e) => {
+            error!("{e}");
+            return Ok(2);
+        }
+    };
 
     let mut wanted: Vec<(Protocol, &str)> = Vec::new();
     for (protocol, list) in [
@@ -628,20 +622,12 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             }
         }
     }
-    let workers = match (cli.workers_min, cli.workers_max) {
-        (min, Some(max)) => {
-            let min = min.unwrap_or(cli.workers);
-            if min > max {
-                let which = if cli.workers_min.is_some() { "--workers-min" } else { "--workers" };
-                error!(
-                    "{which} {min} is greater than --workers-max {max}{}",
-                    from_file(&["workers_min", "workers_max", "workers"])
-                );
-                return Ok(2);
-            }
-            min
+    let workers = match pool_size(&cli, &from_file(&["workers_min", "workers_max", "workers"])) {
+        Ok(n) => n,
+        Err(e) => {
+            error!("{e}");
+            return Ok(2);
         }
-        _ => cli.workers,
     };
     let config = Config {
         http: parsed.iter().map(|(_, a)| a.clone()).collect(),
@@ -870,31 +856,54 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
 /// standard output or error, stays as it is).
 /// The checks of a start that have no effect on the system: for
 /// `--print-config`.
-fn check_without_effects(cli: &Cli) -> Result<(), String> {
-    let format = if cli.log_format == LogFormat::Json
-        && cli.access_log_format == corral_engine::access::DEFAULT_FORMAT
-    {
-        "json"
-    } else {
-        cli.access_log_format.as_str()
-    };
-    corral_engine::access::Format::parse(format).map_err(|e| format!("--access-log-format: {e}"))?;
-    if let (Some(max), min) = (cli.workers_max, cli.workers_min.unwrap_or(cli.workers)) {
-        if min > max {
-            return Err(format!("the pool's fewest workers, {min}, is more than --workers-max {max}"));
-        }
-    }
-    for spec in &cli.static_dirs {
-        corral_engine::static_files::Mount::parse(spec)?;
-    }
+fn check_without_effects(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), String> {
+    access_format(cli, matches)?;
+    pool_size(cli, "")?;
+    static_mounts(cli)?;
     resolve_ids(cli.user.as_deref(), cli.group.as_deref())?;
     if let Some(dir) = cli.chdir.as_deref().filter(|d| !d.is_dir()) {
         return Err(format!("--chdir {}: not a directory", dir.display()));
     }
-    if let Some(m) = cli.mount.as_deref().filter(|m| !m.is_empty() && !m.starts_with('/')) {
-        return Err(format!("--mount {m:?}: must start with '/'"));
-    }
+    mount_prefix(cli)?;
     Ok(())
+}
+
+/// The access log's format; --log-format json makes it JSON too unless the
+/// format is set.
+fn access_format(cli: &Cli, matches: &clap::ArgMatches) -> Result<corral_engine::access::Format, String> {
+    let text = match (cli.log_format, matches.value_source("access_log_format")) {
+        (LogFormat::Json, Some(clap::parser::ValueSource::DefaultValue)) => "json",
+        _ => cli.access_log_format.as_str(),
+    };
+    corral_engine::access::Format::parse(text).map_err(|e| format!("--access-log-format: {e}"))
+}
+
+/// The URL prefix the app is mounted at: --mount, else $SCRIPT_NAME, with
+/// no trailing slash.
+fn mount_prefix(cli: &Cli) -> Result<String, String> {
+    let mount = cli.mount.clone().or_else(|| std::env::var("SCRIPT_NAME").ok()).unwrap_or_default();
+    let mount = mount.trim_end_matches('/').to_string();
+    if !mount.is_empty() && !mount.starts_with('/') {
+        return Err(format!("--mount {mount:?}: must start with '/'"));
+    }
+    Ok(mount)
+}
+
+/// The workers at start: --workers, or the adaptive pool's fewest.
+/// `set_in` says where the values came from, for the error.
+fn pool_size(cli: &Cli, set_in: &str) -> Result<u32, String> {
+    let Some(max) = cli.workers_max else { return Ok(cli.workers) };
+    let min = cli.workers_min.unwrap_or(cli.workers);
+    if min > max {
+        let which = if cli.workers_min.is_some() { "--workers-min" } else { "--workers" };
+        return Err(format!("{which} {min} is greater than --workers-max {max}{set_in}"));
+    }
+    Ok(min)
+}
+
+/// The --static mounts, their directories resolved.
+fn static_mounts(cli: &Cli) -> Result<Vec<corral_engine::static_files::Mount>, String> {
+    cli.static_dirs.iter().map(|spec| corral_engine::static_files::Mount::parse(spec)).collect()
 }
 
 /// Whether `--long` (alone, or as `--long=VALUE`) is among the arguments.
