@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what corral's demo and tests need on a fresh Debian 12 machine (as
-# root, with Rust from rustup and Python 3 present), then builds corral into
+# Installs what corral's demo and tests need on a fresh Debian 12 machine
+# (with Rust from rustup and Python 3 present; as root, or as a user with
+# sudo for the apt packages), then builds corral into
 # .venv. Idempotent: a second run installs nothing new and only rebuilds what
 # changed in the Rust code.
 set -euo pipefail
@@ -27,15 +28,25 @@ for pair in nginx:nginx wrk:wrk curl:curl tmux:tmux apache2:apache2 haproxy:hapr
     pkg="${pair#*:}"
     command -v "$cmd" >/dev/null || [ -x "/usr/sbin/$cmd" ] || need_apt+=("$pkg")
 done
+# Rust links with the system C compiler (rustup does not bring one), and
+# `cargo test` links corral-py's tests against libpython.
+command -v cc >/dev/null || need_apt+=(build-essential)
+python3 -c 'import os, sysconfig; p = sysconfig.get_paths()["include"]; raise SystemExit(not os.path.exists(p + "/Python.h"))' \
+    || need_apt+=(python3-dev)
 # Debian's own python3 needs python3-venv for `python3 -m venv`.
 if [ ! -x .venv/bin/python ] && ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
     need_apt+=(python3-venv)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "installing: ${need_apt[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+    sudo=()
+    if [ "$(id -u)" -ne 0 ]; then
+        command -v sudo >/dev/null || { echo "installing apt packages needs root or sudo" >&2; exit 1; }
+        sudo=(sudo)
+    fi
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 else
     echo "nginx, apache2, haproxy, cgi-fcgi, wrk, curl, tmux, ss, podman, runc and debootstrap are installed"
 fi
@@ -47,7 +58,7 @@ if ! .venv/bin/python -c 'import sys' 2>/dev/null; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check \
-    "maturin>=1.5,<2" pytest pytest-timeout flask==3.1.3 django==5.2.19 ruff requests
+    "maturin>=1.5,<2" pytest pytest-timeout flask==3.1.3 django==5.2.19 ruff requests mypy
 .venv/bin/python --version
 
 section "building corral into .venv (release)"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up (scripts/setup.sh), then runs every check: rustfmt, clippy, the
-# Rust tests, ruff, and the end-to-end pytest suite. Extra arguments go to
+# Rust tests, ruff, the type stub (mypy's stubtest), and the end-to-end pytest suite. Extra arguments go to
 # pytest (for example: scripts/test.sh -k conformance -x).
 #
 # Every check runs even when an earlier one failed, so one run shows every
@@ -39,6 +39,8 @@ check "cargo clippy --workspace --all-targets -- -D warnings" \
 check "cargo test --workspace" cargo test --workspace --quiet
 check "ruff check" .venv/bin/ruff check tests python examples bench
 check "ruff format --check" .venv/bin/ruff format --check tests python examples bench
+# The native module's type stub against the module itself.
+check "stubtest corral" .venv/bin/python -m mypy.stubtest corral
 check "pytest" .venv/bin/pytest -q tests "$@"
 
 section "summary"

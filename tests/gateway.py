@@ -28,12 +28,11 @@ import struct
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Union
 
 from support import READY_RE
 
-Addr = Union[tuple[str, int], str]
-PairLike = tuple[Union[bytes, str], Union[bytes, str]]
+Addr = tuple[str, int] | str
+PairLike = tuple[bytes | str, bytes | str]
 
 PROTOCOLS = ("uwsgi", "fastcgi", "scgi")
 
@@ -63,7 +62,7 @@ def read_until_close(sock: socket.socket, timeout: float = 10.0) -> tuple[bytes,
         sock.settimeout(left)
         try:
             chunk = sock.recv(1 << 20)
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             return bytes(data), False
         except ConnectionResetError:
             return bytes(data), True
@@ -399,7 +398,7 @@ class FcgiConn:
             self.sock.settimeout(left)
             try:
                 chunk = self.sock.recv(1 << 20)
-            except (socket.timeout, TimeoutError):
+            except TimeoutError:
                 continue
             except ConnectionResetError:
                 chunk = b""

@@ -353,7 +353,7 @@ class RawConn:
             while not self.buf and self._fill():
                 pass
             return self.eof and not self.buf
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             return False
         finally:
             self.sock.settimeout(old)
@@ -449,7 +449,7 @@ def exchange(host: str, port: int, raw: bytes, timeout: float = 5.0) -> tuple[by
             sock.settimeout(max(0.01, deadline - time.monotonic()))
             try:
                 chunk = sock.recv(65536)
-            except (socket.timeout, TimeoutError):
+            except TimeoutError:
                 return data, False
             except ConnectionResetError:
                 return data, True

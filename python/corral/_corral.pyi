@@ -1,7 +1,20 @@
 """Type stubs for the native module."""
 
-from collections.abc import Iterator
-from typing import IO
+from collections.abc import Iterable, Iterator
+from types import TracebackType
+from typing import IO, final
+
+__all__ = [
+    "ClientDisconnected",
+    "ErrorStream",
+    "FileWrapper",
+    "Input",
+    "InvalidRequestBody",
+    "StartResponse",
+    "Write",
+    "__version__",
+    "main",
+]
 
 __version__: str
 
@@ -10,12 +23,14 @@ class InvalidRequestBody(OSError): ...
 
 def main(argv: list[str]) -> int: ...
 
+@final
 class FileWrapper:
-    def __init__(self, filelike: IO[bytes], blksize: int = 8192) -> None: ...
+    def __new__(cls, filelike: IO[bytes], blksize: int = 8192) -> FileWrapper: ...
     def __iter__(self) -> Iterator[bytes]: ...
     def __next__(self) -> bytes: ...
     def close(self) -> None: ...
 
+@final
 class Input:
     def read(self, size: int | None = None) -> bytes: ...
     def readline(self, size: int | None = None) -> bytes: ...
@@ -23,9 +38,21 @@ class Input:
     def __iter__(self) -> Iterator[bytes]: ...
     def __next__(self) -> bytes: ...
 
-class StartResponse: ...
+@final
+class Write:
+    def __call__(self, data: bytes) -> None: ...
 
+@final
+class StartResponse:
+    def __call__(
+        self,
+        status: str,
+        headers: list[tuple[str, str]],
+        exc_info: tuple[type[BaseException], BaseException, TracebackType | None] | None = None,
+    ) -> Write: ...
+
+@final
 class ErrorStream:
     def write(self, s: str) -> int: ...
-    def writelines(self, lines: list[str]) -> None: ...
+    def writelines(self, lines: Iterable[str]) -> None: ...
     def flush(self) -> None: ...

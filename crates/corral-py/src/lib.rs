@@ -24,6 +24,7 @@ fn _corral(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<wsgi::FileWrapper>()?;
     m.add_class::<wsgi::Input>()?;
     m.add_class::<wsgi::StartResponse>()?;
+    m.add_class::<wsgi::Write>()?;
     m.add_class::<wsgi::ErrorStream>()?;
     m.add("ClientDisconnected", m.py().get_type::<wsgi::ClientDisconnected>())?;
     m.add("InvalidRequestBody", m.py().get_type::<wsgi::InvalidRequestBody>())?;

@@ -24,13 +24,13 @@ use tracing::{error, info};
 use crate::load::format_exception;
 
 pyo3::create_exception!(
-    _corral,
+    corral._corral,
     ClientDisconnected,
     PyOSError,
     "The client closed the connection, or stopped reading, before the exchange ended."
 );
 pyo3::create_exception!(
-    _corral,
+    corral._corral,
     InvalidRequestBody,
     PyOSError,
     "The request body could not be read: bad framing, too large, or a timeout."
