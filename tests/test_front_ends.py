@@ -259,6 +259,29 @@ def test_many_responses_in_a_row_arrive_whole(stack):
         assert status == 200 and json.loads(body)["length"] == 1000
 
 
+def test_kept_client_connection_alternating_downloads_and_uploads(stack):
+    """One kept-alive client connection, a multi-block download then a small
+    request or an upload, over and over. HAProxy (and nginx over a kept FastCGI connection) sends the
+    next request as soon as it has the whole body, before END_REQUEST: that
+    request is the next one and must be served, not refused and left hanging."""
+    conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=30)
+    try:
+        for i in range(100):
+            conn.request("GET", "/download?mib=2")
+            resp = conn.getresponse()
+            body = resp.read()
+            assert (resp.status, len(body)) == (200, 2 << 20), (i, stack.front.logs()[-2000:])
+            # A small response right behind it, then an upload behind another download.
+            conn.request("GET" if i % 2 else "POST", "/upload", body=None if i % 2 else b"u" * 300_000)
+            resp = conn.getresponse()
+            body = resp.read()
+            assert resp.status == 200, (i, body[:300], stack.front.logs()[-2000:])
+            assert json.loads(body)["length"] == (0 if i % 2 else 300_000)
+    finally:
+        conn.close()
+    assert not stack.corral.grep(r"ERROR"), stack.corral.log[-3000:]
+
+
 def test_non_ascii_and_percent_encoded_paths(stack):
     # PATH_INFO is the decoded bytes as latin-1 (PEP 3333).
     assert stack.environ("/caf%C3%A9/environ")["PATH_INFO"] == "/caf\u00c3\u00a9/environ"

@@ -585,10 +585,10 @@ def test_fastcgi_unknown_role(gw, role, keep_conn):
             assert conn.at_eof()
 
 
-@pytest.mark.parametrize("phase", ["params", "stdin", "running"])
+@pytest.mark.parametrize("phase", ["params", "stdin"])
 def test_fastcgi_second_request_id_gets_cant_mpx_conn(gw, phase):
-    """BEGIN_REQUEST for another id while a request is active: END_REQUEST
-    CANT_MPX_CONN for that id; the active request completes."""
+    """BEGIN_REQUEST for another id while a request's PARAMS or STDIN are still
+    coming: END_REQUEST CANT_MPX_CONN for that id; the active request completes."""
     mark = gw.mark()
     enc = g.encode_pairs(g.cgi_params("POST", f"/read-then/slow?secs=0.5&id={phase}", b"abcdef"))
     second = g.fcgi_request_bytes(g.cgi_params(uri="/fixed"), request_id=2, keep_conn=True)
@@ -604,15 +604,36 @@ def test_fastcgi_second_request_id_gets_cant_mpx_conn(gw, phase):
         if phase == "stdin":
             conn.send(second)
         conn.send(g.record(g.FCGI_STDIN, 1, b"def") + g.record(g.FCGI_STDIN, 1))
-        if phase == "running":
-            gw.wait_for(rf"slow request started: {phase}$", since=mark)
-            conn.send(second)
         refused = conn.read_response(2)
         assert refused.protocol_status == g.FCGI_CANT_MPX_CONN
         assert refused.records[0].type == g.FCGI_END_REQUEST, "no STDOUT for a refused request"
         first = conn.read_response(1)
         assert (first.status, first.body, first.protocol_status) == (200, f"slept {phase}".encode(), 0)
         # The connection still serves requests afterwards.
+        r = conn.request(g.cgi_params(uri="/fixed"), request_id=3)
+        assert r.body == b"hello world"
+        assert not conn.others
+
+
+@pytest.mark.parametrize("body", [b"", b"x" * 300_000], ids=["get", "post"])
+def test_fastcgi_next_request_sent_before_end_request_is_served(gw, body):
+    """HAProxy reuses a kept connection as soon as it has the whole response
+    body, so the next BEGIN_REQUEST can arrive before END_REQUEST of the one
+    running, once that one's STDIN has ended. It is the next request, not a
+    concurrent one: served after the first, never refused."""
+    mark = gw.mark()
+    enc = g.encode_pairs(g.cgi_params("POST", "/read-then/slow?secs=0.5&id=running", body))
+    with g.FcgiConn(gw.addr("fastcgi")) as conn:
+        conn.send(g.begin_request(1, keep_conn=True) + g.record(g.FCGI_PARAMS, 1, enc) + g.record(g.FCGI_PARAMS, 1))
+        for at in range(0, len(body), 65535):
+            conn.send(g.record(g.FCGI_STDIN, 1, body[at : at + 65535]))
+        conn.send(g.record(g.FCGI_STDIN, 1))
+        gw.wait_for(r"slow request started: running$", since=mark)
+        conn.send(g.fcgi_request_bytes(g.cgi_params(uri="/fixed"), request_id=2, keep_conn=True))
+        first = conn.read_response(1)
+        assert (first.status, first.body, first.protocol_status) == (200, b"slept running", 0)
+        second = conn.read_response(2)
+        assert (second.status, second.body, second.protocol_status) == (200, b"hello world", 0)
         r = conn.request(g.cgi_params(uri="/fixed"), request_id=3)
         assert r.body == b"hello world"
         assert not conn.others

@@ -1070,12 +1070,17 @@ impl Io {
     }
 
     /// Before END_REQUEST goes out: second requests the front end began on
-    /// this connection meanwhile get CANT_MPX_CONN (appended to `out`), as
-    /// they would while this request's streams were read.
+    /// this connection while it was still sending this one's STDIN get
+    /// CANT_MPX_CONN (appended to `out`), as they would while this request's
+    /// streams were read. Once the whole STDIN is in, whatever follows is
+    /// the next request and is served after this one.
     fn refuse_concurrent_fcgi(&mut self, out: &mut Vec<u8>) {
         let Wire::FastCgi { id, .. } = self.wire else {
             return;
         };
+        if matches!(self.body, BodyState::Done) {
+            return;
+        }
         let quiet = self.drained_at.is_some_and(|t| t.elapsed() < PEEK_QUIET);
         if let Some(from) = self.peek_fcgi_records(!quiet) {
             gateway::refuse_concurrent_begins(&mut self.buf, from, id, out);

@@ -140,9 +140,13 @@ pub(crate) fn has_abort(buf: &[u8], id: u16) -> bool {
 
 /// Refuses, with END_REQUEST CANT_MPX_CONN appended to `out`, every
 /// BEGIN_REQUEST for another id among the complete records of `buf` from
-/// `from` on, and removes those records from `buf`. The front end sent them
-/// while `active` ran, so they are concurrent requests on one connection;
-/// their PARAMS and STDIN records then match no request and are ignored.
+/// `from` on that comes before the end of `active`'s STDIN, and removes those
+/// records from `buf`. The front end sent them while it was still sending
+/// `active`, so they are concurrent requests on one connection; their PARAMS
+/// and STDIN records then match no request and are ignored. A BEGIN_REQUEST
+/// after that end is the next request, not a concurrent one: HAProxy sends it
+/// as soon as it has the whole response body, before END_REQUEST. It stays
+/// in `buf` and is served after `active`.
 pub(crate) fn refuse_concurrent_begins(buf: &mut BytesMut, from: usize, active: u16, out: &mut Vec<u8>) {
     let mut refused: Vec<Range<usize>> = Vec::new();
     let mut at = from;
@@ -150,6 +154,9 @@ pub(crate) fn refuse_concurrent_begins(buf: &mut BytesMut, from: usize, active: 
         let Ok(Status::Complete(r, n)) = fastcgi::parse_record(&buf[at..]) else {
             break;
         };
+        if r.kind == RecordType::Stdin && r.request_id == active && r.content.is_empty() {
+            break;
+        }
         if r.kind == RecordType::BeginRequest && r.request_id != active {
             fastcgi::write_end_request(out, r.request_id, 0, ProtocolStatus::CantMpxConn);
             refused.push(at..at + n);
@@ -438,6 +445,38 @@ mod tests {
         let mut out = Vec::new();
         refuse_concurrent_begins(&mut buf, 5, 1, &mut out);
         assert!(out.is_empty());
+        assert_eq!(&buf[..], &expect[..]);
+    }
+
+    #[test]
+    fn begins_after_the_end_of_stdin_are_the_next_requests() {
+        // Request 1's STDIN ends, then the front end begins request 2 (and 3,
+        // and another 1 after it) without waiting for END_REQUEST: they are
+        // left to be served in turn.
+        let mut wire = vec![b'x'; 5];
+        wire.extend(record(5, 1, b"", 0));
+        wire.extend(begin(2, 1, true));
+        wire.extend(record(4, 2, b"", 0));
+        wire.extend(begin(3, 1, true));
+        let mut buf = BytesMut::from(&wire[..]);
+        let mut out = Vec::new();
+        refuse_concurrent_begins(&mut buf, 5, 1, &mut out);
+        assert!(out.is_empty());
+        assert_eq!(&buf[..], &wire[..]);
+
+        // Before that end, a BEGIN_REQUEST is concurrent; after it, not.
+        let mut wire = vec![b'x'; 5];
+        wire.extend(begin(2, 1, true));
+        wire.extend(record(5, 1, b"", 0));
+        wire.extend(begin(3, 1, true));
+        let mut buf = BytesMut::from(&wire[..]);
+        let mut out = Vec::new();
+        refuse_concurrent_begins(&mut buf, 5, 1, &mut out);
+        let Ok(Status::Complete(r, n)) = fastcgi::parse_record(&out) else { panic!() };
+        assert_eq!((r.request_id, n), (2, out.len()));
+        let mut expect = vec![b'x'; 5];
+        expect.extend(record(5, 1, b"", 0));
+        expect.extend(begin(3, 1, true));
         assert_eq!(&buf[..], &expect[..]);
     }
 
