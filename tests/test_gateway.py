@@ -589,7 +589,6 @@ def test_fastcgi_unknown_role(gw, role, keep_conn):
 def test_fastcgi_second_request_id_gets_cant_mpx_conn(gw, phase):
     """BEGIN_REQUEST for another id while a request's PARAMS or STDIN are still
     coming: END_REQUEST CANT_MPX_CONN for that id; the active request completes."""
-    mark = gw.mark()
     enc = g.encode_pairs(g.cgi_params("POST", f"/read-then/slow?secs=0.5&id={phase}", b"abcdef"))
     second = g.fcgi_request_bytes(g.cgi_params(uri="/fixed"), request_id=2, keep_conn=True)
     with g.FcgiConn(gw.addr("fastcgi")) as conn:
@@ -624,7 +623,9 @@ def test_fastcgi_next_request_sent_before_end_request_is_served(gw, body):
     mark = gw.mark()
     enc = g.encode_pairs(g.cgi_params("POST", "/read-then/slow?secs=0.5&id=running", body))
     with g.FcgiConn(gw.addr("fastcgi")) as conn:
-        conn.send(g.begin_request(1, keep_conn=True) + g.record(g.FCGI_PARAMS, 1, enc) + g.record(g.FCGI_PARAMS, 1))
+        conn.send(
+            g.begin_request(1, keep_conn=True) + g.record(g.FCGI_PARAMS, 1, enc) + g.record(g.FCGI_PARAMS, 1)
+        )
         for at in range(0, len(body), 65535):
             conn.send(g.record(g.FCGI_STDIN, 1, body[at : at + 65535]))
         conn.send(g.record(g.FCGI_STDIN, 1))
@@ -758,6 +759,29 @@ def test_fastcgi_stdin_past_content_length_is_not_read(gw):
         r = conn.request(g.cgi_params("POST", "/sha", body=b"xyz"), b"xyz", request_id=2, keep_conn=True)
         assert r.json()["sha256"] == hashlib.sha256(b"xyz").hexdigest()
     gw.wait_for(r"POST /sha from .*: the front end sent 4 bytes of STDIN past CONTENT_LENGTH", since=mark)
+
+
+@pytest.mark.parametrize("proto", ["uwsgi", "scgi"])
+def test_a_body_cut_short_by_the_front_end_is_an_error_for_the_app(gw, proto):
+    """A front end that closes before CONTENT_LENGTH bytes (nginx when the client
+    aborts an unbuffered upload) must not look like a whole, shorter body: the
+    app's read raises (ClientDisconnected), as over FastCGI and under uWSGI, and
+    nothing answers 200 for the cut upload."""
+    mark = gw.mark()
+    extra = [("SCGI", "1")] if proto == "scgi" else []
+    whole = g.request_bytes(proto, g.cgi_params("POST", "/sha", b"x" * 1000, extra), b"x" * 1000)
+    sock = g.connect(gw.addr(proto))
+    try:
+        sock.sendall(whole[:-700])
+        sock.shutdown(socket.SHUT_WR)
+        data, closed = g.read_until_close(sock, timeout=15)
+    finally:
+        sock.close()
+    assert closed
+    assert b"200 OK" not in data and b'"length"' not in data, data
+    gw.wait_for(r"POST /sha: client disconnected \(client closed the connection before", since=mark)
+    gw.wait_for(r"POST /sha from .*: the peer closed its side 700 bytes short of the declared", since=mark)
+    assert g.call(proto, gw.addr(proto), uri="/fixed").body == b"hello world"
 
 
 def test_fastcgi_stdin_shorter_than_content_length_is_logged(gw):

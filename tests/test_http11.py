@@ -2,6 +2,8 @@
 
 import email.utils
 import json
+import select
+import socket
 import threading
 import time
 
@@ -529,3 +531,74 @@ def test_slow_but_steady_client_within_timeouts(impatient):
 def test_many_sequential_connections(behaviour):
     statuses = [behaviour.request("GET", "/fixed").status for _ in range(100)]
     assert statuses == [200] * 100
+
+
+# -- clients that hold a thread, and requests that wait for one ------------------
+
+
+@pytest.fixture
+def one_thread(start_server):
+    return start_server(
+        "behaviour:application", "--header-timeout", "2", "--keepalive-timeout", "1", threads=1
+    )
+
+
+def test_a_body_that_trickles_in_is_cut_off_and_frees_the_thread(one_thread):
+    """After the grace (the header timeout), a body must keep coming at 500 bytes/s
+    on average: one byte a second does not hold the only thread for ever. The app's
+    read fails, the client gets 408, and the next request is served."""
+    mark = one_thread.mark()
+    with one_thread.connect(timeout=60) as slow:
+        slow.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"x" * 10)
+        start = time.monotonic()
+        status = None
+        while time.monotonic() - start < 40:
+            try:
+                slow.send(b"x")
+            except OSError:
+                break
+            if select.select([slow.sock], [], [], 1)[0]:
+                break
+        status = slow.read_response().status
+    assert status == 408, one_thread.log[-2000:]
+    one_thread.wait_for(
+        r"POST /echo from .*: the body came slower than 500 bytes/s after a 2 s grace", since=mark
+    )
+    assert one_thread.request("GET", "/fixed").status == 200
+
+
+def test_a_kept_connection_whose_request_waits_for_a_thread_past_its_keepalive_is_served(one_thread):
+    """The keep-alive timeout is for a connection that sends nothing. A request
+    sent in time, still waiting because the only thread is busy when that
+    timeout passes, is served once the thread is free: not dropped unanswered."""
+    with one_thread.connect(timeout=30) as kept, one_thread.connect(timeout=30) as busy:
+        kept.send_request("GET", "/fixed")
+        assert kept.read_response().status == 200
+        busy.send_request("GET", "/slow?secs=3&id=hold")
+        one_thread.wait_for(r"slow request started: hold$")
+        kept.send_request("GET", "/fixed")
+        resp = kept.read_response()
+        assert (resp.status, resp.body) == (200, b"hello world")
+        assert busy.read_response().status == 200
+
+
+def test_a_body_the_engine_will_not_discard_gets_connection_close(behaviour):
+    """The app answers without reading a body larger than the engine discards (1 MiB):
+    the connection will close after the response, and the response says so."""
+    with behaviour.connect() as conn:
+        conn.send(b"POST /ignore-body HTTP/1.1\r\nHost: x\r\nContent-Length: 3000000\r\n\r\n" + b"x" * 1000)
+        resp = conn.read_response()
+        assert resp.status == 200
+        assert resp.header("Connection") == "close", resp.headers
+        assert conn.at_eof(10)
+
+
+def test_a_body_cut_short_by_the_client_is_an_error_for_the_app(behaviour):
+    """A client that closes its side before Content-Length bytes: the app's read
+    raises instead of returning a shorter body as if it were whole."""
+    mark = behaviour.mark()
+    with behaviour.connect() as conn:
+        conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n" + b"x" * 100000)
+        conn.sock.shutdown(socket.SHUT_WR)
+        assert b"200 OK" not in conn.read_to_close()
+    behaviour.wait_for(r"POST /echo: client disconnected \(client closed the connection before", since=mark)

@@ -28,6 +28,12 @@ use crate::gateway::{self, FcgiIn, Stray};
 pub const READ_CHUNK: usize = 64 * 1024;
 /// The least room a read asks the socket to fill.
 const MIN_READ: usize = 8 * 1024;
+/// The slowest a request body may arrive once the app reads it, on average:
+/// past the grace (the header timeout), each second more must have brought
+/// this many bytes, as Apache's mod_reqtimeout (`body=20,MinRate=500`)
+/// judges bodies. Without it a client sending a byte a minute would hold a
+/// thread, the pool's only one by default, for as long as it liked.
+pub const MIN_BODY_RATE: u64 = 500;
 /// Unread request body the engine discards to keep a connection alive; past
 /// this it closes the connection instead of reading what the app ignored.
 pub(crate) const MAX_DRAIN: u64 = 1024 * 1024;
@@ -137,9 +143,6 @@ pub(crate) enum BodyState {
     Chunked(ChunkedDecoder),
     Done,
     Failed(BodyError),
-    /// The client half-closed before sending Content-Length bytes: reads see
-    /// end of input, as with a short file, and the connection closes after.
-    Truncated,
     /// A FastCGI STDIN stream, read record by record.
     Fcgi(FcgiIn),
 }
@@ -194,6 +197,14 @@ pub(crate) struct Io {
     pub body: BodyState,
     pub body_received: u64,
     pub max_body: u64,
+    /// When the body must be in by, on the monotonic clock (ms; 0 until the
+    /// app first waits for it); every byte read moves it by 1/MIN_BODY_RATE s.
+    pub body_deadline: u64,
+    /// The grace a body has before MIN_BODY_RATE counts (ms).
+    pub body_grace_ms: u64,
+    /// Bytes read from the socket while waiting for the body.
+    body_read: u64,
+    body_wait_started: u64,
     /// Decoded body bytes held back by readline.
     pub pending: BytesMut,
     /// `Expect: 100-continue` was asked and not yet answered.
@@ -272,6 +283,10 @@ impl Io {
             body: BodyState::Done,
             body_received: 0,
             max_body,
+            body_deadline: 0,
+            body_grace_ms: crate::config::DEFAULT_HEADER_TIMEOUT.as_millis() as u64,
+            body_read: 0,
+            body_wait_started: 0,
             pending: BytesMut::new(),
             continue_owed: false,
             http11: true,
@@ -341,9 +356,12 @@ impl Io {
     }
 
     fn wait(&self, events: i16, blocking: fn(&mut dyn FnMut())) -> bool {
+        self.wait_ms(events, self.timeout_ms, blocking)
+    }
+
+    fn wait_ms(&self, events: i16, timeout: i32, blocking: fn(&mut dyn FnMut())) -> bool {
         let mut ready = false;
         let fd = self.fd;
-        let timeout = self.timeout_ms;
         blocking(&mut || ready = poll_one(fd, events, timeout));
         ready
     }
@@ -362,16 +380,38 @@ impl Io {
             BodyState::Length(left) => left as usize,
             _ => READ_CHUNK,
         };
+        if self.body_deadline == 0 {
+            self.body_wait_started = crate::date::mono_ms();
+            self.body_read = 0;
+            self.body_deadline = self.body_wait_started + self.body_grace_ms;
+        }
         loop {
             match self.read_some(want) {
                 Ok(0) => return Err(BodyError::Truncated),
-                Ok(_) => return Ok(()),
+                Ok(n) => {
+                    self.body_read += n as u64;
+                    self.body_deadline += n as u64 * 1000 / MIN_BODY_RATE;
+                    return Ok(());
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // The client may wait for a held response before it sends more.
                     if self.flush_out(blocking).is_err() {
                         return Err(BodyError::Io(libc::EPIPE));
                     }
-                    if !self.wait(libc::POLLIN, blocking) {
+                    let now = crate::date::mono_ms();
+                    let left = self.body_deadline.saturating_sub(now);
+                    let timeout = (self.timeout_ms as u64).min(left) as i32;
+                    if left == 0 || !self.wait_ms(libc::POLLIN, timeout, blocking) {
+                        let now = crate::date::mono_ms();
+                        if now >= self.body_deadline {
+                            self.body_note = Some(format!(
+                                "the body came slower than {MIN_BODY_RATE} bytes/s after a {} s grace \
+                                 ({} bytes in {:.1} s); giving up on it",
+                                self.body_grace_ms / 1000,
+                                self.body_read,
+                                (now - self.body_wait_started) as f64 / 1000.0
+                            ));
+                        }
                         return Err(BodyError::Timeout);
                     }
                 }
@@ -410,7 +450,7 @@ impl Io {
         }
         loop {
             match &mut self.body {
-                BodyState::Done | BodyState::Truncated => return Ok(0),
+                BodyState::Done => return Ok(0),
                 BodyState::Failed(e) => return Err(*e),
                 BodyState::Length(left) => {
                     if self.buf.is_empty() {
@@ -418,12 +458,15 @@ impl Io {
                         match self.fill(blocking) {
                             Ok(()) => {}
                             Err(BodyError::Truncated) => {
+                                // An error, not end of input: an app must not take
+                                // a cut upload for a whole one (uWSGI and mod_wsgi
+                                // raise too, and so does an aborted FastCGI request).
                                 self.body_note = Some(format!(
                                     "the peer closed its side {left} bytes short of the declared \
-                                     Content-Length; the app saw end of input there"
+                                     Content-Length"
                                 ));
-                                self.body = BodyState::Truncated;
-                                return Ok(0);
+                                self.body = BodyState::Failed(BodyError::Truncated);
+                                return Err(BodyError::Truncated);
                             }
                             Err(e) => {
                                 self.body = BodyState::Failed(e);
@@ -865,13 +908,19 @@ impl Io {
             // Tell the client now rather than close under it after this response.
             self.keep_alive = false;
         }
-        if matches!(self.body, BodyState::Failed(_) | BodyState::Truncated) {
+        if matches!(self.body, BodyState::Failed(_)) {
             // The body's framing is lost: nothing after it can be parsed.
             self.keep_alive = false;
         }
         if self.continue_owed && !self.body_finished() {
             // The client is waiting for permission to send a body nobody will
             // read: the connection cannot be reused.
+            self.keep_alive = false;
+        }
+        if matches!(self.body, BodyState::Length(left) if left > MAX_DRAIN) {
+            // Unless the app reads it after all, more body than the engine
+            // discards is still to come, and the connection will close: say so
+            // (RFC 9112 9.6), so that no client or proxy reuses it meanwhile.
             self.keep_alive = false;
         }
         if !self.app_date {
@@ -1353,7 +1402,7 @@ impl Exchange {
         let io = self.lock()?;
         match io.body {
             BodyState::Length(left) => Some(left + io.pending.len() as u64),
-            BodyState::Done | BodyState::Truncated => Some(io.pending.len() as u64),
+            BodyState::Done => Some(io.pending.len() as u64),
             _ => None,
         }
     }

@@ -632,9 +632,9 @@ fn begin_drain<A: App>(w: &Shared<A>) {
 }
 
 /// Closes connections idle past their deadline, and with `close_idle`
-/// (a drain past its linger) every idle keep-alive connection with nothing
-/// pending. A connection with unread bytes is a request on its way and is
-/// left for a thread to serve.
+/// (a drain past its linger) every idle keep-alive connection. A connection
+/// with unread bytes is a request on its way and is left for a thread to
+/// serve, past its deadline too.
 fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) {
     let reg = w.registry.lock().unwrap();
     for e in reg.entries.iter().flatten() {
@@ -645,8 +645,15 @@ fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) {
             let d = e.deadline.load(Ordering::Relaxed);
             d != 0 && now >= d
         };
-        let idle_keepalive = !e.fresh.load(Ordering::Relaxed) && pending_bytes(e.fd) == 0;
+        let pending = pending_bytes(e.fd) > 0;
+        let idle_keepalive = !e.fresh.load(Ordering::Relaxed) && !pending;
         if !(expired || close_idle && idle_keepalive) {
+            continue;
+        }
+        if pending {
+            // Bytes no thread has read yet: the client sent on time and its
+            // request waits for a free thread, which reads it and then judges
+            // a head still incomplete by its own deadline.
             continue;
         }
         if e.state.compare_exchange(IDLE, CLOSING, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
@@ -932,6 +939,7 @@ fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Accepted {
             // Held responses are written once a pass over the ready
             // connections ends, which only a thread taking many at once has.
             io.hold = w.config.threads == 1;
+            io.body_grace_ms = w.config.header_timeout.as_millis() as u64;
             io.time_drains = protocol == Protocol::FastCgi;
             io.me = Some(me.clone());
             Mutex::new(io)
@@ -1467,6 +1475,7 @@ fn handle_request<A: App>(
             }
         }
         io.body_received = 0;
+        io.body_deadline = 0;
         io.pending.clear();
         io.phase = RespPhase::Idle;
         io.block_at = None;
@@ -1761,7 +1770,7 @@ fn complete_locked(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>, io: 
     if io.broken {
         return false;
     }
-    if matches!(io.body, BodyState::Failed(_) | BodyState::Truncated) {
+    if matches!(io.body, BodyState::Failed(_)) {
         warn_bad_stream(conn, listener, io);
         drain_and_close(io);
         return false;

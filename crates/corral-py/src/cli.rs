@@ -159,7 +159,9 @@ pub struct Cli {
           value_parser = parse_secs)]
     pub shutdown_delay: Duration,
 
-    /// Seconds a client has to send a whole request head.
+    /// Seconds a client has to send a whole request head; also the grace a
+    /// request body has once the app reads it, after which it must keep
+    /// coming at 500 bytes/s on average (or the app's read fails, 408).
     #[arg(long, value_name = "SECS", env = "CORRAL_HEADER_TIMEOUT", default_value = "30",
           value_parser = parse_positive_secs)]
     pub header_timeout: Duration,
