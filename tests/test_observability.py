@@ -348,6 +348,47 @@ def test_idle_monitoring_clients_do_not_hold_up_the_master(stats_server):
             c.close()
 
 
+def test_a_flood_of_idle_monitoring_clients_does_not_keep_probes_out(stats_server):
+    """More idle connections than the master keeps for monitoring (64): the
+    oldest make room, so a liveness probe is still answered, and one written by
+    hand with bare line feeds too."""
+    s = stats_server
+    idle = [socket.create_connection(("127.0.0.1", s.stats_port), timeout=10) for _ in range(100)]
+    try:
+        time.sleep(0.2)
+        for _ in range(10):
+            assert _get(s.stats_port, "/healthz", timeout=3) == (200, b"ok\n")
+        with socket.create_connection(("127.0.0.1", s.stats_port), timeout=5) as c:
+            c.sendall(b"GET /healthz HTTP/1.1\n\n")
+            data = b""
+            while chunk := c.recv(65536):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"ok\n"), data
+    finally:
+        for c in idle:
+            c.close()
+
+
+def test_a_method_or_target_with_line_breaks_cannot_forge_log_lines(start_server):
+    """uwsgi, FastCGI and SCGI carry the method and target as the front end sent
+    them: a line break in them is escaped in the error log, not a new line."""
+    server = start_server("behaviour:application", "--uwsgi", "127.0.0.1:0", http=None, wait=False)
+    port = int(server.wait_for(r"Listening at: uwsgi://127\.0\.0\.1:(\d+)")[0].group(1))
+    server.wait_for(r"Worker ready")
+    forged = "\n[2026-01-01 00:00:00 +0000] [1] [CRITICAL] FORGED"
+    out = _uwsgi(
+        port,
+        [
+            ("REQUEST_METHOD", "GET" + forged),
+            ("REQUEST_URI", "/raise-before" + forged),
+            ("PATH_INFO", "/raise-before"),
+        ],
+    )
+    assert out.startswith(b"HTTP/1.1 500"), out
+    server.wait_for(r"Error handling request GET\\x0a\[2026")
+    assert not server.grep(r"^\[2026-01-01 00:00:00 \+0000\] \[1\] \[CRITICAL\] FORGED"), server.log
+
+
 def test_stats_responses_follow_http(stats_server):
     s = stats_server
 

@@ -375,3 +375,24 @@ def test_stop_while_a_worker_loads_the_app_is_immediate(start_server):
     # Well within the 30 s graceful timeout: nothing is in flight on a booting worker.
     assert server.wait_exit(timeout=20) == 0, server.log
     assert server.grep(r"is still loading the application; stopping it at once")
+
+
+def test_usr1_during_a_preloaded_import_kills_no_worker(start_server):
+    """USR1 (logrotate's reopen) that arrives while the master imports the app is
+    acted on once the master is ready, which forwards it to the workers it has
+    just forked: they must take it as a reopen, not die of it."""
+    import signal
+
+    server = start_server(
+        "slow_import:application",
+        "--preload",
+        workers=3,
+        wait=False,
+        env={"CORRAL_TEST_IMPORT_SECS": "1"},
+    )
+    time.sleep(0.4)
+    server.signal(signal.SIGUSR1)
+    server.wait_started()
+    assert server.request("GET", "/").status == 200
+    time.sleep(0.5)
+    assert not server.grep(r"killed by signal|exited with code"), server.log

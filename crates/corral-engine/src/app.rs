@@ -62,6 +62,10 @@ impl<'a> Request<'a> {
             Meta::Cgi(c) => c.get(self.bytes, b"REQUEST_METHOD").unwrap_or(b""),
         }
     }
+    /// "METHOD TARGET" for a log line, escaped with [`log_escape`].
+    pub fn describe(&self) -> String {
+        format!("{} {}", log_escape(self.method()), log_escape(self.target()))
+    }
     /// The request target exactly as sent (REQUEST_URI).
     pub fn target(&self) -> &'a [u8] {
         match self.meta {
@@ -136,5 +140,48 @@ pub trait App: Send + Sync + 'static {
     /// locks the app uses, so it must not wait for any of them.
     fn thread_traceback(&self, _t: usize) -> Option<String> {
         None
+    }
+}
+
+/// Bytes from a peer for a line of the text log: valid UTF-8 as it is, but
+/// control characters and invalid bytes as `\xNN`, so that a method or
+/// target a front end passed on raw cannot end the line and forge another.
+pub fn log_escape(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c.is_control() {
+                for b in c.encode_utf8(&mut [0; 4]).bytes() {
+                    let _ = write!(out, "\\x{b:02x}");
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            let _ = write!(out, "\\x{b:02x}");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_escape;
+
+    #[test]
+    fn log_escape_keeps_a_line_a_line() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"/plain?q=1", "/plain?q=1"),
+            ("/caf\u{e9}".as_bytes(), "/caf\u{e9}"),
+            (b"/x\n[2026] [1] [CRITICAL] forged", "/x\\x0a[2026] [1] [CRITICAL] forged"),
+            (b"GET\r\x7f", "GET\\x0d\\x7f"),
+            (b"/\xff\xfe", "/\\xff\\xfe"),
+            ("\u{85}".as_bytes(), "\\xc2\\x85"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(log_escape(input), *want);
+        }
     }
 }

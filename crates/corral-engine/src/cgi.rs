@@ -172,6 +172,7 @@ pub fn environ<'b>(params: &CgiParams, bytes: &'b [u8], mount: &'b [u8]) -> CgiE
             (Cow::Borrowed(document_uri.unwrap_or_default()), Cow::Borrowed(b""))
         }
         None if request_uri.is_some() => {
+            let uri_path = origin_form(uri_path);
             let mut decoded = Vec::with_capacity(uri_path.len());
             percent_decode(uri_path, &mut decoded);
             (Cow::Owned(normalize_path(decoded)), Cow::Borrowed(b""))
@@ -198,6 +199,27 @@ pub fn environ<'b>(params: &CgiParams, bytes: &'b [u8], mount: &'b [u8]) -> CgiE
         }
     }
     CgiEnviron { vars, path_info: path, script_name: script, https }
+}
+
+/// The path of a request target in absolute form (`http://host/path`, which
+/// HTTP/1.1 servers must accept and HAProxy passes on as REQUEST_URI); any
+/// other target as it is.
+fn origin_form(target: &[u8]) -> &[u8] {
+    let scheme = target.iter().position(|&b| b == b':');
+    match scheme {
+        Some(n)
+            if n > 0
+                && target[..n].iter().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(b))
+                && target[n..].starts_with(b"://") =>
+        {
+            let rest = &target[n + 3..];
+            match rest.iter().position(|&b| b == b'/') {
+                Some(p) => &rest[p..],
+                None => b"/",
+            }
+        }
+        _ => target,
+    }
 }
 
 /// A decoded absolute path with `.` and `..` segments resolved (RFC 3986
@@ -338,6 +360,11 @@ mod tests {
         // Only REQUEST_URI (Apache, HAProxy): decoded, then normalized.
         (&[("REQUEST_URI", "/internal/%2e%2e/public")], "", false, "/public", ""),
         (&[("REQUEST_URI", "/internal/../public?x=/..")], "", false, "/public", ""),
+        // An absolute-form target (HAProxy passes the client's on): its path.
+        (&[("REQUEST_URI", "http://ex.com/abs/x?q=1")], "", false, "/abs/x", ""),
+        (&[("REQUEST_URI", "HTTPS://ex.com:8443/app/../y")], "/app", false, "/y", ""),
+        (&[("REQUEST_URI", "http://ex.com")], "", false, "/", ""),
+        (&[("REQUEST_URI", "http://ex.com?q")], "", false, "/", ""),
         (&[("REQUEST_URI", "//app//x/./y/")], "/app", false, "/x/y/", "/app"),
         (&[("REQUEST_URI", "/../../etc")], "", false, "/etc", ""),
     ];

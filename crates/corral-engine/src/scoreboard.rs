@@ -219,7 +219,7 @@ impl Scoreboard {
         let since = s.since_ms.load(Ordering::Acquire);
         (since != 0).then(|| {
             let len = (s.len.load(Ordering::Relaxed) as usize).min(TEXT);
-            (String::from_utf8_lossy(&s.text[..len]).into_owned(), since)
+            (crate::app::log_escape(&s.text[..len]), since)
         })
     }
 
@@ -294,7 +294,7 @@ impl Scoreboard {
                 let since = s.since_ms.load(Ordering::Acquire);
                 (since != 0).then(|| {
                     let len = (s.len.load(Ordering::Relaxed) as usize).min(TEXT);
-                    (String::from_utf8_lossy(&s.text[..len]).into_owned(), now_ms.saturating_sub(since))
+                    (crate::app::log_escape(&s.text[..len]), now_ms.saturating_sub(since))
                 })
             })
             .collect()

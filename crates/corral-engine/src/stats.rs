@@ -252,7 +252,11 @@ impl Conn {
                     }
                 }
                 self.buf.extend_from_slice(&chunk[..n as usize]);
-                if self.buf.windows(4).any(|w| w == b"\r\n\r\n") || self.buf.len() > MAX_REQUEST {
+                // A head ends at an empty line; a bare LF ends lines for
+                // curl-less probes written by hand (printf '...\n\n').
+                let ended = self.buf.windows(4).any(|w| w == b"\r\n\r\n")
+                    || self.buf.windows(2).any(|w| w == b"\n\n");
+                if ended || self.buf.len() > MAX_REQUEST {
                     self.out = response(&self.buf, snapshot);
                     break;
                 }

@@ -337,10 +337,16 @@ impl<'a, H: Hooks> Master<'a, H> {
             }
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
             if self.stats_conns.len() >= MAX_STATS_CONNS {
-                // Closed at once: a flood of idle clients must not grow the master.
-                continue;
+                // The oldest goes, not the newcomer: a flood of idle clients
+                // must neither grow the master nor keep a health probe out.
+                self.stats_conns.remove(0);
             }
-            self.stats_conns.push(crate::stats::Conn::new(fd));
+            let mut conn = crate::stats::Conn::new(fd);
+            // A probe's request usually came with its connection: answered
+            // now, before more connections of a flood can push it out.
+            if !conn.advance(&|| self.snapshot()) {
+                self.stats_conns.push(conn);
+            }
         }
     }
 

@@ -314,14 +314,6 @@ struct WorkerSignals {
 impl WorkerSignals {
     fn install(sigint: SigintMode) -> io::Result<WorkerSignals> {
         use signal_hook::consts::*;
-        // The master blocks its signals to read them from a signalfd; a
-        // worker runs app code that may start subprocesses, so it takes
-        // them with handlers and an unblocked mask instead.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-        }
         let mut fds = [0; 2];
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } < 0 {
             return Err(io::Error::last_os_error());
@@ -354,6 +346,17 @@ impl WorkerSignals {
             crate::supervise::set_handler(sig, ignore);
         }
         unsafe { libc::close(fds[1]) };
+        // The master blocks its signals to read them from a signalfd; a
+        // worker runs app code that may start subprocesses, so it takes
+        // them with handlers and an unblocked mask instead. Unblocked only
+        // now that every handler is in place: the master forwards USR1 (and
+        // TERM) to workers as soon as they exist, and one that arrived since
+        // the fork is pending here and is delivered at this very call.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        }
         Ok(WorkerSignals { read_fd: fds[0], stop, quit, reopen })
     }
 
@@ -1549,11 +1552,7 @@ fn handle_request<A: App>(
         w.timed_out[t].swap(false, Ordering::AcqRel)
     } {
         w.stuck.fetch_sub(1, Ordering::AcqRel);
-        warn!(
-            "Timed-out request {} {} returned after all",
-            String::from_utf8_lossy(req.method()),
-            String::from_utf8_lossy(req.target())
-        );
+        warn!("Timed-out request {} returned after all", req.describe());
         false
     } else {
         complete(conn, listener, &req)
@@ -1699,12 +1698,7 @@ fn complete(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>) -> bool {
     let mut io = conn.io.lock().unwrap();
     let keep = complete_locked(conn, listener, req, &mut io);
     if let Some(note) = io.body_note.take() {
-        warn!(
-            "{} {} from {}: {note}",
-            String::from_utf8_lossy(req.method()),
-            String::from_utf8_lossy(req.target()),
-            peer(conn, listener)
-        );
+        warn!("{} from {}: {note}", req.describe(), peer(conn, listener));
     }
     keep
 }
@@ -1716,23 +1710,14 @@ fn complete_locked(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>, io: 
     if io.fcgi_aborted {
         // The front end gave up on this request (ABORT_REQUEST): it is owed
         // END_REQUEST, and the connection stays usable when it asked for that.
-        info!(
-            "{} {} from {}: the front end aborted the request",
-            String::from_utf8_lossy(req.method()),
-            String::from_utf8_lossy(req.target()),
-            peer(conn, listener)
-        );
+        info!("{} from {}: the front end aborted the request", req.describe(), peer(conn, listener));
         if io.end_fcgi_request(blocking).is_err() || !io.keep_alive {
             return false;
         }
         return true;
     }
     if io.phase == RespPhase::Idle && !io.broken && !io.aborted {
-        error!(
-            "App returned without starting a response: {} {}",
-            String::from_utf8_lossy(req.method()),
-            String::from_utf8_lossy(req.target())
-        );
+        error!("App returned without starting a response: {}", req.describe());
         io.keep_alive = false;
         io.status = 500;
         let reply = error_reply(io.wire, 500, "Internal Server Error");
@@ -1742,12 +1727,7 @@ fn complete_locked(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>, io: 
 
     if io.phase != RespPhase::Finished && !io.broken && !io.aborted {
         if let Err(e) = io.finish(blocking) {
-            warn!(
-                "{} {} from {}: {e}",
-                String::from_utf8_lossy(req.method()),
-                String::from_utf8_lossy(req.target()),
-                peer(conn, listener)
-            );
+            warn!("{} from {}: {e}", req.describe(), peer(conn, listener));
         }
     }
     if io.aborted {

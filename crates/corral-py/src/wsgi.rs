@@ -356,10 +356,9 @@ impl WsgiApp {
     fn forked_child_returned(&self, req: &Request<'_>) -> ! {
         if corral_engine::logfile::free() {
             error!(
-                "{} {}: the app forked (pid {} -> {}) and the child returned to the server; \
+                "{}: the app forked (pid {} -> {}) and the child returned to the server; \
                  the child exits without answering (end a forked child with os._exit())",
-                String::from_utf8_lossy(req.method()),
-                String::from_utf8_lossy(req.target()),
+                req.describe(),
                 self.pid,
                 std::process::id(),
             );
@@ -388,18 +387,16 @@ impl WsgiApp {
                 let text = format_exception(py, &e);
                 corral_engine::worker::note_exception(text.trim_end().lines().last().unwrap_or_default());
                 error!(
-                    "Error in close() of the response iterable of {} {} (the response was sent whole):\n{text}",
-                    String::from_utf8_lossy(req.method()),
-                    String::from_utf8_lossy(req.target())
+                    "Error in close() of the response iterable of {} (the response was sent whole):\n{text}",
+                    req.describe()
                 );
             } else {
                 self.app_error(py, req, ex, &e);
             }
         } else if !ex.started() {
             error!(
-                "App error in {} {}: the application returned without calling start_response",
-                String::from_utf8_lossy(req.method()),
-                String::from_utf8_lossy(req.target())
+                "App error in {}: the application returned without calling start_response",
+                req.describe()
             );
             respond_error(ex, 500);
         }
@@ -440,8 +437,7 @@ impl WsgiApp {
     /// Logs an exception from the app and answers 500 if nothing was sent yet;
     /// otherwise the connection is reset so the client sees the failure.
     fn app_error(&self, py: Python<'_>, req: &Request<'_>, ex: &Exchange, e: &PyErr) {
-        let what =
-            format!("{} {}", String::from_utf8_lossy(req.method()), String::from_utf8_lossy(req.target()));
+        let what = req.describe();
         if e.is_instance_of::<ClientDisconnected>(py) {
             info!("{what}: client disconnected ({})", e.value(py));
             ex.abort();
