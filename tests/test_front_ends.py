@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import front_ends
@@ -391,3 +392,75 @@ def test_cgi_fcgi(start_server):
     ).stdout
     body = out.partition(b"\r\n\r\n")[2]
     assert json.loads(body) == {"length": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+
+
+@pytest.mark.skipif(not front_ends.available("nginx"), reason="nginx is not installed")
+@pytest.mark.parametrize("event", ["recycling", "hup"])
+def test_no_post_fails_behind_a_kept_fastcgi_pool_while_workers_are_replaced(start_server, tmp_path, event):
+    """nginx with an upstream keepalive pool and fastcgi_keep_conn, under a load of
+    uploads and downloads, while corral replaces its workers (--max-requests every
+    ~20 requests, or HUP reloads). nginx cannot retry a POST whose connection
+    closed under it (502), so a draining worker must close none: every request
+    is answered 200."""
+    backend = f"127.0.0.1:{free_port()}"
+    args = ["--max-requests", "20", "--max-requests-jitter", "5"] if event == "recycling" else []
+    server = start_server(
+        "front_app:application", "--fastcgi", backend, *args, http=None, workers=2, threads=4, wait=False
+    )
+    server.wait_for(r"Worker ready", count=2, timeout=20)
+    port = free_port()
+    front = front_ends.nginx(
+        tmp_path / "nginx",
+        f"""
+    upstream corral {{ server {backend}; keepalive 8; }}
+    server {{
+        listen {port};
+        location / {{
+            include {front_ends.NGINX_PARAMS}/fastcgi_params;
+            fastcgi_keep_conn on;
+            fastcgi_pass corral;
+        }}
+    }}""",
+    )
+    failures, counts = [], [0]
+    stop = threading.Event()
+
+    def client():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                if i % 2:
+                    conn.request("POST", "/upload", body=b"p" * 300_000)
+                else:
+                    conn.request("GET", "/download?mib=1")
+                resp = conn.getresponse()
+                resp.read()
+                if resp.status != 200:
+                    failures.append(resp.status)
+                counts[0] += 1
+            except (OSError, http.client.HTTPException) as e:
+                failures.append(repr(e))
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.close()
+
+    try:
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        if event == "hup":
+            for _ in range(5):
+                time.sleep(1.5)
+                server.signal(signal.SIGHUP)
+        time.sleep(2 if event == "hup" else 8)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        assert counts[0] > 100, counts
+        assert not failures, (failures[:10], front.logs()[-3000:])
+        assert server.grep(r"Worker handed \d+ kept-alive connection"), server.log[-3000:]
+    finally:
+        stop.set()
+        front.stop()

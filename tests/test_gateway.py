@@ -667,6 +667,37 @@ def test_fastcgi_second_request_right_behind_the_first_is_never_lost(gw, gap):
             assert not conn.others
 
 
+@pytest.mark.parametrize("threads", [1, 4])
+def test_fastcgi_kept_connections_survive_a_reload(start_server, threads):
+    """FastCGI cannot tell a front end that a kept connection is about to close,
+    so a reload hands them to the new workers instead: an idle one at once, and
+    one busy with a request once its END_REQUEST is out. The front end's next
+    requests on both are served by new workers, on the same connections."""
+    server = g.start_gateways(
+        start_server, "gateway_probe:application", [("fastcgi", "127.0.0.1:0")], workers=2, threads=threads
+    )
+    addr = server.addr("fastcgi")
+    with g.FcgiConn(addr, timeout=30) as idle, g.FcgiConn(addr, timeout=30) as busy:
+        before = {int(idle.request(g.cgi_params(uri="/pid"), request_id=1, keep_conn=True).body)}
+        olds = server.worker_pids()
+        mark = server.mark()
+        busy.send(
+            g.fcgi_request_bytes(g.cgi_params(uri="/slow?secs=2&id=inflight"), request_id=1, keep_conn=True)
+        )
+        server.wait_for(r"slow request started: inflight$", since=mark)
+        server.signal(signal.SIGHUP)
+        r = busy.read_response(1)
+        assert (r.status, r.body, r.closed) == (200, b"slept inflight", False)
+        for old in olds:
+            server.wait_for(rf"Worker stopped gracefully: pid={old}", since=mark, timeout=20)
+        new = set(server.worker_pids(mark))
+        for n, conn in enumerate((idle, busy), start=2):
+            r = conn.request(g.cgi_params(uri="/pid"), request_id=n, keep_conn=True)
+            assert r.status == 200 and not r.closed
+            assert int(r.body) in new and int(r.body) not in before
+    assert len(server.grep(r"Worker handed \d+ kept-alive connection")) >= 1, server.log
+
+
 def test_fastcgi_keep_conn_half_close_with_the_request_ends_the_connection(start_server):
     """With one thread, kept-alive connections stay armed edge-triggered between
     requests. A request and the front end's half-close that arrive together, while

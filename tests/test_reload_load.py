@@ -216,16 +216,36 @@ def test_a_worker_whose_only_thread_is_stuck_leaves_at_once(start_server):
     assert not [f for f in load.failures if "timed out" in f], load.failures[:10]
 
 
-def test_a_request_on_an_idle_keep_alive_connection_as_the_drain_begins_is_served(start_server):
-    """A client (or nginx's upstream pool) may send on an idle keep-alive
-    connection just as its worker starts draining: the request is served,
-    with Connection: close, rather than lost to a close under it."""
+def test_an_idle_keep_alive_connection_is_handed_to_a_new_worker_on_hup(start_server):
+    """A reload closes no kept-alive connection: the draining worker hands an
+    idle one to a worker that serves on, and the client's next request on it
+    reaches the new code without a reconnect."""
     server = start_server("behaviour:application", workers=1)
     with server.connect() as conn:
         conn.send(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
         old = conn.read_response().body.decode()
         mark = server.mark()
         server.signal(signal.SIGHUP)
+        server.wait_for(rf"Worker stopped gracefully: pid={old}", since=mark)
+        assert server.grep(rf"Worker handed 1 kept-alive connection\(s\) to other workers: pid={old}", mark)
+        conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        resp = conn.read_response()
+        assert (resp.status, resp.body, resp.header("Connection")) == (200, b"hello", None)
+        conn.send(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
+        new = conn.read_response().body.decode()
+        assert new != old and int(new) in server.worker_pids(mark)
+
+
+def test_a_request_on_an_idle_keep_alive_connection_as_a_stop_begins_is_served(start_server):
+    """With no worker left to take it (a graceful stop), a request sent on an
+    idle keep-alive connection just as the drain begins is served, with
+    Connection: close, rather than lost to a close under it."""
+    server = start_server("behaviour:application", workers=1)
+    with server.connect() as conn:
+        conn.send(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
+        old = conn.read_response().body.decode()
+        mark = server.mark()
+        server.signal(signal.SIGTERM)
         server.wait_for(rf"Worker draining: pid={old}", since=mark)
         # Past the worker's next sweep (every 0.25 s), within its linger (2 s).
         time.sleep(0.5)
@@ -234,8 +254,7 @@ def test_a_request_on_an_idle_keep_alive_connection_as_the_drain_begins_is_serve
         assert (resp.status, resp.body) == (200, b"hello")
         assert resp.header("Connection") == "close"
         assert conn.at_eof(10)
-    # Idle ones are closed after a moment, and the old worker leaves.
-    server.wait_for(rf"Worker stopped gracefully: pid={old}", since=mark)
+    assert server.wait_exit(20) == 0
 
 
 def test_hup_with_broken_code_keeps_the_old_workers_then_fixed_code_loads(start_server, tmp_path):

@@ -13,6 +13,7 @@ pub mod date;
 pub mod exchange;
 mod flusher;
 mod gateway;
+mod handover;
 pub mod listen;
 pub mod logfile;
 pub mod scoreboard;

@@ -277,6 +277,11 @@ impl Scoreboard {
         (n > 0).then(|| String::from_utf8_lossy(&h.error[..n]).into_owned())
     }
 
+    /// How many workers the table has room for.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
     pub fn pid(&self, slot: usize) -> i32 {
         self.header(slot).pid.load(Ordering::Relaxed)
     }

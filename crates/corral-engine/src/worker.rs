@@ -15,7 +15,7 @@
 //! connections whose deadline passed, and runs the graceful drain.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,9 +35,12 @@ use crate::gateway::{self, FcgiConn, FcgiIn};
 use crate::listen::Protocol;
 use crate::scoreboard::{Retire, Scoreboard, WorkerState};
 
-/// epoll tokens below this are listener indexes; the wake token sits just
+/// epoll tokens below this are listener indexes; the inbox token sits just
 /// under it; anything else is a `*mut Conn`.
 const LISTENER_TOKENS: u64 = 1 << 16;
+/// The epoll token of the socket on which siblings hand this worker their
+/// kept-alive connections when they drain (see [`crate::handover`]).
+const INBOX_TOKEN: u64 = LISTENER_TOKENS - 1;
 /// Connections taken from one listener wake-up before looking at other work.
 const ACCEPT_BATCH: usize = 64;
 /// Milliseconds of serving new connections after which a batch of accepts
@@ -113,6 +116,14 @@ struct Entry {
     /// connections, but a new one is waiting for its first request, which
     /// the client has already committed to this server: it is served.
     fresh: AtomicBool,
+    /// Parked between two requests with nothing buffered: a draining worker
+    /// may hand it to a sibling as it is.
+    between: AtomicBool,
+    /// Handed to a sibling by the sweeper: this process's copy of the
+    /// descriptor only waits to be closed, and counts for nothing.
+    handed: AtomicBool,
+    /// The listener it came from, for a hand-over by the sweeper.
+    listener: AtomicUsize,
 }
 
 /// A connection, owned by whichever thread epoll handed it to.
@@ -163,6 +174,12 @@ struct Shared<A: App> {
     accepting: AtomicUsize,
     scoreboard: Scoreboard,
     slot: usize,
+    /// The master's pid, which names the inboxes of this pool's workers.
+    master: libc::pid_t,
+    /// This worker's inbox for connections handed over by siblings.
+    inbox: Option<std::os::fd::OwnedFd>,
+    /// Registry entries handed to a sibling and not closed here yet.
+    handed: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -207,6 +224,25 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
             return 1;
         }
     }
+    let master = unsafe { libc::getppid() };
+    let inbox = match crate::handover::bind_inbox(master) {
+        Ok(fd) => {
+            let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: INBOX_TOKEN };
+            if unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd.as_raw_fd(), &mut ev) } < 0 {
+                warn!("epoll_ctl on the hand-over inbox: {}", io::Error::last_os_error());
+                None
+            } else {
+                Some(fd)
+            }
+        }
+        Err(e) => {
+            warn!(
+                "cannot open the inbox for connections other workers hand over when they drain: {e}; \
+                 a draining worker closes them instead"
+            );
+            None
+        }
+    };
     let threads = ctx.config.threads.max(1);
     // Every worker accepts from the same listeners, so the application as a
     // whole takes as many concurrent requests as the pool can grow to hold.
@@ -238,6 +274,9 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
         accepting: AtomicUsize::new(0),
         scoreboard: ctx.scoreboard,
         slot: ctx.slot,
+        master,
+        inbox,
+        handed: AtomicUsize::new(0),
     });
     // Without the flusher nothing is held back: every write goes out at once.
     let holders: Vec<Option<_>> = match crate::flusher::start(threads) {
@@ -414,7 +453,7 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
             // `accepting` first: a connection leaves it only once the
             // registry counts it, so none is missed between the two reads.
             let accepting = w.accepting.load(Ordering::SeqCst);
-            let live = w.registry.lock().unwrap().live + accepting;
+            let live = w.registry.lock().unwrap().live + accepting - w.handed.load(Ordering::Relaxed);
             let stuck = w.stuck.load(Ordering::Acquire);
             // Twice in a row: a thread may have accepted a connection just
             // before the listeners closed and not registered it yet.
@@ -422,6 +461,13 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
             if empty_ticks >= 2 {
                 if let Some(log) = &w.access {
                     log.flush();
+                }
+                let handed = HANDED_OVER.load(Ordering::Relaxed);
+                if handed > 0 {
+                    info!(
+                        "Worker handed {handed} kept-alive connection(s) to other workers: pid={}",
+                        std::process::id()
+                    );
                 }
                 info!("Worker stopped gracefully: pid={}", std::process::id());
                 return 0;
@@ -637,8 +683,10 @@ fn begin_drain<A: App>(w: &Shared<A>) {
 /// Closes connections idle past their deadline, and with `close_idle`
 /// (a drain past its linger) every idle keep-alive connection. A connection
 /// with unread bytes is a request on its way and is left for a thread to
-/// serve, past its deadline too.
+/// serve, past its deadline too. Draining, an idle connection between two
+/// requests goes to a sibling instead, if one serves.
 fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) {
+    let draining = draining() && w.inbox.is_some();
     let reg = w.registry.lock().unwrap();
     for e in reg.entries.iter().flatten() {
         if e.state.load(Ordering::Acquire) != IDLE {
@@ -649,6 +697,30 @@ fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) {
             d != 0 && now >= d
         };
         let pending = pending_bytes(e.fd) > 0;
+        if draining && !pending && e.between.load(Ordering::Relaxed) && !e.handed.load(Ordering::Relaxed) {
+            if let Some(to) = crate::handover::target(&w.scoreboard, w.slot) {
+                if e.state.compare_exchange(IDLE, CLOSING, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                    // Under the registry lock, so no thread closes the
+                    // descriptor meanwhile. A thread woken for it from here on
+                    // finds it CLOSING and closes this process's copy only.
+                    match crate::handover::send(w.master, to, e.fd, note_of(w, e)) {
+                        Ok(()) => {
+                            e.handed.store(true, Ordering::Relaxed);
+                            w.handed.fetch_add(1, Ordering::Relaxed);
+                            HANDED_OVER.fetch_add(1, Ordering::Relaxed);
+                            unsafe {
+                                libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_DEL, e.fd, std::ptr::null_mut())
+                            };
+                            continue;
+                        }
+                        Err(err) => {
+                            debug!("handing a connection to worker {to}: {err}");
+                            e.state.store(IDLE, Ordering::Release);
+                        }
+                    }
+                }
+            }
+        }
         let idle_keepalive = !e.fresh.load(Ordering::Relaxed) && !pending;
         if !(expired || close_idle && idle_keepalive) {
             continue;
@@ -761,7 +833,9 @@ fn thread_main<A: App>(w: &Shared<A>, t: usize, holder: Option<Arc<crate::flushe
         }
         for ev in &events[..n as usize] {
             let token = ev.u64;
-            if token < LISTENER_TOKENS {
+            if token == INBOX_TOKEN {
+                take_handed_over(w, &mut state, t, &mut held);
+            } else if token < LISTENER_TOKENS {
                 accept_batch(w, &mut state, t, token as usize, &mut held);
             } else {
                 let mut conn = unsafe { Box::from_raw(token as *mut Conn) };
@@ -901,7 +975,6 @@ fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Accepted {
         return Accepted::Shed;
     }
     let (remote_addr, remote_port) = peer_strings(&addr, is_unix);
-    let protocol = w.listeners[idx].1.protocol;
     if !is_unix {
         let one: libc::c_int = 1;
         unsafe {
@@ -914,11 +987,28 @@ fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Accepted {
             )
         };
     }
+    Accepted::Conn(adopt(w, fd, idx, remote_addr, remote_port, true))
+}
+
+/// Registers a connection this worker now owns (accepted, or handed over
+/// by a sibling) and makes its state.
+fn adopt<A: App>(
+    w: &Shared<A>,
+    fd: RawFd,
+    idx: usize,
+    remote_addr: String,
+    remote_port: String,
+    fresh: bool,
+) -> Box<Conn> {
+    let protocol = w.listeners[idx].1.protocol;
     let entry = Arc::new(Entry {
         fd,
         state: AtomicU8::new(BUSY),
         deadline: AtomicU64::new(0),
-        fresh: AtomicBool::new(true),
+        fresh: AtomicBool::new(fresh),
+        between: AtomicBool::new(false),
+        handed: AtomicBool::new(false),
+        listener: AtomicUsize::new(idx),
     });
     let slot = {
         let mut reg = w.registry.lock().unwrap();
@@ -934,7 +1024,7 @@ fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Accepted {
             }
         }
     };
-    Accepted::Conn(Box::new(Conn {
+    Box::new(Conn {
         entry,
         slot,
         io: Arc::new_cyclic(|me| {
@@ -957,7 +1047,101 @@ fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Accepted {
         // uwsgi and SCGI carry one request per connection: nothing to re-arm.
         edge: w.config.threads <= 1 && matches!(protocol, Protocol::Http | Protocol::FastCgi),
         hung_up: false,
-    }))
+    })
+}
+
+/// Connections this worker handed to siblings while draining.
+static HANDED_OVER: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether a sibling could take a connection from this draining worker now.
+fn can_hand_over<A: App>(w: &Shared<A>) -> bool {
+    w.inbox.is_some() && crate::handover::target(&w.scoreboard, w.slot).is_some()
+}
+
+fn note_of<A: App>(w: &Shared<A>, e: &Entry) -> crate::handover::Note {
+    let idx = e.listener.load(Ordering::Relaxed);
+    crate::handover::Note { listener: idx as u16, protocol: w.listeners[idx].1.protocol as u8 }
+}
+
+/// In a draining worker, hands a connection between two requests (nothing
+/// buffered, its responses written) to a sibling; gives it back if it stays.
+fn hand_over_if_draining<A: App>(w: &Shared<A>, conn: Box<Conn>) -> Option<Box<Conn>> {
+    if !draining() || w.inbox.is_none() || conn.entry.fresh.load(Ordering::Relaxed) {
+        return Some(conn);
+    }
+    let Some(to) = crate::handover::target(&w.scoreboard, w.slot) else {
+        return Some(conn);
+    };
+    let ready = {
+        let mut io = conn.io.lock().unwrap();
+        io.buf.is_empty() && io.keep_alive && io.flush_out(|f| f()).is_ok()
+    };
+    if !ready {
+        return Some(conn);
+    }
+    let note = crate::handover::Note {
+        listener: conn.listener as u16,
+        protocol: w.listeners[conn.listener].1.protocol as u8,
+    };
+    match crate::handover::send(w.master, to, conn.entry.fd, note) {
+        Ok(()) => {
+            HANDED_OVER.fetch_add(1, Ordering::Relaxed);
+            // The sibling holds the connection too, so closing this copy
+            // neither ends it nor takes it out of this epoll set.
+            if conn.registered {
+                unsafe { libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_DEL, conn.entry.fd, std::ptr::null_mut()) };
+            }
+            close(w, conn, false);
+            None
+        }
+        Err(e) => {
+            debug!("handing a connection to worker {to}: {e}");
+            Some(conn)
+        }
+    }
+}
+
+/// Takes the connections siblings handed over and serves what they bring.
+fn take_handed_over<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, held: &mut Held) {
+    use std::os::fd::IntoRawFd;
+    let Some(inbox) = &w.inbox else { return };
+    loop {
+        match crate::handover::receive(inbox.as_raw_fd()) {
+            Ok(crate::handover::Received::Conn(fd, note)) => {
+                let idx = usize::from(note.listener);
+                if idx >= w.listeners.len() || w.listeners[idx].1.protocol as u8 != note.protocol {
+                    warn!("a connection handed over for a listener this worker does not have; closing it");
+                    continue;
+                }
+                let is_unix = w.listeners[idx].1.is_unix;
+                let (remote_addr, remote_port) = if is_unix {
+                    (String::new(), String::new())
+                } else {
+                    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+                    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+                    unsafe {
+                        libc::getpeername(
+                            fd.as_raw_fd(),
+                            &mut addr as *mut _ as *mut libc::sockaddr,
+                            &mut len,
+                        )
+                    };
+                    peer_strings(&addr, false)
+                };
+                let conn = adopt(w, fd.into_raw_fd(), idx, remote_addr, remote_port, false);
+                serve_claimed(w, state, t, conn, held);
+                if held.due() {
+                    held.release(w);
+                }
+            }
+            Ok(crate::handover::Received::Dropped(why)) => warn!("hand-over inbox: dropped {why}"),
+            Ok(crate::handover::Received::Empty) => return,
+            Err(e) => {
+                warn!("hand-over inbox: {e}");
+                return;
+            }
+        }
+    }
 }
 
 fn peer_strings(addr: &libc::sockaddr_storage, is_unix: bool) -> (String, String) {
@@ -1044,7 +1228,9 @@ fn serve_claimed<A: App>(
             Next::Request(n) => handle_request(w, state, t, &mut conn, Incoming::Http(n)),
             Next::Gateway(req) => handle_request(w, state, t, &mut conn, Incoming::Gateway(req)),
             Next::Park => {
-                held.settle(w, conn, true);
+                if let Some(conn) = hand_over_if_draining(w, conn) {
+                    held.settle(w, conn, true);
+                }
                 return;
             }
             Next::Close => false,
@@ -1059,7 +1245,9 @@ fn serve_claimed<A: App>(
         // and this thread would then serve one connection back and forth
         // while the others wait, waking an idle client for every response.
         if conn.io.lock().unwrap().buf.is_empty() {
-            held.settle(w, conn, true);
+            if let Some(conn) = hand_over_if_draining(w, conn) {
+                held.settle(w, conn, true);
+            }
             return;
         }
     }
@@ -1336,6 +1524,7 @@ fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
         conn.request_started + w.config.header_timeout.as_millis() as u64
     };
     conn.entry.deadline.store(deadline, Ordering::Relaxed);
+    conn.entry.between.store(idle && !conn.entry.fresh.load(Ordering::Relaxed), Ordering::Relaxed);
     let op = if conn.registered { libc::EPOLL_CTL_MOD } else { libc::EPOLL_CTL_ADD };
     // Edge-triggered and still armed: bytes that arrive from now on raise an
     // event, and none are waiting unread, since the last read found the
@@ -1379,6 +1568,9 @@ fn close<A: App>(w: &Shared<A>, conn: Box<Conn>, reset: bool) {
         reg.entries[conn.slot] = None;
         reg.free.push(conn.slot);
         reg.live -= 1;
+        if conn.entry.handed.load(Ordering::Relaxed) {
+            w.handed.fetch_sub(1, Ordering::Relaxed);
+        }
         if reset {
             let linger = libc::linger { l_onoff: 1, l_linger: 0 };
             unsafe {
@@ -1459,7 +1651,11 @@ fn handle_request<A: App>(
                 io.continue_owed = false;
                 io.http11 = true;
                 io.head_request = g.params.get(&g.bytes, b"REQUEST_METHOD") == Some(b"HEAD");
-                io.keep_alive = matches!(g.wire, Wire::FastCgi { keep_conn: true, .. }) && !draining();
+                // Draining, a kept FastCGI connection goes on only if a sibling
+                // can take it after this request: FastCGI cannot warn the
+                // front end that it closes (see crate::handover).
+                io.keep_alive = matches!(g.wire, Wire::FastCgi { keep_conn: true, .. })
+                    && (!draining() || can_hand_over(w));
                 (g.bytes, Some(g.params))
             }
         };
