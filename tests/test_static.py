@@ -196,3 +196,56 @@ def test_a_precompressed_sibling_linking_outside_is_not_served(site, tmp_path):
     r = site.request("GET", "/static/t.txt", headers={"Accept-Encoding": "br, gzip"})
     assert r.status == 200 and r.body == b"text"
     assert "content-encoding" not in _h(r)
+
+
+def test_directories_and_trailing_slashes_as_nginx_answers_them(site):
+    """A directory without its slash is redirected to it (so the links in its
+    index resolve there); a file name with a slash after it names nothing."""
+    (site.public / "docs").mkdir()
+    (site.public / "docs" / "index.html").write_text("<a href=x.html>x</a>")
+    r = site.request("GET", "/static/docs")
+    assert (r.status, _h(r)["location"]) == (301, "/static/docs/")
+    assert site.request("GET", "/static/docs/").body == b"<a href=x.html>x</a>"
+    assert (site.request("GET", "/static").status, _h(site.request("GET", "/static"))["location"]) == (
+        301,
+        "/static/",
+    )
+    assert site.request("GET", "/static/css/app.css/").status == 404
+
+
+def test_a_fifo_swapped_in_never_hangs_a_thread(site):
+    """The open of a name checked a moment earlier never waits: a FIFO that takes
+    a regular file's place between the check and the open is refused, and the
+    worker goes on serving."""
+    fifo_at = site.public / "swap.txt"
+    stop = [False]
+
+    def swapper():
+        tmp_file, tmp_fifo = site.public / ".f", site.public / ".p"
+        while not stop[0]:
+            tmp_file.write_text("file")
+            os.replace(tmp_file, fifo_at)
+            if not tmp_fifo.exists():
+                os.mkfifo(tmp_fifo)
+            os.replace(tmp_fifo, fifo_at)
+
+    import threading
+
+    t = threading.Thread(target=swapper)
+    t.start()
+    try:
+        for _ in range(300):
+            r = site.request("GET", "/static/swap.txt", timeout=10)
+            assert r.status in (200, 404) and r.body in (b"file", b"404 Not Found\n")
+    finally:
+        stop[0] = True
+        t.join()
+    assert site.request("GET", "/fixed", timeout=10).status == 200
+
+
+def test_an_unreadable_precompressed_sibling_falls_back_to_the_file(site):
+    if os.geteuid() == 0:
+        pytest.skip("root reads files of any mode")
+    (site.public / "app.js.gz").chmod(0)
+    r = site.request("GET", "/static/app.js", headers={"Accept-Encoding": "gzip"})
+    assert (r.status, r.body.decode(), _h(r).get("content-encoding")) == (200, site.js, None)

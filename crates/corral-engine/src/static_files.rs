@@ -8,7 +8,10 @@
 //! A request can never leave DIR: `.` and `..` segments (also when
 //! percent-encoded, since the path is decoded first) and NUL bytes are
 //! refused, and the resolved file (symlinks followed), precompressed
-//! siblings included, must still lie inside the resolved DIR.
+//! siblings included, must still lie inside the resolved DIR; so must the
+//! file the open then finds, which must also be a regular one (a name can
+//! change between the check and the open). A directory asked for without
+//! its slash is redirected to it (301), as nginx does.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -60,8 +63,18 @@ pub struct Conditions<'a> {
     pub accept_encoding: Option<&'a [u8]>,
 }
 
+/// What a path below a mount names.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Resolved {
+    /// A file inside the mount (symlinks resolved).
+    File(PathBuf),
+    /// A directory asked for without its trailing slash: the client is sent
+    /// to the name with one, so that relative links in its index resolve.
+    AddSlash,
+}
+
 /// Resolves `rel` (decoded, below the mount) to a file inside `dir`.
-pub fn resolve(dir: &Path, rel: &[u8]) -> Option<PathBuf> {
+pub fn resolve(dir: &Path, rel: &[u8]) -> Option<Resolved> {
     if rel.contains(&0) {
         return None;
     }
@@ -75,9 +88,35 @@ pub fn resolve(dir: &Path, rel: &[u8]) -> Option<PathBuf> {
     }
     let mut real = std::fs::canonicalize(&path).ok()?;
     if real.is_dir() {
+        if !rel.ends_with('/') {
+            return inside(dir, &real.join("index.html")).map(|_| Resolved::AddSlash);
+        }
         real = real.join("index.html");
+    } else if rel.ends_with('/') {
+        // "file.txt/" names no directory: nothing there (as nginx answers).
+        return None;
     }
-    inside(dir, &real)
+    inside(dir, &real).map(Resolved::File)
+}
+
+/// Opens a file `resolve` found, and checks what was opened: a name checked
+/// and then opened may have changed in between (a directory on the way
+/// swapped for a symlink out of the mount, the file for a FIFO, whose
+/// open would wait for a writer for ever). So the open neither follows a
+/// symlink at the end nor waits, and the descriptor must be a regular file
+/// whose own path lies inside `dir`.
+fn open_inside(dir: &Path, path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let is_file = file.metadata()?.is_file();
+    let real = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+    if !is_file || !real.starts_with(dir) {
+        return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "changed while it was opened"));
+    }
+    Ok(file)
 }
 
 /// `path` with its symlinks resolved, if that is a file inside `dir`:
@@ -85,6 +124,20 @@ pub fn resolve(dir: &Path, rel: &[u8]) -> Option<PathBuf> {
 fn inside(dir: &Path, path: &Path) -> Option<PathBuf> {
     let real = std::fs::canonicalize(path).ok()?;
     (real.starts_with(dir) && real.is_file()).then_some(real)
+}
+
+/// A decoded path made fit for a Location header: bytes outside the
+/// unreserved and path characters percent-encoded.
+fn percent_encode_path(path: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(path.len());
+    for &b in path {
+        if b.is_ascii_alphanumeric() || b"/-._~!$&'()*+,;=:@".contains(&b) {
+            out.push(b);
+        } else {
+            out.extend_from_slice(format!("%{b:02X}").as_bytes());
+        }
+    }
+    out
 }
 
 /// Content-Type by extension.
@@ -230,11 +283,24 @@ pub fn serve(ex: &Exchange, mount: &Mount, rel: &[u8], head: bool, method_ok: bo
         let _ = ex.write(b"405 Method Not Allowed\n", true);
         return;
     }
-    let Some(path) = resolve(&mount.dir, rel) else {
+    let not_found = || {
         let _ = ex.start(b"404 Not Found");
         let _ = ex.header(b"Content-Type", b"text/plain; charset=utf-8");
         let _ = ex.write(b"404 Not Found\n", true);
-        return;
+    };
+    let path = match resolve(&mount.dir, rel) {
+        Some(Resolved::File(path)) => path,
+        Some(Resolved::AddSlash) => {
+            let mut location = mount.prefix.as_bytes().to_vec();
+            location.extend_from_slice(rel);
+            location.push(b'/');
+            let _ = ex.start(b"301 Moved Permanently");
+            let _ = ex.header(b"Location", &percent_encode_path(&location));
+            let _ = ex.header(b"Content-Type", b"text/plain; charset=utf-8");
+            let _ = ex.write(b"301 Moved Permanently\n", true);
+            return;
+        }
+        None => return not_found(),
     };
     // A precompressed sibling, when the client takes it and it is as new:
     // the coding with the highest q, br before gzip at equal q. A sibling
@@ -259,11 +325,21 @@ pub fn serve(ex: &Exchange, mount: &Mount, rel: &[u8], head: bool, method_ok: bo
             }
         }
     }
-    let (file_path, coding) = chosen;
-    let Ok(file) = File::open(&file_path) else {
-        let _ = ex.start(b"403 Forbidden");
-        let _ = ex.write(b"", true);
-        return;
+    // An unreadable sibling falls back to the file itself.
+    let opened = match open_inside(&mount.dir, &chosen.0) {
+        Err(_) if chosen.1.is_some() => open_inside(&mount.dir, &path).map(|f| (f, None)),
+        other => other.map(|f| (f, chosen.1)),
+    };
+    let (file, coding) = match opened {
+        Ok(opened) => opened,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return not_found(),
+        Err(e) => {
+            tracing::warn!("--static {}: cannot open {}: {e}; answering 403", mount.prefix, path.display());
+            let _ = ex.start(b"403 Forbidden");
+            let _ = ex.header(b"Content-Type", b"text/plain; charset=utf-8");
+            let _ = ex.write(b"403 Forbidden\n", true);
+            return;
+        }
     };
     let Ok(meta) = file.metadata() else {
         let _ = ex.start(b"500 Internal Server Error");
@@ -380,13 +456,31 @@ mod tests {
         assert_eq!(m.relative(b"/static/a.css"), Some(&b"/a.css"[..]));
         assert_eq!(m.relative(b"/staticx/a.css"), None);
         assert!(resolve(&m.dir, b"/a.css").is_some());
-        assert!(resolve(&m.dir, b"/sub").unwrap().ends_with("sub/index.html"));
+        assert_eq!(resolve(&m.dir, b"/sub"), Some(Resolved::AddSlash));
+        assert!(
+            matches!(resolve(&m.dir, b"/sub/"), Some(Resolved::File(p)) if p.ends_with("sub/index.html"))
+        );
         assert!(resolve(&m.dir, b"/inner-link").is_some());
         for bad in
             [&b"/../secret.txt"[..], b"/sub/../../secret.txt", b"/link", b"/./a.css", b"/a.css\0", b"/nope"]
         {
             assert_eq!(resolve(&m.dir, bad), None, "{}", String::from_utf8_lossy(bad));
         }
+        assert_eq!(resolve(&m.dir, b"/a.css/"), None);
+
+        // What the open finds is checked again: a directory on the way that
+        // became a symlink out of the mount after `resolve`, a symlink or a
+        // FIFO at the end.
+        let Some(Resolved::File(checked)) = resolve(&m.dir, b"/sub/index.html") else { panic!() };
+        assert!(open_inside(&m.dir, &checked).is_ok());
+        std::fs::create_dir_all(root.join("elsewhere")).unwrap();
+        std::fs::write(root.join("elsewhere/index.html"), "out").unwrap();
+        std::fs::rename(root.join("public/sub"), root.join("public/sub-moved")).unwrap();
+        std::os::unix::fs::symlink(root.join("elsewhere"), root.join("public/sub")).unwrap();
+        assert!(open_inside(&m.dir, &checked).is_err());
+        assert!(open_inside(&m.dir, &m.dir.join("link")).is_err());
+        nix::unistd::mkfifo(&m.dir.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        assert!(open_inside(&m.dir, &m.dir.join("fifo")).is_err());
         let _ = std::fs::remove_dir_all(&root);
     }
 
