@@ -289,6 +289,53 @@ def test_metrics_count_a_known_mix_exactly(stats_server):
         ), text
 
 
+def test_requests_the_engine_refuses_are_logged_and_counted(start_server, tmp_path):
+    """A request refused before the app (malformed, a line too long, a body over
+    --max-body-size, one over the uwsgi protocol's rules) still gets an access log
+    line and counts under its status class, as a response the app wrote would."""
+    stats_port, uwsgi_port = _free_port(), _free_port()
+    log = tmp_path / "access.log"
+    s = start_server(
+        "behaviour:application",
+        "--stats",
+        f"127.0.0.1:{stats_port}",
+        "--uwsgi",
+        f"127.0.0.1:{uwsgi_port}",
+        "--max-body-size",
+        "10",
+        "--access-log",
+        str(log),
+    )
+    for raw in (
+        b"GARBAGE\r\n\r\n",
+        b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n",
+    ):
+        with s.connect() as conn:
+            conn.send(raw)
+            assert conn.read_response().status in (400, 414, 413)
+    with socket.create_connection(("127.0.0.1", uwsgi_port), timeout=10) as c:
+        pairs = b"".join(
+            len(k).to_bytes(2, "little") + k + len(v).to_bytes(2, "little") + v
+            for k, v in ((b"REQUEST_METHOD", b"POST"), (b"CONTENT_LENGTH", b"abc"))
+        )
+        c.sendall(b"\x00" + len(pairs).to_bytes(2, "little") + b"\x00" + pairs)
+        assert c.recv(100).startswith(b"HTTP/1.1 400")
+    lines = _read_lines(log, 4)
+    statuses = sorted(line.split('" ')[1].split()[0] for line in lines)
+    assert statuses == ["400", "400", "413", "414"], lines
+    assert any('"POST /echo HTTP/1.1" 413' in line for line in lines), lines
+
+    def settled():
+        text = _get(stats_port, "/metrics")[1].decode()
+        return text if _metric(text, "corral_requests_total", '{protocol="http",status="4xx"}') >= 3 else None
+
+    text = wait_until(settled)
+    assert text, _get(stats_port, "/metrics")[1].decode()
+    assert _metric(text, "corral_requests_total", '{protocol="http",status="4xx"}') == 3
+    assert _metric(text, "corral_requests_total", '{protocol="uwsgi",status="4xx"}') == 1
+
+
 def test_stats_json_and_cli(stats_server):
     s = stats_server
     with ThreadPoolExecutor(1) as pool:

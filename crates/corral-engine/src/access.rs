@@ -254,6 +254,18 @@ impl AccessLog {
         }
     }
 
+    /// Formats one line and writes it at once, outside any thread's buffer:
+    /// for responses the engine writes itself, off the serving path.
+    pub fn log_now(&self, e: &Entry<'_>) {
+        let mut buf = Vec::with_capacity(256);
+        match &self.format {
+            Format::Text(atoms) => self.text_line(&mut buf, atoms, e),
+            Format::Json => self.json_line(&mut buf, e),
+        }
+        buf.push(b'\n');
+        self.sink.write(&buf);
+    }
+
     /// Writes out thread `t`'s buffer, when it holds lines.
     pub fn flush_thread(&self, t: usize) {
         let mut buf = self.buffers[t].lock().unwrap_or_else(|p| p.into_inner());

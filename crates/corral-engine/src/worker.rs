@@ -137,6 +137,8 @@ struct Conn {
     remote_port: String,
     /// Monotonic ms when the first byte of the current request arrived.
     request_started: u64,
+    /// Bytes of the buffer an incomplete HTTP head had when last looked at.
+    parsed_upto: usize,
     /// FastCGI state between records (FastCGI listeners only).
     fcgi: FcgiConn,
     /// The descriptor is in the worker's epoll set (it has been parked once),
@@ -907,6 +909,7 @@ fn shed<A: App>(w: &Shared<A>, fd: RawFd, idx: usize) {
     };
     if !reply.is_empty() {
         let _ = io.write_parts(&[&reply], blocking);
+        record_refusal(w, None, idx, b"", 503, reply.len() as u64);
     }
     drain_and_close(&mut io);
     unsafe { libc::close(fd) };
@@ -1042,6 +1045,7 @@ fn adopt<A: App>(
         remote_addr,
         remote_port,
         request_started: mono_ms(),
+        parsed_upto: 0,
         fcgi: FcgiConn::default(),
         registered: false,
         // uwsgi and SCGI carry one request per connection: nothing to re-arm.
@@ -1253,6 +1257,23 @@ fn serve_claimed<A: App>(
     }
 }
 
+/// Whether an incomplete head, `parsed` bytes of which were looked at before,
+/// may have become complete or bad with what `buf` has now. Parsing it all
+/// again after every read would cost a client dribbling a large head in
+/// small pieces the square of its size; only an empty line ends a head, and
+/// past the request line only the size limit refuses one unseen.
+fn worth_parsing(buf: &[u8], parsed: usize, limits: &http1::Limits) -> bool {
+    let parsed = parsed.min(buf.len());
+    let new = &buf[parsed.saturating_sub(3)..];
+    parsed == 0
+        // The request line not ended yet (it is short: the parser refuses a
+        // longer one), so a look at its bytes is cheap.
+        || !buf[..parsed.min(limits.max_request_line + 2)].contains(&b'\n')
+        || new.windows(2).any(|w| w == b"\n\n")
+        || new.windows(3).any(|w| w == b"\n\r\n")
+        || buf.len() > limits.max_head_bytes()
+}
+
 /// Reads until a whole head is buffered, the socket is drained, or the head is bad.
 fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
     let mut io = conn.io.lock().unwrap();
@@ -1260,7 +1281,11 @@ fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
     let mut want = READ_CHUNK;
     let mut head_len = None;
     loop {
-        if !io.buf.is_empty() {
+        let worth = !io.buf.is_empty()
+            && (head_len.is_some() || worth_parsing(&io.buf, conn.parsed_upto, &w.config.limits));
+        // Looked at either way: the next check starts after these bytes.
+        conn.parsed_upto = io.buf.len();
+        if worth {
             match http1::parse_head(&io.buf, &w.config.limits, &mut conn.head) {
                 Ok(Status::Complete((), n)) => {
                     // A small body is read before the app runs, like the head:
@@ -1275,6 +1300,7 @@ fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                         _ => 0,
                     };
                     if missing == 0 {
+                        conn.parsed_upto = 0;
                         return Next::Request(n);
                     }
                     head_len = Some(n);
@@ -1289,7 +1315,9 @@ fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                         reason(e.status())
                     );
                     let blocking: fn(&mut dyn FnMut()) = |f| f();
-                    let _ = io.write_parts(&[&error_response(e.status(), &e.to_string())], blocking);
+                    let reply = error_response(e.status(), &e.to_string());
+                    let _ = io.write_parts(&[&reply], blocking);
+                    record_refusal(w, Some(conn), conn.listener, &io.buf, e.status(), reply.len() as u64);
                     drain_and_close(&mut io);
                     return Next::Close;
                 }
@@ -1430,8 +1458,9 @@ fn read_gateway<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
         let was_empty = io.buf.is_empty();
         match io.read_some(want) {
             Ok(0) if head_ready => {
-                // Closed inside a small body: serve it short (the app sees
-                // end of input and the log says so) rather than not at all.
+                // Closed inside a small body: the app still gets the request,
+                // and its read of the body fails where the bytes end, as with
+                // a larger body (the log says so).
                 return take_short_gateway_request(&mut io, protocol);
             }
             Ok(0) => {
@@ -1494,7 +1523,9 @@ fn refuse<A: App>(w: &Shared<A>, conn: &Conn, io: &mut Io, wire: Wire, status: u
         reason(status)
     );
     let blocking: fn(&mut dyn FnMut()) = |f| f();
-    let _ = io.write_parts(&[&error_reply(wire, status, why)], blocking);
+    let reply = error_reply(wire, status, why);
+    let _ = io.write_parts(&[&reply], blocking);
+    record_refusal(w, Some(conn), conn.listener, &io.buf, status, reply.len() as u64);
     drain_and_close(io);
     Next::Close
 }
@@ -1669,6 +1700,7 @@ fn handle_request<A: App>(
                 let blocking: fn(&mut dyn FnMut()) = |f| f();
                 let reply = error_reply(io.wire, 413, "request body too large");
                 let _ = io.write_parts(&[&reply], blocking);
+                record_refusal(w, Some(conn), conn.listener, &bytes, 413, reply.len() as u64);
                 drain_and_close(&mut io);
                 return false;
             }
@@ -2040,6 +2072,48 @@ fn warn_bad_stream(conn: &Conn, listener: &ListenerInfo, io: &Io) {
     }
 }
 
+/// A response the engine wrote itself to a request it would not pass to the
+/// app (malformed, too large, over the connection limit): counted in the
+/// metrics and given an access log line like any other. `head` is what was
+/// read of the request; an HTTP request line in it gives the method and
+/// target, when it has one.
+fn record_refusal<A: App>(
+    w: &Shared<A>,
+    conn: Option<&Conn>,
+    idx: usize,
+    head: &[u8],
+    status: u16,
+    sent: u64,
+) {
+    let listener = &w.listeners[idx].1;
+    let started = conn.map_or(mono_ms(), |c| c.request_started);
+    let micros = mono_ms().saturating_sub(started) * 1000;
+    w.scoreboard.record(w.slot, listener.protocol as usize, status, micros, head.len() as u64, sent);
+    let Some(log) = &w.access else { return };
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let mut parts = line.splitn(3, |&b| b == b' ');
+    let (method, target, protocol) = match (listener.protocol, parts.next(), parts.next(), parts.next()) {
+        (Protocol::Http, Some(m), Some(t), Some(p)) if p.starts_with(b"HTTP/") => {
+            (m, t, String::from_utf8_lossy(p).into_owned())
+        }
+        _ => (&b"-"[..], &b"-"[..], "-".to_string()),
+    };
+    let none = |_: &str| -> Option<Vec<u8>> { None };
+    log.log_now(&crate::access::Entry {
+        remote_addr: conn.map_or("-", |c| c.remote_addr.as_str()),
+        method,
+        target,
+        protocol: &protocol,
+        status,
+        bytes: sent,
+        micros,
+        request_header: &none,
+        response_header: &none,
+        environ: &none,
+    });
+}
+
 fn peer(conn: &Conn, l: &ListenerInfo) -> String {
     if l.is_unix {
         format!("unix:{}", l.server_name)
@@ -2106,4 +2180,31 @@ pub fn error_response(status: u16, detail: &str) -> Vec<u8> {
     out.extend_from_slice(b"Connection: close\r\n\r\n");
     out.extend_from_slice(body.as_bytes());
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worth_parsing;
+    use corral_proto::http1::Limits;
+
+    #[test]
+    fn an_incomplete_head_is_parsed_again_only_when_it_may_have_ended() {
+        let limits = Limits::default();
+        let head = b"GET / HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n";
+        // First bytes, and the request line still coming: parsed.
+        assert!(worth_parsing(&head[..5], 0, &limits));
+        assert!(worth_parsing(&head[..10], 5, &limits));
+        // More fields: nothing can have ended.
+        assert!(!worth_parsing(&head[..30], 20, &limits));
+        // The empty line, also when it straddles two reads.
+        let mut whole = head.to_vec();
+        whole.extend_from_slice(b"\r\n");
+        assert!(worth_parsing(&whole, head.len(), &limits));
+        assert!(worth_parsing(&whole, head.len() + 1, &limits));
+        assert!(worth_parsing(b"GET / HTTP/1.0\n\n", 15, &limits));
+        // Past the size limit, the parser refuses it.
+        let mut big = head.to_vec();
+        big.resize(limits.max_head_bytes() + 1, b'a');
+        assert!(worth_parsing(&big, head.len(), &limits));
+    }
 }
