@@ -1256,3 +1256,19 @@ def test_fastcgi_stream_survives_a_half_close(gw):
         r = g.parse_any("fastcgi", out)
         assert r.protocol_status == g.FCGI_REQUEST_COMPLETE
         assert r.body == b"".join(f"chunk{i}\n".encode() for i in range(200)), r.body[-100:]
+
+
+def test_static_files_over_fastcgi_follow_the_path_the_front_end_routed_on(start_server, tmp_path):
+    """HAProxy and Apache send REQUEST_URI only: a --static file is found for the
+    path the app would see (decoded, dot segments resolved, absolute form reduced
+    to its path), not for the raw target."""
+    root = tmp_path / "files"
+    root.mkdir()
+    (root / "f.txt").write_text("file")
+    server = g.start_gateways(
+        start_server, "behaviour:application", [("fastcgi", "127.0.0.1:0")], "--static", f"/static={root}"
+    )
+    addr = server.addr("fastcgi")
+    for uri in ("/static/f.txt", "/x/../static/f.txt", "/static/%66.txt", "http://h/static/f.txt?q=1"):
+        r = g.call("fastcgi", addr, params=g.cgi_params(uri=uri))
+        assert (r.status, r.body) == (200, b"file"), uri

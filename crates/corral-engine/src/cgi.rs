@@ -171,12 +171,7 @@ pub fn environ<'b>(params: &CgiParams, bytes: &'b [u8], mount: &'b [u8]) -> CgiE
         None if document_uri.is_some_and(|d| d.starts_with(b"/")) => {
             (Cow::Borrowed(document_uri.unwrap_or_default()), Cow::Borrowed(b""))
         }
-        None if request_uri.is_some() => {
-            let uri_path = origin_form(uri_path);
-            let mut decoded = Vec::with_capacity(uri_path.len());
-            percent_decode(uri_path, &mut decoded);
-            (Cow::Owned(normalize_path(decoded)), Cow::Borrowed(b""))
-        }
+        None if request_uri.is_some() => (Cow::Owned(request_path(uri_path)), Cow::Borrowed(b"")),
         // Neither PATH_INFO nor REQUEST_URI (a bare CGI environment): the
         // script name is all there is to go by.
         None => (Cow::Borrowed(script_sent.unwrap_or(b"")), Cow::Borrowed(b"")),
@@ -199,6 +194,16 @@ pub fn environ<'b>(params: &CgiParams, bytes: &'b [u8], mount: &'b [u8]) -> CgiE
         }
     }
     CgiEnviron { vars, path_info: path, script_name: script, https }
+}
+
+/// The path a REQUEST_URI (without its query) names, as PATH_INFO takes it
+/// when the front end sends none: origin form, percent-decoded, with its dot
+/// segments and repeated slashes resolved.
+pub fn request_path(uri_path: &[u8]) -> Vec<u8> {
+    let uri_path = origin_form(uri_path);
+    let mut decoded = Vec::with_capacity(uri_path.len());
+    percent_decode(uri_path, &mut decoded);
+    normalize_path(decoded)
 }
 
 /// The path of a request target in absolute form (`http://host/path`, which

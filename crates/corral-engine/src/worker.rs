@@ -1818,16 +1818,21 @@ fn static_target<'m>(
         return None;
     }
     let raw: &[u8] = match req.cgi() {
-        Some(c) => match c.get(req.bytes, b"PATH_INFO") {
-            Some(p) => {
-                // Already decoded by the front end.
-                return mounts.iter().find_map(|m| m.relative(p).map(|r| (m, r.to_vec())));
-            }
-            None => {
-                let uri = c.get(req.bytes, b"REQUEST_URI").unwrap_or(b"");
-                uri.split(|&b| b == b'?').next().unwrap_or(b"")
-            }
-        },
+        Some(c) => {
+            // The path the app would see as SCRIPT_NAME + PATH_INFO, so that a
+            // file is served for the path the front end routed on: PATH_INFO
+            // (decoded by the front end), else DOCUMENT_URI (nginx's, also
+            // normalized), else REQUEST_URI decoded and normalized.
+            let path = match (c.get(req.bytes, b"PATH_INFO"), c.get(req.bytes, b"DOCUMENT_URI")) {
+                (Some(p), _) => p.to_vec(),
+                (None, Some(d)) if d.starts_with(b"/") => d.to_vec(),
+                _ => {
+                    let uri = c.get(req.bytes, b"REQUEST_URI").unwrap_or(b"");
+                    cgi::request_path(uri.split(|&b| b == b'?').next().unwrap_or(b""))
+                }
+            };
+            return mounts.iter().find_map(|m| m.relative(&path).map(|r| (m, r.to_vec())));
+        }
         None => req.path(),
     };
     let mut decoded = Vec::with_capacity(raw.len());
