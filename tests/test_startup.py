@@ -396,3 +396,21 @@ def test_usr1_during_a_preloaded_import_kills_no_worker(start_server):
     assert server.request("GET", "/").status == 200
     time.sleep(0.5)
     assert not server.grep(r"killed by signal|exited with code"), server.log
+
+
+def test_workers_the_master_kills_itself_are_not_reported_as_crashes(start_server):
+    """A second HUP while the first one's workers still load makes them unneeded:
+    the master kills them, and says so, rather than warn that a worker was killed
+    by a signal as if it had crashed."""
+    import signal
+
+    server = start_server("slow_import:application", env={"CORRAL_TEST_IMPORT_SECS": "1"}, wait=False)
+    server.wait_started(timeout=20)
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    server.wait_for(r"Booting worker", since=mark)
+    time.sleep(0.3)
+    server.signal(signal.SIGHUP)
+    server.wait_for(r"stopped with SIGKILL: a later reload made it unneeded", since=mark, timeout=20)
+    server.wait_for(r"Worker ready", since=mark, timeout=20)
+    assert not server.grep(r"killed by signal", mark), server.log

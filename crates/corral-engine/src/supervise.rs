@@ -151,6 +151,9 @@ struct Worker {
     /// The worker this one is booting to replace; it is told to stop once
     /// this one is ready, so the pool never shrinks during a replacement.
     replaces: Option<libc::pid_t>,
+    /// Why the master itself sent it SIGKILL, if it did: its death is then
+    /// no crash to warn about.
+    killed: Option<&'static str>,
 }
 
 pub struct Master<'a, H: Hooks> {
@@ -721,6 +724,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             unsafe { libc::kill(pid, libc::SIGKILL) };
             if let Some(w) = self.workers.get_mut(&pid) {
                 w.kill_at = None;
+                w.killed = Some("it did not finish within the graceful timeout");
             }
         }
     }
@@ -883,10 +887,11 @@ impl<'a, H: Hooks> Master<'a, H> {
         self.signal_all(libc::SIGTERM);
         // A worker still loading the app has no request to finish, and its
         // signals wait until the import is done, which may be never.
-        for (pid, w) in &self.workers {
+        for (pid, w) in self.workers.iter_mut() {
             if self.scoreboard.state(w.slot) == WorkerState::Booting {
                 info!("Worker {} (pid {pid}) is still loading the application; stopping it at once", w.slot);
                 unsafe { libc::kill(*pid, libc::SIGKILL) };
+                w.killed = Some("the server stopped while it loaded the application");
             }
         }
         self.phase = Phase::Draining { deadline: Instant::now() + self.config.graceful_timeout };
@@ -899,6 +904,9 @@ impl<'a, H: Hooks> Master<'a, H> {
             w.retiring = true;
             w.replaces = None;
             w.kill_at = Some(Instant::now() + grace);
+            if sig == libc::SIGKILL {
+                w.killed = Some("a later reload made it unneeded");
+            }
         }
         unsafe { libc::kill(pid, sig) };
     }
@@ -979,8 +987,10 @@ impl<'a, H: Hooks> Master<'a, H> {
             self.hooks.worker_exit(code);
         }
         self.hooks.after_fork_parent();
-        self.workers
-            .insert(pid, Worker { slot, started: Instant::now(), retiring: false, kill_at: None, replaces });
+        self.workers.insert(
+            pid,
+            Worker { slot, started: Instant::now(), retiring: false, kill_at: None, replaces, killed: None },
+        );
         info!("Booting worker {slot} with pid {pid}");
     }
 
@@ -1031,8 +1041,14 @@ impl<'a, H: Hooks> Master<'a, H> {
                 continue;
             }
             if w.retiring || self.phase != Phase::Running {
+                let load_failed =
+                    !booted && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == EXIT_APP_LOAD_FAILED;
                 if clean {
                     info!("Worker {} (pid {pid}) exited", w.slot);
+                } else if let (Some(why), true) = (w.killed, libc::WIFSIGNALED(status)) {
+                    info!("Worker {} (pid {pid}) stopped with SIGKILL: {why}", w.slot);
+                } else if load_failed {
+                    info!("Worker {} (pid {pid}) could not load the application either", w.slot);
                 } else {
                     warn!("Worker {} (pid {pid}) {how}{}", w.slot, describe_serving(&serving));
                 }
@@ -1080,7 +1096,14 @@ impl<'a, H: Hooks> Master<'a, H> {
             } else {
                 self.boot_failures = 0;
                 self.note_respawn("crash", w.slot);
-                error!("Worker {} (pid {pid}) {how}{}; replacing it", w.slot, describe_serving(&serving));
+                if clean {
+                    // Exit 0 from a serving worker: stopped by someone else
+                    // (a TERM sent to it, not to the master), or the app
+                    // called sys.exit(0).
+                    warn!("Worker {} (pid {pid}) {how}{}; replacing it", w.slot, describe_serving(&serving));
+                } else {
+                    error!("Worker {} (pid {pid}) {how}{}; replacing it", w.slot, describe_serving(&serving));
+                }
             }
         }
     }
