@@ -97,8 +97,21 @@ pub(crate) fn target(board: &Scoreboard, me: usize) -> Option<libc::pid_t> {
     let start = NEXT.fetch_add(1, Ordering::Relaxed);
     (0..slots).map(|i| (start + i) % slots).find_map(|slot| {
         let pid = board.pid(slot);
-        (slot != me && pid > 0 && board.state(slot) == WorkerState::Ready).then_some(pid)
+        (slot != me && board.state(slot) == WorkerState::Ready && alive(pid)).then_some(pid)
     })
+}
+
+/// Whether a worker other than `me` serves or is starting to: one that can
+/// take connections now or soon. None during a stop, when every worker drains.
+pub(crate) fn successor(board: &Scoreboard, me: usize) -> bool {
+    (0..board.slots())
+        .any(|slot| slot != me && board.state(slot) != WorkerState::Draining && alive(board.pid(slot)))
+}
+
+/// A slot keeps the pid and state of a worker that died until the slot is
+/// used again: only a process that exists counts.
+fn alive(pid: libc::pid_t) -> bool {
+    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
 }
 
 /// Sends `conn` (a descriptor this process keeps until it closes its copy)

@@ -515,10 +515,18 @@ impl<'a, H: Hooks> Master<'a, H> {
                 );
                 // A reload also cancels replacements still booting from an
                 // earlier one: their old workers get fresh replacements.
-                let booting: Vec<libc::pid_t> =
-                    self.workers.iter().filter(|(_, w)| w.replaces.is_some()).map(|(p, _)| *p).collect();
-                for pid in booting {
-                    self.retire(pid, libc::SIGKILL);
+                let booting: Vec<(libc::pid_t, usize)> = self
+                    .workers
+                    .iter()
+                    .filter(|(_, w)| w.replaces.is_some())
+                    .map(|(p, w)| (*p, w.slot))
+                    .collect();
+                for (pid, slot) in booting {
+                    // One that has just become ready (the master has not read
+                    // its state yet) may already serve connections, handed
+                    // over by a draining sibling too: it stops gracefully.
+                    let ready = self.scoreboard.state(slot) == WorkerState::Ready;
+                    self.retire(pid, if ready { libc::SIGTERM } else { libc::SIGKILL });
                 }
                 crate::systemd::notify_reloading();
                 self.told_ready = false;

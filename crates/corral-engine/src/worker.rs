@@ -1057,9 +1057,11 @@ fn adopt<A: App>(
 /// Connections this worker handed to siblings while draining.
 static HANDED_OVER: AtomicUsize = AtomicUsize::new(0);
 
-/// Whether a sibling could take a connection from this draining worker now.
+/// Whether a sibling could take a connection from this draining worker, now
+/// or once it has started (a replacement still loading the app): the
+/// connection then waits here, parked, for the sweeper to hand it over.
 fn can_hand_over<A: App>(w: &Shared<A>) -> bool {
-    w.inbox.is_some() && crate::handover::target(&w.scoreboard, w.slot).is_some()
+    w.inbox.is_some() && crate::handover::successor(&w.scoreboard, w.slot)
 }
 
 fn note_of<A: App>(w: &Shared<A>, e: &Entry) -> crate::handover::Note {
@@ -1068,7 +1070,8 @@ fn note_of<A: App>(w: &Shared<A>, e: &Entry) -> crate::handover::Note {
 }
 
 /// In a draining worker, hands a connection between two requests (nothing
-/// buffered, its responses written) to a sibling; gives it back if it stays.
+/// buffered, its responses written) to a sibling; gives it back if it stays
+/// (to be parked: the sweeper hands it over once a sibling is ready).
 fn hand_over_if_draining<A: App>(w: &Shared<A>, conn: Box<Conn>) -> Option<Box<Conn>> {
     if !draining() || w.inbox.is_none() || conn.entry.fresh.load(Ordering::Relaxed) {
         return Some(conn);
