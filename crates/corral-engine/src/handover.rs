@@ -16,10 +16,16 @@
 //! same user are believed (SO_PASSCRED), and only a descriptor that is a
 //! stream socket is taken.
 
-use std::io;
+use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    self, sockopt, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
+    UnixAddr, UnixCredentials,
+};
 
 use crate::scoreboard::{Scoreboard, WorkerState};
 
@@ -50,42 +56,24 @@ impl Note {
     }
 }
 
-fn address(master: libc::pid_t, worker: libc::pid_t) -> (libc::sockaddr_un, libc::socklen_t) {
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let name = format!("corral-handover-{master}-{worker}");
-    // Abstract namespace: a leading NUL, no file, gone with the socket.
-    for (i, b) in name.bytes().enumerate() {
-        addr.sun_path[i + 1] = b as libc::c_char;
-    }
-    let len = std::mem::size_of::<libc::sa_family_t>() + 1 + name.len();
-    (addr, len as libc::socklen_t)
+fn address(master: libc::pid_t, worker: libc::pid_t) -> io::Result<UnixAddr> {
+    Ok(UnixAddr::new_abstract(format!("corral-handover-{master}-{worker}").as_bytes())?)
+}
+
+fn datagram_socket() -> io::Result<OwnedFd> {
+    Ok(socket::socket(
+        AddressFamily::Unix,
+        SockType::Datagram,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?)
 }
 
 /// This worker's inbox: where siblings send it connections.
 pub(crate) fn bind_inbox(master: libc::pid_t) -> io::Result<OwnedFd> {
-    let fd = unsafe {
-        libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0)
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let one: libc::c_int = 1;
-    let (addr, len) = address(master, std::process::id() as libc::pid_t);
-    unsafe {
-        if libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PASSCRED,
-            &one as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        ) < 0
-            || libc::bind(fd.as_raw_fd(), &addr as *const _ as *const libc::sockaddr, len) < 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-    }
+    let fd = datagram_socket()?;
+    socket::setsockopt(&fd, sockopt::PassCred, &true)?;
+    socket::bind(fd.as_raw_fd(), &address(master, std::process::id() as libc::pid_t)?)?;
     Ok(fd)
 }
 
@@ -111,7 +99,7 @@ pub(crate) fn successor(board: &Scoreboard, me: usize) -> bool {
 /// A slot keeps the pid and state of a worker that died until the slot is
 /// used again: only a process that exists counts.
 fn alive(pid: libc::pid_t) -> bool {
-    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+    pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
 }
 
 /// Sends `conn` (a descriptor this process keeps until it closes its copy)
@@ -119,37 +107,17 @@ fn alive(pid: libc::pid_t) -> bool {
 /// and the caller then closes the connection as it would have.
 pub(crate) fn send(master: libc::pid_t, to: libc::pid_t, conn: RawFd, note: Note) -> io::Result<()> {
     static SENDER: OnceLock<Option<OwnedFd>> = OnceLock::new();
-    let sender = SENDER.get_or_init(|| {
-        let fd = unsafe {
-            libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0)
-        };
-        (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
-    });
-    let Some(sender) = sender else {
+    let Some(sender) = SENDER.get_or_init(|| datagram_socket().ok()) else {
         return Err(io::Error::other("no socket to send connections with"));
     };
-    let (mut addr, len) = address(master, to);
     let payload = note.encode();
-    let mut iov = libc::iovec { iov_base: payload.as_ptr() as *mut libc::c_void, iov_len: payload.len() };
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    let mut control = vec![0u8; space];
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_name = &mut addr as *mut _ as *mut libc::c_void;
-    msg.msg_namelen = len;
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut RawFd, conn);
-        if libc::sendmsg(sender.as_raw_fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
+    socket::sendmsg(
+        sender.as_raw_fd(),
+        &[IoSlice::new(&payload)],
+        &[ControlMessage::ScmRights(&[conn])],
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+        Some(&address(master, to)?),
+    )?;
     Ok(())
 }
 
@@ -165,78 +133,46 @@ pub(crate) enum Received {
 /// Takes one message from the inbox, without waiting.
 pub(crate) fn receive(inbox: RawFd) -> io::Result<Received> {
     let mut payload = [0u8; 16];
-    let mut iov = libc::iovec { iov_base: payload.as_mut_ptr().cast(), iov_len: payload.len() };
+    let mut iov = [IoSliceMut::new(&mut payload)];
     // Room for a few descriptors (one is expected; more are closed) and the
     // sender's credentials.
-    let space = unsafe {
-        libc::CMSG_SPACE(4 * std::mem::size_of::<RawFd>() as u32)
-            + libc::CMSG_SPACE(std::mem::size_of::<libc::ucred>() as u32)
-    } as usize;
-    let mut control = vec![0u8; space];
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    let n = unsafe { libc::recvmsg(inbox, &mut msg, libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC) };
-    if n < 0 {
-        let e = io::Error::last_os_error();
-        return match e.kind() {
-            io::ErrorKind::WouldBlock => Ok(Received::Empty),
-            _ => Err(e),
-        };
-    }
+    let mut control = nix::cmsg_space!([RawFd; 4], UnixCredentials);
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
+    let msg = match socket::recvmsg::<()>(inbox, &mut iov, Some(&mut control), flags) {
+        Ok(msg) => msg,
+        Err(Errno::EAGAIN) => return Ok(Received::Empty),
+        Err(e) => return Err(e.into()),
+    };
+    let (len, truncated) = (msg.bytes, msg.flags.contains(MsgFlags::MSG_TRUNC));
     let mut fds: Vec<OwnedFd> = Vec::new();
     let mut uid = None;
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-        while !cmsg.is_null() {
-            let data = libc::CMSG_DATA(cmsg);
-            let len = (*cmsg).cmsg_len as usize - (data as usize - cmsg as usize);
-            match ((*cmsg).cmsg_level, (*cmsg).cmsg_type) {
-                (libc::SOL_SOCKET, libc::SCM_RIGHTS) => {
-                    for i in 0..len / std::mem::size_of::<RawFd>() {
-                        let fd = std::ptr::read_unaligned((data as *const RawFd).add(i));
-                        fds.push(OwnedFd::from_raw_fd(fd));
-                    }
-                }
-                (libc::SOL_SOCKET, libc::SCM_CREDENTIALS) => {
-                    let cred: libc::ucred = std::ptr::read_unaligned(data as *const libc::ucred);
-                    uid = Some(cred.uid);
-                }
-                _ => {}
+    // Err only when the control data was cut short.
+    let Ok(cmsgs) = msg.cmsgs() else {
+        return Ok(Received::Dropped("a message too large for a connection handed over"));
+    };
+    for cmsg in cmsgs {
+        match cmsg {
+            ControlMessageOwned::ScmRights(received) => {
+                fds.extend(received.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }))
             }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            ControlMessageOwned::ScmCredentials(cred) => uid = Some(cred.uid()),
+            _ => {}
         }
     }
-    if msg.msg_flags & (libc::MSG_CTRUNC | libc::MSG_TRUNC) != 0 {
+    if truncated {
         return Ok(Received::Dropped("a message too large for a connection handed over"));
     }
-    if uid != Some(unsafe { libc::geteuid() }) {
+    if uid != Some(nix::unistd::geteuid().as_raw()) {
         return Ok(Received::Dropped("a message from a process of another user"));
     }
-    let Some(note) = Note::decode(&payload[..n as usize]) else {
+    let Some(note) = Note::decode(&payload[..len]) else {
         return Ok(Received::Dropped("a message that is not a connection handed over"));
     };
-    if fds.len() != 1 || !is_stream_socket(fds[0].as_raw_fd()) {
-        return Ok(Received::Dropped("a message without exactly one connected socket"));
+    let stream = |fd: &OwnedFd| socket::getsockopt(fd, sockopt::SockType) == Ok(SockType::Stream);
+    match fds.pop() {
+        Some(fd) if fds.is_empty() && stream(&fd) => Ok(Received::Conn(fd, note)),
+        _ => Ok(Received::Dropped("a message without exactly one connected socket")),
     }
-    Ok(Received::Conn(fds.pop().unwrap(), note))
-}
-
-fn is_stream_socket(fd: RawFd) -> bool {
-    let mut kind: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            &mut kind as *mut _ as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    r == 0 && kind == libc::SOCK_STREAM
 }
 
 #[cfg(test)]

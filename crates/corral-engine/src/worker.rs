@@ -705,7 +705,12 @@ fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) {
                     // Under the registry lock, so no thread closes the
                     // descriptor meanwhile. A thread woken for it from here on
                     // finds it CLOSING and closes this process's copy only.
-                    match crate::handover::send(w.master, to, e.fd, note_of(w, e)) {
+                    match crate::handover::send(
+                        w.master,
+                        to,
+                        e.fd,
+                        note_for(w, e.listener.load(Ordering::Relaxed)),
+                    ) {
                         Ok(()) => {
                             e.handed.store(true, Ordering::Relaxed);
                             w.handed.fetch_add(1, Ordering::Relaxed);
@@ -1064,8 +1069,8 @@ fn can_hand_over<A: App>(w: &Shared<A>) -> bool {
     w.inbox.is_some() && crate::handover::successor(&w.scoreboard, w.slot)
 }
 
-fn note_of<A: App>(w: &Shared<A>, e: &Entry) -> crate::handover::Note {
-    let idx = e.listener.load(Ordering::Relaxed);
+/// What goes with a connection from listener `idx` that is handed over.
+fn note_for<A: App>(w: &Shared<A>, idx: usize) -> crate::handover::Note {
     crate::handover::Note { listener: idx as u16, protocol: w.listeners[idx].1.protocol as u8 }
 }
 
@@ -1086,11 +1091,7 @@ fn hand_over_if_draining<A: App>(w: &Shared<A>, conn: Box<Conn>) -> Option<Box<C
     if !ready {
         return Some(conn);
     }
-    let note = crate::handover::Note {
-        listener: conn.listener as u16,
-        protocol: w.listeners[conn.listener].1.protocol as u8,
-    };
-    match crate::handover::send(w.master, to, conn.entry.fd, note) {
+    match crate::handover::send(w.master, to, conn.entry.fd, note_for(w, conn.listener)) {
         Ok(()) => {
             HANDED_OVER.fetch_add(1, Ordering::Relaxed);
             // The sibling holds the connection too, so closing this copy
