@@ -120,8 +120,12 @@ def test_killed_worker_fails_only_its_own_request(start_server):
         load = Load(server)
         time.sleep(0.2)
         os.kill(victim, signal.SIGKILL)
-        # The master names the request the worker was serving when it died.
-        assert server.wait_for(rf"\b{victim}\b.*while serving GET /slow", since=mark)
+        # The master names the requests the worker was serving when it died:
+        # the slow one, and the load's request if one was in flight on the
+        # other thread at that instant.
+        assert server.wait_for(
+            rf"\b{victim}\b.*while serving .*GET /slow\?secs=30&id=victim \(\d+ ms in\)", since=mark
+        )
         server.wait_for(READY_RE.pattern, since=mark)
         time.sleep(0.3)
         results = load.finish()
