@@ -296,6 +296,38 @@ def test_server_name_with_port_loses_the_port(gw, proto):
     assert r.env("SERVER_PORT") == "8443"
 
 
+@pytest.mark.parametrize("proto", PROTOS)
+def test_an_empty_server_name_is_the_requested_host(gw, proto):
+    """nginx sends SERVER_NAME "" from a server block without `server_name`; PEP 3333
+    never allows an empty one, so it is the Host the client asked for."""
+    env = _env(gw, proto, extra=[("SERVER_NAME", ""), ("HTTP_HOST", "shop.example:8443")])
+    assert env["SERVER_NAME"] == "shop.example"
+    assert env["SERVER_PORT"] == "8080"
+
+
+def test_the_access_log_shows_the_path_of_a_peer_without_request_uri(start_server, tmp_path):
+    log = tmp_path / "access.log"
+    server = g.start_gateways(
+        start_server,
+        "behaviour:application",
+        [(p, "127.0.0.1:0") for p in PROTOS],
+        "--access-log",
+        str(log),
+        "--access-log-format",
+        "%(p)s %(m)s %(U)s %(s)s",
+    )
+    for proto in PROTOS:
+        pairs = [(k, v) for k, v in g.cgi_params(uri="/fixed") if k != b"REQUEST_URI"]
+        pairs.append((b"PATH_INFO", b"/fixed"))
+        if proto == "scgi":
+            pairs.insert(1, (b"SCGI", b"1"))
+            pairs[0] = (b"CONTENT_LENGTH", b"0")
+        assert g.call(proto, server.addr(proto), params=pairs).status == 200
+    assert wait_until(lambda: len(log.read_text().splitlines()) == len(PROTOS))
+    for line in log.read_text().splitlines():
+        assert line.split(" ", 1)[1] == "GET /fixed 200", line
+
+
 # -- bodies ---------------------------------------------------------------------------
 
 

@@ -66,11 +66,16 @@ impl<'a> Request<'a> {
     pub fn describe(&self) -> String {
         format!("{} {}", log_escape(self.method()), log_escape(self.target()))
     }
-    /// The request target exactly as sent (REQUEST_URI).
+    /// The request target exactly as sent (REQUEST_URI), for logs and the
+    /// scoreboard. A gateway peer that sends no REQUEST_URI (a bare CGI
+    /// environment) gets the path it routed on instead, without its query.
     pub fn target(&self) -> &'a [u8] {
         match self.meta {
             Meta::Http(h) => &self.bytes[h.target.clone()],
-            Meta::Cgi(c) => c.get(self.bytes, b"REQUEST_URI").unwrap_or(b""),
+            Meta::Cgi(c) => [&b"REQUEST_URI"[..], b"DOCUMENT_URI", b"PATH_INFO", b"SCRIPT_NAME"]
+                .into_iter()
+                .find_map(|k| c.get(self.bytes, k).filter(|v| !v.is_empty()))
+                .unwrap_or(b""),
         }
     }
     /// The raw (still percent-encoded) path of an HTTP request.

@@ -127,6 +127,9 @@ pub fn environ<'b>(params: &CgiParams, bytes: &'b [u8], mount: &'b [u8]) -> CgiE
             b"QUERY_STRING" => have_query = true,
             b"SERVER_PROTOCOL" => have_protocol = true,
             b"SERVER_PORT" => server_port_sent = true,
+            // nginx sends an empty one from a server block without
+            // `server_name`; PEP 3333 says SERVER_NAME is never empty.
+            b"SERVER_NAME" if value.is_empty() => continue,
             b"SERVER_NAME" => {
                 let (host, port) = split_host_port(value);
                 port_from_name = port.or(port_from_name);
@@ -147,6 +150,19 @@ pub fn environ<'b>(params: &CgiParams, bytes: &'b [u8], mount: &'b [u8]) -> CgiE
             vars.push((key, Cow::Borrowed(value)));
         } else {
             set(&mut vars, key, Cow::Borrowed(value));
+        }
+    }
+    if !vars.iter().any(|(k, _)| *k == b"SERVER_NAME") {
+        // None sent, or an empty one: the host the client asked for, as an
+        // HTTP server takes it; without a Host either, the template's
+        // listener address stays.
+        let host = vars.iter().find(|(k, _)| *k == b"HTTP_HOST").map(|(_, v)| v.clone());
+        if let Some(host) = host.filter(|h| !h.is_empty()) {
+            let name = match host {
+                Cow::Borrowed(h) => Cow::Borrowed(split_host_port(h).0),
+                Cow::Owned(h) => Cow::Owned(split_host_port(&h).0.to_vec()),
+            };
+            vars.push((b"SERVER_NAME", name));
         }
     }
     if let (Some(port), false) = (port_from_name, server_port_sent) {
@@ -458,6 +474,12 @@ mod tests {
         assert_eq!(var(&vars, "SERVER_PORT").as_deref(), Some("82"));
         let (vars, ..) = env_of(&[("SERVER_NAME", "::1")], "", false);
         assert_eq!(var(&vars, "SERVER_NAME").as_deref(), Some("::1"));
+        let (vars, ..) = env_of(&[("SERVER_NAME", ""), ("HTTP_HOST", "shop.example:8443")], "", false);
+        assert_eq!(var(&vars, "SERVER_NAME").as_deref(), Some("shop.example"));
+        let (vars, ..) = env_of(&[("HTTP_HOST", "[::1]:81")], "", false);
+        assert_eq!(var(&vars, "SERVER_NAME").as_deref(), Some("::1"));
+        let (vars, ..) = env_of(&[("SERVER_NAME", "")], "", false);
+        assert_eq!(var(&vars, "SERVER_NAME"), None);
     }
 
     #[test]
