@@ -41,13 +41,22 @@ def _b(s: bytes | str) -> bytes:
     return s if isinstance(s, bytes) else s.encode("latin-1")
 
 
-def connect(addr: Addr, timeout: float = 10.0) -> socket.socket:
+def connect(addr: Addr, timeout: float = 10.0, rcvbuf: int | None = None) -> socket.socket:
+    """A connection to `addr`; `rcvbuf` sets its receive buffer before it connects
+    (a slow reader whose window stays small)."""
     if isinstance(addr, str):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
+    else:
+        sock = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(timeout)
+    try:
         sock.connect(addr)
-        return sock
-    return socket.create_connection(addr, timeout=timeout)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def read_until_close(sock: socket.socket, timeout: float = 10.0) -> tuple[bytes, bool]:
@@ -348,8 +357,8 @@ def parse_records(data: bytes) -> tuple[list[Record], bytes]:
 class FcgiConn:
     """One FastCGI connection, driven record by record."""
 
-    def __init__(self, addr: Addr, timeout: float = 10.0):
-        self.sock = connect(addr, timeout)
+    def __init__(self, addr: Addr, timeout: float = 10.0, rcvbuf: int | None = None):
+        self.sock = connect(addr, timeout, rcvbuf)
         self.timeout = timeout
         self.buf = bytearray()
         self.eof = False

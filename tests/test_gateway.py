@@ -1304,3 +1304,44 @@ def test_static_files_over_fastcgi_follow_the_path_the_front_end_routed_on(start
     for uri in ("/static/f.txt", "/x/../static/f.txt", "/static/%66.txt", "http://h/static/f.txt?q=1"):
         r = g.call("fastcgi", addr, params=g.cgi_params(uri=uri))
         assert (r.status, r.body) == (200, b"file"), uri
+
+
+@pytest.mark.parametrize("proto", PROTOS)
+def test_a_static_download_the_front_end_reads_slowly_holds_no_thread(start_server, tmp_path, proto):
+    """One worker with one thread behind a front end that stops reading a large
+    --static file: the offload thread sends the rest as the front end reads, the
+    serving thread answers other requests meanwhile, and the file arrives whole in
+    the protocol's framing (FastCGI: records, END_REQUEST, the kept connection
+    then carries another request)."""
+    root = tmp_path / "files"
+    root.mkdir()
+    data = random.Random(3).randbytes(40 * MIB)
+    (root / "big.bin").write_bytes(data)
+    server = g.start_gateways(
+        start_server, "behaviour:application", [(proto, "127.0.0.1:0")], "--static", f"/static={root}"
+    )
+    addr = server.addr(proto)
+    pairs = g.cgi_params(uri="/static/big.bin")
+    if proto == "scgi":
+        pairs = [(b"CONTENT_LENGTH", b"0"), (b"SCGI", b"1"), *pairs[1:]]
+    if proto == "fastcgi":
+        with g.FcgiConn(addr, timeout=60, rcvbuf=4096) as conn:
+            conn.send(g.fcgi_request_bytes(pairs, keep_conn=True))
+            time.sleep(0.5)
+            for _ in range(3):
+                assert g.call(proto, addr, uri="/fixed", timeout=20).status == 200
+            r = conn.read_response()
+            assert r.protocol_status == g.FCGI_REQUEST_COMPLETE
+            assert hashlib.sha256(r.body).digest() == hashlib.sha256(data).digest()
+            assert conn.request(g.cgi_params(uri="/fixed"), keep_conn=True).status == 200
+        return
+    with g.connect(addr, timeout=60, rcvbuf=4096) as sock:
+        sock.sendall(g.request_bytes(proto, pairs))
+        time.sleep(0.5)
+        for _ in range(3):
+            assert g.call(proto, addr, uri="/fixed", timeout=20).status == 200
+        raw, closed = g.read_until_close(sock, timeout=60)
+    assert closed
+    r = g.parse_any(proto, raw)
+    assert r.status == 200
+    assert hashlib.sha256(r.body).digest() == hashlib.sha256(data).digest()

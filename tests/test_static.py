@@ -4,9 +4,12 @@ conditional requests, precompressed siblings and no way out of DIR."""
 import gzip
 import hashlib
 import os
+import signal
+import socket
 import time
 
 import pytest
+from support import RawConn, wait_until
 
 
 @pytest.fixture
@@ -249,3 +252,85 @@ def test_an_unreadable_precompressed_sibling_falls_back_to_the_file(site):
     (site.public / "app.js.gz").chmod(0)
     r = site.request("GET", "/static/app.js", headers={"Accept-Encoding": "gzip"})
     assert (r.status, r.body.decode(), _h(r).get("content-encoding")) == (200, site.js, None)
+
+
+# -- downloads a client reads slowly ------------------------------------------------
+
+BIG = 48 << 20
+
+
+@pytest.fixture
+def big_file(tmp_path):
+    public = tmp_path / "big"
+    public.mkdir()
+    data = os.urandom(BIG)
+    (public / "big.bin").write_bytes(data)
+    return public, hashlib.sha256(data).hexdigest()
+
+
+def _slow_client(server, rcvbuf=4096):
+    """A connection with a small receive buffer, so the server's socket fills at once."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(60)
+    sock.connect((server.host, server.port))
+    return RawConn(sock)
+
+
+def _read_body(conn, n):
+    """The next `n` bytes of `conn` (fewer if it closes), hashed as they come."""
+    digest, got = hashlib.sha256(conn.buf[:n]), len(conn.buf[:n])
+    conn.buf = conn.buf[n:]
+    chunk = bytearray(1 << 20)
+    while got < n:
+        k = conn.sock.recv_into(chunk, min(len(chunk), n - got))
+        if not k:
+            break
+        digest.update(memoryview(chunk)[:k])
+        got += k
+    return got, digest.hexdigest()
+
+
+def test_a_client_that_stops_reading_a_download_holds_no_thread(start_server, big_file, tmp_path):
+    """One worker with one thread: while a client sits on a download it stopped
+    reading, the rest of its file is sent by the offload thread and the serving
+    thread answers other requests; the download then completes whole, its
+    connection carries another request, and the log line counts every byte."""
+    public, digest = big_file
+    log = tmp_path / "access.log"
+    server = start_server(
+        "behaviour:application",
+        "--static",
+        f"/static={public}",
+        "--access-log",
+        str(log),
+        "--access-log-format",
+        "%(r)s %(s)s %(B)s",
+    )
+    with _slow_client(server) as slow:
+        slow.send_request("GET", "/static/big.bin", {"Host": "x"})
+        head = slow.read_head()
+        assert head.status == 200
+        assert int(head.header("Content-Length")) == BIG
+        time.sleep(0.5)
+        for i in range(5):
+            assert server.request("GET", f"/fixed?n={i}", timeout=20).status == 200
+        assert _read_body(slow, BIG) == (BIG, digest)
+        slow.send_request("GET", "/fixed?after", {"Host": "x"})
+        assert slow.read_response().status == 200
+    assert wait_until(lambda: "/fixed?after" in log.read_text())
+    assert f"GET /static/big.bin HTTP/1.1 200 {BIG}" in log.read_text().splitlines()
+
+
+def test_downloads_finish_when_the_worker_stops_gracefully(start_server, big_file):
+    """A TERM while the offload thread still sends a file: the worker waits for it."""
+    public, digest = big_file
+    server = start_server("behaviour:application", "--static", f"/static={public}", "--threads", "2")
+    with _slow_client(server) as slow:
+        slow.send_request("GET", "/static/big.bin", {"Host": "x"})
+        assert slow.read_head().status == 200
+        time.sleep(0.5)
+        os.kill(server.proc.pid, signal.SIGTERM)
+        server.wait_for("Worker draining")
+        assert _read_body(slow, BIG) == (BIG, digest)
+    assert server.proc.wait(30) == 0

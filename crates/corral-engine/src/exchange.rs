@@ -12,7 +12,7 @@
 //! Python app releases the GIL only when it actually has to wait.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
@@ -1203,22 +1203,7 @@ impl Io {
         count: u64,
         blocking: fn(&mut dyn FnMut()),
     ) -> Result<(), ResponseError> {
-        self.flush_out(blocking)?;
-        let mut count = match self.framing {
-            RespFraming::Length(left) if self.phase == RespPhase::Sent => count.min(left),
-            _ => count,
-        };
-        if self.phase == RespPhase::Started {
-            // Head first; when the app gave no length this file is the whole body.
-            let head_len = if self.app_length.is_none() { Some(count) } else { None };
-            self.seal_head(head_len);
-            self.phase = RespPhase::Sent;
-            let head = std::mem::take(&mut self.head);
-            self.emit(&[&head], &[], blocking)?;
-            if let RespFraming::Length(left) = self.framing {
-                count = count.min(left);
-            }
-        }
+        let count = self.begin_file(count, blocking)?;
         match self.framing {
             RespFraming::NoBody => return Ok(()),
             RespFraming::Chunked => {
@@ -1273,6 +1258,90 @@ impl Io {
 }
 
 impl Io {
+    /// Sends the head if it has not gone out yet; returns how many of the
+    /// file's `count` bytes the response's framing has room for.
+    fn begin_file(&mut self, count: u64, blocking: fn(&mut dyn FnMut())) -> Result<u64, ResponseError> {
+        self.flush_out(blocking)?;
+        let mut count = match self.framing {
+            RespFraming::Length(left) if self.phase == RespPhase::Sent => count.min(left),
+            _ => count,
+        };
+        if self.phase == RespPhase::Started {
+            // Head first; when the app gave no length this file is the whole body.
+            let head_len = if self.app_length.is_none() { Some(count) } else { None };
+            self.seal_head(head_len);
+            self.phase = RespPhase::Sent;
+            let head = std::mem::take(&mut self.head);
+            self.emit(&[&head], &[], blocking)?;
+            if let RespFraming::Length(left) = self.framing {
+                count = count.min(left);
+            }
+        }
+        Ok(count)
+    }
+
+    /// Sends what the socket takes now of `t`, never waiting: `Ok(true)`
+    /// once the whole file went out (or the file turned out shorter, which
+    /// the response's framing then reports), `Ok(false)` when the socket is
+    /// full.
+    pub(crate) fn advance(&mut self, t: &mut Transfer) -> Result<bool, ResponseError> {
+        let fcgi = match self.wire {
+            Wire::FastCgi { id, .. } => Some(id),
+            _ => None,
+        };
+        loop {
+            // A record header that did not fit goes out before its content.
+            self.flush_held_nowait();
+            if self.broken {
+                return Err(ResponseError::ClientGone("the connection failed".into()));
+            }
+            if !self.out.is_empty() {
+                return Ok(false);
+            }
+            if t.owed == 0 {
+                if t.left == 0 {
+                    return Ok(true);
+                }
+                // FastCGI: a STDOUT record header, then that many bytes straight from the file.
+                t.owed =
+                    if fcgi.is_some() { t.left.min(65528) as usize } else { t.left.min(1 << 30) as usize };
+                t.left -= t.owed as u64;
+                if let Some(id) = fcgi {
+                    let header = gateway::record_header(fastcgi::RecordType::Stdout, id, t.owed);
+                    self.out.extend_from_slice(&header);
+                    continue;
+                }
+            }
+            let n = unsafe { libc::sendfile(self.fd, t.file.as_raw_fd(), &mut t.offset, t.owed) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => return Ok(false),
+                    io::ErrorKind::Interrupted => continue,
+                    _ => {
+                        self.broken = true;
+                        return Err(ResponseError::ClientGone(e.to_string()));
+                    }
+                }
+            }
+            if n == 0 {
+                if fcgi.is_some() {
+                    // The record's length is announced; a short file cannot fill it.
+                    self.broken = true;
+                    return Err(ResponseError::Invalid("file ended before its announced size".into()));
+                }
+                t.owed = 0;
+                t.left = 0;
+                return Ok(true);
+            }
+            t.owed -= n as usize;
+            self.bytes_sent += n as u64;
+            if let RespFraming::Length(l) = self.framing {
+                self.framing = RespFraming::Length(l.saturating_sub(n as u64));
+            }
+        }
+    }
+
     /// sendfile(2) inside FastCGI STDOUT records: a header, then that many
     /// bytes straight from the file, record by record.
     fn sendfile_fcgi(
@@ -1325,6 +1394,18 @@ impl Io {
         }
         Ok(())
     }
+}
+
+/// The rest of a file response that the socket could not take at once:
+/// what the worker's offload thread sends as the client reads, so that a
+/// slow download does not hold a serving thread (uWSGI's offloading).
+pub struct Transfer {
+    file: OwnedFd,
+    offset: i64,
+    /// Bytes not yet started (not in `owed`).
+    left: u64,
+    /// Bytes of the current piece (a FastCGI record's content) still owed.
+    owed: usize,
 }
 
 /// Handle the app uses to read the body and write the response.
@@ -1525,6 +1606,29 @@ impl Exchange {
             return Err(ResponseError::NotStarted);
         }
         io.sendfile(file, offset, count, self.blocking)
+    }
+
+    /// As [`Exchange::sendfile`] for a file the exchange may keep: sends
+    /// the head and what the socket takes now, and returns the rest as a
+    /// [`Transfer`] when the socket is full, for the caller to send without
+    /// holding its thread. A response without a length is sent here in
+    /// full, waiting as [`Exchange::sendfile`] does.
+    pub fn sendfile_or_offload(
+        &self,
+        file: OwnedFd,
+        offset: i64,
+        count: u64,
+    ) -> Result<Option<Transfer>, ResponseError> {
+        let mut io = self.lock().ok_or(ResponseError::Stale)?;
+        if io.phase == RespPhase::Idle {
+            return Err(ResponseError::NotStarted);
+        }
+        let count = io.begin_file(count, self.blocking)?;
+        if !matches!(io.framing, RespFraming::Length(_)) {
+            return io.sendfile(file.as_raw_fd(), offset, count, self.blocking).map(|()| None);
+        }
+        let mut t = Transfer { file, offset, left: count, owed: 0 };
+        Ok(if io.advance(&mut t)? { None } else { Some(t) })
     }
 
     /// Completes the response.

@@ -13,12 +13,16 @@
 //!
 //! The process's main thread serves nothing: it handles signals, closes idle
 //! connections whose deadline passed, and runs the graceful drain.
+//!
+//! With `--static`, one more thread finishes the downloads a client reads
+//! more slowly than they are sent (see [`Offload`]), so that a slow reader
+//! never holds a serving thread.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use corral_proto::http1::{self, BodyFraming, Head, Version};
@@ -30,7 +34,9 @@ use crate::app::{App, ListenerInfo, Meta, Request};
 use crate::cgi::{self, CgiParams};
 use crate::config::{Config, SigintMode};
 use crate::date::mono_ms;
-use crate::exchange::{BodyError, BodyState, Exchange, Io, RespPhase, Wire, MAX_DRAIN, READ_CHUNK};
+use crate::exchange::{
+    poll_one, BodyError, BodyState, Exchange, Io, RespPhase, Transfer, Wire, MAX_DRAIN, READ_CHUNK,
+};
 use crate::gateway::{self, FcgiConn, FcgiIn};
 use crate::listen::Protocol;
 use crate::scoreboard::{Retire, Scoreboard, WorkerState};
@@ -41,6 +47,8 @@ const LISTENER_TOKENS: u64 = 1 << 16;
 /// The epoll token of the socket on which siblings hand this worker their
 /// kept-alive connections when they drain (see [`crate::handover`]).
 const INBOX_TOKEN: u64 = LISTENER_TOKENS - 1;
+/// The token of the eventfd that says the offload thread finished downloads.
+const OFFLOADED_TOKEN: u64 = LISTENER_TOKENS - 2;
 /// Connections taken from one listener wake-up before looking at other work.
 const ACCEPT_BATCH: usize = 64;
 /// Milliseconds of serving new connections after which a batch of accepts
@@ -182,6 +190,58 @@ struct Shared<A: App> {
     inbox: Option<std::os::fd::OwnedFd>,
     /// Registry entries handed to a sibling and not closed here yet.
     handed: AtomicUsize,
+    /// The offload thread, with `--static`.
+    offload: Option<Offload>,
+}
+
+/// The thread that sends the rest of a static file the client's socket
+/// could not take at once (uWSGI's offload threads), as the client reads
+/// it: a serving thread that waited instead would serve no one else for
+/// as long as the slowest client takes, and a worker has one by default.
+/// Serving threads hand it a download through `queue` and wake it with
+/// `wake`; it owns the connection until the file went out (or the client
+/// failed or stalled), then hands it back through `done`, waking a serving
+/// thread with `done_wake`. That thread completes the request as any other
+/// (the framing's end, what is left of the request body, the log line,
+/// metrics) and serves what the connection brings next.
+struct Offload {
+    epfd: OwnedFd,
+    /// An eventfd, in `epfd` under [`OFFLOAD_WAKE`].
+    wake: OwnedFd,
+    queue: Mutex<Vec<Offloaded>>,
+    /// An eventfd, in the serving threads' epoll set under [`OFFLOADED_TOKEN`].
+    done_wake: OwnedFd,
+    done: Mutex<Vec<Offloaded>>,
+}
+
+/// The offload thread's token for its eventfd; other tokens index its downloads.
+const OFFLOAD_WAKE: u64 = u64::MAX;
+
+/// A download the offload thread finishes.
+struct Offloaded {
+    conn: Box<Conn>,
+    rest: Download,
+    /// Bytes sent when the socket last took some, and when (mono ms): a
+    /// client that takes nothing for the write timeout is given up on.
+    sent: u64,
+    progress: u64,
+}
+
+/// What is left of a response whose file the socket could not take at
+/// once, with the request it answers (for its log line and metrics).
+struct Download {
+    transfer: Transfer,
+    bytes: Bytes,
+    params: Option<CgiParams>,
+    started: Instant,
+}
+
+/// How a request ended on its serving thread.
+enum Outcome {
+    /// Answered; whether the connection may carry another request.
+    Done(bool),
+    /// Answered in part: the rest of a file goes out as the client reads it.
+    Offload(Download),
 }
 
 #[derive(Default)]
@@ -262,6 +322,17 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
         },
         None => None,
     };
+    let offload = if ctx.config.static_mounts.is_empty() {
+        None
+    } else {
+        match Offload::new(epfd) {
+            Ok(o) => Some(o),
+            Err(e) => {
+                warn!("cannot set up the offload thread, so a slow download holds its serving thread: {e}");
+                None
+            }
+        }
+    };
     let shared = Arc::new(Shared {
         app,
         access,
@@ -279,6 +350,7 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
         master,
         inbox,
         handed: AtomicUsize::new(0),
+        offload,
     });
     // Without the flusher nothing is held back: every write goes out at once.
     let holders: Vec<Option<_>> = match crate::flusher::start(threads) {
@@ -297,6 +369,15 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
             std::thread::Builder::new().name(format!("corral-{t}")).spawn(move || thread_main(&s, t, holder));
         if let Err(e) = spawned {
             error!("cannot start worker thread: {e}");
+            return 1;
+        }
+    }
+    if shared.offload.is_some() {
+        let s = shared.clone();
+        if let Err(e) =
+            std::thread::Builder::new().name("corral-offload".into()).spawn(move || offload_main(&s))
+        {
+            error!("cannot start the offload thread: {e}");
             return 1;
         }
     }
@@ -842,6 +923,8 @@ fn thread_main<A: App>(w: &Shared<A>, t: usize, holder: Option<Arc<crate::flushe
             let token = ev.u64;
             if token == INBOX_TOKEN {
                 take_handed_over(w, &mut state, t, &mut held);
+            } else if token == OFFLOADED_TOKEN {
+                take_offloaded(w, &mut state, t, &mut held);
             } else if token < LISTENER_TOKENS {
                 accept_batch(w, &mut state, t, token as usize, &mut held);
             } else {
@@ -1232,7 +1315,7 @@ fn serve_claimed<A: App>(
             Protocol::Http => read_head(w, &mut conn),
             _ => read_gateway(w, &mut conn),
         };
-        let keep = match next {
+        let outcome = match next {
             Next::Request(n) => handle_request(w, state, t, &mut conn, Incoming::Http(n)),
             Next::Gateway(req) => handle_request(w, state, t, &mut conn, Incoming::Gateway(req)),
             Next::Park => {
@@ -1241,7 +1324,17 @@ fn serve_claimed<A: App>(
                 }
                 return;
             }
-            Next::Close => false,
+            Next::Close => Outcome::Done(false),
+        };
+        let keep = match outcome {
+            Outcome::Done(keep) => keep,
+            Outcome::Offload(rest) => match offload(w, t, conn, rest) {
+                Some(back) => {
+                    conn = back;
+                    true
+                }
+                None => return,
+            },
         };
         if !keep {
             held.settle(w, conn, false);
@@ -1652,14 +1745,14 @@ enum Incoming {
     Gateway(GatewayRequest),
 }
 
-/// Serves one request. Returns whether the connection may carry another.
+/// Serves one request.
 fn handle_request<A: App>(
     w: &Shared<A>,
     state: &mut A::Thread,
     t: usize,
     conn: &mut Conn,
     incoming: Incoming,
-) -> bool {
+) -> Outcome {
     let listener = &w.listeners[conn.listener].1;
     conn.entry.fresh.store(false, Ordering::Relaxed);
     let (bytes, params, generation) = {
@@ -1706,7 +1799,7 @@ fn handle_request<A: App>(
                 let _ = io.write_parts(&[&reply], blocking);
                 record_refusal(w, Some(conn), conn.listener, &bytes, 413, reply.len() as u64);
                 drain_and_close(&mut io);
-                return false;
+                return Outcome::Done(false);
             }
         }
         io.body_received = 0;
@@ -1742,9 +1835,9 @@ fn handle_request<A: App>(
     if w.config.timeout.is_some() {
         *w.current[t].lock().unwrap() = Some((conn.entry.fd, conn.io.clone()));
     }
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     w.scoreboard.begin(w.slot, t, req.method(), req.target(), mono_ms());
-    match static_target(&w.config.static_mounts, &req) {
+    let rest = match static_target(&w.config.static_mounts, &req) {
         Some((mount, rel)) => {
             // Answered here: no app, no GIL, so waits block this thread plainly.
             let ex = Exchange { io: conn.io.clone(), generation, blocking: |f| f() };
@@ -1771,29 +1864,42 @@ fn handle_request<A: App>(
             };
             let method = req.method();
             let ok = method == b"GET" || method == b"HEAD";
-            crate::static_files::serve(&ex, mount, &rel, method == b"HEAD", ok, &conditions);
+            crate::static_files::serve(&ex, mount, &rel, method == b"HEAD", ok, &conditions)
         }
         None => {
             let mut ex = Exchange { io: conn.io.clone(), generation, blocking: A::blocking };
             w.app.call(state, &req, &mut ex);
+            None
         }
-    }
+    };
     w.scoreboard.end(w.slot, t);
-    let keep = if w.config.timeout.is_some() && {
+    let timed_out = w.config.timeout.is_some() && {
         *w.current[t].lock().unwrap() = None;
         w.timed_out[t].swap(false, Ordering::AcqRel)
-    } {
+    };
+    let keep = if timed_out {
         w.stuck.fetch_sub(1, Ordering::AcqRel);
         warn!("Timed-out request {} returned after all", req.describe());
         false
+    } else if let Some(transfer) = rest {
+        return Outcome::Offload(Download { transfer, bytes: bytes.clone(), params, started });
     } else {
         complete(conn, listener, &req)
     };
+    after_request(w, t, conn, &req, started);
+    if keep {
+        conn.request_started = mono_ms();
+    }
+    Outcome::Done(keep)
+}
+
+/// The end of every request: metrics, `--max-requests`, the access log line.
+fn after_request<A: App>(w: &Shared<A>, t: usize, conn: &Conn, req: &Request<'_>, started: Instant) {
     let took = started.elapsed();
     {
         let mut io = conn.io.lock().unwrap();
         let bytes_in = std::mem::take(&mut io.read_total);
-        let protocol = listener.protocol as usize;
+        let protocol = req.listener.protocol as usize;
         w.scoreboard.record(w.slot, protocol, io.status, took.as_micros() as u64, bytes_in, io.bytes_sent);
     }
     // --max-requests is judged at each request's end, as gunicorn does,
@@ -1805,12 +1911,230 @@ fn handle_request<A: App>(
         }
     }
     if let Some(log) = &w.access {
-        log_request(log, t, conn, &req, took);
+        log_request(log, t, conn, req, took);
     }
-    if keep {
-        conn.request_started = mono_ms();
+}
+
+impl Offload {
+    /// `serving` is the serving threads' epoll set.
+    fn new(serving: RawFd) -> io::Result<Offload> {
+        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epfd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let epfd = unsafe { OwnedFd::from_raw_fd(epfd) };
+        let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if wake < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let wake = unsafe { OwnedFd::from_raw_fd(wake) };
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: OFFLOAD_WAKE };
+        if unsafe { libc::epoll_ctl(epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, wake.as_raw_fd(), &mut ev) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let done_wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if done_wake < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let done_wake = unsafe { OwnedFd::from_raw_fd(done_wake) };
+        // Edge-triggered: each write wakes one pass, which empties `done`.
+        let mut ev =
+            libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLET) as u32, u64: OFFLOADED_TOKEN };
+        if unsafe { libc::epoll_ctl(serving, libc::EPOLL_CTL_ADD, done_wake.as_raw_fd(), &mut ev) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Offload { epfd, wake, queue: Mutex::new(Vec::new()), done_wake, done: Mutex::new(Vec::new()) })
     }
-    keep
+}
+
+fn wake(fd: &OwnedFd) {
+    let one: u64 = 1;
+    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
+fn clear(fd: &OwnedFd) {
+    let mut count = 0u64;
+    unsafe { libc::read(fd.as_raw_fd(), (&mut count as *mut u64).cast(), 8) };
+}
+
+/// Completes the downloads the offload thread is done with, and serves
+/// what their connections bring next.
+fn take_offloaded<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, held: &mut Held) {
+    let Some(off) = &w.offload else {
+        return;
+    };
+    clear(&off.done_wake);
+    let done = std::mem::take(&mut *off.done.lock().unwrap());
+    for job in done {
+        if let Some(conn) = finish_download(w, t, job) {
+            serve_claimed(w, state, t, conn, held);
+        }
+    }
+}
+
+/// Hands the rest of a download to the offload thread. Without one, sends
+/// it here, waiting as the client reads, and completes the request: then
+/// returns the connection if it carries another.
+fn offload<A: App>(w: &Shared<A>, t: usize, mut conn: Box<Conn>, rest: Download) -> Option<Box<Conn>> {
+    let fd = conn.entry.fd;
+    let Some(off) = &w.offload else {
+        let mut job = Offloaded { conn, rest, sent: 0, progress: 0 };
+        let timeout = job.conn.io.lock().unwrap().timeout_ms;
+        loop {
+            let mut io = job.conn.io.lock().unwrap();
+            match io.advance(&mut job.rest.transfer) {
+                Ok(false) => {
+                    drop(io);
+                    if !poll_one(fd, libc::POLLOUT, timeout) {
+                        job.conn.io.lock().unwrap().broken = true;
+                        break;
+                    }
+                }
+                _ => break,
+            }
+        }
+        return finish_download(w, t, job);
+    };
+    if conn.edge && conn.registered {
+        // Still armed in the serving threads' set: an event there now would
+        // give a serving thread this box while the offload thread owns it.
+        // (A one-shot registration is disarmed until parked again.)
+        unsafe { libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+        conn.registered = false;
+    }
+    let sent = conn.io.lock().unwrap().bytes_sent;
+    off.queue.lock().unwrap().push(Offloaded { conn, rest, sent, progress: mono_ms() });
+    wake(&off.wake);
+    None
+}
+
+/// The offload thread: sends each download's file as its client's socket
+/// takes it, and hands the connection back to the serving threads when all
+/// of it went out, the client failed, or it took nothing for the write
+/// timeout.
+fn offload_main<A: App>(w: &Shared<A>) {
+    let Some(off) = &w.offload else {
+        return;
+    };
+    let epfd = off.epfd.as_raw_fd();
+    let mut jobs: Vec<Option<Offloaded>> = Vec::new();
+    let mut free: Vec<usize> = Vec::new();
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 64];
+    let end = |jobs: &mut Vec<Option<Offloaded>>, free: &mut Vec<usize>, i: usize| {
+        if let Some(job) = jobs[i].take() {
+            free.push(i);
+            unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_DEL, job.conn.entry.fd, std::ptr::null_mut()) };
+            off.done.lock().unwrap().push(job);
+            wake(&off.done_wake);
+        }
+    };
+    loop {
+        // Woken once a second while downloads run, to give up on stalled clients.
+        let timeout = if free.len() < jobs.len() { 1000 } else { -1 };
+        let n = unsafe { libc::epoll_wait(epfd, events.as_mut_ptr(), events.len() as i32, timeout) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            error!("epoll_wait (offload thread): {e}");
+            return;
+        }
+        for ev in &events[..n as usize] {
+            if ev.u64 == OFFLOAD_WAKE {
+                clear(&off.wake);
+                let taken = std::mem::take(&mut *off.queue.lock().unwrap());
+                for job in taken {
+                    let fd = job.conn.entry.fd;
+                    let i = free.pop().unwrap_or_else(|| {
+                        jobs.push(None);
+                        jobs.len() - 1
+                    });
+                    jobs[i] = Some(job);
+                    let mut ev = libc::epoll_event {
+                        events: (libc::EPOLLOUT | libc::EPOLLONESHOT) as u32,
+                        u64: i as u64,
+                    };
+                    if unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+                        error!("epoll_ctl (offload thread): {}", io::Error::last_os_error());
+                        if let Some(job) = jobs[i].as_mut() {
+                            job.conn.io.lock().unwrap().broken = true;
+                        }
+                        end(&mut jobs, &mut free, i);
+                    }
+                }
+                continue;
+            }
+            let i = ev.u64 as usize;
+            let Some(job) = jobs.get_mut(i).and_then(Option::as_mut) else {
+                continue;
+            };
+            let fd = job.conn.entry.fd;
+            let step = {
+                let mut io = job.conn.io.lock().unwrap();
+                let step = io.advance(&mut job.rest.transfer);
+                if io.bytes_sent != job.sent {
+                    job.sent = io.bytes_sent;
+                    job.progress = mono_ms();
+                }
+                step
+            };
+            let done = !matches!(step, Ok(false));
+            let mut ev =
+                libc::epoll_event { events: (libc::EPOLLOUT | libc::EPOLLONESHOT) as u32, u64: i as u64 };
+            if done || unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_MOD, fd, &mut ev) } < 0 {
+                end(&mut jobs, &mut free, i);
+            }
+        }
+        let now = mono_ms();
+        let limit = w.config.io_timeout.as_millis() as u64;
+        for i in 0..jobs.len() {
+            let stalled = jobs[i].as_ref().is_some_and(|job| now.saturating_sub(job.progress) >= limit);
+            if stalled {
+                if let Some(job) = jobs[i].as_mut() {
+                    let listener = &w.listeners[job.conn.listener].1;
+                    info!(
+                        "Gave up sending a file to {}: it took nothing for {} s ({} bytes sent)",
+                        peer(&job.conn, listener),
+                        w.config.io_timeout.as_secs_f64(),
+                        job.sent
+                    );
+                    job.conn.io.lock().unwrap().broken = true;
+                }
+                end(&mut jobs, &mut free, i);
+            }
+        }
+    }
+}
+
+/// Completes a request whose file went out (or failed to) as any other
+/// request: the framing's end, log line, metrics. Returns the connection if
+/// it carries another request, and closes it otherwise.
+fn finish_download<A: App>(w: &Shared<A>, t: usize, job: Offloaded) -> Option<Box<Conn>> {
+    let Offloaded { mut conn, rest, .. } = job;
+    let listener = &w.listeners[conn.listener].1;
+    let keep = {
+        let req = Request {
+            meta: match &rest.params {
+                Some(p) => Meta::Cgi(p),
+                None => Meta::Http(&conn.head),
+            },
+            bytes: &rest.bytes,
+            remote_addr: &conn.remote_addr,
+            remote_port: &conn.remote_port,
+            listener,
+            listener_index: conn.listener,
+        };
+        let keep = complete(&conn, listener, &req);
+        after_request(w, t, &conn, &req, rest.started);
+        keep
+    };
+    if !keep {
+        close(w, conn, false);
+        return None;
+    }
+    conn.request_started = mono_ms();
+    Some(conn)
 }
 
 /// The `--static` mount a request falls under, with the decoded path below it.
