@@ -13,6 +13,7 @@ that ended cleanly from one cut short by a closed connection.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -456,3 +457,26 @@ def exchange(host: str, port: int, raw: bytes, timeout: float = 5.0) -> tuple[by
             if not chunk:
                 return data, True
             data += chunk
+
+
+def slow_reader(server, rcvbuf=4096) -> RawConn:
+    """A connection with a small receive buffer, so the server's socket fills at once."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(60)
+    sock.connect((server.host, server.port))
+    return RawConn(sock)
+
+
+def read_hashed(conn: RawConn, n: int) -> tuple[int, str]:
+    """The next `n` bytes of `conn` (fewer if it closes), hashed as they come."""
+    digest, got = hashlib.sha256(conn.buf[:n]), len(conn.buf[:n])
+    conn.buf = conn.buf[n:]
+    chunk = bytearray(1 << 20)
+    while got < n:
+        k = conn.sock.recv_into(chunk, min(len(chunk), n - got))
+        if not k:
+            break
+        digest.update(memoryview(chunk)[:k])
+        got += k
+    return got, digest.hexdigest()

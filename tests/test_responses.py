@@ -7,7 +7,7 @@ import pathlib
 import time
 
 import pytest
-from support import wait_until
+from support import read_hashed, slow_reader, wait_until
 
 
 def _closed_tags(server):
@@ -335,3 +335,25 @@ def test_the_flusher_rests_while_a_slow_stream_holds_nothing(start_server, threa
     assert resp.status == 200 and resp.body.startswith(b"burst 0\nburst 1\nburst 2\nslow 0")
     # A timer every millisecond would be some 2000 wake-ups over the 2 s.
     assert wakeups() - before < 100
+
+
+def test_a_file_wrapper_download_read_slowly_holds_no_thread(start_server, tmp_path):
+    """One worker with one thread: the rest of a wsgi.file_wrapper file that a
+    client reads slowly is sent by the offload thread, after the app returned and
+    its iterable (and the file) were closed; the serving thread answers others
+    meanwhile, and the download arrives whole on a connection that stays in step."""
+    size = 48 << 20
+    path = tmp_path / "big.bin"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    server = start_server("behaviour:application")
+    with slow_reader(server) as slow:
+        slow.send_request("GET", f"/file?path={path}", {"Host": "x"})
+        head = slow.read_head()
+        assert head.status == 200 and int(head.header("Content-Length")) == size
+        time.sleep(0.5)
+        for i in range(5):
+            assert server.request("GET", f"/fixed?n={i}", timeout=20).status == 200
+        assert read_hashed(slow, size) == (size, hashlib.sha256(data).hexdigest())
+        slow.send_request("GET", "/fixed", {"Host": "x"})
+        assert slow.read_response().body == b"hello world"

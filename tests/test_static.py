@@ -5,11 +5,10 @@ import gzip
 import hashlib
 import os
 import signal
-import socket
 import time
 
 import pytest
-from support import RawConn, wait_until
+from support import read_hashed, slow_reader, wait_until
 
 
 @pytest.fixture
@@ -268,29 +267,6 @@ def big_file(tmp_path):
     return public, hashlib.sha256(data).hexdigest()
 
 
-def _slow_client(server, rcvbuf=4096):
-    """A connection with a small receive buffer, so the server's socket fills at once."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.settimeout(60)
-    sock.connect((server.host, server.port))
-    return RawConn(sock)
-
-
-def _read_body(conn, n):
-    """The next `n` bytes of `conn` (fewer if it closes), hashed as they come."""
-    digest, got = hashlib.sha256(conn.buf[:n]), len(conn.buf[:n])
-    conn.buf = conn.buf[n:]
-    chunk = bytearray(1 << 20)
-    while got < n:
-        k = conn.sock.recv_into(chunk, min(len(chunk), n - got))
-        if not k:
-            break
-        digest.update(memoryview(chunk)[:k])
-        got += k
-    return got, digest.hexdigest()
-
-
 def test_a_client_that_stops_reading_a_download_holds_no_thread(start_server, big_file, tmp_path):
     """One worker with one thread: while a client sits on a download it stopped
     reading, the rest of its file is sent by the offload thread and the serving
@@ -307,7 +283,7 @@ def test_a_client_that_stops_reading_a_download_holds_no_thread(start_server, bi
         "--access-log-format",
         "%(r)s %(s)s %(B)s",
     )
-    with _slow_client(server) as slow:
+    with slow_reader(server) as slow:
         slow.send_request("GET", "/static/big.bin", {"Host": "x"})
         head = slow.read_head()
         assert head.status == 200
@@ -315,7 +291,7 @@ def test_a_client_that_stops_reading_a_download_holds_no_thread(start_server, bi
         time.sleep(0.5)
         for i in range(5):
             assert server.request("GET", f"/fixed?n={i}", timeout=20).status == 200
-        assert _read_body(slow, BIG) == (BIG, digest)
+        assert read_hashed(slow, BIG) == (BIG, digest)
         slow.send_request("GET", "/fixed?after", {"Host": "x"})
         assert slow.read_response().status == 200
     assert wait_until(lambda: "/fixed?after" in log.read_text())
@@ -326,11 +302,11 @@ def test_downloads_finish_when_the_worker_stops_gracefully(start_server, big_fil
     """A TERM while the offload thread still sends a file: the worker waits for it."""
     public, digest = big_file
     server = start_server("behaviour:application", "--static", f"/static={public}", "--threads", "2")
-    with _slow_client(server) as slow:
+    with slow_reader(server) as slow:
         slow.send_request("GET", "/static/big.bin", {"Host": "x"})
         assert slow.read_head().status == 200
         time.sleep(0.5)
         os.kill(server.proc.pid, signal.SIGTERM)
         server.wait_for("Worker draining")
-        assert _read_body(slow, BIG) == (BIG, digest)
+        assert read_hashed(slow, BIG) == (BIG, digest)
     assert server.proc.wait(30) == 0

@@ -271,6 +271,10 @@ pub(crate) struct Io {
     /// This connection's own handle, for the flusher; without it no block
     /// of a stream is gathered.
     pub me: Option<Weak<Mutex<Io>>>,
+    /// The rest of a file response the socket could not take at once (see
+    /// [`Exchange::send_file`]): sent after the app returns, or before
+    /// anything else is written.
+    pub(crate) pending_file: Option<Transfer>,
 }
 
 impl Io {
@@ -298,6 +302,7 @@ impl Io {
             fcgi_aborted: false,
             fcgi_ended: false,
             body_note: None,
+            pending_file: None,
             peer_eof: false,
             phase: RespPhase::Idle,
             status: 0,
@@ -771,6 +776,7 @@ impl Io {
         if self.broken {
             return Err(ResponseError::ClientGone("connection already failed".into()));
         }
+        self.finish_pending_file(blocking)?;
         // Held only with the promise that it goes out within the flusher's HOLD.
         if self.holding && self.arm() {
             self.out.reserve(iov.iter().map(|v| v.iov_len).sum());
@@ -1139,6 +1145,7 @@ impl Io {
     /// Completes the response. Returns an error when the app sent fewer bytes
     /// than its Content-Length, in which case the connection must close.
     pub(crate) fn finish(&mut self, blocking: fn(&mut dyn FnMut())) -> Result<(), ResponseError> {
+        self.finish_pending_file(blocking)?;
         match self.phase {
             RespPhase::Idle => return Err(ResponseError::NotStarted),
             RespPhase::Started => self.write_body(b"", true, blocking)?,
@@ -1261,6 +1268,7 @@ impl Io {
     /// Sends the head if it has not gone out yet; returns how many of the
     /// file's `count` bytes the response's framing has room for.
     fn begin_file(&mut self, count: u64, blocking: fn(&mut dyn FnMut())) -> Result<u64, ResponseError> {
+        self.finish_pending_file(blocking)?;
         self.flush_out(blocking)?;
         let mut count = match self.framing {
             RespFraming::Length(left) if self.phase == RespPhase::Sent => count.min(left),
@@ -1278,6 +1286,24 @@ impl Io {
             }
         }
         Ok(count)
+    }
+
+    /// Sends the rest of a pending file response here, waiting for the
+    /// socket as it drains: something else is about to be written after it.
+    pub(crate) fn finish_pending_file(
+        &mut self,
+        blocking: fn(&mut dyn FnMut()),
+    ) -> Result<(), ResponseError> {
+        let Some(mut t) = self.pending_file.take() else {
+            return Ok(());
+        };
+        while !self.advance(&mut t)? {
+            if !self.wait(libc::POLLOUT, blocking) {
+                self.broken = true;
+                return Err(ResponseError::ClientGone("timed out writing the response".into()));
+            }
+        }
+        Ok(())
     }
 
     /// Sends what the socket takes now of `t`, never waiting: `Ok(true)`
@@ -1609,26 +1635,26 @@ impl Exchange {
     }
 
     /// As [`Exchange::sendfile`] for a file the exchange may keep: sends
-    /// the head and what the socket takes now, and returns the rest as a
-    /// [`Transfer`] when the socket is full, for the caller to send without
-    /// holding its thread. A response without a length is sent here in
-    /// full, waiting as [`Exchange::sendfile`] does.
-    pub fn sendfile_or_offload(
-        &self,
-        file: OwnedFd,
-        offset: i64,
-        count: u64,
-    ) -> Result<Option<Transfer>, ResponseError> {
+    /// the head and what the socket takes now, and keeps the rest when the
+    /// socket is full. The engine sends that after the app returns, from the
+    /// worker's offload thread when it has one, so a client that reads
+    /// slowly does not hold the serving thread; anything the app writes
+    /// after this waits for the file to go out first. A response without a
+    /// length is sent here in full, waiting as [`Exchange::sendfile`] does.
+    pub fn send_file(&self, file: OwnedFd, offset: i64, count: u64) -> Result<(), ResponseError> {
         let mut io = self.lock().ok_or(ResponseError::Stale)?;
         if io.phase == RespPhase::Idle {
             return Err(ResponseError::NotStarted);
         }
         let count = io.begin_file(count, self.blocking)?;
         if !matches!(io.framing, RespFraming::Length(_)) {
-            return io.sendfile(file.as_raw_fd(), offset, count, self.blocking).map(|()| None);
+            return io.sendfile(file.as_raw_fd(), offset, count, self.blocking);
         }
         let mut t = Transfer { file, offset, left: count, owed: 0 };
-        Ok(if io.advance(&mut t)? { None } else { Some(t) })
+        if !io.advance(&mut t)? {
+            io.pending_file = Some(t);
+        }
+        Ok(())
     }
 
     /// Completes the response.

@@ -19,7 +19,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
-use crate::exchange::{Exchange, Transfer};
+use crate::exchange::Exchange;
 
 /// One `--static` mount.
 #[derive(Debug, Clone)]
@@ -274,23 +274,14 @@ fn http_date(v: &[u8]) -> Option<std::time::SystemTime> {
     httpdate::parse_http_date(std::str::from_utf8(v).ok()?.trim()).ok()
 }
 
-/// Answers a request under a mount. `head` is a HEAD request. Returns the
-/// rest of a file the socket could not take at once, for the caller to
-/// send as the client reads.
-pub fn serve(
-    ex: &Exchange,
-    mount: &Mount,
-    rel: &[u8],
-    head: bool,
-    method_ok: bool,
-    c: &Conditions<'_>,
-) -> Option<Transfer> {
+/// Answers a request under a mount. `head` is a HEAD request.
+pub fn serve(ex: &Exchange, mount: &Mount, rel: &[u8], head: bool, method_ok: bool, c: &Conditions<'_>) {
     if !method_ok {
         let _ = ex.start(b"405 Method Not Allowed");
         let _ = ex.header(b"Allow", b"GET, HEAD");
         let _ = ex.header(b"Content-Type", b"text/plain; charset=utf-8");
         let _ = ex.write(b"405 Method Not Allowed\n", true);
-        return None;
+        return;
     }
     let not_found = || {
         let _ = ex.start(b"404 Not Found");
@@ -307,12 +298,9 @@ pub fn serve(
             let _ = ex.header(b"Location", &percent_encode_path(&location));
             let _ = ex.header(b"Content-Type", b"text/plain; charset=utf-8");
             let _ = ex.write(b"301 Moved Permanently\n", true);
-            return None;
+            return;
         }
-        None => {
-            not_found();
-            return None;
-        }
+        None => return not_found(),
     };
     // A precompressed sibling, when the client takes it and it is as new:
     // the coding with the highest q, br before gzip at equal q. A sibling
@@ -344,22 +332,19 @@ pub fn serve(
     };
     let (file, coding) = match opened {
         Ok(opened) => opened,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            not_found();
-            return None;
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return not_found(),
         Err(e) => {
             tracing::warn!("--static {}: cannot open {}: {e}; answering 403", mount.prefix, path.display());
             let _ = ex.start(b"403 Forbidden");
             let _ = ex.header(b"Content-Type", b"text/plain; charset=utf-8");
             let _ = ex.write(b"403 Forbidden\n", true);
-            return None;
+            return;
         }
     };
     let Ok(meta) = file.metadata() else {
         let _ = ex.start(b"500 Internal Server Error");
         let _ = ex.write(b"", true);
-        return None;
+        return;
     };
     let len = meta.len();
     let etag = format!(
@@ -381,7 +366,7 @@ pub fn serve(
         let _ = ex.header(b"ETag", etag.as_bytes());
         let _ = ex.header(b"Content-Type", b"text/plain; charset=utf-8");
         let _ = ex.write(b"412 Precondition Failed\n", true);
-        return None;
+        return;
     }
     let not_modified = match (c.if_none_match, c.if_modified_since) {
         (Some(inm), _) => etag_listed(inm, &etag, true),
@@ -398,7 +383,7 @@ pub fn serve(
         let _ = ex.start(b"304 Not Modified");
         common(ex);
         let _ = ex.write(b"", true);
-        return None;
+        return;
     }
     // If-Range: the range only if the client's copy is this one (a strong
     // ETag, or exactly this Last-Modified); else the whole file.
@@ -414,7 +399,7 @@ pub fn serve(
             common(ex);
             let _ = ex.header(b"Content-Length", b"0");
             let _ = ex.write(b"", true);
-            return None;
+            return;
         }
         Some(Ranged::Part(a, b)) => Some((a, b)),
         Some(Ranged::Whole) | None => None,
@@ -435,9 +420,11 @@ pub fn serve(
     let _ = ex.header(b"Content-Length", count.to_string().as_bytes());
     if head || count == 0 {
         let _ = ex.write(b"", true);
-        return None;
+        return;
     }
-    ex.sendfile_or_offload(file.into(), start as i64, count).ok().flatten()
+    // What the socket cannot take at once goes out after this returns
+    // (see Exchange::send_file).
+    let _ = ex.send_file(file.into(), start as i64, count);
 }
 
 #[cfg(test)]

@@ -14,9 +14,9 @@
 //! The process's main thread serves nothing: it handles signals, closes idle
 //! connections whose deadline passed, and runs the graceful drain.
 //!
-//! With `--static`, one more thread finishes the downloads a client reads
-//! more slowly than they are sent (see [`Offload`]), so that a slow reader
-//! never holds a serving thread.
+//! One more thread finishes the file downloads (`--static`,
+//! `wsgi.file_wrapper`) a client reads more slowly than they are sent (see
+//! [`Offload`]), so that a slow reader never holds a serving thread.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -34,9 +34,7 @@ use crate::app::{App, ListenerInfo, Meta, Request};
 use crate::cgi::{self, CgiParams};
 use crate::config::{Config, SigintMode};
 use crate::date::mono_ms;
-use crate::exchange::{
-    poll_one, BodyError, BodyState, Exchange, Io, RespPhase, Transfer, Wire, MAX_DRAIN, READ_CHUNK,
-};
+use crate::exchange::{BodyError, BodyState, Exchange, Io, RespPhase, Transfer, Wire, MAX_DRAIN, READ_CHUNK};
 use crate::gateway::{self, FcgiConn, FcgiIn};
 use crate::listen::Protocol;
 use crate::scoreboard::{Retire, Scoreboard, WorkerState};
@@ -190,11 +188,11 @@ struct Shared<A: App> {
     inbox: Option<std::os::fd::OwnedFd>,
     /// Registry entries handed to a sibling and not closed here yet.
     handed: AtomicUsize,
-    /// The offload thread, with `--static`.
+    /// The offload thread (None only if it could not be set up).
     offload: Option<Offload>,
 }
 
-/// The thread that sends the rest of a static file the client's socket
+/// The thread that sends the rest of a file response the client's socket
 /// could not take at once (uWSGI's offload threads), as the client reads
 /// it: a serving thread that waited instead would serve no one else for
 /// as long as the slowest client takes, and a worker has one by default.
@@ -322,15 +320,11 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
         },
         None => None,
     };
-    let offload = if ctx.config.static_mounts.is_empty() {
-        None
-    } else {
-        match Offload::new(epfd) {
-            Ok(o) => Some(o),
-            Err(e) => {
-                warn!("cannot set up the offload thread, so a slow download holds its serving thread: {e}");
-                None
-            }
+    let offload = match Offload::new(epfd) {
+        Ok(o) => Some(o),
+        Err(e) => {
+            warn!("cannot set up the offload thread, so a slow download holds its serving thread: {e}");
+            None
         }
     };
     let shared = Arc::new(Shared {
@@ -1328,13 +1322,10 @@ fn serve_claimed<A: App>(
         };
         let keep = match outcome {
             Outcome::Done(keep) => keep,
-            Outcome::Offload(rest) => match offload(w, t, conn, rest) {
-                Some(back) => {
-                    conn = back;
-                    true
-                }
-                None => return,
-            },
+            Outcome::Offload(rest) => {
+                offload(w, conn, rest);
+                return;
+            }
         };
         if !keep {
             held.settle(w, conn, false);
@@ -1837,7 +1828,7 @@ fn handle_request<A: App>(
     }
     let started = Instant::now();
     w.scoreboard.begin(w.slot, t, req.method(), req.target(), mono_ms());
-    let rest = match static_target(&w.config.static_mounts, &req) {
+    match static_target(&w.config.static_mounts, &req) {
         Some((mount, rel)) => {
             // Answered here: no app, no GIL, so waits block this thread plainly.
             let ex = Exchange { io: conn.io.clone(), generation, blocking: |f| f() };
@@ -1864,14 +1855,13 @@ fn handle_request<A: App>(
             };
             let method = req.method();
             let ok = method == b"GET" || method == b"HEAD";
-            crate::static_files::serve(&ex, mount, &rel, method == b"HEAD", ok, &conditions)
+            crate::static_files::serve(&ex, mount, &rel, method == b"HEAD", ok, &conditions);
         }
         None => {
             let mut ex = Exchange { io: conn.io.clone(), generation, blocking: A::blocking };
             w.app.call(state, &req, &mut ex);
-            None
         }
-    };
+    }
     w.scoreboard.end(w.slot, t);
     let timed_out = w.config.timeout.is_some() && {
         *w.current[t].lock().unwrap() = None;
@@ -1881,10 +1871,16 @@ fn handle_request<A: App>(
         w.stuck.fetch_sub(1, Ordering::AcqRel);
         warn!("Timed-out request {} returned after all", req.describe());
         false
-    } else if let Some(transfer) = rest {
-        return Outcome::Offload(Download { transfer, bytes: bytes.clone(), params, started });
     } else {
-        complete(conn, listener, &req)
+        let mut io = conn.io.lock().unwrap();
+        // A file the socket could not take at once (Exchange::send_file).
+        if w.offload.is_some() {
+            if let Some(transfer) = io.pending_file.take() {
+                return Outcome::Offload(Download { transfer, bytes: bytes.clone(), params, started });
+            }
+        }
+        // Without the offload thread, io.finish sends the rest here.
+        complete_locked_noted(conn, listener, &req, &mut io)
     };
     after_request(w, t, conn, &req, started);
     if keep {
@@ -1972,28 +1968,11 @@ fn take_offloaded<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, held: 
     }
 }
 
-/// Hands the rest of a download to the offload thread. Without one, sends
-/// it here, waiting as the client reads, and completes the request: then
-/// returns the connection if it carries another.
-fn offload<A: App>(w: &Shared<A>, t: usize, mut conn: Box<Conn>, rest: Download) -> Option<Box<Conn>> {
+/// Hands the rest of a download to the offload thread.
+fn offload<A: App>(w: &Shared<A>, mut conn: Box<Conn>, rest: Download) {
     let fd = conn.entry.fd;
     let Some(off) = &w.offload else {
-        let mut job = Offloaded { conn, rest, sent: 0, progress: 0 };
-        let timeout = job.conn.io.lock().unwrap().timeout_ms;
-        loop {
-            let mut io = job.conn.io.lock().unwrap();
-            match io.advance(&mut job.rest.transfer) {
-                Ok(false) => {
-                    drop(io);
-                    if !poll_one(fd, libc::POLLOUT, timeout) {
-                        job.conn.io.lock().unwrap().broken = true;
-                        break;
-                    }
-                }
-                _ => break,
-            }
-        }
-        return finish_download(w, t, job);
+        return;
     };
     if conn.edge && conn.registered {
         // Still armed in the serving threads' set: an event there now would
@@ -2005,7 +1984,6 @@ fn offload<A: App>(w: &Shared<A>, t: usize, mut conn: Box<Conn>, rest: Download)
     let sent = conn.io.lock().unwrap().bytes_sent;
     off.queue.lock().unwrap().push(Offloaded { conn, rest, sent, progress: mono_ms() });
     wake(&off.wake);
-    None
 }
 
 /// The offload thread: sends each download's file as its client's socket
@@ -2256,8 +2234,12 @@ fn log_request(log: &AccessLog, t: usize, conn: &Conn, req: &Request<'_>, took: 
 /// Finishes the exchange after the app returned: completes or aborts the
 /// response and decides whether the connection carries another request.
 fn complete(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>) -> bool {
-    let mut io = conn.io.lock().unwrap();
-    let keep = complete_locked(conn, listener, req, &mut io);
+    complete_locked_noted(conn, listener, req, &mut conn.io.lock().unwrap())
+}
+
+/// [`complete_locked`], then the body's note in the log.
+fn complete_locked_noted(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>, io: &mut Io) -> bool {
+    let keep = complete_locked(conn, listener, req, io);
     if let Some(note) = io.body_note.take() {
         warn!("{} from {}: {note}", req.describe(), peer(conn, listener));
     }

@@ -9,6 +9,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
@@ -568,7 +569,9 @@ fn type_name(o: &Bound<'_, PyAny>) -> String {
     o.get_type().name().map(|n| n.to_string()).unwrap_or_default()
 }
 
-/// Sends a file_wrapper's file with sendfile(2) when it is a regular file.
+/// Sends a file_wrapper's file with sendfile(2) when it is a regular file;
+/// the rest of a file a slow client cannot take at once is sent by the
+/// worker's offload thread.
 fn sendfile(py: Python<'_>, ex: &Exchange, fw: &FileWrapper) -> PyResult<bool> {
     let file = fw.filelike.bind(py);
     let Ok(fileno) = file.getattr(pyo3::intern!(py, "fileno")) else { return Ok(false) };
@@ -582,7 +585,15 @@ fn sendfile(py: Python<'_>, ex: &Exchange, fw: &FileWrapper) -> PyResult<bool> {
         Err(_) => 0,
     };
     let count = (st.st_size - offset).max(0) as u64;
-    ex.sendfile(fd, offset, count).map_err(iterable_error)?;
+    // A descriptor of its own: what the socket cannot take at once goes out
+    // after the app returned and closed the iterable (and the file with it).
+    let own = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if own < 0 {
+        ex.sendfile(fd, offset, count).map_err(iterable_error)?;
+        return Ok(true);
+    }
+    let own = unsafe { OwnedFd::from_raw_fd(own) };
+    ex.send_file(own, offset, count).map_err(iterable_error)?;
     Ok(true)
 }
 
