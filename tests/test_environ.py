@@ -5,6 +5,7 @@ warnings made errors), so a 200 already means the validator found nothing.
 """
 
 import json
+import socket
 import time
 import uuid
 
@@ -32,7 +33,8 @@ def _environ(server, target="/environ", method="GET", headers=None, body=b"", ve
         resp = conn.read_response()
         assert resp.status == 200, (resp.status, resp.body[:3000], server.log[-3000:])
         env = json.loads(resp.body)
-        env["_client_port"] = conn.sock.getsockname()[1]
+        if conn.sock.family != socket.AF_UNIX:
+            env["_client_port"] = conn.sock.getsockname()[1]
         return env
 
 
@@ -279,3 +281,61 @@ def test_wsgi_errors_reach_the_log(behaviour):
     assert resp.status == 200
     behaviour.wait_for(marker, since=mark)
     behaviour.wait_for(f"{marker} again", since=mark)
+
+
+# -- the scheme a proxy reports (--forwarded-allow-ips) ------------------------------
+
+
+def test_a_local_proxy_sets_the_scheme(behaviour):
+    """gunicorn's defaults: a peer on 127.0.0.1 or ::1 may say the client came over
+    https with X-Forwarded-Proto, X-Forwarded-Protocol or X-Forwarded-SSL."""
+    for header, value, scheme in (
+        ("X-Forwarded-Proto", "https", "https"),
+        ("X-Forwarded-Proto", "http", "http"),
+        ("X-Forwarded-Protocol", "ssl", "https"),
+        ("X-Forwarded-SSL", "on", "https"),
+        ("X-Forwarded-SSL", "off", "http"),
+    ):
+        env = _environ(behaviour, headers={header: value})
+        assert _v(env, "wsgi.url_scheme") == scheme, (header, value)
+        # The field itself still reaches the app.
+        assert _v(env, "HTTP_" + header.upper().replace("-", "_")) == value
+
+
+def test_contradictory_scheme_fields_are_refused(behaviour):
+    mark = behaviour.mark()
+    with behaviour.connect() as conn:
+        conn.send_request(
+            "GET", "/environ", {"Host": "x", "X-Forwarded-Proto": "https", "X-Forwarded-SSL": "off"}
+        )
+        assert conn.read_response().status == 400
+    behaviour.wait_for(r"Bad request from 127\.0\.0\.1:\d+: contradictory scheme headers", since=mark)
+    assert _v(_environ(behaviour), "wsgi.url_scheme") == "http"
+
+
+@pytest.mark.parametrize("allow", ["", "10.0.0.0/8,192.0.2.1"])
+def test_a_proxy_outside_the_allowed_list_cannot_set_the_scheme(start_server, allow):
+    server = start_server("behaviour:application", "--forwarded-allow-ips", allow)
+    env = _environ(server, headers={"X-Forwarded-Proto": "https"})
+    assert _v(env, "wsgi.url_scheme") == "http"
+    assert _v(env, "HTTP_X_FORWARDED_PROTO") == "https"
+    # Nor refuse a request for fields it does not weigh.
+    env = _environ(server, headers={"X-Forwarded-Proto": "https", "X-Forwarded-SSL": "off"})
+    assert _v(env, "wsgi.url_scheme") == "http"
+
+
+def test_allowed_networks_and_unix_socket_peers_set_the_scheme(start_server, tmp_path):
+    server = start_server("behaviour:application", "--forwarded-allow-ips", "127.0.0.0/8")
+    assert _v(_environ(server, headers={"X-Forwarded-Proto": "https"}), "wsgi.url_scheme") == "https"
+    server = start_server(
+        "behaviour:application", "--forwarded-allow-ips", "", http=f"unix:{tmp_path}/http.sock"
+    )
+    assert _v(_environ(server, headers={"X-Forwarded-Proto": "https"}), "wsgi.url_scheme") == "https"
+
+
+def test_flask_builds_https_urls_behind_a_local_tls_proxy(start_server):
+    server = start_server("flask_app:app")
+    with server.connect() as conn:
+        conn.send_request("GET", "/where", {"Host": "shop.example", "X-Forwarded-Proto": "https"})
+        got = json.loads(conn.read_response().body)
+    assert got == {"scheme": "https", "index": "https://shop.example/"}

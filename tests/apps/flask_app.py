@@ -2,7 +2,7 @@
 
 import hashlib
 
-from flask import Flask, Response, redirect, request
+from flask import Flask, Response, redirect, request, url_for
 
 app = Flask(__name__)
 
@@ -68,3 +68,8 @@ def download():
 def download_fixed():
     size = int(request.args["size"])
     return Response(b"".join(download_bytes(size)), mimetype="application/octet-stream")
+
+
+@app.get("/where")
+def where():
+    return {"scheme": request.scheme, "index": url_for("index", _external=True)}

@@ -39,6 +39,9 @@ pub struct Request<'a> {
     pub remote_port: &'a str,
     pub listener: &'a ListenerInfo,
     pub listener_index: usize,
+    /// A proxy the server trusts (`--forwarded-allow-ips`) said the client
+    /// came over https (HTTP listeners; see [`crate::forwarded`]).
+    pub forwarded_https: bool,
 }
 
 impl<'a> Request<'a> {

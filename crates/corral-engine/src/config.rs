@@ -68,6 +68,8 @@ pub struct Config {
     pub access_log: Option<(String, crate::access::Format)>,
     /// `--static` mounts, answered without the app.
     pub static_mounts: Vec<crate::static_files::Mount>,
+    /// HTTP peers whose X-Forwarded-Proto (and kin) set the scheme.
+    pub forwarded_allow: crate::forwarded::TrustedPeers,
 }
 
 /// Default `--max-connections` per worker (gunicorn's worker_connections).
@@ -100,6 +102,8 @@ impl Default for Config {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             access_log: None,
             static_mounts: Vec::new(),
+            forwarded_allow: crate::forwarded::TrustedPeers::parse(crate::forwarded::DEFAULT_ALLOW)
+                .expect("the default list parses"),
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod date;
 pub mod exchange;
 mod flusher;
+pub mod forwarded;
 mod gateway;
 mod handover;
 pub mod listen;

@@ -1812,6 +1812,28 @@ fn handle_request<A: App>(
         io.generation += 1;
         (bytes, params, io.generation)
     };
+    let forwarded_https = match params {
+        Some(_) => false,
+        None if !conn.head.scheme_fields => false,
+        None if !w.config.forwarded_allow.trusts(&conn.remote_addr, listener.is_unix) => false,
+        None => match crate::forwarded::scheme(&conn.head, &bytes) {
+            crate::forwarded::Scheme::Https => true,
+            crate::forwarded::Scheme::Http | crate::forwarded::Scheme::Unsaid => false,
+            crate::forwarded::Scheme::Contradictory => {
+                let mut io = conn.io.lock().unwrap();
+                info!(
+                    "Bad request from {}: contradictory scheme headers (X-Forwarded-Proto, \
+                     X-Forwarded-Protocol, X-Forwarded-SSL) (400 Bad Request)",
+                    peer(conn, listener)
+                );
+                let reply = error_reply(io.wire, 400, "contradictory scheme headers");
+                let _ = io.write_parts(&[&reply], |f| f());
+                record_refusal(w, Some(conn), conn.listener, &bytes, 400, reply.len() as u64);
+                drain_and_close(&mut io);
+                return Outcome::Done(false);
+            }
+        },
+    };
     let req = Request {
         meta: match &params {
             Some(p) => Meta::Cgi(p),
@@ -1822,6 +1844,7 @@ fn handle_request<A: App>(
         remote_port: &conn.remote_port,
         listener,
         listener_index: conn.listener,
+        forwarded_https,
     };
     if w.config.timeout.is_some() {
         *w.current[t].lock().unwrap() = Some((conn.entry.fd, conn.io.clone()));
@@ -2102,6 +2125,7 @@ fn finish_download<A: App>(w: &Shared<A>, t: usize, job: Offloaded) -> Option<Bo
             remote_port: &conn.remote_port,
             listener,
             listener_index: conn.listener,
+            forwarded_https: false,
         };
         let keep = complete(&conn, listener, &req);
         after_request(w, t, &conn, &req, rest.started);

@@ -188,6 +188,11 @@ pub enum Known {
     Connection,
     TransferEncoding,
     Expect,
+    /// `X-Forwarded-Proto`, `X-Forwarded-Protocol`, `X-Forwarded-SSL`: a
+    /// proxy saying which scheme the client used (see [`Head::scheme_fields`]).
+    XForwardedProto,
+    XForwardedProtocol,
+    XForwardedSsl,
 }
 
 /// One header field as byte ranges into the head.
@@ -220,6 +225,10 @@ pub struct Head {
     /// Fields with names containing `_` are not here: they could impersonate
     /// dashed names once mapped to `HTTP_*` keys.
     pub fields: Vec<Field>,
+    /// A field among them says which scheme the client used
+    /// ([`Known::XForwardedProto`] and kin), for the server to weigh only
+    /// when one is there.
+    pub scheme_fields: bool,
 }
 
 impl Default for Head {
@@ -236,6 +245,7 @@ impl Default for Head {
             expect_continue: false,
             authority: 0..0,
             fields: Vec::new(),
+            scheme_fields: false,
         }
     }
 }
@@ -317,6 +327,7 @@ pub fn parse_head(buf: &[u8], limits: &Limits, head: &mut Head) -> Result<Status
     head.query = off(query);
     head.version = version;
     head.expect_continue = false;
+    head.scheme_fields = false;
 
     head.authority = off(authority);
     let mut content_length: Option<u64> = None;
@@ -401,6 +412,9 @@ pub fn parse_head(buf: &[u8], limits: &Limits, head: &mut Head) -> Result<Status
                     return Err(Error::DuplicateHeader);
                 }
                 saw_content_type = true;
+            }
+            Known::XForwardedProto | Known::XForwardedProtocol | Known::XForwardedSsl => {
+                head.scheme_fields = true;
             }
             Known::Cookie | Known::Other => {}
         }
@@ -656,7 +670,10 @@ fn classify(name: &[u8]) -> Known {
         10 if name.eq_ignore_ascii_case(b"connection") => Known::Connection,
         12 if name.eq_ignore_ascii_case(b"content-type") => Known::ContentType,
         14 if name.eq_ignore_ascii_case(b"content-length") => Known::ContentLength,
+        15 if name.eq_ignore_ascii_case(b"x-forwarded-ssl") => Known::XForwardedSsl,
         17 if name.eq_ignore_ascii_case(b"transfer-encoding") => Known::TransferEncoding,
+        17 if name.eq_ignore_ascii_case(b"x-forwarded-proto") => Known::XForwardedProto,
+        20 if name.eq_ignore_ascii_case(b"x-forwarded-protocol") => Known::XForwardedProtocol,
         _ => Known::Other,
     }
 }

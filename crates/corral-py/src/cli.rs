@@ -293,6 +293,14 @@ pub struct Cli {
     #[arg(long, value_name = "N", env = "CORRAL_BACKLOG", default_value_t = corral_engine::listen::DEFAULT_BACKLOG,
           value_parser = clap::value_parser!(i32).range(1..=65535))]
     pub backlog: i32,
+
+    /// HTTP peers (addresses and networks separated by commas, or `*` for any) whose
+    /// X-Forwarded-Proto: https, X-Forwarded-Protocol: ssl or X-Forwarded-SSL: on make
+    /// wsgi.url_scheme https, as gunicorn's option of the same name; unix socket peers
+    /// always count. An empty value trusts no TCP peer.
+    #[arg(long, value_name = "LIST", env = "CORRAL_FORWARDED_ALLOW_IPS",
+          default_value = corral_engine::forwarded::DEFAULT_ALLOW, value_parser = parse_trusted_peers)]
+    pub forwarded_allow_ips: corral_engine::forwarded::TrustedPeers,
 }
 
 /// The HTTP listener when none of --http, --uwsgi, --fastcgi, --scgi is
@@ -316,6 +324,10 @@ fn parse_env_pair(s: &str) -> Result<String, String> {
         Some((k, _)) if !k.is_empty() => Ok(s.to_string()),
         _ => Err(format!("{s:?}: expected KEY=VALUE")),
     }
+}
+
+fn parse_trusted_peers(s: &str) -> Result<corral_engine::forwarded::TrustedPeers, String> {
+    corral_engine::forwarded::TrustedPeers::parse(s)
 }
 
 fn parse_mount(s: &str) -> Result<String, String> {
@@ -662,6 +674,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         max_connections: cli.max_connections as usize,
         access_log: access_log.clone().map(|t| (t, access_format)),
         static_mounts,
+        forwarded_allow: cli.forwarded_allow_ips.clone(),
     };
 
     // After a re-exec the previous program's sockets are still open here:

@@ -241,6 +241,9 @@ impl WsgiApp {
         if !authority.is_empty() {
             env.set_item(self.header_key(py, b"host"), latin1(py, authority))?;
         }
+        if req.forwarded_https {
+            env.set_item(k.url_scheme.bind(py), k.https.bind(py))?;
+        }
         let input = Bound::new(py, Input { ex: ex.clone(), max: self.max_body })?;
         env.set_item(k.wsgi_input.bind(py), input)?;
         Ok(env)
