@@ -195,3 +195,44 @@ def test_reload_picks_up_an_edited_module(start_server, tmp_path):
     (app_dir / "notes.txt").write_text("hello")
     time.sleep(1)
     assert not server.grep(r"Detected a change", since=mark)
+
+
+def test_gunicorn_spellings_of_the_options_work(start_server, tmp_path):
+    """A gunicorn command line carries over: -b/--bind, -w, -t, -e, --keep-alive,
+    --access-logfile, --error-logfile/--log-file, --pid, --worker-connections."""
+    pid, access = tmp_path / "corral.pid", tmp_path / "access.log"
+    server = start_server(
+        "behaviour:application",
+        "-b",
+        "127.0.0.1:0",
+        "-w",
+        "2",
+        "-t",
+        "30",
+        "-e",
+        "GREETING=hi",
+        "--keep-alive",
+        "5",
+        "--access-logfile",
+        str(access),
+        "--error-logfile",
+        "-",
+        "--pid",
+        str(pid),
+        "--worker-connections",
+        "50",
+        http=None,
+        workers=None,
+        wait=False,
+    )
+    server.expected_workers = 2
+    server.wait_started()
+    assert len(server.worker_pids()) == 2
+    assert server.get_json("/os-environ?key=GREETING") == {"value": "hi"}
+    assert int(pid.read_text()) == server.proc.pid
+    assert wait_until(lambda: "GET /os-environ?key=GREETING" in access.read_text())
+    printed = _run(["--bind", "127.0.0.1:9", "--log-file", "-", "--print-config", "behaviour:application"])
+    assert printed.returncode == 0, printed.stderr
+    got = _printed(printed.stdout)
+    assert got["http"] == ('"127.0.0.1:9"', "command line")
+    assert got["error-log"] == ('"-"', "command line")

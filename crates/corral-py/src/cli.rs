@@ -68,7 +68,7 @@ pub struct Cli {
     /// Serve HTTP/1.1 on ADDR: HOST:PORT, [IPv6]:PORT, unix:PATH or fd://N. Repeatable, or
     /// several separated by commas (so a unix:PATH cannot contain one). Default 127.0.0.1:8000
     /// when no listener is given.
-    #[arg(long, value_name = "ADDR", env = "CORRAL_HTTP", value_delimiter = ',', value_parser = parse_addr)]
+    #[arg(long, short = 'b', visible_alias = "bind", value_name = "ADDR", env = "CORRAL_HTTP", value_delimiter = ',', value_parser = parse_addr)]
     pub http: Vec<String>,
 
     /// Serve the uwsgi protocol (nginx uwsgi_pass, Apache mod_proxy_uwsgi) on ADDR. Repeatable.
@@ -92,7 +92,7 @@ pub struct Cli {
     pub socket_owner: Option<String>,
 
     /// Worker processes.
-    #[arg(long, value_name = "N", env = "CORRAL_WORKERS", default_value_t = 1, conflicts_with = "workers_min",
+    #[arg(long, short = 'w', value_name = "N", env = "CORRAL_WORKERS", default_value_t = 1, conflicts_with = "workers_min",
           value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub workers: u32,
 
@@ -113,7 +113,7 @@ pub struct Cli {
     pub scale_down_idle: Duration,
 
     /// Connections one worker holds at most; past it new connections get 503 (logged).
-    #[arg(long, value_name = "N", env = "CORRAL_MAX_CONNECTIONS",
+    #[arg(long, visible_alias = "worker-connections", value_name = "N", env = "CORRAL_MAX_CONNECTIONS",
           default_value_t = corral_engine::config::DEFAULT_MAX_CONNECTIONS as u64,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_connections: u64,
@@ -141,7 +141,7 @@ pub struct Cli {
     pub pythonpath: Vec<PathBuf>,
 
     /// Set an environment variable for the app. Repeatable.
-    #[arg(long = "env", value_name = "KEY=VALUE", env = "CORRAL_ENV", value_parser = parse_env_pair)]
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE", env = "CORRAL_ENV", value_parser = parse_env_pair)]
     pub env: Vec<String>,
 
     /// Seconds in-flight requests get to finish on a graceful stop.
@@ -167,14 +167,14 @@ pub struct Cli {
     pub header_timeout: Duration,
 
     /// Seconds an idle keep-alive connection is kept open.
-    #[arg(long, value_name = "SECS", env = "CORRAL_KEEPALIVE_TIMEOUT", default_value = "75",
+    #[arg(long, visible_alias = "keep-alive", value_name = "SECS", env = "CORRAL_KEEPALIVE_TIMEOUT", default_value = "75",
           value_parser = parse_positive_secs)]
     pub keepalive_timeout: Duration,
 
     /// Seconds a request may run. Past it the client gets 504 (if nothing was sent yet), the
     /// log gets the stuck thread's traceback, and the worker is replaced. A worker that takes
     /// longer to load the application is killed too. Off by default; 0 turns it off.
-    #[arg(long, value_name = "SECS", env = "CORRAL_TIMEOUT", value_parser = parse_secs)]
+    #[arg(long, short = 't', value_name = "SECS", env = "CORRAL_TIMEOUT", value_parser = parse_secs)]
     pub timeout: Option<Duration>,
 
     /// Replace a worker after it served N requests (it finishes them first). Off by default;
@@ -205,7 +205,7 @@ pub struct Cli {
     pub reload_on_rss: Option<u64>,
 
     /// Write the master's pid to FILE (removed at exit).
-    #[arg(long, value_name = "FILE", env = "CORRAL_PIDFILE")]
+    #[arg(long, visible_alias = "pid", value_name = "FILE", env = "CORRAL_PIDFILE")]
     pub pidfile: Option<PathBuf>,
 
     /// Set the process umask (octal, e.g. 027) before creating sockets and files.
@@ -240,7 +240,7 @@ pub struct Cli {
     pub stats: Option<String>,
 
     /// Write an access log line per request to FILE, or to stdout with `-`. Off by default.
-    #[arg(long, value_name = "FILE|-", env = "CORRAL_ACCESS_LOG")]
+    #[arg(long, visible_alias = "access-logfile", value_name = "FILE|-", env = "CORRAL_ACCESS_LOG")]
     pub access_log: Option<String>,
 
     /// Access log format: gunicorn's %(x)s atoms (h l u t r m U q H s B b f a T M D L p
@@ -250,7 +250,7 @@ pub struct Cli {
     pub access_log_format: String,
 
     /// Write the error log to FILE instead of stderr (`-`). SIGUSR1 reopens it.
-    #[arg(long, value_name = "FILE|-", env = "CORRAL_ERROR_LOG", default_value = "-")]
+    #[arg(long, visible_aliases = ["error-logfile", "log-file"], value_name = "FILE|-", env = "CORRAL_ERROR_LOG", default_value = "-")]
     pub error_log: String,
 
     /// Log lines as text or as JSON objects: the error log, and the access log unless
