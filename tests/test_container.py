@@ -89,7 +89,7 @@ def test_recipe_is_consistent():
     # Every option of the command is one corral has.
     help_text = subprocess.run([*CORRAL, "--help"], capture_output=True, text=True, check=True).stdout
     for opt in (a for a in cmd if a.startswith("--")):
-        assert re.search(rf"^\s+{opt}\b", help_text, re.MULTILINE), opt
+        assert re.search(rf"^\s+(-\w, )?{opt}\b", help_text, re.MULTILINE), opt
 
 
 # -- running it as PID 1 -------------------------------------------------------

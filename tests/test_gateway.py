@@ -1334,6 +1334,15 @@ def test_a_static_download_the_front_end_reads_slowly_holds_no_thread(start_serv
             assert r.protocol_status == g.FCGI_REQUEST_COMPLETE
             assert hashlib.sha256(r.body).digest() == hashlib.sha256(data).digest()
             assert conn.request(g.cgi_params(uri="/fixed"), keep_conn=True).status == 200
+        # Without keep-conn the end records still close the response (they are held
+        # for the flusher with one thread, and must go out before the close).
+        with g.FcgiConn(addr, timeout=60, rcvbuf=4096) as conn:
+            conn.send(g.fcgi_request_bytes(pairs))
+            time.sleep(0.5)
+            r = conn.read_response()
+            assert r.protocol_status == g.FCGI_REQUEST_COMPLETE
+            assert hashlib.sha256(r.body).digest() == hashlib.sha256(data).digest()
+            assert conn.at_eof()
         return
     with g.connect(addr, timeout=60, rcvbuf=4096) as sock:
         sock.sendall(g.request_bytes(proto, pairs))

@@ -357,3 +357,49 @@ def test_a_file_wrapper_download_read_slowly_holds_no_thread(start_server, tmp_p
         assert read_hashed(slow, size) == (size, hashlib.sha256(data).hexdigest())
         slow.send_request("GET", "/fixed", {"Host": "x"})
         assert slow.read_response().body == b"hello world"
+
+
+def test_the_apps_handles_are_stale_once_its_file_is_offloaded(start_server, tmp_path):
+    """An app that keeps write() and calls it after returning a file_wrapper, while
+    the offload thread still sends the file: the call fails as after any response,
+    and nothing of it reaches the body."""
+    size = 16 << 20
+    path = tmp_path / "big.bin"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    server = start_server("behaviour:application", threads=2)
+    with slow_reader(server) as slow:
+        slow.send_request("GET", f"/file-late-write?path={path}&id=a&after=0.3", {"Host": "x"})
+        assert slow.read_head().status == 200
+        assert wait_until(lambda: server.get_json("/late-write?id=a")["result"] is not None)
+        assert server.get_json("/late-write?id=a")["result"] == (
+            "ValueError: response used after its request ended"
+        )
+        assert read_hashed(slow, size) == (size, hashlib.sha256(data).hexdigest())
+        slow.send_request("GET", "/fixed", {"Host": "x"})
+        assert slow.read_response().body == b"hello world"
+
+
+def test_a_file_whose_size_the_kernel_does_not_know_is_read_whole(behaviour):
+    """/proc files report size 0: file_wrapper iterates them instead of sending 0 bytes."""
+    resp = behaviour.request("GET", "/file?path=/proc/self/status&cl=0")
+    assert resp.status == 200
+    assert b"Name:" in resp.body
+
+
+def test_a_worker_stuck_past_timeout_lets_its_downloads_finish(start_server, tmp_path):
+    """--timeout with one thread: a request stuck past it while the offload thread
+    sends another client's file. The worker is replaced, but the download goes on
+    to its end instead of being cut when the worker leaves."""
+    size = 16 << 20
+    path = tmp_path / "big.bin"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    server = start_server("behaviour:application", "--timeout", "2")
+    with slow_reader(server) as slow:
+        slow.send_request("GET", f"/file?path={path}", {"Host": "x"})
+        assert slow.read_head().status == 200
+        time.sleep(0.3)
+        assert server.request("GET", "/slow?secs=15&id=stuck", timeout=30).status == 504
+        time.sleep(1)
+        assert read_hashed(slow, size) == (size, hashlib.sha256(data).hexdigest())

@@ -353,6 +353,35 @@ def serve_file(environ, start_response):
     return environ["wsgi.file_wrapper"](open(path, "rb"), 65536)
 
 
+LATE_WRITES = {}
+
+
+def serve_file_then_write_late(environ, start_response):
+    """A file_wrapper response whose app keeps write() and calls it after returning;
+    /late-write?id= tells what that call got."""
+    q = _query(environ)
+    path, key = q["path"], q["id"]
+    write = start_response(
+        "200 OK",
+        [("Content-Type", "application/octet-stream"), ("Content-Length", str(os.path.getsize(path)))],
+    )
+
+    def late():
+        time.sleep(float(q.get("after", "0.5")))
+        try:
+            write(b"LATE")
+            LATE_WRITES[key] = "written"
+        except Exception as e:  # noqa: BLE001 - what the app sees is the result
+            LATE_WRITES[key] = f"{type(e).__name__}: {e}"
+
+    threading.Thread(target=late).start()
+    return environ["wsgi.file_wrapper"](open(path, "rb"), 65536)
+
+
+def late_write(environ, start_response):
+    return _json(start_response, {"result": LATE_WRITES.get(_query(environ)["id"])})
+
+
 def serve_bytesio(environ, start_response):
     size = int(_query(environ).get("size", "100000"))
     data = bytes(i % 251 for i in range(size))
@@ -455,6 +484,8 @@ UNVALIDATED = {
     "/exc-info-after-headers": exc_info_after_headers,
     "/closing": closing,
     "/file": serve_file,
+    "/file-late-write": serve_file_then_write_late,
+    "/late-write": late_write,
     "/bytesio": serve_bytesio,
     "/pause": pause,
     "/input-in-thread": input_in_thread,

@@ -225,9 +225,10 @@ pub(crate) struct Io {
     pub fcgi_ended: bool,
     /// The peer shut down its sending side (nothing more will be read).
     pub peer_eof: bool,
-    /// Something wrong with the request body that did not stop the request
-    /// (a short body, STDIN past CONTENT_LENGTH), logged with the request
-    /// and its peer once the exchange completes.
+    /// Something wrong with the exchange that did not stop the request (a
+    /// short body, STDIN past CONTENT_LENGTH, a file that shrank while the
+    /// offload thread sent it), logged with the request and its peer once
+    /// the exchange completes.
     pub body_note: Option<String>,
     pub phase: RespPhase,
     pub status: u16,

@@ -34,7 +34,9 @@ use crate::app::{App, ListenerInfo, Meta, Request};
 use crate::cgi::{self, CgiParams};
 use crate::config::{Config, SigintMode};
 use crate::date::mono_ms;
-use crate::exchange::{BodyError, BodyState, Exchange, Io, RespPhase, Transfer, Wire, MAX_DRAIN, READ_CHUNK};
+use crate::exchange::{
+    BodyError, BodyState, Exchange, Io, RespPhase, ResponseError, Transfer, Wire, MAX_DRAIN, READ_CHUNK,
+};
 use crate::gateway::{self, FcgiConn, FcgiIn};
 use crate::listen::Protocol;
 use crate::scoreboard::{Retire, Scoreboard, WorkerState};
@@ -209,7 +211,10 @@ struct Offload {
     queue: Mutex<Vec<Offloaded>>,
     /// An eventfd, in the serving threads' epoll set under [`OFFLOADED_TOKEN`].
     done_wake: OwnedFd,
-    done: Mutex<Vec<Offloaded>>,
+    done: Mutex<std::collections::VecDeque<Offloaded>>,
+    /// Downloads the offload thread is sending: a worker whose serving
+    /// threads are all stuck past --timeout waits for them before it leaves.
+    sending: AtomicUsize,
 }
 
 /// The offload thread's token for its eventfd; other tokens index its downloads.
@@ -552,7 +557,10 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
             if let Some(log) = &w.access {
                 log.flush();
             }
-            if stuck > 0 && (live <= stuck || all_stuck(w)) {
+            // Downloads the offload thread is sending need no serving thread
+            // until they are out: they go on, up to the graceful timeout.
+            let sending = w.offload.as_ref().map_or(0, |o| o.sending.load(Ordering::Acquire));
+            if stuck > 0 && sending == 0 && (live <= stuck || all_stuck(w)) {
                 // Only timed-out requests are left, or every thread is in
                 // one and the connections held here could never be served
                 // (closed now, their clients retry rather than wait for the
@@ -1899,6 +1907,9 @@ fn handle_request<A: App>(
         // A file the socket could not take at once (Exchange::send_file).
         if w.offload.is_some() {
             if let Some(transfer) = io.pending_file.take() {
+                // The app's handles (a kept write callable, wsgi.input) are
+                // stale from here on, as after any response.
+                io.generation += 1;
                 return Outcome::Offload(Download { transfer, bytes: bytes.clone(), params, started });
             }
         }
@@ -1962,7 +1973,14 @@ impl Offload {
         if unsafe { libc::epoll_ctl(serving, libc::EPOLL_CTL_ADD, done_wake.as_raw_fd(), &mut ev) } < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(Offload { epfd, wake, queue: Mutex::new(Vec::new()), done_wake, done: Mutex::new(Vec::new()) })
+        Ok(Offload {
+            epfd,
+            wake,
+            queue: Mutex::new(Vec::new()),
+            done_wake,
+            done: Mutex::new(std::collections::VecDeque::new()),
+            sending: AtomicUsize::new(0),
+        })
     }
 }
 
@@ -1983,11 +2001,25 @@ fn take_offloaded<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, held: 
         return;
     };
     clear(&off.done_wake);
-    let done = std::mem::take(&mut *off.done.lock().unwrap());
-    for job in done {
-        if let Some(conn) = finish_download(w, t, job) {
-            serve_claimed(w, state, t, conn, held);
+    // One per wake-up: the next request on a returned connection may be
+    // slow, and the other returned connections go to other threads meanwhile.
+    let job = {
+        let mut done = off.done.lock().unwrap();
+        let job = done.pop_front();
+        if !done.is_empty() {
+            wake(&off.done_wake);
         }
+        job
+    };
+    let Some(job) = job else {
+        return;
+    };
+    let (conn, keep) = finish_download(w, t, job);
+    if keep {
+        serve_claimed(w, state, t, conn, held);
+    } else {
+        // Held bytes (FastCGI's END_REQUEST) go out before it closes.
+        held.settle(w, conn, false);
     }
 }
 
@@ -2005,6 +2037,7 @@ fn offload<A: App>(w: &Shared<A>, mut conn: Box<Conn>, rest: Download) {
         conn.registered = false;
     }
     let sent = conn.io.lock().unwrap().bytes_sent;
+    off.sending.fetch_add(1, Ordering::AcqRel);
     off.queue.lock().unwrap().push(Offloaded { conn, rest, sent, progress: mono_ms() });
     wake(&off.wake);
 }
@@ -2025,7 +2058,8 @@ fn offload_main<A: App>(w: &Shared<A>) {
         if let Some(job) = jobs[i].take() {
             free.push(i);
             unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_DEL, job.conn.entry.fd, std::ptr::null_mut()) };
-            off.done.lock().unwrap().push(job);
+            off.done.lock().unwrap().push_back(job);
+            off.sending.fetch_sub(1, Ordering::AcqRel);
             wake(&off.done_wake);
         }
     };
@@ -2078,6 +2112,10 @@ fn offload_main<A: App>(w: &Shared<A>) {
                     job.sent = io.bytes_sent;
                     job.progress = mono_ms();
                 }
+                if let Err(ResponseError::Invalid(why)) = &step {
+                    // Logged with the request when a serving thread completes it.
+                    io.body_note = Some(format!("sending the file: {why}; closing the connection"));
+                }
                 step
             };
             let done = !matches!(step, Ok(false));
@@ -2109,9 +2147,9 @@ fn offload_main<A: App>(w: &Shared<A>) {
 }
 
 /// Completes a request whose file went out (or failed to) as any other
-/// request: the framing's end, log line, metrics. Returns the connection if
-/// it carries another request, and closes it otherwise.
-fn finish_download<A: App>(w: &Shared<A>, t: usize, job: Offloaded) -> Option<Box<Conn>> {
+/// request: the framing's end, log line, metrics. Returns the connection
+/// and whether it carries another request.
+fn finish_download<A: App>(w: &Shared<A>, t: usize, job: Offloaded) -> (Box<Conn>, bool) {
     let Offloaded { mut conn, rest, .. } = job;
     let listener = &w.listeners[conn.listener].1;
     let keep = {
@@ -2131,12 +2169,10 @@ fn finish_download<A: App>(w: &Shared<A>, t: usize, job: Offloaded) -> Option<Bo
         after_request(w, t, &conn, &req, rest.started);
         keep
     };
-    if !keep {
-        close(w, conn, false);
-        return None;
+    if keep {
+        conn.request_started = mono_ms();
     }
-    conn.request_started = mono_ms();
-    Some(conn)
+    (conn, keep)
 }
 
 /// The `--static` mount a request falls under, with the decoded path below it.

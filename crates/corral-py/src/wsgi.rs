@@ -580,7 +580,12 @@ fn sendfile(py: Python<'_>, ex: &Exchange, fw: &FileWrapper) -> PyResult<bool> {
     let Ok(fileno) = file.getattr(pyo3::intern!(py, "fileno")) else { return Ok(false) };
     let Ok(fd) = fileno.call0().and_then(|f| f.extract::<i32>()) else { return Ok(false) };
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstat(fd, &mut st) } < 0 || (st.st_mode & libc::S_IFMT) != libc::S_IFREG {
+    // A size of 0 may be a file whose size the kernel does not know
+    // (/proc, /sys): iterating reads what it has.
+    if unsafe { libc::fstat(fd, &mut st) } < 0
+        || (st.st_mode & libc::S_IFMT) != libc::S_IFREG
+        || st.st_size == 0
+    {
         return Ok(false);
     }
     let offset: i64 = match file.getattr(pyo3::intern!(py, "tell")) {
