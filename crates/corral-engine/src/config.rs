@@ -70,6 +70,10 @@ pub struct Config {
     pub static_mounts: Vec<crate::static_files::Mount>,
     /// HTTP peers whose X-Forwarded-Proto (and kin) set the scheme.
     pub forwarded_allow: crate::forwarded::TrustedPeers,
+    /// HTTP connections may start with a PROXY protocol header
+    /// (`--proxy-protocol`), from these peers (`--proxy-allow-from`).
+    pub proxy_protocol: bool,
+    pub proxy_allow: crate::forwarded::TrustedPeers,
 }
 
 /// Default `--max-connections` per worker (gunicorn's worker_connections).
@@ -103,6 +107,9 @@ impl Default for Config {
             access_log: None,
             static_mounts: Vec::new(),
             forwarded_allow: crate::forwarded::TrustedPeers::parse(crate::forwarded::DEFAULT_ALLOW)
+                .expect("the default list parses"),
+            proxy_protocol: false,
+            proxy_allow: crate::forwarded::TrustedPeers::parse(crate::forwarded::DEFAULT_ALLOW)
                 .expect("the default list parses"),
         }
     }

@@ -159,6 +159,9 @@ struct Conn {
     /// failed. Under edge triggering that is said once: a read that takes
     /// the last request bytes does not see the end of stream behind them.
     hung_up: bool,
+    /// A new HTTP connection with `--proxy-protocol` whose first bytes have
+    /// not been looked at yet: they may be a PROXY header naming the client.
+    proxy_pending: bool,
 }
 
 /// A connection a thread is serving a request on: its descriptor and state.
@@ -1141,6 +1144,7 @@ fn adopt<A: App>(
         // uwsgi and SCGI carry one request per connection: nothing to re-arm.
         edge: w.config.threads <= 1 && matches!(protocol, Protocol::Http | Protocol::FastCgi),
         hung_up: false,
+        proxy_pending: fresh && protocol == Protocol::Http && w.config.proxy_protocol,
     })
 }
 
@@ -1372,12 +1376,19 @@ fn worth_parsing(buf: &[u8], parsed: usize, limits: &http1::Limits) -> bool {
 
 /// Reads until a whole head is buffered, the socket is drained, or the head is bad.
 fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
-    let mut io = conn.io.lock().unwrap();
+    let io_arc = conn.io.clone();
+    let mut io = io_arc.lock().unwrap();
     let mut read_once = false;
     let mut want = READ_CHUNK;
     let mut head_len = None;
     loop {
-        let worth = !io.buf.is_empty()
+        if conn.proxy_pending && !io.buf.is_empty() {
+            if let Some(next) = take_proxy_header(w, conn, &mut io) {
+                return next;
+            }
+        }
+        let worth = !conn.proxy_pending
+            && !io.buf.is_empty()
             && (head_len.is_some() || worth_parsing(&io.buf, conn.parsed_upto, &w.config.limits));
         // Looked at either way: the next check starts after these bytes.
         conn.parsed_upto = io.buf.len();
@@ -1447,6 +1458,47 @@ fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
             }
         }
     }
+}
+
+/// Looks for a PROXY protocol header at the start of a new connection
+/// (`--proxy-protocol`): one from an allowed peer is taken off the buffer
+/// and its client address becomes the connection's; none at all means the
+/// client speaks HTTP at once. Returns what to do when the connection
+/// cannot go on to its request head.
+fn take_proxy_header<A: App>(w: &Shared<A>, conn: &mut Conn, io: &mut Io) -> Option<Next> {
+    let listener = &w.listeners[conn.listener].1;
+    let (status, why) = match corral_proto::proxy::parse(&io.buf) {
+        Err(corral_proto::proxy::Error::NotProxy) => {
+            conn.proxy_pending = false;
+            return None;
+        }
+        Ok(Status::Partial) => return None,
+        _ if !w.config.proxy_allow.trusts(&conn.remote_addr, listener.is_unix) => {
+            (403, "a PROXY header from a peer not in --proxy-allow-from".to_string())
+        }
+        Ok(Status::Complete(header, n)) => {
+            io.buf.advance(n);
+            conn.parsed_upto = 0;
+            conn.proxy_pending = false;
+            if let Some(client) = header.source {
+                // A dual-stack balancer may name an IPv4 client as ::ffff:a.b.c.d.
+                let ip = match client.ip() {
+                    std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(client.ip(), std::net::IpAddr::V4),
+                    ip => ip,
+                };
+                conn.remote_addr = ip.to_string();
+                conn.remote_port = client.port().to_string();
+            }
+            return None;
+        }
+        Err(e) => (400, e.to_string()),
+    };
+    info!("Bad request from {}: {why} ({status} {})", peer(conn, listener), reason(status));
+    let reply = error_response(status, &why);
+    let _ = io.write_parts(&[&reply], |f| f());
+    record_refusal(w, Some(conn), conn.listener, &io.buf, status, reply.len() as u64);
+    drain_and_close(io);
+    Some(Next::Close)
 }
 
 /// Reads until a front end's request variables are complete (uwsgi, SCGI,

@@ -17,5 +17,6 @@ pub enum Status<T> {
     Partial,
 }
 pub mod fastcgi;
+pub mod proxy;
 pub mod scgi;
 pub mod uwsgi;

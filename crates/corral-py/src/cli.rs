@@ -301,6 +301,20 @@ pub struct Cli {
     #[arg(long, value_name = "LIST", env = "CORRAL_FORWARDED_ALLOW_IPS",
           default_value = corral_engine::forwarded::DEFAULT_ALLOW, value_parser = parse_trusted_peers)]
     pub forwarded_allow_ips: corral_engine::forwarded::TrustedPeers,
+
+    /// HTTP connections may start with a PROXY protocol header (v1 or v2, as HAProxy's
+    /// send-proxy and AWS's NLB send it): REMOTE_ADDR and REMOTE_PORT are then the client's.
+    /// Connections without one are served as they are. --proxy-protocol=false turns it off.
+    #[arg(long, value_name = "BOOL", env = "CORRAL_PROXY_PROTOCOL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value = "false", action = ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub proxy_protocol: bool,
+
+    /// Peers (addresses and networks separated by commas, or `*`) allowed to send a PROXY
+    /// header; one from any other peer gets 403. Unix socket peers are always allowed.
+    #[arg(long, value_name = "LIST", env = "CORRAL_PROXY_ALLOW_FROM",
+          default_value = corral_engine::forwarded::DEFAULT_ALLOW, value_parser = parse_trusted_peers)]
+    pub proxy_allow_from: corral_engine::forwarded::TrustedPeers,
 }
 
 /// The HTTP listener when none of --http, --uwsgi, --fastcgi, --scgi is
@@ -675,6 +689,8 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         access_log: access_log.clone().map(|t| (t, access_format)),
         static_mounts,
         forwarded_allow: cli.forwarded_allow_ips.clone(),
+        proxy_protocol: cli.proxy_protocol,
+        proxy_allow: cli.proxy_allow_from.clone(),
     };
 
     // After a re-exec the previous program's sockets are still open here:
