@@ -602,3 +602,21 @@ def test_a_body_cut_short_by_the_client_is_an_error_for_the_app(behaviour):
         conn.sock.shutdown(socket.SHUT_WR)
         assert b"200 OK" not in conn.read_to_close()
     behaviour.wait_for(r"POST /echo: client disconnected \(client closed the connection before", since=mark)
+
+
+@pytest.mark.parametrize("pieces", [2, 40])
+def test_a_small_body_that_arrives_in_pieces_after_the_head_is_served(behaviour, pieces):
+    """A body of up to 64 KiB is read ahead of the app; when it comes in several
+    reads after the head (a slow uplink, 1448-byte segments), each piece must be
+    looked at, or the request waits for its header timeout and is closed."""
+    body = bytes(range(256)) * 12  # 3072 bytes
+    step = -(-len(body) // pieces)
+    with behaviour.connect(timeout=20) as conn:
+        conn.send(f"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        for i in range(0, len(body), step):
+            time.sleep(0.05)
+            conn.send(body[i : i + step])
+        resp = conn.read_response()
+        assert (resp.status, resp.body) == (200, body)
+        conn.send_request("GET", "/fixed", {"Host": "x"})
+        assert conn.read_response().body == b"hello world"

@@ -4,8 +4,10 @@ client's address; --proxy-allow-from limits who may send one."""
 
 import ipaddress
 import json
+import signal
 import socket
 import struct
+import time
 
 import front_ends
 import pytest
@@ -51,6 +53,16 @@ def test_a_v1_header_names_the_client_for_every_request_of_the_connection(proxie
             env = _environ_on(conn)
             assert (env["REMOTE_ADDR"], env["REMOTE_PORT"]) == ("203.0.113.7", "40001")
     assert wait_until(lambda: "203.0.113.7 GET /environ HTTP/1.1 200" in proxied.access.read_text())
+
+
+def test_x_forwarded_proto_counts_for_the_socket_peer_not_the_named_client(proxied):
+    """As gunicorn judges it: HAProxy in mode http on 127.0.0.1 with send-proxy sets
+    the header for any client, so the trusted peer is the balancer."""
+    with proxied.connect() as conn:
+        conn.send(b"PROXY TCP4 203.0.113.7 198.51.100.1 40001 443\r\n")
+        conn.send_request("GET", "/environ", {"Host": "x", "X-Forwarded-Proto": "https"})
+        env = {k: v["value"] for k, v in json.loads(conn.read_response().body).items() if isinstance(v, dict)}
+    assert (env["REMOTE_ADDR"], env["wsgi.url_scheme"]) == ("203.0.113.7", "https")
 
 
 def test_a_v2_header_in_pieces_and_with_the_request_behind_it(proxied):
@@ -147,3 +159,43 @@ backend corral
     assert head.startswith(b"HTTP/1.1 200"), data[:300]
     env = {k: v["value"] for k, v in json.loads(body).items() if isinstance(v, dict)}
     assert (env["REMOTE_ADDR"], env["REMOTE_PORT"]) == ("127.0.0.1", str(client_port))
+
+
+def test_the_client_stays_with_a_connection_handed_to_a_new_worker(start_server):
+    """A reload hands kept-alive connections to the new workers: the client a
+    PROXY header named goes with them, and whose X-Forwarded-Proto counts is
+    still judged on the socket's peer."""
+    server = start_server("behaviour:application", "--proxy-protocol", workers=1)
+    with server.connect() as conn:
+        conn.send(b"PROXY TCP4 203.0.113.9 198.51.100.1 40009 443\r\n")
+        conn.send_request("GET", "/pid", {"Host": "x"})
+        old = conn.read_response().body.decode()
+        mark = server.mark()
+        server.signal(signal.SIGHUP)
+        server.wait_for(rf"Worker stopped gracefully: pid={old}", since=mark)
+        assert server.grep(rf"Worker handed 1 kept-alive connection\(s\) to other workers: pid={old}", mark)
+        conn.send_request("GET", "/environ", {"Host": "x", "X-Forwarded-Proto": "https"})
+        resp = conn.read_response()
+        env = {k: v["value"] for k, v in json.loads(resp.body).items() if isinstance(v, dict)}
+    assert (env["REMOTE_ADDR"], env["REMOTE_PORT"]) == ("203.0.113.9", "40009")
+    # The peer is 127.0.0.1, which --forwarded-allow-ips trusts by default.
+    assert env["wsgi.url_scheme"] == "https"
+
+
+def test_a_header_that_comes_alone_while_the_worker_drains_is_followed_by_its_request(start_server):
+    """HAProxy in mode tcp sends the header as it connects, apart from the
+    client's bytes: a connection accepted as a stop begins is served, not
+    closed because its buffer was empty again after the header."""
+    server = start_server("behaviour:application", "--proxy-protocol", workers=1)
+    with server.connect() as conn:
+        mark = server.mark()
+        server.signal(signal.SIGTERM)
+        server.wait_for("Worker draining", since=mark)
+        conn.send(b"PROXY TCP4 203.0.113.5 198.51.100.1 40005 443\r\n")
+        time.sleep(0.3)
+        conn.send_request("GET", "/environ", {"Host": "x"})
+        resp = conn.read_response()
+        assert resp.status == 200
+        env = {k: v["value"] for k, v in json.loads(resp.body).items() if isinstance(v, dict)}
+        assert env["REMOTE_ADDR"] == "203.0.113.5"
+    assert server.wait_exit(20) == 0

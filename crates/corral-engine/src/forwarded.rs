@@ -28,11 +28,17 @@ impl TrustedPeers {
     /// (`127.0.0.1,10.0.0.0/8,::1`); an empty list trusts no TCP peer.
     pub fn parse(list: &str) -> Result<TrustedPeers, String> {
         let mut nets = Vec::new();
+        let mut all = false;
         for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             if item == "*" {
-                return Ok(TrustedPeers::All);
+                all = true;
+                continue;
             }
             let net = match item.parse::<IpNet>() {
+                // 10.0.0.1/8 is most likely a typo for 10.0.0.1 or 10.0.0.0/8.
+                Ok(net) if net.trunc() != net => {
+                    return Err(format!("{item:?} has host bits set (the network is {})", net.trunc()))
+                }
                 Ok(net) => net,
                 Err(_) => match item.parse::<IpAddr>() {
                     Ok(ip) => IpNet::from(ip),
@@ -41,7 +47,7 @@ impl TrustedPeers {
             };
             nets.push(net);
         }
-        Ok(TrustedPeers::Only(nets))
+        Ok(if all { TrustedPeers::All } else { TrustedPeers::Only(nets) })
     }
 
     /// Whether a peer (REMOTE_ADDR as corral reports it) may set the scheme.
@@ -155,6 +161,9 @@ mod tests {
         assert!(TrustedPeers::parse("*").unwrap().trusts("203.0.113.9", false));
         assert!(!TrustedPeers::parse("").unwrap().trusts("127.0.0.1", false));
         assert!(TrustedPeers::parse("localhost").is_err());
+        assert!(TrustedPeers::parse("localhost,*").is_err());
+        assert!(TrustedPeers::parse("*,localhost").is_err());
+        assert!(TrustedPeers::parse("10.0.0.1/8").is_err());
         assert!(TrustedPeers::parse("10.0.0.0/33").is_err());
     }
 }

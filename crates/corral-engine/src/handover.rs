@@ -17,6 +17,7 @@
 //! stream socket is taken.
 
 use std::io::{self, IoSlice, IoSliceMut};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
@@ -35,24 +36,55 @@ const MAGIC: u8 = 0xC1;
 
 /// What comes with a descriptor: the index of the listener it was accepted
 /// on (same in every worker of one master) and that listener's protocol, as
-/// a check.
+/// a check; and the client a PROXY header named for the connection, which
+/// the socket's peer (the balancer) does not say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Note {
     pub listener: u16,
     pub protocol: u8,
+    pub client: Option<SocketAddr>,
 }
 
+/// The longest encoded note: the four fixed bytes, then the client's
+/// address family (4 or 6), 16 address bytes and the port.
+const NOTE_MAX: usize = 4 + 1 + 16 + 2;
+
 impl Note {
-    fn encode(self) -> [u8; 4] {
+    fn encode(self) -> Vec<u8> {
         let [a, b] = self.listener.to_le_bytes();
-        [MAGIC, a, b, self.protocol]
+        let mut out = Vec::with_capacity(NOTE_MAX);
+        out.extend_from_slice(&[MAGIC, a, b, self.protocol]);
+        if let Some(c) = self.client {
+            let (family, ip) = match c.ip() {
+                IpAddr::V4(v4) => (4, v4.to_ipv6_mapped().octets()),
+                IpAddr::V6(v6) => (6, v6.octets()),
+            };
+            out.push(family);
+            out.extend_from_slice(&ip);
+            out.extend_from_slice(&c.port().to_le_bytes());
+        }
+        out
     }
 
     fn decode(buf: &[u8]) -> Option<Note> {
-        match buf {
-            [MAGIC, a, b, p] => Some(Note { listener: u16::from_le_bytes([*a, *b]), protocol: *p }),
-            _ => None,
+        let (&[magic, a, b, protocol], rest) = buf.split_first_chunk::<4>()?;
+        if magic != MAGIC {
+            return None;
         }
+        let client = match rest {
+            [] => None,
+            [family @ (4 | 6), addr @ ..] if addr.len() == 18 => {
+                let ip = Ipv6Addr::from(<[u8; 16]>::try_from(&addr[..16]).ok()?);
+                let ip = match (family, ip.to_ipv4_mapped()) {
+                    (4, Some(v4)) => IpAddr::V4(v4),
+                    (4, None) => return None,
+                    _ => IpAddr::V6(ip),
+                };
+                Some(SocketAddr::new(ip, u16::from_le_bytes([addr[16], addr[17]])))
+            }
+            _ => return None,
+        };
+        Some(Note { listener: u16::from_le_bytes([a, b]), protocol, client })
     }
 }
 
@@ -132,7 +164,7 @@ pub(crate) enum Received {
 
 /// Takes one message from the inbox, without waiting.
 pub(crate) fn receive(inbox: RawFd) -> io::Result<Received> {
-    let mut payload = [0u8; 16];
+    let mut payload = [0u8; NOTE_MAX + 8];
     let mut iov = [IoSliceMut::new(&mut payload)];
     // Room for a few descriptors (one is expected; more are closed) and the
     // sender's credentials.
@@ -186,7 +218,7 @@ mod tests {
         let inbox = bind_inbox(master).unwrap();
         assert!(matches!(receive(inbox.as_raw_fd()).unwrap(), Received::Empty));
         let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let note = Note { listener: 3, protocol: 2 };
+        let note = Note { listener: 3, protocol: 2, client: None };
         send(master, std::process::id() as libc::pid_t, a.as_raw_fd(), note).unwrap();
         drop(a);
         let Received::Conn(fd, got) = receive(inbox.as_raw_fd()).unwrap() else { panic!("nothing received") };
@@ -204,8 +236,15 @@ mod tests {
 
     #[test]
     fn notes_round_trip_and_strangers_are_refused() {
-        let note = Note { listener: 65535, protocol: 1 };
+        let note = Note { listener: 65535, protocol: 1, client: None };
         assert_eq!(Note::decode(&note.encode()), Some(note));
+        for client in ["203.0.113.7:40001", "[2001:db8::7]:1", "[::ffff:192.0.2.1]:2"] {
+            let client: SocketAddr = client.parse().unwrap();
+            let note = Note { listener: 1, protocol: 0, client: Some(client) };
+            let got = Note::decode(&note.encode()).unwrap();
+            assert_eq!((got.listener, got.client), (1, Some(client)));
+        }
+        assert_eq!(Note::decode(b"\xc1\x00\x00\x01\x05"), None);
         assert_eq!(Note::decode(b"\xc1\x00\x00"), None);
         assert_eq!(Note::decode(b"\x00\x00\x00\x01"), None);
     }

@@ -132,6 +132,9 @@ struct Entry {
     handed: AtomicBool,
     /// The listener it came from, for a hand-over by the sweeper.
     listener: AtomicUsize,
+    /// The client a PROXY header named: it goes with the connection when a
+    /// draining worker hands it to a sibling.
+    proxy_client: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 /// A connection, owned by whichever thread epoll handed it to.
@@ -141,12 +144,21 @@ struct Conn {
     io: Arc<Mutex<Io>>,
     head: Head,
     listener: usize,
+    /// REMOTE_ADDR and REMOTE_PORT: the socket's peer, or the client its
+    /// PROXY header named.
     remote_addr: String,
     remote_port: String,
+    /// The socket's peer (empty on unix sockets): whose X-Forwarded-Proto
+    /// counts is judged on it, as gunicorn does, not on a PROXY client.
+    peer_addr: String,
     /// Monotonic ms when the first byte of the current request arrived.
     request_started: u64,
     /// Bytes of the buffer an incomplete HTTP head had when last looked at.
     parsed_upto: usize,
+    /// The buffered HTTP head is complete and its small body is being read
+    /// ahead: body bytes never end a head, so `worth_parsing` would not look
+    /// at the buffer again.
+    head_ready: bool,
     /// FastCGI state between records (FastCGI listeners only).
     fcgi: FcgiConn,
     /// The descriptor is in the worker's epoll set (it has been parked once),
@@ -795,7 +807,7 @@ fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) {
                         w.master,
                         to,
                         e.fd,
-                        note_for(w, e.listener.load(Ordering::Relaxed)),
+                        note_for(w, e.listener.load(Ordering::Relaxed), e),
                     ) {
                         Ok(()) => {
                             e.handed.store(true, Ordering::Relaxed);
@@ -1105,6 +1117,7 @@ fn adopt<A: App>(
         between: AtomicBool::new(false),
         handed: AtomicBool::new(false),
         listener: AtomicUsize::new(idx),
+        proxy_client: std::sync::OnceLock::new(),
     });
     let slot = {
         let mut reg = w.registry.lock().unwrap();
@@ -1135,10 +1148,12 @@ fn adopt<A: App>(
         }),
         head: Head::default(),
         listener: idx,
+        peer_addr: remote_addr.clone(),
         remote_addr,
         remote_port,
         request_started: mono_ms(),
         parsed_upto: 0,
+        head_ready: false,
         fcgi: FcgiConn::default(),
         registered: false,
         // uwsgi and SCGI carry one request per connection: nothing to re-arm.
@@ -1159,8 +1174,12 @@ fn can_hand_over<A: App>(w: &Shared<A>) -> bool {
 }
 
 /// What goes with a connection from listener `idx` that is handed over.
-fn note_for<A: App>(w: &Shared<A>, idx: usize) -> crate::handover::Note {
-    crate::handover::Note { listener: idx as u16, protocol: w.listeners[idx].1.protocol as u8 }
+fn note_for<A: App>(w: &Shared<A>, idx: usize, entry: &Entry) -> crate::handover::Note {
+    crate::handover::Note {
+        listener: idx as u16,
+        protocol: w.listeners[idx].1.protocol as u8,
+        client: entry.proxy_client.get().copied(),
+    }
 }
 
 /// In a draining worker, hands a connection between two requests (nothing
@@ -1180,7 +1199,7 @@ fn hand_over_if_draining<A: App>(w: &Shared<A>, conn: Box<Conn>) -> Option<Box<C
     if !ready {
         return Some(conn);
     }
-    match crate::handover::send(w.master, to, conn.entry.fd, note_for(w, conn.listener)) {
+    match crate::handover::send(w.master, to, conn.entry.fd, note_for(w, conn.listener, &conn.entry)) {
         Ok(()) => {
             HANDED_OVER.fetch_add(1, Ordering::Relaxed);
             // The sibling holds the connection too, so closing this copy
@@ -1225,7 +1244,10 @@ fn take_handed_over<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, held
                     };
                     peer_strings(&addr, false)
                 };
-                let conn = adopt(w, fd.into_raw_fd(), idx, remote_addr, remote_port, false);
+                let mut conn = adopt(w, fd.into_raw_fd(), idx, remote_addr, remote_port, false);
+                if let Some(client) = note.client {
+                    set_proxy_client(&mut conn, client);
+                }
                 serve_claimed(w, state, t, conn, held);
                 if held.due() {
                     held.release(w);
@@ -1389,7 +1411,9 @@ fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
         }
         let worth = !conn.proxy_pending
             && !io.buf.is_empty()
-            && (head_len.is_some() || worth_parsing(&io.buf, conn.parsed_upto, &w.config.limits));
+            && (head_len.is_some()
+                || conn.head_ready
+                || worth_parsing(&io.buf, conn.parsed_upto, &w.config.limits));
         // Looked at either way: the next check starts after these bytes.
         conn.parsed_upto = io.buf.len();
         if worth {
@@ -1408,8 +1432,10 @@ fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                     };
                     if missing == 0 {
                         conn.parsed_upto = 0;
+                        conn.head_ready = false;
                         return Next::Request(n);
                     }
+                    conn.head_ready = true;
                     head_len = Some(n);
                     want = missing as usize;
                 }
@@ -1430,7 +1456,9 @@ fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                 }
             }
         }
-        if draining() && io.buf.is_empty() && read_once {
+        // Draining, a kept-alive connection found idle closes. A new one
+        // (its PROXY header taken, nothing else yet) waits for its request.
+        if draining() && io.buf.is_empty() && read_once && !conn.entry.fresh.load(Ordering::Relaxed) {
             return Next::Close;
         }
         let was_empty = io.buf.is_empty();
@@ -1473,7 +1501,7 @@ fn take_proxy_header<A: App>(w: &Shared<A>, conn: &mut Conn, io: &mut Io) -> Opt
             return None;
         }
         Ok(Status::Partial) => return None,
-        _ if !w.config.proxy_allow.trusts(&conn.remote_addr, listener.is_unix) => {
+        _ if !w.config.proxy_allow.trusts(&conn.peer_addr, listener.is_unix) => {
             (403, "a PROXY header from a peer not in --proxy-allow-from".to_string())
         }
         Ok(Status::Complete(header, n)) => {
@@ -1481,13 +1509,7 @@ fn take_proxy_header<A: App>(w: &Shared<A>, conn: &mut Conn, io: &mut Io) -> Opt
             conn.parsed_upto = 0;
             conn.proxy_pending = false;
             if let Some(client) = header.source {
-                // A dual-stack balancer may name an IPv4 client as ::ffff:a.b.c.d.
-                let ip = match client.ip() {
-                    std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(client.ip(), std::net::IpAddr::V4),
-                    ip => ip,
-                };
-                conn.remote_addr = ip.to_string();
-                conn.remote_port = client.port().to_string();
+                set_proxy_client(conn, client);
             }
             return None;
         }
@@ -1499,6 +1521,20 @@ fn take_proxy_header<A: App>(w: &Shared<A>, conn: &mut Conn, io: &mut Io) -> Opt
     record_refusal(w, Some(conn), conn.listener, &io.buf, status, reply.len() as u64);
     drain_and_close(io);
     Some(Next::Close)
+}
+
+/// Makes the client a PROXY header named the connection's REMOTE_ADDR and
+/// REMOTE_PORT, for good (also when the connection is handed over).
+fn set_proxy_client(conn: &mut Conn, client: std::net::SocketAddr) {
+    // A dual-stack balancer may name an IPv4 client as ::ffff:a.b.c.d.
+    let ip = match client.ip() {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(client.ip(), std::net::IpAddr::V4),
+        ip => ip,
+    };
+    let client = std::net::SocketAddr::new(ip, client.port());
+    conn.remote_addr = ip.to_string();
+    conn.remote_port = client.port().to_string();
+    let _ = conn.entry.proxy_client.set(client);
 }
 
 /// Reads until a front end's request variables are complete (uwsgi, SCGI,
@@ -1875,7 +1911,7 @@ fn handle_request<A: App>(
     let forwarded_https = match params {
         Some(_) => false,
         None if !conn.head.scheme_fields => false,
-        None if !w.config.forwarded_allow.trusts(&conn.remote_addr, listener.is_unix) => false,
+        None if !w.config.forwarded_allow.trusts(&conn.peer_addr, listener.is_unix) => false,
         None => match crate::forwarded::scheme(&conn.head, &bytes) {
             crate::forwarded::Scheme::Https => true,
             crate::forwarded::Scheme::Http | crate::forwarded::Scheme::Unsaid => false,
@@ -2552,6 +2588,7 @@ fn peer(conn: &Conn, l: &ListenerInfo) -> String {
 pub fn reason(status: u16) -> &'static str {
     match status {
         400 => "Bad Request",
+        403 => "Forbidden",
         404 => "Not Found",
         408 => "Request Timeout",
         411 => "Length Required",

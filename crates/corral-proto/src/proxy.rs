@@ -160,6 +160,14 @@ fn parse_v2(buf: &[u8]) -> Result<Status<Header>, Error> {
     if len > V2_MAX_PAYLOAD {
         return Err(Error::V2Length);
     }
+    if command == 0 {
+        // LOCAL: the balancer speaks for itself (a health check); whatever
+        // family it names is to be ignored (specification, 2.2).
+        if buf.len() < 16 + len {
+            return Ok(Status::Partial);
+        }
+        return Ok(Status::Complete(Header { source: None, destination: None }, 16 + len));
+    }
     let needed = match family {
         0 => 0,
         1 => 12,
@@ -179,11 +187,9 @@ fn parse_v2(buf: &[u8]) -> Result<Status<Header>, Error> {
         return Ok(Status::Partial);
     }
     let a = &buf[16..16 + len];
-    let unknown = Header { source: None, destination: None };
-    // LOCAL: the balancer speaks for itself (a health check), no client.
-    let header = match (command, family) {
-        (0, _) | (_, 0) => unknown,
-        (_, 1) => {
+    let header = match family {
+        0 => Header { source: None, destination: None },
+        1 => {
             let ip = |o: usize| IpAddr::V4(Ipv4Addr::new(a[o], a[o + 1], a[o + 2], a[o + 3]));
             let port = |o: usize| u16::from_be_bytes([a[o], a[o + 1]]);
             Header {
@@ -327,9 +333,12 @@ mod tests {
         );
 
         let none = Header { source: None, destination: None };
-        // LOCAL (a health check) and UNSPEC carry no client.
+        // LOCAL (a health check) and UNSPEC carry no client; LOCAL's family is ignored.
         assert_eq!(parse(&v2(0, 0x11, &v4)), Ok(Status::Complete(none, 28)));
         assert_eq!(parse(&v2(0, 0x00, &[])), Ok(Status::Complete(none, 16)));
+        assert_eq!(parse(&v2(0, 0x11, &[])), Ok(Status::Complete(none, 16)));
+        assert_eq!(parse(&v2(0, 0x12, &v4)), Ok(Status::Complete(none, 28)));
+        assert_eq!(parse(&v2(0, 0x31, &[0; 216])), Ok(Status::Complete(none, 232)));
         assert_eq!(parse(&v2(1, 0x00, &[1, 2, 3])), Ok(Status::Complete(none, 19)));
 
         assert_eq!(parse(&v2(1, 0x11, &v4)[..20]), Ok(Status::Partial));
