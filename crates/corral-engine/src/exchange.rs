@@ -1207,7 +1207,7 @@ impl Io {
     pub(crate) fn sendfile(
         &mut self,
         file: RawFd,
-        mut offset: i64,
+        offset: i64,
         count: u64,
         blocking: fn(&mut dyn FnMut()),
     ) -> Result<(), ResponseError> {
@@ -1221,40 +1221,10 @@ impl Io {
             }
             _ => {}
         }
-        if let Wire::FastCgi { id, .. } = self.wire {
-            return self.sendfile_fcgi(id, file, offset, count, blocking);
-        }
-        let mut left = count;
-        while left > 0 {
-            let n = unsafe { libc::sendfile(self.fd, file, &mut offset, left.min(1 << 30) as usize) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::WouldBlock => {
-                        if !self.wait(libc::POLLOUT, blocking) {
-                            self.broken = true;
-                            return Err(ResponseError::ClientGone("timed out writing the response".into()));
-                        }
-                        continue;
-                    }
-                    io::ErrorKind::Interrupted => continue,
-                    _ => {
-                        self.broken = true;
-                        return Err(ResponseError::ClientGone(e.to_string()));
-                    }
-                }
-            }
-            if n == 0 {
-                break; // the file is shorter than it said
-            }
-            left -= n as u64;
-            self.bytes_sent += n as u64;
-        }
-        if let RespFraming::Length(l) = self.framing {
-            self.framing = RespFraming::Length(l - (count - left));
-        }
+        let before = self.bytes_sent;
+        self.send_span(file, &mut Span { offset, left: count, owed: 0 }, blocking)?;
         if self.framing == RespFraming::Chunked {
-            if left > 0 {
+            if self.bytes_sent - before < count {
                 // The chunk size was announced; a short file cannot be framed.
                 self.broken = true;
                 return Err(ResponseError::Invalid("file ended before its announced size".into()));
@@ -1295,10 +1265,20 @@ impl Io {
         &mut self,
         blocking: fn(&mut dyn FnMut()),
     ) -> Result<(), ResponseError> {
-        let Some(mut t) = self.pending_file.take() else {
-            return Ok(());
-        };
-        while !self.advance(&mut t)? {
+        match self.pending_file.take() {
+            Some(mut t) => self.send_span(t.file.as_raw_fd(), &mut t.span, blocking),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends all of `s`, waiting for the socket as it drains.
+    fn send_span(
+        &mut self,
+        file: RawFd,
+        s: &mut Span,
+        blocking: fn(&mut dyn FnMut()),
+    ) -> Result<(), ResponseError> {
+        while !self.advance_span(file, s)? {
             if !self.wait(libc::POLLOUT, blocking) {
                 self.broken = true;
                 return Err(ResponseError::ClientGone("timed out writing the response".into()));
@@ -1312,6 +1292,10 @@ impl Io {
     /// the response's framing then reports), `Ok(false)` when the socket is
     /// full.
     pub(crate) fn advance(&mut self, t: &mut Transfer) -> Result<bool, ResponseError> {
+        self.advance_span(t.file.as_raw_fd(), &mut t.span)
+    }
+
+    fn advance_span(&mut self, file: RawFd, t: &mut Span) -> Result<bool, ResponseError> {
         let fcgi = match self.wire {
             Wire::FastCgi { id, .. } => Some(id),
             _ => None,
@@ -1339,7 +1323,7 @@ impl Io {
                     continue;
                 }
             }
-            let n = unsafe { libc::sendfile(self.fd, t.file.as_raw_fd(), &mut t.offset, t.owed) };
+            let n = unsafe { libc::sendfile(self.fd, file, &mut t.offset, t.owed) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 match e.kind() {
@@ -1368,59 +1352,6 @@ impl Io {
             }
         }
     }
-
-    /// sendfile(2) inside FastCGI STDOUT records: a header, then that many
-    /// bytes straight from the file, record by record.
-    fn sendfile_fcgi(
-        &mut self,
-        id: u16,
-        file: RawFd,
-        mut offset: i64,
-        count: u64,
-        blocking: fn(&mut dyn FnMut()),
-    ) -> Result<(), ResponseError> {
-        let mut left = count;
-        while left > 0 {
-            let record = left.min(65528) as usize;
-            let header = gateway::record_header(fastcgi::RecordType::Stdout, id, record);
-            self.write_parts(&[&header], blocking)?;
-            let mut owed = record;
-            while owed > 0 {
-                let n = unsafe { libc::sendfile(self.fd, file, &mut offset, owed) };
-                if n < 0 {
-                    let e = io::Error::last_os_error();
-                    match e.kind() {
-                        io::ErrorKind::WouldBlock => {
-                            if !self.wait(libc::POLLOUT, blocking) {
-                                self.broken = true;
-                                return Err(ResponseError::ClientGone(
-                                    "timed out writing the response".into(),
-                                ));
-                            }
-                            continue;
-                        }
-                        io::ErrorKind::Interrupted => continue,
-                        _ => {
-                            self.broken = true;
-                            return Err(ResponseError::ClientGone(e.to_string()));
-                        }
-                    }
-                }
-                if n == 0 {
-                    // The record's length is announced; a short file cannot fill it.
-                    self.broken = true;
-                    return Err(ResponseError::Invalid("file ended before its announced size".into()));
-                }
-                owed -= n as usize;
-                self.bytes_sent += n as u64;
-            }
-            left -= record as u64;
-            if let RespFraming::Length(l) = self.framing {
-                self.framing = RespFraming::Length(l - record as u64);
-            }
-        }
-        Ok(())
-    }
 }
 
 /// The rest of a file response that the socket could not take at once:
@@ -1428,10 +1359,14 @@ impl Io {
 /// slow download does not hold a serving thread (uWSGI's offloading).
 pub struct Transfer {
     file: OwnedFd,
+    span: Span,
+}
+
+/// What is left to send of a file: from `offset`, `owed` bytes of the piece
+/// begun (a FastCGI record's content, whose header went out), then `left`.
+struct Span {
     offset: i64,
-    /// Bytes not yet started (not in `owed`).
     left: u64,
-    /// Bytes of the current piece (a FastCGI record's content) still owed.
     owed: usize,
 }
 
@@ -1651,7 +1586,7 @@ impl Exchange {
         if !matches!(io.framing, RespFraming::Length(_)) {
             return io.sendfile(file.as_raw_fd(), offset, count, self.blocking);
         }
-        let mut t = Transfer { file, offset, left: count, owed: 0 };
+        let mut t = Transfer { file, span: Span { offset, left: count, owed: 0 } };
         if !io.advance(&mut t)? {
             io.pending_file = Some(t);
         }
