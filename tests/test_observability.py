@@ -1,5 +1,6 @@
 """Access and error logs, metrics, health endpoints, `corral stats` and `corral top`."""
 
+import hashlib
 import json
 import os
 import pty
@@ -13,7 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from support import CORRAL, IncompleteResponse, wait_until
+from support import CORRAL, IncompleteResponse, read_hashed, slow_reader, wait_until
 
 
 def _free_port():
@@ -708,3 +709,51 @@ def test_stats_subcommand_into_a_closed_pipe(stats_server):
         os.close(w)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_an_offloaded_download_is_in_flight_until_it_ends(start_server, tmp_path):
+    """A download the offload thread sends holds no thread, but it is a request
+    in flight: /stats and /metrics show it until its last byte, and a worker
+    that dies meanwhile says it was sending it."""
+    public = tmp_path / "public"
+    public.mkdir()
+    size = 40 << 20
+    data = os.urandom(size)
+    (public / "big.bin").write_bytes(data)
+    stats_port = _free_port()
+    server = start_server(
+        "behaviour:application", "--static", f"/static={public}", "--stats", f"127.0.0.1:{stats_port}"
+    )
+
+    def worker():
+        return json.loads(_get(stats_port, "/stats")[1])["workers"][0]
+
+    def metric(name):
+        text = _get(stats_port, "/metrics")[1].decode()
+        return int(re.search(rf"^{name} (\d+)$", text, re.MULTILINE).group(1))
+
+    with slow_reader(server) as slow:
+        slow.send_request("GET", "/static/big.bin", {"Host": "x"})
+        assert slow.read_head().status == 200
+        assert wait_until(lambda: worker()["offloaded"] == 1, timeout=10), worker()
+        w = worker()
+        assert w["busy_threads"] == 0
+        assert [(c["method"], c["path"], c["offloaded"]) for c in w["current"]] == [
+            ("GET", "/static/big.bin", True)
+        ]
+        assert (metric("corral_requests_in_flight"), metric("corral_offloaded_responses")) == (1, 1)
+        assert read_hashed(slow, size) == (size, hashlib.sha256(data).hexdigest())
+    assert wait_until(lambda: worker()["offloaded"] == 0, timeout=10), worker()
+    assert worker()["current"] == []
+    assert (metric("corral_requests_in_flight"), metric("corral_offloaded_responses")) == (0, 0)
+
+    with slow_reader(server) as slow:
+        slow.send_request("GET", "/static/big.bin?again", {"Host": "x"})
+        assert slow.read_head().status == 200
+        assert wait_until(lambda: worker()["offloaded"] == 1, timeout=10), worker()
+        mark = len(server.lines)
+        os.kill(worker()["pid"], signal.SIGKILL)
+        server.wait_for(
+            r"killed by signal 9 \(SIGKILL\) while serving GET /static/big\.bin\?again \(sending its file, \d+ ms in\)",
+            since=mark,
+        )

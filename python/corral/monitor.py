@@ -97,7 +97,11 @@ def render(data: dict, width: int, previous: dict | None = None, interval: float
     ]
     for w in data["workers"]:
         current = (
-            ", ".join(f"{c['method']} {c['path']} ({c['age_ms'] / 1000:.1f}s)" for c in w["current"]) or "-"
+            ", ".join(
+                f"{c['method']} {c['path']} ({'sending file, ' if c.get('offloaded') else ''}{c['age_ms'] / 1000:.1f}s)"
+                for c in w["current"]
+            )
+            or "-"
         )
         lines.append(
             f"{w['worker']:>6} {w['pid']:>8} {w['state']:<9} {w['requests']:>9} {w['busy_threads']:>5} "

@@ -4,12 +4,19 @@
 //! pages. Workers write only their own slots, with plain atomic stores; the
 //! master reads them to say what a dead worker was serving and whether a
 //! worker finished booting.
+//!
+//! After a worker's threads come a few slots for the responses its offload
+//! thread is sending: those requests hold no thread, but they are in flight
+//! for their clients, and a worker that dies takes them down too.
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
 /// Bytes of "METHOD /path" kept per thread.
 const TEXT: usize = 112;
+
+/// Offloaded responses shown by name per worker; more are only counted.
+const DOWNLOADS: usize = 8;
 
 #[repr(C)]
 struct ThreadSlot {
@@ -28,6 +35,9 @@ struct WorkerHeader {
     /// Why the worker asks to be replaced ([`Retire`] as u32); 0 = it does not.
     retire: AtomicU32,
     error_len: AtomicU32,
+    /// Responses the offload thread is sending now.
+    offloaded: AtomicU32,
+    _pad: u32,
     /// Counters for the metrics, indexed by the `C_*` constants.
     counters: [AtomicU64; COUNTERS],
     /// The last exception the app raised, as text (truncated).
@@ -94,6 +104,16 @@ pub enum WorkerState {
     Draining = 2,
 }
 
+/// A request in flight, as the master reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InFlight {
+    /// "GET /path".
+    pub what: String,
+    pub age_ms: u64,
+    /// Its response is being sent by the offload thread, not a serving thread.
+    pub offloaded: bool,
+}
+
 /// The shared table; cheap to copy into each worker (a pointer and sizes).
 #[derive(Clone, Copy)]
 pub struct Scoreboard {
@@ -127,7 +147,7 @@ impl Scoreboard {
     }
 
     fn slot_size(threads: usize) -> usize {
-        std::mem::size_of::<WorkerHeader>() + threads * std::mem::size_of::<ThreadSlot>()
+        std::mem::size_of::<WorkerHeader>() + (threads + DOWNLOADS) * std::mem::size_of::<ThreadSlot>()
     }
 
     fn header(&self, slot: usize) -> &WorkerHeader {
@@ -135,8 +155,9 @@ impl Scoreboard {
         unsafe { &*(self.base.as_ptr().add(slot * Self::slot_size(self.threads)) as *const WorkerHeader) }
     }
 
+    /// Thread `t`'s slot; `t` from `threads` on are the download slots.
     fn thread(&self, slot: usize, t: usize) -> &ThreadSlot {
-        assert!(slot < self.slots && t < self.threads);
+        assert!(slot < self.slots && t < self.threads + DOWNLOADS);
         let off = slot * Self::slot_size(self.threads)
             + std::mem::size_of::<WorkerHeader>()
             + t * std::mem::size_of::<ThreadSlot>();
@@ -150,11 +171,12 @@ impl Scoreboard {
         h.requests.store(0, Ordering::Relaxed);
         h.retire.store(0, Ordering::Relaxed);
         h.error_len.store(0, Ordering::Relaxed);
+        h.offloaded.store(0, Ordering::Relaxed);
         for c in &h.counters {
             c.store(0, Ordering::Relaxed);
         }
         h.state.store(WorkerState::Booting as u32, Ordering::Release);
-        for t in 0..self.threads {
+        for t in 0..self.threads + DOWNLOADS {
             self.thread(slot, t).since_ms.store(0, Ordering::Relaxed);
         }
     }
@@ -192,7 +214,10 @@ impl Scoreboard {
 
     /// Records the request a thread starts serving.
     pub fn begin(&self, slot: usize, t: usize, method: &[u8], path: &[u8], now_ms: u64) {
-        let s = self.thread(slot, t);
+        self.write_slot(self.thread(slot, t), method, path, now_ms);
+    }
+
+    fn write_slot(&self, s: &ThreadSlot, method: &[u8], path: &[u8], now_ms: u64) {
         let text = unsafe { &mut *(s.text.as_ptr() as *mut [u8; TEXT]) };
         let m = method.len().min(TEXT);
         text[..m].copy_from_slice(&method[..m]);
@@ -211,6 +236,37 @@ impl Scoreboard {
     pub fn end(&self, slot: usize, t: usize) {
         self.thread(slot, t).since_ms.store(0, Ordering::Release);
         self.header(slot).requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records a response the offload thread starts sending, for the request
+    /// that began at `since_ms`. Returns the download slot naming it, if one
+    /// was free (several serving threads may offload at once, so slots are
+    /// claimed with a compare-and-swap).
+    pub fn begin_download(&self, slot: usize, method: &[u8], path: &[u8], since_ms: u64) -> Option<usize> {
+        self.header(slot).offloaded.fetch_add(1, Ordering::AcqRel);
+        const CLAIMED: u64 = u64::MAX;
+        let d = (self.threads..self.threads + DOWNLOADS).find(|&d| {
+            let s = self.thread(slot, d);
+            s.since_ms.compare_exchange(0, CLAIMED, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+        })?;
+        self.write_slot(self.thread(slot, d), method, path, since_ms.min(CLAIMED - 1));
+        Some(d)
+    }
+
+    /// The offloaded response [`Scoreboard::begin_download`] recorded ended.
+    pub fn end_download(&self, slot: usize, download: Option<usize>) {
+        if let Some(d) = download {
+            self.thread(slot, d).since_ms.store(0, Ordering::Release);
+        }
+        let _ = self
+            .header(slot)
+            .offloaded
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    /// How many responses a worker's offload thread is sending.
+    pub fn offloaded(&self, slot: usize) -> usize {
+        self.header(slot).offloaded.load(Ordering::Acquire) as usize
     }
 
     /// What one thread is serving: ("GET /x", monotonic ms it started), if anything.
@@ -291,15 +347,21 @@ impl Scoreboard {
         (0..self.threads).filter(|&t| self.thread(slot, t).since_ms.load(Ordering::Relaxed) != 0).count()
     }
 
-    /// What the threads of a worker are serving: ("GET /x", ms since start).
-    pub fn in_flight(&self, slot: usize, now_ms: u64) -> Vec<(String, u64)> {
-        (0..self.threads)
+    /// What a worker is serving: its threads' requests, then the responses
+    /// its offload thread is sending (those with a free slot to name them).
+    pub fn in_flight(&self, slot: usize, now_ms: u64) -> Vec<InFlight> {
+        (0..self.threads + DOWNLOADS)
             .filter_map(|t| {
                 let s = self.thread(slot, t);
                 let since = s.since_ms.load(Ordering::Acquire);
-                (since != 0).then(|| {
+                // u64::MAX: a download slot claimed but not yet written.
+                (since != 0 && since != u64::MAX).then(|| {
                     let len = (s.len.load(Ordering::Relaxed) as usize).min(TEXT);
-                    (crate::app::log_escape(&s.text[..len]), now_ms.saturating_sub(since))
+                    InFlight {
+                        what: crate::app::log_escape(&s.text[..len]),
+                        age_ms: now_ms.saturating_sub(since),
+                        offloaded: t >= self.threads,
+                    }
                 })
             })
             .collect()
@@ -317,7 +379,8 @@ mod tests {
         assert_eq!(sb.state(1), WorkerState::Booting);
         sb.set_state(1, WorkerState::Ready);
         sb.begin(1, 2, b"GET", b"/slow", 1000);
-        assert_eq!(sb.in_flight(1, 1500), vec![("GET /slow".to_string(), 500)]);
+        let slow = InFlight { what: "GET /slow".into(), age_ms: 500, offloaded: false };
+        assert_eq!(sb.in_flight(1, 1500), vec![slow]);
         sb.end(1, 2);
         assert!(sb.in_flight(1, 1600).is_empty());
         assert_eq!(sb.requests(1), 1);
@@ -347,6 +410,42 @@ mod tests {
         assert_eq!((0..5).map(|k| c[C_REQUESTS + 2 * 5 + k]).sum::<u64>(), 1);
         let long = vec![b'a'; 500];
         sb.begin(0, 0, b"POST", &long, 5);
-        assert_eq!(sb.in_flight(0, 5)[0].0.len(), TEXT);
+        assert_eq!(sb.in_flight(0, 5)[0].what.len(), TEXT);
+    }
+
+    #[test]
+    fn downloads_are_named_while_slots_last_and_always_counted() {
+        let sb = Scoreboard::new(2, 1).unwrap();
+        sb.reset(0, 7);
+        sb.reset(1, 8);
+        sb.begin(1, 0, b"GET", b"/page", 900);
+        let first = sb.begin_download(1, b"GET", b"/big.iso", 1000);
+        assert_eq!(first, Some(1));
+        let listed = sb.in_flight(1, 1500);
+        assert_eq!(
+            listed,
+            vec![
+                InFlight { what: "GET /page".into(), age_ms: 600, offloaded: false },
+                InFlight { what: "GET /big.iso".into(), age_ms: 500, offloaded: true },
+            ]
+        );
+        let more: Vec<_> = (0..DOWNLOADS).map(|_| sb.begin_download(1, b"GET", b"/x", 1200)).collect();
+        assert!(more[..DOWNLOADS - 1].iter().all(Option::is_some));
+        assert_eq!(more[DOWNLOADS - 1], None, "every slot taken: counted only");
+        assert_eq!(sb.offloaded(1), DOWNLOADS + 1);
+        assert_eq!(sb.in_flight(1, 1500).len(), 1 + DOWNLOADS);
+        sb.end_download(1, first);
+        sb.end_download(1, None);
+        assert_eq!(sb.offloaded(1), DOWNLOADS - 1);
+        assert!(!sb.in_flight(1, 1500).iter().any(|r| r.what == "GET /big.iso"));
+        // The neighbouring worker's slots are untouched, and a fresh worker starts empty.
+        assert!(sb.in_flight(0, 1500).is_empty());
+        assert_eq!(sb.offloaded(0), 0);
+        sb.reset(1, 9);
+        assert_eq!(sb.offloaded(1), 0);
+        assert!(sb.in_flight(1, 1500).is_empty());
+        // More ends than begins never wraps the count.
+        sb.end_download(1, None);
+        assert_eq!(sb.offloaded(1), 0);
     }
 }

@@ -11,7 +11,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use crate::scoreboard::{
-    COUNTERS, C_BYTES_IN, C_BYTES_OUT, C_LATENCY, C_LATENCY_SUM_US, C_REQUESTS, C_SHED, C_TIMEOUTS,
+    InFlight, COUNTERS, C_BYTES_IN, C_BYTES_OUT, C_LATENCY, C_LATENCY_SUM_US, C_REQUESTS, C_SHED, C_TIMEOUTS,
     LATENCY_BUCKETS, PROTOCOLS,
 };
 
@@ -22,11 +22,14 @@ pub struct WorkerView {
     pub state: &'static str,
     pub requests: u64,
     pub busy_threads: usize,
+    /// Responses its offload thread is sending (they hold no thread).
+    pub offloaded: usize,
     pub rss: u64,
     pub respawns: u64,
     pub age_s: f64,
-    /// ("GET /path", ms since it started) per busy thread.
-    pub current: Vec<(String, u64)>,
+    /// What its busy threads serve, then the offloaded responses (as many
+    /// as the scoreboard has room to name).
+    pub current: Vec<InFlight>,
     pub last_exception: Option<String>,
 }
 
@@ -77,8 +80,20 @@ pub fn metrics(s: &Snapshot) -> String {
     let _ = writeln!(o, "corral_request_duration_seconds_sum {}", c[C_LATENCY_SUM_US] as f64 / 1e6);
     let _ = writeln!(o, "corral_request_duration_seconds_count {cumulative}");
     let busy: usize = s.workers.iter().map(|w| w.busy_threads).sum();
+    let offloaded: usize = s.workers.iter().map(|w| w.offloaded).sum();
     let total_threads = s.workers.len() * s.threads;
-    gauge(&mut o, "corral_requests_in_flight", "Requests being served now.", busy as u64);
+    gauge(
+        &mut o,
+        "corral_requests_in_flight",
+        "Requests being served now (by a thread, or their file by an offload thread).",
+        (busy + offloaded) as u64,
+    );
+    gauge(
+        &mut o,
+        "corral_offloaded_responses",
+        "Responses whose file an offload thread is sending to a slow client.",
+        offloaded as u64,
+    );
     o.push_str("# HELP corral_workers Worker processes by state.\n# TYPE corral_workers gauge\n");
     let busy_workers = s.workers.iter().filter(|w| w.busy_threads > 0).count();
     let _ = writeln!(o, "corral_workers{{state=\"busy\"}} {busy_workers}");
@@ -147,16 +162,23 @@ pub fn json(s: &Snapshot) -> String {
         }
         let _ = write!(
             o,
-            "{{\"worker\":{},\"pid\":{},\"state\":\"{}\",\"requests\":{},\"busy_threads\":{},\"rss\":{},\
-             \"respawns\":{},\"age_s\":{:.1},\"current\":[",
-            w.slot, w.pid, w.state, w.requests, w.busy_threads, w.rss, w.respawns, w.age_s
+            "{{\"worker\":{},\"pid\":{},\"state\":\"{}\",\"requests\":{},\"busy_threads\":{},\"offloaded\":{},\
+             \"rss\":{},\"respawns\":{},\"age_s\":{:.1},\"current\":[",
+            w.slot, w.pid, w.state, w.requests, w.busy_threads, w.offloaded, w.rss, w.respawns, w.age_s
         );
-        for (j, (what, age)) in w.current.iter().enumerate() {
+        for (j, r) in w.current.iter().enumerate() {
             if j > 0 {
                 o.push(',');
             }
-            let (method, path) = what.split_once(' ').unwrap_or((what.as_str(), ""));
-            let _ = write!(o, "{{\"method\":{},\"path\":{},\"age_ms\":{age}}}", js(method), js(path));
+            let (method, path) = r.what.split_once(' ').unwrap_or((r.what.as_str(), ""));
+            let _ = write!(
+                o,
+                "{{\"method\":{},\"path\":{},\"age_ms\":{},\"offloaded\":{}}}",
+                js(method),
+                js(path),
+                r.age_ms,
+                r.offloaded
+            );
         }
         o.push_str("],\"last_exception\":");
         match &w.last_exception {
@@ -350,10 +372,14 @@ mod tests {
                 state: "ready",
                 requests: 4,
                 busy_threads: 1,
+                offloaded: 1,
                 rss: 1 << 20,
                 respawns: 0,
                 age_s: 2.0,
-                current: vec![("GET /a\"b".into(), 5)],
+                current: vec![
+                    InFlight { what: "GET /a\"b".into(), age_ms: 5, offloaded: false },
+                    InFlight { what: "GET /big".into(), age_ms: 900, offloaded: true },
+                ],
                 last_exception: Some("ValueError: x".into()),
             }],
             counters,
@@ -372,6 +398,8 @@ mod tests {
         assert!(m.contains("corral_request_duration_seconds_bucket{le=\"+Inf\"} 4\n"));
         assert!(m.contains("corral_request_duration_seconds_sum 1.5\n"));
         assert!(m.contains("corral_threads{state=\"idle\"} 1\n"));
+        assert!(m.contains("corral_requests_in_flight 2\n"), "a thread's request and an offloaded one: {m}");
+        assert!(m.contains("corral_offloaded_responses 1\n"));
         assert!(m.contains("corral_worker_respawns_total{reason=\"crash\"} 2\n"));
         // Every sample line is "name{labels} value".
         for line in m.lines().filter(|l| !l.starts_with('#')) {
@@ -384,7 +412,14 @@ mod tests {
         let j = json(&snapshot());
         assert!(j.starts_with("{\"master\":{\"pid\":1,"), "{j}");
         assert!(j.contains("\"requests\":4,"), "{j}");
-        assert!(j.contains("\"current\":[{\"method\":\"GET\",\"path\":\"/a\\\"b\",\"age_ms\":5}]"), "{j}");
+        assert!(j.contains("\"busy_threads\":1,\"offloaded\":1,"), "{j}");
+        assert!(
+            j.contains(
+                "\"current\":[{\"method\":\"GET\",\"path\":\"/a\\\"b\",\"age_ms\":5,\"offloaded\":false},\
+                 {\"method\":\"GET\",\"path\":\"/big\",\"age_ms\":900,\"offloaded\":true}]"
+            ),
+            "{j}"
+        );
         assert!(j.contains("\"last_exception\":\"ValueError: x\""), "{j}");
     }
 }

@@ -17,7 +17,7 @@ use crate::app::ListenerInfo;
 use crate::config::{Config, SigintMode, MAX_BOOT_FAILURES};
 use crate::date::mono_ms;
 use crate::listen::Listener;
-use crate::scoreboard::{Scoreboard, WorkerState, COUNTERS};
+use crate::scoreboard::{InFlight, Scoreboard, WorkerState, COUNTERS};
 use crate::stats::{Snapshot, WorkerView};
 use crate::worker::WorkerCtx;
 
@@ -291,6 +291,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                     state,
                     requests: self.scoreboard.requests(w.slot),
                     busy_threads: self.scoreboard.busy_threads(w.slot),
+                    offloaded: self.scoreboard.offloaded(w.slot),
                     rss: rss_of(*pid),
                     respawns: self.slot_respawns.get(w.slot).copied().unwrap_or(0),
                     age_s: w.started.elapsed().as_secs_f64(),
@@ -1023,7 +1024,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                 continue;
             };
             let booted = self.scoreboard.state(w.slot) != WorkerState::Booting;
-            let serving = self.scoreboard.in_flight(w.slot, mono_ms());
+            let serving = (self.scoreboard.in_flight(w.slot, mono_ms()), self.scoreboard.offloaded(w.slot));
             self.free_slots.push(w.slot);
             let how = describe_exit(status);
             let clean = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
@@ -1058,7 +1059,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                 } else if load_failed {
                     info!("Worker {} (pid {pid}) could not load the application either", w.slot);
                 } else {
-                    warn!("Worker {} (pid {pid}) {how}{}", w.slot, describe_serving(&serving));
+                    warn!("Worker {} (pid {pid}) {how}{}", w.slot, describe_serving(&serving.0, serving.1));
                 }
                 continue;
             }
@@ -1108,9 +1109,17 @@ impl<'a, H: Hooks> Master<'a, H> {
                     // Exit 0 from a serving worker: stopped by someone else
                     // (a TERM sent to it, not to the master), or the app
                     // called sys.exit(0).
-                    warn!("Worker {} (pid {pid}) {how}{}; replacing it", w.slot, describe_serving(&serving));
+                    warn!(
+                        "Worker {} (pid {pid}) {how}{}; replacing it",
+                        w.slot,
+                        describe_serving(&serving.0, serving.1)
+                    );
                 } else {
-                    error!("Worker {} (pid {pid}) {how}{}; replacing it", w.slot, describe_serving(&serving));
+                    error!(
+                        "Worker {} (pid {pid}) {how}{}; replacing it",
+                        w.slot,
+                        describe_serving(&serving.0, serving.1)
+                    );
                 }
             }
         }
@@ -1312,10 +1321,24 @@ fn jitter(max: u64) -> u64 {
     x % max.saturating_add(1).max(1)
 }
 
-fn describe_serving(serving: &[(String, u64)]) -> String {
-    if serving.is_empty() {
+/// What a dead worker was doing, for its exit line: `serving` as the
+/// scoreboard names it, and `offloaded` responses its offload thread was
+/// sending (named or not).
+fn describe_serving(serving: &[InFlight], offloaded: usize) -> String {
+    let named = serving.iter().filter(|r| r.offloaded).count();
+    let unnamed = offloaded.saturating_sub(named);
+    if serving.is_empty() && unnamed == 0 {
         return " while idle".to_string();
     }
-    let list: Vec<String> = serving.iter().map(|(r, ms)| format!("{r} ({ms} ms in)")).collect();
+    let mut list: Vec<String> = serving
+        .iter()
+        .map(|r| match r.offloaded {
+            false => format!("{} ({} ms in)", r.what, r.age_ms),
+            true => format!("{} (sending its file, {} ms in)", r.what, r.age_ms),
+        })
+        .collect();
+    if unnamed > 0 {
+        list.push(format!("{unnamed} more file response(s)"));
+    }
     format!(" while serving {}", list.join(", "))
 }

@@ -252,6 +252,8 @@ struct Download {
     bytes: Bytes,
     params: Option<CgiParams>,
     started: Instant,
+    /// Its download slot in the scoreboard, if one was free.
+    shown: Option<usize>,
 }
 
 /// How a request ended on its serving thread.
@@ -1946,7 +1948,8 @@ fn handle_request<A: App>(
         *w.current[t].lock().unwrap() = Some((conn.entry.fd, conn.io.clone()));
     }
     let started = Instant::now();
-    w.scoreboard.begin(w.slot, t, req.method(), req.target(), mono_ms());
+    let began_ms = mono_ms();
+    w.scoreboard.begin(w.slot, t, req.method(), req.target(), began_ms);
     match static_target(&w.config.static_mounts, &req) {
         Some((mount, rel)) => {
             // Answered here: no app, no GIL, so waits block this thread plainly.
@@ -1998,7 +2001,8 @@ fn handle_request<A: App>(
                 // The app's handles (a kept write callable, wsgi.input) are
                 // stale from here on, as after any response.
                 io.generation += 1;
-                return Outcome::Offload(Download { transfer, bytes: bytes.clone(), params, started });
+                let shown = w.scoreboard.begin_download(w.slot, req.method(), req.target(), began_ms);
+                return Outcome::Offload(Download { transfer, bytes: bytes.clone(), params, started, shown });
             }
         }
         // Without the offload thread, io.finish sends the rest here.
@@ -2254,6 +2258,7 @@ fn finish_download<A: App>(w: &Shared<A>, t: usize, job: Offloaded) -> (Box<Conn
             forwarded_https: false,
         };
         let keep = complete(&conn, listener, &req);
+        w.scoreboard.end_download(w.slot, rest.shown);
         after_request(w, t, &conn, &req, rest.started);
         keep
     };
