@@ -1,6 +1,7 @@
 """--config FILE (TOML), its precedence under the environment and the command
 line, --print-config, and errors that name the key and the line."""
 
+import os
 import subprocess
 import time
 
@@ -195,6 +196,56 @@ def test_reload_picks_up_an_edited_module(start_server, tmp_path):
     (app_dir / "notes.txt").write_text("hello")
     time.sleep(1)
     assert not server.grep(r"Detected a change", since=mark)
+
+
+@pytest.mark.parametrize("preload", [False, True], ids=["lazy", "preload"])
+def test_touch_reload_reloads_when_the_file_is_touched(start_server, tmp_path, preload):
+    """uWSGI's --touch-reload: a deploy writes new code, then touches a file;
+    the workers reload gracefully with the new code (with --preload the master
+    re-executes and watches again). Other files, and removing it, do nothing."""
+    app_dir, deploy = tmp_path / "site", tmp_path / "deploy"
+    app_dir.mkdir()
+    deploy.mkdir()
+    flag = deploy / "reload"  # not there yet: creating it counts as a touch
+    module = app_dir / "touched.py"
+    module.write_text(_versioned("one"))
+    extra = ["--preload"] if preload else []
+    server = start_server("touched:application", "--touch-reload", str(flag), "--chdir", str(app_dir), *extra)
+    assert server.grep(r"--touch-reload: touching .*deploy/reload reloads the workers")
+    assert server.request("GET", "/").body == b"one"
+    # A Python edit alone reloads nothing: there is no --reload.
+    module.write_text(_versioned("two"))
+    (deploy / "other").write_text("x")
+    time.sleep(1)
+    assert server.request("GET", "/").body == b"one"
+    for version in ("three", "four"):
+        module.write_text(_versioned(version))
+        mark = server.mark()
+        if flag.exists():
+            os.utime(flag)
+        else:
+            flag.write_text("")
+        server.wait_for(r"deploy/reload was touched \(--touch-reload\); reloading the workers", since=mark)
+        assert wait_until(lambda v=version: server.request("GET", "/").body == v.encode(), 15)
+    mark = server.mark()
+    flag.unlink()
+    time.sleep(1)
+    assert not server.grep(r"was touched", since=mark)
+    assert server.proc.poll() is None
+
+
+def test_touch_reload_needs_an_existing_directory(tmp_path):
+    proc = _run(["--touch-reload", str(tmp_path / "nowhere" / "reload"), "x:y"])
+    assert proc.returncode == 2
+    assert "--touch-reload" in proc.stderr and "nowhere" in proc.stderr, proc.stderr
+
+
+def _versioned(version):
+    return (
+        "def application(environ, start_response):\n"
+        '    start_response("200 OK", [("Content-Type", "text/plain")])\n'
+        f"    return [b{version!r}]\n"
+    )
 
 
 def test_gunicorn_spellings_of_the_options_work(start_server, tmp_path):

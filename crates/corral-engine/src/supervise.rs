@@ -192,7 +192,7 @@ pub struct Master<'a, H: Hooks> {
     /// Replacements per scoreboard slot.
     slot_respawns: Vec<u64>,
     born: Instant,
-    /// `--reload`: source directories to watch.
+    /// `--reload` and `--touch-reload`: what to watch.
     watcher: Option<crate::watch::Watcher>,
 }
 
@@ -248,7 +248,8 @@ impl<'a, H: Hooks> Master<'a, H> {
         })
     }
 
-    /// Reloads the workers (as SIGHUP does) when a watched `.py` file changes.
+    /// Reloads the workers (as SIGHUP does) when a watched `.py` file changes
+    /// or a touch file is touched.
     pub fn set_watcher(&mut self, w: crate::watch::Watcher) {
         self.watcher = Some(w);
     }
@@ -418,9 +419,19 @@ impl<'a, H: Hooks> Master<'a, H> {
                 if fds[2].revents & libc::POLLIN != 0 {
                     w.read();
                 }
-                if let Some(changed) = w.due() {
+                if let Some(change) = w.due() {
                     if self.phase == Phase::Running {
-                        info!("Detected a change in {}; reloading the workers", changed.display());
+                        match change {
+                            crate::watch::Change::Source(path) => {
+                                info!("Detected a change in {}; reloading the workers", path.display())
+                            }
+                            crate::watch::Change::Touched(path) => {
+                                info!(
+                                    "{} was touched (--touch-reload); reloading the workers",
+                                    path.display()
+                                )
+                            }
+                        }
                         self.act(Action::Reload, 0);
                     }
                 }

@@ -234,6 +234,12 @@ pub struct Cli {
           value_parser = clap::builder::BoolishValueParser::new())]
     pub reload: bool,
 
+    /// Reload the workers gracefully (as HUP does) when FILE is touched, written, or created
+    /// (uWSGI's touch-reload), for deploy scripts: `--touch-reload /run/myapp/reload`.
+    /// FILE's directory must exist. Repeatable, or several separated by commas.
+    #[arg(long, value_name = "FILE", env = "CORRAL_TOUCH_RELOAD", value_delimiter = ',')]
+    pub touch_reload: Vec<PathBuf>,
+
     /// Serve /metrics (Prometheus), /stats (JSON), /healthz and /readyz on ADDR, from the
     /// master process. Off by default.
     #[arg(long, value_name = "ADDR", env = "CORRAL_STATS", value_parser = parse_addr)]
@@ -510,6 +516,8 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     }
     let start_dir = std::env::current_dir().ok();
     let pidfile = cli.pidfile.as_deref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
+    let touch_files: Vec<PathBuf> =
+        cli.touch_reload.iter().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())).collect();
     if let Some((path, pid)) = pidfile.as_deref().and_then(|p| running_corral(p).map(|pid| (p, pid))) {
         error!(
             "--pidfile {}: corral is already running there as pid {pid}; stop it first, or choose another file",
@@ -856,16 +864,24 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     if let Some(l) = stats {
         master.set_stats(l);
     }
-    if cli.reload {
-        let mut roots: Vec<PathBuf> = std::env::current_dir().into_iter().collect();
-        roots.extend(cli.pythonpath.iter().cloned());
-        match corral_engine::watch::Watcher::new(&roots) {
+    if cli.reload || !touch_files.is_empty() {
+        let mut roots: Vec<PathBuf> = Vec::new();
+        if cli.reload {
+            roots.extend(std::env::current_dir());
+            roots.extend(cli.pythonpath.iter().cloned());
+        }
+        match corral_engine::watch::Watcher::new(&roots, &touch_files) {
             Ok(w) => {
-                info!(
-                    "--reload: watching {} director(ies) under {} for .py changes",
-                    w.watched(),
-                    roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
-                );
+                if cli.reload {
+                    info!(
+                        "--reload: watching {} director(ies) under {} for .py changes",
+                        w.watched(),
+                        roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
+                    );
+                }
+                for file in &touch_files {
+                    info!("--touch-reload: touching {} reloads the workers", file.display());
+                }
                 master.set_watcher(w);
             }
             Err(e) => {
@@ -896,6 +912,12 @@ fn check_without_effects(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), St
         return Err(format!("--chdir {}: not a directory", dir.display()));
     }
     mount_prefix(cli)?;
+    for file in &cli.touch_reload {
+        let dir = file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        if !dir.is_dir() {
+            return Err(format!("--touch-reload {}: {} is not a directory", file.display(), dir.display()));
+        }
+    }
     Ok(())
 }
 
