@@ -2,6 +2,7 @@
 line, --print-config, and errors that name the key and the line."""
 
 import os
+import socket
 import subprocess
 import time
 
@@ -10,8 +11,6 @@ from support import APPS, CORRAL, wait_until
 
 
 def _run(args, env=None, cwd=None):
-    import os
-
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
     full_env.update(env or {})
     return subprocess.run(
@@ -232,6 +231,49 @@ def test_touch_reload_reloads_when_the_file_is_touched(start_server, tmp_path, p
     time.sleep(1)
     assert not server.grep(r"was touched", since=mark)
     assert server.proc.poll() is None
+
+
+def test_check_config_imports_the_app_and_binds_nothing(tmp_path):
+    """gunicorn's --check-config: 0 when the configuration is valid and the app
+    loads (with --env, --chdir and --pythonpath applied), 1 with the import's
+    traceback when it does not, 2 for a configuration error; nothing is bound."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "checked.py").write_text(
+        "import os\n"
+        "GREETING = os.environ['GREETING']\n"
+        "def application(environ, start_response):\n"
+        "    start_response('200 OK', [])\n"
+        "    return [b'']\n"
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    common = [
+        "--check-config",
+        "--chdir",
+        str(site),
+        "--http",
+        f"127.0.0.1:{port}",
+        "--pidfile",
+        str(tmp_path / "pid"),
+    ]
+    ok = _run([*common, "-e", "GREETING=hi", "checked"])
+    assert (ok.returncode, ok.stdout.strip()) == (
+        0,
+        "corral: the configuration is valid and checked:application loads",
+    )
+    assert not (tmp_path / "pid").exists()
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0, "nothing listens"
+    failing = _run([*common, "checked"])
+    assert failing.returncode == 1
+    assert "KeyError: 'GREETING'" in failing.stderr and "checked:application failed to load" in failing.stderr
+    missing = _run([*common, "-e", "GREETING=hi", "checked:app"])
+    assert missing.returncode == 1 and 'has no attribute "app"' in missing.stderr, missing.stderr
+    bad = _run([*common, "--workers-min", "3", "--workers-max", "2", "checked"])
+    assert bad.returncode == 2 and "--workers-max" in bad.stderr
+    assert "check-config" not in _run(["--print-config", "checked"]).stdout
 
 
 def test_touch_reload_needs_an_existing_directory(tmp_path):

@@ -65,6 +65,12 @@ pub struct Cli {
     #[arg(long)]
     pub print_config: bool,
 
+    /// Check the configuration and import the application as a worker would (with --env,
+    /// --chdir and --pythonpath), then exit: 0 if both are fine, 1 if the application fails
+    /// to load, 2 for a configuration error. Nothing is bound or written.
+    #[arg(long)]
+    pub check_config: bool,
+
     /// Serve HTTP/1.1 on ADDR: HOST:PORT, [IPv6]:PORT, unix:PATH or fd://N. Repeatable, or
     /// several separated by commas (so a unix:PATH cannot contain one). Default 127.0.0.1:8000
     /// when no listener is given.
@@ -469,6 +475,9 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             std::io::stdout().write_all(crate::config_file::describe(&cmd, &matches, &origins).as_bytes());
         return Ok(0);
     }
+    if cli.check_config {
+        return check_config(py, &cli, &matches);
+    }
     let from_file = |ids: &[&str]| -> String {
         let at: Vec<&str> = ids.iter().filter_map(|id| origins.get(*id).map(String::as_str)).collect();
         if at.is_empty() {
@@ -536,24 +545,9 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         }
     };
 
-    for kv in &cli.env {
-        let Some((k, v)) = kv.split_once('=') else {
-            error!("--env {kv:?}: expected KEY=VALUE");
-            return Ok(2);
-        };
-        py.import("os")?.getattr("environ")?.set_item(k, v)?;
-    }
-    if let Some(dir) = &cli.chdir {
-        if let Err(e) = std::env::set_current_dir(dir) {
-            error!("--chdir {}: {e}", dir.display());
-            return Ok(2);
-        }
-    }
-    let sys_path = py.import("sys")?.getattr("path")?;
-    let cwd = std::env::current_dir().map(|p| p.display().to_string()).unwrap_or_default();
-    sys_path.call_method1("insert", (0, cwd))?;
-    for dir in cli.pythonpath.iter().rev() {
-        sys_path.call_method1("insert", (0, dir.display().to_string()))?;
+    if let Err(e) = prepare_import(py, &cli)? {
+        error!("{e}");
+        return Ok(2);
     }
 
     let spec = match AppSpec::parse(&cli.app) {
@@ -901,8 +895,59 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
 
 /// A log file's name made absolute against the current directory (`-`,
 /// standard output or error, stays as it is).
+/// What an import of the app needs in this process: `--env`, `--chdir`,
+/// and `sys.path` (the app's directory, then `--pythonpath` first).
+/// The outer error is Python's; the inner one a configuration error.
+fn prepare_import(py: Python<'_>, cli: &Cli) -> PyResult<Result<(), String>> {
+    for kv in &cli.env {
+        let Some((k, v)) = kv.split_once('=') else {
+            return Ok(Err(format!("--env {kv:?}: expected KEY=VALUE")));
+        };
+        py.import("os")?.getattr("environ")?.set_item(k, v)?;
+    }
+    if let Some(dir) = &cli.chdir {
+        if let Err(e) = std::env::set_current_dir(dir) {
+            return Ok(Err(format!("--chdir {}: {e}", dir.display())));
+        }
+    }
+    let sys_path = py.import("sys")?.getattr("path")?;
+    let cwd = std::env::current_dir().map(|p| p.display().to_string()).unwrap_or_default();
+    sys_path.call_method1("insert", (0, cwd))?;
+    for dir in cli.pythonpath.iter().rev() {
+        sys_path.call_method1("insert", (0, dir.display().to_string()))?;
+    }
+    Ok(Ok(()))
+}
+
+/// `--check-config`: what a start would refuse, then the app's import, in
+/// this process and without binding or writing anything (gunicorn's option).
+fn check_config(py: Python<'_>, cli: &Cli, matches: &clap::ArgMatches) -> PyResult<i32> {
+    let checked = match check_without_effects(cli, matches).and_then(|()| AppSpec::parse(&cli.app)) {
+        Ok(spec) => prepare_import(py, cli)?.map(|()| spec),
+        Err(e) => Err(e),
+    };
+    let spec = match checked {
+        Ok(spec) => spec,
+        Err(e) => {
+            eprintln!("corral: error: {e}");
+            return Ok(2);
+        }
+    };
+    match load_app(py, &spec) {
+        Ok(_) => {
+            println!("corral: the configuration is valid and {spec} loads");
+            Ok(0)
+        }
+        Err(msg) => {
+            eprintln!("{msg}");
+            eprintln!("corral: {spec} failed to load");
+            Ok(1)
+        }
+    }
+}
+
 /// The checks of a start that have no effect on the system: for
-/// `--print-config`.
+/// `--print-config` and `--check-config`.
 fn check_without_effects(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), String> {
     access_format(cli, matches)?;
     pool_size(cli, "")?;

@@ -155,7 +155,7 @@ pub fn describe(cmd: &Command, matches: &ArgMatches, origins: &FileOrigins) -> S
     let mut out = String::new();
     for arg in cmd.get_arguments() {
         let id = arg.get_id().as_str();
-        if matches!(id, "help" | "version" | "print_config") {
+        if matches!(id, "help" | "version" | "print_config" | "check_config") {
             continue;
         }
         let name = arg.get_long().unwrap_or(id);
