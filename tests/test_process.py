@@ -258,6 +258,20 @@ def test_preload_imports_once_in_the_master(start_server):
     assert {_pid_of_request(server, "/") for _ in range(10)} <= workers
 
 
+def test_after_fork_hooks_run_in_each_preloaded_worker(start_server, tmp_path):
+    """With --preload, hooks the app registers with os.register_at_fork run in
+    every worker after its fork (uWSGI's @postfork), as after Python's own
+    os.fork(): random is reseeded, so workers draw different numbers."""
+    server = start_server(
+        "forkhook_app:application", "--preload", "--env", f"FORKHOOK_DIR={tmp_path}", workers=3
+    )
+    workers = set(server.worker_pids())
+    assert wait_until(lambda: len(list(tmp_path.iterdir())) == 3, timeout=10), list(tmp_path.iterdir())
+    assert {int(p.name) for p in tmp_path.iterdir()} == workers
+    draws = {p.read_text() for p in tmp_path.iterdir()}
+    assert len(draws) == 3, draws
+
+
 def test_without_preload_each_worker_imports(start_server):
     server = start_server("preload_app:application", workers=2)
     wait_until(lambda: len(server.grep("preload_app imported")) >= 2, timeout=10)

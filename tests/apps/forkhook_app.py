@@ -1,0 +1,23 @@
+"""Registers an after-fork hook at import, as apps preloaded in a master do to
+reconnect or reseed in each worker; the hook records the worker's pid and its
+first random number in the directory $FORKHOOK_DIR."""
+
+import os
+import random
+from pathlib import Path
+
+
+def _after_fork():
+    # random's own hook ran first (registered when random was imported), so
+    # this draws from the worker's reseeded generator.
+    path = Path(os.environ["FORKHOOK_DIR"]) / str(os.getpid())
+    path.write_text(str(random.getrandbits(64)))
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def application(environ, start_response):
+    body = str(os.getpid()).encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
