@@ -272,6 +272,35 @@ def test_after_fork_hooks_run_in_each_preloaded_worker(start_server, tmp_path):
     assert len(draws) == 3, draws
 
 
+def _title(pid):
+    return Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").replace(b"\0", b" ").decode()
+
+
+def test_process_titles_name_the_master_and_each_worker(start_server):
+    """ps shows `corral: master [APP]` and `corral: worker N [APP]` (N as in the
+    log); --name replaces APP; a reload's new workers are titled too."""
+
+    def worker_titles(server, name, since=0):
+        booted = server.grep(r"Booting worker (\d+) with pid (\d+)", since)
+        slots = {int(m.group(2)): m.group(1) for m in booted}
+        pids = server.worker_pids(since)
+        assert pids
+        return {_title(pid) for pid in pids} == {f"corral: worker {slots[pid]} [{name}]" for pid in pids}
+
+    server = start_server("preload_app:application", workers=2)
+    assert _title(server.proc.pid) == "corral: master [preload_app:application]"
+    assert worker_titles(server, "preload_app:application")
+    named = start_server("preload_app:application", "--name", "shop-api", "--preload", workers=1)
+    assert _title(named.proc.pid) == "corral: master [shop-api]"
+    assert worker_titles(named, "shop-api")
+    mark = named.mark()
+    named.signal(signal.SIGHUP)
+    named.wait_for(READY_RE.pattern, since=mark)
+    # --preload: HUP re-executed the master, which titles itself again.
+    assert _title(named.proc.pid) == "corral: master [shop-api]"
+    assert worker_titles(named, "shop-api", since=mark)
+
+
 def test_without_preload_each_worker_imports(start_server):
     server = start_server("preload_app:application", workers=2)
     wait_until(lambda: len(server.grep("preload_app imported")) >= 2, timeout=10)

@@ -74,6 +74,8 @@ pub struct Config {
     /// (`--proxy-protocol`), from these peers (`--proxy-allow-from`).
     pub proxy_protocol: bool,
     pub proxy_allow: crate::forwarded::TrustedPeers,
+    /// The name in process titles (`corral: worker 2 [NAME]`); none when empty.
+    pub name: String,
 }
 
 /// Default `--max-connections` per worker (gunicorn's worker_connections).
@@ -111,6 +113,7 @@ impl Default for Config {
             proxy_protocol: false,
             proxy_allow: crate::forwarded::TrustedPeers::parse(crate::forwarded::DEFAULT_ALLOW)
                 .expect("the default list parses"),
+            name: String::new(),
         }
     }
 }

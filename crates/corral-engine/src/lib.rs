@@ -17,6 +17,7 @@ mod gateway;
 mod handover;
 pub mod listen;
 pub mod logfile;
+pub mod proctitle;
 pub mod scoreboard;
 pub mod static_files;
 pub mod stats;

@@ -371,6 +371,7 @@ impl<'a, H: Hooks> Master<'a, H> {
 
     /// Supervises until shutdown; returns the exit code for the master.
     pub fn run(mut self) -> i32 {
+        crate::proctitle::set(&title("master", &self.config.name));
         for _ in 0..self.target {
             self.spawn();
         }
@@ -974,6 +975,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             return;
         }
         if pid == 0 {
+            crate::proctitle::set(&title(&format!("worker {slot}"), &self.config.name));
             self.hooks.after_fork_child();
             // The worker takes its signals with handlers before it loads the
             // app: a program the app starts at import must not inherit the
@@ -1330,6 +1332,14 @@ fn jitter(max: u64) -> u64 {
     x = (x ^ (x >> 27)).wrapping_mul(0x94d049bb133111eb);
     x ^= x >> 31;
     x % max.saturating_add(1).max(1)
+}
+
+/// A process title: `corral: master [NAME]`, `corral: worker 2 [NAME]`.
+fn title(role: &str, name: &str) -> String {
+    match name {
+        "" => format!("corral: {role}"),
+        _ => format!("corral: {role} [{name}]"),
+    }
 }
 
 /// What a dead worker was doing, for its exit line: `serving` as the

@@ -65,6 +65,11 @@ pub struct Cli {
     #[arg(long)]
     pub print_config: bool,
 
+    /// The name in process titles, as ps and top show them: `corral: master [NAME]`,
+    /// `corral: worker 2 [NAME]`. Default: APP.
+    #[arg(short = 'n', long, value_name = "NAME", env = "CORRAL_NAME")]
+    pub name: Option<String>,
+
     /// Check the configuration and import the application as a worker would (with --env,
     /// --chdir and --pythonpath), then exit: 0 if both are fine, 1 if the application fails
     /// to load, 2 for a configuration error. Nothing is bound or written.
@@ -424,6 +429,8 @@ fn parse_positive_secs(s: &str) -> Result<Duration, String> {
 pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     // Before anything can start a program (a --preload import): see there.
     corral_engine::supervise::hold_early_signals();
+    // Before any fork or thread: see there.
+    corral_engine::proctitle::init();
     let cmd = Cli::command();
     let (argv, origins) = match crate::config_file::layer(&cmd, &argv) {
         Ok(layered) => layered,
@@ -693,6 +700,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         forwarded_allow: cli.forwarded_allow_ips.clone(),
         proxy_protocol: cli.proxy_protocol,
         proxy_allow: cli.proxy_allow_from.clone(),
+        name: cli.name.clone().unwrap_or_else(|| cli.app.clone()),
     };
 
     // After a re-exec the previous program's sockets are still open here:

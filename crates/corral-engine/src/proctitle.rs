@@ -1,0 +1,89 @@
+//! Process titles: what `ps`, `top` and `htop` show for the master and for
+//! each worker (`corral: master [myapp]`, `corral: worker 2 [myapp]`), as
+//! gunicorn does with setproctitle and uWSGI with its procname options.
+//!
+//! The kernel shows a process's command line from the memory its arguments
+//! were passed in (`/proc/PID/cmdline` reads `arg_start..arg_end` of the
+//! process), so a title is written over those bytes. Nothing else of ours
+//! reads them afterwards: the interpreter copied its arguments at start
+//! (`sys.orig_argv`, which a re-exec uses). A title longer than the original
+//! command line is cut to its length.
+
+use std::sync::OnceLock;
+
+/// The original arguments' memory: (start address, length).
+static AREA: OnceLock<Option<(usize, usize)>> = OnceLock::new();
+
+/// Finds the arguments' memory. Call once at start, before any fork (each
+/// worker then writes its own copy) and before any thread.
+pub fn init() {
+    AREA.get_or_init(|| {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // "pid (comm) state ppid ...": comm may hold spaces and parentheses;
+        // the fields after its closing one start with field 3 (state).
+        let rest: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+        let field = |n: usize| rest.get(n - 3)?.parse::<usize>().ok();
+        let (start, end) = (field(48)?, field(49)?);
+        (start != 0 && end > start).then_some((start, end - start))
+    });
+}
+
+/// Shows `title` as this process's command line.
+pub fn set(title: &str) {
+    let Some(&Some((start, len))) = AREA.get() else {
+        return;
+    };
+    let bytes = title.as_bytes();
+    // One NUL at least at the end: with a last byte other than NUL the
+    // kernel would read on into the environment, taking it for a longer
+    // title.
+    let n = bytes.len().min(len - 1);
+    // SAFETY: [start, start + len) is this process's argument memory, mapped
+    // writable for its whole life (the initial stack); only this module
+    // writes it, from the process's one thread at start or after a fork.
+    unsafe {
+        let area = std::slice::from_raw_parts_mut(start as *mut u8, len);
+        area[..n].copy_from_slice(&bytes[..n]);
+        area[n..].fill(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads this process's command line without allocating (as after a fork).
+    fn cmdline(buf: &mut [u8]) -> &[u8] {
+        let fd = unsafe { libc::open(c"/proc/self/cmdline".as_ptr(), libc::O_RDONLY) };
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        unsafe { libc::close(fd) };
+        &buf[..n.max(0) as usize]
+    }
+
+    /// In a child process, so the test runner's own command line is
+    /// untouched; the child allocates nothing (the runner has threads).
+    #[test]
+    fn the_command_line_shows_the_title() {
+        init();
+        let Some(&Some((_, len))) = AREA.get() else {
+            panic!("no argument memory found in /proc/self/stat");
+        };
+        let long = "x".repeat(len + 10);
+        let mut buf = vec![0u8; len + 4096];
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            set("corral: worker 3 [app]");
+            let first = cmdline(&mut buf);
+            let ok_first =
+                first.starts_with(b"corral: worker 3 [app]\0") && first[22..].iter().all(|&b| b == 0);
+            set(&long);
+            let cut = cmdline(&mut buf);
+            let ok_cut = cut.len() <= len && cut.iter().take_while(|&&b| b == b'x').count() == len - 1;
+            unsafe { libc::_exit(if ok_first && ok_cut { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "status {status}");
+    }
+}
