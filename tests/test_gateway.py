@@ -783,6 +783,43 @@ def test_fastcgi_abort_request_closes_the_iterable(gw, reads_body):
     gw.wait_for(r"the front end aborted the request", since=mark)
 
 
+@pytest.mark.parametrize("offloaded", [False, True], ids=["serving-thread", "offloaded"])
+def test_fastcgi_abort_stops_a_file_download(start_server, tmp_path, offloaded):
+    """ABORT_REQUEST during a large file response (a --static file or
+    wsgi.file_wrapper, sent with sendfile in FastCGI records, by the serving
+    thread or, once the front end stops reading, by the offload thread): the
+    rest of the file is not sent, the request gets its END_REQUEST and the kept
+    connection serves the next request."""
+    root = tmp_path / "files"
+    root.mkdir()
+    size = 64 * MIB
+    (root / "big.bin").write_bytes(random.Random(5).randbytes(size))
+    server = g.start_gateways(
+        start_server, "behaviour:application", [("fastcgi", "127.0.0.1:0")], "--static", f"/static={root}"
+    )
+    mark = server.mark()
+    with g.FcgiConn(server.addr("fastcgi"), timeout=30, rcvbuf=4096 if offloaded else None) as conn:
+        conn.send(g.fcgi_request_bytes(g.cgi_params(uri="/static/big.bin"), keep_conn=True))
+        first = conn.read_record()
+        assert first.type == g.FCGI_STDOUT and first.content.startswith(b"Status: 200"), first
+        if offloaded:
+            time.sleep(0.5)  # the socket fills and the offload thread takes the file
+        conn.send_record(g.FCGI_ABORT_REQUEST, 1)
+        received, end = len(first.content), None
+        while end is None:
+            rec = conn.read_record()
+            assert rec is not None, "closed instead of ending the request"
+            if rec.type == g.FCGI_END_REQUEST:
+                end = rec
+            else:
+                assert rec.type == g.FCGI_STDOUT, rec
+                received += len(rec.content)
+        assert received < size // 2, f"{received} of {size} bytes sent after ABORT_REQUEST"
+        assert end.request_id == 1
+        assert conn.request(g.cgi_params(uri="/fixed"), request_id=1).body == b"hello world"
+    server.wait_for(r"GET /static/big\.bin .*the front end aborted the request", since=mark)
+
+
 @pytest.mark.parametrize("keep_conn", [True, False], ids=["keep-conn", "no-keep-conn"])
 def test_fastcgi_abort_while_the_app_reads_the_body(gw, keep_conn):
     """ABORT_REQUEST arriving while the app waits for more STDIN: the app's read

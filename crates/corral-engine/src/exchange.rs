@@ -1314,6 +1314,12 @@ impl Io {
                     return Ok(true);
                 }
                 // FastCGI: a STDOUT record header, then that many bytes straight from the file.
+                if fcgi.is_some() {
+                    // Between records, as for a streamed body: a front end
+                    // whose client left (HAProxy sends ABORT_REQUEST and keeps
+                    // the connection) is not sent the rest of a large file.
+                    self.check_fcgi_abort()?;
+                }
                 t.owed =
                     if fcgi.is_some() { t.left.min(65528) as usize } else { t.left.min(1 << 30) as usize };
                 t.left -= t.owed as u64;
