@@ -292,7 +292,8 @@ def _versioned(version):
 
 def test_gunicorn_spellings_of_the_options_work(start_server, tmp_path):
     """A gunicorn command line carries over: -b/--bind, -w, -t, -e, --keep-alive,
-    --access-logfile, --error-logfile/--log-file, --pid, --worker-connections."""
+    --access-logfile, --access-logformat, --error-logfile/--log-file, --pid,
+    --worker-connections."""
     pid, access = tmp_path / "corral.pid", tmp_path / "access.log"
     server = start_server(
         "behaviour:application",
@@ -308,6 +309,8 @@ def test_gunicorn_spellings_of_the_options_work(start_server, tmp_path):
         "5",
         "--access-logfile",
         str(access),
+        "--access-logformat",
+        "%(r)s -> %(s)s",
         "--error-logfile",
         "-",
         "--pid",
@@ -323,7 +326,7 @@ def test_gunicorn_spellings_of_the_options_work(start_server, tmp_path):
     assert len(server.worker_pids()) == 2
     assert server.get_json("/os-environ?key=GREETING") == {"value": "hi"}
     assert int(pid.read_text()) == server.proc.pid
-    assert wait_until(lambda: "GET /os-environ?key=GREETING" in access.read_text())
+    assert wait_until(lambda: "GET /os-environ?key=GREETING HTTP/1.1 -> 200" in access.read_text())
     printed = _run(["--bind", "127.0.0.1:9", "--log-file", "-", "--print-config", "behaviour:application"])
     assert printed.returncode == 0, printed.stderr
     got = _printed(printed.stdout)

@@ -206,6 +206,33 @@ def test_logs_reopen_after_rename(start_server, tmp_path):
     assert re.search(r"\[\d+\] \[worker \d\] \[INFO\] Reopened the access log", errors.read_text())
 
 
+def test_capture_output_sends_the_apps_prints_to_the_error_log(start_server, tmp_path):
+    """--capture-output: the app's stdout and stderr go to the --error-log file,
+    in every worker, also after SIGUSR1 reopened the file under its name."""
+    errors = tmp_path / "error.log"
+    server = _start_logging_to(start_server, errors, "--capture-output", workers=2)
+    for msg in ("first", "second", "third"):
+        server.request("GET", f"/print-std?msg={msg}")
+    assert wait_until(lambda: errors.read_text().count("stderr says") == 3, 10), errors.read_text()
+    assert errors.read_text().count("stdout says") == 3
+    os.rename(errors, tmp_path / "error.log.1")
+    os.kill(server.proc.pid, signal.SIGUSR1)
+    assert wait_until(lambda: errors.exists() and errors.read_text().count("Reopened the error log") == 2, 10)
+    for i in range(4):  # both workers, whichever takes each request
+        server.request("GET", f"/print-std?msg=after{i}")
+    assert wait_until(lambda: errors.read_text().count("stdout says after") == 4, 10), errors.read_text()
+    assert "says after" not in (tmp_path / "error.log.1").read_text()
+    assert not [line for line in server.stdout_lines + server.lines if "says" in line]
+    refused = subprocess.run(
+        [*CORRAL, "--capture-output", "behaviour:application"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert refused.returncode == 2 and "--capture-output needs --error-log FILE" in refused.stderr
+
+
 def test_json_error_log(start_server, tmp_path):
     errors = tmp_path / "error.log"
     server = _start_logging_to(start_server, errors, "--log-format", "json")

@@ -472,8 +472,17 @@ def raise_after_cl(environ, start_response):
     raise RuntimeError("boom after the headers were sent")
 
 
+def print_std(environ, start_response):
+    """Prints ?msg= to stdout and to stderr, as an app's print() and logging do."""
+    msg = _query(environ).get("msg", "")
+    print(f"stdout says {msg}", flush=True)
+    print(f"stderr says {msg}", file=sys.stderr, flush=True)
+    return _ok(start_response, "printed")
+
+
 UNVALIDATED = {
     "/status": status,
+    "/print-std": print_std,
     "/burst-then-slow": burst_then_slow,
     "/print-errors": print_errors,
     "/close-fails": close_fails,

@@ -1,5 +1,7 @@
 //! Where the error log goes: stderr, or a file that SIGUSR1 reopens (so
-//! logrotate can rename it away), shared by the master and its workers.
+//! logrotate can rename it away), shared by the master and its workers;
+//! with `--capture-output`, the file is also every process's standard
+//! output and error, so the app's prints land in it.
 
 use std::fs::File;
 use std::io::Write as _;
@@ -10,6 +12,25 @@ use std::sync::Mutex;
 
 static ERROR_LOG: Mutex<Option<(PathBuf, File)>> = Mutex::new(None);
 static JSON: AtomicBool = AtomicBool::new(false);
+static CAPTURE: AtomicBool = AtomicBool::new(false);
+
+/// `--capture-output`: the error log file becomes standard output and error
+/// (now, and again at each reopen). Call before [`set_error_log`].
+pub fn set_capture(on: bool) {
+    CAPTURE.store(on, Ordering::Relaxed);
+}
+
+/// Points descriptors 1 and 2 at the log file when output is captured.
+fn capture(file: &File) -> std::io::Result<()> {
+    if CAPTURE.load(Ordering::Relaxed) {
+        for fd in [libc::STDOUT_FILENO, libc::STDERR_FILENO] {
+            if unsafe { libc::dup2(file.as_raw_fd(), fd) } < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
+}
 
 /// Sends the error log to `target`: `-` for stderr, otherwise a file opened
 /// for appending.
@@ -20,6 +41,7 @@ pub fn set_error_log(target: &str) -> Result<(), String> {
     }
     let path = PathBuf::from(target);
     let file = open(&path).map_err(|e| format!("--error-log {target}: {e}"))?;
+    capture(&file).map_err(|e| format!("--capture-output: {e}"))?;
     *ERROR_LOG.lock().unwrap_or_else(|p| p.into_inner()) = Some((path, file));
     Ok(())
 }
@@ -45,6 +67,7 @@ pub fn reopen() -> Result<bool, String> {
     if unsafe { libc::dup2(fresh.as_raw_fd(), file.as_raw_fd()) } < 0 {
         *file = fresh;
     }
+    capture(file).map_err(|e| format!("--capture-output: {e}"))?;
     Ok(true)
 }
 

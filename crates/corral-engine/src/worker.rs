@@ -529,8 +529,10 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
         let now = mono_ms();
         let reopen = signals.reopen.swap(false, Ordering::Relaxed);
         if reopen {
-            if let Err(e) = crate::logfile::reopen() {
-                error!("{e}");
+            match crate::logfile::reopen() {
+                Ok(true) => info!("Reopened the error log: pid={}", std::process::id()),
+                Ok(false) => {}
+                Err(e) => error!("{e}"),
             }
         }
         if let Some(log) = &w.access {

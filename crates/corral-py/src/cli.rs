@@ -262,9 +262,18 @@ pub struct Cli {
 
     /// Access log format: gunicorn's %(x)s atoms (h l u t r m U q H s B b f a T M D L p
     /// {header}i {header}o {var}e), or `json`.
-    #[arg(long, value_name = "FORMAT", env = "CORRAL_ACCESS_LOG_FORMAT",
+    #[arg(long, visible_alias = "access-logformat", value_name = "FORMAT", env = "CORRAL_ACCESS_LOG_FORMAT",
           default_value = corral_engine::access::DEFAULT_FORMAT, requires = "access_log")]
     pub access_log_format: String,
+
+    /// Send the app's standard output and error (print, logging to stderr, C extensions'
+    /// messages) to the --error-log file too, in the master and every worker; output
+    /// corral itself writes to stdout (`--access-log -`) goes there as well. Needs
+    /// --error-log FILE. gunicorn's option.
+    #[arg(long, value_name = "BOOL", env = "CORRAL_CAPTURE_OUTPUT", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value = "false", action = ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub capture_output: bool,
 
     /// Write the error log to FILE instead of stderr (`-`). SIGUSR1 reopens it.
     #[arg(long, visible_aliases = ["error-logfile", "log-file"], value_name = "FILE|-", env = "CORRAL_ERROR_LOG", default_value = "-")]
@@ -510,6 +519,11 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
                 p.filter(|p| *p != "-").map(|p| (flag, p.clone(), std::path::Path::new(p).exists()))
             })
             .collect();
+    if let Err(e) = capture_needs_a_file(&cli) {
+        eprintln!("corral: error: {e}");
+        return Ok(2);
+    }
+    corral_engine::logfile::set_capture(cli.capture_output);
     if let Err(e) = corral_engine::logfile::set_error_log(&error_log) {
         eprintln!("corral: {e}");
         return Ok(2);
@@ -965,11 +979,24 @@ fn check_without_effects(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), St
         return Err(format!("--chdir {}: not a directory", dir.display()));
     }
     mount_prefix(cli)?;
+    capture_needs_a_file(cli)?;
     for file in &cli.touch_reload {
         let dir = file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
         if !dir.is_dir() {
             return Err(format!("--touch-reload {}: {} is not a directory", file.display(), dir.display()));
         }
+    }
+    Ok(())
+}
+
+/// --capture-output has somewhere to capture to.
+fn capture_needs_a_file(cli: &Cli) -> Result<(), String> {
+    if cli.capture_output && cli.error_log == "-" {
+        return Err(
+            "--capture-output needs --error-log FILE (without one, the app's output already goes to \
+             stdout and stderr)"
+                .into(),
+        );
     }
     Ok(())
 }
