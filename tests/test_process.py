@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from front_ends import free_port
-from support import CORRAL, READY_RE, IncompleteResponse, group_members, wait_until
+from support import APPS, CORRAL, READY_RE, IncompleteResponse, group_members, wait_until
 
 
 def _pid_of_request(server, target="/pid"):
@@ -458,3 +458,63 @@ def test_a_second_server_refuses_the_pidfile_of_a_running_one(start_server, tmp_
     assert f"corral is already running there as pid {first.proc.pid}" in second.log
     assert pidfile.read_text().strip() == str(first.proc.pid)
     assert first.request("GET", "/fixed").status == 200
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_daemon_returns_once_ready_and_reports_a_failed_start(tmp_path):
+    """--daemon (gunicorn's -D): the command returns 0 once the workers are
+    ready, leaving the master in a session of its own; USR2 re-executes it in
+    place without detaching again; a start that fails returns its exit code
+    and points at the error log."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log, pidfile = tmp_path / "error.log", tmp_path / "corral.pid"
+    common = ["--pythonpath", str(APPS), "--http", f"127.0.0.1:{port}", "--error-log"]
+    started = subprocess.run(
+        [*CORRAL, "-D", *common, str(log), "--pidfile", str(pidfile), "-w", "2", "preload_app:application"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    pid = int(pidfile.read_text()) if pidfile.exists() else None
+    try:
+        assert started.returncode == 0, (started.stderr, log.read_text())
+        assert pid and _alive(pid)
+        assert os.getsid(pid) == pid, "the daemon leads a session of its own"
+        assert log.read_text().count("Worker ready") == 2, "ready before the command returned"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 200")
+        # The same port taken: this start fails, and says so.
+        failed = subprocess.run(
+            [*CORRAL, "-D", *common, str(tmp_path / "second.log"), "preload_app:application"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert failed.returncode != 0
+        assert "failed to start" in failed.stderr and "second.log" in failed.stderr, failed.stderr
+        assert "address already in use" in (tmp_path / "second.log").read_text()
+        os.kill(pid, signal.SIGUSR2)
+        assert wait_until(lambda: log.read_text().count("Worker ready") == 4, 20), log.read_text()
+        assert _alive(pid) and int(pidfile.read_text()) == pid
+        assert os.getsid(pid) == pid
+        refused = subprocess.run(
+            [*CORRAL, "-D", "x:y"], check=False, capture_output=True, text=True, timeout=30
+        )
+        assert refused.returncode == 2 and "--daemon needs --error-log FILE" in refused.stderr
+    finally:
+        if pid and _alive(pid):
+            os.kill(pid, signal.SIGTERM)
+            assert wait_until(lambda: not _alive(pid), 30)
+    assert not pidfile.exists()

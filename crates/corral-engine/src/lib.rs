@@ -9,6 +9,7 @@ pub mod access;
 pub mod app;
 pub mod cgi;
 pub mod config;
+pub mod daemon;
 pub mod date;
 pub mod exchange;
 mod flusher;

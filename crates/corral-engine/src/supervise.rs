@@ -609,6 +609,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                     let booting = self.workers.values().any(|w| w.replaces.is_some());
                     if ready >= self.target && !booting {
                         crate::systemd::notify(&format!("READY=1\nSTATUS=serving with {ready} worker(s)"));
+                        crate::daemon::ready();
                         self.told_ready = true;
                         for pid in &self.inherited {
                             info!("New workers are ready; worker pid {pid} from before the re-exec finishes its requests");
@@ -976,6 +977,7 @@ impl<'a, H: Hooks> Master<'a, H> {
         }
         if pid == 0 {
             crate::proctitle::set(&title(&format!("worker {slot}"), &self.config.name));
+            crate::daemon::forget();
             self.hooks.after_fork_child();
             // The worker takes its signals with handlers before it loads the
             // app: a program the app starts at import must not inherit the

@@ -70,6 +70,15 @@ pub struct Cli {
     #[arg(short = 'n', long, value_name = "NAME", env = "CORRAL_NAME")]
     pub name: Option<String>,
 
+    /// Detach from the terminal and run in the background (gunicorn's -D, uWSGI's
+    /// daemonize). The command returns once the workers are ready (exit 0), or with the
+    /// server's exit code if it fails to start. Needs --error-log FILE (and no `--access-log
+    /// -`); pair it with --pidfile to signal the server later.
+    #[arg(short = 'D', long, value_name = "BOOL", env = "CORRAL_DAEMON", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value = "false", action = ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub daemon: bool,
+
     /// Check the configuration and import the application as a worker would (with --env,
     /// --chdir and --pythonpath), then exit: 0 if both are fine, 1 if the application fails
     /// to load, 2 for a configuration error. Nothing is bound or written.
@@ -519,9 +528,13 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
                 p.filter(|p| *p != "-").map(|p| (flag, p.clone(), std::path::Path::new(p).exists()))
             })
             .collect();
-    if let Err(e) = capture_needs_a_file(&cli) {
+    if let Err(e) = capture_needs_a_file(&cli).and_then(|()| daemon_needs_files(&cli)) {
         eprintln!("corral: error: {e}");
         return Ok(2);
+    }
+    // A re-executed master is the daemon already (same pid, same session).
+    if cli.daemon && std::env::var_os(corral_engine::supervise::INHERIT_ENV).is_none() {
+        daemonize(&error_log);
     }
     corral_engine::logfile::set_capture(cli.capture_output);
     if let Err(e) = corral_engine::logfile::set_error_log(&error_log) {
@@ -980,6 +993,7 @@ fn check_without_effects(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), St
     }
     mount_prefix(cli)?;
     capture_needs_a_file(cli)?;
+    daemon_needs_files(cli)?;
     for file in &cli.touch_reload {
         let dir = file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
         if !dir.is_dir() {
@@ -987,6 +1001,77 @@ fn check_without_effects(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), St
         }
     }
     Ok(())
+}
+
+/// A daemon's logs go to files: its standard streams are /dev/null.
+fn daemon_needs_files(cli: &Cli) -> Result<(), String> {
+    if cli.daemon && cli.error_log == "-" {
+        return Err("--daemon needs --error-log FILE: a daemon has no terminal to log to".into());
+    }
+    if cli.daemon && cli.access_log.as_deref() == Some("-") {
+        return Err("--daemon needs --access-log FILE rather than `-`: a daemon has no stdout".into());
+    }
+    Ok(())
+}
+
+/// `--daemon`: forks; the child goes on as the master, in a session of its
+/// own with /dev/null for its standard streams; this process waits until
+/// the master's workers are ready (exit 0) or the master exits (its code).
+/// Called before any thread exists and before the app is imported.
+fn daemonize(error_log: &str) {
+    let mut fds = [-1; 2];
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        eprintln!("corral: --daemon: pipe: {}", std::io::Error::last_os_error());
+        unsafe { libc::_exit(1) };
+    }
+    unsafe { pyo3::ffi::PyOS_BeforeFork() };
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        unsafe { pyo3::ffi::PyOS_AfterFork_Parent() };
+        eprintln!("corral: --daemon: fork: {}", std::io::Error::last_os_error());
+        unsafe { libc::_exit(1) };
+    }
+    if pid > 0 {
+        unsafe {
+            pyo3::ffi::PyOS_AfterFork_Parent();
+            libc::close(fds[1]);
+        }
+        let mut byte = 0u8;
+        let n = loop {
+            let n = unsafe { libc::read(fds[0], (&mut byte as *mut u8).cast(), 1) };
+            if n >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                break n;
+            }
+        };
+        if n == 1 {
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
+            // Alive without a word: it re-executed itself before its workers
+            // were ready (USR2), which closes the pipe.
+            eprintln!("corral: the daemon (pid {pid}) is running; see {error_log}");
+            unsafe { libc::_exit(0) };
+        }
+        let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 1 };
+        eprintln!("corral: the server failed to start (exit code {code}); see {error_log}");
+        unsafe { libc::_exit(if code == 0 { 1 } else { code }) };
+    }
+    unsafe {
+        pyo3::ffi::PyOS_AfterFork_Child();
+        libc::close(fds[0]);
+        libc::setsid();
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            for fd in 0..3 {
+                libc::dup2(null, fd);
+            }
+            if null > 2 {
+                libc::close(null);
+            }
+        }
+    }
+    corral_engine::daemon::set_ready_fd(fds[1]);
 }
 
 /// --capture-output has somewhere to capture to.
