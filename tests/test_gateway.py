@@ -783,6 +783,41 @@ def test_fastcgi_abort_request_closes_the_iterable(gw, reads_body):
     gw.wait_for(r"the front end aborted the request", since=mark)
 
 
+def test_gunicorn_zeros_keep_alive_off_and_limits_at_the_ceiling(start_server):
+    """gunicorn's 0s: --keep-alive 0 closes every HTTP connection after its
+    response (FastCGI connections the front end keeps stay kept), and
+    --limit-request-line 0 / --limit-request-field-size 0 / --limit-request-fields 0
+    allow the most corral does instead of being refused."""
+    server = start_server(
+        "behaviour:application",
+        "--fastcgi",
+        "127.0.0.1:0",
+        "--keep-alive",
+        "0",
+        "--limit-request-line",
+        "0",
+        "--limit-request-field-size",
+        "0",
+        "--limit-request-fields",
+        "0",
+    )
+    with server.connect() as conn:
+        conn.send_request("GET", "/fixed", {"Host": "x"})
+        r = conn.read_response()
+        assert (r.status, r.header("Connection")) == (200, "close")
+        assert conn.at_eof(10)
+    long_query = "q=" + "a" * 20_000  # past the default 8190 of both limits
+    with server.connect() as conn:
+        headers = {"Host": "x", "X-Long": "b" * 20_000, **{f"X-H{i}": "v" for i in range(150)}}
+        conn.send_request("GET", f"/fixed?{long_query}", headers)
+        assert conn.read_response().status == 200
+    fastcgi = g.gateway_addresses(server)["fastcgi"][0]
+    with g.FcgiConn(fastcgi) as conn:
+        assert conn.request(g.cgi_params(uri="/fixed"), keep_conn=True).body == b"hello world"
+        time.sleep(2.5)  # idle past a sweep: a zero idle time would have closed it
+        assert conn.request(g.cgi_params(uri="/fixed"), keep_conn=True).body == b"hello world"
+
+
 @pytest.mark.parametrize("offloaded", [False, True], ids=["serving-thread", "offloaded"])
 def test_fastcgi_abort_stops_a_file_download(start_server, tmp_path, offloaded):
     """ABORT_REQUEST during a large file response (a --static file or

@@ -1738,7 +1738,13 @@ fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
     // A new connection has the header timeout, counted from the accept, to
     // send its first request; between requests the keep-alive timeout applies.
     let deadline = if idle && !conn.entry.fresh.load(Ordering::Relaxed) {
-        now + w.config.keepalive_timeout.as_millis() as u64
+        // Only a FastCGI connection the front end asked to keep is idle here
+        // when HTTP keep-alive is off (a zero timeout); it keeps the default.
+        let idle_for = match w.config.keepalive_timeout {
+            t if t.is_zero() => crate::config::DEFAULT_KEEPALIVE_TIMEOUT,
+            t => t,
+        };
+        now + idle_for.as_millis() as u64
     } else {
         conn.request_started + w.config.header_timeout.as_millis() as u64
     };
@@ -1861,7 +1867,8 @@ fn handle_request<A: App>(
                 io.continue_owed = head.expect_continue && !matches!(io.body, BodyState::Done);
                 io.http11 = head.version == Version::Http11;
                 io.head_request = &head_bytes[head.method.clone()] == b"HEAD";
-                io.keep_alive = head.keep_alive && !draining();
+                // A zero --keepalive-timeout turns keep-alive off (gunicorn's 0).
+                io.keep_alive = head.keep_alive && !draining() && !w.config.keepalive_timeout.is_zero();
                 (head_bytes, None)
             }
             Incoming::Gateway(g) => {

@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::builder::TypedValueParser as _;
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, ValueEnum};
 use corral_engine::{config, Addr, Config, Listener, Master, Protocol, SocketFileOptions};
 use corral_proto::http1::{Limits, HARD_MAX_HEADERS};
@@ -186,9 +185,10 @@ pub struct Cli {
           value_parser = parse_positive_secs)]
     pub header_timeout: Duration,
 
-    /// Seconds an idle keep-alive connection is kept open.
+    /// Seconds an idle keep-alive connection is kept open. 0 turns HTTP keep-alive off: every
+    /// response closes its connection (gunicorn's --keep-alive 0).
     #[arg(long, visible_alias = "keep-alive", value_name = "SECS", env = "CORRAL_KEEPALIVE_TIMEOUT", default_value = "75",
-          value_parser = parse_positive_secs)]
+          value_parser = parse_secs)]
     pub keepalive_timeout: Duration,
 
     /// Seconds a request may run. Past it the client gets 504 (if nothing was sent yet), the
@@ -306,22 +306,23 @@ pub struct Cli {
     #[arg(long, value_name = "BYTES", env = "CORRAL_MAX_BODY_SIZE")]
     pub max_body_size: Option<u64>,
 
-    /// Longest request line in bytes (414 beyond it).
+    /// Longest request line in bytes (414 beyond it); 0 for the most corral allows (1 MiB),
+    /// as gunicorn's 0 means no limit.
     #[arg(long, value_name = "N", env = "CORRAL_LIMIT_REQUEST_LINE",
           default_value_t = corral_proto::http1::DEFAULT_MAX_REQUEST_LINE,
-          value_parser = clap::value_parser!(u64).range(16..=1_048_576).map(|v| v as usize))]
+          value_parser = parse_line_limit)]
     pub limit_request_line: usize,
 
-    /// Most header fields in a request (431 beyond it).
+    /// Most header fields in a request (431 beyond it); 0 for the most corral allows (1024).
     #[arg(long, value_name = "N", env = "CORRAL_LIMIT_REQUEST_FIELDS",
           default_value_t = corral_proto::http1::DEFAULT_MAX_HEADERS,
-          value_parser = clap::value_parser!(u64).range(1..=HARD_MAX_HEADERS as u64).map(|v| v as usize))]
+          value_parser = parse_fields_limit)]
     pub limit_request_fields: usize,
 
-    /// Longest header field line in bytes (431 beyond it).
+    /// Longest header field line in bytes (431 beyond it); 0 for the most corral allows (1 MiB).
     #[arg(long, value_name = "N", env = "CORRAL_LIMIT_REQUEST_FIELD_SIZE",
           default_value_t = corral_proto::http1::DEFAULT_MAX_HEADER_LINE,
-          value_parser = clap::value_parser!(u64).range(16..=1_048_576).map(|v| v as usize))]
+          value_parser = parse_line_limit)]
     pub limit_request_field_size: usize,
 
     /// listen(2) backlog of each listener.
@@ -433,6 +434,28 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?} is out of range"));
     }
     Ok(Duration::from_secs_f64(v))
+}
+
+/// The most bytes --limit-request-line and --limit-request-field-size allow.
+const LINE_LIMIT_CEILING: usize = 1 << 20;
+
+/// A line length limit: 16 bytes to 1 MiB, or 0 for the ceiling (gunicorn's
+/// 0 means no limit; corral keeps one, so a buffer never grows unbounded).
+fn parse_line_limit(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>().map_err(|_| format!("{s:?} is not a number"))? {
+        0 => Ok(LINE_LIMIT_CEILING),
+        n if (16..=LINE_LIMIT_CEILING).contains(&n) => Ok(n),
+        n => Err(format!("{n} is not 0 or in 16..={LINE_LIMIT_CEILING}")),
+    }
+}
+
+/// A header count limit: 1 to HARD_MAX_HEADERS, or 0 for that.
+fn parse_fields_limit(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>().map_err(|_| format!("{s:?} is not a number"))? {
+        0 => Ok(HARD_MAX_HEADERS),
+        n if n <= HARD_MAX_HEADERS => Ok(n),
+        n => Err(format!("{n} is not in 0..={HARD_MAX_HEADERS}")),
+    }
 }
 
 fn parse_positive_secs(s: &str) -> Result<Duration, String> {
