@@ -327,8 +327,20 @@ def test_gunicorn_spellings_of_the_options_work(start_server, tmp_path):
     assert server.get_json("/os-environ?key=GREETING") == {"value": "hi"}
     assert int(pid.read_text()) == server.proc.pid
     assert wait_until(lambda: "GET /os-environ?key=GREETING HTTP/1.1 -> 200" in access.read_text())
-    printed = _run(["--bind", "127.0.0.1:9", "--log-file", "-", "--print-config", "behaviour:application"])
+    printed = _run(
+        [
+            "--bind",
+            "127.0.0.1:9",
+            "--log-file",
+            "-",
+            "--log-level",
+            "CRITICAL",
+            "--print-config",
+            "behaviour:application",
+        ]
+    )
     assert printed.returncode == 0, printed.stderr
     got = _printed(printed.stdout)
+    assert got["log-level"] == ('"CRITICAL"', "command line")
     assert got["http"] == ('"127.0.0.1:9"', "command line")
     assert got["error-log"] == ('"-"', "command line")

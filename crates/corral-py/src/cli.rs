@@ -32,7 +32,11 @@ pub enum Sigint {
 pub enum LogLevel {
     Debug,
     Info,
+    #[value(alias = "warn")]
     Warning,
+    /// Errors only; `critical` (gunicorn's highest level) means the same,
+    /// corral's most severe lines being errors.
+    #[value(alias = "critical")]
     Error,
 }
 
@@ -293,8 +297,8 @@ pub struct Cli {
     #[arg(long, value_enum, env = "CORRAL_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
 
-    /// Log level.
-    #[arg(long, value_enum, env = "CORRAL_LOG_LEVEL", default_value = "info")]
+    /// Log level, in any case: debug, info, warning (warn), error (critical).
+    #[arg(long, value_enum, ignore_case = true, env = "CORRAL_LOG_LEVEL", default_value = "info")]
     pub log_level: LogLevel,
 
     /// Serve the app under this URL prefix: SCRIPT_NAME is set to it and PATH_INFO excludes it.
