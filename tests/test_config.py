@@ -2,6 +2,7 @@
 line, --print-config, and errors that name the key and the line."""
 
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -201,36 +202,53 @@ def test_reload_picks_up_an_edited_module(start_server, tmp_path):
 def test_touch_reload_reloads_when_the_file_is_touched(start_server, tmp_path, preload):
     """uWSGI's --touch-reload: a deploy writes new code, then touches a file;
     the workers reload gracefully with the new code (with --preload the master
-    re-executes and watches again). Other files, and removing it, do nothing."""
-    app_dir, deploy = tmp_path / "site", tmp_path / "deploy"
+    re-executes and looks again). The path is followed as it is at each look:
+    its directory may appear later, and a symlink a deploy switches counts.
+    Other files, and removing it, do nothing."""
+    app_dir, releases = tmp_path / "site", tmp_path / "releases"
     app_dir.mkdir()
-    deploy.mkdir()
-    flag = deploy / "reload"  # not there yet: creating it counts as a touch
+    flag = tmp_path / "current" / "tmp" / "restart.txt"  # no such directory yet
     module = app_dir / "touched.py"
     module.write_text(_versioned("one"))
     extra = ["--preload"] if preload else []
     server = start_server("touched:application", "--touch-reload", str(flag), "--chdir", str(app_dir), *extra)
-    assert server.grep(r"--touch-reload: touching .*deploy/reload reloads the workers")
+    assert server.grep(
+        r"--touch-reload: touching .*current/tmp/restart\.txt reloads the workers \(it does not exist"
+    )
     assert server.request("GET", "/").body == b"one"
     # A Python edit alone reloads nothing: there is no --reload.
     module.write_text(_versioned("two"))
-    (deploy / "other").write_text("x")
-    time.sleep(1)
+    time.sleep(1.5)
     assert server.request("GET", "/").body == b"one"
-    for version in ("three", "four"):
+
+    def deploy(release, version, how):
         module.write_text(_versioned(version))
         mark = server.mark()
-        if flag.exists():
-            os.utime(flag)
-        else:
-            flag.write_text("")
-        server.wait_for(r"deploy/reload was touched \(--touch-reload\); reloading the workers", since=mark)
-        assert wait_until(lambda v=version: server.request("GET", "/").body == v.encode(), 15)
+        how()
+        server.wait_for(r"restart\.txt was touched \(--touch-reload\); reloading the workers", since=mark)
+        assert wait_until(lambda: server.request("GET", "/").body == version.encode(), 15)
+
+    def switch(release):
+        (releases / release / "tmp").mkdir(parents=True, exist_ok=True)
+        (releases / release / "tmp" / "restart.txt").write_text("")
+        link = tmp_path / "current.new"
+        link.symlink_to(releases / release)
+        link.replace(tmp_path / "current")
+
+    deploy("r1", "three", lambda: switch("r1"))
+    deploy("r1", "four", lambda: os.utime(flag))
+    deploy("r2", "five", lambda: switch("r2"))
     mark = server.mark()
     flag.unlink()
-    time.sleep(1)
+    time.sleep(1.5)
     assert not server.grep(r"was touched", since=mark)
     assert server.proc.poll() is None
+
+
+def test_touch_reload_needs_a_file_name(tmp_path):
+    proc = _run(["--touch-reload", "/", "x:y"])
+    assert proc.returncode == 2
+    assert "--touch-reload /: not a file name" in proc.stderr, proc.stderr
 
 
 def test_check_config_imports_the_app_and_binds_nothing(tmp_path):
@@ -274,12 +292,56 @@ def test_check_config_imports_the_app_and_binds_nothing(tmp_path):
     bad = _run([*common, "--workers-min", "3", "--workers-max", "2", "checked"])
     assert bad.returncode == 2 and "--workers-max" in bad.stderr
     assert "check-config" not in _run(["--print-config", "checked"]).stdout
+    # What a real start would refuse before importing anything.
+    owner = _run([*common, "-e", "GREETING=hi", "--socket-owner", "no-such-user-here", "checked"])
+    assert owner.returncode == 2 and "no-such-user-here" in owner.stderr, owner.stderr
+    log = _run([*common, "-e", "GREETING=hi", "--access-log", str(tmp_path / "nowhere" / "a.log"), "checked"])
+    assert log.returncode == 2 and "--access-log" in log.stderr and "nowhere" in log.stderr, log.stderr
+    in_file = tmp_path / "c.toml"
+    in_file.write_text("check-config = true\n")
+    refused = _run(["--config", str(in_file), "checked"])
+    assert refused.returncode == 2 and "an action for the command line" in refused.stderr, refused.stderr
 
 
-def test_touch_reload_needs_an_existing_directory(tmp_path):
-    proc = _run(["--touch-reload", str(tmp_path / "nowhere" / "reload"), "x:y"])
-    assert proc.returncode == 2
-    assert "--touch-reload" in proc.stderr and "nowhere" in proc.stderr, proc.stderr
+def test_check_config_takes_signals_and_exits_past_the_apps_threads(tmp_path):
+    """A slow import can be interrupted with TERM, and a thread the app starts
+    at import (not a daemon thread) does not keep the check from exiting."""
+    (tmp_path / "slow.py").write_text("import time\ntime.sleep(60)\ndef application(e, s):\n    return []\n")
+    (tmp_path / "threaded.py").write_text(
+        "import threading, time\n"
+        "threading.Thread(target=time.sleep, args=(600,)).start()\n"
+        "def application(e, s):\n    return []\n"
+    )
+    threaded = _run(["--check-config", "--chdir", str(tmp_path), "threaded"])
+    assert threaded.returncode == 0, threaded.stderr
+    proc = subprocess.Popen(
+        [*CORRAL, "--check-config", "--chdir", str(tmp_path), "slow"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == -signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_check_config_imports_with_the_users_rights(tmp_path):
+    """Workers import the app as --user (unless --preload imports it in the
+    master first): so does the check."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (private / "privapp.py").write_text("def application(e, s):\n    return []\n")
+    tmp_path.chmod(0o755)
+    as_nobody = _run(["--check-config", "--user", "nobody", "--pythonpath", str(private), "privapp"])
+    assert as_nobody.returncode == 1 and "privapp" in as_nobody.stderr, as_nobody.stderr
+    preloaded = _run(
+        ["--check-config", "--user", "nobody", "--preload", "--pythonpath", str(private), "privapp"]
+    )
+    assert preloaded.returncode == 0, preloaded.stderr
 
 
 def _versioned(version):

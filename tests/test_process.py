@@ -261,15 +261,17 @@ def test_preload_imports_once_in_the_master(start_server):
 def test_after_fork_hooks_run_in_each_preloaded_worker(start_server, tmp_path):
     """With --preload, hooks the app registers with os.register_at_fork run in
     every worker after its fork (uWSGI's @postfork), as after Python's own
-    os.fork(): random is reseeded, so workers draw different numbers."""
+    os.fork(): random is reseeded, so workers draw different numbers, and no
+    signal is blocked (a program a hook starts must take TERM)."""
     server = start_server(
         "forkhook_app:application", "--preload", "--env", f"FORKHOOK_DIR={tmp_path}", workers=3
     )
     workers = set(server.worker_pids())
     assert wait_until(lambda: len(list(tmp_path.iterdir())) == 3, timeout=10), list(tmp_path.iterdir())
     assert {int(p.name) for p in tmp_path.iterdir()} == workers
-    draws = {p.read_text() for p in tmp_path.iterdir()}
-    assert len(draws) == 3, draws
+    draws = [p.read_text().split() for p in tmp_path.iterdir()]
+    assert len({draw for draw, _ in draws}) == 3, draws
+    assert {int(blocked, 16) for _, blocked in draws} == {0}, draws
 
 
 def _title(pid):

@@ -7,7 +7,8 @@
 //! process), so a title is written over those bytes. Nothing else of ours
 //! reads them afterwards: the interpreter copied its arguments at start
 //! (`sys.orig_argv`, which a re-exec uses). A title longer than the original
-//! command line is cut to its length.
+//! command line loses its bracketed part (`corral: worker 2`), then is cut
+//! to that length.
 
 use std::sync::OnceLock;
 
@@ -32,6 +33,11 @@ pub fn init() {
 pub fn set(title: &str) {
     let Some(&Some((start, len))) = AREA.get() else {
         return;
+    };
+    let fits = |t: &str| t.len() < len;
+    let title = match title.find(" [") {
+        Some(i) if !fits(title) => &title[..i],
+        _ => title,
     };
     let bytes = title.as_bytes();
     // One NUL at least at the end: with a last byte other than NUL the
@@ -69,6 +75,7 @@ mod tests {
             panic!("no argument memory found in /proc/self/stat");
         };
         let long = "x".repeat(len + 10);
+        let bracketed = format!("corral: worker 3 [{}]", "n".repeat(len));
         let mut buf = vec![0u8; len + 4096];
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0);
@@ -80,7 +87,11 @@ mod tests {
             set(&long);
             let cut = cmdline(&mut buf);
             let ok_cut = cut.len() <= len && cut.iter().take_while(|&&b| b == b'x').count() == len - 1;
-            unsafe { libc::_exit(if ok_first && ok_cut { 0 } else { 1 }) };
+            // Too long with a bracketed name: the name goes first.
+            set(&bracketed);
+            let short = cmdline(&mut buf);
+            let ok_short = short.starts_with(b"corral: worker 3\0") && short[16..].iter().all(|&b| b == 0);
+            unsafe { libc::_exit(if ok_first && ok_cut && ok_short { 0 } else { 1 }) };
         }
         let mut status = 0;
         unsafe { libc::waitpid(pid, &mut status, 0) };

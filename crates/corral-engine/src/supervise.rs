@@ -192,8 +192,10 @@ pub struct Master<'a, H: Hooks> {
     /// Replacements per scoreboard slot.
     slot_respawns: Vec<u64>,
     born: Instant,
-    /// `--reload` and `--touch-reload`: what to watch.
+    /// `--reload`: source directories to watch.
     watcher: Option<crate::watch::Watcher>,
+    /// `--touch-reload`: files to look at.
+    touch: Option<crate::watch::TouchFiles>,
 }
 
 /// What the adaptive pool has seen lately.
@@ -245,13 +247,18 @@ impl<'a, H: Hooks> Master<'a, H> {
             slot_respawns: vec![0; cap],
             born: Instant::now(),
             watcher: None,
+            touch: None,
         })
     }
 
-    /// Reloads the workers (as SIGHUP does) when a watched `.py` file changes
-    /// or a touch file is touched.
+    /// Reloads the workers (as SIGHUP does) when a watched `.py` file changes.
     pub fn set_watcher(&mut self, w: crate::watch::Watcher) {
         self.watcher = Some(w);
+    }
+
+    /// Reloads the workers (as SIGHUP does) when one of these files is touched.
+    pub fn set_touch_files(&mut self, t: crate::watch::TouchFiles) {
+        self.touch = Some(t);
     }
 
     /// Serves `/metrics`, `/stats`, `/healthz` and `/readyz` on `listener`.
@@ -381,6 +388,10 @@ impl<'a, H: Hooks> Master<'a, H> {
                 Some(ms) => timeout.min(ms.max(10)),
                 None => timeout,
             };
+            let timeout = match &self.touch {
+                Some(t) => timeout.min(t.wait_ms().max(10)),
+                None => timeout,
+            };
             let mut fds = vec![
                 libc::pollfd { fd: self.signal_fd, events: libc::POLLIN, revents: 0 },
                 libc::pollfd {
@@ -420,21 +431,17 @@ impl<'a, H: Hooks> Master<'a, H> {
                 if fds[2].revents & libc::POLLIN != 0 {
                     w.read();
                 }
-                if let Some(change) = w.due() {
+                if let Some(changed) = w.due() {
                     if self.phase == Phase::Running {
-                        match change {
-                            crate::watch::Change::Source(path) => {
-                                info!("Detected a change in {}; reloading the workers", path.display())
-                            }
-                            crate::watch::Change::Touched(path) => {
-                                info!(
-                                    "{} was touched (--touch-reload); reloading the workers",
-                                    path.display()
-                                )
-                            }
-                        }
+                        info!("Detected a change in {}; reloading the workers", changed.display());
                         self.act(Action::Reload, 0);
                     }
+                }
+            }
+            if let Some(path) = self.touch.as_mut().and_then(|t| t.changed()) {
+                if self.phase == Phase::Running {
+                    info!("{} was touched (--touch-reload); reloading the workers", path.display());
+                    self.act(Action::Reload, 0);
                 }
             }
             let sfd = self.signal_fd;
@@ -978,14 +985,16 @@ impl<'a, H: Hooks> Master<'a, H> {
         if pid == 0 {
             crate::proctitle::set(&title(&format!("worker {slot}"), &self.config.name));
             crate::daemon::forget();
-            self.hooks.after_fork_child();
-            // The worker takes its signals with handlers before it loads the
-            // app: a program the app starts at import must not inherit the
-            // master's blocked mask (it would ignore TERM for ever).
+            // The worker takes its signals with handlers before any Python
+            // runs, the app's after-fork hooks included: a program started
+            // from there must not inherit the master's blocked mask (it would
+            // ignore TERM for ever). Rust only, so before the interpreter's
+            // own after-fork step.
             if let Err(e) = crate::worker::prepare_signals(self.config.sigint) {
                 error!("cannot set up the worker's signals: {e}");
                 unsafe { libc::_exit(1) };
             }
+            self.hooks.after_fork_child();
             // The master's monitoring clients and its stats listener are not
             // the worker's to hold open: after the master's death the port
             // must be free, not held by a worker that never answers on it.
@@ -1269,6 +1278,13 @@ pub(crate) fn set_handler(sig: libc::c_int, handler: extern "C" fn(libc::c_int))
         let mut old: libc::sigaction = std::mem::zeroed();
         (libc::sigaction(sig, &action, &mut old) == 0).then_some(old)
     }
+}
+
+/// Ends [`hold_early_signals`] in a process that will not supervise
+/// (`--check-config`): the old dispositions come back, and a signal that
+/// arrived meanwhile is delivered now.
+pub fn restore_early_signals() {
+    release_early_signals();
 }
 
 /// Ends [`hold_early_signals`] once the signals are blocked: the old

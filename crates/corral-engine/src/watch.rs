@@ -1,10 +1,13 @@
-//! `--reload` and `--touch-reload`: watches Python source directories and
-//! named files with inotify and tells the master when a `.py` file changed
-//! or a named file was touched, after a quiet period, so an editor saving
-//! several files (or a deploy touching its file twice) triggers one reload.
+//! `--reload`: watches Python source directories with inotify and tells
+//! the master when a `.py` file changed, after a quiet period, so an editor
+//! saving several files triggers one reload.
+//!
+//! `--touch-reload`: files whose modification the master looks for once a
+//! second, by their path, as uWSGI does: a path through a symlink that a
+//! deploy switches (`current -> releases/42`), a directory replaced or not
+//! there yet all work, which a watch on one directory's inode would miss.
 
 use std::collections::HashMap;
-use std::ffi::OsString;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -19,86 +22,43 @@ fn skipped(name: &str) -> bool {
     name.starts_with('.') || matches!(name, "__pycache__" | "node_modules" | "venv" | "env" | "site-packages")
 }
 
-/// A change that asks for a reload.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Change {
-    /// A `.py` file under a `--reload` directory changed.
-    Source(PathBuf),
-    /// A `--touch-reload` file was touched, written, created or moved there.
-    Touched(PathBuf),
-}
-
 pub struct Watcher {
     inotify: Inotify,
     dirs: HashMap<WatchDescriptor, PathBuf>,
-    /// Whether `.py` changes count (`--reload`), or only the touch files.
-    sources: bool,
-    /// `--touch-reload` files, by their directory's watch and their name, so
-    /// a directory also reached by another path (a symlink) still matches.
-    touch: HashMap<(WatchDescriptor, OsString), PathBuf>,
-    /// Directories watched for `.py` changes (the first ones in `dirs`).
-    source_dirs: usize,
     /// The first change since the last reload, and the latest one.
-    pending: Option<(Change, Instant)>,
-}
-
-/// What every watched directory reports. IN_ATTRIB for a modification time
-/// set alone (`touch`, `os.utime`, tools that restore timestamps), which a
-/// polling reloader would notice. One mask for all: a directory watched for
-/// both reasons has one watch, and adding it again replaces its mask.
-fn mask() -> AddWatchFlags {
-    AddWatchFlags::IN_CLOSE_WRITE
-        | AddWatchFlags::IN_ATTRIB
-        | AddWatchFlags::IN_MOVED_TO
-        | AddWatchFlags::IN_MOVED_FROM
-        | AddWatchFlags::IN_CREATE
-        | AddWatchFlags::IN_DELETE
-        | AddWatchFlags::IN_ONLYDIR
+    pending: Option<(PathBuf, Instant)>,
 }
 
 impl Watcher {
-    /// Watches every directory under `roots` (recursively) for `.py`
-    /// changes, and the directory of each of `touch` for that file. A touch
-    /// file need not exist yet (creating it counts), but its directory must.
-    pub fn new(roots: &[PathBuf], touch: &[PathBuf]) -> Result<Watcher, String> {
+    /// Watches every directory under `roots` (recursively).
+    pub fn new(roots: &[PathBuf]) -> Result<Watcher, String> {
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
-            .map_err(|e| format!("inotify: {e}"))?;
-        let mut w = Watcher {
-            inotify,
-            dirs: HashMap::new(),
-            sources: !roots.is_empty(),
-            touch: HashMap::new(),
-            source_dirs: 0,
-            pending: None,
-        };
+            .map_err(|e| format!("--reload: inotify: {e}"))?;
+        let mut w = Watcher { inotify, dirs: HashMap::new(), pending: None };
         for root in roots {
             w.add_tree(root);
         }
-        if w.sources && w.dirs.is_empty() {
+        if w.dirs.is_empty() {
             return Err("--reload: no directory to watch".into());
-        }
-        w.source_dirs = w.dirs.len();
-        for file in touch {
-            let (Some(dir), Some(name)) = (file.parent(), file.file_name()) else {
-                return Err(format!("--touch-reload {}: not a file name", file.display()));
-            };
-            let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
-            let wd = w.inotify.add_watch(dir, mask()).map_err(|e| {
-                format!("--touch-reload {}: cannot watch {}: {e}", file.display(), dir.display())
-            })?;
-            w.dirs.entry(wd).or_insert_with(|| dir.to_path_buf());
-            w.touch.insert((wd, name.to_os_string()), file.clone());
         }
         Ok(w)
     }
 
-    /// Directories watched for `.py` changes.
     pub fn watched(&self) -> usize {
-        self.source_dirs
+        self.dirs.len()
     }
 
     fn add_tree(&mut self, dir: &Path) {
-        let Ok(wd) = self.inotify.add_watch(dir, mask()) else {
+        // IN_ATTRIB for a modification time set alone (`os.utime`, tools
+        // that restore timestamps), which a polling reloader would notice.
+        let flags = AddWatchFlags::IN_CLOSE_WRITE
+            | AddWatchFlags::IN_ATTRIB
+            | AddWatchFlags::IN_MOVED_TO
+            | AddWatchFlags::IN_MOVED_FROM
+            | AddWatchFlags::IN_CREATE
+            | AddWatchFlags::IN_DELETE
+            | AddWatchFlags::IN_ONLYDIR;
+        let Ok(wd) = self.inotify.add_watch(dir, flags) else {
             return;
         };
         self.dirs.insert(wd, dir.to_path_buf());
@@ -127,40 +87,26 @@ impl Watcher {
             for ev in events {
                 let Some(dir) = self.dirs.get(&ev.wd).cloned() else { continue };
                 let Some(name) = ev.name else { continue };
-                let change = if let Some(file) = self.touch.get(&(ev.wd, name.clone())) {
-                    // Removing the file, or renaming it away, is no touch.
-                    let gone = AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM;
-                    if ev.mask.intersects(gone) {
-                        continue;
+                let path = dir.join(&name);
+                let name = name.to_string_lossy();
+                if ev.mask.contains(AddWatchFlags::IN_ISDIR) {
+                    if ev.mask.intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO)
+                        && !skipped(&name)
+                    {
+                        self.add_tree(&path);
                     }
-                    Change::Touched(file.clone())
-                } else {
-                    if !self.sources {
-                        continue;
-                    }
-                    let path = dir.join(&name);
-                    let name = name.to_string_lossy();
-                    if ev.mask.contains(AddWatchFlags::IN_ISDIR) {
-                        if ev.mask.intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO)
-                            && !skipped(&name)
-                        {
-                            self.add_tree(&path);
-                        }
-                        continue;
-                    }
-                    if !name.ends_with(".py") {
-                        continue;
-                    }
-                    Change::Source(path)
-                };
-                let first = self.pending.take().map_or(change, |(c, _)| c);
-                self.pending = Some((first, Instant::now()));
+                    continue;
+                }
+                if name.ends_with(".py") {
+                    let first = self.pending.take().map_or(path, |(p, _)| p);
+                    self.pending = Some((first, Instant::now()));
+                }
             }
         }
     }
 
-    /// The first change, once everything watched has been quiet for [`DEBOUNCE`].
-    pub fn due(&mut self) -> Option<Change> {
+    /// The first changed file, once the tree has been quiet for [`DEBOUNCE`].
+    pub fn due(&mut self) -> Option<PathBuf> {
         match &self.pending {
             Some((_, last)) if last.elapsed() >= DEBOUNCE => self.pending.take().map(|(p, _)| p),
             _ => None,
@@ -173,6 +119,62 @@ impl Watcher {
     }
 }
 
+/// How often the master looks at `--touch-reload` files.
+pub const TOUCH_POLL: Duration = Duration::from_secs(1);
+
+/// What identifies one state of a touch file: the file the path leads to
+/// (device, inode) and its modification and change times.
+type Stamp = (u64, u64, i64, i64, i64, i64);
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()))
+}
+
+/// `--touch-reload` files and how each looked when last seen.
+pub struct TouchFiles {
+    files: Vec<(PathBuf, Option<Stamp>)>,
+    next: Instant,
+}
+
+impl TouchFiles {
+    pub fn new(paths: &[PathBuf]) -> TouchFiles {
+        TouchFiles {
+            files: paths.iter().map(|p| (p.clone(), stamp(p))).collect(),
+            next: Instant::now() + TOUCH_POLL,
+        }
+    }
+
+    /// Whether each file exists now, for the start-up log.
+    pub fn present(&self) -> impl Iterator<Item = (&Path, bool)> {
+        self.files.iter().map(|(p, s)| (p.as_path(), s.is_some()))
+    }
+
+    /// Milliseconds until the next look, for the master's poll.
+    pub fn wait_ms(&self) -> i32 {
+        self.next.saturating_duration_since(Instant::now()).as_millis() as i32
+    }
+
+    /// A file touched, written, created or replaced since the last look
+    /// (once a second at most); removing one is no touch.
+    pub fn changed(&mut self) -> Option<PathBuf> {
+        if Instant::now() < self.next {
+            return None;
+        }
+        self.next = Instant::now() + TOUCH_POLL;
+        let mut first = None;
+        for (path, seen) in &mut self.files {
+            let now = stamp(path);
+            if now.is_some() && now != *seen && first.is_none() {
+                first = Some(path.clone());
+            }
+            *seen = now;
+        }
+        first
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,7 +184,7 @@ mod tests {
         let root = std::env::temp_dir().join(format!("corral-watch-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(root.join("pkg")).unwrap();
-        let mut w = Watcher::new(std::slice::from_ref(&root), &[]).unwrap();
+        let mut w = Watcher::new(std::slice::from_ref(&root)).unwrap();
         assert_eq!(w.watched(), 2);
         std::fs::write(root.join("notes.txt"), "x").unwrap();
         w.read();
@@ -193,7 +195,7 @@ mod tests {
         w.read();
         assert!(w.due().is_none(), "debounced");
         std::thread::sleep(DEBOUNCE + Duration::from_millis(50));
-        assert_eq!(w.due(), Some(Change::Source(root.join("pkg/sub/mod.py"))));
+        assert_eq!(w.due(), Some(root.join("pkg/sub/mod.py")));
         assert!(w.due().is_none());
         // Only the modification time set, the content untouched.
         let path = std::ffi::CString::new(root.join("pkg/sub/mod.py").into_os_string().into_encoded_bytes())
@@ -202,53 +204,48 @@ mod tests {
         assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) }, 0);
         w.read();
         std::thread::sleep(DEBOUNCE + Duration::from_millis(50));
-        assert_eq!(w.due(), Some(Change::Source(root.join("pkg/sub/mod.py"))));
+        assert_eq!(w.due(), Some(root.join("pkg/sub/mod.py")));
         let _ = std::fs::remove_dir_all(&root);
     }
 
-    fn settled(w: &mut Watcher) -> Option<Change> {
-        w.read();
-        std::thread::sleep(DEBOUNCE + Duration::from_millis(50));
-        w.read();
-        w.due()
+    fn looked(t: &mut TouchFiles) -> Option<PathBuf> {
+        t.next = Instant::now();
+        t.changed()
     }
 
     #[test]
-    fn touch_files_alone_or_inside_a_source_tree() {
+    fn touch_files_by_path_through_symlinks() {
         let root = std::env::temp_dir().join(format!("corral-touch-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(root.join("deploy")).unwrap();
-        let flag = root.join("deploy/reload");
-        let in_tree = root.join("reload.txt");
-        // Only touch files: .py changes next to them are not watched.
-        let mut w = Watcher::new(&[], std::slice::from_ref(&flag)).unwrap();
-        std::fs::write(root.join("deploy/app.py"), "x = 1").unwrap();
-        std::fs::write(root.join("deploy/other"), "x").unwrap();
-        assert_eq!(settled(&mut w), None);
-        // Created (it did not exist), then written, then only its time set.
+        for r in ["releases/1/tmp", "releases/2/tmp"] {
+            std::fs::create_dir_all(root.join(r)).unwrap();
+        }
+        std::os::unix::fs::symlink("releases/1", root.join("current")).unwrap();
+        let flag = root.join("current/tmp/restart.txt");
+        let mut t = TouchFiles::new(std::slice::from_ref(&flag));
+        assert_eq!(t.present().collect::<Vec<_>>(), vec![(flag.as_path(), false)]);
+        assert_eq!(looked(&mut t), None);
+        // Created; then its times set (`touch`); then written.
         std::fs::write(&flag, "").unwrap();
-        assert_eq!(settled(&mut w), Some(Change::Touched(flag.clone())));
-        std::fs::write(&flag, "again").unwrap();
-        assert_eq!(settled(&mut w), Some(Change::Touched(flag.clone())));
+        assert_eq!(looked(&mut t), Some(flag.clone()));
+        assert_eq!(looked(&mut t), None, "seen once");
         let c = std::ffi::CString::new(flag.clone().into_os_string().into_encoded_bytes()).unwrap();
-        assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), std::ptr::null(), 0) }, 0);
-        assert_eq!(settled(&mut w), Some(Change::Touched(flag.clone())));
-        // Replaced by a rename (as deploy tools write files): a touch. Removed: not.
-        std::fs::write(root.join("deploy/.tmp"), "new").unwrap();
-        std::fs::rename(root.join("deploy/.tmp"), &flag).unwrap();
-        assert_eq!(settled(&mut w), Some(Change::Touched(flag.clone())));
-        std::fs::remove_file(&flag).unwrap();
-        assert_eq!(settled(&mut w), None);
-        // With --reload too, a touch file in a watched directory is still a touch.
-        let mut w = Watcher::new(std::slice::from_ref(&root), std::slice::from_ref(&in_tree)).unwrap();
-        std::fs::write(&in_tree, "").unwrap();
-        assert_eq!(settled(&mut w), Some(Change::Touched(in_tree.clone())));
-        std::fs::write(root.join("deploy/app.py"), "x = 2").unwrap();
-        assert_eq!(settled(&mut w), Some(Change::Source(root.join("deploy/app.py"))));
-        // A directory that does not exist is an error at start.
-        let missing = root.join("nowhere/reload");
-        let err = Watcher::new(&[], &[missing]).err().unwrap();
-        assert!(err.starts_with("--touch-reload ") && err.contains("cannot watch"), "{err}");
+        let times = [libc::timespec { tv_sec: 1_000_000, tv_nsec: 0 }; 2];
+        assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) }, 0);
+        assert_eq!(looked(&mut t), Some(flag.clone()));
+        std::fs::write(&flag, "x").unwrap();
+        assert_eq!(looked(&mut t), Some(flag.clone()));
+        // The deploy switches the symlink and touches the new release's file.
+        std::fs::write(root.join("releases/2/tmp/restart.txt"), "").unwrap();
+        std::fs::remove_file(root.join("current")).unwrap();
+        std::os::unix::fs::symlink("releases/2", root.join("current")).unwrap();
+        assert_eq!(looked(&mut t), Some(flag.clone()));
+        // Removed: no touch; not looked at again before a second passed.
+        std::fs::remove_file(root.join("releases/2/tmp/restart.txt")).unwrap();
+        assert_eq!(looked(&mut t), None);
+        std::fs::write(&flag, "").unwrap();
+        assert_eq!(t.changed(), None, "within the second");
+        assert_eq!(looked(&mut t), Some(flag.clone()));
         let _ = std::fs::remove_dir_all(&root);
     }
 }

@@ -258,9 +258,10 @@ pub struct Cli {
           value_parser = clap::builder::BoolishValueParser::new())]
     pub reload: bool,
 
-    /// Reload the workers gracefully (as HUP does) when FILE is touched, written, or created
-    /// (uWSGI's touch-reload), for deploy scripts: `--touch-reload /run/myapp/reload`.
-    /// FILE's directory must exist. Repeatable, or several separated by commas.
+    /// Reload the workers gracefully (as HUP does) when FILE is touched, written, created or
+    /// replaced (uWSGI's touch-reload), for deploy scripts: `--touch-reload
+    /// /srv/app/current/tmp/restart.txt`. Looked at once a second, by path, so symlinks a
+    /// deploy switches are followed. Repeatable, or several separated by commas.
     #[arg(long, value_name = "FILE", env = "CORRAL_TOUCH_RELOAD", value_delimiter = ',')]
     pub touch_reload: Vec<PathBuf>,
 
@@ -555,7 +556,10 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
                 p.filter(|p| *p != "-").map(|p| (flag, p.clone(), std::path::Path::new(p).exists()))
             })
             .collect();
-    if let Err(e) = capture_needs_a_file(&cli).and_then(|()| daemon_needs_files(&cli)) {
+    if let Err(e) = capture_needs_a_file(&cli)
+        .and_then(|()| daemon_needs_files(&cli))
+        .and_then(|()| touch_files_named(&cli))
+    {
         eprintln!("corral: error: {e}");
         return Ok(2);
     }
@@ -920,31 +924,34 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     if let Some(l) = stats {
         master.set_stats(l);
     }
-    if cli.reload || !touch_files.is_empty() {
-        let mut roots: Vec<PathBuf> = Vec::new();
-        if cli.reload {
-            roots.extend(std::env::current_dir());
-            roots.extend(cli.pythonpath.iter().cloned());
-        }
-        match corral_engine::watch::Watcher::new(&roots, &touch_files) {
+    if cli.reload {
+        let mut roots: Vec<PathBuf> = std::env::current_dir().into_iter().collect();
+        roots.extend(cli.pythonpath.iter().cloned());
+        match corral_engine::watch::Watcher::new(&roots) {
             Ok(w) => {
-                if cli.reload {
-                    info!(
-                        "--reload: watching {} director(ies) under {} for .py changes",
-                        w.watched(),
-                        roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
-                    );
-                }
-                for file in &touch_files {
-                    info!("--touch-reload: touching {} reloads the workers", file.display());
-                }
+                info!(
+                    "--reload: watching {} director(ies) under {} for .py changes",
+                    w.watched(),
+                    roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
+                );
                 master.set_watcher(w);
             }
+            // After a re-exec the workers serve on: not worth stopping them for.
+            Err(e) if reexec_with_workers => error!("{e}; changes will not reload the workers"),
             Err(e) => {
                 error!("{e}");
+                remove_pidfile();
                 return Ok(2);
             }
         }
+    }
+    if !touch_files.is_empty() {
+        let touch = corral_engine::watch::TouchFiles::new(&touch_files);
+        for (file, present) in touch.present() {
+            let note = if present { "" } else { " (it does not exist yet; creating it counts)" };
+            info!("--touch-reload: touching {} reloads the workers{note}", file.display());
+        }
+        master.set_touch_files(touch);
     }
     // The master has read what a re-exec handed down; the app must not see it.
     for var in [corral_engine::supervise::INHERIT_ENV, corral_engine::supervise::OLD_WORKERS_ENV] {
@@ -955,8 +962,6 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     Ok(code)
 }
 
-/// A log file's name made absolute against the current directory (`-`,
-/// standard output or error, stays as it is).
 /// What an import of the app needs in this process: `--env`, `--chdir`,
 /// and `sys.path` (the app's directory, then `--pythonpath` first).
 /// The outer error is Python's; the inner one a configuration error.
@@ -995,17 +1000,46 @@ fn check_config(py: Python<'_>, cli: &Cli, matches: &clap::ArgMatches) -> PyResu
             return Ok(2);
         }
     };
-    match load_app(py, &spec) {
+    if let Some(mask) = cli.umask {
+        unsafe { libc::umask(mask as libc::mode_t) };
+    }
+    // Imported with the rights a worker has: --user applies before the
+    // import unless --preload imports in the master first.
+    if !cli.preload {
+        match resolve_ids(cli.user.as_deref(), cli.group.as_deref()).and_then(|ids| match ids {
+            Some((uid, gid, name)) => drop_privileges(uid, gid, &name),
+            None => Ok(()),
+        }) {
+            Ok(()) => {}
+            Err(e) => {
+                eprintln!("corral: error: {e}");
+                return Ok(2);
+            }
+        }
+    }
+    // No master will read them from a signalfd: INT and TERM act as usual
+    // during a slow import.
+    corral_engine::supervise::restore_early_signals();
+    let code = match load_app(py, &spec) {
         Ok(_) => {
             println!("corral: the configuration is valid and {spec} loads");
-            Ok(0)
+            0
         }
         Err(msg) => {
             eprintln!("{msg}");
             eprintln!("corral: {spec} failed to load");
-            Ok(1)
+            1
         }
+    };
+    // Out at once with the verdict: the interpreter's shutdown would wait
+    // for threads the app started at import, which no one will stop.
+    let sys = py.import("sys")?;
+    for stream in ["stdout", "stderr"] {
+        let _ = sys.getattr(stream).and_then(|s| s.call_method0("flush"));
     }
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    unsafe { libc::_exit(code) }
 }
 
 /// The checks of a start that have no effect on the system: for
@@ -1021,13 +1055,47 @@ fn check_without_effects(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), St
     mount_prefix(cli)?;
     capture_needs_a_file(cli)?;
     daemon_needs_files(cli)?;
-    for file in &cli.touch_reload {
-        let dir = file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-        if !dir.is_dir() {
-            return Err(format!("--touch-reload {}: {} is not a directory", file.display(), dir.display()));
+    touch_files_named(cli)?;
+    if let Some(owner) = cli.socket_owner.as_deref() {
+        parse_owner(owner)?;
+    }
+    for (flag, target) in
+        [("--error-log", Some(cli.error_log.as_str())), ("--access-log", cli.access_log.as_deref())]
+    {
+        if let Some(path) = target.filter(|t| *t != "-") {
+            log_file_writable(path).map_err(|e| format!("{flag} {path}: {e}"))?;
         }
     }
     Ok(())
+}
+
+/// Whether a log file could be opened for appending, without creating it:
+/// it is writable, or its directory is one where it can be created.
+fn log_file_writable(path: &str) -> Result<(), String> {
+    let writable = |p: &std::path::Path| {
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| "a NUL in the path")?;
+        match unsafe { libc::access(c.as_ptr(), libc::W_OK) } {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error().to_string()),
+        }
+    };
+    let path = std::path::Path::new(path);
+    if path.exists() {
+        return if path.is_dir() { Err("a directory".into()) } else { writable(path) };
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    if !dir.is_dir() {
+        return Err(format!("no directory {}", dir.display()));
+    }
+    writable(dir).map_err(|e| format!("cannot create it in {}: {e}", dir.display()))
+}
+
+/// Every --touch-reload path names a file (not `/` or `..`).
+fn touch_files_named(cli: &Cli) -> Result<(), String> {
+    match cli.touch_reload.iter().find(|f| f.file_name().is_none()) {
+        Some(f) => Err(format!("--touch-reload {}: not a file name", f.display())),
+        None => Ok(()),
+    }
 }
 
 /// A daemon's logs go to files: its standard streams are /dev/null.
@@ -1182,6 +1250,8 @@ fn from_start(addr: Addr, start: Option<&std::path::Path>) -> Addr {
     }
 }
 
+/// A log file's name made absolute against the current directory (`-`,
+/// standard output or error, stays as it is).
 fn absolute_log_path(target: &str) -> String {
     if target == "-" {
         return target.to_string();

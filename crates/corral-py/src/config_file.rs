@@ -57,6 +57,9 @@ pub fn layer(cmd: &Command, argv: &[String]) -> Result<(Vec<String>, FileOrigins
         if key == "config" {
             return Err(format!("{at}: `config` cannot be set from a config file"));
         }
+        if matches!(key, "print-config" | "check-config") {
+            return Err(format!("{at}: `{key}` is an action for the command line (--{key}), not a setting"));
+        }
         let id = arg.get_id().to_string();
         if matches!(first.value_source(&id), Some(ValueSource::CommandLine | ValueSource::EnvVariable)) {
             continue;
