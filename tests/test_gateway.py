@@ -565,7 +565,8 @@ def test_fastcgi_get_values_counts_every_worker(start_server):
 
 def test_fastcgi_get_values_max_conns_is_the_real_limit(start_server):
     """The front end may open as many connections as FCGI_MAX_CONNS says, and each
-    of them is served; the next one is turned away."""
+    of them is served; while all of them are in use (here: each in the middle of
+    its request), the next one is turned away."""
     server = g.start_gateways(
         start_server, "behaviour:application", [("fastcgi", "127.0.0.1:0")], "--max-connections", "3"
     )
@@ -577,6 +578,10 @@ def test_fastcgi_get_values_max_conns_is_the_real_limit(start_server):
         for c in conns:
             r = c.request(g.cgi_params(uri="/fixed"), keep_conn=True)
             assert r.body == b"hello world"
+        # Each begins another request and stops before the end of its params.
+        for c in conns:
+            c.send(g.fcgi_request_bytes(g.cgi_params(uri="/fixed"), keep_conn=True)[:-16])
+        time.sleep(0.3)
         mark = server.mark()
         with g.FcgiConn(addr) as extra:
             assert extra.at_eof(timeout=10), "a connection past FCGI_MAX_CONNS was kept"

@@ -83,12 +83,11 @@ def test_max_connections_sheds_with_503(start_server):
     server = start_server("behaviour:application", "--max-connections", "3", threads=2)
     held = []
     try:
-        # Three idle keep-alive connections fill the worker's allowance.
+        # Three connections whose clients have not sent their request yet fill
+        # the worker's allowance (idle kept-alive ones would make room, below).
         for _ in range(3):
-            conn = server.connect()
-            conn.send_request("GET", "/fixed", {"Host": "x"})
-            assert conn.read_response().status == 200
-            held.append(conn)
+            held.append(server.connect())
+        time.sleep(0.3)
         # A burst of three more: every one gets 503, and the log's counts add up
         # to all three, the tail of the burst included (reported within a second
         # or two, with no later connection needed to trigger it).
@@ -108,6 +107,40 @@ def test_max_connections_sheds_with_503(start_server):
     # Once connections close, new ones are served again.
     assert wait_until(lambda: server.request("GET", "/fixed").status == 200, 10)
     assert re.search(r"--max-connections 3", server.log)
+
+
+def test_idle_kept_alive_connections_make_room_for_new_ones(start_server):
+    """At --max-connections, a new client is not turned away while kept-alive
+    connections sit idle (a proxy's pool, browsers): the one idle longest is
+    closed to make room, as nginx reuses idle connections. Those in use, or
+    still sending a request, are left alone."""
+    server = start_server("behaviour:application", "--max-connections", "3", threads=2)
+    oldest, newer = server.connect(), server.connect()
+    partial = server.connect()
+    fresh = []
+    try:
+        for conn in (oldest, newer):
+            conn.send_request("GET", "/fixed", {"Host": "x"})
+            assert conn.read_response().status == 200
+            time.sleep(0.2)
+        partial.send(b"GET /fixed HTTP/1.1\r\nHost: x\r\n")  # the rest comes later
+        time.sleep(0.3)
+        for gone in (oldest, newer):
+            # A new client, kept connected: the longest idle one made room for it.
+            conn = server.connect()
+            fresh.append(conn)
+            conn.send_request("GET", "/fixed", {"Host": "x"})
+            assert conn.read_response().status == 200
+            assert gone.at_eof(5)
+            time.sleep(0.2)
+        assert not fresh[0].at_eof(0.5), "the newest idle connection is not the one closed"
+        # The slow request was left alone.
+        partial.send(b"\r\n")
+        assert partial.read_response().status == 200
+    finally:
+        for conn in (oldest, newer, partial, *fresh):
+            conn.close()
+    assert not server.grep(r"turned away with 503")
 
 
 def test_adaptive_pool_settles_under_steady_load(start_server):

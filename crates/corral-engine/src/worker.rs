@@ -830,7 +830,7 @@ fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) {
                 }
             }
         }
-        let idle_keepalive = !e.fresh.load(Ordering::Relaxed) && !pending;
+        let idle_keepalive = e.between.load(Ordering::Relaxed) && !pending;
         if !(expired || close_idle && idle_keepalive) {
             continue;
         }
@@ -849,6 +849,42 @@ fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) {
             }
         }
     }
+}
+
+/// At `--max-connections`, makes room for a new connection by closing the
+/// kept-alive connection idle the longest (nothing buffered, nothing sent
+/// since its last response), as nginx reuses idle connections when it runs
+/// out: idle keep-alive connections, a proxy's pool among them, must not
+/// turn new clients away with 503. Its close completes when a thread sees
+/// the hang-up, so the count runs over the limit by the closes in flight.
+/// False when every connection is in use or waiting for its first request.
+fn reclaim_idle(reg: &Registry) -> bool {
+    let mut idle: Vec<&Arc<Entry>> = reg
+        .entries
+        .iter()
+        .flatten()
+        .filter(|e| {
+            e.state.load(Ordering::Acquire) == IDLE
+                && e.between.load(Ordering::Relaxed)
+                && !e.handed.load(Ordering::Relaxed)
+        })
+        .collect();
+    // The earliest keep-alive deadline is the longest idle.
+    idle.sort_unstable_by_key(|e| e.deadline.load(Ordering::Relaxed));
+    for e in idle {
+        if pending_bytes(e.fd) > 0 {
+            continue; // its next request is arriving
+        }
+        if e.state.compare_exchange(IDLE, CLOSING, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+            // As the sweep closes one past its timeout: the fd stays open
+            // until a thread sees the hang-up and removes the entry under
+            // the registry lock, which is held here.
+            unsafe { libc::shutdown(e.fd, libc::SHUT_RDWR) };
+            debug!("closed an idle kept-alive connection to make room (--max-connections, fd {})", e.fd);
+            return true;
+        }
+    }
+    false
 }
 
 fn pending_bytes(fd: RawFd) -> i32 {
@@ -1082,9 +1118,13 @@ fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Accepted {
         }
         return Accepted::None;
     }
-    if w.registry.lock().unwrap().live >= w.config.max_connections {
-        shed(w, fd, idx);
-        return Accepted::Shed;
+    {
+        let reg = w.registry.lock().unwrap();
+        if reg.live >= w.config.max_connections && !reclaim_idle(&reg) {
+            drop(reg);
+            shed(w, fd, idx);
+            return Accepted::Shed;
+        }
     }
     let (remote_addr, remote_port) = peer_strings(&addr, is_unix);
     if !is_unix {
@@ -1749,7 +1789,11 @@ fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
         conn.request_started + w.config.header_timeout.as_millis() as u64
     };
     conn.entry.deadline.store(deadline, Ordering::Relaxed);
-    conn.entry.between.store(idle && !conn.entry.fresh.load(Ordering::Relaxed), Ordering::Relaxed);
+    // A FastCGI request whose records came in part has left the buffer
+    // for the connection's FastCGI state: that connection is not between
+    // requests, though its buffer is empty.
+    let between = idle && !conn.entry.fresh.load(Ordering::Relaxed) && conn.fcgi.active.is_none();
+    conn.entry.between.store(between, Ordering::Relaxed);
     let op = if conn.registered { libc::EPOLL_CTL_MOD } else { libc::EPOLL_CTL_ADD };
     // Edge-triggered and still armed: bytes that arrive from now on raise an
     // event, and none are waiting unread, since the last read found the
