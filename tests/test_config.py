@@ -342,6 +342,24 @@ def test_check_config_imports_with_the_users_rights(tmp_path):
         ["--check-config", "--user", "nobody", "--preload", "--pythonpath", str(private), "privapp"]
     )
     assert preloaded.returncode == 0, preloaded.stderr
+    # A log file root owns that the user cannot write: a start would refuse it.
+    log = tmp_path / "root.log"
+    log.write_text("")
+    log.chmod(0o644)
+    refused = _run(
+        [
+            "--check-config",
+            "--user",
+            "nobody",
+            "--error-log",
+            str(log),
+            "--preload",
+            "--pythonpath",
+            str(private),
+            "privapp",
+        ]
+    )
+    assert refused.returncode == 2 and "user nobody cannot write it" in refused.stderr, refused.stderr
 
 
 def _versioned(version):

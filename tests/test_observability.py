@@ -208,9 +208,19 @@ def test_logs_reopen_after_rename(start_server, tmp_path):
 
 def test_capture_output_sends_the_apps_prints_to_the_error_log(start_server, tmp_path):
     """--capture-output: the app's stdout and stderr go to the --error-log file,
-    in every worker, also after SIGUSR1 reopened the file under its name."""
+    in every worker, also after SIGUSR1 reopened the file under its name; so
+    does `--access-log -`."""
     errors = tmp_path / "error.log"
-    server = _start_logging_to(start_server, errors, "--capture-output", workers=2)
+    server = _start_logging_to(
+        start_server,
+        errors,
+        "--capture-output",
+        "--access-log",
+        "-",
+        "--access-log-format",
+        "access %(U)s %(q)s",
+        workers=2,
+    )
     for msg in ("first", "second", "third"):
         server.request("GET", f"/print-std?msg={msg}")
     assert wait_until(lambda: errors.read_text().count("stderr says") == 3, 10), errors.read_text()
@@ -222,6 +232,8 @@ def test_capture_output_sends_the_apps_prints_to_the_error_log(start_server, tmp
         server.request("GET", f"/print-std?msg=after{i}")
     assert wait_until(lambda: errors.read_text().count("stdout says after") == 4, 10), errors.read_text()
     assert "says after" not in (tmp_path / "error.log.1").read_text()
+    assert wait_until(lambda: errors.read_text().count("access /print-std msg=after") == 4, 10)
+    assert (tmp_path / "error.log.1").read_text().count("access /print-std msg=") == 3
     assert not [line for line in server.stdout_lines + server.lines if "says" in line]
     refused = subprocess.run(
         [*CORRAL, "--capture-output", "behaviour:application"],

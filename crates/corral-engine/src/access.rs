@@ -189,8 +189,14 @@ impl Sink {
     }
 
     /// Opens the file again under its name (after logrotate renamed it).
+    /// Standard output is taken again too: `--capture-output` may have
+    /// pointed it at a reopened error log meanwhile.
     pub fn reopen(&self) -> Result<(), String> {
         let Some(path) = &self.path else {
+            let file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+            if unsafe { libc::dup2(1, file.as_raw_fd()) } < 0 {
+                return Err(format!("--access-log -: {}", std::io::Error::last_os_error()));
+            }
             return Ok(());
         };
         let fresh = open_append(path).map_err(|e| format!("reopening {}: {e}", path.display()))?;

@@ -9,6 +9,40 @@ use std::sync::atomic::{AtomicI32, Ordering};
 /// The pipe's write end; -1 when there is no one waiting.
 static READY_FD: AtomicI32 = AtomicI32::new(-1);
 
+/// Names the pipe's descriptor for a master that re-executes itself before
+/// it was ready (USR2 early): the new program tells readiness instead, so
+/// the waiting program sees the pipe close only when the master is gone.
+pub const READY_FD_ENV: &str = "CORRAL_READY_FD";
+
+/// Before the master's execve: the pipe stays open in the new program.
+pub fn keep_across_exec() {
+    let fd = READY_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+        std::env::set_var(READY_FD_ENV, fd.to_string());
+    }
+}
+
+/// After a failed execve: as before [`keep_across_exec`].
+pub fn exec_failed() {
+    let fd = READY_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        std::env::remove_var(READY_FD_ENV);
+    }
+}
+
+/// At start: takes the pipe a previous program of this master passed on.
+pub fn inherit() {
+    let Some(fd) = std::env::var(READY_FD_ENV).ok().and_then(|v| v.parse::<i32>().ok()) else {
+        return;
+    };
+    std::env::remove_var(READY_FD_ENV);
+    if fd > 2 && unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } == 0 {
+        set_ready_fd(fd);
+    }
+}
+
 /// Remembers the pipe to tell readiness on.
 pub fn set_ready_fd(fd: i32) {
     READY_FD.store(fd, Ordering::Relaxed);

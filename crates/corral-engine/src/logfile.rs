@@ -20,6 +20,16 @@ pub fn set_capture(on: bool) {
     CAPTURE.store(on, Ordering::Relaxed);
 }
 
+/// Points descriptors 1 and 2 at the log file again, when output is
+/// captured (after something else took them, as `--daemon`'s /dev/null).
+pub fn capture_again() -> Result<(), String> {
+    let guard = ERROR_LOG.lock().unwrap_or_else(|p| p.into_inner());
+    match guard.as_ref() {
+        Some((_, file)) => capture(file).map_err(|e| format!("--capture-output: {e}")),
+        None => Ok(()),
+    }
+}
+
 /// Points descriptors 1 and 2 at the log file when output is captured.
 fn capture(file: &File) -> std::io::Result<()> {
     if CAPTURE.load(Ordering::Relaxed) {

@@ -471,8 +471,8 @@ impl<'a, H: Hooks> Master<'a, H> {
     }
 
     fn act(&mut self, action: Action, sig: libc::c_int) {
-        // Signal 0 is the master's own decision (a --reload source change).
-        let name = if sig == 0 { "a source change (--reload)".to_string() } else { signal_name(sig) };
+        // Signal 0 is the master's own decision (--reload, --touch-reload).
+        let name = if sig == 0 { "a change on disk".to_string() } else { signal_name(sig) };
         match action {
             Action::ReapChildren => {}
             Action::GracefulStop if matches!(self.phase, Phase::Draining { .. }) => {
@@ -796,8 +796,10 @@ impl<'a, H: Hooks> Master<'a, H> {
         // set again and reads what arrived meanwhile from its signalfd.
         let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
         argv.push(std::ptr::null());
+        crate::daemon::keep_across_exec();
         unsafe { libc::execv(program.as_ptr(), argv.as_ptr()) };
         let e = io::Error::last_os_error();
+        crate::daemon::exec_failed();
         error!("re-exec of {} failed: {e}; this master keeps running", program.to_string_lossy());
         std::env::remove_var(INHERIT_ENV);
         std::env::remove_var(OLD_WORKERS_ENV);

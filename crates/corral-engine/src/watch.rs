@@ -123,13 +123,14 @@ impl Watcher {
 pub const TOUCH_POLL: Duration = Duration::from_secs(1);
 
 /// What identifies one state of a touch file: the file the path leads to
-/// (device, inode) and its modification and change times.
-type Stamp = (u64, u64, i64, i64, i64, i64);
+/// (device, inode) and its modification time; not the change time, which
+/// chmod, chown or a new hard link move too.
+type Stamp = (u64, u64, i64, i64);
 
 fn stamp(path: &Path) -> Option<Stamp> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
-    Some((m.dev(), m.ino(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()))
+    Some((m.dev(), m.ino(), m.mtime(), m.mtime_nsec()))
 }
 
 /// `--touch-reload` files and how each looked when last seen.

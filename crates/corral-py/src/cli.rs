@@ -563,16 +563,32 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         eprintln!("corral: error: {e}");
         return Ok(2);
     }
-    // A re-executed master is the daemon already (same pid, same session).
-    if cli.daemon && std::env::var_os(corral_engine::supervise::INHERIT_ENV).is_none() {
-        daemonize(&error_log);
-    }
     corral_engine::logfile::set_capture(cli.capture_output);
     if let Err(e) = corral_engine::logfile::set_error_log(&error_log) {
         eprintln!("corral: {e}");
         return Ok(2);
     }
+    // A re-executed master is the daemon already (same pid, same session),
+    // and may owe the command that started it word of its readiness.
+    corral_engine::daemon::inherit();
+    if cli.daemon && std::env::var_os(corral_engine::supervise::INHERIT_ENV).is_none() {
+        daemonize(&error_log);
+        if let Err(e) = corral_engine::logfile::capture_again() {
+            corral_engine::logfile::write(format!("corral: {e}\n").as_bytes());
+            return Ok(2);
+        }
+    }
     crate::logging::init(cli.log_level);
+    if cli.capture_output {
+        // Written line by line, as to a terminal: a worker killed past
+        // --timeout would lose what a block buffer held.
+        let stdout = py.import("sys")?.getattr("stdout")?;
+        if !stdout.is_none() {
+            let kwargs = pyo3::types::PyDict::new(py);
+            kwargs.set_item("line_buffering", true)?;
+            let _ = stdout.call_method("reconfigure", (), Some(&kwargs));
+        }
+    }
     // --log-format json makes both logs JSON unless the access log's format is set.
     let access_format = match access_format(&cli, &matches) {
         Ok(f) => f,
@@ -954,7 +970,11 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         master.set_touch_files(touch);
     }
     // The master has read what a re-exec handed down; the app must not see it.
-    for var in [corral_engine::supervise::INHERIT_ENV, corral_engine::supervise::OLD_WORKERS_ENV] {
+    for var in [
+        corral_engine::supervise::INHERIT_ENV,
+        corral_engine::supervise::OLD_WORKERS_ENV,
+        corral_engine::daemon::READY_FD_ENV,
+    ] {
         environ.call_method1("pop", (var, py.None()))?;
     }
     let code = master.run();
@@ -1020,7 +1040,13 @@ fn check_config(py: Python<'_>, cli: &Cli, matches: &clap::ArgMatches) -> PyResu
     // No master will read them from a signalfd: INT and TERM act as usual
     // during a slow import.
     corral_engine::supervise::restore_early_signals();
-    let code = match load_app(py, &spec) {
+    let pid = std::process::id();
+    let loaded = load_app(py, &spec);
+    if std::process::id() != pid {
+        // A child the app forked at import: the verdict is its parent's to give.
+        unsafe { libc::_exit(0) };
+    }
+    let code = match loaded {
         Ok(_) => {
             println!("corral: the configuration is valid and {spec} loads");
             0
@@ -1059,11 +1085,16 @@ fn check_without_effects(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), St
     if let Some(owner) = cli.socket_owner.as_deref() {
         parse_owner(owner)?;
     }
+    let ids = resolve_ids(cli.user.as_deref(), cli.group.as_deref())?;
     for (flag, target) in
         [("--error-log", Some(cli.error_log.as_str())), ("--access-log", cli.access_log.as_deref())]
     {
         if let Some(path) = target.filter(|t| *t != "-") {
             log_file_writable(path).map_err(|e| format!("{flag} {path}: {e}"))?;
+            // As a start with --user judges it (a file it creates becomes the user's).
+            if let Some((uid, gid, name)) = ids.as_ref().filter(|_| std::path::Path::new(path).exists()) {
+                user_may_write(path, *uid, *gid, name).map_err(|e| format!("{flag} {path}: {e}"))?;
+            }
         }
     }
     Ok(())
@@ -1103,8 +1134,19 @@ fn daemon_needs_files(cli: &Cli) -> Result<(), String> {
     if cli.daemon && cli.error_log == "-" {
         return Err("--daemon needs --error-log FILE: a daemon has no terminal to log to".into());
     }
-    if cli.daemon && cli.access_log.as_deref() == Some("-") {
-        return Err("--daemon needs --access-log FILE rather than `-`: a daemon has no stdout".into());
+    if cli.daemon && cli.access_log.as_deref() == Some("-") && !cli.capture_output {
+        return Err(
+            "--daemon needs --access-log FILE rather than `-` (or --capture-output): a daemon has no stdout"
+                .into(),
+        );
+    }
+    let activated = std::env::var("LISTEN_PID").is_ok_and(|p| p.trim() == std::process::id().to_string());
+    if cli.daemon && activated {
+        return Err(
+            "--daemon cannot take sockets from a service manager (LISTEN_FDS): under systemd, run in \
+                    the foreground"
+                .into(),
+        );
     }
     Ok(())
 }
@@ -1131,6 +1173,11 @@ fn daemonize(error_log: &str) {
             pyo3::ffi::PyOS_AfterFork_Parent();
             libc::close(fds[1]);
         }
+        // Waiting is this process's only job now: INT, TERM and the like end
+        // it as they would any command (the daemon goes on starting).
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+            unsafe { libc::signal(sig, libc::SIG_DFL) };
+        }
         let mut byte = 0u8;
         let n = loop {
             let n = unsafe { libc::read(fds[0], (&mut byte as *mut u8).cast(), 1) };
@@ -1141,13 +1188,12 @@ fn daemonize(error_log: &str) {
         if n == 1 {
             unsafe { libc::_exit(0) };
         }
+        // Closed without a word: the master is gone (a re-executed master
+        // keeps the pipe open, see corral_engine::daemon), or about to be.
         let mut status = 0;
-        if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
-            // Alive without a word: it re-executed itself before its workers
-            // were ready (USR2), which closes the pipe.
-            eprintln!("corral: the daemon (pid {pid}) is running; see {error_log}");
-            unsafe { libc::_exit(0) };
-        }
+        while unsafe { libc::waitpid(pid, &mut status, 0) } < 0
+            && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+        {}
         let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 1 };
         eprintln!("corral: the server failed to start (exit code {code}); see {error_log}");
         unsafe { libc::_exit(if code == 0 { 1 } else { code }) };
@@ -1263,11 +1309,16 @@ fn absolute_log_path(target: &str) -> String {
 /// just created becomes theirs; an existing one must already be writable
 /// by them (corral does not take over a file someone else owns).
 fn give_log_to_user(path: &str, existed: bool, uid: u32, gid: u32, name: &str) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt;
     if !existed {
         return std::os::unix::fs::chown(path, Some(uid), Some(gid))
             .map_err(|e| format!("cannot give it to user {name}: {e}"));
     }
+    user_may_write(path, uid, gid, name)
+}
+
+/// Whether the user the workers run as can write an existing log file.
+fn user_may_write(path: &str, uid: u32, gid: u32, name: &str) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
     let mode = meta.mode();
     // The groups the workers will have: the primary one and, through
