@@ -2,6 +2,7 @@
 (--max-connections), driven by real concurrent load."""
 
 import re
+import selectors
 import signal
 import socket
 import time
@@ -167,3 +168,42 @@ def test_adaptive_pool_settles_under_steady_load(start_server):
     if ups:
         # Once the load stops, the spare worker goes.
         server.wait_for(r"Scaling down to 1 worker", since=mark, timeout=10)
+
+
+def test_a_wave_of_new_clients_is_served_in_turn_with_the_kept_alive_ones(start_server):
+    """One thread and a slow app, under more load than it can take: clients that
+    connect while others keep it busy get their first response within the first
+    round, not after the earlier clients have been served again and again (the
+    last of 24 waited seconds when each pass over the kept-alive connections
+    accepted one new one)."""
+    server = start_server("behaviour:application", threads=1)
+    clients = 24
+    socks = []
+    order = []  # (client, nth response), in the order they arrived
+    sel = selectors.DefaultSelector()
+    request = b"GET /slow?secs=0.02 HTTP/1.1\r\nHost: x\r\n\r\n"
+    try:
+        for i in range(clients):
+            s = socket.create_connection((server.host, server.port), timeout=10)
+            s.sendall(request)
+            s.setblocking(False)
+            sel.register(s, selectors.EVENT_READ, [i, 0, b""])
+            socks.append(s)
+        deadline = time.monotonic() + 60
+        while len({i for i, _ in order}) < clients and time.monotonic() < deadline:
+            for key, _ in sel.select(1):
+                state = key.data
+                state[2] += key.fileobj.recv(65536)
+                while b"slept" in state[2]:
+                    _, _, state[2] = state[2].partition(b"slept")
+                    state[1] += 1
+                    order.append((state[0], state[1]))
+                    key.fileobj.sendall(request)
+        firsts = {i for i, n in order if n == 1}
+        assert firsts == set(range(clients)), order
+        # Every client's first response came before any client's third.
+        last_first = max(k for k, (_, n) in enumerate(order) if n == 1)
+        assert all(n < 3 for _, n in order[:last_first]), order
+    finally:
+        for s in socks:
+            s.close()

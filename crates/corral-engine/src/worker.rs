@@ -1007,26 +1007,33 @@ fn thread_main<A: App>(w: &Shared<A>, t: usize, holder: Option<Arc<crate::flushe
 
 fn accept_batch<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, idx: usize, held: &mut Held) {
     let started = mono_ms();
+    let mut serving = true;
     for _ in 0..ACCEPT_BATCH {
         match accept_one(w, idx) {
             // Serve right away: the request often arrived with the connection.
-            Accepted::Conn(conn) => {
+            Accepted::Conn(conn) if serving => {
                 serve_claimed(w, state, t, conn, held);
                 if held.due() {
                     held.release(w);
                 }
             }
+            // In line behind the connections already ready (epoll reports
+            // a request that is there at once).
+            Accepted::Conn(conn) => park(w, conn),
             Accepted::Shed => {}
             Accepted::None => return,
         }
         // Slow requests on new connections must not keep kept-alive ones
-        // waiting for a whole batch: past ACCEPT_BATCH_TIME the thread goes
-        // back to epoll, which reports the listener again (it is
-        // level-triggered) after what became ready meanwhile. Not while
-        // draining: epoll woke this worker (and no other) for these
-        // connections, and the listener is gone from its set.
-        if mono_ms().saturating_sub(started) >= ACCEPT_BATCH_TIME_MS && !draining() {
-            return;
+        // waiting for a whole batch: past ACCEPT_BATCH_TIME the rest of the
+        // waiting connections are accepted and parked instead, to be served
+        // in turn with the others. Going back to epoll with them still in
+        // the accept queue would take one new connection per pass over all
+        // the others: under a slow app the last of a wave of new clients
+        // waited seconds for its first response. Not while draining: epoll
+        // woke this worker (and no other) for these connections, and the
+        // listener is gone from its set.
+        if serving && mono_ms().saturating_sub(started) >= ACCEPT_BATCH_TIME_MS && !draining() {
+            serving = false;
         }
     }
 }
