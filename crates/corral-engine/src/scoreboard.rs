@@ -18,6 +18,9 @@ const TEXT: usize = 112;
 /// Offloaded responses shown by name per worker; more are only counted.
 const DOWNLOADS: usize = 8;
 
+/// `since_ms` of a download slot claimed but not yet written.
+const CLAIMED: u64 = u64::MAX;
+
 #[repr(C)]
 struct ThreadSlot {
     /// Monotonic ms when the current request started; 0 when idle.
@@ -244,7 +247,6 @@ impl Scoreboard {
     /// claimed with a compare-and-swap).
     pub fn begin_download(&self, slot: usize, method: &[u8], path: &[u8], since_ms: u64) -> Option<usize> {
         self.header(slot).offloaded.fetch_add(1, Ordering::AcqRel);
-        const CLAIMED: u64 = u64::MAX;
         let d = (self.threads..self.threads + DOWNLOADS).find(|&d| {
             let s = self.thread(slot, d);
             s.since_ms.compare_exchange(0, CLAIMED, Ordering::AcqRel, Ordering::Relaxed).is_ok()
@@ -269,11 +271,12 @@ impl Scoreboard {
         self.header(slot).offloaded.load(Ordering::Acquire) as usize
     }
 
-    /// What one thread is serving: ("GET /x", monotonic ms it started), if anything.
+    /// What one thread (or download slot) is serving: ("GET /x", monotonic
+    /// ms it started), if anything.
     pub fn thread_request(&self, slot: usize, t: usize) -> Option<(String, u64)> {
         let s = self.thread(slot, t);
         let since = s.since_ms.load(Ordering::Acquire);
-        (since != 0).then(|| {
+        (since != 0 && since != CLAIMED).then(|| {
             let len = (s.len.load(Ordering::Relaxed) as usize).min(TEXT);
             (crate::app::log_escape(&s.text[..len]), since)
         })
@@ -352,16 +355,10 @@ impl Scoreboard {
     pub fn in_flight(&self, slot: usize, now_ms: u64) -> Vec<InFlight> {
         (0..self.threads + DOWNLOADS)
             .filter_map(|t| {
-                let s = self.thread(slot, t);
-                let since = s.since_ms.load(Ordering::Acquire);
-                // u64::MAX: a download slot claimed but not yet written.
-                (since != 0 && since != u64::MAX).then(|| {
-                    let len = (s.len.load(Ordering::Relaxed) as usize).min(TEXT);
-                    InFlight {
-                        what: crate::app::log_escape(&s.text[..len]),
-                        age_ms: now_ms.saturating_sub(since),
-                        offloaded: t >= self.threads,
-                    }
+                self.thread_request(slot, t).map(|(what, since)| InFlight {
+                    what,
+                    age_ms: now_ms.saturating_sub(since),
+                    offloaded: t >= self.threads,
                 })
             })
             .collect()

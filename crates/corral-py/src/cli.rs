@@ -1074,7 +1074,7 @@ fn check_without_effects(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), St
     access_format(cli, matches)?;
     pool_size(cli, "")?;
     static_mounts(cli)?;
-    resolve_ids(cli.user.as_deref(), cli.group.as_deref())?;
+    let ids = resolve_ids(cli.user.as_deref(), cli.group.as_deref())?;
     if let Some(dir) = cli.chdir.as_deref().filter(|d| !d.is_dir()) {
         return Err(format!("--chdir {}: not a directory", dir.display()));
     }
@@ -1085,7 +1085,6 @@ fn check_without_effects(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), St
     if let Some(owner) = cli.socket_owner.as_deref() {
         parse_owner(owner)?;
     }
-    let ids = resolve_ids(cli.user.as_deref(), cli.group.as_deref())?;
     for (flag, target) in
         [("--error-log", Some(cli.error_log.as_str())), ("--access-log", cli.access_log.as_deref())]
     {
