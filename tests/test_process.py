@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -574,3 +575,51 @@ def test_a_daemon_start_can_be_interrupted_while_it_waits(tmp_path):
         if pid and _alive(pid):
             os.kill(pid, signal.SIGQUIT)
             assert wait_until(lambda: not _alive(pid), 30)
+
+
+def test_reuse_port_lets_a_second_server_share_the_port_and_take_over(start_server):
+    port = free_port()
+    old = start_server("behaviour:application", "--reuse-port", http=f"127.0.0.1:{port}")
+    old_pids = set(old.worker_pids())
+    new = start_server("behaviour:application", "--reuse-port", http=f"127.0.0.1:{port}")
+    new_pids = set(new.worker_pids())
+    # New connections are spread between the two servers by the kernel.
+    seen = {_pid_of_request(old) for _ in range(60)}
+    assert seen & old_pids and seen & new_pids, (seen, old_pids, new_pids)
+
+    # The old one stops while clients keep connecting: none is refused or reset.
+    failures, served, stop = [], [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            try:
+                served.append(_pid_of_request(old))
+            except (OSError, IncompleteResponse) as e:
+                failures.append(repr(e))
+
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(4):
+            pool.submit(client)
+        wait_until(lambda: len(served) > 20)
+        old.signal(signal.SIGTERM)
+        assert old.wait_exit(30) == 0, old.log
+        count = len(served)
+        wait_until(lambda: len(served) > count + 20)
+        stop.set()
+    assert not failures, failures
+    assert set(served[count:]) <= new_pids
+
+
+def test_without_reuse_port_a_second_server_cannot_bind(start_server):
+    port = free_port()
+    start_server("behaviour:application", "--reuse-port", http=f"127.0.0.1:{port}")
+    second = start_server("behaviour:application", http=f"127.0.0.1:{port}", wait=False)
+    assert second.wait_exit(20) != 0
+    assert re.search(
+        rf"cannot bind 127\.0\.0\.1:{port}: address already in use", second.log, re.IGNORECASE
+    ), second.log
+
+
+def test_reuse_port_without_a_tcp_listener_is_reported(start_server, tmp_path):
+    server = start_server("behaviour:application", "--reuse-port", http=f"unix:{tmp_path}/s.sock")
+    server.wait_for(r"--reuse-port is not used: no listener is a HOST:PORT socket")

@@ -104,13 +104,19 @@ impl fmt::Display for Addr {
     }
 }
 
-/// How unix socket files are created.
+/// How sockets are bound: unix socket files' mode and owner, and whether
+/// TCP ports may be shared.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct SocketFileOptions {
+pub struct BindOptions {
     /// Permission bits of the socket file (`--socket-mode`).
     pub mode: Option<u32>,
     /// Owner and group of the socket file (`--socket-owner`); `None` keeps that part.
     pub owner: Option<(Option<u32>, Option<u32>)>,
+    /// SO_REUSEPORT on TCP sockets (`--reuse-port`): other processes that
+    /// set it too (another corral, say the next release started beside
+    /// this one) may bind the same address, and the kernel spreads new
+    /// connections among them.
+    pub reuse_port: bool,
 }
 
 /// A bound, listening socket and the facts the environ takes from it.
@@ -216,25 +222,25 @@ impl Listener {
 
     /// Binds and listens. Errors name the address and the reason.
     pub fn bind(addr: &Addr, backlog: i32) -> Result<Listener, String> {
-        Listener::bind_with(addr, Protocol::Http, backlog, SocketFileOptions::default())
+        Listener::bind_with(addr, Protocol::Http, backlog, BindOptions::default())
     }
 
-    /// Binds and listens for `protocol`; unix socket files get `files`' mode and owner.
+    /// Binds and listens for `protocol`; unix socket files get `options`' mode and owner.
     pub fn bind_with(
         addr: &Addr,
         protocol: Protocol,
         backlog: i32,
-        files: SocketFileOptions,
+        options: BindOptions,
     ) -> Result<Listener, String> {
-        let mut l = Listener::bind_addr(addr, backlog)?;
+        let mut l = Listener::bind_addr(addr, backlog, options.reuse_port)?;
         l.protocol = protocol;
         if let Some(path) = &l.unix_path {
-            if let Some(mode) = files.mode {
+            if let Some(mode) = options.mode {
                 use std::os::unix::fs::PermissionsExt;
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
                     .map_err(|e| format!("--socket-mode on {addr}: {e}"))?;
             }
-            if let Some((uid, gid)) = files.owner {
+            if let Some((uid, gid)) = options.owner {
                 std::os::unix::fs::chown(path, uid, gid)
                     .map_err(|e| format!("--socket-owner on {addr}: {e}"))?;
             }
@@ -294,7 +300,7 @@ impl Listener {
         !self.is_unix && !self.server_name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
     }
 
-    fn bind_addr(addr: &Addr, backlog: i32) -> Result<Listener, String> {
+    fn bind_addr(addr: &Addr, backlog: i32, reuse_port: bool) -> Result<Listener, String> {
         match addr {
             Addr::Fd(fd) => Listener::inherit(*fd),
             Addr::Tcp(host, port) => {
@@ -306,6 +312,9 @@ impl Listener {
                 let sock = Socket::new(Domain::for_address(sa), Type::STREAM.cloexec(), None)
                     .map_err(|e| format!("socket for {addr}: {e}"))?;
                 sock.set_reuse_address(true).ok();
+                if reuse_port {
+                    sock.set_reuse_port(true).map_err(|e| format!("--reuse-port on {addr}: {e}"))?;
+                }
                 if sa.is_ipv6() {
                     sock.set_only_v6(true).ok();
                 }
@@ -510,7 +519,7 @@ mod tests {
         let l = Listener::bind(&Addr::parse("127.0.0.1:0").unwrap(), 16).unwrap();
         let fd = unsafe { libc::dup(l.raw()) };
         let inherited =
-            Listener::bind_with(&Addr::Fd(fd), Protocol::Uwsgi, 16, SocketFileOptions::default()).unwrap();
+            Listener::bind_with(&Addr::Fd(fd), Protocol::Uwsgi, 16, BindOptions::default()).unwrap();
         assert_eq!(inherited.server_port, l.server_port);
         assert!(inherited.url().starts_with("uwsgi://127.0.0.1:"), "{}", inherited.url());
         assert!(!inherited.is_public());

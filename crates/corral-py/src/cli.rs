@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, ValueEnum};
-use corral_engine::{config, Addr, Config, Listener, Master, Protocol, SocketFileOptions};
+use corral_engine::{config, Addr, BindOptions, Config, Listener, Master, Protocol};
 use corral_proto::http1::{Limits, HARD_MAX_HEADERS};
 use pyo3::prelude::*;
 use tracing::{error, info, warn};
@@ -329,6 +329,14 @@ pub struct Cli {
           default_value_t = corral_proto::http1::DEFAULT_MAX_HEADER_LINE,
           value_parser = parse_line_limit)]
     pub limit_request_field_size: usize,
+
+    /// Set SO_REUSEPORT on TCP listeners (gunicorn's --reuse-port): another server that sets it
+    /// too, such as the next release started beside this one, may bind the same address and the
+    /// kernel spreads new connections between them. --reuse-port=false turns it off.
+    #[arg(long, value_name = "BOOL", env = "CORRAL_REUSE_PORT", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value = "false", action = ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub reuse_port: bool,
 
     /// listen(2) backlog of each listener.
     #[arg(long, value_name = "N", env = "CORRAL_BACKLOG", default_value_t = corral_engine::listen::DEFAULT_BACKLOG,
@@ -721,7 +729,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             return Ok(2);
         }
     };
-    let files = SocketFileOptions { mode: cli.socket_mode, owner };
+    let bind = BindOptions { mode: cli.socket_mode, owner, reuse_port: cli.reuse_port };
     let socket_files = parsed.iter().any(|(_, a)| matches!(a, Addr::Unix(_)))
         || cli.stats.as_deref().is_some_and(|s| s.starts_with("unix:"));
     if !socket_files {
@@ -732,6 +740,9 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
                 warn!("{flag} is not used: no listener is a unix:PATH socket corral creates");
             }
         }
+    }
+    if cli.reuse_port && !parsed.iter().any(|(_, a)| matches!(a, Addr::Tcp(..))) {
+        warn!("--reuse-port is not used: no listener is a HOST:PORT socket corral binds");
     }
     let workers = match pool_size(&cli, &from_file(&["workers_min", "workers_max", "workers"])) {
         Ok(n) => n,
@@ -789,7 +800,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         });
         let bound = match reuse {
             Some(fd) => Listener::adopt(fd, addr, *protocol),
-            None => Listener::bind_with(addr, *protocol, config.backlog, files),
+            None => Listener::bind_with(addr, *protocol, config.backlog, bind),
         };
         match bound {
             Ok(l) => {
@@ -825,7 +836,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             });
             let bound = Addr::parse(a).map(|a| from_start(a, chdir_from)).and_then(|addr| match reuse {
                 Some(fd) => Listener::adopt(fd, &addr, Protocol::Http),
-                None => Listener::bind_with(&addr, Protocol::Http, 64, files),
+                None => Listener::bind_with(&addr, Protocol::Http, 64, bind),
             });
             match bound {
                 Ok(l) => {
