@@ -471,6 +471,18 @@ def _alive(pid):
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def _assert_detached(pid):
+    """In a session of its own that it does not lead (so it can never gain a
+    controlling terminal), without one, and no child of the command."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ppid, session, tty = int(fields[1]), int(fields[3]), int(fields[4])
+    assert session == os.getsid(pid) != os.getsid(0)
+    assert session != pid, "the daemon must not lead its session"
+    assert not _alive(session), "the session's leader (the first fork) is gone"
+    assert tty == 0
+    assert ppid != os.getpid()
+
+
 def test_daemon_returns_once_ready_and_reports_a_failed_start(tmp_path):
     """--daemon (gunicorn's -D): the command returns 0 once the workers are
     ready, leaving the master in a session of its own; USR2 re-executes it in
@@ -492,7 +504,7 @@ def test_daemon_returns_once_ready_and_reports_a_failed_start(tmp_path):
     try:
         assert started.returncode == 0, (started.stderr, log.read_text())
         assert pid and _alive(pid)
-        assert os.getsid(pid) == pid, "the daemon leads a session of its own"
+        _assert_detached(pid)
         assert log.read_text().count("Worker ready") == 2, "ready before the command returned"
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -534,7 +546,7 @@ def test_daemon_returns_once_ready_and_reports_a_failed_start(tmp_path):
         os.kill(pid, signal.SIGUSR2)
         assert wait_until(lambda: log.read_text().count("Worker ready") == 4, 20), log.read_text()
         assert _alive(pid) and int(pidfile.read_text()) == pid
-        assert os.getsid(pid) == pid
+        _assert_detached(pid)
         refused = subprocess.run(
             [*CORRAL, "-D", "x:y"], check=False, capture_output=True, text=True, timeout=30
         )
@@ -544,6 +556,38 @@ def test_daemon_returns_once_ready_and_reports_a_failed_start(tmp_path):
             os.kill(pid, signal.SIGTERM)
             assert wait_until(lambda: not _alive(pid), 30)
     assert not pidfile.exists()
+
+
+def test_a_daemon_whose_preloaded_app_forked_reports_its_failed_start(tmp_path):
+    """A process the app forks at import (with --preload) keeps a copy of
+    everything the master had open; the command must still learn that the
+    master failed, without waiting for that process."""
+    child_pid = tmp_path / "child.pid"
+    (tmp_path / "forks.py").write_text(
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        f"    open({str(child_pid)!r}, 'w').write(str(os.getpid()))\n"
+        "    time.sleep(120)\n"
+        "    os._exit(0)\n"
+        "raise RuntimeError('import failed after the fork')\n"
+    )
+    log = tmp_path / "e.log"
+    try:
+        failed = subprocess.run(
+            [*CORRAL, "-D", "--preload", "--error-log", str(log), "--http", f"127.0.0.1:{free_port()}"]
+            + ["--chdir", str(tmp_path), "forks:application"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert failed.returncode == 1, (failed.stderr, log.read_text())
+        assert "failed to start (exit code 1)" in failed.stderr
+        assert "import failed after the fork" in log.read_text()
+    finally:
+        if wait_until(child_pid.exists, 5):
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(child_pid.read_text()), signal.SIGKILL)
 
 
 def test_a_daemon_start_can_be_interrupted_while_it_waits(tmp_path):

@@ -1,6 +1,7 @@
-//! `--daemon`: the program that started a detached master waits, on a pipe,
-//! until the master says its workers are ready (or dies), so that an init
-//! script's exit status means what it says. This module is the master's
+//! `--daemon`: the program that started a detached master waits (through
+//! the process that forked the master) until the master says, on a pipe,
+//! that its workers are ready, or dies, so that an init script's exit
+//! status means what it says. This module is the master's
 //! end of that pipe; the fork itself happens in the embedding, which knows
 //! the interpreter's fork hooks.
 

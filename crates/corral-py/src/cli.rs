@@ -1161,56 +1161,34 @@ fn daemon_needs_files(cli: &Cli) -> Result<(), String> {
     Ok(())
 }
 
-/// `--daemon`: forks; the child goes on as the master, in a session of its
-/// own with /dev/null for its standard streams; this process waits until
-/// the master's workers are ready (exit 0) or the master exits (its code).
-/// Called before any thread exists and before the app is imported.
+/// `--daemon`: forks twice, as gunicorn and the classic recipe do. The
+/// child starts a session of its own (so no terminal is left to it) and
+/// forks the master, which is then no session leader and can never gain a
+/// controlling terminal, with /dev/null for its standard streams. This
+/// process waits until the master's workers are ready (exit 0) or the
+/// master exits (its code). Called before any thread exists and before
+/// the app is imported, so both forks copy one thread.
 fn daemonize(error_log: &str) {
-    let mut fds = [-1; 2];
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        eprintln!("corral: --daemon: pipe: {}", std::io::Error::last_os_error());
-        unsafe { libc::_exit(1) };
-    }
-    unsafe { pyo3::ffi::PyOS_BeforeFork() };
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        unsafe { pyo3::ffi::PyOS_AfterFork_Parent() };
-        eprintln!("corral: --daemon: fork: {}", std::io::Error::last_os_error());
-        unsafe { libc::_exit(1) };
-    }
+    let told = pipe_or_exit();
+    let pid = fork_or_exit();
     if pid > 0 {
-        unsafe {
-            pyo3::ffi::PyOS_AfterFork_Parent();
-            libc::close(fds[1]);
-        }
+        unsafe { libc::close(told[1]) };
         // Waiting is this process's only job now: INT, TERM and the like end
         // it as they would any command (the daemon goes on starting).
         for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
             unsafe { libc::signal(sig, libc::SIG_DFL) };
         }
-        let mut byte = 0u8;
-        let n = loop {
-            let n = unsafe { libc::read(fds[0], (&mut byte as *mut u8).cast(), 1) };
-            if n >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-                break n;
-            }
+        let code = match read_byte(told[0]) {
+            Some(0) => unsafe { libc::_exit(0) },
+            Some(code) => code as i32,
+            // No word at all: the intermediate process died.
+            None => exit_code(pid),
         };
-        if n == 1 {
-            unsafe { libc::_exit(0) };
-        }
-        // Closed without a word: the master is gone (a re-executed master
-        // keeps the pipe open, see corral_engine::daemon), or about to be.
-        let mut status = 0;
-        while unsafe { libc::waitpid(pid, &mut status, 0) } < 0
-            && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
-        {}
-        let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 1 };
         eprintln!("corral: the server failed to start (exit code {code}); see {error_log}");
         unsafe { libc::_exit(if code == 0 { 1 } else { code }) };
     }
     unsafe {
-        pyo3::ffi::PyOS_AfterFork_Child();
-        libc::close(fds[0]);
+        libc::close(told[0]);
         libc::setsid();
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
         if null >= 0 {
@@ -1222,7 +1200,99 @@ fn daemonize(error_log: &str) {
             }
         }
     }
-    corral_engine::daemon::set_ready_fd(fds[1]);
+    let ready = pipe_or_exit();
+    let master = fork_or_exit();
+    if master == 0 {
+        unsafe {
+            libc::close(told[1]);
+            libc::close(ready[0]);
+        }
+        corral_engine::daemon::set_ready_fd(ready[1]);
+        return;
+    }
+    // The intermediate process: passes on the master's word, then exits,
+    // leaving the master to init. The master's exit is looked for too, not
+    // only the pipe's close: with --preload, a process the app forked at
+    // import holds the pipe as long as it lives.
+    unsafe { libc::close(ready[1]) };
+    let exited = loop {
+        let mut poll = libc::pollfd { fd: ready[0], events: libc::POLLIN, revents: 0 };
+        if unsafe { libc::poll(&mut poll, 1, 200) } > 0 {
+            match read_byte(ready[0]) {
+                Some(_) => break None,
+                None => break Some(exit_code(master)),
+            }
+        }
+        let mut status = 0;
+        if unsafe { libc::waitpid(master, &mut status, libc::WNOHANG) } == master {
+            break Some(code_of(status));
+        }
+    };
+    // 0 is "ready": a master that exited before it was ready failed, whatever its code.
+    let word: u8 = match exited {
+        None => 0,
+        Some(code) => code.clamp(1, 255) as u8,
+    };
+    unsafe {
+        libc::write(told[1], (&word as *const u8).cast(), 1);
+        libc::_exit(0);
+    }
+}
+fn pipe_or_exit() -> [i32; 2] {
+    let mut fds = [-1; 2];
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        eprintln!("corral: --daemon: pipe: {}", std::io::Error::last_os_error());
+        unsafe { libc::_exit(1) };
+    }
+    fds
+}
+
+/// fork(2) with the interpreter's fork hooks on both sides.
+fn fork_or_exit() -> libc::pid_t {
+    unsafe { pyo3::ffi::PyOS_BeforeFork() };
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        unsafe { pyo3::ffi::PyOS_AfterFork_Parent() };
+        eprintln!("corral: --daemon: fork: {}", std::io::Error::last_os_error());
+        unsafe { libc::_exit(1) };
+    }
+    if pid == 0 {
+        unsafe { pyo3::ffi::PyOS_AfterFork_Child() };
+    } else {
+        unsafe { pyo3::ffi::PyOS_AfterFork_Parent() };
+    }
+    pid
+}
+
+/// One byte from a pipe; `None` at its end (or on an error).
+fn read_byte(fd: i32) -> Option<u8> {
+    let mut byte = 0u8;
+    loop {
+        let n = unsafe { libc::read(fd, (&mut byte as *mut u8).cast(), 1) };
+        if n == 1 {
+            return Some(byte);
+        }
+        if n == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return None;
+        }
+    }
+}
+
+/// Waits for child `pid` to exit: its exit code, 1 if a signal ended it.
+fn exit_code(pid: libc::pid_t) -> i32 {
+    let mut status = 0;
+    while unsafe { libc::waitpid(pid, &mut status, 0) } < 0
+        && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+    {}
+    code_of(status)
+}
+
+fn code_of(status: i32) -> i32 {
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        1
+    }
 }
 
 /// --capture-output has somewhere to capture to.
