@@ -6,8 +6,10 @@ import select
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from support import wait_until
 
 
 def _get(conn, target, version="HTTP/1.1", headers=None, method="GET", body=b""):
@@ -620,3 +622,56 @@ def test_a_small_body_that_arrives_in_pieces_after_the_head_is_served(behaviour,
         assert (resp.status, resp.body) == (200, body)
         conn.send_request("GET", "/fixed", {"Host": "x"})
         assert conn.read_response().body == b"hello world"
+
+
+def test_unfinished_heads_cannot_hold_unbounded_memory(start_server):
+    """Each head may be as long as the limits allow (100 fields of 8190
+    bytes), but a worker holds at most 32 MiB of heads that never end: past
+    that, heads over 64 KiB are refused with 431, and the memory is given
+    back when their connections close."""
+    server = start_server("behaviour:application", workers=1, threads=4)
+    pad = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 7990) for i in range(99))
+    head = b"GET /fixed HTTP/1.1\r\nHost: a\r\n" + pad
+    conns = []
+
+    def fill(conn):
+        try:
+            conn.sock.settimeout(30)
+            conn.send(head)
+        except OSError:
+            pass  # refused and closed while sending
+
+    for _ in range(60):
+        conns.append(server.connect())
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(fill, conns))
+    # Answers come only to refused heads; the others wait for their end.
+    answered = {}
+    while True:
+        ready, _, _ = select.select([c.sock for c in conns if c.sock not in answered], [], [], 2.0)
+        if not ready:
+            break
+        for sock in ready:
+            try:
+                answered[sock] = sock.recv(64)
+            except OSError:
+                answered[sock] = b""
+    statuses = [answered.get(c.sock, b"")[:12] for c in conns]
+    refused = statuses.count(b"HTTP/1.1 431")
+    # 32 MiB hold about 41 of these 792 KiB heads.
+    assert 10 <= refused <= 30, statuses
+    assert all(s in (b"", b"HTTP/1.1 431") for s in statuses), statuses
+    server.wait_for(
+        r"Request head refused from 127\.0\.0\.1:\d+: \d+ KiB and not ended, while this worker holds"
+    )
+    assert server.request("GET", "/fixed").status == 200
+    for conn in conns:
+        conn.close()
+
+    # Given back once the closes are seen: the same head, ended, is served.
+    def served():
+        with server.connect() as big:
+            big.send(head + b"\r\n")
+            return big.read_response().status == 200
+
+    assert wait_until(served, timeout=10)

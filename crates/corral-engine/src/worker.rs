@@ -59,6 +59,41 @@ const ACCEPT_BATCH_TIME_MS: u64 = 5;
 /// Request bodies up to this size are read in full before the app is
 /// called (unless the client waits for `100 Continue`).
 const PREREAD_MAX: u64 = 64 * 1024;
+/// Most bytes of incomplete HTTP request heads one worker buffers at once.
+/// Each head may be as long as the limits allow (827 KB with gunicorn's
+/// defaults), but --max-connections clients sending that much and never
+/// ending their heads would otherwise hold the product, most of a GiB.
+/// Past it, a head longer than HEAD_FAIR_SHARE is refused with 431.
+const HEAD_BUDGET: usize = 32 << 20;
+/// An incomplete head up to this long is never refused for the budget: the
+/// heads real clients send stay well below it.
+const HEAD_FAIR_SHARE: usize = 64 << 10;
+
+/// Bytes of incomplete request heads this worker buffers, all connections.
+static HEAD_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// One connection's share of HEAD_BYTES, given back when it ends.
+#[derive(Default)]
+struct HeadCharge(usize);
+
+impl HeadCharge {
+    /// Makes the share `n` bytes; returns the worker's total.
+    fn set(&mut self, n: usize) -> usize {
+        let total = if n >= self.0 {
+            HEAD_BYTES.fetch_add(n - self.0, Ordering::Relaxed) + (n - self.0)
+        } else {
+            HEAD_BYTES.fetch_sub(self.0 - n, Ordering::Relaxed) - (self.0 - n)
+        };
+        self.0 = n;
+        total
+    }
+}
+
+impl Drop for HeadCharge {
+    fn drop(&mut self) {
+        HEAD_BYTES.fetch_sub(self.0, Ordering::Relaxed);
+    }
+}
 /// Connections whose finished responses one thread holds back before
 /// writing them all (see [`Held`]).
 const HOLD_CONNS: usize = 16;
@@ -174,6 +209,8 @@ struct Conn {
     /// A new HTTP connection with `--proxy-protocol` whose first bytes have
     /// not been looked at yet: they may be a PROXY header naming the client.
     proxy_pending: bool,
+    /// What this connection's incomplete HTTP head adds to HEAD_BYTES.
+    head_charge: HeadCharge,
 }
 
 /// A connection a thread is serving a request on: its descriptor and state.
@@ -1211,6 +1248,7 @@ fn adopt<A: App>(
         edge: w.config.threads <= 1 && matches!(protocol, Protocol::Http | Protocol::FastCgi),
         hung_up: false,
         proxy_pending: fresh && protocol == Protocol::Http && w.config.proxy_protocol,
+        head_charge: HeadCharge::default(),
     })
 }
 
@@ -1481,6 +1519,7 @@ fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                         }
                         _ => 0,
                     };
+                    conn.head_charge.set(0);
                     if missing == 0 {
                         conn.parsed_upto = 0;
                         conn.head_ready = false;
@@ -1522,6 +1561,26 @@ fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                 read_once = true;
                 if was_empty {
                     conn.request_started = mono_ms();
+                }
+                if head_len.is_none() && !conn.head_ready {
+                    let total = conn.head_charge.set(io.buf.len());
+                    if io.buf.len() > HEAD_FAIR_SHARE && total > HEAD_BUDGET {
+                        info!(
+                            "Request head refused from {}: {} KiB and not ended, while this worker holds \
+                             {} MiB of unfinished request heads (at most {} MiB) (431 {})",
+                            peer(conn, &w.listeners[conn.listener].1),
+                            io.buf.len() >> 10,
+                            total >> 20,
+                            HEAD_BUDGET >> 20,
+                            reason(431)
+                        );
+                        let reply = error_response(431, "request header fields too large");
+                        let _ = io.write_parts(&[&reply], |f| f());
+                        record_refusal(w, Some(conn), conn.listener, &io.buf, 431, reply.len() as u64);
+                        drain_and_close(&mut io);
+                        conn.head_charge.set(0);
+                        return Next::Close;
+                    }
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
