@@ -90,8 +90,10 @@ pub enum Error {
     LengthAndEncoding,
     /// Transfer-Encoding where chunked is missing, repeated or not last, or in HTTP/1.0.
     BadTransferEncoding,
-    /// A transfer-coding this server does not implement (501).
+    /// A transfer-coding other than chunked: this server decodes no other (501).
     UnknownTransferCoding,
+    /// CONNECT: a WSGI app cannot answer it with a tunnel (501).
+    Connect,
     /// A header that may appear only once (Host, Content-Type) appeared twice.
     DuplicateHeader,
     ChunkSize,
@@ -112,7 +114,7 @@ impl Error {
         match self {
             Error::RequestLineTooLong => 414,
             Error::TooManyHeaders | Error::HeaderLineTooLong => 431,
-            Error::UnknownTransferCoding => 501,
+            Error::UnknownTransferCoding | Error::Connect => 501,
             Error::VersionNotSupported => 505,
             _ => 400,
         }
@@ -138,7 +140,8 @@ impl fmt::Display for Error {
             Error::ContentLength => "invalid or conflicting Content-Length",
             Error::LengthAndEncoding => "both Content-Length and Transfer-Encoding",
             Error::BadTransferEncoding => "chunked must be the last transfer-coding, once, in HTTP/1.1",
-            Error::UnknownTransferCoding => "unsupported transfer-coding",
+            Error::UnknownTransferCoding => "transfer-coding other than chunked (not decoded here)",
+            Error::Connect => "CONNECT is not supported (no tunnels)",
             Error::DuplicateHeader => "repeated Host or Content-Type header",
             Error::ChunkSize => "invalid chunk size",
             Error::ChunkExtension => "invalid chunk extension",
@@ -173,7 +176,6 @@ pub enum BodyFraming {
 pub enum TargetForm {
     Origin,
     Absolute,
-    Authority,
     Asterisk,
 }
 
@@ -257,13 +259,21 @@ impl Default for Head {
 /// line. Leading empty lines (allowed by RFC 9112 before a request) are
 /// skipped and counted.
 pub fn parse_head(buf: &[u8], limits: &Limits, head: &mut Head) -> Result<Status<()>, Error> {
-    let skip = buf.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
-    if skip > MAX_LEADING_EMPTY {
-        return Err(Error::LeadingEmptyLines);
+    // Empty lines (CRLF) before a request line are skipped (RFC 9112 2.2):
+    // clients send one after a body now and then. Any other CR or LF there
+    // is as bare as one in a field.
+    let mut skip = 0;
+    while buf[skip..].starts_with(b"\r\n") {
+        skip += 2;
+        if skip > MAX_LEADING_EMPTY {
+            return Err(Error::LeadingEmptyLines);
+        }
     }
     let data = &buf[skip..];
-    if data.is_empty() {
-        return Ok(Status::Partial);
+    match data {
+        [] | [b'\r'] => return Ok(Status::Partial),
+        [b'\r' | b'\n', ..] => return Err(Error::BareLineEnding),
+        _ => {}
     }
     // The request line is checked on its own first so an endless one is
     // refused with 414 as soon as it is too long, not once the head is whole.
@@ -376,7 +386,10 @@ pub fn parse_head(buf: &[u8], limits: &Limits, head: &mut Head) -> Result<Status
                     } else if coding.eq_ignore_ascii_case(b"identity") {
                         // Tolerated only as a no-op before chunked (as gunicorn does).
                         saw_identity = true;
-                    } else if !is_known_coding(coding) {
+                    } else {
+                        // gzip, deflate and the rest: this server does not
+                        // decode them, and wsgi.input is the decoded body, so
+                        // 501 (RFC 9112 6.1) rather than the coded bytes.
                         return Err(Error::UnknownTransferCoding);
                     }
                 }
@@ -556,20 +569,11 @@ fn split_target<'a>(method: &[u8], t: &'a [u8]) -> Result<Target<'a>, Error> {
         };
     }
     if method == b"CONNECT" {
+        // A 2xx to CONNECT turns the connection into a tunnel, which WSGI
+        // has no way to serve; a pipelined request after it must never be
+        // read as HTTP.
         check_authority(t)?;
-        // There is no path. What WSGI servers put in PATH_INFO for CONNECT
-        // is what Python's urlsplit makes of the authority (gunicorn): a
-        // leading `host:` that looks like a scheme is dropped.
-        let path = match t.iter().position(|&b| b == b':') {
-            Some(i)
-                if t[0].is_ascii_alphabetic()
-                    && t[..i].iter().all(|&b| b.is_ascii_alphanumeric() || b"+-.".contains(&b)) =>
-            {
-                &t[i + 1..]
-            }
-            _ => t,
-        };
-        return Ok((TargetForm::Authority, &t[..0], path, &t[t.len()..]));
+        return Err(Error::Connect);
     }
     let (form, authority, rest) = if t[0] == b'/' {
         (TargetForm::Origin, &t[..0], t)
@@ -619,7 +623,8 @@ fn check_authority(a: &[u8]) -> Result<(), Error> {
 
 /// host [ ":" port ], as in a Host field: no userinfo.
 fn check_host_port(hostport: &[u8]) -> Result<(), Error> {
-    let (host, port) = if hostport.first() == Some(&b'[') {
+    let bracketed = hostport.first() == Some(&b'[');
+    let (host, port) = if bracketed {
         let close = hostport.iter().position(|&b| b == b']').ok_or(Error::Target)?;
         let inner = &hostport[1..close];
         if inner.is_empty() || !inner.iter().all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.') {
@@ -636,7 +641,10 @@ fn check_host_port(hostport: &[u8]) -> Result<(), Error> {
             None => (hostport, &[][..]),
         }
     };
-    if host.is_empty() || !host.iter().all(|&b| is_unreserved_or_sub(b) || b == b'%' || b == b':') {
+    // A colon belongs in a host only between the brackets of an IPv6 address.
+    if host.is_empty()
+        || !host.iter().all(|&b| is_unreserved_or_sub(b) || b == b'%' || b == b':' && bracketed)
+    {
         return Err(Error::Target);
     }
     if !port.iter().all(u8::is_ascii_digit) || port.len() > 5 {
@@ -651,14 +659,6 @@ fn is_unreserved_or_sub(b: u8) -> bool {
 
 fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
-
-/// Codings that may precede chunked: they are passed to the application
-/// undecoded, and it sees them in HTTP_TRANSFER_ENCODING.
-fn is_known_coding(c: &[u8]) -> bool {
-    ["gzip", "x-gzip", "deflate", "compress", "x-compress"]
-        .iter()
-        .any(|k| c.eq_ignore_ascii_case(k.as_bytes()))
 }
 
 fn classify(name: &[u8]) -> Known {
@@ -918,7 +918,10 @@ mod tests {
     #[test]
     fn a_flood_of_empty_lines_is_refused_before_a_request_line() {
         assert_eq!(parse(&[b'\r', b'\n'].repeat(9)), Err(Error::LeadingEmptyLines));
-        assert_eq!(parse(&[b'\n'; 17]), Err(Error::LeadingEmptyLines));
+        assert_eq!(parse(&[b'\n'; 17]), Err(Error::BareLineEnding));
+        assert_eq!(parse(b"\r\r\rGET / HTTP/1.1\r\n\r\n"), Err(Error::BareLineEnding));
+        assert_eq!(parse(b"\nGET / HTTP/1.1\r\n\r\n"), Err(Error::BareLineEnding));
+        assert_eq!(parse(b"\r\n\r"), Ok(Status::Partial));
         assert_eq!(parse(b"\r\n\r\n"), Ok(Status::Partial));
     }
 
@@ -961,6 +964,9 @@ mod tests {
         (b"GET / HTTP/1.1\r\nHost: evil.com/x\r\n\r\n", Err(Error::Host)),
         (b"GET / HTTP/1.1\r\nHost: user@evil.com\r\n\r\n", Err(Error::Host)),
         (b"GET / HTTP/1.1\r\nHost: a:b:c\r\n\r\n", Err(Error::Host)),
+        (b"GET / HTTP/1.1\r\nHost: a:b:80\r\n\r\n", Err(Error::Host)),
+        (b"GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n", Ok(BodyFraming::None)),
+        (b"GET http://a:b:80/ HTTP/1.1\r\n\r\n", Err(Error::Target)),
         (b"GET / HTTP/1.1\r\nHost: a:99999999\r\n\r\n", Err(Error::Host)),
         // One or a few empty lines before the request line are skipped; a flood is not.
         (b"\r\nGET / HTTP/1.1\r\n\r\n", Ok(BodyFraming::None)),
@@ -968,7 +974,11 @@ mod tests {
         (b"GET / HTTP/1.0\r\nContent-Length: 0\r\n\r\n", Ok(BodyFraming::None)),
         (b"POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n", Ok(BodyFraming::Length(12))),
         (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", Ok(BodyFraming::Chunked)),
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", Ok(BodyFraming::Chunked)),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", Err(Error::UnknownTransferCoding)),
+        (
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: deflate, chunked\r\n\r\n",
+            Err(Error::UnknownTransferCoding),
+        ),
         (
             b"POST / HTTP/1.1\r\nTransfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\n\r\n",
             Ok(BodyFraming::Chunked),
@@ -1011,7 +1021,8 @@ mod tests {
         (b"OPTIONS * HTTP/1.1\r\n\r\n", Ok(BodyFraming::None)),
         (b"GET foo/bar HTTP/1.1\r\n\r\n", Err(Error::Target)),
         (b"GET example.com:443 HTTP/1.1\r\n\r\n", Err(Error::Target)),
-        (b"CONNECT example.com:443 HTTP/1.1\r\n\r\n", Ok(BodyFraming::None)),
+        (b"CONNECT example.com:443 HTTP/1.1\r\n\r\n", Err(Error::Connect)),
+        (b"CONNECT /x HTTP/1.1\r\n\r\n", Err(Error::Target)),
         (b"PUT s://]ufd/: HTTP/1.1\r\n\r\n", Err(Error::Target)),
         (b"GET /\xc3\xa0 HTTP/1.1\r\n\r\n", Err(Error::NonAsciiTarget)),
     ];
