@@ -796,3 +796,25 @@ def test_an_offloaded_download_is_in_flight_until_it_ends(start_server, tmp_path
             r"killed by signal 9 \(SIGKILL\) while serving GET /static/big\.bin\?again \(sending its file, \d+ ms in\)",
             since=mark,
         )
+
+
+def test_a_request_past_timeout_counts_in_requests_and_durations(start_server):
+    """A request answered 504 by --timeout is a request like any other for
+    the metrics, though its thread never returns to count it (its worker is
+    replaced)."""
+    stats_port = _free_port()
+    s = start_server(
+        "behaviour:application", "--stats", f"127.0.0.1:{stats_port}", "--timeout", "1", workers=1, threads=2
+    )
+    resp = s.request("GET", "/slow?secs=2&id=late", timeout=30)
+    assert resp.status == 504
+
+    def settled():
+        text = _get(stats_port, "/metrics")[1].decode()
+        return text if _metric(text, "corral_request_timeouts_total", "") >= 1 else None
+
+    text = wait_until(settled)
+    assert text, _get(stats_port, "/metrics")[1].decode()
+    assert _metric(text, "corral_requests_total", '{protocol="http",status="5xx"}') == 1
+    assert _metric(text, "corral_request_duration_seconds_count", "") == 1
+    assert _metric(text, "corral_request_duration_seconds_bucket", '{le="0.5"}') == 0

@@ -680,6 +680,25 @@ fn check_timeouts<A: App>(w: &Shared<A>, now: u64) {
                             let reply = error_reply(io.wire, 504, "the request timed out");
                             let _ = io.write_parts(&[&reply], blocking);
                         }
+                        // Counted now, as it ends for the client: the stuck
+                        // thread may never come back to count it (and if it
+                        // does, it does not count it again).
+                        let protocol = match io.wire {
+                            Wire::Http => Protocol::Http,
+                            Wire::Uwsgi => Protocol::Uwsgi,
+                            Wire::Scgi => Protocol::Scgi,
+                            Wire::FastCgi { .. } => Protocol::FastCgi,
+                        };
+                        let bytes_in = std::mem::take(&mut io.read_total);
+                        let micros = now.saturating_sub(since) * 1000;
+                        w.scoreboard.record(
+                            w.slot,
+                            protocol as usize,
+                            io.status,
+                            micros,
+                            bytes_in,
+                            io.bytes_sent,
+                        );
                         // Whatever the app does next goes nowhere.
                         io.broken = true;
                         io.keep_alive = false;
@@ -2127,17 +2146,26 @@ fn handle_request<A: App>(
         // Without the offload thread, io.finish sends the rest here.
         complete_locked_noted(conn, listener, &req, &mut io)
     };
-    after_request(w, t, conn, &req, started);
+    // A timed-out request was counted when it timed out (check_timeouts).
+    after_request(w, t, conn, &req, started, !timed_out);
     if keep {
         conn.request_started = mono_ms();
     }
     Outcome::Done(keep)
 }
 
-/// The end of every request: metrics, `--max-requests`, the access log line.
-fn after_request<A: App>(w: &Shared<A>, t: usize, conn: &Conn, req: &Request<'_>, started: Instant) {
+/// The end of every request: metrics (unless `count` is false), `--max-requests`,
+/// the access log line.
+fn after_request<A: App>(
+    w: &Shared<A>,
+    t: usize,
+    conn: &Conn,
+    req: &Request<'_>,
+    started: Instant,
+    count: bool,
+) {
     let took = started.elapsed();
-    {
+    if count {
         let mut io = conn.io.lock().unwrap();
         let bytes_in = std::mem::take(&mut io.read_total);
         let protocol = req.listener.protocol as usize;
@@ -2378,7 +2406,7 @@ fn finish_download<A: App>(w: &Shared<A>, t: usize, job: Offloaded) -> (Box<Conn
         };
         let keep = complete(&conn, listener, &req);
         w.scoreboard.end_download(w.slot, rest.shown);
-        after_request(w, t, &conn, &req, rest.started);
+        after_request(w, t, &conn, &req, rest.started, true);
         keep
     };
     if keep {
