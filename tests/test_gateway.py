@@ -259,6 +259,9 @@ def test_uwsgi_modifier1_30_strips_script_name(gw):
         ("/prefix/x", [("PATH_INFO", "/prefix/x")], "/prefix", "/x"),
         # fastcgi_params style: SCRIPT_NAME holds the whole path, no PATH_INFO.
         ("/prefix/y", [("SCRIPT_NAME", "/prefix/y")], "/prefix", "/y"),
+        # uWSGI --manage-script-name style: the front end names the mount point too.
+        ("/prefix/a/env", [("SCRIPT_NAME", "/prefix"), ("PATH_INFO", "/prefix/a/env")], "/prefix", "/a/env"),
+        ("/prefix/a/env", [("SCRIPT_NAME", "/prefix"), ("PATH_INFO", "/a/env")], "/prefix", "/a/env"),
     ],
 )
 @pytest.mark.parametrize("proto", PROTOS)

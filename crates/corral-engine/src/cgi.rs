@@ -93,7 +93,7 @@ pub struct CgiEnviron<'b> {
 ///   FastCGI configs put the whole path there.
 /// - `strip_script_name` (uwsgi modifier1 30) removes SCRIPT_NAME from the
 ///   front of PATH_INFO; `mount` (the `--mount` prefix) moves itself from
-///   PATH_INFO to SCRIPT_NAME when nothing set SCRIPT_NAME.
+///   PATH_INFO to SCRIPT_NAME when SCRIPT_NAME is unset or names it.
 /// - SERVER_NAME loses a `:port` suffix (HAProxy sends one); QUERY_STRING and
 ///   SERVER_PROTOCOL get defaults when absent.
 pub fn environ<'b>(params: &CgiParams, bytes: &'b [u8], mount: &'b [u8]) -> CgiEnviron<'b> {
@@ -195,7 +195,11 @@ pub fn environ<'b>(params: &CgiParams, bytes: &'b [u8], mount: &'b [u8]) -> CgiE
     if params.strip_script_name && !script.is_empty() && under(&path, &script) {
         path = Cow::Owned(path[script.len()..].to_vec());
     }
-    if script.is_empty() && !mount.is_empty() && under(&path, mount) {
+    // The front end may name the mount point itself (uWSGI's
+    // --manage-script-name setups pass SCRIPT_NAME with the whole path in
+    // PATH_INFO): the prefix is then taken off PATH_INFO all the same.
+    let names_mount = script.is_empty() || script.strip_suffix(b"/").unwrap_or(&script) == mount;
+    if names_mount && !mount.is_empty() && under(&path, mount) {
         path = Cow::Owned(path[mount.len()..].to_vec());
         script = Cow::Borrowed(mount);
     }
@@ -364,6 +368,12 @@ mod tests {
         (&[("REQUEST_URI", "/app")], "/app", false, "", "/app"),
         (&[("REQUEST_URI", "/application")], "/app", false, "/application", ""),
         (&[("PATH_INFO", "/app/x"), ("REQUEST_URI", "/app/x")], "/app", false, "/x", "/app"),
+        // The front end names the mount point too: still taken off PATH_INFO,
+        // unless the front end did that already.
+        (&[("SCRIPT_NAME", "/app"), ("PATH_INFO", "/app/x")], "/app", false, "/x", "/app"),
+        (&[("SCRIPT_NAME", "/app/"), ("PATH_INFO", "/app/x")], "/app", false, "/x", "/app"),
+        (&[("SCRIPT_NAME", "/app"), ("PATH_INFO", "/x")], "/app", false, "/x", "/app"),
+        (&[("SCRIPT_NAME", "/other"), ("PATH_INFO", "/app/x")], "/app", false, "/app/x", "/other"),
         // modifier1 30: SCRIPT_NAME removed from PATH_INFO.
         (&[("SCRIPT_NAME", "/app"), ("PATH_INFO", "/app/x")], "", true, "/x", "/app"),
         (&[("SCRIPT_NAME", "/app"), ("PATH_INFO", "/app/x")], "", false, "/app/x", "/app"),
