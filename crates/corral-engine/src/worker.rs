@@ -1250,6 +1250,7 @@ fn adopt<A: App>(
             io.hold = w.config.threads == 1;
             io.body_grace_ms = w.config.header_timeout.as_millis() as u64;
             io.time_drains = protocol == Protocol::FastCgi;
+            io.tcp = !w.listeners[idx].1.is_unix;
             io.me = Some(me.clone());
             Mutex::new(io)
         }),
@@ -1606,6 +1607,9 @@ fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                 if io.buf.is_empty() && idle_linger_over() && !conn.entry.fresh.load(Ordering::Relaxed) {
                     return Next::Close;
                 }
+                if !io.buf.is_empty() {
+                    io.ack_now();
+                }
                 return Next::Park;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -1795,6 +1799,9 @@ fn read_gateway<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if io.buf.is_empty() && idle_linger_over() && !conn.entry.fresh.load(Ordering::Relaxed) {
                     return Next::Close;
+                }
+                if !io.buf.is_empty() || conn.fcgi.active.is_some() {
+                    io.ack_now();
                 }
                 return Next::Park;
             }
