@@ -110,15 +110,21 @@ pub(crate) fn bind_inbox(master: libc::pid_t) -> io::Result<OwnedFd> {
 }
 
 /// A worker of this pool other than `me` that serves and takes new work, if
-/// any; successive calls go round the pool.
+/// any; successive calls take each of those in turn. (Scanning the slots
+/// from a rotating start instead would favour the first ready worker after
+/// a run of draining ones: after a reload under load, one new worker took
+/// most of the kept connections, and the pool served a quarter less.)
 pub(crate) fn target(board: &Scoreboard, me: usize) -> Option<libc::pid_t> {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let slots = board.slots();
-    let start = NEXT.fetch_add(1, Ordering::Relaxed);
-    (0..slots).map(|i| (start + i) % slots).find_map(|slot| {
-        let pid = board.pid(slot);
-        (slot != me && board.state(slot) == WorkerState::Ready && alive(pid)).then_some(pid)
-    })
+    let ready: Vec<libc::pid_t> = (0..board.slots())
+        .filter(|&slot| slot != me && board.state(slot) == WorkerState::Ready)
+        .map(|slot| board.pid(slot))
+        .filter(|&pid| alive(pid))
+        .collect();
+    if ready.is_empty() {
+        return None;
+    }
+    Some(ready[NEXT.fetch_add(1, Ordering::Relaxed) % ready.len()])
 }
 
 /// Whether a worker other than `me` serves or is starting to: one that can
@@ -232,6 +238,30 @@ mod tests {
         assert_eq!(&buf, b"ping");
         // No inbox under that name: an error, never a wait.
         assert!(send(master, 1, same.as_raw_fd(), note).is_err());
+    }
+
+    #[test]
+    fn connections_are_spread_evenly_over_the_ready_workers() {
+        // Two draining workers (one of them this one) then two ready ones:
+        // live processes all, this one and its parent.
+        let board = Scoreboard::new(4, 1).unwrap();
+        let (me, parent) = (std::process::id() as libc::pid_t, unsafe { libc::getppid() });
+        for (slot, pid, state) in [
+            (0, me, WorkerState::Draining),
+            (1, me, WorkerState::Draining),
+            (2, me, WorkerState::Ready),
+            (3, parent, WorkerState::Ready),
+        ] {
+            board.reset(slot, pid);
+            board.set_state(slot, state);
+        }
+        let picks: Vec<libc::pid_t> = (0..100).filter_map(|_| target(&board, 0)).collect();
+        assert_eq!(picks.len(), 100);
+        assert_eq!(picks.iter().filter(|&&p| p == me).count(), 50);
+        assert_eq!(picks.iter().filter(|&&p| p == parent).count(), 50);
+        board.set_state(2, WorkerState::Draining);
+        board.set_state(3, WorkerState::Draining);
+        assert_eq!(target(&board, 0), None);
     }
 
     #[test]
