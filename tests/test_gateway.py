@@ -707,14 +707,25 @@ def test_fastcgi_second_request_right_behind_the_first_is_never_lost(gw, gap):
             assert not conn.others
 
 
-@pytest.mark.parametrize("threads", [1, 4])
-def test_fastcgi_kept_connections_survive_a_reload(start_server, threads):
+@pytest.mark.parametrize(
+    ("threads", "how", "args"),
+    [(1, "SIGHUP", ()), (4, "SIGHUP", ()), (4, "SIGUSR2", ()), (4, "SIGHUP", ("--preload",))],
+    ids=["hup-1-thread", "hup-4-threads", "usr2", "hup-preload"],
+)
+def test_fastcgi_kept_connections_survive_a_reload(start_server, threads, how, args):
     """FastCGI cannot tell a front end that a kept connection is about to close,
     so a reload hands them to the new workers instead: an idle one at once, and
     one busy with a request once its END_REQUEST is out. The front end's next
-    requests on both are served by new workers, on the same connections."""
+    requests on both are served by new workers, on the same connections. Also
+    when the master re-executes itself (USR2, HUP with --preload) and the new
+    workers have a scoreboard of their own."""
     server = g.start_gateways(
-        start_server, "gateway_probe:application", [("fastcgi", "127.0.0.1:0")], workers=2, threads=threads
+        start_server,
+        "gateway_probe:application",
+        [("fastcgi", "127.0.0.1:0")],
+        *args,
+        workers=2,
+        threads=threads,
     )
     addr = server.addr("fastcgi")
     with g.FcgiConn(addr, timeout=30) as idle, g.FcgiConn(addr, timeout=30) as busy:
@@ -725,7 +736,7 @@ def test_fastcgi_kept_connections_survive_a_reload(start_server, threads):
             g.fcgi_request_bytes(g.cgi_params(uri="/slow?secs=2&id=inflight"), request_id=1, keep_conn=True)
         )
         server.wait_for(r"slow request started: inflight$", since=mark)
-        server.signal(signal.SIGHUP)
+        server.signal(getattr(signal, how))
         r = busy.read_response(1)
         assert (r.status, r.body, r.closed) == (200, b"slept inflight", False)
         for old in olds:

@@ -12,7 +12,8 @@
 //! front end's connection never closes, and its next request reaches new code.
 //!
 //! Each worker receives on a unix datagram socket of its own in the abstract
-//! namespace, named after the master's pid and its own. Only processes of the
+//! namespace, named after its pool (see [`POOL_ENV`]), the master's pid and
+//! its own. Only processes of the
 //! same user are believed (SO_PASSCRED), and only a descriptor that is a
 //! stream socket is taken.
 
@@ -20,7 +21,8 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::{
@@ -89,7 +91,40 @@ impl Note {
 }
 
 fn address(master: libc::pid_t, worker: libc::pid_t) -> io::Result<UnixAddr> {
-    Ok(UnixAddr::new_abstract(format!("corral-handover-{master}-{worker}").as_bytes())?)
+    Ok(UnixAddr::new_abstract(format!("{}{worker}", inbox_prefix(master)).as_bytes())?)
+}
+
+/// What the inbox names of `master`'s workers start with.
+fn inbox_prefix(master: libc::pid_t) -> String {
+    format!("corral-handover-{}-{master}-", pool())
+}
+
+/// Names a pool in its inboxes' addresses, with the master's pid: set once
+/// by the first master, kept by the programs it re-executes into (the
+/// environment survives execve), inherited by its workers. A pid alone is
+/// not enough: containers sharing a network namespace (one pod) share the
+/// abstract socket names, while each numbers its processes from 1.
+pub const POOL_ENV: &str = "CORRAL_POOL";
+
+/// Gives this master's pool its name, unless a previous program of it did.
+/// Called before any worker (or thread) exists.
+pub fn name_pool() {
+    if std::env::var(POOL_ENV).is_ok_and(|v| !v.is_empty()) {
+        return;
+    }
+    let mut bytes = [0u8; 8];
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    let mut name = u64::from_ne_bytes(bytes);
+    if n != bytes.len() as isize {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        name = now.as_nanos() as u64 ^ u64::from(std::process::id()) << 32;
+    }
+    std::env::set_var(POOL_ENV, format!("{name:016x}"));
+}
+
+fn pool() -> &'static str {
+    static POOL: OnceLock<String> = OnceLock::new();
+    POOL.get_or_init(|| std::env::var(POOL_ENV).unwrap_or_default())
 }
 
 fn datagram_socket() -> io::Result<OwnedFd> {
@@ -114,13 +149,16 @@ pub(crate) fn bind_inbox(master: libc::pid_t) -> io::Result<OwnedFd> {
 /// from a rotating start instead would favour the first ready worker after
 /// a run of draining ones: after a reload under load, one new worker took
 /// most of the kept connections, and the pool served a quarter less.)
-pub(crate) fn target(board: &Scoreboard, me: usize) -> Option<libc::pid_t> {
+pub(crate) fn target(board: &Scoreboard, me: usize, master: libc::pid_t) -> Option<libc::pid_t> {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let ready: Vec<libc::pid_t> = (0..board.slots())
+    let mut ready: Vec<libc::pid_t> = (0..board.slots())
         .filter(|&slot| slot != me && board.state(slot) == WorkerState::Ready)
         .map(|slot| board.pid(slot))
         .filter(|&pid| alive(pid))
         .collect();
+    if ready.is_empty() {
+        ready = successors_after_reexec(board, master);
+    }
     if ready.is_empty() {
         return None;
     }
@@ -129,9 +167,49 @@ pub(crate) fn target(board: &Scoreboard, me: usize) -> Option<libc::pid_t> {
 
 /// Whether a worker other than `me` serves or is starting to: one that can
 /// take connections now or soon. None during a stop, when every worker drains.
-pub(crate) fn successor(board: &Scoreboard, me: usize) -> bool {
+pub(crate) fn successor(board: &Scoreboard, me: usize, master: libc::pid_t) -> bool {
     (0..board.slots())
         .any(|slot| slot != me && board.state(slot) != WorkerState::Draining && alive(board.pid(slot)))
+        || !successors_after_reexec(board, master).is_empty()
+}
+
+/// Workers of this master that this worker's scoreboard does not know: once
+/// the master has re-executed itself (USR2, or HUP with --preload), those of
+/// the new program, which has a scoreboard of its own. That master stops the
+/// old workers only once its own are ready, so these serve. They are found
+/// by their inboxes' names among the unix sockets the kernel lists, looked
+/// up at most once a second (a draining worker asks for every connection).
+fn successors_after_reexec(board: &Scoreboard, master: libc::pid_t) -> Vec<libc::pid_t> {
+    static FOUND: Mutex<Option<(Instant, Vec<libc::pid_t>)>> = Mutex::new(None);
+    let mut found = FOUND.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((at, pids)) = found.as_ref() {
+        if at.elapsed() < Duration::from_secs(1) {
+            return pids.clone();
+        }
+    }
+    let known: Vec<libc::pid_t> = (0..board.slots()).map(|slot| board.pid(slot)).collect();
+    let me = std::process::id() as libc::pid_t;
+    let pids: Vec<libc::pid_t> = std::fs::read_to_string("/proc/net/unix")
+        .map(|table| inboxes_of(&table, master))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|pid| *pid != me && !known.contains(pid) && alive(*pid))
+        .collect();
+    *found = Some((Instant::now(), pids.clone()));
+    pids
+}
+
+/// The worker pids of `master`'s inboxes in a /proc/net/unix table, whose
+/// last column is a bound socket's path, `@` first for an abstract name.
+fn inboxes_of(table: &str, master: libc::pid_t) -> Vec<libc::pid_t> {
+    let prefix = format!("@{}", inbox_prefix(master));
+    let mut pids: Vec<libc::pid_t> = table
+        .lines()
+        .filter_map(|line| line.split_whitespace().last()?.strip_prefix(&prefix)?.parse().ok())
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
 }
 
 /// A slot keeps the pid and state of a worker that died until the slot is
@@ -255,13 +333,32 @@ mod tests {
             board.reset(slot, pid);
             board.set_state(slot, state);
         }
-        let picks: Vec<libc::pid_t> = (0..100).filter_map(|_| target(&board, 0)).collect();
+        let picks: Vec<libc::pid_t> = (0..100).filter_map(|_| target(&board, 0, 1)).collect();
         assert_eq!(picks.len(), 100);
         assert_eq!(picks.iter().filter(|&&p| p == me).count(), 50);
         assert_eq!(picks.iter().filter(|&&p| p == parent).count(), 50);
         board.set_state(2, WorkerState::Draining);
         board.set_state(3, WorkerState::Draining);
-        assert_eq!(target(&board, 0), None);
+        assert_eq!(target(&board, 0, 1), None);
+    }
+
+    #[test]
+    fn inboxes_are_found_in_the_kernels_table() {
+        let p = inbox_prefix(70);
+        let table = format!(
+            "Num       RefCount Protocol Flags    Type St Inode Path\n\
+            0000000000000000: 00000002 00000000 00000000 0002 01 11 @{p}71\n\
+            0000000000000000: 00000002 00000000 00000000 0002 01 12 @{p}72\n\
+            0000000000000000: 00000002 00000000 00000000 0002 01 13 @{p}0-73\n\
+            0000000000000000: 00000002 00000000 00000000 0002 01 13 @corral-handover-other-70-74\n\
+            0000000000000000: 00000002 00000000 00000000 0002 01 13 @{}73\n\
+            0000000000000000: 00000002 00000000 00000000 0001 01 14 /run/app.sock\n\
+            0000000000000000: 00000003 00000000 00000000 0001 03 15\n",
+            inbox_prefix(700)
+        );
+        let table = table.as_str();
+        assert_eq!(inboxes_of(table, 70), vec![71, 72]);
+        assert_eq!(inboxes_of(table, 7), Vec::<libc::pid_t>::new());
     }
 
     #[test]

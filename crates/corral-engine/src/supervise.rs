@@ -221,6 +221,7 @@ impl<'a, H: Hooks> Master<'a, H> {
     pub fn new(config: Config, listeners: Vec<Listener>, hooks: &'a H) -> io::Result<Self> {
         let cap = slot_capacity(config.workers);
         let scoreboard = Scoreboard::new(cap, config.threads.max(1))?;
+        crate::handover::name_pool();
         let signal_fd = block_signals()?;
         Ok(Master {
             target: config.workers.max(1),

@@ -858,7 +858,7 @@ fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) {
         };
         let pending = pending_bytes(e.fd) > 0;
         if draining && !pending && e.between.load(Ordering::Relaxed) && !e.handed.load(Ordering::Relaxed) {
-            if let Some(to) = crate::handover::target(&w.scoreboard, w.slot) {
+            if let Some(to) = crate::handover::target(&w.scoreboard, w.slot, w.master) {
                 if e.state.compare_exchange(IDLE, CLOSING, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
                     // Under the registry lock, so no thread closes the
                     // descriptor meanwhile. A thread woken for it from here on
@@ -1279,7 +1279,7 @@ static HANDED_OVER: AtomicUsize = AtomicUsize::new(0);
 /// or once it has started (a replacement still loading the app): the
 /// connection then waits here, parked, for the sweeper to hand it over.
 fn can_hand_over<A: App>(w: &Shared<A>) -> bool {
-    w.inbox.is_some() && crate::handover::successor(&w.scoreboard, w.slot)
+    w.inbox.is_some() && crate::handover::successor(&w.scoreboard, w.slot, w.master)
 }
 
 /// What goes with a connection from listener `idx` that is handed over.
@@ -1298,7 +1298,7 @@ fn hand_over_if_draining<A: App>(w: &Shared<A>, conn: Box<Conn>) -> Option<Box<C
     if !draining() || w.inbox.is_none() || conn.entry.fresh.load(Ordering::Relaxed) {
         return Some(conn);
     }
-    let Some(to) = crate::handover::target(&w.scoreboard, w.slot) else {
+    let Some(to) = crate::handover::target(&w.scoreboard, w.slot, w.master) else {
         return Some(conn);
     };
     let ready = {
