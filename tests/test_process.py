@@ -334,6 +334,33 @@ def test_ttin_ttou_change_the_worker_count(start_server):
     assert server.request("GET", "/fixed").status == 200
 
 
+def test_a_thread_the_app_started_at_import_does_not_take_the_masters_signals(start_server):
+    """With --preload, a thread the app starts at import (an exporter, a
+    scheduler) runs in the master without its signals blocked, so the kernel
+    hands it the signals sent to the master: each must still do what the
+    table says, not kill or stop the master."""
+    server = start_server("thread_at_import:application", "--preload", workers=1)
+    master = server.proc.pid
+    assert len(os.listdir(f"/proc/{master}/task")) >= 2, "the app's thread runs in the master"
+    mark = server.mark()
+    server.signal(signal.SIGUSR1)
+    server.wait_for(r"Received SIGUSR1: ", since=mark)
+    server.signal(signal.SIGTTIN)
+    server.wait_for(r"Received SIGTTIN: workers 1 -> 2", since=mark)
+    server.wait_for(READY_RE.pattern, since=mark)
+    server.signal(signal.SIGTTOU)
+    server.wait_for(r"Received SIGTTOU: workers 2 -> 1", since=mark)
+    assert server.running()
+    assert Path(f"/proc/{master}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T"
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    server.wait_for(r"re-executing the master", since=mark)
+    server.wait_for(r"from before the re-exec exited", since=mark, timeout=30)
+    assert server.request("GET", "/").status == 200
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(30) == 0, server.log[-3000:]
+
+
 def _signal_masks(pid):
     fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
     return int(fields["SigBlk"], 16), int(fields["SigIgn"], 16)

@@ -988,6 +988,11 @@ impl<'a, H: Hooks> Master<'a, H> {
         if pid == 0 {
             crate::proctitle::set(&title(&format!("worker {slot}"), &self.config.name));
             crate::daemon::forget();
+            // Still blocked here: the master's forwarding handler goes before
+            // the worker's own are set, which would otherwise chain to it.
+            for sig in SIGNALS {
+                unsafe { libc::signal(*sig, libc::SIG_DFL) };
+            }
             // The worker takes its signals with handlers before any Python
             // runs, the app's after-fork hooks included: a program started
             // from there must not inherit the master's blocked mask (it would
@@ -1229,8 +1234,10 @@ fn block_signals() -> io::Result<RawFd> {
         if libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) < 0 {
             return Err(io::Error::last_os_error());
         }
+        MASTER_PID.store(libc::getpid(), std::sync::atomic::Ordering::Relaxed);
+        MAIN_TID.store(libc::gettid(), std::sync::atomic::Ordering::Relaxed);
     }
-    release_early_signals();
+    release_early_signals(forward_to_main_thread);
     let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
@@ -1287,17 +1294,53 @@ pub(crate) fn set_handler(sig: libc::c_int, handler: extern "C" fn(libc::c_int))
 /// (`--check-config`): the old dispositions come back, and a signal that
 /// arrived meanwhile is delivered now.
 pub fn restore_early_signals() {
-    release_early_signals();
-}
-
-/// Ends [`hold_early_signals`] once the signals are blocked: the old
-/// dispositions come back and what arrived is raised again, to wait in the
-/// signalfd.
-fn release_early_signals() {
     let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
     for (sig, old) in held.drain(..) {
         unsafe { libc::sigaction(sig, &old, std::ptr::null_mut()) };
     }
+    drop(held);
+    raise_early_signals();
+}
+
+/// The master's pid and main thread, for [`forward_to_main_thread`].
+static MASTER_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+static MAIN_TID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// The master's signals, once its main thread blocks them. A thread the app
+/// started at import (with --preload: a metrics exporter, a scheduler, a
+/// telemetry batcher) does not block them, and the kernel gives a signal sent
+/// to the process to any thread that does not: with the default action
+/// there, HUP or USR1 killed the master and TTIN stopped it. This passes the
+/// signal on to the main thread, where it waits in the signalfd. In a process
+/// forked from the master without exec (a worker before it sets its own, a
+/// child the app forks) the signal gets its default action, as it would have
+/// without this handler.
+extern "C" fn forward_to_main_thread(sig: libc::c_int) {
+    unsafe {
+        let pid = libc::getpid();
+        if pid == MASTER_PID.load(std::sync::atomic::Ordering::Relaxed) {
+            let tid = MAIN_TID.load(std::sync::atomic::Ordering::Relaxed);
+            libc::syscall(libc::SYS_tgkill, pid, tid, sig);
+        } else {
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
+        }
+    }
+}
+
+/// Ends [`hold_early_signals`] once the main thread blocks the signals:
+/// `handler` takes them in any other thread, and what arrived meanwhile is
+/// raised again, to wait in the signalfd.
+fn release_early_signals(handler: extern "C" fn(libc::c_int)) {
+    HELD.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    for sig in SIGNALS {
+        set_handler(*sig, handler);
+    }
+    raise_early_signals();
+}
+
+/// Raises again the signals [`hold_early_signals`] noted.
+fn raise_early_signals() {
     let early = EARLY.swap(0, std::sync::atomic::Ordering::Relaxed);
     for sig in SIGNALS {
         if early & (1 << sig) != 0 {
