@@ -339,3 +339,21 @@ def test_flask_builds_https_urls_behind_a_local_tls_proxy(start_server):
         conn.send_request("GET", "/where", {"Host": "shop.example", "X-Forwarded-Proto": "https"})
         got = json.loads(conn.read_response().body)
     assert got == {"scheme": "https", "index": "https://shop.example/"}
+
+
+@pytest.mark.parametrize(
+    ("headers", "name", "port"),
+    [
+        ({"Host": "example.com:8080"}, "example.com", "8080"),
+        ({"Host": "example.com"}, "example.com", "80"),
+        ({"Host": "example.com", "X-Forwarded-Proto": "https"}, "example.com", "443"),
+        ({"Host": "[::1]:8443"}, "[::1]", "8443"),
+    ],
+)
+def test_a_unix_socket_takes_server_name_and_port_from_host(start_server, tmp_path, headers, name, port):
+    """A unix socket has no name or port a URL could use, and PEP 3333 wants
+    both non-empty: they come from the Host the client asked for, as under
+    gunicorn (Django's CSRF Referer check compares against them)."""
+    server = start_server("behaviour:application", http=f"unix:{tmp_path}/http.sock")
+    env = _environ(server, headers=headers)
+    assert (_v(env, "SERVER_NAME"), _v(env, "SERVER_PORT")) == (name, port)

@@ -217,7 +217,11 @@ impl WsgiApp {
         env.set_item(k.remote_addr.bind(py), req.remote_addr)?;
         env.set_item(k.remote_port.bind(py), req.remote_port)?;
         let authority = req.authority();
+        let mut host_field: &[u8] = b"";
         for (name, value, known) in req.fields() {
+            if known == Known::Host {
+                host_field = value;
+            }
             match known {
                 Known::ContentType => env.set_item(k.content_type.bind(py), latin1(py, value))?,
                 Known::ContentLength => env.set_item(k.content_length.bind(py), latin1(py, value))?,
@@ -243,6 +247,23 @@ impl WsgiApp {
         }
         if req.forwarded_https {
             env.set_item(k.url_scheme.bind(py), k.https.bind(py))?;
+        }
+        if req.listener.is_unix {
+            // A unix socket has no name or port a URL could use (PEP 3333
+            // wants both, never empty): the Host the client asked for gives
+            // them, as under gunicorn; Django's CSRF Referer check compares
+            // against them.
+            let host = if authority.is_empty() { host_field } else { authority };
+            let (name, port) = split_host(host);
+            if !name.is_empty() {
+                env.set_item(pyo3::intern!(py, "SERVER_NAME"), latin1(py, name))?;
+            }
+            let port = match port {
+                Some(p) => latin1(py, p),
+                None if req.forwarded_https => PyString::new(py, "443"),
+                None => PyString::new(py, "80"),
+            };
+            env.set_item(pyo3::intern!(py, "SERVER_PORT"), port)?;
         }
         let input = Bound::new(py, Input { ex: ex.clone(), max: self.max_body })?;
         env.set_item(k.wsgi_input.bind(py), input)?;
@@ -535,6 +556,22 @@ fn new_key<'py>(cache: &Mutex<KeyCache>, py: Python<'py>, name: &[u8], text: &st
         cache.insert(name.into(), s.clone().unbind());
     }
     s
+}
+
+/// A Host value's name and port: `name`, `name:port`, `[v6]` or `[v6]:port`.
+fn split_host(host: &[u8]) -> (&[u8], Option<&[u8]>) {
+    let colon = if host.first() == Some(&b'[') {
+        host.iter()
+            .position(|&b| b == b']')
+            .and_then(|end| (host.get(end + 1) == Some(&b':')).then_some(end + 1))
+    } else {
+        host.iter().rposition(|&b| b == b':')
+    };
+    match colon {
+        Some(i) if i + 1 < host.len() => (&host[..i], Some(&host[i + 1..])),
+        Some(i) => (&host[..i], None),
+        None => (host, None),
+    }
 }
 
 /// Bytes to `str` as ISO-8859-1, as PEP 3333 maps them.
