@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from front_ends import free_port
 from support import APPS, CORRAL, ROOT, wait_until
 
 
@@ -414,3 +415,30 @@ def test_workers_the_master_kills_itself_are_not_reported_as_crashes(start_serve
     server.wait_for(r"stopped with SIGKILL: a later reload made it unneeded", since=mark, timeout=20)
     server.wait_for(r"Worker ready", since=mark, timeout=20)
     assert not server.grep(r"killed by signal", mark), server.log
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_the_ipv6_wildcard_serves_ipv4_too_unless_an_ipv4_listener_shares_its_port(start_server):
+    """`[::]:PORT` takes IPv4 clients as well (as gunicorn's does), who are
+    their IPv4 address to the app; given beside `0.0.0.0:PORT`, it leaves
+    IPv4 to that listener rather than failing to bind."""
+
+    def remote_addr(host, port):
+        with socket.create_connection((host, port), timeout=10) as s:
+            s.sendall(b"GET /environ HTTP/1.0\r\nHost: x\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        return json.loads(body)["REMOTE_ADDR"]["value"]
+
+    port = free_port()
+    server = start_server("behaviour:application", http=f"[::]:{port}")
+    assert remote_addr("127.0.0.1", port) == "127.0.0.1"
+    assert remote_addr("::1", port) == "::1"
+    server.cleanup()
+    port = free_port()
+    start_server("behaviour:application", http=[f"0.0.0.0:{port}", f"[::]:{port}"])
+    assert remote_addr("127.0.0.1", port) == "127.0.0.1"
+    assert remote_addr("::1", port) == "::1"

@@ -106,7 +106,7 @@ impl fmt::Display for Addr {
 
 /// How sockets are bound: unix socket files' mode and owner, and whether
 /// TCP ports may be shared.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct BindOptions {
     /// Permission bits of the socket file (`--socket-mode`).
     pub mode: Option<u32>,
@@ -117,6 +117,12 @@ pub struct BindOptions {
     /// this one) may bind the same address, and the kernel spreads new
     /// connections among them.
     pub reuse_port: bool,
+    /// Ports an IPv4 listener of this server binds as well: an IPv6
+    /// wildcard (`[::]`) on one of them takes IPv6 only, which leaves the
+    /// port's IPv4 side to that listener. Otherwise `[::]` also takes IPv4
+    /// (as v4-mapped addresses), as gunicorn's does where the system's
+    /// default allows it.
+    pub v4_ports: Vec<u16>,
 }
 
 /// A bound, listening socket and the facts the environ takes from it.
@@ -232,7 +238,7 @@ impl Listener {
         backlog: i32,
         options: BindOptions,
     ) -> Result<Listener, String> {
-        let mut l = Listener::bind_addr(addr, backlog, options.reuse_port)?;
+        let mut l = Listener::bind_addr(addr, backlog, &options)?;
         l.protocol = protocol;
         if let Some(path) = &l.unix_path {
             if let Some(mode) = options.mode {
@@ -300,7 +306,7 @@ impl Listener {
         !self.is_unix && !self.server_name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
     }
 
-    fn bind_addr(addr: &Addr, backlog: i32, reuse_port: bool) -> Result<Listener, String> {
+    fn bind_addr(addr: &Addr, backlog: i32, options: &BindOptions) -> Result<Listener, String> {
         match addr {
             Addr::Fd(fd) => Listener::inherit(*fd),
             Addr::Tcp(host, port) => {
@@ -312,11 +318,15 @@ impl Listener {
                 let sock = Socket::new(Domain::for_address(sa), Type::STREAM.cloexec(), None)
                     .map_err(|e| format!("socket for {addr}: {e}"))?;
                 sock.set_reuse_address(true).ok();
-                if reuse_port {
+                if options.reuse_port {
                     sock.set_reuse_port(true).map_err(|e| format!("--reuse-port on {addr}: {e}"))?;
                 }
                 if sa.is_ipv6() {
-                    sock.set_only_v6(true).ok();
+                    // Left to the system's default (net.ipv6.bindv6only, 0
+                    // unless changed) for a wildcard no IPv4 listener shares.
+                    if !sa.ip().is_unspecified() || options.v4_ports.contains(&sa.port()) {
+                        sock.set_only_v6(true).ok();
+                    }
                 }
                 sock.bind(&sa.into()).map_err(|e| bind_error(addr, e))?;
                 sock.listen(backlog).map_err(|e| format!("listen on {addr}: {e}"))?;

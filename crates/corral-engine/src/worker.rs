@@ -1385,7 +1385,14 @@ fn peer_strings(addr: &libc::sockaddr_storage, is_unix: bool) -> (String, String
         libc::AF_INET6 => {
             let a = unsafe { &*(addr as *const _ as *const libc::sockaddr_in6) };
             let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
-            (ip.to_string(), u16::from_be(a.sin6_port).to_string())
+            let port = u16::from_be(a.sin6_port).to_string();
+            // An IPv4 client of a dual-stack `[::]` listener comes as
+            // ::ffff:a.b.c.d: it is a.b.c.d to the app and to the
+            // --forwarded-allow-ips and --proxy-allow-from lists.
+            match ip.to_ipv4_mapped() {
+                Some(v4) => (v4.to_string(), port),
+                None => (ip.to_string(), port),
+            }
         }
         _ => (String::new(), String::new()),
     }

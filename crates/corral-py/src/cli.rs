@@ -729,7 +729,14 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             return Ok(2);
         }
     };
-    let bind = BindOptions { mode: cli.socket_mode, owner, reuse_port: cli.reuse_port };
+    let v4_ports = parsed
+        .iter()
+        .filter_map(|(_, a)| match a {
+            Addr::Tcp(host, port) if !host.contains(':') => Some(*port),
+            _ => None,
+        })
+        .collect();
+    let bind = BindOptions { mode: cli.socket_mode, owner, reuse_port: cli.reuse_port, v4_ports };
     let socket_files = parsed.iter().any(|(_, a)| matches!(a, Addr::Unix(_)))
         || cli.stats.as_deref().is_some_and(|s| s.starts_with("unix:"));
     if !socket_files {
@@ -800,7 +807,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         });
         let bound = match reuse {
             Some(fd) => Listener::adopt(fd, addr, *protocol),
-            None => Listener::bind_with(addr, *protocol, config.backlog, bind),
+            None => Listener::bind_with(addr, *protocol, config.backlog, bind.clone()),
         };
         match bound {
             Ok(l) => {
@@ -836,7 +843,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             });
             let bound = Addr::parse(a).map(|a| from_start(a, chdir_from)).and_then(|addr| match reuse {
                 Some(fd) => Listener::adopt(fd, &addr, Protocol::Http),
-                None => Listener::bind_with(&addr, Protocol::Http, 64, bind),
+                None => Listener::bind_with(&addr, Protocol::Http, 64, bind.clone()),
             });
             match bound {
                 Ok(l) => {
