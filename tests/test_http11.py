@@ -348,6 +348,33 @@ def test_short_app_body_closes_the_connection(behaviour):
     behaviour.wait_for(r"(?i)/short.*(content-length|short|fewer|sent)", since=mark)
 
 
+def test_an_app_body_past_its_content_length_is_cut_and_logged(behaviour):
+    """Bytes past the declared length would be read as the next response:
+    they are not sent, the connection serves on, and the log says so."""
+    mark = behaviour.mark()
+    with behaviour.connect() as conn:
+        resp = _get(conn, "/long")
+        assert (resp.status, resp.body, resp.complete) == (200, b"12345", True)
+        assert _get(conn, "/fixed").body == b"hello world"
+    behaviour.wait_for(
+        r"GET /long from 127\.0\.0\.1:\d+: the app sent more than its Content-Length \(5 bytes\)", since=mark
+    )
+
+
+def test_a_chunked_body_the_client_cuts_off_is_a_disconnect(behaviour):
+    """A client closing inside a chunked body went away, as inside a
+    Content-Length one: one log line with the peer, not a malformed body."""
+    mark = behaviour.mark()
+    with behaviour.connect() as conn:
+        conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab")
+        conn.sock.shutdown(socket.SHUT_WR)
+        assert conn.at_eof(10)
+    behaviour.wait_for(
+        r"POST /echo from 127\.0\.0\.1:\d+: the peer closed its side inside the chunked body", since=mark
+    )
+    assert not behaviour.grep(r"POST /echo.*(client disconnected|not followed by CRLF)", since=mark)
+
+
 def test_unknown_transfer_encoding_is_501(behaviour):
     for te in ("frobnicate", "frobnicate, chunked"):
         with behaviour.connect() as conn:
@@ -603,7 +630,10 @@ def test_a_body_cut_short_by_the_client_is_an_error_for_the_app(behaviour):
         conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n" + b"x" * 100000)
         conn.sock.shutdown(socket.SHUT_WR)
         assert b"200 OK" not in conn.read_to_close()
-    behaviour.wait_for(r"POST /echo: client disconnected \(client closed the connection before", since=mark)
+    behaviour.wait_for(
+        r"POST /echo from 127\.0\.0\.1:\d+: the peer closed its side 100000 bytes short of the declared",
+        since=mark,
+    )
 
 
 @pytest.mark.parametrize("pieces", [2, 40])

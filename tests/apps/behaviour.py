@@ -269,6 +269,12 @@ def short_body(environ, start_response):
     return [b"12345"]
 
 
+def long_body(environ, start_response):
+    """Declares 5 bytes, sends 28 in three blocks."""
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")])
+    return [b"123", b"4567890", b"abcdefghijklmnopqr"]
+
+
 def bad_header(environ, start_response):
     q = _query(environ)
     kind = q.get("kind")
@@ -488,6 +494,7 @@ UNVALIDATED = {
     "/close-fails": close_fails,
     "/input": input_ops,
     "/short": short_body,
+    "/long": long_body,
     "/bad-header": bad_header,
     "/twice": start_response_twice,
     "/exc-info-after-headers": exc_info_after_headers,

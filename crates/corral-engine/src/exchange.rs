@@ -539,12 +539,16 @@ impl Io {
                     }
                     Ok(Chunk::NeedMore { consumed }) => {
                         self.buf.advance(consumed);
+                        // The client closing inside a chunked body is a
+                        // disconnect, as inside a Content-Length one: not a
+                        // malformed body.
                         if let Err(e) = self.fill(blocking) {
-                            let e = if e == BodyError::Truncated {
-                                BodyError::Framing(corral_proto::http1::Error::ChunkTerminator)
-                            } else {
-                                e
-                            };
+                            if e == BodyError::Truncated {
+                                self.body_note = Some(format!(
+                                    "the peer closed its side inside the chunked body ({} bytes of it received)",
+                                    self.body_received
+                                ));
+                            }
                             self.body = BodyState::Failed(e);
                             return Err(e);
                         }
@@ -1093,6 +1097,12 @@ impl Io {
                 // Bytes past the declared length would be read as the next
                 // response by the client: drop them, as gunicorn does.
                 let n = (data.len() as u64).min(left) as usize;
+                if n < data.len() && self.body_note.is_none() {
+                    self.body_note = Some(format!(
+                        "the app sent more than its Content-Length ({} bytes); the rest was not sent",
+                        self.app_length.unwrap_or_default()
+                    ));
+                }
                 self.framing = RespFraming::Length(left - n as u64);
                 self.bytes_sent += n as u64;
                 self.emit(&[head, &data[..n]], trailer, blocking)

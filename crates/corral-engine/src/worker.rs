@@ -2555,7 +2555,12 @@ fn complete(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>) -> bool {
 fn complete_locked_noted(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>, io: &mut Io) -> bool {
     let keep = complete_locked(conn, listener, req, io);
     if let Some(note) = io.body_note.take() {
-        warn!("{} from {}: {note}", req.describe(), peer(conn, listener));
+        // A client going away is routine; a body too slow or broken is not.
+        if matches!(io.body, BodyState::Failed(BodyError::Truncated)) {
+            info!("{} from {}: {note}", req.describe(), peer(conn, listener));
+        } else {
+            warn!("{} from {}: {note}", req.describe(), peer(conn, listener));
+        }
     }
     keep
 }

@@ -464,7 +464,16 @@ impl WsgiApp {
     fn app_error(&self, py: Python<'_>, req: &Request<'_>, ex: &Exchange, e: &PyErr) {
         let what = req.describe();
         if e.is_instance_of::<ClientDisconnected>(py) {
-            info!("{what}: client disconnected ({})", e.value(py));
+            // A body cut short is logged once by the engine, with the peer
+            // and how much was missing.
+            if ex.body_error() != Some(BodyError::Truncated) {
+                let from = match (req.remote_addr, req.remote_port) {
+                    ("", _) => String::new(),
+                    (a, p) if a.contains(':') => format!(" from [{a}]:{p}"),
+                    (a, p) => format!(" from {a}:{p}"),
+                };
+                info!("{what}{from}: client disconnected ({})", e.value(py));
+            }
             ex.abort();
             return;
         }
