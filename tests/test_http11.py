@@ -9,7 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from support import wait_until
+from support import slow_reader, wait_until
 
 
 def _get(conn, target, version="HTTP/1.1", headers=None, method="GET", body=b""):
@@ -705,3 +705,17 @@ def test_unfinished_heads_cannot_hold_unbounded_memory(start_server):
             return big.read_response().status == 200
 
     assert wait_until(served, timeout=10)
+
+
+def test_socket_timeout_frees_the_thread_a_client_that_stops_reading_holds(start_server):
+    """--socket-timeout (uWSGI's option): a client that takes nothing of a
+    response holds a thread that long, then the connection is given up."""
+    server = start_server("behaviour:application", "--socket-timeout", "1", workers=1, threads=1)
+    mark = server.mark()
+    stuck = slow_reader(server, rcvbuf=4096)
+    stuck.send_request("GET", "/stream?n=5000000")
+    server.wait_for(
+        r"GET /stream\?n=5000000 from .*client disconnected \(timed out writing the response\)", since=mark
+    )
+    assert server.request("GET", "/fixed").status == 200
+    stuck.close()

@@ -189,6 +189,13 @@ pub struct Cli {
           value_parser = parse_positive_secs)]
     pub header_timeout: Duration,
 
+    /// Seconds a write to a client, or a wait for more of a body the app reads, may wait on the
+    /// socket before the connection is given up (uWSGI's --socket-timeout): a client that stops
+    /// reading holds a thread this long.
+    #[arg(long, value_name = "SECS", env = "CORRAL_SOCKET_TIMEOUT", default_value = "60",
+          value_parser = parse_positive_secs)]
+    pub socket_timeout: Duration,
+
     /// Seconds an idle keep-alive connection is kept open. 0 turns HTTP keep-alive off: every
     /// response closes its connection (gunicorn's --keep-alive 0).
     #[arg(long, visible_alias = "keep-alive", value_name = "SECS", env = "CORRAL_KEEPALIVE_TIMEOUT", default_value = "75",
@@ -777,7 +784,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         shutdown_delay: cli.shutdown_delay,
         header_timeout: cli.header_timeout,
         keepalive_timeout: cli.keepalive_timeout,
-        io_timeout: config::DEFAULT_IO_TIMEOUT,
+        io_timeout: cli.socket_timeout,
         // 0 is "off", as in gunicorn.
         timeout: cli.timeout.filter(|d| !d.is_zero()),
         max_requests: cli.max_requests.filter(|&n| n > 0),
