@@ -278,13 +278,21 @@ def test_mount_splits_path_info(mounted, proto, uri, extra, script, path):
         ([("REQUEST_SCHEME", "https")], "https"),
         ([("HTTPS", "off")], "http"),
         ([("REQUEST_SCHEME", "http")], "http"),
+        ([("UWSGI_SCHEME", "https")], "https"),
         ([], "http"),
     ],
-    ids=["https-on", "https-1", "scheme-https", "https-off", "scheme-http", "none"],
+    ids=["https-on", "https-1", "scheme-https", "https-off", "scheme-http", "uwsgi-scheme", "none"],
 )
 @pytest.mark.parametrize("proto", PROTOS)
 def test_url_scheme(gw, proto, extra, scheme):
     assert _env(gw, proto, extra=extra)["wsgi.url_scheme"] == scheme
+
+
+@pytest.mark.parametrize("proto", PROTOS)
+def test_the_front_end_cannot_replace_the_servers_wsgi_keys(gw, proto):
+    env = _env(gw, proto, extra=[("wsgi.version", "x"), ("wsgi.url_scheme", "https"), ("wsgi.input", "y")])
+    assert env["wsgi.url_scheme"] == "http"
+    assert env["wsgi.version"] != "x" and env["wsgi.input"] != "y", env
 
 
 @pytest.mark.parametrize("proto", PROTOS)

@@ -121,7 +121,11 @@ pub fn environ<'b>(params: &CgiParams, bytes: &'b [u8], mount: &'b [u8]) -> CgiE
             }
             b"HTTP_CONTENT_LENGTH" | b"HTTP_CONTENT_TYPE" => continue,
             b"HTTPS" => https |= value.eq_ignore_ascii_case(b"on") || value == b"1",
-            b"REQUEST_SCHEME" => https |= value.eq_ignore_ascii_case(b"https"),
+            // UWSGI_SCHEME: what uWSGI's own configs pass (`uwsgi_param UWSGI_SCHEME $scheme`).
+            b"REQUEST_SCHEME" | b"UWSGI_SCHEME" => https |= value.eq_ignore_ascii_case(b"https"),
+            // The server's own keys (wsgi.input, wsgi.version...) are not the
+            // front end's to replace.
+            _ if key.starts_with(b"wsgi.") => continue,
             b"REQUEST_URI" => request_uri = Some(value),
             b"DOCUMENT_URI" => document_uri = Some(value),
             b"QUERY_STRING" => have_query = true,
@@ -333,6 +337,14 @@ mod tests {
         (p, bytes)
     }
 
+    #[test]
+    fn the_servers_own_keys_are_not_the_front_ends_to_set() {
+        let (vars, ..) =
+            env_of(&[("wsgi.version", "x"), ("wsgi.file_wrapper", "y"), ("X_OK", "1")], "", false);
+        assert!(vars.iter().all(|(k, _)| !k.starts_with("wsgi.")), "{vars:?}");
+        assert!(vars.iter().any(|(k, v)| k == "X_OK" && v == "1"));
+    }
+
     fn env_of(
         pairs: &[(&str, &str)],
         mount: &str,
@@ -469,6 +481,7 @@ mod tests {
             (&[("HTTPS", "off")], false),
             (&[("REQUEST_SCHEME", "https")], true),
             (&[("REQUEST_SCHEME", "http")], false),
+            (&[("UWSGI_SCHEME", "https")], true),
             (&[], false),
         ];
         for (pairs, https) in cases {
