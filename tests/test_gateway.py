@@ -974,10 +974,32 @@ def test_a_request_head_that_stalls_is_closed_and_logged(start_server, proto):
         sock.close()
     server.wait_for(
         rf"Timed out: {proto} request from 127\.0\.0\.1:\d+: incomplete after the header timeout "
-        r"\(1 s, 10 bytes received\)",
+        r"\(1 s, 10 bytes buffered\)",
         since=mark,
     )
     assert g.call(proto, server.addr(proto), uri="/fixed").body == b"hello world"
+
+
+def test_a_fastcgi_request_whose_records_stop_is_closed_and_logged(start_server):
+    """Whole records leave the buffer for the request's state as they come: a
+    request that stops between two of them is still said to have timed out."""
+    server = g.start_gateways(
+        start_server, "behaviour:application", [("fastcgi", "127.0.0.1:0")], "--header-timeout", "1"
+    )
+    mark = server.mark()
+    params = g.encode_pairs(g.cgi_params(uri="/fixed"))
+    sock = g.connect(server.addr("fastcgi"))
+    try:
+        sock.sendall(g.begin_request(1, keep_conn=True) + g.record(g.FCGI_PARAMS, 1, params))
+        data, closed = g.read_until_close(sock, timeout=15)
+        assert closed and data == b""
+    finally:
+        sock.close()
+    server.wait_for(
+        r"Timed out: fastcgi request from 127\.0\.0\.1:\d+: incomplete after the header timeout "
+        r"\(1 s, 0 bytes buffered\)",
+        since=mark,
+    )
 
 
 def test_fastcgi_abort_before_the_params_end(gw):

@@ -531,7 +531,7 @@ def test_header_timeout_closes_a_slow_client(impatient):
         assert rest == b"" or rest.startswith(b"HTTP/1.1 408")
     impatient.wait_for(
         r"Timed out: http request from 127\.0\.0\.1:\d+: incomplete after the header timeout "
-        r"\(1 s, 30 bytes received\)",
+        r"\(1 s, 30 bytes buffered\)",
         since=mark,
     )
     # The server still serves others.

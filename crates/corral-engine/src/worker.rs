@@ -1404,10 +1404,14 @@ fn serve<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, conn: Box<Conn>
         // The sweeper shut it down (timeout or drain). Bytes still buffered
         // are a request that did not arrive whole in time: say so.
         let partial = conn.io.lock().unwrap().buf.len();
-        if partial > 0 && !draining() {
+        // A FastCGI request's records leave the buffer for its state as they come.
+        let begun = partial > 0 || conn.fcgi.active.is_some();
+        if begun && !draining() {
             let listener = &w.listeners[conn.listener].1;
+            // Its head whole, a small body is read ahead of the app within the same time.
+            let part = if conn.head_ready { "its body was incomplete" } else { "incomplete" };
             let what = format!(
-                "{} request from {}: incomplete after the header timeout ({} s, {partial} bytes received); \
+                "{} request from {}: {part} after the header timeout ({} s, {partial} bytes buffered); \
                  closing the connection",
                 listener.protocol.name(),
                 peer(&conn, listener),
