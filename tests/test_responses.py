@@ -403,3 +403,14 @@ def test_a_worker_stuck_past_timeout_lets_its_downloads_finish(start_server, tmp
         assert server.request("GET", "/slow?secs=15&id=stuck", timeout=30).status == 504
         time.sleep(1)
         assert read_hashed(slow, size) == (size, hashlib.sha256(data).hexdigest())
+
+
+def test_start_response_takes_effect_whole_or_not_at_all(behaviour):
+    """A header start_response refuses leaves nothing of the call behind: an
+    app that catches the error may call it again, and one that does not is a
+    500, never a response with half its headers."""
+    resp = behaviour.request("GET", "/catch-bad-header?retry=1")
+    assert (resp.status, resp.header("X-Retry"), resp.header("X-Good")) == (200, "1", None)
+    assert resp.body in (b"ValueError", b"TypeError")
+    resp = behaviour.request("GET", "/catch-bad-header")
+    assert resp.status == 500 and resp.header("X-Good") is None

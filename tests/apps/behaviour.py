@@ -275,6 +275,20 @@ def long_body(environ, start_response):
     return [b"123", b"4567890", b"abcdefghijklmnopqr"]
 
 
+def catch_bad_header(environ, start_response):
+    """start_response with a bad header among good ones; the app catches the
+    error, then (with ?retry=1) calls start_response again."""
+    try:
+        start_response("201 Created", [("X-Good", "1"), ("X-Bad", "a\r\nb"), ("X-After", "2")])
+    except (TypeError, ValueError) as e:
+        caught = type(e).__name__
+    else:
+        caught = "nothing"
+    if _query(environ).get("retry"):
+        start_response("200 OK", [("Content-Type", "text/plain"), ("X-Retry", "1")])
+    return [caught.encode()]
+
+
 def bad_header(environ, start_response):
     q = _query(environ)
     kind = q.get("kind")
@@ -495,6 +509,7 @@ UNVALIDATED = {
     "/input": input_ops,
     "/short": short_body,
     "/long": long_body,
+    "/catch-bad-header": catch_bad_header,
     "/bad-header": bad_header,
     "/twice": start_response_twice,
     "/exc-info-after-headers": exc_info_after_headers,

@@ -1537,6 +1537,24 @@ impl Exchange {
         Ok(())
     }
 
+    /// Undoes [`Exchange::start`] while nothing was sent: start_response
+    /// takes effect whole or not at all, so an app that catches its error
+    /// neither sends half its headers nor is refused a second call.
+    pub fn unstart(&self) {
+        if let Some(mut io) = self.lock() {
+            if io.phase == RespPhase::Started {
+                io.phase = RespPhase::Idle;
+                io.status = 0;
+                io.app_length = None;
+                io.app_date = false;
+                io.head.clear();
+                if let Some(kept) = &mut io.logged_headers {
+                    kept.clear();
+                }
+            }
+        }
+    }
+
     /// Adds one response header after [`Exchange::start`].
     pub fn header(&self, name: &[u8], value: &[u8]) -> Result<(), ResponseError> {
         let mut io = self.lock().ok_or(ResponseError::Stale)?;

@@ -724,6 +724,17 @@ impl StartResponse {
         }
         let status = latin1_bytes(status, &|| "status".into())?;
         ex.start(&status).map_err(response_error)?;
+        let set = Self::set_headers(ex, headers);
+        if set.is_err() {
+            ex.unstart();
+        }
+        set?;
+        Py::new(py, Write { ex: ex.clone() })
+    }
+}
+
+impl StartResponse {
+    fn set_headers(ex: &Exchange, headers: &Bound<'_, PyAny>) -> PyResult<()> {
         let headers_list = headers.downcast::<PyList>().map_err(|_| {
             PyTypeError::new_err(format!("headers must be a list, got {}", type_name(headers)))
         })?;
@@ -743,7 +754,7 @@ impl StartResponse {
                 latin1_bytes(&value, &|| format!("value of header {:?}", String::from_utf8_lossy(&name)))?;
             ex.header(&name, &value).map_err(response_error)?;
         }
-        Py::new(py, Write { ex: ex.clone() })
+        Ok(())
     }
 }
 
