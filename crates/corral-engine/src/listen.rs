@@ -45,6 +45,9 @@ impl Protocol {
     }
 }
 
+/// The port of an address given as a host alone, as in gunicorn.
+const DEFAULT_PORT: &str = "8000";
+
 /// Where to listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Addr {
@@ -79,14 +82,21 @@ impl Addr {
             }
             return Ok(Addr::Unix(PathBuf::from(path)));
         }
+        // A host without a port gets 8000, as in gunicorn.
         let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-            let (h, p) = rest.split_once("]:").ok_or_else(|| format!("{s:?}: expected [IPv6]:PORT"))?;
-            (h.to_string(), p)
+            match rest.split_once("]:") {
+                Some((h, p)) => (h.to_string(), p),
+                None => match rest.strip_suffix(']') {
+                    Some(h) => (h.to_string(), DEFAULT_PORT),
+                    None => return Err(format!("{s:?}: expected [IPv6]:PORT")),
+                },
+            }
         } else {
-            let (h, p) = s
-                .rsplit_once(':')
-                .ok_or_else(|| format!("{s:?}: expected HOST:PORT, [IPv6]:PORT or unix:PATH"))?;
-            (if h.is_empty() { "0.0.0.0".to_string() } else { h.to_string() }, p)
+            match s.rsplit_once(':') {
+                Some((h, p)) => (if h.is_empty() { "0.0.0.0".to_string() } else { h.to_string() }, p),
+                None if !s.is_empty() && !s.contains('/') => (s.to_string(), DEFAULT_PORT),
+                None => return Err(format!("{s:?}: expected HOST:PORT, [IPv6]:PORT or unix:PATH")),
+            }
         };
         let port: u16 = port.parse().map_err(|_| format!("{s:?}: invalid port {port:?}"))?;
         Ok(Addr::Tcp(host, port))
@@ -468,9 +478,13 @@ mod tests {
     fn parse_addrs() {
         assert_eq!(Addr::parse("127.0.0.1:80"), Ok(Addr::Tcp("127.0.0.1".into(), 80)));
         assert_eq!(Addr::parse("[::1]:8000"), Ok(Addr::Tcp("::1".into(), 8000)));
+        assert_eq!(Addr::parse("127.0.0.1"), Ok(Addr::Tcp("127.0.0.1".into(), 8000)));
+        assert_eq!(Addr::parse("localhost"), Ok(Addr::Tcp("localhost".into(), 8000)));
+        assert_eq!(Addr::parse("[::1]"), Ok(Addr::Tcp("::1".into(), 8000)));
+        assert!(Addr::parse("/run/app.sock").is_err());
+        assert!(Addr::parse("").is_err());
         assert_eq!(Addr::parse(":8000"), Ok(Addr::Tcp("0.0.0.0".into(), 8000)));
         assert_eq!(Addr::parse("unix:/tmp/x.sock"), Ok(Addr::Unix("/tmp/x.sock".into())));
-        assert!(Addr::parse("localhost").is_err());
         assert!(Addr::parse("h:99999").is_err());
         assert_eq!(Addr::parse("[::1]:80").unwrap().to_string(), "[::1]:80");
         assert_eq!(Addr::parse("fd://3"), Ok(Addr::Fd(3)));
