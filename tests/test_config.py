@@ -148,8 +148,8 @@ def test_a_server_runs_from_the_file(start_server, tmp_path):
         # TOML reads 0o660 as the integer 432: a mode must be a string.
         ("socket-mode = 0o660\n", ":1: `socket-mode` is an octal mode: write it as a string"),
         ("umask = 0o027\n", ":1: `umask` is an octal mode"),
-        ('workers = 1\nhttp = ["nonsense"]\n', ":2: `http`: invalid value 'nonsense'"),
-        ('stats = "bad"\n', ":1: `stats`: invalid value 'bad'"),
+        ('workers = 1\nhttp = ["nonsense:port"]\n', ":2: `http`: invalid value 'nonsense:port'"),
+        ('stats = "bad:port"\n', ":1: `stats`: invalid value 'bad:port'"),
         ('env = ["NOEQ"]\n', ":1: `env`: invalid value 'NOEQ'"),
         ('mount = "x"\n', ":1: `mount`: invalid value 'x'"),
     ],
