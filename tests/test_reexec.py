@@ -86,3 +86,29 @@ def test_timeout_on_a_request_stuck_in_c_with_the_gil(start_server):
     pids = {int(server.request("GET", "/").body) for _ in range(20)}
     assert stuck_pid not in pids
     assert server.running()
+
+
+def test_usr2_with_a_config_file_the_new_program_would_refuse_keeps_serving(start_server, tmp_path):
+    """The new program reads the config file anew: one it would refuse (a
+    typo made before the upgrade) must not end the running server."""
+    conf = tmp_path / "corral.toml"
+    conf.write_text("workers = 1\n")
+    server = start_server("behaviour:application", "--config", str(conf), workers=None)
+    old = set(server.worker_pids())
+    conf.write_text("workers = 1\nworkers = 2\n")
+    mark = server.mark()
+    server.signal(signal.SIGUSR2)
+    server.wait_for(
+        r"Received SIGUSR2: not re-executing the master, whose new program would refuse its configuration: "
+        r".*corral\.toml:2: invalid TOML.*The running master and workers go on serving",
+        since=mark,
+    )
+    assert server.running()
+    assert int(server.request("GET", "/pid").body) in old
+    conf.write_text("workers = 2\n")
+    mark = server.mark()
+    server.signal(signal.SIGUSR2)
+    server.wait_for(r"re-executing the master", since=mark)
+    server.wait_for(READY_RE.pattern, count=2, since=mark, timeout=20)
+    server.wait_for(r"from before the re-exec exited", since=mark, timeout=20)
+    assert not {int(server.request("GET", "/pid").body) for _ in range(10)} & old

@@ -134,6 +134,12 @@ pub trait Hooks {
     fn reload_needs_reexec(&self) -> bool {
         false
     }
+    /// What the re-executed program would refuse in its configuration (the
+    /// config file and the environment, read anew), checked before: a
+    /// program that refused them would leave nothing serving.
+    fn check_reexec(&self) -> Result<(), String> {
+        Ok(())
+    }
     /// Environment variables the re-executed program needs besides those
     /// of this module (socket activation's `LISTEN_*`).
     fn reexec_env(&self) -> Vec<(String, String)> {
@@ -764,6 +770,13 @@ impl<'a, H: Hooks> Master<'a, H> {
     /// and the listening sockets (so no connection is refused). The new
     /// program starts its own workers and stops these once they are ready.
     fn reexec(&mut self, why: &str) {
+        if let Err(e) = self.hooks.check_reexec() {
+            error!(
+                "Received {why}: not re-executing the master, whose new program would refuse its \
+                 configuration: {e}. The running master and workers go on serving"
+            );
+            return;
+        }
         let Some((program, args)) = self.hooks.reexec_command() else {
             error!("Received {why}: this master cannot re-execute itself");
             return;

@@ -493,6 +493,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     // Before any fork or thread: see there.
     corral_engine::proctitle::init();
     let cmd = Cli::command();
+    let given_argv = argv.clone();
     let (argv, origins) = match crate::config_file::layer(&cmd, &argv) {
         Ok(layered) => layered,
         Err(e) => {
@@ -950,6 +951,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     let reexec = crate::runtime::Reexec {
         exe: sys.getattr("executable")?.extract::<String>()?,
         argv: sys.getattr("orig_argv")?.extract::<Vec<String>>()?,
+        cli_argv: given_argv,
         start_dir,
         listen_fds: if from_activation { activated.clone() } else { Vec::new() },
     };
@@ -1095,6 +1097,23 @@ fn check_config(py: Python<'_>, cli: &Cli, matches: &clap::ArgMatches) -> PyResu
 
 /// The checks of a start that have no effect on the system: for
 /// `--print-config` and `--check-config`.
+/// What a start with `argv` (the arguments as given, before the config
+/// file's) would refuse, without creating anything: the check before the
+/// master re-executes itself, since the new program reads the config file
+/// and the environment anew, and one that refused them would leave nothing
+/// serving.
+pub(crate) fn check_configuration(argv: &[String]) -> Result<(), String> {
+    let cmd = Cli::command();
+    let (argv, _) = crate::config_file::layer(&cmd, argv)?;
+    let first_line = |e: clap::Error| {
+        let text = e.to_string();
+        text.lines().next().unwrap_or_default().trim_start_matches("error: ").to_string()
+    };
+    let matches = cmd.try_get_matches_from(&argv).map_err(first_line)?;
+    let cli = Cli::from_arg_matches(&matches).map_err(first_line)?;
+    check_without_effects(&cli, &matches)
+}
+
 fn check_without_effects(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), String> {
     access_format(cli, matches)?;
     pool_size(cli, "")?;

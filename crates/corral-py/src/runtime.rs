@@ -32,6 +32,8 @@ pub struct Reexec {
     /// sys.executable and sys.orig_argv.
     pub exe: String,
     pub argv: Vec<String>,
+    /// corral's own arguments, as given (before the config file's).
+    pub cli_argv: Vec<String>,
     /// The directory corral was started in (before --chdir).
     pub start_dir: Option<std::path::PathBuf>,
     /// The socket-activation descriptors (and names) the listeners came
@@ -129,6 +131,20 @@ impl Hooks for Runtime {
             args.push(CString::new(a.as_str()).ok()?);
         }
         Some((program, args))
+    }
+
+    fn check_reexec(&self) -> Result<(), String> {
+        // Relative paths (the config file's among them) as the new program
+        // will take them: from the directory of the first start.
+        let here = std::env::current_dir().ok();
+        if let Some(dir) = &self.reexec.start_dir {
+            let _ = std::env::set_current_dir(dir);
+        }
+        let verdict = crate::cli::check_configuration(&self.reexec.cli_argv);
+        if let Some(dir) = here {
+            let _ = std::env::set_current_dir(dir);
+        }
+        verdict
     }
 
     fn reexec_env(&self) -> Vec<(String, String)> {
