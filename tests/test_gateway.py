@@ -262,6 +262,13 @@ def test_uwsgi_modifier1_30_strips_script_name(gw):
         # uWSGI --manage-script-name style: the front end names the mount point too.
         ("/prefix/a/env", [("SCRIPT_NAME", "/prefix"), ("PATH_INFO", "/prefix/a/env")], "/prefix", "/a/env"),
         ("/prefix/a/env", [("SCRIPT_NAME", "/prefix"), ("PATH_INFO", "/a/env")], "/prefix", "/a/env"),
+        # Split by the front end already: /prefix/x is a route of the app's.
+        (
+            "/prefix/prefix/x",
+            [("SCRIPT_NAME", "/prefix"), ("PATH_INFO", "/prefix/x")],
+            "/prefix",
+            "/prefix/x",
+        ),
     ],
 )
 @pytest.mark.parametrize("proto", PROTOS)

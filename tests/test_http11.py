@@ -695,6 +695,9 @@ def test_unfinished_heads_cannot_hold_unbounded_memory(start_server):
         r"Request head refused from 127\.0\.0\.1:\d+: \d+ KiB and not ended, while this worker holds"
     )
     assert server.request("GET", "/fixed").status == 200
+    # A whole head, with a large body right behind it, is no unfinished head.
+    big_post = server.request("POST", "/echo", body=b"y" * 200_000)
+    assert (big_post.status, len(big_post.body)) == (200, 200_000)
     for conn in conns:
         conn.close()
 

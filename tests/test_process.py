@@ -505,7 +505,10 @@ def _assert_detached(pid):
     ppid, session, tty = int(fields[1]), int(fields[3]), int(fields[4])
     assert session == os.getsid(pid) != os.getsid(0)
     assert session != pid, "the daemon must not lead its session"
-    assert not _alive(session), "the session's leader (the first fork) is gone"
+    # It exits right after passing on the master's word.
+    assert wait_until(lambda: not _alive(session), timeout=10), (
+        "the session's leader (the first fork) is gone"
+    )
     assert tty == 0
     assert ppid != os.getpid()
 
@@ -689,6 +692,24 @@ def test_without_reuse_port_a_second_server_cannot_bind(start_server):
     assert re.search(
         rf"cannot bind 127\.0\.0\.1:{port}: address already in use", second.log, re.IGNORECASE
     ), second.log
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--http", "127.0.0.1:{port}", "--uwsgi", "127.0.0.1:{port}"],
+        ["--http", "0.0.0.0:{port}", "--stats", "127.0.0.1:{port}"],
+    ],
+    ids=["same-address", "wildcard-and-stats"],
+)
+def test_two_listeners_of_one_server_cannot_take_one_port(args):
+    """With --reuse-port both would bind, and the kernel would split the
+    connections between protocols (or between the app and the stats)."""
+    port = free_port()
+    cmd = [*CORRAL, "--reuse-port", *(a.format(port=port) for a in args), "behaviour:application"]
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=30, cwd=APPS)
+    assert done.returncode == 2, done.stderr
+    assert "overlaps" in done.stderr and "cannot take the same port" in done.stderr, done.stderr
 
 
 def test_reuse_port_without_a_tcp_listener_is_reported(start_server, tmp_path):

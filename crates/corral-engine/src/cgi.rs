@@ -196,13 +196,22 @@ pub fn environ<'b>(params: &CgiParams, bytes: &'b [u8], mount: &'b [u8]) -> CgiE
         // script name is all there is to go by.
         None => (Cow::Borrowed(script_sent.unwrap_or(b"")), Cow::Borrowed(b"")),
     };
-    if params.strip_script_name && !script.is_empty() && under(&path, &script) {
+    let stripped = params.strip_script_name && !script.is_empty() && under(&path, &script);
+    if stripped {
         path = Cow::Owned(path[script.len()..].to_vec());
     }
-    // The front end may name the mount point itself (uWSGI's
-    // --manage-script-name setups pass SCRIPT_NAME with the whole path in
-    // PATH_INFO): the prefix is then taken off PATH_INFO all the same.
-    let names_mount = script.is_empty() || script.strip_suffix(b"/").unwrap_or(&script) == mount;
+    // The front end may name the mount point itself with the whole path in
+    // PATH_INFO (uWSGI's --manage-script-name setups): the prefix is then
+    // taken off PATH_INFO all the same. Only when PATH_INFO is the whole
+    // path the client asked for: one the front end split already may be a
+    // route of the app's that starts with the prefix too.
+    let whole_path = |path: &[u8]| match (document_uri, request_uri) {
+        (Some(d), _) if d.starts_with(b"/") => d == path,
+        (_, Some(_)) => request_path(uri_path) == path,
+        _ => false,
+    };
+    let names_mount = script.is_empty()
+        || !stripped && script.strip_suffix(b"/").unwrap_or(&script) == mount && whole_path(&path);
     if names_mount && !mount.is_empty() && under(&path, mount) {
         path = Cow::Owned(path[mount.len()..].to_vec());
         script = Cow::Borrowed(mount);
@@ -382,10 +391,50 @@ mod tests {
         (&[("PATH_INFO", "/app/x"), ("REQUEST_URI", "/app/x")], "/app", false, "/x", "/app"),
         // The front end names the mount point too: still taken off PATH_INFO,
         // unless the front end did that already.
-        (&[("SCRIPT_NAME", "/app"), ("PATH_INFO", "/app/x")], "/app", false, "/x", "/app"),
-        (&[("SCRIPT_NAME", "/app/"), ("PATH_INFO", "/app/x")], "/app", false, "/x", "/app"),
-        (&[("SCRIPT_NAME", "/app"), ("PATH_INFO", "/x")], "/app", false, "/x", "/app"),
-        (&[("SCRIPT_NAME", "/other"), ("PATH_INFO", "/app/x")], "/app", false, "/app/x", "/other"),
+        (
+            &[("SCRIPT_NAME", "/app"), ("PATH_INFO", "/app/x"), ("REQUEST_URI", "/app/x")],
+            "/app",
+            false,
+            "/x",
+            "/app",
+        ),
+        (
+            &[("SCRIPT_NAME", "/app/"), ("PATH_INFO", "/app/x"), ("DOCUMENT_URI", "/app/x")],
+            "/app",
+            false,
+            "/x",
+            "/app",
+        ),
+        (
+            &[("SCRIPT_NAME", "/app"), ("PATH_INFO", "/x"), ("REQUEST_URI", "/app/x")],
+            "/app",
+            false,
+            "/x",
+            "/app",
+        ),
+        (
+            &[("SCRIPT_NAME", "/other"), ("PATH_INFO", "/app/x"), ("REQUEST_URI", "/app/x")],
+            "/app",
+            false,
+            "/app/x",
+            "/other",
+        ),
+        // Split already: /app/x is a route of the app mounted at /app.
+        (
+            &[("SCRIPT_NAME", "/app"), ("PATH_INFO", "/app/x"), ("REQUEST_URI", "/app/app/x")],
+            "/app",
+            false,
+            "/app/x",
+            "/app",
+        ),
+        // modifier1 30 took SCRIPT_NAME off already: not again for the mount.
+        (
+            &[("SCRIPT_NAME", "/app"), ("PATH_INFO", "/app/app/x"), ("REQUEST_URI", "/app/app/x")],
+            "/app",
+            true,
+            "/app/x",
+            "/app",
+        ),
         // modifier1 30: SCRIPT_NAME removed from PATH_INFO.
         (&[("SCRIPT_NAME", "/app"), ("PATH_INFO", "/app/x")], "", true, "/x", "/app"),
         (&[("SCRIPT_NAME", "/app"), ("PATH_INFO", "/app/x")], "", false, "/app/x", "/app"),

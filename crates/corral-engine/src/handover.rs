@@ -176,10 +176,14 @@ pub(crate) fn successor(board: &Scoreboard, me: usize, master: libc::pid_t) -> b
 /// Workers of this master that this worker's scoreboard does not know: once
 /// the master has re-executed itself (USR2, or HUP with --preload), those of
 /// the new program, which has a scoreboard of its own. That master stops the
-/// old workers only once its own are ready, so these serve. They are found
+/// old workers only once its own are ready (and says so first, see
+/// [`SUPERSEDED`]), so these serve. They are found
 /// by their inboxes' names among the unix sockets the kernel lists, looked
 /// up at most once a second (a draining worker asks for every connection).
 fn successors_after_reexec(board: &Scoreboard, master: libc::pid_t) -> Vec<libc::pid_t> {
+    if !SUPERSEDED.load(Ordering::Relaxed) {
+        return Vec::new();
+    }
     static FOUND: Mutex<Option<(Instant, Vec<libc::pid_t>)>> = Mutex::new(None);
     let mut found = FOUND.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((at, pids)) = found.as_ref() {
@@ -197,6 +201,17 @@ fn successors_after_reexec(board: &Scoreboard, master: libc::pid_t) -> Vec<libc:
         .collect();
     *found = Some((Instant::now(), pids.clone()));
     pids
+}
+
+/// Set in a worker of a master's previous program, by the USR2 the new
+/// program sends before it stops that worker: only then are workers its
+/// scoreboard does not know a new generation that serves, rather than (in a
+/// stop, say) others draining like itself.
+static SUPERSEDED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The worker's handler for USR2 (async-signal-safe: one atomic store).
+pub(crate) extern "C" fn note_superseded(_: libc::c_int) {
+    SUPERSEDED.store(true, Ordering::Relaxed);
 }
 
 /// The worker pids of `master`'s inboxes in a /proc/net/unix table, whose

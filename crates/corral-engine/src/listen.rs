@@ -332,11 +332,10 @@ impl Listener {
                     sock.set_reuse_port(true).map_err(|e| format!("--reuse-port on {addr}: {e}"))?;
                 }
                 if sa.is_ipv6() {
-                    // Left to the system's default (net.ipv6.bindv6only, 0
-                    // unless changed) for a wildcard no IPv4 listener shares.
-                    if !sa.ip().is_unspecified() || options.v4_ports.contains(&sa.port()) {
-                        sock.set_only_v6(true).ok();
-                    }
+                    // Both families on a wildcard no IPv4 listener shares,
+                    // whatever the system's default (net.ipv6.bindv6only).
+                    let v6_only = !sa.ip().is_unspecified() || options.v4_ports.contains(&sa.port());
+                    sock.set_only_v6(v6_only).ok();
                 }
                 sock.bind(&sa.into()).map_err(|e| bind_error(addr, e))?;
                 sock.listen(backlog).map_err(|e| format!("listen on {addr}: {e}"))?;

@@ -227,7 +227,6 @@ impl<'a, H: Hooks> Master<'a, H> {
     pub fn new(config: Config, listeners: Vec<Listener>, hooks: &'a H) -> io::Result<Self> {
         let cap = slot_capacity(config.workers);
         let scoreboard = Scoreboard::new(cap, config.threads.max(1))?;
-        crate::handover::name_pool();
         let signal_fd = block_signals()?;
         Ok(Master {
             target: config.workers.max(1),
@@ -627,7 +626,12 @@ impl<'a, H: Hooks> Master<'a, H> {
                         self.told_ready = true;
                         for pid in &self.inherited {
                             info!("New workers are ready; worker pid {pid} from before the re-exec finishes its requests");
-                            unsafe { libc::kill(*pid, libc::SIGTERM) };
+                            // USR2 first: it may hand its kept connections to
+                            // this program's workers (see handover).
+                            unsafe {
+                                libc::kill(*pid, libc::SIGUSR2);
+                                libc::kill(*pid, libc::SIGTERM);
+                            }
                         }
                     }
                 }

@@ -214,7 +214,7 @@ struct Conn {
 }
 
 /// A connection a thread is serving a request on: its descriptor and state.
-type Serving = (RawFd, Arc<Mutex<Io>>);
+type Serving = (RawFd, Arc<Mutex<Io>>, Protocol);
 
 struct Shared<A: App> {
     app: A,
@@ -517,9 +517,11 @@ impl WorkerSignals {
         // With a handler that does nothing, not SIG_IGN: an ignored signal
         // stays ignored in the programs the app runs, a handler does not.
         extern "C" fn ignore(_: libc::c_int) {}
-        for sig in [SIGHUP, SIGUSR2, SIGTTIN, SIGTTOU, SIGWINCH] {
+        for sig in [SIGHUP, SIGTTIN, SIGTTOU, SIGWINCH] {
             crate::supervise::set_handler(sig, ignore);
         }
+        // From the master's next program, which stops this worker next.
+        crate::supervise::set_handler(SIGUSR2, crate::handover::note_superseded);
         unsafe { libc::close(fds[1]) };
         // The master blocks its signals to read them from a signalfd; a
         // worker runs app code that may start subprocesses, so it takes
@@ -665,58 +667,50 @@ fn check_timeouts<A: App>(w: &Shared<A>, now: u64) {
         if now.saturating_sub(since) < limit_ms || w.timed_out[t].load(Ordering::Acquire) {
             continue;
         }
+        // Under the thread's `current` lock: a thread ending its request
+        // clears `current` before it looks at `timed_out`, so either it has
+        // ended (nothing to do) or it will find the flag and leave the
+        // request, counted here, uncounted.
+        let current = w.current[t].lock().unwrap();
+        let Some((fd, io, protocol)) = current.clone() else {
+            continue;
+        };
         w.timed_out[t].store(true, Ordering::Release);
         w.stuck.fetch_add(1, Ordering::AcqRel);
-        let current = w.current[t].lock().unwrap().clone();
-        let answered = match current {
-            None => "its connection was already gone",
-            Some((fd, io)) => {
-                let outcome = match io.try_lock() {
-                    Ok(mut io) => {
-                        let blocking: fn(&mut dyn FnMut()) = |f| f();
-                        let fresh = io.phase < RespPhase::Sent && !io.broken;
-                        if fresh {
-                            io.status = 504;
-                            let reply = error_reply(io.wire, 504, "the request timed out");
-                            let _ = io.write_parts(&[&reply], blocking);
-                        }
-                        // Counted now, as it ends for the client: the stuck
-                        // thread may never come back to count it (and if it
-                        // does, it does not count it again).
-                        let protocol = match io.wire {
-                            Wire::Http => Protocol::Http,
-                            Wire::Uwsgi => Protocol::Uwsgi,
-                            Wire::Scgi => Protocol::Scgi,
-                            Wire::FastCgi { .. } => Protocol::FastCgi,
-                        };
-                        let bytes_in = std::mem::take(&mut io.read_total);
-                        let micros = now.saturating_sub(since) * 1000;
-                        w.scoreboard.record(
-                            w.slot,
-                            protocol as usize,
-                            io.status,
-                            micros,
-                            bytes_in,
-                            io.bytes_sent,
-                        );
-                        // Whatever the app does next goes nowhere.
-                        io.broken = true;
-                        io.keep_alive = false;
-                        if fresh {
-                            "the client got 504"
-                        } else {
-                            "its response had started, so the connection was cut"
-                        }
-                    }
-                    // The thread is inside a socket wait of its own.
-                    Err(_) => "the connection was cut",
-                };
-                // Sends what is queued (the 504), then ends the connection,
-                // which also wakes the thread if it waits on this socket.
-                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-                outcome
+        let micros = now.saturating_sub(since) * 1000;
+        let answered = match io.try_lock() {
+            Ok(mut io) => {
+                let blocking: fn(&mut dyn FnMut()) = |f| f();
+                let fresh = io.phase < RespPhase::Sent && !io.broken;
+                if fresh {
+                    io.status = 504;
+                    let reply = error_reply(io.wire, 504, "the request timed out");
+                    let _ = io.write_parts(&[&reply], blocking);
+                }
+                // Counted now, as it ends for the client: the stuck thread
+                // may never come back to count it.
+                let bytes_in = std::mem::take(&mut io.read_total);
+                w.scoreboard.record(w.slot, protocol as usize, io.status, micros, bytes_in, io.bytes_sent);
+                // Whatever the app does next goes nowhere.
+                io.broken = true;
+                io.keep_alive = false;
+                if fresh {
+                    "the client got 504"
+                } else {
+                    "its response had started, so the connection was cut"
+                }
+            }
+            // The thread is inside a socket wait of its own: what it sent is
+            // not known here, and the request counts as a 504.
+            Err(_) => {
+                w.scoreboard.record(w.slot, protocol as usize, 504, micros, 0, 0);
+                "the connection was cut"
             }
         };
+        drop(current);
+        // Sends what is queued (the 504), then ends the connection, which
+        // also wakes the thread if it waits on this socket.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
         let traceback = w.app.thread_traceback(t).unwrap_or_else(|| "(no traceback available)\n".to_string());
         error!(
             "Request timeout: {what} ran for {:.1} s, over --timeout {:.1} s, in worker {} (pid {}), \
@@ -1334,7 +1328,13 @@ fn take_handed_over<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, held
         match crate::handover::receive(inbox.as_raw_fd()) {
             Ok(crate::handover::Received::Conn(fd, note)) => {
                 let idx = usize::from(note.listener);
-                if idx >= w.listeners.len() || w.listeners[idx].1.protocol as u8 != note.protocol {
+                // Listeners are numbered alike in every worker of one program;
+                // across a re-exec the list may have changed: the socket
+                // itself must say it came from that listener.
+                if idx >= w.listeners.len()
+                    || w.listeners[idx].1.protocol as u8 != note.protocol
+                    || !accepted_on(fd.as_raw_fd(), &w.listeners[idx].1)
+                {
                     warn!("a connection handed over for a listener this worker does not have; closing it");
                     continue;
                 }
@@ -1370,6 +1370,25 @@ fn take_handed_over<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, held
             }
         }
     }
+}
+
+/// Whether connection `fd` was accepted on a listener like `listener`: the
+/// same family, and for TCP the same port.
+fn accepted_on(fd: RawFd, listener: &ListenerInfo) -> bool {
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    if unsafe { libc::getsockname(fd, &mut addr as *mut _ as *mut libc::sockaddr, &mut len) } < 0 {
+        return false;
+    }
+    let port = match addr.ss_family as i32 {
+        libc::AF_UNIX => return listener.is_unix,
+        libc::AF_INET => u16::from_be(unsafe { &*(&addr as *const _ as *const libc::sockaddr_in) }.sin_port),
+        libc::AF_INET6 => {
+            u16::from_be(unsafe { &*(&addr as *const _ as *const libc::sockaddr_in6) }.sin6_port)
+        }
+        _ => return false,
+    };
+    !listener.is_unix && listener.server_port == port.to_string()
 }
 
 fn peer_strings(addr: &libc::sockaddr_storage, is_unix: bool) -> (String, String) {
@@ -1577,6 +1596,28 @@ fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                 }
             }
         }
+        // A head not ended yet (parsed above, or not worth parsing) holds
+        // its share of the worker's budget for such heads.
+        if head_len.is_none() && !conn.head_ready && !conn.proxy_pending && !io.buf.is_empty() {
+            let total = conn.head_charge.set(io.buf.len());
+            if io.buf.len() > HEAD_FAIR_SHARE && total > HEAD_BUDGET {
+                info!(
+                    "Request head refused from {}: {} KiB and not ended, while this worker holds \
+                     {} MiB of unfinished request heads (at most {} MiB) (431 {})",
+                    peer(conn, &w.listeners[conn.listener].1),
+                    io.buf.len() >> 10,
+                    total >> 20,
+                    HEAD_BUDGET >> 20,
+                    reason(431)
+                );
+                let reply = error_response(431, "request header fields too large");
+                let _ = io.write_parts(&[&reply], |f| f());
+                record_refusal(w, Some(conn), conn.listener, &io.buf, 431, reply.len() as u64);
+                drain_and_close(&mut io);
+                conn.head_charge.set(0);
+                return Next::Close;
+            }
+        }
         // Draining, a kept-alive connection found idle closes. A new one
         // (its PROXY header taken, nothing else yet) waits for its request.
         if draining() && io.buf.is_empty() && read_once && !conn.entry.fresh.load(Ordering::Relaxed) {
@@ -1592,26 +1633,6 @@ fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                 read_once = true;
                 if was_empty {
                     conn.request_started = mono_ms();
-                }
-                if head_len.is_none() && !conn.head_ready {
-                    let total = conn.head_charge.set(io.buf.len());
-                    if io.buf.len() > HEAD_FAIR_SHARE && total > HEAD_BUDGET {
-                        info!(
-                            "Request head refused from {}: {} KiB and not ended, while this worker holds \
-                             {} MiB of unfinished request heads (at most {} MiB) (431 {})",
-                            peer(conn, &w.listeners[conn.listener].1),
-                            io.buf.len() >> 10,
-                            total >> 20,
-                            HEAD_BUDGET >> 20,
-                            reason(431)
-                        );
-                        let reply = error_response(431, "request header fields too large");
-                        let _ = io.write_parts(&[&reply], |f| f());
-                        record_refusal(w, Some(conn), conn.listener, &io.buf, 431, reply.len() as u64);
-                        drain_and_close(&mut io);
-                        conn.head_charge.set(0);
-                        return Next::Close;
-                    }
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -1880,7 +1901,11 @@ fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
     };
     // A new connection has the header timeout, counted from the accept, to
     // send its first request; between requests the keep-alive timeout applies.
-    let deadline = if idle && !conn.entry.fresh.load(Ordering::Relaxed) {
+    // A FastCGI request whose records came in part has left the buffer for
+    // the connection's FastCGI state: it is inside a request, on the header
+    // timeout, though its buffer is empty.
+    let between = idle && !conn.entry.fresh.load(Ordering::Relaxed) && conn.fcgi.active.is_none();
+    let deadline = if between {
         // Only a FastCGI connection the front end asked to keep is idle here
         // when HTTP keep-alive is off (a zero timeout); it keeps the default.
         let idle_for = match w.config.keepalive_timeout {
@@ -1892,10 +1917,6 @@ fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
         conn.request_started + w.config.header_timeout.as_millis() as u64
     };
     conn.entry.deadline.store(deadline, Ordering::Relaxed);
-    // A FastCGI request whose records came in part has left the buffer
-    // for the connection's FastCGI state: that connection is not between
-    // requests, though its buffer is empty.
-    let between = idle && !conn.entry.fresh.load(Ordering::Relaxed) && conn.fcgi.active.is_none();
     conn.entry.between.store(between, Ordering::Relaxed);
     let op = if conn.registered { libc::EPOLL_CTL_MOD } else { libc::EPOLL_CTL_ADD };
     // Edge-triggered and still armed: bytes that arrive from now on raise an
@@ -2101,7 +2122,7 @@ fn handle_request<A: App>(
         forwarded_https,
     };
     if w.config.timeout.is_some() {
-        *w.current[t].lock().unwrap() = Some((conn.entry.fd, conn.io.clone()));
+        *w.current[t].lock().unwrap() = Some((conn.entry.fd, conn.io.clone(), listener.protocol));
     }
     let started = Instant::now();
     let began_ms = mono_ms();

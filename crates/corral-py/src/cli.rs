@@ -193,7 +193,7 @@ pub struct Cli {
     /// socket before the connection is given up (uWSGI's --socket-timeout): a client that stops
     /// reading holds a thread this long.
     #[arg(long, value_name = "SECS", env = "CORRAL_SOCKET_TIMEOUT", default_value = "60",
-          value_parser = parse_positive_secs)]
+          value_parser = parse_socket_timeout)]
     pub socket_timeout: Duration,
 
     /// Seconds an idle keep-alive connection is kept open. 0 turns HTTP keep-alive off: every
@@ -478,6 +478,16 @@ fn parse_fields_limit(s: &str) -> Result<usize, String> {
     }
 }
 
+/// A socket wait: at least a millisecond (a wait of 0 gives up at once), at
+/// most a day (poll(2) takes the milliseconds as an int).
+fn parse_socket_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_secs(s)?;
+    if d < Duration::from_millis(1) || d > Duration::from_secs(86400) {
+        return Err("must be from 0.001 to 86400 seconds".into());
+    }
+    Ok(d)
+}
+
 fn parse_positive_secs(s: &str) -> Result<Duration, String> {
     let d = parse_secs(s)?;
     if d.is_zero() {
@@ -490,10 +500,12 @@ fn parse_positive_secs(s: &str) -> Result<Duration, String> {
 pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     // Before anything can start a program (a --preload import): see there.
     corral_engine::supervise::hold_early_signals();
+    // Before the app is imported (--preload), which may start threads: it
+    // sets an environment variable.
+    corral_engine::name_pool();
     // Before any fork or thread: see there.
     corral_engine::proctitle::init();
     let cmd = Cli::command();
-    let given_argv = argv.clone();
     let (argv, origins) = match crate::config_file::layer(&cmd, &argv) {
         Ok(layered) => layered,
         Err(e) => {
@@ -730,6 +742,11 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             }
         }
     }
+    let stats_addr = cli.stats.as_deref().and_then(|s| Addr::parse(s).ok());
+    if let Err(e) = distinct_tcp_listeners(parsed.iter().map(|(_, a)| a).chain(stats_addr.as_ref())) {
+        error!("{e}");
+        return Ok(2);
+    }
     let owner = match cli.socket_owner.as_deref().map(parse_owner).transpose() {
         Ok(o) => o,
         Err(e) => {
@@ -951,7 +968,6 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     let reexec = crate::runtime::Reexec {
         exe: sys.getattr("executable")?.extract::<String>()?,
         argv: sys.getattr("orig_argv")?.extract::<Vec<String>>()?,
-        cli_argv: given_argv,
         start_dir,
         listen_fds: if from_activation { activated.clone() } else { Vec::new() },
     };
@@ -1097,23 +1113,6 @@ fn check_config(py: Python<'_>, cli: &Cli, matches: &clap::ArgMatches) -> PyResu
 
 /// The checks of a start that have no effect on the system: for
 /// `--print-config` and `--check-config`.
-/// What a start with `argv` (the arguments as given, before the config
-/// file's) would refuse, without creating anything: the check before the
-/// master re-executes itself, since the new program reads the config file
-/// and the environment anew, and one that refused them would leave nothing
-/// serving.
-pub(crate) fn check_configuration(argv: &[String]) -> Result<(), String> {
-    let cmd = Cli::command();
-    let (argv, _) = crate::config_file::layer(&cmd, argv)?;
-    let first_line = |e: clap::Error| {
-        let text = e.to_string();
-        text.lines().next().unwrap_or_default().trim_start_matches("error: ").to_string()
-    };
-    let matches = cmd.try_get_matches_from(&argv).map_err(first_line)?;
-    let cli = Cli::from_arg_matches(&matches).map_err(first_line)?;
-    check_without_effects(&cli, &matches)
-}
-
 fn check_without_effects(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), String> {
     access_format(cli, matches)?;
     pool_size(cli, "")?;
@@ -1326,6 +1325,34 @@ fn code_of(status: i32) -> i32 {
     } else {
         1
     }
+}
+
+/// No two of this server's TCP listeners (the stats one included) take the
+/// same port on overlapping addresses: with --reuse-port both would bind,
+/// and the kernel would split connections between them.
+fn distinct_tcp_listeners<'a>(addrs: impl Iterator<Item = &'a Addr>) -> Result<(), String> {
+    let wildcard = |h: &str| h == "0.0.0.0" || h == "::" || h.is_empty();
+    let mut seen: Vec<(&str, u16)> = Vec::new();
+    for a in addrs {
+        let Addr::Tcp(host, port) = a else { continue };
+        if *port == 0 {
+            continue;
+        }
+        // IPv4 and IPv6 overlap only on an IPv6 wildcard, and that one
+        // leaves IPv4 to a listener on the same port (see BindOptions).
+        let same_family = |h: &str| h.contains(':') == host.contains(':');
+        if let Some(other) = seen
+            .iter()
+            .find(|(h, p)| p == port && same_family(h) && (h == host || wildcard(h) || wildcard(host)))
+        {
+            return Err(format!(
+                "{a} overlaps {}: two listeners of this server cannot take the same port",
+                Addr::Tcp(other.0.to_string(), other.1)
+            ));
+        }
+        seen.push((host, *port));
+    }
+    Ok(())
 }
 
 /// --capture-output has somewhere to capture to.

@@ -32,8 +32,6 @@ pub struct Reexec {
     /// sys.executable and sys.orig_argv.
     pub exe: String,
     pub argv: Vec<String>,
-    /// corral's own arguments, as given (before the config file's).
-    pub cli_argv: Vec<String>,
     /// The directory corral was started in (before --chdir).
     pub start_dir: Option<std::path::PathBuf>,
     /// The socket-activation descriptors (and names) the listeners came
@@ -134,17 +132,34 @@ impl Hooks for Runtime {
     }
 
     fn check_reexec(&self) -> Result<(), String> {
-        // Relative paths (the config file's among them) as the new program
-        // will take them: from the directory of the first start.
-        let here = std::env::current_dir().ok();
+        // The new program judges, not this one: after an upgrade it may know
+        // options this one does not (or no longer know some). Asked with
+        // --print-config, which checks without creating or binding anything,
+        // from the directory of the first start, as the re-exec will be.
+        let (exe, orig) = (&self.reexec.exe, &self.reexec.argv);
+        if exe.is_empty() || orig.is_empty() {
+            return Ok(());
+        }
+        let mut check = std::process::Command::new(exe);
+        check.args(&orig[1..]).arg("--print-config");
         if let Some(dir) = &self.reexec.start_dir {
-            let _ = std::env::set_current_dir(dir);
+            check.current_dir(dir);
         }
-        let verdict = crate::cli::check_configuration(&self.reexec.cli_argv);
-        if let Some(dir) = here {
-            let _ = std::env::set_current_dir(dir);
+        let out = check
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .map_err(|e| format!("cannot run {exe} to check it: {e}"))?;
+        if out.status.success() {
+            return Ok(());
         }
-        verdict
+        let said = String::from_utf8_lossy(&out.stderr);
+        let said: Vec<&str> = said.lines().filter(|l| !l.trim().is_empty()).take(3).collect();
+        Err(match said.is_empty() {
+            true => format!("it exited with {}", out.status),
+            false => said.join(" / "),
+        })
     }
 
     fn reexec_env(&self) -> Vec<(String, String)> {
