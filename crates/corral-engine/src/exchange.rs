@@ -433,9 +433,13 @@ impl Io {
                     let now = crate::date::mono_ms();
                     let left = self.body_deadline.saturating_sub(now);
                     let timeout = (self.timeout_ms as u64).min(left) as i32;
+                    // Judged by which limit the wait had, not by the clock after
+                    // it: mono_ms is coarse (a few ms), and a wait that ended at
+                    // the body's deadline could read as just short of it.
+                    let rate_bound = left <= self.timeout_ms as u64;
                     if left == 0 || !self.wait_ms(libc::POLLIN, timeout, blocking) {
                         let now = crate::date::mono_ms();
-                        if now >= self.body_deadline {
+                        if rate_bound {
                             self.body_note = Some(format!(
                                 "the body came slower than {MIN_BODY_RATE} bytes/s after a {} s grace \
                                  ({} bytes in {:.1} s); giving up on it",
