@@ -112,3 +112,26 @@ def test_usr2_with_a_config_file_the_new_program_would_refuse_keeps_serving(star
     server.wait_for(READY_RE.pattern, count=2, since=mark, timeout=20)
     server.wait_for(r"from before the re-exec exited", since=mark, timeout=20)
     assert not {int(server.request("GET", "/pid").body) for _ in range(10)} & old
+
+
+def test_hup_reads_a_changed_config_file_again(start_server, tmp_path):
+    """As gunicorn's HUP reloads its configuration: a config file that
+    changed since the start is read again (the master re-executes itself);
+    one that did not change gets the usual reload."""
+    conf = tmp_path / "corral.toml"
+    conf.write_text("workers = 1\n")
+    server = start_server("behaviour:application", "--config", str(conf), workers=None)
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    server.wait_for(r"Received SIGHUP: starting 1 new worker", since=mark)
+    server.wait_for(READY_RE.pattern, since=mark, timeout=20)
+    assert not server.grep(r"re-executing the master", since=mark)
+    conf.write_text("workers = 2\n")
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    server.wait_for(
+        rf"Received SIGHUP: {re.escape(str(conf))} changed, so the master re-executes", since=mark
+    )
+    server.wait_for(READY_RE.pattern, count=2, since=mark, timeout=20)
+    server.wait_for(r"from before the re-exec exited", since=mark, timeout=20)
+    assert len(server.worker_pids(since=mark)) == 2

@@ -129,10 +129,11 @@ pub trait Hooks {
     fn reexec_command(&self) -> Option<(std::ffi::CString, Vec<std::ffi::CString>)> {
         None
     }
-    /// Whether a reload must re-exec the master to pick up new code (the
-    /// app was imported in the master before forking).
-    fn reload_needs_reexec(&self) -> bool {
-        false
+    /// Why a reload must re-exec the master, if it must: to pick up new
+    /// code (the app was imported in the master before forking), or a
+    /// config file that changed since this program read it.
+    fn reload_needs_reexec(&self) -> Option<String> {
+        None
     }
     /// What the re-executed program would refuse in its configuration (the
     /// config file and the environment, read anew), checked before: a
@@ -523,8 +524,8 @@ impl<'a, H: Hooks> Master<'a, H> {
                 if self.phase != Phase::Running {
                     return;
                 }
-                if self.hooks.reload_needs_reexec() {
-                    info!("Received {name}: the app was preloaded, so the master re-executes itself to load it anew");
+                if let Some(why) = self.hooks.reload_needs_reexec() {
+                    info!("Received {name}: {why}");
                     self.reexec(&name);
                     return;
                 }

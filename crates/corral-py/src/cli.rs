@@ -633,6 +633,12 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         }
     }
     let start_dir = std::env::current_dir().ok();
+    // As it was read at this start (a HUP re-reads it if it changed).
+    let config_file = cli
+        .config
+        .as_deref()
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| PathBuf::from(p)))
+        .and_then(|p| std::fs::read(&p).ok().map(|read| (p, read)));
     let pidfile = cli.pidfile.as_deref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
     let touch_files: Vec<PathBuf> =
         cli.touch_reload.iter().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())).collect();
@@ -970,6 +976,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         argv: sys.getattr("orig_argv")?.extract::<Vec<String>>()?,
         start_dir,
         listen_fds: if from_activation { activated.clone() } else { Vec::new() },
+        config_file,
     };
     let runtime = Runtime::new(spec, preloaded, cli.preload, mount, &config, reexec);
     let mut master = match Master::new(config, listeners, &runtime) {

@@ -34,6 +34,10 @@ pub struct Reexec {
     pub argv: Vec<String>,
     /// The directory corral was started in (before --chdir).
     pub start_dir: Option<std::path::PathBuf>,
+    /// The --config file and what it held when this program read it: a
+    /// reload re-executes the master when that changed, as gunicorn's HUP
+    /// reloads its configuration.
+    pub config_file: Option<(std::path::PathBuf, Vec<u8>)>,
     /// The socket-activation descriptors (and names) the listeners came
     /// from, handed to the new program the way the service manager did.
     pub listen_fds: Vec<(i32, Option<String>)>,
@@ -176,8 +180,13 @@ impl Hooks for Runtime {
         ]
     }
 
-    fn reload_needs_reexec(&self) -> bool {
-        self.preload
+    fn reload_needs_reexec(&self) -> Option<String> {
+        if self.preload {
+            return Some("the app was preloaded, so the master re-executes itself to load it anew".into());
+        }
+        let (path, read) = self.reexec.config_file.as_ref()?;
+        (std::fs::read(path).ok().as_ref() != Some(read))
+            .then(|| format!("{} changed, so the master re-executes itself to read it", path.display()))
     }
 
     fn worker_exit(&self, code: i32) -> ! {
