@@ -965,6 +965,17 @@ def test_fastcgi_stdin_shorter_than_content_length_is_logged(gw):
     gw.wait_for(r"POST /sha from .*: STDIN ended 97 bytes short of CONTENT_LENGTH", since=mark)
 
 
+def _closed_unanswered(addr, data):
+    """Sends `data` and expects the server to close without a byte in return."""
+    sock = g.connect(addr)
+    try:
+        sock.sendall(data)
+        got, closed = g.read_until_close(sock, timeout=15)
+        assert closed and got == b""
+    finally:
+        sock.close()
+
+
 @pytest.mark.parametrize("proto", PROTOS)
 def test_a_request_head_that_stalls_is_closed_and_logged(start_server, proto):
     server = g.start_gateways(
@@ -972,13 +983,7 @@ def test_a_request_head_that_stalls_is_closed_and_logged(start_server, proto):
     )
     whole = g.request_bytes(proto, g.cgi_params(uri="/fixed"))
     mark = server.mark()
-    sock = g.connect(server.addr(proto))
-    try:
-        sock.sendall(whole[:10])
-        data, closed = g.read_until_close(sock, timeout=15)
-        assert closed and data == b""
-    finally:
-        sock.close()
+    _closed_unanswered(server.addr(proto), whole[:10])
     server.wait_for(
         rf"Timed out: {proto} request from 127\.0\.0\.1:\d+: incomplete after the header timeout "
         r"\(1 s, 10 bytes buffered\)",
@@ -995,13 +1000,9 @@ def test_a_fastcgi_request_whose_records_stop_is_closed_and_logged(start_server)
     )
     mark = server.mark()
     params = g.encode_pairs(g.cgi_params(uri="/fixed"))
-    sock = g.connect(server.addr("fastcgi"))
-    try:
-        sock.sendall(g.begin_request(1, keep_conn=True) + g.record(g.FCGI_PARAMS, 1, params))
-        data, closed = g.read_until_close(sock, timeout=15)
-        assert closed and data == b""
-    finally:
-        sock.close()
+    _closed_unanswered(
+        server.addr("fastcgi"), g.begin_request(1, keep_conn=True) + g.record(g.FCGI_PARAMS, 1, params)
+    )
     server.wait_for(
         r"Timed out: fastcgi request from 127\.0\.0\.1:\d+: incomplete after the header timeout "
         r"\(1 s, 0 bytes buffered\)",

@@ -293,6 +293,19 @@ def _metric(text, name, labels=""):
     return float(m.group(1))
 
 
+def _metrics_once(port, name, labels, at_least):
+    """The /metrics text once `name{labels}` reached `at_least` (workers
+    report what they count a moment after the response)."""
+
+    def settled():
+        text = _get(port, "/metrics")[1].decode()
+        return text if _metric(text, name, labels) >= at_least else None
+
+    text = wait_until(settled)
+    assert text, _get(port, "/metrics")[1].decode()
+    return text
+
+
 def test_metrics_count_a_known_mix_exactly(stats_server):
     s = stats_server
     for _ in range(5):
@@ -365,13 +378,7 @@ def test_requests_the_engine_refuses_are_logged_and_counted(start_server, tmp_pa
     statuses = sorted(line.split('" ')[1].split()[0] for line in lines)
     assert statuses == ["400", "400", "413", "414"], lines
     assert any('"POST /echo HTTP/1.1" 413' in line for line in lines), lines
-
-    def settled():
-        text = _get(stats_port, "/metrics")[1].decode()
-        return text if _metric(text, "corral_requests_total", '{protocol="http",status="4xx"}') >= 3 else None
-
-    text = wait_until(settled)
-    assert text, _get(stats_port, "/metrics")[1].decode()
+    text = _metrics_once(stats_port, "corral_requests_total", '{protocol="http",status="4xx"}', 3)
     assert _metric(text, "corral_requests_total", '{protocol="http",status="4xx"}') == 3
     assert _metric(text, "corral_requests_total", '{protocol="uwsgi",status="4xx"}') == 1
 
@@ -809,13 +816,7 @@ def test_a_request_past_timeout_counts_in_requests_and_durations(start_server):
     )
     resp = s.request("GET", "/slow?secs=2&id=late", timeout=30)
     assert resp.status == 504
-
-    def settled():
-        text = _get(stats_port, "/metrics")[1].decode()
-        return text if _metric(text, "corral_request_timeouts_total", "") >= 1 else None
-
-    text = wait_until(settled)
-    assert text, _get(stats_port, "/metrics")[1].decode()
+    text = _metrics_once(stats_port, "corral_request_timeouts_total", "", 1)
     assert _metric(text, "corral_requests_total", '{protocol="http",status="5xx"}') == 1
     assert _metric(text, "corral_request_duration_seconds_count", "") == 1
     assert _metric(text, "corral_request_duration_seconds_bucket", '{le="0.5"}') == 0

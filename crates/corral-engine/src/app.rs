@@ -44,7 +44,23 @@ pub struct Request<'a> {
     pub forwarded_https: bool,
 }
 
+impl ListenerInfo {
+    /// Who is on the other end of a connection to this listener, for a
+    /// log line: its address and port, or the unix socket it came through.
+    pub fn peer(&self, remote_addr: &str, remote_port: &str) -> String {
+        if self.is_unix {
+            format!("unix:{}", self.server_name)
+        } else {
+            format!("{remote_addr}:{remote_port}")
+        }
+    }
+}
+
 impl<'a> Request<'a> {
+    /// The client, as log lines name it (see [`ListenerInfo::peer`]).
+    pub fn peer(&self) -> String {
+        self.listener.peer(self.remote_addr, self.remote_port)
+    }
     /// The HTTP head, for requests that arrived over HTTP.
     pub fn http(&self) -> Option<&'a Head> {
         match self.meta {

@@ -2774,11 +2774,7 @@ fn record_refusal<A: App>(
 }
 
 fn peer(conn: &Conn, l: &ListenerInfo) -> String {
-    if l.is_unix {
-        format!("unix:{}", l.server_name)
-    } else {
-        format!("{}:{}", conn.remote_addr, conn.remote_port)
-    }
+    l.peer(&conn.remote_addr, &conn.remote_port)
 }
 
 pub fn reason(status: u16) -> &'static str {

@@ -467,12 +467,7 @@ impl WsgiApp {
             // A body cut short is logged once by the engine, with the peer
             // and how much was missing.
             if ex.body_error() != Some(BodyError::Truncated) {
-                let from = match (req.remote_addr, req.remote_port) {
-                    ("", _) => String::new(),
-                    (a, p) if a.contains(':') => format!(" from [{a}]:{p}"),
-                    (a, p) => format!(" from {a}:{p}"),
-                };
-                info!("{what}{from}: client disconnected ({})", e.value(py));
+                info!("{what} from {}: client disconnected ({})", req.peer(), e.value(py));
             }
             ex.abort();
             return;
