@@ -22,6 +22,7 @@ CGI_KEYS = [
     "REMOTE_ADDR",
     "REMOTE_PORT",
     "REQUEST_URI",
+    "RAW_URI",
 ]
 
 
@@ -126,6 +127,7 @@ def test_path_and_query_decoding(behaviour, target, path, query):
     assert _v(env, "PATH_INFO") == path
     assert _v(env, "QUERY_STRING") == query
     assert _v(env, "REQUEST_URI") == target
+    assert _v(env, "RAW_URI") == target
 
 
 def test_repeated_headers_are_joined(behaviour):

@@ -15,12 +15,13 @@ from front_ends import free_port
 from support import APPS, CORRAL, ROOT, wait_until
 
 
-def _fails_fast(start_server, app, *args, **kw):
+def _fails_fast(start_server, app, *args, code=4, **kw):
     started = time.monotonic()
     server = start_server(app, *args, wait=False, **kw)
-    code = server.wait_exit(timeout=10)
+    exited = server.wait_exit(timeout=10)
     elapsed = time.monotonic() - started
-    assert code != 0, server.log
+    # 4 (gunicorn's exit code) for an application that cannot be loaded.
+    assert exited == code, server.log
     assert elapsed < 10
     # No respawn loop: at most one boot per worker slot.
     boots = server.grep(r"Booting worker")
@@ -71,14 +72,14 @@ def test_address_in_use(start_server):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        server = _fails_fast(start_server, "factory_app:application", http=f"127.0.0.1:{port}")
+        server = _fails_fast(start_server, "factory_app:application", http=f"127.0.0.1:{port}", code=1)
     assert re.search(r"(?i)address already in use|address in use|EADDRINUSE", server.log), server.log
     assert str(port) in server.log
 
 
 def test_address_not_on_this_host(start_server):
     # 192.0.2.0/24 is TEST-NET-1: never assigned to a local interface.
-    server = _fails_fast(start_server, "factory_app:application", http="192.0.2.1:8000")
+    server = _fails_fast(start_server, "factory_app:application", http="192.0.2.1:8000", code=1)
     assert re.search(r"(?i)cannot bind 192\.0\.2\.1:8000: address not available", server.log), server.log
 
 
@@ -86,7 +87,7 @@ def test_unix_socket_path_not_usable(start_server, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     path = blocker / "corral.sock"
-    server = _fails_fast(start_server, "factory_app:application", http=f"unix:{path}")
+    server = _fails_fast(start_server, "factory_app:application", http=f"unix:{path}", code=1)
     assert re.search(rf"(?i)cannot bind unix:{re.escape(str(path))}: not a directory", server.log), server.log
 
 
@@ -109,7 +110,7 @@ def test_privileged_port_not_permitted():
 
 
 def test_invalid_app_spec(start_server):
-    server = _fails_fast(start_server, "not a module!")
+    server = _fails_fast(start_server, "not a module!", code=2)
     assert "not a module!" in server.log
 
 

@@ -25,6 +25,15 @@ use crate::worker::WorkerCtx;
 /// master stops instead of respawning into the same error.
 pub const EXIT_APP_LOAD_FAILED: i32 = 3;
 
+/// The master's exit code when the application cannot be loaded, as
+/// gunicorn's (its APP_LOAD_ERROR), so a deploy script or service manager
+/// can tell a release that does not import from a crash.
+pub const MASTER_EXIT_APP_LOAD: i32 = 4;
+
+/// The master's exit code when workers keep dying while they boot, as
+/// gunicorn's (its WORKER_BOOT_ERROR).
+pub const MASTER_EXIT_BOOT_FAILURES: i32 = 3;
+
 /// How often a master short of worker slots says so.
 const SLOT_WARN_EVERY: Duration = Duration::from_secs(10);
 
@@ -1133,7 +1142,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             }
             if load_failed {
                 error!("Worker {} (pid {pid}) could not load the application (see the error above); shutting down", w.slot);
-                self.fail(1);
+                self.fail(MASTER_EXIT_APP_LOAD);
                 return;
             }
             if !booted {
@@ -1143,7 +1152,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                         "Worker {} (pid {pid}) {how} while booting; {} boot failures in a row, giving up",
                         w.slot, self.boot_failures
                     );
-                    self.fail(1);
+                    self.fail(MASTER_EXIT_BOOT_FAILURES);
                     return;
                 }
                 let backoff = Duration::from_millis(100 << self.boot_failures.min(6));

@@ -945,7 +945,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             Err(msg) => {
                 error!("{msg}");
                 remove_pidfile();
-                return Ok(1);
+                return Ok(corral_engine::supervise::MASTER_EXIT_APP_LOAD);
             }
         }
     } else {

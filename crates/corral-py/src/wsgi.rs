@@ -51,6 +51,7 @@ struct Keys {
     script_name: Py<PyString>,
     query_string: Py<PyString>,
     request_uri: Py<PyString>,
+    raw_uri: Py<PyString>,
     server_protocol: Py<PyString>,
     remote_addr: Py<PyString>,
     remote_port: Py<PyString>,
@@ -141,6 +142,7 @@ impl WsgiApp {
                 script_name: s("SCRIPT_NAME"),
                 query_string: s("QUERY_STRING"),
                 request_uri: s("REQUEST_URI"),
+                raw_uri: s("RAW_URI"),
                 server_protocol: s("SERVER_PROTOCOL"),
                 remote_addr: s("REMOTE_ADDR"),
                 remote_port: s("REMOTE_PORT"),
@@ -211,7 +213,11 @@ impl WsgiApp {
         } else {
             env.set_item(k.query_string.bind(py), latin1(py, query))?;
         }
-        env.set_item(k.request_uri.bind(py), latin1(py, req.target()))?;
+        // RAW_URI too, as gunicorn sets it: apps written for it read the
+        // target from there.
+        let target = latin1(py, req.target());
+        env.set_item(k.raw_uri.bind(py), &target)?;
+        env.set_item(k.request_uri.bind(py), target)?;
         let proto = if req.protocol() == "HTTP/1.1" { &k.http11 } else { &k.http10 };
         env.set_item(k.server_protocol.bind(py), proto.bind(py))?;
         env.set_item(k.remote_addr.bind(py), req.remote_addr)?;
