@@ -29,10 +29,10 @@ from support import Server, wait_until
 PATTERN = bytes(range(256)) * 4096
 
 NGINX_PROTOCOLS = {
-    # protocol: (params file, pass directive, extra directives for the HTTPS server)
-    "uwsgi": ("uwsgi_params", "uwsgi_pass", "uwsgi_param HTTPS on;"),
-    "fastcgi": ("fastcgi_params", "fastcgi_pass", "fastcgi_param HTTPS on;"),
-    "scgi": ("scgi_params", "scgi_pass", "scgi_param HTTPS on;"),
+    # protocol: (params file, pass directive, param directive)
+    "uwsgi": ("uwsgi_params", "uwsgi_pass", "uwsgi_param"),
+    "fastcgi": ("fastcgi_params", "fastcgi_pass", "fastcgi_param"),
+    "scgi": ("scgi_params", "scgi_pass", "scgi_param"),
 }
 
 COMBOS = [
@@ -94,7 +94,12 @@ class Stack:
         self.corral.cleanup()
 
     def _nginx(self):
-        params, directive, https = NGINX_PROTOCOLS[self.wire]
+        params, directive, param = NGINX_PROTOCOLS[self.wire]
+        # The HTTPS server also sets again two variables the stock params set
+        # (REQUEST_SCHEME to http; HTTP_HOST to $host, without the port, in
+        # Debian's), as docs/deploy/nginx.md advises behind TLS ended
+        # elsewhere and on a port of its own: nginx then sends both values.
+        https = f"{param} HTTPS on; {param} REQUEST_SCHEME https; {param} HTTP_HOST $http_host;"
         target = self.backend  # HOST:PORT, or unix:/path, which is nginx's own syntax too
         upstream, extra = "", ""
         if self.protocol == "fastcgi-keepalive":
@@ -298,6 +303,14 @@ def test_repeated_headers(stack):
 def test_https_flag(stack):
     assert stack.environ(port=stack.https_port)["wsgi.url_scheme"] == "https"
     assert stack.environ()["wsgi.url_scheme"] == "http"
+
+
+def test_a_variable_the_front_end_config_sets_again_takes_its_last_value(stack):
+    if stack.front_name != "nginx":
+        pytest.skip("nginx's params files")
+    env = stack.environ(port=stack.https_port)
+    assert env["REQUEST_SCHEME"] == "https"
+    assert env["HTTP_HOST"] == f"127.0.0.1:{stack.https_port}"
 
 
 def test_dot_segments_and_repeated_slashes_reach_the_app_resolved(stack):

@@ -320,6 +320,7 @@ def start_nginx(cluster: Cluster, workdir) -> dict[str, int]:
         listen {http_port};
         location / {{
             proxy_pass http://corral_http;
+            proxy_set_header Host $http_host;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_next_upstream error timeout http_502 http_503;
@@ -330,6 +331,7 @@ def start_nginx(cluster: Cluster, workdir) -> dict[str, int]:
         listen {uwsgi_port};
         location / {{
             include {front_ends.NGINX_PARAMS}/uwsgi_params;
+            uwsgi_param HTTP_HOST $http_host;
             uwsgi_pass corral_uwsgi;
             uwsgi_next_upstream error timeout http_503;
             uwsgi_connect_timeout 1s;
@@ -395,6 +397,12 @@ def test_every_host_serves_a_share(cluster):
         for host in ("h0", "h1", "h2"):
             # Round robin: a third each; a fifth is the least any host gets.
             assert served[(front, host)] > total / 5, (front, served)
+    # The app sees the Host the client sent, through either server block.
+    for port in load.fronts.values():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/host")
+        assert conn.getresponse().read().decode() == f"127.0.0.1:{port}"
+        conn.close()
 
 
 def test_drain_fails_nothing_and_the_host_comes_back(cluster):

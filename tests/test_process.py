@@ -612,8 +612,8 @@ def test_a_daemon_whose_preloaded_app_forked_reports_its_failed_start(tmp_path):
             text=True,
             timeout=60,
         )
-        assert failed.returncode == 1, (failed.stderr, log.read_text())
-        assert "failed to start (exit code 1)" in failed.stderr
+        assert failed.returncode == 4, (failed.stderr, log.read_text())
+        assert "failed to start (exit code 4)" in failed.stderr
         assert "import failed after the fork" in log.read_text()
     finally:
         if wait_until(child_pid.exists, 5):

@@ -9,7 +9,8 @@ file's new content and an old worker with the old one.
 while); `?tag=NAME` first logs "request NAME started" to wsgi.errors, so a
 test can tell from the server's log that (and where) a request is in flight. `/orphan` starts a shell that backgrounds a `sleep` and exits at once,
 leaving the sleep to be adopted by the nearest reaper (in a container: PID 1)
-and answers with the sleep's pid as seen by the app.
+and answers with the sleep's pid as seen by the app. `/host` answers with
+HTTP_HOST, the Host the app sees.
 """
 
 import os
@@ -40,6 +41,8 @@ def application(environ, start_response):
             check=True,
         )
         return _text(start_response, out.stdout.strip())
+    if environ.get("PATH_INFO") == "/host":
+        return _text(start_response, environ.get("HTTP_HOST", "-"))
     if "tag" in query:
         environ["wsgi.errors"].write(f"request {query['tag']} started\n")
         environ["wsgi.errors"].flush()

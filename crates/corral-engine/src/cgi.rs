@@ -79,7 +79,11 @@ pub struct CgiEnviron<'b> {
 /// Maps a front end's variables to environ values.
 ///
 /// - Repeated `HTTP_*` variables (nginx sends one per header line) are
-///   joined with "," (Cookie with "; "); for other names the last one wins.
+///   joined with "," (Cookie with "; "); for other names the last one wins,
+///   and for HTTP_HOST: a request with two Host fields gets 400 from nginx
+///   (RFC 9112 asks for it), so a repeated HTTP_HOST is a variable the
+///   configuration sets again, such as `uwsgi_param HTTP_HOST $http_host;`
+///   after Debian's params, which send `HTTP_HOST $host`.
 /// - HTTP_CONTENT_LENGTH and HTTP_CONTENT_TYPE are dropped: PEP 3333 has
 ///   only the CGI names.
 /// - PATH_INFO, when the front end sends none, is the path the front end
@@ -142,7 +146,7 @@ pub fn environ<'b>(params: &CgiParams, bytes: &'b [u8], mount: &'b [u8]) -> CgiE
             }
             _ => {}
         }
-        if key.starts_with(b"HTTP_") {
+        if key.starts_with(b"HTTP_") && key != b"HTTP_HOST" {
             if let Some(slot) = vars.iter_mut().find(|(k, _)| *k == key) {
                 let sep: &[u8] = if key == b"HTTP_COOKIE" { b"; " } else { b"," };
                 let mut joined = slot.1.to_vec();
@@ -509,6 +513,8 @@ mod tests {
                 ("CONTENT_LENGTH", "5"),
                 ("DOCUMENT_ROOT", "/one"),
                 ("DOCUMENT_ROOT", "/two"),
+                ("HTTP_HOST", "example.com"),
+                ("HTTP_HOST", "example.com:8080"),
             ],
             "",
             false,
@@ -520,6 +526,8 @@ mod tests {
         assert_eq!(var(&vars, "CONTENT_LENGTH").as_deref(), Some("5"));
         assert_eq!(var(&vars, "DOCUMENT_ROOT").as_deref(), Some("/two"));
         assert_eq!(vars.iter().filter(|(k, _)| k == "DOCUMENT_ROOT").count(), 1);
+        assert_eq!(var(&vars, "HTTP_HOST").as_deref(), Some("example.com:8080"));
+        assert_eq!(vars.iter().filter(|(k, _)| k == "HTTP_HOST").count(), 1);
     }
 
     #[test]

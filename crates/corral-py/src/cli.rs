@@ -76,7 +76,7 @@ pub struct Cli {
     /// Detach from the terminal and run in the background (gunicorn's -D, uWSGI's
     /// daemonize). The command returns once the workers are ready (exit 0), or with the
     /// server's exit code if it fails to start. Needs --error-log FILE (and no `--access-log
-    /// -`); pair it with --pidfile to signal the server later.
+    /// -` unless --capture-output); pair it with --pidfile to signal the server later.
     #[arg(short = 'D', long, value_name = "BOOL", env = "CORRAL_DAEMON", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", default_value = "false", action = ArgAction::Set,
           value_parser = clap::builder::BoolishValueParser::new())]
@@ -135,7 +135,9 @@ pub struct Cli {
           requires = "workers_max", value_parser = parse_positive_secs)]
     pub scale_down_idle: Duration,
 
-    /// Connections one worker holds at most; past it new connections get 503 (logged).
+    /// Connections one worker holds at most. At the limit a new one takes the place of the
+    /// kept-alive connection idle the longest (closed, as nginx reuses idle connections);
+    /// only when none is idle does it get 503 (logged).
     #[arg(long, visible_alias = "worker-connections", value_name = "N", env = "CORRAL_MAX_CONNECTIONS",
           default_value_t = corral_engine::config::DEFAULT_MAX_CONNECTIONS as u64,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
