@@ -1,5 +1,6 @@
 """Access and error logs, metrics, health endpoints, `corral stats` and `corral top`."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -204,6 +205,34 @@ def test_logs_reopen_after_rename(start_server, tmp_path):
     assert "Worker ready" in (tmp_path / "error.log.1").read_text()
     # The error log file gets the master's and the workers' lines, with worker ids.
     assert re.search(r"\[\d+\] \[worker \d\] \[INFO\] Reopened the access log", errors.read_text())
+
+
+def test_logs_reopened_before_a_reexec_are_not_carried_into_it(start_server, tmp_path):
+    """A log file reopened on SIGUSR1 stays close-on-exec: the re-executed
+    master (USR2) and its workers hold each log once, never a rotated file."""
+    access, errors = tmp_path / "access.log", tmp_path / "error.log"
+    server = _start_logging_to(start_server, errors, "--access-log", str(access))
+    for i in range(1, 3):
+        os.rename(access, tmp_path / f"access.log.{i}")
+        os.rename(errors, tmp_path / f"error.log.{i}")
+        server.signal(signal.SIGUSR1)
+        assert wait_until(lambda: errors.exists() and "Reopened the access log" in errors.read_text(), 10)
+        server.signal(signal.SIGUSR2)
+        assert wait_until(lambda: "from before the re-exec exited" in errors.read_text(), 20), (
+            errors.read_text()
+        )
+    server.request("GET", "/fixed")
+    master = server.proc.pid
+    with open(f"/proc/{master}/task/{master}/children") as f:
+        workers = f.read().split()
+    assert workers
+    for pid in [master, *map(int, workers)]:
+        links = []
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(FileNotFoundError):
+                links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        assert not [link for link in links if ".log." in link], (pid, links)
+        assert links.count(str(errors)) == 1, (pid, links)
 
 
 def test_capture_output_sends_the_apps_prints_to_the_error_log(start_server, tmp_path):

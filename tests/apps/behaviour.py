@@ -118,21 +118,38 @@ def print_errors(environ, start_response):
 
 
 class _CloseFails:
-    def __init__(self, items):
-        self.items = items
+    def __init__(self, items, fail_after=None):
+        self.items, self.fail_after = items, fail_after
 
     def __iter__(self):
-        return iter(self.items)
+        for i, item in enumerate(self.items):
+            if i == self.fail_after:
+                raise ValueError("iteration failed")
+            yield item
 
     def close(self):
         raise RuntimeError("close failed")
 
 
+KEPT_ENVIRONS = []
+
+
+def keep_environ(environ, start_response):
+    """Reads the body and keeps the environ for good, as a request history
+    or a debug panel does; answers with the worker's resident memory in KiB."""
+    environ["wsgi.input"].read()
+    KEPT_ENVIRONS.append(environ)
+    with open("/proc/self/status") as f:
+        rss = next(line.split()[1] for line in f if line.startswith("VmRSS:"))
+    return _ok(start_response, rss)
+
+
 def close_fails(environ, start_response):
     """A whole body whose iterable's close() raises (a Django request_finished
-    handler that fails, say)."""
+    handler that fails, say); with ?mid=1 its iteration fails after the first
+    piece as well."""
     start_response("200 OK", [("Content-Type", "text/plain")])
-    return _CloseFails([b"hello ", b"world"])
+    return _CloseFails([b"hello ", b"world"], fail_after=1 if "mid" in _query(environ) else None)
 
 
 def burst_then_slow(environ, start_response):
@@ -403,10 +420,16 @@ def late_write(environ, start_response):
 
 
 def serve_bytesio(environ, start_response):
-    size = int(_query(environ).get("size", "100000"))
+    """A file_wrapper over a BytesIO of ?size= bytes, read in ?blksize= blocks;
+    the wrapper's attributes as wsgiref has them are checked on the way."""
+    q = _query(environ)
+    size, blksize = int(q.get("size", "100000")), int(q.get("blksize", "8192"))
     data = bytes(i % 251 for i in range(size))
+    filelike = io.BytesIO(data)
+    wrapper = environ["wsgi.file_wrapper"](filelike, blksize)
+    assert wrapper.filelike is filelike and wrapper.blksize == blksize
     start_response("200 OK", [("Content-Type", "application/octet-stream")])
-    return environ["wsgi.file_wrapper"](io.BytesIO(data), 8192)
+    return wrapper
 
 
 def pause(environ, start_response):
@@ -506,6 +529,7 @@ UNVALIDATED = {
     "/burst-then-slow": burst_then_slow,
     "/print-errors": print_errors,
     "/close-fails": close_fails,
+    "/keep-environ": keep_environ,
     "/input": input_ops,
     "/short": short_body,
     "/long": long_body,

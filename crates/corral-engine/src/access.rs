@@ -177,7 +177,9 @@ impl Sink {
     /// `-` is stdout; anything else a file opened for appending.
     pub fn open(target: &str) -> Result<Sink, String> {
         if target == "-" {
-            let fd = unsafe { libc::dup(1) };
+            // Close-on-exec, as every descriptor of corral's own: a program
+            // the app runs, or the master's re-exec, must not inherit it.
+            let fd = unsafe { libc::fcntl(1, libc::F_DUPFD_CLOEXEC, 0) };
             if fd < 0 {
                 return Err(format!("--access-log -: {}", std::io::Error::last_os_error()));
             }
@@ -194,15 +196,16 @@ impl Sink {
     pub fn reopen(&self) -> Result<(), String> {
         let Some(path) = &self.path else {
             let file = self.file.lock().unwrap_or_else(|p| p.into_inner());
-            if unsafe { libc::dup2(1, file.as_raw_fd()) } < 0 {
+            if unsafe { libc::dup3(1, file.as_raw_fd(), libc::O_CLOEXEC) } < 0 {
                 return Err(format!("--access-log -: {}", std::io::Error::last_os_error()));
             }
             return Ok(());
         };
         let fresh = open_append(path).map_err(|e| format!("reopening {}: {e}", path.display()))?;
         let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        // Keep the descriptor number: forked workers share this sink.
-        if unsafe { libc::dup2(fresh.as_raw_fd(), file.as_raw_fd()) } < 0 {
+        // Keep the descriptor number: forked workers share this sink. dup3
+        // keeps close-on-exec, which dup2 would clear.
+        if unsafe { libc::dup3(fresh.as_raw_fd(), file.as_raw_fd(), libc::O_CLOEXEC) } < 0 {
             *file = fresh;
         }
         Ok(())

@@ -281,6 +281,20 @@ pub(crate) struct Io {
 }
 
 impl Io {
+    /// Marks the connection closed and frees its buffers. The app may keep
+    /// this Io alive long after (an environ held in a request history keeps
+    /// its `wsgi.input`, and with it the connection's handle), so what the
+    /// connection read and wrote must not stay with it.
+    pub(crate) fn release(&mut self) {
+        self.broken = true;
+        self.buf = BytesMut::new();
+        self.pending = BytesMut::new();
+        self.out = Vec::new();
+        self.head = Vec::new();
+        self.logged_headers = None;
+        self.logged_environ = Vec::new();
+    }
+
     pub(crate) fn new(fd: RawFd, timeout_ms: i32, max_body: u64) -> Io {
         Io {
             fd,

@@ -74,7 +74,9 @@ pub fn reopen() -> Result<bool, String> {
         return Ok(false);
     };
     let fresh = open(path).map_err(|e| format!("reopening the error log {}: {e}", path.display()))?;
-    if unsafe { libc::dup2(fresh.as_raw_fd(), file.as_raw_fd()) } < 0 {
+    // dup3, not dup2: dup2 clears close-on-exec, and a re-exec of the master
+    // would then take the old file along, once more after every rotation.
+    if unsafe { libc::dup3(fresh.as_raw_fd(), file.as_raw_fd(), libc::O_CLOEXEC) } < 0 {
         *file = fresh;
     }
     capture(file).map_err(|e| format!("--capture-output: {e}"))?;

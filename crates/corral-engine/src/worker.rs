@@ -1952,9 +1952,7 @@ fn close<A: App>(w: &Shared<A>, conn: Box<Conn>, reset: bool) {
     {
         // The flusher may still hold this connection's handle: nothing may
         // be written to the descriptor number once it is closed and reused.
-        let mut io = conn.io.lock().unwrap_or_else(|p| p.into_inner());
-        io.broken = true;
-        io.out.clear();
+        conn.io.lock().unwrap_or_else(|p| p.into_inner()).release();
     }
     {
         let mut reg = w.registry.lock().unwrap();

@@ -411,6 +411,16 @@ impl WsgiApp {
         };
         if let Err(e) = outcome {
             self.app_error(py, req, ex, &e);
+            if let Err(e) = closed {
+                // Django's close() runs the request_finished handlers (which
+                // close database connections): their failure on an aborted
+                // response must show too.
+                error!(
+                    "Error in close() of the response iterable of {}, after the error above:\n{}",
+                    req.describe(),
+                    format_exception(py, &e)
+                );
+            }
         } else if let Err(e) = closed {
             if ex.started() {
                 // The whole body went out: the client gets it complete, as
@@ -919,19 +929,23 @@ impl ErrorStream {
 }
 
 /// `wsgi.file_wrapper`: regular files go out with sendfile(2); anything else
-/// is read in `blksize` blocks.
+/// is read in `blksize` blocks, passed to its `read()` as given (a negative
+/// one reads the rest at once), as wsgiref's wrapper does; `filelike` and
+/// `blksize` are readable as there.
 #[pyclass(module = "corral._corral")]
 pub struct FileWrapper {
+    #[pyo3(get)]
     filelike: PyObject,
-    blksize: usize,
+    #[pyo3(get)]
+    blksize: isize,
 }
 
 #[pymethods]
 impl FileWrapper {
     #[new]
     #[pyo3(signature = (filelike, blksize = 8192))]
-    fn new(filelike: PyObject, blksize: usize) -> Self {
-        FileWrapper { filelike, blksize: blksize.max(1) }
+    fn new(filelike: PyObject, blksize: isize) -> Self {
+        FileWrapper { filelike, blksize }
     }
 
     fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
