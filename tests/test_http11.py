@@ -188,6 +188,16 @@ def test_a_status_that_cannot_be_final_is_refused(behaviour, status):
     behaviour.wait_for(r"invalid status .*a WSGI response's status is 200 to 599", since=mark)
 
 
+def test_a_bare_status_code_is_taken_as_gunicorn_takes_it(behaviour):
+    """PEP 3333 wants a reason phrase; "201" alone still answers 201, with the
+    status line's space before the empty reason."""
+    with behaviour.connect() as conn:
+        conn.send(b"GET /status?s=201&body=made HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert conn.read_exact(15) == b"HTTP/1.1 201 \r\n"
+    resp = behaviour.request("GET", "/status?s=201&body=made")
+    assert (resp.status, resp.reason, resp.body) == (201, "", b"made")
+
+
 def test_absolute_form_target_replaces_host(behaviour):
     with behaviour.connect() as conn:
         conn.send(b"GET http://example.com:81/environ?x=1 HTTP/1.1\r\nHost: other\r\n\r\n")

@@ -1550,6 +1550,11 @@ impl Exchange {
         };
         io.head.extend_from_slice(prefix);
         io.head.extend_from_slice(status);
+        if status.len() == 3 {
+            // A bare code, which gunicorn takes: the status line still needs
+            // the space before its (empty) reason phrase.
+            io.head.push(b' ');
+        }
         io.head.extend_from_slice(b"\r\n");
         io.phase = RespPhase::Started;
         Ok(())
@@ -1709,10 +1714,12 @@ impl Exchange {
 /// `NNN reason`: three digits, a space, and a reason with no control characters.
 fn parse_status(s: &[u8]) -> Result<u16, ResponseError> {
     let bad = || ResponseError::Invalid(format!("invalid status {:?}", String::from_utf8_lossy(s)));
-    if s.len() < 4 || !s[..3].iter().all(u8::is_ascii_digit) || s[3] != b' ' {
+    // PEP 3333 asks for a reason phrase; a bare code ("200") is taken as
+    // gunicorn takes it, so an app that ran there is not answered with 500.
+    if s.len() < 3 || !s[..3].iter().all(u8::is_ascii_digit) || s.get(3).is_some_and(|&b| b != b' ') {
         return Err(bad());
     }
-    if s[4..].iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+    if s.get(4..).unwrap_or_default().iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
         return Err(bad());
     }
     let code = s[..3].iter().fold(0u16, |n, &d| n * 10 + u16::from(d - b'0'));
@@ -1804,7 +1811,9 @@ mod tests {
     fn statuses() {
         assert_eq!(parse_status(b"200 OK"), Ok(200));
         assert_eq!(parse_status(b"404 "), Ok(404));
-        assert!(parse_status(b"200").is_err());
+        assert_eq!(parse_status(b"200"), Ok(200));
+        assert!(parse_status(b"20").is_err());
+        assert!(parse_status(b"2000").is_err());
         assert!(parse_status(b"20x OK").is_err());
         assert!(parse_status(b"200 OK\r\nX: y").is_err());
         assert!(parse_status(b"099 Low").is_err());
