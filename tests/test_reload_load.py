@@ -7,7 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from support import IncompleteResponse, wait_until
+from support import IncompleteResponse, group_members, wait_until
 
 
 class Load:
@@ -81,6 +81,28 @@ def test_ten_hup_reloads_under_load_with_new_code(start_server, tmp_path):
         load.finish()
     assert not load.failures, load.failures[:10]
     assert load.count() > 100
+
+
+def test_ttou_while_a_reload_boots_its_replacements(start_server, tmp_path):
+    """A TTOU that arrives while HUP's replacements still load the app stops
+    one whole pair (an old worker and its replacement): the pool ends at the
+    new count, all of it on the new code."""
+    app = tmp_path / "versioned.py"
+    _write_app(app, 0)
+    server = start_server("versioned:application", "--chdir", str(tmp_path), workers=2, pythonpath=None)
+    app.write_text("import time\ntime.sleep(1.5)\n" + app.read_text().replace("version 0", "version 1"))
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    server.wait_for(r"Booting worker", count=2, since=mark)
+    server.signal(signal.SIGTTOU)
+    server.wait_for(r"Received SIGTTOU: workers 2 -> 1", since=mark)
+    server.wait_for(r"Worker ready", since=mark, timeout=30)
+    # The master and one worker, serving the new code.
+    assert wait_until(lambda: len(group_members(server.pgid)) == 2, timeout=30), server.log[-3000:]
+    assert {server.request("GET", "/").body for _ in range(10)} == {b"version 1"}
+    time.sleep(2)
+    assert len(group_members(server.pgid)) == 2
+    assert not server.grep(r"ERROR"), server.log[-3000:]
 
 
 def test_recycling_under_load_fails_nothing(start_server):

@@ -386,14 +386,17 @@ impl Io {
     /// interactive: each request with a body of a few tens of KiB on a kept
     /// connection then took 40 ms more.
     pub(crate) fn ack_now(&self) {
+        self.tcp_option(libc::TCP_QUICKACK, 1);
+    }
+
+    fn tcp_option(&self, option: libc::c_int, value: libc::c_int) {
         if self.tcp {
-            let one: libc::c_int = 1;
             unsafe {
                 libc::setsockopt(
                     self.fd,
                     libc::IPPROTO_TCP,
-                    libc::TCP_QUICKACK,
-                    (&one as *const libc::c_int).cast(),
+                    option,
+                    (&value as *const libc::c_int).cast(),
                     std::mem::size_of::<libc::c_int>() as libc::socklen_t,
                 )
             };
@@ -1017,7 +1020,8 @@ impl Io {
             self.holding = self.gather(data.len());
         }
         let mut trailer = Vec::new();
-        if let Wire::FastCgi { id, .. } = self.wire {
+        let mut closes = false;
+        if let Wire::FastCgi { id, keep_conn } = self.wire {
             if !last {
                 self.check_fcgi_abort()?;
             } else if self.completes_body(data.len()) {
@@ -1025,9 +1029,14 @@ impl Io {
                 self.refuse_concurrent_fcgi(&mut trailer);
                 fastcgi::write_stream_end(&mut trailer, fastcgi::RecordType::Stdout, id);
                 fastcgi::write_end_request(&mut trailer, id, 0, fastcgi::ProtocolStatus::RequestComplete);
+                closes = keep_conn && !self.keep_alive;
             }
         }
-        let result = self.send_framed(&head, data, &trailer, blocking);
+        let result = if closes {
+            self.with_fin(|io| io.send_framed(&head, data, &trailer, blocking))
+        } else {
+            self.send_framed(&head, data, &trailer, blocking)
+        };
         // Ended only once END_REQUEST went out (or is held to go out): a
         // request the front end aborted meanwhile sends nothing here and is
         // still owed its END_REQUEST.
@@ -1241,7 +1250,7 @@ impl Io {
 
     /// Ends a FastCGI request: the empty STDOUT record and END_REQUEST.
     pub(crate) fn end_fcgi_request(&mut self, blocking: fn(&mut dyn FnMut())) -> Result<(), ResponseError> {
-        let Wire::FastCgi { id, .. } = self.wire else {
+        let Wire::FastCgi { id, keep_conn } = self.wire else {
             return Ok(());
         };
         if self.fcgi_ended {
@@ -1254,7 +1263,34 @@ impl Io {
         }
         fastcgi::write_stream_end(&mut out, fastcgi::RecordType::Stdout, id);
         fastcgi::write_end_request(&mut out, id, 0, fastcgi::ProtocolStatus::RequestComplete);
-        self.write_parts(&[&out], blocking)
+        if keep_conn && !self.keep_alive {
+            self.with_fin(|io| io.write_parts(&[&out], blocking))
+        } else {
+            self.write_parts(&[&out], blocking)
+        }
+    }
+
+    /// Makes `write` the connection's last: the front end kept this FastCGI
+    /// connection for its next request, but it closes after this one (a
+    /// draining worker with no sibling to take it). FastCGI has no way to
+    /// say so, so the FIN goes with END_REQUEST, in one segment (corked):
+    /// nginx then sees the end of the connection as it reads the end of the
+    /// response and does not put it back in its pool. Sent a moment later,
+    /// the FIN met the next request nginx had already written on the
+    /// connection, a 502 for a POST. (A unix socket has no cork; the FIN
+    /// follows at once.)
+    fn with_fin(
+        &mut self,
+        write: impl FnOnce(&mut Io) -> Result<(), ResponseError>,
+    ) -> Result<(), ResponseError> {
+        self.holding = false;
+        self.tcp_option(libc::TCP_CORK, 1);
+        let result = write(self);
+        if result.is_ok() {
+            unsafe { libc::shutdown(self.fd, libc::SHUT_WR) };
+        }
+        self.tcp_option(libc::TCP_CORK, 0);
+        result
     }
 
     /// Sends `count` bytes of `file` from `offset` with sendfile(2).

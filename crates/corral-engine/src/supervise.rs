@@ -589,19 +589,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                     self.target -= 1;
                     self.scale = Scaling { last_change: Some(Instant::now()), ..Scaling::default() };
                     info!("Received {name}: workers {} -> {}", self.target + 1, self.target);
-                    let newest = self
-                        .workers
-                        .iter()
-                        .filter(|(_, w)| !w.retiring)
-                        .max_by_key(|(_, w)| w.started)
-                        .map(|(p, _)| *p);
-                    if let Some(pid) = newest {
-                        self.workers.get_mut(&pid).unwrap().retiring = true;
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(pid),
-                            nix::sys::signal::SIGTERM,
-                        );
-                    }
+                    self.remove_one_worker();
                 } else if self.phase == Phase::Running {
                     info!("Received {name}: already at the fewest workers ({}); ignored", self.target);
                 }
@@ -919,6 +907,35 @@ impl<'a, H: Hooks> Master<'a, H> {
         }
     }
 
+    /// Stops one worker for a TTOU: the newest that serves on its own. A
+    /// replacement still booting, or the worker it replaces, is not one:
+    /// stopping the first left the second serving the previous code for
+    /// good, and one worker more than asked for. When every worker is in
+    /// such a pair (a reload under way), one pair goes whole.
+    fn remove_one_worker(&mut self) {
+        let replaced: Vec<libc::pid_t> = self.workers.values().filter_map(|w| w.replaces).collect();
+        let newest = self
+            .workers
+            .iter()
+            .filter(|(p, w)| !w.retiring && w.replaces.is_none() && !replaced.contains(p))
+            .max_by_key(|(_, w)| w.started)
+            .map(|(p, _)| *p);
+        if let Some(pid) = newest {
+            self.retire(pid, libc::SIGTERM);
+            return;
+        }
+        let pair =
+            self.workers.iter().find_map(|(p, w)| w.replaces.filter(|_| !w.retiring).map(|old| (*p, old)));
+        if let Some((replacement, old)) = pair {
+            // Still loading the app, where it cannot act on TERM.
+            self.retire(replacement, libc::SIGKILL);
+            if let Some(w) = self.workers.get_mut(&replacement) {
+                w.killed = Some("a TTOU made it unneeded while it booted");
+            }
+            self.retire(old, libc::SIGTERM);
+        }
+    }
+
     /// Closes the listeners and tells the workers to finish their requests.
     fn begin_graceful_stop(&mut self) {
         // New connections must not reach a queue the workers have stopped
@@ -943,7 +960,6 @@ impl<'a, H: Hooks> Master<'a, H> {
         // theirs, new connections are refused rather than left in a queue
         // nobody accepts from.
         self.close_listeners();
-        self.signal_all(libc::SIGTERM);
         // A worker still loading the app has no request to finish, and its
         // signals wait until the import is done, which may be never.
         for (pid, w) in self.workers.iter_mut() {
@@ -951,8 +967,15 @@ impl<'a, H: Hooks> Master<'a, H> {
                 info!("Worker {} (pid {pid}) is still loading the application; stopping it at once", w.slot);
                 unsafe { libc::kill(*pid, libc::SIGKILL) };
                 w.killed = Some("the server stopped while it loaded the application");
+            } else {
+                // Before any TERM goes out: the first worker to drain would
+                // otherwise see its siblings still serving and hand them its
+                // kept connections, which they then close with a request
+                // from the front end unread in them (a 502 for a POST).
+                self.scoreboard.set_state(w.slot, WorkerState::Draining);
             }
         }
+        self.signal_all(libc::SIGTERM);
         self.phase = Phase::Draining { deadline: Instant::now() + self.config.graceful_timeout };
     }
 

@@ -1801,7 +1801,10 @@ fn read_gateway<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                 }
             }
         }
-        if draining() && io.buf.is_empty() && read_once {
+        // Draining, a kept FastCGI connection that brought no request closes;
+        // one whose request came in part (its records so far are in the
+        // connection's FastCGI state, not in the buffer) reads the rest.
+        if draining() && io.buf.is_empty() && read_once && conn.fcgi.active.is_none() {
             return Next::Close;
         }
         let was_empty = io.buf.is_empty();
@@ -1829,7 +1832,11 @@ fn read_gateway<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if io.buf.is_empty() && idle_linger_over() && !conn.entry.fresh.load(Ordering::Relaxed) {
+                if io.buf.is_empty()
+                    && conn.fcgi.active.is_none()
+                    && idle_linger_over()
+                    && !conn.entry.fresh.load(Ordering::Relaxed)
+                {
                     return Next::Close;
                 }
                 if !io.buf.is_empty() || conn.fcgi.active.is_some() {
