@@ -8,7 +8,7 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from support import READY_RE, wait_until
+from support import CORRAL, READY_RE, wait_until
 
 
 def _live_workers(server, since=0):
@@ -78,6 +78,31 @@ def test_ttin_ttou_stay_within_the_bounds(start_server):
     time.sleep(0.5)
     assert not server.grep(r"workers 2 -> 3|workers 1 -> 0", since=mark)
     assert wait_until(lambda: len(_live_workers(server)) == 1, 10)
+
+
+def test_a_worker_out_of_file_descriptors_pauses_accepting(start_server):
+    """Past the open files limit, accept() fails: the worker stops accepting
+    for a moment and says so once a second, instead of being woken for the
+    same failure in a loop (a core's worth of CPU and a log line per try)."""
+    server = start_server(
+        "behaviour:application",
+        threads=2,
+        command=["sh", "-c", 'ulimit -n 128 && exec "$0" "$@"', *CORRAL],
+    )
+    assert server.grep(r"--max-connections 1000 is more than the open files limit \(128")
+    idle = []
+    try:
+        for _ in range(150):
+            idle.append(socket.create_connection((server.host, server.port)))
+        server.wait_for(r"Cannot accept connections: .*Too many open files.*open files limit 128")
+        time.sleep(3)
+        lines = server.grep(r"Cannot accept connections")
+        assert 1 <= len(lines) <= 8, len(lines)
+    finally:
+        for s in idle:
+            s.close()
+    # Once descriptors are free again, new clients are served.
+    assert server.request("GET", "/fixed", timeout=15).status == 200
 
 
 def test_max_connections_sheds_with_503(start_server):

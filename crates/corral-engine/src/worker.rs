@@ -100,6 +100,21 @@ const HOLD_CONNS: usize = 16;
 /// How often the main thread looks for expired connections.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 
+/// How long a worker that ran out of file descriptors stops accepting (the
+/// main thread resumes at its first sweep after it), as nginx does: a
+/// listener left in the epoll set wakes the threads again at once, each
+/// failing the same way, which burned a core and wrote a log line per
+/// attempt while clients waited in the queue all the same.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(250);
+
+/// When accepting stopped for lack of descriptors ([`mono_ms`]); 0 while
+/// accepting.
+static ACCEPT_PAUSED_AT: AtomicU64 = AtomicU64::new(0);
+
+/// Accepts refused for lack of descriptors since the last report, and when
+/// that report was ([`mono_ms`]).
+static NO_FDS: Mutex<(u64, u64)> = Mutex::new((0, 0));
+
 /// Set once this worker process starts its graceful drain. Process-wide
 /// because a process runs exactly one worker.
 static DRAINING: AtomicBool = AtomicBool::new(false);
@@ -462,6 +477,29 @@ fn tune_allocator() {
     }
 }
 
+/// Connections closed since the most this worker held at once, after which
+/// the free memory in every heap goes back to the kernel.
+const TRIM_AFTER_CLOSES: usize = 1024;
+
+/// Gives free memory back after a wave of connections has gone. Each
+/// connection's first read takes a 64 KiB buffer, held until its request
+/// head is complete: thousands of clients that sent part of a head (a scan,
+/// a slowloris attack) leave that much free in the middle of the threads'
+/// heaps once they close, which no trim threshold returns (only the top of
+/// a heap is), and the next wave lands elsewhere: the resident size grew
+/// by 30 MB a wave of 10,000 and never came down.
+fn trim_after_closes<A: App>(w: &Shared<A>, peak: &mut usize) {
+    let live = w.registry.lock().unwrap().live;
+    *peak = (*peak).max(live);
+    if *peak - live >= TRIM_AFTER_CLOSES {
+        #[cfg(target_env = "gnu")]
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        *peak = live;
+    }
+}
+
 /// The worker's signal handlers, set up right after the fork by
 /// [`prepare_signals`], for [`run_worker`] to take.
 static PREPARED_SIGNALS: Mutex<Option<WorkerSignals>> = Mutex::new(None);
@@ -549,6 +587,8 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
     let born = mono_ms();
     // Ticks in a row with no connection left while draining.
     let mut empty_ticks = 0;
+    // The most connections held since memory was last given back.
+    let mut peak_live = 0;
     // Compared with the current parent to notice the master's death (the
     // master may itself be PID 1 in a container, so "parent is 1" is no test).
     let master = unsafe { libc::getppid() };
@@ -584,6 +624,8 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
             }
         }
         sweep(w, now, idle_linger_over());
+        resume_accepting(w, now);
+        trim_after_closes(w, &mut peak_live);
         report_shed(w, now);
         check_timeouts(w, now);
         if !RECYCLING.load(Ordering::Acquire) && drain_deadline.is_none() {
@@ -841,6 +883,9 @@ fn begin_drain<A: App>(w: &Shared<A>) {
 /// requests goes to a sibling instead, if one serves.
 fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) {
     let draining = draining() && w.inbox.is_some();
+    // Half-millisecond waits for a full inbox of the sibling taking over,
+    // 200 ms at most per sweep.
+    let mut wait_budget = 400;
     let reg = w.registry.lock().unwrap();
     for e in reg.entries.iter().flatten() {
         if e.state.load(Ordering::Acquire) != IDLE {
@@ -850,6 +895,12 @@ fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) {
             let d = e.deadline.load(Ordering::Relaxed);
             d != 0 && now >= d
         };
+        let between = e.between.load(Ordering::Relaxed);
+        if !(expired || (draining || close_idle) && between) {
+            // Nothing to do for it: spare the system call below, four times
+            // a second for each of thousands of idle connections.
+            continue;
+        }
         let pending = pending_bytes(e.fd) > 0;
         if draining && !pending && e.between.load(Ordering::Relaxed) && !e.handed.load(Ordering::Relaxed) {
             if let Some(to) = crate::handover::target(&w.scoreboard, w.slot, w.master) {
@@ -857,12 +908,33 @@ fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) {
                     // Under the registry lock, so no thread closes the
                     // descriptor meanwhile. A thread woken for it from here on
                     // finds it CLOSING and closes this process's copy only.
-                    match crate::handover::send(
-                        w.master,
-                        to,
-                        e.fd,
-                        note_for(w, e.listener.load(Ordering::Relaxed), e),
-                    ) {
+                    let send = || {
+                        crate::handover::send(
+                            w.master,
+                            to,
+                            e.fd,
+                            note_for(w, e.listener.load(Ordering::Relaxed), e),
+                        )
+                    };
+                    let mut sent = send();
+                    // The sibling's inbox is full: the kernel queues few
+                    // messages on it (net.unix.max_dgram_qlen, often 10) and
+                    // it empties them as fast as it can. Wait a little for it,
+                    // within a budget per sweep (the registry is locked).
+                    while matches!(&sent, Err(err) if err.kind() == io::ErrorKind::WouldBlock)
+                        && wait_budget > 0
+                    {
+                        wait_budget -= 1;
+                        std::thread::sleep(Duration::from_micros(500));
+                        sent = send();
+                    }
+                    match sent {
+                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                            // Tried again at the next sweep: closed, it would
+                            // lose a request sent on it meanwhile.
+                            e.state.store(IDLE, Ordering::Release);
+                            continue;
+                        }
                         Ok(()) => {
                             e.handed.store(true, Ordering::Relaxed);
                             w.handed.fetch_add(1, Ordering::Relaxed);
@@ -1056,6 +1128,10 @@ fn thread_main<A: App>(w: &Shared<A>, t: usize, holder: Option<Arc<crate::flushe
 }
 
 fn accept_batch<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, idx: usize, held: &mut Held) {
+    if ACCEPT_PAUSED_AT.load(Ordering::Relaxed) != 0 {
+        // Woken by the listener just before it left the epoll set.
+        return;
+    }
     let started = mono_ms();
     let mut serving = true;
     for _ in 0..ACCEPT_BATCH {
@@ -1127,13 +1203,58 @@ fn report_shed<A: App>(w: &Shared<A>, now: u64) {
     let mut shed = SHED.lock().unwrap_or_else(|p| p.into_inner());
     if shed.0 > 0 && now >= shed.1 + 1000 {
         warn!(
-            "Overloaded: {} connection(s) turned away with 503 (this worker holds --max-connections {}): pid={}",
+            "Overloaded: {} connection(s) turned away with 503 (over FastCGI, closed before any request: the \
+             front end answers 502) (this worker holds --max-connections {}): pid={}",
             shed.0,
             w.config.max_connections,
             std::process::id()
         );
         *shed = (0, now);
     }
+}
+
+/// Stops accepting for [`ACCEPT_PAUSE`] after accept failed for lack of
+/// descriptors; says so at most once a second.
+fn pause_accepting<A: App>(w: &Shared<A>, e: &io::Error) {
+    let now = mono_ms();
+    if ACCEPT_PAUSED_AT.compare_exchange(0, now.max(1), Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+        for (fd, _) in &w.listeners {
+            unsafe { libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_DEL, *fd, std::ptr::null_mut()) };
+        }
+    }
+    let mut no_fds = NO_FDS.lock().unwrap_or_else(|p| p.into_inner());
+    no_fds.0 += 1;
+    if now >= no_fds.1 + 1000 {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+        warn!(
+            "Cannot accept connections: {e} (open files limit {}, `ulimit -n`; this worker holds {} \
+             connection(s)); pausing accepts for {} ms; {} refused accept(s) since the last report: pid={}",
+            limit.rlim_cur,
+            w.registry.lock().unwrap().live,
+            ACCEPT_PAUSE.as_millis(),
+            no_fds.0,
+            std::process::id()
+        );
+        *no_fds = (0, now);
+    }
+}
+
+/// Puts the listeners back in the epoll set once [`ACCEPT_PAUSE`] passed.
+fn resume_accepting<A: App>(w: &Shared<A>, now: u64) {
+    let at = ACCEPT_PAUSED_AT.load(Ordering::Acquire);
+    if at == 0 || now < at + ACCEPT_PAUSE.as_millis() as u64 {
+        return;
+    }
+    // A drain has let the listeners go meanwhile.
+    if !draining() {
+        for (i, (fd, _)) in w.listeners.iter().enumerate() {
+            let mut ev =
+                libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32, u64: i as u64 };
+            unsafe { libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_ADD, *fd, &mut ev) };
+        }
+    }
+    ACCEPT_PAUSED_AT.store(0, Ordering::Release);
 }
 
 /// Accepts one connection from listener `idx`, if one is waiting.
@@ -1168,9 +1289,7 @@ fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Accepted {
             | Some(libc::EBADF)
             | Some(libc::ENOTSOCK)
             | Some(libc::EINVAL) => {}
-            Some(libc::EMFILE) | Some(libc::ENFILE) => {
-                warn!("accept: {e}: too many open files; raise the limit (ulimit -n)");
-            }
+            Some(libc::EMFILE) | Some(libc::ENFILE) => pause_accepting(w, &e),
             _ => error!("accept: {e}"),
         }
         return Accepted::None;
@@ -1636,7 +1755,14 @@ fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if io.buf.is_empty() && idle_linger_over() && !conn.entry.fresh.load(Ordering::Relaxed) {
+                // Past the linger, an idle connection closes, unless a sibling
+                // can take it: then it is parked for the sweeper to hand over
+                // (its inbox may be full for a moment).
+                if io.buf.is_empty()
+                    && idle_linger_over()
+                    && !conn.entry.fresh.load(Ordering::Relaxed)
+                    && !can_hand_over(w)
+                {
                     return Next::Close;
                 }
                 if !io.buf.is_empty() {
@@ -1836,6 +1962,7 @@ fn read_gateway<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                     && conn.fcgi.active.is_none()
                     && idle_linger_over()
                     && !conn.entry.fresh.load(Ordering::Relaxed)
+                    && !can_hand_over(w)
                 {
                     return Next::Close;
                 }

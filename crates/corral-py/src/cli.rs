@@ -972,6 +972,20 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         config.threads,
         std::process::id()
     );
+    // Each connection is a descriptor in its worker; past the limit accepts
+    // fail and clients wait in the queue (systemd's default is 1024).
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0
+        && limit.rlim_cur != libc::RLIM_INFINITY
+        && (config.max_connections as u64).saturating_add(32) > limit.rlim_cur
+    {
+        warn!(
+            "--max-connections {} is more than the open files limit ({}, `ulimit -n`; LimitNOFILE= under \
+             systemd) leaves room for: a worker stops accepting when it runs out; raise the limit or lower \
+             --max-connections",
+            config.max_connections, limit.rlim_cur
+        );
+    }
     let sys = py.import("sys")?;
     let reexec = crate::runtime::Reexec {
         exe: sys.getattr("executable")?.extract::<String>()?,
