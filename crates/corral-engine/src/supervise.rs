@@ -1101,7 +1101,13 @@ impl<'a, H: Hooks> Master<'a, H> {
             let Some(w) = self.workers.remove(&pid) else {
                 if let Some(i) = self.inherited.iter().position(|p| *p == pid) {
                     self.inherited.swap_remove(i);
-                    info!("Worker pid {pid} from before the re-exec {}", describe_exit(status));
+                    if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+                        info!("Worker pid {pid} from before the re-exec {}", describe_exit(status));
+                    } else {
+                        // Its requests in flight, if any, were lost; what
+                        // they were is in the previous program's scoreboard.
+                        warn!("Worker pid {pid} from before the re-exec {}", describe_exit(status));
+                    }
                 }
                 continue;
             };
