@@ -1485,3 +1485,23 @@ def test_a_static_download_the_front_end_reads_slowly_holds_no_thread(start_serv
     r = g.parse_any(proto, raw)
     assert r.status == 200
     assert hashlib.sha256(r.body).digest() == hashlib.sha256(data).digest()
+
+
+def test_a_kept_fastcgi_connection_whose_request_comes_in_parts_is_served_while_draining(start_server):
+    """A stop keeps idle kept connections a moment, for the request a front
+    end may be sending on one: one whose records arrive in several reads is
+    read whole and served, not closed between them (nginx would answer 502)."""
+    server = g.start_gateways(start_server, "behaviour:application", [("fastcgi", "127.0.0.1:0")])
+    body = b"x" * 1000
+    params = g.cgi_params("POST", "/echo", body)
+    with g.FcgiConn(server.addr("fastcgi")) as conn:
+        assert conn.request(g.cgi_params(uri="/fixed"), keep_conn=True).body == b"hello world"
+        mark = server.mark()
+        server.signal(signal.SIGTERM)
+        server.wait_for("Worker draining", since=mark)
+        conn.send(g.begin_request(1, keep_conn=True) + g.stream(g.FCGI_PARAMS, 1, g.encode_pairs(params)))
+        time.sleep(0.3)
+        conn.send(g.stream(g.FCGI_STDIN, 1, body))
+        reply = conn.read_response()
+        assert (reply.status, reply.body) == (200, body)
+    assert server.wait_exit(30) == 0

@@ -79,11 +79,12 @@ pub struct CgiEnviron<'b> {
 /// Maps a front end's variables to environ values.
 ///
 /// - Repeated `HTTP_*` variables (nginx sends one per header line) are
-///   joined with "," (Cookie with "; "); for other names the last one wins,
-///   and for HTTP_HOST: a request with two Host fields gets 400 from nginx
-///   (RFC 9112 asks for it), so a repeated HTTP_HOST is a variable the
-///   configuration sets again, such as `uwsgi_param HTTP_HOST $http_host;`
-///   after Debian's params, which send `HTTP_HOST $host`.
+///   joined with "," (Cookie with "; "); for other names the last one wins.
+///   So does HTTP_HOST when both name the same host, with and without a
+///   port: that is `uwsgi_param HTTP_HOST $http_host;` after Debian's
+///   params, which send `HTTP_HOST $host` (a request with two Host fields
+///   gets 400 from nginx, but another front end might pass both on, and the
+///   client must not choose which one the app sees).
 /// - HTTP_CONTENT_LENGTH and HTTP_CONTENT_TYPE are dropped: PEP 3333 has
 ///   only the CGI names.
 /// - PATH_INFO, when the front end sends none, is the path the front end
@@ -146,8 +147,16 @@ pub fn environ<'b>(params: &CgiParams, bytes: &'b [u8], mount: &'b [u8]) -> CgiE
             }
             _ => {}
         }
-        if key.starts_with(b"HTTP_") && key != b"HTTP_HOST" {
+        if key.starts_with(b"HTTP_") {
             if let Some(slot) = vars.iter_mut().find(|(k, _)| *k == key) {
+                if key == b"HTTP_HOST"
+                    && split_host_port(&slot.1).0.eq_ignore_ascii_case(split_host_port(value).0)
+                {
+                    // The same host, with and without its port: the
+                    // configuration's HTTP_HOST after the stock one.
+                    slot.1 = Cow::Borrowed(value);
+                    continue;
+                }
                 let sep: &[u8] = if key == b"HTTP_COOKIE" { b"; " } else { b"," };
                 let mut joined = slot.1.to_vec();
                 joined.extend_from_slice(sep);
@@ -528,6 +537,8 @@ mod tests {
         assert_eq!(vars.iter().filter(|(k, _)| k == "DOCUMENT_ROOT").count(), 1);
         assert_eq!(var(&vars, "HTTP_HOST").as_deref(), Some("example.com:8080"));
         assert_eq!(vars.iter().filter(|(k, _)| k == "HTTP_HOST").count(), 1);
+        let (vars, ..) = env_of(&[("HTTP_HOST", "good.example"), ("HTTP_HOST", "evil.example")], "", false);
+        assert_eq!(var(&vars, "HTTP_HOST").as_deref(), Some("good.example,evil.example"));
     }
 
     #[test]

@@ -285,8 +285,13 @@ impl Io {
     /// this Io alive long after (an environ held in a request history keeps
     /// its `wsgi.input`, and with it the connection's handle), so what the
     /// connection read and wrote must not stay with it.
+    /// A new generation makes every handle of its requests stale: a thread
+    /// the app left running (a request past --timeout) must not read or
+    /// write a descriptor number that may belong to another connection now.
     pub(crate) fn release(&mut self) {
         self.broken = true;
+        self.generation += 1;
+        self.pending_file = None;
         self.buf = BytesMut::new();
         self.pending = BytesMut::new();
         self.out = Vec::new();

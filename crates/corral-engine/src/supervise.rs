@@ -913,24 +913,30 @@ impl<'a, H: Hooks> Master<'a, H> {
     /// good, and one worker more than asked for. When every worker is in
     /// such a pair (a reload under way), one pair goes whole.
     fn remove_one_worker(&mut self) {
-        let replaced: Vec<libc::pid_t> = self.workers.values().filter_map(|w| w.replaces).collect();
-        let newest = self
-            .workers
+        // A replacement whose old worker is gone already is one of its own.
+        let workers = &self.workers;
+        let replacing = |w: &Worker| w.replaces.filter(|old| workers.contains_key(old));
+        let replaced: Vec<libc::pid_t> = workers.values().filter_map(replacing).collect();
+        let newest = workers
             .iter()
-            .filter(|(p, w)| !w.retiring && w.replaces.is_none() && !replaced.contains(p))
+            .filter(|(p, w)| !w.retiring && replacing(w).is_none() && !replaced.contains(p))
             .max_by_key(|(_, w)| w.started)
             .map(|(p, _)| *p);
+        let pair =
+            workers.iter().filter(|(_, w)| !w.retiring).find_map(|(p, w)| replacing(w).map(|old| (*p, old)));
         if let Some(pid) = newest {
             self.retire(pid, libc::SIGTERM);
-            return;
-        }
-        let pair =
-            self.workers.iter().find_map(|(p, w)| w.replaces.filter(|_| !w.retiring).map(|old| (*p, old)));
-        if let Some((replacement, old)) = pair {
-            // Still loading the app, where it cannot act on TERM.
-            self.retire(replacement, libc::SIGKILL);
-            if let Some(w) = self.workers.get_mut(&replacement) {
-                w.killed = Some("a TTOU made it unneeded while it booted");
+        } else if let Some((replacement, old)) = pair {
+            let slot = self.workers[&replacement].slot;
+            if self.scoreboard.state(slot) == WorkerState::Booting {
+                // Still loading the app, where it cannot act on TERM.
+                self.retire(replacement, libc::SIGKILL);
+                if let Some(w) = self.workers.get_mut(&replacement) {
+                    w.killed = Some("a TTOU made it unneeded while it booted");
+                }
+            } else {
+                // Ready since the last look: it may hold connections already.
+                self.retire(replacement, libc::SIGTERM);
             }
             self.retire(old, libc::SIGTERM);
         }

@@ -100,16 +100,20 @@ const HOLD_CONNS: usize = 16;
 /// How often the main thread looks for expired connections.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 
-/// How long a worker that ran out of file descriptors stops accepting (the
-/// main thread resumes at its first sweep after it), as nginx does: a
+/// How long a worker that ran out of file descriptors stops accepting at
+/// least (the main thread resumes at its first sweep after it), as nginx
+/// does: a
 /// listener left in the epoll set wakes the threads again at once, each
 /// failing the same way, which burned a core and wrote a log line per
 /// attempt while clients waited in the queue all the same.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(250);
 
 /// When accepting stopped for lack of descriptors ([`mono_ms`]); 0 while
-/// accepting.
+/// accepting. Changed only under [`ACCEPT_PAUSE_LOCK`], with the listeners'
+/// removal from the epoll set or their return; read without it by threads
+/// woken by a listener, to skip accepting while it is set.
 static ACCEPT_PAUSED_AT: AtomicU64 = AtomicU64::new(0);
+static ACCEPT_PAUSE_LOCK: Mutex<()> = Mutex::new(());
 
 /// Accepts refused for lack of descriptors since the last report, and when
 /// that report was ([`mono_ms`]).
@@ -920,13 +924,28 @@ fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) {
                     // The sibling's inbox is full: the kernel queues few
                     // messages on it (net.unix.max_dgram_qlen, often 10) and
                     // it empties them as fast as it can. Wait a little for it,
-                    // within a budget per sweep (the registry is locked).
+                    // within a budget per sweep (the registry is locked). The
+                    // connection is IDLE while it waits: a request that comes
+                    // meanwhile wakes a thread that serves it here.
+                    let mut taken = true;
                     while matches!(&sent, Err(err) if err.kind() == io::ErrorKind::WouldBlock)
                         && wait_budget > 0
                     {
                         wait_budget -= 1;
+                        e.state.store(IDLE, Ordering::Release);
                         std::thread::sleep(Duration::from_micros(500));
+                        if pending_bytes(e.fd) > 0
+                            || e.state
+                                .compare_exchange(IDLE, CLOSING, Ordering::AcqRel, Ordering::Relaxed)
+                                .is_err()
+                        {
+                            taken = false;
+                            break;
+                        }
                         sent = send();
+                    }
+                    if !taken {
+                        continue;
                     }
                     match sent {
                         Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
@@ -1217,9 +1236,15 @@ fn report_shed<A: App>(w: &Shared<A>, now: u64) {
 /// descriptors; says so at most once a second.
 fn pause_accepting<A: App>(w: &Shared<A>, e: &io::Error) {
     let now = mono_ms();
-    if ACCEPT_PAUSED_AT.compare_exchange(0, now.max(1), Ordering::AcqRel, Ordering::Relaxed).is_ok() {
-        for (fd, _) in &w.listeners {
-            unsafe { libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_DEL, *fd, std::ptr::null_mut()) };
+    {
+        let _pause = ACCEPT_PAUSE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        // Draining, the listeners have left the epoll set already, and their
+        // numbers may be taken by other descriptors since.
+        if ACCEPT_PAUSED_AT.load(Ordering::Acquire) == 0 && !draining() {
+            for (fd, _) in &w.listeners {
+                unsafe { libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_DEL, *fd, std::ptr::null_mut()) };
+            }
+            ACCEPT_PAUSED_AT.store(now.max(1), Ordering::Release);
         }
     }
     let mut no_fds = NO_FDS.lock().unwrap_or_else(|p| p.into_inner());
@@ -1229,10 +1254,12 @@ fn pause_accepting<A: App>(w: &Shared<A>, e: &io::Error) {
         unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
         warn!(
             "Cannot accept connections: {e} (open files limit {}, `ulimit -n`; this worker holds {} \
-             connection(s)); pausing accepts for {} ms; {} refused accept(s) since the last report: pid={}",
+             connection(s)); pausing accepts for {} to {} ms; {} refused accept(s) since the last report: \
+             pid={}",
             limit.rlim_cur,
             w.registry.lock().unwrap().live,
             ACCEPT_PAUSE.as_millis(),
+            (ACCEPT_PAUSE + SWEEP_INTERVAL).as_millis(),
             no_fds.0,
             std::process::id()
         );
@@ -1242,6 +1269,7 @@ fn pause_accepting<A: App>(w: &Shared<A>, e: &io::Error) {
 
 /// Puts the listeners back in the epoll set once [`ACCEPT_PAUSE`] passed.
 fn resume_accepting<A: App>(w: &Shared<A>, now: u64) {
+    let _pause = ACCEPT_PAUSE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let at = ACCEPT_PAUSED_AT.load(Ordering::Acquire);
     if at == 0 || now < at + ACCEPT_PAUSE.as_millis() as u64 {
         return;

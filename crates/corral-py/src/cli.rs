@@ -973,11 +973,21 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         std::process::id()
     );
     // Each connection is a descriptor in its worker; past the limit accepts
-    // fail and clients wait in the queue (systemd's default is 1024).
+    // fail and clients wait in the queue. The soft limit (systemd's default
+    // is 1024) is raised as far as --max-connections needs, within the hard
+    // one, as nginx's worker_rlimit_nofile would.
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0
+    let wanted = (config.max_connections as u64).saturating_add(64);
+    let known = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
+    if known && limit.rlim_cur < wanted {
+        let raised = libc::rlimit { rlim_cur: wanted.min(limit.rlim_max), rlim_max: limit.rlim_max };
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    if known
         && limit.rlim_cur != libc::RLIM_INFINITY
-        && (config.max_connections as u64).saturating_add(32) > limit.rlim_cur
+        && (config.max_connections as u64).saturating_add(24) > limit.rlim_cur
     {
         warn!(
             "--max-connections {} is more than the open files limit ({}, `ulimit -n`; LimitNOFILE= under \
