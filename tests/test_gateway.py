@@ -1499,9 +1499,12 @@ def test_a_kept_fastcgi_connection_whose_request_comes_in_parts_is_served_while_
         mark = server.mark()
         server.signal(signal.SIGTERM)
         server.wait_for("Worker draining", since=mark)
-        conn.send(g.begin_request(1, keep_conn=True) + g.stream(g.FCGI_PARAMS, 1, g.encode_pairs(params)))
+        # The PARAMS stream's end comes with the second part.
+        conn.send(
+            g.begin_request(1, keep_conn=True) + g.stream(g.FCGI_PARAMS, 1, g.encode_pairs(params), end=False)
+        )
         time.sleep(0.3)
-        conn.send(g.stream(g.FCGI_STDIN, 1, body))
+        conn.send(g.record(g.FCGI_PARAMS, 1) + g.stream(g.FCGI_STDIN, 1, body))
         reply = conn.read_response()
         assert (reply.status, reply.body) == (200, body)
     assert server.wait_exit(30) == 0
