@@ -285,6 +285,7 @@ impl Io {
     /// this Io alive long after (an environ held in a request history keeps
     /// its `wsgi.input`, and with it the connection's handle), so what the
     /// connection read and wrote must not stay with it.
+    ///
     /// A new generation makes every handle of its requests stale: a thread
     /// the app left running (a request past --timeout) must not read or
     /// write a descriptor number that may belong to another connection now.
@@ -1025,8 +1026,7 @@ impl Io {
             self.holding = self.gather(data.len());
         }
         let mut trailer = Vec::new();
-        let mut closes = false;
-        if let Wire::FastCgi { id, keep_conn } = self.wire {
+        if let Wire::FastCgi { id, .. } = self.wire {
             if !last {
                 self.check_fcgi_abort()?;
             } else if self.completes_body(data.len()) {
@@ -1034,13 +1034,12 @@ impl Io {
                 self.refuse_concurrent_fcgi(&mut trailer);
                 fastcgi::write_stream_end(&mut trailer, fastcgi::RecordType::Stdout, id);
                 fastcgi::write_end_request(&mut trailer, id, 0, fastcgi::ProtocolStatus::RequestComplete);
-                closes = keep_conn && !self.keep_alive;
             }
         }
-        let result = if closes {
-            self.with_fin(|io| io.send_framed(&head, data, &trailer, blocking))
-        } else {
+        let result = if trailer.is_empty() {
             self.send_framed(&head, data, &trailer, blocking)
+        } else {
+            self.ending(|io| io.send_framed(&head, data, &trailer, blocking))
         };
         // Ended only once END_REQUEST went out (or is held to go out): a
         // request the front end aborted meanwhile sends nothing here and is
@@ -1255,7 +1254,7 @@ impl Io {
 
     /// Ends a FastCGI request: the empty STDOUT record and END_REQUEST.
     pub(crate) fn end_fcgi_request(&mut self, blocking: fn(&mut dyn FnMut())) -> Result<(), ResponseError> {
-        let Wire::FastCgi { id, keep_conn } = self.wire else {
+        let Wire::FastCgi { id, .. } = self.wire else {
             return Ok(());
         };
         if self.fcgi_ended {
@@ -1268,26 +1267,26 @@ impl Io {
         }
         fastcgi::write_stream_end(&mut out, fastcgi::RecordType::Stdout, id);
         fastcgi::write_end_request(&mut out, id, 0, fastcgi::ProtocolStatus::RequestComplete);
-        if keep_conn && !self.keep_alive {
-            self.with_fin(|io| io.write_parts(&[&out], blocking))
-        } else {
-            self.write_parts(&[&out], blocking)
-        }
+        self.ending(|io| io.write_parts(&[&out], blocking))
     }
 
-    /// Makes `write` the connection's last: the front end kept this FastCGI
-    /// connection for its next request, but it closes after this one (a
-    /// draining worker with no sibling to take it). FastCGI has no way to
+    /// Runs `write`, the one that sends END_REQUEST, and makes it the
+    /// connection's last when the front end kept this FastCGI connection for
+    /// its next request but it closes after this one (a draining worker
+    /// with no sibling to take it). FastCGI has no way to
     /// say so, so the FIN goes with END_REQUEST, in one segment (corked):
     /// nginx then sees the end of the connection as it reads the end of the
     /// response and does not put it back in its pool. Sent a moment later,
     /// the FIN met the next request nginx had already written on the
     /// connection, a 502 for a POST. (A unix socket has no cork; the FIN
     /// follows at once.)
-    fn with_fin(
+    fn ending(
         &mut self,
         write: impl FnOnce(&mut Io) -> Result<(), ResponseError>,
     ) -> Result<(), ResponseError> {
+        if !matches!(self.wire, Wire::FastCgi { keep_conn: true, .. }) || self.keep_alive {
+            return write(self);
+        }
         self.holding = false;
         self.tcp_option(libc::TCP_CORK, 1);
         let result = write(self);
@@ -1752,7 +1751,8 @@ impl Exchange {
     }
 }
 
-/// `NNN reason`: three digits, a space, and a reason with no control characters.
+/// `NNN reason`: three digits, a space, and a reason with no control
+/// characters; or the three digits alone.
 fn parse_status(s: &[u8]) -> Result<u16, ResponseError> {
     let bad = || ResponseError::Invalid(format!("invalid status {:?}", String::from_utf8_lossy(s)));
     // PEP 3333 asks for a reason phrase; a bare code ("200") is taken as
