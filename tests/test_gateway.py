@@ -10,6 +10,7 @@ import hashlib
 import os
 import random
 import re
+import select
 import signal
 import socket
 import stat
@@ -1011,6 +1012,42 @@ def test_a_fastcgi_request_whose_records_stop_is_closed_and_logged(start_server)
     )
 
 
+@pytest.mark.parametrize("what", ["params one at a time", "management records"])
+def test_a_fastcgi_peer_sending_a_record_now_and_then_still_meets_the_header_timeout(start_server, what):
+    """Each record leaves the buffer as it is read, so the clock must not start
+    again with every read: a request's PARAMS trickling in a record at a time,
+    or a new connection sending only GET_VALUES, is closed after the header
+    timeout like any unfinished request, not held open for good."""
+    server = g.start_gateways(
+        start_server, "behaviour:application", [("fastcgi", "127.0.0.1:0")], "--header-timeout", "1"
+    )
+    pair = g.encode_pairs([(b"A", b"")])
+    with g.connect(server.addr("fastcgi"), timeout=30) as sock:
+        if what == "params one at a time":
+            sock.sendall(g.begin_request(1, keep_conn=True))
+        closed = False
+        for _ in range(100):  # 30 s of records, every 0.3 s, against a 1 s timeout
+            try:
+                if what == "params one at a time":
+                    sock.sendall(g.record(g.FCGI_PARAMS, 1, pair))
+                else:
+                    sock.sendall(g.record(g.FCGI_GET_VALUES, 0, g.encode_pairs([(b"FCGI_MAX_CONNS", b"")])))
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            time.sleep(0.3)
+            if select.select([sock], [], [], 0)[0]:
+                try:
+                    data = sock.recv(65536)  # GET_VALUES_RESULT records, or the end
+                except ConnectionResetError:
+                    data = b""
+                if not data:
+                    closed = True
+                    break
+        assert closed, "the connection was still open after 30 s of records"
+    assert g.call("fastcgi", server.addr("fastcgi"), uri="/fixed").body == b"hello world"
+
+
 def test_fastcgi_abort_before_the_params_end(gw):
     enc = g.encode_pairs(g.cgi_params(uri="/pid"))
     with g.FcgiConn(gw.addr("fastcgi")) as conn:
@@ -1485,6 +1522,33 @@ def test_a_static_download_the_front_end_reads_slowly_holds_no_thread(start_serv
     r = g.parse_any(proto, raw)
     assert r.status == 200
     assert hashlib.sha256(r.body).digest() == hashlib.sha256(data).digest()
+
+
+def test_a_kept_fastcgi_request_running_when_the_stop_begins_closes_its_connection_with_its_end(
+    start_server, tmp_path
+):
+    """A request already running when a stop begins, on a kept FastCGI connection
+    with no sibling to take it over: the connection's FIN comes with END_REQUEST,
+    so the front end does not put it back in its pool (left idle, it would be
+    closed later, maybe as the front end sends its next request on it)."""
+    server = g.start_gateways(start_server, "behaviour:application", [("fastcgi", "127.0.0.1:0")])
+    with g.FcgiConn(server.addr("fastcgi")) as conn:
+        marker = tmp_path / "go"
+        conn.send(g.fcgi_request_bytes(g.cgi_params(uri=f"/pause?marker={marker}"), keep_conn=True))
+        first = conn.read_record()
+        assert first.type == g.FCGI_STDOUT
+        conn.others.append(first)  # read_response takes it from there
+        mark = server.mark()
+        server.signal(signal.SIGTERM)
+        server.wait_for("Worker draining", since=mark)
+        marker.touch()
+        reply = conn.read_response()
+        assert (reply.status, reply.body) == (200, b"first,second,third")
+        # Everything the server sent is here already (the FIN in END_REQUEST's
+        # segment), so the end of the stream must be too, without waiting.
+        readable, _, _ = select.select([conn.sock], [], [], 0)
+        assert conn.eof or (readable and conn.sock.recv(1) == b"")
+    assert server.wait_exit(30) == 0
 
 
 def test_a_kept_fastcgi_connection_whose_request_comes_in_parts_is_served_while_draining(start_server):

@@ -1267,6 +1267,12 @@ impl Io {
         }
         fastcgi::write_stream_end(&mut out, fastcgi::RecordType::Stdout, id);
         fastcgi::write_end_request(&mut out, id, 0, fastcgi::ProtocolStatus::RequestComplete);
+        if self.keep_alive && !crate::worker::fastcgi_conn_may_stay() {
+            // The drain began while this request ran: the connection would
+            // otherwise sit idle until the drain's linger closes it, perhaps
+            // as the front end sends its next request on it.
+            self.keep_alive = false;
+        }
         self.ending(|io| io.write_parts(&[&out], blocking))
     }
 

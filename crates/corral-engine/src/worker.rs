@@ -424,6 +424,8 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
         handed: AtomicUsize::new(0),
         offload,
     });
+    let probe = shared.clone();
+    let _ = HAND_OVER_PROBE.set(Box::new(move || can_hand_over(&probe)));
     // Without the flusher nothing is held back: every write goes out at once.
     let holders: Vec<Option<_>> = match crate::flusher::start(threads) {
         Ok(h) => h.into_iter().map(Some).collect(),
@@ -753,10 +755,12 @@ fn check_timeouts<A: App>(w: &Shared<A>, now: u64) {
                 "the connection was cut"
             }
         };
-        drop(current);
         // Sends what is queued (the 504), then ends the connection, which
-        // also wakes the thread if it waits on this socket.
+        // also wakes the thread if it waits on this socket. Before the lock
+        // goes: once it has, the thread may come back, close the descriptor,
+        // and its number may be a new client's by the time this runs.
         unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        drop(current);
         let traceback = w.app.thread_traceback(t).unwrap_or_else(|| "(no traceback available)\n".to_string());
         error!(
             "Request timeout: {what} ran for {:.1} s, over --timeout {:.1} s, in worker {} (pid {}), \
@@ -1416,6 +1420,18 @@ fn adopt<A: App>(
 /// Connections this worker handed to siblings while draining.
 static HANDED_OVER: AtomicUsize = AtomicUsize::new(0);
 
+/// [`can_hand_over`] for the response path, which holds no [`Shared`]: set
+/// once, when the worker's shared state exists (a process runs one worker).
+static HAND_OVER_PROBE: std::sync::OnceLock<Box<dyn Fn() -> bool + Send + Sync>> = std::sync::OnceLock::new();
+
+/// Whether a kept FastCGI connection may stay open after the request on it:
+/// unless this worker drains with no sibling to take the connection.
+/// FastCGI cannot warn the front end that a connection closes (see
+/// crate::handover), so one that may not stay closes with its END_REQUEST.
+pub(crate) fn fastcgi_conn_may_stay() -> bool {
+    !draining() || HAND_OVER_PROBE.get().is_some_and(|probe| probe())
+}
+
 /// Whether a sibling could take a connection from this draining worker, now
 /// or once it has started (a replacement still loading the app): the
 /// connection then waits here, parked, for the sweeper to hand it over.
@@ -1981,7 +1997,12 @@ fn read_gateway<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
             }
             Ok(_) => {
                 read_once = true;
-                if was_empty {
+                // The header timeout counts from the first bytes of a request
+                // on a kept connection (from the accept on a new one), not
+                // from each read: FastCGI records leave the buffer as they
+                // are taken, so a peer sending one record at a time, or only
+                // management records, would never reach it.
+                if was_empty && conn.fcgi.active.is_none() && !conn.entry.fresh.load(Ordering::Relaxed) {
                     conn.request_started = mono_ms();
                 }
             }
@@ -2205,11 +2226,8 @@ fn handle_request<A: App>(
                 io.continue_owed = false;
                 io.http11 = true;
                 io.head_request = g.params.get(&g.bytes, b"REQUEST_METHOD") == Some(b"HEAD");
-                // Draining, a kept FastCGI connection goes on only if a sibling
-                // can take it after this request: FastCGI cannot warn the
-                // front end that it closes (see crate::handover).
-                io.keep_alive = matches!(g.wire, Wire::FastCgi { keep_conn: true, .. })
-                    && (!draining() || can_hand_over(w));
+                io.keep_alive =
+                    matches!(g.wire, Wire::FastCgi { keep_conn: true, .. }) && fastcgi_conn_may_stay();
                 (g.bytes, Some(g.params))
             }
         };
