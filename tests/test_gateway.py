@@ -1408,6 +1408,24 @@ def test_invalid_content_length_gets_400(gw, proto):
     gw.wait_for(rf"\[WARNING\] Bad {proto} request from .*invalid CONTENT_LENGTH", since=mark)
 
 
+# SCGI's codec stops at the same number of pairs (a bad-input case: its framing).
+@pytest.mark.parametrize("proto", ["uwsgi", "fastcgi"])
+def test_more_variables_than_a_request_may_have_get_431(gw, proto):
+    """The environ is built from at most 1024 variables (looking each name up
+    among those before it costs their square); a request under the limit made
+    of one header repeated is joined whole."""
+    repeated = [("HTTP_X_MANY", f"v{i}") for i in range(1024 - len(g.cgi_params(uri="/environ")))]
+    env = _env(gw, proto, extra=repeated)
+    assert env["HTTP_X_MANY"] == ",".join(v for _, v in repeated)
+    mark = gw.mark()
+    r = g.call(proto, gw.addr(proto), uri="/environ", extra=[*repeated, ("HTTP_X_ONE_MORE", "1")])
+    assert r.status == 431, r.raw[:300]
+    gw.wait_for(
+        rf"\[WARNING\] Bad {proto} request from 127\.0\.0\.1:\d+: 1025 variables, over the 1024", since=mark
+    )
+    assert g.call(proto, gw.addr(proto), uri="/fixed").body == b"hello world"
+
+
 def test_nothing_leaks_between_requests_on_a_kept_connection(gw):
     with g.FcgiConn(gw.addr("fastcgi")) as conn:
         first = g.cgi_params("POST", "/echo", b"secret", extra=[("HTTP_X_ONE", "1"), ("HTTPS", "on")])

@@ -186,6 +186,19 @@ def test_file_wrapper_serves_a_real_file(behaviour, big_file, cl):
         assert conn.read_response().body == b"hello world"
 
 
+def test_a_file_with_nothing_left_after_write_ends_a_chunked_body_once(behaviour, big_file):
+    """write() made the body chunked; a file_wrapper over a file read to its end
+    adds no chunk, so the body ends with one last-chunk and the next response on
+    the connection is read from the right byte."""
+    path, _ = big_file
+    with behaviour.connect(timeout=30) as conn:
+        conn.send_request("GET", f"/file?path={path}&cl=0&write=before&at_end=1", {"Host": "x"})
+        resp = conn.read_response()
+        assert (resp.status, resp.chunked, resp.complete, resp.body) == (200, True, True, b"before")
+        conn.send_request("GET", "/fixed", {"Host": "x"})
+        assert conn.read_response().body == b"hello world"
+
+
 @pytest.mark.parametrize("cl", ["1", "0"])
 def test_file_that_shrinks_while_sent_ends_the_connection_with_a_log_line(behaviour, tmp_path, cl):
     path = tmp_path / "shrinks.bin"

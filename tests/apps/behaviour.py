@@ -384,13 +384,20 @@ def closing(environ, start_response):
 
 
 def serve_file(environ, start_response):
+    """?path= through wsgi.file_wrapper, with its Content-Length unless ?cl=0;
+    ?write= goes through write() first and ?at_end=1 starts at the file's end."""
     q = _query(environ)
     path = q["path"]
     headers = [("Content-Type", "application/octet-stream")]
     if q.get("cl", "1") == "1":
         headers.append(("Content-Length", str(os.path.getsize(path))))
-    start_response("200 OK", headers)
-    return environ["wsgi.file_wrapper"](open(path, "rb"), 65536)
+    write = start_response("200 OK", headers)
+    if "write" in q:
+        write(q["write"].encode())
+    f = open(path, "rb")  # noqa: SIM115 - the server closes it with the response
+    if q.get("at_end") == "1":
+        f.seek(0, os.SEEK_END)
+    return environ["wsgi.file_wrapper"](f, 65536)
 
 
 LATE_WRITES = {}

@@ -316,12 +316,14 @@ impl AccessLog {
                     out.push(b' ');
                     escaped(out, e.target);
                     out.push(b' ');
-                    out.extend_from_slice(e.protocol.as_bytes());
+                    // Escaped too: a refused request line's third word, or a
+                    // front end's SERVER_PROTOCOL, is whatever was sent.
+                    escaped(out, e.protocol.as_bytes());
                 }
                 Atom::Method => escaped(out, e.method),
                 Atom::Path => escaped(out, path),
                 Atom::Query => escaped(out, query),
-                Atom::Protocol => out.extend_from_slice(e.protocol.as_bytes()),
+                Atom::Protocol => escaped(out, e.protocol.as_bytes()),
                 Atom::Status => push_num(out, u64::from(e.status)),
                 Atom::Bytes => push_num(out, e.bytes),
                 Atom::BytesOrDash if e.bytes == 0 => out.push(b'-'),
@@ -541,6 +543,12 @@ mod tests {
         assert_eq!(ua, r#""curl/8 \"evil\"\x0a[01/Jan/2000] \"GET / HTTP/1.1\" 200""#);
         assert!(!ua.contains('\n'));
         assert_eq!(line("100%% %(s)s 5% %%(h)s", &e), "100% 200 5% %(h)s");
+        // Nor a protocol that is the rest of a refused request line.
+        let forged = Entry { protocol: "HTTP/1.1\" 200 1 \"-\" \"x\r\n", ..entry_with(&req, &resp, &env) };
+        assert_eq!(
+            line("\"%(r)s\" %(H)s", &forged),
+            r#""GET /a b?x=1 HTTP/1.1\" 200 1 \"-\" \"x\x0d\x0a" HTTP/1.1\" 200 1 \"-\" \"x\x0d\x0a"#
+        );
         assert!(Format::parse("%(zz)s").is_err());
         assert!(Format::parse("%(h").is_err());
         assert!(Format::parse(DEFAULT_FORMAT).is_ok());

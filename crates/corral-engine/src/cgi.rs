@@ -32,11 +32,30 @@ impl CgiParams {
     }
 }
 
+/// The most variables one request may bring, over any gateway protocol
+/// (SCGI's codec stops at the same number): nginx sends about twenty of its
+/// own and one per header field; HTTP's --limit-request-fields goes no
+/// higher. Bounds the work of building an environ, which looks each name
+/// up among those before it.
+pub const MAX_VARS: usize = corral_proto::scgi::MAX_HEADERS;
+
 /// Why a front end's variables cannot make a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CgiError {
     MissingMethod,
     BadContentLength(String),
+    /// More than [`MAX_VARS`].
+    TooManyVars(usize),
+}
+
+impl CgiError {
+    /// The status the front end's client gets.
+    pub fn status(&self) -> u16 {
+        match self {
+            CgiError::TooManyVars(_) => 431,
+            _ => 400,
+        }
+    }
 }
 
 impl std::fmt::Display for CgiError {
@@ -44,6 +63,7 @@ impl std::fmt::Display for CgiError {
         match self {
             CgiError::MissingMethod => f.write_str("no REQUEST_METHOD variable"),
             CgiError::BadContentLength(v) => write!(f, "invalid CONTENT_LENGTH {v:?}"),
+            CgiError::TooManyVars(n) => write!(f, "{n} variables, over the {MAX_VARS} a request may have"),
         }
     }
 }
@@ -51,6 +71,9 @@ impl std::fmt::Display for CgiError {
 /// Checks what the engine itself needs and returns the body length that
 /// CONTENT_LENGTH announces (`None` when absent or empty).
 pub fn check(params: &CgiParams, bytes: &[u8]) -> Result<Option<u64>, CgiError> {
+    if params.pairs.len() > MAX_VARS {
+        return Err(CgiError::TooManyVars(params.pairs.len()));
+    }
     match params.get(bytes, b"REQUEST_METHOD") {
         Some(m) if !m.is_empty() => {}
         _ => return Err(CgiError::MissingMethod),
@@ -158,10 +181,11 @@ pub fn environ<'b>(params: &CgiParams, bytes: &'b [u8], mount: &'b [u8]) -> CgiE
                     continue;
                 }
                 let sep: &[u8] = if key == b"HTTP_COOKIE" { b"; " } else { b"," };
-                let mut joined = slot.1.to_vec();
+                // In place: copying the joined value for each repeat would
+                // be quadratic in the number of repeats.
+                let joined = slot.1.to_mut();
                 joined.extend_from_slice(sep);
                 joined.extend_from_slice(value);
-                slot.1 = Cow::Owned(joined);
                 continue;
             }
             vars.push((key, Cow::Borrowed(value)));
@@ -585,5 +609,13 @@ mod tests {
         assert!(matches!(check(&p, &b), Err(CgiError::BadContentLength(_))));
         let (p, b) = params(&[("CONTENT_LENGTH", "1")]);
         assert_eq!(check(&p, &b), Err(CgiError::MissingMethod));
+        let names: Vec<String> = (0..MAX_VARS).map(|i| format!("HTTP_X{i}")).collect();
+        let mut pairs: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+        pairs[0] = ("REQUEST_METHOD", "GET");
+        let (p, b) = params(&pairs);
+        assert_eq!(check(&p, &b), Ok(None));
+        pairs.push(("HTTP_ONE_MORE", "v"));
+        let (p, b) = params(&pairs);
+        assert_eq!(check(&p, &b), Err(CgiError::TooManyVars(MAX_VARS + 1)));
     }
 }

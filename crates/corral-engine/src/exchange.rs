@@ -1314,6 +1314,8 @@ impl Io {
         let count = self.begin_file(count, blocking)?;
         match self.framing {
             RespFraming::NoBody => return Ok(()),
+            // A chunk of size 0 is the last-chunk: it would end the body here.
+            RespFraming::Chunked if count == 0 => return Ok(()),
             RespFraming::Chunked => {
                 let mut size = [0u8; 18];
                 let len = hex_line(count as usize, &mut size);

@@ -1897,7 +1897,7 @@ fn read_gateway<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                         Ok(Some(head)) => {
                             let len = match cgi::check(&head.params, &io.buf) {
                                 Ok(len) => len.unwrap_or(0),
-                                Err(e) => return refuse(w, conn, &mut io, wire, 400, &e.to_string()),
+                                Err(e) => return refuse(w, conn, &mut io, wire, e.status(), &e.to_string()),
                             };
                             // A small body is read before the app runs, as over HTTP.
                             let missing = if len <= PREREAD_MAX.min(w.config.max_body_size) {
@@ -1935,7 +1935,9 @@ fn read_gateway<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                                     let wire = Wire::FastCgi { id: r.id, keep_conn: r.keep_conn };
                                     let left = match cgi::check(&r.params, &r.params_bytes) {
                                         Ok(len) => len,
-                                        Err(e) => return refuse(w, conn, &mut io, wire, 400, &e.to_string()),
+                                        Err(e) => {
+                                            return refuse(w, conn, &mut io, wire, e.status(), &e.to_string())
+                                        }
                                     };
                                     Ok(Some(GatewayRequest {
                                         bytes: Bytes::from(r.params_bytes),
