@@ -15,6 +15,39 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 /// Bytes of "METHOD /path" kept per thread.
 const TEXT: usize = 112;
 
+/// Text in the shared table, kept in atomic words: a thread writes it while
+/// other threads and the master read it, so a reader may see parts of two
+/// texts (each read checks the request it belongs to is still the same),
+/// but never a torn word or undefined behaviour.
+#[repr(C)]
+struct SharedText<const WORDS: usize>([AtomicU64; WORDS]);
+
+impl<const WORDS: usize> SharedText<WORDS> {
+    const BYTES: usize = WORDS * 8;
+
+    /// Stores the first [`Self::BYTES`] bytes of `text` at most; returns how many.
+    fn store(&self, text: &[u8]) -> usize {
+        let n = text.len().min(Self::BYTES);
+        for (word, chunk) in self.0.iter().zip(text[..n].chunks(8)) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            word.store(u64::from_ne_bytes(b), Ordering::Relaxed);
+        }
+        n
+    }
+
+    /// The first `n` bytes.
+    fn load(&self, n: usize) -> Vec<u8> {
+        let n = n.min(Self::BYTES);
+        let mut out = Vec::with_capacity(n.next_multiple_of(8));
+        for word in &self.0[..n.div_ceil(8)] {
+            out.extend_from_slice(&word.load(Ordering::Relaxed).to_ne_bytes());
+        }
+        out.truncate(n);
+        out
+    }
+}
+
 /// Offloaded responses shown by name per worker; more are only counted.
 const DOWNLOADS: usize = 8;
 
@@ -27,7 +60,7 @@ struct ThreadSlot {
     since_ms: AtomicU64,
     len: AtomicU32,
     _pad: u32,
-    text: [u8; TEXT],
+    text: SharedText<{ TEXT / 8 }>,
 }
 
 #[repr(C)]
@@ -44,11 +77,13 @@ struct WorkerHeader {
     /// Counters for the metrics, indexed by the `C_*` constants.
     counters: [AtomicU64; COUNTERS],
     /// The last exception the app raised, as text (truncated).
-    error: [u8; ERROR_TEXT],
+    error: SharedText<{ ERROR_TEXT / 8 }>,
 }
 
 /// Bytes of the last exception's text kept per worker.
 const ERROR_TEXT: usize = 240;
+
+const _: () = assert!(TEXT % 8 == 0 && ERROR_TEXT % 8 == 0, "texts are kept in whole words");
 
 /// Upper bounds (seconds) of the request-duration histogram buckets; the
 /// last bucket is everything above.
@@ -221,7 +256,7 @@ impl Scoreboard {
     }
 
     fn write_slot(&self, s: &ThreadSlot, method: &[u8], path: &[u8], now_ms: u64) {
-        let text = unsafe { &mut *(s.text.as_ptr() as *mut [u8; TEXT]) };
+        let mut text = [0u8; TEXT];
         let m = method.len().min(TEXT);
         text[..m].copy_from_slice(&method[..m]);
         let mut len = m;
@@ -232,6 +267,7 @@ impl Scoreboard {
             text[len..len + p].copy_from_slice(&path[..p]);
             len += p;
         }
+        s.text.store(&text[..len]);
         s.len.store(len as u32, Ordering::Relaxed);
         s.since_ms.store(now_ms.max(1), Ordering::Release);
     }
@@ -275,11 +311,23 @@ impl Scoreboard {
     /// ms it started), if anything.
     pub fn thread_request(&self, slot: usize, t: usize) -> Option<(String, u64)> {
         let s = self.thread(slot, t);
-        let since = s.since_ms.load(Ordering::Acquire);
-        (since != 0 && since != CLAIMED).then(|| {
-            let len = (s.len.load(Ordering::Relaxed) as usize).min(TEXT);
-            (crate::app::log_escape(&s.text[..len]), since)
-        })
+        let mut tries = 0;
+        loop {
+            let since = s.since_ms.load(Ordering::Acquire);
+            if since == 0 || since == CLAIMED {
+                return None;
+            }
+            let len = s.len.load(Ordering::Relaxed) as usize;
+            let text = s.text.load(len);
+            // The thread may have moved on to another request while the text
+            // was read: read again, a few times at most (a thread serving
+            // requests that short is not one anybody waits on).
+            std::sync::atomic::fence(Ordering::Acquire);
+            tries += 1;
+            if s.since_ms.load(Ordering::Relaxed) == since || tries == 4 {
+                return Some((crate::app::log_escape(&text), since));
+            }
+        }
     }
 
     /// Adds to one of a worker's metric counters.
@@ -320,20 +368,18 @@ impl Scoreboard {
     /// Keeps the text of the last exception the app raised in this worker.
     pub fn set_error(&self, slot: usize, text: &str) {
         let h = self.header(slot);
-        let bytes = text.as_bytes();
-        let mut n = bytes.len().min(ERROR_TEXT);
+        let mut n = text.len().min(ERROR_TEXT);
         while n > 0 && !text.is_char_boundary(n) {
             n -= 1;
         }
-        let dst = unsafe { &mut *(h.error.as_ptr() as *mut [u8; ERROR_TEXT]) };
-        dst[..n].copy_from_slice(&bytes[..n]);
+        h.error.store(&text.as_bytes()[..n]);
         h.error_len.store(n as u32, Ordering::Release);
     }
 
     pub fn error(&self, slot: usize) -> Option<String> {
         let h = self.header(slot);
         let n = (h.error_len.load(Ordering::Acquire) as usize).min(ERROR_TEXT);
-        (n > 0).then(|| String::from_utf8_lossy(&h.error[..n]).into_owned())
+        (n > 0).then(|| String::from_utf8_lossy(&h.error.load(n)).into_owned())
     }
 
     /// How many workers the table has room for.
@@ -408,6 +454,26 @@ mod tests {
         let long = vec![b'a'; 500];
         sb.begin(0, 0, b"POST", &long, 5);
         assert_eq!(sb.in_flight(0, 5)[0].what.len(), TEXT);
+    }
+
+    #[test]
+    fn shared_text_keeps_any_length_up_to_its_words() {
+        let t = SharedText::<3>(Default::default());
+        for n in [0, 1, 7, 8, 9, 23, 24] {
+            let text: Vec<u8> = (0..n as u8).collect();
+            assert_eq!(t.store(&text), n);
+            assert_eq!(t.load(n), text);
+        }
+        assert_eq!(t.store(&[b'x'; 30]), 24);
+        assert_eq!(t.load(99), vec![b'x'; 24]);
+        // A shorter text after a longer one: only its own bytes are read.
+        t.store(b"abc");
+        assert_eq!(t.load(3), b"abc");
+        let sb = Scoreboard::new(1, 1).unwrap();
+        sb.reset(0, 1);
+        let error = "é".repeat(ERROR_TEXT); // two bytes each: cut at a character boundary
+        sb.set_error(0, &error);
+        assert_eq!(sb.error(0).unwrap(), "é".repeat(ERROR_TEXT / 2));
     }
 
     #[test]
