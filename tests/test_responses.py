@@ -186,6 +186,14 @@ def test_file_wrapper_serves_a_real_file(behaviour, big_file, cl):
         assert conn.read_response().body == b"hello world"
 
 
+def test_an_app_recursing_deep_in_c_has_the_stack_a_python_thread_has(behaviour):
+    """json.dumps of a list nested 20000 deep runs in a Python thread (8 MiB of
+    stack by default); a serving thread must have as much, or the worker dies."""
+    depth = 20000
+    resp = behaviour.request("GET", f"/deep?depth={depth}")
+    assert (resp.status, resp.body) == (200, f"{2 * (depth + 1)} bytes".encode())
+
+
 def test_a_file_with_nothing_left_after_write_ends_a_chunked_body_once(behaviour, big_file):
     """write() made the body chunked; a file_wrapper over a file read to its end
     adds no chunk, so the body ends with one last-chunk and the next response on

@@ -89,6 +89,22 @@ def fixed(environ, start_response):
     return _ok(start_response, "hello world")
 
 
+def deep(environ, start_response):
+    """json.dumps of a list nested ?depth= deep: C recursion, as much stack as a
+    Python thread has (the recursion limit is raised for this call)."""
+    depth = int(_query(environ).get("depth", "20000"))
+    nested = []
+    for _ in range(depth):
+        nested = [nested]
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(depth + 1000)
+    try:
+        text = json.dumps(nested)
+    finally:
+        sys.setrecursionlimit(limit)
+    return _ok(start_response, f"{len(text)} bytes")
+
+
 def stream(environ, start_response):
     """A body of n pieces and no Content-Length."""
     n = int(_query(environ).get("n", "3"))
@@ -562,6 +578,7 @@ UNVALIDATED = {
     "/raise-before": raise_before,
     "/raise-after": raise_after,
     "/raise-after-cl": raise_after_cl,
+    "/deep": deep,
 }
 
 _validated = {path: validator(app) for path, app in VALIDATED.items()}

@@ -437,10 +437,13 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
     if shared.config.reload_on_rss.is_some() {
         FRESH_RSS.store(rss_bytes(), Ordering::Relaxed);
     }
+    let stack = app_stack_size();
     for (t, holder) in holders.into_iter().enumerate() {
         let s = shared.clone();
-        let spawned =
-            std::thread::Builder::new().name(format!("corral-{t}")).spawn(move || thread_main(&s, t, holder));
+        let spawned = std::thread::Builder::new()
+            .name(format!("corral-{t}"))
+            .stack_size(stack)
+            .spawn(move || thread_main(&s, t, holder));
         if let Err(e) = spawned {
             error!("cannot start worker thread: {e}");
             return 1;
@@ -1415,6 +1418,24 @@ fn adopt<A: App>(
         proxy_pending: fresh && protocol == Protocol::Http && w.config.proxy_protocol,
         head_charge: HeadCharge::default(),
     })
+}
+
+/// The stack a serving thread gets when the soft RLIMIT_STACK is unlimited:
+/// glibc's default for new threads on x86-64 then.
+const DEFAULT_APP_STACK: usize = 8 << 20;
+
+/// The stack of a serving thread, which runs the app: what Python gives its
+/// own threads (glibc's default, the soft RLIMIT_STACK). With Rust's 2 MiB,
+/// C code that recurses deep, such as `json.dumps` of a deeply nested list
+/// under a raised recursion limit, overflowed it and killed the worker where
+/// a Python thread has room.
+fn app_stack_size() -> usize {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    if unsafe { libc::getrlimit(libc::RLIMIT_STACK, &mut lim) } != 0 || lim.rlim_cur == libc::RLIM_INFINITY {
+        return DEFAULT_APP_STACK;
+    }
+    // Within what a 64-bit address space takes many of without thought.
+    (lim.rlim_cur as usize).clamp(2 << 20, 1 << 30)
 }
 
 /// Connections this worker handed to siblings while draining.
