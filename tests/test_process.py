@@ -176,6 +176,19 @@ def test_graceful_stop_finishes_in_flight_requests(start_server, how):
     assert wait_until(lambda: not group_members(server.pgid), timeout=10)
 
 
+def test_a_graceful_stop_lets_the_apps_own_threads_finish(start_server, tmp_path):
+    """As Python's own exit does, a worker stopping waits for the threads the app
+    started without daemon=True (the work they were started for is the app's)."""
+    server = start_server("behaviour:application", workers=1, threads=1)
+    marker = tmp_path / "written"
+    assert server.request("GET", f"/background?secs=1.5&marker={marker}").body == b"started"
+    mark = server.mark()
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(30) == 0, server.log
+    assert marker.read_text() == "done"
+    server.wait_for(r"Worker waiting for 1 thread the app started \(not daemon\) to finish", since=mark)
+
+
 def test_graceful_stop_refuses_new_connections(start_server):
     server = start_server("behaviour:application", workers=1, threads=2)
     mark = server.mark()

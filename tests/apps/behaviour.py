@@ -105,6 +105,21 @@ def deep(environ, start_response):
     return _ok(start_response, f"{len(text)} bytes")
 
 
+def background(environ, start_response):
+    """Starts a thread (not a daemon) that writes ?marker= after ?secs=, and answers at once."""
+    q = _query(environ)
+
+    def later():
+        time.sleep(float(q.get("secs", "1")))
+        with open(q["marker"], "w") as f:
+            f.write("done")
+
+    # Said outright: a thread started from a serving thread (a thread Python did
+    # not start) would be a daemon by default, as under uWSGI's threads.
+    threading.Thread(target=later, name="app-background", daemon=False).start()
+    return _ok(start_response, "started")
+
+
 def stream(environ, start_response):
     """A body of n pieces and no Content-Length."""
     n = int(_query(environ).get("n", "3"))
@@ -579,6 +594,7 @@ UNVALIDATED = {
     "/raise-after": raise_after,
     "/raise-after-cl": raise_after_cl,
     "/deep": deep,
+    "/background": background,
 }
 
 _validated = {path: validator(app) for path, app in VALIDATED.items()}

@@ -6,7 +6,7 @@ use std::ffi::CString;
 
 use pyo3::ffi;
 use pyo3::prelude::*;
-use tracing::error;
+use tracing::{error, info};
 
 use corral_engine::supervise::{Hooks, EXIT_APP_LOAD_FAILED};
 use corral_engine::{run_worker, Config, WorkerCtx};
@@ -190,14 +190,51 @@ impl Hooks for Runtime {
     }
 
     fn worker_exit(&self, code: i32) -> ! {
-        // Run the app's atexit handlers and flush Python's streams, then leave
-        // without finalizing the interpreter under still-parked threads.
+        // What Python's own exit does first, then leave without finalizing
+        // the interpreter under still-parked threads.
         let py = unsafe { Python::assume_gil_acquired() };
+        wait_for_app_threads(py);
         let _ = py.import("atexit").and_then(|m| m.call_method0("_run_exitfuncs"));
         let _ = py.import("sys").and_then(|sys| {
             sys.getattr("stdout")?.call_method0("flush")?;
             sys.getattr("stderr")?.call_method0("flush")
         });
         unsafe { libc::_exit(code) }
+    }
+}
+
+/// Waits for the threads the app started without `daemon=True`, as Python
+/// does before it exits (`threading._shutdown`, which also runs what
+/// `concurrent.futures` registered to finish its queued work): the app means
+/// them to finish. The master stops waiting at --graceful-timeout.
+fn wait_for_app_threads(py: Python<'_>) {
+    let Ok(Some(threading)) =
+        py.import("sys").and_then(|sys| sys.getattr("modules")?.call_method1("get", ("threading",))?.extract())
+    else {
+        return;
+    };
+    let threading: Bound<'_, PyAny> = threading;
+    let names: Vec<String> = (|| -> PyResult<Vec<String>> {
+        let main = threading.call_method0("main_thread")?;
+        let mut names = Vec::new();
+        for t in threading.call_method0("enumerate")?.try_iter()? {
+            let t = t?;
+            if !t.is(&main) && !t.getattr("daemon")?.is_truthy()? && t.call_method0("is_alive")?.is_truthy()? {
+                names.push(t.getattr("name")?.extract()?);
+            }
+        }
+        Ok(names)
+    })()
+    .unwrap_or_default();
+    if !names.is_empty() {
+        info!(
+            "Worker waiting for {} thread{} the app started (not daemon) to finish before it exits: {}",
+            names.len(),
+            if names.len() == 1 { "" } else { "s" },
+            names.join(", ")
+        );
+    }
+    if let Err(e) = threading.call_method0("_shutdown") {
+        error!("waiting for the app's threads: {e}");
     }
 }
