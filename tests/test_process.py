@@ -189,6 +189,21 @@ def test_a_graceful_stop_lets_the_apps_own_threads_finish(start_server, tmp_path
     server.wait_for(r"Worker waiting for 1 thread the app started \(not daemon\) to finish", since=mark)
 
 
+def test_an_app_that_takes_the_workers_signals_at_import_gets_them_back_with_a_warning(start_server):
+    """The app's handler would never run (a worker's main thread runs no Python)
+    and the worker would not hear the master's TERM: corral puts its own back."""
+    server = start_server("signal_app:application", workers=1)
+    server.wait_for(
+        r"\[WARNING\] The app set its own handler for SIGTERM, SIGUSR1; a worker's signals are the server's"
+    )
+    assert server.request("GET", "/").status == 200
+    mark = server.mark()
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(60) == 0, server.log
+    server.wait_for("Worker stopped gracefully", since=mark)
+    assert "graceful timeout" not in server.log[mark:], server.log
+
+
 def test_graceful_stop_refuses_new_connections(start_server):
     server = start_server("behaviour:application", workers=1, threads=2)
     mark = server.mark()

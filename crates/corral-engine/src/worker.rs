@@ -348,6 +348,8 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
             return 1;
         }
     };
+    // The app has loaded since the handlers went in.
+    restore_own_handlers();
     tune_allocator();
     let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     if epfd < 0 {
@@ -523,6 +525,50 @@ pub fn prepare_signals(sigint: SigintMode) -> io::Result<()> {
     Ok(())
 }
 
+/// The signals whose handlers [`WorkerSignals::install`] sets.
+const WORKER_SIGNALS: [libc::c_int; 9] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGHUP,
+    libc::SIGTTIN,
+    libc::SIGTTOU,
+    libc::SIGWINCH,
+];
+
+/// The worker's handlers as installed, to put back if the app replaces them.
+static OWN_HANDLERS: Mutex<Vec<(libc::c_int, libc::sigaction)>> = Mutex::new(Vec::new());
+
+/// Puts the worker's signal handlers back where the app, loading, set its
+/// own (`signal.signal(SIGTERM, ...)` at import), and says so. A Python
+/// handler runs only when the main thread runs Python, which in a worker it
+/// never does: the app's handler would not run, and the worker would no
+/// longer hear the master's TERM (a reload or stop would wait out
+/// --graceful-timeout and kill it).
+fn restore_own_handlers() {
+    let own = OWN_HANDLERS.lock().unwrap_or_else(|p| p.into_inner());
+    let mut replaced = Vec::new();
+    for (sig, action) in own.iter() {
+        unsafe {
+            let mut now: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(*sig, std::ptr::null(), &mut now) == 0 && now.sa_sigaction != action.sa_sigaction {
+                libc::sigaction(*sig, action, std::ptr::null_mut());
+                replaced.push(crate::supervise::signal_name(*sig));
+            }
+        }
+    }
+    if !replaced.is_empty() {
+        warn!(
+            "The app set its own handler for {}; a worker's signals are the server's (the master's \
+             stop, reload and log reopening come that way), so corral's handler is back in place and the \
+             app's will not run. To run code as a worker exits, register it with atexit",
+            replaced.join(", ")
+        );
+    }
+}
+
 /// Signals a worker acts on, delivered through a self-pipe so the main
 /// thread can wait for them together with its sweep timer.
 struct WorkerSignals {
@@ -570,6 +616,13 @@ impl WorkerSignals {
         // From the master's next program, which stops this worker next.
         crate::supervise::set_handler(SIGUSR2, crate::handover::note_superseded);
         unsafe { libc::close(fds[1]) };
+        *OWN_HANDLERS.lock().unwrap_or_else(|p| p.into_inner()) = WORKER_SIGNALS
+            .iter()
+            .filter_map(|&sig| unsafe {
+                let mut now: libc::sigaction = std::mem::zeroed();
+                (libc::sigaction(sig, std::ptr::null(), &mut now) == 0).then_some((sig, now))
+            })
+            .collect();
         // The master blocks its signals to read them from a signalfd; a
         // worker runs app code that may start subprocesses, so it takes
         // them with handlers and an unblocked mask instead. Unblocked only
