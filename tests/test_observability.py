@@ -849,3 +849,34 @@ def test_a_request_past_timeout_counts_in_requests_and_durations(start_server):
     assert _metric(text, "corral_requests_total", '{protocol="http",status="5xx"}') == 1
     assert _metric(text, "corral_request_duration_seconds_count", "") == 1
     assert _metric(text, "corral_request_duration_seconds_bucket", '{le="0.5"}') == 0
+
+
+def test_a_request_past_timeout_has_its_access_log_line(start_server, tmp_path):
+    """Its thread may never come back to write the line (the worker is replaced),
+    so the line is written as the client gets its 504, once."""
+    log = tmp_path / "access.log"
+    s = start_server(
+        "behaviour:application",
+        "--access-logfile",
+        str(log),
+        "--access-logformat",
+        '%(h)s "%(r)s" %(s)s %(b)s "%(a)s" %({x-id}i)s',
+        "--timeout",
+        "1",
+        workers=1,
+        threads=2,
+    )
+    resp = s.request(
+        "GET", "/slow?secs=3&id=late", headers={"User-Agent": "probe/1", "X-Id": "7"}, timeout=30
+    )
+    assert resp.status == 504
+    assert s.request("GET", "/fixed").status == 200
+    line = '127.0.0.1 "GET /slow?secs=3&id=late HTTP/1.1" 504 '
+    assert wait_until(lambda: log.exists() and line in log.read_text(), timeout=20), log.read_text()
+    [timed_out] = [entry for entry in log.read_text().splitlines() if "/slow" in entry]
+    assert timed_out.endswith('"probe/1" 7'), timed_out
+    # Whether or not the stuck thread comes back before its worker is gone: one line.
+    time.sleep(3)
+    s.signal(signal.SIGTERM)
+    assert s.wait_exit(30) == 0
+    assert [entry for entry in log.read_text().splitlines() if "/slow" in entry] == [timed_out]

@@ -136,6 +136,20 @@ impl Format {
 
     /// The environ variables lines show (`%({name}e)s`), lower-case: the
     /// app keeps their values for the log after it ran.
+    /// The request headers (lower-case) a line in this format shows.
+    pub fn request_header_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = ["referer", "user-agent", "authorization"].map(String::from).to_vec();
+        if let Format::Text(atoms) = self {
+            names.extend(atoms.iter().filter_map(|a| match a {
+                Atom::RequestHeader(n) => Some(n.to_ascii_lowercase()),
+                _ => None,
+            }));
+        }
+        names.sort();
+        names.dedup();
+        names
+    }
+
     pub fn environ_names(&self) -> Vec<String> {
         let Format::Text(atoms) = self else { return Vec::new() };
         let mut names: Vec<String> = atoms

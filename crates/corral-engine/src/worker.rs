@@ -232,8 +232,9 @@ struct Conn {
     head_charge: HeadCharge,
 }
 
-/// A connection a thread is serving a request on: its descriptor and state.
-type Serving = (RawFd, Arc<Mutex<Io>>, Protocol);
+/// A connection a thread is serving a request on: its descriptor, state and
+/// protocol, and its access log line's makings (with an access log).
+type Serving = (RawFd, Arc<Mutex<Io>>, Protocol, Option<Box<LogNote>>);
 
 struct Shared<A: App> {
     app: A,
@@ -553,7 +554,9 @@ fn restore_own_handlers() {
     for (sig, action) in own.iter() {
         unsafe {
             let mut now: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(*sig, std::ptr::null(), &mut now) == 0 && now.sa_sigaction != action.sa_sigaction {
+            if libc::sigaction(*sig, std::ptr::null(), &mut now) == 0
+                && now.sa_sigaction != action.sa_sigaction
+            {
                 libc::sigaction(*sig, action, std::ptr::null_mut());
                 replaced.push(crate::supervise::signal_name(*sig));
             }
@@ -775,8 +778,10 @@ fn check_timeouts<A: App>(w: &Shared<A>, now: u64) {
         // clears `current` before it looks at `timed_out`, so either it has
         // ended (nothing to do) or it will find the flag and leave the
         // request, counted here, uncounted.
-        let current = w.current[t].lock().unwrap();
-        let Some((fd, io, protocol)) = current.clone() else {
+        let mut current = w.current[t].lock().unwrap();
+        let Some((fd, io, protocol, note)) =
+            current.as_mut().map(|(f, i, p, n)| (*f, i.clone(), *p, n.take()))
+        else {
             continue;
         };
         w.timed_out[t].store(true, Ordering::Release);
@@ -798,25 +803,30 @@ fn check_timeouts<A: App>(w: &Shared<A>, now: u64) {
                 // Whatever the app does next goes nowhere.
                 io.broken = true;
                 io.keep_alive = false;
-                if fresh {
+                let answered = if fresh {
                     "the client got 504"
                 } else {
                     "its response had started, so the connection was cut"
-                }
+                };
+                (answered, io.status, io.bytes_sent)
             }
             // The thread is inside a socket wait of its own: what it sent is
             // not known here, and the request counts as a 504.
             Err(_) => {
                 w.scoreboard.record(w.slot, protocol as usize, 504, micros, 0, 0);
-                "the connection was cut"
+                ("the connection was cut", 504, 0)
             }
         };
+        let (answered, status, sent) = answered;
         // Sends what is queued (the 504), then ends the connection, which
         // also wakes the thread if it waits on this socket. Before the lock
         // goes: once it has, the thread may come back, close the descriptor,
         // and its number may be a new client's by the time this runs.
         unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
         drop(current);
+        if let (Some(log), Some(note)) = (&w.access, note) {
+            note.log(log, status, sent, micros);
+        }
         let traceback = w.app.thread_traceback(t).unwrap_or_else(|| "(no traceback available)\n".to_string());
         error!(
             "Request timeout: {what} ran for {:.1} s, over --timeout {:.1} s, in worker {} (pid {}), \
@@ -2376,7 +2386,8 @@ fn handle_request<A: App>(
         forwarded_https,
     };
     if w.config.timeout.is_some() {
-        *w.current[t].lock().unwrap() = Some((conn.entry.fd, conn.io.clone(), listener.protocol));
+        let note = w.access.as_ref().map(|log| LogNote::of(log, conn, &req));
+        *w.current[t].lock().unwrap() = Some((conn.entry.fd, conn.io.clone(), listener.protocol, note));
     }
     let started = Instant::now();
     let began_ms = mono_ms();
@@ -2439,7 +2450,7 @@ fn handle_request<A: App>(
         // Without the offload thread, io.finish sends the rest here.
         complete_locked_noted(conn, listener, &req, &mut io)
     };
-    // A timed-out request was counted when it timed out (check_timeouts).
+    // A timed-out request was counted and logged when it timed out (check_timeouts).
     after_request(w, t, conn, &req, started, !timed_out);
     if keep {
         conn.request_started = mono_ms();
@@ -2472,7 +2483,7 @@ fn after_request<A: App>(
             ask_recycle(w, Retire::MaxRequests, &format!("served {served} requests (limit {max})"));
         }
     }
-    if let Some(log) = &w.access {
+    if let (Some(log), true) = (&w.access, count) {
         log_request(log, t, conn, req, took);
     }
 }
@@ -2770,43 +2781,80 @@ fn join_values<'r>(mut values: impl Iterator<Item = &'r [u8]>) -> Option<std::bo
 }
 
 /// Writes the access log line of a request that has ended.
-fn log_request(log: &AccessLog, t: usize, conn: &Conn, req: &Request<'_>, took: Duration) {
-    let io = conn.io.lock().unwrap();
-    let cgi = req.cgi();
-    let remote = match cgi.and_then(|c| c.get(req.bytes, b"REMOTE_ADDR")) {
+/// The client as the access log names it: the front end's REMOTE_ADDR, or the peer.
+fn log_remote(conn: &Conn, req: &Request<'_>) -> String {
+    match req.cgi().and_then(|c| c.get(req.bytes, b"REMOTE_ADDR")) {
         Some(a) => String::from_utf8_lossy(a).into_owned(),
         None => conn.remote_addr.clone(),
-    };
-    let request_header = |name: &str| -> Option<Vec<u8>> {
-        match cgi {
-            Some(c) => {
-                let key: Vec<u8> = b"HTTP_"
-                    .iter()
-                    .copied()
-                    .chain(name.bytes().map(|b| if b == b'-' { b'_' } else { b.to_ascii_uppercase() }))
-                    .collect();
-                c.get(req.bytes, &key).map(<[u8]>::to_vec)
-            }
-            None => {
-                let mut values = req.fields().filter(|(n, _, _)| n.eq_ignore_ascii_case(name.as_bytes()));
-                let first = values.next()?.1.to_vec();
-                Some(values.fold(first, |mut acc, (_, v, _)| {
-                    acc.push(b',');
-                    acc.extend_from_slice(v);
-                    acc
-                }))
-            }
-        }
-    };
+    }
+}
+
+/// The protocol as the access log names it: the front end's SERVER_PROTOCOL,
+/// or the request line's.
+fn log_protocol(req: &Request<'_>) -> String {
+    match req.cgi().and_then(|c| c.get(req.bytes, b"SERVER_PROTOCOL")) {
+        Some(p) => String::from_utf8_lossy(p).into_owned(),
+        None => req.protocol().to_string(),
+    }
+}
+
+/// What the access log line of a request that may run past --timeout
+/// needs, kept as it starts: its thread may never come back to write the
+/// line, so [`check_timeouts`] writes it.
+struct LogNote {
+    remote: String,
+    method: Vec<u8>,
+    target: Vec<u8>,
+    protocol: String,
+    /// The request headers the log format shows.
+    headers: Vec<(String, Vec<u8>)>,
+}
+
+impl LogNote {
+    fn of(log: &AccessLog, conn: &Conn, req: &Request<'_>) -> Box<LogNote> {
+        Box::new(LogNote {
+            remote: log_remote(conn, req),
+            method: req.method().to_vec(),
+            target: req.target().to_vec(),
+            protocol: log_protocol(req),
+            headers: log
+                .format
+                .request_header_names()
+                .into_iter()
+                .filter_map(|n| request_header(req, &n).map(|v| (n, v.into_owned())))
+                .collect(),
+        })
+    }
+
+    /// Writes the line of the request, which ended with `status` after `micros`.
+    fn log(&self, log: &AccessLog, status: u16, bytes: u64, micros: u64) {
+        let header = |name: &str| self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+        let none = |_: &str| -> Option<Vec<u8>> { None };
+        log.log_now(&crate::access::Entry {
+            remote_addr: &self.remote,
+            method: &self.method,
+            target: &self.target,
+            protocol: &self.protocol,
+            status,
+            bytes,
+            micros,
+            request_header: &header,
+            response_header: &none,
+            environ: &none,
+        });
+    }
+}
+
+fn log_request(log: &AccessLog, t: usize, conn: &Conn, req: &Request<'_>, took: Duration) {
+    let io = conn.io.lock().unwrap();
+    let remote = log_remote(conn, req);
+    let request_header = |name: &str| request_header(req, name).map(std::borrow::Cow::into_owned);
     let response_header = |name: &str| -> Option<Vec<u8>> {
         let kept = io.logged_headers.as_ref()?;
         kept.iter().find(|(n, _)| n == name.as_bytes()).map(|(_, v)| v.clone())
     };
     let environ = |name: &str| io.logged_environ.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
-    let protocol = match cgi.and_then(|c| c.get(req.bytes, b"SERVER_PROTOCOL")) {
-        Some(p) => String::from_utf8_lossy(p).into_owned(),
-        None => req.protocol().to_string(),
-    };
+    let protocol = log_protocol(req);
     log.log(
         t,
         &crate::access::Entry {

@@ -208,8 +208,9 @@ impl Hooks for Runtime {
 /// `concurrent.futures` registered to finish its queued work): the app means
 /// them to finish. The master stops waiting at --graceful-timeout.
 fn wait_for_app_threads(py: Python<'_>) {
-    let Ok(Some(threading)) =
-        py.import("sys").and_then(|sys| sys.getattr("modules")?.call_method1("get", ("threading",))?.extract())
+    let Ok(Some(threading)) = py
+        .import("sys")
+        .and_then(|sys| sys.getattr("modules")?.call_method1("get", ("threading",))?.extract())
     else {
         return;
     };
@@ -219,7 +220,10 @@ fn wait_for_app_threads(py: Python<'_>) {
         let mut names = Vec::new();
         for t in threading.call_method0("enumerate")?.try_iter()? {
             let t = t?;
-            if !t.is(&main) && !t.getattr("daemon")?.is_truthy()? && t.call_method0("is_alive")?.is_truthy()? {
+            if !t.is(&main)
+                && !t.getattr("daemon")?.is_truthy()?
+                && t.call_method0("is_alive")?.is_truthy()?
+            {
                 names.push(t.getattr("name")?.extract()?);
             }
         }
