@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pwd
 import random
 import re
 import select
+import shutil
 import signal
 import socket
 import stat
 import struct
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import gateway as g
 import pytest
@@ -1099,6 +1103,33 @@ def test_socket_owner(start_server, tmp_path):
     st = os.stat(path)
     assert (st.st_uid, st.st_gid) == (65534, 65534)
     assert g.call("uwsgi", server.addr("uwsgi", unix=True), uri="/fixed").body == b"hello world"
+
+
+def test_socket_files_belong_to_the_user_workers_run_as(start_server):
+    """As gunicorn does with --user: a front end running as that user can connect."""
+    if os.geteuid() != 0:
+        pytest.skip("--user needs root")
+    nobody = pwd.getpwnam("nobody")
+    d = Path(tempfile.mkdtemp(prefix="corral-own-"))
+    try:
+        d.chmod(0o777)  # the master, as nobody by then, removes the file at exit
+        path = d / "user.sock"
+        server = g.start_gateways(
+            start_server,
+            "behaviour:application",
+            [("uwsgi", f"unix:{path}")],
+            "--preload",
+            "--user",
+            "nobody",
+        )
+        st = os.stat(path)
+        assert (st.st_uid, st.st_gid) == (nobody.pw_uid, nobody.pw_gid)
+        assert g.call("uwsgi", str(path), uri="/fixed").body == b"hello world"
+        server.signal(signal.SIGTERM)
+        assert server.wait_exit() == 0
+        assert not path.exists(), server.log
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_stale_socket_file_is_replaced(start_server, tmp_path):

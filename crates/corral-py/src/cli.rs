@@ -762,6 +762,11 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             return Ok(2);
         }
     };
+    // As gunicorn does: without --socket-owner, the socket files belong to
+    // the user the workers run as (the socket's permission bits then let a
+    // front end running as that user connect).
+    let given_owner = owner.is_some();
+    let owner = owner.or_else(|| ids.as_ref().map(|(uid, gid, _)| (Some(*uid), Some(*gid))));
     let v4_ports = parsed
         .iter()
         .filter_map(|(_, a)| match a {
@@ -774,7 +779,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         || cli.stats.as_deref().is_some_and(|s| s.starts_with("unix:"));
     if !socket_files {
         for (flag, given) in
-            [("--socket-mode", cli.socket_mode.is_some()), ("--socket-owner", owner.is_some())]
+            [("--socket-mode", cli.socket_mode.is_some()), ("--socket-owner", given_owner)]
         {
             if given {
                 warn!("{flag} is not used: no listener is a unix:PATH socket corral creates");
