@@ -8,6 +8,7 @@ import subprocess
 import time
 
 import pytest
+from front_ends import free_port
 from support import APPS, CORRAL, wait_until
 
 
@@ -424,3 +425,58 @@ def test_gunicorn_spellings_of_the_options_work(start_server, tmp_path):
     assert got["log-level"] == ('"CRITICAL"', "command line")
     assert got["http"] == ('"127.0.0.1:9"', "command line")
     assert got["error-log"] == ('"-"', "command line")
+
+
+def test_gunicorns_platform_variables_come_below_every_other_setting(tmp_path):
+    """WEB_CONCURRENCY and PORT, which hosting platforms set, as gunicorn takes them."""
+    env = {"PORT": "5123", "WEB_CONCURRENCY": "3"}
+    p = _printed(_run(["--print-config", "behaviour:application"], env=env).stdout)
+    assert p["http"] == ('"0.0.0.0:5123"', "environment PORT")
+    assert p["workers"] == ('"3"', "environment WEB_CONCURRENCY")
+    p = _printed(
+        _run(["--print-config", "-w", "2", "--uwsgi", "127.0.0.1:9", "behaviour:application"], env=env).stdout
+    )
+    assert (p["workers"], p["uwsgi"], p["http"]) == (
+        ('"2"', "command line"),
+        ('"127.0.0.1:9"', "command line"),
+        ("(not set)", "default"),
+    )
+    cfg = tmp_path / "corral.toml"
+    cfg.write_text('workers = 5\nhttp = ["127.0.0.1:5124"]\n')
+    p = _printed(_run(["--print-config", "--config", str(cfg), "behaviour:application"], env=env).stdout)
+    assert p["workers"] == ('"5"', f"config file {cfg}:1")
+    assert p["http"] == ('"127.0.0.1:5124"', f"config file {cfg}:2")
+    bad = _run(["--print-config", "behaviour:application"], env={"WEB_CONCURRENCY": "many"})
+    assert bad.returncode == 2 and "(that value comes from environment WEB_CONCURRENCY)" in bad.stderr, (
+        bad.stderr
+    )
+
+
+def test_the_port_variable_is_served_on_every_interface(start_server):
+    port = free_port()
+    server = start_server("behaviour:application", http=None, env={"PORT": str(port)})
+    server.wait_for(rf"Listening at: http://0\.0\.0\.0:{port}")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /fixed HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert b"hello world" in sock.makefile("rb").read()
+
+
+def test_gunicorns_spellings_of_options(tmp_path):
+    pythonpath = f"{tmp_path / 'a'},{tmp_path / 'b'}"
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "inb.py").write_text("def application(e, s):\n    s('200 OK', [])\n    return [b'b']\n")
+    checked = _run(["--check-config", "--pythonpath", pythonpath, "inb"])
+    assert checked.returncode == 0, checked.stderr
+    args = [
+        "-m",
+        "0o27",
+        "-p",
+        str(tmp_path / "x.pid"),
+        "--limit-request-field_size",
+        "100",
+        "behaviour:application",
+    ]
+    p = _printed(_run(["--print-config", *args]).stdout)
+    assert p["umask"] == ('"0o27"', "command line")
+    assert p["pidfile"] == (f'"{tmp_path / "x.pid"}"', "command line")
+    assert p["limit-request-field-size"] == ('"100"', "command line")

@@ -161,7 +161,8 @@ pub struct Cli {
     #[arg(long, value_name = "DIR", env = "CORRAL_CHDIR")]
     pub chdir: Option<PathBuf>,
 
-    /// Add DIR to the front of sys.path. Repeatable, or several separated by colons.
+    /// Add DIR to the front of sys.path. Repeatable, or several separated by colons or commas
+    /// (gunicorn's separator).
     #[arg(long, value_name = "DIR", env = "CORRAL_PYTHONPATH", value_delimiter = ':')]
     pub pythonpath: Vec<PathBuf>,
 
@@ -238,20 +239,20 @@ pub struct Cli {
     pub reload_on_rss: Option<u64>,
 
     /// Write the master's pid to FILE (removed at exit).
-    #[arg(long, visible_alias = "pid", value_name = "FILE", env = "CORRAL_PIDFILE")]
+    #[arg(long, short = 'p', visible_alias = "pid", value_name = "FILE", env = "CORRAL_PIDFILE")]
     pub pidfile: Option<PathBuf>,
 
     /// Set the process umask (octal, e.g. 027) before creating sockets and files.
-    #[arg(long, value_name = "MODE", env = "CORRAL_UMASK", value_parser = parse_mode)]
+    #[arg(long, short = 'm', value_name = "MODE", env = "CORRAL_UMASK", value_parser = parse_mode)]
     pub umask: Option<u32>,
 
     /// Run the app as USER (name or id) after binding the listeners. Needs root. Log files
     /// corral creates are given to USER; existing ones must be writable by USER.
-    #[arg(long, value_name = "USER", env = "CORRAL_USER")]
+    #[arg(long, short = 'u', value_name = "USER", env = "CORRAL_USER")]
     pub user: Option<String>,
 
     /// Run the app with GROUP (name or id) after binding; default: USER's primary group.
-    #[arg(long, value_name = "GROUP", env = "CORRAL_GROUP")]
+    #[arg(long, short = 'g', value_name = "GROUP", env = "CORRAL_GROUP")]
     pub group: Option<String>,
 
     /// Serve the files under DIR at URL prefix /URL, from Rust (sendfile, ranges, ETag,
@@ -334,7 +335,7 @@ pub struct Cli {
     pub limit_request_fields: usize,
 
     /// Longest header field line in bytes (431 beyond it); 0 for the most corral allows (1 MiB).
-    #[arg(long, value_name = "N", env = "CORRAL_LIMIT_REQUEST_FIELD_SIZE",
+    #[arg(long, alias = "limit-request-field_size", value_name = "N", env = "CORRAL_LIMIT_REQUEST_FIELD_SIZE",
           default_value_t = corral_proto::http1::DEFAULT_MAX_HEADER_LINE,
           value_parser = parse_line_limit)]
     pub limit_request_field_size: usize,
@@ -411,7 +412,16 @@ fn parse_mount(s: &str) -> Result<String, String> {
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
-    let m = u32::from_str_radix(s, 8).map_err(|_| format!("{s:?} is not an octal mode such as 660"))?;
+    // Octal with or without a prefix; gunicorn's --umask also takes 0o22 and 0x12.
+    let m = match (
+        s.strip_prefix("0o").or_else(|| s.strip_prefix("0O")),
+        s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")),
+    ) {
+        (Some(oct), _) => u32::from_str_radix(oct, 8),
+        (_, Some(hex)) => u32::from_str_radix(hex, 16),
+        _ => u32::from_str_radix(s, 8),
+    }
+    .map_err(|_| format!("{s:?} is not an octal mode such as 660"))?;
     if m > 0o7777 {
         return Err(format!("{s:?} is not a file mode (at most 7777)"));
     }
@@ -508,16 +518,17 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     // Before any fork or thread: see there.
     corral_engine::proctitle::init();
     let cmd = Cli::command();
-    let (argv, origins) = match crate::config_file::layer(&cmd, &argv) {
+    let (mut argv, mut origins) = match crate::config_file::layer(&cmd, &argv) {
         Ok(layered) => layered,
         Err(e) => {
             eprintln!("corral: error: {e}");
             return Ok(2);
         }
     };
+    crate::config_file::platform_defaults(&cmd, &mut argv, &mut origins);
     let parsed =
         cmd.clone().try_get_matches_from(&argv).and_then(|m| Cli::from_arg_matches(&m).map(|c| (m, c)));
-    let (matches, cli) = match parsed {
+    let (matches, mut cli) = match parsed {
         Ok(p) => p,
         Err(e) => {
             let code = if e.use_stderr() { 2 } else { 0 };
@@ -545,6 +556,14 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             return Ok(code);
         }
     };
+    // Commas separate directories too, as in gunicorn's option (clap splits
+    // on one character only).
+    cli.pythonpath = cli
+        .pythonpath
+        .iter()
+        .flat_map(|p| p.to_string_lossy().split(',').map(PathBuf::from).collect::<Vec<_>>())
+        .filter(|p| !p.as_os_str().is_empty())
+        .collect();
     if cli.print_config {
         use std::io::Write as _;
         // What a start would refuse, checked without creating anything, so
@@ -778,9 +797,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     let socket_files = parsed.iter().any(|(_, a)| matches!(a, Addr::Unix(_)))
         || cli.stats.as_deref().is_some_and(|s| s.starts_with("unix:"));
     if !socket_files {
-        for (flag, given) in
-            [("--socket-mode", cli.socket_mode.is_some()), ("--socket-owner", given_owner)]
-        {
+        for (flag, given) in [("--socket-mode", cli.socket_mode.is_some()), ("--socket-owner", given_owner)] {
             if given {
                 warn!("{flag} is not used: no listener is a unix:PATH socket corral creates");
             }
@@ -1080,8 +1097,12 @@ fn prepare_import(py: Python<'_>, cli: &Cli) -> PyResult<Result<(), String>> {
     }
     let sys_path = py.import("sys")?.getattr("path")?;
     let cwd = std::env::current_dir().map(|p| p.display().to_string()).unwrap_or_default();
-    sys_path.call_method1("insert", (0, cwd))?;
+    sys_path.call_method1("insert", (0, cwd.as_str()))?;
     for dir in cli.pythonpath.iter().rev() {
+        if !dir.is_dir() {
+            // Else the import's ModuleNotFoundError is all the user sees.
+            warn!("--pythonpath {}: no such directory (from {cwd})", dir.display());
+        }
         sys_path.call_method1("insert", (0, dir.display().to_string()))?;
     }
     Ok(Ok(()))

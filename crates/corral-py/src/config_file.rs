@@ -19,6 +19,38 @@ use toml_edit::{ImDocument, Item, Value};
 /// Where each option set from the file came from: option id -> "FILE:LINE".
 pub type FileOrigins = HashMap<String, String>;
 
+/// How [`platform_defaults`] names where a value came from.
+const PLATFORM_ORIGIN: &str = "environment ";
+
+/// gunicorn's platform variables, below every other layer (the command
+/// line, CORRAL_* variables, the config file): WEB_CONCURRENCY is the number
+/// of workers and PORT the port of the default HTTP listener, on every
+/// interface (0.0.0.0:PORT), as gunicorn takes them. Hosting platforms set
+/// them for the app's server; ignored, the app would listen on loopback.
+pub fn platform_defaults(cmd: &Command, argv: &mut Vec<String>, origins: &mut FileOrigins) {
+    let Ok(first) = cmd.clone().ignore_errors(true).try_get_matches_from(argv.as_slice()) else {
+        return;
+    };
+    let unset = |id: &str| {
+        !matches!(first.value_source(id), Some(ValueSource::CommandLine | ValueSource::EnvVariable))
+    };
+    if let Some(n) = std::env::var("WEB_CONCURRENCY").ok().filter(|n| !n.is_empty()) {
+        if ["workers", "workers_min", "workers_max"].into_iter().all(unset) {
+            argv.insert(1, format!("--workers={n}"));
+            origins.insert("workers".into(), format!("{PLATFORM_ORIGIN}WEB_CONCURRENCY"));
+        }
+    }
+    if let Some(port) = std::env::var("PORT").ok().filter(|p| !p.is_empty()) {
+        // Sockets handed over by systemd take the default's place too.
+        if ["http", "uwsgi", "fastcgi", "scgi"].into_iter().all(unset)
+            && std::env::var_os("LISTEN_FDS").is_none()
+        {
+            argv.insert(1, format!("--http=0.0.0.0:{port}"));
+            origins.insert("http".into(), format!("{PLATFORM_ORIGIN}PORT"));
+        }
+    }
+}
+
 /// The argument list with the file's options added, and their origins.
 pub fn layer(cmd: &Command, argv: &[String]) -> Result<(Vec<String>, FileOrigins), String> {
     // A lenient first pass: the APP may be in the file, and errors in the
@@ -200,6 +232,7 @@ pub fn describe(cmd: &Command, matches: &ArgMatches, origins: &FileOrigins) -> S
         };
         let source = match (origins.get(id), matches.value_source(id)) {
             (_, Some(ValueSource::CommandLine)) if !origins.contains_key(id) => "command line".to_string(),
+            (Some(at), _) if at.starts_with(PLATFORM_ORIGIN) => at.clone(),
             (Some(at), _) => format!("config file {at}"),
             (None, Some(ValueSource::EnvVariable)) => {
                 format!(
