@@ -4,6 +4,8 @@ wsgi.file_wrapper, and apps that fail before or after the headers went out."""
 import hashlib
 import os
 import pathlib
+import signal
+import socket
 import time
 
 import pytest
@@ -184,6 +186,31 @@ def test_file_wrapper_serves_a_real_file(behaviour, big_file, cl):
         # The connection is still in step.
         conn.send_request("GET", "/fixed", {"Host": "x"})
         assert conn.read_response().body == b"hello world"
+
+
+def test_a_child_the_app_forks_holds_neither_the_clients_connection_nor_the_port(start_server):
+    """A child that outlives the request (a process pool the app starts) holds
+    copies of the worker's descriptors: the client still sees its body end, and
+    once the server stops, its port is free again."""
+    server = start_server("behaviour:application", workers=1)
+    child = None
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(b"GET /fork-child?secs=60 HTTP/1.0\r\nHost: x\r\n\r\n")
+            raw = sock.makefile("rb").read()  # to the end of the connection
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        child = int(body)
+        os.kill(child, 0)  # alive, holding its copies
+        server.signal(signal.SIGTERM)
+        assert server.wait_exit(30) == 0
+        os.kill(child, 0)
+        with socket.socket() as again:
+            again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            again.bind(("127.0.0.1", server.port))
+    finally:
+        if child:
+            os.kill(child, signal.SIGKILL)
 
 
 def test_an_app_recursing_deep_in_c_has_the_stack_a_python_thread_has(behaviour):

@@ -507,6 +507,21 @@ def fork_returns(environ, start_response):
     return [f"parent {os.getpid()}, child exit code {os.waitstatus_to_exitcode(status)}".encode()]
 
 
+def fork_child(environ, start_response):
+    """Forks a child that sleeps ?secs= holding every descriptor it inherited (as
+    a process pool the app starts would), then answers with the child's pid."""
+    child = os.fork()
+    if child == 0:
+        # Not the log: the test's reader of the server's output would wait for it.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        time.sleep(float(_query(environ).get("secs", "60")))
+        os._exit(0)
+    start_response("200 OK", TEXT)
+    return [str(child).encode()]
+
+
 def undecodable(environ, start_response):
     """A file name os.fsdecode could not decode (a lone surrogate), in wsgi.errors and in an exception."""
     name = os.fsdecode(b"file\xff.txt")
@@ -586,6 +601,7 @@ UNVALIDATED = {
     "/pause": pause,
     "/input-in-thread": input_in_thread,
     "/fork-returns": fork_returns,
+    "/fork-child": fork_child,
     "/undecodable": undecodable,
     "/no-start": no_start,
     "/set-user": set_user,

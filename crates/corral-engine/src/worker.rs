@@ -384,6 +384,7 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
             None
         }
     };
+    watch_app_forks(ctx.listeners.iter().map(|(fd, _)| *fd).chain(inbox.as_ref().map(|fd| fd.as_raw_fd())));
     let threads = ctx.config.threads.max(1);
     // Every worker accepts from the same listeners, so the application as a
     // whole takes as many concurrent requests as the pool can grow to hold.
@@ -1483,6 +1484,41 @@ fn adopt<A: App>(
     })
 }
 
+/// Set once the app has forked (a `pthread_atfork` handler, in the parent):
+/// from then on a connection is shut down before it is closed, since a
+/// child may hold a copy of its descriptor, and a close alone would then
+/// neither end it for the client (a body that ends with the connection
+/// would never end) nor free it until the child exits.
+static APP_FORKED: AtomicBool = AtomicBool::new(false);
+
+/// The descriptors a child the app forks closes at once (the listeners, the
+/// hand-over inbox): one that lived on would hold the server's port after
+/// the server stopped, and take connections nobody answers. Atomics, since
+/// the child's handler may not take a lock another thread held at the fork.
+static CLOSE_IN_CHILD: [std::sync::atomic::AtomicI32; 64] =
+    [const { std::sync::atomic::AtomicI32::new(-1) }; 64];
+
+extern "C" fn app_forked_parent() {
+    APP_FORKED.store(true, Ordering::Relaxed);
+}
+
+extern "C" fn app_forked_child() {
+    for fd in &CLOSE_IN_CHILD {
+        let fd = fd.load(Ordering::Relaxed);
+        if fd >= 0 {
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
+/// Registers what a fork by the app does with the worker's descriptors.
+fn watch_app_forks(fds: impl Iterator<Item = RawFd>) {
+    for (slot, fd) in CLOSE_IN_CHILD.iter().zip(fds) {
+        slot.store(fd, Ordering::Relaxed);
+    }
+    unsafe { libc::pthread_atfork(None, Some(app_forked_parent), Some(app_forked_child)) };
+}
+
 /// The stack a serving thread gets when the soft RLIMIT_STACK is unlimited:
 /// glibc's default for new threads on x86-64 then.
 const DEFAULT_APP_STACK: usize = 8 << 20;
@@ -2248,6 +2284,9 @@ fn close<A: App>(w: &Shared<A>, conn: Box<Conn>, reset: bool) {
             // epoll set while a forked child of the app holds a copy of the
             // descriptor, and its next event would name this freed box.
             unsafe { libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+        }
+        if !reset && APP_FORKED.load(Ordering::Relaxed) {
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
         }
         // Closed under the registry lock so the sweeper never shuts down a
         // reused descriptor number.
