@@ -188,6 +188,29 @@ def test_file_wrapper_serves_a_real_file(behaviour, big_file, cl):
         assert conn.read_response().body == b"hello world"
 
 
+def test_the_log_stays_out_of_connections_after_the_app_closes_standard_error(start_server):
+    """Descriptors 0-2 closed by the app go to the next connections accepted; the
+    log, written to a copy of standard error taken at start, must not follow."""
+    server = start_server("behaviour:application", workers=1, threads=1)
+    assert server.request("GET", "/close-std").body == b"closed"
+    conns = [server.connect() for _ in range(4)]  # the first three get numbers 0, 1, 2
+    try:
+        for conn in conns:
+            conn.send_request("GET", "/fixed", {"Host": "x"})
+            assert conn.read_response().body == b"hello world"
+        mark = server.mark()
+        for conn in conns:
+            conn.send_request("GET", "/raise-before", {"Host": "x"})
+            resp = conn.read_response()
+            assert resp.status == 500 and b"Traceback" not in resp.body, resp.body
+            conn.send_request("GET", "/fixed", {"Host": "x"})
+            assert conn.read_response().body == b"hello world"
+        server.wait_for("boom before start_response", count=4, since=mark)
+    finally:
+        for conn in conns:
+            conn.close()
+
+
 def test_a_child_the_app_forks_holds_neither_the_clients_connection_nor_the_port(start_server):
     """A child that outlives the request (a process pool the app starts) holds
     copies of the worker's descriptors: the client still sees its body end, and

@@ -555,6 +555,13 @@ def inheritable_fds(environ, start_response):
     return _json(start_response, fds)
 
 
+def close_std(environ, start_response):
+    """Closes descriptors 0, 1 and 2, as a library that daemonizes the process would."""
+    for fd in (0, 1, 2):
+        os.close(fd)
+    return _ok(start_response, "closed")
+
+
 def raise_before(environ, start_response):
     raise RuntimeError("boom before start_response")
 
@@ -602,6 +609,7 @@ UNVALIDATED = {
     "/input-in-thread": input_in_thread,
     "/fork-returns": fork_returns,
     "/fork-child": fork_child,
+    "/close-std": close_std,
     "/undecodable": undecodable,
     "/no-start": no_start,
     "/set-user": set_user,

@@ -11,6 +11,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 static ERROR_LOG: Mutex<Option<(PathBuf, File)>> = Mutex::new(None);
+
+/// A copy of standard error, for the log that goes there: an app that
+/// closes descriptors 0-2 (a daemonizing library does) leaves number 2 to
+/// the next connection accepted, and log lines written to it would go to
+/// that client.
+static STDERR_COPY: Mutex<Option<File>> = Mutex::new(None);
 static JSON: AtomicBool = AtomicBool::new(false);
 static CAPTURE: AtomicBool = AtomicBool::new(false);
 
@@ -47,6 +53,10 @@ fn capture(file: &File) -> std::io::Result<()> {
 pub fn set_error_log(target: &str) -> Result<(), String> {
     if target == "-" {
         *ERROR_LOG.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        // Close-on-exec: programs the app runs have their own standard error.
+        let fd = unsafe { libc::fcntl(libc::STDERR_FILENO, libc::F_DUPFD_CLOEXEC, 3) };
+        *STDERR_COPY.lock().unwrap_or_else(|p| p.into_inner()) =
+            (fd >= 0).then(|| unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) });
         return Ok(());
     }
     let path = PathBuf::from(target);
@@ -98,9 +108,14 @@ pub fn write(data: &[u8]) {
         Some((_, file)) => {
             let _ = file.write_all(data);
         }
-        None => {
-            let _ = std::io::stderr().write_all(data);
-        }
+        None => match STDERR_COPY.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            Some(copy) => {
+                let _ = copy.write_all(data);
+            }
+            None => {
+                let _ = std::io::stderr().write_all(data);
+            }
+        },
     }
 }
 
