@@ -188,6 +188,19 @@ def test_file_wrapper_serves_a_real_file(behaviour, big_file, cl):
         assert conn.read_response().body == b"hello world"
 
 
+def test_content_length_given_twice_by_the_app(behaviour):
+    """The same value twice is sent once (nginx refuses a response with two);
+    two values are a 500 that says so."""
+    with behaviour.connect() as conn:
+        conn.send_request("GET", "/lengths?values=6,6", {"Host": "x"})
+        resp = conn.read_response()
+        assert (resp.status, resp.body) == (200, b"abcdef")
+        assert [v for k, v in resp.headers if k.lower() == "content-length"] == ["6"]
+    mark = behaviour.mark()
+    assert behaviour.request("GET", "/lengths?values=6,7").status == 500
+    behaviour.wait_for("conflicting Content-Length headers", since=mark)
+
+
 def test_the_log_stays_out_of_connections_after_the_app_closes_standard_error(start_server):
     """Descriptors 0-2 closed by the app go to the next connections accepted; the
     log, written to a copy of standard error taken at start, must not follow."""

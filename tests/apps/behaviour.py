@@ -555,6 +555,13 @@ def inheritable_fds(environ, start_response):
     return _json(start_response, fds)
 
 
+def lengths(environ, start_response):
+    """Six bytes, with a Content-Length header for each of ?values= (comma-separated)."""
+    values = _query(environ)["values"].split(",")
+    start_response("200 OK", [("Content-Type", "text/plain"), *(("Content-Length", v) for v in values)])
+    return [b"abcdef"]
+
+
 def close_std(environ, start_response):
     """Closes descriptors 0, 1 and 2, as a library that daemonizes the process would."""
     for fd in (0, 1, 2):
@@ -610,6 +617,7 @@ UNVALIDATED = {
     "/fork-returns": fork_returns,
     "/fork-child": fork_child,
     "/close-std": close_std,
+    "/lengths": lengths,
     "/undecodable": undecodable,
     "/no-start": no_start,
     "/set-user": set_user,

@@ -1654,10 +1654,16 @@ impl Exchange {
             let n = parse_content_length(value).map_err(|_| {
                 ResponseError::Invalid(format!("invalid Content-Length {:?}", String::from_utf8_lossy(value)))
             })?;
-            if io.app_length.is_some_and(|m| m != n) {
-                return Err(ResponseError::Invalid("conflicting Content-Length headers".into()));
+            match io.app_length {
+                Some(m) if m != n => {
+                    return Err(ResponseError::Invalid("conflicting Content-Length headers".into()));
+                }
+                // The same length twice is one (RFC 9112 6.3): sent twice,
+                // clients and proxies that refuse a repeated Content-Length
+                // (nginx answers 502) would refuse the response.
+                Some(_) => return Ok(()),
+                None => io.app_length = Some(n),
             }
-            io.app_length = Some(n);
             if io.status == 204 {
                 // RFC 9110 8.6: a 204 carries no Content-Length.
                 return Ok(());
