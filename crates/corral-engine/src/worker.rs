@@ -351,6 +351,7 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
     };
     // The app has loaded since the handlers went in.
     restore_own_handlers();
+    log_panics();
     tune_allocator();
     let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     if epfd < 0 {
@@ -447,7 +448,7 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
         let spawned = std::thread::Builder::new()
             .name(format!("corral-{t}"))
             .stack_size(stack)
-            .spawn(move || thread_main(&s, t, holder));
+            .spawn(move || or_exit(|| thread_main(&s, t, holder)));
         if let Err(e) = spawned {
             error!("cannot start worker thread: {e}");
             return 1;
@@ -455,8 +456,9 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
     }
     if shared.offload.is_some() {
         let s = shared.clone();
-        if let Err(e) =
-            std::thread::Builder::new().name("corral-offload".into()).spawn(move || offload_main(&s))
+        if let Err(e) = std::thread::Builder::new()
+            .name("corral-offload".into())
+            .spawn(move || or_exit(|| offload_main(&s)))
         {
             error!("cannot start the offload thread: {e}");
             return 1;
@@ -464,7 +466,7 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
     }
     shared.scoreboard.set_state(shared.slot, WorkerState::Ready);
     info!("Worker ready: pid={} threads={}", std::process::id(), threads);
-    main_loop(&shared, &signals)
+    or_exit(|| main_loop(&shared, &signals))
 }
 
 /// Above this size glibc's malloc maps a block of its own (and unmaps it
@@ -1517,6 +1519,34 @@ fn watch_app_forks(fds: impl Iterator<Item = RawFd>) {
         slot.store(fd, Ordering::Relaxed);
     }
     unsafe { libc::pthread_atfork(None, Some(app_forked_parent), Some(app_forked_child)) };
+}
+
+/// The exit code of a worker that ended on a panic (sysexits' EX_SOFTWARE).
+pub const EXIT_PANIC: i32 = 70;
+
+/// Puts a panic's message and place in the log, wherever it happens (one
+/// in a call from Python becomes a Python exception there).
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        error!("Panic on thread {}: {info}", std::thread::current().name().unwrap_or("main"));
+    }));
+}
+
+/// Runs one of the worker's threads, and ends the worker if a panic
+/// unwinds out of it. Left alone, it would end only its thread, silently:
+/// with one thread, a worker the master counts as ready and that serves
+/// nothing; with several, one thread fewer and its request unanswered, and
+/// locks it held poisoned for the others. Ended, the worker is replaced
+/// like any worker that dies, and the master's log names what it was
+/// serving.
+pub(crate) fn or_exit<T>(f: impl FnOnce() -> T) -> T {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(v) => v,
+        Err(_) => {
+            error!("The worker exits (code {EXIT_PANIC}) after that panic, to be replaced");
+            unsafe { libc::_exit(EXIT_PANIC) }
+        }
+    }
 }
 
 /// The stack a serving thread gets when the soft RLIMIT_STACK is unlimited:

@@ -46,6 +46,7 @@ impl App for TestApp {
                 ex.header(b"Content-Length", b"10").unwrap();
                 ex.write(b"12345", false).unwrap();
             }
+            b"/panic" => panic!("the test app panics"),
             b"/slow" => {
                 std::thread::sleep(Duration::from_millis(800));
                 ex.start(b"200 OK").unwrap();
@@ -406,4 +407,19 @@ fn a_half_close_that_arrives_with_the_request_closes_the_connection() {
     let mut slow = Vec::new();
     b.read_to_end(&mut slow).unwrap();
     assert!(String::from_utf8_lossy(&slow).ends_with("slow done"));
+}
+
+#[test]
+fn a_panic_ends_the_worker_rather_than_its_thread_alone() {
+    let w = start(2);
+    let got = roundtrip(w.port, b"GET /panic HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(got, "", "the connection ends without a response");
+    let mut status = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while unsafe { libc::waitpid(w.pid, &mut status, libc::WNOHANG) } == 0 {
+        assert!(Instant::now() < deadline, "the worker is still running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(libc::WIFEXITED(status), "status {status:#x}");
+    assert_eq!(libc::WEXITSTATUS(status), corral_engine::worker::EXIT_PANIC);
 }
