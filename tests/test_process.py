@@ -204,6 +204,26 @@ def test_an_app_that_takes_the_workers_signals_at_import_gets_them_back_with_a_w
     assert "graceful timeout" not in server.log[mark:], server.log
 
 
+def test_a_worker_that_crashes_logs_its_python_stacks_first(start_server):
+    """A segfault in C code called by the app: the log has the Python stack that
+    led there (faulthandler's), then the master's line, and a new worker serves."""
+    server = start_server("behaviour:application", workers=1)
+    mark = server.mark()
+    with contextlib.suppress(OSError, IncompleteResponse):
+        server.request("GET", "/segfault")
+    server.wait_for(r"killed by signal 11 \(SIGSEGV\) while serving GET /segfault", since=mark)
+    server.wait_for(r"Fatal Python error: Segmentation fault", since=mark)
+    server.wait_for(r'File ".*behaviour\.py", line \d+ in segfault', since=mark)
+    assert wait_until(lambda: _serves(server), timeout=30)
+
+
+def _serves(server):
+    try:
+        return server.request("GET", "/fixed", timeout=5).status == 200
+    except OSError:
+        return False
+
+
 def test_graceful_stop_refuses_new_connections(start_server):
     server = start_server("behaviour:application", workers=1, threads=2)
     mark = server.mark()

@@ -562,6 +562,13 @@ def lengths(environ, start_response):
     return [b"abcdef"]
 
 
+def segfault(environ, start_response):
+    """Crashes the worker as a broken C extension would."""
+    import ctypes
+
+    ctypes.string_at(0)
+
+
 def close_std(environ, start_response):
     """Closes descriptors 0, 1 and 2, as a library that daemonizes the process would."""
     for fd in (0, 1, 2):
@@ -617,6 +624,7 @@ UNVALIDATED = {
     "/fork-returns": fork_returns,
     "/fork-child": fork_child,
     "/close-std": close_std,
+    "/segfault": segfault,
     "/lengths": lengths,
     "/undecodable": undecodable,
     "/no-start": no_start,

@@ -100,6 +100,16 @@ pub fn free() -> bool {
     ERROR_LOG.try_lock().is_ok()
 }
 
+/// The descriptor the error log is written to: for what writes there on its
+/// own, such as Python's faulthandler on a crash. Its number stays the same
+/// when the file is reopened.
+pub fn raw_fd() -> Option<std::os::fd::RawFd> {
+    if let Some((_, file)) = ERROR_LOG.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        return Some(file.as_raw_fd());
+    }
+    STDERR_COPY.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|f| f.as_raw_fd())
+}
+
 /// Writes whole lines to the error log (one write, so lines from several
 /// processes never interleave).
 pub fn write(data: &[u8]) {

@@ -102,6 +102,7 @@ impl Hooks for Runtime {
                 }
             },
         };
+        enable_faulthandler(py);
         let wsgi = match WsgiApp::new(py, app, &ctx, &self.mount, self.multiprocess, self.multithread) {
             Ok(w) => w,
             Err(e) => {
@@ -240,5 +241,25 @@ fn wait_for_app_threads(py: Python<'_>) {
     }
     if let Err(e) = threading.call_method0("_shutdown") {
         error!("waiting for the app's threads: {e}");
+    }
+}
+
+/// A worker that crashes (a segfault in a C extension, an abort) writes the
+/// Python stack of each of its threads to the error log first, as Python's
+/// `faulthandler` does: the master's line says only which signal killed it
+/// and what it was serving.
+fn enable_faulthandler(py: Python<'_>) {
+    let Some(fd) = corral_engine::logfile::raw_fd() else {
+        return;
+    };
+    let enabled = (|| -> PyResult<()> {
+        let kw = pyo3::types::PyDict::new(py);
+        kw.set_item("file", fd)?;
+        kw.set_item("all_threads", true)?;
+        py.import("faulthandler")?.call_method("enable", (), Some(&kw))?;
+        Ok(())
+    })();
+    if let Err(e) = enabled {
+        error!("cannot enable faulthandler: {e}");
     }
 }
