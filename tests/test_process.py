@@ -217,6 +217,18 @@ def test_a_worker_that_crashes_logs_its_python_stacks_first(start_server):
     assert wait_until(lambda: _serves(server), timeout=30)
 
 
+def test_the_stack_of_a_request_past_timeout_that_runs_python_all_along(start_server):
+    """Its frames change all the time; the stack is read in a copy of the worker
+    taken at one instant, so it is whole, and the worker is replaced as usual."""
+    server = start_server("behaviour:application", "--timeout", "1", workers=1, threads=2)
+    mark = server.mark()
+    assert server.request("GET", "/spin?secs=30", timeout=30).status == 504
+    server.wait_for(r"Request timeout: GET /spin\?secs=30 ran for", since=mark)
+    assert server.grep(r'behaviour\.py", line \d+ in (spin|_step)', since=mark), server.log
+    server.wait_for(r"is to be replaced because a request ran past --timeout", since=mark, timeout=30)
+    assert wait_until(lambda: _serves(server), timeout=30)
+
+
 def _serves(server):
     try:
         return server.request("GET", "/fixed", timeout=5).status == 200

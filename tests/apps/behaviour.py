@@ -562,6 +562,18 @@ def lengths(environ, start_response):
     return [b"abcdef"]
 
 
+def _step(n):
+    return (n * 7 + 3) % 1000003
+
+
+def spin(environ, start_response):
+    """Runs Python for ?secs= (a call per step: frames come and go all the time)."""
+    end, n = time.monotonic() + float(_query(environ).get("secs", "30")), 1
+    while time.monotonic() < end:
+        n = _step(n)
+    return _ok(start_response, str(n))
+
+
 def segfault(environ, start_response):
     """Crashes the worker as a broken C extension would."""
     import ctypes
@@ -625,6 +637,7 @@ UNVALIDATED = {
     "/fork-child": fork_child,
     "/close-std": close_std,
     "/segfault": segfault,
+    "/spin": spin,
     "/lengths": lengths,
     "/undecodable": undecodable,
     "/no-start": no_start,
