@@ -1839,14 +1839,24 @@ fn serve_claimed<A: App>(
 fn worth_parsing(buf: &[u8], parsed: usize, limits: &http1::Limits) -> bool {
     let parsed = parsed.min(buf.len());
     let new = &buf[parsed.saturating_sub(3)..];
+    // Whether the request line had not ended before these bytes: looked up
+    // only when it matters, and the look stops at the line's end.
+    let line_open = || !buf[..parsed].contains(&b'\n');
     parsed == 0
-        // The request line not ended yet (it is short: the parser refuses a
-        // longer one), so a look at its bytes is cheap.
-        || !buf[..parsed.min(limits.max_request_line + 2)].contains(&b'\n')
+        // A request line still short: parsed at each read, so that bytes
+        // that cannot start a request (TLS to an HTTP port) get their 400
+        // at once. Past that, parsing it again after every read would cost
+        // the square of its length (--limit-request-line allows 1 MiB).
+        || (parsed <= EARLY_LOOK && line_open())
+        || (new.contains(&b'\n') && line_open())
+        || (buf.len() > limits.max_request_line + 2 && line_open())
         || new.windows(2).any(|w| w == b"\n\n")
         || new.windows(3).any(|w| w == b"\n\r\n")
         || buf.len() > limits.max_head_bytes()
 }
+
+/// How much of an unfinished request line is parsed again at every read.
+const EARLY_LOOK: usize = http1::DEFAULT_MAX_REQUEST_LINE;
 
 /// Reads until a whole head is buffered, the socket is drained, or the head is bad.
 fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
@@ -3233,5 +3243,16 @@ mod tests {
         let mut big = head.to_vec();
         big.resize(limits.max_head_bytes() + 1, b'a');
         assert!(worth_parsing(&big, head.len(), &limits));
+        // A long request line (as --limit-request-line 0 allows): parsed
+        // again when it ends or passes the limit, not at every read.
+        let long = Limits { max_request_line: 1 << 20, ..Limits::default() };
+        let mut line = b"GET /".to_vec();
+        line.resize(100_000, b'a');
+        assert!(!worth_parsing(&line, 90_000, &long));
+        line.extend_from_slice(b" HTTP/1.1\r\n");
+        assert!(worth_parsing(&line, 100_000, &long));
+        let mut over = b"GET /".to_vec();
+        over.resize((1 << 20) + 3, b'a');
+        assert!(worth_parsing(&over, 1 << 20, &long));
     }
 }
