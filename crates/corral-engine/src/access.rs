@@ -335,7 +335,12 @@ impl AccessLog {
                     escaped(out, e.protocol.as_bytes());
                 }
                 Atom::Method => escaped(out, e.method),
-                Atom::Path => escaped(out, path),
+                Atom::Path => {
+                    // Decoded, as gunicorn's (its PATH_INFO).
+                    let mut decoded = Vec::with_capacity(path.len());
+                    corral_proto::http1::percent_decode(path, &mut decoded);
+                    escaped(out, &decoded);
+                }
                 Atom::Query => escaped(out, query),
                 Atom::Protocol => escaped(out, e.protocol.as_bytes()),
                 Atom::Status => push_num(out, u64::from(e.status)),
@@ -547,6 +552,8 @@ mod tests {
             line("%(h)s %(l)s %(u)s \"%(r)s\" %(m)s %(U)s %(q)s %(H)s %(s)s %(B)s %(b)s %(f)s", &e),
             "10.0.0.1 - alice \"GET /a b?x=1 HTTP/1.1\" GET /a b x=1 HTTP/1.1 200 0 - -"
         );
+        let encoded = Entry { target: b"/a%20b/%E2%82%AC?x=%20", ..entry_with(&req, &resp, &env) };
+        assert_eq!(line("%(U)s %(q)s", &encoded), r"/a b/\xe2\x82\xac x=%20");
         assert_eq!(line("%(T)s %(M)s %(D)s %(L)s", &e), "1 1234 1234567 1.234567");
         assert_eq!(
             line("%({X-Id}i)s %({content-type}o)s %({REMOTE_USER}e)s %({nope}i)s", &e),
