@@ -362,8 +362,26 @@ def test_timeout_covers_loading_the_app(start_server):
     server = start_server(
         "slow_import:application", "--timeout", "1", wait=False, env={"CORRAL_TEST_IMPORT_SECS": "60"}
     )
-    server.wait_for(r"did not finish loading the application within --timeout 1s; killing it", timeout=15)
-    server.wait_for(r"was killed by signal 9 \(SIGKILL\) while booting \(failure 1 of 5\)", timeout=15)
+    server.wait_for(
+        r"did not finish loading the application within --timeout 1s; ending it \(SIGABRT", timeout=15
+    )
+    # Where the import waits, from the worker itself.
+    server.wait_for(r"Fatal Python error: Aborted", timeout=15)
+    server.wait_for(r'File ".*slow_import\.py", line \d+ in <module>', timeout=15)
+    server.wait_for(r"was killed by signal 6 \(SIGABRT\) while booting \(failure 1 of 5\)", timeout=15)
+    assert server.running()
+
+
+def test_a_worker_loading_past_timeout_that_blocks_sigabrt_is_killed(start_server):
+    server = start_server(
+        "slow_import:application",
+        "--timeout",
+        "1",
+        wait=False,
+        env={"CORRAL_TEST_IMPORT_SECS": "60", "CORRAL_TEST_BLOCK_ABRT": "1"},
+    )
+    server.wait_for(r"did not finish loading the application within --timeout 1s; ending it", timeout=15)
+    server.wait_for(r"was killed by signal 9 \(SIGKILL\) while booting", timeout=15)
     assert server.running()
 
 

@@ -2,8 +2,12 @@
 that waits on a database or a lock at import time)."""
 
 import os
+import signal
 import time
 
+if os.environ.get("CORRAL_TEST_BLOCK_ABRT"):
+    # As C code that masks signals while it waits would.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGABRT})
 time.sleep(float(os.environ.get("CORRAL_TEST_IMPORT_SECS", "0")))
 
 

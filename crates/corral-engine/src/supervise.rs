@@ -63,6 +63,10 @@ pub enum Phase {
 /// workers take the last of what is queued.
 const HANDSHAKE_SETTLE: Duration = Duration::from_millis(5);
 
+/// How long a worker stuck loading the app past --timeout has, after the
+/// SIGABRT that makes it write its stacks, before SIGKILL.
+const BOOT_ABORT_GRACE: Duration = Duration::from_secs(2);
+
 /// What a signal asks the master to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -734,6 +738,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                 .iter()
                 .filter(|(_, w)| {
                     w.kill_at.is_none()
+                        && w.killed.is_none()
                         && now.duration_since(w.started) > limit
                         && self.scoreboard.state(w.slot) == WorkerState::Booting
                 })
@@ -742,12 +747,32 @@ impl<'a, H: Hooks> Master<'a, H> {
             for (pid, slot) in stuck {
                 error!(
                     "Worker {slot} (pid {pid}) did not finish loading the application within --timeout {}s; \
-                     killing it",
+                     ending it (SIGABRT: its log has the Python stack where the import is stuck)",
                     limit.as_secs_f64()
                 );
+                // SIGABRT first: the worker's faulthandler writes where each
+                // of its threads is, which SIGKILL would not let it do.
+                unsafe { libc::kill(pid, libc::SIGABRT) };
+                if let Some(w) = self.workers.get_mut(&pid) {
+                    w.kill_at = Some(now + BOOT_ABORT_GRACE);
+                }
+            }
+            // One that outlived its SIGABRT (the app blocked or caught it).
+            let unended: Vec<libc::pid_t> = self
+                .workers
+                .iter()
+                .filter(|(_, w)| {
+                    !w.retiring
+                        && w.kill_at.is_some_and(|at| now >= at)
+                        && self.scoreboard.state(w.slot) == WorkerState::Booting
+                })
+                .map(|(p, _)| *p)
+                .collect();
+            for pid in unended {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
                 if let Some(w) = self.workers.get_mut(&pid) {
-                    w.kill_at = Some(now);
+                    w.kill_at = None;
+                    w.killed = Some("it did not end on SIGABRT after --timeout while loading the app");
                 }
             }
         }

@@ -92,6 +92,8 @@ impl Hooks for Runtime {
         crate::logging::set_worker(ctx.slot);
         // Still the GIL-holding main thread, now in the child.
         let py = unsafe { Python::assume_gil_acquired() };
+        // Before the import, which --timeout ends with SIGABRT if it hangs.
+        enable_faulthandler(py);
         let app = match &self.preloaded {
             Some(a) => a.clone_ref(py),
             None => match load_app(py, &self.spec) {
@@ -102,7 +104,6 @@ impl Hooks for Runtime {
                 }
             },
         };
-        enable_faulthandler(py);
         let wsgi = match WsgiApp::new(py, app, &ctx, &self.mount, self.multiprocess, self.multithread) {
             Ok(w) => w,
             Err(e) => {
