@@ -51,6 +51,12 @@ def test_exception_at_import_exits_with_the_traceback(start_server):
     assert "RuntimeError: explodes while importing raises_at_import" in server.log
 
 
+def test_an_import_that_fails_after_starting_a_thread_still_exits(start_server):
+    """The worker does not wait, as at a stop, for a thread half an import started."""
+    server = _fails_fast(start_server, "thread_then_fail:application")
+    assert "RuntimeError: configuration missing" in server.log
+
+
 def test_missing_module(start_server):
     server = _fails_fast(start_server, "corral_no_such_app_module:application")
     assert "corral_no_such_app_module" in server.log

@@ -195,7 +195,11 @@ impl Hooks for Runtime {
         // What Python's own exit does first, then leave without finalizing
         // the interpreter under still-parked threads.
         let py = unsafe { Python::assume_gil_acquired() };
-        wait_for_app_threads(py);
+        // Not after a failed import: the master is waiting to hear of it,
+        // and half an import may have started a thread that never ends.
+        if code != EXIT_APP_LOAD_FAILED {
+            wait_for_app_threads(py);
+        }
         let _ = py.import("atexit").and_then(|m| m.call_method0("_run_exitfuncs"));
         let _ = py.import("sys").and_then(|sys| {
             sys.getattr("stdout")?.call_method0("flush")?;
