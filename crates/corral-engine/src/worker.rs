@@ -1500,11 +1500,22 @@ static APP_FORKED: AtomicBool = AtomicBool::new(false);
 static CLOSE_IN_CHILD: [std::sync::atomic::AtomicI32; 64] =
     [const { std::sync::atomic::AtomicI32::new(-1) }; 64];
 
+/// Set in a child the app forked: a load per request, where asking for the
+/// pid would be a system call.
+static IN_FORKED_CHILD: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process is a child the app forked from a worker (one that
+/// returns from the app must not answer on the worker's connection).
+pub fn in_forked_child() -> bool {
+    IN_FORKED_CHILD.load(Ordering::Relaxed)
+}
+
 extern "C" fn app_forked_parent() {
     APP_FORKED.store(true, Ordering::Relaxed);
 }
 
 extern "C" fn app_forked_child() {
+    IN_FORKED_CHILD.store(true, Ordering::Relaxed);
     for fd in &CLOSE_IN_CHILD {
         let fd = fd.load(Ordering::Relaxed);
         if fd >= 0 {
@@ -1843,13 +1854,13 @@ fn worth_parsing(buf: &[u8], parsed: usize, limits: &http1::Limits) -> bool {
     // only when it matters, and the look stops at the line's end.
     let line_open = || !buf[..parsed].contains(&b'\n');
     parsed == 0
-        // A request line still short: parsed at each read, so that bytes
-        // that cannot start a request (TLS to an HTTP port) get their 400
-        // at once. Past that, parsing it again after every read would cost
-        // the square of its length (--limit-request-line allows 1 MiB).
-        || (parsed <= EARLY_LOOK && line_open())
-        || (new.contains(&b'\n') && line_open())
-        || (buf.len() > limits.max_request_line + 2 && line_open())
+        // A request line still open, and short (parsed at each read, so that
+        // bytes that cannot start a request, TLS to an HTTP port, get their
+        // 400 at once), ended now, or over the limit. Parsing a long one again
+        // after every read would cost the square of its length
+        // (--limit-request-line allows 1 MiB).
+        || ((parsed <= EARLY_LOOK || new.contains(&b'\n') || buf.len() > limits.max_request_line + 2)
+            && line_open())
         || new.windows(2).any(|w| w == b"\n\n")
         || new.windows(3).any(|w| w == b"\n\r\n")
         || buf.len() > limits.max_head_bytes()

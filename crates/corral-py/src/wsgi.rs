@@ -10,7 +10,6 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use corral_engine::cgi::CgiParams;
@@ -88,15 +87,6 @@ pub struct WsgiApp {
     log_environ: Vec<String>,
 }
 
-/// Set in a child of `fork()`, by the handler [`WsgiApp::new`] registers
-/// with `pthread_atfork` in the worker: a load per request, where asking
-/// for the pid would be a system call.
-static FORKED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn mark_forked() {
-    FORKED.store(true, Ordering::Relaxed);
-}
-
 /// A worker thread's Python thread state, parked while the thread waits.
 pub struct PyThread(*mut ffi::PyThreadState);
 
@@ -164,7 +154,6 @@ impl WsgiApp {
             pid: std::process::id(),
             log_environ: ctx.config.access_log.as_ref().map(|(_, f)| f.environ_names()).unwrap_or_default(),
         };
-        unsafe { libc::pthread_atfork(None, None, Some(mark_forked)) };
         Ok(app)
     }
 
@@ -343,7 +332,7 @@ impl WsgiApp {
             Err(e) => return self.app_error(py, req, ex, &e),
         };
         let result = self.app.bind(py).call1((&environ, start_response));
-        if FORKED.load(Ordering::Relaxed) {
+        if corral_engine::worker::in_forked_child() {
             self.forked_child_returned(req);
         }
         match result {
