@@ -28,19 +28,24 @@ const PLATFORM_ORIGIN: &str = "environment ";
 /// interface (0.0.0.0:PORT), as gunicorn takes them. Hosting platforms set
 /// them for the app's server; ignored, the app would listen on loopback.
 pub fn platform_defaults(cmd: &Command, argv: &mut Vec<String>, origins: &mut FileOrigins) {
+    let set = |var: &str| std::env::var(var).ok().filter(|v| !v.is_empty());
+    let (workers, port) = (set("WEB_CONCURRENCY"), set("PORT"));
+    if workers.is_none() && port.is_none() {
+        return;
+    }
     let Ok(first) = cmd.clone().ignore_errors(true).try_get_matches_from(argv.as_slice()) else {
         return;
     };
     let unset = |id: &str| {
         !matches!(first.value_source(id), Some(ValueSource::CommandLine | ValueSource::EnvVariable))
     };
-    if let Some(n) = std::env::var("WEB_CONCURRENCY").ok().filter(|n| !n.is_empty()) {
+    if let Some(n) = workers {
         if ["workers", "workers_min", "workers_max"].into_iter().all(unset) {
             argv.insert(1, format!("--workers={n}"));
             origins.insert("workers".into(), format!("{PLATFORM_ORIGIN}WEB_CONCURRENCY"));
         }
     }
-    if let Some(port) = std::env::var("PORT").ok().filter(|p| !p.is_empty()) {
+    if let Some(port) = port {
         // Sockets handed over by systemd take the default's place too.
         if ["http", "uwsgi", "fastcgi", "scgi"].into_iter().all(unset)
             && std::env::var_os("LISTEN_FDS").is_none()
