@@ -189,6 +189,19 @@ def test_a_graceful_stop_lets_the_apps_own_threads_finish(start_server, tmp_path
     server.wait_for(r"Worker waiting for 1 thread the app started \(not daemon\) to finish", since=mark)
 
 
+def test_a_worker_stops_at_once_when_the_app_first_imported_threading_in_a_request(start_server):
+    """threading, first imported by a serving thread, takes that thread for the
+    main one and counts it among the threads to wait for at exit: a stop waited
+    for a thread that never ends, until the master's kill."""
+    server = start_server("late_threading:application", "--graceful-timeout", "600", workers=1, threads=1)
+    assert server.request("GET", "/").status == 200
+    mark = server.mark()
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(60) == 0, server.log
+    server.wait_for("Worker stopped gracefully", since=mark)
+    assert "Worker waiting for" not in server.log[mark:], server.log
+
+
 def test_an_app_that_takes_the_workers_signals_at_import_gets_them_back_with_a_warning(start_server):
     """The app's handler would never run (a worker's main thread runs no Python)
     and the worker would not hear the master's TERM: corral puts its own back."""

@@ -94,6 +94,13 @@ impl Hooks for Runtime {
         let py = unsafe { Python::assume_gil_acquired() };
         // Before the import, which --timeout ends with SIGABRT if it hangs.
         enable_faulthandler(py);
+        // threading takes the thread that first imports it for the main one
+        // and waits for it at exit (`_shutdown`): first imported by a serving
+        // thread (Flask or Django loaded lazily at the first request), it
+        // would make a stop wait for that thread, which never ends.
+        if let Err(e) = py.import("threading") {
+            error!("cannot import threading: {e}");
+        }
         let app = match &self.preloaded {
             Some(a) => a.clone_ref(py),
             None => match load_app(py, &self.spec) {
