@@ -153,6 +153,13 @@ def test_a_server_runs_from_the_file(start_server, tmp_path):
         ('stats = "bad:port"\n', ":1: `stats`: invalid value 'bad:port'"),
         ('env = ["NOEQ"]\n', ":1: `env`: invalid value 'NOEQ'"),
         ('mount = "x"\n', ":1: `mount`: invalid value 'x'"),
+        # Checked after parsing, against the system: the file's line still said.
+        ('user = "no-such-user-here"\n', "no such user (set in {cfg}:1)"),
+        (
+            'workers = 2\nstatic = ["/s=/no/such/dir"]\n',
+            "No such file or directory (os error 2) (set in {cfg}:2)",
+        ),
+        ('socket-owner = "no-such-user-here"\n', "(set in {cfg}:1)"),
     ],
 )
 def test_errors_name_the_key_and_line(tmp_path, text, message):
@@ -160,7 +167,7 @@ def test_errors_name_the_key_and_line(tmp_path, text, message):
     cfg.write_text(text)
     proc = _run(["--config", str(cfg), "behaviour:application"], cwd=APPS)
     assert proc.returncode != 0
-    assert message in proc.stderr, proc.stderr
+    assert message.format(cfg=cfg) in proc.stderr, proc.stderr
     assert str(cfg) in proc.stderr or "set in" in proc.stderr
 
 
@@ -293,6 +300,10 @@ def test_check_config_imports_the_app_and_binds_nothing(tmp_path):
     bad = _run([*common, "--workers-min", "3", "--workers-max", "2", "checked"])
     assert bad.returncode == 2 and "--workers-max" in bad.stderr
     assert "check-config" not in _run(["--print-config", "checked"]).stdout
+    # As a start says it in its log.
+    astray = _run([*common, "-e", "GREETING=hi", "--pythonpath", "no-such-dir", "checked"])
+    assert astray.returncode == 0, astray.stderr
+    assert f"corral: warning: --pythonpath no-such-dir: no such directory (from {site})" in astray.stderr
     # What a real start would refuse before importing anything.
     owner = _run([*common, "-e", "GREETING=hi", "--socket-owner", "no-such-user-here", "checked"])
     assert owner.returncode == 2 and "no-such-user-here" in owner.stderr, owner.stderr

@@ -564,12 +564,16 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         .flat_map(|p| p.to_string_lossy().split(',').map(PathBuf::from).collect::<Vec<_>>())
         .filter(|p| !p.as_os_str().is_empty())
         .collect();
+    // Errors name where the options they are about were set, when that was
+    // not the command line.
+    let located =
+        |e: &dyn std::fmt::Display| crate::config_file::whence(&e.to_string(), &cmd, &matches, &origins);
     if cli.print_config {
         use std::io::Write as _;
         // What a start would refuse, checked without creating anything, so
         // the output can be trusted as the configuration that runs.
         if let Err(e) = check_without_effects(&cli, &matches) {
-            eprintln!("corral: error: {e}");
+            eprintln!("corral: error: {}", located(&e));
             return Ok(2);
         }
         // A closed pipe (`| head`) is not an error.
@@ -578,7 +582,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         return Ok(0);
     }
     if cli.check_config {
-        return check_config(py, &cli, &matches);
+        return check_config(py, &cli, &matches, &located);
     }
     let from_file = |ids: &[&str]| -> String {
         let at: Vec<&str> = ids.iter().filter_map(|id| origins.get(*id).map(String::as_str)).collect();
@@ -609,7 +613,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         .and_then(|()| daemon_needs_files(&cli))
         .and_then(|()| touch_files_named(&cli))
     {
-        eprintln!("corral: error: {e}");
+        eprintln!("corral: error: {}", located(&e));
         return Ok(2);
     }
     corral_engine::logfile::set_capture(cli.capture_output);
@@ -642,14 +646,14 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     let access_format = match access_format(&cli, &matches) {
         Ok(f) => f,
         Err(e) => {
-            error!("{e}");
+            error!("{}", located(&e));
             return Ok(2);
         }
     };
     if let Some(target) = &access_log {
         // Opened here once so a bad path fails at start, not in every worker.
         if let Err(e) = corral_engine::access::Sink::open(target) {
-            error!("{e}");
+            error!("{}", located(&e));
             return Ok(2);
         }
     }
@@ -676,27 +680,30 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     let static_mounts = match static_mounts(&cli) {
         Ok(m) => m,
         Err(e) => {
-            error!("{e}");
+            error!("{}", located(&e));
             return Ok(2);
         }
     };
 
-    if let Err(e) = prepare_import(py, &cli)? {
-        error!("{e}");
-        return Ok(2);
+    match prepare_import(py, &cli)? {
+        Ok(warnings) => warnings.iter().for_each(|w| warn!("{w}")),
+        Err(e) => {
+            error!("{}", located(&e));
+            return Ok(2);
+        }
     }
 
     let spec = match AppSpec::parse(&cli.app) {
         Ok(s) => s,
         Err(e) => {
-            error!("{e}");
+            error!("{}", located(&e));
             return Ok(2);
         }
     };
     let mount = match mount_prefix(&cli) {
         Ok(m) => m,
         Err(e) => {
-            error!("{e}");
+            error!("{}", located(&e));
             return Ok(2);
         }
     };
@@ -745,7 +752,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     let ids = match resolve_ids(cli.user.as_deref(), cli.group.as_deref()) {
         Ok(ids) => ids,
         Err(e) => {
-            error!("{e}");
+            error!("{}", located(&e));
             return Ok(2);
         }
     };
@@ -754,7 +761,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         // reopen both logs on SIGUSR1: the files must be theirs to write.
         for (flag, path, existed) in &logs_existed {
             if let Err(e) = give_log_to_user(path, *existed, *uid, *gid, name) {
-                error!("{flag} {path}: {e}");
+                error!("{}", located(&format!("{flag} {path}: {e}")));
                 return Ok(2);
             }
         }
@@ -764,20 +771,20 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         match Addr::parse(a) {
             Ok(addr) => parsed.push((*protocol, from_start(addr, chdir_from))),
             Err(e) => {
-                error!("--{} {e}", protocol.name());
+                error!("{}", located(&format!("--{} {e}", protocol.name())));
                 return Ok(2);
             }
         }
     }
     let stats_addr = cli.stats.as_deref().and_then(|s| Addr::parse(s).ok());
     if let Err(e) = distinct_tcp_listeners(parsed.iter().map(|(_, a)| a).chain(stats_addr.as_ref())) {
-        error!("{e}");
+        error!("{}", located(&e));
         return Ok(2);
     }
     let owner = match cli.socket_owner.as_deref().map(parse_owner).transpose() {
         Ok(o) => o,
         Err(e) => {
-            error!("{e}");
+            error!("{}", located(&e));
             return Ok(2);
         }
     };
@@ -809,7 +816,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     let workers = match pool_size(&cli, &from_file(&["workers_min", "workers_max", "workers"])) {
         Ok(n) => n,
         Err(e) => {
-            error!("{e}");
+            error!("{}", located(&e));
             return Ok(2);
         }
     };
@@ -880,7 +887,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
                 listeners.push(l);
             }
             Err(e) => {
-                error!("{e}");
+                error!("{}", located(&e));
                 return Ok(1);
             }
         }
@@ -906,7 +913,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
                     Some(l)
                 }
                 Err(e) => {
-                    error!("--stats {e}");
+                    error!("{}", located(&format!("--stats {e}")));
                     return Ok(2);
                 }
             }
@@ -980,7 +987,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     // with (as gunicorn's master does), then the whole process switches.
     if let Some((uid, gid, name)) = &ids {
         if let Err(e) = drop_privileges(*uid, *gid, name) {
-            error!("{e}");
+            error!("{}", located(&e));
             remove_pidfile();
             return Ok(1);
         }
@@ -1053,7 +1060,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             // After a re-exec the workers serve on: not worth stopping them for.
             Err(e) if reexec_with_workers => error!("{e}; changes will not reload the workers"),
             Err(e) => {
-                error!("{e}");
+                error!("{}", located(&e));
                 remove_pidfile();
                 return Ok(2);
             }
@@ -1082,8 +1089,10 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
 
 /// What an import of the app needs in this process: `--env`, `--chdir`,
 /// and `sys.path` (the app's directory, then `--pythonpath` first).
-/// The outer error is Python's; the inner one a configuration error.
-fn prepare_import(py: Python<'_>, cli: &Cli) -> PyResult<Result<(), String>> {
+/// The outer error is Python's; the inner one a configuration error; the
+/// warnings are for the caller to show (a log line, or --check-config's output).
+fn prepare_import(py: Python<'_>, cli: &Cli) -> PyResult<Result<Vec<String>, String>> {
+    let mut warnings = Vec::new();
     for kv in &cli.env {
         let Some((k, v)) = kv.split_once('=') else {
             return Ok(Err(format!("--env {kv:?}: expected KEY=VALUE")));
@@ -1101,24 +1110,34 @@ fn prepare_import(py: Python<'_>, cli: &Cli) -> PyResult<Result<(), String>> {
     for dir in cli.pythonpath.iter().rev() {
         if !dir.is_dir() {
             // Else the import's ModuleNotFoundError is all the user sees.
-            warn!("--pythonpath {}: no such directory (from {cwd})", dir.display());
+            warnings.push(format!("--pythonpath {}: no such directory (from {cwd})", dir.display()));
         }
         sys_path.call_method1("insert", (0, dir.display().to_string()))?;
     }
-    Ok(Ok(()))
+    Ok(Ok(warnings))
 }
 
 /// `--check-config`: what a start would refuse, then the app's import, in
 /// this process and without binding or writing anything (gunicorn's option).
-fn check_config(py: Python<'_>, cli: &Cli, matches: &clap::ArgMatches) -> PyResult<i32> {
+fn check_config(
+    py: Python<'_>,
+    cli: &Cli,
+    matches: &clap::ArgMatches,
+    located: &dyn Fn(&dyn std::fmt::Display) -> String,
+) -> PyResult<i32> {
     let checked = match check_without_effects(cli, matches).and_then(|()| AppSpec::parse(&cli.app)) {
-        Ok(spec) => prepare_import(py, cli)?.map(|()| spec),
+        Ok(spec) => prepare_import(py, cli)?.map(|warnings| {
+            for w in warnings {
+                eprintln!("corral: warning: {w}");
+            }
+            spec
+        }),
         Err(e) => Err(e),
     };
     let spec = match checked {
         Ok(spec) => spec,
         Err(e) => {
-            eprintln!("corral: error: {e}");
+            eprintln!("corral: error: {}", located(&e));
             return Ok(2);
         }
     };
@@ -1134,7 +1153,7 @@ fn check_config(py: Python<'_>, cli: &Cli, matches: &clap::ArgMatches) -> PyResu
         }) {
             Ok(()) => {}
             Err(e) => {
-                eprintln!("corral: error: {e}");
+                eprintln!("corral: error: {}", located(&e));
                 return Ok(2);
             }
         }

@@ -190,6 +190,45 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
+/// An error message with where the options it names were set, when that was
+/// not the command line: "--static ...: no such directory (set in app.toml:4)".
+/// Left as it is when it says so already.
+pub fn whence(msg: &str, cmd: &Command, matches: &ArgMatches, origins: &FileOrigins) -> String {
+    if msg.contains("(set in ") {
+        return msg.to_string();
+    }
+    let mut at: Vec<String> = Vec::new();
+    for (i, _) in msg.match_indices("--") {
+        let name: String = msg[i + 2..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+            .collect();
+        let Some(arg) = cmd.get_arguments().find(|a| {
+            a.get_long() == Some(name.as_str())
+                || a.get_all_aliases().is_some_and(|all| all.contains(&name.as_str()))
+        }) else {
+            continue;
+        };
+        let id = arg.get_id().as_str();
+        let origin = match origins.get(id) {
+            Some(o) => o.clone(),
+            None if matches.value_source(id) == Some(ValueSource::EnvVariable) => match arg.get_env() {
+                Some(var) => format!("the environment variable {}", var.to_string_lossy()),
+                None => continue,
+            },
+            None => continue,
+        };
+        if !at.contains(&origin) {
+            at.push(origin);
+        }
+    }
+    if at.is_empty() {
+        msg.to_string()
+    } else {
+        format!("{msg} (set in {})", at.join(", "))
+    }
+}
+
 /// `--print-config`: every option's effective value and where it came from.
 pub fn describe(cmd: &Command, matches: &ArgMatches, origins: &FileOrigins) -> String {
     let mut out = String::new();
@@ -255,6 +294,35 @@ pub fn describe(cmd: &Command, matches: &ArgMatches, origins: &FileOrigins) -> S
 
 #[cfg(test)]
 mod tests {
+    use clap::{Arg, Command};
+
+    #[test]
+    fn whence_names_the_file_line_of_each_option_an_error_names() {
+        let cmd = Command::new("t")
+            .arg(Arg::new("static").long("static"))
+            .arg(Arg::new("user").long("user").short('u'))
+            .arg(Arg::new("workers").long("workers").visible_alias("processes"));
+        let m = cmd.clone().get_matches_from(["t", "--static", "x", "--user", "u", "--workers", "2"]);
+        let origins: super::FileOrigins = [
+            ("static".to_string(), "app.toml:4".to_string()),
+            ("workers".to_string(), "app.toml:1".to_string()),
+        ]
+        .into();
+        let w = |msg: &str| super::whence(msg, &cmd, &m, &origins);
+        assert_eq!(
+            w("--static \"x\": no such directory"),
+            "--static \"x\": no such directory (set in app.toml:4)"
+        );
+        // From the command line: nothing to add.
+        assert_eq!(w("--user \"u\": no such user"), "--user \"u\": no such user");
+        assert_eq!(
+            w("--processes 2 and --static x"),
+            "--processes 2 and --static x (set in app.toml:1, app.toml:4)"
+        );
+        assert_eq!(w("--static x (set in elsewhere)"), "--static x (set in elsewhere)");
+        assert_eq!(w("no option named -- here"), "no option named -- here");
+    }
+
     #[test]
     fn lines() {
         assert_eq!(super::line_of("a\nb\nc", 0), 1);
