@@ -12,11 +12,13 @@ docs/deploy/ shows.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -54,8 +56,9 @@ class Stack:
     """corral behind one front end; `port` is the front end's, `https_port`
     the same route with the front end saying the client used TLS."""
 
-    def __init__(self, tmp, front, protocol, transport):
+    def __init__(self, tmp, front, protocol, transport, extra=()):
         self.tmp, self.front_name, self.protocol, self.transport = tmp, front, protocol, transport
+        self.extra = extra
         self.wire = protocol.split("-")[0]
         if transport == "unix":
             self.backend = f"unix:{tmp}/corral.sock"
@@ -83,6 +86,7 @@ class Stack:
             "666",
             "--stats",
             f"127.0.0.1:{self.stats_port}",
+            *self.extra,
             http=None,
             threads=4,
         )
@@ -226,6 +230,52 @@ def test_upload_1mib(stack):
     )
     assert status == 200, out
     assert json.loads(out) == {"length": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_an_answer_given_without_reading_a_large_body_reaches_the_client(stack):
+    """The app answers (a 404 here; a 403 from CSRF, a redirect) without reading
+    the 8 MiB body. The front end sends all of it before it reads the answer,
+    and a backend closing before taking it made nginx answer 502."""
+    data = b"x" * (8 << 20)
+    for _ in range(3):
+        status, out = _post_reading_as_it_sends(stack.port, "/nowhere", data)
+        assert (status, json.loads(out)) == (404, {"error": "not found", "path": "/nowhere"}), out[:300]
+
+
+@pytest.mark.skipif(not front_ends.available("nginx"), reason="nginx is not installed")
+@pytest.mark.parametrize("protocol", ["uwsgi", "fastcgi-keepalive", "scgi"])
+def test_a_body_over_max_body_size_gets_413_through_the_front_end(tmp_path, protocol):
+    """Refused before the app by its declared length (over FastCGI too, whose
+    STDIN is a stream), and the front end gets the 413, not a closed socket."""
+    stack = Stack(tmp_path, "nginx", protocol, "unix", extra=("--max-body-size", "1000000"))
+    try:
+        for _ in range(3):
+            status, _, out = stack.request("POST", "/upload", b"y" * 2_000_000)
+            assert status == 413 and b"request body too large" in out, (status, out[:300])
+        status, _, out = stack.request("POST", "/upload", b"y" * 1_000_000)
+        assert (status, json.loads(out)["length"]) == (200, 1_000_000)
+        stack.corral.wait_for(r"Content-Length 2000000 exceeds --max-body-size 1000000", count=3)
+    finally:
+        stack.front.stop()
+        stack.corral.cleanup()
+
+
+def _post_reading_as_it_sends(port, path, data):
+    """A POST whose client reads the answer while it sends, as browsers and curl
+    do (HAProxy passes the answer on before it has the whole body, and then
+    need not read the rest)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+
+        def send():
+            with contextlib.suppress(OSError):
+                sock.sendall(head.encode() + data)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        return resp.status, resp.read()
 
 
 def test_download_100mib(stack):

@@ -2407,20 +2407,32 @@ fn handle_request<A: App>(
                 (g.bytes, Some(g.params))
             }
         };
-        if let BodyState::Length(len) = io.body {
-            if len > w.config.max_body_size {
-                info!(
-                    "Request body too large from {}: Content-Length {len} exceeds --max-body-size {}",
-                    peer(conn, listener),
-                    w.config.max_body_size
-                );
-                let blocking: fn(&mut dyn FnMut()) = |f| f();
-                let reply = error_reply(io.wire, 413, "request body too large");
-                let _ = io.write_parts(&[&reply], blocking);
-                record_refusal(w, Some(conn), conn.listener, &bytes, 413, reply.len() as u64);
-                drain_and_close(&mut io);
-                return Outcome::Done(false);
+        // The body's declared length: uwsgi and SCGI frame the body by it;
+        // FastCGI streams STDIN, but the front end says its length too.
+        let declared = match (&io.body, &params) {
+            (BodyState::Length(len), _) => Some(*len),
+            (BodyState::Fcgi(_), Some(p)) => p
+                .get(&bytes, b"CONTENT_LENGTH")
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(|v| v.trim().parse::<u64>().ok()),
+            _ => None,
+        };
+        if let Some(len) = declared.filter(|&len| len > w.config.max_body_size) {
+            info!(
+                "Request body too large from {}: Content-Length {len} exceeds --max-body-size {}",
+                peer(conn, listener),
+                w.config.max_body_size
+            );
+            let blocking: fn(&mut dyn FnMut()) = |f| f();
+            let reply = error_reply(io.wire, 413, "request body too large");
+            let _ = io.write_parts(&[&reply], blocking);
+            record_refusal(w, Some(conn), conn.listener, &bytes, 413, reply.len() as u64);
+            if io.wire != Wire::Http {
+                // A front end reads the 413 only once it has sent the body.
+                let _ = discard_body(&mut io, blocking);
             }
+            drain_and_close(&mut io);
+            return Outcome::Done(false);
         }
         io.body_received = 0;
         io.body_deadline = 0;
@@ -3071,43 +3083,59 @@ enum Discarded {
     All,
     /// The stream broke (or the front end broke its framing).
     Failed,
-    /// More than [`MAX_DRAIN`] was left, or it did not come within
-    /// [`DRAIN_WAIT`].
+    /// From a client, more than [`MAX_DRAIN`] was left, or it did not come
+    /// within [`DRAIN_WAIT`]; from a front end, it stopped coming for that long.
     GaveUp,
 }
 
 /// The longest the serving thread waits for the rest of a body the app did
 /// not read. The thread serves nothing else meanwhile, so a client that
 /// declares a body and stops sending must not hold it for the whole I/O
-/// timeout (nginx gives such a client its lingering_timeout, 5 s).
+/// timeout (nginx gives such a client its lingering_timeout, 5 s). From a
+/// front end, the longest it waits for the next bytes.
 const DRAIN_WAIT: Duration = Duration::from_secs(2);
 
-/// Reads and drops the rest of the request body: at most [`MAX_DRAIN`]
-/// bytes (a larger remainder is not worth reading), for at most
-/// [`DRAIN_WAIT`].
+/// Reads and drops the rest of the request body.
+///
+/// From a client: at most [`MAX_DRAIN`] bytes (a larger remainder is not
+/// worth reading), for at most [`DRAIN_WAIT`]. From a front end: all of it,
+/// as long as it keeps coming. nginx sends the whole body before it reads
+/// the response (it has it buffered, and sends it at local speed) and
+/// answers 502 when the backend closes before taking it: the response the
+/// app gave without reading the body (a 403, a redirect, a 413) would be
+/// lost. uWSGI users get this from `post-buffering`.
 fn discard_body(io: &mut Io, blocking: fn(&mut dyn FnMut())) -> Discarded {
-    if matches!(io.body, BodyState::Length(left) if left > MAX_DRAIN) {
+    let front_end = io.wire != Wire::Http;
+    if !front_end && matches!(io.body, BodyState::Length(left) if left > MAX_DRAIN) {
         return Discarded::GaveUp;
     }
-    let saved = io.timeout_ms;
-    let deadline = mono_ms() + DRAIN_WAIT.as_millis() as u64;
+    let (saved_timeout, saved_max) = (io.timeout_ms, io.max_body);
+    // What passes --max-body-size is read to be dropped, not refused again.
+    io.max_body = u64::MAX;
+    let mut deadline = mono_ms() + DRAIN_WAIT.as_millis() as u64;
     let mut sink = Vec::new();
     let mut total = 0u64;
     let outcome = loop {
         let left = deadline.saturating_sub(mono_ms());
-        if left == 0 || total > MAX_DRAIN {
+        if left == 0 || (!front_end && total > MAX_DRAIN) {
             break Discarded::GaveUp;
         }
         io.timeout_ms = left as i32;
         sink.clear();
         match io.read_body(&mut sink, READ_CHUNK, blocking) {
             Ok(0) => break Discarded::All,
-            Ok(n) => total += n as u64,
+            Ok(n) => {
+                total += n as u64;
+                if front_end {
+                    deadline = mono_ms() + DRAIN_WAIT.as_millis() as u64;
+                }
+            }
             Err(BodyError::Timeout) => break Discarded::GaveUp,
             Err(_) => break Discarded::Failed,
         }
     };
-    io.timeout_ms = saved;
+    io.timeout_ms = saved_timeout;
+    io.max_body = saved_max;
     outcome
 }
 
