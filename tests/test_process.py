@@ -397,6 +397,44 @@ def test_hup_replaces_the_workers(start_server):
     assert {_pid_of_request(server, "/") for _ in range(10)} <= after
 
 
+def test_a_reload_after_a_deploy_switched_the_current_symlink_serves_the_new_release(start_server, tmp_path):
+    """--chdir and --static name a `current -> releases/N` link that a deploy
+    switches, then reloads (HUP here; --touch-reload does the same): the new
+    workers serve the new release's code and files, as gunicorn's and uWSGI's
+    reloads do, not the directory the master entered when it started."""
+    for release in ("r1", "r2"):
+        (tmp_path / release / "static").mkdir(parents=True)
+        (tmp_path / release / "release_app.py").write_text(
+            "import os\n"
+            f"RELEASE = {release!r}\n"
+            "def application(environ, start_response):\n"
+            "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+            "    return [f'{RELEASE} in {os.path.basename(os.getcwd())}'.encode()]\n"
+        )
+        (tmp_path / release / "static" / "note.txt").write_text(f"file of {release}")
+    current = tmp_path / "current"
+    current.symlink_to("r1")
+    server = start_server(
+        "release_app:application",
+        "--chdir",
+        str(current),
+        "--static",
+        f"/static={current}/static",
+        pythonpath=None,
+        workers=1,
+    )
+    assert server.request("GET", "/").body == b"r1 in r1"
+    assert server.request("GET", "/static/note.txt").body == b"file of r1"
+    switched = tmp_path / "current.new"
+    switched.symlink_to("r2")
+    switched.rename(current)
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    server.wait_for(READY_RE.pattern, since=mark)
+    assert wait_until(lambda: server.request("GET", "/").body == b"r2 in r2", timeout=15)
+    assert server.request("GET", "/static/note.txt").body == b"file of r2"
+
+
 def test_ttin_ttou_change_the_worker_count(start_server):
     server = start_server("behaviour:application", workers=1)
     mark = server.mark()

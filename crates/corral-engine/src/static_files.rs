@@ -28,6 +28,8 @@ pub struct Mount {
     pub prefix: String,
     /// The directory, resolved (canonical).
     pub dir: PathBuf,
+    /// The directory as named (absolute, symlinks unresolved).
+    pub named: PathBuf,
 }
 
 impl Mount {
@@ -37,11 +39,33 @@ impl Mount {
         if !url.starts_with('/') {
             return Err(format!("--static {s:?}: the URL prefix must start with '/'"));
         }
+        let named = std::path::absolute(dir).map_err(|e| format!("--static {s:?}: {dir}: {e}"))?;
         let dir = std::fs::canonicalize(dir).map_err(|e| format!("--static {s:?}: {dir}: {e}"))?;
         if !dir.is_dir() {
             return Err(format!("--static {s:?}: {} is not a directory", dir.display()));
         }
-        Ok(Mount { prefix: url.trim_end_matches('/').to_string(), dir })
+        Ok(Mount { prefix: url.trim_end_matches('/').to_string(), dir, named })
+    }
+
+    /// Resolves the directory again, for a worker starting after a deploy
+    /// that switched a symlink on its way (`current -> releases/N`); keeps
+    /// the one it had, with a warning, when the name leads nowhere now.
+    pub fn refresh(&mut self) {
+        match std::fs::canonicalize(&self.named) {
+            Ok(dir) if dir.is_dir() => self.dir = dir,
+            Ok(dir) => tracing::warn!(
+                "--static {}: {} is not a directory now; serving {} still",
+                self.prefix,
+                dir.display(),
+                self.dir.display()
+            ),
+            Err(e) => tracing::warn!(
+                "--static {}: {}: {e}; serving {} still",
+                self.prefix,
+                self.named.display(),
+                self.dir.display()
+            ),
+        }
     }
 
     /// The part of a decoded path below this mount, if the path is under it.

@@ -410,6 +410,10 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
             None
         }
     };
+    let mut config = ctx.config;
+    // A worker started after a deploy serves the files of the release it
+    // switched to, as its app does.
+    config.static_mounts.iter_mut().for_each(crate::static_files::Mount::refresh);
     let shared = Arc::new(Shared {
         app,
         access,
@@ -417,7 +421,7 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
         current: (0..threads).map(|_| Mutex::new(None)).collect(),
         timed_out: (0..threads).map(|_| AtomicBool::new(false)).collect(),
         stuck: AtomicUsize::new(0),
-        config: ctx.config,
+        config,
         listeners: ctx.listeners,
         epfd,
         registry: Mutex::new(Registry::default()),

@@ -685,6 +685,11 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         }
     };
 
+    // As named, symlinks unresolved: each new worker goes there again, so a
+    // reload after a deploy that switched a `current -> releases/N` link
+    // serves the new release (as gunicorn's and uWSGI's reloads do).
+    let chdir_named =
+        cli.chdir.as_deref().map(|d| std::path::absolute(d).unwrap_or_else(|_| d.to_path_buf()));
     match prepare_import(py, &cli)? {
         Ok(warnings) => warnings.iter().for_each(|w| warn!("{w}")),
         Err(e) => {
@@ -1033,7 +1038,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         listen_fds: if from_activation { activated.clone() } else { Vec::new() },
         config_file,
     };
-    let runtime = Runtime::new(spec, preloaded, cli.preload, mount, &config, reexec);
+    let runtime = Runtime::new(spec, preloaded, cli.preload, mount, chdir_named, &config, reexec);
     let mut master = match Master::new(config, listeners, &runtime) {
         Ok(m) => m,
         Err(e) => {
@@ -1099,13 +1104,18 @@ fn prepare_import(py: Python<'_>, cli: &Cli) -> PyResult<Result<Vec<String>, Str
         };
         py.import("os")?.getattr("environ")?.set_item(k, v)?;
     }
+    // The directory as named, symlinks unresolved: imports then follow a
+    // link a deploy switches, in workers started after the switch.
+    let mut cwd = std::env::current_dir().map(|p| p.display().to_string()).unwrap_or_default();
     if let Some(dir) = &cli.chdir {
+        if let Ok(named) = std::path::absolute(dir) {
+            cwd = named.display().to_string();
+        }
         if let Err(e) = std::env::set_current_dir(dir) {
             return Ok(Err(format!("--chdir {}: {e}", dir.display())));
         }
     }
     let sys_path = py.import("sys")?.getattr("path")?;
-    let cwd = std::env::current_dir().map(|p| p.display().to_string()).unwrap_or_default();
     sys_path.call_method1("insert", (0, cwd.as_str()))?;
     for dir in cli.pythonpath.iter().rev() {
         if !dir.is_dir() {

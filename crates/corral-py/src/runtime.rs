@@ -21,6 +21,8 @@ pub struct Runtime {
     /// re-exec, a reload re-executes to try again).
     preload: bool,
     mount: String,
+    /// --chdir as named (symlinks unresolved), for each worker to enter.
+    chdir: Option<std::path::PathBuf>,
     multiprocess: bool,
     multithread: bool,
     /// sys.executable and sys.orig_argv: how to start this master again.
@@ -49,6 +51,7 @@ impl Runtime {
         preloaded: Option<PyObject>,
         preload: bool,
         mount: String,
+        chdir: Option<std::path::PathBuf>,
         config: &Config,
         reexec: Reexec,
     ) -> Runtime {
@@ -57,6 +60,7 @@ impl Runtime {
             preloaded,
             preload,
             mount,
+            chdir,
             // Another process may run the app at the same time whenever the
             // pool can hold more than one worker (--workers-max included).
             multiprocess: config.workers.max(config.workers_max.unwrap_or(0)) > 1,
@@ -94,6 +98,15 @@ impl Hooks for Runtime {
         let py = unsafe { Python::assume_gil_acquired() };
         // Before the import, which --timeout ends with SIGABRT if it hangs.
         enable_faulthandler(py);
+        // The master entered --chdir when it started; a deploy may have
+        // switched a symlink on the way since. A preloaded app is the code of
+        // the directory the master entered, and stays there.
+        if let (None, Some(dir)) = (&self.preloaded, &self.chdir) {
+            if let Err(e) = std::env::set_current_dir(dir) {
+                error!("--chdir {}: {e}", dir.display());
+                return EXIT_APP_LOAD_FAILED;
+            }
+        }
         // threading takes the thread that first imports it for the main one
         // and waits for it at exit (`_shutdown`): first imported by a serving
         // thread (Flask or Django loaded lazily at the first request), it
