@@ -171,6 +171,28 @@ def test_errors_name_the_key_and_line(tmp_path, text, message):
     assert str(cfg) in proc.stderr or "set in" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # uWSGI habits: a bare port, and mount's /PREFIX=APP.
+        (["--uwsgi", "3031"], "a port alone is written 127.0.0.1:3031 (this host) or :3031"),
+        (
+            ["--mount", "/shop=shop.wsgi:application"],
+            "uWSGI's /PREFIX=APP is --mount /shop with shop.wsgi:application as APP",
+        ),
+    ],
+)
+def test_habits_from_uwsgi_get_an_error_that_says_what_to_write(args, message):
+    proc = _run([*args, "behaviour:application"], cwd=APPS)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_a_unix_socket_in_a_missing_directory_is_named_with_its_option(tmp_path):
+    proc = _run(["--uwsgi", f"unix:{tmp_path}/run/app.sock", "behaviour:application"], cwd=APPS)
+    assert proc.returncode != 0
+    assert f"--uwsgi: cannot bind unix:{tmp_path}/run/app.sock: no directory {tmp_path}/run" in proc.stderr
+
+
 def test_missing_config_file(tmp_path):
     proc = _run(["--config", str(tmp_path / "nope.toml"), "x:y"])
     assert proc.returncode == 2
@@ -307,6 +329,10 @@ def test_check_config_imports_the_app_and_binds_nothing(tmp_path):
     # What a real start would refuse before importing anything.
     owner = _run([*common, "-e", "GREETING=hi", "--socket-owner", "no-such-user-here", "checked"])
     assert owner.returncode == 2 and "no-such-user-here" in owner.stderr, owner.stderr
+    for where in (["--uwsgi", f"unix:{tmp_path}/nowhere/app.sock"], ["--pidfile", f"{tmp_path}/nowhere/pid"]):
+        nowhere = _run([*common[:-2], "-e", "GREETING=hi", *where, "checked"])
+        assert nowhere.returncode == 2, nowhere.stderr
+        assert f"{where[0]} {where[1]}: no directory {tmp_path}/nowhere" in nowhere.stderr, nowhere.stderr
     log = _run([*common, "-e", "GREETING=hi", "--access-log", str(tmp_path / "nowhere" / "a.log"), "checked"])
     assert log.returncode == 2 and "--access-log" in log.stderr and "nowhere" in log.stderr, log.stderr
     in_file = tmp_path / "c.toml"

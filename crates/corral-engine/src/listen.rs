@@ -94,6 +94,13 @@ impl Addr {
         } else {
             match s.rsplit_once(':') {
                 Some((h, p)) => (if h.is_empty() { "0.0.0.0".to_string() } else { h.to_string() }, p),
+                // A port alone: uWSGI's `--socket 3031` habit would otherwise
+                // bind port 8000 of a host named "3031".
+                None if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+                    return Err(format!(
+                        "{s:?}: a port alone is written 127.0.0.1:{s} (this host) or :{s} (every interface)"
+                    ))
+                }
                 None if !s.is_empty() && !s.contains('/') => (s.to_string(), DEFAULT_PORT),
                 None => return Err(format!("{s:?}: expected HOST:PORT, [IPv6]:PORT or unix:PATH")),
             }
@@ -438,6 +445,13 @@ fn bind_error(addr: &Addr, e: io::Error) -> String {
         Some(libc::EADDRINUSE) => format!("cannot bind {addr}: address already in use"),
         Some(libc::EACCES) => format!("cannot bind {addr}: permission denied"),
         Some(libc::EADDRNOTAVAIL) => format!("cannot bind {addr}: address not available on this host"),
+        Some(libc::ENOENT) => match addr {
+            Addr::Unix(p) => format!(
+                "cannot bind {addr}: no directory {}",
+                p.parent().map_or_else(|| ".".into(), |d| d.display().to_string())
+            ),
+            _ => format!("cannot bind {addr}: {e}"),
+        },
         _ => format!("cannot bind {addr}: {e}"),
     }
 }
@@ -482,6 +496,7 @@ mod tests {
         assert_eq!(Addr::parse("[::1]"), Ok(Addr::Tcp("::1".into(), 8000)));
         assert!(Addr::parse("/run/app.sock").is_err());
         assert!(Addr::parse("").is_err());
+        assert!(Addr::parse("3031").unwrap_err().contains("a port alone is written 127.0.0.1:3031"));
         assert_eq!(Addr::parse(":8000"), Ok(Addr::Tcp("0.0.0.0".into(), 8000)));
         assert_eq!(Addr::parse("unix:/tmp/x.sock"), Ok(Addr::Unix("/tmp/x.sock".into())));
         assert!(Addr::parse("h:99999").is_err());

@@ -404,6 +404,13 @@ fn parse_trusted_peers(s: &str) -> Result<corral_engine::forwarded::TrustedPeers
 }
 
 fn parse_mount(s: &str) -> Result<String, String> {
+    if let Some((prefix, app)) = s.split_once('=') {
+        // uWSGI's `mount = /prefix=module`: here the app is APP, and the
+        // prefix alone is --mount.
+        return Err(format!(
+            "{s:?}: a URL prefix alone (uWSGI's /PREFIX=APP is --mount {prefix} with {app} as APP)"
+        ));
+    }
     if s.is_empty() || s.starts_with('/') {
         Ok(s.to_string())
     } else {
@@ -892,7 +899,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
                 listeners.push(l);
             }
             Err(e) => {
-                error!("{}", located(&e));
+                error!("{}", located(&format!("--{}: {e}", protocol.name())));
                 return Ok(1);
             }
         }
@@ -1216,6 +1223,20 @@ fn check_without_effects(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), St
     if let Some(owner) = cli.socket_owner.as_deref() {
         parse_owner(owner)?;
     }
+    // Where a start would create a file: its directory must be there.
+    let listeners =
+        [("http", &cli.http), ("uwsgi", &cli.uwsgi), ("fastcgi", &cli.fastcgi), ("scgi", &cli.scgi)];
+    for (flag, addrs) in listeners {
+        for a in addrs.iter() {
+            if let Some(path) = a.strip_prefix("unix:") {
+                directory_exists(path).map_err(|e| format!("--{flag} {a}: {e}"))?;
+            }
+        }
+    }
+    if let Some(path) = cli.pidfile.as_deref() {
+        directory_exists(&path.to_string_lossy())
+            .map_err(|e| format!("--pidfile {}: {e}", path.display()))?;
+    }
     for (flag, target) in
         [("--error-log", Some(cli.error_log.as_str())), ("--access-log", cli.access_log.as_deref())]
     {
@@ -1228,6 +1249,15 @@ fn check_without_effects(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), St
         }
     }
     Ok(())
+}
+
+/// The directory a file would be created in is there.
+fn directory_exists(path: &str) -> Result<(), String> {
+    let path = std::path::Path::new(path);
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) if !dir.is_dir() => Err(format!("no directory {}", dir.display())),
+        _ => Ok(()),
+    }
 }
 
 /// Whether a log file could be opened for appending, without creating it:
