@@ -134,6 +134,12 @@ def test_a_server_runs_from_the_file(start_server, tmp_path):
     ("text", "message"),
     [
         ("workers = 2\nwrkers = 4\n", ":2: unknown key `wrkers`"),
+        ("max_requests = 100\n", ":1: unknown key `max_requests` (did you mean `max-requests`?)"),
+        (
+            "harakiri = 30\n",
+            ":1: unknown key `harakiri` (for uWSGI's `harakiri`, corral takes --timeout SECS",
+        ),
+        ("[uwsgi]\nmodule = app\n", "this looks like a uWSGI ini file: corral's config file is TOML"),
         ('workers = "four"\n', ":1: `workers`: invalid value 'four'"),
         ("preload = 1\n", ":1: `preload` must be true or false"),
         ("threads = [1, 2]\n", ":1: `threads` takes one value, not a list"),
@@ -180,6 +186,9 @@ def test_errors_name_the_key_and_line(tmp_path, text, message):
             ["--mount", "/shop=shop.wsgi:application"],
             "uWSGI's /PREFIX=APP is --mount /shop with shop.wsgi:application as APP",
         ),
+        (["--harakiri", "30"], "note: for uWSGI's --harakiri, corral takes --timeout SECS"),
+        (["--socket", ":3031"], "note: for uWSGI's --socket, corral takes --uwsgi ADDR"),
+        (["--master"], "note: for uWSGI's --master, corral takes nothing: corral always runs a master"),
     ],
 )
 def test_habits_from_uwsgi_get_an_error_that_says_what_to_write(args, message):

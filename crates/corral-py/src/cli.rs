@@ -540,6 +540,16 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         Err(e) => {
             let code = if e.use_stderr() { 2 } else { 0 };
             let _ = e.print();
+            if e.kind() == clap::error::ErrorKind::UnknownArgument {
+                if let Some(clap::error::ContextValue::String(arg)) =
+                    e.get(clap::error::ContextKind::InvalidArg)
+                {
+                    let name = arg.split('=').next().unwrap_or_default();
+                    if let Some(eq) = crate::uwsgi_names::equivalent(name) {
+                        eprintln!("note: for uWSGI's {name}, corral takes {eq}");
+                    }
+                }
+            }
             if let Some(clap::error::ContextValue::String(arg)) = e.get(clap::error::ContextKind::InvalidArg)
             {
                 let id = arg

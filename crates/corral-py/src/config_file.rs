@@ -72,7 +72,12 @@ pub fn layer(cmd: &Command, argv: &[String]) -> Result<(Vec<String>, FileOrigins
     let text = std::fs::read_to_string(&path).map_err(|e| format!("--config {path}: {e}"))?;
     let doc = ImDocument::parse(text.as_str()).map_err(|e| {
         let line = e.span().map_or(0, |s| line_of(&text, s.start));
-        format!("{path}:{line}: invalid TOML: {}", e.message())
+        let ini = if crate::uwsgi_names::looks_like_uwsgi_ini(&text) {
+            " (this looks like a uWSGI ini file: corral's config file is TOML, its keys the long option names)"
+        } else {
+            ""
+        };
+        format!("{path}:{line}: invalid TOML: {}{ini}", e.message().trim_end())
     })?;
     let mut injected: Vec<String> = Vec::new();
     let mut app: Option<String> = None;
@@ -87,9 +92,17 @@ pub fn layer(cmd: &Command, argv: &[String]) -> Result<(Vec<String>, FileOrigins
             .get_arguments()
             .find(|a| a.get_long() == Some(key) || (a.get_long().is_none() && a.get_id() == key))
         else {
-            return Err(format!(
-                "{at}: unknown key `{key}` (keys are the long option names, such as `workers`)"
-            ));
+            let close =
+                cmd.get_arguments().filter_map(|a| a.get_long()).find(|l| *l == key.replace('_', "-"));
+            return Err(match (crate::uwsgi_names::equivalent(key), close) {
+                (_, Some(long)) => format!("{at}: unknown key `{key}` (did you mean `{long}`?)"),
+                (Some(eq), None) => {
+                    format!("{at}: unknown key `{key}` (for uWSGI's `{key}`, corral takes {eq})")
+                }
+                (None, None) => {
+                    format!("{at}: unknown key `{key}` (keys are the long option names, such as `workers`)")
+                }
+            });
         };
         if key == "config" {
             return Err(format!("{at}: `config` cannot be set from a config file"));

@@ -7,6 +7,7 @@ mod load;
 mod logging;
 mod runtime;
 mod traceback;
+mod uwsgi_names;
 mod wsgi;
 
 use pyo3::prelude::*;
