@@ -247,11 +247,21 @@ def test_an_answer_given_without_reading_a_large_body_reaches_the_client(stack):
 def test_a_body_over_max_body_size_gets_413_through_the_front_end(tmp_path, protocol):
     """Refused before the app by its declared length (over FastCGI too, whose
     STDIN is a stream), and the front end gets the 413, not a closed socket."""
-    stack = Stack(tmp_path, "nginx", protocol, "unix", extra=("--max-body-size", "1000000"))
+    access = tmp_path / "access.log"
+    stack = Stack(
+        tmp_path, "nginx", protocol, "unix", extra=("--max-body-size", "1000000", "--access-log", str(access))
+    )
     try:
         for _ in range(3):
-            status, _, out = stack.request("POST", "/upload", b"y" * 2_000_000)
+            status, _, out = stack.request(
+                "POST", "/upload?big=1", b"y" * 2_000_000, headers=[("User-Agent", "uploader/1.0")]
+            )
             assert status == 413 and b"request body too large" in out, (status, out[:300])
+        # Logged as the request it was, from what the front end said of it.
+        assert wait_until(lambda: access.exists() and access.read_text().count(" 413 ") == 3)
+        line = access.read_text().splitlines()[0]
+        assert line.startswith("127.0.0.1 ") and '"POST /upload?big=1 HTTP/1.1" 413' in line, line
+        assert '"uploader/1.0"' in line, line
         status, _, out = stack.request("POST", "/upload", b"y" * 1_000_000)
         assert (status, json.loads(out)["length"]) == (200, 1_000_000)
         stack.corral.wait_for(r"Content-Length 2000000 exceeds --max-body-size 1000000", count=3)

@@ -2381,7 +2381,7 @@ fn handle_request<A: App>(
 ) -> Outcome {
     let listener = &w.listeners[conn.listener].1;
     conn.entry.fresh.store(false, Ordering::Relaxed);
-    let (bytes, params, generation) = {
+    let (bytes, params, generation, too_large) = {
         let mut io = conn.io.lock().unwrap();
         let (bytes, params) = match incoming {
             Incoming::Http(n) => {
@@ -2421,23 +2421,7 @@ fn handle_request<A: App>(
                 .and_then(|v| v.trim().parse::<u64>().ok()),
             _ => None,
         };
-        if let Some(len) = declared.filter(|&len| len > w.config.max_body_size) {
-            info!(
-                "Request body too large from {}: Content-Length {len} exceeds --max-body-size {}",
-                peer(conn, listener),
-                w.config.max_body_size
-            );
-            let blocking: fn(&mut dyn FnMut()) = |f| f();
-            let reply = error_reply(io.wire, 413, "request body too large");
-            let _ = io.write_parts(&[&reply], blocking);
-            record_refusal(w, Some(conn), conn.listener, &bytes, 413, reply.len() as u64);
-            if io.wire != Wire::Http {
-                // A front end reads the 413 only once it has sent the body.
-                let _ = discard_body(&mut io, blocking);
-            }
-            drain_and_close(&mut io);
-            return Outcome::Done(false);
-        }
+        let too_large = declared.filter(|&len| len > w.config.max_body_size);
         io.body_received = 0;
         io.body_deadline = 0;
         io.pending.clear();
@@ -2455,7 +2439,7 @@ fn handle_request<A: App>(
         }
         io.logged_environ.clear();
         io.generation += 1;
-        (bytes, params, io.generation)
+        (bytes, params, io.generation, too_large)
     };
     let forwarded_https = match params {
         Some(_) => false,
@@ -2491,6 +2475,24 @@ fn handle_request<A: App>(
         listener_index: conn.listener,
         forwarded_https,
     };
+    if let Some(len) = too_large {
+        info!(
+            "Request body too large from {}: Content-Length {len} exceeds --max-body-size {}",
+            peer(conn, listener),
+            w.config.max_body_size
+        );
+        let mut io = conn.io.lock().unwrap();
+        let blocking: fn(&mut dyn FnMut()) = |f| f();
+        let reply = error_reply(io.wire, 413, "request body too large");
+        let _ = io.write_parts(&[&reply], blocking);
+        record_refused_request(w, conn, &req, 413, reply.len() as u64);
+        if io.wire != Wire::Http {
+            // A front end reads the 413 only once it has sent the body.
+            let _ = discard_body(&mut io, blocking);
+        }
+        drain_and_close(&mut io);
+        return Outcome::Done(false);
+    }
     if w.config.timeout.is_some() {
         let note = w.access.as_ref().map(|log| LogNote::of(log, conn, &req));
         *w.current[t].lock().unwrap() = Some((conn.entry.fd, conn.io.clone(), listener.protocol, note));
@@ -3195,6 +3197,18 @@ fn record_refusal<A: App>(
         response_header: &none,
         environ: &none,
     });
+}
+
+/// [`record_refusal`] for a request parsed whole (refused for what it
+/// declares): its line names the client, method, target and headers as the
+/// request's own line would, the front end's variables included.
+fn record_refused_request<A: App>(w: &Shared<A>, conn: &Conn, req: &Request<'_>, status: u16, sent: u64) {
+    let micros = mono_ms().saturating_sub(conn.request_started) * 1000;
+    let protocol = req.listener.protocol as usize;
+    w.scoreboard.record(w.slot, protocol, status, micros, req.bytes.len() as u64, sent);
+    if let Some(log) = &w.access {
+        LogNote::of(log, conn, req).log(log, status, sent, micros);
+    }
 }
 
 fn peer(conn: &Conn, l: &ListenerInfo) -> String {
