@@ -264,7 +264,12 @@ def test_a_body_over_max_body_size_gets_413_through_the_front_end(tmp_path, prot
         assert '"uploader/1.0"' in line, line
         status, _, out = stack.request("POST", "/upload", b"y" * 1_000_000)
         assert (status, json.loads(out)["length"]) == (200, 1_000_000)
-        stack.corral.wait_for(r"Content-Length 2000000 exceeds --max-body-size 1000000", count=3)
+        # The client nginx named, and nginx.
+        stack.corral.wait_for(
+            r"Request body too large from 127\.0\.0\.1 via unix:\S+corral\.sock: Content-Length 2000000 exceeds "
+            r"--max-body-size 1000000",
+            count=3,
+        )
     finally:
         stack.front.stop()
         stack.corral.cleanup()

@@ -57,9 +57,14 @@ impl ListenerInfo {
 }
 
 impl<'a> Request<'a> {
-    /// The client, as log lines name it (see [`ListenerInfo::peer`]).
+    /// The client, as log lines name it (see [`ListenerInfo::peer`]); behind
+    /// a front end, the client it names (REMOTE_ADDR) and the front end.
     pub fn peer(&self) -> String {
-        self.listener.peer(self.remote_addr, self.remote_port)
+        let hop = self.listener.peer(self.remote_addr, self.remote_port);
+        match self.cgi().and_then(|c| c.get(self.bytes, b"REMOTE_ADDR")).filter(|a| !a.is_empty()) {
+            Some(client) => format!("{} via {hop}", String::from_utf8_lossy(client)),
+            None => hop,
+        }
     }
     /// The HTTP head, for requests that arrived over HTTP.
     pub fn http(&self) -> Option<&'a Head> {

@@ -2478,7 +2478,7 @@ fn handle_request<A: App>(
     if let Some(len) = too_large {
         info!(
             "Request body too large from {}: Content-Length {len} exceeds --max-body-size {}",
-            peer(conn, listener),
+            req.peer(),
             w.config.max_body_size
         );
         let mut io = conn.io.lock().unwrap();
@@ -2992,9 +2992,9 @@ fn complete_locked_noted(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>
     if let Some(note) = io.body_note.take() {
         // A client going away is routine; a body too slow or broken is not.
         if matches!(io.body, BodyState::Failed(BodyError::Truncated)) {
-            info!("{} from {}: {note}", req.describe(), peer(conn, listener));
+            info!("{} from {}: {note}", req.describe(), req.peer());
         } else {
-            warn!("{} from {}: {note}", req.describe(), peer(conn, listener));
+            warn!("{} from {}: {note}", req.describe(), req.peer());
         }
     }
     keep
@@ -3007,7 +3007,7 @@ fn complete_locked(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>, io: 
     if io.fcgi_aborted {
         // The front end gave up on this request (ABORT_REQUEST): it is owed
         // END_REQUEST, and the connection stays usable when it asked for that.
-        info!("{} from {}: the front end aborted the request", req.describe(), peer(conn, listener));
+        info!("{} from {}: the front end aborted the request", req.describe(), req.peer());
         if io.end_fcgi_request(blocking).is_err() || !io.keep_alive {
             return false;
         }
@@ -3024,7 +3024,7 @@ fn complete_locked(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>, io: 
 
     if io.phase != RespPhase::Finished && !io.broken && !io.aborted {
         if let Err(e) = io.finish(blocking) {
-            warn!("{} from {}: {e}", req.describe(), peer(conn, listener));
+            warn!("{} from {}: {e}", req.describe(), req.peer());
         }
     }
     if io.aborted {
