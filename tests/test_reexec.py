@@ -3,9 +3,11 @@ request stuck in C code with the GIL held."""
 
 import re
 import signal
+import socket
 import threading
 import time
 
+import pytest
 from support import READY_RE, IncompleteResponse, wait_until
 
 
@@ -86,6 +88,37 @@ def test_timeout_on_a_request_stuck_in_c_with_the_gil(start_server):
     pids = {int(server.request("GET", "/").body) for _ in range(20)}
     assert stuck_pid not in pids
     assert server.running()
+
+
+@pytest.mark.parametrize("how", ["port in use", "stats on a listener's port"])
+def test_a_reexec_into_listeners_it_could_not_bind_keeps_serving(start_server, tmp_path, how):
+    """Only binding finds these, and once the master has re-executed nothing
+    can go back: the check before it tries the new listeners (not the ones it
+    keeps) and the running server goes on serving."""
+    conf = tmp_path / "corral.toml"
+    conf.write_text("workers = 1\n")
+    server = start_server("behaviour:application", "--config", str(conf), workers=None)
+    old = set(server.worker_pids())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        if how == "port in use":
+            conf.write_text(f'workers = 1\nuwsgi = ["127.0.0.1:{taken.getsockname()[1]}"]\n')
+            said = rf"--uwsgi: cannot bind 127\.0\.0\.1:{taken.getsockname()[1]}: address already in use"
+        else:
+            conf.write_text(f'workers = 1\nstats = "127.0.0.1:{server.port}"\n')
+            # The server listens on a port it was given as 0: only a bind finds it.
+            said = rf"--stats: cannot bind 127\.0\.0\.1:{server.port}: address already in use"
+        for sig in (signal.SIGUSR2, signal.SIGHUP):
+            mark = server.mark()
+            server.signal(sig)
+            server.wait_for(
+                rf"Received {sig.name}: not re-executing the master, whose new program would refuse its "
+                rf"configuration: .*{said}.*The running master and workers go on serving",
+                since=mark,
+            )
+            assert server.running()
+            assert int(server.request("GET", "/pid").body) in old
 
 
 def test_usr2_with_a_config_file_the_new_program_would_refuse_keeps_serving(start_server, tmp_path):

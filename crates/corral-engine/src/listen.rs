@@ -323,6 +323,31 @@ impl Listener {
         !self.is_unix && !self.server_name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
     }
 
+    /// Whether a TCP address could be bound now: bound and let go at once,
+    /// without listening (nothing else is checked, nor created). For a
+    /// configuration the master is about to re-execute into: once it has,
+    /// a listener it cannot bind ends the server.
+    pub fn check_bindable(addr: &Addr, reuse_port: bool) -> Result<(), String> {
+        let Addr::Tcp(host, port) = addr else {
+            return Ok(());
+        };
+        let sa: SocketAddr = (host.as_str(), *port)
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve {addr}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("cannot resolve {addr}"))?;
+        let sock = Socket::new(Domain::for_address(sa), Type::STREAM.cloexec(), None)
+            .map_err(|e| format!("socket for {addr}: {e}"))?;
+        sock.set_reuse_address(true).ok();
+        if reuse_port {
+            sock.set_reuse_port(true).ok();
+        }
+        if sa.is_ipv6() {
+            sock.set_only_v6(!sa.ip().is_unspecified()).ok();
+        }
+        sock.bind(&sa.into()).map_err(|e| bind_error(addr, e))
+    }
+
     fn bind_addr(addr: &Addr, backlog: i32, options: &BindOptions) -> Result<Listener, String> {
         match addr {
             Addr::Fd(fd) => Listener::inherit(*fd),

@@ -117,6 +117,11 @@ pub fn signal_action(sig: libc::c_int, sigint: SigintMode) -> Option<Action> {
 /// Environment variable through which a re-executed master finds the
 /// listening sockets it already has: `PROTOCOL ADDRESS=FD` entries, `;`-separated.
 pub const INHERIT_ENV: &str = "CORRAL_INHERITED_LISTENERS";
+
+/// Set for the check of a configuration before a re-exec, as
+/// [`INHERIT_ENV`] will be: the new listeners (not among those) must be
+/// free to bind.
+pub const CHECK_BINDS_ENV: &str = "CORRAL_CHECK_BINDS";
 /// Environment variable listing the workers a re-executed master inherits
 /// (still its children): they are told to stop once new workers are ready.
 pub const OLD_WORKERS_ENV: &str = "CORRAL_INHERITED_WORKERS";
@@ -151,7 +156,10 @@ pub trait Hooks {
     /// What the re-executed program would refuse in its configuration (the
     /// config file and the environment, read anew), checked before: a
     /// program that refused them would leave nothing serving.
-    fn check_reexec(&self) -> Result<(), String> {
+    /// `held` lists the listeners the new program will take over, as
+    /// [`INHERIT_ENV`] does: the others it must bind.
+    fn check_reexec(&self, held: &str) -> Result<(), String> {
+        let _ = held;
         Ok(())
     }
     /// Environment variables the re-executed program needs besides those
@@ -797,7 +805,13 @@ impl<'a, H: Hooks> Master<'a, H> {
     /// and the listening sockets (so no connection is refused). The new
     /// program starts its own workers and stops these once they are ready.
     fn reexec(&mut self, why: &str) {
-        if let Err(e) = self.hooks.check_reexec() {
+        let held: Vec<String> = self
+            .listeners
+            .iter()
+            .map(|l| format!("{} {}={}", l.protocol.name(), l.addr, l.fd.as_raw_fd()))
+            .chain(self.stats.iter().map(|l| format!("stats {}={}", l.addr, l.raw())))
+            .collect();
+        if let Err(e) = self.hooks.check_reexec(&held.join(";")) {
             error!(
                 "Received {why}: not re-executing the master, whose new program would refuse its \
                  configuration: {e}. The running master and workers go on serving"

@@ -589,7 +589,13 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         use std::io::Write as _;
         // What a start would refuse, checked without creating anything, so
         // the output can be trusted as the configuration that runs.
-        if let Err(e) = check_without_effects(&cli, &matches) {
+        let checked = check_without_effects(&cli, &matches).and_then(|()| {
+            match std::env::var(corral_engine::supervise::CHECK_BINDS_ENV) {
+                Ok(held) => check_new_binds(&cli, &held),
+                Err(_) => Ok(()),
+            }
+        });
+        if let Err(e) = checked {
             eprintln!("corral: error: {}", located(&e));
             return Ok(2);
         }
@@ -1233,6 +1239,15 @@ fn check_without_effects(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), St
     if let Some(owner) = cli.socket_owner.as_deref() {
         parse_owner(owner)?;
     }
+    // Two listeners on one port: found by a start only as it binds them.
+    let addrs: Vec<Addr> = [&cli.http, &cli.uwsgi, &cli.fastcgi, &cli.scgi]
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .chain(cli.stats.as_deref())
+        .filter_map(|a| Addr::parse(a).ok())
+        .collect();
+    distinct_tcp_listeners(addrs.iter())?;
     // Where a start would create a file: its directory must be there.
     let listeners =
         [("http", &cli.http), ("uwsgi", &cli.uwsgi), ("fastcgi", &cli.fastcgi), ("scgi", &cli.scgi)];
@@ -1257,6 +1272,37 @@ fn check_without_effects(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), St
                 user_may_write(path, *uid, *gid, name).map_err(|e| format!("{flag} {path}: {e}"))?;
             }
         }
+    }
+    Ok(())
+}
+
+/// Before a re-exec: the TCP listeners (and --stats) the new program would
+/// bind anew, rather than take over from `held` (the running master's, as
+/// `supervise::INHERIT_ENV` lists them, matched the same way), are free.
+fn check_new_binds(cli: &Cli, held: &str) -> Result<(), String> {
+    if std::env::var_os("LISTEN_FDS").is_some() {
+        return Ok(());
+    }
+    let held: Vec<&str> = held.split(';').filter_map(|e| e.split_once(' ').map(|(p, _)| p)).collect();
+    let mut wanted: Vec<(Protocol, &str)> = Vec::new();
+    for (protocol, list) in [
+        (Protocol::Http, &cli.http),
+        (Protocol::Uwsgi, &cli.uwsgi),
+        (Protocol::FastCgi, &cli.fastcgi),
+        (Protocol::Scgi, &cli.scgi),
+    ] {
+        wanted.extend(list.iter().map(|a| (protocol, a.as_str())));
+    }
+    if wanted.is_empty() {
+        wanted.push((Protocol::Http, DEFAULT_HTTP));
+    }
+    let stats = cli.stats.as_deref().map(|a| ("stats", a));
+    for (i, (name, a)) in wanted.iter().map(|(p, a)| (p.name(), *a)).chain(stats).enumerate() {
+        if held.get(i) == Some(&name) {
+            continue;
+        }
+        let addr = Addr::parse(a)?;
+        Listener::check_bindable(&addr, cli.reuse_port).map_err(|e| format!("--{name}: {e}"))?;
     }
     Ok(())
 }

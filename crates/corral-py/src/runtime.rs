@@ -157,7 +157,7 @@ impl Hooks for Runtime {
         Some((program, args))
     }
 
-    fn check_reexec(&self) -> Result<(), String> {
+    fn check_reexec(&self, held: &str) -> Result<(), String> {
         // The new program judges, not this one: after an upgrade it may know
         // options this one does not (or no longer know some). Asked with
         // --print-config, which checks without creating or binding anything,
@@ -168,6 +168,8 @@ impl Hooks for Runtime {
         }
         let mut check = std::process::Command::new(exe);
         check.args(&orig[1..]).arg("--print-config");
+        // And that the listeners it would bind anew are free.
+        check.env(corral_engine::supervise::CHECK_BINDS_ENV, held);
         if let Some(dir) = &self.reexec.start_dir {
             check.current_dir(dir);
         }
