@@ -168,3 +168,57 @@ def test_hup_reads_a_changed_config_file_again(start_server, tmp_path):
     server.wait_for(READY_RE.pattern, count=2, since=mark, timeout=20)
     server.wait_for(r"from before the re-exec exited", since=mark, timeout=20)
     assert len(server.worker_pids(since=mark)) == 2
+
+
+def test_workers_from_before_a_reexec_are_killed_at_the_graceful_timeout(start_server, tmp_path):
+    """As a reload's old workers are: one held up (here by a thread the app
+    started, not a daemon, that runs for minutes) does not outlive the
+    re-exec by more than --graceful-timeout, serving old code meanwhile."""
+    server = start_server("behaviour:application", "--graceful-timeout", "2", workers=1)
+    (old,) = server.worker_pids()
+    assert server.request("GET", f"/background?secs=600&marker={tmp_path / 'never'}").body == b"started"
+    mark = server.mark()
+    server.signal(signal.SIGUSR2)
+    server.wait_for(r"Worker waiting for 1 thread the app started", since=mark, timeout=20)
+    server.wait_for(
+        rf"Worker pid {old} from before the re-exec still running after --graceful-timeout; killing it",
+        since=mark,
+        timeout=20,
+    )
+    server.wait_for(rf"Worker pid {old} from before the re-exec .*SIGKILL", since=mark)
+    assert server.running()
+    assert int(server.request("GET", "/pid").body) != old
+
+
+def test_a_second_reexec_waits_for_the_workers_of_the_first_to_exit(start_server):
+    """Three generations of workers at once let a connection handed over by the
+    middle one land on the oldest as it exits (a reset): a USR2 while the
+    previous re-exec's old workers finish is carried out after they exit."""
+    server = start_server("behaviour:application", workers=1)
+    mark = server.mark()
+    server.signal(signal.SIGUSR2)
+    server.wait_for(r"re-executing the master", since=mark)
+    server.signal(signal.SIGUSR2)
+    server.wait_for(
+        r"Received SIGUSR2: the master re-executes once the workers from before the last re-exec .* have "
+        r"finished their requests",
+        since=mark,
+    )
+    server.wait_for(r"re-executing the master", count=2, since=mark, timeout=20)
+    log = server.log
+    second = log.index("re-executing the master", log.index("re-executing the master", mark) + 1)
+    assert log.index("from before the re-exec exited", mark) < second, log[mark:]
+    server.wait_for(r"from before the re-exec exited", count=2, since=mark, timeout=20)
+    assert server.running()
+    assert server.request("GET", "/fixed").status == 200
+
+
+def test_signals_that_change_the_pool_during_a_stop_say_they_are_ignored(start_server):
+    server = start_server("behaviour:application", "--shutdown-delay", "3", workers=1)
+    mark = server.mark()
+    server.signal(signal.SIGTERM)
+    server.wait_for(r"--shutdown-delay", since=mark)
+    for sig in (signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU):
+        server.signal(sig)
+        server.wait_for(rf"Received {sig.name} while stopping: ignored", since=mark)
+    assert server.wait_exit(30) == 0

@@ -133,6 +133,8 @@ def test_max_connections_sheds_with_503(start_server):
     # Once connections close, new ones are served again.
     assert wait_until(lambda: server.request("GET", "/fixed").status == 200, 10)
     assert re.search(r"--max-connections 3", server.log)
+    # Over HTTP: nothing about FastCGI, which only the FastCGI listener's lines say.
+    assert "FastCGI" not in server.log, server.log
 
 
 def test_idle_kept_alive_connections_make_room_for_new_ones(start_server):

@@ -205,6 +205,12 @@ pub struct Master<'a, H: Hooks> {
     /// Workers started by this master's previous program (before a re-exec):
     /// stopped once the new workers are ready.
     inherited: Vec<libc::pid_t>,
+    /// When those still running are killed: --graceful-timeout after they
+    /// were told to stop, as a reload's retiring workers are.
+    inherited_kill_at: Option<Instant>,
+    /// A re-exec asked for while those were still there: done once they
+    /// have exited (what asked for it).
+    reexec_pending: Option<String>,
     /// Adaptive pool: when the pool was last seen with a spare worker.
     scale: Scaling,
     /// The `--stats` listener, served by this process.
@@ -266,6 +272,8 @@ impl<'a, H: Hooks> Master<'a, H> {
             replace_after: None,
             told_ready: false,
             inherited: take_inherited_workers(),
+            inherited_kill_at: None,
+            reexec_pending: None,
             scale: Scaling::default(),
             stats: None,
             slot_warned: None,
@@ -501,6 +509,12 @@ impl<'a, H: Hooks> Master<'a, H> {
     fn act(&mut self, action: Action, sig: libc::c_int) {
         // Signal 0 is the master's own decision (--reload, --touch-reload).
         let name = if sig == 0 { "a change on disk".to_string() } else { signal_name(sig) };
+        let changes_the_pool =
+            matches!(action, Action::Reexec | Action::Reload | Action::AddWorker | Action::RemoveWorker);
+        if changes_the_pool && self.phase != Phase::Running {
+            info!("Received {name} while stopping: ignored");
+            return;
+        }
         match action {
             Action::ReapChildren => {}
             Action::GracefulStop if matches!(self.phase, Phase::Draining { .. }) => {
@@ -527,7 +541,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                     crate::systemd::notify("STOPPING=1");
                     self.begin_graceful_stop();
                 }
-                _ => {}
+                _ => info!("Received {name}: already stopping"),
             },
             Action::QuickStop => {
                 info!("Received {name}: stopping now");
@@ -619,8 +633,20 @@ impl<'a, H: Hooks> Master<'a, H> {
 
     /// Advances the phase; Some(code) when the master should exit.
     fn step(&mut self) -> Option<i32> {
+        if self.inherited_kill_at.is_some_and(|at| Instant::now() >= at) {
+            self.inherited_kill_at = None;
+            for pid in &self.inherited {
+                warn!("Worker pid {pid} from before the re-exec still running after --graceful-timeout; killing it");
+                unsafe { libc::kill(*pid, libc::SIGKILL) };
+            }
+        }
         match self.phase {
             Phase::Running => {
+                if self.inherited.is_empty() {
+                    if let Some(why) = self.reexec_pending.take() {
+                        self.reexec(&why);
+                    }
+                }
                 self.advance_replacements();
                 self.autoscale();
                 if !self.told_ready {
@@ -634,6 +660,9 @@ impl<'a, H: Hooks> Master<'a, H> {
                         crate::systemd::notify(&format!("READY=1\nSTATUS=serving with {ready} worker(s)"));
                         crate::daemon::ready();
                         self.told_ready = true;
+                        if !self.inherited.is_empty() {
+                            self.inherited_kill_at = Some(Instant::now() + self.config.graceful_timeout);
+                        }
                         for pid in &self.inherited {
                             info!("New workers are ready; worker pid {pid} from before the re-exec finishes its requests");
                             // USR2 first: it may hand its kept connections to
@@ -805,6 +834,19 @@ impl<'a, H: Hooks> Master<'a, H> {
     /// and the listening sockets (so no connection is refused). The new
     /// program starts its own workers and stops these once they are ready.
     fn reexec(&mut self, why: &str) {
+        // Three generations of workers at once: connections handed over by
+        // the middle one could land on the oldest as it exits. gunicorn too
+        // ignores a USR2 while the previous one is under way.
+        if !self.inherited.is_empty() {
+            let pids: Vec<String> = self.inherited.iter().map(|p| p.to_string()).collect();
+            info!(
+                "Received {why}: the master re-executes once the workers from before the last re-exec (pid {}) \
+                 have finished their requests",
+                pids.join(", ")
+            );
+            self.reexec_pending = Some(why.to_string());
+            return;
+        }
         let held: Vec<String> = self
             .listeners
             .iter()

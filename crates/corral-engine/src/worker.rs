@@ -1267,8 +1267,9 @@ enum Accepted {
     None,
 }
 
-/// Connections shed since the last log line about it, and when that was.
-static SHED: Mutex<(u64, u64)> = Mutex::new((0, 0));
+/// Connections shed since the last log line about it (answered 503, and
+/// FastCGI ones, only closed), and when that line was.
+static SHED: Mutex<(u64, u64, u64)> = Mutex::new((0, 0, 0));
 
 /// Answers a connection over the limit with 503 and closes it; logs at most
 /// once a second how many were turned away.
@@ -1288,7 +1289,13 @@ fn shed<A: App>(w: &Shared<A>, fd: RawFd, idx: usize) {
     drain_and_close(&mut io);
     unsafe { libc::close(fd) };
     w.scoreboard.count(w.slot, crate::scoreboard::C_SHED, 1);
-    SHED.lock().unwrap_or_else(|p| p.into_inner()).0 += 1;
+    {
+        let mut shed = SHED.lock().unwrap_or_else(|p| p.into_inner());
+        match reply.is_empty() {
+            true => shed.1 += 1,
+            false => shed.0 += 1,
+        }
+    }
     report_shed(w, mono_ms());
 }
 
@@ -1297,15 +1304,24 @@ fn shed<A: App>(w: &Shared<A>, fd: RawFd, idx: usize) {
 /// is reported even when no connection is turned away after it.
 fn report_shed<A: App>(w: &Shared<A>, now: u64) {
     let mut shed = SHED.lock().unwrap_or_else(|p| p.into_inner());
-    if shed.0 > 0 && now >= shed.1 + 1000 {
+    let (answered, closed, last) = *shed;
+    if answered + closed > 0 && now >= last + 1000 {
+        let how = match (answered, closed) {
+            (n, 0) => format!("{n} connection(s) turned away with 503"),
+            (0, n) => {
+                format!("{n} FastCGI connection(s) closed before any request (the front end answers 502)")
+            }
+            (a, c) => format!(
+                "{a} connection(s) turned away with 503, and {c} FastCGI connection(s) closed before any \
+                 request (the front end answers 502)"
+            ),
+        };
         warn!(
-            "Overloaded: {} connection(s) turned away with 503 (over FastCGI, closed before any request: the \
-             front end answers 502) (this worker holds --max-connections {}): pid={}",
-            shed.0,
+            "Overloaded: {how} (this worker holds --max-connections {}): pid={}",
             w.config.max_connections,
             std::process::id()
         );
-        *shed = (0, now);
+        *shed = (0, 0, now);
     }
 }
 
