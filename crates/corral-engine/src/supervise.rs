@@ -834,9 +834,9 @@ impl<'a, H: Hooks> Master<'a, H> {
     /// and the listening sockets (so no connection is refused). The new
     /// program starts its own workers and stops these once they are ready.
     fn reexec(&mut self, why: &str) {
-        // Three generations of workers at once: connections handed over by
-        // the middle one could land on the oldest as it exits. gunicorn too
-        // ignores a USR2 while the previous one is under way.
+        // Not three generations of workers at once: connections handed over
+        // by the middle one could land on the oldest as it exits. It waits
+        // for them instead (gunicorn ignores such a USR2).
         if !self.inherited.is_empty() {
             let pids: Vec<String> = self.inherited.iter().map(|p| p.to_string()).collect();
             info!(
