@@ -2431,7 +2431,7 @@ fn handle_request<A: App>(
         // FastCGI streams STDIN, but the front end says its length too.
         let declared = match (&io.body, &params) {
             (BodyState::Length(len), _) => Some(*len),
-            (BodyState::Fcgi(_), Some(p)) => p
+            (BodyState::Fcgi(_), Some(p)) if w.config.max_body_size != u64::MAX => p
                 .get(&bytes, b"CONTENT_LENGTH")
                 .and_then(|v| std::str::from_utf8(v).ok())
                 .and_then(|v| v.trim().parse::<u64>().ok()),
