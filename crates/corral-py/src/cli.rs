@@ -1293,14 +1293,11 @@ fn check_new_binds(cli: &Cli, held: &str) -> Result<(), String> {
     ] {
         wanted.extend(list.iter().map(|a| (protocol, a.as_str())));
     }
-    if wanted.is_empty() {
-        wanted.push((Protocol::Http, DEFAULT_HTTP));
-    }
-    let stats = cli.stats.as_deref().map(|a| ("stats", a));
-    for (i, (name, a)) in wanted.iter().map(|(p, a)| (p.name(), *a)).chain(stats).enumerate() {
-        if held.get(i) == Some(&name) {
-            continue;
-        }
+    // None given: the default's, or the service manager's sockets, which
+    // the running master holds already.
+    let listeners = wanted.iter().enumerate().filter(|(i, (p, _))| held.get(*i) != Some(&p.name()));
+    let stats = cli.stats.as_deref().filter(|_| !held.contains(&"stats")).map(|a| ("stats", a));
+    for (name, a) in listeners.map(|(_, (p, a))| (p.name(), *a)).chain(stats) {
         let addr = Addr::parse(a)?;
         Listener::check_bindable(&addr, cli.reuse_port).map_err(|e| format!("--{name}: {e}"))?;
     }
