@@ -327,49 +327,18 @@ impl Listener {
     /// without listening (nothing else is checked, nor created). For a
     /// configuration the master is about to re-execute into: once it has,
     /// a listener it cannot bind ends the server.
-    pub fn check_bindable(addr: &Addr, reuse_port: bool) -> Result<(), String> {
-        let Addr::Tcp(host, port) = addr else {
-            return Ok(());
-        };
-        let sa: SocketAddr = (host.as_str(), *port)
-            .to_socket_addrs()
-            .map_err(|e| format!("cannot resolve {addr}: {e}"))?
-            .next()
-            .ok_or_else(|| format!("cannot resolve {addr}"))?;
-        let sock = Socket::new(Domain::for_address(sa), Type::STREAM.cloexec(), None)
-            .map_err(|e| format!("socket for {addr}: {e}"))?;
-        sock.set_reuse_address(true).ok();
-        if reuse_port {
-            sock.set_reuse_port(true).ok();
+    pub fn check_bindable(addr: &Addr, options: &BindOptions) -> Result<(), String> {
+        match addr {
+            Addr::Tcp(host, port) => tcp_bound(addr, host, *port, options).map(drop),
+            _ => Ok(()),
         }
-        if sa.is_ipv6() {
-            sock.set_only_v6(!sa.ip().is_unspecified()).ok();
-        }
-        sock.bind(&sa.into()).map_err(|e| bind_error(addr, e))
     }
 
     fn bind_addr(addr: &Addr, backlog: i32, options: &BindOptions) -> Result<Listener, String> {
         match addr {
             Addr::Fd(fd) => Listener::inherit(*fd),
             Addr::Tcp(host, port) => {
-                let sa: SocketAddr = (host.as_str(), *port)
-                    .to_socket_addrs()
-                    .map_err(|e| format!("cannot resolve {addr}: {e}"))?
-                    .next()
-                    .ok_or_else(|| format!("cannot resolve {addr}"))?;
-                let sock = Socket::new(Domain::for_address(sa), Type::STREAM.cloexec(), None)
-                    .map_err(|e| format!("socket for {addr}: {e}"))?;
-                sock.set_reuse_address(true).ok();
-                if options.reuse_port {
-                    sock.set_reuse_port(true).map_err(|e| format!("--reuse-port on {addr}: {e}"))?;
-                }
-                if sa.is_ipv6() {
-                    // Both families on a wildcard no IPv4 listener shares,
-                    // whatever the system's default (net.ipv6.bindv6only).
-                    let v6_only = !sa.ip().is_unspecified() || options.v4_ports.contains(&sa.port());
-                    sock.set_only_v6(v6_only).ok();
-                }
-                sock.bind(&sa.into()).map_err(|e| bind_error(addr, e))?;
+                let (sock, sa) = tcp_bound(addr, host, *port, options)?;
                 sock.listen(backlog).map_err(|e| format!("listen on {addr}: {e}"))?;
                 sock.set_nonblocking(true).map_err(|e| e.to_string())?;
                 let local = sock.local_addr().ok().and_then(|a| a.as_socket()).unwrap_or(sa);
@@ -463,6 +432,35 @@ impl Listener {
             format!("{at} ({proto})")
         }
     }
+}
+
+/// A TCP socket bound to `host:port` (not listening yet), with the options
+/// of this server's listeners.
+fn tcp_bound(
+    addr: &Addr,
+    host: &str,
+    port: u16,
+    options: &BindOptions,
+) -> Result<(Socket, SocketAddr), String> {
+    let sa: SocketAddr = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("cannot resolve {addr}"))?;
+    let sock = Socket::new(Domain::for_address(sa), Type::STREAM.cloexec(), None)
+        .map_err(|e| format!("socket for {addr}: {e}"))?;
+    sock.set_reuse_address(true).ok();
+    if options.reuse_port {
+        sock.set_reuse_port(true).map_err(|e| format!("--reuse-port on {addr}: {e}"))?;
+    }
+    if sa.is_ipv6() {
+        // Both families on a wildcard no IPv4 listener shares,
+        // whatever the system's default (net.ipv6.bindv6only).
+        let v6_only = !sa.ip().is_unspecified() || options.v4_ports.contains(&sa.port());
+        sock.set_only_v6(v6_only).ok();
+    }
+    sock.bind(&sa.into()).map_err(|e| bind_error(addr, e))?;
+    Ok((sock, sa))
 }
 
 fn bind_error(addr: &Addr, e: io::Error) -> String {

@@ -736,15 +736,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         }
     };
 
-    let mut wanted: Vec<(Protocol, &str)> = Vec::new();
-    for (protocol, list) in [
-        (Protocol::Http, &cli.http),
-        (Protocol::Uwsgi, &cli.uwsgi),
-        (Protocol::FastCgi, &cli.fastcgi),
-        (Protocol::Scgi, &cli.scgi),
-    ] {
-        wanted.extend(list.iter().map(|a| (protocol, a.as_str())));
-    }
+    let mut wanted = listeners_given(&cli);
     // Socket activation: descriptors from the service manager. Named ones
     // (FileDescriptorName=http, uwsgi, fastcgi, scgi) get that protocol;
     // they are used when no listener is given on the command line, and are
@@ -1276,6 +1268,20 @@ fn check_without_effects(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), St
     Ok(())
 }
 
+/// The listeners the options ask for, in the order they are bound (which a
+/// re-exec's hand-over of the sockets relies on).
+fn listeners_given(cli: &Cli) -> Vec<(Protocol, &str)> {
+    [
+        (Protocol::Http, &cli.http),
+        (Protocol::Uwsgi, &cli.uwsgi),
+        (Protocol::FastCgi, &cli.fastcgi),
+        (Protocol::Scgi, &cli.scgi),
+    ]
+    .into_iter()
+    .flat_map(|(protocol, list)| list.iter().map(move |a| (protocol, a.as_str())))
+    .collect()
+}
+
 /// Before a re-exec: the TCP listeners (and --stats) the new program would
 /// bind anew, rather than take over from `held` (the running master's, as
 /// `supervise::INHERIT_ENV` lists them, matched the same way), are free.
@@ -1284,22 +1290,15 @@ fn check_new_binds(cli: &Cli, held: &str) -> Result<(), String> {
         return Ok(());
     }
     let held: Vec<&str> = held.split(';').filter_map(|e| e.split_once(' ').map(|(p, _)| p)).collect();
-    let mut wanted: Vec<(Protocol, &str)> = Vec::new();
-    for (protocol, list) in [
-        (Protocol::Http, &cli.http),
-        (Protocol::Uwsgi, &cli.uwsgi),
-        (Protocol::FastCgi, &cli.fastcgi),
-        (Protocol::Scgi, &cli.scgi),
-    ] {
-        wanted.extend(list.iter().map(|a| (protocol, a.as_str())));
-    }
+    let wanted = listeners_given(cli);
     // None given: the default's, or the service manager's sockets, which
     // the running master holds already.
     let listeners = wanted.iter().enumerate().filter(|(i, (p, _))| held.get(*i) != Some(&p.name()));
     let stats = cli.stats.as_deref().filter(|_| !held.contains(&"stats")).map(|a| ("stats", a));
     for (name, a) in listeners.map(|(_, (p, a))| (p.name(), *a)).chain(stats) {
         let addr = Addr::parse(a)?;
-        Listener::check_bindable(&addr, cli.reuse_port).map_err(|e| format!("--{name}: {e}"))?;
+        let options = BindOptions { reuse_port: cli.reuse_port, ..BindOptions::default() };
+        Listener::check_bindable(&addr, &options).map_err(|e| format!("--{name}: {e}"))?;
     }
     Ok(())
 }
