@@ -864,15 +864,10 @@ impl<'a, H: Hooks> Master<'a, H> {
             error!("Received {why}: this master cannot re-execute itself");
             return;
         };
-        let mut inherit = Vec::new();
-        for l in &self.listeners {
-            let fd = l.fd.as_raw_fd();
+        // The same list the check was given: these descriptors cross the exec.
+        let inherit = held;
+        for fd in self.listeners.iter().map(|l| l.fd.as_raw_fd()).chain(self.stats.iter().map(|l| l.raw())) {
             unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
-            inherit.push(format!("{} {}={fd}", l.protocol.name(), l.addr));
-        }
-        if let Some(l) = &self.stats {
-            unsafe { libc::fcntl(l.raw(), libc::F_SETFD, 0) };
-            inherit.push(format!("stats {}={}", l.addr, l.raw()));
         }
         let workers: Vec<String> =
             self.workers.keys().chain(self.inherited.iter()).map(|p| p.to_string()).collect();
