@@ -34,7 +34,12 @@ use crate::scoreboard::{Scoreboard, WorkerState};
 
 /// First byte of every message: a version, so a worker of another build
 /// (during a re-exec) drops what it cannot read instead of misreading it.
+/// It also says which kind of connection comes: one between two requests
+/// ([`MAGIC`]), or one that has not sent its first request yet
+/// ([`MAGIC_FRESH`]: the header timeout applies, and a PROXY header may
+/// come first). A build that knows only the first drops the second.
 const MAGIC: u8 = 0xC1;
+const MAGIC_FRESH: u8 = 0xC2;
 
 /// What comes with a descriptor: the index of the listener it was accepted
 /// on (same in every worker of one master) and that listener's protocol, as
@@ -45,6 +50,8 @@ pub(crate) struct Note {
     pub listener: u16,
     pub protocol: u8,
     pub client: Option<SocketAddr>,
+    /// No request has begun on it yet.
+    pub fresh: bool,
 }
 
 /// The longest encoded note: the four fixed bytes, then the client's
@@ -55,7 +62,8 @@ impl Note {
     fn encode(self) -> Vec<u8> {
         let [a, b] = self.listener.to_le_bytes();
         let mut out = Vec::with_capacity(NOTE_MAX);
-        out.extend_from_slice(&[MAGIC, a, b, self.protocol]);
+        let magic = if self.fresh { MAGIC_FRESH } else { MAGIC };
+        out.extend_from_slice(&[magic, a, b, self.protocol]);
         if let Some(c) = self.client {
             let (family, ip) = match c.ip() {
                 IpAddr::V4(v4) => (4, v4.to_ipv6_mapped().octets()),
@@ -70,9 +78,11 @@ impl Note {
 
     fn decode(buf: &[u8]) -> Option<Note> {
         let (&[magic, a, b, protocol], rest) = buf.split_first_chunk::<4>()?;
-        if magic != MAGIC {
-            return None;
-        }
+        let fresh = match magic {
+            MAGIC => false,
+            MAGIC_FRESH => true,
+            _ => return None,
+        };
         let client = match rest {
             [] => None,
             [family @ (4 | 6), addr @ ..] if addr.len() == 18 => {
@@ -86,7 +96,7 @@ impl Note {
             }
             _ => return None,
         };
-        Some(Note { listener: u16::from_le_bytes([a, b]), protocol, client })
+        Some(Note { listener: u16::from_le_bytes([a, b]), protocol, client, fresh })
     }
 }
 
@@ -317,7 +327,7 @@ mod tests {
         let inbox = bind_inbox(master).unwrap();
         assert!(matches!(receive(inbox.as_raw_fd()).unwrap(), Received::Empty));
         let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let note = Note { listener: 3, protocol: 2, client: None };
+        let note = Note { listener: 3, protocol: 2, client: None, fresh: false };
         send(master, std::process::id() as libc::pid_t, a.as_raw_fd(), note).unwrap();
         drop(a);
         let Received::Conn(fd, got) = receive(inbox.as_raw_fd()).unwrap() else { panic!("nothing received") };
@@ -378,16 +388,24 @@ mod tests {
 
     #[test]
     fn notes_round_trip_and_strangers_are_refused() {
-        let note = Note { listener: 65535, protocol: 1, client: None };
-        assert_eq!(Note::decode(&note.encode()), Some(note));
-        for client in ["203.0.113.7:40001", "[2001:db8::7]:1", "[::ffff:192.0.2.1]:2"] {
-            let client: SocketAddr = client.parse().unwrap();
-            let note = Note { listener: 1, protocol: 0, client: Some(client) };
-            let got = Note::decode(&note.encode()).unwrap();
-            assert_eq!((got.listener, got.client), (1, Some(client)));
+        for fresh in [false, true] {
+            let note = Note { listener: 65535, protocol: 1, client: None, fresh };
+            assert_eq!(Note::decode(&note.encode()), Some(note));
+            for client in ["203.0.113.7:40001", "[2001:db8::7]:1", "[::ffff:192.0.2.1]:2"] {
+                let client: SocketAddr = client.parse().unwrap();
+                let note = Note { listener: 1, protocol: 0, client: Some(client), fresh };
+                let got = Note::decode(&note.encode()).unwrap();
+                assert_eq!((got.listener, got.client, got.fresh), (1, Some(client), fresh));
+            }
         }
+        // A note of the build before fresh connections were handed over.
+        assert_eq!(
+            Note::decode(b"\xc1\x02\x00\x03"),
+            Some(Note { listener: 2, protocol: 3, client: None, fresh: false })
+        );
         assert_eq!(Note::decode(b"\xc1\x00\x00\x01\x05"), None);
         assert_eq!(Note::decode(b"\xc1\x00\x00"), None);
         assert_eq!(Note::decode(b"\x00\x00\x00\x01"), None);
+        assert_eq!(Note::decode(b"\xc3\x00\x00\x01"), None);
     }
 }

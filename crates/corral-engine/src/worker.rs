@@ -181,6 +181,11 @@ struct Entry {
     /// Parked between two requests with nothing buffered: a draining worker
     /// may hand it to a sibling as it is.
     between: AtomicBool,
+    /// Parked with nothing of it read into this process (an empty buffer,
+    /// no FastCGI request begun, no PROXY header taken before a first
+    /// request): a worker whose every thread is stuck past --timeout hands
+    /// it to a sibling as it is, the bytes waiting in the socket with it.
+    untouched: AtomicBool,
     /// Handed to a sibling by the sweeper: this process's copy of the
     /// descriptor only waits to be closed, and counts for nothing.
     handed: AtomicBool,
@@ -695,7 +700,7 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
                 }
             }
         }
-        sweep(w, now, idle_linger_over());
+        let orphans_left = sweep(w, now, idle_linger_over());
         resume_accepting(w, now);
         trim_after_closes(w, &mut peak_live);
         report_shed(w, now);
@@ -732,12 +737,22 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
             // Downloads the offload thread is sending need no serving thread
             // until they are out: they go on, up to the graceful timeout.
             let sending = w.offload.as_ref().map_or(0, |o| o.sending.load(Ordering::Acquire));
-            if stuck > 0 && sending == 0 && (live <= stuck || all_stuck(w)) {
+            if stuck > 0 && sending == 0 && orphans_left == 0 && (live <= stuck || all_stuck(w)) {
                 // Only timed-out requests are left, or every thread is in
-                // one and the connections held here could never be served
-                // (closed now, their clients retry rather than wait for the
-                // graceful timeout). They may hold the GIL for ever, so
-                // leave without running any Python.
+                // one and the connections held here could never be served:
+                // the sweep has handed those it could to a sibling, and what
+                // is left (a request this worker had begun to read, or no
+                // sibling to take it) is closed now, so that its client
+                // retries rather than wait for the graceful timeout. They
+                // may hold the GIL for ever, so leave without running any
+                // Python.
+                let handed = HANDED_OVER.load(Ordering::Relaxed);
+                if handed > 0 {
+                    info!(
+                        "Worker handed {handed} connection(s) to other workers while stuck: pid={}",
+                        std::process::id()
+                    );
+                }
                 warn!(
                     "Worker exiting with {stuck} timed-out request(s) still running: pid={}",
                     std::process::id()
@@ -961,9 +976,15 @@ fn begin_drain<A: App>(w: &Shared<A>) {
 /// (a drain past its linger) every idle keep-alive connection. A connection
 /// with unread bytes is a request on its way and is left for a thread to
 /// serve, past its deadline too. Draining, an idle connection between two
-/// requests goes to a sibling instead, if one serves.
-fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) {
+/// requests goes to a sibling instead, if one serves; and when every thread
+/// is stuck past --timeout, so is every connection nothing was read from,
+/// its request waiting in the socket included, since no thread here will
+/// read it. Returns how many of those could not be handed over yet because
+/// the sibling's inbox was full.
+fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize {
     let draining = draining() && w.inbox.is_some();
+    let orphans = draining && all_stuck(w);
+    let mut left = 0;
     // Half-millisecond waits for a full inbox of the sibling taking over,
     // 200 ms at most per sweep.
     let mut wait_budget = 400;
@@ -977,13 +998,14 @@ fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) {
             d != 0 && now >= d
         };
         let between = e.between.load(Ordering::Relaxed);
-        if !(expired || (draining || close_idle) && between) {
+        let orphan = orphans && e.untouched.load(Ordering::Relaxed) && !e.handed.load(Ordering::Relaxed);
+        if !(expired || (draining || close_idle) && between || orphan) {
             // Nothing to do for it: spare the system call below, four times
             // a second for each of thousands of idle connections.
             continue;
         }
         let pending = pending_bytes(e.fd) > 0;
-        if draining && !pending && e.between.load(Ordering::Relaxed) && !e.handed.load(Ordering::Relaxed) {
+        if orphan || draining && !pending && between && !e.handed.load(Ordering::Relaxed) {
             if let Some(to) = crate::handover::target(&w.scoreboard, w.slot, w.master) {
                 if e.state.compare_exchange(IDLE, CLOSING, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
                     // Under the registry lock, so no thread closes the
@@ -1011,7 +1033,7 @@ fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) {
                         wait_budget -= 1;
                         e.state.store(IDLE, Ordering::Release);
                         std::thread::sleep(Duration::from_micros(500));
-                        if pending_bytes(e.fd) > 0
+                        if !orphan && pending_bytes(e.fd) > 0
                             || e.state
                                 .compare_exchange(IDLE, CLOSING, Ordering::AcqRel, Ordering::Relaxed)
                                 .is_err()
@@ -1029,6 +1051,7 @@ fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) {
                             // Tried again at the next sweep: closed, it would
                             // lose a request sent on it meanwhile.
                             e.state.store(IDLE, Ordering::Release);
+                            left += usize::from(orphan);
                             continue;
                         }
                         Ok(()) => {
@@ -1067,6 +1090,7 @@ fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) {
             }
         }
     }
+    left
 }
 
 /// At `--max-connections`, makes room for a new connection by closing the
@@ -1456,6 +1480,7 @@ fn adopt<A: App>(
         deadline: AtomicU64::new(0),
         fresh: AtomicBool::new(fresh),
         between: AtomicBool::new(false),
+        untouched: AtomicBool::new(false),
         handed: AtomicBool::new(false),
         listener: AtomicUsize::new(idx),
         proxy_client: std::sync::OnceLock::new(),
@@ -1626,6 +1651,7 @@ fn note_for<A: App>(w: &Shared<A>, idx: usize, entry: &Entry) -> crate::handover
         listener: idx as u16,
         protocol: w.listeners[idx].1.protocol as u8,
         client: entry.proxy_client.get().copied(),
+        fresh: entry.fresh.load(Ordering::Relaxed),
     }
 }
 
@@ -1697,7 +1723,7 @@ fn take_handed_over<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, held
                     };
                     peer_strings(&addr, false)
                 };
-                let mut conn = adopt(w, fd.into_raw_fd(), idx, remote_addr, remote_port, false);
+                let mut conn = adopt(w, fd.into_raw_fd(), idx, remote_addr, remote_port, note.fresh);
                 if let Some(client) = note.client {
                     set_proxy_client(&mut conn, client);
                 }
@@ -2294,6 +2320,14 @@ fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
     };
     conn.entry.deadline.store(deadline, Ordering::Relaxed);
     conn.entry.between.store(between, Ordering::Relaxed);
+    // A fresh connection whose PROXY header was taken would be expected to
+    // send one again by a worker it were handed to.
+    let proxy_taken = conn.entry.fresh.load(Ordering::Relaxed)
+        && !conn.proxy_pending
+        && w.config.proxy_protocol
+        && w.listeners[conn.listener].1.protocol == Protocol::Http;
+    let untouched = idle && conn.fcgi.active.is_none() && !proxy_taken;
+    conn.entry.untouched.store(untouched, Ordering::Relaxed);
     let op = if conn.registered { libc::EPOLL_CTL_MOD } else { libc::EPOLL_CTL_ADD };
     // Edge-triggered and still armed: bytes that arrive from now on raise an
     // event, and none are waiting unread, since the last read found the
@@ -2356,7 +2390,8 @@ fn close<A: App>(w: &Shared<A>, conn: Box<Conn>, reset: bool) {
             // descriptor, and its next event would name this freed box.
             unsafe { libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
         }
-        if !reset && APP_FORKED.load(Ordering::Relaxed) {
+        // Not one a sibling now serves: shutdown would end it there too.
+        if !reset && APP_FORKED.load(Ordering::Relaxed) && !conn.entry.handed.load(Ordering::Relaxed) {
             unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
         }
         // Closed under the registry lock so the sweeper never shuts down a
