@@ -526,3 +526,148 @@ def test_gunicorns_spellings_of_options(tmp_path):
     assert p["umask"] == ('"0o27"', "command line")
     assert p["pidfile"] == (f'"{tmp_path / "x.pid"}"', "command line")
     assert p["limit-request-field-size"] == ('"100"', "command line")
+
+
+GUNICORN_CONF = """\
+import multiprocessing
+import os
+
+bind = ["127.0.0.1:{port}"]
+workers = int(os.environ.get("TEST_WORKERS", "2"))
+threads = 3
+worker_class = "gthread"
+timeout = 30
+graceful_timeout = 20
+keepalive = 5
+max_requests = 0
+max_requests_jitter = 50
+accesslog = "{access}"
+access_log_format = "%(r)s -> %(s)s"
+loglevel = "INFO"
+forwarded_allow_ips = ["10.0.0.1", "10.0.0.2"]
+umask = 0o027
+raw_env = ["GREETING=from-gunicorn-conf"]
+pythonpath = "{apps}"
+proc_name = "gconf"
+worker_tmp_dir = "/dev/shm"
+wsgi_app = "behaviour:application"
+cores = multiprocessing.cpu_count()
+_private = object()
+"""
+
+
+def test_a_gunicorn_configuration_file_is_read_as_gunicorn_reads_it(start_server, tmp_path):
+    """-c gunicorn.conf.py: the file runs, and each gunicorn setting becomes the
+    corral option of the same meaning, with the line it was set on."""
+    port, access = free_port(), tmp_path / "access.log"
+    cfg = tmp_path / "gunicorn.conf.py"
+    cfg.write_text(GUNICORN_CONF.format(port=port, access=access, apps=APPS))
+    proc = _run(["-c", str(cfg), "--print-config"], env={"TEST_WORKERS": "3"})
+    assert proc.returncode == 0, proc.stderr
+    got = _printed(proc.stdout)
+    at = f"config file {cfg}:"
+    assert got["http"] == (f'"127.0.0.1:{port}"', at + "4")
+    assert got["workers"] == ('"3"', at + "5")
+    assert got["threads"] == ('"3"', at + "6")
+    assert got["timeout"] == ('"30"', at + "8")
+    assert got["graceful-timeout"] == ('"20"', at + "9")
+    assert got["keepalive-timeout"] == ('"5"', at + "10")
+    # gunicorn's max_requests = 0 is "off", and the jitter then means nothing.
+    assert got["max-requests"][1] == "default"
+    assert got["max-requests-jitter"][1] == "default"
+    assert got["log-level"] == ('"info"', at + "15")
+    assert got["forwarded-allow-ips"] == ('"10.0.0.1,10.0.0.2"', at + "16")
+    assert got["umask"] == ('"27"', at + "17")
+    assert got["name"] == ('"gconf"', at + "20")
+    assert got["app"] == ('"behaviour:application"', at + "22")
+    # What it does not need is said, not silently dropped.
+    assert f"{cfg}:21: gunicorn's `worker_tmp_dir` is not needed" in proc.stderr
+
+    server = start_server(str(cfg), "-c", http=None, pythonpath=None, workers=None, wait=False)
+    server.expected_workers = 2
+    server.wait_started()
+    assert len(server.worker_pids()) == 2
+    assert server.get_json("/os-environ?key=GREETING") == {"value": "from-gunicorn-conf"}
+    assert wait_until(
+        lambda: access.exists() and "GET /os-environ?key=GREETING HTTP/1.1 -> 200" in access.read_text()
+    )
+    assert any("corral: master [gconf]" in line for line in _ps_args()), _ps_args()
+
+
+def _ps_args():
+    return subprocess.run(
+        ["ps", "-eo", "args"], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "workers = 2\n\ndef post_fork(server, worker):\n    pass\n",
+            ":3: `post_fork` is a gunicorn server hook, and corral runs no hooks",
+        ),
+        (
+            'worker_class = "gevent"\n',
+            ":1: `worker_class = \"gevent\"`: corral's workers are gunicorn's sync and gthread",
+        ),
+        (
+            'certfile = "/etc/ssl/x.pem"\n',
+            ":1: gunicorn's `certfile` has no counterpart in corral: corral serves plain HTTP",
+        ),
+        ('statsd_host = "localhost:8125"\n', ":1: gunicorn's `statsd_host` has no counterpart in corral"),
+        ("secure_scheme_headers = {'X-SCHEME': 'https'}\n", ":1: gunicorn's `secure_scheme_headers` has no"),
+        ('workers = "many"\n', ":1: `workers`: invalid value 'many'"),
+        ("workers = 2\nbind = 1 / 0\n", "line 2, in <module>\n    bind = 1 / 0"),
+        ("workers = (\n", "SyntaxError"),
+        ("workers = {'a': 1}\n", ":1: gunicorn's `workers` has a value corral cannot take (dict)"),
+    ],
+)
+def test_gunicorn_settings_corral_cannot_honour_are_refused_with_why(tmp_path, text, message):
+    cfg = tmp_path / "gunicorn.conf.py"
+    cfg.write_text(text)
+    proc = _run(["-c", str(cfg), "behaviour:application"])
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr, proc.stderr
+    assert "<frozen" not in proc.stderr, proc.stderr
+
+
+def test_gunicorn_settings_at_their_defaults_ask_for_nothing(tmp_path):
+    """A file written out with gunicorn's defaults (as `gunicorn --print-config`
+    shows them) is taken: settings corral has no counterpart for are refused
+    only when they ask for something."""
+    cfg = tmp_path / "conf.py"
+    cfg.write_text(
+        "certfile = None\nstatsd_host = None\nsyslog = False\nsendfile = None\nspew = False\n"
+        "secure_scheme_headers = {'X-FORWARDED-PROTOCOL': 'ssl', 'X-FORWARDED-PROTO': 'https', "
+        "'X-FORWARDED-SSL': 'on'}\nheader_map = 'drop'\nlogger_class = 'gunicorn.glogging.Logger'\n"
+        "logconfig_dict = {}\nraw_paste_global_conf = []\nworker_class = 'sync'\nreload_engine = 'auto'\n"
+        "accesslog = None\npidfile = None\n"
+    )
+    proc = _run(["-c", str(cfg), "--print-config", "behaviour:application"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "", proc.stderr
+
+
+def test_a_gunicorn_configuration_module_and_a_python_looking_toml_file(tmp_path):
+    (tmp_path / "deploy_conf.py").write_text("workers = 4\n")
+    proc = _run(
+        ["--config", "python:deploy_conf", "--print-config", "behaviour:application"],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(tmp_path)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert _printed(proc.stdout)["workers"] == ('"4"', f"config file {tmp_path / 'deploy_conf.py'}:1")
+    # A gunicorn file under another name is not taken for TOML silently.
+    (tmp_path / "gunicorn.conf").write_text("import os\nworkers = 2\n")
+    proc = _run(["--config", "gunicorn.conf", "behaviour:application"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert (
+        "this looks like Python: a gunicorn configuration file is read as one when its name ends in .py"
+        in proc.stderr
+    )
+    # gunicorn reads ./gunicorn.conf.py unasked; corral says it does not.
+    (tmp_path / "gunicorn.conf.py").write_text("workers = 2\n")
+    proc = _run(["--print-config", "behaviour:application"], cwd=tmp_path)
+    assert "./gunicorn.conf.py is not read unless given with -c gunicorn.conf.py" in proc.stderr
+    assert _printed(proc.stdout)["workers"] == ('"1"', "default")

@@ -59,9 +59,11 @@ pub struct Cli {
     pub app: String,
 
     /// Read options from a TOML file (keys are the long option names: `workers = 4`,
-    /// `http = ["127.0.0.1:8000"]`, `app = "myproject.wsgi"`). The command line and
+    /// `http = ["127.0.0.1:8000"]`, `app = "myproject.wsgi"`), or from a gunicorn
+    /// configuration file (a FILE ending in .py, or python:MODULE), whose settings are
+    /// taken as the corral options of the same meaning. The command line and
     /// CORRAL_* variables win over it.
-    #[arg(long, value_name = "FILE", env = "CORRAL_CONFIG")]
+    #[arg(short = 'c', long, value_name = "FILE", env = "CORRAL_CONFIG")]
     pub config: Option<String>,
 
     /// Print the effective configuration, and where each value came from, then exit.
@@ -525,8 +527,13 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     // Before any fork or thread: see there.
     corral_engine::proctitle::init();
     let cmd = Cli::command();
-    let (mut argv, mut origins) = match crate::config_file::layer(&cmd, &argv) {
-        Ok(layered) => layered,
+    let (mut argv, mut origins) = match crate::config_file::layer(py, &cmd, &argv) {
+        Ok((argv, origins, notes)) => {
+            for note in notes {
+                eprintln!("corral: note: {note}");
+            }
+            (argv, origins)
+        }
         Err(e) => {
             eprintln!("corral: error: {e}");
             return Ok(2);

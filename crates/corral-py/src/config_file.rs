@@ -56,38 +56,48 @@ pub fn platform_defaults(cmd: &Command, argv: &mut Vec<String>, origins: &mut Fi
     }
 }
 
-/// The argument list with the file's options added, and their origins.
-pub fn layer(cmd: &Command, argv: &[String]) -> Result<(Vec<String>, FileOrigins), String> {
+/// The argument list with the file's options added, and their origins; and
+/// notes to show about settings of a gunicorn file that were ignored.
+pub fn layer(
+    py: pyo3::Python<'_>,
+    cmd: &Command,
+    argv: &[String],
+) -> Result<(Vec<String>, FileOrigins, Vec<String>), String> {
     // A lenient first pass: the APP may be in the file, and errors in the
     // command line itself are reported by the real parse afterwards.
     let first = match cmd.clone().ignore_errors(true).try_get_matches_from(argv) {
         Ok(m) => m,
         // --help, --version and the like: the real parse shows them.
-        Err(_) => return Ok((argv.to_vec(), HashMap::new())),
+        Err(_) => return Ok((argv.to_vec(), HashMap::new(), Vec::new())),
     };
     let path = match first.get_one::<String>("config") {
         Some(p) => p.clone(),
-        None => return Ok((argv.to_vec(), HashMap::new())),
+        None => {
+            // gunicorn reads this file unasked; corral does not, and says so
+            // to whoever moves over with one in place.
+            let notes = if std::path::Path::new("gunicorn.conf.py").is_file() {
+                vec!["./gunicorn.conf.py is not read unless given with -c gunicorn.conf.py".to_string()]
+            } else {
+                Vec::new()
+            };
+            return Ok((argv.to_vec(), HashMap::new(), notes));
+        }
     };
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("--config {path}: {e}"))?;
-    let doc = ImDocument::parse(text.as_str()).map_err(|e| {
-        let line = e.span().map_or(0, |s| line_of(&text, s.start));
-        let ini = if crate::uwsgi_names::looks_like_uwsgi_ini(&text) {
-            " (this looks like a uWSGI ini file: corral's config file is TOML, its keys the long option names)"
-        } else {
-            ""
-        };
-        format!("{path}:{line}: invalid TOML: {}{ini}", e.message().trim_end())
-    })?;
+    // (key, value, where it was set), in the file's order.
+    let mut entries: Vec<(String, Item, String)> = Vec::new();
+    let mut notes = Vec::new();
+    if crate::gunicorn_conf::is_gunicorn_config(&path) {
+        let (settings, ignored) = crate::gunicorn_conf::translate(py, &path)?;
+        notes = ignored;
+        entries.extend(settings.into_iter().map(|s| (s.key.to_string(), Item::Value(s.value), s.at)));
+    } else {
+        entries = toml_entries(&path)?;
+    }
     let mut injected: Vec<String> = Vec::new();
     let mut app: Option<String> = None;
     let mut origins = HashMap::new();
-    for (key, item) in doc.as_table().iter() {
-        let line = item
-            .span()
-            .or_else(|| doc.as_table().key(key).and_then(|k| k.span()))
-            .map_or(0, |s| line_of(&text, s.start));
-        let at = format!("{path}:{line}");
+    for (key, item, at) in &entries {
+        let key = key.as_str();
         let Some(arg) = cmd
             .get_arguments()
             .find(|a| a.get_long() == Some(key) || (a.get_long().is_none() && a.get_id() == key))
@@ -123,7 +133,7 @@ pub fn layer(cmd: &Command, argv: &[String]) -> Result<(Vec<String>, FileOrigins
                 return Err(format!("{at}: `{key}` must be a string"));
             };
             app = Some(s.value().clone());
-            origins.insert(id, at);
+            origins.insert(id, at.clone());
             continue;
         }
         if is_switch(arg) {
@@ -131,7 +141,7 @@ pub fn layer(cmd: &Command, argv: &[String]) -> Result<(Vec<String>, FileOrigins
                 Value::Boolean(b) => injected.push(format!("--{key}={}", b.value())),
                 _ => return Err(format!("{at}: `{key}` must be true or false")),
             }
-            origins.insert(id, at);
+            origins.insert(id, at.clone());
             continue;
         }
         let repeatable = matches!(arg.get_action(), ArgAction::Append);
@@ -170,7 +180,7 @@ pub fn layer(cmd: &Command, argv: &[String]) -> Result<(Vec<String>, FileOrigins
             }
             injected.push(format!("--{key}={s}"));
         }
-        origins.insert(id, at);
+        origins.insert(id, at.clone());
     }
     let mut out = vec![argv[0].clone()];
     out.extend(injected);
@@ -178,7 +188,34 @@ pub fn layer(cmd: &Command, argv: &[String]) -> Result<(Vec<String>, FileOrigins
     if let Some(app) = app {
         out.push(app);
     }
-    Ok((out, origins))
+    Ok((out, origins, notes))
+}
+
+/// A TOML config file's keys and values, with the line each is on.
+fn toml_entries(path: &str) -> Result<Vec<(String, Item, String)>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("--config {path}: {e}"))?;
+    let doc = ImDocument::parse(text.as_str()).map_err(|e| {
+        let line = e.span().map_or(0, |s| line_of(&text, s.start));
+        let ini = if crate::uwsgi_names::looks_like_uwsgi_ini(&text) {
+            " (this looks like a uWSGI ini file: corral's config file is TOML, its keys the long option names)"
+        } else if text.lines().any(|l| l.starts_with("import ") || l.starts_with("def ")) {
+            " (this looks like Python: a gunicorn configuration file is read as one when its name ends in .py)"
+        } else {
+            ""
+        };
+        format!("{path}:{line}: invalid TOML: {}{ini}", e.message().trim_end())
+    })?;
+    Ok(doc
+        .as_table()
+        .iter()
+        .map(|(key, item)| {
+            let line = item
+                .span()
+                .or_else(|| doc.as_table().key(key).and_then(|k| k.span()))
+                .map_or(0, |s| line_of(&text, s.start));
+            (key.to_string(), item.clone(), format!("{path}:{line}"))
+        })
+        .collect())
 }
 
 /// An on/off option: `--preload`, or `--preload=false` to undo a setting.

@@ -3,6 +3,7 @@
 
 mod cli;
 mod config_file;
+mod gunicorn_conf;
 mod load;
 mod logging;
 mod runtime;

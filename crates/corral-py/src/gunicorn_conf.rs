@@ -1,0 +1,371 @@
+//! `--config gunicorn.conf.py` (or `-c python:module`): reads a gunicorn
+//! configuration file as gunicorn does (runs it, then looks at the names it
+//! defines) and turns each gunicorn setting into the corral option of the
+//! same meaning, so that a team moving over keeps the file it deploys with.
+//!
+//! A setting corral has no counterpart for is refused, with why and what to
+//! do instead, unless it is at gunicorn's default (then it asks for nothing);
+//! a server hook (`post_fork`, `pre_request`...) is refused, since corral
+//! runs none and a hook that silently never ran would be worse. Other names
+//! the file defines (imports, helper variables) are ignored, as gunicorn
+//! ignores them.
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+use toml_edit::{Array, Value};
+
+/// Whether `--config` names a gunicorn configuration: a Python file, or
+/// gunicorn's `python:MODULE` or `file:PATH` form.
+pub fn is_gunicorn_config(spec: &str) -> bool {
+    spec.ends_with(".py") || spec.starts_with("python:") || spec.starts_with("file:")
+}
+
+/// One setting of the file as a corral option: its long name, its value and
+/// where it was set ("gunicorn.conf.py:3").
+pub struct Setting {
+    pub key: &'static str,
+    pub value: Value,
+    pub at: String,
+}
+
+/// What a gunicorn setting is in corral.
+enum Rule {
+    /// The corral option of the same meaning.
+    Option(&'static str),
+    /// No counterpart: the values corral already behaves as (a Python
+    /// tuple, gunicorn's default among them) are taken; any other value is
+    /// refused, with why.
+    Refused(&'static str, &'static str),
+    /// How gunicorn does something corral does its own way (the file
+    /// watcher's engine, the default process name): nothing to carry over.
+    Ignored,
+    /// Like `Refused`, but what it is for is moot in corral: a value other
+    /// than those accepted gets a note saying so, not an error.
+    Moot(&'static str, &'static str),
+}
+
+fn rule(name: &str) -> Option<Rule> {
+    use Rule::*;
+    Some(match name {
+        "wsgi_app" => Option("app"),
+        "bind" => Option("http"),
+        "backlog" => Option("backlog"),
+        "workers" => Option("workers"),
+        "threads" => Option("threads"),
+        "worker_connections" => Option("max-connections"),
+        "max_requests" => Option("max-requests"),
+        "max_requests_jitter" => Option("max-requests-jitter"),
+        "timeout" => Option("timeout"),
+        "graceful_timeout" => Option("graceful-timeout"),
+        "keepalive" => Option("keepalive-timeout"),
+        "limit_request_line" => Option("limit-request-line"),
+        "limit_request_fields" => Option("limit-request-fields"),
+        "limit_request_field_size" => Option("limit-request-field-size"),
+        "reload" => Option("reload"),
+        "accesslog" => Option("access-log"),
+        "access_log_format" => Option("access-log-format"),
+        "errorlog" => Option("error-log"),
+        "loglevel" => Option("log-level"),
+        "capture_output" => Option("capture-output"),
+        "proc_name" => Option("name"),
+        "preload_app" => Option("preload"),
+        "reuse_port" => Option("reuse-port"),
+        "chdir" => Option("chdir"),
+        "daemon" => Option("daemon"),
+        "raw_env" => Option("env"),
+        "pidfile" => Option("pidfile"),
+        "user" => Option("user"),
+        "group" => Option("group"),
+        "umask" => Option("umask"),
+        "pythonpath" => Option("pythonpath"),
+        "forwarded_allow_ips" => Option("forwarded-allow-ips"),
+        "proxy_protocol" => Option("proxy-protocol"),
+        "proxy_allow_ips" => Option("proxy-allow-from"),
+        // Handled with `reload` and `worker_class` (see `translate`).
+        "reload_extra_files" | "worker_class" => Ignored,
+        "reload_engine" | "default_proc_name" | "config" => Ignored,
+        // corral always takes the user's groups (--user calls initgroups).
+        "initgroups" => Ignored,
+        // Its syslog settings only matter with `syslog`, refused below.
+        "syslog_addr" | "syslog_prefix" | "syslog_facility" | "disable_redirect_access_to_syslog" => Ignored,
+        "ssl_version" | "cert_reqs" | "suppress_ragged_eofs" | "do_handshake_on_connect" | "ciphers" => {
+            Ignored
+        }
+        "keyfile" | "certfile" | "ca_certs" => Refused("(None,)",
+            "corral serves plain HTTP: terminate TLS in the front end (nginx, HAProxy) or a load balancer",
+        ),
+        "statsd_host" => Refused("(None,)",
+            "corral sends no StatsD metrics: --stats ADDR serves them for Prometheus (/metrics) and as JSON (/stats)",
+        ),
+        "dogstatsd_tags" | "statsd_prefix" => Refused("('', None)", "corral sends no StatsD metrics (see --stats ADDR)"),
+        "syslog" => Refused("(False,)", "corral does not log to syslog: --error-log and --access-log take files or -"),
+        "logger_class" => Refused("('gunicorn.glogging.Logger',)", "corral's logging is its own (--log-format json for structured lines)"),
+        "logconfig" | "logconfig_json" => {
+            Refused("(None,)", "corral's logging is its own: --error-log, --access-log, --log-level, --log-format")
+        }
+        "logconfig_dict" => {
+            Refused("({},)", "corral's logging is its own: --error-log, --access-log, --log-level, --log-format")
+        }
+        "enable_stdio_inheritance" => Refused("(False,)", "a daemon's output goes to --error-log FILE with --capture-output"),
+        "spew" => Refused("(False,)", "corral has no statement tracer"),
+        "check_config" | "print_config" => {
+            Refused("(False,)", "it is an action: give --check-config or --print-config on the command line")
+        }
+        "paste" | "raw_paste_global_conf" => Refused("(None, [])",
+            "corral does not read PasteDeploy files: give the app as MODULE:CALLABLE, or MODULE:FACTORY()",
+        ),
+        "sendfile" => Moot("(None, True)", "corral always sends wsgi.file_wrapper files with sendfile"),
+        "worker_tmp_dir" => {
+            Moot("(None,)", "corral's workers report to the master through shared memory, not a file")
+        }
+        "tmp_upload_dir" => Moot("(None,)", "corral keeps no request data in files"),
+        "secure_scheme_headers" => Refused("({'X-FORWARDED-PROTOCOL': 'ssl', 'X-FORWARDED-PROTO': 'https', 'X-FORWARDED-SSL': 'on'},)",
+            "corral takes gunicorn's default headers (from --forwarded-allow-ips peers) and no others",
+        ),
+        "forwarder_headers" => Refused("('SCRIPT_NAME,PATH_INFO',)", "corral takes SCRIPT_NAME from --mount, not from a header"),
+        "header_map" => Refused("('drop',)", "corral drops header names with underscores, as gunicorn's default does"),
+        "permit_obsolete_folding"
+        | "strip_header_spaces"
+        | "permit_unconventional_http_method"
+        | "permit_unconventional_http_version"
+        | "casefold_http_method" => {
+            Refused("(False,)", "corral parses requests strictly, as gunicorn's default does, and has no switch to relax it")
+        }
+        _ => return None,
+    })
+}
+
+/// gunicorn's server hooks: corral runs none of them.
+const HOOKS: &[(&str, &str)] = &[
+    ("on_starting", "run it before starting corral (e.g. ExecStartPre= in a systemd unit)"),
+    ("on_reload", "corral's reload is HUP; run what it needs from the deploy script that sends it"),
+    (
+        "when_ready",
+        "--stats ADDR serves /readyz once the workers are ready; systemd's Type=notify is told too",
+    ),
+    ("pre_fork", "code the master should run first can run at import with --preload"),
+    ("post_fork", "each worker imports the app itself (unless --preload): run per-worker setup at import"),
+    (
+        "post_worker_init",
+        "each worker imports the app itself (unless --preload): run per-worker setup at import",
+    ),
+    ("worker_int", "corral logs a worker's Python stack itself when a request passes --timeout"),
+    ("worker_abort", "corral logs a worker's Python stack itself when a request passes --timeout"),
+    ("pre_exec", "corral re-executes itself on USR2 without hooks"),
+    ("pre_request", "wrap the app in a WSGI middleware"),
+    ("post_request", "wrap the app in a WSGI middleware"),
+    ("child_exit", "the master logs every worker's exit, with its cause"),
+    ("worker_exit", "use atexit in the app: a worker that stops gracefully runs Python's exit handlers"),
+    ("nworkers_changed", "the master logs each change of the pool (TTIN, TTOU, the adaptive pool)"),
+    ("on_exit", "run it after corral exits (e.g. ExecStopPost= in a systemd unit)"),
+    ("ssl_context", "corral serves plain HTTP: terminate TLS in the front end"),
+];
+
+/// The line of `text` where `name` is assigned at the top level (or a
+/// function of that name defined), for error messages and --print-config.
+fn line_of(text: &str, name: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            let def =
+                l.strip_prefix("def ").and_then(|r| r.strip_prefix(name)).is_some_and(|r| r.starts_with('('));
+            let assigned = l.strip_prefix(name).is_some_and(|rest| {
+                let rest = rest.trim_start();
+                (rest.starts_with('=') && !rest.starts_with("==")) || rest.starts_with(':')
+            });
+            def || assigned
+        })
+        .map(|i| i + 1)
+}
+
+/// Runs the file (or imports the module) and returns the names it defined,
+/// with the file's text for line numbers.
+fn load<'py>(py: Python<'py>, spec: &str) -> Result<(Bound<'py, PyDict>, String, String), String> {
+    let failed = |e: PyErr| {
+        let text = py
+            .import("traceback")
+            .and_then(|tb| tb.call_method1("format_exception", (e.value(py),)))
+            .and_then(|lines| lines.extract::<Vec<String>>())
+            .map(|lines| {
+                // Frames of the machinery that ran the file say nothing to its author.
+                lines
+                    .concat()
+                    .lines()
+                    .filter(|l| !l.contains("File \"<frozen "))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .unwrap_or_else(|_| e.to_string());
+        format!("--config {spec}: the gunicorn configuration failed to run:\n{}", text.trim_end())
+    };
+    let (names, path) = match spec.strip_prefix("python:") {
+        Some(module) => {
+            let m = py.import(module).map_err(failed)?;
+            let path = m.getattr("__file__").and_then(|f| f.extract::<String>()).unwrap_or_default();
+            let names = m.dict();
+            (names, path)
+        }
+        None => {
+            // gunicorn's `file:PATH` is a path like any other.
+            let file = spec.strip_prefix("file:").unwrap_or(spec);
+            std::fs::metadata(file).map_err(|e| format!("--config {file}: {e}"))?;
+            let names = py
+                .import("runpy")
+                .and_then(|r| r.call_method1("run_path", (file,)))
+                .and_then(|d| Ok(d.downcast_into::<PyDict>()?))
+                .map_err(failed)?;
+            (names, file.to_string())
+        }
+    };
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let shown = if path.is_empty() { spec.to_string() } else { path };
+    Ok((names, text, shown))
+}
+
+/// A Python value as the config file's TOML value would be; None for
+/// None (not set) and for values that have no such form.
+fn to_value(v: &Bound<'_, PyAny>) -> Option<Value> {
+    if v.is_instance_of::<PyBool>() {
+        return v.extract::<bool>().ok().map(Value::from);
+    }
+    if v.is_instance_of::<PyInt>() {
+        return v.extract::<i64>().ok().map(Value::from);
+    }
+    if v.is_instance_of::<PyFloat>() {
+        return v.extract::<f64>().ok().map(Value::from);
+    }
+    if v.is_instance_of::<PyString>() {
+        return v.extract::<String>().ok().map(Value::from);
+    }
+    if v.is_instance_of::<PyList>() || v.is_instance_of::<PyTuple>() {
+        let mut array = Array::new();
+        for item in v.try_iter().ok()? {
+            array.push(to_value(&item.ok()?)?);
+        }
+        return Some(Value::Array(array));
+    }
+    None
+}
+
+/// The file's settings as corral options, in the order the file has them,
+/// and notes about settings it ignores.
+pub fn translate(py: Python<'_>, spec: &str) -> Result<(Vec<Setting>, Vec<String>), String> {
+    let (names, text, path) = load(py, spec)?;
+    let at = |name: &str| match line_of(&text, name) {
+        Some(line) => format!("{path}:{line}"),
+        None => path.clone(),
+    };
+    let get = |name: &str| names.get_item(name).ok().flatten();
+    let truthy = |name: &str| get(name).is_some_and(|v| v.is_truthy().unwrap_or(false));
+    let mut out: Vec<Setting> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
+    for (hook, instead) in HOOKS {
+        if get(hook).is_some_and(|v| v.is_callable()) {
+            return Err(format!(
+                "{}: `{hook}` is a gunicorn server hook, and corral runs no hooks: {instead}",
+                at(hook)
+            ));
+        }
+    }
+    if let Some(class) = get("worker_class") {
+        let class = class.extract::<String>().unwrap_or_default();
+        let known =
+            ["sync", "gthread", "gunicorn.workers.sync.SyncWorker", "gunicorn.workers.gthread.ThreadWorker"];
+        if !known.contains(&class.as_str()) {
+            return Err(format!(
+                "{}: `worker_class = {class:?}`: corral's workers are gunicorn's sync and gthread kind \
+                 (--threads N threads each, the GIL released while the app waits on I/O); it runs no \
+                 gevent, eventlet or ASGI workers",
+                at("worker_class")
+            ));
+        }
+    }
+    // A zero max_requests is gunicorn's "off", and its jitter then means nothing.
+    let recycling = get("max_requests").and_then(|v| v.extract::<i64>().ok()).is_some_and(|n| n > 0);
+    let mut items: Vec<(String, Bound<'_, PyAny>)> = names
+        .iter()
+        .filter_map(|(k, v)| Some((k.extract::<String>().ok()?, v)))
+        .filter(|(k, _)| !k.starts_with('_'))
+        .collect();
+    // In the file's order, so repeated errors point at the first.
+    items.sort_by_key(|(k, _)| line_of(&text, k).unwrap_or(usize::MAX));
+    for (name, value) in items {
+        let Some(rule) = rule(&name) else { continue };
+        let key = match &rule {
+            Rule::Ignored => continue,
+            Rule::Refused(accepted, why) | Rule::Moot(accepted, why) => {
+                let moot = matches!(rule, Rule::Moot(..));
+                let accepted = std::ffi::CString::new(*accepted).expect("a literal");
+                let accepted = py.eval(&accepted, None, None).map_err(|e| e.to_string())?;
+                if value.is_none() || accepted.contains(&value).unwrap_or(false) {
+                    continue;
+                }
+                if moot {
+                    notes.push(format!("{}: gunicorn's `{name}` is not needed: {why}; ignored", at(&name)));
+                    continue;
+                }
+                return Err(format!(
+                    "{}: gunicorn's `{name}` has no counterpart in corral: {why}",
+                    at(&name)
+                ));
+            }
+            Rule::Option(key) => *key,
+        };
+        if value.is_none() || (matches!(name.as_str(), "max_requests" | "max_requests_jitter") && !recycling)
+        {
+            continue;
+        }
+        let Some(mut v) = to_value(&value) else {
+            return Err(format!(
+                "{}: gunicorn's `{name}` has a value corral cannot take ({})",
+                at(&name),
+                value.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+            ));
+        };
+        v = match (name.as_str(), v) {
+            // gunicorn's umask is a number (0o022); corral's option is octal digits.
+            ("umask", Value::Integer(i)) => Value::from(format!("{:o}", i.value())),
+            // gunicorn takes user and group ids as numbers.
+            ("user" | "group", Value::Integer(i)) => Value::from(i.value().to_string()),
+            // Lists of networks are one comma-separated value in corral.
+            ("forwarded_allow_ips" | "proxy_allow_ips" | "pythonpath", Value::Array(a)) => Value::from(
+                a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect::<Vec<_>>().join(","),
+            ),
+            ("loglevel", Value::String(s)) => Value::from(s.value().to_ascii_lowercase()),
+            (_, v) => v,
+        };
+        out.push(Setting { key, value: v, at: at(&name) });
+    }
+    // gunicorn watches these files for changes only while it reloads on code changes.
+    if truthy("reload") {
+        if let Some(files) = get("reload_extra_files").and_then(|v| to_value(&v)) {
+            if !matches!(&files, Value::Array(a) if a.is_empty()) {
+                out.push(Setting { key: "touch-reload", value: files, at: at("reload_extra_files") });
+            }
+        }
+    }
+    Ok((out, notes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_of_assignments_and_hooks() {
+        let text = "import os\nworkers = 4\nbind: list = ['a']\nif workers == 2:\n    threads = 2\ndef post_fork(server, worker):\n    pass\n";
+        assert_eq!(line_of(text, "workers"), Some(2));
+        assert_eq!(line_of(text, "bind"), Some(3));
+        assert_eq!(line_of(text, "threads"), None);
+        assert_eq!(line_of(text, "post_fork"), Some(6));
+        assert_eq!(line_of(text, "work"), None);
+    }
+
+    #[test]
+    fn every_hook_and_setting_is_classified_once() {
+        for (hook, _) in HOOKS {
+            assert!(rule(hook).is_none(), "{hook}");
+        }
+        assert!(matches!(rule("bind"), Some(Rule::Option("http"))));
+        assert!(rule("not_a_setting").is_none());
+    }
+}
