@@ -147,13 +147,15 @@ def test_usr2_with_a_config_file_the_new_program_would_refuse_keeps_serving(star
     assert not {int(server.request("GET", "/pid").body) for _ in range(10)} & old
 
 
-def test_hup_reads_a_changed_config_file_again(start_server, tmp_path):
-    """As gunicorn's HUP reloads its configuration: a config file that
-    changed since the start is read again (the master re-executes itself);
-    one that did not change gets the usual reload."""
-    conf = tmp_path / "corral.toml"
+@pytest.mark.parametrize(("name", "prefix"), [("corral.toml", ""), ("gunicorn.conf.py", "file:")])
+def test_hup_reads_a_changed_config_file_again(start_server, tmp_path, name, prefix):
+    """As gunicorn's HUP reloads its configuration: a config file (TOML, or
+    gunicorn's, here named in its file:PATH form) that changed since the
+    start is read again (the master re-executes itself); one that did not
+    change gets the usual reload."""
+    conf = tmp_path / name
     conf.write_text("workers = 1\n")
-    server = start_server("behaviour:application", "--config", str(conf), workers=None)
+    server = start_server("behaviour:application", "--config", prefix + str(conf), workers=None)
     mark = server.mark()
     server.signal(signal.SIGHUP)
     server.wait_for(r"Received SIGHUP: starting 1 new worker", since=mark)

@@ -692,7 +692,8 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     let config_file = cli
         .config
         .as_deref()
-        .map(|p| std::path::absolute(p).unwrap_or_else(|_| PathBuf::from(p)))
+        .and_then(|spec| crate::gunicorn_conf::file_of(py, spec))
+        .map(|p| std::path::absolute(&p).unwrap_or(p))
         .and_then(|p| std::fs::read(&p).ok().map(|read| (p, read)));
     let pidfile = cli.pidfile.as_deref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
     let touch_files: Vec<PathBuf> =

@@ -20,6 +20,16 @@ pub fn is_gunicorn_config(spec: &str) -> bool {
     spec.ends_with(".py") || spec.starts_with("python:") || spec.starts_with("file:")
 }
 
+/// The file `--config` names (for a HUP to notice it changed): gunicorn's
+/// `file:PATH` is PATH, and `python:MODULE` the module's source file.
+pub fn file_of(py: Python<'_>, spec: &str) -> Option<std::path::PathBuf> {
+    if let Some(module) = spec.strip_prefix("python:") {
+        let found = py.import("importlib.util").ok()?.call_method1("find_spec", (module,)).ok()?;
+        return found.getattr("origin").ok()?.extract::<String>().ok().map(Into::into);
+    }
+    Some(spec.strip_prefix("file:").unwrap_or(spec).into())
+}
+
 /// One setting of the file as a corral option: its long name, its value and
 /// where it was set ("gunicorn.conf.py:3").
 pub struct Setting {
