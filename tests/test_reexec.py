@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from front_ends import free_port
 from support import READY_RE, IncompleteResponse, wait_until
 
 
@@ -119,6 +120,51 @@ def test_a_reexec_into_listeners_it_could_not_bind_keeps_serving(start_server, t
             )
             assert server.running()
             assert int(server.request("GET", "/pid").body) in old
+
+
+def _answers_health(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            return s.makefile("rb").readline().startswith(b"HTTP/1.1 200")
+    except ConnectionRefusedError:
+        return False
+
+
+def _accepts(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except ConnectionRefusedError:
+        return False
+
+
+def test_a_reexec_takes_over_each_listener_by_its_address(start_server, tmp_path):
+    """A configuration read again may add, remove or reorder listeners: each
+    socket the running master holds goes to the listener with its address
+    (the --stats one included), the others are bound anew or closed. Matched
+    by place in the list, an added listener made the new program bind the
+    stats port the old one still held, and the whole server exit."""
+    conf = tmp_path / "corral.toml"
+    stats, a, b = free_port(), free_port(), free_port()
+    conf.write_text(f'workers = 1\nstats = "127.0.0.1:{stats}"\nuwsgi = ["127.0.0.1:{a}"]\n')
+    server = start_server("behaviour:application", "--config", str(conf), workers=None)
+    for uwsgi, closed in (([a, b], []), ([b, a], []), ([b], [a])):
+        listed = ", ".join(f'"127.0.0.1:{p}"' for p in uwsgi)
+        conf.write_text(f'workers = 1\nstats = "127.0.0.1:{stats}"\nuwsgi = [{listed}]\n')
+        mark = server.mark()
+        server.signal(signal.SIGHUP)
+        server.wait_for(r"changed, so the master re-executes", since=mark)
+        server.wait_for(READY_RE.pattern, since=mark, timeout=20)
+        server.wait_for(r"from before the re-exec exited", since=mark, timeout=20)
+        assert server.running()
+        assert server.request("GET", "/fixed").status == 200
+        assert _answers_health(stats), server.log[mark:]
+        assert all(_accepts(p) for p in uwsgi)
+        assert not any(_accepts(p) for p in closed)
+    assert server.grep(
+        rf"Closing inherited listener 127\.0\.0\.1:{a} that the command line no longer asks for"
+    )
 
 
 def test_usr2_with_a_config_file_the_new_program_would_refuse_keeps_serving(start_server, tmp_path):

@@ -434,6 +434,34 @@ impl Listener {
     }
 }
 
+/// The address a TCP listener for `host:port` binds: the first the name
+/// resolves to.
+fn resolve(addr: &Addr, host: &str, port: u16) -> Result<SocketAddr, String> {
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("cannot resolve {addr}"))
+}
+
+/// Whether the listening socket a previous program of this master held at
+/// `held` (a bound listener's address as [`Addr`] writes it: the address
+/// and port a TCP socket has, a unix socket's path, an inherited
+/// descriptor) is the one `wanted` asks for, so that a re-exec takes it
+/// over rather than binding anew. Matched by address, not by place in the
+/// list: a configuration read again may add, remove or reorder listeners.
+/// Port 0 (any port) is held by a socket on the same address whatever its
+/// port: the one the previous program was given.
+pub fn holds(held: &str, wanted: &Addr) -> bool {
+    match wanted {
+        Addr::Tcp(host, port) => held.parse::<SocketAddr>().is_ok_and(|h| {
+            resolve(wanted, host, *port)
+                .is_ok_and(|w| w.ip() == h.ip() && (*port == 0 || w.port() == h.port()))
+        }),
+        other => held == other.to_string(),
+    }
+}
+
 /// A TCP socket bound to `host:port` (not listening yet), with the options
 /// of this server's listeners.
 fn tcp_bound(
@@ -442,11 +470,7 @@ fn tcp_bound(
     port: u16,
     options: &BindOptions,
 ) -> Result<(Socket, SocketAddr), String> {
-    let sa: SocketAddr = (host, port)
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {addr}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("cannot resolve {addr}"))?;
+    let sa = resolve(addr, host, port)?;
     let sock = Socket::new(Domain::for_address(sa), Type::STREAM.cloexec(), None)
         .map_err(|e| format!("socket for {addr}: {e}"))?;
     sock.set_reuse_address(true).ok();
@@ -509,6 +533,30 @@ fn remove_stale_socket(path: &PathBuf) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_held_socket_is_matched_by_its_address() {
+        let tcp = |h: &str, p| Addr::Tcp(h.into(), p);
+        let cases: &[(&str, Addr, bool)] = &[
+            ("127.0.0.1:8000", tcp("127.0.0.1", 8000), true),
+            ("127.0.0.1:8000", tcp("127.0.0.1", 8001), false),
+            ("127.0.0.1:8000", tcp("0.0.0.0", 8000), false),
+            ("0.0.0.0:8000", tcp("0.0.0.0", 8000), true),
+            ("[::1]:8000", tcp("::1", 8000), true),
+            ("[::1]:8000", tcp("127.0.0.1", 8000), false),
+            // Port 0: the port the previous program was given.
+            ("127.0.0.1:41234", tcp("127.0.0.1", 0), true),
+            ("[::1]:41234", tcp("127.0.0.1", 0), false),
+            ("unix:/run/a.sock", Addr::Unix("/run/a.sock".into()), true),
+            ("unix:/run/a.sock", Addr::Unix("/run/b.sock".into()), false),
+            ("fd://3", Addr::Fd(3), true),
+            ("fd://3", Addr::Fd(4), false),
+            ("unix:/run/a.sock", tcp("127.0.0.1", 8000), false),
+        ];
+        for (held, wanted, same) in cases {
+            assert_eq!(holds(held, wanted), *same, "{held} for {wanted}");
+        }
+    }
 
     #[test]
     fn parse_addrs() {

@@ -1344,6 +1344,12 @@ fn take_inherited_workers() -> Vec<libc::pid_t> {
 pub fn take_inherited_listeners() -> Vec<(String, String, RawFd)> {
     let list = std::env::var(INHERIT_ENV).unwrap_or_default();
     std::env::remove_var(INHERIT_ENV);
+    parse_inherited(&list)
+}
+
+/// A list of listening sockets as [`INHERIT_ENV`] (and [`CHECK_BINDS_ENV`])
+/// carry it: (protocol, address, descriptor).
+pub fn parse_inherited(list: &str) -> Vec<(String, String, RawFd)> {
     list.split(';')
         .filter_map(|entry| {
             let (proto, rest) = entry.split_once(' ')?;

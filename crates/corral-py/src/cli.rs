@@ -804,7 +804,14 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             }
         }
     }
-    let stats_addr = cli.stats.as_deref().and_then(|s| Addr::parse(s).ok());
+    let stats_addr = match cli.stats.as_deref().map(|a| Addr::parse(a).map(|a| from_start(a, chdir_from))) {
+        None => None,
+        Some(Ok(a)) => Some(a),
+        Some(Err(e)) => {
+            error!("{}", located(&format!("--stats {e}")));
+            return Ok(2);
+        }
+    };
     if let Err(e) = distinct_tcp_listeners(parsed.iter().map(|(_, a)| a).chain(stats_addr.as_ref())) {
         error!("{}", located(&e));
         return Ok(2);
@@ -889,12 +896,11 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     // the same command line lists the same listeners in the same order.
     let mut inherited = corral_engine::supervise::take_inherited_listeners();
     let mut listeners = Vec::new();
-    for (i, (protocol, addr)) in parsed.iter().enumerate() {
-        let reuse = inherited.get_mut(i).filter(|(p, _, _)| p == protocol.name()).map(|e| {
-            let fd = e.2;
-            e.2 = -1;
-            fd
-        });
+    let asked: Vec<(&str, &Addr)> =
+        parsed.iter().map(|(p, a)| (p.name(), a)).chain(stats_addr.iter().map(|a| ("stats", a))).collect();
+    let mut reused = assign_inherited(&mut inherited, &asked).into_iter();
+    for (protocol, addr) in parsed.iter() {
+        let reuse = reused.next().flatten();
         let bound = match reuse {
             Some(fd) => Listener::adopt(fd, addr, *protocol),
             None => Listener::bind_with(addr, *protocol, config.backlog, bind.clone()),
@@ -921,20 +927,14 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         }
     }
 
-    let stats = match &cli.stats {
+    let stats = match &stats_addr {
         None => None,
-        Some(a) => {
-            // Inherited across a re-exec like the other listeners: it comes
-            // right after them in the list the previous program handed down.
-            let reuse = inherited.get_mut(parsed.len()).filter(|(p, _, _)| p == "stats").map(|e| {
-                let fd = e.2;
-                e.2 = -1;
-                fd
-            });
-            let bound = Addr::parse(a).map(|a| from_start(a, chdir_from)).and_then(|addr| match reuse {
-                Some(fd) => Listener::adopt(fd, &addr, Protocol::Http),
-                None => Listener::bind_with(&addr, Protocol::Http, 64, bind.clone()),
-            });
+        Some(addr) => {
+            // Inherited across a re-exec like the other listeners.
+            let bound = match reused.next().flatten() {
+                Some(fd) => Listener::adopt(fd, addr, Protocol::Http),
+                None => Listener::bind_with(addr, Protocol::Http, 64, bind.clone()),
+            };
             match bound {
                 Ok(l) => {
                     info!("Stats at: {}", l.url());
@@ -1276,8 +1276,34 @@ fn check_without_effects(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), St
     Ok(())
 }
 
-/// The listeners the options ask for, in the order they are bound (which a
-/// re-exec's hand-over of the sockets relies on).
+/// Which of the sockets a previous program of this master handed down
+/// (protocol, address, descriptor) each wanted listener (protocol, address)
+/// takes over, if any; those taken are marked (-1). Listeners with a port
+/// choose first, so that one given port 0 cannot take a socket another
+/// names by its port.
+fn assign_inherited(
+    inherited: &mut [(String, String, std::os::fd::RawFd)],
+    wanted: &[(&str, &Addr)],
+) -> Vec<Option<std::os::fd::RawFd>> {
+    let mut taken = vec![None; wanted.len()];
+    let any_port = |a: &Addr| matches!(a, Addr::Tcp(_, 0));
+    for pass_any_port in [false, true] {
+        for (i, (protocol, addr)) in wanted.iter().enumerate() {
+            if any_port(addr) != pass_any_port {
+                continue;
+            }
+            if let Some(entry) = inherited
+                .iter_mut()
+                .find(|(p, held, fd)| *fd >= 0 && p == protocol && corral_engine::listen::holds(held, addr))
+            {
+                taken[i] = Some(std::mem::replace(&mut entry.2, -1));
+            }
+        }
+    }
+    taken
+}
+
+/// The listeners the options ask for, in the order they are bound.
 fn listeners_given(cli: &Cli) -> Vec<(Protocol, &str)> {
     [
         (Protocol::Http, &cli.http),
@@ -1297,16 +1323,27 @@ fn check_new_binds(cli: &Cli, held: &str) -> Result<(), String> {
     if std::env::var_os("LISTEN_FDS").is_some() {
         return Ok(());
     }
-    let held: Vec<&str> = held.split(';').filter_map(|e| e.split_once(' ').map(|(p, _)| p)).collect();
-    let wanted = listeners_given(cli);
+    let mut held = corral_engine::supervise::parse_inherited(held);
     // None given: the default's, or the service manager's sockets, which
     // the running master holds already.
-    let listeners = wanted.iter().enumerate().filter(|(i, (p, _))| held.get(*i) != Some(&p.name()));
-    let stats = cli.stats.as_deref().filter(|_| !held.contains(&"stats")).map(|a| ("stats", a));
-    for (name, a) in listeners.map(|(_, (p, a))| (p.name(), *a)).chain(stats) {
-        let addr = Addr::parse(a)?;
-        let options = BindOptions { reuse_port: cli.reuse_port, ..BindOptions::default() };
-        Listener::check_bindable(&addr, &options).map_err(|e| format!("--{name}: {e}"))?;
+    let start = std::env::current_dir().ok();
+    let chdir_from = start.as_deref().filter(|_| cli.chdir.is_some());
+    let mut wanted: Vec<(&str, Addr)> = Vec::new();
+    for (name, a) in listeners_given(cli)
+        .into_iter()
+        .map(|(p, a)| (p.name(), a))
+        .chain(cli.stats.as_deref().map(|a| ("stats", a)))
+    {
+        wanted.push((name, from_start(Addr::parse(a)?, chdir_from)));
+    }
+    // Taken over as the new program will take them.
+    let refs: Vec<(&str, &Addr)> = wanted.iter().map(|(n, a)| (*n, a)).collect();
+    let reused = assign_inherited(&mut held, &refs);
+    for ((name, addr), reuse) in wanted.iter().zip(reused) {
+        if reuse.is_none() {
+            let options = BindOptions { reuse_port: cli.reuse_port, ..BindOptions::default() };
+            Listener::check_bindable(addr, &options).map_err(|e| format!("--{name}: {e}"))?;
+        }
     }
     Ok(())
 }
