@@ -207,6 +207,40 @@ def test_logs_reopen_after_rename(start_server, tmp_path):
     assert re.search(r"\[\d+\] \[worker \d\] \[INFO\] Reopened the access log", errors.read_text())
 
 
+def _children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return {int(p) for p in f.read().split()}
+
+
+def test_hup_reopens_the_logs_as_gunicorns_does(start_server, tmp_path):
+    """logrotate's `postrotate kill -HUP` (gunicorn's recipe): the master and
+    the new workers write to files under the logs' names, none to the rotated ones."""
+    access, errors = tmp_path / "access.log", tmp_path / "error.log"
+    server = _start_logging_to(start_server, errors, "--access-log", str(access), workers=2)
+    old = _children(server.proc.pid)
+    assert len(old) == 2
+    os.rename(access, tmp_path / "access.log.1")
+    os.rename(errors, tmp_path / "error.log.1")
+    server.signal(signal.SIGHUP)
+    # The old workers keep the rotated file until they exit; the master says they did.
+    assert wait_until(
+        lambda: errors.exists() and all(f"(pid {pid}) exited" in errors.read_text() for pid in old), 20
+    ), errors.read_text()
+    assert "Received SIGHUP: reopened the error log" in errors.read_text()
+    assert "Received SIGHUP: starting 2 new worker(s)" in errors.read_text()
+    server.request("GET", "/fixed")
+    assert wait_until(lambda: access.exists() and "GET /fixed" in access.read_text(), 10)
+    master = server.proc.pid
+    workers = _children(master)
+    assert workers and not workers & old
+    for pid in [master, *workers]:
+        links = []
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(FileNotFoundError):
+                links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        assert not [link for link in links if ".log." in link], (pid, links)
+
+
 def test_logs_reopened_before_a_reexec_are_not_carried_into_it(start_server, tmp_path):
     """A log file reopened on SIGUSR1 stays close-on-exec: the re-executed
     master (USR2) and its workers hold each log once, never a rotated file."""

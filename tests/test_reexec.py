@@ -270,3 +270,25 @@ def test_signals_that_change_the_pool_during_a_stop_say_they_are_ignored(start_s
         server.signal(sig)
         server.wait_for(rf"Received {sig.name} while stopping: ignored", since=mark)
     assert server.wait_exit(30) == 0
+
+
+def test_winch_says_gunicorns_upgrade_steps_do_not_apply(start_server):
+    """gunicorn's upgrade is USR2, WINCH, then QUIT to the old master; here USR2
+    does it all in place, and that QUIT would stop the only master: WINCH says
+    so (once: a terminal sends it at every resize) and changes nothing."""
+    server = start_server("behaviour:application", workers=1)
+    (worker,) = server.worker_pids()
+    mark = server.mark()
+    for _ in range(3):
+        server.signal(signal.SIGWINCH)
+    server.wait_for(
+        r"Received SIGWINCH: ignored\. USR2 upgrades corral in place \(same pid, no \.oldbin pid file\).*"
+        r"QUIT or TERM to the old master, would stop this server",
+        since=mark,
+    )
+    server.signal(signal.SIGTTIN)
+    server.wait_for(r"Received SIGTTIN", since=mark)
+    assert len(server.grep(r"Received SIGWINCH", since=mark)) == 1
+    assert server.running()
+    assert int(server.request("GET", "/pid").body) in server.worker_pids()
+    assert worker in server.worker_pids()

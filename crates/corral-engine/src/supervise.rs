@@ -82,6 +82,11 @@ pub enum Action {
     /// Replace the master's own program in place (same pid, same listening
     /// sockets), then replace the workers: picks up an upgraded corral.
     Reexec,
+    /// gunicorn's WINCH (stop the workers of the old master during its
+    /// upgrade): nothing to do, since USR2 completes an upgrade by itself;
+    /// said once, as the steps of gunicorn's upgrade that come next would
+    /// stop this server.
+    ExplainWinch,
 }
 
 /// The signals the master handles.
@@ -95,6 +100,7 @@ pub const SIGNALS: &[libc::c_int] = &[
     libc::SIGUSR1,
     libc::SIGUSR2,
     libc::SIGCHLD,
+    libc::SIGWINCH,
 ];
 
 /// The one table from signal to action (`--sigint` chooses INT's).
@@ -110,6 +116,7 @@ pub fn signal_action(sig: libc::c_int, sigint: SigintMode) -> Option<Action> {
         libc::SIGUSR1 => Action::ReopenLogs,
         libc::SIGUSR2 => Action::Reexec,
         libc::SIGCHLD => Action::ReapChildren,
+        libc::SIGWINCH => Action::ExplainWinch,
         _ => return None,
     })
 }
@@ -517,6 +524,17 @@ impl<'a, H: Hooks> Master<'a, H> {
         }
         match action {
             Action::ReapChildren => {}
+            Action::ExplainWinch => {
+                // A terminal sends it at every resize: once is enough.
+                static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+                if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    info!(
+                        "Received {name}: ignored. USR2 upgrades corral in place (same pid, no .oldbin pid \
+                         file) and replaces the workers by itself; gunicorn's next step, QUIT or TERM to the \
+                         old master, would stop this server"
+                    );
+                }
+            }
             Action::GracefulStop if matches!(self.phase, Phase::Draining { .. }) => {
                 // A second TERM or INT (Ctrl-C twice) means: do not wait.
                 info!("Received {name} again while draining: stopping now");
@@ -563,6 +581,14 @@ impl<'a, H: Hooks> Master<'a, H> {
                     info!("Received {name}: {why}");
                     self.reexec(&name);
                     return;
+                }
+                // As gunicorn's HUP: logrotate's `postrotate kill -HUP` must
+                // not leave the master, and the new workers it forks, writing
+                // to the rotated file. (The old workers keep it until they exit.)
+                match crate::logfile::reopen() {
+                    Ok(true) => info!("Received {name}: reopened the error log"),
+                    Ok(false) => {}
+                    Err(e) => error!("Received {name}: {e}"),
                 }
                 let old: Vec<libc::pid_t> = self
                     .workers
