@@ -501,6 +501,25 @@ def test_max_body_size_chunked_whatever_the_reads(limited, path, chunks):
         assert resp.status == 413, (resp.status, resp.body[:200])
 
 
+@pytest.mark.parametrize(("then", "status"), [("wrap", 413), ("bug", 500)])
+def test_an_app_that_handles_a_body_error_and_fails_otherwise_gets_a_500(limited, then, status):
+    """The body error answers only for itself, or for what is raised `from`
+    it; a bug of the app's while handling it is shown (traceback, 500)."""
+    mark = limited.mark()
+    with limited.connect() as conn:
+        body = b"".join(b"64\r\n" + b"y" * 100 + b"\r\n" for _ in range(20)) + b"0\r\n\r\n"
+        conn.send(
+            f"POST /body-error-then?then={then} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+            + body
+        )
+        assert conn.read_response().status == status
+    if then == "bug":
+        limited.wait_for(r"NameError: name 'undefined_name' is not defined", since=mark)
+    else:
+        limited.wait_for(r"request body larger than", since=mark)
+        assert not limited.grep(r"Traceback", since=mark)
+
+
 def test_max_body_size_with_expect_gets_no_100(limited):
     with limited.connect() as conn:
         conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n")

@@ -592,6 +592,20 @@ def raise_before(environ, start_response):
     raise RuntimeError("boom before start_response")
 
 
+def body_error_then(environ, start_response):
+    """Reads the body; on corral's body error, ?then=wrap raises another
+    exception from it (as Django's UnreadablePostError is), ?then=bug fails
+    with an unrelated bug of its own while handling it."""
+    then = _query(environ).get("then", "wrap")
+    try:
+        _read_all(environ["wsgi.input"])
+    except OSError as e:
+        if then == "wrap":
+            raise ValueError("could not read the upload") from e
+        return undefined_name  # noqa: F821
+    return _ok(start_response, "read")
+
+
 def raise_after(environ, start_response):
     start_response("200 OK", TEXT)
     yield b"part one\n"
@@ -644,6 +658,7 @@ UNVALIDATED = {
     "/set-user": set_user,
     "/inheritable-fds": inheritable_fds,
     "/raise-before": raise_before,
+    "/body-error-then": body_error_then,
     "/raise-after": raise_after,
     "/raise-after-cl": raise_after_cl,
     "/deep": deep,

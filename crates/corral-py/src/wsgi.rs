@@ -477,7 +477,10 @@ impl WsgiApp {
             ex.abort();
             return;
         }
-        if let Some(be) = ex.body_error() {
+        // Only the body error itself, or what the app raised `from` it
+        // (Django's UnreadablePostError): an app that caught it and then
+        // failed in some other way has a bug of its own to be shown.
+        if let Some(be) = ex.body_error().filter(|_| raised_for_body(py, e)) {
             // A broken FastCGI stream is the front end's fault: the engine
             // logs it once, with the peer, when it closes the connection.
             if !matches!(be, BodyError::Gateway(_)) {
@@ -500,6 +503,21 @@ impl WsgiApp {
             respond_error(ex, 500);
         }
     }
+}
+
+/// Whether `e` is the error a read of the request body raised, or was
+/// raised `from` one (its `__cause__` chain, not the `__context__` that any
+/// exception raised while handling it gets).
+fn raised_for_body(py: Python<'_>, e: &PyErr) -> bool {
+    let mut current = Some(e.value(py).clone().into_any());
+    for _ in 0..16 {
+        let Some(ex) = current else { return false };
+        if ex.is_instance_of::<InvalidRequestBody>() || ex.is_instance_of::<ClientDisconnected>() {
+            return true;
+        }
+        current = ex.getattr("__cause__").ok().filter(|c| !c.is_none());
+    }
+    false
 }
 
 fn respond_error(ex: &Exchange, status: u16) {
