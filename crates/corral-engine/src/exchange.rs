@@ -84,6 +84,10 @@ pub enum BodyError {
     Aborted,
 }
 
+/// How [`BodyError::Gateway`] says a FastCGI connection closed before its
+/// STDIN stream ended.
+pub(crate) const FCGI_CLOSED_IN_BODY: &str = "connection closed inside the body";
+
 impl BodyError {
     /// The status to answer with when the app lets this error escape.
     pub fn status(self) -> u16 {
@@ -733,11 +737,7 @@ impl Io {
                 }
             }
             if let Err(e) = self.fill(blocking) {
-                let e = if e == BodyError::Truncated {
-                    BodyError::Gateway("connection closed inside the body")
-                } else {
-                    e
-                };
+                let e = if e == BodyError::Truncated { BodyError::Gateway(FCGI_CLOSED_IN_BODY) } else { e };
                 self.body = BodyState::Failed(e);
                 return Err(e);
             }

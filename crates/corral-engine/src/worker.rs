@@ -3200,6 +3200,18 @@ fn discard_body(io: &mut Io, blocking: fn(&mut dyn FnMut())) -> Discarded {
 /// it was found (by the app reading wsgi.input, or by draining what it left).
 fn warn_bad_stream(conn: &Conn, listener: &ListenerInfo, io: &Io) {
     if let BodyState::Failed(BodyError::Gateway(m)) = io.body {
+        if io.phase == RespPhase::Finished && m == crate::exchange::FCGI_CLOSED_IN_BODY {
+            // The app answered without reading the whole body, and the front
+            // end, given END_REQUEST, closed rather than send the rest (nginx
+            // does): nobody wanted those bytes, and nothing was wrong.
+            debug!(
+                "{} request from {}: the front end closed the connection after the response, \
+                 before the rest of a body the app did not read",
+                listener.protocol.name(),
+                peer(conn, listener)
+            );
+            return;
+        }
         warn!(
             "Bad {} request from {}: {m} (in the request body); closing the connection",
             listener.protocol.name(),
