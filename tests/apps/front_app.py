@@ -5,6 +5,7 @@
 /download  ?mib=N: N MiB of a fixed pattern, with Content-Length, produced in chunks
 /stream    a generator without Content-Length
 /form      an urlencoded POST, parsed, echoed as JSON
+/plain     a body in one piece, without Content-Length
 """
 
 import hashlib
@@ -46,4 +47,7 @@ def application(environ, start_response):
         size = int(environ.get("CONTENT_LENGTH") or 0)
         form = parse_qs(environ["wsgi.input"].read(size).decode())
         return _json(start_response, {k: v for k, v in form.items()})
+    if path.endswith("/plain"):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"one piece, no length given\n"]
     return _json(start_response, {"error": "not found", "path": path}, "404 Not Found")

@@ -923,6 +923,15 @@ impl Io {
             // The front end frames the response for its client and adds Date
             // and Connection itself; a length lets it keep that connection.
             self.framing = match (self.app_length, no_body, known_len) {
+                // As over HTTP (below): HEAD gets the length GET would have.
+                (None, true, Some(n))
+                    if self.head_request && n > 0 && self.status != 304 && self.status != 204 =>
+                {
+                    self.head.extend_from_slice(b"Content-Length: ");
+                    self.head.extend_from_slice(itoa(n, &mut [0u8; 20]));
+                    self.head.extend_from_slice(b"\r\n");
+                    RespFraming::NoBody
+                }
                 (_, true, _) => RespFraming::NoBody,
                 (Some(n), false, _) => RespFraming::Length(n),
                 (None, false, Some(n)) => {
