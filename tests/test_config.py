@@ -144,6 +144,11 @@ def test_a_server_runs_from_the_file(start_server, tmp_path):
         ("preload = 1\n", ":1: `preload` must be true or false"),
         ("threads = [1, 2]\n", ":1: `threads` takes one value, not a list"),
         ("[server]\nworkers = 2\n", ":1: unknown key `server`"),
+        (
+            'bind = ["127.0.0.1:9"]\n',
+            ":1: unknown key `bind` (for gunicorn's `bind`, corral takes the key `http`;",
+        ),
+        ("preload_app = true\n", "corral takes the key `preload`; or give the gunicorn file itself"),
         ("http = [1, 2\n", ":2: invalid TOML"),
         ("workers-min = 5\nworkers-max = 2\n", "--workers-min 5 is greater than --workers-max 2 (set in"),
         ("timeout = -1\n", ":1: `timeout`"),
@@ -155,6 +160,8 @@ def test_a_server_runs_from_the_file(start_server, tmp_path):
         # TOML reads 0o660 as the integer 432: a mode must be a string.
         ("socket-mode = 0o660\n", ":1: `socket-mode` is an octal mode: write it as a string"),
         ("umask = 0o027\n", ":1: `umask` is an octal mode"),
+        ("umask = 27\n", ':1: `umask` is an octal mode: write it as a string, e.g. umask = "027"'),
+        ("max-requests-jitter = 50\n", "(--max-requests-jitter, which needs it, comes from {cfg}:1)"),
         ('workers = 1\nhttp = ["nonsense:port"]\n', ":2: `http`: invalid value 'nonsense:port'"),
         ('stats = "bad:port"\n', ":1: `stats`: invalid value 'bad:port'"),
         ('env = ["NOEQ"]\n', ":1: `env`: invalid value 'NOEQ'"),
@@ -189,9 +196,22 @@ def test_errors_name_the_key_and_line(tmp_path, text, message):
         (["--harakiri", "30"], "note: for uWSGI's --harakiri, corral takes --timeout SECS"),
         (["--socket", ":3031"], "note: for uWSGI's --socket, corral takes --uwsgi ADDR"),
         (["--master"], "note: for uWSGI's --master, corral takes nothing: corral always runs a master"),
+        # gunicorn's options corral spells differently or has no use for.
+        (
+            ["-k", "gevent"],
+            "note: for gunicorn's -k, corral takes --threads N (its workers are gunicorn's sync",
+        ),
+        (
+            ["--statsd-host", "x:8125"],
+            "note: for gunicorn's --statsd-host, corral takes nothing (corral sends no",
+        ),
+        (
+            ["--worker-tmp-dir", "/dev/shm"],
+            "note: for gunicorn's --worker-tmp-dir, corral takes nothing, as it is not needed",
+        ),
     ],
 )
-def test_habits_from_uwsgi_get_an_error_that_says_what_to_write(args, message):
+def test_habits_from_uwsgi_and_gunicorn_get_an_error_that_says_what_to_write(args, message):
     proc = _run([*args, "behaviour:application"], cwd=APPS)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 

@@ -554,6 +554,8 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
                     let name = arg.split('=').next().unwrap_or_default();
                     if let Some(eq) = crate::uwsgi_names::equivalent(name) {
                         eprintln!("note: for uWSGI's {name}, corral takes {eq}");
+                    } else if let Some(g) = crate::gunicorn_conf::hint(name) {
+                        eprintln!("note: for gunicorn's {name}, corral takes {g}");
                     }
                 }
             }
@@ -575,6 +577,23 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
                     .filter(|var| std::env::var_os(var).is_some())
                 {
                     eprintln!("(that value comes from the environment variable {})", var.to_string_lossy());
+                }
+            }
+            if e.kind() == clap::error::ErrorKind::MissingRequiredArgument {
+                // Which option set in the config file asks for the missing
+                // one: the one without which the requirement goes away.
+                for (id, at) in &origins {
+                    let Some(long) =
+                        cmd.get_arguments().find(|a| a.get_id() == id.as_str()).and_then(|a| a.get_long())
+                    else {
+                        continue;
+                    };
+                    let prefix = format!("--{long}=");
+                    let without: Vec<&String> = argv.iter().filter(|a| !a.starts_with(&prefix)).collect();
+                    let still = cmd.clone().try_get_matches_from(without).err().map(|e| e.kind());
+                    if still != Some(clap::error::ErrorKind::MissingRequiredArgument) {
+                        eprintln!("(--{long}, which needs it, comes from {at})");
+                    }
                 }
             }
             return Ok(code);

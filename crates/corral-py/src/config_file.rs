@@ -104,12 +104,24 @@ pub fn layer(
         else {
             let close =
                 cmd.get_arguments().filter_map(|a| a.get_long()).find(|l| *l == key.replace('_', "-"));
-            return Err(match (crate::uwsgi_names::equivalent(key), close) {
-                (_, Some(long)) => format!("{at}: unknown key `{key}` (did you mean `{long}`?)"),
-                (Some(eq), None) => {
+            let gunicorn = crate::gunicorn_conf::hint(key);
+            return Err(match (crate::uwsgi_names::equivalent(key), close, gunicorn) {
+                (_, Some(long), _) => format!("{at}: unknown key `{key}` (did you mean `{long}`?)"),
+                (Some(eq), None, _) => {
                     format!("{at}: unknown key `{key}` (for uWSGI's `{key}`, corral takes {eq})")
                 }
-                (None, None) => {
+                (None, None, Some(g)) => {
+                    // An option's key is its long name.
+                    let takes = match g.strip_prefix("--").filter(|k| !k.contains(' ')) {
+                        Some(k) => format!("the key `{k}`"),
+                        None => g,
+                    };
+                    format!(
+                        "{at}: unknown key `{key}` (for gunicorn's `{key}`, corral takes {takes}; or give \
+                         the gunicorn file itself: a --config name ending in .py is read as one)"
+                    )
+                }
+                (None, None, None) => {
                     format!("{at}: unknown key `{key}` (keys are the long option names, such as `workers`)")
                 }
             });
@@ -154,8 +166,9 @@ pub fn layer(
             if OCTAL_KEYS.contains(&key) && matches!(v, Value::Integer(_)) {
                 // TOML reads 0o660 and 660 alike as plain integers: which one
                 // was meant cannot be told, and a wrong mode would go unnoticed.
+                let example = if key == "umask" { "027" } else { "660" };
                 return Err(format!(
-                    "{at}: `{key}` is an octal mode: write it as a string, e.g. {key} = \"660\""
+                    "{at}: `{key}` is an octal mode: write it as a string, e.g. {key} = \"{example}\""
                 ));
             }
             let s = scalar(v).ok_or_else(|| format!("{at}: `{key}` must be a string or a number"))?;

@@ -171,6 +171,39 @@ const HOOKS: &[(&str, &str)] = &[
     ("ssl_context", "corral serves plain HTTP: terminate TLS in the front end"),
 ];
 
+/// What corral takes for gunicorn's setting or command-line option `name`
+/// (`worker_class`, `--worker-class`, `-k`), when corral spells it
+/// differently or has none: the note an unknown option or config key gets.
+pub fn hint(name: &str) -> Option<String> {
+    let setting = match name {
+        "-k" => "worker_class".to_string(),
+        "--log-config" => "logconfig".to_string(),
+        "--log-config-dict" => "logconfig_dict".to_string(),
+        "--paste" | "--paster" => "paste".to_string(),
+        "--log-syslog" => "syslog".to_string(),
+        "--statsd-host" => "statsd_host".to_string(),
+        "--no-sendfile" => "sendfile".to_string(),
+        "--proxy-allow-from" => "proxy_allow_ips".to_string(),
+        other => other.trim_start_matches('-').replace('-', "_"),
+    };
+    if setting == "worker_class" {
+        return Some(
+            "--threads N (its workers are gunicorn's sync and gthread kind; it has no gevent, \
+             eventlet or ASGI worker classes)"
+                .to_string(),
+        );
+    }
+    if let Some((_, instead)) = HOOKS.iter().find(|(h, _)| *h == setting) {
+        return Some(format!("no server hooks ({instead})"));
+    }
+    match rule(&setting)? {
+        Rule::Option(key) => Some(format!("--{key}")),
+        Rule::Refused(_, why) => Some(format!("nothing ({why})")),
+        Rule::Moot(_, why) => Some(format!("nothing, as it is not needed ({why})")),
+        Rule::Ignored => None,
+    }
+}
+
 /// The line of `text` where `name` is assigned at the top level (or a
 /// function of that name defined), for error messages and --print-config.
 fn line_of(text: &str, name: &str) -> Option<usize> {
@@ -377,5 +410,18 @@ mod tests {
         }
         assert!(matches!(rule("bind"), Some(Rule::Option("http"))));
         assert!(rule("not_a_setting").is_none());
+    }
+
+    #[test]
+    fn hints_for_gunicorns_names() {
+        assert_eq!(hint("bind").as_deref(), Some("--http"));
+        assert_eq!(hint("preload_app").as_deref(), Some("--preload"));
+        assert!(hint("--worker-tmp-dir")
+            .unwrap()
+            .starts_with("nothing, as it is not needed (corral's workers"));
+        assert!(hint("-k").unwrap().starts_with("--threads N (its workers are gunicorn's sync and gthread"));
+        assert!(hint("--statsd-host").unwrap().starts_with("nothing (corral sends no StatsD"));
+        assert!(hint("post_fork").unwrap().starts_with("no server hooks (each worker imports"));
+        assert_eq!(hint("wrkers"), None);
     }
 }
