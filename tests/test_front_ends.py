@@ -452,6 +452,74 @@ def test_front_end_error_when_corral_is_stopped_then_recovery(stack):
     assert stack.environ()["PATH_INFO"] == "/environ"
 
 
+@pytest.mark.skipif(not front_ends.available("nginx"), reason="nginx is not installed")
+def test_nginx_proxy_pass_over_http_to_a_unix_socket(start_server, tmp_path):
+    """docs/deploy/nginx.md's HTTP section, as a site moving from gunicorn has
+    it: proxy_pass to --http on a unix socket, kept connections, the client's
+    scheme in X-Forwarded-Proto (believed from a unix socket peer)."""
+    sock = tmp_path / "corral.sock"
+    server = start_server("front_app:application", "--http", f"unix:{sock}", http=None, wait=False, threads=2)
+    server.wait_for("Worker ready")
+    port, tls_port = free_port(), free_port()
+    location = """
+        proxy_pass http://corral_http;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $http_host;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;"""
+    front = front_ends.nginx(
+        tmp_path / "nginx",
+        f"""
+    upstream corral_http {{
+        server unix:{sock};
+        keepalive 8;
+    }}
+    server {{
+        listen {port};
+        location / {{{location}
+            proxy_set_header X-Forwarded-Proto $scheme;
+        }}
+    }}
+    server {{
+        listen {tls_port};
+        location / {{{location}
+            proxy_set_header X-Forwarded-Proto https;   # as $scheme is behind TLS
+        }}
+    }}""",
+    )
+    try:
+
+        def get(path, p=port, method="GET", body=None):
+            conn = http.client.HTTPConnection("127.0.0.1", p, timeout=30)
+            try:
+                conn.request(method, path, body=body)
+                resp = conn.getresponse()
+                return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+            finally:
+                conn.close()
+
+        status, _, body = get("/environ?q=1")
+        env = json.loads(body)
+        assert status == 200
+        assert (env["wsgi.url_scheme"], env["QUERY_STRING"], env["HTTP_HOST"]) == (
+            "http",
+            "q=1",
+            f"127.0.0.1:{port}",
+        )
+        assert env["HTTP_X_FORWARDED_FOR"] == "127.0.0.1"
+        assert json.loads(get("/environ", tls_port)[2])["wsgi.url_scheme"] == "https"
+        data = os.urandom(1 << 20)
+        status, _, out = get("/upload", method="POST", body=data)
+        assert json.loads(out) == {"length": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        status, headers, out = get("/plain", method="HEAD")
+        assert (status, out, headers.get("content-length")) == (200, b"", "27")
+        for _ in range(20):
+            assert get("/plain")[0] == 200
+        assert not server.grep(r"\[WARNING\]|\[ERROR\]")
+    finally:
+        front.stop()
+
+
 @pytest.mark.skipif(not front_ends.available("cgi-fcgi"), reason="cgi-fcgi (libfcgi-bin) is not installed")
 def test_cgi_fcgi(start_server):
     port = free_port()
