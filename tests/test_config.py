@@ -405,6 +405,12 @@ def test_check_config_imports_with_the_users_rights(tmp_path):
     tmp_path.chmod(0o755)
     as_nobody = _run(["--check-config", "--user", "nobody", "--pythonpath", str(private), "privapp"])
     assert as_nobody.returncode == 1 and "privapp" in as_nobody.stderr, as_nobody.stderr
+    # The error says why: a module nobody finds may be in a directory it may not read.
+    note = next(
+        line for line in as_nobody.stderr.splitlines() if line.startswith("This process runs as user")
+    )
+    assert note.startswith("This process runs as user nobody, who may not read these directories"), note
+    assert str(private) in note, note
     preloaded = _run(
         ["--check-config", "--user", "nobody", "--preload", "--pythonpath", str(private), "privapp"]
     )

@@ -37,11 +37,48 @@ impl std::fmt::Display for AppSpec {
     }
 }
 
+/// When an import fails: the sys.path directories this process may not
+/// read, said with the user it runs as. A worker under --user that cannot
+/// read the virtualenv or Python itself (installed under /root, say) fails
+/// with "No module named 'datetime'", which names neither.
+fn unreadable_path_note(py: Python<'_>) -> Option<String> {
+    let path: Vec<String> = py.import("sys").ok()?.getattr("path").ok()?.extract().ok()?;
+    let found: Vec<String> = path
+        .into_iter()
+        .filter(|d| !d.is_empty())
+        .filter(|d| match std::fs::metadata(d) {
+            Err(e) => e.kind() == std::io::ErrorKind::PermissionDenied,
+            Ok(m) => {
+                let c = std::ffi::CString::new(d.as_str()).unwrap_or_default();
+                m.is_dir() && unsafe { libc::access(c.as_ptr(), libc::R_OK | libc::X_OK) } != 0
+            }
+        })
+        .collect();
+    if found.is_empty() {
+        return None;
+    }
+    let uid = unsafe { libc::geteuid() };
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map_or_else(|| uid.to_string(), |u| u.name);
+    Some(format!(
+        "This process runs as user {user}, who may not read these directories on the module search \
+         path: {}. Under --user, that user must be able to read the app, its virtualenv and Python itself",
+        found.join(", ")
+    ))
+}
+
 /// Imports the module and returns the callable, or a message for the log.
 pub fn load_app(py: Python<'_>, spec: &AppSpec) -> Result<PyObject, String> {
-    let module = py
-        .import(spec.module.as_str())
-        .map_err(|e| format!("Failed to import module {:?}:\n{}", spec.module, format_exception(py, &e)))?;
+    let module = py.import(spec.module.as_str()).map_err(|e| {
+        let mut msg = format!("Failed to import module {:?}:\n{}", spec.module, format_exception(py, &e));
+        if let Some(note) = unreadable_path_note(py) {
+            msg.push('\n');
+            msg.push_str(&note);
+        }
+        msg
+    })?;
     let mut obj = module.clone().into_any();
     for part in spec.attr.split('.') {
         obj = obj.getattr(part).map_err(|_| {
