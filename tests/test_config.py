@@ -606,8 +606,9 @@ def test_a_gunicorn_configuration_file_is_read_as_gunicorn_reads_it(start_server
     assert got["umask"] == ('"27"', at + "17")
     assert got["name"] == ('"gconf"', at + "20")
     assert got["app"] == ('"behaviour:application"', at + "22")
-    # What it does not need is said, not silently dropped.
+    # What it does not need is said, not silently dropped; what differs too.
     assert f"{cfg}:21: gunicorn's `worker_tmp_dir` is not needed" in proc.stderr
+    assert f"{cfg}:8: gunicorn's `timeout` (how long a worker may stay silent) is taken as" in proc.stderr
 
     server = start_server(str(cfg), "-c", http=None, pythonpath=None, workers=None, wait=False)
     server.expected_workers = 2

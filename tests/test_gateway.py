@@ -821,6 +821,9 @@ def test_fastcgi_abort_request_closes_the_iterable(gw, reads_body):
             r = conn.request(g.cgi_params(uri="/fixed"), request_id=1)
             assert r.body == b"hello world"
     gw.wait_for(r"the front end aborted the request", since=mark)
+    # Said once, not again as a client that disconnected.
+    said = gw.grep(r"abort|disconnect", since=mark)
+    assert len(said) == 1, [m.string for m in said]
 
 
 def test_gunicorn_zeros_keep_alive_off_and_limits_at_the_ceiling(start_server):
@@ -917,6 +920,8 @@ def test_fastcgi_abort_while_the_app_reads_the_body(gw, keep_conn):
         else:
             assert conn.at_eof(timeout=10)
     gw.wait_for(r"POST /sha from .*: the front end aborted the request", since=mark)
+    said = gw.grep(r"abort|disconnect", since=mark)
+    assert len(said) == 1, [m.string for m in said]
 
 
 def test_fastcgi_stdin_past_content_length_is_not_read(gw):

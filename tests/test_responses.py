@@ -337,6 +337,13 @@ def test_a_body_before_start_response_is_a_500_that_says_so(behaviour):
     behaviour.wait_for(r"gave body bytes before start_response\(\) was called", since=mark)
 
 
+def test_no_start_response_and_a_failing_close_are_both_logged(behaviour):
+    mark = behaviour.mark()
+    assert behaviour.request("GET", "/close-fails?nostart=1").status == 500
+    behaviour.wait_for(r"the application returned without calling start_response", since=mark)
+    behaviour.wait_for(r"Traceback", since=mark)
+
+
 def test_exception_after_headers_aborts_a_chunked_response(behaviour):
     mark = behaviour.mark()
     with behaviour.connect() as conn:

@@ -178,7 +178,10 @@ def keep_environ(environ, start_response):
 def close_fails(environ, start_response):
     """A whole body whose iterable's close() raises (a Django request_finished
     handler that fails, say); with ?mid=1 its iteration fails after the first
-    piece as well."""
+    piece as well; with ?nostart=1 start_response is never called and the
+    iterable is empty."""
+    if "nostart" in _query(environ):
+        return _CloseFails([])
     start_response("200 OK", [("Content-Type", "text/plain")])
     return _CloseFails([b"hello ", b"world"], fail_after=1 if "mid" in _query(environ) else None)
 

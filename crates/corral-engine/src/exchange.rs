@@ -1847,6 +1847,12 @@ impl PartialOrd for RespPhase {
 impl Exchange {
     /// The error that ended the body, if reading it failed: the status to
     /// answer with when the app gives up because of it.
+    /// The front end aborted this request (FastCGI ABORT_REQUEST): the
+    /// engine logs that once, as the request ends.
+    pub fn front_end_aborted(&self) -> bool {
+        self.lock().is_some_and(|io| io.fcgi_aborted)
+    }
+
     pub fn body_error(&self) -> Option<BodyError> {
         let io = self.lock()?;
         match io.body {

@@ -376,6 +376,14 @@ pub fn translate(py: Python<'_>, spec: &str) -> Result<(Vec<Setting>, Vec<String
             ("loglevel", Value::String(s)) => Value::from(s.value().to_ascii_lowercase()),
             (_, v) => v,
         };
+        if name == "timeout" && matches!(&v, Value::Integer(i) if *i.value() > 0) {
+            notes.push(format!(
+                "{}: gunicorn's `timeout` (how long a worker may stay silent) is taken as corral's \
+                 --timeout, a deadline for each request: one running longer gets 504 and its worker \
+                 is replaced, also with several threads (gunicorn's gthread workers let it run)",
+                at(&name)
+            ));
+        }
         out.push(Setting { key, value: v, at: at(&name) });
     }
     // gunicorn watches these files for changes only while it reloads on code changes.

@@ -421,6 +421,12 @@ impl WsgiApp {
                     req.describe()
                 );
             } else {
+                // Both faults, each with its own line: the close() error
+                // alone would hide that no response was ever started.
+                error!(
+                    "App error in {}: the application returned without calling start_response",
+                    req.describe()
+                );
                 self.app_error(py, req, ex, &e);
             }
         } else if !ex.started() {
@@ -471,7 +477,7 @@ impl WsgiApp {
         if e.is_instance_of::<ClientDisconnected>(py) {
             // A body cut short is logged once by the engine, with the peer
             // and how much was missing.
-            if ex.body_error() != Some(BodyError::Truncated) {
+            if ex.body_error() != Some(BodyError::Truncated) && !ex.front_end_aborted() {
                 info!("{what} from {}: client disconnected ({})", req.peer(), e.value(py));
             }
             ex.abort();
@@ -483,7 +489,7 @@ impl WsgiApp {
         if let Some(be) = ex.body_error().filter(|_| raised_for_body(py, e)) {
             // A broken FastCGI stream is the front end's fault: the engine
             // logs it once, with the peer, when it closes the connection.
-            if !matches!(be, BodyError::Gateway(_)) {
+            if !matches!(be, BodyError::Gateway(_) | BodyError::Aborted) {
                 info!("{what}: {be}");
             }
             if !ex.headers_sent() {
