@@ -1675,6 +1675,11 @@ fn hand_over_if_draining<A: App>(w: &Shared<A>, conn: Box<Conn>) -> Option<Box<C
     match crate::handover::send(w.master, to, conn.entry.fd, note_for(w, conn.listener, &conn.entry)) {
         Ok(()) => {
             HANDED_OVER.fetch_add(1, Ordering::Relaxed);
+            // Marked as the sweeper marks what it hands over (close() counts
+            // it off again), so that close() does not shut it down for the
+            // sibling too when the app has forked.
+            conn.entry.handed.store(true, Ordering::Relaxed);
+            w.handed.fetch_add(1, Ordering::Relaxed);
             // The sibling holds the connection too, so closing this copy
             // neither ends it nor takes it out of this epoll set.
             if conn.registered {

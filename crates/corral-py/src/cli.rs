@@ -912,7 +912,8 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     };
 
     // After a re-exec the previous program's sockets are still open here:
-    // the same command line lists the same listeners in the same order.
+    // each goes to the listener asking for its address (the configuration
+    // read again may have added, removed or reordered listeners).
     let mut inherited = corral_engine::supervise::take_inherited_listeners();
     let mut listeners = Vec::new();
     let asked: Vec<(&str, &Addr)> =
