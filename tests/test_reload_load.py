@@ -290,6 +290,34 @@ def test_an_idle_keep_alive_connection_is_handed_to_a_new_worker_on_hup(start_se
         assert new != old and int(new) in server.worker_pids(mark)
 
 
+def test_a_connection_handed_over_after_the_app_forked_stays_open(start_server):
+    """Once the app has forked, a worker shuts down the connections it closes
+    (a child may hold copies); one it handed to a sibling must not be: that
+    would end it for the sibling too."""
+    server = start_server("behaviour:application", workers=1)
+    with server.connect() as conn:
+        conn.send(b"GET /fork-returns HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert conn.read_response().body.startswith(b"parent ")
+        conn.send(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
+        old = conn.read_response().body.decode()
+        # A response under way (its head already sent) as the drain begins:
+        # the connection is handed over as it ends, and this worker's copy
+        # closed then.
+        mark = server.mark()
+        conn.send(b"GET /burst-then-slow?slow=3 HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.3)
+        server.signal(signal.SIGHUP)
+        server.wait_for(rf"Worker draining: pid={old}", since=mark)
+        resp = conn.read_response()
+        assert (resp.status, resp.header("Connection")) == (200, None)
+        assert resp.body.endswith(b"slow 2\n")
+        server.wait_for(rf"Worker stopped gracefully: pid={old}", since=mark)
+        assert server.grep(rf"Worker handed 1 kept-alive connection\(s\) to other workers: pid={old}", mark)
+        conn.send(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
+        new = conn.read_response().body.decode()
+        assert new != old and int(new) in server.worker_pids(mark)
+
+
 def test_a_request_on_an_idle_keep_alive_connection_as_a_stop_begins_is_served(start_server):
     """With no worker left to take it (a graceful stop), a request sent on an
     idle keep-alive connection just as the drain begins is served, with
