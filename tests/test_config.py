@@ -643,7 +643,10 @@ def _ps_args():
             ":1: gunicorn's `certfile` has no counterpart in corral: corral serves plain HTTP",
         ),
         ('statsd_host = "localhost:8125"\n', ":1: gunicorn's `statsd_host` has no counterpart in corral"),
-        ("secure_scheme_headers = {'X-SCHEME': 'https'}\n", ":1: gunicorn's `secure_scheme_headers` has no"),
+        (
+            "secure_scheme_headers = {'X-SCHEME': 'https'}\n",
+            ":1: gunicorn's `secure_scheme_headers` names a header or value corral does not take",
+        ),
         ('workers = "many"\n', ":1: `workers`: invalid value 'many'"),
         ("workers = 2\nbind = 1 / 0\n", "line 2, in <module>\n    bind = 1 / 0"),
         ("workers = (\n", "SyntaxError"),
@@ -674,6 +677,25 @@ def test_gunicorn_settings_at_their_defaults_ask_for_nothing(tmp_path):
     proc = _run(["-c", str(cfg), "--print-config", "behaviour:application"])
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "", proc.stderr
+
+
+def test_common_gunicorn_settings_that_ask_for_what_corral_does_anyway(tmp_path):
+    """Settings often found in gunicorn files that ask for part of what corral
+    does already, or for nothing: taken, with a note saying so."""
+    cfg = tmp_path / "gunicorn.conf.py"
+    cfg.write_text(
+        "secure_scheme_headers = {'X-Forwarded-Proto': 'https'}\ncapture_output = True\nerrorlog = '-'\n"
+    )
+    proc = _run(["-c", str(cfg), "--print-config", "behaviour:application"])
+    assert proc.returncode == 0, proc.stderr
+    assert f"{cfg}:1: gunicorn's `secure_scheme_headers` names only part of gunicorn's default" in proc.stderr
+    assert f"{cfg}:2: gunicorn's `capture_output` without an errorlog file is not needed" in proc.stderr
+    assert _printed(proc.stdout)["capture-output"][1] == "default"
+    log = tmp_path / "error.log"
+    cfg.write_text(f"capture_output = True\nerrorlog = {str(log)!r}\n")
+    proc = _run(["-c", str(cfg), "--print-config", "behaviour:application"])
+    assert proc.returncode == 0, proc.stderr
+    assert _printed(proc.stdout)["capture-output"] == ("true", f"config file {cfg}:1")
 
 
 def test_a_gunicorn_configuration_module_and_a_python_looking_toml_file(tmp_path):

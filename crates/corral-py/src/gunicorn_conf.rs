@@ -129,9 +129,8 @@ fn rule(name: &str) -> Option<Rule> {
             Moot("(None,)", "corral's workers report to the master through shared memory, not a file")
         }
         "tmp_upload_dir" => Moot("(None,)", "corral keeps no request data in files"),
-        "secure_scheme_headers" => Refused("({'X-FORWARDED-PROTOCOL': 'ssl', 'X-FORWARDED-PROTO': 'https', 'X-FORWARDED-SSL': 'on'},)",
-            "corral takes gunicorn's default headers (from --forwarded-allow-ips peers) and no others",
-        ),
+        // Handled in `translate`: any part of gunicorn's default is taken.
+        "secure_scheme_headers" => Ignored,
         "forwarder_headers" => Refused("('SCRIPT_NAME,PATH_INFO',)", "corral takes SCRIPT_NAME from --mount, not from a header"),
         "header_map" => Refused("('drop',)", "corral drops header names with underscores, as gunicorn's default does"),
         "permit_obsolete_folding"
@@ -143,6 +142,26 @@ fn rule(name: &str) -> Option<Rule> {
         }
         _ => return None,
     })
+}
+
+/// The headers (and values) that make the scheme https, gunicorn's default
+/// `secure_scheme_headers`, as corral takes them (see `forwarded.rs`).
+const SCHEME_HEADERS: &[(&str, &str)] =
+    &[("X-FORWARDED-PROTOCOL", "ssl"), ("X-FORWARDED-PROTO", "https"), ("X-FORWARDED-SSL", "on")];
+
+/// Whether a `secure_scheme_headers` value is gunicorn's default (true), a
+/// part of it (false), or names anything else (None).
+fn scheme_headers(value: &Bound<'_, PyAny>) -> Option<bool> {
+    let dict = value.downcast::<PyDict>().ok()?;
+    let mut seen = 0;
+    for (k, v) in dict.iter() {
+        let (k, v) = (k.extract::<String>().ok()?.to_ascii_uppercase(), v.extract::<String>().ok()?);
+        if !SCHEME_HEADERS.iter().any(|(h, hv)| *h == k && hv.eq_ignore_ascii_case(&v)) {
+            return None;
+        }
+        seen += 1;
+    }
+    Some(seen == SCHEME_HEADERS.len())
 }
 
 /// gunicorn's server hooks: corral runs none of them.
@@ -332,6 +351,42 @@ pub fn translate(py: Python<'_>, spec: &str) -> Result<(Vec<Setting>, Vec<String
     // In the file's order, so repeated errors point at the first.
     items.sort_by_key(|(k, _)| line_of(&text, k).unwrap_or(usize::MAX));
     for (name, value) in items {
+        if name == "secure_scheme_headers" {
+            match scheme_headers(&value) {
+                Some(true) => {}
+                Some(false) => notes.push(format!(
+                    "{}: gunicorn's `secure_scheme_headers` names only part of gunicorn's default; \
+                     corral takes all of it from --forwarded-allow-ips peers: {}",
+                    at(&name),
+                    SCHEME_HEADERS.iter().map(|(h, v)| format!("{h}: {v}")).collect::<Vec<_>>().join(", ")
+                )),
+                None => {
+                    return Err(format!(
+                        "{}: gunicorn's `secure_scheme_headers` names a header or value corral does not \
+                         take: it makes the scheme https on {} only (from --forwarded-allow-ips peers)",
+                        at(&name),
+                        SCHEME_HEADERS
+                            .iter()
+                            .map(|(h, v)| format!("{h}: {v}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                }
+            }
+            continue;
+        }
+        if name == "capture_output" && value.is_truthy().unwrap_or(false) {
+            let errorlog = get("errorlog").and_then(|v| v.extract::<String>().ok());
+            if errorlog.as_deref().is_none_or(|e| e == "-") {
+                // gunicorn takes it, to no effect: the output is on stderr already.
+                notes.push(format!(
+                    "{}: gunicorn's `capture_output` without an errorlog file is not needed: the app's \
+                     output goes to standard error already; ignored",
+                    at(&name)
+                ));
+                continue;
+            }
+        }
         let Some(rule) = rule(&name) else { continue };
         let key = match &rule {
             Rule::Ignored => continue,
