@@ -679,6 +679,26 @@ def test_gunicorn_settings_at_their_defaults_ask_for_nothing(tmp_path):
     assert proc.stderr == "", proc.stderr
 
 
+def test_every_gunicorn_hook_of_the_file_is_named_at_once(tmp_path):
+    """gunicorn's example configuration, which many copy, defines several
+    logging hooks: each is named, with its line, in one error."""
+    cfg = tmp_path / "gunicorn.conf.py"
+    cfg.write_text(
+        "bind = '127.0.0.1:8000'\n\n"
+        "def post_fork(server, worker):\n    server.log.info('Worker spawned (pid: %s)', worker.pid)\n\n"
+        "def when_ready(server):\n    server.log.info('Server is ready. Spawning workers')\n\n"
+        "def worker_int(worker):\n    worker.log.info('worker received INT or QUIT signal')\n"
+    )
+    proc = _run(["-c", str(cfg), "behaviour:application"])
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "is a gunicorn server hook" in line]
+    assert [line.split(": `")[0].rsplit(":", 1)[-1] for line in lines] == ["3", "6", "9"], proc.stderr
+    assert (
+        "`when_ready` is a gunicorn server hook, and corral runs no hooks: --stats ADDR serves /readyz"
+        in lines[1]
+    )
+
+
 def test_common_gunicorn_settings_that_ask_for_what_corral_does_anyway(tmp_path):
     """Settings often found in gunicorn files that ask for part of what corral
     does already, or for nothing: taken, with a note saying so."""

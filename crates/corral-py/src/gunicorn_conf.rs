@@ -320,13 +320,24 @@ pub fn translate(py: Python<'_>, spec: &str) -> Result<(Vec<Setting>, Vec<String
     let truthy = |name: &str| get(name).is_some_and(|v| v.is_truthy().unwrap_or(false));
     let mut out: Vec<Setting> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
-    for (hook, instead) in HOOKS {
-        if get(hook).is_some_and(|v| v.is_callable()) {
-            return Err(format!(
-                "{}: `{hook}` is a gunicorn server hook, and corral runs no hooks: {instead}",
-                at(hook)
-            ));
-        }
+    // All of them at once, so that one edit of the file deals with them.
+    let mut hooks: Vec<(usize, String)> = HOOKS
+        .iter()
+        .filter(|(hook, _)| get(hook).is_some_and(|v| v.is_callable()))
+        .map(|(hook, instead)| {
+            let line = line_of(&text, hook).unwrap_or(usize::MAX);
+            (
+                line,
+                format!(
+                    "{}: `{hook}` is a gunicorn server hook, and corral runs no hooks: {instead}",
+                    at(hook)
+                ),
+            )
+        })
+        .collect();
+    if !hooks.is_empty() {
+        hooks.sort();
+        return Err(hooks.into_iter().map(|(_, m)| m).collect::<Vec<_>>().join("\n"));
     }
     if let Some(class) = get("worker_class") {
         let class = class.extract::<String>().unwrap_or_default();
