@@ -720,11 +720,8 @@ def test_common_gunicorn_settings_that_ask_for_what_corral_does_anyway(tmp_path)
 
 def test_a_gunicorn_configuration_module_and_a_python_looking_toml_file(tmp_path):
     (tmp_path / "deploy_conf.py").write_text("workers = 4\n")
-    proc = _run(
-        ["--config", "python:deploy_conf", "--print-config", "behaviour:application"],
-        cwd=tmp_path,
-        env={"PYTHONPATH": str(tmp_path)},
-    )
+    # Found in the current directory, as gunicorn finds it.
+    proc = _run(["--config", "python:deploy_conf", "--print-config", "behaviour:application"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert _printed(proc.stdout)["workers"] == ('"4"', f"config file {tmp_path / 'deploy_conf.py'}:1")
     # A gunicorn file under another name is not taken for TOML silently.

@@ -24,10 +24,27 @@ pub fn is_gunicorn_config(spec: &str) -> bool {
 /// `file:PATH` is PATH, and `python:MODULE` the module's source file.
 pub fn file_of(py: Python<'_>, spec: &str) -> Option<std::path::PathBuf> {
     if let Some(module) = spec.strip_prefix("python:") {
-        let found = py.import("importlib.util").ok()?.call_method1("find_spec", (module,)).ok()?;
+        let util = py.import("importlib.util").ok()?;
+        let found = with_cwd_on_path(py, || util.call_method1("find_spec", (module,))).ok()?;
         return found.getattr("origin").ok()?.extract::<String>().ok().map(Into::into);
     }
     Some(spec.strip_prefix("file:").unwrap_or(spec).into())
+}
+
+/// Runs `f` with the current directory first on sys.path, where gunicorn
+/// has it when it imports a `python:MODULE` configuration.
+fn with_cwd_on_path<T>(py: Python<'_>, f: impl FnOnce() -> T) -> T {
+    let path = py.import("sys").and_then(|s| s.getattr("path")).ok();
+    let cwd = std::env::current_dir().ok().map(|d| d.to_string_lossy().into_owned());
+    let added = match (&path, cwd) {
+        (Some(p), Some(cwd)) => p.call_method1("insert", (0, cwd.clone())).ok().map(|_| cwd),
+        _ => None,
+    };
+    let out = f();
+    if let (Some(p), Some(cwd)) = (&path, added) {
+        let _ = p.call_method1("remove", (cwd,));
+    }
+    out
 }
 
 /// One setting of the file as a corral option: its long name, its value and
@@ -261,7 +278,7 @@ fn load<'py>(py: Python<'py>, spec: &str) -> Result<(Bound<'py, PyDict>, String,
     };
     let (names, path) = match spec.strip_prefix("python:") {
         Some(module) => {
-            let m = py.import(module).map_err(failed)?;
+            let m = with_cwd_on_path(py, || py.import(module)).map_err(failed)?;
             let path = m.getattr("__file__").and_then(|f| f.extract::<String>()).unwrap_or_default();
             let names = m.dict();
             (names, path)
