@@ -39,8 +39,9 @@ impl std::fmt::Display for AppSpec {
 
 /// When an import fails: the sys.path directories this process may not
 /// read, said with the user it runs as. A worker under --user that cannot
-/// read the virtualenv or Python itself (installed under /root, say) fails
-/// with "No module named 'datetime'", which names neither.
+/// read the virtualenv or Python itself (installed in a home directory it
+/// may not enter, say) fails with "No module named 'datetime'", which
+/// names neither.
 fn unreadable_path_note(py: Python<'_>) -> Option<String> {
     let path: Vec<String> = py.import("sys").ok()?.getattr("path").ok()?.extract().ok()?;
     let found: Vec<String> = path
