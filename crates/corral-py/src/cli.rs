@@ -813,21 +813,10 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             }
         }
     }
-    let mut parsed = Vec::new();
-    for (protocol, a) in &wanted {
-        match Addr::parse(a) {
-            Ok(addr) => parsed.push((*protocol, from_start(addr, chdir_from))),
-            Err(e) => {
-                error!("{}", located(&format!("--{} {e}", protocol.name())));
-                return Ok(2);
-            }
-        }
-    }
-    let stats_addr = match cli.stats.as_deref().map(|a| Addr::parse(a).map(|a| from_start(a, chdir_from))) {
-        None => None,
-        Some(Ok(a)) => Some(a),
-        Some(Err(e)) => {
-            error!("{}", located(&format!("--stats {e}")));
+    let (parsed, stats_addr) = match listener_addrs(&cli, &wanted, chdir_from) {
+        Ok(addrs) => addrs,
+        Err(e) => {
+            error!("{}", located(&e));
             return Ok(2);
         }
     };
@@ -1323,6 +1312,25 @@ fn assign_inherited(
     taken
 }
 
+/// The listeners' addresses (protocol, address) and the --stats one.
+type ListenerAddrs = (Vec<(Protocol, Addr)>, Option<Addr>);
+
+/// The addresses of the listeners `wanted` and of --stats, parsed, with a
+/// relative unix socket path taken from the start directory.
+fn listener_addrs(
+    cli: &Cli,
+    wanted: &[(Protocol, &str)],
+    chdir_from: Option<&std::path::Path>,
+) -> Result<ListenerAddrs, String> {
+    let parse = |name: &str, a: &str| {
+        Addr::parse(a).map(|a| from_start(a, chdir_from)).map_err(|e| format!("--{name} {e}"))
+    };
+    let listeners =
+        wanted.iter().map(|(p, a)| parse(p.name(), a).map(|addr| (*p, addr))).collect::<Result<_, _>>()?;
+    let stats = cli.stats.as_deref().map(|a| parse("stats", a)).transpose()?;
+    Ok((listeners, stats))
+}
+
 /// The listeners the options ask for, in the order they are bound.
 fn listeners_given(cli: &Cli) -> Vec<(Protocol, &str)> {
     [
@@ -1348,17 +1356,11 @@ fn check_new_binds(cli: &Cli, held: &str) -> Result<(), String> {
     // the running master holds already.
     let start = std::env::current_dir().ok();
     let chdir_from = start.as_deref().filter(|_| cli.chdir.is_some());
-    let mut wanted: Vec<(&str, Addr)> = Vec::new();
-    for (name, a) in listeners_given(cli)
-        .into_iter()
-        .map(|(p, a)| (p.name(), a))
-        .chain(cli.stats.as_deref().map(|a| ("stats", a)))
-    {
-        wanted.push((name, from_start(Addr::parse(a)?, chdir_from)));
-    }
+    let (parsed, stats) = listener_addrs(cli, &listeners_given(cli), chdir_from)?;
+    let wanted: Vec<(&str, &Addr)> =
+        parsed.iter().map(|(p, a)| (p.name(), a)).chain(stats.iter().map(|a| ("stats", a))).collect();
     // Taken over as the new program will take them.
-    let refs: Vec<(&str, &Addr)> = wanted.iter().map(|(n, a)| (*n, a)).collect();
-    let reused = assign_inherited(&mut held, &refs);
+    let reused = assign_inherited(&mut held, &wanted);
     for ((name, addr), reuse) in wanted.iter().zip(reused) {
         if reuse.is_none() {
             let options = BindOptions { reuse_port: cli.reuse_port, ..BindOptions::default() };
