@@ -230,6 +230,53 @@ def test_a_worker_that_crashes_logs_its_python_stacks_first(start_server):
     assert wait_until(lambda: _serves(server), timeout=30)
 
 
+@pytest.mark.parametrize("crash", ["/segfault", "/segfault-without-gil"])
+def test_a_crash_loses_only_the_request_that_crashed(start_server, crash):
+    """A segfault in one thread: its client gets a 500; a kept-alive connection
+    and a new one whose requests wait unread go to the replacement and are
+    served there. A request on another thread finishes if the crash left the
+    GIL free, and is cut if the crashed thread held it (it can never end)."""
+    server = start_server("behaviour:application", workers=1, threads=2)
+    old = _pid_of_request(server)
+    with (
+        server.connect() as kept,
+        server.connect() as fresh,
+        server.connect() as slow,
+        server.connect() as bad,
+    ):
+        kept.send_request("GET", "/pid")
+        assert int(kept.read_response().body) == old
+        mark = server.mark()
+        slow.send_request("GET", "/slow?secs=2&id=other")
+        server.wait_for("slow request started: other", since=mark)
+        bad.send_request("GET", crash)
+        resp = bad.read_response()
+        assert resp.status == 500, resp
+        server.wait_for(
+            rf"Worker crashed: SIGSEGV in thread \d while it served GET {crash}; the client got 500",
+            since=mark,
+        )
+        # Sent while the crashed worker still holds both connections.
+        kept.send_request("POST", "/pid", body=b"x" * 1000)
+        fresh.send_request("POST", "/pid", body=b"y" * 1000)
+        for conn in (kept, fresh):
+            resp = conn.read_response()
+            assert resp.status == 200, resp
+            assert int(resp.body) not in (old, 0)
+        if crash == "/segfault":
+            # ctypes.string_at holds the GIL, so the other thread's request cannot end.
+            assert slow.at_eof(30)
+        else:
+            resp = slow.read_response()
+            assert (resp.status, resp.body) == (200, b"slept other"), resp
+    server.wait_for(r"Worker handed 2 connection\(s\) to other workers after the crash", since=mark)
+    server.wait_for(
+        rf"Worker 0 \(pid {old}\) was killed by signal 11 \(SIGSEGV\) while serving .*GET {crash}", since=mark
+    )
+    server.wait_for(r"Fatal Python error: Segmentation fault", since=mark)
+    assert server.grep(r"\[ERROR\] Worker crashed", since=mark)
+
+
 def test_the_stack_of_a_request_past_timeout_that_runs_python_all_along(start_server):
     """Its frames change all the time; the stack is read in a copy of the worker
     taken at one instant, so it is whole, and the worker is replaced as usual."""

@@ -105,6 +105,32 @@ def test_a_worker_out_of_file_descriptors_pauses_accepting(start_server):
     assert server.request("GET", "/fixed", timeout=15).status == 200
 
 
+def test_out_of_file_descriptors_idle_kept_alive_connections_make_room(start_server):
+    """As at --max-connections: a new client waiting in the queue while every
+    descriptor is taken gets one an idle kept-alive connection held."""
+    server = start_server(
+        "behaviour:application",
+        threads=2,
+        command=["sh", "-c", 'ulimit -n 64 && exec "$0" "$@"', *CORRAL],
+    )
+    kept = []
+    try:
+        for _ in range(70):
+            conn = server.connect()
+            conn.send_request("GET", "/fixed", {"Host": "x"})
+            kept.append(conn)
+            if server.grep(r"Cannot accept connections"):
+                break
+        server.wait_for(r"Cannot accept connections: .*Too many open files")
+        # Every descriptor is taken; the ones that were answered sit idle.
+        resp = server.request("GET", "/fixed", timeout=15)
+        assert resp.status == 200, resp
+        server.wait_for(r"[1-9]\d* idle kept-alive connection\(s\) closed to make room", timeout=5)
+    finally:
+        for conn in kept:
+            conn.close()
+
+
 def test_max_connections_sheds_with_503(start_server):
     server = start_server("behaviour:application", "--max-connections", "3", threads=2)
     held = []
@@ -135,6 +161,39 @@ def test_max_connections_sheds_with_503(start_server):
     assert re.search(r"--max-connections 3", server.log)
     # Over HTTP: nothing about FastCGI, which only the FastCGI listener's lines say.
     assert "FastCGI" not in server.log, server.log
+
+
+def test_a_full_worker_leaves_new_clients_to_a_sibling_with_room(start_server):
+    """--max-connections holds per worker, and epoll wakes the same worker for
+    most new connections: once it is full, new clients go to the workers that
+    have room rather than get 503. Only a server full everywhere sheds."""
+    server = start_server("behaviour:application", "--max-connections", "4", workers=2, threads=1)
+    held = []
+    try:
+        # Seven clients that have not sent their request (nothing idle to close).
+        for _ in range(7):
+            held.append(server.connect())
+            time.sleep(0.05)
+        resp = server.request("GET", "/pid", timeout=15)
+        assert resp.status == 200, resp
+        assert not server.grep(r"turned away with 503"), server.log
+        # Both workers full now (four each): the next client is turned away.
+        held.append(server.connect())
+        time.sleep(0.3)
+        extra = socket.create_connection((server.host, server.port), timeout=10)
+        extra.sendall(b"GET /fixed HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while chunk := extra.recv(4096):
+            data += chunk
+        extra.close()
+        assert data.startswith(b"HTTP/1.1 503 "), data
+        # The connections handed over are served where they went.
+        for conn in held:
+            conn.send_request("GET", "/fixed", {"Host": "x"})
+            assert conn.read_response().status == 200
+    finally:
+        for conn in held:
+            conn.close()
 
 
 def test_idle_kept_alive_connections_make_room_for_new_ones(start_server):

@@ -584,6 +584,13 @@ def segfault(environ, start_response):
     ctypes.string_at(0)
 
 
+def segfault_without_gil(environ, start_response):
+    """Crashes in C code called with the GIL released, as a C library does."""
+    import ctypes
+
+    ctypes.memset(0, 0, 1)
+
+
 def close_std(environ, start_response):
     """Closes descriptors 0, 1 and 2, as a library that daemonizes the process would."""
     for fd in (0, 1, 2):
@@ -654,6 +661,7 @@ UNVALIDATED = {
     "/fork-child": fork_child,
     "/close-std": close_std,
     "/segfault": segfault,
+    "/segfault-without-gil": segfault_without_gil,
     "/spin": spin,
     "/lengths": lengths,
     "/undecodable": undecodable,

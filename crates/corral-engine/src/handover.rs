@@ -175,6 +175,17 @@ pub(crate) fn target(board: &Scoreboard, me: usize, master: libc::pid_t) -> Opti
     Some(ready[NEXT.fetch_add(1, Ordering::Relaxed) % ready.len()])
 }
 
+/// The sibling of `me` that serves and holds the fewest connections, if it
+/// holds fewer than `max`: where a new connection goes that `me` has no
+/// room for.
+pub(crate) fn target_with_room(board: &Scoreboard, me: usize, max: usize) -> Option<libc::pid_t> {
+    (0..board.slots())
+        .filter(|&slot| slot != me && board.state(slot) == WorkerState::Ready && board.conns(slot) < max)
+        .min_by_key(|&slot| board.conns(slot))
+        .map(|slot| board.pid(slot))
+        .filter(|&pid| alive(pid))
+}
+
 /// Whether a worker other than `me` serves or is starting to: one that can
 /// take connections now or soon. None during a stop, when every worker drains.
 pub(crate) fn successor(board: &Scoreboard, me: usize, master: libc::pid_t) -> bool {

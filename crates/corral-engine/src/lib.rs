@@ -9,6 +9,7 @@ pub mod access;
 pub mod app;
 pub mod cgi;
 pub mod config;
+pub mod crash;
 pub mod daemon;
 pub mod date;
 pub mod exchange;

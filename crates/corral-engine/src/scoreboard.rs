@@ -73,7 +73,8 @@ struct WorkerHeader {
     error_len: AtomicU32,
     /// Responses the offload thread is sending now.
     offloaded: AtomicU32,
-    _pad: u32,
+    /// Connections the worker holds (its registry's count).
+    conns: AtomicU32,
     /// Counters for the metrics, indexed by the `C_*` constants.
     counters: [AtomicU64; COUNTERS],
     /// The last exception the app raised, as text (truncated).
@@ -110,6 +111,7 @@ pub enum Retire {
     Lifetime = 2,
     Rss = 3,
     Timeout = 4,
+    Crash = 5,
 }
 
 impl Retire {
@@ -120,6 +122,7 @@ impl Retire {
             Retire::Lifetime => "lifetime",
             Retire::Rss => "rss",
             Retire::Timeout => "timeout",
+            Retire::Crash => "crash",
         }
     }
 
@@ -129,6 +132,7 @@ impl Retire {
             Retire::Lifetime => "it reached --max-worker-lifetime",
             Retire::Rss => "its memory passed --reload-on-rss",
             Retire::Timeout => "a request ran past --timeout",
+            Retire::Crash => "one of its threads crashed",
         }
     }
 }
@@ -210,6 +214,7 @@ impl Scoreboard {
         h.retire.store(0, Ordering::Relaxed);
         h.error_len.store(0, Ordering::Relaxed);
         h.offloaded.store(0, Ordering::Relaxed);
+        h.conns.store(0, Ordering::Relaxed);
         for c in &h.counters {
             c.store(0, Ordering::Relaxed);
         }
@@ -242,6 +247,7 @@ impl Scoreboard {
             2 => Some(Retire::Lifetime),
             3 => Some(Retire::Rss),
             4 => Some(Retire::Timeout),
+            5 => Some(Retire::Crash),
             _ => None,
         }
     }
@@ -389,6 +395,15 @@ impl Scoreboard {
 
     pub fn pid(&self, slot: usize) -> i32 {
         self.header(slot).pid.load(Ordering::Relaxed)
+    }
+
+    pub fn set_conns(&self, slot: usize, n: usize) {
+        self.header(slot).conns.store(n.min(u32::MAX as usize) as u32, Ordering::Relaxed);
+    }
+
+    /// How many connections a worker holds.
+    pub fn conns(&self, slot: usize) -> usize {
+        self.header(slot).conns.load(Ordering::Relaxed) as usize
     }
 
     /// How many of a worker's threads are serving a request now.

@@ -146,6 +146,12 @@ fn all_stuck<A: App>(w: &Shared<A>) -> bool {
     w.stuck.load(Ordering::Acquire) >= w.current.len()
 }
 
+/// Whether no thread of this worker will start another request: every one
+/// is stuck past --timeout, or one crashed (see [`crate::crash`]).
+fn serving_over<A: App>(w: &Shared<A>) -> bool {
+    all_stuck(w) || crate::crash::crashed().is_some()
+}
+
 /// Whether a draining worker may close its idle keep-alive connections.
 fn idle_linger_over() -> bool {
     draining()
@@ -356,6 +362,9 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
     };
     // The app has loaded since the handlers went in.
     restore_own_handlers();
+    if !crate::crash::installed() {
+        crate::crash::install(|| false);
+    }
     log_panics();
     tune_allocator();
     let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
@@ -475,7 +484,14 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
     }
     shared.scoreboard.set_state(shared.slot, WorkerState::Ready);
     info!("Worker ready: pid={} threads={}", std::process::id(), threads);
-    or_exit(|| main_loop(&shared, &signals))
+    let code = or_exit(|| main_loop(&shared, &signals));
+    // However the loop ended, a crashed worker runs nothing more (the
+    // embedding's exit would wait for the lock the crashed thread may
+    // hold) and dies of its signal.
+    if let Some(c) = crate::crash::crashed() {
+        crate::crash::die(c);
+    }
+    code
 }
 
 /// Above this size glibc's malloc maps a block of its own (and unmaps it
@@ -669,6 +685,7 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
     // Compared with the current parent to notice the master's death (the
     // master may itself be PID 1 in a container, so "parent is 1" is no test).
     let master = unsafe { libc::getppid() };
+    let mut crash_seen = false;
     loop {
         signals.wait(SWEEP_INTERVAL);
         if signals.quit.load(Ordering::Relaxed) {
@@ -683,6 +700,11 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
             begin_drain(w);
         }
         let now = mono_ms();
+        let crash = crate::crash::crashed();
+        if let (Some(c), false) = (crash, crash_seen) {
+            crash_seen = true;
+            on_crash(w, c, now);
+        }
         let reopen = signals.reopen.swap(false, Ordering::Relaxed);
         if reopen {
             match crate::logfile::reopen() {
@@ -737,7 +759,10 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
             // Downloads the offload thread is sending need no serving thread
             // until they are out: they go on, up to the graceful timeout.
             let sending = w.offload.as_ref().map_or(0, |o| o.sending.load(Ordering::Acquire));
-            if stuck > 0 && sending == 0 && orphans_left == 0 && (live <= stuck || all_stuck(w)) {
+            // A crashed thread holding the interpreter lock: the others
+            // can never end their requests.
+            let others_stuck = all_stuck(w) || crash.is_some_and(|c| c.held_lock);
+            if stuck > 0 && sending == 0 && orphans_left == 0 && (live <= stuck || others_stuck) {
                 // Only timed-out requests are left, or every thread is in
                 // one and the connections held here could never be served:
                 // the sweep has handed those it could to a sibling, and what
@@ -749,9 +774,13 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
                 let handed = HANDED_OVER.load(Ordering::Relaxed);
                 if handed > 0 {
                     info!(
-                        "Worker handed {handed} connection(s) to other workers while stuck: pid={}",
+                        "Worker handed {handed} connection(s) to other workers {}: pid={}",
+                        if crash.is_some() { "after the crash" } else { "while stuck" },
                         std::process::id()
                     );
+                }
+                if let Some(c) = crash {
+                    crate::crash::die(c);
                 }
                 warn!(
                     "Worker exiting with {stuck} timed-out request(s) still running: pid={}",
@@ -796,59 +825,9 @@ fn check_timeouts<A: App>(w: &Shared<A>, now: u64) {
         if now.saturating_sub(since) < limit_ms || w.timed_out[t].load(Ordering::Acquire) {
             continue;
         }
-        // Under the thread's `current` lock: a thread ending its request
-        // clears `current` before it looks at `timed_out`, so either it has
-        // ended (nothing to do) or it will find the flag and leave the
-        // request, counted here, uncounted.
-        let mut current = w.current[t].lock().unwrap();
-        let Some((fd, io, protocol, note)) =
-            current.as_mut().map(|(f, i, p, n)| (*f, i.clone(), *p, n.take()))
-        else {
+        let Some(answered) = abandon_request(w, t, now, since, 504, "the request timed out", true) else {
             continue;
         };
-        w.timed_out[t].store(true, Ordering::Release);
-        w.stuck.fetch_add(1, Ordering::AcqRel);
-        let micros = now.saturating_sub(since) * 1000;
-        let answered = match io.try_lock() {
-            Ok(mut io) => {
-                let blocking: fn(&mut dyn FnMut()) = |f| f();
-                let fresh = io.phase < RespPhase::Sent && !io.broken;
-                if fresh {
-                    io.status = 504;
-                    let reply = error_reply(io.wire, 504, "the request timed out");
-                    let _ = io.write_parts(&[&reply], blocking);
-                }
-                // Counted now, as it ends for the client: the stuck thread
-                // may never come back to count it.
-                let bytes_in = std::mem::take(&mut io.read_total);
-                w.scoreboard.record(w.slot, protocol as usize, io.status, micros, bytes_in, io.bytes_sent);
-                // Whatever the app does next goes nowhere.
-                io.broken = true;
-                io.keep_alive = false;
-                let answered = if fresh {
-                    "the client got 504"
-                } else {
-                    "its response had started, so the connection was cut"
-                };
-                (answered, io.status, io.bytes_sent)
-            }
-            // The thread is inside a socket wait of its own: what it sent is
-            // not known here, and the request counts as a 504.
-            Err(_) => {
-                w.scoreboard.record(w.slot, protocol as usize, 504, micros, 0, 0);
-                ("the connection was cut", 504, 0)
-            }
-        };
-        let (answered, status, sent) = answered;
-        // Sends what is queued (the 504), then ends the connection, which
-        // also wakes the thread if it waits on this socket. Before the lock
-        // goes: once it has, the thread may come back, close the descriptor,
-        // and its number may be a new client's by the time this runs.
-        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-        drop(current);
-        if let (Some(log), Some(note)) = (&w.access, note) {
-            note.log(log, status, sent, micros);
-        }
         let traceback = w.app.thread_traceback(t).unwrap_or_else(|| "(no traceback available)\n".to_string());
         error!(
             "Request timeout: {what} ran for {:.1} s, over --timeout {:.1} s, in worker {} (pid {}), \
@@ -862,6 +841,122 @@ fn check_timeouts<A: App>(w: &Shared<A>, now: u64) {
         w.scoreboard.request_retire(w.slot, Retire::Timeout);
         w.scoreboard.count(w.slot, crate::scoreboard::C_TIMEOUTS, 1);
     }
+}
+
+/// Ends for its client the request thread `t` runs, which that thread
+/// will not end (stuck past --timeout, or crashed): answers `status` with
+/// `why` if nothing was sent yet, else cuts the connection; counts it and
+/// writes its access log line. Says what the client got; None if the
+/// thread was between requests, or (unless `wait`) its request is locked.
+fn abandon_request<A: App>(
+    w: &Shared<A>,
+    t: usize,
+    now: u64,
+    since: u64,
+    status: u16,
+    why: &str,
+    wait: bool,
+) -> Option<String> {
+    // Under the thread's `current` lock: a thread ending its request
+    // clears `current` before it looks at `timed_out`, so either it has
+    // ended (nothing to do) or it will find the flag and leave the
+    // request, counted here, uncounted.
+    let mut current = if wait { w.current[t].lock().unwrap() } else { w.current[t].try_lock().ok()? };
+    let (fd, io, protocol, note) = current.as_mut().map(|(f, i, p, n)| (*f, i.clone(), *p, n.take()))?;
+    w.timed_out[t].store(true, Ordering::Release);
+    w.stuck.fetch_add(1, Ordering::AcqRel);
+    let micros = now.saturating_sub(since) * 1000;
+    let (answered, status, sent) = match io.try_lock() {
+        Ok(mut io) => {
+            let blocking: fn(&mut dyn FnMut()) = |f| f();
+            let fresh = io.phase < RespPhase::Sent && !io.broken;
+            if fresh {
+                io.status = status;
+                let reply = error_reply(io.wire, status, why);
+                let _ = io.write_parts(&[&reply], blocking);
+            }
+            // Counted now, as it ends for the client: the thread may never
+            // come back to count it.
+            let bytes_in = std::mem::take(&mut io.read_total);
+            w.scoreboard.record(w.slot, protocol as usize, io.status, micros, bytes_in, io.bytes_sent);
+            // Whatever the app does next goes nowhere.
+            io.broken = true;
+            io.keep_alive = false;
+            let answered = if fresh {
+                format!("the client got {status}")
+            } else {
+                "its response had started, so the connection was cut".to_string()
+            };
+            (answered, io.status, io.bytes_sent)
+        }
+        // The thread is inside a socket wait of its own: what it sent is
+        // not known here, and the request counts as failed.
+        Err(_) => {
+            w.scoreboard.record(w.slot, protocol as usize, status, micros, 0, 0);
+            ("the connection was cut".to_string(), status, 0)
+        }
+    };
+    // Sends what is queued (the answer), then ends the connection, which
+    // also wakes the thread if it waits on this socket. Before the lock
+    // goes: once it has, the thread may come back, close the descriptor,
+    // and its number may be a new client's by the time this runs.
+    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    drop(current);
+    if let (Some(log), Some(note)) = (&w.access, note) {
+        note.log(log, status, sent, micros);
+    }
+    Some(answered)
+}
+
+/// Takes over from a serving thread that crashed (see [`crate::crash`]):
+/// this worker accepts nothing more and starts no request, answers the
+/// crashed one, and asks the master for a replacement, to which the
+/// connections nothing was read from go once it is ready.
+fn on_crash<A: App>(w: &Shared<A>, c: crate::crash::Crash, now: u64) {
+    {
+        let _pause = ACCEPT_PAUSE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        if ACCEPT_PAUSED_AT.load(Ordering::Acquire) == 0 && !draining() {
+            for (fd, _) in &w.listeners {
+                unsafe { libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_DEL, *fd, std::ptr::null_mut()) };
+            }
+        }
+        // Threads woken by a listener before it left skip their accepts;
+        // resume_accepting never puts the listeners back.
+        ACCEPT_PAUSED_AT.store(now.max(1), Ordering::Release);
+    }
+    // Siblings draining must not hand it their connections.
+    w.scoreboard.set_state(w.slot, WorkerState::Draining);
+    let signal = crate::supervise::signal_name(c.signal);
+    let serving = w.scoreboard.thread_request(w.slot, c.thread);
+    let answered = serving
+        .as_ref()
+        .and_then(|(_, since)| abandon_request(w, c.thread, now, *since, 500, "the worker crashed", false));
+    if answered.is_none() {
+        // Between requests, or its request is locked (the crash came in
+        // the middle of the server's own work on it): nothing to answer.
+        w.timed_out[c.thread].store(true, Ordering::Release);
+        w.stuck.fetch_add(1, Ordering::AcqRel);
+    }
+    let request = match (serving, answered) {
+        (Some((what, _)), Some(answered)) => format!("while it served {what}; {answered}"),
+        (Some((what, _)), None) => {
+            format!("while it served {what}; its client is cut off as the worker exits")
+        }
+        (None, _) => "between requests".to_string(),
+    };
+    let others = if c.held_lock {
+        "; it held the interpreter lock, so the requests of the other threads cannot end and are cut once \
+         the replacement is ready"
+    } else {
+        ""
+    };
+    error!(
+        "Worker crashed: {signal} in thread {} {request}. The worker is being replaced; it accepts nothing more, and the connections it has not begun to read go to its \
+         replacement{others}: pid={}",
+        c.thread,
+        std::process::id()
+    );
+    w.scoreboard.request_retire(w.slot, Retire::Crash);
 }
 
 /// This worker's resident memory when it became ready, before any request.
@@ -953,7 +1048,7 @@ fn begin_drain<A: App>(w: &Shared<A>) {
         // Connections arriving from here on wake the other workers. Unless
         // every thread is stuck past --timeout: nothing taken here would be
         // served, while the replacement and the other workers will be.
-        while !all_stuck(w) {
+        while !serving_over(w) {
             match accept_one(w, idx) {
                 Accepted::Conn(conn) => park(w, conn),
                 Accepted::Shed => {}
@@ -983,7 +1078,7 @@ fn begin_drain<A: App>(w: &Shared<A>) {
 /// the sibling's inbox was full.
 fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize {
     let draining = draining() && w.inbox.is_some();
-    let orphans = draining && all_stuck(w);
+    let orphans = draining && serving_over(w);
     let mut left = 0;
     // Half-millisecond waits for a full inbox of the sibling taking over,
     // 200 ms at most per sweep.
@@ -1208,6 +1303,7 @@ fn thread_main<A: App>(w: &Shared<A>, t: usize, holder: Option<Arc<crate::flushe
     let batch = if w.config.threads > 1 { 1 } else { 64 };
     let mut events: Vec<libc::epoll_event> = vec![libc::epoll_event { events: 0, u64: 0 }; batch];
     let mut held = Held::new(holder);
+    crate::crash::enter_serving(t);
     loop {
         let n = unsafe { libc::epoll_wait(w.epfd, events.as_mut_ptr(), batch as i32, -1) };
         if n < 0 {
@@ -1219,6 +1315,9 @@ fn thread_main<A: App>(w: &Shared<A>, t: usize, holder: Option<Arc<crate::flushe
             return;
         }
         for ev in &events[..n as usize] {
+            if crate::crash::crashed().is_some() {
+                after_crash(w, t, &mut held);
+            }
             let token = ev.u64;
             if token == INBOX_TOKEN {
                 take_handed_over(w, &mut state, t, &mut held);
@@ -1247,6 +1346,19 @@ fn thread_main<A: App>(w: &Shared<A>, t: usize, holder: Option<Arc<crate::flushe
     }
 }
 
+/// Where a serving thread goes once another one crashed: it writes what it
+/// has finished and starts nothing more. The connections it was woken for
+/// stay registered, untouched, for the main thread to hand over.
+fn after_crash<A: App>(w: &Shared<A>, t: usize, held: &mut Held) -> ! {
+    held.release(w);
+    if let Some(log) = &w.access {
+        log.flush_thread(t);
+    }
+    loop {
+        std::thread::park();
+    }
+}
+
 fn accept_batch<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, idx: usize, held: &mut Held) {
     if ACCEPT_PAUSED_AT.load(Ordering::Relaxed) != 0 {
         // Woken by the listener just before it left the epoll set.
@@ -1255,6 +1367,9 @@ fn accept_batch<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, idx: usi
     let started = mono_ms();
     let mut serving = true;
     for _ in 0..ACCEPT_BATCH {
+        if crate::crash::crashed().is_some() {
+            return; // the rest stay queued for the other workers
+        }
         match accept_one(w, idx) {
             // Serve right away: the request often arrived with the connection.
             Accepted::Conn(conn) if serving => {
@@ -1353,17 +1468,14 @@ fn report_shed<A: App>(w: &Shared<A>, now: u64) {
 /// descriptors; says so at most once a second.
 fn pause_accepting<A: App>(w: &Shared<A>, e: &io::Error) {
     let now = mono_ms();
-    {
-        let _pause = ACCEPT_PAUSE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-        // Draining, the listeners have left the epoll set already, and their
-        // numbers may be taken by other descriptors since.
-        if ACCEPT_PAUSED_AT.load(Ordering::Acquire) == 0 && !draining() {
-            for (fd, _) in &w.listeners {
-                unsafe { libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_DEL, *fd, std::ptr::null_mut()) };
-            }
-            ACCEPT_PAUSED_AT.store(now.max(1), Ordering::Release);
-        }
-    }
+    pause_listeners(w, now);
+    // As at --max-connections: a new client must not wait for a descriptor
+    // that an idle kept-alive connection holds.
+    let reclaimed = {
+        let reg = w.registry.lock().unwrap();
+        (0..RECLAIM_ON_EMFILE).take_while(|_| reclaim_idle(&reg)).count()
+    };
+    RECLAIMED_FOR_FDS.fetch_add(reclaimed as u64, Ordering::Relaxed);
     let mut no_fds = NO_FDS.lock().unwrap_or_else(|p| p.into_inner());
     no_fds.0 += 1;
     if now >= no_fds.1 + 1000 {
@@ -1371,16 +1483,70 @@ fn pause_accepting<A: App>(w: &Shared<A>, e: &io::Error) {
         unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
         warn!(
             "Cannot accept connections: {e} (open files limit {}, `ulimit -n`; this worker holds {} \
-             connection(s)); pausing accepts for {} to {} ms; {} refused accept(s) since the last report: \
-             pid={}",
+             connection(s)); pausing accepts for {} to {} ms; {} refused accept(s) and {} idle kept-alive \
+             connection(s) closed to make room since the last report: pid={}",
             limit.rlim_cur,
             w.registry.lock().unwrap().live,
             ACCEPT_PAUSE.as_millis(),
             (ACCEPT_PAUSE + SWEEP_INTERVAL).as_millis(),
             no_fds.0,
+            RECLAIMED_FOR_FDS.swap(0, Ordering::Relaxed),
             std::process::id()
         );
         *no_fds = (0, now);
+    }
+}
+
+/// Idle kept-alive connections closed at each accept that failed for lack
+/// of descriptors; each close frees one for a client waiting in the queue.
+const RECLAIM_ON_EMFILE: usize = 4;
+/// Those closed since the last log line about the descriptor shortage.
+static RECLAIMED_FOR_FDS: AtomicU64 = AtomicU64::new(0);
+
+/// Takes the listeners out of the epoll set for [`ACCEPT_PAUSE`]: the
+/// kernel then wakes the other workers for new connections.
+fn pause_listeners<A: App>(w: &Shared<A>, now: u64) {
+    let _pause = ACCEPT_PAUSE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    // Draining, the listeners have left the epoll set already, and their
+    // numbers may be taken by other descriptors since.
+    if ACCEPT_PAUSED_AT.load(Ordering::Acquire) == 0 && !draining() {
+        for (fd, _) in &w.listeners {
+            unsafe { libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_DEL, *fd, std::ptr::null_mut()) };
+        }
+        ACCEPT_PAUSED_AT.store(now.max(1), Ordering::Release);
+    }
+}
+
+/// At `--max-connections` with nothing idle to close: gives the connection
+/// just accepted to a sibling that has room, as a new one (its first
+/// request unread), and stops accepting for [`ACCEPT_PAUSE`] so the next
+/// ones go to the siblings directly. epoll wakes the same worker for most
+/// new connections, so without this one full worker turned clients away
+/// with 503 while the others had room. False when no sibling has room.
+fn pass_to_sibling<A: App>(w: &Shared<A>, fd: RawFd, idx: usize) -> bool {
+    if w.inbox.is_none() {
+        return false;
+    }
+    let Some(to) = crate::handover::target_with_room(&w.scoreboard, w.slot, w.config.max_connections) else {
+        return false;
+    };
+    let note = crate::handover::Note {
+        listener: idx as u16,
+        protocol: w.listeners[idx].1.protocol as u8,
+        client: None,
+        fresh: true,
+    };
+    match crate::handover::send(w.master, to, fd, note) {
+        Ok(()) => {
+            unsafe { libc::close(fd) };
+            pause_listeners(w, mono_ms());
+            debug!("at --max-connections: handed a new connection to worker pid {to}");
+            true
+        }
+        Err(e) => {
+            debug!("at --max-connections: handing a new connection to worker pid {to}: {e}");
+            false
+        }
     }
 }
 
@@ -1389,6 +1555,9 @@ fn resume_accepting<A: App>(w: &Shared<A>, now: u64) {
     let _pause = ACCEPT_PAUSE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let at = ACCEPT_PAUSED_AT.load(Ordering::Acquire);
     if at == 0 || now < at + ACCEPT_PAUSE.as_millis() as u64 {
+        return;
+    }
+    if crate::crash::crashed().is_some() {
         return;
     }
     // A drain has let the listeners go meanwhile.
@@ -1443,7 +1612,9 @@ fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Accepted {
         let reg = w.registry.lock().unwrap();
         if reg.live >= w.config.max_connections && !reclaim_idle(&reg) {
             drop(reg);
-            shed(w, fd, idx);
+            if !pass_to_sibling(w, fd, idx) {
+                shed(w, fd, idx);
+            }
             return Accepted::Shed;
         }
     }
@@ -1488,6 +1659,7 @@ fn adopt<A: App>(
     let slot = {
         let mut reg = w.registry.lock().unwrap();
         reg.live += 1;
+        w.scoreboard.set_conns(w.slot, reg.live);
         match reg.free.pop() {
             Some(i) => {
                 reg.entries[i] = Some(entry.clone());
@@ -2374,6 +2546,7 @@ fn close<A: App>(w: &Shared<A>, conn: Box<Conn>, reset: bool) {
         reg.entries[conn.slot] = None;
         reg.free.push(conn.slot);
         reg.live -= 1;
+        w.scoreboard.set_conns(w.slot, reg.live);
         if conn.entry.handed.load(Ordering::Relaxed) {
             w.handed.fetch_sub(1, Ordering::Relaxed);
         }
@@ -2549,10 +2722,11 @@ fn handle_request<A: App>(
         drain_and_close(&mut io);
         return Outcome::Done(false);
     }
-    if w.config.timeout.is_some() {
-        let note = w.access.as_ref().map(|log| LogNote::of(log, conn, &req));
-        *w.current[t].lock().unwrap() = Some((conn.entry.fd, conn.io.clone(), listener.protocol, note));
-    }
+    // For the main thread, should this request run past --timeout or its
+    // thread crash. The access log's note of it only with --timeout: a
+    // crash is rare enough to go without that line.
+    let note = w.config.timeout.and(w.access.as_ref()).map(|log| LogNote::of(log, conn, &req));
+    *w.current[t].lock().unwrap() = Some((conn.entry.fd, conn.io.clone(), listener.protocol, note));
     let started = Instant::now();
     let began_ms = mono_ms();
     w.scoreboard.begin(w.slot, t, req.method(), req.target(), began_ms);
@@ -2591,7 +2765,7 @@ fn handle_request<A: App>(
         }
     }
     w.scoreboard.end(w.slot, t);
-    let timed_out = w.config.timeout.is_some() && {
+    let timed_out = {
         *w.current[t].lock().unwrap() = None;
         w.timed_out[t].swap(false, Ordering::AcqRel)
     };

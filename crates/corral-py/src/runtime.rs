@@ -96,6 +96,9 @@ impl Hooks for Runtime {
         crate::logging::set_worker(ctx.slot);
         // Still the GIL-holding main thread, now in the child.
         let py = unsafe { Python::assume_gil_acquired() };
+        // Before faulthandler, which passes a crash on to it once it has
+        // written the stacks.
+        corral_engine::crash::install(holds_gil);
         // Before the import, which --timeout ends with SIGABRT if it hangs.
         enable_faulthandler(py);
         // The master entered --chdir when it started; a deploy may have
@@ -269,6 +272,13 @@ fn wait_for_app_threads(py: Python<'_>) {
     if let Err(e) = threading.call_method0("_shutdown") {
         error!("waiting for the app's threads: {e}");
     }
+}
+
+/// Whether the calling thread holds the GIL; called in a signal handler, on
+/// a thread that crashed. PyGILState_Check only loads the interpreter's
+/// current thread state and the thread's own.
+fn holds_gil() -> bool {
+    unsafe { ffi::PyGILState_Check() == 1 }
 }
 
 /// A worker that crashes (a segfault in a C extension, an abort) writes the

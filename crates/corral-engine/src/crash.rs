@@ -1,0 +1,147 @@
+//! A serving thread that crashes (a segfault in a C extension, an abort
+//! from a failed assertion) loses its own request, not every connection its
+//! worker holds.
+//!
+//! A worker holds more connections than it has threads: kept-alive ones
+//! between two requests, new ones whose request waits in the socket. Dying
+//! at once resets all of them, and a front end answers 502 to what it sent
+//! on them. So the crashed thread's handler does not die: it notes the
+//! crash and parks the thread for good. The main thread then does what it
+//! does for a worker whose every thread is stuck past `--timeout`: answers
+//! the crashed request, asks for a replacement, and hands the connections
+//! it has not begun to read to the replacement once that is ready. Then it
+//! dies of the same signal, so the master's log and a core dump say what
+//! they said before.
+//!
+//! The handler goes in before Python's `faulthandler`, which then calls it
+//! after it has written every thread's Python stack. Only a fault the
+//! kernel raised on a serving thread of this very process is taken this
+//! way (an `abort()` is one it raised itself); anything else dies of its
+//! signal at once, as without the handler: a crash on another thread, in a
+//! process the app forked, one sent with kill, or a second crash.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+
+/// The signals a crash raises.
+const FAULTS: [libc::c_int; 5] = [libc::SIGSEGV, libc::SIGBUS, libc::SIGFPE, libc::SIGILL, libc::SIGABRT];
+
+/// The process whose serving threads the handler may keep: not a child the
+/// app forked, which inherits the handler.
+static WORKER_PID: AtomicI32 = AtomicI32::new(0);
+/// Taken by the first crash; a second one dies at once.
+static CLAIMED: AtomicBool = AtomicBool::new(false);
+/// The crash: signal number in the high half, serving thread index + 1 in
+/// the low one; 0 while none happened.
+static CRASH: AtomicU64 = AtomicU64::new(0);
+/// Whether the crashed thread holds the lock the app's other threads need
+/// to go on (Python's GIL): their requests then never end.
+static HELD_LOCK: AtomicBool = AtomicBool::new(false);
+/// The embedding's check for that lock, run in the handler: a
+/// `fn() -> bool` that must be async-signal-safe.
+static HOLDS_LOCK: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// This thread's index among the serving threads, if it is one. Const
+    /// and without a destructor, so reading it in a signal handler is a
+    /// plain load.
+    static SERVING: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+/// Installs the handler for the signals a crash raises, in a worker before
+/// anything else takes them (Python's `faulthandler` chains to it).
+/// `holds_lock` says whether the calling thread holds a lock the app's other
+/// threads need, such as the GIL; it runs inside a signal handler.
+pub fn install(holds_lock: fn() -> bool) {
+    WORKER_PID.store(unsafe { libc::getpid() }, Ordering::Relaxed);
+    HOLDS_LOCK.store(holds_lock as usize, Ordering::Relaxed);
+    for sig in FAULTS {
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_fault as *const () as libc::sighandler_t;
+            action.sa_flags = libc::SA_SIGINFO;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(sig, &action, std::ptr::null_mut());
+        }
+    }
+}
+
+/// Whether [`install`] ran in this process.
+pub(crate) fn installed() -> bool {
+    WORKER_PID.load(Ordering::Relaxed) == unsafe { libc::getpid() }
+}
+
+/// Marks the calling thread as serving thread `t`.
+pub(crate) fn enter_serving(t: usize) {
+    SERVING.with(|s| s.set(t));
+}
+
+/// The crash, if a serving thread crashed: its signal and thread index, and
+/// whether it holds the lock the other threads need.
+pub(crate) fn crashed() -> Option<Crash> {
+    let c = CRASH.load(Ordering::Acquire);
+    (c != 0).then(|| Crash {
+        signal: (c >> 32) as libc::c_int,
+        thread: (c & 0xffff_ffff) as usize - 1,
+        held_lock: HELD_LOCK.load(Ordering::Acquire),
+    })
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Crash {
+    pub signal: libc::c_int,
+    pub thread: usize,
+    pub held_lock: bool,
+}
+
+/// Dies of the crash's signal, as the worker would have without the
+/// handler (with a core dump where the system keeps them).
+pub(crate) fn die(c: Crash) -> ! {
+    unsafe {
+        default_action(c.signal);
+        libc::raise(c.signal);
+        // Only if the signal was blocked on this thread.
+        libc::_exit(128 + c.signal);
+    }
+}
+
+unsafe fn default_action(sig: libc::c_int) {
+    let mut action: libc::sigaction = std::mem::zeroed();
+    action.sa_sigaction = libc::SIG_DFL;
+    libc::sigemptyset(&mut action.sa_mask);
+    libc::sigaction(sig, &action, std::ptr::null_mut());
+}
+
+extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Only what is async-signal-safe below: atomics, a thread-local load,
+    // getpid, sigaction, raise and pause.
+    let pid = unsafe { libc::getpid() };
+    let t = SERVING.try_with(Cell::get).unwrap_or(usize::MAX);
+    // The kernel's own fault (si_code > 0), or a signal this process sent
+    // itself: abort(), or faulthandler passing the fault on once it wrote
+    // the stacks. Not one another process sent.
+    let raised_here = unsafe { (*info).si_code > 0 || (*info).si_pid() == pid };
+    if pid == WORKER_PID.load(Ordering::Relaxed)
+        && t != usize::MAX
+        && raised_here
+        && !CLAIMED.swap(true, Ordering::AcqRel)
+    {
+        let check = HOLDS_LOCK.load(Ordering::Relaxed);
+        if check != 0 {
+            let check: fn() -> bool = unsafe { std::mem::transmute(check) };
+            HELD_LOCK.store(check(), Ordering::Release);
+        }
+        CRASH.store(((sig as u64) << 32) | (t as u64 + 1), Ordering::Release);
+        // The main thread takes it from here, and ends the process.
+        loop {
+            unsafe { libc::pause() };
+        }
+    }
+    unsafe {
+        default_action(sig);
+        // Pending until the handler returns (the signal is blocked while it
+        // runs), then the default action ends the process; a fault would
+        // also come back when the instruction runs again.
+        libc::raise(sig);
+    }
+}
