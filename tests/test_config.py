@@ -196,6 +196,11 @@ def test_errors_name_the_key_and_line(tmp_path, text, message):
         (["--harakiri", "30"], "note: for uWSGI's --harakiri, corral takes --timeout SECS"),
         (["--socket", ":3031"], "note: for uWSGI's --socket, corral takes --uwsgi ADDR"),
         (["--master"], "note: for uWSGI's --master, corral takes nothing: corral always runs a master"),
+        (["--stop", "/run/app.pid"], "note: for uWSGI's --stop, corral takes `corral signal TERM PIDFILE`"),
+        (
+            ["--cheaper", "2"],
+            "note: for uWSGI's --cheaper, corral takes --workers-min N with --workers-max M",
+        ),
         # gunicorn's options corral spells differently or has no use for.
         (
             ["-k", "gevent"],
@@ -214,6 +219,43 @@ def test_errors_name_the_key_and_line(tmp_path, text, message):
 def test_habits_from_uwsgi_and_gunicorn_get_an_error_that_says_what_to_write(args, message):
     proc = _run([*args, "behaviour:application"], cwd=APPS)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_a_converted_uwsgi_ini_gets_every_unknown_key_named_at_once(tmp_path):
+    cfg = tmp_path / "from-uwsgi.toml"
+    cfg.write_text(
+        'plugins = "python3"\nworkers = 2\nmanage-script-name = true\nstatic-map = "/s=/srv/s"\n'
+        'logto = "/var/log/app.log"\n'
+    )
+    proc = _run(["--config", str(cfg), "behaviour:application"], cwd=APPS)
+    assert proc.returncode == 2, proc.stderr
+    for line in (
+        ":1: unknown key `plugins` (for uWSGI's `plugins`, corral takes nothing: corral serves WSGI apps",
+        ":3: unknown key `manage-script-name` (for uWSGI's `manage-script-name`, corral takes --mount PREFIX",
+        ":4: unknown key `static-map` (for uWSGI's `static-map`, corral takes --static /URL=DIR)",
+        ":5: unknown key `logto` (for uWSGI's `logto`, corral takes --error-log FILE with --capture-output",
+    ):
+        assert line in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("app", "message"),
+    [
+        (
+            "corral.pid",
+            'APP "corral.pid" looks like a pid file: to reload a running server, `corral signal HUP',
+        ),
+        ("run/app.pid", "`corral signal HUP run/app.pid` (uWSGI's --reload PIDFILE)"),
+        ("behaviour.py", 'APP "behaviour.py" looks like a file name: give its module, `behaviour`'),
+        ("uwsgi.ini", "a configuration file: give it with --config uwsgi.ini"),
+    ],
+)
+def test_a_file_where_the_app_goes_gets_what_was_meant(app, message):
+    """uWSGI's `--reload PIDFILE` reads as corral's --reload switch and a pid
+    file for APP; refused before anything binds or imports."""
+    proc = _run(["--reload", app], cwd=APPS)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "Listening at" not in proc.stderr
 
 
 def test_a_unix_socket_in_a_missing_directory_is_named_with_its_option(tmp_path):

@@ -517,6 +517,7 @@ frontend www
     default_backend corral
 backend corral
     option httpchk GET /readyz
+    timeout check 1s
 {servers}
 """
         cluster.front = front_ends.haproxy(tmp_path / "haproxy", cfg, [port])

@@ -1,6 +1,8 @@
 """Lifecycle under constant load, counting every response: ten HUP reloads
 with the code changed in between, worker recycling, and a graceful stop."""
 
+import http.client
+import os
 import resource
 import signal
 import socket
@@ -9,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from front_ends import free_port
 from support import IncompleteResponse, group_members, wait_until
 
 
@@ -363,6 +366,67 @@ def test_hup_with_broken_code_keeps_the_old_workers_then_fixed_code_loads(start_
     finally:
         load.finish()
     assert not load.failures, load.failures[:10]
+
+
+def test_a_worker_that_dies_while_the_new_code_cannot_load_leaves_the_others_serving(start_server, tmp_path):
+    """After a HUP the new code of which does not load, a worker dies (the OOM
+    killer, say): its replacement cannot load either, and the other worker goes
+    on serving what it loaded, with no quick stop of the server; fixed code
+    loads at the next try."""
+    app = tmp_path / "versioned.py"
+    _write_app(app, 1)
+    server = start_server("versioned:application", "--chdir", str(tmp_path), workers=2, pythonpath=None)
+    app.write_text("def application(environ, start_response):\n    return [b'unclosed'\n")
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    server.wait_for(r"could not load the application .*keeps serving the code it has", count=2, since=mark)
+    victim, survivor = server.worker_pids()[:2]
+    mark = server.mark()
+    os.kill(victim, signal.SIGKILL)
+    server.wait_for(
+        r"could not load the application \(see the error above\); the 1 other worker\(s\) keep serving the "
+        r"code they loaded; trying again in 5s",
+        since=mark,
+    )
+    assert server.proc.poll() is None
+    assert not server.grep(r"shutting down|SIGQUIT", since=mark), server.log
+    for _ in range(5):
+        assert server.request("GET", "/").body == b"version 1"
+    mark = server.mark()
+    _write_app(app, 2)
+    server.wait_for(r"Worker ready", since=mark, timeout=20)
+    assert not server.grep(rf"pid {survivor}\) exited", since=mark)
+    # The next reload replaces the worker that kept the old code.
+    server.signal(signal.SIGHUP)
+    server.wait_for(rf"Worker \d+ \(pid {survivor}\) exited", since=mark, timeout=20)
+    assert all(server.request("GET", "/").body == b"version 2" for _ in range(5))
+
+
+def test_readiness_holds_while_the_workers_from_before_a_reexec_serve(start_server, tmp_path):
+    """With --preload a HUP re-executes the master; while (and, if the new code
+    does not load, as long as) the previous program's workers serve, /readyz
+    says ready: a balancer must not take a serving host out."""
+    app = tmp_path / "versioned.py"
+    _write_app(app, 1)
+    stats = free_port()
+    server = start_server(
+        "versioned:application",
+        "--preload",
+        "--chdir",
+        str(tmp_path),
+        "--stats",
+        f"127.0.0.1:{stats}",
+        workers=1,
+        pythonpath=None,
+    )
+    app.write_text("def application(environ, start_response):\n    return [b'unclosed'\n")
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    server.wait_for(r"could not load the new code", since=mark, timeout=30)
+    assert server.request("GET", "/").body == b"version 1"
+    conn = http.client.HTTPConnection("127.0.0.1", stats, timeout=10)
+    conn.request("GET", "/readyz")
+    assert conn.getresponse().status == 200
 
 
 def test_hup_with_preload_reexecutes_and_loads_new_code(start_server, tmp_path):

@@ -352,7 +352,10 @@ impl<'a, H: Hooks> Master<'a, H> {
             })
             .collect();
         workers.sort_by_key(|w| w.slot);
-        let ready = self.phase == Phase::Running && workers.iter().any(|w| w.state == "ready");
+        // After a re-exec, the previous program's workers serve until the
+        // new ones are ready, and for good if the new code does not load.
+        let ready = self.phase == Phase::Running
+            && (workers.iter().any(|w| w.state == "ready") || !self.inherited.is_empty());
         Snapshot {
             master_pid: std::process::id(),
             phase: match self.phase {
@@ -1272,6 +1275,24 @@ impl<'a, H: Hooks> Master<'a, H> {
                      from before the re-exec keep serving the previous code; trying again in {}s",
                     w.slot,
                     self.inherited.len(),
+                    RELOAD_RETRY.as_secs()
+                );
+                self.respawn_at = Some(Instant::now() + RELOAD_RETRY);
+                continue;
+            }
+            // A worker that died after a deploy the new code of which does
+            // not load (its replacement refused): the others still serve
+            // what they loaded, and go on.
+            let others = self
+                .workers
+                .values()
+                .filter(|o| !o.retiring && self.scoreboard.state(o.slot) == WorkerState::Ready)
+                .count();
+            if load_failed && self.told_ready && others > 0 {
+                error!(
+                    "Worker {} (pid {pid}) could not load the application (see the error above); the {others} \
+                     other worker(s) keep serving the code they loaded; trying again in {}s",
+                    w.slot,
                     RELOAD_RETRY.as_secs()
                 );
                 self.respawn_at = Some(Instant::now() + RELOAD_RETRY);

@@ -96,35 +96,26 @@ pub fn layer(
     let mut injected: Vec<String> = Vec::new();
     let mut app: Option<String> = None;
     let mut origins = HashMap::new();
+    // Every unknown key at once: a file converted from another server's
+    // has several, and one run per key is slow going.
+    let unknown: Vec<String> = entries
+        .iter()
+        .filter(|(key, _, _)| {
+            !cmd.get_arguments()
+                .any(|a| a.get_long() == Some(key.as_str()) || (a.get_long().is_none() && a.get_id() == key))
+        })
+        .map(|(key, _, at)| unknown_key(cmd, key, at))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(unknown.join("\n"));
+    }
     for (key, item, at) in &entries {
         let key = key.as_str();
         let Some(arg) = cmd
             .get_arguments()
             .find(|a| a.get_long() == Some(key) || (a.get_long().is_none() && a.get_id() == key))
         else {
-            let close =
-                cmd.get_arguments().filter_map(|a| a.get_long()).find(|l| *l == key.replace('_', "-"));
-            let gunicorn = crate::gunicorn_conf::hint(key);
-            return Err(match (crate::uwsgi_names::equivalent(key), close, gunicorn) {
-                (_, Some(long), _) => format!("{at}: unknown key `{key}` (did you mean `{long}`?)"),
-                (Some(eq), None, _) => {
-                    format!("{at}: unknown key `{key}` (for uWSGI's `{key}`, corral takes {eq})")
-                }
-                (None, None, Some(g)) => {
-                    // An option's key is its long name.
-                    let takes = match g.strip_prefix("--").filter(|k| !k.contains(' ')) {
-                        Some(k) => format!("the key `{k}`"),
-                        None => g,
-                    };
-                    format!(
-                        "{at}: unknown key `{key}` (for gunicorn's `{key}`, corral takes {takes}; or give \
-                         the gunicorn file itself: a --config name ending in .py is read as one)"
-                    )
-                }
-                (None, None, None) => {
-                    format!("{at}: unknown key `{key}` (keys are the long option names, such as `workers`)")
-                }
-            });
+            return Err(unknown_key(cmd, key, at));
         };
         if key == "config" {
             return Err(format!("{at}: `config` cannot be set from a config file"));
@@ -353,6 +344,33 @@ pub fn describe(cmd: &Command, matches: &ArgMatches, origins: &FileOrigins) -> S
         out.push_str(&format!("{name} = {shown}  # {source}\n"));
     }
     out
+}
+
+/// The error for a key no option has, with what corral takes instead when
+/// the key is a near miss, a uWSGI option or a gunicorn setting.
+fn unknown_key(cmd: &clap::Command, key: &str, at: &str) -> String {
+    let close = cmd.get_arguments().filter_map(|a| a.get_long()).find(|l| *l == key.replace('_', "-"));
+    let gunicorn = crate::gunicorn_conf::hint(key);
+    match (crate::uwsgi_names::equivalent(key), close, gunicorn) {
+        (_, Some(long), _) => format!("{at}: unknown key `{key}` (did you mean `{long}`?)"),
+        (Some(eq), None, _) => {
+            format!("{at}: unknown key `{key}` (for uWSGI's `{key}`, corral takes {eq})")
+        }
+        (None, None, Some(g)) => {
+            // An option's key is its long name.
+            let takes = match g.strip_prefix("--").filter(|k| !k.contains(' ')) {
+                Some(k) => format!("the key `{k}`"),
+                None => g,
+            };
+            format!(
+                "{at}: unknown key `{key}` (for gunicorn's `{key}`, corral takes {takes}; or give \
+                 the gunicorn file itself: a --config name ending in .py is read as one)"
+            )
+        }
+        (None, None, None) => {
+            format!("{at}: unknown key `{key}` (keys are the long option names, such as `workers`)")
+        }
+    }
 }
 
 #[cfg(test)]

@@ -24,6 +24,22 @@ impl AppSpec {
             !p.is_empty()
                 && p.split('.').all(|x| !x.is_empty() && x.chars().all(|c| c.is_alphanumeric() || c == '_'))
         };
+        // A file name where the module goes: what was meant instead.
+        let hint = |m: &str| match m.rsplit_once('.').map(|(_, ext)| ext) {
+            Some("pid") => Some(format!(
+                "a pid file: to reload a running server, `corral signal HUP {m}` (uWSGI's --reload PIDFILE); \
+                 corral's --reload is a switch that watches the code, for development"
+            )),
+            Some("py") => Some(format!(
+                "a file name: give its module, `{}`",
+                m.trim_end_matches(".py").replace('/', ".")
+            )),
+            Some("ini" | "toml" | "conf") => Some(format!("a configuration file: give it with --config {m}")),
+            _ => None,
+        };
+        if let Some(h) = (!s.contains(':')).then(|| hint(module)).flatten() {
+            return Err(format!("APP {s:?} looks like {h}"));
+        }
         if !valid(module) || !valid(attr) {
             return Err(format!("APP {s:?}: expected MODULE:CALLABLE, MODULE or MODULE:FACTORY()"));
         }
@@ -130,6 +146,11 @@ mod tests {
         let s = AppSpec::parse("mod:create_app()").unwrap();
         assert!(s.factory);
         assert!(AppSpec::parse("mod:").is_err());
+        let e = AppSpec::parse("run/corral.pid").unwrap_err();
+        assert!(e.contains("`corral signal HUP run/corral.pid`"), "{e}");
+        assert!(AppSpec::parse("corral.pid").unwrap_err().contains("a pid file"));
+        assert!(AppSpec::parse("app.py").unwrap_err().contains("give its module, `app`"));
+        assert!(AppSpec::parse("uwsgi.ini").unwrap_err().contains("--config uwsgi.ini"));
         assert!(AppSpec::parse("mod:a b").is_err());
     }
 }
