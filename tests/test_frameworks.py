@@ -129,3 +129,19 @@ def test_django_disallowed_host(framework):
         pytest.skip("Django only")
     resp = requests.get(framework.url + "/", headers={"Host": "evil.example"}, timeout=30)
     assert resp.status_code == 400
+
+
+def test_flask_answers_500_to_a_chunked_body_past_max_body_size(start_server):
+    """The read past --max-body-size raises in Flask's view, and Flask answers
+    500 to it as to any exception (the README says so): corral does not
+    overrule an answer the app gave."""
+    server = start_server("flask_app:app", "--max-body-size", "2000")
+    with server.connect() as conn:
+        body = b"x" * 5000
+        conn.send(
+            b"PUT /raw HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + f"{len(body):x}\r\n".encode()
+            + body
+            + b"\r\n0\r\n\r\n"
+        )
+        assert conn.read_response().status == 500

@@ -747,7 +747,42 @@ def test_socket_timeout_frees_the_thread_a_client_that_stops_reading_holds(start
     stuck = slow_reader(server, rcvbuf=4096)
     stuck.send_request("GET", "/stream?n=5000000")
     server.wait_for(
-        r"GET /stream\?n=5000000 from .*client disconnected \(timed out writing the response\)", since=mark
+        r"GET /stream\?n=5000000 from .*: gave up on the client: it read nothing of the response for --socket-timeout",
+        since=mark,
     )
     assert server.request("GET", "/fixed").status == 200
     stuck.close()
+
+
+def test_a_tls_handshake_to_the_http_port_is_refused_at_once(behaviour):
+    """A client speaking https to a plain-HTTP port sends bytes no request line
+    starts with and never a line end: 400 at once, with a line saying what it
+    was, rather than a close at the header timeout."""
+    mark = behaviour.mark()
+    hello = bytes.fromhex("160301020001") + b"\x00" * 40
+    with behaviour.connect() as conn:
+        conn.sock.settimeout(5)
+        conn.send(hello)
+        resp = conn.read_response()
+        assert resp.status == 400, resp
+        assert conn.at_eof(5)
+    behaviour.wait_for(
+        r"Bad request from 127\.0\.0\.1:\d+: a TLS handshake \(https\) sent to a plain-HTTP port", since=mark
+    )
+
+
+def test_a_malformed_chunked_body_the_app_did_not_read_is_logged(behaviour):
+    """The app answered without reading the body; reading it to find the next
+    request finds bad framing: the connection closes, and the log says why."""
+    mark = behaviour.mark()
+    with behaviour.connect() as conn:
+        conn.send(
+            b"POST /fixed HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\nzz\r\n\r\n"
+            b"GET /fixed HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        assert conn.read_response().status == 200
+        assert conn.at_eof(5)
+    behaviour.wait_for(
+        r"Bad request body from 127\.0\.0\.1:\d+: invalid chunk size, in the body the app did not read",
+        since=mark,
+    )

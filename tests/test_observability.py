@@ -422,6 +422,7 @@ def test_requests_the_engine_refuses_are_logged_and_counted(start_server, tmp_pa
         "--access-log",
         str(log),
     )
+    bodies = {}
     for raw in (
         b"GARBAGE\r\n\r\n",
         b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
@@ -429,7 +430,9 @@ def test_requests_the_engine_refuses_are_logged_and_counted(start_server, tmp_pa
     ):
         with s.connect() as conn:
             conn.send(raw)
-            assert conn.read_response().status in (400, 414, 413)
+            resp = conn.read_response()
+            assert resp.status in (400, 414, 413)
+            bodies[str(resp.status)] = len(resp.body)
     with socket.create_connection(("127.0.0.1", uwsgi_port), timeout=10) as c:
         pairs = b"".join(
             len(k).to_bytes(2, "little") + k + len(v).to_bytes(2, "little") + v
@@ -441,6 +444,11 @@ def test_requests_the_engine_refuses_are_logged_and_counted(start_server, tmp_pa
     statuses = sorted(line.split('" ')[1].split()[0] for line in lines)
     assert statuses == ["400", "400", "413", "414"], lines
     assert any('"POST /echo HTTP/1.1" 413' in line for line in lines), lines
+    # %(b)s is the body's length, as for the app's responses, not the head's too.
+    for line in lines:
+        status, size = line.split('" ')[1].split()[:2]
+        if status in ("413", "414"):
+            assert int(size) == bodies[status], (line, bodies)
     text = _metrics_once(stats_port, "corral_requests_total", '{protocol="http",status="4xx"}', 3)
     assert _metric(text, "corral_requests_total", '{protocol="http",status="4xx"}') == 3
     assert _metric(text, "corral_requests_total", '{protocol="uwsgi",status="4xx"}') == 1

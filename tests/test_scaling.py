@@ -131,8 +131,11 @@ def test_out_of_file_descriptors_idle_kept_alive_connections_make_room(start_ser
             conn.close()
 
 
-def test_max_connections_sheds_with_503(start_server):
-    server = start_server("behaviour:application", "--max-connections", "3", threads=2)
+def test_max_connections_sheds_with_503(start_server, tmp_path):
+    log = tmp_path / "access.log"
+    server = start_server(
+        "behaviour:application", "--max-connections", "3", "--access-log", str(log), threads=2
+    )
     held = []
     try:
         # Three connections whose clients have not sent their request yet fill
@@ -153,6 +156,10 @@ def test_max_connections_sheds_with_503(start_server):
             assert data.startswith(b"HTTP/1.1 503 "), data
         pattern = r"Overloaded: (\d+) connection\(s\) turned away with 503"
         assert wait_until(lambda: sum(int(m.group(1)) for m in server.grep(pattern)) == 3, 10), server.log
+        # Each with an access log line naming its client.
+        shed = lambda: [line for line in log.read_text().splitlines() if '"- - -" 503' in line]
+        assert wait_until(lambda: len(shed()) == 3, 10), log.read_text()
+        assert all(line.startswith("127.0.0.1 - - [") for line in shed()), shed()
     finally:
         for conn in held:
             conn.close()

@@ -84,6 +84,11 @@ pub enum BodyError {
     Aborted,
 }
 
+/// What a response write that waited out `--socket-timeout` says: the
+/// client is still there, but the server gave up on it.
+pub const STALLED_READER: &str =
+    "gave up on the client: it read nothing of the response for --socket-timeout";
+
 /// How [`BodyError::Gateway`] says a FastCGI connection closed before its
 /// STDIN stream ended.
 pub(crate) const FCGI_CLOSED_IN_BODY: &str = "connection closed inside the body";
@@ -876,7 +881,7 @@ impl Io {
                     io::ErrorKind::WouldBlock => {
                         if !self.wait(libc::POLLOUT, blocking) {
                             self.broken = true;
-                            return Err(ResponseError::ClientGone("timed out writing the response".into()));
+                            return Err(ResponseError::ClientGone(crate::exchange::STALLED_READER.into()));
                         }
                         continue;
                     }
@@ -1392,7 +1397,7 @@ impl Io {
         while !self.advance_span(file, s)? {
             if !self.wait(libc::POLLOUT, blocking) {
                 self.broken = true;
-                return Err(ResponseError::ClientGone("timed out writing the response".into()));
+                return Err(ResponseError::ClientGone(crate::exchange::STALLED_READER.into()));
             }
         }
         Ok(())
@@ -1859,6 +1864,13 @@ impl Exchange {
             BodyState::Failed(e) => Some(e),
             _ => None,
         }
+    }
+
+    /// Whether the server will log, with the peer, why the request's body
+    /// failed or its connection ends (a body that came too slowly, say), so
+    /// that the embedding need not say it again.
+    pub fn failure_noted(&self) -> bool {
+        self.lock().is_some_and(|io| io.body_note.is_some())
     }
 }
 

@@ -685,7 +685,8 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
     // Compared with the current parent to notice the master's death (the
     // master may itself be PID 1 in a container, so "parent is 1" is no test).
     let master = unsafe { libc::getppid() };
-    let mut crash_seen = false;
+    // When the main thread took over from a crashed serving thread.
+    let mut crash_seen: Option<u64> = None;
     loop {
         signals.wait(SWEEP_INTERVAL);
         if signals.quit.load(Ordering::Relaxed) {
@@ -701,9 +702,29 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
         }
         let now = mono_ms();
         let crash = crate::crash::crashed();
-        if let (Some(c), false) = (crash, crash_seen) {
-            crash_seen = true;
-            on_crash(w, c, now);
+        if let Some(c) = crash {
+            match crash_seen {
+                None => {
+                    crash_seen = Some(now);
+                    on_crash(w, c, now);
+                }
+                // No replacement became ready to take over (its code does
+                // not load, say): what this worker holds is lost either way,
+                // and it must not hold it for ever.
+                Some(at)
+                    if drain_deadline.is_none()
+                        && now >= at + w.config.graceful_timeout.as_millis() as u64 =>
+                {
+                    error!(
+                        "Worker still not replaced {:.0} s after its crash (--graceful-timeout); exiting with the \
+                         connections it holds: pid={}",
+                        w.config.graceful_timeout.as_secs_f64(),
+                        std::process::id()
+                    );
+                    crate::crash::die(c);
+                }
+                Some(_) => {}
+            }
         }
         let reopen = signals.reopen.swap(false, Ordering::Relaxed);
         if reopen {
@@ -951,8 +972,8 @@ fn on_crash<A: App>(w: &Shared<A>, c: crate::crash::Crash, now: u64) {
         ""
     };
     error!(
-        "Worker crashed: {signal} in thread {} {request}. The worker is being replaced; it accepts nothing more, and the connections it has not begun to read go to its \
-         replacement{others}: pid={}",
+        "Worker crashed: {signal} in thread {} {request}. The worker is being replaced; it accepts nothing \
+         more, and the connections it has not begun to read go to its replacement{others}: pid={}",
         c.thread,
         std::process::id()
     );
@@ -1412,7 +1433,7 @@ static SHED: Mutex<(u64, u64, u64)> = Mutex::new((0, 0, 0));
 
 /// Answers a connection over the limit with 503 and closes it; logs at most
 /// once a second how many were turned away.
-fn shed<A: App>(w: &Shared<A>, fd: RawFd, idx: usize) {
+fn shed<A: App>(w: &Shared<A>, fd: RawFd, idx: usize, client: &str) {
     let blocking: fn(&mut dyn FnMut()) = |f| f();
     let mut io = Io::new(fd, 1000, 0);
     let reply = match w.listeners[idx].1.protocol {
@@ -1423,7 +1444,7 @@ fn shed<A: App>(w: &Shared<A>, fd: RawFd, idx: usize) {
     };
     if !reply.is_empty() {
         let _ = io.write_parts(&[&reply], blocking);
-        record_refusal(w, None, idx, b"", 503, reply.len() as u64);
+        record_refusal(w, Err(client), idx, b"", 503, &reply);
     }
     drain_and_close(&mut io);
     unsafe { libc::close(fd) };
@@ -1613,7 +1634,7 @@ fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Accepted {
         if reg.live >= w.config.max_connections && !reclaim_idle(&reg) {
             drop(reg);
             if !pass_to_sibling(w, fd, idx) {
-                shed(w, fd, idx);
+                shed(w, fd, idx, &peer_strings(&addr, is_unix).0);
             }
             return Accepted::Shed;
         }
@@ -2147,7 +2168,7 @@ fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                     let blocking: fn(&mut dyn FnMut()) = |f| f();
                     let reply = error_response(e.status(), &e.to_string());
                     let _ = io.write_parts(&[&reply], blocking);
-                    record_refusal(w, Some(conn), conn.listener, &io.buf, e.status(), reply.len() as u64);
+                    record_refusal(w, Ok(conn), conn.listener, &io.buf, e.status(), &reply);
                     drain_and_close(&mut io);
                     return Next::Close;
                 }
@@ -2169,7 +2190,7 @@ fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                 );
                 let reply = error_response(431, "request header fields too large");
                 let _ = io.write_parts(&[&reply], |f| f());
-                record_refusal(w, Some(conn), conn.listener, &io.buf, 431, reply.len() as u64);
+                record_refusal(w, Ok(conn), conn.listener, &io.buf, 431, &reply);
                 drain_and_close(&mut io);
                 conn.head_charge.set(0);
                 return Next::Close;
@@ -2247,7 +2268,7 @@ fn take_proxy_header<A: App>(w: &Shared<A>, conn: &mut Conn, io: &mut Io) -> Opt
     info!("Bad request from {}: {why} ({status} {})", peer(conn, listener), reason(status));
     let reply = error_response(status, &why);
     let _ = io.write_parts(&[&reply], |f| f());
-    record_refusal(w, Some(conn), conn.listener, &io.buf, status, reply.len() as u64);
+    record_refusal(w, Ok(conn), conn.listener, &io.buf, status, &reply);
     drain_and_close(io);
     Some(Next::Close)
 }
@@ -2456,7 +2477,7 @@ fn refuse<A: App>(w: &Shared<A>, conn: &Conn, io: &mut Io, wire: Wire, status: u
     let blocking: fn(&mut dyn FnMut()) = |f| f();
     let reply = error_reply(wire, status, why);
     let _ = io.write_parts(&[&reply], blocking);
-    record_refusal(w, Some(conn), conn.listener, &io.buf, status, reply.len() as u64);
+    record_refusal(w, Ok(conn), conn.listener, &io.buf, status, &reply);
     drain_and_close(io);
     Next::Close
 }
@@ -2686,7 +2707,7 @@ fn handle_request<A: App>(
                 );
                 let reply = error_reply(io.wire, 400, "contradictory scheme headers");
                 let _ = io.write_parts(&[&reply], |f| f());
-                record_refusal(w, Some(conn), conn.listener, &bytes, 400, reply.len() as u64);
+                record_refusal(w, Ok(conn), conn.listener, &bytes, 400, &reply);
                 drain_and_close(&mut io);
                 return Outcome::Done(false);
             }
@@ -2714,7 +2735,7 @@ fn handle_request<A: App>(
         let blocking: fn(&mut dyn FnMut()) = |f| f();
         let reply = error_reply(io.wire, 413, "request body too large");
         let _ = io.write_parts(&[&reply], blocking);
-        record_refused_request(w, conn, &req, 413, reply.len() as u64);
+        record_refused_request(w, conn, &req, 413, &reply);
         if io.wire != Wire::Http {
             // A front end reads the 413 only once it has sent the body.
             let _ = discard_body(&mut io, blocking);
@@ -3302,6 +3323,14 @@ fn complete_locked(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>, io: 
         match discard_body(io, blocking) {
             Discarded::All => {}
             Discarded::Failed => {
+                if let BodyState::Failed(BodyError::Framing(e)) = io.body {
+                    // The app answered without reading it, so no one else
+                    // says that the client's chunked body was malformed.
+                    info!(
+                        "Bad request body from {}: {e}, in the body the app did not read; closing the connection",
+                        peer(conn, listener)
+                    );
+                }
                 warn_bad_stream(conn, listener, io);
                 return false;
             }
@@ -3406,14 +3435,18 @@ fn warn_bad_stream(conn: &Conn, listener: &ListenerInfo, io: &Io) {
 /// target, when it has one.
 fn record_refusal<A: App>(
     w: &Shared<A>,
-    conn: Option<&Conn>,
+    conn: Result<&Conn, &str>,
     idx: usize,
     head: &[u8],
     status: u16,
-    sent: u64,
+    reply: &[u8],
 ) {
     let listener = &w.listeners[idx].1;
+    let sent = reply.len() as u64;
     let started = conn.map_or(mono_ms(), |c| c.request_started);
+    // A connection refused before it became one (over the limit) has only
+    // its address.
+    let conn = conn.map_err(|client| if client.is_empty() { "-" } else { client });
     let micros = mono_ms().saturating_sub(started) * 1000;
     w.scoreboard.record(w.slot, listener.protocol as usize, status, micros, head.len() as u64, sent);
     let Some(log) = &w.access else { return };
@@ -3428,12 +3461,13 @@ fn record_refusal<A: App>(
     };
     let none = |_: &str| -> Option<Vec<u8>> { None };
     log.log_now(&crate::access::Entry {
-        remote_addr: conn.map_or("-", |c| c.remote_addr.as_str()),
+        remote_addr: conn.map_or_else(|client| client, |c| c.remote_addr.as_str()),
         method,
         target,
         protocol: &protocol,
         status,
-        bytes: sent,
+        // As for the app's responses: the body's bytes, not the head's.
+        bytes: body_length(reply),
         micros,
         request_header: &none,
         response_header: &none,
@@ -3444,13 +3478,27 @@ fn record_refusal<A: App>(
 /// [`record_refusal`] for a request parsed whole (refused for what it
 /// declares): its line names the client, method, target and headers as the
 /// request's own line would, the front end's variables included.
-fn record_refused_request<A: App>(w: &Shared<A>, conn: &Conn, req: &Request<'_>, status: u16, sent: u64) {
+fn record_refused_request<A: App>(w: &Shared<A>, conn: &Conn, req: &Request<'_>, status: u16, reply: &[u8]) {
     let micros = mono_ms().saturating_sub(conn.request_started) * 1000;
     let protocol = req.listener.protocol as usize;
-    w.scoreboard.record(w.slot, protocol, status, micros, req.bytes.len() as u64, sent);
+    w.scoreboard.record(w.slot, protocol, status, micros, req.bytes.len() as u64, reply.len() as u64);
     if let Some(log) = &w.access {
-        LogNote::of(log, conn, req).log(log, status, sent, micros);
+        LogNote::of(log, conn, req).log(log, status, body_length(reply), micros);
     }
+}
+
+/// The body length an error reply of [`error_reply`] declares (each has a
+/// Content-Length, inside its FastCGI record too): what the access log counts.
+fn body_length(reply: &[u8]) -> u64 {
+    const FIELD: &[u8] = b"Content-Length: ";
+    reply
+        .windows(FIELD.len())
+        .position(|w| w == FIELD)
+        .map(|i| &reply[i + FIELD.len()..])
+        .map(|rest| {
+            rest.iter().take_while(|b| b.is_ascii_digit()).fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'))
+        })
+        .unwrap_or(0)
 }
 
 fn peer(conn: &Conn, l: &ListenerInfo) -> String {

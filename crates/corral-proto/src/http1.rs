@@ -106,6 +106,9 @@ pub enum Error {
     LeadingEmptyLines,
     /// A Host field whose value is not `host[:port]` (RFC 9112 3.2).
     Host,
+    /// A TLS handshake where a request line goes: a client speaking https
+    /// to a plain-HTTP port.
+    TlsHandshake,
 }
 
 impl Error {
@@ -149,6 +152,7 @@ impl fmt::Display for Error {
             Error::Trailer => "invalid or forbidden trailer field",
             Error::IdentityEncoding => "Transfer-Encoding: identity is not allowed",
             Error::LeadingEmptyLines => "too many empty lines before the request line",
+            Error::TlsHandshake => "a TLS handshake (https) sent to a plain-HTTP port",
             Error::Host => "invalid Host header (expected host[:port])",
         };
         f.write_str(s)
@@ -280,7 +284,7 @@ pub fn parse_head(buf: &[u8], limits: &Limits, head: &mut Head) -> Result<Status
     let line_end = match memchr(b'\n', &data[..data.len().min(limits.max_request_line + 2)]) {
         Some(i) => i,
         None if data.len() > limits.max_request_line + 1 => return Err(Error::RequestLineTooLong),
-        None => return Ok(Status::Partial),
+        None => return not_a_method(data).map_or(Ok(Status::Partial), Err),
     };
     let line_len = if line_end > 0 && data[line_end - 1] == b'\r' { line_end - 1 } else { line_end };
     if line_len > limits.max_request_line {
@@ -657,6 +661,17 @@ fn is_unreserved_or_sub(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b)
 }
 
+/// Refuses an unfinished request line that cannot become a request: a byte
+/// no method may hold, before the first space. A client that sends such a
+/// line is not speaking HTTP, and waiting for its line end (never coming, in
+/// a TLS handshake) would hold the connection for the header timeout.
+fn not_a_method(data: &[u8]) -> Option<Error> {
+    let method = &data[..data.iter().position(|&b| b == b' ').unwrap_or(data.len())];
+    let bad = method.iter().position(|&b| !is_tchar(b) && b != b'\r')?;
+    // A TLS record of type handshake (22), version 3.x.
+    Some(if bad == 0 && data.starts_with(&[0x16, 0x03]) { Error::TlsHandshake } else { Error::Method })
+}
+
 fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
@@ -922,6 +937,12 @@ mod tests {
         assert_eq!(parse(b"\r\r\rGET / HTTP/1.1\r\n\r\n"), Err(Error::BareLineEnding));
         assert_eq!(parse(b"\nGET / HTTP/1.1\r\n\r\n"), Err(Error::BareLineEnding));
         assert_eq!(parse(b"\r\n\r"), Ok(Status::Partial));
+        // What cannot start a request is refused before its line ends.
+        assert_eq!(parse(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"), Err(Error::TlsHandshake));
+        assert_eq!(parse(b"G\x00T /"), Err(Error::Method));
+        assert_eq!(parse(b"GET /\x00"), Ok(Status::Partial));
+        assert_eq!(parse(b"GE"), Ok(Status::Partial));
+        assert_eq!(parse(b"GET\r"), Ok(Status::Partial));
         assert_eq!(parse(b"\r\n\r\n"), Ok(Status::Partial));
     }
 

@@ -478,7 +478,12 @@ impl WsgiApp {
             // A body cut short is logged once by the engine, with the peer
             // and how much was missing.
             if ex.body_error() != Some(BodyError::Truncated) && !ex.front_end_aborted() {
-                info!("{what} from {}: client disconnected ({})", req.peer(), e.value(py));
+                let why = e.value(py).to_string();
+                if why == corral_engine::exchange::STALLED_READER {
+                    info!("{what} from {}: {why}", req.peer());
+                } else {
+                    info!("{what} from {}: client disconnected ({why})", req.peer());
+                }
             }
             ex.abort();
             return;
@@ -489,8 +494,8 @@ impl WsgiApp {
         if let Some(be) = ex.body_error().filter(|_| raised_for_body(py, e)) {
             // A broken FastCGI stream is the front end's fault: the engine
             // logs it once, with the peer, when it closes the connection.
-            if !matches!(be, BodyError::Gateway(_) | BodyError::Aborted) {
-                info!("{what}: {be}");
+            if !matches!(be, BodyError::Gateway(_) | BodyError::Aborted) && !ex.failure_noted() {
+                info!("{what} from {}: {be}", req.peer());
             }
             if !ex.headers_sent() {
                 respond_error(ex, be.status());
