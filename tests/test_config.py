@@ -250,10 +250,12 @@ def test_a_converted_uwsgi_ini_gets_every_unknown_key_named_at_once(tmp_path):
         ("uwsgi.ini", "a configuration file: give it with --config uwsgi.ini"),
     ],
 )
-def test_a_file_where_the_app_goes_gets_what_was_meant(app, message):
+def test_a_file_where_the_app_goes_gets_what_was_meant(tmp_path, app, message):
     """uWSGI's `--reload PIDFILE` reads as corral's --reload switch and a pid
     file for APP; refused before anything binds or imports."""
-    proc = _run(["--reload", app], cwd=APPS)
+    (tmp_path / "run").mkdir()
+    (tmp_path / app).write_text("1234\n")
+    proc = _run(["--reload", app], cwd=tmp_path)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert "Listening at" not in proc.stderr
 

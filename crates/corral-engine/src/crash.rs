@@ -14,13 +14,14 @@
 //! they said before.
 //!
 //! The handler goes in before Python's `faulthandler`, which then calls it
-//! after it has written every thread's Python stack. Only a fault the
-//! kernel raised on a serving thread of this very process is taken this
-//! way (an `abort()` is one it raised itself); anything else dies of its
-//! signal at once, as without the handler: a crash on another thread, in a
-//! process the app forked, one sent with kill, or a second crash.
+//! after it has written every thread's Python stack. Only a signal raised
+//! on a serving thread of this very process is taken this way: the kernel's
+//! fault, an `abort()`, or faulthandler passing either on (which hides
+//! whether another process sent it: a `kill -SEGV` that lands on a serving
+//! thread counts as a crash). Anything else dies of its signal at once, as
+//! without the handler: a crash on another thread, in a process the app
+//! forked, or a second crash.
 
-use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 
 /// The signals a crash raises.
@@ -41,12 +42,12 @@ static HELD_LOCK: AtomicBool = AtomicBool::new(false);
 /// `fn() -> bool` that must be async-signal-safe.
 static HOLDS_LOCK: AtomicUsize = AtomicUsize::new(0);
 
-thread_local! {
-    /// This thread's index among the serving threads, if it is one. Const
-    /// and without a destructor, so reading it in a signal handler is a
-    /// plain load.
-    static SERVING: Cell<usize> = const { Cell::new(usize::MAX) };
-}
+/// The kernel thread id of each serving thread, by index; 0 where none.
+/// Not a thread-local: in a library loaded with dlopen, a thread's first
+/// access to one may allocate, which a handler must not do.
+static SERVING: [AtomicI32; MAX_SERVING] = [const { AtomicI32::new(0) }; MAX_SERVING];
+/// Serving threads past this many crash as they would without the handler.
+const MAX_SERVING: usize = 1024;
 
 /// Installs the handler for the signals a crash raises, in a worker before
 /// anything else takes them (Python's `faulthandler` chains to it).
@@ -73,7 +74,13 @@ pub(crate) fn installed() -> bool {
 
 /// Marks the calling thread as serving thread `t`.
 pub(crate) fn enter_serving(t: usize) {
-    SERVING.with(|s| s.set(t));
+    if let Some(slot) = SERVING.get(t) {
+        slot.store(gettid(), Ordering::Release);
+    }
+}
+
+fn gettid() -> i32 {
+    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
 }
 
 /// The crash, if a serving thread crashed: its signal and thread index, and
@@ -113,10 +120,11 @@ unsafe fn default_action(sig: libc::c_int) {
 }
 
 extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    // Only what is async-signal-safe below: atomics, a thread-local load,
-    // getpid, sigaction, raise and pause.
+    // Only what is async-signal-safe below: atomics, getpid, gettid,
+    // sigaction, raise and pause.
     let pid = unsafe { libc::getpid() };
-    let t = SERVING.try_with(Cell::get).unwrap_or(usize::MAX);
+    let tid = gettid();
+    let t = SERVING.iter().position(|s| s.load(Ordering::Acquire) == tid).unwrap_or(usize::MAX);
     // The kernel's own fault (si_code > 0), or a signal this process sent
     // itself: abort(), or faulthandler passing the fault on once it wrote
     // the stacks. Not one another process sent.

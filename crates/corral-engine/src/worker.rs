@@ -782,7 +782,10 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
             let sending = w.offload.as_ref().map_or(0, |o| o.sending.load(Ordering::Acquire));
             // A crashed thread holding the interpreter lock: the others
             // can never end their requests.
-            let others_stuck = all_stuck(w) || crash.is_some_and(|c| c.held_lock);
+            // Crashed otherwise, the others have parked once their requests
+            // ended: none in flight but the crashed one is the end.
+            let others_stuck = all_stuck(w)
+                || crash.is_some_and(|c| c.held_lock || w.scoreboard.busy_threads(w.slot) <= stuck);
             if stuck > 0 && sending == 0 && orphans_left == 0 && (live <= stuck || others_stuck) {
                 // Only timed-out requests are left, or every thread is in
                 // one and the connections held here could never be served:
@@ -814,6 +817,9 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
                     "Worker stopping with {live} connection(s) still open after the graceful timeout: pid={}",
                     std::process::id()
                 );
+                if let Some(c) = crash {
+                    crate::crash::die(c);
+                }
                 if stuck > 0 {
                     unsafe { libc::_exit(0) };
                 }
@@ -934,6 +940,13 @@ fn abandon_request<A: App>(
 /// crashed one, and asks the master for a replacement, to which the
 /// connections nothing was read from go once it is ready.
 fn on_crash<A: App>(w: &Shared<A>, c: crate::crash::Crash, now: u64) {
+    // First what needs no allocation and no lock: a crash in malloc may
+    // have left its lock held, and the master must hear of the crash even
+    // if this thread then blocks (its kill after the graceful timeout is
+    // the backstop).
+    w.scoreboard.request_retire(w.slot, Retire::Crash);
+    // Siblings draining must not hand it their connections.
+    w.scoreboard.set_state(w.slot, WorkerState::Draining);
     {
         let _pause = ACCEPT_PAUSE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         if ACCEPT_PAUSED_AT.load(Ordering::Acquire) == 0 && !draining() {
@@ -945,14 +958,15 @@ fn on_crash<A: App>(w: &Shared<A>, c: crate::crash::Crash, now: u64) {
         // resume_accepting never puts the listeners back.
         ACCEPT_PAUSED_AT.store(now.max(1), Ordering::Release);
     }
-    // Siblings draining must not hand it their connections.
-    w.scoreboard.set_state(w.slot, WorkerState::Draining);
     let signal = crate::supervise::signal_name(c.signal);
     let serving = w.scoreboard.thread_request(w.slot, c.thread);
+    // A request --timeout abandoned already is answered and counted.
+    let timed_out = w.timed_out[c.thread].load(Ordering::Acquire);
     let answered = serving
         .as_ref()
+        .filter(|_| !timed_out)
         .and_then(|(_, since)| abandon_request(w, c.thread, now, *since, 500, "the worker crashed", false));
-    if answered.is_none() {
+    if answered.is_none() && !timed_out {
         // Between requests, or its request is locked (the crash came in
         // the middle of the server's own work on it): nothing to answer.
         w.timed_out[c.thread].store(true, Ordering::Release);
@@ -973,11 +987,10 @@ fn on_crash<A: App>(w: &Shared<A>, c: crate::crash::Crash, now: u64) {
     };
     error!(
         "Worker crashed: {signal} in thread {} {request}. The worker is being replaced; it accepts nothing \
-         more, and the connections it has not begun to read go to its replacement{others}: pid={}",
+         more, and the connections it has not begun to read go to a worker that serves{others}: pid={}",
         c.thread,
         std::process::id()
     );
-    w.scoreboard.request_retire(w.slot, Retire::Crash);
 }
 
 /// This worker's resident memory when it became ready, before any request.
@@ -1388,8 +1401,10 @@ fn accept_batch<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, idx: usi
     let started = mono_ms();
     let mut serving = true;
     for _ in 0..ACCEPT_BATCH {
-        if crate::crash::crashed().is_some() {
-            return; // the rest stay queued for the other workers
+        // Crashed, or paused (full, or out of descriptors): the rest stay
+        // queued for the other workers.
+        if crate::crash::crashed().is_some() || ACCEPT_PAUSED_AT.load(Ordering::Relaxed) != 0 {
+            return;
         }
         match accept_one(w, idx) {
             // Serve right away: the request often arrived with the connection.
@@ -1629,17 +1644,6 @@ fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Accepted {
         }
         return Accepted::None;
     }
-    {
-        let reg = w.registry.lock().unwrap();
-        if reg.live >= w.config.max_connections && !reclaim_idle(&reg) {
-            drop(reg);
-            if !pass_to_sibling(w, fd, idx) {
-                shed(w, fd, idx, &peer_strings(&addr, is_unix).0);
-            }
-            return Accepted::Shed;
-        }
-    }
-    let (remote_addr, remote_port) = peer_strings(&addr, is_unix);
     if !is_unix {
         let one: libc::c_int = 1;
         unsafe {
@@ -1652,6 +1656,17 @@ fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Accepted {
             )
         };
     }
+    {
+        let reg = w.registry.lock().unwrap();
+        if reg.live >= w.config.max_connections && !reclaim_idle(&reg) {
+            drop(reg);
+            if !pass_to_sibling(w, fd, idx) {
+                shed(w, fd, idx, &peer_strings(&addr, is_unix).0);
+            }
+            return Accepted::Shed;
+        }
+    }
+    let (remote_addr, remote_port) = peer_strings(&addr, is_unix);
     Accepted::Conn(adopt(w, fd, idx, remote_addr, remote_port, true))
 }
 

@@ -32,12 +32,15 @@ impl AppSpec {
             )),
             Some("py") => Some(format!(
                 "a file name: give its module, `{}`",
-                m.trim_end_matches(".py").replace('/', ".")
+                m.trim_start_matches("./").trim_end_matches(".py").replace('/', ".")
             )),
             Some("ini" | "toml" | "conf") => Some(format!("a configuration file: give it with --config {m}")),
             _ => None,
         };
-        if let Some(h) = (!s.contains(':')).then(|| hint(module)).flatten() {
+        // Only for a file that is there (or a path, which no module is):
+        // `conf.py` may as well be a module `py` in a package `conf`.
+        let a_file = s.contains('/') || std::path::Path::new(s).is_file();
+        if let Some(h) = (!s.contains(':') && a_file).then(|| hint(module)).flatten() {
             return Err(format!("APP {s:?} looks like {h}"));
         }
         if !valid(module) || !valid(attr) {
@@ -148,9 +151,10 @@ mod tests {
         assert!(AppSpec::parse("mod:").is_err());
         let e = AppSpec::parse("run/corral.pid").unwrap_err();
         assert!(e.contains("`corral signal HUP run/corral.pid`"), "{e}");
-        assert!(AppSpec::parse("corral.pid").unwrap_err().contains("a pid file"));
-        assert!(AppSpec::parse("app.py").unwrap_err().contains("give its module, `app`"));
-        assert!(AppSpec::parse("uwsgi.ini").unwrap_err().contains("--config uwsgi.ini"));
+        assert!(AppSpec::parse("./app.py").unwrap_err().contains("give its module, `app`"));
+        assert!(AppSpec::parse("etc/uwsgi.ini").unwrap_err().contains("--config etc/uwsgi.ini"));
+        // No such file here: a module path like any other.
+        assert!(AppSpec::parse("myproj.conf").is_ok());
         assert!(AppSpec::parse("mod:a b").is_err());
     }
 }

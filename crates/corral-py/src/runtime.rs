@@ -98,6 +98,11 @@ impl Hooks for Runtime {
         let py = unsafe { Python::assume_gil_acquired() };
         // Before faulthandler, which passes a crash on to it once it has
         // written the stacks.
+        // Enabled already (PYTHONFAULTHANDLER, -X faulthandler, a preloaded
+        // app), it would keep the handlers it has and never call this one.
+        if let Err(e) = py.import("faulthandler").and_then(|f| f.call_method0("disable")) {
+            error!("cannot reset faulthandler: {e}");
+        }
         corral_engine::crash::install(holds_gil);
         // Before the import, which --timeout ends with SIGABRT if it hangs.
         enable_faulthandler(py);

@@ -26,7 +26,7 @@ const EQUIVALENTS: &[(&str, &str)] = &[
     ("logto2", "--error-log FILE with --capture-output"),
     ("logger", "--error-log FILE with --capture-output"),
     ("log-reopen", "nothing: USR1 (and HUP) reopen the log files"),
-    ("log-master", "nothing: the master writes every process's log lines itself"),
+    ("log-master", "nothing: master and workers write to the one --error-log"),
     ("harakiri-verbose", "nothing: --timeout logs the stuck thread's Python stack"),
     ("plugins", "nothing: corral serves WSGI apps with the Python it is installed in"),
     ("plugin", "nothing: corral serves WSGI apps with the Python it is installed in"),
