@@ -131,6 +131,16 @@ def test_out_of_file_descriptors_idle_kept_alive_connections_make_room(start_ser
             conn.close()
 
 
+def _answer_on_a_new_connection(server) -> bytes:
+    """Everything the server sends to a GET on a new connection, up to its close."""
+    with socket.create_connection((server.host, server.port), timeout=10) as extra:
+        extra.sendall(b"GET /fixed HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while chunk := extra.recv(4096):
+            data += chunk
+    return data
+
+
 def test_max_connections_sheds_with_503(start_server, tmp_path):
     log = tmp_path / "access.log"
     server = start_server(
@@ -147,12 +157,7 @@ def test_max_connections_sheds_with_503(start_server, tmp_path):
         # to all three, the tail of the burst included (reported within a second
         # or two, with no later connection needed to trigger it).
         for _ in range(3):
-            extra = socket.create_connection((server.host, server.port), timeout=10)
-            extra.sendall(b"GET /fixed HTTP/1.1\r\nHost: x\r\n\r\n")
-            data = b""
-            while chunk := extra.recv(4096):
-                data += chunk
-            extra.close()
+            data = _answer_on_a_new_connection(server)
             assert data.startswith(b"HTTP/1.1 503 "), data
         pattern = r"Overloaded: (\d+) connection\(s\) turned away with 503"
         assert wait_until(lambda: sum(int(m.group(1)) for m in server.grep(pattern)) == 3, 10), server.log
@@ -187,12 +192,7 @@ def test_a_full_worker_leaves_new_clients_to_a_sibling_with_room(start_server):
         # Both workers full now (four each): the next client is turned away.
         held.append(server.connect())
         time.sleep(0.3)
-        extra = socket.create_connection((server.host, server.port), timeout=10)
-        extra.sendall(b"GET /fixed HTTP/1.1\r\nHost: x\r\n\r\n")
-        data = b""
-        while chunk := extra.recv(4096):
-            data += chunk
-        extra.close()
+        data = _answer_on_a_new_connection(server)
         assert data.startswith(b"HTTP/1.1 503 "), data
         # The connections handed over are served where they went.
         for conn in held:

@@ -873,7 +873,8 @@ fn check_timeouts<A: App>(w: &Shared<A>, now: u64) {
 /// Ends for its client the request thread `t` runs, which that thread
 /// will not end (stuck past --timeout, or crashed): answers `status` with
 /// `why` if nothing was sent yet, else cuts the connection; counts it and
-/// writes its access log line. Says what the client got; None if the
+/// (with --timeout, which keeps a note for it) writes its access log line.
+/// Says what the client got; None if the
 /// thread was between requests, or (unless `wait`) its request is locked.
 fn abandon_request<A: App>(
     w: &Shared<A>,
