@@ -948,17 +948,9 @@ fn on_crash<A: App>(w: &Shared<A>, c: crate::crash::Crash, now: u64) {
     w.scoreboard.request_retire(w.slot, Retire::Crash);
     // Siblings draining must not hand it their connections.
     w.scoreboard.set_state(w.slot, WorkerState::Draining);
-    {
-        let _pause = ACCEPT_PAUSE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-        if ACCEPT_PAUSED_AT.load(Ordering::Acquire) == 0 && !draining() {
-            for (fd, _) in &w.listeners {
-                unsafe { libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_DEL, *fd, std::ptr::null_mut()) };
-            }
-        }
-        // Threads woken by a listener before it left skip their accepts;
-        // resume_accepting never puts the listeners back.
-        ACCEPT_PAUSED_AT.store(now.max(1), Ordering::Release);
-    }
+    // For good: threads woken by a listener before it left see the crash
+    // and skip their accepts, and resume_accepting never puts it back.
+    pause_listeners(w, now);
     let signal = crate::supervise::signal_name(c.signal);
     let serving = w.scoreboard.thread_request(w.slot, c.thread);
     // A request --timeout abandoned already is answered and counted.

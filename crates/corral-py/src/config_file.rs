@@ -98,25 +98,22 @@ pub fn layer(
     let mut origins = HashMap::new();
     // Every unknown key at once: a file converted from another server's
     // has several, and one run per key is slow going.
-    let unknown: Vec<String> = entries
-        .iter()
-        .filter(|(key, _, _)| {
-            !cmd.get_arguments()
-                .any(|a| a.get_long() == Some(key.as_str()) || (a.get_long().is_none() && a.get_id() == key))
-        })
-        .map(|(key, _, at)| unknown_key(cmd, key, at))
-        .collect();
+    let mut args = Vec::with_capacity(entries.len());
+    let mut unknown = Vec::new();
+    for (key, _, at) in &entries {
+        match cmd
+            .get_arguments()
+            .find(|a| a.get_long() == Some(key.as_str()) || (a.get_long().is_none() && a.get_id() == key))
+        {
+            Some(arg) => args.push(arg),
+            None => unknown.push(unknown_key(cmd, key, at)),
+        }
+    }
     if !unknown.is_empty() {
         return Err(unknown.join("\n"));
     }
-    for (key, item, at) in &entries {
+    for ((key, item, at), arg) in entries.iter().zip(args) {
         let key = key.as_str();
-        let Some(arg) = cmd
-            .get_arguments()
-            .find(|a| a.get_long() == Some(key) || (a.get_long().is_none() && a.get_id() == key))
-        else {
-            return Err(unknown_key(cmd, key, at));
-        };
         if key == "config" {
             return Err(format!("{at}: `config` cannot be set from a config file"));
         }
