@@ -675,8 +675,8 @@ def _ps_args():
     ("text", "message"),
     [
         (
-            "workers = 2\n\ndef post_fork(server, worker):\n    pass\n",
-            ":3: `post_fork` is a gunicorn server hook, and corral runs no hooks",
+            "workers = 2\n\ndef worker_abort(worker):\n    pass\n",
+            ":3: `worker_abort` is a gunicorn server hook corral cannot run",
         ),
         (
             'worker_class = "gevent"\n',
@@ -723,24 +723,21 @@ def test_gunicorn_settings_at_their_defaults_ask_for_nothing(tmp_path):
     assert proc.stderr == "", proc.stderr
 
 
-def test_every_gunicorn_hook_of_the_file_is_named_at_once(tmp_path):
-    """gunicorn's example configuration, which many copy, defines several
-    logging hooks: each is named, with its line, in one error."""
+def test_every_gunicorn_hook_corral_cannot_run_is_named_at_once(tmp_path):
+    """The hooks corral runs are taken; each of those it cannot run is
+    named, with its line, in one error."""
     cfg = tmp_path / "gunicorn.conf.py"
     cfg.write_text(
         "bind = '127.0.0.1:8000'\n\n"
         "def post_fork(server, worker):\n    server.log.info('Worker spawned (pid: %s)', worker.pid)\n\n"
-        "def when_ready(server):\n    server.log.info('Server is ready. Spawning workers')\n\n"
-        "def worker_int(worker):\n    worker.log.info('worker received INT or QUIT signal')\n"
+        "def worker_abort(worker):\n    worker.log.info('worker received SIGABRT signal')\n\n"
+        "def ssl_context(config, default_ssl_context_factory):\n    return default_ssl_context_factory()\n"
     )
     proc = _run(["-c", str(cfg), "behaviour:application"])
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if "is a gunicorn server hook" in line]
-    assert [line.split(": `")[0].rsplit(":", 1)[-1] for line in lines] == ["3", "6", "9"], proc.stderr
-    assert (
-        "`when_ready` is a gunicorn server hook, and corral runs no hooks: --stats ADDR serves /readyz"
-        in lines[1]
-    )
+    assert [line.split(": `")[0].rsplit(":", 1)[-1] for line in lines] == ["6", "9"], proc.stderr
+    assert "`ssl_context` is a gunicorn server hook corral cannot run: corral serves plain HTTP" in lines[1]
 
 
 def test_common_gunicorn_settings_that_ask_for_what_corral_does_anyway(tmp_path):

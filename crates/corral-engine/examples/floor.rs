@@ -56,6 +56,7 @@ fn engine(protocol: Protocol, addr: &Addr) -> Result<i32, String> {
         max_requests: None,
         listeners: vec![(listener.raw(), info)],
         slot: 0,
+        age: 1,
         scoreboard,
     };
     // `listener` stays alive (and its unix socket file in place) while the worker runs.

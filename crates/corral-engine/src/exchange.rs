@@ -1777,6 +1777,11 @@ impl Exchange {
     pub fn status(&self) -> u16 {
         self.lock().map_or(0, |io| io.status)
     }
+
+    /// Body bytes of the response given to the connection so far.
+    pub fn body_sent(&self) -> u64 {
+        self.lock().map_or(0, |io| io.bytes_sent)
+    }
 }
 
 /// `NNN reason`: three digits, a space, and a reason with no control

@@ -133,8 +133,33 @@ pub const CHECK_BINDS_ENV: &str = "CORRAL_CHECK_BINDS";
 /// (still its children): they are told to stop once new workers are ready.
 pub const OLD_WORKERS_ENV: &str = "CORRAL_INHERITED_WORKERS";
 
+/// What happens in the master that the embedding may act on (gunicorn's
+/// server hooks). Told in the master, as the other [`Hooks`] calls are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// The listeners are bound; the first workers are forked next.
+    Ready,
+    /// A reload was asked for (HUP, --reload, --touch-reload).
+    Reload,
+    /// The `age`th worker this master starts is forked next, into `slot`.
+    Fork { slot: usize, age: u64 },
+    /// A worker exited; `slot` and `age` are unknown for one started before
+    /// a re-exec. `booted`: it had loaded the app.
+    WorkerExited { pid: libc::pid_t, slot: Option<usize>, age: Option<u64>, booted: bool },
+    /// The pool's target size is now `new`, from `old`.
+    PoolSize { new: usize, old: usize },
+    /// The master re-executes itself next.
+    Reexec,
+}
+
 /// What the embedding (the Python binding) does around forks and waits.
 pub trait Hooks {
+    /// Something happened in the master (see [`Event`]). `false` from
+    /// [`Event::Ready`] stops the start.
+    fn event(&self, e: Event) -> bool {
+        let _ = e;
+        true
+    }
     /// Just before fork, in the master (e.g. take the interpreter's locks).
     fn before_fork(&self) {}
     /// Just after fork, in the master.
@@ -189,6 +214,8 @@ struct Worker {
     /// Why the master itself sent it SIGKILL, if it did: its death is then
     /// no crash to warn about.
     killed: Option<&'static str>,
+    /// The how-manyth worker this master started (from 1).
+    age: u64,
 }
 
 pub struct Master<'a, H: Hooks> {
@@ -237,6 +264,8 @@ pub struct Master<'a, H: Hooks> {
     watcher: Option<crate::watch::Watcher>,
     /// `--touch-reload`: files to look at.
     touch: Option<crate::watch::TouchFiles>,
+    /// Workers started so far.
+    started: u64,
 }
 
 /// What the adaptive pool has seen lately.
@@ -291,6 +320,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             born: Instant::now(),
             watcher: None,
             touch: None,
+            started: 0,
         })
     }
 
@@ -425,8 +455,19 @@ impl<'a, H: Hooks> Master<'a, H> {
     /// Supervises until shutdown; returns the exit code for the master.
     pub fn run(mut self) -> i32 {
         crate::proctitle::set(&title("master", &self.config.name));
-        for _ in 0..self.target {
-            self.spawn();
+        if self.hooks.event(Event::Ready) {
+            for _ in 0..self.target {
+                self.spawn();
+            }
+        } else if self.inherited.is_empty() {
+            error!("Not starting: the `when_ready` hook failed (see above)");
+            self.fail(1);
+        } else {
+            // The workers from before the re-exec serve on regardless.
+            error!("The `when_ready` hook failed (see above); starting the workers anyway");
+            for _ in 0..self.target {
+                self.spawn();
+            }
         }
         loop {
             let timeout = self.next_timeout();
@@ -580,6 +621,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                 if self.phase != Phase::Running {
                     return;
                 }
+                self.hooks.event(Event::Reload);
                 if let Some(why) = self.hooks.reload_needs_reexec() {
                     info!("Received {name}: {why}");
                     self.reexec(&name);
@@ -630,7 +672,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             }
             Action::AddWorker => {
                 if self.phase == Phase::Running && self.target < self.max_workers() {
-                    self.target += 1;
+                    self.set_target(self.target + 1);
                     // The adaptive pool judges the new size afresh.
                     self.scale = Scaling { last_change: Some(Instant::now()), ..Scaling::default() };
                     info!("Received {name}: workers {} -> {}", self.target - 1, self.target);
@@ -641,7 +683,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             }
             Action::RemoveWorker => {
                 if self.phase == Phase::Running && self.target > self.min_workers() {
-                    self.target -= 1;
+                    self.set_target(self.target - 1);
                     self.scale = Scaling { last_change: Some(Instant::now()), ..Scaling::default() };
                     info!("Received {name}: workers {} -> {}", self.target + 1, self.target);
                     self.remove_one_worker();
@@ -913,6 +955,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             std::env::set_var(k, v);
         }
         crate::systemd::notify_reloading();
+        self.hooks.event(Event::Reexec);
         // Signals stay blocked across execve; the new program blocks the same
         // set again and reads what arrived meanwhile from its signalfd.
         let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
@@ -931,6 +974,11 @@ impl<'a, H: Hooks> Master<'a, H> {
             unsafe { libc::fcntl(l.fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
         }
         self.told_ready = false;
+    }
+
+    fn set_target(&mut self, new: usize) {
+        let old = std::mem::replace(&mut self.target, new);
+        self.hooks.event(Event::PoolSize { new, old });
     }
 
     fn min_workers(&self) -> usize {
@@ -980,7 +1028,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             }
         }
         if self.scale.saturated_ticks >= SCALE_UP_TICKS && self.target < max && settled {
-            self.target += 1;
+            self.set_target(self.target + 1);
             info!(
                 "Scaling up to {} worker(s): {busy} of {capacity} threads busy, {queued} connection(s) waiting to be accepted",
                 self.target
@@ -992,7 +1040,7 @@ impl<'a, H: Hooks> Master<'a, H> {
         }
         let idle_for = self.scale.idle_since.map_or(Duration::ZERO, |t| now.duration_since(t));
         if idle_for >= self.config.scale_down_idle && self.target > min && settled {
-            self.target -= 1;
+            self.set_target(self.target - 1);
             info!(
                 "Scaling down to {} worker(s): at most {busy} of {capacity} threads busy for {:.0} s",
                 self.target,
@@ -1137,6 +1185,9 @@ impl<'a, H: Hooks> Master<'a, H> {
                 )
             })
             .collect();
+        self.started += 1;
+        let age = self.started;
+        self.hooks.event(Event::Fork { slot, age });
         self.hooks.before_fork();
         // The master is single-threaded (see the module doc), so forking here is safe.
         let pid = unsafe { libc::fork() };
@@ -1183,6 +1234,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                 config: self.config.clone(),
                 listeners,
                 slot,
+                age,
                 scoreboard: self.scoreboard,
             };
             let code = self.hooks.worker_main(ctx);
@@ -1191,7 +1243,15 @@ impl<'a, H: Hooks> Master<'a, H> {
         self.hooks.after_fork_parent();
         self.workers.insert(
             pid,
-            Worker { slot, started: Instant::now(), retiring: false, kill_at: None, replaces, killed: None },
+            Worker {
+                slot,
+                started: Instant::now(),
+                retiring: false,
+                kill_at: None,
+                replaces,
+                killed: None,
+                age,
+            },
         );
         info!("Booting worker {slot} with pid {pid}");
     }
@@ -1212,6 +1272,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             let Some(w) = self.workers.remove(&pid) else {
                 if let Some(i) = self.inherited.iter().position(|p| *p == pid) {
                     self.inherited.swap_remove(i);
+                    self.hooks.event(Event::WorkerExited { pid, slot: None, age: None, booted: true });
                     if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
                         info!("Worker pid {pid} from before the re-exec {}", describe_exit(status));
                     } else {
@@ -1223,6 +1284,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                 continue;
             };
             let booted = self.scoreboard.state(w.slot) != WorkerState::Booting;
+            self.hooks.event(Event::WorkerExited { pid, slot: Some(w.slot), age: Some(w.age), booted });
             let serving = (self.scoreboard.in_flight(w.slot, mono_ms()), self.scoreboard.offloaded(w.slot));
             self.free_slots.push(w.slot);
             let how = describe_exit(status);

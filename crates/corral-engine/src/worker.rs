@@ -170,6 +170,8 @@ pub struct WorkerCtx {
     /// (listening fd, facts for the environ), inherited from the master.
     pub listeners: Vec<(RawFd, ListenerInfo)>,
     pub slot: usize,
+    /// The how-manyth worker the master started (from 1).
+    pub age: u64,
     pub scoreboard: Scoreboard,
 }
 
@@ -600,6 +602,15 @@ fn restore_own_handlers() {
     }
 }
 
+/// The worker left at a quick stop (SIGQUIT, or SIGINT as configured).
+static STOPPED_AT_ONCE: AtomicBool = AtomicBool::new(false);
+
+/// Whether this worker's serving ended with a quick stop rather than a
+/// graceful one (for gunicorn's `worker_int` hook).
+pub fn stopped_at_once() -> bool {
+    STOPPED_AT_ONCE.load(Ordering::Relaxed)
+}
+
 /// Signals a worker acts on, delivered through a self-pipe so the main
 /// thread can wait for them together with its sweep timer.
 struct WorkerSignals {
@@ -691,6 +702,7 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
         signals.wait(SWEEP_INTERVAL);
         if signals.quit.load(Ordering::Relaxed) {
             info!("Worker exiting at once (SIGQUIT): pid={}", std::process::id());
+            STOPPED_AT_ONCE.store(true, Ordering::Relaxed);
             if let Some(log) = &w.access {
                 log.flush();
             }

@@ -137,6 +137,7 @@ fn start_with(threads: usize, keepalive_timeout: Duration) -> Worker {
             max_requests: None,
             listeners: vec![(listener.raw(), info)],
             slot: 0,
+            age: 1,
             scoreboard,
         };
         let code = run_worker(TestApp, ctx);

@@ -527,12 +527,12 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     // Before any fork or thread: see there.
     corral_engine::proctitle::init();
     let cmd = Cli::command();
-    let (mut argv, mut origins) = match crate::config_file::layer(py, &cmd, &argv) {
-        Ok((argv, origins, notes)) => {
-            for note in notes {
+    let (mut argv, mut origins, server_hooks) = match crate::config_file::layer(py, &cmd, &argv) {
+        Ok(layered) => {
+            for note in layered.notes {
                 eprintln!("corral: note: {note}");
             }
-            (argv, origins)
+            (layered.argv, layered.origins, layered.hooks)
         }
         Err(e) => {
             eprintln!("corral: error: {e}");
@@ -900,6 +900,16 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         name: cli.name.clone().unwrap_or_else(|| cli.app.clone()),
     };
 
+    // gunicorn's order: the pool's size is set, then on_starting, then the
+    // listeners are bound.
+    if !server_hooks.is_empty() {
+        let server = crate::server_hooks::server(py, std::process::id(), config.workers, &config.name)?;
+        server_hooks.run(py, "nworkers_changed", (&server, config.workers, py.None()));
+        if !server_hooks.run(py, "on_starting", (&server,)) {
+            error!("Not starting: the `on_starting` hook failed (see above)");
+            return Ok(1);
+        }
+    }
     // After a re-exec the previous program's sockets are still open here:
     // each goes to the listener asking for its address (the configuration
     // read again may have added, removed or reordered listeners).
@@ -1070,7 +1080,8 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         listen_fds: if from_activation { activated.clone() } else { Vec::new() },
         config_file,
     };
-    let runtime = Runtime::new(spec, preloaded, cli.preload, mount, chdir_named, &config, reexec);
+    let runtime = Runtime::new(spec, preloaded, cli.preload, mount, chdir_named, &config, reexec)
+        .with_hooks(server_hooks);
     let mut master = match Master::new(config, listeners, &runtime) {
         Ok(m) => m,
         Err(e) => {
@@ -1120,6 +1131,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         environ.call_method1("pop", (var, py.None()))?;
     }
     let code = master.run();
+    runtime.on_exit(py);
     remove_pidfile();
     Ok(code)
 }

@@ -16,6 +16,8 @@ use clap::parser::ValueSource;
 use clap::{ArgAction, ArgMatches, Command};
 use toml_edit::{ImDocument, Item, Value};
 
+use crate::server_hooks::ServerHooks;
+
 /// Where each option set from the file came from: option id -> "FILE:LINE".
 pub type FileOrigins = HashMap<String, String>;
 
@@ -56,19 +58,34 @@ pub fn platform_defaults(cmd: &Command, argv: &mut Vec<String>, origins: &mut Fi
     }
 }
 
+/// What `--config` adds to the command line.
+pub struct Layered {
+    /// The argument list with the file's options added.
+    pub argv: Vec<String>,
+    /// Where each of those was set.
+    pub origins: FileOrigins,
+    /// Notes to show about settings of a gunicorn file that were ignored.
+    pub notes: Vec<String>,
+    /// A gunicorn file's server hooks.
+    pub hooks: ServerHooks,
+}
+
 /// The argument list with the file's options added, and their origins; and
 /// notes to show about settings of a gunicorn file that were ignored.
-pub fn layer(
-    py: pyo3::Python<'_>,
-    cmd: &Command,
-    argv: &[String],
-) -> Result<(Vec<String>, FileOrigins, Vec<String>), String> {
+pub fn layer(py: pyo3::Python<'_>, cmd: &Command, argv: &[String]) -> Result<Layered, String> {
     // A lenient first pass: the APP may be in the file, and errors in the
     // command line itself are reported by the real parse afterwards.
     let first = match cmd.clone().ignore_errors(true).try_get_matches_from(argv) {
         Ok(m) => m,
         // --help, --version and the like: the real parse shows them.
-        Err(_) => return Ok((argv.to_vec(), HashMap::new(), Vec::new())),
+        Err(_) => {
+            return Ok(Layered {
+                argv: argv.to_vec(),
+                origins: HashMap::new(),
+                notes: Vec::new(),
+                hooks: ServerHooks::default(),
+            })
+        }
     };
     let path = match first.get_one::<String>("config") {
         Some(p) => p.clone(),
@@ -80,15 +97,22 @@ pub fn layer(
             } else {
                 Vec::new()
             };
-            return Ok((argv.to_vec(), HashMap::new(), notes));
+            return Ok(Layered {
+                argv: argv.to_vec(),
+                origins: HashMap::new(),
+                notes,
+                hooks: ServerHooks::default(),
+            });
         }
     };
     // (key, value, where it was set), in the file's order.
     let mut entries: Vec<(String, Item, String)> = Vec::new();
     let mut notes = Vec::new();
+    let mut hooks = ServerHooks::default();
     if crate::gunicorn_conf::is_gunicorn_config(&path) {
-        let (settings, ignored) = crate::gunicorn_conf::translate(py, &path)?;
+        let (settings, ignored, found) = crate::gunicorn_conf::translate(py, &path)?;
         notes = ignored;
+        hooks = found;
         entries.extend(settings.into_iter().map(|s| (s.key.to_string(), Item::Value(s.value), s.at)));
     } else {
         entries = toml_entries(&path)?;
@@ -189,7 +213,7 @@ pub fn layer(
     if let Some(app) = app {
         out.push(app);
     }
-    Ok((out, origins, notes))
+    Ok(Layered { argv: out, origins, notes, hooks })
 }
 
 /// A TOML config file's keys and values, with the line each is on.

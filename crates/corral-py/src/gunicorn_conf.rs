@@ -4,11 +4,12 @@
 //! same meaning, so that a team moving over keeps the file it deploys with.
 //!
 //! A setting corral has no counterpart for is refused, with why and what to
-//! do instead, unless it is at gunicorn's default (then it asks for nothing);
-//! a server hook (`post_fork`, `pre_request`...) is refused, since corral
-//! runs none and a hook that silently never ran would be worse. Other names
-//! the file defines (imports, helper variables) are ignored, as gunicorn
-//! ignores them.
+//! do instead, unless it is at gunicorn's default (then it asks for nothing).
+//! Its server hooks (`post_fork`, `pre_request`...) are kept for
+//! [`crate::server_hooks`] to run, but for the two corral cannot run
+//! (`worker_abort`, `ssl_context`), which are refused, since a hook that
+//! silently never ran would be worse. Other names the file defines
+//! (imports, helper variables) are ignored, as gunicorn ignores them.
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
@@ -181,29 +182,13 @@ fn scheme_headers(value: &Bound<'_, PyAny>) -> Option<bool> {
     Some(seen == SCHEME_HEADERS.len())
 }
 
-/// gunicorn's server hooks: corral runs none of them.
+/// gunicorn's server hooks that corral cannot run, with what to do instead.
 const HOOKS: &[(&str, &str)] = &[
-    ("on_starting", "run it before starting corral (e.g. ExecStartPre= in a systemd unit)"),
-    ("on_reload", "corral's reload is HUP; run what it needs from the deploy script that sends it"),
     (
-        "when_ready",
-        "--stats ADDR serves /readyz once the workers are ready; systemd's Type=notify is told too",
+        "worker_abort",
+        "a request past --timeout gets 500 and its Python stack is logged; the worker is not aborted \
+         (it may hold the GIL, so no Python can run there)",
     ),
-    ("pre_fork", "code the master should run first can run at import with --preload"),
-    ("post_fork", "each worker imports the app itself (unless --preload): run per-worker setup at import"),
-    (
-        "post_worker_init",
-        "each worker imports the app itself (unless --preload): run per-worker setup at import",
-    ),
-    ("worker_int", "corral logs a worker's Python stack itself when a request passes --timeout"),
-    ("worker_abort", "corral logs a worker's Python stack itself when a request passes --timeout"),
-    ("pre_exec", "corral re-executes itself on USR2 without hooks"),
-    ("pre_request", "wrap the app in a WSGI middleware"),
-    ("post_request", "wrap the app in a WSGI middleware"),
-    ("child_exit", "the master logs every worker's exit, with its cause"),
-    ("worker_exit", "use atexit in the app: a worker that stops gracefully runs Python's exit handlers"),
-    ("nworkers_changed", "the master logs each change of the pool (TTIN, TTOU, the adaptive pool)"),
-    ("on_exit", "run it after corral exits (e.g. ExecStopPost= in a systemd unit)"),
     ("ssl_context", "corral serves plain HTTP: terminate TLS in the front end"),
 ];
 
@@ -230,7 +215,10 @@ pub fn hint(name: &str) -> Option<String> {
         );
     }
     if let Some((_, instead)) = HOOKS.iter().find(|(h, _)| *h == setting) {
-        return Some(format!("no server hooks ({instead})"));
+        return Some(format!("nothing ({instead})"));
+    }
+    if crate::server_hooks::RUN.contains(&setting.as_str()) {
+        return Some(format!("`def {setting}(...)` in a gunicorn configuration file (-c gunicorn.conf.py)"));
     }
     match rule(&setting)? {
         Rule::Option(key) => Some(format!("--{key}")),
@@ -327,7 +315,10 @@ fn to_value(v: &Bound<'_, PyAny>) -> Option<Value> {
 
 /// The file's settings as corral options, in the order the file has them,
 /// and notes about settings it ignores.
-pub fn translate(py: Python<'_>, spec: &str) -> Result<(Vec<Setting>, Vec<String>), String> {
+pub fn translate(
+    py: Python<'_>,
+    spec: &str,
+) -> Result<(Vec<Setting>, Vec<String>, crate::server_hooks::ServerHooks), String> {
     let (names, text, path) = load(py, spec)?;
     let at = |name: &str| match line_of(&text, name) {
         Some(line) => format!("{path}:{line}"),
@@ -343,13 +334,7 @@ pub fn translate(py: Python<'_>, spec: &str) -> Result<(Vec<Setting>, Vec<String
         .filter(|(hook, _)| get(hook).is_some_and(|v| v.is_callable()))
         .map(|(hook, instead)| {
             let line = line_of(&text, hook).unwrap_or(usize::MAX);
-            (
-                line,
-                format!(
-                    "{}: `{hook}` is a gunicorn server hook, and corral runs no hooks: {instead}",
-                    at(hook)
-                ),
-            )
+            (line, format!("{}: `{hook}` is a gunicorn server hook corral cannot run: {instead}", at(hook)))
         })
         .collect();
     if !hooks.is_empty() {
@@ -477,7 +462,7 @@ pub fn translate(py: Python<'_>, spec: &str) -> Result<(Vec<Setting>, Vec<String
             }
         }
     }
-    Ok((out, notes))
+    Ok((out, notes, crate::server_hooks::ServerHooks::from_names(&names)))
 }
 
 #[cfg(test)]
@@ -496,8 +481,11 @@ mod tests {
 
     #[test]
     fn every_hook_and_setting_is_classified_once() {
-        for (hook, _) in HOOKS {
+        for hook in HOOKS.iter().map(|(h, _)| *h).chain(crate::server_hooks::RUN.iter().copied()) {
             assert!(rule(hook).is_none(), "{hook}");
+        }
+        for (hook, _) in HOOKS {
+            assert!(!crate::server_hooks::RUN.contains(hook), "{hook}");
         }
         assert!(matches!(rule("bind"), Some(Rule::Option("http"))));
         assert!(rule("not_a_setting").is_none());
@@ -512,7 +500,8 @@ mod tests {
             .starts_with("nothing, as it is not needed (corral's workers"));
         assert!(hint("-k").unwrap().starts_with("--threads N (its workers are gunicorn's sync and gthread"));
         assert!(hint("--statsd-host").unwrap().starts_with("nothing (corral sends no StatsD"));
-        assert!(hint("post_fork").unwrap().starts_with("no server hooks (each worker imports"));
+        assert!(hint("post_fork").unwrap().starts_with("`def post_fork(...)` in a gunicorn configuration"));
+        assert!(hint("worker_abort").unwrap().starts_with("nothing (a request past --timeout gets 500"));
         assert_eq!(hint("wrkers"), None);
     }
 }

@@ -7,6 +7,7 @@ mod gunicorn_conf;
 mod load;
 mod logging;
 mod runtime;
+mod server_hooks;
 mod traceback;
 mod uwsgi_names;
 mod wsgi;
@@ -23,6 +24,7 @@ fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
 fn _corral(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(main, m)?)?;
+    m.add_function(wrap_pyfunction!(logging::log_line, m)?)?;
     m.add_class::<wsgi::FileWrapper>()?;
     m.add_class::<wsgi::Input>()?;
     m.add_class::<wsgi::StartResponse>()?;

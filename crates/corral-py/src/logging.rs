@@ -209,6 +209,19 @@ pub fn init(level: LogLevel) {
         .try_init();
 }
 
+/// `corral._corral._log(level, message)`: a line of the error log written
+/// from Python (gunicorn's server hooks call `server.log.info(...)`).
+#[pyfunction(name = "_log")]
+pub fn log_line(level: &str, message: &Bound<'_, PyString>) {
+    let text = log_text(message);
+    match level {
+        "error" => tracing::error!("{text}"),
+        "warning" => tracing::warn!("{text}"),
+        "debug" => tracing::debug!("{text}"),
+        _ => tracing::info!("{text}"),
+    }
+}
+
 /// A Python string for the log. A string that is not valid Unicode (a lone
 /// surrogate, as `os.fsdecode` makes of undecodable file names) is written
 /// with `\udcff` escapes, as Python's own stderr does, not refused.

@@ -8,10 +8,11 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use tracing::{error, info};
 
-use corral_engine::supervise::{Hooks, EXIT_APP_LOAD_FAILED};
+use corral_engine::supervise::{Event, Hooks, EXIT_APP_LOAD_FAILED};
 use corral_engine::{run_worker, Config, WorkerCtx};
 
 use crate::load::{load_app, AppSpec};
+use crate::server_hooks::{RequestHooks, ServerHooks, WorkerInfo};
 use crate::wsgi::WsgiApp;
 
 pub struct Runtime {
@@ -27,6 +28,16 @@ pub struct Runtime {
     multithread: bool,
     /// sys.executable and sys.orig_argv: how to start this master again.
     reexec: Reexec,
+    /// A gunicorn configuration file's server hooks.
+    hooks: ServerHooks,
+    /// The pool's size as the hooks' `server.num_workers` says it.
+    num_workers: std::cell::Cell<usize>,
+    name: String,
+    max_requests: u64,
+    timeout: u64,
+    /// In a worker: its `server` and `worker` objects, for the hooks it runs
+    /// as it exits.
+    this_worker: std::cell::OnceCell<(PyObject, PyObject)>,
 }
 
 /// What a re-exec of the master needs to start the same program again.
@@ -66,7 +77,122 @@ impl Runtime {
             multiprocess: config.workers.max(config.workers_max.unwrap_or(0)) > 1,
             multithread: config.threads > 1,
             reexec,
+            hooks: ServerHooks::default(),
+            num_workers: std::cell::Cell::new(config.workers),
+            name: config.name.clone(),
+            max_requests: config.max_requests.unwrap_or(0),
+            timeout: config.timeout.map_or(0, |t| t.as_secs()),
+            this_worker: std::cell::OnceCell::new(),
         }
+    }
+
+    /// The server hooks of a gunicorn configuration file, to run.
+    pub fn with_hooks(mut self, hooks: ServerHooks) -> Runtime {
+        self.hooks = hooks;
+        self
+    }
+
+    fn server<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        crate::server_hooks::server(py, std::process::id(), self.num_workers.get(), &self.name)
+    }
+
+    /// A `worker` object for the master's hooks.
+    fn worker_seen_from_master(
+        &self,
+        pid: Option<u32>,
+        slot: Option<usize>,
+        age: Option<u64>,
+        booted: bool,
+    ) -> WorkerInfo {
+        WorkerInfo {
+            pid,
+            ppid: std::process::id(),
+            age,
+            slot,
+            booted,
+            // Not forked yet (pre_fork), or gone (child_exit).
+            alive: pid.is_none(),
+            max_requests: self.max_requests,
+            timeout: self.timeout,
+        }
+    }
+
+    /// Runs hook `name` with (server, ...rest); false if it raised (logged)
+    /// or its objects could not be made.
+    fn run_with_server(&self, py: Python<'_>, name: &str, rest: Vec<PyObject>) -> bool {
+        if !self.hooks.has(name) {
+            return true;
+        }
+        let server = match self.server(py) {
+            Ok(s) => s,
+            Err(e) => {
+                crate::server_hooks::log_failure(py, name, &e);
+                return false;
+            }
+        };
+        let mut args = vec![server.unbind()];
+        args.extend(rest);
+        match pyo3::types::PyTuple::new(py, args) {
+            Ok(t) => self.hooks.run(py, name, t),
+            Err(e) => {
+                crate::server_hooks::log_failure(py, name, &e);
+                false
+            }
+        }
+    }
+
+    /// Runs hook `name` with (server, worker).
+    fn run_worker_hook(&self, py: Python<'_>, name: &str, info: &WorkerInfo) -> bool {
+        if !self.hooks.has(name) {
+            return true;
+        }
+        match crate::server_hooks::worker(py, info) {
+            Ok(w) => self.run_with_server(py, name, vec![w.unbind()]),
+            Err(e) => {
+                crate::server_hooks::log_failure(py, name, &e);
+                false
+            }
+        }
+    }
+
+    /// gunicorn's `on_exit`, as the master leaves.
+    pub fn on_exit(&self, py: Python<'_>) {
+        self.run_with_server(py, "on_exit", Vec::new());
+    }
+
+    /// In a new worker: `post_fork`, then the app, then `post_worker_init`;
+    /// the worker's objects are kept for the hooks of its exit.
+    fn worker_hooks_start(&self, py: Python<'_>, ctx: &WorkerCtx) -> Result<Option<PyObject>, ()> {
+        if self.hooks.is_empty() {
+            return Ok(None);
+        }
+        let info = WorkerInfo {
+            pid: Some(std::process::id()),
+            ppid: unsafe { libc::getppid() } as u32,
+            age: Some(ctx.age),
+            slot: Some(ctx.slot),
+            booted: false,
+            alive: true,
+            max_requests: ctx.max_requests.unwrap_or(0),
+            timeout: self.timeout,
+        };
+        let made = crate::server_hooks::worker(py, &info).and_then(|w| {
+            // gunicorn's worker copies the arbiter: `server.pid` is the master's.
+            let server = crate::server_hooks::server(py, info.ppid, self.num_workers.get(), &self.name)?;
+            Ok((server, w))
+        });
+        let (server, worker) = match made {
+            Ok(o) => o,
+            Err(e) => {
+                crate::server_hooks::log_failure(py, "post_fork", &e);
+                return Err(());
+            }
+        };
+        let _ = self.this_worker.set((server.clone().unbind(), worker.clone().unbind()));
+        if !self.hooks.run(py, "post_fork", (&server, &worker)) {
+            return Err(());
+        }
+        Ok(Some(worker.unbind()))
     }
 }
 
@@ -82,6 +208,35 @@ impl Hooks for Runtime {
 
     fn after_fork_child(&self) {
         unsafe { ffi::PyOS_AfterFork_Child() };
+    }
+
+    fn event(&self, e: Event) -> bool {
+        if self.hooks.is_empty() {
+            return true;
+        }
+        // The master holds the GIL here, as around a fork.
+        Python::with_gil(|py| match e {
+            Event::Ready => self.run_with_server(py, "when_ready", Vec::new()),
+            Event::Reload => self.run_with_server(py, "on_reload", Vec::new()),
+            Event::Reexec => self.run_with_server(py, "pre_exec", Vec::new()),
+            Event::PoolSize { new, old } => {
+                self.num_workers.set(new);
+                let (Ok(new), Ok(old)) = (new.into_pyobject(py), old.into_pyobject(py));
+                self.run_with_server(
+                    py,
+                    "nworkers_changed",
+                    vec![new.into_any().unbind(), old.into_any().unbind()],
+                )
+            }
+            Event::Fork { slot, age } => {
+                let info = self.worker_seen_from_master(None, Some(slot), Some(age), false);
+                self.run_worker_hook(py, "pre_fork", &info)
+            }
+            Event::WorkerExited { pid, slot, age, booted } => {
+                let info = self.worker_seen_from_master(Some(pid as u32), slot, age, booted);
+                self.run_worker_hook(py, "child_exit", &info)
+            }
+        })
     }
 
     fn unlocked(&self, f: &mut dyn FnMut()) {
@@ -122,6 +277,10 @@ impl Hooks for Runtime {
         if let Err(e) = py.import("threading") {
             error!("cannot import threading: {e}");
         }
+        let Ok(worker) = self.worker_hooks_start(py, &ctx) else {
+            error!("Worker {} could not boot: the `post_fork` hook failed (see above)", ctx.slot);
+            return EXIT_APP_LOAD_FAILED;
+        };
         let app = match &self.preloaded {
             Some(a) => a.clone_ref(py),
             None => match load_app(py, &self.spec) {
@@ -132,7 +291,34 @@ impl Hooks for Runtime {
                 }
             },
         };
-        let wsgi = match WsgiApp::new(py, app, &ctx, &self.mount, self.multiprocess, self.multithread) {
+        let mut request_hooks = None;
+        if let Some(worker) = &worker {
+            let worker = worker.bind(py);
+            let booted = worker.setattr("booted", true);
+            if booted.is_err() || !self.hooks.run(py, "post_worker_init", (worker,)) {
+                if let Err(e) = booted {
+                    crate::server_hooks::log_failure(py, "post_worker_init", &e);
+                }
+                error!("Worker {} could not boot: the `post_worker_init` hook failed (see above)", ctx.slot);
+                return EXIT_APP_LOAD_FAILED;
+            }
+            request_hooks = match RequestHooks::new(py, &self.hooks, worker) {
+                Ok(h) => h,
+                Err(e) => {
+                    crate::server_hooks::log_failure(py, "pre_request", &e);
+                    return EXIT_APP_LOAD_FAILED;
+                }
+            };
+        }
+        let wsgi = match WsgiApp::new(
+            py,
+            app,
+            &ctx,
+            &self.mount,
+            self.multiprocess,
+            self.multithread,
+            request_hooks,
+        ) {
             Ok(w) => w,
             Err(e) => {
                 error!("cannot prepare the WSGI environment: {e}");
@@ -227,8 +413,16 @@ impl Hooks for Runtime {
         let py = unsafe { Python::assume_gil_acquired() };
         // Not after a failed import: the master is waiting to hear of it,
         // and half an import may have started a thread that never ends.
+        let hooked = self.this_worker.get().map(|(s, w)| (s.bind(py), w.bind(py)));
+        if let (Some((_, worker)), true) = (&hooked, corral_engine::worker::stopped_at_once()) {
+            self.hooks.run(py, "worker_int", (worker,));
+        }
         if code != EXIT_APP_LOAD_FAILED {
             wait_for_app_threads(py);
+        }
+        if let Some((server, worker)) = hooked {
+            let _ = worker.setattr("alive", false);
+            self.hooks.run(py, "worker_exit", (server, worker));
         }
         let _ = py.import("atexit").and_then(|m| m.call_method0("_run_exitfuncs"));
         let _ = py.import("sys").and_then(|sys| {

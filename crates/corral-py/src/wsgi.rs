@@ -22,6 +22,7 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use tracing::{error, info};
 
 use crate::load::format_exception;
+use crate::server_hooks::RequestHooks;
 
 pyo3::create_exception!(
     corral._corral,
@@ -85,6 +86,8 @@ pub struct WsgiApp {
     pid: u32,
     /// Environ variables the access log shows, lower-case (`%({name}e)s`).
     log_environ: Vec<String>,
+    /// gunicorn's `pre_request` and `post_request` hooks, if any.
+    request_hooks: Option<RequestHooks>,
 }
 
 /// A worker thread's Python thread state, parked while the thread waits.
@@ -98,6 +101,7 @@ impl WsgiApp {
         mount: &str,
         multiprocess: bool,
         multithread: bool,
+        request_hooks: Option<RequestHooks>,
     ) -> PyResult<WsgiApp> {
         let s = |v: &str| PyString::intern(py, v).unbind();
         let errors = Bound::new(py, ErrorStream {})?;
@@ -153,6 +157,7 @@ impl WsgiApp {
             max_body: ctx.config.max_body_size,
             pid: std::process::id(),
             log_environ: ctx.config.access_log.as_ref().map(|(_, f)| f.environ_names()).unwrap_or_default(),
+            request_hooks,
         };
         Ok(app)
     }
@@ -331,7 +336,26 @@ impl WsgiApp {
             Ok(s) => s,
             Err(e) => return self.app_error(py, req, ex, &e),
         };
-        let result = self.app.bind(py).call1((&environ, start_response));
+        match &self.request_hooks {
+            None => self.call_app(py, req, ex, &environ, start_response.as_any()),
+            Some(hooks) => self.call_hooked(py, req, ex, &environ, start_response.as_any(), hooks),
+        }
+        if !self.log_environ.is_empty() {
+            self.keep_environ_for_log(ex, &environ);
+        }
+        // A last line the app wrote to wsgi.errors without its newline.
+        crate::logging::app_error_flush();
+    }
+
+    fn call_app(
+        &self,
+        py: Python<'_>,
+        req: &Request<'_>,
+        ex: &Exchange,
+        environ: &Bound<'_, PyDict>,
+        start_response: &Bound<'_, PyAny>,
+    ) {
+        let result = self.app.bind(py).call1((environ, start_response));
         if corral_engine::worker::in_forked_child() {
             self.forked_child_returned(req);
         }
@@ -339,11 +363,51 @@ impl WsgiApp {
             Ok(result) => self.send(py, req, ex, &result),
             Err(e) => self.app_error(py, req, ex, &e),
         }
-        if !self.log_environ.is_empty() {
-            self.keep_environ_for_log(ex, &environ);
+    }
+
+    /// The app between gunicorn's `pre_request` and `post_request` hooks,
+    /// as gunicorn runs them: a `pre_request` that raises is the request's
+    /// 500, and `post_request` runs whatever happened, once the response
+    /// is complete.
+    fn call_hooked(
+        &self,
+        py: Python<'_>,
+        req: &Request<'_>,
+        ex: &Exchange,
+        environ: &Bound<'_, PyDict>,
+        start_response: &Bound<'_, PyAny>,
+        hooks: &RequestHooks,
+    ) {
+        let request = match hooks.request(py, environ.as_any()) {
+            Ok(r) => r,
+            Err(e) => return self.app_error(py, req, ex, &e),
+        };
+        let response = match hooks.response(py, start_response) {
+            Ok(r) => r,
+            Err(e) => return self.app_error(py, req, ex, &e),
+        };
+        let worker = hooks.worker.bind(py);
+        let pre = hooks.pre.as_ref().map_or(Ok(()), |pre| pre.bind(py).call1((worker, &request)).map(|_| ()));
+        match pre {
+            Ok(()) => match response.getattr(pyo3::intern!(py, "start_response")) {
+                Ok(wrapped) => self.call_app(py, req, ex, environ, &wrapped),
+                Err(e) => self.app_error(py, req, ex, &e),
+            },
+            Err(e) => {
+                error!(
+                    "{} from {}: the gunicorn server hook `pre_request` raised an exception",
+                    req.describe(),
+                    req.peer()
+                );
+                self.app_error(py, req, ex, &e);
+            }
         }
-        // A last line the app wrote to wsgi.errors without its newline.
-        crate::logging::app_error_flush();
+        if let Some(post) = &hooks.post {
+            let _ = response.call_method1(pyo3::intern!(py, "_answered"), (ex.status(), ex.body_sent()));
+            if let Err(e) = post.bind(py).call1((worker, &request, environ, &response)) {
+                crate::server_hooks::log_failure(py, "post_request", &e);
+            }
+        }
     }
 
     /// The environ variables the access log shows, as the app left them
