@@ -204,7 +204,7 @@ def test_errors_name_the_key_and_line(tmp_path, text, message):
         # gunicorn's options corral spells differently or has no use for.
         (
             ["-k", "gevent"],
-            "note: for gunicorn's -k, corral takes --threads N (its workers are gunicorn's sync",
+            "for '--worker-class <CLASS>': corral's workers are gunicorn's sync and gthread kind",
         ),
         (
             ["--statsd-host", "x:8125"],
@@ -778,3 +778,79 @@ def test_a_gunicorn_configuration_module_and_a_python_looking_toml_file(tmp_path
     proc = _run(["--print-config", "behaviour:application"], cwd=tmp_path)
     assert "./gunicorn.conf.py is not read unless given with -c gunicorn.conf.py" in proc.stderr
     assert _printed(proc.stdout)["workers"] == ('"1"', "default")
+
+
+def test_gunicorn_command_lines_of_a_dockerfile_run(tmp_path):
+    """`-k gthread` and `--proxy-protocol=v1` as gunicorn takes them; a class
+    corral's workers are not is refused with why."""
+    proc = _run(
+        ["--print-config", "-k", "gthread", "--threads", "4", "--proxy-protocol=v1", "behaviour:application"]
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert _printed(proc.stdout)["proxy-protocol"] == ("true", "command line")
+    proc = _run(["--print-config", "--proxy-protocol=off", "behaviour:application"])
+    assert _printed(proc.stdout)["proxy-protocol"] == ("false", "command line")
+    proc = _run(["--print-config", "-k", "gevent", "behaviour:application"])
+    assert proc.returncode == 2
+    assert "corral's workers are gunicorn's sync and gthread kind" in proc.stderr
+    proc = _run(["--print-config", "--protocol", "uwsgi", "behaviour:application"])
+    assert "corral takes --uwsgi ADDR in place of --http ADDR" in proc.stderr
+    proc = _run(["--print-config", "behaviour:application"], env={"GUNICORN_CMD_ARGS": "--workers 3"})
+    assert "GUNICORN_CMD_ARGS is not read" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('proxy_protocol = "off"\n', {"proxy-protocol": "false"}),
+        ('proxy_protocol = "auto"\n', {"proxy-protocol": "true"}),
+        (
+            'protocol = "uwsgi"\nbind = "unix:/tmp/app.sock"\n',
+            {"uwsgi": '"unix:/tmp/app.sock"', "http": "(not set)"},
+        ),
+        ('protocol = "uwsgi"\n', {"uwsgi": '"127.0.0.1:8000"', "http": "(not set)"}),
+        ("forwarder_headers = ['SCRIPT_NAME', 'PATH_INFO']\nhttp_protocols = 'h1'\ndirty_workers = 0\n", {}),
+        (
+            'access_log_format = "%(h)s %(s)s"\n',
+            {"access-log-format": '"%(h)s %(s)s"', "access-log": "(not set)"},
+        ),
+    ],
+)
+def test_gunicorn_27_settings_are_taken(tmp_path, text, expected):
+    cfg = tmp_path / "gunicorn.conf.py"
+    cfg.write_text(text)
+    proc = _run(["-c", str(cfg), "--print-config", "behaviour:application"])
+    assert proc.returncode == 0, proc.stderr
+    printed = _printed(proc.stdout)
+    for key, value in expected.items():
+        assert printed[key][0] == value, (key, printed[key])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('protocol = "h2"\n', ':1: gunicorn\'s `protocol` is "http" or "uwsgi"'),
+        ("dirty_apps = ['tasks:app']\n", ":1: gunicorn's `dirty_apps` has no counterpart in corral"),
+        ("http_protocols = 'h2,h1'\n", ":1: gunicorn's `http_protocols` has no counterpart in corral"),
+        ("uwsgi_allow_ips = '10.0.0.5'\n", ":1: gunicorn's `uwsgi_allow_ips` has no counterpart in corral"),
+    ],
+)
+def test_gunicorn_27_settings_corral_cannot_honour_are_refused(tmp_path, text, message):
+    cfg = tmp_path / "gunicorn.conf.py"
+    cfg.write_text(text)
+    proc = _run(["-c", str(cfg), "--print-config", "behaviour:application"])
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr, proc.stderr
+
+
+def test_a_gunicorn_control_socket_gets_a_note(tmp_path):
+    cfg = tmp_path / "gunicorn.conf.py"
+    cfg.write_text("control_socket = '/run/app.ctl'\n")
+    proc = _run(["-c", str(cfg), "--print-config", "behaviour:application"])
+    assert proc.returncode == 0, proc.stderr
+    assert "gunicorn's `control_socket` is not needed: corral has no control socket" in proc.stderr
+
+
+def test_an_access_log_format_without_an_access_log_is_taken_with_a_warning(start_server):
+    server = start_server("behaviour:application", "--access-log-format", "%(h)s").wait_started()
+    server.wait_for(r"--access-log-format is set, but no access log is written without --access-log")

@@ -9,7 +9,7 @@ import socket
 import time
 
 import pytest
-from support import read_hashed, slow_reader, wait_until
+from support import exchange, read_hashed, slow_reader, wait_until
 
 
 def _closed_tags(server):
@@ -35,10 +35,6 @@ def _wait_closed(server, tag):
         ("kind=lf", "X-Injected"),
         ("kind=nonstr", "X-Number"),
         ("kind=bytes", "X-Bytes"),
-        ("kind=hop&name=Connection&value=close", "Connection"),
-        ("kind=hop&name=Transfer-Encoding&value=chunked", "Transfer-Encoding"),
-        ("kind=hop&name=Keep-Alive&value=timeout%3D5", "Keep-Alive"),
-        ("kind=hop&name=Upgrade&value=websocket", "Upgrade"),
         ("kind=name-space", "X Bad Name"),
     ],
 )
@@ -53,6 +49,53 @@ def test_invalid_headers_give_500_and_a_log_line(behaviour, query, name):
     behaviour.wait_for(name, since=mark)
     # And the server carries on.
     assert behaviour.request("GET", "/fixed").status == 200
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("Transfer-Encoding", "chunked"),
+        ("Keep-Alive", "timeout=5"),
+        ("Upgrade", "websocket"),
+        ("TE", "trailers"),
+    ],
+)
+def test_hop_by_hop_headers_from_the_app_are_dropped_with_one_warning(start_server, name, value):
+    """PEP 3333 forbids them; gunicorn drops them. They are dropped, the
+    response and the connection go on, and the log says so once."""
+    server = start_server("behaviour:application").wait_started()
+    with server.connect() as conn:
+        for _ in range(2):
+            conn.send_request("GET", f"/bad-header?kind=hop&name={name}&value={value}")
+            resp = conn.read_response()
+            assert resp.status == 200
+            assert resp.body == b"should not be sent"
+            assert resp.header(name) is None
+            assert resp.header("Connection") is None
+    server.wait_for(rf'The app set the hop-by-hop header "{name}: {value}", which a WSGI app may not send')
+    assert len(server.grep("hop-by-hop header")) == 1
+
+
+def test_connection_close_from_the_app_closes_the_connection(start_server):
+    server = start_server("behaviour:application").wait_started()
+    with server.connect() as conn:
+        conn.send_request("GET", "/bad-header?kind=hop&name=Connection&value=close")
+        resp = conn.read_response()
+        assert resp.status == 200
+        assert resp.header_all("Connection") == ["close"]
+        assert conn.at_eof()
+    server.wait_for(r'"Connection: close".* it is dropped, and the connection closes after the response')
+
+
+def test_header_values_lose_leading_and_trailing_whitespace(behaviour):
+    """Django's Set-Cookie values start with a space (SimpleCookie.output)."""
+    raw, _ = exchange(
+        behaviour.host,
+        behaviour.port,
+        b"GET /bad-header?kind=hop&name=X-Spaced&value=%20a%3Db%09 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    assert raw.startswith(b"HTTP/1.1 200 ")
+    assert b"\r\nX-Spaced: a=b\r\n" in raw
 
 
 def test_start_response_twice_without_exc_info_raises(behaviour):

@@ -13,6 +13,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
@@ -1500,6 +1501,25 @@ pub struct Exchange {
     pub(crate) blocking: fn(&mut dyn FnMut()),
 }
 
+/// Hop-by-hop headers already logged as dropped in this process, by index
+/// in [`HOP_BY_HOP`].
+static HOP_NOTED: AtomicU8 = AtomicU8::new(0);
+
+/// One warning per header name and worker: an app sets such a header on
+/// every response, and the log must not repeat it for each.
+fn note_dropped_hop_header(hop: usize, name: &[u8], value: &[u8], close: bool) {
+    let bit = 1u8 << hop;
+    if HOP_NOTED.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
+        tracing::warn!(
+            "The app set the hop-by-hop header \"{}: {}\", which a WSGI app may not send (PEP 3333): it is \
+             dropped{}; logged once per worker",
+            crate::app::log_escape(name),
+            crate::app::log_escape(value),
+            if close { ", and the connection closes after the response, as it asks" } else { "" }
+        );
+    }
+}
+
 /// Hop-by-hop headers an app may not set (PEP 3333); the server owns framing.
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
@@ -1658,11 +1678,20 @@ impl Exchange {
                 String::from_utf8_lossy(name)
             )));
         }
-        if HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes())) {
-            return Err(ResponseError::Invalid(format!(
-                "hop-by-hop header {:?} is not allowed from a WSGI app",
-                String::from_utf8_lossy(name)
-            )));
+        // RFC 9110 5.5: a field value has no leading or trailing
+        // whitespace (Django's Set-Cookie values start with a space).
+        let value = value.trim_ascii();
+        if let Some(hop) = HOP_BY_HOP.iter().position(|h| name.eq_ignore_ascii_case(h.as_bytes())) {
+            // Dropped, as gunicorn drops them: the server owns the framing
+            // and the connection. What `Connection: close` asks for is done.
+            let close = hop == 0
+                && matches!(io.wire, Wire::Http)
+                && value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+            if close {
+                io.keep_alive = false;
+            }
+            note_dropped_hop_header(hop, name, value, close);
+            return Ok(());
         }
         if name.eq_ignore_ascii_case(b"content-length") {
             let n = parse_content_length(value).map_err(|_| {

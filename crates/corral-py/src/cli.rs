@@ -289,7 +289,7 @@ pub struct Cli {
     /// Access log format: gunicorn's %(x)s atoms (h l u t r m U q H s B b f a T M D L p
     /// {header}i {header}o {var}e), or `json`.
     #[arg(long, visible_alias = "access-logformat", value_name = "FORMAT", env = "CORRAL_ACCESS_LOG_FORMAT",
-          default_value = corral_engine::access::DEFAULT_FORMAT, requires = "access_log")]
+          default_value = corral_engine::access::DEFAULT_FORMAT)]
     pub access_log_format: String,
 
     /// Send the app's standard output and error (print, logging to stderr, C extensions'
@@ -365,11 +365,17 @@ pub struct Cli {
 
     /// HTTP connections may start with a PROXY protocol header (v1 or v2, as HAProxy's
     /// send-proxy and AWS's NLB send it): REMOTE_ADDR and REMOTE_PORT are then the client's.
-    /// Connections without one are served as they are. --proxy-protocol=false turns it off.
+    /// Connections without one are served as they are. --proxy-protocol=false turns it off
+    /// (gunicorn's off, v1, v2 and auto are taken too: v1, v2 and auto take either version).
     #[arg(long, value_name = "BOOL", env = "CORRAL_PROXY_PROTOCOL", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", default_value = "false", action = ArgAction::Set,
-          value_parser = clap::builder::BoolishValueParser::new())]
+          value_parser = parse_proxy_protocol)]
     pub proxy_protocol: bool,
+
+    /// gunicorn's worker class, for a command line written for gunicorn: corral's workers
+    /// are its sync and gthread kind (--threads N), the only classes taken.
+    #[arg(short = 'k', long, value_name = "CLASS", hide = true, value_parser = parse_worker_class)]
+    pub worker_class: Option<String>,
 
     /// Peers (addresses and networks separated by commas, or `*`) allowed to send a PROXY
     /// header; one from any other peer gets 403. Unix socket peers are always allowed.
@@ -385,6 +391,27 @@ pub const DEFAULT_HTTP: &str = "127.0.0.1:8000";
 /// The largest --max-requests and --max-requests-jitter: far beyond any
 /// use, and their sum still fits a u64.
 const MAX_COUNT: u64 = 1 << 40;
+/// --proxy-protocol: a boolean, or gunicorn's modes.
+fn parse_proxy_protocol(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "true" | "yes" | "y" | "on" | "1" | "v1" | "v2" | "auto" => Ok(true),
+        "false" | "no" | "n" | "off" | "0" => Ok(false),
+        _ => Err("expected true or false (or gunicorn's off, v1, v2 or auto)".into()),
+    }
+}
+
+/// -k / --worker-class: the classes corral's workers are.
+fn parse_worker_class(s: &str) -> Result<String, String> {
+    match s {
+        "sync" | "gthread" | "gunicorn.workers.sync.SyncWorker" | "gunicorn.workers.gthread.ThreadWorker" => {
+            Ok(s.to_string())
+        }
+        _ => Err("corral's workers are gunicorn's sync and gthread kind (--threads N threads each, the GIL \
+                  released while the app waits on I/O); it runs no gevent, eventlet or ASGI workers"
+            .into()),
+    }
+}
+
 /// The largest --reload-on-rss (1 PiB), so its byte count fits a u64.
 const MAX_RSS_MIB: u64 = 1 << 30;
 
@@ -539,6 +566,12 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             return Ok(2);
         }
     };
+    if std::env::var_os("GUNICORN_CMD_ARGS").is_some_and(|v| !v.is_empty()) {
+        eprintln!(
+            "corral: note: GUNICORN_CMD_ARGS is not read: give its options on the command line, in \
+             CORRAL_* variables or in the configuration file"
+        );
+    }
     crate::config_file::platform_defaults(&cmd, &mut argv, &mut origins);
     let parsed =
         cmd.clone().try_get_matches_from(&argv).and_then(|m| Cli::from_arg_matches(&m).map(|c| (m, c)));
@@ -699,6 +732,15 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             return Ok(2);
         }
     };
+    if access_log.is_none()
+        && !matches!(
+            matches.value_source("access_log_format"),
+            None | Some(clap::parser::ValueSource::DefaultValue)
+        )
+    {
+        // gunicorn takes the format alone too, and writes no access log.
+        warn!("--access-log-format is set, but no access log is written without --access-log FILE (or -)");
+    }
     if let Some(target) = &access_log {
         // Opened here once so a bad path fails at start, not in every worker.
         if let Err(e) = corral_engine::access::Sink::open(target) {
@@ -927,6 +969,21 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         match bound {
             Ok(l) => {
                 info!("Listening at: {}", l.url());
+                if let (Some(path), None) = (&l.unix_path, cli.socket_mode) {
+                    use std::os::unix::fs::PermissionsExt;
+                    let mode =
+                        std::fs::metadata(path).map(|m| m.permissions().mode() & 0o777).unwrap_or(0o777);
+                    if mode & 0o022 == 0 {
+                        // gunicorn makes its sockets 0777: a front end running
+                        // as another user would get "permission denied" (502).
+                        info!(
+                            "{} has mode {mode:03o} (from the umask): only processes of its owner can connect; \
+                             for a front end running as another user, give --socket-mode 660 with \
+                             --socket-owner USER:GROUP (or 666)",
+                            path.display()
+                        );
+                    }
+                }
                 if protocol.trusts_peer() && l.is_public() {
                     warn!(
                         "The {} listener {} is reachable from other machines: the {} protocol trusts \

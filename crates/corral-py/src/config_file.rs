@@ -163,6 +163,10 @@ pub fn layer(py: pyo3::Python<'_>, cmd: &Command, argv: &[String]) -> Result<Lay
         if is_switch(arg) {
             match value {
                 Value::Boolean(b) => injected.push(format!("--{key}={}", b.value())),
+                // gunicorn's modes (off, v1, v2, auto), which its parser takes.
+                Value::String(mode) if key == "proxy-protocol" => {
+                    injected.push(format!("--{key}={}", mode.value()))
+                }
                 _ => return Err(format!("{at}: `{key}` must be true or false")),
             }
             origins.insert(id, at.clone());

@@ -149,7 +149,32 @@ fn rule(name: &str) -> Option<Rule> {
         "tmp_upload_dir" => Moot("(None,)", "corral keeps no request data in files"),
         // Handled in `translate`: any part of gunicorn's default is taken.
         "secure_scheme_headers" => Ignored,
-        "forwarder_headers" => Refused("('SCRIPT_NAME,PATH_INFO',)", "corral takes SCRIPT_NAME from --mount, not from a header"),
+        "forwarder_headers" => Refused("('SCRIPT_NAME,PATH_INFO', ['SCRIPT_NAME', 'PATH_INFO'], ('SCRIPT_NAME', 'PATH_INFO'))", "corral takes SCRIPT_NAME from --mount, not from a header"),
+        // Handled in `translate`: `bind` becomes --uwsgi.
+        "protocol" => Ignored,
+        "uwsgi_allow_ips" => Refused("('127.0.0.1,::1', ['127.0.0.1', '::1'], ('127.0.0.1', '::1'))",
+            "corral takes uwsgi requests from any peer that reaches its --uwsgi listener: bind it to a loopback \
+             address or a unix socket (corral warns of any other), or firewall it",
+        ),
+        "http_protocols" => Refused("('h1',)", "corral speaks HTTP/1.1; HTTP/2 is for the front end (nginx, a load balancer)"),
+        // Only with `http_protocols` h2, refused above.
+        "http2_cleartext" | "http2_max_concurrent_streams" | "http2_initial_window_size" | "http2_max_frame_size"
+        | "http2_max_header_list_size" => Ignored,
+        // Only for the ASGI workers, which `worker_class` refuses.
+        "asgi_loop" | "asgi_lifespan" | "asgi_disconnect_grace_period" | "websocket_max_message_size" | "root_path" => {
+            Ignored
+        }
+        "http_parser" => Moot("('auto',)", "corral's HTTP parser is its own, in Rust"),
+        "enable_backlog_metric" => Moot("(False,)", "--stats ADDR's /metrics reports each listen queue already"),
+        "dirty_apps" => Refused("([], ())", "corral has no dirty worker pool: run such tasks in a task queue"),
+        "dirty_workers" => Refused("(0,)", "corral has no dirty worker pool: run such tasks in a task queue"),
+        // Only with `dirty_apps`, refused above.
+        "dirty_timeout" | "dirty_threads" | "dirty_graceful_timeout" => Ignored,
+        "control_socket" | "control_socket_mode" => Moot("()",
+            "corral has no control socket: it is run with signals (`corral signal HUP PIDFILE`) and watched with \
+             --stats ADDR (`corral stats`)",
+        ),
+        "control_socket_disable" => Ignored,
         "header_map" => Refused("('drop',)", "corral drops header names with underscores, as gunicorn's default does"),
         "permit_obsolete_folding"
         | "strip_header_spaces"
@@ -190,6 +215,10 @@ const HOOKS: &[(&str, &str)] = &[
          (it may hold the GIL, so no Python can run there)",
     ),
     ("ssl_context", "corral serves plain HTTP: terminate TLS in the front end"),
+    ("on_dirty_starting", "corral has no dirty worker pool"),
+    ("dirty_post_fork", "corral has no dirty worker pool"),
+    ("dirty_worker_init", "corral has no dirty worker pool"),
+    ("dirty_worker_exit", "corral has no dirty worker pool"),
 ];
 
 /// What corral takes for gunicorn's setting or command-line option `name`
@@ -205,8 +234,14 @@ pub fn hint(name: &str) -> Option<String> {
         "--statsd-host" => "statsd_host".to_string(),
         "--no-sendfile" => "sendfile".to_string(),
         "--proxy-allow-from" => "proxy_allow_ips".to_string(),
+        "--uwsgi-allow-from" => "uwsgi_allow_ips".to_string(),
+        "--no-control-socket" => "control_socket_disable".to_string(),
+        "--dirty-app" => "dirty_apps".to_string(),
         other => other.trim_start_matches('-').replace('-', "_"),
     };
+    if setting == "protocol" {
+        return Some("--uwsgi ADDR in place of --http ADDR (gunicorn's --protocol uwsgi)".to_string());
+    }
     if setting == "worker_class" {
         return Some(
             "--threads N (its workers are gunicorn's sync and gthread kind; it has no gevent, \
@@ -354,6 +389,23 @@ pub fn translate(
             ));
         }
     }
+    // gunicorn's `protocol = "uwsgi"`: its binds speak uwsgi (for nginx's uwsgi_pass).
+    let uwsgi = match get("protocol").map(|p| p.extract::<String>()) {
+        None => false,
+        Some(Ok(p)) if p == "http" => false,
+        Some(Ok(p)) if p == "uwsgi" => true,
+        Some(_) => {
+            return Err(format!(
+                "{}: gunicorn's `protocol` is \"http\" or \"uwsgi\" (its bind addresses then speak uwsgi, as \
+                 corral's --uwsgi ADDR does)",
+                at("protocol")
+            ))
+        }
+    };
+    if uwsgi && get("bind").is_none_or(|b| b.is_none()) {
+        // gunicorn's default bind, in the protocol asked for.
+        out.push(Setting { key: "uwsgi", value: Value::from("127.0.0.1:8000"), at: at("protocol") });
+    }
     // A zero max_requests is gunicorn's "off", and its jitter then means nothing.
     let recycling = get("max_requests").and_then(|v| v.extract::<i64>().ok()).is_some_and(|n| n > 0);
     let mut items: Vec<(String, Bound<'_, PyAny>)> = names
@@ -419,6 +471,7 @@ pub fn translate(
                     at(&name)
                 ));
             }
+            Rule::Option("http") if uwsgi => "uwsgi",
             Rule::Option(key) => *key,
         };
         if value.is_none() || (matches!(name.as_str(), "max_requests" | "max_requests_jitter") && !recycling)

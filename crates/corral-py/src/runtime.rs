@@ -377,7 +377,12 @@ impl Hooks for Runtime {
             return Ok(());
         }
         let said = String::from_utf8_lossy(&out.stderr);
-        let said: Vec<&str> = said.lines().filter(|l| !l.trim().is_empty()).take(3).collect();
+        let lines: Vec<&str> = said.lines().filter(|l| !l.trim().is_empty()).collect();
+        // The start and the end: a traceback's exception is its last line.
+        let said: Vec<&str> = match lines.len() {
+            0..=4 => lines,
+            n => [&lines[..2], &["..."], &lines[n - 2..]].concat(),
+        };
         Err(match said.is_empty() {
             true => format!("it exited with {}", out.status),
             false => said.join(" / "),
