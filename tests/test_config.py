@@ -9,7 +9,7 @@ import time
 
 import pytest
 from front_ends import free_port
-from support import APPS, CORRAL, wait_until
+from support import APPS, CORRAL, Server, wait_until
 
 
 def _run(args, env=None, cwd=None):
@@ -854,3 +854,18 @@ def test_a_gunicorn_control_socket_gets_a_note(tmp_path):
 def test_an_access_log_format_without_an_access_log_is_taken_with_a_warning(start_server):
     server = start_server("behaviour:application", "--access-log-format", "%(h)s").wait_started()
     server.wait_for(r"--access-log-format is set, but no access log is written without --access-log")
+
+
+def test_notes_about_a_gunicorn_file_are_in_its_error_log_file(tmp_path):
+    log = tmp_path / "error.log"
+    cfg = tmp_path / "gunicorn.conf.py"
+    cfg.write_text(f"timeout = 30\nerrorlog = {str(log)!r}\n")
+    server = Server("behaviour:application", "-c", str(cfg))
+    try:
+        wait_until(lambda: log.exists() and "Worker ready" in log.read_text())
+        text = log.read_text()
+        assert (
+            "gunicorn's `timeout` (how long a worker may stay silent) is taken as corral's --timeout" in text
+        )
+    finally:
+        server.cleanup()

@@ -554,12 +554,13 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     // Before any fork or thread: see there.
     corral_engine::proctitle::init();
     let cmd = Cli::command();
-    let (mut argv, mut origins, server_hooks) = match crate::config_file::layer(py, &cmd, &argv) {
+    let (mut argv, mut origins, server_hooks, config_notes) = match crate::config_file::layer(py, &cmd, &argv)
+    {
         Ok(layered) => {
-            for note in layered.notes {
+            for note in &layered.notes {
                 eprintln!("corral: note: {note}");
             }
-            (layered.argv, layered.origins, layered.hooks)
+            (layered.argv, layered.origins, layered.hooks, layered.notes)
         }
         Err(e) => {
             eprintln!("corral: error: {e}");
@@ -714,6 +715,12 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         }
     }
     crate::logging::init(cli.log_level);
+    if error_log != "-" {
+        // Shown on standard error already; the log file is where they are looked for.
+        for note in &config_notes {
+            warn!("{note}");
+        }
+    }
     if cli.capture_output {
         // Written line by line, as to a terminal: a worker killed past
         // --timeout would lose what a block buffer held.
