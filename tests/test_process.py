@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from front_ends import free_port
-from support import APPS, CORRAL, READY_RE, IncompleteResponse, group_members, wait_until
+from support import APPS, CORRAL, READY_RE, IncompleteResponse, group_members, slow_reader, wait_until
 
 
 def _pid_of_request(server, target="/pid"):
@@ -287,6 +287,37 @@ def test_the_stack_of_a_request_past_timeout_that_runs_python_all_along(start_se
     assert server.grep(r'behaviour\.py", line \d+ in (spin|_step)', since=mark), server.log
     server.wait_for(r"is to be replaced because a request ran past --timeout", since=mark, timeout=30)
     assert wait_until(lambda: _serves(server), timeout=30)
+
+
+def test_timeout_leaves_out_the_time_spent_waiting_on_a_slow_client(start_server):
+    """A slow upload or download is the client's doing (bounded by
+    --socket-timeout), not a stuck app: it is served whole, past --timeout,
+    and the worker stays."""
+    server = start_server("behaviour:application", "--timeout", "1", workers=1, threads=1)
+    worker = server.worker_pids()
+    mark = server.mark()
+    piece = os.urandom(20_000)
+    with server.connect() as conn:
+        conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (len(piece) * 30))
+        for _ in range(30):
+            conn.send(piece)
+            time.sleep(0.1)
+        resp = conn.read_response()
+    assert resp.status == 200
+    assert resp.body == piece * 30
+    body = os.urandom(4 << 20)
+    conn = slow_reader(server)
+    with conn:
+        conn.send_request("POST", "/echo", {"Host": "x"}, body)
+        head = conn.read_head()
+        assert head.status == 200
+        got = b""
+        while len(got) < len(body):
+            got += conn.read_exact(min(65536, len(body) - len(got)))
+            time.sleep(0.05)
+    assert got == body
+    assert not server.grep(r"Request timeout", since=mark), server.log
+    assert server.request("GET", "/pid").body.decode() == str(worker[0])
 
 
 def _serves(server):

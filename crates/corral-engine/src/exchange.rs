@@ -426,7 +426,7 @@ impl Io {
     fn wait_ms(&self, events: i16, timeout: i32, blocking: fn(&mut dyn FnMut())) -> bool {
         let mut ready = false;
         let fd = self.fd;
-        blocking(&mut || ready = poll_one(fd, events, timeout));
+        blocking(&mut || crate::worker::waiting_on_client(&mut || ready = poll_one(fd, events, timeout)));
         ready
     }
 

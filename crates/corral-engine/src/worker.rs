@@ -430,6 +430,7 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
     // A worker started after a deploy serves the files of the release it
     // switched to, as its app does.
     config.static_mounts.iter_mut().for_each(crate::static_files::Mount::refresh);
+    let _ = CLIENT_WAITS.set((0..threads).map(|_| ClientWait::default()).collect());
     let shared = Arc::new(Shared {
         app,
         access,
@@ -852,6 +853,53 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
 /// Answers requests that ran past `--timeout` with 504 (or cuts them off if
 /// their response already started), logs where their thread is stuck, and
 /// asks the master to replace this worker.
+/// A serving thread's waits on its client, which --timeout leaves out: a
+/// slow upload or download is the client's doing, bounded by
+/// --socket-timeout and the body's rate, and the thread is not stuck (as
+/// under gunicorn's gthread workers, which let such a request run).
+#[derive(Default)]
+struct ClientWait {
+    /// Since when it waits (monotonic ms), 0 when it does not.
+    since: AtomicU64,
+    /// Milliseconds waited during its current request.
+    total: AtomicU64,
+}
+
+static CLIENT_WAITS: std::sync::OnceLock<Box<[ClientWait]>> = std::sync::OnceLock::new();
+
+thread_local! {
+    /// This serving thread's index, usize::MAX on other threads.
+    static SERVING_THREAD: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+}
+
+/// Runs `f`, a wait for the client's socket, as time --timeout leaves out.
+pub(crate) fn waiting_on_client(f: &mut dyn FnMut()) {
+    let wait = CLIENT_WAITS.get().and_then(|w| w.get(SERVING_THREAD.with(|t| t.get())));
+    let Some(wait) = wait else {
+        return f();
+    };
+    let start = mono_ms().max(1);
+    wait.since.store(start, Ordering::Release);
+    f();
+    wait.since.store(0, Ordering::Release);
+    wait.total.fetch_add(mono_ms() - start, Ordering::AcqRel);
+}
+
+/// A new request on serving thread `t`: none of its time was the client's yet.
+fn reset_client_wait(t: usize) {
+    if let Some(wait) = CLIENT_WAITS.get().and_then(|w| w.get(t)) {
+        wait.total.store(0, Ordering::Release);
+    }
+}
+
+/// Whether serving thread `t` waits on its client now, and how long it has
+/// so far in its request.
+fn client_wait(t: usize) -> (bool, u64) {
+    CLIENT_WAITS.get().and_then(|w| w.get(t)).map_or((false, 0), |wait| {
+        (wait.since.load(Ordering::Acquire) != 0, wait.total.load(Ordering::Acquire))
+    })
+}
+
 fn check_timeouts<A: App>(w: &Shared<A>, now: u64) {
     let Some(limit) = w.config.timeout else {
         return;
@@ -861,17 +909,23 @@ fn check_timeouts<A: App>(w: &Shared<A>, now: u64) {
         let Some((what, since)) = w.scoreboard.thread_request(w.slot, t) else {
             continue;
         };
-        if now.saturating_sub(since) < limit_ms || w.timed_out[t].load(Ordering::Acquire) {
+        let (waiting, waited) = client_wait(t);
+        let app_ms = now.saturating_sub(since).saturating_sub(waited);
+        if waiting || app_ms < limit_ms || w.timed_out[t].load(Ordering::Acquire) {
             continue;
         }
         let Some(answered) = abandon_request(w, t, now, since, 504, "the request timed out", true) else {
             continue;
         };
         let traceback = w.app.thread_traceback(t).unwrap_or_else(|| "(no traceback available)\n".to_string());
+        let client = match waited {
+            0 => String::new(),
+            ms => format!(" (and {:.1} s more waiting on its client)", ms as f64 / 1000.0),
+        };
         error!(
-            "Request timeout: {what} ran for {:.1} s, over --timeout {:.1} s, in worker {} (pid {}), \
+            "Request timeout: {what} ran for {:.1} s{client}, over --timeout {:.1} s, in worker {} (pid {}), \
              thread {t}; {answered}. The worker is being replaced. Stack of the stuck thread:\n{}",
-            now.saturating_sub(since) as f64 / 1000.0,
+            app_ms as f64 / 1000.0,
             limit.as_secs_f64(),
             w.slot,
             std::process::id(),
@@ -1337,6 +1391,7 @@ fn park_or_close<A: App>(w: &Shared<A>, conn: Box<Conn>, keep: bool) {
 
 fn thread_main<A: App>(w: &Shared<A>, t: usize, holder: Option<Arc<crate::flusher::Holder>>) {
     let mut state = w.app.thread_start(t);
+    SERVING_THREAD.with(|s| s.set(t));
     // With several threads, take one event at a time so a slow request never
     // holds other ready connections hostage on this thread.
     let batch = if w.config.threads > 1 { 1 } else { 64 };
@@ -2771,6 +2826,7 @@ fn handle_request<A: App>(
     let started = Instant::now();
     let began_ms = mono_ms();
     w.scoreboard.begin(w.slot, t, req.method(), req.target(), began_ms);
+    reset_client_wait(t);
     match static_target(&w.config.static_mounts, &req) {
         Some((mount, rel)) => {
             // Answered here: no app, no GIL, so waits block this thread plainly.
