@@ -1,5 +1,6 @@
 """HTTP/1.1 behaviour (RFC 9110/9112), driven with raw sockets."""
 
+import contextlib
 import email.utils
 import json
 import select
@@ -565,6 +566,36 @@ def test_header_timeout_closes_a_slow_client(impatient):
     )
     # The server still serves others.
     assert impatient.request("GET", "/fixed").status == 200
+
+
+def test_a_small_body_read_ahead_of_the_app_has_the_grace_and_rate_of_any_body(impatient):
+    """A body small enough to be read before the app runs is not held to the
+    header timeout alone: past it, it must come at 500 bytes/s, as a body the
+    app reads does; slower, the connection closes with a line saying so."""
+    body = b"x" * 3000
+    with impatient.connect() as conn:
+        conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body))
+        for i in range(0, len(body), 300):
+            conn.send(body[i : i + 300])
+            time.sleep(0.25)
+        resp = conn.read_response()
+    assert resp.status == 200
+    assert resp.body == body
+    mark = impatient.mark()
+    with impatient.connect() as conn:
+        conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body))
+        conn.sock.settimeout(10)
+        with contextlib.suppress(OSError):
+            for i in range(0, 3000, 10):
+                conn.send(body[i : i + 10])
+                time.sleep(0.1)
+                if impatient.grep("its body came slower than", since=mark):
+                    break
+    impatient.wait_for(
+        r"Timed out: http request from 127\.0\.0\.1:\d+: its body came slower than 500 bytes/s after the "
+        r"header timeout",
+        since=mark,
+    )
 
 
 def test_header_timeout_applies_to_a_silent_connection(impatient):

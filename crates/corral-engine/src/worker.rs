@@ -2070,10 +2070,14 @@ fn serve<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, conn: Box<Conn>
         let begun = partial > 0 || conn.fcgi.active.is_some();
         if begun && !draining() {
             let listener = &w.listeners[conn.listener].1;
-            // Its head whole, a small body is read ahead of the app within the same time.
-            let part = if conn.head_ready { "its body was incomplete" } else { "incomplete" };
+            // Its head whole, a small body read ahead of the app has the grace and rate of any body.
+            let part = if conn.head_ready {
+                format!("its body came slower than {} bytes/s after", crate::exchange::MIN_BODY_RATE)
+            } else {
+                "incomplete after".to_string()
+            };
             let what = format!(
-                "{} request from {}: {part} after the header timeout ({} s, {partial} bytes buffered); \
+                "{} request from {}: {part} the header timeout ({} s, {partial} bytes buffered); \
                  closing the connection",
                 listener.protocol.name(),
                 peer(&conn, listener),
@@ -2560,9 +2564,10 @@ fn refuse<A: App>(w: &Shared<A>, conn: &Conn, io: &mut Io, wire: Wire, status: u
 /// Hands the connection back to epoll until it is readable again.
 fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
     let now = mono_ms();
-    let (idle, drained) = {
+    let (idle, drained, buffered) = {
         let mut io = conn.io.lock().unwrap();
         let idle = io.buf.is_empty();
+        let buffered = io.buf.len() as u64;
         if idle {
             // An idle connection holds no buffer: there may be thousands of
             // them, and the next request gets a fresh one big enough to be
@@ -2572,7 +2577,7 @@ fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
                 io.out = Vec::new();
             }
         }
-        (idle, io.drained)
+        (idle, io.drained, buffered)
     };
     // A new connection has the header timeout, counted from the accept, to
     // send its first request; between requests the keep-alive timeout applies.
@@ -2588,6 +2593,13 @@ fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
             t => t,
         };
         now + idle_for.as_millis() as u64
+    } else if conn.head_ready {
+        // Its head is in, and its small body is read ahead of the app: the
+        // body has the grace any body has, then must keep coming at
+        // MIN_BODY_RATE, as it would with the app reading it.
+        conn.request_started
+            + w.config.header_timeout.as_millis() as u64
+            + buffered * 1000 / crate::exchange::MIN_BODY_RATE
     } else {
         conn.request_started + w.config.header_timeout.as_millis() as u64
     };
