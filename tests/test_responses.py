@@ -353,6 +353,14 @@ def test_file_wrapper_falls_back_to_iteration_without_fileno(behaviour, blksize)
     assert resp.body == bytes(i % 251 for i in range(size))
 
 
+def test_file_wrapper_over_a_decoding_file_sends_what_read_returns(behaviour):
+    """gzip.open()'s fileno() is the compressed file's: sending that
+    descriptor would send the compressed bytes."""
+    resp = behaviour.request("GET", "/gzip?size=300000")
+    assert resp.status == 200
+    assert resp.body == bytes(i % 251 for i in range(300000))
+
+
 # -- app exceptions ------------------------------------------------------------------
 
 

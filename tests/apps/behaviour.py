@@ -10,10 +10,12 @@ When a response iterable of /closing is closed, a line "<id>" is appended to
 the file named by the CORRAL_TEST_MARKERS environment variable, when set.
 """
 
+import gzip
 import io
 import json
 import os
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -463,6 +465,17 @@ def late_write(environ, start_response):
     return _json(start_response, {"result": LATE_WRITES.get(_query(environ)["id"])})
 
 
+def serve_gzip(environ, start_response):
+    """A file_wrapper over gzip.open() of a file holding ?size= bytes: the
+    decoded bytes are the response, though fileno() is the gzip file's."""
+    size = int(_query(environ).get("size", "100000"))
+    path = os.path.join(tempfile.mkdtemp(), "data.gz")
+    with gzip.open(path, "wb") as f:
+        f.write(bytes(i % 251 for i in range(size)))
+    start_response("200 OK", [("Content-Type", "application/octet-stream")])
+    return environ["wsgi.file_wrapper"](gzip.open(path, "rb"))
+
+
 def serve_bytesio(environ, start_response):
     """A file_wrapper over a BytesIO of ?size= bytes, read in ?blksize= blocks;
     the wrapper's attributes as wsgiref has them are checked on the way."""
@@ -655,6 +668,7 @@ UNVALIDATED = {
     "/file-late-write": serve_file_then_write_late,
     "/late-write": late_write,
     "/bytesio": serve_bytesio,
+    "/gzip": serve_gzip,
     "/pause": pause,
     "/input-in-thread": input_in_thread,
     "/fork-returns": fork_returns,

@@ -711,11 +711,28 @@ fn type_name(o: &Bound<'_, PyAny>) -> String {
     o.get_type().name().map(|n| n.to_string()).unwrap_or_default()
 }
 
+/// Whether what `read()` returns is the bytes of the descriptor `fileno()`
+/// names: a binary file from `open()`. A gzip, bz2 or lzma file (or any
+/// wrapper) has the descriptor of the file it decodes, whose bytes are not
+/// the response: it is iterated instead.
+fn reads_its_descriptor(py: Python<'_>, file: &Bound<'_, PyAny>) -> bool {
+    let Ok(io) = py.import("io") else { return false };
+    let is = |o: &Bound<'_, PyAny>, class: &str| io.getattr(class).ok().is_some_and(|c| o.get_type().is(&c));
+    if is(file, "FileIO") {
+        return true;
+    }
+    (is(file, "BufferedReader") || is(file, "BufferedRandom"))
+        && file.getattr(pyo3::intern!(py, "raw")).is_ok_and(|raw| is(&raw, "FileIO"))
+}
+
 /// Sends a file_wrapper's file with sendfile(2) when it is a regular file;
 /// the rest of a file a slow client cannot take at once is sent by the
 /// worker's offload thread.
 fn sendfile(py: Python<'_>, ex: &Exchange, fw: &FileWrapper) -> PyResult<bool> {
     let file = fw.filelike.bind(py);
+    if !reads_its_descriptor(py, file) {
+        return Ok(false);
+    }
     let Ok(fileno) = file.getattr(pyo3::intern!(py, "fileno")) else { return Ok(false) };
     let Ok(fd) = fileno.call0().and_then(|f| f.extract::<i32>()) else { return Ok(false) };
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
