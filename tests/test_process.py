@@ -340,6 +340,23 @@ def test_graceful_stop_refuses_new_connections(start_server):
     assert server.wait_exit(30) == 0
 
 
+def test_a_graceful_stop_names_the_requests_its_timeout_cuts(start_server):
+    server = start_server("behaviour:application", "--graceful-timeout", "1", workers=1, threads=2)
+    mark = server.mark()
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(server.request, "GET", "/slow?secs=30&id=cut", timeout=30)
+        server.wait_for("slow request started: cut", since=mark)
+        server.signal(signal.SIGTERM)
+        server.wait_for(
+            r"Worker stopping with 1 connection\(s\) still open after the graceful timeout while serving "
+            r"GET /slow\?secs=30&id=cut \(\d+ ms in\)",
+            since=mark,
+        )
+        with contextlib.suppress(OSError, IncompleteResponse):
+            future.result(timeout=30)
+    server.wait_exit(30)
+
+
 def _refused(server):
     try:
         server.request("GET", "/fixed", timeout=2)

@@ -1662,7 +1662,7 @@ fn title(role: &str, name: &str) -> String {
 /// What a dead worker was doing, for its exit line: `serving` as the
 /// scoreboard names it, and `offloaded` responses its offload thread was
 /// sending (named or not).
-fn describe_serving(serving: &[InFlight], offloaded: usize) -> String {
+pub(crate) fn describe_serving(serving: &[InFlight], offloaded: usize) -> String {
     let named = serving.iter().filter(|r| r.offloaded).count();
     let unnamed = offloaded.saturating_sub(named);
     if serving.is_empty() && unnamed == 0 {

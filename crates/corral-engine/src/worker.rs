@@ -826,8 +826,15 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
                 unsafe { libc::_exit(0) };
             }
             if now >= deadline {
+                // Which requests are cut, as a request past --timeout is named.
+                let (serving, offloaded) =
+                    (w.scoreboard.in_flight(w.slot, now), w.scoreboard.offloaded(w.slot));
+                let cut = match serving.is_empty() && offloaded == 0 {
+                    true => String::new(),
+                    false => crate::supervise::describe_serving(&serving, offloaded),
+                };
                 warn!(
-                    "Worker stopping with {live} connection(s) still open after the graceful timeout: pid={}",
+                    "Worker stopping with {live} connection(s) still open after the graceful timeout{cut}: pid={}",
                     std::process::id()
                 );
                 if let Some(c) = crash {
