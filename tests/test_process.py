@@ -320,6 +320,33 @@ def test_timeout_leaves_out_the_time_spent_waiting_on_a_slow_client(start_server
     assert server.request("GET", "/pid").body.decode() == str(worker[0])
 
 
+def test_a_reload_hands_kept_alive_connections_to_workers_that_can_read_them(start_server):
+    """A draining worker passes its idle kept-alive connections to a sibling:
+    not to one whose only thread is in a request that will pass --timeout,
+    which would never read them before it is replaced."""
+    server = start_server("behaviour:application", "--timeout", "3", workers=2, threads=1)
+    server.wait_for(r"Worker ready", count=2)
+    mark = server.mark()
+    hung = server.connect()
+    hung.send_request("GET", "/slow?secs=60&id=hung")
+    server.wait_for("slow request started: hung", since=mark)
+    conns = [server.connect() for _ in range(20)]
+    try:
+        for conn in conns:
+            conn.send_request("GET", "/pid")
+            assert conn.read_response().status == 200
+        mark = server.mark()
+        server.signal(signal.SIGHUP)
+        server.wait_for(r"handed \d+ kept-alive connection\(s\) to other workers", since=mark, timeout=20)
+        for conn in conns:
+            conn.send_request("GET", "/pid")
+        for conn in conns:
+            assert conn.read_response().status == 200
+    finally:
+        for conn in [hung, *conns]:
+            conn.close()
+
+
 def _serves(server):
     try:
         return server.request("GET", "/fixed", timeout=5).status == 200

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -240,10 +241,9 @@ def test_umask_applies_to_every_file_corral_creates(start_server, tmp_path):
     ("args", "message"),
     [
         (["--scale-down-idle", "5"], "--workers-max"),
-        (["--access-log-format", "%(h)s"], "--access-log"),
         (["--workers", "4", "--workers-min", "2", "--workers-max", "6"], "cannot be used with"),
     ],
-    ids=["scale-down-idle", "access-log-format", "workers-and-workers-min"],
+    ids=["scale-down-idle", "workers-and-workers-min"],
 )
 def test_an_option_that_cannot_apply_is_refused(args, message):
     proc = subprocess.run(
@@ -467,3 +467,31 @@ def test_the_ipv6_wildcard_serves_ipv4_too_unless_an_ipv4_listener_shares_its_po
     start_server("behaviour:application", http=[f"0.0.0.0:{port}", f"[::]:{port}"])
     assert remote_addr("127.0.0.1", port) == "127.0.0.1"
     assert remote_addr("::1", port) == "::1"
+
+
+def test_started_with_its_standard_descriptors_closed(tmp_path):
+    """`corral ... 0<&- 1>&- 2>&-`: the descriptors are opened on /dev/null
+    before anything else takes them, and the app's print() works."""
+    port = free_port()
+    log = tmp_path / "error.log"
+    command = " ".join(
+        [*CORRAL, "--http", f"127.0.0.1:{port}", "--pythonpath", str(APPS), "--error-log", str(log)]
+        + ["behaviour:application"]
+    )
+    proc = subprocess.Popen(["sh", "-c", f"exec {command} 0<&- 1>&- 2>&-"], start_new_session=True)
+    try:
+        assert wait_until(lambda: log.exists() and "Worker ready" in log.read_text(), timeout=20)
+        worker = int(re.search(r"Worker ready: pid=(\d+)", log.read_text()).group(1))
+        for pid in (proc.pid, worker):
+            for fd in (0, 1, 2):
+                assert os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/null", (pid, fd)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /print-std?msg=hi HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200 "), reply
+        assert reply.endswith(b"printed")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)

@@ -30,7 +30,7 @@ use nix::sys::socket::{
     UnixAddr, UnixCredentials,
 };
 
-use crate::scoreboard::{Scoreboard, WorkerState};
+use crate::scoreboard::{Retire, Scoreboard, WorkerState};
 
 /// First byte of every message: a version, so a worker of another build
 /// (during a re-exec) drops what it cannot read instead of misreading it.
@@ -161,11 +161,16 @@ pub(crate) fn bind_inbox(master: libc::pid_t) -> io::Result<OwnedFd> {
 /// most of the kept connections, and the pool served a quarter less.)
 pub(crate) fn target(board: &Scoreboard, me: usize, master: libc::pid_t) -> Option<libc::pid_t> {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let mut ready: Vec<libc::pid_t> = (0..board.slots())
-        .filter(|&slot| slot != me && board.state(slot) == WorkerState::Ready)
-        .map(|slot| board.pid(slot))
-        .filter(|&pid| alive(pid))
+    let serving: Vec<usize> = (0..board.slots())
+        .filter(|&slot| slot != me && board.state(slot) == WorkerState::Ready && !stuck(board, slot))
+        .filter(|&slot| alive(board.pid(slot)))
         .collect();
+    // One with a thread free first: a worker whose threads are all in a
+    // request may be stuck in them, and would leave the connection unread.
+    let free: Vec<usize> =
+        serving.iter().copied().filter(|&s| board.busy_threads(s) < board.threads()).collect();
+    let mut ready: Vec<libc::pid_t> =
+        if free.is_empty() { serving } else { free }.into_iter().map(|slot| board.pid(slot)).collect();
     if ready.is_empty() {
         ready = successors_after_reexec(board, master);
     }
@@ -175,12 +180,23 @@ pub(crate) fn target(board: &Scoreboard, me: usize, master: libc::pid_t) -> Opti
     Some(ready[NEXT.fetch_add(1, Ordering::Relaxed) % ready.len()])
 }
 
+/// A worker that has a request stuck past --timeout or a crashed thread
+/// (it is being replaced): connections passed to it may never be read.
+fn stuck(board: &Scoreboard, slot: usize) -> bool {
+    matches!(board.retire(slot), Some(Retire::Timeout | Retire::Crash))
+}
+
 /// The sibling of `me` that serves and holds the fewest connections, if it
 /// holds fewer than `max`: where a new connection goes that `me` has no
 /// room for.
 pub(crate) fn target_with_room(board: &Scoreboard, me: usize, max: usize) -> Option<libc::pid_t> {
     (0..board.slots())
-        .filter(|&slot| slot != me && board.state(slot) == WorkerState::Ready && board.conns(slot) < max)
+        .filter(|&slot| {
+            slot != me
+                && board.state(slot) == WorkerState::Ready
+                && !stuck(board, slot)
+                && board.conns(slot) < max
+        })
         .min_by_key(|&slot| board.conns(slot))
         .map(|slot| board.pid(slot))
         .filter(|&pid| alive(pid))

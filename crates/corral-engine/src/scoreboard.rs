@@ -406,6 +406,11 @@ impl Scoreboard {
         self.header(slot).conns.load(Ordering::Relaxed) as usize
     }
 
+    /// Serving threads per worker.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
     /// How many of a worker's threads are serving a request now.
     pub fn busy_threads(&self, slot: usize) -> usize {
         (0..self.threads).filter(|&t| self.thread(slot, t).since_ms.load(Ordering::Relaxed) != 0).count()

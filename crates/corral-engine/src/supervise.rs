@@ -236,6 +236,9 @@ pub struct Master<'a, H: Hooks> {
     replace_after: Option<Instant>,
     /// The service manager was told READY=1 (and not RELOADING=1 since).
     told_ready: bool,
+    /// The pool was ready once: the app loaded and served. Unlike
+    /// `told_ready`, a reload does not reset it.
+    served: bool,
     /// Workers started by this master's previous program (before a re-exec):
     /// stopped once the new workers are ready.
     inherited: Vec<libc::pid_t>,
@@ -307,6 +310,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             exit_code: 0,
             replace_after: None,
             told_ready: false,
+            served: false,
             inherited: take_inherited_workers(),
             inherited_kill_at: None,
             reexec_pending: None,
@@ -731,6 +735,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                         crate::systemd::notify(&format!("READY=1\nSTATUS=serving with {ready} worker(s)"));
                         crate::daemon::ready();
                         self.told_ready = true;
+                        self.served = true;
                         if !self.inherited.is_empty() {
                             self.inherited_kill_at = Some(Instant::now() + self.config.graceful_timeout);
                         }
@@ -1350,7 +1355,8 @@ impl<'a, H: Hooks> Master<'a, H> {
                 .values()
                 .filter(|o| !o.retiring && self.scoreboard.state(o.slot) == WorkerState::Ready)
                 .count();
-            if load_failed && self.told_ready && others > 0 {
+            // Not `told_ready`, which a reload resets until its new workers are up.
+            if load_failed && self.served && others > 0 {
                 error!(
                     "Worker {} (pid {pid}) could not load the application (see the error above); the {others} \
                      other worker(s) keep serving the code they loaded; trying again in {}s",

@@ -1317,7 +1317,7 @@ fn reclaim_idle(reg: &Registry) -> bool {
             // until a thread sees the hang-up and removes the entry under
             // the registry lock, which is held here.
             unsafe { libc::shutdown(e.fd, libc::SHUT_RDWR) };
-            debug!("closed an idle kept-alive connection to make room (--max-connections, fd {})", e.fd);
+            debug!("closed an idle kept-alive connection to make room (--max-connections or the open files limit, fd {})", e.fd);
             return true;
         }
     }

@@ -544,6 +544,41 @@ fn parse_positive_secs(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// Standard descriptors closed when corral was started (`2>&-`) would be
+/// taken by the next ones opened (the error log, a listener, a client's
+/// socket), and what the app or a C library writes to fd 1 or 2 would go
+/// there. They are opened on /dev/null first, as daemons do, and Python's
+/// sys.stdin, sys.stdout and sys.stderr (None then) are files on them.
+fn reserve_stdio(py: Python<'_>) {
+    for fd in 0..3 {
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1 {
+            continue;
+        }
+        let null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
+        if null >= 0 && null != fd {
+            unsafe {
+                libc::dup2(null, fd);
+                libc::close(null);
+            }
+        }
+    }
+    let Ok(sys) = py.import("sys") else { return };
+    for (name, fd, mode) in [("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")] {
+        if !sys.getattr(name).is_ok_and(|s| s.is_none()) {
+            continue;
+        }
+        let kwargs = pyo3::types::PyDict::new(py);
+        let _ = kwargs.set_item("closefd", false);
+        let _ = kwargs.set_item("errors", "backslashreplace");
+        if mode == "w" {
+            let _ = kwargs.set_item("line_buffering", true);
+        }
+        if let Ok(file) = py.import("io").and_then(|io| io.call_method("open", (fd, mode), Some(&kwargs))) {
+            let _ = sys.setattr(name, file);
+        }
+    }
+}
+
 /// Entry point behind `corral` and `python -m corral`; returns the exit code.
 pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     // Before anything can start a program (a --preload import): see there.
@@ -553,6 +588,8 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     corral_engine::name_pool();
     // Before any fork or thread: see there.
     corral_engine::proctitle::init();
+    // Before anything opens a descriptor.
+    reserve_stdio(py);
     let cmd = Cli::command();
     let (mut argv, mut origins, server_hooks, config_notes) = match crate::config_file::layer(py, &cmd, &argv)
     {
