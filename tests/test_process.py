@@ -347,6 +347,25 @@ def test_a_reload_hands_kept_alive_connections_to_workers_that_can_read_them(sta
             conn.close()
 
 
+def test_a_draining_worker_answers_the_requests_a_client_pipelined(start_server):
+    """Requests already sent behind the one in flight when the worker starts
+    to drain are answered before the connection closes."""
+    server = start_server("behaviour:application", workers=1, threads=2)
+    mark = server.mark()
+    with server.connect() as conn:
+        conn.send(
+            b"POST /slow?secs=1&id=first HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nsecond"
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nthird"
+        )
+        server.wait_for("slow request started: first", since=mark)
+        server.signal(signal.SIGHUP)
+        responses = [conn.read_response() for _ in range(3)]
+        assert conn.at_eof()
+    assert [r.body for r in responses] == [b"slept first", b"second", b"third"]
+    assert [r.header("Connection") for r in responses] == [None, None, "close"]
+
+
 def _serves(server):
     try:
         return server.request("GET", "/fixed", timeout=5).status == 200

@@ -983,8 +983,10 @@ impl Io {
                 }
             },
         };
-        if crate::worker::draining() {
-            // Tell the client now rather than close under it after this response.
+        if crate::worker::draining() && !self.pipelined() {
+            // Tell the client now rather than close under it after this
+            // response. A request the client already sent behind this one
+            // is served first: its last response says so.
             self.keep_alive = false;
         }
         if matches!(self.body, BodyState::Failed(_)) {
@@ -1499,6 +1501,19 @@ pub struct Exchange {
     pub(crate) io: Arc<Mutex<Io>>,
     pub(crate) generation: u64,
     pub(crate) blocking: fn(&mut dyn FnMut()),
+}
+
+impl Io {
+    /// An HTTP client sent another request behind this one: bytes past the
+    /// rest of this request's body are in the buffer already.
+    pub(crate) fn pipelined(&self) -> bool {
+        matches!(self.wire, Wire::Http)
+            && match &self.body {
+                BodyState::Done => !self.buf.is_empty(),
+                BodyState::Length(left) => self.buf.len() as u64 > *left,
+                _ => false,
+            }
+    }
 }
 
 /// Hop-by-hop headers already logged as dropped in this process, by index

@@ -2741,7 +2741,11 @@ fn handle_request<A: App>(
                 io.http11 = head.version == Version::Http11;
                 io.head_request = &head_bytes[head.method.clone()] == b"HEAD";
                 // A zero --keepalive-timeout turns keep-alive off (gunicorn's 0).
-                io.keep_alive = head.keep_alive && !draining() && !w.config.keepalive_timeout.is_zero();
+                // Draining, a connection closes after this request unless
+                // the client sent another behind it already.
+                io.keep_alive = head.keep_alive
+                    && (!draining() || io.pipelined())
+                    && !w.config.keepalive_timeout.is_zero();
                 (head_bytes, None)
             }
             Incoming::Gateway(g) => {
