@@ -463,6 +463,11 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
     if shared.config.reload_on_rss.is_some() {
         FRESH_RSS.store(rss_bytes(), Ordering::Relaxed);
     }
+    // Ready before any thread can accept: the master kills a replacement
+    // still booting outright (a reload that supersedes it), which must not
+    // take a connection with it.
+    shared.scoreboard.set_state(shared.slot, WorkerState::Ready);
+    info!("Worker ready: pid={} threads={}", std::process::id(), threads);
     let stack = app_stack_size();
     for (t, holder) in holders.into_iter().enumerate() {
         let s = shared.clone();
@@ -485,8 +490,6 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
             return 1;
         }
     }
-    shared.scoreboard.set_state(shared.slot, WorkerState::Ready);
-    info!("Worker ready: pid={} threads={}", std::process::id(), threads);
     let code = or_exit(|| main_loop(&shared, &signals));
     // However the loop ended, a crashed worker runs nothing more (the
     // embedding's exit would wait for the lock the crashed thread may
