@@ -219,11 +219,11 @@ def test_a_raising_master_hook_is_logged_and_the_server_goes_on(tmp_path):
         server.cleanup()
 
 
-def test_a_raising_post_fork_is_a_worker_that_failed_to_boot(tmp_path):
-    conf = "def post_fork(server, worker):\n    raise RuntimeError('no database')\n"
+def _start_refused(cfg_text: str, tmp_path) -> subprocess.CompletedProcess:
+    """Starts corral with a gunicorn file that keeps it from starting."""
     cfg = tmp_path / "gunicorn.conf.py"
-    cfg.write_text(conf)
-    proc = subprocess.run(
+    cfg.write_text(cfg_text)
+    return subprocess.run(
         [
             *CORRAL,
             "-c",
@@ -239,6 +239,10 @@ def test_a_raising_post_fork_is_a_worker_that_failed_to_boot(tmp_path):
         text=True,
         timeout=60,
     )
+
+
+def test_a_raising_post_fork_is_a_worker_that_failed_to_boot(tmp_path):
+    proc = _start_refused("def post_fork(server, worker):\n    raise RuntimeError('no database')\n", tmp_path)
     assert proc.returncode == 4, proc.stderr
     assert "The gunicorn server hook `post_fork` raised an exception" in proc.stderr
     assert "RuntimeError: no database" in proc.stderr
@@ -246,32 +250,16 @@ def test_a_raising_post_fork_is_a_worker_that_failed_to_boot(tmp_path):
 
 
 def test_a_raising_on_starting_stops_the_start(tmp_path):
-    cfg = tmp_path / "gunicorn.conf.py"
-    cfg.write_text("def on_starting(server):\n    raise RuntimeError('stale lock')\n")
-    proc = subprocess.run(
-        [*CORRAL, "-c", str(cfg), "--http", "127.0.0.1:0", "behaviour:application"],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = _start_refused("def on_starting(server):\n    raise RuntimeError('stale lock')\n", tmp_path)
     assert proc.returncode == 1, proc.stderr
     assert "RuntimeError: stale lock" in proc.stderr
     assert "Not starting: the `on_starting` hook failed" in proc.stderr
 
 
 def test_hooks_corral_cannot_run_are_refused_with_why(tmp_path):
-    cfg = tmp_path / "gunicorn.conf.py"
-    cfg.write_text("def worker_abort(worker):\n    pass\n")
-    proc = subprocess.run(
-        [*CORRAL, "-c", str(cfg), "--http", "127.0.0.1:0", "behaviour:application"],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = _start_refused("def worker_abort(worker):\n    pass\n", tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert (
-        ":1: `worker_abort` is a gunicorn server hook corral cannot run: a request past --timeout gets 500"
+        ":1: `worker_abort` is a gunicorn server hook corral cannot run: a request past --timeout gets 504"
         in (proc.stderr)
     )

@@ -13,6 +13,7 @@ __all__ = [
     "StartResponse",
     "Write",
     "__version__",
+    "_log",
     "main",
 ]
 

@@ -211,8 +211,8 @@ fn scheme_headers(value: &Bound<'_, PyAny>) -> Option<bool> {
 const HOOKS: &[(&str, &str)] = &[
     (
         "worker_abort",
-        "a request past --timeout gets 500 and its Python stack is logged; the worker is not aborted \
-         (it may hold the GIL, so no Python can run there)",
+        "a request past --timeout gets 504, its Python stack is logged and its worker is replaced; no \
+         hook runs there, as the stuck thread may hold the GIL",
     ),
     ("ssl_context", "corral serves plain HTTP: terminate TLS in the front end"),
     ("on_dirty_starting", "corral has no dirty worker pool"),
@@ -554,7 +554,7 @@ mod tests {
         assert!(hint("-k").unwrap().starts_with("--threads N (its workers are gunicorn's sync and gthread"));
         assert!(hint("--statsd-host").unwrap().starts_with("nothing (corral sends no StatsD"));
         assert!(hint("post_fork").unwrap().starts_with("`def post_fork(...)` in a gunicorn configuration"));
-        assert!(hint("worker_abort").unwrap().starts_with("nothing (a request past --timeout gets 500"));
+        assert!(hint("worker_abort").unwrap().starts_with("nothing (a request past --timeout gets 504"));
         assert_eq!(hint("wrkers"), None);
     }
 }
