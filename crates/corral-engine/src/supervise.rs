@@ -267,8 +267,8 @@ pub struct Master<'a, H: Hooks> {
     watcher: Option<crate::watch::Watcher>,
     /// `--touch-reload`: files to look at.
     touch: Option<crate::watch::TouchFiles>,
-    /// Workers started so far.
-    started: u64,
+    /// Workers forked so far.
+    spawned: u64,
 }
 
 /// What the adaptive pool has seen lately.
@@ -324,7 +324,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             born: Instant::now(),
             watcher: None,
             touch: None,
-            started: 0,
+            spawned: 0,
         })
     }
 
@@ -459,16 +459,15 @@ impl<'a, H: Hooks> Master<'a, H> {
     /// Supervises until shutdown; returns the exit code for the master.
     pub fn run(mut self) -> i32 {
         crate::proctitle::set(&title("master", &self.config.name));
-        if self.hooks.event(Event::Ready) {
-            for _ in 0..self.target {
-                self.spawn();
-            }
-        } else if self.inherited.is_empty() {
+        let ready = self.hooks.event(Event::Ready);
+        if !ready && self.inherited.is_empty() {
             error!("Not starting: the `when_ready` hook failed (see above)");
             self.fail(1);
         } else {
-            // The workers from before the re-exec serve on regardless.
-            error!("The `when_ready` hook failed (see above); starting the workers anyway");
+            if !ready {
+                // The workers from before the re-exec serve on regardless.
+                error!("The `when_ready` hook failed (see above); starting the workers anyway");
+            }
             for _ in 0..self.target {
                 self.spawn();
             }
@@ -1190,8 +1189,8 @@ impl<'a, H: Hooks> Master<'a, H> {
                 )
             })
             .collect();
-        self.started += 1;
-        let age = self.started;
+        self.spawned += 1;
+        let age = self.spawned;
         self.hooks.event(Event::Fork { slot, age });
         self.hooks.before_fork();
         // The master is single-threaded (see the module doc), so forking here is safe.

@@ -430,7 +430,10 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
     // A worker started after a deploy serves the files of the release it
     // switched to, as its app does.
     config.static_mounts.iter_mut().for_each(crate::static_files::Mount::refresh);
-    let _ = CLIENT_WAITS.set((0..threads).map(|_| ClientWait::default()).collect());
+    // Only --timeout reads them: without it, a wait on a client costs nothing more.
+    if config.timeout.is_some() {
+        let _ = CLIENT_WAITS.set((0..threads).map(|_| ClientWait::default()).collect());
+    }
     let shared = Arc::new(Shared {
         app,
         access,
@@ -860,9 +863,6 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
     }
 }
 
-/// Answers requests that ran past `--timeout` with 504 (or cuts them off if
-/// their response already started), logs where their thread is stuck, and
-/// asks the master to replace this worker.
 /// A serving thread's waits on its client, which --timeout leaves out: a
 /// slow upload or download is the client's doing, bounded by
 /// --socket-timeout and the body's rate, and the thread is not stuck (as
@@ -910,6 +910,9 @@ fn client_wait(t: usize) -> (bool, u64) {
     })
 }
 
+/// Answers requests that ran past `--timeout` with 504 (or cuts them off if
+/// their response already started), logs where their thread is stuck, and
+/// asks the master to replace this worker.
 fn check_timeouts<A: App>(w: &Shared<A>, now: u64) {
     let Some(limit) = w.config.timeout else {
         return;
@@ -2576,8 +2579,8 @@ fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
     let now = mono_ms();
     let (idle, drained, buffered) = {
         let mut io = conn.io.lock().unwrap();
-        let idle = io.buf.is_empty();
         let buffered = io.buf.len() as u64;
+        let idle = buffered == 0;
         if idle {
             // An idle connection holds no buffer: there may be thousands of
             // them, and the next request gets a fresh one big enough to be
