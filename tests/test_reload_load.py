@@ -273,6 +273,45 @@ def test_requests_waiting_on_a_worker_whose_only_thread_is_stuck_reach_its_repla
             assert new != old and int(new) in server.worker_pids(mark)
 
 
+@pytest.mark.parametrize("hang", ["/slow?secs=60&id=stuck", "/segfault"])
+def test_a_connection_answered_in_the_pass_that_got_stuck_reaches_the_replacement(start_server, hang):
+    """A worker with one thread answers the requests that came ready together
+    in one go, holding each finished response back briefly: `kept`'s response
+    is held as the next request of the same pass runs past --timeout, or
+    crashes the worker. The response is written at once all the same, and
+    the connection, whose next request that thread can never read, goes to
+    the replacement with that request rather than being closed under it."""
+    server = start_server("behaviour:application", "--timeout", "2", workers=1, threads=1)
+    with server.connect() as busy, server.connect() as kept, server.connect() as hanging:
+        for conn in (busy, kept, hanging):
+            conn.send(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
+            old = conn.read_response().body.decode()
+        mark = server.mark()
+        # The only thread is busy while both requests come in, so it finds
+        # them ready together, `kept`'s first.
+        busy.send(b"GET /slow?secs=0.5&id=busy HTTP/1.1\r\nHost: x\r\n\r\n")
+        server.wait_for("slow request started: busy", since=mark)
+        kept.send(b"GET /fixed HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.05)
+        hanging.send(f"GET {hang} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert busy.read_response().status == 200
+        assert kept.read_response().status == 200
+        kept.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        if hang == "/segfault":
+            assert hanging.read_response().status == 500
+            server.wait_for(r"Worker handed 2 connection\(s\) to other workers after the crash", since=mark)
+        else:
+            assert hanging.read_response().status == 504
+            server.wait_for(
+                rf"Worker exiting with 1 timed-out request\(s\) still running: pid={old}", since=mark
+            )
+        resp = kept.read_response()
+        assert (resp.status, resp.body) == (200, b"hello")
+        kept.send(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
+        new = kept.read_response().body.decode()
+        assert new != old and int(new) in server.worker_pids(mark)
+
+
 def test_an_idle_keep_alive_connection_is_handed_to_a_new_worker_on_hup(start_server):
     """A reload closes no kept-alive connection: the draining worker hands an
     idle one to a worker that serves on, and the client's next request on it

@@ -245,6 +245,10 @@ struct Conn {
     head_charge: HeadCharge,
 }
 
+/// Connections whose finished responses a pass holds back, each with
+/// whether it stays open afterwards (see [`Held`]).
+type HeldList = Vec<(Box<Conn>, bool)>;
+
 /// A connection a thread is serving a request on: its descriptor, state and
 /// protocol, and its access log line's makings (with an access log).
 type Serving = (RawFd, Arc<Mutex<Io>>, Protocol, Option<Box<LogNote>>);
@@ -277,6 +281,10 @@ struct Shared<A: App> {
     handed: AtomicUsize,
     /// The offload thread (None only if it could not be set up).
     offload: Option<Offload>,
+    /// Per thread: the connections whose responses its current pass holds
+    /// (see [`Held`]). Shared, so that when the thread is stuck past
+    /// --timeout or crashed the main thread can park them for a sibling.
+    held: Vec<Mutex<HeldList>>,
 }
 
 /// The thread that sends the rest of a file response the client's socket
@@ -452,6 +460,7 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
         inbox,
         handed: AtomicUsize::new(0),
         offload,
+        held: (0..threads).map(|_| Mutex::new(Vec::with_capacity(HOLD_CONNS))).collect(),
     });
     let probe = shared.clone();
     let _ = HAND_OVER_PROBE.set(Box::new(move || can_hand_over(&probe)));
@@ -946,6 +955,7 @@ fn check_timeouts<A: App>(w: &Shared<A>, now: u64) {
         );
         w.scoreboard.request_retire(w.slot, Retire::Timeout);
         w.scoreboard.count(w.slot, crate::scoreboard::C_TIMEOUTS, 1);
+        rescue_held(w, t, true);
     }
 }
 
@@ -1063,6 +1073,8 @@ fn on_crash<A: App>(w: &Shared<A>, c: crate::crash::Crash, now: u64) {
         c.thread,
         std::process::id()
     );
+    // Last: it frees memory, which a crash inside malloc may have locked.
+    rescue_held(w, c.thread, false);
 }
 
 /// This worker's resident memory when it became ready, before any request.
@@ -1347,18 +1359,26 @@ fn pending_bytes(fd: RawFd) -> i32 {
 /// held, and the flusher writes them within its HOLD if this thread is
 /// still busy with a slow app call by then. Only a worker with one thread
 /// holds responses: with several, each takes one ready connection at a
-/// time. Gathered blocks of a streamed body are held with any number.
+/// time. Gathered blocks of a streamed body are held with any number. The
+/// connections themselves are listed where the main thread can take them
+/// ([`rescue_held`]) if the next app call of the pass never returns.
 struct Held {
-    conns: Vec<(Box<Conn>, bool)>,
+    /// The serving thread: its list is `Shared::held[t]`.
+    t: usize,
+    /// How many connections this pass listed (the list itself may have been
+    /// emptied by `rescue_held` meanwhile).
+    listed: usize,
+    /// The list taken out to release, kept for its allocation.
+    spare: HeldList,
     holder: Option<Arc<crate::flusher::Holder>>,
 }
 
 impl Held {
-    fn new(holder: Option<Arc<crate::flusher::Holder>>) -> Held {
+    fn new(t: usize, holder: Option<Arc<crate::flusher::Holder>>) -> Held {
         if let Some(h) = &holder {
             crate::flusher::enter(h.clone());
         }
-        Held { conns: Vec::with_capacity(HOLD_CONNS), holder }
+        Held { t, listed: 0, spare: Vec::with_capacity(HOLD_CONNS), holder }
     }
 
     /// Parks or closes `conn` now, or after its held bytes were written.
@@ -1366,7 +1386,8 @@ impl Held {
         if conn.io.lock().unwrap().out.is_empty() {
             park_or_close(w, conn, keep);
         } else {
-            self.conns.push((conn, keep));
+            w.held[self.t].lock().unwrap_or_else(|p| p.into_inner()).push((conn, keep));
+            self.listed += 1;
         }
     }
 
@@ -1374,23 +1395,54 @@ impl Held {
     /// enough of them, or held for half the flusher's HOLD already (so its
     /// timer fires only when one app call takes that long).
     fn due(&self) -> bool {
-        self.conns.len() >= HOLD_CONNS || self.holder.as_ref().is_some_and(|h| h.half_due())
+        self.listed >= HOLD_CONNS || self.holder.as_ref().is_some_and(|h| h.half_due())
     }
 
     /// Writes every held response, then parks or closes its connection.
     fn release<A: App>(&mut self, w: &Shared<A>) {
-        for (conn, keep) in self.conns.drain(..) {
-            let written = {
-                let mut io = conn.io.lock().unwrap();
-                // The flusher may have found the connection broken and
-                // dropped what it held: then there is nothing to flush.
-                io.flush_out(|f| f()).is_ok() && !io.broken
-            };
-            park_or_close(w, conn, keep && written);
+        if self.listed > 0 {
+            self.listed = 0;
+            std::mem::swap(&mut self.spare, &mut *w.held[self.t].lock().unwrap_or_else(|p| p.into_inner()));
+            for (conn, keep) in self.spare.drain(..) {
+                let written = {
+                    let mut io = conn.io.lock().unwrap();
+                    // The flusher may have found the connection broken and
+                    // dropped what it held: then there is nothing to flush.
+                    io.flush_out(|f| f()).is_ok() && !io.broken
+                };
+                park_or_close(w, conn, keep && written);
+            }
         }
         if let Some(h) = &self.holder {
             h.pass_over();
         }
+    }
+}
+
+/// Takes from thread `t`, which is stuck past --timeout or crashed, the
+/// connections whose responses its pass held: the flusher has written
+/// those responses, but the thread would never park the connections, so
+/// their next requests would go unread and be lost with the worker. Parked
+/// here, they go to a sibling with the rest (see `sweep`). A response the
+/// client has not taken by now (a flusher's HOLD is long past) closes its
+/// connection, as this thread must not wait on a client. `wait` is false
+/// after a crash, which may have come inside the list's lock.
+fn rescue_held<A: App>(w: &Shared<A>, t: usize, wait: bool) {
+    let taken = match wait {
+        true => std::mem::take(&mut *w.held[t].lock().unwrap_or_else(|p| p.into_inner())),
+        false => match w.held[t].try_lock() {
+            Ok(mut list) => std::mem::take(&mut *list),
+            Err(std::sync::TryLockError::Poisoned(p)) => std::mem::take(&mut *p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        },
+    };
+    for (conn, keep) in taken {
+        let written = {
+            let mut io = conn.io.lock().unwrap_or_else(|p| p.into_inner());
+            io.flush_held_nowait();
+            io.out.is_empty() && !io.broken
+        };
+        park_or_close(w, conn, keep && written);
     }
 }
 
@@ -1409,7 +1461,7 @@ fn thread_main<A: App>(w: &Shared<A>, t: usize, holder: Option<Arc<crate::flushe
     // holds other ready connections hostage on this thread.
     let batch = if w.config.threads > 1 { 1 } else { 64 };
     let mut events: Vec<libc::epoll_event> = vec![libc::epoll_event { events: 0, u64: 0 }; batch];
-    let mut held = Held::new(holder);
+    let mut held = Held::new(t, holder);
     crate::crash::enter_serving(t);
     loop {
         let n = unsafe { libc::epoll_wait(w.epfd, events.as_mut_ptr(), batch as i32, -1) };
