@@ -382,6 +382,15 @@ def test_undecodable_text_in_wsgi_errors_and_exceptions_is_logged_escaped(behavi
     behaviour.wait_for(r"FileNotFoundError: no such file: file\\udcff\.txt", since=mark)
 
 
+def test_control_characters_of_an_exception_message_are_logged_escaped(behaviour):
+    """A NUL would make the log file binary to grep; a carriage return or an
+    escape sequence could hide what precedes it on a terminal."""
+    mark = behaviour.mark()
+    assert behaviour.request("GET", "/raise-before?more=%00nul%0Dcr%1B%5B2Jesc").status == 500
+    behaviour.wait_for(r"RuntimeError: boom before start_response\\x00nul\\x0dcr\\x1b\[2Jesc", since=mark)
+    assert not behaviour.grep("\x00|\r", since=mark)
+
+
 def test_a_body_before_start_response_is_a_500_that_says_so(behaviour):
     mark = behaviour.mark()
     assert behaviour.request("GET", "/no-start").status == 500

@@ -612,7 +612,7 @@ def close_std(environ, start_response):
 
 
 def raise_before(environ, start_response):
-    raise RuntimeError("boom before start_response")
+    raise RuntimeError("boom before start_response" + _query(environ).get("more", ""))
 
 
 def body_error_then(environ, start_response):

@@ -182,8 +182,28 @@ impl io::Write for EventWriter {
 
 impl Drop for EventWriter {
     fn drop(&mut self) {
-        corral_engine::logfile::write(&self.0);
+        corral_engine::logfile::write(&escape_controls(std::mem::take(&mut self.0)));
     }
+}
+
+/// A text log line with its control characters but tab and newline
+/// written as `\xNN`: a NUL from an exception message would make the file
+/// binary to grep, and a carriage return or an escape sequence could hide
+/// the line's start on a terminal. (JSON lines are escaped already.)
+fn escape_controls(line: Vec<u8>) -> Vec<u8> {
+    let control = |b: u8| (b < 0x20 && b != b'\n' && b != b'\t') || b == 0x7f;
+    if !line.iter().any(|&b| control(b)) {
+        return line;
+    }
+    let mut out = Vec::with_capacity(line.len() + 16);
+    for b in line {
+        if control(b) {
+            out.extend_from_slice(format!("\\x{b:02x}").as_bytes());
+        } else {
+            out.push(b);
+        }
+    }
+    out
 }
 
 struct ErrorLog;
@@ -235,6 +255,13 @@ pub fn log_text<'a>(s: &'a Bound<'_, PyString>) -> Cow<'a, str> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn text_lines_show_control_characters_escaped() {
+        let line = super::escape_controls(b"a\0b\rc\x1b[2Jd\te\nf\x7f\n".to_vec());
+        assert_eq!(line, b"a\\x00b\\x0dc\\x1b[2Jd\te\nf\\x7f\n");
+        assert_eq!(super::escape_controls(b"plain\n".to_vec()), b"plain\n");
+    }
+
     #[test]
     fn json_lines_cannot_be_forged() {
         let line = super::json_line("INFO", "a\"b\nc\\d\u{1}");
