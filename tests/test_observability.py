@@ -320,6 +320,21 @@ def test_json_error_log(start_server, tmp_path):
     assert any(o["message"] == 'hello"there' and o["worker"] == 0 for o in objs)
 
 
+def test_debug_level_logs_the_configuration_and_each_request(start_server):
+    """As gunicorn's debug level: the settings at start, then a line per request."""
+    server = start_server(
+        "behaviour:application", "--log-level", "DEBUG", "--max-requests", "1234", workers=1
+    )
+    server.wait_for(r"\[DEBUG\] Current configuration:")
+    server.wait_for(r'^max-requests = "1234"  # command line$')
+    mark = server.mark()
+    assert server.request("GET", "/fixed?x=1").status == 200
+    server.wait_for(r"\[worker 0\] \[DEBUG\] GET /fixed\?x=1$", since=mark)
+    quiet = start_server("behaviour:application", workers=1)
+    assert quiet.request("GET", "/fixed").status == 200
+    assert not quiet.grep(r"DEBUG|Current configuration")
+
+
 def test_json_error_log_keeps_printed_lines_whole(start_server, tmp_path):
     errors = tmp_path / "error.log"
     server = _start_logging_to(start_server, errors, "--log-format", "json")

@@ -2908,6 +2908,8 @@ fn handle_request<A: App>(
     let began_ms = mono_ms();
     w.scoreboard.begin(w.slot, t, req.method(), req.target(), began_ms);
     reset_client_wait(t);
+    // gunicorn's debug level has a line per request too.
+    debug!("{} {}", String::from_utf8_lossy(req.method()), String::from_utf8_lossy(req.target()));
     match static_target(&w.config.static_mounts, &req) {
         Some((mount, rel)) => {
             // Answered here: no app, no GIL, so waits block this thread plainly.

@@ -8,7 +8,7 @@ use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, ValueEnum};
 use corral_engine::{config, Addr, BindOptions, Config, Listener, Master, Protocol};
 use corral_proto::http1::{Limits, HARD_MAX_HEADERS};
 use pyo3::prelude::*;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::load::{load_app, AppSpec};
 use crate::runtime::Runtime;
@@ -752,6 +752,8 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         }
     }
     crate::logging::init(cli.log_level);
+    // As gunicorn's debug level starts with its settings.
+    debug!("Current configuration:\n{}", crate::config_file::describe(&cmd, &matches, &origins).trim_end());
     if error_log != "-" {
         // Shown on standard error already; the log file is where they are looked for.
         for note in &config_notes {
