@@ -568,6 +568,40 @@ def test_gunicorns_platform_variables_come_below_every_other_setting(tmp_path):
     )
 
 
+def test_gunicorn_flags_for_what_corral_needs_not_are_left_out_with_a_note(tmp_path):
+    """A command line from gunicorn's documentation (`--worker-tmp-dir /dev/shm`
+    for containers) runs, as a gunicorn file with the same settings does."""
+    proc = _run(
+        [
+            "--worker-tmp-dir",
+            "/dev/shm",
+            "--no-sendfile",
+            "-w",
+            "3",
+            "--print-config",
+            "behaviour:application",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "note: gunicorn's --worker-tmp-dir /dev/shm is not needed: corral's workers report" in proc.stderr
+    assert "note: gunicorn's --no-sendfile is not needed: corral always sends" in proc.stderr
+    assert _printed(proc.stdout)["workers"] == ('"3"', "command line")
+
+
+def test_forwarded_allow_ips_variable_is_below_every_other_setting(tmp_path):
+    env = {"FORWARDED_ALLOW_IPS": "10.0.0.0/8"}
+    p = _printed(_run(["--print-config", "behaviour:application"], env=env).stdout)
+    assert p["forwarded-allow-ips"] == ('"10.0.0.0/8"', "environment FORWARDED_ALLOW_IPS")
+    cfg = tmp_path / "gunicorn.conf.py"
+    cfg.write_text("forwarded_allow_ips = '*'\n")
+    p = _printed(_run(["--print-config", "-c", str(cfg), "behaviour:application"], env=env).stdout)
+    assert p["forwarded-allow-ips"] == ('"*"', f"config file {cfg}:1")
+    bad = _run(["--print-config", "behaviour:application"], env={"FORWARDED_ALLOW_IPS": "proxy"})
+    assert bad.returncode == 2 and "(that value comes from environment FORWARDED_ALLOW_IPS)" in bad.stderr, (
+        bad.stderr
+    )
+
+
 def test_the_port_variable_is_served_on_every_interface(start_server):
     port = free_port()
     server = start_server("behaviour:application", http=None, env={"PORT": str(port)})

@@ -335,6 +335,28 @@ def test_allowed_networks_and_unix_socket_peers_set_the_scheme(start_server, tmp
     assert _v(_environ(server, headers={"X-Forwarded-Proto": "https"}), "wsgi.url_scheme") == "https"
 
 
+def test_the_forwarded_allow_ips_variable_is_the_default_as_in_gunicorn(start_server):
+    """A container set up for gunicorn trusts its proxy through FORWARDED_ALLOW_IPS."""
+    server = start_server("behaviour:application", env={"FORWARDED_ALLOW_IPS": "10.9.9.9"})
+    assert _v(_environ(server, headers={"X-Forwarded-Proto": "https"}), "wsgi.url_scheme") == "http"
+    server = start_server(
+        "behaviour:application", "--forwarded-allow-ips", "127.0.0.1", env={"FORWARDED_ALLOW_IPS": ""}
+    )
+    assert _v(_environ(server, headers={"X-Forwarded-Proto": "https"}), "wsgi.url_scheme") == "https"
+
+
+def test_gunicorns_empty_secure_scheme_headers_trust_no_peer(start_server, tmp_path):
+    """`secure_scheme_headers = {}` makes no header count, from any peer, a
+    unix socket's too; its forwarded_allow_ips is moot then."""
+    cfg = tmp_path / "gunicorn.conf.py"
+    cfg.write_text("forwarded_allow_ips = '*'\nsecure_scheme_headers = {}\n")
+    for http in ("127.0.0.1:0", f"unix:{tmp_path}/http.sock"):
+        server = start_server("behaviour:application", "-c", str(cfg), http=http)
+        env = _environ(server, headers={"X-Forwarded-Proto": "https"})
+        assert _v(env, "wsgi.url_scheme") == "http"
+        assert _v(env, "HTTP_X_FORWARDED_PROTO") == "https"
+
+
 def test_flask_builds_https_urls_behind_a_local_tls_proxy(start_server):
     server = start_server("flask_app:app")
     with server.connect() as conn:

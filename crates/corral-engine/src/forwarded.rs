@@ -21,12 +21,19 @@ pub const DEFAULT_ALLOW: &str = "127.0.0.1,::1";
 pub enum TrustedPeers {
     All,
     Only(Vec<IpNet>),
+    /// `none`: no peer, not even on a unix socket (gunicorn's
+    /// `secure_scheme_headers = {}`, which makes no header count).
+    Nobody,
 }
 
 impl TrustedPeers {
     /// `*`, or addresses and networks separated by commas
-    /// (`127.0.0.1,10.0.0.0/8,::1`); an empty list trusts no TCP peer.
+    /// (`127.0.0.1,10.0.0.0/8,::1`); an empty list trusts no TCP peer, and
+    /// `none` no peer at all.
     pub fn parse(list: &str) -> Result<TrustedPeers, String> {
+        if list.trim() == "none" {
+            return Ok(TrustedPeers::Nobody);
+        }
         let mut nets = Vec::new();
         let mut all = false;
         for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -52,11 +59,11 @@ impl TrustedPeers {
 
     /// Whether a peer (REMOTE_ADDR as corral reports it) may set the scheme.
     pub fn trusts(&self, remote_addr: &str, is_unix: bool) -> bool {
-        if is_unix {
-            return true;
-        }
-        let TrustedPeers::Only(nets) = self else {
-            return true;
+        let nets = match self {
+            TrustedPeers::Nobody => return false,
+            _ if is_unix => return true,
+            TrustedPeers::All => return true,
+            TrustedPeers::Only(nets) => nets,
         };
         let Ok(ip) = remote_addr.parse::<IpAddr>() else {
             return false;
@@ -160,6 +167,10 @@ mod tests {
         assert_eq!(TrustedPeers::parse("*").unwrap(), TrustedPeers::All);
         assert!(TrustedPeers::parse("*").unwrap().trusts("203.0.113.9", false));
         assert!(!TrustedPeers::parse("").unwrap().trusts("127.0.0.1", false));
+        assert!(TrustedPeers::parse("").unwrap().trusts("", true));
+        let nobody = TrustedPeers::parse("none").unwrap();
+        assert!(!nobody.trusts("127.0.0.1", false) && !nobody.trusts("", true));
+        assert!(TrustedPeers::parse("none,127.0.0.1").is_err());
         assert!(TrustedPeers::parse("localhost").is_err());
         assert!(TrustedPeers::parse("localhost,*").is_err());
         assert!(TrustedPeers::parse("*,localhost").is_err());

@@ -358,7 +358,8 @@ pub struct Cli {
     /// HTTP peers (addresses and networks separated by commas, or `*` for any) whose
     /// X-Forwarded-Proto: https, X-Forwarded-Protocol: ssl or X-Forwarded-SSL: on make
     /// wsgi.url_scheme https, as gunicorn's option of the same name; unix socket peers
-    /// always count. An empty value trusts no TCP peer.
+    /// count too. An empty value trusts no TCP peer, `none` no peer at all. Its default
+    /// comes from FORWARDED_ALLOW_IPS when that is set, as in gunicorn.
     #[arg(long, value_name = "LIST", env = "CORRAL_FORWARDED_ALLOW_IPS",
           default_value = corral_engine::forwarded::DEFAULT_ALLOW, value_parser = parse_trusted_peers)]
     pub forwarded_allow_ips: corral_engine::forwarded::TrustedPeers,
@@ -591,24 +592,28 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     // Before anything opens a descriptor.
     reserve_stdio(py);
     let cmd = Cli::command();
-    let (mut argv, mut origins, server_hooks, config_notes) = match crate::config_file::layer(py, &cmd, &argv)
-    {
-        Ok(layered) => {
-            for note in &layered.notes {
-                eprintln!("corral: note: {note}");
+    let (mut argv, mut origins, server_hooks, mut config_notes) =
+        match crate::config_file::layer(py, &cmd, &argv) {
+            Ok(layered) => {
+                for note in &layered.notes {
+                    eprintln!("corral: note: {note}");
+                }
+                (layered.argv, layered.origins, layered.hooks, layered.notes)
             }
-            (layered.argv, layered.origins, layered.hooks, layered.notes)
-        }
-        Err(e) => {
-            eprintln!("corral: error: {e}");
-            return Ok(2);
-        }
-    };
+            Err(e) => {
+                eprintln!("corral: error: {e}");
+                return Ok(2);
+            }
+        };
     if std::env::var_os("GUNICORN_CMD_ARGS").is_some_and(|v| !v.is_empty()) {
         eprintln!(
             "corral: note: GUNICORN_CMD_ARGS is not read: give its options on the command line, in \
              CORRAL_* variables or in the configuration file"
         );
+    }
+    for note in crate::gunicorn_conf::drop_moot_flags(&mut argv) {
+        eprintln!("corral: note: {note}");
+        config_notes.push(note);
     }
     crate::config_file::platform_defaults(&cmd, &mut argv, &mut origins);
     let parsed =

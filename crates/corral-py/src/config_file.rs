@@ -32,7 +32,9 @@ const PLATFORM_ORIGIN: &str = "environment ";
 pub fn platform_defaults(cmd: &Command, argv: &mut Vec<String>, origins: &mut FileOrigins) {
     let set = |var: &str| std::env::var(var).ok().filter(|v| !v.is_empty());
     let (workers, port) = (set("WEB_CONCURRENCY"), set("PORT"));
-    if workers.is_none() && port.is_none() {
+    // gunicorn's default for --forwarded-allow-ips; empty, it trusts no peer.
+    let forwarded = std::env::var("FORWARDED_ALLOW_IPS").ok();
+    if workers.is_none() && port.is_none() && forwarded.is_none() {
         return;
     }
     let Ok(first) = cmd.clone().ignore_errors(true).try_get_matches_from(argv.as_slice()) else {
@@ -55,6 +57,10 @@ pub fn platform_defaults(cmd: &Command, argv: &mut Vec<String>, origins: &mut Fi
             argv.insert(1, format!("--http=0.0.0.0:{port}"));
             origins.insert("http".into(), format!("{PLATFORM_ORIGIN}PORT"));
         }
+    }
+    if let Some(list) = forwarded.filter(|_| unset("forwarded_allow_ips")) {
+        argv.insert(1, format!("--forwarded-allow-ips={list}"));
+        origins.insert("forwarded_allow_ips".into(), format!("{PLATFORM_ORIGIN}FORWARDED_ALLOW_IPS"));
     }
 }
 

@@ -263,6 +263,51 @@ pub fn hint(name: &str) -> Option<String> {
     }
 }
 
+/// gunicorn's command-line flags for settings corral has no need of, with
+/// the setting and whether the flag takes a value. A gunicorn command line
+/// (a Dockerfile's `--worker-tmp-dir /dev/shm`) runs with them left out, as
+/// a gunicorn file's settings of the same kind are.
+const MOOT_FLAGS: &[(&str, &str, bool)] = &[
+    ("--worker-tmp-dir", "worker_tmp_dir", true),
+    ("--no-sendfile", "sendfile", false),
+    ("--http-parser", "http_parser", true),
+    ("--enable-backlog-metric", "enable_backlog_metric", false),
+    ("--control-socket", "control_socket", true),
+    ("--control-socket-mode", "control_socket_mode", true),
+    ("--no-control-socket", "control_socket", false),
+];
+
+/// Takes gunicorn's flags for settings corral does not need out of `argv`
+/// (up to the first `--`), with a note for each on why.
+pub fn drop_moot_flags(argv: &mut Vec<String>) -> Vec<String> {
+    let mut notes = Vec::new();
+    let mut i = 1;
+    while i < argv.len() && argv[i] != "--" {
+        let (flag, inline) = match argv[i].split_once('=') {
+            Some((f, v)) => (f, Some(v)),
+            None => (argv[i].as_str(), None),
+        };
+        let Some(&(_, setting, takes_value)) = MOOT_FLAGS.iter().find(|(f, ..)| *f == flag) else {
+            i += 1;
+            continue;
+        };
+        let Some(Rule::Moot(_, why)) = rule(setting) else { unreachable!("{setting} is moot") };
+        let given = match (takes_value, inline) {
+            (true, None) if i + 1 < argv.len() => format!("{flag} {}", argv[i + 1]),
+            (false, Some(_)) => {
+                // A switch given a value: let the parser say what is wrong.
+                i += 1;
+                continue;
+            }
+            _ => argv[i].clone(),
+        };
+        let end = if takes_value && inline.is_none() { (i + 2).min(argv.len()) } else { i + 1 };
+        argv.drain(i..end);
+        notes.push(format!("gunicorn's {given} is not needed: {why}; left out"));
+    }
+    notes
+}
+
 /// The line of `text` where `name` is assigned at the top level (or a
 /// function of that name defined), for error messages and --print-config.
 fn line_of(text: &str, name: &str) -> Option<usize> {
@@ -408,6 +453,7 @@ pub fn translate(
     }
     // A zero max_requests is gunicorn's "off", and its jitter then means nothing.
     let recycling = get("max_requests").and_then(|v| v.extract::<i64>().ok()).is_some_and(|n| n > 0);
+    let mut no_scheme_headers: Option<String> = None;
     let mut items: Vec<(String, Bound<'_, PyAny>)> = names
         .iter()
         .filter_map(|(k, v)| Some((k.extract::<String>().ok()?, v)))
@@ -417,6 +463,11 @@ pub fn translate(
     items.sort_by_key(|(k, _)| line_of(&text, k).unwrap_or(usize::MAX));
     for (name, value) in items {
         if name == "secure_scheme_headers" {
+            if value.downcast::<PyDict>().is_ok_and(|d| d.is_empty()) {
+                // No header makes the scheme https, from any peer.
+                no_scheme_headers = Some(at(&name));
+                continue;
+            }
             match scheme_headers(&value) {
                 Some(true) => {}
                 Some(false) => notes.push(format!(
@@ -507,6 +558,11 @@ pub fn translate(
         }
         out.push(Setting { key, value: v, at: at(&name) });
     }
+    if let Some(set_at) = no_scheme_headers {
+        // Which peers may send them is moot then.
+        out.retain(|s| s.key != "forwarded-allow-ips");
+        out.push(Setting { key: "forwarded-allow-ips", value: Value::from("none"), at: set_at });
+    }
     // gunicorn watches these files for changes only while it reloads on code changes.
     if truthy("reload") {
         if let Some(files) = get("reload_extra_files").and_then(|v| to_value(&v)) {
@@ -520,6 +576,31 @@ pub fn translate(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn moot_gunicorn_flags_are_left_out() {
+        let mut argv: Vec<String> = [
+            "corral",
+            "--worker-tmp-dir",
+            "/dev/shm",
+            "-w",
+            "2",
+            "--no-sendfile",
+            "--http-parser=auto",
+            "app:x",
+        ]
+        .map(String::from)
+        .to_vec();
+        let notes = super::drop_moot_flags(&mut argv);
+        assert_eq!(argv, ["corral", "-w", "2", "app:x"]);
+        assert_eq!(notes.len(), 3);
+        assert!(notes[0].starts_with("gunicorn's --worker-tmp-dir /dev/shm is not needed: corral's workers"));
+        // A switch with a value, and anything after `--`, are the parser's.
+        let mut argv: Vec<String> =
+            ["corral", "--no-sendfile=1", "--", "--worker-tmp-dir"].map(String::from).to_vec();
+        assert!(super::drop_moot_flags(&mut argv).is_empty());
+        assert_eq!(argv.len(), 4);
+    }
+
     use super::*;
 
     #[test]
