@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -139,7 +140,10 @@ def test_a_server_runs_from_the_file(start_server, tmp_path):
             "harakiri = 30\n",
             ":1: unknown key `harakiri` (for uWSGI's `harakiri`, corral takes --timeout SECS",
         ),
-        ("[uwsgi]\nmodule = app\n", "this looks like a uWSGI ini file: corral's config file is TOML"),
+        (
+            "[uwsgi]\nmodule = app\n",
+            "this looks like a uWSGI ini file: corral reads one as such when its name ends in .ini",
+        ),
         ('workers = "four"\n', ":1: `workers`: invalid value 'four'"),
         ("preload = 1\n", ":1: `preload` must be true or false"),
         ("threads = [1, 2]\n", ":1: `threads` takes one value, not a list"),
@@ -209,10 +213,6 @@ def test_errors_name_the_key_and_line(tmp_path, text, message):
         (
             ["--statsd-host", "x:8125"],
             "note: for gunicorn's --statsd-host, corral takes nothing (corral sends no",
-        ),
-        (
-            ["--worker-tmp-dir", "/dev/shm"],
-            "note: for gunicorn's --worker-tmp-dir, corral takes nothing, as it is not needed",
         ),
     ],
 )
@@ -903,3 +903,125 @@ def test_notes_about_a_gunicorn_file_are_in_its_error_log_file(tmp_path):
         )
     finally:
         server.cleanup()
+
+
+# -- a uWSGI ini file (--config uwsgi.ini) ------------------------------------------
+
+UWSGI_INI = """\
+; a deployment as uWSGI ran it
+[uwsgi]
+project = behaviour
+base = {apps}
+chdir = %(base)
+module = %(project):application
+master = true
+processes = 2
+threads = 2
+socket = {tmp}/%n.sock
+chmod-socket = 660
+vacuum = true
+harakiri = 30
+max-requests = 5000
+max-requests-delta = 100
+env = GREETING=from-$(INI_WORD)
+http-socket = 127.0.0.1:{port}
+enable-threads = true
+static-map = /files=%d
+
+[other]
+processes = 9
+"""
+
+
+def test_a_uwsgi_ini_file_is_read_as_uwsgi_reads_it(start_server, tmp_path):
+    """The [uwsgi] section's options become corral's, with uWSGI's expansions
+    (%d, %n, $(VAR), %(placeholder)); what corral does anyway gets a note."""
+    port = free_port()
+    ini = tmp_path / "site.ini"
+    ini.write_text(UWSGI_INI.format(apps=APPS, tmp=tmp_path, port=port))
+    (tmp_path / "hello.txt").write_text("static hello\n")
+    proc = _run(["--config", str(ini), "--print-config"], env={"INI_WORD": "ini"})
+    assert proc.returncode == 0, proc.stderr
+    got = _printed(proc.stdout)
+    at = f"config file {ini}:"
+    assert got["app"] == ('"behaviour:application"', at + "6")
+    assert got["workers"] == ('"2"', at + "8")
+    assert got["uwsgi"] == (f'"unix:{tmp_path}/site.sock"', at + "10")
+    assert got["socket-mode"] == ('"660"', at + "11")
+    assert got["timeout"] == ('"30"', at + "13")
+    assert got["max-requests-jitter"] == ('"100"', at + "15")
+    assert got["env"] == ('"GREETING=from-ini"', at + "16")
+    assert got["static"] == (f'"/files={tmp_path}/"', at + "19")
+    for line, key in ((7, "master"), (12, "vacuum"), (18, "enable-threads")):
+        assert f"{ini}:{line}: uWSGI's `{key}` is not needed" in proc.stderr, proc.stderr
+
+    server = start_server(
+        str(ini), "--config", http=None, pythonpath=None, env={"INI_WORD": "ini"}, wait=False
+    )
+    server.expected_workers = 2
+    server.wait_started()
+    assert server.port == port and len(server.worker_pids()) == 2
+    assert server.get_json("/os-environ?key=GREETING") == {"value": "from-ini"}
+    assert server.request("GET", "/files/hello.txt").body == b"static hello\n"
+    sock = tmp_path / "site.sock"
+    assert oct(sock.stat().st_mode & 0o777) == "0o660"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(sock))
+        pairs = b"".join(
+            len(k).to_bytes(2, "little") + k + len(v).to_bytes(2, "little") + v
+            for k, v in (
+                (b"REQUEST_METHOD", b"GET"),
+                (b"PATH_INFO", b"/pid"),
+                (b"SERVER_PROTOCOL", b"HTTP/1.1"),
+            )
+        )
+        s.sendall(b"\x00" + len(pairs).to_bytes(2, "little") + b"\x00" + pairs)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    assert out.startswith(b"HTTP/1.1 200") and int(out.split(b"\r\n\r\n", 1)[1]) in server.worker_pids()
+
+
+def test_a_uwsgi_ini_section_a_wsgi_file_and_a_virtualenv(tmp_path):
+    """uWSGI's `--ini file:section`; `wsgi-file` with `callable`; `home` naming
+    the virtualenv corral runs in is taken."""
+    ini = tmp_path / "app.ini"
+    ini.write_text(
+        "[uwsgi]\nprocesses = 9\n\n[prod]\n"
+        f"chdir = {APPS}\nwsgi-file = behaviour.py\ncallable = application\nhome = {sys.prefix}\n"
+        "http-socket = :8123\n"
+    )
+    proc = _run(["--config", f"{ini}:prod", "--print-config"])
+    assert proc.returncode == 0, proc.stderr
+    got = _printed(proc.stdout)
+    assert got["app"] == ('"behaviour:application"', f"config file {ini}:6")
+    assert got["pythonpath"][0] == f'"{APPS}"'
+    assert got["http"] == ('"0.0.0.0:8123"', f"config file {ini}:9")
+    assert got["workers"][1] == "default"
+    assert f"{ini}:8: uWSGI's `home` is the virtualenv corral runs in" in proc.stderr
+
+
+def test_uwsgi_options_corral_cannot_honour_are_all_named_with_their_lines(tmp_path):
+    ini = tmp_path / "uwsgi.ini"
+    ini.write_text(
+        "[uwsgi]\nmodule = behaviour:application\nspooler = /var/spool/app\nhome = /opt/other-venv\n"
+        "socket = @abstract\nmystery-option = 1\nmount = /a=behaviour:application\n"
+        "mount = /b=behaviour:application\nchdir = %(nowhere)\n"
+    )
+    proc = _run(["--config", str(ini), "--print-config"])
+    assert proc.returncode == 2, proc.stderr
+    assert f"{ini}:9: `chdir`: %(nowhere) names no option or placeholder set above it" in proc.stderr
+    ini.write_text(ini.read_text().replace("chdir = %(nowhere)\n", ""))
+    proc = _run(["--config", str(ini), "--print-config"])
+    assert proc.returncode == 2, proc.stderr
+    for expected in (
+        f"{ini}:3: uWSGI's `spooler` has no counterpart in corral: corral runs no background jobs",
+        f"{ini}:4: uWSGI's `home` names the virtualenv /opt/other-venv, but corral runs with the Python",
+        f"{ini}:5: `socket`: an abstract unix socket",
+        f"{ini}:6: `mystery-option` is not a uWSGI option corral knows",
+        f"{ini}:8: uWSGI's `mount` is given more than once",
+    ):
+        assert expected in proc.stderr, proc.stderr
+    ini.write_text("[uwsgi-prod]\nprocesses = 2\n")
+    proc = _run(["--config", str(ini), "--print-config", "behaviour:application"])
+    assert proc.returncode == 2 and "no [uwsgi] section" in proc.stderr, proc.stderr

@@ -120,6 +120,11 @@ pub fn layer(py: pyo3::Python<'_>, cmd: &Command, argv: &[String]) -> Result<Lay
         notes = ignored;
         hooks = found;
         entries.extend(settings.into_iter().map(|s| (s.key.to_string(), Item::Value(s.value), s.at)));
+    } else if crate::uwsgi_ini::is_uwsgi_ini(&path) {
+        use pyo3::types::PyAnyMethods as _;
+        let prefix: String =
+            py.import("sys").and_then(|s| s.getattr("prefix")?.extract()).unwrap_or_default();
+        (entries, notes) = crate::uwsgi_ini::translate(&path, &prefix)?;
     } else {
         entries = toml_entries(&path)?;
     }
@@ -232,7 +237,7 @@ fn toml_entries(path: &str) -> Result<Vec<(String, Item, String)>, String> {
     let doc = ImDocument::parse(text.as_str()).map_err(|e| {
         let line = e.span().map_or(0, |s| line_of(&text, s.start));
         let ini = if crate::uwsgi_names::looks_like_uwsgi_ini(&text) {
-            " (this looks like a uWSGI ini file: corral's config file is TOML, its keys the long option names)"
+            " (this looks like a uWSGI ini file: corral reads one as such when its name ends in .ini)"
         } else if text.lines().any(|l| l.starts_with("import ") || l.starts_with("def ")) {
             " (this looks like Python: a gunicorn configuration file is read as one when its name ends in .py)"
         } else {

@@ -29,6 +29,9 @@ pub fn file_of(py: Python<'_>, spec: &str) -> Option<std::path::PathBuf> {
         let found = with_cwd_on_path(py, || util.call_method1("find_spec", (module,))).ok()?;
         return found.getattr("origin").ok()?.extract::<String>().ok().map(Into::into);
     }
+    if crate::uwsgi_ini::is_uwsgi_ini(spec) {
+        return Some(crate::uwsgi_ini::file_of(spec).into());
+    }
     Some(spec.strip_prefix("file:").unwrap_or(spec).into())
 }
 

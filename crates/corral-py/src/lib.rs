@@ -9,6 +9,7 @@ mod logging;
 mod runtime;
 mod server_hooks;
 mod traceback;
+mod uwsgi_ini;
 mod uwsgi_names;
 mod wsgi;
 

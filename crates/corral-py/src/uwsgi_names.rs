@@ -51,7 +51,7 @@ const EQUIVALENTS: &[(&str, &str)] = &[
     ("gid", "--group GROUP"),
     ("daemonize", "--daemon with --error-log FILE"),
     ("listen", "--backlog N"),
-    ("ini", "--config FILE (TOML: the same keys as the long options)"),
+    ("ini", "--config FILE.ini (its [uwsgi] section is translated), or --config FILE.toml"),
     ("home", "nothing: install corral into the app's virtualenv and run that corral"),
     ("virtualenv", "nothing: install corral into the app's virtualenv and run that corral"),
     ("venv", "nothing: install corral into the app's virtualenv and run that corral"),

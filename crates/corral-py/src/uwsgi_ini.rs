@@ -1,0 +1,570 @@
+//! `--config uwsgi.ini`: a uWSGI ini file's `[uwsgi]` section, translated
+//! into corral's options, so a project moves over with the file it has.
+//!
+//! Every option is translated or refused: an option with a counterpart
+//! becomes that option (`processes` -> `workers`, `socket` -> `uwsgi`,
+//! `harakiri` -> `timeout`); one asking for what corral does anyway
+//! (`master`, `vacuum`, `enable-threads`) is taken with a note; one corral
+//! cannot honour (`home` naming another virtualenv, `cheaper-algo`) stops
+//! the start with its line and what to do instead, all of them at once.
+//! uWSGI's own expansions are applied first: `%d` (the file's directory),
+//! `%n`, `%s`, `%e`, `%p`, `%c`, `%%`, `$(VAR)` from the environment, and
+//! `%(name)` for an earlier option or placeholder of the file.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use toml_edit::{Array, Item, Value};
+
+/// A translated entry: corral option (long name, or `app`), value, "FILE:LINE".
+pub type Entry = (String, Item, String);
+
+/// Whether `--config` names a uWSGI ini file: an `.ini` name (with
+/// uWSGI's optional `:section`).
+pub fn is_uwsgi_ini(spec: &str) -> bool {
+    let (file, _) = split_section(spec);
+    file.ends_with(".ini")
+}
+
+/// The file a `FILE.ini[:SECTION]` spec names.
+pub fn file_of(spec: &str) -> &str {
+    split_section(spec).0
+}
+
+/// `FILE.ini:SECTION` (uWSGI's `--ini file:section`) -> (file, section).
+fn split_section(spec: &str) -> (&str, &str) {
+    match spec.rsplit_once(':') {
+        Some((file, section)) if file.ends_with(".ini") && !section.contains('/') => (file, section),
+        _ => (spec, "uwsgi"),
+    }
+}
+
+/// One `key = value` line of the section.
+struct Line {
+    key: String,
+    value: String,
+    line: usize,
+    /// Set with `set-placeholder`, for `%(name)` only.
+    placeholder: bool,
+    /// The value as written, before expansion.
+    raw: String,
+}
+
+/// Reads the section's lines, in order, with uWSGI's expansions applied.
+fn read(spec: &str) -> Result<(String, Vec<Line>), String> {
+    let (file, section) = split_section(spec);
+    let text = std::fs::read_to_string(file).map_err(|e| format!("--config {file}: {e}"))?;
+    let path = std::path::absolute(file).unwrap_or_else(|_| PathBuf::from(file));
+    let magic = Magic::of(&path);
+    let mut in_section = false;
+    let mut found = false;
+    let mut lines: Vec<Line> = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let at = format!("{file}:{}", i + 1);
+        let l = raw.trim();
+        if l.is_empty() || l.starts_with(';') || l.starts_with('#') {
+            continue;
+        }
+        if let Some(name) = l.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+            in_section = name.trim() == section;
+            found |= in_section;
+            continue;
+        }
+        if !in_section {
+            continue;
+        }
+        let Some((key, raw)) = l.split_once('=') else {
+            // uWSGI takes a bare name as a flag set to true.
+            let (key, value, raw) = (l.to_string(), "true".to_string(), String::new());
+            lines.push(Line { key, value, line: i + 1, placeholder: false, raw });
+            continue;
+        };
+        let (key, raw) = (key.trim().to_string(), raw.trim().to_string());
+        let value = expand(&raw, &magic, &lines).map_err(|e| format!("{at}: `{key}`: {e}"))?;
+        if matches!(key.as_str(), "set-placeholder" | "set-ph") {
+            let Some((name, value)) = value.split_once('=') else {
+                return Err(format!("{at}: `{key}` must be NAME=VALUE"));
+            };
+            let (key, value) = (name.trim().to_string(), value.trim().to_string());
+            lines.push(Line { key, value, line: i + 1, placeholder: true, raw });
+            continue;
+        }
+        lines.push(Line { key, value, line: i + 1, placeholder: false, raw });
+    }
+    if !found {
+        return Err(format!("{file}: no [{section}] section (uWSGI reads its options from that section)"));
+    }
+    Ok((file.to_string(), lines))
+}
+
+/// uWSGI's magic variables for one file.
+struct Magic {
+    dir: String,
+    name: String,
+    file: String,
+    ext: String,
+    path: String,
+    parent: String,
+}
+
+impl Magic {
+    fn of(path: &Path) -> Magic {
+        let s = |p: Option<&std::ffi::OsStr>| p.map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+        let dir = path.parent().map(|d| format!("{}/", d.display())).unwrap_or_default();
+        Magic {
+            dir,
+            name: s(path.file_stem()),
+            file: s(path.file_name()),
+            ext: s(path.extension()),
+            path: path.display().to_string(),
+            parent: s(path.parent().and_then(Path::file_name)),
+        }
+    }
+}
+
+/// Applies `%d`-style magic variables, `$(VAR)` and `%(name)` to a value.
+fn expand(value: &str, magic: &Magic, earlier: &[Line]) -> Result<String, String> {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(i) = rest.find(['%', '$']) {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        if let Some(inner) = tail.strip_prefix("$(") {
+            let end = inner.find(')').ok_or("an unclosed $(")?;
+            let var = &inner[..end];
+            // uWSGI leaves an unset variable empty.
+            out.push_str(&std::env::var(var).unwrap_or_default());
+            rest = &inner[end + 1..];
+            continue;
+        }
+        if let Some(inner) = tail.strip_prefix("%(") {
+            let end = inner.find(')').ok_or("an unclosed %(")?;
+            let name = &inner[..end];
+            let line = earlier
+                .iter()
+                .rev()
+                .find(|l| l.key == name)
+                .ok_or_else(|| format!("%({name}) names no option or placeholder set above it"))?;
+            out.push_str(&line.value);
+            rest = &inner[end + 1..];
+            continue;
+        }
+        let next = tail[1..].chars().next();
+        let sub = match (tail.as_bytes()[0], next) {
+            (b'%', Some('d')) => Some(magic.dir.as_str()),
+            (b'%', Some('n')) => Some(magic.name.as_str()),
+            (b'%', Some('s')) => Some(magic.file.as_str()),
+            (b'%', Some('e')) => Some(magic.ext.as_str()),
+            (b'%', Some('p')) => Some(magic.path.as_str()),
+            (b'%', Some('c')) => Some(magic.parent.as_str()),
+            (b'%', Some('%')) => Some("%"),
+            (b'%', Some(c)) if c.is_ascii_alphanumeric() => {
+                return Err(format!(
+                    "uWSGI's magic variable %{c} is not one corral expands (%d %n %s %e %p %c)"
+                ))
+            }
+            _ => None,
+        };
+        match sub {
+            Some(s) => {
+                out.push_str(s);
+                rest = &tail[2..];
+            }
+            None => {
+                out.push_str(&tail[..1]);
+                rest = &tail[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// What a uWSGI option is in corral.
+enum Rule {
+    /// The corral option it sets, its value as it is.
+    Option(&'static str),
+    /// A listener: uWSGI's address forms become corral's.
+    Listener(&'static str),
+    /// Asks for what corral does anyway: taken with a note saying why.
+    Moot(&'static str),
+    /// Handled with the options it goes with (`module` and `callable`...).
+    Combined,
+    /// No counterpart: refused with why.
+    Refused(&'static str),
+}
+
+fn rule(key: &str) -> Option<Rule> {
+    use Rule::*;
+    Some(match key {
+        "module" | "wsgi" | "w" | "wsgi-file" | "file" | "callable" | "mount" | "home" | "virtualenv"
+        | "venv" | "pyhome" | "h" | "cheaper" | "processes" | "workers" | "p" | "logto" | "logto2"
+        | "daemonize" | "req-logger" | "py-autoreload" | "chmod-socket" | "http" => Combined,
+        "chdir" => Option("chdir"),
+        "pythonpath" | "python-path" | "pp" => Option("pythonpath"),
+        "socket" | "uwsgi-socket" | "s" => Listener("uwsgi"),
+        "http-socket" => Listener("http"),
+        "fastcgi-socket" => Listener("fastcgi"),
+        "scgi-socket" => Listener("scgi"),
+        "chown-socket" => Option("socket-owner"),
+        "threads" => Option("threads"),
+        "harakiri" | "t" => Option("timeout"),
+        "max-requests" | "R" => Option("max-requests"),
+        "max-requests-delta" => Option("max-requests-jitter"),
+        "max-worker-lifetime" => Option("max-worker-lifetime"),
+        "reload-on-rss" => Option("reload-on-rss"),
+        "limit-post" => Option("max-body-size"),
+        "static-map" => Option("static"),
+        "uid" => Option("user"),
+        "gid" => Option("group"),
+        "listen" | "l" => Option("backlog"),
+        "pidfile" | "pidfile2" => Option("pidfile"),
+        "env" => Option("env"),
+        "touch-reload" | "touch-chain-reload" => Option("touch-reload"),
+        "stats" | "stats-server" => Option("stats"),
+        "socket-timeout" | "z" => Option("socket-timeout"),
+        "reload-mercy" | "worker-reload-mercy" => Option("graceful-timeout"),
+        "procname" | "procname-prefix" | "procname-prefix-spaced" => Option("name"),
+        "umask" => Option("umask"),
+        "manage-script-name" => Moot("--mount PREFIX (from `mount`) gives the prefix to SCRIPT_NAME already"),
+        "master" | "M" => Moot("corral always runs a master"),
+        "vacuum" => Moot("corral removes its socket and pid files at exit"),
+        "die-on-term" => Moot("SIGTERM stops corral gracefully"),
+        "enable-threads" | "T" => Moot("the app may start threads; `threads` sets the serving threads"),
+        "lazy-apps" | "lazy" => Moot("each worker imports the app (corral's --preload is the opposite)"),
+        "need-app" => Moot("corral exits when the app cannot be imported"),
+        "thunder-lock" => Moot("workers take connections without a lock stampede"),
+        "single-interpreter" | "i" => Moot("each worker has one interpreter"),
+        "strict" => Moot("corral refuses unknown options"),
+        "auto-procname" => Moot("process titles name the master and each worker"),
+        "log-reopen" => Moot("USR1 (and HUP) reopen the log files"),
+        "log-master" => Moot("master and workers write to the one error log"),
+        "log-date" => Moot("every line of corral's error log is dated"),
+        "harakiri-verbose" => Moot("a request past --timeout has its Python stack logged"),
+        "offload-threads" => Moot("large downloads are sent by an offload thread already"),
+        "memory-report" => Moot("each worker's resident memory is in --stats' /stats and /metrics"),
+        "plugins" | "plugin" | "plugins-dir" => {
+            Moot("corral serves WSGI apps with the Python it is installed in")
+        }
+        "post-buffering" => Moot("a body the app did not read is read and dropped"),
+        "buffer-size" | "b" => Moot("a uwsgi vars block may use the protocol's whole 64 KiB"),
+        "disable-logging" | "L" => Moot("no access log is written unless --access-log is given"),
+        "no-orphans" => Moot("workers leave when their master does"),
+        "ignore-sigpipe" | "ignore-write-errors" | "disable-write-exception" => {
+            Moot("a client that goes away ends its request with one log line, not an exception in the app")
+        }
+        "max-fd" => Refused("set `ulimit -n` (LimitNOFILE= under systemd), with --max-connections N"),
+        "cheaper-algo" | "cheaper-initial" | "cheaper-step" | "cheaper-overload" => Refused(
+            "corral's adaptive pool (--workers-min, --workers-max, --scale-down-idle) has no algorithms",
+        ),
+        "ini" | "include" | "inherit" | "xml" | "yaml" | "json" => {
+            Refused("corral reads one configuration file: merge the included one into it")
+        }
+        "http-timeout" | "http-keepalive" | "http-auto-chunked" | "http-processes" | "http-workers" => {
+            Refused("uWSGI's HTTP router has no counterpart: corral serves `http-socket` and `http` itself")
+        }
+        "emperor" | "vassal" | "zerg" | "zerg-server" | "fastrouter" | "subscribe-to" => Refused(
+            "corral runs one app per server: start one corral for each, under systemd or a supervisor",
+        ),
+        "spooler"
+        | "spooler-processes"
+        | "mule"
+        | "mules"
+        | "cron"
+        | "cron2"
+        | "attach-daemon"
+        | "smart-attach-daemon" => {
+            Refused("corral runs no background jobs: use a task queue (Celery, RQ), cron or systemd units")
+        }
+        "route" | "route-run" | "route-uri" | "route-host" | "response-route" | "final-route" => {
+            Refused("corral has no internal routing: route in the front end (nginx location blocks)")
+        }
+        "cache" | "cache2" => Refused("corral has no shared cache: use Redis or memcached"),
+        "https" | "https-socket" | "ssl-socket" => {
+            Refused("corral serves plain HTTP: terminate TLS in a front end")
+        }
+        _ => return None,
+    })
+}
+
+/// A uWSGI socket address as corral writes it: `/path` is `unix:/path`,
+/// `:PORT` is every interface.
+fn listener(value: &str) -> Result<String, String> {
+    if value.starts_with('/') || value.starts_with("./") {
+        return Ok(format!("unix:{value}"));
+    }
+    if value.starts_with('@') {
+        return Err("an abstract unix socket (@name): give corral a path or an address".into());
+    }
+    if let Some(port) = value.strip_prefix(':') {
+        return Ok(format!("0.0.0.0:{port}"));
+    }
+    Ok(value.to_string())
+}
+
+/// uWSGI's boolean values: `true`, `1`, `yes`, `on` (and a bare flag).
+fn truthy(value: &str) -> bool {
+    matches!(value.to_ascii_lowercase().as_str(), "true" | "1" | "yes" | "on" | "y" | "")
+}
+
+/// Translates the file into corral's options. Returns the entries and the
+/// notes to show; errors name every option that cannot be taken, with its line.
+pub fn translate(spec: &str, python_prefix: &str) -> Result<(Vec<Entry>, Vec<String>), String> {
+    let (file, lines) = read(spec)?;
+    let at = |l: &Line| format!("{file}:{}", l.line);
+    let last = |keys: &[&str]| lines.iter().rev().find(|l| keys.contains(&l.key.as_str()));
+    let mut notes = Vec::new();
+    let mut errors = Vec::new();
+    // Repeatable options collect every value, in order.
+    let mut list: Vec<(String, Vec<String>, String)> = Vec::new();
+    let mut single: HashMap<&'static str, (Value, String)> = HashMap::new();
+    let mut push = |key: &str, value: String, at: String| match list.iter_mut().find(|(k, ..)| k == key) {
+        Some((_, values, _)) => values.push(value),
+        None => list.push((key.to_string(), vec![value], at)),
+    };
+    // Names the file sets only to use them as %(name) placeholders.
+    let used = |l: &Line| {
+        let wanted = format!("%({})", l.key);
+        lines.iter().any(|o| o.line > l.line && o.raw.contains(&wanted))
+    };
+    for l in &lines {
+        let key = l.key.as_str();
+        match rule(key) {
+            _ if l.placeholder => {}
+            None if used(l) => {}
+            None => errors.push(match crate::uwsgi_names::equivalent(key) {
+                Some(eq) => format!("{}: uWSGI's `{key}`: corral has {eq}", at(l)),
+                None => format!("{}: `{key}` is not a uWSGI option corral knows", at(l)),
+            }),
+            Some(Rule::Combined) => {}
+            Some(Rule::Option(opt)) => match opt {
+                "pythonpath" | "env" | "static" | "touch-reload" => push(opt, l.value.clone(), at(l)),
+                _ => {
+                    single.insert(opt, (Value::from(l.value.clone()), at(l)));
+                }
+            },
+            Some(Rule::Listener(opt)) => match listener(&l.value) {
+                Ok(addr) => push(opt, addr, at(l)),
+                Err(e) => errors.push(format!("{}: `{key}`: {e}", at(l))),
+            },
+            Some(Rule::Moot(why)) => {
+                if !matches!(l.value.to_ascii_lowercase().as_str(), "false" | "0" | "no" | "off") {
+                    notes.push(format!("{}: uWSGI's `{key}` is not needed: {why}; ignored", at(l)));
+                }
+            }
+            Some(Rule::Refused(why)) => {
+                errors.push(format!("{}: uWSGI's `{key}` has no counterpart in corral: {why}", at(l)))
+            }
+        }
+    }
+    // uWSGI's plain `http` starts its HTTP router in front of the workers;
+    // corral serves HTTP itself.
+    for l in lines.iter().filter(|l| l.key == "http") {
+        match listener(&l.value) {
+            Ok(addr) => {
+                notes.push(format!(
+                    "{}: uWSGI's `http` router is corral's own HTTP listener: served at {addr}",
+                    at(l)
+                ));
+                push("http", addr, at(l));
+            }
+            Err(e) => errors.push(format!("{}: `http`: {e}", at(l))),
+        }
+    }
+    if let Some(l) = last(&["chmod-socket"]) {
+        // uWSGI's bare chmod-socket means 666.
+        let mode = if l.value.is_empty() || l.value == "true" { "666".to_string() } else { l.value.clone() };
+        single.insert("socket-mode", (Value::from(mode), at(l)));
+    }
+    // The app: module[:callable], or a file, with `callable` (default application).
+    let callable = last(&["callable"]).map(|l| l.value.clone());
+    let app_line = last(&["module", "wsgi", "w", "wsgi-file", "file", "mount"]);
+    if let Some(l) = app_line {
+        let (module, at_line) = match l.key.as_str() {
+            "mount" => match l.value.split_once('=') {
+                Some((prefix, target)) => {
+                    if lines.iter().filter(|o| o.key == "mount").count() > 1 {
+                        errors.push(format!(
+                            "{}: uWSGI's `mount` is given more than once: corral serves one app per server, \
+                             under one --mount prefix",
+                            at(l)
+                        ));
+                    }
+                    single.insert("mount", (Value::from(prefix.trim().to_string()), at(l)));
+                    (
+                        app_of(target.trim(), last(&["chdir"]).map(|c| c.value.as_str()), &mut push, &at(l)),
+                        at(l),
+                    )
+                }
+                None => {
+                    errors.push(format!("{}: `mount` must be /PREFIX=APP", at(l)));
+                    (None, at(l))
+                }
+            },
+            _ => (app_of(&l.value, last(&["chdir"]).map(|c| c.value.as_str()), &mut push, &at(l)), at(l)),
+        };
+        if let Some(module) = module {
+            let app = match (module.contains(':'), &callable) {
+                (true, _) => module,
+                (false, Some(c)) => format!("{module}:{c}"),
+                (false, None) => format!("{module}:application"),
+            };
+            single.insert("app", (Value::from(app), at_line));
+        }
+    }
+    // `cheaper` makes the pool adaptive, between it and `processes`.
+    let processes = last(&["processes", "workers", "p"]);
+    match (last(&["cheaper"]), processes) {
+        (Some(c), Some(p)) => {
+            single.insert("workers-min", (Value::from(c.value.clone()), at(c)));
+            single.insert("workers-max", (Value::from(p.value.clone()), at(p)));
+        }
+        (Some(c), None) => {
+            errors.push(format!("{}: uWSGI's `cheaper` needs `processes` (the most workers)", at(c)))
+        }
+        (None, Some(p)) => {
+            single.insert("workers", (Value::from(p.value.clone()), at(p)));
+        }
+        (None, None) => {}
+    }
+    // uWSGI's logto takes the app's output too, as --capture-output does.
+    if let Some(l) = last(&["daemonize"]) {
+        single.insert("daemon", (Value::from(true), at(l)));
+        single.insert("error-log", (Value::from(l.value.clone()), at(l)));
+        single.insert("capture-output", (Value::from(true), at(l)));
+    }
+    if let Some(l) = last(&["logto", "logto2"]) {
+        single.insert("error-log", (Value::from(l.value.clone()), at(l)));
+        single.insert("capture-output", (Value::from(true), at(l)));
+    }
+    if let Some(l) = last(&["req-logger"]) {
+        match l.value.strip_prefix("file:") {
+            Some(path) => {
+                single.insert("access-log", (Value::from(path.to_string()), at(l)));
+            }
+            None => errors.push(format!(
+                "{}: uWSGI's `req-logger` is taken in its file:PATH form only (corral's --access-log FILE)",
+                at(l)
+            )),
+        }
+    }
+    if let Some(l) = last(&["py-autoreload"]) {
+        let on = l.value.parse::<u64>().map_or(truthy(&l.value), |n| n > 0);
+        single.insert("reload", (Value::from(on), at(l)));
+    }
+    // Another virtualenv cannot be switched to from inside this one.
+    if let Some(l) = last(&["home", "virtualenv", "venv", "pyhome", "h"]).filter(|l| !l.value.is_empty()) {
+        let same = std::fs::canonicalize(&l.value).ok() == std::fs::canonicalize(python_prefix).ok();
+        if same {
+            notes.push(format!("{}: uWSGI's `{}` is the virtualenv corral runs in; ignored", at(l), l.key));
+        } else {
+            errors.push(format!(
+                "{}: uWSGI's `{}` names the virtualenv {}, but corral runs with the Python it is installed in \
+                 ({python_prefix}): install corral there and run that corral",
+                at(l),
+                l.key,
+                l.value
+            ));
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors.join("\n"));
+    }
+    let mut entries: Vec<Entry> =
+        single.into_iter().map(|(k, (v, at))| (k.to_string(), Item::Value(v), at)).collect();
+    for (key, values, at) in list {
+        let mut array = Array::new();
+        values.into_iter().for_each(|v| array.push(v));
+        entries.push((key, Item::Value(Value::Array(array)), at));
+    }
+    // In the file's order, so errors about them come in that order.
+    entries
+        .sort_by_key(|(_, _, at)| at.rsplit(':').next().and_then(|n| n.parse::<usize>().ok()).unwrap_or(0));
+    Ok((entries, notes))
+}
+
+/// The module an app value names: `pkg.mod[:callable]`, or a `.py` file
+/// whose directory joins the Python path.
+fn app_of(
+    value: &str,
+    chdir: Option<&str>,
+    push: &mut impl FnMut(&str, String, String),
+    at: &str,
+) -> Option<String> {
+    let (target, callable) = match value.split_once(':') {
+        Some((t, c)) if !t.is_empty() => (t, Some(c)),
+        _ => (value, None),
+    };
+    let Some(stem) = target.strip_suffix(".py") else {
+        return Some(value.to_string());
+    };
+    let path = Path::new(stem);
+    // uWSGI finds a relative file from `chdir`.
+    let dir = match (path.parent().filter(|d| !d.as_os_str().is_empty()), chdir) {
+        (None, c) => PathBuf::from(c.unwrap_or(".")),
+        (Some(d), Some(c)) if d.is_relative() => Path::new(c).join(d),
+        (Some(d), _) => d.to_path_buf(),
+    };
+    push("pythonpath", dir.display().to_string(), at.to_string());
+    let module = path.file_name()?.to_string_lossy().into_owned();
+    Some(match callable {
+        Some(c) => format!("{module}:{c}"),
+        None => module,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn magic() -> Magic {
+        Magic::of(Path::new("/srv/site/deploy/site.ini"))
+    }
+
+    #[test]
+    fn expansions() {
+        let base = Line {
+            key: "base".into(),
+            value: "/srv/site".into(),
+            line: 1,
+            placeholder: true,
+            raw: String::new(),
+        };
+        let earlier = vec![base];
+        std::env::set_var("CORRAL_INI_TEST", "v");
+        let vectors: &[(&str, &str)] = &[
+            ("%dapp.sock", "/srv/site/deploy/app.sock"),
+            ("/run/%n.sock", "/run/site.sock"),
+            ("%s %e %c", "site.ini ini deploy"),
+            ("%p", "/srv/site/deploy/site.ini"),
+            ("100%%", "100%"),
+            ("%(base)/static", "/srv/site/static"),
+            ("$(CORRAL_INI_TEST)-$(CORRAL_INI_UNSET)", "v-"),
+            ("50%", "50%"),
+            ("$HOME", "$HOME"),
+        ];
+        for (raw, want) in vectors {
+            assert_eq!(expand(raw, &magic(), &earlier).unwrap(), *want, "{raw}");
+        }
+        assert!(expand("%(nope)", &magic(), &earlier).unwrap_err().contains("%(nope)"));
+        assert!(expand("%x", &magic(), &earlier).unwrap_err().contains("%x"));
+        assert!(expand("$(OPEN", &magic(), &earlier).is_err());
+    }
+
+    #[test]
+    fn listeners() {
+        assert_eq!(listener("/run/app.sock").unwrap(), "unix:/run/app.sock");
+        assert_eq!(listener(":3031").unwrap(), "0.0.0.0:3031");
+        assert_eq!(listener("127.0.0.1:3031").unwrap(), "127.0.0.1:3031");
+        assert!(listener("@abstract").is_err());
+    }
+
+    #[test]
+    fn names() {
+        assert!(is_uwsgi_ini("deploy/uwsgi.ini"));
+        assert!(is_uwsgi_ini("uwsgi.ini:prod"));
+        assert_eq!(split_section("uwsgi.ini:prod"), ("uwsgi.ini", "prod"));
+        assert_eq!(split_section("uwsgi.ini"), ("uwsgi.ini", "uwsgi"));
+        assert!(!is_uwsgi_ini("corral.toml"));
+    }
+}
