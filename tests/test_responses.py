@@ -203,6 +203,26 @@ def test_close_called_for_head_requests(behaviour):
     _wait_closed(behaviour, "head-1")
 
 
+def test_a_response_is_complete_before_its_close_runs(behaviour):
+    """close() runs after the body's end has gone out (the chunked
+    terminator here): Django's request_finished handlers, which run in it,
+    do not hold the client's response open, as under gunicorn."""
+    with behaviour.connect() as conn:
+        conn.send_request("GET", "/slow-close", {"Host": "x"})
+        resp = conn.read_response()
+        assert (resp.status, resp.body, resp.complete) == (200, b"ab", True)
+        assert resp.header("Transfer-Encoding") == "chunked"
+        # close() is still waiting; releasing it frees its thread.
+        assert behaviour.request("GET", "/release-close").status == 200
+        conn.send_request("GET", "/fixed", {"Host": "x"})
+        assert conn.read_response().status == 200
+
+
+def test_a_list_subclass_is_iterated_as_the_app_defines(behaviour):
+    """Only a plain list is taken as it is: a subclass's __iter__ is the app's."""
+    assert behaviour.request("GET", "/list-subclass").body == b"ABC"
+
+
 # -- wsgi.file_wrapper -----------------------------------------------------------
 
 

@@ -649,8 +649,49 @@ def print_std(environ, start_response):
     return _ok(start_response, "printed")
 
 
+_CLOSE_RELEASED = threading.Event()
+
+
+class WaitingClose:
+    """A chunked body whose close() waits (for /release-close, 30 s at most),
+    as Django's does while its request_finished handlers run."""
+
+    def __iter__(self):
+        yield b"a"
+        yield b"b"
+
+    def close(self):
+        _CLOSE_RELEASED.wait(30)
+        _CLOSE_RELEASED.clear()
+
+
+def slow_close(environ, start_response):
+    start_response("200 OK", TEXT)
+    return WaitingClose()
+
+
+def release_close(environ, start_response):
+    _CLOSE_RELEASED.set()
+    return _ok(start_response, "released")
+
+
+class Upper(list):
+    """A list whose iteration is the app's own: a server must go through it."""
+
+    def __iter__(self):
+        return (item.upper() for item in list.__iter__(self))
+
+
+def list_subclass(environ, start_response):
+    start_response("200 OK", TEXT)
+    return Upper([b"abc"])
+
+
 UNVALIDATED = {
     "/status": status,
+    "/slow-close": slow_close,
+    "/release-close": release_close,
+    "/list-subclass": list_subclass,
     "/print-std": print_std,
     "/burst-then-slow": burst_then_slow,
     "/print-errors": print_errors,

@@ -1788,6 +1788,19 @@ impl Exchange {
         Ok(())
     }
 
+    /// The app's body is complete: ends the response now (the chunked
+    /// terminator, FastCGI's END_REQUEST), before the app's `close()` runs,
+    /// which may take a while (Django's request_finished handlers). Nothing
+    /// to do for a response that failed, or whose file is still to be sent
+    /// (it ends once the file went out).
+    pub fn end_body(&self) -> Result<(), ResponseError> {
+        let mut io = self.lock().ok_or(ResponseError::Stale)?;
+        if io.broken || io.aborted || io.pending_file.is_some() || io.phase == RespPhase::Idle {
+            return Ok(());
+        }
+        io.finish(self.blocking)
+    }
+
     /// Completes the response.
     pub fn finish(&self) -> Result<(), ResponseError> {
         let mut io = self.lock().ok_or(ResponseError::Stale)?;

@@ -19,7 +19,7 @@ use pyo3::exceptions::{PyAssertionError, PyOSError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::load::format_exception;
 use crate::server_hooks::RequestHooks;
@@ -453,6 +453,12 @@ impl WsgiApp {
     /// Sends the app's iterable and calls its close() exactly once.
     fn send(&self, py: Python<'_>, req: &Request<'_>, ex: &Exchange, result: &Bound<'_, PyAny>) {
         let outcome = self.send_body(py, ex, result);
+        if outcome.is_ok() {
+            // The client has its whole response before close() runs, as under gunicorn.
+            if let Err(e) = ex.end_body() {
+                warn!("{} from {}: {e}", req.describe(), req.peer());
+            }
+        }
         // Lists and tuples have no close(); asking would build an AttributeError per request.
         let closed = if result.is_exact_instance_of::<PyList>() || result.is_exact_instance_of::<PyTuple>() {
             Ok(())
@@ -504,7 +510,8 @@ impl WsgiApp {
 
     fn send_body(&self, py: Python<'_>, ex: &Exchange, result: &Bound<'_, PyAny>) -> PyResult<()> {
         // The common case: a list holding the whole body, sent with its length in one write.
-        if let Ok(list) = result.downcast::<PyList>() {
+        // Only a plain list: a subclass may iterate as it likes.
+        if let Ok(list) = result.downcast_exact::<PyList>() {
             if list.len() == 1 {
                 let item = list.get_item(0)?;
                 if let Ok(b) = item.downcast::<PyBytes>() {
