@@ -1025,3 +1025,18 @@ def test_uwsgi_options_corral_cannot_honour_are_all_named_with_their_lines(tmp_p
     ini.write_text("[uwsgi-prod]\nprocesses = 2\n")
     proc = _run(["--config", str(ini), "--print-config", "behaviour:application"])
     assert proc.returncode == 2 and "no [uwsgi] section" in proc.stderr, proc.stderr
+
+
+def test_gunicorn_counts_are_read_as_gunicorn_reads_them(tmp_path):
+    """A count given as a string is a number to gunicorn; a negative one is refused."""
+    cfg = tmp_path / "gunicorn.conf.py"
+    cfg.write_text('max_requests = "1000"\nmax_requests_jitter = "0x10"\n')
+    proc = _run(["-c", str(cfg), "--print-config", "behaviour:application"])
+    assert proc.returncode == 0, proc.stderr
+    got = _printed(proc.stdout)
+    assert got["max-requests"] == ('"1000"', f"config file {cfg}:1")
+    assert got["max-requests-jitter"] == ('"16"', f"config file {cfg}:2")
+    for text in ("max_requests = -5\n", "max_requests = 100\nmax_requests_jitter = -1\n"):
+        cfg.write_text(text)
+        proc = _run(["-c", str(cfg), "--check-config", "behaviour:application"])
+        assert proc.returncode == 2 and "is negative" in proc.stderr, proc.stderr

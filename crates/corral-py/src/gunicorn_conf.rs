@@ -396,6 +396,28 @@ fn to_value(v: &Bound<'_, PyAny>) -> Option<Value> {
     None
 }
 
+/// A count as gunicorn's validator reads it (`int(value, 0)` for a string),
+/// refusing a negative one as gunicorn does; None for None.
+fn positive_int(v: &Bound<'_, PyAny>) -> Result<Option<i64>, String> {
+    if v.is_none() {
+        return Ok(None);
+    }
+    let n = if v.is_instance_of::<PyString>() {
+        let int = v.py().import("builtins").and_then(|b| b.getattr("int")).map_err(|e| e.to_string())?;
+        int.call1((v, 0))
+            .and_then(|n| n.extract::<i64>())
+            .map_err(|_| format!("{v} is not a whole number"))?
+    } else if v.is_instance_of::<PyInt>() && !v.is_instance_of::<PyBool>() {
+        v.extract::<i64>().map_err(|e| e.to_string())?
+    } else {
+        return Err(format!("{v} is not a whole number"));
+    };
+    if n < 0 {
+        return Err(format!("{n} is negative (gunicorn: \"Value must be positive\")"));
+    }
+    Ok(Some(n))
+}
+
 /// The file's settings as corral options, in the order the file has them,
 /// and notes about settings it ignores.
 pub fn translate(
@@ -455,7 +477,13 @@ pub fn translate(
         out.push(Setting { key: "uwsgi", value: Value::from("127.0.0.1:8000"), at: at("protocol") });
     }
     // A zero max_requests is gunicorn's "off", and its jitter then means nothing.
-    let recycling = get("max_requests").and_then(|v| v.extract::<i64>().ok()).is_some_and(|n| n > 0);
+    let recycling = match get("max_requests") {
+        Some(v) => {
+            positive_int(&v).map_err(|e| format!("{}: gunicorn's `max_requests`: {e}", at("max_requests")))?
+        }
+        None => None,
+    }
+    .is_some_and(|n| n > 0);
     let mut no_scheme_headers: Option<String> = None;
     let mut items: Vec<(String, Bound<'_, PyAny>)> = names
         .iter()
@@ -539,6 +567,11 @@ pub fn translate(
                 value.get_type().name().map(|n| n.to_string()).unwrap_or_default()
             ));
         };
+        if matches!(name.as_str(), "max_requests" | "max_requests_jitter") {
+            // Numbers as gunicorn reads them: "1000" and 0x10 too, but never below 0.
+            let n = positive_int(&value).map_err(|e| format!("{}: gunicorn's `{name}`: {e}", at(&name)))?;
+            v = n.map_or(v, Value::from);
+        }
         v = match (name.as_str(), v) {
             // gunicorn's umask is a number (0o022); corral's option is octal digits.
             ("umask", Value::Integer(i)) => Value::from(format!("{:o}", i.value())),
