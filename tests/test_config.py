@@ -440,6 +440,24 @@ def test_check_config_takes_signals_and_exits_past_the_apps_threads(tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_numeric_ids_without_entries_and_a_group_alone(start_server):
+    """Ids an image never named are taken as numbers, as gunicorn takes them,
+    without root's supplementary groups; --group alone changes the group."""
+    import pwd
+
+    uid = next(n for n in range(23456, 24000) if n not in {p.pw_uid for p in pwd.getpwall()})
+    # Imported by the master, as root: the interpreter's own files may not
+    # be readable by that user.
+    server = start_server("behaviour:application", "--preload", "--user", str(uid), "--group", str(uid))
+    assert server.get_json("/ids") == {"uid": uid, "gid": uid, "groups": [uid]}
+    assert server.grep(rf"Running as user {uid} \(uid {uid}, gid {uid}\)")
+    server = start_server("behaviour:application", "--group", str(uid))
+    assert {k: v for k, v in server.get_json("/ids").items() if k != "groups"} == {"uid": 0, "gid": uid}
+    proc = _run(["--check-config", "--user", str(uid), "behaviour:application"], cwd=APPS)
+    assert proc.returncode == 2 and "has no entry in the user database" in proc.stderr, proc.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
 def test_check_config_imports_with_the_users_rights(tmp_path):
     """Workers import the app as --user (unless --preload imports it in the
     master first): so does the check."""

@@ -555,6 +555,11 @@ def set_user(environ, start_response):
     return _ok(start_response, "ok")
 
 
+def ids(environ, start_response):
+    """The process's user, group and supplementary groups."""
+    return _json(start_response, {"uid": os.getuid(), "gid": os.getgid(), "groups": sorted(os.getgroups())})
+
+
 def inheritable_fds(environ, start_response):
     """The worker's descriptors above 2 that a program it runs would inherit."""
     import fcntl
@@ -689,6 +694,7 @@ def list_subclass(environ, start_response):
 
 UNVALIDATED = {
     "/status": status,
+    "/ids": ids,
     "/slow-close": slow_close,
     "/release-close": release_close,
     "/list-subclass": list_subclass,

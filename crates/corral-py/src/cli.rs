@@ -1847,37 +1847,51 @@ fn user_may_write(path: &str, uid: u32, gid: u32, name: &str) -> Result<(), Stri
 /// is bound, so a typo fails at once.
 fn resolve_ids(user: Option<&str>, group: Option<&str>) -> Result<Option<(u32, u32, String)>, String> {
     use nix::unistd::{Group, User};
+    let root = nix::unistd::geteuid().is_root();
+    // A number needs no entry in the group database, as under gunicorn:
+    // containers run as ids their image never named.
+    let group_id = |g: &str| match g.parse::<u32>() {
+        Ok(gid) => Ok(gid),
+        Err(_) => match Group::from_name(g) {
+            Ok(Some(gr)) => Ok(gr.gid.as_raw()),
+            _ => Err(format!("--group {g:?}: no such group")),
+        },
+    };
     let Some(user) = user else {
-        if group.is_some() {
-            return Err("--group needs --user".into());
+        // --group alone changes the group only, as gunicorn's -g does.
+        let Some(g) = group else { return Ok(None) };
+        let gid = group_id(g)?;
+        if !root && gid != nix::unistd::getegid().as_raw() {
+            return Err(format!("--group {g:?}: changing group needs root"));
         }
-        return Ok(None);
+        let uid = nix::unistd::geteuid();
+        let name = User::from_uid(uid).ok().flatten().map_or_else(|| uid.to_string(), |u| u.name);
+        return Ok(Some((uid.as_raw(), gid, name)));
     };
-    let found = match user.parse::<u32>() {
-        Ok(uid) => User::from_uid(nix::unistd::Uid::from_raw(uid)),
-        Err(_) => User::from_name(user),
+    let (uid, name, primary) = match user.parse::<u32>() {
+        Ok(uid) => match User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+            Ok(Some(u)) => (uid, u.name, Some(u.gid.as_raw())),
+            _ => (uid, uid.to_string(), None),
+        },
+        Err(_) => match User::from_name(user) {
+            Ok(Some(u)) => (u.uid.as_raw(), u.name, Some(u.gid.as_raw())),
+            _ => return Err(format!("--user {user:?}: no such user")),
+        },
     };
-    let u = match found {
-        Ok(Some(u)) => u,
-        _ => return Err(format!("--user {user:?}: no such user")),
-    };
-    let gid = match group {
-        None => u.gid.as_raw(),
-        Some(g) => {
-            let found = match g.parse::<u32>() {
-                Ok(gid) => Group::from_gid(nix::unistd::Gid::from_raw(gid)),
-                Err(_) => Group::from_name(g),
-            };
-            match found {
-                Ok(Some(gr)) => gr.gid.as_raw(),
-                _ => return Err(format!("--group {g:?}: no such group")),
-            }
+    let gid = match (group, primary) {
+        (Some(g), _) => group_id(g)?,
+        (None, Some(gid)) => gid,
+        (None, None) => {
+            return Err(format!(
+                "--user {user:?}: uid {uid} has no entry in the user database, so its group is not known: \
+                 give --group too"
+            ))
         }
     };
-    if !nix::unistd::geteuid().is_root() && nix::unistd::geteuid().as_raw() != u.uid.as_raw() {
+    if !root && nix::unistd::geteuid().as_raw() != uid {
         return Err(format!("--user {user:?}: changing user needs root"));
     }
-    Ok(Some((u.uid.as_raw(), gid, u.name)))
+    Ok(Some((uid, gid, name)))
 }
 
 /// Switches the whole process to `uid`/`gid` (supplementary groups from the
@@ -1885,10 +1899,20 @@ fn resolve_ids(user: Option<&str>, group: Option<&str>) -> Result<Option<(u32, u
 fn drop_privileges(uid: u32, gid: u32, name: &str) -> Result<(), String> {
     use nix::unistd::{setgid, setuid, Gid, Uid};
     if nix::unistd::geteuid().as_raw() == uid {
+        // The same user (or --group alone): the group only.
+        if nix::unistd::getegid().as_raw() != gid {
+            setgid(Gid::from_raw(gid)).map_err(|e| format!("--group: setgid({gid}): {e}"))?;
+        }
         return Ok(());
     }
-    let cname = std::ffi::CString::new(name).map_err(|e| e.to_string())?;
-    nix::unistd::initgroups(&cname, Gid::from_raw(gid)).map_err(|e| format!("--user: initgroups: {e}"))?;
+    if nix::unistd::User::from_uid(Uid::from_raw(uid)).ok().flatten().is_some() {
+        let cname = std::ffi::CString::new(name).map_err(|e| e.to_string())?;
+        nix::unistd::initgroups(&cname, Gid::from_raw(gid))
+            .map_err(|e| format!("--user: initgroups: {e}"))?;
+    } else {
+        // No entry to take supplementary groups from: none but the group, not root's.
+        nix::unistd::setgroups(&[Gid::from_raw(gid)]).map_err(|e| format!("--user: setgroups: {e}"))?;
+    }
     setgid(Gid::from_raw(gid)).map_err(|e| format!("--group: setgid({gid}): {e}"))?;
     setuid(Uid::from_raw(uid)).map_err(|e| format!("--user: setuid({uid}): {e}"))?;
     Ok(())
