@@ -1058,3 +1058,31 @@ def test_gunicorn_counts_are_read_as_gunicorn_reads_them(tmp_path):
         cfg.write_text(text)
         proc = _run(["-c", str(cfg), "--check-config", "behaviour:application"])
         assert proc.returncode == 2 and "is negative" in proc.stderr, proc.stderr
+
+
+def test_a_stats_address_taken_is_a_bind_failure_as_any_listener_is(tmp_path):
+    """Exit 1 for a listener that cannot be bound, --stats too; 2 is for configuration errors."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args in (["--http", "127.0.0.1:0", "--stats"], ["--http"]):
+            proc = _run(["--pythonpath", str(APPS), *args, f"127.0.0.1:{port}", "behaviour:application"])
+            assert proc.returncode == 1, (args, proc.stderr)
+            assert f"cannot bind 127.0.0.1:{port}: address already in use" in proc.stderr, proc.stderr
+
+
+def test_check_config_refuses_what_a_start_refuses(tmp_path):
+    for args, said in (
+        (["--pidfile", str(tmp_path)], f"--pidfile {tmp_path}: a directory"),
+        (["--access-log", ""], "--access-log : an empty path"),
+        (["--error-log", ""], "--error-log : an empty path"),
+    ):
+        proc = _run(["--check-config", "--pythonpath", str(APPS), *args, "behaviour:application"])
+        assert proc.returncode == 2 and said in proc.stderr, (args, proc.stderr)
+
+
+def test_gunicorns_proxy_protocol_mode_may_follow_a_space():
+    proc = _run(["--proxy-protocol", "v2", "--print-config", "behaviour:application"])
+    assert proc.returncode == 0, proc.stderr
+    assert _printed(proc.stdout)["proxy-protocol"] == ("true", "command line")

@@ -611,6 +611,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
              CORRAL_* variables or in the configuration file"
         );
     }
+    crate::gunicorn_conf::join_proxy_protocol_mode(&mut argv);
     for note in crate::gunicorn_conf::drop_moot_flags(&mut argv) {
         eprintln!("corral: note: {note}");
         config_notes.push(note);
@@ -1068,8 +1069,9 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
                     Some(l)
                 }
                 Err(e) => {
+                    // As for any listener: 1, not a configuration error.
                     error!("{}", located(&format!("--stats {e}")));
-                    return Ok(2);
+                    return Ok(1);
                 }
             }
         }
@@ -1390,6 +1392,9 @@ fn check_without_effects(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), St
     if let Some(path) = cli.pidfile.as_deref() {
         directory_exists(&path.to_string_lossy())
             .map_err(|e| format!("--pidfile {}: {e}", path.display()))?;
+        if path.is_dir() {
+            return Err(format!("--pidfile {}: a directory", path.display()));
+        }
     }
     for (flag, target) in
         [("--error-log", Some(cli.error_log.as_str())), ("--access-log", cli.access_log.as_deref())]
@@ -1509,6 +1514,9 @@ fn log_file_writable(path: &str) -> Result<(), String> {
             _ => Err(std::io::Error::last_os_error().to_string()),
         }
     };
+    if path.is_empty() {
+        return Err("an empty path (`-` is standard output or error)".into());
+    }
     let path = std::path::Path::new(path);
     if path.exists() {
         return if path.is_dir() { Err("a directory".into()) } else { writable(path) };

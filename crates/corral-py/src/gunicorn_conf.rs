@@ -280,6 +280,20 @@ const MOOT_FLAGS: &[(&str, &str, bool)] = &[
     ("--no-control-socket", "control_socket", false),
 ];
 
+/// gunicorn 27's `--proxy-protocol MODE`, with its mode after a space, as
+/// corral's parser takes it (`--proxy-protocol=MODE`): corral's switch
+/// alone means on, so a following word is otherwise the APP.
+pub fn join_proxy_protocol_mode(argv: &mut Vec<String>) {
+    let mut i = 1;
+    while i + 1 < argv.len() && argv[i] != "--" {
+        if argv[i] == "--proxy-protocol" && matches!(argv[i + 1].as_str(), "off" | "v1" | "v2" | "auto") {
+            let mode = argv.remove(i + 1);
+            argv[i] = format!("--proxy-protocol={mode}");
+        }
+        i += 1;
+    }
+}
+
 /// Takes gunicorn's flags for settings corral does not need out of `argv`
 /// (up to the first `--`), with a note for each on why.
 pub fn drop_moot_flags(argv: &mut Vec<String>) -> Vec<String> {
@@ -635,6 +649,16 @@ mod tests {
             ["corral", "--no-sendfile=1", "--", "--worker-tmp-dir"].map(String::from).to_vec();
         assert!(super::drop_moot_flags(&mut argv).is_empty());
         assert_eq!(argv.len(), 4);
+    }
+
+    #[test]
+    fn a_proxy_protocol_mode_after_a_space_is_joined() {
+        let mut argv: Vec<String> = ["corral", "--proxy-protocol", "v1", "app:x"].map(String::from).to_vec();
+        super::join_proxy_protocol_mode(&mut argv);
+        assert_eq!(argv, ["corral", "--proxy-protocol=v1", "app:x"]);
+        let mut argv: Vec<String> = ["corral", "--proxy-protocol", "app:x"].map(String::from).to_vec();
+        super::join_proxy_protocol_mode(&mut argv);
+        assert_eq!(argv, ["corral", "--proxy-protocol", "app:x"]);
     }
 
     use super::*;
