@@ -292,3 +292,21 @@ def test_winch_says_gunicorns_upgrade_steps_do_not_apply(start_server):
     assert server.running()
     assert int(server.request("GET", "/pid").body) in server.worker_pids()
     assert worker in server.worker_pids()
+
+
+def test_a_reexec_that_moves_the_pid_file_leaves_no_stale_one(start_server, tmp_path):
+    conf = tmp_path / "corral.toml"
+    first, second = tmp_path / "a.pid", tmp_path / "b.pid"
+    conf.write_text(f'workers = 1\npidfile = "{first}"\n')
+    server = start_server("behaviour:application", "--config", str(conf), workers=None)
+    assert first.read_text().strip() == str(server.proc.pid)
+    conf.write_text(f'workers = 1\npidfile = "{second}"\n')
+    mark = server.mark()
+    server.signal(signal.SIGUSR2)
+    server.wait_for(READY_RE.pattern, since=mark, timeout=20)
+    assert second.read_text().strip() == str(server.proc.pid)
+    assert not first.exists()
+    assert server.grep(rf"Removed the previous pid file {re.escape(str(first))}", since=mark)
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(30) == 0
+    assert not second.exists()

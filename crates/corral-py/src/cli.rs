@@ -1086,6 +1086,20 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             return Ok(1);
         }
     }
+    // After a re-exec whose configuration moved the pid file: the old one
+    // names this same process, and would be left behind for good.
+    if let Some(previous) = std::env::var_os(crate::runtime::PREVIOUS_PIDFILE_ENV) {
+        std::env::remove_var(crate::runtime::PREVIOUS_PIDFILE_ENV);
+        let previous = PathBuf::from(previous);
+        let ours =
+            std::fs::read_to_string(&previous).is_ok_and(|t| t.trim() == std::process::id().to_string());
+        if ours && pidfile.as_deref() != Some(previous.as_path()) {
+            match std::fs::remove_file(&previous) {
+                Ok(()) => info!("Removed the previous pid file {}", previous.display()),
+                Err(e) => warn!("--pidfile {}: cannot remove the previous one: {e}", previous.display()),
+            }
+        }
+    }
     let file_id = |p: &std::path::Path| {
         use std::os::unix::fs::MetadataExt;
         std::fs::symlink_metadata(p).ok().map(|m| (m.dev(), m.ino()))
@@ -1189,6 +1203,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         start_dir,
         listen_fds: if from_activation { activated.clone() } else { Vec::new() },
         config_file,
+        pidfile: pidfile.clone(),
     };
     let runtime = Runtime::new(spec, preloaded, cli.preload, mount, chdir_named, &config, reexec)
         .with_hooks(server_hooks);

@@ -54,7 +54,13 @@ pub struct Reexec {
     /// The socket-activation descriptors (and names) the listeners came
     /// from, handed to the new program the way the service manager did.
     pub listen_fds: Vec<(i32, Option<String>)>,
+    /// This program's pid file: the next program removes it if it writes
+    /// another (the configuration changed it), so none is left behind.
+    pub pidfile: Option<std::path::PathBuf>,
 }
+
+/// The pid file of the program a re-exec replaced (see [`Reexec::pidfile`]).
+pub const PREVIOUS_PIDFILE_ENV: &str = "CORRAL_PREVIOUS_PIDFILE";
 
 impl Runtime {
     pub fn new(
@@ -390,17 +396,22 @@ impl Hooks for Runtime {
     }
 
     fn reexec_env(&self) -> Vec<(String, String)> {
+        let mut env = Vec::new();
+        if let Some(path) = &self.reexec.pidfile {
+            env.push((PREVIOUS_PIDFILE_ENV.into(), path.to_string_lossy().into_owned()));
+        }
         let fds = &self.reexec.listen_fds;
         if fds.is_empty() {
-            return Vec::new();
+            return env;
         }
         // Same pid after execve: the new program takes them as its own.
         let names: Vec<&str> = fds.iter().map(|(_, n)| n.as_deref().unwrap_or("")).collect();
-        vec![
+        env.extend([
             ("LISTEN_PID".into(), std::process::id().to_string()),
             ("LISTEN_FDS".into(), fds.len().to_string()),
             ("LISTEN_FDNAMES".into(), names.join(":")),
-        ]
+        ]);
+        env
     }
 
     fn reload_needs_reexec(&self) -> Option<String> {
