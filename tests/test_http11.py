@@ -301,10 +301,40 @@ def test_an_unread_body_the_client_never_finishes_does_not_hold_the_thread(start
     with server.connect(timeout=30) as stalled:
         stalled.send(b"POST /ignore-body HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % declared)
         stalled.send(b"x" * 100_000)
-        assert stalled.read_response().body == b"ignored"
+        resp = stalled.read_response()
+        assert resp.body == b"ignored"
+        # More than the server reads to drop: the response says it closes.
+        assert resp.header("Connection") == ("close" if declared > 1 << 20 else None)
         # The client holds its connection open and sends nothing more.
         assert server.request("GET", "/fixed", timeout=15).body == b"hello world"
         assert stalled.at_eof(15)
+    if declared < 1 << 20:
+        # The response promised to keep the connection: the log says why it did not.
+        server.wait_for(
+            r"POST /ignore-body from 127\.0\.0\.1:\d+: closing the connection: the rest of a request body "
+            r"the app did not read did not come within 2 s"
+        )
+
+
+def test_a_chunked_body_left_unread_closes_the_connection_and_says_so(start_server):
+    """The rest of a chunked body has no known size: a response sent before
+    it is all in says Connection: close, rather than promising a connection
+    the server may then close under the client's next request."""
+    server = start_server("behaviour:application", threads=1)
+    with server.connect(timeout=30) as conn:
+        conn.send(b"POST /ignore-body HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        conn.send(b"%x\r\n%s\r\n" % (200_000, b"x" * 200_000))
+        resp = conn.read_response()
+        assert (resp.body, resp.header("Connection")) == (b"ignored", "close")
+        # A small chunked body, read whole before the app runs, keeps it.
+    with server.connect(timeout=30) as conn:
+        conn.send(
+            b"POST /ignore-body HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        )
+        resp = conn.read_response()
+        assert (resp.body, resp.header("Connection")) == (b"ignored", None)
+        conn.send(b"GET /fixed HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert conn.read_response().body == b"hello world"
 
 
 def test_kept_alive_connections_do_not_wait_behind_a_batch_of_new_slow_ones(start_server):

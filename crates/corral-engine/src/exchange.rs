@@ -641,6 +641,23 @@ impl Io {
         }
     }
 
+    /// Whether the rest of a chunked request body is known from the buffer
+    /// already: all of it, to its last chunk (dropping it needs no more from
+    /// the client), or framing that is malformed (dropping it finds that,
+    /// and logs it, and closes).
+    fn chunked_rest_known(&self) -> bool {
+        let BodyState::Chunked(dec) = &self.body else { return false };
+        let mut dec = dec.clone();
+        let mut at = 0;
+        loop {
+            match dec.decode(&self.buf[at..]) {
+                Ok(Chunk::Data { consumed, .. }) if consumed > 0 => at += consumed,
+                Ok(Chunk::End { .. }) | Err(_) => return true,
+                _ => return false,
+            }
+        }
+    }
+
     pub(crate) fn body_finished(&self) -> bool {
         matches!(self.body, BodyState::Done) && self.pending.is_empty()
     }
@@ -998,10 +1015,15 @@ impl Io {
             // read: the connection cannot be reused.
             self.keep_alive = false;
         }
-        if matches!(self.body, BodyState::Length(left) if left > MAX_DRAIN) {
+        if matches!(self.body, BodyState::Length(left) if left > MAX_DRAIN)
+            || self.wire == Wire::Http
+                && matches!(self.body, BodyState::Chunked(_))
+                && !self.chunked_rest_known()
+        {
             // Unless the app reads it after all, more body than the engine
-            // discards is still to come, and the connection will close: say so
-            // (RFC 9112 9.6), so that no client or proxy reuses it meanwhile.
+            // discards may still be to come (a chunked body's rest has no
+            // known size), and the connection will close: say so (RFC 9112
+            // 9.6), so that no client or proxy reuses it meanwhile.
             self.keep_alive = false;
         }
         if !self.app_date {

@@ -3494,6 +3494,14 @@ fn complete_locked(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>, io: 
                 return false;
             }
             Discarded::GaveUp => {
+                // The response promised to keep the connection: say why it closes.
+                info!(
+                    "{} from {}: closing the connection: the rest of a request body the app did not read \
+                     did not come within {} s",
+                    req.describe(),
+                    req.peer(),
+                    DRAIN_WAIT.as_secs()
+                );
                 drain_and_close(io);
                 return false;
             }
