@@ -847,3 +847,21 @@ def test_a_malformed_chunked_body_the_app_did_not_read_is_logged(behaviour):
         r"Bad request body from 127\.0\.0\.1:\d+: invalid chunk size, in the body the app did not read",
         since=mark,
     )
+
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        (b"3\nabc\r\n0\r\n\r\n", "bare CR or LF in the chunked framing or a trailer field"),
+        (b"3\r\nabc\r\n0\r\nX-T: a\r\n b\r\n\r\n", "obsolete line folding in a trailer field"),
+        (b"3\r\nabc\r\n0\r\nX-T: a\x01b\r\n\r\n", "invalid character in a trailer field value"),
+    ],
+)
+def test_a_malformed_chunked_body_is_logged_as_one(behaviour, body, said):
+    """Faults in the chunked framing and trailers are named as such, not with
+    the words for a request head."""
+    mark = behaviour.mark()
+    with behaviour.connect() as conn:
+        conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+        assert conn.read_response().status == 400
+    behaviour.wait_for(rf"POST /echo from 127\.0\.0\.1:\d+: invalid chunked request body: {said}", since=mark)

@@ -106,10 +106,24 @@ impl BodyError {
     }
 }
 
+/// What is wrong with a chunked body, in its words: the decoder reports its
+/// trailer fields' faults with the errors of the head's fields.
+pub(crate) fn chunked_fault(e: corral_proto::http1::Error) -> String {
+    use corral_proto::http1::Error as E;
+    match e {
+        E::BareLineEnding => "bare CR or LF in the chunked framing or a trailer field".to_string(),
+        E::ObsFold => "obsolete line folding in a trailer field".to_string(),
+        E::HeaderName => "invalid trailer field name".to_string(),
+        E::HeaderValue => "invalid character in a trailer field value".to_string(),
+        E::HeaderLineTooLong | E::TooManyHeaders => "trailer fields too large".to_string(),
+        other => other.to_string(),
+    }
+}
+
 impl std::fmt::Display for BodyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            BodyError::Framing(e) => write!(f, "invalid request body: {e}"),
+            BodyError::Framing(e) => write!(f, "invalid chunked request body: {}", chunked_fault(*e)),
             BodyError::TooLarge => f.write_str("request body larger than the configured maximum"),
             BodyError::Truncated => f.write_str("client closed the connection before sending the whole body"),
             BodyError::Timeout => f.write_str("timed out waiting for the request body"),

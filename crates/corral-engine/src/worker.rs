@@ -3486,8 +3486,9 @@ fn complete_locked(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>, io: 
                     // The app answered without reading it, so no one else
                     // says that the client's chunked body was malformed.
                     info!(
-                        "Bad request body from {}: {e}, in the body the app did not read; closing the connection",
-                        peer(conn, listener)
+                        "Bad request body from {}: {}, in the body the app did not read; closing the connection",
+                        peer(conn, listener),
+                        crate::exchange::chunked_fault(e)
                     );
                 }
                 warn_bad_stream(conn, listener, io);
