@@ -481,17 +481,17 @@ impl std::fmt::Write for Adapter<'_> {
     }
 }
 
-/// `24/Nov/2026:15:20:37 +0000`, formatted once a second per thread.
+/// `24/Nov/2026:15:20:37 +0000` in local time, formatted once a second per thread.
 fn clf_time() -> String {
     thread_local!(static CACHE: std::cell::RefCell<(i64, String)> = const { std::cell::RefCell::new((-1, String::new())) });
     let now = crate::date::now_secs();
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
         if c.0 != now {
-            let (y, mo, d, h, mi, s) = crate::date::civil(now);
+            let ((y, mo, d, h, mi, s), off) = crate::date::local(now);
             const MONTHS: [&str; 12] =
                 ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
-            *c = (now, format!("{d:02}/{}/{y}:{h:02}:{mi:02}:{s:02} +0000", MONTHS[mo as usize - 1]));
+            *c = (now, format!("{d:02}/{}/{y}:{h:02}:{mi:02}:{s:02} {off}", MONTHS[mo as usize - 1]));
         }
         c.1.clone()
     })

@@ -30,6 +30,28 @@ pub fn civil(secs: i64) -> (i64, u32, u32, u32, u32, u32) {
     (y, m, d, rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
+/// Local calendar fields of `secs` since the epoch (the TZ variable, else
+/// /etc/localtime, as gunicorn's and uWSGI's log times), with the offset
+/// from UTC as `+HHMM`; UTC if the C library cannot tell.
+pub fn local(secs: i64) -> ((i64, u32, u32, u32, u32, u32), String) {
+    let t = secs as libc::time_t;
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
+        return (civil(secs), "+0000".to_string());
+    }
+    let off = tm.tm_gmtoff / 60;
+    let fields = (
+        i64::from(tm.tm_year) + 1900,
+        (tm.tm_mon + 1) as u32,
+        tm.tm_mday as u32,
+        tm.tm_hour as u32,
+        tm.tm_min as u32,
+        tm.tm_sec as u32,
+    );
+    let sign = if off < 0 { '-' } else { '+' };
+    (fields, format!("{sign}{:02}{:02}", off.abs() / 60, off.abs() % 60))
+}
+
 /// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
 pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
@@ -68,6 +90,23 @@ mod tests {
         assert_eq!(super::civil(0), (1970, 1, 1, 0, 0, 0));
         assert_eq!(super::civil(1_763_997_637), (2025, 11, 24, 15, 20, 37));
         assert_eq!(super::civil_from_days(20416), (2025, 11, 24));
+    }
+
+    extern "C" {
+        fn tzset();
+    }
+
+    #[test]
+    fn local_time_follows_tz() {
+        // POSIX TZ strings need no time zone files; this test alone sets TZ,
+        // and nothing else here asserts an offset.
+        std::env::set_var("TZ", "XYZ-3");
+        unsafe { tzset() };
+        let ((y, m, d, h, mi, s), off) = super::local(1_763_997_637);
+        assert_eq!(((y, m, d, h, mi, s), off.as_str()), ((2025, 11, 24, 18, 20, 37), "+0300"));
+        std::env::set_var("TZ", "ABC+4:30");
+        unsafe { tzset() };
+        assert_eq!(super::local(1_763_997_637).1, "-0430");
     }
 
     #[test]

@@ -109,10 +109,10 @@ fn json_string(s: &str) -> String {
     out
 }
 
-/// UTC time as `YYYY-MM-DD HH:MM:SS +0000`.
+/// Local time as `YYYY-MM-DD HH:MM:SS +0000`, as gunicorn's error log has it.
 fn timestamp() -> String {
-    let (y, m, d, h, mi, s) = corral_engine::date::civil(corral_engine::date::now_secs());
-    format!("{y:04}-{m:02}-{d:02} {h:02}:{mi:02}:{s:02} +0000")
+    let ((y, m, d, h, mi, s), off) = corral_engine::date::local(corral_engine::date::now_secs());
+    format!("{y:04}-{m:02}-{d:02} {h:02}:{mi:02}:{s:02} {off}")
 }
 
 fn iso_timestamp() -> String {
