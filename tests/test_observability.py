@@ -66,7 +66,7 @@ def _read_lines(path, count, timeout=10.0):
 ALL_ATOMS = (
     '%(h)s|%(l)s|%(u)s|%(t)s|"%(r)s"|%(m)s|%(U)s|%(q)s|%(H)s|%(s)s|%(B)s|%(b)s|%(f)s|%(a)s|'
     "%(T)s|%(M)s|%(D)s|%(L)s|%(p)s|%({X-Trace}i)s|%({Content-Type}o)s|%({query_string}e)s|"
-    "%({CORRAL_TEST_VAR}e)s|%({REMOTE_USER}e)s|100%%"
+    "%({CORRAL_TEST_VAR}e)s|%({REMOTE_USER}e)s|%({SCRIPT_NAME}e)s|100%%"
 )
 
 
@@ -111,11 +111,21 @@ def test_access_log_atoms(start_server, tmp_path):
     assert f[19] == "abc"
     assert f[20] == {k.lower(): v for k, v in resp.headers}["content-type"]
     # {var}e is the request's WSGI environ, as in gunicorn: not the process environment.
-    assert f[21:] == ["a=1&b=2", "-", "-", "100%"]
+    # Set but empty (SCRIPT_NAME without --mount) is empty, unset is `-`, as in gunicorn.
+    assert f[21:] == ["a=1&b=2", "-", "-", "", "100%"]
     # ... as the app left it: middleware may set REMOTE_USER.
     server.request("GET", "/set-user?user=bob")
     (_, line) = _read_lines(log, 2)
-    assert line.split("|")[21:] == ["user=bob", "-", "bob", "100%"]
+    assert line.split("|")[21:] == ["user=bob", "-", "bob", "", "100%"]
+
+
+def test_a_repeated_response_header_logs_its_last_value_as_gunicorn(start_server, tmp_path):
+    log = tmp_path / "access.log"
+    server = start_server(
+        "behaviour:application", "--access-log", str(log), "--access-log-format", "%({set-cookie}o)s"
+    )
+    assert server.request("GET", "/cookies").status == 200
+    assert _read_lines(log, 1) == ["b=2"]
 
 
 def test_default_access_log_format_on_stdout(start_server):

@@ -438,6 +438,19 @@ def test_exception_after_headers_aborts_a_chunked_response(behaviour):
     assert behaviour.request("GET", "/fixed").status == 200
 
 
+def test_an_exception_after_a_head_response_went_out_ends_it_with_a_plain_close(behaviour):
+    """A HEAD response is whole once its head is out: the app's later failure
+    is logged, and the connection closes without a reset, which would have
+    destroyed what the client had not read yet."""
+    mark = behaviour.mark()
+    with behaviour.connect() as conn:
+        conn.send(b"HEAD /raise-after HTTP/1.1\r\nHost: x\r\n\r\nGET /fixed HTTP/1.1\r\nHost: x\r\n\r\n")
+        resp = conn.read_response(head=True)
+        assert resp.status == 200
+        assert conn.at_eof(10)
+    behaviour.wait_for("RuntimeError: boom after the headers were sent", since=mark)
+
+
 def test_exception_after_headers_aborts_a_content_length_response(behaviour):
     with behaviour.connect() as conn:
         conn.send_request("GET", "/raise-after-cl", {"Host": "x"})

@@ -185,7 +185,7 @@ def test_runs_as_nobody_after_binding_a_privileged_port(start_server, request):
     ("args", "message"),
     [
         (["--user", "no-such-user-here"], "--user"),
-        (["--group", "nogroup"], "--group needs --user"),
+        (["--group", "no-such-group-here"], "--group"),
         (["--user", "nobody", "--group", "no-such-group-here"], "--group"),
         (["--umask", "999"], "--umask"),
         (["--workers-min", "3", "--workers-max", "2"], "--workers-min 3 is greater than --workers-max 2"),

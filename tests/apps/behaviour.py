@@ -555,6 +555,12 @@ def set_user(environ, start_response):
     return _ok(start_response, "ok")
 
 
+def cookies(environ, start_response):
+    """Two Set-Cookie fields, as a login response has."""
+    start_response("200 OK", [*TEXT, ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")])
+    return [b"cookies"]
+
+
 def ids(environ, start_response):
     """The process's user, group and supplementary groups."""
     return _json(start_response, {"uid": os.getuid(), "gid": os.getgid(), "groups": sorted(os.getgroups())})
@@ -695,6 +701,7 @@ def list_subclass(environ, start_response):
 UNVALIDATED = {
     "/status": status,
     "/ids": ids,
+    "/cookies": cookies,
     "/slow-close": slow_close,
     "/release-close": release_close,
     "/list-subclass": list_subclass,

@@ -364,7 +364,11 @@ impl AccessLog {
                 }
                 Atom::RequestHeader(h) => escaped(out, or_dash(&(e.request_header)(h).unwrap_or_default())),
                 Atom::ResponseHeader(h) => escaped(out, or_dash(&(e.response_header)(h).unwrap_or_default())),
-                Atom::Environ(v) => escaped(out, or_dash(&(e.environ)(v).unwrap_or_default())),
+                // Set but empty is empty, unset is `-`, as in gunicorn.
+                Atom::Environ(v) => match (e.environ)(v) {
+                    Some(value) => escaped(out, &value),
+                    None => out.push(b'-'),
+                },
             }
         }
     }

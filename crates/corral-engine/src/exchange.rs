@@ -1861,8 +1861,14 @@ impl Exchange {
                 // Ended by the front end: END_REQUEST closes it cleanly.
                 return;
             }
-            io.aborted = true;
             io.keep_alive = false;
+            if io.phase >= RespPhase::Sent && io.framing == RespFraming::NoBody {
+                // A HEAD (or 204, 304) response is whole once its head went
+                // out: the client loses nothing, so it ends with a plain close
+                // rather than a reset that would take pipelined requests along.
+                return;
+            }
+            io.aborted = true;
         }
     }
 

@@ -3369,7 +3369,8 @@ fn log_request(log: &AccessLog, t: usize, conn: &Conn, req: &Request<'_>, took: 
     let request_header = |name: &str| request_header(req, name).map(std::borrow::Cow::into_owned);
     let response_header = |name: &str| -> Option<Vec<u8>> {
         let kept = io.logged_headers.as_ref()?;
-        kept.iter().find(|(n, _)| n == name.as_bytes()).map(|(_, v)| v.clone())
+        // The last of repeated ones (Set-Cookie), as gunicorn's.
+        kept.iter().rev().find(|(n, _)| n == name.as_bytes()).map(|(_, v)| v.clone())
     };
     let environ = |name: &str| io.logged_environ.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
     let protocol = log_protocol(req);

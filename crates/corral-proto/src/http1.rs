@@ -481,10 +481,19 @@ fn map_httparse_error(e: httparse::Error, data: &[u8]) -> Error {
             Error::Version
         }
         E::NewLine => Error::BareLineEnding,
+        // httparse takes a target's raw UTF-8 but not other high bytes
+        // (Latin-1 `caf\xe9`): name either the same way.
+        E::Status | E::Token if request_line(data).iter().any(|&b| b >= 0x80) => Error::NonAsciiTarget,
         E::Status | E::Token => Error::RequestLine,
         E::Version => version_error(data),
         E::TooManyHeaders => Error::TooManyHeaders,
     }
+}
+
+/// The first line of `data`, without its line ending.
+fn request_line(data: &[u8]) -> &[u8] {
+    let end = data.iter().position(|&b| b == b'\n' || b == b'\r').unwrap_or(data.len());
+    &data[..end]
 }
 
 /// A version httparse refused: 505 if it is a well-formed `HTTP/x.y` of
@@ -1046,6 +1055,8 @@ mod tests {
         (b"CONNECT /x HTTP/1.1\r\n\r\n", Err(Error::Target)),
         (b"PUT s://]ufd/: HTTP/1.1\r\n\r\n", Err(Error::Target)),
         (b"GET /\xc3\xa0 HTTP/1.1\r\n\r\n", Err(Error::NonAsciiTarget)),
+        (b"GET /caf\xe9 HTTP/1.1\r\n\r\n", Err(Error::NonAsciiTarget)),
+        (b"GET /?q=\xe9 HTTP/1.1\r\n\r\n", Err(Error::NonAsciiTarget)),
     ];
 
     #[test]
