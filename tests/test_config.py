@@ -1086,3 +1086,17 @@ def test_gunicorns_proxy_protocol_mode_may_follow_a_space():
     proc = _run(["--proxy-protocol", "v2", "--print-config", "behaviour:application"])
     assert proc.returncode == 0, proc.stderr
     assert _printed(proc.stdout)["proxy-protocol"] == ("true", "command line")
+
+
+def test_a_mistyped_option_variable_gets_a_note():
+    proc = _run(
+        ["--print-config", "--env", "CORRAL_APP_SETTING=1", "behaviour:application"],
+        env={"CORRAL_WOKRERS": "4", "CORRAL_APP_SETTING": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "note: the environment variable CORRAL_WOKRERS is not one corral reads (did you mean CORRAL_WORKERS?)"
+        in proc.stderr
+    ), proc.stderr
+    # One the app is given with --env is the app's.
+    assert "CORRAL_APP_SETTING" not in proc.stderr, proc.stderr

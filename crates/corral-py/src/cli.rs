@@ -676,6 +676,12 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             return Ok(code);
         }
     };
+    let given: Vec<String> =
+        cli.env.iter().filter_map(|p| p.split_once('=')).map(|(k, _)| k.to_string()).collect();
+    for note in crate::config_file::unknown_env_notes(&cmd, &given) {
+        eprintln!("corral: note: {note}");
+        config_notes.push(note);
+    }
     // Commas separate directories too, as in gunicorn's option (clap splits
     // on one character only).
     cli.pythonpath = cli

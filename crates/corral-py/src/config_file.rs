@@ -382,6 +382,45 @@ pub fn describe(cmd: &Command, matches: &ArgMatches, origins: &FileOrigins) -> S
     out
 }
 
+/// Variables of the environment named like an option's (`CORRAL_*`) that
+/// no option reads: a typo (`CORRAL_WOKRERS=4`) would otherwise be
+/// ignored without a word. `given` are the names `--env` sets (a re-exec
+/// inherits them), which the app may read.
+pub fn unknown_env_notes(cmd: &Command, given: &[String]) -> Vec<String> {
+    // Set by corral for itself, across a re-exec or for --print-config.
+    const INTERNAL: &[&str] = &[
+        "CORRAL_CHECK_BINDS",
+        "CORRAL_INHERITED_LISTENERS",
+        "CORRAL_INHERITED_WORKERS",
+        "CORRAL_PREVIOUS_PIDFILE",
+        "CORRAL_POOL",
+        "CORRAL_READY_FD",
+    ];
+    let known: Vec<String> =
+        cmd.get_arguments().filter_map(|a| a.get_env()).map(|e| e.to_string_lossy().into_owned()).collect();
+    let mut notes = Vec::new();
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if !name.starts_with("CORRAL_")
+            || known.iter().any(|k| *k == name)
+            || INTERNAL.contains(&name.as_ref())
+            || given.iter().any(|g| *g == name)
+        {
+            continue;
+        }
+        let nearest = known
+            .iter()
+            .map(|k| (strsim::levenshtein(k, &name), k))
+            .min()
+            .filter(|(d, _)| *d <= 2)
+            .map(|(_, k)| format!(" (did you mean {k}?)"))
+            .unwrap_or_default();
+        notes.push(format!("the environment variable {name} is not one corral reads{nearest}"));
+    }
+    notes.sort();
+    notes
+}
+
 /// The error for a key no option has, with what corral takes instead when
 /// the key is a near miss, a uWSGI option or a gunicorn setting.
 fn unknown_key(cmd: &clap::Command, key: &str, at: &str) -> String {
