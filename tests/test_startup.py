@@ -136,11 +136,27 @@ def test_unknown_option_is_a_usage_error():
         ("factory_app:application", b"plain application"),
         ("factory_app", b"plain application"),  # the callable defaults to `application`
         ("factory_app:create()", b"made by the factory"),
+        # Literal arguments, as gunicorn takes them (`'app:create_app("prod")'`).
+        ("factory_app:create('for prod', suffix='!')", b"for prod!"),
     ],
 )
 def test_app_specs(start_server, app, body):
     server = start_server(app)
     assert server.request("GET", "/").body == body
+
+
+@pytest.mark.parametrize(
+    ("app", "said"),
+    [
+        ("factory_app:create(__import__('os'))", "the factory's arguments must be literals"),
+        ("factory_app:create('x',", "a factory call must end with `)`"),
+        ("factory_app:create(**{'a': 1})", "cannot unpack"),
+    ],
+)
+def test_factory_arguments_that_are_not_literals_are_refused(start_server, app, said):
+    server = start_server(app, wait=False)
+    assert server.wait_exit(10) != 0
+    assert said in server.log, server.log
 
 
 def test_version():

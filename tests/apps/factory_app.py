@@ -1,4 +1,4 @@
-"""An app made by a factory (`factory_app:create()`), and a plain `application`."""
+"""An app made by a factory (`factory_app:create()`, with arguments too), and a plain `application`."""
 
 
 def _make(greeting):
@@ -10,8 +10,8 @@ def _make(greeting):
     return app
 
 
-def create():
-    return _make("made by the factory")
+def create(greeting="made by the factory", *, suffix=""):
+    return _make(greeting + suffix)
 
 
 application = _make("plain application")

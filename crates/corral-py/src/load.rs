@@ -9,16 +9,20 @@ use pyo3::types::{PyString, PyTuple};
 pub struct AppSpec {
     pub module: String,
     pub attr: String,
-    /// `NAME()`: call it to get the app.
-    pub factory: bool,
+    /// `NAME(ARGS)`: call it with ARGS (Python literals, as gunicorn takes
+    /// them; empty for `NAME()`) to get the app.
+    pub factory: Option<String>,
 }
 
 impl AppSpec {
     pub fn parse(s: &str) -> Result<AppSpec, String> {
         let (module, attr) = s.split_once(':').unwrap_or((s, "application"));
-        let (attr, factory) = match attr.strip_suffix("()") {
-            Some(a) => (a, true),
-            None => (attr, false),
+        let (attr, factory) = match attr.split_once('(') {
+            Some((a, args)) => match args.strip_suffix(')') {
+                Some(args) => (a, Some(args.trim().to_string())),
+                None => return Err(format!("APP {s:?}: a factory call must end with `)`")),
+            },
+            None => (attr, None),
         };
         let valid = |p: &str| {
             !p.is_empty()
@@ -44,7 +48,9 @@ impl AppSpec {
             return Err(format!("APP {s:?} looks like {h}"));
         }
         if !valid(module) || !valid(attr) {
-            return Err(format!("APP {s:?}: expected MODULE:CALLABLE, MODULE or MODULE:FACTORY()"));
+            return Err(format!(
+                "APP {s:?}: expected MODULE:CALLABLE, MODULE, MODULE:FACTORY() or MODULE:FACTORY(ARGS)"
+            ));
         }
         Ok(AppSpec { module: module.to_string(), attr: attr.to_string(), factory })
     }
@@ -52,7 +58,10 @@ impl AppSpec {
 
 impl std::fmt::Display for AppSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}{}", self.module, self.attr, if self.factory { "()" } else { "" })
+        match &self.factory {
+            Some(args) => write!(f, "{}:{}({args})", self.module, self.attr),
+            None => write!(f, "{}:{}", self.module, self.attr),
+        }
     }
 }
 
@@ -105,9 +114,10 @@ pub fn load_app(py: Python<'_>, spec: &AppSpec) -> Result<PyObject, String> {
             format!("Module {:?} has no attribute {:?} (APP is {spec})", spec.module, spec.attr)
         })?;
     }
-    if spec.factory {
+    if let Some(args) = &spec.factory {
+        let (args, kwargs) = factory_args(py, args).map_err(|e| format!("APP {spec}: {e}"))?;
         obj = obj
-            .call0()
+            .call(args, Some(&kwargs))
             .map_err(|e| format!("Application factory {spec} raised:\n{}", format_exception(py, &e)))?;
     }
     if !obj.is_callable() {
@@ -115,6 +125,39 @@ pub fn load_app(py: Python<'_>, spec: &AppSpec) -> Result<PyObject, String> {
         return Err(format!("{spec} is not callable (it is a {ty} object); a WSGI app is a callable"));
     }
     Ok(obj.unbind())
+}
+
+/// A factory's arguments, `'prod', debug=True`: Python literals only, as
+/// gunicorn takes them (`ast.literal_eval` of each), never code to run.
+fn factory_args<'py>(
+    py: Python<'py>,
+    args: &str,
+) -> Result<(Bound<'py, PyTuple>, Bound<'py, pyo3::types::PyDict>), String> {
+    let ast = py.import("ast").map_err(|e| e.to_string())?;
+    let call = ast
+        .call_method1("parse", (format!("f({args})"), "<APP>", "eval"))
+        .and_then(|tree| tree.getattr("body"))
+        .map_err(|_| format!("the factory's arguments `{args}` are not valid Python"))?;
+    let literal = |node: Bound<'py, PyAny>| {
+        ast.call_method1("literal_eval", (node,)).map_err(|_| {
+            format!("the factory's arguments must be literals (strings, numbers, ...): `{args}`")
+        })
+    };
+    let mut positional = Vec::new();
+    for node in call.getattr("args").map_err(|e| e.to_string())?.try_iter().map_err(|e| e.to_string())? {
+        positional.push(literal(node.map_err(|e| e.to_string())?)?);
+    }
+    let kwargs = pyo3::types::PyDict::new(py);
+    for kw in call.getattr("keywords").map_err(|e| e.to_string())?.try_iter().map_err(|e| e.to_string())? {
+        let kw = kw.map_err(|e| e.to_string())?;
+        let name = kw.getattr("arg").map_err(|e| e.to_string())?;
+        if name.is_none() {
+            return Err(format!("the factory's arguments cannot unpack (`**`): `{args}`"));
+        }
+        let value = literal(kw.getattr("value").map_err(|e| e.to_string())?)?;
+        kwargs.set_item(name, value).map_err(|e| e.to_string())?;
+    }
+    Ok((PyTuple::new(py, positional).map_err(|e| e.to_string())?, kwargs))
 }
 
 /// The exception with its traceback, as Python prints it.
@@ -143,11 +186,15 @@ mod tests {
     #[test]
     fn specs() {
         let s = AppSpec::parse("pkg.mod:app").unwrap();
-        assert_eq!((s.module.as_str(), s.attr.as_str(), s.factory), ("pkg.mod", "app", false));
+        assert_eq!((s.module.as_str(), s.attr.as_str(), s.factory), ("pkg.mod", "app", None));
         let s = AppSpec::parse("mod").unwrap();
         assert_eq!(s.attr, "application");
         let s = AppSpec::parse("mod:create_app()").unwrap();
-        assert!(s.factory);
+        assert_eq!(s.factory.as_deref(), Some(""));
+        let s = AppSpec::parse("mod:create_app('prod', debug=True)").unwrap();
+        assert_eq!((s.attr.as_str(), s.factory.as_deref()), ("create_app", Some("'prod', debug=True")));
+        assert_eq!(s.to_string(), "mod:create_app('prod', debug=True)");
+        assert!(AppSpec::parse("mod:create_app('prod'").is_err());
         assert!(AppSpec::parse("mod:").is_err());
         let e = AppSpec::parse("run/corral.pid").unwrap_err();
         assert!(e.contains("`corral signal HUP run/corral.pid`"), "{e}");
