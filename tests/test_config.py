@@ -847,8 +847,6 @@ def test_gunicorn_command_lines_of_a_dockerfile_run(tmp_path):
     assert "corral's workers are gunicorn's sync and gthread kind" in proc.stderr
     proc = _run(["--print-config", "--protocol", "uwsgi", "behaviour:application"])
     assert "corral takes --uwsgi ADDR in place of --http ADDR" in proc.stderr
-    proc = _run(["--print-config", "behaviour:application"], env={"GUNICORN_CMD_ARGS": "--workers 3"})
-    assert "GUNICORN_CMD_ARGS is not read" in proc.stderr
 
 
 @pytest.mark.parametrize(
@@ -1100,3 +1098,25 @@ def test_a_mistyped_option_variable_gets_a_note():
     ), proc.stderr
     # One the app is given with --env is the app's.
     assert "CORRAL_APP_SETTING" not in proc.stderr, proc.stderr
+
+
+def test_gunicorn_cmd_args_rank_under_the_command_line_and_over_a_config_file(tmp_path):
+    """As gunicorn takes GUNICORN_CMD_ARGS (Azure App Service and many images set it)."""
+    cfg = tmp_path / "gunicorn.conf.py"
+    cfg.write_text("workers = 7\ntimeout = 99\nthreads = 4\n")
+    env = {
+        "GUNICORN_CMD_ARGS": "--bind=0.0.0.0:8123 -w 3 --threads 2 --worker-tmp-dir /dev/shm --access-logfile -"
+    }
+    proc = _run(["-c", str(cfg), "--threads", "5", "--print-config", "behaviour:application"], env=env)
+    assert proc.returncode == 0, proc.stderr
+    got = _printed(proc.stdout)
+    assert got["http"] == ('"0.0.0.0:8123"', "environment GUNICORN_CMD_ARGS")
+    assert got["workers"] == ('"3"', "environment GUNICORN_CMD_ARGS")
+    assert got["threads"] == ('"5"', "command line")
+    assert got["timeout"] == ('"99"', f"config file {cfg}:2")
+    assert got["access-log"] == ('"-"', "environment GUNICORN_CMD_ARGS")
+    assert "gunicorn's --worker-tmp-dir /dev/shm is not needed" in proc.stderr
+    bad = _run(["--print-config", "behaviour:application"], env={"GUNICORN_CMD_ARGS": "-w many"})
+    assert bad.returncode == 2 and "(that value comes from environment GUNICORN_CMD_ARGS)" in bad.stderr, (
+        bad.stderr
+    )

@@ -593,6 +593,19 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     // Before anything opens a descriptor.
     reserve_stdio(py);
     let cmd = Cli::command();
+    let (mut argv, from_gunicorn_env) = match crate::config_file::gunicorn_cmd_args(py, &cmd, &argv) {
+        Ok(found) => found,
+        Err(e) => {
+            eprintln!("corral: error: {e}");
+            return Ok(2);
+        }
+    };
+    // Before the config file is looked for: the parser stops at a flag it does not know.
+    crate::gunicorn_conf::join_proxy_protocol_mode(&mut argv);
+    let moot_notes = crate::gunicorn_conf::drop_moot_flags(&mut argv);
+    for note in &moot_notes {
+        eprintln!("corral: note: {note}");
+    }
     let (mut argv, mut origins, server_hooks, mut config_notes) =
         match crate::config_file::layer(py, &cmd, &argv) {
             Ok(layered) => {
@@ -606,17 +619,10 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
                 return Ok(2);
             }
         };
-    if std::env::var_os("GUNICORN_CMD_ARGS").is_some_and(|v| !v.is_empty()) {
-        eprintln!(
-            "corral: note: GUNICORN_CMD_ARGS is not read: give its options on the command line, in \
-             CORRAL_* variables or in the configuration file"
-        );
+    for id in from_gunicorn_env {
+        origins.insert(id, crate::config_file::GUNICORN_CMD_ARGS_ORIGIN.to_string());
     }
-    crate::gunicorn_conf::join_proxy_protocol_mode(&mut argv);
-    for note in crate::gunicorn_conf::drop_moot_flags(&mut argv) {
-        eprintln!("corral: note: {note}");
-        config_notes.push(note);
-    }
+    config_notes.splice(0..0, moot_notes);
     crate::config_file::platform_defaults(&cmd, &mut argv, &mut origins);
     let parsed =
         cmd.clone().try_get_matches_from(&argv).and_then(|m| Cli::from_arg_matches(&m).map(|c| (m, c)));

@@ -64,6 +64,81 @@ pub fn platform_defaults(cmd: &Command, argv: &mut Vec<String>, origins: &mut Fi
     }
 }
 
+/// How --print-config names options given in GUNICORN_CMD_ARGS.
+pub const GUNICORN_CMD_ARGS_ORIGIN: &str = "environment GUNICORN_CMD_ARGS";
+
+/// gunicorn's GUNICORN_CMD_ARGS (split as a shell would, as gunicorn's
+/// `shlex.split`), put before the command line's own options: under them,
+/// over a config file and CORRAL_* variables, as gunicorn ranks it above
+/// its config file. An option the command line gives too is left out of
+/// it, with its value. Returns the new argv and the ids it set.
+pub fn gunicorn_cmd_args(
+    py: pyo3::Python<'_>,
+    cmd: &Command,
+    argv: &[String],
+) -> Result<(Vec<String>, Vec<String>), String> {
+    use pyo3::types::PyAnyMethods as _;
+    let Some(text) = std::env::var("GUNICORN_CMD_ARGS").ok().filter(|t| !t.trim().is_empty()) else {
+        return Ok((argv.to_vec(), Vec::new()));
+    };
+    let tokens: Vec<String> = py
+        .import("shlex")
+        .and_then(|m| m.call_method1("split", (text.as_str(),))?.extract())
+        .map_err(|e| format!("GUNICORN_CMD_ARGS: {e}"))?;
+    let on_command_line = cmd.clone().ignore_errors(true).try_get_matches_from(argv).ok();
+    let given = |id: &str| {
+        on_command_line.as_ref().is_some_and(|m| m.value_source(id) == Some(ValueSource::CommandLine))
+    };
+    let mut kept = Vec::new();
+    let mut ids = Vec::new();
+    let mut i = 0;
+    while i < tokens.len() {
+        let t = &tokens[i];
+        let (arg, inline) = if let Some(long) = t.strip_prefix("--") {
+            let (name, value) = match long.split_once('=') {
+                Some((n, v)) => (n, Some(v)),
+                None => (long, None),
+            };
+            let found = cmd.get_arguments().find(|a| {
+                a.get_long() == Some(name) || a.get_all_aliases().is_some_and(|al| al.contains(&name))
+            });
+            (found, value.is_some())
+        } else if t.len() >= 2 && t.starts_with('-') {
+            let c = t.chars().nth(1).unwrap_or_default();
+            let found = cmd.get_arguments().find(|a| a.get_short() == Some(c));
+            (found, t.len() > 2)
+        } else {
+            // The APP, unless the command line names one.
+            if !given("app") {
+                kept.push(t.clone());
+                ids.push("app".to_string());
+            }
+            i += 1;
+            continue;
+        };
+        // A flag that is not corral's takes the word after it, if that is not a flag.
+        let takes_value = match arg {
+            Some(a) => !is_switch(a) && a.get_action().takes_values(),
+            None => tokens.get(i + 1).is_some_and(|next| !next.starts_with('-')),
+        };
+        let end = if takes_value && !inline { (i + 2).min(tokens.len()) } else { i + 1 };
+        match arg {
+            Some(a) if given(a.get_id().as_str()) => {}
+            Some(a) => {
+                kept.extend(tokens[i..end].iter().cloned());
+                ids.push(a.get_id().to_string());
+            }
+            // Not corral's: the parser says what it is (a gunicorn flag gets its hint).
+            None => kept.extend(tokens[i..end].iter().cloned()),
+        }
+        i = end;
+    }
+    let mut out = vec![argv[0].clone()];
+    out.extend(kept);
+    out.extend(argv[1..].iter().cloned());
+    Ok((out, ids))
+}
+
 /// What `--config` adds to the command line.
 pub struct Layered {
     /// The argument list with the file's options added.
