@@ -246,7 +246,6 @@ def test_a_converted_uwsgi_ini_gets_every_unknown_key_named_at_once(tmp_path):
             'APP "corral.pid" looks like a pid file: to reload a running server, `corral signal HUP',
         ),
         ("run/app.pid", "`corral signal HUP run/app.pid` (uWSGI's --reload PIDFILE)"),
-        ("behaviour.py", 'APP "behaviour.py" looks like a file name: give its module, `behaviour`'),
         ("uwsgi.ini", "a configuration file: give it with --config uwsgi.ini"),
     ],
 )
@@ -1010,8 +1009,9 @@ def test_a_uwsgi_ini_section_a_wsgi_file_and_a_virtualenv(tmp_path):
     proc = _run(["--config", f"{ini}:prod", "--print-config"])
     assert proc.returncode == 0, proc.stderr
     got = _printed(proc.stdout)
-    assert got["app"] == ('"behaviour:application"', f"config file {ini}:6")
-    assert got["pythonpath"][0] == f'"{APPS}"'
+    # Loaded by its path, as uWSGI loads it: its directory stays off sys.path.
+    assert got["app"] == (f'"{APPS}/behaviour.py:application"', f"config file {ini}:6")
+    assert got["pythonpath"][1] == "default"
     assert got["http"] == ('"0.0.0.0:8123"', f"config file {ini}:9")
     assert got["workers"][1] == "default"
     assert f"{ini}:8: uWSGI's `home` is the virtualenv corral runs in" in proc.stderr
@@ -1120,3 +1120,69 @@ def test_gunicorn_cmd_args_rank_under_the_command_line_and_over_a_config_file(tm
     assert bad.returncode == 2 and "(that value comes from environment GUNICORN_CMD_ARGS)" in bad.stderr, (
         bad.stderr
     )
+
+
+@pytest.mark.parametrize("name", ["wsgi.py", "django.wsgi"])
+def test_an_app_file_given_by_its_path_is_loaded_as_uwsgi_loads_a_wsgi_file(start_server, tmp_path, name):
+    """Its directory is not put on sys.path, where a module beside it (a
+    Django project's celery.py) would hide a package of the same name."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "json.py").write_text("raise ImportError('the json beside the app file was imported')\n")
+    (proj / name).write_text(
+        "import json, sys\n"
+        "def application(environ, start_response):\n"
+        "    start_response('200 OK', [('Content-Type', 'application/json')])\n"
+        "    return [json.dumps(sys.path).encode()]\n"
+    )
+    server = start_server(f"{proj / name}:application", pythonpath=None)
+    assert str(proj) not in server.get_json("/")
+
+
+def test_uwsgi_ini_values_as_uwsgi_reads_them(tmp_path):
+    """Paths uWSGI opens after its chdir are taken from there; a socket with
+    no port is a unix socket; an unset $(VAR) stays as written; a number's
+    trailing words are ignored; buffer-size raises the head limits."""
+    site = tmp_path / "site"
+    (site / "assets").mkdir(parents=True)
+    ini = tmp_path / "app.ini"
+    ini.write_text(
+        f"[uwsgi]\nchdir = {site}\nmodule = behaviour:application\nsocket = app.sock\n"
+        "http-socket = 127.0.0.1:8123\ntouch-reload = reload.txt\nstatic-map = /assets=assets\n"
+        "env = SECRET=$(CORRAL_INI_UNSET_VAR)\nprocesses = 2 ; two workers\nharakiri = 30 # seconds\n"
+        "buffer-size = 32768\nlazy-apps = true\npython-autoreload = 1\ncheaper-algo = spare\n"
+    )
+    proc = _run(["--config", str(ini), "--print-config", "--pythonpath", str(APPS)])
+    assert proc.returncode == 0, proc.stderr
+    got = {k: v[0] for k, v in _printed(proc.stdout).items()}
+    assert got["uwsgi"] == f'"unix:{site}/app.sock"'
+    assert got["touch-reload"] == f'"{site}/reload.txt"'
+    assert got["static"] == f'"/assets={site}/assets"'
+    assert got["env"] == '"SECRET=$(CORRAL_INI_UNSET_VAR)"'
+    assert (got["workers"], got["timeout"]) == ('"2"', '"30"')
+    assert got["limit-request-field-size"] == got["limit-request-line"] == '"32768"'
+    assert got["reload"] == "true"
+    assert "uWSGI's `cheaper-algo` is not needed" in proc.stderr
+    ini.write_text(
+        "[uwsgi]\nmodule = behaviour:application\nlog-format = %(addr) - %(user) [%(ltime)]\n"
+        "static-map = /s=/tmp\nstatic-map = /s=/srv\nstats = /run/stats.sock\n"
+    )
+    proc = _run(["--config", str(ini), "--print-config"])
+    assert proc.returncode == 2, proc.stderr
+    for said in (
+        ":3: uWSGI's `log-format` has no counterpart in corral: corral's --access-log-format takes gunicorn's atoms",
+        ":5: uWSGI's `static-map` maps /s more than once",
+        ":6: uWSGI's `stats` on a unix socket",
+    ):
+        assert said in proc.stderr, proc.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching groups needs root")
+def test_user_already_run_as_keeps_the_group_it_runs_with(start_server):
+    """A container's runAsGroup: --user naming the user corral runs as does
+    not switch to that user's primary group (as gunicorn keeps it)."""
+    keep = "import os, sys; os.setgid(23457); os.execv(sys.argv[1], sys.argv[1:])"
+    server = start_server(
+        "behaviour:application", "--user", "root", command=[sys.executable, "-c", keep, *CORRAL]
+    )
+    assert server.get_json("/ids")["gid"] == 23457

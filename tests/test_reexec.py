@@ -310,3 +310,18 @@ def test_a_reexec_that_moves_the_pid_file_leaves_no_stale_one(start_server, tmp_
     server.signal(signal.SIGTERM)
     assert server.wait_exit(30) == 0
     assert not second.exists()
+
+
+def test_a_reexec_keeps_a_pid_file_named_anew_through_a_symlink(start_server, tmp_path):
+    real, link = tmp_path / "run", tmp_path / "var-run"
+    real.mkdir()
+    link.symlink_to(real)
+    conf = tmp_path / "corral.toml"
+    conf.write_text(f'workers = 1\npidfile = "{link / "app.pid"}"\n')
+    server = start_server("behaviour:application", "--config", str(conf), workers=None)
+    conf.write_text(f'workers = 1\npidfile = "{real / "app.pid"}"\n')
+    mark = server.mark()
+    server.signal(signal.SIGUSR2)
+    server.wait_for(READY_RE.pattern, since=mark, timeout=20)
+    assert (real / "app.pid").read_text().strip() == str(server.proc.pid)
+    assert not server.grep("Removed the previous pid file", since=mark)

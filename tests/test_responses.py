@@ -218,6 +218,16 @@ def test_a_response_is_complete_before_its_close_runs(behaviour):
         assert conn.read_response().status == 200
 
 
+def test_a_response_the_close_ends_is_whole_before_its_close_runs(behaviour):
+    """HTTP/1.0 without a length (and uwsgi or SCGI without one): the body ends
+    when the connection closes, so the server half-closes it as the body ends."""
+    with behaviour.connect() as conn:
+        conn.send(b"GET /slow-close HTTP/1.0\r\n\r\n")
+        data = conn.read_to_close()
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"\r\n\r\nab"), data
+    assert behaviour.request("GET", "/release-close").status == 200
+
+
 def test_a_list_subclass_is_iterated_as_the_app_defines(behaviour):
     """Only a plain list is taken as it is: a subclass's __iter__ is the app's."""
     assert behaviour.request("GET", "/list-subclass").body == b"ABC"

@@ -1834,7 +1834,19 @@ impl Exchange {
         if io.broken || io.aborted || io.pending_file.is_some() || io.phase == RespPhase::Idle {
             return Ok(());
         }
-        io.finish(self.blocking)
+        io.finish(self.blocking)?;
+        // A body the close ends (uwsgi and SCGI without a length, HTTP/1.0
+        // without one): half-close now, so that the front end or client has
+        // the whole response while close() runs, rather than after it.
+        let ends_at_close = match io.wire {
+            Wire::Uwsgi | Wire::Scgi => io.framing == RespFraming::Raw,
+            Wire::Http => io.framing == RespFraming::Close,
+            Wire::FastCgi { .. } => false,
+        };
+        if ends_at_close && io.flush_out(self.blocking).is_ok() {
+            unsafe { libc::shutdown(io.fd, libc::SHUT_WR) };
+        }
+        Ok(())
     }
 
     /// Completes the response.

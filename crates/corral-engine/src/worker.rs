@@ -1428,15 +1428,19 @@ impl Held {
 /// connection, as this thread must not wait on a client. `wait` is false
 /// after a crash, which may have come inside the list's lock.
 fn rescue_held<A: App>(w: &Shared<A>, t: usize, wait: bool) {
-    let taken = match wait {
-        true => std::mem::take(&mut *w.held[t].lock().unwrap_or_else(|p| p.into_inner())),
+    // Held while they are parked: should the thread come back from its app
+    // call meanwhile, its `release` waits here, so it cannot take an epoll
+    // event for one of them (armed, edge-triggered) while this thread still
+    // owns it.
+    let mut list = match wait {
+        true => w.held[t].lock().unwrap_or_else(|p| p.into_inner()),
         false => match w.held[t].try_lock() {
-            Ok(mut list) => std::mem::take(&mut *list),
-            Err(std::sync::TryLockError::Poisoned(p)) => std::mem::take(&mut *p.into_inner()),
+            Ok(list) => list,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => return,
         },
     };
-    for (conn, keep) in taken {
+    for (conn, keep) in list.drain(..) {
         let written = {
             let mut io = conn.io.lock().unwrap_or_else(|p| p.into_inner());
             io.flush_held_nowait();

@@ -1106,7 +1106,14 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         let previous = PathBuf::from(previous);
         let ours =
             std::fs::read_to_string(&previous).is_ok_and(|t| t.trim() == std::process::id().to_string());
-        if ours && pidfile.as_deref() != Some(previous.as_path()) {
+        // The same file under another name (a symlinked /var/run) is the one just written.
+        let identity = |p: &std::path::Path| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
+        };
+        let same =
+            pidfile.as_deref().is_some_and(|p| identity(p).is_some() && identity(p) == identity(&previous));
+        if ours && !same {
             match std::fs::remove_file(&previous) {
                 Ok(()) => info!("Removed the previous pid file {}", previous.display()),
                 Err(e) => warn!("--pidfile {}: cannot remove the previous one: {e}", previous.display()),
@@ -1916,6 +1923,9 @@ fn resolve_ids(user: Option<&str>, group: Option<&str>) -> Result<Option<(u32, u
     };
     let gid = match (group, primary) {
         (Some(g), _) => group_id(g)?,
+        // Already that user: keep the group it runs with (a container's
+        // runAsGroup), as gunicorn does, rather than switch to the entry's.
+        (None, _) if nix::unistd::geteuid().as_raw() == uid => nix::unistd::getegid().as_raw(),
         (None, Some(gid)) => gid,
         (None, None) => {
             return Err(format!(

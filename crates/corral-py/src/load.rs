@@ -12,6 +12,10 @@ pub struct AppSpec {
     /// `NAME(ARGS)`: call it with ARGS (Python literals, as gunicorn takes
     /// them; empty for `NAME()`) to get the app.
     pub factory: Option<String>,
+    /// `PATH:CALLABLE`: the module is this file, loaded by its path as
+    /// uWSGI's `wsgi-file` loads it (its directory is not put on sys.path,
+    /// where a `celery.py` beside it would hide the real package).
+    pub file: Option<String>,
 }
 
 impl AppSpec {
@@ -41,6 +45,24 @@ impl AppSpec {
             Some("ini" | "toml" | "conf") => Some(format!("a configuration file: give it with --config {m}")),
             _ => None,
         };
+        // A Python file that is there, given by its path (`app.py`,
+        // `/srv/site/wsgi.py`, mod_wsgi's `django.wsgi`): loaded as a file.
+        let source = module.ends_with(".py") || module.ends_with(".wsgi");
+        if source && std::path::Path::new(module).is_file() {
+            let (attr, factory) = (attr.to_string(), factory);
+            if !valid(&attr) {
+                return Err(format!("APP {s:?}: expected PATH:CALLABLE"));
+            }
+            let stem = std::path::Path::new(module).file_stem().map(|f| f.to_string_lossy().into_owned());
+            let name: String =
+                stem.unwrap_or_default().chars().map(|c| if c.is_alphanumeric() { c } else { '_' }).collect();
+            return Ok(AppSpec {
+                module: format!("wsgi_file_{name}"),
+                attr,
+                factory,
+                file: Some(module.to_string()),
+            });
+        }
         // Only for a file that is there (or a path, which no module is):
         // `conf.py` may as well be a module `py` in a package `conf`.
         let a_file = s.contains('/') || std::path::Path::new(s).is_file();
@@ -52,15 +74,16 @@ impl AppSpec {
                 "APP {s:?}: expected MODULE:CALLABLE, MODULE, MODULE:FACTORY() or MODULE:FACTORY(ARGS)"
             ));
         }
-        Ok(AppSpec { module: module.to_string(), attr: attr.to_string(), factory })
+        Ok(AppSpec { module: module.to_string(), attr: attr.to_string(), factory, file: None })
     }
 }
 
 impl std::fmt::Display for AppSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let module = self.file.as_deref().unwrap_or(&self.module);
         match &self.factory {
-            Some(args) => write!(f, "{}:{}({args})", self.module, self.attr),
-            None => write!(f, "{}:{}", self.module, self.attr),
+            Some(args) => write!(f, "{module}:{}({args})", self.attr),
+            None => write!(f, "{module}:{}", self.attr),
         }
     }
 }
@@ -100,8 +123,14 @@ fn unreadable_path_note(py: Python<'_>) -> Option<String> {
 
 /// Imports the module and returns the callable, or a message for the log.
 pub fn load_app(py: Python<'_>, spec: &AppSpec) -> Result<PyObject, String> {
-    let module = py.import(spec.module.as_str()).map_err(|e| {
-        let mut msg = format!("Failed to import module {:?}:\n{}", spec.module, format_exception(py, &e));
+    let imported = match &spec.file {
+        Some(path) => load_file(py, &spec.module, path),
+        None => py.import(spec.module.as_str()),
+    };
+    let module = imported.map_err(|e| {
+        let what =
+            spec.file.as_ref().map_or_else(|| format!("module {:?}", spec.module), |f| format!("file {f:?}"));
+        let mut msg = format!("Failed to import {what}:\n{}", format_exception(py, &e));
         if let Some(note) = unreadable_path_note(py) {
             msg.push('\n');
             msg.push_str(&note);
@@ -125,6 +154,20 @@ pub fn load_app(py: Python<'_>, spec: &AppSpec) -> Result<PyObject, String> {
         return Err(format!("{spec} is not callable (it is a {ty} object); a WSGI app is a callable"));
     }
     Ok(obj.unbind())
+}
+
+/// Runs a Python file as the module `name` (in sys.modules, as an import
+/// would put it), whatever its file name's suffix.
+fn load_file<'py>(py: Python<'py>, name: &str, path: &str) -> PyResult<Bound<'py, pyo3::types::PyModule>> {
+    let loader = py.import("importlib.machinery")?.getattr("SourceFileLoader")?.call1((name, path))?;
+    let util = py.import("importlib.util")?;
+    let kwargs = pyo3::types::PyDict::new(py);
+    kwargs.set_item("loader", &loader)?;
+    let spec = util.call_method("spec_from_file_location", (name, path), Some(&kwargs))?;
+    let module = util.call_method1("module_from_spec", (&spec,))?;
+    py.import("sys")?.getattr("modules")?.set_item(name, &module)?;
+    loader.call_method1("exec_module", (&module,))?;
+    Ok(module.downcast_into::<pyo3::types::PyModule>()?)
 }
 
 /// A factory's arguments, `'prod', debug=True`: Python literals only, as

@@ -5,10 +5,10 @@
 //! becomes that option (`processes` -> `workers`, `socket` -> `uwsgi`,
 //! `harakiri` -> `timeout`); one asking for what corral does anyway
 //! (`master`, `vacuum`, `enable-threads`) is taken with a note; one corral
-//! cannot honour (`home` naming another virtualenv, `cheaper-algo`) stops
+//! cannot honour (`home` naming another virtualenv, the spooler) stops
 //! the start with its line and what to do instead, all of them at once.
 //! uWSGI's own expansions are applied first: `%d` (the file's directory),
-//! `%n`, `%s`, `%e`, `%p`, `%c`, `%%`, `$(VAR)` from the environment, and
+//! `%n`, `%s`, `%e`, `%p`, `%c`, `%k`, `%h`, `%%`, `$(VAR)` from the environment, and
 //! `%(name)` for an earlier option or placeholder of the file.
 
 use std::collections::HashMap;
@@ -80,7 +80,12 @@ fn read(spec: &str) -> Result<(String, Vec<Line>), String> {
             continue;
         };
         let (key, raw) = (key.trim().to_string(), raw.trim().to_string());
-        let value = expand(&raw, &magic, &lines).map_err(|e| format!("{at}: `{key}`: {e}"))?;
+        // uWSGI's log format uses %(name) for its own variables, not placeholders.
+        let value = if matches!(key.as_str(), "log-format" | "logformat") {
+            raw.clone()
+        } else {
+            expand(&raw, &magic, &lines).map_err(|e| format!("{at}: `{key}`: {e}"))?
+        };
         if matches!(key.as_str(), "set-placeholder" | "set-ph") {
             let Some((name, value)) = value.split_once('=') else {
                 return Err(format!("{at}: `{key}` must be NAME=VALUE"));
@@ -132,8 +137,11 @@ fn expand(value: &str, magic: &Magic, earlier: &[Line]) -> Result<String, String
         if let Some(inner) = tail.strip_prefix("$(") {
             let end = inner.find(')').ok_or("an unclosed $(")?;
             let var = &inner[..end];
-            // uWSGI leaves an unset variable empty.
-            out.push_str(&std::env::var(var).unwrap_or_default());
+            // uWSGI leaves the reference to an unset variable as it is written.
+            match std::env::var(var) {
+                Ok(v) => out.push_str(&v),
+                Err(_) => out.push_str(&tail[..end + 3]),
+            }
             rest = &inner[end + 1..];
             continue;
         }
@@ -158,9 +166,23 @@ fn expand(value: &str, magic: &Magic, earlier: &[Line]) -> Result<String, String
             (b'%', Some('p')) => Some(magic.path.as_str()),
             (b'%', Some('c')) => Some(magic.parent.as_str()),
             (b'%', Some('%')) => Some("%"),
+            (b'%', Some('k')) => {
+                out.push_str(&std::thread::available_parallelism().map_or(1, |n| n.get()).to_string());
+                rest = &tail[2..];
+                continue;
+            }
+            (b'%', Some('h')) => {
+                let mut buf = [0u8; 256];
+                if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0 {
+                    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+                    out.push_str(&String::from_utf8_lossy(&buf[..end]));
+                }
+                rest = &tail[2..];
+                continue;
+            }
             (b'%', Some(c)) if c.is_ascii_alphanumeric() => {
                 return Err(format!(
-                    "uWSGI's magic variable %{c} is not one corral expands (%d %n %s %e %p %c)"
+                    "uWSGI's magic variable %{c} is not one corral expands (%d %n %s %e %p %c %k %h)"
                 ))
             }
             _ => None,
@@ -199,7 +221,8 @@ fn rule(key: &str) -> Option<Rule> {
     Some(match key {
         "module" | "wsgi" | "w" | "wsgi-file" | "file" | "callable" | "mount" | "home" | "virtualenv"
         | "venv" | "pyhome" | "h" | "cheaper" | "processes" | "workers" | "p" | "logto" | "logto2"
-        | "daemonize" | "req-logger" | "py-autoreload" | "chmod-socket" | "http" => Combined,
+        | "daemonize" | "req-logger" | "py-autoreload" | "python-autoreload" | "chmod-socket" | "http" | "logger"
+        | "stats" | "stats-server" | "buffer-size" | "b" => Combined,
         "chdir" => Option("chdir"),
         "pythonpath" | "python-path" | "pp" => Option("pythonpath"),
         "socket" | "uwsgi-socket" | "s" => Listener("uwsgi"),
@@ -212,7 +235,7 @@ fn rule(key: &str) -> Option<Rule> {
         "max-requests" | "R" => Option("max-requests"),
         "max-requests-delta" => Option("max-requests-jitter"),
         "max-worker-lifetime" => Option("max-worker-lifetime"),
-        "reload-on-rss" => Option("reload-on-rss"),
+        "reload-on-rss" | "evil-reload-on-rss" => Option("reload-on-rss"),
         "limit-post" => Option("max-body-size"),
         "static-map" => Option("static"),
         "uid" => Option("user"),
@@ -221,7 +244,7 @@ fn rule(key: &str) -> Option<Rule> {
         "pidfile" | "pidfile2" => Option("pidfile"),
         "env" => Option("env"),
         "touch-reload" | "touch-chain-reload" => Option("touch-reload"),
-        "stats" | "stats-server" => Option("stats"),
+        "stats-http" => Moot("corral's --stats speaks HTTP (/stats, /metrics)"),
         "socket-timeout" | "z" => Option("socket-timeout"),
         "reload-mercy" | "worker-reload-mercy" => Option("graceful-timeout"),
         "procname" | "procname-prefix" | "procname-prefix-spaced" => Option("name"),
@@ -247,15 +270,19 @@ fn rule(key: &str) -> Option<Rule> {
             Moot("corral serves WSGI apps with the Python it is installed in")
         }
         "post-buffering" => Moot("a body the app did not read is read and dropped"),
-        "buffer-size" | "b" => Moot("a uwsgi vars block may use the protocol's whole 64 KiB"),
         "disable-logging" | "L" => Moot("no access log is written unless --access-log is given"),
         "no-orphans" => Moot("workers leave when their master does"),
         "ignore-sigpipe" | "ignore-write-errors" | "disable-write-exception" => {
             Moot("a client that goes away ends its request with one log line, not an exception in the app")
         }
         "max-fd" => Refused("set `ulimit -n` (LimitNOFILE= under systemd), with --max-connections N"),
-        "cheaper-algo" | "cheaper-initial" | "cheaper-step" | "cheaper-overload" => Refused(
-            "corral's adaptive pool (--workers-min, --workers-max, --scale-down-idle) has no algorithms",
+        "cheaper-algo" | "cheaper-initial" | "cheaper-step" | "cheaper-overload" => Moot(
+            "corral's adaptive pool (from `cheaper` to `processes`) adds a worker when every thread is busy \
+             and stops one idle for --scale-down-idle",
+        ),
+        "log-format" | "logformat" => Refused(
+            "corral's --access-log-format takes gunicorn's atoms (%(h)s %(r)s %(s)s ...), not uWSGI's: write it \
+             in those",
         ),
         "ini" | "include" | "inherit" | "xml" | "yaml" | "json" => {
             Refused("corral reads one configuration file: merge the included one into it")
@@ -287,6 +314,32 @@ fn rule(key: &str) -> Option<Rule> {
     })
 }
 
+/// corral options whose uWSGI value is a number, of which uWSGI reads the
+/// leading digits.
+const NUMERIC: &[&str] = &[
+    "threads",
+    "timeout",
+    "max-requests",
+    "max-requests-jitter",
+    "max-worker-lifetime",
+    "reload-on-rss",
+    "max-body-size",
+    "backlog",
+    "socket-timeout",
+    "graceful-timeout",
+];
+
+/// A number as uWSGI reads one: its leading digits (`2 ; two workers` is
+/// 2); a value with none is left for the option's parser to refuse.
+fn leading_number(value: &str) -> String {
+    let digits: String = value.chars().take_while(char::is_ascii_digit).collect();
+    if digits.is_empty() {
+        value.to_string()
+    } else {
+        digits
+    }
+}
+
 /// A uWSGI socket address as corral writes it: `/path` is `unix:/path`,
 /// `:PORT` is every interface.
 fn listener(value: &str) -> Result<String, String> {
@@ -298,6 +351,10 @@ fn listener(value: &str) -> Result<String, String> {
     }
     if let Some(port) = value.strip_prefix(':') {
         return Ok(format!("0.0.0.0:{port}"));
+    }
+    // uWSGI takes a value with no port as a unix socket's path.
+    if !value.contains(':') {
+        return Ok(format!("unix:{value}"));
     }
     Ok(value.to_string())
 }
@@ -315,6 +372,14 @@ pub fn translate(spec: &str, python_prefix: &str) -> Result<(Vec<Entry>, Vec<Str
     let last = |keys: &[&str]| lines.iter().rev().find(|l| keys.contains(&l.key.as_str()));
     let mut notes = Vec::new();
     let mut errors = Vec::new();
+    // Relative paths of what uWSGI opens after its chdir (sockets, files
+    // it watches or serves) are taken from there.
+    let chdir = lines.iter().rev().find(|l| l.key == "chdir").map(|l| l.value.clone());
+    let in_chdir = |p: &str| match &chdir {
+        Some(c) if Path::new(p).is_relative() => Path::new(c).join(p).display().to_string(),
+        _ => p.to_string(),
+    };
+    let mut static_urls: Vec<String> = Vec::new();
     // Repeatable options collect every value, in order.
     let mut list: Vec<(String, Vec<String>, String)> = Vec::new();
     let mut single: HashMap<&'static str, (Value, String)> = HashMap::new();
@@ -338,13 +403,38 @@ pub fn translate(spec: &str, python_prefix: &str) -> Result<(Vec<Entry>, Vec<Str
             }),
             Some(Rule::Combined) => {}
             Some(Rule::Option(opt)) => match opt {
-                "pythonpath" | "env" | "static" | "touch-reload" => push(opt, l.value.clone(), at(l)),
+                "env" | "pythonpath" => push(opt, l.value.clone(), at(l)),
+                // uWSGI looks for these after its chdir.
+                "touch-reload" => push(opt, in_chdir(&l.value), at(l)),
+                "static" => match l.value.split_once('=') {
+                    Some((url, dir)) => {
+                        if static_urls.contains(&url.to_string()) {
+                            errors.push(format!(
+                                "{}: uWSGI's `static-map` maps {url} more than once: corral's --static answers a \
+                                 prefix from one directory, with 404 for a file not there (uWSGI tries each \
+                                 mapping, then the app)",
+                                at(l)
+                            ));
+                        }
+                        static_urls.push(url.to_string());
+                        push(opt, format!("{url}={}", in_chdir(dir)), at(l))
+                    }
+                    None => push(opt, l.value.clone(), at(l)),
+                },
+                // uWSGI reads a number's leading digits (`processes = 4 ; four`).
+                _ if NUMERIC.contains(&opt) => {
+                    single.insert(opt, (Value::from(leading_number(&l.value)), at(l)));
+                }
                 _ => {
                     single.insert(opt, (Value::from(l.value.clone()), at(l)));
                 }
             },
             Some(Rule::Listener(opt)) => match listener(&l.value) {
-                Ok(addr) => push(opt, addr, at(l)),
+                Ok(addr) => push(
+                    opt,
+                    addr.strip_prefix("unix:").map_or(addr.clone(), |p| format!("unix:{}", in_chdir(p))),
+                    at(l),
+                ),
                 Err(e) => errors.push(format!("{}: `{key}`: {e}", at(l))),
             },
             Some(Rule::Moot(why)) => {
@@ -391,17 +481,17 @@ pub fn translate(spec: &str, python_prefix: &str) -> Result<(Vec<Entry>, Vec<Str
                         ));
                     }
                     single.insert("mount", (Value::from(prefix.trim().to_string()), at(l)));
-                    (
-                        app_of(target.trim(), last(&["chdir"]).map(|c| c.value.as_str()), &mut push, &at(l)),
-                        at(l),
-                    )
+                    (Some(app_of(target.trim(), last(&["chdir"]).map(|c| c.value.as_str()), false)), at(l))
                 }
                 None => {
                     errors.push(format!("{}: `mount` must be /PREFIX=APP", at(l)));
                     (None, at(l))
                 }
             },
-            _ => (app_of(&l.value, last(&["chdir"]).map(|c| c.value.as_str()), &mut push, &at(l)), at(l)),
+            key => {
+                let file = matches!(key, "wsgi-file" | "file");
+                (Some(app_of(&l.value, last(&["chdir"]).map(|c| c.value.as_str()), file)), at(l))
+            }
         };
         if let Some(module) = module {
             let app = match (module.contains(':'), &callable) {
@@ -416,14 +506,14 @@ pub fn translate(spec: &str, python_prefix: &str) -> Result<(Vec<Entry>, Vec<Str
     let processes = last(&["processes", "workers", "p"]);
     match (last(&["cheaper"]), processes) {
         (Some(c), Some(p)) => {
-            single.insert("workers-min", (Value::from(c.value.clone()), at(c)));
-            single.insert("workers-max", (Value::from(p.value.clone()), at(p)));
+            single.insert("workers-min", (Value::from(leading_number(&c.value)), at(c)));
+            single.insert("workers-max", (Value::from(leading_number(&p.value)), at(p)));
         }
         (Some(c), None) => {
             errors.push(format!("{}: uWSGI's `cheaper` needs `processes` (the most workers)", at(c)))
         }
         (None, Some(p)) => {
-            single.insert("workers", (Value::from(p.value.clone()), at(p)));
+            single.insert("workers", (Value::from(leading_number(&p.value)), at(p)));
         }
         (None, None) => {}
     }
@@ -432,6 +522,18 @@ pub fn translate(spec: &str, python_prefix: &str) -> Result<(Vec<Entry>, Vec<Str
         single.insert("daemon", (Value::from(true), at(l)));
         single.insert("error-log", (Value::from(l.value.clone()), at(l)));
         single.insert("capture-output", (Value::from(true), at(l)));
+    }
+    if let Some(l) = last(&["logger"]) {
+        match l.value.strip_prefix("file:") {
+            Some(path) => {
+                single.insert("error-log", (Value::from(path.to_string()), at(l)));
+                single.insert("capture-output", (Value::from(true), at(l)));
+            }
+            None => errors.push(format!(
+                "{}: uWSGI's `logger` is taken in its file:PATH form only (corral's --error-log FILE)",
+                at(l)
+            )),
+        }
     }
     if let Some(l) = last(&["logto", "logto2"]) {
         single.insert("error-log", (Value::from(l.value.clone()), at(l)));
@@ -448,7 +550,48 @@ pub fn translate(spec: &str, python_prefix: &str) -> Result<(Vec<Entry>, Vec<Str
             )),
         }
     }
-    if let Some(l) = last(&["py-autoreload"]) {
+    // uWSGI's buffer-size bounds a request's whole head (4096 by default):
+    // a larger one lets cookies and request lines grow as large.
+    if let Some(l) = last(&["buffer-size", "b"]) {
+        match l.value.trim().parse::<u64>() {
+            Ok(n) if n > 8190 => {
+                let n = n.min(1 << 20).to_string();
+                single.insert("limit-request-line", (Value::from(n.clone()), at(l)));
+                single.insert("limit-request-field-size", (Value::from(n), at(l)));
+            }
+            Ok(_) => notes.push(format!(
+                "{}: uWSGI's `buffer-size` is not needed under corral's own limits (8190-byte request line \
+                 and header fields); ignored",
+                at(l)
+            )),
+            Err(_) => errors.push(format!("{}: `buffer-size` must be a number of bytes", at(l))),
+        }
+    }
+    // uWSGI's stats server sends raw JSON; corral's --stats speaks HTTP.
+    if let Some(l) = last(&["stats", "stats-server"]) {
+        if l.value.starts_with('/') || l.value.starts_with('@') || !l.value.contains(':') {
+            errors.push(format!(
+                "{}: uWSGI's `stats` on a unix socket: corral's --stats serves HTTP (/stats, /metrics) on a TCP \
+                 address such as 127.0.0.1:9191",
+                at(l)
+            ));
+        } else {
+            let addr = listener(&l.value).unwrap_or_else(|_| l.value.clone());
+            notes.push(format!(
+                "{}: uWSGI's `stats` is corral's --stats {addr}, which speaks HTTP (/stats, /metrics), not raw JSON \
+                 (uwsgitop does not read it; `corral top` does)",
+                at(l)
+            ));
+            single.insert("stats", (Value::from(addr), at(l)));
+        }
+    }
+    if !lines.iter().any(|l| matches!(l.key.as_str(), "lazy-apps" | "lazy")) && app_line.is_some() {
+        notes.push(format!(
+            "{file}: without `lazy-apps`, uWSGI imports the app once in its master before forking; corral imports it \
+             in each worker, as `lazy-apps` does (give --preload for uWSGI's way)"
+        ));
+    }
+    if let Some(l) = last(&["py-autoreload", "python-autoreload"]) {
         let on = l.value.parse::<u64>().map_or(truthy(&l.value), |n| n > 0);
         single.insert("reload", (Value::from(on), at(l)));
     }
@@ -483,34 +626,26 @@ pub fn translate(spec: &str, python_prefix: &str) -> Result<(Vec<Entry>, Vec<Str
     Ok((entries, notes))
 }
 
-/// The module an app value names: `pkg.mod[:callable]`, or a `.py` file
-/// whose directory joins the Python path.
-fn app_of(
-    value: &str,
-    chdir: Option<&str>,
-    push: &mut impl FnMut(&str, String, String),
-    at: &str,
-) -> Option<String> {
+/// The APP an app option names: a module as it is, or a file (`wsgi-file`,
+/// a `mount` target that is a path) by its path, found from `chdir` when
+/// relative as uWSGI finds it, and loaded by path as uWSGI loads it.
+fn app_of(value: &str, chdir: Option<&str>, file: bool) -> String {
+    let path_like = |t: &str| t.ends_with(".py") || t.ends_with(".wsgi") || t.contains('/');
     let (target, callable) = match value.split_once(':') {
-        Some((t, c)) if !t.is_empty() => (t, Some(c)),
+        Some((t, c)) if !t.is_empty() && (file || path_like(t)) => (t, Some(c)),
         _ => (value, None),
     };
-    let Some(stem) = target.strip_suffix(".py") else {
-        return Some(value.to_string());
+    if !(file || path_like(target)) {
+        return value.to_string();
+    }
+    let path = match chdir {
+        Some(c) if Path::new(target).is_relative() => Path::new(c).join(target),
+        _ => PathBuf::from(target),
     };
-    let path = Path::new(stem);
-    // uWSGI finds a relative file from `chdir`.
-    let dir = match (path.parent().filter(|d| !d.as_os_str().is_empty()), chdir) {
-        (None, c) => PathBuf::from(c.unwrap_or(".")),
-        (Some(d), Some(c)) if d.is_relative() => Path::new(c).join(d),
-        (Some(d), _) => d.to_path_buf(),
-    };
-    push("pythonpath", dir.display().to_string(), at.to_string());
-    let module = path.file_name()?.to_string_lossy().into_owned();
-    Some(match callable {
-        Some(c) => format!("{module}:{c}"),
-        None => module,
-    })
+    match callable {
+        Some(c) => format!("{}:{c}", path.display()),
+        None => path.display().to_string(),
+    }
 }
 
 #[cfg(test)]
