@@ -674,7 +674,8 @@ mod tests {
             ("%p", "/srv/site/deploy/site.ini"),
             ("100%%", "100%"),
             ("%(base)/static", "/srv/site/static"),
-            ("$(CORRAL_INI_TEST)-$(CORRAL_INI_UNSET)", "v-"),
+            // An unset variable stays as written, as uWSGI leaves it.
+            ("$(CORRAL_INI_TEST)-$(CORRAL_INI_UNSET)", "v-$(CORRAL_INI_UNSET)"),
             ("50%", "50%"),
             ("$HOME", "$HOME"),
         ];
