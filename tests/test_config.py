@@ -1177,6 +1177,27 @@ def test_uwsgi_ini_values_as_uwsgi_reads_them(tmp_path):
         assert said in proc.stderr, proc.stderr
 
 
+def test_uwsgi_check_static_serves_its_files_and_leaves_the_rest_to_the_app(start_server, tmp_path):
+    """`check-static DIR` (and `static-map = /=DIR`, given more than once):
+    a GET of a file there is the file, any other request the app's."""
+    site = tmp_path / "site"
+    (site / "public").mkdir(parents=True)
+    (site / "more").mkdir()
+    (site / "public" / "robots.txt").write_text("User-agent: *\n")
+    (site / "more" / "favicon.ico").write_bytes(b"\x00ico")
+    port = free_port()
+    ini = tmp_path / "app.ini"
+    ini.write_text(
+        f"[uwsgi]\nchdir = {site}\npythonpath = {APPS}\nmodule = behaviour:application\n"
+        f"http-socket = 127.0.0.1:{port}\ncheck-static = public\nstatic-map = /=more\nstatic-map = /=more\nlazy-apps = true\n"
+    )
+    server = start_server(str(ini), "--config", http=None, pythonpath=None, wait=False)
+    server.wait_started()
+    assert server.request("GET", "/robots.txt").body == b"User-agent: *\n"
+    assert server.request("GET", "/favicon.ico").body == b"\x00ico"
+    assert server.get_json("/nope")["PATH_INFO"]["value"] == "/nope"
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching groups needs root")
 def test_user_already_run_as_keeps_the_group_it_runs_with(start_server):
     """A container's runAsGroup: --user naming the user corral runs as does

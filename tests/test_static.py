@@ -3,6 +3,7 @@ conditional requests, precompressed siblings and no way out of DIR."""
 
 import gzip
 import hashlib
+import json
 import os
 import signal
 import time
@@ -310,3 +311,34 @@ def test_downloads_finish_when_the_worker_stops_gracefully(start_server, big_fil
         server.wait_for("Worker draining")
         assert read_hashed(slow, BIG) == (BIG, digest)
     assert server.proc.wait(30) == 0
+
+
+def test_a_mount_at_the_root_leaves_what_it_has_not_to_the_app(start_server, tmp_path):
+    # uWSGI's `static-map = /=DIR` and nginx's `try_files $uri @app`: the
+    # site's root files are served, every other request reaches the app.
+    public, assets = tmp_path / "public", tmp_path / "assets"
+    (public / "sub").mkdir(parents=True)
+    assets.mkdir()
+    (public / "robots.txt").write_text("User-agent: *\n")
+    (public / "echo").write_text("a file named like a route")
+    (public / "sub" / "index.html").write_text("<p>index</p>")
+    (tmp_path / "secret.txt").write_text("top secret")
+    os.symlink(tmp_path / "secret.txt", public / "escape.txt")
+    (assets / "a.css").write_text("a{}")
+    server = start_server("behaviour:application", "--static", f"/={public}", "--static", f"/assets={assets}")
+    robots = server.request("GET", "/robots.txt")
+    assert robots.status == 200 and robots.body == b"User-agent: *\n"
+    assert "etag" in _h(robots)
+    assert server.request("HEAD", "/robots.txt").status == 200
+    # A file's GET is the file's; a POST to its path is the app's.
+    assert server.request("GET", "/echo").body == b"a file named like a route"
+    assert server.request("POST", "/echo", body=b"posted").body == b"posted"
+    for path in ["/", "/nope", "/sub", "/sub/", "/escape.txt"]:
+        r = server.request("GET", path)
+        assert r.status == 200, path
+        env = json.loads(r.body)
+        assert env["PATH_INFO"]["value"] == path, (path, env["PATH_INFO"])
+        assert b"top secret" not in r.body
+    # A mount elsewhere still answers for its whole prefix.
+    assert server.request("GET", "/assets/a.css").body == b"a{}"
+    assert server.request("GET", "/assets/missing.css").status == 404

@@ -73,6 +73,23 @@ impl Mount {
         let rest = path.strip_prefix(self.prefix.as_bytes())?;
         (rest.is_empty() || rest[0] == b'/').then_some(rest)
     }
+
+    /// The part of a decoded path this mount answers for a request with
+    /// `method`. A mount at `/` would otherwise leave the app no path at all,
+    /// so it takes only a GET or HEAD naming one of its files, and every
+    /// other request goes to the app: uWSGI's `static-map = /=DIR` (and
+    /// `check-static`) and nginx's `try_files $uri @app` behave so, and a
+    /// site's root files (robots.txt, favicon.ico) are mapped that way.
+    pub fn takes<'p>(&self, path: &'p [u8], method: &[u8]) -> Option<&'p [u8]> {
+        let rel = self.relative(path)?;
+        if !self.prefix.is_empty() {
+            return Some(rel);
+        }
+        let file = (method == b"GET" || method == b"HEAD")
+            && !rel.ends_with(b"/")
+            && matches!(resolve(&self.dir, rel), Some(Resolved::File(_)));
+        file.then_some(rel)
+    }
 }
 
 /// What the request asks of the file, from its headers.
@@ -481,6 +498,21 @@ mod tests {
         let m = Mount::parse(&format!("/static={}", root.join("public").display())).unwrap();
         assert_eq!(m.relative(b"/static/a.css"), Some(&b"/a.css"[..]));
         assert_eq!(m.relative(b"/staticx/a.css"), None);
+        assert_eq!(m.takes(b"/static/nope", b"POST"), Some(&b"/nope"[..]));
+        // A mount at the root takes a GET or HEAD of one of its files only.
+        let r = Mount::parse(&format!("/={}", root.join("public").display())).unwrap();
+        assert_eq!(r.takes(b"/a.css", b"GET"), Some(&b"/a.css"[..]));
+        assert_eq!(r.takes(b"/a.css", b"HEAD"), Some(&b"/a.css"[..]));
+        for (path, method) in [
+            (&b"/a.css"[..], &b"POST"[..]),
+            (b"/nope", b"GET"),
+            (b"/", b"GET"),
+            (b"/sub", b"GET"),
+            (b"/sub/", b"GET"),
+            (b"/../secret.txt", b"GET"),
+        ] {
+            assert_eq!(r.takes(path, method), None, "{}", String::from_utf8_lossy(path));
+        }
         assert!(resolve(&m.dir, b"/a.css").is_some());
         assert_eq!(resolve(&m.dir, b"/sub"), Some(Resolved::AddSlash));
         assert!(

@@ -3263,13 +3263,13 @@ fn static_target<'m>(
                     cgi::request_path(uri.split(|&b| b == b'?').next().unwrap_or(b""))
                 }
             };
-            return mounts.iter().find_map(|m| m.relative(&path).map(|r| (m, r.to_vec())));
+            return mounts.iter().find_map(|m| m.takes(&path, req.method()).map(|r| (m, r.to_vec())));
         }
         None => req.path(),
     };
     let mut decoded = Vec::with_capacity(raw.len());
     corral_proto::http1::percent_decode(raw, &mut decoded);
-    mounts.iter().find_map(|m| m.relative(&decoded).map(|r| (m, r.to_vec())))
+    mounts.iter().find_map(|m| m.takes(&decoded, req.method()).map(|r| (m, r.to_vec())))
 }
 
 /// A request header by lower-case name (joined with "," when repeated over

@@ -238,6 +238,7 @@ fn rule(key: &str) -> Option<Rule> {
         "reload-on-rss" | "evil-reload-on-rss" => Option("reload-on-rss"),
         "limit-post" => Option("max-body-size"),
         "static-map" => Option("static"),
+        "check-static" => Option("check-static"),
         "uid" => Option("user"),
         "gid" => Option("group"),
         "listen" | "l" => Option("backlog"),
@@ -406,13 +407,15 @@ pub fn translate(spec: &str, python_prefix: &str) -> Result<(Vec<Entry>, Vec<Str
                 "env" | "pythonpath" => push(opt, l.value.clone(), at(l)),
                 // uWSGI looks for these after its chdir.
                 "touch-reload" => push(opt, in_chdir(&l.value), at(l)),
+                // A mount at / leaves what it has not to the app, as uWSGI does.
+                "check-static" => push("static", format!("/={}", in_chdir(&l.value)), at(l)),
                 "static" => match l.value.split_once('=') {
                     Some((url, dir)) => {
-                        if static_urls.contains(&url.to_string()) {
+                        if !url.trim_end_matches('/').is_empty() && static_urls.contains(&url.to_string()) {
                             errors.push(format!(
                                 "{}: uWSGI's `static-map` maps {url} more than once: corral's --static answers a \
-                                 prefix from one directory, with 404 for a file not there (uWSGI tries each \
-                                 mapping, then the app)",
+                                 prefix other than / from one directory, with 404 for a file not there (uWSGI \
+                                 tries each mapping, then the app)",
                                 at(l)
                             ));
                         }
