@@ -1177,6 +1177,25 @@ def test_uwsgi_ini_values_as_uwsgi_reads_them(tmp_path):
         assert said in proc.stderr, proc.stderr
 
 
+def test_a_uwsgi_ini_includes_another_where_it_stands(tmp_path):
+    """`ini = FILE` and `ini = :SECTION` are read in place, as uWSGI reads
+    them, each option keeping the file and line it came from."""
+    base, site = tmp_path / "base.ini", tmp_path / "site.ini"
+    base.write_text("[uwsgi]\nmodule = behaviour:application\nprocesses = 3\nharakiri = 20\n")
+    site.write_text(
+        f"[uwsgi]\nini = {base}\nprocesses = 5\nini = :prod\nlazy-apps = true\n\n[prod]\nharakiri = 60\n"
+    )
+    proc = _run(["--config", str(site), "--print-config"])
+    assert proc.returncode == 0, proc.stderr
+    got = _printed(proc.stdout)
+    assert got["app"] == ('"behaviour:application"', f"config file {base}:2")
+    assert got["workers"] == ('"5"', f"config file {site}:3")
+    assert got["timeout"] == ('"60"', f"config file {site}:8")
+    site.write_text(f"[uwsgi]\nini = {site}\n")
+    proc = _run(["--config", str(site), "--print-config"])
+    assert proc.returncode == 2 and "an include loop" in proc.stderr, proc.stderr
+
+
 def test_uwsgi_check_static_serves_its_files_and_leaves_the_rest_to_the_app(start_server, tmp_path):
     """`check-static DIR` (and `static-map = /=DIR`, given more than once):
     a GET of a file there is the file, any other request the app's."""

@@ -9,7 +9,8 @@
 //! the start with its line and what to do instead, all of them at once.
 //! uWSGI's own expansions are applied first: `%d` (the file's directory),
 //! `%n`, `%s`, `%e`, `%p`, `%c`, `%k`, `%h`, `%%`, `$(VAR)` from the environment, and
-//! `%(name)` for an earlier option or placeholder of the file.
+//! `%(name)` for an earlier option or placeholder of the file; `ini =`
+//! includes are read in place, as uWSGI assembles them.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -43,22 +44,44 @@ fn split_section(spec: &str) -> (&str, &str) {
 struct Line {
     key: String,
     value: String,
-    line: usize,
+    /// Where it was written, "FILE:LINE".
+    at: String,
+    /// Its place among all the lines read, included files' in theirs.
+    seq: usize,
     /// Set with `set-placeholder`, for `%(name)` only.
     placeholder: bool,
     /// The value as written, before expansion.
     raw: String,
 }
 
-/// Reads the section's lines, in order, with uWSGI's expansions applied.
+/// How deep `ini =` includes may nest: deeper is a loop in all likelihood.
+const MAX_INCLUDE_DEPTH: usize = 16;
+
+/// Reads the section's lines, in order, with uWSGI's expansions applied and
+/// `ini = FILE[:SECTION]` (or `ini = :SECTION` of the same file) replaced
+/// by the lines it names, where it stands, as uWSGI assembles them.
 fn read(spec: &str) -> Result<(String, Vec<Line>), String> {
     let (file, section) = split_section(spec);
     let text = std::fs::read_to_string(file).map_err(|e| format!("--config {file}: {e}"))?;
+    let mut lines = Vec::new();
+    read_section(file, &text, section, &mut lines, &mut Vec::new())?;
+    Ok((file.to_string(), lines))
+}
+
+/// Appends one file's section to `lines`; `open` lists the sections being
+/// read, the includers of this one, to stop a loop.
+fn read_section(
+    file: &str,
+    text: &str,
+    section: &str,
+    lines: &mut Vec<Line>,
+    open: &mut Vec<(PathBuf, String)>,
+) -> Result<(), String> {
     let path = std::path::absolute(file).unwrap_or_else(|_| PathBuf::from(file));
     let magic = Magic::of(&path);
+    open.push((path.clone(), section.to_string()));
     let mut in_section = false;
     let mut found = false;
-    let mut lines: Vec<Line> = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         let at = format!("{file}:{}", i + 1);
         let l = raw.trim();
@@ -73,10 +96,11 @@ fn read(spec: &str) -> Result<(String, Vec<Line>), String> {
         if !in_section {
             continue;
         }
+        let seq = lines.len();
         let Some((key, raw)) = l.split_once('=') else {
             // uWSGI takes a bare name as a flag set to true.
             let (key, value, raw) = (l.to_string(), "true".to_string(), String::new());
-            lines.push(Line { key, value, line: i + 1, placeholder: false, raw });
+            lines.push(Line { key, value, at, seq, placeholder: false, raw });
             continue;
         };
         let (key, raw) = (key.trim().to_string(), raw.trim().to_string());
@@ -84,22 +108,44 @@ fn read(spec: &str) -> Result<(String, Vec<Line>), String> {
         let value = if matches!(key.as_str(), "log-format" | "logformat") {
             raw.clone()
         } else {
-            expand(&raw, &magic, &lines).map_err(|e| format!("{at}: `{key}`: {e}"))?
+            expand(&raw, &magic, lines).map_err(|e| format!("{at}: `{key}`: {e}"))?
         };
+        if key == "ini" {
+            let (inner, inner_section) = match value.strip_prefix(':') {
+                Some(name) => (file.to_string(), name.to_string()),
+                None => {
+                    let (f, s) = split_section(&value);
+                    (f.to_string(), s.to_string())
+                }
+            };
+            let inner_path = std::path::absolute(&inner).unwrap_or_else(|_| PathBuf::from(&inner));
+            if open.len() >= MAX_INCLUDE_DEPTH || open.contains(&(inner_path, inner_section.clone())) {
+                return Err(format!(
+                    "{at}: `ini = {value}` includes [{inner_section}] of {inner}, which is being read already \
+                     (an include loop)"
+                ));
+            }
+            let inner_text = std::fs::read_to_string(&inner)
+                .map_err(|e| format!("{at}: `ini = {value}`: {inner}: {e}"))?;
+            read_section(&inner, &inner_text, &inner_section, lines, open)
+                .map_err(|e| format!("{e}\n(included at {at})"))?;
+            continue;
+        }
         if matches!(key.as_str(), "set-placeholder" | "set-ph") {
             let Some((name, value)) = value.split_once('=') else {
                 return Err(format!("{at}: `{key}` must be NAME=VALUE"));
             };
             let (key, value) = (name.trim().to_string(), value.trim().to_string());
-            lines.push(Line { key, value, line: i + 1, placeholder: true, raw });
+            lines.push(Line { key, value, at, seq, placeholder: true, raw });
             continue;
         }
-        lines.push(Line { key, value, line: i + 1, placeholder: false, raw });
+        lines.push(Line { key, value, at, seq, placeholder: false, raw });
     }
+    open.pop();
     if !found {
         return Err(format!("{file}: no [{section}] section (uWSGI reads its options from that section)"));
     }
-    Ok((file.to_string(), lines))
+    Ok(())
 }
 
 /// uWSGI's magic variables for one file.
@@ -285,8 +331,8 @@ fn rule(key: &str) -> Option<Rule> {
             "corral's --access-log-format takes gunicorn's atoms (%(h)s %(r)s %(s)s ...), not uWSGI's: write it \
              in those",
         ),
-        "ini" | "include" | "inherit" | "xml" | "yaml" | "json" => {
-            Refused("corral reads one configuration file: merge the included one into it")
+        "include" | "inherit" | "xml" | "yaml" | "json" => {
+            Refused("corral includes ini files only (`ini = FILE[:SECTION]`): merge this one into an ini file")
         }
         "http-timeout" | "http-keepalive" | "http-auto-chunked" | "http-processes" | "http-workers" => {
             Refused("uWSGI's HTTP router has no counterpart: corral serves `http-socket` and `http` itself")
@@ -369,7 +415,7 @@ fn truthy(value: &str) -> bool {
 /// notes to show; errors name every option that cannot be taken, with its line.
 pub fn translate(spec: &str, python_prefix: &str) -> Result<(Vec<Entry>, Vec<String>), String> {
     let (file, lines) = read(spec)?;
-    let at = |l: &Line| format!("{file}:{}", l.line);
+    let at = |l: &Line| l.at.clone();
     let last = |keys: &[&str]| lines.iter().rev().find(|l| keys.contains(&l.key.as_str()));
     let mut notes = Vec::new();
     let mut errors = Vec::new();
@@ -391,7 +437,7 @@ pub fn translate(spec: &str, python_prefix: &str) -> Result<(Vec<Entry>, Vec<Str
     // Names the file sets only to use them as %(name) placeholders.
     let used = |l: &Line| {
         let wanted = format!("%({})", l.key);
-        lines.iter().any(|o| o.line > l.line && o.raw.contains(&wanted))
+        lines.iter().any(|o| o.seq > l.seq && o.raw.contains(&wanted))
     };
     for l in &lines {
         let key = l.key.as_str();
@@ -623,9 +669,8 @@ pub fn translate(spec: &str, python_prefix: &str) -> Result<(Vec<Entry>, Vec<Str
         values.into_iter().for_each(|v| array.push(v));
         entries.push((key, Item::Value(Value::Array(array)), at));
     }
-    // In the file's order, so errors about them come in that order.
-    entries
-        .sort_by_key(|(_, _, at)| at.rsplit(':').next().and_then(|n| n.parse::<usize>().ok()).unwrap_or(0));
+    // In the order read, so errors about them come in that order.
+    entries.sort_by_key(|(_, _, at)| lines.iter().position(|l| &l.at == at).unwrap_or(0));
     Ok((entries, notes))
 }
 
@@ -664,7 +709,8 @@ mod tests {
         let base = Line {
             key: "base".into(),
             value: "/srv/site".into(),
-            line: 1,
+            at: "site.ini:1".into(),
+            seq: 0,
             placeholder: true,
             raw: String::new(),
         };
@@ -705,5 +751,54 @@ mod tests {
         assert_eq!(split_section("uwsgi.ini:prod"), ("uwsgi.ini", "prod"));
         assert_eq!(split_section("uwsgi.ini"), ("uwsgi.ini", "uwsgi"));
         assert!(!is_uwsgi_ini("corral.toml"));
+    }
+
+    #[test]
+    fn includes_are_read_where_they_stand() {
+        let dir = std::env::temp_dir().join(format!("corral-ini-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let main = dir.join("site.ini");
+        let base = dir.join("base.ini");
+        std::fs::write(
+            &main,
+            format!(
+                "[uwsgi]\nsocket = :3031\nini = {}\nini = :extra\nprocesses = %(threads)\n\n\
+                 [extra]\nsocket = :3033\n",
+                base.display()
+            ),
+        )
+        .unwrap();
+        std::fs::write(&base, "[uwsgi]\nthreads = 4\nchdir = %d\n").unwrap();
+        let (_, lines) = read(main.to_str().unwrap()).unwrap();
+        let got: Vec<(&str, &str)> = lines.iter().map(|l| (l.key.as_str(), l.value.as_str())).collect();
+        let base_dir = format!("{}/", dir.display());
+        assert_eq!(
+            got,
+            [
+                ("socket", ":3031"),
+                ("threads", "4"),
+                ("chdir", base_dir.as_str()),
+                ("socket", ":3033"),
+                ("processes", "4")
+            ]
+        );
+        assert_eq!(lines[1].at, format!("{}:2", base.display()));
+        assert_eq!(lines[3].at, format!("{}:8", main.display()));
+
+        // A loop, a missing file and a missing section are named with where
+        // they were included.
+        std::fs::write(&base, format!("[uwsgi]\nini = {}\n", main.display())).unwrap();
+        let err = read(main.to_str().unwrap()).err().unwrap();
+        assert!(err.contains("an include loop"), "{err}");
+        std::fs::write(&main, "[uwsgi]\nini = nowhere.ini\n").unwrap();
+        let err = read(main.to_str().unwrap()).err().unwrap();
+        assert!(
+            err.starts_with(&format!("{}:2: `ini = nowhere.ini`: nowhere.ini:", main.display())),
+            "{err}"
+        );
+        std::fs::write(&main, "[uwsgi]\nini = :prod\n").unwrap();
+        let err = read(main.to_str().unwrap()).err().unwrap();
+        assert!(err.contains("no [prod] section") && err.contains("(included at"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
