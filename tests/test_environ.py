@@ -156,6 +156,16 @@ def test_multiprocess_and_multithread_flags(start_server, workers, threads):
     assert _v(env, "wsgi.multithread") is (threads > 1)
 
 
+def test_requests_run_on_named_serving_threads_not_pythons_main_thread(start_server):
+    """As under gunicorn's gthread workers, also with one thread: a signal
+    handler cannot be set while serving (--timeout is the server's), and
+    logging's %(threadName)s names the serving thread."""
+    server = start_server("behaviour:application", threads=1)
+    got = server.get_json("/thread")
+    assert got["name"] == "corral-thread-1" and got["main"] is False, got
+    assert "main thread" in got["signal"], got
+
+
 def test_multiprocess_flag_with_an_adaptive_pool(start_server):
     server = start_server("behaviour:application", "--workers-min", "1", "--workers-max", "3", workers=None)
     assert _v(_environ(server), "wsgi.multiprocess") is True

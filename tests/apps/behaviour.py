@@ -256,8 +256,22 @@ def exc_info_replace(environ, start_response):
     return [b"replaced"]
 
 
+def thread(environ, start_response):
+    """The serving thread as Python sees it, and whether it may set a signal handler."""
+    import signal
+
+    try:
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        handler = "set"
+    except ValueError as e:
+        handler = str(e)
+    me = threading.current_thread()
+    return _json(start_response, {"name": me.name, "main": me is threading.main_thread(), "signal": handler})
+
+
 VALIDATED = {
     "/environ": environ_dump,
+    "/thread": thread,
     "/echo": echo,
     "/ignore-body": ignore_body,
     "/fixed": fixed,

@@ -3633,6 +3633,15 @@ fn record_refusal<A: App>(
         _ => (&b"-"[..], &b"-"[..], "-".to_string()),
     };
     let none = |_: &str| -> Option<Vec<u8>> { None };
+    // The header lines read, as far as they go: a refused request's
+    // User-Agent is often what tells a scanner from a broken client.
+    let http = listener.protocol == Protocol::Http;
+    let request_header = |name: &str| -> Option<Vec<u8>> {
+        head.split(|&b| b == b'\n').skip(1).filter(|_| http).find_map(|l| {
+            let (n, v) = l.split_at(l.iter().position(|&b| b == b':')?);
+            n.eq_ignore_ascii_case(name.as_bytes()).then(|| v[1..].trim_ascii().to_vec())
+        })
+    };
     log.log_now(&crate::access::Entry {
         remote_addr: conn.map_or_else(|client| client, |c| c.remote_addr.as_str()),
         method,
@@ -3642,7 +3651,7 @@ fn record_refusal<A: App>(
         // As for the app's responses: the body's bytes, not the head's.
         bytes: body_length(reply),
         micros,
-        request_header: &none,
+        request_header: &request_header,
         response_header: &none,
         environ: &none,
     });

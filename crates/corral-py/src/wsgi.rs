@@ -775,6 +775,14 @@ impl App for WsgiApp {
         // Creates this thread's Python state, which it keeps for good.
         let tstate = unsafe {
             ffi::PyGILState_Ensure();
+            // Named for logging's %(threadName)s, which would say "Dummy-1"
+            // for a thread Python did not start.
+            let py = Python::assume_gil_acquired();
+            // (A failure leaves the name as it was; its error is dropped here.)
+            let _ = py
+                .import("threading")
+                .and_then(|m| m.call_method0("current_thread"))
+                .and_then(|th| th.setattr("name", format!("corral-thread-{}", t + 1)));
             ffi::PyEval_SaveThread()
         };
         let mut states = self.thread_states.lock().unwrap_or_else(|p| p.into_inner());
