@@ -337,6 +337,24 @@ def test_streamed_response(stack):
     assert body == b"".join(f"line {i}\n".encode() for i in range(100))
 
 
+@pytest.mark.parametrize("length", [True, False], ids=["content-length", "no-length"])
+def test_a_body_the_app_fails_in_the_middle_of_is_not_passed_off_as_whole(stack, length):
+    """The front end learns the body is cut (a reset, FastCGI's missing
+    END_REQUEST, a short Content-Length) and cuts the client's response. Over
+    uwsgi and SCGI on a unix socket there is no reset to send: a response
+    without a length then ends normally (docs/deploy/nginx.md)."""
+    passed_off = not length and stack.transport == "unix" and stack.wire in ("uwsgi", "scgi")
+    try:
+        status, _, body = stack.request("GET", "/fails-midway" + ("?cl=1" if length else ""))
+    except (http.client.IncompleteRead, ConnectionError) as e:
+        assert not passed_off, e
+    else:
+        assert passed_off, (status, len(body))
+        assert status == 200 and body == b"first part\n" * 100
+    stack.corral.wait_for("failed in the middle of the body")
+    assert stack.request("GET", "/stream")[0] == 200
+
+
 def test_many_responses_in_a_row_arrive_whole(stack):
     # A front end may still be sending the end of a request when the response
     # is complete (Apache sends FastCGI's empty STDIN record late); closing

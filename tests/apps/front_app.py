@@ -21,6 +21,11 @@ def _json(start_response, obj, status="200 OK"):
     return [body]
 
 
+def _fails_midway():
+    yield b"first part\n" * 100
+    raise RuntimeError("failed in the middle of the body")
+
+
 def application(environ, start_response):
     path = environ["PATH_INFO"]
     if path.endswith("/environ"):
@@ -47,6 +52,13 @@ def application(environ, start_response):
         size = int(environ.get("CONTENT_LENGTH") or 0)
         form = parse_qs(environ["wsgi.input"].read(size).decode())
         return _json(start_response, {k: v for k, v in form.items()})
+    if path.endswith("/fails-midway"):
+        # A body cut by the app's failure after it began.
+        headers = [("Content-Type", "text/plain")]
+        if "cl=1" in environ.get("QUERY_STRING", ""):
+            headers.append(("Content-Length", "100000"))
+        start_response("200 OK", headers)
+        return _fails_midway()
     if path.endswith("/plain"):
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"one piece, no length given\n"]

@@ -3446,6 +3446,16 @@ fn complete_locked(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>, io: 
         // What was held of the response goes out before the reset, as it
         // would have without holding.
         let _ = io.flush_out(blocking);
+        if let (Wire::FastCgi { id, .. }, true) = (io.wire, listener.is_unix) {
+            // FastCGI has no record that says a response failed, and on a
+            // unix socket, which has no reset, nginx takes a close without
+            // END_REQUEST for the response's end. A record header of version
+            // 0 fails the response there. (Over TCP the reset does, for
+            // every front end; HAProxy would end the response normally on
+            // such a header.)
+            let [hi, lo] = id.to_be_bytes();
+            let _ = io.write_parts(&[&[0, 6, hi, lo, 0, 0, 0, 0]], blocking);
+        }
         // Reset, so the client cannot mistake a truncated body for a whole one.
         let linger = libc::linger { l_onoff: 1, l_linger: 0 };
         unsafe {
