@@ -273,6 +273,36 @@ def test_requests_waiting_on_a_worker_whose_only_thread_is_stuck_reach_its_repla
             assert new != old and int(new) in server.worker_pids(mark)
 
 
+def test_connections_handed_over_behind_another_stuck_request_are_not_lost(start_server):
+    """A stuck worker's connections go to its replacement, one of them with
+    a request that gets stuck there too: the others wait parked where a
+    later hand-over finds them, rather than unseen in the replacement's
+    inbox, lost as it leaves in turn."""
+    server = start_server("behaviour:application", "--timeout", "2", workers=1, threads=1)
+    conns = [server.connect(timeout=30) for _ in range(6)]
+    try:
+        for conn in conns:
+            conn.send(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = conn.read_response().body.decode()
+        mark = server.mark()
+        conns[0].send(b"GET /slow?secs=60&id=first HTTP/1.1\r\nHost: x\r\n\r\n")
+        server.wait_for("slow request started: first", since=mark)
+        conns[1].send(b"GET /slow?secs=60&id=second HTTP/1.1\r\nHost: x\r\n\r\n")
+        for i, conn in enumerate(conns[2:]):
+            conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n%d" % i)
+        assert conns[0].read_response().status == 504
+        server.wait_for(
+            rf"Worker handed 5 connection\(s\) to other workers while stuck: pid={first}", since=mark
+        )
+        assert conns[1].read_response().status == 504
+        for i, conn in enumerate(conns[2:]):
+            resp = conn.read_response()
+            assert (resp.status, resp.body) == (200, b"%d" % i)
+    finally:
+        for conn in conns:
+            conn.close()
+
+
 @pytest.mark.parametrize("hang", ["/slow?secs=60&id=stuck", "/segfault"])
 def test_a_connection_answered_in_the_pass_that_got_stuck_reaches_the_replacement(start_server, hang):
     """A worker with one thread answers the requests that came ready together

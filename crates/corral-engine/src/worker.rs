@@ -2034,6 +2034,27 @@ fn hand_over_if_draining<A: App>(w: &Shared<A>, conn: Box<Conn>) -> Option<Box<C
 
 /// Takes the connections siblings handed over and serves what they bring.
 fn take_handed_over<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, held: &mut Held) {
+    // Every connection waiting in the inbox is taken first; the first is
+    // served here and the others parked. Served one after another, they
+    // would wait behind a slow request unseen by the other threads, and be
+    // lost with the inbox should this worker be stopped too (a slow request
+    // handed over from a stuck worker is often stuck here as well).
+    let mut taken = Vec::new();
+    receive_handed_over(w, &mut taken);
+    let mut taken = taken.into_iter();
+    if let Some(first) = taken.next() {
+        taken.for_each(|conn| park(w, conn));
+        serve_claimed(w, state, t, first, held);
+        if held.due() {
+            held.release(w);
+        }
+    }
+}
+
+/// Adopts the connections waiting in the hand-over inbox.
+// Boxed as everywhere: epoll's events carry a connection's address.
+#[allow(clippy::vec_box)]
+fn receive_handed_over<A: App>(w: &Shared<A>, taken: &mut Vec<Box<Conn>>) {
     use std::os::fd::IntoRawFd;
     let Some(inbox) = &w.inbox else { return };
     loop {
@@ -2069,10 +2090,7 @@ fn take_handed_over<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, held
                 if let Some(client) = note.client {
                     set_proxy_client(&mut conn, client);
                 }
-                serve_claimed(w, state, t, conn, held);
-                if held.due() {
-                    held.release(w);
-                }
+                taken.push(conn);
             }
             Ok(crate::handover::Received::Dropped(why)) => warn!("hand-over inbox: dropped {why}"),
             Ok(crate::handover::Received::Empty) => return,
