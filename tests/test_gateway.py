@@ -965,15 +965,59 @@ def test_a_body_cut_short_by_the_front_end_is_an_error_for_the_app(gw, proto):
     assert not gw.grep(r"POST /sha.*client disconnected", since=mark), gw.log[-2000:]
 
 
-def test_fastcgi_stdin_shorter_than_content_length_is_logged(gw):
+def test_fastcgi_stdin_shorter_than_content_length_is_an_error_for_the_app(gw):
+    """As over uwsgi and SCGI: the app's read raises rather than taking the
+    cut body for a whole one."""
     mark = gw.mark()
     with g.FcgiConn(gw.addr("fastcgi")) as conn:
         params = g.cgi_params("POST", "/sha", extra=[("CONTENT_LENGTH", "100")])
         conn.send(g.fcgi_request_bytes(params, b"abc", keep_conn=True))
         r = conn.read_response(1)
-        assert r.json()["length"] == 3
-        assert conn.request(g.cgi_params(uri="/fixed"), request_id=2, keep_conn=True).body == b"hello world"
-    gw.wait_for(r"POST /sha from .*: STDIN ended 97 bytes short of CONTENT_LENGTH", since=mark)
+        assert r.status == 400 and b'"length"' not in r.body, (r.status, r.body)
+    assert g.call("fastcgi", gw.addr("fastcgi"), uri="/fixed").body == b"hello world"
+    gw.wait_for(r"Bad fastcgi request from .*: STDIN ended short of CONTENT_LENGTH", since=mark)
+
+
+def test_a_queued_fastcgi_request_aborted_leaves_no_response_held(start_server):
+    """One thread holds a finished response briefly to write it with the
+    next: a request that came in behind a running one on the same kept
+    connection, and that the front end aborted meanwhile, gets its
+    END_REQUEST, and the response held before it goes out with it rather
+    than waiting for the front end to send something more."""
+    server = g.start_gateways(start_server, "behaviour:application", [("fastcgi", "127.0.0.1:0")], threads=1)
+    with g.FcgiConn(server.addr("fastcgi"), timeout=20) as conn:
+        conn.send(
+            g.fcgi_request_bytes(
+                g.cgi_params("GET", "/slow", extra=[("QUERY_STRING", "secs=1&id=one")]), keep_conn=True
+            )
+        )
+        server.wait_for("slow request started: one")
+        conn.send(g.fcgi_request_bytes(g.cgi_params("GET", "/fixed"), request_id=2, keep_conn=True))
+        conn.send_record(g.FCGI_ABORT_REQUEST, 2)
+        assert conn.read_response(1).body == b"slept one"
+        ended = conn.read_record()
+        while ended.type != g.FCGI_END_REQUEST:
+            ended = conn.read_record()
+        assert ended.request_id == 2
+
+
+def test_fastcgi_stdin_before_the_end_of_params_is_refused(gw):
+    """Its bytes would otherwise be dropped from the body without a word."""
+    mark = gw.mark()
+    params = g.cgi_params("POST", "/sha", b"abcdef")
+    whole = g.fcgi_request_bytes(params, b"abcdef")
+    # BEGIN_REQUEST, then STDIN "abc" before the PARAMS stream's records.
+    begin_len = 16
+    early = g.record(5, 1, b"abc")
+    data, closed = b"", False
+    sock = g.connect(gw.addr("fastcgi"))
+    try:
+        sock.sendall(whole[:begin_len] + early + whole[begin_len:])
+        data, closed = g.read_until_close(sock, timeout=15)
+    finally:
+        sock.close()
+    assert closed and b"Status: 200" not in data, data
+    gw.wait_for(r"STDIN record before the end of PARAMS", since=mark)
 
 
 def _closed_unanswered(addr, data):

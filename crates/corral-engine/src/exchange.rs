@@ -734,10 +734,13 @@ impl Io {
                             "the front end sent {} bytes of STDIN past CONTENT_LENGTH; the app did not see them",
                             st.surplus
                         ));
-                    } else if let Some(left) = st.left.filter(|&l| l > 0) {
-                        self.body_note = Some(format!(
-                            "STDIN ended {left} bytes short of CONTENT_LENGTH; the app saw end of input there"
-                        ));
+                    } else if st.left.is_some_and(|l| l > 0) {
+                        // An error, not end of input, as a short body is over
+                        // uwsgi and SCGI: an app must not take a cut upload
+                        // for a whole one. The front end waits for the answer.
+                        let e = BodyError::Gateway("STDIN ended short of CONTENT_LENGTH");
+                        self.body = BodyState::Failed(e);
+                        return Err(e);
                     }
                     self.body = BodyState::Done;
                     return Ok(0);
@@ -1081,7 +1084,14 @@ impl Io {
         let mut trailer = Vec::new();
         if let Wire::FastCgi { id, .. } = self.wire {
             if !last {
-                self.check_fcgi_abort()?;
+                if let Err(e) = self.check_fcgi_abort() {
+                    // Nothing more is held for this response: what was held
+                    // (a previous response on the connection) must go out with
+                    // the END_REQUEST the abort is owed, not wait for a later
+                    // write that may never come.
+                    self.holding = false;
+                    return Err(e);
+                }
             } else if self.completes_body(data.len()) {
                 // The whole body: END_REQUEST goes out in the same write.
                 self.refuse_concurrent_fcgi(&mut trailer);

@@ -314,6 +314,11 @@ pub(crate) fn fcgi_head(
                     return Ok((used, None));
                 }
             }
+            (RecordType::Stdin, Some((id, _))) if r.request_id == id => {
+                // The body follows the parameters; taken here, it would be
+                // lost without a word.
+                return Err("STDIN record before the end of PARAMS".into());
+            }
             (_, active) => {
                 stray_record(record, active.map(|(id, _)| id), out);
             }
