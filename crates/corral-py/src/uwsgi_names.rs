@@ -32,6 +32,7 @@ const EQUIVALENTS: &[(&str, &str)] = &[
     ("plugin", "nothing: corral serves WSGI apps with the Python it is installed in"),
     ("manage-script-name", "--mount PREFIX (the prefix goes to SCRIPT_NAME, the rest to PATH_INFO)"),
     ("static-map", "--static /URL=DIR"),
+    ("check-static", "--static /=DIR (the app answers what DIR has not)"),
     ("cheaper", "--workers-min N with --workers-max M (the adaptive pool)"),
     ("cheaper-algo", "--workers-min N with --workers-max M (the adaptive pool)"),
     ("max-requests-delta", "--max-requests-jitter J"),
