@@ -339,10 +339,11 @@ def test_streamed_response(stack):
 
 @pytest.mark.parametrize("length", [True, False], ids=["content-length", "no-length"])
 def test_a_body_the_app_fails_in_the_middle_of_is_not_passed_off_as_whole(stack, length):
-    """The front end learns the body is cut (a reset, FastCGI's missing
-    END_REQUEST, a short Content-Length) and cuts the client's response. Over
-    uwsgi and SCGI on a unix socket there is no reset to send: a response
-    without a length then ends normally (docs/deploy/nginx.md)."""
+    """The front end learns the body is cut (a reset over TCP, a FastCGI
+    record header it refuses on a unix socket, a short Content-Length) and
+    cuts the client's response. Over uwsgi and SCGI on a unix socket there is
+    nothing to send: a response without a length then ends normally
+    (docs/deploy/nginx.md)."""
     passed_off = not length and stack.transport == "unix" and stack.wire in ("uwsgi", "scgi")
     try:
         status, _, body = stack.request("GET", "/fails-midway" + ("?cl=1" if length else ""))
