@@ -350,8 +350,13 @@ def test_a_body_the_app_fails_in_the_middle_of_is_not_passed_off_as_whole(stack,
     except (http.client.IncompleteRead, ConnectionError) as e:
         assert not passed_off, e
     else:
-        assert passed_off, (status, len(body))
-        assert status == 200 and body == b"first part\n" * 100
+        # A front end that learns of the cut before it has sent the head
+        # answers with its own error (Apache: 503) instead.
+        if status >= 500:
+            assert not passed_off, (status, body[:200])
+        else:
+            assert passed_off, (status, len(body))
+            assert status == 200 and body == b"first part\n" * 100
     stack.corral.wait_for("failed in the middle of the body")
     assert stack.request("GET", "/stream")[0] == 200
 
