@@ -658,3 +658,76 @@ def test_no_post_fails_behind_a_kept_fastcgi_pool_while_workers_are_replaced(sta
     finally:
         stop.set()
         front.stop()
+
+
+@pytest.mark.skipif(not front_ends.available("nginx"), reason="nginx is not installed")
+@pytest.mark.parametrize("socket_kind", ["unix", "tcp"])
+def test_no_post_fails_behind_a_kept_fastcgi_pool_when_one_of_two_servers_stops(
+    start_server, tmp_path, socket_kind
+):
+    """Two corral servers behind one nginx upstream with a keepalive pool and
+    fastcgi_keep_conn, eight clients posting, and one server stopped (TERM)
+    under that load. nginx sends a request refused at connect to the other
+    server, but cannot retry a POST written on a pooled connection that closes
+    under it (502): the stopping server must end each kept connection so that
+    nginx never puts it back in its pool, on a unix socket as over TCP."""
+    if socket_kind == "unix":
+        backends = [f"unix:{tmp_path}/corral-{i}.sock" for i in range(2)]
+    else:
+        backends = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    servers = [
+        start_server("front_app:application", "--fastcgi", b, http=None, workers=1, threads=4, wait=False)
+        for b in backends
+    ]
+    for server in servers:
+        server.wait_for(r"Worker ready", timeout=20)
+    port = free_port()
+    front = front_ends.nginx(
+        tmp_path / "nginx",
+        f"""
+    upstream corral {{ server {backends[0]}; server {backends[1]}; keepalive 8; }}
+    server {{
+        listen {port};
+        location / {{
+            include {front_ends.NGINX_PARAMS}/fastcgi_params;
+            fastcgi_keep_conn on;
+            fastcgi_pass corral;
+        }}
+    }}""",
+    )
+    failures, counts = [], [0]
+    stop = threading.Event()
+
+    def client():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        while not stop.is_set():
+            try:
+                conn.request("POST", "/upload", body=b"p" * 2000)
+                resp = conn.getresponse()
+                resp.read()
+                if resp.status != 200:
+                    failures.append(resp.status)
+                counts[0] += 1
+            except (OSError, http.client.HTTPException) as e:
+                failures.append(repr(e))
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.close()
+
+    try:
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        before = counts[0]
+        servers[0].signal(signal.SIGTERM)
+        assert servers[0].wait_exit(20) == 0, servers[0].log[-3000:]
+        time.sleep(1)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        assert before > 50 and counts[0] > before + 50, (before, counts)
+        assert not failures, (failures[:10], front.logs()[-3000:])
+    finally:
+        stop.set()
+        front.stop()
