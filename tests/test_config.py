@@ -1,6 +1,7 @@
 """--config FILE (TOML), its precedence under the environment and the command
 line, --print-config, and errors that name the key and the line."""
 
+import json
 import os
 import signal
 import socket
@@ -93,6 +94,8 @@ def test_timeout_and_max_requests_zero_mean_off(start_server):
 def test_print_config_refuses_what_a_start_would_refuse(tmp_path):
     for args, message in [
         (["--static", f"/s={tmp_path / 'missing'}"], "--static"),
+        (["--static-map", f"/s={tmp_path / 'missing'}"], "--static-map"),
+        (["--static-map", "/s=/dev/null"], "is not a directory or a regular file"),
         (["--user", "no-such-user-here"], "no-such-user-here"),
         (["--chdir", str(tmp_path / "missing")], "--chdir"),
         (["--access-log", "-", "--access-log-format", "%(zz)s"], "unknown atom"),
@@ -224,7 +227,7 @@ def test_habits_from_uwsgi_and_gunicorn_get_an_error_that_says_what_to_write(arg
 def test_a_converted_uwsgi_ini_gets_every_unknown_key_named_at_once(tmp_path):
     cfg = tmp_path / "from-uwsgi.toml"
     cfg.write_text(
-        'plugins = "python3"\nworkers = 2\nmanage-script-name = true\nstatic-map = "/s=/srv/s"\n'
+        'plugins = "python3"\nworkers = 2\nmanage-script-name = true\ncheaper = 2\n'
         'logto = "/var/log/app.log"\n'
     )
     proc = _run(["--config", str(cfg), "behaviour:application"], cwd=APPS)
@@ -232,7 +235,7 @@ def test_a_converted_uwsgi_ini_gets_every_unknown_key_named_at_once(tmp_path):
     for line in (
         ":1: unknown key `plugins` (for uWSGI's `plugins`, corral takes nothing: corral serves WSGI apps",
         ":3: unknown key `manage-script-name` (for uWSGI's `manage-script-name`, corral takes --mount PREFIX",
-        ":4: unknown key `static-map` (for uWSGI's `static-map`, corral takes --static /URL=DIR)",
+        ":4: unknown key `cheaper` (for uWSGI's `cheaper`, corral takes --workers-min N with --workers-max M",
         ":5: unknown key `logto` (for uWSGI's `logto`, corral takes --error-log FILE with --capture-output",
     ):
         assert line in proc.stderr, proc.stderr
@@ -966,7 +969,7 @@ def test_a_uwsgi_ini_file_is_read_as_uwsgi_reads_it(start_server, tmp_path):
     assert got["timeout"] == ('"30"', at + "13")
     assert got["max-requests-jitter"] == ('"100"', at + "15")
     assert got["env"] == ('"GREETING=from-ini"', at + "16")
-    assert got["static"] == (f'"/files={tmp_path}/"', at + "19")
+    assert got["static-map"] == (f'"/files={tmp_path}/"', at + "19")
     for line, key in ((7, "master"), (12, "vacuum"), (18, "enable-threads")):
         assert f"{ini}:{line}: uWSGI's `{key}` is not needed" in proc.stderr, proc.stderr
 
@@ -1157,7 +1160,7 @@ def test_uwsgi_ini_values_as_uwsgi_reads_them(tmp_path):
     got = {k: v[0] for k, v in _printed(proc.stdout).items()}
     assert got["uwsgi"] == f'"unix:{site}/app.sock"'
     assert got["touch-reload"] == f'"{site}/reload.txt"'
-    assert got["static"] == f'"/assets={site}/assets"'
+    assert got["static-map"] == f'"/assets={site}/assets"'
     assert got["env"] == '"SECRET=$(CORRAL_INI_UNSET_VAR)"'
     assert (got["workers"], got["timeout"]) == ('"2"', '"30"')
     assert got["limit-request-field-size"] == got["limit-request-line"] == '"32768"'
@@ -1165,14 +1168,13 @@ def test_uwsgi_ini_values_as_uwsgi_reads_them(tmp_path):
     assert "uWSGI's `cheaper-algo` is not needed" in proc.stderr
     ini.write_text(
         "[uwsgi]\nmodule = behaviour:application\nlog-format = %(addr) - %(user) [%(ltime)]\n"
-        "static-map = /s=/tmp\nstatic-map = /s=/srv\nstats = /run/stats.sock\n"
+        "stats = /run/stats.sock\n"
     )
     proc = _run(["--config", str(ini), "--print-config"])
     assert proc.returncode == 2, proc.stderr
     for said in (
         ":3: uWSGI's `log-format` has no counterpart in corral: corral's --access-log-format takes gunicorn's atoms",
-        ":5: uWSGI's `static-map` maps /s more than once",
-        ":6: uWSGI's `stats` on a unix socket",
+        ":4: uWSGI's `stats` on a unix socket",
     ):
         assert said in proc.stderr, proc.stderr
 
@@ -1196,25 +1198,47 @@ def test_a_uwsgi_ini_includes_another_where_it_stands(tmp_path):
     assert proc.returncode == 2 and "an include loop" in proc.stderr, proc.stderr
 
 
-def test_uwsgi_check_static_serves_its_files_and_leaves_the_rest_to_the_app(start_server, tmp_path):
-    """`check-static DIR` (and `static-map = /=DIR`, given more than once):
-    a GET of a file there is the file, any other request the app's."""
+def test_uwsgi_static_maps_serve_their_files_and_leave_the_rest_to_the_app(start_server, tmp_path):
+    """uWSGI's `static-map` (a prefix mapped to several directories, a URL to
+    one file) and `check-static DIR`: a GET of a file one of them has is that
+    file, the first mapping that has it winning; any other request is the
+    app's, as under uWSGI."""
     site = tmp_path / "site"
-    (site / "public").mkdir(parents=True)
-    (site / "more").mkdir()
+    for d in ("public", "more", "static", "favicons"):
+        (site / d).mkdir(parents=True)
     (site / "public" / "robots.txt").write_text("User-agent: *\n")
     (site / "more" / "favicon.ico").write_bytes(b"\x00ico")
+    (site / "static" / "app.css").write_text("a{}")
+    (site / "static" / "both.txt").write_text("from static")
+    (site / "favicons" / "both.txt").write_text("from favicons")
+    (site / "favicons" / "site.png").write_bytes(b"\x89PNG")
+    (site / "humans.txt").write_text("we are people\n")
     port = free_port()
     ini = tmp_path / "app.ini"
     ini.write_text(
         f"[uwsgi]\nchdir = {site}\npythonpath = {APPS}\nmodule = behaviour:application\n"
-        f"http-socket = 127.0.0.1:{port}\ncheck-static = public\nstatic-map = /=more\nstatic-map = /=more\nlazy-apps = true\n"
+        f"http-socket = 127.0.0.1:{port}\ncheck-static = public\nstatic-map = /=more\nstatic-map = /=more\n"
+        "static-map = /static=static\nstatic-map = /static=favicons\nstatic-map = /people.txt=humans.txt\n"
+        "lazy-apps = true\n"
     )
+    proc = _run(["--config", str(ini), "--print-config"])
+    assert proc.returncode == 0, proc.stderr
     server = start_server(str(ini), "--config", http=None, pythonpath=None, wait=False)
     server.wait_started()
     assert server.request("GET", "/robots.txt").body == b"User-agent: *\n"
     assert server.request("GET", "/favicon.ico").body == b"\x00ico"
-    assert server.get_json("/nope")["PATH_INFO"]["value"] == "/nope"
+    assert server.request("GET", "/static/app.css").body == b"a{}"
+    assert server.request("GET", "/static/site.png").body == b"\x89PNG"
+    assert server.request("GET", "/static/both.txt").body == b"from static"
+    people = server.request("GET", "/people.txt")
+    assert people.body == b"we are people\n" and people.header("content-type").startswith("text/plain")
+    assert server.request("HEAD", "/static/site.png").status == 200
+    for method, path in [("GET", "/nope"), ("GET", "/static/missing.css"), ("POST", "/static/app.css")]:
+        r = server.request(method, path, body=b"x" if method == "POST" else b"")
+        assert r.status == 200 and json.loads(r.body)["PATH_INFO"]["value"] == path, (method, path, r.body)
+    assert (
+        json.loads(server.request("GET", "/people.txt/more").body)["PATH_INFO"]["value"] == "/people.txt/more"
+    )
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching groups needs root")

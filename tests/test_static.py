@@ -342,3 +342,22 @@ def test_a_mount_at_the_root_leaves_what_it_has_not_to_the_app(start_server, tmp
     # A mount elsewhere still answers for its whole prefix.
     assert server.request("GET", "/assets/a.css").body == b"a{}"
     assert server.request("GET", "/assets/missing.css").status == 404
+
+
+def test_a_static_map_goes_before_a_static_mount_of_its_prefix(start_server, tmp_path):
+    """--static-map mounts are tried first, whatever the order of the flags,
+    and pass what they have not on: here to a --static mount of the same
+    prefix, which answers 404 for what it has not either."""
+    new, old = tmp_path / "new", tmp_path / "old"
+    new.mkdir()
+    old.mkdir()
+    (new / "a.css").write_text("new a")
+    (old / "a.css").write_text("old a")
+    (old / "b.css").write_text("old b")
+    server = start_server(
+        "behaviour:application", "--static", f"/assets={old}", "--static-map", f"/assets={new}"
+    )
+    assert server.request("GET", "/assets/a.css").body == b"new a"
+    assert server.request("GET", "/assets/b.css").body == b"old b"
+    assert server.request("GET", "/assets/c.css").status == 404
+    assert server.request("POST", "/assets/a.css", body=b"x").status == 405

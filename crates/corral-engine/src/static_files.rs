@@ -1,4 +1,5 @@
-//! `--static /url=DIR`: files answered by the worker thread itself, before
+//! `--static /url=DIR` and `--static-map /url=DIR` (uWSGI's static-map, which
+//! leaves what it has not to the app): files answered by the worker thread itself, before
 //! and without the app (no GIL), with sendfile(2), single byte ranges and
 //! If-Range, the conditional requests of RFC 9110 13 (If-Match,
 //! If-Unmodified-Since, If-None-Match, If-Modified-Since) against a strong
@@ -21,30 +22,58 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use crate::exchange::Exchange;
 
-/// One `--static` mount.
+/// One `--static` or `--static-map` mount.
 #[derive(Debug, Clone)]
 pub struct Mount {
     /// URL prefix without a trailing slash ("/static").
     pub prefix: String,
-    /// The directory, resolved (canonical).
+    /// The directory (or, for a `--static-map` of one file, that file),
+    /// resolved (canonical).
     pub dir: PathBuf,
-    /// The directory as named (absolute, symlinks unresolved).
+    /// The directory or file as named (absolute, symlinks unresolved).
     pub named: PathBuf,
+    /// Whether a request the mount has no file for goes on, to the next
+    /// mount and then the app, rather than getting a 404: uWSGI's
+    /// `static-map` (`--static-map`), and any mount at `/`.
+    pub passes_misses: bool,
+    /// Whether `dir` is one file (a `--static-map` of one URL).
+    pub is_file: bool,
 }
 
 impl Mount {
-    /// Parses `/url=DIR`; the directory must exist.
+    /// Parses `--static`'s `/url=DIR`; the directory must exist.
     pub fn parse(s: &str) -> Result<Mount, String> {
-        let (url, dir) = s.split_once('=').ok_or_else(|| format!("--static {s:?}: expected /URL=DIR"))?;
+        Mount::parse_as(s, "--static", false)
+    }
+
+    /// Parses `--static-map`'s `/url=DIR` or `/url=FILE`, which must exist.
+    pub fn parse_map(s: &str) -> Result<Mount, String> {
+        Mount::parse_as(s, "--static-map", true)
+    }
+
+    fn parse_as(s: &str, flag: &str, map: bool) -> Result<Mount, String> {
+        let target = if map { "DIR or FILE" } else { "DIR" };
+        let (url, dir) = s.split_once('=').ok_or_else(|| format!("{flag} {s:?}: expected /URL={target}"))?;
         if !url.starts_with('/') {
-            return Err(format!("--static {s:?}: the URL prefix must start with '/'"));
+            return Err(format!("{flag} {s:?}: the URL prefix must start with '/'"));
         }
-        let named = std::path::absolute(dir).map_err(|e| format!("--static {s:?}: {dir}: {e}"))?;
-        let dir = std::fs::canonicalize(dir).map_err(|e| format!("--static {s:?}: {dir}: {e}"))?;
-        if !dir.is_dir() {
-            return Err(format!("--static {s:?}: {} is not a directory", dir.display()));
+        let named = std::path::absolute(dir).map_err(|e| format!("{flag} {s:?}: {dir}: {e}"))?;
+        let dir = std::fs::canonicalize(dir).map_err(|e| format!("{flag} {s:?}: {dir}: {e}"))?;
+        if !(dir.is_dir() || map && dir.is_file()) {
+            let kind = if map { "a directory or a regular file" } else { "a directory" };
+            return Err(format!("{flag} {s:?}: {} is not {kind}", dir.display()));
         }
-        Ok(Mount { prefix: url.trim_end_matches('/').to_string(), dir, named })
+        let is_file = dir.is_file();
+        Ok(Mount { prefix: url.trim_end_matches('/').to_string(), dir, named, passes_misses: map, is_file })
+    }
+
+    /// The flag the mount came from, for log lines.
+    pub fn flag(&self) -> &'static str {
+        if self.passes_misses {
+            "--static-map"
+        } else {
+            "--static"
+        }
     }
 
     /// Resolves the directory again, for a worker starting after a deploy
@@ -52,15 +81,18 @@ impl Mount {
     /// the one it had, with a warning, when the name leads nowhere now.
     pub fn refresh(&mut self) {
         match std::fs::canonicalize(&self.named) {
-            Ok(dir) if dir.is_dir() => self.dir = dir,
+            Ok(dir) if (self.is_file && dir.is_file()) || (!self.is_file && dir.is_dir()) => self.dir = dir,
             Ok(dir) => tracing::warn!(
-                "--static {}: {} is not a directory now; serving {} still",
+                "{} {}: {} is not a {} now; serving {} still",
+                self.flag(),
                 self.prefix,
                 dir.display(),
+                if self.is_file { "regular file" } else { "directory" },
                 self.dir.display()
             ),
             Err(e) => tracing::warn!(
-                "--static {}: {}: {e}; serving {} still",
+                "{} {}: {}: {e}; serving {} still",
+                self.flag(),
                 self.prefix,
                 self.named.display(),
                 self.dir.display()
@@ -79,10 +111,12 @@ impl Mount {
     /// so it takes only a GET or HEAD naming one of its files, and every
     /// other request goes to the app: uWSGI's `static-map = /=DIR` (and
     /// `check-static`) and nginx's `try_files $uri @app` behave so, and a
-    /// site's root files (robots.txt, favicon.ico) are mapped that way.
+    /// site's root files (robots.txt, favicon.ico) are mapped that way. A
+    /// `--static-map` mount does the same under its prefix, as uWSGI's
+    /// `static-map` does (it may map one prefix to several directories).
     pub fn takes<'p>(&self, path: &'p [u8], method: &[u8]) -> Option<&'p [u8]> {
         let rel = self.relative(path)?;
-        if !self.prefix.is_empty() {
+        if !self.prefix.is_empty() && !self.passes_misses {
             return Some(rel);
         }
         let file = (method == b"GET" || method == b"HEAD")
@@ -375,7 +409,12 @@ pub fn serve(ex: &Exchange, mount: &Mount, rel: &[u8], head: bool, method_ok: bo
         Ok(opened) => opened,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return not_found(),
         Err(e) => {
-            tracing::warn!("--static {}: cannot open {}: {e}; answering 403", mount.prefix, path.display());
+            tracing::warn!(
+                "{} {}: cannot open {}: {e}; answering 403",
+                mount.flag(),
+                mount.prefix,
+                path.display()
+            );
             let _ = ex.start(b"403 Forbidden");
             let _ = ex.header(b"Content-Type", b"text/plain; charset=utf-8");
             let _ = ex.write(b"403 Forbidden\n", true);
@@ -513,6 +552,25 @@ mod tests {
         ] {
             assert_eq!(r.takes(path, method), None, "{}", String::from_utf8_lossy(path));
         }
+        // A --static-map mount takes, under its prefix, what a mount at the
+        // root takes; one of a file takes its URL only.
+        let sm = Mount::parse_map(&format!("/static={}", root.join("public").display())).unwrap();
+        assert_eq!(sm.takes(b"/static/a.css", b"GET"), Some(&b"/a.css"[..]));
+        for (path, method) in [
+            (&b"/static/a.css"[..], &b"POST"[..]),
+            (b"/static/nope", b"GET"),
+            (b"/static", b"GET"),
+            (b"/static/sub/", b"GET"),
+            (b"/a.css", b"GET"),
+        ] {
+            assert_eq!(sm.takes(path, method), None, "{}", String::from_utf8_lossy(path));
+        }
+        let f = Mount::parse_map(&format!("/robots.txt={}", root.join("public/a.css").display())).unwrap();
+        assert!(f.is_file && f.passes_misses);
+        assert_eq!(f.takes(b"/robots.txt", b"GET"), Some(&b""[..]));
+        assert_eq!(f.takes(b"/robots.txt/x", b"GET"), None);
+        assert_eq!(f.takes(b"/robots.txt", b"PUT"), None);
+        assert!(Mount::parse(&format!("/robots.txt={}", root.join("public/a.css").display())).is_err());
         assert!(resolve(&m.dir, b"/a.css").is_some());
         assert_eq!(resolve(&m.dir, b"/sub"), Some(Resolved::AddSlash));
         assert!(

@@ -264,6 +264,18 @@ pub struct Cli {
     #[arg(long = "static", value_name = "/URL=DIR", env = "CORRAL_STATIC", value_delimiter = ',')]
     pub static_dirs: Vec<String>,
 
+    /// uWSGI's static-map: serve the file FILE, or the files under DIR, at /URL, and leave
+    /// every other request (not a GET or HEAD, or naming no file there) to the next mapping,
+    /// then the app. Repeatable, one prefix possibly mapped to several directories tried in
+    /// order, or several separated by commas; tried before the --static mounts.
+    #[arg(
+        long = "static-map",
+        value_name = "/URL=DIR|FILE",
+        env = "CORRAL_STATIC_MAP",
+        value_delimiter = ','
+    )]
+    pub static_maps: Vec<String>,
+
     /// Development: reload the workers when a .py file under the current directory (after
     /// --chdir) or a --pythonpath directory changes. --reload=false turns it off.
     #[arg(long, value_name = "BOOL", env = "CORRAL_RELOAD", num_args = 0..=1, require_equals = true,
@@ -1800,9 +1812,14 @@ fn pool_size(cli: &Cli, set_in: &str) -> Result<u32, String> {
     Ok(min)
 }
 
-/// The --static mounts, their directories resolved.
+/// The --static-map and --static mounts, in the order they are tried, their
+/// directories resolved. A --static-map mount takes only the files it has,
+/// so it goes first: after a --static mount of the same prefix it would
+/// never see a request.
 fn static_mounts(cli: &Cli) -> Result<Vec<corral_engine::static_files::Mount>, String> {
-    cli.static_dirs.iter().map(|spec| corral_engine::static_files::Mount::parse(spec)).collect()
+    use corral_engine::static_files::Mount;
+    let maps = cli.static_maps.iter().map(|spec| Mount::parse_map(spec));
+    maps.chain(cli.static_dirs.iter().map(|spec| Mount::parse(spec))).collect()
 }
 
 /// Whether `--long` (alone, or as `--long=VALUE`) is among the arguments.

@@ -283,7 +283,7 @@ fn rule(key: &str) -> Option<Rule> {
         "max-worker-lifetime" => Option("max-worker-lifetime"),
         "reload-on-rss" | "evil-reload-on-rss" => Option("reload-on-rss"),
         "limit-post" => Option("max-body-size"),
-        "static-map" => Option("static"),
+        "static-map" => Option("static-map"),
         "check-static" => Option("check-static"),
         "uid" => Option("user"),
         "gid" => Option("group"),
@@ -426,7 +426,6 @@ pub fn translate(spec: &str, python_prefix: &str) -> Result<(Vec<Entry>, Vec<Str
         Some(c) if Path::new(p).is_relative() => Path::new(c).join(p).display().to_string(),
         _ => p.to_string(),
     };
-    let mut static_urls: Vec<String> = Vec::new();
     // Repeatable options collect every value, in order.
     let mut list: Vec<(String, Vec<String>, String)> = Vec::new();
     let mut single: HashMap<&'static str, (Value, String)> = HashMap::new();
@@ -453,21 +452,10 @@ pub fn translate(spec: &str, python_prefix: &str) -> Result<(Vec<Entry>, Vec<Str
                 "env" | "pythonpath" => push(opt, l.value.clone(), at(l)),
                 // uWSGI looks for these after its chdir.
                 "touch-reload" => push(opt, in_chdir(&l.value), at(l)),
-                // A mount at / leaves what it has not to the app, as uWSGI does.
-                "check-static" => push("static", format!("/={}", in_chdir(&l.value)), at(l)),
-                "static" => match l.value.split_once('=') {
-                    Some((url, dir)) => {
-                        if !url.trim_end_matches('/').is_empty() && static_urls.contains(&url.to_string()) {
-                            errors.push(format!(
-                                "{}: uWSGI's `static-map` maps {url} more than once: corral's --static answers a \
-                                 prefix other than / from one directory, with 404 for a file not there (uWSGI \
-                                 tries each mapping, then the app)",
-                                at(l)
-                            ));
-                        }
-                        static_urls.push(url.to_string());
-                        push(opt, format!("{url}={}", in_chdir(dir)), at(l))
-                    }
+                // Each leaves what it has not to the next mapping and the app, as in uWSGI.
+                "check-static" => push("static-map", format!("/={}", in_chdir(&l.value)), at(l)),
+                "static-map" => match l.value.split_once('=') {
+                    Some((url, dir)) => push(opt, format!("{url}={}", in_chdir(dir)), at(l)),
                     None => push(opt, l.value.clone(), at(l)),
                 },
                 // uWSGI reads a number's leading digits (`processes = 4 ; four`).
