@@ -1198,6 +1198,34 @@ def test_a_uwsgi_ini_includes_another_where_it_stands(tmp_path):
     assert proc.returncode == 2 and "an include loop" in proc.stderr, proc.stderr
 
 
+def test_uwsgi_configuration_logic_is_applied_as_uwsgi_applies_it(tmp_path):
+    """`if-env` / `if-exists` ... `endif` and `for` ... `endfor` blocks, with
+    `%(_)`: what a block holds is taken only when its test holds, each line of
+    a `for` block once per item; a block left open is refused with its line."""
+    ini = tmp_path / "app.ini"
+    ini.write_text(
+        "[uwsgi]\nmodule = behaviour:application\nprocesses = 2\n"
+        "if-env = CORRAL_TEST_WORKERS\nprocesses = %(_)\nendif =\n"
+        f"if-exists = {tmp_path}/maintenance\nharakiri = 5\nendif =\n"
+        "for = 8001 8002\nhttp-socket = 127.0.0.1:%(_)\nendfor =\n"
+    )
+    proc = _run(["--config", str(ini), "--print-config"])
+    assert proc.returncode == 0, proc.stderr
+    got = _printed(proc.stdout)
+    assert got["workers"] == ('"2"', f"config file {ini}:3")
+    assert got["http"][0] == '["127.0.0.1:8001", "127.0.0.1:8002"]'
+    assert got["timeout"][1] == "default"
+    (tmp_path / "maintenance").touch()
+    proc = _run(["--config", str(ini), "--print-config"], env={"CORRAL_TEST_WORKERS": "5"})
+    assert proc.returncode == 0, proc.stderr
+    got = _printed(proc.stdout)
+    assert got["workers"] == ('"5"', f"config file {ini}:5")
+    assert got["timeout"] == ('"5"', f"config file {ini}:8")
+    ini.write_text("[uwsgi]\nmodule = behaviour:application\nif-env = HOME\nprocesses = 3\n")
+    proc = _run(["--config", str(ini), "--print-config"])
+    assert proc.returncode == 2 and f"{ini}:3: `if-env` has no `endif` below it" in proc.stderr, proc.stderr
+
+
 def test_uwsgi_static_maps_serve_their_files_and_leave_the_rest_to_the_app(start_server, tmp_path):
     """uWSGI's `static-map` (a prefix mapped to several directories, a URL to
     one file) and `check-static DIR`: a GET of a file one of them has is that

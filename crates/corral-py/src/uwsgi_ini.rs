@@ -57,6 +57,50 @@ struct Line {
 /// How deep `ini =` includes may nest: deeper is a loop in all likelihood.
 const MAX_INCLUDE_DEPTH: usize = 16;
 
+/// uWSGI's configuration logic: the block a section's reading is in.
+/// uWSGI does not nest them, and neither does corral.
+enum Block {
+    /// Outside any block.
+    Open,
+    /// After `if-env`, `if-exists`... up to `endif`: whether the test held,
+    /// and what `%(_)` stands for in the block (the `if-not-*` tests of a
+    /// name leave it as written, as uWSGI does).
+    If { at: String, key: String, taken: bool, context: String },
+    /// After `for = A B C` up to `endfor`: each line in it is read once per
+    /// item, with `%(_)` the item.
+    For { at: String, items: Vec<String> },
+}
+
+/// The test of an `if-*` line: whether it holds, and what `%(_)` is in its block.
+fn logic_test(key: &str, value: &str, earlier: &[Line]) -> Result<(bool, String), String> {
+    let (negated, test) = match key.strip_prefix("if-not-") {
+        Some(test) => (true, test),
+        None => (false, key.strip_prefix("if-").unwrap_or(key)),
+    };
+    let literal = "%(_)".to_string();
+    let (held, context) = match test {
+        "env" | "opt" => {
+            let (name, wanted) = match value.split_once('=') {
+                Some((n, v)) => (n.trim(), Some(v.trim())),
+                None => (value.trim(), None),
+            };
+            let found = if test == "env" {
+                std::env::var(name).ok()
+            } else {
+                earlier.iter().rev().find(|l| l.key == name).map(|l| l.value.clone())
+            };
+            let held = found.as_deref().is_some_and(|v| wanted.is_none_or(|w| w == v));
+            (held, found.unwrap_or_default())
+        }
+        "exists" => (Path::new(value).exists(), value.to_string()),
+        "file" => (Path::new(value).is_file(), value.to_string()),
+        "dir" => (Path::new(value).is_dir(), value.to_string()),
+        _ => return Err(format!("uWSGI's `{key}` is not a test corral reads (if-env, if-exists, if-file, if-dir, if-opt and their if-not- forms)")),
+    };
+    let context = if negated && matches!(test, "env" | "opt") { literal } else { context };
+    Ok((held != negated, context))
+}
+
 /// Reads the section's lines, in order, with uWSGI's expansions applied and
 /// `ini = FILE[:SECTION]` (or `ini = :SECTION` of the same file) replaced
 /// by the lines it names, where it stands, as uWSGI assembles them.
@@ -82,6 +126,7 @@ fn read_section(
     open.push((path.clone(), section.to_string()));
     let mut in_section = false;
     let mut found = false;
+    let mut block = Block::Open;
     for (i, raw) in text.lines().enumerate() {
         let at = format!("{file}:{}", i + 1);
         let l = raw.trim();
@@ -89,6 +134,9 @@ fn read_section(
             continue;
         }
         if let Some(name) = l.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+            if in_section {
+                unclosed(&block)?;
+            }
             in_section = name.trim() == section;
             found |= in_section;
             continue;
@@ -96,55 +144,133 @@ fn read_section(
         if !in_section {
             continue;
         }
-        let seq = lines.len();
-        let Some((key, raw)) = l.split_once('=') else {
+        let (key, raw) = match l.split_once('=') {
+            Some((key, raw)) => (key.trim().to_string(), raw.trim().to_string()),
             // uWSGI takes a bare name as a flag set to true.
-            let (key, value, raw) = (l.to_string(), "true".to_string(), String::new());
-            lines.push(Line { key, value, at, seq, placeholder: false, raw });
-            continue;
+            None => (l.to_string(), "true".to_string()),
         };
-        let (key, raw) = (key.trim().to_string(), raw.trim().to_string());
-        // uWSGI's log format uses %(name) for its own variables, not placeholders.
-        let value = if matches!(key.as_str(), "log-format" | "logformat") {
-            raw.clone()
-        } else {
-            expand(&raw, &magic, lines).map_err(|e| format!("{at}: `{key}`: {e}"))?
-        };
-        if key == "ini" {
-            let (inner, inner_section) = match value.strip_prefix(':') {
-                Some(name) => (file.to_string(), name.to_string()),
-                None => {
-                    let (f, s) = split_section(&value);
-                    (f.to_string(), s.to_string())
-                }
+        if key.starts_with("if-") || key == "for" || key.starts_with("for-") {
+            let inner = match &block {
+                Block::Open => None,
+                Block::If { at, key, .. } => Some((at, key.as_str())),
+                Block::For { at, .. } => Some((at, "for")),
             };
-            let inner_path = std::path::absolute(&inner).unwrap_or_else(|_| PathBuf::from(&inner));
-            if open.len() >= MAX_INCLUDE_DEPTH || open.contains(&(inner_path, inner_section.clone())) {
+            if let Some((outer_at, outer)) = inner {
                 return Err(format!(
-                    "{at}: `ini = {value}` includes [{inner_section}] of {inner}, which is being read already \
-                     (an include loop)"
+                    "{at}: `{key}` inside the `{outer}` block opened at {outer_at}: uWSGI's configuration \
+                     logic does not nest"
                 ));
             }
-            let inner_text = std::fs::read_to_string(&inner)
-                .map_err(|e| format!("{at}: `ini = {value}`: {inner}: {e}"))?;
-            read_section(&inner, &inner_text, &inner_section, lines, open)
-                .map_err(|e| format!("{e}\n(included at {at})"))?;
-            continue;
-        }
-        if matches!(key.as_str(), "set-placeholder" | "set-ph") {
-            let Some((name, value)) = value.split_once('=') else {
-                return Err(format!("{at}: `{key}` must be NAME=VALUE"));
+            let value = expand(&raw, &magic, lines, None).map_err(|e| format!("{at}: `{key}`: {e}"))?;
+            block = if key == "for" {
+                Block::For { at: at.clone(), items: value.split_whitespace().map(str::to_string).collect() }
+            } else if key.starts_with("for-") {
+                return Err(format!("{at}: uWSGI's `{key}` is not one corral reads (`for = A B C` is)"));
+            } else {
+                let (taken, context) = logic_test(&key, &value, lines).map_err(|e| format!("{at}: {e}"))?;
+                Block::If { at: at.clone(), key: key.clone(), taken, context }
             };
-            let (key, value) = (name.trim().to_string(), value.trim().to_string());
-            lines.push(Line { key, value, at, seq, placeholder: true, raw });
             continue;
         }
-        lines.push(Line { key, value, at, seq, placeholder: false, raw });
+        if key == "endif" || key == "endfor" {
+            match (&block, key.as_str()) {
+                (Block::If { .. }, "endif") | (Block::For { .. }, "endfor") => block = Block::Open,
+                (Block::Open, _) => return Err(format!("{at}: `{key}` with no block open above it")),
+                (Block::If { at: o, key: k, .. }, _) => {
+                    return Err(format!("{at}: `{key}` ends the `{k}` block opened at {o}"))
+                }
+                (Block::For { at: o, .. }, _) => {
+                    return Err(format!("{at}: `{key}` ends the `for` block opened at {o}"))
+                }
+            }
+            continue;
+        }
+        // The value of `%(_)` for each time the line is read.
+        let contexts: Vec<Option<String>> = match &block {
+            Block::Open => vec![None],
+            Block::If { taken: false, .. } => continue,
+            Block::If { context, .. } => vec![Some(context.clone())],
+            Block::For { items, .. } => items.iter().cloned().map(Some).collect(),
+        };
+        for context in contexts {
+            read_line(file, &magic, &key, &raw, l.contains('='), &at, lines, open, context.as_deref())?;
+        }
+    }
+    if in_section {
+        unclosed(&block)?;
     }
     open.pop();
     if !found {
         return Err(format!("{file}: no [{section}] section (uWSGI reads its options from that section)"));
     }
+    Ok(())
+}
+
+/// Refuses a section that ends inside a block.
+fn unclosed(block: &Block) -> Result<(), String> {
+    match block {
+        Block::Open => Ok(()),
+        Block::If { at, key, .. } => Err(format!("{at}: `{key}` has no `endif` below it in its section")),
+        Block::For { at, .. } => Err(format!("{at}: `for` has no `endfor` below it in its section")),
+    }
+}
+
+/// Reads one `key = value` line (`has_value` false for a bare name, a flag
+/// set to true) into `lines`, with `%(_)` standing for `context`.
+#[allow(clippy::too_many_arguments)]
+fn read_line(
+    file: &str,
+    magic: &Magic,
+    key: &str,
+    raw: &str,
+    has_value: bool,
+    at: &str,
+    lines: &mut Vec<Line>,
+    open: &mut Vec<(PathBuf, String)>,
+    context: Option<&str>,
+) -> Result<(), String> {
+    let (at, seq) = (at.to_string(), lines.len());
+    if !has_value {
+        let (key, value) = (key.to_string(), raw.to_string());
+        lines.push(Line { key, value, at, seq, placeholder: false, raw: String::new() });
+        return Ok(());
+    }
+    let (key, raw) = (key.to_string(), raw.to_string());
+    // uWSGI's log format uses %(name) for its own variables, not placeholders.
+    let value = if matches!(key.as_str(), "log-format" | "logformat") {
+        raw.clone()
+    } else {
+        expand(&raw, magic, lines, context).map_err(|e| format!("{at}: `{key}`: {e}"))?
+    };
+    if key == "ini" {
+        let (inner, inner_section) = match value.strip_prefix(':') {
+            Some(name) => (file.to_string(), name.to_string()),
+            None => {
+                let (f, s) = split_section(&value);
+                (f.to_string(), s.to_string())
+            }
+        };
+        let inner_path = std::path::absolute(&inner).unwrap_or_else(|_| PathBuf::from(&inner));
+        if open.len() >= MAX_INCLUDE_DEPTH || open.contains(&(inner_path, inner_section.clone())) {
+            return Err(format!(
+                "{at}: `ini = {value}` includes [{inner_section}] of {inner}, which is being read already \
+                     (an include loop)"
+            ));
+        }
+        let inner_text =
+            std::fs::read_to_string(&inner).map_err(|e| format!("{at}: `ini = {value}`: {inner}: {e}"))?;
+        return read_section(&inner, &inner_text, &inner_section, lines, open)
+            .map_err(|e| format!("{e}\n(included at {at})"));
+    }
+    if matches!(key.as_str(), "set-placeholder" | "set-ph") {
+        let Some((name, value)) = value.split_once('=') else {
+            return Err(format!("{at}: `{key}` must be NAME=VALUE"));
+        };
+        let (key, value) = (name.trim().to_string(), value.trim().to_string());
+        lines.push(Line { key, value, at, seq, placeholder: true, raw });
+        return Ok(());
+    }
+    lines.push(Line { key, value, at, seq, placeholder: false, raw });
     Ok(())
 }
 
@@ -173,8 +299,9 @@ impl Magic {
     }
 }
 
-/// Applies `%d`-style magic variables, `$(VAR)` and `%(name)` to a value.
-fn expand(value: &str, magic: &Magic, earlier: &[Line]) -> Result<String, String> {
+/// Applies `%d`-style magic variables, `$(VAR)` and `%(name)` to a value;
+/// `%(_)` is `context`, inside a block of configuration logic.
+fn expand(value: &str, magic: &Magic, earlier: &[Line], context: Option<&str>) -> Result<String, String> {
     let mut out = String::with_capacity(value.len());
     let mut rest = value;
     while let Some(i) = rest.find(['%', '$']) {
@@ -194,6 +321,11 @@ fn expand(value: &str, magic: &Magic, earlier: &[Line]) -> Result<String, String
         if let Some(inner) = tail.strip_prefix("%(") {
             let end = inner.find(')').ok_or("an unclosed %(")?;
             let name = &inner[..end];
+            if let (Some(context), "_") = (context, name) {
+                out.push_str(context);
+                rest = &inner[end + 1..];
+                continue;
+            }
             let line = earlier
                 .iter()
                 .rev()
@@ -717,11 +849,13 @@ mod tests {
             ("$HOME", "$HOME"),
         ];
         for (raw, want) in vectors {
-            assert_eq!(expand(raw, &magic(), &earlier).unwrap(), *want, "{raw}");
+            assert_eq!(expand(raw, &magic(), &earlier, None).unwrap(), *want, "{raw}");
         }
-        assert!(expand("%(nope)", &magic(), &earlier).unwrap_err().contains("%(nope)"));
-        assert!(expand("%x", &magic(), &earlier).unwrap_err().contains("%x"));
-        assert!(expand("$(OPEN", &magic(), &earlier).is_err());
+        assert!(expand("%(nope)", &magic(), &earlier, None).unwrap_err().contains("%(nope)"));
+        assert!(expand("%(_)", &magic(), &earlier, None).unwrap_err().contains("%(_)"));
+        assert_eq!(expand("/%(_)static", &magic(), &earlier, Some("app/")).unwrap(), "/app/static");
+        assert!(expand("%x", &magic(), &earlier, None).unwrap_err().contains("%x"));
+        assert!(expand("$(OPEN", &magic(), &earlier, None).is_err());
     }
 
     #[test]
@@ -739,6 +873,87 @@ mod tests {
         assert_eq!(split_section("uwsgi.ini:prod"), ("uwsgi.ini", "prod"));
         assert_eq!(split_section("uwsgi.ini"), ("uwsgi.ini", "uwsgi"));
         assert!(!is_uwsgi_ini("corral.toml"));
+    }
+
+    /// What uWSGI 2.0's `--show-config` gave for the same file and
+    /// environment (SETV=hello, EMPTYV set and empty, UNSETV unset).
+    #[test]
+    fn configuration_logic() {
+        let dir = std::env::temp_dir().join(format!("corral-logic-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("adir")).unwrap();
+        std::fs::write(dir.join("afile"), "").unwrap();
+        let (adir, afile) = (dir.join("adir").display().to_string(), dir.join("afile").display().to_string());
+        std::env::set_var("CORRAL_LOGIC_SETV", "hello");
+        std::env::set_var("CORRAL_LOGIC_EMPTYV", "");
+        std::env::remove_var("CORRAL_LOGIC_UNSETV");
+        let ini = dir.join("t.ini");
+        std::fs::write(
+            &ini,
+            format!(
+                "[uwsgi]\na1 = base\n\
+                 if-env = CORRAL_LOGIC_SETV\ne1 = set:%(_)\nendif =\n\
+                 if-env = CORRAL_LOGIC_EMPTYV\ne2 = empty:%(_)\nendif =\n\
+                 if-env = CORRAL_LOGIC_UNSETV\ne3 = unset:%(_)\nendif =\n\
+                 if-env = CORRAL_LOGIC_SETV=hello\ne4 = eq:%(_)\nendif =\n\
+                 if-env = CORRAL_LOGIC_SETV=nope\ne5 = neq:%(_)\nendif =\n\
+                 if-not-env = CORRAL_LOGIC_UNSETV\ne6 = notenv:%(_)\nendif =\n\
+                 if-not-env = CORRAL_LOGIC_SETV\ne7 = notenv-set\nendif =\n\
+                 if-exists = {adir}\nx1 = exists\nendif =\n\
+                 if-file = {afile}\nx2 = file:%(_)\nendif =\n\
+                 if-file = {adir}\nx3 = file-on-dir\nendif =\n\
+                 if-dir = {adir}\nx4 = dir\nendif =\n\
+                 if-not-exists = {adir}/nothere\nx5 = notexists\nendif =\n\
+                 if-opt = a1\no1 = opt:%(_)\nendif =\n\
+                 if-opt = a1=base\no2 = opteq:%(_)\nendif =\n\
+                 if-not-opt = zz\no3 = notopt:%(_)\nendif =\n\
+                 for = p q\nf1 = for:%(_)\nf2 = for2:%(_)\nendfor =\n\
+                 after = done\n"
+            ),
+        )
+        .unwrap();
+        let (_, lines) = read(ini.to_str().unwrap()).unwrap();
+        let got: Vec<String> = lines.iter().map(|l| format!("{} = {}", l.key, l.value)).collect();
+        let file_line = format!("x2 = file:{afile}");
+        assert_eq!(
+            got,
+            [
+                "a1 = base",
+                "e1 = set:hello",
+                "e2 = empty:",
+                "e4 = eq:hello",
+                "e6 = notenv:%(_)",
+                "x1 = exists",
+                file_line.as_str(),
+                "x4 = dir",
+                "x5 = notexists",
+                "o1 = opt:base",
+                "o2 = opteq:base",
+                "o3 = notopt:%(_)",
+                "f1 = for:p",
+                "f1 = for:q",
+                "f2 = for2:p",
+                "f2 = for2:q",
+                "after = done",
+            ]
+        );
+        assert_eq!(lines[1].at, format!("{}:4", ini.display()));
+
+        // Nesting, a block left open, an end with no block, a test corral
+        // does not read: each refused with its line.
+        for (body, said) in [
+            ("if-env = A\nfor = 1 2\nendfor =\nendif =\n", ":3: `for` inside the `if-env` block opened at"),
+            ("if-env = A\nx = 1\n", ":2: `if-env` has no `endif` below it"),
+            ("for = 1\nx = 1\n[other]\ny = 2\n", ":2: `for` has no `endfor` below it"),
+            ("x = 1\nendif =\n", ":3: `endif` with no block open above it"),
+            ("for = 1\nendif =\n", ":3: `endif` ends the `for` block opened at"),
+            ("if-hostname = h\nendif =\n", ":2: uWSGI's `if-hostname` is not a test corral reads"),
+            ("for-glob = *.ini\nendfor =\n", ":2: uWSGI's `for-glob` is not one corral reads"),
+        ] {
+            std::fs::write(&ini, format!("[uwsgi]\n{body}")).unwrap();
+            let err = read(ini.to_str().unwrap()).err().unwrap_or_default();
+            assert!(err.contains(said), "{body:?}: {err}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
