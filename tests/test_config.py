@@ -1153,7 +1153,7 @@ def test_uwsgi_ini_values_as_uwsgi_reads_them(tmp_path):
         f"[uwsgi]\nchdir = {site}\nmodule = behaviour:application\nsocket = app.sock\n"
         "http-socket = 127.0.0.1:8123\ntouch-reload = reload.txt\nstatic-map = /assets=assets\n"
         "env = SECRET=$(CORRAL_INI_UNSET_VAR)\nprocesses = 2 ; two workers\nharakiri = 30 # seconds\n"
-        "buffer-size = 32768\nlazy-apps = true\npython-autoreload = 1\ncheaper-algo = spare\n"
+        "buffer-size = 32768\nlazy-apps = true\npython-autoreload = 1\ncheaper-algo = spare\nhttp-timeout = 300\n"
     )
     proc = _run(["--config", str(ini), "--print-config", "--pythonpath", str(APPS)])
     assert proc.returncode == 0, proc.stderr
@@ -1166,6 +1166,7 @@ def test_uwsgi_ini_values_as_uwsgi_reads_them(tmp_path):
     assert got["limit-request-field-size"] == got["limit-request-line"] == '"32768"'
     assert got["reload"] == "true"
     assert "uWSGI's `cheaper-algo` is not needed" in proc.stderr
+    assert "uWSGI's `http-timeout` is not needed: corral has no HTTP router" in proc.stderr
     ini.write_text(
         "[uwsgi]\nmodule = behaviour:application\nlog-format = %(addr) - %(user) [%(ltime)]\n"
         "stats = /run/stats.sock\n"

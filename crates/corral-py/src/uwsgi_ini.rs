@@ -466,8 +466,16 @@ fn rule(key: &str) -> Option<Rule> {
         "include" | "inherit" | "xml" | "yaml" | "json" => {
             Refused("corral includes ini files only (`ini = FILE[:SECTION]`): merge this one into an ini file")
         }
-        "http-timeout" | "http-keepalive" | "http-auto-chunked" | "http-processes" | "http-workers" => {
-            Refused("uWSGI's HTTP router has no counterpart: corral serves `http-socket` and `http` itself")
+        // Settings of uWSGI's HTTP router, which `http` starts in front of
+        // the workers; corral's workers serve `http` themselves.
+        "http-timeout" => Moot(
+            "corral has no HTTP router between client and app: --socket-timeout bounds each read and write of a \
+             client, --timeout a request",
+        ),
+        "http-keepalive" => Moot("corral keeps HTTP/1.1 connections alive (--keepalive-timeout)"),
+        "http-auto-chunked" => Moot("corral chunks an HTTP/1.1 response that has no Content-Length"),
+        "http-processes" | "http-workers" => {
+            Moot("corral has no HTTP router processes: its workers serve `http` themselves")
         }
         "emperor" | "vassal" | "zerg" | "zerg-server" | "fastrouter" | "subscribe-to" => Refused(
             "corral runs one app per server: start one corral for each, under systemd or a supervisor",
