@@ -5,6 +5,7 @@ import email.utils
 import json
 import select
 import socket
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -865,3 +866,53 @@ def test_a_malformed_chunked_body_is_logged_as_one(behaviour, body, said):
         conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
         assert conn.read_response().status == 400
     behaviour.wait_for(rf"POST /echo from 127\.0\.0\.1:\d+: invalid chunked request body: {said}", since=mark)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_client_pipelining_without_end_does_not_hold_its_thread(start_server, threads):
+    """A client that keeps a stream of pipelined requests coming (each batch
+    sent before the last one's responses are read) never empties its buffer.
+    Served request after request as long as it has bytes, it would hold its
+    thread for good: with one thread the whole worker, with two a second such
+    client. Another client's request is answered while they go on."""
+    server = start_server("behaviour:application", workers=1, threads=threads)
+    stop, answered, errors = threading.Event(), [0] * threads, []
+    # Each request takes the app a millisecond, so the requests come faster
+    # than they are served and the connection's buffer never runs dry.
+    batch = b"GET /slow?secs=0.001 HTTP/1.1\r\nHost: x\r\n\r\n" * 500
+
+    def hog(i):
+        # One thread writes batch after batch, as fast as the socket takes
+        # them; another reads the responses.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+
+            def read():
+                with contextlib.suppress(OSError):
+                    while data := s.recv(1 << 20):
+                        answered[i] += data.count(b"slept")
+
+            reader = threading.Thread(target=read)
+            reader.start()
+            try:
+                while not stop.is_set():
+                    s.sendall(batch)
+            except OSError as e:
+                errors.append(repr(e))
+            # Reset rather than wait for the thousands of requests still queued.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.shutdown(socket.SHUT_RDWR)
+            reader.join(30)
+
+    hogs = [threading.Thread(target=hog, args=(i,)) for i in range(threads)]
+    for h in hogs:
+        h.start()
+    try:
+        assert wait_until(lambda: all(n > 100 for n in answered), 20), (answered, errors)
+        resp = server.request("GET", "/fixed", timeout=30)
+        still_going = not stop.is_set() and all(h.is_alive() for h in hogs)
+    finally:
+        stop.set()
+        for h in hogs:
+            h.join(30)
+    assert resp.status == 200 and resp.body == b"hello world"
+    assert still_going and not errors, errors

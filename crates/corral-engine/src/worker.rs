@@ -49,6 +49,16 @@ const LISTENER_TOKENS: u64 = 1 << 16;
 const INBOX_TOKEN: u64 = LISTENER_TOKENS - 1;
 /// The token of the eventfd that says the offload thread finished downloads.
 const OFFLOADED_TOKEN: u64 = LISTENER_TOKENS - 2;
+/// The token of the eventfd that says a connection gave up its turn (see [`Turns`]).
+const YIELDED_TOKEN: u64 = LISTENER_TOKENS - 3;
+/// Requests a connection may have served in a row from bytes it already
+/// sent (pipelined) before its thread looks at the others' work: a client
+/// that keeps its requests coming would otherwise hold the thread for good,
+/// and with one thread the whole worker.
+const TURN_REQUESTS: u32 = 16;
+/// Milliseconds of pipelined requests after which a connection gives up
+/// its turn even before [`TURN_REQUESTS`] (slow ones).
+const TURN_MS: u64 = 20;
 /// Connections taken from one listener wake-up before looking at other work.
 const ACCEPT_BATCH: usize = 64;
 /// Milliseconds of serving new connections after which a batch of accepts
@@ -281,10 +291,40 @@ struct Shared<A: App> {
     handed: AtomicUsize,
     /// The offload thread (None only if it could not be set up).
     offload: Option<Offload>,
+    /// Connections that gave up their turn (None only if it could not be set up).
+    turns: Option<Turns>,
     /// Per thread: the connections whose responses its current pass holds
     /// (see [`Held`]). Shared, so that when the thread is stuck past
     /// --timeout or crashed the main thread can park them for a sibling.
     held: Vec<Mutex<HeldList>>,
+}
+
+/// Connections with pipelined requests still buffered that gave up their
+/// turn to serve them (after [`TURN_REQUESTS`] or [`TURN_MS`]), waiting to be
+/// taken again as the serving threads get to the `wake` event, after the
+/// other work ready before it. A connection waits here, not in epoll, since
+/// its next requests are in its buffer, of which epoll knows nothing.
+struct Turns {
+    /// An eventfd, in the serving threads' epoll set under [`YIELDED_TOKEN`].
+    wake: OwnedFd,
+    queue: Mutex<std::collections::VecDeque<Box<Conn>>>,
+}
+
+impl Turns {
+    fn new(serving: RawFd) -> io::Result<Turns> {
+        let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if wake < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let wake = unsafe { OwnedFd::from_raw_fd(wake) };
+        // Edge-triggered: each write wakes one pass, which takes one
+        // connection and writes again if more wait.
+        let mut ev = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLET) as u32, u64: YIELDED_TOKEN };
+        if unsafe { libc::epoll_ctl(serving, libc::EPOLL_CTL_ADD, wake.as_raw_fd(), &mut ev) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Turns { wake, queue: Mutex::new(std::collections::VecDeque::new()) })
+    }
 }
 
 /// The thread that sends the rest of a file response the client's socket
@@ -434,6 +474,13 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
             None
         }
     };
+    let turns = match Turns::new(epfd) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            warn!("cannot set up turns between connections, so a client pipelining without end holds its thread: {e}");
+            None
+        }
+    };
     let mut config = ctx.config;
     // A worker started after a deploy serves the files of the release it
     // switched to, as its app does.
@@ -460,6 +507,7 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
         inbox,
         handed: AtomicUsize::new(0),
         offload,
+        turns,
         held: (0..threads).map(|_| Mutex::new(Vec::with_capacity(HOLD_CONNS))).collect(),
     });
     let probe = shared.clone();
@@ -1486,6 +1534,8 @@ fn thread_main<A: App>(w: &Shared<A>, t: usize, holder: Option<Arc<crate::flushe
                 take_handed_over(w, &mut state, t, &mut held);
             } else if token == OFFLOADED_TOKEN {
                 take_offloaded(w, &mut state, t, &mut held);
+            } else if token == YIELDED_TOKEN {
+                take_turn(w, &mut state, t, &mut held);
             } else if token < LISTENER_TOKENS {
                 accept_batch(w, &mut state, t, token as usize, &mut held);
             } else {
@@ -2211,6 +2261,7 @@ fn serve_claimed<A: App>(
     mut conn: Box<Conn>,
     held: &mut Held,
 ) {
+    let (mut served, turn_began) = (0, mono_ms());
     loop {
         let next = match w.listeners[conn.listener].1.protocol {
             Protocol::Http => read_head(w, &mut conn),
@@ -2248,6 +2299,64 @@ fn serve_claimed<A: App>(
                 held.settle(w, conn, true);
             }
             return;
+        }
+        served += 1;
+        if served >= TURN_REQUESTS || mono_ms() >= turn_began + TURN_MS {
+            match give_up_turn(w, conn) {
+                Some(c) => (conn, served) = (c, 0),
+                None => return,
+            }
+        }
+    }
+}
+
+/// Queues `conn`, whose next requests are buffered already, behind the work
+/// ready now (see [`Turns`]); gives it back to be served on at once when it
+/// cannot wait there.
+fn give_up_turn<A: App>(w: &Shared<A>, mut conn: Box<Conn>) -> Option<Box<Conn>> {
+    let Some(turns) = &w.turns else {
+        return Some(conn);
+    };
+    {
+        // What its pass held goes out first: another thread may take it.
+        let mut io = conn.io.lock().unwrap();
+        if io.flush_out(|f| f()).is_err() || io.broken {
+            drop(io);
+            close(w, conn, false);
+            return None;
+        }
+    }
+    if conn.edge && conn.registered {
+        // Still armed in the serving threads' set: an event there would give
+        // a thread this box while the queue owns it. (A one-shot registration
+        // is disarmed until parked again.)
+        unsafe { libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_DEL, conn.entry.fd, std::ptr::null_mut()) };
+        conn.registered = false;
+    }
+    turns.queue.lock().unwrap().push_back(conn);
+    wake(&turns.wake);
+    None
+}
+
+/// Serves on a connection that gave up its turn.
+fn take_turn<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, held: &mut Held) {
+    let Some(turns) = &w.turns else {
+        return;
+    };
+    clear(&turns.wake);
+    // One per wake-up, as for downloads: the others go to other threads.
+    let conn = {
+        let mut queue = turns.queue.lock().unwrap();
+        let conn = queue.pop_front();
+        if !queue.is_empty() {
+            wake(&turns.wake);
+        }
+        conn
+    };
+    if let Some(conn) = conn {
+        serve_claimed(w, state, t, conn, held);
+        if held.due() {
+            held.release(w);
         }
     }
 }
