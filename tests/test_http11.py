@@ -505,6 +505,12 @@ def test_max_body_size_content_length(limited):
         assert conn.at_eof(10)
 
 
+def test_max_body_size_0_is_no_limit(start_server):
+    """As uWSGI's `limit-post = 0` (its default) and corral's other limits' 0."""
+    server = start_server("behaviour:application", "--max-body-size", "0")
+    assert server.request("POST", "/echo", body=b"x" * 100_000).body == b"x" * 100_000
+
+
 def test_max_body_size_chunked(limited):
     with limited.connect() as conn:
         body = b"".join(b"64\r\n" + b"y" * 100 + b"\r\n" for _ in range(20)) + b"0\r\n\r\n"

@@ -332,7 +332,8 @@ pub struct Cli {
     #[arg(long, value_name = "PREFIX", env = "CORRAL_MOUNT", value_parser = parse_mount)]
     pub mount: Option<String>,
 
-    /// Largest request body in bytes; larger ones get 413. Unlimited by default.
+    /// Largest request body in bytes; larger ones get 413. Unlimited by default; 0 turns the
+    /// limit off (as uWSGI's limit-post = 0).
     #[arg(long, value_name = "BYTES", env = "CORRAL_MAX_BODY_SIZE")]
     pub max_body_size: Option<u64>,
 
@@ -992,7 +993,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             max_headers: cli.limit_request_fields,
             max_header_line: cli.limit_request_field_size,
         },
-        max_body_size: cli.max_body_size.unwrap_or(u64::MAX),
+        max_body_size: cli.max_body_size.filter(|&n| n > 0).unwrap_or(u64::MAX),
         graceful_timeout: cli.graceful_timeout,
         sigint: match cli.sigint {
             Sigint::Graceful => config::SigintMode::Graceful,

@@ -299,14 +299,33 @@ impl Magic {
     }
 }
 
-/// Applies `%d`-style magic variables, `$(VAR)` and `%(name)` to a value;
+/// Applies `%d`-style magic variables, `$(VAR)`, `@(FILE)` and `%(name)` to a value;
 /// `%(_)` is `context`, inside a block of configuration logic.
 fn expand(value: &str, magic: &Magic, earlier: &[Line], context: Option<&str>) -> Result<String, String> {
     let mut out = String::with_capacity(value.len());
     let mut rest = value;
-    while let Some(i) = rest.find(['%', '$']) {
+    while let Some(i) = rest.find(['%', '$', '@']) {
         out.push_str(&rest[..i]);
         let tail = &rest[i..];
+        if let Some(inner) = tail.strip_prefix("@(") {
+            // A file's content, less one final newline, as uWSGI reads it.
+            let end = inner.find(')').ok_or("an unclosed @(")?;
+            let path = &inner[..end];
+            if let Some((scheme, _)) =
+                path.split_once("://").filter(|(s, _)| s.chars().all(|c| c.is_ascii_alphanumeric()))
+            {
+                return Err(format!("uWSGI's @({scheme}://...) is not one corral reads (@(FILE) is)"));
+            }
+            let text = std::fs::read_to_string(path).map_err(|e| format!("@({path}): {e}"))?;
+            out.push_str(text.strip_suffix('\n').unwrap_or(&text));
+            rest = &inner[end + 1..];
+            continue;
+        }
+        if tail.starts_with('@') {
+            out.push('@');
+            rest = &tail[1..];
+            continue;
+        }
         if let Some(inner) = tail.strip_prefix("$(") {
             let end = inner.find(')').ok_or("an unclosed $(")?;
             let var = &inner[..end];
@@ -863,6 +882,14 @@ mod tests {
         assert!(expand("%(_)", &magic(), &earlier, None).unwrap_err().contains("%(_)"));
         assert_eq!(expand("/%(_)static", &magic(), &earlier, Some("app/")).unwrap(), "/app/static");
         assert!(expand("%x", &magic(), &earlier, None).unwrap_err().contains("%x"));
+        let secret = std::env::temp_dir().join(format!("corral-ini-at-{}", std::process::id()));
+        std::fs::write(&secret, "s3cret\n\n").unwrap();
+        let at = format!("KEY=@({})!", secret.display());
+        assert_eq!(expand(&at, &magic(), &earlier, None).unwrap(), "KEY=s3cret\n!");
+        std::fs::remove_file(&secret).unwrap();
+        assert!(expand(&at, &magic(), &earlier, None).unwrap_err().contains("No such file"));
+        assert!(expand("@(exec://cat x)", &magic(), &earlier, None).unwrap_err().contains("@(exec://...)"));
+        assert_eq!(expand("me@example.org", &magic(), &earlier, None).unwrap(), "me@example.org");
         assert!(expand("$(OPEN", &magic(), &earlier, None).is_err());
     }
 
