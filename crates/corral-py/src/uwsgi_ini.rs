@@ -321,9 +321,9 @@ fn expand(value: &str, magic: &Magic, earlier: &[Line], context: Option<&str>) -
             rest = &inner[end + 1..];
             continue;
         }
-        if tail.starts_with('@') {
+        if let Some(after) = tail.strip_prefix('@') {
             out.push('@');
-            rest = &tail[1..];
+            rest = after;
             continue;
         }
         if let Some(inner) = tail.strip_prefix("$(") {
