@@ -326,12 +326,19 @@ def test_json_error_log(start_server, tmp_path):
     errors = tmp_path / "error.log"
     server = _start_logging_to(start_server, errors, "--log-format", "json")
     server.request("GET", "/errors?msg=hello%22there")
+    # A write of several lines (a logging record with its traceback) is one
+    # object, so a log system keeps its lines together.
+    server.request("GET", "/errors?msg=Traceback%3A%0A%20%20frame%0AValueError%3A%20x")
     server.signal(signal.SIGTERM)
     assert server.wait_exit(30) == 0
     objs = [json.loads(line) for line in errors.read_text().splitlines()]
     assert all(set(o) == {"time", "level", "pid", "worker", "message"} for o in objs)
     assert any(o["message"].startswith("Listening at:") and o["worker"] is None for o in objs)
     assert any(o["message"] == 'hello"there' and o["worker"] == 0 for o in objs)
+    messages = [o["message"] for o in objs]
+    assert "Traceback:\n  frame\nValueError: x" in messages, messages
+    assert "Traceback:\n  frame\nValueError: x again" in messages, messages
+    assert "  frame" not in messages, messages
 
 
 def test_debug_level_logs_the_configuration_and_each_request(start_server):

@@ -120,8 +120,10 @@ fn iso_timestamp() -> String {
     format!("{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
 }
 
-/// Text written to `wsgi.errors`: as it is in the text format, one JSON
-/// object per line in the JSON format.
+/// Text written to `wsgi.errors`: as it is in the text format; in the JSON
+/// format, one object for what one write ended with a newline (a logging
+/// handler's record, its traceback included), so that a log system keeps a
+/// record's lines together.
 pub fn app_error_text(text: &str) {
     // Whole lines only: print() and tracebacks write a line in pieces, and
     // pieces from two threads or processes must not interleave in a line.
@@ -156,12 +158,12 @@ thread_local! {
 
 fn emit_app_lines(text: &str) {
     if corral_engine::logfile::json() {
-        let mut out = String::new();
-        for line in text.lines().filter(|l| !l.is_empty()) {
-            out.push_str(&json_line("ERROR", line));
+        let record = text.trim_end_matches(['\n', '\r']);
+        if !record.trim().is_empty() {
+            let mut out = json_line("ERROR", record);
             out.push('\n');
+            corral_engine::logfile::write(out.as_bytes());
         }
-        corral_engine::logfile::write(out.as_bytes());
     } else {
         corral_engine::logfile::write(text.as_bytes());
     }
