@@ -6,10 +6,11 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
 import time
 
 import pytest
-from support import read_hashed, slow_reader, wait_until
+from support import CORRAL, read_hashed, slow_reader, wait_until
 
 
 @pytest.fixture
@@ -208,6 +209,8 @@ def test_directories_and_trailing_slashes_as_nginx_answers_them(site):
     (site.public / "docs" / "index.html").write_text("<a href=x.html>x</a>")
     r = site.request("GET", "/static/docs")
     assert (r.status, _h(r)["location"]) == (301, "/static/docs/")
+    r = site.request("GET", "/static/docs?page=2&q=a%20b")
+    assert (r.status, _h(r)["location"]) == (301, "/static/docs/?page=2&q=a%20b")
     assert site.request("GET", "/static/docs/").body == b"<a href=x.html>x</a>"
     assert (site.request("GET", "/static").status, _h(site.request("GET", "/static"))["location"]) == (
         301,
@@ -361,3 +364,36 @@ def test_a_static_map_goes_before_a_static_mount_of_its_prefix(start_server, tmp
     assert server.request("GET", "/assets/b.css").body == b"old b"
     assert server.request("GET", "/assets/c.css").status == 404
     assert server.request("POST", "/assets/a.css", body=b"x").status == 405
+
+
+def test_the_longest_static_prefix_answers_and_a_prefix_given_twice_is_refused(start_server, tmp_path):
+    """Nested mounts answer by their longest prefix, whatever the order of the
+    flags (as nginx picks a location); one prefix given twice is refused, with
+    --static-map named for trying several directories."""
+    outer, inner = tmp_path / "outer", tmp_path / "inner"
+    (outer / "sub").mkdir(parents=True)
+    inner.mkdir()
+    (outer / "a.txt").write_text("outer a")
+    (outer / "sub" / "b.txt").write_text("outer b")
+    (inner / "c.txt").write_text("inner c")
+    server = start_server("behaviour:application", "--static", f"/n={outer},/n/sub={inner}")
+    assert server.request("GET", "/n/a.txt").body == b"outer a"
+    assert server.request("GET", "/n/sub/c.txt").body == b"inner c"
+    assert server.request("GET", "/n/sub/b.txt").status == 404
+    refused = subprocess.run(
+        [
+            *CORRAL,
+            "--check-config",
+            "--static",
+            f"/n={outer}",
+            "--static",
+            f"/n/={inner}",
+            "behaviour:application",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert "--static /n is given twice" in refused.stderr and "--static-map" in refused.stderr, refused.stderr

@@ -136,6 +136,8 @@ pub struct Conditions<'a> {
     pub if_range: Option<&'a [u8]>,
     pub range: Option<&'a [u8]>,
     pub accept_encoding: Option<&'a [u8]>,
+    /// The query string, kept by the redirect of a directory to its slash.
+    pub query: &'a [u8],
 }
 
 /// What a path below a mount names.
@@ -242,6 +244,11 @@ pub fn content_type(path: &Path) -> &'static str {
         "webm" => "video/webm",
         "mp3" => "audio/mpeg",
         "csv" => "text/csv; charset=utf-8",
+        "zip" => "application/zip",
+        "gz" => "application/gzip",
+        "ogg" | "oga" => "audio/ogg",
+        "ogv" => "video/ogg",
+        "webmanifest" => "application/manifest+json",
         _ => "application/octet-stream",
     }
 }
@@ -369,8 +376,13 @@ pub fn serve(ex: &Exchange, mount: &Mount, rel: &[u8], head: bool, method_ok: bo
             let mut location = mount.prefix.as_bytes().to_vec();
             location.extend_from_slice(rel);
             location.push(b'/');
+            let mut location = percent_encode_path(&location);
+            if !c.query.is_empty() {
+                location.push(b'?');
+                location.extend_from_slice(c.query);
+            }
             let _ = ex.start(b"301 Moved Permanently");
-            let _ = ex.header(b"Location", &percent_encode_path(&location));
+            let _ = ex.header(b"Location", &location);
             let _ = ex.header(b"Content-Type", b"text/plain; charset=utf-8");
             let _ = ex.write(b"301 Moved Permanently\n", true);
             return;

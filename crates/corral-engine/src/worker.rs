@@ -3065,6 +3065,10 @@ fn handle_request<A: App>(
                 if_range: v(4),
                 range: v(5),
                 accept_encoding: v(6),
+                query: match req.cgi() {
+                    Some(c) => c.get(req.bytes, b"QUERY_STRING").unwrap_or(b""),
+                    None => req.query(),
+                },
             };
             let method = req.method();
             let ok = method == b"GET" || method == b"HEAD";

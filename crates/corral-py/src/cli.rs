@@ -1817,10 +1817,24 @@ fn pool_size(cli: &Cli, set_in: &str) -> Result<u32, String> {
 /// directories resolved. A --static-map mount takes only the files it has,
 /// so it goes first: after a --static mount of the same prefix it would
 /// never see a request.
+/// Of the --static mounts, a longer prefix goes before a shorter one it is
+/// under, as nginx picks the longest location; one prefix given twice would
+/// leave the second unseen.
 fn static_mounts(cli: &Cli) -> Result<Vec<corral_engine::static_files::Mount>, String> {
     use corral_engine::static_files::Mount;
-    let maps = cli.static_maps.iter().map(|spec| Mount::parse_map(spec));
-    maps.chain(cli.static_dirs.iter().map(|spec| Mount::parse(spec))).collect()
+    let mut dirs = cli.static_dirs.iter().map(|spec| Mount::parse(spec)).collect::<Result<Vec<_>, _>>()?;
+    for (i, m) in dirs.iter().enumerate() {
+        if !m.prefix.is_empty() && dirs[..i].iter().any(|o| o.prefix == m.prefix) {
+            return Err(format!(
+                "--static {} is given twice: a --static mount answers its whole prefix, 404 for a file it has \
+                 not; --static-map {0}=DIR, given once for each directory, tries them in turn",
+                m.prefix
+            ));
+        }
+    }
+    dirs.sort_by_key(|m| std::cmp::Reverse(m.prefix.len()));
+    let maps = cli.static_maps.iter().map(|spec| Mount::parse_map(spec)).collect::<Result<Vec<_>, _>>()?;
+    Ok(maps.into_iter().chain(dirs).collect())
 }
 
 /// Whether `--long` (alone, or as `--long=VALUE`) is among the arguments.
