@@ -275,6 +275,28 @@ def test_socket_options_without_a_unix_socket_are_reported(start_server):
     server.wait_for(r"--socket-owner is not used")
 
 
+def test_http_only_options_without_an_http_listener_are_reported(start_server):
+    """--proxy-protocol and --forwarded-allow-ips read what HTTP clients send,
+    --proxy-allow-from only matters with --proxy-protocol: each said, not
+    silently taken."""
+    port = free_port()
+    server = start_server(
+        "behaviour:application",
+        "--uwsgi",
+        f"127.0.0.1:{port}",
+        "--proxy-protocol",
+        "--forwarded-allow-ips",
+        "10.0.0.1",
+        http=None,
+        wait=False,
+    )
+    server.wait_for(r"--proxy-protocol is not used: it applies to --http listeners")
+    server.wait_for(r"--forwarded-allow-ips is not used: it applies to --http listeners")
+    other = start_server("behaviour:application", "--proxy-allow-from", "10.0.0.0/8")
+    other.wait_for(r"--proxy-allow-from is not used: .* --proxy-protocol is off")
+    assert not other.grep(r"--forwarded-allow-ips is not used")
+
+
 def test_pythonpath(start_server, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()

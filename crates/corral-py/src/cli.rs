@@ -976,6 +976,23 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     if cli.reuse_port && !parsed.iter().any(|(_, a)| matches!(a, Addr::Tcp(..))) {
         warn!("--reuse-port is not used: no listener is a HOST:PORT socket corral binds");
     }
+    // Both read what HTTP clients send; a front end's uwsgi, FastCGI or SCGI
+    // request carries the client's address and scheme in its own variables.
+    let http = parsed.iter().any(|(p, _)| *p == Protocol::Http);
+    let given =
+        |id: &str| !matches!(matches.value_source(id), None | Some(clap::parser::ValueSource::DefaultValue));
+    if !http && cli.proxy_protocol {
+        warn!("--proxy-protocol is not used: it applies to --http listeners, and there is none");
+    }
+    if !http && given("forwarded_allow_ips") {
+        warn!(
+            "--forwarded-allow-ips is not used: it applies to --http listeners, and there is none (over uwsgi, \
+             FastCGI and SCGI the front end's HTTPS variable sets the scheme)"
+        );
+    }
+    if given("proxy_allow_from") && !cli.proxy_protocol {
+        warn!("--proxy-allow-from is not used: it names who may send a PROXY header, and --proxy-protocol is off");
+    }
     let workers = match pool_size(&cli, &from_file(&["workers_min", "workers_max", "workers"])) {
         Ok(n) => n,
         Err(e) => {
