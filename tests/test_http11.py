@@ -573,6 +573,15 @@ def test_configured_header_limits(limited):
     assert limited.request("GET", "/fixed", {"X-Big": "a" * 250}).status == 431
     assert limited.request("GET", "/fixed?" + "a" * 250).status == 200
     assert limited.request("GET", "/fixed?" + "a" * 350).status == 414
+    # The line as sent counts, whitespace around the value included.
+    with limited.connect() as conn:
+        conn.send(b"GET /fixed HTTP/1.1\r\nHost: x\r\nX-Pad:" + b" " * 300 + b"v\t\t\r\n\r\n")
+        assert conn.read_response().status == 431
+    # An unfinished line is refused once over the limit, not when the head
+    # would reach the limit of all its lines together.
+    with limited.connect() as conn:
+        conn.send(b"GET /fixed HTTP/1.1\r\nHost: x\r\nX-Endless: " + b"a" * 400)
+        assert conn.read_response().status == 431
 
 
 # -- timeouts ----------------------------------------------------------------------

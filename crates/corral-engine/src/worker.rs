@@ -2383,6 +2383,11 @@ fn worth_parsing(buf: &[u8], parsed: usize, limits: &http1::Limits) -> bool {
         || new.windows(2).any(|w| w == b"\n\n")
         || new.windows(3).any(|w| w == b"\n\r\n")
         || buf.len() > limits.max_head_bytes()
+        // A header line over its limit and still unfinished (a look back of
+        // at most the limit's length).
+        || (buf.len() > limits.max_header_line
+            && !buf[buf.len() - limits.max_header_line - 1..].contains(&b'\n')
+            && !line_open())
 }
 
 /// How much of an unfinished request line is parsed again at every read.

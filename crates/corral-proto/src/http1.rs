@@ -305,6 +305,12 @@ pub fn parse_head(buf: &[u8], limits: &Limits, head: &mut Head) -> Result<Status
             if data.len() > limits.max_head_bytes() {
                 return Err(Error::HeaderLineTooLong);
             }
+            // The unfinished line, a header line (the request line ended):
+            // too long already, it is refused before the rest comes.
+            let line_start = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            if data.len() - line_start > limits.max_header_line {
+                return Err(Error::HeaderLineTooLong);
+            }
             // A partial head may already show a continuation line.
             if find_obs_fold(data).is_some() {
                 return Err(Error::ObsFold);
@@ -352,9 +358,17 @@ pub fn parse_head(buf: &[u8], limits: &Limits, head: &mut Head) -> Result<Status
     let mut conn_keep_alive = false;
     let mut saw_host = false;
     let mut saw_content_type = false;
-    for h in req.headers.iter() {
+    for (i, h) in req.headers.iter().enumerate() {
         let name = h.name.as_bytes();
-        if name.len() + h.value.len() + 4 > limits.max_header_line {
+        // The whole line as sent, its line break included: the value
+        // httparse gives has lost the whitespace around it, which a client
+        // may send by the megabyte.
+        let start = name.as_ptr() as usize - data.as_ptr() as usize;
+        let next = match req.headers.get(i + 1) {
+            Some(n) => n.name.as_ptr() as usize - data.as_ptr() as usize,
+            None => len - 2,
+        };
+        if next - start > limits.max_header_line {
             return Err(Error::HeaderLineTooLong);
         }
         let value = trim_ows(h.value);
@@ -1113,6 +1127,17 @@ mod tests {
         assert_eq!(parse_head(three, &limits, &mut head), Err(Error::TooManyHeaders));
         let big = b"GET / HTTP/1.1\r\nA: 123456789012345678901234567890\r\n\r\n";
         assert_eq!(parse_head(big, &limits, &mut head), Err(Error::HeaderLineTooLong));
+        // The line's length as sent: whitespace around the value counts.
+        let fits = b"GET / HTTP/1.1\r\nA: 1234567890123456789012345\r\n\r\n";
+        assert!(matches!(parse_head(fits, &limits, &mut head), Ok(Status::Complete(..))));
+        let padded = b"GET / HTTP/1.1\r\nA:                          1\t\t\t\r\nB: 2\r\n\r\n";
+        assert_eq!(parse_head(padded, &limits, &mut head), Err(Error::HeaderLineTooLong));
+        let last = b"GET / HTTP/1.1\r\nB: 2\r\nA:                          1\r\n\r\n";
+        assert_eq!(parse_head(last, &limits, &mut head), Err(Error::HeaderLineTooLong));
+        // An unfinished header line is refused once it is too long.
+        let unfinished = b"GET / HTTP/1.1\r\nA: 1\r\nB:                             ";
+        assert_eq!(parse_head(unfinished, &limits, &mut head), Err(Error::HeaderLineTooLong));
+        assert_eq!(parse_head(&unfinished[..40], &limits, &mut head), Ok(Status::Partial));
         assert_eq!(Error::RequestLineTooLong.status(), 414);
         assert_eq!(Error::TooManyHeaders.status(), 431);
         assert_eq!(Error::UnknownTransferCoding.status(), 501);
