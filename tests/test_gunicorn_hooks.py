@@ -263,3 +263,33 @@ def test_hooks_corral_cannot_run_are_refused_with_why(tmp_path):
         ":1: `worker_abort` is a gunicorn server hook corral cannot run: a request past --timeout gets 504"
         in (proc.stderr)
     )
+
+
+def test_a_hook_named_by_its_dotted_path_runs_and_a_value_that_is_no_function_is_refused(tmp_path):
+    """gunicorn takes a hook as a "module.function" string too, and stops on
+    any other value that is not callable; so does corral, with the line."""
+    (tmp_path / "hookmod.py").write_text(
+        "import os\n\ndef ready(server):\n"
+        "    with open(os.environ['HOOK_LOG'], 'a') as f:\n        f.write('when_ready by name\\n')\n"
+    )
+    conf = f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\nwhen_ready = 'hookmod.ready'\n"
+    server, log = _start(tmp_path, conf)
+    try:
+        server.wait_started()
+        assert wait_until(lambda: log.exists() and "when_ready by name" in log.read_text(), 10)
+    finally:
+        server.cleanup()
+    for text, said in [
+        ("post_fork = 5\n", ":1: `post_fork = 5` is not a function"),
+        ("when_ready = None\n", ":1: `when_ready = None` is not a function"),
+        (
+            "on_starting = 'nomodule_here.x'\n",
+            ':1: `on_starting = "nomodule_here.x"`: ModuleNotFoundError: No module named',
+        ),
+        (
+            conf.replace("when_ready", "worker_abort"),
+            ":3: `worker_abort` is a gunicorn server hook corral cannot run",
+        ),
+    ]:
+        proc = _start_refused(text, tmp_path)
+        assert proc.returncode == 2 and said in proc.stderr, (text, proc.stderr)

@@ -210,6 +210,21 @@ fn scheme_headers(value: &Bound<'_, PyAny>) -> Option<bool> {
     Some(seen == SCHEME_HEADERS.len())
 }
 
+/// The callable a "module.attribute" string names, as gunicorn resolves a
+/// server hook given by name.
+fn resolve_dotted<'py>(py: Python<'py>, dotted: &str) -> Result<Bound<'py, PyAny>, String> {
+    let (module, attr) = dotted.rsplit_once('.').ok_or("a server hook's name must be \"module.function\"")?;
+    let object = py
+        .import("importlib")
+        .and_then(|m| m.call_method1("import_module", (module,)))
+        .and_then(|m| m.getattr(attr))
+        .map_err(|e| e.to_string())?;
+    if !object.is_callable() {
+        return Err(format!("{dotted} is not callable"));
+    }
+    Ok(object)
+}
+
 /// gunicorn's server hooks that corral cannot run, with what to do instead.
 const HOOKS: &[(&str, &str)] = &[
     (
@@ -447,6 +462,27 @@ pub fn translate(
     let truthy = |name: &str| get(name).is_some_and(|v| v.is_truthy().unwrap_or(false));
     let mut out: Vec<Setting> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
+    // A hook may be named by its dotted path, as gunicorn takes it; any
+    // other value that is not a function stops the start there, as in gunicorn.
+    for name in HOOKS.iter().map(|(h, _)| *h).chain(crate::server_hooks::RUN.iter().copied()) {
+        let Some(value) = get(name) else { continue };
+        if value.is_callable() {
+            continue;
+        }
+        let resolved = match value.extract::<String>() {
+            Ok(dotted) => resolve_dotted(py, &dotted)
+                .map_err(|e| format!("{}: `{name} = {dotted:?}`: {e}", at(name)))?,
+            Err(_) => {
+                let shown = value.repr().map(|r| r.to_string()).unwrap_or_default();
+                return Err(format!(
+                    "{}: `{name} = {shown}` is not a function (nor a \"module.function\" name), which a \
+                     gunicorn server hook must be",
+                    at(name)
+                ));
+            }
+        };
+        names.set_item(name, resolved).map_err(|e| e.to_string())?;
+    }
     // All of them at once, so that one edit of the file deals with them.
     let mut hooks: Vec<(usize, String)> = HOOKS
         .iter()
