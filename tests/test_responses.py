@@ -616,6 +616,13 @@ def test_a_file_whose_size_the_kernel_does_not_know_is_read_whole(behaviour):
     resp = behaviour.request("GET", "/file?path=/proc/self/status&cl=0")
     assert resp.status == 200
     assert b"Name:" in resp.body
+    # sysfs gives every file the size 4096, whatever it holds.
+    sysfs = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if os.path.exists(sysfs):
+        with open(sysfs, "rb") as f:
+            want = f.read()
+        resp = behaviour.request("GET", f"/file?path={sysfs}&cl=0")
+        assert (resp.status, resp.complete, resp.body) == (200, True, want)
 
 
 def test_a_worker_stuck_past_timeout_lets_its_downloads_finish(start_server, tmp_path):

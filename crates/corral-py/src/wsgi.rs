@@ -732,6 +732,27 @@ fn reads_its_descriptor(py: Python<'_>, file: &Bound<'_, PyAny>) -> bool {
         && file.getattr(pyo3::intern!(py, "raw")).is_ok_and(|raw| is(&raw, "FileIO"))
 }
 
+/// Whether the file is on a filesystem whose sizes are not its files'
+/// contents (sysfs gives 4096 for a file of 20 bytes): such a file is
+/// iterated to its end, not announced by its size.
+fn on_pseudo_fs(fd: i32) -> bool {
+    const PSEUDO: &[i64] = &[
+        0x6265_6572, // sysfs
+        0x9fa0,      // proc
+        0x6462_6720, // debugfs
+        0x7472_6163, // tracefs
+        0x7363_6673, // securityfs
+        0x6265_6570, // configfs
+        0x0027_e0eb, // cgroup
+        0x6367_7270, // cgroup2
+        0xcafe_4a11, // bpf
+        0x6e73_6673, // nsfs
+    ];
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::fstatfs(fd, &mut fs) } == 0;
+    ok && PSEUDO.contains(&(fs.f_type as i64))
+}
+
 /// Sends a file_wrapper's file with sendfile(2) when it is a regular file;
 /// the rest of a file a slow client cannot take at once is sent by the
 /// worker's offload thread.
@@ -748,6 +769,7 @@ fn sendfile(py: Python<'_>, ex: &Exchange, fw: &FileWrapper) -> PyResult<bool> {
     if unsafe { libc::fstat(fd, &mut st) } < 0
         || (st.st_mode & libc::S_IFMT) != libc::S_IFREG
         || st.st_size == 0
+        || on_pseudo_fs(fd)
     {
         return Ok(false);
     }
