@@ -496,14 +496,16 @@ def test_stats_json_and_cli(stats_server):
     with ThreadPoolExecutor(1) as pool:
         slow = pool.submit(s.request, "GET", "/slow?secs=2&id=seen", timeout=30)
         s.wait_for("slow request started: seen")
-        s.request("GET", "/raise-before")
+        s.request("GET", "/raise-before?more=%0Aon%20a%20second%20line")
         status, body = _get(s.stats_port, "/stats")
         assert status == 200
         data = json.loads(body)
         assert {w["pid"] for w in data["workers"]} == set(s.worker_pids())
         busy = [c for w in data["workers"] for c in w["current"]]
         assert any(c["method"] == "GET" and c["path"].startswith("/slow") for c in busy), data
-        assert any((w["last_exception"] or "").startswith("RuntimeError") for w in data["workers"]), data
+        # The exception's type and whole message, not the traceback's last line.
+        want = "RuntimeError: boom before start_response\non a second line"
+        assert any(w["last_exception"] == want for w in data["workers"]), data
         # `corral stats ADDR` prints the same document.
         out = subprocess.run(
             [*CORRAL, "stats", f"127.0.0.1:{s.stats_port}"],

@@ -485,7 +485,7 @@ impl WsgiApp {
                 // The whole body went out: the client gets it complete, as
                 // under gunicorn, and the log gets the error.
                 let text = format_exception(py, &e);
-                corral_engine::worker::note_exception(text.trim_end().lines().last().unwrap_or_default());
+                corral_engine::worker::note_exception(&exception_summary(py, &e));
                 error!(
                     "Error in close() of the response iterable of {} (the response was sent whole):\n{text}",
                     req.describe()
@@ -576,8 +576,7 @@ impl WsgiApp {
             return;
         }
         let text = format_exception(py, e);
-        // The exception's last line ("ValueError: ...") for /stats.
-        corral_engine::worker::note_exception(text.trim_end().lines().last().unwrap_or_default());
+        corral_engine::worker::note_exception(&exception_summary(py, e));
         error!("Error handling request {what}:\n{text}");
         if ex.headers_sent() {
             ex.abort();
@@ -713,6 +712,24 @@ fn latin1_bytes<'a>(s: &'a Bound<'_, PyAny>, what: &dyn Fn() -> String) -> PyRes
         .collect::<PyResult<Vec<u8>>>()
         .map(Cow::Owned)
 }
+
+/// An exception as /stats shows the last one: "ValueError: message", its
+/// message whole (the last line of its traceback may be a line of the
+/// message, or a note), at most [`SUMMARY_MAX`] bytes of it.
+fn exception_summary(py: Python<'_>, e: &PyErr) -> String {
+    let name = e.get_type(py).qualname().map(|n| n.to_string()).unwrap_or_default();
+    let message = e.value(py).str().map(|m| m.to_string()).unwrap_or_default();
+    let mut summary = if message.is_empty() { name } else { format!("{name}: {message}") };
+    if summary.len() > SUMMARY_MAX {
+        let cut = (0..=SUMMARY_MAX).rev().find(|&i| summary.is_char_boundary(i)).unwrap_or(0);
+        summary.truncate(cut);
+        summary.push_str("...");
+    }
+    summary
+}
+
+/// How much of an exception's message /stats keeps.
+const SUMMARY_MAX: usize = 500;
 
 fn type_name(o: &Bound<'_, PyAny>) -> String {
     o.get_type().name().map(|n| n.to_string()).unwrap_or_default()
