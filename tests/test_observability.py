@@ -952,7 +952,8 @@ def test_a_request_past_timeout_has_its_access_log_line(start_server, tmp_path):
     )
     assert resp.status == 504
     assert s.request("GET", "/fixed").status == 200
-    line = '127.0.0.1 "GET /slow?secs=3&id=late HTTP/1.1" 504 '
+    # %(b)s is the 504's body, as for any response.
+    line = f'127.0.0.1 "GET /slow?secs=3&id=late HTTP/1.1" 504 {len(resp.body)} '
     assert wait_until(lambda: log.exists() and line in log.read_text(), timeout=20), log.read_text()
     [timed_out] = [entry for entry in log.read_text().splitlines() if "/slow" in entry]
     assert timed_out.endswith('"probe/1" 7'), timed_out

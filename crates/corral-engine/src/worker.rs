@@ -1038,7 +1038,10 @@ fn abandon_request<A: App>(
             if fresh {
                 io.status = status;
                 let reply = error_reply(io.wire, status, why);
-                let _ = io.write_parts(&[&reply], blocking);
+                if io.write_parts(&[&reply], blocking).is_ok() {
+                    // The body's bytes, as the access log counts a response's.
+                    io.bytes_sent += error_body(status, why).len() as u64;
+                }
             }
             // Counted now, as it ends for the client: the thread may never
             // come back to count it.
@@ -3856,9 +3859,14 @@ pub fn reason(status: u16) -> &'static str {
 /// A complete error response in a connection's framing: HTTP for HTTP and
 /// uwsgi, CGI headers for SCGI, and those in STDOUT records followed by
 /// END_REQUEST for FastCGI.
+/// The body of the error responses corral writes itself.
+fn error_body(status: u16, detail: &str) -> String {
+    format!("{status} {}: {detail}\n", reason(status))
+}
+
 fn error_reply(wire: Wire, status: u16, detail: &str) -> Vec<u8> {
     let cgi_response = || {
-        let body = format!("{status} {}: {detail}\n", reason(status));
+        let body = error_body(status, detail);
         let mut out = format!(
             "Status: {status} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\r\n",
             reason(status),
@@ -3883,7 +3891,7 @@ fn error_reply(wire: Wire, status: u16, detail: &str) -> Vec<u8> {
 
 /// A complete error response that closes the connection.
 pub fn error_response(status: u16, detail: &str) -> Vec<u8> {
-    let body = format!("{status} {}: {detail}\n", reason(status));
+    let body = error_body(status, detail);
     let mut out = Vec::with_capacity(160 + body.len());
     out.extend_from_slice(format!("HTTP/1.1 {status} {}\r\n", reason(status)).as_bytes());
     out.extend_from_slice(b"Content-Type: text/plain; charset=utf-8\r\n");
