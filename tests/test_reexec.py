@@ -1,6 +1,7 @@
 """The master re-executing itself (SIGUSR2) under load, and --timeout on a
 request stuck in C code with the GIL held."""
 
+import os
 import re
 import signal
 import socket
@@ -120,6 +121,40 @@ def test_a_reexec_into_listeners_it_could_not_bind_keeps_serving(start_server, t
             )
             assert server.running()
             assert int(server.request("GET", "/pid").body) in old
+
+
+def test_a_configuration_file_that_hangs_does_not_hang_the_master(start_server, tmp_path):
+    """The new program's check of a changed gunicorn file that waits on
+    something (a secret fetched from afar) is stopped after a while: the
+    master goes back to supervising, and replaces a worker that died."""
+    conf = tmp_path / "gunicorn.conf.py"
+    conf.write_text("workers = 1\n")
+    server = start_server("behaviour:application", "-c", str(conf), workers=None)
+    conf.write_text("import time\ntime.sleep(600)\nworkers = 1\n")
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    server.wait_for(
+        r"Received SIGHUP: not re-executing the master, whose new program would refuse its configuration: "
+        r"checking it took longer than 10 s",
+        since=mark,
+        timeout=40,
+    )
+    [old] = server.worker_pids()
+    mark = server.mark()
+    os.kill(old, signal.SIGKILL)
+    assert wait_until(lambda: server.worker_pids(since=mark), 20), server.log[-3000:]
+    assert server.request("GET", "/fixed").status == 200
+    # The check was stopped, not left running.
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and "--print-config" in _cmdline(p, str(conf))]
+
+
+def _cmdline(pid, having):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            line = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return line if having in line else ""
 
 
 def _answers_health(port):

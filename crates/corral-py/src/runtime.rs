@@ -15,6 +15,11 @@ use crate::load::{load_app, AppSpec};
 use crate::server_hooks::{RequestHooks, ServerHooks, WorkerInfo};
 use crate::wsgi::WsgiApp;
 
+/// How long the master waits for the new program to check its configuration
+/// before a re-exec (HUP after a configuration change, USR2), supervising
+/// nothing meanwhile.
+const REEXEC_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub struct Runtime {
     spec: AppSpec,
     preloaded: Option<PyObject>,
@@ -373,12 +378,46 @@ impl Hooks for Runtime {
         if let Some(dir) = &self.reexec.start_dir {
             check.current_dir(dir);
         }
-        let out = check
+        let mut child = check
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
-            .output()
+            .spawn()
             .map_err(|e| format!("cannot run {exe} to check it: {e}"))?;
+        // Read meanwhile, so that a check saying much cannot fill the pipe
+        // and wait on it; the thread ends with the child's stderr.
+        let mut stderr = child.stderr.take().expect("piped");
+        let reader = std::thread::spawn(move || {
+            let mut said = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut stderr, &mut said);
+            said
+        });
+        // The master supervises nothing while it waits here: a configuration
+        // file that hangs (a secret fetched from the network, a lock) must
+        // not take the service down with it.
+        let deadline = std::time::Instant::now() + REEXEC_CHECK_TIMEOUT;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Ok(None) | Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+            }
+        };
+        let stderr = reader.join().unwrap_or_default();
+        let Some(status) = status else {
+            return Err(format!(
+                "checking it took longer than {} s (does the configuration file wait on something?), so the \
+                 check was stopped",
+                REEXEC_CHECK_TIMEOUT.as_secs()
+            ));
+        };
+        let out = std::process::Output { status, stdout: Vec::new(), stderr };
         if out.status.success() {
             return Ok(());
         }
