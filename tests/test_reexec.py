@@ -228,6 +228,24 @@ def test_usr2_with_a_config_file_the_new_program_would_refuse_keeps_serving(star
     assert not {int(server.request("GET", "/pid").body) for _ in range(10)} & old
 
 
+def test_hup_reads_a_uwsgi_ini_file_again_when_a_file_it_includes_changed(start_server, tmp_path):
+    """uWSGI users expect a reload to read the whole configuration: a change in
+    a file the ini file includes counts as a change of the configuration."""
+    base, site = tmp_path / "base.ini", tmp_path / "site.ini"
+    base.write_text("[uwsgi]\nenv = GREETING=v1\n")
+    site.write_text(f"[uwsgi]\nmodule = behaviour:application\nprocesses = 1\nini = {base}\n")
+    server = start_server(str(site), "--config", workers=None)
+    assert server.get_json("/os-environ?key=GREETING") == {"value": "v1"}
+    base.write_text("[uwsgi]\nenv = GREETING=v2\n")
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    server.wait_for(
+        rf"Received SIGHUP: {re.escape(str(base))} changed, so the master re-executes", since=mark
+    )
+    server.wait_for(r"from before the re-exec exited", since=mark, timeout=20)
+    assert server.get_json("/os-environ?key=GREETING") == {"value": "v2"}
+
+
 @pytest.mark.parametrize(("name", "prefix"), [("corral.toml", ""), ("gunicorn.conf.py", "file:")])
 def test_hup_reads_a_changed_config_file_again(start_server, tmp_path, name, prefix):
     """As gunicorn's HUP reloads its configuration: a config file (TOML, or

@@ -827,13 +827,17 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         }
     }
     let start_dir = std::env::current_dir().ok();
-    // As it was read at this start (a HUP re-reads it if it changed).
-    let config_file = cli
-        .config
-        .as_deref()
-        .and_then(|spec| crate::gunicorn_conf::file_of(py, spec))
-        .map(|p| std::path::absolute(&p).unwrap_or(p))
-        .and_then(|p| std::fs::read(&p).ok().map(|read| (p, read)));
+    // As they were read at this start (a HUP re-reads them if one changed):
+    // the --config file, and the files a uWSGI ini file includes.
+    let config_files: Vec<(PathBuf, Vec<u8>)> = match cli.config.as_deref() {
+        Some(spec) if crate::uwsgi_ini::is_uwsgi_ini(spec) => crate::uwsgi_ini::files_read(spec),
+        Some(spec) => crate::gunicorn_conf::file_of(py, spec).into_iter().collect(),
+        None => Vec::new(),
+    }
+    .into_iter()
+    .map(|p| std::path::absolute(&p).unwrap_or(p))
+    .filter_map(|p| std::fs::read(&p).ok().map(|read| (p, read)))
+    .collect();
     let pidfile = cli.pidfile.as_deref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
     let touch_files: Vec<PathBuf> =
         cli.touch_reload.iter().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())).collect();
@@ -1252,7 +1256,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         argv: sys.getattr("orig_argv")?.extract::<Vec<String>>()?,
         start_dir,
         listen_fds: if from_activation { activated.clone() } else { Vec::new() },
-        config_file,
+        config_files,
         pidfile: pidfile.clone(),
     };
     let runtime = Runtime::new(spec, preloaded, cli.preload, mount, chdir_named, &config, reexec)

@@ -52,10 +52,10 @@ pub struct Reexec {
     pub argv: Vec<String>,
     /// The directory corral was started in (before --chdir).
     pub start_dir: Option<std::path::PathBuf>,
-    /// The --config file and what it held when this program read it: a
-    /// reload re-executes the master when that changed, as gunicorn's HUP
-    /// reloads its configuration.
-    pub config_file: Option<(std::path::PathBuf, Vec<u8>)>,
+    /// The --config file (and the files a uWSGI ini file includes) and what
+    /// each held when this program read it: a reload re-executes the master
+    /// when one changed, as gunicorn's HUP reloads its configuration.
+    pub config_files: Vec<(std::path::PathBuf, Vec<u8>)>,
     /// The socket-activation descriptors (and names) the listeners came
     /// from, handed to the new program the way the service manager did.
     pub listen_fds: Vec<(i32, Option<String>)>,
@@ -457,9 +457,12 @@ impl Hooks for Runtime {
         if self.preload {
             return Some("the app was preloaded, so the master re-executes itself to load it anew".into());
         }
-        let (path, read) = self.reexec.config_file.as_ref()?;
-        (std::fs::read(path).ok().as_ref() != Some(read))
-            .then(|| format!("{} changed, so the master re-executes itself to read it", path.display()))
+        let (path, _) = self
+            .reexec
+            .config_files
+            .iter()
+            .find(|(path, read)| std::fs::read(path).ok().as_ref() != Some(read))?;
+        Some(format!("{} changed, so the master re-executes itself to read it", path.display()))
     }
 
     fn worker_exit(&self, code: i32) -> ! {

@@ -101,6 +101,20 @@ fn logic_test(key: &str, value: &str, earlier: &[Line]) -> Result<(bool, String)
     Ok((held != negated, context))
 }
 
+/// The files a uWSGI ini file's section is read from: itself and those its
+/// `ini =` lines include (that set an option).
+pub fn files_read(spec: &str) -> Vec<PathBuf> {
+    let Ok((file, lines)) = read(spec) else { return Vec::new() };
+    let mut files = vec![PathBuf::from(file)];
+    for l in &lines {
+        let f = PathBuf::from(l.at.rsplit_once(':').map_or(l.at.as_str(), |(f, _)| f));
+        if !files.contains(&f) {
+            files.push(f);
+        }
+    }
+    files
+}
+
 /// Reads the section's lines, in order, with uWSGI's expansions applied and
 /// `ini = FILE[:SECTION]` (or `ini = :SECTION` of the same file) replaced
 /// by the lines it names, where it stands, as uWSGI assembles them.
