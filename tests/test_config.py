@@ -1078,6 +1078,8 @@ def test_check_config_refuses_what_a_start_refuses(tmp_path):
         (["--pidfile", str(tmp_path)], f"--pidfile {tmp_path}: a directory"),
         (["--access-log", ""], "--access-log : an empty path"),
         (["--error-log", ""], "--error-log : an empty path"),
+        # No listener given: the default one is what --stats must not take.
+        (["--stats", "127.0.0.1:8000"], "127.0.0.1:8000 overlaps 127.0.0.1:8000"),
     ):
         proc = _run(["--check-config", "--pythonpath", str(APPS), *args, "behaviour:application"])
         assert proc.returncode == 2 and said in proc.stderr, (args, proc.stderr)

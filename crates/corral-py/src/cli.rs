@@ -1440,10 +1440,14 @@ fn check_without_effects(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), St
         parse_owner(owner)?;
     }
     // Two listeners on one port: found by a start only as it binds them.
+    // With none given (and none handed over), the start listens on the default.
+    let none_given = [&cli.http, &cli.uwsgi, &cli.fastcgi, &cli.scgi].iter().all(|l| l.is_empty())
+        && std::env::var_os("LISTEN_FDS").is_none();
     let addrs: Vec<Addr> = [&cli.http, &cli.uwsgi, &cli.fastcgi, &cli.scgi]
         .into_iter()
         .flatten()
         .map(String::as_str)
+        .chain(none_given.then_some(DEFAULT_HTTP))
         .chain(cli.stats.as_deref())
         .filter_map(|a| Addr::parse(a).ok())
         .collect();
