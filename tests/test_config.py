@@ -1171,13 +1171,14 @@ def test_uwsgi_ini_values_as_uwsgi_reads_them(tmp_path):
     assert "uWSGI's `http-timeout` is not needed: corral has no HTTP router" in proc.stderr
     ini.write_text(
         "[uwsgi]\nmodule = behaviour:application\nlog-format = %(addr) - %(user) [%(ltime)]\n"
-        "stats = /run/stats.sock\n"
+        "stats = /run/stats.sock\nwsgi-file = other.py\n"
     )
     proc = _run(["--config", str(ini), "--print-config"])
     assert proc.returncode == 2, proc.stderr
     for said in (
         ":3: uWSGI's `log-format` has no counterpart in corral: corral's --access-log-format takes gunicorn's atoms",
         ":4: uWSGI's `stats` on a unix socket",
+        f":2: `module = behaviour:application` ({ini}:2), `wsgi-file = other.py` ({ini}:5) name an app each",
     ):
         assert said in proc.stderr, proc.stderr
 

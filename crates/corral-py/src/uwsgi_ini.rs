@@ -679,6 +679,22 @@ pub fn translate(spec: &str, python_prefix: &str) -> Result<(Vec<Entry>, Vec<Str
     // The app: module[:callable], or a file, with `callable` (default application).
     let callable = last(&["callable"]).map(|l| l.value.clone());
     let app_line = last(&["module", "wsgi", "w", "wsgi-file", "file", "mount"]);
+    let naming: Vec<&Line> = lines
+        .iter()
+        .filter(|o| matches!(o.key.as_str(), "module" | "wsgi" | "w" | "wsgi-file" | "file"))
+        .collect();
+    if naming.len() > 1 {
+        // uWSGI loads one of them (a module before a file) as the app and
+        // skips the others ("mountpoint already configured"): which one is
+        // meant is not for corral to guess.
+        let all: Vec<String> =
+            naming.iter().map(|o| format!("`{} = {}` ({})", o.key, o.value, o.at)).collect();
+        errors.push(format!(
+            "{}: {} name an app each: uWSGI serves one of them and skips the others; keep the one meant",
+            at(naming[0]),
+            all.join(", ")
+        ));
+    }
     if let Some(l) = app_line {
         let (module, at_line) = match l.key.as_str() {
             "mount" => match l.value.split_once('=') {
