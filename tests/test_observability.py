@@ -849,13 +849,15 @@ def test_stats_subcommand_errors(tmp_path):
         assert "corral stats: cannot read" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
-def test_stats_subcommand_into_a_closed_pipe(stats_server):
-    """A reader that is gone (`| head`, say) is no error of corral stats."""
+@pytest.mark.parametrize("sub", ["stats", "top"])
+def test_stats_subcommand_into_a_closed_pipe(stats_server, sub):
+    """A reader that is gone (`| head`, say) is no error of corral stats or top."""
     r, w = os.pipe()
     os.close(r)  # every write to w now fails with EPIPE
     try:
         proc = subprocess.run(
-            [*CORRAL, "stats", f"127.0.0.1:{stats_server.stats_port}"],
+            [*CORRAL, sub, f"127.0.0.1:{stats_server.stats_port}"],
+            stdin=subprocess.DEVNULL,
             stdout=w,
             stderr=subprocess.PIPE,
             text=True,

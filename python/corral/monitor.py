@@ -155,9 +155,16 @@ def top_main(addr: str, interval: float = 1.0) -> int:
                     return 0
     except KeyboardInterrupt:
         return 0
+    except BrokenPipeError:
+        # The reader (head, say) stopped early: not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     finally:
-        sys.stdout.write("\x1b[?25h\n")
-        sys.stdout.flush()
+        try:
+            sys.stdout.write("\x1b[?25h\n")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         if old is not None:
             import termios
 
