@@ -415,6 +415,9 @@ def test_metrics_count_a_known_mix_exactly(stats_server):
         assert s.request("GET", "/bad-header").status == 500
     uw = _uwsgi(s.uwsgi_port, [("REQUEST_METHOD", "GET"), ("REQUEST_URI", "/fixed")])
     assert uw.startswith(b"HTTP/1.1 200")
+    with s.connect() as conn:  # refused as it is read, by no thread's app call
+        conn.send(b"GET /bad\x01 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert conn.read_response().status == 400
 
     # A worker counts a request once its response is out, so the client may
     # read the response a moment before it is counted.
@@ -422,15 +425,19 @@ def test_metrics_count_a_known_mix_exactly(stats_server):
         status, body = _get(s.stats_port, "/metrics")
         assert status == 200
         text = body.decode()
-        return text if _metric(text, "corral_request_duration_seconds_count") >= 11 else None
+        return text if _metric(text, "corral_request_duration_seconds_count") >= 12 else None
 
     text = wait_until(settled)
     assert text
     assert _metric(text, "corral_requests_total", '{protocol="http",status="2xx"}') == 5
     assert _metric(text, "corral_requests_total", '{protocol="http",status="5xx"}') == 5
     assert _metric(text, "corral_requests_total", '{protocol="uwsgi",status="2xx"}') == 1
-    assert _metric(text, "corral_request_duration_seconds_count") == 11
-    assert _metric(text, "corral_request_duration_seconds_bucket", '{le="+Inf"}') == 11
+    assert _metric(text, "corral_requests_total", '{protocol="http",status="4xx"}') == 1
+    assert _metric(text, "corral_request_duration_seconds_count") == 12
+    assert _metric(text, "corral_request_duration_seconds_bucket", '{le="+Inf"}') == 12
+    # /stats: the workers' counts add up to the total, the refused request included.
+    stats = json.loads(_get(s.stats_port, "/stats")[1])
+    assert stats["requests"] == 12 == sum(w["requests"] for w in stats["workers"]), stats
     assert _metric(text, "corral_requests_in_flight") == 0
     assert _metric(text, "corral_threads", '{state="idle"}') == 4
     assert _metric(text, "corral_ready") == 1

@@ -283,6 +283,12 @@ impl Scoreboard {
         self.header(slot).requests.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a request answered without a thread's turn at it (refused as
+    /// it was read), so that the workers' counts add up to the total.
+    pub fn count_refused(&self, slot: usize) {
+        self.header(slot).requests.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Records a response the offload thread starts sending, for the request
     /// that began at `since_ms`. Returns the download slot naming it, if one
     /// was free (several serving threads may offload at once, so slots are

@@ -3771,6 +3771,7 @@ fn record_refusal<A: App>(
     let conn = conn.map_err(|client| if client.is_empty() { "-" } else { client });
     let micros = mono_ms().saturating_sub(started) * 1000;
     w.scoreboard.record(w.slot, listener.protocol as usize, status, micros, head.len() as u64, sent);
+    w.scoreboard.count_refused(w.slot);
     let Some(log) = &w.access else { return };
     let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
     let line = line.strip_suffix(b"\r").unwrap_or(line);
