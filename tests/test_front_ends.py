@@ -588,6 +588,47 @@ def test_cgi_fcgi(start_server):
     assert json.loads(body) == {"length": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
 
 
+def _nginx_kept_fastcgi_pool(tmp_path, port, backends):
+    """nginx on `port` passing every request over FastCGI to `backends`, with
+    fastcgi_keep_conn and an upstream keepalive pool of 8."""
+    servers = " ".join(f"server {b};" for b in backends)
+    return front_ends.nginx(
+        tmp_path / "nginx",
+        f"""
+    upstream corral {{ {servers} keepalive 8; }}
+    server {{
+        listen {port};
+        location / {{
+            include {front_ends.NGINX_PARAMS}/fastcgi_params;
+            fastcgi_keep_conn on;
+            fastcgi_pass corral;
+        }}
+    }}""",
+    )
+
+
+def _keep_requesting(port, stop, failures, counts, send):
+    """Requests on one kept connection to the front end at `port` until `stop`,
+    `send(conn, i)` making the i-th: each answer other than 200, and each
+    error (the connection is then opened again), goes to `failures`."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    i = 0
+    while not stop.is_set():
+        i += 1
+        try:
+            send(conn, i)
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status != 200:
+                failures.append(resp.status)
+            counts[0] += 1
+        except (OSError, http.client.HTTPException) as e:
+            failures.append(repr(e))
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.close()
+
+
 @pytest.mark.skipif(not front_ends.available("nginx"), reason="nginx is not installed")
 @pytest.mark.parametrize("event", ["recycling", "hup"])
 def test_no_post_fails_behind_a_kept_fastcgi_pool_while_workers_are_replaced(start_server, tmp_path, event):
@@ -603,42 +644,18 @@ def test_no_post_fails_behind_a_kept_fastcgi_pool_while_workers_are_replaced(sta
     )
     server.wait_for(r"Worker ready", count=2, timeout=20)
     port = free_port()
-    front = front_ends.nginx(
-        tmp_path / "nginx",
-        f"""
-    upstream corral {{ server {backend}; keepalive 8; }}
-    server {{
-        listen {port};
-        location / {{
-            include {front_ends.NGINX_PARAMS}/fastcgi_params;
-            fastcgi_keep_conn on;
-            fastcgi_pass corral;
-        }}
-    }}""",
-    )
+    front = _nginx_kept_fastcgi_pool(tmp_path, port, [backend])
     failures, counts = [], [0]
     stop = threading.Event()
 
+    def send(conn, i):
+        if i % 2:
+            conn.request("POST", "/upload", body=b"p" * 300_000)
+        else:
+            conn.request("GET", "/download?mib=1")
+
     def client():
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        i = 0
-        while not stop.is_set():
-            i += 1
-            try:
-                if i % 2:
-                    conn.request("POST", "/upload", body=b"p" * 300_000)
-                else:
-                    conn.request("GET", "/download?mib=1")
-                resp = conn.getresponse()
-                resp.read()
-                if resp.status != 200:
-                    failures.append(resp.status)
-                counts[0] += 1
-            except (OSError, http.client.HTTPException) as e:
-                failures.append(repr(e))
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        conn.close()
+        _keep_requesting(port, stop, failures, counts, send)
 
     try:
         threads = [threading.Thread(target=client) for _ in range(4)]
@@ -682,37 +699,14 @@ def test_no_post_fails_behind_a_kept_fastcgi_pool_when_one_of_two_servers_stops(
     for server in servers:
         server.wait_for(r"Worker ready", timeout=20)
     port = free_port()
-    front = front_ends.nginx(
-        tmp_path / "nginx",
-        f"""
-    upstream corral {{ server {backends[0]}; server {backends[1]}; keepalive 8; }}
-    server {{
-        listen {port};
-        location / {{
-            include {front_ends.NGINX_PARAMS}/fastcgi_params;
-            fastcgi_keep_conn on;
-            fastcgi_pass corral;
-        }}
-    }}""",
-    )
+    front = _nginx_kept_fastcgi_pool(tmp_path, port, backends)
     failures, counts = [], [0]
     stop = threading.Event()
 
     def client():
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        while not stop.is_set():
-            try:
-                conn.request("POST", "/upload", body=b"p" * 2000)
-                resp = conn.getresponse()
-                resp.read()
-                if resp.status != 200:
-                    failures.append(resp.status)
-                counts[0] += 1
-            except (OSError, http.client.HTTPException) as e:
-                failures.append(repr(e))
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        conn.close()
+        _keep_requesting(
+            port, stop, failures, counts, lambda conn, _: conn.request("POST", "/upload", body=b"p" * 2000)
+        )
 
     try:
         threads = [threading.Thread(target=client) for _ in range(8)]

@@ -2346,17 +2346,8 @@ fn take_turn<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, held: &mut 
     let Some(turns) = &w.turns else {
         return;
     };
-    clear(&turns.wake);
     // One per wake-up, as for downloads: the others go to other threads.
-    let conn = {
-        let mut queue = turns.queue.lock().unwrap();
-        let conn = queue.pop_front();
-        if !queue.is_empty() {
-            wake(&turns.wake);
-        }
-        conn
-    };
-    if let Some(conn) = conn {
+    if let Some(conn) = take_one(&turns.queue, &turns.wake) {
         serve_claimed(w, state, t, conn, held);
         if held.due() {
             held.release(w);
@@ -3193,6 +3184,18 @@ fn wake(fd: &OwnedFd) {
     unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
 }
 
+/// Takes the first of the queue an eventfd (edge-triggered) woke a thread
+/// for, and wakes another thread if more are waiting.
+fn take_one<T>(queue: &Mutex<std::collections::VecDeque<T>>, wake_fd: &OwnedFd) -> Option<T> {
+    clear(wake_fd);
+    let mut queue = queue.lock().unwrap();
+    let first = queue.pop_front();
+    if !queue.is_empty() {
+        wake(wake_fd);
+    }
+    first
+}
+
 fn clear(fd: &OwnedFd) {
     let mut count = 0u64;
     unsafe { libc::read(fd.as_raw_fd(), (&mut count as *mut u64).cast(), 8) };
@@ -3204,18 +3207,9 @@ fn take_offloaded<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, held: 
     let Some(off) = &w.offload else {
         return;
     };
-    clear(&off.done_wake);
     // One per wake-up: the next request on a returned connection may be
     // slow, and the other returned connections go to other threads meanwhile.
-    let job = {
-        let mut done = off.done.lock().unwrap();
-        let job = done.pop_front();
-        if !done.is_empty() {
-            wake(&off.done_wake);
-        }
-        job
-    };
-    let Some(job) = job else {
+    let Some(job) = take_one(&off.done, &off.done_wake) else {
         return;
     };
     let (conn, keep) = finish_download(w, t, job);
