@@ -312,17 +312,9 @@ struct Turns {
 
 impl Turns {
     fn new(serving: RawFd) -> io::Result<Turns> {
-        let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if wake < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let wake = unsafe { OwnedFd::from_raw_fd(wake) };
         // Edge-triggered: each write wakes one pass, which takes one
         // connection and writes again if more wait.
-        let mut ev = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLET) as u32, u64: YIELDED_TOKEN };
-        if unsafe { libc::epoll_ctl(serving, libc::EPOLL_CTL_ADD, wake.as_raw_fd(), &mut ev) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let wake = eventfd_in(serving, libc::EPOLLIN | libc::EPOLLET, YIELDED_TOKEN)?;
         Ok(Turns { wake, queue: Mutex::new(std::collections::VecDeque::new()) })
     }
 }
@@ -2264,7 +2256,9 @@ fn serve_claimed<A: App>(
     mut conn: Box<Conn>,
     held: &mut Held,
 ) {
-    let (mut served, turn_began) = (0, mono_ms());
+    // Pipelined requests served in a row, and when the first of them began
+    // (read only once there is one: most connections have none).
+    let (mut served, mut turn_began) = (0, 0);
     loop {
         let next = match w.listeners[conn.listener].1.protocol {
             Protocol::Http => read_head(w, &mut conn),
@@ -2304,7 +2298,11 @@ fn serve_claimed<A: App>(
             return;
         }
         served += 1;
-        if served >= TURN_REQUESTS || mono_ms() >= turn_began + TURN_MS {
+        let now = mono_ms();
+        if served == 1 {
+            turn_began = now;
+        }
+        if served >= TURN_REQUESTS || now >= turn_began + TURN_MS {
             match give_up_turn(w, conn) {
                 Some(c) => (conn, served) = (c, 0),
                 None => return,
@@ -2329,16 +2327,22 @@ fn give_up_turn<A: App>(w: &Shared<A>, mut conn: Box<Conn>) -> Option<Box<Conn>>
             return None;
         }
     }
-    if conn.edge && conn.registered {
-        // Still armed in the serving threads' set: an event there would give
-        // a thread this box while the queue owns it. (A one-shot registration
-        // is disarmed until parked again.)
-        unsafe { libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_DEL, conn.entry.fd, std::ptr::null_mut()) };
-        conn.registered = false;
-    }
+    leave_serving_set(w, &mut conn);
     turns.queue.lock().unwrap().push_back(conn);
     wake(&turns.wake);
     None
+}
+
+/// Takes `conn` out of the serving threads' epoll set before something else
+/// (the offload thread, the turn queue) owns it: an edge-triggered
+/// registration stays armed, and an event there would give a serving
+/// thread the same box. (A one-shot registration is disarmed until parked
+/// again; park adds the connection back.)
+fn leave_serving_set<A: App>(w: &Shared<A>, conn: &mut Conn) {
+    if conn.edge && conn.registered {
+        unsafe { libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_DEL, conn.entry.fd, std::ptr::null_mut()) };
+        conn.registered = false;
+    }
 }
 
 /// Serves on a connection that gave up its turn.
@@ -3148,26 +3152,10 @@ impl Offload {
             return Err(io::Error::last_os_error());
         }
         let epfd = unsafe { OwnedFd::from_raw_fd(epfd) };
-        let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if wake < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let wake = unsafe { OwnedFd::from_raw_fd(wake) };
-        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: OFFLOAD_WAKE };
-        if unsafe { libc::epoll_ctl(epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, wake.as_raw_fd(), &mut ev) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let done_wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if done_wake < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let done_wake = unsafe { OwnedFd::from_raw_fd(done_wake) };
-        // Edge-triggered: each write wakes one pass, which empties `done`.
-        let mut ev =
-            libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLET) as u32, u64: OFFLOADED_TOKEN };
-        if unsafe { libc::epoll_ctl(serving, libc::EPOLL_CTL_ADD, done_wake.as_raw_fd(), &mut ev) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let wake = eventfd_in(epfd.as_raw_fd(), libc::EPOLLIN, OFFLOAD_WAKE)?;
+        // Edge-triggered: each write wakes one pass, which takes one
+        // download and writes again if more wait.
+        let done_wake = eventfd_in(serving, libc::EPOLLIN | libc::EPOLLET, OFFLOADED_TOKEN)?;
         Ok(Offload {
             epfd,
             wake,
@@ -3177,6 +3165,20 @@ impl Offload {
             sending: AtomicUsize::new(0),
         })
     }
+}
+
+/// A new eventfd, in epoll set `epfd` for `events` under `token`.
+fn eventfd_in(epfd: RawFd, events: i32, token: u64) -> io::Result<OwnedFd> {
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut ev = libc::epoll_event { events: events as u32, u64: token };
+    if unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd.as_raw_fd(), &mut ev) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
 }
 
 fn wake(fd: &OwnedFd) {
@@ -3223,17 +3225,10 @@ fn take_offloaded<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, held: 
 
 /// Hands the rest of a download to the offload thread.
 fn offload<A: App>(w: &Shared<A>, mut conn: Box<Conn>, rest: Download) {
-    let fd = conn.entry.fd;
     let Some(off) = &w.offload else {
         return;
     };
-    if conn.edge && conn.registered {
-        // Still armed in the serving threads' set: an event there now would
-        // give a serving thread this box while the offload thread owns it.
-        // (A one-shot registration is disarmed until parked again.)
-        unsafe { libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
-        conn.registered = false;
-    }
+    leave_serving_set(w, &mut conn);
     let sent = conn.io.lock().unwrap().bytes_sent;
     off.sending.fetch_add(1, Ordering::AcqRel);
     off.queue.lock().unwrap().push(Offloaded { conn, rest, sent, progress: mono_ms() });
@@ -3851,14 +3846,14 @@ pub fn reason(status: u16) -> &'static str {
     }
 }
 
-/// A complete error response in a connection's framing: HTTP for HTTP and
-/// uwsgi, CGI headers for SCGI, and those in STDOUT records followed by
-/// END_REQUEST for FastCGI.
 /// The body of the error responses corral writes itself.
 fn error_body(status: u16, detail: &str) -> String {
     format!("{status} {}: {detail}\n", reason(status))
 }
 
+/// A complete error response in a connection's framing: HTTP for HTTP and
+/// uwsgi, CGI headers for SCGI, and those in STDOUT records followed by
+/// END_REQUEST for FastCGI.
 fn error_reply(wire: Wire, status: u16, detail: &str) -> Vec<u8> {
     let cgi_response = || {
         let body = error_body(status, detail);

@@ -417,11 +417,10 @@ impl Hooks for Runtime {
                 REEXEC_CHECK_TIMEOUT.as_secs()
             ));
         };
-        let out = std::process::Output { status, stdout: Vec::new(), stderr };
-        if out.status.success() {
+        if status.success() {
             return Ok(());
         }
-        let said = String::from_utf8_lossy(&out.stderr);
+        let said = String::from_utf8_lossy(&stderr);
         let lines: Vec<&str> = said.lines().filter(|l| !l.trim().is_empty()).collect();
         // The start and the end: a traceback's exception is its last line.
         let said: Vec<&str> = match lines.len() {
@@ -429,7 +428,7 @@ impl Hooks for Runtime {
             n => [&lines[..2], &["..."], &lines[n - 2..]].concat(),
         };
         Err(match said.is_empty() {
-            true => format!("it exited with {}", out.status),
+            true => format!("it exited with {status}"),
             false => said.join(" / "),
         })
     }

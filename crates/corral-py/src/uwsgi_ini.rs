@@ -54,6 +54,9 @@ struct Line {
     raw: String,
 }
 
+/// The options that name the app (`mount` names one under a prefix).
+const APP_KEYS: &[&str] = &["module", "wsgi", "w", "wsgi-file", "file"];
+
 /// How deep `ini =` includes may nest: deeper is a loop in all likelihood.
 const MAX_INCLUDE_DEPTH: usize = 16;
 
@@ -158,10 +161,10 @@ fn read_section(
         if !in_section {
             continue;
         }
+        // A bare name (no value) is a flag uWSGI sets to true.
         let (key, raw) = match l.split_once('=') {
-            Some((key, raw)) => (key.trim().to_string(), raw.trim().to_string()),
-            // uWSGI takes a bare name as a flag set to true.
-            None => (l.to_string(), "true".to_string()),
+            Some((key, raw)) => (key.trim().to_string(), Some(raw.trim().to_string())),
+            None => (l.to_string(), None),
         };
         if key.starts_with("if-") || key == "for" || key.starts_with("for-") {
             let inner = match &block {
@@ -175,7 +178,8 @@ fn read_section(
                      logic does not nest"
                 ));
             }
-            let value = expand(&raw, &magic, lines, None).map_err(|e| format!("{at}: `{key}`: {e}"))?;
+            let raw = raw.as_deref().unwrap_or("true");
+            let value = expand(raw, &magic, lines, None).map_err(|e| format!("{at}: `{key}`: {e}"))?;
             block = if key == "for" {
                 Block::For { at: at.clone(), items: value.split_whitespace().map(str::to_string).collect() }
             } else if key.starts_with("for-") {
@@ -207,7 +211,7 @@ fn read_section(
             Block::For { items, .. } => items.iter().cloned().map(Some).collect(),
         };
         for context in contexts {
-            read_line(file, &magic, &key, &raw, l.contains('='), &at, lines, open, context.as_deref())?;
+            read_line(file, &magic, &key, raw.as_deref(), &at, lines, open, context.as_deref())?;
         }
     }
     if in_section {
@@ -229,26 +233,25 @@ fn unclosed(block: &Block) -> Result<(), String> {
     }
 }
 
-/// Reads one `key = value` line (`has_value` false for a bare name, a flag
-/// set to true) into `lines`, with `%(_)` standing for `context`.
+/// Reads one `key = value` line (`raw` None for a bare name, a flag set to
+/// true) into `lines`, with `%(_)` standing for `context`.
 #[allow(clippy::too_many_arguments)]
 fn read_line(
     file: &str,
     magic: &Magic,
     key: &str,
-    raw: &str,
-    has_value: bool,
+    raw: Option<&str>,
     at: &str,
     lines: &mut Vec<Line>,
     open: &mut Vec<(PathBuf, String)>,
     context: Option<&str>,
 ) -> Result<(), String> {
     let (at, seq) = (at.to_string(), lines.len());
-    if !has_value {
-        let (key, value) = (key.to_string(), raw.to_string());
+    let Some(raw) = raw else {
+        let (key, value) = (key.to_string(), "true".to_string());
         lines.push(Line { key, value, at, seq, placeholder: false, raw: String::new() });
         return Ok(());
-    }
+    };
     let (key, raw) = (key.to_string(), raw.to_string());
     // uWSGI's log format uses %(name) for its own variables, not placeholders.
     let value = if matches!(key.as_str(), "log-format" | "logformat") {
@@ -678,11 +681,8 @@ pub fn translate(spec: &str, python_prefix: &str) -> Result<(Vec<Entry>, Vec<Str
     }
     // The app: module[:callable], or a file, with `callable` (default application).
     let callable = last(&["callable"]).map(|l| l.value.clone());
-    let app_line = last(&["module", "wsgi", "w", "wsgi-file", "file", "mount"]);
-    let naming: Vec<&Line> = lines
-        .iter()
-        .filter(|o| matches!(o.key.as_str(), "module" | "wsgi" | "w" | "wsgi-file" | "file"))
-        .collect();
+    let app_line = last(&[APP_KEYS, &["mount"]].concat());
+    let naming: Vec<&Line> = lines.iter().filter(|o| APP_KEYS.contains(&o.key.as_str())).collect();
     if naming.len() > 1 {
         // uWSGI loads one of them (a module before a file) as the app and
         // skips the others ("mountpoint already configured"): which one is

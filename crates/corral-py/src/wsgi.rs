@@ -782,11 +782,13 @@ fn sendfile(py: Python<'_>, ex: &Exchange, fw: &FileWrapper) -> PyResult<bool> {
     let Ok(fd) = fileno.call0().and_then(|f| f.extract::<i32>()) else { return Ok(false) };
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // A size of 0 may be a file whose size the kernel does not know
-    // (/proc, /sys): iterating reads what it has.
+    // (/proc, /sys): iterating reads what it has. So may a size of one
+    // page, which sysfs and configfs give every file; only then is the
+    // filesystem looked up.
     if unsafe { libc::fstat(fd, &mut st) } < 0
         || (st.st_mode & libc::S_IFMT) != libc::S_IFREG
         || st.st_size == 0
-        || on_pseudo_fs(fd)
+        || (st.st_size == unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as i64 && on_pseudo_fs(fd))
     {
         return Ok(false);
     }
