@@ -370,14 +370,20 @@ def test_json_error_log_keeps_printed_lines_whole(start_server, tmp_path):
 
 @pytest.fixture
 def stats_server(start_server):
-    stats_port = _free_port()
-    uwsgi_port = _free_port()
+    # All three ports chosen here, held together so they differ: an HTTP
+    # listener on port 0 could be given the stats port just let go.
+    with contextlib.ExitStack() as held:
+        socks = [held.enter_context(socket.socket()) for _ in range(3)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        http_port, stats_port, uwsgi_port = (s.getsockname()[1] for s in socks)
     server = start_server(
         "behaviour:application",
         "--stats",
         f"127.0.0.1:{stats_port}",
         "--uwsgi",
         f"127.0.0.1:{uwsgi_port}",
+        http=f"127.0.0.1:{http_port}",
         workers=2,
         threads=2,
     )
