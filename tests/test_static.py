@@ -316,6 +316,29 @@ def test_downloads_finish_when_the_worker_stops_gracefully(start_server, big_fil
     assert server.proc.wait(30) == 0
 
 
+def test_a_static_file_that_shrinks_while_sent_is_reported_as_the_file(start_server, tmp_path):
+    """The client sees the connection close short of the announced length, and
+    the log line says that the file ended early: it does not blame the app."""
+    public = tmp_path / "shrinking"
+    public.mkdir()
+    path = public / "big.bin"
+    size = 64 << 20
+    with open(path, "wb") as f:
+        f.truncate(size)
+    server = start_server("behaviour:application", "--static", f"/static={public}")
+    mark = server.mark()
+    with slow_reader(server) as slow:
+        slow.send_request("GET", "/static/big.bin", {"Host": "x"})
+        assert int(slow.read_head().header("Content-Length")) == size
+        time.sleep(0.5)
+        os.truncate(path, 1 << 20)
+        got, _ = read_hashed(slow, size)
+        assert got < size
+    server.wait_for(rf"the body ended after \d+ of the {size} bytes its file had", since=mark)
+    assert not server.grep("the app declared", since=mark)
+    assert server.request("GET", "/fixed", timeout=10).status == 200
+
+
 def test_a_mount_at_the_root_leaves_what_it_has_not_to_the_app(start_server, tmp_path):
     # uWSGI's `static-map = /=DIR` and nginx's `try_files $uri @app`: the
     # site's root files are served, every other request reaches the app.

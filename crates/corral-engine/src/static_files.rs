@@ -509,11 +509,13 @@ pub fn serve(ex: &Exchange, mount: &Mount, rel: &[u8], head: bool, method_ok: bo
     if let Some((a, b)) = range {
         let _ = ex.header(b"Content-Range", format!("bytes {a}-{b}/{len}").as_bytes());
     }
-    let _ = ex.header(b"Content-Length", count.to_string().as_bytes());
     if head || count == 0 {
+        let _ = ex.header(b"Content-Length", count.to_string().as_bytes());
         let _ = ex.write(b"", true);
         return;
     }
+    // send_file gives the response the file's length, and a file cut short
+    // while it is sent is then reported as a file, not as the app's claim.
     // What the socket cannot take at once goes out after this returns
     // (see Exchange::send_file).
     let _ = ex.send_file(file.into(), start as i64, count);
