@@ -194,6 +194,20 @@ def test_script_name_from_the_environment(start_server):
     assert _v(env, "PATH_INFO") == "/thing"
 
 
+@pytest.mark.parametrize("how", ["--mount", "SCRIPT_NAME"])
+def test_a_non_ascii_mount_is_given_as_latin_1_like_the_path(start_server, how):
+    """PEP 3333: SCRIPT_NAME, like PATH_INFO, holds the URL's bytes decoded as
+    latin-1, so that an app (Django's get_script_name, Werkzeug's url_for)
+    gets back the UTF-8 of "/café" by encoding it to latin-1."""
+    if how == "--mount":
+        server = start_server("behaviour:application", "--mount", "/café")
+    else:
+        server = start_server("behaviour:application", env={"SCRIPT_NAME": "/café"})
+    env = _environ(server, "/caf%C3%A9/environ")
+    assert _v(env, "SCRIPT_NAME") == "/café".encode().decode("latin-1")
+    assert _v(env, "PATH_INFO") == "/environ"
+
+
 BODY = b"line1\nline2\nlonger line three\n\nend"
 LINES = [b"line1\n", b"line2\n", b"longer line three\n", b"\n", b"end"]
 

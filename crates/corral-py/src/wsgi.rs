@@ -120,7 +120,7 @@ impl WsgiApp {
             d.set_item("SERVER_SOFTWARE", concat!("corral/", env!("CARGO_PKG_VERSION")))?;
             d.set_item("SERVER_NAME", &l.server_name)?;
             d.set_item("SERVER_PORT", &l.server_port)?;
-            d.set_item("SCRIPT_NAME", mount)?;
+            d.set_item("SCRIPT_NAME", latin1(py, mount.as_bytes()))?;
             templates.push(d.unbind());
         }
         let methods = ["GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH"]
