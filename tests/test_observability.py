@@ -180,6 +180,27 @@ def test_json_access_log_cannot_be_forged(start_server, tmp_path):
     assert second["path"] == "/fixed" and second["method"] == "GET"
 
 
+def test_json_access_log_writes_utf8_text_as_text(start_server, tmp_path):
+    """A header in UTF-8 reads as that text in the JSON access log (not as
+    the latin-1 code points of its bytes); a latin-1 header still reads as
+    latin-1. The path is logged as sent."""
+    log = tmp_path / "access.json"
+    server = start_server("behaviour:application", "--access-log", str(log), "--access-log-format", "json")
+    with server.connect() as conn:
+        conn.send_request(
+            "GET", "/caf%C3%A9?q=%C3%A9", {"Host": "x", "User-Agent": "naïve €".encode().decode("latin-1")}
+        )
+        assert conn.read_response().status == 200
+        conn.send_request("GET", "/fixed", {"Host": "x", "User-Agent": "caf\xe9"})
+        assert conn.read_response().status == 200
+    assert wait_until(lambda: log.exists() and log.read_bytes().count(b"\n") >= 2)
+    raw = log.read_bytes()
+    assert "naïve €".encode() in raw
+    first, second = (json.loads(line) for line in raw.decode("utf-8").splitlines())
+    assert (first["path"], first["query"], first["user_agent"]) == ("/caf%C3%A9", "q=%C3%A9", "naïve €")
+    assert second["user_agent"] == "café"
+
+
 def _start_logging_to(start_server, errors, *args, workers=1):
     """Starts a server whose error log goes to a file (not to the harness's stderr)."""
     port = _free_port()

@@ -8,8 +8,9 @@
 //!
 //! Everything that comes from the client is escaped: in the text format
 //! control bytes, quotes, backslashes and non-ASCII bytes become `\xNN`,
-//! `\"` and `\\`; in JSON, strings are JSON-escaped. No header can start a
-//! new line or a new field.
+//! `\"` and `\\`; in JSON, strings are JSON-escaped (UTF-8 text kept as
+//! text, other bytes read as latin-1). No header can start a new line or a
+//! new field.
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -453,23 +454,44 @@ fn escaped(out: &mut Vec<u8>, v: &[u8]) {
     }
 }
 
-/// Appends `v` as a JSON string; bytes that are not ASCII are taken as
-/// latin-1 (as WSGI does) and written as `\u00NN`.
+/// Appends `v` as a JSON string. Text in UTF-8 (a path like `/café`, as
+/// browsers send it) is written as that text; any other bytes are taken as
+/// latin-1, as WSGI takes them, so that nothing is lost and a value a client
+/// sent in latin-1 still reads right. Control characters, C1 ones included,
+/// are escaped, so no value can move a terminal's cursor.
 fn json_str(out: &mut Vec<u8>, v: &[u8]) {
     out.push(b'"');
-    for &b in v {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            0x20..=0x7e => out.push(b),
-            _ => {
-                out.extend_from_slice(b"\\u00");
-                out.push(b"0123456789abcdef"[usize::from(b >> 4)]);
-                out.push(b"0123456789abcdef"[usize::from(b & 15)]);
+    match std::str::from_utf8(v) {
+        Ok(text) if !v.is_ascii() => {
+            for c in text.chars() {
+                match c {
+                    '"' => out.extend_from_slice(b"\\\""),
+                    '\\' => out.extend_from_slice(b"\\\\"),
+                    '\u{20}'..='\u{7e}' => out.push(c as u8),
+                    '\0'..='\u{9f}' => json_unicode_escape(out, c as u8),
+                    _ => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+                }
+            }
+        }
+        _ => {
+            for &b in v {
+                match b {
+                    b'"' => out.extend_from_slice(b"\\\""),
+                    b'\\' => out.extend_from_slice(b"\\\\"),
+                    0x20..=0x7e => out.push(b),
+                    _ => json_unicode_escape(out, b),
+                }
             }
         }
     }
     out.push(b'"');
+}
+
+/// `\u00NN`: the code point `b` (below 256) as a JSON escape.
+fn json_unicode_escape(out: &mut Vec<u8>, b: u8) {
+    out.extend_from_slice(b"\\u00");
+    out.push(b"0123456789abcdef"[usize::from(b >> 4)]);
+    out.push(b"0123456789abcdef"[usize::from(b & 15)]);
 }
 
 fn push_num(out: &mut Vec<u8>, n: u64) {
@@ -590,6 +612,17 @@ mod tests {
         assert!(!s.contains('\n'));
         assert!(s.contains(r#""user_agent":"a\"b\\c\u000a\u0001\u00e9""#), "{s}");
         assert!(s.contains(r#""path":"/a b","query":"x=1""#), "{s}");
+        // UTF-8 text stays text (its C1 controls escaped); other bytes are latin-1.
+        for (value, json) in [
+            (&b"caf\xc3\xa9 \xe2\x82\xac"[..], "\"caf\u{e9} \u{20ac}\""),
+            (b"\xc2\x85\xc3\xa9\n\"", "\"\\u0085\u{e9}\\u000a\\\"\""),
+            (b"caf\xe9", r#""caf\u00e9""#),
+            (b"\xc3\xa9\xff", r#""\u00c3\u00a9\u00ff""#),
+        ] {
+            let mut out = Vec::new();
+            json_str(&mut out, value);
+            assert_eq!(String::from_utf8(out).unwrap(), json, "{value:?}");
+        }
         assert!(s.contains(r#""status":200"#) && s.contains(r#""duration_us":1234567"#), "{s}");
     }
 }
