@@ -303,6 +303,41 @@ def test_connections_handed_over_behind_another_stuck_request_are_not_lost(start
             conn.close()
 
 
+def test_connections_handed_to_a_worker_that_gets_stuck_go_on_to_its_replacement(start_server):
+    """A reload hands the old worker's kept-alive connections to the new one,
+    whose only thread is stuck in a request by then: they wait in its inbox,
+    which no thread reads. When it leaves past --timeout they go on to its
+    replacement with the requests sent on them meanwhile, rather than being
+    reset as it exits."""
+    server = start_server("behaviour:application", "--timeout", "3", workers=1, threads=1)
+    kept = [server.connect(timeout=30) for _ in range(8)]
+    try:
+        for conn in kept:
+            conn.send(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
+            old = conn.read_response().body.decode()
+        mark = server.mark()
+        with ThreadPoolExecutor(2) as pool:
+            # The old worker is busy while the new one starts and takes the stuck request.
+            busy = pool.submit(server.request, "GET", "/slow?secs=1.5&id=busy", timeout=30)
+            server.wait_for("slow request started: busy", since=mark)
+            server.signal(signal.SIGHUP)
+            stuck = pool.submit(server.request, "GET", "/slow?secs=100&id=stuck", timeout=30)
+            server.wait_for("slow request started: stuck", since=mark)
+            assert busy.result(timeout=30).status == 200
+            server.wait_for(
+                rf"Worker handed 8 kept-alive connection\(s\) to other workers: pid={old}", since=mark
+            )
+            for i, conn in enumerate(kept):
+                conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n%d" % i)
+            assert stuck.result(timeout=30).status == 504
+        for i, conn in enumerate(kept):
+            resp = conn.read_response()
+            assert (resp.status, resp.body) == (200, b"%d" % i)
+    finally:
+        for conn in kept:
+            conn.close()
+
+
 @pytest.mark.parametrize("hang", ["/slow?secs=60&id=stuck", "/segfault"])
 def test_a_connection_answered_in_the_pass_that_got_stuck_reaches_the_replacement(start_server, hang):
     """A worker with one thread answers the requests that came ready together

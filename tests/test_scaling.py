@@ -203,6 +203,32 @@ def test_a_full_worker_leaves_new_clients_to_a_sibling_with_room(start_server):
             conn.close()
 
 
+def test_a_full_worker_passes_new_clients_on_before_closing_idle_ones(start_server):
+    """At --max-connections, a worker whose kept-alive connections sit idle
+    gives a new client to a sibling with room rather than close one of them:
+    its client may be sending its next request at that very moment (a POST
+    nginx then answers with 502)."""
+    server = start_server("behaviour:application", "--max-connections", "3", workers=2, threads=1)
+    conns, pids = [], []
+    try:
+        for _ in range(6):
+            conn = server.connect()
+            conn.send_request("GET", "/pid", {"Host": "x"})
+            resp = conn.read_response()
+            assert resp.status == 200
+            conns.append(conn)
+            pids.append(resp.body)
+            time.sleep(0.05)
+        for conn in conns:
+            conn.send_request("POST", "/echo", {"Host": "x"}, b"again")
+            assert conn.read_response().body == b"again"
+        assert sorted(pids.count(p) for p in set(pids)) == [3, 3], pids
+    finally:
+        for conn in conns:
+            conn.close()
+    assert not server.grep(r"turned away with 503")
+
+
 def test_idle_kept_alive_connections_make_room_for_new_ones(start_server):
     """At --max-connections, a new client is not turned away while kept-alive
     connections sit idle (a proxy's pool, browsers): the one idle longest is

@@ -221,8 +221,7 @@ fn successors_after_reexec(board: &Scoreboard, master: libc::pid_t) -> Vec<libc:
     if !SUPERSEDED.load(Ordering::Relaxed) {
         return Vec::new();
     }
-    static FOUND: Mutex<Option<(Instant, Vec<libc::pid_t>)>> = Mutex::new(None);
-    let mut found = FOUND.lock().unwrap_or_else(|p| p.into_inner());
+    let mut found = SUCCESSORS.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((at, pids)) = found.as_ref() {
         if at.elapsed() < Duration::from_secs(1) {
             return pids.clone();
@@ -239,6 +238,9 @@ fn successors_after_reexec(board: &Scoreboard, master: libc::pid_t) -> Vec<libc:
     *found = Some((Instant::now(), pids.clone()));
     pids
 }
+
+/// The workers [`successors_after_reexec`] found last, and when.
+static SUCCESSORS: Mutex<Option<(Instant, Vec<libc::pid_t>)>> = Mutex::new(None);
 
 /// Set in a worker of a master's previous program, by the USR2 the new
 /// program sends before it stops that worker: only then are workers its
@@ -279,14 +281,31 @@ pub(crate) fn send(master: libc::pid_t, to: libc::pid_t, conn: RawFd, note: Note
         return Err(io::Error::other("no socket to send connections with"));
     };
     let payload = note.encode();
-    socket::sendmsg(
+    let sent = socket::sendmsg(
         sender.as_raw_fd(),
         &[IoSlice::new(&payload)],
         &[ControlMessage::ScmRights(&[conn])],
         MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
         Some(&address(master, to)?),
-    )?;
+    );
+    if let Err(Errno::EPIPE | Errno::ECONNREFUSED) = sent {
+        // Its inbox is closed (it drains) or gone: a new-program worker
+        // that a HUP drains right after a re-exec is still in the list
+        // found less than a second ago.
+        if let Some((_, pids)) = SUCCESSORS.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            pids.retain(|&pid| pid != to);
+        }
+    }
+    sent?;
     Ok(())
+}
+
+/// Closes a draining worker's inbox to senders: a sibling that picked it
+/// before it began to drain gets EPIPE and keeps its connection (to hand it
+/// to another), where a message queued after the worker's last look would
+/// be lost with the worker. What is queued already can still be received.
+pub(crate) fn close_inbox(inbox: RawFd) {
+    let _ = socket::shutdown(inbox, socket::Shutdown::Read);
 }
 
 /// What one read of the inbox gave.

@@ -811,6 +811,9 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
                 }
             }
         }
+        if drain_deadline.is_some() {
+            adopt_inbox(w);
+        }
         let orphans_left = sweep(w, now, idle_linger_over());
         resume_accepting(w, now);
         trim_after_closes(w, &mut peak_live);
@@ -1225,7 +1228,28 @@ fn begin_drain<A: App>(w: &Shared<A>) {
     if placeholder >= 0 {
         unsafe { libc::close(placeholder) };
     }
+    // The inbox closes too: a sibling that chose this worker a moment ago
+    // finds it closed and hands its connection to another. What it queued
+    // already, the main thread takes (adopt_inbox). Out of the epoll set
+    // first, since a socket shut for reading is readable for ever.
+    if let Some(inbox) = &w.inbox {
+        unsafe { libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_DEL, inbox.as_raw_fd(), std::ptr::null_mut()) };
+        crate::handover::close_inbox(inbox.as_raw_fd());
+    }
     info!("Worker draining: pid={}", std::process::id());
+}
+
+/// Draining, takes the connections siblings queued in the inbox before it
+/// closed, which no serving thread looks for any more (and which would
+/// otherwise go with this worker when it exits, after a request stuck past
+/// --timeout or a crash, say): parked like this worker's own, each is
+/// handed on by the sweep, or served here.
+fn adopt_inbox<A: App>(w: &Shared<A>) {
+    let mut taken = Vec::new();
+    receive_handed_over(w, &mut taken);
+    for conn in taken {
+        park(w, conn);
+    }
 }
 
 /// Closes connections idle past their deadline, and with `close_idle`
@@ -1235,12 +1259,15 @@ fn begin_drain<A: App>(w: &Shared<A>) {
 /// requests goes to a sibling instead, if one serves; and when every thread
 /// is stuck past --timeout, so is every connection nothing was read from,
 /// its request waiting in the socket included, since no thread here will
-/// read it. Returns how many of those could not be handed over yet because
-/// the sibling's inbox was full.
+/// read it. Returns how many of those could not be handed over yet (the
+/// sibling's inbox was full, the sibling went away, or the replacement is
+/// still starting).
 fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize {
     let draining = draining() && w.inbox.is_some();
     let orphans = draining && serving_over(w);
     let mut left = 0;
+    // Whether a sibling serves or is starting, asked once a sweep if needed.
+    let mut successor = None;
     // Half-millisecond waits for a full inbox of the sibling taking over,
     // 200 ms at most per sweep.
     let mut wait_budget = 400;
@@ -1262,7 +1289,13 @@ fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize {
         }
         let pending = pending_bytes(e.fd) > 0;
         if orphan || draining && !pending && between && !e.handed.load(Ordering::Relaxed) {
-            if let Some(to) = crate::handover::target(&w.scoreboard, w.slot, w.master) {
+            let to = crate::handover::target(&w.scoreboard, w.slot, w.master);
+            // None serves yet, but a replacement is starting: wait for it
+            // (up to the graceful timeout) rather than close the connection.
+            if to.is_none() && *successor.get_or_insert_with(|| can_hand_over(w)) {
+                left += 1;
+            }
+            if let Some(to) = to {
                 if e.state.compare_exchange(IDLE, CLOSING, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
                     // Under the registry lock, so no thread closes the
                     // descriptor meanwhile. A thread woken for it from here on
@@ -1307,7 +1340,7 @@ fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize {
                             // Tried again at the next sweep: closed, it would
                             // lose a request sent on it meanwhile.
                             e.state.store(IDLE, Ordering::Release);
-                            left += usize::from(orphan);
+                            left += 1;
                             continue;
                         }
                         Ok(()) => {
@@ -1320,8 +1353,11 @@ fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize {
                             continue;
                         }
                         Err(err) => {
+                            // Gone or draining since it was chosen: another
+                            // is tried at the next sweep.
                             debug!("handing a connection to worker {to}: {err}");
                             e.state.store(IDLE, Ordering::Release);
+                            left += 1;
                         }
                     }
                 }
@@ -1830,13 +1866,18 @@ fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Accepted {
             )
         };
     }
-    {
+    // At --max-connections the new connection goes to a sibling with room
+    // first. Only when none has any is an idle kept-alive connection closed
+    // for it: its client may be sending its next request at that moment (a
+    // POST nginx then answers with 502), while the sibling closes nothing.
+    if w.registry.lock().unwrap().live >= w.config.max_connections {
+        if pass_to_sibling(w, fd, idx) {
+            return Accepted::Shed;
+        }
         let reg = w.registry.lock().unwrap();
         if reg.live >= w.config.max_connections && !reclaim_idle(&reg) {
             drop(reg);
-            if !pass_to_sibling(w, fd, idx) {
-                shed(w, fd, idx, &peer_strings(&addr, is_unix).0);
-            }
+            shed(w, fd, idx, &peer_strings(&addr, is_unix).0);
             return Accepted::Shed;
         }
     }
