@@ -379,6 +379,10 @@ struct Registry {
     entries: Vec<Option<Arc<Entry>>>,
     free: Vec<usize>,
     live: usize,
+    /// The most connections held at once since memory was last given back
+    /// (see [`trim_after_closes`]): counted here, since a wave can come and
+    /// go between two looks of the main loop.
+    peak: usize,
 }
 
 /// This process's scoreboard slot, for [`note_exception`].
@@ -576,8 +580,10 @@ fn tune_allocator() {
 }
 
 /// Connections closed since the most this worker held at once, after which
-/// the free memory in every heap goes back to the kernel.
-const TRIM_AFTER_CLOSES: usize = 1024;
+/// the free memory in every heap goes back to the kernel (or half of
+/// --max-connections, when that is fewer: a worker can never close more
+/// than it holds).
+const TRIM_AFTER_CLOSES: usize = 256;
 
 /// Gives free memory back after a wave of connections has gone. Each
 /// connection's first read takes a 64 KiB buffer, held until its request
@@ -586,15 +592,21 @@ const TRIM_AFTER_CLOSES: usize = 1024;
 /// heaps once they close, which no trim threshold returns (only the top of
 /// a heap is), and the next wave lands elsewhere: the resident size grew
 /// by 30 MB a wave of 10,000 and never came down.
-fn trim_after_closes<A: App>(w: &Shared<A>, peak: &mut usize) {
-    let live = w.registry.lock().unwrap().live;
-    *peak = (*peak).max(live);
-    if *peak - live >= TRIM_AFTER_CLOSES {
+fn trim_after_closes<A: App>(w: &Shared<A>) {
+    let after = TRIM_AFTER_CLOSES.min(w.config.max_connections / 2).max(1);
+    let wave_gone = {
+        let mut reg = w.registry.lock().unwrap();
+        let gone = reg.peak - reg.live >= after;
+        if gone {
+            reg.peak = reg.live;
+        }
+        gone
+    };
+    if wave_gone {
         #[cfg(target_env = "gnu")]
         unsafe {
             libc::malloc_trim(0);
         }
-        *peak = live;
     }
 }
 
@@ -747,8 +759,6 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
     let born = mono_ms();
     // Ticks in a row with no connection left while draining.
     let mut empty_ticks = 0;
-    // The most connections held since memory was last given back.
-    let mut peak_live = 0;
     // Compared with the current parent to notice the master's death (the
     // master may itself be PID 1 in a container, so "parent is 1" is no test).
     let master = unsafe { libc::getppid() };
@@ -816,7 +826,7 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
         }
         let orphans_left = sweep(w, now, idle_linger_over());
         resume_accepting(w, now);
-        trim_after_closes(w, &mut peak_live);
+        trim_after_closes(w);
         report_shed(w, now);
         check_timeouts(w, now);
         if !RECYCLING.load(Ordering::Acquire) && drain_deadline.is_none() {
@@ -1910,6 +1920,7 @@ fn adopt<A: App>(
     let slot = {
         let mut reg = w.registry.lock().unwrap();
         reg.live += 1;
+        reg.peak = reg.peak.max(reg.live);
         w.scoreboard.set_conns(w.slot, reg.live);
         match reg.free.pop() {
             Some(i) => {
