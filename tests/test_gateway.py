@@ -20,6 +20,7 @@ import struct
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gateway as g
@@ -1670,3 +1671,57 @@ def test_a_kept_fastcgi_connection_whose_request_comes_in_parts_is_served_while_
         reply = conn.read_response()
         assert (reply.status, reply.body) == (200, body)
     assert server.wait_exit(30) == 0
+
+
+@pytest.mark.parametrize("proto", ["fastcgi", "scgi"])
+def test_unfinished_variables_cannot_hold_unbounded_memory(start_server, proto):
+    """A front end's variables may reach 1 MiB (SCGI's netstring, FastCGI's
+    PARAMS), but a worker holds at most 32 MiB of request heads that never
+    end, as over HTTP: past that, those over 64 KiB are refused with 431 in
+    the protocol's framing, and the memory is given back when they close."""
+    server = g.start_gateways(start_server, "behaviour:application", [(proto, "127.0.0.1:0")], threads=4)
+    addr = server.addr(proto)
+    pairs = g.cgi_params(uri="/fixed", extra=[("HTTP_X_PAD", "a" * 800_000)])
+    if proto == "scgi":
+        pairs = [(b"CONTENT_LENGTH", b"0"), (b"SCGI", b"1"), *pairs[1:]]
+    whole = g.request_bytes(proto, pairs)
+    # Everything but the end of the variables: SCGI's netstring lacks its
+    # last 10 bytes, FastCGI's PARAMS stream its closing empty record.
+    if proto == "fastcgi":
+        unfinished = whole[: whole.index(g.record(g.FCGI_PARAMS, 1))]
+    else:
+        unfinished = whole[:-10]
+    assert len(unfinished) > 790_000
+
+    def fill(sock):
+        try:
+            sock.sendall(unfinished)
+        except OSError:
+            pass  # refused and closed while sending
+
+    socks = [g.connect(addr, timeout=30) for _ in range(60)]
+    mark = server.mark()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(fill, socks))
+    answered = {}
+    while True:
+        ready, _, _ = select.select([s for s in socks if s not in answered], [], [], 2.0)
+        if not ready:
+            break
+        for sock in ready:
+            answered[sock] = g.read_until_close(sock, timeout=10)[0]
+    refused = [g.parse_any(proto, data) for data in answered.values() if data]
+    # 32 MiB hold about 41 of these 790 KiB heads.
+    assert 10 <= len(refused) <= 30, (len(refused), len(answered))
+    assert {r.status for r in refused} == {431}, [r.raw[:200] for r in refused]
+    assert all(data for data in answered.values()), "closed without an answer"
+    server.wait_for(
+        rf"\[WARNING\] Bad {proto} request from 127\.0\.0\.1:\d+: request variables refused: \d+ KiB and not "
+        r"ended, while this worker holds \d+ MiB of unfinished request heads \(at most 32 MiB\) \(431 ",
+        since=mark,
+    )
+    assert g.call(proto, addr, uri="/fixed").body == b"hello world"
+    for sock in socks:
+        sock.close()
+    # Given back once the closes are seen: the same variables, ended, are served.
+    assert wait_until(lambda: g.call(proto, addr, params=pairs).body == b"hello world", timeout=10)

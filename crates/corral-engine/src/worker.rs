@@ -2705,7 +2705,10 @@ fn read_gateway<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                 }
             };
             match parsed {
-                Ok(Some(req)) => return Next::Gateway(req),
+                Ok(Some(req)) => {
+                    conn.head_charge.set(0);
+                    return Next::Gateway(req);
+                }
                 Ok(None) => {}
                 Err(m) => {
                     warn!(
@@ -2717,6 +2720,36 @@ fn read_gateway<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                     return Next::Close;
                 }
             }
+        }
+        // Unfinished variables (in the buffer, or FastCGI PARAMS taken into
+        // the connection's state) hold their share of the same budget as
+        // HTTP heads: each may reach the protocols' 1 MiB.
+        let unfinished = if head_ready { 0 } else { io.buf.len() + conn.fcgi.params.len() };
+        let total = conn.head_charge.set(unfinished);
+        if unfinished > HEAD_FAIR_SHARE && total > HEAD_BUDGET {
+            let why = format!(
+                "request variables refused: {} KiB and not ended, while this worker holds {} MiB of \
+                 unfinished request heads (at most {} MiB)",
+                unfinished >> 10,
+                total >> 20,
+                HEAD_BUDGET >> 20
+            );
+            conn.head_charge.set(0);
+            let wire = match (protocol, conn.fcgi.active) {
+                (Protocol::Uwsgi, _) => Wire::Uwsgi,
+                (Protocol::Scgi, _) => Wire::Scgi,
+                (_, Some((id, keep_conn))) => Wire::FastCgi { id, keep_conn },
+                (_, None) => {
+                    warn!(
+                        "Bad {} request from {}: {why}; closing the connection",
+                        protocol.name(),
+                        peer(conn, listener)
+                    );
+                    drain_and_close(&mut io);
+                    return Next::Close;
+                }
+            };
+            return refuse(w, conn, &mut io, wire, 431, &why);
         }
         // Draining, a kept FastCGI connection that brought no request closes;
         // one whose request came in part (its records so far are in the
