@@ -317,6 +317,47 @@ def test_an_unread_body_the_client_never_finishes_does_not_hold_the_thread(start
         )
 
 
+def test_unread_bodies_that_stall_do_not_take_turns_holding_the_thread(start_server):
+    """Clients that each declare a body the app ignores and never send it:
+    with one thread, each of them used to hold it while the rest of its body
+    was awaited (2 s), so the next got its answer only after that. The rest
+    is awaited in the event loop instead: all are answered, and so is
+    another client, while their connections wait for it."""
+    server = start_server("behaviour:application", threads=1)
+    stalled = [server.connect(timeout=30) for _ in range(3)]
+    ports = [c.sock.getsockname()[1] for c in stalled]
+    for conn in stalled:
+        conn.send(b"POST /ignore-body HTTP/1.1\r\nHost: x\r\nContent-Length: 500000\r\n\r\n")
+    for conn in stalled:
+        resp = conn.read_response()
+        assert (resp.status, resp.body, resp.header("Connection")) == (200, b"ignored", None)
+    assert server.request("GET", "/fixed").body == b"hello world"
+    # Still waiting for their bodies: none was given up before the others were answered.
+    assert not any(conn.at_eof(0.01) for conn in stalled)
+    for conn in stalled:
+        assert conn.at_eof(15)
+        conn.close()
+    said = "POST /ignore-body from 127.0.0.1:{}: closing the connection: the rest of a request body the app did not read"
+    assert wait_until(lambda: all(said.format(port) in server.log for port in ports))
+
+
+def test_the_rest_of_an_unread_body_coming_later_keeps_the_connection(start_server):
+    """The rest of a body the app did not read, sent after the response, is
+    dropped as it comes (Content-Length and chunked), and the next request
+    on the connection is served."""
+    server = start_server("behaviour:application", threads=1)
+    with server.connect(timeout=30) as conn:
+        conn.send(b"POST /ignore-body HTTP/1.1\r\nHost: x\r\nContent-Length: 300000\r\n\r\n" + b"a" * 70_000)
+        assert conn.read_response().body == b"ignored"
+        for _ in range(2):
+            time.sleep(0.2)
+            conn.send(b"b" * 115_000)
+        conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        resp = conn.read_response()
+        assert (resp.status, resp.body) == (200, b"hello")
+    assert "did not come within" not in server.log
+
+
 def test_a_chunked_body_left_unread_closes_the_connection_and_says_so(start_server):
     """The rest of a chunked body has no known size: a response sent before
     it is all in says Connection: close, rather than promising a connection

@@ -83,6 +83,9 @@ pub enum BodyError {
     Gateway(&'static str),
     /// The front end aborted the request (FastCGI ABORT_REQUEST).
     Aborted,
+    /// No bytes now, and the reader asked not to wait ([`Io::no_wait`]):
+    /// the body stays as it was, to be read on when the socket is readable.
+    WouldWait,
 }
 
 /// What a response write that waited out `--socket-timeout` says: the
@@ -100,7 +103,7 @@ impl BodyError {
         match self {
             BodyError::Framing(e) => e.status(),
             BodyError::TooLarge => 413,
-            BodyError::Timeout => 408,
+            BodyError::Timeout | BodyError::WouldWait => 408,
             _ => 400,
         }
     }
@@ -131,6 +134,7 @@ impl std::fmt::Display for BodyError {
             BodyError::Stale => f.write_str("wsgi.input used after its request ended"),
             BodyError::Gateway(m) => write!(f, "invalid FastCGI body stream: {m}"),
             BodyError::Aborted => f.write_str("the front end aborted the request"),
+            BodyError::WouldWait => f.write_str("no more of the request body yet"),
         }
     }
 }
@@ -238,6 +242,17 @@ pub(crate) struct Io {
     /// The connection may carry another request after this response.
     pub keep_alive: bool,
     pub timeout_ms: i32,
+    /// Body reads return [`BodyError::WouldWait`] rather than wait for the
+    /// client (the rest of a body nobody reads is dropped from the event
+    /// loop, not by a thread waiting for it).
+    pub no_wait: bool,
+    /// Monotonic ms by which the rest of a body the app did not read must
+    /// have come, while it is dropped between requests; 0 when none is.
+    pub discard_until: u64,
+    /// Bytes of that body dropped so far.
+    pub discarded: u64,
+    /// The request that body belonged to, for the log line if it never ends.
+    pub discard_what: String,
     /// The socket failed; nothing more is written and the connection closes.
     pub broken: bool,
     /// The app failed after sending headers: close with a reset.
@@ -344,6 +359,10 @@ impl Io {
             head_request: false,
             keep_alive: true,
             timeout_ms,
+            no_wait: false,
+            discard_until: 0,
+            discarded: 0,
+            discard_what: String::new(),
             broken: false,
             aborted: false,
             fcgi_aborted: false,
@@ -472,6 +491,9 @@ impl Io {
                     return Ok(());
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if self.no_wait {
+                        return Err(BodyError::WouldWait);
+                    }
                     // The client may wait for a held response before it sends more.
                     if self.flush_out(blocking).is_err() {
                         return Err(BodyError::Io(libc::EPIPE));
@@ -551,6 +573,7 @@ impl Io {
                                 self.body = BodyState::Failed(BodyError::Truncated);
                                 return Err(BodyError::Truncated);
                             }
+                            Err(BodyError::WouldWait) => return Err(BodyError::WouldWait),
                             Err(e) => {
                                 self.body = BodyState::Failed(e);
                                 return Err(e);
@@ -594,6 +617,9 @@ impl Io {
                         // disconnect, as inside a Content-Length one: not a
                         // malformed body.
                         if let Err(e) = self.fill(blocking) {
+                            if e == BodyError::WouldWait {
+                                return Err(e);
+                            }
                             if e == BodyError::Truncated {
                                 self.body_note = Some(format!(
                                     "the peer closed its side inside the chunked body ({} bytes of it received)",

@@ -2101,7 +2101,7 @@ fn hand_over_if_draining<A: App>(w: &Shared<A>, conn: Box<Conn>) -> Option<Box<C
     };
     let ready = {
         let mut io = conn.io.lock().unwrap();
-        io.buf.is_empty() && io.keep_alive && io.flush_out(|f| f()).is_ok()
+        io.buf.is_empty() && io.keep_alive && io.discard_until == 0 && io.flush_out(|f| f()).is_ok()
     };
     if !ready {
         return Some(conn);
@@ -2249,7 +2249,15 @@ fn serve<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, conn: Box<Conn>
     if conn.entry.state.compare_exchange(IDLE, BUSY, Ordering::AcqRel, Ordering::Relaxed).is_err() {
         // The sweeper shut it down (timeout or drain). Bytes still buffered
         // are a request that did not arrive whole in time: say so.
-        let partial = conn.io.lock().unwrap().buf.len();
+        let (partial, discarding) = {
+            let io = conn.io.lock().unwrap();
+            (io.buf.len(), (io.discard_until != 0).then(|| io.discard_what.clone()))
+        };
+        if let Some(what) = discarding {
+            log_discard_gave_up(&what);
+            close(w, conn, false);
+            return;
+        }
         // A FastCGI request's records leave the buffer for its state as they come.
         let begun = partial > 0 || conn.fcgi.active.is_some();
         if begun && !draining() {
@@ -2447,6 +2455,11 @@ const EARLY_LOOK: usize = http1::DEFAULT_MAX_REQUEST_LINE;
 fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
     let io_arc = conn.io.clone();
     let mut io = io_arc.lock().unwrap();
+    if io.discard_until != 0 {
+        if let Some(next) = go_on_discarding(w, conn, &mut io) {
+            return next;
+        }
+    }
     let mut read_once = false;
     let mut want = READ_CHUNK;
     let mut head_len = None;
@@ -2848,7 +2861,7 @@ fn refuse<A: App>(w: &Shared<A>, conn: &Conn, io: &mut Io, wire: Wire, status: u
 /// Hands the connection back to epoll until it is readable again.
 fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
     let now = mono_ms();
-    let (idle, drained, buffered) = {
+    let (idle, drained, buffered, discard_until) = {
         let mut io = conn.io.lock().unwrap();
         let buffered = io.buf.len() as u64;
         let idle = buffered == 0;
@@ -2861,15 +2874,20 @@ fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
                 io.out = Vec::new();
             }
         }
-        (idle, io.drained, buffered)
+        (idle, io.drained, buffered, io.discard_until)
     };
     // A new connection has the header timeout, counted from the accept, to
     // send its first request; between requests the keep-alive timeout applies.
     // A FastCGI request whose records came in part has left the buffer for
     // the connection's FastCGI state: it is inside a request, on the header
     // timeout, though its buffer is empty.
-    let between = idle && !conn.entry.fresh.load(Ordering::Relaxed) && conn.fcgi.active.is_none();
-    let deadline = if between {
+    // Neither is one whose response is out while the rest of a body the app
+    // did not read is still to come and be dropped.
+    let between =
+        idle && !conn.entry.fresh.load(Ordering::Relaxed) && conn.fcgi.active.is_none() && discard_until == 0;
+    let deadline = if discard_until != 0 {
+        discard_until
+    } else if between {
         // Only a FastCGI connection the front end asked to keep is idle here
         // when HTTP keep-alive is off (a zero timeout); it keeps the default.
         let idle_for = match w.config.keepalive_timeout {
@@ -2895,7 +2913,7 @@ fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
         && !conn.proxy_pending
         && w.config.proxy_protocol
         && w.listeners[conn.listener].1.protocol == Protocol::Http;
-    let untouched = idle && conn.fcgi.active.is_none() && !proxy_taken;
+    let untouched = idle && conn.fcgi.active.is_none() && !proxy_taken && discard_until == 0;
     conn.entry.untouched.store(untouched, Ordering::Relaxed);
     let op = if conn.registered { libc::EPOLL_CTL_MOD } else { libc::EPOLL_CTL_ADD };
     // Edge-triggered and still armed: bytes that arrive from now on raise an
@@ -3049,6 +3067,7 @@ fn handle_request<A: App>(
         let too_large = declared.filter(|&len| len > w.config.max_body_size);
         io.body_received = 0;
         io.body_deadline = 0;
+        io.discard_until = 0;
         io.pending.clear();
         io.phase = RespPhase::Idle;
         io.block_at = None;
@@ -3706,31 +3725,27 @@ fn complete_locked(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>, io: 
     }
     if !io.body_finished() {
         // Discard what the app did not read so the next request parses from
-        // the right byte.
-        match discard_body(io, blocking) {
+        // the right byte. From a client, what has not come yet is dropped
+        // as it comes, from the event loop: a thread waiting for it would
+        // serve no one else meanwhile.
+        let discarded = if io.wire == Wire::Http {
+            io.discard_until = mono_ms() + DRAIN_WAIT.as_millis() as u64;
+            io.discarded = 0;
+            discard_available(io)
+        } else {
+            discard_body(io, blocking)
+        };
+        match discarded {
             Discarded::All => {}
+            Discarded::Later => io.discard_what = format!("{} from {}", req.describe(), req.peer()),
             Discarded::Failed => {
-                if let BodyState::Failed(BodyError::Framing(e)) = io.body {
-                    // The app answered without reading it, so no one else
-                    // says that the client's chunked body was malformed.
-                    info!(
-                        "Bad request body from {}: {}, in the body the app did not read; closing the connection",
-                        peer(conn, listener),
-                        crate::exchange::chunked_fault(e)
-                    );
-                }
+                log_discard_failed(peer(conn, listener), io);
                 warn_bad_stream(conn, listener, io);
                 return false;
             }
             Discarded::GaveUp => {
                 // The response promised to keep the connection: say why it closes.
-                info!(
-                    "{} from {}: closing the connection: the rest of a request body the app did not read \
-                     did not come within {} s",
-                    req.describe(),
-                    req.peer(),
-                    DRAIN_WAIT.as_secs()
-                );
+                log_discard_gave_up(&format!("{} from {}", req.describe(), req.peer()));
                 drain_and_close(io);
                 return false;
             }
@@ -3739,9 +3754,53 @@ fn complete_locked(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>, io: 
     true
 }
 
+/// Says why a connection whose response promised to keep it closes: the
+/// rest of the body the app did not read never came.
+fn log_discard_gave_up(what: &str) {
+    info!(
+        "{what}: closing the connection: the rest of a request body the app did not read \
+         did not come within {} s",
+        DRAIN_WAIT.as_secs()
+    );
+}
+
+/// Drops what came of the rest of a body the app did not read, before the
+/// next request head is looked at; `Some` when the connection cannot go on
+/// to it yet (or at all).
+fn go_on_discarding<A: App>(w: &Shared<A>, conn: &Conn, io: &mut Io) -> Option<Next> {
+    match discard_available(io) {
+        Discarded::All => None,
+        Discarded::Later => Some(Next::Park),
+        Discarded::GaveUp => {
+            log_discard_gave_up(&io.discard_what);
+            drain_and_close(io);
+            Some(Next::Close)
+        }
+        Discarded::Failed => {
+            log_discard_failed(peer(conn, &w.listeners[conn.listener].1), io);
+            Some(Next::Close)
+        }
+    }
+}
+
+/// Says why a body the app did not read could not be dropped, when the
+/// client broke its chunked framing (no one else says so: the app never
+/// read it).
+fn log_discard_failed(peer: String, io: &Io) {
+    if let BodyState::Failed(BodyError::Framing(e)) = io.body {
+        info!(
+            "Bad request body from {peer}: {}, in the body the app did not read; closing the connection",
+            crate::exchange::chunked_fault(e)
+        );
+    }
+}
+
 /// How discarding the rest of a request body ended.
 enum Discarded {
     All,
+    /// The rest has not come yet: the connection waits in epoll for it
+    /// (until [`Io::discard_until`]).
+    Later,
     /// The stream broke (or the front end broke its framing).
     Failed,
     /// From a client, more than [`MAX_DRAIN`] was left, or it did not come
@@ -3755,6 +3814,38 @@ enum Discarded {
 /// timeout (nginx gives such a client its lingering_timeout, 5 s). From a
 /// front end, the longest it waits for the next bytes.
 const DRAIN_WAIT: Duration = Duration::from_secs(2);
+
+/// Drops what has come of the rest of a client's request body the app did
+/// not read, without waiting for more: `Later` when more is to come. At most
+/// [`MAX_DRAIN`] bytes in all, until `io.discard_until`.
+fn discard_available(io: &mut Io) -> Discarded {
+    let saved_max = io.max_body;
+    // What passes --max-body-size is read to be dropped, not refused again.
+    io.max_body = u64::MAX;
+    io.no_wait = true;
+    let outcome = loop {
+        let left = match io.body {
+            BodyState::Length(left) => left,
+            _ => 0,
+        };
+        if io.discarded.saturating_add(left) > MAX_DRAIN {
+            break Discarded::GaveUp;
+        }
+        match io.read_body_with(READ_CHUNK, &mut |_| {}, |f| f()) {
+            Ok(0) => break Discarded::All,
+            Ok(n) => io.discarded += n as u64,
+            Err(BodyError::WouldWait) if mono_ms() < io.discard_until => break Discarded::Later,
+            Err(BodyError::WouldWait | BodyError::Timeout) => break Discarded::GaveUp,
+            Err(_) => break Discarded::Failed,
+        }
+    };
+    io.no_wait = false;
+    io.max_body = saved_max;
+    if !matches!(outcome, Discarded::Later) {
+        io.discard_until = 0;
+    }
+    outcome
+}
 
 /// Reads and drops the rest of the request body.
 ///
