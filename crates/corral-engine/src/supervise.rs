@@ -664,6 +664,15 @@ impl<'a, H: Hooks> Master<'a, H> {
                     let ready = self.scoreboard.state(slot) == WorkerState::Ready;
                     self.retire(pid, if ready { libc::SIGTERM } else { libc::SIGKILL });
                 }
+                // Old workers that are ready have loaded the code, whether
+                // or not the master has counted them yet (a HUP may come
+                // first): should the new code not load, a worker dying
+                // after this reload is not a first start failing.
+                if old.iter().any(|p| {
+                    self.workers.get(p).is_some_and(|w| self.scoreboard.state(w.slot) == WorkerState::Ready)
+                }) {
+                    self.served = true;
+                }
                 crate::systemd::notify_reloading();
                 self.told_ready = false;
                 for pid in old {
