@@ -869,6 +869,34 @@ def test_socket_timeout_frees_the_thread_a_client_that_stops_reading_holds(start
         since=mark,
     )
     assert server.request("GET", "/fixed").status == 200
+    # Said once, with the request: not again when the connection closes.
+    assert len(server.grep("gave up on the client", since=mark)) == 1
+
+
+def test_socket_timeout_gives_up_on_a_pipelining_client_that_reads_nothing_and_says_so(start_server):
+    """A client that pipelines requests and reads none of the answers holds
+    the thread writing them until --socket-timeout, then the connection is
+    given up, with a log line naming the client."""
+    server = start_server("behaviour:application", "--socket-timeout", "1", workers=1, threads=1)
+    mark = server.mark()
+    stuck = slow_reader(server, rcvbuf=4096)
+    port = stuck.sock.getsockname()[1]
+    said = rf"Connection from 127\.0\.0\.1:{port}: gave up on the client: it read nothing of the response for --socket-timeout \(1 s\); closing it"
+    # Far more answers than the two sockets' buffers hold, sent as the server takes them.
+    data = b"GET /fixed HTTP/1.1\r\nHost: x\r\n\r\n" * 300_000
+    stuck.sock.setblocking(False)
+    sent = 0
+    while sent < len(data) and not server.grep(said, since=mark):
+        try:
+            sent += stuck.sock.send(data[sent : sent + 65536])
+        except BlockingIOError:
+            time.sleep(0.05)
+        except OSError:
+            break  # given up on and closed
+    server.wait_for(said, since=mark)
+    assert len(server.grep("gave up on the client", since=mark)) == 1
+    assert server.request("GET", "/fixed").status == 200
+    stuck.close()
     stuck.close()
 
 

@@ -255,6 +255,12 @@ pub(crate) struct Io {
     pub discard_what: String,
     /// The socket failed; nothing more is written and the connection closes.
     pub broken: bool,
+    /// A write waited out the I/O timeout ([`STALLED_READER`]): the client
+    /// took nothing. Said in the log once, by whoever learns it with the
+    /// request in hand, or else when the connection closes.
+    pub stalled: bool,
+    /// That was logged already.
+    pub stall_logged: bool,
     /// The app failed after sending headers: close with a reset.
     pub aborted: bool,
     /// The FastCGI front end sent ABORT_REQUEST for the active request.
@@ -360,6 +366,8 @@ impl Io {
             keep_alive: true,
             timeout_ms,
             no_wait: false,
+            stalled: false,
+            stall_logged: false,
             discard_until: 0,
             discarded: 0,
             discard_what: String::new(),
@@ -942,6 +950,7 @@ impl Io {
                     io::ErrorKind::WouldBlock => {
                         if !self.wait(libc::POLLOUT, blocking) {
                             self.broken = true;
+                            self.stalled = true;
                             return Err(ResponseError::ClientGone(crate::exchange::STALLED_READER.into()));
                         }
                         continue;
@@ -1472,6 +1481,7 @@ impl Io {
         while !self.advance_span(file, s)? {
             if !self.wait(libc::POLLOUT, blocking) {
                 self.broken = true;
+                self.stalled = true;
                 return Err(ResponseError::ClientGone(crate::exchange::STALLED_READER.into()));
             }
         }
@@ -2006,6 +2016,14 @@ impl Exchange {
     /// answer with when the app gives up because of it.
     /// The front end aborted this request (FastCGI ABORT_REQUEST): the
     /// engine logs that once, as the request ends.
+    /// The caller logged that the client took nothing for the I/O timeout
+    /// ([`STALLED_READER`]): the connection's close does not say it again.
+    pub fn stall_logged(&self) {
+        if let Some(mut io) = self.lock() {
+            io.stall_logged = true;
+        }
+    }
+
     pub fn front_end_aborted(&self) -> bool {
         self.lock().is_some_and(|io| io.fcgi_aborted)
     }

@@ -2949,7 +2949,19 @@ fn close<A: App>(w: &Shared<A>, conn: Box<Conn>, reset: bool) {
     {
         // The flusher may still hold this connection's handle: nothing may
         // be written to the descriptor number once it is closed and reused.
-        conn.io.lock().unwrap_or_else(|p| p.into_inner()).release();
+        let mut io = conn.io.lock().unwrap_or_else(|p| p.into_inner());
+        io.release();
+        // A write gave up on the client where no request was at hand to
+        // name (held responses to pipelined requests, written after them).
+        if io.stalled && !io.stall_logged {
+            io.stall_logged = true;
+            info!(
+                "Connection from {}: {} ({} s); closing it",
+                peer(&conn, &w.listeners[conn.listener].1),
+                crate::exchange::STALLED_READER,
+                w.config.io_timeout.as_secs_f64()
+            );
+        }
     }
     {
         let mut reg = w.registry.lock().unwrap();

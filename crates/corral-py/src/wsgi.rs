@@ -552,6 +552,7 @@ impl WsgiApp {
                 let why = e.value(py).to_string();
                 if why == corral_engine::exchange::STALLED_READER {
                     info!("{what} from {}: {why}", req.peer());
+                    ex.stall_logged();
                 } else {
                     info!("{what} from {}: client disconnected ({why})", req.peer());
                 }
