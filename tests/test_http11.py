@@ -358,6 +358,25 @@ def test_the_rest_of_an_unread_body_coming_later_keeps_the_connection(start_serv
     assert "did not come within" not in server.log
 
 
+def test_a_head_that_comes_with_the_end_of_an_unread_body_has_its_own_header_timeout(start_server):
+    """The next request's head arriving with the last bytes of the body the
+    app did not read has the header timeout from then, not from the
+    response before it."""
+    server = start_server("behaviour:application", "--header-timeout", "1", threads=1)
+    with server.connect(timeout=30) as conn:
+        conn.send(b"POST /ignore-body HTTP/1.1\r\nHost: x\r\nContent-Length: 300000\r\n\r\n" + b"a" * 70_000)
+        assert conn.read_response().body == b"ignored"
+        # Past the header timeout counted from the response (the rest is
+        # awaited for 2 s), the rest of the body and the start of a head...
+        time.sleep(1.5)
+        conn.send(b"b" * 230_000 + b"GET /fixed HTTP/1.1\r\nHo")
+        # ...which ends within the header timeout counted from its start.
+        time.sleep(0.3)
+        conn.send(b"st: x\r\n\r\n")
+        assert conn.read_response().body == b"hello world"
+    assert "Timed out" not in server.log
+
+
 def test_a_chunked_body_left_unread_closes_the_connection_and_says_so(start_server):
     """The rest of a chunked body has no known size: a response sent before
     it is all in says Connection: close, rather than promising a connection

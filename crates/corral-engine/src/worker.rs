@@ -3779,9 +3779,15 @@ fn log_discard_gave_up(what: &str) {
 /// Drops what came of the rest of a body the app did not read, before the
 /// next request head is looked at; `Some` when the connection cannot go on
 /// to it yet (or at all).
-fn go_on_discarding<A: App>(w: &Shared<A>, conn: &Conn, io: &mut Io) -> Option<Next> {
+fn go_on_discarding<A: App>(w: &Shared<A>, conn: &mut Conn, io: &mut Io) -> Option<Next> {
     match discard_available(io) {
-        Discarded::All => None,
+        Discarded::All => {
+            // The next head's header timeout counts from here, as it would
+            // from the previous response had nothing been left to drop: its
+            // first bytes may have come with the body's last ones.
+            conn.request_started = mono_ms();
+            None
+        }
         Discarded::Later => Some(Next::Park),
         Discarded::GaveUp => {
             log_discard_gave_up(&io.discard_what);
