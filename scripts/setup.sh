@@ -23,7 +23,7 @@ need_apt=()
 # the tests put in front of corral; iproute2 gives `ss` and `ip netns`;
 # podman, runc and debootstrap build and run the container image recipe.
 for pair in nginx:nginx wrk:wrk curl:curl tmux:tmux apache2:apache2 haproxy:haproxy \
-    cgi-fcgi:libfcgi-bin ss:iproute2 podman:podman runc:runc debootstrap:debootstrap; do
+    cgi-fcgi:libfcgi-bin ss:iproute2 podman:podman runc:runc debootstrap:debootstrap strace:strace; do
     cmd="${pair%%:*}"
     pkg="${pair#*:}"
     command -v "$cmd" >/dev/null || [ -x "/usr/sbin/$cmd" ] || need_apt+=("$pkg")

@@ -725,3 +725,74 @@ def test_no_post_fails_behind_a_kept_fastcgi_pool_when_one_of_two_servers_stops(
     finally:
         stop.set()
         front.stop()
+
+
+@pytest.mark.skipif(not front_ends.available("nginx", "strace"), reason="nginx or strace is not installed")
+@pytest.mark.parametrize("socket_kind", ["unix", "tcp"])
+def test_no_post_fails_behind_a_kept_fastcgi_pool_when_the_stopping_servers_close_comes_late(
+    start_server, tmp_path, socket_kind
+):
+    """The stop above with the moment it races widened: strace delays every
+    shutdown(2) of the stopping worker by 20 ms, so nginx has long read each
+    last response before its connection ends. nginx must not have put such a
+    connection back in its pool (a POST sent on it would fail with 502): the
+    record corral puts right behind the last END_REQUEST tells it not to."""
+    if socket_kind == "unix":
+        backends = [f"unix:{tmp_path}/corral-{i}.sock" for i in range(2)]
+    else:
+        backends = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    servers = [
+        start_server("front_app:application", "--fastcgi", b, http=None, workers=1, threads=4, wait=False)
+        for b in backends
+    ]
+    for server in servers:
+        server.wait_for(r"Worker ready", timeout=20)
+    worker = servers[0].worker_pids()[0]
+    port = free_port()
+    front = _nginx_kept_fastcgi_pool(tmp_path, port, backends)
+    failures, counts = [], [0]
+    stop = threading.Event()
+    strace = subprocess.Popen(
+        [
+            "strace",
+            "-f",
+            "-qq",
+            "-o",
+            "/dev/null",
+            "-p",
+            str(worker),
+            "-e",
+            "trace=shutdown",
+            "-e",
+            "inject=shutdown:delay_enter=20000",
+        ],
+        stderr=subprocess.PIPE,
+    )
+
+    def client():
+        _keep_requesting(
+            port, stop, failures, counts, lambda conn, _: conn.request("POST", "/upload", body=b"p" * 2000)
+        )
+
+    try:
+        time.sleep(0.5)
+        if strace.poll() is not None:
+            pytest.skip(f"strace cannot attach here: {strace.stderr.read().decode(errors='replace')[:300]}")
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        before = counts[0]
+        servers[0].signal(signal.SIGTERM)
+        assert servers[0].wait_exit(20) == 0, servers[0].log[-3000:]
+        time.sleep(1)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        assert before > 50 and counts[0] > before + 50, (before, counts)
+        assert not failures, (failures[:10], front.logs()[-3000:])
+    finally:
+        stop.set()
+        strace.kill()
+        strace.wait()
+        front.stop()

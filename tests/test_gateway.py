@@ -1623,15 +1623,22 @@ def test_a_static_download_the_front_end_reads_slowly_holds_no_thread(start_serv
     assert hashlib.sha256(r.body).digest() == hashlib.sha256(data).digest()
 
 
+@pytest.mark.parametrize("socket_kind", ["tcp", "unix"])
 def test_a_kept_fastcgi_request_running_when_the_stop_begins_closes_its_connection_with_its_end(
-    start_server, tmp_path
+    start_server, tmp_path, socket_kind
 ):
     """A request already running when a stop begins, on a kept FastCGI connection
-    with no sibling to take it over: the connection's FIN comes with END_REQUEST,
-    so the front end does not put it back in its pool (left idle, it would be
-    closed later, maybe as the front end sends its next request on it)."""
-    server = g.start_gateways(start_server, "behaviour:application", [("fastcgi", "127.0.0.1:0")])
-    with g.FcgiConn(server.addr("fastcgi")) as conn:
+    with no sibling to take it over: the connection ends with END_REQUEST, so
+    the front end does not put it back in its pool (left idle, it would be
+    closed later, maybe as the front end sends its next request on it). Over
+    TCP the FIN comes in END_REQUEST's segment. A unix socket cannot send the
+    two together, so an empty GET_VALUES_RESULT comes right behind END_REQUEST,
+    in the same read: nginx pools a connection only when END_REQUEST ends what
+    it read."""
+    unix = socket_kind == "unix"
+    listen = f"unix:{tmp_path}/fcgi.sock" if unix else "127.0.0.1:0"
+    server = g.start_gateways(start_server, "behaviour:application", [("fastcgi", listen)])
+    with g.FcgiConn(server.addr("fastcgi", unix=unix)) as conn:
         marker = tmp_path / "go"
         conn.send(g.fcgi_request_bytes(g.cgi_params(uri=f"/pause?marker={marker}"), keep_conn=True))
         first = conn.read_record()
@@ -1643,10 +1650,42 @@ def test_a_kept_fastcgi_request_running_when_the_stop_begins_closes_its_connecti
         marker.touch()
         reply = conn.read_response()
         assert (reply.status, reply.body) == (200, b"first,second,third")
-        # Everything the server sent is here already (the FIN in END_REQUEST's
-        # segment), so the end of the stream must be too, without waiting.
-        readable, _, _ = select.select([conn.sock], [], [], 0)
-        assert conn.eof or (readable and conn.sock.recv(1) == b"")
+        # What came with END_REQUEST, read by the same recv (nothing is read
+        # past a record's end until the next one is asked for).
+        assert bytes(conn.buf) == g.record(g.FCGI_GET_VALUES_RESULT, 0), bytes(conn.buf)
+        conn.buf.clear()
+        if unix:
+            assert conn.at_eof(5)
+        else:
+            # Everything the server sent is here already (the FIN in
+            # END_REQUEST's segment), so the end of the stream must be too,
+            # without waiting.
+            readable, _, _ = select.select([conn.sock], [], [], 0)
+            assert conn.eof or (readable and conn.sock.recv(1) == b"")
+    assert server.wait_exit(30) == 0
+
+
+@pytest.mark.parametrize("socket_kind", ["tcp", "unix"])
+def test_a_kept_fastcgi_connection_ends_with_a_whole_response_the_app_returned_during_the_stop(
+    start_server, tmp_path, socket_kind
+):
+    """As above, for a response the app returns whole (its END_REQUEST goes in
+    the response's one write) after the stop began while it ran: that write
+    is the connection's last, with the same ending."""
+    unix = socket_kind == "unix"
+    listen = f"unix:{tmp_path}/fcgi.sock" if unix else "127.0.0.1:0"
+    server = g.start_gateways(start_server, "behaviour:application", [("fastcgi", listen)])
+    with g.FcgiConn(server.addr("fastcgi", unix=unix), timeout=20) as conn:
+        mark = server.mark()
+        conn.send(g.fcgi_request_bytes(g.cgi_params(uri="/slow?secs=1&id=last"), keep_conn=True))
+        server.wait_for("slow request started: last", since=mark)
+        server.signal(signal.SIGTERM)
+        server.wait_for("Worker draining", since=mark)
+        reply = conn.read_response()
+        assert (reply.status, reply.body) == (200, b"slept last")
+        assert bytes(conn.buf) == g.record(g.FCGI_GET_VALUES_RESULT, 0), bytes(conn.buf)
+        conn.buf.clear()
+        assert conn.at_eof(5)
     assert server.wait_exit(30) == 0
 
 

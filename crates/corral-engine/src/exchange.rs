@@ -1130,8 +1130,13 @@ impl Io {
             } else if self.completes_body(data.len()) {
                 // The whole body: END_REQUEST goes out in the same write.
                 self.refuse_concurrent_fcgi(&mut trailer);
+                if self.keep_alive && !crate::worker::fastcgi_conn_may_stay() {
+                    // As in end_fcgi_request: the drain began while the app ran.
+                    self.keep_alive = false;
+                }
                 fastcgi::write_stream_end(&mut trailer, fastcgi::RecordType::Stdout, id);
                 fastcgi::write_end_request(&mut trailer, id, 0, fastcgi::ProtocolStatus::RequestComplete);
+                self.push_last_notice(&mut trailer);
             }
         }
         let result = if trailer.is_empty() {
@@ -1371,7 +1376,31 @@ impl Io {
             // as the front end sends its next request on it.
             self.keep_alive = false;
         }
+        self.push_last_notice(&mut out);
         self.ending(|io| io.write_parts(&[&out], blocking))
+    }
+
+    /// Whether the front end kept this FastCGI connection for its next
+    /// request but it closes after this one (a draining worker with no
+    /// sibling to take it).
+    fn last_on_kept_conn(&self) -> bool {
+        matches!(self.wire, Wire::FastCgi { keep_conn: true, .. }) && !self.keep_alive
+    }
+
+    /// On a kept FastCGI connection that closes after this request, puts an
+    /// empty FCGI_GET_VALUES_RESULT (a management record, which a front end
+    /// may get at any time) right behind END_REQUEST, in the same write.
+    /// nginx puts a connection back in its pool only when END_REQUEST ends
+    /// what it read; a byte after it makes it close the connection. This
+    /// does on a unix socket what the FIN in END_REQUEST's segment does over
+    /// TCP (see [`Io::ending`]), where nothing sends the two together: a
+    /// reader that ran between the write and the shutdown put the
+    /// connection back and sent its next request on it, a 502 for a POST.
+    fn push_last_notice(&self, out: &mut Vec<u8>) {
+        if self.last_on_kept_conn() {
+            // Empty: within any length limit.
+            let _ = fastcgi::write_get_values_result(out, &[]);
+        }
     }
 
     /// Runs `write`, the one that sends END_REQUEST, and makes it the
@@ -1383,12 +1412,13 @@ impl Io {
     /// response and does not put it back in its pool. Sent a moment later,
     /// the FIN met the next request nginx had already written on the
     /// connection, a 502 for a POST. (A unix socket has no cork; the FIN
-    /// follows at once.)
+    /// follows at once, and the record [`Io::push_last_notice`] puts behind
+    /// END_REQUEST keeps the connection out of the pool meanwhile.)
     fn ending(
         &mut self,
         write: impl FnOnce(&mut Io) -> Result<(), ResponseError>,
     ) -> Result<(), ResponseError> {
-        if !matches!(self.wire, Wire::FastCgi { keep_conn: true, .. }) || self.keep_alive {
+        if !self.last_on_kept_conn() {
             return write(self);
         }
         self.holding = false;
