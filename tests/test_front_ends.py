@@ -728,6 +728,80 @@ def test_no_post_fails_behind_a_kept_fastcgi_pool_when_one_of_two_servers_stops(
 
 
 @pytest.mark.skipif(not front_ends.available("nginx", "strace"), reason="nginx or strace is not installed")
+def test_no_post_fails_behind_a_kept_fastcgi_pool_when_handing_connections_over_fails_at_first(
+    start_server, tmp_path
+):
+    """A HUP under a load of POSTs through nginx's kept FastCGI pool, where
+    the draining worker's first 40 attempts to hand an idle kept connection to
+    its replacement fail (strace makes its main thread's sendmsg(2) wait
+    10 ms and fail with EPIPE, as when the chosen sibling begins to drain
+    too). A connection is
+    marked as going away while it is handed over; a request nginx sends on
+    it meanwhile must be served once the connection is given back, not
+    closed unread with it (a reset: 502)."""
+    backend = f"unix:{tmp_path}/corral.sock"
+    server = start_server(
+        "front_app:application", "--fastcgi", backend, http=None, workers=1, threads=4, wait=False
+    )
+    server.wait_for(r"Worker ready", timeout=20)
+    [worker] = server.worker_pids()
+    port = free_port()
+    front = _nginx_kept_fastcgi_pool(tmp_path, port, [backend])
+    failures, counts = [], [0]
+    stop = threading.Event()
+    strace = subprocess.Popen(
+        [
+            "strace",
+            "-qq",
+            "-o",
+            "/dev/null",
+            "-p",
+            str(worker),
+            "-e",
+            "trace=sendmsg",
+            "-e",
+            "inject=sendmsg:error=EPIPE:delay_enter=10000:when=1..40",
+        ],
+        stderr=subprocess.PIPE,
+    )
+
+    def send(conn, _):
+        # Pauses leave kept connections idle, for the sweep to hand over.
+        time.sleep(0.01)
+        conn.request("POST", "/upload", body=b"p" * 2000)
+
+    def client():
+        _keep_requesting(port, stop, failures, counts, send)
+
+    try:
+        time.sleep(0.5)
+        if strace.poll() is not None:
+            pytest.skip(f"strace cannot attach here: {strace.stderr.read().decode(errors='replace')[:300]}")
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(1)
+        mark = server.mark()
+        server.signal(signal.SIGHUP)
+        server.wait_for(
+            rf"Worker handed \d+ kept-alive connection\(s\) to other workers: pid={worker}",
+            since=mark,
+            timeout=30,
+        )
+        time.sleep(1)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        assert counts[0] > 100, counts
+        assert not failures, (failures[:10], front.logs()[-3000:])
+    finally:
+        stop.set()
+        strace.kill()
+        strace.wait()
+        front.stop()
+
+
+@pytest.mark.skipif(not front_ends.available("nginx", "strace"), reason="nginx or strace is not installed")
 @pytest.mark.parametrize("socket_kind", ["unix", "tcp"])
 def test_no_post_fails_behind_a_kept_fastcgi_pool_when_the_stopping_servers_close_comes_late(
     start_server, tmp_path, socket_kind

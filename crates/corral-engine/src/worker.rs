@@ -1309,7 +1309,9 @@ fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize {
                 if e.state.compare_exchange(IDLE, CLOSING, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
                     // Under the registry lock, so no thread closes the
                     // descriptor meanwhile. A thread woken for it from here on
-                    // finds it CLOSING and closes this process's copy only.
+                    // waits for that lock (given_back), then closes this
+                    // process's copy only if the connection went, and serves
+                    // it if the hand-over failed and it is IDLE again.
                     let send = || {
                         crate::handover::send(
                             w.master,
@@ -2246,7 +2248,8 @@ fn peer_strings(addr: &libc::sockaddr_storage, is_unix: bool) -> (String, String
 
 /// A connection epoll handed to this thread: claim it from the sweeper first.
 fn serve<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, conn: Box<Conn>, held: &mut Held) {
-    if conn.entry.state.compare_exchange(IDLE, BUSY, Ordering::AcqRel, Ordering::Relaxed).is_err() {
+    let claim = |e: &Entry| e.state.compare_exchange(IDLE, BUSY, Ordering::AcqRel, Ordering::Relaxed).is_ok();
+    if !claim(&conn.entry) && !given_back(w, &conn.entry, claim) {
         // The sweeper shut it down (timeout or drain). Bytes still buffered
         // are a request that did not arrive whole in time: say so.
         let (partial, discarding) = {
@@ -2287,6 +2290,18 @@ fn serve<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, conn: Box<Conn>
         return;
     }
     serve_claimed(w, state, t, conn, held);
+}
+
+/// Whether a connection this thread was woken for, found CLOSING, is back
+/// with it (and claimed, by `claim`): a draining worker's sweeper marks a
+/// connection CLOSING while it hands it to a sibling, under the registry
+/// lock, and gives it back (IDLE) when that fails (the sibling began to
+/// drain too, say). Closed then, the request that woke this thread would be
+/// lost with it (a reset, a 502 from nginx); the sweeper, which hands over
+/// only connections with nothing waiting, would never take it again.
+fn given_back<A: App>(w: &Shared<A>, entry: &Entry, claim: impl Fn(&Entry) -> bool) -> bool {
+    let _sweep_done = w.registry.lock().unwrap_or_else(|p| p.into_inner());
+    claim(entry)
 }
 
 /// A request that arrived over uwsgi, FastCGI or SCGI.
