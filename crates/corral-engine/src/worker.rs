@@ -1305,8 +1305,27 @@ fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize {
             if to.is_none() && *successor.get_or_insert_with(|| can_hand_over(w)) {
                 left += 1;
             }
+            // Taken for the hand-over (CLOSING), and still as it was seen: a
+            // thread may have served a request on it since its flags were
+            // read, and parked it again with the start of the next one read
+            // into this process's buffer (which would be lost with it). Once
+            // it is CLOSING no thread takes it, so its flags stand still.
+            let take = |e: &Entry| {
+                if e.state.compare_exchange(IDLE, CLOSING, Ordering::AcqRel, Ordering::Relaxed).is_err() {
+                    return false;
+                }
+                let fits = if orphan {
+                    e.untouched.load(Ordering::Relaxed)
+                } else {
+                    e.between.load(Ordering::Relaxed) && pending_bytes(e.fd) == 0
+                };
+                if !fits {
+                    e.state.store(IDLE, Ordering::Release);
+                }
+                fits
+            };
             if let Some(to) = to {
-                if e.state.compare_exchange(IDLE, CLOSING, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                if take(e) {
                     // Under the registry lock, so no thread closes the
                     // descriptor meanwhile. A thread woken for it from here on
                     // waits for that lock (given_back), then closes this
@@ -1334,11 +1353,7 @@ fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize {
                         wait_budget -= 1;
                         e.state.store(IDLE, Ordering::Release);
                         std::thread::sleep(Duration::from_micros(500));
-                        if !orphan && pending_bytes(e.fd) > 0
-                            || e.state
-                                .compare_exchange(IDLE, CLOSING, Ordering::AcqRel, Ordering::Relaxed)
-                                .is_err()
-                        {
+                        if !take(e) {
                             taken = false;
                             break;
                         }
