@@ -607,6 +607,24 @@ def _nginx_kept_fastcgi_pool(tmp_path, port, backends):
     )
 
 
+@contextlib.contextmanager
+def _strace(pid, *args):
+    """strace attached to `pid` (its main thread; all of them with "-f") with
+    `args` (a fault to inject) for the block; skips the test where strace
+    cannot attach (no ptrace)."""
+    proc = subprocess.Popen(
+        ["strace", "-qq", "-o", "/dev/null", "-p", str(pid), *args], stderr=subprocess.PIPE
+    )
+    try:
+        time.sleep(0.5)
+        if proc.poll() is not None:
+            pytest.skip(f"strace cannot attach here: {proc.stderr.read().decode(errors='replace')[:300]}")
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def _keep_requesting(port, stop, failures, counts, send):
     """Requests on one kept connection to the front end at `port` until `stop`,
     `send(conn, i)` making the i-th: each answer other than 200, and each
@@ -678,16 +696,23 @@ def test_no_post_fails_behind_a_kept_fastcgi_pool_while_workers_are_replaced(sta
 
 
 @pytest.mark.skipif(not front_ends.available("nginx"), reason="nginx is not installed")
+@pytest.mark.parametrize("late_close", [False, True], ids=["prompt-close", "late-close"])
 @pytest.mark.parametrize("socket_kind", ["unix", "tcp"])
 def test_no_post_fails_behind_a_kept_fastcgi_pool_when_one_of_two_servers_stops(
-    start_server, tmp_path, socket_kind
+    start_server, tmp_path, socket_kind, late_close
 ):
     """Two corral servers behind one nginx upstream with a keepalive pool and
     fastcgi_keep_conn, eight clients posting, and one server stopped (TERM)
     under that load. nginx sends a request refused at connect to the other
     server, but cannot retry a POST written on a pooled connection that closes
     under it (502): the stopping server must end each kept connection so that
-    nginx never puts it back in its pool, on a unix socket as over TCP."""
+    nginx never puts it back in its pool, on a unix socket as over TCP.
+    `late_close` widens the moment this races: strace delays every shutdown(2)
+    of the stopping worker by 20 ms, so nginx has long read each last response
+    before its connection ends (the record corral puts right behind the last
+    END_REQUEST must keep nginx from pooling it)."""
+    if late_close and not front_ends.available("strace"):
+        pytest.skip("strace is not installed")
     if socket_kind == "unix":
         backends = [f"unix:{tmp_path}/corral-{i}.sock" for i in range(2)]
     else:
@@ -708,14 +733,18 @@ def test_no_post_fails_behind_a_kept_fastcgi_pool_when_one_of_two_servers_stops(
             port, stop, failures, counts, lambda conn, _: conn.request("POST", "/upload", body=b"p" * 2000)
         )
 
+    late = _strace(
+        servers[0].worker_pids()[0], "-f", "-e", "trace=shutdown", "-e", "inject=shutdown:delay_enter=20000"
+    )
     try:
-        threads = [threading.Thread(target=client) for _ in range(8)]
-        for t in threads:
-            t.start()
-        time.sleep(1.5)
-        before = counts[0]
-        servers[0].signal(signal.SIGTERM)
-        assert servers[0].wait_exit(20) == 0, servers[0].log[-3000:]
+        with late if late_close else contextlib.nullcontext():
+            threads = [threading.Thread(target=client) for _ in range(8)]
+            for t in threads:
+                t.start()
+            time.sleep(1.5)
+            before = counts[0]
+            servers[0].signal(signal.SIGTERM)
+            assert servers[0].wait_exit(20) == 0, servers[0].log[-3000:]
         time.sleep(1)
         stop.set()
         for t in threads:
@@ -735,10 +764,9 @@ def test_no_post_fails_behind_a_kept_fastcgi_pool_when_handing_connections_over_
     the draining worker's first 40 attempts to hand an idle kept connection to
     its replacement fail (strace makes its main thread's sendmsg(2) wait
     10 ms and fail with EPIPE, as when the chosen sibling begins to drain
-    too). A connection is
-    marked as going away while it is handed over; a request nginx sends on
-    it meanwhile must be served once the connection is given back, not
-    closed unread with it (a reset: 502)."""
+    too). A connection is marked as going away while it is handed over; a
+    request nginx sends on it meanwhile must be served once the connection
+    is given back, not closed unread with it (a reset: 502)."""
     backend = f"unix:{tmp_path}/corral.sock"
     server = start_server(
         "front_app:application", "--fastcgi", backend, http=None, workers=1, threads=4, wait=False
@@ -749,21 +777,6 @@ def test_no_post_fails_behind_a_kept_fastcgi_pool_when_handing_connections_over_
     front = _nginx_kept_fastcgi_pool(tmp_path, port, [backend])
     failures, counts = [], [0]
     stop = threading.Event()
-    strace = subprocess.Popen(
-        [
-            "strace",
-            "-qq",
-            "-o",
-            "/dev/null",
-            "-p",
-            str(worker),
-            "-e",
-            "trace=sendmsg",
-            "-e",
-            "inject=sendmsg:error=EPIPE:delay_enter=10000:when=1..40",
-        ],
-        stderr=subprocess.PIPE,
-    )
 
     def send(conn, _):
         # Pauses leave kept connections idle, for the sweep to hand over.
@@ -773,21 +786,22 @@ def test_no_post_fails_behind_a_kept_fastcgi_pool_when_handing_connections_over_
     def client():
         _keep_requesting(port, stop, failures, counts, send)
 
+    fail_first = _strace(
+        worker, "-e", "trace=sendmsg", "-e", "inject=sendmsg:error=EPIPE:delay_enter=10000:when=1..40"
+    )
     try:
-        time.sleep(0.5)
-        if strace.poll() is not None:
-            pytest.skip(f"strace cannot attach here: {strace.stderr.read().decode(errors='replace')[:300]}")
-        threads = [threading.Thread(target=client) for _ in range(8)]
-        for t in threads:
-            t.start()
-        time.sleep(1)
-        mark = server.mark()
-        server.signal(signal.SIGHUP)
-        server.wait_for(
-            rf"Worker handed \d+ kept-alive connection\(s\) to other workers: pid={worker}",
-            since=mark,
-            timeout=30,
-        )
+        with fail_first:
+            threads = [threading.Thread(target=client) for _ in range(8)]
+            for t in threads:
+                t.start()
+            time.sleep(1)
+            mark = server.mark()
+            server.signal(signal.SIGHUP)
+            server.wait_for(
+                rf"Worker handed \d+ kept-alive connection\(s\) to other workers: pid={worker}",
+                since=mark,
+                timeout=30,
+            )
         time.sleep(1)
         stop.set()
         for t in threads:
@@ -796,77 +810,4 @@ def test_no_post_fails_behind_a_kept_fastcgi_pool_when_handing_connections_over_
         assert not failures, (failures[:10], front.logs()[-3000:])
     finally:
         stop.set()
-        strace.kill()
-        strace.wait()
-        front.stop()
-
-
-@pytest.mark.skipif(not front_ends.available("nginx", "strace"), reason="nginx or strace is not installed")
-@pytest.mark.parametrize("socket_kind", ["unix", "tcp"])
-def test_no_post_fails_behind_a_kept_fastcgi_pool_when_the_stopping_servers_close_comes_late(
-    start_server, tmp_path, socket_kind
-):
-    """The stop above with the moment it races widened: strace delays every
-    shutdown(2) of the stopping worker by 20 ms, so nginx has long read each
-    last response before its connection ends. nginx must not have put such a
-    connection back in its pool (a POST sent on it would fail with 502): the
-    record corral puts right behind the last END_REQUEST tells it not to."""
-    if socket_kind == "unix":
-        backends = [f"unix:{tmp_path}/corral-{i}.sock" for i in range(2)]
-    else:
-        backends = [f"127.0.0.1:{free_port()}" for _ in range(2)]
-    servers = [
-        start_server("front_app:application", "--fastcgi", b, http=None, workers=1, threads=4, wait=False)
-        for b in backends
-    ]
-    for server in servers:
-        server.wait_for(r"Worker ready", timeout=20)
-    worker = servers[0].worker_pids()[0]
-    port = free_port()
-    front = _nginx_kept_fastcgi_pool(tmp_path, port, backends)
-    failures, counts = [], [0]
-    stop = threading.Event()
-    strace = subprocess.Popen(
-        [
-            "strace",
-            "-f",
-            "-qq",
-            "-o",
-            "/dev/null",
-            "-p",
-            str(worker),
-            "-e",
-            "trace=shutdown",
-            "-e",
-            "inject=shutdown:delay_enter=20000",
-        ],
-        stderr=subprocess.PIPE,
-    )
-
-    def client():
-        _keep_requesting(
-            port, stop, failures, counts, lambda conn, _: conn.request("POST", "/upload", body=b"p" * 2000)
-        )
-
-    try:
-        time.sleep(0.5)
-        if strace.poll() is not None:
-            pytest.skip(f"strace cannot attach here: {strace.stderr.read().decode(errors='replace')[:300]}")
-        threads = [threading.Thread(target=client) for _ in range(8)]
-        for t in threads:
-            t.start()
-        time.sleep(1.5)
-        before = counts[0]
-        servers[0].signal(signal.SIGTERM)
-        assert servers[0].wait_exit(20) == 0, servers[0].log[-3000:]
-        time.sleep(1)
-        stop.set()
-        for t in threads:
-            t.join(60)
-        assert before > 50 and counts[0] > before + 50, (before, counts)
-        assert not failures, (failures[:10], front.logs()[-3000:])
-    finally:
-        stop.set()
-        strace.kill()
-        strace.wait()
         front.stop()
