@@ -11,6 +11,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import gateway
 import pytest
 from front_ends import free_port
 from support import IncompleteResponse, group_members, wait_until
@@ -272,6 +273,66 @@ def test_requests_waiting_on_a_worker_whose_only_thread_is_stuck_reach_its_repla
             conn.send(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
             new = conn.read_response().body.decode()
             assert new != old and int(new) in server.worker_pids(mark)
+
+
+@pytest.mark.parametrize("proto", ["http", "uwsgi", "scgi"])
+def test_a_request_begun_before_the_only_thread_got_stuck_reaches_the_replacement(start_server, proto):
+    """A worker with one thread reads a request's head and waits for its
+    small body without holding the thread; the thread then gets stuck past
+    --timeout in another request. The connection goes to the replacement
+    with the head this worker had read, and the body sent meanwhile follows
+    it there: the request is answered, where it was reset as the stuck worker
+    left (its head lost with it)."""
+    args = [f"--{proto}", f"127.0.0.1:{free_port()}"] if proto != "http" else []
+    server = start_server("behaviour:application", "--timeout", "2", *args, workers=1, threads=1)
+    addr = ("127.0.0.1", int(args[1].rpartition(":")[2])) if args else (server.host, server.port)
+    body = b"the body sent once the worker was stuck"
+    if proto == "http":
+        head = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+    else:
+        pairs = gateway.cgi_params("POST", "/echo", body)
+        if proto == "scgi":
+            pairs.insert(1, (b"SCGI", b"1"))
+        head = gateway.request_bytes(proto, pairs)
+    old = server.request("GET", "/pid").body.decode()
+    with socket.create_connection(addr, timeout=30) as begun, ThreadPoolExecutor(1) as pool:
+        begun.sendall(head)
+        # Read by the worker, which parks the connection for its body.
+        time.sleep(0.5)
+        mark = server.mark()
+        stuck = pool.submit(server.request, "GET", "/slow?secs=60&id=stuck", timeout=30)
+        server.wait_for("slow request started: stuck", since=mark)
+        begun.sendall(body)
+        assert stuck.result(timeout=30).status == 504
+        server.wait_for(rf"Worker exiting with 1 timed-out request\(s\) still running: pid={old}", since=mark)
+        assert server.grep(rf"Worker handed 1 connection\(s\) to other workers while stuck: pid={old}", mark)
+        if proto == "http":
+            begun.shutdown(socket.SHUT_WR)
+        data, _ = gateway.read_until_close(begun, timeout=30)
+    reply = gateway.parse_reply(data, status_line=proto != "scgi")
+    assert (reply.status, reply.body) == (200, body), data[:500]
+    assert int(server.request("GET", "/pid").body) != int(old)
+
+
+def test_pipelined_requests_waiting_for_their_turn_on_a_stuck_worker_reach_the_replacement(start_server):
+    """A connection pipelining slow requests gives up its turn to other work
+    after 20 ms, its next requests buffered in the worker; the other work is
+    a request that gets the worker's only thread stuck past --timeout. The
+    connection goes to the replacement with the requests buffered, and every
+    one is answered in order."""
+    server = start_server("behaviour:application", "--timeout", "2", workers=1, threads=1)
+    old = server.request("GET", "/pid").body.decode()
+    n = 20
+    with server.connect(timeout=30) as piped, ThreadPoolExecutor(1) as pool:
+        mark = server.mark()
+        piped.send(b"".join(b"GET /slow?secs=0.05&id=p%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(n)))
+        server.wait_for("slow request started: p1", since=mark)
+        stuck = pool.submit(server.request, "GET", "/slow?secs=60&id=stuck", timeout=30)
+        assert stuck.result(timeout=30).status == 504
+        server.wait_for(rf"Worker exiting with 1 timed-out request\(s\) still running: pid={old}", since=mark)
+        for i in range(n):
+            resp = piped.read_response()
+            assert (resp.status, resp.body) == (200, b"slept p%d" % i)
 
 
 def test_connections_handed_over_behind_another_stuck_request_are_not_lost(start_server):

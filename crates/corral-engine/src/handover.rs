@@ -35,11 +35,15 @@ use crate::scoreboard::{Retire, Scoreboard, WorkerState};
 /// First byte of every message: a version, so a worker of another build
 /// (during a re-exec) drops what it cannot read instead of misreading it.
 /// It also says which kind of connection comes: one between two requests
-/// ([`MAGIC`]), or one that has not sent its first request yet
+/// ([`MAGIC`]), one that has not sent its first request yet
 /// ([`MAGIC_FRESH`]: the header timeout applies, and a PROXY header may
-/// come first). A build that knows only the first drops the second.
+/// come first), or one whose request the sender had begun to read
+/// ([`MAGIC_BEGUN`]: what it read comes after the note, to be taken as the
+/// first bytes from the socket). A build that knows only the first drops
+/// the others.
 const MAGIC: u8 = 0xC1;
 const MAGIC_FRESH: u8 = 0xC2;
+const MAGIC_BEGUN: u8 = 0xC3;
 
 /// What comes with a descriptor: the index of the listener it was accepted
 /// on (same in every worker of one master) and that listener's protocol, as
@@ -50,53 +54,95 @@ pub(crate) struct Note {
     pub listener: u16,
     pub protocol: u8,
     pub client: Option<SocketAddr>,
-    /// No request has begun on it yet.
+    /// No request has begun on it yet (with bytes carried: its PROXY
+    /// header is still to come, in them or after them).
     pub fresh: bool,
 }
 
-/// The longest encoded note: the four fixed bytes, then the client's
-/// address family (4 or 6), 16 address bytes and the port.
-const NOTE_MAX: usize = 4 + 1 + 16 + 2;
+/// The longest encoded note: the four fixed bytes, a flags byte (only with
+/// bytes carried), then the client's address family (4 or 6), 16 address
+/// bytes and the port.
+const NOTE_MAX: usize = 4 + 1 + 1 + 16 + 2;
+
+/// The most bytes of a begun request that go with its connection: a head
+/// and a small body read ahead of the app (64 KiB each by default). A unix
+/// datagram may be as large as the sender's SO_SNDBUF (208 KiB by
+/// default); a connection holding more is not handed over.
+pub(crate) const CARRIED_MAX: usize = 128 * 1024;
 
 impl Note {
-    fn encode(self) -> Vec<u8> {
+    /// The message for a connection and the bytes of its request already
+    /// read (`carried`, empty for one between two requests).
+    fn encode(self, carried: &[u8]) -> Vec<u8> {
         let [a, b] = self.listener.to_le_bytes();
-        let mut out = Vec::with_capacity(NOTE_MAX);
-        let magic = if self.fresh { MAGIC_FRESH } else { MAGIC };
+        let mut out = Vec::with_capacity(NOTE_MAX + carried.len());
+        let magic = match (carried.is_empty(), self.fresh) {
+            (false, _) => MAGIC_BEGUN,
+            (true, true) => MAGIC_FRESH,
+            (true, false) => MAGIC,
+        };
         out.extend_from_slice(&[magic, a, b, self.protocol]);
-        if let Some(c) = self.client {
-            let (family, ip) = match c.ip() {
-                IpAddr::V4(v4) => (4, v4.to_ipv6_mapped().octets()),
-                IpAddr::V6(v6) => (6, v6.octets()),
-            };
-            out.push(family);
-            out.extend_from_slice(&ip);
-            out.extend_from_slice(&c.port().to_le_bytes());
+        if !carried.is_empty() {
+            out.push(u8::from(self.fresh));
         }
+        match self.client {
+            Some(c) => {
+                let (family, ip) = match c.ip() {
+                    IpAddr::V4(v4) => (4, v4.to_ipv6_mapped().octets()),
+                    IpAddr::V6(v6) => (6, v6.octets()),
+                };
+                out.push(family);
+                out.extend_from_slice(&ip);
+                out.extend_from_slice(&c.port().to_le_bytes());
+            }
+            // Where bytes follow, a family of 0 says no client comes first.
+            None if !carried.is_empty() => out.push(0),
+            None => {}
+        }
+        out.extend_from_slice(carried);
         out
     }
 
-    fn decode(buf: &[u8]) -> Option<Note> {
-        let (&[magic, a, b, protocol], rest) = buf.split_first_chunk::<4>()?;
+    /// The note and the bytes carried after it.
+    fn decode(buf: &[u8]) -> Option<(Note, &[u8])> {
+        let (&[magic, a, b, protocol], mut rest) = buf.split_first_chunk::<4>()?;
         let fresh = match magic {
             MAGIC => false,
             MAGIC_FRESH => true,
-            _ => return None,
-        };
-        let client = match rest {
-            [] => None,
-            [family @ (4 | 6), addr @ ..] if addr.len() == 18 => {
-                let ip = Ipv6Addr::from(<[u8; 16]>::try_from(&addr[..16]).ok()?);
-                let ip = match (family, ip.to_ipv4_mapped()) {
-                    (4, Some(v4)) => IpAddr::V4(v4),
-                    (4, None) => return None,
-                    _ => IpAddr::V6(ip),
-                };
-                Some(SocketAddr::new(ip, u16::from_le_bytes([addr[16], addr[17]])))
+            MAGIC_BEGUN => {
+                let (&flags, after) = rest.split_first()?;
+                rest = after;
+                match flags {
+                    0 => false,
+                    1 => true,
+                    _ => return None,
+                }
             }
             _ => return None,
         };
-        Some(Note { listener: u16::from_le_bytes([a, b]), protocol, client, fresh })
+        let client = |family: u8, addr: &[u8]| -> Option<SocketAddr> {
+            let ip = Ipv6Addr::from(<[u8; 16]>::try_from(&addr[..16]).ok()?);
+            let ip = match (family, ip.to_ipv4_mapped()) {
+                (4, Some(v4)) => IpAddr::V4(v4),
+                (4, None) => return None,
+                _ => IpAddr::V6(ip),
+            };
+            Some(SocketAddr::new(ip, u16::from_le_bytes([addr[16], addr[17]])))
+        };
+        let (client, carried) = match (magic, rest) {
+            (MAGIC_BEGUN, [0, carried @ ..]) => (None, carried),
+            (MAGIC_BEGUN, [family @ (4 | 6), addr @ ..]) if addr.len() >= 18 => {
+                (Some(client(*family, &addr[..18])?), &addr[18..])
+            }
+            (MAGIC_BEGUN, _) => return None,
+            (_, []) => (None, rest),
+            (_, [family @ (4 | 6), addr @ ..]) if addr.len() == 18 => (Some(client(*family, addr)?), &[][..]),
+            _ => return None,
+        };
+        if magic == MAGIC_BEGUN && carried.is_empty() {
+            return None;
+        }
+        Some((Note { listener: u16::from_le_bytes([a, b]), protocol, client, fresh }, carried))
     }
 }
 
@@ -273,14 +319,24 @@ fn alive(pid: libc::pid_t) -> bool {
 }
 
 /// Sends `conn` (a descriptor this process keeps until it closes its copy)
-/// to the worker `to`. Never waits: a full inbox is an error like any other,
+/// to the worker `to`, with `carried`, the bytes of a request begun on it
+/// that this process read (at most [`CARRIED_MAX`]). Never waits: a full inbox is an error like any other,
 /// and the caller then closes the connection as it would have.
-pub(crate) fn send(master: libc::pid_t, to: libc::pid_t, conn: RawFd, note: Note) -> io::Result<()> {
+pub(crate) fn send(
+    master: libc::pid_t,
+    to: libc::pid_t,
+    conn: RawFd,
+    note: Note,
+    carried: &[u8],
+) -> io::Result<()> {
     static SENDER: OnceLock<Option<OwnedFd>> = OnceLock::new();
     let Some(sender) = SENDER.get_or_init(|| datagram_socket().ok()) else {
         return Err(io::Error::other("no socket to send connections with"));
     };
-    let payload = note.encode();
+    if carried.len() > CARRIED_MAX {
+        return Err(io::Error::other("too much of its request read to go with it"));
+    }
+    let payload = note.encode(carried);
     let sent = socket::sendmsg(
         sender.as_raw_fd(),
         &[IoSlice::new(&payload)],
@@ -310,7 +366,9 @@ pub(crate) fn close_inbox(inbox: RawFd) {
 
 /// What one read of the inbox gave.
 pub(crate) enum Received {
-    Conn(OwnedFd, Note),
+    /// A connection, and the bytes of a request begun on it that the
+    /// sender had read (empty if none).
+    Conn(OwnedFd, Note, Vec<u8>),
     /// A message that was not a connection from this pool: dropped (any
     /// descriptor in it is closed), with why.
     Dropped(&'static str),
@@ -319,8 +377,23 @@ pub(crate) enum Received {
 
 /// Takes one message from the inbox, without waiting.
 pub(crate) fn receive(inbox: RawFd) -> io::Result<Received> {
-    let mut payload = [0u8; NOTE_MAX + 8];
-    let mut iov = [IoSliceMut::new(&mut payload)];
+    thread_local! {
+        // Large enough for the bytes a begun request carries, and one more
+        // so that a larger message shows as cut; kept for the thread's
+        // next message.
+        static PAYLOAD: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    PAYLOAD.with(|p| {
+        let mut payload = p.borrow_mut();
+        if payload.is_empty() {
+            payload.resize(NOTE_MAX + CARRIED_MAX + 1, 0);
+        }
+        receive_into(inbox, &mut payload)
+    })
+}
+
+fn receive_into(inbox: RawFd, payload: &mut [u8]) -> io::Result<Received> {
+    let mut iov = [IoSliceMut::new(&mut *payload)];
     // Room for a few descriptors (one is expected; more are closed) and the
     // sender's credentials.
     let mut control = nix::cmsg_space!([RawFd; 4], UnixCredentials);
@@ -352,12 +425,12 @@ pub(crate) fn receive(inbox: RawFd) -> io::Result<Received> {
     if uid != Some(nix::unistd::geteuid().as_raw()) {
         return Ok(Received::Dropped("a message from a process of another user"));
     }
-    let Some(note) = Note::decode(&payload[..len]) else {
+    let Some((note, carried)) = Note::decode(&payload[..len]) else {
         return Ok(Received::Dropped("a message that is not a connection handed over"));
     };
     let stream = |fd: &OwnedFd| socket::getsockopt(fd, sockopt::SockType) == Ok(SockType::Stream);
     match fds.pop() {
-        Some(fd) if fds.is_empty() && stream(&fd) => Ok(Received::Conn(fd, note)),
+        Some(fd) if fds.is_empty() && stream(&fd) => Ok(Received::Conn(fd, note, carried.to_vec())),
         _ => Ok(Received::Dropped("a message without exactly one connected socket")),
     }
 }
@@ -374,10 +447,12 @@ mod tests {
         assert!(matches!(receive(inbox.as_raw_fd()).unwrap(), Received::Empty));
         let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
         let note = Note { listener: 3, protocol: 2, client: None, fresh: false };
-        send(master, std::process::id() as libc::pid_t, a.as_raw_fd(), note).unwrap();
+        send(master, std::process::id() as libc::pid_t, a.as_raw_fd(), note, b"").unwrap();
         drop(a);
-        let Received::Conn(fd, got) = receive(inbox.as_raw_fd()).unwrap() else { panic!("nothing received") };
-        assert_eq!(got, note);
+        let Received::Conn(fd, got, carried) = receive(inbox.as_raw_fd()).unwrap() else {
+            panic!("nothing received")
+        };
+        assert_eq!((got, carried), (note, Vec::new()));
         // The descriptor received is the same connection.
         let mut same = std::os::unix::net::UnixStream::from(fd);
         use std::io::{Read, Write};
@@ -385,8 +460,20 @@ mod tests {
         let mut buf = [0u8; 4];
         b.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"ping");
+        // The largest request begun goes with its connection; a larger one
+        // is refused, never cut.
+        let begun: Vec<u8> = (0..CARRIED_MAX).map(|i| (i % 251) as u8).collect();
+        send(master, std::process::id() as libc::pid_t, same.as_raw_fd(), note, &begun).unwrap();
+        let Received::Conn(_, got, carried) = receive(inbox.as_raw_fd()).unwrap() else {
+            panic!("nothing received")
+        };
+        assert_eq!(got, note);
+        assert!(carried == begun);
+        let too_much = vec![b'x'; CARRIED_MAX + 1];
+        assert!(send(master, std::process::id() as libc::pid_t, same.as_raw_fd(), note, &too_much).is_err());
+        assert!(matches!(receive(inbox.as_raw_fd()).unwrap(), Received::Empty));
         // No inbox under that name: an error, never a wait.
-        assert!(send(master, 1, same.as_raw_fd(), note).is_err());
+        assert!(send(master, 1, same.as_raw_fd(), note, b"").is_err());
     }
 
     #[test]
@@ -434,24 +521,40 @@ mod tests {
 
     #[test]
     fn notes_round_trip_and_strangers_are_refused() {
-        for fresh in [false, true] {
-            let note = Note { listener: 65535, protocol: 1, client: None, fresh };
-            assert_eq!(Note::decode(&note.encode()), Some(note));
-            for client in ["203.0.113.7:40001", "[2001:db8::7]:1", "[::ffff:192.0.2.1]:2"] {
-                let client: SocketAddr = client.parse().unwrap();
-                let note = Note { listener: 1, protocol: 0, client: Some(client), fresh };
-                let got = Note::decode(&note.encode()).unwrap();
-                assert_eq!((got.listener, got.client, got.fresh), (1, Some(client), fresh));
+        for carried in [&b""[..], b"P", b"POST /upload HTTP/1.1\r\nContent-Length: 5\r\n\r\nab"] {
+            for fresh in [false, true] {
+                let note = Note { listener: 65535, protocol: 1, client: None, fresh };
+                assert_eq!(Note::decode(&note.encode(carried)), Some((note, carried)));
+                for client in ["203.0.113.7:40001", "[2001:db8::7]:1", "[::ffff:192.0.2.1]:2"] {
+                    let client: SocketAddr = client.parse().unwrap();
+                    let note = Note { listener: 1, protocol: 0, client: Some(client), fresh };
+                    let encoded = note.encode(carried);
+                    let (got, got_carried) = Note::decode(&encoded).unwrap();
+                    assert_eq!(
+                        (got.listener, got.client, got.fresh, got_carried),
+                        (1, Some(client), fresh, carried)
+                    );
+                }
             }
         }
         // A note of the build before fresh connections were handed over.
         assert_eq!(
             Note::decode(b"\xc1\x02\x00\x03"),
-            Some(Note { listener: 2, protocol: 3, client: None, fresh: false })
+            Some((Note { listener: 2, protocol: 3, client: None, fresh: false }, &b""[..]))
         );
+        // Carried bytes, and the flags and family bytes they need before them.
+        assert_eq!(
+            Note::decode(b"\xc3\x02\x00\x03\x01\x00GET"),
+            Some((Note { listener: 2, protocol: 3, client: None, fresh: true }, &b"GET"[..]))
+        );
+        assert_eq!(Note::decode(b"\xc3\x02\x00\x03\x00\x00"), None);
+        assert_eq!(Note::decode(b"\xc3\x02\x00\x03\x02\x00GET"), None);
+        assert_eq!(Note::decode(b"\xc3\x02\x00\x03\x00\x05GET"), None);
+        assert_eq!(Note::decode(b"\xc3\x02\x00\x03\x00\x04GET"), None);
+        assert_eq!(Note::decode(b"\xc3\x02\x00\x03"), None);
         assert_eq!(Note::decode(b"\xc1\x00\x00\x01\x05"), None);
         assert_eq!(Note::decode(b"\xc1\x00\x00"), None);
         assert_eq!(Note::decode(b"\x00\x00\x00\x01"), None);
-        assert_eq!(Note::decode(b"\xc3\x00\x00\x01"), None);
+        assert_eq!(Note::decode(b"\xc4\x00\x00\x01"), None);
     }
 }

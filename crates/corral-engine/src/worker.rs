@@ -172,6 +172,14 @@ const IDLE: u8 = 0;
 const BUSY: u8 = 1;
 const CLOSING: u8 = 2;
 
+/// [`Entry::begun`]: nothing of a request is buffered.
+const NOT_BEGUN: u8 = 0;
+/// [`Entry::begun`]: a request's first bytes are buffered.
+const BEGUN: u8 = 1;
+/// [`Entry::begun`]: the first bytes of a new connection are buffered, and
+/// a PROXY header may be among them (or still to come).
+const BEGUN_BEFORE_PROXY: u8 = 2;
+
 /// What the master hands a freshly forked worker.
 pub struct WorkerCtx {
     pub config: Config,
@@ -204,9 +212,18 @@ struct Entry {
     /// request): a worker whose every thread is stuck past --timeout hands
     /// it to a sibling as it is, the bytes waiting in the socket with it.
     untouched: AtomicBool,
+    /// Parked with the start of a request read into this process (a head
+    /// waiting for its small body, a head in part) and all of it still in
+    /// the buffer, at most what a hand-over carries: a worker whose every
+    /// thread is stuck hands it to a sibling with those bytes. One of
+    /// [`NOT_BEGUN`], [`BEGUN`], [`BEGUN_BEFORE_PROXY`].
+    begun: AtomicU8,
     /// Handed to a sibling by the sweeper: this process's copy of the
     /// descriptor only waits to be closed, and counts for nothing.
     handed: AtomicBool,
+    /// The connection's buffers, for the sweeper to take the bytes of a
+    /// begun request when it hands it over.
+    io: std::sync::Weak<Mutex<Io>>,
     /// The listener it came from, for a hand-over by the sweeper.
     listener: AtomicUsize,
     /// The client a PROXY header named: it goes with the connection when a
@@ -824,6 +841,9 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
         if drain_deadline.is_some() {
             adopt_inbox(w);
         }
+        if serving_over(w) {
+            rescue_turns(w);
+        }
         let orphans_left = sweep(w, now, idle_linger_over());
         resume_accepting(w, now);
         trim_after_closes(w);
@@ -1258,6 +1278,37 @@ fn adopt_inbox<A: App>(w: &Shared<A>) {
     let mut taken = Vec::new();
     receive_handed_over(w, &mut taken);
     for conn in taken {
+        park_adopted(w, conn);
+    }
+}
+
+/// Parks a connection just handed over, or queues it for a turn (see
+/// [`Turns`]) when it came with the start of a request the sibling had
+/// read: epoll reports only bytes that arrive from now on, and its request
+/// may be whole already.
+fn park_adopted<A: App>(w: &Shared<A>, conn: Box<Conn>) {
+    match &w.turns {
+        Some(turns) if !conn.io.lock().unwrap().buf.is_empty() => {
+            turns.queue.lock().unwrap().push_back(conn);
+            wake(&turns.wake);
+        }
+        _ => park(w, conn),
+    }
+}
+
+/// Parks the connections waiting for a turn in a worker where no thread
+/// will take one again (every one stuck past --timeout, or one crashed):
+/// there the sweeper hands them on, with the requests they have buffered.
+fn rescue_turns<A: App>(w: &Shared<A>) {
+    let Some(turns) = &w.turns else { return };
+    // Not waiting: a thread may have crashed inside the lock. It is tried
+    // again at the next sweep.
+    let waiting: Vec<Box<Conn>> = match turns.queue.try_lock() {
+        Ok(mut queue) => queue.drain(..).collect(),
+        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().drain(..).collect(),
+        Err(std::sync::TryLockError::WouldBlock) => return,
+    };
+    for conn in waiting {
         park(w, conn);
     }
 }
@@ -1291,7 +1342,10 @@ fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize {
             d != 0 && now >= d
         };
         let between = e.between.load(Ordering::Relaxed);
-        let orphan = orphans && e.untouched.load(Ordering::Relaxed) && !e.handed.load(Ordering::Relaxed);
+        // Nothing of it read here, or all that was still buffered, to go with it.
+        let as_it_is =
+            |e: &Entry| e.untouched.load(Ordering::Relaxed) || e.begun.load(Ordering::Relaxed) != NOT_BEGUN;
+        let orphan = orphans && as_it_is(e) && !e.handed.load(Ordering::Relaxed);
         if !(expired || (draining || close_idle) && between || orphan) {
             // Nothing to do for it: spare the system call below, four times
             // a second for each of thousands of idle connections.
@@ -1315,7 +1369,7 @@ fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize {
                     return false;
                 }
                 let fits = if orphan {
-                    e.untouched.load(Ordering::Relaxed)
+                    as_it_is(e)
                 } else {
                     e.between.load(Ordering::Relaxed) && pending_bytes(e.fd) == 0
                 };
@@ -1330,14 +1384,28 @@ fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize {
                     // descriptor meanwhile. A thread woken for it from here on
                     // waits for that lock (given_back), then closes this
                     // process's copy only if the connection went, and serves
-                    // it if the hand-over failed and it is IDLE again.
+                    // it if the hand-over failed and it is IDLE again. The
+                    // bytes of its request read here go with it, as they are
+                    // at each try: no thread takes it while it is CLOSING,
+                    // only the flusher may hold its buffers for a moment (it
+                    // is then tried again, as with a full inbox).
                     let send = || {
-                        crate::handover::send(
-                            w.master,
-                            to,
-                            e.fd,
-                            note_for(w, e.listener.load(Ordering::Relaxed), e),
-                        )
+                        let carried = match e.begun.load(Ordering::Relaxed) {
+                            NOT_BEGUN => Vec::new(),
+                            _ => match e
+                                .io
+                                .upgrade()
+                                .and_then(|io| io.try_lock().ok().map(|io| io.buf.to_vec()))
+                            {
+                                Some(bytes) => bytes,
+                                None => return Err(io::Error::from(io::ErrorKind::WouldBlock)),
+                            },
+                        };
+                        let mut note = note_for(w, e.listener.load(Ordering::Relaxed), e);
+                        if !carried.is_empty() {
+                            note.fresh = e.begun.load(Ordering::Relaxed) == BEGUN_BEFORE_PROXY;
+                        }
+                        crate::handover::send(w.master, to, e.fd, note, &carried)
                     };
                     let mut sent = send();
                     // The sibling's inbox is full: the kernel queues few
@@ -1809,7 +1877,7 @@ fn pass_to_sibling<A: App>(w: &Shared<A>, fd: RawFd, idx: usize) -> bool {
         client: None,
         fresh: true,
     };
-    match crate::handover::send(w.master, to, fd, note) {
+    match crate::handover::send(w.master, to, fd, note, b"") {
         Ok(()) => {
             unsafe { libc::close(fd) };
             pause_listeners(w, mono_ms());
@@ -1923,6 +1991,17 @@ fn adopt<A: App>(
     fresh: bool,
 ) -> Box<Conn> {
     let protocol = w.listeners[idx].1.protocol;
+    let io = Arc::new_cyclic(|me| {
+        let mut io = Io::new(fd, w.config.io_timeout.as_millis() as i32, w.config.max_body_size);
+        // Held responses are written once a pass over the ready
+        // connections ends, which only a thread taking many at once has.
+        io.hold = w.config.threads == 1;
+        io.body_grace_ms = w.config.header_timeout.as_millis() as u64;
+        io.time_drains = protocol == Protocol::FastCgi;
+        io.tcp = !w.listeners[idx].1.is_unix;
+        io.me = Some(me.clone());
+        Mutex::new(io)
+    });
     let entry = Arc::new(Entry {
         fd,
         state: AtomicU8::new(BUSY),
@@ -1930,9 +2009,11 @@ fn adopt<A: App>(
         fresh: AtomicBool::new(fresh),
         between: AtomicBool::new(false),
         untouched: AtomicBool::new(false),
+        begun: AtomicU8::new(NOT_BEGUN),
         handed: AtomicBool::new(false),
         listener: AtomicUsize::new(idx),
         proxy_client: std::sync::OnceLock::new(),
+        io: Arc::downgrade(&io),
     });
     let slot = {
         let mut reg = w.registry.lock().unwrap();
@@ -1953,17 +2034,7 @@ fn adopt<A: App>(
     Box::new(Conn {
         entry,
         slot,
-        io: Arc::new_cyclic(|me| {
-            let mut io = Io::new(fd, w.config.io_timeout.as_millis() as i32, w.config.max_body_size);
-            // Held responses are written once a pass over the ready
-            // connections ends, which only a thread taking many at once has.
-            io.hold = w.config.threads == 1;
-            io.body_grace_ms = w.config.header_timeout.as_millis() as u64;
-            io.time_drains = protocol == Protocol::FastCgi;
-            io.tcp = !w.listeners[idx].1.is_unix;
-            io.me = Some(me.clone());
-            Mutex::new(io)
-        }),
+        io,
         head: Head::default(),
         listener: idx,
         peer_addr: remote_addr.clone(),
@@ -2123,7 +2194,7 @@ fn hand_over_if_draining<A: App>(w: &Shared<A>, conn: Box<Conn>) -> Option<Box<C
     if !ready {
         return Some(conn);
     }
-    match crate::handover::send(w.master, to, conn.entry.fd, note_for(w, conn.listener, &conn.entry)) {
+    match crate::handover::send(w.master, to, conn.entry.fd, note_for(w, conn.listener, &conn.entry), b"") {
         Ok(()) => {
             HANDED_OVER.fetch_add(1, Ordering::Relaxed);
             // Marked as the sweeper marks what it hands over (close() counts
@@ -2157,7 +2228,7 @@ fn take_handed_over<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, held
     receive_handed_over(w, &mut taken);
     let mut taken = taken.into_iter();
     if let Some(first) = taken.next() {
-        taken.for_each(|conn| park(w, conn));
+        taken.for_each(|conn| park_adopted(w, conn));
         serve_claimed(w, state, t, first, held);
         if held.due() {
             held.release(w);
@@ -2173,7 +2244,7 @@ fn receive_handed_over<A: App>(w: &Shared<A>, taken: &mut Vec<Box<Conn>>) {
     let Some(inbox) = &w.inbox else { return };
     loop {
         match crate::handover::receive(inbox.as_raw_fd()) {
-            Ok(crate::handover::Received::Conn(fd, note)) => {
+            Ok(crate::handover::Received::Conn(fd, note, carried)) => {
                 let idx = usize::from(note.listener);
                 // Listeners are numbered alike in every worker of one program;
                 // across a re-exec the list may have changed: the socket
@@ -2203,6 +2274,11 @@ fn receive_handed_over<A: App>(w: &Shared<A>, taken: &mut Vec<Box<Conn>>) {
                 let mut conn = adopt(w, fd.into_raw_fd(), idx, remote_addr, remote_port, note.fresh);
                 if let Some(client) = note.client {
                     set_proxy_client(&mut conn, client);
+                }
+                // A request the sibling had begun to read: its bytes come
+                // first, as if read from the socket here.
+                if !carried.is_empty() {
+                    conn.io.lock().unwrap().buf.extend_from_slice(&carried);
                 }
                 taken.push(conn);
             }
@@ -2945,6 +3021,18 @@ fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
         && w.listeners[conn.listener].1.protocol == Protocol::Http;
     let untouched = idle && conn.fcgi.active.is_none() && !proxy_taken && discard_until == 0;
     conn.entry.untouched.store(untouched, Ordering::Relaxed);
+    // The bytes of a request begun are all in the buffer, from its first
+    // on, except inside a FastCGI request (its records went to its state)
+    // or a body being dropped. A PROXY header taken is not among them: the
+    // sibling takes the client it named from the note, and the connection
+    // as one a request began on, with no PROXY header to come.
+    let begun = match idle || conn.fcgi.active.is_some() || discard_until != 0 {
+        true => NOT_BEGUN,
+        false if buffered > crate::handover::CARRIED_MAX as u64 => NOT_BEGUN,
+        false if conn.proxy_pending => BEGUN_BEFORE_PROXY,
+        false => BEGUN,
+    };
+    conn.entry.begun.store(begun, Ordering::Relaxed);
     let op = if conn.registered { libc::EPOLL_CTL_MOD } else { libc::EPOLL_CTL_ADD };
     // Edge-triggered and still armed: bytes that arrive from now on raise an
     // event, and none are waiting unread, since the last read found the
