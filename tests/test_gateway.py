@@ -1689,6 +1689,23 @@ def test_a_kept_fastcgi_connection_ends_with_a_whole_response_the_app_returned_d
     assert server.wait_exit(30) == 0
 
 
+def test_a_kept_fastcgi_request_past_the_timeout_ends_its_connection_with_its_504(start_server):
+    """A request past --timeout on a kept FastCGI connection gets 504 and its
+    connection is shut down: an empty GET_VALUES_RESULT comes right behind the
+    504's END_REQUEST, so that nginx does not put the connection back in its
+    pool and send its next request on it (EPIPE, 502)."""
+    server = g.start_gateways(
+        start_server, "behaviour:application", [("fastcgi", "127.0.0.1:0")], "--timeout", "1", threads=2
+    )
+    with g.FcgiConn(server.addr("fastcgi"), timeout=20) as conn:
+        conn.send(g.fcgi_request_bytes(g.cgi_params(uri="/slow?secs=30&id=late"), keep_conn=True))
+        reply = conn.read_response()
+        assert reply.status == 504
+        assert bytes(conn.buf) == g.record(g.FCGI_GET_VALUES_RESULT, 0), bytes(conn.buf)
+        conn.buf.clear()
+        assert conn.at_eof(5)
+
+
 def test_a_kept_fastcgi_connection_whose_request_comes_in_parts_is_served_while_draining(start_server):
     """A stop keeps idle kept connections a moment, for the request a front
     end may be sending on one: one whose records arrive in several reads is

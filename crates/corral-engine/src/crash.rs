@@ -9,7 +9,8 @@
 //! crash and parks the thread for good. The main thread then does what it
 //! does for a worker whose every thread is stuck past `--timeout`: answers
 //! the crashed request, asks for a replacement, and hands the connections
-//! it has not begun to read to the replacement once that is ready. Then it
+//! no thread serves (with the bytes of a request begun on one) to the
+//! replacement once that is ready. Then it
 //! dies of the same signal, so the master's log and a core dump say what
 //! they said before.
 //!

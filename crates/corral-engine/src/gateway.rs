@@ -234,6 +234,21 @@ pub(crate) struct FcgiConn {
     pub close_after: bool,
 }
 
+/// The records that bring a new connection's FastCGI state to `st`: the
+/// BEGIN_REQUEST of the request being received and its PARAMS so far
+/// (nothing when none is under way). A connection handed to another worker
+/// in the middle of a request carries them ahead of its unread bytes.
+pub(crate) fn fcgi_resume(st: &FcgiConn) -> Vec<u8> {
+    let mut out = Vec::new();
+    if let Some((id, keep_conn)) = st.active {
+        let flags = if keep_conn { fastcgi::KEEP_CONN } else { 0 };
+        // Role 1, RESPONDER: the only one taken.
+        let _ = fastcgi::write_record(&mut out, RecordType::BeginRequest, id, &[0, 1, flags, 0, 0, 0, 0, 0]);
+        fastcgi::write_stream(&mut out, RecordType::Params, id, &st.params);
+    }
+    out
+}
+
 /// A FastCGI request whose PARAMS stream is complete.
 #[derive(Debug)]
 pub(crate) struct FcgiRequest {
@@ -329,6 +344,38 @@ pub(crate) fn fcgi_head(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_under_way_resumes_where_it_stood() {
+        let mut req = Vec::new();
+        fastcgi::write_record(
+            &mut req,
+            RecordType::BeginRequest,
+            7,
+            &[0, 1, fastcgi::KEEP_CONN, 0, 0, 0, 0, 0],
+        )
+        .unwrap();
+        let mut pairs = Vec::new();
+        fastcgi::encode_pair(&mut pairs, b"REQUEST_METHOD", b"POST");
+        fastcgi::encode_pair(&mut pairs, b"BIG", &vec![b'v'; 70_000]);
+        fastcgi::write_stream(&mut req, RecordType::Params, 7, &pairs);
+        let end = req.len();
+        fastcgi::write_stream_end(&mut req, RecordType::Params, 7);
+        for cut in [16, 16 + 8 + 100, end - 5, end] {
+            // One connection reads the first `cut` bytes; another resumes.
+            let (mut first, mut out) = (FcgiConn::default(), Vec::new());
+            let (used, done) = fcgi_head(&mut first, &req[..cut], &mut out).unwrap();
+            assert!(done.is_none() && out.is_empty());
+            let mut resumed = fcgi_resume(&first);
+            resumed.extend_from_slice(&req[used..]);
+            let mut second = FcgiConn::default();
+            let (n, got) = fcgi_head(&mut second, &resumed, &mut out).unwrap();
+            let got = got.expect("the request whole");
+            assert_eq!((n, got.id, got.keep_conn), (resumed.len(), 7, true));
+            assert_eq!(got.params_bytes, pairs);
+        }
+        assert!(fcgi_resume(&FcgiConn::default()).is_empty());
+    }
 
     fn record(kind: u8, id: u16, content: &[u8], padding: u8) -> Vec<u8> {
         let mut v = vec![1, kind];

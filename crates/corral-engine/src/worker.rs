@@ -179,6 +179,9 @@ const BEGUN: u8 = 1;
 /// [`Entry::begun`]: the first bytes of a new connection are buffered, and
 /// a PROXY header may be among them (or still to come).
 const BEGUN_BEFORE_PROXY: u8 = 2;
+/// [`Entry::begun`]: a FastCGI request is under way, its records so far
+/// taken into the connection's state (which [`Entry::resume`] encodes again).
+const BEGUN_FASTCGI: u8 = 3;
 
 /// What the master hands a freshly forked worker.
 pub struct WorkerCtx {
@@ -216,8 +219,11 @@ struct Entry {
     /// waiting for its small body, a head in part) and all of it still in
     /// the buffer, at most what a hand-over carries: a worker whose every
     /// thread is stuck hands it to a sibling with those bytes. One of
-    /// [`NOT_BEGUN`], [`BEGUN`], [`BEGUN_BEFORE_PROXY`].
+    /// [`NOT_BEGUN`], [`BEGUN`], [`BEGUN_BEFORE_PROXY`], [`BEGUN_FASTCGI`].
     begun: AtomicU8,
+    /// With [`BEGUN_FASTCGI`]: the records that resume its request, ahead of
+    /// the buffer (see [`crate::gateway::fcgi_resume`]).
+    resume: Mutex<Vec<u8>>,
     /// Handed to a sibling by the sweeper: this process's copy of the
     /// descriptor only waits to be closed, and counts for nothing.
     handed: AtomicBool,
@@ -290,6 +296,13 @@ struct Shared<A: App> {
     current: Vec<Mutex<Option<Serving>>>,
     /// Per thread: its current request was timed out.
     timed_out: Vec<AtomicBool>,
+    /// Per thread: it is in a pass over ready events (out of epoll_wait),
+    /// and may own connections no other thread sees. After a crash the
+    /// worker leaves only once the other threads are out of their passes:
+    /// one reading a request, or between two on a kept connection, would
+    /// have its connection closed under it, and what the front end sent on
+    /// it lost.
+    in_pass: Vec<AtomicBool>,
     /// Requests timed out and not yet returned from the app.
     stuck: AtomicUsize,
     listeners: Vec<(RawFd, ListenerInfo)>,
@@ -508,6 +521,7 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
         max_requests: ctx.max_requests,
         current: (0..threads).map(|_| Mutex::new(None)).collect(),
         timed_out: (0..threads).map(|_| AtomicBool::new(false)).collect(),
+        in_pass: (0..threads).map(|_| AtomicBool::new(false)).collect(),
         stuck: AtomicUsize::new(0),
         config,
         listeners: ctx.listeners,
@@ -844,6 +858,16 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
         if serving_over(w) {
             rescue_turns(w);
         }
+        // Looked at before the sweep: a thread out of its pass after the
+        // crash takes nothing more, so this sweep sees every connection it
+        // will leave here.
+        let others_out = crash.is_some_and(|c| {
+            (0..w.in_pass.len()).all(|t| {
+                t == c.thread
+                    || !w.in_pass[t].load(Ordering::SeqCst)
+                    || w.timed_out[t].load(Ordering::Acquire)
+            })
+        });
         let orphans_left = sweep(w, now, idle_linger_over());
         resume_accepting(w, now);
         trim_after_closes(w);
@@ -884,9 +908,9 @@ fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
             // A crashed thread holding the interpreter lock: the others
             // can never end their requests.
             // Crashed otherwise, the others have parked once their requests
-            // ended: none in flight but the crashed one is the end.
-            let others_stuck = all_stuck(w)
-                || crash.is_some_and(|c| c.held_lock || w.scoreboard.busy_threads(w.slot) <= stuck);
+            // ended, and left what they read between two requests parked
+            // for the sweep (see `in_pass`).
+            let others_stuck = all_stuck(w) || crash.is_some_and(|c| c.held_lock || others_out);
             if stuck > 0 && sending == 0 && orphans_left == 0 && (live <= stuck || others_stuck) {
                 // Only timed-out requests are left, or every thread is in
                 // one and the connections held here could never be served:
@@ -1062,7 +1086,14 @@ fn abandon_request<A: App>(
             let fresh = io.phase < RespPhase::Sent && !io.broken;
             if fresh {
                 io.status = status;
-                let reply = error_reply(io.wire, status, why);
+                let mut reply = error_reply(io.wire, status, why);
+                // A FastCGI connection the front end keeps: the record behind
+                // END_REQUEST keeps it out of the front end's pool (see
+                // `Io::push_last_notice`), which would send its next request
+                // on it after the shutdown below (nginx: EPIPE, 502).
+                if matches!(io.wire, Wire::FastCgi { keep_conn: true, .. }) {
+                    let _ = fastcgi::write_get_values_result(&mut reply, &[]);
+                }
                 if io.write_parts(&[&reply], blocking).is_ok() {
                     // The body's bytes, as the access log counts a response's.
                     io.bytes_sent += error_body(status, why).len() as u64;
@@ -1104,7 +1135,7 @@ fn abandon_request<A: App>(
 /// Takes over from a serving thread that crashed (see [`crate::crash`]):
 /// this worker accepts nothing more and starts no request, answers the
 /// crashed one, and asks the master for a replacement, to which the
-/// connections nothing was read from go once it is ready.
+/// connections no thread serves go once it is ready.
 fn on_crash<A: App>(w: &Shared<A>, c: crate::crash::Crash, now: u64) {
     // First what needs no allocation and no lock: a crash in malloc may
     // have left its lock held, and the master must hear of the crash even
@@ -1145,7 +1176,7 @@ fn on_crash<A: App>(w: &Shared<A>, c: crate::crash::Crash, now: u64) {
     };
     error!(
         "Worker crashed: {signal} in thread {} {request}. The worker is being replaced; it accepts nothing \
-         more, and the connections it has not begun to read go to a worker that serves{others}: pid={}",
+         more, and the connections no thread serves go to a worker that serves{others}: pid={}",
         c.thread,
         std::process::id()
     );
@@ -1318,9 +1349,10 @@ fn rescue_turns<A: App>(w: &Shared<A>) {
 /// with unread bytes is a request on its way and is left for a thread to
 /// serve, past its deadline too. Draining, an idle connection between two
 /// requests goes to a sibling instead, if one serves; and when every thread
-/// is stuck past --timeout, so is every connection nothing was read from,
-/// its request waiting in the socket included, since no thread here will
-/// read it. Returns how many of those could not be handed over yet (the
+/// is stuck past --timeout (or one crashed), so is every parked connection
+/// nothing was read from, its request waiting in the socket included, and
+/// every one whose request was begun, with the bytes read of it, since no
+/// thread here will serve them. Returns how many of those could not be handed over yet (the
 /// sibling's inbox was full, the sibling went away, or the replacement is
 /// still starting).
 fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize {
@@ -1390,17 +1422,17 @@ fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize {
                     // only the flusher may hold its buffers for a moment (it
                     // is then tried again, as with a full inbox).
                     let send = || {
-                        let carried = match e.begun.load(Ordering::Relaxed) {
-                            NOT_BEGUN => Vec::new(),
-                            _ => match e
-                                .io
-                                .upgrade()
-                                .and_then(|io| io.try_lock().ok().map(|io| io.buf.to_vec()))
-                            {
-                                Some(bytes) => bytes,
-                                None => return Err(io::Error::from(io::ErrorKind::WouldBlock)),
-                            },
+                        let begun = e.begun.load(Ordering::Relaxed);
+                        let mut carried = match begun {
+                            BEGUN_FASTCGI => e.resume.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                            _ => Vec::new(),
                         };
+                        if begun != NOT_BEGUN {
+                            match e.io.upgrade().and_then(|io| io.try_lock().ok().map(|io| io.buf.to_vec())) {
+                                Some(bytes) => carried.extend_from_slice(&bytes),
+                                None => return Err(io::Error::from(io::ErrorKind::WouldBlock)),
+                            }
+                        }
                         let mut note = note_for(w, e.listener.load(Ordering::Relaxed), e);
                         if !carried.is_empty() {
                             note.fresh = e.begun.load(Ordering::Relaxed) == BEGUN_BEFORE_PROXY;
@@ -1642,7 +1674,11 @@ fn thread_main<A: App>(w: &Shared<A>, t: usize, holder: Option<Arc<crate::flushe
     let mut held = Held::new(t, holder);
     crate::crash::enter_serving(t);
     loop {
+        w.in_pass[t].store(false, Ordering::SeqCst);
         let n = unsafe { libc::epoll_wait(w.epfd, events.as_mut_ptr(), batch as i32, -1) };
+        // Before it looks for a crash, so that a main thread that found it
+        // out of its pass after the crash knows it will take nothing more.
+        w.in_pass[t].store(true, Ordering::SeqCst);
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -1693,6 +1729,7 @@ fn after_crash<A: App>(w: &Shared<A>, t: usize, held: &mut Held) -> ! {
     if let Some(log) = &w.access {
         log.flush_thread(t);
     }
+    w.in_pass[t].store(false, Ordering::SeqCst);
     loop {
         std::thread::park();
     }
@@ -2010,6 +2047,7 @@ fn adopt<A: App>(
         between: AtomicBool::new(false),
         untouched: AtomicBool::new(false),
         begun: AtomicU8::new(NOT_BEGUN),
+        resume: Mutex::new(Vec::new()),
         handed: AtomicBool::new(false),
         listener: AtomicUsize::new(idx),
         proxy_client: std::sync::OnceLock::new(),
@@ -3022,15 +3060,27 @@ fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
     let untouched = idle && conn.fcgi.active.is_none() && !proxy_taken && discard_until == 0;
     conn.entry.untouched.store(untouched, Ordering::Relaxed);
     // The bytes of a request begun are all in the buffer, from its first
-    // on, except inside a FastCGI request (its records went to its state)
-    // or a body being dropped. A PROXY header taken is not among them: the
-    // sibling takes the client it named from the note, and the connection
-    // as one a request began on, with no PROXY header to come.
-    let begun = match idle || conn.fcgi.active.is_some() || discard_until != 0 {
-        true => NOT_BEGUN,
-        false if buffered > crate::handover::CARRIED_MAX as u64 => NOT_BEGUN,
-        false if conn.proxy_pending => BEGUN_BEFORE_PROXY,
-        false => BEGUN,
+    // on, except inside a FastCGI request, whose records so far went to its
+    // state: they are encoded again to go ahead of the buffer. Not a body
+    // being dropped. A PROXY header taken is not among them: the sibling
+    // takes the client it named from the note, and the connection as one a
+    // request began on, with no PROXY header to come.
+    let begun = if discard_until != 0 || conn.fcgi.close_after {
+        NOT_BEGUN
+    } else if conn.fcgi.active.is_some() {
+        let resume = crate::gateway::fcgi_resume(&conn.fcgi);
+        if resume.len() as u64 + buffered <= crate::handover::CARRIED_MAX as u64 {
+            *conn.entry.resume.lock().unwrap_or_else(|p| p.into_inner()) = resume;
+            BEGUN_FASTCGI
+        } else {
+            NOT_BEGUN
+        }
+    } else if idle || buffered > crate::handover::CARRIED_MAX as u64 {
+        NOT_BEGUN
+    } else if conn.proxy_pending {
+        BEGUN_BEFORE_PROXY
+    } else {
+        BEGUN
     };
     conn.entry.begun.store(begun, Ordering::Relaxed);
     let op = if conn.registered { libc::EPOLL_CTL_MOD } else { libc::EPOLL_CTL_ADD };
