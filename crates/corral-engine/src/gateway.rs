@@ -239,7 +239,7 @@ pub(crate) struct FcgiConn {
 /// (nothing when none is under way). A connection handed to another worker
 /// in the middle of a request carries them ahead of its unread bytes.
 pub(crate) fn fcgi_resume(st: &FcgiConn) -> Vec<u8> {
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(fcgi_resume_len(st));
     if let Some((id, keep_conn)) = st.active {
         let flags = if keep_conn { fastcgi::KEEP_CONN } else { 0 };
         // Role 1, RESPONDER: the only one taken.
@@ -247,6 +247,17 @@ pub(crate) fn fcgi_resume(st: &FcgiConn) -> Vec<u8> {
         fastcgi::write_stream(&mut out, RecordType::Params, id, &st.params);
     }
     out
+}
+
+/// The length of [`fcgi_resume`]'s records, known without encoding them.
+pub(crate) fn fcgi_resume_len(st: &FcgiConn) -> usize {
+    match st.active {
+        Some(_) => {
+            let records = st.params.len().div_ceil(fastcgi::MAX_CONTENT_LEN);
+            fastcgi::HEADER_LEN + 8 + records * fastcgi::HEADER_LEN + st.params.len()
+        }
+        None => 0,
+    }
 }
 
 /// A FastCGI request whose PARAMS stream is complete.
@@ -373,6 +384,7 @@ mod tests {
             let got = got.expect("the request whole");
             assert_eq!((n, got.id, got.keep_conn), (resumed.len(), 7, true));
             assert_eq!(got.params_bytes, pairs);
+            assert_eq!(fcgi_resume(&first).len(), fcgi_resume_len(&first));
         }
         assert!(fcgi_resume(&FcgiConn::default()).is_empty());
     }

@@ -1435,7 +1435,7 @@ fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize {
                         }
                         let mut note = note_for(w, e.listener.load(Ordering::Relaxed), e);
                         if !carried.is_empty() {
-                            note.fresh = e.begun.load(Ordering::Relaxed) == BEGUN_BEFORE_PROXY;
+                            note.fresh = begun == BEGUN_BEFORE_PROXY;
                         }
                         crate::handover::send(w.master, to, e.fd, note, &carried)
                     };
@@ -3068,9 +3068,12 @@ fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
     let begun = if discard_until != 0 || conn.fcgi.close_after {
         NOT_BEGUN
     } else if conn.fcgi.active.is_some() {
-        let resume = crate::gateway::fcgi_resume(&conn.fcgi);
-        if resume.len() as u64 + buffered <= crate::handover::CARRIED_MAX as u64 {
-            *conn.entry.resume.lock().unwrap_or_else(|p| p.into_inner()) = resume;
+        // Sized before it is encoded: PARAMS may hold up to 1 MiB.
+        if crate::gateway::fcgi_resume_len(&conn.fcgi) as u64 + buffered
+            <= crate::handover::CARRIED_MAX as u64
+        {
+            *conn.entry.resume.lock().unwrap_or_else(|p| p.into_inner()) =
+                crate::gateway::fcgi_resume(&conn.fcgi);
             BEGUN_FASTCGI
         } else {
             NOT_BEGUN
