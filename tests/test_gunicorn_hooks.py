@@ -114,6 +114,9 @@ def test_every_hook_runs_in_the_process_and_at_the_moment_gunicorn_runs_it(tmp_p
         mark = server.mark()
         server.signal(signal.SIGTTIN)
         server.wait_for(r"Worker ready", since=mark)
+        # The hook's line is read from its own file, which need not be
+        # there by the time the log says the worker is ready.
+        wait_until(lambda: len(_named(log, "nworkers_changed")) >= 2)
         assert _named(log, "nworkers_changed")[1] == [master, "3", "2", "3"]
         mark = server.mark()
         server.signal(signal.SIGHUP)
