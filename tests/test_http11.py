@@ -176,6 +176,20 @@ def test_a_204_carries_no_content_length_or_body(behaviour):
         assert _get(conn, "/fixed").body == b"hello world"
 
 
+@pytest.mark.parametrize("length", ["&cl=5", ""])
+def test_a_205_says_it_has_no_content_and_sends_none(behaviour, length):
+    # RFC 9110 15.3.6: no content, and Content-Length: 0 so that the client
+    # knows it and the connection goes on, whatever the app gave.
+    with behaviour.connect() as conn:
+        conn.send(f"GET /status?s=205+Reset+Content{length}&body=hello HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        resp = conn.read_response()
+        assert resp.status == 205
+        assert resp.header_all("Content-Length") == ["0"]
+        assert resp.header("Transfer-Encoding") is None
+        assert resp.body == b""
+        assert _get(conn, "/fixed").body == b"hello world"
+
+
 @pytest.mark.parametrize(
     "status", ["100 Continue", "101 Switching Protocols", "103 Early Hints", "600 Odd", "999 X"]
 )
@@ -493,6 +507,19 @@ def test_other_http_versions_are_refused(behaviour, version, status):
         resp = conn.read_response()
         assert resp.status == status
         assert conn.at_eof(10)
+
+
+def test_a_later_http_1_minor_version_is_served_as_http_1_1(behaviour):
+    # RFC 9112 2.3: HTTP/1.2 is read as the highest 1.x the server knows,
+    # and the answer says HTTP/1.1; the connection stays open as 1.1's would.
+    with behaviour.connect() as conn:
+        conn.send(b"GET /environ HTTP/1.2\r\nHost: x\r\n\r\n")
+        resp = conn.read_response()
+        assert resp.status == 200
+        assert resp.version == "HTTP/1.1"
+        assert json.loads(resp.body)["SERVER_PROTOCOL"]["value"] == "HTTP/1.1"
+        conn.send(b"GET /fixed HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert conn.read_response().body == b"hello world"
 
 
 def test_absolute_form_target(behaviour):

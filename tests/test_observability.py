@@ -350,6 +350,8 @@ def test_json_error_log(start_server, tmp_path):
     # A write of several lines (a logging record with its traceback) is one
     # object, so a log system keeps its lines together.
     server.request("GET", "/errors?msg=Traceback%3A%0A%20%20frame%0AValueError%3A%20x")
+    # A logging record keeps its level; other text is the error stream's.
+    server.request("GET", "/errors?msg=INFO%3Aapp%3Astarted")
     server.signal(signal.SIGTERM)
     assert server.wait_exit(30) == 0
     objs = [json.loads(line) for line in errors.read_text().splitlines()]
@@ -360,6 +362,10 @@ def test_json_error_log(start_server, tmp_path):
     assert "Traceback:\n  frame\nValueError: x" in messages, messages
     assert "Traceback:\n  frame\nValueError: x again" in messages, messages
     assert "  frame" not in messages, messages
+    levels = {o["message"]: o["level"] for o in objs}
+    assert levels["INFO:app:started"] == "INFO"
+    assert levels['hello"there'] == "ERROR"
+    assert levels["Traceback:\n  frame\nValueError: x"] == "ERROR"
 
 
 def test_debug_level_logs_the_configuration_and_each_request(start_server):

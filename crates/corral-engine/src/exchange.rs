@@ -993,14 +993,20 @@ impl Io {
     /// `known_len` is the whole body's length when the app handed it over in
     /// one piece, so a Content-Length can replace chunking.
     fn seal_head(&mut self, known_len: Option<u64>) {
-        let no_body = self.head_request || self.status < 200 || self.status == 204 || self.status == 304;
+        let no_body = self.head_request || self.status < 200 || matches!(self.status, 204 | 205 | 304);
+        if self.status == 205 {
+            // A 205 has no content (RFC 9110 15.3.6) and says so, so that
+            // the connection can carry the next request; what the app gave
+            // as a body is dropped, as for HEAD.
+            self.head.extend_from_slice(b"Content-Length: 0\r\n");
+        }
         if self.wire != Wire::Http {
             // The front end frames the response for its client and adds Date
             // and Connection itself; a length lets it keep that connection.
             self.framing = match (self.app_length, no_body, known_len) {
                 // As over HTTP (below): HEAD gets the length GET would have.
                 (None, true, Some(n))
-                    if self.head_request && n > 0 && self.status != 304 && self.status != 204 =>
+                    if self.head_request && n > 0 && !matches!(self.status, 204 | 205 | 304) =>
                 {
                     self.head.extend_from_slice(b"Content-Length: ");
                     self.head.extend_from_slice(itoa(n, &mut [0u8; 20]));
@@ -1022,7 +1028,7 @@ impl Io {
         }
         self.framing = match (self.app_length, no_body) {
             (Some(n), false) => RespFraming::Length(n),
-            (None, true) if self.head_request && self.status != 304 && self.status != 204 => {
+            (None, true) if self.head_request && !matches!(self.status, 204 | 205 | 304) => {
                 // The Content-Length a GET would have had (RFC 9110 9.3.2),
                 // when the app gave its whole body at once. An empty one is
                 // no evidence: frameworks (Werkzeug) return no body for HEAD
@@ -1834,8 +1840,9 @@ impl Exchange {
                 Some(_) => return Ok(()),
                 None => io.app_length = Some(n),
             }
-            if io.status == 204 {
-                // RFC 9110 8.6: a 204 carries no Content-Length.
+            if io.status == 204 || io.status == 205 {
+                // RFC 9110 8.6: a 204 carries no Content-Length; a 205's is
+                // the 0 that seal_head writes (RFC 9110 15.3.6).
                 return Ok(());
             }
         }

@@ -317,6 +317,14 @@ pub fn parse_head(buf: &[u8], limits: &Limits, head: &mut Head) -> Result<Status
             }
             return Ok(Status::Partial);
         }
+        Err(httparse::Error::Version) if later_minor_version(data) => {
+            // HTTP/1.2 and on are HTTP/1.1 to a server of 1.1 (RFC 9112
+            // 2.3); httparse knows only 1.0 and 1.1, so it reads a copy that
+            // says 1.1. The copy is as long, so the ranges hold for `buf`.
+            let mut copy = buf.to_vec();
+            copy[skip + line_len - 1] = b'1';
+            return parse_head(&copy, limits, head);
+        }
         Err(e) => return Err(map_httparse_error(e, data)),
     };
     if req.headers.len() > max_headers {
@@ -521,6 +529,11 @@ fn version_error(data: &[u8]) -> Error {
         }
         _ => Error::Version,
     }
+}
+
+/// The request line ends in `HTTP/1.y` with a single digit `y` above 1.
+fn later_minor_version(data: &[u8]) -> bool {
+    matches!(version_token(data), Some([b'H', b'T', b'T', b'P', b'/', b'1', b'.', minor]) if (b'2'..=b'9').contains(minor))
 }
 
 /// The last word of a complete request line ending in CRLF.
@@ -1059,6 +1072,10 @@ mod tests {
         (b"GET /foo HTTP/3.0\r\nHost: a\r\n\r\n", Err(Error::VersionNotSupported)),
         (b"GET /foo HTTP/0.9\r\n\r\n", Err(Error::VersionNotSupported)),
         (b"GET /foo HTTP/1.10\r\n\r\n", Err(Error::Version)),
+        (b"GET /foo HTTP/1.2\r\n\r\n", Ok(BodyFraming::None)),
+        (b"\r\nPOST /foo HTTP/1.9\r\nContent-Length: 3\r\n\r\n", Ok(BodyFraming::Length(3))),
+        (b"POST /foo HTTP/1.2\r\nTransfer-Encoding: chunked\r\n\r\n", Ok(BodyFraming::Chunked)),
+        (b"GET /foo HTTP/1.2\nHost: a\r\n\r\n", Err(Error::Version)),
         (b"GET /foo HTTP/20.0\r\n\r\n", Err(Error::Version)),
         (b"GET /foo http/2.0\r\n\r\n", Err(Error::Version)),
         (b"GET * HTTP/1.1\r\n\r\n", Err(Error::Target)),

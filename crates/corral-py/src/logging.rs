@@ -160,13 +160,40 @@ fn emit_app_lines(text: &str) {
     if corral_engine::logfile::json() {
         let record = text.trim_end_matches(['\n', '\r']);
         if !record.trim().is_empty() {
-            let mut out = json_line("ERROR", record);
+            let mut out = json_line(app_record_level(record), record);
             out.push('\n');
             corral_engine::logfile::write(out.as_bytes());
         }
     } else {
         corral_engine::logfile::write(text.as_bytes());
     }
+}
+
+/// The level of a record written to `wsgi.errors`: the first level name
+/// standing as a word near the start of its first line, where Python's
+/// logging formats put `%(levelname)s` (`INFO:root:...`, Flask's
+/// `[time] WARNING in app: ...`); ERROR when none is there, as the stream is
+/// the app's error stream. An app's INFO line is then not an error to a log
+/// system that alerts on the level.
+fn app_record_level(record: &str) -> &'static str {
+    /// How far into the first line a level name is looked for: past a
+    /// timestamp and a logger name, short of most messages.
+    const LEVEL_WITHIN: usize = 64;
+    let first = record.lines().next().unwrap_or("");
+    let head = match first.char_indices().nth(LEVEL_WITHIN) {
+        Some((i, _)) => &first[..i],
+        None => first,
+    };
+    head.split(|c: char| !c.is_ascii_alphabetic())
+        .find_map(|word| match word {
+            "DEBUG" => Some("DEBUG"),
+            "INFO" => Some("INFO"),
+            "WARNING" | "WARN" => Some("WARNING"),
+            "ERROR" => Some("ERROR"),
+            "CRITICAL" | "FATAL" => Some("CRITICAL"),
+            _ => None,
+        })
+        .unwrap_or("ERROR")
 }
 
 /// Buffers one event and writes it in one piece.
@@ -262,6 +289,22 @@ mod tests {
         let line = super::escape_controls(b"a\0b\rc\x1b[2Jd\te\nf\x7f\n".to_vec());
         assert_eq!(line, b"a\\x00b\\x0dc\\x1b[2Jd\te\nf\\x7f\n");
         assert_eq!(super::escape_controls(b"plain\n".to_vec()), b"plain\n");
+    }
+
+    #[test]
+    fn app_records_keep_their_logging_level() {
+        for (record, level) in [
+            ("INFO:root:started", "INFO"),
+            ("[2026-12-04 10:00:00,123] WARNING in app: slow query", "WARNING"),
+            ("2026-12-04 10:00:00 DEBUG myapp.views cache miss", "DEBUG"),
+            ("CRITICAL:db:gone\nTraceback (most recent call last):", "CRITICAL"),
+            ("Traceback (most recent call last):\n  File \"x\"\nINFO", "ERROR"),
+            ("something the app printed", "ERROR"),
+            ("INFORMATION is not a level, nor is error", "ERROR"),
+            (&format!("{}INFO", "x ".repeat(40)), "ERROR"),
+        ] {
+            assert_eq!(super::app_record_level(record), level, "{record:?}");
+        }
     }
 
     #[test]
