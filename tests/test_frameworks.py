@@ -1,4 +1,4 @@
-"""Real Flask and Django apps under corral (2 workers x 2 threads), driven with requests."""
+"""Real Flask, Django and Falcon apps under corral (2 workers x 2 threads), driven with requests."""
 
 import hashlib
 import os
@@ -19,10 +19,10 @@ def expected_download(size):
     return h.hexdigest()
 
 
-@pytest.fixture(scope="module", params=["flask", "django"])
+@pytest.fixture(scope="module", params=["flask", "django", "falcon"])
 def framework(request, start_module_server):
-    if request.param == "flask":
-        server = start_module_server("flask_app:app", workers=2, threads=2)
+    if request.param in ("flask", "falcon"):
+        server = start_module_server(f"{request.param}_app:app", workers=2, threads=2)
     else:
         server = start_module_server(
             "djproject.wsgi:application",
@@ -79,7 +79,7 @@ def test_upload_5mib(framework):
 
 
 def test_upload_chunked(framework):
-    if framework.name != "flask":
+    if framework.name == "django":
         pytest.skip("Django needs a Content-Length for request bodies")
     data = os.urandom(3 * 1024 * 1024 + 17)
 
@@ -105,6 +105,21 @@ def test_download_10mib(framework, variant):
     assert hashlib.sha256(resp.content).hexdigest() == expected_download(size)
     if variant == "fixed":
         assert resp.headers["Content-Length"] == str(size)
+
+
+@pytest.mark.parametrize("size", [0, 1, 3 * 1024 * 1024 + 5])
+def test_file_response(framework, size):
+    """Each framework's file response (Werkzeug's send_file, Django's
+    FileResponse, a Falcon stream that is a file) goes through
+    wsgi.file_wrapper; the whole file arrives with its length, and the
+    connection serves the next request."""
+    with requests.Session() as s:
+        for _ in range(2):
+            resp = s.get(framework.url + f"/file?size={size}", timeout=60)
+            assert resp.status_code == 200
+            assert resp.headers["Content-Length"] == str(size)
+            assert hashlib.sha256(resp.content).hexdigest() == expected_download(size)
+        assert s.get(framework.url + "/", timeout=30).status_code == 200
 
 
 def test_concurrent_requests(framework):

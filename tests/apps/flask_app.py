@@ -1,12 +1,16 @@
 """A small Flask app: forms, cookies, redirects, uploads and downloads."""
 
 import hashlib
+import os
+import tempfile
+import threading
 
-from flask import Flask, Response, redirect, request, url_for
+from flask import Flask, Response, redirect, request, send_file, url_for
 
 app = Flask(__name__)
 
 CHUNK = bytes(range(256)) * 256  # 64 KiB
+FILES = tempfile.TemporaryDirectory(prefix="flask-app-")
 
 
 def download_bytes(size):
@@ -15,6 +19,17 @@ def download_bytes(size):
         piece = CHUNK[: min(size, len(CHUNK))]
         size -= len(piece)
         yield piece
+
+
+def file_of(size):
+    """A file holding /download?size=N's bytes, written once."""
+    path = os.path.join(FILES.name, f"{size}.bin")
+    if not os.path.exists(path):
+        tmp = f"{path}.{threading.get_ident()}.tmp"
+        with open(tmp, "wb") as f:
+            f.writelines(download_bytes(size))
+        os.replace(tmp, path)
+    return path
 
 
 @app.get("/")
@@ -73,3 +88,9 @@ def download_fixed():
 @app.get("/where")
 def where():
     return {"scheme": request.scheme, "index": url_for("index", _external=True)}
+
+
+@app.get("/file")
+def file():
+    # Werkzeug sends a file through wsgi.file_wrapper.
+    return send_file(file_of(int(request.args["size"])), mimetype="application/octet-stream")

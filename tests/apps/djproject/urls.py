@@ -11,4 +11,5 @@ urlpatterns = [
     path("upload", views.upload),
     path("download", views.download),
     path("protected", views.protected),
+    path("file", views.file),
 ]

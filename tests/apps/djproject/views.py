@@ -1,9 +1,13 @@
 import hashlib
+import os
+import tempfile
+import threading
 
-from django.http import HttpResponse, HttpResponseRedirect, JsonResponse, StreamingHttpResponse
+from django.http import FileResponse, HttpResponse, HttpResponseRedirect, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 CHUNK = bytes(range(256)) * 256  # 64 KiB
+FILES = tempfile.TemporaryDirectory(prefix="django-app-")
 
 
 def _pieces(size):
@@ -61,3 +65,14 @@ def download(request):
 def protected(request):
     # Not exempt: a POST without a CSRF token gets 403.
     return HttpResponse("ok")
+
+
+def file(request):
+    # Django's WSGI handler sends a FileResponse through wsgi.file_wrapper.
+    path = os.path.join(FILES.name, f"{int(request.GET['size'])}.bin")
+    if not os.path.exists(path):
+        tmp = f"{path}.{threading.get_ident()}.tmp"
+        with open(tmp, "wb") as f:
+            f.writelines(_pieces(int(request.GET["size"])))
+        os.replace(tmp, path)
+    return FileResponse(open(path, "rb"), content_type="application/octet-stream")
