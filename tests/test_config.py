@@ -1282,3 +1282,133 @@ def test_user_already_run_as_keeps_the_group_it_runs_with(start_server):
         "behaviour:application", "--user", "root", command=[sys.executable, "-c", keep, *CORRAL]
     )
     assert server.get_json("/ids")["gid"] == 23457
+
+
+def test_gunicorn_cmd_args_take_a_proxy_protocol_mode_after_a_space():
+    """`--proxy-protocol off` as the command line takes it: off, not the switch
+    on with `off` taken for the APP."""
+    for mode, want in (("off", "false"), ("v1", "true")):
+        env = {"GUNICORN_CMD_ARGS": f"--proxy-protocol {mode}"}
+        proc = _run(["--print-config", "behaviour:application"], env=env)
+        assert proc.returncode == 0, proc.stderr
+        got = _printed(proc.stdout)
+        assert got["proxy-protocol"] == (want, "environment GUNICORN_CMD_ARGS"), mode
+        assert got["app"][0] == '"behaviour:application"'
+
+
+def test_a_gunicorn_file_speaking_uwsgi_makes_the_command_lines_bind_uwsgi(tmp_path):
+    """gunicorn's `protocol = "uwsgi"` is for every bind: -b on the command line
+    replaces the file's bind, in that protocol, and opens no HTTP listener."""
+    with_bind = tmp_path / "with_bind.conf.py"
+    with_bind.write_text('protocol = "uwsgi"\nbind = "127.0.0.1:19154"\n')
+    without = tmp_path / "without.conf.py"
+    without.write_text('protocol = "uwsgi"\n')
+    for cfg in (with_bind, without):
+        for bind in (["-b", "127.0.0.1:19155"], ["--bind=127.0.0.1:19155"], ["-b127.0.0.1:19155"]):
+            proc = _run(["-c", str(cfg), *bind, "--print-config", "behaviour:application"])
+            assert proc.returncode == 0, proc.stderr
+            got = _printed(proc.stdout)
+            assert got["uwsgi"] == ('"127.0.0.1:19155"', "command line"), (cfg.name, bind)
+            assert got["http"][1] == "default", (cfg.name, bind)
+    proc = _run(["-c", str(without), "--print-config", "behaviour:application"])
+    assert _printed(proc.stdout)["uwsgi"][0] == '"127.0.0.1:8000"'
+
+
+def test_a_gunicorn_files_capture_output_uses_the_error_log_from_anywhere(tmp_path):
+    cfg = tmp_path / "gunicorn.conf.py"
+    cfg.write_text("capture_output = True\n")
+    log = tmp_path / "error.log"
+    for args, env in (([f"--error-log={log}"], {}), ([], {"CORRAL_ERROR_LOG": str(log)})):
+        proc = _run(["-c", str(cfg), *args, "--print-config", "behaviour:application"], env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert _printed(proc.stdout)["capture-output"][0] == "true", (args, env)
+        assert "capture_output` without an errorlog file" not in proc.stderr
+    # The file's errorlog replaced by stderr on the command line: nothing to capture to.
+    both = tmp_path / "both.conf.py"
+    both.write_text(f"capture_output = True\nerrorlog = {str(log)!r}\n")
+    proc = _run(["-c", str(both), "--error-log", "-", "--print-config", "behaviour:application"])
+    assert proc.returncode == 0, proc.stderr
+    assert _printed(proc.stdout)["capture-output"] == ("false", "default")
+    assert "capture_output` without an errorlog file is not needed" in proc.stderr
+
+
+def test_a_gunicorn_files_jitter_applies_to_max_requests_given_elsewhere(tmp_path):
+    cfg = tmp_path / "gunicorn.conf.py"
+    cfg.write_text("max_requests_jitter = 1000\n")
+    proc = _run(["-c", str(cfg), "--max-requests", "2", "--print-config", "behaviour:application"])
+    assert proc.returncode == 0, proc.stderr
+    assert _printed(proc.stdout)["max-requests-jitter"] == ('"1000"', f"config file {cfg}:1")
+    # max_requests 0 (off) on the command line: the jitter means nothing.
+    proc = _run(["-c", str(cfg), "--max-requests", "0", "--print-config", "behaviour:application"])
+    assert proc.returncode == 0, proc.stderr
+    assert _printed(proc.stdout)["max-requests-jitter"] == ('"0"', "default")
+
+
+def test_a_gunicorn_files_reload_extra_files_follow_reload_from_anywhere(tmp_path):
+    extra = tmp_path / "extra.txt"
+    extra.write_text("x")
+    only_files = tmp_path / "files.conf.py"
+    only_files.write_text(f"reload_extra_files = [{str(extra)!r}]\n")
+    proc = _run(["-c", str(only_files), "--reload", "--print-config", "behaviour:application"])
+    assert proc.returncode == 0, proc.stderr
+    assert _printed(proc.stdout)["touch-reload"][0] == f'"{extra}"'
+    reloading = tmp_path / "reloading.conf.py"
+    reloading.write_text(f"reload = True\nreload_extra_files = [{str(extra)!r}]\n")
+    proc = _run(["-c", str(reloading), "--reload=false", "--print-config", "behaviour:application"])
+    assert proc.returncode == 0, proc.stderr
+    got = _printed(proc.stdout)
+    assert got["reload"] == ("false", "command line")
+    assert got["touch-reload"][1] == "default"
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("corral.toml", "workers = 4\n"),
+        ("gunicorn.conf.py", "workers = 4\n"),
+        ("uwsgi.ini", "[uwsgi]\nprocesses = 4\n"),
+    ],
+)
+def test_the_command_line_switches_a_files_pool_between_fixed_and_adaptive(tmp_path, name, text):
+    cfg = tmp_path / name
+    cfg.write_text(text)
+    proc = _run(
+        [
+            "-c",
+            str(cfg),
+            "--workers-min",
+            "2",
+            "--workers-max",
+            "4",
+            "--print-config",
+            "behaviour:application",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = _printed(proc.stdout)
+    assert (got["workers-min"][0], got["workers-max"][0], got["workers"][1]) == ('"2"', '"4"', "default")
+    proc = _run(["-c", str(cfg), "--print-config", "behaviour:application"], env={"CORRAL_WORKERS": "3"})
+    assert proc.returncode == 0, proc.stderr
+    assert _printed(proc.stdout)["workers"] == ('"3"', "environment CORRAL_WORKERS")
+    # An adaptive pool in the file, a fixed one asked for on the command line.
+    adaptive = tmp_path / "adaptive.toml"
+    adaptive.write_text("workers-min = 2\nworkers-max = 6\n")
+    proc = _run(["-c", str(adaptive), "--workers", "3", "--print-config", "behaviour:application"])
+    assert proc.returncode == 0, proc.stderr
+    got = _printed(proc.stdout)
+    assert got["workers"] == ('"3"', "command line")
+    assert got["workers-min"][1] == got["workers-max"][1] == "default"
+    # Only the top raised there: the file's low end stays.
+    proc = _run(["-c", str(adaptive), "--workers-max", "9", "--print-config", "behaviour:application"])
+    got = _printed(proc.stdout)
+    assert (got["workers-min"][0], got["workers-max"]) == ('"2"', ('"9"', "command line"))
+
+
+@pytest.mark.parametrize("line", ["lazy-apps = false\n", ""])
+def test_a_uwsgi_ini_that_imports_in_the_master_gets_a_note(tmp_path, line):
+    ini = tmp_path / "app.ini"
+    ini.write_text(f"[uwsgi]\nmodule = behaviour:application\n{line}")
+    proc = _run(["--config", str(ini), "--print-config", "--pythonpath", str(APPS)])
+    assert proc.returncode == 0, proc.stderr
+    assert "uWSGI imports the app once in its master before forking" in proc.stderr
+    assert _printed(proc.stdout)["preload"][0] == "false"

@@ -614,7 +614,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         }
     };
     // Before the config file is looked for: the parser stops at a flag it does not know.
-    crate::gunicorn_conf::join_proxy_protocol_mode(&mut argv);
+    crate::gunicorn_conf::join_proxy_protocol_mode(&mut argv, 1);
     let moot_notes = crate::gunicorn_conf::drop_moot_flags(&mut argv);
     for note in &moot_notes {
         eprintln!("corral: note: {note}");

@@ -81,10 +81,13 @@ pub fn gunicorn_cmd_args(
     let Some(text) = std::env::var("GUNICORN_CMD_ARGS").ok().filter(|t| !t.trim().is_empty()) else {
         return Ok((argv.to_vec(), Vec::new()));
     };
-    let tokens: Vec<String> = py
+    let mut tokens: Vec<String> = py
         .import("shlex")
         .and_then(|m| m.call_method1("split", (text.as_str(),))?.extract())
         .map_err(|e| format!("GUNICORN_CMD_ARGS: {e}"))?;
+    // `--proxy-protocol off` as `--proxy-protocol=off`, as on the command
+    // line: the switch alone would mean on, and `off` be taken for the APP.
+    crate::gunicorn_conf::join_proxy_protocol_mode(&mut tokens, 0);
     let on_command_line = cmd.clone().ignore_errors(true).try_get_matches_from(argv).ok();
     let given = |id: &str| {
         on_command_line.as_ref().is_some_and(|m| m.value_source(id) == Some(ValueSource::CommandLine))
@@ -154,9 +157,10 @@ pub struct Layered {
 /// The argument list with the file's options added, and their origins; and
 /// notes to show about settings of a gunicorn file that were ignored.
 pub fn layer(py: pyo3::Python<'_>, cmd: &Command, argv: &[String]) -> Result<Layered, String> {
+    let mut argv = argv.to_vec();
     // A lenient first pass: the APP may be in the file, and errors in the
     // command line itself are reported by the real parse afterwards.
-    let first = match cmd.clone().ignore_errors(true).try_get_matches_from(argv) {
+    let mut first = match cmd.clone().ignore_errors(true).try_get_matches_from(&argv) {
         Ok(m) => m,
         // --help, --version and the like: the real parse shows them.
         Err(_) => {
@@ -191,10 +195,22 @@ pub fn layer(py: pyo3::Python<'_>, cmd: &Command, argv: &[String]) -> Result<Lay
     let mut notes = Vec::new();
     let mut hooks = ServerHooks::default();
     if crate::gunicorn_conf::is_gunicorn_config(&path) {
-        let (settings, ignored, found) = crate::gunicorn_conf::translate(py, &path)?;
-        notes = ignored;
-        hooks = found;
-        entries.extend(settings.into_iter().map(|s| (s.key.to_string(), Item::Value(s.value), s.at)));
+        let given = |id: &str| -> Option<String> {
+            if !matches!(first.value_source(id), Some(ValueSource::CommandLine | ValueSource::EnvVariable)) {
+                return None;
+            }
+            let mut raw = first.try_get_raw(id).ok().flatten()?;
+            raw.next_back().map(|v| v.to_string_lossy().into_owned())
+        };
+        let translated = crate::gunicorn_conf::translate(py, &path, &given)?;
+        notes = translated.notes;
+        hooks = translated.hooks;
+        entries
+            .extend(translated.settings.into_iter().map(|s| (s.key.to_string(), Item::Value(s.value), s.at)));
+        if translated.binds_speak_uwsgi {
+            crate::gunicorn_conf::binds_as_uwsgi(&mut argv);
+            first = cmd.clone().ignore_errors(true).try_get_matches_from(&argv).map_err(|e| e.to_string())?;
+        }
     } else if crate::uwsgi_ini::is_uwsgi_ini(&path) {
         use pyo3::types::PyAnyMethods as _;
         let prefix: String =
@@ -231,7 +247,10 @@ pub fn layer(py: pyo3::Python<'_>, cmd: &Command, argv: &[String]) -> Result<Lay
             return Err(format!("{at}: `{key}` is an action for the command line (--{key}), not a setting"));
         }
         let id = arg.get_id().to_string();
-        if matches!(first.value_source(&id), Some(ValueSource::CommandLine | ValueSource::EnvVariable)) {
+        let outside = |id: &str| {
+            matches!(first.value_source(id), Some(ValueSource::CommandLine | ValueSource::EnvVariable))
+        };
+        if outside(&id) || overruled(cmd, arg, &outside) {
             continue;
         }
         let value = match item {
@@ -304,6 +323,22 @@ pub fn layer(py: pyo3::Python<'_>, cmd: &Command, argv: &[String]) -> Result<Lay
         out.push(app);
     }
     Ok(Layered { argv: out, origins, notes, hooks })
+}
+
+/// A file's setting that the command line or the environment (`outside`)
+/// replaces with another option: one it cannot be given with (`--workers-min`
+/// over the file's `workers`, `--workers` over its `workers-min`), so that
+/// they win over the file as they do for the same option; and `--workers`
+/// over the file's `workers-max`, since a fixed pool asked for there leaves
+/// the file's adaptive one behind whole.
+fn overruled(cmd: &Command, arg: &clap::Arg, outside: &dyn Fn(&str) -> bool) -> bool {
+    let id = arg.get_id().as_str();
+    cmd.get_arg_conflicts_with(arg).iter().any(|other| outside(other.get_id().as_str()))
+        || cmd.get_arguments().any(|other| {
+            outside(other.get_id().as_str())
+                && cmd.get_arg_conflicts_with(other).iter().any(|c| c.get_id().as_str() == id)
+        })
+        || (id == "workers_max" && outside("workers"))
 }
 
 /// A TOML config file's keys and values, with the line each is on.

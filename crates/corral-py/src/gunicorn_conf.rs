@@ -297,9 +297,10 @@ const MOOT_FLAGS: &[(&str, &str, bool)] = &[
 
 /// gunicorn 27's `--proxy-protocol MODE`, with its mode after a space, as
 /// corral's parser takes it (`--proxy-protocol=MODE`): corral's switch
-/// alone means on, so a following word is otherwise the APP.
-pub fn join_proxy_protocol_mode(argv: &mut Vec<String>) {
-    let mut i = 1;
+/// alone means on, so a following word is otherwise the APP. Looks from
+/// `argv[from]` on (1 past a program name, 0 in GUNICORN_CMD_ARGS).
+pub fn join_proxy_protocol_mode(argv: &mut Vec<String>, from: usize) {
+    let mut i = from;
     while i + 1 < argv.len() && argv[i] != "--" {
         if argv[i] == "--proxy-protocol" && matches!(argv[i + 1].as_str(), "off" | "v1" | "v2" | "auto") {
             let mode = argv.remove(i + 1);
@@ -452,7 +453,8 @@ fn positive_int(v: &Bound<'_, PyAny>) -> Result<Option<i64>, String> {
 pub fn translate(
     py: Python<'_>,
     spec: &str,
-) -> Result<(Vec<Setting>, Vec<String>, crate::server_hooks::ServerHooks), String> {
+    given: &dyn Fn(&str) -> Option<String>,
+) -> Result<Translated, String> {
     let (names, text, path) = load(py, spec)?;
     let at = |name: &str| match line_of(&text, name) {
         Some(line) => format!("{path}:{line}"),
@@ -510,6 +512,10 @@ pub fn translate(
         }
     }
     // gunicorn's `protocol = "uwsgi"`: its binds speak uwsgi (for nginx's uwsgi_pass).
+    // A setting that depends on another reads the other's final value: the
+    // command line's or the environment's (`given`, by corral's option id)
+    // over the file's, as gunicorn merges them before it reads either.
+    let given_bool = |id: &str| given(id).map(|raw| boolish(&raw));
     let uwsgi = match get("protocol").map(|p| p.extract::<String>()) {
         None => false,
         Some(Ok(p)) if p == "http" => false,
@@ -527,11 +533,12 @@ pub fn translate(
         out.push(Setting { key: "uwsgi", value: Value::from("127.0.0.1:8000"), at: at("protocol") });
     }
     // A zero max_requests is gunicorn's "off", and its jitter then means nothing.
-    let recycling = match get("max_requests") {
-        Some(v) => {
+    let recycling = match (given("max_requests"), get("max_requests")) {
+        (Some(raw), _) => raw.trim().parse::<i64>().ok(),
+        (None, Some(v)) => {
             positive_int(&v).map_err(|e| format!("{}: gunicorn's `max_requests`: {e}", at("max_requests")))?
         }
-        None => None,
+        (None, None) => None,
     }
     .is_some_and(|n| n > 0);
     let mut no_scheme_headers: Option<String> = None;
@@ -573,7 +580,8 @@ pub fn translate(
             continue;
         }
         if name == "capture_output" && value.is_truthy().unwrap_or(false) {
-            let errorlog = get("errorlog").and_then(|v| v.extract::<String>().ok());
+            let errorlog =
+                given("error_log").or_else(|| get("errorlog").and_then(|v| v.extract::<String>().ok()));
             if errorlog.as_deref().is_none_or(|e| e == "-") {
                 // gunicorn takes it, to no effect: the output is on stderr already.
                 notes.push(format!(
@@ -650,14 +658,53 @@ pub fn translate(
         out.push(Setting { key: "forwarded-allow-ips", value: Value::from("none"), at: set_at });
     }
     // gunicorn watches these files for changes only while it reloads on code changes.
-    if truthy("reload") {
+    if given_bool("reload").unwrap_or_else(|| truthy("reload")) {
         if let Some(files) = get("reload_extra_files").and_then(|v| to_value(&v)) {
             if !matches!(&files, Value::Array(a) if a.is_empty()) {
                 out.push(Setting { key: "touch-reload", value: files, at: at("reload_extra_files") });
             }
         }
     }
-    Ok((out, notes, crate::server_hooks::ServerHooks::from_names(&names)))
+    Ok(Translated {
+        settings: out,
+        notes,
+        hooks: crate::server_hooks::ServerHooks::from_names(&names),
+        binds_speak_uwsgi: uwsgi,
+    })
+}
+
+/// What a gunicorn configuration file sets, in corral's terms.
+pub struct Translated {
+    pub settings: Vec<Setting>,
+    /// Settings left out, and why.
+    pub notes: Vec<String>,
+    pub hooks: crate::server_hooks::ServerHooks,
+    /// `protocol = "uwsgi"`: every bind speaks uwsgi, the command line's
+    /// `-b` too (see [`binds_as_uwsgi`]).
+    pub binds_speak_uwsgi: bool,
+}
+
+/// A value clap's boolish parser takes as true (`--reload`, `CORRAL_RELOAD=yes`).
+fn boolish(raw: &str) -> bool {
+    matches!(raw.trim().to_ascii_lowercase().as_str(), "y" | "yes" | "t" | "true" | "on" | "1")
+}
+
+/// gunicorn's `protocol = "uwsgi"` applies to every bind address, those of
+/// `-b`/`--bind` on its command line too: they become corral's `--uwsgi`,
+/// which also replaces the file's `bind`, as gunicorn's command line does.
+/// (`--http`, corral's own name, stays HTTP.)
+pub fn binds_as_uwsgi(argv: &mut [String]) {
+    let mut i = 1;
+    while i < argv.len() && argv[i] != "--" {
+        let a = &argv[i];
+        if a == "-b" || a == "--bind" {
+            argv[i] = "--uwsgi".to_string();
+            i += 1; // its value
+        } else if let Some(v) = a.strip_prefix("--bind=").or_else(|| a.strip_prefix("-b")) {
+            argv[i] = format!("--uwsgi={}", v.strip_prefix('=').unwrap_or(v));
+        }
+        i += 1;
+    }
 }
 
 #[cfg(test)]
@@ -690,10 +737,10 @@ mod tests {
     #[test]
     fn a_proxy_protocol_mode_after_a_space_is_joined() {
         let mut argv: Vec<String> = ["corral", "--proxy-protocol", "v1", "app:x"].map(String::from).to_vec();
-        super::join_proxy_protocol_mode(&mut argv);
+        super::join_proxy_protocol_mode(&mut argv, 1);
         assert_eq!(argv, ["corral", "--proxy-protocol=v1", "app:x"]);
         let mut argv: Vec<String> = ["corral", "--proxy-protocol", "app:x"].map(String::from).to_vec();
-        super::join_proxy_protocol_mode(&mut argv);
+        super::join_proxy_protocol_mode(&mut argv, 1);
         assert_eq!(argv, ["corral", "--proxy-protocol", "app:x"]);
     }
 

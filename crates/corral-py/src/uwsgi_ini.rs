@@ -811,9 +811,16 @@ pub fn translate(spec: &str, python_prefix: &str) -> Result<(Vec<Entry>, Vec<Str
             single.insert("stats", (Value::from(addr), at(l)));
         }
     }
-    if !lines.iter().any(|l| matches!(l.key.as_str(), "lazy-apps" | "lazy")) && app_line.is_some() {
+    // Left out or turned off, uWSGI's way is to import in the master: corral's
+    // is not, and says so either way.
+    let lazy = last(&["lazy-apps", "lazy"]);
+    if app_line.is_some() && lazy.is_none_or(|l| !truthy(&l.value)) {
+        let (at, what) = match lazy {
+            Some(l) => (at(l), format!("with `{} = {}`", l.key, l.value)),
+            None => (file.to_string(), "without `lazy-apps`".to_string()),
+        };
         notes.push(format!(
-            "{file}: without `lazy-apps`, uWSGI imports the app once in its master before forking; corral imports it \
+            "{at}: {what}, uWSGI imports the app once in its master before forking; corral imports it \
              in each worker, as `lazy-apps` does (give --preload for uWSGI's way)"
         ));
     }
