@@ -194,11 +194,12 @@ def test_last_value_wins_for_other_variables(gw, proto):
     assert env["DOCUMENT_ROOT"] == "/srv/two"
 
 
-def test_scgi_repeated_content_length_closes_the_connection(gw):
+def test_scgi_repeated_content_length_is_answered_400(gw):
     # The one name that may not repeat: it says where the body ends.
-    with pytest.raises(g.BadReply):
-        _env(gw, "scgi", extra=[("CONTENT_LENGTH", "5")])
-    wait_until(lambda: "repeated CONTENT_LENGTH" in gw.log)
+    pairs = [(b"CONTENT_LENGTH", b"0"), (b"SCGI", b"1"), *GOOD, (b"CONTENT_LENGTH", b"5")]
+    out, closed = g.send_raw(gw.addr("scgi"), g.scgi_netstring(pairs) + b"EVIL!")
+    assert closed and g.parse_any("scgi", out).status == 400, out[:300]
+    assert wait_until(lambda: "repeated CONTENT_LENGTH (400 Bad Request)" in gw.log), gw.log[-1500:]
     assert _env(gw, "scgi")["REQUEST_METHOD"] == "GET"
 
 
@@ -565,6 +566,10 @@ def test_fastcgi_get_values(gw):
         assert int(values[b"FCGI_MAX_CONNS"]) > 0
         # Asking for one variable gets just that one; the connection stays usable.
         assert conn.get_values(["FCGI_MAX_REQS"]) == {b"FCGI_MAX_REQS": b"4"}
+        # Asked for thousands of times over (62700 bytes of names), each is
+        # answered once: the answer fits in its one record.
+        rec_pairs = conn.get_values(["FCGI_MAX_CONNS", "FCGI_MPXS_CONNS"] * 1900)
+        assert rec_pairs == {b"FCGI_MAX_CONNS": values[b"FCGI_MAX_CONNS"], b"FCGI_MPXS_CONNS": b"0"}
         r = conn.request(g.cgi_params(uri="/fixed"))
         assert r.body == b"hello world"
         assert r.closed
@@ -631,6 +636,7 @@ def test_fastcgi_unknown_record_type(gw):
 @pytest.mark.parametrize("keep_conn", [True, False], ids=["keep", "close"])
 @pytest.mark.parametrize("role", [g.FCGI_AUTHORIZER, g.FCGI_FILTER, 77])
 def test_fastcgi_unknown_role(gw, role, keep_conn):
+    mark = gw.mark()
     with g.FcgiConn(gw.addr("fastcgi")) as conn:
         conn.send(
             g.begin_request(1, role, keep_conn)
@@ -645,6 +651,11 @@ def test_fastcgi_unknown_role(gw, role, keep_conn):
             assert (r.status, r.body) == (200, b"hello world")
         else:
             assert conn.at_eof()
+    name = {g.FCGI_AUTHORIZER: r"AUTHORIZER \(2\)", g.FCGI_FILTER: r"FILTER \(3\)"}.get(role, str(role))
+    gw.wait_for(
+        rf"\[WARNING\] Bad fastcgi request from 127\.0\.0\.1:\d+: FastCGI role {name} refused for request 1",
+        since=mark,
+    )
 
 
 @pytest.mark.parametrize("phase", ["params", "stdin"])
@@ -1048,6 +1059,30 @@ def test_a_request_head_that_stalls_is_closed_and_logged(start_server, proto):
     assert g.call(proto, server.addr(proto), uri="/fixed").body == b"hello world"
 
 
+@pytest.mark.parametrize("proto", ["uwsgi", "scgi"])
+def test_a_small_body_that_stalls_is_answered_408(start_server, proto):
+    """A body small enough to be read ahead of the app has a body's grace and
+    rate; when it stalls, the request is answered 408, as one whose larger
+    body the app was reading would be, and the log says it was the body."""
+    server = g.start_gateways(
+        start_server, "behaviour:application", [(proto, "127.0.0.1:0")], "--header-timeout", "1"
+    )
+    body = b"b" * 6000
+    extra = [("SCGI", "1")] if proto == "scgi" else []
+    whole = g.request_bytes(proto, g.cgi_params("POST", uri="/echo", body=body, extra=extra), body)
+    mark = server.mark()
+    with g.connect(server.addr(proto), timeout=30) as sock:
+        sock.sendall(whole[: len(whole) - len(body) + 100])
+        out, closed = g.read_until_close(sock, timeout=30)
+    assert closed and g.parse_any(proto, out).status == 408, out[:300]
+    server.wait_for(
+        rf"Timed out: {proto} request from 127\.0\.0\.1:\d+: its body came slower than 500 bytes/s after "
+        r"the header timeout",
+        since=mark,
+    )
+    assert g.call(proto, server.addr(proto), uri="/fixed").body == b"hello world"
+
+
 def test_a_fastcgi_request_whose_records_stop_is_closed_and_logged(start_server):
     """Whole records leave the buffer for the request's state as they come: a
     request that stops between two of them is still said to have timed out."""
@@ -1066,19 +1101,34 @@ def test_a_fastcgi_request_whose_records_stop_is_closed_and_logged(start_server)
     )
 
 
-@pytest.mark.parametrize("what", ["params one at a time", "management records"])
+@pytest.mark.parametrize(
+    "what", ["params one at a time", "management records", "kept, then management records"]
+)
 def test_a_fastcgi_peer_sending_a_record_now_and_then_still_meets_the_header_timeout(start_server, what):
     """Each record leaves the buffer as it is read, so the clock must not start
     again with every read: a request's PARAMS trickling in a record at a time,
     or a new connection sending only GET_VALUES, is closed after the header
     timeout like any unfinished request, not held open for good."""
     server = g.start_gateways(
-        start_server, "behaviour:application", [("fastcgi", "127.0.0.1:0")], "--header-timeout", "1"
+        start_server,
+        "behaviour:application",
+        [("fastcgi", "127.0.0.1:0")],
+        "--header-timeout",
+        "1",
+        "--keepalive-timeout",
+        "1",
     )
     pair = g.encode_pairs([(b"A", b"")])
     with g.connect(server.addr("fastcgi"), timeout=30) as sock:
         if what == "params one at a time":
             sock.sendall(g.begin_request(1, keep_conn=True))
+        if what.startswith("kept"):
+            # A kept connection idle after its request: GET_VALUES records
+            # are not requests, and do not restart its keep-alive clock.
+            sock.sendall(g.fcgi_request_bytes(g.cgi_params(uri="/fixed"), keep_conn=True))
+            got = b""
+            while b"hello world" not in got:
+                got += sock.recv(65536)
         closed = False
         for _ in range(100):  # 30 s of records, every 0.3 s, against a 1 s timeout
             try:
@@ -1480,7 +1530,47 @@ def test_bad_input_on_a_unix_socket(gw, proto):
     _check_bad_input(gw, proto, data, why, unix=True)
 
 
-# SCGI's CONTENT_LENGTH is part of its framing: a bad one is among the bad-input cases.
+# Whole packets whose contents are wrong: answered (the front end shows that
+# status rather than a 502), the rest of BAD only closed.
+ANSWERED_400 = {
+    "uwsgi-key-past-end",
+    "uwsgi-value-past-end",
+    "uwsgi-oversized-var-in-full-block",
+    "uwsgi-empty-key",
+    "scgi-no-scgi-1",
+    "scgi-scgi-2",
+    "scgi-content-length-not-first",
+    "scgi-no-content-length",
+    "scgi-bad-content-length",
+    "scgi-not-nul-terminated",
+    "scgi-name-without-value",
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "proto", "data"),
+    [(f"{b[0]}-{b[1]}", b[0], b[2]) for b in BAD if b[0] != "fastcgi"],
+    ids=[f"{b[0]}-{b[1]}" for b in BAD if b[0] != "fastcgi"],
+)
+def test_a_whole_uwsgi_or_scgi_head_that_is_wrong_is_answered_400(gw, name, proto, data):
+    out, closed = g.send_raw(gw.addr(proto), data)
+    assert closed
+    if name in ANSWERED_400:
+        assert g.parse_any(proto, out).status == 400, out[:300]
+    else:
+        assert out == b"", out[:300]
+
+
+def test_an_scgi_head_of_too_many_headers_is_answered_431(gw):
+    pairs = [(b"CONTENT_LENGTH", b"0"), (b"SCGI", b"1"), *GOOD]
+    pairs += [(f"HTTP_X_{i}".encode(), b"v") for i in range(1100)]
+    mark = gw.mark()
+    out, closed = g.send_raw(gw.addr("scgi"), g.scgi_netstring(pairs))
+    assert closed and g.parse_any("scgi", out).status == 431, out[:300]
+    gw.wait_for(r"\[WARNING\] Bad scgi request from .*too many SCGI headers \(431 ", since=mark)
+
+
+# SCGI's CONTENT_LENGTH is part of its framing: a bad one is among the cases above.
 @pytest.mark.parametrize("proto", ["uwsgi", "fastcgi"])
 def test_invalid_content_length_gets_400(gw, proto):
     mark = gw.mark()

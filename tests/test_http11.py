@@ -4,6 +4,7 @@ import contextlib
 import email.utils
 import json
 import select
+import signal
 import socket
 import struct
 import threading
@@ -729,6 +730,32 @@ def test_a_small_body_read_ahead_of_the_app_has_the_grace_and_rate_of_any_body(i
         r"header timeout",
         since=mark,
     )
+
+
+def test_a_small_body_that_stalls_is_answered_408(impatient):
+    """Its head whole, a request whose small body stops coming is answered
+    408 when it times out, as one whose larger body the app reads is."""
+    mark = impatient.mark()
+    with impatient.connect(timeout=30) as conn:
+        conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 6000\r\n\r\n" + b"x" * 100)
+        resp = conn.read_response()
+        assert resp.status == 408
+        assert conn.at_eof(10)
+    impatient.wait_for(r"Timed out: http request from .*: its body came slower than", since=mark)
+
+
+def test_a_head_that_stalls_while_the_worker_reloads_is_logged(start_server):
+    """A draining worker keeps a request it began to read until the header
+    timeout, like any worker, and says so when it gives up on it."""
+    server = start_server("behaviour:application", "--header-timeout", "1", threads=2)
+    with server.connect(timeout=30) as conn:
+        conn.send(b"GET /fixed HTTP/1.1\r\nHo")
+        time.sleep(0.2)
+        mark = server.mark()
+        server.signal(signal.SIGHUP)
+        assert conn.at_eof(20)
+    server.wait_for(r"Timed out: http request from .*: incomplete after the header timeout", since=mark)
+    assert server.request("GET", "/fixed").status == 200
 
 
 def test_header_timeout_applies_to_a_silent_connection(impatient):

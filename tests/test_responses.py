@@ -203,6 +203,44 @@ def test_close_called_for_head_requests(behaviour):
     _wait_closed(behaviour, "head-1")
 
 
+@pytest.mark.parametrize(
+    ("name", "method", "query"),
+    [
+        ("head", "HEAD", ""),
+        ("not-modified", "GET", "&s=304+Not+Modified"),
+        ("no-content", "GET", "&s=204+No+Content"),
+        ("past-length", "GET", "&cl=5"),
+        ("file-past-length", "GET", "&cl=100&file=1"),
+    ],
+)
+def test_an_endless_body_stops_being_iterated_once_no_more_can_be_sent(behaviour, name, method, query):
+    """PEP 3333: the server may stop iterating once enough was sent. An endless
+    stream answering HEAD or a 304, or running past its Content-Length, ends
+    with close() instead of holding its thread whether or not the client is
+    still there; the connection goes on."""
+    with behaviour.connect() as conn:
+        conn.send_request(method, f"/endless?key={name}{query}", {"Host": "x"})
+        resp = conn.read_response(head=method == "HEAD")
+        assert resp.status in (200, 204, 304)
+        assert resp.complete
+        state = lambda: behaviour.get_json(f"/endless-state?key={name}")
+        assert wait_until(lambda: state()["closed"], timeout=10), state()
+        items = state()["items"]
+        assert items <= 3, items
+        conn.send_request("GET", "/fixed", {"Host": "x"})
+        assert conn.read_response().body == b"hello world"
+    assert state()["items"] == items
+
+
+def test_a_body_of_its_exact_length_is_iterated_to_its_end(behaviour):
+    """The code after a generator's last yield still runs when the body it
+    gave filled its Content-Length."""
+    resp = behaviour.request("GET", "/endless?key=exact&exact=1&cl=7")
+    assert (resp.status, resp.body) == (200, b"x" * 7)
+    state = behaviour.get_json("/endless-state?key=exact")
+    assert state["after_last_yield"] and state["closed"], state
+
+
 def test_a_response_is_complete_before_its_close_runs(behaviour):
     """close() runs after the body's end has gone out (the chunked
     terminator here): Django's request_finished handlers, which run in it,

@@ -403,6 +403,63 @@ def exc_info_after_headers(environ, start_response):
     yield b"must not be reached\n"
 
 
+ENDLESS = {}
+
+
+class _Endless:
+    """Pieces without end, counted; with ?exact=1 one piece of ?cl= bytes, then
+    a mark set by the code after the last yield."""
+
+    def __init__(self, state, exact, length):
+        self.state, self.exact, self.length = state, exact, length
+
+    def __iter__(self):
+        if self.exact:
+            yield b"x" * self.length
+            self.state["after_last_yield"] = True
+            return
+        while True:
+            self.state["items"] += 1
+            yield b"tick\n"
+            time.sleep(0.01)
+
+    def close(self):
+        self.state["closed"] = True
+
+
+class _EndlessFile:
+    """A file-like object without a descriptor whose reads never end."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def read(self, size=-1):
+        self.state["items"] += 1
+        time.sleep(0.01)
+        return b"z" * (size if size and size > 0 else 8192)
+
+    def close(self):
+        self.state["closed"] = True
+
+
+def endless(environ, start_response):
+    """An endless body (?file=1: through wsgi.file_wrapper) with status ?s= and
+    Content-Length ?cl=, its progress at /endless-state?key=."""
+    q = _query(environ)
+    state = ENDLESS.setdefault(q["key"], {"items": 0, "closed": False, "after_last_yield": False})
+    headers = list(TEXT)
+    if "cl" in q:
+        headers.append(("Content-Length", q["cl"]))
+    start_response(q.get("s", "200 OK"), headers)
+    if "file" in q:
+        return environ["wsgi.file_wrapper"](_EndlessFile(state), 8192)
+    return _Endless(state, "exact" in q, int(q.get("cl", "0")))
+
+
+def endless_state(environ, start_response):
+    return _json(start_response, ENDLESS.get(_query(environ)["key"]))
+
+
 class Closing:
     """A response iterable that records close() calls in the markers file."""
 
@@ -756,6 +813,8 @@ UNVALIDATED = {
     "/raise-after-cl": raise_after_cl,
     "/deep": deep,
     "/background": background,
+    "/endless": endless,
+    "/endless-state": endless_state,
 }
 
 _validated = {path: validator(app) for path, app in VALIDATED.items()}

@@ -1943,6 +1943,16 @@ impl Exchange {
         self.lock().is_some_and(|io| io.phase >= RespPhase::Sent)
     }
 
+    /// Whether the response can take no more body bytes: its head is out and
+    /// it has none (HEAD, 204, 304, 205) or has sent all of its
+    /// Content-Length. More would be dropped, so the server may stop
+    /// iterating the body there (PEP 3333).
+    pub fn body_complete(&self) -> bool {
+        self.lock().is_some_and(|io| {
+            io.phase >= RespPhase::Sent && matches!(io.framing, RespFraming::NoBody | RespFraming::Length(0))
+        })
+    }
+
     /// Whether the response was started (headers buffered or sent).
     pub fn started(&self) -> bool {
         self.lock().is_some_and(|io| io.phase >= RespPhase::Started)

@@ -107,15 +107,20 @@ fn get_values(content: &[u8], out: &mut Vec<u8>) {
     let mut answer: Vec<(&[u8], &[u8])> = Vec::new();
     if let Ok(pairs) = fastcgi::parse_pairs(content) {
         for (name, _) in pairs {
-            match name {
-                fastcgi::MAX_CONNS => answer.push((fastcgi::MAX_CONNS, conns.as_bytes())),
-                fastcgi::MAX_REQS => answer.push((fastcgi::MAX_REQS, reqs.as_bytes())),
-                fastcgi::MPXS_CONNS => answer.push((fastcgi::MPXS_CONNS, b"0")),
-                _ => {}
+            let value: &[u8] = match name {
+                fastcgi::MAX_CONNS => conns.as_bytes(),
+                fastcgi::MAX_REQS => reqs.as_bytes(),
+                fastcgi::MPXS_CONNS => b"0",
+                _ => continue,
+            };
+            // Each once, however often asked: the answer then always fits
+            // in its one record.
+            if !answer.iter().any(|(n, _)| *n == name) {
+                answer.push((name, value));
             }
         }
     }
-    let _ = fastcgi::write_get_values_result(out, &answer);
+    fastcgi::write_get_values_result(out, &answer).expect("three short pairs fit in a record");
 }
 
 /// Requests the whole pool serves at once (every worker's threads), for
@@ -196,7 +201,15 @@ fn range_in(outer: &[u8], inner: &[u8]) -> Range<usize> {
 }
 
 /// Parses a uwsgi packet at the start of `buf`.
-pub(crate) fn uwsgi_head(buf: &[u8]) -> Result<Option<Head>, String> {
+/// A uwsgi or SCGI head that cannot be served: what is wrong, and the
+/// status to answer with when a reply can still be framed.
+#[derive(Debug)]
+pub(crate) struct HeadError {
+    pub status: Option<u16>,
+    pub message: String,
+}
+
+pub(crate) fn uwsgi_head(buf: &[u8]) -> Result<Option<Head>, HeadError> {
     match uwsgi::parse_request(buf) {
         Ok(Status::Complete(req, len)) => {
             let pairs = req.vars().map(|(k, v)| (range_in(buf, k), range_in(buf, v))).collect();
@@ -207,19 +220,19 @@ pub(crate) fn uwsgi_head(buf: &[u8]) -> Result<Option<Head>, String> {
             // stretch it.
             Ok(None)
         }
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(HeadError { status: e.status(), message: e.to_string() }),
     }
 }
 
 /// Parses an SCGI netstring at the start of `buf`.
-pub(crate) fn scgi_head(buf: &[u8]) -> Result<Option<Head>, String> {
+pub(crate) fn scgi_head(buf: &[u8]) -> Result<Option<Head>, HeadError> {
     match scgi::parse_request(buf) {
         Ok(Status::Complete(req, len)) => {
             let pairs = req.headers().map(|(k, v)| (range_in(buf, k), range_in(buf, v))).collect();
             Ok(Some(Head { len, params: CgiParams { pairs, strip_script_name: false } }))
         }
         Ok(Status::Partial) => Ok(None),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(HeadError { status: e.status(), message: e.to_string() }),
     }
 }
 
@@ -232,6 +245,12 @@ pub(crate) struct FcgiConn {
     /// The connection must close once the pending output is written (a
     /// refused request without KEEP_CONN).
     pub close_after: bool,
+    /// Requests refused with a protocol status since the caller last looked,
+    /// for it to log with the peer.
+    pub refused: Vec<String>,
+    /// Since the connection was last parked, only records outside any request
+    /// came (GET_VALUES, unknown types): not activity that keeps it open.
+    pub chatter: bool,
 }
 
 /// The records that bring a new connection's FastCGI state to `st`: the
@@ -298,7 +317,18 @@ pub(crate) fn fcgi_head(
                         st.active = Some((r.request_id, begin.keep_conn));
                         st.params.clear();
                     }
-                    _ => {
+                    role => {
+                        st.refused.push(format!(
+                            "FastCGI role {} refused for request {} (only RESPONDER is served); ended \
+                             with UNKNOWN_ROLE",
+                            match role {
+                                Role::Authorizer => "AUTHORIZER (2)".to_string(),
+                                Role::Filter => "FILTER (3)".to_string(),
+                                Role::Unknown(n) => n.to_string(),
+                                Role::Responder => unreachable!("served above"),
+                            },
+                            r.request_id
+                        ));
                         fastcgi::write_end_request(out, r.request_id, 0, ProtocolStatus::UnknownRole);
                         if !begin.keep_conn {
                             st.close_after = true;

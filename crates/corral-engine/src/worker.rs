@@ -227,6 +227,10 @@ struct Entry {
     /// Handed to a sibling by the sweeper: this process's copy of the
     /// descriptor only waits to be closed, and counts for nothing.
     handed: AtomicBool,
+    /// Parked with its head whole and its small body being read ahead of the
+    /// app: past its deadline the sweeper answers 408 before it shuts the
+    /// connection, as the app's read of a larger body that stalls does.
+    body_ahead: AtomicBool,
     /// The connection's buffers, for the sweeper to take the bytes of a
     /// begun request when it hands it over.
     io: std::sync::Weak<Mutex<Io>>,
@@ -1501,6 +1505,27 @@ fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize {
             continue;
         }
         if e.state.compare_exchange(IDLE, CLOSING, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+            if expired && e.body_ahead.load(Ordering::Relaxed) {
+                // A request whose head came whole: it gets its answer (what
+                // does not fit in the socket at once is not waited for).
+                let wire = match w.listeners[e.listener.load(Ordering::Relaxed)].1.protocol {
+                    Protocol::Http => Some(Wire::Http),
+                    Protocol::Uwsgi => Some(Wire::Uwsgi),
+                    Protocol::Scgi => Some(Wire::Scgi),
+                    Protocol::FastCgi => None,
+                };
+                if let Some(wire) = wire {
+                    let reply = error_reply(wire, 408, "the request body came too slowly");
+                    unsafe {
+                        libc::send(
+                            e.fd,
+                            reply.as_ptr().cast(),
+                            reply.len(),
+                            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                        )
+                    };
+                }
+            }
             // The fd stays open until the owning thread sees the hang-up and
             // removes the entry under this same lock, so it cannot be reused here.
             unsafe { libc::shutdown(e.fd, libc::SHUT_RDWR) };
@@ -2049,6 +2074,7 @@ fn adopt<A: App>(
         begun: AtomicU8::new(NOT_BEGUN),
         resume: Mutex::new(Vec::new()),
         handed: AtomicBool::new(false),
+        body_ahead: AtomicBool::new(false),
         listener: AtomicUsize::new(idx),
         proxy_client: std::sync::OnceLock::new(),
         io: Arc::downgrade(&io),
@@ -2391,8 +2417,10 @@ fn serve<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, conn: Box<Conn>
             return;
         }
         // A FastCGI request's records leave the buffer for its state as they come.
+        // One handed to a sibling goes on there; any other was shut down at
+        // its deadline, draining or not.
         let begun = partial > 0 || conn.fcgi.active.is_some();
-        if begun && !draining() {
+        if begun && !conn.entry.handed.load(Ordering::Relaxed) {
             let listener = &w.listeners[conn.listener].1;
             // Its head whole, a small body read ahead of the app has the grace and rate of any body.
             let part = if conn.head_ready {
@@ -2818,7 +2846,12 @@ fn read_gateway<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                             }
                         }
                         Ok(None) => Ok(None),
-                        Err(m) => Err(m),
+                        Err(e) => match e.status {
+                            // The block was whole: the front end gets a
+                            // status to show for it rather than a 502.
+                            Some(status) => return refuse(w, conn, &mut io, wire, status, &e.message),
+                            None => Err(e.message),
+                        },
                     }
                 }
                 _ => {
@@ -2826,6 +2859,14 @@ fn read_gateway<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                     match gateway::fcgi_head(&mut conn.fcgi, &io.buf, &mut out) {
                         Ok((used, req)) => {
                             io.buf.advance(used);
+                            for why in std::mem::take(&mut conn.fcgi.refused) {
+                                warn!("Bad fastcgi request from {}: {why}", peer(conn, listener));
+                            }
+                            if req.is_some() || conn.fcgi.active.is_some() {
+                                conn.fcgi.chatter = false;
+                            } else if used > 0 {
+                                conn.fcgi.chatter = true;
+                            }
                             if !out.is_empty() && io.write_parts(&[&out], blocking).is_err() {
                                 return Next::Close;
                             }
@@ -2861,9 +2902,13 @@ fn read_gateway<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                     }
                 }
             };
+            // For the deadline and the timeout's log line: a small body being
+            // read ahead has the grace of a body, not the header timeout.
+            conn.head_ready = head_ready;
             match parsed {
                 Ok(Some(req)) => {
                     conn.head_charge.set(0);
+                    conn.head_ready = false;
                     return Next::Gateway(req);
                 }
                 Ok(None) => {}
@@ -3038,7 +3083,14 @@ fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
             t if t.is_zero() => crate::config::DEFAULT_KEEPALIVE_TIMEOUT,
             t => t,
         };
-        now + idle_for.as_millis() as u64
+        if conn.fcgi.chatter && conn.entry.between.load(Ordering::Relaxed) {
+            // Only management records since it was parked idle: it stays on
+            // that idle clock, or a peer sending GET_VALUES now and then
+            // would hold it open for good.
+            conn.entry.deadline.load(Ordering::Relaxed)
+        } else {
+            now + idle_for.as_millis() as u64
+        }
     } else if conn.head_ready {
         // Its head is in, and its small body is read ahead of the app: the
         // body has the grace any body has, then must keep coming at
@@ -3051,6 +3103,8 @@ fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
     };
     conn.entry.deadline.store(deadline, Ordering::Relaxed);
     conn.entry.between.store(between, Ordering::Relaxed);
+    conn.fcgi.chatter = false;
+    conn.entry.body_ahead.store(conn.head_ready && discard_until == 0, Ordering::Relaxed);
     // A fresh connection whose PROXY header was taken would be expected to
     // send one again by a worker it were handed to.
     let proxy_taken = conn.entry.fresh.load(Ordering::Relaxed)

@@ -82,6 +82,25 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+impl Error {
+    /// The HTTP status to answer with when the netstring was whole and only
+    /// what it holds is wrong, so a reply can still be framed; `None` when
+    /// the stream cannot be read as SCGI (the connection is only closed).
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Error::Length | Error::LengthLeadingZero | Error::TooLarge | Error::MissingComma => None,
+            Error::TooManyHeaders => Some(431),
+            Error::NotNulTerminated
+            | Error::OddStrings
+            | Error::EmptyName
+            | Error::ContentLengthNotFirst
+            | Error::ContentLength
+            | Error::ScgiVersion
+            | Error::RepeatedContentLength => Some(400),
+        }
+    }
+}
+
 /// A parsed SCGI request header block, borrowing its pairs from the input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request<'a> {

@@ -48,6 +48,18 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+impl Error {
+    /// The HTTP status to answer with when the packet was whole and only its
+    /// vars are wrong, so a reply can still be framed; `None` for a packet of
+    /// another uWSGI subsystem, which an HTTP reply would not answer.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Error::Modifier1(_) => None,
+            Error::EmptyKey | Error::TruncatedVar => Some(400),
+        }
+    }
+}
+
 /// A parsed uwsgi request packet, borrowing its vars from the input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request<'a> {

@@ -524,6 +524,12 @@ impl WsgiApp {
                 return Ok(());
             }
         }
+        // Once the body is complete the iterable gets one more turn, so a
+        // generator's code after its last yield still runs; an item there
+        // ends the iteration (and close() follows), as PEP 3333 allows: an
+        // endless stream answering HEAD, or running past its Content-Length,
+        // would otherwise hold this thread after its client has gone.
+        let mut complete = false;
         for item in result.try_iter()? {
             let item = item?;
             let b = item.downcast::<PyBytes>().map_err(|_| {
@@ -533,10 +539,18 @@ impl WsgiApp {
                 ))
             })?;
             let data = b.as_bytes();
+            if complete {
+                if !data.is_empty() {
+                    // Dropped, and past a Content-Length noted as such.
+                    body_write(ex, data, false)?;
+                }
+                break;
+            }
             if data.is_empty() {
                 continue;
             }
             body_write(ex, data, false)?;
+            complete = ex.body_complete();
         }
         Ok(())
     }
