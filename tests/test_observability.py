@@ -119,6 +119,14 @@ def test_access_log_atoms(start_server, tmp_path):
     server.request("GET", "/set-user?user=bob")
     (_, line) = _read_lines(log, 2)
     assert line.split("|")[21:] == ["user=bob", "-", "bob", "", "100%"]
+    # The path the app got: an absolute-form target's authority and a
+    # fragment are not part of it; the auth scheme's name is in any case.
+    with server.connect() as conn:
+        conn.send(b"GET http://x/fixed?a=1#frag HTTP/1.1\r\nHost: x\r\nAuthorization: BASIC Ym9iOnB3\r\n\r\n")
+        assert conn.read_response().status == 200
+    (*_, line) = _read_lines(log, 3)
+    f = line.split("|")
+    assert (f[2], f[6], f[7]) == ("bob", "/fixed", "a=1"), line
 
 
 def test_a_repeated_response_header_logs_its_last_value_as_gunicorn(start_server, tmp_path):
@@ -529,6 +537,12 @@ def test_requests_the_engine_refuses_are_logged_and_counted(start_server, tmp_pa
     text = _metrics_once(stats_port, "corral_requests_total", '{protocol="http",status="4xx"}', 3)
     assert _metric(text, "corral_requests_total", '{protocol="http",status="4xx"}') == 3
     assert _metric(text, "corral_requests_total", '{protocol="uwsgi",status="4xx"}') == 1
+    # Bytes sent are the bodies', as the log counts them; the worker's count
+    # takes in every refusal, the 413 of a request parsed whole too.
+    logged = sum(int(line.split('" ')[1].split()[1].replace("-", "0")) for line in lines)
+    assert _metric(text, "corral_sent_bytes_total") == logged, (text, lines)
+    stats = json.loads(_get(stats_port, "/stats")[1])
+    assert stats["requests"] == 4 == sum(w["requests"] for w in stats["workers"]), stats
 
 
 def test_stats_json_and_cli(stats_server):
@@ -604,6 +618,13 @@ def test_a_flood_of_idle_monitoring_clients_does_not_keep_probes_out(stats_serve
             assert _get(s.stats_port, "/healthz", timeout=3) == (200, b"ok\n")
         with socket.create_connection(("127.0.0.1", s.stats_port), timeout=5) as c:
             c.sendall(b"GET /healthz HTTP/1.1\n\n")
+            data = b""
+            while chunk := c.recv(65536):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"ok\n"), data
+        # Nor does it need the version.
+        with socket.create_connection(("127.0.0.1", s.stats_port), timeout=5) as c:
+            c.sendall(b"GET /healthz\r\n\r\n")
             data = b""
             while chunk := c.recv(65536):
                 data += chunk

@@ -49,6 +49,14 @@ def test_files_types_and_lengths(site):
     blob = site.request("GET", "/static/blob.bin")
     assert hashlib.sha256(blob.body).digest() == hashlib.sha256(site.data).digest()
     assert _h(blob)["content-type"] == "application/octet-stream"
+    # The types nginx's and Python's tables know, not only the web's commonest.
+    for name, ctype in (
+        ("clip.mov", "video/quicktime"),
+        ("pic.bmp", "image/bmp"),
+        ("feed.atom", "application/atom+xml"),
+    ):
+        (site.public / name).write_bytes(b"x")
+        assert _h(site.request("GET", f"/static/{name}"))["content-type"] == ctype, name
     assert site.request("GET", "/static/").body == b"<h1>home</h1>"
     head = site.request("HEAD", "/static/blob.bin")
     assert head.status == 200 and head.body == b"" and _h(head)["content-length"] == str(len(site.data))

@@ -412,7 +412,21 @@ impl AccessLog {
     }
 }
 
+/// The path and query of a request target, as the app got them in
+/// PATH_INFO and QUERY_STRING: an absolute-form target's scheme and
+/// authority left out, and any fragment.
 fn split_target(target: &[u8]) -> (&[u8], &[u8]) {
+    let target = match target.iter().position(|&b| b == b'#') {
+        Some(i) => &target[..i],
+        None => target,
+    };
+    let target = match target.windows(3).position(|w| w == b"://") {
+        Some(i) if !target.starts_with(b"/") => {
+            let after = &target[i + 3..];
+            &after[after.iter().position(|&b| b == b'/' || b == b'?').unwrap_or(after.len())..]
+        }
+        _ => target,
+    };
     match target.iter().position(|&b| b == b'?') {
         Some(i) => (&target[..i], &target[i + 1..]),
         None => (target, b""),
@@ -430,7 +444,11 @@ fn or_dash(v: &[u8]) -> &[u8] {
 /// The user name of HTTP Basic authentication, as gunicorn's `%(u)s` shows it.
 fn basic_user(e: &Entry<'_>) -> Option<Vec<u8>> {
     let auth = (e.request_header)("authorization")?;
-    let cred = auth.strip_prefix(b"Basic ").or_else(|| auth.strip_prefix(b"basic "))?;
+    // The scheme's name is case-insensitive (RFC 9110 11.1).
+    let (scheme, cred) = auth.split_at(auth.iter().position(|&b| b == b' ')?);
+    if !scheme.eq_ignore_ascii_case(b"basic") {
+        return None;
+    }
     use base64::Engine as _;
     let decoded = base64::engine::general_purpose::STANDARD.decode(cred.trim_ascii()).ok()?;
     let user = decoded.split(|&b| b == b':').next()?.to_vec();

@@ -217,39 +217,26 @@ fn percent_encode_path(path: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Content-Type by extension.
-pub fn content_type(path: &Path) -> &'static str {
+/// Content-Type by extension: mime_guess's table (the one of Apache's
+/// mime.types that nginx's also follows), with `charset=utf-8` on text
+/// types as whitenoise gives them, and the few choices browsers want that
+/// differ from it.
+pub fn content_type(path: &Path) -> std::borrow::Cow<'static, str> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-    match ext.as_str() {
-        "html" | "htm" => "text/html; charset=utf-8",
-        "css" => "text/css; charset=utf-8",
-        "js" | "mjs" => "text/javascript; charset=utf-8",
-        "json" | "map" => "application/json",
-        "txt" => "text/plain; charset=utf-8",
-        "xml" => "application/xml",
-        "svg" => "image/svg+xml",
-        "png" => "image/png",
-        "jpg" | "jpeg" => "image/jpeg",
-        "gif" => "image/gif",
-        "webp" => "image/webp",
-        "avif" => "image/avif",
+    let mime = match ext.as_str() {
+        // RFC 9239: JavaScript is text/javascript (mime_guess still says
+        // application/javascript).
+        "js" | "mjs" => "text/javascript",
+        "map" => "application/json",
         "ico" => "image/vnd.microsoft.icon",
-        "woff" => "font/woff",
-        "woff2" => "font/woff2",
-        "ttf" => "font/ttf",
-        "otf" => "font/otf",
-        "pdf" => "application/pdf",
-        "wasm" => "application/wasm",
-        "mp4" => "video/mp4",
-        "webm" => "video/webm",
-        "mp3" => "audio/mpeg",
-        "csv" => "text/csv; charset=utf-8",
-        "zip" => "application/zip",
-        "gz" => "application/gzip",
-        "ogg" | "oga" => "audio/ogg",
-        "ogv" => "video/ogg",
         "webmanifest" => "application/manifest+json",
-        _ => "application/octet-stream",
+        "wasm" => "application/wasm",
+        _ => mime_guess::from_ext(&ext).first_raw().unwrap_or("application/octet-stream"),
+    };
+    if mime.starts_with("text/") {
+        format!("{mime}; charset=utf-8").into()
+    } else {
+        mime.into()
     }
 }
 
@@ -629,7 +616,25 @@ mod tests {
         assert_eq!(w(b"gzip;q=0.1234", "gzip"), 0.0);
         assert_eq!(w(b"identity", "gzip"), 0.0);
         assert_eq!(coding_weight(None, "gzip"), 0.0);
-        assert_eq!(content_type(Path::new("x.JS")), "text/javascript; charset=utf-8");
+        for (name, ctype) in [
+            ("x.JS", "text/javascript; charset=utf-8"),
+            ("a.css", "text/css; charset=utf-8"),
+            ("a.html", "text/html; charset=utf-8"),
+            ("a.json", "application/json"),
+            ("a.svg", "image/svg+xml"),
+            ("a.woff2", "font/woff2"),
+            ("a.bmp", "image/bmp"),
+            ("a.mov", "video/quicktime"),
+            ("a.xhtml", "application/xhtml+xml"),
+            ("a.atom", "application/atom+xml"),
+            ("a.md", "text/markdown; charset=utf-8"),
+            ("a.wasm", "application/wasm"),
+            ("a.map", "application/json"),
+            ("noext", "application/octet-stream"),
+            ("a.unknownext", "application/octet-stream"),
+        ] {
+            assert_eq!(content_type(Path::new(name)), ctype, "{name}");
+        }
     }
 
     #[test]

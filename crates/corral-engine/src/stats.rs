@@ -313,6 +313,8 @@ fn after_error() -> Option<bool> {
 /// The whole response to a request head sent to the stats listener.
 pub fn response(request: &[u8], snapshot: &dyn Fn() -> Snapshot) -> Vec<u8> {
     let line = request.split(|&b| b == b'\n').next().unwrap_or_default();
+    // A probe typed by hand may leave out the version: its CR then ends the target.
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
     let mut parts = line.split(|&b| b == b' ');
     let method = parts.next().unwrap_or_default();
     let target = parts.next().unwrap_or_default();

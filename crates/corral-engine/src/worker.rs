@@ -4172,7 +4172,8 @@ fn record_refusal<A: App>(
     reply: &[u8],
 ) {
     let listener = &w.listeners[idx].1;
-    let sent = reply.len() as u64;
+    // The body's bytes, as for the app's responses and the access log.
+    let sent = body_length(reply);
     let started = conn.map_or(mono_ms(), |c| c.request_started);
     // A connection refused before it became one (over the limit) has only
     // its address.
@@ -4221,7 +4222,8 @@ fn record_refusal<A: App>(
 fn record_refused_request<A: App>(w: &Shared<A>, conn: &Conn, req: &Request<'_>, status: u16, reply: &[u8]) {
     let micros = mono_ms().saturating_sub(conn.request_started) * 1000;
     let protocol = req.listener.protocol as usize;
-    w.scoreboard.record(w.slot, protocol, status, micros, req.bytes.len() as u64, reply.len() as u64);
+    w.scoreboard.record(w.slot, protocol, status, micros, req.bytes.len() as u64, body_length(reply));
+    w.scoreboard.count_refused(w.slot);
     if let Some(log) = &w.access {
         LogNote::of(log, conn, req).log(log, status, body_length(reply), micros);
     }
