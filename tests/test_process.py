@@ -468,6 +468,89 @@ def test_workers_dying_at_boot_make_the_master_give_up(start_server, crash):
     assert wait_until(lambda: not group_members(server.pgid), timeout=10)
 
 
+@pytest.mark.parametrize("first", ["USR2", "TERM"])
+def test_a_signal_sent_with_a_usr2_is_acted_on_after_the_re_exec(start_server, first):
+    """Read together from the signalfd, a TERM and a USR2 (in either order:
+    the lower number comes first) both count: the master re-executes, then
+    stops, rather than losing the TERM to the exec."""
+    server = start_server("behaviour:application", workers=1)
+    second = "TERM" if first == "USR2" else "USR2"
+    os.kill(server.proc.pid, getattr(signal, f"SIG{first}"))
+    os.kill(server.proc.pid, getattr(signal, f"SIG{second}"))
+    assert server.wait_exit(60) == 0, server.log
+    assert server.grep(r"Received SIGTERM|Shutdown complete"), server.log
+
+
+def test_a_reload_replacement_that_dies_booting_is_tried_again(start_server, tmp_path):
+    """The pool does not go on serving two versions of the code: a worker a
+    reload asked to replace gets another replacement once the first died."""
+    marker = tmp_path / "crash"
+    server = start_server(
+        "crash_on_marker:application", workers=2, env={"CORRAL_TEST_CRASH_MARKER": str(marker)}
+    )
+    old = server.worker_pids()
+    assert len(old) == 2
+    marker.write_text("once")
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    server.wait_for(
+        r"killed by signal 9 \(SIGKILL\) before it was ready; worker pid \d+ keeps serving; trying again",
+        since=mark,
+    )
+    server.wait_for(r"still serves the code from before the reload; starting a replacement", since=mark)
+    for pid in old:
+        server.wait_for(
+            rf"worker pid {pid} stops accepting and finishes its requests", since=mark, timeout=30
+        )
+    assert server.request("GET", "/fixed").status == 200
+
+
+def test_a_worker_crashing_as_it_boots_after_the_start_leaves_the_others_serving(start_server, tmp_path):
+    """Once the server is up, a worker that dies while booting again and
+    again (a crash at import, an import that times out) does not stop the
+    server: the others serve on, a request in flight included, and the pool
+    is filled again, later each time, until the cause is gone."""
+    marker = tmp_path / "crash"
+    stats = free_port()
+    server = start_server(
+        "crash_on_marker:application",
+        "--stats",
+        f"127.0.0.1:{stats}",
+        workers=2,
+        threads=2,
+        env={"CORRAL_TEST_CRASH_MARKER": str(marker)},
+    )
+    # Up: the master has counted its workers ready.
+    assert wait_until(lambda: _readyz(stats) == 200, timeout=10)
+    victim = server.worker_pids()[0]
+    marker.write_text("always")
+    mark = server.mark()
+    os.kill(victim, signal.SIGKILL)
+    server.wait_for(r"while booting \(failure 1 in a row\); the 1 other worker\(s\) keep serving", since=mark)
+    with ThreadPoolExecutor(1) as pool:
+        # On the worker left: the one the pool is waiting to fill again.
+        slow = pool.submit(server.request, "GET", "/slow?secs=3&id=inflight", timeout=60)
+        server.wait_for(
+            r"while booting \(failure 4 in a row\); the 1 other worker\(s\) keep serving",
+            since=mark,
+            timeout=60,
+        )
+        assert slow.result().status == 200
+    assert server.running()
+    assert server.request("GET", "/fixed").status == 200
+    marker.unlink()
+    server.wait_for(READY_RE.pattern, since=mark, timeout=60)
+
+
+def _readyz(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            c.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            return int(c.recv(100).split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def test_preload_imports_once_in_the_master(start_server):
     server = start_server("preload_app:application", "--preload", workers=2)
     imports = [line for line in server.lines + server.stdout_lines if "preload_app imported" in line]

@@ -44,6 +44,11 @@ const MAX_STATS_CONNS: usize = 64;
 /// before a new worker tries it again (the previous workers serve meanwhile).
 const RELOAD_RETRY: Duration = Duration::from_secs(5);
 
+/// The longest wait before another try at a replacement, or at filling a
+/// serving pool again, after tries that failed to boot: each failure in a
+/// row doubles the wait up to this.
+const REPLACE_RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// Where the master is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -216,6 +221,10 @@ struct Worker {
     killed: Option<&'static str>,
     /// The how-manyth worker this master started (from 1).
     age: u64,
+    /// A reload asked for its replacement: until one is ready, it is given
+    /// another whenever it has none booting (none could start for want of
+    /// a slot, or the last one died before it was ready).
+    stale: bool,
 }
 
 pub struct Master<'a, H: Hooks> {
@@ -269,6 +278,14 @@ pub struct Master<'a, H: Hooks> {
     touch: Option<crate::watch::TouchFiles>,
     /// Workers forked so far.
     spawned: u64,
+    /// Signals read from the signalfd in the same batch as the one being
+    /// acted on, still to be acted on.
+    unhandled_signals: Vec<libc::c_int>,
+    /// A re-exec that failed raised them again: the batch ends there.
+    signals_raised_again: bool,
+    /// Replacements of a reload's that failed to boot in a row, for the
+    /// delay before the next try.
+    replace_failures: u32,
 }
 
 /// What the adaptive pool has seen lately.
@@ -325,6 +342,9 @@ impl<'a, H: Hooks> Master<'a, H> {
             watcher: None,
             touch: None,
             spawned: 0,
+            unhandled_signals: Vec::new(),
+            signals_raised_again: false,
+            replace_failures: 0,
         })
     }
 
@@ -536,11 +556,22 @@ impl<'a, H: Hooks> Master<'a, H> {
             }
             let sfd = self.signal_fd;
             if fds[0].revents & libc::POLLIN != 0 {
-                for sig in read_signals(sfd) {
+                let sigs = read_signals(sfd);
+                for (i, &sig) in sigs.iter().enumerate() {
+                    // Those after it, should it re-execute the master: raised
+                    // again before the exec, they wait for the new program
+                    // (a TERM right behind a USR2 must not be lost).
+                    self.unhandled_signals = sigs[i + 1..].to_vec();
                     if let Some(action) = signal_action(sig, self.config.sigint) {
                         self.act(action, sig);
                     }
+                    if self.signals_raised_again {
+                        // The exec failed: they come back through the signalfd.
+                        self.signals_raised_again = false;
+                        break;
+                    }
                 }
+                self.unhandled_signals.clear();
             }
             self.reap();
             if let Some(code) = self.step() {
@@ -675,8 +706,12 @@ impl<'a, H: Hooks> Master<'a, H> {
                 }
                 crate::systemd::notify_reloading();
                 self.told_ready = false;
+                self.replace_failures = 0;
+                self.replace_after = None;
                 for pid in old {
-                    if let Some(slot) = self.workers.get(&pid).map(|w| w.slot) {
+                    if let Some(w) = self.workers.get_mut(&pid) {
+                        w.stale = true;
+                        let slot = w.slot;
                         self.note_respawn("reload", slot);
                     }
                     self.spawn_replacing(Some(pid));
@@ -827,6 +862,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             if let Some(w) = self.workers.get_mut(&new) {
                 w.replaces = None;
             }
+            self.replace_failures = 0;
             if self.workers.contains_key(&old) {
                 info!(
                     "Worker pid {new} is ready; worker pid {old} stops accepting and finishes its requests"
@@ -848,6 +884,24 @@ impl<'a, H: Hooks> Master<'a, H> {
                 self.note_respawn(reason.map_or("other", |r| r.name()), slot);
                 let why = reason.map_or("", |r| r.describe());
                 info!("Worker {slot} (pid {pid}) is to be replaced because {why}; starting its replacement");
+                self.spawn_replacing(Some(pid));
+            }
+            // A reload's workers still without a replacement booting: the
+            // pool must not serve two versions of the code for good.
+            let stale: Vec<(libc::pid_t, usize)> = self
+                .workers
+                .iter()
+                .filter(|(_, w)| w.stale && !w.retiring)
+                .filter(|(pid, _)| !self.workers.values().any(|o| o.replaces == Some(**pid)))
+                .map(|(p, w)| (*p, w.slot))
+                .collect();
+            for (pid, slot) in stale {
+                if self.free_slots.is_empty() {
+                    // spawn_replacing says so, once in a while; tried again next pass.
+                    self.spawn_replacing(Some(pid));
+                    break;
+                }
+                info!("Worker {slot} (pid {pid}) still serves the code from before the reload; starting a replacement");
                 self.spawn_replacing(Some(pid));
             }
         }
@@ -974,6 +1028,12 @@ impl<'a, H: Hooks> Master<'a, H> {
         let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
         argv.push(std::ptr::null());
         crate::daemon::keep_across_exec();
+        // Signals read with the one that asked for this and not acted on
+        // yet: blocked, they stay pending across the exec.
+        for &sig in &self.unhandled_signals {
+            unsafe { libc::kill(libc::getpid(), sig) };
+        }
+        self.signals_raised_again = !self.unhandled_signals.is_empty();
         unsafe { libc::execv(program.as_ptr(), argv.as_ptr()) };
         let e = io::Error::last_os_error();
         crate::daemon::exec_failed();
@@ -1264,6 +1324,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                 replaces,
                 killed: None,
                 age,
+                stale: false,
             },
         );
         info!("Booting worker {slot} with pid {pid}");
@@ -1307,16 +1368,22 @@ impl<'a, H: Hooks> Master<'a, H> {
                 // to replace keeps serving.
                 let load_failed =
                     libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == EXIT_APP_LOAD_FAILED;
-                let retry = Duration::from_secs(if load_failed { 5 } else { 1 });
+                // Tried again (a reload's by its `stale` worker, a recycling's
+                // by the worker still asking), later each time it fails.
+                self.replace_failures += 1;
+                let retry =
+                    Duration::from_secs(if load_failed { 5 } else { 1 } << self.replace_failures.min(5) >> 1)
+                        .min(REPLACE_RETRY_MAX);
                 if load_failed {
                     error!(
                         "Replacement worker {} (pid {pid}) could not load the application (see the error \
-                         above); worker pid {old} keeps serving the code it has",
+                         above); worker pid {old} keeps serving the code it has; trying again in {retry:?}",
                         w.slot
                     );
                 } else {
                     error!(
-                        "Replacement worker {} (pid {pid}) {how} before it was ready; worker pid {old} keeps serving",
+                        "Replacement worker {} (pid {pid}) {how} before it was ready; worker pid {old} keeps \
+                         serving; trying again in {retry:?}",
                         w.slot
                     );
                 }
@@ -1332,6 +1399,8 @@ impl<'a, H: Hooks> Master<'a, H> {
                     info!("Worker {} (pid {pid}) stopped with SIGKILL: {why}", w.slot);
                 } else if load_failed {
                     info!("Worker {} (pid {pid}) could not load the application either", w.slot);
+                } else if !booted {
+                    warn!("Worker {} (pid {pid}) {how} while booting", w.slot);
                 } else {
                     warn!("Worker {} (pid {pid}) {how}{}", w.slot, describe_serving(&serving.0, serving.1));
                 }
@@ -1381,6 +1450,21 @@ impl<'a, H: Hooks> Master<'a, H> {
             }
             if !booted {
                 self.boot_failures += 1;
+                if self.served && others > 0 {
+                    // Up and serving: the healthy workers go on, as they do
+                    // when the app's import raises, and the pool is filled
+                    // again later and later (the cause may be a database
+                    // the import waits for, down for a while).
+                    let backoff =
+                        Duration::from_millis(100 << self.boot_failures.min(9)).min(REPLACE_RETRY_MAX);
+                    error!(
+                        "Worker {} (pid {pid}) {how} while booting (failure {} in a row); the {others} other \
+                         worker(s) keep serving; trying again in {backoff:?}",
+                        w.slot, self.boot_failures
+                    );
+                    self.respawn_at = Some(Instant::now() + backoff);
+                    continue;
+                }
                 if self.boot_failures >= MAX_BOOT_FAILURES {
                     error!(
                         "Worker {} (pid {pid}) {how} while booting; {} boot failures in a row, giving up",
