@@ -3,31 +3,11 @@
 import hashlib
 import os
 import tempfile
-import threading
 
 import falcon
+from payload import download_bytes, file_of
 
-CHUNK = bytes(range(256)) * 256  # 64 KiB
 FILES = tempfile.TemporaryDirectory(prefix="falcon-app-")
-
-
-def download_bytes(size):
-    """The deterministic body of /download?size=N, in pieces."""
-    while size > 0:
-        piece = CHUNK[: min(size, len(CHUNK))]
-        size -= len(piece)
-        yield piece
-
-
-def file_of(size):
-    """A file holding /download?size=N's bytes, written once."""
-    path = os.path.join(FILES.name, f"{size}.bin")
-    if not os.path.exists(path):
-        tmp = f"{path}.{threading.get_ident()}.tmp"
-        with open(tmp, "wb") as f:
-            f.writelines(download_bytes(size))
-        os.replace(tmp, path)
-    return path
 
 
 class Index:
@@ -97,7 +77,7 @@ class Download:
 class File:
     def on_get(self, req, resp):
         # A file object as the stream: Falcon hands it to wsgi.file_wrapper.
-        path = file_of(req.get_param_as_int("size", required=True))
+        path = file_of(FILES.name, req.get_param_as_int("size", required=True))
         resp.content_type = "application/octet-stream"
         resp.stream = open(path, "rb")  # noqa: SIM115 (the server closes it)
         resp.content_length = os.path.getsize(path)

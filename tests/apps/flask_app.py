@@ -1,35 +1,14 @@
 """A small Flask app: forms, cookies, redirects, uploads and downloads."""
 
 import hashlib
-import os
 import tempfile
-import threading
 
 from flask import Flask, Response, redirect, request, send_file, url_for
+from payload import download_bytes, file_of
 
 app = Flask(__name__)
 
-CHUNK = bytes(range(256)) * 256  # 64 KiB
 FILES = tempfile.TemporaryDirectory(prefix="flask-app-")
-
-
-def download_bytes(size):
-    """The deterministic body of /download?size=N, in pieces."""
-    while size > 0:
-        piece = CHUNK[: min(size, len(CHUNK))]
-        size -= len(piece)
-        yield piece
-
-
-def file_of(size):
-    """A file holding /download?size=N's bytes, written once."""
-    path = os.path.join(FILES.name, f"{size}.bin")
-    if not os.path.exists(path):
-        tmp = f"{path}.{threading.get_ident()}.tmp"
-        with open(tmp, "wb") as f:
-            f.writelines(download_bytes(size))
-        os.replace(tmp, path)
-    return path
 
 
 @app.get("/")
@@ -93,4 +72,4 @@ def where():
 @app.get("/file")
 def file():
     # Werkzeug sends a file through wsgi.file_wrapper.
-    return send_file(file_of(int(request.args["size"])), mimetype="application/octet-stream")
+    return send_file(file_of(FILES.name, int(request.args["size"])), mimetype="application/octet-stream")

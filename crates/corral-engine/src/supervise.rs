@@ -1450,11 +1450,12 @@ impl<'a, H: Hooks> Master<'a, H> {
             }
             if !booted {
                 self.boot_failures += 1;
-                if self.served && others > 0 {
-                    // Up and serving: the healthy workers go on, as they do
-                    // when the app's import raises, and the pool is filled
-                    // again later and later (the cause may be a database
-                    // the import waits for, down for a while).
+                if others > 0 {
+                    // Others loaded the app and serve: they go on, as they
+                    // do when the app's import raises after the start, and
+                    // the pool is filled again later and later (the cause
+                    // may be a database the import waits for, down for a
+                    // while). Only a pool none of whose workers boots gives up.
                     let backoff =
                         Duration::from_millis(100 << self.boot_failures.min(9)).min(REPLACE_RETRY_MAX);
                     error!(

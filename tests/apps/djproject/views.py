@@ -1,20 +1,11 @@
 import hashlib
-import os
 import tempfile
-import threading
 
 from django.http import FileResponse, HttpResponse, HttpResponseRedirect, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
+from payload import download_bytes, file_of
 
-CHUNK = bytes(range(256)) * 256  # 64 KiB
 FILES = tempfile.TemporaryDirectory(prefix="django-app-")
-
-
-def _pieces(size):
-    while size > 0:
-        piece = CHUNK[: min(size, len(CHUNK))]
-        size -= len(piece)
-        yield piece
 
 
 @csrf_exempt
@@ -58,8 +49,8 @@ def upload(request):
 def download(request):
     size = int(request.GET["size"])
     if request.GET.get("stream") == "1":
-        return StreamingHttpResponse(_pieces(size), content_type="application/octet-stream")
-    return HttpResponse(b"".join(_pieces(size)), content_type="application/octet-stream")
+        return StreamingHttpResponse(download_bytes(size), content_type="application/octet-stream")
+    return HttpResponse(b"".join(download_bytes(size)), content_type="application/octet-stream")
 
 
 def protected(request):
@@ -69,10 +60,5 @@ def protected(request):
 
 def file(request):
     # Django's WSGI handler sends a FileResponse through wsgi.file_wrapper.
-    path = os.path.join(FILES.name, f"{int(request.GET['size'])}.bin")
-    if not os.path.exists(path):
-        tmp = f"{path}.{threading.get_ident()}.tmp"
-        with open(tmp, "wb") as f:
-            f.writelines(_pieces(int(request.GET["size"])))
-        os.replace(tmp, path)
+    path = file_of(FILES.name, int(request.GET["size"]))
     return FileResponse(open(path, "rb"), content_type="application/octet-stream")
