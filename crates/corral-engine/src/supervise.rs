@@ -874,8 +874,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             let asking: Vec<(libc::pid_t, usize)> = self
                 .workers
                 .iter()
-                .filter(|(_, w)| !w.retiring)
-                .filter(|(pid, _)| !self.workers.values().any(|o| o.replaces == Some(**pid)))
+                .filter(|(pid, w)| !w.retiring && !self.replacement_booting(**pid))
                 .filter(|(_, w)| self.scoreboard.retire(w.slot).is_some())
                 .map(|(p, w)| (*p, w.slot))
                 .collect();
@@ -891,17 +890,15 @@ impl<'a, H: Hooks> Master<'a, H> {
             let stale: Vec<(libc::pid_t, usize)> = self
                 .workers
                 .iter()
-                .filter(|(_, w)| w.stale && !w.retiring)
-                .filter(|(pid, _)| !self.workers.values().any(|o| o.replaces == Some(**pid)))
+                .filter(|(pid, w)| w.stale && !w.retiring && !self.replacement_booting(**pid))
                 .map(|(p, w)| (*p, w.slot))
                 .collect();
             for (pid, slot) in stale {
-                if self.free_slots.is_empty() {
-                    // spawn_replacing says so, once in a while; tried again next pass.
-                    self.spawn_replacing(Some(pid));
-                    break;
+                // Without a free slot spawn_replacing says so, once in a
+                // while, and the next pass tries again.
+                if !self.free_slots.is_empty() {
+                    info!("Worker {slot} (pid {pid}) still serves the code from before the reload; starting a replacement");
                 }
-                info!("Worker {slot} (pid {pid}) still serves the code from before the reload; starting a replacement");
                 self.spawn_replacing(Some(pid));
             }
         }
@@ -1227,6 +1224,11 @@ impl<'a, H: Hooks> Master<'a, H> {
 
     fn spawn(&mut self) {
         self.spawn_replacing(None);
+    }
+
+    /// Whether a worker is booting to replace `pid`.
+    fn replacement_booting(&self, pid: libc::pid_t) -> bool {
+        self.workers.values().any(|w| w.replaces == Some(pid))
     }
 
     fn spawn_replacing(&mut self, replaces: Option<libc::pid_t>) {

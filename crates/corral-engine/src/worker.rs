@@ -2813,8 +2813,9 @@ fn read_gateway<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
     let mut want = READ_CHUNK;
     let blocking: fn(&mut dyn FnMut()) = |f| f();
     loop {
-        // Set when a uwsgi/SCGI head is complete but its small body is not.
-        let mut head_ready = false;
+        // Set when a uwsgi/SCGI head is complete but its small body is not;
+        // park() gives the connection a body's deadline then.
+        conn.head_ready = false;
         if !io.buf.is_empty() {
             let parsed = match protocol {
                 Protocol::Uwsgi | Protocol::Scgi => {
@@ -2841,7 +2842,7 @@ fn read_gateway<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                                 Ok(Some(GatewayRequest { bytes, params: head.params, wire, body }))
                             } else {
                                 want = missing as usize;
-                                head_ready = true;
+                                conn.head_ready = true;
                                 Ok(None)
                             }
                         }
@@ -2902,13 +2903,9 @@ fn read_gateway<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                     }
                 }
             };
-            // For the deadline and the timeout's log line: a small body being
-            // read ahead has the grace of a body, not the header timeout.
-            conn.head_ready = head_ready;
             match parsed {
                 Ok(Some(req)) => {
                     conn.head_charge.set(0);
-                    conn.head_ready = false;
                     return Next::Gateway(req);
                 }
                 Ok(None) => {}
@@ -2926,7 +2923,7 @@ fn read_gateway<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
         // Unfinished variables (in the buffer, or FastCGI PARAMS taken into
         // the connection's state) hold their share of the same budget as
         // HTTP heads: each may reach the protocols' 1 MiB.
-        let unfinished = if head_ready { 0 } else { io.buf.len() + conn.fcgi.params.len() };
+        let unfinished = if conn.head_ready { 0 } else { io.buf.len() + conn.fcgi.params.len() };
         let total = conn.head_charge.set(unfinished);
         if unfinished > HEAD_FAIR_SHARE && total > HEAD_BUDGET {
             let why = format!(
@@ -2961,7 +2958,7 @@ fn read_gateway<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
         }
         let was_empty = io.buf.is_empty();
         match io.read_some(want) {
-            Ok(0) if head_ready => {
+            Ok(0) if conn.head_ready => {
                 // Closed inside a small body: the app still gets the request,
                 // and its read of the body fails where the bytes end, as with
                 // a larger body (the log says so).
@@ -4222,10 +4219,11 @@ fn record_refusal<A: App>(
 fn record_refused_request<A: App>(w: &Shared<A>, conn: &Conn, req: &Request<'_>, status: u16, reply: &[u8]) {
     let micros = mono_ms().saturating_sub(conn.request_started) * 1000;
     let protocol = req.listener.protocol as usize;
-    w.scoreboard.record(w.slot, protocol, status, micros, req.bytes.len() as u64, body_length(reply));
+    let sent = body_length(reply);
+    w.scoreboard.record(w.slot, protocol, status, micros, req.bytes.len() as u64, sent);
     w.scoreboard.count_refused(w.slot);
     if let Some(log) = &w.access {
-        LogNote::of(log, conn, req).log(log, status, body_length(reply), micros);
+        LogNote::of(log, conn, req).log(log, status, sent, micros);
     }
 }
 
