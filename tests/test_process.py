@@ -468,6 +468,21 @@ def test_workers_dying_at_boot_make_the_master_give_up(start_server, crash):
     assert wait_until(lambda: not group_members(server.pgid), timeout=10)
 
 
+def test_a_pool_failing_at_boot_together_counts_one_failure_a_round(start_server):
+    """Six workers dying at boot at once are one failed attempt, not six: the
+    master retries with its growing backoff before it gives up, rather than
+    giving up within the first second."""
+    server = start_server("exit_at_boot:application", workers=6, wait=False)
+    assert server.wait_exit(60) == 3, server.log
+    counted = [int(n) for n in re.findall(r"\(failure (\d) of 5\); retrying in", server.log)]
+    assert sorted(set(counted)) == [1, 2, 3, 4], server.log
+    # Numbers never go back: a later round is never counted as an earlier one.
+    assert counted == sorted(counted), server.log
+    assert "5 boot failures in a row, giving up" in server.log
+    # Every round restarted the whole pool.
+    assert len(server.grep("Booting worker")) >= 6 * 5, server.log
+
+
 @pytest.mark.parametrize("first", ["USR2", "TERM"])
 def test_a_signal_sent_with_a_usr2_is_acted_on_after_the_re_exec(start_server, first):
     """Read together from the signalfd, a TERM and a USR2 (in either order:

@@ -238,6 +238,10 @@ pub struct Master<'a, H: Hooks> {
     target: usize,
     phase: Phase,
     boot_failures: u32,
+    /// When `boot_failures` last grew. Workers started before then belong
+    /// to the same round (a pool of 8 failing at once is one failure, not
+    /// 8), so their deaths do not count again.
+    boot_failed_at: Option<Instant>,
     respawn_at: Option<Instant>,
     signal_fd: RawFd,
     exit_code: i32,
@@ -322,6 +326,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             free_slots: (0..cap).rev().collect(),
             phase: Phase::Running,
             boot_failures: 0,
+            boot_failed_at: None,
             respawn_at: None,
             signal_fd,
             exit_code: 0,
@@ -1451,7 +1456,10 @@ impl<'a, H: Hooks> Master<'a, H> {
                 return;
             }
             if !booted {
-                self.boot_failures += 1;
+                if self.boot_failed_at.is_none_or(|at| w.started > at) {
+                    self.boot_failures += 1;
+                    self.boot_failed_at = Some(Instant::now());
+                }
                 if others > 0 {
                     // Others loaded the app and serve: they go on, as they
                     // do when the app's import raises after the start, and
@@ -1484,6 +1492,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                 self.respawn_at = Some(Instant::now() + backoff);
             } else {
                 self.boot_failures = 0;
+                self.boot_failed_at = None;
                 self.note_respawn("crash", w.slot);
                 if clean {
                     // Exit 0 from a serving worker: stopped by someone else
