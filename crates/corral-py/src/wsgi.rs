@@ -571,7 +571,14 @@ impl WsgiApp {
                     info!("{what} from {}: client disconnected ({why})", req.peer());
                 }
             }
-            ex.abort();
+            // A client that closed only its sending side, short of its body,
+            // may still read: it is told 400, as nginx tells it, where a reset
+            // would look like a server fault.
+            if ex.body_error() == Some(BodyError::Truncated) && !ex.headers_sent() {
+                respond_error(ex, 400);
+            } else {
+                ex.abort();
+            }
             return;
         }
         // Only the body error itself, or what the app raised `from` it
