@@ -731,10 +731,16 @@ fn classify(name: &[u8]) -> Known {
 
 /// Content-Length is 1*DIGIT: no sign, no list, no whitespace inside.
 pub fn parse_content_length(v: &[u8]) -> Result<u64, Error> {
-    if v.is_empty() || v.len() > 18 || !v.iter().all(u8::is_ascii_digit) {
+    if v.is_empty() {
         return Err(Error::ContentLength);
     }
-    Ok(v.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')))
+    // `1*DIGIT`: any number of leading zeros, any value a u64 holds.
+    v.iter()
+        .try_fold(0u64, |n, &d| match d {
+            b'0'..=b'9' => n.checked_mul(10)?.checked_add(u64::from(d - b'0')),
+            _ => None,
+        })
+        .ok_or(Error::ContentLength)
 }
 
 fn trim_ows(v: &[u8]) -> &[u8] {
@@ -1030,6 +1036,9 @@ mod tests {
         (b"\r\n\r\n\r\n\r\nGET / HTTP/1.1\r\n\r\n", Ok(BodyFraming::None)),
         (b"GET / HTTP/1.0\r\nContent-Length: 0\r\n\r\n", Ok(BodyFraming::None)),
         (b"POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n", Ok(BodyFraming::Length(12))),
+        // 1*DIGIT: leading zeros do not count toward the length limit.
+        (b"POST / HTTP/1.1\r\nContent-Length: 0000000000000000003\r\n\r\n", Ok(BodyFraming::Length(3))),
+        (b"POST / HTTP/1.1\r\nContent-Length: 00\r\n\r\n", Ok(BodyFraming::None)),
         (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", Ok(BodyFraming::Chunked)),
         (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", Err(Error::UnknownTransferCoding)),
         (

@@ -189,17 +189,6 @@ fn parse_length(buf: &[u8]) -> Result<Option<(usize, usize)>, Error> {
     Ok(None)
 }
 
-/// Parses a `CONTENT_LENGTH` value: one or more digits, fitting in a `u64`.
-fn parse_content_length(value: &[u8]) -> Option<u64> {
-    if value.is_empty() {
-        return None;
-    }
-    value.iter().try_fold(0u64, |n, &b| match b {
-        b'0'..=b'9' => n.checked_mul(10)?.checked_add(u64::from(b - b'0')),
-        _ => None,
-    })
-}
-
 /// Checks a whole header block and returns its `CONTENT_LENGTH`.
 fn check_block(block: &[u8]) -> Result<u64, Error> {
     if block.is_empty() {
@@ -222,7 +211,8 @@ fn check_block(block: &[u8]) -> Result<u64, Error> {
             if name != b"CONTENT_LENGTH" {
                 return Err(Error::ContentLengthNotFirst);
             }
-            content_length = Some(parse_content_length(value).ok_or(Error::ContentLength)?);
+            content_length =
+                Some(crate::http1::parse_content_length(value).map_err(|_| Error::ContentLength)?);
         } else if name == b"CONTENT_LENGTH" {
             return Err(Error::RepeatedContentLength);
         }
