@@ -58,7 +58,8 @@ if ! .venv/bin/python -c 'import sys' 2>/dev/null; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check \
-    "maturin>=1.5,<2" pytest pytest-timeout flask==3.1.3 django==5.2.19 falcon==4.4.0 ruff requests mypy
+    "maturin>=1.5,<2" pytest==9.2.0 pytest-timeout==2.4.0 flask==3.1.3 django==5.2.19 falcon==4.4.0 \
+    ruff==0.17.6 requests==2.34.2 mypy==2.4.1
 .venv/bin/python --version
 
 section "building corral into .venv (release)"

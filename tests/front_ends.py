@@ -107,7 +107,7 @@ http {{
     ]
     fe = FrontEnd(
         workdir,
-        ["nginx", "-p", str(workdir), "-c", str(workdir / "nginx.conf"), "-g", "daemon off;"],
+        [command("nginx"), "-p", str(workdir), "-c", str(workdir / "nginx.conf"), "-g", "daemon off;"],
         ports,
         workdir / "error.log",
     )
@@ -147,7 +147,10 @@ LimitRequestBody 0
 """
     (workdir / "httpd.conf").write_text(conf)
     fe = FrontEnd(
-        workdir, ["apache2", "-f", str(workdir / "httpd.conf"), "-DFOREGROUND"], ports, workdir / "error.log"
+        workdir,
+        [command("apache2"), "-f", str(workdir / "httpd.conf"), "-DFOREGROUND"],
+        ports,
+        workdir / "error.log",
     )
     fe.name = "apache"
     return fe
@@ -157,11 +160,20 @@ def haproxy(workdir: Path, cfg: str, ports: list[int]) -> FrontEnd:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "haproxy.cfg").write_text(cfg)
     fe = FrontEnd(
-        workdir, ["haproxy", "-f", str(workdir / "haproxy.cfg"), "-db"], ports, workdir / "stdout.log"
+        workdir,
+        [command("haproxy"), "-f", str(workdir / "haproxy.cfg"), "-db"],
+        ports,
+        workdir / "stdout.log",
     )
     fe.name = "haproxy"
     return fe
 
 
+def command(name: str) -> str:
+    """The program's path: Debian puts the servers in /usr/sbin, which is not
+    on an ordinary user's PATH."""
+    return shutil.which(name) or f"/usr/sbin/{name}"
+
+
 def available(*commands: str) -> bool:
-    return all(shutil.which(c) or Path(f"/usr/sbin/{c}").exists() for c in commands)
+    return all(Path(command(c)).exists() for c in commands)

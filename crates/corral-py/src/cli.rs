@@ -54,8 +54,8 @@ pub enum LogLevel {
                   QUIT, USR1, USR2, TTIN, TTOU)."
 )]
 pub struct Cli {
-    /// The application: MODULE:CALLABLE, MODULE (callable `application`), MODULE:FACTORY() or
-    /// MODULE:FACTORY(ARGS) with literal arguments.
+    /// The application: MODULE:CALLABLE, a file PATH.py:CALLABLE (loaded by its path), MODULE
+    /// (callable `application`), MODULE:FACTORY() or MODULE:FACTORY(ARGS) with literal arguments.
     #[arg(value_name = "APP", env = "CORRAL_APP")]
     pub app: String,
 
