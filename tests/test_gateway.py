@@ -1871,3 +1871,92 @@ def test_unfinished_variables_cannot_hold_unbounded_memory(start_server, proto):
         sock.close()
     # Given back once the closes are seen: the same variables, ended, are served.
     assert wait_until(lambda: g.call(proto, addr, params=pairs).body == b"hello world", timeout=10)
+
+
+def _send_until_closed(sock: socket.socket, piece: bytes, pause: float, limit: float) -> float:
+    """Sends `piece` again and again until the peer closes (or `limit` s pass);
+    returns how long it took."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        try:
+            sock.sendall(piece)
+        except OSError:
+            break
+        if pause:
+            time.sleep(pause)
+    return time.monotonic() - started
+
+
+def test_a_front_end_trickling_a_body_the_app_did_not_read_is_dropped_in_the_end(gw):
+    """The rest of a body the app answered without reading is read and dropped
+    while a front end sends it (so the response is not lost to a reset), but not
+    for good: past FRONT_END_DRAIN_TIME the connection closes, with a line saying
+    why, and the thread serves again."""
+    mark = gw.mark()
+    head = g.uwsgi_packet(g.cgi_params("POST", "/ignore-body", b"x" * 1_000_000), b"")
+    sock = g.connect(gw.addr("uwsgi"), timeout=30)
+    try:
+        sock.sendall(head + b"x" * 70_000)
+        took = _send_until_closed(sock, b"x", 0.5, 40)
+        data, _ = g.read_until_close(sock, timeout=5)
+    except OSError:
+        data, took = b"", 0.0
+    finally:
+        sock.close()
+    assert took < 40, "the trickled body was read for as long as it came"
+    assert data == b"" or data.startswith(b"HTTP/1.1 200"), data[:100]
+    gw.wait_for(
+        r"POST /ignore-body from .*: closing the connection: the front end was still sending a request body "
+        r"the app did not read after 10 s",
+        since=mark,
+    )
+    assert g.call("uwsgi", gw.addr("uwsgi"), uri="/fixed").body == b"hello world"
+
+
+def test_a_fastcgi_body_streamed_without_end_after_the_response_is_cut_off(gw):
+    """STDIN records sent as fast as they go, for a request the app answered
+    without reading: dropped up to FRONT_END_DRAIN_MAX, then the connection is
+    closed with a line, rather than read forever."""
+    mark = gw.mark()
+    params = g.cgi_params("POST", "/ignore-body", content_length=False)
+    sock = g.connect(gw.addr("fastcgi"), timeout=30)
+    piece = g.record(g.FCGI_STDIN, 1, b"x" * 65000) * 16
+    try:
+        sock.sendall(
+            g.begin_request(1, g.FCGI_RESPONDER, False) + g.stream(g.FCGI_PARAMS, 1, g.encode_pairs(params))
+        )
+        took = _send_until_closed(sock, piece, 0, 60)
+    finally:
+        sock.close()
+    assert took < 60, "the endless body was read for as long as it came"
+    gw.wait_for(
+        r"POST /ignore-body from .*: closing the connection: more than 268435456 bytes were left of a request "
+        r"body the app did not read|POST /ignore-body from .*: closing the connection: the front end was still "
+        r"sending",
+        since=mark,
+    )
+    assert g.call("fastcgi", gw.addr("fastcgi"), uri="/fixed").body == b"hello world"
+
+
+@pytest.mark.parametrize("proto", ["uwsgi", "scgi"])
+def test_a_declared_body_too_large_to_drop_closes_at_once_with_a_line(gw, proto):
+    """A body the app did not read, declared larger than FRONT_END_DRAIN_MAX, is
+    not read at all: the response goes out and the connection closes."""
+    mark = gw.mark()
+    extra = [("SCGI", "1")] if proto == "scgi" else []
+    pairs = [(b"CONTENT_LENGTH", b"10000000000"), *g.cgi_params("POST", "/ignore-body", b"", extra, False)]
+    sock = g.connect(gw.addr(proto), timeout=15)
+    try:
+        sock.sendall(g.request_bytes(proto, pairs, b"x" * 1000))
+        data, closed = g.read_until_close(sock, timeout=15)
+    except OSError:
+        data, closed = b"", True
+    finally:
+        sock.close()
+    assert closed
+    assert b"HTTP/1.1 500" not in data and b"Status: 500" not in data, data[:200]
+    gw.wait_for(
+        r"POST /ignore-body from .*: closing the connection: more than 268435456 bytes were left of a request "
+        r"body the app did not read",
+        since=mark,
+    )

@@ -2412,7 +2412,7 @@ fn serve<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, conn: Box<Conn>
             (io.buf.len(), (io.discard_until != 0).then(|| io.discard_what.clone()))
         };
         if let Some(what) = discarding {
-            log_discard_gave_up(&what);
+            log_discard_gave_up(&what, GaveUp::Stalled);
             close(w, conn, false);
             return;
         }
@@ -3366,7 +3366,9 @@ fn handle_request<A: App>(
         record_refused_request(w, conn, &req, 413, &reply);
         if io.wire != Wire::Http {
             // A front end reads the 413 only once it has sent the body.
-            let _ = discard_body(&mut io, blocking);
+            if let Discarded::GaveUp(why) = discard_body(&mut io, blocking) {
+                log_discard_gave_up(&format!("{} from {}", req.describe(), req.peer()), why);
+            }
         }
         drain_and_close(&mut io);
         return Outcome::Done(false);
@@ -3949,7 +3951,9 @@ fn complete_locked(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>, io: 
             // record Apache sends after the response began, a body the app
             // ignored): read it before closing, or the close turns into a
             // reset that destroys the response the front end has not read yet.
-            let _ = discard_body(io, blocking);
+            if let Discarded::GaveUp(why) = discard_body(io, blocking) {
+                log_discard_gave_up(&format!("{} from {}", req.describe(), req.peer()), why);
+            }
         }
         warn_bad_stream(conn, listener, io);
         if !io.body_finished() || !io.buf.is_empty() {
@@ -3977,9 +3981,9 @@ fn complete_locked(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>, io: 
                 warn_bad_stream(conn, listener, io);
                 return false;
             }
-            Discarded::GaveUp => {
+            Discarded::GaveUp(why) => {
                 // The response promised to keep the connection: say why it closes.
-                log_discard_gave_up(&format!("{} from {}", req.describe(), req.peer()));
+                log_discard_gave_up(&format!("{} from {}", req.describe(), req.peer()), why);
                 drain_and_close(io);
                 return false;
             }
@@ -3988,14 +3992,25 @@ fn complete_locked(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>, io: 
     true
 }
 
-/// Says why a connection whose response promised to keep it closes: the
-/// rest of the body the app did not read never came.
-fn log_discard_gave_up(what: &str) {
-    info!(
-        "{what}: closing the connection: the rest of a request body the app did not read \
-         did not come within {} s",
-        DRAIN_WAIT.as_secs()
-    );
+/// Says why a connection closes before the rest of the body the app did
+/// not read was dropped.
+fn log_discard_gave_up(what: &str, why: GaveUp) {
+    match why {
+        GaveUp::Stalled => info!(
+            "{what}: closing the connection: the rest of a request body the app did not read \
+             did not come within {} s",
+            DRAIN_WAIT.as_secs()
+        ),
+        GaveUp::TooMuch(limit) => info!(
+            "{what}: closing the connection: more than {limit} bytes were left of a request body \
+             the app did not read"
+        ),
+        GaveUp::TooLong => warn!(
+            "{what}: closing the connection: the front end was still sending a request body the \
+             app did not read after {} s ({FRONT_END_DRAIN_MAX} bytes at most are dropped)",
+            FRONT_END_DRAIN_TIME.as_secs()
+        ),
+    }
 }
 
 /// Drops what came of the rest of a body the app did not read, before the
@@ -4011,8 +4026,8 @@ fn go_on_discarding<A: App>(w: &Shared<A>, conn: &mut Conn, io: &mut Io) -> Opti
             None
         }
         Discarded::Later => Some(Next::Park),
-        Discarded::GaveUp => {
-            log_discard_gave_up(&io.discard_what);
+        Discarded::GaveUp(why) => {
+            log_discard_gave_up(&io.discard_what, why);
             drain_and_close(io);
             Some(Next::Close)
         }
@@ -4043,9 +4058,20 @@ enum Discarded {
     Later,
     /// The stream broke (or the front end broke its framing).
     Failed,
-    /// From a client, more than [`MAX_DRAIN`] was left, or it did not come
-    /// within [`DRAIN_WAIT`]; from a front end, it stopped coming for that long.
-    GaveUp,
+    /// The rest was too much, or too slow, to wait for.
+    GaveUp(GaveUp),
+}
+
+/// Why the rest of a body the app did not read was not dropped to its end.
+#[derive(Debug, Clone, Copy)]
+enum GaveUp {
+    /// Nothing came for [`DRAIN_WAIT`].
+    Stalled,
+    /// More was left than this many bytes: [`MAX_DRAIN`] from a client,
+    /// [`FRONT_END_DRAIN_MAX`] from a front end.
+    TooMuch(u64),
+    /// A front end was still sending after [`FRONT_END_DRAIN_TIME`].
+    TooLong,
 }
 
 /// The longest the serving thread waits for the rest of a body the app did
@@ -4054,6 +4080,19 @@ enum Discarded {
 /// timeout (nginx gives such a client its lingering_timeout, 5 s). From a
 /// front end, the longest it waits for the next bytes.
 const DRAIN_WAIT: Duration = Duration::from_secs(2);
+
+/// The most of a body the app did not read that is dropped for a front end
+/// before the connection is closed anyway. nginx sends a buffered body at
+/// local speed and reads the response only after it, so this much is read
+/// to keep a 413 or a redirect the app gave from turning into a 502; a peer
+/// streaming without end must not keep the serving thread for good.
+const FRONT_END_DRAIN_MAX: u64 = 256 * 1024 * 1024;
+
+/// The longest the serving thread drops a front end's body the app did not
+/// read, however steadily it comes (nginx's lingering_time is 30 s; a front
+/// end streaming a client's upload at the client's pace is given less, the
+/// thread serving no one else meanwhile).
+const FRONT_END_DRAIN_TIME: Duration = Duration::from_secs(10);
 
 /// Drops what has come of the rest of a client's request body the app did
 /// not read, without waiting for more: `Later` when more is to come. At most
@@ -4069,13 +4108,13 @@ fn discard_available(io: &mut Io) -> Discarded {
             _ => 0,
         };
         if io.discarded.saturating_add(left) > MAX_DRAIN {
-            break Discarded::GaveUp;
+            break Discarded::GaveUp(GaveUp::TooMuch(MAX_DRAIN));
         }
         match io.read_body_with(READ_CHUNK, &mut |_| {}, |f| f()) {
             Ok(0) => break Discarded::All,
             Ok(n) => io.discarded += n as u64,
             Err(BodyError::WouldWait) if mono_ms() < io.discard_until => break Discarded::Later,
-            Err(BodyError::WouldWait | BodyError::Timeout) => break Discarded::GaveUp,
+            Err(BodyError::WouldWait | BodyError::Timeout) => break Discarded::GaveUp(GaveUp::Stalled),
             Err(_) => break Discarded::Failed,
         }
     };
@@ -4090,27 +4129,37 @@ fn discard_available(io: &mut Io) -> Discarded {
 /// Reads and drops the rest of the request body.
 ///
 /// From a client: at most [`MAX_DRAIN`] bytes (a larger remainder is not
-/// worth reading), for at most [`DRAIN_WAIT`]. From a front end: all of it,
-/// as long as it keeps coming. nginx sends the whole body before it reads
+/// worth reading), for at most [`DRAIN_WAIT`]. From a front end: as long
+/// as it keeps coming, up to [`FRONT_END_DRAIN_MAX`] bytes and
+/// [`FRONT_END_DRAIN_TIME`]. nginx sends the whole body before it reads
 /// the response (it has it buffered, and sends it at local speed) and
 /// answers 502 when the backend closes before taking it: the response the
 /// app gave without reading the body (a 403, a redirect, a 413) would be
 /// lost. uWSGI users get this from `post-buffering`.
 fn discard_body(io: &mut Io, blocking: fn(&mut dyn FnMut())) -> Discarded {
     let front_end = io.wire != Wire::Http;
-    if !front_end && matches!(io.body, BodyState::Length(left) if left > MAX_DRAIN) {
-        return Discarded::GaveUp;
+    let most = if front_end { FRONT_END_DRAIN_MAX } else { MAX_DRAIN };
+    if matches!(io.body, BodyState::Length(left) if left > most) {
+        return Discarded::GaveUp(GaveUp::TooMuch(most));
     }
     let (saved_timeout, saved_max) = (io.timeout_ms, io.max_body);
     // What passes --max-body-size is read to be dropped, not refused again.
     io.max_body = u64::MAX;
-    let mut deadline = mono_ms() + DRAIN_WAIT.as_millis() as u64;
+    // From a front end, each piece buys the next DRAIN_WAIT, within
+    // FRONT_END_DRAIN_TIME in all.
+    let started = mono_ms();
+    let cap = if front_end { started + FRONT_END_DRAIN_TIME.as_millis() as u64 } else { u64::MAX };
+    let mut deadline = (started + DRAIN_WAIT.as_millis() as u64).min(cap);
+    let out_of_time = |deadline: u64| if deadline >= cap { GaveUp::TooLong } else { GaveUp::Stalled };
     let mut sink = Vec::new();
     let mut total = 0u64;
     let outcome = loop {
+        if total > most {
+            break Discarded::GaveUp(GaveUp::TooMuch(most));
+        }
         let left = deadline.saturating_sub(mono_ms());
-        if left == 0 || (!front_end && total > MAX_DRAIN) {
-            break Discarded::GaveUp;
+        if left == 0 {
+            break Discarded::GaveUp(out_of_time(deadline));
         }
         io.timeout_ms = left as i32;
         sink.clear();
@@ -4119,10 +4168,10 @@ fn discard_body(io: &mut Io, blocking: fn(&mut dyn FnMut())) -> Discarded {
             Ok(n) => {
                 total += n as u64;
                 if front_end {
-                    deadline = mono_ms() + DRAIN_WAIT.as_millis() as u64;
+                    deadline = (mono_ms() + DRAIN_WAIT.as_millis() as u64).min(cap);
                 }
             }
-            Err(BodyError::Timeout) => break Discarded::GaveUp,
+            Err(BodyError::Timeout) => break Discarded::GaveUp(out_of_time(deadline)),
             Err(_) => break Discarded::Failed,
         }
     };
