@@ -1767,10 +1767,14 @@ fn accept_batch<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, idx: usi
     }
     let started = mono_ms();
     let mut serving = true;
-    for _ in 0..ACCEPT_BATCH {
+    for i in 0..ACCEPT_BATCH {
         // Crashed, or paused (full, or out of descriptors): the rest stay
         // queued for the other workers.
         if crate::crash::crashed().is_some() || ACCEPT_PAUSED_AT.load(Ordering::Relaxed) != 0 {
+            return;
+        }
+        // The first is this thread's to take: epoll woke it for it.
+        if i > 0 && leave_to_siblings(w, t) {
             return;
         }
         match accept_one(w, idx) {
@@ -1800,6 +1804,23 @@ fn accept_batch<A: App>(w: &Shared<A>, state: &mut A::Thread, t: usize, idx: usi
             serving = false;
         }
     }
+}
+
+/// Whether the connections still in the accept queue are better left
+/// there for the other workers: every other thread of this one is busy, so
+/// one taken here would wait behind this thread's requests while another
+/// worker may be free (one-thread workers served a burst of slow requests
+/// in turn while their siblings sat idle, and a connection accepted before
+/// its request came waited for a whole batch). This thread takes one per
+/// wake-up then, as gunicorn's sync worker does; alone in its pool, or with
+/// a thread free to take them, it takes a batch.
+fn leave_to_siblings<A: App>(w: &Shared<A>, t: usize) -> bool {
+    let own_free = (0..w.in_pass.len()).any(|o| o != t && !w.in_pass[o].load(Ordering::Relaxed));
+    if own_free {
+        return false;
+    }
+    let sb = &w.scoreboard;
+    (0..sb.slots()).any(|s| s != w.slot && sb.pid(s) != 0 && sb.state(s) == WorkerState::Ready)
 }
 
 enum Accepted {
