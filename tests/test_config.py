@@ -1412,3 +1412,78 @@ def test_a_uwsgi_ini_that_imports_in_the_master_gets_a_note(tmp_path, line):
     assert proc.returncode == 0, proc.stderr
     assert "uWSGI imports the app once in its master before forking" in proc.stderr
     assert _printed(proc.stdout)["preload"][0] == "false"
+
+
+@pytest.mark.parametrize("crash", ["exit", "segv"])
+def test_check_config_says_an_import_that_kills_its_process_failed(crash):
+    """An app that calls os._exit or crashes at import is a failure to load (1)
+    with a word on what happened, not its own exit code or a signal's."""
+    proc = _run(["--check-config", "exit_at_boot:application"], env={"CORRAL_TEST_CRASH": crash}, cwd=APPS)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    said = "exited with code 7" if crash == "exit" else "was killed by SIGSEGV"
+    assert f"exit_at_boot:application failed to load: the import {said}" in proc.stderr, proc.stderr
+
+
+def test_a_pidfile_that_cannot_be_written_is_refused_before_binding(tmp_path):
+    port = free_port()
+    for path, said in [(tmp_path / "no" / "x.pid", "no directory"), (tmp_path, "a directory")]:
+        proc = _run(
+            ["--http", f"127.0.0.1:{port}", "--pidfile", str(path), "behaviour:application"], cwd=APPS
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert f"--pidfile {path}: {said}" in proc.stderr
+        assert "Listening at" not in proc.stderr
+
+
+def test_a_umask_is_permission_bits_only():
+    proc = _run(["--umask", "1777", "--check-config", "behaviour:application"], cwd=APPS)
+    assert proc.returncode == 2
+    assert "is not a umask (at most 777)" in proc.stderr
+
+
+def test_jitter_without_recycling_is_reported(start_server):
+    server = start_server("behaviour:application", "--max-requests", "0", "--max-requests-jitter", "5")
+    server.wait_for(r"--max-requests-jitter is not used: --max-requests is 0")
+
+
+def test_backlog_applies_to_an_inherited_socket(tmp_path):
+    """gunicorn listens again with --backlog on a socket it inherits; without
+    --backlog the creator's backlog stays."""
+    port = free_port()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", port))
+    sock.listen(5)
+    try:
+        # Without --backlog first: a listen() with it would stay on the socket.
+        for args, backlog in [([], 5), (["--backlog", "33"], 33)]:
+            proc = subprocess.Popen(
+                [*CORRAL, "--http", f"fd://{sock.fileno()}", *args, "behaviour:application"],
+                pass_fds=[sock.fileno()],
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=APPS,
+                start_new_session=True,
+            )
+            try:
+                seen = []
+
+                def listening(seen=seen, backlog=backlog):
+                    seen.append(_listen_backlog(port))
+                    return seen[-1] == backlog
+
+                assert wait_until(listening, timeout=15), seen[-3:]
+            finally:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(30)
+                proc.stderr.close()
+    finally:
+        sock.close()
+
+
+def _listen_backlog(port):
+    """The backlog `ss` shows for a listening TCP port (its Send-Q)."""
+    out = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=False
+    ).stdout
+    fields = out.split()
+    return int(fields[2]) if len(fields) > 2 else None

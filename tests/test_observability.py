@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from support import CORRAL, IncompleteResponse, read_hashed, slow_reader, wait_until
+from support import APPS, CORRAL, IncompleteResponse, RawConn, read_hashed, slow_reader, wait_until
 
 
 def _free_port():
@@ -1020,3 +1020,60 @@ def test_a_request_past_timeout_has_its_access_log_line(start_server, tmp_path):
     s.signal(signal.SIGTERM)
     assert s.wait_exit(30) == 0
     assert [entry for entry in log.read_text().splitlines() if "/slow" in entry] == [timed_out]
+
+
+def test_a_log_pipe_nobody_reads_drops_lines_instead_of_stopping_the_server(tmp_path):
+    """Standard output is a pipe whose reader stopped reading (`corral | tool`
+    with the tool stuck): the access log's lines past what the pipe holds are
+    dropped, every request is still answered, and once the reader reads again
+    a line says how many were lost."""
+    read_end, write_end = os.pipe()
+    port = _free_port()
+    errors = tmp_path / "error.log"
+    proc = subprocess.Popen(
+        [
+            *CORRAL,
+            "--http",
+            f"127.0.0.1:{port}",
+            "--access-log",
+            "-",
+            "--error-log",
+            str(errors),
+            "behaviour:application",
+        ],
+        cwd=APPS,
+        stdout=write_end,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    os.close(write_end)
+    try:
+        assert wait_until(lambda: errors.exists() and "Worker ready" in errors.read_text(), timeout=30)
+        # About 100 bytes a line: 2000 lines are three times what a pipe holds.
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+            conn = RawConn(s)
+            for _ in range(2000):
+                conn.send_request("GET", "/fixed", {"Host": "x"})
+                assert conn.read_response().status == 200
+            os.set_blocking(read_end, False)
+            with contextlib.suppress(BlockingIOError):
+                while os.read(read_end, 1 << 20):
+                    pass
+            os.set_blocking(read_end, True)
+            conn.send_request("GET", "/fixed?after", {"Host": "x"})
+            assert conn.read_response().status == 200
+        seen = b""
+
+        def noted():
+            nonlocal seen
+            readable, _, _ = select.select([read_end], [], [], 0.2)
+            if readable:
+                seen += os.read(read_end, 1 << 16)
+            return b"log line(s) dropped" in seen
+
+        assert wait_until(noted, timeout=15), seen[-500:]
+        assert b"/fixed?after" in seen
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+        os.close(read_end)

@@ -14,10 +14,11 @@
 
 use std::fmt::Write as _;
 use std::fs::File;
-use std::io::Write as _;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::PathBuf;
 use std::sync::Mutex;
+
+use crate::nowait::Target;
 
 /// gunicorn's default access log format.
 pub const DEFAULT_FORMAT: &str = r#"%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s""#;
@@ -185,7 +186,7 @@ pub struct Entry<'a> {
 /// Where lines go: a file (reopened on SIGUSR1) or stdout.
 pub struct Sink {
     path: Option<PathBuf>,
-    file: Mutex<File>,
+    file: Mutex<Target>,
 }
 
 impl Sink {
@@ -198,11 +199,11 @@ impl Sink {
             if fd < 0 {
                 return Err(format!("--access-log -: {}", std::io::Error::last_os_error()));
             }
-            return Ok(Sink { path: None, file: Mutex::new(unsafe { File::from_raw_fd(fd) }) });
+            return Ok(Sink { path: None, file: Mutex::new(Target::new(unsafe { File::from_raw_fd(fd) })) });
         }
         let path = PathBuf::from(target);
         let file = open_append(&path).map_err(|e| format!("--access-log {target}: {e}"))?;
-        Ok(Sink { path: Some(path), file: Mutex::new(file) })
+        Ok(Sink { path: Some(path), file: Mutex::new(Target::new(file)) })
     }
 
     /// Opens the file again under its name (after logrotate renamed it).
@@ -210,10 +211,12 @@ impl Sink {
     /// pointed it at a reopened error log meanwhile.
     pub fn reopen(&self) -> Result<(), String> {
         let Some(path) = &self.path else {
-            let file = self.file.lock().unwrap_or_else(|p| p.into_inner());
-            if unsafe { libc::dup3(1, file.as_raw_fd(), libc::O_CLOEXEC) } < 0 {
+            let fd = unsafe { libc::fcntl(1, libc::F_DUPFD_CLOEXEC, 0) };
+            if fd < 0 {
                 return Err(format!("--access-log -: {}", std::io::Error::last_os_error()));
             }
+            *self.file.lock().unwrap_or_else(|p| p.into_inner()) =
+                Target::new(unsafe { File::from_raw_fd(fd) });
             return Ok(());
         };
         let fresh = open_append(path).map_err(|e| format!("reopening {}: {e}", path.display()))?;
@@ -221,7 +224,7 @@ impl Sink {
         // Keep the descriptor number: forked workers share this sink. dup3
         // keeps close-on-exec, which dup2 would clear.
         if unsafe { libc::dup3(fresh.as_raw_fd(), file.as_raw_fd(), libc::O_CLOEXEC) } < 0 {
-            *file = fresh;
+            *file = Target::new(fresh);
         }
         Ok(())
     }
@@ -230,12 +233,29 @@ impl Sink {
         if data.is_empty() {
             return;
         }
-        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = file.write_all(data) {
-            tracing::warn!("writing the access log: {e}");
+        let failed = match self.file.lock().unwrap_or_else(|p| p.into_inner()).write(data) {
+            Ok(()) => return,
+            Err(e) => e,
+        };
+        // One line per failing stretch (a full disk fails every write), then
+        // one every WRITE_ERROR_EVERY while it lasts, with the count.
+        let now = crate::date::mono_ms();
+        let mut errors = WRITE_ERRORS.lock().unwrap_or_else(|p| p.into_inner());
+        errors.0 += 1;
+        if errors.1 == 0 || now >= errors.1 + WRITE_ERROR_EVERY.as_millis() as u64 {
+            let n = std::mem::take(&mut errors.0);
+            errors.1 = now;
+            drop(errors);
+            tracing::warn!("writing the access log: {failed} ({n} write(s) failed since the last such line)");
         }
     }
 }
+
+/// Failed access log writes not yet reported, and when the last report was.
+static WRITE_ERRORS: Mutex<(u64, u64)> = Mutex::new((0, 0));
+
+/// How often a failing access log is reported while it keeps failing.
+const WRITE_ERROR_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn open_append(path: &PathBuf) -> std::io::Result<File> {
     std::fs::OpenOptions::new().create(true).append(true).open(path)

@@ -19,6 +19,7 @@ mod gateway;
 mod handover;
 pub mod listen;
 pub mod logfile;
+mod nowait;
 pub mod proctitle;
 pub mod scoreboard;
 pub mod static_files;

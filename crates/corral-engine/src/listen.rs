@@ -140,6 +140,9 @@ pub struct BindOptions {
     /// (as v4-mapped addresses), as gunicorn's does where the system's
     /// default allows it.
     pub v4_ports: Vec<u16>,
+    /// `--backlog` was given: an inherited socket (`fd://N`) listens with it
+    /// too, as gunicorn's do; otherwise it keeps the backlog its creator gave.
+    pub backlog_given: bool,
 }
 
 /// A bound, listening socket and the facts the environ takes from it.
@@ -336,11 +339,18 @@ impl Listener {
 
     fn bind_addr(addr: &Addr, backlog: i32, options: &BindOptions) -> Result<Listener, String> {
         match addr {
-            Addr::Fd(fd) => Listener::inherit(*fd),
+            Addr::Fd(fd) => {
+                let l = Listener::inherit(*fd)?;
+                if options.backlog_given {
+                    socket2::SockRef::from(&l.fd)
+                        .listen(backlog)
+                        .map_err(|e| format!("--backlog on {addr}: {e}"))?;
+                }
+                Ok(l)
+            }
             Addr::Tcp(host, port) => {
                 let (sock, sa) = tcp_bound(addr, host, *port, options)?;
                 sock.listen(backlog).map_err(|e| format!("listen on {addr}: {e}"))?;
-                defer_accept(&sock);
                 sock.set_nonblocking(true).map_err(|e| e.to_string())?;
                 let local = sock.local_addr().ok().and_then(|a| a.as_socket()).unwrap_or(sa);
                 let bound = Addr::Tcp(local.ip().to_string(), local.port());
@@ -486,28 +496,6 @@ fn tcp_bound(
     }
     sock.bind(&sa.into()).map_err(|e| bind_error(addr, e))?;
     Ok((sock, sa))
-}
-
-/// Seconds the kernel holds a new TCP connection back from accept until
-/// its first bytes come (nginx's `deferred`): every client of every protocol
-/// served here speaks first. Accepted before its request, a connection
-/// would belong to the worker that took it, waiting behind that worker's
-/// current request while another sat idle. One that sends nothing is
-/// accepted when this runs out, and then has the header timeout.
-const DEFER_ACCEPT_SECS: libc::c_int = 1;
-
-fn defer_accept(sock: &Socket) {
-    let secs = DEFER_ACCEPT_SECS;
-    // Only a hint: without it, connections are accepted at once.
-    unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_DEFER_ACCEPT,
-            &secs as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
 }
 
 fn bind_error(addr: &Addr, e: io::Error) -> String {

@@ -10,13 +10,16 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
+use crate::nowait::Target;
+
 static ERROR_LOG: Mutex<Option<(PathBuf, File)>> = Mutex::new(None);
 
 /// A copy of standard error, for the log that goes there: an app that
 /// closes descriptors 0-2 (a daemonizing library does) leaves number 2 to
 /// the next connection accepted, and log lines written to it would go to
 /// that client.
-static STDERR_COPY: Mutex<Option<File>> = Mutex::new(None);
+/// Written without waiting long for a stalled reader (see [`crate::nowait`]).
+static STDERR_COPY: Mutex<Option<Target>> = Mutex::new(None);
 static JSON: AtomicBool = AtomicBool::new(false);
 static CAPTURE: AtomicBool = AtomicBool::new(false);
 
@@ -56,7 +59,7 @@ pub fn set_error_log(target: &str) -> Result<(), String> {
         // Close-on-exec: programs the app runs have their own standard error.
         let fd = unsafe { libc::fcntl(libc::STDERR_FILENO, libc::F_DUPFD_CLOEXEC, 3) };
         *STDERR_COPY.lock().unwrap_or_else(|p| p.into_inner()) =
-            (fd >= 0).then(|| unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+            (fd >= 0).then(|| Target::new(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) }));
         return Ok(());
     }
     let path = PathBuf::from(target);
@@ -120,7 +123,7 @@ pub fn write(data: &[u8]) {
         }
         None => match STDERR_COPY.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
             Some(copy) => {
-                let _ = copy.write_all(data);
+                let _ = copy.write(data);
             }
             None => {
                 let _ = std::io::stderr().write_all(data);

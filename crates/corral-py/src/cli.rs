@@ -246,11 +246,13 @@ pub struct Cli {
     pub pidfile: Option<PathBuf>,
 
     /// Set the process umask (octal, e.g. 027) before creating sockets and files.
-    #[arg(long, short = 'm', value_name = "MODE", env = "CORRAL_UMASK", value_parser = parse_mode)]
+    #[arg(long, short = 'm', value_name = "MODE", env = "CORRAL_UMASK", value_parser = parse_umask)]
     pub umask: Option<u32>,
 
     /// Run the app as USER (name or id) after binding the listeners. Needs root. Log files
-    /// corral creates are given to USER; existing ones must be writable by USER.
+    /// corral creates are given to USER; existing ones must be writable by USER. The master
+    /// runs as USER too: the pidfile and unix socket files are removed at exit only from
+    /// directories USER may write to (a warning at start says when they will not be).
     #[arg(long, short = 'u', value_name = "USER", env = "CORRAL_USER")]
     pub user: Option<String>,
 
@@ -393,7 +395,8 @@ pub struct Cli {
     pub worker_class: Option<String>,
 
     /// Peers (addresses and networks separated by commas, or `*`) allowed to send a PROXY
-    /// header; one from any other peer gets 403. Unix socket peers are always allowed.
+    /// header; one from any other peer gets 403. Unix socket peers are allowed too, unless
+    /// LIST is `none`, which allows no peer at all.
     #[arg(long, value_name = "LIST", env = "CORRAL_PROXY_ALLOW_FROM",
           default_value = corral_engine::forwarded::DEFAULT_ALLOW, value_parser = parse_trusted_peers)]
     pub proxy_allow_from: corral_engine::forwarded::TrustedPeers,
@@ -477,6 +480,14 @@ fn parse_mode(s: &str) -> Result<u32, String> {
         return Err(format!("{s:?} is not a file mode (at most 7777)"));
     }
     Ok(m)
+}
+
+/// A umask holds permission bits only: no setuid, setgid or sticky bit.
+fn parse_umask(s: &str) -> Result<u32, String> {
+    match parse_mode(s)? {
+        m if m > 0o777 => Err(format!("{s:?} is not a umask (at most 777)")),
+        m => Ok(m),
+    }
 }
 
 /// Resolves `USER[:GROUP]` (names or numeric ids) for `--socket-owner`.
@@ -841,6 +852,14 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     let pidfile = cli.pidfile.as_deref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
     let touch_files: Vec<PathBuf> =
         cli.touch_reload.iter().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())).collect();
+    // A pidfile that cannot be written is a configuration error, found before
+    // anything is bound, as --check-config finds it.
+    if let Some(path) = cli.pidfile.as_deref() {
+        if let Err(e) = log_file_writable(&path.to_string_lossy()) {
+            error!("{}", located(&format!("--pidfile {}: {e}", path.display())));
+            return Ok(2);
+        }
+    }
     if let Some((path, pid)) = pidfile.as_deref().and_then(|p| running_corral(p).map(|pid| (p, pid))) {
         error!(
             "--pidfile {}: corral is already running there as pid {pid}; stop it first, or choose another file",
@@ -967,7 +986,15 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             _ => None,
         })
         .collect();
-    let bind = BindOptions { mode: cli.socket_mode, owner, reuse_port: cli.reuse_port, v4_ports };
+    let given =
+        |id: &str| !matches!(matches.value_source(id), None | Some(clap::parser::ValueSource::DefaultValue));
+    let bind = BindOptions {
+        mode: cli.socket_mode,
+        owner,
+        reuse_port: cli.reuse_port,
+        v4_ports,
+        backlog_given: given("backlog"),
+    };
     let socket_files = parsed.iter().any(|(_, a)| matches!(a, Addr::Unix(_)))
         || cli.stats.as_deref().is_some_and(|s| s.starts_with("unix:"));
     if !socket_files {
@@ -983,8 +1010,6 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     // Both read what HTTP clients send; a front end's uwsgi, FastCGI or SCGI
     // request carries the client's address and scheme in its own variables.
     let http = parsed.iter().any(|(p, _)| *p == Protocol::Http);
-    let given =
-        |id: &str| !matches!(matches.value_source(id), None | Some(clap::parser::ValueSource::DefaultValue));
     if !http && cli.proxy_protocol {
         warn!("--proxy-protocol is not used: it applies to --http listeners, and there is none");
     }
@@ -993,6 +1018,9 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             "--forwarded-allow-ips is not used: it applies to --http listeners, and there is none (over uwsgi, \
              FastCGI and SCGI the front end's HTTPS variable sets the scheme)"
         );
+    }
+    if cli.max_requests == Some(0) && cli.max_requests_jitter > 0 {
+        warn!("--max-requests-jitter is not used: --max-requests is 0, which turns recycling off");
     }
     if given("proxy_allow_from") && !cli.proxy_protocol {
         warn!("--proxy-allow-from is not used: it names who may send a PROXY header, and --proxy-protocol is off");
@@ -1217,6 +1245,24 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             return Ok(1);
         }
         info!("Running as user {name} (uid {uid}, gid {gid})");
+        // Said now rather than at exit: the master runs as USER too, and
+        // removes its files only from a directory USER may change.
+        let sockets = parsed.iter().filter_map(|(_, a)| match a {
+            Addr::Unix(p) => Some(("the socket file", p.as_path())),
+            _ => None,
+        });
+        for (what, path) in pidfile.as_deref().map(|p| ("--pidfile", p)).into_iter().chain(sockets) {
+            let dir =
+                path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+            if !writable_dir(dir) {
+                warn!(
+                    "{what} {} will be left in place at exit: {} is not writable by {name}, whom the master \
+                     runs as",
+                    path.display(),
+                    dir.display()
+                );
+            }
+        }
     }
 
     info!(
@@ -1394,6 +1440,30 @@ fn check_config(
     // No master will read them from a signalfd: INT and TERM act as usual
     // during a slow import.
     corral_engine::supervise::restore_early_signals();
+    // The import runs in a child (forked by Python's os.fork, so the
+    // interpreter's after-fork hooks run): an app that calls os._exit or
+    // crashes at import is then told apart from a verdict, and answered 1
+    // with what happened, as a worker's failure would be.
+    let os = py.import("os")?;
+    let child: i32 = os.call_method0("fork")?.extract()?;
+    if child > 0 {
+        let (_, status): (i32, i32) = os.call_method1("waitpid", (child, 0))?.extract()?;
+        let how = if libc::WIFEXITED(status) {
+            match libc::WEXITSTATUS(status) {
+                code @ (0 | 1) => return Ok(code),
+                code => format!("the import exited with code {code}"),
+            }
+        } else if libc::WIFSIGNALED(status) {
+            format!(
+                "the import was killed by {}",
+                corral_engine::supervise::signal_name(libc::WTERMSIG(status))
+            )
+        } else {
+            format!("the import ended with wait status {status}")
+        };
+        eprintln!("corral: {spec} failed to load: {how}");
+        return Ok(1);
+    }
     let pid = std::process::id();
     let loaded = load_app(py, &spec);
     if std::process::id() != pid {
@@ -1463,11 +1533,8 @@ fn check_without_effects(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), St
         }
     }
     if let Some(path) = cli.pidfile.as_deref() {
-        directory_exists(&path.to_string_lossy())
+        log_file_writable(&path.to_string_lossy())
             .map_err(|e| format!("--pidfile {}: {e}", path.display()))?;
-        if path.is_dir() {
-            return Err(format!("--pidfile {}: a directory", path.display()));
-        }
     }
     for (flag, target) in
         [("--error-log", Some(cli.error_log.as_str())), ("--access-log", cli.access_log.as_deref())]
@@ -1577,8 +1644,14 @@ fn directory_exists(path: &str) -> Result<(), String> {
     }
 }
 
-/// Whether a log file could be opened for appending, without creating it:
-/// it is writable, or its directory is one where it can be created.
+/// Whether this process may create and remove entries in `dir`.
+fn writable_dir(dir: &std::path::Path) -> bool {
+    std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .is_ok_and(|c| unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } == 0)
+}
+
+/// Whether a log file (or the pidfile) could be opened for writing, without
+/// creating it: it is writable, or its directory is one where it can be created.
 fn log_file_writable(path: &str) -> Result<(), String> {
     let writable = |p: &std::path::Path| {
         let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| "a NUL in the path")?;
