@@ -1487,3 +1487,10 @@ def _listen_backlog(port):
     ).stdout
     fields = out.split()
     return int(fields[2]) if len(fields) > 2 else None
+
+
+def test_check_config_does_not_take_an_import_exiting_0_for_a_verdict(tmp_path):
+    (tmp_path / "quits.py").write_text("import os\nos._exit(0)\n")
+    proc = _run(["--check-config", "--pythonpath", str(tmp_path), "quits:application"])
+    assert proc.returncode == 1, proc.stderr
+    assert "quits:application failed to load: the import exited with code 0" in proc.stderr

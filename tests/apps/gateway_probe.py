@@ -5,6 +5,9 @@
 - /read-then/<path>: reads wsgi.input to its end, then answers as <path> would.
 - /sha: reads wsgi.input to its end and answers its length and sha256 as JSON,
   with the largest single read and wsgi.input_terminated.
+- /status-header: a 200 that also sets a "Status: 404 Not Found" header.
+- /short-body: declares Content-Length 100 and sends 11 bytes.
+- /not-modified-then-raise: a 304 whose iterable yields, then raises.
 
 Every other path goes to the behaviour app.
 """
@@ -56,7 +59,33 @@ def sha(environ, start_response):
     return [body]
 
 
-ROUTES = {"/big": big, "/sha": sha}
+def status_header(environ, start_response):
+    start_response("200 OK", [("Status", "404 Not Found"), ("Content-Type", "text/plain")])
+    return [b"body\n"]
+
+
+def short_body(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "100")])
+    return [b"0123456789\n"]
+
+
+def not_modified_then_raise(environ, start_response):
+    start_response("304 Not Modified", [])
+
+    def body():
+        yield b"x"
+        raise ValueError("after a whole 304")
+
+    return body()
+
+
+ROUTES = {
+    "/big": big,
+    "/sha": sha,
+    "/status-header": status_header,
+    "/short-body": short_body,
+    "/not-modified-then-raise": not_modified_then_raise,
+}
 
 
 def application(environ, start_response):

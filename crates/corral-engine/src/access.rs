@@ -16,6 +16,7 @@ use std::fmt::Write as _;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use crate::nowait::Target;
@@ -223,7 +224,10 @@ impl Sink {
         let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
         // Keep the descriptor number: forked workers share this sink. dup3
         // keeps close-on-exec, which dup2 would clear.
-        if unsafe { libc::dup3(fresh.as_raw_fd(), file.as_raw_fd(), libc::O_CLOEXEC) } < 0 {
+        // A pipe (a FIFO named as the log) gets a description of its own again.
+        if !file.is_blocking()
+            || unsafe { libc::dup3(fresh.as_raw_fd(), file.as_raw_fd(), libc::O_CLOEXEC) } < 0
+        {
             *file = Target::new(fresh);
         }
         Ok(())
@@ -234,25 +238,41 @@ impl Sink {
             return;
         }
         let failed = match self.file.lock().unwrap_or_else(|p| p.into_inner()).write(data) {
-            Ok(()) => return,
+            Ok(()) => {
+                // A failing stretch is over: the next failure is reported at once.
+                if FAILING.load(Ordering::Relaxed) {
+                    FAILING.store(false, Ordering::Relaxed);
+                }
+                return;
+            }
             Err(e) => e,
         };
-        // One line per failing stretch (a full disk fails every write), then
-        // one every WRITE_ERROR_EVERY while it lasts, with the count.
+        // One line when a stretch of failures begins (a full disk fails every
+        // write), then one every WRITE_ERROR_EVERY while it lasts, with the count.
         let now = crate::date::mono_ms();
         let mut errors = WRITE_ERRORS.lock().unwrap_or_else(|p| p.into_inner());
         errors.0 += 1;
-        if errors.1 == 0 || now >= errors.1 + WRITE_ERROR_EVERY.as_millis() as u64 {
+        let begins = !FAILING.swap(true, Ordering::Relaxed);
+        if begins || now >= errors.1 + WRITE_ERROR_EVERY.as_millis() as u64 {
             let n = std::mem::take(&mut errors.0);
             errors.1 = now;
             drop(errors);
-            tracing::warn!("writing the access log: {failed} ({n} write(s) failed since the last such line)");
+            if n > 1 {
+                tracing::warn!(
+                    "writing the access log: {failed} ({n} writes failed since the last such line)"
+                );
+            } else {
+                tracing::warn!("writing the access log: {failed}");
+            }
         }
     }
 }
 
 /// Failed access log writes not yet reported, and when the last report was.
 static WRITE_ERRORS: Mutex<(u64, u64)> = Mutex::new((0, 0));
+
+/// Whether the last access log write failed.
+static FAILING: AtomicBool = AtomicBool::new(false);
 
 /// How often a failing access log is reported while it keeps failing.
 const WRITE_ERROR_EVERY: std::time::Duration = std::time::Duration::from_secs(60);

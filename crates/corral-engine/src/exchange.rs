@@ -13,7 +13,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
@@ -1343,7 +1343,13 @@ impl Io {
             RespFraming::Length(left) if left > 0 => {
                 // Over FastCGI too the front end then sees the connection
                 // close without END_REQUEST: never a short body as a whole one.
+                // A front end is told with a reset: one that does not count
+                // the body (Apache over SCGI passes it on as whole, nginx over
+                // FastCGI keeps its client waiting) sees an error then.
                 self.keep_alive = false;
+                if self.wire != Wire::Http {
+                    self.aborted = true;
+                }
                 Err(ResponseError::Invalid(match self.app_length {
                     Some(n) => format!(
                         "the app declared Content-Length {n} but sent {} bytes; closing the connection",
@@ -1653,6 +1659,9 @@ fn note_dropped_hop_header(hop: usize, name: &[u8], value: &[u8], close: bool) {
     }
 }
 
+/// Whether a Status header from the app was logged as dropped in this process.
+static STATUS_NOTED: AtomicBool = AtomicBool::new(false);
+
 /// Hop-by-hop headers an app may not set (PEP 3333); the server owns framing.
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
@@ -1826,6 +1835,18 @@ impl Exchange {
             note_dropped_hop_header(hop, name, value, close);
             return Ok(());
         }
+        if name.eq_ignore_ascii_case(b"status") && matches!(io.wire, Wire::FastCgi { .. } | Wire::Scgi) {
+            // A CGI reply's Status header is its status: a second one would
+            // let the header override start_response's (Apache takes the last).
+            if !STATUS_NOTED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "The app set a \"Status: {}\" header, which over FastCGI and SCGI would be taken as the \
+                     response's status in place of start_response's: it is dropped; logged once per worker",
+                    crate::app::log_escape(value)
+                );
+            }
+            return Ok(());
+        }
         if name.eq_ignore_ascii_case(b"content-length") {
             let n = parse_content_length(value).map_err(|_| {
                 ResponseError::Invalid(format!("invalid Content-Length {:?}", String::from_utf8_lossy(value)))
@@ -1966,13 +1987,19 @@ impl Exchange {
                 // Ended by the front end: END_REQUEST closes it cleanly.
                 return;
             }
-            io.keep_alive = false;
             if io.phase >= RespPhase::Sent && io.framing == RespFraming::NoBody {
                 // A HEAD (or 204, 304) response is whole once its head went
                 // out: the client loses nothing, so it ends with a plain close
                 // rather than a reset that would take pipelined requests along.
+                // A kept FastCGI connection, whose END_REQUEST follows as for
+                // any whole response, stays open: closing it races the front
+                // end's next request on it (Apache answers that one 503).
+                if !matches!(io.wire, Wire::FastCgi { .. }) {
+                    io.keep_alive = false;
+                }
                 return;
             }
+            io.keep_alive = false;
             io.aborted = true;
         }
     }

@@ -110,7 +110,9 @@ pub fn raw_fd() -> Option<std::os::fd::RawFd> {
     if let Some((_, file)) = ERROR_LOG.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
         return Some(file.as_raw_fd());
     }
-    STDERR_COPY.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|f| f.as_raw_fd())
+    // The descriptor that waits for its reader: a crash's traceback must
+    // not be dropped for a pipe that is full at that moment.
+    STDERR_COPY.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|f| f.blocking_fd())
 }
 
 /// Writes whole lines to the error log (one write, so lines from several

@@ -28,15 +28,27 @@ enum Way {
     Blocking,
     /// A pipe reopened with O_NONBLOCK.
     Pipe,
+    /// A pipe that could not be reopened (it belongs to another user, as
+    /// after --user): each piece of at most PIPE_BUF bytes is written once
+    /// poll says there is room, which a piece that size always fits.
+    PolledPipe,
     /// A socket: each send with MSG_DONTWAIT.
     Socket,
 }
 
+/// The most a pipe takes in one piece, all or nothing (POSIX's PIPE_BUF).
+const PIPE_BUF: usize = 4096;
+
 /// A log destination and what it dropped while its reader stalled.
 pub struct Target {
     file: File,
+    /// The descriptor given, when `file` is a description of our own: for
+    /// what must wait, however long (a crash's traceback).
+    given: Option<File>,
     way: Way,
     stalled: bool,
+    /// What was written last ended inside a line: the next write ends it.
+    cut: bool,
     dropped: u64,
 }
 
@@ -48,20 +60,32 @@ impl Target {
             0 => st.st_mode & libc::S_IFMT,
             _ => 0,
         };
-        let (file, way) = match kind {
-            libc::S_IFSOCK => (file, Way::Socket),
+        let (file, given, way) = match kind {
+            libc::S_IFSOCK => (file, None, Way::Socket),
             libc::S_IFIFO => match reopen_nonblocking(&file) {
-                Some(own) => (own, Way::Pipe),
-                // Kept as it is: blocking, as before.
-                None => (file, Way::Blocking),
+                Some(own) => (own, Some(file), Way::Pipe),
+                None => (file, None, Way::PolledPipe),
             },
-            _ => (file, Way::Blocking),
+            _ => (file, None, Way::Blocking),
         };
-        Target { file, way, stalled: false, dropped: 0 }
+        Target { file, given, way, stalled: false, cut: false, dropped: 0 }
     }
 
+    /// The descriptor to write to.
     pub fn as_raw_fd(&self) -> i32 {
         self.file.as_raw_fd()
+    }
+
+    /// The descriptor given, which waits for its reader: for a last word
+    /// that must not be dropped.
+    pub fn blocking_fd(&self) -> i32 {
+        self.given.as_ref().unwrap_or(&self.file).as_raw_fd()
+    }
+
+    /// Whether writes wait for the reader as on a file: reopening the log
+    /// may then keep the descriptor number (dup3 over it).
+    pub fn is_blocking(&self) -> bool {
+        self.way == Way::Blocking
     }
 
     /// Writes `data` (whole lines), waiting for a stalled reader at most
@@ -72,32 +96,71 @@ impl Target {
             return self.file.write_all(data);
         }
         let deadline = Instant::now() + if self.stalled { Duration::ZERO } else { STALL_WAIT };
+        let lines = |b: &[u8]| b.iter().filter(|&&c| c == b'\n').count().max(1) as u64;
+        // A line cut short before is ended first, or nothing after it is written.
+        if self.cut && !self.write_piece(b"\n", deadline)? {
+            self.dropped += lines(data);
+            return Ok(());
+        }
+        self.cut = false;
         let mut rest = data;
         while !rest.is_empty() {
+            // Whole lines up to PIPE_BUF go in one piece, which a pipe takes
+            // all or nothing, so lines from several processes never mix; a
+            // longer line goes in PIPE_BUF pieces.
+            let n = match rest[..rest.len().min(PIPE_BUF)].iter().rposition(|&b| b == b'\n') {
+                Some(i) if rest.len() > PIPE_BUF => i + 1,
+                _ => rest.len().min(PIPE_BUF),
+            };
+            if !self.write_piece(&rest[..n], deadline)? {
+                self.stalled = true;
+                self.dropped += lines(rest);
+                // Part of a line already went out: it is ended before anything else.
+                let written = data.len() - rest.len();
+                self.cut |= written > 0 && data[written - 1] != b'\n';
+                return Ok(());
+            }
+            rest = &rest[n..];
+        }
+        if self.stalled {
+            let note = format!(
+                "corral: {} log line(s) dropped: the log's reader took nothing for {} s\n",
+                self.dropped,
+                STALL_WAIT.as_secs()
+            );
+            // The count stays until the note is out.
+            if self.write_piece(note.as_bytes(), Instant::now())? {
+                self.stalled = false;
+                self.dropped = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one piece whole (a pipe piece is at most PIPE_BUF); false when
+    /// the reader did not make room for it by `deadline`.
+    fn write_piece(&mut self, piece: &[u8], deadline: Instant) -> io::Result<bool> {
+        let mut rest = piece;
+        while !rest.is_empty() {
+            if self.way == Way::PolledPipe && !self.wait_writable(deadline) {
+                return Ok(false);
+            }
             match self.send(rest) {
                 Ok(n) => rest = &rest[n..],
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() || !self.wait_writable(left) {
-                        self.stalled = true;
-                        self.dropped += rest.iter().filter(|&&b| b == b'\n').count().max(1) as u64;
-                        return Ok(());
+                    if !self.wait_writable(deadline) {
+                        if rest.len() < piece.len() {
+                            // A socket took part of it: the line is cut.
+                            self.cut = true;
+                        }
+                        return Ok(false);
                     }
                 }
                 Err(e) => return Err(e),
             }
         }
-        if self.stalled {
-            self.stalled = false;
-            let note = format!(
-                "corral: {} log line(s) dropped: the log's reader took nothing for {} s\n",
-                std::mem::take(&mut self.dropped),
-                STALL_WAIT.as_secs()
-            );
-            let _ = self.send(note.as_bytes());
-        }
-        Ok(())
+        Ok(true)
     }
 
     fn send(&mut self, data: &[u8]) -> io::Result<usize> {
@@ -114,9 +177,11 @@ impl Target {
         }
     }
 
-    fn wait_writable(&self, wait: Duration) -> bool {
+    /// Whether there is room by `deadline` (now, when it has passed).
+    fn wait_writable(&self, deadline: Instant) -> bool {
+        let wait = deadline.saturating_duration_since(Instant::now());
         let mut pfd = libc::pollfd { fd: self.file.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
-        let ms = wait.as_millis().clamp(1, i32::MAX as u128) as i32;
+        let ms = wait.as_millis().min(i32::MAX as u128) as i32;
         unsafe { libc::poll(&mut pfd, 1, ms) == 1 && pfd.revents & libc::POLLOUT != 0 }
     }
 }
@@ -166,6 +231,35 @@ mod tests {
         let text = String::from_utf8_lossy(&buf[..n]).into_owned();
         assert!(text.starts_with("after\ncorral: "), "{text}");
         assert!(text.contains("log line(s) dropped"), "{text}");
+    }
+
+    #[test]
+    fn a_line_cut_by_a_stall_is_ended_before_the_next_one() {
+        let (mut reader, writer) = pipe();
+        let mut log = Target::new(writer);
+        let short = [b's'; 99].iter().copied().chain([b'\n']).collect::<Vec<u8>>();
+        while !log.stalled {
+            log.write(&short).unwrap();
+        }
+        // Room for one piece: the first PIPE_BUF bytes of a long line go, the rest cannot.
+        let mut buf = vec![0; PIPE_BUF];
+        reader.read_exact(&mut buf).unwrap();
+        let long = [b'y'; 10_000].iter().copied().chain([b'\n']).collect::<Vec<u8>>();
+        log.write(&long).unwrap();
+        assert!(log.cut);
+        let mut all = Vec::new();
+        let mut chunk = vec![0; 1 << 20];
+        loop {
+            let n = reader.read(&mut chunk).unwrap();
+            all.extend_from_slice(&chunk[..n]);
+            if n < chunk.len() && all.ends_with(&[b'y'; PIPE_BUF]) {
+                break;
+            }
+        }
+        log.write(b"after\n").unwrap();
+        let n = reader.read(&mut chunk).unwrap();
+        let text = String::from_utf8_lossy(&chunk[..n]).into_owned();
+        assert!(text.starts_with("\nafter\ncorral: "), "{text:?}");
     }
 
     #[test]

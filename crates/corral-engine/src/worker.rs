@@ -4028,7 +4028,7 @@ fn log_discard_gave_up(what: &str, why: GaveUp) {
         ),
         GaveUp::TooLong => warn!(
             "{what}: closing the connection: the front end was still sending a request body the \
-             app did not read after {} s ({FRONT_END_DRAIN_MAX} bytes at most are dropped)",
+             app did not read after {} s",
             FRONT_END_DRAIN_TIME.as_secs()
         ),
     }
@@ -4088,8 +4088,7 @@ enum Discarded {
 enum GaveUp {
     /// Nothing came for [`DRAIN_WAIT`].
     Stalled,
-    /// More was left than this many bytes: [`MAX_DRAIN`] from a client,
-    /// [`FRONT_END_DRAIN_MAX`] from a front end.
+    /// More was left of a client's body than this many bytes ([`MAX_DRAIN`]).
     TooMuch(u64),
     /// A front end was still sending after [`FRONT_END_DRAIN_TIME`].
     TooLong,
@@ -4102,17 +4101,14 @@ enum GaveUp {
 /// front end, the longest it waits for the next bytes.
 const DRAIN_WAIT: Duration = Duration::from_secs(2);
 
-/// The most of a body the app did not read that is dropped for a front end
-/// before the connection is closed anyway. nginx sends a buffered body at
-/// local speed and reads the response only after it, so this much is read
-/// to keep a 413 or a redirect the app gave from turning into a 502; a peer
-/// streaming without end must not keep the serving thread for good.
-const FRONT_END_DRAIN_MAX: u64 = 256 * 1024 * 1024;
-
 /// The longest the serving thread drops a front end's body the app did not
-/// read, however steadily it comes (nginx's lingering_time is 30 s; a front
-/// end streaming a client's upload at the client's pace is given less, the
-/// thread serving no one else meanwhile).
+/// read, however steadily it comes. nginx sends a buffered body at local
+/// speed and reads the response only after it, so a body this read keeps a
+/// 413 or a redirect the app gave from turning into a 502 (hundreds of MB
+/// take well under a second); a peer streaming without end, or a client's
+/// upload passed on at the client's pace, must not keep the thread for good
+/// (nginx's own lingering_time is 30 s; the thread serves no one else
+/// meanwhile, so less).
 const FRONT_END_DRAIN_TIME: Duration = Duration::from_secs(10);
 
 /// Drops what has come of the rest of a client's request body the app did
@@ -4151,17 +4147,16 @@ fn discard_available(io: &mut Io) -> Discarded {
 ///
 /// From a client: at most [`MAX_DRAIN`] bytes (a larger remainder is not
 /// worth reading), for at most [`DRAIN_WAIT`]. From a front end: as long
-/// as it keeps coming, up to [`FRONT_END_DRAIN_MAX`] bytes and
-/// [`FRONT_END_DRAIN_TIME`]. nginx sends the whole body before it reads
+/// as it keeps coming, for [`FRONT_END_DRAIN_TIME`] at most. nginx sends
+/// the whole body before it reads
 /// the response (it has it buffered, and sends it at local speed) and
 /// answers 502 when the backend closes before taking it: the response the
 /// app gave without reading the body (a 403, a redirect, a 413) would be
 /// lost. uWSGI users get this from `post-buffering`.
 fn discard_body(io: &mut Io, blocking: fn(&mut dyn FnMut())) -> Discarded {
     let front_end = io.wire != Wire::Http;
-    let most = if front_end { FRONT_END_DRAIN_MAX } else { MAX_DRAIN };
-    if matches!(io.body, BodyState::Length(left) if left > most) {
-        return Discarded::GaveUp(GaveUp::TooMuch(most));
+    if !front_end && matches!(io.body, BodyState::Length(left) if left > MAX_DRAIN) {
+        return Discarded::GaveUp(GaveUp::TooMuch(MAX_DRAIN));
     }
     let (saved_timeout, saved_max) = (io.timeout_ms, io.max_body);
     // What passes --max-body-size is read to be dropped, not refused again.
@@ -4171,16 +4166,21 @@ fn discard_body(io: &mut Io, blocking: fn(&mut dyn FnMut())) -> Discarded {
     let started = mono_ms();
     let cap = if front_end { started + FRONT_END_DRAIN_TIME.as_millis() as u64 } else { u64::MAX };
     let mut deadline = (started + DRAIN_WAIT.as_millis() as u64).min(cap);
-    let out_of_time = |deadline: u64| if deadline >= cap { GaveUp::TooLong } else { GaveUp::Stalled };
+    let mut last_bytes = started;
+    // Out of time: still coming when the cap was reached, or stopped.
+    let out_of_time = |last_bytes: u64| match mono_ms() < last_bytes + DRAIN_WAIT.as_millis() as u64 {
+        true => GaveUp::TooLong,
+        false => GaveUp::Stalled,
+    };
     let mut sink = Vec::new();
     let mut total = 0u64;
     let outcome = loop {
-        if total > most {
-            break Discarded::GaveUp(GaveUp::TooMuch(most));
+        if !front_end && total > MAX_DRAIN {
+            break Discarded::GaveUp(GaveUp::TooMuch(MAX_DRAIN));
         }
         let left = deadline.saturating_sub(mono_ms());
         if left == 0 {
-            break Discarded::GaveUp(out_of_time(deadline));
+            break Discarded::GaveUp(out_of_time(last_bytes));
         }
         io.timeout_ms = left as i32;
         sink.clear();
@@ -4189,10 +4189,11 @@ fn discard_body(io: &mut Io, blocking: fn(&mut dyn FnMut())) -> Discarded {
             Ok(n) => {
                 total += n as u64;
                 if front_end {
-                    deadline = (mono_ms() + DRAIN_WAIT.as_millis() as u64).min(cap);
+                    last_bytes = mono_ms();
+                    deadline = (last_bytes + DRAIN_WAIT.as_millis() as u64).min(cap);
                 }
             }
-            Err(BodyError::Timeout) => break Discarded::GaveUp(out_of_time(deadline)),
+            Err(BodyError::Timeout) => break Discarded::GaveUp(out_of_time(last_bytes)),
             Err(_) => break Discarded::Failed,
         }
     };

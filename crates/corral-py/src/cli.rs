@@ -1254,10 +1254,10 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         for (what, path) in pidfile.as_deref().map(|p| ("--pidfile", p)).into_iter().chain(sockets) {
             let dir =
                 path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-            if !writable_dir(dir) {
+            if !removable(path, dir) {
                 warn!(
-                    "{what} {} will be left in place at exit: {} is not writable by {name}, whom the master \
-                     runs as",
+                    "{what} {} will be left in place at exit: {name}, whom the master runs as, may not \
+                     remove it from {}",
                     path.display(),
                     dir.display()
                 );
@@ -1445,14 +1445,31 @@ fn check_config(
     // crashes at import is then told apart from a verdict, and answered 1
     // with what happened, as a worker's failure would be.
     let os = py.import("os")?;
+    // The child's verdict comes as one byte on a pipe: an import that exits
+    // by itself, with 0 or 1 too, gives none.
+    let mut verdict_pipe = [0; 2];
+    if unsafe { libc::pipe2(verdict_pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        eprintln!("corral: error: a pipe for the check: {}", std::io::Error::last_os_error());
+        return Ok(2);
+    }
+    let [verdict_read, verdict_write] = verdict_pipe;
     let child: i32 = os.call_method0("fork")?.extract()?;
     if child > 0 {
+        unsafe { libc::close(verdict_write) };
+        // The byte is in the pipe once the child is gone; read without
+        // waiting, since a process the app left running may hold the pipe.
         let (_, status): (i32, i32) = os.call_method1("waitpid", (child, 0))?.extract()?;
+        let mut verdict = [0u8; 1];
+        let got = unsafe {
+            libc::fcntl(verdict_read, libc::F_SETFL, libc::O_NONBLOCK);
+            libc::read(verdict_read, verdict.as_mut_ptr().cast(), 1)
+        };
+        unsafe { libc::close(verdict_read) };
+        if got == 1 {
+            return Ok(i32::from(verdict[0]));
+        }
         let how = if libc::WIFEXITED(status) {
-            match libc::WEXITSTATUS(status) {
-                code @ (0 | 1) => return Ok(code),
-                code => format!("the import exited with code {code}"),
-            }
+            format!("the import exited with code {}", libc::WEXITSTATUS(status))
         } else if libc::WIFSIGNALED(status) {
             format!(
                 "the import was killed by {}",
@@ -1464,6 +1481,7 @@ fn check_config(
         eprintln!("corral: {spec} failed to load: {how}");
         return Ok(1);
     }
+    unsafe { libc::close(verdict_read) };
     let pid = std::process::id();
     let loaded = load_app(py, &spec);
     if std::process::id() != pid {
@@ -1489,7 +1507,11 @@ fn check_config(
     }
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
-    unsafe { libc::_exit(code) }
+    let verdict = [code as u8];
+    unsafe {
+        libc::write(verdict_write, verdict.as_ptr().cast(), 1);
+        libc::_exit(code)
+    }
 }
 
 /// The checks of a start that have no effect on the system: for
@@ -1641,6 +1663,22 @@ fn directory_exists(path: &str) -> Result<(), String> {
     match path.parent().filter(|d| !d.as_os_str().is_empty()) {
         Some(dir) if !dir.is_dir() => Err(format!("no directory {}", dir.display())),
         _ => Ok(()),
+    }
+}
+
+/// Whether this process may remove `path` from `dir`: it may write to the
+/// directory, and in a sticky one (such as /tmp) owns the directory or the file.
+fn removable(path: &std::path::Path, dir: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    if !writable_dir(dir) {
+        return false;
+    }
+    let me = unsafe { libc::geteuid() };
+    match std::fs::metadata(dir) {
+        Ok(d) if d.mode() & libc::S_ISVTX != 0 && d.uid() != me => {
+            std::fs::symlink_metadata(path).is_ok_and(|f| f.uid() == me)
+        }
+        _ => true,
     }
 }
 
