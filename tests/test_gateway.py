@@ -2007,3 +2007,14 @@ def test_a_whole_reply_whose_iterable_raises_keeps_a_kept_fastcgi_connection(gw)
         second = conn.request(g.cgi_params("GET", "/fixed"), request_id=2, keep_conn=True)
         assert second.body == b"hello world"
     gw.wait_for(r"ValueError: after a whole 304", since=mark)
+
+
+@pytest.mark.parametrize("proto", PROTOS)
+def test_a_write_from_close_after_the_response_ended_raises(gw, proto):
+    """The iterable's close() calls write() once the response went out whole:
+    the bytes cannot be sent, and the app hears so (logged with the traceback),
+    rather than seeing them vanish."""
+    mark = gw.mark()
+    reply = g.call(proto, gw.addr(proto), uri="/write-in-close")
+    assert reply.status == 200 and reply.body == b"whole", reply.raw[:300]
+    gw.wait_for(r"RuntimeError: write\(\) called after the response ended", since=mark)

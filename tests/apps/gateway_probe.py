@@ -8,6 +8,7 @@
 - /status-header: a 200 that also sets a "Status: 404 Not Found" header.
 - /short-body: declares Content-Length 100 and sends 11 bytes.
 - /not-modified-then-raise: a 304 whose iterable yields, then raises.
+- /write-in-close: a whole response whose iterable's close() calls write().
 
 Every other path goes to the behaviour app.
 """
@@ -79,7 +80,21 @@ def not_modified_then_raise(environ, start_response):
     return body()
 
 
+def write_in_close(environ, start_response):
+    write = start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")])
+
+    class Body:
+        def __iter__(self):
+            yield b"whole"
+
+        def close(self):
+            write(b"late")
+
+    return Body()
+
+
 ROUTES = {
+    "/write-in-close": write_in_close,
     "/big": big,
     "/sha": sha,
     "/status-header": status_header,

@@ -1974,6 +1974,12 @@ impl Exchange {
         })
     }
 
+    /// Whether the response has ended: the app's iterable is done, and
+    /// nothing more can be added to it.
+    pub fn finished(&self) -> bool {
+        self.lock().is_some_and(|io| io.phase == RespPhase::Finished)
+    }
+
     /// Whether the response was started (headers buffered or sent).
     pub fn started(&self) -> bool {
         self.lock().is_some_and(|io| io.phase >= RespPhase::Started)

@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use corral_engine::cgi::CgiParams;
 use corral_engine::{App, BodyError, Exchange, Meta, Request, ResponseError, WorkerCtx};
 use corral_proto::http1::{percent_decode, Known, TargetForm};
-use pyo3::exceptions::{PyAssertionError, PyOSError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyAssertionError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
@@ -958,6 +958,13 @@ impl Write {
         let b = data
             .downcast::<PyBytes>()
             .map_err(|_| PyTypeError::new_err(format!("write() takes bytes, got {}", type_name(data))))?;
+        if !b.as_bytes().is_empty() && self.ex.finished() {
+            // From the iterable's close(), say: the response went out whole
+            // already, and bytes dropped without a word would be a mystery.
+            return Err(PyRuntimeError::new_err(
+                "write() called after the response ended (its iterable was done): the bytes cannot be sent",
+            ));
+        }
         write(&self.ex, b.as_bytes(), false)
     }
 }
