@@ -1835,7 +1835,7 @@ impl Exchange {
             note_dropped_hop_header(hop, name, value, close);
             return Ok(());
         }
-        if name.eq_ignore_ascii_case(b"status") && matches!(io.wire, Wire::FastCgi { .. } | Wire::Scgi) {
+        if matches!(io.wire, Wire::FastCgi { .. } | Wire::Scgi) && name.eq_ignore_ascii_case(b"status") {
             // A CGI reply's Status header is its status: a second one would
             // let the header override start_response's (Apache takes the last).
             if !STATUS_NOTED.swap(true, Ordering::Relaxed) {

@@ -3387,9 +3387,7 @@ fn handle_request<A: App>(
         record_refused_request(w, conn, &req, 413, &reply);
         if io.wire != Wire::Http {
             // A front end reads the 413 only once it has sent the body.
-            if let Discarded::GaveUp(why) = discard_body(&mut io, blocking) {
-                log_discard_gave_up(&format!("{} from {}", req.describe(), req.peer()), why);
-            }
+            discard_front_end_body(&mut io, blocking, &req);
         }
         drain_and_close(&mut io);
         return Outcome::Done(false);
@@ -3972,9 +3970,7 @@ fn complete_locked(conn: &Conn, listener: &ListenerInfo, req: &Request<'_>, io: 
             // record Apache sends after the response began, a body the app
             // ignored): read it before closing, or the close turns into a
             // reset that destroys the response the front end has not read yet.
-            if let Discarded::GaveUp(why) = discard_body(io, blocking) {
-                log_discard_gave_up(&format!("{} from {}", req.describe(), req.peer()), why);
-            }
+            discard_front_end_body(io, blocking, req);
         }
         warn_bad_stream(conn, listener, io);
         if !io.body_finished() || !io.buf.is_empty() {
@@ -4022,8 +4018,8 @@ fn log_discard_gave_up(what: &str, why: GaveUp) {
              did not come within {} s",
             DRAIN_WAIT.as_secs()
         ),
-        GaveUp::TooMuch(limit) => info!(
-            "{what}: closing the connection: more than {limit} bytes were left of a request body \
+        GaveUp::TooMuch => info!(
+            "{what}: closing the connection: more than {MAX_DRAIN} bytes were left of a request body \
              the app did not read"
         ),
         GaveUp::TooLong => warn!(
@@ -4031,6 +4027,14 @@ fn log_discard_gave_up(what: &str, why: GaveUp) {
              app did not read after {} s",
             FRONT_END_DRAIN_TIME.as_secs()
         ),
+    }
+}
+
+/// Drops the rest of a front end's body the app did not read before the
+/// connection closes ([`discard_body`]), saying so when that was cut short.
+fn discard_front_end_body(io: &mut Io, blocking: fn(&mut dyn FnMut()), req: &Request<'_>) {
+    if let Discarded::GaveUp(why) = discard_body(io, blocking) {
+        log_discard_gave_up(&format!("{} from {}", req.describe(), req.peer()), why);
     }
 }
 
@@ -4088,8 +4092,8 @@ enum Discarded {
 enum GaveUp {
     /// Nothing came for [`DRAIN_WAIT`].
     Stalled,
-    /// More was left of a client's body than this many bytes ([`MAX_DRAIN`]).
-    TooMuch(u64),
+    /// More than [`MAX_DRAIN`] was left of a client's body.
+    TooMuch,
     /// A front end was still sending after [`FRONT_END_DRAIN_TIME`].
     TooLong,
 }
@@ -4125,7 +4129,7 @@ fn discard_available(io: &mut Io) -> Discarded {
             _ => 0,
         };
         if io.discarded.saturating_add(left) > MAX_DRAIN {
-            break Discarded::GaveUp(GaveUp::TooMuch(MAX_DRAIN));
+            break Discarded::GaveUp(GaveUp::TooMuch);
         }
         match io.read_body_with(READ_CHUNK, &mut |_| {}, |f| f()) {
             Ok(0) => break Discarded::All,
@@ -4156,7 +4160,7 @@ fn discard_available(io: &mut Io) -> Discarded {
 fn discard_body(io: &mut Io, blocking: fn(&mut dyn FnMut())) -> Discarded {
     let front_end = io.wire != Wire::Http;
     if !front_end && matches!(io.body, BodyState::Length(left) if left > MAX_DRAIN) {
-        return Discarded::GaveUp(GaveUp::TooMuch(MAX_DRAIN));
+        return Discarded::GaveUp(GaveUp::TooMuch);
     }
     let (saved_timeout, saved_max) = (io.timeout_ms, io.max_body);
     // What passes --max-body-size is read to be dropped, not refused again.
@@ -4176,7 +4180,7 @@ fn discard_body(io: &mut Io, blocking: fn(&mut dyn FnMut())) -> Discarded {
     let mut total = 0u64;
     let outcome = loop {
         if !front_end && total > MAX_DRAIN {
-            break Discarded::GaveUp(GaveUp::TooMuch(MAX_DRAIN));
+            break Discarded::GaveUp(GaveUp::TooMuch);
         }
         let left = deadline.saturating_sub(mono_ms());
         if left == 0 {

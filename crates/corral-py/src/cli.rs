@@ -854,11 +854,9 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         cli.touch_reload.iter().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())).collect();
     // A pidfile that cannot be written is a configuration error, found before
     // anything is bound, as --check-config finds it.
-    if let Some(path) = cli.pidfile.as_deref() {
-        if let Err(e) = log_file_writable(&path.to_string_lossy()) {
-            error!("{}", located(&format!("--pidfile {}: {e}", path.display())));
-            return Ok(2);
-        }
+    if let Err(e) = pidfile_usable(&cli) {
+        error!("{}", located(&e));
+        return Ok(2);
     }
     if let Some((path, pid)) = pidfile.as_deref().and_then(|p| running_corral(p).map(|pid| (p, pid))) {
         error!(
@@ -1554,10 +1552,7 @@ fn check_without_effects(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), St
             }
         }
     }
-    if let Some(path) = cli.pidfile.as_deref() {
-        log_file_writable(&path.to_string_lossy())
-            .map_err(|e| format!("--pidfile {}: {e}", path.display()))?;
-    }
+    pidfile_usable(cli)?;
     for (flag, target) in
         [("--error-log", Some(cli.error_log.as_str())), ("--access-log", cli.access_log.as_deref())]
     {
@@ -1663,6 +1658,15 @@ fn directory_exists(path: &str) -> Result<(), String> {
     match path.parent().filter(|d| !d.as_os_str().is_empty()) {
         Some(dir) if !dir.is_dir() => Err(format!("no directory {}", dir.display())),
         _ => Ok(()),
+    }
+}
+
+/// Whether --pidfile, if given, names a file that can be written.
+fn pidfile_usable(cli: &Cli) -> Result<(), String> {
+    match cli.pidfile.as_deref() {
+        Some(path) => log_file_writable(&path.to_string_lossy())
+            .map_err(|e| format!("--pidfile {}: {e}", path.display())),
+        None => Ok(()),
     }
 }
 
