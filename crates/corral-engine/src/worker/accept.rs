@@ -1,0 +1,433 @@
+//! Taking new connections: batches that leave a burst to sibling workers,
+//! shedding past the connection limit, pausing when file descriptors run out.
+
+use super::*;
+
+pub(super) fn accept_batch<A: App>(
+    w: &Shared<A>,
+    state: &mut A::Thread,
+    t: usize,
+    idx: usize,
+    held: &mut Held,
+) {
+    if ACCEPT_PAUSED_AT.load(Ordering::Relaxed) != 0 {
+        // Woken by the listener just before it left the epoll set.
+        return;
+    }
+    let started = mono_ms();
+    let mut serving = true;
+    for i in 0..ACCEPT_BATCH {
+        // Crashed, or paused (full, or out of descriptors): the rest stay
+        // queued for the other workers.
+        if crate::crash::crashed().is_some() || ACCEPT_PAUSED_AT.load(Ordering::Relaxed) != 0 {
+            return;
+        }
+        // The first is this thread's to take: epoll woke it for it.
+        if i > 0 && leave_to_siblings(w, t) {
+            return;
+        }
+        match accept_one(w, idx) {
+            // Serve right away: the request often arrived with the connection.
+            Accepted::Conn(conn) if serving => {
+                serve_claimed(w, state, t, conn, held);
+                if held.due() {
+                    held.release(w);
+                }
+            }
+            // In line behind the connections already ready (epoll reports
+            // a request that is there at once).
+            Accepted::Conn(conn) => park(w, conn),
+            Accepted::Shed => {}
+            Accepted::None => return,
+        }
+        // Slow requests on new connections must not keep kept-alive ones
+        // waiting for a whole batch: past ACCEPT_BATCH_TIME the rest of the
+        // waiting connections are accepted and parked instead, to be served
+        // in turn with the others. Going back to epoll with them still in
+        // the accept queue would take one new connection per pass over all
+        // the others: under a slow app the last of a wave of new clients
+        // waited seconds for its first response. Not while draining: epoll
+        // woke this worker (and no other) for these connections, and the
+        // listener is gone from its set.
+        if serving && mono_ms().saturating_sub(started) >= ACCEPT_BATCH_TIME_MS && !draining() {
+            serving = false;
+        }
+    }
+}
+
+/// Whether the connections still in the accept queue are better left
+/// there for the other workers: every other thread of this one is busy, so
+/// one taken here would wait behind this thread's requests while another
+/// worker may be free (one-thread workers served a burst of slow requests
+/// in turn while their siblings sat idle, and a connection accepted before
+/// its request came waited for a whole batch). This thread takes one per
+/// wake-up then, as gunicorn's sync worker does; alone in its pool, or with
+/// a thread free to take them, it takes a batch.
+pub(super) fn leave_to_siblings<A: App>(w: &Shared<A>, t: usize) -> bool {
+    let own_free = (0..w.in_pass.len()).any(|o| o != t && !w.in_pass[o].load(Ordering::Relaxed));
+    if own_free {
+        return false;
+    }
+    let sb = &w.scoreboard;
+    (0..sb.slots()).any(|s| s != w.slot && sb.pid(s) != 0 && sb.state(s) == WorkerState::Ready)
+}
+
+pub(super) enum Accepted {
+    Conn(Box<Conn>),
+    /// Over `--max-connections`: answered 503 and closed.
+    Shed,
+    None,
+}
+
+/// Connections shed since the last log line about it (answered 503, and
+/// FastCGI ones, only closed), and when that line was.
+pub(super) static SHED: Mutex<(u64, u64, u64)> = Mutex::new((0, 0, 0));
+
+/// Answers a connection over the limit with 503 and closes it; logs at most
+/// once a second how many were turned away.
+pub(super) fn shed<A: App>(w: &Shared<A>, fd: RawFd, idx: usize, client: &str) {
+    let blocking: fn(&mut dyn FnMut()) = |f| f();
+    let mut io = Io::new(fd, 1000, 0);
+    let reply = match w.listeners[idx].1.protocol {
+        // FastCGI needs a request id to answer on; closing is its 503.
+        Protocol::FastCgi => Vec::new(),
+        Protocol::Scgi => error_reply(Wire::Scgi, 503, "server overloaded"),
+        _ => error_response(503, "server overloaded"),
+    };
+    if !reply.is_empty() {
+        let _ = io.write_parts(&[&reply], blocking);
+        record_refusal(w, Err(client), idx, b"", 503, &reply);
+    }
+    drain_and_close(&mut io);
+    unsafe { libc::close(fd) };
+    w.scoreboard.count(w.slot, crate::scoreboard::C_SHED, 1);
+    {
+        let mut shed = SHED.lock().unwrap_or_else(|p| p.into_inner());
+        match reply.is_empty() {
+            true => shed.1 += 1,
+            false => shed.0 += 1,
+        }
+    }
+    report_shed(w, mono_ms());
+}
+
+/// Logs how many connections were turned away since the last report, at
+/// most once a second; the main loop calls it too, so the tail of a burst
+/// is reported even when no connection is turned away after it.
+pub(super) fn report_shed<A: App>(w: &Shared<A>, now: u64) {
+    let mut shed = SHED.lock().unwrap_or_else(|p| p.into_inner());
+    let (answered, closed, last) = *shed;
+    if answered + closed > 0 && now >= last + 1000 {
+        let how = match (answered, closed) {
+            (n, 0) => format!("{n} connection(s) turned away with 503"),
+            (0, n) => {
+                format!("{n} FastCGI connection(s) closed before any request (the front end answers 502)")
+            }
+            (a, c) => format!(
+                "{a} connection(s) turned away with 503, and {c} FastCGI connection(s) closed before any \
+                 request (the front end answers 502)"
+            ),
+        };
+        warn!(
+            "Overloaded: {how} (this worker holds --max-connections {}): pid={}",
+            w.config.max_connections,
+            std::process::id()
+        );
+        *shed = (0, 0, now);
+    }
+}
+
+/// Stops accepting for [`ACCEPT_PAUSE`] after accept failed for lack of
+/// descriptors; says so at most once a second.
+pub(super) fn pause_accepting<A: App>(w: &Shared<A>, e: &io::Error) {
+    let now = mono_ms();
+    pause_listeners(w, now);
+    // As at --max-connections: a new client must not wait for a descriptor
+    // that an idle kept-alive connection holds.
+    let reclaimed = {
+        let reg = w.registry.lock().unwrap();
+        (0..RECLAIM_ON_EMFILE).take_while(|_| reclaim_idle(&reg)).count()
+    };
+    RECLAIMED_FOR_FDS.fetch_add(reclaimed as u64, Ordering::Relaxed);
+    let mut no_fds = NO_FDS.lock().unwrap_or_else(|p| p.into_inner());
+    no_fds.0 += 1;
+    if now >= no_fds.1 + 1000 {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+        warn!(
+            "Cannot accept connections: {e} (open files limit {}, `ulimit -n`; this worker holds {} \
+             connection(s)); pausing accepts for {} to {} ms; {} refused accept(s) and {} idle kept-alive \
+             connection(s) closed to make room since the last report: pid={}",
+            limit.rlim_cur,
+            w.registry.lock().unwrap().live,
+            ACCEPT_PAUSE.as_millis(),
+            (ACCEPT_PAUSE + SWEEP_INTERVAL).as_millis(),
+            no_fds.0,
+            RECLAIMED_FOR_FDS.swap(0, Ordering::Relaxed),
+            std::process::id()
+        );
+        *no_fds = (0, now);
+    }
+}
+
+/// Idle kept-alive connections closed at each accept that failed for lack
+/// of descriptors; each close frees one for a client waiting in the queue.
+pub(super) const RECLAIM_ON_EMFILE: usize = 4;
+/// Those closed since the last log line about the descriptor shortage.
+pub(super) static RECLAIMED_FOR_FDS: AtomicU64 = AtomicU64::new(0);
+
+/// Takes the listeners out of the epoll set for [`ACCEPT_PAUSE`]: the
+/// kernel then wakes the other workers for new connections.
+pub(super) fn pause_listeners<A: App>(w: &Shared<A>, now: u64) {
+    let _pause = ACCEPT_PAUSE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    // Draining, the listeners have left the epoll set already, and their
+    // numbers may be taken by other descriptors since.
+    if ACCEPT_PAUSED_AT.load(Ordering::Acquire) == 0 && !draining() {
+        for (fd, _) in &w.listeners {
+            unsafe { libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_DEL, *fd, std::ptr::null_mut()) };
+        }
+        ACCEPT_PAUSED_AT.store(now.max(1), Ordering::Release);
+    }
+}
+
+/// At `--max-connections` with nothing idle to close: gives the connection
+/// just accepted to a sibling that has room, as a new one (its first
+/// request unread), and stops accepting for [`ACCEPT_PAUSE`] so the next
+/// ones go to the siblings directly. epoll wakes the same worker for most
+/// new connections, so without this one full worker turned clients away
+/// with 503 while the others had room. False when no sibling has room.
+pub(super) fn pass_to_sibling<A: App>(w: &Shared<A>, fd: RawFd, idx: usize) -> bool {
+    if w.inbox.is_none() {
+        return false;
+    }
+    let Some(to) = crate::handover::target_with_room(&w.scoreboard, w.slot, w.config.max_connections) else {
+        return false;
+    };
+    let note = crate::handover::Note {
+        listener: idx as u16,
+        protocol: w.listeners[idx].1.protocol as u8,
+        client: None,
+        fresh: true,
+    };
+    match crate::handover::send(w.master, to, fd, note, b"") {
+        Ok(()) => {
+            unsafe { libc::close(fd) };
+            pause_listeners(w, mono_ms());
+            debug!("at --max-connections: handed a new connection to worker pid {to}");
+            true
+        }
+        Err(e) => {
+            debug!("at --max-connections: handing a new connection to worker pid {to}: {e}");
+            false
+        }
+    }
+}
+
+/// Puts the listeners back in the epoll set once [`ACCEPT_PAUSE`] passed.
+pub(super) fn resume_accepting<A: App>(w: &Shared<A>, now: u64) {
+    let _pause = ACCEPT_PAUSE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let at = ACCEPT_PAUSED_AT.load(Ordering::Acquire);
+    if at == 0 || now < at + ACCEPT_PAUSE.as_millis() as u64 {
+        return;
+    }
+    if crate::crash::crashed().is_some() {
+        return;
+    }
+    // A drain has let the listeners go meanwhile.
+    if !draining() {
+        for (i, (fd, _)) in w.listeners.iter().enumerate() {
+            let mut ev =
+                libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32, u64: i as u64 };
+            unsafe { libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_ADD, *fd, &mut ev) };
+        }
+    }
+    ACCEPT_PAUSED_AT.store(0, Ordering::Release);
+}
+
+/// Accepts one connection from listener `idx`, if one is waiting.
+pub(super) fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Accepted {
+    struct Accepting<'a>(&'a AtomicUsize);
+    impl Drop for Accepting<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    w.accepting.fetch_add(1, Ordering::SeqCst);
+    let _accepting = Accepting(&w.accepting);
+    let lfd = w.listeners[idx].0;
+    let is_unix = w.listeners[idx].1.is_unix;
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // A unix peer's address says nothing (the front end's socket is
+    // unnamed), and asking the kernel for it is about 8 % of accept's cost.
+    let (addr_ptr, len_ptr) = if is_unix {
+        (std::ptr::null_mut(), std::ptr::null_mut())
+    } else {
+        (&mut addr as *mut _ as *mut libc::sockaddr, &mut len as *mut libc::socklen_t)
+    };
+    let fd = unsafe { libc::accept4(lfd, addr_ptr, len_ptr, libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            // EBADF/EINVAL/ENOTSOCK: the listener was let go by a drain meanwhile.
+            Some(libc::EAGAIN)
+            | Some(libc::ECONNABORTED)
+            | Some(libc::EINTR)
+            | Some(libc::EBADF)
+            | Some(libc::ENOTSOCK)
+            | Some(libc::EINVAL) => {}
+            Some(libc::EMFILE) | Some(libc::ENFILE) => pause_accepting(w, &e),
+            _ => error!("accept: {e}"),
+        }
+        return Accepted::None;
+    }
+    if !is_unix {
+        let one: libc::c_int = 1;
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                &one as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
+    }
+    // At --max-connections the new connection goes to a sibling with room
+    // first. Only when none has any is an idle kept-alive connection closed
+    // for it: its client may be sending its next request at that moment (a
+    // POST nginx then answers with 502), while the sibling closes nothing.
+    if w.registry.lock().unwrap().live >= w.config.max_connections {
+        if pass_to_sibling(w, fd, idx) {
+            return Accepted::Shed;
+        }
+        let reg = w.registry.lock().unwrap();
+        if reg.live >= w.config.max_connections && !reclaim_idle(&reg) {
+            drop(reg);
+            shed(w, fd, idx, &peer_strings(&addr, is_unix).0);
+            return Accepted::Shed;
+        }
+    }
+    let (remote_addr, remote_port) = peer_strings(&addr, is_unix);
+    Accepted::Conn(adopt(w, fd, idx, remote_addr, remote_port, true))
+}
+
+/// Registers a connection this worker now owns (accepted, or handed over
+/// by a sibling) and makes its state.
+pub(super) fn adopt<A: App>(
+    w: &Shared<A>,
+    fd: RawFd,
+    idx: usize,
+    remote_addr: String,
+    remote_port: String,
+    fresh: bool,
+) -> Box<Conn> {
+    let protocol = w.listeners[idx].1.protocol;
+    let io = Arc::new_cyclic(|me| {
+        let mut io = Io::new(fd, w.config.io_timeout.as_millis() as i32, w.config.max_body_size);
+        // Held responses are written once a pass over the ready
+        // connections ends, which only a thread taking many at once has.
+        io.hold = w.config.threads == 1;
+        io.body_grace_ms = w.config.header_timeout.as_millis() as u64;
+        io.time_drains = protocol == Protocol::FastCgi;
+        io.tcp = !w.listeners[idx].1.is_unix;
+        io.me = Some(me.clone());
+        Mutex::new(io)
+    });
+    let entry = Arc::new(Entry {
+        fd,
+        state: AtomicU8::new(BUSY),
+        deadline: AtomicU64::new(0),
+        fresh: AtomicBool::new(fresh),
+        between: AtomicBool::new(false),
+        untouched: AtomicBool::new(false),
+        begun: AtomicU8::new(NOT_BEGUN),
+        resume: Mutex::new(Vec::new()),
+        handed: AtomicBool::new(false),
+        body_ahead: AtomicBool::new(false),
+        listener: AtomicUsize::new(idx),
+        proxy_client: std::sync::OnceLock::new(),
+        io: Arc::downgrade(&io),
+    });
+    let slot = {
+        let mut reg = w.registry.lock().unwrap();
+        reg.live += 1;
+        reg.peak = reg.peak.max(reg.live);
+        w.scoreboard.set_conns(w.slot, reg.live);
+        match reg.free.pop() {
+            Some(i) => {
+                reg.entries[i] = Some(entry.clone());
+                i
+            }
+            None => {
+                reg.entries.push(Some(entry.clone()));
+                reg.entries.len() - 1
+            }
+        }
+    };
+    Box::new(Conn {
+        entry,
+        slot,
+        io,
+        head: Head::default(),
+        listener: idx,
+        peer_addr: remote_addr.clone(),
+        remote_addr,
+        remote_port,
+        request_started: mono_ms(),
+        parsed_upto: 0,
+        head_ready: false,
+        fcgi: FcgiConn::default(),
+        registered: false,
+        // uwsgi and SCGI carry one request per connection: nothing to re-arm.
+        edge: w.config.threads <= 1 && matches!(protocol, Protocol::Http | Protocol::FastCgi),
+        hung_up: false,
+        proxy_pending: fresh && protocol == Protocol::Http && w.config.proxy_protocol,
+        head_charge: HeadCharge::default(),
+    })
+}
+
+/// Whether connection `fd` was accepted on a listener like `listener`: the
+/// same family, and for TCP the same port.
+pub(super) fn accepted_on(fd: RawFd, listener: &ListenerInfo) -> bool {
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    if unsafe { libc::getsockname(fd, &mut addr as *mut _ as *mut libc::sockaddr, &mut len) } < 0 {
+        return false;
+    }
+    let port = match addr.ss_family as i32 {
+        libc::AF_UNIX => return listener.is_unix,
+        libc::AF_INET => u16::from_be(unsafe { &*(&addr as *const _ as *const libc::sockaddr_in) }.sin_port),
+        libc::AF_INET6 => {
+            u16::from_be(unsafe { &*(&addr as *const _ as *const libc::sockaddr_in6) }.sin6_port)
+        }
+        _ => return false,
+    };
+    !listener.is_unix && listener.server_port == port.to_string()
+}
+
+pub(super) fn peer_strings(addr: &libc::sockaddr_storage, is_unix: bool) -> (String, String) {
+    if is_unix {
+        return (String::new(), String::new());
+    }
+    match addr.ss_family as i32 {
+        libc::AF_INET => {
+            let a = unsafe { &*(addr as *const _ as *const libc::sockaddr_in) };
+            let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+            (ip.to_string(), u16::from_be(a.sin_port).to_string())
+        }
+        libc::AF_INET6 => {
+            let a = unsafe { &*(addr as *const _ as *const libc::sockaddr_in6) };
+            let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+            let port = u16::from_be(a.sin6_port).to_string();
+            // An IPv4 client of a dual-stack `[::]` listener comes as
+            // ::ffff:a.b.c.d: it is a.b.c.d to the app and to the
+            // --forwarded-allow-ips and --proxy-allow-from lists.
+            match ip.to_ipv4_mapped() {
+                Some(v4) => (v4.to_string(), port),
+                None => (ip.to_string(), port),
+            }
+        }
+        _ => (String::new(), String::new()),
+    }
+}

@@ -1,0 +1,148 @@
+//! The worker's signals: which ones it takes over from the master's
+//! defaults, and how the main thread waits for them.
+
+use super::*;
+
+/// The worker's signal handlers, set up right after the fork by
+/// [`prepare_signals`], for [`run_worker`] to take.
+pub(super) static PREPARED_SIGNALS: Mutex<Option<WorkerSignals>> = Mutex::new(None);
+
+/// Sets up a new worker's signals before it loads the app: a stop asked
+/// for meanwhile is noted and acted on once the worker runs, and the mask
+/// is empty, so programs the app starts while it loads take signals as
+/// they should.
+pub fn prepare_signals(sigint: SigintMode) -> io::Result<()> {
+    let signals = WorkerSignals::install(sigint)?;
+    *PREPARED_SIGNALS.lock().unwrap_or_else(|p| p.into_inner()) = Some(signals);
+    Ok(())
+}
+
+/// The signals whose handlers [`WorkerSignals::install`] sets.
+pub(super) const WORKER_SIGNALS: [libc::c_int; 9] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGHUP,
+    libc::SIGTTIN,
+    libc::SIGTTOU,
+    libc::SIGWINCH,
+];
+
+/// The worker's handlers as installed, to put back if the app replaces them.
+pub(super) static OWN_HANDLERS: Mutex<Vec<(libc::c_int, libc::sigaction)>> = Mutex::new(Vec::new());
+
+/// Puts the worker's signal handlers back where the app, loading, set its
+/// own (`signal.signal(SIGTERM, ...)` at import), and says so. A Python
+/// handler runs only when the main thread runs Python, which in a worker it
+/// never does: the app's handler would not run, and the worker would no
+/// longer hear the master's TERM (a reload or stop would wait out
+/// --graceful-timeout and kill it).
+pub(super) fn restore_own_handlers() {
+    let own = OWN_HANDLERS.lock().unwrap_or_else(|p| p.into_inner());
+    let mut replaced = Vec::new();
+    for (sig, action) in own.iter() {
+        unsafe {
+            let mut now: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(*sig, std::ptr::null(), &mut now) == 0
+                && now.sa_sigaction != action.sa_sigaction
+            {
+                libc::sigaction(*sig, action, std::ptr::null_mut());
+                replaced.push(crate::supervise::signal_name(*sig));
+            }
+        }
+    }
+    if !replaced.is_empty() {
+        warn!(
+            "The app set its own handler for {}; a worker's signals are the server's (the master's \
+             stop, reload and log reopening come that way), so corral's handler is back in place and the \
+             app's will not run. To run code as a worker exits, register it with atexit",
+            replaced.join(", ")
+        );
+    }
+}
+
+/// The worker left at a quick stop (SIGQUIT, or SIGINT as configured).
+pub(super) static STOPPED_AT_ONCE: AtomicBool = AtomicBool::new(false);
+
+/// Whether this worker's serving ended with a quick stop rather than a
+/// graceful one (for gunicorn's `worker_int` hook).
+pub fn stopped_at_once() -> bool {
+    STOPPED_AT_ONCE.load(Ordering::Relaxed)
+}
+
+/// Signals a worker acts on, delivered through a self-pipe so the main
+/// thread can wait for them together with its sweep timer.
+pub(super) struct WorkerSignals {
+    pub(super) read_fd: RawFd,
+    pub(super) stop: Arc<AtomicBool>,
+    pub(super) quit: Arc<AtomicBool>,
+    /// SIGUSR1: reopen log files (after logrotate renamed them).
+    pub(super) reopen: Arc<AtomicBool>,
+}
+
+impl WorkerSignals {
+    pub(super) fn install(sigint: SigintMode) -> io::Result<WorkerSignals> {
+        use signal_hook::consts::*;
+        let mut fds = [0; 2];
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let quit = Arc::new(AtomicBool::new(false));
+        // The master's table decides, for a signal sent to the whole process
+        // group too (Ctrl-C, systemd's KillMode=control-group).
+        for sig in [SIGTERM, SIGINT, SIGQUIT] {
+            let flag = match crate::supervise::signal_action(sig, sigint) {
+                Some(crate::supervise::Action::QuickStop) => &quit,
+                _ => &stop,
+            };
+            signal_hook::flag::register(sig, flag.clone())?;
+        }
+        let reopen = Arc::new(AtomicBool::new(false));
+        signal_hook::flag::register(SIGUSR1, reopen.clone())?;
+        for sig in [SIGTERM, SIGINT, SIGQUIT, SIGUSR1] {
+            // Close-on-exec like the pipe itself: programs the app runs
+            // must not inherit the worker's signal pipe.
+            let w = unsafe { libc::fcntl(fds[1], libc::F_DUPFD_CLOEXEC, 0) };
+            signal_hook::low_level::pipe::register_raw(sig, w)?;
+        }
+        // Signals meant for the master alone: a worker ignores them rather
+        // than die of their default action when a whole group is signalled.
+        // With a handler that does nothing, not SIG_IGN: an ignored signal
+        // stays ignored in the programs the app runs, a handler does not.
+        extern "C" fn ignore(_: libc::c_int) {}
+        for sig in [SIGHUP, SIGTTIN, SIGTTOU, SIGWINCH] {
+            crate::supervise::set_handler(sig, ignore);
+        }
+        // From the master's next program, which stops this worker next.
+        crate::supervise::set_handler(SIGUSR2, crate::handover::note_superseded);
+        unsafe { libc::close(fds[1]) };
+        *OWN_HANDLERS.lock().unwrap_or_else(|p| p.into_inner()) = WORKER_SIGNALS
+            .iter()
+            .filter_map(|&sig| unsafe {
+                let mut now: libc::sigaction = std::mem::zeroed();
+                (libc::sigaction(sig, std::ptr::null(), &mut now) == 0).then_some((sig, now))
+            })
+            .collect();
+        // The master blocks its signals to read them from a signalfd; a
+        // worker runs app code that may start subprocesses, so it takes
+        // them with handlers and an unblocked mask instead. Unblocked only
+        // now that every handler is in place: the master forwards USR1 (and
+        // TERM) to workers as soon as they exist, and one that arrived since
+        // the fork is pending here and is delivered at this very call.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        }
+        Ok(WorkerSignals { read_fd: fds[0], stop, quit, reopen })
+    }
+
+    pub(super) fn wait(&self, timeout: Duration) {
+        crate::exchange::poll_one(self.read_fd, libc::POLLIN, timeout.as_millis() as i32);
+        let mut buf = [0u8; 64];
+        while unsafe { libc::read(self.read_fd, buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+    }
+}
