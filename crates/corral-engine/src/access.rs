@@ -545,6 +545,15 @@ fn json_str(out: &mut Vec<u8>, v: &[u8]) {
     out.push(b'"');
 }
 
+/// `s` as a JSON string, escaped as [`json_str`] escapes it (for the stats
+/// and the error log's JSON lines).
+pub fn json_string(s: &str) -> String {
+    let mut out = Vec::with_capacity(s.len() + 2);
+    json_str(&mut out, s.as_bytes());
+    // Text in, so text out: its characters are copied or escaped whole.
+    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
 /// `\u00NN`: the code point `b` (below 256) as a JSON escape.
 fn json_unicode_escape(out: &mut Vec<u8>, b: u8) {
     out.extend_from_slice(b"\\u00");

@@ -23,7 +23,7 @@
 //! without the handler: a crash on another thread, in a process the app
 //! forked, or a second crash.
 
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
 /// The signals a crash raises.
 const FAULTS: [libc::c_int; 5] = [libc::SIGSEGV, libc::SIGBUS, libc::SIGFPE, libc::SIGILL, libc::SIGABRT];
@@ -40,8 +40,9 @@ static CRASH: AtomicU64 = AtomicU64::new(0);
 /// to go on (Python's GIL): their requests then never end.
 static HELD_LOCK: AtomicBool = AtomicBool::new(false);
 /// The embedding's check for that lock, run in the handler: a
-/// `fn() -> bool` that must be async-signal-safe.
-static HOLDS_LOCK: AtomicUsize = AtomicUsize::new(0);
+/// `fn() -> bool` that must be async-signal-safe. A `OnceLock` is read with
+/// one atomic load, which a signal handler may do.
+static HOLDS_LOCK: std::sync::OnceLock<fn() -> bool> = std::sync::OnceLock::new();
 
 /// The kernel thread id of each serving thread, by index; 0 where none.
 /// Not a thread-local: in a library loaded with dlopen, a thread's first
@@ -56,7 +57,7 @@ const MAX_SERVING: usize = 1024;
 /// threads need, such as the GIL; it runs inside a signal handler.
 pub fn install(holds_lock: fn() -> bool) {
     WORKER_PID.store(unsafe { libc::getpid() }, Ordering::Relaxed);
-    HOLDS_LOCK.store(holds_lock as usize, Ordering::Relaxed);
+    let _ = HOLDS_LOCK.set(holds_lock);
     for sig in FAULTS {
         unsafe {
             let mut action: libc::sigaction = std::mem::zeroed();
@@ -135,9 +136,7 @@ extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut lib
         && raised_here
         && !CLAIMED.swap(true, Ordering::AcqRel)
     {
-        let check = HOLDS_LOCK.load(Ordering::Relaxed);
-        if check != 0 {
-            let check: fn() -> bool = unsafe { std::mem::transmute(check) };
+        if let Some(check) = HOLDS_LOCK.get() {
             HELD_LOCK.store(check(), Ordering::Release);
         }
         CRASH.store(((sig as u64) << 32) | (t as u64 + 1), Ordering::Release);

@@ -25,6 +25,9 @@ use crate::date;
 use crate::flusher;
 use crate::gateway::{self, FcgiIn, Stray};
 
+/// The most bytes one `sendfile` call is asked for: a count that fits any
+/// `size_t`, under the about 2 GiB that Linux moves in one call anyway.
+const SENDFILE_MAX: u64 = 1 << 30;
 /// The most the engine asks a socket for at a time while reading a body.
 pub const READ_CHUNK: usize = 64 * 1024;
 /// The least room a read asks the socket to fill.
@@ -838,7 +841,7 @@ impl Io {
         }
         // One record header per RECORD bytes of content, each followed by the
         // slices of `parts` it covers; written a batch of records at a time.
-        const RECORD: usize = 65528;
+        const RECORD: usize = fastcgi::MAX_ALIGNED_CONTENT_LEN;
         const BATCH: usize = 128;
         let records = total.div_ceil(RECORD);
         let mut headers: Vec<[u8; 8]> = Vec::with_capacity(records.min(BATCH));
@@ -1556,15 +1559,20 @@ impl Io {
                 if t.left == 0 {
                     return Ok(true);
                 }
-                // FastCGI: a STDOUT record header, then that many bytes straight from the file.
+                // FastCGI: a STDOUT record header, then that many bytes
+                // straight from the file, in records of a size that needs no
+                // padding.
                 if fcgi.is_some() {
                     // Between records, as for a streamed body: a front end
                     // whose client left (HAProxy sends ABORT_REQUEST and keeps
                     // the connection) is not sent the rest of a large file.
                     self.check_fcgi_abort()?;
                 }
-                t.owed =
-                    if fcgi.is_some() { t.left.min(65528) as usize } else { t.left.min(1 << 30) as usize };
+                t.owed = if fcgi.is_some() {
+                    t.left.min(fastcgi::MAX_ALIGNED_CONTENT_LEN as u64) as usize
+                } else {
+                    t.left.min(SENDFILE_MAX) as usize
+                };
                 t.left -= t.owed as u64;
                 if let Some(id) = fcgi {
                     let header = gateway::record_header(fastcgi::RecordType::Stdout, id, t.owed);

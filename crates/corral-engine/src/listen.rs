@@ -351,7 +351,7 @@ impl Listener {
             Addr::Tcp(host, port) => {
                 let (sock, sa) = tcp_bound(addr, host, *port, options)?;
                 sock.listen(backlog).map_err(|e| format!("listen on {addr}: {e}"))?;
-                sock.set_nonblocking(true).map_err(|e| e.to_string())?;
+                sock.set_nonblocking(true).map_err(|e| format!("set {addr} non-blocking: {e}"))?;
                 let local = sock.local_addr().ok().and_then(|a| a.as_socket()).unwrap_or(sa);
                 let bound = Addr::Tcp(local.ip().to_string(), local.port());
                 let mut l = Listener::new(sock.into(), bound, local.ip().to_string(), false, None);
@@ -374,7 +374,7 @@ impl Listener {
                 );
                 let sock = socket2::SockRef::from(&l.fd);
                 sock.listen(backlog).map_err(|e| format!("listen on {addr}: {e}"))?;
-                sock.set_nonblocking(true).map_err(|e| e.to_string())?;
+                sock.set_nonblocking(true).map_err(|e| format!("set {addr} non-blocking: {e}"))?;
                 Ok(l)
             }
         }

@@ -164,7 +164,11 @@ pub struct Scoreboard {
     threads: usize,
 }
 
+// SAFETY: the mapping lives as long as the process (it is never unmapped),
+// and every field in it is an atomic (or padding nobody writes), so any
+// thread of any process may read and write it through shared references.
 unsafe impl Send for Scoreboard {}
+// SAFETY: as for Send.
 unsafe impl Sync for Scoreboard {}
 
 impl Scoreboard {

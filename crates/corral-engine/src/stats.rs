@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
+use crate::access::json_string;
 use crate::scoreboard::{
     InFlight, COUNTERS, C_BYTES_IN, C_BYTES_OUT, C_LATENCY, C_LATENCY_SUM_US, C_REQUESTS, C_SHED, C_TIMEOUTS,
     LATENCY_BUCKETS, PROTOCOLS,
@@ -174,15 +175,15 @@ pub fn json(s: &Snapshot) -> String {
             let _ = write!(
                 o,
                 "{{\"method\":{},\"path\":{},\"age_ms\":{},\"offloaded\":{}}}",
-                js(method),
-                js(path),
+                json_string(method),
+                json_string(path),
                 r.age_ms,
                 r.offloaded
             );
         }
         o.push_str("],\"last_exception\":");
         match &w.last_exception {
-            Some(e) => o.push_str(&js(e)),
+            Some(e) => o.push_str(&json_string(e)),
             None => o.push_str("null"),
         }
         o.push('}');
@@ -191,26 +192,6 @@ pub fn json(s: &Snapshot) -> String {
     o
 }
 
-fn js(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for ch in s.chars() {
-        match ch {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-/// Reads one request from a stats client (bounded in size and time) and
-/// answers it. The socket is blocking-free: waits are `poll` with a short
-/// timeout, so a silent client cannot hold the master up for long.
 /// How long a monitoring client has to send its request and take the
 /// answer; one that idles past it is dropped.
 pub const CONN_DEADLINE_MS: u64 = 2000;

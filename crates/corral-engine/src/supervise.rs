@@ -1545,7 +1545,7 @@ impl<'a, H: Hooks> Master<'a, H> {
 }
 
 /// Resident memory of a process, from /proc; 0 if it is gone.
-fn rss_of(pid: libc::pid_t) -> u64 {
+pub(crate) fn rss_of(pid: libc::pid_t) -> u64 {
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap_or_default();
     let pages: u64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
     pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64

@@ -25,6 +25,10 @@ pub const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 8;
 /// Most content bytes in one record: the length field is a `u16`.
 pub const MAX_CONTENT_LEN: usize = u16::MAX as usize;
+/// The largest record content that is a multiple of 8 bytes: a writer that
+/// sends records of this size needs no padding to keep them aligned.
+pub const MAX_ALIGNED_CONTENT_LEN: usize = MAX_CONTENT_LEN & !7;
+const _: () = assert!(MAX_ALIGNED_CONTENT_LEN % 8 == 0 && MAX_ALIGNED_CONTENT_LEN + 8 > MAX_CONTENT_LEN);
 /// Longest name-value block accepted, such as a request's joined `PARAMS`
 /// stream. The front end builds it from an HTTP request head it has already
 /// limited; 1 MiB is generous for any head a front end lets through (Apache's

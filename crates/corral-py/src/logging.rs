@@ -90,23 +90,8 @@ pub fn json_line(level: &str, message: &str) -> String {
         "{{\"time\":\"{}\",\"level\":\"{level}\",\"pid\":{},\"worker\":{worker},\"message\":{}}}",
         iso_timestamp(),
         std::process::id(),
-        json_string(message)
+        corral_engine::access::json_string(message)
     )
-}
-
-fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 /// Local time as `YYYY-MM-DD HH:MM:SS +0000`, as gunicorn's error log has it.

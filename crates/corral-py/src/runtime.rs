@@ -251,11 +251,7 @@ impl Hooks for Runtime {
     }
 
     fn unlocked(&self, f: &mut dyn FnMut()) {
-        unsafe {
-            let ts = ffi::PyEval_SaveThread();
-            f();
-            ffi::PyEval_RestoreThread(ts);
-        }
+        crate::wsgi::without_gil(f)
     }
 
     fn worker_main(&self, ctx: WorkerCtx) -> i32 {

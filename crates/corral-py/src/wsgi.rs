@@ -869,12 +869,27 @@ impl App for WsgiApp {
 
     fn blocking(f: &mut dyn FnMut()) {
         // Called only on a thread running Python code, which holds the GIL.
-        unsafe {
-            let ts = ffi::PyEval_SaveThread();
-            f();
-            ffi::PyEval_RestoreThread(ts);
+        without_gil(f)
+    }
+}
+
+/// Runs `f` with the GIL released, and takes it back even if `f` panics: a
+/// panic is turned into a Python exception by pyo3's trampoline further up,
+/// and Python code must never go on without the GIL.
+///
+/// The calling thread must hold the GIL. `Python::allow_threads` would do
+/// the same, but it wants a `Send` closure, and the engine's waits are not.
+pub(crate) fn without_gil(f: &mut dyn FnMut()) {
+    struct Retake(*mut ffi::PyThreadState);
+    impl Drop for Retake {
+        fn drop(&mut self) {
+            // SAFETY: the state saved below, by this thread, is restored once.
+            unsafe { ffi::PyEval_RestoreThread(self.0) };
         }
     }
+    // SAFETY: the caller holds the GIL (see above), which this releases.
+    let _retake = Retake(unsafe { ffi::PyEval_SaveThread() });
+    f();
 }
 
 /// The `start_response` callable.

@@ -336,12 +336,12 @@ pub(super) fn adopt<A: App>(
     });
     let entry = Arc::new(Entry {
         fd,
-        state: AtomicU8::new(BUSY),
+        state: AtomicConnState::new(ConnState::Busy),
         deadline: AtomicU64::new(0),
         fresh: AtomicBool::new(fresh),
         between: AtomicBool::new(false),
         untouched: AtomicBool::new(false),
-        begun: AtomicU8::new(NOT_BEGUN),
+        begun: AtomicBegun(AtomicU8::new(Begun::Not as u8)),
         resume: Mutex::new(Vec::new()),
         handed: AtomicBool::new(false),
         body_ahead: AtomicBool::new(false),
@@ -390,20 +390,15 @@ pub(super) fn adopt<A: App>(
 /// Whether connection `fd` was accepted on a listener like `listener`: the
 /// same family, and for TCP the same port.
 pub(super) fn accepted_on(fd: RawFd, listener: &ListenerInfo) -> bool {
-    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    if unsafe { libc::getsockname(fd, &mut addr as *mut _ as *mut libc::sockaddr, &mut len) } < 0 {
+    // SAFETY: `fd` is a connection this worker owns for the whole call.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let Ok(local) = socket2::SockRef::from(&fd).local_addr() else {
         return false;
-    }
-    let port = match addr.ss_family as i32 {
-        libc::AF_UNIX => return listener.is_unix,
-        libc::AF_INET => u16::from_be(unsafe { &*(&addr as *const _ as *const libc::sockaddr_in) }.sin_port),
-        libc::AF_INET6 => {
-            u16::from_be(unsafe { &*(&addr as *const _ as *const libc::sockaddr_in6) }.sin6_port)
-        }
-        _ => return false,
     };
-    !listener.is_unix && listener.server_port == port.to_string()
+    match local.as_socket() {
+        Some(addr) => !listener.is_unix && listener.server_port.parse() == Ok(addr.port()),
+        None => listener.is_unix && local.is_unix(),
+    }
 }
 
 pub(super) fn peer_strings(addr: &libc::sockaddr_storage, is_unix: bool) -> (String, String) {

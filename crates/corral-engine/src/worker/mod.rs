@@ -140,6 +140,7 @@ impl Drop for HeadCharge {
         HEAD_BYTES.fetch_sub(self.0, Ordering::Relaxed);
     }
 }
+
 /// Connections whose finished responses one thread holds back before
 /// writing them all (see [`Held`]).
 const HOLD_CONNS: usize = 16;
@@ -204,20 +205,82 @@ fn idle_linger_over() -> bool {
         && mono_ms() >= DRAIN_STARTED.load(Ordering::Relaxed) + DRAIN_KEEPALIVE_LINGER.as_millis() as u64
 }
 
-const IDLE: u8 = 0;
-const BUSY: u8 = 1;
-const CLOSING: u8 = 2;
+/// Who may touch a connection's [`Conn`] now (its [`Entry::state`]).
+#[repr(u8)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum ConnState {
+    /// Parked in the epoll set: whoever claims it, a serving thread woken
+    /// for it or the main thread sweeping, owns it.
+    Idle = 0,
+    /// A serving thread owns it.
+    Busy = 1,
+    /// The main thread took it to close it or hand it to a sibling.
+    Closing = 2,
+}
 
-/// [`Entry::begun`]: nothing of a request is buffered.
-const NOT_BEGUN: u8 = 0;
-/// [`Entry::begun`]: a request's first bytes are buffered.
-const BEGUN: u8 = 1;
-/// [`Entry::begun`]: the first bytes of a new connection are buffered, and
-/// a PROXY header may be among them (or still to come).
-const BEGUN_BEFORE_PROXY: u8 = 2;
-/// [`Entry::begun`]: a FastCGI request is under way, its records so far
-/// taken into the connection's state (which [`Entry::resume`] encodes again).
-const BEGUN_FASTCGI: u8 = 3;
+/// A [`ConnState`] shared between threads. A claim is a compare-and-swap
+/// from `Idle`, so exactly one thread wins a parked connection.
+struct AtomicConnState(AtomicU8);
+
+impl AtomicConnState {
+    const fn new(s: ConnState) -> AtomicConnState {
+        AtomicConnState(AtomicU8::new(s as u8))
+    }
+
+    fn load(&self) -> ConnState {
+        match self.0.load(Ordering::Acquire) {
+            0 => ConnState::Idle,
+            1 => ConnState::Busy,
+            _ => ConnState::Closing,
+        }
+    }
+
+    /// Gives the connection up (to `Idle`): what was written to it before
+    /// is seen by whoever claims it next.
+    fn store(&self, s: ConnState) {
+        self.0.store(s as u8, Ordering::Release);
+    }
+
+    /// Takes an `Idle` connection as `to`; false if another thread has it.
+    fn claim(&self, to: ConnState) -> bool {
+        self.0.compare_exchange(ConnState::Idle as u8, to as u8, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+    }
+}
+
+/// How much of a request a parked connection holds (its [`Entry::begun`]),
+/// which says what a hand-over to a sibling must carry with it.
+#[repr(u8)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Begun {
+    /// Nothing of a request is buffered.
+    Not = 0,
+    /// A request's first bytes are buffered.
+    Request = 1,
+    /// The first bytes of a new connection are buffered, and a PROXY header
+    /// may be among them (or still to come).
+    BeforeProxy = 2,
+    /// A FastCGI request is under way, its records so far taken into the
+    /// connection's state (which [`Entry::resume`] encodes again).
+    FastCgi = 3,
+}
+
+/// A [`Begun`] the main thread reads while the connection is parked.
+struct AtomicBegun(AtomicU8);
+
+impl AtomicBegun {
+    fn load(&self) -> Begun {
+        match self.0.load(Ordering::Relaxed) {
+            1 => Begun::Request,
+            2 => Begun::BeforeProxy,
+            3 => Begun::FastCgi,
+            _ => Begun::Not,
+        }
+    }
+
+    fn store(&self, b: Begun) {
+        self.0.store(b as u8, Ordering::Relaxed);
+    }
+}
 
 /// What the master hands a freshly forked worker.
 pub struct WorkerCtx {
@@ -236,7 +299,7 @@ pub struct WorkerCtx {
 /// reads it to expire idle connections and to drain.
 struct Entry {
     fd: RawFd,
-    state: AtomicU8,
+    state: AtomicConnState,
     /// Monotonic ms after which an idle connection is closed; 0 = none.
     deadline: AtomicU64,
     /// No request has started on it yet. A drain closes idle keep-alive
@@ -254,10 +317,9 @@ struct Entry {
     /// Parked with the start of a request read into this process (a head
     /// waiting for its small body, a head in part) and all of it still in
     /// the buffer, at most what a hand-over carries: a worker whose every
-    /// thread is stuck hands it to a sibling with those bytes. One of
-    /// [`NOT_BEGUN`], [`BEGUN`], [`BEGUN_BEFORE_PROXY`], [`BEGUN_FASTCGI`].
-    begun: AtomicU8,
-    /// With [`BEGUN_FASTCGI`]: the records that resume its request, ahead of
+    /// thread is stuck hands it to a sibling with those bytes.
+    begun: AtomicBegun,
+    /// With [`Begun::FastCgi`]: the records that resume its request, ahead of
     /// the buffer (see [`crate::gateway::fcgi_resume`]).
     resume: Mutex<Vec<u8>>,
     /// Handed to a sibling by the sweeper: this process's copy of the
@@ -828,6 +890,13 @@ fn thread_main<A: App>(w: &Shared<A>, t: usize, holder: Option<Arc<crate::flushe
             } else if token < LISTENER_TOKENS {
                 accept_batch(w, &mut state, t, token as usize, &mut held);
             } else {
+                // SAFETY: any other token is a `Box<Conn>` that `park` leaked
+                // into the epoll set, and epoll names it to one thread once
+                // until `park` leaks it again: it is one-shot with several
+                // threads, and with one thread no other can be woken. Only
+                // the thread woken for it frees it (the sweeper shuts the
+                // socket down, which wakes one), and a box freed while still
+                // armed was taken out of the set first (see `close`).
                 let mut conn = unsafe { Box::from_raw(token as *mut Conn) };
                 conn.hung_up = ev.events & (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0;
                 serve(w, &mut state, t, conn, &mut held);
@@ -871,10 +940,10 @@ static APP_FORKED: AtomicBool = AtomicBool::new(false);
 
 /// The descriptors a child the app forks closes at once (the listeners, the
 /// hand-over inbox): one that lived on would hold the server's port after
-/// the server stopped, and take connections nobody answers. Atomics, since
-/// the child's handler may not take a lock another thread held at the fork.
-static CLOSE_IN_CHILD: [std::sync::atomic::AtomicI32; 64] =
-    [const { std::sync::atomic::AtomicI32::new(-1) }; 64];
+/// the server stopped, and take connections nobody answers. Set once before
+/// the app is called; a `OnceLock` is read without a lock, which the child's
+/// handler may not take (another thread may have held it at the fork).
+static CLOSE_IN_CHILD: std::sync::OnceLock<Box<[RawFd]>> = std::sync::OnceLock::new();
 
 /// Set in a child the app forked: a load per request, where asking for the
 /// pid would be a system call.
@@ -892,19 +961,14 @@ extern "C" fn app_forked_parent() {
 
 extern "C" fn app_forked_child() {
     IN_FORKED_CHILD.store(true, Ordering::Relaxed);
-    for fd in &CLOSE_IN_CHILD {
-        let fd = fd.load(Ordering::Relaxed);
-        if fd >= 0 {
-            unsafe { libc::close(fd) };
-        }
+    for &fd in CLOSE_IN_CHILD.get().map_or(&[][..], |fds| &fds[..]) {
+        unsafe { libc::close(fd) };
     }
 }
 
 /// Registers what a fork by the app does with the worker's descriptors.
 fn watch_app_forks(fds: impl Iterator<Item = RawFd>) {
-    for (slot, fd) in CLOSE_IN_CHILD.iter().zip(fds) {
-        slot.store(fd, Ordering::Relaxed);
-    }
+    let _ = CLOSE_IN_CHILD.set(fds.collect());
     unsafe { libc::pthread_atfork(None, Some(app_forked_parent), Some(app_forked_child)) };
 }
 

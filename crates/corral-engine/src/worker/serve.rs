@@ -11,7 +11,7 @@ pub(super) fn serve<A: App>(
     conn: Box<Conn>,
     held: &mut Held,
 ) {
-    let claim = |e: &Entry| e.state.compare_exchange(IDLE, BUSY, Ordering::AcqRel, Ordering::Relaxed).is_ok();
+    let claim = |e: &Entry| e.state.claim(ConnState::Busy);
     if !claim(&conn.entry) && !given_back(w, &conn.entry, claim) {
         // The sweeper shut it down (timeout or drain). Bytes still buffered
         // are a request that did not arrive whole in time: say so.
@@ -57,10 +57,10 @@ pub(super) fn serve<A: App>(
     serve_claimed(w, state, t, conn, held);
 }
 
-/// Whether a connection this thread was woken for, found CLOSING, is back
+/// Whether a connection this thread was woken for, found `Closing`, is back
 /// with it (and claimed, by `claim`): a draining worker's sweeper marks a
-/// connection CLOSING while it hands it to a sibling, under the registry
-/// lock, and gives it back (IDLE) when that fails (the sibling began to
+/// connection `Closing` while it hands it to a sibling, under the registry
+/// lock, and gives it back (`Idle`) when that fails (the sibling began to
 /// drain too, say). Closed then, the request that woke this thread would be
 /// lost with it (a reset, a 502 from nginx); the sweeper, which hands over
 /// only connections with nothing waiting, would never take it again.
@@ -272,7 +272,7 @@ pub(super) fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
     // takes the client it named from the note, and the connection as one a
     // request began on, with no PROXY header to come.
     let begun = if discard_until != 0 || conn.fcgi.close_after {
-        NOT_BEGUN
+        Begun::Not
     } else if conn.fcgi.active.is_some() {
         // Sized before it is encoded: PARAMS may hold up to 1 MiB.
         if crate::gateway::fcgi_resume_len(&conn.fcgi) as u64 + buffered
@@ -280,18 +280,18 @@ pub(super) fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
         {
             *conn.entry.resume.lock().unwrap_or_else(|p| p.into_inner()) =
                 crate::gateway::fcgi_resume(&conn.fcgi);
-            BEGUN_FASTCGI
+            Begun::FastCgi
         } else {
-            NOT_BEGUN
+            Begun::Not
         }
     } else if idle || buffered > crate::handover::CARRIED_MAX as u64 {
-        NOT_BEGUN
+        Begun::Not
     } else if conn.proxy_pending {
-        BEGUN_BEFORE_PROXY
+        Begun::BeforeProxy
     } else {
-        BEGUN
+        Begun::Request
     };
-    conn.entry.begun.store(begun, Ordering::Relaxed);
+    conn.entry.begun.store(begun);
     let op = if conn.registered { libc::EPOLL_CTL_MOD } else { libc::EPOLL_CTL_ADD };
     // Edge-triggered and still armed: bytes that arrive from now on raise an
     // event, and none are waiting unread, since the last read found the
@@ -303,7 +303,7 @@ pub(super) fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
     let fd = conn.entry.fd;
     let entry = conn.entry.clone();
     let ptr = Box::into_raw(conn);
-    entry.state.store(IDLE, Ordering::Release);
+    entry.state.store(ConnState::Idle);
     if armed {
         return;
     }
@@ -316,6 +316,8 @@ pub(super) fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
     // First park of a new connection adds it; later ones re-arm it.
     if unsafe { libc::epoll_ctl(w.epfd, op, fd, &mut ev) } < 0 {
         error!("epoll_ctl: {}", io::Error::last_os_error());
+        // SAFETY: `ptr` was leaked above and never reached the epoll set,
+        // so no other thread can have been given it.
         let conn = unsafe { Box::from_raw(ptr) };
         close(w, conn, false);
     }

@@ -3,6 +3,8 @@
 
 use super::*;
 
+use std::os::fd::IntoRawFd;
+
 /// The worker's signal handlers, set up right after the fork by
 /// [`prepare_signals`], for [`run_worker`] to take.
 pub(super) static PREPARED_SIGNALS: Mutex<Option<WorkerSignals>> = Mutex::new(None);
@@ -89,6 +91,8 @@ impl WorkerSignals {
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } < 0 {
             return Err(io::Error::last_os_error());
         }
+        // SAFETY: both ends were just opened, and nothing else owns them.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         let stop = Arc::new(AtomicBool::new(false));
         let quit = Arc::new(AtomicBool::new(false));
         // The master's table decides, for a signal sent to the whole process
@@ -103,10 +107,10 @@ impl WorkerSignals {
         let reopen = Arc::new(AtomicBool::new(false));
         signal_hook::flag::register(SIGUSR1, reopen.clone())?;
         for sig in [SIGTERM, SIGINT, SIGQUIT, SIGUSR1] {
-            // Close-on-exec like the pipe itself: programs the app runs
-            // must not inherit the worker's signal pipe.
-            let w = unsafe { libc::fcntl(fds[1], libc::F_DUPFD_CLOEXEC, 0) };
-            signal_hook::low_level::pipe::register_raw(sig, w)?;
+            // One descriptor per signal, which signal-hook keeps for good;
+            // close-on-exec like the pipe itself (try_clone), so programs
+            // the app runs do not inherit the worker's signal pipe.
+            signal_hook::low_level::pipe::register_raw(sig, write.try_clone()?.into_raw_fd())?;
         }
         // Signals meant for the master alone: a worker ignores them rather
         // than die of their default action when a whole group is signalled.
@@ -118,7 +122,7 @@ impl WorkerSignals {
         }
         // From the master's next program, which stops this worker next.
         crate::supervise::set_handler(SIGUSR2, crate::handover::note_superseded);
-        unsafe { libc::close(fds[1]) };
+        drop(write);
         *OWN_HANDLERS.lock().unwrap_or_else(|p| p.into_inner()) = WORKER_SIGNALS
             .iter()
             .filter_map(|&sig| unsafe {
@@ -137,7 +141,7 @@ impl WorkerSignals {
             libc::sigemptyset(&mut set);
             libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
         }
-        Ok(WorkerSignals { read_fd: fds[0], stop, quit, reopen })
+        Ok(WorkerSignals { read_fd: read.into_raw_fd(), stop, quit, reopen })
     }
 
     pub(super) fn wait(&self, timeout: Duration) {

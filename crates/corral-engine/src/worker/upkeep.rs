@@ -467,9 +467,7 @@ pub(super) fn ask_recycle<A: App>(w: &Shared<A>, why: Retire, detail: &str) {
 
 /// This process's resident set size in bytes.
 pub(super) fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
-    pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64
+    crate::supervise::rss_of(std::process::id() as libc::pid_t)
 }
 
 /// Stops accepting: the listeners leave this worker's epoll set and close,
@@ -584,7 +582,7 @@ pub(super) fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize 
     let mut wait_budget = 400;
     let reg = w.registry.lock().unwrap();
     for e in reg.entries.iter().flatten() {
-        if e.state.load(Ordering::Acquire) != IDLE {
+        if e.state.load() != ConnState::Idle {
             continue;
         }
         let expired = {
@@ -593,8 +591,7 @@ pub(super) fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize 
         };
         let between = e.between.load(Ordering::Relaxed);
         // Nothing of it read here, or all that was still buffered, to go with it.
-        let as_it_is =
-            |e: &Entry| e.untouched.load(Ordering::Relaxed) || e.begun.load(Ordering::Relaxed) != NOT_BEGUN;
+        let as_it_is = |e: &Entry| e.untouched.load(Ordering::Relaxed) || e.begun.load() != Begun::Not;
         let orphan = orphans && as_it_is(e) && !e.handed.load(Ordering::Relaxed);
         if !(expired || (draining || close_idle) && between || orphan) {
             // Nothing to do for it: spare the system call below, four times
@@ -609,13 +606,13 @@ pub(super) fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize 
             if to.is_none() && *successor.get_or_insert_with(|| can_hand_over(w)) {
                 left += 1;
             }
-            // Taken for the hand-over (CLOSING), and still as it was seen: a
+            // Taken for the hand-over (`Closing`), and still as it was seen: a
             // thread may have served a request on it since its flags were
             // read, and parked it again with the start of the next one read
             // into this process's buffer (which would be lost with it). Once
-            // it is CLOSING no thread takes it, so its flags stand still.
+            // it is `Closing` no thread takes it, so its flags stand still.
             let take = |e: &Entry| {
-                if e.state.compare_exchange(IDLE, CLOSING, Ordering::AcqRel, Ordering::Relaxed).is_err() {
+                if !e.state.claim(ConnState::Closing) {
                     return false;
                 }
                 let fits = if orphan {
@@ -624,7 +621,7 @@ pub(super) fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize 
                     e.between.load(Ordering::Relaxed) && pending_bytes(e.fd) == 0
                 };
                 if !fits {
-                    e.state.store(IDLE, Ordering::Release);
+                    e.state.store(ConnState::Idle);
                 }
                 fits
             };
@@ -634,18 +631,18 @@ pub(super) fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize 
                     // descriptor meanwhile. A thread woken for it from here on
                     // waits for that lock (given_back), then closes this
                     // process's copy only if the connection went, and serves
-                    // it if the hand-over failed and it is IDLE again. The
+                    // it if the hand-over failed and it is `Idle` again. The
                     // bytes of its request read here go with it, as they are
-                    // at each try: no thread takes it while it is CLOSING,
+                    // at each try: no thread takes it while it is `Closing`,
                     // only the flusher may hold its buffers for a moment (it
                     // is then tried again, as with a full inbox).
                     let send = || {
-                        let begun = e.begun.load(Ordering::Relaxed);
+                        let begun = e.begun.load();
                         let mut carried = match begun {
-                            BEGUN_FASTCGI => e.resume.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                            Begun::FastCgi => e.resume.lock().unwrap_or_else(|p| p.into_inner()).clone(),
                             _ => Vec::new(),
                         };
-                        if begun != NOT_BEGUN {
+                        if begun != Begun::Not {
                             match e.io.upgrade().and_then(|io| io.try_lock().ok().map(|io| io.buf.to_vec())) {
                                 Some(bytes) => carried.extend_from_slice(&bytes),
                                 None => return Err(io::Error::from(io::ErrorKind::WouldBlock)),
@@ -653,7 +650,7 @@ pub(super) fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize 
                         }
                         let mut note = note_for(w, e.listener.load(Ordering::Relaxed), e);
                         if !carried.is_empty() {
-                            note.fresh = begun == BEGUN_BEFORE_PROXY;
+                            note.fresh = begun == Begun::BeforeProxy;
                         }
                         crate::handover::send(w.master, to, e.fd, note, &carried)
                     };
@@ -662,14 +659,14 @@ pub(super) fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize 
                     // messages on it (net.unix.max_dgram_qlen, often 10) and
                     // it empties them as fast as it can. Wait a little for it,
                     // within a budget per sweep (the registry is locked). The
-                    // connection is IDLE while it waits: a request that comes
+                    // connection is `Idle` while it waits: a request that comes
                     // meanwhile wakes a thread that serves it here.
                     let mut taken = true;
                     while matches!(&sent, Err(err) if err.kind() == io::ErrorKind::WouldBlock)
                         && wait_budget > 0
                     {
                         wait_budget -= 1;
-                        e.state.store(IDLE, Ordering::Release);
+                        e.state.store(ConnState::Idle);
                         std::thread::sleep(Duration::from_micros(500));
                         if !take(e) {
                             taken = false;
@@ -684,7 +681,7 @@ pub(super) fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize 
                         Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                             // Tried again at the next sweep: closed, it would
                             // lose a request sent on it meanwhile.
-                            e.state.store(IDLE, Ordering::Release);
+                            e.state.store(ConnState::Idle);
                             left += 1;
                             continue;
                         }
@@ -701,7 +698,7 @@ pub(super) fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize 
                             // Gone or draining since it was chosen: another
                             // is tried at the next sweep.
                             debug!("handing a connection to worker {to}: {err}");
-                            e.state.store(IDLE, Ordering::Release);
+                            e.state.store(ConnState::Idle);
                             left += 1;
                         }
                     }
@@ -718,7 +715,7 @@ pub(super) fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize 
             // a head still incomplete by its own deadline.
             continue;
         }
-        if e.state.compare_exchange(IDLE, CLOSING, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+        if e.state.claim(ConnState::Closing) {
             if expired && e.body_ahead.load(Ordering::Relaxed) {
                 // A request whose head came whole: it gets its answer (what
                 // does not fit in the socket at once is not waited for).
@@ -764,7 +761,7 @@ pub(super) fn reclaim_idle(reg: &Registry) -> bool {
         .iter()
         .flatten()
         .filter(|e| {
-            e.state.load(Ordering::Acquire) == IDLE
+            e.state.load() == ConnState::Idle
                 && e.between.load(Ordering::Relaxed)
                 && !e.handed.load(Ordering::Relaxed)
         })
@@ -775,7 +772,7 @@ pub(super) fn reclaim_idle(reg: &Registry) -> bool {
         if pending_bytes(e.fd) > 0 {
             continue; // its next request is arriving
         }
-        if e.state.compare_exchange(IDLE, CLOSING, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+        if e.state.claim(ConnState::Closing) {
             // As the sweep closes one past its timeout: the fd stays open
             // until a thread sees the hang-up and removes the entry under
             // the registry lock, which is held here.
