@@ -605,6 +605,62 @@ fn reserve_stdio(py: Python<'_>) {
     }
 }
 
+/// Says why the command line (with the config layers) was refused, and
+/// where an option it names was set when not on the command line; returns
+/// the exit code (0 for --help and --version, which clap reports the same way).
+fn report_parse_error(
+    e: &clap::Error,
+    cmd: &clap::Command,
+    argv: &[String],
+    origins: &crate::config_file::FileOrigins,
+) -> i32 {
+    let code = if e.use_stderr() { 2 } else { 0 };
+    let _ = e.print();
+    if e.kind() == clap::error::ErrorKind::UnknownArgument {
+        if let Some(clap::error::ContextValue::String(arg)) = e.get(clap::error::ContextKind::InvalidArg) {
+            let name = arg.split('=').next().unwrap_or_default();
+            if let Some(eq) = crate::uwsgi_names::equivalent(name) {
+                eprintln!("note: for uWSGI's {name}, corral takes {eq}");
+            } else if let Some(g) = crate::gunicorn_conf::hint(name) {
+                eprintln!("note: for gunicorn's {name}, corral takes {g}");
+            }
+        }
+    }
+    if let Some(clap::error::ContextValue::String(arg)) = e.get(clap::error::ContextKind::InvalidArg) {
+        let id =
+            arg.trim_start_matches('-').split([' ', '=', '[']).next().unwrap_or_default().replace('-', "_");
+        if let Some(at) = origins.get(&id) {
+            eprintln!("(that value comes from {at})");
+        } else if let Some(var) = cmd
+            .get_arguments()
+            .find(|a| a.get_id() == id.as_str())
+            .filter(|a| a.get_long().is_some_and(|l| !given_on_command_line(argv, l)))
+            .and_then(|a| a.get_env())
+            .filter(|var| std::env::var_os(var).is_some())
+        {
+            eprintln!("(that value comes from the environment variable {})", var.to_string_lossy());
+        }
+    }
+    if e.kind() == clap::error::ErrorKind::MissingRequiredArgument {
+        // Which option set in the config file asks for the missing
+        // one: the one without which the requirement goes away.
+        for (id, at) in origins {
+            let Some(long) =
+                cmd.get_arguments().find(|a| a.get_id() == id.as_str()).and_then(|a| a.get_long())
+            else {
+                continue;
+            };
+            let prefix = format!("--{long}=");
+            let without: Vec<&String> = argv.iter().filter(|a| !a.starts_with(&prefix)).collect();
+            let still = cmd.clone().try_get_matches_from(without).err().map(|e| e.kind());
+            if still != Some(clap::error::ErrorKind::MissingRequiredArgument) {
+                eprintln!("(--{long}, which needs it, comes from {at})");
+            }
+        }
+    }
+    code
+}
+
 /// Entry point behind `corral` and `python -m corral`; returns the exit code.
 pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     // Before anything can start a program (a --preload import): see there.
@@ -652,60 +708,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         cmd.clone().try_get_matches_from(&argv).and_then(|m| Cli::from_arg_matches(&m).map(|c| (m, c)));
     let (matches, mut cli) = match parsed {
         Ok(p) => p,
-        Err(e) => {
-            let code = if e.use_stderr() { 2 } else { 0 };
-            let _ = e.print();
-            if e.kind() == clap::error::ErrorKind::UnknownArgument {
-                if let Some(clap::error::ContextValue::String(arg)) =
-                    e.get(clap::error::ContextKind::InvalidArg)
-                {
-                    let name = arg.split('=').next().unwrap_or_default();
-                    if let Some(eq) = crate::uwsgi_names::equivalent(name) {
-                        eprintln!("note: for uWSGI's {name}, corral takes {eq}");
-                    } else if let Some(g) = crate::gunicorn_conf::hint(name) {
-                        eprintln!("note: for gunicorn's {name}, corral takes {g}");
-                    }
-                }
-            }
-            if let Some(clap::error::ContextValue::String(arg)) = e.get(clap::error::ContextKind::InvalidArg)
-            {
-                let id = arg
-                    .trim_start_matches('-')
-                    .split([' ', '=', '['])
-                    .next()
-                    .unwrap_or_default()
-                    .replace('-', "_");
-                if let Some(at) = origins.get(&id) {
-                    eprintln!("(that value comes from {at})");
-                } else if let Some(var) = cmd
-                    .get_arguments()
-                    .find(|a| a.get_id() == id.as_str())
-                    .filter(|a| a.get_long().is_some_and(|l| !given_on_command_line(&argv, l)))
-                    .and_then(|a| a.get_env())
-                    .filter(|var| std::env::var_os(var).is_some())
-                {
-                    eprintln!("(that value comes from the environment variable {})", var.to_string_lossy());
-                }
-            }
-            if e.kind() == clap::error::ErrorKind::MissingRequiredArgument {
-                // Which option set in the config file asks for the missing
-                // one: the one without which the requirement goes away.
-                for (id, at) in &origins {
-                    let Some(long) =
-                        cmd.get_arguments().find(|a| a.get_id() == id.as_str()).and_then(|a| a.get_long())
-                    else {
-                        continue;
-                    };
-                    let prefix = format!("--{long}=");
-                    let without: Vec<&String> = argv.iter().filter(|a| !a.starts_with(&prefix)).collect();
-                    let still = cmd.clone().try_get_matches_from(without).err().map(|e| e.kind());
-                    if still != Some(clap::error::ErrorKind::MissingRequiredArgument) {
-                        eprintln!("(--{long}, which needs it, comes from {at})");
-                    }
-                }
-            }
-            return Ok(code);
-        }
+        Err(e) => return Ok(report_parse_error(&e, &cmd, &argv, &origins)),
     };
     let given: Vec<String> =
         cli.env.iter().filter_map(|p| p.split_once('=')).map(|(k, _)| k.to_string()).collect();
@@ -1270,30 +1273,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         config.threads,
         std::process::id()
     );
-    // Each connection is a descriptor in its worker; past the limit accepts
-    // fail and clients wait in the queue. The soft limit (systemd's default
-    // is 1024) is raised as far as --max-connections needs, within the hard
-    // one, as nginx's worker_rlimit_nofile would.
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    let wanted = (config.max_connections as u64).saturating_add(64);
-    let known = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
-    if known && limit.rlim_cur < wanted {
-        let raised = libc::rlimit { rlim_cur: wanted.min(limit.rlim_max), rlim_max: limit.rlim_max };
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            limit = raised;
-        }
-    }
-    if known
-        && limit.rlim_cur != libc::RLIM_INFINITY
-        && (config.max_connections as u64).saturating_add(24) > limit.rlim_cur
-    {
-        warn!(
-            "--max-connections {} is more than the open files limit ({}, `ulimit -n`; LimitNOFILE= under \
-             systemd) leaves room for: a worker stops accepting when it runs out; raise the limit or lower \
-             --max-connections",
-            config.max_connections, limit.rlim_cur
-        );
-    }
+    raise_open_files_limit(config.max_connections);
     let sys = py.import("sys")?;
     let reexec = crate::runtime::Reexec {
         exe: sys.getattr("executable")?.extract::<String>()?,
@@ -1357,6 +1337,38 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     runtime.on_exit(py);
     remove_pidfile();
     Ok(code)
+}
+
+/// Each connection is a descriptor in its worker; past the limit accepts
+/// fail and clients wait in the queue. The soft limit (systemd's default
+/// is 1024) is raised as far as --max-connections needs, within the hard
+/// one, as nginx's worker_rlimit_nofile would; what stays short is said.
+fn raise_open_files_limit(max_connections: usize) {
+    /// Room asked for beyond the connections: listeners, log files, pipes,
+    /// the epoll set and the app's own files.
+    const ROOM_WANTED: u64 = 64;
+    /// Below this much room a worker runs out before its connection limit.
+    const ROOM_NEEDED: u64 = 24;
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let wanted = (max_connections as u64).saturating_add(ROOM_WANTED);
+    let known = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
+    if known && limit.rlim_cur < wanted {
+        let raised = libc::rlimit { rlim_cur: wanted.min(limit.rlim_max), rlim_max: limit.rlim_max };
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    if known
+        && limit.rlim_cur != libc::RLIM_INFINITY
+        && (max_connections as u64).saturating_add(ROOM_NEEDED) > limit.rlim_cur
+    {
+        warn!(
+            "--max-connections {} is more than the open files limit ({}, `ulimit -n`; LimitNOFILE= under \
+             systemd) leaves room for: a worker stops accepting when it runs out; raise the limit or lower \
+             --max-connections",
+            max_connections, limit.rlim_cur
+        );
+    }
 }
 
 /// What an import of the app needs in this process: `--env`, `--chdir`,
