@@ -94,36 +94,38 @@ pub enum Action {
     ExplainWinch,
 }
 
-/// The signals the master handles.
-pub const SIGNALS: &[libc::c_int] = &[
-    libc::SIGTERM,
-    libc::SIGINT,
-    libc::SIGQUIT,
-    libc::SIGHUP,
-    libc::SIGTTIN,
-    libc::SIGTTOU,
-    libc::SIGUSR1,
-    libc::SIGUSR2,
-    libc::SIGCHLD,
-    libc::SIGWINCH,
+/// The one table from signal to action. SIGINT's is the one of `--sigint
+/// graceful`; `--sigint quick` makes it a quick stop (see [`signal_action`]).
+const TABLE: [(libc::c_int, Action); 10] = [
+    (libc::SIGTERM, Action::GracefulStop),
+    (libc::SIGINT, Action::GracefulStop),
+    (libc::SIGQUIT, Action::QuickStop),
+    (libc::SIGHUP, Action::Reload),
+    (libc::SIGTTIN, Action::AddWorker),
+    (libc::SIGTTOU, Action::RemoveWorker),
+    (libc::SIGUSR1, Action::ReopenLogs),
+    (libc::SIGUSR2, Action::Reexec),
+    (libc::SIGCHLD, Action::ReapChildren),
+    (libc::SIGWINCH, Action::ExplainWinch),
 ];
 
-/// The one table from signal to action (`--sigint` chooses INT's).
+/// The signals the master handles: those of [`TABLE`].
+pub const SIGNALS: [libc::c_int; TABLE.len()] = {
+    let mut out = [0; TABLE.len()];
+    let mut i = 0;
+    while i < TABLE.len() {
+        out[i] = TABLE[i].0;
+        i += 1;
+    }
+    out
+};
+
+/// What `sig` asks of the master, with `--sigint` applied.
 pub fn signal_action(sig: libc::c_int, sigint: SigintMode) -> Option<Action> {
-    Some(match sig {
-        libc::SIGTERM => Action::GracefulStop,
-        libc::SIGINT if sigint == SigintMode::Quick => Action::QuickStop,
-        libc::SIGINT => Action::GracefulStop,
-        libc::SIGQUIT => Action::QuickStop,
-        libc::SIGHUP => Action::Reload,
-        libc::SIGTTIN => Action::AddWorker,
-        libc::SIGTTOU => Action::RemoveWorker,
-        libc::SIGUSR1 => Action::ReopenLogs,
-        libc::SIGUSR2 => Action::Reexec,
-        libc::SIGCHLD => Action::ReapChildren,
-        libc::SIGWINCH => Action::ExplainWinch,
-        _ => return None,
-    })
+    if sig == libc::SIGINT && sigint == SigintMode::Quick {
+        return Some(Action::QuickStop);
+    }
+    TABLE.iter().find(|(s, _)| *s == sig).map(|&(_, action)| action)
 }
 
 /// Environment variable through which a re-executed master finds the
@@ -1282,7 +1284,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             crate::daemon::forget();
             // Still blocked here: the master's forwarding handler goes before
             // the worker's own are set, which would otherwise chain to it.
-            for sig in SIGNALS {
+            for sig in &SIGNALS {
                 unsafe { libc::signal(*sig, libc::SIG_DFL) };
             }
             // The worker takes its signals with handlers before any Python
@@ -1583,7 +1585,7 @@ fn signal_set() -> libc::sigset_t {
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for sig in SIGNALS {
+        for sig in &SIGNALS {
             libc::sigaddset(&mut set, *sig);
         }
         set
@@ -1630,7 +1632,7 @@ pub fn hold_early_signals() {
     if !held.is_empty() {
         return;
     }
-    for sig in SIGNALS {
+    for sig in &SIGNALS {
         if let Some(old) = set_handler(*sig, note_early_signal) {
             held.push((*sig, old));
         }
@@ -1696,7 +1698,7 @@ extern "C" fn forward_to_main_thread(sig: libc::c_int) {
 /// raised again, to wait in the signalfd.
 fn release_early_signals(handler: extern "C" fn(libc::c_int)) {
     HELD.lock().unwrap_or_else(|p| p.into_inner()).clear();
-    for sig in SIGNALS {
+    for sig in &SIGNALS {
         set_handler(*sig, handler);
     }
     raise_early_signals();
@@ -1705,7 +1707,7 @@ fn release_early_signals(handler: extern "C" fn(libc::c_int)) {
 /// Raises again the signals [`hold_early_signals`] noted.
 fn raise_early_signals() {
     let early = EARLY.swap(0, std::sync::atomic::Ordering::Relaxed);
-    for sig in SIGNALS {
+    for sig in &SIGNALS {
         if early & (1 << sig) != 0 {
             unsafe { libc::raise(*sig) };
         }
