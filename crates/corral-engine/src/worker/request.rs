@@ -20,71 +20,7 @@ pub(super) fn handle_request<A: App>(
 ) -> Outcome {
     let listener = &w.listeners[conn.listener].1;
     conn.entry.fresh.store(false, Ordering::Relaxed);
-    let (bytes, params, generation, too_large) = {
-        let mut io = conn.io.lock().unwrap();
-        let (bytes, params) = match incoming {
-            Incoming::Http(n) => {
-                let head_bytes = io.buf.split_to(n).freeze();
-                let head = &conn.head;
-                io.wire = Wire::Http;
-                io.body = match head.framing {
-                    BodyFraming::None => BodyState::Done,
-                    BodyFraming::Length(len) => BodyState::Length(len),
-                    BodyFraming::Chunked => BodyState::Chunked(http1::ChunkedDecoder::new()),
-                };
-                io.continue_owed = head.expect_continue && !matches!(io.body, BodyState::Done);
-                io.http11 = head.version == Version::Http11;
-                io.head_request = &head_bytes[head.method.clone()] == b"HEAD";
-                // A zero --keepalive-timeout turns keep-alive off (gunicorn's 0).
-                // Draining, a connection closes after this request unless
-                // the client sent another behind it already.
-                io.keep_alive = head.keep_alive
-                    && (!draining() || io.pipelined())
-                    && !w.config.keepalive_timeout.is_zero();
-                (head_bytes, None)
-            }
-            Incoming::Gateway(g) => {
-                io.wire = g.wire;
-                io.body = g.body;
-                io.continue_owed = false;
-                io.http11 = true;
-                io.head_request = g.params.get(&g.bytes, b"REQUEST_METHOD") == Some(b"HEAD");
-                io.keep_alive =
-                    matches!(g.wire, Wire::FastCgi { keep_conn: true, .. }) && fastcgi_conn_may_stay();
-                (g.bytes, Some(g.params))
-            }
-        };
-        // The body's declared length: uwsgi and SCGI frame the body by it;
-        // FastCGI streams STDIN, but the front end says its length too.
-        let declared = match (&io.body, &params) {
-            (BodyState::Length(len), _) => Some(*len),
-            (BodyState::Fcgi(_), Some(p)) if w.config.max_body_size != u64::MAX => p
-                .get(&bytes, b"CONTENT_LENGTH")
-                .and_then(|v| std::str::from_utf8(v).ok())
-                .and_then(|v| v.trim().parse::<u64>().ok()),
-            _ => None,
-        };
-        let too_large = declared.filter(|&len| len > w.config.max_body_size);
-        io.body_received = 0;
-        io.body_deadline = 0;
-        io.discard_until = 0;
-        io.pending.clear();
-        io.phase = RespPhase::Idle;
-        io.block_at = None;
-        io.status = 0;
-        io.app_length = None;
-        io.app_date = false;
-        io.bytes_sent = 0;
-        io.aborted = false;
-        io.fcgi_aborted = false;
-        io.fcgi_ended = false;
-        if w.access.as_ref().is_some_and(|a| a.format.needs_response_headers()) {
-            io.logged_headers.get_or_insert_with(Vec::new).clear();
-        }
-        io.logged_environ.clear();
-        io.generation += 1;
-        (bytes, params, io.generation, too_large)
-    };
+    let (bytes, params, generation, too_large) = begin_request(w, conn, incoming);
     let forwarded_https = match params {
         Some(_) => false,
         None if !conn.head.scheme_fields => false,
@@ -149,38 +85,7 @@ pub(super) fn handle_request<A: App>(
     // gunicorn's debug level has a line per request too.
     debug!("{} {}", String::from_utf8_lossy(req.method()), String::from_utf8_lossy(req.target()));
     match static_target(&w.config.static_mounts, &req) {
-        Some((mount, rel)) => {
-            // Answered here: no app, no GIL, so waits block this thread plainly.
-            let ex = Exchange { io: conn.io.clone(), generation, blocking: |f| f() };
-            let header = |name: &str| request_header(&req, name);
-            let values = [
-                "if-match",
-                "if-none-match",
-                "if-modified-since",
-                "if-unmodified-since",
-                "if-range",
-                "range",
-                "accept-encoding",
-            ]
-            .map(header);
-            let v = |i: usize| values[i].as_deref();
-            let conditions = crate::static_files::Conditions {
-                if_match: v(0),
-                if_none_match: v(1),
-                if_modified_since: v(2),
-                if_unmodified_since: v(3),
-                if_range: v(4),
-                range: v(5),
-                accept_encoding: v(6),
-                query: match req.cgi() {
-                    Some(c) => c.get(req.bytes, b"QUERY_STRING").unwrap_or(b""),
-                    None => req.query(),
-                },
-            };
-            let method = req.method();
-            let ok = method == b"GET" || method == b"HEAD";
-            crate::static_files::serve(&ex, mount, &rel, method == b"HEAD", ok, &conditions);
-        }
+        Some((mount, rel)) => serve_static(conn, generation, mount, &rel, &req),
         None => {
             let mut ex = Exchange { io: conn.io.clone(), generation, blocking: A::blocking };
             w.app.call(state, &req, &mut ex);
@@ -216,6 +121,120 @@ pub(super) fn handle_request<A: App>(
         conn.request_started = mono_ms();
     }
     Outcome::Done(keep)
+}
+
+/// Sets the connection's I/O up for the request `incoming` says is ready:
+/// its body's framing, whether the connection may stay, the response state
+/// of the last request cleared. Answers the request's bytes, a front end's
+/// parameters, the exchange's generation, and the declared body length when
+/// it passes --max-body-size.
+fn begin_request<A: App>(
+    w: &Shared<A>,
+    conn: &mut Conn,
+    incoming: Incoming,
+) -> (Bytes, Option<cgi::CgiParams>, u64, Option<u64>) {
+    let mut io = conn.io.lock().unwrap();
+    let (bytes, params) = match incoming {
+        Incoming::Http(n) => {
+            let head_bytes = io.buf.split_to(n).freeze();
+            let head = &conn.head;
+            io.wire = Wire::Http;
+            io.body = match head.framing {
+                BodyFraming::None => BodyState::Done,
+                BodyFraming::Length(len) => BodyState::Length(len),
+                BodyFraming::Chunked => BodyState::Chunked(http1::ChunkedDecoder::new()),
+            };
+            io.continue_owed = head.expect_continue && !matches!(io.body, BodyState::Done);
+            io.http11 = head.version == Version::Http11;
+            io.head_request = &head_bytes[head.method.clone()] == b"HEAD";
+            // A zero --keepalive-timeout turns keep-alive off (gunicorn's 0).
+            // Draining, a connection closes after this request unless
+            // the client sent another behind it already.
+            io.keep_alive =
+                head.keep_alive && (!draining() || io.pipelined()) && !w.config.keepalive_timeout.is_zero();
+            (head_bytes, None)
+        }
+        Incoming::Gateway(g) => {
+            io.wire = g.wire;
+            io.body = g.body;
+            io.continue_owed = false;
+            io.http11 = true;
+            io.head_request = g.params.get(&g.bytes, b"REQUEST_METHOD") == Some(b"HEAD");
+            io.keep_alive =
+                matches!(g.wire, Wire::FastCgi { keep_conn: true, .. }) && fastcgi_conn_may_stay();
+            (g.bytes, Some(g.params))
+        }
+    };
+    // The body's declared length: uwsgi and SCGI frame the body by it;
+    // FastCGI streams STDIN, but the front end says its length too.
+    let declared = match (&io.body, &params) {
+        (BodyState::Length(len), _) => Some(*len),
+        (BodyState::Fcgi(_), Some(p)) if w.config.max_body_size != u64::MAX => p
+            .get(&bytes, b"CONTENT_LENGTH")
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.trim().parse::<u64>().ok()),
+        _ => None,
+    };
+    let too_large = declared.filter(|&len| len > w.config.max_body_size);
+    io.body_received = 0;
+    io.body_deadline = 0;
+    io.discard_until = 0;
+    io.pending.clear();
+    io.phase = RespPhase::Idle;
+    io.block_at = None;
+    io.status = 0;
+    io.app_length = None;
+    io.app_date = false;
+    io.bytes_sent = 0;
+    io.aborted = false;
+    io.fcgi_aborted = false;
+    io.fcgi_ended = false;
+    if w.access.as_ref().is_some_and(|a| a.format.needs_response_headers()) {
+        io.logged_headers.get_or_insert_with(Vec::new).clear();
+    }
+    io.logged_environ.clear();
+    io.generation += 1;
+    (bytes, params, io.generation, too_large)
+}
+
+/// Answers a request for a file under --static, here: no app, no GIL, so
+/// waits block this thread plainly.
+fn serve_static(
+    conn: &Conn,
+    generation: u64,
+    mount: &crate::static_files::Mount,
+    rel: &[u8],
+    req: &Request<'_>,
+) {
+    let ex = Exchange { io: conn.io.clone(), generation, blocking: |f| f() };
+    let header = |name: &str| request_header(req, name);
+    let values = [
+        "if-match",
+        "if-none-match",
+        "if-modified-since",
+        "if-unmodified-since",
+        "if-range",
+        "range",
+        "accept-encoding",
+    ]
+    .map(header);
+    let v = |i: usize| values[i].as_deref();
+    let conditions = crate::static_files::Conditions {
+        if_match: v(0),
+        if_none_match: v(1),
+        if_modified_since: v(2),
+        if_unmodified_since: v(3),
+        if_range: v(4),
+        range: v(5),
+        accept_encoding: v(6),
+        query: match req.cgi() {
+            Some(c) => c.get(req.bytes, b"QUERY_STRING").unwrap_or(b""),
+            None => req.query(),
+        },
+    };
+    let method = req.method();
+    let ok = method == b"GET" || method == b"HEAD";
+    crate::static_files::serve(&ex, mount, rel, method == b"HEAD", ok, &conditions);
 }
 
 /// The end of every request: metrics (unless `count` is false), `--max-requests`,
