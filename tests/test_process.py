@@ -447,8 +447,35 @@ def test_quick_stop_does_not_wait_for_slow_requests(start_server, how, args):
             resp = future.result(timeout=30)
         except (OSError, IncompleteResponse):
             resp = None
-    # The slow request was cut off, not served in full.
+    # The slow request was cut off, not served in full, and the log says which.
     assert resp is None or not (resp.status == 200 and resp.complete), resp
+    assert re.search(
+        r"\[WARNING\] Worker exiting at once \(quick stop\) while serving GET /slow\?secs=20&id=q \(\d+ ms in\)",
+        server.log,
+    ), server.log
+
+
+def test_group_stop_with_shutdown_delay_keeps_workers_serving(start_server):
+    """TERM to the whole process group (systemd's KillMode=control-group,
+    kill -- -PGID) with --shutdown-delay: the workers serve on through the
+    delay as the master does, rather than leave its listeners with nobody
+    accepting (connections queued there were reset when the delay ended)."""
+    server = start_server("behaviour:application", "--shutdown-delay", "3", workers=2)
+    mark = server.mark()
+    os.killpg(server.pgid, signal.SIGTERM)
+    server.wait_for(r"still serving for", since=mark)
+    server.wait_for(r"serving on for .* until the master stops the workers", count=2, since=mark)
+    started = time.monotonic()
+    served = 0
+    # Well inside the delay: new connections, each answered.
+    while time.monotonic() - started < 2:
+        assert server.request("GET", "/fixed", timeout=5).status == 200
+        served += 1
+    assert served > 0
+    assert not server.grep(r"Worker draining", since=mark), server.log
+    assert server.wait_exit(30) == 0
+    # Once the master stopped them, the workers drained as usual.
+    assert len(server.grep(r"Worker draining", since=mark)) == 2, server.log
 
 
 @pytest.mark.parametrize("crash", ["exit", "segv"])

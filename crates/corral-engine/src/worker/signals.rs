@@ -4,6 +4,7 @@
 use super::*;
 
 use std::os::fd::IntoRawFd;
+use std::sync::atomic::AtomicI32;
 
 /// The worker's signal handlers, set up right after the fork by
 /// [`prepare_signals`], for [`run_worker`] to take.
@@ -74,6 +75,10 @@ pub fn stopped_at_once() -> bool {
     STOPPED_AT_ONCE.load(Ordering::Relaxed)
 }
 
+/// The process that sent the last graceful stop signal (TERM, or INT unless
+/// --sigint quick): the master, or someone signalling the whole group.
+pub(super) static STOP_SENDER: AtomicI32 = AtomicI32::new(0);
+
 /// Signals a worker acts on, delivered through a self-pipe so the main
 /// thread can wait for them together with its sweep timer.
 pub(super) struct WorkerSignals {
@@ -98,11 +103,22 @@ impl WorkerSignals {
         // The master's table decides, for a signal sent to the whole process
         // group too (Ctrl-C, systemd's KillMode=control-group).
         for sig in [SIGTERM, SIGINT, SIGQUIT] {
-            let flag = match crate::supervise::signal_action(sig, sigint) {
-                Some(crate::supervise::Action::QuickStop) => &quit,
-                _ => &stop,
-            };
-            signal_hook::flag::register(sig, flag.clone())?;
+            match crate::supervise::signal_action(sig, sigint) {
+                Some(crate::supervise::Action::QuickStop) => {
+                    signal_hook::flag::register(sig, quit.clone())?;
+                }
+                _ => {
+                    let stop = stop.clone();
+                    // SAFETY: the action only stores to atomics, which is
+                    // async-signal-safe.
+                    unsafe {
+                        signal_hook_registry::register_sigaction(sig, move |info: &libc::siginfo_t| {
+                            STOP_SENDER.store(info.si_pid(), Ordering::Relaxed);
+                            stop.store(true, Ordering::SeqCst);
+                        })
+                    }?;
+                }
+            }
         }
         let reopen = Arc::new(AtomicBool::new(false));
         signal_hook::flag::register(SIGUSR1, reopen.clone())?;

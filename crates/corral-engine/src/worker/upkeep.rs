@@ -3,6 +3,12 @@
 
 use super::*;
 
+/// How long past --shutdown-delay a worker that got a stop signal from
+/// someone else than the master waits for the master's own before it
+/// drains by itself: the master's signal, sent when the same delay ends,
+/// comes well within it.
+const HELD_STOP_GRACE: Duration = Duration::from_secs(1);
+
 pub(super) fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
     let mut drain_deadline: Option<u64> = None;
     let born = mono_ms();
@@ -13,17 +19,60 @@ pub(super) fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
     let master = unsafe { libc::getppid() };
     // When the main thread took over from a crashed serving thread.
     let mut crash_seen: Option<u64> = None;
+    // A stop signal from someone else than the master, with --shutdown-delay:
+    // when that delay ends (monotonic ms).
+    let mut held_stop: Option<u64> = None;
     loop {
         signals.wait(SWEEP_INTERVAL);
         if signals.quit.load(Ordering::Relaxed) {
-            info!("Worker exiting at once (SIGQUIT): pid={}", std::process::id());
+            // The master names what a worker it kills was serving; one that
+            // leaves by itself names it here, or the 502s a front end logs
+            // for these requests would go unexplained.
+            let serving = w.scoreboard.in_flight(w.slot, mono_ms());
+            let offloaded = w.scoreboard.offloaded(w.slot);
+            let what = crate::supervise::describe_serving(&serving, offloaded);
+            if serving.is_empty() && offloaded == 0 {
+                info!("Worker exiting at once (quick stop): pid={}", std::process::id());
+            } else {
+                warn!("Worker exiting at once (quick stop){what}: pid={}", std::process::id());
+            }
             STOPPED_AT_ONCE.store(true, Ordering::Relaxed);
             if let Some(log) = &w.access {
                 log.flush();
             }
             return 0;
         }
-        if signals.stop.load(Ordering::Relaxed) && drain_deadline.is_none() {
+        if signals.stop.swap(false, Ordering::SeqCst) && drain_deadline.is_none() {
+            let sender = STOP_SENDER.load(Ordering::Relaxed);
+            let master_alive = unsafe { libc::getppid() } == master;
+            if !master_alive {
+                // The kernel's SIGTERM at the master's death (PR_SET_PDEATHSIG).
+                warn!("Master process (pid {master}) died; worker draining and exiting");
+                drain_deadline = Some(mono_ms() + w.config.graceful_timeout.as_millis() as u64);
+                begin_drain(w);
+            } else if sender == master || w.config.shutdown_delay.is_zero() {
+                drain_deadline = Some(mono_ms() + w.config.graceful_timeout.as_millis() as u64);
+                begin_drain(w);
+            } else if held_stop.is_none() {
+                // Sent to the whole group (Ctrl-C, systemd's KillMode=
+                // control-group, kill -- -PGID): the master got it too, and
+                // serves on for --shutdown-delay while front ends take the
+                // server out of rotation, then stops the workers. Leaving
+                // now would leave the master's listeners with nobody to
+                // take connections from them.
+                info!(
+                    "Worker received a stop signal from pid {sender}, not the master: serving on for {:?} \
+                     (--shutdown-delay) until the master stops the workers: pid={}",
+                    w.config.shutdown_delay,
+                    std::process::id()
+                );
+                held_stop = Some(mono_ms() + w.config.shutdown_delay.as_millis() as u64);
+            }
+        }
+        // The master said nothing when the delay was over: stop anyway.
+        if held_stop.is_some_and(|until| mono_ms() >= until + HELD_STOP_GRACE.as_millis() as u64)
+            && drain_deadline.is_none()
+        {
             drain_deadline = Some(mono_ms() + w.config.graceful_timeout.as_millis() as u64);
             begin_drain(w);
         }
@@ -179,7 +228,7 @@ pub(super) fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
         if unsafe { libc::getppid() } != master {
             // The master is gone (killed outright): nobody will replace or stop us.
             if drain_deadline.is_none() {
-                warn!("Master process died; worker draining and exiting");
+                warn!("Master process (pid {master}) died; worker draining and exiting");
                 drain_deadline = Some(mono_ms() + w.config.graceful_timeout.as_millis() as u64);
                 begin_drain(w);
             }
