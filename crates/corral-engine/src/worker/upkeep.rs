@@ -42,36 +42,11 @@ pub(super) fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
             }
             return 0;
         }
-        if signals.stop.swap(false, Ordering::SeqCst) && drain_deadline.is_none() {
-            let sender = STOP_SENDER.load(Ordering::Relaxed);
-            let master_alive = unsafe { libc::getppid() } == master;
-            if !master_alive {
-                // The kernel's SIGTERM at the master's death (PR_SET_PDEATHSIG).
-                warn!("Master process (pid {master}) died; worker draining and exiting");
-                drain_deadline = Some(mono_ms() + w.config.graceful_timeout.as_millis() as u64);
-                begin_drain(w);
-            } else if sender == master || w.config.shutdown_delay.is_zero() {
-                drain_deadline = Some(mono_ms() + w.config.graceful_timeout.as_millis() as u64);
-                begin_drain(w);
-            } else if held_stop.is_none() {
-                // Sent to the whole group (Ctrl-C, systemd's KillMode=
-                // control-group, kill -- -PGID): the master got it too, and
-                // serves on for --shutdown-delay while front ends take the
-                // server out of rotation, then stops the workers. Leaving
-                // now would leave the master's listeners with nobody to
-                // take connections from them.
-                info!(
-                    "Worker received a stop signal from pid {sender}, not the master: serving on for {:?} \
-                     (--shutdown-delay) until the master stops the workers: pid={}",
-                    w.config.shutdown_delay,
-                    std::process::id()
-                );
-                held_stop = Some(mono_ms() + w.config.shutdown_delay.as_millis() as u64);
-            }
-        }
-        // The master said nothing when the delay was over: stop anyway.
-        if held_stop.is_some_and(|until| mono_ms() >= until + HELD_STOP_GRACE.as_millis() as u64)
-            && drain_deadline.is_none()
+        let stop_signal = signals.stop.swap(false, Ordering::SeqCst);
+        let held_over =
+            held_stop.is_some_and(|until| mono_ms() >= until + HELD_STOP_GRACE.as_millis() as u64);
+        if drain_deadline.is_none()
+            && (stop_signal && drain_at_stop_signal(w, master, &mut held_stop) || held_over)
         {
             drain_deadline = Some(mono_ms() + w.config.graceful_timeout.as_millis() as u64);
             begin_drain(w);
@@ -234,6 +209,40 @@ pub(super) fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
             }
         }
     }
+}
+
+/// Whether a graceful stop signal (TERM, or INT unless --sigint quick) that
+/// just came means draining now. One from the master does, and so does the
+/// kernel's at the master's death (PR_SET_PDEATHSIG). One sent to the whole
+/// group (Ctrl-C, systemd's KillMode=control-group, kill -- -PGID) reached
+/// the master too, which serves on for --shutdown-delay while front ends
+/// take the server out of rotation, then stops the workers: leaving now
+/// would leave its listeners with nobody to take connections from them, so
+/// the worker serves on too (until `held_stop`, a last resort should the
+/// master's word never come).
+fn drain_at_stop_signal<A: App>(w: &Shared<A>, master: libc::pid_t, held_stop: &mut Option<u64>) -> bool {
+    let sender = STOP_SENDER.load(Ordering::Relaxed);
+    if unsafe { libc::getppid() } != master {
+        warn!("Master process (pid {master}) died; worker draining and exiting");
+        return true;
+    }
+    if sender == master || w.config.shutdown_delay.is_zero() {
+        return true;
+    }
+    if held_stop.is_none() {
+        let from = match sender {
+            0 => "the kernel (a terminal's Ctrl-C)".to_string(),
+            pid => format!("pid {pid}"),
+        };
+        info!(
+            "Worker received a stop signal from {from}, not the master: serving on for {:?} \
+             (--shutdown-delay) until the master stops the workers: pid={}",
+            w.config.shutdown_delay,
+            std::process::id()
+        );
+        *held_stop = Some(mono_ms() + w.config.shutdown_delay.as_millis() as u64);
+    }
+    false
 }
 
 /// A serving thread's waits on its client, which --timeout leaves out: a
