@@ -9,6 +9,7 @@
 //! thread is sending: those requests hold no thread, but they are in flight
 //! for their clients, and a worker that dies takes them down too.
 
+use std::os::fd::RawFd;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
@@ -162,6 +163,11 @@ pub struct Scoreboard {
     base: NonNull<u8>,
     slots: usize,
     threads: usize,
+    /// A datagram socket pair: a worker that becomes ready or asks to be
+    /// replaced sends a byte on the second, which wakes the master polling
+    /// the first, rather than leave the change to its next look (up to
+    /// 100 ms later, twice per replacement, while the old worker serves on).
+    nudge: [RawFd; 2],
 }
 
 // SAFETY: the mapping lives as long as the process (it is never unmapped),
@@ -189,7 +195,12 @@ impl Scoreboard {
         if p == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(Scoreboard { base: NonNull::new(p.cast()).expect("mmap returned null"), slots, threads })
+        let mut nudge = [-1; 2];
+        let kind = libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+        if unsafe { libc::socketpair(libc::AF_UNIX, kind, 0, nudge.as_mut_ptr()) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Scoreboard { base: NonNull::new(p.cast()).expect("mmap returned null"), slots, threads, nudge })
     }
 
     fn slot_size(threads: usize) -> usize {
@@ -230,6 +241,31 @@ impl Scoreboard {
 
     pub fn set_state(&self, slot: usize, s: WorkerState) {
         self.header(slot).state.store(s as u32, Ordering::Release);
+        if s == WorkerState::Ready {
+            self.nudge();
+        }
+    }
+
+    /// The descriptor the master polls: readable after a worker became
+    /// ready or asked to be replaced (see [`Scoreboard::take_nudges`]).
+    pub fn nudge_fd(&self) -> RawFd {
+        self.nudge[0]
+    }
+
+    /// Empties the nudge socket once its readiness was seen.
+    pub fn take_nudges(&self) {
+        let mut buf = [0u8; 64];
+        while unsafe { libc::recv(self.nudge[0], buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) } > 0
+        {
+        }
+    }
+
+    fn nudge(&self) {
+        // A full socket already holds a nudge the master has yet to see; a
+        // master gone (or re-executed, which closes it) has nobody to wake.
+        unsafe {
+            libc::send(self.nudge[1], b"!".as_ptr().cast(), 1, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        };
     }
 
     pub fn state(&self, slot: usize) -> WorkerState {
@@ -242,7 +278,14 @@ impl Scoreboard {
 
     /// Asks the master to replace this worker (the first reason sticks).
     pub fn request_retire(&self, slot: usize, why: Retire) {
-        let _ = self.header(slot).retire.compare_exchange(0, why as u32, Ordering::AcqRel, Ordering::Relaxed);
+        if self
+            .header(slot)
+            .retire
+            .compare_exchange(0, why as u32, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.nudge();
+        }
     }
 
     pub fn retire(&self, slot: usize) -> Option<Retire> {

@@ -521,6 +521,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                     events: libc::POLLIN,
                     revents: 0,
                 },
+                libc::pollfd { fd: self.scoreboard.nudge_fd(), events: libc::POLLIN, revents: 0 },
             ];
             fds.extend(self.stats_conns.iter().map(|c| libc::pollfd {
                 fd: c.fd(),
@@ -535,7 +536,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                 unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
             });
             if !self.stats_conns.is_empty() {
-                let ready: Vec<bool> = fds[3..].iter().map(|f| f.revents != 0).collect();
+                let ready: Vec<bool> = fds[4..].iter().map(|f| f.revents != 0).collect();
                 self.serve_stats(&ready);
             }
             if fds[1].revents & libc::POLLIN != 0 {
@@ -543,6 +544,10 @@ impl<'a, H: Hooks> Master<'a, H> {
                 // A client that sent its request with the connect is answered now.
                 let ready = vec![true; self.stats_conns.len()];
                 self.serve_stats(&ready);
+            }
+            if fds[3].revents & libc::POLLIN != 0 {
+                // What changed is read from the scoreboard below (step).
+                self.scoreboard.take_nudges();
             }
             if let Some(w) = &mut self.watcher {
                 if fds[2].revents & libc::POLLIN != 0 {
