@@ -223,113 +223,15 @@ pub(super) fn read_gateway<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
     let mut io = io_arc.lock().unwrap();
     let mut read_once = false;
     let mut want = READ_CHUNK;
-    let blocking: fn(&mut dyn FnMut()) = |f| f();
     loop {
         // Set when a uwsgi/SCGI head is complete but its small body is not;
         // park() gives the connection a body's deadline then.
         conn.head_ready = false;
         if !io.buf.is_empty() {
-            let parsed = match protocol {
-                Protocol::Uwsgi | Protocol::Scgi => {
-                    let (head, wire) = if protocol == Protocol::Uwsgi {
-                        (gateway::uwsgi_head(&io.buf), Wire::Uwsgi)
-                    } else {
-                        (gateway::scgi_head(&io.buf), Wire::Scgi)
-                    };
-                    match head {
-                        Ok(Some(head)) => {
-                            let len = match cgi::check(&head.params, &io.buf) {
-                                Ok(len) => len.unwrap_or(0),
-                                Err(e) => return refuse(w, conn, &mut io, wire, e.status(), &e.to_string()),
-                            };
-                            // A small body is read before the app runs, as over HTTP.
-                            let missing = if len <= PREREAD_MAX.min(w.config.max_body_size) {
-                                (head.len as u64 + len).saturating_sub(io.buf.len() as u64)
-                            } else {
-                                0
-                            };
-                            if missing == 0 {
-                                let bytes = io.buf.split_to(head.len).freeze();
-                                let body = if len == 0 { BodyState::Done } else { BodyState::Length(len) };
-                                Ok(Some(GatewayRequest { bytes, params: head.params, wire, body }))
-                            } else {
-                                want = missing as usize;
-                                conn.head_ready = true;
-                                Ok(None)
-                            }
-                        }
-                        Ok(None) => Ok(None),
-                        Err(e) => match e.status {
-                            // The block was whole: the front end gets a
-                            // status to show for it rather than a 502.
-                            Some(status) => return refuse(w, conn, &mut io, wire, status, &e.message),
-                            None => Err(e.message),
-                        },
-                    }
-                }
-                _ => {
-                    let mut out = Vec::new();
-                    match gateway::fcgi_head(&mut conn.fcgi, &io.buf, &mut out) {
-                        Ok((used, req)) => {
-                            io.buf.advance(used);
-                            for why in std::mem::take(&mut conn.fcgi.refused) {
-                                warn!("Bad fastcgi request from {}: {why}", peer(conn, listener));
-                            }
-                            if req.is_some() || conn.fcgi.active.is_some() {
-                                conn.fcgi.chatter = false;
-                            } else if used > 0 {
-                                conn.fcgi.chatter = true;
-                            }
-                            if !out.is_empty() && io.write_parts(&[&out], blocking).is_err() {
-                                return Next::Close;
-                            }
-                            if conn.fcgi.close_after {
-                                return Next::Close;
-                            }
-                            match req {
-                                Some(r) => {
-                                    let wire = Wire::FastCgi { id: r.id, keep_conn: r.keep_conn };
-                                    let left = match cgi::check(&r.params, &r.params_bytes) {
-                                        Ok(len) => len,
-                                        Err(e) => {
-                                            return refuse(w, conn, &mut io, wire, e.status(), &e.to_string())
-                                        }
-                                    };
-                                    Ok(Some(GatewayRequest {
-                                        bytes: Bytes::from(r.params_bytes),
-                                        params: r.params,
-                                        wire,
-                                        body: BodyState::Fcgi(FcgiIn {
-                                            content: 0,
-                                            padding: 0,
-                                            ended: false,
-                                            left,
-                                            surplus: 0,
-                                        }),
-                                    }))
-                                }
-                                None => Ok(None),
-                            }
-                        }
-                        Err(m) => Err(m),
-                    }
-                }
-            };
-            match parsed {
-                Ok(Some(req)) => {
-                    conn.head_charge.set(0);
-                    return Next::Gateway(req);
-                }
+            match parse_gateway(w, conn, &mut io, &mut want) {
+                Ok(Some(req)) => return Next::Gateway(req),
                 Ok(None) => {}
-                Err(m) => {
-                    warn!(
-                        "Bad {} request from {}: {m}; closing the connection",
-                        protocol.name(),
-                        peer(conn, listener)
-                    );
-                    drain_and_close(&mut io);
-                    return Next::Close;
-                }
+                Err(next) => return next,
             }
         }
         // Unfinished variables (in the buffer, or FastCGI PARAMS taken into
@@ -416,6 +318,121 @@ pub(super) fn read_gateway<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                 debug!("read from {}: {e}", peer(conn, listener));
                 return Next::Close;
             }
+        }
+    }
+}
+
+/// Looks for a whole request in the buffer (or, for FastCGI, in the records
+/// so far): `Ok(None)` while more must be read, with `want` what a small
+/// body still needs; `Err` with what the connection does next when the
+/// request is refused or the peer broke the protocol (said in the log).
+fn parse_gateway<A: App>(
+    w: &Shared<A>,
+    conn: &mut Conn,
+    io: &mut Io,
+    want: &mut usize,
+) -> Result<Option<GatewayRequest>, Next> {
+    let listener = &w.listeners[conn.listener].1;
+    let protocol = listener.protocol;
+    let blocking: fn(&mut dyn FnMut()) = |f| f();
+    let parsed = match protocol {
+        Protocol::Uwsgi | Protocol::Scgi => {
+            let (head, wire) = if protocol == Protocol::Uwsgi {
+                (gateway::uwsgi_head(&io.buf), Wire::Uwsgi)
+            } else {
+                (gateway::scgi_head(&io.buf), Wire::Scgi)
+            };
+            match head {
+                Ok(Some(head)) => {
+                    let len = match cgi::check(&head.params, &io.buf) {
+                        Ok(len) => len.unwrap_or(0),
+                        Err(e) => return Err(refuse(w, conn, io, wire, e.status(), &e.to_string())),
+                    };
+                    // A small body is read before the app runs, as over HTTP.
+                    let missing = if len <= PREREAD_MAX.min(w.config.max_body_size) {
+                        (head.len as u64 + len).saturating_sub(io.buf.len() as u64)
+                    } else {
+                        0
+                    };
+                    if missing == 0 {
+                        let bytes = io.buf.split_to(head.len).freeze();
+                        let body = if len == 0 { BodyState::Done } else { BodyState::Length(len) };
+                        Ok(Some(GatewayRequest { bytes, params: head.params, wire, body }))
+                    } else {
+                        *want = missing as usize;
+                        conn.head_ready = true;
+                        Ok(None)
+                    }
+                }
+                Ok(None) => Ok(None),
+                Err(e) => match e.status {
+                    // The block was whole: the front end gets a
+                    // status to show for it rather than a 502.
+                    Some(status) => return Err(refuse(w, conn, io, wire, status, &e.message)),
+                    None => Err(e.message),
+                },
+            }
+        }
+        _ => {
+            let mut out = Vec::new();
+            match gateway::fcgi_head(&mut conn.fcgi, &io.buf, &mut out) {
+                Ok((used, req)) => {
+                    io.buf.advance(used);
+                    for why in std::mem::take(&mut conn.fcgi.refused) {
+                        warn!("Bad fastcgi request from {}: {why}", peer(conn, listener));
+                    }
+                    if req.is_some() || conn.fcgi.active.is_some() {
+                        conn.fcgi.chatter = false;
+                    } else if used > 0 {
+                        conn.fcgi.chatter = true;
+                    }
+                    if !out.is_empty() && io.write_parts(&[&out], blocking).is_err() {
+                        return Err(Next::Close);
+                    }
+                    if conn.fcgi.close_after {
+                        return Err(Next::Close);
+                    }
+                    match req {
+                        Some(r) => {
+                            let wire = Wire::FastCgi { id: r.id, keep_conn: r.keep_conn };
+                            let left = match cgi::check(&r.params, &r.params_bytes) {
+                                Ok(len) => len,
+                                Err(e) => return Err(refuse(w, conn, io, wire, e.status(), &e.to_string())),
+                            };
+                            Ok(Some(GatewayRequest {
+                                bytes: Bytes::from(r.params_bytes),
+                                params: r.params,
+                                wire,
+                                body: BodyState::Fcgi(FcgiIn {
+                                    content: 0,
+                                    padding: 0,
+                                    ended: false,
+                                    left,
+                                    surplus: 0,
+                                }),
+                            }))
+                        }
+                        None => Ok(None),
+                    }
+                }
+                Err(m) => Err(m),
+            }
+        }
+    };
+    match parsed {
+        Ok(Some(req)) => {
+            conn.head_charge.set(0);
+            Ok(Some(req))
+        }
+        Ok(None) => Ok(None),
+        Err(m) => {
+            warn!(
+                "Bad {} request from {}: {m}; closing the connection",
+                protocol.name(),
+                peer(conn, listener)
+            );
+            drain_and_close(io);
+            Err(Next::Close)
         }
     }
 }
