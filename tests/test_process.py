@@ -464,7 +464,7 @@ def test_group_stop_with_shutdown_delay_keeps_workers_serving(start_server):
     mark = server.mark()
     os.killpg(server.pgid, signal.SIGTERM)
     server.wait_for(r"still serving for", since=mark)
-    server.wait_for(r"serving on for .* until the master stops the workers", count=2, since=mark)
+    server.wait_for(r"serving on with it for .* until it stops the workers", count=2, since=mark)
     started = time.monotonic()
     served = 0
     # Well inside the delay: new connections, each answered.
@@ -476,6 +476,22 @@ def test_group_stop_with_shutdown_delay_keeps_workers_serving(start_server):
     assert server.wait_exit(30) == 0
     # Once the master stopped them, the workers drained as usual.
     assert len(server.grep(r"Worker draining", since=mark)) == 2, server.log
+
+
+def test_stop_signal_to_one_worker_with_shutdown_delay_drains_it(start_server):
+    """TERM to a single worker (a watchdog, an operator recycling it) is not
+    the group's stop: the worker drains at once and is replaced, even with
+    --shutdown-delay, and the server serves on."""
+    server = start_server("behaviour:application", "--shutdown-delay", "30", workers=2)
+    victim = server.worker_pids()[0]
+    mark = server.mark()
+    os.kill(victim, signal.SIGTERM)
+    server.wait_for(rf"Worker received SIGTERM from pid \d+: draining: pid={victim}", since=mark)
+    server.wait_for(r"Worker draining", since=mark)
+    assert not server.grep(r"serving on with it", since=mark), server.log
+    assert wait_until(lambda: victim not in server.worker_pids() and len(server.worker_pids()) == 2, 30)
+    assert server.request("GET", "/fixed").status == 200
+    assert not server.grep(r"still serving for", since=mark), server.log
 
 
 @pytest.mark.parametrize("crash", ["exit", "segv"])

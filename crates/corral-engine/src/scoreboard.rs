@@ -76,6 +76,9 @@ struct WorkerHeader {
     offloaded: AtomicU32,
     /// Connections the worker holds (its registry's count).
     conns: AtomicU32,
+    /// 1 once the master serves on through --shutdown-delay after a stop
+    /// signal: a worker that got the same signal serves on with it.
+    announcing: AtomicU32,
     /// Counters for the metrics, indexed by the `C_*` constants.
     counters: [AtomicU64; COUNTERS],
     /// The last exception the app raised, as text (truncated).
@@ -230,6 +233,7 @@ impl Scoreboard {
         h.error_len.store(0, Ordering::Relaxed);
         h.offloaded.store(0, Ordering::Relaxed);
         h.conns.store(0, Ordering::Relaxed);
+        h.announcing.store(0, Ordering::Relaxed);
         for c in &h.counters {
             c.store(0, Ordering::Relaxed);
         }
@@ -244,6 +248,16 @@ impl Scoreboard {
         if s == WorkerState::Ready {
             self.nudge();
         }
+    }
+
+    /// Marks the master's --shutdown-delay for the worker in `slot`.
+    pub fn set_announcing(&self, slot: usize) {
+        self.header(slot).announcing.store(1, Ordering::Release);
+    }
+
+    /// Whether the master serves on through --shutdown-delay.
+    pub fn announcing(&self, slot: usize) -> bool {
+        self.header(slot).announcing.load(Ordering::Acquire) != 0
     }
 
     /// The descriptor the master polls: readable after a worker became
@@ -261,8 +275,9 @@ impl Scoreboard {
     }
 
     fn nudge(&self) {
-        // A full socket already holds a nudge the master has yet to see; a
-        // master gone (or re-executed, which closes it) has nobody to wake.
+        // A full socket already holds a nudge the master has yet to see;
+        // after the master is gone or re-executed (the pair is close-on-exec)
+        // the nudges queue unread in the workers' copies, which is harmless.
         unsafe {
             libc::send(self.nudge[1], b"!".as_ptr().cast(), 1, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
         };

@@ -594,8 +594,8 @@ impl<'a, H: Hooks> Master<'a, H> {
     }
 
     fn next_timeout(&self) -> i32 {
-        // Often enough to notice workers asking to be replaced and
-        // replacements becoming ready without delaying a reload.
+        // Workers wake the master when they become ready or ask to be
+        // replaced (the scoreboard's nudge); this is for the rest.
         let mut ms = 100;
         if let Some(at) = self.respawn_at {
             ms = ms.min(at.saturating_duration_since(Instant::now()).as_millis() as i32);
@@ -639,6 +639,11 @@ impl<'a, H: Hooks> Master<'a, H> {
                         self.config.shutdown_delay
                     );
                     crate::systemd::notify("STOPPING=1");
+                    // Workers that got this signal too (sent to the group)
+                    // serve on with the master rather than drain.
+                    for w in self.workers.values() {
+                        self.scoreboard.set_announcing(w.slot);
+                    }
                     self.phase = Phase::Announcing { until: Instant::now() + self.config.shutdown_delay };
                 }
                 Phase::Running | Phase::Announcing { .. } => {

@@ -76,8 +76,11 @@ pub fn stopped_at_once() -> bool {
 }
 
 /// The process that sent the last graceful stop signal (TERM, or INT unless
-/// --sigint quick): the master, or someone signalling the whole group.
+/// --sigint quick), and which signal it was. Two signals that come before
+/// the main thread looks leave the last one's; the master marks a worker
+/// it stops in the scoreboard too, so its word is not lost that way.
 pub(super) static STOP_SENDER: AtomicI32 = AtomicI32::new(0);
+pub(super) static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
 /// Signals a worker acts on, delivered through a self-pipe so the main
 /// thread can wait for them together with its sweep timer.
@@ -114,6 +117,7 @@ impl WorkerSignals {
                     unsafe {
                         signal_hook_registry::register_sigaction(sig, move |info: &libc::siginfo_t| {
                             STOP_SENDER.store(info.si_pid(), Ordering::Relaxed);
+                            STOP_SIGNAL.store(info.si_signo, Ordering::Relaxed);
                             stop.store(true, Ordering::SeqCst);
                         })
                     }?;

@@ -3,12 +3,6 @@
 
 use super::*;
 
-/// How long past --shutdown-delay a worker that got a stop signal from
-/// someone else than the master waits for the master's own before it
-/// drains by itself: the master's signal, sent when the same delay ends,
-/// comes well within it.
-const HELD_STOP_GRACE: Duration = Duration::from_secs(1);
-
 pub(super) fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
     let mut drain_deadline: Option<u64> = None;
     let born = mono_ms();
@@ -16,14 +10,15 @@ pub(super) fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
     let mut empty_ticks = 0;
     // Compared with the current parent to notice the master's death (the
     // master may itself be PID 1 in a container, so "parent is 1" is no test).
-    let master = unsafe { libc::getppid() };
+    let master = w.master;
     // When the main thread took over from a crashed serving thread.
     let mut crash_seen: Option<u64> = None;
-    // A stop signal from someone else than the master, with --shutdown-delay:
-    // when that delay ends (monotonic ms).
-    let mut held_stop: Option<u64> = None;
+    let mut stop_wait = StopWait::None;
     loop {
-        signals.wait(SWEEP_INTERVAL);
+        signals.wait(match stop_wait {
+            StopWait::Asked { .. } => STOP_ASK_TICK,
+            _ => SWEEP_INTERVAL,
+        });
         if signals.quit.load(Ordering::Relaxed) {
             // The master names what a worker it kills was serving; one that
             // leaves by itself names it here, or the 502s a front end logs
@@ -43,11 +38,7 @@ pub(super) fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
             return 0;
         }
         let stop_signal = signals.stop.swap(false, Ordering::SeqCst);
-        let held_over =
-            held_stop.is_some_and(|until| mono_ms() >= until + HELD_STOP_GRACE.as_millis() as u64);
-        if drain_deadline.is_none()
-            && (stop_signal && drain_at_stop_signal(w, master, &mut held_stop) || held_over)
-        {
+        if drain_deadline.is_none() && stop_now(w, stop_signal, &mut stop_wait) {
             drain_deadline = Some(mono_ms() + w.config.graceful_timeout.as_millis() as u64);
             begin_drain(w);
         }
@@ -211,38 +202,101 @@ pub(super) fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
     }
 }
 
-/// Whether a graceful stop signal (TERM, or INT unless --sigint quick) that
-/// just came means draining now. One from the master does, and so does the
-/// kernel's at the master's death (PR_SET_PDEATHSIG). One sent to the whole
-/// group (Ctrl-C, systemd's KillMode=control-group, kill -- -PGID) reached
-/// the master too, which serves on for --shutdown-delay while front ends
-/// take the server out of rotation, then stops the workers: leaving now
-/// would leave its listeners with nobody to take connections from them, so
-/// the worker serves on too (until `held_stop`, a last resort should the
-/// master's word never come).
-fn drain_at_stop_signal<A: App>(w: &Shared<A>, master: libc::pid_t, held_stop: &mut Option<u64>) -> bool {
-    let sender = STOP_SENDER.load(Ordering::Relaxed);
-    if unsafe { libc::getppid() } != master {
-        warn!("Master process (pid {master}) died; worker draining and exiting");
+/// Where a worker is with a graceful stop signal (TERM, or INT unless
+/// --sigint quick) that did not come from the master.
+#[derive(Clone, Copy)]
+enum StopWait {
+    None,
+    /// Received then (monotonic ms), from pid `from`; the master's mark of
+    /// its --shutdown-delay is looked for until [`STOP_ASK_WAIT`] has passed.
+    Asked {
+        at: u64,
+        from: i32,
+        sig: i32,
+    },
+    /// Serving on with the master through --shutdown-delay, until then.
+    Held {
+        until: u64,
+    },
+}
+
+/// How long a worker that got a stop signal from someone else than the
+/// master looks for the master's mark of --shutdown-delay before it takes
+/// the signal as its own (one sent to this worker alone): the master marks
+/// it within a millisecond of the same signal.
+const STOP_ASK_WAIT: Duration = Duration::from_millis(200);
+/// How often the main thread looks meanwhile.
+const STOP_ASK_TICK: Duration = Duration::from_millis(20);
+/// How long past --shutdown-delay a worker holding with the master waits
+/// for the master's stop before it drains by itself.
+const HELD_STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// Whether the worker drains now, given a graceful stop signal that just
+/// came (`signal`) and where it was with an earlier one (`wait`).
+///
+/// One from the master drains at once, and so does any without
+/// --shutdown-delay. One sent to the whole group (Ctrl-C, systemd's
+/// KillMode=control-group, kill -- -PGID) reached the master too, which
+/// serves on for --shutdown-delay while front ends take the server out of
+/// rotation, then stops the workers: a worker leaving now would leave the
+/// master's listeners with nobody to take connections from them, so it
+/// serves on too. The master marks that in the scoreboard; a signal without
+/// the mark (sent to this worker alone) drains.
+fn stop_now<A: App>(w: &Shared<A>, signal: bool, wait: &mut StopWait) -> bool {
+    let now = mono_ms();
+    if signal {
+        let (from, sig) = (STOP_SENDER.load(Ordering::Relaxed), STOP_SIGNAL.load(Ordering::Relaxed));
+        if unsafe { libc::getppid() } != w.master {
+            // The kernel's SIGTERM at the master's death (PR_SET_PDEATHSIG).
+            warn!("Master process (pid {}) died; worker draining and exiting", w.master);
+            return true;
+        }
+        if from == w.master || w.config.shutdown_delay.is_zero() {
+            return true;
+        }
+        if let StopWait::None = wait {
+            *wait = StopWait::Asked { at: now, from, sig };
+        }
+    }
+    // The master began its graceful stop (its signal may have merged with
+    // one still pending here).
+    if !matches!(wait, StopWait::None) && w.scoreboard.state(w.slot) == WorkerState::Draining {
         return true;
     }
-    if sender == master || w.config.shutdown_delay.is_zero() {
-        return true;
+    match *wait {
+        StopWait::None => false,
+        StopWait::Asked { at, from, sig } => {
+            let name = signal_hook::low_level::signal_name(sig).unwrap_or("a stop signal");
+            // pid 0: from outside the pid namespace, or the terminal's Ctrl-C.
+            let from = match from {
+                0 => "outside".to_string(),
+                pid => format!("pid {pid}"),
+            };
+            if w.scoreboard.announcing(w.slot) {
+                info!(
+                    "Worker received {name} from {from} as the master did: serving on with it for {:?} \
+                     (--shutdown-delay) until it stops the workers: pid={}",
+                    w.config.shutdown_delay,
+                    std::process::id()
+                );
+                *wait = StopWait::Held { until: at + w.config.shutdown_delay.as_millis() as u64 };
+                false
+            } else if now >= at + STOP_ASK_WAIT.as_millis() as u64 {
+                info!("Worker received {name} from {from}: draining: pid={}", std::process::id());
+                true
+            } else {
+                false
+            }
+        }
+        StopWait::Held { until } if now >= until + HELD_STOP_GRACE.as_millis() as u64 => {
+            warn!(
+                "The master did not stop the workers when --shutdown-delay ended; worker draining: pid={}",
+                std::process::id()
+            );
+            true
+        }
+        StopWait::Held { .. } => false,
     }
-    if held_stop.is_none() {
-        let from = match sender {
-            0 => "the kernel (a terminal's Ctrl-C)".to_string(),
-            pid => format!("pid {pid}"),
-        };
-        info!(
-            "Worker received a stop signal from {from}, not the master: serving on for {:?} \
-             (--shutdown-delay) until the master stops the workers: pid={}",
-            w.config.shutdown_delay,
-            std::process::id()
-        );
-        *held_stop = Some(mono_ms() + w.config.shutdown_delay.as_millis() as u64);
-    }
-    false
 }
 
 /// A serving thread's waits on its client, which --timeout leaves out: a
