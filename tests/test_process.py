@@ -1096,3 +1096,41 @@ def test_two_listeners_of_one_server_cannot_take_one_port(args):
 def test_reuse_port_without_a_tcp_listener_is_reported(start_server, tmp_path):
     server = start_server("behaviour:application", "--reuse-port", http=f"unix:{tmp_path}/s.sock")
     server.wait_for(r"--reuse-port is not used: no listener is a HOST:PORT socket")
+
+
+def test_new_connections_avoid_a_worker_whose_interpreter_is_held(start_server):
+    """A thread stuck in C code that keeps the GIL stops every Python thread of
+    its worker. Once another of its threads has waited for the GIL a while,
+    the worker hands new connections to a sibling rather than take them into
+    the wait (gunicorn's threaded worker, which accepts in Python, does not
+    take them either)."""
+    server = start_server("c_hang:application", workers=2, threads=4)
+    # Kept-alive connections, sorted by the worker that took them.
+    by_pid: dict[int, list] = {}
+    for _ in range(16):
+        conn = server.connect(30)
+        conn.send_request("GET", "/", {"Host": "x"})
+        by_pid.setdefault(int(conn.read_response().body), []).append(conn)
+    held, (holder, waiter, *_) = next((p, c) for p, c in by_pid.items() if len(c) >= 2)
+    mark = server.mark()
+    with ThreadPoolExecutor(2) as pool:
+        holder.send_request("GET", "/hold?secs=8", {"Host": "x"})
+        hold = pool.submit(holder.read_response)
+        server.wait_for(rf"holding the GIL in pid {held}", since=mark)
+        # A request on the same worker waits for the GIL; a second later the
+        # worker counts as stalled.
+        waiter.send_request("GET", "/", {"Host": "x"})
+        waiting = pool.submit(waiter.read_response)
+        time.sleep(1.5)
+        for _ in range(30):
+            resp = server.request("GET", "/", timeout=30)
+            assert resp.status == 200
+            # Served by the other worker, while the hold still goes on.
+            assert int(resp.body) != held
+            assert not server.grep(r"hold done", since=mark), server.log
+        assert hold.result().status == 200
+        assert waiting.result().status == 200
+    assert server.grep(r"has waited over a second to run the app", since=mark), server.log
+    for conns in by_pid.values():
+        for conn in conns:
+            conn.close()

@@ -7,6 +7,8 @@ Python can notice the request is stuck.
 
 import ctypes
 import os
+import sys
+from urllib.parse import parse_qs
 
 _libc = ctypes.PyDLL(None)
 
@@ -18,6 +20,11 @@ def hold_the_gil_in_c(seconds):
 def application(environ, start_response):
     if environ["PATH_INFO"] == "/hang":
         hold_the_gil_in_c(60)
+    if environ["PATH_INFO"] == "/hold":
+        secs = int(parse_qs(environ["QUERY_STRING"])["secs"][0])
+        print(f"holding the GIL in pid {os.getpid()}", file=sys.stderr, flush=True)
+        hold_the_gil_in_c(secs)
+        print(f"hold done in pid {os.getpid()}", file=sys.stderr, flush=True)
     body = str(os.getpid()).encode()
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]

@@ -163,6 +163,15 @@ pub trait App: Send + Sync + 'static {
         f()
     }
 
+    /// Whether the app cannot run anything in this process now, for a
+    /// while already (for Python: a thread has waited long for the GIL,
+    /// which a thread stuck in C code keeps). New connections then go to
+    /// the other workers, where they do not wait behind it. Called at every
+    /// accept, so it must be cheap and must not wait.
+    fn stalled(&self) -> bool {
+        false
+    }
+
     /// The stack of worker thread `t` (its index among the worker's
     /// threads), for the log when its request runs past `--timeout`. Called
     /// from another thread while `t` may be stuck anywhere, even holding

@@ -10,6 +10,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use corral_engine::cgi::CgiParams;
@@ -80,6 +81,9 @@ pub struct WsgiApp {
     /// Each serving thread's Python thread state (a `PyThreadState *`, kept
     /// for the thread's life), by index, for tracebacks.
     thread_states: Mutex<Vec<usize>>,
+    /// Since when each serving thread waits for the GIL to call the app
+    /// (monotonic ms), 0 when it does not (see [`App::stalled`]).
+    gil_waits: Box<[AtomicU64]>,
     mount: Vec<u8>,
     max_body: u64,
     /// The worker's pid, for the log when a forked child comes back.
@@ -90,8 +94,14 @@ pub struct WsgiApp {
     request_hooks: Option<RequestHooks>,
 }
 
+/// How long a serving thread may wait for the GIL before the worker counts
+/// as stalled: Python hands the GIL over every 5 ms (sys.setswitchinterval)
+/// to threads running Python code, so a wait this long means a thread that
+/// keeps it, in C code that does not release it.
+const GIL_STALL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A worker thread's Python thread state, parked while the thread waits.
-pub struct PyThread(*mut ffi::PyThreadState);
+pub struct PyThread(*mut ffi::PyThreadState, usize);
 
 impl WsgiApp {
     pub fn new(
@@ -153,6 +163,7 @@ impl WsgiApp {
             header_keys: Mutex::new(KeyCache::default()),
             var_keys: Mutex::new(KeyCache::default()),
             thread_states: Mutex::new(Vec::new()),
+            gil_waits: (0..ctx.config.threads.max(1)).map(|_| AtomicU64::new(0)).collect(),
             mount: mount.as_bytes().to_vec(),
             max_body: ctx.config.max_body_size,
             pid: std::process::id(),
@@ -853,13 +864,28 @@ impl App for WsgiApp {
             states.resize(t + 1, 0);
         }
         states[t] = tstate as usize;
-        PyThread(tstate)
+        PyThread(tstate, t)
     }
 
     fn call(&self, thread: &mut PyThread, req: &Request<'_>, ex: &mut Exchange) {
+        let wait = self.gil_waits.get(thread.1);
+        if let Some(since) = wait {
+            since.store(corral_engine::date::mono_ms().max(1), Ordering::Relaxed);
+        }
         unsafe { ffi::PyEval_RestoreThread(thread.0) };
+        if let Some(since) = wait {
+            since.store(0, Ordering::Relaxed);
+        }
         Python::with_gil(|py| self.serve(py, req, ex));
         thread.0 = unsafe { ffi::PyEval_SaveThread() };
+    }
+
+    fn stalled(&self) -> bool {
+        let now = corral_engine::date::mono_ms();
+        self.gil_waits.iter().any(|since| {
+            let since = since.load(Ordering::Relaxed);
+            since != 0 && now >= since + GIL_STALL.as_millis() as u64
+        })
     }
 
     fn thread_traceback(&self, t: usize) -> Option<String> {

@@ -190,13 +190,14 @@ pub(super) fn pause_listeners<A: App>(w: &Shared<A>, now: u64) {
     }
 }
 
-/// At `--max-connections` with nothing idle to close: gives the connection
-/// just accepted to a sibling that has room, as a new one (its first
-/// request unread), and stops accepting for [`ACCEPT_PAUSE`] so the next
-/// ones go to the siblings directly. epoll wakes the same worker for most
-/// new connections, so without this one full worker turned clients away
-/// with 503 while the others had room. False when no sibling has room.
-pub(super) fn pass_to_sibling<A: App>(w: &Shared<A>, fd: RawFd, idx: usize) -> bool {
+/// Gives the connection just accepted to a sibling that has room, as a new
+/// one (its first request unread), and stops accepting for [`ACCEPT_PAUSE`]
+/// so the next ones go to the siblings directly: at `--max-connections`
+/// with nothing idle to close, or while the app cannot run here (`why`).
+/// epoll wakes the same worker for most new connections, so without this
+/// one full worker turned clients away with 503 while the others had room.
+/// False when no sibling has room.
+pub(super) fn pass_to_sibling<A: App>(w: &Shared<A>, fd: RawFd, idx: usize, why: &str) -> bool {
     if w.inbox.is_none() {
         return false;
     }
@@ -213,13 +214,36 @@ pub(super) fn pass_to_sibling<A: App>(w: &Shared<A>, fd: RawFd, idx: usize) -> b
         Ok(()) => {
             unsafe { libc::close(fd) };
             pause_listeners(w, mono_ms());
-            debug!("at --max-connections: handed a new connection to worker pid {to}");
+            debug!("{why}: handed a new connection to worker pid {to}");
             true
         }
         Err(e) => {
-            debug!("at --max-connections: handing a new connection to worker pid {to}: {e}");
+            debug!("{why}: handing a new connection to worker pid {to}: {e}");
             false
         }
+    }
+}
+
+/// When the last line about a stalled app was written (monotonic ms), and
+/// connections passed on since.
+static STALL_REPORT: Mutex<(u64, u64)> = Mutex::new((0, 0));
+
+/// Says, at most every 10 s, that new connections go to the siblings while
+/// the app is stalled here.
+fn report_stall<A: App>(w: &Shared<A>) {
+    let now = mono_ms();
+    let mut report = STALL_REPORT.lock().unwrap_or_else(|p| p.into_inner());
+    report.1 += 1;
+    if report.0 == 0 || now >= report.0 + 10_000 {
+        warn!(
+            "Worker {}: a thread has waited over a second to run the app (another holds the \
+             interpreter, in C code that does not release it); {} new connection(s) handed to other \
+             workers: pid={}",
+            w.slot,
+            report.1,
+            std::process::id()
+        );
+        *report = (now, 0);
     }
 }
 
@@ -293,12 +317,17 @@ pub(super) fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Accepted {
             )
         };
     }
+    // Nothing runs the app here now: a sibling serves the connection sooner.
+    if w.app.stalled() && pass_to_sibling(w, fd, idx, "the app is stalled") {
+        report_stall(w);
+        return Accepted::Shed;
+    }
     // At --max-connections the new connection goes to a sibling with room
     // first. Only when none has any is an idle kept-alive connection closed
     // for it: its client may be sending its next request at that moment (a
     // POST nginx then answers with 502), while the sibling closes nothing.
     if w.registry.lock().unwrap().live >= w.config.max_connections {
-        if pass_to_sibling(w, fd, idx) {
+        if pass_to_sibling(w, fd, idx, "at --max-connections") {
             return Accepted::Shed;
         }
         let reg = w.registry.lock().unwrap();
