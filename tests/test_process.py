@@ -1134,3 +1134,23 @@ def test_new_connections_avoid_a_worker_whose_interpreter_is_held(start_server):
     for conns in by_pid.values():
         for conn in conns:
             conn.close()
+
+
+def test_pidfile_symlink_is_replaced_not_followed(start_server, tmp_path):
+    """A pidfile path that is a symlink (planted by whoever may write to the
+    pidfile's directory) is replaced by the pidfile, as under gunicorn: the
+    file it pointed to is left as it was."""
+    target = tmp_path / "precious"
+    target.write_text("secret\n")
+    pidfile = tmp_path / "run" / "corral.pid"
+    pidfile.parent.mkdir()
+    pidfile.symlink_to(target)
+    server = start_server("behaviour:application", "--pidfile", str(pidfile))
+    assert target.read_text() == "secret\n"
+    assert not pidfile.is_symlink()
+    assert pidfile.read_text() == f"{server.proc.pid}\n"
+    assert not [p for p in pidfile.parent.iterdir() if p.name.endswith(".tmp")]
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(30) == 0
+    assert not pidfile.exists()
+    assert target.read_text() == "secret\n"

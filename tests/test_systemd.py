@@ -281,3 +281,31 @@ def test_reexec_keeps_activated_sockets(start_server, tmp_path):
         assert server.wait_exit(30) == 0
     finally:
         notify.close()
+
+
+def test_activated_socket_is_served_beside_the_listeners_given(start_server):
+    """A socket the service manager passed is served even when listeners are
+    given too (a health-check port, say): systemd queues connections on it
+    whatever corral does, and left unserved they would hang."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    port = listener.getsockname()[1]
+    fd = listener.fileno()
+    launcher = [sys.executable, "-c", LAUNCH, str(fd), *CORRAL]
+    server = start_server(
+        "behaviour:application",
+        command=launcher,
+        pass_fds=(fd,),
+        env={"LISTEN_FDS": "1", "LISTEN_FDNAMES": "htpp"},
+    )
+    listener.close()
+    server.wait_for(r"is named \"htpp\" .*serving HTTP on it")
+    server.wait_for(r"Also serving what the service manager passed \(socket activation\): http on fd://3")
+    # The listener given on the command line...
+    assert server.request("GET", "/fixed").status == 200
+    # ...and the activated one.
+    given = server.port
+    server.port = port
+    assert server.request("GET", "/fixed").status == 200
+    server.port = given

@@ -22,6 +22,14 @@ fn skipped(name: &str) -> bool {
     name.starts_with('.') || matches!(name, "__pycache__" | "node_modules" | "venv" | "env" | "site-packages")
 }
 
+/// Files editors make beside the one edited, which no import reads: Emacs's
+/// lock (`.#app.py`, a dangling symlink made at the first change of a
+/// buffer) and its syntax checkers' copies (`flycheck_app.py`,
+/// `app_flymake.py`); hidden files in general.
+fn editor_scratch(name: &str) -> bool {
+    name.starts_with('.') || name.starts_with("flycheck_") || name.ends_with("_flymake.py")
+}
+
 pub struct Watcher {
     inotify: Inotify,
     dirs: HashMap<WatchDescriptor, PathBuf>,
@@ -97,7 +105,7 @@ impl Watcher {
                     }
                     continue;
                 }
-                if name.ends_with(".py") {
+                if name.ends_with(".py") && !editor_scratch(&name) {
                     let first = self.pending.take().map_or(path, |(p, _)| p);
                     self.pending = Some((first, Instant::now()));
                 }
@@ -190,6 +198,10 @@ mod tests {
         std::fs::write(root.join("notes.txt"), "x").unwrap();
         w.read();
         assert!(w.wait_ms().is_none(), "a non-Python file is not a change");
+        std::os::unix::fs::symlink("root@host.1:1", root.join(".#app.py")).unwrap();
+        std::fs::write(root.join("flycheck_app.py"), "x").unwrap();
+        w.read();
+        assert!(w.wait_ms().is_none(), "an editor's lock or scratch copy is not a change");
         std::fs::create_dir(root.join("pkg/sub")).unwrap();
         w.read();
         std::fs::write(root.join("pkg/sub/mod.py"), "x = 1").unwrap();

@@ -899,6 +899,13 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             return Ok(2);
         }
     };
+    // An app loaded by its path is watched by --reload where it lies, as
+    // the current directory and --pythonpath are.
+    let app_dir = spec
+        .file
+        .as_deref()
+        .and_then(|f| std::path::absolute(f).ok())
+        .and_then(|p| p.parent().map(PathBuf::from));
     let mount = match mount_prefix(&cli) {
         Ok(m) => m,
         Err(e) => {
@@ -909,9 +916,10 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
 
     let mut wanted = listeners_given(&cli);
     // Socket activation: descriptors from the service manager. Named ones
-    // (FileDescriptorName=http, uwsgi, fastcgi, scgi) get that protocol;
-    // they are used when no listener is given on the command line, and are
-    // reachable as fd://N either way.
+    // (FileDescriptorName=http, uwsgi, fastcgi, scgi) get that protocol.
+    // Each is served, beside the listeners given, unless one of those names
+    // it as fd://N: the service manager queues connections on it whatever
+    // corral does, and one left unserved would leave them hanging.
     let activated = corral_engine::systemd::take_listen_fds();
     // Python copied the environment at start-up: drop these from its copy
     // too, or the app and its subprocesses would still see them.
@@ -926,17 +934,33 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
                 Some("uwsgi") => Protocol::Uwsgi,
                 Some("fastcgi") => Protocol::FastCgi,
                 Some("scgi") => Protocol::Scgi,
-                _ => Protocol::Http,
+                Some("http") | Some("") | None => Protocol::Http,
+                Some(other) => {
+                    warn!(
+                        "Socket-activated fd {fd} is named {other:?} (FileDescriptorName=), which is none of \
+                         http, uwsgi, fastcgi, scgi: serving HTTP on it"
+                    );
+                    Protocol::Http
+                }
             };
             (protocol, format!("fd://{fd}"))
         })
         .collect();
     // Listeners taken from socket activation are handed to a re-executed
     // master the same way, or it would fall back to the default address.
-    let from_activation = wanted.is_empty() && !activated.is_empty();
-    if wanted.is_empty() {
-        wanted.extend(activated_addrs.iter().map(|(p, a)| (*p, a.as_str())));
+    let unnamed: Vec<(Protocol, &str)> = activated_addrs
+        .iter()
+        .filter(|(_, a)| !wanted.iter().any(|(_, w)| w == a))
+        .map(|(p, a)| (*p, a.as_str()))
+        .collect();
+    if !wanted.is_empty() && !unnamed.is_empty() {
+        info!(
+            "Also serving what the service manager passed (socket activation): {}",
+            unnamed.iter().map(|(p, a)| format!("{} on {a}", p.name())).collect::<Vec<_>>().join(", ")
+        );
     }
+    let from_activation = !unnamed.is_empty();
+    wanted.extend(unnamed);
     if wanted.is_empty() {
         wanted.push((Protocol::Http, DEFAULT_HTTP));
     }
@@ -1157,7 +1181,7 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         unsafe { libc::close(*fd) };
     }
     if let Some(path) = &pidfile {
-        if let Err(e) = std::fs::write(path, format!("{}\n", std::process::id())) {
+        if let Err(e) = write_pidfile(path) {
             error!("--pidfile {}: {e}", path.display());
             return Ok(1);
         }
@@ -1299,6 +1323,9 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     if cli.reload {
         let mut roots: Vec<PathBuf> = std::env::current_dir().into_iter().collect();
         roots.extend(cli.pythonpath.iter().cloned());
+        if let Some(dir) = app_dir.filter(|d| !roots.iter().any(|r| d.starts_with(r))) {
+            roots.push(dir);
+        }
         match corral_engine::watch::Watcher::new(&roots) {
             Ok(w) => {
                 info!(
@@ -1670,6 +1697,48 @@ fn directory_exists(path: &str) -> Result<(), String> {
     match path.parent().filter(|d| !d.as_os_str().is_empty()) {
         Some(dir) if !dir.is_dir() => Err(format!("no directory {}", dir.display())),
         _ => Ok(()),
+    }
+}
+
+/// Writes this process's pid to `path` without following a symlink there:
+/// a new file renamed over it, as gunicorn does, or else (a directory this
+/// process may not write to, with the file in it given to it) the file
+/// itself, opened with O_NOFOLLOW. A pidfile directory that the user named
+/// by --user may write to must not let that user point the file at one
+/// the master, started as root, would then overwrite.
+fn write_pidfile(path: &std::path::Path) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let text = format!("{}\n", std::process::id());
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let temp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&temp);
+    match created {
+        Ok(mut f) => {
+            let written = f.write_all(text.as_bytes()).and_then(|()| std::fs::rename(&temp, path));
+            if written.is_err() {
+                let _ = std::fs::remove_file(&temp);
+            }
+            written
+        }
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS)) => {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(path)
+                .map_err(|e| match e.raw_os_error() {
+                    Some(libc::ELOOP) => std::io::Error::other("a symbolic link, which is not followed"),
+                    _ => e,
+                })?;
+            f.write_all(text.as_bytes())
+        }
+        Err(e) => Err(e),
     }
 }
 

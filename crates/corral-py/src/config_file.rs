@@ -194,7 +194,8 @@ pub fn layer(py: pyo3::Python<'_>, cmd: &Command, argv: &[String]) -> Result<Lay
     let mut entries: Vec<(String, Item, String)> = Vec::new();
     let mut notes = Vec::new();
     let mut hooks = ServerHooks::default();
-    if crate::gunicorn_conf::is_gunicorn_config(&path) {
+    let gunicorn = crate::gunicorn_conf::is_gunicorn_config(&path);
+    if gunicorn {
         let given = |id: &str| -> Option<String> {
             if !matches!(first.value_source(id), Some(ValueSource::CommandLine | ValueSource::EnvVariable)) {
                 return None;
@@ -271,6 +272,17 @@ pub fn layer(py: pyo3::Python<'_>, cmd: &Command, argv: &[String]) -> Result<Lay
                 // gunicorn's modes (off, v1, v2, auto), which its parser takes.
                 Value::String(mode) if key == "proxy-protocol" => {
                     injected.push(format!("--{key}={}", mode.value()))
+                }
+                // As gunicorn reads a boolean given as a string (a config
+                // that takes it from the environment: os.environ.get(...)).
+                Value::String(text) if gunicorn && bool_word(text.value()).is_some() => {
+                    injected.push(format!("--{key}={}", bool_word(text.value()).unwrap_or_default()))
+                }
+                _ if gunicorn => {
+                    return Err(format!(
+                        "{at}: `{key}` must be true or false, or a string gunicorn takes for one (y, yes, \
+                         true, 1, on; n, no, false, 0, off)"
+                    ))
                 }
                 _ => return Err(format!("{at}: `{key}` must be true or false")),
             }
@@ -555,6 +567,16 @@ fn unknown_key(cmd: &clap::Command, key: &str, at: &str) -> String {
         (None, None, None) => {
             format!("{at}: unknown key `{key}` (keys are the long option names, such as `workers`)")
         }
+    }
+}
+
+/// A boolean written as a string, as gunicorn's settings take it (its
+/// `validate_bool`): y, yes, true, 1, on and n, no, false, 0, off, in any case.
+fn bool_word(text: &str) -> Option<bool> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "y" | "yes" | "true" | "1" | "on" => Some(true),
+        "n" | "no" | "false" | "0" | "off" => Some(false),
+        _ => None,
     }
 }
 
