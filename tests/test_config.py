@@ -1502,15 +1502,14 @@ def test_gunicorn_booleans_given_as_strings(tmp_path):
     opposites, in any case); anything else is refused with the words it takes."""
     cfg = tmp_path / "gunicorn.conf.py"
     cfg.write_text(
-        "import os\npreload_app = os.environ.get('PRELOAD', 'False')\nreuse_port = 'ON'\n"
-        "capture_output = ' yes '\n"
+        "import os\npreload_app = os.environ.get('PRELOAD', 'False')\nreuse_port = 'ON'\nreload = ' yes '\n"
     )
     proc = _run(["-c", str(cfg), "--print-config", "behaviour:application"])
     assert proc.returncode == 0, proc.stderr
     printed = _printed(proc.stdout)
     assert printed["preload"] == ("false", f"config file {cfg}:2")
     assert printed["reuse-port"] == ("true", f"config file {cfg}:3")
-    assert printed["capture-output"][0] == "true"
+    assert printed["reload"][0] == "true"
     cfg.write_text("preload_app = 'maybe'\n")
     proc = _run(["-c", str(cfg), "behaviour:application"])
     assert proc.returncode == 2

@@ -1130,7 +1130,8 @@ def test_new_connections_avoid_a_worker_whose_interpreter_is_held(start_server):
             assert not server.grep(r"hold done", since=mark), server.log
         assert hold.result().status == 200
         assert waiting.result().status == 200
-    assert server.grep(r"has waited over a second to run the app", since=mark), server.log
+    # (Which worker the kernel wakes for a new connection is its choice: the
+    # held one may have been woken for none of them, and said nothing.)
     for conns in by_pid.values():
         for conn in conns:
             conn.close()
