@@ -303,6 +303,28 @@ def test_reload_picks_up_an_edited_module(start_server, tmp_path):
     assert not server.grep(r"Detected a change", since=mark)
 
 
+def test_reload_watches_an_app_given_by_its_path(start_server, tmp_path):
+    """PATH.py:CALLABLE from another directory: its file is watched too; an
+    editor's lock file beside it is not a change."""
+    app_dir = tmp_path / "elsewhere"
+    app_dir.mkdir()
+    app = app_dir / "wsgi.py"
+    app.write_text(
+        "def application(environ, start_response):\n"
+        '    start_response("200 OK", [("Content-Type", "text/plain")])\n'
+        '    return [b"one"]\n'
+    )
+    server = start_server(f"{app}:application", "--reload")
+    assert server.request("GET", "/").body == b"one"
+    mark = server.mark()
+    (app_dir / ".#wsgi.py").symlink_to("someone@host.1234:1700000000")
+    time.sleep(1)
+    assert not server.grep(r"Detected a change", since=mark), server.log
+    app.write_text(app.read_text().replace('b"one"', 'b"two"'))
+    server.wait_for(r"Detected a change in .*wsgi\.py; reloading the workers", since=mark)
+    assert wait_until(lambda: server.request("GET", "/").body == b"two", 10)
+
+
 @pytest.mark.parametrize("preload", [False, True], ids=["lazy", "preload"])
 def test_touch_reload_reloads_when_the_file_is_touched(start_server, tmp_path, preload):
     """uWSGI's --touch-reload: a deploy writes new code, then touches a file;
