@@ -58,6 +58,7 @@ fn engine(protocol: Protocol, addr: &Addr) -> Result<i32, String> {
         slot: 0,
         age: 1,
         scoreboard,
+        master: unsafe { libc::getppid() },
     };
     // `listener` stays alive (and its unix socket file in place) while the worker runs.
     let code = run_worker(Hello, ctx);

@@ -1281,6 +1281,7 @@ impl<'a, H: Hooks> Master<'a, H> {
         let age = self.spawned;
         self.hooks.event(Event::Fork { slot, age });
         self.hooks.before_fork();
+        let master = std::process::id() as libc::pid_t;
         // The master is single-threaded (see the module doc), so forking here is safe.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
@@ -1328,6 +1329,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                 slot,
                 age,
                 scoreboard: self.scoreboard,
+                master,
             };
             let code = self.hooks.worker_main(ctx);
             self.hooks.worker_exit(code);

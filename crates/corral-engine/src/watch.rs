@@ -33,16 +33,28 @@ fn editor_scratch(name: &str) -> bool {
 pub struct Watcher {
     inotify: Inotify,
     dirs: HashMap<WatchDescriptor, PathBuf>,
+    /// Directories watched alone, without what is below them.
+    shallow: std::collections::HashSet<WatchDescriptor>,
     /// The first change since the last reload, and the latest one.
     pending: Option<(PathBuf, Instant)>,
 }
 
 impl Watcher {
     /// Watches every directory under `roots` (recursively).
+    // IN_ATTRIB for a modification time set alone (`os.utime`, tools that
+    // restore timestamps), which a polling reloader would notice.
+    const FLAGS: AddWatchFlags = AddWatchFlags::IN_CLOSE_WRITE
+        .union(AddWatchFlags::IN_ATTRIB)
+        .union(AddWatchFlags::IN_MOVED_TO)
+        .union(AddWatchFlags::IN_MOVED_FROM)
+        .union(AddWatchFlags::IN_CREATE)
+        .union(AddWatchFlags::IN_DELETE)
+        .union(AddWatchFlags::IN_ONLYDIR);
+
     pub fn new(roots: &[PathBuf]) -> Result<Watcher, String> {
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
             .map_err(|e| format!("--reload: inotify: {e}"))?;
-        let mut w = Watcher { inotify, dirs: HashMap::new(), pending: None };
+        let mut w = Watcher { inotify, dirs: HashMap::new(), shallow: Default::default(), pending: None };
         for root in roots {
             w.add_tree(root);
         }
@@ -52,21 +64,24 @@ impl Watcher {
         Ok(w)
     }
 
+    /// Watches `dir` itself, not the directories below it: the directory
+    /// of an app file given by its path, which may be one as large as $HOME.
+    pub fn add_dir(&mut self, dir: &Path) {
+        if self.dirs.values().any(|d| d == dir) {
+            return;
+        }
+        if let Ok(wd) = self.inotify.add_watch(dir, Self::FLAGS) {
+            self.dirs.insert(wd, dir.to_path_buf());
+            self.shallow.insert(wd);
+        }
+    }
+
     pub fn watched(&self) -> usize {
         self.dirs.len()
     }
 
     fn add_tree(&mut self, dir: &Path) {
-        // IN_ATTRIB for a modification time set alone (`os.utime`, tools
-        // that restore timestamps), which a polling reloader would notice.
-        let flags = AddWatchFlags::IN_CLOSE_WRITE
-            | AddWatchFlags::IN_ATTRIB
-            | AddWatchFlags::IN_MOVED_TO
-            | AddWatchFlags::IN_MOVED_FROM
-            | AddWatchFlags::IN_CREATE
-            | AddWatchFlags::IN_DELETE
-            | AddWatchFlags::IN_ONLYDIR;
-        let Ok(wd) = self.inotify.add_watch(dir, flags) else {
+        let Ok(wd) = self.inotify.add_watch(dir, Self::FLAGS) else {
             return;
         };
         self.dirs.insert(wd, dir.to_path_buf());
@@ -100,6 +115,7 @@ impl Watcher {
                 if ev.mask.contains(AddWatchFlags::IN_ISDIR) {
                     if ev.mask.intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO)
                         && !skipped(&name)
+                        && !self.shallow.contains(&ev.wd)
                     {
                         self.add_tree(&path);
                     }

@@ -139,6 +139,7 @@ fn start_with(threads: usize, keepalive_timeout: Duration) -> Worker {
             slot: 0,
             age: 1,
             scoreboard,
+            master: unsafe { libc::getppid() },
         };
         let code = run_worker(TestApp, ctx);
         unsafe { libc::_exit(code) };

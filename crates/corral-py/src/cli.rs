@@ -934,7 +934,9 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
                 Some("uwsgi") => Protocol::Uwsgi,
                 Some("fastcgi") => Protocol::FastCgi,
                 Some("scgi") => Protocol::Scgi,
+                // systemd names a socket without FileDescriptorName= after its unit.
                 Some("http") | Some("") | None => Protocol::Http,
+                Some(unit) if unit.ends_with(".socket") => Protocol::Http,
                 Some(other) => {
                     warn!(
                         "Socket-activated fd {fd} is named {other:?} (FileDescriptorName=), which is none of \
@@ -948,12 +950,19 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         .collect();
     // Listeners taken from socket activation are handed to a re-executed
     // master the same way, or it would fall back to the default address.
+    let fd_of = |a: &str| a.strip_prefix("fd://").and_then(|n| n.parse::<i32>().ok());
+    let named: Vec<i32> =
+        wanted.iter().map(|(_, a)| *a).chain(cli.stats.as_deref()).filter_map(fd_of).collect();
+    let given = !wanted.is_empty();
     let unnamed: Vec<(Protocol, &str)> = activated_addrs
         .iter()
-        .filter(|(_, a)| !wanted.iter().any(|(_, w)| w == a))
+        .filter(|(_, a)| fd_of(a).is_some_and(|fd| !named.contains(&fd)))
+        // Beside listeners given, only what can be one: the service manager
+        // may pass other descriptors too (a datagram socket, its fd store).
+        .filter(|(_, a)| !given || fd_of(a).is_some_and(is_listening_stream))
         .map(|(p, a)| (*p, a.as_str()))
         .collect();
-    if !wanted.is_empty() && !unnamed.is_empty() {
+    if given && !unnamed.is_empty() {
         info!(
             "Also serving what the service manager passed (socket activation): {}",
             unnamed.iter().map(|(p, a)| format!("{} on {a}", p.name())).collect::<Vec<_>>().join(", ")
@@ -1322,12 +1331,14 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     }
     if cli.reload {
         let mut roots: Vec<PathBuf> = std::env::current_dir().into_iter().collect();
-        roots.extend(cli.pythonpath.iter().cloned());
-        if let Some(dir) = app_dir.filter(|d| !roots.iter().any(|r| d.starts_with(r))) {
-            roots.push(dir);
-        }
+        roots.extend(cli.pythonpath.iter().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())));
+        let app_dir = app_dir.filter(|d| !roots.iter().any(|r| d.starts_with(r)));
         match corral_engine::watch::Watcher::new(&roots) {
-            Ok(w) => {
+            Ok(mut w) => {
+                if let Some(dir) = &app_dir {
+                    w.add_dir(dir);
+                    roots.push(dir.clone());
+                }
                 info!(
                     "--reload: watching {} director(ies) under {} for .py changes",
                     w.watched(),
@@ -1700,6 +1711,19 @@ fn directory_exists(path: &str) -> Result<(), String> {
     }
 }
 
+/// Whether `fd` is a listening stream socket.
+fn is_listening_stream(fd: i32) -> bool {
+    let opt = |name: libc::c_int| {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        let ok = unsafe {
+            libc::getsockopt(fd, libc::SOL_SOCKET, name, (&mut v as *mut libc::c_int).cast(), &mut len)
+        };
+        (ok == 0).then_some(v)
+    };
+    opt(libc::SO_ACCEPTCONN) == Some(1) && opt(libc::SO_TYPE) == Some(libc::SOCK_STREAM)
+}
+
 /// Writes this process's pid to `path` without following a symlink there:
 /// a new file renamed over it, as gunicorn does, or else (a directory this
 /// process may not write to, with the file in it given to it) the file
@@ -1712,12 +1736,23 @@ fn write_pidfile(path: &std::path::Path) -> std::io::Result<()> {
     let text = format!("{}\n", std::process::id());
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let temp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    let created = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&temp);
+    let create = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&temp)
+    };
+    // One left by a start of the same pid that was killed before its rename
+    // (a master that is PID 1 in a container always has the same pid).
+    let created = match create() {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let _ = std::fs::remove_file(&temp);
+            create()
+        }
+        other => other,
+    };
     match created {
         Ok(mut f) => {
             let written = f.write_all(text.as_bytes()).and_then(|()| std::fs::rename(&temp, path));

@@ -280,9 +280,9 @@ pub fn layer(py: pyo3::Python<'_>, cmd: &Command, argv: &[String]) -> Result<Lay
                 }
                 _ if gunicorn => {
                     return Err(format!(
-                        "{at}: `{key}` must be true or false, or a string gunicorn takes for one (y, yes, \
-                         true, 1, on; n, no, false, 0, off)"
-                    ))
+                    "{at}: `{key}` must be true or false (as gunicorn takes it, also the strings \"true\" \
+                         and \"false\")"
+                ))
                 }
                 _ => return Err(format!("{at}: `{key}` must be true or false")),
             }
@@ -571,11 +571,11 @@ fn unknown_key(cmd: &clap::Command, key: &str, at: &str) -> String {
 }
 
 /// A boolean written as a string, as gunicorn's settings take it (its
-/// `validate_bool`): y, yes, true, 1, on and n, no, false, 0, off, in any case.
+/// `validate_bool`): true or false, in any case, spaces around ignored.
 fn bool_word(text: &str) -> Option<bool> {
     match text.trim().to_ascii_lowercase().as_str() {
-        "y" | "yes" | "true" | "1" | "on" => Some(true),
-        "n" | "no" | "false" | "0" | "off" => Some(false),
+        "true" => Some(true),
+        "false" => Some(false),
         _ => None,
     }
 }

@@ -84,6 +84,8 @@ pub struct WsgiApp {
     /// Since when each serving thread waits for the GIL to call the app
     /// (monotonic ms), 0 when it does not (see [`App::stalled`]).
     gil_waits: Box<[AtomicU64]>,
+    /// When a serving thread last got the GIL to call the app (monotonic ms).
+    gil_taken: AtomicU64,
     mount: Vec<u8>,
     max_body: u64,
     /// The worker's pid, for the log when a forked child comes back.
@@ -163,7 +165,12 @@ impl WsgiApp {
             header_keys: Mutex::new(KeyCache::default()),
             var_keys: Mutex::new(KeyCache::default()),
             thread_states: Mutex::new(Vec::new()),
-            gil_waits: (0..ctx.config.threads.max(1)).map(|_| AtomicU64::new(0)).collect(),
+            // One thread: no other is free to take connections into the wait.
+            gil_waits: match ctx.config.threads {
+                0 | 1 => Box::new([]),
+                n => (0..n).map(|_| AtomicU64::new(0)).collect(),
+            },
+            gil_taken: AtomicU64::new(0),
             mount: mount.as_bytes().to_vec(),
             max_body: ctx.config.max_body_size,
             pid: std::process::id(),
@@ -875,16 +882,24 @@ impl App for WsgiApp {
         unsafe { ffi::PyEval_RestoreThread(thread.0) };
         if let Some(since) = wait {
             since.store(0, Ordering::Relaxed);
+            self.gil_taken.store(corral_engine::date::mono_ms(), Ordering::Relaxed);
         }
         Python::with_gil(|py| self.serve(py, req, ex));
         thread.0 = unsafe { ffi::PyEval_SaveThread() };
     }
 
     fn stalled(&self) -> bool {
+        // Not while threads take turns with it, however long a turn lasts
+        // (C code holding it 100 ms at a time, a long garbage collection):
+        // only while none got it for that long.
         let now = corral_engine::date::mono_ms();
+        let limit = GIL_STALL.as_millis() as u64;
+        if self.gil_waits.is_empty() || now < self.gil_taken.load(Ordering::Relaxed) + limit {
+            return false;
+        }
         self.gil_waits.iter().any(|since| {
             let since = since.load(Ordering::Relaxed);
-            since != 0 && now >= since + GIL_STALL.as_millis() as u64
+            since != 0 && now >= since + limit
         })
     }
 

@@ -293,6 +293,9 @@ pub struct WorkerCtx {
     /// The how-manyth worker the master started (from 1).
     pub age: u64,
     pub scoreboard: Scoreboard,
+    /// The master's pid, taken before the fork: a master that dies while
+    /// the worker loads the app must not leave the reaper in its place.
+    pub master: libc::pid_t,
 }
 
 /// The part of a connection other threads may look at: the main thread
@@ -558,7 +561,7 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
             return 1;
         }
     }
-    let master = unsafe { libc::getppid() };
+    let master = ctx.master;
     let inbox = match crate::handover::bind_inbox(master) {
         Ok(fd) => {
             let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: INBOX_TOKEN };

@@ -281,6 +281,13 @@ fn stop_now<A: App>(w: &Shared<A>, signal: bool, wait: &mut StopWait) -> bool {
                 );
                 *wait = StopWait::Held { until: at + w.config.shutdown_delay.as_millis() as u64 };
                 false
+            } else if signal_pending(w.master, sig)
+                && now < at + (w.config.shutdown_delay + HELD_STOP_GRACE).as_millis() as u64
+            {
+                // The master has the same signal still to read (it blocks
+                // its signals and reads them in its loop, which may be busy):
+                // its mark is to come.
+                false
             } else if now >= at + STOP_ASK_WAIT.as_millis() as u64 {
                 info!("Worker received {name} from {from}: draining: pid={}", std::process::id());
                 true
@@ -297,6 +304,23 @@ fn stop_now<A: App>(w: &Shared<A>, signal: bool, wait: &mut StopWait) -> bool {
         }
         StopWait::Held { .. } => false,
     }
+}
+
+/// Whether signal `sig` waits to be taken by process `pid` (its shared
+/// pending set, /proc/PID/status's ShdPnd, where a signal the process
+/// blocks stays until it reads it).
+fn signal_pending(pid: libc::pid_t, sig: i32) -> bool {
+    if !(1..=64).contains(&sig) {
+        return false;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("ShdPnd:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (sig - 1)) != 0)
 }
 
 /// A serving thread's waits on its client, which --timeout leaves out: a
