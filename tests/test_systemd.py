@@ -309,3 +309,41 @@ def test_activated_socket_is_served_beside_the_listeners_given(start_server):
     server.port = port
     assert server.request("GET", "/fixed").status == 200
     server.port = given
+
+
+def test_activated_stats_socket_is_not_served_as_http_too(start_server):
+    """Two sockets passed, one of them named by --stats fd://4: that one is
+    the stats listener alone; the other is served beside --http."""
+    launch2 = (
+        "import os, sys\n"
+        "a, b = int(sys.argv[1]), int(sys.argv[2])\n"
+        "os.dup2(a, 3)\nos.dup2(b, 4)\nos.close(a)\nos.close(b)\n"
+        "os.environ['LISTEN_PID'] = str(os.getpid())\n"
+        "os.execv(sys.argv[3], sys.argv[3:])\n"
+    )
+    socks = []
+    for _ in range(2):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        socks.append(s)
+    fds = [s.fileno() for s in socks]
+    ports = [s.getsockname()[1] for s in socks]
+    server = start_server(
+        "behaviour:application",
+        "--stats",
+        "fd://4",
+        command=[sys.executable, "-c", launch2, str(fds[0]), str(fds[1]), *CORRAL],
+        pass_fds=tuple(fds),
+        env={"LISTEN_FDS": "2"},
+    )
+    for s in socks:
+        s.close()
+    server.wait_for(r"Also serving what the service manager passed \(socket activation\): http on fd://3$")
+    assert server.request("GET", "/fixed").status == 200
+    given = server.port
+    server.port = ports[0]
+    assert server.request("GET", "/fixed").status == 200
+    server.port = ports[1]
+    assert server.request("GET", "/healthz").status == 200
+    server.port = given
