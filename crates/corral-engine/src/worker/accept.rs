@@ -322,6 +322,15 @@ pub(super) fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Accepted {
         report_stall(w);
         return Accepted::Shed;
     }
+    // Taken from the queue as this worker leaves (see begin_drain) while
+    // every thread of it is busy: a ready sibling serves it sooner.
+    if draining()
+        && SERVING_THREAD.with(|t| t.get()) == usize::MAX
+        && w.in_pass.iter().all(|p| p.load(Ordering::Relaxed))
+        && pass_to_sibling(w, fd, idx, "draining with every thread busy")
+    {
+        return Accepted::Shed;
+    }
     // At --max-connections the new connection goes to a sibling with room
     // first. Only when none has any is an idle kept-alive connection closed
     // for it: its client may be sending its next request at that moment (a
