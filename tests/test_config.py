@@ -1381,6 +1381,13 @@ def test_a_gunicorn_files_reload_extra_files_follow_reload_from_anywhere(tmp_pat
     got = _printed(proc.stdout)
     assert got["reload"] == ("false", "command line")
     assert got["touch-reload"][1] == "default"
+    # The string "false", as gunicorn reads it, is no reload either.
+    reloading.write_text(f"reload = 'false'\nreload_extra_files = [{str(extra)!r}]\n")
+    proc = _run(["-c", str(reloading), "--print-config", "behaviour:application"])
+    assert proc.returncode == 0, proc.stderr
+    got = _printed(proc.stdout)
+    assert got["reload"] == ("false", f"config file {reloading}:1")
+    assert got["touch-reload"][1] == "default"
 
 
 @pytest.mark.parametrize(

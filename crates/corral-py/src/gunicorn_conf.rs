@@ -461,7 +461,13 @@ pub fn translate(
         None => path.clone(),
     };
     let get = |name: &str| names.get_item(name).ok().flatten();
-    let truthy = |name: &str| get(name).is_some_and(|v| v.is_truthy().unwrap_or(false));
+    // As gunicorn's validate_bool: the strings "true" and "false" too.
+    let truthy = |name: &str| {
+        get(name).is_some_and(|v| match v.extract::<String>() {
+            Ok(text) => text.trim().eq_ignore_ascii_case("true"),
+            Err(_) => v.is_truthy().unwrap_or(false),
+        })
+    };
     let mut out: Vec<Setting> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
     // A hook may be named by its dotted path, as gunicorn takes it; any
