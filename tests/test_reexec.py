@@ -181,7 +181,13 @@ def test_a_reexec_takes_over_each_listener_by_its_address(start_server, tmp_path
     by place in the list, an added listener made the new program bind the
     stats port the old one still held, and the whole server exit."""
     conf = tmp_path / "corral.toml"
-    stats, a, b = free_port(), free_port(), free_port()
+    # Three different ports: each is free when picked, and none is bound
+    # before the next is picked, so the same one may come twice.
+    ports: list[int] = []
+    while len(ports) < 3:
+        if (port := free_port()) not in ports:
+            ports.append(port)
+    stats, a, b = ports
     conf.write_text(f'workers = 1\nstats = "127.0.0.1:{stats}"\nuwsgi = ["127.0.0.1:{a}"]\n')
     server = start_server("behaviour:application", "--config", str(conf), workers=None)
     for uwsgi, closed in (([a, b], []), ([b, a], []), ([b], [a])):
