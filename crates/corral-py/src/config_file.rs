@@ -267,24 +267,22 @@ pub fn layer(py: pyo3::Python<'_>, cmd: &Command, argv: &[String]) -> Result<Lay
             continue;
         }
         if is_switch(arg) {
-            match value {
-                Value::Boolean(b) => injected.push(format!("--{key}={}", b.value())),
+            let flag = match value {
+                Value::Boolean(b) => Some(b.value().to_string()),
                 // gunicorn's modes (off, v1, v2, auto), which its parser takes.
-                Value::String(mode) if key == "proxy-protocol" => {
-                    injected.push(format!("--{key}={}", mode.value()))
-                }
+                Value::String(mode) if key == "proxy-protocol" => Some(mode.value().clone()),
                 // As gunicorn reads a boolean given as a string (a config
                 // that takes it from the environment: os.environ.get(...)).
-                Value::String(text) if gunicorn && bool_word(text.value()).is_some() => {
-                    injected.push(format!("--{key}={}", bool_word(text.value()).unwrap_or_default()))
-                }
-                _ if gunicorn => {
-                    return Err(format!(
+                Value::String(text) if gunicorn => bool_word(text.value()).map(|b| b.to_string()),
+                _ => None,
+            };
+            match flag {
+                Some(flag) => injected.push(format!("--{key}={flag}")),
+                None if gunicorn => return Err(format!(
                     "{at}: `{key}` must be true or false (as gunicorn takes it, also the strings \"true\" \
                          and \"false\")"
-                ))
-                }
-                _ => return Err(format!("{at}: `{key}` must be true or false")),
+                )),
+                None => return Err(format!("{at}: `{key}` must be true or false")),
             }
             origins.insert(id, at.clone());
             continue;

@@ -892,9 +892,12 @@ impl App for WsgiApp {
         // Not while threads take turns with it, however long a turn lasts
         // (C code holding it 100 ms at a time, a long garbage collection):
         // only while none got it for that long.
+        if self.gil_waits.is_empty() {
+            return false;
+        }
         let now = corral_engine::date::mono_ms();
         let limit = GIL_STALL.as_millis() as u64;
-        if self.gil_waits.is_empty() || now < self.gil_taken.load(Ordering::Relaxed) + limit {
+        if now < self.gil_taken.load(Ordering::Relaxed) + limit {
             return false;
         }
         self.gil_waits.iter().any(|since| {

@@ -379,7 +379,7 @@ pub(super) fn adopt<A: App>(
         fresh: AtomicBool::new(fresh),
         between: AtomicBool::new(false),
         untouched: AtomicBool::new(false),
-        begun: AtomicBegun(AtomicU8::new(Begun::Not as u8)),
+        begun: AtomicBegun::new(Begun::Not),
         resume: Mutex::new(Vec::new()),
         handed: AtomicBool::new(false),
         body_ahead: AtomicBool::new(false),

@@ -268,6 +268,10 @@ enum Begun {
 struct AtomicBegun(AtomicU8);
 
 impl AtomicBegun {
+    const fn new(b: Begun) -> AtomicBegun {
+        AtomicBegun(AtomicU8::new(b as u8))
+    }
+
     fn load(&self) -> Begun {
         match self.0.load(Ordering::Relaxed) {
             1 => Begun::Request,
