@@ -276,14 +276,15 @@ pub fn layer(py: pyo3::Python<'_>, cmd: &Command, argv: &[String]) -> Result<Lay
                 Value::String(text) if gunicorn => bool_word(text.value()).map(|b| b.to_string()),
                 _ => None,
             };
-            match flag {
-                Some(flag) => injected.push(format!("--{key}={flag}")),
-                None if gunicorn => return Err(format!(
-                    "{at}: `{key}` must be true or false (as gunicorn takes it, also the strings \"true\" \
-                         and \"false\")"
-                )),
-                None => return Err(format!("{at}: `{key}` must be true or false")),
-            }
+            let Some(flag) = flag else {
+                let strings = if gunicorn {
+                    " (as gunicorn takes it, also the strings \"true\" and \"false\")"
+                } else {
+                    ""
+                };
+                return Err(format!("{at}: `{key}` must be true or false{strings}"));
+            };
+            injected.push(format!("--{key}={flag}"));
             origins.insert(id, at.clone());
             continue;
         }
