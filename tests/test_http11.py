@@ -413,6 +413,24 @@ def test_a_chunked_body_left_unread_closes_the_connection_and_says_so(start_serv
         assert conn.read_response().body == b"hello world"
 
 
+def test_a_chunked_body_sent_whole_while_the_app_ran_keeps_the_connection(start_server):
+    """The app answers without reading a chunked body whose rest came while
+    it ran: what the socket holds is read before the head is written, the
+    body's end is found there, and the connection stays open."""
+    server = start_server("behaviour:application", threads=1)
+    with server.connect(timeout=30) as conn:
+        conn.send(b"POST /slow?secs=1&id=c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        conn.send(b"%x\r\n%s\r\n" % (80_000, b"x" * 80_000))
+        server.wait_for("slow request started: c")
+        for _ in range(3):
+            conn.send(b"%x\r\n%s\r\n" % (20_000, b"y" * 20_000))
+        conn.send(b"0\r\n\r\n")
+        resp = conn.read_response()
+        assert (resp.body, resp.header("Connection")) == (b"slept c", None)
+        conn.send(b"GET /fixed HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert conn.read_response().body == b"hello world"
+
+
 def test_kept_alive_connections_do_not_wait_behind_a_batch_of_new_slow_ones(start_server):
     """One thread, busy with a slow request on a new connection; a kept-alive
     connection sends a quick one, then four more new connections bring slow

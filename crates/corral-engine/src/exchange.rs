@@ -709,6 +709,31 @@ impl Io {
         }
     }
 
+    /// [`Io::chunked_rest_known`], after reading what the socket already
+    /// holds when the buffer alone does not tell, without waiting for more
+    /// and up to [`MAX_DRAIN`] bytes buffered. A client that sent its whole
+    /// chunked body before the app answered without reading it (a 401, a
+    /// redirect) then keeps its connection.
+    fn chunked_rest_arrived(&mut self) -> bool {
+        loop {
+            if self.chunked_rest_known() {
+                return true;
+            }
+            if self.peer_eof || self.buf.len() as u64 >= MAX_DRAIN {
+                return false;
+            }
+            match self.read_some(READ_CHUNK) {
+                Ok(0) => {
+                    self.peer_eof = true;
+                    return false;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
     pub(crate) fn body_finished(&self) -> bool {
         matches!(self.body, BodyState::Done) && self.pending.is_empty()
     }
@@ -1079,7 +1104,7 @@ impl Io {
         if matches!(self.body, BodyState::Length(left) if left > MAX_DRAIN)
             || self.wire == Wire::Http
                 && matches!(self.body, BodyState::Chunked(_))
-                && !self.chunked_rest_known()
+                && !self.chunked_rest_arrived()
         {
             // Unless the app reads it after all, more body than the engine
             // discards may still be to come (a chunked body's rest has no
