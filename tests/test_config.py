@@ -1543,3 +1543,36 @@ def test_gunicorn_booleans_given_as_strings(tmp_path):
     proc = _run(["-c", str(cfg), "behaviour:application"])
     assert proc.returncode == 2
     assert f"{cfg}:1: `preload` must be true or false (as gunicorn takes it" in proc.stderr
+
+
+def test_the_last_of_a_repeated_option_wins(tmp_path):
+    """As in gunicorn and uWSGI: `corral $DEFAULTS "$@"` overrides a default."""
+    got = _printed(_run(["--workers", "4", "--workers", "2", "--print-config", "x:app"]).stdout)
+    assert got["workers"] == ('"2"', "command line")
+
+
+def test_an_unknown_option_in_gunicorn_cmd_args_is_named_as_coming_from_there():
+    proc = _run(["x:app"], env={"GUNICORN_CMD_ARGS": "--wokers 3"})
+    assert proc.returncode == 2
+    assert "(--wokers is in the environment variable GUNICORN_CMD_ARGS)" in proc.stderr, proc.stderr
+
+
+def test_socket_mode_takes_permission_bits_only():
+    proc = _run(["--socket-mode", "4777", "--check-config", "x:app"])
+    assert proc.returncode == 2 and "is not a socket mode (at most 777)" in proc.stderr, proc.stderr
+
+
+def test_a_failed_start_with_an_error_log_file_says_where_the_reason_is(tmp_path):
+    """The reason goes to the --error-log file; the terminal (or the
+    service manager's journal) is told where to look."""
+    log = tmp_path / "error.log"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = _run(
+            ["--http", f"127.0.0.1:{port}", "--error-log", str(log), "behaviour:application"], cwd=APPS
+        )
+    assert proc.returncode == 1
+    assert f"corral: exited with code 1; the reason is in the error log {log}" in proc.stderr, proc.stderr
+    assert "in use" in log.read_text(), log.read_text()

@@ -1232,6 +1232,34 @@ def test_socket_files_belong_to_the_user_workers_run_as(start_server):
         shutil.rmtree(d, ignore_errors=True)
 
 
+def test_socket_owner_group_alone_keeps_the_users_owner(start_server):
+    """`--socket-owner :GROUP` with --user: the file is the user's, in GROUP
+    (not root's, though root binds it)."""
+    if os.geteuid() != 0:
+        pytest.skip("--user needs root")
+    nobody = pwd.getpwnam("nobody")
+    d = Path(tempfile.mkdtemp(prefix="corral-own-"))
+    try:
+        d.chmod(0o777)
+        path = d / "group.sock"
+        server = g.start_gateways(
+            start_server,
+            "behaviour:application",
+            [("uwsgi", f"unix:{path}")],
+            "--preload",
+            "--user",
+            "nobody",
+            "--socket-owner",
+            ":0",
+        )
+        st = os.stat(path)
+        assert (st.st_uid, st.st_gid) == (nobody.pw_uid, 0)
+        server.signal(signal.SIGTERM)
+        assert server.wait_exit() == 0
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def test_stale_socket_file_is_replaced(start_server, tmp_path):
     path = _short_dir(tmp_path) / "stale.sock"
     dead = socket.socket(socket.AF_UNIX)

@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from support import APPS, CORRAL, IncompleteResponse, RawConn, read_hashed, slow_reader, wait_until
+from support import APPS, CORRAL, READY_RE, IncompleteResponse, RawConn, read_hashed, slow_reader, wait_until
 
 
 def _free_port():
@@ -848,6 +848,33 @@ def test_existing_log_file_the_user_cannot_write_is_refused_at_start(start_serve
     server = start_server("behaviour:application", "--user", "nobody", "--access-log", str(log), wait=False)
     assert server.wait_exit(20) == 2
     assert server.grep(r"--access-log .*access\.log: user nobody cannot write it")
+
+
+def test_a_worker_that_cannot_open_the_access_log_writes_to_the_masters(start_server, tmp_path):
+    """After logrotate left a log path the workers cannot open (here a
+    directory stands there), a new worker does not fail to boot: it says so
+    and writes to the file the master has open, as the old workers do."""
+    log = tmp_path / "access.log"
+    server = start_server("behaviour:application", "--access-log", str(log), workers=1)
+    assert server.request("GET", "/fixed?n=1").status == 200
+    rotated = tmp_path / "access.log.1"
+    log.rename(rotated)
+    log.mkdir()
+    mark = server.mark()
+    server.signal(signal.SIGUSR1)
+    server.wait_for(r"reopening .*access\.log: Is a directory", since=mark)
+    old = server.worker_pids()[-1]
+    mark = server.mark()
+    os.kill(old, signal.SIGKILL)
+    server.wait_for(READY_RE.pattern, since=mark, timeout=30)
+    server.wait_for(
+        r"--access-log .*access\.log: Is a directory .*; writing to the file the master has open instead",
+        since=mark,
+    )
+    assert int(server.request("GET", "/pid").body) != old
+    assert server.request("GET", "/fixed?n=2").status == 200
+    assert wait_until(lambda: "GET /fixed?n=2 " in rotated.read_text(), 10), rotated.read_text()
+    assert server.running()
 
 
 def test_access_log_lines_survive_a_worker_that_dies(start_server, tmp_path):

@@ -2,11 +2,17 @@
 request stuck in C code with the GIL held."""
 
 import os
+import pwd
 import re
+import shutil
 import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from front_ends import free_port
@@ -232,6 +238,93 @@ def test_usr2_with_a_config_file_the_new_program_would_refuse_keeps_serving(star
     server.wait_for(READY_RE.pattern, count=2, since=mark, timeout=20)
     server.wait_for(r"from before the re-exec exited", since=mark, timeout=20)
     assert not {int(server.request("GET", "/pid").body) for _ in range(10)} & old
+
+
+def _reexecs_as_nobody():
+    """Whether a root process that becomes nobody can then run this
+    interpreter, as the master under --user nobody re-executes itself (an
+    interpreter under a directory only root may enter cannot)."""
+    if os.geteuid() != 0:
+        return False
+    become = (
+        "import os, sys; os.setgroups([]); os.setgid(65534); os.setuid(65534); "
+        "os.execv(sys.executable, [sys.executable, '-c', 'pass'])"
+    )
+    return subprocess.run([sys.executable, "-c", become], check=False, capture_output=True).returncode == 0
+
+
+def _pidfile_server(start_server, d):
+    """A --user nobody server with its pid file in a directory nobody owns,
+    as the README advises, started from `d`."""
+    nobody = pwd.getpwnam("nobody")
+    d.chmod(0o755)
+    run = d / "run"
+    run.mkdir()
+    os.chown(run, nobody.pw_uid, nobody.pw_gid)
+    pidfile = run / "corral.pid"
+    server = start_server(
+        "behaviour:application", "--preload", "--user", "nobody", "--pidfile", str(pidfile), cwd=d
+    )
+    assert (pidfile.stat().st_uid, pidfile.stat().st_gid) == (nobody.pw_uid, nobody.pw_gid)
+    return server, pidfile
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_the_pidfile_is_given_to_the_user_so_a_reexec_accepts_it(start_server):
+    """Written by root at start, the pid file is given to --user's user: the
+    check a re-executed master makes as that user (its --print-config)
+    finds it writable."""
+    d = Path(tempfile.mkdtemp(prefix="corral-pid-"))
+    try:
+        server, _ = _pidfile_server(start_server, d)
+        check = subprocess.run(
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--init-groups", *server.cmd, "--print-config"],
+            check=False,
+            capture_output=True,
+            text=True,
+            cwd=d,
+            timeout=60,
+        )
+        assert check.returncode == 0, check.stderr
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.skipif(not _reexecs_as_nobody(), reason="needs root, and an interpreter nobody may run")
+def test_usr2_under_user_rewrites_the_pidfile(start_server):
+    """The master, re-executed as --user's user, writes its pid file again
+    rather than refuse its own configuration."""
+    d = Path(tempfile.mkdtemp(prefix="corral-pid-"))
+    try:
+        server, pidfile = _pidfile_server(start_server, d)
+        old = set(server.worker_pids())
+        mark = server.mark()
+        server.signal(signal.SIGUSR2)
+        server.wait_for(r"re-executing the master", since=mark)
+        server.wait_for(READY_RE.pattern, since=mark, timeout=30)
+        server.wait_for(r"from before the re-exec exited", since=mark, timeout=30)
+        assert "refuse its configuration" not in server.log[mark:], server.log[mark:]
+        assert int(pidfile.read_text()) == server.proc.pid
+        assert int(server.request("GET", "/pid").body) not in old
+        server.signal(signal.SIGTERM)
+        assert server.wait_exit(30) == 0
+        assert not pidfile.exists(), server.log
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--user needs root")
+def test_a_config_file_the_user_cannot_read_is_warned_about_at_start(start_server, tmp_path):
+    conf = tmp_path / "corral.toml"
+    conf.write_text("workers = 1\n")
+    conf.chmod(0o600)
+    server = start_server(
+        "behaviour:application", "--config", str(conf), "--preload", "--user", "nobody", workers=None
+    )
+    assert server.grep(
+        r"--config .*corral\.toml: user nobody cannot read it \(owner uid 0, gid 0, mode 600\); a reload that "
+        r"re-executes the master .* will be refused until it can"
+    ), server.log
 
 
 def test_hup_reads_a_uwsgi_ini_file_again_when_a_file_it_includes_changed(start_server, tmp_path):

@@ -59,6 +59,7 @@ fn engine(protocol: Protocol, addr: &Addr) -> Result<i32, String> {
         age: 1,
         scoreboard,
         master: unsafe { libc::getppid() },
+        access_sink: None,
     };
     // `listener` stays alive (and its unix socket file in place) while the worker runs.
     let code = run_worker(Hello, ctx);

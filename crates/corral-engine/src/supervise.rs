@@ -11,7 +11,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::app::ListenerInfo;
 use crate::config::{Config, SigintMode, MAX_BOOT_FAILURES};
@@ -292,6 +292,12 @@ pub struct Master<'a, H: Hooks> {
     /// Replacements of a reload's that failed to boot in a row, for the
     /// delay before the next try.
     replace_failures: u32,
+    /// The access log as the master has it open, reopened on USR1 and HUP:
+    /// a worker that cannot open the file itself (logrotate made it root's
+    /// after the workers dropped privileges, the disk went read-only) writes
+    /// here rather than fail to start, as gunicorn's workers write to the
+    /// log their master opened.
+    access_sink: Option<crate::access::Sink>,
 }
 
 /// What the adaptive pool has seen lately.
@@ -318,7 +324,12 @@ impl<'a, H: Hooks> Master<'a, H> {
         let cap = slot_capacity(config.workers);
         let scoreboard = Scoreboard::new(cap, config.threads.max(1))?;
         let signal_fd = block_signals()?;
+        let access_sink = match &config.access_log {
+            Some((target, _)) => Some(crate::access::Sink::open(target).map_err(io::Error::other)?),
+            None => None,
+        };
         Ok(Master {
+            access_sink,
             target: config.workers.max(1),
             config,
             listeners,
@@ -686,6 +697,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                     Ok(false) => {}
                     Err(e) => error!("Received {name}: {e}"),
                 }
+                self.reopen_access_log(&name);
                 let old: Vec<libc::pid_t> = self
                     .workers
                     .iter()
@@ -761,8 +773,19 @@ impl<'a, H: Hooks> Master<'a, H> {
                     Ok(false) => info!("Received {name}: workers reopen their log files"),
                     Err(e) => error!("Received {name}: {e}"),
                 }
+                self.reopen_access_log(&name);
                 self.signal_all(libc::SIGUSR1);
             }
+        }
+    }
+
+    /// Reopens the master's access log descriptor, the one workers started
+    /// from now on fall back to; on failure they fall back to the old one.
+    fn reopen_access_log(&self, name: &str) {
+        if let Some(Err(e)) = self.access_sink.as_ref().map(|s| s.reopen()) {
+            error!(
+                "Received {name}: --access-log {e}; workers that cannot open it keep writing to the old file"
+            );
         }
     }
 
@@ -1193,6 +1216,16 @@ impl<'a, H: Hooks> Master<'a, H> {
         for l in &self.listeners {
             match l.close_queue() {
                 Ok(c) => closed |= c,
+                // Linux 6.x asks CAP_NET_ADMIN for a filter on a TCP socket,
+                // which a master under --user or in a container lacks. The
+                // workers still take what is queued as they stop; only a
+                // connection arriving in the instant between the last accept
+                // and the close goes unserved.
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => debug!(
+                    "{}: the accept queue stays open while the workers stop (a socket filter needs \
+                     CAP_NET_ADMIN here): {e}",
+                    l.url()
+                ),
                 Err(e) => warn!("{}: cannot close the accept queue before stopping: {e}", l.url()),
             }
         }
@@ -1330,6 +1363,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                 age,
                 scoreboard: self.scoreboard,
                 master,
+                access_sink: self.access_sink.take(),
             };
             let code = self.hooks.worker_main(ctx);
             self.hooks.worker_exit(code);

@@ -140,6 +140,7 @@ fn start_with(threads: usize, keepalive_timeout: Duration) -> Worker {
             age: 1,
             scoreboard,
             master: unsafe { libc::getppid() },
+            access_sink: None,
         };
         let code = run_worker(TestApp, ctx);
         unsafe { libc::_exit(code) };

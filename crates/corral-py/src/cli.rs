@@ -49,6 +49,9 @@ pub enum LogLevel {
     name = "corral",
     version,
     max_term_width = 100,
+    // The last of a repeated option wins, as in gunicorn and uWSGI, so that
+    // `corral $DEFAULTS "$@"` can override a default.
+    args_override_self = true,
     after_help = "Also: `corral stats ADDR` prints a running server's --stats JSON once, `corral top ADDR` \
                   shows it live, `corral signal NAME PIDFILE` sends its master a signal (HUP, TERM, INT, \
                   QUIT, USR1, USR2, TTIN, TTOU)."
@@ -465,8 +468,10 @@ fn parse_mount(s: &str) -> Result<String, String> {
     }
 }
 
-fn parse_mode(s: &str) -> Result<u32, String> {
-    // Octal with or without a prefix; gunicorn's --umask also takes 0o22 and 0x12.
+/// Octal permission bits with or without a prefix (gunicorn's --umask also
+/// takes 0o22 and 0x12); no setuid, setgid or sticky bit, which mean
+/// nothing in a umask or on a socket file.
+fn parse_bits(s: &str, what: &str, example: &str) -> Result<u32, String> {
     let m = match (
         s.strip_prefix("0o").or_else(|| s.strip_prefix("0O")),
         s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")),
@@ -475,19 +480,19 @@ fn parse_mode(s: &str) -> Result<u32, String> {
         (_, Some(hex)) => u32::from_str_radix(hex, 16),
         _ => u32::from_str_radix(s, 8),
     }
-    .map_err(|_| format!("{s:?} is not an octal mode such as 660"))?;
-    if m > 0o7777 {
-        return Err(format!("{s:?} is not a file mode (at most 7777)"));
+    .map_err(|_| format!("{s:?} is not an octal {what} such as {example}"))?;
+    if m > 0o777 {
+        return Err(format!("{s:?} is not a {what} (at most 777)"));
     }
     Ok(m)
 }
 
-/// A umask holds permission bits only: no setuid, setgid or sticky bit.
+fn parse_mode(s: &str) -> Result<u32, String> {
+    parse_bits(s, "socket mode", "660")
+}
+
 fn parse_umask(s: &str) -> Result<u32, String> {
-    match parse_mode(s)? {
-        m if m > 0o777 => Err(format!("{s:?} is not a umask (at most 777)")),
-        m => Ok(m),
-    }
+    parse_bits(s, "umask", "027")
 }
 
 /// Resolves `USER[:GROUP]` (names or numeric ids) for `--socket-owner`.
@@ -624,6 +629,12 @@ fn report_parse_error(
             } else if let Some(g) = crate::gunicorn_conf::hint(name) {
                 eprintln!("note: for gunicorn's {name}, corral takes {g}");
             }
+            let in_gunicorn_env = std::env::var("GUNICORN_CMD_ARGS").is_ok_and(|text| {
+                text.split_whitespace().any(|t| t.trim_matches(['\'', '"']).split('=').next() == Some(name))
+            });
+            if in_gunicorn_env {
+                eprintln!("({name} is in the environment variable GUNICORN_CMD_ARGS)");
+            }
         }
     }
     if let Some(clap::error::ContextValue::String(arg)) = e.get(clap::error::ContextKind::InvalidArg) {
@@ -661,8 +672,23 @@ fn report_parse_error(
     code
 }
 
+/// The --error-log file once the log goes there (not set for `-`).
+static ERROR_LOG_FILE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 /// Entry point behind `corral` and `python -m corral`; returns the exit code.
 pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
+    let code = run(py, argv)?;
+    if code != 0 {
+        // The reason went to the log file; whoever started corral (a
+        // terminal, systemd's journal) is told where to look.
+        if let Some(path) = ERROR_LOG_FILE.get() {
+            eprintln!("corral: exited with code {code}; the reason is in the error log {path}");
+        }
+    }
+    Ok(code)
+}
+
+fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     // Before anything can start a program (a --preload import): see there.
     corral_engine::supervise::hold_early_signals();
     // Before the app is imported (--preload), which may start threads: it
@@ -786,6 +812,9 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     if let Err(e) = corral_engine::logfile::set_error_log(&error_log) {
         eprintln!("corral: {e}");
         return Ok(2);
+    }
+    if error_log != "-" {
+        let _ = ERROR_LOG_FILE.set(error_log.clone());
     }
     // A re-executed master is the daemon already (same pid, same session),
     // and may owe the command that started it word of its readiness.
@@ -989,6 +1018,19 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
                 return Ok(2);
             }
         }
+        // A re-exec (USR2, HUP with --preload or after the file changed)
+        // reads the configuration again as that user.
+        if nix::unistd::geteuid().is_root() {
+            for (path, _) in &config_files {
+                if let Err(e) = user_may_read(&path.to_string_lossy(), *uid, *gid, name) {
+                    warn!(
+                        "--config {}: {e}; a reload that re-executes the master (USR2, HUP with --preload or \
+                         after the file changed) will be refused until it can",
+                        path.display()
+                    );
+                }
+            }
+        }
     }
     let (parsed, stats_addr) = match listener_addrs(&cli, &wanted, chdir_from) {
         Ok(addrs) => addrs,
@@ -1012,7 +1054,14 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     // the user the workers run as (the socket's permission bits then let a
     // front end running as that user connect).
     let given_owner = owner.is_some();
-    let owner = owner.or_else(|| ids.as_ref().map(|(uid, gid, _)| (Some(*uid), Some(*gid))));
+    // A part --socket-owner leaves out (`:GROUP`, `USER`) is --user's too,
+    // not root's, which binds the socket.
+    let user_ids = ids.as_ref().map(|(uid, gid, _)| (*uid, *gid));
+    let owner = match (owner, user_ids) {
+        (Some((uid, gid)), Some((u, g))) => Some((uid.or(Some(u)), gid.or(Some(g)))),
+        (Some(o), None) => Some(o),
+        (None, ids) => ids.map(|(u, g)| (Some(u), Some(g))),
+    };
     let v4_ports = parsed
         .iter()
         .filter_map(|(_, a)| match a {
@@ -1190,7 +1239,10 @@ pub fn main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         unsafe { libc::close(*fd) };
     }
     if let Some(path) = &pidfile {
-        if let Err(e) = write_pidfile(path) {
+        // The master re-executes as --user's user (USR2, a HUP with
+        // --preload): it must be able to write the file again.
+        let owner = ids.as_ref().filter(|_| nix::unistd::geteuid().is_root()).map(|(u, g, _)| (*u, *g));
+        if let Err(e) = write_pidfile(path, owner) {
             error!("--pidfile {}: {e}", path.display());
             return Ok(1);
         }
@@ -1730,9 +1782,13 @@ fn is_listening_stream(fd: i32) -> bool {
 /// itself, opened with O_NOFOLLOW. A pidfile directory that the user named
 /// by --user may write to must not let that user point the file at one
 /// the master, started as root, would then overwrite.
-fn write_pidfile(path: &std::path::Path) -> std::io::Result<()> {
+fn write_pidfile(path: &std::path::Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
+    let give = |f: &std::fs::File| match owner {
+        Some((uid, gid)) => std::os::unix::fs::fchown(f, Some(uid), Some(gid)),
+        None => Ok(()),
+    };
     let text = format!("{}\n", std::process::id());
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let temp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
@@ -1755,7 +1811,10 @@ fn write_pidfile(path: &std::path::Path) -> std::io::Result<()> {
     };
     match created {
         Ok(mut f) => {
-            let written = f.write_all(text.as_bytes()).and_then(|()| std::fs::rename(&temp, path));
+            let written = f
+                .write_all(text.as_bytes())
+                .and_then(|()| give(&f))
+                .and_then(|()| std::fs::rename(&temp, path));
             if written.is_err() {
                 let _ = std::fs::remove_file(&temp);
             }
@@ -1771,7 +1830,7 @@ fn write_pidfile(path: &std::path::Path) -> std::io::Result<()> {
                     Some(libc::ELOOP) => std::io::Error::other("a symbolic link, which is not followed"),
                     _ => e,
                 })?;
-            f.write_all(text.as_bytes())
+            f.write_all(text.as_bytes()).and_then(|()| give(&f))
         }
         Err(e) => Err(e),
     }
@@ -2146,6 +2205,20 @@ fn give_log_to_user(path: &str, existed: bool, uid: u32, gid: u32, name: &str) -
 
 /// Whether the user the workers run as can write an existing log file.
 fn user_may_write(path: &str, uid: u32, gid: u32, name: &str) -> Result<(), String> {
+    user_may(path, uid, gid, name, 0o2).map_err(|e| {
+        format!("user {name} cannot write it ({e}); give it to that user or let corral create it")
+    })
+}
+
+/// Whether the user the master re-executes as can read a config file.
+fn user_may_read(path: &str, uid: u32, gid: u32, name: &str) -> Result<(), String> {
+    user_may(path, uid, gid, name, 0o4).map_err(|e| format!("user {name} cannot read it ({e})"))
+}
+
+/// Whether the user (with the groups initgroups gives them) has the
+/// permission `bit` (0o4 read, 0o2 write) on an existing file; the error
+/// says who owns it and its mode.
+fn user_may(path: &str, uid: u32, gid: u32, name: &str, bit: u32) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
     let mode = meta.mode();
@@ -2155,23 +2228,17 @@ fn user_may_write(path: &str, uid: u32, gid: u32, name: &str) -> Result<(), Stri
         .ok()
         .and_then(|c| nix::unistd::getgrouplist(&c, nix::unistd::Gid::from_raw(gid)).ok())
         .map_or_else(|| vec![gid], |g| g.into_iter().map(|g| g.as_raw()).collect());
-    let writable = if meta.uid() == uid {
-        mode & 0o200 != 0
+    let allowed = if meta.uid() == uid {
+        mode & (bit << 6) != 0
     } else if groups.contains(&meta.gid()) {
-        mode & 0o020 != 0
+        mode & (bit << 3) != 0
     } else {
-        mode & 0o002 != 0
+        mode & bit != 0
     };
-    if writable {
+    if allowed {
         return Ok(());
     }
-    Err(format!(
-        "user {name} cannot write it (owner uid {}, gid {}, mode {:o}); give it to that user or let corral \
-         create it",
-        meta.uid(),
-        meta.gid(),
-        mode & 0o7777
-    ))
+    Err(format!("owner uid {}, gid {}, mode {:o}", meta.uid(), meta.gid(), mode & 0o7777))
 }
 
 /// Resolves `--user` and `--group` to (uid, gid, user name) before anything

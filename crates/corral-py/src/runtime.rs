@@ -379,7 +379,12 @@ impl Hooks for Runtime {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
-            .map_err(|e| format!("cannot run {exe} to check it: {e}"))?;
+            .map_err(|e| match &self.reexec.start_dir {
+                // The directory of the first start may be one the user of
+                // --user cannot enter.
+                Some(dir) => format!("cannot run {exe} in {} to check it: {e}", dir.display()),
+                None => format!("cannot run {exe} to check it: {e}"),
+            })?;
         // Read meanwhile, so that a check saying much cannot fill the pipe
         // and wait on it; the thread ends with the child's stderr.
         let mut stderr = child.stderr.take().expect("piped");

@@ -300,6 +300,9 @@ pub struct WorkerCtx {
     /// The master's pid, taken before the fork: a master that dies while
     /// the worker loads the app must not leave the reaper in its place.
     pub master: libc::pid_t,
+    /// The access log as the master had it open at the fork, for when the
+    /// worker cannot open the file itself.
+    pub access_sink: Option<Sink>,
 }
 
 /// The part of a connection other threads may look at: the main thread
@@ -592,10 +595,16 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
     gateway::MAX_REQS.store(pool * threads, Ordering::Relaxed);
     gateway::MAX_CONNS.store(pool.saturating_mul(ctx.config.max_connections), Ordering::Relaxed);
     *SLOT.lock().unwrap_or_else(|p| p.into_inner()) = Some((ctx.scoreboard, ctx.slot));
+    // Opened by name, so that a worker started after logrotate writes to
+    // the new file even if the master could not reopen it.
     let access = match &ctx.config.access_log {
-        Some((target, format)) => match Sink::open(target) {
-            Ok(sink) => Some(AccessLog::new(format.clone(), sink, threads)),
-            Err(e) => {
+        Some((target, format)) => match (Sink::open(target), ctx.access_sink) {
+            (Ok(sink), _) => Some(AccessLog::new(format.clone(), sink, threads)),
+            (Err(e), Some(inherited)) => {
+                error!("{e}; writing to the file the master has open instead");
+                Some(AccessLog::new(format.clone(), inherited, threads))
+            }
+            (Err(e), None) => {
                 error!("{e}");
                 return 1;
             }
