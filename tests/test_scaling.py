@@ -40,13 +40,20 @@ def test_burst_grows_the_pool_to_the_max_and_idle_shrinks_it(start_server):
         )
     assert all(r.status == 200 for r in results), [r.status for r in results]
     ups = server.grep(
-        r"Scaling up to (\d+) worker\(s\): (\d+) of (\d+) threads busy, (\d+) connection", since=mark
+        r"Scaling up to (\d+) worker\(s\): (\d+) of (\d+) threads busy, (\d+) connection\(s\) held "
+        r"\(at most (\d+) per worker\), (\d+) connection",
+        since=mark,
     )
     # The burst takes the pool to its maximum one worker at a time. (A request
     # still running after the pool began to shrink may grow it again later.)
     assert [int(m.group(1)) for m in ups][:2] == [2, 3], server.log
     assert max(int(m.group(1)) for m in ups) == 3, server.log
-    assert all(int(m.group(2)) == int(m.group(3)) or int(m.group(4)) > 0 for m in ups)
+    assert all(
+        int(m.group(2)) == int(m.group(3))
+        or int(m.group(6)) > 0
+        or int(m.group(4)) >= (int(m.group(1)) - 1) * int(m.group(5))
+        for m in ups
+    )
     # Idle: one worker less per --scale-down-idle, down to the minimum.
     downs = server.wait_for(r"Scaling down to (\d+) worker", count=2, since=mark, timeout=20)
     assert [int(m.group(1)) for m in downs] == [2, 1]
@@ -122,7 +129,9 @@ def test_out_of_file_descriptors_idle_kept_alive_connections_make_room(start_ser
             if server.grep(r"Cannot accept connections"):
                 break
         server.wait_for(r"Cannot accept connections: .*Too many open files")
-        # Every descriptor is taken; the ones that were answered sit idle.
+        # Every descriptor is taken; the ones that were answered sit idle,
+        # past the second that makes them fair to close (RECLAIM_MIN_IDLE).
+        time.sleep(1.2)
         resp = server.request("GET", "/fixed", timeout=15)
         assert resp.status == 200, resp
         server.wait_for(r"[1-9]\d* idle kept-alive connection\(s\) closed to make room", timeout=5)
@@ -244,7 +253,7 @@ def test_idle_kept_alive_connections_make_room_for_new_ones(start_server):
             assert conn.read_response().status == 200
             time.sleep(0.2)
         partial.send(b"GET /fixed HTTP/1.1\r\nHost: x\r\n")  # the rest comes later
-        time.sleep(0.3)
+        time.sleep(1.3)  # idle past RECLAIM_MIN_IDLE (1 s)
         for gone in (oldest, newer):
             # A new client, kept connected: the longest idle one made room for it.
             conn = server.connect()
@@ -261,6 +270,70 @@ def test_idle_kept_alive_connections_make_room_for_new_ones(start_server):
         for conn in (oldest, newer, partial, *fresh):
             conn.close()
     assert not server.grep(r"turned away with 503")
+
+
+def test_connections_idle_only_a_moment_are_not_closed_to_make_room(start_server):
+    """A kept-alive connection whose client sent a request within the last
+    second is likely to send the next one as it is closed, which then goes
+    unanswered: at --max-connections a new client gets a clear 503 instead,
+    and the busy clients lose nothing."""
+    server = start_server("behaviour:application", "--max-connections", "2", threads=2)
+    busy = [server.connect(), server.connect()]
+    try:
+        for _ in range(3):
+            for conn in busy:
+                conn.send_request("POST", "/echo", {"Host": "x"}, b"busy")
+                assert conn.read_response().body == b"busy"
+        data = _answer_on_a_new_connection(server)
+        assert data.startswith(b"HTTP/1.1 503 "), data
+        for conn in busy:
+            conn.send_request("POST", "/echo", {"Host": "x"}, b"still")
+            assert conn.read_response().body == b"still"
+        # Idle for longer, one of them makes room.
+        time.sleep(1.3)
+        assert server.request("GET", "/fixed", timeout=15).status == 200
+        assert busy[0].at_eof(5)
+    finally:
+        for conn in busy:
+            conn.close()
+
+
+def test_connections_held_grow_the_adaptive_pool_and_keep_it(start_server):
+    """Threads free but every worker at --max-connections: the pool grows,
+    and does not shrink while the connections it holds would not fit in
+    one worker fewer."""
+    server = start_server(
+        "behaviour:application",
+        "--workers-min",
+        "1",
+        "--workers-max",
+        "3",
+        "--scale-down-idle",
+        "1",
+        "--max-connections",
+        "3",
+        workers=None,
+        threads=2,
+    )
+    mark = server.mark()
+    kept = []
+    try:
+        for i in range(5):
+            conn = server.connect()
+            conn.send_request("GET", f"/fixed?n={i}", {"Host": "x"})
+            resp = conn.read_response()
+            assert resp.status in (200, 503), resp
+            kept.append(conn)
+        server.wait_for(
+            r"Scaling up to 2 worker\(s\): .*connection\(s\) held \(at most 3 per worker\)", since=mark
+        )
+        # Kept open and idle past --scale-down-idle: 5 connections would not fit in one worker of 3.
+        time.sleep(3)
+        assert not server.grep(r"Scaling down", since=mark), server.log[mark:]
+    finally:
+        for conn in kept:
+            conn.close()
+    server.wait_for(r"Scaling down to 1 worker", since=mark, timeout=20)
 
 
 def test_adaptive_pool_settles_under_steady_load(start_server):

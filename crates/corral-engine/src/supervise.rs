@@ -1120,9 +1120,13 @@ impl<'a, H: Hooks> Master<'a, H> {
         let busy: usize = serving.iter().map(|&s| self.scoreboard.busy_threads(s)).sum();
         let queued: u32 = self.listeners.iter().map(|l| l.queued()).sum();
         let capacity = serving.len() * threads;
+        // Connections count too: a pool whose threads are free but whose
+        // workers hold --max-connections each turns new clients away.
+        let conns: usize = serving.iter().map(|&s| self.scoreboard.conns(s)).sum();
+        let max_conns = self.config.max_connections.max(1);
         let now = Instant::now();
         let settled = self.scale.last_change.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
-        if busy >= capacity || queued > 0 {
+        if busy >= capacity || queued > 0 || conns >= serving.len() * max_conns {
             self.scale.saturated_ticks += 1;
             self.scale.idle_since = None;
         } else {
@@ -1131,7 +1135,8 @@ impl<'a, H: Hooks> Master<'a, H> {
             // with a thread still free, so the smaller pool is not saturated
             // at once (a pool that shrank to exactly full would grow again,
             // and cycle).
-            if busy + threads < capacity {
+            // Likewise the connections held must fit in one worker fewer.
+            if busy + threads < capacity && conns < (serving.len() - 1) * max_conns {
                 self.scale.idle_since.get_or_insert(now);
             } else {
                 self.scale.idle_since = None;
@@ -1140,8 +1145,9 @@ impl<'a, H: Hooks> Master<'a, H> {
         if self.scale.saturated_ticks >= SCALE_UP_TICKS && self.target < max && settled {
             self.set_target(self.target + 1);
             info!(
-                "Scaling up to {} worker(s): {busy} of {capacity} threads busy, {queued} connection(s) waiting to be accepted",
-                self.target
+                "Scaling up to {} worker(s): {busy} of {capacity} threads busy, {conns} connection(s) held \
+                 (at most {} per worker), {queued} connection(s) waiting to be accepted",
+                self.target, max_conns
             );
             self.scale.saturated_ticks = 0;
             self.scale.last_change = Some(now);

@@ -378,6 +378,7 @@ pub(super) fn adopt<A: App>(
         deadline: AtomicU64::new(0),
         fresh: AtomicBool::new(fresh),
         between: AtomicBool::new(false),
+        parked_at: AtomicU64::new(0),
         untouched: AtomicBool::new(false),
         begun: AtomicBegun::new(Begun::Not),
         resume: Mutex::new(Vec::new()),

@@ -316,6 +316,9 @@ struct Entry {
     /// connections, but a new one is waiting for its first request, which
     /// the client has already committed to this server: it is served.
     fresh: AtomicBool,
+    /// Monotonic ms when it was last parked between two requests: how long
+    /// a kept-alive connection has been idle, for [`upkeep::reclaim_idle`].
+    parked_at: AtomicU64,
     /// Parked between two requests with nothing buffered: a draining worker
     /// may hand it to a sibling as it is.
     between: AtomicBool,

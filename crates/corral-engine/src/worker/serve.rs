@@ -241,6 +241,7 @@ pub(super) fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
             // would hold it open for good.
             conn.entry.deadline.load(Ordering::Relaxed)
         } else {
+            conn.entry.parked_at.store(now, Ordering::Relaxed);
             now + idle_for.as_millis() as u64
         }
     } else if conn.head_ready {

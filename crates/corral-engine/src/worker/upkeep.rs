@@ -884,14 +884,23 @@ pub(super) fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize 
     left
 }
 
+/// How long a kept-alive connection must have been idle before it may be
+/// closed to make room for a new one. A client that sends a request on a
+/// connection as it is closed gets no answer (a POST is not retried), and
+/// one in the middle of a burst of requests is the likeliest to: the new
+/// client gets a clear 503 instead.
+pub(super) const RECLAIM_MIN_IDLE: Duration = Duration::from_secs(1);
+
 /// At `--max-connections`, makes room for a new connection by closing the
 /// kept-alive connection idle the longest (nothing buffered, nothing sent
-/// since its last response), as nginx reuses idle connections when it runs
-/// out: idle keep-alive connections, a proxy's pool among them, must not
-/// turn new clients away with 503. Its close completes when a thread sees
-/// the hang-up, so the count runs over the limit by the closes in flight.
-/// False when every connection is in use or waiting for its first request.
+/// since its last response, idle [`RECLAIM_MIN_IDLE`] at least), as nginx
+/// reuses idle connections when it runs out: idle keep-alive connections,
+/// a proxy's pool among them, must not turn new clients away with 503. Its
+/// close completes when a thread sees the hang-up, so the count runs over
+/// the limit by the closes in flight. False when every connection is in
+/// use, waiting for its first request, or idle only a moment.
 pub(super) fn reclaim_idle(reg: &Registry) -> bool {
+    let idle_since = mono_ms().saturating_sub(RECLAIM_MIN_IDLE.as_millis() as u64);
     let mut idle: Vec<&Arc<Entry>> = reg
         .entries
         .iter()
@@ -900,6 +909,7 @@ pub(super) fn reclaim_idle(reg: &Registry) -> bool {
             e.state.load() == ConnState::Idle
                 && e.between.load(Ordering::Relaxed)
                 && !e.handed.load(Ordering::Relaxed)
+                && e.parked_at.load(Ordering::Relaxed) <= idle_since
         })
         .collect();
     // The earliest keep-alive deadline is the longest idle.
