@@ -217,6 +217,31 @@ def test_an_app_that_takes_the_workers_signals_at_import_gets_them_back_with_a_w
     assert "graceful timeout" not in server.log[mark:], server.log
 
 
+def test_an_app_that_blocks_the_workers_signals_or_drops_the_crash_handler_at_import(start_server):
+    """A mask set at import would keep the master's TERM from the worker for
+    good (a reload or stop waits out --graceful-timeout, then kills it), and
+    SIGSEGV at its default would cut every request without a word: both
+    are put back, with a warning."""
+    server = start_server("masking_app:application", "--graceful-timeout", "60", workers=1, threads=2)
+    server.wait_for(r"\[WARNING\] The app blocked SIGTERM, SIGINT, SIGQUIT, SIGUSR1 while it loaded")
+    server.wait_for(
+        r"\[WARNING\] The app set SIGSEGV back to its default action; corral's crash handler and faulthandler are back"
+    )
+    mark = server.mark()
+    with contextlib.suppress(OSError, IncompleteResponse):
+        server.request("GET", "/segfault")
+    server.wait_for(r"Fatal Python error: Segmentation fault", since=mark)
+    server.wait_for(r"Worker crashed: SIGSEGV in thread \d while it served GET /segfault", since=mark)
+    assert wait_until(lambda: _serves(server), timeout=30)
+    mark = server.mark()
+    started = time.monotonic()
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(60) == 0, server.log
+    server.wait_for("Worker stopped gracefully", since=mark)
+    # Not held until --graceful-timeout's kill.
+    assert time.monotonic() - started < 30, server.log[mark:]
+
+
 def test_a_worker_that_crashes_logs_its_python_stacks_first(start_server):
     """A segfault in C code called by the app: the log has the Python stack that
     led there (faulthandler's), then the master's line, and a new worker serves."""

@@ -574,6 +574,63 @@ def test_a_forked_child_returning_from_the_app_leaves_without_answering(behaviou
     assert {behaviour.request("GET", "/pid").body.decode() for _ in range(20)} == {worker}
 
 
+@pytest.mark.parametrize("at", ["iter", "close"])
+def test_a_child_forked_in_the_iterable_or_close_leaves_without_touching_the_response(start_server, at):
+    """A child the app forks while its response is sent goes on from there
+    in the server's code: it leaves at once, before it writes to (or resets)
+    the parent's connection, and the parent's response goes out whole."""
+    server = start_server("behaviour:application", threads=2)
+    (worker,) = server.worker_pids()
+    mark = server.mark()
+    with server.connect() as conn:
+        conn.send(b"GET /fork-in-iterable?at=%s HTTP/1.1\r\nHost: x\r\n\r\n" % at.encode())
+        resp = conn.read_response()
+        assert resp.body == f"before after in {worker}".encode()
+        conn.send(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert conn.read_response().body.decode() == str(worker)
+    server.wait_for(
+        r"GET /fork-in-iterable\?at=\w+: the app forked \(pid \d+ -> \d+\) and the child returned", since=mark
+    )
+    if at == "close":
+        server.wait_for(r"close forked a child that ended with 1", since=mark)
+    assert "Error handling request" not in server.log[mark:], server.log[mark:]
+    assert {int(server.request("GET", "/pid").body) for _ in range(10)} == {worker}
+
+
+def test_a_multiprocessing_process_started_in_a_request_reports_its_real_exit_code(behaviour):
+    """Started from a serving thread (a dummy thread to Python), its process
+    used to fail threading's shutdown and report 1 whatever its target did."""
+    assert behaviour.request("GET", "/mp-exitcode", timeout=60).body == b"0"
+
+
+@pytest.mark.parametrize("sig", ["TERM", "INT", "QUIT", "HUP", "USR1"])
+def test_a_process_the_app_forks_takes_signals_as_any_program(behaviour, sig):
+    """The worker's handlers only note a signal for its main thread, which
+    the child has not got: it gets the default actions back."""
+    resp = behaviour.request("GET", f"/fork-then-signal?sig={sig}", timeout=30)
+    assert resp.body == f"signal SIG{sig}".encode()
+
+
+@pytest.mark.parametrize("fd", [1, 2])
+def test_a_standard_stream_the_app_closed_never_becomes_a_client_connection(start_server, fd):
+    """After the app closed fd 1 or 2, the next connection would get that
+    number, and what the app prints would go to that client."""
+    server = start_server("behaviour:application", threads=2)
+    mark = server.mark()
+    assert server.request("GET", f"/close-fd?fd={fd}").body == b"closed"
+    with server.connect() as victim:
+        victim.send(b"GET /fixed HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert victim.read_response().body == b"hello world"
+        assert server.request("GET", f"/write-fd?fd={fd}").body == b"written"
+        victim.send(b"GET /fixed HTTP/1.1\r\nHost: x\r\n\r\n")
+        resp = victim.read_response()
+        assert (resp.status, resp.body) == (200, b"hello world")
+    name = {1: "output", 2: "error"}[fd]
+    server.wait_for(
+        rf"The app closed descriptor {fd} \(standard {name}\); /dev/null is in its place again", since=mark
+    )
+
+
 @pytest.mark.parametrize("threads", [1, 4])
 def test_the_flusher_rests_while_a_slow_stream_holds_nothing(start_server, threads):
     """Held bytes go out within the hold time; after that, a pass that goes on

@@ -594,6 +594,68 @@ def fork_returns(environ, start_response):
     return [f"parent {os.getpid()}, child exit code {os.waitstatus_to_exitcode(status)}".encode()]
 
 
+def fork_in_iterable(environ, start_response):
+    """Forks inside the response iterable (?at=iter) or its close() (?at=close);
+    the child ends with sys.exit(), which raises there, rather than os._exit()."""
+    at = _query(environ).get("at", "iter")
+    parent = os.getpid()
+
+    def fork_and_wait():
+        child = os.fork()
+        if child == 0:
+            sys.exit(0)
+        _, status = os.waitpid(child, 0)
+        return os.waitstatus_to_exitcode(status)
+
+    class Body:
+        def __iter__(self):
+            yield b"before "
+            if at == "iter":
+                fork_and_wait()
+            yield f"after in {os.getpid()}".encode()
+
+        def close(self):
+            if at == "close" and os.getpid() == parent:
+                environ["wsgi.errors"].write(f"close forked a child that ended with {fork_and_wait()}\n")
+                environ["wsgi.errors"].flush()
+
+    start_response("200 OK", TEXT)
+    return Body()
+
+
+def _mp_target():
+    pass
+
+
+def multiprocessing_exitcode(environ, start_response):
+    """A multiprocessing (fork) process started from a serving thread, whose target returns."""
+    import multiprocessing
+
+    proc = multiprocessing.get_context("fork").Process(target=_mp_target)
+    proc.start()
+    proc.join(30)
+    return _ok(start_response, str(proc.exitcode))
+
+
+def fork_then_signal(environ, start_response):
+    """Forks a child that sleeps, sends it ?sig=TERM, and says how it ended."""
+    import signal
+
+    child = os.fork()
+    if child == 0:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        time.sleep(10)
+        os._exit(0)
+    time.sleep(0.2)
+    os.kill(child, getattr(signal, "SIG" + _query(environ).get("sig", "TERM")))
+    _, status = os.waitpid(child, 0)
+    if os.WIFSIGNALED(status):
+        return _ok(start_response, f"signal {signal.Signals(os.WTERMSIG(status)).name}")
+    return _ok(start_response, f"exit {os.waitstatus_to_exitcode(status)}")
+
+
 def fork_child(environ, start_response):
     """Forks a child that sleeps ?secs= holding every descriptor it inherited (as
     a process pool the app starts would), then answers with the child's pid."""
@@ -731,6 +793,23 @@ def print_std(environ, start_response):
     return _ok(start_response, "printed")
 
 
+def close_fd(environ, start_response):
+    """Closes ?fd= (an app that closes its standard output), then writes to
+    it on later requests through /write-fd."""
+    os.close(int(_query(environ)["fd"]))
+    return _ok(start_response, "closed")
+
+
+def write_fd(environ, start_response):
+    fd = int(_query(environ)["fd"])
+    try:
+        os.write(fd, b"WRITTEN-BY-THE-APP\r\n\r\n")
+        outcome = "written"
+    except OSError as e:
+        outcome = f"failed: {e}"
+    return _ok(start_response, outcome)
+
+
 _CLOSE_RELEASED = threading.Event()
 
 
@@ -798,6 +877,11 @@ UNVALIDATED = {
     "/input-in-thread": input_in_thread,
     "/fork-returns": fork_returns,
     "/fork-child": fork_child,
+    "/fork-in-iterable": fork_in_iterable,
+    "/mp-exitcode": multiprocessing_exitcode,
+    "/fork-then-signal": fork_then_signal,
+    "/close-fd": close_fd,
+    "/write-fd": write_fd,
     "/close-std": close_std,
     "/segfault": segfault,
     "/segfault-without-gil": segfault_without_gil,

@@ -26,7 +26,8 @@
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
 /// The signals a crash raises.
-const FAULTS: [libc::c_int; 5] = [libc::SIGSEGV, libc::SIGBUS, libc::SIGFPE, libc::SIGILL, libc::SIGABRT];
+pub(crate) const FAULTS: [libc::c_int; 5] =
+    [libc::SIGSEGV, libc::SIGBUS, libc::SIGFPE, libc::SIGILL, libc::SIGABRT];
 
 /// The process whose serving threads the handler may keep: not a child the
 /// app forked, which inherits the handler.
@@ -67,6 +68,34 @@ pub fn install(holds_lock: fn() -> bool) {
             libc::sigaction(sig, &action, std::ptr::null_mut());
         }
     }
+}
+
+/// Puts the crash handler back on the faults whose action the app, loading,
+/// set to the default or to ignore (`signal.signal(SIGSEGV, SIG_DFL)`):
+/// a crash would otherwise cut every request of the worker without a
+/// word. A handler of the app's own (faulthandler's, which chains to this
+/// one) is left in place. Returns the names of the faults put back.
+pub fn restore_if_dropped() -> Vec<String> {
+    if !installed() {
+        return Vec::new();
+    }
+    let mut restored = Vec::new();
+    for sig in FAULTS {
+        unsafe {
+            let mut now: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut now) == 0
+                && (now.sa_sigaction == libc::SIG_DFL || now.sa_sigaction == libc::SIG_IGN)
+            {
+                let mut action: libc::sigaction = std::mem::zeroed();
+                action.sa_sigaction = on_fault as *const () as libc::sighandler_t;
+                action.sa_flags = libc::SA_SIGINFO;
+                libc::sigemptyset(&mut action.sa_mask);
+                libc::sigaction(sig, &action, std::ptr::null_mut());
+                restored.push(crate::supervise::signal_name(sig));
+            }
+        }
+    }
+    restored
 }
 
 /// Whether [`install`] ran in this process.

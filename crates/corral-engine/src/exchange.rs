@@ -134,7 +134,9 @@ impl std::fmt::Display for BodyError {
             BodyError::Truncated => f.write_str("client closed the connection before sending the whole body"),
             BodyError::Timeout => f.write_str("timed out waiting for the request body"),
             BodyError::Io(e) => write!(f, "reading the request body: {}", io::Error::from_raw_os_error(*e)),
-            BodyError::Stale => f.write_str("wsgi.input used after its request ended"),
+            BodyError::Stale => {
+                f.write_str("wsgi.input used after its request ended, or in a process the app forked")
+            }
             BodyError::Gateway(m) => write!(f, "invalid FastCGI body stream: {m}"),
             BodyError::Aborted => f.write_str("the front end aborted the request"),
             BodyError::WouldWait => f.write_str("no more of the request body yet"),
@@ -163,7 +165,9 @@ impl std::fmt::Display for ResponseError {
             ResponseError::AlreadySent => f.write_str("response headers already sent"),
             ResponseError::NotStarted => f.write_str("write before start_response"),
             ResponseError::ClientGone(m) => write!(f, "client disconnected: {m}"),
-            ResponseError::Stale => f.write_str("response used after its request ended"),
+            ResponseError::Stale => {
+                f.write_str("response used after its request ended, or in a process the app forked")
+            }
         }
     }
 }
@@ -1718,6 +1722,12 @@ impl Exchange {
     /// started to read `wsgi.input` and the request thread calling
     /// `start_response` would wait for each other for ever.
     fn lock(&self) -> Option<MutexGuard<'_, Io>> {
+        // A process the app forked has a copy of the connection that is not
+        // its own (its bytes belong to the parent's request), and a lock
+        // another thread held at the fork that nobody will release.
+        if crate::worker::in_forked_child() {
+            return None;
+        }
         let io = match self.io.try_lock() {
             Ok(io) => io,
             Err(TryLockError::Poisoned(p)) => p.into_inner(),

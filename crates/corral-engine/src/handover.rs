@@ -412,9 +412,9 @@ fn receive_into(inbox: RawFd, payload: &mut [u8]) -> io::Result<Received> {
     };
     for cmsg in cmsgs {
         match cmsg {
-            ControlMessageOwned::ScmRights(received) => {
-                fds.extend(received.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }))
-            }
+            ControlMessageOwned::ScmRights(received) => fds.extend(
+                received.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(crate::listen::off_stdio(fd)) }),
+            ),
             ControlMessageOwned::ScmCredentials(cred) => uid = Some(cred.uid()),
             _ => {}
         }

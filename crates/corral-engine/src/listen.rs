@@ -541,6 +541,42 @@ fn remove_stale_socket(path: &PathBuf) -> Result<(), String> {
     }
 }
 
+/// Moves a new connection's descriptor above standard input, output and
+/// error when it got one of their numbers (the app closed fd 1, say), and
+/// puts /dev/null back there: what the app, a C library or faulthandler
+/// then writes to "standard output" must not reach a client. Negative
+/// and higher descriptors are returned as they are.
+pub(crate) fn off_stdio(fd: RawFd) -> RawFd {
+    if !(0..=2).contains(&fd) {
+        return fd;
+    }
+    let moved = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if moved < 0 {
+        return fd;
+    }
+    let null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if null >= 0 {
+        // dup2 over the connection's old number, which then is /dev/null
+        // and, as a standard stream should be, inherited by programs.
+        unsafe {
+            libc::dup2(null, fd);
+            libc::close(null);
+        }
+    } else {
+        unsafe { libc::close(fd) };
+    }
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            "The app closed descriptor {fd} (standard {}); /dev/null is in its place again, so that nothing \
+             written there reaches a client: pid={}",
+            ["input", "output", "error"][fd as usize],
+            std::process::id()
+        );
+    }
+    moved
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

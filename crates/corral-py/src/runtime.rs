@@ -6,7 +6,7 @@ use std::ffi::CString;
 
 use pyo3::ffi;
 use pyo3::prelude::*;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use corral_engine::supervise::{Event, Hooks, EXIT_APP_LOAD_FAILED};
 use corral_engine::{run_worker, Config, WorkerCtx};
@@ -284,6 +284,9 @@ impl Hooks for Runtime {
         if let Err(e) = py.import("threading") {
             error!("cannot import threading: {e}");
         }
+        if let Err(e) = py.import("corral._fork").and_then(|m| m.call_method0("register")) {
+            error!("cannot set up what a process the app forks needs: {e}");
+        }
         let Ok(worker) = self.worker_hooks_start(py, &ctx) else {
             error!("Worker {} could not boot: the `post_fork` hook failed (see above)", ctx.slot);
             return EXIT_APP_LOAD_FAILED;
@@ -316,6 +319,22 @@ impl Hooks for Runtime {
                     return EXIT_APP_LOAD_FAILED;
                 }
             };
+        }
+        // The app, loading, may have set SIGSEGV back to its default (taking
+        // faulthandler's handler with it): both go back, faulthandler first
+        // in line again, so a crash still shows the Python stacks.
+        let faults = corral_engine::crash::restore_if_dropped();
+        if !faults.is_empty() {
+            if let Err(e) = py.import("faulthandler").and_then(|f| f.call_method0("disable")) {
+                error!("cannot reset faulthandler: {e}");
+            }
+            enable_faulthandler(py);
+            warn!(
+                "The app set {} back to its default action; corral's crash handler and faulthandler are back \
+                 in place, so that a crash is logged with its Python stacks and the worker's other requests \
+                 are handed on",
+                faults.join(", ")
+            );
         }
         let wsgi = match WsgiApp::new(
             py,

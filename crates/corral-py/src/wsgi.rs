@@ -358,6 +358,10 @@ impl WsgiApp {
             None => self.call_app(py, req, ex, &environ, start_response.as_any()),
             Some(hooks) => self.call_hooked(py, req, ex, &environ, start_response.as_any(), hooks),
         }
+        // A child the app forked in its iterable or its close(): see there.
+        if corral_engine::worker::in_forked_child() {
+            self.forked_child_returned(req);
+        }
         if !self.log_environ.is_empty() {
             self.keep_environ_for_log(ex, &environ);
         }
@@ -450,8 +454,9 @@ impl WsgiApp {
         }
     }
 
-    /// The app called `os.fork()` and the child returned from the app
-    /// instead of ending with `os._exit()`. Going on would write a second
+    /// The app called `os.fork()` and the child returned from the app (or
+    /// from a step of its iterable, or its close()) instead of ending with
+    /// `os._exit()`. Going on would write a second
     /// response on the parent's connection, then serve the parent's
     /// listeners with nobody supervising it (it has none of the worker's
     /// other threads, so it would not even see a stop). It leaves at once.
@@ -470,7 +475,7 @@ impl WsgiApp {
 
     /// Sends the app's iterable and calls its close() exactly once.
     fn send(&self, py: Python<'_>, req: &Request<'_>, ex: &Exchange, result: &Bound<'_, PyAny>) {
-        let outcome = self.send_body(py, ex, result);
+        let outcome = self.send_body(py, req, ex, result);
         if outcome.is_ok() {
             // The client has its whole response before close() runs, as under gunicorn.
             if let Err(e) = ex.end_body() {
@@ -486,6 +491,9 @@ impl WsgiApp {
                 Err(_) => Ok(()),
             }
         };
+        if corral_engine::worker::in_forked_child() {
+            self.forked_child_returned(req);
+        }
         if let Err(e) = outcome {
             self.app_error(py, req, ex, &e);
             if let Err(e) = closed {
@@ -526,7 +534,13 @@ impl WsgiApp {
         }
     }
 
-    fn send_body(&self, py: Python<'_>, ex: &Exchange, result: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn send_body(
+        &self,
+        py: Python<'_>,
+        req: &Request<'_>,
+        ex: &Exchange,
+        result: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         // The common case: a list holding the whole body, sent with its length in one write.
         // Only a plain list: a subclass may iterate as it likes.
         if let Ok(list) = result.downcast_exact::<PyList>() {
@@ -549,6 +563,11 @@ impl WsgiApp {
         // would otherwise hold this thread after its client has gone.
         let mut complete = false;
         for item in result.try_iter()? {
+            // The app forked inside its iterable: the child leaves before it
+            // writes, or reports an error, on the parent's connection.
+            if corral_engine::worker::in_forked_child() {
+                self.forked_child_returned(req);
+            }
             let item = item?;
             let b = item.downcast::<PyBytes>().map_err(|_| {
                 PyTypeError::new_err(format!(

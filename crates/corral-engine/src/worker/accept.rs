@@ -290,6 +290,7 @@ pub(super) fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Accepted {
         (&mut addr as *mut _ as *mut libc::sockaddr, &mut len as *mut libc::socklen_t)
     };
     let fd = unsafe { libc::accept4(lfd, addr_ptr, len_ptr, libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) };
+    let fd = crate::listen::off_stdio(fd);
     if fd < 0 {
         let e = io::Error::last_os_error();
         match e.raw_os_error() {

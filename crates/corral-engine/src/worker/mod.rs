@@ -983,6 +983,13 @@ extern "C" fn app_forked_child() {
     for &fd in CLOSE_IN_CHILD.get().map_or(&[][..], |fds| &fds[..]) {
         unsafe { libc::close(fd) };
     }
+    // The worker's handlers only note a signal for the worker's main
+    // thread, which the child does not have: TERM from multiprocessing's
+    // terminate(), or from whoever stops it, would be lost. The child takes
+    // signals as a program the app runs does (exec resets handlers).
+    for sig in signals::WORKER_SIGNALS {
+        unsafe { libc::signal(sig, libc::SIG_DFL) };
+    }
 }
 
 /// Registers what a fork by the app does with the worker's descriptors.

@@ -64,6 +64,41 @@ pub(super) fn restore_own_handlers() {
             replaced.join(", ")
         );
     }
+    let faults = crate::crash::restore_if_dropped();
+    if !faults.is_empty() {
+        warn!(
+            "The app set {} back to its default action; corral's crash handler is back in place, so that \
+             a crash is logged with its Python stack and the worker's other requests are handed on",
+            faults.join(", ")
+        );
+    }
+    // A mask the app set while loading (pthread_sigmask at import) would
+    // hold the master's TERM for good, and the serving threads, started
+    // next, inherit this thread's mask.
+    let mut unblocked = Vec::new();
+    unsafe {
+        let mut mask: libc::sigset_t = std::mem::zeroed();
+        if libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut mask) == 0 {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for sig in WORKER_SIGNALS.into_iter().chain(crate::crash::FAULTS) {
+                if libc::sigismember(&mask, sig) == 1 {
+                    libc::sigaddset(&mut set, sig);
+                    unblocked.push(crate::supervise::signal_name(sig));
+                }
+            }
+            if !unblocked.is_empty() {
+                libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+            }
+        }
+    }
+    if !unblocked.is_empty() {
+        warn!(
+            "The app blocked {} while it loaded; a worker must take the master's signals, so they are \
+             unblocked again",
+            unblocked.join(", ")
+        );
+    }
 }
 
 /// The worker left at a quick stop (SIGQUIT, or SIGINT as configured).
