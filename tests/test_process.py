@@ -242,6 +242,23 @@ def test_an_app_that_blocks_the_workers_signals_or_drops_the_crash_handler_at_im
     assert time.monotonic() - started < 30, server.log[mark:]
 
 
+def test_a_worker_held_at_exit_by_the_apps_thread_is_killed_and_the_log_says_why(start_server):
+    """Its requests are over, but Python's exit waits for a non-daemon thread
+    the app started: at --graceful-timeout the master kills it, and says what
+    held it rather than that it was idle."""
+    server = start_server("behaviour:application", "--graceful-timeout", "2", workers=1)
+    assert server.request("GET", "/non-daemon-thread").body == b"started"
+    mark = server.mark()
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(30) == 0, server.log
+    server.wait_for(r"Worker stopped gracefully", since=mark)
+    assert server.grep(
+        r"Worker 0 \(pid \d+\) was killed by signal 9 \(SIGKILL\): it had finished its requests, but its "
+        r"process did not end: a non-daemon thread the app started, or an atexit handler, kept it",
+        since=mark,
+    ), server.log[mark:]
+
+
 def test_a_worker_that_crashes_logs_its_python_stacks_first(start_server):
     """A segfault in C code called by the app: the log has the Python stack that
     led there (faulthandler's), then the master's line, and a new worker serves."""

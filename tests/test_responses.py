@@ -611,6 +611,12 @@ def test_a_process_the_app_forks_takes_signals_as_any_program(behaviour, sig):
     assert resp.body == f"signal SIG{sig}".encode()
 
 
+def test_an_app_that_returns_none_gets_500_and_a_line_that_says_so(behaviour):
+    mark = behaviour.mark()
+    assert behaviour.request("GET", "/return-none").status == 500
+    behaviour.wait_for(r"the application returned a NoneType object, not an iterable of bytes", since=mark)
+
+
 @pytest.mark.parametrize("fd", [1, 2])
 def test_a_standard_stream_the_app_closed_never_becomes_a_client_connection(start_server, fd):
     """After the app closed fd 1 or 2, the next connection would get that

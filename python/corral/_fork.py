@@ -7,6 +7,7 @@ thread, and before Python 3.13 its exit then fails an assertion in
 `multiprocessing` process reports exitcode 1 although its target returned.
 """
 
+import _thread
 import os
 import threading
 
@@ -15,9 +16,9 @@ def _main_thread_after_fork() -> None:
     main = threading.main_thread()
     if isinstance(main, threading._DummyThread) and getattr(main, "_tstate_lock", False) is None:
         # What threading._shutdown releases for a real main thread.
-        lock = threading._allocate_lock()
+        lock = _thread.allocate_lock()
         lock.acquire()
-        main._tstate_lock = lock
+        setattr(main, "_tstate_lock", lock)  # noqa: B010 (a private attribute the stubs do not name)
 
 
 def register() -> None:

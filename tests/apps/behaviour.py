@@ -793,6 +793,18 @@ def print_std(environ, start_response):
     return _ok(start_response, "printed")
 
 
+def non_daemon_thread(environ, start_response):
+    """Starts a thread that is not a daemon and never ends, as an app's
+    forgotten background worker: Python's exit waits for it."""
+    threading.Thread(target=time.sleep, args=(3600,), name="forgotten").start()
+    return _ok(start_response, "started")
+
+
+def return_none(environ, start_response):
+    """Forgets to return the body."""
+    start_response("200 OK", TEXT)
+
+
 def close_fd(environ, start_response):
     """Closes ?fd= (an app that closes its standard output), then writes to
     it on later requests through /write-fd."""
@@ -881,6 +893,8 @@ UNVALIDATED = {
     "/mp-exitcode": multiprocessing_exitcode,
     "/fork-then-signal": fork_then_signal,
     "/close-fd": close_fd,
+    "/return-none": return_none,
+    "/non-daemon-thread": non_daemon_thread,
     "/write-fd": write_fd,
     "/close-std": close_std,
     "/segfault": segfault,

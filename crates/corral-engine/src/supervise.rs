@@ -995,11 +995,19 @@ impl<'a, H: Hooks> Master<'a, H> {
             .map(|(p, _)| *p)
             .collect();
         for pid in overdue {
-            warn!("Worker pid {pid} did not finish within the graceful timeout; killing it");
+            let idle = self
+                .workers
+                .get(&pid)
+                .is_some_and(|w| self.scoreboard.in_flight(w.slot, crate::date::mono_ms()).is_empty());
+            let why = match idle {
+                true => HELD_AFTER_REQUESTS,
+                false => "it did not finish within the graceful timeout",
+            };
+            warn!("Worker pid {pid} did not end within the graceful timeout ({why}); killing it");
             unsafe { libc::kill(pid, libc::SIGKILL) };
             if let Some(w) = self.workers.get_mut(&pid) {
                 w.kill_at = None;
-                w.killed = Some("it did not finish within the graceful timeout");
+                w.killed = Some(why);
             }
         }
     }
@@ -1462,6 +1470,13 @@ impl<'a, H: Hooks> Master<'a, H> {
                     info!("Worker {} (pid {pid}) could not load the application either", w.slot);
                 } else if !booted {
                     warn!("Worker {} (pid {pid}) {how} while booting", w.slot);
+                } else if self.phase != Phase::Running
+                    && libc::WIFSIGNALED(status)
+                    && libc::WTERMSIG(status) == libc::SIGKILL
+                    && serving.0.is_empty()
+                    && serving.1 == 0
+                {
+                    warn!("Worker {} (pid {pid}) {how}: {HELD_AFTER_REQUESTS}", w.slot);
                 } else {
                     warn!("Worker {} (pid {pid}) {how}{}", w.slot, describe_serving(&serving.0, serving.1));
                 }
@@ -1822,6 +1837,11 @@ fn title(role: &str, name: &str) -> String {
         _ => format!("corral: {role} [{name}]"),
     }
 }
+
+/// Why a worker with no request left was still there at the graceful
+/// timeout: its serving was over, and Python's own exit waited.
+const HELD_AFTER_REQUESTS: &str = "it had finished its requests, but its process did not end: a non-daemon \
+                                   thread the app started, or an atexit handler, kept it";
 
 /// What a dead worker was doing, for its exit line: `serving` as the
 /// scoreboard names it, and `offloaded` responses its offload thread was

@@ -524,10 +524,13 @@ fn wait_for_app_threads(py: Python<'_>) {
     let threading: Bound<'_, PyAny> = threading;
     let names: Vec<String> = (|| -> PyResult<Vec<String>> {
         let main = threading.call_method0("main_thread")?;
+        // The serving threads (dummies to Python), done by now.
+        let dummy = threading.getattr("_DummyThread")?;
         let mut names = Vec::new();
         for t in threading.call_method0("enumerate")?.try_iter()? {
             let t = t?;
             if !t.is(&main)
+                && !t.is_instance(&dummy)?
                 && !t.getattr("daemon")?.is_truthy()?
                 && t.call_method0("is_alive")?.is_truthy()?
             {

@@ -562,7 +562,17 @@ impl WsgiApp {
         // endless stream answering HEAD, or running past its Content-Length,
         // would otherwise hold this thread after its client has gone.
         let mut complete = false;
-        for item in result.try_iter()? {
+        let items = result.try_iter().map_err(|e| {
+            if e.is_instance_of::<PyTypeError>(py) {
+                PyTypeError::new_err(format!(
+                    "the application returned a {} object, not an iterable of bytes",
+                    type_name(result)
+                ))
+            } else {
+                e
+            }
+        })?;
+        for item in items {
             // The app forked inside its iterable: the child leaves before it
             // writes, or reports an error, on the parent's connection.
             if corral_engine::worker::in_forked_child() {
@@ -879,10 +889,14 @@ impl App for WsgiApp {
             // for a thread Python did not start.
             let py = Python::assume_gil_acquired();
             // (A failure leaves the name as it was; its error is dropped here.)
-            let _ = py
-                .import("threading")
-                .and_then(|m| m.call_method0("current_thread"))
-                .and_then(|th| th.setattr("name", format!("corral-thread-{}", t + 1)));
+            // Not a daemon either, unlike other threads Python did not start:
+            // a thread the app starts in a request inherits that, and must be
+            // waited for at exit as under gunicorn, whose request threads are
+            // not daemons (mail sent in the background would be cut off).
+            let _ = py.import("threading").and_then(|m| m.call_method0("current_thread")).and_then(|th| {
+                th.setattr("name", format!("corral-thread-{}", t + 1))?;
+                th.setattr("_daemonic", false)
+            });
             ffi::PyEval_SaveThread()
         };
         let mut states = self.thread_states.lock().unwrap_or_else(|p| p.into_inner());
