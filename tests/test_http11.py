@@ -429,6 +429,17 @@ def test_a_chunked_body_sent_whole_while_the_app_ran_keeps_the_connection(start_
         assert (resp.body, resp.header("Connection")) == (b"slept c", None)
         conn.send(b"GET /fixed HTTP/1.1\r\nHost: x\r\n\r\n")
         assert conn.read_response().body == b"hello world"
+    # More than the 1 MiB the server drops to keep a connection, all sent:
+    # the response says the connection closes, and it does.
+    with server.connect(timeout=30) as conn:
+        conn.send(b"POST /slow?secs=1&id=d HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        server.wait_for("slow request started: d")
+        for _ in range(3):
+            conn.send(b"%x\r\n%s\r\n" % (500_000, b"z" * 500_000))
+        conn.send(b"0\r\n\r\n")
+        resp = conn.read_response()
+        assert (resp.body, resp.header("Connection")) == (b"slept d", "close")
+        assert conn.at_eof(10)
 
 
 def test_kept_alive_connections_do_not_wait_behind_a_batch_of_new_slow_ones(start_server):

@@ -317,23 +317,35 @@ def test_connections_held_grow_the_adaptive_pool_and_keep_it(start_server):
     )
     mark = server.mark()
     kept = []
+
+    def keep_one(i):
+        conn = server.connect()
+        kept.append(conn)
+        conn.send_request("GET", f"/fixed?n={i}", {"Host": "x"})
+        assert conn.read_response().status == 200
+
     try:
-        for i in range(5):
-            conn = server.connect()
-            conn.send_request("GET", f"/fixed?n={i}", {"Host": "x"})
-            resp = conn.read_response()
-            assert resp.status in (200, 503), resp
-            kept.append(conn)
+        for i in range(3):
+            keep_one(i)
         server.wait_for(
-            r"Scaling up to 2 worker\(s\): .*connection\(s\) held \(at most 3 per worker\)", since=mark
+            r"Scaling up to 2 worker\(s\): .*3 connection\(s\) held \(at most 3 per worker\)", since=mark
         )
-        # Kept open and idle past --scale-down-idle: 5 connections would not fit in one worker of 3.
+        assert wait_until(lambda: len(server.worker_pids(since=mark)) >= 1, 30), server.log[mark:]
+        # Two more, which the new worker takes: five held by two workers.
+        for i in range(3, 5):
+            keep_one(i)
+        # Idle past --scale-down-idle: five connections would not fit in one worker of 3.
         time.sleep(3)
         assert not server.grep(r"Scaling down", since=mark), server.log[mark:]
+        for conn in kept[:3]:
+            conn.close()
+        # Two left, which fit in one worker: the pool shrinks.
+        server.wait_for(
+            r"Scaling down to 1 worker\(s\): .* and 2 connection\(s\) held", since=mark, timeout=20
+        )
     finally:
         for conn in kept:
             conn.close()
-    server.wait_for(r"Scaling down to 1 worker", since=mark, timeout=20)
 
 
 def test_adaptive_pool_settles_under_steady_load(start_server):

@@ -641,14 +641,18 @@ def fork_then_signal(environ, start_response):
     """Forks a child that sleeps, sends it ?sig=TERM, and says how it ended."""
     import signal
 
+    ready_r, ready_w = os.pipe()
     child = os.fork()
     if child == 0:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
+        os.write(ready_w, b"x")  # past the fork's handlers: signals are as they will stay
         time.sleep(10)
         os._exit(0)
-    time.sleep(0.2)
+    os.close(ready_w)
+    os.read(ready_r, 1)
+    os.close(ready_r)
     os.kill(child, getattr(signal, "SIG" + _query(environ).get("sig", "TERM")))
     _, status = os.waitpid(child, 0)
     if os.WIFSIGNALED(status):

@@ -207,6 +207,12 @@ impl Sink {
         Ok(Sink { path: Some(path), file: Mutex::new(Target::new(file)) })
     }
 
+    /// Whether the log is a file named by its path (not standard output, a
+    /// FIFO or a socket), the kind logrotate renames.
+    pub fn is_file(&self) -> bool {
+        self.path.is_some() && self.file.lock().unwrap_or_else(|p| p.into_inner()).is_blocking()
+    }
+
     /// Opens the file again under its name (after logrotate renamed it).
     /// Standard output is taken again too: `--capture-output` may have
     /// pointed it at a reopened error log meanwhile.

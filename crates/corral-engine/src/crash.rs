@@ -60,13 +60,17 @@ pub fn install(holds_lock: fn() -> bool) {
     WORKER_PID.store(unsafe { libc::getpid() }, Ordering::Relaxed);
     let _ = HOLDS_LOCK.set(holds_lock);
     for sig in FAULTS {
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_fault as *const () as libc::sighandler_t;
-            action.sa_flags = libc::SA_SIGINFO;
-            libc::sigemptyset(&mut action.sa_mask);
-            libc::sigaction(sig, &action, std::ptr::null_mut());
-        }
+        set_fault_handler(sig);
+    }
+}
+
+fn set_fault_handler(sig: libc::c_int) {
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_fault as *const () as libc::sighandler_t;
+        action.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(sig, &action, std::ptr::null_mut());
     }
 }
 
@@ -86,11 +90,7 @@ pub fn restore_if_dropped() -> Vec<String> {
             if libc::sigaction(sig, std::ptr::null(), &mut now) == 0
                 && (now.sa_sigaction == libc::SIG_DFL || now.sa_sigaction == libc::SIG_IGN)
             {
-                let mut action: libc::sigaction = std::mem::zeroed();
-                action.sa_sigaction = on_fault as *const () as libc::sighandler_t;
-                action.sa_flags = libc::SA_SIGINFO;
-                libc::sigemptyset(&mut action.sa_mask);
-                libc::sigaction(sig, &action, std::ptr::null_mut());
+                set_fault_handler(sig);
                 restored.push(crate::supervise::signal_name(sig));
             }
         }

@@ -114,6 +114,18 @@ impl BodyError {
 
 /// What is wrong with a chunked body, in its words: the decoder reports its
 /// trailer fields' faults with the errors of the head's fields.
+/// Why a request's handle no longer works: its request is over, or this
+/// is a process the app forked, whose copy of the connection is the
+/// parent's (see [`Exchange::lock`]).
+fn stale_text(what: &str) -> &'static str {
+    match (what, crate::worker::in_forked_child()) {
+        ("wsgi.input", false) => "wsgi.input used after its request ended",
+        ("wsgi.input", true) => "wsgi.input used in a process the app forked: the request is its parent's",
+        (_, false) => "response used after its request ended",
+        (_, true) => "response used in a process the app forked: the request is its parent's",
+    }
+}
+
 pub(crate) fn chunked_fault(e: corral_proto::http1::Error) -> String {
     use corral_proto::http1::Error as E;
     match e {
@@ -134,9 +146,7 @@ impl std::fmt::Display for BodyError {
             BodyError::Truncated => f.write_str("client closed the connection before sending the whole body"),
             BodyError::Timeout => f.write_str("timed out waiting for the request body"),
             BodyError::Io(e) => write!(f, "reading the request body: {}", io::Error::from_raw_os_error(*e)),
-            BodyError::Stale => {
-                f.write_str("wsgi.input used after its request ended, or in a process the app forked")
-            }
+            BodyError::Stale => f.write_str(stale_text("wsgi.input")),
             BodyError::Gateway(m) => write!(f, "invalid FastCGI body stream: {m}"),
             BodyError::Aborted => f.write_str("the front end aborted the request"),
             BodyError::WouldWait => f.write_str("no more of the request body yet"),
@@ -165,9 +175,7 @@ impl std::fmt::Display for ResponseError {
             ResponseError::AlreadySent => f.write_str("response headers already sent"),
             ResponseError::NotStarted => f.write_str("write before start_response"),
             ResponseError::ClientGone(m) => write!(f, "client disconnected: {m}"),
-            ResponseError::Stale => {
-                f.write_str("response used after its request ended, or in a process the app forked")
-            }
+            ResponseError::Stale => f.write_str(stale_text("response")),
         }
     }
 }
@@ -421,6 +429,12 @@ impl Io {
         let spare = self.buf.spare_capacity_mut();
         let room = spare.len();
         let n = unsafe { libc::read(self.fd, spare.as_mut_ptr().cast(), room) };
+        self.note_read(n, room)
+    }
+
+    /// Takes the outcome `n` of a read of up to `room` bytes into `buf`'s
+    /// spare capacity: whether the socket is drained, and the bytes read.
+    fn note_read(&mut self, n: isize, room: usize) -> io::Result<usize> {
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::WouldBlock {
@@ -696,37 +710,31 @@ impl Io {
         }
     }
 
-    /// Whether the rest of a chunked request body is known from the buffer
-    /// already: all of it, to its last chunk (dropping it needs no more from
+    /// Whether the rest of a chunked request body the app left unread is
+    /// known: all of it, to its last chunk (dropping it needs no more from
     /// the client), or framing that is malformed (dropping it finds that,
-    /// and logs it, and closes).
-    fn chunked_rest_known(&self) -> bool {
+    /// logs it and closes). What the socket holds already is read for it,
+    /// without waiting, while the buffer stays within [`MAX_DRAIN`], the
+    /// most that is dropped to keep a connection: a client that sent its
+    /// whole body before the app answered without reading it (a 401, a
+    /// redirect) keeps its connection.
+    fn chunked_rest_arrived(&mut self) -> bool {
         let BodyState::Chunked(dec) = &self.body else { return false };
         let mut dec = dec.clone();
         let mut at = 0;
         loop {
-            match dec.decode(&self.buf[at..]) {
-                Ok(Chunk::Data { consumed, .. }) if consumed > 0 => at += consumed,
-                Ok(Chunk::End { .. }) | Err(_) => return true,
-                _ => return false,
+            loop {
+                match dec.decode(&self.buf[at..]) {
+                    Ok(Chunk::Data { consumed, .. }) if consumed > 0 => at += consumed,
+                    Ok(Chunk::End { .. }) | Err(_) => return true,
+                    _ => break,
+                }
             }
-        }
-    }
-
-    /// [`Io::chunked_rest_known`], after reading what the socket already
-    /// holds when the buffer alone does not tell, without waiting for more
-    /// and up to [`MAX_DRAIN`] bytes buffered. A client that sent its whole
-    /// chunked body before the app answered without reading it (a 401, a
-    /// redirect) then keeps its connection.
-    fn chunked_rest_arrived(&mut self) -> bool {
-        loop {
-            if self.chunked_rest_known() {
-                return true;
-            }
-            if self.peer_eof || self.buf.len() as u64 >= MAX_DRAIN {
+            let room = (MAX_DRAIN as usize).saturating_sub(self.buf.len());
+            if !self.keep_alive || self.peer_eof || room == 0 {
                 return false;
             }
-            match self.read_some(READ_CHUNK) {
+            match self.read_at_most(room.min(READ_CHUNK)) {
                 Ok(0) => {
                     self.peer_eof = true;
                     return false;
@@ -736,6 +744,15 @@ impl Io {
                 Err(_) => return false,
             }
         }
+    }
+
+    /// [`Io::read_some`] taking at most `max` bytes.
+    fn read_at_most(&mut self, max: usize) -> io::Result<usize> {
+        self.buf.reserve(max);
+        let spare = self.buf.spare_capacity_mut();
+        let room = max.min(spare.len());
+        let n = unsafe { libc::read(self.fd, spare.as_mut_ptr().cast(), room) };
+        self.note_read(n, room)
     }
 
     pub(crate) fn body_finished(&self) -> bool {

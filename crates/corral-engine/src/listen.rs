@@ -555,21 +555,29 @@ pub(crate) fn off_stdio(fd: RawFd) -> RawFd {
         return fd;
     }
     let null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-    if null >= 0 {
+    let in_place = match null >= 0 {
         // dup2 over the connection's old number, which then is /dev/null
         // and, as a standard stream should be, inherited by programs.
-        unsafe {
-            libc::dup2(null, fd);
+        true => unsafe {
+            let done = libc::dup2(null, fd) == fd;
             libc::close(null);
-        }
-    } else {
+            done
+        },
+        false => false,
+    };
+    if !in_place {
+        // Closed, at least: a write there then fails rather than reach a client.
         unsafe { libc::close(fd) };
     }
     static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        let now = match in_place {
+            true => "/dev/null is in its place again",
+            false => "it stays closed (/dev/null could not be opened)",
+        };
         tracing::warn!(
-            "The app closed descriptor {fd} (standard {}); /dev/null is in its place again, so that nothing \
-             written there reaches a client: pid={}",
+            "The app closed descriptor {fd} (standard {}); {now}, and connections are kept off it, so that \
+             nothing written there reaches a client: pid={}",
             ["input", "output", "error"][fd as usize],
             std::process::id()
         );

@@ -782,9 +782,14 @@ impl<'a, H: Hooks> Master<'a, H> {
     /// Reopens the master's access log descriptor, the one workers started
     /// from now on fall back to; on failure they fall back to the old one.
     fn reopen_access_log(&self, name: &str) {
-        if let Some(Err(e)) = self.access_sink.as_ref().map(|s| s.reopen()) {
+        // Only a file is rotated; opening a FIFO again would wait for a
+        // reader, and the master supervises nothing while it waits.
+        let Some(sink) = self.access_sink.as_ref().filter(|s| s.is_file()) else {
+            return;
+        };
+        if let Err(e) = sink.reopen() {
             error!(
-                "Received {name}: --access-log {e}; workers that cannot open it keep writing to the old file"
+                "Received {name}: the access log: {e}; workers that cannot open it keep writing to the old file"
             );
         }
     }
@@ -1112,9 +1117,11 @@ impl<'a, H: Hooks> Master<'a, H> {
     }
 
     /// The adaptive pool (`--workers-max`): one worker more after a few
-    /// ticks with every thread busy or connections waiting to be accepted;
-    /// one fewer after `scale_down_idle` in which the pool had a worker to
-    /// spare. Each decision is logged with its reason.
+    /// ticks with every thread busy, connections waiting to be accepted or
+    /// every worker at `--max-connections`; one fewer after
+    /// `scale_down_idle` in which the pool had a worker to spare (its
+    /// threads' work and its connections would fit in the others). Each
+    /// decision is logged with its reason.
     fn autoscale(&mut self) {
         let Some(max) = self.config.workers_max else {
             return;
@@ -1166,7 +1173,8 @@ impl<'a, H: Hooks> Master<'a, H> {
         if idle_for >= self.config.scale_down_idle && self.target > min && settled {
             self.set_target(self.target - 1);
             info!(
-                "Scaling down to {} worker(s): at most {busy} of {capacity} threads busy for {:.0} s",
+                "Scaling down to {} worker(s): at most {busy} of {capacity} threads busy and {conns} \
+                 connection(s) held for {:.0} s",
                 self.target,
                 idle_for.as_secs_f64()
             );

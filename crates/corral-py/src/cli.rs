@@ -813,7 +813,8 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         eprintln!("corral: {e}");
         return Ok(2);
     }
-    if error_log != "-" {
+    // With --capture-output standard error is that log too.
+    if error_log != "-" && !cli.capture_output {
         let _ = ERROR_LOG_FILE.set(error_log.clone());
     }
     // A re-executed master is the daemon already (same pid, same session),
@@ -1239,10 +1240,7 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         unsafe { libc::close(*fd) };
     }
     if let Some(path) = &pidfile {
-        // The master re-executes as --user's user (USR2, a HUP with
-        // --preload): it must be able to write the file again.
-        let owner = ids.as_ref().filter(|_| nix::unistd::geteuid().is_root()).map(|(u, g, _)| (*u, *g));
-        if let Err(e) = write_pidfile(path, owner) {
+        if let Err(e) = write_pidfile(path) {
             error!("--pidfile {}: {e}", path.display());
             return Ok(1);
         }
@@ -1782,13 +1780,9 @@ fn is_listening_stream(fd: i32) -> bool {
 /// itself, opened with O_NOFOLLOW. A pidfile directory that the user named
 /// by --user may write to must not let that user point the file at one
 /// the master, started as root, would then overwrite.
-fn write_pidfile(path: &std::path::Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
+fn write_pidfile(path: &std::path::Path) -> std::io::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
-    let give = |f: &std::fs::File| match owner {
-        Some((uid, gid)) => std::os::unix::fs::fchown(f, Some(uid), Some(gid)),
-        None => Ok(()),
-    };
     let text = format!("{}\n", std::process::id());
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let temp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
@@ -1811,10 +1805,7 @@ fn write_pidfile(path: &std::path::Path, owner: Option<(u32, u32)>) -> std::io::
     };
     match created {
         Ok(mut f) => {
-            let written = f
-                .write_all(text.as_bytes())
-                .and_then(|()| give(&f))
-                .and_then(|()| std::fs::rename(&temp, path));
+            let written = f.write_all(text.as_bytes()).and_then(|()| std::fs::rename(&temp, path));
             if written.is_err() {
                 let _ = std::fs::remove_file(&temp);
             }
@@ -1830,18 +1821,28 @@ fn write_pidfile(path: &std::path::Path, owner: Option<(u32, u32)>) -> std::io::
                     Some(libc::ELOOP) => std::io::Error::other("a symbolic link, which is not followed"),
                     _ => e,
                 })?;
-            f.write_all(text.as_bytes()).and_then(|()| give(&f))
+            f.write_all(text.as_bytes())
         }
         Err(e) => Err(e),
     }
 }
 
-/// Whether --pidfile, if given, names a file that can be written.
+/// Whether --pidfile, if given, names a file that can be written: one
+/// this process may write in place, or replace (a new file renamed over
+/// it, as [`write_pidfile`] does). The master that started as root wrote
+/// it; re-executed as --user's user (USR2, HUP with --preload), it replaces
+/// it in a directory that user may write, as the README advises.
 fn pidfile_usable(cli: &Cli) -> Result<(), String> {
-    match cli.pidfile.as_deref() {
-        Some(path) => log_file_writable(&path.to_string_lossy())
-            .map_err(|e| format!("--pidfile {}: {e}", path.display())),
-        None => Ok(()),
+    let Some(path) = cli.pidfile.as_deref() else {
+        return Ok(());
+    };
+    let replaceable = || {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        path.is_file() && writable_dir(dir)
+    };
+    match log_file_writable(&path.to_string_lossy()) {
+        Err(_) if replaceable() => Ok(()),
+        other => other.map_err(|e| format!("--pidfile {}: {e}", path.display())),
     }
 }
 

@@ -476,6 +476,12 @@ impl WsgiApp {
     /// Sends the app's iterable and calls its close() exactly once.
     fn send(&self, py: Python<'_>, req: &Request<'_>, ex: &Exchange, result: &Bound<'_, PyAny>) {
         let outcome = self.send_body(py, req, ex, result);
+        // The app forked in its iterable, whose child ended its iteration:
+        // it leaves before the response's end or the app's close() (which
+        // for Django closes database connections shared with the parent).
+        if corral_engine::worker::in_forked_child() {
+            self.forked_child_returned(req);
+        }
         if outcome.is_ok() {
             // The client has its whole response before close() runs, as under gunicorn.
             if let Err(e) = ex.end_body() {

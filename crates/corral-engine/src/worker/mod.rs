@@ -986,8 +986,10 @@ extern "C" fn app_forked_child() {
     // The worker's handlers only note a signal for the worker's main
     // thread, which the child does not have: TERM from multiprocessing's
     // terminate(), or from whoever stops it, would be lost. The child takes
-    // signals as a program the app runs does (exec resets handlers).
-    for sig in signals::WORKER_SIGNALS {
+    // them as a program the app runs does (exec resets handlers). HUP,
+    // TTIN, TTOU and WINCH keep the handler that does nothing: sent to the
+    // whole group, they are the master's.
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2] {
         unsafe { libc::signal(sig, libc::SIG_DFL) };
     }
 }

@@ -889,7 +889,7 @@ pub(super) fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize 
 /// connection as it is closed gets no answer (a POST is not retried), and
 /// one in the middle of a burst of requests is the likeliest to: the new
 /// client gets a clear 503 instead.
-pub(super) const RECLAIM_MIN_IDLE: Duration = Duration::from_secs(1);
+const RECLAIM_MIN_IDLE: Duration = Duration::from_secs(1);
 
 /// At `--max-connections`, makes room for a new connection by closing the
 /// kept-alive connection idle the longest (nothing buffered, nothing sent
@@ -912,8 +912,7 @@ pub(super) fn reclaim_idle(reg: &Registry) -> bool {
                 && e.parked_at.load(Ordering::Relaxed) <= idle_since
         })
         .collect();
-    // The earliest keep-alive deadline is the longest idle.
-    idle.sort_unstable_by_key(|e| e.deadline.load(Ordering::Relaxed));
+    idle.sort_unstable_by_key(|e| e.parked_at.load(Ordering::Relaxed));
     for e in idle {
         if pending_bytes(e.fd) > 0 {
             continue; // its next request is arriving
