@@ -359,9 +359,7 @@ impl WsgiApp {
             Some(hooks) => self.call_hooked(py, req, ex, &environ, start_response.as_any(), hooks),
         }
         // A child the app forked in its iterable or its close(): see there.
-        if corral_engine::worker::in_forked_child() {
-            self.forked_child_returned(req);
-        }
+        self.leave_if_forked(req);
         if !self.log_environ.is_empty() {
             self.keep_environ_for_log(ex, &environ);
         }
@@ -378,9 +376,7 @@ impl WsgiApp {
         start_response: &Bound<'_, PyAny>,
     ) {
         let result = self.app.bind(py).call1((environ, start_response));
-        if corral_engine::worker::in_forked_child() {
-            self.forked_child_returned(req);
-        }
+        self.leave_if_forked(req);
         match result {
             Ok(result) => self.send(py, req, ex, &result),
             Err(e) => self.app_error(py, req, ex, &e),
@@ -454,6 +450,14 @@ impl WsgiApp {
         }
     }
 
+    /// Leaves at once if this is a process the app forked: see
+    /// [`WsgiApp::forked_child_returned`].
+    fn leave_if_forked(&self, req: &Request<'_>) {
+        if corral_engine::worker::in_forked_child() {
+            self.forked_child_returned(req);
+        }
+    }
+
     /// The app called `os.fork()` and the child returned from the app (or
     /// from a step of its iterable, or its close()) instead of ending with
     /// `os._exit()`. Going on would write a second
@@ -479,9 +483,7 @@ impl WsgiApp {
         // The app forked in its iterable, whose child ended its iteration:
         // it leaves before the response's end or the app's close() (which
         // for Django closes database connections shared with the parent).
-        if corral_engine::worker::in_forked_child() {
-            self.forked_child_returned(req);
-        }
+        self.leave_if_forked(req);
         if outcome.is_ok() {
             // The client has its whole response before close() runs, as under gunicorn.
             if let Err(e) = ex.end_body() {
@@ -497,9 +499,7 @@ impl WsgiApp {
                 Err(_) => Ok(()),
             }
         };
-        if corral_engine::worker::in_forked_child() {
-            self.forked_child_returned(req);
-        }
+        self.leave_if_forked(req);
         if let Err(e) = outcome {
             self.app_error(py, req, ex, &e);
             if let Err(e) = closed {
@@ -581,9 +581,7 @@ impl WsgiApp {
         for item in items {
             // The app forked inside its iterable: the child leaves before it
             // writes, or reports an error, on the parent's connection.
-            if corral_engine::worker::in_forked_child() {
-                self.forked_child_returned(req);
-            }
+            self.leave_if_forked(req);
             let item = item?;
             let b = item.downcast::<PyBytes>().map_err(|_| {
                 PyTypeError::new_err(format!(
