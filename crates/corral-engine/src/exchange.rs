@@ -112,8 +112,6 @@ impl BodyError {
     }
 }
 
-/// What is wrong with a chunked body, in its words: the decoder reports its
-/// trailer fields' faults with the errors of the head's fields.
 /// Why a request's handle no longer works: its request is over, or this
 /// is a process the app forked, whose copy of the connection is the
 /// parent's (see [`Exchange::lock`]).
@@ -126,6 +124,8 @@ fn stale_text(what: &str) -> &'static str {
     }
 }
 
+/// What is wrong with a chunked body, in its words: the decoder reports its
+/// trailer fields' faults with the errors of the head's fields.
 pub(crate) fn chunked_fault(e: corral_proto::http1::Error) -> String {
     use corral_proto::http1::Error as E;
     match e {
