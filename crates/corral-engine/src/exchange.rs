@@ -112,15 +112,13 @@ impl BodyError {
     }
 }
 
-/// Why a request's handle no longer works: its request is over, or this
-/// is a process the app forked, whose copy of the connection is the
-/// parent's (see [`Exchange::lock`]).
-fn stale_text(what: &str) -> &'static str {
-    match (what, crate::worker::in_forked_child()) {
-        ("wsgi.input", false) => "wsgi.input used after its request ended",
-        ("wsgi.input", true) => "wsgi.input used in a process the app forked: the request is its parent's",
-        (_, false) => "response used after its request ended",
-        (_, true) => "response used in a process the app forked: the request is its parent's",
+/// Why a request's handle (`what`) no longer works: its request is over,
+/// or this is a process the app forked, whose copy of the connection is
+/// the parent's (see [`Exchange::lock`]).
+fn write_stale(f: &mut std::fmt::Formatter<'_>, what: &str) -> std::fmt::Result {
+    match crate::worker::in_forked_child() {
+        false => write!(f, "{what} used after its request ended"),
+        true => write!(f, "{what} used in a process the app forked: the request is its parent's"),
     }
 }
 
@@ -146,7 +144,7 @@ impl std::fmt::Display for BodyError {
             BodyError::Truncated => f.write_str("client closed the connection before sending the whole body"),
             BodyError::Timeout => f.write_str("timed out waiting for the request body"),
             BodyError::Io(e) => write!(f, "reading the request body: {}", io::Error::from_raw_os_error(*e)),
-            BodyError::Stale => f.write_str(stale_text("wsgi.input")),
+            BodyError::Stale => write_stale(f, "wsgi.input"),
             BodyError::Gateway(m) => write!(f, "invalid FastCGI body stream: {m}"),
             BodyError::Aborted => f.write_str("the front end aborted the request"),
             BodyError::WouldWait => f.write_str("no more of the request body yet"),
@@ -175,7 +173,7 @@ impl std::fmt::Display for ResponseError {
             ResponseError::AlreadySent => f.write_str("response headers already sent"),
             ResponseError::NotStarted => f.write_str("write before start_response"),
             ResponseError::ClientGone(m) => write!(f, "client disconnected: {m}"),
-            ResponseError::Stale => f.write_str(stale_text("response")),
+            ResponseError::Stale => write_stale(f, "response"),
         }
     }
 }

@@ -64,14 +64,6 @@ pub(super) fn restore_own_handlers() {
             replaced.join(", ")
         );
     }
-    let faults = crate::crash::restore_if_dropped();
-    if !faults.is_empty() {
-        warn!(
-            "The app set {} back to its default action; corral's crash handler is back in place, so that \
-             a crash is logged with its Python stack and the worker's other requests are handed on",
-            faults.join(", ")
-        );
-    }
     // A mask the app set while loading (pthread_sigmask at import) would
     // hold the master's TERM for good, and the serving threads, started
     // next, inherit this thread's mask.
