@@ -453,6 +453,41 @@ def test_fastcgi_params_of_one_mib_are_accepted(gw):
     assert len(r.env("HTTP_X_BIG")) == size
 
 
+@pytest.mark.parametrize("proto", PROTOS)
+def test_no_request_sees_the_environ_or_values_of_one_before(gw, proto):
+    """A serving thread keeps its last gateway request's environ, to copy for
+    the next request with the same variables: neither the values of the
+    requests before nor what an app did to its own environ may show through,
+    whether the variables keep their names, lose one, gain one or change
+    order, and with the scheme switching."""
+    for i in range(40):
+        extra = [(b"HTTP_USER_AGENT", b"probe/1"), (b"REMOTE_PORT", str(41000 + i % 3).encode())]
+        cookie = b"n=%d" % i if i % 4 == 1 else None
+        if cookie:
+            extra.append((b"HTTP_COOKIE", cookie))
+        https = i % 4 == 2
+        if https:
+            extra.append((b"HTTPS", b"on"))
+        if i % 5 == 3:
+            extra.reverse()
+        if i % 3 == 0:
+            r = g.call(proto, gw.addr(proto), uri=f"/mutate-environ?i={i}", extra=extra)
+            assert (r.status, r.body) == (200, b"mutated")
+        body = b"body %d" % i if i % 2 else b""
+        r = g.call(proto, gw.addr(proto), "POST" if body else "GET", f"/environ?i={i}", body, extra)
+        env = {k: v["value"] for k, v in r.json().items() if isinstance(v, dict)}
+        assert env["QUERY_STRING"] == f"i={i}"
+        assert env["REQUEST_URI"] == f"/environ?i={i}"
+        assert env["PATH_INFO"] == "/environ"
+        assert env["HTTP_USER_AGENT"] == "probe/1"
+        assert env["REMOTE_PORT"] == str(41000 + i % 3)
+        assert env.get("HTTP_COOKIE") == (cookie.decode() if cookie else None)
+        assert env["wsgi.url_scheme"] == ("https" if https else "http")
+        assert "PROBE_ADDED" not in env
+        assert env["REQUEST_METHOD"] == ("POST" if body else "GET")
+        assert r.json()["_body"] == body.decode()
+
+
 # -- FastCGI records ------------------------------------------------------------------
 
 

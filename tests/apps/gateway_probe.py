@@ -103,6 +103,20 @@ ROUTES = {
 }
 
 
+def mutate_environ(environ, start_response):
+    """Changes its environ every way an app can; no later request may see it."""
+    environ["HTTP_USER_AGENT"] = "changed"
+    environ["PROBE_ADDED"] = "added"
+    del environ["QUERY_STRING"]
+    environ.pop("HTTP_COOKIE", None)
+    environ["wsgi.url_scheme"] = "gopher"
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"mutated"]
+
+
+ROUTES["/mutate-environ"] = mutate_environ
+
+
 def application(environ, start_response):
     path = environ.get("PATH_INFO", "")
     if path.startswith("/read-then/"):

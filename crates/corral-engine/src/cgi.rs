@@ -125,7 +125,7 @@ pub struct CgiEnviron<'b> {
 /// - SERVER_NAME loses a `:port` suffix (HAProxy sends one); QUERY_STRING and
 ///   SERVER_PROTOCOL get defaults when absent.
 pub fn environ<'b>(params: &CgiParams, bytes: &'b [u8], mount: &'b [u8]) -> CgiEnviron<'b> {
-    let mut vars: Vec<(&'b [u8], Cow<'b, [u8]>)> = Vec::with_capacity(params.pairs.len() + 2);
+    let mut vars = Gathered { list: Vec::with_capacity(params.pairs.len() + 2), seen: 0 };
     let mut path_sent: Option<&'b [u8]> = None;
     let mut script_sent: Option<&'b [u8]> = None;
     let mut request_uri: Option<&'b [u8]> = None;
@@ -165,49 +165,49 @@ pub fn environ<'b>(params: &CgiParams, bytes: &'b [u8], mount: &'b [u8]) -> CgiE
             b"SERVER_NAME" => {
                 let (host, port) = split_host_port(value);
                 port_from_name = port.or(port_from_name);
-                set(&mut vars, key, Cow::Borrowed(host));
+                vars.set(key, Cow::Borrowed(host));
                 continue;
             }
             _ => {}
         }
         if key.starts_with(b"HTTP_") {
-            if let Some(slot) = vars.iter_mut().find(|(k, _)| *k == key) {
+            if let Some(slot) = vars.find(key) {
                 if key == b"HTTP_HOST"
-                    && split_host_port(&slot.1).0.eq_ignore_ascii_case(split_host_port(value).0)
+                    && split_host_port(slot).0.eq_ignore_ascii_case(split_host_port(value).0)
                 {
                     // The same host, with and without its port: the
                     // configuration's HTTP_HOST after the stock one.
-                    slot.1 = Cow::Borrowed(value);
+                    *slot = Cow::Borrowed(value);
                     continue;
                 }
                 let sep: &[u8] = if key == b"HTTP_COOKIE" { b"; " } else { b"," };
                 // In place: copying the joined value for each repeat would
                 // be quadratic in the number of repeats.
-                let joined = slot.1.to_mut();
+                let joined = slot.to_mut();
                 joined.extend_from_slice(sep);
                 joined.extend_from_slice(value);
                 continue;
             }
-            vars.push((key, Cow::Borrowed(value)));
+            vars.push(key, Cow::Borrowed(value));
         } else {
-            set(&mut vars, key, Cow::Borrowed(value));
+            vars.set(key, Cow::Borrowed(value));
         }
     }
-    if !vars.iter().any(|(k, _)| *k == b"SERVER_NAME") {
+    if vars.find(b"SERVER_NAME").is_none() {
         // None sent, or an empty one: the host the client asked for, as an
         // HTTP server takes it; without a Host either, the template's
         // listener address stays.
-        let host = vars.iter().find(|(k, _)| *k == b"HTTP_HOST").map(|(_, v)| v.clone());
+        let host = vars.find(b"HTTP_HOST").map(|v| v.clone());
         if let Some(host) = host.filter(|h| !h.is_empty()) {
             let name = match host {
                 Cow::Borrowed(h) => Cow::Borrowed(split_host_port(h).0),
                 Cow::Owned(h) => Cow::Owned(split_host_port(&h).0.to_vec()),
             };
-            vars.push((b"SERVER_NAME", name));
+            vars.push(b"SERVER_NAME", name);
         }
     }
     if let (Some(port), false) = (port_from_name, server_port_sent) {
-        vars.push((b"SERVER_PORT", Cow::Borrowed(port)));
+        vars.push(b"SERVER_PORT", Cow::Borrowed(port));
     }
     let (uri_path, uri_query) = match request_uri {
         Some(u) => match u.iter().position(|&b| b == b'?') {
@@ -217,10 +217,10 @@ pub fn environ<'b>(params: &CgiParams, bytes: &'b [u8], mount: &'b [u8]) -> CgiE
         None => (&b""[..], None),
     };
     if !have_query {
-        vars.push((b"QUERY_STRING", Cow::Borrowed(uri_query.unwrap_or(b""))));
+        vars.push(b"QUERY_STRING", Cow::Borrowed(uri_query.unwrap_or(b"")));
     }
     if !have_protocol {
-        vars.push((b"SERVER_PROTOCOL", Cow::Borrowed(b"HTTP/1.1")));
+        vars.push(b"SERVER_PROTOCOL", Cow::Borrowed(b"HTTP/1.1"));
     }
 
     let (mut path, mut script): (Cow<'b, [u8]>, Cow<'b, [u8]>) = match path_sent {
@@ -263,7 +263,7 @@ pub fn environ<'b>(params: &CgiParams, bytes: &'b [u8], mount: &'b [u8]) -> CgiE
             path = Cow::Owned(p);
         }
     }
-    CgiEnviron { vars, path_info: path, script_name: script, https }
+    CgiEnviron { vars: vars.list, path_info: path, script_name: script, https }
 }
 
 /// The path a REQUEST_URI (without its query) names, as PATH_INFO takes it
@@ -341,11 +341,46 @@ fn under(path: &[u8], prefix: &[u8]) -> bool {
     path.starts_with(prefix) && (path.len() == prefix.len() || path[prefix.len()] == b'/')
 }
 
-fn set<'b>(vars: &mut Vec<(&'b [u8], Cow<'b, [u8]>)>, key: &'b [u8], value: Cow<'b, [u8]>) {
-    match vars.iter_mut().find(|(k, _)| *k == key) {
-        Some(slot) => slot.1 = value,
-        None => vars.push((key, value)),
+/// The variables [`environ`] keeps, each name once, with a mask of their
+/// names' [`name_bit`]s: a name whose bit is clear was not seen, which is
+/// what almost every name of a request finds, and is added without a search
+/// through those before it.
+struct Gathered<'b> {
+    list: Vec<(&'b [u8], Cow<'b, [u8]>)>,
+    seen: u64,
+}
+
+impl<'b> Gathered<'b> {
+    fn find(&mut self, key: &[u8]) -> Option<&mut Cow<'b, [u8]>> {
+        if self.seen & name_bit(key) == 0 {
+            return None;
+        }
+        self.list.iter_mut().find(|(k, _)| *k == key).map(|(_, v)| v)
     }
+
+    /// Adds a name not among those kept.
+    fn push(&mut self, key: &'b [u8], value: Cow<'b, [u8]>) {
+        self.seen |= name_bit(key);
+        self.list.push((key, value));
+    }
+
+    /// Replaces the value of `key`, or adds it.
+    fn set(&mut self, key: &'b [u8], value: Cow<'b, [u8]>) {
+        match self.find(key) {
+            Some(slot) => *slot = value,
+            None => self.push(key, value),
+        }
+    }
+}
+
+/// One of 64 bits for a name, from its length and two of its bytes: the
+/// names nginx sends share lengths, but seldom those bytes as well.
+fn name_bit(key: &[u8]) -> u64 {
+    let (Some(&mid), Some(&last)) = (key.get(key.len() / 2), key.last()) else {
+        return 1;
+    };
+    let h = key.len().wrapping_mul(31) ^ usize::from(mid).wrapping_mul(7) ^ usize::from(last);
+    1 << (h % 64)
 }
 
 /// `host:port` -> (host, Some(port)); `[v6]:port` -> (v6, Some(port)); a bare
@@ -617,5 +652,24 @@ mod tests {
         pairs.push(("HTTP_ONE_MORE", "v"));
         let (p, b) = params(&pairs);
         assert_eq!(check(&p, &b), Err(CgiError::TooManyVars(MAX_VARS + 1)));
+    }
+
+    /// Names that share a bit of the mask are told apart by the search the
+    /// bit leads to; a name set twice keeps its last value either way.
+    #[test]
+    fn names_sharing_a_mask_bit_stay_apart() {
+        let names: Vec<String> = (0..5000).map(|i| format!("X_{i}")).collect();
+        let bit = name_bit(names[0].as_bytes());
+        let sharing: Vec<&str> =
+            names.iter().filter(|n| name_bit(n.as_bytes()) == bit).map(String::as_str).take(3).collect();
+        assert!(sharing.len() >= 2, "no two names share a bit: {sharing:?}");
+        let mut pairs: Vec<(&str, &str)> = sharing.iter().map(|n| (*n, "first")).collect();
+        pairs.push((sharing[1], "second"));
+        let (vars, ..) = env_of(&pairs, "", false);
+        for n in &sharing {
+            let want = if *n == sharing[1] { "second" } else { "first" };
+            assert_eq!(var(&vars, n).as_deref(), Some(want), "{n}");
+            assert_eq!(vars.iter().filter(|(k, _)| k == n).count(), 1, "{n}");
+        }
     }
 }

@@ -1169,7 +1169,12 @@ impl Io {
         if !whole && !data.is_empty() {
             self.holding = self.gather(data.len());
         }
-        let mut trailer = Vec::new();
+        // Room for the empty STDOUT record, END_REQUEST and a last
+        // request's notice, so that writing them does not grow it twice.
+        let mut trailer = match self.wire {
+            Wire::FastCgi { .. } if last => Vec::with_capacity(4 * fastcgi::HEADER_LEN + 8),
+            _ => Vec::new(),
+        };
         if let Wire::FastCgi { id, .. } = self.wire {
             if !last {
                 if let Err(e) = self.check_fcgi_abort() {

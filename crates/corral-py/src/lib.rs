@@ -8,6 +8,7 @@ mod load;
 mod logging;
 mod runtime;
 mod server_hooks;
+mod shape;
 mod traceback;
 mod uwsgi_ini;
 mod uwsgi_names;

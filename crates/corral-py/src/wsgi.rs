@@ -13,7 +13,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use corral_engine::cgi::CgiParams;
+use corral_engine::cgi::{CgiEnviron, CgiParams};
 use corral_engine::{App, BodyError, Exchange, Meta, Request, ResponseError, WorkerCtx};
 use corral_proto::http1::{percent_decode, Known, TargetForm};
 use pyo3::exceptions::{PyAssertionError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
@@ -24,6 +24,7 @@ use tracing::{error, info, warn};
 
 use crate::load::format_exception;
 use crate::server_hooks::RequestHooks;
+use crate::shape::Shape;
 
 pyo3::create_exception!(
     corral._corral,
@@ -102,8 +103,13 @@ pub struct WsgiApp {
 /// keeps it, in C code that does not release it.
 const GIL_STALL: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// A worker thread's Python thread state, parked while the thread waits.
-pub struct PyThread(*mut ffi::PyThreadState, usize);
+/// A worker thread's own: its Python thread state, parked while the thread
+/// waits, its index, and the environ it keeps for gateway requests.
+pub struct PyThread {
+    tstate: *mut ffi::PyThreadState,
+    index: usize,
+    shape: Option<Shape>,
+}
 
 impl WsgiApp {
     pub fn new(
@@ -185,18 +191,19 @@ impl WsgiApp {
         py: Python<'py>,
         req: &Request<'_>,
         ex: &Exchange,
+        shape: &mut Option<Shape>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let k = &self.keys;
-        let env = self.templates[req.listener_index].bind(py).copy()?;
         let head = match req.meta {
             Meta::Http(head) => head,
             Meta::Cgi(params) => {
-                self.cgi_environ(py, &env, req, params)?;
+                let env = self.cgi_environ(py, req, params, shape)?;
                 let input = Bound::new(py, Input { ex: ex.clone(), max: self.max_body })?;
                 env.set_item(k.wsgi_input.bind(py), input)?;
                 return Ok(env);
             }
         };
+        let env = self.templates[req.listener_index].bind(py).copy()?;
         let method = req.method();
         match k.methods.iter().find(|(m, _)| *m == method) {
             Some((_, s)) => env.set_item(k.request_method.bind(py), s.bind(py))?,
@@ -289,16 +296,50 @@ impl WsgiApp {
     }
 
     /// The environ of a request a front end sent over uwsgi, FastCGI or SCGI:
-    /// its variables, normalized by [`corral_engine::cgi::environ`].
-    fn cgi_environ(
+    /// its variables, normalized by [`corral_engine::cgi::environ`], with
+    /// `wsgi.input` still None. A copy of the thread's kept environ when the
+    /// request has its shape (see [`crate::shape`]), else built anew and kept.
+    fn cgi_environ<'py>(
         &self,
-        py: Python<'_>,
-        env: &Bound<'_, PyDict>,
+        py: Python<'py>,
         req: &Request<'_>,
         params: &CgiParams,
-    ) -> PyResult<()> {
-        let k = &self.keys;
+        shape: &mut Option<Shape>,
+    ) -> PyResult<Bound<'py, PyDict>> {
         let cgi = corral_engine::cgi::environ(params, req.bytes, &self.mount);
+        let listener = req.listener_index;
+        let names = || cgi.vars.iter().map(|(name, _)| *name);
+        let Some(kept) = shape.as_mut().filter(|s| s.fits(listener, cgi.https, names())) else {
+            // Dropped first: a failure below must not leave the old shape
+            // kept with this request's values half in it.
+            *shape = None;
+            let (env, keys) = self.cgi_environ_anew(py, req, &cgi)?;
+            let mut values: Vec<Vec<u8>> = cgi.vars.iter().map(|(_, v)| v.to_vec()).collect();
+            values.push(cgi.path_info.to_vec());
+            values.push(cgi.script_name.to_vec());
+            let names = names().map(Box::from).collect();
+            let kept = Shape::new(listener, cgi.https, names, values, keys, env.unbind());
+            return shape.insert(kept).environ(py);
+        };
+        for (i, (name, value)) in cgi.vars.iter().enumerate() {
+            kept.set(py, i, value, || self.var_value(py, name, value))?;
+        }
+        let n = cgi.vars.len();
+        kept.set(py, n, &cgi.path_info, || latin1(py, &cgi.path_info))?;
+        kept.set(py, n + 1, &cgi.script_name, || latin1(py, &cgi.script_name))?;
+        kept.environ(py)
+    }
+
+    /// A gateway request's environ built from the listener's template, and
+    /// the key of each of its slots (see [`Shape`]).
+    fn cgi_environ_anew<'py>(
+        &self,
+        py: Python<'py>,
+        req: &Request<'_>,
+        cgi: &CgiEnviron<'_>,
+    ) -> PyResult<(Bound<'py, PyDict>, Vec<Py<PyString>>)> {
+        let k = &self.keys;
+        let env = self.templates[req.listener_index].bind(py).copy()?;
         // Every name looked up under one lock; the lock is never held while
         // Python allocates, since a collection could run a __del__ that lets
         // another thread in, which would then wait for the lock with the GIL.
@@ -306,30 +347,36 @@ impl WsgiApp {
             let cache = self.var_keys.lock().unwrap_or_else(|p| p.into_inner());
             cgi.vars.iter().map(|(name, _)| cache.get(&name[..]).map(|k| k.bind(py).clone())).collect()
         };
+        let mut keys = Vec::with_capacity(cgi.vars.len() + 2);
         for ((name, value), key) in cgi.vars.iter().zip(known) {
             let key = key.unwrap_or_else(|| {
                 // Latin-1, as every environ string: one char per byte.
                 let text: String = name.iter().map(|&b| b as char).collect();
                 new_key(&self.var_keys, py, name, &text)
             });
-            if name == b"REQUEST_METHOD" {
-                if let Some((_, s)) = k.methods.iter().find(|(m, _)| *m == &value[..]) {
-                    env.set_item(key, s.bind(py))?;
-                    continue;
-                }
-            }
-            env.set_item(key, latin1(py, value))?;
+            env.set_item(&key, self.var_value(py, name, value))?;
+            keys.push(key.unbind());
         }
         env.set_item(k.path_info.bind(py), latin1(py, &cgi.path_info))?;
-        if cgi.script_name.is_empty() {
-            env.set_item(k.script_name.bind(py), k.empty.bind(py))?;
-        } else {
-            env.set_item(k.script_name.bind(py), latin1(py, &cgi.script_name))?;
-        }
+        env.set_item(k.script_name.bind(py), latin1(py, &cgi.script_name))?;
+        keys.push(k.path_info.clone_ref(py));
+        keys.push(k.script_name.clone_ref(py));
         if cgi.https {
             env.set_item(k.url_scheme.bind(py), k.https.bind(py))?;
         }
-        Ok(())
+        env.set_item(k.wsgi_input.bind(py), py.None())?;
+        Ok((env, keys))
+    }
+
+    /// A variable's value as the environ has it: latin-1, and the method
+    /// as one of the strings every request shares.
+    fn var_value<'py>(&self, py: Python<'py>, name: &[u8], value: &[u8]) -> Bound<'py, PyString> {
+        if name == b"REQUEST_METHOD" {
+            if let Some((_, s)) = self.keys.methods.iter().find(|(m, _)| *m == value) {
+                return s.bind(py).clone();
+            }
+        }
+        latin1(py, value)
     }
 
     /// `HTTP_` + the name upper-cased with `-` as `_`, cached per distinct name.
@@ -345,8 +392,8 @@ impl WsgiApp {
         new_key(&self.header_keys, py, name, &key)
     }
 
-    fn serve(&self, py: Python<'_>, req: &Request<'_>, ex: &Exchange) {
-        let environ = match self.environ(py, req, ex) {
+    fn serve(&self, py: Python<'_>, req: &Request<'_>, ex: &Exchange, shape: &mut Option<Shape>) {
+        let environ = match self.environ(py, req, ex, shape) {
             Ok(e) => e,
             Err(e) => return self.app_error(py, req, ex, &e),
         };
@@ -908,21 +955,21 @@ impl App for WsgiApp {
             states.resize(t + 1, 0);
         }
         states[t] = tstate as usize;
-        PyThread(tstate, t)
+        PyThread { tstate, index: t, shape: None }
     }
 
     fn call(&self, thread: &mut PyThread, req: &Request<'_>, ex: &mut Exchange) {
-        let wait = self.gil_waits.get(thread.1);
+        let wait = self.gil_waits.get(thread.index);
         if let Some(since) = wait {
             since.store(corral_engine::date::mono_ms().max(1), Ordering::Relaxed);
         }
-        unsafe { ffi::PyEval_RestoreThread(thread.0) };
+        unsafe { ffi::PyEval_RestoreThread(thread.tstate) };
         if let Some(since) = wait {
             since.store(0, Ordering::Relaxed);
             self.gil_taken.store(corral_engine::date::mono_ms(), Ordering::Relaxed);
         }
-        Python::with_gil(|py| self.serve(py, req, ex));
-        thread.0 = unsafe { ffi::PyEval_SaveThread() };
+        Python::with_gil(|py| self.serve(py, req, ex, &mut thread.shape));
+        thread.tstate = unsafe { ffi::PyEval_SaveThread() };
     }
 
     fn stalled(&self) -> bool {
