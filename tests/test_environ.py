@@ -359,6 +359,16 @@ def test_allowed_networks_and_unix_socket_peers_set_the_scheme(start_server, tmp
     assert _v(_environ(server, headers={"X-Forwarded-Proto": "https"}), "wsgi.url_scheme") == "https"
 
 
+def test_an_ipv4_mapped_entry_written_for_gunicorn_trusts_the_ipv4_peer(start_server):
+    """gunicorn on [::] reports an IPv4 client as ::ffff:a.b.c.d, so its users
+    list it that way; corral reports it as a.b.c.d, and the entry still counts."""
+    server = start_server("behaviour:application", "--forwarded-allow-ips", "::ffff:127.0.0.1", http="[::]:0")
+    server.host = "127.0.0.1"  # an IPv4 client of the dual-stack listener
+    env = _environ(server, headers={"X-Forwarded-Proto": "https"})
+    assert _v(env, "REMOTE_ADDR") == "127.0.0.1"
+    assert _v(env, "wsgi.url_scheme") == "https"
+
+
 def test_the_forwarded_allow_ips_variable_is_the_default_as_in_gunicorn(start_server):
     """A container set up for gunicorn trusts its proxy through FORWARDED_ALLOW_IPS."""
     server = start_server("behaviour:application", env={"FORWARDED_ALLOW_IPS": "10.9.9.9"})

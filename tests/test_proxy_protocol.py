@@ -91,7 +91,10 @@ def test_a_connection_without_a_header_is_served_as_it_is(proxied):
     [
         (b"PROXY TCP4 203.0.113.7 198.51.100.1 99999 443\r\n", "PROXY v1 address or port is malformed"),
         (b"PROXY TCP9 a b 1 2\r\n", "PROXY v1 protocol is not TCP4, TCP6 or UNKNOWN"),
-        (V2_SIGNATURE + b"\x21\x12\x00\x0c" + bytes(12), "PROXY v2 address family is not TCP or UNSPEC"),
+        (
+            V2_SIGNATURE + b"\x21\x41\x00\x0c" + bytes(12),
+            "PROXY v2 address family or transport is not one the protocol defines",
+        ),
     ],
 )
 def test_a_malformed_header_gets_400_and_a_log_line(proxied, header, why):
@@ -100,6 +103,18 @@ def test_a_malformed_header_gets_400_and_a_log_line(proxied, header, why):
         conn.send(header + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert conn.read_response().status == 400
     proxied.wait_for(rf"Bad request from 127\.0\.0\.1:\d+: {why} \(400 Bad Request\)", since=mark)
+
+
+@pytest.mark.parametrize(("family", "size"), [(0x31, 216), (0x12, 12)], ids=["unix", "udp"])
+def test_a_v2_header_for_a_unix_or_udp_peer_stands_for_the_connection_itself(proxied, family, size):
+    """A valid family the server does not use is taken as UNSPEC (the
+    specification, 2.2): the request is served with the connection's own
+    addresses, not refused."""
+    with proxied.connect() as conn:
+        conn.send(V2_SIGNATURE + bytes([0x21, family]) + struct.pack("!H", size) + bytes(size))
+        env = _environ_on(conn)
+        assert env["REMOTE_ADDR"] == "127.0.0.1"
+        assert env["REMOTE_PORT"] == str(conn.sock.getsockname()[1])
 
 
 def test_a_header_from_a_peer_not_allowed_gets_403(start_server):

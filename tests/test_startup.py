@@ -386,6 +386,26 @@ def test_ipv6_listener(start_server):
     assert env["REMOTE_ADDR"]["value"] == "::1"
 
 
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("unshare"), reason="a private /etc/hosts needs root and unshare"
+)
+def test_a_name_binds_its_ipv4_address_as_gunicorn_and_uwsgi_do(start_server, tmp_path):
+    """`localhost` listed as ::1 first in /etc/hosts (as Debian's and Docker's
+    list it) still binds 127.0.0.1, which front ends and health checks use."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("::1 localhost ip6-localhost\n127.0.0.1 localhost\n")
+    # In a mount namespace of its own, so the machine's /etc/hosts is untouched.
+    wrap = ["unshare", "-m", "sh", "-c", f'mount --bind {hosts} /etc/hosts && exec "$0" "$@"']
+    server = start_server("behaviour:application", http="localhost:0", command=[*wrap, *CORRAL])
+    assert server.host == "127.0.0.1", server.log
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"GET /fixed HTTP/1.0\r\nHost: x\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200"), data
+
+
 def test_demo_app(start_server):
     server = start_server(
         "demo_app:app", "--chdir", str(ROOT / "examples"), pythonpath=None, workers=2, threads=2

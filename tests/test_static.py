@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -124,6 +125,17 @@ def test_traversal_is_refused(site, target):
     r = site.request("GET", target)
     assert r.status in (400, 404), (target, r.status)
     assert b"top secret" not in r.body
+
+
+def test_a_symlink_out_of_the_mount_is_refused_with_a_warning_naming_it(site):
+    mark = site.mark()
+    for _ in range(3):
+        r = site.request("GET", "/static/escape.txt")
+        assert r.status == 404 and b"top secret" not in r.body
+    line = rf"Static file {re.escape(str(site.public))}/escape\.txt not served: it leads to .*secret\.txt, outside"
+    site.wait_for(line, since=mark)
+    # Once per file and worker, however often it is asked for.
+    assert len(site.grep(line, since=mark)) == 1, site.log
 
 
 def test_symlink_inside_the_mount_is_served(site):

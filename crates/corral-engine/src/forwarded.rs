@@ -52,7 +52,7 @@ impl TrustedPeers {
                     Err(_) => return Err(format!("not an IP address or network: {item:?}")),
                 },
             };
-            nets.push(net);
+            nets.push(ipv4_if_mapped(net));
         }
         Ok(if all { TrustedPeers::All } else { TrustedPeers::Only(nets) })
     }
@@ -74,6 +74,20 @@ impl TrustedPeers {
             IpAddr::V4(_) => None,
         };
         nets.iter().any(|n| n.contains(&ip) || v4.is_some_and(|v4| n.contains(&v4)))
+    }
+}
+
+/// `::ffff:a.b.c.d` (and a network of such, /96 or longer) as the IPv4
+/// address or network it maps: corral reports an IPv4 client of an IPv6
+/// listener as a.b.c.d, where gunicorn says ::ffff:a.b.c.d, so lists written
+/// for gunicorn name it that way.
+fn ipv4_if_mapped(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(net, IpNet::V4),
+            None => net,
+        },
+        _ => net,
     }
 }
 
@@ -176,5 +190,21 @@ mod tests {
         assert!(TrustedPeers::parse("*,localhost").is_err());
         assert!(TrustedPeers::parse("10.0.0.1/8").is_err());
         assert!(TrustedPeers::parse("10.0.0.0/33").is_err());
+    }
+
+    /// Lists written for gunicorn on `[::]` name IPv4 clients as
+    /// ::ffff:a.b.c.d, which corral reports as a.b.c.d.
+    #[test]
+    fn ipv4_mapped_entries_match_ipv4_peers() {
+        let one = TrustedPeers::parse("::ffff:192.0.2.2").unwrap();
+        assert!(one.trusts("192.0.2.2", false));
+        assert!(one.trusts("::ffff:192.0.2.2", false));
+        assert!(!one.trusts("192.0.2.3", false));
+        let net = TrustedPeers::parse("::ffff:10.0.0.0/104").unwrap();
+        assert_eq!(net, TrustedPeers::Only(vec!["10.0.0.0/8".parse().unwrap()]));
+        assert!(net.trusts("10.9.8.7", false) && !net.trusts("11.0.0.1", false));
+        // Wider than the mapped range: left as IPv6.
+        let wide = TrustedPeers::parse("::/64").unwrap();
+        assert_eq!(wide, TrustedPeers::Only(vec!["::/64".parse().unwrap()]));
     }
 }

@@ -9,7 +9,7 @@ use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use socket2::{Domain, SockAddr, SockFilter, Socket, Type};
 
@@ -260,17 +260,6 @@ impl Listener {
     ) -> Result<Listener, String> {
         let mut l = Listener::bind_addr(addr, backlog, &options)?;
         l.protocol = protocol;
-        if let Some(path) = &l.unix_path {
-            if let Some(mode) = options.mode {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-                    .map_err(|e| format!("--socket-mode on {addr}: {e}"))?;
-            }
-            if let Some((uid, gid)) = options.owner {
-                std::os::unix::fs::chown(path, uid, gid)
-                    .map_err(|e| format!("--socket-owner on {addr}: {e}"))?;
-            }
-        }
         Ok(l)
     }
 
@@ -372,6 +361,7 @@ impl Listener {
                     true,
                     Some(path.clone()),
                 );
+                socket_file_mode_owner(addr, path, options)?;
                 let sock = socket2::SockRef::from(&l.fd);
                 sock.listen(backlog).map_err(|e| format!("listen on {addr}: {e}"))?;
                 sock.set_nonblocking(true).map_err(|e| format!("set {addr} non-blocking: {e}"))?;
@@ -445,14 +435,16 @@ impl Listener {
     }
 }
 
-/// The address a TCP listener for `host:port` binds: the first the name
-/// resolves to.
+/// The address a TCP listener for `host:port` binds: the first IPv4
+/// address the name resolves to, else its first address. A name binds one
+/// address; IPv4 first, as under gunicorn and uWSGI (which bind a name as
+/// IPv4): `localhost` resolves to ::1 first on systems whose /etc/hosts
+/// lists it, and a server bound there only refuses the 127.0.0.1 that
+/// nginx's `uwsgi_pass` or a health check was given.
 fn resolve(addr: &Addr, host: &str, port: u16) -> Result<SocketAddr, String> {
-    (host, port)
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {addr}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("cannot resolve {addr}"))
+    let all: Vec<SocketAddr> =
+        (host, port).to_socket_addrs().map_err(|e| format!("cannot resolve {addr}: {e}"))?.collect();
+    all.iter().find(|a| a.is_ipv4()).or(all.first()).copied().ok_or_else(|| format!("cannot resolve {addr}"))
 }
 
 /// Whether the listening socket a previous program of this master held at
@@ -496,6 +488,46 @@ fn tcp_bound(
     }
     sock.bind(&sa.into()).map_err(|e| bind_error(addr, e))?;
     Ok((sock, sa))
+}
+
+/// Gives a socket file just bound `--socket-mode` and `--socket-owner`,
+/// before it listens: until then a connection is refused, so none gets in
+/// under the mode the umask gave the file. Through a descriptor of the file
+/// opened without following a symlink, and only when it is a socket: a
+/// symlink that a user who may write to the directory put in its place
+/// meanwhile must not turn root's chmod or chown onto another file.
+fn socket_file_mode_owner(addr: &Addr, path: &Path, options: &BindOptions) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if options.mode.is_none() && options.owner.is_none() {
+        return Ok(());
+    }
+    let what = if options.mode.is_some() { "--socket-mode" } else { "--socket-owner" };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| format!("{what} on {addr}: {e}"))?;
+    let is_socket = file.metadata().is_ok_and(|m| m.file_type().is_socket());
+    if !is_socket {
+        return Err(format!("{what} on {addr}: {} is no longer the socket just bound", path.display()));
+    }
+    if let Some(mode) = options.mode {
+        use std::os::unix::fs::PermissionsExt;
+        // fchmod refuses an O_PATH descriptor; its /proc link names the
+        // same file, whatever the path now holds.
+        let link = format!("/proc/self/fd/{}", file.as_raw_fd());
+        std::fs::set_permissions(link, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("--socket-mode on {addr}: {e}"))?;
+    }
+    if let Some((uid, gid)) = options.owner {
+        let id = |v: Option<u32>| v.unwrap_or(u32::MAX);
+        let r =
+            unsafe { libc::fchownat(file.as_raw_fd(), c"".as_ptr(), id(uid), id(gid), libc::AT_EMPTY_PATH) };
+        if r != 0 {
+            return Err(format!("--socket-owner on {addr}: {}", io::Error::last_os_error()));
+        }
+    }
+    Ok(())
 }
 
 fn bind_error(addr: &Addr, e: io::Error) -> String {

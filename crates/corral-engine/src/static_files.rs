@@ -173,7 +173,7 @@ pub fn resolve(dir: &Path, rel: &[u8]) -> Option<Resolved> {
         // "file.txt/" names no directory: nothing there (as nginx answers).
         return None;
     }
-    inside(dir, &real).map(Resolved::File)
+    checked_inside(dir, &path, real).map(Resolved::File)
 }
 
 /// Opens a file `resolve` found, and checks what was opened: a name checked
@@ -199,8 +199,42 @@ fn open_inside(dir: &Path, path: &Path) -> std::io::Result<File> {
 /// `path` with its symlinks resolved, if that is a file inside `dir`:
 /// symlinks are followed, but only to places inside the mount.
 fn inside(dir: &Path, path: &Path) -> Option<PathBuf> {
-    let real = std::fs::canonicalize(path).ok()?;
-    (real.starts_with(dir) && real.is_file()).then_some(real)
+    checked_inside(dir, path, std::fs::canonicalize(path).ok()?)
+}
+
+/// `real`, what `path` resolves to, if it is a file inside `dir`.
+fn checked_inside(dir: &Path, path: &Path, real: PathBuf) -> Option<PathBuf> {
+    if !real.starts_with(dir) {
+        if real.is_file() {
+            note_outside(dir, path, &real);
+        }
+        return None;
+    }
+    real.is_file().then_some(real)
+}
+
+/// How many files leading out of their mount a worker names in its log:
+/// each once, so that a client asking again and again cannot fill the log.
+const OUTSIDE_NOTED_MAX: usize = 64;
+
+/// Says that a file of the mount is a symlink leading out of it, which is
+/// not served (as uWSGI refuses it): a deployment that links its files
+/// into the directory (Django's `collectstatic --link`) would otherwise
+/// see only 404s, and the app the requests of a mount that passes misses.
+fn note_outside(dir: &Path, path: &Path, real: &Path) {
+    static NOTED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let mut noted = NOTED.lock().unwrap_or_else(|p| p.into_inner());
+    if noted.len() >= OUTSIDE_NOTED_MAX || noted.iter().any(|p| p == path) {
+        return;
+    }
+    noted.push(path.to_path_buf());
+    tracing::warn!(
+        "Static file {} not served: it leads to {}, outside {}; a symlink may only lead to a file inside \
+         the directory served (copy the files there, or serve the directory they are in); said once per file",
+        path.display(),
+        real.display(),
+        dir.display()
+    );
 }
 
 /// A decoded path made fit for a Location header: bytes outside the

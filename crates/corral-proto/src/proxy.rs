@@ -69,7 +69,8 @@ pub enum Error {
     V1Address,
     /// A version 2 header whose version is not 2 or command not LOCAL or PROXY.
     V2Version,
-    /// A version 2 address family or transport this server cannot use.
+    /// A version 2 address family or transport byte the specification does
+    /// not define.
     V2Family,
     /// A version 2 length shorter than its family's addresses, or over
     /// [`V2_MAX_PAYLOAD`].
@@ -84,7 +85,7 @@ impl fmt::Display for Error {
             Error::V1Protocol => "PROXY v1 protocol is not TCP4, TCP6 or UNKNOWN",
             Error::V1Address => "PROXY v1 address or port is malformed",
             Error::V2Version => "PROXY v2 version or command is unknown",
-            Error::V2Family => "PROXY v2 address family is not TCP or UNSPEC",
+            Error::V2Family => "PROXY v2 address family or transport is not one the protocol defines",
             Error::V2Length => "PROXY v2 length does not fit its addresses or is too large",
         })
     }
@@ -168,18 +169,12 @@ fn parse_v2(buf: &[u8]) -> Result<Status<Header>, Error> {
         }
         return Ok(Status::Complete(Header { source: None, destination: None }, 16 + len));
     }
-    let needed = match family {
-        0 => 0,
-        1 => 12,
-        2 => 36,
-        // AF_UNIX (3): addresses this server cannot put in REMOTE_ADDR.
-        _ => return Err(Error::V2Family),
-    };
-    // UNSPEC carries no addresses whatever the transport; TCP (1) is what an
-    // HTTP server can be handed, UDP (2) is not.
-    if family != 0 && transport != 1 {
+    // UNSPEC, INET, INET6, UNIX; UNSPEC, STREAM, DGRAM. Other values are
+    // to be refused (specification, 2.2).
+    if family > 3 || transport > 2 {
         return Err(Error::V2Family);
     }
+    let needed = [0, 12, 36, 216][usize::from(family)];
     if len < needed {
         return Err(Error::V2Length);
     }
@@ -187,9 +182,13 @@ fn parse_v2(buf: &[u8]) -> Result<Status<Header>, Error> {
         return Ok(Status::Partial);
     }
     let a = &buf[16..16 + len];
-    let header = match family {
-        0 => Header { source: None, destination: None },
-        1 => {
+    let header = match (family, transport) {
+        // A valid combination a receiver does not use is taken as UNSPEC
+        // (specification, 2.2): the connection's own addresses stand. A
+        // unix socket's path or a datagram peer is no REMOTE_ADDR of an
+        // HTTP client.
+        (0, _) | (3, _) | (_, 0) | (_, 2) => Header { source: None, destination: None },
+        (1, _) => {
             let ip = |o: usize| IpAddr::V4(Ipv4Addr::new(a[o], a[o + 1], a[o + 2], a[o + 3]));
             let port = |o: usize| u16::from_be_bytes([a[o], a[o + 1]]);
             Header {
@@ -344,8 +343,15 @@ mod tests {
         assert_eq!(parse(&v2(1, 0x11, &v4)[..20]), Ok(Status::Partial));
         assert_eq!(parse(&v2(1, 0x11, &v4)[..15]), Ok(Status::Partial));
         assert_eq!(parse(&v2(1, 0x11, &v4[..8])), Err(Error::V2Length));
-        assert_eq!(parse(&v2(1, 0x12, &v4)), Err(Error::V2Family));
-        assert_eq!(parse(&v2(1, 0x31, &[0; 216])), Err(Error::V2Family));
+        // UDP and AF_UNIX fall back to UNSPEC; values not defined are refused.
+        assert_eq!(parse(&v2(1, 0x12, &v4)), Ok(Status::Complete(none, 28)));
+        assert_eq!(parse(&v2(1, 0x22, &v6)), Ok(Status::Complete(none, 52)));
+        assert_eq!(parse(&v2(1, 0x31, &[0; 216])), Ok(Status::Complete(none, 232)));
+        assert_eq!(parse(&v2(1, 0x32, &[0; 216])), Ok(Status::Complete(none, 232)));
+        assert_eq!(parse(&v2(1, 0x10, &v4)), Ok(Status::Complete(none, 28)));
+        assert_eq!(parse(&v2(1, 0x31, &[0; 100])), Err(Error::V2Length));
+        assert_eq!(parse(&v2(1, 0x41, &v4)), Err(Error::V2Family));
+        assert_eq!(parse(&v2(1, 0x13, &v4)), Err(Error::V2Family));
         assert_eq!(parse(&v2(2, 0x11, &v4)), Err(Error::V2Version));
         let mut v1_version = v2(1, 0x11, &v4);
         v1_version[12] = 0x11;
