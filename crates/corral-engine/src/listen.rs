@@ -80,6 +80,12 @@ impl Addr {
             if path.is_empty() {
                 return Err(format!("{s:?}: empty unix socket path"));
             }
+            // uWSGI's `@name`: refused rather than made a file named "@name",
+            // which the front end configured for the abstract name would
+            // never reach.
+            if path.starts_with('@') {
+                return Err(format!("{s:?}: abstract unix sockets (@name) are not supported; give a path"));
+            }
             return Ok(Addr::Unix(PathBuf::from(path)));
         }
         // A host without a port gets 8000, as in gunicorn.
@@ -657,6 +663,7 @@ mod tests {
         assert!(Addr::parse("3031").unwrap_err().contains("a port alone is written 127.0.0.1:3031"));
         assert_eq!(Addr::parse(":8000"), Ok(Addr::Tcp("0.0.0.0".into(), 8000)));
         assert_eq!(Addr::parse("unix:/tmp/x.sock"), Ok(Addr::Unix("/tmp/x.sock".into())));
+        assert!(Addr::parse("unix:@abstract").is_err());
         assert!(Addr::parse("h:99999").is_err());
         assert_eq!(Addr::parse("[::1]:80").unwrap().to_string(), "[::1]:80");
         assert_eq!(Addr::parse("fd://3"), Ok(Addr::Fd(3)));
