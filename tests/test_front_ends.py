@@ -247,6 +247,19 @@ def test_an_answer_given_without_reading_a_large_body_reaches_the_client(stack):
     assert not warned, [m.group(0) for m in warned]
 
 
+def test_a_client_sending_its_whole_body_before_reading_gets_the_answer_given_without_it(stack):
+    """Most clients (http.client here, curl without Expect) send the whole
+    body before they read. HAProxy passes on no more of it once it has
+    END_REQUEST, so an END_REQUEST sent before the rest of STDIN left such a
+    client waiting for HAProxy's 60 s timeout (the client here gives up at
+    20 s) while corral waited for the rest of the body."""
+    data = b"x" * (4 << 20)
+    for _ in range(2):
+        status, _, out = stack.request("POST", "/nowhere", data, timeout=20)
+        assert (status, json.loads(out)) == (404, {"error": "not found", "path": "/nowhere"}), out[:300]
+    assert stack.environ(timeout=20)["REQUEST_METHOD"] == "GET"
+
+
 @pytest.mark.skipif(not front_ends.available("nginx"), reason="nginx is not installed")
 @pytest.mark.parametrize("protocol", ["uwsgi", "fastcgi-keepalive", "scgi"])
 def test_a_body_over_max_body_size_gets_413_through_the_front_end(tmp_path, protocol):

@@ -1859,6 +1859,30 @@ def test_a_kept_fastcgi_request_past_the_timeout_ends_its_connection_with_its_50
         assert conn.at_eof(5)
 
 
+@pytest.mark.parametrize("proto", ["uwsgi", "scgi"])
+def test_a_started_response_cut_by_the_timeout_ends_in_a_reset_over_tcp(start_server, proto):
+    """Apache over uwsgi and SCGI does not count the body, and passed the
+    FIN of a shutdown on to its client as the end of a response --timeout
+    had cut: the cut is a reset, as when the app fails in its body."""
+    server = g.start_gateways(
+        start_server, "behaviour:application", [(proto, "127.0.0.1:0")], "--timeout", "2", threads=2
+    )
+    pairs = g.cgi_params(uri="/burst-then-slow?slow=30")
+    if proto == "scgi":
+        pairs[0] = (b"CONTENT_LENGTH", b"0")
+        pairs.insert(1, (b"SCGI", b"1"))
+    with g.connect(server.addr(proto), timeout=30) as sock:
+        sock.sendall(g.request_bytes(proto, pairs))
+        got = b""
+        with pytest.raises(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                got += chunk
+    assert b"burst 0" in got, got
+    server.wait_for(
+        r"Request timeout: GET /burst-then-slow.*its response had started, so the connection was cut"
+    )
+
+
 def test_a_kept_fastcgi_connection_whose_request_comes_in_parts_is_served_while_draining(start_server):
     """A stop keeps idle kept connections a moment, for the request a front
     end may be sending on one: one whose records arrive in several reads is

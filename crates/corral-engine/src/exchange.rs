@@ -1185,7 +1185,7 @@ impl Io {
                     self.holding = false;
                     return Err(e);
                 }
-            } else if self.completes_body(data.len()) {
+            } else if self.completes_body(data.len()) && self.fcgi_stdin_in() {
                 // The whole body: END_REQUEST goes out in the same write.
                 self.refuse_concurrent_fcgi(&mut trailer);
                 if self.keep_alive && !crate::worker::fastcgi_conn_may_stay() {
@@ -1415,8 +1415,37 @@ impl Io {
                     ),
                 }))
             }
-            _ => self.end_fcgi_request(blocking),
+            // END_REQUEST waits for the rest of STDIN, dropped first (see
+            // `fcgi_stdin_in`).
+            _ => match self.fcgi_stdin_in() {
+                true => self.end_fcgi_request(blocking),
+                false => Ok(()),
+            },
         }
+    }
+
+    /// Whether the front end has sent the whole STDIN of this FastCGI
+    /// request, which END_REQUEST must not come before: HAProxy stops
+    /// passing on the client's body once it has END_REQUEST, and its client,
+    /// still sending the body the app did not read, then waits for HAProxy's
+    /// timeout while corral waits for the rest of the body. Looked for in
+    /// what is buffered, then in what the socket holds (a body the front end
+    /// sent whole, as nginx does, is there by now); when it is not, the
+    /// response goes out without END_REQUEST, which follows once the rest
+    /// of the body was read and dropped (see `complete_locked`).
+    fn fcgi_stdin_in(&mut self) -> bool {
+        let Wire::FastCgi { id, .. } = self.wire else {
+            return true;
+        };
+        // A STDIN that broke is read no further: nothing to wait for.
+        if self.body_finished() || self.fcgi_aborted || matches!(self.body, BodyState::Failed(_)) {
+            return true;
+        }
+        let ends = |io: &Io, from: usize| gateway::stdin_ends(&io.buf[from..], id);
+        if self.peek_fcgi_records(false).is_some_and(|from| ends(self, from)) {
+            return true;
+        }
+        self.peek_fcgi_records(true).is_some_and(|from| ends(self, from))
     }
 
     /// Ends a FastCGI request: the empty STDOUT record and END_REQUEST.

@@ -143,6 +143,19 @@ pub(crate) fn has_abort(buf: &[u8], id: u16) -> bool {
     false
 }
 
+/// Whether the complete records of `buf` include the end of `active`'s
+/// STDIN (its empty STDIN record).
+pub(crate) fn stdin_ends(buf: &[u8], active: u16) -> bool {
+    let mut rest = buf;
+    while let Ok(Status::Complete(r, n)) = fastcgi::parse_record(rest) {
+        if r.kind == RecordType::Stdin && r.request_id == active && r.content.is_empty() {
+            return true;
+        }
+        rest = &rest[n..];
+    }
+    false
+}
+
 /// Refuses, with END_REQUEST CANT_MPX_CONN appended to `out`, every
 /// BEGIN_REQUEST for another id among the complete records of `buf` from
 /// `from` on that comes before the end of `active`'s STDIN, and removes those

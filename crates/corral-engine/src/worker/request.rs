@@ -518,6 +518,8 @@ pub(super) fn complete_locked(conn: &Conn, listener: &ListenerInfo, req: &Reques
             // reset that destroys the response the front end has not read yet.
             discard_front_end_body(io, blocking, req);
         }
+        // Owed once the rest of STDIN was dropped, or given up on.
+        let _ = io.end_fcgi_request(blocking);
         warn_bad_stream(conn, listener, io);
         if !io.body_finished() || !io.buf.is_empty() {
             drain_and_close(io);
@@ -547,10 +549,16 @@ pub(super) fn complete_locked(conn: &Conn, listener: &ListenerInfo, req: &Reques
             Discarded::GaveUp(why) => {
                 // The response promised to keep the connection: say why it closes.
                 log_discard_gave_up(&format!("{} from {}", req.describe(), req.peer()), why);
+                let _ = io.end_fcgi_request(blocking);
                 drain_and_close(io);
                 return false;
             }
         }
+    }
+    // A FastCGI response whose END_REQUEST waited for the rest of STDIN
+    // (a no-op for any other, and for one that has sent it).
+    if io.end_fcgi_request(blocking).is_err() || !io.keep_alive {
+        return false;
     }
     true
 }

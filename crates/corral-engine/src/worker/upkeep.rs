@@ -457,6 +457,9 @@ pub(super) fn abandon_request<A: App>(
             // come back to count it.
             let bytes_in = std::mem::take(&mut io.read_total);
             w.scoreboard.record(w.slot, protocol as usize, io.status, micros, bytes_in, io.bytes_sent);
+            if !fresh {
+                cut_short(&mut io, fd);
+            }
             // Whatever the app does next goes nowhere.
             io.broken = true;
             io.keep_alive = false;
@@ -484,6 +487,23 @@ pub(super) fn abandon_request<A: App>(
         note.log(log, status, sent, micros);
     }
     Some(answered)
+}
+
+/// Makes a response cut short look so to the peer, as a response the app
+/// fails in does (see `complete_locked`): a front end that does not count
+/// the body (Apache over uwsgi and SCGI) passes the FIN of a plain shutdown
+/// on as the response's end. Over TCP a reset: connect() with AF_UNSPEC
+/// aborts a TCP connection with one, without closing the descriptor the
+/// stuck thread still holds. Over a unix socket, which has no reset, a
+/// FastCGI record header of version 0, which fails the response in nginx.
+fn cut_short(io: &mut Io, fd: RawFd) {
+    if io.tcp {
+        let unspec = libc::sockaddr { sa_family: libc::AF_UNSPEC as libc::sa_family_t, sa_data: [0; 14] };
+        unsafe { libc::connect(fd, &unspec, std::mem::size_of::<libc::sockaddr>() as libc::socklen_t) };
+    } else if let Wire::FastCgi { id, .. } = io.wire {
+        let [hi, lo] = id.to_be_bytes();
+        let _ = io.write_parts(&[&[0, 6, hi, lo, 0, 0, 0, 0]], |f| f());
+    }
 }
 
 /// Takes over from a serving thread that crashed (see [`crate::crash`]):
