@@ -20,34 +20,20 @@ use pyo3::types::{PyDict, PyString};
 
 /// A kept environ and what it was built from.
 pub struct Shape {
-    listener: usize,
-    https: bool,
+    pub listener: usize,
+    pub https: bool,
     /// The variables' names, in the order the front end sent them.
-    names: Vec<Box<[u8]>>,
+    pub names: Vec<Box<[u8]>>,
     /// The value of each slot: the variables, then PATH_INFO and SCRIPT_NAME.
-    values: Vec<Vec<u8>>,
-    /// The environ key of each slot.
-    keys: Vec<Py<PyString>>,
+    pub values: Vec<Vec<u8>>,
+    /// The environ key of each slot, one per value.
+    pub keys: Vec<Py<PyString>>,
     /// The environ, `wsgi.input` set to None: a slot for the request's own,
     /// so that setting it in the copy does not grow the dict.
-    dict: Py<PyDict>,
+    pub dict: Py<PyDict>,
 }
 
 impl Shape {
-    /// `values` has one more entry than `names` per slot after the
-    /// variables (see [`Shape::values`]); `keys` one per value.
-    pub fn new(
-        listener: usize,
-        https: bool,
-        names: Vec<Box<[u8]>>,
-        values: Vec<Vec<u8>>,
-        keys: Vec<Py<PyString>>,
-        dict: Py<PyDict>,
-    ) -> Shape {
-        debug_assert_eq!(values.len(), keys.len());
-        Shape { listener, https, names, values, keys, dict }
-    }
-
     /// Whether a request with these variables has this shape: the same
     /// listener, scheme and names in the same order.
     pub fn fits<'a>(

@@ -318,7 +318,7 @@ impl WsgiApp {
             values.push(cgi.path_info.to_vec());
             values.push(cgi.script_name.to_vec());
             let names = names().map(Box::from).collect();
-            let kept = Shape::new(listener, cgi.https, names, values, keys, env.unbind());
+            let kept = Shape { listener, https: cgi.https, names, values, keys, dict: env.unbind() };
             return shape.insert(kept).environ(py);
         };
         for (i, (name, value)) in cgi.vars.iter().enumerate() {
