@@ -1883,6 +1883,26 @@ def test_a_started_response_cut_by_the_timeout_ends_in_a_reset_over_tcp(start_se
     )
 
 
+def test_a_whole_response_whose_close_outlasts_the_timeout_is_not_cut(start_server):
+    """The response went out whole before close() hung (Django's
+    request_finished handlers): --timeout ends the request, but the peer
+    gets that response and a plain end, not a reset."""
+    server = g.start_gateways(
+        start_server, "behaviour:application", [("scgi", "127.0.0.1:0")], "--timeout", "2", threads=2
+    )
+    pairs = g.cgi_params(uri="/slow-close")
+    pairs[0] = (b"CONTENT_LENGTH", b"0")
+    pairs.insert(1, (b"SCGI", b"1"))
+    with g.connect(server.addr("scgi"), timeout=30) as sock:
+        sock.sendall(g.request_bytes("scgi", pairs))
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+    assert got.startswith(b"Status: 200") and got.endswith(b"\r\n\r\nab"), got
+    server.wait_for(r"Request timeout: GET /slow-close")
+    assert g.call("scgi", server.addr("scgi"), uri="/release-close").status == 200
+
+
 def test_a_kept_fastcgi_connection_whose_request_comes_in_parts_is_served_while_draining(start_server):
     """A stop keeps idle kept connections a moment, for the request a front
     end may be sending on one: one whose records arrive in several reads is

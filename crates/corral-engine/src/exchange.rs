@@ -1432,20 +1432,25 @@ impl Io {
     /// what is buffered, then in what the socket holds (a body the front end
     /// sent whole, as nginx does, is there by now); when it is not, the
     /// response goes out without END_REQUEST, which follows once the rest
-    /// of the body was read and dropped (see `complete_locked`).
+    /// of the body was read and dropped, or given up on (see
+    /// `complete_locked`).
     fn fcgi_stdin_in(&mut self) -> bool {
         let Wire::FastCgi { id, .. } = self.wire else {
             return true;
         };
-        // A STDIN that broke is read no further: nothing to wait for.
-        if self.body_finished() || self.fcgi_aborted || matches!(self.body, BodyState::Failed(_)) {
+        // Its end read (the app may not have taken all of it yet), or a STDIN
+        // that broke, which is read no further: nothing to wait for.
+        if matches!(self.body, BodyState::Done | BodyState::Failed(_)) || self.fcgi_aborted {
             return true;
         }
         let ends = |io: &Io, from: usize| gateway::stdin_ends(&io.buf[from..], id);
         if self.peek_fcgi_records(false).is_some_and(|from| ends(self, from)) {
             return true;
         }
-        self.peek_fcgi_records(true).is_some_and(|from| ends(self, from))
+        // Read for it as `refuse_concurrent_fcgi` does, not again right
+        // after the socket was found empty.
+        let quiet = self.drained_at.is_some_and(|t| t.elapsed() < PEEK_QUIET);
+        !quiet && self.peek_fcgi_records(true).is_some_and(|from| ends(self, from))
     }
 
     /// Ends a FastCGI request: the empty STDOUT record and END_REQUEST.
@@ -2021,8 +2026,9 @@ impl Exchange {
     }
 
     /// The app's body is complete: ends the response now (the chunked
-    /// terminator, FastCGI's END_REQUEST), before the app's `close()` runs,
-    /// which may take a while (Django's request_finished handlers). Nothing
+    /// terminator, FastCGI's END_REQUEST unless it waits for the rest of
+    /// STDIN), before the app's `close()` runs, which may take a while
+    /// (Django's request_finished handlers). Nothing
     /// to do for a response that failed, or whose file is still to be sent
     /// (it ends once the file went out).
     pub fn end_body(&self) -> Result<(), ResponseError> {

@@ -522,8 +522,14 @@ fn socket_file_mode_owner(addr: &Addr, path: &Path, options: &BindOptions) -> Re
         // fchmod refuses an O_PATH descriptor; its /proc link names the
         // same file, whatever the path now holds.
         let link = format!("/proc/self/fd/{}", file.as_raw_fd());
-        std::fs::set_permissions(link, std::fs::Permissions::from_mode(mode))
-            .map_err(|e| format!("--socket-mode on {addr}: {e}"))?;
+        let mode = std::fs::Permissions::from_mode(mode);
+        match std::fs::set_permissions(link, mode.clone()) {
+            // No /proc (a chroot, a container without it): by name, as the
+            // file was checked to be the socket just now.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::set_permissions(path, mode),
+            other => other,
+        }
+        .map_err(|e| format!("--socket-mode on {addr}: {e}"))?;
     }
     if let Some((uid, gid)) = options.owner {
         let id = |v: Option<u32>| v.unwrap_or(u32::MAX);

@@ -166,7 +166,7 @@ pub fn resolve(dir: &Path, rel: &[u8]) -> Option<Resolved> {
     let mut real = std::fs::canonicalize(&path).ok()?;
     if real.is_dir() {
         if !rel.ends_with('/') {
-            return inside(dir, &real.join("index.html")).map(|_| Resolved::AddSlash);
+            return inside(dir, &path.join("index.html")).map(|_| Resolved::AddSlash);
         }
         real = real.join("index.html");
     } else if rel.ends_with('/') {

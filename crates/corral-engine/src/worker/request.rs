@@ -506,6 +506,9 @@ pub(super) fn complete_locked(conn: &Conn, listener: &ListenerInfo, req: &Reques
         return false;
     }
     if matches!(io.body, BodyState::Failed(_)) {
+        // A FastCGI response whose END_REQUEST waited for STDIN, which broke:
+        // it still gets it, or nginx fails a response the app sent whole.
+        let _ = io.end_fcgi_request(blocking);
         warn_bad_stream(conn, listener, io);
         drain_and_close(io);
         return false;
@@ -543,6 +546,8 @@ pub(super) fn complete_locked(conn: &Conn, listener: &ListenerInfo, req: &Reques
             Discarded::Later => io.discard_what = format!("{} from {}", req.describe(), req.peer()),
             Discarded::Failed => {
                 log_discard_failed(peer(conn, listener), io);
+                // As above: the STDIN broke (or was aborted) while dropped.
+                let _ = io.end_fcgi_request(blocking);
                 warn_bad_stream(conn, listener, io);
                 return false;
             }

@@ -457,8 +457,8 @@ pub(super) fn abandon_request<A: App>(
             // come back to count it.
             let bytes_in = std::mem::take(&mut io.read_total);
             w.scoreboard.record(w.slot, protocol as usize, io.status, micros, bytes_in, io.bytes_sent);
-            if !fresh {
-                cut_short(&mut io, fd);
+            if !fresh && !whole(&io) {
+                cut_short(&io, fd);
             }
             // Whatever the app does next goes nowhere.
             io.broken = true;
@@ -496,14 +496,28 @@ pub(super) fn abandon_request<A: App>(
 /// aborts a TCP connection with one, without closing the descriptor the
 /// stuck thread still holds. Over a unix socket, which has no reset, a
 /// FastCGI record header of version 0, which fails the response in nginx.
-fn cut_short(io: &mut Io, fd: RawFd) {
+/// Nothing waits here: the upkeep thread holds the thread's locks. What
+/// the response still held goes with the cut.
+fn cut_short(io: &Io, fd: RawFd) {
     if io.tcp {
         let unspec = libc::sockaddr { sa_family: libc::AF_UNSPEC as libc::sa_family_t, sa_data: [0; 14] };
         unsafe { libc::connect(fd, &unspec, std::mem::size_of::<libc::sockaddr>() as libc::socklen_t) };
     } else if let Wire::FastCgi { id, .. } = io.wire {
         let [hi, lo] = id.to_be_bytes();
-        let _ = io.write_parts(&[&[0, 6, hi, lo, 0, 0, 0, 0]], |f| f());
+        let header = [0, 6, hi, lo, 0, 0, 0, 0];
+        unsafe {
+            libc::send(fd, header.as_ptr().cast(), header.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        };
     }
+}
+
+/// Whether the response went out whole, as the app gave it (its close()
+/// is what hangs, say): it is not cut then, and leaves with the FIN of the
+/// shutdown that follows, which the kernel sends after what the socket
+/// still holds.
+fn whole(io: &Io) -> bool {
+    let fcgi_ended = !matches!(io.wire, Wire::FastCgi { .. }) || io.fcgi_ended;
+    io.phase == RespPhase::Finished && io.pending_file.is_none() && io.out.is_empty() && fcgi_ended
 }
 
 /// Takes over from a serving thread that crashed (see [`crate::crash`]):
