@@ -1905,7 +1905,7 @@ impl Exchange {
         if io.phase != RespPhase::Started {
             return Err(ResponseError::NotStarted);
         }
-        if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
+        if name.is_empty() || !name.iter().all(|&b| corral_proto::http1::is_tchar(b)) {
             return Err(ResponseError::Invalid(format!(
                 "invalid response header name {:?}",
                 String::from_utf8_lossy(name)
@@ -2141,10 +2141,6 @@ fn parse_status(s: &[u8]) -> Result<u16, ResponseError> {
         )));
     }
     Ok(code)
-}
-
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// Formats `n` as hex followed by CRLF; returns the length used.

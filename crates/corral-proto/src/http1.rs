@@ -708,9 +708,39 @@ fn not_a_method(data: &[u8]) -> Option<Error> {
     Some(if bad == 0 && data.starts_with(&[0x16, 0x03]) { Error::TlsHandshake } else { Error::Method })
 }
 
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+/// Whether `b` may appear in a token (a method or a field name, RFC 9110
+/// 5.6.2). One load: every response header name passes through here.
+pub fn is_tchar(b: u8) -> bool {
+    TCHAR[usize::from(b)]
 }
+
+const TCHAR: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'!' | b'#'
+                    | b'$'
+                    | b'%'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'.'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'|'
+                    | b'~'
+            );
+        b += 1;
+    }
+    t
+};
 
 fn classify(name: &[u8]) -> Known {
     // Dispatch on length first: most names are rejected by one comparison.
@@ -1220,6 +1250,15 @@ mod tests {
         for (raw, want) in CHUNKED {
             let got = dechunk(raw);
             assert_eq!(got.as_deref().map_err(|e| *e), *want, "{:?}", String::from_utf8_lossy(raw));
+        }
+    }
+
+    #[test]
+    fn tchar_table_is_rfc_9110_token_set() {
+        let delimiters = b"\"(),/:;<=>?@[\\]{}";
+        for b in 0..=255u8 {
+            let want = b.is_ascii_graphic() && !delimiters.contains(&b);
+            assert_eq!(is_tchar(b), want, "byte {b:#04x}");
         }
     }
 

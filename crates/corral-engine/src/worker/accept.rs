@@ -23,7 +23,7 @@ pub(super) fn accept_batch<A: App>(
             return;
         }
         // The first is this thread's to take: epoll woke it for it.
-        if i > 0 && leave_to_siblings(w, t) {
+        if i > 0 && leave_to_siblings(w, t, started) {
             return;
         }
         match accept_one(w, idx) {
@@ -63,13 +63,32 @@ pub(super) fn accept_batch<A: App>(
 /// its request came waited for a whole batch). This thread takes one per
 /// wake-up then, as gunicorn's sync worker does; alone in its pool, or with
 /// a thread free to take them, it takes a batch.
-pub(super) fn leave_to_siblings<A: App>(w: &Shared<A>, t: usize) -> bool {
+pub(super) fn leave_to_siblings<A: App>(w: &Shared<A>, t: usize, now_ms: u64) -> bool {
     let own_free = (0..w.in_pass.len()).any(|o| o != t && !w.in_pass[o].load(Ordering::Relaxed));
     if own_free {
         return false;
     }
+    ready_sibling(w, now_ms)
+}
+
+/// How long what [`ready_sibling`] found stands.
+const SIBLINGS_FRESH_MS: u64 = 100;
+
+/// Whether another worker of the pool is up and serving. Workers come and
+/// go seldom (forks, reloads, recycling) while every connection after the
+/// first of a batch asks, and the scoreboard has room for dozens of
+/// workers: it is looked at once per [`SIBLINGS_FRESH_MS`] at most (a scan
+/// per connection behind nginx cost more than parsing its request).
+fn ready_sibling<A: App>(w: &Shared<A>, now_ms: u64) -> bool {
+    // (when + 1) << 1 | found; 0 is never looked.
+    let seen = w.ready_sibling.load(Ordering::Relaxed);
+    if seen != 0 && now_ms.saturating_sub((seen >> 1) - 1) < SIBLINGS_FRESH_MS {
+        return seen & 1 == 1;
+    }
     let sb = &w.scoreboard;
-    (0..sb.slots()).any(|s| s != w.slot && sb.pid(s) != 0 && sb.state(s) == WorkerState::Ready)
+    let found = (0..sb.slots()).any(|s| s != w.slot && sb.pid(s) != 0 && sb.state(s) == WorkerState::Ready);
+    w.ready_sibling.store((now_ms + 1) << 1 | u64::from(found), Ordering::Relaxed);
+    found
 }
 
 pub(super) enum Accepted {

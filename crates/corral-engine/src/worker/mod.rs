@@ -418,6 +418,8 @@ struct Shared<A: App> {
     /// have its connection closed under it, and what the front end sent on
     /// it lost.
     in_pass: Vec<AtomicBool>,
+    /// What `accept::ready_sibling` last found, and when (see there).
+    ready_sibling: AtomicU64,
     /// Requests timed out and not yet returned from the app.
     stuck: AtomicUsize,
     listeners: Vec<(RawFd, ListenerInfo)>,
@@ -643,6 +645,7 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
         current: (0..threads).map(|_| Mutex::new(None)).collect(),
         timed_out: (0..threads).map(|_| AtomicBool::new(false)).collect(),
         in_pass: (0..threads).map(|_| AtomicBool::new(false)).collect(),
+        ready_sibling: AtomicU64::new(0),
         stuck: AtomicUsize::new(0),
         config,
         listeners: ctx.listeners,
