@@ -4,6 +4,7 @@ wsgi.file_wrapper, and apps that fail before or after the headers went out."""
 import hashlib
 import os
 import pathlib
+import re
 import signal
 import socket
 import time
@@ -48,6 +49,33 @@ def test_invalid_headers_give_500_and_a_log_line(behaviour, query, name):
     # A log line names the offending header.
     behaviour.wait_for(name, since=mark)
     # And the server carries on.
+    assert behaviour.request("GET", "/fixed").status == 200
+
+
+@pytest.mark.parametrize("shape", ["list-of-lists", "tuple-of-tuples", "generator"])
+def test_headers_as_other_sequences_of_pairs_are_taken_as_gunicorn_takes_them(behaviour, shape):
+    resp = behaviour.request("GET", f"/header-shapes?shape={shape}")
+    assert resp.status == 200, resp.body
+    assert resp.header("X-Shape") == shape
+    assert resp.header("Content-Type") == "text/plain"
+    assert resp.body == b"shape ok"
+
+
+@pytest.mark.parametrize(
+    ("shape", "said"),
+    [
+        ("dict", "headers must be a list of (name, value) tuples, got dict"),
+        ("str", "headers must be a list of (name, value) tuples, got str"),
+        ("triple", "got tuple of 3 items"),
+        ("bare-str-item", "each header must be a (name, value) tuple of two str, got str"),
+    ],
+)
+def test_headers_that_are_not_pairs_give_500_and_a_line_that_says_so(behaviour, shape, said):
+    mark = behaviour.mark()
+    resp = behaviour.request("GET", f"/header-shapes?shape={shape}")
+    assert resp.status == 500
+    assert b"shape ok" not in resp.body
+    behaviour.wait_for(re.escape(said), since=mark)
     assert behaviour.request("GET", "/fixed").status == 200
 
 

@@ -381,6 +381,27 @@ def bad_header(environ, start_response):
     return [b"should not be sent"]
 
 
+def header_shapes(environ, start_response):
+    """start_response with headers in the shapes apps written for other servers use."""
+    shape = _query(environ)["shape"]
+    pairs = [("Content-Type", "text/plain"), ("X-Shape", shape)]
+    headers = {
+        "list-of-lists": [list(p) for p in pairs],
+        "tuple-of-tuples": tuple(pairs),
+        "generator": (p for p in pairs),
+        "dict": dict(pairs),
+        "str": "Content-Type: text/plain",
+        "triple": [("Content-Type", "text/plain", "x")],
+        "bare-str-item": ["ab"],
+    }[shape]
+    try:
+        start_response("200 OK", headers)
+    except Exception as e:
+        environ["wsgi.errors"].write(f"start_response raised {type(e).__name__}: {e}\n")
+        raise
+    return [b"shape ok"]
+
+
 def start_response_twice(environ, start_response):
     start_response("200 OK", TEXT)
     try:
@@ -881,6 +902,7 @@ UNVALIDATED = {
     "/long": long_body,
     "/catch-bad-header": catch_bad_header,
     "/bad-header": bad_header,
+    "/header-shapes": header_shapes,
     "/twice": start_response_twice,
     "/exc-info-after-headers": exc_info_after_headers,
     "/closing": closing,

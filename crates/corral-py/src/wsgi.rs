@@ -1065,27 +1065,65 @@ impl StartResponse {
 }
 
 impl StartResponse {
+    /// PEP 3333 asks for a list of (name, value) tuples. Other sequences of
+    /// pairs are taken as well, as gunicorn takes them: apps written against
+    /// it pass lists of lists or tuples of tuples, and refusing them would
+    /// turn working pages into 500s. A str, bytes or dict is refused, as
+    /// iterating one yields characters or keys, never pairs.
     fn set_headers(ex: &Exchange, headers: &Bound<'_, PyAny>) -> PyResult<()> {
-        let headers_list = headers.downcast::<PyList>().map_err(|_| {
-            PyTypeError::new_err(format!("headers must be a list, got {}", type_name(headers)))
-        })?;
-        for item in headers_list.iter() {
-            let pair = item.downcast::<PyTuple>().map_err(|_| {
-                PyTypeError::new_err(format!(
-                    "each header must be a (name, value) tuple, got {}",
-                    type_name(&item)
-                ))
-            })?;
-            if pair.len() != 2 {
-                return Err(PyTypeError::new_err("each header must be a (name, value) tuple of two str"));
-            }
-            let (name, value) = (pair.get_item(0)?, pair.get_item(1)?);
-            let name = latin1_bytes(&name, &|| "header name".into())?;
-            let value =
-                latin1_bytes(&value, &|| format!("value of header {:?}", String::from_utf8_lossy(&name)))?;
-            ex.header(&name, &value).map_err(response_error)?;
+        if let Ok(list) = headers.downcast::<PyList>() {
+            return list.iter().try_for_each(|item| Self::set_header(ex, &item));
+        }
+        if let Ok(tuple) = headers.downcast::<PyTuple>() {
+            return tuple.iter().try_for_each(|item| Self::set_header(ex, &item));
+        }
+        let refused = || {
+            PyTypeError::new_err(format!(
+                "headers must be a list of (name, value) tuples, got {}",
+                type_name(headers)
+            ))
+        };
+        if headers.is_instance_of::<PyString>()
+            || headers.is_instance_of::<PyBytes>()
+            || headers.is_instance_of::<PyDict>()
+        {
+            return Err(refused());
+        }
+        let items = headers.try_iter().map_err(|_| refused())?;
+        for item in items {
+            Self::set_header(ex, &item?)?;
         }
         Ok(())
+    }
+
+    fn set_header(ex: &Exchange, item: &Bound<'_, PyAny>) -> PyResult<()> {
+        let (name, value) = if let Ok(pair) = item.downcast::<PyTuple>() {
+            if pair.len() != 2 {
+                return Err(Self::not_a_pair(item));
+            }
+            (pair.get_item(0)?, pair.get_item(1)?)
+        } else if let Ok(pair) = item.downcast::<PyList>() {
+            if pair.len() != 2 {
+                return Err(Self::not_a_pair(item));
+            }
+            (pair.get_item(0)?, pair.get_item(1)?)
+        } else {
+            return Err(Self::not_a_pair(item));
+        };
+        let name = latin1_bytes(&name, &|| "header name".into())?;
+        let value =
+            latin1_bytes(&value, &|| format!("value of header {:?}", String::from_utf8_lossy(&name)))?;
+        ex.header(&name, &value).map_err(response_error)
+    }
+
+    fn not_a_pair(item: &Bound<'_, PyAny>) -> PyErr {
+        let what = match item.len() {
+            Ok(n) if item.is_instance_of::<PyTuple>() || item.is_instance_of::<PyList>() => {
+                format!("{} of {n} items", type_name(item))
+            }
+            _ => type_name(item),
+        };
+        PyTypeError::new_err(format!("each header must be a (name, value) tuple of two str, got {what}"))
     }
 }
 
