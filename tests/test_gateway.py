@@ -1095,12 +1095,23 @@ def test_a_request_head_that_stalls_is_closed_and_logged(start_server, proto):
 
 
 @pytest.mark.parametrize("proto", ["uwsgi", "scgi"])
-def test_a_small_body_that_stalls_is_answered_408(start_server, proto):
+def test_a_small_body_that_stalls_is_answered_408(start_server, proto, tmp_path):
     """A body small enough to be read ahead of the app has a body's grace and
     rate; when it stalls, the request is answered 408, as one whose larger
-    body the app was reading would be, and the log says it was the body."""
+    body the app was reading would be. The log line says it was the body and
+    names the request and the client the front end named; the 408 has its
+    access-log line."""
+    log = tmp_path / "access.log"
     server = g.start_gateways(
-        start_server, "behaviour:application", [(proto, "127.0.0.1:0")], "--header-timeout", "1"
+        start_server,
+        "behaviour:application",
+        [(proto, "127.0.0.1:0")],
+        "--header-timeout",
+        "1",
+        "--access-log",
+        str(log),
+        "--access-log-format",
+        "%(h)s %(m)s %(U)s %(s)s",
     )
     body = b"b" * 6000
     extra = [("SCGI", "1")] if proto == "scgi" else []
@@ -1111,10 +1122,11 @@ def test_a_small_body_that_stalls_is_answered_408(start_server, proto):
         out, closed = g.read_until_close(sock, timeout=30)
     assert closed and g.parse_any(proto, out).status == 408, out[:300]
     server.wait_for(
-        rf"Timed out: {proto} request from 127\.0\.0\.1:\d+: its body came slower than 500 bytes/s after "
-        r"the header timeout",
+        rf"Timed out: {proto} request POST /echo from 192\.0\.2\.10 via 127\.0\.0\.1:\d+: its body came "
+        r"slower than 500 bytes/s after the header timeout \(1 s, \d+ bytes buffered\); answered 408",
         since=mark,
     )
+    assert wait_until(lambda: log.exists() and log.read_text().splitlines() == ["192.0.2.10 POST /echo 408"])
     assert g.call(proto, server.addr(proto), uri="/fixed").body == b"hello world"
 
 

@@ -756,8 +756,8 @@ def test_a_small_body_read_ahead_of_the_app_has_the_grace_and_rate_of_any_body(i
                 if impatient.grep("its body came slower than", since=mark):
                     break
     impatient.wait_for(
-        r"Timed out: http request from 127\.0\.0\.1:\d+: its body came slower than 500 bytes/s after the "
-        r"header timeout",
+        r"Timed out: http request POST /echo from 127\.0\.0\.1:\d+: its body came slower than 500 bytes/s "
+        r"after the header timeout",
         since=mark,
     )
 
@@ -771,7 +771,11 @@ def test_a_small_body_that_stalls_is_answered_408(impatient):
         resp = conn.read_response()
         assert resp.status == 408
         assert conn.at_eof(10)
-    impatient.wait_for(r"Timed out: http request from .*: its body came slower than", since=mark)
+    impatient.wait_for(
+        r"Timed out: http request POST /echo from 127\.0\.0\.1:\d+: its body came slower than .*; "
+        r"answered 408 and closed the connection",
+        since=mark,
+    )
 
 
 def test_a_head_that_stalls_while_the_worker_reloads_is_logged(start_server):

@@ -404,6 +404,7 @@ pub(super) fn adopt<A: App>(
         resume: Mutex::new(Vec::new()),
         handed: AtomicBool::new(false),
         body_ahead: AtomicBool::new(false),
+        answered_slow: AtomicBool::new(false),
         listener: AtomicUsize::new(idx),
         proxy_client: std::sync::OnceLock::new(),
         io: Arc::downgrade(&io),

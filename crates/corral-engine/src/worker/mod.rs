@@ -342,6 +342,9 @@ struct Entry {
     /// app: past its deadline the sweeper answers 408 before it shuts the
     /// connection, as the app's read of a larger body that stalls does.
     body_ahead: AtomicBool,
+    /// The sweeper sent that 408: the thread that closes the connection
+    /// gives it its log and access-log lines.
+    answered_slow: AtomicBool,
     /// The connection's buffers, for the sweeper to take the bytes of a
     /// begun request when it hands it over.
     io: std::sync::Weak<Mutex<Io>>,

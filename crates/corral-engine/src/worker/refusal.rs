@@ -81,6 +81,10 @@ pub(super) fn record_refused_request<A: App>(
     }
 }
 
+/// What the 408 for a small body read ahead of the app that came too
+/// slowly says.
+pub(super) const SLOW_BODY: &str = "the request body came too slowly";
+
 /// The body length an error reply of [`error_reply`] declares (each has a
 /// Content-Length, inside its FastCGI record too): what the access log counts.
 pub(super) fn body_length(reply: &[u8]) -> u64 {

@@ -29,32 +29,73 @@ pub(super) fn serve<A: App>(
         // its deadline, draining or not.
         let begun = partial > 0 || conn.fcgi.active.is_some();
         if begun && !conn.entry.handed.load(Ordering::Relaxed) {
-            let listener = &w.listeners[conn.listener].1;
-            // Its head whole, a small body read ahead of the app has the grace and rate of any body.
-            let part = if conn.head_ready {
-                format!("its body came slower than {} bytes/s after", crate::exchange::MIN_BODY_RATE)
-            } else {
-                "incomplete after".to_string()
-            };
-            let what = format!(
-                "{} request from {}: {part} the header timeout ({} s, {partial} bytes buffered); \
-                 closing the connection",
-                listener.protocol.name(),
-                peer(&conn, listener),
-                w.config.header_timeout.as_secs_f64()
-            );
-            // A client that stalls is routine on the open internet; a front
-            // end that stalls inside its own request is not.
-            if listener.protocol == Protocol::Http {
-                info!("Timed out: {what}");
-            } else {
-                warn!("Timed out: {what}");
-            }
+            note_timed_out(w, &conn, partial);
         }
         close(w, conn, false);
         return;
     }
     serve_claimed(w, state, t, conn, held);
+}
+
+/// Logs a connection the sweeper shut down with a request begun in it.
+/// One whose head came whole names the request and its client (REMOTE_ADDR
+/// behind a front end, not only the front end's socket), and the 408 the
+/// sweeper answered it with gets an access-log line like any refusal.
+fn note_timed_out<A: App>(w: &Shared<A>, conn: &Conn, partial: usize) {
+    let listener = &w.listeners[conn.listener].1;
+    let io = conn.io.lock().unwrap();
+    // The head is the buffer's start until the request is taken from it.
+    let params = match listener.protocol {
+        _ if !conn.head_ready => None,
+        Protocol::Uwsgi => gateway::uwsgi_head(&io.buf).ok().flatten().map(|h| h.params),
+        Protocol::Scgi => gateway::scgi_head(&io.buf).ok().flatten().map(|h| h.params),
+        _ => None,
+    };
+    let req = conn.head_ready.then(|| Request {
+        meta: match &params {
+            Some(p) => Meta::Cgi(p),
+            None => Meta::Http(&conn.head),
+        },
+        bytes: &io.buf,
+        remote_addr: &conn.remote_addr,
+        remote_port: &conn.remote_port,
+        listener,
+        listener_index: conn.listener,
+        forwarded_https: false,
+    });
+    // A gateway head that no longer parses (it cannot: it parsed before)
+    // would leave HTTP ranges over gateway bytes.
+    let req = req.filter(|_| params.is_some() || listener.protocol == Protocol::Http);
+    let (part, who) = match &req {
+        Some(req) => (
+            format!("its body came slower than {} bytes/s after", crate::exchange::MIN_BODY_RATE),
+            format!("{} from {}", req.describe(), req.peer()),
+        ),
+        None => ("incomplete after".to_string(), format!("from {}", peer(conn, listener))),
+    };
+    let answered = conn.entry.answered_slow.load(Ordering::Relaxed);
+    let what = format!(
+        "{} request {who}: {part} the header timeout ({} s, {partial} bytes buffered); {}",
+        listener.protocol.name(),
+        w.config.header_timeout.as_secs_f64(),
+        if answered { "answered 408 and closed the connection" } else { "closing the connection" },
+    );
+    // A client that stalls is routine on the open internet; a front
+    // end that stalls inside its own request is not.
+    if listener.protocol == Protocol::Http {
+        info!("Timed out: {what}");
+    } else {
+        warn!("Timed out: {what}");
+    }
+    if let (Some(req), true) = (&req, answered) {
+        let wire = match listener.protocol {
+            Protocol::Uwsgi => Wire::Uwsgi,
+            Protocol::Scgi => Wire::Scgi,
+            _ => Wire::Http,
+        };
+        let reply = error_reply(wire, 408, SLOW_BODY);
+        record_refused_request(w, conn, req, 408, &reply);
+    }
 }
 
 /// Whether a connection this thread was woken for, found `Closing`, is back

@@ -896,7 +896,7 @@ pub(super) fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize 
                     Protocol::FastCgi => None,
                 };
                 if let Some(wire) = wire {
-                    let reply = error_reply(wire, 408, "the request body came too slowly");
+                    let reply = error_reply(wire, 408, SLOW_BODY);
                     unsafe {
                         libc::send(
                             e.fd,
@@ -905,6 +905,7 @@ pub(super) fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize 
                             libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
                         )
                     };
+                    e.answered_slow.store(true, Ordering::Relaxed);
                 }
             }
             // The fd stays open until the owning thread sees the hang-up and
