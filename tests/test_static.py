@@ -11,7 +11,8 @@ import subprocess
 import time
 
 import pytest
-from support import CORRAL, read_hashed, slow_reader, wait_until
+from front_ends import free_port
+from support import APPS, CORRAL, read_hashed, slow_reader, wait_until
 
 
 @pytest.fixture
@@ -136,6 +137,62 @@ def test_a_symlink_out_of_the_mount_is_refused_with_a_warning_naming_it(site):
     site.wait_for(line, since=mark)
     # Once per file and worker, however often it is asked for.
     assert len(site.grep(line, since=mark)) == 1, site.log
+
+
+def test_static_safe_lets_symlinks_lead_into_its_directories_and_no_others(start_server, tmp_path):
+    """uWSGI's static-safe: Django's `collectstatic --link` fills the served
+    directory with symlinks into each app's own static directory."""
+    public, shared, private = tmp_path / "public", tmp_path / "shared", tmp_path / "private"
+    for d in (public, shared / "admin", private):
+        d.mkdir(parents=True)
+    (shared / "admin" / "base.css").write_text("admin{}")
+    (private / "key.pem").write_text("top secret")
+    os.symlink(shared / "admin", public / "admin")
+    os.symlink(private / "key.pem", public / "key.pem")
+    server = start_server(
+        "behaviour:application", "--static", f"/static={public}", "--static-safe", str(shared)
+    )
+    r = server.request("GET", "/static/admin/base.css")
+    assert r.status == 200 and r.body == b"admin{}"
+    assert _h(r)["content-type"] == "text/css; charset=utf-8"
+    r = server.request("GET", "/static/key.pem")
+    assert r.status == 404 and b"top secret" not in r.body
+    server.wait_for(r"Static file .*key\.pem not served: it leads to .*, outside .*--static-safe DIR")
+
+
+def test_static_safe_from_a_uwsgi_ini_is_found_from_its_chdir(start_server, tmp_path):
+    site = tmp_path / "site"
+    (site / "static").mkdir(parents=True)
+    (site / "vendor").mkdir()
+    (site / "vendor" / "lib.js").write_text("lib()")
+    os.symlink(site / "vendor" / "lib.js", site / "static" / "lib.js")
+    port = free_port()
+    ini = tmp_path / "app.ini"
+    ini.write_text(
+        f"[uwsgi]\nchdir = {site}\npythonpath = {APPS}\nmodule = behaviour:application\n"
+        f"http-socket = 127.0.0.1:{port}\n"
+        "static-map = /static=static\nstatic-safe = vendor\n"
+    )
+    server = start_server(str(ini), "--config", http=None, pythonpath=None, wait=False)
+    server.wait_started()
+    assert server.request("GET", "/static/lib.js").body == b"lib()"
+
+
+def test_static_safe_needs_a_directory_and_a_mount(tmp_path):
+    (tmp_path / "file").write_text("x")
+    for args, said in [
+        (["--static-safe", str(tmp_path / "nowhere")], "--static-safe"),
+        (["--static", f"/s={tmp_path}", "--static-safe", str(tmp_path / "file")], "is not a directory"),
+        (["--static-safe", str(tmp_path)], "without a --static or --static-map directory"),
+    ]:
+        proc = subprocess.run(
+            [*CORRAL, "--http", "127.0.0.1:0", *args, "behaviour:application"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert proc.returncode != 0 and said in proc.stderr, (args, proc.stderr)
 
 
 def test_symlink_inside_the_mount_is_served(site):

@@ -38,6 +38,31 @@ pub struct Mount {
     pub passes_misses: bool,
     /// Whether `dir` is one file (a `--static-map` of one URL).
     pub is_file: bool,
+    /// `--static-safe`: directories outside `dir` that its symlinks may
+    /// lead to (uWSGI's `static-safe`).
+    pub safe: Vec<SafeDir>,
+}
+
+/// A `--static-safe` directory.
+#[derive(Debug, Clone)]
+pub struct SafeDir {
+    /// As named (absolute, symlinks unresolved), to be resolved again by
+    /// [`Mount::refresh`].
+    pub named: PathBuf,
+    /// Resolved (canonical).
+    pub dir: PathBuf,
+}
+
+impl SafeDir {
+    /// Parses a `--static-safe` directory, which must exist.
+    pub fn parse(s: &str) -> Result<SafeDir, String> {
+        let named = std::path::absolute(s).map_err(|e| format!("--static-safe {s:?}: {e}"))?;
+        let dir = std::fs::canonicalize(s).map_err(|e| format!("--static-safe {s:?}: {e}"))?;
+        if !dir.is_dir() {
+            return Err(format!("--static-safe {s:?}: {} is not a directory", dir.display()));
+        }
+        Ok(SafeDir { named, dir })
+    }
 }
 
 impl Mount {
@@ -64,7 +89,14 @@ impl Mount {
             return Err(format!("{flag} {s:?}: {} is not {kind}", dir.display()));
         }
         let is_file = dir.is_file();
-        Ok(Mount { prefix: url.trim_end_matches('/').to_string(), dir, named, passes_misses: map, is_file })
+        Ok(Mount {
+            prefix: url.trim_end_matches('/').to_string(),
+            dir,
+            named,
+            passes_misses: map,
+            is_file,
+            safe: Vec::new(),
+        })
     }
 
     /// The flag the mount came from, for log lines.
@@ -80,6 +112,16 @@ impl Mount {
     /// that switched a symlink on its way (`current -> releases/N`); keeps
     /// the one it had, with a warning, when the name leads nowhere now.
     pub fn refresh(&mut self) {
+        for safe in &mut self.safe {
+            match std::fs::canonicalize(&safe.named) {
+                Ok(dir) if dir.is_dir() => safe.dir = dir,
+                _ => tracing::warn!(
+                    "--static-safe {}: no directory there now; keeping {}",
+                    safe.named.display(),
+                    safe.dir.display()
+                ),
+            }
+        }
         match std::fs::canonicalize(&self.named) {
             Ok(dir) if (self.is_file && dir.is_file()) || (!self.is_file && dir.is_dir()) => self.dir = dir,
             Ok(dir) => tracing::warn!(
@@ -98,6 +140,12 @@ impl Mount {
                 self.dir.display()
             ),
         }
+    }
+
+    /// Whether a file whose path, symlinks resolved, is `real` may be
+    /// served: it lies inside the mount or a `--static-safe` directory.
+    fn holds(&self, real: &Path) -> bool {
+        real.starts_with(&self.dir) || self.safe.iter().any(|s| real.starts_with(&s.dir))
     }
 
     /// The part of a decoded path below this mount, if the path is under it.
@@ -121,7 +169,7 @@ impl Mount {
         }
         let file = (method == b"GET" || method == b"HEAD")
             && !rel.ends_with(b"/")
-            && matches!(resolve(&self.dir, rel), Some(Resolved::File(_)));
+            && matches!(resolve(self, rel), Some(Resolved::File(_)));
         file.then_some(rel)
     }
 }
@@ -150,13 +198,14 @@ pub enum Resolved {
     AddSlash,
 }
 
-/// Resolves `rel` (decoded, below the mount) to a file inside `dir`.
-pub fn resolve(dir: &Path, rel: &[u8]) -> Option<Resolved> {
+/// Resolves `rel` (decoded, below the mount) to a file inside the mount
+/// (or, through a symlink, a `--static-safe` directory).
+pub fn resolve(mount: &Mount, rel: &[u8]) -> Option<Resolved> {
     if rel.contains(&0) {
         return None;
     }
     let rel = std::str::from_utf8(rel).ok()?;
-    let mut path = dir.to_path_buf();
+    let mut path = mount.dir.to_path_buf();
     for seg in rel.split('/').filter(|s| !s.is_empty()) {
         if seg == "." || seg == ".." || seg.contains('\\') {
             return None;
@@ -166,14 +215,14 @@ pub fn resolve(dir: &Path, rel: &[u8]) -> Option<Resolved> {
     let mut real = std::fs::canonicalize(&path).ok()?;
     if real.is_dir() {
         if !rel.ends_with('/') {
-            return inside(dir, &path.join("index.html")).map(|_| Resolved::AddSlash);
+            return inside(mount, &path.join("index.html")).map(|_| Resolved::AddSlash);
         }
         real = real.join("index.html");
     } else if rel.ends_with('/') {
         // "file.txt/" names no directory: nothing there (as nginx answers).
         return None;
     }
-    checked_inside(dir, &path, real).map(Resolved::File)
+    checked_inside(mount, &path, real).map(Resolved::File)
 }
 
 /// Opens a file `resolve` found, and checks what was opened: a name checked
@@ -181,8 +230,8 @@ pub fn resolve(dir: &Path, rel: &[u8]) -> Option<Resolved> {
 /// swapped for a symlink out of the mount, the file for a FIFO, whose
 /// open would wait for a writer for ever). So the open neither follows a
 /// symlink at the end nor waits, and the descriptor must be a regular file
-/// whose own path lies inside `dir`.
-fn open_inside(dir: &Path, path: &Path) -> std::io::Result<File> {
+/// whose own path lies inside the mount (or a `--static-safe` directory).
+fn open_inside(mount: &Mount, path: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -190,23 +239,24 @@ fn open_inside(dir: &Path, path: &Path) -> std::io::Result<File> {
         .open(path)?;
     let is_file = file.metadata()?.is_file();
     let real = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
-    if !is_file || !real.starts_with(dir) {
+    if !is_file || !mount.holds(&real) {
         return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "changed while it was opened"));
     }
     Ok(file)
 }
 
-/// `path` with its symlinks resolved, if that is a file inside `dir`:
-/// symlinks are followed, but only to places inside the mount.
-fn inside(dir: &Path, path: &Path) -> Option<PathBuf> {
-    checked_inside(dir, path, std::fs::canonicalize(path).ok()?)
+/// `path` with its symlinks resolved, if that is a file inside the mount:
+/// symlinks are followed, but only to places inside the mount (or a
+/// `--static-safe` directory).
+fn inside(mount: &Mount, path: &Path) -> Option<PathBuf> {
+    checked_inside(mount, path, std::fs::canonicalize(path).ok()?)
 }
 
-/// `real`, what `path` resolves to, if it is a file inside `dir`.
-fn checked_inside(dir: &Path, path: &Path, real: PathBuf) -> Option<PathBuf> {
-    if !real.starts_with(dir) {
+/// `real`, what `path` resolves to, if it is a file inside the mount.
+fn checked_inside(mount: &Mount, path: &Path, real: PathBuf) -> Option<PathBuf> {
+    if !mount.holds(&real) {
         if real.is_file() {
-            note_outside(dir, path, &real);
+            note_outside(&mount.dir, path, &real);
         }
         return None;
     }
@@ -230,7 +280,7 @@ fn note_outside(dir: &Path, path: &Path, real: &Path) {
     noted.push(path.to_path_buf());
     tracing::warn!(
         "Static file {} not served: it leads to {}, outside {}; a symlink may only lead to a file inside \
-         the directory served (copy the files there, or serve the directory they are in); said once per file",
+         the directory served, or inside a directory given with --static-safe DIR; said once per file",
         path.display(),
         real.display(),
         dir.display()
@@ -391,7 +441,7 @@ pub fn serve(ex: &Exchange, mount: &Mount, rel: &[u8], head: bool, method_ok: bo
         let _ = ex.header(b"Content-Type", b"text/plain; charset=utf-8");
         let _ = ex.write(b"404 Not Found\n", true);
     };
-    let path = match resolve(&mount.dir, rel) {
+    let path = match resolve(mount, rel) {
         Some(Resolved::File(path)) => path,
         Some(Resolved::AddSlash) => {
             let mut location = mount.prefix.as_bytes().to_vec();
@@ -423,7 +473,7 @@ pub fn serve(ex: &Exchange, mount: &Mount, rel: &[u8], head: bool, method_ok: bo
         let mut sibling = path.clone().into_os_string();
         sibling.push(".");
         sibling.push(ext);
-        let Some(sibling) = inside(&mount.dir, Path::new(&sibling)) else {
+        let Some(sibling) = inside(mount, Path::new(&sibling)) else {
             continue;
         };
         if let (Ok(s), Ok(o)) = (std::fs::metadata(&sibling), std::fs::metadata(&path)) {
@@ -434,8 +484,8 @@ pub fn serve(ex: &Exchange, mount: &Mount, rel: &[u8], head: bool, method_ok: bo
         }
     }
     // An unreadable sibling falls back to the file itself.
-    let opened = match open_inside(&mount.dir, &chosen.0) {
-        Err(_) if chosen.1.is_some() => open_inside(&mount.dir, &path).map(|f| (f, None)),
+    let opened = match open_inside(mount, &chosen.0) {
+        Err(_) if chosen.1.is_some() => open_inside(mount, &path).map(|f| (f, None)),
         other => other.map(|f| (f, chosen.1)),
     };
     let (file, coding) = match opened {
@@ -606,32 +656,30 @@ mod tests {
         assert_eq!(f.takes(b"/robots.txt/x", b"GET"), None);
         assert_eq!(f.takes(b"/robots.txt", b"PUT"), None);
         assert!(Mount::parse(&format!("/robots.txt={}", root.join("public/a.css").display())).is_err());
-        assert!(resolve(&m.dir, b"/a.css").is_some());
-        assert_eq!(resolve(&m.dir, b"/sub"), Some(Resolved::AddSlash));
-        assert!(
-            matches!(resolve(&m.dir, b"/sub/"), Some(Resolved::File(p)) if p.ends_with("sub/index.html"))
-        );
-        assert!(resolve(&m.dir, b"/inner-link").is_some());
+        assert!(resolve(&m, b"/a.css").is_some());
+        assert_eq!(resolve(&m, b"/sub"), Some(Resolved::AddSlash));
+        assert!(matches!(resolve(&m, b"/sub/"), Some(Resolved::File(p)) if p.ends_with("sub/index.html")));
+        assert!(resolve(&m, b"/inner-link").is_some());
         for bad in
             [&b"/../secret.txt"[..], b"/sub/../../secret.txt", b"/link", b"/./a.css", b"/a.css\0", b"/nope"]
         {
-            assert_eq!(resolve(&m.dir, bad), None, "{}", String::from_utf8_lossy(bad));
+            assert_eq!(resolve(&m, bad), None, "{}", String::from_utf8_lossy(bad));
         }
-        assert_eq!(resolve(&m.dir, b"/a.css/"), None);
+        assert_eq!(resolve(&m, b"/a.css/"), None);
 
         // What the open finds is checked again: a directory on the way that
         // became a symlink out of the mount after `resolve`, a symlink or a
         // FIFO at the end.
-        let Some(Resolved::File(checked)) = resolve(&m.dir, b"/sub/index.html") else { panic!() };
-        assert!(open_inside(&m.dir, &checked).is_ok());
+        let Some(Resolved::File(checked)) = resolve(&m, b"/sub/index.html") else { panic!() };
+        assert!(open_inside(&m, &checked).is_ok());
         std::fs::create_dir_all(root.join("elsewhere")).unwrap();
         std::fs::write(root.join("elsewhere/index.html"), "out").unwrap();
         std::fs::rename(root.join("public/sub"), root.join("public/sub-moved")).unwrap();
         std::os::unix::fs::symlink(root.join("elsewhere"), root.join("public/sub")).unwrap();
-        assert!(open_inside(&m.dir, &checked).is_err());
-        assert!(open_inside(&m.dir, &m.dir.join("link")).is_err());
+        assert!(open_inside(&m, &checked).is_err());
+        assert!(open_inside(&m, &m.dir.join("link")).is_err());
         nix::unistd::mkfifo(&m.dir.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
-        assert!(open_inside(&m.dir, &m.dir.join("fifo")).is_err());
+        assert!(open_inside(&m, &m.dir.join("fifo")).is_err());
         let _ = std::fs::remove_dir_all(&root);
     }
 
@@ -682,6 +730,29 @@ mod tests {
     }
 
     #[test]
+    fn a_static_safe_directory_may_be_led_to_and_no_other() {
+        let root = std::env::temp_dir().join(format!("corral-static-safe-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for d in ["public", "shared/css", "private"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        std::fs::write(root.join("shared/css/site.css"), "a{}").unwrap();
+        std::fs::write(root.join("private/key"), "no").unwrap();
+        std::os::unix::fs::symlink(root.join("shared/css"), root.join("public/css")).unwrap();
+        std::os::unix::fs::symlink(root.join("private/key"), root.join("public/key")).unwrap();
+        let mut m = Mount::parse(&format!("/static={}", root.join("public").display())).unwrap();
+        assert_eq!(resolve(&m, b"/css/site.css"), None);
+        m.safe.push(SafeDir::parse(root.join("shared").to_str().unwrap()).unwrap());
+        let Some(Resolved::File(found)) = resolve(&m, b"/css/site.css") else { panic!() };
+        assert!(found.ends_with("shared/css/site.css"));
+        assert!(open_inside(&m, &found).is_ok());
+        assert_eq!(resolve(&m, b"/key"), None);
+        assert!(SafeDir::parse(root.join("nowhere").to_str().unwrap()).is_err());
+        assert!(SafeDir::parse(root.join("private/key").to_str().unwrap()).is_err());
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
     fn a_precompressed_sibling_outside_the_mount_is_not_served() {
         let root = std::env::temp_dir().join(format!("corral-static-br-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
@@ -691,10 +762,10 @@ mod tests {
         std::os::unix::fs::symlink(root.join("secret.txt"), root.join("public/t.txt.br")).unwrap();
         let m = Mount::parse(&format!("/static={}", root.join("public").display())).unwrap();
         let sibling = m.dir.join("t.txt.br");
-        assert_eq!(inside(&m.dir, &sibling), None);
+        assert_eq!(inside(&m, &sibling), None);
         std::fs::remove_file(&sibling).unwrap();
         std::fs::write(&sibling, "br").unwrap();
-        assert!(inside(&m.dir, &sibling).is_some());
+        assert!(inside(&m, &sibling).is_some());
         let _ = std::fs::remove_dir_all(&root);
     }
 }

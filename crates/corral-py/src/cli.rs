@@ -281,6 +281,12 @@ pub struct Cli {
     )]
     pub static_maps: Vec<String>,
 
+    /// uWSGI's static-safe: a symlink in a --static or --static-map directory may lead to a
+    /// file under DIR (by default it may lead only to files inside the directory served).
+    /// Repeatable, or several separated by commas.
+    #[arg(long = "static-safe", value_name = "DIR", env = "CORRAL_STATIC_SAFE", value_delimiter = ',')]
+    pub static_safe: Vec<String>,
+
     /// Development: reload the workers when a .py file under the current directory (after
     /// --chdir) or a --pythonpath directory changes. --reload=false turns it off.
     #[arg(long, value_name = "BOOL", env = "CORRAL_RELOAD", num_args = 0..=1, require_equals = true,
@@ -2150,7 +2156,15 @@ fn static_mounts(cli: &Cli) -> Result<Vec<corral_engine::static_files::Mount>, S
     }
     dirs.sort_by_key(|m| std::cmp::Reverse(m.prefix.len()));
     let maps = cli.static_maps.iter().map(|spec| Mount::parse_map(spec)).collect::<Result<Vec<_>, _>>()?;
-    Ok(maps.into_iter().chain(dirs).collect())
+    let safe = cli
+        .static_safe
+        .iter()
+        .map(|d| corral_engine::static_files::SafeDir::parse(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    if !safe.is_empty() && maps.is_empty() && dirs.is_empty() {
+        return Err("--static-safe is given without a --static or --static-map directory to apply to".into());
+    }
+    Ok(maps.into_iter().chain(dirs).map(|m| Mount { safe: safe.clone(), ..m }).collect())
 }
 
 /// Whether `--long` (alone, or as `--long=VALUE`) is among the arguments.

@@ -453,6 +453,7 @@ fn rule(key: &str) -> Option<Rule> {
         "limit-post" => Option("max-body-size"),
         "static-map" => Option("static-map"),
         "check-static" => Option("check-static"),
+        "static-safe" => Option("static-safe"),
         "uid" => Option("user"),
         "gid" => Option("group"),
         "listen" | "l" => Option("backlog"),
@@ -627,7 +628,7 @@ pub fn translate(spec: &str, python_prefix: &str) -> Result<(Vec<Entry>, Vec<Str
             Some(Rule::Option(opt)) => match opt {
                 "env" | "pythonpath" => push(opt, l.value.clone(), at(l)),
                 // uWSGI looks for these after its chdir.
-                "touch-reload" => push(opt, in_chdir(&l.value), at(l)),
+                "touch-reload" | "static-safe" => push(opt, in_chdir(&l.value), at(l)),
                 // Each leaves what it has not to the next mapping and the app, as in uWSGI.
                 "check-static" => push("static-map", format!("/={}", in_chdir(&l.value)), at(l)),
                 "static-map" => match l.value.split_once('=') {
