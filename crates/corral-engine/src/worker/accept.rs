@@ -23,7 +23,7 @@ pub(super) fn accept_batch<A: App>(
             return;
         }
         // The first is this thread's to take: epoll woke it for it.
-        if i > 0 && leave_to_siblings(w, t, started) {
+        if i > 0 && (leave_to_siblings(w, t) || !queued(w.listeners[idx].0)) {
             return;
         }
         match accept_one(w, idx) {
@@ -63,12 +63,26 @@ pub(super) fn accept_batch<A: App>(
 /// its request came waited for a whole batch). This thread takes one per
 /// wake-up then, as gunicorn's sync worker does; alone in its pool, or with
 /// a thread free to take them, it takes a batch.
-pub(super) fn leave_to_siblings<A: App>(w: &Shared<A>, t: usize, now_ms: u64) -> bool {
+pub(super) fn leave_to_siblings<A: App>(w: &Shared<A>, t: usize) -> bool {
     let own_free = (0..w.in_pass.len()).any(|o| o != t && !w.in_pass[o].load(Ordering::Relaxed));
     if own_free {
         return false;
     }
-    ready_sibling(w, now_ms)
+    // The clock now, not the batch's start: a batch serves its requests as
+    // it goes, for as long as they take, and a sibling may have come up since.
+    ready_sibling(w, mono_ms())
+}
+
+/// Whether a connection waits in the listener's accept queue. Asked before
+/// each accept after a batch's first: Linux makes the new socket and its
+/// file before it looks at the queue, so an accept that finds nothing costs
+/// as much as one that finds a connection (2.7 us on a test machine,
+/// against 0.4 us for this poll), and behind a front end that opens a
+/// connection per request (uwsgi, SCGI) most looks find nothing.
+fn queued(listener: RawFd) -> bool {
+    let mut p = libc::pollfd { fd: listener, events: libc::POLLIN, revents: 0 };
+    // An error (the listener let go by a drain meanwhile) reads as nothing queued.
+    unsafe { libc::poll(&mut p, 1, 0) > 0 && p.revents & libc::POLLIN != 0 }
 }
 
 /// How long what [`ready_sibling`] found stands.
