@@ -2137,3 +2137,74 @@ def test_a_write_from_close_after_the_response_ended_raises(gw, proto):
     reply = g.call(proto, gw.addr(proto), uri="/write-in-close")
     assert reply.status == 200 and reply.body == b"whole", reply.raw[:300]
     gw.wait_for(r"RuntimeError: write\(\) called after the response ended", since=mark)
+
+
+def _server_side(pid: int, client: socket.socket) -> socket.socket | None:
+    """The worker's own socket of `client`'s connection, duplicated into this
+    process with pidfd_getfd(2)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    sys_pidfd_getfd = 438
+    pidfd = os.pidfd_open(pid)
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                    continue
+            except OSError:
+                continue
+            fd = libc.syscall(sys_pidfd_getfd, pidfd, int(name), 0)
+            if fd < 0:
+                continue
+            sock = socket.socket(fileno=fd)
+            try:
+                if sock.getpeername() == client.getsockname():
+                    return sock
+            except OSError:
+                pass
+            sock.close()
+    finally:
+        os.close(pidfd)
+    return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="taking a worker's socket (pidfd_getfd) needs root")
+def test_accepted_tcp_connections_have_nagle_off(start_server):
+    """Each response goes out in as few writes as it takes, and each must
+    leave at once: Nagle's algorithm would hold a second small write back
+    for the peer's delayed ACK (40 ms). Accepted connections get TCP_NODELAY
+    from their listener, an inherited one included."""
+    inherited = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    inherited.bind(("127.0.0.1", 0))
+    inherited.listen(16)
+    fd = inherited.fileno()
+    try:
+        server = g.start_gateways(
+            start_server,
+            "behaviour:application",
+            [("uwsgi", "127.0.0.1:0"), ("scgi", f"fd://{fd}")],
+            http="127.0.0.1:0",
+            pass_fds=(fd,),
+        )
+    finally:
+        inherited.close()
+    (pid,) = server.worker_pids()
+    (port,) = [int(m.group(1)) for m in server.grep(r"Listening at: http://127\.0\.0\.1:(\d+)")]
+    http = socket.create_connection(("127.0.0.1", port), timeout=10)
+    http.sendall(b"GET /fixed HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert http.recv(100).startswith(b"HTTP/1.1 200 ")
+    clients = [http]
+    # A head that is not whole keeps a gateway connection open.
+    for proto in ("uwsgi", "scgi"):
+        sock = g.connect(server.addr(proto))
+        sock.sendall(g.request_bytes(proto, g.cgi_params(uri="/fixed"))[:5])
+        clients.append(sock)
+    try:
+        for client in clients:
+            assert wait_until(lambda c=client: _server_side(pid, c) is not None), client
+            with _server_side(pid, client) as ours:
+                assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0, client
+    finally:
+        for sock in clients:
+            sock.close()

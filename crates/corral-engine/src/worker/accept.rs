@@ -73,6 +73,20 @@ pub(super) fn leave_to_siblings<A: App>(w: &Shared<A>, t: usize) -> bool {
     ready_sibling(w, mono_ms())
 }
 
+/// Sets TCP_NODELAY on a TCP socket; whether that worked.
+pub(super) fn set_nodelay(fd: RawFd) -> bool {
+    let one: libc::c_int = 1;
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            &one as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as u32,
+        ) == 0
+    }
+}
+
 /// Whether a connection waits in the listener's accept queue. Asked before
 /// each accept after a batch's first: Linux makes the new socket and its
 /// file before it looks at the queue, so an accept that finds nothing costs
@@ -339,17 +353,8 @@ pub(super) fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Accepted {
         }
         return Accepted::None;
     }
-    if !is_unix {
-        let one: libc::c_int = 1;
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::IPPROTO_TCP,
-                libc::TCP_NODELAY,
-                &one as *const _ as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as u32,
-            )
-        };
+    if !is_unix && !w.nodelay_inherited[idx] {
+        set_nodelay(fd);
     }
     // Nothing runs the app here now: a sibling serves the connection sooner.
     if w.app.stalled() && pass_to_sibling(w, fd, idx, "the app is stalled") {
