@@ -3,31 +3,17 @@
 
 use super::*;
 
-/// Accepts and serves the connections waiting on listener `idx`. `alone`:
-/// the listener was all that this pass of a one-thread worker's event loop
-/// found ready.
 pub(super) fn accept_batch<A: App>(
     w: &Shared<A>,
     state: &mut A::Thread,
     t: usize,
     idx: usize,
     held: &mut Held,
-    alone: bool,
 ) {
     if ACCEPT_PAUSED_AT.load(Ordering::Relaxed) != 0 {
         // Woken by the listener just before it left the epoll set.
         return;
     }
-    // Nothing else waits for this thread then, so the batch is not needed to
-    // keep new connections from queueing behind ready ones: the thread goes
-    // back to epoll_wait, which (the listener level-triggered) returns at
-    // once with whatever else became ready if more connections wait, and
-    // is the one system call an idle worker makes anyway; looking at the
-    // accept queue first would cost a call per connection behind a front end
-    // opening one per request. Not while draining (which may begin during
-    // the batch): the listener is gone from the epoll set, and what waits in
-    // the queue is this worker's to take.
-    let one_only = || alone && !draining();
     let started = mono_ms();
     let mut serving = true;
     for i in 0..ACCEPT_BATCH {
@@ -37,7 +23,7 @@ pub(super) fn accept_batch<A: App>(
             return;
         }
         // The first is this thread's to take: epoll woke it for it.
-        if i > 0 && (one_only() || leave_to_siblings(w, t) || !queued(w.listeners[idx].0)) {
+        if i > 0 && (leave_to_siblings(w, t) || !queued(w.listeners[idx].0)) {
             return;
         }
         match accept_one(w, idx) {

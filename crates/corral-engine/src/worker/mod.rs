@@ -924,7 +924,7 @@ fn thread_main<A: App>(w: &Shared<A>, t: usize, holder: Option<Arc<crate::flushe
             } else if token == YIELDED_TOKEN {
                 take_turn(w, &mut state, t, &mut held);
             } else if token < LISTENER_TOKENS {
-                accept_batch(w, &mut state, t, token as usize, &mut held, batch > 1 && n == 1);
+                accept_batch(w, &mut state, t, token as usize, &mut held);
             } else {
                 // SAFETY: any other token is a `Box<Conn>` that `park` leaked
                 // into the epoll set, and epoll names it to one thread once
