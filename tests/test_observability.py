@@ -138,6 +138,20 @@ def test_a_repeated_response_header_logs_its_last_value_as_gunicorn(start_server
     assert _read_lines(log, 1) == ["b=2"]
 
 
+def test_a_refused_request_is_logged_after_the_one_before_it(start_server, tmp_path):
+    """A request the server refuses itself, pipelined after one the app
+    answered, has its access-log line after that one's, as it was answered."""
+    log = tmp_path / "access.log"
+    server = start_server(
+        "behaviour:application", "--access-log", str(log), "--access-log-format", "%(U)s %(s)s"
+    )
+    with server.connect() as conn:
+        conn.send(b"GET /fixed HTTP/1.1\r\nHost: x\r\n\r\nGET /second HTTP/1.1\r\nHost: x\r\nX: \x01\r\n\r\n")
+        assert conn.read_response().status == 200
+        assert conn.read_response().status == 400
+    assert _read_lines(log, 2) == ["/fixed 200", "/second 400"]
+
+
 def test_default_access_log_format_on_stdout(start_server):
     server = start_server("behaviour:application", "--access-log", "-")
     server.request("GET", "/fixed", headers={"User-Agent": "ua"})

@@ -333,7 +333,15 @@ impl AccessLog {
             Format::Json => self.json_line(&mut buf, e),
         }
         buf.push(b'\n');
-        self.sink.write(&buf);
+        // The lines the threads hold are of earlier requests, such as the
+        // one before this refusal on its connection: they go first.
+        let mut out = Vec::new();
+        for held in &self.buffers {
+            let mut held = held.lock().unwrap_or_else(|p| p.into_inner());
+            out.append(&mut held);
+        }
+        out.append(&mut buf);
+        self.sink.write(&out);
     }
 
     /// Writes out thread `t`'s buffer, when it holds lines.
