@@ -527,6 +527,26 @@ def test_exception_after_headers_aborts_a_content_length_response(behaviour):
         assert conn.at_eof(10)
 
 
+def test_an_exception_after_a_whole_content_length_body_keeps_the_response(behaviour):
+    """The generator's code after its last yield fails: the client already
+    has every byte the Content-Length promised, or is about to, so it gets
+    them all and a plain close (gunicorn and uWSGI send them too), not a
+    reset that would drop what is still on its way; the log says it stood."""
+    mark = behaviour.mark()
+    with behaviour.connect() as conn:
+        conn.send(b"GET /raise-after-whole HTTP/1.1\r\nHost: x\r\n\r\n")
+        # The server is done, and the tail of the body still in the sockets,
+        # before the client reads.
+        behaviour.wait_for(r"RuntimeError: cleanup failed after the whole body", since=mark)
+        resp = conn.read_response()
+        assert (resp.status, resp.complete) == (200, True)
+        assert resp.body == (bytes(range(251)) * ((4 << 20) // 251 + 1))[: 4 << 20]
+        assert conn.at_eof(10)
+    behaviour.wait_for(
+        r"Error handling request GET /raise-after-whole \(its response had gone out whole", since=mark
+    )
+
+
 def test_close_that_raises_after_a_whole_body_keeps_the_response(behaviour):
     """The client already has the whole body: it gets a complete response (the
     chunked terminator included) and the connection stays usable; the log gets

@@ -810,6 +810,17 @@ def raise_after_cl(environ, start_response):
     raise RuntimeError("boom after the headers were sent")
 
 
+def raise_after_whole(environ, start_response):
+    """?n= bytes (4 MiB by default) with their Content-Length, then an error
+    in the generator's code after its last yield."""
+    n = int(_query(environ).get("n", str(4 << 20)))
+    start_response("200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", str(n))])
+    body = (bytes(range(251)) * (n // 251 + 1))[:n]
+    for start in range(0, n, 1 << 16):
+        yield body[start : start + (1 << 16)]
+    raise RuntimeError("cleanup failed after the whole body")
+
+
 def print_std(environ, start_response):
     """Prints ?msg= to stdout and to stderr, as an app's print() and logging do."""
     msg = _query(environ).get("msg", "")
@@ -935,6 +946,7 @@ UNVALIDATED = {
     "/body-error-then": body_error_then,
     "/raise-after": raise_after,
     "/raise-after-cl": raise_after_cl,
+    "/raise-after-whole": raise_after_whole,
     "/deep": deep,
     "/background": background,
     "/endless": endless,

@@ -2083,18 +2083,24 @@ impl Exchange {
         self.lock().is_some_and(|io| io.phase >= RespPhase::Started)
     }
 
-    /// The app failed after the headers went out: the connection will be
-    /// reset so the client cannot take a truncated body for a whole one.
+    /// The app failed after the headers went out: unless the response is
+    /// whole, the connection will be reset so the client cannot take a
+    /// truncated body for a whole one.
     pub fn abort(&self) {
         if let Some(mut io) = self.lock() {
             if io.fcgi_aborted {
                 // Ended by the front end: END_REQUEST closes it cleanly.
                 return;
             }
-            if io.phase >= RespPhase::Sent && io.framing == RespFraming::NoBody {
+            if io.phase >= RespPhase::Sent
+                && matches!(io.framing, RespFraming::NoBody | RespFraming::Length(0))
+            {
                 // A HEAD (or 204, 304) response is whole once its head went
-                // out: the client loses nothing, so it ends with a plain close
-                // rather than a reset that would take pipelined requests along.
+                // out, and one with a Content-Length once that many bytes did
+                // (the app failed after its last item, in a generator's code
+                // after its last yield, say): the client loses nothing, so it
+                // ends with a plain close rather than a reset that would cut
+                // the bytes still on their way, and pipelined requests along.
                 // A kept FastCGI connection, whose END_REQUEST follows as for
                 // any whole response, stays open: closing it races the front
                 // end's next request on it (Apache answers that one 503).

@@ -697,7 +697,10 @@ impl WsgiApp {
         }
         let text = format_exception(py, e);
         corral_engine::worker::note_exception(&exception_summary(py, e));
-        error!("Error handling request {what}:\n{text}");
+        // A whole response stands (see Exchange::abort): the log says so,
+        // since the client saw no failure.
+        let whole = if ex.body_complete() { " (its response had gone out whole, and stands)" } else { "" };
+        error!("Error handling request {what}{whole}:\n{text}");
         if ex.headers_sent() {
             ex.abort();
         } else {
