@@ -629,6 +629,31 @@ def test_max_body_size_0_is_no_limit(start_server):
     assert server.request("POST", "/echo", body=b"x" * 100_000).body == b"x" * 100_000
 
 
+def test_a_refused_upload_reaches_a_client_that_sends_it_all_before_reading(limited):
+    """A browser sends the whole of a large upload before it reads the
+    answer. The 413 went out at once; the connection lingers, reading and
+    dropping the body, so that closing it does not reset it and destroy the
+    413 on its way (the client would see "connection reset"), and closes
+    once the client has gone quiet."""
+    with limited.connect() as conn:
+        conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 8388608\r\n\r\n")
+        conn.send(b"x" * (8 << 20))
+        assert conn.read_response().status == 413
+        assert conn.at_eof(20)
+
+
+def test_a_large_body_the_app_does_not_read_does_not_cost_the_client_its_response(behaviour):
+    """The app answers without reading an 8 MiB body, more than is worth
+    dropping to keep the connection: the client, which sends it all before it
+    reads, still gets the response, then the close."""
+    with behaviour.connect() as conn:
+        conn.send(b"POST /fixed HTTP/1.1\r\nHost: x\r\nContent-Length: 8388608\r\n\r\n")
+        conn.send(b"x" * (8 << 20))
+        resp = conn.read_response()
+        assert (resp.status, resp.body, resp.complete) == (200, b"hello world", True)
+        assert conn.at_eof(20)
+
+
 def test_max_body_size_chunked(limited):
     with limited.connect() as conn:
         body = b"".join(b"64\r\n" + b"y" * 100 + b"\r\n" for _ in range(20)) + b"0\r\n\r\n"
@@ -981,6 +1006,24 @@ def test_socket_timeout_frees_the_thread_a_client_that_stops_reading_holds(start
     assert server.request("GET", "/fixed").status == 200
     # Said once, with the request: not again when the connection closes.
     assert len(server.grep("gave up on the client", since=mark)) == 1
+
+
+def test_socket_timeout_spares_a_client_that_reads_slowly_but_steadily(start_server):
+    """The kernel says a socket is writable only once a third of its send
+    buffer is free, which a client reading steadily at 200 KB/s takes longer
+    than --socket-timeout to free: what it reads keeps its connection."""
+    server = start_server("behaviour:application", "--socket-timeout", "1", workers=1, threads=1)
+    mark = server.mark()
+    with server.connect() as conn:
+        conn.send(b"GET /stream?n=5000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        conn.sock.settimeout(10)
+        got = 0
+        for _ in range(60):
+            chunk = conn.sock.recv(20_000)
+            assert chunk, f"the connection ended after {got} bytes: {server.log[-2000:]}"
+            got += len(chunk)
+            time.sleep(0.1)
+    assert not server.grep("gave up on the client", since=mark)
 
 
 def test_socket_timeout_gives_up_on_a_pipelining_client_that_reads_nothing_and_says_so(start_server):

@@ -91,6 +91,16 @@ pub enum BodyError {
     WouldWait,
 }
 
+/// Bytes the socket holds that its peer has not taken (SIOCOUTQ: not yet
+/// acknowledged over TCP, not yet read on a unix socket); -1 if unknown.
+fn unsent(fd: RawFd) -> i32 {
+    let mut n: libc::c_int = 0;
+    if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) } < 0 {
+        return -1;
+    }
+    n
+}
+
 /// What a response write that waited out `--socket-timeout` says: the
 /// client is still there, but the server gave up on it.
 pub const STALLED_READER: &str =
@@ -266,6 +276,12 @@ pub(crate) struct Io {
     pub discarded: u64,
     /// The request that body belonged to, for the log line if it never ends.
     pub discard_what: String,
+    /// The response is out and the sending side shut: what the client still
+    /// sends is read and dropped until it closes (see `drain_and_close`),
+    /// with `discard_until` as the quiet deadline.
+    pub lingering: bool,
+    /// Monotonic ms after which a lingering connection closes, whatever comes.
+    pub linger_end: u64,
     /// The socket failed; nothing more is written and the connection closes.
     pub broken: bool,
     /// A write waited out the I/O timeout ([`STALLED_READER`]): the client
@@ -384,6 +400,8 @@ impl Io {
             discard_until: 0,
             discarded: 0,
             discard_what: String::new(),
+            lingering: false,
+            linger_end: 0,
             broken: false,
             aborted: false,
             fcgi_aborted: false,
@@ -481,6 +499,24 @@ impl Io {
 
     fn wait(&self, events: i16, blocking: fn(&mut dyn FnMut())) -> bool {
         self.wait_ms(events, self.timeout_ms, blocking)
+    }
+
+    /// Waits until the socket takes more of the response; false when the
+    /// client read nothing of what it holds for the I/O timeout. The kernel
+    /// says writable only once a third of the send buffer is free, which a
+    /// client reading slowly but steadily from a large buffer may take
+    /// longer than the timeout to free: what it read meanwhile keeps it.
+    fn wait_writable(&self, blocking: fn(&mut dyn FnMut())) -> bool {
+        loop {
+            let before = unsent(self.fd);
+            if self.wait(libc::POLLOUT, blocking) {
+                return true;
+            }
+            let after = unsent(self.fd);
+            if before < 0 || after < 0 || after >= before {
+                return false;
+            }
+        }
     }
 
     fn wait_ms(&self, events: i16, timeout: i32, blocking: fn(&mut dyn FnMut())) -> bool {
@@ -995,7 +1031,7 @@ impl Io {
                 let e = io::Error::last_os_error();
                 match e.kind() {
                     io::ErrorKind::WouldBlock => {
-                        if !self.wait(libc::POLLOUT, blocking) {
+                        if !self.wait_writable(blocking) {
                             self.broken = true;
                             self.stalled = true;
                             return Err(ResponseError::ClientGone(crate::exchange::STALLED_READER.into()));
@@ -1607,7 +1643,7 @@ impl Io {
         blocking: fn(&mut dyn FnMut()),
     ) -> Result<(), ResponseError> {
         while !self.advance_span(file, s)? {
-            if !self.wait(libc::POLLOUT, blocking) {
+            if !self.wait_writable(blocking) {
                 self.broken = true;
                 self.stalled = true;
                 return Err(ResponseError::ClientGone(crate::exchange::STALLED_READER.into()));

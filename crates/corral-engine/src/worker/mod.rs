@@ -882,7 +882,11 @@ fn rescue_held<A: App>(w: &Shared<A>, t: usize, wait: bool) {
 }
 
 fn park_or_close<A: App>(w: &Shared<A>, conn: Box<Conn>, keep: bool) {
-    if keep {
+    // A lingering HTTP connection (see drain_and_close) waits in epoll for
+    // its client to finish sending.
+    let lingers =
+        || w.listeners[conn.listener].1.protocol == Protocol::Http && conn.io.lock().unwrap().lingering;
+    if keep || lingers() {
         park(w, conn);
     } else {
         close(w, conn, false);

@@ -39,6 +39,13 @@ pub(super) const EARLY_LOOK: usize = http1::DEFAULT_MAX_REQUEST_LINE;
 pub(super) fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
     let io_arc = conn.io.clone();
     let mut io = io_arc.lock().unwrap();
+    if io.lingering {
+        if linger_read(&mut io) {
+            return Next::Park;
+        }
+        io.lingering = false;
+        return Next::Close;
+    }
     if io.discard_until != 0 {
         if let Some(next) = go_on_discarding(w, conn, &mut io) {
             return next;

@@ -15,10 +15,16 @@ pub(super) fn serve<A: App>(
     if !claim(&conn.entry) && !given_back(w, &conn.entry, claim) {
         // The sweeper shut it down (timeout or drain). Bytes still buffered
         // are a request that did not arrive whole in time: say so.
-        let (partial, discarding) = {
+        let (partial, discarding, lingering) = {
             let io = conn.io.lock().unwrap();
-            (io.buf.len(), (io.discard_until != 0).then(|| io.discard_what.clone()))
+            (io.buf.len(), (io.discard_until != 0).then(|| io.discard_what.clone()), io.lingering)
         };
+        if lingering {
+            // Its client went quiet, or its time was up: its response went
+            // out long ago.
+            close(w, conn, false);
+            return;
+        }
         if let Some(what) = discarding {
             log_discard_gave_up(&what, GaveUp::Stalled);
             close(w, conn, false);
@@ -422,16 +428,75 @@ pub(super) fn close<A: App>(w: &Shared<A>, conn: Box<Conn>, reset: bool) {
     drop(conn);
 }
 
-/// Reads and discards what the client already sent, so that closing does not
-/// turn into a reset that destroys the response still in flight.
+/// Ends the sending side of a connection that closes while its peer may
+/// still be sending (a body the app did not read, a request refused before
+/// its body, bytes past the request), so that the close does not turn into
+/// a reset, which would destroy the response still on its way to the client.
+///
+/// An HTTP client may go on sending for a while, and a reset arriving
+/// before it read the response loses it, as a browser uploading a large
+/// file that was refused sees "connection reset" instead of the 413: the
+/// connection lingers (nginx's lingering close), its sending side shut,
+/// while what comes is read and dropped from the event loop, until the
+/// client closes, [`LINGER_QUIET`] passes with nothing, or [`LINGER_TIME`]
+/// in all. A front end's stream is read to its end by the serving thread
+/// before this (`discard_front_end_body`), so only what is already there
+/// is read of it.
 pub(super) fn drain_and_close(io: &mut Io) {
-    let _ = io.flush_out(|f| f());
+    let flushed = io.flush_out(|f| f()).is_ok();
     let fd = io.fd;
     unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    if io.wire == Wire::Http && flushed && !io.broken {
+        io.buf.clear();
+        io.linger_end = mono_ms() + LINGER_TIME.as_millis() as u64;
+        io.lingering = linger_read(io);
+        return;
+    }
     let mut buf = [0u8; 4096];
     for _ in 0..16 {
         if unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) } <= 0 {
             break;
         }
     }
+}
+
+/// The longest a lingering connection waits for its client's next bytes
+/// (nginx's lingering_timeout).
+pub(super) const LINGER_QUIET: Duration = Duration::from_secs(5);
+
+/// The longest a connection lingers in all (nginx's lingering_time).
+pub(super) const LINGER_TIME: Duration = Duration::from_secs(30);
+
+/// Most bytes a lingering connection's turn drops before it goes back to
+/// epoll, so that a client sending fast does not keep the thread.
+const LINGER_TURN: usize = 1024 * 1024;
+
+/// Reads and drops what a lingering connection's client sent; whether it
+/// should wait for more (false: closed by the client, broken, or its time
+/// is up). Sets the quiet deadline it waits until.
+pub(super) fn linger_read(io: &mut Io) -> bool {
+    let mut scratch = [0u8; 16 * 1024];
+    let mut dropped = 0;
+    io.drained = false;
+    while dropped < LINGER_TURN {
+        let n = unsafe { libc::read(io.fd, scratch.as_mut_ptr().cast(), scratch.len()) };
+        if n > 0 {
+            dropped += n as usize;
+            continue;
+        }
+        if n == 0 {
+            return false;
+        }
+        match io::Error::last_os_error().kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => {
+                io.drained = true;
+                break;
+            }
+            _ => return false,
+        }
+    }
+    let now = mono_ms();
+    io.discard_until = (now + LINGER_QUIET.as_millis() as u64).min(io.linger_end);
+    now < io.linger_end
 }
