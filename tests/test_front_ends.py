@@ -709,6 +709,57 @@ def test_no_post_fails_behind_a_kept_fastcgi_pool_while_workers_are_replaced(sta
 
 
 @pytest.mark.skipif(not front_ends.available("nginx"), reason="nginx is not installed")
+@pytest.mark.parametrize("socket_kind", ["unix", "tcp"])
+def test_no_request_fails_behind_a_kept_fastcgi_pool_when_bodies_over_max_body_size_are_refused(
+    start_server, tmp_path, socket_kind
+):
+    """A body over --max-body-size gets its 413 and the connection closes:
+    nginx must not put that connection back in its pool and send another
+    request on it as it closes (a 502, for the refused request or another)."""
+    backend = f"unix:{tmp_path}/corral.sock" if socket_kind == "unix" else f"127.0.0.1:{free_port()}"
+    server = start_server(
+        "front_app:application",
+        "--fastcgi",
+        backend,
+        "--max-body-size",
+        "1000",
+        http=None,
+        threads=4,
+        wait=False,
+    )
+    server.wait_for(r"Worker ready", timeout=20)
+    port = free_port()
+    front = _nginx_kept_fastcgi_pool(tmp_path, port, [backend])
+    wrong = []
+
+    def client():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        for i in range(150):
+            big = i % 2 == 0
+            try:
+                conn.request("POST", "/upload", body=b"p" * (5000 if big else 10))
+                resp = conn.getresponse()
+                resp.read()
+                if resp.status != (413 if big else 200):
+                    wrong.append((big, resp.status))
+            except (OSError, http.client.HTTPException) as e:
+                wrong.append((big, repr(e)))
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.close()
+
+    try:
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not wrong, (wrong[:10], front.logs()[-3000:])
+    finally:
+        front.stop()
+
+
+@pytest.mark.skipif(not front_ends.available("nginx"), reason="nginx is not installed")
 @pytest.mark.parametrize("late_close", [False, True], ids=["prompt-close", "late-close"])
 @pytest.mark.parametrize("socket_kind", ["unix", "tcp"])
 def test_no_post_fails_behind_a_kept_fastcgi_pool_when_one_of_two_servers_stops(

@@ -1911,8 +1911,30 @@ def test_a_whole_response_whose_close_outlasts_the_timeout_is_not_cut(start_serv
         while chunk := sock.recv(65536):
             got += chunk
     assert got.startswith(b"Status: 200") and got.endswith(b"\r\n\r\nab"), got
-    server.wait_for(r"Request timeout: GET /slow-close")
+    server.wait_for(
+        r"Request timeout: GET /slow-close.*its response had gone out whole; the connection was closed"
+    )
     assert g.call("scgi", server.addr("scgi"), uri="/release-close").status == 200
+
+
+def test_a_request_sent_after_a_whole_response_whose_close_outlasts_the_timeout_is_not_dropped_silently(
+    start_server,
+):
+    """Over HTTP the connection was to stay open, so the client sent its next
+    request on it while close() hung: the connection closes with the stuck
+    request, and the log says the request after it went unanswered."""
+    server = start_server("behaviour:application", "--timeout", "2", threads=2)
+    with server.connect() as conn:
+        conn.send(b"GET /slow-close HTTP/1.1\r\nHost: x\r\n\r\n")
+        resp = conn.read_response()
+        assert (resp.status, resp.body, resp.complete) == (200, b"ab", True)
+        conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        assert conn.at_eof(30)
+    server.wait_for(
+        r"Request timeout: GET /slow-close.*its response had gone out whole; the connection was closed, "
+        r"and the \d+ bytes the client sent after it on the connection \(its next request\) went unanswered"
+    )
+    assert server.request("GET", "/release-close").status == 200
 
 
 def test_a_kept_fastcgi_connection_whose_request_comes_in_parts_is_served_while_draining(start_server):

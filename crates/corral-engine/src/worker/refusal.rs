@@ -146,11 +146,18 @@ pub(super) fn error_reply(wire: Wire, status: u16, detail: &str) -> Vec<u8> {
     match wire {
         Wire::Http | Wire::Uwsgi => error_response(status, detail),
         Wire::Scgi => cgi_response(),
-        Wire::FastCgi { id, .. } => {
+        Wire::FastCgi { id, keep_conn } => {
             let mut out = Vec::new();
             fastcgi::write_stdout(&mut out, id, &cgi_response());
             fastcgi::write_stream_end(&mut out, fastcgi::RecordType::Stdout, id);
             fastcgi::write_end_request(&mut out, id, 0, fastcgi::ProtocolStatus::RequestComplete);
+            if keep_conn {
+                // The connection closes after it, though the front end asked
+                // to keep it: a record behind END_REQUEST keeps it out of the
+                // front end's pool (see `Io::push_last_notice`), which would
+                // send its next request on it as it closes (nginx: 502).
+                let _ = fastcgi::write_get_values_result(&mut out, &[]);
+            }
             out
         }
     }

@@ -440,14 +440,11 @@ pub(super) fn abandon_request<A: App>(
             let fresh = io.phase < RespPhase::Sent && !io.broken;
             if fresh {
                 io.status = status;
-                let mut reply = error_reply(io.wire, status, why);
-                // A FastCGI connection the front end keeps: the record behind
-                // END_REQUEST keeps it out of the front end's pool (see
-                // `Io::push_last_notice`), which would send its next request
-                // on it after the shutdown below (nginx: EPIPE, 502).
-                if matches!(io.wire, Wire::FastCgi { keep_conn: true, .. }) {
-                    let _ = fastcgi::write_get_values_result(&mut reply, &[]);
-                }
+                // On a FastCGI connection the front end keeps, it ends with
+                // a record that keeps the connection out of the front end's
+                // pool, which would send its next request on it after the
+                // shutdown below (nginx: EPIPE, 502).
+                let reply = error_reply(io.wire, status, why);
                 if io.write_parts(&[&reply], blocking).is_ok() {
                     // The body's bytes, as the access log counts a response's.
                     io.bytes_sent += error_body(status, why).len() as u64;
@@ -457,16 +454,26 @@ pub(super) fn abandon_request<A: App>(
             // come back to count it.
             let bytes_in = std::mem::take(&mut io.read_total);
             w.scoreboard.record(w.slot, protocol as usize, io.status, micros, bytes_in, io.bytes_sent);
-            if !fresh && !whole(&io) {
+            let whole = !fresh && whole(&io);
+            if !fresh && !whole {
                 cut_short(&io, fd);
             }
+            // A request the client sent after a whole response, on a
+            // connection it was told stays open, goes unanswered: said, so
+            // that it is not lost without a word.
+            let after =
+                if whole && io.keep_alive { io.buf.len() + pending_bytes(fd).max(0) as usize } else { 0 };
             // Whatever the app does next goes nowhere.
             io.broken = true;
             io.keep_alive = false;
-            let answered = if fresh {
-                format!("the client got {status}")
-            } else {
-                "its response had started, so the connection was cut".to_string()
+            let answered = match (fresh, whole) {
+                (true, _) => format!("the client got {status}"),
+                (false, true) if after > 0 => format!(
+                    "its response had gone out whole; the connection was closed, and the {after} bytes the \
+                     client sent after it on the connection (its next request) went unanswered"
+                ),
+                (false, true) => "its response had gone out whole; the connection was closed".to_string(),
+                (false, false) => "its response had started, so the connection was cut".to_string(),
             };
             (answered, io.status, io.bytes_sent)
         }
