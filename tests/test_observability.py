@@ -417,6 +417,17 @@ def test_json_error_log_keeps_printed_lines_whole(start_server, tmp_path):
     assert not [m for m in messages if m in ("piece", "by", "42", " ")], messages
 
 
+def test_a_thread_of_the_app_that_ends_leaves_no_wsgi_errors_text_behind(start_server, tmp_path):
+    """What a thread of the app's own wrote after its last newline is written
+    when the thread ends (a serving thread writes it after each request), as
+    gunicorn writes it at once."""
+    errors = tmp_path / "error.log"
+    server = _start_logging_to(start_server, errors)
+    assert server.request("GET", "/errors-from-thread").status == 200
+    assert wait_until(lambda: "its last piece" in errors.read_text(), 10), errors.read_text()
+    assert "from a thread of the app\n" in errors.read_text()
+
+
 @pytest.fixture
 def stats_server(start_server):
     # All three ports chosen here, held together so they differ: an HTTP

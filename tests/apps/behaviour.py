@@ -150,6 +150,20 @@ def print_errors(environ, start_response):
     return _ok(start_response, "printed")
 
 
+def errors_from_thread(environ, start_response):
+    """A thread of the app's own writes a line and then a last piece without
+    a newline to wsgi.errors, and ends."""
+
+    def write(errors):
+        errors.write("from a thread of the app\n")
+        errors.write("its last piece")
+
+    t = threading.Thread(target=write, args=(environ["wsgi.errors"],))
+    t.start()
+    t.join()
+    return _ok(start_response, "written")
+
+
 class _CloseFails:
     def __init__(self, items, fail_after=None):
         self.items, self.fail_after = items, fail_after
@@ -901,6 +915,7 @@ UNVALIDATED = {
     "/ids": ids,
     "/cookies": cookies,
     "/slow-close": slow_close,
+    "/errors-from-thread": errors_from_thread,
     "/release-close": release_close,
     "/list-subclass": list_subclass,
     "/print-std": print_std,

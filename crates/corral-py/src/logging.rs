@@ -113,7 +113,7 @@ pub fn app_error_text(text: &str) {
     // Whole lines only: print() and tracebacks write a line in pieces, and
     // pieces from two threads or processes must not interleave in a line.
     PENDING.with(|p| {
-        let mut p = p.borrow_mut();
+        let mut p = p.0.borrow_mut();
         p.push_str(text);
         if let Some(end) = p.rfind('\n') {
             let rest = p.split_off(end + 1);
@@ -127,7 +127,7 @@ pub fn app_error_text(text: &str) {
 /// (`wsgi.errors.flush()`, and after each request).
 pub fn app_error_flush() {
     PENDING.with(|p| {
-        let mut p = p.borrow_mut();
+        let mut p = p.0.borrow_mut();
         if !p.is_empty() {
             let mut line = std::mem::take(&mut *p);
             line.push('\n');
@@ -138,7 +138,22 @@ pub fn app_error_flush() {
 
 thread_local! {
     /// This thread's `wsgi.errors` text after its last newline.
-    static PENDING: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    static PENDING: Pending = const { Pending(std::cell::RefCell::new(String::new())) };
+}
+
+/// A thread's unfinished `wsgi.errors` line. A serving thread writes it
+/// after each request; a thread of the app's own, which may never flush,
+/// when it ends.
+struct Pending(std::cell::RefCell<String>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let line = self.0.get_mut();
+        if !line.is_empty() {
+            line.push('\n');
+            emit_app_lines(line);
+        }
+    }
 }
 
 fn emit_app_lines(text: &str) {
