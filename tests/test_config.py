@@ -122,6 +122,16 @@ def test_a_bad_value_from_the_environment_names_the_variable():
     assert proc.returncode == 2 and "environment variable" not in proc.stderr
 
 
+def test_a_bad_script_name_from_the_environment_names_the_variable():
+    proc = _run(["--check-config", "behaviour:application"], env={"SCRIPT_NAME": "app"})
+    assert proc.returncode == 2
+    assert "the SCRIPT_NAME environment variable (the default of --mount) \"app\": must start with '/'" in (
+        proc.stderr
+    )
+    proc = _run(["--check-config", "--mount", "app", "behaviour:application"])
+    assert proc.returncode == 2 and "invalid value 'app' for '--mount <PREFIX>'" in proc.stderr, proc.stderr
+
+
 def test_a_server_runs_from_the_file(start_server, tmp_path):
     cfg = tmp_path / "corral.toml"
     cfg.write_text(f'app = "behaviour:application"\nworkers = 2\npythonpath = ["{APPS}"]\n')

@@ -2115,10 +2115,14 @@ fn access_format(cli: &Cli, matches: &clap::ArgMatches) -> Result<corral_engine:
 /// The URL prefix the app is mounted at: --mount, else $SCRIPT_NAME, with
 /// no trailing slash.
 fn mount_prefix(cli: &Cli) -> Result<String, String> {
-    let mount = cli.mount.clone().or_else(|| std::env::var("SCRIPT_NAME").ok()).unwrap_or_default();
+    let (mount, from) = match (&cli.mount, std::env::var("SCRIPT_NAME")) {
+        (Some(m), _) => (m.clone(), "--mount"),
+        (None, Ok(m)) => (m, "the SCRIPT_NAME environment variable (the default of --mount)"),
+        (None, Err(_)) => (String::new(), "--mount"),
+    };
     let mount = mount.trim_end_matches('/').to_string();
     if !mount.is_empty() && !mount.starts_with('/') {
-        return Err(format!("--mount {mount:?}: must start with '/'"));
+        return Err(format!("{from} {mount:?}: must start with '/'"));
     }
     Ok(mount)
 }
