@@ -111,6 +111,20 @@ def test_a_serving_worker_that_exits_is_replaced(start_server, code):
     assert server.request("GET", "/fixed").status == 200
 
 
+def test_workers_dying_right_after_they_start_are_replaced_ever_more_slowly(start_server):
+    """A worker that dies moments after it became ready, again and again, is
+    not replaced several times a second for good (uWSGI sleeps between such
+    respawns too): after three in a row the next waits, 100 ms doubling."""
+    server = start_server("dies_after_ready:application", workers=1, wait=False)
+    server.wait_for(
+        r"Workers are dying within 2s of starting \(3 in a row\); the next starts in 100ms", timeout=30
+    )
+    server.wait_for(
+        r"Workers are dying within 2s of starting \(4 in a row\); the next starts in 200ms", timeout=30
+    )
+    assert server.running()
+
+
 def test_killed_worker_fails_only_its_own_request(start_server):
     server = start_server("behaviour:application", workers=1, threads=2)
     (victim,) = server.worker_pids()
@@ -270,6 +284,17 @@ def test_a_worker_that_crashes_logs_its_python_stacks_first(start_server):
     server.wait_for(r"Fatal Python error: Segmentation fault", since=mark)
     server.wait_for(r'File ".*behaviour\.py", line \d+ in segfault', since=mark)
     assert wait_until(lambda: _serves(server), timeout=30)
+
+
+def test_a_crashed_request_has_its_access_log_line(start_server, tmp_path):
+    """Its client got a 500, and the access log says so, as for any request
+    (with or without --timeout)."""
+    access = tmp_path / "access.log"
+    server = start_server("behaviour:application", "--access-log", str(access), workers=1, threads=2)
+    assert server.request("GET", "/segfault").status == 500
+    assert wait_until(lambda: access.exists() and '"GET /segfault HTTP/1.1" 500' in access.read_text(), 10), (
+        access.read_text() if access.exists() else "no access log"
+    )
 
 
 @pytest.mark.parametrize("crash", ["/segfault", "/segfault-without-gil"])

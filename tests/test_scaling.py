@@ -444,3 +444,23 @@ def test_memory_of_a_wave_of_unfinished_heads_goes_back_after_it(start_server):
         assert server.request("GET", "/fixed").status == 200
     # 30 MB stayed resident before (60 KB a client); a few MB at most now.
     assert wait_until(lambda: rss_kib() - before < 10_000, 10), rss_kib() - before
+
+
+def test_a_pool_grown_to_its_largest_with_ttin_still_reloads(start_server):
+    """TTIN stops where a reload still has a slot for each worker's
+    replacement (32 workers here): a HUP of the largest pool replaces every
+    worker rather than wait for a free slot for good."""
+    server = start_server("echo_app:application", workers=24)
+    mark = server.mark()
+    for _ in range(9):
+        server.signal(signal.SIGTTIN)
+        time.sleep(0.05)
+    server.wait_for(r"Received SIGTTIN: already at the most workers \(32\); ignored", since=mark)
+    assert wait_until(lambda: len(_live_workers(server)) == 32, 60), server.log[-3000:]
+    old = _live_workers(server)
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    assert wait_until(
+        lambda: len(_live_workers(server, mark)) == 32 and not old & _live_workers(server), 90
+    ), server.log[-3000:]
+    assert not server.grep(r"Every worker slot is taken", since=mark)

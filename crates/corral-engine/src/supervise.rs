@@ -292,6 +292,9 @@ pub struct Master<'a, H: Hooks> {
     /// Replacements of a reload's that failed to boot in a row, for the
     /// delay before the next try.
     replace_failures: u32,
+    /// Workers in a row that died within [`QUICK_DEATH`] of their start,
+    /// after they had booted.
+    quick_deaths: u32,
     /// The access log as the master has it open, reopened on USR1 and HUP:
     /// a worker that cannot open the file itself (logrotate made it root's
     /// after the workers dropped privileges, the disk went read-only) writes
@@ -311,17 +314,30 @@ struct Scaling {
     last_change: Option<Instant>,
 }
 
+/// A booted worker that dies sooner than this after its start counts
+/// toward the respawn throttle.
+const QUICK_DEATH: Duration = Duration::from_secs(2);
+
+/// Quick deaths in a row replaced at once; after them each replacement
+/// waits, 100 ms doubling up to `REPLACE_RETRY_MAX`.
+const QUICK_DEATHS_TOLERATED: u32 = 3;
+
 /// Ticks (100 ms) of saturation before the adaptive pool grows.
 const SCALE_UP_TICKS: u32 = 3;
 
-/// Scoreboard slots: room for growing with TTIN and for a full reload set.
-fn slot_capacity(workers: usize) -> usize {
-    (workers * 2 + 16).max(32)
+/// Scoreboard slots: twice the largest pool (`--workers-max`, else
+/// `--workers`), and 64 at least, so that a pool at its largest (TTIN's
+/// limit is half the slots, see `max_workers`) still has a slot for each
+/// worker's replacement while the old ones finish their requests: a reload
+/// of a full pool would otherwise wait for good.
+fn slot_capacity(config: &Config) -> usize {
+    let largest = config.workers_max.unwrap_or(config.workers).max(config.workers);
+    (largest * 2 + 16).max(64)
 }
 
 impl<'a, H: Hooks> Master<'a, H> {
     pub fn new(config: Config, listeners: Vec<Listener>, hooks: &'a H) -> io::Result<Self> {
-        let cap = slot_capacity(config.workers);
+        let cap = slot_capacity(&config);
         let scoreboard = Scoreboard::new(cap, config.threads.max(1))?;
         let signal_fd = block_signals()?;
         let access_sink = match &config.access_log {
@@ -363,6 +379,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             unhandled_signals: Vec::new(),
             signals_raised_again: false,
             replace_failures: 0,
+            quick_deaths: 0,
         })
     }
 
@@ -924,6 +941,13 @@ impl<'a, H: Hooks> Master<'a, H> {
                 .map(|(p, w)| (*p, w.slot))
                 .collect();
             for (pid, slot) in asking {
+                if self.free_slots.is_empty() {
+                    // Asked again on every pass: spawn_replacing says once in
+                    // a while that it waits for a slot; the worker's reason
+                    // is said, and counted, when its replacement starts.
+                    self.spawn_replacing(Some(pid));
+                    continue;
+                }
                 let reason = self.scoreboard.retire(slot);
                 self.note_respawn(reason.map_or("other", |r| r.name()), slot);
                 let why = reason.map_or("", |r| r.describe());
@@ -1112,8 +1136,11 @@ impl<'a, H: Hooks> Master<'a, H> {
         }
     }
 
+    /// The most workers TTIN (or the adaptive pool) grows to: with no
+    /// `--workers-max`, half the slots, the other half being the room a
+    /// reload's replacements need.
     fn max_workers(&self) -> usize {
-        self.config.workers_max.unwrap_or(self.free_slots.len() + self.workers.len())
+        self.config.workers_max.unwrap_or(self.scoreboard.slots() / 2)
     }
 
     /// The adaptive pool (`--workers-max`): one worker more after a few
@@ -1570,6 +1597,15 @@ impl<'a, H: Hooks> Master<'a, H> {
             } else {
                 self.boot_failures = 0;
                 self.boot_failed_at = None;
+                // A worker that dies moments after it became ready (a thread
+                // the app started at import ends the process, say) would be
+                // replaced for good several times a second, two log lines
+                // each; uWSGI sleeps between such respawns, so does this.
+                if w.started.elapsed() < QUICK_DEATH {
+                    self.quick_deaths += 1;
+                } else {
+                    self.quick_deaths = 0;
+                }
                 self.note_respawn("crash", w.slot);
                 if clean {
                     // Exit 0 from a serving worker: stopped by someone else
@@ -1586,6 +1622,17 @@ impl<'a, H: Hooks> Master<'a, H> {
                         w.slot,
                         describe_serving(&serving.0, serving.1)
                     );
+                }
+                if self.quick_deaths >= QUICK_DEATHS_TOLERATED {
+                    let backoff =
+                        Duration::from_millis(100 << (self.quick_deaths - QUICK_DEATHS_TOLERATED).min(9))
+                            .min(REPLACE_RETRY_MAX);
+                    warn!(
+                        "Workers are dying within {}s of starting ({} in a row); the next starts in {backoff:?}",
+                        QUICK_DEATH.as_secs(),
+                        self.quick_deaths
+                    );
+                    self.respawn_at = Some(Instant::now() + backoff);
                 }
             }
         }
