@@ -80,17 +80,26 @@ impl Watcher {
         self.dirs.len()
     }
 
+    /// Watches `dir` and the directories below it, those behind symlinks
+    /// included (a package linked into the project, as gunicorn's reloader
+    /// follows it through the imported modules' paths).
     fn add_tree(&mut self, dir: &Path) {
         let Ok(wd) = self.inotify.add_watch(dir, Self::FLAGS) else {
             return;
         };
+        // inotify gives a directory watched already its descriptor again: a
+        // symlink back up the tree, or a second way to one, ends here.
+        if self.dirs.contains_key(&wd) {
+            return;
+        }
         self.dirs.insert(wd, dir.to_path_buf());
         let Ok(entries) = std::fs::read_dir(dir) else {
             return;
         };
         for e in entries.flatten() {
             let name = e.file_name();
-            if e.file_type().is_ok_and(|t| t.is_dir()) && !skipped(&name.to_string_lossy()) {
+            let is_dir = e.file_type().is_ok_and(|t| t.is_dir() || t.is_symlink() && e.path().is_dir());
+            if is_dir && !skipped(&name.to_string_lossy()) {
                 self.add_tree(&e.path());
             }
         }
@@ -235,6 +244,26 @@ mod tests {
         std::thread::sleep(DEBOUNCE + Duration::from_millis(50));
         assert_eq!(w.due(), Some(root.join("pkg/sub/mod.py")));
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn follows_symlinked_directories_without_looping() {
+        let base = std::env::temp_dir().join(format!("corral-watch-links-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let (root, real) = (base.join("project"), base.join("realpkg"));
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(real.join("sub")).unwrap();
+        std::os::unix::fs::symlink(&real, root.join("pkg")).unwrap();
+        // A loop back up the tree, and a second way to the same package.
+        std::os::unix::fs::symlink(&root, real.join("sub/up")).unwrap();
+        std::os::unix::fs::symlink(&real, root.join("again")).unwrap();
+        let mut w = Watcher::new(std::slice::from_ref(&root)).unwrap();
+        assert_eq!(w.watched(), 3, "project, realpkg and realpkg/sub, each once");
+        std::fs::write(real.join("sub/mod.py"), "x = 1").unwrap();
+        w.read();
+        std::thread::sleep(DEBOUNCE + Duration::from_millis(50));
+        assert!(w.due().is_some_and(|p| p.ends_with("sub/mod.py")));
+        let _ = std::fs::remove_dir_all(&base);
     }
 
     fn looked(t: &mut TouchFiles) -> Option<PathBuf> {
