@@ -439,6 +439,11 @@ def test_file_wrapper_falls_back_to_iteration_without_fileno(behaviour, blksize)
     assert resp.body == bytes(i % 251 for i in range(size))
 
 
+def test_file_wrapper_may_be_subclassed(behaviour):
+    resp = behaviour.request("GET", "/bytesio?size=100000&subclass=1")
+    assert (resp.status, resp.body) == (200, bytes(i % 251 for i in range(100000)))
+
+
 def test_file_wrapper_over_a_decoding_file_sends_what_read_returns(behaviour):
     """gzip.open()'s fileno() is the compressed file's: sending that
     descriptor would send the compressed bytes."""

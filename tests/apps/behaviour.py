@@ -589,7 +589,11 @@ def serve_bytesio(environ, start_response):
     size, blksize = int(q.get("size", "100000")), int(q.get("blksize", "8192"))
     data = bytes(i % 251 for i in range(size))
     filelike = io.BytesIO(data)
-    wrapper = environ["wsgi.file_wrapper"](filelike, blksize)
+    wrapper_class = environ["wsgi.file_wrapper"]
+    if "subclass" in q:
+        # As an app may extend gunicorn's wrapper.
+        wrapper_class = type("Wrapper", (wrapper_class,), {"note": "subclassed"})
+    wrapper = wrapper_class(filelike, blksize)
     assert wrapper.filelike is filelike and wrapper.blksize == blksize
     start_response("200 OK", [("Content-Type", "application/octet-stream")])
     return wrapper

@@ -1299,8 +1299,9 @@ impl ErrorStream {
 /// `wsgi.file_wrapper`: regular files go out with sendfile(2); anything else
 /// is read in `blksize` blocks, passed to its `read()` as given (a negative
 /// one reads the rest at once), as wsgiref's wrapper does; `filelike` and
-/// `blksize` are readable as there.
-#[pyclass(module = "corral._corral")]
+/// `blksize` are readable as there. It may be subclassed, as gunicorn's
+/// can; a subclass's instances go out as the wrapper's do (as in gunicorn).
+#[pyclass(module = "corral._corral", subclass)]
 pub struct FileWrapper {
     #[pyo3(get)]
     filelike: PyObject,
