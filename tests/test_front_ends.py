@@ -245,6 +245,10 @@ def test_an_answer_given_without_reading_a_large_body_reaches_the_client(stack):
     # reads (nginx over a kept FastCGI connection) broke nothing: no warning.
     warned = stack.corral.grep(r"\[WARNING\].*|\[ERROR\].*", since=mark)
     assert not warned, [m.group(0) for m in warned]
+    # Nor did corral wait for the rest of it: nginx sends no more of a body
+    # once it has the answer's head, and waits for END_REQUEST.
+    waited = stack.corral.grep(r".*did not come within.*", since=mark)
+    assert not waited, [m.group(0) for m in waited]
 
 
 def test_a_client_sending_its_whole_body_before_reading_gets_the_answer_given_without_it(stack):

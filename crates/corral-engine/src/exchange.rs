@@ -282,6 +282,11 @@ pub(crate) struct Io {
     pub lingering: bool,
     /// Monotonic ms after which a lingering connection closes, whatever comes.
     pub linger_end: u64,
+    /// This FastCGI request's front end stops sending STDIN once the
+    /// response began, and keeps no connection whose STDIN it did not send
+    /// whole (nginx, which says so in SERVER_SOFTWARE): END_REQUEST need not
+    /// wait for the rest of a body the app did not read (see `fcgi_stdin_in`).
+    pub stdin_stops_at_response: bool,
     /// The socket failed; nothing more is written and the connection closes.
     pub broken: bool,
     /// A write waited out the I/O timeout ([`STALLED_READER`]): the client
@@ -402,6 +407,7 @@ impl Io {
             discard_what: String::new(),
             lingering: false,
             linger_end: 0,
+            stdin_stops_at_response: false,
             broken: false,
             aborted: false,
             fcgi_aborted: false,
@@ -1486,7 +1492,20 @@ impl Io {
         // Read for it as `refuse_concurrent_fcgi` does, not again right
         // after the socket was found empty.
         let quiet = self.drained_at.is_some_and(|t| t.elapsed() < PEEK_QUIET);
-        !quiet && self.peek_fcgi_records(true).is_some_and(|from| ends(self, from))
+        if !quiet && self.peek_fcgi_records(true).is_some_and(|from| ends(self, from)) {
+            return true;
+        }
+        if self.stdin_stops_at_response {
+            // nginx sends no more of it once it has the response's head, and
+            // waits for END_REQUEST: waiting for the rest held the response
+            // until the wait gave up. The connection closes after it (nginx
+            // would not keep it either); the record behind END_REQUEST keeps
+            // it out of nginx's pool should nginx have sent the whole body
+            // after all (see `push_last_notice`).
+            self.keep_alive = false;
+            return true;
+        }
+        false
     }
 
     /// Ends a FastCGI request: the empty STDOUT record and END_REQUEST.

@@ -74,9 +74,9 @@ pub(super) fn handle_request<A: App>(
         return Outcome::Done(false);
     }
     // For the main thread, should this request run past --timeout or its
-    // thread crash. The access log's note of it only with --timeout: a
-    // crash is rare enough to go without that line.
-    let note = w.config.timeout.and(w.access.as_ref()).map(|log| LogNote::of(log, conn, &req));
+    // thread crash: the access log's line of it, which the thread will not
+    // write then.
+    let note = w.access.as_ref().map(|log| LogNote::of(log, conn, &req));
     *w.current[t].lock().unwrap() = Some((conn.entry.fd, conn.io.clone(), listener.protocol, note));
     let started = Instant::now();
     let began_ms = mono_ms();
@@ -162,6 +162,10 @@ fn begin_request<A: App>(
             io.head_request = g.params.get(&g.bytes, b"REQUEST_METHOD") == Some(b"HEAD");
             io.keep_alive =
                 matches!(g.wire, Wire::FastCgi { keep_conn: true, .. }) && fastcgi_conn_may_stay();
+            // Looked up only for a FastCGI request whose STDIN is still to come.
+            io.stdin_stops_at_response = matches!(g.wire, Wire::FastCgi { .. })
+                && !matches!(io.body, BodyState::Done)
+                && g.params.get(&g.bytes, b"SERVER_SOFTWARE").is_some_and(|v| v.starts_with(b"nginx/"));
             (g.bytes, Some(g.params))
         }
     };
@@ -515,11 +519,23 @@ pub(super) fn complete_locked(conn: &Conn, listener: &ListenerInfo, req: &Reques
     }
     if !io.keep_alive {
         if io.wire != Wire::Http && !io.body_finished() {
-            // A front end may still be sending the request (the empty STDIN
-            // record Apache sends after the response began, a body the app
-            // ignored): read it before closing, or the close turns into a
-            // reset that destroys the response the front end has not read yet.
-            discard_front_end_body(io, blocking, req);
+            if io.stdin_stops_at_response {
+                // nginx sends no more of the body, and it has END_REQUEST:
+                // the end of the stream tells it the response is whole (it
+                // waits for it without keep-conn), and it closes its side,
+                // which ends the wait for the body. What it sent meanwhile is
+                // read, so that the close is not a reset.
+                let _ = io.flush_out(blocking);
+                unsafe { libc::shutdown(io.fd, libc::SHUT_WR) };
+                discard_front_end_body(io, blocking, req);
+            } else {
+                // A front end may still be sending the request (the empty
+                // STDIN record Apache sends after the response began, a body
+                // the app ignored): read it before closing, or the close
+                // turns into a reset that destroys the response the front
+                // end has not read yet.
+                discard_front_end_body(io, blocking, req);
+            }
         }
         // Owed once the rest of STDIN was dropped, or given up on.
         let _ = io.end_fcgi_request(blocking);
