@@ -523,19 +523,16 @@ pub(super) fn complete_locked(conn: &Conn, listener: &ListenerInfo, req: &Reques
                 // nginx sends no more of the body, and it has END_REQUEST:
                 // the end of the stream tells it the response is whole (it
                 // waits for it without keep-conn), and it closes its side,
-                // which ends the wait for the body. What it sent meanwhile is
-                // read, so that the close is not a reset.
+                // which ends the wait for the body below. What it sent
+                // meanwhile is read, so that the close is not a reset.
                 let _ = io.flush_out(blocking);
                 unsafe { libc::shutdown(io.fd, libc::SHUT_WR) };
-                discard_front_end_body(io, blocking, req);
-            } else {
-                // A front end may still be sending the request (the empty
-                // STDIN record Apache sends after the response began, a body
-                // the app ignored): read it before closing, or the close
-                // turns into a reset that destroys the response the front
-                // end has not read yet.
-                discard_front_end_body(io, blocking, req);
             }
+            // A front end may still be sending the request (the empty STDIN
+            // record Apache sends after the response began, a body the app
+            // ignored): read it before closing, or the close turns into a
+            // reset that destroys the response the front end has not read yet.
+            discard_front_end_body(io, blocking, req);
         }
         // Owed once the rest of STDIN was dropped, or given up on.
         let _ = io.end_fcgi_request(blocking);

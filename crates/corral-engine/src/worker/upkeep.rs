@@ -461,8 +461,11 @@ pub(super) fn abandon_request<A: App>(
             // A request the client sent after a whole response, on a
             // connection it was told stays open, goes unanswered: said, so
             // that it is not lost without a word.
-            let after =
-                if whole && io.keep_alive { io.buf.len() + pending_bytes(fd).max(0) as usize } else { 0 };
+            let after = if whole && io.keep_alive && io.body_finished() {
+                io.buf.len() + pending_bytes(fd).max(0) as usize
+            } else {
+                0
+            };
             // Whatever the app does next goes nowhere.
             io.broken = true;
             io.keep_alive = false;
