@@ -232,6 +232,36 @@ def test_upload_1mib(stack):
     assert json.loads(out) == {"length": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def _chunked_post(port, path, chunks, timeout=10):
+    """A POST whose body goes in the chunks given (none: an empty chunked body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        body = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        return resp.status, resp.read()
+
+
+def test_chunked_uploads_reach_the_app_whole(stack):
+    """Front ends pass a chunked body on with a CONTENT_LENGTH (nginx, HAProxy
+    and Apache buffer it) or as a stream. HAProxy 2.6 sends no STDIN at all
+    for an empty one, only CONTENT_LENGTH 0: an app reading it waited for the
+    end of STDIN until the header timeout, and got 408. Apache refuses them
+    over uwsgi and SCGI itself (docs/deploy/apache.md)."""
+    for chunks in ([], [b"abc", b"de"], [os.urandom(3000)] * 3):
+        data = b"".join(chunks)
+        status, out = _chunked_post(stack.port, "/upload", chunks)
+        if stack.front_name == "apache" and stack.protocol in ("uwsgi", "scgi"):
+            assert status == 411 and b"Content-length" in out, out[:300]
+            continue
+        assert status == 200, out[:300]
+        assert json.loads(out) == {"length": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert stack.environ()["REQUEST_METHOD"] == "GET"
+
+
 def test_an_answer_given_without_reading_a_large_body_reaches_the_client(stack):
     """The app answers (a 404 here; a 403 from CSRF, a redirect) without reading
     the 8 MiB body. The front end sends all of it before it reads the answer,

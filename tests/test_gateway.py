@@ -988,6 +988,32 @@ def test_fastcgi_stdin_past_content_length_is_not_read(gw):
     gw.wait_for(r"POST /sha from .*: the front end sent 4 bytes of STDIN past CONTENT_LENGTH", since=mark)
 
 
+@pytest.mark.parametrize("body", [b"", b"abc"])
+@pytest.mark.parametrize("path", ["/sha", "/fixed"])
+def test_fastcgi_body_of_content_length_is_whole_without_the_end_of_stdin(gw, body, path):
+    """Once CONTENT_LENGTH bytes came, the app has its body (PEP 3333) and the
+    response its END_REQUEST, without waiting for the empty STDIN record:
+    HAProxy 2.6 sends none for an empty chunked upload. Should it come late,
+    it is dropped, and the next request on the connection is served."""
+    mark = gw.mark()
+    with g.FcgiConn(gw.addr("fastcgi")) as conn:
+        params = g.cgi_params("POST", path, body)
+        conn.send(
+            g.begin_request(1, keep_conn=True)
+            + g.stream(g.FCGI_PARAMS, 1, g.encode_pairs(params))
+            + g.stream(g.FCGI_STDIN, 1, body, end=False)
+        )
+        r = conn.read_response(1, timeout=5)
+        assert r.status == 200
+        if path == "/sha":
+            got = r.json()
+            assert (got["length"], got["sha256"]) == (len(body), hashlib.sha256(body).hexdigest())
+        conn.send(g.record(g.FCGI_STDIN, 1))
+        r = conn.request(g.cgi_params("POST", "/sha", body=b"xyz"), b"xyz", request_id=1, keep_conn=True)
+        assert r.json()["sha256"] == hashlib.sha256(b"xyz").hexdigest()
+    assert not gw.grep(r"\[(WARNING|ERROR)\].*", since=mark), gw.log[-2000:]
+
+
 @pytest.mark.parametrize("proto", ["uwsgi", "scgi"])
 def test_a_body_cut_short_by_the_front_end_is_an_error_for_the_app(gw, proto):
     """A front end that closes before CONTENT_LENGTH bytes (nginx when the client

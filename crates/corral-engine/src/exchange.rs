@@ -891,6 +891,16 @@ impl Io {
                         }
                         continue;
                     }
+                    // Every byte CONTENT_LENGTH announced has come: the app
+                    // has its whole body and waits for no end record, which
+                    // HAProxy 2.6 never sends for an empty chunked upload
+                    // (CONTENT_LENGTH 0 and no STDIN at all). Should it come
+                    // after all, it is dropped with the records between
+                    // requests.
+                    Ok(None) if st.declared_in() && self.buf.is_empty() => {
+                        self.body = BodyState::Done;
+                        return Ok(0);
+                    }
                     Ok(None) => {}
                     Err(m) => {
                         let e = BodyError::Gateway(m);
@@ -1493,6 +1503,12 @@ impl Io {
         // after the socket was found empty.
         let quiet = self.drained_at.is_some_and(|t| t.elapsed() < PEEK_QUIET);
         if !quiet && self.peek_fcgi_records(true).is_some_and(|from| ends(self, from)) {
+            return true;
+        }
+        if matches!(&self.body, BodyState::Fcgi(st) if st.declared_in()) && self.buf.is_empty() {
+            // Nothing of the body is left to come but its end record, which
+            // may never come (see `read_fcgi_body`).
+            self.body = BodyState::Done;
             return true;
         }
         if self.stdin_stops_at_response {

@@ -31,6 +31,14 @@ pub struct FcgiIn {
     pub surplus: u64,
 }
 
+impl FcgiIn {
+    /// Whether every body byte CONTENT_LENGTH announced was read, to the end
+    /// of its record, and nothing more came: only the end record is owed.
+    pub fn declared_in(&self) -> bool {
+        self.left == Some(0) && self.content == 0 && self.padding == 0 && self.surplus == 0 && !self.ended
+    }
+}
+
 /// What the FastCGI reader learned from the next record in the buffer.
 pub(crate) enum StdinStep {
     /// A STDIN record of the active request: skip `header` bytes, then
