@@ -404,7 +404,7 @@ def test_a_reload_hands_kept_alive_connections_to_workers_that_can_read_them(sta
             assert conn.read_response().status == 200
         mark = server.mark()
         server.signal(signal.SIGHUP)
-        server.wait_for(r"handed \d+ kept-alive connection\(s\) to other workers", since=mark, timeout=20)
+        server.wait_for(r"handed \d+ connection\(s\) to other workers", since=mark, timeout=20)
         for conn in conns:
             conn.send_request("GET", "/pid")
         for conn in conns:

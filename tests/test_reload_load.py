@@ -275,6 +275,62 @@ def test_requests_waiting_on_a_worker_whose_only_thread_is_stuck_reach_its_repla
             assert new != old and int(new) in server.worker_pids(mark)
 
 
+def _queue_behind_a_slow_request(server, secs):
+    """A kept-alive and a fresh connection whose requests wait behind a slow
+    one on a worker with one thread; returns them with the old worker's pid
+    and the slow request's future."""
+    kept, fresh = server.connect(), server.connect()
+    kept.send(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
+    old = kept.read_response().body.decode()
+    time.sleep(0.5)
+    mark = server.mark()
+    pool = ThreadPoolExecutor(1)
+    slow = pool.submit(server.request, "GET", f"/slow?secs={secs}&id=slow", timeout=30)
+    server.wait_for("slow request started: slow", since=mark)
+    for conn in (kept, fresh):
+        conn.send(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(0.3)
+    pool.shutdown(wait=False)
+    return kept, fresh, old, slow
+
+
+def _served_by_a_new_worker(server, conns, old, mark):
+    for conn in conns:
+        resp = conn.read_response()
+        assert resp.status == 200
+        new = resp.body.decode()
+        assert new != old and int(new) in server.worker_pids(mark)
+        conn.close()
+
+
+def test_requests_waiting_on_a_draining_worker_go_to_its_ready_replacement(start_server):
+    """On a reload, requests waiting for a thread of the old worker (its
+    threads busy with slow ones) go to the new worker, which is ready and
+    idle, rather than being cut at the graceful timeout unstarted."""
+    server = start_server("behaviour:application", "--graceful-timeout", "20", workers=1, threads=1)
+    kept, fresh, old, slow = _queue_behind_a_slow_request(server, 8)
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    # Answered while the old worker's one thread is still in its slow request.
+    _served_by_a_new_worker(server, [kept, fresh], old, mark)
+    assert slow.result(timeout=30).status == 200
+    server.wait_for(rf"Worker stopped gracefully: pid={old}", since=mark)
+    assert server.grep(rf"Worker handed 2 connection\(s\) to other workers: pid={old}", mark)
+
+
+def test_requests_waiting_on_a_draining_worker_survive_its_last_thread_timing_out(start_server):
+    """The drain began while the worker's thread was busy, then that request
+    passed --timeout: the worker leaves at once, and what waited for the
+    thread goes to the replacement (it was reset with the worker)."""
+    server = start_server("behaviour:application", "--timeout", "3", workers=1, threads=1)
+    kept, fresh, old, slow = _queue_behind_a_slow_request(server, 60)
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    assert slow.result(timeout=30).status == 504
+    server.wait_for(rf"Worker exiting with 1 timed-out request\(s\) still running: pid={old}", since=mark)
+    _served_by_a_new_worker(server, [kept, fresh], old, mark)
+
+
 @pytest.mark.parametrize("proto", ["http", "uwsgi", "scgi", "fastcgi"])
 def test_a_request_begun_before_the_only_thread_got_stuck_reaches_the_replacement(start_server, proto):
     """A worker with one thread reads a request's head and waits for its
@@ -391,7 +447,7 @@ def test_connections_handed_to_a_worker_that_gets_stuck_go_on_to_its_replacement
             server.wait_for("slow request started: stuck", since=mark)
             assert busy.result(timeout=30).status == 200
             server.wait_for(
-                rf"Worker handed 8 kept-alive connection\(s\) to other workers: pid={old}", since=mark
+                rf"Worker handed 8 connection\(s\) to other workers: pid={old}", since=mark
             )
             for i, conn in enumerate(kept):
                 conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n%d" % i)
@@ -454,7 +510,7 @@ def test_an_idle_keep_alive_connection_is_handed_to_a_new_worker_on_hup(start_se
         mark = server.mark()
         server.signal(signal.SIGHUP)
         server.wait_for(rf"Worker stopped gracefully: pid={old}", since=mark)
-        assert server.grep(rf"Worker handed 1 kept-alive connection\(s\) to other workers: pid={old}", mark)
+        assert server.grep(rf"Worker handed 1 connection\(s\) to other workers: pid={old}", mark)
         conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
         resp = conn.read_response()
         assert (resp.status, resp.body, resp.header("Connection")) == (200, b"hello", None)
@@ -485,7 +541,7 @@ def test_a_connection_handed_over_after_the_app_forked_stays_open(start_server):
         assert (resp.status, resp.header("Connection")) == (200, None)
         assert resp.body.endswith(b"slow 2\n")
         server.wait_for(rf"Worker stopped gracefully: pid={old}", since=mark)
-        assert server.grep(rf"Worker handed 1 kept-alive connection\(s\) to other workers: pid={old}", mark)
+        assert server.grep(rf"Worker handed 1 connection\(s\) to other workers: pid={old}", mark)
         conn.send(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
         new = conn.read_response().body.decode()
         assert new != old and int(new) in server.worker_pids(mark)
@@ -694,7 +750,7 @@ def test_thousands_of_idle_keep_alive_connections_all_survive_a_hup(start_server
             except OSError:
                 lost += 1
         assert lost == 0, (lost, server.log[-2000:])
-        assert server.grep(rf"Worker handed {count} kept-alive connection\(s\)", mark)
+        assert server.grep(rf"Worker handed {count} connection\(s\)", mark)
     finally:
         for s in conns:
             s.close()

@@ -88,6 +88,10 @@ pub(super) fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
         if drain_deadline.is_some() {
             adopt_inbox(w);
         }
+        // Before the sweep: the request that leaves every thread stuck may
+        // be the one timing out now, and a draining worker then exits in
+        // this tick, which only connections this sweep hands over survive.
+        check_timeouts(w, now);
         if serving_over(w) {
             rescue_turns(w);
         }
@@ -105,7 +109,6 @@ pub(super) fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
         resume_accepting(w, now);
         trim_after_closes(w);
         report_shed(w, now);
-        check_timeouts(w, now);
         if !RECYCLING.load(Ordering::Acquire) && drain_deadline.is_none() {
             check_recycle(w, now - born);
         }
@@ -125,7 +128,7 @@ pub(super) fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
                 let handed = HANDED_OVER.load(Ordering::Relaxed);
                 if handed > 0 {
                     info!(
-                        "Worker handed {handed} kept-alive connection(s) to other workers: pid={}",
+                        "Worker handed {handed} connection(s) to other workers: pid={}",
                         std::process::id()
                     );
                 }
@@ -772,18 +775,27 @@ pub(super) fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize 
         let between = e.between.load(Ordering::Relaxed);
         // Nothing of it read here, or all that was still buffered, to go with it.
         let as_it_is = |e: &Entry| e.untouched.load(Ordering::Relaxed) || e.begun.load() != Begun::Not;
-        let orphan = orphans && as_it_is(e) && !e.handed.load(Ordering::Relaxed);
-        if !(expired || (draining || close_idle) && between || orphan) {
+        // A connection no thread here has taken a request from, its request
+        // perhaps waiting in the socket: a draining worker's threads may be
+        // busy for a while yet, and at the graceful timeout it would be cut,
+        // while the worker replacing this one is ready and idle.
+        let waiting = draining && as_it_is(e) && !e.handed.load(Ordering::Relaxed);
+        let orphan = orphans && waiting;
+        if !(expired || (draining || close_idle) && between || waiting) {
             // Nothing to do for it: spare the system call below, four times
             // a second for each of thousands of idle connections.
             continue;
         }
         let pending = pending_bytes(e.fd) > 0;
-        if orphan || draining && !pending && between && !e.handed.load(Ordering::Relaxed) {
+        let idle_between = draining && !pending && between && !e.handed.load(Ordering::Relaxed);
+        if waiting || idle_between {
             let to = crate::handover::target(&w.scoreboard, w.slot, w.master);
             // None serves yet, but a replacement is starting: wait for it
             // (up to the graceful timeout) rather than close the connection.
-            if to.is_none() && *successor.get_or_insert_with(|| can_hand_over(w)) {
+            // (A request merely waiting for a thread here is served here if
+            // none comes.)
+            if to.is_none() && (orphan || idle_between) && *successor.get_or_insert_with(|| can_hand_over(w))
+            {
                 left += 1;
             }
             // Taken for the hand-over (`Closing`), and still as it was seen: a
@@ -795,7 +807,7 @@ pub(super) fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize 
                 if !e.state.claim(ConnState::Closing) {
                     return false;
                 }
-                let fits = if orphan {
+                let fits = if waiting {
                     as_it_is(e)
                 } else {
                     e.between.load(Ordering::Relaxed) && pending_bytes(e.fd) == 0
