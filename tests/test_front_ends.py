@@ -127,13 +127,15 @@ class Stack:
 
     def _apache(self):
         scheme = {"uwsgi": "uwsgi", "fastcgi": "fcgi", "scgi": "scgi"}[self.wire]
+        # Connections kept in a pool, each checked by peeking at it before reuse.
+        reuse = " enablereuse=on" if self.protocol == "fastcgi-reuse" else ""
         hosts = []
         for port, flag in ((self.port, ""), (self.https_port, "SetEnv HTTPS on")):
             hosts.append(
                 f"""
 <VirtualHost 127.0.0.1:{port}>
     {flag}
-    ProxyPass "/" "{scheme}://{self.backend}/"
+    ProxyPass "/" "{scheme}://{self.backend}/"{reuse}
 </VirtualHost>"""
             )
         return front_ends.apache(self.tmp / "apache", "\n".join(hosts), [self.port, self.https_port])
@@ -322,6 +324,32 @@ def test_a_body_over_max_body_size_gets_413_through_the_front_end(tmp_path, prot
             r"--max-body-size 1000000",
             count=3,
         )
+    finally:
+        stack.front.stop()
+        stack.corral.cleanup()
+
+
+@pytest.mark.skipif(not front_ends.available("apache2"), reason="Apache is not installed")
+@pytest.mark.parametrize("ending", ["413", "timeout"])
+def test_apache_reusing_fastcgi_connections_is_not_misled_by_one_that_closes(tmp_path, ending):
+    """A kept FastCGI connection that closes after its response (a 413, a 504
+    from --timeout) must look closed to Apache, which peeks at a pooled
+    connection before it reuses it: a record behind END_REQUEST meant for
+    nginx looked like a sign of life, and so did a connection still open
+    while the rest of a refused body was awaited. Apache sent its next
+    request on it and answered 503."""
+    extra = ("--max-body-size", "100000") if ending == "413" else ("--timeout", "1")
+    stack = Stack(tmp_path, "apache", "fastcgi-reuse", "tcp", extra=extra)
+    try:
+        for _ in range(3):
+            if ending == "413":
+                status, _, out = stack.request("POST", "/upload", b"y" * 200_000)
+            else:
+                status, _, out = stack.request("GET", "/sleep?secs=3")
+            assert status == int(ending if ending == "413" else 504), (status, out[:300])
+            for _ in range(6):
+                status, _, out = stack.request("GET", "/environ")
+                assert status == 200, (status, out[:300], stack.front.logs()[-2000:])
     finally:
         stack.front.stop()
         stack.corral.cleanup()

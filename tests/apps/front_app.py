@@ -6,10 +6,12 @@
 /stream    a generator without Content-Length
 /form      an urlencoded POST, parsed, echoed as JSON
 /plain     a body in one piece, without Content-Length
+/sleep     ?secs=N: answers after N seconds
 """
 
 import hashlib
 import json
+import time
 from urllib.parse import parse_qs
 
 PATTERN = bytes(range(256)) * 4096  # 1 MiB
@@ -59,6 +61,10 @@ def application(environ, start_response):
             headers.append(("Content-Length", "100000"))
         start_response("200 OK", headers)
         return _fails_midway()
+    if path.endswith("/sleep"):
+        time.sleep(float(parse_qs(environ.get("QUERY_STRING", "")).get("secs", ["1"])[0]))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"slept\n"]
     if path.endswith("/plain"):
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"one piece, no length given\n"]

@@ -102,6 +102,27 @@ impl<'a> Request<'a> {
                 .unwrap_or(b""),
         }
     }
+    /// The target for the access log: [`Request::target`], but from a
+    /// gateway peer that sends no REQUEST_URI (a bare CGI environment,
+    /// `cgi-fcgi`), the one its environ stands for, SCRIPT_NAME and
+    /// PATH_INFO with `?QUERY_STRING`, so that the query is logged too.
+    pub fn log_target(&self) -> std::borrow::Cow<'a, [u8]> {
+        match self.meta {
+            Meta::Cgi(c) if c.get(self.bytes, b"REQUEST_URI").is_none_or(|v| v.is_empty()) => {
+                let get = |k: &[u8]| c.get(self.bytes, k).unwrap_or(b"");
+                let mut t = [get(b"SCRIPT_NAME"), get(b"PATH_INFO")].concat();
+                if t.is_empty() {
+                    t = self.target().to_vec();
+                }
+                if !get(b"QUERY_STRING").is_empty() && !t.contains(&b'?') {
+                    t.push(b'?');
+                    t.extend_from_slice(get(b"QUERY_STRING"));
+                }
+                std::borrow::Cow::Owned(t)
+            }
+            _ => std::borrow::Cow::Borrowed(self.target()),
+        }
+    }
     /// The raw (still percent-encoded) path of an HTTP request.
     pub fn path(&self) -> &'a [u8] {
         match self.meta {

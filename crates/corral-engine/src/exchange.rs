@@ -287,6 +287,8 @@ pub(crate) struct Io {
     /// whole (nginx, which says so in SERVER_SOFTWARE): END_REQUEST need not
     /// wait for the rest of a body the app did not read (see `fcgi_stdin_in`).
     pub stdin_stops_at_response: bool,
+    /// This gateway request came from nginx (its SERVER_SOFTWARE says so).
+    pub front_end_nginx: bool,
     /// The socket failed; nothing more is written and the connection closes.
     pub broken: bool,
     /// A write waited out the I/O timeout ([`STALLED_READER`]): the client
@@ -408,6 +410,7 @@ impl Io {
             lingering: false,
             linger_end: 0,
             stdin_stops_at_response: false,
+            front_end_nginx: false,
             broken: false,
             aborted: false,
             fcgi_aborted: false,
@@ -910,7 +913,26 @@ impl Io {
                 }
             }
             if let Err(e) = self.fill(blocking) {
-                let e = if e == BodyError::Truncated { BodyError::Gateway(FCGI_CLOSED_IN_BODY) } else { e };
+                let e = match e {
+                    // While the app reads: its client went away in the middle
+                    // of an upload (the front end closes), as over uwsgi and
+                    // SCGI, and said once with what had come of it.
+                    BodyError::Truncated if self.phase != RespPhase::Finished => {
+                        self.body_note = Some(format!(
+                            "the front end closed the connection inside the body ({} bytes of it received{})",
+                            self.body_received,
+                            match &self.body {
+                                BodyState::Fcgi(FcgiIn { left: Some(left), .. }) => {
+                                    format!(", {left} short of CONTENT_LENGTH")
+                                }
+                                _ => String::new(),
+                            }
+                        ));
+                        e
+                    }
+                    BodyError::Truncated => BodyError::Gateway(FCGI_CLOSED_IN_BODY),
+                    e => e,
+                };
                 self.body = BodyState::Failed(e);
                 return Err(e);
             }
@@ -1565,8 +1587,12 @@ impl Io {
     /// TCP (see [`Io::ending`]), where nothing sends the two together: a
     /// reader that ran between the write and the shutdown put the
     /// connection back and sent its next request on it, a 502 for a POST.
+    ///
+    /// Only for nginx: a front end that checks a pooled connection by
+    /// peeking at it (Apache's mod_proxy) takes the record for a sign of
+    /// life, and sends its next request on the connection as it closes.
     fn push_last_notice(&self, out: &mut Vec<u8>) {
-        if self.last_on_kept_conn() {
+        if self.last_on_kept_conn() && self.front_end_nginx {
             // Empty: within any length limit.
             let _ = fastcgi::write_get_values_result(out, &[]);
         }

@@ -138,7 +138,7 @@ pub(super) fn shed<A: App>(w: &Shared<A>, fd: RawFd, idx: usize, client: &str) {
     let reply = match w.listeners[idx].1.protocol {
         // FastCGI needs a request id to answer on; closing is its 503.
         Protocol::FastCgi => Vec::new(),
-        Protocol::Scgi => error_reply(Wire::Scgi, 503, "server overloaded"),
+        Protocol::Scgi => error_reply(Wire::Scgi, 503, "server overloaded", false),
         _ => error_response(503, "server overloaded"),
     };
     if !reply.is_empty() {

@@ -40,7 +40,16 @@ pub(super) fn note_for<A: App>(w: &Shared<A>, idx: usize, entry: &Entry) -> crat
 /// buffered, its responses written) to a sibling; gives it back if it stays
 /// (to be parked: the sweeper hands it over once a sibling is ready).
 pub(super) fn hand_over_if_draining<A: App>(w: &Shared<A>, conn: Box<Conn>) -> Option<Box<Conn>> {
-    if !draining() || w.inbox.is_none() || conn.entry.fresh.load(Ordering::Relaxed) {
+    // Nor one whose next FastCGI request began: its first records left the
+    // buffer for the connection's state, which does not go with it (the
+    // sibling got the rest of a request it never saw begin, and dropped it:
+    // Apache writes BEGIN_REQUEST on its own). The sweeper hands such a one
+    // over with its records encoded again.
+    if !draining()
+        || w.inbox.is_none()
+        || conn.entry.fresh.load(Ordering::Relaxed)
+        || conn.fcgi.active.is_some()
+    {
         return Some(conn);
     }
     let Some(to) = crate::handover::target(&w.scoreboard, w.slot, w.master) else {

@@ -402,6 +402,7 @@ fn parse_gateway<A: App>(
                     match req {
                         Some(r) => {
                             let wire = Wire::FastCgi { id: r.id, keep_conn: r.keep_conn };
+                            io.front_end_nginx = super::request::nginx_sent(&r.params, &r.params_bytes);
                             let left = match cgi::check(&r.params, &r.params_bytes) {
                                 Ok(len) => len,
                                 Err(e) => return Err(refuse(w, conn, io, wire, e.status(), &e.to_string())),
@@ -480,7 +481,7 @@ pub(super) fn refuse<A: App>(
         reason(status)
     );
     let blocking: fn(&mut dyn FnMut()) = |f| f();
-    let reply = error_reply(wire, status, why);
+    let reply = error_reply(wire, status, why, io.front_end_nginx);
     let _ = io.write_parts(&[&reply], blocking);
     record_refusal(w, Ok(conn), conn.listener, &io.buf, status, &reply);
     drain_and_close(io);

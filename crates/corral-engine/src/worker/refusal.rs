@@ -130,8 +130,9 @@ pub(super) fn error_body(status: u16, detail: &str) -> String {
 
 /// A complete error response in a connection's framing: HTTP for HTTP and
 /// uwsgi, CGI headers for SCGI, and those in STDOUT records followed by
-/// END_REQUEST for FastCGI.
-pub(super) fn error_reply(wire: Wire, status: u16, detail: &str) -> Vec<u8> {
+/// END_REQUEST for FastCGI. `nginx`: the front end is nginx (see
+/// `Io::front_end_nginx`).
+pub(super) fn error_reply(wire: Wire, status: u16, detail: &str, nginx: bool) -> Vec<u8> {
     let cgi_response = || {
         let body = error_body(status, detail);
         let mut out = format!(
@@ -151,11 +152,11 @@ pub(super) fn error_reply(wire: Wire, status: u16, detail: &str) -> Vec<u8> {
             fastcgi::write_stdout(&mut out, id, &cgi_response());
             fastcgi::write_stream_end(&mut out, fastcgi::RecordType::Stdout, id);
             fastcgi::write_end_request(&mut out, id, 0, fastcgi::ProtocolStatus::RequestComplete);
-            if keep_conn {
-                // The connection closes after it, though the front end asked
-                // to keep it: a record behind END_REQUEST keeps it out of the
-                // front end's pool (see `Io::push_last_notice`), which would
-                // send its next request on it as it closes (nginx: 502).
+            if keep_conn && nginx {
+                // The connection closes after it, though nginx asked to keep
+                // it: a record behind END_REQUEST keeps it out of nginx's
+                // pool (see `Io::push_last_notice`), which would send its
+                // next request on it as it closes (a 502).
                 let _ = fastcgi::write_get_values_result(&mut out, &[]);
             }
             out

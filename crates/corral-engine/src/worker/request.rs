@@ -35,7 +35,7 @@ pub(super) fn handle_request<A: App>(
                      X-Forwarded-Protocol, X-Forwarded-SSL) (400 Bad Request)",
                     peer(conn, listener)
                 );
-                let reply = error_reply(io.wire, 400, "contradictory scheme headers");
+                let reply = error_reply(io.wire, 400, "contradictory scheme headers", io.front_end_nginx);
                 let _ = io.write_parts(&[&reply], |f| f());
                 record_refusal(w, Ok(conn), conn.listener, &bytes, 400, &reply);
                 drain_and_close(&mut io);
@@ -63,10 +63,18 @@ pub(super) fn handle_request<A: App>(
         );
         let mut io = conn.io.lock().unwrap();
         let blocking: fn(&mut dyn FnMut()) = |f| f();
-        let reply = error_reply(io.wire, 413, "request body too large");
+        let reply = error_reply(io.wire, 413, "request body too large", io.front_end_nginx);
         let _ = io.write_parts(&[&reply], blocking);
         record_refused_request(w, conn, &req, 413, &reply);
         if io.wire != Wire::Http {
+            // The end of the stream goes with the 413: a front end that stops
+            // sending the body once it has the answer (nginx, Apache) would
+            // otherwise find the connection alive meanwhile, and send its
+            // next request on it to be dropped here with the body (Apache:
+            // 503). What it still sends is read, so that the close is no reset.
+            if io.flush_out(blocking).is_ok() {
+                unsafe { libc::shutdown(io.fd, libc::SHUT_WR) };
+            }
             // A front end reads the 413 only once it has sent the body.
             discard_front_end_body(&mut io, blocking, &req);
         }
@@ -128,6 +136,12 @@ pub(super) fn handle_request<A: App>(
 /// of the last request cleared. Answers the request's bytes, a front end's
 /// parameters, the exchange's generation, and the declared body length when
 /// it passes --max-body-size.
+/// Whether nginx sent these CGI parameters, as its SERVER_SOFTWARE says
+/// (its stock fastcgi_params, uwsgi_params and scgi_params all pass it).
+pub(super) fn nginx_sent(params: &crate::cgi::CgiParams, bytes: &[u8]) -> bool {
+    params.get(bytes, b"SERVER_SOFTWARE").is_some_and(|v| v.starts_with(b"nginx/"))
+}
+
 fn begin_request<A: App>(
     w: &Shared<A>,
     conn: &mut Conn,
@@ -139,6 +153,8 @@ fn begin_request<A: App>(
             let head_bytes = io.buf.split_to(n).freeze();
             let head = &conn.head;
             io.wire = Wire::Http;
+            io.front_end_nginx = false;
+            io.stdin_stops_at_response = false;
             io.body = match head.framing {
                 BodyFraming::None => BodyState::Done,
                 BodyFraming::Length(len) => BodyState::Length(len),
@@ -162,10 +178,8 @@ fn begin_request<A: App>(
             io.head_request = g.params.get(&g.bytes, b"REQUEST_METHOD") == Some(b"HEAD");
             io.keep_alive =
                 matches!(g.wire, Wire::FastCgi { keep_conn: true, .. }) && fastcgi_conn_may_stay();
-            // Looked up only for a FastCGI request whose STDIN is still to come.
-            io.stdin_stops_at_response = matches!(g.wire, Wire::FastCgi { .. })
-                && !matches!(io.body, BodyState::Done)
-                && g.params.get(&g.bytes, b"SERVER_SOFTWARE").is_some_and(|v| v.starts_with(b"nginx/"));
+            io.front_end_nginx = matches!(g.wire, Wire::FastCgi { .. }) && nginx_sent(&g.params, &g.bytes);
+            io.stdin_stops_at_response = io.front_end_nginx && !matches!(io.body, BodyState::Done);
             (g.bytes, Some(g.params))
         }
     };
@@ -369,7 +383,7 @@ impl LogNote {
         Box::new(LogNote {
             remote: log_remote(conn, req),
             method: req.method().to_vec(),
-            target: req.target().to_vec(),
+            target: req.log_target().into_owned(),
             protocol: log_protocol(req),
             headers: log
                 .format
@@ -410,12 +424,13 @@ pub(super) fn log_request(log: &AccessLog, t: usize, conn: &Conn, req: &Request<
     };
     let environ = |name: &str| io.logged_environ.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
     let protocol = log_protocol(req);
+    let target = req.log_target();
     log.log(
         t,
         &crate::access::Entry {
             remote_addr: &remote,
             method: req.method(),
-            target: req.target(),
+            target: &target,
             protocol: &protocol,
             status: io.status,
             bytes: io.bytes_sent,
@@ -469,7 +484,7 @@ pub(super) fn complete_locked(conn: &Conn, listener: &ListenerInfo, req: &Reques
         error!("App returned without starting a response: {}", req.describe());
         io.keep_alive = false;
         io.status = 500;
-        let reply = error_reply(io.wire, 500, "Internal Server Error");
+        let reply = error_reply(io.wire, 500, "Internal Server Error", io.front_end_nginx);
         let _ = io.write_parts(&[&reply], blocking);
         return false;
     }

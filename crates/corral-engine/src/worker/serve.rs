@@ -99,7 +99,7 @@ fn note_timed_out<A: App>(w: &Shared<A>, conn: &Conn, partial: usize) {
             Protocol::Scgi => Wire::Scgi,
             _ => Wire::Http,
         };
-        let reply = error_reply(wire, 408, SLOW_BODY);
+        let reply = error_reply(wire, 408, SLOW_BODY, false);
         record_refused_request(w, conn, req, 408, &reply);
     }
 }

@@ -443,11 +443,11 @@ pub(super) fn abandon_request<A: App>(
             let fresh = io.phase < RespPhase::Sent && !io.broken;
             if fresh {
                 io.status = status;
-                // On a FastCGI connection the front end keeps, it ends with
-                // a record that keeps the connection out of the front end's
-                // pool, which would send its next request on it after the
-                // shutdown below (nginx: EPIPE, 502).
-                let reply = error_reply(io.wire, status, why);
+                // On a FastCGI connection nginx keeps, it ends with a record
+                // that keeps the connection out of nginx's pool, which would
+                // send its next request on it after the shutdown below
+                // (EPIPE, 502).
+                let reply = error_reply(io.wire, status, why, io.front_end_nginx);
                 if io.write_parts(&[&reply], blocking).is_ok() {
                     // The body's bytes, as the access log counts a response's.
                     io.bytes_sent += error_body(status, why).len() as u64;
@@ -918,7 +918,7 @@ pub(super) fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize 
                     Protocol::FastCgi => None,
                 };
                 if let Some(wire) = wire {
-                    let reply = error_reply(wire, 408, SLOW_BODY);
+                    let reply = error_reply(wire, 408, SLOW_BODY, false);
                     unsafe {
                         libc::send(
                             e.fd,
