@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -733,7 +734,9 @@ def test_a_gunicorn_configuration_file_is_read_as_gunicorn_reads_it(start_server
     assert got["max-requests-jitter"][1] == "default"
     assert got["log-level"] == ('"info"', at + "15")
     assert got["forwarded-allow-ips"] == ('"10.0.0.1,10.0.0.2"', at + "16")
-    assert got["umask"] == ('"27"', at + "17")
+    # gunicorn creates its unix sockets under its umask, and nothing else.
+    assert got["socket-mode"] == ('"750"', at + "17")
+    assert got["umask"][1] == "default"
     assert got["name"] == ('"gconf"', at + "20")
     assert got["app"] == ('"behaviour:application"', at + "22")
     # What it does not need is said, not silently dropped; what differs too.
@@ -749,6 +752,85 @@ def test_a_gunicorn_configuration_file_is_read_as_gunicorn_reads_it(start_server
         lambda: access.exists() and "GET /os-environ?key=GREETING HTTP/1.1 -> 200" in access.read_text()
     )
     assert any("corral: master [gconf]" in line for line in _ps_args()), _ps_args()
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "file", "want"),
+    [
+        (["--workers-min", "1", "--workers-max", "4"], {"CORRAL_WORKERS": "3"}, "", ("1", "4", None)),
+        (["--workers-min", "1", "--workers-max", "4"], {"GUNICORN_CMD_ARGS": "-w 3"}, "", ("1", "4", None)),
+        (["-w", "2"], {"CORRAL_WORKERS_MIN": "1", "CORRAL_WORKERS_MAX": "4"}, "", (None, None, "2")),
+        (["-w", "2"], {"CORRAL_SCALE_DOWN_IDLE": "30", "CORRAL_WORKERS_MAX": "4"}, "", (None, None, "2")),
+        (["-w", "3"], {}, "workers-min = 2\nworkers-max = 4\nscale-down-idle = 30\n", (None, None, "3")),
+        (
+            [],
+            {"CORRAL_WORKERS": "3"},
+            "workers-min = 2\nworkers-max = 4\nscale-down-idle = 30\n",
+            (None, None, "3"),
+        ),
+    ],
+)
+def test_the_higher_layer_chooses_the_kind_of_pool(tmp_path, args, env, file, want):
+    """The command line wins over the environment, and either over a file, for
+    the pool's kind too: a fixed pool asked for there leaves a lower layer's
+    adaptive one behind whole (--scale-down-idle with it), and an adaptive one
+    the lower layer's --workers, rather than both being refused together."""
+    if file:
+        cfg = tmp_path / "corral.toml"
+        cfg.write_text(file)
+        args = ["--config", str(cfg), *args]
+    proc = _run([*args, "--print-config", "behaviour:application"], env=env, cwd=APPS)
+    assert proc.returncode == 0, proc.stderr
+    p = _printed(proc.stdout)
+    lo, hi, fixed = want
+    if fixed:
+        assert p["workers"][0] == f'"{fixed}"' and p["workers-min"][0] == "(not set)", p
+        assert p["workers-max"][0] == "(not set)", p
+    else:
+        assert (p["workers-min"][0], p["workers-max"][0]) == (f'"{lo}"', f'"{hi}"'), p
+        assert p["workers"][1] == "default", p
+
+
+def test_a_gunicorn_files_relative_paths_are_from_its_chdir(tmp_path):
+    """gunicorn changes to its chdir before it opens its logs, its pid file and
+    its unix sockets: a file's relative paths of them are from there."""
+    (tmp_path / "site").mkdir()
+    cfg = tmp_path / "gunicorn.conf.py"
+    cfg.write_text(
+        f'chdir = "{tmp_path}/site"\naccesslog = "acc.log"\nerrorlog = "-"\npidfile = "g.pid"\n'
+        'bind = ["unix:g.sock", "127.0.0.1:0"]\n'
+    )
+    proc = _run(["-c", str(cfg), "--print-config", "behaviour:application"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    p = _printed(proc.stdout)
+    assert p["access-log"][0] == f'"{tmp_path}/site/acc.log"', p["access-log"]
+    assert p["pidfile"][0] == f'"{tmp_path}/site/g.pid"', p["pidfile"]
+    assert p["http"][0] == f'["unix:{tmp_path}/site/g.sock", "127.0.0.1:0"]', p["http"]
+    assert p["error-log"][0] == '"-"'
+
+
+def test_a_gunicorn_files_umask_is_its_unix_sockets_mode_only(start_server, tmp_path):
+    """gunicorn's default umask, 0, which its example file sets: the socket is
+    777 as gunicorn's would be, and the logs corral writes are not made
+    world-writable."""
+    sock, access = tmp_path / "g.sock", tmp_path / "access.log"
+    cfg = tmp_path / "gunicorn.conf.py"
+    cfg.write_text(
+        f'bind = "unix:{sock}"\numask = 0\naccesslog = "{access}"\nwsgi_app = "behaviour:application"\n'
+    )
+    server = start_server(str(cfg), "-c", http=None, workers=None, wait=False)
+    server.wait_started()
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o777
+    with socket.socket(socket.AF_UNIX) as c:
+        c.settimeout(10)
+        c.connect(str(sock))
+        c.sendall(b"GET /fixed HTTP/1.0\r\n\r\n")
+        got = b""
+        while data := c.recv(65536):
+            got += data
+    assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"hello world"), got
+    assert wait_until(lambda: access.exists() and access.read_text())
+    assert stat.S_IMODE(os.stat(access).st_mode) & 0o022 == 0, oct(os.stat(access).st_mode)
 
 
 def _ps_args():
@@ -981,6 +1063,17 @@ static-map = /files=%d
 [other]
 processes = 9
 """
+
+
+@pytest.mark.parametrize(("disable", "logged"), [("true", False), ("false", True)])
+def test_a_uwsgi_ini_files_disable_logging_wins_over_its_req_logger(tmp_path, disable, logged):
+    """uWSGI writes no request log with disable-logging, whatever req-logger says."""
+    ini = tmp_path / "site.ini"
+    ini.write_text(f"[uwsgi]\nreq-logger = file:{tmp_path}/acc.log\ndisable-logging = {disable}\n")
+    proc = _run(["--config", str(ini), "--print-config", "behaviour:application"], cwd=APPS)
+    assert proc.returncode == 0, proc.stderr
+    access = _printed(proc.stdout)["access-log"][0]
+    assert access == (f'"{tmp_path}/acc.log"' if logged else "(not set)"), access
 
 
 def test_a_uwsgi_ini_file_is_read_as_uwsgi_reads_it(start_server, tmp_path):

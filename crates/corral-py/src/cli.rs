@@ -704,7 +704,7 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     corral_engine::proctitle::init();
     // Before anything opens a descriptor.
     reserve_stdio(py);
-    let cmd = Cli::command();
+    let cmd = crate::config_file::without_env_of_other_pool_kind(Cli::command(), &argv);
     let (mut argv, from_gunicorn_env) = match crate::config_file::gunicorn_cmd_args(py, &cmd, &argv) {
         Ok(found) => found,
         Err(e) => {
@@ -760,6 +760,7 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     // not the command line.
     let located =
         |e: &dyn std::fmt::Display| crate::config_file::whence(&e.to_string(), &cmd, &matches, &origins);
+    capture_without_a_file(&mut cli);
     if cli.print_config {
         use std::io::Write as _;
         // What a start would refuse, checked without creating anything, so
@@ -807,10 +808,7 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
                 p.filter(|p| *p != "-").map(|p| (flag, p.clone(), std::path::Path::new(p).exists()))
             })
             .collect();
-    if let Err(e) = capture_needs_a_file(&cli)
-        .and_then(|()| daemon_needs_files(&cli))
-        .and_then(|()| touch_files_named(&cli))
-    {
+    if let Err(e) = daemon_needs_files(&cli).and_then(|()| touch_files_named(&cli)) {
         eprintln!("corral: error: {}", located(&e));
         return Ok(2);
     }
@@ -1629,7 +1627,6 @@ fn check_without_effects(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), St
         return Err(format!("--chdir {}: not a directory", dir.display()));
     }
     mount_prefix(cli)?;
-    capture_needs_a_file(cli)?;
     daemon_needs_files(cli)?;
     touch_files_named(cli)?;
     if let Some(owner) = cli.socket_owner.as_deref() {
@@ -2090,16 +2087,17 @@ fn distinct_tcp_listeners<'a>(addrs: impl Iterator<Item = &'a Addr>) -> Result<(
     Ok(())
 }
 
-/// --capture-output has somewhere to capture to.
-fn capture_needs_a_file(cli: &Cli) -> Result<(), String> {
+/// --capture-output without --error-log FILE asks for nothing: the app's
+/// output goes to stdout and stderr already. Taken with a note, as gunicorn
+/// takes it (and as a gunicorn file's `capture_output` is).
+fn capture_without_a_file(cli: &mut Cli) {
     if cli.capture_output && cli.error_log == "-" {
-        return Err(
-            "--capture-output needs --error-log FILE (without one, the app's output already goes to \
-             stdout and stderr)"
-                .into(),
+        eprintln!(
+            "corral: note: --capture-output without --error-log FILE is not needed: the app's output goes \
+             to stdout and stderr already; ignored"
         );
+        cli.capture_output = false;
     }
-    Ok(())
 }
 
 /// The access log's format; --log-format json makes it JSON too unless the

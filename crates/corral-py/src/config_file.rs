@@ -126,7 +126,7 @@ pub fn gunicorn_cmd_args(
         };
         let end = if takes_value && !inline { (i + 2).min(tokens.len()) } else { i + 1 };
         match arg {
-            Some(a) if given(a.get_id().as_str()) => {}
+            Some(a) if given(a.get_id().as_str()) || other_pool_kind(a.get_id().as_str(), &given) => {}
             Some(a) => {
                 kept.extend(tokens[i..end].iter().cloned());
                 ids.push(a.get_id().to_string());
@@ -349,7 +349,37 @@ fn overruled(cmd: &Command, arg: &clap::Arg, outside: &dyn Fn(&str) -> bool) -> 
             outside(other.get_id().as_str())
                 && cmd.get_arg_conflicts_with(other).iter().any(|c| c.get_id().as_str() == id)
         })
-        || (id == "workers_max" && outside("workers"))
+        || other_pool_kind(id, outside)
+}
+
+/// Whether `id` sets up the other kind of pool than one a higher layer (the
+/// command line over the environment, either over a config file) asks for
+/// with `given`: a fixed pool (`--workers`) leaves a lower layer's adaptive
+/// one behind whole, `--scale-down-idle` with it, and an adaptive one its
+/// `--workers`; mixed, the two would be refused together.
+pub fn other_pool_kind(id: &str, given: &dyn Fn(&str) -> bool) -> bool {
+    match id {
+        "workers" => given("workers_min") || given("workers_max"),
+        "workers_min" | "workers_max" | "scale_down_idle" => given("workers"),
+        _ => false,
+    }
+}
+
+/// The parser without the environment variables of the other kind of pool
+/// than the command line asks for (see [`other_pool_kind`]): the command
+/// line wins over the environment there too.
+pub fn without_env_of_other_pool_kind(cmd: Command, argv: &[String]) -> Command {
+    let on_command_line = cmd.clone().ignore_errors(true).try_get_matches_from(argv).ok();
+    let given = |id: &str| {
+        on_command_line.as_ref().is_some_and(|m| m.value_source(id) == Some(ValueSource::CommandLine))
+    };
+    let mut cmd = cmd;
+    for id in ["workers", "workers_min", "workers_max", "scale_down_idle"] {
+        if other_pool_kind(id, &given) {
+            cmd = cmd.mut_arg(id, |a| a.env(None));
+        }
+    }
+    cmd
 }
 
 /// A TOML config file's keys and values, with the line each is on.

@@ -59,6 +59,31 @@ pub struct Setting {
     pub at: String,
 }
 
+/// `v`, a path (or `bind`'s addresses) a gunicorn file gives, with a
+/// relative one taken from `dir` as gunicorn takes it after its chdir.
+fn in_dir(dir: &str, name: &str, v: Value) -> Value {
+    let rebase = |p: &str| -> String {
+        let (prefix, path) = match name {
+            "bind" => match p.strip_prefix("unix:") {
+                Some(path) => ("unix:", path),
+                None => return p.to_string(),
+            },
+            _ => ("", p),
+        };
+        if path == "-" || path.is_empty() || std::path::Path::new(path).is_absolute() {
+            return p.to_string();
+        }
+        format!("{prefix}{}", std::path::Path::new(dir).join(path).display())
+    };
+    match v {
+        Value::String(s) => Value::from(rebase(s.value())),
+        Value::Array(a) => Value::Array(
+            a.iter().map(|x| x.as_str().map_or_else(|| x.clone(), |s| Value::from(rebase(s)))).collect(),
+        ),
+        v => v,
+    }
+}
+
 /// What a gunicorn setting is in corral.
 enum Rule {
     /// The corral option of the same meaning.
@@ -107,7 +132,9 @@ fn rule(name: &str) -> Option<Rule> {
         "pidfile" => Option("pidfile"),
         "user" => Option("user"),
         "group" => Option("group"),
-        "umask" => Option("umask"),
+        // gunicorn creates its unix sockets under it, and nothing else
+        // (not its logs, not the app's files): their mode, in corral.
+        "umask" => Option("socket-mode"),
         "pythonpath" => Option("pythonpath"),
         "forwarded_allow_ips" => Option("forwarded-allow-ips"),
         "proxy_protocol" => Option("proxy-protocol"),
@@ -636,9 +663,41 @@ pub fn translate(
             let n = positive_int(&value).map_err(|e| format!("{}: gunicorn's `{name}`: {e}", at(&name)))?;
             v = n.map_or(v, Value::from);
         }
+        // gunicorn changes to its chdir before it opens its logs, its pid
+        // file and its unix sockets: relative paths in the file are from there.
+        if let Some(dir) = given("chdir").or_else(|| get("chdir").and_then(|c| c.extract::<String>().ok())) {
+            if matches!(name.as_str(), "accesslog" | "errorlog" | "pidfile" | "bind") {
+                v = in_dir(&dir, &name, v);
+            }
+        }
         v = match (name.as_str(), v) {
-            // gunicorn's umask is a number (0o022); corral's option is octal digits.
-            ("umask", Value::Integer(i)) => Value::from(format!("{:o}", i.value())),
+            // gunicorn's umask is a number (0o022), or a string int() reads.
+            ("umask", v) => {
+                let mask = match &v {
+                    Value::Integer(i) => u32::try_from(*i.value()).ok().filter(|m| *m <= 0o777),
+                    Value::String(s) => {
+                        let s = s.value().trim();
+                        match (
+                            s.strip_prefix("0o").or(s.strip_prefix("0O")),
+                            s.strip_prefix("0x").or(s.strip_prefix("0X")),
+                        ) {
+                            (Some(oct), _) => u32::from_str_radix(oct, 8).ok(),
+                            (_, Some(hex)) => u32::from_str_radix(hex, 16).ok(),
+                            _ => s.parse::<u32>().ok(),
+                        }
+                        .filter(|m| *m <= 0o777)
+                    }
+                    _ => None,
+                };
+                let Some(mask) = mask else {
+                    return Err(format!(
+                        "{}: gunicorn's `umask` is not a umask (0 to 0o777): {}",
+                        at(&name),
+                        value
+                    ));
+                };
+                Value::from(format!("{:o}", 0o777 & !mask))
+            }
             // gunicorn takes user and group ids as numbers.
             ("user" | "group", Value::Integer(i)) => Value::from(i.value().to_string()),
             // Lists of networks are one comma-separated value in corral.

@@ -486,7 +486,9 @@ fn rule(key: &str) -> Option<Rule> {
             Moot("corral serves WSGI apps with the Python it is installed in")
         }
         "post-buffering" => Moot("a body the app did not read is read and dropped"),
-        "disable-logging" | "L" => Moot("no access log is written unless --access-log is given"),
+        "disable-logging" | "L" => {
+            Moot("no access log is written unless --access-log is given (and the file's `req-logger` is dropped)")
+        }
         "no-orphans" => Moot("workers leave when their master does"),
         "ignore-sigpipe" | "ignore-write-errors" | "disable-write-exception" => {
             Moot("a client that goes away ends its request with one log line, not an exception in the app")
@@ -766,7 +768,10 @@ pub fn translate(spec: &str, python_prefix: &str) -> Result<(Vec<Entry>, Vec<Str
         single.insert("error-log", (Value::from(l.value.clone()), at(l)));
         single.insert("capture-output", (Value::from(true), at(l)));
     }
-    if let Some(l) = last(&["req-logger"]) {
+    // uWSGI writes no request log with disable-logging, whatever req-logger says.
+    let no_request_log = last(&["disable-logging", "L"])
+        .is_some_and(|l| !matches!(l.value.to_ascii_lowercase().as_str(), "false" | "0" | "no" | "off"));
+    if let Some(l) = last(&["req-logger"]).filter(|_| !no_request_log) {
         match l.value.strip_prefix("file:") {
             Some(path) => {
                 single.insert("access-log", (Value::from(path.to_string()), at(l)));
