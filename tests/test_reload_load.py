@@ -446,9 +446,7 @@ def test_connections_handed_to_a_worker_that_gets_stuck_go_on_to_its_replacement
             stuck = pool.submit(server.request, "GET", "/slow?secs=100&id=stuck", timeout=30)
             server.wait_for("slow request started: stuck", since=mark)
             assert busy.result(timeout=30).status == 200
-            server.wait_for(
-                rf"Worker handed 8 connection\(s\) to other workers: pid={old}", since=mark
-            )
+            server.wait_for(rf"Worker handed 8 connection\(s\) to other workers: pid={old}", since=mark)
             for i, conn in enumerate(kept):
                 conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n%d" % i)
             assert stuck.result(timeout=30).status == 504
