@@ -1129,6 +1129,9 @@ def test_a_log_pipe_nobody_reads_drops_lines_instead_of_stopping_the_server(tmp_
         # The note goes out with the first write the reader takes, and the
         # line of the request after may come with a later flush.
         assert wait_until(noted, timeout=15), seen[-500:]
+        # A line like the log's others, with the process that dropped them.
+        line = next(x for x in seen.decode().splitlines() if "log line(s) dropped" in x)
+        assert re.fullmatch(r"\[[^]]+\] \[\d+\] \[WARNING\] \d+ log line\(s\) dropped: .*", line), line
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)

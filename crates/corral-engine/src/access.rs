@@ -605,7 +605,7 @@ fn clf_time() -> String {
 }
 
 /// `2026-11-24T15:20:37Z`.
-fn iso_time() -> String {
+pub(crate) fn iso_time() -> String {
     let (y, mo, d, h, mi, s) = crate::date::civil(crate::date::now_secs());
     format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
 }

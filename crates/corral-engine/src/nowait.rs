@@ -123,11 +123,23 @@ impl Target {
             rest = &rest[n..];
         }
         if self.stalled {
-            let note = format!(
-                "corral: {} log line(s) dropped: the log's reader took nothing for {} s\n",
+            let message = format!(
+                "{} log line(s) dropped: the log's reader took nothing for {} s",
                 self.dropped,
                 STALL_WAIT.as_secs()
             );
+            // A line like the log's others, saying which process dropped them.
+            let pid = std::process::id();
+            let note = if crate::logfile::json() {
+                format!(
+                    "{{\"time\":\"{}\",\"level\":\"WARNING\",\"pid\":{pid},\"message\":{}}}\n",
+                    crate::access::iso_time(),
+                    crate::access::json_string(&message)
+                )
+            } else {
+                let ((y, mo, d, h, mi, sec), off) = crate::date::local(crate::date::now_secs());
+                format!("[{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{sec:02} {off}] [{pid}] [WARNING] {message}\n")
+            };
             // The count stays until the note is out.
             if self.write_piece(note.as_bytes(), Instant::now())? {
                 self.stalled = false;
@@ -229,8 +241,8 @@ mod tests {
         assert!(!log.stalled);
         let n = reader.read(&mut buf).unwrap();
         let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-        assert!(text.starts_with("after\ncorral: "), "{text}");
-        assert!(text.contains("log line(s) dropped"), "{text}");
+        assert!(text.starts_with("after\n["), "{text}");
+        assert!(text.contains("[WARNING] ") && text.contains(" log line(s) dropped"), "{text}");
     }
 
     #[test]
@@ -259,7 +271,7 @@ mod tests {
         log.write(b"after\n").unwrap();
         let n = reader.read(&mut chunk).unwrap();
         let text = String::from_utf8_lossy(&chunk[..n]).into_owned();
-        assert!(text.starts_with("\nafter\ncorral: "), "{text:?}");
+        assert!(text.starts_with("\nafter\n[") && text.contains(" log line(s) dropped"), "{text:?}");
     }
 
     #[test]
