@@ -1077,6 +1077,26 @@ def test_a_request_past_timeout_has_its_access_log_line(start_server, tmp_path):
     assert [entry for entry in log.read_text().splitlines() if "/slow" in entry] == [timed_out]
 
 
+@pytest.mark.parametrize("size", [4, 200_000])
+def test_the_request_time_counts_a_slow_upload_whatever_its_size(start_server, tmp_path, size):
+    """%(D)s counts from the end of the request's head, as gunicorn's does: a
+    small body the server reads ahead of the app counted only from its end,
+    so the same slow client took 0 ms or its whole upload by the body's size."""
+    log = tmp_path / "access.log"
+    s = start_server(
+        "behaviour:application", "--access-logfile", str(log), "--access-logformat", "%(r)s %(s)s %(D)s"
+    )
+    with s.connect() as conn:
+        conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size + b"a" * (size // 2))
+        time.sleep(1.5)
+        conn.send(b"b" * (size - size // 2))
+        resp = conn.read_response()
+        assert (resp.status, len(resp.body)) == (200, size)
+    assert wait_until(lambda: log.exists() and "POST /echo" in log.read_text(), timeout=20)
+    [line] = [x for x in log.read_text().splitlines() if "POST /echo" in x]
+    assert int(line.rsplit(" ", 1)[1]) >= 1_000_000, line
+
+
 def test_a_log_pipe_nobody_reads_drops_lines_instead_of_stopping_the_server(tmp_path):
     """Standard output is a pipe whose reader stopped reading (`corral | tool`
     with the tool stuck): the access log's lines past what the pipe holds are

@@ -456,6 +456,7 @@ pub(super) fn adopt<A: App>(
         request_started: mono_ms(),
         parsed_upto: 0,
         head_ready: false,
+        head_done: 0,
         fcgi: FcgiConn::default(),
         registered: false,
         // uwsgi and SCGI carry one request per connection: nothing to re-arm.

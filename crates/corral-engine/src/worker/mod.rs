@@ -377,6 +377,10 @@ struct Conn {
     /// ahead: body bytes never end a head, so `worth_parsing` would not look
     /// at the buffer again.
     head_ready: bool,
+    /// Monotonic ms when the head of the request whose small body is read
+    /// ahead was complete (0: none): the access log's request time counts
+    /// from there, as gunicorn's does, the wait for that body included.
+    head_done: u64,
     /// FastCGI state between records (FastCGI listeners only).
     fcgi: FcgiConn,
     /// The descriptor is in the worker's epoll set (it has been parked once),

@@ -87,6 +87,9 @@ pub(super) fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                         conn.head_ready = false;
                         return Next::Request(n);
                     }
+                    if conn.head_done == 0 {
+                        conn.head_done = mono_ms();
+                    }
                     conn.head_ready = true;
                     head_len = Some(n);
                     want = missing as usize;
@@ -367,6 +370,9 @@ fn parse_gateway<A: App>(
                         Ok(Some(GatewayRequest { bytes, params: head.params, wire, body }))
                     } else {
                         *want = missing as usize;
+                        if conn.head_done == 0 {
+                            conn.head_done = mono_ms();
+                        }
                         conn.head_ready = true;
                         Ok(None)
                     }

@@ -86,7 +86,12 @@ pub(super) fn handle_request<A: App>(
     // write then.
     let note = w.access.as_ref().map(|log| LogNote::of(log, conn, &req));
     *w.current[t].lock().unwrap() = Some((conn.entry.fd, conn.io.clone(), listener.protocol, note));
-    let started = Instant::now();
+    // From the end of the head, as gunicorn counts: a small body read ahead
+    // of the app (a slow client's upload) is part of the request's time.
+    let started = match std::mem::take(&mut conn.head_done) {
+        0 => Instant::now(),
+        done => Instant::now() - Duration::from_millis(mono_ms().saturating_sub(done)),
+    };
     let began_ms = mono_ms();
     w.scoreboard.begin(w.slot, t, req.method(), req.target(), began_ms);
     reset_client_wait(t);
