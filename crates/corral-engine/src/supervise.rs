@@ -676,8 +676,8 @@ impl<'a, H: Hooks> Master<'a, H> {
                 }
                 Phase::Running | Phase::Announcing { .. } => {
                     info!(
-                        "Received {name}: graceful shutdown, waiting up to {:?} for in-flight requests",
-                        self.config.graceful_timeout
+                        "Received {name}: graceful shutdown, waiting up to {} s for in-flight requests",
+                        crate::supervise::secs(self.config.graceful_timeout)
                     );
                     crate::systemd::notify("STOPPING=1");
                     self.begin_graceful_stop();
@@ -1918,4 +1918,22 @@ pub(crate) fn describe_serving(serving: &[InFlight], offloaded: usize) -> String
         list.push(format!("{unnamed} more file response(s)"));
     }
     format!(" while serving {}", list.join(", "))
+}
+
+/// A duration in seconds as an operator wrote it: `30`, `1.5`, `0.25`.
+pub(crate) fn secs(d: Duration) -> String {
+    let s = format!("{:.3}", d.as_secs_f64());
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_read_as_they_were_written() {
+        for (d, s) in [(0.0, "0"), (1.5, "1.5"), (30.0, "30"), (100.0, "100"), (0.25, "0.25")] {
+            assert_eq!(secs(Duration::from_secs_f64(d)), s);
+        }
+    }
 }

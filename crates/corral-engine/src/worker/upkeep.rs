@@ -599,7 +599,7 @@ pub(super) fn check_recycle<A: App>(w: &Shared<A>, age_ms: u64) {
     } else if let Some(life) = w.config.max_worker_lifetime.filter(|l| age_ms >= l.as_millis() as u64) {
         Some((
             Retire::Lifetime,
-            format!("running for {:.0} s (limit {:.0} s)", age_ms as f64 / 1000.0, life.as_secs_f64()),
+            format!("running for {:.1} s (limit {} s)", age_ms as f64 / 1000.0, crate::supervise::secs(life)),
         ))
     } else if let Some(limit) =
         w.config.reload_on_rss.filter(|_| !RSS_LIMIT_UNREACHABLE.load(Ordering::Relaxed))
