@@ -408,6 +408,28 @@ def test_debug_level_logs_the_configuration_and_each_request(start_server):
     assert not quiet.grep(r"DEBUG|Current configuration")
 
 
+def test_a_crash_keeps_a_json_error_log_json(start_server, tmp_path):
+    """faulthandler writes a crashed worker's Python stacks as plain lines; in a
+    JSON log they come as one object, from the master, before its line on the
+    worker's end."""
+    errors = tmp_path / "error.log"
+    server = _start_logging_to(start_server, errors, "--log-format", "json")
+    with contextlib.suppress(OSError, IncompleteResponse):
+        server.request("GET", "/segfault")
+
+    def objects():
+        return [json.loads(line) for line in errors.read_text().splitlines()]
+
+    assert wait_until(lambda: any("killed by signal 11" in o["message"] for o in objects()), timeout=20)
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(30) == 0
+    messages = [o["message"] for o in objects()]
+    [stacks] = [i for i, m in enumerate(messages) if "crashed; its Python stacks:" in m]
+    assert "Fatal Python error: Segmentation fault" in messages[stacks], messages[stacks]
+    assert re.search(r'File ".*behaviour\.py", line \d+ in segfault', messages[stacks]), messages[stacks]
+    assert stacks < next(i for i, m in enumerate(messages) if "killed by signal 11" in m)
+
+
 def test_json_error_log_keeps_printed_lines_whole(start_server, tmp_path):
     errors = tmp_path / "error.log"
     server = _start_logging_to(start_server, errors, "--log-format", "json")

@@ -182,3 +182,40 @@ extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut lib
         libc::raise(sig);
     }
 }
+
+/// Where this worker's Python stacks go on a crash when its log is JSON: a
+/// file the master made for it, which reads it into one log object once the
+/// worker is gone (faulthandler writes plain lines, and a worker that
+/// crashes cannot be trusted to write anything else). -1: none.
+static REPORT_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// A new, empty crash report file (in memory), for a worker about to be forked.
+pub(crate) fn new_report() -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let fd = unsafe { libc::memfd_create(c"corral-crash-report".as_ptr(), libc::MFD_CLOEXEC) };
+    (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// In the worker: its crash report file, kept open for its whole life.
+pub(crate) fn set_report_fd(fd: std::os::fd::OwnedFd) {
+    use std::os::fd::IntoRawFd;
+    REPORT_FD.store(fd.into_raw_fd(), Ordering::Relaxed);
+}
+
+/// The file a worker's crash stacks go to instead of a JSON log, if any.
+pub fn report_fd() -> Option<std::os::fd::RawFd> {
+    let fd = REPORT_FD.load(Ordering::Relaxed);
+    (fd >= 0).then_some(fd)
+}
+
+/// What a gone worker wrote to its crash report, if anything (at most 1 MiB).
+pub(crate) fn read_report(fd: &std::os::fd::OwnedFd) -> Option<String> {
+    use std::os::fd::AsRawFd;
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 || st.st_size <= 0 {
+        return None;
+    }
+    let mut buf = vec![0u8; (st.st_size as usize).min(1 << 20)];
+    let n = unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    (n > 0).then(|| String::from_utf8_lossy(&buf[..n as usize]).into_owned())
+}

@@ -257,6 +257,10 @@ pub struct Master<'a, H: Hooks> {
     /// Workers started by this master's previous program (before a re-exec):
     /// stopped once the new workers are ready.
     inherited: Vec<libc::pid_t>,
+    /// With `--log-format json`: each worker's crash report file, where its
+    /// Python stacks go on a crash (see [`crate::crash::report_fd`]), logged
+    /// as one JSON object once the worker is gone.
+    crash_reports: HashMap<libc::pid_t, std::os::fd::OwnedFd>,
     /// When those still running are killed: --graceful-timeout after they
     /// were told to stop, as a reload's retiring workers are.
     inherited_kill_at: Option<Instant>,
@@ -363,6 +367,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             told_ready: false,
             served: false,
             inherited: take_inherited_workers(),
+            crash_reports: HashMap::new(),
             inherited_kill_at: None,
             reexec_pending: None,
             scale: Scaling::default(),
@@ -1364,6 +1369,7 @@ impl<'a, H: Hooks> Master<'a, H> {
         self.hooks.event(Event::Fork { slot, age });
         self.hooks.before_fork();
         let master = std::process::id() as libc::pid_t;
+        let report = crate::logfile::json().then(crate::crash::new_report).flatten();
         // The master is single-threaded (see the module doc), so forking here is safe.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
@@ -1395,6 +1401,11 @@ impl<'a, H: Hooks> Master<'a, H> {
             // must be free, not held by a worker that never answers on it.
             self.stats_conns.clear();
             self.stats = None;
+            // The siblings' crash reports are theirs; this one's, its own.
+            self.crash_reports.clear();
+            if let Some(report) = report {
+                crate::crash::set_report_fd(report);
+            }
             unsafe {
                 libc::close(self.signal_fd);
                 // If the master is killed outright, workers hear about it.
@@ -1418,6 +1429,9 @@ impl<'a, H: Hooks> Master<'a, H> {
             self.hooks.worker_exit(code);
         }
         self.hooks.after_fork_parent();
+        if let Some(report) = report {
+            self.crash_reports.insert(pid, report);
+        }
         self.workers.insert(
             pid,
             Worker {
@@ -1440,6 +1454,14 @@ impl<'a, H: Hooks> Master<'a, H> {
             let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
             if pid <= 0 {
                 return;
+            }
+            if let Some(report) = self.crash_reports.remove(&pid) {
+                // Before the line that says how it ended, as faulthandler's
+                // text came before it in a text log.
+                if let Some(text) = crate::crash::read_report(&report) {
+                    let slot = self.workers.get(&pid).map_or(String::new(), |w| format!(" {}", w.slot));
+                    error!("Worker{slot} (pid {pid}) crashed; its Python stacks:\n{}", text.trim_end());
+                }
             }
             if let Some(w) = self.workers.get(&pid) {
                 let c = self.scoreboard.counters(w.slot);

@@ -565,7 +565,9 @@ fn holds_gil() -> bool {
 /// `faulthandler` does: the master's line says only which signal killed it
 /// and what it was serving.
 fn enable_faulthandler(py: Python<'_>) {
-    let Some(fd) = corral_engine::logfile::raw_fd() else {
+    // A JSON log takes only JSON objects: the stacks go to the worker's
+    // crash report instead, which the master logs as one.
+    let Some(fd) = corral_engine::crash::report_fd().or_else(corral_engine::logfile::raw_fd) else {
         return;
     };
     let enabled = (|| -> PyResult<()> {
