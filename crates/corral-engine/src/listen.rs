@@ -288,11 +288,11 @@ impl Listener {
         Ok(l)
     }
 
-    /// Connections waiting in the accept queue, where the kernel reports
-    /// it (TCP listeners); 0 otherwise.
+    /// Connections waiting in the accept queue (0 where the kernel does not
+    /// say).
     pub fn queued(&self) -> u32 {
         if self.is_unix {
-            return 0;
+            return unix_queued(self.fd.as_raw_fd()).unwrap_or(0);
         }
         let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
         let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -629,8 +629,101 @@ pub(crate) fn off_stdio(fd: RawFd) -> RawFd {
     moved
 }
 
+/// The accept queue of a unix listening socket, which the kernel reports
+/// only through sock_diag (`ss -lx` reads it there): UNIX_DIAG_RQLEN of the
+/// socket with this one's inode.
+fn unix_queued(fd: RawFd) -> Option<u32> {
+    use std::os::fd::FromRawFd;
+    // <linux/sock_diag.h> and <linux/unix_diag.h>.
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const UDIAG_SHOW_RQLEN: u32 = 0x10;
+    const UNIX_DIAG_RQLEN: u16 = 4;
+    #[repr(C)]
+    struct Request {
+        header: libc::nlmsghdr,
+        family: u8,
+        protocol: u8,
+        pad: u16,
+        states: u32,
+        ino: u32,
+        show: u32,
+        cookie: [u32; 2],
+    }
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return None;
+    }
+    let nl = unsafe {
+        libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG)
+    };
+    if nl < 0 {
+        return None;
+    }
+    let nl = unsafe { OwnedFd::from_raw_fd(nl) };
+    let req = Request {
+        header: libc::nlmsghdr {
+            nlmsg_len: std::mem::size_of::<Request>() as u32,
+            nlmsg_type: SOCK_DIAG_BY_FAMILY,
+            nlmsg_flags: libc::NLM_F_REQUEST as u16,
+            nlmsg_seq: 1,
+            nlmsg_pid: 0,
+        },
+        family: libc::AF_UNIX as u8,
+        protocol: 0,
+        pad: 0,
+        states: u32::MAX,
+        ino: st.st_ino as u32,
+        show: UDIAG_SHOW_RQLEN,
+        // Any socket of that inode: no cookie to match.
+        cookie: [u32::MAX, u32::MAX],
+    };
+    let sent = unsafe {
+        libc::send(nl.as_raw_fd(), (&req as *const Request).cast(), std::mem::size_of::<Request>(), 0)
+    };
+    if sent < 0 {
+        return None;
+    }
+    let mut buf = [0u8; 1024];
+    let n = unsafe { libc::recv(nl.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    let reply = buf.get(..usize::try_from(n).ok()?)?;
+    // nlmsghdr (16 bytes), unix_diag_msg (16), then attributes.
+    let kind = u16::from_ne_bytes(reply.get(4..6)?.try_into().ok()?);
+    if kind != SOCK_DIAG_BY_FAMILY {
+        return None;
+    }
+    let mut at = 32;
+    while let Some(attr) = reply.get(at..at + 4) {
+        let len = usize::from(u16::from_ne_bytes([attr[0], attr[1]]));
+        let kind = u16::from_ne_bytes([attr[2], attr[3]]);
+        if len < 4 {
+            return None;
+        }
+        if kind == UNIX_DIAG_RQLEN {
+            // struct unix_diag_rqlen: for a listener, the connections queued.
+            return Some(u32::from_ne_bytes(reply.get(at + 4..at + 8)?.try_into().ok()?));
+        }
+        at += (len + 3) & !3;
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_unix_listeners_accept_queue_is_counted() {
+        let path = std::env::temp_dir().join(format!("corral-queue-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        use std::os::fd::AsRawFd;
+        assert_eq!(super::unix_queued(listener.as_raw_fd()), Some(0));
+        let clients: Vec<_> =
+            (0..3).map(|_| std::os::unix::net::UnixStream::connect(&path).unwrap()).collect();
+        assert_eq!(super::unix_queued(listener.as_raw_fd()), Some(3));
+        drop(listener.accept().unwrap());
+        assert_eq!(super::unix_queued(listener.as_raw_fd()), Some(2));
+        drop(clients);
+        let _ = std::fs::remove_file(&path);
+    }
     use super::*;
 
     #[test]

@@ -102,7 +102,7 @@ pub fn metrics(s: &Snapshot) -> String {
     o.push_str("# HELP corral_threads Worker threads by state.\n# TYPE corral_threads gauge\n");
     let _ = writeln!(o, "corral_threads{{state=\"busy\"}} {busy}");
     let _ = writeln!(o, "corral_threads{{state=\"idle\"}} {}", total_threads.saturating_sub(busy));
-    o.push_str("# HELP corral_listen_queue Connections waiting to be accepted (TCP listeners).\n");
+    o.push_str("# HELP corral_listen_queue Connections waiting to be accepted.\n");
     o.push_str("# TYPE corral_listen_queue gauge\n");
     for (name, q) in &s.queues {
         let _ = writeln!(o, "corral_listen_queue{{listener=\"{}\"}} {q}", label(name));
