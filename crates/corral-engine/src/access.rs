@@ -54,6 +54,31 @@ pub enum Atom {
     RequestHeader(String),
     ResponseHeader(String),
     Environ(String),
+    /// An atom with a width or precision, as Python's % formatting takes
+    /// them (`%(h)-15s`, `%(D)8d`).
+    Padded(Box<Atom>, Pad),
+}
+
+/// A width and precision of Python's % formatting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pad {
+    width: usize,
+    /// `-`: the value on the left.
+    left: bool,
+    /// `0`: zeros, not spaces, before a number.
+    zero: bool,
+    /// `.N`: at most N characters of the value.
+    precision: Option<usize>,
+}
+
+impl Atom {
+    /// The atom itself, without its width.
+    fn inner(&self) -> &Atom {
+        match self {
+            Atom::Padded(a, _) => a,
+            a => a,
+        }
+    }
 }
 
 /// A parsed `--access-log-format`.
@@ -86,8 +111,37 @@ impl Format {
                 continue;
             }
             let after = &rest[i + 2..];
-            let end = after.find(")s").ok_or_else(|| format!("unterminated atom at {:?}", &rest[i..]))?;
+            let end = after.find(')').ok_or_else(|| format!("unterminated atom at {:?}", &rest[i..]))?;
             let name = &after[..end];
+            // What follows the name, as Python's % formatting reads it:
+            // flags, a width, a precision, then the conversion.
+            let spec = &after[end + 1..];
+            let flags = spec.find(|c: char| !"-0 +#".contains(c)).unwrap_or(spec.len());
+            let digits = |from: usize| {
+                spec[from..].find(|c: char| !c.is_ascii_digit()).map_or(spec.len(), |n| from + n)
+            };
+            let width_end = digits(flags);
+            let (precision, conv_at) = match spec[width_end..].starts_with('.') {
+                true => {
+                    let p_end = digits(width_end + 1);
+                    (Some(spec[width_end + 1..p_end].parse::<usize>().unwrap_or(0)), p_end)
+                }
+                false => (None, width_end),
+            };
+            let whole = &rest
+                [i..i + 2 + end + 1 + conv_at + spec[conv_at..].chars().next().map_or(0, char::len_utf8)];
+            match spec[conv_at..].chars().next() {
+                // Numbers come out the same either way.
+                Some('s' | 'd' | 'i') => {}
+                Some(c) => return Err(format!("{whole:?}: conversion {c:?} not taken (s, d or i)")),
+                None => return Err(format!("unterminated atom at {:?}", &rest[i..])),
+            }
+            let pad = Pad {
+                width: spec[flags..width_end].parse().unwrap_or(0),
+                left: spec[..flags].contains('-'),
+                zero: spec[..flags].contains('0'),
+                precision,
+            };
             let atom = match name {
                 "h" => Atom::RemoteAddr,
                 "l" => Atom::Dash,
@@ -117,13 +171,16 @@ impl Format {
                 n if n.starts_with('{') && n.ends_with("}e") => {
                     Atom::Environ(n[1..n.len() - 2].to_ascii_lowercase())
                 }
-                other => return Err(format!("unknown atom %({other})s")),
+                _ => return Err(format!("unknown atom {whole}")),
             };
             if !lit.is_empty() {
                 atoms.push(Atom::Literal(std::mem::take(&mut lit)));
             }
-            atoms.push(atom);
-            rest = &after[end + 2..];
+            atoms.push(match pad.width > 0 || pad.precision.is_some() {
+                true => Atom::Padded(Box::new(atom), pad),
+                false => atom,
+            });
+            rest = &rest[i + whole.len()..];
         }
         lit.push_str(rest);
         if !lit.is_empty() {
@@ -134,7 +191,7 @@ impl Format {
 
     /// Whether lines need the response's headers (kept only then).
     pub fn needs_response_headers(&self) -> bool {
-        matches!(self, Format::Text(a) if a.iter().any(|x| matches!(x, Atom::ResponseHeader(_))))
+        matches!(self, Format::Text(a) if a.iter().any(|x| matches!(x.inner(), Atom::ResponseHeader(_))))
     }
 
     /// The environ variables lines show (`%({name}e)s`), lower-case: the
@@ -143,7 +200,7 @@ impl Format {
     pub fn request_header_names(&self) -> Vec<String> {
         let mut names: Vec<String> = ["referer", "user-agent", "authorization"].map(String::from).to_vec();
         if let Format::Text(atoms) = self {
-            names.extend(atoms.iter().filter_map(|a| match a {
+            names.extend(atoms.iter().filter_map(|a| match a.inner() {
                 Atom::RequestHeader(n) => Some(n.to_ascii_lowercase()),
                 _ => None,
             }));
@@ -157,7 +214,7 @@ impl Format {
         let Format::Text(atoms) = self else { return Vec::new() };
         let mut names: Vec<String> = atoms
             .iter()
-            .filter_map(|a| if let Atom::Environ(n) = a { Some(n.clone()) } else { None })
+            .filter_map(|a| if let Atom::Environ(n) = a.inner() { Some(n.clone()) } else { None })
             .collect();
         names.sort();
         names.dedup();
@@ -370,7 +427,29 @@ impl AccessLog {
     fn text_line(&self, out: &mut Vec<u8>, atoms: &[Atom], e: &Entry<'_>) {
         let (path, query) = split_target(e.target);
         for atom in atoms {
+            self.atom(out, atom, e, path, query);
+        }
+    }
+
+    fn atom(&self, out: &mut Vec<u8>, atom: &Atom, e: &Entry<'_>, path: &[u8], query: &[u8]) {
+        {
             match atom {
+                Atom::Padded(inner, pad) => {
+                    let mut value = Vec::new();
+                    self.atom(&mut value, inner, e, path, query);
+                    if let Some(p) = pad.precision {
+                        value.truncate(p);
+                    }
+                    let fill = pad.width.saturating_sub(value.len());
+                    let number = !value.is_empty() && value.iter().all(u8::is_ascii_digit);
+                    if pad.left {
+                        out.extend_from_slice(&value);
+                        out.resize(out.len() + fill, b' ');
+                    } else {
+                        out.resize(out.len() + fill, if pad.zero && number { b'0' } else { b' ' });
+                        out.extend_from_slice(&value);
+                    }
+                }
                 Atom::Literal(s) => out.extend_from_slice(s.as_bytes()),
                 Atom::RemoteAddr => escaped(out, or_dash(e.remote_addr.as_bytes())),
                 Atom::Dash => out.push(b'-'),
@@ -679,6 +758,16 @@ mod tests {
         );
         assert!(Format::parse("%(zz)s").is_err());
         assert!(Format::parse("%(h").is_err());
+        // Widths, precisions and conversions as Python's % formatting (gunicorn's).
+        assert_eq!(
+            line("%(D)d us|%(h)-12s|%(s)5s|%(B)03d|%(m).2s|", &e),
+            "1234567 us|10.0.0.1    |  200|000|GE|"
+        );
+        let f = Format::parse("%({content-type}o)-20s").unwrap();
+        assert!(f.needs_response_headers());
+        assert_eq!(line("%({X-Id}i)4s", &e), "  42");
+        assert_eq!(Format::parse("%(h)-15s %(zz)s").unwrap_err(), "unknown atom %(zz)s");
+        assert!(Format::parse("%(h)x").unwrap_err().contains("conversion 'x' not taken"));
         assert!(Format::parse(DEFAULT_FORMAT).is_ok());
         let f = Format::parse("%({REMOTE_USER}e)s %({x}i)s %({Path_Info}e)s").unwrap();
         assert_eq!(f.environ_names(), ["path_info", "remote_user"]);
