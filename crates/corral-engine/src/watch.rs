@@ -37,6 +37,8 @@ pub struct Watcher {
     shallow: std::collections::HashSet<WatchDescriptor>,
     /// The first change since the last reload, and the latest one.
     pending: Option<(PathBuf, Instant)>,
+    /// Directories that could not be watched, and the first of them with why.
+    unwatched: (usize, Option<String>),
 }
 
 impl Watcher {
@@ -54,7 +56,13 @@ impl Watcher {
     pub fn new(roots: &[PathBuf]) -> Result<Watcher, String> {
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
             .map_err(|e| format!("--reload: inotify: {e}"))?;
-        let mut w = Watcher { inotify, dirs: HashMap::new(), shallow: Default::default(), pending: None };
+        let mut w = Watcher {
+            inotify,
+            dirs: HashMap::new(),
+            shallow: Default::default(),
+            pending: None,
+            unwatched: (0, None),
+        };
         for root in roots {
             w.add_tree(root);
         }
@@ -70,9 +78,12 @@ impl Watcher {
         if self.dirs.values().any(|d| d == dir) {
             return;
         }
-        if let Ok(wd) = self.inotify.add_watch(dir, Self::FLAGS) {
-            self.dirs.insert(wd, dir.to_path_buf());
-            self.shallow.insert(wd);
+        match self.inotify.add_watch(dir, Self::FLAGS) {
+            Ok(wd) => {
+                self.dirs.insert(wd, dir.to_path_buf());
+                self.shallow.insert(wd);
+            }
+            Err(e) => self.failed(dir, e),
         }
     }
 
@@ -80,12 +91,30 @@ impl Watcher {
         self.dirs.len()
     }
 
+    /// How many directories could not be watched (changes there reload
+    /// nothing), and the first of them with why.
+    pub fn unwatched(&self) -> (usize, Option<&str>) {
+        (self.unwatched.0, self.unwatched.1.as_deref())
+    }
+
+    fn failed(&mut self, dir: &Path, e: nix::Error) {
+        self.unwatched.0 += 1;
+        if self.unwatched.1.is_none() {
+            let hint = match e {
+                nix::Error::ENOSPC => " (the limit of inotify watches, sysctl fs.inotify.max_user_watches)",
+                _ => "",
+            };
+            self.unwatched.1 = Some(format!("{}: {e}{hint}", dir.display()));
+        }
+    }
+
     /// Watches `dir` and the directories below it, those behind symlinks
     /// included (a package linked into the project, as gunicorn's reloader
     /// follows it through the imported modules' paths).
     fn add_tree(&mut self, dir: &Path) {
-        let Ok(wd) = self.inotify.add_watch(dir, Self::FLAGS) else {
-            return;
+        let wd = match self.inotify.add_watch(dir, Self::FLAGS) {
+            Ok(wd) => wd,
+            Err(e) => return self.failed(dir, e),
         };
         // inotify gives a directory watched already its descriptor again: a
         // symlink back up the tree, or a second way to one, ends here.
@@ -220,6 +249,11 @@ mod tests {
         std::fs::create_dir_all(root.join("pkg")).unwrap();
         let mut w = Watcher::new(std::slice::from_ref(&root)).unwrap();
         assert_eq!(w.watched(), 2);
+        assert_eq!(w.unwatched(), (0, None));
+        // One that cannot be watched is counted, and named with why.
+        w.add_dir(&root.join("gone"));
+        let (n, first) = w.unwatched();
+        assert!(n == 1 && first.is_some_and(|f| f.contains("gone: ENOENT")), "{first:?}");
         std::fs::write(root.join("notes.txt"), "x").unwrap();
         w.read();
         assert!(w.wait_ms().is_none(), "a non-Python file is not a change");

@@ -1398,6 +1398,15 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
                     w.watched(),
                     roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
                 );
+                if let (n @ 1.., Some(first)) = w.unwatched() {
+                    warn!("--reload: {n} director(ies) could not be watched, so changes there reload nothing; first {first}");
+                }
+                if roots.iter().any(|r| r.parent().is_none()) {
+                    warn!(
+                        "--reload is watching the whole filesystem from /: start corral in the project's \
+                         directory (or give --chdir) so that it watches only that"
+                    );
+                }
                 master.set_watcher(w);
             }
             // After a re-exec the workers serve on: not worth stopping them for.
