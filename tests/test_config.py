@@ -228,6 +228,10 @@ def test_errors_name_the_key_and_line(tmp_path, text, message):
             ["--statsd-host", "x:8125"],
             "note: for gunicorn's --statsd-host, corral takes nothing (corral sends no",
         ),
+        (
+            ["--reload-extra-file", "x.html"],
+            "note: for gunicorn's --reload-extra-file, corral takes --touch-reload FILE",
+        ),
     ],
 )
 def test_habits_from_uwsgi_and_gunicorn_get_an_error_that_says_what_to_write(args, message):

@@ -282,10 +282,14 @@ pub fn hint(name: &str) -> Option<String> {
         "--uwsgi-allow-from" => "uwsgi_allow_ips".to_string(),
         "--no-control-socket" => "control_socket_disable".to_string(),
         "--dirty-app" => "dirty_apps".to_string(),
+        "--reload-extra-file" => "reload_extra_files".to_string(),
         other => other.trim_start_matches('-').replace('-', "_"),
     };
     if setting == "protocol" {
         return Some("--uwsgi ADDR in place of --http ADDR (gunicorn's --protocol uwsgi)".to_string());
+    }
+    if setting == "reload_extra_files" {
+        return Some("--touch-reload FILE (a change to it reloads the workers)".to_string());
     }
     if setting == "worker_class" {
         return Some(
