@@ -59,6 +59,18 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+def http10_over_unix(path, target: str = "/") -> bytes:
+    """An HTTP/1.0 GET on a unix socket: the whole reply, up to the close."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(path))
+        s.sendall(f"GET {target} HTTP/1.0\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
 def wait_until(predicate, timeout=10.0, interval=0.05):
     """Polls `predicate` until it returns something truthy; returns that, or None at the deadline."""
     deadline = time.monotonic() + timeout

@@ -12,7 +12,7 @@ import time
 
 import pytest
 from front_ends import free_port
-from support import APPS, CORRAL, Server, wait_until
+from support import APPS, CORRAL, Server, http10_over_unix, wait_until
 
 
 def _run(args, env=None, cwd=None):
@@ -825,13 +825,7 @@ def test_a_gunicorn_files_umask_is_its_unix_sockets_mode_only(start_server, tmp_
     server = start_server(str(cfg), "-c", http=None, workers=None, wait=False)
     server.wait_started()
     assert stat.S_IMODE(os.stat(sock).st_mode) == 0o777
-    with socket.socket(socket.AF_UNIX) as c:
-        c.settimeout(10)
-        c.connect(str(sock))
-        c.sendall(b"GET /fixed HTTP/1.0\r\n\r\n")
-        got = b""
-        while data := c.recv(65536):
-            got += data
+    got = http10_over_unix(sock, "/fixed")
     assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"hello world"), got
     assert wait_until(lambda: access.exists() and access.read_text())
     assert stat.S_IMODE(os.stat(access).st_mode) & 0o022 == 0, oct(os.stat(access).st_mode)

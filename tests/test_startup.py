@@ -13,7 +13,7 @@ import time
 
 import pytest
 from front_ends import free_port
-from support import APPS, CORRAL, ROOT, wait_until
+from support import APPS, CORRAL, ROOT, http10_over_unix, wait_until
 
 
 def _fails_fast(start_server, app, *args, code=4, **kw):
@@ -350,13 +350,7 @@ def test_several_listeners(start_server, tmp_path):
     server = start_server("factory_app:application", http=["127.0.0.1:0", f"unix:{path}"])
     assert len(server.listeners) == 2
     assert server.request("GET", "/").body == b"plain application"
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(10)
-        s.connect(str(path))
-        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-        data = b""
-        while chunk := s.recv(4096):
-            data += chunk
+    data = http10_over_unix(path)
     assert data.startswith(b"HTTP/1.1 200")
     assert data.endswith(b"plain application")
 
