@@ -738,9 +738,9 @@ def test_a_gunicorn_configuration_file_is_read_as_gunicorn_reads_it(start_server
     assert got["max-requests-jitter"][1] == "default"
     assert got["log-level"] == ('"info"', at + "15")
     assert got["forwarded-allow-ips"] == ('"10.0.0.1,10.0.0.2"', at + "16")
-    # gunicorn creates its unix sockets under its umask, and nothing else.
-    assert got["socket-mode"] == ('"750"', at + "17")
-    assert got["umask"][1] == "default"
+    # gunicorn creates its unix sockets under its umask, and nothing else:
+    # with none bound, it asks for nothing.
+    assert got["socket-mode"][1] == "default" and got["umask"][1] == "default"
     assert got["name"] == ('"gconf"', at + "20")
     assert got["app"] == ('"behaviour:application"', at + "22")
     # What it does not need is said, not silently dropped; what differs too.
@@ -829,6 +829,8 @@ def test_a_gunicorn_files_umask_is_its_unix_sockets_mode_only(start_server, tmp_
     assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"hello world"), got
     assert wait_until(lambda: access.exists() and access.read_text())
     assert stat.S_IMODE(os.stat(access).st_mode) & 0o022 == 0, oct(os.stat(access).st_mode)
+    printed = _run(["-c", str(cfg), "--print-config"], cwd=tmp_path)
+    assert _printed(printed.stdout)["socket-mode"] == ('"777"', f"config file {cfg}:2"), printed.stdout
 
 
 def _ps_args():

@@ -655,6 +655,14 @@ pub fn translate(
         {
             continue;
         }
+        // Only unix sockets take gunicorn's umask: with none, it asks for nothing.
+        let unix_bind = |b: Option<String>| b.is_some_and(|b| b.contains("unix:"));
+        if name == "umask"
+            && !unix_bind(given("http"))
+            && !unix_bind(get("bind").map(|b| b.str().map(|s| s.to_string()).unwrap_or_default()))
+        {
+            continue;
+        }
         let Some(mut v) = to_value(&value) else {
             return Err(format!(
                 "{}: gunicorn's `{name}` has a value corral cannot take ({})",

@@ -136,17 +136,17 @@ pub(super) fn handle_request<A: App>(
     Outcome::Done(keep)
 }
 
-/// Sets the connection's I/O up for the request `incoming` says is ready:
-/// its body's framing, whether the connection may stay, the response state
-/// of the last request cleared. Answers the request's bytes, a front end's
-/// parameters, the exchange's generation, and the declared body length when
-/// it passes --max-body-size.
 /// Whether nginx sent these CGI parameters, as its SERVER_SOFTWARE says
 /// (its stock fastcgi_params, uwsgi_params and scgi_params all pass it).
 pub(super) fn nginx_sent(params: &crate::cgi::CgiParams, bytes: &[u8]) -> bool {
     params.get(bytes, b"SERVER_SOFTWARE").is_some_and(|v| v.starts_with(b"nginx/"))
 }
 
+/// Sets the connection's I/O up for the request `incoming` says is ready:
+/// its body's framing, whether the connection may stay, the response state
+/// of the last request cleared. Answers the request's bytes, a front end's
+/// parameters, the exchange's generation, and the declared body length when
+/// it passes --max-body-size.
 fn begin_request<A: App>(
     w: &Shared<A>,
     conn: &mut Conn,
