@@ -393,6 +393,18 @@ def test_touch_reload_needs_a_file_name(tmp_path):
     assert "--touch-reload /: not a file name" in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("bind", "hint"),
+    [("::1", "in brackets: [::1]:8000"), ("http://127.0.0.1:9000", "without a scheme"), ("bad addr", "")],
+)
+@pytest.mark.parametrize("check", ["--check-config", "--print-config"])
+def test_an_address_that_cannot_resolve_fails_the_checks_as_it_fails_a_start(bind, hint, check):
+    """Found by a start only as it bound the listeners: the checks said it was valid."""
+    proc = _run(["-b", bind, check, "behaviour:application"], cwd=APPS)
+    assert proc.returncode == 2, proc.stderr
+    assert f"--http {bind}: cannot resolve" in proc.stderr and hint in proc.stderr, proc.stderr
+
+
 def test_check_config_imports_the_app_and_binds_nothing(tmp_path):
     """gunicorn's --check-config: 0 when the configuration is valid and the app
     loads (with --env, --chdir and --pythonpath applied), 1 with the import's

@@ -441,6 +441,15 @@ impl Listener {
     }
 }
 
+/// Whether a start could resolve `addr`'s host, as it will to bind it (for
+/// --check-config and --print-config, which bind nothing).
+pub fn check_resolves(addr: &Addr) -> Result<(), String> {
+    match addr {
+        Addr::Tcp(host, port) => resolve(addr, host, *port).map(|_| ()),
+        _ => Ok(()),
+    }
+}
+
 /// The address a TCP listener for `host:port` binds: the first IPv4
 /// address the name resolves to, else its first address. A name binds one
 /// address; IPv4 first, as under gunicorn and uWSGI (which bind a name as
@@ -448,8 +457,15 @@ impl Listener {
 /// lists it, and a server bound there only refuses the 127.0.0.1 that
 /// nginx's `uwsgi_pass` or a health check was given.
 fn resolve(addr: &Addr, host: &str, port: u16) -> Result<SocketAddr, String> {
+    let hint = if host.contains("://") {
+        " (an address is HOST:PORT, without a scheme)"
+    } else if host.contains(':') {
+        " (an IPv6 address is written in brackets: [::1]:8000)"
+    } else {
+        ""
+    };
     let all: Vec<SocketAddr> =
-        (host, port).to_socket_addrs().map_err(|e| format!("cannot resolve {addr}: {e}"))?.collect();
+        (host, port).to_socket_addrs().map_err(|e| format!("cannot resolve {addr}: {e}{hint}"))?.collect();
     all.iter().find(|a| a.is_ipv4()).or(all.first()).copied().ok_or_else(|| format!("cannot resolve {addr}"))
 }
 
@@ -709,6 +725,16 @@ fn unix_queued(fd: RawFd) -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_address_that_cannot_resolve_says_how_to_write_one() {
+        use super::{check_resolves, Addr};
+        assert!(check_resolves(&Addr::Tcp("127.0.0.1".into(), 0)).is_ok());
+        let scheme = check_resolves(&Addr::Tcp("http://127.0.0.1".into(), 9000)).unwrap_err();
+        assert!(scheme.ends_with("(an address is HOST:PORT, without a scheme)"), "{scheme}");
+        let bare = check_resolves(&Addr::Tcp(":".into(), 1)).unwrap_err();
+        assert!(bare.contains("brackets"), "{bare}");
+    }
+
     #[test]
     fn a_unix_listeners_accept_queue_is_counted() {
         let path = std::env::temp_dir().join(format!("corral-queue-{}.sock", std::process::id()));

@@ -1662,6 +1662,10 @@ fn check_without_effects(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), St
             if let Some(path) = a.strip_prefix("unix:") {
                 directory_exists(path).map_err(|e| format!("--{flag} {a}: {e}"))?;
             }
+            // A host that does not resolve fails the start, not only a bind.
+            if let Ok(addr) = Addr::parse(a) {
+                corral_engine::listen::check_resolves(&addr).map_err(|e| format!("--{flag} {a}: {e}"))?;
+            }
         }
     }
     pidfile_usable(cli)?;
