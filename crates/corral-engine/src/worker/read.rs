@@ -408,10 +408,15 @@ fn parse_gateway<A: App>(
                     match req {
                         Some(r) => {
                             let wire = Wire::FastCgi { id: r.id, keep_conn: r.keep_conn };
-                            io.front_end_nginx = super::request::nginx_sent(&r.params, &r.params_bytes);
                             let left = match cgi::check(&r.params, &r.params_bytes) {
                                 Ok(len) => len,
-                                Err(e) => return Err(refuse(w, conn, io, wire, e.status(), &e.to_string())),
+                                Err(e) => {
+                                    // The refusal's ending depends on it (begin_request sets
+                                    // it for a request that goes on).
+                                    io.front_end_nginx =
+                                        super::request::nginx_sent(&r.params, &r.params_bytes);
+                                    return Err(refuse(w, conn, io, wire, e.status(), &e.to_string()));
+                                }
                             };
                             Ok(Some(GatewayRequest {
                                 bytes: Bytes::from(r.params_bytes),

@@ -158,8 +158,6 @@ fn begin_request<A: App>(
             let head_bytes = io.buf.split_to(n).freeze();
             let head = &conn.head;
             io.wire = Wire::Http;
-            io.front_end_nginx = false;
-            io.stdin_stops_at_response = false;
             io.body = match head.framing {
                 BodyFraming::None => BodyState::Done,
                 BodyFraming::Length(len) => BodyState::Length(len),
