@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -271,6 +272,70 @@ def test_a_worker_held_at_exit_by_the_apps_thread_is_killed_and_the_log_says_why
         r"process did not end: a non-daemon thread the app started, or an atexit handler, kept it",
         since=mark,
     ), server.log[mark:]
+
+
+def test_a_retiring_worker_held_by_the_apps_thread_is_killed_at_the_graceful_timeout(start_server):
+    """A reload's old worker has finished its requests, but an app thread (not
+    a daemon) holds its exit: the master kills it at --graceful-timeout, as
+    the README says, not some seconds later. The thread here would end 5 s
+    after the reload, later than the timeout (1 s) and sooner than the kill
+    used to come (6 s)."""
+    server = start_server("behaviour:application", "--graceful-timeout", "1", workers=1)
+    old = server.worker_pids()
+    assert server.request("GET", "/non-daemon-thread?5").body == b"started"
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    server.wait_for(
+        rf"Worker pid {old[0]} did not end within the graceful timeout \(it had finished its requests, but its "
+        r"process did not end: a non-daemon thread the app started, or an atexit handler, kept it\); killing it",
+        since=mark,
+        timeout=30,
+    )
+    assert server.request("GET", "/").status == 200
+
+
+def _sigpipe_ignored(pid):
+    return bool(_signal_masks(pid)[1] & (1 << (signal.SIGPIPE - 1)))
+
+
+def test_an_app_that_sets_sigpipe_to_its_default_does_not_let_a_leaving_client_kill_the_worker(start_server):
+    """signal.signal(SIGPIPE, SIG_DFL) at import: a client that disconnects
+    from a streamed response would kill the worker, and with it another
+    client's request. SIGPIPE is ignored again, with a warning."""
+    server = start_server("sigpipe_app:application", workers=1, threads=2)
+    server.wait_for(r"\[WARNING\] The app set its own disposition for SIGPIPE .*it is ignored again")
+    [pid] = server.worker_pids()
+    assert _sigpipe_ignored(pid)
+    results = []
+    slow = threading.Thread(target=lambda: results.append(server.request("GET", "/slow")))
+    slow.start()
+    time.sleep(0.3)
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(100)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    slow.join(30)
+    assert results and results[0].status == 200 and results[0].body == f"slow {pid}".encode(), server.log
+    server.wait_for(r"GET /stream from 127\.0\.0\.1:\d+: client disconnected")
+    assert "killed by signal 13" not in server.log, server.log
+    assert server.worker_pids() == [pid]
+
+
+def test_a_preloaded_app_that_takes_the_masters_signals_gets_them_back_with_a_warning(start_server):
+    """Loaded in the master, the app sets SIGPIPE to its default (a log reader
+    that stops would kill the master) and its own SIGTERM handler, and starts
+    a thread: the kernel gives the master's TERM to that thread, whose Python
+    handler only noted it, so a stop was lost. Both are the master's again."""
+    server = start_server("sigpipe_app:application", "--preload", "--env", "SIGPIPE_APP_TERM=1", workers=1)
+    server.wait_for(r"\[WARNING\] The app, preloaded, set its own handler for SIGTERM; the master's signals")
+    server.wait_for(r"\[WARNING\] The app set its own disposition for SIGPIPE")
+    assert _sigpipe_ignored(server.proc.pid)
+    assert all(_sigpipe_ignored(p) for p in server.worker_pids())
+    assert server.request("GET", "/slow").status == 200
+    mark = server.mark()
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(30) == 0, server.log[mark:]
+    server.wait_for("Shutdown complete", since=mark)
 
 
 def test_a_worker_that_crashes_logs_its_python_stacks_first(start_server):

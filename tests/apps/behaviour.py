@@ -848,9 +848,11 @@ def print_std(environ, start_response):
 
 
 def non_daemon_thread(environ, start_response):
-    """Starts a thread that is not a daemon and never ends, as an app's
-    forgotten background worker: Python's exit waits for it."""
-    threading.Thread(target=time.sleep, args=(3600,), name="forgotten").start()
+    """Starts a thread that is not a daemon and never ends (or ends after the
+    seconds the query gives), as an app's forgotten background worker:
+    Python's exit waits for it."""
+    secs = float(environ["QUERY_STRING"] or 3600)
+    threading.Thread(target=time.sleep, args=(secs,), name="forgotten").start()
     return _ok(start_response, "started")
 
 

@@ -215,6 +215,9 @@ struct Worker {
     retiring: bool,
     /// When a retiring worker that has not exited is killed.
     kill_at: Option<Instant>,
+    /// Whether its kill was put off once, past --graceful-timeout, because
+    /// it was still ending its own requests (see [`CUT_GRACE`]).
+    kill_put_off: bool,
     /// The worker this one is booting to replace; it is told to stop once
     /// this one is ready, so the pool never shrinks during a replacement.
     replaces: Option<libc::pid_t>,
@@ -1033,6 +1036,11 @@ impl<'a, H: Hooks> Master<'a, H> {
                 .workers
                 .get(&pid)
                 .is_some_and(|w| self.scoreboard.in_flight(w.slot, crate::date::mono_ms()).is_empty());
+            if let Some(w) = self.workers.get_mut(&pid).filter(|w| !idle && !w.kill_put_off) {
+                w.kill_put_off = true;
+                w.kill_at = Some(now + CUT_GRACE);
+                continue;
+            }
             let why = match idle {
                 true => HELD_AFTER_REQUESTS,
                 false => "it did not finish within the graceful timeout",
@@ -1314,7 +1322,7 @@ impl<'a, H: Hooks> Master<'a, H> {
 
     /// Tells a worker to stop; its exit is then expected.
     fn retire(&mut self, pid: libc::pid_t, sig: libc::c_int) {
-        let grace = self.config.graceful_timeout + Duration::from_secs(5);
+        let grace = self.config.graceful_timeout;
         if let Some(w) = self.workers.get_mut(&pid) {
             w.retiring = true;
             w.replaces = None;
@@ -1439,6 +1447,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                 started: Instant::now(),
                 retiring: false,
                 kill_at: None,
+                kill_put_off: false,
                 replaces,
                 killed: None,
                 age,
@@ -1736,8 +1745,59 @@ fn signal_set() -> libc::sigset_t {
     }
 }
 
+/// Sets SIGPIPE back to ignored if something in this process (the app, as
+/// it loaded) set another disposition; whether it had to. Python ignores
+/// SIGPIPE at start, and the server relies on that: a write to a socket
+/// whose client left, or to a log pipe whose reader stopped, must fail with
+/// EPIPE, not kill the process. `signal.signal(SIGPIPE, SIG_DFL)`, the
+/// idiom of command-line tools, at an app's import would let any client
+/// that disconnects kill the worker and every request it serves. Programs
+/// the app starts get the default back from `subprocess` as before.
+pub(crate) fn keep_sigpipe_ignored() -> bool {
+    unsafe {
+        let mut now: libc::sigaction = std::mem::zeroed();
+        if libc::sigaction(libc::SIGPIPE, std::ptr::null(), &mut now) != 0
+            || now.sa_sigaction == libc::SIG_IGN
+        {
+            return false;
+        }
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    true
+}
+
+/// The warning for [`keep_sigpipe_ignored`] having had to act.
+pub(crate) const SIGPIPE_RESTORED: &str = "The app set its own disposition for SIGPIPE (such as \
+     signal.signal(SIGPIPE, SIG_DFL)); it is ignored again, as Python has it, since otherwise a client \
+     that disconnects, or a log reader that stops, would kill the process serving it. Writes to a \
+     closed connection fail with EPIPE instead";
+
 /// Blocks the master's signals and returns a signalfd that reads them.
 fn block_signals() -> io::Result<RawFd> {
+    // A preloaded app may have replaced the handlers that hold the signals
+    // until now (`signal.signal(SIGTERM, ...)` at import): they are the
+    // master's, and its own go back below. The app's would never run (the
+    // main thread runs no Python), and one signal taken by an app thread
+    // through it would be lost to the master.
+    let replaced: Vec<String> = SIGNALS
+        .iter()
+        .filter(|sig| unsafe {
+            let mut now: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(**sig, std::ptr::null(), &mut now) == 0
+                && now.sa_sigaction != note_early_signal as *const () as libc::sighandler_t
+        })
+        .map(|sig| signal_name(*sig))
+        .collect();
+    if !replaced.is_empty() && !HELD.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+        warn!(
+            "The app, preloaded, set its own handler for {}; the master's signals are the server's \
+             (stop, reload, scaling), so corral's handler is back in place and the app's will not run",
+            replaced.join(", ")
+        );
+    }
+    if keep_sigpipe_ignored() {
+        warn!("{SIGPIPE_RESTORED}");
+    }
     let set = signal_set();
     unsafe {
         if libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) < 0 {
@@ -1914,6 +1974,13 @@ fn title(role: &str, name: &str) -> String {
         _ => format!("corral: {role} [{name}]"),
     }
 }
+
+/// How much longer than --graceful-timeout a retiring worker still
+/// serving requests is given: its own drain ends at the same moment, cutting
+/// them and saying which, and its exit then takes a moment. One whose
+/// requests are over (an app thread or an atexit handler holding it) is
+/// killed at --graceful-timeout itself.
+const CUT_GRACE: Duration = Duration::from_secs(5);
 
 /// Why a worker with no request left was still there at the graceful
 /// timeout: its serving was over, and Python's own exit waited.

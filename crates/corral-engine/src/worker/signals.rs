@@ -64,6 +64,9 @@ pub(super) fn restore_own_handlers() {
             replaced.join(", ")
         );
     }
+    if crate::supervise::keep_sigpipe_ignored() {
+        warn!("{}", crate::supervise::SIGPIPE_RESTORED);
+    }
     // A mask the app set while loading (pthread_sigmask at import) would
     // hold the master's TERM for good, and the serving threads, started
     // next, inherit this thread's mask.
