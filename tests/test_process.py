@@ -479,16 +479,23 @@ def test_a_reload_hands_kept_alive_connections_to_workers_that_can_read_them(sta
             conn.close()
 
 
-def test_a_draining_worker_answers_the_requests_a_client_pipelined(start_server):
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_a_draining_worker_answers_the_requests_a_client_pipelined(start_server, framing):
     """Requests already sent behind the one in flight when the worker starts
-    to drain are answered before the connection closes."""
+    to drain are answered before the connection closes, also behind one
+    whose body is chunked (whose end is found only by decoding it)."""
     server = start_server("behaviour:application", workers=1, threads=2)
     mark = server.mark()
+    second = {
+        "length": b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nsecond",
+        "chunked": b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nsec\r\n3;x=y\r\nond\r\n0\r\n\r\n",
+    }[framing]
     with server.connect() as conn:
         conn.send(
             b"POST /slow?secs=1&id=first HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
-            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nsecond"
-            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nthird"
+            + second
+            + b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nthird"
         )
         server.wait_for("slow request started: first", since=mark)
         server.signal(signal.SIGHUP)

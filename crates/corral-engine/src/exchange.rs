@@ -1823,6 +1823,9 @@ impl Io {
             && match &self.body {
                 BodyState::Done => !self.buf.is_empty(),
                 BodyState::Length(left) => self.buf.len() as u64 > *left,
+                BodyState::Chunked(decoder) => {
+                    decoder.end_within(&self.buf).is_some_and(|n| self.buf.len() > n)
+                }
                 _ => false,
             }
     }

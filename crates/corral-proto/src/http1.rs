@@ -863,6 +863,21 @@ impl ChunkedDecoder {
         self.state == ChunkState::Done
     }
 
+    /// How many bytes of `buf`, read from where this decoder stands, the body
+    /// takes to its end, if it ends in `buf`: what follows is the next
+    /// request. The decoder itself is left as it is.
+    pub fn end_within(&self, buf: &[u8]) -> Option<usize> {
+        let mut probe = self.clone();
+        let mut pos = 0;
+        loop {
+            match probe.decode(&buf[pos..]).ok()? {
+                Chunk::Data { consumed, .. } => pos += consumed,
+                Chunk::NeedMore { .. } => return None,
+                Chunk::End { consumed } => return Some(pos + consumed),
+            }
+        }
+    }
+
     /// Decodes from `buf`, returning at most one run of body bytes. Call again
     /// with the unconsumed rest (and more input) until [`Chunk::End`].
     pub fn decode(&mut self, buf: &[u8]) -> Result<Chunk, Error> {
@@ -1251,6 +1266,26 @@ mod tests {
             let got = dechunk(raw);
             assert_eq!(got.as_deref().map_err(|e| *e), *want, "{:?}", String::from_utf8_lossy(raw));
         }
+    }
+
+    #[test]
+    fn the_end_of_a_chunked_body_is_found_without_decoding_it() {
+        let body = b"5\r\nhello\r\n0\r\n\r\n";
+        let mut next = body.to_vec();
+        next.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+        let fresh = ChunkedDecoder::new();
+        assert_eq!(fresh.end_within(body), Some(body.len()));
+        assert_eq!(fresh.end_within(&next), Some(body.len()));
+        assert_eq!(fresh.end_within(b"5\r\nhello\r\nVary: *\r\n0\r\n\r\n"), None);
+        assert_eq!(fresh.end_within(b"A;x=y\r\n0123456789\r\n0\r\nVary: *\r\n\r\nGET"), Some(33));
+        for cut in 0..body.len() {
+            assert_eq!(fresh.end_within(&body[..cut]), None, "{cut}");
+        }
+        // From where a decoder stands, part of the body read already.
+        let mut part = ChunkedDecoder::new();
+        assert!(matches!(part.decode(b"5\r\nhel"), Ok(Chunk::Data { consumed: 6, .. })));
+        assert_eq!(part.end_within(b"lo\r\n0\r\n\r\nGET"), Some(9));
+        assert!(matches!(part.decode(b"lo\r\n0\r\n\r\n"), Ok(Chunk::Data { consumed: 2, .. })));
     }
 
     #[test]

@@ -12,6 +12,11 @@ pub(super) fn log_discard_gave_up(what: &str, why: GaveUp) {
              did not come within {} s",
             DRAIN_WAIT.as_secs()
         ),
+        GaveUp::Unfinished => info!(
+            "{what}: closing the connection: the rest of a request body the app did not read was \
+             still to come {} s after the request ended",
+            DRAIN_WAIT.as_secs()
+        ),
         GaveUp::TooMuch => info!(
             "{what}: closing the connection: more than {MAX_DRAIN} bytes were left of a request body \
              the app did not read"
@@ -86,6 +91,9 @@ pub(super) enum Discarded {
 pub(super) enum GaveUp {
     /// Nothing came for [`DRAIN_WAIT`].
     Stalled,
+    /// A client's body had not all come [`DRAIN_WAIT`] after its request
+    /// ended, though some of it may have been coming.
+    Unfinished,
     /// More than [`MAX_DRAIN`] was left of a client's body.
     TooMuch,
     /// A front end was still sending after [`FRONT_END_DRAIN_TIME`].
@@ -129,7 +137,7 @@ pub(super) fn discard_available(io: &mut Io) -> Discarded {
             Ok(0) => break Discarded::All,
             Ok(n) => io.discarded += n as u64,
             Err(BodyError::WouldWait) if mono_ms() < io.discard_until => break Discarded::Later,
-            Err(BodyError::WouldWait | BodyError::Timeout) => break Discarded::GaveUp(GaveUp::Stalled),
+            Err(BodyError::WouldWait | BodyError::Timeout) => break Discarded::GaveUp(GaveUp::Unfinished),
             Err(_) => break Discarded::Failed,
         }
     };

@@ -32,6 +32,15 @@ pub(super) fn worth_parsing(buf: &[u8], parsed: usize, limits: &http1::Limits) -
             && !line_open())
 }
 
+/// Whether `buf` holds nothing but empty lines (CRLF), as a client sends
+/// after a body now and then. RFC 9112 (2.2) has a server ignore them
+/// before a request line; kept, they would make an idle connection look
+/// like one inside a request (held to the header timeout rather than the
+/// keep-alive one, and by a graceful stop).
+fn only_empty_lines(buf: &[u8]) -> bool {
+    !buf.is_empty() && buf.len() % 2 == 0 && buf.chunks(2).all(|pair| pair == b"\r\n")
+}
+
 /// How much of an unfinished request line is parsed again at every read.
 pub(super) const EARLY_LOOK: usize = http1::DEFAULT_MAX_REQUEST_LINE;
 
@@ -55,6 +64,9 @@ pub(super) fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
     let mut want = READ_CHUNK;
     let mut head_len = None;
     loop {
+        if !conn.proxy_pending && only_empty_lines(&io.buf) {
+            io.buf.clear();
+        }
         if conn.proxy_pending && !io.buf.is_empty() {
             if let Some(next) = take_proxy_header(w, conn, &mut io) {
                 return next;
@@ -501,7 +513,20 @@ pub(super) fn refuse<A: App>(
 
 #[cfg(test)]
 mod tests {
-    use super::worth_parsing;
+    use super::{only_empty_lines, worth_parsing};
+
+    #[test]
+    fn only_whole_empty_lines_are_dropped_between_requests() {
+        assert!(only_empty_lines(b"\r\n"));
+        assert!(only_empty_lines(b"\r\n\r\n"));
+        // Nothing, half an empty line, or a request after them: kept.
+        assert!(!only_empty_lines(b""));
+        assert!(!only_empty_lines(b"\r"));
+        assert!(!only_empty_lines(b"\r\n\r"));
+        assert!(!only_empty_lines(b"\n\n"));
+        assert!(!only_empty_lines(b"\r\nGET / HTTP/1.1\r\n"));
+    }
+
     use corral_proto::http1::Limits;
 
     #[test]

@@ -26,7 +26,7 @@ pub(super) fn serve<A: App>(
             return;
         }
         if let Some(what) = discarding {
-            log_discard_gave_up(&what, GaveUp::Stalled);
+            log_discard_gave_up(&what, GaveUp::Unfinished);
             close(w, conn, false);
             return;
         }
