@@ -476,6 +476,27 @@ def test_usr1_during_a_preloaded_import_kills_no_worker(start_server):
     assert not server.grep(r"killed by signal|exited with code"), server.log
 
 
+def test_a_preloaded_app_is_imported_before_the_listeners_are_bound(start_server, tmp_path):
+    """As under gunicorn's --preload: while the master imports the app, its
+    port refuses connections, so a front end balancing over several hosts
+    goes to another at once rather than queue requests here for the whole
+    import (all reset if the import fails)."""
+    port = free_port()
+    server = start_server(
+        "slow_import:application",
+        "--preload",
+        http=f"127.0.0.1:{port}",
+        wait=False,
+        env={"CORRAL_TEST_IMPORT_SECS": "3", "CORRAL_TEST_IMPORT_MARK": str(tmp_path / "importing")},
+    )
+    assert wait_until(lambda: (tmp_path / "importing").exists(), 10)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    server.wait_started()
+    assert server.log.index("Preloaded application") < server.log.index("Listening at")
+    assert server.request("GET", "/").status == 200
+
+
 def test_workers_the_master_kills_itself_are_not_reported_as_crashes(start_server):
     """A second HUP while the first one's workers still load makes them unneeded:
     the master kills them, and says so, rather than warn that a worker was killed

@@ -8,6 +8,9 @@ import time
 if os.environ.get("CORRAL_TEST_BLOCK_ABRT"):
     # As C code that masks signals while it waits would.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGABRT})
+if os.environ.get("CORRAL_TEST_IMPORT_MARK"):
+    # Says that the import has begun.
+    open(os.environ["CORRAL_TEST_IMPORT_MARK"], "w").close()
 time.sleep(float(os.environ.get("CORRAL_TEST_IMPORT_SECS", "0")))
 
 

@@ -1157,6 +1157,47 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         name: cli.name.clone().unwrap_or_else(|| cli.app.clone()),
     };
 
+    // Set by the program this master replaced (HUP with --preload, USR2, --reload).
+    let reexec_with_workers =
+        std::env::var(corral_engine::supervise::OLD_WORKERS_ENV).is_ok_and(|v| !v.trim().is_empty());
+    // Imported before the listeners are bound, as gunicorn does: while a
+    // slow import runs, a front end balancing over several hosts finds this
+    // one refusing and goes to another at once, where a bound socket would
+    // queue its requests for the whole import (and reset them if it fails).
+    let preloaded = if cli.preload {
+        match load_app(py, &spec) {
+            Ok(app) => {
+                info!("Preloaded application {}", cli.app);
+                Some(app)
+            }
+            Err(msg) if reexec_with_workers => {
+                // The workers from before the re-exec still serve the code
+                // that loaded: keep them, and let new workers import the app
+                // themselves until it loads (the master then replaces them).
+                error!("{msg}");
+                error!(
+                    "The new code could not be preloaded; the workers from before the re-exec keep serving \
+                     the previous code, and new workers import the application themselves (without \
+                     --preload) until it loads"
+                );
+                None
+            }
+            Err(msg) => {
+                error!("{msg}");
+                // Written by the program this one replaced, if any.
+                if let Some(path) = pidfile.as_deref() {
+                    if std::fs::read_to_string(path).is_ok_and(|t| t.trim() == std::process::id().to_string())
+                    {
+                        let _ = std::fs::remove_file(path);
+                    }
+                }
+                return Ok(corral_engine::supervise::MASTER_EXIT_APP_LOAD);
+            }
+        }
+    } else {
+        None
+    };
+
     // gunicorn's order: the pool's size is set, then on_starting, then the
     // listeners are bound.
     if !server_hooks.is_empty() {
@@ -1293,37 +1334,6 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             }
         }
     };
-    // Set by the program this master replaced (HUP with --preload, USR2, --reload).
-    let reexec_with_workers =
-        std::env::var(corral_engine::supervise::OLD_WORKERS_ENV).is_ok_and(|v| !v.trim().is_empty());
-    let preloaded = if cli.preload {
-        match load_app(py, &spec) {
-            Ok(app) => {
-                info!("Preloaded application {}", cli.app);
-                Some(app)
-            }
-            Err(msg) if reexec_with_workers => {
-                // The workers from before the re-exec still serve the code
-                // that loaded: keep them, and let new workers import the app
-                // themselves until it loads (the master then replaces them).
-                error!("{msg}");
-                error!(
-                    "The new code could not be preloaded; the workers from before the re-exec keep serving \
-                     the previous code, and new workers import the application themselves (without \
-                     --preload) until it loads"
-                );
-                None
-            }
-            Err(msg) => {
-                error!("{msg}");
-                remove_pidfile();
-                return Ok(corral_engine::supervise::MASTER_EXIT_APP_LOAD);
-            }
-        }
-    } else {
-        None
-    };
-
     // After --preload: the app is imported with the rights it was started
     // with (as gunicorn's master does), then the whole process switches.
     if let Some((uid, gid, name)) = &ids {
