@@ -324,8 +324,10 @@ def test_an_app_that_sets_sigpipe_to_its_default_does_not_let_a_leaving_client_k
 def test_a_preloaded_app_that_takes_the_masters_signals_gets_them_back_with_a_warning(start_server):
     """Loaded in the master, the app sets SIGPIPE to its default (a log reader
     that stops would kill the master) and its own SIGTERM handler, and starts
-    a thread: the kernel gives the master's TERM to that thread, whose Python
-    handler only noted it, so a stop was lost. Both are the master's again."""
+    a thread, to which the kernel gives the master's TERM. SIGPIPE is ignored
+    again, and the master's handler, which passes TERM on to its main
+    thread, replaces the app's (which would never run), both with a warning
+    (the replacement used to be silent)."""
     server = start_server("sigpipe_app:application", "--preload", "--env", "SIGPIPE_APP_TERM=1", workers=1)
     server.wait_for(r"\[WARNING\] The app, preloaded, set its own handler for SIGTERM; the master's signals")
     server.wait_for(r"\[WARNING\] The app set its own disposition for SIGPIPE")
