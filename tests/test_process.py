@@ -845,6 +845,37 @@ def test_a_reload_after_a_deploy_switched_the_current_symlink_serves_the_new_rel
     assert server.request("GET", "/static/note.txt").body == b"file of r2"
 
 
+@pytest.mark.parametrize("how", ["hup", "preload-hup", "usr2"])
+def test_a_server_started_in_the_current_symlink_follows_a_deploy_without_chdir(start_server, tmp_path, how):
+    """Started from `cd current` (a shell, or systemd's WorkingDirectory), with
+    no --chdir: the directory is the one the shell named ($PWD), as gunicorn
+    takes it, so new workers (and a re-exec) serve the release the link
+    names now; the kernel's resolved path kept them in the old one."""
+    for release in ("r1", "r2"):
+        (tmp_path / release).mkdir()
+        (tmp_path / release / "release_app.py").write_text(
+            "import os\n"
+            f"RELEASE = {release!r}\n"
+            "def application(environ, start_response):\n"
+            "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+            "    return [f'{RELEASE} in {os.path.basename(os.path.realpath(os.getcwd()))}'.encode()]\n"
+        )
+    current = tmp_path / "current"
+    current.symlink_to("r1")
+    args = ["--preload"] if how == "preload-hup" else []
+    server = start_server(
+        "release_app:application", *args, cwd=current, env={"PWD": str(current)}, pythonpath=None, workers=1
+    )
+    assert server.request("GET", "/").body == b"r1 in r1"
+    switched = tmp_path / "current.new"
+    switched.symlink_to("r2")
+    switched.rename(current)
+    mark = server.mark()
+    server.signal(signal.SIGUSR2 if how == "usr2" else signal.SIGHUP)
+    server.wait_for(READY_RE.pattern, since=mark, timeout=30)
+    assert wait_until(lambda: server.request("GET", "/").body == b"r2 in r2", timeout=15), server.log[mark:]
+
+
 def test_ttin_ttou_change_the_worker_count(start_server):
     server = start_server("behaviour:application", workers=1)
     mark = server.mark()

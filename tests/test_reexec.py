@@ -381,6 +381,30 @@ def test_hup_reads_a_changed_config_file_again(start_server, tmp_path, name, pre
     assert len(server.worker_pids(since=mark)) == 2
 
 
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGUSR2], ids=["hup", "usr2"])
+def test_a_variable_taken_out_of_the_config_files_env_is_gone_after_a_reexec(start_server, tmp_path, sig):
+    """The re-executed program applies the configuration again, but started
+    with the environment the old one had made: a variable taken out of the
+    file's env stayed (gunicorn's reload and re-exec drop it), and one the
+    file changed back to the outside value must get that value."""
+    conf = tmp_path / "corral.toml"
+    conf.write_text('workers = 1\nenv = ["GREETING=set", "OUTSIDE=overridden"]\n')
+    server = start_server(
+        "behaviour:application", "--config", str(conf), workers=None, env={"OUTSIDE": "from-outside"}
+    )
+    assert server.get_json("/os-environ?key=GREETING") == {"value": "set"}
+    assert server.get_json("/os-environ?key=OUTSIDE") == {"value": "overridden"}
+    conf.write_text("workers = 1\n")
+    mark = server.mark()
+    server.signal(sig)
+    server.wait_for(r"re-executing the master", since=mark)
+    server.wait_for(r"from before the re-exec exited", since=mark, timeout=20)
+    assert server.get_json("/os-environ?key=GREETING") == {"value": None}
+    assert server.get_json("/os-environ?key=OUTSIDE") == {"value": "from-outside"}
+    master_env = Path(f"/proc/{server.proc.pid}/environ").read_bytes().split(b"\0")
+    assert not any(v.startswith(b"GREETING=") for v in master_env)
+
+
 def test_workers_from_before_a_reexec_are_killed_at_the_graceful_timeout(start_server, tmp_path):
     """As a reload's old workers are: one held up (here by a thread the app
     started, not a daemon, that runs for minutes) does not outlive the

@@ -202,8 +202,9 @@ pub trait Hooks {
         Ok(())
     }
     /// Environment variables the re-executed program needs besides those
-    /// of this module (socket activation's `LISTEN_*`).
-    fn reexec_env(&self) -> Vec<(String, String)> {
+    /// of this module (socket activation's `LISTEN_*`), or must not have
+    /// (`None`).
+    fn reexec_env(&self) -> Vec<(String, Option<String>)> {
         Vec::new()
     }
 }
@@ -1105,8 +1106,13 @@ impl<'a, H: Hooks> Master<'a, H> {
         std::env::set_var(INHERIT_ENV, inherit.join(";"));
         std::env::set_var(OLD_WORKERS_ENV, workers.join(","));
         let extra = self.hooks.reexec_env();
+        let before: Vec<Option<std::ffi::OsString>> =
+            extra.iter().map(|(k, _)| std::env::var_os(k)).collect();
         for (k, v) in &extra {
-            std::env::set_var(k, v);
+            match v {
+                Some(v) => std::env::set_var(k, v),
+                None => std::env::remove_var(k),
+            }
         }
         crate::systemd::notify_reloading();
         self.hooks.event(Event::Reexec);
@@ -1127,8 +1133,11 @@ impl<'a, H: Hooks> Master<'a, H> {
         error!("re-exec of {} failed: {e}; this master keeps running", program.to_string_lossy());
         std::env::remove_var(INHERIT_ENV);
         std::env::remove_var(OLD_WORKERS_ENV);
-        for (k, _) in &extra {
-            std::env::remove_var(k);
+        for ((k, _), old) in extra.iter().zip(before) {
+            match old {
+                Some(v) => std::env::set_var(k, v),
+                None => std::env::remove_var(k),
+            }
         }
         for l in self.listeners.iter().chain(self.stats.iter()) {
             unsafe { libc::fcntl(l.fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };

@@ -874,7 +874,7 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             return Ok(2);
         }
     }
-    let start_dir = std::env::current_dir().ok();
+    let start_dir = logical_cwd();
     // As they were read at this start (a HUP re-reads them if one changed):
     // the --config file, and the files a uWSGI ini file includes.
     let config_files: Vec<(PathBuf, Vec<u8>)> = match cli.config.as_deref() {
@@ -916,8 +916,13 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     // As named, symlinks unresolved: each new worker goes there again, so a
     // reload after a deploy that switched a `current -> releases/N` link
     // serves the new release (as gunicorn's and uWSGI's reloads do).
-    let chdir_named =
-        cli.chdir.as_deref().map(|d| std::path::absolute(d).unwrap_or_else(|_| d.to_path_buf()));
+    // Without --chdir, the directory it started in, if that was named through
+    // a symlink (`cd /srv/app/current`, systemd's WorkingDirectory), as
+    // gunicorn takes it from $PWD.
+    let chdir_named = match cli.chdir.as_deref() {
+        Some(d) => Some(std::path::absolute(d).unwrap_or_else(|_| d.to_path_buf())),
+        None => start_dir.clone().filter(|named| std::env::current_dir().is_ok_and(|real| real != *named)),
+    };
     match prepare_import(py, &cli)? {
         Ok(warnings) => warnings.iter().for_each(|w| warn!("{w}")),
         Err(e) => {
@@ -1482,6 +1487,32 @@ fn raise_open_files_limit(max_connections: usize) {
     }
 }
 
+/// Each variable --env set in this process, and its value before (None:
+/// it was not set).
+static ENV_BEFORE: std::sync::Mutex<Vec<(String, Option<String>)>> = std::sync::Mutex::new(Vec::new());
+
+/// The environment as it was before --env, for a re-exec (see
+/// [`ENV_BEFORE`]).
+pub(crate) fn env_before_settings() -> Vec<(String, Option<String>)> {
+    ENV_BEFORE.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// The working directory as the shell named it: `$PWD` when that is the
+/// same directory (symlinks unresolved, as gunicorn's `util.getcwd` has
+/// it), else the kernel's resolved path. A deploy that switches a
+/// `current -> releases/N` link the server was started in is then followed
+/// by new workers and by a re-exec.
+fn logical_cwd() -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let real = std::env::current_dir().ok()?;
+    let named = std::env::var_os("PWD").map(PathBuf::from).filter(|p| p.is_absolute());
+    let same = |p: &PathBuf| {
+        let (a, b) = (std::fs::metadata(p).ok(), std::fs::metadata(&real).ok());
+        matches!((a, b), (Some(a), Some(b)) if a.dev() == b.dev() && a.ino() == b.ino())
+    };
+    Some(named.filter(same).unwrap_or(real))
+}
+
 /// What an import of the app needs in this process: `--env`, `--chdir`,
 /// and `sys.path` (the app's directory, then `--pythonpath` first).
 /// The outer error is Python's; the inner one a configuration error; the
@@ -1492,11 +1523,17 @@ fn prepare_import(py: Python<'_>, cli: &Cli) -> PyResult<Result<Vec<String>, Str
         let Some((k, v)) = kv.split_once('=') else {
             return Ok(Err(format!("--env {kv:?}: expected KEY=VALUE")));
         };
+        {
+            let mut before = ENV_BEFORE.lock().unwrap_or_else(|p| p.into_inner());
+            if !before.iter().any(|(key, _)| key == k) {
+                before.push((k.to_string(), std::env::var(k).ok()));
+            }
+        }
         py.import("os")?.getattr("environ")?.set_item(k, v)?;
     }
     // The directory as named, symlinks unresolved: imports then follow a
     // link a deploy switches, in workers started after the switch.
-    let mut cwd = std::env::current_dir().map(|p| p.display().to_string()).unwrap_or_default();
+    let mut cwd = logical_cwd().map(|p| p.display().to_string()).unwrap_or_default();
     if let Some(dir) = &cli.chdir {
         if let Ok(named) = std::path::absolute(dir) {
             cwd = named.display().to_string();

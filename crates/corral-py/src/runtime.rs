@@ -453,10 +453,13 @@ impl Hooks for Runtime {
         })
     }
 
-    fn reexec_env(&self) -> Vec<(String, String)> {
-        let mut env = Vec::new();
+    fn reexec_env(&self) -> Vec<(String, Option<String>)> {
+        // What --env (or a config file's env) set goes back to what it was
+        // at the first start: the new program applies its configuration
+        // again, and a variable taken out of the file must not stay.
+        let mut env = crate::cli::env_before_settings();
         if let Some(path) = &self.reexec.pidfile {
-            env.push((PREVIOUS_PIDFILE_ENV.into(), path.to_string_lossy().into_owned()));
+            env.push((PREVIOUS_PIDFILE_ENV.into(), Some(path.to_string_lossy().into_owned())));
         }
         let fds = &self.reexec.listen_fds;
         if fds.is_empty() {
@@ -465,9 +468,9 @@ impl Hooks for Runtime {
         // Same pid after execve: the new program takes them as its own.
         let names: Vec<&str> = fds.iter().map(|(_, n)| n.as_deref().unwrap_or("")).collect();
         env.extend([
-            ("LISTEN_PID".into(), std::process::id().to_string()),
-            ("LISTEN_FDS".into(), fds.len().to_string()),
-            ("LISTEN_FDNAMES".into(), names.join(":")),
+            ("LISTEN_PID".into(), Some(std::process::id().to_string())),
+            ("LISTEN_FDS".into(), Some(fds.len().to_string())),
+            ("LISTEN_FDNAMES".into(), Some(names.join(":"))),
         ]);
         env
     }
