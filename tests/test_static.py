@@ -6,9 +6,12 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from front_ends import free_port
@@ -158,6 +161,55 @@ def test_static_safe_lets_symlinks_lead_into_its_directories_and_no_others(start
     r = server.request("GET", "/static/key.pem")
     assert r.status == 404 and b"top secret" not in r.body
     server.wait_for(r"Static file .*key\.pem not served: it leads to .*, outside .*--static-safe DIR")
+
+
+def test_an_index_that_is_a_symlink_is_followed_within_the_same_bounds(start_server, tmp_path):
+    """A directory's index.html linked into a --static-safe directory (as
+    `collectstatic --link` makes them) is served for the directory; one
+    leading anywhere else is not, with the warning naming it. Both got 403
+    ("too many levels of symbolic links")."""
+    public, shared, private = tmp_path / "public", tmp_path / "shared", tmp_path / "private"
+    for d in (public / "docs", public / "inner", public / "out", shared, private):
+        d.mkdir(parents=True)
+    (shared / "index.html").write_text("<h1>docs</h1>")
+    (public / "page.html").write_text("<h1>page</h1>")
+    (private / "index.html").write_text("top secret")
+    os.symlink(shared / "index.html", public / "docs" / "index.html")
+    os.symlink(public / "page.html", public / "inner" / "index.html")
+    os.symlink(private / "index.html", public / "out" / "index.html")
+    server = start_server(
+        "behaviour:application", "--static", f"/static={public}", "--static-safe", str(shared)
+    )
+    assert server.request("GET", "/static/docs/").body == b"<h1>docs</h1>"
+    assert server.request("GET", "/static/inner/").body == b"<h1>page</h1>"
+    assert server.request("GET", "/static/inner").status == 301
+    r = server.request("GET", "/static/out/")
+    assert r.status == 404 and b"top secret" not in r.body
+    server.wait_for(r"Static file .*/out/index\.html not served: it leads to .*private/index\.html, outside")
+
+
+def test_a_directory_the_worker_may_not_enter_is_403_with_a_log_line(start_server):
+    """As nginx answers it: a deploy with the wrong permissions on a
+    directory does not fail as silent 404s."""
+    # Not under tmp_path, whose parent only root may enter.
+    top = Path(tempfile.mkdtemp(prefix="corral-static-"))
+    try:
+        public = top / "public"
+        (public / "closed").mkdir(parents=True)
+        (public / "closed" / "a.css").write_text("a{}")
+        (public / "open.css").write_text("b{}")
+        os.chmod(public / "closed", 0o700)
+        for d in (top, public):
+            os.chmod(d, 0o755)
+        server = start_server(
+            "behaviour:application", "--preload", "--user", "nobody", "--static", f"/static={public}"
+        )
+        assert server.request("GET", "/static/open.css").body == b"b{}"
+        r = server.request("GET", "/static/closed/a.css")
+        assert r.status == 403
+        server.wait_for(r"--static /static: cannot look up /closed/a\.css: Permission denied .*answering 403")
+    finally:
+        shutil.rmtree(top)
 
 
 def test_static_safe_from_a_uwsgi_ini_is_found_from_its_chdir(start_server, tmp_path):

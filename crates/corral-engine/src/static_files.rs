@@ -100,6 +100,15 @@ impl Mount {
     }
 
     /// The flag the mount came from, for log lines.
+    /// The URL prefix as the option gave it (`/` for the root).
+    pub fn url(&self) -> &str {
+        if self.prefix.is_empty() {
+            "/"
+        } else {
+            &self.prefix
+        }
+    }
+
     pub fn flag(&self) -> &'static str {
         if self.passes_misses {
             "--static-map"
@@ -189,14 +198,30 @@ pub struct Conditions<'a> {
 }
 
 /// What a path below a mount names.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Resolved {
     /// A file inside the mount (symlinks resolved).
     File(PathBuf),
     /// A directory asked for without its trailing slash: the client is sent
     /// to the name with one, so that relative links in its index resolve.
     AddSlash,
+    /// The way to it cannot be looked at (a directory the worker may not
+    /// enter): 403, as nginx answers, and the log says why.
+    Denied(std::io::Error),
 }
+
+impl PartialEq for Resolved {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Resolved::File(a), Resolved::File(b)) => a == b,
+            (Resolved::AddSlash, Resolved::AddSlash) => true,
+            (Resolved::Denied(a), Resolved::Denied(b)) => a.kind() == b.kind(),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Resolved {}
 
 /// Resolves `rel` (decoded, below the mount) to a file inside the mount
 /// (or, through a symlink, a `--static-safe` directory).
@@ -212,12 +237,19 @@ pub fn resolve(mount: &Mount, rel: &[u8]) -> Option<Resolved> {
         }
         path.push(seg);
     }
-    let mut real = std::fs::canonicalize(&path).ok()?;
+    let real = match std::fs::canonicalize(&path) {
+        Ok(real) => real,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Some(Resolved::Denied(e)),
+        Err(_) => return None,
+    };
     if real.is_dir() {
+        // Looked up by name like any file: an index.html that is a symlink
+        // (`collectstatic --link`) is followed, within the same bounds.
+        let index = inside(mount, &path.join("index.html"));
         if !rel.ends_with('/') {
-            return inside(mount, &path.join("index.html")).map(|_| Resolved::AddSlash);
+            return index.map(|_| Resolved::AddSlash);
         }
-        real = real.join("index.html");
+        return index.map(Resolved::File);
     } else if rel.ends_with('/') {
         // "file.txt/" names no directory: nothing there (as nginx answers).
         return None;
@@ -458,6 +490,18 @@ pub fn serve(ex: &Exchange, mount: &Mount, rel: &[u8], head: bool, method_ok: bo
             let _ = ex.write(b"301 Moved Permanently\n", true);
             return;
         }
+        Some(Resolved::Denied(e)) => {
+            tracing::warn!(
+                "{} {}: cannot look up {}: {e}; answering 403",
+                mount.flag(),
+                mount.url(),
+                String::from_utf8_lossy(rel)
+            );
+            let _ = ex.start(b"403 Forbidden");
+            let _ = ex.header(b"Content-Type", b"text/plain; charset=utf-8");
+            let _ = ex.write(b"403 Forbidden\n", true);
+            return;
+        }
         None => return not_found(),
     };
     // A precompressed sibling, when the client takes it and it is as new:
@@ -495,7 +539,7 @@ pub fn serve(ex: &Exchange, mount: &Mount, rel: &[u8], head: bool, method_ok: bo
             tracing::warn!(
                 "{} {}: cannot open {}: {e}; answering 403",
                 mount.flag(),
-                mount.prefix,
+                mount.url(),
                 path.display()
             );
             let _ = ex.start(b"403 Forbidden");
@@ -660,6 +704,14 @@ mod tests {
         assert_eq!(resolve(&m, b"/sub"), Some(Resolved::AddSlash));
         assert!(matches!(resolve(&m, b"/sub/"), Some(Resolved::File(p)) if p.ends_with("sub/index.html")));
         assert!(resolve(&m, b"/inner-link").is_some());
+        // A directory's index.html that is a symlink: followed inside only.
+        std::fs::create_dir_all(root.join("public/linked")).unwrap();
+        std::os::unix::fs::symlink(root.join("public/a.css"), root.join("public/linked/index.html")).unwrap();
+        assert!(matches!(resolve(&m, b"/linked/"), Some(Resolved::File(p)) if p.ends_with("public/a.css")));
+        std::fs::create_dir_all(root.join("public/leaving")).unwrap();
+        std::os::unix::fs::symlink(root.join("secret.txt"), root.join("public/leaving/index.html")).unwrap();
+        assert_eq!(resolve(&m, b"/leaving/"), None);
+        assert_eq!(resolve(&m, b"/leaving"), None);
         for bad in
             [&b"/../secret.txt"[..], b"/sub/../../secret.txt", b"/link", b"/./a.css", b"/a.css\0", b"/nope"]
         {
