@@ -4,6 +4,7 @@ client's address; --proxy-allow-from limits who may send one."""
 
 import ipaddress
 import json
+import re
 import signal
 import socket
 import struct
@@ -130,6 +131,31 @@ def test_a_header_from_a_peer_not_allowed_gets_403(start_server):
     )
     with server.connect() as conn:
         assert _environ_on(conn)["REMOTE_ADDR"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    "client", [("192.0.2.7", "192.0.2.7"), ("2001:db8::7", "[2001:db8::7]")], ids=["v4", "v6"]
+)
+def test_log_lines_name_the_client_a_header_gave_on_a_unix_socket_and_ipv6_in_brackets(
+    start_server, tmp_path, client
+):
+    """Over a unix socket the error log named only the socket, though the
+    header had named the client; an IPv6 client and its port read as one
+    longer address without brackets."""
+    addr, shown = client
+    sock = tmp_path / "pp.sock"
+    server = start_server("behaviour:application", "--proxy-protocol", http=f"unix:{sock}")
+    family = "TCP6" if ":" in addr else "TCP4"
+    dst = "2001:db8::1" if ":" in addr else "198.51.100.1"
+    mark = server.mark()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(sock))
+        s.sendall(f"PROXY {family} {addr} {dst} 56324 443\r\nGET / HTTP/9.9\r\nHost: x\r\n\r\n".encode())
+        assert s.recv(100).startswith(b"HTTP/1.1 505")
+    server.wait_for(
+        rf"Bad request from {re.escape(shown)}:56324 via unix:{re.escape(str(sock))}: ", since=mark
+    )
 
 
 def test_without_the_option_a_proxy_header_is_a_bad_request(start_server):

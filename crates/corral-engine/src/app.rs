@@ -46,12 +46,18 @@ pub struct Request<'a> {
 
 impl ListenerInfo {
     /// Who is on the other end of a connection to this listener, for a
-    /// log line: its address and port, or the unix socket it came through.
+    /// log line: its address and port (an IPv6 one in brackets, as nginx
+    /// writes it), or the unix socket it came through, after the client a
+    /// PROXY header named on it.
     pub fn peer(&self, remote_addr: &str, remote_port: &str) -> String {
-        if self.is_unix {
-            format!("unix:{}", self.server_name)
-        } else {
-            format!("{remote_addr}:{remote_port}")
+        let addr = |a: &str| if a.contains(':') { format!("[{a}]") } else { a.to_string() };
+        match (self.is_unix, remote_addr.is_empty(), remote_port.is_empty()) {
+            (true, true, _) => format!("unix:{}", self.server_name),
+            (true, false, true) => format!("{remote_addr} via unix:{}", self.server_name),
+            (true, false, false) => {
+                format!("{}:{remote_port} via unix:{}", addr(remote_addr), self.server_name)
+            }
+            (false, ..) => format!("{}:{remote_port}", addr(remote_addr)),
         }
     }
 }
@@ -227,7 +233,24 @@ pub fn log_escape(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::log_escape;
+    use super::{log_escape, ListenerInfo};
+    use crate::listen::Protocol;
+
+    #[test]
+    fn a_peer_is_named_as_nginx_names_it() {
+        let l = |is_unix| ListenerInfo {
+            server_name: "/run/app.sock".into(),
+            server_port: String::new(),
+            is_unix,
+            protocol: Protocol::Http,
+        };
+        assert_eq!(l(false).peer("192.0.2.7", "5555"), "192.0.2.7:5555");
+        assert_eq!(l(false).peer("2001:db8::7", "5555"), "[2001:db8::7]:5555");
+        assert_eq!(l(true).peer("", ""), "unix:/run/app.sock");
+        // A client a PROXY header named on a unix socket.
+        assert_eq!(l(true).peer("192.0.2.7", "5555"), "192.0.2.7:5555 via unix:/run/app.sock");
+        assert_eq!(l(true).peer("2001:db8::7", "80"), "[2001:db8::7]:80 via unix:/run/app.sock");
+    }
 
     #[test]
     fn log_escape_keeps_a_line_a_line() {
