@@ -179,7 +179,7 @@ def test_a_server_runs_from_the_file(start_server, tmp_path):
         ("socket-mode = 0o660\n", ":1: `socket-mode` is an octal mode: write it as a string"),
         ("umask = 0o027\n", ":1: `umask` is an octal mode"),
         ("umask = 27\n", ':1: `umask` is an octal mode: write it as a string, e.g. umask = "027"'),
-        ("max-requests-jitter = 50\n", "(--max-requests-jitter, which needs it, comes from {cfg}:1)"),
+        ("workers-min = 2\n", "(--workers-min, which needs it, comes from {cfg}:1)"),
         ('workers = 1\nhttp = ["nonsense:port"]\n', ":2: `http`: invalid value 'nonsense:port'"),
         ('stats = "bad:port"\n', ":1: `stats`: invalid value 'bad:port'"),
         ('env = ["NOEQ"]\n', ":1: `env`: invalid value 'NOEQ'"),
@@ -1588,6 +1588,12 @@ def test_a_umask_is_permission_bits_only():
 def test_jitter_without_recycling_is_reported(start_server):
     server = start_server("behaviour:application", "--max-requests", "0", "--max-requests-jitter", "5")
     server.wait_for(r"--max-requests-jitter is not used: --max-requests is 0")
+
+
+def test_jitter_alone_is_taken_with_a_warning_as_gunicorn_takes_it(start_server):
+    server = start_server("behaviour:application", "--max-requests-jitter", "5")
+    server.wait_for(r"--max-requests-jitter is not used: it varies --max-requests, which is not given")
+    assert server.request("GET", "/fixed").status == 200
 
 
 def test_backlog_applies_to_an_inherited_socket(tmp_path):

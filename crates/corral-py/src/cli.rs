@@ -229,7 +229,6 @@ pub struct Cli {
         value_name = "N",
         env = "CORRAL_MAX_REQUESTS_JITTER",
         default_value_t = 0,
-        requires = "max_requests",
         value_parser = clap::value_parser!(u64).range(0..=MAX_COUNT)
     )]
     pub max_requests_jitter: u64,
@@ -1112,6 +1111,11 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
              FastCGI and SCGI the front end's HTTPS variable sets the scheme)"
         );
     }
+    // Taken, as gunicorn takes it (its example files set both, and a
+    // deployment may turn recycling off by leaving out the count alone).
+    if cli.max_requests.is_none() && cli.max_requests_jitter > 0 {
+        warn!("--max-requests-jitter is not used: it varies --max-requests, which is not given");
+    }
     if cli.max_requests == Some(0) && cli.max_requests_jitter > 0 {
         warn!("--max-requests-jitter is not used: --max-requests is 0, which turns recycling off");
     }
@@ -1289,7 +1293,7 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         info!("Closing inherited listener {addr} that the command line no longer asks for");
         unsafe { libc::close(*fd) };
     }
-    if let Some(path) = &pidfile {
+    if let Some(path) = pidfile.as_deref().filter(|p| !pidfile_names_this_master(p)) {
         if let Err(e) = write_pidfile(path) {
             error!("--pidfile {}: {e}", path.display());
             return Ok(1);
@@ -1899,6 +1903,9 @@ fn pidfile_usable(cli: &Cli) -> Result<(), String> {
     let Some(path) = cli.pidfile.as_deref() else {
         return Ok(());
     };
+    if pidfile_names_this_master(path) {
+        return Ok(());
+    }
     let replaceable = || {
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
         path.is_file() && writable_dir(dir)
@@ -2242,6 +2249,21 @@ fn given_on_command_line(argv: &[String], long: &str) -> bool {
 /// than this one (a re-executed master keeps its pid). A stale file may name
 /// a pid the system has since given to another program: that one does not
 /// count.
+/// Whether the pidfile names this master already: after a re-exec (the
+/// pid stays), or in the check a running master makes of the program it is
+/// about to re-execute, the master asking. The file is then right as it
+/// is, and need not be written again: under --user, the master may not
+/// write where root wrote it at the first start, and a reload that
+/// re-executes (USR2, HUP with --preload) must not be refused for that.
+fn pidfile_names_this_master(path: &std::path::Path) -> bool {
+    let Some(pid) = std::fs::read_to_string(path).ok().and_then(|t| t.trim().parse::<u32>().ok()) else {
+        return false;
+    };
+    pid == std::process::id()
+        || (std::env::var_os(corral_engine::supervise::CHECK_BINDS_ENV).is_some()
+            && pid == unsafe { libc::getppid() } as u32)
+}
+
 fn running_corral(path: &std::path::Path) -> Option<u32> {
     let pid: u32 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
     if pid == std::process::id() {
@@ -2394,4 +2416,25 @@ fn drop_privileges(uid: u32, gid: u32, name: &str) -> Result<(), String> {
     setgid(Gid::from_raw(gid)).map_err(|e| format!("--group: setgid({gid}): {e}"))?;
     setuid(Uid::from_raw(uid)).map_err(|e| format!("--user: setuid({uid}): {e}"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pidfile_names_this_master;
+
+    #[test]
+    fn a_pidfile_naming_this_process_is_taken_as_it_is() {
+        let dir = std::env::temp_dir().join(format!("corral-pidfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("app.pid");
+        assert!(!pidfile_names_this_master(&path), "no file");
+        std::fs::write(&path, format!("{}\n", std::process::id())).unwrap();
+        assert!(pidfile_names_this_master(&path));
+        // Another process's (the parent's only in a re-exec's check).
+        std::fs::write(&path, format!("{}\n", std::process::id() + 1)).unwrap();
+        assert!(!pidfile_names_this_master(&path));
+        std::fs::write(&path, "garbage").unwrap();
+        assert!(!pidfile_names_this_master(&path));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
