@@ -1827,6 +1827,42 @@ def test_static_files_over_fastcgi_follow_the_path_the_front_end_routed_on(start
         assert (r.status, r.body) == (200, b"file"), uri
 
 
+@pytest.mark.parametrize(
+    ("script_name", "path_info"),
+    [
+        ("/prefix", "/static/f.txt"),
+        ("/prefix/", "/static/f.txt"),
+        ("/prefix", "/prefix/static/f.txt"),
+        ("", "/prefix/static/f.txt"),
+    ],
+    ids=["split", "split-slash", "whole-path", "no-script-name"],
+)
+def test_static_files_under_a_prefix_follow_script_name_and_path_info(
+    start_server, tmp_path, script_name, path_info
+):
+    """`--static /prefix/static=DIR` is the path clients request: found
+    whether the front end split it itself (nginx's fastcgi_split_path_info:
+    SCRIPT_NAME /prefix, PATH_INFO the rest; it used to reach the app) or
+    sent SCRIPT_NAME with the whole path in PATH_INFO."""
+    root = tmp_path / "files"
+    root.mkdir()
+    (root / "f.txt").write_text("file")
+    server = g.start_gateways(
+        start_server,
+        "behaviour:application",
+        [("fastcgi", "127.0.0.1:0")],
+        "--mount",
+        "/prefix",
+        "--static",
+        f"/prefix/static={root}",
+    )
+    extra = [("SCRIPT_NAME", script_name), ("PATH_INFO", path_info)]
+    r = g.call(
+        "fastcgi", server.addr("fastcgi"), params=g.cgi_params(uri="/prefix/static/f.txt", extra=extra)
+    )
+    assert (r.status, r.body) == (200, b"file")
+
+
 @pytest.mark.parametrize("proto", PROTOS)
 def test_a_static_download_the_front_end_reads_slowly_holds_no_thread(start_server, tmp_path, proto):
     """One worker with one thread behind a front end that stops reading a large

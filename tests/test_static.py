@@ -230,6 +230,26 @@ def test_static_safe_from_a_uwsgi_ini_is_found_from_its_chdir(start_server, tmp_
     assert server.request("GET", "/static/lib.js").body == b"lib()"
 
 
+def test_a_uwsgi_ini_static_map_under_a_mount_with_manage_script_name(start_server, tmp_path):
+    """uWSGI matches static-map against PATH_INFO with the mount's prefix
+    taken off: /prefix/static/a.css is the file, and so is /static/a.css.
+    The app got the first (Django answered 404 for every static file)."""
+    site = tmp_path / "site"
+    (site / "static").mkdir(parents=True)
+    (site / "static" / "a.css").write_text("a{}")
+    port = free_port()
+    ini = tmp_path / "app.ini"
+    ini.write_text(
+        f"[uwsgi]\nchdir = {site}\npythonpath = {APPS}\nmount = /prefix=behaviour:application\n"
+        f"manage-script-name = true\nhttp-socket = 127.0.0.1:{port}\nstatic-map = /static=static\n"
+    )
+    server = start_server(str(ini), "--config", http=None, pythonpath=None, wait=False)
+    server.wait_started()
+    assert server.request("GET", "/prefix/static/a.css").body == b"a{}"
+    assert server.request("GET", "/static/a.css").body == b"a{}"
+    assert server.request("GET", "/prefix/fixed").body == b"hello world"
+
+
 def test_static_safe_needs_a_directory_and_a_mount(tmp_path):
     (tmp_path / "file").write_text("x")
     for args, said in [

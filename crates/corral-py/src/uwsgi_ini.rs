@@ -605,6 +605,26 @@ pub fn translate(spec: &str, python_prefix: &str) -> Result<(Vec<Entry>, Vec<Str
         Some(c) if Path::new(p).is_relative() => Path::new(c).join(p).display().to_string(),
         _ => p.to_string(),
     };
+    // With `mount` and `manage-script-name`, uWSGI matches its static maps
+    // against PATH_INFO, the mount's prefix taken off: a map of /static
+    // serves /prefix/static/... too. corral matches the path clients
+    // request, so such a map is given under the prefix as well.
+    let stripped =
+        lines.iter().rev().find(|l| l.key == "manage-script-name").is_some_and(|l| truthy(&l.value));
+    let prefix = lines
+        .iter()
+        .rev()
+        .find(|l| l.key == "mount")
+        .and_then(|l| l.value.split_once('='))
+        .map(|(p, _)| p.trim().trim_end_matches('/').to_string())
+        .filter(|p| stripped && !p.is_empty());
+    let mounted = |url: &str| -> Vec<String> {
+        match &prefix {
+            Some(p) if url == "/" => vec![p.clone(), url.to_string()],
+            Some(p) => vec![format!("{p}{url}"), url.to_string()],
+            None => vec![url.to_string()],
+        }
+    };
     // Repeatable options collect every value, in order.
     let mut list: Vec<(String, Vec<String>, String)> = Vec::new();
     let mut single: HashMap<&'static str, (Value, String)> = HashMap::new();
@@ -632,9 +652,17 @@ pub fn translate(spec: &str, python_prefix: &str) -> Result<(Vec<Entry>, Vec<Str
                 // uWSGI looks for these after its chdir.
                 "touch-reload" | "static-safe" => push(opt, in_chdir(&l.value), at(l)),
                 // Each leaves what it has not to the next mapping and the app, as in uWSGI.
-                "check-static" => push("static-map", format!("/={}", in_chdir(&l.value)), at(l)),
+                "check-static" => {
+                    for url in mounted("/") {
+                        push("static-map", format!("{url}={}", in_chdir(&l.value)), at(l));
+                    }
+                }
                 "static-map" => match l.value.split_once('=') {
-                    Some((url, dir)) => push(opt, format!("{url}={}", in_chdir(dir)), at(l)),
+                    Some((url, dir)) => {
+                        for url in mounted(url) {
+                            push(opt, format!("{url}={}", in_chdir(dir)), at(l));
+                        }
+                    }
                     None => push(opt, l.value.clone(), at(l)),
                 },
                 // uWSGI reads a number's leading digits (`processes = 4 ; four`).

@@ -303,7 +303,15 @@ pub(super) fn static_target<'m>(
             // (decoded by the front end), else DOCUMENT_URI (nginx's, also
             // normalized), else REQUEST_URI decoded and normalized.
             let path = match (c.get(req.bytes, b"PATH_INFO"), c.get(req.bytes, b"DOCUMENT_URI")) {
-                (Some(p), _) => p.to_vec(),
+                // A front end that split the path itself (nginx's
+                // fastcgi_split_path_info) sends the prefix apart; one that
+                // names SCRIPT_NAME and the whole path sends it in both.
+                (Some(p), _) => {
+                    match c.get(req.bytes, b"SCRIPT_NAME").map(|s| s.strip_suffix(b"/").unwrap_or(s)) {
+                        Some(sn) if !sn.is_empty() && !under_prefix(p, sn) => [sn, p].concat(),
+                        _ => p.to_vec(),
+                    }
+                }
                 (None, Some(d)) if d.starts_with(b"/") => d.to_vec(),
                 _ => {
                     let uri = c.get(req.bytes, b"REQUEST_URI").unwrap_or(b"");
@@ -317,6 +325,11 @@ pub(super) fn static_target<'m>(
     let mut decoded = Vec::with_capacity(raw.len());
     corral_proto::http1::percent_decode(raw, &mut decoded);
     mounts.iter().find_map(|m| m.takes(&decoded, req.method()).map(|r| (m, r.to_vec())))
+}
+
+/// Whether `path` is `prefix` or lies below it.
+fn under_prefix(path: &[u8], prefix: &[u8]) -> bool {
+    path.starts_with(prefix) && matches!(path.get(prefix.len()), None | Some(b'/'))
 }
 
 /// A request header by lower-case name (joined with "," when repeated over
