@@ -318,6 +318,53 @@ def test_reload_picks_up_an_edited_module(start_server, tmp_path):
     assert not server.grep(r"Detected a change", since=mark)
 
 
+def test_reload_started_on_broken_code_serves_the_error_until_it_is_fixed(start_server, tmp_path):
+    """As gunicorn's reloader: an app that cannot be imported when the server
+    starts (a syntax error saved mid-edit) gets every request answered 500
+    with the error, and loads once fixed; the server used to stop."""
+    app_dir = tmp_path / "site"
+    app_dir.mkdir()
+    app = app_dir / "devapp.py"
+    app.write_text("def application(environ, start_response:\n    pass\n")
+    server = start_server("devapp:application", "--reload", "--chdir", str(app_dir), pythonpath=None)
+    server.wait_for(r"SyntaxError")
+    server.wait_for(r"Worker 0 answers every request with 500 and this error until the code is fixed")
+    r = server.request("GET", "/")
+    assert r.status == 500 and b"SyntaxError" in r.body and b"devapp.py" in r.body, r.body
+    mark = server.mark()
+    app.write_text(
+        "def application(environ, start_response):\n"
+        '    start_response("200 OK", [("Content-Type", "text/plain")])\n'
+        '    return [b"fixed"]\n'
+    )
+    server.wait_for(r"Detected a change in .*devapp\.py; reloading the workers", since=mark)
+    assert wait_until(lambda: server.request("GET", "/").body == b"fixed", 15), server.log[mark:]
+    assert server.running()
+
+
+def test_a_broken_edit_under_reload_keeps_the_code_that_loaded_serving(start_server, tmp_path):
+    """Once code that loads serves, a broken save does not replace it with the
+    error: the reload fails as any reload would."""
+    app_dir = tmp_path / "site"
+    app_dir.mkdir()
+    app = app_dir / "devapp2.py"
+    good = (
+        "def application(environ, start_response):\n"
+        '    start_response("200 OK", [("Content-Type", "text/plain")])\n'
+        '    return [b"good"]\n'
+    )
+    app.write_text(good)
+    server = start_server("devapp2:application", "--reload", "--chdir", str(app_dir), pythonpath=None)
+    assert server.request("GET", "/").body == b"good"
+    mark = server.mark()
+    app.write_text("def application(:\n")
+    server.wait_for(r"Detected a change in .*devapp2\.py; reloading the workers", since=mark)
+    server.wait_for(r"SyntaxError", since=mark)
+    time.sleep(1)
+    assert server.request("GET", "/").body == b"good"
+    assert not server.grep(r"answers every request with 500", since=mark), server.log[mark:]
+
+
 def test_reload_watches_an_app_given_by_its_path(start_server, tmp_path):
     """PATH.py:CALLABLE from another directory: its file is watched too; an
     editor's lock file beside it is not a change."""

@@ -1390,7 +1390,8 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         pidfile: pidfile.clone(),
     };
     let runtime = Runtime::new(spec, preloaded, cli.preload, mount, chdir_named, &config, reexec)
-        .with_hooks(server_hooks);
+        .with_hooks(server_hooks)
+        .serving_load_errors(cli.reload);
     let mut master = match Master::new(config, listeners, &runtime) {
         Ok(m) => m,
         Err(e) => {

@@ -43,6 +43,10 @@ pub struct Runtime {
     /// In a worker: its `server` and `worker` objects, for the hooks it runs
     /// as it exits.
     this_worker: std::cell::OnceCell<(PyObject, PyObject)>,
+    /// --reload: a worker whose import of the app fails serves the error as
+    /// a 500 until a change to the code reloads it, where it would exit
+    /// (and a server that had not started yet would stop).
+    serve_load_errors: bool,
 }
 
 /// What a re-exec of the master needs to start the same program again.
@@ -94,7 +98,14 @@ impl Runtime {
             max_requests: config.max_requests.unwrap_or(0),
             timeout: config.timeout.map_or(0, |t| t.as_secs()),
             this_worker: std::cell::OnceCell::new(),
+            serve_load_errors: false,
         }
+    }
+
+    /// Under --reload: see [`Runtime::serve_load_errors`].
+    pub fn serving_load_errors(mut self, on: bool) -> Runtime {
+        self.serve_load_errors = on;
+        self
     }
 
     /// The server hooks of a gunicorn configuration file, to run.
@@ -295,6 +306,26 @@ impl Hooks for Runtime {
             Some(a) => a.clone_ref(py),
             None => match load_app(py, &self.spec) {
                 Ok(a) => a,
+                // Only where no sibling serves code that loaded: while one
+                // does (an edit saved half-way through a reload), the reload
+                // fails as any would, and the old code keeps serving.
+                Err(msg) if self.serve_load_errors && !sibling_serves(&ctx) => {
+                    error!("{msg}");
+                    match py.import("corral._load_error").and_then(|m| m.call_method1("app_for", (&msg,))) {
+                        Ok(app) => {
+                            error!(
+                                "Worker {} answers every request with 500 and this error until the code is \
+                                 fixed: --reload loads it again at the next change",
+                                ctx.slot
+                            );
+                            app.unbind()
+                        }
+                        Err(e) => {
+                            error!("cannot set up the app that reports the error: {e}");
+                            return EXIT_APP_LOAD_FAILED;
+                        }
+                    }
+                }
                 Err(msg) => {
                     error!("{msg}");
                     return EXIT_APP_LOAD_FAILED;
@@ -511,6 +542,14 @@ impl Hooks for Runtime {
         });
         unsafe { libc::_exit(code) }
     }
+}
+
+/// Whether another worker of the pool is up and serving.
+fn sibling_serves(ctx: &WorkerCtx) -> bool {
+    let sb = &ctx.scoreboard;
+    (0..sb.slots()).any(|s| {
+        s != ctx.slot && sb.pid(s) != 0 && sb.state(s) == corral_engine::scoreboard::WorkerState::Ready
+    })
 }
 
 /// Waits for the threads the app started without `daemon=True`, as Python
