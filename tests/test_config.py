@@ -3,6 +3,7 @@ line, --print-config, and errors that name the key and the line."""
 
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -12,7 +13,7 @@ import time
 
 import pytest
 from front_ends import free_port
-from support import APPS, CORRAL, Server, http10_over_unix, wait_until
+from support import APPS, CORRAL, READY_RE, Server, http10_over_unix, wait_until
 
 
 def _run(args, env=None, cwd=None):
@@ -1550,6 +1551,28 @@ def test_a_gunicorn_files_reload_extra_files_follow_reload_from_anywhere(tmp_pat
     got = _printed(proc.stdout)
     assert got["reload"] == ("false", f"config file {reloading}:1")
     assert got["touch-reload"][1] == "default"
+
+
+def test_a_gunicorn_files_reload_extra_files_patterns_are_the_files_they_match(start_server, tmp_path):
+    """gunicorn expands glob patterns there; they were taken as file names,
+    which never change, so a template's edit reloaded nothing."""
+    (tmp_path / "templates" / "sub").mkdir(parents=True)
+    (tmp_path / "templates" / "t.html").write_text("<p>one</p>")
+    (tmp_path / "templates" / "sub" / "u.html").write_text("<p>two</p>")
+    conf = tmp_path / "gunicorn.conf.py"
+    conf.write_text(
+        'reload = True\nreload_extra_files = ["templates/*.html", "templates/**/*.html", "none/*.x"]\n'
+    )
+    server = start_server("behaviour:application", "-c", str(conf), cwd=tmp_path)
+    server.wait_for(r'pattern "templates/\*\.html" is the 1 file\(s\) it matches at start')
+    server.wait_for(r'pattern "none/\*\.x" matches no file now')
+    for template in ("t.html", "sub/u.html"):
+        mark = server.mark()
+        (tmp_path / "templates" / template).write_text("<p>edited</p>")
+        server.wait_for(
+            rf"templates/{re.escape(template)} was touched \(--touch-reload\); reloading", since=mark
+        )
+        server.wait_for(READY_RE.pattern, since=mark, timeout=20)
 
 
 @pytest.mark.parametrize(

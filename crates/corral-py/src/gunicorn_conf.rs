@@ -737,6 +737,41 @@ pub fn translate(
     // gunicorn watches these files for changes only while it reloads on code changes.
     if given_bool("reload").unwrap_or_else(|| truthy("reload")) {
         if let Some(files) = get("reload_extra_files").and_then(|v| to_value(&v)) {
+            // gunicorn takes glob patterns there (`templates/**/*.html`):
+            // each is the files it matches now, watched as named files.
+            let files = match files {
+                Value::Array(items) => {
+                    let mut expanded = Vec::new();
+                    for item in items {
+                        match item.as_str().filter(|p| p.contains(['*', '?', '['])) {
+                            Some(pattern) => {
+                                let found = glob_files(py, pattern);
+                                if found.is_empty() {
+                                    notes.push(format!(
+                                        "gunicorn's reload_extra_files pattern {pattern:?} matches no file now; the \
+                                         files a pattern matches at start are watched"
+                                    ));
+                                } else {
+                                    notes.push(format!(
+                                        "gunicorn's reload_extra_files pattern {pattern:?} is the {} file(s) it \
+                                         matches at start; one added later is not watched until the next start",
+                                        found.len()
+                                    ));
+                                }
+                                // `a/*.html` and `a/**/*.html` both match a/t.html.
+                                for f in found {
+                                    if !expanded.iter().any(|v: &Value| v.as_str() == Some(f.as_str())) {
+                                        expanded.push(Value::from(f));
+                                    }
+                                }
+                            }
+                            None => expanded.push(item),
+                        }
+                    }
+                    Value::Array(expanded.into_iter().collect())
+                }
+                other => other,
+            };
             if !matches!(&files, Value::Array(a) if a.is_empty()) {
                 out.push(Setting { key: "touch-reload", value: files, at: at("reload_extra_files") });
             }
@@ -748,6 +783,20 @@ pub fn translate(
         hooks: crate::server_hooks::ServerHooks::from_names(&names),
         binds_speak_uwsgi: uwsgi,
     })
+}
+
+/// The files a glob pattern matches now (`**` across directories), as
+/// Python's glob finds them, sorted.
+fn glob_files(py: Python<'_>, pattern: &str) -> Vec<String> {
+    let found = py.import("glob").and_then(|g| {
+        let kwargs = pyo3::types::PyDict::new(py);
+        kwargs.set_item("recursive", true)?;
+        g.call_method("glob", (pattern,), Some(&kwargs))?.extract::<Vec<String>>()
+    });
+    let mut files: Vec<String> =
+        found.unwrap_or_default().into_iter().filter(|f| std::path::Path::new(f).is_file()).collect();
+    files.sort();
+    files
 }
 
 /// What a gunicorn configuration file sets, in corral's terms.
