@@ -369,6 +369,25 @@ def test_an_ipv4_mapped_entry_written_for_gunicorn_trusts_the_ipv4_peer(start_se
     assert _v(env, "wsgi.url_scheme") == "https"
 
 
+def test_a_trusted_proxys_script_name_field_mounts_the_app_as_under_gunicorn(start_server):
+    """nginx's `proxy_set_header SCRIPT_NAME /prefix`: from a peer in
+    --forwarded-allow-ips, the field is SCRIPT_NAME and comes off PATH_INFO
+    (gunicorn's forwarder_headers); from any other it is dropped with every
+    name holding `_`. It used to be dropped from all."""
+    trusting = start_server("behaviour:application")
+    env = _environ(trusting, "/prefix/environ?q=1", headers={"SCRIPT_NAME": "/prefix/"})
+    assert (_v(env, "SCRIPT_NAME"), _v(env, "PATH_INFO")) == ("/prefix", "/environ")
+    assert _v(env, "QUERY_STRING") == "q=1"
+    assert "HTTP_SCRIPT_NAME" not in env
+    # A path without the prefix keeps it whole.
+    env = _environ(trusting, "/environ", headers={"script_name": "/prefix"})
+    assert (_v(env, "SCRIPT_NAME"), _v(env, "PATH_INFO")) == ("/prefix", "/environ")
+    wary = start_server("behaviour:application", "--forwarded-allow-ips", "10.9.9.9")
+    env = _environ(wary, "/environ", headers={"SCRIPT_NAME": "/prefix"})
+    assert (_v(env, "SCRIPT_NAME"), _v(env, "PATH_INFO")) == ("", "/environ")
+    assert "HTTP_SCRIPT_NAME" not in env
+
+
 def test_the_forwarded_allow_ips_variable_is_the_default_as_in_gunicorn(start_server):
     """A container set up for gunicorn trusts its proxy through FORWARDED_ALLOW_IPS."""
     server = start_server("behaviour:application", env={"FORWARDED_ALLOW_IPS": "10.9.9.9"})

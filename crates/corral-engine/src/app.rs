@@ -42,6 +42,10 @@ pub struct Request<'a> {
     /// A proxy the server trusts (`--forwarded-allow-ips`) said the client
     /// came over https (HTTP listeners; see [`crate::forwarded`]).
     pub forwarded_https: bool,
+    /// A proxy the server trusts named the prefix the app is mounted at in
+    /// a `SCRIPT_NAME` field (HTTP listeners; see
+    /// [`corral_proto::http1::Known::ScriptName`]).
+    pub forwarded_prefix: bool,
 }
 
 impl ListenerInfo {

@@ -199,6 +199,11 @@ pub enum Known {
     XForwardedProto,
     XForwardedProtocol,
     XForwardedSsl,
+    /// `SCRIPT_NAME`: a proxy naming the prefix the app is mounted at, as
+    /// gunicorn's `forwarder_headers` take it (nginx's `proxy_set_header
+    /// SCRIPT_NAME /prefix`). The one name with `_` kept; whether it counts
+    /// is the server's to judge by the peer.
+    ScriptName,
 }
 
 /// One header field as byte ranges into the head.
@@ -235,6 +240,8 @@ pub struct Head {
     /// ([`Known::XForwardedProto`] and kin), for the server to weigh only
     /// when one is there.
     pub scheme_fields: bool,
+    /// A `SCRIPT_NAME` field is among the fields (see [`Known::ScriptName`]).
+    pub script_name_field: bool,
 }
 
 impl Default for Head {
@@ -252,6 +259,7 @@ impl Default for Head {
             authority: 0..0,
             fields: Vec::new(),
             scheme_fields: false,
+            script_name_field: false,
         }
     }
 }
@@ -356,6 +364,7 @@ pub fn parse_head(buf: &[u8], limits: &Limits, head: &mut Head) -> Result<Status
     head.version = version;
     head.expect_continue = false;
     head.scheme_fields = false;
+    head.script_name_field = false;
 
     head.authority = off(authority);
     let mut content_length: Option<u64> = None;
@@ -384,6 +393,12 @@ pub fn parse_head(buf: &[u8], limits: &Limits, head: &mut Head) -> Result<Status
             return Err(Error::HeaderValue);
         }
         if name.contains(&b'_') {
+            // Dropped, as gunicorn drops them: HTTP_X_A would not tell X-A
+            // from X_A, and a proxy that sets the one cannot strip the other.
+            if name.eq_ignore_ascii_case(b"script_name") {
+                head.script_name_field = true;
+                head.fields.push(Field { name: off(name), value: off(value), known: Known::ScriptName });
+            }
             continue;
         }
         let known = classify(name);
@@ -455,7 +470,7 @@ pub fn parse_head(buf: &[u8], limits: &Limits, head: &mut Head) -> Result<Status
             Known::XForwardedProto | Known::XForwardedProtocol | Known::XForwardedSsl => {
                 head.scheme_fields = true;
             }
-            Known::Cookie | Known::Other => {}
+            Known::Cookie | Known::Other | Known::ScriptName => {}
         }
         head.fields.push(Field { name: off(name), value: off(value), known });
     }
@@ -1266,6 +1281,21 @@ mod tests {
             let got = dechunk(raw);
             assert_eq!(got.as_deref().map_err(|e| *e), *want, "{:?}", String::from_utf8_lossy(raw));
         }
+    }
+
+    #[test]
+    fn of_the_names_with_an_underscore_only_script_name_is_kept() {
+        let raw =
+            b"GET /p/x HTTP/1.1\r\nHost: h\r\nX_Forwarded_Proto: https\r\nscript_name: /p\r\nA: 1\r\n\r\n";
+        let mut head = Head::default();
+        assert!(matches!(parse_head(raw, &Limits::default(), &mut head), Ok(Status::Complete((), _))));
+        assert!(head.script_name_field && !head.scheme_fields);
+        let kept: Vec<(&[u8], Known)> = head.fields.iter().map(|f| (&raw[f.name.clone()], f.known)).collect();
+        assert_eq!(
+            kept,
+            [(&b"Host"[..], Known::Host), (b"script_name", Known::ScriptName), (b"A", Known::Other)]
+        );
+        assert_eq!(&raw[head.fields[1].value.clone()], b"/p");
     }
 
     #[test]

@@ -179,7 +179,7 @@ fn rule(name: &str) -> Option<Rule> {
         "tmp_upload_dir" => Moot("(None,)", "corral keeps no request data in files"),
         // Handled in `translate`: any part of gunicorn's default is taken.
         "secure_scheme_headers" => Ignored,
-        "forwarder_headers" => Refused("('SCRIPT_NAME,PATH_INFO', ['SCRIPT_NAME', 'PATH_INFO'], ('SCRIPT_NAME', 'PATH_INFO'))", "corral takes SCRIPT_NAME from --mount, not from a header"),
+        "forwarder_headers" => Refused("('SCRIPT_NAME,PATH_INFO', ['SCRIPT_NAME', 'PATH_INFO'], ('SCRIPT_NAME', 'PATH_INFO'))", "corral takes a trusted proxy's SCRIPT_NAME field, as gunicorn's default does, and no other"),
         // Handled in `translate`: `bind` becomes --uwsgi.
         "protocol" => Ignored,
         "uwsgi_allow_ips" => Refused("('127.0.0.1,::1', ['127.0.0.1', '::1'], ('127.0.0.1', '::1'))",

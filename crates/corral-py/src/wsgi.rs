@@ -216,7 +216,18 @@ impl WsgiApp {
             percent_decode(req.path(), &mut decoded);
         }
         let mut path: &[u8] = &decoded;
-        if !self.mount.is_empty() {
+        let prefix = match req.forwarded_prefix {
+            true => forwarded_prefix(head, req.bytes),
+            false => None,
+        };
+        if let Some(prefix) = prefix {
+            // As gunicorn takes it from a trusted proxy: the prefix is the
+            // SCRIPT_NAME, and comes off the path when the path has it.
+            if path.starts_with(prefix) && matches!(path.get(prefix.len()), None | Some(b'/')) {
+                path = &path[prefix.len()..];
+            }
+            env.set_item(k.script_name.bind(py), latin1(py, prefix))?;
+        } else if !self.mount.is_empty() {
             let under = path.starts_with(&self.mount)
                 && (path.len() == self.mount.len() || path[self.mount.len()] == b'/');
             if under {
@@ -248,6 +259,7 @@ impl WsgiApp {
                 host_field = value;
             }
             match known {
+                Known::ScriptName => {}
                 Known::ContentType => env.set_item(k.content_type.bind(py), latin1(py, value))?,
                 Known::ContentLength => env.set_item(k.content_length.bind(py), latin1(py, value))?,
                 // An absolute-form target's authority replaces Host (below).
@@ -1336,4 +1348,13 @@ impl FileWrapper {
         }
         Ok(())
     }
+}
+
+/// The prefix a trusted proxy named in a `SCRIPT_NAME` field (the last one),
+/// its trailing `/` left out; None when empty.
+fn forwarded_prefix<'b>(head: &corral_proto::http1::Head, bytes: &'b [u8]) -> Option<&'b [u8]> {
+    let field = head.fields.iter().rev().find(|f| f.known == Known::ScriptName)?;
+    let value = &bytes[field.value.clone()];
+    let value = value.strip_suffix(b"/").unwrap_or(value);
+    (!value.is_empty()).then_some(value)
 }

@@ -216,6 +216,7 @@ pub(super) fn finish_download<A: App>(w: &Shared<A>, t: usize, job: Offloaded) -
             listener,
             listener_index: conn.listener,
             forwarded_https: false,
+            forwarded_prefix: false,
         };
         let keep = complete(&conn, listener, &req);
         w.scoreboard.end_download(w.slot, rest.shown);

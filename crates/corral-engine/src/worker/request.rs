@@ -43,6 +43,9 @@ pub(super) fn handle_request<A: App>(
             }
         },
     };
+    let forwarded_prefix = params.is_none()
+        && conn.head.script_name_field
+        && w.config.forwarded_allow.trusts(&conn.peer_addr, listener.is_unix);
     let req = Request {
         meta: match &params {
             Some(p) => Meta::Cgi(p),
@@ -54,6 +57,7 @@ pub(super) fn handle_request<A: App>(
         listener,
         listener_index: conn.listener,
         forwarded_https,
+        forwarded_prefix,
     };
     if let Some(len) = too_large {
         info!(

@@ -68,6 +68,7 @@ fn note_timed_out<A: App>(w: &Shared<A>, conn: &Conn, partial: usize) {
         listener,
         listener_index: conn.listener,
         forwarded_https: false,
+        forwarded_prefix: false,
     });
     // A gateway head that no longer parses (it cannot: it parsed before)
     // would leave HTTP ranges over gateway bytes.
