@@ -22,6 +22,26 @@ fn skipped(name: &str) -> bool {
     name.starts_with('.') || matches!(name, "__pycache__" | "node_modules" | "venv" | "env" | "site-packages")
 }
 
+/// Whether `dir` is on a filesystem the kernel makes up (/proc, /sys and
+/// the like): no code lives there, and /proc alone holds tens of thousands
+/// of directories, which a `--reload` started from `/` walked before the
+/// first worker could boot.
+fn pseudo_fs(dir: &Path) -> bool {
+    use nix::sys::statfs::{statfs, FsType, PROC_SUPER_MAGIC, SYSFS_MAGIC};
+    const PSEUDO: [FsType; 9] = [
+        PROC_SUPER_MAGIC,
+        SYSFS_MAGIC,
+        FsType(0x1cd1),     // devpts
+        FsType(0x63677270), // cgroup2
+        FsType(0x27e0eb),   // cgroup
+        FsType(0x64626720), // debugfs
+        FsType(0x74726163), // tracefs
+        FsType(0x73636673), // securityfs
+        FsType(0xcafe4a11), // bpf
+    ];
+    statfs(dir).is_ok_and(|fs| PSEUDO.contains(&fs.filesystem_type()))
+}
+
 /// Files editors make beside the one edited, which no import reads: Emacs's
 /// lock (`.#app.py`, a dangling symlink made at the first change of a
 /// buffer) and its syntax checkers' copies (`flycheck_app.py`,
@@ -128,7 +148,7 @@ impl Watcher {
         for e in entries.flatten() {
             let name = e.file_name();
             let is_dir = e.file_type().is_ok_and(|t| t.is_dir() || t.is_symlink() && e.path().is_dir());
-            if is_dir && !skipped(&name.to_string_lossy()) {
+            if is_dir && !skipped(&name.to_string_lossy()) && !pseudo_fs(&e.path()) {
                 self.add_tree(&e.path());
             }
         }
@@ -240,6 +260,15 @@ impl TouchFiles {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_kernels_made_up_filesystems_are_not_walked() {
+        assert!(super::pseudo_fs(std::path::Path::new("/proc")));
+        assert!(super::pseudo_fs(std::path::Path::new("/proc/self")));
+        assert!(super::pseudo_fs(std::path::Path::new("/sys")));
+        assert!(!super::pseudo_fs(&std::env::temp_dir()));
+        assert!(!super::pseudo_fs(std::path::Path::new(env!("CARGO_MANIFEST_DIR"))));
+    }
     use super::*;
 
     #[test]
