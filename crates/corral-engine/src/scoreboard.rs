@@ -461,6 +461,11 @@ impl Scoreboard {
         self.slots
     }
 
+    /// Whether a worker other than the one in `slot` is up and serving.
+    pub fn other_ready(&self, slot: usize) -> bool {
+        (0..self.slots).any(|s| s != slot && self.pid(s) != 0 && self.state(s) == WorkerState::Ready)
+    }
+
     pub fn pid(&self, slot: usize) -> i32 {
         self.header(slot).pid.load(Ordering::Relaxed)
     }

@@ -1194,11 +1194,8 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             Err(msg) => {
                 error!("{msg}");
                 // Written by the program this one replaced, if any.
-                if let Some(path) = pidfile.as_deref() {
-                    if std::fs::read_to_string(path).is_ok_and(|t| t.trim() == std::process::id().to_string())
-                    {
-                        let _ = std::fs::remove_file(path);
-                    }
+                if let Some(path) = pidfile.as_deref().filter(|p| pidfile_names_this_master(p)) {
+                    let _ = std::fs::remove_file(path);
                 }
                 return Ok(corral_engine::supervise::MASTER_EXIT_APP_LOAD);
             }
@@ -2257,7 +2254,7 @@ fn given_on_command_line(argv: &[String], long: &str) -> bool {
 /// write where root wrote it at the first start, and a reload that
 /// re-executes (USR2, HUP with --preload) must not be refused for that.
 fn pidfile_names_this_master(path: &std::path::Path) -> bool {
-    let Some(pid) = std::fs::read_to_string(path).ok().and_then(|t| t.trim().parse::<u32>().ok()) else {
+    let Some(pid) = pidfile_pid(path) else {
         return false;
     };
     pid == std::process::id()
@@ -2265,8 +2262,13 @@ fn pidfile_names_this_master(path: &std::path::Path) -> bool {
             && pid == unsafe { libc::getppid() } as u32)
 }
 
+/// The pid a pid file holds.
+fn pidfile_pid(path: &std::path::Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
 fn running_corral(path: &std::path::Path) -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
+    let pid = pidfile_pid(path)?;
     if pid == std::process::id() {
         return None;
     }

@@ -309,7 +309,7 @@ impl Hooks for Runtime {
                 // Only where no sibling serves code that loaded: while one
                 // does (an edit saved half-way through a reload), the reload
                 // fails as any would, and the old code keeps serving.
-                Err(msg) if self.serve_load_errors && !sibling_serves(&ctx) => {
+                Err(msg) if self.serve_load_errors && !ctx.scoreboard.other_ready(ctx.slot) => {
                     error!("{msg}");
                     match py.import("corral._load_error").and_then(|m| m.call_method1("app_for", (&msg,))) {
                         Ok(app) => {
@@ -542,14 +542,6 @@ impl Hooks for Runtime {
         });
         unsafe { libc::_exit(code) }
     }
-}
-
-/// Whether another worker of the pool is up and serving.
-fn sibling_serves(ctx: &WorkerCtx) -> bool {
-    let sb = &ctx.scoreboard;
-    (0..sb.slots()).any(|s| {
-        s != ctx.slot && sb.pid(s) != 0 && sb.state(s) == corral_engine::scoreboard::WorkerState::Ready
-    })
 }
 
 /// Waits for the threads the app started without `daemon=True`, as Python

@@ -113,8 +113,7 @@ fn ready_sibling<A: App>(w: &Shared<A>, now_ms: u64) -> bool {
     if seen != 0 && now_ms.saturating_sub((seen >> 1) - 1) < SIBLINGS_FRESH_MS {
         return seen & 1 == 1;
     }
-    let sb = &w.scoreboard;
-    let found = (0..sb.slots()).any(|s| s != w.slot && sb.pid(s) != 0 && sb.state(s) == WorkerState::Ready);
+    let found = w.scoreboard.other_ready(w.slot);
     w.ready_sibling.store((now_ms + 1) << 1 | u64::from(found), Ordering::Relaxed);
     found
 }
