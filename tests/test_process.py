@@ -1046,9 +1046,10 @@ def test_a_second_server_refuses_the_pidfile_of_a_running_one(start_server, tmp_
 def _alive(pid):
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        # It may be reaped between the two looks: reading its stat then fails.
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
         return False
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _assert_detached(pid):
