@@ -1231,6 +1231,37 @@ def test_uwsgi_options_corral_cannot_honour_are_all_named_with_their_lines(tmp_p
     assert proc.returncode == 2 and "no [uwsgi] section" in proc.stderr, proc.stderr
 
 
+def test_a_uwsgi_mount_is_a_prefix_only_with_manage_script_name_and_never_beside_a_module(tmp_path):
+    """uWSGI takes a mount's prefix off PATH_INFO only with manage-script-name;
+    a mount beside a module is two apps, which corral does not serve."""
+    ini = tmp_path / "uwsgi.ini"
+    ini.write_text("[uwsgi]\nmount = /x=behaviour:application\nhttp-socket = 127.0.0.1:8123\n")
+    proc = _run(["--config", str(ini), "--print-config"])
+    assert proc.returncode == 0, proc.stderr
+    got = _printed(proc.stdout)
+    assert got["app"] == ('"behaviour:application"', f"config file {ini}:2")
+    assert got["mount"][1] == "default", got["mount"]
+    assert (
+        f"{ini}:2: `mount` without `manage-script-name`: uWSGI neither takes /x off PATH_INFO" in proc.stderr
+    )
+    ini.write_text(ini.read_text() + "manage-script-name = true\n")
+    proc = _run(["--config", str(ini), "--print-config"])
+    assert proc.returncode == 0, proc.stderr
+    assert _printed(proc.stdout)["mount"] == ('"/x"', f"config file {ini}:2")
+    assert "manage-script-name" not in proc.stderr, proc.stderr
+    for order in (
+        "mount = /x=behaviour:application\nmodule = other\n",
+        "module = other\nmount = /x=behaviour:application\n",
+    ):
+        ini.write_text("[uwsgi]\n" + order + "manage-script-name = true\n")
+        proc = _run(["--config", str(ini), "--print-config"])
+        assert proc.returncode == 2, proc.stderr
+        assert (
+            "`module = other`" in proc.stderr
+            and "name two apps, which uWSGI serves side by side" in proc.stderr
+        )
+
+
 def test_gunicorn_counts_are_read_as_gunicorn_reads_them(tmp_path):
     """A count given as a string is a number to gunicorn; a negative one is refused."""
     cfg = tmp_path / "gunicorn.conf.py"
@@ -1264,10 +1295,29 @@ def test_check_config_refuses_what_a_start_refuses(tmp_path):
         (["--access-log", ""], "--access-log : an empty path"),
         (["--error-log", ""], "--error-log : an empty path"),
         # No listener given: the default one is what --stats must not take.
-        (["--stats", "127.0.0.1:8000"], "127.0.0.1:8000 overlaps 127.0.0.1:8000"),
+        (
+            ["--stats", "127.0.0.1:8000"],
+            "--stats 127.0.0.1:8000 overlaps the default listener (--http 127.0.0.1:8000, as none is given)",
+        ),
     ):
         proc = _run(["--check-config", "--pythonpath", str(APPS), *args, "behaviour:application"])
         assert proc.returncode == 2 and said in proc.stderr, (args, proc.stderr)
+
+
+def test_two_listeners_on_one_port_are_named_with_where_each_was_set(tmp_path):
+    cfg = tmp_path / "corral.toml"
+    cfg.write_text('http = ["127.0.0.1:8000"]\nstats = "127.0.0.1:8000"\n')
+    for check in ("--check-config", "--print-config"):
+        proc = _run(["--config", str(cfg), check, "behaviour:application"])
+        assert proc.returncode == 2, proc.stderr
+        assert "--stats 127.0.0.1:8000 overlaps --http 127.0.0.1:8000" in proc.stderr, proc.stderr
+        assert f"(set in {cfg}:2, {cfg}:1)" in proc.stderr, proc.stderr
+    proc = _run(
+        ["--check-config", "--pythonpath", str(APPS), "behaviour:application"],
+        env={"CORRAL_STATS": "127.0.0.1:8000"},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "(set in the environment variable CORRAL_STATS)" in proc.stderr, proc.stderr
 
 
 def test_gunicorns_proxy_protocol_mode_may_follow_a_space():

@@ -296,3 +296,103 @@ def test_a_hook_named_by_its_dotted_path_runs_and_a_value_that_is_no_function_is
     ]:
         proc = _start_refused(text, tmp_path)
         assert proc.returncode == 2 and said in proc.stderr, (text, proc.stderr)
+
+
+def test_post_request_of_two_or_three_parameters_runs_and_req_path_is_as_sent(tmp_path):
+    """gunicorn wraps a post_request hook of 2 or 3 parameters (its
+    validate_post_request), and gives req.path as the request line has it,
+    still percent-encoded."""
+    conf = textwrap.dedent(
+        """
+        import os
+
+        def note(*words):
+            with open(os.environ["HOOK_LOG"], "a") as f:
+                f.write(" ".join(str(w) for w in words) + "\\n")
+
+        def pre_request(worker, req):
+            note("pre_request", req.path, req.query)
+
+        def post_request(worker, req):
+            note("post_request", req.path)
+        """
+    )
+    server, log = _start(tmp_path, conf)
+    try:
+        server.wait_started()
+        assert server.request("GET", "/a%20b?x=1").status == 200
+        assert server.request("GET", "//pid").status == 200
+        assert wait_until(lambda: len(_named(log, "post_request")) == 2)
+        assert _named(log, "pre_request") == [["/a%20b", "x=1"], ["//pid"]]
+        assert _named(log, "post_request") == [["/a%20b"], ["//pid"]]
+        assert not server.grep("TypeError")
+    finally:
+        server.cleanup()
+    log.unlink()
+    server, log = _start(
+        tmp_path, conf.replace('(worker, req):\n    note("post', '(w, req, env):\n    note("post')
+    )
+    try:
+        server.wait_started()
+        server.request("GET", "/pid")
+        assert wait_until(lambda: _named(log, "post_request") == [["/pid"]])
+    finally:
+        server.cleanup()
+
+
+def test_a_hook_taking_other_parameters_than_gunicorn_gives_is_refused_at_start(tmp_path):
+    """gunicorn checks each hook's parameters when it reads the file; a hook
+    run only at exit would otherwise fail there, long after the start."""
+    for text, said in [
+        (
+            "import os\n\ndef on_exit():\n    pass\n",
+            ":3: the server hook `on_exit` takes 0 positional parameter(s), but is called as on_exit(server)",
+        ),
+        (
+            "def post_request(worker):\n    pass\n",
+            (
+                ":1: the server hook `post_request` takes 1 positional parameter(s), but is called as "
+                "post_request(worker, req, environ, resp)"
+            ),
+        ),
+        (
+            "def pre_fork(server, worker, extra):\n    pass\n",
+            (
+                ":1: the server hook `pre_fork` takes 3 positional parameter(s), but is called as "
+                "pre_fork(server, worker)"
+            ),
+        ),
+    ]:
+        proc = _start_refused(text, tmp_path)
+        assert proc.returncode == 2 and said in proc.stderr, (text, proc.stderr)
+
+
+def test_a_config_file_imports_its_neighbours_and_its_chdir_is_undone(tmp_path):
+    """gunicorn runs the file with the start directory first on sys.path and
+    goes back to that directory after it (its Application.chdir)."""
+    (tmp_path / "settings_helper.py").write_text("WORKERS = 3\n\ndef ready(server):\n    pass\n")
+    (tmp_path / "nearby_app.py").write_text(
+        "def application(environ, start_response):\n    start_response('200 OK', [])\n    return [b'']\n"
+    )
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "gunicorn.conf.py").write_text(
+        "import os\nimport settings_helper\n\n"
+        "workers = 2\nworkers = settings_helper.WORKERS\n"
+        "when_ready = 'settings_helper.ready'\n"
+        "wsgi_app = 'nearby_app:application'\n"
+        "os.chdir('elsewhere')\n"
+    )
+    run = lambda *args: subprocess.run(
+        [*CORRAL, "-c", "gunicorn.conf.py", *args],
+        cwd=tmp_path,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    shown = run("--print-config")
+    assert shown.returncode == 0, shown.stderr
+    # The line whose value counts is the last assignment.
+    assert 'workers = "3"  # config file gunicorn.conf.py:5' in shown.stdout, shown.stdout
+    checked = run("--check-config")
+    assert checked.returncode == 0, checked.stderr

@@ -11,10 +11,11 @@ the hook, which corral logs with the hook's name.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import traceback
 from http import HTTPStatus
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from corral._corral import _log
 
@@ -113,14 +114,23 @@ class Request:
 
     def __init__(self, environ: dict):
         self.method = environ.get("REQUEST_METHOD", "")
-        self.path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
         self.query = environ.get("QUERY_STRING", "")
-        self.uri = (
-            environ.get("RAW_URI")
-            or environ.get("REQUEST_URI")
-            or (quote(self.path) + ("?" + self.query if self.query else ""))
-        )
         self.fragment = ""
+        raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+        if raw:
+            # gunicorn's path is the target's, as sent (still percent-encoded).
+            self.uri = raw
+            parts = _split_target(raw)
+            self.path = parts.path
+            self.fragment = parts.fragment
+        else:
+            # A front end that sent no REQUEST_URI: the path its environ stands for.
+            decoded = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+            try:
+                self.path = quote(decoded.encode("latin-1"))
+            except UnicodeEncodeError:
+                self.path = quote(decoded)
+            self.uri = self.path + ("?" + self.query if self.query else "")
         protocol = environ.get("SERVER_PROTOCOL", "HTTP/1.0")
         try:
             major, minor = protocol.split("/", 1)[1].split(".", 1)
@@ -139,6 +149,34 @@ class Request:
 
     def __repr__(self) -> str:
         return f"<corral request {self.method} {self.uri}>"
+
+
+def _split_target(target: str):
+    # As gunicorn's util.split_request_uri: a path that starts with // is a
+    # path, not a scheme-relative URL naming a host.
+    if target.startswith("//"):
+        parts = urlsplit("." + target)
+        return parts._replace(path=parts.path[1:])
+    return urlsplit(target)
+
+
+def arity(hook) -> int | None:
+    """The positional parameters of a hook, as gunicorn's util.get_arity
+    counts them; None if its signature cannot be read (some builtins)."""
+    try:
+        signature = inspect.signature(hook)
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(1 for p in signature.parameters.values() if p.kind in kinds)
+
+
+def post_request_of(hook, n: int):
+    """A `post_request` hook of 2 or 3 parameters called as one of 4, as
+    gunicorn's validate_post_request wraps it."""
+    if n == 3:
+        return lambda worker, req, environ, resp: hook(worker, req, environ)
+    return lambda worker, req, environ, resp: hook(worker, req)
 
 
 class Response:

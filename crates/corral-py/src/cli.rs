@@ -1008,7 +1008,8 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     }
     let from_activation = !unnamed.is_empty();
     wanted.extend(unnamed);
-    if wanted.is_empty() {
+    let defaulted = wanted.is_empty();
+    if defaulted {
         wanted.push((Protocol::Http, DEFAULT_HTTP));
     }
     let ids = match resolve_ids(cli.user.as_deref(), cli.group.as_deref()) {
@@ -1048,7 +1049,13 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             return Ok(2);
         }
     };
-    if let Err(e) = distinct_tcp_listeners(parsed.iter().map(|(_, a)| a).chain(stats_addr.as_ref())) {
+    let option = |p: &Protocol| match defaulted {
+        true => format!("the default listener (--{} {DEFAULT_HTTP}, as none is given)", p.name()),
+        false => format!("--{}", p.name()),
+    };
+    let tcp = parsed.iter().map(|(p, a)| (option(p), a));
+    if let Err(e) = distinct_tcp_listeners(tcp.chain(stats_addr.as_ref().map(|a| ("--stats".to_string(), a))))
+    {
         error!("{}", located(&e));
         return Ok(2);
     }
@@ -1694,15 +1701,18 @@ fn check_without_effects(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), St
     // With none given (and none handed over), the start listens on the default.
     let none_given = [&cli.http, &cli.uwsgi, &cli.fastcgi, &cli.scgi].iter().all(|l| l.is_empty())
         && std::env::var_os("LISTEN_FDS").is_none();
-    let addrs: Vec<Addr> = [&cli.http, &cli.uwsgi, &cli.fastcgi, &cli.scgi]
-        .into_iter()
-        .flatten()
-        .map(String::as_str)
-        .chain(none_given.then_some(DEFAULT_HTTP))
-        .chain(cli.stats.as_deref())
-        .filter_map(|a| Addr::parse(a).ok())
-        .collect();
-    distinct_tcp_listeners(addrs.iter())?;
+    let addrs: Vec<(String, Addr)> =
+        [("--http", &cli.http), ("--uwsgi", &cli.uwsgi), ("--fastcgi", &cli.fastcgi)]
+            .into_iter()
+            .chain([("--scgi", &cli.scgi)])
+            .flat_map(|(option, list)| list.iter().map(move |a| (option.to_string(), a.as_str())))
+            .chain(none_given.then(|| {
+                (format!("the default listener (--http {DEFAULT_HTTP}, as none is given)"), DEFAULT_HTTP)
+            }))
+            .chain(cli.stats.as_deref().map(|a| ("--stats".to_string(), a)))
+            .filter_map(|(option, a)| Addr::parse(a).ok().map(|a| (option, a)))
+            .collect();
+    distinct_tcp_listeners(addrs.iter().map(|(o, a)| (o.clone(), a)))?;
     // Where a start would create a file: its directory must be there.
     let listeners =
         [("http", &cli.http), ("uwsgi", &cli.uwsgi), ("fastcgi", &cli.fastcgi), ("scgi", &cli.scgi)];
@@ -2127,10 +2137,10 @@ fn code_of(status: i32) -> i32 {
 /// No two of this server's TCP listeners (the stats one included) take the
 /// same port on overlapping addresses: with --reuse-port both would bind,
 /// and the kernel would split connections between them.
-fn distinct_tcp_listeners<'a>(addrs: impl Iterator<Item = &'a Addr>) -> Result<(), String> {
+fn distinct_tcp_listeners<'a>(addrs: impl Iterator<Item = (String, &'a Addr)>) -> Result<(), String> {
     let wildcard = |h: &str| h == "0.0.0.0" || h == "::" || h.is_empty();
-    let mut seen: Vec<(&str, u16)> = Vec::new();
-    for a in addrs {
+    let mut seen: Vec<(&str, u16, String)> = Vec::new();
+    for (option, a) in addrs {
         let Addr::Tcp(host, port) = a else { continue };
         if *port == 0 {
             continue;
@@ -2140,14 +2150,15 @@ fn distinct_tcp_listeners<'a>(addrs: impl Iterator<Item = &'a Addr>) -> Result<(
         let same_family = |h: &str| h.contains(':') == host.contains(':');
         if let Some(other) = seen
             .iter()
-            .find(|(h, p)| p == port && same_family(h) && (h == host || wildcard(h) || wildcard(host)))
+            .find(|(h, p, _)| p == port && same_family(h) && (h == host || wildcard(h) || wildcard(host)))
         {
             return Err(format!(
-                "{a} overlaps {}: two listeners of this server cannot take the same port",
+                "{option} {a} overlaps {} {}: two listeners of this server cannot take the same port",
+                other.2,
                 Addr::Tcp(other.0.to_string(), other.1)
             ));
         }
-        seen.push((host, *port));
+        seen.push((host, *port, option));
     }
     Ok(())
 }

@@ -241,11 +241,12 @@ fn scheme_headers(value: &Bound<'_, PyAny>) -> Option<bool> {
 /// server hook given by name.
 fn resolve_dotted<'py>(py: Python<'py>, dotted: &str) -> Result<Bound<'py, PyAny>, String> {
     let (module, attr) = dotted.rsplit_once('.').ok_or("a server hook's name must be \"module.function\"")?;
-    let object = py
-        .import("importlib")
-        .and_then(|m| m.call_method1("import_module", (module,)))
-        .and_then(|m| m.getattr(attr))
-        .map_err(|e| e.to_string())?;
+    let object = with_cwd_on_path(py, || {
+        py.import("importlib")
+            .and_then(|m| m.call_method1("import_module", (module,)))
+            .and_then(|m| m.getattr(attr))
+    })
+    .map_err(|e| e.to_string())?;
     if !object.is_callable() {
         return Err(format!("{dotted} is not callable"));
     }
@@ -372,11 +373,13 @@ pub fn drop_moot_flags(argv: &mut Vec<String>) -> Vec<String> {
     notes
 }
 
-/// The line of `text` where `name` is assigned at the top level (or a
-/// function of that name defined), for error messages and --print-config.
+/// The last line of `text` where `name` is assigned at the top level (or a
+/// function of that name defined), for error messages and --print-config:
+/// the last is the one whose value counts.
 fn line_of(text: &str, name: &str) -> Option<usize> {
     text.lines()
-        .position(|l| {
+        .enumerate()
+        .filter(|(_, l)| {
             let def =
                 l.strip_prefix("def ").and_then(|r| r.strip_prefix(name)).is_some_and(|r| r.starts_with('('));
             let assigned = l.strip_prefix(name).is_some_and(|rest| {
@@ -385,7 +388,8 @@ fn line_of(text: &str, name: &str) -> Option<usize> {
             });
             def || assigned
         })
-        .map(|i| i + 1)
+        .last()
+        .map(|(i, _)| i + 1)
 }
 
 /// Runs the file (or imports the module) and returns the names it defined,
@@ -408,9 +412,38 @@ fn load<'py>(py: Python<'py>, spec: &str) -> Result<(Bound<'py, PyDict>, String,
             .unwrap_or_else(|_| e.to_string());
         format!("--config {spec}: the gunicorn configuration failed to run:\n{}", text.trim_end())
     };
-    let (names, path) = match spec.strip_prefix("python:") {
+    // As gunicorn does, the file runs with the start directory first on
+    // sys.path, so that it can import its neighbours, and a chdir it makes
+    // is undone (`chdir = ...` is the setting for that).
+    let start = std::env::current_dir().ok();
+    let ran = with_cwd_on_path(py, || run_config(py, spec));
+    if let Some(start) = start {
+        if std::env::current_dir().ok().as_ref() != Some(&start) {
+            let _ = std::env::set_current_dir(&start);
+        }
+    }
+    let (names, path) = ran.map_err(|e| match e {
+        Ran::Missing(e) => e,
+        Ran::Failed(e) => failed(e),
+    })?;
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let shown = if path.is_empty() { spec.to_string() } else { path };
+    Ok((names, text, shown))
+}
+
+/// How running a gunicorn configuration failed.
+enum Ran {
+    /// The file is not there (or cannot be looked at): the message.
+    Missing(String),
+    /// It raised.
+    Failed(PyErr),
+}
+
+/// Runs the file (or imports the module): the names it defined and its path.
+fn run_config<'py>(py: Python<'py>, spec: &str) -> Result<(Bound<'py, PyDict>, String), Ran> {
+    Ok(match spec.strip_prefix("python:") {
         Some(module) => {
-            let m = with_cwd_on_path(py, || py.import(module)).map_err(failed)?;
+            let m = py.import(module).map_err(Ran::Failed)?;
             let path = m.getattr("__file__").and_then(|f| f.extract::<String>()).unwrap_or_default();
             let names = m.dict();
             (names, path)
@@ -418,18 +451,15 @@ fn load<'py>(py: Python<'py>, spec: &str) -> Result<(Bound<'py, PyDict>, String,
         None => {
             // gunicorn's `file:PATH` is a path like any other.
             let file = spec.strip_prefix("file:").unwrap_or(spec);
-            std::fs::metadata(file).map_err(|e| format!("--config {file}: {e}"))?;
+            std::fs::metadata(file).map_err(|e| Ran::Missing(format!("--config {file}: {e}")))?;
             let names = py
                 .import("runpy")
                 .and_then(|r| r.call_method1("run_path", (file,)))
                 .and_then(|d| Ok(d.downcast_into::<PyDict>()?))
-                .map_err(failed)?;
+                .map_err(Ran::Failed)?;
             (names, file.to_string())
         }
-    };
-    let text = std::fs::read_to_string(&path).unwrap_or_default();
-    let shown = if path.is_empty() { spec.to_string() } else { path };
-    Ok((names, text, shown))
+    })
 }
 
 /// A Python value as the config file's TOML value would be; None for
@@ -521,6 +551,28 @@ pub fn translate(
             }
         };
         names.set_item(name, resolved).map_err(|e| e.to_string())?;
+    }
+    // Each hook takes what gunicorn calls it with, checked now rather than
+    // found when it first runs, which may be much later (`on_exit`).
+    let shim = py.import("corral._gunicorn").map_err(|e| e.to_string())?;
+    for &name in crate::server_hooks::RUN {
+        let Some(hook) = get(name).filter(|v| v.is_callable()) else { continue };
+        let Some(n) =
+            shim.call_method1("arity", (&hook,)).and_then(|n| n.extract::<Option<usize>>()).ok().flatten()
+        else {
+            continue;
+        };
+        let wanted = crate::server_hooks::parameters(name);
+        if name == "post_request" && (2..4).contains(&n) {
+            let wrapped = shim.call_method1("post_request_of", (&hook, n)).map_err(|e| e.to_string())?;
+            names.set_item(name, wrapped).map_err(|e| e.to_string())?;
+        } else if n != wanted.split(", ").count() {
+            return Err(format!(
+                "{}: the server hook `{name}` takes {n} positional parameter(s), but is called as \
+                 {name}({wanted}), as gunicorn calls it",
+                at(name)
+            ));
+        }
     }
     // All of them at once, so that one edit of the file deals with them.
     let mut hooks: Vec<(usize, String)> = HOOKS
@@ -880,6 +932,9 @@ mod tests {
         assert_eq!(line_of(text, "threads"), None);
         assert_eq!(line_of(text, "post_fork"), Some(6));
         assert_eq!(line_of(text, "work"), None);
+        // The last assignment is the one whose value counts.
+        let text = "import os\nworkers = 2\nworkers = int(os.environ.get('W', workers))\n";
+        assert_eq!(line_of(text, "workers"), Some(3));
     }
 
     #[test]

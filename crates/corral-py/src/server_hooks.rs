@@ -16,21 +16,35 @@ use tracing::error;
 
 /// The hooks corral runs, with the arguments gunicorn gives them.
 pub const RUN: &[&str] = &[
-    "on_starting",      // (server), in the master before it binds
-    "on_reload",        // (server), in the master at HUP
-    "when_ready",       // (server), in the master once bound, before the first fork
-    "pre_fork",         // (server, worker), in the master before each fork
-    "post_fork",        // (server, worker), in the new worker
-    "post_worker_init", // (worker), in the worker once the app is loaded
-    "worker_int",       // (worker), in the worker at a quick stop (INT or QUIT)
-    "pre_exec",         // (server), in the master before it re-executes itself
-    "pre_request",      // (worker, req), before the app is called
-    "post_request",     // (worker, req, environ, resp), after the response
-    "child_exit",       // (server, worker), in the master when a worker exited
-    "worker_exit",      // (server, worker), in the worker as it exits
-    "nworkers_changed", // (server, new_value, old_value), in the master
-    "on_exit",          // (server), in the master as it exits
+    "on_starting",      // in the master before it binds
+    "on_reload",        // in the master at HUP
+    "when_ready",       // in the master once bound, before the first fork
+    "pre_fork",         // in the master before each fork
+    "post_fork",        // in the new worker
+    "post_worker_init", // in the worker once the app is loaded
+    "worker_int",       // in the worker at a quick stop (INT or QUIT)
+    "pre_exec",         // in the master before it re-executes itself
+    "pre_request",      // before the app is called
+    "post_request",     // after the response
+    "child_exit",       // in the master when a worker exited
+    "worker_exit",      // in the worker as it exits
+    "nworkers_changed", // in the master
+    "on_exit",          // in the master as it exits
 ];
+
+/// The parameters each hook of [`RUN`] is called with, as gunicorn calls
+/// it; a hook that takes another number is refused at start, as gunicorn's
+/// settings refuse it (`post_request` may also take the first 2 or 3).
+pub fn parameters(hook: &str) -> &'static str {
+    match hook {
+        "pre_fork" | "post_fork" | "child_exit" | "worker_exit" => "server, worker",
+        "post_worker_init" | "worker_int" => "worker",
+        "pre_request" => "worker, req",
+        "post_request" => "worker, req, environ, resp",
+        "nworkers_changed" => "server, new_value, old_value",
+        _ => "server",
+    }
+}
 
 /// The hooks a configuration file defined (callables under the names of
 /// [`RUN`]).

@@ -436,7 +436,7 @@ fn rule(key: &str) -> Option<Rule> {
         "module" | "wsgi" | "w" | "wsgi-file" | "file" | "callable" | "mount" | "home" | "virtualenv"
         | "venv" | "pyhome" | "h" | "cheaper" | "processes" | "workers" | "p" | "logto" | "logto2"
         | "daemonize" | "req-logger" | "py-autoreload" | "python-autoreload" | "chmod-socket" | "http" | "logger"
-        | "stats" | "stats-server" | "buffer-size" | "b" => Combined,
+        | "stats" | "stats-server" | "buffer-size" | "b" | "manage-script-name" => Combined,
         "chdir" => Option("chdir"),
         "pythonpath" | "python-path" | "pp" => Option("pythonpath"),
         "socket" | "uwsgi-socket" | "s" => Listener("uwsgi"),
@@ -465,7 +465,6 @@ fn rule(key: &str) -> Option<Rule> {
         "reload-mercy" | "worker-reload-mercy" => Option("graceful-timeout"),
         "procname" | "procname-prefix" | "procname-prefix-spaced" => Option("name"),
         "umask" => Option("umask"),
-        "manage-script-name" => Moot("--mount PREFIX (from `mount`) gives the prefix to SCRIPT_NAME already"),
         "master" | "M" => Moot("corral always runs a master"),
         "vacuum" => Moot("corral removes its socket and pid files at exit"),
         "die-on-term" => Moot("SIGTERM stops corral gracefully"),
@@ -714,16 +713,27 @@ pub fn translate(spec: &str, python_prefix: &str) -> Result<(Vec<Entry>, Vec<Str
     let callable = last(&["callable"]).map(|l| l.value.clone());
     let app_line = last(&[APP_KEYS, &["mount"]].concat());
     let naming: Vec<&Line> = lines.iter().filter(|o| APP_KEYS.contains(&o.key.as_str())).collect();
+    let all =
+        |of: &[&Line]| of.iter().map(|o| format!("`{} = {}` ({})", o.key, o.value, o.at)).collect::<Vec<_>>();
     if naming.len() > 1 {
         // uWSGI loads one of them (a module before a file) as the app and
         // skips the others ("mountpoint already configured"): which one is
         // meant is not for corral to guess.
-        let all: Vec<String> =
-            naming.iter().map(|o| format!("`{} = {}` ({})", o.key, o.value, o.at)).collect();
         errors.push(format!(
             "{}: {} name an app each: uWSGI serves one of them and skips the others; keep the one meant",
             at(naming[0]),
-            all.join(", ")
+            all(&naming).join(", ")
+        ));
+    } else if let (Some(app), Some(mount)) = (naming.first(), lines.iter().find(|o| o.key == "mount")) {
+        // uWSGI serves both: the mount's app under its prefix, the other
+        // at the root for every other path.
+        errors.push(format!(
+            "{}: {} and {} name two apps, which uWSGI serves side by side (one under the mount's prefix, \
+             the other for every other path): corral serves one app per server, so keep one here and \
+             serve the other with a second corral",
+            at(app),
+            all(&[app]).join(""),
+            all(&[mount]).join("")
         ));
     }
     if let Some(l) = app_line {
@@ -737,7 +747,20 @@ pub fn translate(spec: &str, python_prefix: &str) -> Result<(Vec<Entry>, Vec<Str
                             at(l)
                         ));
                     }
-                    single.insert("mount", (Value::from(prefix.trim().to_string()), at(l)));
+                    if stripped {
+                        single.insert("mount", (Value::from(prefix.trim().to_string()), at(l)));
+                    } else {
+                        // uWSGI picks the app by the SCRIPT_NAME the front end
+                        // sends and takes nothing off PATH_INFO unless told to.
+                        notes.push(format!(
+                            "{}: `mount` without `manage-script-name`: uWSGI neither takes {} off \
+                             PATH_INFO nor puts it in SCRIPT_NAME, both stay as the front end sends \
+                             them, and so they do here (no --mount); add `manage-script-name = true` \
+                             to mount the app there",
+                            at(l),
+                            prefix.trim()
+                        ));
+                    }
                     (Some(app_of(target.trim(), last(&["chdir"]).map(|c| c.value.as_str()), false)), at(l))
                 }
                 None => {
