@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -146,10 +147,10 @@ def test_django_disallowed_host(framework):
     assert resp.status_code == 400
 
 
-def test_flask_answers_500_to_a_chunked_body_past_max_body_size(start_server):
+def test_flask_s_500_for_a_chunked_body_past_max_body_size_goes_out_as_413(start_server):
     """The read past --max-body-size raises in Flask's view, and Flask answers
-    500 to it as to any exception (the README says so): corral does not
-    overrule an answer the app gave."""
+    500 to it as to any exception: the client is told 413, what it did, and
+    the log says the app's 500 was replaced."""
     server = start_server("flask_app:app", "--max-body-size", "2000")
     with server.connect() as conn:
         body = b"x" * 5000
@@ -159,4 +160,39 @@ def test_flask_answers_500_to_a_chunked_body_past_max_body_size(start_server):
             + body
             + b"\r\n0\r\n\r\n"
         )
-        assert conn.read_response().status == 500
+        assert conn.read_response().status == 413
+    server.wait_for(r"PUT /raw from .*: the app answered 500 to its body's error .*; the client is told 413")
+
+
+@pytest.mark.parametrize("how", ["stalls", "stops"])
+def test_a_body_django_cannot_read_is_answered_for_what_the_client_did(start_server, how):
+    """Django renders the UnreadablePostError a body read raised as its own
+    500: a client whose body stalled gets 408, one that stopped sending
+    short of it 400, as when the error escapes an app, so that a slow or
+    broken client does not count as a server error."""
+    server = start_server(
+        "djproject.wsgi:application",
+        "--env",
+        "DJANGO_SETTINGS_MODULE=djproject.settings",
+        "--header-timeout",
+        "1",
+    )
+    boundary = "b0undary"
+    part = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.bin"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode() + b"x" * 1000
+    with server.connect(timeout=30) as conn:
+        # Larger than what corral reads ahead of the app, so Django's read waits.
+        conn.send(
+            f"POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 500000\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n".encode()
+            + part
+        )
+        if how == "stops":
+            conn.sock.shutdown(socket.SHUT_WR)
+        assert conn.read_response().status == (408 if how == "stalls" else 400)
+    told = 408 if how == "stalls" else 400
+    server.wait_for(
+        rf"POST /upload from .*: the app answered 500 to its body's error .*; the client is told {told}"
+    )

@@ -393,6 +393,25 @@ def test_json_error_log(start_server, tmp_path):
     assert levels["Traceback:\n  frame\nValueError: x"] == "ERROR"
 
 
+def test_notes_on_the_configuration_are_json_in_a_json_log_on_standard_error(start_server):
+    """A container's log shipper reads standard error as JSON lines: the notes
+    a start has about its configuration are objects there too."""
+    server = start_server(
+        "behaviour:application",
+        "--log-format",
+        "json",
+        "--capture-output",
+        workers=1,
+        env={"CORRAL_WOKRERS": "2"},
+    )
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(30) == 0
+    objs = [json.loads(line) for line in server.lines if line.strip()]
+    notes = [o for o in objs if o["level"] == "WARNING"]
+    assert any("CORRAL_WOKRERS is not one corral reads" in o["message"] for o in notes), objs
+    assert any("--capture-output without --error-log FILE is not needed" in o["message"] for o in notes), objs
+
+
 def test_debug_level_logs_the_configuration_and_each_request(start_server):
     """As gunicorn's debug level: the settings at start, then a line per request."""
     server = start_server(
@@ -593,6 +612,30 @@ def test_requests_the_engine_refuses_are_logged_and_counted(start_server, tmp_pa
     assert _metric(text, "corral_sent_bytes_total") == logged, (text, lines)
     stats = json.loads(_get(stats_port, "/stats")[1])
     assert stats["requests"] == 4 == sum(w["requests"] for w in stats["workers"]), stats
+
+
+def test_a_workers_respawns_count_the_workers_replaced_to_come_to_it(start_server):
+    """A replacement takes another slot than the worker it replaces: the
+    count follows the line of workers, not the slot."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        stats_port = held.getsockname()[1]
+    server = start_server(
+        "behaviour:application", "--stats", f"127.0.0.1:{stats_port}", "--max-requests", "2", workers=1
+    )
+    for done in range(1, 4):
+        old = server.worker_pids()
+        for _ in range(2):
+            assert server.request("GET", "/fixed").status == 200
+
+        def replaced(old=old, done=done):
+            workers = json.loads(_get(stats_port, "/stats")[1])["workers"]
+            return workers if len(workers) == 1 and workers[0]["pid"] not in old else None
+
+        workers = wait_until(replaced, 20)
+        assert workers and workers[0]["respawns"] == done, workers
+    text = _get(stats_port, "/metrics")[1].decode()
+    assert _metric(text, "corral_worker_respawns_total", '{reason="max_requests"}') == 3
 
 
 def test_stats_json_and_cli(stats_server):

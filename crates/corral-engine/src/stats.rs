@@ -82,7 +82,10 @@ pub fn metrics(s: &Snapshot) -> String {
     let _ = writeln!(o, "corral_request_duration_seconds_count {cumulative}");
     let busy: usize = s.workers.iter().map(|w| w.busy_threads).sum();
     let offloaded: usize = s.workers.iter().map(|w| w.offloaded).sum();
-    let total_threads = s.workers.len() * s.threads;
+    // Idle capacity is a ready worker's: one booting or draining takes no
+    // new request, whatever its threads are doing.
+    let ready = || s.workers.iter().filter(|w| w.state == "ready");
+    let idle_threads: usize = ready().map(|w| s.threads.saturating_sub(w.busy_threads)).sum();
     gauge(
         &mut o,
         "corral_requests_in_flight",
@@ -96,12 +99,18 @@ pub fn metrics(s: &Snapshot) -> String {
         offloaded as u64,
     );
     o.push_str("# HELP corral_workers Worker processes by state.\n# TYPE corral_workers gauge\n");
-    let busy_workers = s.workers.iter().filter(|w| w.busy_threads > 0).count();
+    let busy_workers = ready().filter(|w| w.busy_threads > 0).count();
+    let in_state = |state: &str| s.workers.iter().filter(|w| w.state == state).count();
     let _ = writeln!(o, "corral_workers{{state=\"busy\"}} {busy_workers}");
-    let _ = writeln!(o, "corral_workers{{state=\"idle\"}} {}", s.workers.len() - busy_workers);
-    o.push_str("# HELP corral_threads Worker threads by state.\n# TYPE corral_threads gauge\n");
+    let _ = writeln!(o, "corral_workers{{state=\"idle\"}} {}", ready().count() - busy_workers);
+    let _ = writeln!(o, "corral_workers{{state=\"booting\"}} {}", in_state("booting"));
+    let _ = writeln!(o, "corral_workers{{state=\"draining\"}} {}", in_state("draining"));
+    o.push_str(
+        "# HELP corral_threads Worker threads by state: busy serving a request (in any worker), or idle in a \
+         ready worker.\n# TYPE corral_threads gauge\n",
+    );
     let _ = writeln!(o, "corral_threads{{state=\"busy\"}} {busy}");
-    let _ = writeln!(o, "corral_threads{{state=\"idle\"}} {}", total_threads.saturating_sub(busy));
+    let _ = writeln!(o, "corral_threads{{state=\"idle\"}} {idle_threads}");
     o.push_str("# HELP corral_listen_queue Connections waiting to be accepted.\n");
     o.push_str("# TYPE corral_listen_queue gauge\n");
     for (name, q) in &s.queues {
@@ -381,6 +390,28 @@ mod tests {
         assert!(m.contains("corral_request_duration_seconds_bucket{le=\"+Inf\"} 4\n"));
         assert!(m.contains("corral_request_duration_seconds_sum 1.5\n"));
         assert!(m.contains("corral_threads{state=\"idle\"} 1\n"));
+        // A booting and a draining worker are no idle capacity.
+        let mut more = snapshot();
+        for (slot, state, busy) in [(1, "booting", 0), (2, "draining", 1)] {
+            more.workers.push(WorkerView {
+                slot,
+                state,
+                busy_threads: busy,
+                offloaded: 0,
+                ..snapshot().workers.remove(0)
+            });
+        }
+        let with_more = metrics(&more);
+        for line in [
+            "corral_workers{state=\"busy\"} 1\n",
+            "corral_workers{state=\"idle\"} 0\n",
+            "corral_workers{state=\"booting\"} 1\n",
+            "corral_workers{state=\"draining\"} 1\n",
+            "corral_threads{state=\"busy\"} 2\n",
+            "corral_threads{state=\"idle\"} 1\n",
+        ] {
+            assert!(with_more.contains(line), "{line}{with_more}");
+        }
         assert!(m.contains("corral_requests_in_flight 2\n"), "a thread's request and an offloaded one: {m}");
         assert!(m.contains("corral_offloaded_responses 1\n"));
         assert!(m.contains("corral_worker_respawns_total{reason=\"crash\"} 2\n"));

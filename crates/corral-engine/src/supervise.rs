@@ -231,6 +231,10 @@ struct Worker {
     /// another whenever it has none booting (none could start for want of
     /// a slot, or the last one died before it was ready).
     stale: bool,
+    /// Workers replaced, one after the other, to come to this one (after a
+    /// crash, a recycling or a reload), for `/stats`: a replacement takes
+    /// another slot than the worker it replaces, so a slot has no history.
+    respawns: u64,
 }
 
 pub struct Master<'a, H: Hooks> {
@@ -283,8 +287,9 @@ pub struct Master<'a, H: Hooks> {
     totals: [u64; COUNTERS],
     /// Workers started to replace another, by reason.
     respawns: Vec<(&'static str, u64)>,
-    /// Replacements per scoreboard slot.
-    slot_respawns: Vec<u64>,
+    /// The `respawns` of workers that crashed, plus one, for the workers
+    /// started in their place.
+    crashed_lines: Vec<u64>,
     born: Instant,
     /// `--reload`: source directories to watch.
     watcher: Option<crate::watch::Watcher>,
@@ -380,7 +385,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             stats_conns: Vec::new(),
             totals: [0; COUNTERS],
             respawns: Vec::new(),
-            slot_respawns: vec![0; cap],
+            crashed_lines: Vec::new(),
             born: Instant::now(),
             watcher: None,
             touch: None,
@@ -407,13 +412,10 @@ impl<'a, H: Hooks> Master<'a, H> {
         self.stats = Some(listener);
     }
 
-    fn note_respawn(&mut self, reason: &'static str, slot: usize) {
+    fn note_respawn(&mut self, reason: &'static str) {
         match self.respawns.iter_mut().find(|(r, _)| *r == reason) {
             Some((_, n)) => *n += 1,
             None => self.respawns.push((reason, 1)),
-        }
-        if let Some(n) = self.slot_respawns.get_mut(slot) {
-            *n += 1;
         }
     }
 
@@ -442,7 +444,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                     busy_threads: self.scoreboard.busy_threads(w.slot),
                     offloaded: self.scoreboard.offloaded(w.slot),
                     rss: rss_of(*pid),
-                    respawns: self.slot_respawns.get(w.slot).copied().unwrap_or(0),
+                    respawns: w.respawns,
                     age_s: w.started.elapsed().as_secs_f64(),
                     current: self.scoreboard.in_flight(w.slot, now),
                     last_exception: self.scoreboard.error(w.slot),
@@ -766,8 +768,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                 for pid in old {
                     if let Some(w) = self.workers.get_mut(&pid) {
                         w.stale = true;
-                        let slot = w.slot;
-                        self.note_respawn("reload", slot);
+                        self.note_respawn("reload");
                     }
                     self.spawn_replacing(Some(pid));
                 }
@@ -958,7 +959,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                     continue;
                 }
                 let reason = self.scoreboard.retire(slot);
-                self.note_respawn(reason.map_or("other", |r| r.name()), slot);
+                self.note_respawn(reason.map_or("other", |r| r.name()));
                 let why = reason.map_or("", |r| r.describe());
                 info!("Worker {slot} (pid {pid}) is to be replaced because {why}; starting its replacement");
                 self.spawn_replacing(Some(pid));
@@ -1366,6 +1367,10 @@ impl<'a, H: Hooks> Master<'a, H> {
             return;
         };
         self.scoreboard.reset(slot, 0);
+        let respawns = match replaces {
+            Some(old) => self.workers.get(&old).map_or(1, |w| w.respawns + 1),
+            None => self.crashed_lines.pop().unwrap_or(0),
+        };
         let listeners: Vec<(RawFd, ListenerInfo)> = self
             .listeners
             .iter()
@@ -1461,6 +1466,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                 killed: None,
                 age,
                 stale: false,
+                respawns,
             },
         );
         info!("Booting worker {slot} with pid {pid}");
@@ -1646,7 +1652,8 @@ impl<'a, H: Hooks> Master<'a, H> {
                 } else {
                     self.quick_deaths = 0;
                 }
-                self.note_respawn("crash", w.slot);
+                self.note_respawn("crash");
+                self.crashed_lines.push(w.respawns + 1);
                 if clean {
                     // Exit 0 from a serving worker: stopped by someone else
                     // (a TERM sent to it, not to the master), or the app

@@ -713,40 +713,34 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     };
     // Before the config file is looked for: the parser stops at a flag it does not know.
     crate::gunicorn_conf::join_proxy_protocol_mode(&mut argv, 1);
-    let moot_notes = crate::gunicorn_conf::drop_moot_flags(&mut argv);
-    for note in &moot_notes {
-        eprintln!("corral: note: {note}");
-    }
-    let (mut argv, mut origins, server_hooks, mut config_notes) =
-        match crate::config_file::layer(py, &cmd, &argv) {
-            Ok(layered) => {
-                for note in &layered.notes {
-                    eprintln!("corral: note: {note}");
-                }
-                (layered.argv, layered.origins, layered.hooks, layered.notes)
-            }
-            Err(e) => {
-                eprintln!("corral: error: {e}");
-                return Ok(2);
-            }
-        };
+    let mut notes = PendingNotes(crate::gunicorn_conf::drop_moot_flags(&mut argv));
+    let (mut argv, mut origins, server_hooks) = match crate::config_file::layer(py, &cmd, &argv) {
+        Ok(layered) => {
+            notes.0.extend(layered.notes);
+            (layered.argv, layered.origins, layered.hooks)
+        }
+        Err(e) => {
+            notes.show_as_text();
+            eprintln!("corral: error: {e}");
+            return Ok(2);
+        }
+    };
     for id in from_gunicorn_env {
         origins.insert(id, crate::config_file::GUNICORN_CMD_ARGS_ORIGIN.to_string());
     }
-    config_notes.splice(0..0, moot_notes);
     crate::config_file::platform_defaults(&cmd, &mut argv, &mut origins);
     let parsed =
         cmd.clone().try_get_matches_from(&argv).and_then(|m| Cli::from_arg_matches(&m).map(|c| (m, c)));
     let (matches, mut cli) = match parsed {
         Ok(p) => p,
-        Err(e) => return Ok(report_parse_error(&e, &cmd, &argv, &origins)),
+        Err(e) => {
+            notes.show_as_text();
+            return Ok(report_parse_error(&e, &cmd, &argv, &origins));
+        }
     };
     let given: Vec<String> =
         cli.env.iter().filter_map(|p| p.split_once('=')).map(|(k, _)| k.to_string()).collect();
-    for note in crate::config_file::unknown_env_notes(&cmd, &given) {
-        eprintln!("corral: note: {note}");
-        config_notes.push(note);
-    }
+    notes.0.extend(crate::config_file::unknown_env_notes(&cmd, &given));
     // Commas separate directories too, as in gunicorn's option (clap splits
     // on one character only).
     cli.pythonpath = cli
@@ -759,7 +753,10 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     // not the command line.
     let located =
         |e: &dyn std::fmt::Display| crate::config_file::whence(&e.to_string(), &cmd, &matches, &origins);
-    capture_without_a_file(&mut cli);
+    notes.0.extend(capture_without_a_file(&mut cli));
+    if cli.print_config || cli.check_config {
+        notes.show_as_text();
+    }
     if cli.print_config {
         use std::io::Write as _;
         // What a start would refuse, checked without creating anything, so
@@ -833,12 +830,7 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     crate::logging::init(cli.log_level);
     // As gunicorn's debug level starts with its settings.
     debug!("Current configuration:\n{}", crate::config_file::describe(&cmd, &matches, &origins).trim_end());
-    if error_log != "-" {
-        // Shown on standard error already; the log file is where they are looked for.
-        for note in &config_notes {
-            warn!("{note}");
-        }
-    }
+    notes.log();
     if cli.capture_output {
         // Written line by line, as to a terminal: a worker killed past
         // --timeout would lose what a block buffer held.
@@ -2166,13 +2158,41 @@ fn distinct_tcp_listeners<'a>(addrs: impl Iterator<Item = (String, &'a Addr)>) -
 /// --capture-output without --error-log FILE asks for nothing: the app's
 /// output goes to stdout and stderr already. Taken with a note, as gunicorn
 /// takes it (and as a gunicorn file's `capture_output` is).
-fn capture_without_a_file(cli: &mut Cli) {
+fn capture_without_a_file(cli: &mut Cli) -> Option<String> {
     if cli.capture_output && cli.error_log == "-" {
-        eprintln!(
-            "corral: note: --capture-output without --error-log FILE is not needed: the app's output goes \
-             to stdout and stderr already; ignored"
-        );
         cli.capture_output = false;
+        return Some(
+            "--capture-output without --error-log FILE is not needed: the app's output goes to stdout and \
+             stderr already; ignored"
+                .to_string(),
+        );
+    }
+    None
+}
+
+/// Notes about the configuration, written once the error log is set up, as
+/// its warnings and in its format (`--log-format json` makes every line of
+/// it JSON); a run that ends before that (an error, `--print-config`) shows
+/// them on standard error as text.
+struct PendingNotes(Vec<String>);
+
+impl PendingNotes {
+    fn show_as_text(&mut self) {
+        for note in self.0.drain(..) {
+            eprintln!("corral: note: {note}");
+        }
+    }
+
+    fn log(&mut self) {
+        for note in self.0.drain(..) {
+            warn!("{note}");
+        }
+    }
+}
+
+impl Drop for PendingNotes {
+    fn drop(&mut self) {
+        self.show_as_text();
     }
 }
 

@@ -538,6 +538,9 @@ impl WsgiApp {
 
     /// Sends the app's iterable and calls its close() exactly once.
     fn send(&self, py: Python<'_>, req: &Request<'_>, ex: &Exchange, result: &Bound<'_, PyAny>) {
+        if self.answered_for_body(py, req, ex, result) {
+            return;
+        }
         let outcome = self.send_body(py, req, ex, result);
         // The app forked in its iterable, whose child ended its iteration:
         // it leaves before the response's end or the app's close() (which
@@ -597,6 +600,56 @@ impl WsgiApp {
             );
             respond_error(ex, 500);
         }
+    }
+
+    /// An app that caught the error a read of its body raised and answered
+    /// it with a server error (Django and Flask render UnreadablePostError as
+    /// their 500) answered a client whose body was at fault: bad framing,
+    /// too large, too slow or cut short. The client gets the status that
+    /// says so (400, 408, 413), as when the error escapes the app, and the
+    /// server's 5xx count does not take the client's fault for its own. The
+    /// app's response is closed unsent; true if it was replaced so.
+    fn answered_for_body(
+        &self,
+        py: Python<'_>,
+        req: &Request<'_>,
+        ex: &Exchange,
+        result: &Bound<'_, PyAny>,
+    ) -> bool {
+        let clients = |be: &BodyError| {
+            matches!(
+                be,
+                BodyError::Framing(_) | BodyError::TooLarge | BodyError::Truncated | BodyError::Timeout
+            )
+        };
+        let Some(be) = ex.body_error().filter(clients) else {
+            return false;
+        };
+        if !ex.started() || ex.headers_sent() || ex.status() < 500 {
+            return false;
+        }
+        info!(
+            "{} from {}: the app answered {} to its body's error ({be}); the client is told {}",
+            req.describe(),
+            req.peer(),
+            ex.status(),
+            be.status()
+        );
+        ex.unstart();
+        respond_error(ex, be.status());
+        let closed = match result.getattr(pyo3::intern!(py, "close")) {
+            Ok(close) => close.call0().map(|_| ()),
+            Err(_) => Ok(()),
+        };
+        self.leave_if_forked(req);
+        if let Err(e) = closed {
+            error!(
+                "Error in close() of the response iterable of {}:\n{}",
+                req.describe(),
+                format_exception(py, &e)
+            );
+        }
+        true
     }
 
     fn send_body(
