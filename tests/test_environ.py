@@ -187,6 +187,14 @@ def test_mount_sets_script_name(mounted, target, path):
     assert _v(env, "REQUEST_URI") == target
 
 
+@pytest.mark.parametrize("target", ["/other/foo", "/prefixed", "/"])
+def test_a_path_outside_the_mount_reaches_the_app_whole(mounted, target):
+    """As uWSGI's default app: no prefix to take off, so none is given."""
+    env = _environ(mounted, target)
+    assert _v(env, "SCRIPT_NAME") == ""
+    assert _v(env, "PATH_INFO") == target
+
+
 def test_script_name_from_the_environment(start_server):
     server = start_server("behaviour:application", env={"SCRIPT_NAME": "/fromenv"})
     env = _environ(server, "/fromenv/thing")

@@ -7,6 +7,7 @@ import pathlib
 import re
 import signal
 import socket
+import struct
 import time
 
 import pytest
@@ -734,6 +735,24 @@ def test_a_file_wrapper_download_read_slowly_holds_no_thread(start_server, tmp_p
         assert read_hashed(slow, size) == (size, hashlib.sha256(data).hexdigest())
         slow.send_request("GET", "/fixed", {"Host": "x"})
         assert slow.read_response().body == b"hello world"
+
+
+def test_a_client_leaving_an_offloaded_download_is_logged_as_a_streamed_one_is(start_server, tmp_path):
+    """The offload thread's send that fails on a closed connection gets the
+    request's "client disconnected" line, as a streamed response has, so an
+    aborted download is told from a finished one without counting bytes."""
+    size = 48 << 20
+    path = tmp_path / "big.bin"
+    path.write_bytes(os.urandom(size))
+    server = start_server("behaviour:application")
+    with slow_reader(server) as slow:
+        slow.send_request("GET", f"/file?path={path}", {"Host": "x"})
+        assert slow.read_head().status == 200
+        time.sleep(0.3)
+        # Unread bytes at the close make it a reset, so the next send fails.
+        slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    server.wait_for(r"GET /file\?path=\S+ from 127\.0\.0\.1:\d+: client disconnected \(.*\) during the file")
+    assert server.request("GET", "/fixed").status == 200
 
 
 def test_the_apps_handles_are_stale_once_its_file_is_offloaded(start_server, tmp_path):

@@ -509,6 +509,9 @@ struct Offloaded {
     /// client that takes nothing for the write timeout is given up on.
     sent: u64,
     progress: u64,
+    /// Why the client could not take the rest (the socket's error), for the
+    /// request's log line, as a streamed response cut short has one.
+    gone: Option<String>,
 }
 
 /// What is left of a response whose file the socket could not take at

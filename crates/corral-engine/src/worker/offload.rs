@@ -90,7 +90,7 @@ pub(super) fn offload<A: App>(w: &Shared<A>, mut conn: Box<Conn>, rest: Download
     leave_serving_set(w, &mut conn);
     let sent = conn.io.lock().unwrap().bytes_sent;
     off.sending.fetch_add(1, Ordering::AcqRel);
-    off.queue.lock().unwrap().push(Offloaded { conn, rest, sent, progress: mono_ms() });
+    off.queue.lock().unwrap().push(Offloaded { conn, rest, sent, progress: mono_ms(), gone: None });
     wake(&off.wake);
 }
 
@@ -164,9 +164,14 @@ pub(super) fn offload_main<A: App>(w: &Shared<A>) {
                     job.sent = io.bytes_sent;
                     job.progress = mono_ms();
                 }
-                if let Err(ResponseError::Invalid(why)) = &step {
+                match &step {
                     // Logged with the request when a serving thread completes it.
-                    io.body_note = Some(format!("sending the file: {why}; closing the connection"));
+                    Err(ResponseError::Invalid(why)) => {
+                        io.body_note = Some(format!("sending the file: {why}; closing the connection"))
+                    }
+                    // A front end's abort has its own line.
+                    Err(ResponseError::ClientGone(why)) if !io.fcgi_aborted => job.gone = Some(why.clone()),
+                    _ => {}
                 }
                 step
             };
@@ -202,7 +207,7 @@ pub(super) fn offload_main<A: App>(w: &Shared<A>) {
 /// request: the framing's end, log line, metrics. Returns the connection
 /// and whether it carries another request.
 pub(super) fn finish_download<A: App>(w: &Shared<A>, t: usize, job: Offloaded) -> (Box<Conn>, bool) {
-    let Offloaded { mut conn, rest, .. } = job;
+    let Offloaded { mut conn, rest, gone, .. } = job;
     let listener = &w.listeners[conn.listener].1;
     let keep = {
         let req = Request {
@@ -218,6 +223,9 @@ pub(super) fn finish_download<A: App>(w: &Shared<A>, t: usize, job: Offloaded) -
             forwarded_https: false,
             forwarded_prefix: false,
         };
+        if let Some(why) = gone {
+            info!("{} from {}: client disconnected ({why}) during the file", req.describe(), req.peer());
+        }
         let keep = complete(&conn, listener, &req);
         w.scoreboard.end_download(w.slot, rest.shown);
         after_request(w, t, &conn, &req, rest.started, true);
