@@ -638,6 +638,21 @@ def test_a_workers_respawns_count_the_workers_replaced_to_come_to_it(start_serve
     assert _metric(text, "corral_worker_respawns_total", '{reason="max_requests"}') == 3
 
 
+def test_a_body_dropped_after_its_413_counts_as_received(start_server):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        stats_port = held.getsockname()[1]
+    server = start_server(
+        "behaviour:application", "--stats", f"127.0.0.1:{stats_port}", "--max-body-size", "100000", workers=1
+    )
+    body = b"x" * 500_000
+    with server.connect() as conn:
+        conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 500000\r\n\r\n" + body)
+        assert conn.read_response().status == 413
+    text = _metrics_once(stats_port, "corral_received_bytes_total", "", len(body))
+    assert _metric(text, "corral_received_bytes_total") < len(body) + 1000
+
+
 def test_stats_json_and_cli(stats_server):
     s = stats_server
     with ThreadPoolExecutor(1) as pool:

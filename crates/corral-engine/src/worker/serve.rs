@@ -379,6 +379,12 @@ pub(super) fn close<A: App>(w: &Shared<A>, conn: Box<Conn>, reset: bool) {
         // be written to the descriptor number once it is closed and reused.
         let mut io = conn.io.lock().unwrap_or_else(|p| p.into_inner());
         io.release();
+        // Read since the last request was counted: the rest of a body
+        // dropped after its request (a 413's), a head that never came whole.
+        let unrecorded = std::mem::take(&mut io.read_total);
+        if unrecorded > 0 {
+            w.scoreboard.count(w.slot, crate::scoreboard::C_BYTES_IN, unrecorded);
+        }
         // A write gave up on the client where no request was at hand to
         // name (held responses to pipelined requests, written after them).
         if io.stalled && !io.stall_logged {
@@ -455,9 +461,11 @@ pub(super) fn drain_and_close(io: &mut Io) {
     }
     let mut buf = [0u8; 4096];
     for _ in 0..16 {
-        if unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) } <= 0 {
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
             break;
         }
+        io.read_total += n as u64;
     }
 }
 
@@ -483,6 +491,8 @@ pub(super) fn linger_read(io: &mut Io) -> bool {
         let n = unsafe { libc::read(io.fd, scratch.as_mut_ptr().cast(), scratch.len()) };
         if n > 0 {
             dropped += n as usize;
+            // Received all the same: counted when the connection closes.
+            io.read_total += n as u64;
             continue;
         }
         if n == 0 {
