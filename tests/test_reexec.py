@@ -512,3 +512,41 @@ def test_a_reexec_keeps_a_pid_file_named_anew_through_a_symlink(start_server, tm
     server.wait_for(READY_RE.pattern, since=mark, timeout=20)
     assert (real / "app.pid").read_text().strip() == str(server.proc.pid)
     assert not server.grep("Removed the previous pid file", since=mark)
+
+
+def test_health_probes_are_answered_while_a_preload_reload_imports(start_server, tmp_path):
+    """HUP with --preload re-executes the master, which imports the new code
+    before its loop runs again: a thread answers the stats listener meanwhile,
+    /readyz 200 since the workers from before serve, the figures 503 with
+    Retry-After, so an orchestrator neither takes the host out nor restarts it."""
+    stats = free_port()
+    mark_file = tmp_path / "importing"
+    server = start_server(
+        "slow_import:application",
+        "--preload",
+        "--stats",
+        f"127.0.0.1:{stats}",
+        env={"CORRAL_TEST_IMPORT_SECS": "4", "CORRAL_TEST_IMPORT_MARK": str(mark_file)},
+        wait=False,
+    )
+    server.wait_started(timeout=30)
+    mark_file.unlink()
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    assert wait_until(mark_file.exists, 20)
+    answers = {}
+    for path in ("/healthz", "/readyz", "/metrics"):
+        with socket.create_connection(("127.0.0.1", stats), timeout=2) as s:
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            answers[path] = s.recv(4096)
+    assert answers["/healthz"].startswith(b"HTTP/1.1 200"), answers
+    assert answers["/readyz"].startswith(b"HTTP/1.1 200"), answers
+    assert answers["/metrics"].startswith(b"HTTP/1.1 503") and b"Retry-After: 1\r\n" in answers["/metrics"]
+    assert server.request("GET", "/").status == 200
+    # The import is still going on: the answers above came during it.
+    assert not server.grep(r"Preloaded application", since=mark)
+    server.wait_for(r"Preloaded application", since=mark, timeout=30)
+    server.wait_for(r"from before the re-exec exited", since=mark, timeout=30)
+    with socket.create_connection(("127.0.0.1", stats), timeout=2) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")

@@ -250,6 +250,11 @@ impl Conn {
     /// Reads or writes what the socket allows now; true when the exchange
     /// is over and the connection can be closed.
     pub fn advance(&mut self, snapshot: &dyn Fn() -> Snapshot) -> bool {
+        self.advance_with(&|request| response(request, snapshot))
+    }
+
+    /// [`Conn::advance`], answering the request head with `answer`.
+    fn advance_with(&mut self, answer: &dyn Fn(&[u8]) -> Vec<u8>) -> bool {
         if self.out.is_empty() {
             let mut chunk = [0u8; 2048];
             loop {
@@ -269,7 +274,7 @@ impl Conn {
                 let ended = self.buf.windows(4).any(|w| w == b"\r\n\r\n")
                     || self.buf.windows(2).any(|w| w == b"\n\n");
                 if ended || self.buf.len() > MAX_REQUEST {
-                    self.out = response(&self.buf, snapshot);
+                    self.out = answer(&self.buf);
                     break;
                 }
             }
@@ -300,15 +305,20 @@ fn after_error() -> Option<bool> {
     }
 }
 
-/// The whole response to a request head sent to the stats listener.
-pub fn response(request: &[u8], snapshot: &dyn Fn() -> Snapshot) -> Vec<u8> {
+/// The method and path of a request head sent to the stats listener.
+fn method_and_path(request: &[u8]) -> (&[u8], &[u8]) {
     let line = request.split(|&b| b == b'\n').next().unwrap_or_default();
     // A probe typed by hand may leave out the version: its CR then ends the target.
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let mut parts = line.split(|&b| b == b' ');
     let method = parts.next().unwrap_or_default();
     let target = parts.next().unwrap_or_default();
-    let path = target.split(|&b| b == b'?').next().unwrap_or_default();
+    (method, target.split(|&b| b == b'?').next().unwrap_or_default())
+}
+
+/// The whole response to a request head sent to the stats listener.
+pub fn response(request: &[u8], snapshot: &dyn Fn() -> Snapshot) -> Vec<u8> {
+    let (method, path) = method_and_path(request);
     let (status, ctype, body) = if method != b"GET" && method != b"HEAD" {
         ("405 Method Not Allowed", "text/plain", "GET or HEAD only\n".to_string())
     } else {
@@ -326,10 +336,18 @@ pub fn response(request: &[u8], snapshot: &dyn Fn() -> Snapshot) -> Vec<u8> {
             _ => ("404 Not Found", "text/plain", "try /metrics, /stats, /healthz or /readyz\n".to_string()),
         }
     };
+    render(method, status, ctype, &body)
+}
+
+/// A response with its head as every answer of the stats listener has it.
+fn render(method: &[u8], status: &str, ctype: &str, body: &str) -> Vec<u8> {
     let mut out = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n", body.len())
         .into_bytes();
     if status.starts_with("405") {
         out.extend_from_slice(b"Allow: GET, HEAD\r\n");
+    }
+    if status.starts_with("503") {
+        out.extend_from_slice(b"Retry-After: 1\r\n");
     }
     crate::date::append_date_header(&mut out);
     out.extend_from_slice(b"Connection: close\r\n\r\n");
@@ -338,6 +356,119 @@ pub fn response(request: &[u8], snapshot: &dyn Fn() -> Snapshot) -> Vec<u8> {
         out.extend_from_slice(body.as_bytes());
     }
     out
+}
+
+/// What the stats listener answers while a re-executed master imports the
+/// new code (`--preload`), before it has its own records: the workers from
+/// before the re-exec serve meanwhile, so the process is alive and ready;
+/// the figures wait for the master.
+fn interim_response(request: &[u8]) -> Vec<u8> {
+    let (method, path) = method_and_path(request);
+    let (status, body) = match path {
+        _ if method != b"GET" && method != b"HEAD" => ("405 Method Not Allowed", "GET or HEAD only\n"),
+        b"/healthz" => ("200 OK", "ok\n"),
+        b"/readyz" => ("200 OK", "ready\n"),
+        b"/metrics" | b"/stats" => (
+            "503 Service Unavailable",
+            "the master is importing the new code (--preload); the workers from before the reload serve \
+             meanwhile; ask again in a moment\n",
+        ),
+        _ => ("404 Not Found", "try /metrics, /stats, /healthz or /readyz\n"),
+    };
+    render(method, status, "text/plain", body)
+}
+
+/// The stats listener served by a thread of its own while a re-executed
+/// master imports the new code (`--preload`), which may take many seconds
+/// in which the master's loop cannot run: health probes are answered
+/// meanwhile (see [`interim_response`]), so that an orchestrator does not
+/// take a reloading host out of service, or restart it.
+///
+/// Dropped before the master forks its first worker: the thread has ended
+/// by then (the drop joins it), as the master forks only without threads.
+pub struct Interim {
+    stop: OwnedFd,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Interim {
+    /// Serves `listener` (a listening socket, borrowed until the drop).
+    pub fn serve(listener: RawFd) -> io::Result<Interim> {
+        use std::os::fd::FromRawFd;
+        let stop = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if stop < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let stop = unsafe { OwnedFd::from_raw_fd(stop) };
+        let stop_fd = stop.as_raw_fd();
+        // Accepted until the queue is empty, which a blocking socket would
+        // wait out.
+        unsafe {
+            let flags = libc::fcntl(listener, libc::F_GETFL);
+            if flags < 0 || libc::fcntl(listener, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        let thread = std::thread::Builder::new()
+            .name("corral-stats".into())
+            .spawn(move || interim_loop(listener, stop_fd))?;
+        Ok(Interim { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Interim {
+    fn drop(&mut self) {
+        let one: u64 = 1;
+        unsafe { libc::write(self.stop.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn interim_loop(listener: RawFd, stop: RawFd) {
+    use std::os::fd::FromRawFd;
+    let mut conns: Vec<Conn> = Vec::new();
+    loop {
+        let mut fds = vec![
+            libc::pollfd { fd: stop, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: listener, events: libc::POLLIN, revents: 0 },
+        ];
+        fds.extend(conns.iter().map(|c| libc::pollfd { fd: c.fd(), events: c.events(), revents: 0 }));
+        let now = crate::date::mono_ms();
+        let timeout = conns.iter().map(|c| c.deadline().saturating_sub(now) as i32 + 1).min().unwrap_or(-1);
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if fds[0].revents != 0 {
+            return;
+        }
+        let now = crate::date::mono_ms();
+        let ready: Vec<bool> = fds[2..].iter().map(|f| f.revents != 0).collect();
+        let mut i = 0;
+        conns.retain_mut(|c| {
+            let go_on = !(ready[i] && c.advance_with(&interim_response)) && c.deadline() > now;
+            i += 1;
+            go_on
+        });
+        if fds[1].revents & libc::POLLIN != 0 {
+            loop {
+                let fd = unsafe {
+                    libc::accept4(
+                        listener,
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                        libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    )
+                };
+                if fd < 0 {
+                    break;
+                }
+                let mut conn = Conn::new(unsafe { OwnedFd::from_raw_fd(fd) });
+                if !conn.advance_with(&interim_response) && conns.len() < 64 {
+                    conns.push(conn);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

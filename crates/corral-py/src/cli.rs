@@ -1172,8 +1172,29 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     // slow import runs, a front end balancing over several hosts finds this
     // one refusing and goes to another at once, where a bound socket would
     // queue its requests for the whole import (and reset them if it fails).
+    // After a re-exec the previous program's sockets are still open here:
+    // each goes to the listener asking for its address (the configuration
+    // read again may have added, removed or reordered listeners).
+    let mut inherited = corral_engine::supervise::take_inherited_listeners();
+    let asked: Vec<(&str, &Addr)> =
+        parsed.iter().map(|(p, a)| (p.name(), a)).chain(stats_addr.iter().map(|a| ("stats", a))).collect();
+    let reused = assign_inherited(&mut inherited, &asked);
     let preloaded = if cli.preload {
-        match load_app(py, &spec) {
+        // The import of a re-exec may take long, and the master's loop does
+        // not run meanwhile: health probes are answered by a thread, which
+        // ends with the import, before anything forks.
+        let stats_fd =
+            reused.last().copied().flatten().filter(|_| stats_addr.is_some() && reexec_with_workers);
+        let interim = stats_fd.and_then(|fd| match corral_engine::stats::Interim::serve(fd) {
+            Ok(i) => Some(i),
+            Err(e) => {
+                warn!("--stats: cannot answer probes during the import: {e}");
+                None
+            }
+        });
+        let loaded = load_app(py, &spec);
+        drop(interim);
+        match loaded {
             Ok(app) => {
                 info!("Preloaded application {}", cli.app);
                 Some(app)
@@ -1213,14 +1234,8 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             return Ok(1);
         }
     }
-    // After a re-exec the previous program's sockets are still open here:
-    // each goes to the listener asking for its address (the configuration
-    // read again may have added, removed or reordered listeners).
-    let mut inherited = corral_engine::supervise::take_inherited_listeners();
     let mut listeners = Vec::new();
-    let asked: Vec<(&str, &Addr)> =
-        parsed.iter().map(|(p, a)| (p.name(), a)).chain(stats_addr.iter().map(|a| ("stats", a))).collect();
-    let mut reused = assign_inherited(&mut inherited, &asked).into_iter();
+    let mut reused = reused.into_iter();
     for (protocol, addr) in parsed.iter() {
         let reuse = reused.next().flatten();
         let bound = match reuse {
