@@ -737,6 +737,16 @@ def test_a_file_wrapper_download_read_slowly_holds_no_thread(start_server, tmp_p
         assert slow.read_response().body == b"hello world"
 
 
+def test_a_file_opened_in_text_mode_goes_out_as_its_bytes(behaviour, tmp_path):
+    """gunicorn sends a file_wrapper's file with sendfile whatever its mode;
+    so does corral for one of which nothing was read."""
+    data = "héllo\r\nwörld\n".encode() * 1000
+    path = tmp_path / "text.txt"
+    path.write_bytes(data)
+    resp = behaviour.request("GET", f"/file?path={path}&mode=r")
+    assert (resp.status, resp.complete, resp.body) == (200, True, data)
+
+
 def test_a_client_leaving_an_offloaded_download_is_logged_as_a_streamed_one_is(start_server, tmp_path):
     """The offload thread's send that fails on a closed connection gets the
     request's "client disconnected" line, as a streamed response has, so an

@@ -536,7 +536,8 @@ def serve_file(environ, start_response):
     write = start_response("200 OK", headers)
     if "write" in q:
         write(q["write"].encode())
-    f = open(path, "rb")  # noqa: SIM115 - the server closes it with the response
+    # ?mode=r: a file opened in text mode, as hand-written apps do.
+    f = open(path, q.get("mode", "rb"))  # noqa: SIM115 - the server closes it with the response
     if q.get("at_end") == "1":
         f.seek(0, os.SEEK_END)
     return environ["wsgi.file_wrapper"](f, 65536)
