@@ -18,6 +18,7 @@ import socket
 import stat
 import struct
 import tempfile
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -850,6 +851,61 @@ def test_fastcgi_requests_begun_as_a_drain_starts_are_not_lost(start_server):
     finally:
         for c in conns:
             c.close()
+
+
+def test_a_body_s_closing_record_after_the_response_does_not_close_a_draining_worker_s_connection(
+    start_server,
+):
+    """Apache writes a body's closing empty STDIN record on its own: once the
+    app has read CONTENT_LENGTH bytes, it may come after END_REQUEST, and then
+    the next request, on the same connection. A draining worker that read that
+    record alone closed the kept connection, and the request on its way was
+    lost (Apache: 503, "Failed to read FastCGI header"). With workers
+    recycled every 2 requests, many connections are read by draining
+    workers; each such connection now goes to a sibling with the request."""
+    server = g.start_gateways(
+        start_server,
+        "behaviour:application",
+        [("fastcgi", "127.0.0.1:0")],
+        "--max-requests",
+        "2",
+        workers=2,
+        threads=4,
+    )
+    addr = server.addr("fastcgi")
+    failures: list[str] = []
+
+    def client(k: int):
+        conn = g.FcgiConn(addr, timeout=20)
+        closing = b""
+        try:
+            for i in range(100):
+                body = f"{k}-{i}".encode()
+                if closing:
+                    conn.send(closing)
+                    time.sleep(0.01)
+                params = g.cgi_params("POST", "/echo", body)
+                conn.send(
+                    g.begin_request(1, keep_conn=True)
+                    + g.stream(g.FCGI_PARAMS, 1, g.encode_pairs(params))
+                    + g.stream(g.FCGI_STDIN, 1, body, end=False)
+                )
+                reply = conn.read_response(1)
+                if reply.status != 200 or reply.body != body:
+                    failures.append(f"{body!r}: {reply.status} {reply.body[:100]!r}")
+                closing = g.record(g.FCGI_STDIN, 1, b"")
+        except (OSError, EOFError, g.BadReply) as e:
+            failures.append(f"client {k}: {e!r}")
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures, failures
+    assert server.grep(r"Worker handed \d+ connection\(s\) to other workers")
 
 
 def test_fastcgi_keep_conn_half_close_with_the_request_ends_the_connection(start_server):

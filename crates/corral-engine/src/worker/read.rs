@@ -286,10 +286,15 @@ pub(super) fn read_gateway<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
             };
             return refuse(w, conn, &mut io, wire, 431, &why);
         }
-        // Draining, a kept FastCGI connection that brought no request closes;
-        // one whose request came in part (its records so far are in the
-        // connection's FastCGI state, not in the buffer) reads the rest.
-        if draining() && io.buf.is_empty() && read_once && conn.fcgi.active.is_none() {
+        // Draining with no sibling to take it, a kept FastCGI connection that
+        // brought no request (only records of one already answered, such as
+        // a body's closing empty STDIN) closes; one whose request came in
+        // part (its records so far are in the connection's FastCGI state, not
+        // in the buffer) reads the rest. With a sibling serving, it is read
+        // on and parked, to be handed over: closed, the front end's next
+        // request, perhaps on its way already (Apache writes it as soon as
+        // it has the response), would be lost with it.
+        if draining() && io.buf.is_empty() && read_once && conn.fcgi.active.is_none() && !can_hand_over(w) {
             return Next::Close;
         }
         let was_empty = io.buf.is_empty();
