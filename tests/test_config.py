@@ -1244,11 +1244,17 @@ def test_a_uwsgi_mount_is_a_prefix_only_with_manage_script_name_and_never_beside
     assert (
         f"{ini}:2: `mount` without `manage-script-name`: uWSGI neither takes /x off PATH_INFO" in proc.stderr
     )
-    ini.write_text(ini.read_text() + "manage-script-name = true\n")
+    # uWSGI takes any value but false, off, no and 0 as true.
+    base = ini.read_text()
+    for value in ("true", "enabled", "2", ""):
+        ini.write_text(base + f"manage-script-name = {value}\n")
+        proc = _run(["--config", str(ini), "--print-config"])
+        assert proc.returncode == 0, proc.stderr
+        assert _printed(proc.stdout)["mount"] == ('"/x"', f"config file {ini}:2"), value
+        assert "manage-script-name" not in proc.stderr, proc.stderr
+    ini.write_text(base + "manage-script-name = off\n")
     proc = _run(["--config", str(ini), "--print-config"])
-    assert proc.returncode == 0, proc.stderr
-    assert _printed(proc.stdout)["mount"] == ('"/x"', f"config file {ini}:2")
-    assert "manage-script-name" not in proc.stderr, proc.stderr
+    assert _printed(proc.stdout)["mount"][1] == "default"
     for order in (
         "mount = /x=behaviour:application\nmodule = other\n",
         "module = other\nmount = /x=behaviour:application\n",
@@ -1297,7 +1303,7 @@ def test_check_config_refuses_what_a_start_refuses(tmp_path):
         # No listener given: the default one is what --stats must not take.
         (
             ["--stats", "127.0.0.1:8000"],
-            "--stats 127.0.0.1:8000 overlaps the default listener (--http 127.0.0.1:8000, as none is given)",
+            "--stats 127.0.0.1:8000 overlaps the default --http 127.0.0.1:8000",
         ),
     ):
         proc = _run(["--check-config", "--pythonpath", str(APPS), *args, "behaviour:application"])

@@ -738,8 +738,9 @@ def test_a_file_wrapper_download_read_slowly_holds_no_thread(start_server, tmp_p
 
 
 def test_a_file_opened_in_text_mode_goes_out_as_its_bytes(behaviour, tmp_path):
-    """gunicorn sends a file_wrapper's file with sendfile whatever its mode;
-    so does corral for one of which nothing was read."""
+    """uWSGI sends a file_wrapper's file with sendfile whatever its mode (where
+    gunicorn refuses one in text mode); so does corral, for one of which
+    nothing was read."""
     data = "héllo\r\nwörld\n".encode() * 1000
     path = tmp_path / "text.txt"
     path.write_bytes(data)

@@ -462,8 +462,13 @@ fn interim_loop(listener: RawFd, stop: RawFd) {
                 if fd < 0 {
                     break;
                 }
+                if conns.len() >= 64 {
+                    // The oldest goes, as in the master's loop: a flood of
+                    // idle clients must not keep a health probe out.
+                    conns.remove(0);
+                }
                 let mut conn = Conn::new(unsafe { OwnedFd::from_raw_fd(fd) });
-                if !conn.advance_with(&interim_response) && conns.len() < 64 {
+                if !conn.advance_with(&interim_response) {
                     conns.push(conn);
                 }
             }

@@ -1230,11 +1230,14 @@ impl<'a, H: Hooks> Master<'a, H> {
             );
             self.scale.idle_since = Some(now);
             self.scale.last_change = Some(now);
+            // The least busy (the newest of those): one in a long request
+            // would have it cut at --graceful-timeout, while another idles.
+            let board = &self.scoreboard;
             let newest = self
                 .workers
                 .iter()
                 .filter(|(_, w)| !w.retiring && w.replaces.is_none())
-                .max_by_key(|(_, w)| w.started)
+                .min_by_key(|(_, w)| (board.busy_threads(w.slot), std::cmp::Reverse(w.started)))
                 .map(|(p, _)| *p);
             if let Some(pid) = newest {
                 self.retire(pid, libc::SIGTERM);
@@ -1653,7 +1656,11 @@ impl<'a, H: Hooks> Master<'a, H> {
                     self.quick_deaths = 0;
                 }
                 self.note_respawn("crash");
-                self.crashed_lines.push(w.respawns + 1);
+                // Unless a replacement of its own is booting already (a
+                // reload's), the worker started in its place inherits its line.
+                if !self.workers.values().any(|o| o.replaces == Some(pid)) {
+                    self.crashed_lines.push(w.respawns + 1);
+                }
                 if clean {
                     // Exit 0 from a serving worker: stopped by someone else
                     // (a TERM sent to it, not to the master), or the app

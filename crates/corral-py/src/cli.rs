@@ -1042,7 +1042,7 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         }
     };
     let option = |p: &Protocol| match defaulted {
-        true => format!("the default listener (--{} {DEFAULT_HTTP}, as none is given)", p.name()),
+        true => format!("the default --{}", p.name()),
         false => format!("--{}", p.name()),
     };
     let tcp = parsed.iter().map(|(p, a)| (option(p), a));
@@ -1713,9 +1713,7 @@ fn check_without_effects(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), St
             .into_iter()
             .chain([("--scgi", &cli.scgi)])
             .flat_map(|(option, list)| list.iter().map(move |a| (option.to_string(), a.as_str())))
-            .chain(none_given.then(|| {
-                (format!("the default listener (--http {DEFAULT_HTTP}, as none is given)"), DEFAULT_HTTP)
-            }))
+            .chain(none_given.then(|| ("the default --http".to_string(), DEFAULT_HTTP)))
             .chain(cli.stats.as_deref().map(|a| ("--stats".to_string(), a)))
             .filter_map(|(option, a)| Addr::parse(a).ok().map(|a| (option, a)))
             .collect();

@@ -36,19 +36,18 @@ pub fn file_of(py: Python<'_>, spec: &str) -> Option<std::path::PathBuf> {
 }
 
 /// Runs `f` with the current directory first on sys.path, where gunicorn
-/// has it when it imports a `python:MODULE` configuration.
+/// puts it before it reads its configuration (`Application.chdir`), and
+/// leaves it there, as gunicorn does: hooks that import the file's
+/// neighbours when they run (`post_fork`) find them too.
 fn with_cwd_on_path<T>(py: Python<'_>, f: impl FnOnce() -> T) -> T {
     let path = py.import("sys").and_then(|s| s.getattr("path")).ok();
     let cwd = std::env::current_dir().ok().map(|d| d.to_string_lossy().into_owned());
-    let added = match (&path, cwd) {
-        (Some(p), Some(cwd)) => p.call_method1("insert", (0, cwd.clone())).ok().map(|_| cwd),
-        _ => None,
-    };
-    let out = f();
-    if let (Some(p), Some(cwd)) = (&path, added) {
-        let _ = p.call_method1("remove", (cwd,));
+    if let (Some(p), Some(cwd)) = (&path, cwd) {
+        if !p.contains(&cwd).unwrap_or(true) {
+            let _ = p.call_method1("insert", (0, cwd));
+        }
     }
-    out
+    f()
 }
 
 /// One setting of the file as a corral option: its long name, its value and

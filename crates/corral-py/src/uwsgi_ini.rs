@@ -585,8 +585,10 @@ fn listener(value: &str) -> Result<String, String> {
 }
 
 /// uWSGI's boolean values: `true`, `1`, `yes`, `on` (and a bare flag).
+/// A uWSGI switch's value as uWSGI reads it (`uwsgi_opt_true`): anything
+/// but false, off, no and 0 turns it on (`enabled`, `2`, an empty value).
 fn truthy(value: &str) -> bool {
-    matches!(value.to_ascii_lowercase().as_str(), "true" | "1" | "yes" | "on" | "y" | "")
+    !matches!(value.trim().to_ascii_lowercase().as_str(), "false" | "off" | "no" | "0")
 }
 
 /// Translates the file into corral's options. Returns the entries and the

@@ -935,8 +935,9 @@ fn reads_its_descriptor(py: Python<'_>, file: &Bound<'_, PyAny>) -> bool {
     }
     if is(file, "TextIOWrapper") {
         // A file opened in text mode (`open(path)`): its bytes go out as they
-        // are on disk, as gunicorn's sendfile sends them, when nothing of it
-        // was read (a text position is no byte offset).
+        // are on disk, as uWSGI's sendfile sends them (gunicorn refuses such
+        // a file), when nothing of it was read (a text position is no byte
+        // offset).
         return file.getattr(pyo3::intern!(py, "buffer")).is_ok_and(|b| reads_its_descriptor(py, &b))
             && file
                 .call_method0(pyo3::intern!(py, "tell"))
