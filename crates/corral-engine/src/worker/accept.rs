@@ -216,6 +216,25 @@ pub(super) fn pause_accepting<A: App>(w: &Shared<A>, e: &io::Error) {
     }
 }
 
+/// Says what the last line about the descriptor shortage left out, once a
+/// second has passed since it: the refusals and closes that came after it
+/// would otherwise wait for the next shortage to be told, for good if none
+/// comes.
+pub(super) fn report_fd_shortage(now: u64) {
+    let mut no_fds = NO_FDS.lock().unwrap_or_else(|p| p.into_inner());
+    if (no_fds.0 == 0 && RECLAIMED_FOR_FDS.load(Ordering::Relaxed) == 0) || now < no_fds.1 + 1000 {
+        return;
+    }
+    warn!(
+        "Short of file descriptors: {} refused accept(s) and {} idle kept-alive connection(s) closed to make \
+         room since the last report: pid={}",
+        no_fds.0,
+        RECLAIMED_FOR_FDS.swap(0, Ordering::Relaxed),
+        std::process::id()
+    );
+    *no_fds = (0, now);
+}
+
 /// Idle kept-alive connections closed at each accept that failed for lack
 /// of descriptors; each close frees one for a client waiting in the queue.
 pub(super) const RECLAIM_ON_EMFILE: usize = 4;

@@ -697,9 +697,11 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
     }
     // Ready before any thread can accept: the master kills a replacement
     // still booting outright (a reload that supersedes it), which must not
-    // take a connection with it.
-    shared.scoreboard.set_state(shared.slot, WorkerState::Ready);
+    // take a connection with it. Said first: the master, seeing every
+    // worker ready, may tell a waiting `-D` command so before this line
+    // would otherwise be in the log.
     info!("Worker ready: pid={} threads={}", std::process::id(), threads);
+    shared.scoreboard.set_state(shared.slot, WorkerState::Ready);
     let stack = app_stack_size();
     for (t, holder) in holders.into_iter().enumerate() {
         let s = shared.clone();

@@ -109,6 +109,7 @@ pub(super) fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
         resume_accepting(w, now);
         trim_after_closes(w);
         report_shed(w, now);
+        report_fd_shortage(now);
         if !RECYCLING.load(Ordering::Acquire) && drain_deadline.is_none() {
             check_recycle(w, now - born);
         }
