@@ -552,15 +552,7 @@ impl WsgiApp {
                 warn!("{} from {}: {e}", req.describe(), req.peer());
             }
         }
-        // Lists and tuples have no close(); asking would build an AttributeError per request.
-        let closed = if result.is_exact_instance_of::<PyList>() || result.is_exact_instance_of::<PyTuple>() {
-            Ok(())
-        } else {
-            match result.getattr(pyo3::intern!(py, "close")) {
-                Ok(close) => close.call0().map(|_| ()),
-                Err(_) => Ok(()),
-            }
-        };
+        let closed = close_iterable(py, result);
         self.leave_if_forked(req);
         if let Err(e) = outcome {
             self.app_error(py, req, ex, &e);
@@ -637,10 +629,7 @@ impl WsgiApp {
         );
         ex.unstart();
         respond_error(ex, be.status());
-        let closed = match result.getattr(pyo3::intern!(py, "close")) {
-            Ok(close) => close.call0().map(|_| ()),
-            Err(_) => Ok(()),
-        };
+        let closed = close_iterable(py, result);
         self.leave_if_forked(req);
         if let Err(e) = closed {
             error!(
@@ -771,6 +760,18 @@ impl WsgiApp {
         } else {
             respond_error(ex, 500);
         }
+    }
+}
+
+/// Calls the response iterable's close(), if it has one (PEP 3333).
+fn close_iterable(py: Python<'_>, result: &Bound<'_, PyAny>) -> PyResult<()> {
+    // Lists and tuples have no close(); asking would build an AttributeError per request.
+    if result.is_exact_instance_of::<PyList>() || result.is_exact_instance_of::<PyTuple>() {
+        return Ok(());
+    }
+    match result.getattr(pyo3::intern!(py, "close")) {
+        Ok(close) => close.call0().map(|_| ()),
+        Err(_) => Ok(()),
     }
 }
 
