@@ -112,6 +112,20 @@ def test_a_worker_out_of_file_descriptors_pauses_accepting(start_server):
     assert server.request("GET", "/fixed", timeout=15).status == 200
 
 
+def test_an_open_files_limit_the_worker_fills_itself_is_an_error(start_server):
+    """A limit so low that the worker's own descriptors fill it: it could
+    never accept, and the start says so as an error, naming the limit, rather
+    than leave only the shortage lines that follow."""
+    server = start_server(
+        "behaviour:application",
+        command=["sh", "-c", 'ulimit -n 18 && exec "$0" "$@"', *CORRAL],
+        wait=False,
+    )
+    server.wait_for(
+        r"This worker's own descriptors .* fill the open files limit \(18, `ulimit -n`.*it cannot accept a connection"
+    )
+
+
 def test_out_of_file_descriptors_idle_kept_alive_connections_make_room(start_server):
     """As at --max-connections: a new client waiting in the queue while every
     descriptor is taken gets one an idle kept-alive connection held."""

@@ -347,3 +347,57 @@ def test_activated_stats_socket_is_not_served_as_http_too(start_server):
     server.port = ports[1]
     assert server.request("GET", "/healthz").status == 200
     server.port = given
+
+
+def test_activated_datagram_socket_beside_a_stream_one_is_left_alone(start_server):
+    """A service whose socket unit has a ListenDatagram= too: systemd passes
+    both; the stream socket is served and the datagram one is left alone,
+    with a line saying so (it used to stop the start)."""
+    launch2 = (
+        "import os, sys\n"
+        "a, b = int(sys.argv[1]), int(sys.argv[2])\n"
+        "os.dup2(a, 3)\nos.dup2(b, 4)\nos.close(a)\nos.close(b)\n"
+        "os.environ['LISTEN_PID'] = str(os.getpid())\n"
+        "os.execv(sys.argv[3], sys.argv[3:])\n"
+    )
+    stream = socket.socket()
+    stream.bind(("127.0.0.1", 0))
+    stream.listen(16)
+    datagram = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    datagram.bind(("127.0.0.1", 0))
+    port = stream.getsockname()[1]
+    fds = (stream.fileno(), datagram.fileno())
+    server = start_server(
+        "behaviour:application",
+        http=None,
+        command=[sys.executable, "-c", launch2, str(fds[0]), str(fds[1]), *CORRAL],
+        pass_fds=fds,
+        env={"LISTEN_FDS": "2"},
+        wait=False,
+    )
+    stream.close()
+    datagram.close()
+    server.wait_for(
+        r"Not serving what the service manager passed that is not a listening stream socket: fd://4$"
+    )
+    server.wait_for(r"Worker ready")
+    server.host, server.port = "127.0.0.1", port
+    assert server.request("GET", "/fixed").status == 200
+
+
+def test_activation_of_a_datagram_socket_alone_is_refused(start_server):
+    """Nothing to serve: a clear error, not a server that never answers."""
+    datagram = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    datagram.bind(("127.0.0.1", 0))
+    fd = datagram.fileno()
+    server = start_server(
+        "behaviour:application",
+        http=None,
+        command=[sys.executable, "-c", LAUNCH, str(fd), *CORRAL],
+        pass_fds=(fd,),
+        env={"LISTEN_FDS": "1"},
+        wait=False,
+    )
+    datagram.close()
+    assert server.wait_exit(30) == 2
+    server.wait_for(r"Socket activation passed no listening stream socket \(fd://3\): nothing to serve")

@@ -987,11 +987,24 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     let unnamed: Vec<(Protocol, &str)> = activated_addrs
         .iter()
         .filter(|(_, a)| fd_of(a).is_some_and(|fd| !named.contains(&fd)))
-        // Beside listeners given, only what can be one: the service manager
-        // may pass other descriptors too (a datagram socket, its fd store).
-        .filter(|(_, a)| !given || fd_of(a).is_some_and(is_listening_stream))
         .map(|(p, a)| (*p, a.as_str()))
         .collect();
+    // Only what can be a listener: the service manager may pass other
+    // descriptors too (a datagram socket, its fd store). Named as fd://N,
+    // one is refused by the listener itself, with the reason.
+    let (unnamed, others): (Vec<_>, Vec<_>) =
+        unnamed.into_iter().partition(|(_, a)| fd_of(a).is_some_and(is_listening_stream));
+    if !others.is_empty() {
+        let list = others.iter().map(|(_, a)| *a).collect::<Vec<_>>().join(", ");
+        if !given && unnamed.is_empty() {
+            error!(
+                "Socket activation passed no listening stream socket ({list}): nothing to serve; give \
+                 the service's socket unit a ListenStream=, or a listener (--http and the like)"
+            );
+            return Ok(2);
+        }
+        info!("Not serving what the service manager passed that is not a listening stream socket: {list}");
+    }
     if given && !unnamed.is_empty() {
         info!(
             "Also serving what the service manager passed (socket activation): {}",

@@ -724,6 +724,7 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
             return 1;
         }
     }
+    check_descriptors_left();
     let code = or_exit(|| main_loop(&shared, &signals));
     // However the loop ended, a crashed worker runs nothing more (the
     // embedding's exit would wait for the lock the crashed thread may
@@ -732,6 +733,41 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
         crate::crash::die(c);
     }
     code
+}
+
+/// Says so when the worker's own descriptors (listeners, the epoll set,
+/// pipes, logs, the app's files) leave none of the open files limit for a
+/// connection: accepts would fail for good, and the shortage lines that
+/// follow would not say why.
+fn check_descriptors_left() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0
+        || limit.rlim_cur == libc::RLIM_INFINITY
+    {
+        return;
+    }
+    // A new descriptor takes the lowest free number: none is free below the
+    // limit when the listing itself cannot open, or when (its own counted
+    // out) every number below the limit is taken.
+    let full = match std::fs::read_dir("/proc/self/fd") {
+        Err(e) => e.raw_os_error() == Some(libc::EMFILE),
+        Ok(dir) => {
+            let below = dir
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+                .filter(|&fd| fd < limit.rlim_cur)
+                .count();
+            below.saturating_sub(1) as u64 >= limit.rlim_cur
+        }
+    };
+    if full {
+        error!(
+            "This worker's own descriptors (listeners, pipes, logs, the app's files) fill the open files limit \
+             ({}, `ulimit -n`; LimitNOFILE= under systemd): it cannot accept a connection; raise the limit: \
+             pid={}",
+            limit.rlim_cur,
+            std::process::id()
+        );
+    }
 }
 
 /// Above this size glibc's malloc maps a block of its own (and unmaps it
