@@ -19,7 +19,7 @@ import sys
 import tempfile
 
 import pytest
-from support import APPS, CORRAL, ROOT
+from support import APPS, CORRAL, ROOT, wait_until
 
 UNITS = ROOT / "docs" / "deploy" / "systemd"
 
@@ -401,3 +401,54 @@ def test_activation_of_a_datagram_socket_alone_is_refused(start_server):
     datagram.close()
     assert server.wait_exit(30) == 2
     server.wait_for(r"Socket activation passed no listening stream socket \(fd://3\): nothing to serve")
+
+
+def _versioned(path, version):
+    path.write_text(
+        "def application(environ, start_response):\n"
+        f"    body = b'version {version}'\n"
+        "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+        "    return [body]\n"
+    )
+
+
+@pytest.mark.parametrize("preload", [True, False], ids=["preload", "no-preload"])
+def test_a_reload_whose_code_does_not_load_ends_with_ready_and_says_so(start_server, tmp_path, preload):
+    """`systemctl reload` of code that does not import: the previous workers
+    serve on, so the service is told READY=1 again (it would stay
+    "reloading" for as long as the code is broken), with a STATUS saying the
+    reload failed; once the code loads, the STATUS says so too."""
+    app = tmp_path / "versioned.py"
+    _versioned(app, 1)
+    notify = Notifications(tmp_path / "notify.sock")
+    try:
+        server = start_server(
+            "versioned:application",
+            *(["--preload"] if preload else []),
+            "--chdir",
+            str(tmp_path),
+            workers=1,
+            pythonpath=None,
+            env={"NOTIFY_SOCKET": notify.path},
+        )
+        assert notify.next().get("READY") == "1"
+        app.write_text("def application(environ, start_response):\n    return [b'unclosed'\n")
+        server.signal(signal.SIGHUP)
+        assert "RELOADING" in notify.next()
+        told = notify.next(timeout=30)
+        assert told.get("READY") == "1", told
+        assert "from before the reload" in told["STATUS"] or "reload failed" in told["STATUS"], told
+        assert server.request("GET", "/").body == b"version 1"
+        _versioned(app, 2)
+        # Tried again until it loads; then the STATUS is the plain one.
+        while True:
+            told = notify.next(timeout=60)
+            if (
+                told.get("STATUS", "").startswith("serving with 1 worker(s)")
+                and "before" not in told["STATUS"]
+            ):
+                break
+        # The previous worker stops accepting as it is told to stop.
+        assert wait_until(lambda: server.request("GET", "/").body == b"version 2", 10)
+    finally:
+        notify.close()

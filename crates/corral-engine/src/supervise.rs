@@ -259,6 +259,10 @@ pub struct Master<'a, H: Hooks> {
     replace_after: Option<Instant>,
     /// The service manager was told READY=1 (and not RELOADING=1 since).
     told_ready: bool,
+    /// Since the last RELOADING=1, the service manager was told READY=1 for
+    /// a reload whose new code does not load (the previous workers serve):
+    /// it would otherwise stay "reloading" for as long as the code is broken.
+    told_reload_failed: bool,
     /// The pool was ready once: the app loaded and served. Unlike
     /// `told_ready`, a reload does not reset it.
     served: bool,
@@ -374,6 +378,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             exit_code: 0,
             replace_after: None,
             told_ready: false,
+            told_reload_failed: false,
             served: false,
             inherited: take_inherited_workers(),
             crash_reports: HashMap::new(),
@@ -763,6 +768,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                 }
                 crate::systemd::notify_reloading();
                 self.told_ready = false;
+                self.told_reload_failed = false;
                 self.replace_failures = 0;
                 self.replace_after = None;
                 for pid in old {
@@ -847,7 +853,23 @@ impl<'a, H: Hooks> Master<'a, H> {
                         .count();
                     let booting = self.workers.values().any(|w| w.replaces.is_some());
                     if ready >= self.target && !booting {
-                        crate::systemd::notify(&format!("READY=1\nSTATUS=serving with {ready} worker(s)"));
+                        // Stale and ready with none booting: their
+                        // replacements failed and wait to be tried again.
+                        let stale = self
+                            .workers
+                            .values()
+                            .filter(|w| {
+                                w.stale && !w.retiring && self.scoreboard.state(w.slot) == WorkerState::Ready
+                            })
+                            .count();
+                        crate::systemd::notify(&if stale > 0 {
+                            format!(
+                                "READY=1\nSTATUS=serving with {ready} worker(s); {stale} of them on the code from \
+                                 before the reload, which does not load"
+                            )
+                        } else {
+                            format!("READY=1\nSTATUS=serving with {ready} worker(s)")
+                        });
                         crate::daemon::ready();
                         self.told_ready = true;
                         self.served = true;
@@ -935,11 +957,19 @@ impl<'a, H: Hooks> Master<'a, H> {
                 w.replaces = None;
             }
             self.replace_failures = 0;
-            if self.workers.contains_key(&old) {
+            if let Some(w) = self.workers.get(&old) {
+                let was_stale = w.stale && !w.retiring;
                 info!(
                     "Worker pid {new} is ready; worker pid {old} stops accepting and finishes its requests"
                 );
                 self.retire(old, libc::SIGTERM);
+                // The service manager was told, READY=1 with a STATUS, that a
+                // reload's code did not load; the last of its workers gone,
+                // that is over.
+                if was_stale && self.told_ready && !self.workers.values().any(|w| w.stale && !w.retiring) {
+                    let serving = self.workers.values().filter(|w| !w.retiring).count();
+                    crate::systemd::notify(&format!("STATUS=serving with {serving} worker(s)"));
+                }
             }
         }
         if self.replace_after.is_none_or(|at| now >= at) {
@@ -1582,6 +1612,15 @@ impl<'a, H: Hooks> Master<'a, H> {
                     RELOAD_RETRY.as_secs()
                 );
                 self.respawn_at = Some(Instant::now() + RELOAD_RETRY);
+                if !self.told_ready && !self.told_reload_failed {
+                    // The reload is over, failed: the service serves as before.
+                    crate::systemd::notify(&format!(
+                        "READY=1\nSTATUS=reload failed: the new code does not load; {} worker(s) serve the \
+                         previous code",
+                        self.inherited.len()
+                    ));
+                    self.told_reload_failed = true;
+                }
                 continue;
             }
             // A worker that died after a deploy the new code of which does
