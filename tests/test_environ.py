@@ -442,3 +442,25 @@ def test_a_unix_socket_takes_server_name_and_port_from_host(start_server, tmp_pa
     server = start_server("behaviour:application", http=f"unix:{tmp_path}/http.sock")
     env = _environ(server, headers=headers)
     assert (_v(env, "SERVER_NAME"), _v(env, "SERVER_PORT")) == (name, port)
+
+
+@pytest.mark.parametrize(
+    "method,target,path",
+    [
+        ("GET", "http://example.test", "/"),
+        ("GET", "http://example.test?q=1", "/"),
+        ("OPTIONS", "http://example.test", "*"),
+        ("OPTIONS", "*", "*"),
+    ],
+)
+def test_an_absolute_form_target_without_a_path_names_the_root(start_module_server, method, target, path):
+    """RFC 9112 3.2.4: `http://a` is `/`, and for OPTIONS `*`, as `OPTIONS *`
+    (a PATH_INFO of "" would be the mount point's own URL)."""
+    server = start_module_server("echo_app:application")
+    with server.connect() as conn:
+        conn.send_request(method, target, {"Host": "example.test"})
+        resp = conn.read_response()
+    assert resp.status == 200, resp
+    env = json.loads(resp.body)
+    assert env["path"] == path
+    assert env["headers"]["HTTP_HOST"] == "example.test"

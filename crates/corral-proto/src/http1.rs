@@ -520,8 +520,15 @@ fn map_httparse_error(e: httparse::Error, data: &[u8]) -> Error {
         E::NewLine => Error::BareLineEnding,
         // httparse takes a target's raw UTF-8 but not other high bytes
         // (Latin-1 `caf\xe9`): name either the same way.
-        E::Status | E::Token if request_line(data).iter().any(|&b| b >= 0x80) => Error::NonAsciiTarget,
-        E::Status | E::Token => Error::RequestLine,
+        // A bad method first: a TLS ClientHello has a line feed somewhere
+        // in its first bytes, and high bytes in every part of it.
+        E::Status | E::Token => not_a_method(data).unwrap_or_else(|| {
+            if request_line(data).iter().any(|&b| b >= 0x80) {
+                Error::NonAsciiTarget
+            } else {
+                Error::RequestLine
+            }
+        }),
         E::Version => version_error(data),
         E::TooManyHeaders => Error::TooManyHeaders,
     }
@@ -702,7 +709,11 @@ fn check_host_port(hostport: &[u8]) -> Result<(), Error> {
     {
         return Err(Error::Target);
     }
-    if !port.iter().all(u8::is_ascii_digit) || port.len() > 5 {
+    // At most 65535, with leading zeros allowed (RFC 3986 port = *DIGIT).
+    let digits = &port[port.iter().position(|&b| b != b'0').unwrap_or(port.len())..];
+    let value =
+        digits.iter().try_fold(0u32, |v, &b| b.is_ascii_digit().then(|| v * 10 + u32::from(b - b'0')));
+    if !port.iter().all(u8::is_ascii_digit) || digits.len() > 5 || value.is_none_or(|v| v > 65535) {
         return Err(Error::Target);
     }
     Ok(())
@@ -1042,6 +1053,14 @@ mod tests {
         // What cannot start a request is refused before its line ends.
         assert_eq!(parse(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"), Err(Error::TlsHandshake));
         assert_eq!(parse(b"G\x00T /"), Err(Error::Method));
+        // A real ClientHello has a line feed among its first bytes (curl's
+        // cipher suite c0 0a): still named as TLS.
+        assert_eq!(
+            parse(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\xc0\x0a\x00 /"),
+            Err(Error::TlsHandshake)
+        );
+        assert_eq!(parse(b"G\xe9T / HTTP/1.1\r\n\r\n"), Err(Error::Method));
+        assert_eq!(parse(b"GET /caf\xe9 HTTP/1.1\r\n\r\n"), Err(Error::NonAsciiTarget));
         assert_eq!(parse(b"GET /\x00"), Ok(Status::Partial));
         assert_eq!(parse(b"GE"), Ok(Status::Partial));
         assert_eq!(parse(b"GET\r"), Ok(Status::Partial));
@@ -1091,6 +1110,10 @@ mod tests {
         (b"GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n", Ok(BodyFraming::None)),
         (b"GET http://a:b:80/ HTTP/1.1\r\n\r\n", Err(Error::Target)),
         (b"GET / HTTP/1.1\r\nHost: a:99999999\r\n\r\n", Err(Error::Host)),
+        (b"GET / HTTP/1.1\r\nHost: a:65536\r\n\r\n", Err(Error::Host)),
+        (b"GET / HTTP/1.1\r\nHost: a:99999\r\n\r\n", Err(Error::Host)),
+        (b"GET / HTTP/1.1\r\nHost: a:65535\r\n\r\n", Ok(BodyFraming::None)),
+        (b"GET / HTTP/1.1\r\nHost: a:0000080\r\n\r\n", Ok(BodyFraming::None)),
         // One or a few empty lines before the request line are skipped; a flood is not.
         (b"\r\nGET / HTTP/1.1\r\n\r\n", Ok(BodyFraming::None)),
         (b"\r\n\r\n\r\n\r\nGET / HTTP/1.1\r\n\r\n", Ok(BodyFraming::None)),

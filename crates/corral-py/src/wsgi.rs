@@ -212,6 +212,10 @@ impl WsgiApp {
         let mut decoded = Vec::new();
         if head.form == TargetForm::Asterisk {
             decoded.push(b'*');
+        } else if head.form == TargetForm::Absolute && req.path().is_empty() {
+            // `http://a` names the root, and for OPTIONS the server itself,
+            // as `*` does (RFC 9112 3.2.4).
+            decoded.push(if method == b"OPTIONS" { b'*' } else { b'/' });
         } else {
             percent_decode(req.path(), &mut decoded);
         }
