@@ -366,6 +366,57 @@ def test_a_broken_edit_under_reload_keeps_the_code_that_loaded_serving(start_ser
     assert not server.grep(r"answers every request with 500", since=mark), server.log[mark:]
 
 
+def test_reload_started_on_broken_code_with_several_workers_serves_the_error_and_the_next(
+    start_server, tmp_path
+):
+    """Every worker serves the error (one serving it is no code that loaded:
+    a sibling failing a moment later used to stop the server), and an edit
+    that breaks it differently shows the new error, not the first one."""
+    app_dir = tmp_path / "site"
+    app_dir.mkdir()
+    app = app_dir / "devapp3.py"
+    app.write_text("def application(environ, start_response:\n    pass\n")
+    server = start_server(
+        "devapp3:application", "--reload", "--chdir", str(app_dir), pythonpath=None, workers=4
+    )
+    server.wait_for(r"answers every request with 500 and this error", count=4, timeout=30)
+    assert server.running()
+    assert not server.grep(r"shutting down")
+    r = server.request("GET", "/")
+    assert r.status == 500 and b"SyntaxError" in r.body, r.body
+    mark = server.mark()
+    app.write_text("import no_such_module_here\n")
+    server.wait_for(r"Detected a change in .*devapp3\.py", since=mark)
+    assert wait_until(lambda: b"no_such_module_here" in server.request("GET", "/").body, 15), server.log[
+        mark:
+    ]
+    assert all(b"no_such_module_here" in server.request("GET", "/").body for _ in range(8))
+
+
+def test_a_broken_edit_under_reload_with_preload_keeps_the_code_that_loaded_serving(start_server, tmp_path):
+    """With --preload the reload re-executes the master, whose new workers
+    do not see the previous program's: they must not serve the error in
+    place of the code that loaded."""
+    app_dir = tmp_path / "site"
+    app_dir.mkdir()
+    app = app_dir / "devapp4.py"
+    app.write_text(
+        "def application(environ, start_response):\n"
+        '    start_response("200 OK", [("Content-Type", "text/plain")])\n'
+        '    return [b"good"]\n'
+    )
+    server = start_server(
+        "devapp4:application", "--reload", "--preload", "--chdir", str(app_dir), pythonpath=None, workers=2
+    )
+    assert server.request("GET", "/").body == b"good"
+    mark = server.mark()
+    app.write_text("def application(:\n")
+    server.wait_for(r"could not load the new code", since=mark, timeout=30)
+    time.sleep(1)
+    assert [server.request("GET", "/").status for _ in range(10)] == [200] * 10
+    assert not server.grep(r"answers every request with 500", since=mark), server.log[mark:]
+
+
 def test_reload_watches_an_app_given_by_its_path(start_server, tmp_path):
     """PATH.py:CALLABLE from another directory: its file is watched too; an
     editor's lock file beside it is not a change."""

@@ -775,9 +775,9 @@ def test_no_post_fails_behind_a_kept_fastcgi_pool_while_workers_are_replaced(sta
 def test_no_request_fails_behind_a_kept_fastcgi_pool_when_bodies_over_max_body_size_are_refused(
     start_server, tmp_path, socket_kind
 ):
-    """A body over --max-body-size gets its 413 and the connection closes:
-    nginx must not put that connection back in its pool and send another
-    request on it as it closes (a 502, for the refused request or another)."""
+    """A body over --max-body-size gets its 413, and the connection, kept
+    (FCGI_KEEP_CONN), serves nginx's next requests: none of them may fail (a
+    502, for the refused request or another)."""
     backend = f"unix:{tmp_path}/corral.sock" if socket_kind == "unix" else f"127.0.0.1:{free_port()}"
     server = start_server(
         "front_app:application",

@@ -908,6 +908,43 @@ def test_a_body_s_closing_record_after_the_response_does_not_close_a_draining_wo
     assert server.grep(r"Worker handed \d+ connection\(s\) to other workers")
 
 
+@pytest.mark.parametrize("refusal", ["413", "400", "431"])
+def test_fastcgi_keep_conn_stays_after_a_refused_request(start_server, refusal):
+    """FCGI_KEEP_CONN leaves the close to the front end: a request refused
+    before the app (a body over --max-body-size, a bad CONTENT_LENGTH, too
+    many variables) gets its answer, the rest of its STDIN is dropped, and
+    the request the front end sent behind it on the same connection is
+    served (it was dropped with the connection, unanswered and unlogged)."""
+    server = g.start_gateways(
+        start_server,
+        "gateway_probe:application",
+        [("fastcgi", "127.0.0.1:0")],
+        "--max-body-size",
+        "1000",
+        workers=1,
+        threads=2,
+    )
+    if refusal == "413":
+        params, body = g.cgi_params("POST", "/echo", b"x" * 5000), b"x" * 5000
+    elif refusal == "400":
+        params, body = g.cgi_params("POST", "/echo", extra=[("CONTENT_LENGTH", "-5")]), b"abc"
+    else:
+        params, body = g.cgi_params(extra=[(f"HTTP_X_{i}", "v") for i in range(1100)]), b""
+    with g.FcgiConn(server.addr("fastcgi")) as conn:
+        for _ in range(3):
+            conn.send(
+                g.fcgi_request_bytes(params, body, request_id=1, keep_conn=True, stdin_chunk=1000)
+                + g.fcgi_request_bytes(g.cgi_params("POST", "/echo", b"next"), b"next", 1, keep_conn=True)
+            )
+            refused = conn.read_response(1)
+            assert refused.status == int(refusal), refused
+            served = conn.read_response(1)
+            assert (served.status, served.body) == (200, b"next"), served
+        assert not conn.at_eof(0.5)
+    said = r"Request body too large from" if refusal == "413" else rf"Bad fastcgi request from .*\({refusal} "
+    assert len(server.grep(said)) == 3, server.log[-2000:]
+
+
 def test_fastcgi_keep_conn_half_close_with_the_request_ends_the_connection(start_server):
     """With one thread, kept-alive connections stay armed edge-triggered between
     requests. A request and the front end's half-close that arrive together, while

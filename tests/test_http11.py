@@ -1181,3 +1181,22 @@ def test_a_client_pipelining_without_end_does_not_hold_its_thread(start_server, 
             h.join(30)
     assert resp.status == 200 and resp.body == b"hello world"
     assert still_going and not errors, errors
+
+
+def test_a_large_body_that_stalls_is_logged_when_the_app_catches_the_error(start_server):
+    """--socket-timeout ends the wait for a body past its first part (the
+    rate check, which has its own line, allows it longer): the app catches
+    the error and answers, and the log still says what happened, and from
+    whom."""
+    server = start_server("behaviour:application", "--socket-timeout", "2", workers=1, threads=2)
+    mark = server.mark()
+    with server.connect(timeout=30) as conn:
+        conn.send(b"POST /body-error-then?then=ok HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+        conn.send(b"x" * 100_000)
+        resp = conn.read_response()
+        assert (resp.status, resp.body) == (200, b"gave up on the body")
+    server.wait_for(
+        r"POST /body-error-then\?then=ok from 127\.0\.0\.1:\d+: no more of the body came for 2\.0 s "
+        r"\(--socket-timeout\) after \d+ bytes; giving up on it",
+        since=mark,
+    )

@@ -379,6 +379,29 @@ def test_a_child_the_app_forks_holds_neither_the_clients_connection_nor_the_port
             os.kill(child, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("target", ["/raise-after", "/raise-after-cl"])
+def test_a_failed_body_ends_with_a_reset_after_the_app_forked(start_server, target):
+    """Once the app has forked a child that holds copies of the worker's
+    descriptors, a body the app failed in the middle of still ends with a
+    reset: a plain close (which a shutdown sends) would pass for the end of
+    a body read to the close (HTTP/1.0 here, or a front end's stream)."""
+    server = start_server("behaviour:application", workers=1)
+    child = None
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(b"GET /fork-child?secs=60 HTTP/1.0\r\nHost: x\r\n\r\n")
+            child = int(sock.makefile("rb").read().partition(b"\r\n\r\n")[2])
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(f"GET {target} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+            got = b""
+            with pytest.raises(ConnectionResetError):
+                while chunk := sock.recv(65536):
+                    got += chunk
+    finally:
+        if child:
+            os.kill(child, signal.SIGKILL)
+
+
 def test_an_app_recursing_deep_in_c_has_the_stack_a_python_thread_has(behaviour):
     """json.dumps of a list nested 20000 deep runs in a Python thread (8 MiB of
     stack by default); a serving thread must have as much, or the worker dies."""

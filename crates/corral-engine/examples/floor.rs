@@ -60,6 +60,7 @@ fn engine(protocol: Protocol, addr: &Addr) -> Result<i32, String> {
         scoreboard,
         master: unsafe { libc::getppid() },
         access_sink: None,
+        previous_program_serves: false,
     };
     // `listener` stays alive (and its unix socket file in place) while the worker runs.
     let code = run_worker(Hello, ctx);

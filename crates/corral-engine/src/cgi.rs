@@ -233,9 +233,12 @@ pub fn environ<'b>(params: &CgiParams, bytes: &'b [u8], mount: &'b [u8]) -> CgiE
         // script name is all there is to go by.
         None => (Cow::Borrowed(script_sent.unwrap_or(b"")), Cow::Borrowed(b"")),
     };
-    let stripped = params.strip_script_name && !script.is_empty() && under(&path, &script);
+    // Compared without its trailing slashes (`uwsgi_param SCRIPT_NAME /app/`),
+    // which it loses below anyway.
+    let bare = script.len() - script.iter().rev().take_while(|&&b| b == b'/').count();
+    let stripped = params.strip_script_name && bare > 0 && under(&path, &script[..bare]);
     if stripped {
-        path = Cow::Owned(path[script.len()..].to_vec());
+        path = Cow::Owned(path[bare..].to_vec());
     }
     // The front end may name the mount point itself with the whole path in
     // PATH_INFO (uWSGI's --manage-script-name setups): the prefix is then
@@ -510,6 +513,10 @@ mod tests {
         // modifier1 30: SCRIPT_NAME removed from PATH_INFO.
         (&[("SCRIPT_NAME", "/app"), ("PATH_INFO", "/app/x")], "", true, "/x", "/app"),
         (&[("SCRIPT_NAME", "/app"), ("PATH_INFO", "/app/x")], "", false, "/app/x", "/app"),
+        // ...also when it ends in a slash (`uwsgi_param SCRIPT_NAME /app/;`).
+        (&[("SCRIPT_NAME", "/app/"), ("PATH_INFO", "/app/x")], "", true, "/x", "/app"),
+        (&[("SCRIPT_NAME", "/app/"), ("PATH_INFO", "/app")], "", true, "/", "/app"),
+        (&[("SCRIPT_NAME", "/app/"), ("PATH_INFO", "/apps/x")], "", true, "/apps/x", "/app"),
         // SCRIPT_NAME is never "/".
         (&[("SCRIPT_NAME", "/"), ("PATH_INFO", "x")], "", false, "/x", ""),
         // A bare CGI environment.

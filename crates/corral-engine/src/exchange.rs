@@ -311,6 +311,15 @@ pub(crate) struct Io {
     /// offload thread sent it), logged with the request and its peer once
     /// the exchange completes.
     pub body_note: Option<String>,
+    /// Ids of second requests the front end began on this FastCGI
+    /// connection while this one's were still coming, refused with
+    /// CANT_MPX_CONN: said in the log with the request's peer.
+    pub fcgi_refused: Vec<u16>,
+    /// The connection ends with a reset: the response was cut short in a way
+    /// its framing cannot say (a FastCGI record or HTTP chunk announced and
+    /// not filled, an app that failed mid-body), and a plain close could
+    /// pass for its end.
+    pub reset_on_close: bool,
     pub phase: RespPhase,
     pub status: u16,
     pub head: Vec<u8>,
@@ -416,6 +425,8 @@ impl Io {
             fcgi_aborted: false,
             fcgi_ended: false,
             body_note: None,
+            fcgi_refused: Vec::new(),
+            reset_on_close: false,
             pending_file: None,
             peer_eof: false,
             phase: RespPhase::Idle,
@@ -587,6 +598,13 @@ impl Io {
                                 self.body_grace_ms / 1000,
                                 self.body_read,
                                 (now - self.body_wait_started) as f64 / 1000.0
+                            ));
+                        } else {
+                            self.body_note = Some(format!(
+                                "no more of the body came for {:.1} s (--socket-timeout) after {} bytes; \
+                                 giving up on it",
+                                f64::from(self.timeout_ms) / 1000.0,
+                                self.body_read
                             ));
                         }
                         return Err(BodyError::Timeout);
@@ -886,6 +904,14 @@ impl Io {
                         self.buf.advance(used);
                         if !out.is_empty() {
                             self.write_parts(&[&out], blocking).map_err(|_| BodyError::Io(libc::EPIPE))?;
+                        }
+                        if let Stray::Concurrent(other) = action {
+                            self.fcgi_refused.push(other);
+                        }
+                        if action == Stray::BegunTwice {
+                            let e = BodyError::Gateway(gateway::BEGUN_TWICE);
+                            self.body = BodyState::Failed(e);
+                            return Err(e);
                         }
                         if action == Stray::AbortActive || stray == Stray::AbortActive {
                             self.fcgi_aborted = true;
@@ -1441,7 +1467,8 @@ impl Io {
         }
         let quiet = self.drained_at.is_some_and(|t| t.elapsed() < PEEK_QUIET);
         if let Some(from) = self.peek_fcgi_records(!quiet) {
-            gateway::refuse_concurrent_begins(&mut self.buf, from, id, out);
+            let refused = gateway::refuse_concurrent_begins(&mut self.buf, from, id, out);
+            self.fcgi_refused.extend(refused);
         }
     }
 
@@ -1652,6 +1679,7 @@ impl Io {
             if self.bytes_sent - before < count {
                 // The chunk size was announced; a short file cannot be framed.
                 self.broken = true;
+                self.reset_on_close = true;
                 return Err(ResponseError::Invalid("file ended before its announced size".into()));
             }
             self.write_parts(&[b"\r\n"], blocking)?;
@@ -1776,6 +1804,7 @@ impl Io {
                 if fcgi.is_some() {
                     // The record's length is announced; a short file cannot fill it.
                     self.broken = true;
+                    self.reset_on_close = true;
                     return Err(ResponseError::Invalid("file ended before its announced size".into()));
                 }
                 t.owed = 0;

@@ -55,6 +55,11 @@ pub enum Stray {
     Ignore,
     /// ABORT_REQUEST for the active request.
     AbortActive,
+    /// A BEGIN_REQUEST for another id, refused with CANT_MPX_CONN.
+    Concurrent(u16),
+    /// A BEGIN_REQUEST for the active request's own id: the front end lost
+    /// track of its requests, and nothing after it can be trusted.
+    BegunTwice,
 }
 
 /// Looks at the next record while a STDIN stream is read. `Ok(None)` when
@@ -99,7 +104,9 @@ pub(crate) fn stray_record(rec: &[u8], active: Option<u16>, out: &mut Vec<u8>) -
             // One request at a time per connection: the front end must use
             // another connection (FCGI_MPXS_CONNS is 0).
             fastcgi::write_end_request(out, r.request_id, 0, ProtocolStatus::CantMpxConn);
+            return Stray::Concurrent(r.request_id);
         }
+        RecordType::BeginRequest => return Stray::BegunTwice,
         RecordType::AbortRequest if Some(r.request_id) == active => return Stray::AbortActive,
         // Streams of requests refused earlier, DATA (FILTER role only), and
         // records only an application sends: nothing to do.
@@ -173,8 +180,14 @@ pub(crate) fn stdin_ends(buf: &[u8], active: u16) -> bool {
 /// after that end is the next request, not a concurrent one: HAProxy sends it
 /// as soon as it has the whole response body, before END_REQUEST. It stays
 /// in `buf` and is served after `active`.
-pub(crate) fn refuse_concurrent_begins(buf: &mut BytesMut, from: usize, active: u16, out: &mut Vec<u8>) {
+pub(crate) fn refuse_concurrent_begins(
+    buf: &mut BytesMut,
+    from: usize,
+    active: u16,
+    out: &mut Vec<u8>,
+) -> Vec<u16> {
     let mut refused: Vec<Range<usize>> = Vec::new();
+    let mut ids = Vec::new();
     let mut at = from;
     while at < buf.len() {
         let Ok(Status::Complete(r, n)) = fastcgi::parse_record(&buf[at..]) else {
@@ -186,11 +199,12 @@ pub(crate) fn refuse_concurrent_begins(buf: &mut BytesMut, from: usize, active: 
         if r.kind == RecordType::BeginRequest && r.request_id != active {
             fastcgi::write_end_request(out, r.request_id, 0, ProtocolStatus::CantMpxConn);
             refused.push(at..at + n);
+            ids.push(r.request_id);
         }
         at += n;
     }
     if refused.is_empty() {
-        return;
+        return ids;
     }
     let mut kept = BytesMut::with_capacity(buf.len());
     let mut start = 0;
@@ -200,6 +214,20 @@ pub(crate) fn refuse_concurrent_begins(buf: &mut BytesMut, from: usize, active: 
     }
     kept.extend_from_slice(&buf[start..]);
     *buf = kept;
+    ids
+}
+
+/// What a BEGIN_REQUEST for the request already active means.
+pub(crate) const BEGUN_TWICE: &str = "BEGIN_REQUEST for the request already begun on this connection";
+
+/// The log line's reason for second requests refused with CANT_MPX_CONN.
+pub(crate) fn concurrent_refusal(ids: &[u16], active: Option<u16>) -> String {
+    let ids = ids.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+    let during = active.map_or(String::new(), |a| format!(" while request {a} was still being sent"));
+    format!(
+        "BEGIN_REQUEST for request {ids}{during} (one request at a time per connection, FCGI_MPXS_CONNS 0); \
+         ended with CANT_MPX_CONN"
+    )
 }
 
 /// A record header for `len` content bytes and no padding.
@@ -287,7 +315,16 @@ pub(crate) struct FcgiConn {
     /// Since the connection was last parked, only records outside any request
     /// came (GET_VALUES, unknown types): not activity that keeps it open.
     pub chatter: bool,
+    /// Records answered outside any request (GET_VALUES, unknown types)
+    /// since the last request began: see [`MAX_ANSWERS_WITHOUT_REQUEST`].
+    pub answered: u32,
 }
+
+/// The most records a connection gets answered outside any request before
+/// it is closed. A front end asks GET_VALUES once or twice; a peer sending
+/// them without end and reading none of the answers would otherwise hold a
+/// serving thread in a blocked write, for no request at all.
+pub(crate) const MAX_ANSWERS_WITHOUT_REQUEST: u32 = 64;
 
 /// The records that bring a new connection's FastCGI state to `st`: the
 /// BEGIN_REQUEST of the request being received and its PARAMS so far
@@ -352,6 +389,7 @@ pub(crate) fn fcgi_head(
                     Role::Responder => {
                         st.active = Some((r.request_id, begin.keep_conn));
                         st.params.clear();
+                        st.answered = 0;
                     }
                     role => {
                         st.refused.push(format!(
@@ -411,9 +449,25 @@ pub(crate) fn fcgi_head(
                 // lost without a word.
                 return Err("STDIN record before the end of PARAMS".into());
             }
-            (_, active) => {
-                stray_record(record, active.map(|(id, _)| id), out);
+            (RecordType::GetValues | RecordType::Unknown(_), _)
+                if st.answered >= MAX_ANSWERS_WITHOUT_REQUEST =>
+            {
+                return Err(format!(
+                    "more than {MAX_ANSWERS_WITHOUT_REQUEST} management records (GET_VALUES, unknown types) \
+                     without a request"
+                ));
             }
+            (_, active) => match stray_record(record, active.map(|(id, _)| id), out) {
+                Stray::Concurrent(other) => {
+                    st.refused.push(concurrent_refusal(&[other], active.map(|a| a.0)))
+                }
+                Stray::BegunTwice => return Err(BEGUN_TWICE.into()),
+                Stray::Ignore | Stray::AbortActive => {
+                    if matches!(r.kind, RecordType::GetValues | RecordType::Unknown(_)) {
+                        st.answered += 1;
+                    }
+                }
+            },
         }
     }
 }
@@ -471,6 +525,25 @@ mod tests {
         c.push(u8::from(keep));
         c.extend_from_slice(&[0; 5]);
         record(1, id, &c, 0)
+    }
+
+    #[test]
+    fn management_records_without_a_request_are_answered_up_to_a_limit() {
+        let mut ask = Vec::new();
+        fastcgi::encode_pair(&mut ask, fastcgi::MAX_CONNS, b"");
+        let one = record(9, 0, &ask, 0);
+        let mut st = FcgiConn::default();
+        let mut out = Vec::new();
+        let wire = one.repeat(MAX_ANSWERS_WITHOUT_REQUEST as usize);
+        let (used, req) = fcgi_head(&mut st, &wire, &mut out).unwrap();
+        assert!(used == wire.len() && req.is_none());
+        assert!(fcgi_head(&mut st, &one, &mut out).unwrap_err().contains("management records"));
+        // A request in between starts the count again.
+        let mut st = FcgiConn::default();
+        let mut wire = one.repeat(MAX_ANSWERS_WITHOUT_REQUEST as usize);
+        wire.extend(begin(1, 1, true));
+        wire.extend(one.repeat(MAX_ANSWERS_WITHOUT_REQUEST as usize));
+        assert!(fcgi_head(&mut st, &wire, &mut out).is_ok());
     }
 
     #[test]

@@ -79,6 +79,9 @@ struct WorkerHeader {
     /// 1 once the master serves on through --shutdown-delay after a stop
     /// signal: a worker that got the same signal serves on with it.
     announcing: AtomicU32,
+    /// 1 while the worker answers every request with the error its app's
+    /// import raised (--reload): ready, but serving no code that loaded.
+    load_error: AtomicU32,
     /// Counters for the metrics, indexed by the `C_*` constants.
     counters: [AtomicU64; COUNTERS],
     /// The last exception the app raised, as text (truncated).
@@ -234,6 +237,7 @@ impl Scoreboard {
         h.offloaded.store(0, Ordering::Relaxed);
         h.conns.store(0, Ordering::Relaxed);
         h.announcing.store(0, Ordering::Relaxed);
+        h.load_error.store(0, Ordering::Relaxed);
         for c in &h.counters {
             c.store(0, Ordering::Relaxed);
         }
@@ -462,6 +466,22 @@ impl Scoreboard {
     }
 
     /// Whether a worker other than the one in `slot` is up and serving.
+    /// Marks the worker in `slot` as serving its app's import error.
+    pub fn set_load_error(&self, slot: usize) {
+        self.header(slot).load_error.store(1, Ordering::Release);
+    }
+
+    /// Whether a worker other than `slot` is ready and serves code that
+    /// loaded (not the error of one that did not).
+    pub fn other_serves_loaded_code(&self, slot: usize) -> bool {
+        (0..self.slots).any(|s| {
+            s != slot
+                && self.pid(s) != 0
+                && self.state(s) == WorkerState::Ready
+                && self.header(s).load_error.load(Ordering::Acquire) == 0
+        })
+    }
+
     pub fn other_ready(&self, slot: usize) -> bool {
         (0..self.slots).any(|s| s != slot && self.pid(s) != 0 && self.state(s) == WorkerState::Ready)
     }

@@ -1479,6 +1479,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                 scoreboard: self.scoreboard,
                 master,
                 access_sink: self.access_sink.take(),
+                previous_program_serves: !self.inherited.is_empty(),
             };
             let code = self.hooks.worker_main(ctx);
             self.hooks.worker_exit(code);

@@ -17,9 +17,14 @@ use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 /// How long the tree must stay quiet after a change before the reload.
 pub const DEBOUNCE: Duration = Duration::from_millis(300);
 
-/// Directories not worth watching: caches, virtualenvs, VCS metadata.
-fn skipped(name: &str) -> bool {
-    name.starts_with('.') || matches!(name, "__pycache__" | "node_modules" | "venv" | "env" | "site-packages")
+/// Directories not worth watching: caches, VCS metadata and virtualenvs,
+/// none of which can hold a package the app imports by name (`.git`,
+/// `site-packages`), and a virtualenv by its `pyvenv.cfg`, whatever its name:
+/// a package named `env` (`settings/env/prod.py`) is the app's own code.
+fn skipped(name: &str, path: &Path) -> bool {
+    name.starts_with('.')
+        || matches!(name, "__pycache__" | "node_modules" | "site-packages")
+        || path.join("pyvenv.cfg").is_file()
 }
 
 /// Whether `dir` is on a filesystem the kernel makes up (/proc, /sys and
@@ -148,7 +153,7 @@ impl Watcher {
         for e in entries.flatten() {
             let name = e.file_name();
             let is_dir = e.file_type().is_ok_and(|t| t.is_dir() || t.is_symlink() && e.path().is_dir());
-            if is_dir && !skipped(&name.to_string_lossy()) && !pseudo_fs(&e.path()) {
+            if is_dir && !skipped(&name.to_string_lossy(), &e.path()) && !pseudo_fs(&e.path()) {
                 self.add_tree(&e.path());
             }
         }
@@ -171,11 +176,34 @@ impl Watcher {
                 let path = dir.join(&name);
                 let name = name.to_string_lossy();
                 if ev.mask.contains(AddWatchFlags::IN_ISDIR) {
-                    if ev.mask.intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO)
-                        && !skipped(&name)
-                        && !self.shallow.contains(&ev.wd)
-                    {
+                    if skipped(&name, &path) || self.shallow.contains(&ev.wd) {
+                        continue;
+                    }
+                    if ev.mask.contains(AddWatchFlags::IN_MOVED_FROM) {
+                        // Its watches follow the inode, under the old name:
+                        // dropped, and made anew if it moved within the tree.
+                        let gone: Vec<WatchDescriptor> = self
+                            .dirs
+                            .iter()
+                            .filter(|(_, d)| d.starts_with(&path))
+                            .map(|(wd, _)| *wd)
+                            .collect();
+                        for wd in gone {
+                            self.dirs.remove(&wd);
+                            let _ = self.inotify.rm_watch(wd);
+                        }
+                    }
+                    if ev.mask.intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO) {
                         self.add_tree(&path);
+                    }
+                    // A package renamed, moved in or out, or deleted: what
+                    // imports it now finds something else (or nothing).
+                    // A directory just made holds no module yet.
+                    if ev.mask.intersects(
+                        AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_MOVED_FROM | AddWatchFlags::IN_DELETE,
+                    ) {
+                        let first = self.pending.take().map_or(path, |(p, _)| p);
+                        self.pending = Some((first, Instant::now()));
                     }
                     continue;
                 }
@@ -327,6 +355,44 @@ mod tests {
         std::thread::sleep(DEBOUNCE + Duration::from_millis(50));
         assert!(w.due().is_some_and(|p| p.ends_with("sub/mod.py")));
         let _ = std::fs::remove_dir_all(&base);
+    }
+
+    fn settle(w: &mut Watcher) -> Option<PathBuf> {
+        w.read();
+        std::thread::sleep(DEBOUNCE + Duration::from_millis(50));
+        w.due()
+    }
+
+    #[test]
+    fn a_package_named_env_is_watched_and_a_virtualenv_is_not() {
+        let root = std::env::temp_dir().join(format!("corral-watch-env-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("settings/env")).unwrap();
+        std::fs::create_dir_all(root.join("env/lib")).unwrap();
+        std::fs::write(root.join("env/pyvenv.cfg"), "home = /usr/bin\n").unwrap();
+        std::fs::create_dir_all(root.join("tools/.venv")).unwrap();
+        let mut w = Watcher::new(std::slice::from_ref(&root)).unwrap();
+        assert_eq!(w.watched(), 4, "the root, settings, settings/env and tools");
+        std::fs::write(root.join("env/lib/site.py"), "x").unwrap();
+        assert_eq!(settle(&mut w), None);
+        std::fs::write(root.join("settings/env/prod.py"), "x").unwrap();
+        assert_eq!(settle(&mut w), Some(root.join("settings/env/prod.py")));
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_package_renamed_or_removed_is_a_change_and_is_named_by_its_new_path() {
+        let root = std::env::temp_dir().join(format!("corral-watch-mv-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("pkg/sub")).unwrap();
+        let mut w = Watcher::new(std::slice::from_ref(&root)).unwrap();
+        std::fs::rename(root.join("pkg"), root.join("pkg_old")).unwrap();
+        assert_eq!(settle(&mut w), Some(root.join("pkg")));
+        std::fs::write(root.join("pkg_old/sub/mod.py"), "x").unwrap();
+        assert_eq!(settle(&mut w), Some(root.join("pkg_old/sub/mod.py")));
+        std::fs::remove_dir_all(root.join("pkg_old")).unwrap();
+        assert!(settle(&mut w).is_some_and(|p| p.starts_with(root.join("pkg_old"))));
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     fn looked(t: &mut TouchFiles) -> Option<PathBuf> {

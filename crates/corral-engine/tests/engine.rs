@@ -141,6 +141,7 @@ fn start_with(threads: usize, keepalive_timeout: Duration) -> Worker {
             scoreboard,
             master: unsafe { libc::getppid() },
             access_sink: None,
+            previous_program_serves: false,
         };
         let code = run_worker(TestApp, ctx);
         unsafe { libc::_exit(code) };

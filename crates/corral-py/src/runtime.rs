@@ -306,11 +306,18 @@ impl Hooks for Runtime {
             Some(a) => a.clone_ref(py),
             None => match load_app(py, &self.spec) {
                 Ok(a) => a,
-                // Only where no sibling serves code that loaded: while one
-                // does (an edit saved half-way through a reload), the reload
-                // fails as any would, and the old code keeps serving.
-                Err(msg) if self.serve_load_errors && !ctx.scoreboard.other_ready(ctx.slot) => {
+                // Only where no sibling serves code that loaded (one serving
+                // the error of another edit does not count), nor the workers
+                // of the program a --preload reload re-executed from: while
+                // one does (an edit saved half-way through a reload), the
+                // reload fails as any would, and the old code keeps serving.
+                Err(msg)
+                    if self.serve_load_errors
+                        && !ctx.previous_program_serves
+                        && !ctx.scoreboard.other_serves_loaded_code(ctx.slot) =>
+                {
                     error!("{msg}");
+                    ctx.scoreboard.set_load_error(ctx.slot);
                     match py.import("corral._load_error").and_then(|m| m.call_method1("app_for", (&msg,))) {
                         Ok(app) => {
                             error!(

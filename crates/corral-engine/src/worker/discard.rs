@@ -165,6 +165,8 @@ pub(super) fn discard_body(io: &mut Io, blocking: fn(&mut dyn FnMut())) -> Disca
         return Discarded::GaveUp(GaveUp::TooMuch);
     }
     let (saved_timeout, saved_max) = (io.timeout_ms, io.max_body);
+    // How a drop ends is said by its caller, not by the body's reader.
+    let saved_note = io.body_note.take();
     // What passes --max-body-size is read to be dropped, not refused again.
     io.max_body = u64::MAX;
     // From a front end, each piece buys the next DRAIN_WAIT, within
@@ -205,6 +207,7 @@ pub(super) fn discard_body(io: &mut Io, blocking: fn(&mut dyn FnMut())) -> Disca
     };
     io.timeout_ms = saved_timeout;
     io.max_body = saved_max;
+    io.body_note = saved_note;
     outcome
 }
 

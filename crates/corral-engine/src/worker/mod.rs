@@ -303,6 +303,9 @@ pub struct WorkerCtx {
     /// The access log as the master had it open at the fork, for when the
     /// worker cannot open the file itself.
     pub access_sink: Option<Sink>,
+    /// Workers of the program this master re-executed from serve on (until
+    /// this one's are ready): the code they run loaded.
+    pub previous_program_serves: bool,
 }
 
 /// The part of a connection other threads may look at: the main thread

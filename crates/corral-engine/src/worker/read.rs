@@ -509,6 +509,20 @@ pub(super) fn refuse<A: App>(
         reason(status)
     );
     let blocking: fn(&mut dyn FnMut()) = |f| f();
+    // Kept, once its parameters ended: records of them still to come are
+    // not a body to drop.
+    if matches!(wire, Wire::FastCgi { keep_conn: true, .. })
+        && conn.fcgi.active.is_none()
+        && fastcgi_conn_may_stay()
+    {
+        let (reply, kept) = refuse_kept_fcgi(io, wire, status, why, blocking);
+        record_refusal(w, Ok(conn), conn.listener, &io.buf, status, &reply);
+        if kept {
+            return Next::Refused;
+        }
+        drain_and_close(io);
+        return Next::Close;
+    }
     let reply = error_reply(wire, status, why, io.front_end_nginx);
     let _ = io.write_parts(&[&reply], blocking);
     record_refusal(w, Ok(conn), conn.listener, &io.buf, status, &reply);

@@ -128,22 +128,57 @@ pub(super) fn error_body(status: u16, detail: &str) -> String {
     format!("{status} {}: {detail}\n", reason(status))
 }
 
+/// Answers a request refused before the app on a kept FastCGI connection
+/// (FCGI_KEEP_CONN) and says whether the connection goes on to the front
+/// end's next request. The specification leaves the close to the web server,
+/// and HAProxy's connection pool and nginx's upstream keepalive send their
+/// next request on it. As for an app's answer, END_REQUEST waits for the
+/// rest of this request's STDIN, dropped meanwhile: Apache, given it
+/// earlier, stops sending the body and begins its next request in the middle
+/// of it. The answer (without END_REQUEST) is returned, for the access log.
+pub(super) fn refuse_kept_fcgi(
+    io: &mut Io,
+    wire: Wire,
+    status: u16,
+    why: &str,
+    blocking: fn(&mut dyn FnMut()),
+) -> (Vec<u8>, bool) {
+    let Wire::FastCgi { id, .. } = wire else {
+        return (error_reply(wire, status, why, io.front_end_nginx), false);
+    };
+    let mut reply = Vec::new();
+    fastcgi::write_stdout(&mut reply, id, &cgi_error_response(status, why));
+    fastcgi::write_stream_end(&mut reply, fastcgi::RecordType::Stdout, id);
+    if io.write_parts(&[&reply], blocking).is_err() {
+        return (reply, false);
+    }
+    if io.wire != wire || !matches!(io.body, BodyState::Fcgi(_) | BodyState::Done) {
+        // Refused from its parameters: no body state was set up for it.
+        io.wire = wire;
+        io.body = BodyState::Fcgi(crate::gateway::FcgiIn {
+            content: 0,
+            padding: 0,
+            ended: false,
+            left: None,
+            surplus: 0,
+        });
+    }
+    let dropped = matches!(discard_body(io, blocking), Discarded::All);
+    // Owed however the drop ended.
+    let mut end = Vec::with_capacity(16);
+    fastcgi::write_end_request(&mut end, id, 0, fastcgi::ProtocolStatus::RequestComplete);
+    let sent = io.write_parts(&[&end], blocking).is_ok();
+    io.fcgi_ended = true;
+    io.keep_alive = dropped && sent;
+    (reply, dropped && sent)
+}
+
 /// A complete error response in a connection's framing: HTTP for HTTP and
 /// uwsgi, CGI headers for SCGI, and those in STDOUT records followed by
 /// END_REQUEST for FastCGI. `nginx`: the front end is nginx (see
 /// `Io::front_end_nginx`).
 pub(super) fn error_reply(wire: Wire, status: u16, detail: &str, nginx: bool) -> Vec<u8> {
-    let cgi_response = || {
-        let body = error_body(status, detail);
-        let mut out = format!(
-            "Status: {status} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\r\n",
-            reason(status),
-            body.len()
-        )
-        .into_bytes();
-        out.extend_from_slice(body.as_bytes());
-        out
-    };
+    let cgi_response = || cgi_error_response(status, detail);
     match wire {
         Wire::Http | Wire::Uwsgi => error_response(status, detail),
         Wire::Scgi => cgi_response(),
@@ -162,6 +197,19 @@ pub(super) fn error_reply(wire: Wire, status: u16, detail: &str, nginx: bool) ->
             out
         }
     }
+}
+
+/// An error response as a CGI-style head (a Status header) and body.
+fn cgi_error_response(status: u16, detail: &str) -> Vec<u8> {
+    let body = error_body(status, detail);
+    let mut out = format!(
+        "Status: {status} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\r\n",
+        reason(status),
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body.as_bytes());
+    out
 }
 
 /// A complete error response that closes the connection.

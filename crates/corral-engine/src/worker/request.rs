@@ -67,7 +67,19 @@ pub(super) fn handle_request<A: App>(
         );
         let mut io = conn.io.lock().unwrap();
         let blocking: fn(&mut dyn FnMut()) = |f| f();
-        let reply = error_reply(io.wire, 413, "request body too large", io.front_end_nginx);
+        let wire = io.wire;
+        if io.keep_alive && matches!(wire, Wire::FastCgi { keep_conn: true, .. }) {
+            let (reply, kept) = refuse_kept_fcgi(&mut io, wire, 413, "request body too large", blocking);
+            record_refused_request(w, conn, &req, 413, &reply);
+            if !kept {
+                drain_and_close(&mut io);
+                return Outcome::Done(false);
+            }
+            drop(io);
+            conn.request_started = mono_ms();
+            return Outcome::Done(true);
+        }
+        let reply = error_reply(wire, 413, "request body too large", io.front_end_nginx);
         let _ = io.write_parts(&[&reply], blocking);
         record_refused_request(w, conn, &req, 413, &reply);
         if io.wire != Wire::Http {
@@ -214,6 +226,7 @@ fn begin_request<A: App>(
     io.aborted = false;
     io.fcgi_aborted = false;
     io.fcgi_ended = false;
+    io.fcgi_refused.clear();
     if w.access.as_ref().is_some_and(|a| a.format.needs_response_headers()) {
         io.logged_headers.get_or_insert_with(Vec::new).clear();
     }
@@ -476,6 +489,14 @@ pub(super) fn complete_locked_noted(
     io: &mut Io,
 ) -> bool {
     let keep = complete_locked(conn, listener, req, io);
+    if !io.fcgi_refused.is_empty() {
+        let active = match io.wire {
+            Wire::FastCgi { id, .. } => Some(id),
+            _ => None,
+        };
+        let why = crate::gateway::concurrent_refusal(&std::mem::take(&mut io.fcgi_refused), active);
+        warn!("Bad {} request from {}: {why}", listener.protocol.name(), req.peer());
+    }
     if let Some(note) = io.body_note.take() {
         // A client going away is routine; a body too slow or broken is not.
         if matches!(io.body, BodyState::Failed(BodyError::Truncated)) {
@@ -529,16 +550,7 @@ pub(super) fn complete_locked(conn: &Conn, listener: &ListenerInfo, req: &Reques
             let _ = io.write_parts(&[&[0, 6, hi, lo, 0, 0, 0, 0]], blocking);
         }
         // Reset, so the client cannot mistake a truncated body for a whole one.
-        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-        unsafe {
-            libc::setsockopt(
-                conn.entry.fd,
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                &linger as *const _ as *const libc::c_void,
-                std::mem::size_of::<libc::linger>() as u32,
-            )
-        };
+        io.reset_on_close = true;
         return false;
     }
     if io.broken {

@@ -134,6 +134,9 @@ pub(super) enum Next {
     Gateway(GatewayRequest),
     /// Wait in epoll for more bytes.
     Park,
+    /// A request was refused with its answer, its body dropped, and the
+    /// connection goes on to the next.
+    Refused,
     Close,
 }
 
@@ -160,6 +163,11 @@ pub(super) fn serve_claimed<A: App>(
                     held.settle(w, conn, true);
                 }
                 return;
+            }
+            Next::Refused => {
+                // The next request's header timeout counts from here.
+                conn.request_started = mono_ms();
+                Outcome::Done(true)
             }
             Next::Close => Outcome::Done(false),
         };
@@ -374,7 +382,7 @@ pub(super) fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
 
 pub(super) fn close<A: App>(w: &Shared<A>, conn: Box<Conn>, reset: bool) {
     let fd = conn.entry.fd;
-    {
+    let reset = {
         // The flusher may still hold this connection's handle: nothing may
         // be written to the descriptor number once it is closed and reused.
         let mut io = conn.io.lock().unwrap_or_else(|p| p.into_inner());
@@ -396,7 +404,8 @@ pub(super) fn close<A: App>(w: &Shared<A>, conn: Box<Conn>, reset: bool) {
                 w.config.io_timeout.as_secs_f64()
             );
         }
-    }
+        reset || io.reset_on_close
+    };
     {
         let mut reg = w.registry.lock().unwrap();
         reg.entries[conn.slot] = None;
@@ -424,9 +433,22 @@ pub(super) fn close<A: App>(w: &Shared<A>, conn: Box<Conn>, reset: bool) {
             // descriptor, and its next event would name this freed box.
             unsafe { libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
         }
-        // Not one a sibling now serves: shutdown would end it there too.
-        if !reset && APP_FORKED.load(Ordering::Relaxed) && !conn.entry.handed.load(Ordering::Relaxed) {
-            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        // A child the app forked holds a copy of the descriptor, so close()
+        // alone does not end the connection: it is ended here, unless a
+        // sibling now serves it (that would end it there too).
+        if APP_FORKED.load(Ordering::Relaxed) && !conn.entry.handed.load(Ordering::Relaxed) {
+            // shutdown() would send a FIN, which a reset must not be: over
+            // TCP a disconnect (connect to AF_UNSPEC) sends the RST.
+            let disconnected = reset && !w.listeners[conn.listener].1.is_unix && {
+                let unspec =
+                    libc::sockaddr { sa_family: libc::AF_UNSPEC as libc::sa_family_t, sa_data: [0; 14] };
+                unsafe {
+                    libc::connect(fd, &unspec, std::mem::size_of::<libc::sockaddr>() as libc::socklen_t) == 0
+                }
+            };
+            if !disconnected {
+                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            }
         }
         // Closed under the registry lock so the sweeper never shuts down a
         // reused descriptor number.
