@@ -425,6 +425,28 @@ def test_workers_from_before_a_reexec_are_killed_at_the_graceful_timeout(start_s
     assert int(server.request("GET", "/pid").body) != old
 
 
+def test_a_hup_while_the_workers_from_before_a_reexec_finish_does_not_tell_them_again(start_server, tmp_path):
+    """They were told to finish once; a reload meanwhile neither tells them
+    again (the log read as a second generation being retired) nor puts off
+    the kill that backs their drain up."""
+    server = start_server("behaviour:application", "--graceful-timeout", "3", workers=1)
+    (old,) = server.worker_pids()
+    assert server.request("GET", f"/background?secs=600&marker={tmp_path / 'never'}").body == b"started"
+    mark = server.mark()
+    server.signal(signal.SIGUSR2)
+    server.wait_for(
+        rf"worker pid {old} from before the re-exec finishes its requests", since=mark, timeout=20
+    )
+    server.signal(signal.SIGHUP)
+    server.wait_for(r"Worker pid \d+ is ready; worker pid \d+ stops accepting", since=mark, timeout=20)
+    server.wait_for(
+        rf"Worker pid {old} from before the re-exec still running after --graceful-timeout", since=mark
+    )
+    assert (
+        len(server.grep(rf"worker pid {old} from before the re-exec finishes its requests", since=mark)) == 1
+    )
+
+
 def test_a_second_reexec_waits_for_the_workers_of_the_first_to_exit(start_server):
     """Three generations of workers at once let a connection handed over by the
     middle one land on the oldest as it exits (a reset): a USR2 while the

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -121,14 +122,32 @@ def test_precompressed_sibling(site):
         "/static/css/%2E%2E/%2e%2e/secret.txt",
         "/static/css/..%2f..%2fsecret.txt",
         "/static/escape.txt",
-        "/static/./css/app.css",
         "/static/app.js%00.txt",
+        "/static/css/..",
     ],
 )
 def test_traversal_is_refused(site, target):
     r = site.request("GET", target)
     assert r.status in (400, 404), (target, r.status)
     assert b"top secret" not in r.body
+
+
+@pytest.mark.parametrize(
+    "target", ["/static/./css/app.css", "/static/css/./app.css", "/static/%2e/css/app.css"]
+)
+def test_a_dot_segment_names_the_directory_itself(site, target):
+    """As nginx resolves it (a client normalizes it away): no way out."""
+    r = site.request("GET", target)
+    assert (r.status, r.body) == (200, site.request("GET", "/static/css/app.css").body), target
+
+
+def test_a_file_whose_name_is_not_utf8_is_served(site):
+    """File names are bytes: a Latin-1 name, percent-encoded in the URL, as
+    nginx serves it."""
+    with open(bytes(site.public) + b"/l\xe9.txt", "wb") as f:
+        f.write(b"latin-1 name")
+    r = site.request("GET", "/static/l%E9.txt")
+    assert (r.status, r.body) == (200, b"latin-1 name")
 
 
 def test_a_symlink_out_of_the_mount_is_refused_with_a_warning_naming_it(site):
@@ -569,3 +588,30 @@ def test_the_longest_static_prefix_answers_and_a_prefix_given_twice_is_refused(s
     )
     assert refused.returncode == 2, refused.stderr
     assert "--static /n is given twice" in refused.stderr and "--static-map" in refused.stderr, refused.stderr
+
+
+def test_a_client_that_takes_nothing_of_a_file_is_given_up_with_the_request_named(start_server, tmp_path):
+    """The offload thread gives up on a client that takes nothing for
+    --socket-timeout; the line says which request it was, as every other
+    line about a file does."""
+    public = tmp_path / "public"
+    public.mkdir()
+    (public / "big.bin").write_bytes(b"z" * (32 << 20))
+    server = start_server(
+        "behaviour:application", "--static", f"/static={public}", "--socket-timeout", "1", workers=1
+    )
+    mark = server.mark()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        sock.connect((server.host, server.port))
+        sock.sendall(b"GET /static/big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        server.wait_for(
+            r"GET /static/big\.bin from 127\.0\.0\.1:\d+: gave up sending the file: the client took nothing "
+            r"for 1 s \(\d+ bytes sent\)",
+            since=mark,
+            timeout=20,
+        )
+    finally:
+        sock.close()
+    assert server.request("GET", "/fixed").status == 200

@@ -229,14 +229,18 @@ pub fn resolve(mount: &Mount, rel: &[u8]) -> Option<Resolved> {
     if rel.contains(&0) {
         return None;
     }
-    let rel = std::str::from_utf8(rel).ok()?;
+    use std::os::unix::ffi::OsStrExt;
     let mut path = mount.dir.to_path_buf();
-    for seg in rel.split('/').filter(|s| !s.is_empty()) {
-        if seg == "." || seg == ".." || seg.contains('\\') {
+    // File names are bytes, whatever their encoding (a Latin-1 `l\xe9`, as
+    // nginx serves it). `.` names the directory itself, as a client that
+    // normalizes the path would have sent it; `..` is refused, not resolved.
+    for seg in rel.split(|&b| b == b'/').filter(|s| !s.is_empty() && *s != b".") {
+        if seg == b".." || seg.contains(&b'\\') {
             return None;
         }
-        path.push(seg);
+        path.push(std::ffi::OsStr::from_bytes(seg));
     }
+    let ends_with_slash = rel.ends_with(b"/");
     let real = match std::fs::canonicalize(&path) {
         Ok(real) => real,
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Some(Resolved::Denied(e)),
@@ -246,11 +250,11 @@ pub fn resolve(mount: &Mount, rel: &[u8]) -> Option<Resolved> {
         // Looked up by name like any file: an index.html that is a symlink
         // (`collectstatic --link`) is followed, within the same bounds.
         let index = inside(mount, &path.join("index.html"));
-        if !rel.ends_with('/') {
+        if !ends_with_slash {
             return index.map(|_| Resolved::AddSlash);
         }
         return index.map(Resolved::File);
-    } else if rel.ends_with('/') {
+    } else if ends_with_slash {
         // "file.txt/" names no directory: nothing there (as nginx answers).
         return None;
     }
@@ -639,6 +643,7 @@ pub fn serve(ex: &Exchange, mount: &Mount, rel: &[u8], head: bool, method_ok: bo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::ffi::OsStrExt;
 
     #[test]
     fn ranges() {
@@ -713,10 +718,14 @@ mod tests {
         assert_eq!(resolve(&m, b"/leaving/"), None);
         assert_eq!(resolve(&m, b"/leaving"), None);
         for bad in
-            [&b"/../secret.txt"[..], b"/sub/../../secret.txt", b"/link", b"/./a.css", b"/a.css\0", b"/nope"]
+            [&b"/../secret.txt"[..], b"/sub/../../secret.txt", b"/link", b"/a.css\0", b"/nope", b"/sub/.."]
         {
             assert_eq!(resolve(&m, bad), None, "{}", String::from_utf8_lossy(bad));
         }
+        // `.` is the directory itself; a name need not be UTF-8.
+        assert_eq!(resolve(&m, b"/./a.css"), resolve(&m, b"/a.css"));
+        std::fs::write(root.join(std::ffi::OsStr::from_bytes(b"public/l\xe9.txt")), "latin-1").unwrap();
+        assert!(matches!(resolve(&m, b"/l\xe9.txt"), Some(Resolved::File(_))));
         assert_eq!(resolve(&m, b"/a.css/"), None);
 
         // What the open finds is checked again: a directory on the way that

@@ -269,6 +269,9 @@ pub struct Master<'a, H: Hooks> {
     /// Workers started by this master's previous program (before a re-exec):
     /// stopped once the new workers are ready.
     inherited: Vec<libc::pid_t>,
+    /// The inherited workers were told to finish (once: a reload while they
+    /// do must not tell them again, nor put off their kill).
+    inherited_released: bool,
     /// With `--log-format json`: each worker's crash report file, where its
     /// Python stacks go on a crash (see [`crate::crash::report_fd`]), logged
     /// as one JSON object once the worker is gone.
@@ -381,6 +384,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             told_reload_failed: false,
             served: false,
             inherited: take_inherited_workers(),
+            inherited_released: false,
             crash_reports: HashMap::new(),
             inherited_kill_at: None,
             reexec_pending: None,
@@ -873,10 +877,14 @@ impl<'a, H: Hooks> Master<'a, H> {
                         crate::daemon::ready();
                         self.told_ready = true;
                         self.served = true;
-                        if !self.inherited.is_empty() {
+                        // Once: a reload while they finish must not tell them
+                        // again, nor put off the kill that backs their drain up.
+                        let release = !self.inherited.is_empty() && !self.inherited_released;
+                        if release {
+                            self.inherited_released = true;
                             self.inherited_kill_at = Some(Instant::now() + self.config.graceful_timeout);
                         }
-                        for pid in &self.inherited {
+                        for pid in self.inherited.iter().filter(|_| release) {
                             info!("New workers are ready; worker pid {pid} from before the re-exec finishes its requests");
                             // USR2 first: it may hand its kept connections to
                             // this program's workers (see handover).

@@ -1303,6 +1303,15 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             match bound {
                 Ok(l) => {
                     info!("Stats at: {}", l.url());
+                    if l.is_public() {
+                        warn!(
+                            "The stats listener {} is reachable from other machines: /stats shows the \
+                             requests in flight (paths with their query strings) and the app's last \
+                             exception; let only the probes and the metrics scraper reach it (a firewall, \
+                             a NetworkPolicy), or bind it to a loopback address",
+                            l.url()
+                        );
+                    }
                     Some(l)
                 }
                 Err(e) => {

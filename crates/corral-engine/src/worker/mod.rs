@@ -515,6 +515,9 @@ struct Offloaded {
     /// Why the client could not take the rest (the socket's error), for the
     /// request's log line, as a streamed response cut short has one.
     gone: Option<String>,
+    /// The client took nothing for the write timeout: the bytes sent, for
+    /// the request's log line.
+    stalled: Option<u64>,
 }
 
 /// What is left of a response whose file the socket could not take at

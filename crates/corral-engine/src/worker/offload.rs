@@ -90,7 +90,14 @@ pub(super) fn offload<A: App>(w: &Shared<A>, mut conn: Box<Conn>, rest: Download
     leave_serving_set(w, &mut conn);
     let sent = conn.io.lock().unwrap().bytes_sent;
     off.sending.fetch_add(1, Ordering::AcqRel);
-    off.queue.lock().unwrap().push(Offloaded { conn, rest, sent, progress: mono_ms(), gone: None });
+    off.queue.lock().unwrap().push(Offloaded {
+        conn,
+        rest,
+        sent,
+        progress: mono_ms(),
+        gone: None,
+        stalled: None,
+    });
     wake(&off.wake);
 }
 
@@ -188,13 +195,8 @@ pub(super) fn offload_main<A: App>(w: &Shared<A>) {
             let stalled = jobs[i].as_ref().is_some_and(|job| now.saturating_sub(job.progress) >= limit);
             if stalled {
                 if let Some(job) = jobs[i].as_mut() {
-                    let listener = &w.listeners[job.conn.listener].1;
-                    info!(
-                        "Gave up sending a file to {}: it took nothing for {} s ({} bytes sent)",
-                        peer(&job.conn, listener),
-                        w.config.io_timeout.as_secs_f64(),
-                        job.sent
-                    );
+                    // Said with the request when a serving thread completes it.
+                    job.stalled = Some(job.sent);
                     job.conn.io.lock().unwrap().broken = true;
                 }
                 end(&mut jobs, &mut free, i);
@@ -207,7 +209,7 @@ pub(super) fn offload_main<A: App>(w: &Shared<A>) {
 /// request: the framing's end, log line, metrics. Returns the connection
 /// and whether it carries another request.
 pub(super) fn finish_download<A: App>(w: &Shared<A>, t: usize, job: Offloaded) -> (Box<Conn>, bool) {
-    let Offloaded { mut conn, rest, gone, .. } = job;
+    let Offloaded { mut conn, rest, gone, stalled, .. } = job;
     let listener = &w.listeners[conn.listener].1;
     let keep = {
         let req = Request {
@@ -225,6 +227,14 @@ pub(super) fn finish_download<A: App>(w: &Shared<A>, t: usize, job: Offloaded) -
         };
         if let Some(why) = gone {
             info!("{} from {}: client disconnected ({why}) during the file", req.describe(), req.peer());
+        }
+        if let Some(sent) = stalled {
+            info!(
+                "{} from {}: gave up sending the file: the client took nothing for {} s ({sent} bytes sent)",
+                req.describe(),
+                req.peer(),
+                w.config.io_timeout.as_secs_f64()
+            );
         }
         let keep = complete(&conn, listener, &req);
         w.scoreboard.end_download(w.slot, rest.shown);

@@ -81,6 +81,8 @@ fn note_timed_out<A: App>(w: &Shared<A>, conn: &Conn, partial: usize) {
         None => ("incomplete after".to_string(), format!("from {}", peer(conn, listener))),
     };
     let answered = conn.entry.answered_slow.load(Ordering::Relaxed);
+    // A FastCGI request's PARAMS so far are held in its state, not the buffer.
+    let partial = partial + conn.fcgi.params.len();
     let what = format!(
         "{} request {who}: {part} the header timeout ({} s, {partial} bytes buffered); {}",
         listener.protocol.name(),
