@@ -945,6 +945,25 @@ def test_fastcgi_keep_conn_stays_after_a_refused_request(start_server, refusal):
     assert len(server.grep(said)) == 3, server.log[-2000:]
 
 
+def test_fastcgi_params_whose_pairs_are_broken_get_400_and_a_kept_connection_goes_on(gw):
+    """Whole PARAMS records whose pairs are not (a length running past the
+    end): the front end gets a 400 to show, as for a bad uwsgi packet,
+    rather than a closed connection (a 502), and KEEP_CONN keeps it."""
+    mark = gw.mark()
+    broken = g.encode_pairs(g.cgi_params(uri="/fixed")) + b"\x80\x00\x00\x09\x01ab"
+    with g.FcgiConn(gw.addr("fastcgi")) as conn:
+        conn.send(
+            g.begin_request(1, g.FCGI_RESPONDER, True)
+            + g.stream(g.FCGI_PARAMS, 1, broken)
+            + g.stream(g.FCGI_STDIN, 1, b"")
+        )
+        r = conn.read_response(1)
+        assert (r.status, r.protocol_status) == (400, 0), r
+        r = conn.request(g.cgi_params(uri="/fixed"), request_id=1, keep_conn=True)
+        assert (r.status, r.body) == (200, b"hello world")
+    gw.wait_for(r"Bad fastcgi request from 127\.0\.0\.1:\d+: request 1: malformed PARAMS", since=mark)
+
+
 def test_fastcgi_keep_conn_half_close_with_the_request_ends_the_connection(start_server):
     """With one thread, kept-alive connections stay armed edge-triggered between
     requests. A request and the front end's half-close that arrive together, while
@@ -1323,9 +1342,10 @@ def test_a_fastcgi_request_whose_records_stop_is_closed_and_logged(start_server)
     _closed_unanswered(
         server.addr("fastcgi"), g.begin_request(1, keep_conn=True) + g.record(g.FCGI_PARAMS, 1, params)
     )
+    # The PARAMS held in the request's state count as buffered.
     server.wait_for(
         r"Timed out: fastcgi request from 127\.0\.0\.1:\d+: incomplete after the header timeout "
-        r"\(1 s, 0 bytes buffered\)",
+        rf"\(1 s, {len(params)} bytes buffered\)",
         since=mark,
     )
 

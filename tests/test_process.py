@@ -1328,3 +1328,35 @@ def test_pidfile_symlink_is_replaced_not_followed(start_server, tmp_path):
     assert server.wait_exit(30) == 0
     assert not pidfile.exists()
     assert target.read_text() == "secret\n"
+
+
+def test_a_stack_overflow_in_c_is_handled_as_a_crash(start_server):
+    """C recursion past the thread's stack (json.dumps of a list nested a
+    million deep, the recursion limit raised): the fault handler runs on an
+    alternate stack, so the client gets its 500 and the log names the
+    request, as for any crash (the worker died without a word)."""
+    server = start_server("behaviour:application", workers=1, threads=2)
+    mark = server.mark()
+    resp = server.request("GET", "/deep?depth=1000000", timeout=60)
+    assert resp.status == 500, resp
+    server.wait_for(r"Worker crashed: SIGSEGV in thread \d while it served GET /deep", since=mark)
+    assert wait_until(lambda: _serves(server), timeout=30)
+
+
+def test_an_app_that_closes_the_listening_socket_gets_its_worker_replaced(start_server):
+    """The socket stays open in the other processes, so the worker's epoll
+    keeps reporting it: the worker says what happened, stops accepting and
+    is replaced (it spun on the failing accept without a word, holding its
+    share of new connections unserved)."""
+    server = start_server("behaviour:application", workers=1, threads=2)
+    (old,) = server.worker_pids()
+    mark = server.mark()
+    assert server.request("GET", "/close-listeners").body.startswith(b"closed [")
+    # The next client wakes the worker for the listener: served by the replacement.
+    assert server.request("GET", "/pid", timeout=30).body != str(old).encode()
+    server.wait_for(
+        r"its http listening socket \(descriptor \d+\) is gone: .*This worker stops accepting", since=mark
+    )
+    server.wait_for(r"is to be replaced because the app closed its listening socket", since=mark)
+    server.wait_for(rf"Worker \d+ \(pid {old}\) exited", since=mark, timeout=30)
+    assert all(server.request("GET", "/fixed").status == 200 for _ in range(10))

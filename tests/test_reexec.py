@@ -565,10 +565,42 @@ def test_health_probes_are_answered_while_a_preload_reload_imports(start_server,
     assert answers["/readyz"].startswith(b"HTTP/1.1 200"), answers
     assert answers["/metrics"].startswith(b"HTTP/1.1 503") and b"Retry-After: 1\r\n" in answers["/metrics"]
     assert server.request("GET", "/").status == 200
+    # A probe that connects during the import and sends its request after it
+    # is answered by the master's loop (the thread dropped it).
+    straddling = socket.create_connection(("127.0.0.1", stats), timeout=10)
     # The import is still going on: the answers above came during it.
     assert not server.grep(r"Preloaded application", since=mark)
     server.wait_for(r"Preloaded application", since=mark, timeout=30)
+    with straddling:
+        straddling.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert straddling.recv(4096).startswith(b"HTTP/1.1 200")
     server.wait_for(r"from before the re-exec exited", since=mark, timeout=30)
     with socket.create_connection(("127.0.0.1", stats), timeout=2) as s:
         s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
         assert s.recv(4096).startswith(b"HTTP/1.1 200")
+
+
+def test_a_stop_during_a_preload_reloads_import_turns_readiness_off(start_server, tmp_path):
+    """TERM while the re-executed master imports: the stop waits for the
+    import, but /readyz says 503 at once, as it does for any stop."""
+    stats = free_port()
+    mark_file = tmp_path / "importing"
+    server = start_server(
+        "slow_import:application",
+        "--preload",
+        "--stats",
+        f"127.0.0.1:{stats}",
+        env={"CORRAL_TEST_IMPORT_SECS": "4", "CORRAL_TEST_IMPORT_MARK": str(mark_file)},
+        wait=False,
+    )
+    server.wait_started(timeout=30)
+    mark_file.unlink()
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    assert wait_until(mark_file.exists, 20)
+    server.signal(signal.SIGTERM)
+    with socket.create_connection(("127.0.0.1", stats), timeout=2) as s:
+        s.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 503")
+    assert not server.grep(r"Preloaded application", since=mark)
+    assert server.wait_exit(60) == 0

@@ -478,3 +478,33 @@ def test_a_pool_grown_to_its_largest_with_ttin_still_reloads(start_server):
         lambda: len(_live_workers(server, mark)) == 32 and not old & _live_workers(server), 90
     ), server.log[-3000:]
     assert not server.grep(r"Every worker slot is taken", since=mark)
+
+
+def test_clients_that_connect_then_send_are_spread_over_the_workers(start_server):
+    """Each of three one-thread workers serves one of three slow requests
+    whose clients connect first and send a moment later: the worker that took
+    the first connection, its thread counted on for that request, hands the
+    next ones to siblings with a thread free (it used to take them too, and
+    serve them in turn while its siblings sat idle)."""
+    server = start_server("behaviour:application", workers=3, threads=1)
+    mark = server.mark()
+    clients = []
+    try:
+        for _ in range(3):
+            clients.append(socket.create_connection((server.host, server.port), timeout=30))
+            time.sleep(0.05)
+        for i, c in enumerate(clients):
+            c.sendall(
+                f"GET /slow?secs=2&id=c{i}&pid=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+            )
+        pids = set()
+        for c in clients:
+            raw = b""
+            while chunk := c.recv(4096):
+                raw += chunk
+            assert raw.startswith(b"HTTP/1.1 200"), raw
+            pids.add(raw.rsplit(b" in ", 1)[1])
+        assert len(pids) == 3, (pids, server.log[mark:])
+    finally:
+        for c in clients:
+            c.close()

@@ -231,6 +231,8 @@ def slow(environ, start_response):
     environ["wsgi.errors"].write(f"slow request started: {q.get('id', '')}\n")
     environ["wsgi.errors"].flush()
     time.sleep(float(q.get("secs", "2")))
+    if q.get("pid"):
+        return _ok(start_response, f"slept {q.get('id', '')} in {os.getpid()}")
     return _ok(start_response, f"slept {q.get('id', '')}")
 
 
@@ -864,6 +866,29 @@ def return_none(environ, start_response):
     start_response("200 OK", TEXT)
 
 
+def close_listeners(environ, start_response):
+    """Closes every listening socket of the process (an app that closes the
+    descriptors it did not open, as a daemonizing idiom does)."""
+    import socket
+
+    closed = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            s = socket.socket(fileno=fd)
+        except OSError:
+            continue
+        try:
+            listening = s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        except OSError:
+            listening = 0
+        s.detach()
+        if listening:
+            os.close(fd)
+            closed.append(fd)
+    return _ok(start_response, f"closed {closed}")
+
+
 def close_fd(environ, start_response):
     """Closes ?fd= (an app that closes its standard output), then writes to
     it on later requests through /write-fd."""
@@ -954,6 +979,7 @@ UNVALIDATED = {
     "/mp-exitcode": multiprocessing_exitcode,
     "/fork-then-signal": fork_then_signal,
     "/close-fd": close_fd,
+    "/close-listeners": close_listeners,
     "/return-none": return_none,
     "/non-daemon-thread": non_daemon_thread,
     "/write-fd": write_fd,

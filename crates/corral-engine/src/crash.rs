@@ -68,7 +68,10 @@ fn set_fault_handler(sig: libc::c_int) {
     unsafe {
         let mut action: libc::sigaction = std::mem::zeroed();
         action.sa_sigaction = on_fault as *const () as libc::sighandler_t;
-        action.sa_flags = libc::SA_SIGINFO;
+        // On the thread's alternate stack: a fault that is a stack overflow
+        // (C recursion in json.dumps with the recursion limit raised) leaves
+        // no room on the thread's own stack to run the handler in.
+        action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
         libc::sigemptyset(&mut action.sa_mask);
         libc::sigaction(sig, &action, std::ptr::null_mut());
     }
@@ -103,11 +106,22 @@ pub(crate) fn installed() -> bool {
     WORKER_PID.load(Ordering::Relaxed) == unsafe { libc::getpid() }
 }
 
-/// Marks the calling thread as serving thread `t`.
+/// Size of a serving thread's alternate signal stack, where the fault
+/// handler runs (it needs little: a few atomics and a pause).
+const ALT_STACK: usize = 64 * 1024;
+
+/// Marks the calling thread as serving thread `t`, and gives it an
+/// alternate signal stack for the fault handler (a thread that overflows
+/// its stack would otherwise die without it: no 500, no stacks, no
+/// hand-over).
 pub(crate) fn enter_serving(t: usize) {
     if let Some(slot) = SERVING.get(t) {
         slot.store(gettid(), Ordering::Release);
     }
+    // Kept for the thread's life, which is the worker's.
+    let stack = Box::leak(vec![0u8; ALT_STACK].into_boxed_slice());
+    let ss = libc::stack_t { ss_sp: stack.as_mut_ptr().cast(), ss_flags: 0, ss_size: ALT_STACK };
+    unsafe { libc::sigaltstack(&ss, std::ptr::null_mut()) };
 }
 
 fn gettid() -> i32 {

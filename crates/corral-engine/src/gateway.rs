@@ -217,6 +217,21 @@ pub(crate) fn refuse_concurrent_begins(
     ids
 }
 
+/// Refuses the request being received, whose PARAMS cannot be taken, with
+/// `status` and END_REQUEST (appended to `out`), said to the caller in
+/// `st.refused`; without KEEP_CONN the connection closes after them.
+fn refuse_in_params(st: &mut FcgiConn, out: &mut Vec<u8>, id: u16, keep_conn: bool, status: u16, why: &str) {
+    st.active = None;
+    st.params.clear();
+    st.refused.push(format!("request {id}: {why} ({status} {})", crate::worker::reason(status)));
+    fastcgi::write_stdout(out, id, &crate::worker::cgi_error_response(status, why));
+    fastcgi::write_stream_end(out, RecordType::Stdout, id);
+    fastcgi::write_end_request(out, id, 0, ProtocolStatus::RequestComplete);
+    if !keep_conn {
+        st.close_after = true;
+    }
+}
+
 /// What a BEGIN_REQUEST for the request already active means.
 pub(crate) const BEGUN_TWICE: &str = "BEGIN_REQUEST for the request already begun on this connection";
 
@@ -414,10 +429,18 @@ pub(crate) fn fcgi_head(
             (RecordType::Params, Some((id, keep_conn))) if r.request_id == id => {
                 if r.content.is_empty() {
                     let params_bytes = std::mem::take(&mut st.params);
-                    let pairs = ranges_in(
-                        &params_bytes,
-                        fastcgi::parse_pairs(&params_bytes).map_err(|e| e.to_string())?,
-                    );
+                    let pairs = match fastcgi::parse_pairs(&params_bytes) {
+                        Ok(pairs) => ranges_in(&params_bytes, pairs),
+                        // The records are whole: the front end gets a status
+                        // to show, and a kept connection goes on.
+                        Err(e) => {
+                            refuse_in_params(st, out, id, keep_conn, 400, &format!("malformed PARAMS: {e}"));
+                            if st.close_after {
+                                return Ok((used, None));
+                            }
+                            continue;
+                        }
+                    };
                     st.active = None;
                     return Ok((
                         used,
@@ -430,7 +453,14 @@ pub(crate) fn fcgi_head(
                     ));
                 }
                 if st.params.len() + r.content.len() > fastcgi::MAX_PARAMS_LEN {
-                    return Err(format!("PARAMS over {} bytes", fastcgi::MAX_PARAMS_LEN));
+                    // Its remaining PARAMS and STDIN records belong to no
+                    // request any more, and are passed over.
+                    let why = format!("PARAMS over {} bytes", fastcgi::MAX_PARAMS_LEN);
+                    refuse_in_params(st, out, id, keep_conn, 431, &why);
+                    if st.close_after {
+                        return Ok((used, None));
+                    }
+                    continue;
                 }
                 st.params.extend_from_slice(r.content);
             }
@@ -690,11 +720,23 @@ mod tests {
         assert!(fcgi_head(&mut st, &[2, 1, 0, 1, 0, 8, 0, 0], &mut out).unwrap_err().contains("version"));
         let mut st = FcgiConn::default();
         assert!(fcgi_head(&mut st, &record(1, 1, b"short", 0), &mut out).is_err());
-        let mut st = FcgiConn::default();
-        let mut wire = begin(1, 1, false);
-        wire.extend(record(4, 1, &[0x80, 0, 0, 1, 1, b'a'], 0));
-        wire.extend(record(4, 1, b"", 0));
-        assert!(fcgi_head(&mut st, &wire, &mut out).is_err());
+        // A pair whose length runs past the PARAMS: whole records, so the
+        // request gets a 400 and END_REQUEST; the connection closes after
+        // them without KEEP_CONN, and goes on with it.
+        for keep in [false, true] {
+            let mut st = FcgiConn::default();
+            let mut out = Vec::new();
+            let mut wire = begin(1, 1, keep);
+            wire.extend(record(4, 1, &[0x80, 0, 0, 1, 1, b'a'], 0));
+            wire.extend(record(4, 1, b"", 0));
+            wire.extend(record(5, 1, b"", 0));
+            let (used, req) = fcgi_head(&mut st, &wire, &mut out).unwrap();
+            assert!(req.is_none() && st.active.is_none());
+            assert_eq!(st.close_after, !keep);
+            assert_eq!(used, if keep { wire.len() } else { wire.len() - 8 });
+            assert!(out.windows(15).any(|w| w == b"Status: 400 Bad"), "{out:?}");
+            assert!(st.refused[0].contains("malformed PARAMS"), "{:?}", st.refused);
+        }
         assert!(next_stdin(&[9], 1).is_err());
     }
 

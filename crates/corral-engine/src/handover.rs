@@ -248,6 +248,23 @@ pub(crate) fn target_with_room(board: &Scoreboard, me: usize, max: usize) -> Opt
         .filter(|&pid| alive(pid))
 }
 
+/// The ready worker other than `me`, with room for a connection, that has
+/// the most threads free (see [`Scoreboard::free_threads`]); None when none
+/// has one.
+pub(crate) fn target_with_free_thread(board: &Scoreboard, me: usize, max: usize) -> Option<libc::pid_t> {
+    (0..board.slots())
+        .filter(|&slot| {
+            slot != me
+                && board.state(slot) == WorkerState::Ready
+                && !stuck(board, slot)
+                && board.conns(slot) < max
+                && board.free_threads(slot) > 0
+        })
+        .max_by_key(|&slot| board.free_threads(slot))
+        .map(|slot| board.pid(slot))
+        .filter(|&pid| alive(pid))
+}
+
 /// Whether a worker other than `me` serves or is starting to: one that can
 /// take connections now or soon. None during a stop, when every worker drains.
 pub(crate) fn successor(board: &Scoreboard, me: usize, master: libc::pid_t) -> bool {

@@ -82,6 +82,9 @@ struct WorkerHeader {
     /// 1 while the worker answers every request with the error its app's
     /// import raised (--reload): ready, but serving no code that loaded.
     load_error: AtomicU32,
+    /// New connections parked for their first request, which (for a moment
+    /// after the accept) a thread of the worker is counted on to serve.
+    promised: AtomicU32,
     /// Counters for the metrics, indexed by the `C_*` constants.
     counters: [AtomicU64; COUNTERS],
     /// The last exception the app raised, as text (truncated).
@@ -119,6 +122,8 @@ pub enum Retire {
     Rss = 3,
     Timeout = 4,
     Crash = 5,
+    /// A listening socket of the worker was closed under it (by the app).
+    Broken = 6,
 }
 
 impl Retire {
@@ -130,6 +135,7 @@ impl Retire {
             Retire::Rss => "rss",
             Retire::Timeout => "timeout",
             Retire::Crash => "crash",
+            Retire::Broken => "broken",
         }
     }
 
@@ -140,6 +146,7 @@ impl Retire {
             Retire::Rss => "its memory passed --reload-on-rss",
             Retire::Timeout => "a request ran past --timeout",
             Retire::Crash => "one of its threads crashed",
+            Retire::Broken => "the app closed its listening socket",
         }
     }
 }
@@ -238,6 +245,7 @@ impl Scoreboard {
         h.conns.store(0, Ordering::Relaxed);
         h.announcing.store(0, Ordering::Relaxed);
         h.load_error.store(0, Ordering::Relaxed);
+        h.promised.store(0, Ordering::Relaxed);
         for c in &h.counters {
             c.store(0, Ordering::Relaxed);
         }
@@ -314,6 +322,7 @@ impl Scoreboard {
             3 => Some(Retire::Rss),
             4 => Some(Retire::Timeout),
             5 => Some(Retire::Crash),
+            6 => Some(Retire::Broken),
             _ => None,
         }
     }
@@ -466,6 +475,29 @@ impl Scoreboard {
     }
 
     /// Whether a worker other than the one in `slot` is up and serving.
+    /// Counts a new connection of the worker in `slot` parked for its first
+    /// request (`true`), or one that no longer is (`false`).
+    pub fn promise(&self, slot: usize, on: bool) {
+        let p = &self.header(slot).promised;
+        if on {
+            p.fetch_add(1, Ordering::Relaxed);
+        } else {
+            // Never below zero, should a count be missed.
+            let _ = p.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
+    }
+
+    /// New connections of the worker in `slot` waiting for their first request.
+    pub fn promised(&self, slot: usize) -> usize {
+        self.header(slot).promised.load(Ordering::Relaxed) as usize
+    }
+
+    /// Threads of the worker in `slot` neither serving a request nor counted
+    /// on by a new connection waiting for its first.
+    pub fn free_threads(&self, slot: usize) -> usize {
+        self.threads.saturating_sub(self.busy_threads(slot) + self.promised(slot))
+    }
+
     /// Marks the worker in `slot` as serving its app's import error.
     pub fn set_load_error(&self, slot: usize) {
         self.header(slot).load_error.store(1, Ordering::Release);

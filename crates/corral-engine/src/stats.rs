@@ -367,6 +367,9 @@ fn interim_response(request: &[u8]) -> Vec<u8> {
     let (status, body) = match path {
         _ if method != b"GET" && method != b"HEAD" => ("405 Method Not Allowed", "GET or HEAD only\n"),
         b"/healthz" => ("200 OK", "ok\n"),
+        // A stop asked for during the import waits, blocked, for the master's
+        // loop: the host is leaving all the same.
+        b"/readyz" if stop_pending() => ("503 Service Unavailable", "stopping\n"),
         b"/readyz" => ("200 OK", "ready\n"),
         b"/metrics" | b"/stats" => (
             "503 Service Unavailable",
@@ -378,17 +381,29 @@ fn interim_response(request: &[u8]) -> Vec<u8> {
     render(method, status, "text/plain", body)
 }
 
+/// Whether a signal that stops the master (TERM, INT, QUIT) is pending: the
+/// master blocks them, and reads them once its loop runs.
+fn stop_pending() -> bool {
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    if unsafe { libc::sigpending(set.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    let set = unsafe { set.assume_init() };
+    [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT].iter().any(|&s| unsafe { libc::sigismember(&set, s) } == 1)
+}
+
 /// The stats listener served by a thread of its own while a re-executed
 /// master imports the new code (`--preload`), which may take many seconds
 /// in which the master's loop cannot run: health probes are answered
 /// meanwhile (see [`interim_response`]), so that an orchestrator does not
 /// take a reloading host out of service, or restart it.
 ///
-/// Dropped before the master forks its first worker: the thread has ended
-/// by then (the drop joins it), as the master forks only without threads.
+/// Ended ([`Interim::finish`], or dropped) before the master forks its first
+/// worker: the thread has ended by then (both join it), as the master forks
+/// only without threads.
 pub struct Interim {
     stop: OwnedFd,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: Option<std::thread::JoinHandle<Vec<Conn>>>,
 }
 
 impl Interim {
@@ -414,19 +429,28 @@ impl Interim {
             .spawn(move || interim_loop(listener, stop_fd))?;
         Ok(Interim { stop, thread: Some(thread) })
     }
+
+    /// Stops the thread and gives back the connections it held, a probe's
+    /// request perhaps on its way in one of them, for the master's loop to
+    /// answer (closed with the thread, such a probe got no answer).
+    pub fn finish(mut self) -> Vec<Conn> {
+        self.stop_thread()
+    }
+
+    fn stop_thread(&mut self) -> Vec<Conn> {
+        let one: u64 = 1;
+        unsafe { libc::write(self.stop.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        self.thread.take().and_then(|t| t.join().ok()).unwrap_or_default()
+    }
 }
 
 impl Drop for Interim {
     fn drop(&mut self) {
-        let one: u64 = 1;
-        unsafe { libc::write(self.stop.as_raw_fd(), (&one as *const u64).cast(), 8) };
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.stop_thread();
     }
 }
 
-fn interim_loop(listener: RawFd, stop: RawFd) {
+fn interim_loop(listener: RawFd, stop: RawFd) -> Vec<Conn> {
     use std::os::fd::FromRawFd;
     let mut conns: Vec<Conn> = Vec::new();
     loop {
@@ -439,7 +463,7 @@ fn interim_loop(listener: RawFd, stop: RawFd) {
         let timeout = conns.iter().map(|c| c.deadline().saturating_sub(now) as i32 + 1).min().unwrap_or(-1);
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if fds[0].revents != 0 {
-            return;
+            return conns;
         }
         let now = crate::date::mono_ms();
         let ready: Vec<bool> = fds[2..].iter().map(|f| f.revents != 0).collect();

@@ -417,6 +417,12 @@ impl<'a, H: Hooks> Master<'a, H> {
     }
 
     /// Serves `/metrics`, `/stats`, `/healthz` and `/readyz` on `listener`.
+    /// Connections to the stats listener accepted before this master's loop
+    /// runs (see [`crate::stats::Interim`]), answered by it.
+    pub fn adopt_stats_conns(&mut self, conns: Vec<crate::stats::Conn>) {
+        self.stats_conns.extend(conns);
+    }
+
     pub fn set_stats(&mut self, listener: Listener) {
         self.stats = Some(listener);
     }

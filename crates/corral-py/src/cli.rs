@@ -1192,6 +1192,9 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     let asked: Vec<(&str, &Addr)> =
         parsed.iter().map(|(p, a)| (p.name(), a)).chain(stats_addr.iter().map(|a| ("stats", a))).collect();
     let reused = assign_inherited(&mut inherited, &asked);
+    // Probes the import's thread held when the import ended, for the
+    // master's loop to answer.
+    let mut interim_conns = Vec::new();
     let preloaded = if cli.preload {
         // The import of a re-exec may take long, and the master's loop does
         // not run meanwhile: health probes are answered by a thread, which
@@ -1206,7 +1209,7 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             }
         });
         let loaded = load_app(py, &spec);
-        drop(interim);
+        interim_conns = interim.map(|i| i.finish()).unwrap_or_default();
         match loaded {
             Ok(app) => {
                 info!("Preloaded application {}", cli.app);
@@ -1435,6 +1438,7 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     };
     if let Some(l) = stats {
         master.set_stats(l);
+        master.adopt_stats_conns(interim_conns);
     }
     if cli.reload {
         let mut roots: Vec<PathBuf> = std::env::current_dir().into_iter().collect();

@@ -10,6 +10,13 @@ pub(super) fn accept_batch<A: App>(
     idx: usize,
     held: &mut Held,
 ) {
+    if LISTENER_GONE.load(Ordering::Relaxed) {
+        // Its registration outlives the descriptor (other processes hold
+        // the socket) and reports it ready for good: waking for it at full
+        // speed until the replacement is ready would burn a core.
+        std::thread::sleep(Duration::from_millis(5));
+        return;
+    }
     if ACCEPT_PAUSED_AT.load(Ordering::Relaxed) != 0 {
         // Woken by the listener just before it left the epoll set.
         return;
@@ -52,6 +59,65 @@ pub(super) fn accept_batch<A: App>(
         if serving && mono_ms().saturating_sub(started) >= ACCEPT_BATCH_TIME_MS && !draining() {
             serving = false;
         }
+    }
+}
+
+/// How long after its accept a new connection parked for its first request
+/// counts on a thread of its worker: a client that connects and then sends
+/// (a few milliseconds later on a real network) is about to be served. One
+/// still silent after this (a browser's speculative preconnect) is not
+/// waited for.
+pub(super) const PROMISE_MS: u64 = 200;
+
+/// Counts `conn`, new and parked for its first request, on one of this
+/// worker's threads (see [`hand_on_if_spoken_for`]); undone by
+/// [`unpromise`] when its request begins, it closes, or [`PROMISE_MS`] pass.
+pub(super) fn promise<A: App>(w: &Shared<A>, entry: &Entry, accepted_at: u64) {
+    entry.promised_at.store(accepted_at, Ordering::Relaxed);
+    if !entry.promising.swap(true, Ordering::Relaxed) {
+        w.scoreboard.promise(w.slot, true);
+    }
+}
+
+pub(super) fn unpromise<A: App>(w: &Shared<A>, entry: &Entry) {
+    if entry.promising.load(Ordering::Relaxed) && entry.promising.swap(false, Ordering::Relaxed) {
+        w.scoreboard.promise(w.slot, false);
+    }
+}
+
+/// A new connection just accepted, while every thread of this worker not
+/// serving a request is counted on by one accepted before, whose request is
+/// still to come: it goes to a sibling with a thread free, if one has. epoll
+/// wakes the same worker for most new connections, so without this a
+/// one-thread worker that took a client who connects and then sends took
+/// the next few as well, and served them in turn while its siblings sat
+/// idle. True when it went.
+fn hand_on_if_spoken_for<A: App>(w: &Shared<A>, t: usize, fd: RawFd, idx: usize) -> bool {
+    let promised = w.scoreboard.promised(w.slot);
+    if promised == 0 || w.inbox.is_none() {
+        return false;
+    }
+    // This thread is free (it is accepting), and so are the others not in a pass.
+    let free = 1 + (0..w.in_pass.len()).filter(|&o| o != t && !w.in_pass[o].load(Ordering::Relaxed)).count();
+    if free > promised {
+        return false;
+    }
+    let Some(to) = crate::handover::target_with_free_thread(&w.scoreboard, w.slot, w.config.max_connections)
+    else {
+        return false;
+    };
+    let note = crate::handover::Note {
+        listener: idx as u16,
+        protocol: w.listeners[idx].1.protocol as u8,
+        client: None,
+        fresh: true,
+    };
+    match crate::handover::send(w.master, to, fd, note, b"") {
+        Ok(()) => {
+            unsafe { libc::close(fd) };
+            true
+        }
+        Err(_) => false,
     }
 }
 
@@ -319,7 +385,7 @@ pub(super) fn resume_accepting<A: App>(w: &Shared<A>, now: u64) {
     if at == 0 || now < at + ACCEPT_PAUSE.as_millis() as u64 {
         return;
     }
-    if crate::crash::crashed().is_some() {
+    if crate::crash::crashed().is_some() || LISTENER_GONE.load(Ordering::Relaxed) {
         return;
     }
     // A drain has let the listeners go meanwhile.
@@ -331,6 +397,27 @@ pub(super) fn resume_accepting<A: App>(w: &Shared<A>, now: u64) {
         }
     }
     ACCEPT_PAUSED_AT.store(0, Ordering::Release);
+}
+
+/// A listening socket of this worker is gone from under it: said once, and
+/// the worker stops accepting and asks to be replaced. Its threads serve
+/// what they hold meanwhile; the new worker takes the new connections.
+static LISTENER_GONE: AtomicBool = AtomicBool::new(false);
+
+fn listener_gone<A: App>(w: &Shared<A>, idx: usize, e: &io::Error) {
+    if LISTENER_GONE.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    error!(
+        "Worker {}: its {} listening socket (descriptor {}) is gone: {e}; the app closed the descriptor \
+         (os.closerange, say)? This worker stops accepting and is replaced: pid={}",
+        w.slot,
+        w.listeners[idx].1.protocol.name(),
+        w.listeners[idx].0,
+        std::process::id()
+    );
+    pause_listeners(w, mono_ms());
+    w.scoreboard.request_retire(w.slot, crate::scoreboard::Retire::Broken);
 }
 
 /// Accepts one connection from listener `idx`, if one is waiting.
@@ -359,13 +446,14 @@ pub(super) fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Accepted {
     if fd < 0 {
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
-            // EBADF/EINVAL/ENOTSOCK: the listener was let go by a drain meanwhile.
-            Some(libc::EAGAIN)
-            | Some(libc::ECONNABORTED)
-            | Some(libc::EINTR)
-            | Some(libc::EBADF)
-            | Some(libc::ENOTSOCK)
-            | Some(libc::EINVAL) => {}
+            Some(libc::EAGAIN) | Some(libc::ECONNABORTED) | Some(libc::EINTR) => {}
+            // The listener was let go by a drain meanwhile; or, not draining,
+            // its descriptor was closed by the app (a daemonizing idiom's
+            // closerange, say), or now names a file the app opened.
+            Some(libc::EBADF) | Some(libc::ENOTSOCK) | Some(libc::EINVAL) if !draining() => {
+                listener_gone(w, idx, &e)
+            }
+            Some(libc::EBADF) | Some(libc::ENOTSOCK) | Some(libc::EINVAL) => {}
             Some(libc::EMFILE) | Some(libc::ENFILE) => pause_accepting(w, &e),
             _ => error!("accept: {e}"),
         }
@@ -403,6 +491,10 @@ pub(super) fn accept_one<A: App>(w: &Shared<A>, idx: usize) -> Accepted {
             return Accepted::Shed;
         }
     }
+    let t = SERVING_THREAD.with(|t| t.get());
+    if t != usize::MAX && hand_on_if_spoken_for(w, t, fd, idx) {
+        return Accepted::Shed;
+    }
     let (remote_addr, remote_port) = peer_strings(&addr, is_unix);
     Accepted::Conn(adopt(w, fd, idx, remote_addr, remote_port, true))
 }
@@ -434,6 +526,8 @@ pub(super) fn adopt<A: App>(
         state: AtomicConnState::new(ConnState::Busy),
         deadline: AtomicU64::new(0),
         fresh: AtomicBool::new(fresh),
+        promising: AtomicBool::new(false),
+        promised_at: AtomicU64::new(0),
         between: AtomicBool::new(false),
         parked_at: AtomicU64::new(0),
         untouched: AtomicBool::new(false),

@@ -73,6 +73,7 @@ use signals::*;
 use upkeep::*;
 
 pub(crate) use hand_over::fastcgi_conn_may_stay;
+pub(crate) use refusal::cgi_error_response;
 pub use refusal::{error_response, reason};
 pub use signals::{prepare_signals, stopped_at_once};
 pub(crate) use upkeep::waiting_on_client;
@@ -319,6 +320,11 @@ struct Entry {
     /// connections, but a new one is waiting for its first request, which
     /// the client has already committed to this server: it is served.
     fresh: AtomicBool,
+    /// Counted among the worker's promised connections (see
+    /// [`accept::promise`]): new, parked for its first request.
+    promising: AtomicBool,
+    /// When it was accepted (monotonic ms), while `promising`.
+    promised_at: AtomicU64,
     /// Monotonic ms when it was last parked between two requests: how long
     /// a kept-alive connection has been idle, for [`upkeep::reclaim_idle`].
     parked_at: AtomicU64,

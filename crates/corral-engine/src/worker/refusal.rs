@@ -200,7 +200,7 @@ pub(super) fn error_reply(wire: Wire, status: u16, detail: &str, nginx: bool) ->
 }
 
 /// An error response as a CGI-style head (a Status header) and body.
-fn cgi_error_response(status: u16, detail: &str) -> Vec<u8> {
+pub(crate) fn cgi_error_response(status: u16, detail: &str) -> Vec<u8> {
     let body = error_body(status, detail);
     let mut out = format!(
         "Status: {status} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\r\n",

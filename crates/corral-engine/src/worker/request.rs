@@ -20,6 +20,7 @@ pub(super) fn handle_request<A: App>(
 ) -> Outcome {
     let listener = &w.listeners[conn.listener].1;
     conn.entry.fresh.store(false, Ordering::Relaxed);
+    unpromise(w, &conn.entry);
     let (bytes, params, generation, too_large) = begin_request(w, conn, incoming);
     let forwarded_https = match params {
         Some(_) => false,

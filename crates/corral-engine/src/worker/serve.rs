@@ -282,8 +282,12 @@ pub(super) fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
     // timeout, though its buffer is empty.
     // Neither is one whose response is out while the rest of a body the app
     // did not read is still to come and be dropped.
-    let between =
-        idle && !conn.entry.fresh.load(Ordering::Relaxed) && conn.fcgi.active.is_none() && discard_until == 0;
+    let fresh = conn.entry.fresh.load(Ordering::Relaxed);
+    if fresh && idle && conn.fcgi.active.is_none() && now.saturating_sub(conn.request_started) < PROMISE_MS {
+        // Its request is likely on its way: a thread here is counted on for it.
+        promise(w, &conn.entry, conn.request_started);
+    }
+    let between = idle && !fresh && conn.fcgi.active.is_none() && discard_until == 0;
     let deadline = if discard_until != 0 {
         discard_until
     } else if between {
@@ -384,6 +388,7 @@ pub(super) fn park<A: App>(w: &Shared<A>, mut conn: Box<Conn>) {
 
 pub(super) fn close<A: App>(w: &Shared<A>, conn: Box<Conn>, reset: bool) {
     let fd = conn.entry.fd;
+    unpromise(w, &conn.entry);
     let reset = {
         // The flusher may still hold this connection's handle: nothing may
         // be written to the descriptor number once it is closed and reused.

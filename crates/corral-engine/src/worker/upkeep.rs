@@ -766,6 +766,12 @@ pub(super) fn sweep<A: App>(w: &Shared<A>, now: u64, close_idle: bool) -> usize 
     let mut wait_budget = 400;
     let reg = w.registry.lock().unwrap();
     for e in reg.entries.iter().flatten() {
+        // A new connection silent this long is not about to be served.
+        if e.promising.load(Ordering::Relaxed)
+            && now.saturating_sub(e.promised_at.load(Ordering::Relaxed)) >= PROMISE_MS
+        {
+            unpromise(w, e);
+        }
         if e.state.load() != ConnState::Idle {
             continue;
         }
