@@ -536,11 +536,10 @@ def test_a_reexec_keeps_a_pid_file_named_anew_through_a_symlink(start_server, tm
     assert not server.grep("Removed the previous pid file", since=mark)
 
 
-def test_health_probes_are_answered_while_a_preload_reload_imports(start_server, tmp_path):
-    """HUP with --preload re-executes the master, which imports the new code
-    before its loop runs again: a thread answers the stats listener meanwhile,
-    /readyz 200 since the workers from before serve, the figures 503 with
-    Retry-After, so an orchestrator neither takes the host out nor restarts it."""
+def _reloading_with_a_slow_import(start_server, tmp_path):
+    """A --preload server with --stats whose app takes 4 s to import, sent
+    HUP and caught in the re-executed master's import: (server, the stats
+    port, the log's mark before the HUP)."""
     stats = free_port()
     mark_file = tmp_path / "importing"
     server = start_server(
@@ -556,6 +555,15 @@ def test_health_probes_are_answered_while_a_preload_reload_imports(start_server,
     mark = server.mark()
     server.signal(signal.SIGHUP)
     assert wait_until(mark_file.exists, 20)
+    return server, stats, mark
+
+
+def test_health_probes_are_answered_while_a_preload_reload_imports(start_server, tmp_path):
+    """HUP with --preload re-executes the master, which imports the new code
+    before its loop runs again: a thread answers the stats listener meanwhile,
+    /readyz 200 since the workers from before serve, the figures 503 with
+    Retry-After, so an orchestrator neither takes the host out nor restarts it."""
+    server, stats, mark = _reloading_with_a_slow_import(start_server, tmp_path)
     answers = {}
     for path in ("/healthz", "/readyz", "/metrics"):
         with socket.create_connection(("127.0.0.1", stats), timeout=2) as s:
@@ -565,12 +573,18 @@ def test_health_probes_are_answered_while_a_preload_reload_imports(start_server,
     assert answers["/readyz"].startswith(b"HTTP/1.1 200"), answers
     assert answers["/metrics"].startswith(b"HTTP/1.1 503") and b"Retry-After: 1\r\n" in answers["/metrics"]
     assert server.request("GET", "/").status == 200
-    # A probe that connects during the import and sends its request after it
-    # is answered by the master's loop (the thread dropped it).
-    straddling = socket.create_connection(("127.0.0.1", stats), timeout=10)
     # The import is still going on: the answers above came during it.
     assert not server.grep(r"Preloaded application", since=mark)
-    server.wait_for(r"Preloaded application", since=mark, timeout=30)
+    # A probe that connects during the import and sends its request after it
+    # is answered by the master's loop (the thread dropped it): the last of
+    # connections opened now and then until the import ends.
+    opened = []
+    while not server.grep(r"Preloaded application", since=mark):
+        opened.append(socket.create_connection(("127.0.0.1", stats), timeout=10))
+        time.sleep(0.2)
+    straddling = opened.pop()
+    for c in opened:
+        c.close()
     with straddling:
         straddling.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert straddling.recv(4096).startswith(b"HTTP/1.1 200")
@@ -583,21 +597,7 @@ def test_health_probes_are_answered_while_a_preload_reload_imports(start_server,
 def test_a_stop_during_a_preload_reloads_import_turns_readiness_off(start_server, tmp_path):
     """TERM while the re-executed master imports: the stop waits for the
     import, but /readyz says 503 at once, as it does for any stop."""
-    stats = free_port()
-    mark_file = tmp_path / "importing"
-    server = start_server(
-        "slow_import:application",
-        "--preload",
-        "--stats",
-        f"127.0.0.1:{stats}",
-        env={"CORRAL_TEST_IMPORT_SECS": "4", "CORRAL_TEST_IMPORT_MARK": str(mark_file)},
-        wait=False,
-    )
-    server.wait_started(timeout=30)
-    mark_file.unlink()
-    mark = server.mark()
-    server.signal(signal.SIGHUP)
-    assert wait_until(mark_file.exists, 20)
+    server, stats, mark = _reloading_with_a_slow_import(start_server, tmp_path)
     server.signal(signal.SIGTERM)
     with socket.create_connection(("127.0.0.1", stats), timeout=2) as s:
         s.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -34,6 +34,16 @@ LAUNCH = (
 )
 
 
+# As LAUNCH, with two descriptors: argv[1] to 3 and argv[2] to 4.
+LAUNCH2 = (
+    "import os, sys\n"
+    "a, b = int(sys.argv[1]), int(sys.argv[2])\n"
+    "os.dup2(a, 3)\nos.dup2(b, 4)\nos.close(a)\nos.close(b)\n"
+    "os.environ['LISTEN_PID'] = str(os.getpid())\n"
+    "os.execv(sys.argv[3], sys.argv[3:])\n"
+)
+
+
 def _unit(name):
     parser = configparser.ConfigParser(interpolation=None, strict=True)
     parser.optionxform = str  # keys are case-sensitive in systemd units
@@ -314,13 +324,6 @@ def test_activated_socket_is_served_beside_the_listeners_given(start_server):
 def test_activated_stats_socket_is_not_served_as_http_too(start_server):
     """Two sockets passed, one of them named by --stats fd://4: that one is
     the stats listener alone; the other is served beside --http."""
-    launch2 = (
-        "import os, sys\n"
-        "a, b = int(sys.argv[1]), int(sys.argv[2])\n"
-        "os.dup2(a, 3)\nos.dup2(b, 4)\nos.close(a)\nos.close(b)\n"
-        "os.environ['LISTEN_PID'] = str(os.getpid())\n"
-        "os.execv(sys.argv[3], sys.argv[3:])\n"
-    )
     socks = []
     for _ in range(2):
         s = socket.socket()
@@ -333,7 +336,7 @@ def test_activated_stats_socket_is_not_served_as_http_too(start_server):
         "behaviour:application",
         "--stats",
         "fd://4",
-        command=[sys.executable, "-c", launch2, str(fds[0]), str(fds[1]), *CORRAL],
+        command=[sys.executable, "-c", LAUNCH2, str(fds[0]), str(fds[1]), *CORRAL],
         pass_fds=tuple(fds),
         env={"LISTEN_FDS": "2"},
     )
@@ -353,13 +356,6 @@ def test_activated_datagram_socket_beside_a_stream_one_is_left_alone(start_serve
     """A service whose socket unit has a ListenDatagram= too: systemd passes
     both; the stream socket is served and the datagram one is left alone,
     with a line saying so (it used to stop the start)."""
-    launch2 = (
-        "import os, sys\n"
-        "a, b = int(sys.argv[1]), int(sys.argv[2])\n"
-        "os.dup2(a, 3)\nos.dup2(b, 4)\nos.close(a)\nos.close(b)\n"
-        "os.environ['LISTEN_PID'] = str(os.getpid())\n"
-        "os.execv(sys.argv[3], sys.argv[3:])\n"
-    )
     stream = socket.socket()
     stream.bind(("127.0.0.1", 0))
     stream.listen(16)
@@ -370,7 +366,7 @@ def test_activated_datagram_socket_beside_a_stream_one_is_left_alone(start_serve
     server = start_server(
         "behaviour:application",
         http=None,
-        command=[sys.executable, "-c", launch2, str(fds[0]), str(fds[1]), *CORRAL],
+        command=[sys.executable, "-c", LAUNCH2, str(fds[0]), str(fds[1]), *CORRAL],
         pass_fds=fds,
         env={"LISTEN_FDS": "2"},
         wait=False,

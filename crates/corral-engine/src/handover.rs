@@ -236,30 +236,29 @@ fn stuck(board: &Scoreboard, slot: usize) -> bool {
 /// holds fewer than `max`: where a new connection goes that `me` has no
 /// room for.
 pub(crate) fn target_with_room(board: &Scoreboard, me: usize, max: usize) -> Option<libc::pid_t> {
-    (0..board.slots())
-        .filter(|&slot| {
-            slot != me
-                && board.state(slot) == WorkerState::Ready
-                && !stuck(board, slot)
-                && board.conns(slot) < max
-        })
+    with_room(board, me, max)
         .min_by_key(|&slot| board.conns(slot))
         .map(|slot| board.pid(slot))
         .filter(|&pid| alive(pid))
+}
+
+/// The ready workers other than `me`, not stuck, with fewer than `max`
+/// connections.
+fn with_room(board: &Scoreboard, me: usize, max: usize) -> impl Iterator<Item = usize> + '_ {
+    (0..board.slots()).filter(move |&slot| {
+        slot != me
+            && board.state(slot) == WorkerState::Ready
+            && !stuck(board, slot)
+            && board.conns(slot) < max
+    })
 }
 
 /// The ready worker other than `me`, with room for a connection, that has
 /// the most threads free (see [`Scoreboard::free_threads`]); None when none
 /// has one.
 pub(crate) fn target_with_free_thread(board: &Scoreboard, me: usize, max: usize) -> Option<libc::pid_t> {
-    (0..board.slots())
-        .filter(|&slot| {
-            slot != me
-                && board.state(slot) == WorkerState::Ready
-                && !stuck(board, slot)
-                && board.conns(slot) < max
-                && board.free_threads(slot) > 0
-        })
+    with_room(board, me, max)
+        .filter(|&slot| board.free_threads(slot) > 0)
         .max_by_key(|&slot| board.free_threads(slot))
         .map(|slot| board.pid(slot))
         .filter(|&pid| alive(pid))

@@ -381,9 +381,13 @@ fn interim_response(request: &[u8]) -> Vec<u8> {
     render(method, status, "text/plain", body)
 }
 
-/// Whether a signal that stops the master (TERM, INT, QUIT) is pending: the
-/// master blocks them, and reads them once its loop runs.
+/// Whether a signal that stops the master (TERM, INT, QUIT) came and waits
+/// for the master's loop: noted by the handler that holds the signals until
+/// then, or pending where they are blocked.
 fn stop_pending() -> bool {
+    if crate::supervise::early_stop_noted() {
+        return true;
+    }
     let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
     if unsafe { libc::sigpending(set.as_mut_ptr()) } != 0 {
         return false;

@@ -1900,6 +1900,13 @@ extern "C" fn note_early_signal(sig: libc::c_int) {
     EARLY.fetch_or(1 << sig, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Whether a signal that stops the master (TERM, INT, QUIT) arrived while
+/// the signals were held (see [`hold_early_signals`]), not acted on yet.
+pub fn early_stop_noted() -> bool {
+    let early = EARLY.load(std::sync::atomic::Ordering::Relaxed);
+    [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT].iter().any(|&s| early & (1 << s) != 0)
+}
+
 /// From the start of the program until the master reads its signalfd, its
 /// signals are noted by a handler with the mask empty, rather than blocked.
 /// A program the app starts meanwhile (while `--preload` imports it)

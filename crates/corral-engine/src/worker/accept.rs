@@ -106,19 +106,21 @@ fn hand_on_if_spoken_for<A: App>(w: &Shared<A>, t: usize, fd: RawFd, idx: usize)
     else {
         return false;
     };
+    send_new(w, to, fd, idx).is_ok()
+}
+
+/// Hands the connection just accepted from listener `idx`, its first request
+/// unread, to the worker `to`; closes this process's copy once it went.
+fn send_new<A: App>(w: &Shared<A>, to: libc::pid_t, fd: RawFd, idx: usize) -> io::Result<()> {
     let note = crate::handover::Note {
         listener: idx as u16,
         protocol: w.listeners[idx].1.protocol as u8,
         client: None,
         fresh: true,
     };
-    match crate::handover::send(w.master, to, fd, note, b"") {
-        Ok(()) => {
-            unsafe { libc::close(fd) };
-            true
-        }
-        Err(_) => false,
-    }
+    crate::handover::send(w.master, to, fd, note, b"")?;
+    unsafe { libc::close(fd) };
+    Ok(())
 }
 
 /// Whether the connections still in the accept queue are better left
@@ -335,15 +337,8 @@ pub(super) fn pass_to_sibling<A: App>(w: &Shared<A>, fd: RawFd, idx: usize, why:
     let Some(to) = crate::handover::target_with_room(&w.scoreboard, w.slot, w.config.max_connections) else {
         return false;
     };
-    let note = crate::handover::Note {
-        listener: idx as u16,
-        protocol: w.listeners[idx].1.protocol as u8,
-        client: None,
-        fresh: true,
-    };
-    match crate::handover::send(w.master, to, fd, note, b"") {
+    match send_new(w, to, fd, idx) {
         Ok(()) => {
-            unsafe { libc::close(fd) };
             pause_listeners(w, mono_ms());
             debug!("{why}: handed a new connection to worker pid {to}");
             true
