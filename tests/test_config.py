@@ -1356,6 +1356,8 @@ def test_check_config_refuses_what_a_start_refuses(tmp_path):
             ["--stats", "127.0.0.1:8000"],
             "--stats 127.0.0.1:8000 overlaps the default --http 127.0.0.1:8000",
         ),
+        # A start would not resolve it either.
+        (["--stats", "no-such-host.invalid"], "--stats no-such-host.invalid: cannot resolve"),
     ):
         proc = _run(["--check-config", "--pythonpath", str(APPS), *args, "behaviour:application"])
         assert proc.returncode == 2 and said in proc.stderr, (args, proc.stderr)
@@ -1874,3 +1876,35 @@ def test_a_failed_start_with_an_error_log_file_says_where_the_reason_is(tmp_path
     assert proc.returncode == 1
     assert f"corral: exited with code 1; the reason is in the error log {log}" in proc.stderr, proc.stderr
     assert "in use" in log.read_text(), log.read_text()
+
+
+def test_gunicorns_initgroups_flag_is_left_out_with_a_note():
+    proc = _run(
+        ["--check-config", "--pythonpath", str(APPS), "behaviour:application"],
+        env={"GUNICORN_CMD_ARGS": "--initgroups"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "gunicorn's --initgroups is not needed: --user always gives the workers the user's groups"
+        in proc.stderr
+    )
+
+
+def test_request_limits_without_an_http_listener_are_said_to_be_unused(start_server):
+    """They limit what HTTP clients send; uwsgi, FastCGI and SCGI carry what a
+    front end, with its own limits, let through."""
+    server = start_server(
+        "behaviour:application",
+        "--scgi",
+        "127.0.0.1:0",
+        "--limit-request-fields",
+        "5",
+        "--limit-request-line",
+        "100",
+        http=None,
+        wait=False,
+    )
+    server.wait_for(
+        r"--limit-request-line, --limit-request-fields are not used: they limit what HTTP clients send to "
+        r"--http listeners, and there is none"
+    )

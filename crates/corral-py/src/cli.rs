@@ -347,20 +347,22 @@ pub struct Cli {
     #[arg(long, value_name = "BYTES", env = "CORRAL_MAX_BODY_SIZE")]
     pub max_body_size: Option<u64>,
 
-    /// Longest request line in bytes (414 beyond it); 0 for the most corral allows (1 MiB),
-    /// as gunicorn's 0 means no limit.
+    /// Longest request line in bytes (414 beyond it) from an HTTP client; 0 for the most corral
+    /// allows (1 MiB), as gunicorn's 0 means no limit.
     #[arg(long, value_name = "N", env = "CORRAL_LIMIT_REQUEST_LINE",
           default_value_t = corral_proto::http1::DEFAULT_MAX_REQUEST_LINE,
           value_parser = parse_line_limit)]
     pub limit_request_line: usize,
 
-    /// Most header fields in a request (431 beyond it); 0 for the most corral allows (1024).
+    /// Most header fields in an HTTP client's request (431 beyond it); 0 for the most corral
+    /// allows (1024). A uwsgi, FastCGI or SCGI request may carry up to 1024 variables.
     #[arg(long, value_name = "N", env = "CORRAL_LIMIT_REQUEST_FIELDS",
           default_value_t = corral_proto::http1::DEFAULT_MAX_HEADERS,
           value_parser = parse_fields_limit)]
     pub limit_request_fields: usize,
 
-    /// Longest header field line in bytes (431 beyond it); 0 for the most corral allows (1 MiB).
+    /// Longest header field line in bytes from an HTTP client (431 beyond it); 0 for the most
+    /// corral allows (1 MiB).
     #[arg(long, alias = "limit-request-field_size", value_name = "N", env = "CORRAL_LIMIT_REQUEST_FIELD_SIZE",
           default_value_t = corral_proto::http1::DEFAULT_MAX_HEADER_LINE,
           value_parser = parse_line_limit)]
@@ -1117,6 +1119,23 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     if !http && cli.proxy_protocol {
         warn!("--proxy-protocol is not used: it applies to --http listeners, and there is none");
     }
+    let limits: Vec<&str> = [
+        ("limit_request_line", "--limit-request-line"),
+        ("limit_request_fields", "--limit-request-fields"),
+        ("limit_request_field_size", "--limit-request-field-size"),
+    ]
+    .into_iter()
+    .filter(|(id, _)| given(id))
+    .map(|(_, flag)| flag)
+    .collect();
+    if !http && !limits.is_empty() {
+        let (is, limit) = if limits.len() == 1 { ("is", "it limits") } else { ("are", "they limit") };
+        warn!(
+            "{} {is} not used: {limit} what HTTP clients send to --http listeners, and there is none (a front \
+             end applies its own limits before uwsgi, FastCGI or SCGI: nginx's large_client_header_buffers)",
+            limits.join(", ")
+        );
+    }
     if !http && given("forwarded_allow_ips") {
         warn!(
             "--forwarded-allow-ips is not used: it applies to --http listeners, and there is none (over uwsgi, \
@@ -1745,8 +1764,14 @@ fn check_without_effects(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), St
             .collect();
     distinct_tcp_listeners(addrs.iter().map(|(o, a)| (o.clone(), a)))?;
     // Where a start would create a file: its directory must be there.
-    let listeners =
-        [("http", &cli.http), ("uwsgi", &cli.uwsgi), ("fastcgi", &cli.fastcgi), ("scgi", &cli.scgi)];
+    let stats: Vec<String> = cli.stats.iter().cloned().collect();
+    let listeners = [
+        ("http", &cli.http),
+        ("uwsgi", &cli.uwsgi),
+        ("fastcgi", &cli.fastcgi),
+        ("scgi", &cli.scgi),
+        ("stats", &stats),
+    ];
     for (flag, addrs) in listeners {
         for a in addrs.iter() {
             if let Some(path) = a.strip_prefix("unix:") {

@@ -141,8 +141,7 @@ fn rule(name: &str) -> Option<Rule> {
         // Handled with `reload` and `worker_class` (see `translate`).
         "reload_extra_files" | "worker_class" => Ignored,
         "reload_engine" | "default_proc_name" | "config" => Ignored,
-        // corral always takes the user's groups (--user calls initgroups).
-        "initgroups" => Ignored,
+        "initgroups" => Moot("(False, True)", "--user always gives the workers the user's groups, as initgroups(3) does"),
         // Its syslog settings only matter with `syslog`, refused below.
         "syslog_addr" | "syslog_prefix" | "syslog_facility" | "disable_redirect_access_to_syslog" => Ignored,
         "ssl_version" | "cert_reqs" | "suppress_ragged_eofs" | "do_handshake_on_connect" | "ciphers" => {
@@ -324,6 +323,7 @@ const MOOT_FLAGS: &[(&str, &str, bool)] = &[
     ("--control-socket", "control_socket", true),
     ("--control-socket-mode", "control_socket_mode", true),
     ("--no-control-socket", "control_socket", false),
+    ("--initgroups", "initgroups", false),
 ];
 
 /// gunicorn 27's `--proxy-protocol MODE`, with its mode after a space, as
