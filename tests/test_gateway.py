@@ -945,6 +945,53 @@ def test_fastcgi_keep_conn_stays_after_a_refused_request(start_server, refusal):
     assert len(server.grep(said)) == 3, server.log[-2000:]
 
 
+@pytest.mark.parametrize("refusal", ["413", "400", "broken-params"])
+def test_a_refusal_on_a_kept_fastcgi_connection_ends_after_its_stdin(start_server, refusal):
+    """END_REQUEST of a refused request waits for the end of its STDIN, as
+    for an app's answer, also as the connection's second request (with the
+    first's id again, as nginx sends); and the connection, answered, is on
+    the keep-alive clock, not the header timeout of a new one."""
+    server = g.start_gateways(
+        start_server,
+        "gateway_probe:application",
+        [("fastcgi", "127.0.0.1:0")],
+        "--max-body-size",
+        "1000",
+        "--header-timeout",
+        "1",
+        workers=1,
+        threads=2,
+    )
+    if refusal == "413":
+        params = g.encode_pairs(g.cgi_params("POST", "/echo", b"x" * 5000))
+    elif refusal == "400":
+        params = g.encode_pairs(g.cgi_params("POST", "/echo", extra=[("CONTENT_LENGTH", "abc")]))
+    else:
+        params = g.encode_pairs(g.cgi_params(uri="/fixed")) + b"\x80\x00\x00\x09\x01ab"
+    with g.FcgiConn(server.addr("fastcgi"), timeout=10) as conn:
+        for first in (True, False):
+            if not first:
+                r = conn.request(g.cgi_params(uri="/fixed"), request_id=1, keep_conn=True)
+                assert r.status == 200
+            conn.send(
+                g.begin_request(1, g.FCGI_RESPONDER, True)
+                + g.stream(g.FCGI_PARAMS, 1, params)
+                # Part of the 413's declared body; the others declare none.
+                + g.stream(g.FCGI_STDIN, 1, b"x" * (3000 if refusal == "413" else 1000), end=False)
+            )
+            got = [conn.read_record(5), conn.read_record(5)]
+            assert [r.type for r in got] == [g.FCGI_STDOUT, g.FCGI_STDOUT], got
+            with pytest.raises(TimeoutError):
+                conn.read_record(0.5)
+            conn.send(g.stream(g.FCGI_STDIN, 1, b"x" * (2000 if refusal == "413" else 0)))
+            end = conn.read_record(5)
+            assert end.type == g.FCGI_END_REQUEST, end
+        # Past the header timeout, still open for the next request.
+        time.sleep(1.5)
+        r = conn.request(g.cgi_params(uri="/fixed"), request_id=1, keep_conn=True)
+        assert (r.status, r.body) == (200, b"hello world")
+
+
 def test_fastcgi_params_whose_pairs_are_broken_get_400_and_a_kept_connection_goes_on(gw):
     """Whole PARAMS records whose pairs are not (a length running past the
     end): the front end gets a 400 to show, as for a bad uwsgi packet,

@@ -226,8 +226,10 @@ fn refuse_in_params(st: &mut FcgiConn, out: &mut Vec<u8>, id: u16, keep_conn: bo
     st.refused.push(format!("request {id}: {why} ({status} {})", crate::worker::reason(status)));
     fastcgi::write_stdout(out, id, &crate::worker::cgi_error_response(status, why));
     fastcgi::write_stream_end(out, RecordType::Stdout, id);
-    fastcgi::write_end_request(out, id, 0, ProtocolStatus::RequestComplete);
-    if !keep_conn {
+    if keep_conn {
+        st.refused_stdin = Some(id);
+    } else {
+        fastcgi::write_end_request(out, id, 0, ProtocolStatus::RequestComplete);
         st.close_after = true;
     }
 }
@@ -330,6 +332,11 @@ pub(crate) struct FcgiConn {
     /// Since the connection was last parked, only records outside any request
     /// came (GET_VALUES, unknown types): not activity that keeps it open.
     pub chatter: bool,
+    /// A request refused from its PARAMS on a kept connection whose STDIN
+    /// is still to come: its records are dropped, and END_REQUEST goes out
+    /// after the empty one (given earlier, a front end may stop sending the
+    /// body and begin its next request in the middle of it).
+    pub refused_stdin: Option<u16>,
     /// Records answered outside any request (GET_VALUES, unknown types)
     /// since the last request began: see [`MAX_ANSWERS_WITHOUT_REQUEST`].
     pub answered: u32,
@@ -399,6 +406,11 @@ pub(crate) fn fcgi_head(
                 let begin = fastcgi::parse_begin_request(r.content).map_err(|e| e.to_string())?;
                 if r.request_id == fastcgi::NULL_REQUEST_ID {
                     return Err("BEGIN_REQUEST with the management request id 0".into());
+                }
+                // A front end that begins the next request has given up the
+                // refused one's STDIN: its END_REQUEST is owed first.
+                if let Some(id) = st.refused_stdin.take() {
+                    fastcgi::write_end_request(out, id, 0, ProtocolStatus::RequestComplete);
                 }
                 match begin.role {
                     Role::Responder => {
@@ -478,6 +490,12 @@ pub(crate) fn fcgi_head(
                 // The body follows the parameters; taken here, it would be
                 // lost without a word.
                 return Err("STDIN record before the end of PARAMS".into());
+            }
+            (RecordType::Stdin, None) if st.refused_stdin == Some(r.request_id) => {
+                if r.content.is_empty() {
+                    st.refused_stdin = None;
+                    fastcgi::write_end_request(out, r.request_id, 0, ProtocolStatus::RequestComplete);
+                }
             }
             (RecordType::GetValues | RecordType::Unknown(_), _)
                 if st.answered >= MAX_ANSWERS_WITHOUT_REQUEST =>
@@ -730,12 +748,19 @@ mod tests {
             wire.extend(record(4, 1, &[0x80, 0, 0, 1, 1, b'a'], 0));
             wire.extend(record(4, 1, b"", 0));
             wire.extend(record(5, 1, b"", 0));
-            let (used, req) = fcgi_head(&mut st, &wire, &mut out).unwrap();
+            let (used, req) = fcgi_head(&mut st, &wire[..wire.len() - 8], &mut out).unwrap();
             assert!(req.is_none() && st.active.is_none());
             assert_eq!(st.close_after, !keep);
-            assert_eq!(used, if keep { wire.len() } else { wire.len() - 8 });
+            assert_eq!(used, wire.len() - 8);
             assert!(out.windows(15).any(|w| w == b"Status: 400 Bad"), "{out:?}");
             assert!(st.refused[0].contains("malformed PARAMS"), "{:?}", st.refused);
+            // Kept, END_REQUEST waits for the end of its STDIN.
+            let ends = |out: &[u8]| out.windows(2).filter(|w| w == &[1, 3]).count();
+            assert_eq!(ends(&out), usize::from(!keep));
+            if keep {
+                fcgi_head(&mut st, &wire[wire.len() - 8..], &mut out).unwrap();
+                assert_eq!((ends(&out), st.refused_stdin), (1, None));
+            }
         }
         assert!(next_stdin(&[9], 1).is_err());
     }

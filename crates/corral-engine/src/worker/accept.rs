@@ -161,7 +161,7 @@ pub(super) fn set_nodelay(fd: RawFd) -> bool {
 /// as much as one that finds a connection (2.7 us on a test machine,
 /// against 0.4 us for this poll), and behind a front end that opens a
 /// connection per request (uwsgi, SCGI) most looks find nothing.
-fn queued(listener: RawFd) -> bool {
+pub(super) fn queued(listener: RawFd) -> bool {
     let mut p = libc::pollfd { fd: listener, events: libc::POLLIN, revents: 0 };
     // An error (the listener let go by a drain meanwhile) reads as nothing queued.
     unsafe { libc::poll(&mut p, 1, 0) > 0 && p.revents & libc::POLLIN != 0 }
@@ -316,7 +316,7 @@ pub(super) fn pause_listeners<A: App>(w: &Shared<A>, now: u64) {
     // Draining, the listeners have left the epoll set already, and their
     // numbers may be taken by other descriptors since.
     if ACCEPT_PAUSED_AT.load(Ordering::Acquire) == 0 && !draining() {
-        for (fd, _) in &w.listeners {
+        for (_, (fd, _)) in w.listeners.iter().enumerate().filter(|(i, _)| listener_kept(*i)) {
             unsafe { libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_DEL, *fd, std::ptr::null_mut()) };
         }
         ACCEPT_PAUSED_AT.store(now.max(1), Ordering::Release);
@@ -397,15 +397,33 @@ pub(super) fn resume_accepting<A: App>(w: &Shared<A>, now: u64) {
 /// A listening socket of this worker is gone from under it: said once, and
 /// the worker stops accepting and asks to be replaced. Its threads serve
 /// what they hold meanwhile; the new worker takes the new connections.
-static LISTENER_GONE: AtomicBool = AtomicBool::new(false);
+pub(super) static LISTENER_GONE: AtomicBool = AtomicBool::new(false);
+
+/// The listeners (by index, the first 64) whose descriptor number is no
+/// longer theirs: it may name a file the app opened since, which nothing
+/// here may close, replace or take out of the epoll set.
+static LOST: AtomicU64 = AtomicU64::new(0);
+
+/// Whether listener `idx`'s descriptor number is still its own.
+pub(super) fn listener_kept(idx: usize) -> bool {
+    match idx {
+        // Not tracked one by one: any loss counts for them all.
+        64.. => !LISTENER_GONE.load(Ordering::Relaxed),
+        _ => LOST.load(Ordering::Relaxed) & (1 << idx) == 0,
+    }
+}
 
 fn listener_gone<A: App>(w: &Shared<A>, idx: usize, e: &io::Error) {
+    if idx < 64 {
+        LOST.fetch_or(1 << idx, Ordering::SeqCst);
+    }
     if LISTENER_GONE.swap(true, Ordering::SeqCst) {
         return;
     }
     error!(
         "Worker {}: its {} listening socket (descriptor {}) is gone: {e}; the app closed the descriptor \
-         (os.closerange, say)? This worker stops accepting and is replaced: pid={}",
+         (os.closerange, say)? This worker stops accepting, leaves once its requests are done if another \
+         worker serves, and is replaced: pid={}",
         w.slot,
         w.listeners[idx].1.protocol.name(),
         w.listeners[idx].0,
@@ -413,6 +431,32 @@ fn listener_gone<A: App>(w: &Shared<A>, idx: usize, e: &io::Error) {
     );
     pause_listeners(w, mono_ms());
     w.scoreboard.request_retire(w.slot, crate::scoreboard::Retire::Broken);
+}
+
+/// Takes, from the main thread, connections that wait in an accept queue
+/// for two upkeep ticks in a row while this worker accepts: their wake-up
+/// went to a worker that could not take them (one whose listening
+/// descriptor the app closed, which the kernel goes on waking), and no
+/// other wake-up comes until the next connection arrives. Parked, they are
+/// served like any other.
+pub(super) fn take_unannounced<A: App>(w: &Shared<A>, before: &mut [bool]) {
+    if draining() || ACCEPT_PAUSED_AT.load(Ordering::Relaxed) != 0 || LISTENER_GONE.load(Ordering::Relaxed) {
+        before.iter_mut().for_each(|b| *b = false);
+        return;
+    }
+    for (idx, (fd, _)) in w.listeners.iter().enumerate() {
+        let now_queued = queued(*fd);
+        if now_queued && before[idx] {
+            if let Accepted::Conn(conn) = accept_one(w, idx) {
+                debug!(
+                    "took a connection no wake-up announced from the {} listener",
+                    w.listeners[idx].1.protocol.name()
+                );
+                park(w, conn);
+            }
+        }
+        before[idx] = now_queued;
+    }
 }
 
 /// Accepts one connection from listener `idx`, if one is waiting.

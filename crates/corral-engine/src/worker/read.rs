@@ -410,6 +410,10 @@ fn parse_gateway<A: App>(
                     io.buf.advance(used);
                     for why in std::mem::take(&mut conn.fcgi.refused) {
                         warn!("Bad fastcgi request from {}: {why}", peer(conn, listener));
+                        // Answered: the connection is between requests, on
+                        // the keep-alive clock, no longer a new one.
+                        conn.entry.fresh.store(false, Ordering::Relaxed);
+                        unpromise(w, &conn.entry);
                     }
                     if req.is_some() || conn.fcgi.active.is_some() {
                         conn.fcgi.chatter = false;
@@ -515,7 +519,7 @@ pub(super) fn refuse<A: App>(
         && conn.fcgi.active.is_none()
         && fastcgi_conn_may_stay()
     {
-        let (reply, kept) = refuse_kept_fcgi(io, wire, status, why, blocking);
+        let (reply, kept) = refuse_kept_fcgi(io, wire, status, why, false, blocking);
         record_refusal(w, Ok(conn), conn.listener, &io.buf, status, &reply);
         if kept {
             return Next::Refused;

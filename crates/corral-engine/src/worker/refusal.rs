@@ -141,6 +141,7 @@ pub(super) fn refuse_kept_fcgi(
     wire: Wire,
     status: u16,
     why: &str,
+    body_begun: bool,
     blocking: fn(&mut dyn FnMut()),
 ) -> (Vec<u8>, bool) {
     let Wire::FastCgi { id, .. } = wire else {
@@ -152,8 +153,9 @@ pub(super) fn refuse_kept_fcgi(
     if io.write_parts(&[&reply], blocking).is_err() {
         return (reply, false);
     }
-    if io.wire != wire || !matches!(io.body, BodyState::Fcgi(_) | BodyState::Done) {
-        // Refused from its parameters: no body state was set up for it.
+    if !body_begun {
+        // Refused from its parameters: no body state was set up for it (what
+        // is there is the previous request's).
         io.wire = wire;
         io.body = BodyState::Fcgi(crate::gateway::FcgiIn {
             content: 0,

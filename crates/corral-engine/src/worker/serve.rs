@@ -167,7 +167,10 @@ pub(super) fn serve_claimed<A: App>(
                 return;
             }
             Next::Refused => {
-                // The next request's header timeout counts from here.
+                // Answered: the connection waits for the next request as
+                // after any response (the keep-alive clock), no longer a new one.
+                conn.entry.fresh.store(false, Ordering::Relaxed);
+                unpromise(w, &conn.entry);
                 conn.request_started = mono_ms();
                 Outcome::Done(true)
             }

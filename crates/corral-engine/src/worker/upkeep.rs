@@ -14,6 +14,8 @@ pub(super) fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
     // When the main thread took over from a crashed serving thread.
     let mut crash_seen: Option<u64> = None;
     let mut stop_wait = StopWait::None;
+    // Listeners found with connections queued at the last tick.
+    let mut queued_before = vec![false; w.listeners.len()];
     loop {
         signals.wait(match stop_wait {
             StopWait::Asked { .. } => STOP_ASK_TICK,
@@ -38,7 +40,11 @@ pub(super) fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
             return 0;
         }
         let stop_signal = signals.stop.swap(false, Ordering::SeqCst);
-        if drain_deadline.is_none() && stop_now(w, stop_signal, &mut stop_wait) {
+        // Its listening socket gone (see accept::listener_gone), the worker
+        // still takes the kernel's wake-ups for it, which no sibling then
+        // gets: it leaves as soon as its requests are done, when one serves.
+        let broken = LISTENER_GONE.load(Ordering::Relaxed) && w.scoreboard.other_ready(w.slot);
+        if drain_deadline.is_none() && (broken || stop_now(w, stop_signal, &mut stop_wait)) {
             drain_deadline = Some(mono_ms() + w.config.graceful_timeout.as_millis() as u64);
             begin_drain(w);
         }
@@ -107,6 +113,7 @@ pub(super) fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
         });
         let orphans_left = sweep(w, now, idle_linger_over());
         resume_accepting(w, now);
+        take_unannounced(w, &mut queued_before);
         trim_after_closes(w);
         report_shed(w, now);
         report_fd_shortage(now);
@@ -667,6 +674,9 @@ pub(super) fn begin_drain<A: App>(w: &Shared<A>) {
     // (ENOTSOCK), not a socket the app opened meanwhile under the same number.
     let placeholder = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
     for (idx, (fd, _)) in w.listeners.iter().enumerate() {
+        if !listener_kept(idx) {
+            continue;
+        }
         unsafe { libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_DEL, *fd, std::ptr::null_mut()) };
         // A wake-up epoll gave this worker just before the removal is not
         // given to any other worker: take what is queued now and serve it.
