@@ -908,6 +908,20 @@ def test_a_body_s_closing_record_after_the_response_does_not_close_a_draining_wo
     assert server.grep(r"Worker handed \d+ connection\(s\) to other workers")
 
 
+def _fastcgi_refusing_large_bodies(start_server, *extra):
+    """One worker of two threads on a FastCGI listener, with --max-body-size 1000."""
+    return g.start_gateways(
+        start_server,
+        "gateway_probe:application",
+        [("fastcgi", "127.0.0.1:0")],
+        "--max-body-size",
+        "1000",
+        *extra,
+        workers=1,
+        threads=2,
+    )
+
+
 @pytest.mark.parametrize("refusal", ["413", "400", "431"])
 def test_fastcgi_keep_conn_stays_after_a_refused_request(start_server, refusal):
     """FCGI_KEEP_CONN leaves the close to the front end: a request refused
@@ -915,15 +929,7 @@ def test_fastcgi_keep_conn_stays_after_a_refused_request(start_server, refusal):
     many variables) gets its answer, the rest of its STDIN is dropped, and
     the request the front end sent behind it on the same connection is
     served (it was dropped with the connection, unanswered and unlogged)."""
-    server = g.start_gateways(
-        start_server,
-        "gateway_probe:application",
-        [("fastcgi", "127.0.0.1:0")],
-        "--max-body-size",
-        "1000",
-        workers=1,
-        threads=2,
-    )
+    server = _fastcgi_refusing_large_bodies(start_server)
     if refusal == "413":
         params, body = g.cgi_params("POST", "/echo", b"x" * 5000), b"x" * 5000
     elif refusal == "400":
@@ -951,17 +957,7 @@ def test_a_refusal_on_a_kept_fastcgi_connection_ends_after_its_stdin(start_serve
     for an app's answer, also as the connection's second request (with the
     first's id again, as nginx sends); and the connection, answered, is on
     the keep-alive clock, not the header timeout of a new one."""
-    server = g.start_gateways(
-        start_server,
-        "gateway_probe:application",
-        [("fastcgi", "127.0.0.1:0")],
-        "--max-body-size",
-        "1000",
-        "--header-timeout",
-        "1",
-        workers=1,
-        threads=2,
-    )
+    server = _fastcgi_refusing_large_bodies(start_server, "--header-timeout", "1")
     if refusal == "413":
         params = g.encode_pairs(g.cgi_params("POST", "/echo", b"x" * 5000))
     elif refusal == "400":

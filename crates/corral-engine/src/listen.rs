@@ -603,9 +603,10 @@ fn remove_stale_socket(path: &PathBuf) -> Result<(), String> {
 
 /// Moves a new connection's descriptor above standard input, output and
 /// error when it got one of their numbers (the app closed fd 1, say), and
-/// puts /dev/null back there: what the app, a C library or faulthandler
-/// then writes to "standard output" must not reach a client. Negative
-/// and higher descriptors are returned as they are.
+/// puts a stream back there: the error log for output and error, so that
+/// what the app, a C library or faulthandler writes there still reaches
+/// the log, /dev/null for input; never a client. Negative and higher
+/// descriptors are returned as they are.
 pub(crate) fn off_stdio(fd: RawFd) -> RawFd {
     if !(0..=2).contains(&fd) {
         return fd;
@@ -614,25 +615,29 @@ pub(crate) fn off_stdio(fd: RawFd) -> RawFd {
     if moved < 0 {
         return fd;
     }
-    let null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-    let in_place = match null >= 0 {
-        // dup2 over the connection's old number, which then is /dev/null
-        // and, as a standard stream should be, inherited by programs.
-        true => unsafe {
-            let done = libc::dup2(null, fd) == fd;
-            libc::close(null);
-            done
-        },
-        false => false,
+    // dup2 over the connection's old number, which then is the stream and,
+    // as a standard stream should be, inherited by programs.
+    let log = if fd == 0 { None } else { crate::logfile::raw_fd() };
+    let (in_place, what) = match log {
+        Some(log) if unsafe { libc::dup2(log, fd) } == fd => (true, "the error log is in its place"),
+        _ => {
+            let null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+            let done = null >= 0 && unsafe { libc::dup2(null, fd) } == fd;
+            if null >= 0 {
+                unsafe { libc::close(null) };
+            }
+            (done, "/dev/null is in its place again")
+        }
     };
     if !in_place {
         // Closed, at least: a write there then fails rather than reach a client.
         unsafe { libc::close(fd) };
     }
-    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+    // Once per descriptor: the app may close all three.
+    static WARNED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+    if WARNED.fetch_or(1 << fd, std::sync::atomic::Ordering::Relaxed) & (1 << fd) == 0 {
         let now = match in_place {
-            true => "/dev/null is in its place again",
+            true => what,
             false => "it stays closed (/dev/null could not be opened)",
         };
         tracing::warn!(
