@@ -316,8 +316,10 @@ pub(super) fn pause_listeners<A: App>(w: &Shared<A>, now: u64) {
     // Draining, the listeners have left the epoll set already, and their
     // numbers may be taken by other descriptors since.
     if ACCEPT_PAUSED_AT.load(Ordering::Acquire) == 0 && !draining() {
-        for (_, (fd, _)) in w.listeners.iter().enumerate().filter(|(i, _)| listener_kept(*i)) {
-            unsafe { libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_DEL, *fd, std::ptr::null_mut()) };
+        for (idx, (fd, _)) in w.listeners.iter().enumerate() {
+            if listener_kept(idx) {
+                unsafe { libc::epoll_ctl(w.epfd, libc::EPOLL_CTL_DEL, *fd, std::ptr::null_mut()) };
+            }
         }
         ACCEPT_PAUSED_AT.store(now.max(1), Ordering::Release);
     }

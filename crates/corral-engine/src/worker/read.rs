@@ -515,11 +515,10 @@ pub(super) fn refuse<A: App>(
     let blocking: fn(&mut dyn FnMut()) = |f| f();
     // Kept, once its parameters ended: records of them still to come are
     // not a body to drop.
-    if matches!(wire, Wire::FastCgi { keep_conn: true, .. })
-        && conn.fcgi.active.is_none()
-        && fastcgi_conn_may_stay()
+    if let (Wire::FastCgi { id, keep_conn: true }, None, true) =
+        (wire, conn.fcgi.active, fastcgi_conn_may_stay())
     {
-        let (reply, kept) = refuse_kept_fcgi(io, wire, status, why, false, blocking);
+        let (reply, kept) = refuse_kept_fcgi(io, id, status, why, false, blocking);
         record_refusal(w, Ok(conn), conn.listener, &io.buf, status, &reply);
         if kept {
             return Next::Refused;

@@ -138,15 +138,12 @@ pub(super) fn error_body(status: u16, detail: &str) -> String {
 /// of it. The answer (without END_REQUEST) is returned, for the access log.
 pub(super) fn refuse_kept_fcgi(
     io: &mut Io,
-    wire: Wire,
+    id: u16,
     status: u16,
     why: &str,
     body_begun: bool,
     blocking: fn(&mut dyn FnMut()),
 ) -> (Vec<u8>, bool) {
-    let Wire::FastCgi { id, .. } = wire else {
-        return (error_reply(wire, status, why, io.front_end_nginx), false);
-    };
     let mut reply = Vec::new();
     fastcgi::write_stdout(&mut reply, id, &cgi_error_response(status, why));
     fastcgi::write_stream_end(&mut reply, fastcgi::RecordType::Stdout, id);
@@ -156,7 +153,7 @@ pub(super) fn refuse_kept_fcgi(
     if !body_begun {
         // Refused from its parameters: no body state was set up for it (what
         // is there is the previous request's).
-        io.wire = wire;
+        io.wire = Wire::FastCgi { id, keep_conn: true };
         io.body = BodyState::Fcgi(crate::gateway::FcgiIn {
             content: 0,
             padding: 0,

@@ -69,9 +69,8 @@ pub(super) fn handle_request<A: App>(
         let mut io = conn.io.lock().unwrap();
         let blocking: fn(&mut dyn FnMut()) = |f| f();
         let wire = io.wire;
-        if io.keep_alive && matches!(wire, Wire::FastCgi { keep_conn: true, .. }) {
-            let (reply, kept) =
-                refuse_kept_fcgi(&mut io, wire, 413, "request body too large", true, blocking);
+        if let (Wire::FastCgi { id, keep_conn: true }, true) = (wire, io.keep_alive) {
+            let (reply, kept) = refuse_kept_fcgi(&mut io, id, 413, "request body too large", true, blocking);
             record_refused_request(w, conn, &req, 413, &reply);
             if !kept {
                 drain_and_close(&mut io);
