@@ -951,6 +951,37 @@ def test_fastcgi_keep_conn_stays_after_a_refused_request(start_server, refusal):
     assert len(server.grep(said)) == 3, server.log[-2000:]
 
 
+@pytest.mark.parametrize("keep_conn", [True, False], ids=["keep", "close"])
+def test_a_fastcgi_request_refused_from_its_params_has_an_access_log_line(start_server, tmp_path, keep_conn):
+    """PARAMS whose records are whole but whose pairs are not get a 400, and
+    the 400 its access-log line (and its count in the metrics), like any
+    other refusal; the front end's address stands for the client, whose own
+    the broken variables would have named."""
+    log = tmp_path / "access.log"
+    server = _fastcgi_refusing_large_bodies(
+        start_server, "--access-log", str(log), "--access-log-format", "%(h)s %(m)s %(U)s %(s)s"
+    )
+    params = g.encode_pairs(g.cgi_params(uri="/fixed")) + b"\x80\x00\x00\x09\x01ab"
+    with g.FcgiConn(server.addr("fastcgi"), timeout=10) as conn:
+        conn.send(
+            g.begin_request(1, g.FCGI_RESPONDER, keep_conn)
+            + g.stream(g.FCGI_PARAMS, 1, params)
+            + g.stream(g.FCGI_STDIN, 1, b"")
+        )
+        assert conn.read_response(1).status == 400
+        if keep_conn:
+            r = conn.request(g.cgi_params(uri="/fixed"), request_id=1, keep_conn=True)
+            assert (r.status, r.body) == (200, b"hello world")
+    if not keep_conn:
+        assert g.call("fastcgi", server.addr("fastcgi"), uri="/fixed").body == b"hello world"
+    assert wait_until(
+        lambda: (
+            log.exists()
+            and log.read_text().splitlines() == ["127.0.0.1 - - 400", "192.0.2.10 GET /fixed 200"]
+        )
+    ), log.read_text() if log.exists() else "no access log"
+
+
 @pytest.mark.parametrize("refusal", ["413", "400", "broken-params"])
 def test_a_refusal_on_a_kept_fastcgi_connection_ends_after_its_stdin(start_server, refusal):
     """END_REQUEST of a refused request waits for the end of its STDIN, as

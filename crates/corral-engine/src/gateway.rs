@@ -223,8 +223,12 @@ pub(crate) fn refuse_concurrent_begins(
 fn refuse_in_params(st: &mut FcgiConn, out: &mut Vec<u8>, id: u16, keep_conn: bool, status: u16, why: &str) {
     st.active = None;
     st.params.clear();
-    st.refused.push(format!("request {id}: {why} ({status} {})", crate::worker::reason(status)));
-    fastcgi::write_stdout(out, id, &crate::worker::cgi_error_response(status, why));
+    let reply = crate::worker::cgi_error_response(status, why);
+    fastcgi::write_stdout(out, id, &reply);
+    st.refused.push(Refused {
+        why: format!("request {id}: {why} ({status} {})", crate::worker::reason(status)),
+        answered: Some((status, reply)),
+    });
     fastcgi::write_stream_end(out, RecordType::Stdout, id);
     if keep_conn {
         st.refused_stdin = Some(id);
@@ -317,6 +321,17 @@ pub(crate) fn scgi_head(buf: &[u8]) -> Result<Option<Head>, HeadError> {
     }
 }
 
+/// A request refused before the app.
+#[derive(Debug)]
+pub(crate) struct Refused {
+    /// What was wrong, for the error log.
+    pub why: String,
+    /// The status and CGI response it was answered with, for the access
+    /// log; None for a refusal in the protocol's own terms (CANT_MPX_CONN,
+    /// UNKNOWN_ROLE), which never was an HTTP request.
+    pub answered: Option<(u16, Vec<u8>)>,
+}
+
 /// The FastCGI side of a connection between requests.
 #[derive(Debug, Default)]
 pub(crate) struct FcgiConn {
@@ -326,9 +341,9 @@ pub(crate) struct FcgiConn {
     /// The connection must close once the pending output is written (a
     /// refused request without KEEP_CONN).
     pub close_after: bool,
-    /// Requests refused with a protocol status since the caller last looked,
-    /// for it to log with the peer.
-    pub refused: Vec<String>,
+    /// Requests refused since the caller last looked, for it to log with
+    /// the peer.
+    pub refused: Vec<Refused>,
     /// Since the connection was last parked, only records outside any request
     /// came (GET_VALUES, unknown types): not activity that keeps it open.
     pub chatter: bool,
@@ -419,17 +434,20 @@ pub(crate) fn fcgi_head(
                         st.answered = 0;
                     }
                     role => {
-                        st.refused.push(format!(
-                            "FastCGI role {} refused for request {} (only RESPONDER is served); ended \
-                             with UNKNOWN_ROLE",
-                            match role {
-                                Role::Authorizer => "AUTHORIZER (2)".to_string(),
-                                Role::Filter => "FILTER (3)".to_string(),
-                                Role::Unknown(n) => n.to_string(),
-                                Role::Responder => unreachable!("served above"),
-                            },
-                            r.request_id
-                        ));
+                        st.refused.push(Refused {
+                            why: format!(
+                                "FastCGI role {} refused for request {} (only RESPONDER is served); ended \
+                                 with UNKNOWN_ROLE",
+                                match role {
+                                    Role::Authorizer => "AUTHORIZER (2)".to_string(),
+                                    Role::Filter => "FILTER (3)".to_string(),
+                                    Role::Unknown(n) => n.to_string(),
+                                    Role::Responder => unreachable!("served above"),
+                                },
+                                r.request_id
+                            ),
+                            answered: None,
+                        });
                         fastcgi::write_end_request(out, r.request_id, 0, ProtocolStatus::UnknownRole);
                         if !begin.keep_conn {
                             st.close_after = true;
@@ -506,9 +524,9 @@ pub(crate) fn fcgi_head(
                 ));
             }
             (_, active) => match stray_record(record, active.map(|(id, _)| id), out) {
-                Stray::Concurrent(other) => {
-                    st.refused.push(concurrent_refusal(&[other], active.map(|a| a.0)))
-                }
+                Stray::Concurrent(other) => st
+                    .refused
+                    .push(Refused { why: concurrent_refusal(&[other], active.map(|a| a.0)), answered: None }),
                 Stray::BegunTwice => return Err(BEGUN_TWICE.into()),
                 Stray::Ignore | Stray::AbortActive => {
                     if matches!(r.kind, RecordType::GetValues | RecordType::Unknown(_)) {
@@ -753,7 +771,8 @@ mod tests {
             assert_eq!(st.close_after, !keep);
             assert_eq!(used, wire.len() - 8);
             assert!(out.windows(15).any(|w| w == b"Status: 400 Bad"), "{out:?}");
-            assert!(st.refused[0].contains("malformed PARAMS"), "{:?}", st.refused);
+            assert!(st.refused[0].why.contains("malformed PARAMS"), "{:?}", st.refused);
+            assert_eq!(st.refused[0].answered.as_ref().map(|a| a.0), Some(400));
             // Kept, END_REQUEST waits for the end of its STDIN.
             let ends = |out: &[u8]| out.windows(2).filter(|w| w == &[1, 3]).count();
             assert_eq!(ends(&out), usize::from(!keep));

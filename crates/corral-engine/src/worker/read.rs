@@ -408,8 +408,11 @@ fn parse_gateway<A: App>(
             match gateway::fcgi_head(&mut conn.fcgi, &io.buf, &mut out) {
                 Ok((used, req)) => {
                     io.buf.advance(used);
-                    for why in std::mem::take(&mut conn.fcgi.refused) {
-                        warn!("Bad fastcgi request from {}: {why}", peer(conn, listener));
+                    for refused in std::mem::take(&mut conn.fcgi.refused) {
+                        warn!("Bad fastcgi request from {}: {}", peer(conn, listener), refused.why);
+                        if let Some((status, reply)) = &refused.answered {
+                            record_refusal(w, Ok(conn), conn.listener, b"", *status, reply);
+                        }
                         // Answered: the connection is between requests, on
                         // the keep-alive clock, no longer a new one.
                         conn.entry.fresh.store(false, Ordering::Relaxed);
