@@ -1176,6 +1176,24 @@ processes = 9
 """
 
 
+@pytest.mark.parametrize(
+    ("value", "mode"), [("", "666"), ("1", "666"), ("660", "660"), ("6", None), ("0666", None)]
+)
+def test_a_uwsgi_ini_files_chmod_socket_is_read_as_uwsgi_reads_it(tmp_path, value, mode):
+    """A bare chmod-socket, which uWSGI's parser gives as 1, is 666 (it was
+    taken as mode 001, which no front end can connect to); a value that is
+    not three octal digits is refused as uWSGI refuses it."""
+    ini = tmp_path / "site.ini"
+    ini.write_text(f"[uwsgi]\nsocket = {tmp_path}/s.sock\nchmod-socket = {value}\n")
+    proc = _run(["--config", str(ini), "--print-config", "behaviour:application"], cwd=APPS)
+    if mode is None:
+        assert proc.returncode == 2, proc.stdout
+        assert f"{ini}:3: `chmod-socket = {value}` is not a mode uWSGI takes" in proc.stderr, proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert _printed(proc.stdout)["socket-mode"][0] == f'"{mode}"'
+
+
 @pytest.mark.parametrize(("disable", "logged"), [("true", False), ("false", True)])
 def test_a_uwsgi_ini_files_disable_logging_wins_over_its_req_logger(tmp_path, disable, logged):
     """uWSGI writes no request log with disable-logging, whatever req-logger says."""
@@ -1660,6 +1678,44 @@ def test_a_gunicorn_files_reload_extra_files_follow_reload_from_anywhere(tmp_pat
     got = _printed(proc.stdout)
     assert got["reload"] == ("false", f"config file {reloading}:1")
     assert got["touch-reload"][1] == "default"
+
+
+def test_a_gunicorn_files_reload_extra_files_are_from_its_chdir(tmp_path):
+    """gunicorn's reloader runs after the chdir: relative names and patterns
+    there are from it (they were from where corral started, so a pattern
+    matched nothing and an edit reloaded nothing)."""
+    site = tmp_path / "site"
+    (site / "tpl").mkdir(parents=True)
+    (site / "tpl" / "a.html").write_text("a")
+    conf = tmp_path / "gunicorn.conf.py"
+    conf.write_text(
+        f'reload = True\nchdir = {str(site)!r}\nreload_extra_files = ["tpl/*.html", "conf.txt"]\n'
+    )
+    proc = _run(["-c", str(conf), "--print-config", "behaviour:application"], cwd=APPS)
+    assert proc.returncode == 0, proc.stderr
+    assert _printed(proc.stdout)["touch-reload"][0] == f'["{site}/tpl/a.html", "{site}/conf.txt"]'
+    assert "matches no file" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("umask", "mode"), [('"0o022"', "755"), ("0o022", "755"), ('"18"', "755"), ('"0"', "777")]
+)
+def test_a_gunicorn_files_umask_is_read_as_gunicorn_reads_it(tmp_path, umask, mode):
+    conf = tmp_path / "gunicorn.conf.py"
+    conf.write_text(f'bind = "unix:{tmp_path}/s.sock"\numask = {umask}\n')
+    proc = _run(["-c", str(conf), "--print-config", "behaviour:application"], cwd=APPS)
+    assert proc.returncode == 0, proc.stderr
+    assert _printed(proc.stdout)["socket-mode"][0] == f'"{mode}"'
+
+
+def test_a_gunicorn_files_umask_string_with_a_leading_zero_is_refused(tmp_path):
+    """gunicorn reads a string umask with int(v, 0), which refuses "0022"; it
+    was read as decimal 22, a mode of 751 where 755 was meant."""
+    conf = tmp_path / "gunicorn.conf.py"
+    conf.write_text(f'bind = "unix:{tmp_path}/s.sock"\numask = "0022"\n')
+    proc = _run(["-c", str(conf), "--print-config", "behaviour:application"], cwd=APPS)
+    assert proc.returncode == 2, proc.stdout
+    assert f'{conf}:2: gunicorn\'s `umask` "0022" has a leading zero' in proc.stderr, proc.stderr
 
 
 def test_a_gunicorn_files_reload_extra_files_patterns_are_the_files_they_match(start_server, tmp_path):

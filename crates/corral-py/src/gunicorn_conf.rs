@@ -746,6 +746,18 @@ pub fn translate(
                         ) {
                             (Some(oct), _) => u32::from_str_radix(oct, 8).ok(),
                             (_, Some(hex)) => u32::from_str_radix(hex, 16).ok(),
+                            // int(v, 0) refuses "022": a leading zero
+                            // says octal, which it wants spelt 0o22.
+                            _ if s.len() > 1 && s.starts_with('0') && !s.bytes().all(|b| b == b'0') => {
+                                return Err(format!(
+                                    "{}: gunicorn's `umask` {s:?} has a leading zero, which gunicorn refuses \
+                                     (it reads the string with int(v, 0)): write \"0o{}\" for octal, or the \
+                                     number 0o{} without quotes",
+                                    at(&name),
+                                    s.trim_start_matches('0'),
+                                    s.trim_start_matches('0'),
+                                ));
+                            }
                             _ => s.parse::<u32>().ok(),
                         }
                         .filter(|m| *m <= 0o777)
@@ -787,7 +799,14 @@ pub fn translate(
     }
     // gunicorn watches these files for changes only while it reloads on code changes.
     if given_bool("reload").unwrap_or_else(|| truthy("reload")) {
-        if let Some(files) = get("reload_extra_files").and_then(|v| to_value(&v)) {
+        if let Some(mut files) = get("reload_extra_files").and_then(|v| to_value(&v)) {
+            // gunicorn's reloader runs in the worker, after its chdir:
+            // relative names and patterns are from there.
+            if let Some(dir) =
+                given("chdir").or_else(|| get("chdir").and_then(|c| c.extract::<String>().ok()))
+            {
+                files = in_dir(&dir, "reload_extra_files", files);
+            }
             // gunicorn takes glob patterns there (`templates/**/*.html`):
             // each is the files it matches now, watched as named files.
             let files = match files {

@@ -707,9 +707,21 @@ pub fn translate(spec: &str, python_prefix: &str) -> Result<(Vec<Entry>, Vec<Str
         }
     }
     if let Some(l) = last(&["chmod-socket"]) {
-        // uWSGI's bare chmod-socket means 666.
-        let mode = if l.value.is_empty() || l.value == "true" { "666".to_string() } else { l.value.clone() };
-        single.insert("socket-mode", (Value::from(mode), at(l)));
+        // uWSGI's bare chmod-socket (which its parser gives as "1") means
+        // 666; any other value must be three octal digits, or uWSGI stops
+        // with "invalid chmod value".
+        if l.value.is_empty() || l.value == "1" || l.value == "true" {
+            single.insert("socket-mode", (Value::from("666"), at(l)));
+        } else if l.value.len() == 3 && l.value.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+            single.insert("socket-mode", (Value::from(l.value.clone()), at(l)));
+        } else {
+            errors.push(format!(
+                "{}: `chmod-socket = {}` is not a mode uWSGI takes: three octal digits (660), or no value \
+                 (or 1) for 666",
+                at(l),
+                l.value
+            ));
+        }
     }
     // The app: module[:callable], or a file, with `callable` (default application).
     let callable = last(&["callable"]).map(|l| l.value.clone());
