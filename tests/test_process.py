@@ -10,6 +10,7 @@ import struct
 import subprocess
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -1360,3 +1361,28 @@ def test_an_app_that_closes_the_listening_socket_gets_its_worker_replaced(start_
     server.wait_for(r"is to be replaced because the app closed its listening socket", since=mark)
     server.wait_for(rf"Worker \d+ \(pid {old}\) exited", since=mark, timeout=30)
     assert all(server.request("GET", "/fixed").status == 200 for _ in range(10))
+
+
+@pytest.mark.parametrize("how", ["TERM", "max-requests"])
+def test_a_worker_leaving_finalizes_the_interpreter_as_pythons_exit_does(start_server, tmp_path, how):
+    """A worker that stops gracefully or is recycled exits as Python does
+    (and gunicorn's and uWSGI's workers): the app's module-level files are
+    flushed, and objects of reference cycles collected, their __del__ run,
+    a NamedTemporaryFile's file removed. The worker left with _exit after
+    atexit: the buffered writes were lost and the temporary files stayed."""
+    extra = ("--max-requests", "2") if how == "max-requests" else ()
+    server = start_server("finalize_app:application", *extra, env={"FINALIZE_DIR": str(tmp_path)})
+    first = server.worker_pids()
+    url = f"http://127.0.0.1:{server.port}/"
+    for _ in range(2):
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert r.read() == b"ok"
+    if how == "TERM":
+        server.signal(signal.SIGTERM)
+        assert server.wait_exit(30) == 0
+    else:
+        server.wait_for(READY_RE.pattern, count=2, timeout=20)
+        assert wait_until(lambda: not os.path.exists(f"/proc/{first[0]}"))
+    assert (tmp_path / f"buffered-{first[0]}.txt").read_text() == "x" * 200
+    assert (tmp_path / "collected.txt").read_text().split() == [str(first[0])] * 2
+    assert not list(tmp_path.glob("*.upload"))

@@ -604,3 +604,29 @@ def test_a_stop_during_a_preload_reloads_import_turns_readiness_off(start_server
         assert s.recv(4096).startswith(b"HTTP/1.1 503")
     assert not server.grep(r"Preloaded application", since=mark)
     assert server.wait_exit(60) == 0
+
+
+def test_hup_runs_a_gunicorn_config_file_again(start_server, tmp_path):
+    """gunicorn runs its Python configuration again at each HUP: a file that
+    reads what it sets from elsewhere (here the number of workers, from a
+    file) gives the new value though its own text is the same. Settings
+    that came out the same get the usual reload, without a re-exec."""
+    count = tmp_path / "workers.txt"
+    count.write_text("1")
+    conf = tmp_path / "gunicorn.conf.py"
+    conf.write_text(f"workers = int(open({str(count)!r}).read())\n")
+    server = start_server("behaviour:application", "--config", str(conf), workers=None)
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    server.wait_for(r"Received SIGHUP: starting 1 new worker", since=mark, timeout=20)
+    server.wait_for(READY_RE.pattern, since=mark, timeout=20)
+    assert not server.grep(r"re-executing the master", since=mark)
+    count.write_text("3")
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    server.wait_for(
+        rf"Received SIGHUP: what {re.escape(str(conf))} sets changed, so the master re-executes", since=mark
+    )
+    server.wait_for(READY_RE.pattern, count=3, since=mark, timeout=20)
+    server.wait_for(r"from before the re-exec exited", since=mark, timeout=20)
+    assert len(server.worker_pids(since=mark)) == 3

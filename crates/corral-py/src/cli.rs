@@ -1441,6 +1441,11 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         argv: sys.getattr("orig_argv")?.extract::<Vec<String>>()?,
         start_dir,
         listen_fds: if from_activation { activated.clone() } else { Vec::new() },
+        settings: cli
+            .config
+            .as_deref()
+            .filter(|spec| crate::gunicorn_conf::is_gunicorn_config(spec))
+            .map(|_| crate::config_file::describe(&cmd, &matches, &origins)),
         config_files,
         pidfile: pidfile.clone(),
     };

@@ -66,6 +66,98 @@ pub struct Reexec {
     /// This program's pid file: the next program removes it if it writes
     /// another (the configuration changed it), so none is left behind.
     pub pidfile: Option<std::path::PathBuf>,
+    /// With a gunicorn configuration file (Python, which may read what it
+    /// sets from elsewhere: a file, the environment), the settings this
+    /// program runs with, as --print-config shows them: a reload runs the
+    /// file again, as gunicorn's HUP does, and re-executes the master when
+    /// what it gives changed, though the file's own text did not.
+    pub settings: Option<String>,
+}
+
+impl Runtime {
+    /// The settings a new program would run with now (see
+    /// [`Reexec::settings`]): its --print-config, run as a re-exec would run
+    /// it. None when it fails or takes longer than a check may.
+    fn settings_now(&self) -> Option<String> {
+        // In the environment the re-exec would give it.
+        let printed = self.print_config(&crate::cli::env_before_settings()).ok()?;
+        printed.status.filter(|s| s.success())?;
+        String::from_utf8(printed.stdout).ok()
+    }
+
+    /// Runs the program a re-exec would run (from the directory of the first
+    /// start) with --print-config, which checks without creating or binding
+    /// anything, and `env` set (None: removed): its exit status, None when
+    /// it took longer than [`REEXEC_CHECK_TIMEOUT`] (and was killed), and
+    /// what it wrote to stdout and stderr.
+    fn print_config(&self, env: &[(String, Option<String>)]) -> Result<Printed, String> {
+        let (exe, orig) = (&self.reexec.exe, &self.reexec.argv);
+        let mut run = std::process::Command::new(exe);
+        run.args(orig.get(1..).unwrap_or_default()).arg("--print-config");
+        for (k, v) in env {
+            match v {
+                Some(v) => run.env(k, v),
+                None => run.env_remove(k),
+            };
+        }
+        if let Some(dir) = &self.reexec.start_dir {
+            run.current_dir(dir);
+        }
+        let mut child = run
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| match &self.reexec.start_dir {
+                // The directory of the first start may be one the user of
+                // --user cannot enter.
+                Some(dir) => format!("cannot run {exe} in {} to check it: {e}", dir.display()),
+                None => format!("cannot run {exe} to check it: {e}"),
+            })?;
+        // Read meanwhile, so that a program saying much cannot fill a pipe
+        // and wait on it; the threads end with the child's pipes.
+        let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut said = Vec::new();
+                if let Some(mut pipe) = pipe {
+                    let _ = pipe.read_to_end(&mut said);
+                }
+                said
+            })
+        };
+        let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+        let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+        // The master supervises nothing while it waits here: a configuration
+        // file that hangs (a secret fetched from the network, a lock) must
+        // not take the service down with it.
+        let deadline = std::time::Instant::now() + REEXEC_CHECK_TIMEOUT;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Ok(None) | Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+            }
+        };
+        Ok(Printed {
+            status,
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
+        })
+    }
+}
+
+/// What a [`Runtime::print_config`] run gave: its exit status (None when it
+/// took too long and was killed), and what it wrote.
+struct Printed {
+    status: Option<std::process::ExitStatus>,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
 }
 
 /// The pid file of the program a re-exec replaced (see [`Reexec::pidfile`]).
@@ -424,50 +516,9 @@ impl Hooks for Runtime {
         if exe.is_empty() || orig.is_empty() {
             return Ok(());
         }
-        let mut check = std::process::Command::new(exe);
-        check.args(&orig[1..]).arg("--print-config");
         // And that the listeners it would bind anew are free.
-        check.env(corral_engine::supervise::CHECK_BINDS_ENV, held);
-        if let Some(dir) = &self.reexec.start_dir {
-            check.current_dir(dir);
-        }
-        let mut child = check
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .map_err(|e| match &self.reexec.start_dir {
-                // The directory of the first start may be one the user of
-                // --user cannot enter.
-                Some(dir) => format!("cannot run {exe} in {} to check it: {e}", dir.display()),
-                None => format!("cannot run {exe} to check it: {e}"),
-            })?;
-        // Read meanwhile, so that a check saying much cannot fill the pipe
-        // and wait on it; the thread ends with the child's stderr.
-        let mut stderr = child.stderr.take().expect("piped");
-        let reader = std::thread::spawn(move || {
-            let mut said = Vec::new();
-            let _ = std::io::Read::read_to_end(&mut stderr, &mut said);
-            said
-        });
-        // The master supervises nothing while it waits here: a configuration
-        // file that hangs (a secret fetched from the network, a lock) must
-        // not take the service down with it.
-        let deadline = std::time::Instant::now() + REEXEC_CHECK_TIMEOUT;
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break Some(status),
-                Ok(None) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(10))
-                }
-                Ok(None) | Err(_) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break None;
-                }
-            }
-        };
-        let stderr = reader.join().unwrap_or_default();
+        let Printed { status, stderr, .. } =
+            self.print_config(&[(corral_engine::supervise::CHECK_BINDS_ENV.into(), Some(held.into()))])?;
         let Some(status) = status else {
             return Err(format!(
                 "checking it took longer than {} s (does the configuration file wait on something?), so the \
@@ -517,17 +568,29 @@ impl Hooks for Runtime {
         if self.preload {
             return Some("the app was preloaded, so the master re-executes itself to load it anew".into());
         }
-        let (path, _) = self
+        if let Some((path, _)) = self
             .reexec
             .config_files
             .iter()
-            .find(|(path, read)| std::fs::read(path).ok().as_ref() != Some(read))?;
-        Some(format!("{} changed, so the master re-executes itself to read it", path.display()))
+            .find(|(path, read)| std::fs::read(path).ok().as_ref() != Some(read))
+        {
+            return Some(format!("{} changed, so the master re-executes itself to read it", path.display()));
+        }
+        let at_start = self.reexec.settings.as_ref().filter(|_| !self.reexec.exe.is_empty())?;
+        let (path, _) = self.reexec.config_files.first()?;
+        match self.settings_now() {
+            Some(now) if &now == at_start => None,
+            // Or the file no longer runs: the re-exec's check says why, and
+            // the workers keep serving.
+            _ => Some(format!(
+                "what {} sets changed, so the master re-executes itself to read it",
+                path.display()
+            )),
+        }
     }
 
     fn worker_exit(&self, code: i32) -> ! {
-        // What Python's own exit does first, then leave without finalizing
-        // the interpreter under still-parked threads.
+        // What Python's own exit does, in its order.
         let py = unsafe { Python::assume_gil_acquired() };
         // Not after a failed import: the master is waiting to hear of it,
         // and half an import may have started a thread that never ends.
@@ -547,6 +610,31 @@ impl Hooks for Runtime {
             sys.getattr("stdout")?.call_method0("flush")?;
             sys.getattr("stderr")?.call_method0("flush")
         });
+        if code != EXIT_APP_LOAD_FAILED && corral_engine::worker::left_idle() {
+            // As Python's own exit, and gunicorn's and uWSGI's workers: the
+            // modules are torn down, so the app's open files are flushed
+            // and closed, and the objects of reference cycles collected,
+            // their __del__ run (a NamedTemporaryFile removes its file).
+            // Nothing else will run Python here: the serving ended with
+            // every thread parked and nothing in flight.
+            // The modules are held alive through it: the app's callable and
+            // hooks, which this process keeps to its end, hold their module's
+            // globals, which outlive a module destroyed before them and then
+            // are never cleared. A module still alive has its globals
+            // cleared, in the reverse order of the imports.
+            if let Ok(modules) = py.import("sys").and_then(|sys| {
+                let values = sys.getattr("modules")?.call_method0("values")?;
+                py.import("builtins")?.getattr("list")?.call1((values,))
+            }) {
+                std::mem::forget(modules.unbind());
+            }
+            unsafe { pyo3::ffi::Py_FinalizeEx() };
+        } else {
+            // Threads may still be in the app's code, or a crash left the
+            // interpreter in doubt: finalizing under them could hang or end
+            // them mid-request. Cycles are still collected.
+            let _ = py.import("gc").and_then(|gc| gc.call_method0("collect"));
+        }
         unsafe { libc::_exit(code) }
     }
 }

@@ -105,6 +105,17 @@ pub fn stopped_at_once() -> bool {
     STOPPED_AT_ONCE.load(Ordering::Relaxed)
 }
 
+/// Set when the worker's serving ended with nothing left running: no
+/// request in flight or past its timeout, no thread in a pass, no crash.
+pub(super) static LEFT_IDLE: AtomicBool = AtomicBool::new(false);
+
+/// Whether this worker's serving ended with nothing left running, so that
+/// the interpreter may be finalized as Python's own exit does: no other
+/// thread will need it again, and none holds it.
+pub fn left_idle() -> bool {
+    LEFT_IDLE.load(Ordering::SeqCst)
+}
+
 /// The process that sent the last graceful stop signal (TERM, or INT unless
 /// --sigint quick), and which signal it was. Two signals that come before
 /// the main thread looks leave the last one's; the master marks a worker

@@ -30,6 +30,7 @@ pub(super) fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
             let what = crate::supervise::describe_serving(&serving, offloaded);
             if serving.is_empty() && offloaded == 0 {
                 info!("Worker exiting at once (quick stop): pid={}", std::process::id());
+                note_if_idle(w, w.stuck.load(Ordering::Acquire), crate::crash::crashed().is_some());
             } else {
                 warn!("Worker exiting at once (quick stop){what}: pid={}", std::process::id());
             }
@@ -141,6 +142,7 @@ pub(super) fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
                     );
                 }
                 info!("Worker stopped gracefully: pid={}", std::process::id());
+                note_if_idle(w, stuck, crash.is_some());
                 return 0;
             }
             if let Some(log) = &w.access {
@@ -253,6 +255,13 @@ const HELD_STOP_GRACE: Duration = Duration::from_secs(1);
 /// master's listeners with nobody to take connections from them, so it
 /// serves on too. The master marks that in the scoreboard; a signal without
 /// the mark (sent to this worker alone) drains.
+/// Notes that the worker leaves with nothing running (see
+/// [`super::left_idle`]): no request past its timeout, no thread in a pass.
+fn note_if_idle<A: App>(w: &Shared<A>, stuck: usize, crashed: bool) {
+    let idle = stuck == 0 && !crashed && w.in_pass.iter().all(|p| !p.load(Ordering::SeqCst));
+    super::signals::LEFT_IDLE.store(idle, Ordering::SeqCst);
+}
+
 fn stop_now<A: App>(w: &Shared<A>, signal: bool, wait: &mut StopWait) -> bool {
     let now = mono_ms();
     if signal {
