@@ -1236,3 +1236,57 @@ def test_a_log_pipe_nobody_reads_drops_lines_instead_of_stopping_the_server(tmp_
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
         os.close(read_end)
+
+
+def test_lines_a_worker_dropped_for_a_stalled_log_reader_are_counted_when_it_exits(tmp_path):
+    """A worker that leaves (here retired by HUP) while its log's reader
+    still takes nothing cannot write the note saying how many lines it
+    dropped: the master says it once the worker has exited, so that every
+    request is either in the access log or in a count."""
+    read_end, write_end = os.pipe()
+    port = _free_port()
+    errors = tmp_path / "error.log"
+    proc = subprocess.Popen(
+        [
+            *CORRAL,
+            "--http",
+            f"127.0.0.1:{port}",
+            "--access-log",
+            "-",
+            "--access-log-format",
+            "%(r)s",
+            "--error-log",
+            str(errors),
+            "behaviour:application",
+        ],
+        cwd=APPS,
+        stdout=write_end,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    os.close(write_end)
+    try:
+        assert wait_until(lambda: errors.exists() and "Worker ready" in errors.read_text(), timeout=30)
+        # 2000 lines of some 20 bytes are more than the 64 KiB a pipe holds.
+        requests = 4000
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+            conn = RawConn(s)
+            for _ in range(requests):
+                conn.send_request("GET", "/fixed", {"Host": "x"})
+                assert conn.read_response().status == 200
+        [retired] = [int(p) for p in re.findall(r"Worker ready: pid=(\d+)", errors.read_text())]
+        proc.send_signal(signal.SIGHUP)
+        said = re.compile(rf"Worker 0 \(pid {retired}\) dropped (\d+) log line\(s\) before it exited")
+        assert wait_until(lambda: said.search(errors.read_text()), timeout=30), errors.read_text()[-2000:]
+        dropped = int(said.search(errors.read_text()).group(1))
+        os.set_blocking(read_end, False)
+        seen = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(read_end, 1 << 20):
+                seen += chunk
+        logged = seen.count(b"GET /fixed HTTP/1.1\n")
+        assert dropped > 0 and logged + dropped == requests, (logged, dropped)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+        os.close(read_end)

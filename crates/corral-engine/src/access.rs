@@ -296,6 +296,11 @@ impl Sink {
         Ok(())
     }
 
+    /// See [`Target::take_dropped`].
+    pub fn take_dropped(&self) -> u64 {
+        self.file.lock().unwrap_or_else(|p| p.into_inner()).take_dropped()
+    }
+
     pub fn write(&self, data: &[u8]) {
         if data.is_empty() {
             return;
@@ -422,6 +427,13 @@ impl AccessLog {
     pub fn reopen(&self) -> Result<(), String> {
         self.flush();
         self.sink.reopen()
+    }
+
+    /// Writes out every buffer, then takes the count of lines dropped and
+    /// not yet said to be (see [`Target::take_dropped`]).
+    pub fn take_dropped(&self) -> u64 {
+        self.flush();
+        self.sink.take_dropped()
     }
 
     fn text_line(&self, out: &mut Vec<u8>, atoms: &[Atom], e: &Entry<'_>) {

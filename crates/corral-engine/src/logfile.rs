@@ -69,6 +69,12 @@ pub fn set_error_log(target: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Error-log lines dropped and not yet said to be, for a process about to
+/// exit to hand on (see [`Target::take_dropped`]).
+pub fn take_dropped() -> u64 {
+    STDERR_COPY.lock().unwrap_or_else(|p| p.into_inner()).as_mut().map_or(0, Target::take_dropped)
+}
+
 /// Whether log lines are JSON objects (`--log-format json`).
 pub fn set_json(on: bool) {
     JSON.store(on, Ordering::Relaxed);

@@ -71,6 +71,13 @@ impl Target {
         Target { file, given, way, stalled: false, cut: false, dropped: 0 }
     }
 
+    /// Lines dropped and not yet said to be (see [`Target::write`]), for a
+    /// process about to exit to hand on; counted from 0 again.
+    pub fn take_dropped(&mut self) -> u64 {
+        self.stalled = false;
+        std::mem::take(&mut self.dropped)
+    }
+
     /// The descriptor to write to.
     pub fn as_raw_fd(&self) -> i32 {
         self.file.as_raw_fd()

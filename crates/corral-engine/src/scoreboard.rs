@@ -111,7 +111,10 @@ pub const C_BYTES_IN: usize = C_LATENCY_SUM_US + 1;
 pub const C_BYTES_OUT: usize = C_BYTES_IN + 1;
 pub const C_TIMEOUTS: usize = C_BYTES_OUT + 1;
 pub const C_SHED: usize = C_TIMEOUTS + 1;
-pub const COUNTERS: usize = C_SHED + 1;
+/// Log lines a worker dropped for a stalled reader and could not say it
+/// had, by the time it exited: the master says so for it.
+pub const C_LOG_DROPPED: usize = C_SHED + 1;
+pub const COUNTERS: usize = C_LOG_DROPPED + 1;
 
 /// Why a worker asks the master to replace it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

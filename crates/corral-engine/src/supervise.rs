@@ -1540,6 +1540,15 @@ impl<'a, H: Hooks> Master<'a, H> {
                 for (total, v) in self.totals.iter_mut().zip(c) {
                     *total += v;
                 }
+                if c[crate::scoreboard::C_LOG_DROPPED] > 0 {
+                    warn!(
+                        "Worker {} (pid {pid}) dropped {} log line(s) before it exited: the log's reader took \
+                         nothing for {} s",
+                        w.slot,
+                        c[crate::scoreboard::C_LOG_DROPPED],
+                        crate::nowait::STALL_WAIT.as_secs()
+                    );
+                }
             }
             let Some(w) = self.workers.remove(&pid) else {
                 if let Some(i) = self.inherited.iter().position(|p| *p == pid) {

@@ -744,6 +744,13 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
     if let Some(c) = crate::crash::crashed() {
         crate::crash::die(c);
     }
+    // The note saying how many lines a stalled log reader cost would come
+    // with this process's next line, which it will not write: the master
+    // says it instead, once this worker has exited.
+    let dropped = crate::logfile::take_dropped() + shared.access.as_ref().map_or(0, |a| a.take_dropped());
+    if dropped > 0 {
+        shared.scoreboard.count(shared.slot, crate::scoreboard::C_LOG_DROPPED, dropped);
+    }
     code
 }
 
