@@ -2560,3 +2560,19 @@ def test_accepted_tcp_connections_have_nagle_off(start_server):
     finally:
         for sock in clients:
             sock.close()
+
+
+def test_a_front_ends_remote_addr_cannot_begin_a_log_line_of_its_own(start_server):
+    """REMOTE_ADDR is the front end's word; in an error-log line it is
+    escaped as the request's target is, so a line feed in it cannot forge a
+    line (it was written as it came)."""
+    server = g.start_gateways(
+        start_server, "behaviour:application", [("uwsgi", "127.0.0.1:0")], "--max-body-size", "10"
+    )
+    mark = server.mark()
+    params = g.cgi_params("POST", "/echo", b"x" * 50, extra=[("REMOTE_ADDR", "9.9.9.9\n[CRITICAL] forged")])
+    assert g.call("uwsgi", server.addr("uwsgi"), params=params, body=b"x" * 50).status == 413
+    server.wait_for(
+        r"Request body too large from 9\.9\.9\.9\\x0a\[CRITICAL\] forged via 127\.0\.0\.1:\d+", since=mark
+    )
+    assert not server.grep(r"^\[CRITICAL\] forged", since=mark)

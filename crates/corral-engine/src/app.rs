@@ -72,7 +72,9 @@ impl<'a> Request<'a> {
     pub fn peer(&self) -> String {
         let hop = self.listener.peer(self.remote_addr, self.remote_port);
         match self.cgi().and_then(|c| c.get(self.bytes, b"REMOTE_ADDR")).filter(|a| !a.is_empty()) {
-            Some(client) => format!("{} via {hop}", String::from_utf8_lossy(client)),
+            // The front end's word: escaped as the target is, so that no
+            // byte of it can begin a line of its own.
+            Some(client) => format!("{} via {hop}", log_escape(client)),
             None => hop,
         }
     }
