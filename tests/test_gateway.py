@@ -2576,3 +2576,29 @@ def test_a_front_ends_remote_addr_cannot_begin_a_log_line_of_its_own(start_serve
         r"Request body too large from 9\.9\.9\.9\\x0a\[CRITICAL\] forged via 127\.0\.0\.1:\d+", since=mark
     )
     assert not server.grep(r"^\[CRITICAL\] forged", since=mark)
+
+
+@pytest.mark.parametrize("proto", PROTOS)
+def test_a_gateway_request_refused_for_its_variables_is_logged_with_them(start_server, tmp_path, proto):
+    """A request whose variables parsed but are refused (no REQUEST_METHOD)
+    has its access-log line name the client and the target the front end
+    gave, as any refused request of its kind (it named the front end's own
+    address and no request)."""
+    log = tmp_path / "access.log"
+    server = g.start_gateways(
+        start_server,
+        "behaviour:application",
+        [(proto, "127.0.0.1:0")],
+        "--access-log",
+        str(log),
+        "--access-log-format",
+        "%(h)s %(U)s %(q)s %(s)s",
+    )
+    params = [(k, v) for k, v in g.cgi_params(uri="/nomethod?x=1") if k != b"REQUEST_METHOD"]
+    if proto == "scgi":
+        # SCGI's own rules: a CONTENT_LENGTH with a number, and SCGI=1.
+        params = [(b"CONTENT_LENGTH", b"0"), *params[1:], (b"SCGI", b"1")]
+    assert g.call(proto, server.addr(proto), params=params).status == 400
+    assert wait_until(
+        lambda: log.exists() and log.read_text().splitlines() == ["192.0.2.10 /nomethod x=1 400"]
+    ), log.read_text() if log.exists() else "no access log"

@@ -284,7 +284,7 @@ pub(super) fn read_gateway<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
                     return Next::Close;
                 }
             };
-            return refuse(w, conn, &mut io, wire, 431, &why);
+            return refuse(w, conn, &mut io, wire, 431, &why, None);
         }
         // Draining with no sibling to take it, a kept FastCGI connection that
         // brought no request (only records of one already answered, such as
@@ -373,7 +373,10 @@ fn parse_gateway<A: App>(
                 Ok(Some(head)) => {
                     let len = match cgi::check(&head.params, &io.buf) {
                         Ok(len) => len.unwrap_or(0),
-                        Err(e) => return Err(refuse(w, conn, io, wire, e.status(), &e.to_string())),
+                        Err(e) => {
+                            let parsed = (head.params, io.buf[..head.len].to_vec());
+                            return Err(refuse(w, conn, io, wire, e.status(), &e.to_string(), Some(parsed)));
+                        }
                     };
                     // A small body is read before the app runs, as over HTTP.
                     let missing = if len <= PREREAD_MAX.min(w.config.max_body_size) {
@@ -398,7 +401,7 @@ fn parse_gateway<A: App>(
                 Err(e) => match e.status {
                     // The block was whole: the front end gets a
                     // status to show for it rather than a 502.
-                    Some(status) => return Err(refuse(w, conn, io, wire, status, &e.message)),
+                    Some(status) => return Err(refuse(w, conn, io, wire, status, &e.message, None)),
                     None => Err(e.message),
                 },
             }
@@ -439,7 +442,9 @@ fn parse_gateway<A: App>(
                                     // it for a request that goes on).
                                     io.front_end_nginx =
                                         super::request::nginx_sent(&r.params, &r.params_bytes);
-                                    return Err(refuse(w, conn, io, wire, e.status(), &e.to_string()));
+                                    let why = e.to_string();
+                                    let parsed = Some((r.params, r.params_bytes.to_vec()));
+                                    return Err(refuse(w, conn, io, wire, e.status(), &why, parsed));
                                 }
                             };
                             Ok(Some(GatewayRequest {
@@ -499,7 +504,10 @@ pub(super) fn take_short_gateway_request(io: &mut Io, protocol: Protocol) -> Nex
 }
 
 /// Answers a gateway request that cannot be served with an error response
-/// in the protocol's framing, logs why, and closes the connection.
+/// in the protocol's framing, logs why, and closes the connection. `parsed`:
+/// the request's variables (and the bytes they index), when they parsed,
+/// for its access-log line to name its client and target as the front end
+/// gave them.
 pub(super) fn refuse<A: App>(
     w: &Shared<A>,
     conn: &Conn,
@@ -507,6 +515,7 @@ pub(super) fn refuse<A: App>(
     wire: Wire,
     status: u16,
     why: &str,
+    parsed: Option<(cgi::CgiParams, Vec<u8>)>,
 ) -> Next {
     let listener = &w.listeners[conn.listener].1;
     warn!(
@@ -522,7 +531,7 @@ pub(super) fn refuse<A: App>(
         (wire, conn.fcgi.active, fastcgi_conn_may_stay())
     {
         let (reply, kept) = refuse_kept_fcgi(io, id, status, why, false, blocking);
-        record_refusal(w, Ok(conn), conn.listener, &io.buf, status, &reply);
+        record(w, conn, &io.buf, &parsed, status, &reply);
         if kept {
             return Next::Refused;
         }
@@ -531,9 +540,35 @@ pub(super) fn refuse<A: App>(
     }
     let reply = error_reply(wire, status, why, io.front_end_nginx);
     let _ = io.write_parts(&[&reply], blocking);
-    record_refusal(w, Ok(conn), conn.listener, &io.buf, status, &reply);
+    record(w, conn, &io.buf, &parsed, status, &reply);
     drain_and_close(io);
     Next::Close
+}
+
+/// The access-log line (and metrics) of a refused gateway request: with its
+/// variables, when they parsed, as the request's own line would be.
+fn record<A: App>(
+    w: &Shared<A>,
+    conn: &Conn,
+    buf: &[u8],
+    parsed: &Option<(cgi::CgiParams, Vec<u8>)>,
+    status: u16,
+    reply: &[u8],
+) {
+    let Some((params, bytes)) = parsed else {
+        return record_refusal(w, Ok(conn), conn.listener, buf, status, reply);
+    };
+    let req = Request {
+        meta: Meta::Cgi(params),
+        bytes,
+        remote_addr: &conn.remote_addr,
+        remote_port: &conn.remote_port,
+        listener: &w.listeners[conn.listener].1,
+        listener_index: conn.listener,
+        forwarded_https: false,
+        forwarded_prefix: false,
+    };
+    record_refused_request(w, conn, &req, status, reply);
 }
 
 #[cfg(test)]
