@@ -630,3 +630,24 @@ def test_hup_runs_a_gunicorn_config_file_again(start_server, tmp_path):
     server.wait_for(READY_RE.pattern, count=3, since=mark, timeout=20)
     server.wait_for(r"from before the re-exec exited", since=mark, timeout=20)
     assert len(server.worker_pids(since=mark)) == 3
+
+
+def test_a_reexec_keeps_the_process_name(start_server):
+    """The re-executed program is the interpreter run again, which would go
+    by its own name (`python`) in /proc/PID/comm, what pgrep, pidof, top and
+    `ss -p` show: the master and its new workers keep the first start's."""
+    server = start_server("behaviour:application")
+    master = server.proc.pid
+
+    def comm(pid):
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+
+    before = comm(master)
+    assert before == "corral"
+    mark = server.mark()
+    server.signal(signal.SIGUSR2)
+    server.wait_for(READY_RE.pattern, since=mark, timeout=20)
+    assert comm(master) == before
+    assert [comm(pid) for pid in server.worker_pids(since=mark)] == [before]
+    # And no note about an environment variable it does not read.
+    assert not server.grep(r"CORRAL_PROCESS_NAME", since=mark)

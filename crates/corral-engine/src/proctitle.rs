@@ -15,9 +15,30 @@ use std::sync::OnceLock;
 /// The original arguments' memory: (start address, length).
 static AREA: OnceLock<Option<(usize, usize)>> = OnceLock::new();
 
-/// Finds the arguments' memory. Call once at start, before any fork (each
-/// worker then writes its own copy) and before any thread.
+/// The process's name (`/proc/PID/comm`, which `pgrep`, `pidof`, `top`
+/// and `ss -p` show) at the first start, given to the program a re-exec
+/// runs: that one is the interpreter run again (`python`), and would go by
+/// its name instead.
+pub const NAME_ENV: &str = "CORRAL_PROCESS_NAME";
+
+/// The process's name now (see [`NAME_ENV`]).
+pub fn name() -> Option<String> {
+    let comm = std::fs::read_to_string("/proc/self/comm").ok()?;
+    Some(comm.trim_end_matches('\n').to_string()).filter(|c| !c.is_empty())
+}
+
+/// Finds the arguments' memory, and takes back the name of the first start
+/// after a re-exec (see [`NAME_ENV`]). Call once at start, before any fork
+/// (each worker then writes its own copy) and before any thread.
 pub fn init() {
+    if let Some(name) = std::env::var_os(NAME_ENV) {
+        // Before any thread: nothing reads the environment meanwhile.
+        std::env::remove_var(NAME_ENV);
+        if let Ok(name) = std::ffi::CString::new(name.as_encoded_bytes()) {
+            // The kernel keeps 15 bytes of it.
+            unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+        }
+    }
     AREA.get_or_init(|| {
         let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
         // "pid (comm) state ppid ...": comm may hold spaces and parentheses;

@@ -544,6 +544,7 @@ pub fn unknown_env_notes(cmd: &Command, given: &[String]) -> Vec<String> {
         "CORRAL_INHERITED_LISTENERS",
         "CORRAL_INHERITED_WORKERS",
         "CORRAL_PREVIOUS_PIDFILE",
+        "CORRAL_PROCESS_NAME",
         "CORRAL_POOL",
         "CORRAL_READY_FD",
     ];

@@ -550,6 +550,7 @@ impl Hooks for Runtime {
         if let Some(path) = &self.reexec.pidfile {
             env.push((PREVIOUS_PIDFILE_ENV.into(), Some(path.to_string_lossy().into_owned())));
         }
+        env.push((corral_engine::proctitle::NAME_ENV.into(), corral_engine::proctitle::name()));
         let fds = &self.reexec.listen_fds;
         if fds.is_empty() {
             return env;
