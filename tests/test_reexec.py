@@ -599,9 +599,15 @@ def test_a_stop_during_a_preload_reloads_import_turns_readiness_off(start_server
     import, but /readyz says 503 at once, as it does for any stop."""
     server, stats, mark = _reloading_with_a_slow_import(start_server, tmp_path)
     server.signal(signal.SIGTERM)
-    with socket.create_connection(("127.0.0.1", stats), timeout=2) as s:
-        s.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert s.recv(4096).startswith(b"HTTP/1.1 503")
+
+    def not_ready():
+        with socket.create_connection(("127.0.0.1", stats), timeout=2) as s:
+            s.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+            return s.recv(4096).startswith(b"HTTP/1.1 503")
+
+    # The signal is taken a moment after kill() returns: a probe sent at
+    # once may come before it.
+    assert wait_until(not_ready, timeout=2, interval=0.05)
     assert not server.grep(r"Preloaded application", since=mark)
     assert server.wait_exit(60) == 0
 
