@@ -615,3 +615,30 @@ def test_a_client_that_takes_nothing_of_a_file_is_given_up_with_the_request_name
     finally:
         sock.close()
     assert server.request("GET", "/fixed").status == 200
+
+
+def test_a_client_reading_a_file_slowly_but_steadily_is_not_given_up(start_server, tmp_path):
+    """The kernel says a socket is writable only once a third of its send
+    buffer is free, which a client reading slowly but steadily from a large
+    buffer may take longer than --socket-timeout to free: what it reads
+    meanwhile is progress too (the offload thread counted only what it
+    wrote, cut the download short and said the client took nothing)."""
+    public = tmp_path / "public"
+    public.mkdir()
+    data = os.urandom(5 << 20)
+    (public / "big.bin").write_bytes(data)
+    server = start_server(
+        "behaviour:application", "--static", f"/static={public}", "--socket-timeout", "1", workers=1
+    )
+    mark = server.mark()
+    with socket.create_connection((server.host, server.port), timeout=30) as sock:
+        sock.sendall(b"GET /static/big.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        got = bytearray()
+        # About 700 KB a second: a third of a 4 MiB send buffer takes longer.
+        while chunk := sock.recv(35_000):
+            got += chunk
+            time.sleep(0.05)
+    head, _, body = bytes(got).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert len(body) == len(data) and body == data, len(body)
+    assert not server.grep(r"gave up sending the file", since=mark)

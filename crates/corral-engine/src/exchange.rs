@@ -93,7 +93,7 @@ pub enum BodyError {
 
 /// Bytes the socket holds that its peer has not taken (SIOCOUTQ: not yet
 /// acknowledged over TCP, not yet read on a unix socket); -1 if unknown.
-fn unsent(fd: RawFd) -> i32 {
+pub(crate) fn unsent(fd: RawFd) -> i32 {
     let mut n: libc::c_int = 0;
     if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) } < 0 {
         return -1;

@@ -518,6 +518,12 @@ struct Offloaded {
     /// client that takes nothing for the write timeout is given up on.
     sent: u64,
     progress: u64,
+    /// What the socket held that the client had not taken at `progress`
+    /// (-1: unknown): the kernel says writable only once a third of the send
+    /// buffer is free, which a client reading slowly but steadily from a
+    /// large buffer may take longer than the timeout to free, while what it
+    /// reads meanwhile shows here.
+    queued: i32,
     /// Why the client could not take the rest (the socket's error), for the
     /// request's log line, as a streamed response cut short has one.
     gone: Option<String>,

@@ -89,12 +89,14 @@ pub(super) fn offload<A: App>(w: &Shared<A>, mut conn: Box<Conn>, rest: Download
     };
     leave_serving_set(w, &mut conn);
     let sent = conn.io.lock().unwrap().bytes_sent;
+    let queued = crate::exchange::unsent(conn.entry.fd);
     off.sending.fetch_add(1, Ordering::AcqRel);
     off.queue.lock().unwrap().push(Offloaded {
         conn,
         rest,
         sent,
         progress: mono_ms(),
+        queued,
         gone: None,
         stalled: None,
     });
@@ -170,6 +172,7 @@ pub(super) fn offload_main<A: App>(w: &Shared<A>) {
                 if io.bytes_sent != job.sent {
                     job.sent = io.bytes_sent;
                     job.progress = mono_ms();
+                    job.queued = crate::exchange::unsent(fd);
                 }
                 match &step {
                     // Logged with the request when a serving thread completes it.
@@ -192,7 +195,19 @@ pub(super) fn offload_main<A: App>(w: &Shared<A>) {
         let now = mono_ms();
         let limit = w.config.io_timeout.as_millis() as u64;
         for i in 0..jobs.len() {
-            let stalled = jobs[i].as_ref().is_some_and(|job| now.saturating_sub(job.progress) >= limit);
+            let stalled = jobs[i].as_mut().is_some_and(|job| {
+                if now.saturating_sub(job.progress) < limit {
+                    return false;
+                }
+                // Taking what the socket held is taking bytes too.
+                let queued = crate::exchange::unsent(job.conn.entry.fd);
+                if queued >= 0 && job.queued >= 0 && queued < job.queued {
+                    job.queued = queued;
+                    job.progress = now;
+                    return false;
+                }
+                true
+            });
             if stalled {
                 if let Some(job) = jobs[i].as_mut() {
                     // Said with the request when a serving thread completes it.
