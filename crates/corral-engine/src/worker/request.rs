@@ -532,8 +532,16 @@ pub(super) fn complete_locked(conn: &Conn, listener: &ListenerInfo, req: &Reques
     }
 
     if io.phase != RespPhase::Finished && !io.broken && !io.aborted {
-        if let Err(e) = io.finish(blocking) {
-            warn!("{} from {}: {e}", req.describe(), req.peer());
+        match io.finish(blocking) {
+            // A client gone is routine, said as the app's write says it.
+            Err(ResponseError::ClientGone(why)) if why == crate::exchange::STALLED_READER => {
+                info!("{} from {}: {why}", req.describe(), req.peer())
+            }
+            Err(ResponseError::ClientGone(why)) => {
+                info!("{} from {}: client disconnected ({why})", req.describe(), req.peer())
+            }
+            Err(e) => warn!("{} from {}: {e}", req.describe(), req.peer()),
+            Ok(()) => {}
         }
     }
     if io.aborted {
