@@ -1177,11 +1177,10 @@ def test_the_request_time_counts_a_slow_upload_whatever_its_size(start_server, t
     assert int(line.rsplit(" ", 1)[1]) >= 1_000_000, line
 
 
-def test_a_log_pipe_nobody_reads_drops_lines_instead_of_stopping_the_server(tmp_path):
-    """Standard output is a pipe whose reader stopped reading (`corral | tool`
-    with the tool stuck): the access log's lines past what the pipe holds are
-    dropped, every request is still answered, and once the reader reads again
-    a line says how many were lost."""
+def _access_log_to_a_pipe(tmp_path, *extra):
+    """corral with its access log on standard output, a pipe whose read end
+    the test holds (and reads only when it wants), its error log in a file:
+    (process, read end, HTTP port, error log), once its worker is ready."""
     read_end, write_end = os.pipe()
     port = _free_port()
     errors = tmp_path / "error.log"
@@ -1192,6 +1191,7 @@ def test_a_log_pipe_nobody_reads_drops_lines_instead_of_stopping_the_server(tmp_
             f"127.0.0.1:{port}",
             "--access-log",
             "-",
+            *extra,
             "--error-log",
             str(errors),
             "behaviour:application",
@@ -1204,6 +1204,21 @@ def test_a_log_pipe_nobody_reads_drops_lines_instead_of_stopping_the_server(tmp_
     os.close(write_end)
     try:
         assert wait_until(lambda: errors.exists() and "Worker ready" in errors.read_text(), timeout=30)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+        os.close(read_end)
+        raise
+    return proc, read_end, port, errors
+
+
+def test_a_log_pipe_nobody_reads_drops_lines_instead_of_stopping_the_server(tmp_path):
+    """Standard output is a pipe whose reader stopped reading (`corral | tool`
+    with the tool stuck): the access log's lines past what the pipe holds are
+    dropped, every request is still answered, and once the reader reads again
+    a line says how many were lost."""
+    proc, read_end, port, _ = _access_log_to_a_pipe(tmp_path)
+    try:
         # About 100 bytes a line: 2000 lines are three times what a pipe holds.
         with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
             conn = RawConn(s)
@@ -1243,30 +1258,8 @@ def test_lines_a_worker_dropped_for_a_stalled_log_reader_are_counted_when_it_exi
     still takes nothing cannot write the note saying how many lines it
     dropped: the master says it once the worker has exited, so that every
     request is either in the access log or in a count."""
-    read_end, write_end = os.pipe()
-    port = _free_port()
-    errors = tmp_path / "error.log"
-    proc = subprocess.Popen(
-        [
-            *CORRAL,
-            "--http",
-            f"127.0.0.1:{port}",
-            "--access-log",
-            "-",
-            "--access-log-format",
-            "%(r)s",
-            "--error-log",
-            str(errors),
-            "behaviour:application",
-        ],
-        cwd=APPS,
-        stdout=write_end,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    os.close(write_end)
+    proc, read_end, port, errors = _access_log_to_a_pipe(tmp_path, "--access-log-format", "%(r)s")
     try:
-        assert wait_until(lambda: errors.exists() and "Worker ready" in errors.read_text(), timeout=30)
         # 2000 lines of some 20 bytes are more than the 64 KiB a pipe holds.
         requests = 4000
         with socket.create_connection(("127.0.0.1", port), timeout=20) as s:

@@ -365,20 +365,26 @@ def test_hup_reads_a_changed_config_file_again(start_server, tmp_path, name, pre
     conf = tmp_path / name
     conf.write_text("workers = 1\n")
     server = start_server("behaviour:application", "--config", prefix + str(conf), workers=None)
+    _hup_reexecs_only_once_changed(
+        server, lambda: conf.write_text("workers = 2\n"), rf"{re.escape(str(conf))} changed", workers=2
+    )
+
+
+def _hup_reexecs_only_once_changed(server, change, said, workers):
+    """A HUP before `change()` is the usual reload; one after it re-executes
+    the master (saying `said` changed), which then runs `workers` workers."""
     mark = server.mark()
     server.signal(signal.SIGHUP)
-    server.wait_for(r"Received SIGHUP: starting 1 new worker", since=mark)
+    server.wait_for(r"Received SIGHUP: starting 1 new worker", since=mark, timeout=20)
     server.wait_for(READY_RE.pattern, since=mark, timeout=20)
     assert not server.grep(r"re-executing the master", since=mark)
-    conf.write_text("workers = 2\n")
+    change()
     mark = server.mark()
     server.signal(signal.SIGHUP)
-    server.wait_for(
-        rf"Received SIGHUP: {re.escape(str(conf))} changed, so the master re-executes", since=mark
-    )
-    server.wait_for(READY_RE.pattern, count=2, since=mark, timeout=20)
+    server.wait_for(rf"Received SIGHUP: {said}, so the master re-executes", since=mark)
+    server.wait_for(READY_RE.pattern, count=workers, since=mark, timeout=20)
     server.wait_for(r"from before the re-exec exited", since=mark, timeout=20)
-    assert len(server.worker_pids(since=mark)) == 2
+    assert len(server.worker_pids(since=mark)) == workers
 
 
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGUSR2], ids=["hup", "usr2"])
@@ -622,20 +628,9 @@ def test_hup_runs_a_gunicorn_config_file_again(start_server, tmp_path):
     conf = tmp_path / "gunicorn.conf.py"
     conf.write_text(f"workers = int(open({str(count)!r}).read())\n")
     server = start_server("behaviour:application", "--config", str(conf), workers=None)
-    mark = server.mark()
-    server.signal(signal.SIGHUP)
-    server.wait_for(r"Received SIGHUP: starting 1 new worker", since=mark, timeout=20)
-    server.wait_for(READY_RE.pattern, since=mark, timeout=20)
-    assert not server.grep(r"re-executing the master", since=mark)
-    count.write_text("3")
-    mark = server.mark()
-    server.signal(signal.SIGHUP)
-    server.wait_for(
-        rf"Received SIGHUP: what {re.escape(str(conf))} sets changed, so the master re-executes", since=mark
+    _hup_reexecs_only_once_changed(
+        server, lambda: count.write_text("3"), rf"what {re.escape(str(conf))} sets changed", workers=3
     )
-    server.wait_for(READY_RE.pattern, count=3, since=mark, timeout=20)
-    server.wait_for(r"from before the re-exec exited", since=mark, timeout=20)
-    assert len(server.worker_pids(since=mark)) == 3
 
 
 def test_a_reexec_keeps_the_process_name(start_server):
