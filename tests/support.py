@@ -37,8 +37,20 @@ CORRAL = [str(_script)] if _script.exists() else [sys.executable, "-m", "corral"
 LISTEN_RE = re.compile(r"Listening at: (http://(\S+):(\d+)|unix:(\S+))")
 READY_RE = re.compile(r"Worker ready.*?pid=(\d+)")
 
-# Every process group a test started, so the session can check none is left.
-STARTED_GROUPS: list[int] = []
+# Every process group a test started (its number, and when its leader
+# started), so the session can check none is left.
+STARTED_GROUPS: list[tuple[int, int | None]] = []
+
+
+def start_time(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot), which tells it
+    from a later process given the same number; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2 :].split()[19])
 
 
 def group_members(pgid: int) -> list[int]:
@@ -128,7 +140,7 @@ class Server:
             pass_fds=pass_fds,
         )
         self.pgid = self.proc.pid
-        STARTED_GROUPS.append(self.pgid)
+        STARTED_GROUPS.append((self.pgid, start_time(self.pgid)))
         self._readers = [
             threading.Thread(target=self._collect, args=(self.proc.stderr, self.lines), daemon=True),
             threading.Thread(target=self._collect, args=(self.proc.stdout, self.stdout_lines), daemon=True),
