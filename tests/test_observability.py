@@ -1283,3 +1283,35 @@ def test_lines_a_worker_dropped_for_a_stalled_log_reader_are_counted_when_it_exi
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
         os.close(read_end)
+
+
+def test_a_stats_flood_at_the_open_files_limit_leaves_room_for_new_workers(start_server):
+    """Idle monitoring clients that fill the master's descriptors up to the
+    open files limit: the oldest are closed for room, a probe is answered,
+    and a worker started meanwhile boots (it held the master's stats
+    descriptors while it set up its own, and died of EMFILE)."""
+    stats = _free_port()
+    server = start_server(
+        "behaviour:application",
+        "--stats",
+        f"127.0.0.1:{stats}",
+        workers=2,
+        command=["prlimit", "--nofile=64:64", *CORRAL],
+    )
+    [first, _] = server.worker_pids()
+    held = []
+    try:
+        for _ in range(120):
+            held.append(socket.create_connection(("127.0.0.1", stats), timeout=5))
+        time.sleep(0.5)
+        mark = server.mark()
+        os.kill(first, signal.SIGKILL)
+        server.wait_for(READY_RE.pattern, since=mark, timeout=20)
+        assert not server.grep(r"cannot set up the worker's signals", since=mark), server.log[-2000:]
+        with socket.create_connection(("127.0.0.1", stats), timeout=5) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+    finally:
+        for s in held:
+            s.close()
+    assert server.request("GET", "/fixed").status == 200

@@ -288,6 +288,11 @@ pub struct Master<'a, H: Hooks> {
     stats: Option<Listener>,
     /// Monitoring clients being served (see [`crate::stats::Conn`]).
     stats_conns: Vec<crate::stats::Conn>,
+    /// Until when (mono ms) the stats listener is not polled: accept failed
+    /// for lack of descriptors with no client of it to close for room, and
+    /// the listener, still readable, would make the loop spin. And when that
+    /// was last said.
+    stats_paused: (u64, u64),
     /// When "no free slot" was last logged.
     slot_warned: Option<Instant>,
     /// Metric counters of workers that have exited.
@@ -392,6 +397,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             stats: None,
             slot_warned: None,
             stats_conns: Vec::new(),
+            stats_paused: (0, 0),
             totals: [0; COUNTERS],
             respawns: Vec::new(),
             crashed_lines: Vec::new(),
@@ -506,6 +512,27 @@ impl<'a, H: Hooks> Master<'a, H> {
                 )
             };
             if fd < 0 {
+                let e = std::io::Error::last_os_error();
+                if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                    // The oldest clients go, as at MAX_STATS_CONNS, so that a
+                    // probe gets in, a quarter of them, which leaves room for
+                    // the master's own descriptors (a new worker's pipes);
+                    // with none, the listener rests a second.
+                    if !self.stats_conns.is_empty() {
+                        let n = self.stats_conns.len().div_ceil(4);
+                        self.stats_conns.drain(..n);
+                        continue;
+                    }
+                    let now = mono_ms();
+                    if now >= self.stats_paused.1 + 60_000 || self.stats_paused.1 == 0 {
+                        warn!(
+                            "The master cannot accept monitoring clients on its stats listener: {e}; it tries \
+                             again each second (raise the open files limit, `ulimit -n`)"
+                        );
+                        self.stats_paused.1 = now;
+                    }
+                    self.stats_paused.0 = now + 1000;
+                }
                 return;
             }
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -566,7 +593,10 @@ impl<'a, H: Hooks> Master<'a, H> {
             let mut fds = vec![
                 libc::pollfd { fd: self.signal_fd, events: libc::POLLIN, revents: 0 },
                 libc::pollfd {
-                    fd: self.stats.as_ref().map_or(-1, |l| l.raw()),
+                    fd: match self.stats.as_ref() {
+                        Some(l) if mono_ms() >= self.stats_paused.0 => l.raw(),
+                        _ => -1,
+                    },
                     events: libc::POLLIN,
                     revents: 0,
                 },
@@ -1455,6 +1485,13 @@ impl<'a, H: Hooks> Master<'a, H> {
             for sig in &SIGNALS {
                 unsafe { libc::signal(*sig, libc::SIG_DFL) };
             }
+            // The master's monitoring clients and its stats listener are not
+            // the worker's to hold open: after the master's death the port
+            // must be free, not held by a worker that never answers on it.
+            // Dropped first: with the master's descriptors at the open files
+            // limit, the worker's own need the room.
+            self.stats_conns.clear();
+            self.stats = None;
             // The worker takes its signals with handlers before any Python
             // runs, the app's after-fork hooks included: a program started
             // from there must not inherit the master's blocked mask (it would
@@ -1465,11 +1502,6 @@ impl<'a, H: Hooks> Master<'a, H> {
                 unsafe { libc::_exit(1) };
             }
             self.hooks.after_fork_child();
-            // The master's monitoring clients and its stats listener are not
-            // the worker's to hold open: after the master's death the port
-            // must be free, not held by a worker that never answers on it.
-            self.stats_conns.clear();
-            self.stats = None;
             // The siblings' crash reports are theirs; this one's, its own.
             self.crash_reports.clear();
             if let Some(report) = report {
