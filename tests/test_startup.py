@@ -568,3 +568,16 @@ def test_started_with_its_standard_descriptors_closed(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+def test_a_backlog_past_the_kernels_somaxconn_is_warned_about(start_server):
+    """The kernel cuts a listen queue longer than net.core.somaxconn without
+    a word (uWSGI refuses to start): --backlog past it is said to be cut."""
+    with open("/proc/sys/net/core/somaxconn") as f:
+        somaxconn = int(f.read())
+    server = start_server("behaviour:application", "--backlog", str(somaxconn + 1))
+    server.wait_for(
+        rf"--backlog {somaxconn + 1} is more than the kernel's net\.core\.somaxconn \({somaxconn}\): each "
+        rf"listener's queue holds {somaxconn} connections"
+    )
+    assert server.request("GET", "/fixed").status == 200

@@ -1269,6 +1269,20 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             return Ok(1);
         }
     }
+    // The kernel cuts a longer queue to net.core.somaxconn without a word
+    // (the default is under it on kernels since 5.4).
+    if let Some(max) = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        .filter(|max| bind.backlog_given && config.backlog > *max)
+    {
+        warn!(
+            "--backlog {} is more than the kernel's net.core.somaxconn ({max}): each listener's queue holds {max} \
+             connections (raise it with sysctl, or in a container with its sysctls){}",
+            config.backlog,
+            from_file(&["backlog"])
+        );
+    }
     let mut listeners = Vec::new();
     let mut reused = reused.into_iter();
     for (protocol, addr) in parsed.iter() {
