@@ -1200,3 +1200,37 @@ def test_a_large_body_that_stalls_is_logged_when_the_app_catches_the_error(start
         r"\(--socket-timeout\) after \d+ bytes; giving up on it",
         since=mark,
     )
+
+
+def test_a_client_still_sending_an_unread_body_when_lingering_ends_is_logged(start_server):
+    """An endless chunked body the app did not read: the response goes out,
+    the connection lingers reading and dropping what comes (as nginx's
+    lingering close), and when its time is up while the client still sends,
+    the log says why the connection was closed (it closed without a word)."""
+    server = start_server("behaviour:application")
+    mark = server.mark()
+    stop = threading.Event()
+    with socket.create_connection((server.host, server.port), timeout=60) as sock:
+        sock.sendall(b"POST /fixed HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+
+        def send():
+            chunk = b"10000\r\n" + b"x" * 0x10000 + b"\r\n"
+            with contextlib.suppress(OSError):
+                while not stop.is_set():
+                    sock.sendall(chunk)
+                    time.sleep(0.05)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        try:
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            server.wait_for(
+                r"127\.0\.0\.1:\d+: closing the connection: its client was still sending 30 s after the "
+                r"response \(\d+ bytes read in all\)",
+                since=mark,
+                timeout=60,
+            )
+        finally:
+            stop.set()
+            sender.join(10)
+    assert server.request("GET", "/fixed").status == 200

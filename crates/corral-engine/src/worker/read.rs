@@ -49,8 +49,16 @@ pub(super) fn read_head<A: App>(w: &Shared<A>, conn: &mut Conn) -> Next {
     let io_arc = conn.io.clone();
     let mut io = io_arc.lock().unwrap();
     if io.lingering {
-        if linger_read(&mut io) {
-            return Next::Park;
+        match linger_read(&mut io) {
+            Linger::Wait => return Next::Park,
+            Linger::TimeUp => info!(
+                "{}: closing the connection: its client was still sending {} s after the response \
+                 ({} bytes read in all)",
+                peer(conn, &w.listeners[conn.listener].1),
+                LINGER_TIME.as_secs(),
+                io.read_total
+            ),
+            Linger::Done => {}
         }
         io.lingering = false;
         return Next::Close;

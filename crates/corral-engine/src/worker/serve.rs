@@ -488,7 +488,7 @@ pub(super) fn drain_and_close(io: &mut Io) {
     if io.wire == Wire::Http && flushed && !io.broken {
         io.buf.clear();
         io.linger_end = mono_ms() + LINGER_TIME.as_millis() as u64;
-        io.lingering = linger_read(io);
+        io.lingering = linger_read(io) == Linger::Wait;
         return;
     }
     let mut buf = [0u8; 4096];
@@ -512,10 +512,21 @@ pub(super) const LINGER_TIME: Duration = Duration::from_secs(30);
 /// epoll, so that a client sending fast does not keep the thread.
 const LINGER_TURN: usize = 1024 * 1024;
 
-/// Reads and drops what a lingering connection's client sent; whether it
-/// should wait for more (false: closed by the client, broken, or its time
-/// is up). Sets the quiet deadline it waits until.
-pub(super) fn linger_read(io: &mut Io) -> bool {
+/// What a lingering connection does after [`linger_read`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Linger {
+    /// Waits for more of its client's bytes.
+    Wait,
+    /// Closed by the client, or broken: it closes.
+    Done,
+    /// Its client was still sending at [`LINGER_TIME`]: it closes, and the
+    /// log says so.
+    TimeUp,
+}
+
+/// Reads and drops what a lingering connection's client sent. Sets the
+/// quiet deadline it waits until.
+pub(super) fn linger_read(io: &mut Io) -> Linger {
     let mut scratch = [0u8; 16 * 1024];
     let mut dropped = 0;
     io.drained = false;
@@ -528,7 +539,7 @@ pub(super) fn linger_read(io: &mut Io) -> bool {
             continue;
         }
         if n == 0 {
-            return false;
+            return Linger::Done;
         }
         match io::Error::last_os_error().kind() {
             io::ErrorKind::Interrupted => continue,
@@ -536,10 +547,13 @@ pub(super) fn linger_read(io: &mut Io) -> bool {
                 io.drained = true;
                 break;
             }
-            _ => return false,
+            _ => return Linger::Done,
         }
     }
     let now = mono_ms();
     io.discard_until = (now + LINGER_QUIET.as_millis() as u64).min(io.linger_end);
-    now < io.linger_end
+    match now < io.linger_end {
+        true => Linger::Wait,
+        false => Linger::TimeUp,
+    }
 }
