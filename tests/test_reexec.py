@@ -652,3 +652,22 @@ def test_a_reexec_keeps_the_process_name(start_server):
     assert [comm(pid) for pid in server.worker_pids(since=mark)] == [before]
     # And no note about an environment variable it does not read.
     assert not server.grep(r"CORRAL_PROCESS_NAME", since=mark)
+
+
+def test_hup_with_a_gunicorn_config_that_no_longer_runs_reloads_with_its_settings(start_server, tmp_path):
+    """A gunicorn file whose text is unchanged but which fails when run again
+    (what it reads is gone): the reload goes on with the settings it gave at
+    start, and the log says it was not run again."""
+    count = tmp_path / "workers.txt"
+    count.write_text("1")
+    conf = tmp_path / "gunicorn.conf.py"
+    conf.write_text(f"workers = int(open({str(count)!r}).read())\n")
+    server = start_server("behaviour:application", "--config", str(conf), workers=None)
+    count.unlink()
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    server.wait_for(rf"{re.escape(str(conf))} was not run again to see whether the settings", since=mark)
+    server.wait_for(r"Received SIGHUP: starting 1 new worker", since=mark, timeout=20)
+    server.wait_for(READY_RE.pattern, since=mark, timeout=20)
+    assert not server.grep(r"re-execut", since=mark)
+    assert server.request("GET", "/fixed").status == 200

@@ -580,13 +580,23 @@ impl Hooks for Runtime {
         let at_start = self.reexec.settings.as_ref().filter(|_| !self.reexec.exe.is_empty())?;
         let (path, _) = self.reexec.config_files.first()?;
         match self.settings_now() {
-            Some(now) if &now == at_start => None,
-            // Or the file no longer runs: the re-exec's check says why, and
-            // the workers keep serving.
-            _ => Some(format!(
+            Some(now) if &now != at_start => Some(format!(
                 "what {} sets changed, so the master re-executes itself to read it",
                 path.display()
             )),
+            Some(_) => None,
+            // The file no longer runs, or cannot be run from here (the
+            // directory of the first start, after --user): its text is as it
+            // was, so the reload goes on with the settings it gave.
+            None => {
+                warn!(
+                    "{} was not run again to see whether the settings it gives changed (it failed, or \
+                     took longer than {} s): reloading with those it gave at start",
+                    path.display(),
+                    REEXEC_CHECK_TIMEOUT.as_secs()
+                );
+                None
+            }
         }
     }
 
