@@ -1315,3 +1315,24 @@ def test_a_stats_flood_at_the_open_files_limit_leaves_room_for_new_workers(start
         for s in held:
             s.close()
     assert server.request("GET", "/fixed").status == 200
+
+
+def test_metrics_say_when_their_counters_began(start_server):
+    """The counters count from the master program's start, which a re-exec
+    makes anew: corral_start_time_seconds (Unix time) moves with it, so a
+    reset is told from a fall, as process_start_time_seconds tells it for a
+    client library's metrics."""
+    stats = _free_port()
+    before = time.time()
+    server = start_server("behaviour:application", "--stats", f"127.0.0.1:{stats}")
+    text = _get(stats, "/metrics")[1].decode()
+    assert "# TYPE corral_start_time_seconds gauge" in text
+    first = _metric(text, "corral_start_time_seconds")
+    assert before - 1 <= first <= time.time()
+    assert server.request("GET", "/fixed").status == 200
+    time.sleep(1.1)
+    mark = server.mark()
+    server.signal(signal.SIGUSR2)
+    server.wait_for(r"from before the re-exec exited", since=mark, timeout=30)
+    text = _get(stats, "/metrics")[1].decode()
+    assert _metric(text, "corral_start_time_seconds") > first + 1

@@ -140,6 +140,16 @@ pub fn metrics(s: &Snapshot) -> String {
         "1 while workers accept requests, 0 while starting or draining.",
         u64::from(s.ready),
     );
+    // The counters above count from the master program's start, which a
+    // re-exec (USR2, a HUP that re-executes) makes anew: this tells such a
+    // reset from a fall, as a client library's process_start_time_seconds.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let _ = writeln!(
+        o,
+        "# HELP corral_start_time_seconds When the master's program started (Unix time): the counters count \
+         from there.\n# TYPE corral_start_time_seconds gauge\ncorral_start_time_seconds {:.3}",
+        (now.as_secs_f64() - s.uptime_s).max(0.0)
+    );
     o
 }
 
