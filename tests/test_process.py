@@ -620,6 +620,25 @@ def test_group_stop_with_shutdown_delay_keeps_workers_serving(start_server):
     assert len(server.grep(r"Worker draining", since=mark)) == 2, server.log
 
 
+def test_a_masters_signal_sent_to_a_worker_is_logged_and_ignored(start_server):
+    """HUP (or TTIN, TTOU, WINCH) sent to a worker's pid by mistake: the
+    worker serves on, nothing reloads, and the log says why nothing happened
+    and where the signal should go (it was ignored without a word)."""
+    server = start_server("behaviour:application", workers=2)
+    victim = server.worker_pids()[0]
+    for sig, name in ((signal.SIGHUP, "SIGHUP"), (signal.SIGTTIN, "SIGTTIN")):
+        mark = server.mark()
+        os.kill(victim, sig)
+        server.wait_for(
+            rf"\[WARNING\] Worker received {name} from pid {os.getpid()}: ignored, as the master's signal \(send it "
+            rf"to the master, pid {server.proc.pid}; a worker acts on TERM, INT, QUIT and USR1\): pid={victim}",
+            since=mark,
+        )
+    assert server.request("GET", "/fixed").status == 200
+    assert server.worker_pids() == [victim, server.worker_pids()[1]]
+    assert not server.grep(r"\] Received SIG|Worker draining", since=0), server.log
+
+
 def test_stop_signal_to_one_worker_with_shutdown_delay_drains_it(start_server):
     """TERM to a single worker (a watchdog, an operator recycling it) is not
     the group's stop: the worker drains at once and is replaced, even with

@@ -1078,7 +1078,7 @@ extern "C" fn app_forked_child() {
     // thread, which the child does not have: TERM from multiprocessing's
     // terminate(), or from whoever stops it, would be lost. The child takes
     // them as a program the app runs does (exec resets handlers). HUP,
-    // TTIN, TTOU and WINCH keep the handler that does nothing: sent to the
+    // TTIN, TTOU and WINCH keep the handler that only notes them: sent to the
     // whole group, they are the master's.
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2] {
         unsafe { libc::signal(sig, libc::SIG_DFL) };

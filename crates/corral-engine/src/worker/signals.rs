@@ -4,7 +4,7 @@
 use super::*;
 
 use std::os::fd::IntoRawFd;
-use std::sync::atomic::AtomicI32;
+use std::sync::atomic::{AtomicI32, AtomicU32};
 
 /// The worker's signal handlers, set up right after the fork by
 /// [`prepare_signals`], for [`run_worker`] to take.
@@ -96,6 +96,61 @@ pub(super) fn restore_own_handlers() {
     }
 }
 
+/// Signals meant for the master alone, which a worker takes and ignores
+/// (see [`WorkerSignals::install`]).
+pub(super) const MASTERS_SIGNALS: [libc::c_int; 4] =
+    [libc::SIGHUP, libc::SIGTTIN, libc::SIGTTOU, libc::SIGWINCH];
+
+/// One bit per signal of [`MASTERS_SIGNALS`] that came since the main
+/// thread last looked, and the process that sent the last of them: the
+/// handler may not log, the main thread does.
+static MISDIRECTED: AtomicU32 = AtomicU32::new(0);
+static MISDIRECTED_SENDER: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn note_misdirected(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    if let Some(i) = MASTERS_SIGNALS.iter().position(|&s| s == sig) {
+        // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
+        let sender = if info.is_null() { 0 } else { unsafe { (*info).si_pid() } };
+        MISDIRECTED_SENDER.store(sender, Ordering::Relaxed);
+        MISDIRECTED.fetch_or(1 << i, Ordering::Relaxed);
+    }
+}
+
+/// A handler that notes the signal, not SIG_IGN: an ignored signal stays
+/// ignored in the programs the app runs, a handler does not.
+fn set_note_handler(sig: libc::c_int) {
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = note_misdirected as *const () as libc::sighandler_t;
+        action.sa_flags = libc::SA_RESTART | libc::SA_SIGINFO;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(sig, &action, std::ptr::null_mut());
+    }
+}
+
+/// Says which of the master's signals came to this worker since the last
+/// call: one sent to a worker's pid by mistake (`kill -HUP` of the wrong
+/// process) would otherwise do nothing, and nothing would tell why.
+pub(super) fn log_misdirected(master: libc::pid_t) {
+    let bits = MISDIRECTED.swap(0, Ordering::Relaxed);
+    if bits == 0 {
+        return;
+    }
+    let names: Vec<String> = MASTERS_SIGNALS
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| bits & (1 << i) != 0)
+        .map(|(_, &sig)| crate::supervise::signal_name(sig))
+        .collect();
+    warn!(
+        "Worker received {} from pid {}: ignored, as the master's signal (send it to the master, pid {master}; a \
+         worker acts on TERM, INT, QUIT and USR1): pid={}",
+        names.join(", "),
+        MISDIRECTED_SENDER.load(Ordering::Relaxed),
+        std::process::id(),
+    );
+}
+
 /// The worker left at a quick stop (SIGQUIT, or SIGINT as configured).
 pub(super) static STOPPED_AT_ONCE: AtomicBool = AtomicBool::new(false);
 
@@ -177,9 +232,8 @@ impl WorkerSignals {
         // than die of their default action when a whole group is signalled.
         // With a handler that does nothing, not SIG_IGN: an ignored signal
         // stays ignored in the programs the app runs, a handler does not.
-        extern "C" fn ignore(_: libc::c_int) {}
-        for sig in [SIGHUP, SIGTTIN, SIGTTOU, SIGWINCH] {
-            crate::supervise::set_handler(sig, ignore);
+        for sig in MASTERS_SIGNALS {
+            set_note_handler(sig);
         }
         // From the master's next program, which stops this worker next.
         crate::supervise::set_handler(SIGUSR2, crate::handover::note_superseded);

@@ -75,6 +75,7 @@ pub(super) fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
                 Some(_) => {}
             }
         }
+        log_misdirected(master);
         let reopen = signals.reopen.swap(false, Ordering::Relaxed);
         if reopen {
             match crate::logfile::reopen() {
