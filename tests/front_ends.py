@@ -127,6 +127,8 @@ def apache(workdir: Path, body: str, ports: list[int]) -> FrontEnd:
         "proxy_uwsgi",
         "proxy_fcgi",
         "proxy_scgi",
+        "proxy_http",
+        "headers",
     ]
     loads = "\n".join(f"LoadModule {m}_module {APACHE_MODULES}/mod_{m}.so" for m in modules)
     user = "User www-data\nGroup www-data" if os.geteuid() == 0 else ""

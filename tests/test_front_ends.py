@@ -1,6 +1,7 @@
 """corral behind real front ends: nginx over uwsgi, FastCGI (also with
 keep-conn and an upstream keepalive pool) and SCGI on TCP and unix sockets,
-Apache over all three, HAProxy over FastCGI, and cgi-fcgi.
+Apache over all three, HAProxy over FastCGI, and cgi-fcgi; and nginx, Apache
+and HAProxy as HTTP proxies in front of --http.
 
 Every combination serves the same checks: a GET with a query, a form POST, a
 1 MiB upload and a 100 MiB download with checksums, a streamed response,
@@ -17,11 +18,14 @@ import hashlib
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import front_ends
 import pytest
@@ -556,6 +560,53 @@ def test_front_end_error_when_corral_is_stopped_then_recovery(stack):
     assert stack.environ()["PATH_INFO"] == "/environ"
 
 
+def _http_get(port, path, method="GET", body=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, path, body=body)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def _serves_through_an_http_proxy(server, port, tls_port):
+    """What a reverse proxy in front of --http must give the app: the query,
+    the client's Host and address (X-Forwarded-For), its scheme (the TLS
+    port's proxy says https), a 1 MiB upload whole, HEAD, kept connections
+    to corral, and nothing in corral's log worth a warning. Returns the
+    environs of the kept requests."""
+    status, _, body = _http_get(port, "/environ?q=1")
+    assert status == 200, (status, body[:300])
+    env = json.loads(body)
+    assert (env["wsgi.url_scheme"], env["QUERY_STRING"], env["HTTP_HOST"]) == (
+        "http",
+        "q=1",
+        f"127.0.0.1:{port}",
+    )
+    assert env["HTTP_X_FORWARDED_FOR"] == "127.0.0.1"
+    assert json.loads(_http_get(tls_port, "/environ")[2])["wsgi.url_scheme"] == "https"
+    data = os.urandom(1 << 20)
+    status, _, out = _http_get(port, "/upload", method="POST", body=data)
+    assert json.loads(out) == {"length": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    status, headers, out = _http_get(port, "/plain", method="HEAD")
+    assert (status, out, headers.get("content-length")) == (200, b"", "27")
+    # One client connection kept alive, as a browser's (HAProxy's
+    # `http-reuse safe` gives a client's first request a connection of its own).
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    kept = []
+    try:
+        for _ in range(20):
+            conn.request("GET", "/environ")
+            resp = conn.getresponse()
+            assert resp.status == 200
+            kept.append(json.loads(resp.read()))
+    finally:
+        conn.close()
+    assert not server.grep(r"\[WARNING\]|\[ERROR\]"), server.log
+    return kept
+
+
 @pytest.mark.skipif(not front_ends.available("nginx"), reason="nginx is not installed")
 def test_nginx_proxy_pass_over_http_to_a_unix_socket(start_server, tmp_path):
     """docs/deploy/nginx.md's HTTP section, as a site moving from gunicorn has
@@ -592,34 +643,119 @@ def test_nginx_proxy_pass_over_http_to_a_unix_socket(start_server, tmp_path):
     }}""",
     )
     try:
+        _serves_through_an_http_proxy(server, port, tls_port)
+    finally:
+        front.stop()
 
-        def get(path, p=port, method="GET", body=None):
-            conn = http.client.HTTPConnection("127.0.0.1", p, timeout=30)
-            try:
-                conn.request(method, path, body=body)
-                resp = conn.getresponse()
-                return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-            finally:
-                conn.close()
 
-        status, _, body = get("/environ?q=1")
-        env = json.loads(body)
-        assert status == 200
-        assert (env["wsgi.url_scheme"], env["QUERY_STRING"], env["HTTP_HOST"]) == (
-            "http",
-            "q=1",
-            f"127.0.0.1:{port}",
+@pytest.fixture
+def sock_dir():
+    """A directory a front end's unprivileged workers (Apache's www-data)
+    can reach a socket in, which pytest's own temporary directories are not."""
+    path = tempfile.mkdtemp(prefix="corral-sock-")
+    os.chmod(path, 0o755)
+    yield Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _http_backend(start_server, sock_dir, transport, *extra):
+    """corral's --http listener for a proxy, on TCP or a unix socket (mode
+    666: Apache's workers run as www-data); returns the server and the
+    address the proxy connects to."""
+    if transport == "unix":
+        sock = sock_dir / "corral.sock"
+        addr, flags = str(sock), ["--http", f"unix:{sock}", "--socket-mode", "666"]
+    else:
+        addr = f"127.0.0.1:{free_port()}"
+        flags = ["--http", addr]
+    server = start_server("front_app:application", *flags, *extra, http=None, wait=False, threads=2)
+    server.wait_for("Worker ready")
+    return server, addr
+
+
+@pytest.mark.skipif(not front_ends.available("apache2"), reason="Apache is not installed")
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_apache_mod_proxy_http_to_corral_http(start_server, tmp_path, sock_dir, transport):
+    """docs/deploy/apache.md's HTTP section: mod_proxy_http to --http, with
+    the client's Host kept, its scheme in X-Forwarded-Proto from the TLS
+    virtual host, and Apache's pool of kept connections to corral."""
+    server, addr = _http_backend(start_server, sock_dir, transport)
+    target = f"unix:{addr}|http://localhost/" if transport == "unix" else f"http://{addr}/"
+    port, tls_port = free_port(), free_port()
+    hosts = []
+    for p, proto in ((port, ""), (tls_port, 'RequestHeader set X-Forwarded-Proto "https"')):
+        hosts.append(
+            f"""
+<VirtualHost 127.0.0.1:{p}>
+    ProxyPreserveHost On
+    {proto}
+    ProxyPass "/" "{target}" ttl=60
+    ProxyPassReverse "/" "{target}"
+</VirtualHost>"""
         )
-        assert env["HTTP_X_FORWARDED_FOR"] == "127.0.0.1"
-        assert json.loads(get("/environ", tls_port)[2])["wsgi.url_scheme"] == "https"
-        data = os.urandom(1 << 20)
-        status, _, out = get("/upload", method="POST", body=data)
-        assert json.loads(out) == {"length": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        status, headers, out = get("/plain", method="HEAD")
-        assert (status, out, headers.get("content-length")) == (200, b"", "27")
-        for _ in range(20):
-            assert get("/plain")[0] == 200
-        assert not server.grep(r"\[WARNING\]|\[ERROR\]")
+    front = front_ends.apache(tmp_path / "apache", "\n".join(hosts), [port, tls_port])
+    try:
+        kept = _serves_through_an_http_proxy(server, port, tls_port)
+        # Apache resolves dot segments and merges slashes before it routes,
+        # and passes on the path it routed on.
+        paths = ("/x/../environ", "/x/%2e%2e/environ", "/a//environ")
+        assert [json.loads(_http_get(port, p)[2])["PATH_INFO"] for p in paths] == [
+            "/environ",
+            "/environ",
+            "/a/environ",
+        ]
+        if transport == "tcp":
+            # Apache's event MPM keeps a pool per child process, whose
+            # threads share it: far fewer connections than requests.
+            assert len({env["REMOTE_PORT"] for env in kept}) <= 10, kept
+    finally:
+        front.stop()
+    assert ":error]" not in front.logs(), front.logs()
+
+
+@pytest.mark.skipif(not front_ends.available("haproxy"), reason="HAProxy is not installed")
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_haproxy_mode_http_to_corral_http(start_server, tmp_path, sock_dir, transport):
+    """docs/deploy/haproxy.md's HTTP section: `mode http` to --http with
+    `option forwardfor`, X-Forwarded-Proto from the TLS frontend, kept
+    server connections (`http-reuse safe`) and the health check on /readyz."""
+    stats = free_port()
+    server, addr = _http_backend(start_server, sock_dir, transport, "--stats", f"127.0.0.1:{stats}")
+    port, tls_port = free_port(), free_port()
+    cfg = f"""
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend www
+    bind 127.0.0.1:{port}
+    default_backend corral
+frontend tls
+    bind 127.0.0.1:{tls_port}
+    http-request set-header X-Forwarded-Proto https
+    default_backend corral
+backend corral
+    option forwardfor
+    http-reuse safe
+    option httpchk GET /readyz
+    server s1 {addr} check addr 127.0.0.1 port {stats} inter 1s
+"""
+    front = front_ends.haproxy(tmp_path / "haproxy", cfg, [port, tls_port])
+    try:
+        kept = _serves_through_an_http_proxy(server, port, tls_port)
+        # HAProxy passes the target as the client wrote it, and corral (as
+        # gunicorn) decodes it without resolving dot segments: the README's
+        # caution for path rules in the proxy.
+        paths = ("/x/../environ", "/x/%2e%2e/environ", "/a//environ")
+        got = [json.loads(_http_get(port, p)[2])["PATH_INFO"] for p in paths]
+        assert got == ["/x/../environ", "/x/../environ", "/a//environ"]
+        if transport == "tcp":
+            assert len({env["REMOTE_PORT"] for env in kept}) <= 10, kept
+        # Three failed checks in a row (fall 3, inter 1s) would take it down.
+        time.sleep(3.5)
+        assert _http_get(port, "/plain")[0] == 200
+        assert "is DOWN" not in front.logs(), front.logs()
     finally:
         front.stop()
 
