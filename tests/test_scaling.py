@@ -6,6 +6,7 @@ import selectors
 import signal
 import socket
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from support import CORRAL, READY_RE, wait_until
@@ -59,6 +60,37 @@ def test_burst_grows_the_pool_to_the_max_and_idle_shrinks_it(start_server):
     assert [int(m.group(1)) for m in downs] == [2, 1]
     assert wait_until(lambda: len(_live_workers(server)) == 1, 10), server.log
     assert server.request("GET", "/fixed").status == 200
+
+
+def test_a_burst_waits_in_the_queue_for_the_workers_the_pool_grows_by(start_server, tmp_path):
+    """A one-worker adaptive pool under a burst of slow requests: its worker,
+    every thread busy, leaves the burst in the listener's queue, where the
+    worker the pool grows by takes its share once it has loaded. (It took
+    the whole burst in and served it in turn, while the new worker idled.)
+    The new worker's import waits here until the first has served three
+    requests, which makes the order certain."""
+    server = start_server(
+        "gated_import:application",
+        "--workers-min",
+        "1",
+        "--workers-max",
+        "2",
+        workers=None,
+        threads=1,
+        env={"CORRAL_TEST_GATE_DIR": str(tmp_path)},
+    )
+    first = server.worker_pids()[0]
+    mark = server.mark()
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(server.request, "GET", "/?secs=0.3", timeout=60) for _ in range(16)]
+        server.wait_for(r"Scaling up to 2 worker", since=mark, timeout=30)
+        assert wait_until(lambda: sum(f.done() for f in futures) >= 3, 30)
+        (tmp_path / "release").touch()
+        results = [f.result() for f in futures]
+    assert all(r.status == 200 for r in results), [r.status for r in results]
+    served = Counter(int(r.body) for r in results)
+    second = sum(n for pid, n in served.items() if pid != first)
+    assert second >= 3, (served, server.log)
 
 
 def test_ttin_ttou_stay_within_the_bounds(start_server):

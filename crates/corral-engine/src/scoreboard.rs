@@ -517,6 +517,11 @@ impl Scoreboard {
         })
     }
 
+    /// How many workers are ready (a reload's outgoing ones among them).
+    pub fn ready_workers(&self) -> usize {
+        (0..self.slots).filter(|&s| self.pid(s) != 0 && self.state(s) == WorkerState::Ready).count()
+    }
+
     pub fn other_ready(&self, slot: usize) -> bool {
         (0..self.slots).any(|s| s != slot && self.pid(s) != 0 && self.state(s) == WorkerState::Ready)
     }

@@ -129,8 +129,12 @@ fn send_new<A: App>(w: &Shared<A>, to: libc::pid_t, fd: RawFd, idx: usize) -> io
 /// worker may be free (one-thread workers served a burst of slow requests
 /// in turn while their siblings sat idle, and a connection accepted before
 /// its request came waited for a whole batch). This thread takes one per
-/// wake-up then, as gunicorn's sync worker does; alone in its pool, or with
-/// a thread free to take them, it takes a batch.
+/// wake-up then, as gunicorn's sync worker does; alone in a pool that cannot
+/// grow, or with a thread free to take them, it takes a batch. Alone in an
+/// adaptive pool below `--workers-max` it leaves them too: the workers the
+/// pool grows by take connections from the queue, and none from this one
+/// (one worker of four held 74 of a burst of 100 slow requests, and served
+/// them in turn while the three others sat idle).
 pub(super) fn leave_to_siblings<A: App>(w: &Shared<A>, t: usize) -> bool {
     let own_free = (0..w.in_pass.len()).any(|o| o != t && !w.in_pass[o].load(Ordering::Relaxed));
     if own_free {
@@ -170,18 +174,20 @@ pub(super) fn queued(listener: RawFd) -> bool {
 /// How long what [`ready_sibling`] found stands.
 const SIBLINGS_FRESH_MS: u64 = 100;
 
-/// Whether another worker of the pool is up and serving. Workers come and
-/// go seldom (forks, reloads, recycling) while every connection after the
-/// first of a batch asks, and the scoreboard has room for dozens of
-/// workers: it is looked at once per [`SIBLINGS_FRESH_MS`] at most (a scan
-/// per connection behind nginx cost more than parsing its request).
+/// Whether another worker of the pool is up and serving, or may be soon:
+/// the adaptive pool has room to grow. Workers come and go seldom (forks,
+/// reloads, recycling) while every connection after the first of a batch
+/// asks, and the scoreboard has room for dozens of workers: it is looked at
+/// once per [`SIBLINGS_FRESH_MS`] at most (a scan per connection behind
+/// nginx cost more than parsing its request).
 fn ready_sibling<A: App>(w: &Shared<A>, now_ms: u64) -> bool {
     // (when + 1) << 1 | found; 0 is never looked.
     let seen = w.ready_sibling.load(Ordering::Relaxed);
     if seen != 0 && now_ms.saturating_sub((seen >> 1) - 1) < SIBLINGS_FRESH_MS {
         return seen & 1 == 1;
     }
-    let found = w.scoreboard.other_ready(w.slot);
+    let found = w.scoreboard.other_ready(w.slot)
+        || w.config.workers_max.is_some_and(|max| w.scoreboard.ready_workers() < max);
     w.ready_sibling.store((now_ms + 1) << 1 | u64::from(found), Ordering::Relaxed);
     found
 }
