@@ -958,6 +958,29 @@ def test_existing_log_file_the_user_cannot_write_is_refused_at_start(start_serve
     assert server.grep(r"--access-log .*access\.log: user nobody cannot write it")
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="--user needs root")
+@pytest.mark.parametrize("flag", ["--access-log", "--error-log"])
+def test_a_log_path_that_is_a_link_is_refused_as_root_with_user(start_server, tmp_path, flag):
+    """The user the workers run as may write the log directory (to reopen the
+    logs after logrotate), so a link there made by that user must not lead
+    the master, still root, to create or append to the file it points at:
+    the link is refused at start, and the file it names is not created (it
+    was, and then given to that user)."""
+    logs, outside = tmp_path / "logs", tmp_path / "outside"
+    logs.mkdir()
+    outside.mkdir(mode=0o700)
+    target = outside / "created"
+    (logs / "corral.log").symlink_to(target)
+    server = start_server(
+        "behaviour:application", "--user", "nobody", flag, str(logs / "corral.log"), wait=False
+    )
+    assert server.wait_exit(20) == 2
+    assert server.grep(
+        rf"{flag} .*corral\.log: it is a symbolic link, which corral started as root with --user"
+    ), server.log
+    assert not target.exists()
+
+
 def test_a_worker_that_cannot_open_the_access_log_writes_to_the_masters(start_server, tmp_path):
     """After logrotate left a log path the workers cannot open (here a
     directory stands there), a new worker does not fail to boot: it says so

@@ -346,7 +346,7 @@ static FAILING: AtomicBool = AtomicBool::new(false);
 const WRITE_ERROR_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn open_append(path: &PathBuf) -> std::io::Result<File> {
-    std::fs::OpenOptions::new().create(true).append(true).open(path)
+    crate::logfile::open_append(path)
 }
 
 /// Per-thread buffers of formatted lines.

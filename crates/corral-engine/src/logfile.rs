@@ -141,5 +141,72 @@ pub fn write(data: &[u8]) {
 }
 
 fn open(path: &PathBuf) -> std::io::Result<File> {
-    std::fs::OpenOptions::new().create(true).append(true).open(path)
+    open_append(path)
+}
+
+/// Set in a master started as root that will run as `--user`: it opens the
+/// log files, which that user may write the directory of (to reopen them
+/// after logrotate), so a link there could point anywhere. Such a master
+/// opens a log file only under its own name, and gives the user only a file
+/// it created itself.
+static NO_FOLLOW: AtomicBool = AtomicBool::new(false);
+
+/// Log files this process created while [`NO_FOLLOW`] was set, kept open
+/// for [`take_created`].
+static CREATED: Mutex<Vec<(PathBuf, File)>> = Mutex::new(Vec::new());
+
+/// See [`NO_FOLLOW`]; call before any log file is opened.
+pub fn set_no_follow(on: bool) {
+    NO_FOLLOW.store(on, Ordering::Relaxed);
+}
+
+/// The log file at `path` if this process created it (under [`NO_FOLLOW`]),
+/// to give to the user the workers run as by its descriptor: a name may
+/// have been replaced by a link since.
+pub fn take_created(path: &str) -> Option<File> {
+    let mut created = CREATED.lock().unwrap_or_else(|p| p.into_inner());
+    let i = created.iter().position(|(p, _)| p.as_os_str() == path)?;
+    Some(created.swap_remove(i).1)
+}
+
+/// Opens a log file for appending, creating it if needed (the error log
+/// and the access log alike).
+pub fn open_append(path: &PathBuf) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if !NO_FOLLOW.load(Ordering::Relaxed) {
+        return std::fs::OpenOptions::new().create(true).append(true).open(path);
+    }
+    let refuse_link = |e: std::io::Error| match e.raw_os_error() {
+        Some(libc::ELOOP) => std::io::Error::other(
+            "it is a symbolic link, which corral started as root with --user does not follow for a log \
+             file (whoever may write its directory could point it at any file); give the file's own path",
+        ),
+        _ => e,
+    };
+    // Whether this open created it, without a race: an existing file is
+    // the user's to make writable (see the CLI), a new one is given to them.
+    for _ in 0..3 {
+        match std::fs::OpenOptions::new()
+            .append(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+        {
+            Ok(file) => {
+                if let Ok(copy) = file.try_clone() {
+                    CREATED.lock().unwrap_or_else(|p| p.into_inner()).push((path.clone(), copy));
+                }
+                return Ok(file);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(refuse_link(e)),
+        }
+        match std::fs::OpenOptions::new().append(true).custom_flags(libc::O_NOFOLLOW).open(path) {
+            Ok(file) => return Ok(file),
+            // Removed in between: create it after all.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(refuse_link(e)),
+        }
+    }
+    Err(std::io::Error::other("it keeps appearing and disappearing"))
 }

@@ -799,13 +799,13 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     // again by name), the pid file, unix sockets and static directories.
     let error_log = absolute_log_path(&cli.error_log);
     let access_log = cli.access_log.as_deref().map(absolute_log_path);
-    let logs_existed: Vec<(&str, String, bool)> =
+    let log_files: Vec<(&str, String)> =
         [("--error-log", Some(&error_log)), ("--access-log", access_log.as_ref())]
             .into_iter()
-            .filter_map(|(flag, p)| {
-                p.filter(|p| *p != "-").map(|p| (flag, p.clone(), std::path::Path::new(p).exists()))
-            })
+            .filter_map(|(flag, p)| p.filter(|p| *p != "-").map(|p| (flag, p.clone())))
             .collect();
+    // Opened as root for a user who may write their directory (see there).
+    corral_engine::logfile::set_no_follow(cli.user.is_some() && nix::unistd::geteuid().is_root());
     if let Err(e) = daemon_needs_files(&cli).and_then(|()| touch_files_named(&cli)) {
         eprintln!("corral: error: {}", located(&e));
         return Ok(2);
@@ -1029,8 +1029,8 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     if let Some((uid, gid, name)) = &ids {
         // Workers run as that user, open the access log themselves and
         // reopen both logs on SIGUSR1: the files must be theirs to write.
-        for (flag, path, existed) in &logs_existed {
-            if let Err(e) = give_log_to_user(path, *existed, *uid, *gid, name) {
+        for (flag, path) in &log_files {
+            if let Err(e) = give_log_to_user(path, *uid, *gid, name) {
                 error!("{}", located(&format!("{flag} {path}: {e}")));
                 return Ok(2);
             }
@@ -2409,11 +2409,12 @@ fn absolute_log_path(target: &str) -> String {
 }
 
 /// Makes a log file writable by the user the workers run as: one corral
-/// just created becomes theirs; an existing one must already be writable
-/// by them (corral does not take over a file someone else owns).
-fn give_log_to_user(path: &str, existed: bool, uid: u32, gid: u32, name: &str) -> Result<(), String> {
-    if !existed {
-        return std::os::unix::fs::chown(path, Some(uid), Some(gid))
+/// just created becomes theirs (by its descriptor: the name may be a link
+/// to another file by now); an existing one must already be writable by
+/// them (corral does not take over a file someone else owns).
+fn give_log_to_user(path: &str, uid: u32, gid: u32, name: &str) -> Result<(), String> {
+    if let Some(file) = corral_engine::logfile::take_created(path) {
+        return std::os::unix::fs::fchown(&file, Some(uid), Some(gid))
             .map_err(|e| format!("cannot give it to user {name}: {e}"));
     }
     user_may_write(path, uid, gid, name)
