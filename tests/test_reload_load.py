@@ -4,6 +4,7 @@ with the code changed in between, worker recycling, and a graceful stop."""
 import http.client
 import json
 import os
+import pwd
 import resource
 import signal
 import socket
@@ -515,6 +516,60 @@ def test_an_idle_keep_alive_connection_is_handed_to_a_new_worker_on_hup(start_se
         conn.send(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
         new = conn.read_response().body.decode()
         assert new != old and int(new) in server.worker_pids(mark)
+
+
+def _inboxes(master_pid):
+    """Paths of the unix sockets bound for `master_pid`'s hand-over inboxes,
+    from the kernel's table (abstract names start with @)."""
+    with open("/proc/net/unix") as table:
+        paths = [line.split()[-1] for line in table.readlines()[1:] if len(line.split()) >= 8]
+    return [
+        p
+        for p in paths
+        if p.startswith("/")
+        and f"/{master_pid}-" in p
+        or p.startswith("@corral-handover-")
+        and f"-{master_pid}-" in p
+    ]
+
+
+@pytest.mark.parametrize("user", [None, "nobody"])
+def test_hand_over_inboxes_are_in_a_directory_of_the_users_alone(start_server, user):
+    """The inboxes a draining worker hands connections to are socket files in
+    a directory only the user the workers run as may enter, removed at exit:
+    names in the abstract namespace have no owner, and any local user could
+    bind the name of a worker yet to start and be handed its connections
+    with the requests read on them."""
+    if user and os.geteuid() != 0:
+        pytest.skip("--user needs root")
+    extra = ("--user", user, "--preload") if user else ()
+    server = start_server("behaviour:application", *extra, workers=2)
+    pids = server.worker_pids()
+    assert wait_until(lambda: len(_inboxes(server.proc.pid)) == 2, 10), _inboxes(server.proc.pid)
+    inboxes = _inboxes(server.proc.pid)
+    assert sorted(inboxes) == sorted(
+        os.path.join(os.path.dirname(inboxes[0]), f"{server.proc.pid}-{pid}") for pid in pids
+    ), inboxes
+    directory = os.stat(os.path.dirname(inboxes[0]))
+    assert directory.st_mode & 0o777 == 0o700
+    assert directory.st_uid == (pwd.getpwnam(user).pw_uid if user else os.geteuid())
+    # A worker drained (TERM to it alone, as a reload does to each) hands
+    # its connections over through them as before.
+    with server.connect() as conn:
+        conn.send(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
+        old = conn.read_response().body.decode()
+        mark = server.mark()
+        os.kill(int(old), signal.SIGTERM)
+        server.wait_for(rf"Worker handed 1 connection\(s\) to other workers: pid={old}", since=mark)
+        conn.send(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
+        new = int(conn.read_response().body)
+        assert new != int(old) and new in server.worker_pids()
+    # The inbox of a worker gone is removed; the directory at exit.
+    server.wait_for(rf"\(pid {old}\) exited", since=mark)
+    assert not os.path.exists(os.path.join(os.path.dirname(inboxes[0]), f"{server.proc.pid}-{old}"))
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(30) == 0
+    assert not os.path.exists(os.path.dirname(inboxes[0]))
 
 
 def test_a_connection_handed_over_after_the_app_forked_stays_open(start_server):

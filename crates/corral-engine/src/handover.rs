@@ -11,11 +11,14 @@
 //! Ready, which takes it into its epoll set as if it had accepted it: the
 //! front end's connection never closes, and its next request reaches new code.
 //!
-//! Each worker receives on a unix datagram socket of its own in the abstract
-//! namespace, named after its pool (see [`POOL_ENV`]), the master's pid and
-//! its own. Only processes of the
-//! same user are believed (SO_PASSCRED), and only a descriptor that is a
-//! stream socket is taken.
+//! Each worker receives on a unix datagram socket of its own, named after
+//! the master's pid and its own, in a directory of its pool (see
+//! [`POOL_ENV`]) that only the user the workers run as may enter. Not in
+//! the abstract namespace, where names have no owner: any local user could
+//! bind the name of a worker yet to start and be handed its connections,
+//! with the requests read on them. Only processes of the same user are
+//! believed (SO_PASSCRED), and only a descriptor that is a stream socket is
+//! taken.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -147,12 +150,79 @@ impl Note {
 }
 
 fn address(master: libc::pid_t, worker: libc::pid_t) -> io::Result<UnixAddr> {
-    Ok(UnixAddr::new_abstract(format!("{}{worker}", inbox_prefix(master)).as_bytes())?)
+    if !DIR_READY.load(Ordering::Relaxed) {
+        return Err(io::Error::other("the directory of the inboxes is not ready"));
+    }
+    Ok(UnixAddr::new(format!("{}{worker}", inbox_prefix(master)).as_str())?)
 }
 
-/// What the inbox names of `master`'s workers start with.
+/// What the inbox paths of `master`'s workers start with.
 fn inbox_prefix(master: libc::pid_t) -> String {
-    format!("corral-handover-{}-{master}-", pool())
+    format!("{}/{master}-", inbox_dir().display())
+}
+
+/// The pool's directory of inboxes: in the temporary directory, named after
+/// the pool and the user, so that the program a master re-executes into
+/// (and its workers) finds the same one.
+fn inbox_dir() -> &'static std::path::Path {
+    static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let mut base = std::env::temp_dir();
+        // A socket's path has room for 107 bytes; and the kernel's table,
+        // where a re-executed master's workers are found, splits on spaces.
+        let text = base.to_string_lossy();
+        if text.len() > 48 || text.contains(char::is_whitespace) || !base.is_absolute() {
+            base = std::path::PathBuf::from("/tmp");
+        }
+        base.join(format!("corral-{}-{}", pool(), nix::unistd::geteuid()))
+    })
+}
+
+/// Set once the directory of [`inbox_dir`] is known to be this user's alone
+/// (see [`prepare_inbox_dir`]); inherited by the workers forked after.
+static DIR_READY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes the pool's directory of inboxes, or takes the one a previous
+/// program of this master made: owned by this user, entered by nobody
+/// else. Called by the master, as the user the workers run as, before the
+/// workers start. A directory there of anyone else's is refused, and the
+/// workers then close the connections they would have handed over.
+pub fn prepare_inbox_dir() -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let dir = inbox_dir();
+    let made = std::fs::DirBuilder::new().mode(0o700).create(dir);
+    if let Err(e) = &made {
+        if e.kind() != io::ErrorKind::AlreadyExists {
+            return Err(format!("cannot create {}: {e}", dir.display()));
+        }
+    }
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if !meta.is_dir()
+        || meta.uid() != nix::unistd::geteuid().as_raw()
+        || meta.permissions().mode() & 0o077 != 0
+    {
+        return Err(format!(
+            "{} exists and is not a directory of this user's alone (mode 700)",
+            dir.display()
+        ));
+    }
+    DIR_READY.store(true, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Removes the inbox of a worker that is gone (one killed outright could
+/// not), so that the directory does not fill up with a file per worker.
+pub(crate) fn forget_inbox(master: libc::pid_t, worker: libc::pid_t) {
+    if DIR_READY.load(Ordering::Relaxed) {
+        let _ = std::fs::remove_file(format!("{}{worker}", inbox_prefix(master)));
+    }
+}
+
+/// Removes the pool's directory of inboxes, when the master stops for good.
+pub fn remove_inbox_dir() {
+    if DIR_READY.load(Ordering::Relaxed) {
+        let _ = std::fs::remove_dir_all(inbox_dir());
+    }
 }
 
 /// Names a pool in its inboxes' addresses, with the master's pid: set once
@@ -196,7 +266,13 @@ fn datagram_socket() -> io::Result<OwnedFd> {
 pub(crate) fn bind_inbox(master: libc::pid_t) -> io::Result<OwnedFd> {
     let fd = datagram_socket()?;
     socket::setsockopt(&fd, sockopt::PassCred, &true)?;
-    socket::bind(fd.as_raw_fd(), &address(master, std::process::id() as libc::pid_t)?)?;
+    let addr = address(master, std::process::id() as libc::pid_t)?;
+    // Left by a worker of the same pid that was killed before the master
+    // removed it: in a directory no one else may write, it is ours.
+    if let Some(path) = addr.path() {
+        let _ = std::fs::remove_file(path);
+    }
+    socket::bind(fd.as_raw_fd(), &addr)?;
     Ok(fd)
 }
 
@@ -316,9 +392,9 @@ pub(crate) extern "C" fn note_superseded(_: libc::c_int) {
 }
 
 /// The worker pids of `master`'s inboxes in a /proc/net/unix table, whose
-/// last column is a bound socket's path, `@` first for an abstract name.
+/// last column is a bound socket's path.
 fn inboxes_of(table: &str, master: libc::pid_t) -> Vec<libc::pid_t> {
-    let prefix = format!("@{}", inbox_prefix(master));
+    let prefix = inbox_prefix(master);
     let mut pids: Vec<libc::pid_t> = table
         .lines()
         .filter_map(|line| line.split_whitespace().last()?.strip_prefix(&prefix)?.parse().ok())
@@ -459,6 +535,7 @@ mod tests {
     fn a_connection_goes_through_the_inbox() {
         // This process plays both workers: the inbox is named after its pid.
         let master = 1_000_000 + (std::process::id() as libc::pid_t % 1000);
+        prepare_inbox_dir().unwrap();
         let inbox = bind_inbox(master).unwrap();
         assert!(matches!(receive(inbox.as_raw_fd()).unwrap(), Received::Empty));
         let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
@@ -490,6 +567,14 @@ mod tests {
         assert!(matches!(receive(inbox.as_raw_fd()).unwrap(), Received::Empty));
         // No inbox under that name: an error, never a wait.
         assert!(send(master, 1, same.as_raw_fd(), note, b"").is_err());
+        // The directory is the user's alone.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(inbox_dir()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        forget_inbox(master, std::process::id() as libc::pid_t);
+        assert!(send(master, std::process::id() as libc::pid_t, same.as_raw_fd(), note, b"").is_err());
+        remove_inbox_dir();
+        assert!(!inbox_dir().exists());
     }
 
     #[test]
@@ -521,11 +606,12 @@ mod tests {
         let p = inbox_prefix(70);
         let table = format!(
             "Num       RefCount Protocol Flags    Type St Inode Path\n\
-            0000000000000000: 00000002 00000000 00000000 0002 01 11 @{p}71\n\
-            0000000000000000: 00000002 00000000 00000000 0002 01 12 @{p}72\n\
-            0000000000000000: 00000002 00000000 00000000 0002 01 13 @{p}0-73\n\
-            0000000000000000: 00000002 00000000 00000000 0002 01 13 @corral-handover-other-70-74\n\
-            0000000000000000: 00000002 00000000 00000000 0002 01 13 @{}73\n\
+            0000000000000000: 00000002 00000000 00000000 0002 01 11 {p}71\n\
+            0000000000000000: 00000002 00000000 00000000 0002 01 12 {p}72\n\
+            0000000000000000: 00000002 00000000 00000000 0002 01 13 {p}0-73\n\
+            0000000000000000: 00000002 00000000 00000000 0002 01 13 /tmp/corral-other-0/70-74\n\
+            0000000000000000: 00000002 00000000 00000000 0002 01 13 @{p}75\n\
+            0000000000000000: 00000002 00000000 00000000 0002 01 13 {}73\n\
             0000000000000000: 00000002 00000000 00000000 0001 01 14 /run/app.sock\n\
             0000000000000000: 00000003 00000000 00000000 0001 03 15\n",
             inbox_prefix(700)

@@ -567,6 +567,13 @@ impl<'a, H: Hooks> Master<'a, H> {
     /// Supervises until shutdown; returns the exit code for the master.
     pub fn run(mut self) -> i32 {
         crate::proctitle::set(&title("master", &self.config.name));
+        // As the user the workers run as, before any of them starts.
+        if let Err(e) = crate::handover::prepare_inbox_dir() {
+            warn!(
+                "Workers cannot hand connections to each other: {e}; a draining worker closes its kept-alive \
+                 connections instead"
+            );
+        }
         let ready = self.hooks.event(Event::Ready);
         if !ready && self.inherited.is_empty() {
             error!("Not starting: the `when_ready` hook failed (see above)");
@@ -1559,6 +1566,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             if pid <= 0 {
                 return;
             }
+            crate::handover::forget_inbox(std::process::id() as libc::pid_t, pid);
             if let Some(report) = self.crash_reports.remove(&pid) {
                 // Before the line that says how it ended, as faulthandler's
                 // text came before it in a text log.
@@ -1814,6 +1822,7 @@ impl<'a, H: Hooks> Master<'a, H> {
         if let Some(mut l) = self.stats.take() {
             l.remove_file();
         }
+        crate::handover::remove_inbox_dir();
     }
 }
 
