@@ -182,6 +182,12 @@ fn inbox_dir() -> &'static std::path::Path {
 /// (see [`prepare_inbox_dir`]); inherited by the workers forked after.
 static DIR_READY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Whether the directory of the inboxes is this user's alone, as the
+/// master found it before this worker started.
+pub(crate) fn dir_ready() -> bool {
+    DIR_READY.load(Ordering::Relaxed)
+}
+
 /// Makes the pool's directory of inboxes, or takes the one a previous
 /// program of this master made: owned by this user, entered by nobody
 /// else. Called by the master, as the user the workers run as, before the

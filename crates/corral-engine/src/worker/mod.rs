@@ -622,6 +622,11 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
                 Some(fd)
             }
         }
+        // The master said why at its start, once for every worker.
+        Err(e) if !crate::handover::dir_ready() => {
+            debug!("no inbox for connections other workers hand over: {e}");
+            None
+        }
         Err(e) => {
             warn!(
                 "cannot open the inbox for connections other workers hand over when they drain: {e}; \
