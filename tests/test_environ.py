@@ -317,6 +317,21 @@ def test_wsgi_errors_reach_the_log(behaviour):
     behaviour.wait_for(f"{marker} again", since=mark)
 
 
+def test_wsgi_errors_keeps_a_line_whole_across_flushes_and_answers_as_a_stream(behaviour):
+    """A line written a piece at a time, with a flush after each (a progress
+    line), is one line of the log, as under gunicorn (each flush cut it);
+    and the stream answers what code that uses it as sys.stderr asks
+    (isatty, closed and writable raised AttributeError)."""
+    mark = behaviour.mark()
+    resp = behaviour.request("GET", "/errors-as-a-stream")
+    assert resp.status == 200
+    assert resp.body == (
+        b"isatty=False closed=False writable=True fileno=unsupported bytes=write() argument must be str, not bytes"
+    )
+    behaviour.wait_for(r"progress: \.\.\. done$", since=mark)
+    assert not behaviour.grep(r"progress: $|^\.$", since=mark), behaviour.log
+
+
 # -- the scheme a proxy reports (--forwarded-allow-ips) ------------------------------
 
 

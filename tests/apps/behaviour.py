@@ -142,6 +142,31 @@ def status(environ, start_response):
     return [q.get("body", "").encode()]
 
 
+def errors_as_a_stream(environ, start_response):
+    """Uses wsgi.errors as code that puts it in place of sys.stderr does: a
+    progress line written a piece at a time with a flush after each, and the
+    questions a logging handler or a library asks of a stream."""
+    import io
+
+    e = environ["wsgi.errors"]
+    e.write("progress: ")
+    e.flush()
+    for _ in range(3):
+        e.write(".")
+        e.flush()
+    e.write(" done\n")
+    answers = [f"isatty={e.isatty()}", f"closed={e.closed}", f"writable={e.writable()}"]
+    try:
+        e.fileno()
+    except io.UnsupportedOperation:
+        answers.append("fileno=unsupported")
+    try:
+        e.write(b"bytes")
+    except TypeError as err:
+        answers.append(f"bytes={err}")
+    return _ok(start_response, " ".join(answers))
+
+
 def print_errors(environ, start_response):
     """Writes to wsgi.errors the way print() does (the line in several pieces), and
     a last line without its newline."""
@@ -955,6 +980,7 @@ UNVALIDATED = {
     "/print-std": print_std,
     "/burst-then-slow": burst_then_slow,
     "/print-errors": print_errors,
+    "/errors-as-a-stream": errors_as_a_stream,
     "/close-fails": close_fails,
     "/keep-environ": keep_environ,
     "/input": input_ops,

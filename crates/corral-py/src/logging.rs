@@ -124,7 +124,7 @@ pub fn app_error_text(text: &str) {
 }
 
 /// Writes what this thread's `wsgi.errors` holds of an unfinished line
-/// (`wsgi.errors.flush()`, and after each request).
+/// (after each request).
 pub fn app_error_flush() {
     PENDING.with(|p| {
         let mut p = p.0.borrow_mut();

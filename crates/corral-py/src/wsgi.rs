@@ -1354,26 +1354,61 @@ impl Input {
     }
 }
 
-/// `wsgi.errors`: text written here goes to the server's error log.
+/// `wsgi.errors`: text written here goes to the server's error log, a whole
+/// line at a time (see [`crate::logging::app_error_text`]). It answers what
+/// code that puts it in place of `sys.stderr` asks of a text stream.
 #[pyclass(module = "corral._corral")]
 pub struct ErrorStream {}
 
 #[pymethods]
 impl ErrorStream {
-    fn write(&self, s: &Bound<'_, PyString>) -> PyResult<usize> {
+    fn write(&self, s: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let Ok(s) = s.downcast::<PyString>() else {
+            return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                "write() argument must be str, not {}",
+                s.get_type().name()?
+            )));
+        };
         crate::logging::app_error_text(&crate::logging::log_text(s));
         s.len()
     }
 
-    fn flush(&self) {
-        crate::logging::app_error_flush();
-    }
+    /// Lines written are in the log already; the rest of an unfinished one
+    /// waits for its end (or the request's), since a line cut at each
+    /// flush (a progress line written a dot at a time) came out in pieces.
+    fn flush(&self) {}
 
     fn writelines(&self, lines: &Bound<'_, PyAny>) -> PyResult<()> {
         for line in lines.try_iter()? {
-            self.write(line?.downcast::<PyString>()?)?;
+            self.write(&line?)?;
         }
         Ok(())
+    }
+
+    fn isatty(&self) -> bool {
+        false
+    }
+
+    fn writable(&self) -> bool {
+        true
+    }
+
+    fn readable(&self) -> bool {
+        false
+    }
+
+    fn seekable(&self) -> bool {
+        false
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        false
+    }
+
+    fn fileno(&self, py: Python<'_>) -> PyResult<i32> {
+        let unsupported = py.import("io")?.getattr("UnsupportedOperation")?;
+        Err(PyErr::from_value(unsupported.call1(("wsgi.errors has no file descriptor",))?))
     }
 }
 
