@@ -98,6 +98,8 @@ pub enum Error {
     DuplicateHeader,
     ChunkSize,
     ChunkExtension,
+    /// A chunk's size line, extensions included, longer than [`MAX_CHUNK_LINE`].
+    ChunkLineTooLong,
     ChunkTerminator,
     Trailer,
     /// Transfer-Encoding: identity, which RFC 9112 removed.
@@ -148,6 +150,7 @@ impl fmt::Display for Error {
             Error::DuplicateHeader => "repeated Host or Content-Type header",
             Error::ChunkSize => "invalid chunk size",
             Error::ChunkExtension => "invalid chunk extension",
+            Error::ChunkLineTooLong => "chunk size line (with its extensions) longer than 4096 bytes",
             Error::ChunkTerminator => "chunk data not followed by CRLF",
             Error::Trailer => "invalid or forbidden trailer field",
             Error::IdentityEncoding => "Transfer-Encoding: identity is not allowed",
@@ -942,7 +945,7 @@ impl ChunkedDecoder {
                     let rest = &buf[pos..];
                     let Some(nl) = memchr(b'\n', &rest[..rest.len().min(MAX_CHUNK_LINE)]) else {
                         if rest.len() >= MAX_CHUNK_LINE {
-                            return Err(Error::ChunkSize);
+                            return Err(Error::ChunkLineTooLong);
                         }
                         // Refuse bad input early rather than wait for a line end.
                         if let Some(&b) = rest.first() {
@@ -1304,6 +1307,11 @@ mod tests {
             let got = dechunk(raw);
             assert_eq!(got.as_deref().map_err(|e| *e), *want, "{:?}", String::from_utf8_lossy(raw));
         }
+        // Extensions that make the size line too long are named as such.
+        let mut long = b"3;a=".to_vec();
+        long.resize(MAX_CHUNK_LINE + 10, b'b');
+        long.extend_from_slice(b"\r\nabc\r\n0\r\n\r\n");
+        assert_eq!(dechunk(&long).err(), Some(Error::ChunkLineTooLong));
     }
 
     #[test]
