@@ -412,6 +412,38 @@ def test_a_crash_loses_only_the_request_that_crashed(start_server, crash):
     assert server.grep(r"\[ERROR\] Worker crashed", since=mark)
 
 
+@pytest.mark.parametrize("gil", [False, True])
+def test_a_crash_in_a_thread_of_the_apps_loses_no_connection(start_server, gil):
+    """A segfault in a thread the app started (no request of its own): the
+    request in flight on a serving thread finishes if the crash left the
+    GIL free (it was cut: the worker died at once), and kept-alive and new
+    connections go to the replacement, as for a crash on a serving thread."""
+    server = start_server("behaviour:application", workers=1, threads=2)
+    old = _pid_of_request(server)
+    with server.connect() as kept, server.connect() as slow, server.connect() as fresh:
+        kept.send_request("GET", "/pid")
+        assert int(kept.read_response().body) == old
+        mark = server.mark()
+        slow.send_request("GET", "/slow?secs=2&id=other")
+        server.wait_for("slow request started: other", since=mark)
+        target = "/segfault-in-a-thread" + ("?gil=1" if gil else "")
+        assert server.request("GET", target).body == b"started"
+        server.wait_for(r"Worker crashed: SIGSEGV in a thread the app started", since=mark)
+        kept.send_request("POST", "/pid", body=b"x" * 1000)
+        fresh.send_request("POST", "/pid", body=b"y" * 1000)
+        for conn in (kept, fresh):
+            resp = conn.read_response()
+            assert resp.status == 200, resp
+            assert int(resp.body) not in (old, 0)
+        if gil:
+            assert slow.at_eof(30)
+        else:
+            resp = slow.read_response()
+            assert (resp.status, resp.body) == (200, b"slept other"), resp
+    server.wait_for(rf"Worker 0 \(pid {old}\) was killed by signal 11 \(SIGSEGV\)", since=mark)
+    server.wait_for(r"Fatal Python error: Segmentation fault", since=mark)
+
+
 def test_the_stack_of_a_request_past_timeout_that_runs_python_all_along(start_server):
     """Its frames change all the time; the stack is read in a copy of the worker
     taken at one instant, so it is whole, and the worker is replaced as usual."""

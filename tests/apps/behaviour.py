@@ -819,6 +819,26 @@ def segfault_without_gil(environ, start_response):
     ctypes.memset(0, 0, 1)
 
 
+def segfault_in_a_thread(environ, start_response):
+    """Starts a thread of the app's own that crashes in C code called
+    without the GIL (?gil=1: with it), as a C library's worker thread would;
+    the request itself returns at once."""
+    import ctypes
+    import threading
+
+    crash = ctypes.string_at if _query(environ).get("gil") else ctypes.memset
+
+    def run():
+        time.sleep(0.2)
+        if crash is ctypes.memset:
+            ctypes.memset(0, 0, 1)
+        else:
+            ctypes.string_at(0)
+
+    threading.Thread(target=run, daemon=True).start()
+    return _ok(start_response, "started")
+
+
 def close_std(environ, start_response):
     """Closes descriptors 0, 1 and 2, as a library that daemonizes the process would."""
     for fd in (0, 1, 2):
@@ -1012,6 +1032,7 @@ UNVALIDATED = {
     "/close-std": close_std,
     "/segfault": segfault,
     "/segfault-without-gil": segfault_without_gil,
+    "/segfault-in-a-thread": segfault_in_a_thread,
     "/spin": spin,
     "/lengths": lengths,
     "/undecodable": undecodable,

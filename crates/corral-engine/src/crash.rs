@@ -14,14 +14,19 @@
 //! dies of the same signal, so the master's log and a core dump say what
 //! they said before.
 //!
+//! A thread the app started (a C extension's own, or a Python thread) that
+//! crashes is taken the same way, with no request of its own to answer:
+//! the serving threads' requests finish, unless it held the GIL.
+//!
 //! The handler goes in before Python's `faulthandler`, which then calls it
 //! after it has written every thread's Python stack. Only a signal raised
-//! on a serving thread of this very process is taken this way: the kernel's
-//! fault, an `abort()`, or faulthandler passing either on (which hides
-//! whether another process sent it: a `kill -SEGV` that lands on a serving
-//! thread counts as a crash). Anything else dies of its signal at once, as
-//! without the handler: a crash on another thread, in a process the app
-//! forked, or a second crash.
+//! on a serving thread or an app's thread of this very process is taken
+//! this way: the kernel's fault, an `abort()`, or faulthandler passing
+//! either on (which hides whether another process sent it: a `kill -SEGV`
+//! that lands on such a thread counts as a crash). Anything else dies of
+//! its signal at once, as without the handler: a crash on one of corral's
+//! own threads (the main thread, the flusher, the offload thread), whose
+//! work the others need, in a process the app forked, or a second crash.
 
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
@@ -35,8 +40,11 @@ static WORKER_PID: AtomicI32 = AtomicI32::new(0);
 /// Taken by the first crash; a second one dies at once.
 static CLAIMED: AtomicBool = AtomicBool::new(false);
 /// The crash: signal number in the high half, serving thread index + 1 in
-/// the low one; 0 while none happened.
+/// the low one ([`APP_THREAD`] for a thread of the app's); 0 while none
+/// happened.
 static CRASH: AtomicU64 = AtomicU64::new(0);
+/// The low half of [`CRASH`] for a thread the app started.
+const APP_THREAD: u64 = 0xffff_ffff;
 /// Whether the crashed thread holds the lock the app's other threads need
 /// to go on (Python's GIL): their requests then never end.
 static HELD_LOCK: AtomicBool = AtomicBool::new(false);
@@ -51,6 +59,21 @@ static HOLDS_LOCK: std::sync::OnceLock<fn() -> bool> = std::sync::OnceLock::new(
 static SERVING: [AtomicI32; MAX_SERVING] = [const { AtomicI32::new(0) }; MAX_SERVING];
 /// Serving threads past this many crash as they would without the handler.
 const MAX_SERVING: usize = 1024;
+
+/// The kernel thread ids of corral's own threads besides the main one and
+/// the serving ones (the flusher, the offload thread): a crash there is
+/// corral's, and the others could not go on without them.
+static OWN: [AtomicI32; 4] = [const { AtomicI32::new(0) }; 4];
+
+/// Marks the calling thread as one of corral's own (see [`OWN`]).
+pub(crate) fn enter_own() {
+    let tid = gettid();
+    for slot in &OWN {
+        if slot.compare_exchange(0, tid, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            return;
+        }
+    }
+}
 
 /// Installs the handler for the signals a crash raises, in a worker before
 /// anything else takes them (Python's `faulthandler` chains to it).
@@ -128,13 +151,17 @@ fn gettid() -> i32 {
     unsafe { libc::syscall(libc::SYS_gettid) as i32 }
 }
 
-/// The crash, if a serving thread crashed: its signal and thread index, and
-/// whether it holds the lock the other threads need.
+/// The crash, if a serving thread or an app's thread crashed: its signal,
+/// the serving thread's index, and whether it holds the lock the other
+/// threads need.
 pub(crate) fn crashed() -> Option<Crash> {
     let c = CRASH.load(Ordering::Acquire);
     (c != 0).then(|| Crash {
         signal: (c >> 32) as libc::c_int,
-        thread: (c & 0xffff_ffff) as usize - 1,
+        thread: match c & 0xffff_ffff {
+            APP_THREAD => None,
+            t => Some(t as usize - 1),
+        },
         held_lock: HELD_LOCK.load(Ordering::Acquire),
     })
 }
@@ -142,7 +169,8 @@ pub(crate) fn crashed() -> Option<Crash> {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Crash {
     pub signal: libc::c_int,
-    pub thread: usize,
+    /// The serving thread that crashed; None for a thread the app started.
+    pub thread: Option<usize>,
     pub held_lock: bool,
 }
 
@@ -169,20 +197,23 @@ extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut lib
     // sigaction, raise and pause.
     let pid = unsafe { libc::getpid() };
     let tid = gettid();
-    let t = SERVING.iter().position(|s| s.load(Ordering::Acquire) == tid).unwrap_or(usize::MAX);
+    let which = match SERVING.iter().position(|s| s.load(Ordering::Acquire) == tid) {
+        Some(t) => Some(t as u64 + 1),
+        // The app's own thread: neither the main thread nor another of corral's.
+        None if tid != pid && !OWN.iter().any(|s| s.load(Ordering::Acquire) == tid) => Some(APP_THREAD),
+        None => None,
+    };
     // The kernel's own fault (si_code > 0), or a signal this process sent
     // itself: abort(), or faulthandler passing the fault on once it wrote
     // the stacks. Not one another process sent.
     let raised_here = unsafe { (*info).si_code > 0 || (*info).si_pid() == pid };
-    if pid == WORKER_PID.load(Ordering::Relaxed)
-        && t != usize::MAX
-        && raised_here
-        && !CLAIMED.swap(true, Ordering::AcqRel)
-    {
+    if let Some(which) = which.filter(|_| {
+        pid == WORKER_PID.load(Ordering::Relaxed) && raised_here && !CLAIMED.swap(true, Ordering::AcqRel)
+    }) {
         if let Some(check) = HOLDS_LOCK.get() {
             HELD_LOCK.store(check(), Ordering::Release);
         }
-        CRASH.store(((sig as u64) << 32) | (t as u64 + 1), Ordering::Release);
+        CRASH.store(((sig as u64) << 32) | which, Ordering::Release);
         // The main thread takes it from here, and ends the process.
         loop {
             unsafe { libc::pause() };

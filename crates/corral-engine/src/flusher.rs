@@ -207,9 +207,10 @@ pub(crate) fn start(threads: usize) -> io::Result<Vec<Arc<Holder>>> {
         })
         .collect();
     let watched = holders.clone();
-    std::thread::Builder::new()
-        .name("corral-flush".into())
-        .spawn(move || crate::worker::or_exit(|| run(&clock, &watched)))?;
+    std::thread::Builder::new().name("corral-flush".into()).spawn(move || {
+        crate::crash::enter_own();
+        crate::worker::or_exit(|| run(&clock, &watched))
+    })?;
     Ok(holders)
 }
 

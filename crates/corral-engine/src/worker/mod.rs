@@ -739,10 +739,10 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
     }
     if shared.offload.is_some() {
         let s = shared.clone();
-        if let Err(e) = std::thread::Builder::new()
-            .name("corral-offload".into())
-            .spawn(move || or_exit(|| offload_main(&s)))
-        {
+        if let Err(e) = std::thread::Builder::new().name("corral-offload".into()).spawn(move || {
+            crate::crash::enter_own();
+            or_exit(|| offload_main(&s))
+        }) {
             error!("cannot start the offload thread: {e}");
             return 1;
         }

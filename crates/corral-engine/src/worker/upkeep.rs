@@ -108,7 +108,7 @@ pub(super) fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
         // will leave here.
         let others_out = crash.is_some_and(|c| {
             (0..w.in_pass.len()).all(|t| {
-                t == c.thread
+                c.thread == Some(t)
                     || !w.in_pass[t].load(Ordering::SeqCst)
                     || w.timed_out[t].load(Ordering::Acquire)
             })
@@ -158,7 +158,14 @@ pub(super) fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
             // ended, and left what they read between two requests parked
             // for the sweep (see `in_pass`).
             let others_stuck = all_stuck(w) || crash.is_some_and(|c| c.held_lock || others_out);
-            if stuck > 0 && sending == 0 && orphans_left == 0 && (live <= stuck || others_stuck) {
+            // A thread of the app's that crashed holds no request, but may
+            // hold what the others need, as a stuck one does.
+            let app_crash = crash.is_some_and(|c| c.thread.is_none());
+            if (stuck > 0 || app_crash)
+                && sending == 0
+                && orphans_left == 0
+                && (live <= stuck || others_stuck)
+            {
                 // Only timed-out requests are left, or every thread is in
                 // one and the connections held here could never be served:
                 // the sweep has handed those it could to a sibling, and what
@@ -567,17 +574,32 @@ pub(super) fn on_crash<A: App>(w: &Shared<A>, c: crate::crash::Crash, now: u64) 
     // and skip their accepts, and resume_accepting never puts it back.
     pause_listeners(w, now);
     let signal = crate::supervise::signal_name(c.signal);
-    let serving = w.scoreboard.thread_request(w.slot, c.thread);
+    let Some(t) = c.thread else {
+        // A thread the app started: no request of its own to answer.
+        let others = if c.held_lock {
+            "; it held the interpreter lock, so the requests in flight cannot end and are cut once the \
+             replacement is ready"
+        } else {
+            "; the requests in flight finish first"
+        };
+        error!(
+            "Worker crashed: {signal} in a thread the app started. The worker is being replaced; it accepts \
+             nothing more, and the connections no thread serves go to a worker that serves{others}: pid={}",
+            std::process::id()
+        );
+        return;
+    };
+    let serving = w.scoreboard.thread_request(w.slot, t);
     // A request --timeout abandoned already is answered and counted.
-    let timed_out = w.timed_out[c.thread].load(Ordering::Acquire);
+    let timed_out = w.timed_out[t].load(Ordering::Acquire);
     let answered = serving
         .as_ref()
         .filter(|_| !timed_out)
-        .and_then(|(_, since)| abandon_request(w, c.thread, now, *since, 500, "the worker crashed", false));
+        .and_then(|(_, since)| abandon_request(w, t, now, *since, 500, "the worker crashed", false));
     if answered.is_none() && !timed_out {
         // Between requests, or its request is locked (the crash came in
         // the middle of the server's own work on it): nothing to answer.
-        w.timed_out[c.thread].store(true, Ordering::Release);
+        w.timed_out[t].store(true, Ordering::Release);
         w.stuck.fetch_add(1, Ordering::AcqRel);
     }
     let request = match (serving, answered) {
@@ -594,13 +616,12 @@ pub(super) fn on_crash<A: App>(w: &Shared<A>, c: crate::crash::Crash, now: u64) 
         ""
     };
     error!(
-        "Worker crashed: {signal} in thread {} {request}. The worker is being replaced; it accepts nothing \
+        "Worker crashed: {signal} in thread {t} {request}. The worker is being replaced; it accepts nothing \
          more, and the connections no thread serves go to a worker that serves{others}: pid={}",
-        c.thread,
         std::process::id()
     );
     // Last: it frees memory, which a crash inside malloc may have locked.
-    rescue_held(w, c.thread, false);
+    rescue_held(w, t, false);
 }
 
 /// This worker's resident memory when it became ready, before any request.
