@@ -444,6 +444,22 @@ def test_a_crash_in_a_thread_of_the_apps_loses_no_connection(start_server, gil):
     server.wait_for(r"Fatal Python error: Segmentation fault", since=mark)
 
 
+def test_the_master_leaves_the_exit_status_of_the_apps_commands_to_the_app(start_server, tmp_path):
+    """A thread of a --preload import (in the master) runs commands that
+    fail: each one's exit status reaches the app. The master reaped every
+    child that ended, workers or not, and subprocess then saw none (a
+    returncode of 0 for a command that failed)."""
+    status = tmp_path / "status"
+    start_server(
+        "subprocess_at_import:application",
+        "--preload",
+        workers=1,
+        env={"CORRAL_TEST_STATUS_FILE": str(status)},
+    )
+    assert wait_until(lambda: status.exists() and len(status.read_text().split()) == 20, 30)
+    assert status.read_text().split() == ["3"] * 20
+
+
 def test_the_stack_of_a_request_past_timeout_that_runs_python_all_along(start_server):
     """Its frames change all the time; the stack is read in a copy of the worker
     taken at one instant, so it is whole, and the worker is replaced as usual."""

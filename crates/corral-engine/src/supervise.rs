@@ -1559,13 +1559,39 @@ impl<'a, H: Hooks> Master<'a, H> {
         info!("Booting worker {slot} with pid {pid}");
     }
 
+    /// The next worker (of this program or the previous one) that exited,
+    /// and its wait status; None when none has. Only workers: a child the
+    /// app started in the master (a thread of a `--preload` import running
+    /// `subprocess`) is the app's to wait for, and reaped here it left
+    /// `subprocess` no exit status (a failed command's returncode read 0).
+    /// As PID 1, a container's init, the master also reaps every other
+    /// child that ended (orphans come to it, and nobody else would).
+    fn next_exited(&self) -> Option<(libc::pid_t, libc::c_int)> {
+        let mut status = 0;
+        for &pid in self.workers.keys().chain(self.inherited.iter()) {
+            if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
+                return Some((pid, status));
+            }
+        }
+        if std::process::id() == 1 {
+            loop {
+                let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+                if pid <= 0 {
+                    return None;
+                }
+                if self.workers.contains_key(&pid) || self.inherited.contains(&pid) {
+                    return Some((pid, status));
+                }
+            }
+        }
+        None
+    }
+
     fn reap(&mut self) {
         loop {
-            let mut status = 0;
-            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-            if pid <= 0 {
+            let Some((pid, status)) = self.next_exited() else {
                 return;
-            }
+            };
             crate::handover::forget_inbox(std::process::id() as libc::pid_t, pid);
             if let Some(report) = self.crash_reports.remove(&pid) {
                 // Before the line that says how it ended, as faulthandler's
