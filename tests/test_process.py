@@ -460,6 +460,24 @@ def test_the_master_leaves_the_exit_status_of_the_apps_commands_to_the_app(start
     assert status.read_text().split() == ["3"] * 20
 
 
+@pytest.mark.parametrize("preload", [False, True])
+def test_descriptors_0_to_2_the_import_closed_are_not_the_servers_own(start_server, preload):
+    """An import that closes standard input, output and error: the epoll set,
+    a listener or the hand-over inbox took those numbers, and the app's
+    print() wrote into them (a 500, or lost in the server's wake-ups). They
+    are /dev/null again, with a warning."""
+    server = start_server("close_std_at_import:application", *(["--preload"] if preload else []), workers=1)
+    for _ in range(3):
+        resp = server.request("GET", "/")
+        assert (resp.status, resp.body) == (200, b"printed"), resp
+    worker = server.worker_pids()[0]
+    for pid in (worker, server.proc.pid) if preload else (worker,):
+        assert [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in (0, 1, 2)] == ["/dev/null"] * 3
+    assert server.grep(
+        r"\[WARNING\] The app closed standard input, standard output, standard error while it loaded"
+    )
+
+
 def test_the_stack_of_a_request_past_timeout_that_runs_python_all_along(start_server):
     """Its frames change all the time; the stack is read in a copy of the worker
     taken at one instant, so it is whole, and the worker is replaced as usual."""

@@ -127,6 +127,7 @@ pub fn load_app(py: Python<'_>, spec: &AppSpec) -> Result<PyObject, String> {
         Some(path) => load_file(py, &spec.module, path),
         None => py.import(spec.module.as_str()),
     };
+    reopen_stdio_the_import_closed();
     let module = imported.map_err(|e| {
         let what =
             spec.file.as_ref().map_or_else(|| format!("module {:?}", spec.module), |f| format!("file {f:?}"));
@@ -154,6 +155,36 @@ pub fn load_app(py: Python<'_>, spec: &AppSpec) -> Result<PyObject, String> {
         return Err(format!("{spec} is not callable (it is a {ty} object); a WSGI app is a callable"));
     }
     Ok(obj.unbind())
+}
+
+/// Puts /dev/null back on descriptors 0, 1 and 2 that the app's import
+/// closed (a library that daemonizes the process does): the descriptors
+/// corral opens next (the epoll set, a listener, the hand-over inbox) would
+/// take those numbers, and what the app then writes to standard output
+/// would go into them. A request that closes them is repaired the same way
+/// by the connections kept off 0-2.
+fn reopen_stdio_the_import_closed() {
+    let mut closed = Vec::new();
+    for (fd, name) in [(0, "standard input"), (1, "standard output"), (2, "standard error")] {
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1 {
+            continue;
+        }
+        let null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
+        if null >= 0 && null != fd {
+            unsafe {
+                libc::dup2(null, fd);
+                libc::close(null);
+            }
+        }
+        closed.push(name);
+    }
+    if !closed.is_empty() {
+        tracing::warn!(
+            "The app closed {} while it loaded; /dev/null is there again, so that the server's own \
+             descriptors do not take those numbers (what the app writes there is lost)",
+            closed.join(", ")
+        );
+    }
 }
 
 /// Runs a Python file as the module `name` (in sys.modules, as an import
