@@ -572,6 +572,29 @@ def test_hand_over_inboxes_are_in_a_directory_of_the_users_alone(start_server, u
     assert not os.path.exists(os.path.dirname(inboxes[0]))
 
 
+def test_a_connection_handed_over_from_a_worker_whose_app_forked_ends_when_closed(start_server):
+    """A child the old worker's app forked still holds a copy of a kept-alive
+    connection handed to the new worker at a reload: when the new worker
+    closes it (a `Connection: close` response), the client gets its end at
+    once, not when that child exits."""
+    server = start_server("behaviour:application", workers=1)
+    with server.connect() as conn:
+        conn.send(b"GET /fork-child?secs=30 HTTP/1.1\r\nHost: x\r\n\r\n")
+        child = int(conn.read_response().body)
+        try:
+            conn.send(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
+            old = conn.read_response().body.decode()
+            mark = server.mark()
+            server.signal(signal.SIGHUP)
+            server.wait_for(rf"Worker handed 1 connection\(s\) to other workers: pid={old}", since=mark)
+            conn.send(b"GET /pid HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            resp = conn.read_response()
+            assert resp.status == 200 and resp.body.decode() != old
+            assert conn.at_eof(15)
+        finally:
+            os.kill(child, signal.SIGKILL)
+
+
 def test_a_connection_handed_over_after_the_app_forked_stays_open(start_server):
     """Once the app has forked, a worker shuts down the connections it closes
     (a child may hold copies); one it handed to a sibling must not be: that

@@ -621,6 +621,7 @@ pub(super) fn adopt<A: App>(
         // uwsgi and SCGI carry one request per connection: nothing to re-arm.
         edge: w.config.threads <= 1 && matches!(protocol, Protocol::Http | Protocol::FastCgi),
         hung_up: false,
+        handed_in: false,
         proxy_pending: fresh && protocol == Protocol::Http && w.config.proxy_protocol,
         head_charge: HeadCharge::default(),
     })

@@ -149,6 +149,7 @@ pub(super) fn receive_handed_over<A: App>(w: &Shared<A>, taken: &mut Vec<Box<Con
                     peer_strings(&addr, false)
                 };
                 let mut conn = adopt(w, fd.into_raw_fd(), idx, remote_addr, remote_port, note.fresh);
+                conn.handed_in = true;
                 if let Some(client) = note.client {
                     set_proxy_client(&mut conn, client);
                 }

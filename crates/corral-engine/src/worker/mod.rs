@@ -402,6 +402,9 @@ struct Conn {
     /// failed. Under edge triggering that is said once: a read that takes
     /// the last request bytes does not see the end of stream behind them.
     hung_up: bool,
+    /// Handed over by a sibling, whose app may have forked a child that
+    /// still holds a copy of the descriptor (see `close`).
+    handed_in: bool,
     /// A new HTTP connection with `--proxy-protocol` whose first bytes have
     /// not been looked at yet: they may be a PROXY header naming the client.
     proxy_pending: bool,

@@ -445,8 +445,13 @@ pub(super) fn close<A: App>(w: &Shared<A>, conn: Box<Conn>, reset: bool) {
         }
         // A child the app forked holds a copy of the descriptor, so close()
         // alone does not end the connection: it is ended here, unless a
-        // sibling now serves it (that would end it there too).
-        if APP_FORKED.load(Ordering::Relaxed) && !conn.entry.handed.load(Ordering::Relaxed) {
+        // sibling now serves it (that would end it there too). So is one a
+        // sibling handed over: a child its app forked may hold a copy too
+        // (the client of a `Connection: close` response got no FIN while
+        // that child lived).
+        if (APP_FORKED.load(Ordering::Relaxed) || conn.handed_in)
+            && !conn.entry.handed.load(Ordering::Relaxed)
+        {
             // shutdown() would send a FIN, which a reset must not be: over
             // TCP a disconnect (connect to AF_UNSPEC) sends the RST.
             let disconnected = reset && !w.listeners[conn.listener].1.is_unix && {
