@@ -601,8 +601,9 @@ def test_health_probes_are_answered_while_a_preload_reload_imports(start_server,
 
 
 def test_a_stop_during_a_preload_reloads_import_turns_readiness_off(start_server, tmp_path):
-    """TERM while the re-executed master imports: the stop waits for the
-    import, but /readyz says 503 at once, as it does for any stop."""
+    """TERM while the re-executed master imports: the import is
+    interrupted, /readyz says 503 at once, as it does for any stop, and the
+    workers from before the re-exec stop."""
     server, stats, mark = _reloading_with_a_slow_import(start_server, tmp_path)
     server.signal(signal.SIGTERM)
 

@@ -416,6 +416,26 @@ def test_demo_app(start_server):
     assert b"hi &lt;there&gt;" in echo.body
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_during_a_preload_import_stops_the_master_at_once(start_server, tmp_path, sig):
+    """TERM or INT while the master imports the app (--preload), a module
+    that waits at import: the import is interrupted and the master exits,
+    as gunicorn's does at TERM (it went on until the import ended, up to
+    ten minutes here)."""
+    mark_file = tmp_path / "importing"
+    server = start_server(
+        "slow_import:application",
+        "--preload",
+        wait=False,
+        env={"CORRAL_TEST_IMPORT_SECS": "600", "CORRAL_TEST_IMPORT_MARK": str(mark_file)},
+    )
+    assert wait_until(mark_file.exists, 20)
+    server.signal(sig)
+    assert server.wait_exit(20) == 0
+    assert server.grep(r"Stopped while the application was being imported \(--preload\)"), server.log
+    assert not server.grep(r"Booting worker"), server.log
+
+
 def test_timeout_covers_loading_the_app(start_server):
     server = start_server(
         "slow_import:application", "--timeout", "1", wait=False, env={"CORRAL_TEST_IMPORT_SECS": "60"}

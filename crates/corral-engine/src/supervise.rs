@@ -1974,6 +1974,39 @@ static HELD: std::sync::Mutex<Vec<(libc::c_int, libc::sigaction)>> = std::sync::
 
 extern "C" fn note_early_signal(sig: libc::c_int) {
     EARLY.fetch_or(1 << sig, std::sync::atomic::Ordering::Relaxed);
+    if matches!(sig, libc::SIGTERM | libc::SIGINT | libc::SIGQUIT)
+        && IMPORTING.load(std::sync::atomic::Ordering::Relaxed)
+    {
+        // A second one: the import did not stop at the first (C code that
+        // never looks), so the master dies of it as without a handler.
+        if IMPORT_INTERRUPTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            unsafe {
+                libc::signal(sig, libc::SIG_DFL);
+                libc::raise(sig);
+            }
+        } else if let Some(interrupt) = INTERRUPT.get() {
+            interrupt();
+        }
+    }
+}
+
+/// Set while the master imports the app (`--preload`), which may take long
+/// (a module that waits on a database): a stop signal then interrupts the
+/// import rather than wait for its end (it was acted on only after it).
+static IMPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static IMPORT_INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Interrupts the import; async-signal-safe (Python's
+/// `PyErr_SetInterruptEx`, which raises KeyboardInterrupt in it).
+static INTERRUPT: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Marks the span of the master's import of the app: a stop signal that
+/// comes then (TERM, INT, QUIT) calls `interrupt`, and a second one ends
+/// the master at once. Returns, at the end, whether the import was
+/// interrupted.
+pub fn importing(on: bool, interrupt: fn()) -> bool {
+    let _ = INTERRUPT.set(interrupt);
+    IMPORTING.store(on, std::sync::atomic::Ordering::Relaxed);
+    IMPORT_INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Whether a signal that stops the master (TERM, INT, QUIT) arrived while

@@ -1227,12 +1227,30 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
                 None
             }
         });
+        fn interrupt_import() {
+            // SAFETY: async-signal-safe, as CPython documents it.
+            unsafe { pyo3::ffi::PyErr_SetInterruptEx(libc::SIGINT) };
+        }
+        corral_engine::supervise::importing(true, interrupt_import);
         let loaded = load_app(py, &spec);
+        let interrupted = corral_engine::supervise::importing(false, interrupt_import);
         interim_conns = interim.map(|i| i.finish()).unwrap_or_default();
         match loaded {
             Ok(app) => {
                 info!("Preloaded application {}", cli.app);
                 Some(app)
+            }
+            Err(_) if interrupted && reexec_with_workers => {
+                // The stop is acted on as soon as the master supervises.
+                info!("Stopped while the new code was being imported (--preload); the workers from before the re-exec stop too");
+                None
+            }
+            Err(_) if interrupted => {
+                info!("Stopped while the application was being imported (--preload)");
+                if let Some(path) = pidfile.as_deref().filter(|p| pidfile_names_this_master(p)) {
+                    let _ = std::fs::remove_file(path);
+                }
+                return Ok(0);
             }
             Err(msg) if reexec_with_workers => {
                 // The workers from before the re-exec still serve the code
