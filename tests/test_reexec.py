@@ -387,6 +387,27 @@ def _hup_reexecs_only_once_changed(server, change, said, workers):
     assert len(server.worker_pids(since=mark)) == workers
 
 
+def test_what_a_preloaded_import_changed_in_the_environment_is_undone_for_a_reexec(start_server):
+    """An app that takes a secret out of the environment at import, and puts
+    a directory in front of a PATH-like variable: each HUP (a re-exec with
+    --preload) imports it again in the environment of the first start. The
+    re-executed master found the secret gone (KeyError, and the reload
+    failed for good) and the directory once more per reload."""
+    server = start_server(
+        "env_at_import:application",
+        "--preload",
+        workers=1,
+        env={"APP_TEST_SECRET": "s3cret", "APP_TEST_PATH": "/usr/bin"},
+    )
+    assert server.request("GET", "/").body == b"s3cret /opt/app/bin:/usr/bin None"
+    for _ in range(2):
+        mark = server.mark()
+        server.signal(signal.SIGHUP)
+        server.wait_for(r"from before the re-exec exited", since=mark, timeout=30)
+        assert not server.grep(r"could not load|KeyError", since=mark), server.log
+        assert server.request("GET", "/").body == b"s3cret /opt/app/bin:/usr/bin None"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGUSR2], ids=["hup", "usr2"])
 def test_a_variable_taken_out_of_the_config_files_env_is_gone_after_a_reexec(start_server, tmp_path, sig):
     """The re-executed program applies the configuration again, but started

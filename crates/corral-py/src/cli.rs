@@ -1232,6 +1232,7 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             unsafe { pyo3::ffi::PyErr_SetInterruptEx(libc::SIGINT) };
         }
         corral_engine::supervise::importing(true, interrupt_import);
+        *ENV_AT_IMPORT.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::env::vars_os().collect());
         let loaded = load_app(py, &spec);
         let interrupted = corral_engine::supervise::importing(false, interrupt_import);
         interim_conns = interim.map(|i| i.finish()).unwrap_or_default();
@@ -1593,6 +1594,43 @@ static ENV_BEFORE: std::sync::Mutex<Vec<(String, Option<String>)>> = std::sync::
 /// [`ENV_BEFORE`]).
 pub(crate) fn env_before_settings() -> Vec<(String, Option<String>)> {
     ENV_BEFORE.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// The master's environment just before it imported the app (`--preload`).
+static ENV_AT_IMPORT: std::sync::Mutex<Option<Vec<(std::ffi::OsString, std::ffi::OsString)>>> =
+    std::sync::Mutex::new(None);
+
+/// What the app's import in the master changed in its environment, undone,
+/// for a re-exec: the new program imports the app again, and an app that
+/// removed a variable it read (a password) found it gone, one that added a
+/// directory to PATH added it again at each reload. corral's own variables
+/// (`CORRAL_*`, socket activation's `LISTEN_*`) are left to the re-exec.
+pub(crate) fn env_changes_of_the_import() -> Vec<(String, Option<String>)> {
+    let Some(before) = ENV_AT_IMPORT.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+        return Vec::new();
+    };
+    let ours = |k: &std::ffi::OsStr| {
+        let k = k.to_string_lossy();
+        k.starts_with("CORRAL_") || k.starts_with("LISTEN_")
+    };
+    let now: std::collections::HashMap<_, _> = std::env::vars_os().collect();
+    let mut undo = Vec::new();
+    for (k, v) in &before {
+        if !ours(k) && now.get(k) != Some(v) {
+            if let (Some(k), Some(v)) = (k.to_str(), v.to_str()) {
+                undo.push((k.to_string(), Some(v.to_string())));
+            }
+        }
+    }
+    let had: std::collections::HashSet<_> = before.iter().map(|(k, _)| k.clone()).collect();
+    for k in now.keys() {
+        if !ours(k) && !had.contains(k) {
+            if let Some(k) = k.to_str() {
+                undo.push((k.to_string(), None));
+            }
+        }
+    }
+    undo
 }
 
 /// The working directory as the shell named it: `$PWD` when that is the

@@ -546,7 +546,8 @@ impl Hooks for Runtime {
         // What --env (or a config file's env) set goes back to what it was
         // at the first start: the new program applies its configuration
         // again, and a variable taken out of the file must not stay.
-        let mut env = crate::cli::env_before_settings();
+        let mut env = crate::cli::env_changes_of_the_import();
+        env.extend(crate::cli::env_before_settings());
         if let Some(path) = &self.reexec.pidfile {
             env.push((PREVIOUS_PIDFILE_ENV.into(), Some(path.to_string_lossy().into_owned())));
         }
