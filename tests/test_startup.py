@@ -436,6 +436,23 @@ def test_a_stop_during_a_preload_import_stops_the_master_at_once(start_server, t
     assert not server.grep(r"Booting worker"), server.log
 
 
+def test_a_preloaded_apps_thread_that_never_ends_does_not_hold_the_master_after_a_stop(start_server):
+    """A thread that is not a daemon, started by the master's import (a
+    scheduler): Python's exit waits for it, and the master ran on for good
+    after "Shutdown complete". It gets --graceful-timeout, then the master
+    exits without it, saying so."""
+    server = start_server(
+        "nondaemon_at_import:application", "--preload", "--graceful-timeout", "1", workers=1
+    )
+    assert server.request("GET", "/").status == 200
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(20) == 0
+    assert server.grep(r"The app's thread\(s\) scheduler still run in the master, and are not daemons")
+    assert server.grep(
+        r"The app's thread\(s\) scheduler still run 1 s after the stop; the master exits without"
+    )
+
+
 def test_timeout_covers_loading_the_app(start_server):
     server = start_server(
         "slow_import:application", "--timeout", "1", wait=False, env={"CORRAL_TEST_IMPORT_SECS": "60"}

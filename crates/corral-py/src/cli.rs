@@ -1485,6 +1485,7 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     let runtime = Runtime::new(spec, preloaded, cli.preload, mount, chdir_named, &config, reexec)
         .with_hooks(server_hooks)
         .serving_load_errors(cli.reload);
+    let graceful_timeout = config.graceful_timeout;
     let mut master = match Master::new(config, listeners, &runtime) {
         Ok(m) => m,
         Err(e) => {
@@ -1551,7 +1552,68 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     let code = master.run();
     runtime.on_exit(py);
     remove_pidfile();
+    leave_app_threads(py, graceful_timeout, code);
     Ok(code)
+}
+
+/// Python's exit waits for every thread that is not a daemon: one the app
+/// started in the master (a `--preload` import's scheduler, a
+/// multiprocessing pool's) kept the master running for good after
+/// "Shutdown complete". They get `--graceful-timeout`, as a worker's do,
+/// and the master then exits without them, saying so.
+fn leave_app_threads(py: Python<'_>, timeout: Duration, code: i32) {
+    let stray = || -> PyResult<Vec<Bound<'_, PyAny>>> {
+        let threading = py.import("threading")?;
+        let main = threading.call_method0("main_thread")?;
+        let mut left = Vec::new();
+        for t in threading.call_method0("enumerate")?.try_iter()? {
+            let t = t?;
+            if !t.is(&main)
+                && !t.getattr("daemon")?.is_truthy()?
+                && t.call_method0("is_alive")?.is_truthy()?
+            {
+                left.push(t);
+            }
+        }
+        Ok(left)
+    };
+    let names = |threads: &[Bound<'_, PyAny>]| {
+        threads
+            .iter()
+            .map(|t| t.getattr("name").map_or_else(|_| "?".to_string(), |n| n.to_string()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let Ok(threads) = stray() else { return };
+    if threads.is_empty() {
+        return;
+    }
+    warn!(
+        "The app's thread(s) {} still run in the master, and are not daemons (Python's exit waits for them): \
+         waiting up to {:.0} s (--graceful-timeout)",
+        names(&threads),
+        timeout.as_secs_f64()
+    );
+    let deadline = std::time::Instant::now() + timeout;
+    for t in &threads {
+        let left = deadline.saturating_duration_since(std::time::Instant::now()).as_secs_f64();
+        let kwargs = pyo3::types::PyDict::new(py);
+        let _ = kwargs.set_item("timeout", left);
+        let _ = t.call_method("join", (), Some(&kwargs));
+    }
+    let Ok(threads) = stray() else { return };
+    if !threads.is_empty() {
+        error!(
+            "The app's thread(s) {} still run {:.0} s after the stop; the master exits without them",
+            names(&threads),
+            timeout.as_secs_f64()
+        );
+        let _ = py.import("sys").and_then(|sys| {
+            sys.getattr("stdout")?.call_method0("flush")?;
+            sys.getattr("stderr")?.call_method0("flush")
+        });
+        unsafe { libc::_exit(code) };
+    }
 }
 
 /// Each connection is a descriptor in its worker; past the limit accepts
