@@ -478,6 +478,17 @@ def test_descriptors_0_to_2_the_import_closed_are_not_the_servers_own(start_serv
     )
 
 
+def test_a_python_signal_handler_that_cannot_run_in_a_worker_is_warned_about(start_server):
+    """A handler the app set at import for a signal that is not the worker's
+    own (SIGALRM here): Python runs it on the main thread only, which in a
+    worker runs no Python while it serves, so it never runs; the log says
+    so (it said nothing)."""
+    server = start_server("alarm_app:application", workers=1)
+    assert server.request("GET", "/").status == 200
+    warned = server.grep(r"\[WARNING\] The app set Python handlers for (.*) while it loaded")
+    assert [m.group(1) for m in warned] == ["SIGALRM"], server.log
+
+
 def test_the_stack_of_a_request_past_timeout_that_runs_python_all_along(start_server):
     """Its frames change all the time; the stack is read in a copy of the worker
     taken at one instant, so it is whole, and the worker is replaced as usual."""

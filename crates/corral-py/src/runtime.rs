@@ -431,6 +431,15 @@ impl Hooks for Runtime {
                 }
             },
         };
+        match python_handlers_that_never_run(py) {
+            Ok(names) if !names.is_empty() => warn!(
+                "The app set Python handlers for {} while it loaded; Python runs a signal handler on the main \
+                 thread only, which in a worker runs no Python while it serves, so they will not run (a thread, \
+                 such as threading.Timer, does what SIGALRM or setitimer would)",
+                names.join(", ")
+            ),
+            _ => {}
+        }
         let mut request_hooks = None;
         if let Some(worker) = &worker {
             let worker = worker.bind(py);
@@ -721,4 +730,38 @@ fn enable_faulthandler(py: Python<'_>) {
     if let Err(e) = enabled {
         error!("cannot enable faulthandler: {e}");
     }
+}
+
+/// The signals the app gave a Python handler while it loaded, other than
+/// the worker's own (put back with a warning of their own, see
+/// `corral_engine::worker`): such a handler runs only when the main thread
+/// runs Python, which a worker's never does while it serves.
+fn python_handlers_that_never_run(py: Python<'_>) -> PyResult<Vec<String>> {
+    const WORKERS_OWN: [libc::c_int; 9] = [
+        libc::SIGTERM,
+        libc::SIGINT,
+        libc::SIGQUIT,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+        libc::SIGHUP,
+        libc::SIGTTIN,
+        libc::SIGTTOU,
+        libc::SIGWINCH,
+    ];
+    let signal = py.import("signal")?;
+    let (dfl, ign) = (signal.getattr("SIG_DFL")?, signal.getattr("SIG_IGN")?);
+    let mut names = Vec::new();
+    for sig in signal.call_method0("valid_signals")?.try_iter()? {
+        let sig = sig?;
+        let Ok(num) = sig.extract::<libc::c_int>() else { continue };
+        if WORKERS_OWN.contains(&num) {
+            continue;
+        }
+        let Ok(handler) = signal.call_method1("getsignal", (&sig,)) else { continue };
+        if handler.is_none() || handler.eq(&dfl)? || handler.eq(&ign)? {
+            continue;
+        }
+        names.push(corral_engine::supervise::signal_name(num));
+    }
+    Ok(names)
 }
