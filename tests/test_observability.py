@@ -941,6 +941,24 @@ def test_log_files_with_user_and_chdir(start_server):
         assert get("/fixed?after=usr1") == 200
         assert wait_until(lambda: "after=usr1" in access_log.read_text(), 10)
         assert "Permission denied" not in error_text(), error_text()
+        # Rotated twice (renamed, no `create`) in a directory the user may
+        # write: the master holds the current files only, not every file it
+        # created since the start.
+        os.chown(start, pwd.getpwnam("nobody").pw_uid, -1)
+        for n in (1, 2):
+            error_log.rename(start / f"error.log.{n}")
+            access_log.rename(start / f"access.log.{n}")
+            server.signal(signal.SIGUSR1)
+            assert wait_until(lambda: access_log.exists() and error_log.exists(), 10)
+        assert get("/fixed?after=rotations") == 200
+        assert wait_until(lambda: "after=rotations" in access_log.read_text(), 10)
+        held = [
+            os.readlink(f"/proc/{server.proc.pid}/fd/{fd}")
+            for fd in os.listdir(f"/proc/{server.proc.pid}/fd")
+        ]
+        logs_held = sorted(p for p in held if p.startswith(str(start)))
+        assert logs_held == sorted({str(error_log), str(access_log)} & set(logs_held)), held
+        assert len([p for p in logs_held if p == str(error_log)]) == 1, held
         assert "replacing it" not in error_text() and "while booting" not in error_text(), error_text()
         server.signal(signal.SIGTERM)
         assert server.wait_exit(30) == 0
@@ -978,6 +996,26 @@ def test_a_log_path_that_is_a_link_is_refused_as_root_with_user(start_server, tm
     assert server.grep(
         rf"{flag} .*corral\.log: it is a symbolic link, which corral started as root with --user"
     ), server.log
+    assert not target.exists()
+    # --check-config, which a deploy runs before the start, says the same.
+    check = subprocess.run(
+        [
+            *CORRAL,
+            "--check-config",
+            "--user",
+            "nobody",
+            flag,
+            str(logs / "corral.log"),
+            "behaviour:application",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(APPS),
+    )
+    assert check.returncode == 2, check.stderr
+    assert "it is a symbolic link, which corral started as root with --user" in check.stderr
     assert not target.exists()
 
 

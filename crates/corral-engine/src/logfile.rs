@@ -151,13 +151,29 @@ fn open(path: &PathBuf) -> std::io::Result<File> {
 /// it created itself.
 static NO_FOLLOW: AtomicBool = AtomicBool::new(false);
 
-/// Log files this process created while [`NO_FOLLOW`] was set, kept open
-/// for [`take_created`].
+/// Log files this process created at its start while [`NO_FOLLOW`] was
+/// set, kept open for [`take_created`] until [`forget_created`].
 static CREATED: Mutex<Vec<(PathBuf, File)>> = Mutex::new(Vec::new());
+/// Whether [`CREATED`] still takes files: only until the start has given
+/// them to the user (a reopen after logrotate would keep each new file open
+/// in it, and the rotated ones with them).
+static RECORDING: AtomicBool = AtomicBool::new(false);
+
+/// Why a log path that is a symbolic link is refused under [`NO_FOLLOW`].
+pub const LINK_REFUSED: &str = "it is a symbolic link, which corral started as root with --user does not follow \
+     for a log file (whoever may write its directory could point it at any file); give the file's own path (for \
+     standard output or error, `-`)";
 
 /// See [`NO_FOLLOW`]; call before any log file is opened.
 pub fn set_no_follow(on: bool) {
     NO_FOLLOW.store(on, Ordering::Relaxed);
+    RECORDING.store(on, Ordering::Relaxed);
+}
+
+/// Closes the copies [`take_created`] did not take, and records no more.
+pub fn forget_created() {
+    RECORDING.store(false, Ordering::Relaxed);
+    CREATED.lock().unwrap_or_else(|p| p.into_inner()).clear();
 }
 
 /// The log file at `path` if this process created it (under [`NO_FOLLOW`]),
@@ -177,10 +193,7 @@ pub fn open_append(path: &PathBuf) -> std::io::Result<File> {
         return std::fs::OpenOptions::new().create(true).append(true).open(path);
     }
     let refuse_link = |e: std::io::Error| match e.raw_os_error() {
-        Some(libc::ELOOP) => std::io::Error::other(
-            "it is a symbolic link, which corral started as root with --user does not follow for a log \
-             file (whoever may write its directory could point it at any file); give the file's own path",
-        ),
+        Some(libc::ELOOP) => std::io::Error::other(LINK_REFUSED),
         _ => e,
     };
     // Whether this open created it, without a race: an existing file is
@@ -193,8 +206,10 @@ pub fn open_append(path: &PathBuf) -> std::io::Result<File> {
             .open(path)
         {
             Ok(file) => {
-                if let Ok(copy) = file.try_clone() {
-                    CREATED.lock().unwrap_or_else(|p| p.into_inner()).push((path.clone(), copy));
+                if RECORDING.load(Ordering::Relaxed) {
+                    if let Ok(copy) = file.try_clone() {
+                        CREATED.lock().unwrap_or_else(|p| p.into_inner()).push((path.clone(), copy));
+                    }
                 }
                 return Ok(file);
             }

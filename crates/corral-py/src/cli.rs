@@ -1035,6 +1035,7 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
                 return Ok(2);
             }
         }
+        corral_engine::logfile::forget_created();
         // A re-exec (USR2, HUP with --preload or after the file changed)
         // reads the configuration again as that user.
         if nix::unistd::geteuid().is_root() {
@@ -1925,6 +1926,11 @@ fn check_without_effects(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), St
         [("--error-log", Some(cli.error_log.as_str())), ("--access-log", cli.access_log.as_deref())]
     {
         if let Some(path) = target.filter(|t| *t != "-") {
+            // As a start as root with --user refuses it (see logfile::NO_FOLLOW).
+            let link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+            if link && ids.is_some() && nix::unistd::geteuid().is_root() {
+                return Err(format!("{flag} {path}: {}", corral_engine::logfile::LINK_REFUSED));
+            }
             log_file_writable(path).map_err(|e| format!("{flag} {path}: {e}"))?;
             // As a start with --user judges it (a file it creates becomes the user's).
             if let Some((uid, gid, name)) = ids.as_ref().filter(|_| std::path::Path::new(path).exists()) {
