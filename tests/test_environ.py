@@ -332,6 +332,15 @@ def test_wsgi_errors_keeps_a_line_whole_across_flushes_and_answers_as_a_stream(b
     assert not behaviour.grep(r"progress: $|^\.$", since=mark), behaviour.log
 
 
+def test_wsgi_errors_flushed_from_a_thread_of_the_apps_is_written_at_once(behaviour):
+    """A thread the app started, which may never end its line (it waits for
+    good after it), has its text written at its flush (it was held, and
+    lost with the worker)."""
+    mark = behaviour.mark()
+    assert behaviour.request("GET", "/errors-partial-from-a-thread").body == b"started"
+    behaviour.wait_for(r"partial line from a thread$", since=mark)
+
+
 # -- the scheme a proxy reports (--forwarded-allow-ips) ------------------------------
 
 

@@ -167,6 +167,22 @@ def errors_as_a_stream(environ, start_response):
     return _ok(start_response, " ".join(answers))
 
 
+def errors_partial_from_a_thread(environ, start_response):
+    """A thread of the app's writes an unfinished line to wsgi.errors,
+    flushes, and then waits for good (a worker thread blocked in a queue)."""
+    import threading
+
+    errors = environ["wsgi.errors"]
+
+    def run():
+        errors.write("partial line from a thread")
+        errors.flush()
+        time.sleep(600)
+
+    threading.Thread(target=run, daemon=True).start()
+    return _ok(start_response, "started")
+
+
 def print_errors(environ, start_response):
     """Writes to wsgi.errors the way print() does (the line in several pieces), and
     a last line without its newline."""
@@ -1001,6 +1017,7 @@ UNVALIDATED = {
     "/burst-then-slow": burst_then_slow,
     "/print-errors": print_errors,
     "/errors-as-a-stream": errors_as_a_stream,
+    "/errors-partial-from-a-thread": errors_partial_from_a_thread,
     "/close-fails": close_fails,
     "/keep-environ": keep_environ,
     "/input": input_ops,

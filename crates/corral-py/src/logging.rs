@@ -114,13 +114,38 @@ pub fn app_error_text(text: &str) {
     // pieces from two threads or processes must not interleave in a line.
     PENDING.with(|p| {
         let mut p = p.0.borrow_mut();
-        p.push_str(text);
-        if let Some(end) = p.rfind('\n') {
-            let rest = p.split_off(end + 1);
-            let lines = std::mem::replace(&mut *p, rest);
-            emit_app_lines(&lines);
+        // Only the new text is looked at: a line that grows a piece at a
+        // time is not searched again at each piece.
+        match text.rfind('\n') {
+            Some(end) => {
+                p.push_str(&text[..=end]);
+                let lines = std::mem::replace(&mut *p, text[end + 1..].to_string());
+                emit_app_lines(&lines);
+            }
+            None => p.push_str(text),
+        }
+        // A line that never ends (progress dots, `\r` updates) is written in
+        // parts rather than held without bound.
+        if p.len() >= PENDING_MAX {
+            let mut line = std::mem::take(&mut *p);
+            line.push('\n');
+            emit_app_lines(&line);
         }
     });
+}
+
+/// The most of an unfinished `wsgi.errors` line held for its end.
+const PENDING_MAX: usize = 8192;
+
+/// `wsgi.errors.flush()`: a serving thread's unfinished line waits for its
+/// end or the request's (a progress line written a piece at a time, with a
+/// flush after each, came out a piece per line); a thread of the app's own,
+/// which may never finish it, has it written now.
+pub fn app_error_flush_from_app() {
+    let serving = std::thread::current().name().is_some_and(|n| n.starts_with("corral-"));
+    if !serving {
+        app_error_flush();
+    }
 }
 
 /// Writes what this thread's `wsgi.errors` holds of an unfinished line

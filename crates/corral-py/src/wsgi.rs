@@ -1373,10 +1373,9 @@ impl ErrorStream {
         s.len()
     }
 
-    /// Lines written are in the log already; the rest of an unfinished one
-    /// waits for its end (or the request's), since a line cut at each
-    /// flush (a progress line written a dot at a time) came out in pieces.
-    fn flush(&self) {}
+    fn flush(&self) {
+        crate::logging::app_error_flush_from_app();
+    }
 
     fn writelines(&self, lines: &Bound<'_, PyAny>) -> PyResult<()> {
         for line in lines.try_iter()? {
