@@ -6,8 +6,10 @@ import json
 import os
 import pwd
 import resource
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -570,6 +572,69 @@ def test_hand_over_inboxes_are_in_a_directory_of_the_users_alone(start_server, u
     server.signal(signal.SIGTERM)
     assert server.wait_exit(30) == 0
     assert not os.path.exists(os.path.dirname(inboxes[0]))
+
+
+def _hands_over_a_kept_connection(server):
+    """A kept-alive connection of a worker sent TERM alone goes to a sibling."""
+    with server.connect() as conn:
+        conn.send(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
+        old = conn.read_response().body.decode()
+        mark = server.mark()
+        os.kill(int(old), signal.SIGTERM)
+        server.wait_for(rf"Worker handed 1 connection\(s\) to other workers: pid={old}", since=mark)
+        conn.send(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert conn.read_response().body.decode() != old
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--user needs root")
+def test_hand_over_inboxes_go_to_tmp_when_tmpdir_is_closed_to_the_user(start_server):
+    """A TMPDIR of root's own (libpam-tmpdir's /tmp/user/0) that --user cannot
+    enter: the inboxes go to /tmp instead (every reload closed the kept-alive
+    connections)."""
+    private = tempfile.mkdtemp(prefix="u0-", dir="/tmp")  # mode 700, root's
+    try:
+        server = start_server(
+            "behaviour:application", "--user", "nobody", "--preload", workers=2, env={"TMPDIR": private}
+        )
+        assert wait_until(lambda: len(_inboxes(server.proc.pid)) == 2, 10), _inboxes(server.proc.pid)
+        assert all(p.startswith("/tmp/corral-") for p in _inboxes(server.proc.pid)), _inboxes(server.proc.pid)
+        assert not server.grep(r"cannot hand connections"), server.log
+        _hands_over_a_kept_connection(server)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def test_a_directory_of_inboxes_removed_is_made_again_and_stale_ones_are_removed(start_server):
+    """The directory of inboxes removed while the server runs (a clean-up of
+    /tmp) is made again for the next workers; and one a master killed
+    outright left behind, where no inbox answers, goes at the next start."""
+    uid = os.geteuid()
+    stale = f"/tmp/corral-{os.urandom(8).hex()}-{uid}"
+    os.mkdir(stale, 0o700)
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    dead.bind(f"{stale}/1-2")
+    dead.close()
+    live_dir = f"/tmp/corral-{os.urandom(8).hex()}-{uid}"
+    os.mkdir(live_dir, 0o700)
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    live.bind(f"{live_dir}/1-2")
+    try:
+        server = start_server("behaviour:application", workers=2)
+        assert not os.path.exists(stale)
+        assert os.path.exists(f"{live_dir}/1-2")
+        assert wait_until(lambda: len(_inboxes(server.proc.pid)) == 2, 10)
+        ours = os.path.dirname(_inboxes(server.proc.pid)[0])
+        shutil.rmtree(ours)
+        mark = server.mark()
+        server.signal(signal.SIGHUP)
+        server.wait_for(r"from before|Worker \d+ \(pid \d+\) exited", since=mark, timeout=20)
+        assert wait_until(lambda: len(_inboxes(server.proc.pid)) == 2, 10), _inboxes(server.proc.pid)
+        assert os.stat(ours).st_mode & 0o777 == 0o700
+        _hands_over_a_kept_connection(server)
+    finally:
+        live.close()
+        shutil.rmtree(live_dir, ignore_errors=True)
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def test_a_connection_handed_over_from_a_worker_whose_app_forked_ends_when_closed(start_server):

@@ -161,21 +161,32 @@ fn inbox_prefix(master: libc::pid_t) -> String {
     format!("{}/{master}-", inbox_dir().display())
 }
 
-/// The pool's directory of inboxes: in the temporary directory, named after
-/// the pool and the user, so that the program a master re-executes into
-/// (and its workers) finds the same one.
+/// Where the pool's directory of inboxes may go, in order: the temporary
+/// directory, then /tmp (a `TMPDIR` of root's own, as libpam-tmpdir sets,
+/// is closed to `--user`). The program a master re-executes into tries them
+/// in the same order, and so finds the same directory.
+fn inbox_dir_candidates() -> Vec<std::path::PathBuf> {
+    let name = format!("corral-{}-{}", pool(), nix::unistd::geteuid());
+    let mut bases = Vec::new();
+    let tmp = std::env::temp_dir();
+    // A socket's path has room for 107 bytes; and the kernel's table,
+    // where a re-executed master's workers are found, splits on spaces.
+    let text = tmp.to_string_lossy();
+    if text.len() <= 48 && !text.contains(char::is_whitespace) && tmp.is_absolute() {
+        bases.push(tmp.clone());
+    }
+    if tmp != std::path::Path::new("/tmp") {
+        bases.push(std::path::PathBuf::from("/tmp"));
+    }
+    bases.into_iter().map(|b| b.join(&name)).collect()
+}
+
+/// The directory [`prepare_inbox_dir`] chose (inherited by the workers).
+static CHOSEN_DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
+
+/// The pool's directory of inboxes: named after the pool and the user.
 fn inbox_dir() -> &'static std::path::Path {
-    static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let mut base = std::env::temp_dir();
-        // A socket's path has room for 107 bytes; and the kernel's table,
-        // where a re-executed master's workers are found, splits on spaces.
-        let text = base.to_string_lossy();
-        if text.len() > 48 || text.contains(char::is_whitespace) || !base.is_absolute() {
-            base = std::path::PathBuf::from("/tmp");
-        }
-        base.join(format!("corral-{}-{}", pool(), nix::unistd::geteuid()))
-    })
+    CHOSEN_DIR.get_or_init(|| inbox_dir_candidates().swap_remove(0))
 }
 
 /// Set once the directory of [`inbox_dir`] is known to be this user's alone
@@ -194,8 +205,29 @@ pub(crate) fn dir_ready() -> bool {
 /// workers start. A directory there of anyone else's is refused, and the
 /// workers then close the connections they would have handed over.
 pub fn prepare_inbox_dir() -> Result<(), String> {
+    let mut why = Vec::new();
+    for dir in inbox_dir_candidates() {
+        match make_private_dir(&dir) {
+            Ok(()) => {
+                let _ = CHOSEN_DIR.set(dir.clone());
+                if inbox_dir() == dir {
+                    DIR_READY.store(true, Ordering::Relaxed);
+                    if let Some(base) = dir.parent() {
+                        remove_stale_dirs(base, &dir);
+                    }
+                    return Ok(());
+                }
+            }
+            Err(e) => why.push(e),
+        }
+    }
+    Err(why.join("; "))
+}
+
+/// Makes `dir` with mode 700, or checks that the one there is this user's
+/// alone.
+fn make_private_dir(dir: &std::path::Path) -> Result<(), String> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-    let dir = inbox_dir();
     let made = std::fs::DirBuilder::new().mode(0o700).create(dir);
     if let Err(e) = &made {
         if e.kind() != io::ErrorKind::AlreadyExists {
@@ -212,8 +244,57 @@ pub fn prepare_inbox_dir() -> Result<(), String> {
             dir.display()
         ));
     }
-    DIR_READY.store(true, Ordering::Relaxed);
     Ok(())
+}
+
+/// Makes the directory of inboxes again if it went (a clean-up of /tmp),
+/// before a worker starts: the workers started after would have no inbox.
+pub(crate) fn ensure_inbox_dir() {
+    if DIR_READY.load(Ordering::Relaxed) && !inbox_dir().exists() {
+        if let Err(e) = make_private_dir(inbox_dir()) {
+            tracing::warn!("Workers cannot hand connections to each other: {e}");
+        }
+    }
+}
+
+/// Removes the directories of inboxes a master of this user left when it
+/// was killed outright (each start names its pool anew, so they would pile
+/// up): those where no inbox answers any more.
+fn remove_stale_dirs(base: &std::path::Path, ours: &std::path::Path) {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let uid = nix::unistd::geteuid().as_raw();
+    let suffix = format!("-{uid}");
+    let Ok(entries) = std::fs::read_dir(base) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pool) = name.strip_prefix("corral-").and_then(|n| n.strip_suffix(&suffix)) else { continue };
+        if path == ours || pool.len() != 16 || !pool.bytes().all(|b| b.is_ascii_hexdigit()) {
+            continue;
+        }
+        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+        if !meta.is_dir() || meta.uid() != uid {
+            continue;
+        }
+        // An empty one may be a master's that is starting its workers.
+        let young = meta.modified().ok().and_then(|m| m.elapsed().ok()).is_none_or(|age| age.as_secs() < 600);
+        let Ok(mut inside) = std::fs::read_dir(&path).map(|d| d.flatten().peekable()) else { continue };
+        if young && inside.peek().is_none() {
+            continue;
+        }
+        let dead = inside.all(|inbox| {
+            let is_socket = inbox.file_type().is_ok_and(|t| t.is_socket());
+            is_socket
+                && datagram_socket().is_ok_and(|s| {
+                    UnixAddr::new(&inbox.path()).is_ok_and(|addr| {
+                        matches!(socket::connect(s.as_raw_fd(), &addr), Err(Errno::ECONNREFUSED))
+                    })
+                })
+        });
+        if dead {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
 }
 
 /// Removes the inbox of a worker that is gone (one killed outright could

@@ -1473,6 +1473,7 @@ impl<'a, H: Hooks> Master<'a, H> {
         self.spawned += 1;
         let age = self.spawned;
         self.hooks.event(Event::Fork { slot, age });
+        crate::handover::ensure_inbox_dir();
         self.hooks.before_fork();
         let master = std::process::id() as libc::pid_t;
         let report = crate::logfile::json().then(crate::crash::new_report).flatten();
