@@ -707,8 +707,8 @@ def test_a_masters_signal_sent_to_a_worker_is_logged_and_ignored(start_server):
         mark = server.mark()
         os.kill(victim, sig)
         server.wait_for(
-            rf"\[WARNING\] Worker received {name} from pid {os.getpid()}: ignored, as the master's signal \(send it "
-            rf"to the master, pid {server.proc.pid}; a worker acts on TERM, INT, QUIT and USR1\): pid={victim}",
+            rf"\[INFO\] Worker received {name} from pid {os.getpid()}: ignored, as the master's signal \(the "
+            rf"master is pid {server.proc.pid}; a worker acts on TERM, INT, QUIT and USR1\): pid={victim}",
             since=mark,
         )
     assert server.request("GET", "/fixed").status == 200

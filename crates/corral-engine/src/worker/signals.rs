@@ -108,9 +108,14 @@ static MISDIRECTED: AtomicU32 = AtomicU32::new(0);
 static MISDIRECTED_SENDER: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn note_misdirected(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
+    let sender = if info.is_null() { 0 } else { unsafe { (*info).si_pid() } };
+    // Not one from the kernel or a terminal (sender 0: a window resized,
+    // Ctrl-Z's group), nor WINCH, which a terminal sends the whole group.
+    if sender == 0 || sig == libc::SIGWINCH {
+        return;
+    }
     if let Some(i) = MASTERS_SIGNALS.iter().position(|&s| s == sig) {
-        // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
-        let sender = if info.is_null() { 0 } else { unsafe { (*info).si_pid() } };
         MISDIRECTED_SENDER.store(sender, Ordering::Relaxed);
         MISDIRECTED.fetch_or(1 << i, Ordering::Relaxed);
     }
@@ -130,7 +135,9 @@ fn set_note_handler(sig: libc::c_int) {
 
 /// Says which of the master's signals came to this worker since the last
 /// call: one sent to a worker's pid by mistake (`kill -HUP` of the wrong
-/// process) would otherwise do nothing, and nothing would tell why.
+/// process) would otherwise do nothing, and nothing would tell why. At INFO:
+/// one sent to the whole group (`systemctl kill -s HUP`) reached the master
+/// too, and is no mistake.
 pub(super) fn log_misdirected(master: libc::pid_t) {
     let bits = MISDIRECTED.swap(0, Ordering::Relaxed);
     if bits == 0 {
@@ -142,9 +149,9 @@ pub(super) fn log_misdirected(master: libc::pid_t) {
         .filter(|(i, _)| bits & (1 << i) != 0)
         .map(|(_, &sig)| crate::supervise::signal_name(sig))
         .collect();
-    warn!(
-        "Worker received {} from pid {}: ignored, as the master's signal (send it to the master, pid {master}; a \
-         worker acts on TERM, INT, QUIT and USR1): pid={}",
+    info!(
+        "Worker received {} from pid {}: ignored, as the master's signal (the master is pid {master}; a worker \
+         acts on TERM, INT, QUIT and USR1): pid={}",
         names.join(", "),
         MISDIRECTED_SENDER.load(Ordering::Relaxed),
         std::process::id(),
