@@ -992,6 +992,8 @@ def test_a_thread_the_app_started_at_import_does_not_take_the_masters_signals(st
     server = start_server("thread_at_import:application", "--preload", workers=1)
     master = server.proc.pid
     assert len(os.listdir(f"/proc/{master}/task")) >= 2, "the app's thread runs in the master"
+    # Said once: such a thread does not run in the workers.
+    assert len(server.grep(r"\[WARNING\] The app's import started thread\(s\) ticker in the master")) == 1
     mark = server.mark()
     server.signal(signal.SIGUSR1)
     server.wait_for(r"Received SIGUSR1: ", since=mark)

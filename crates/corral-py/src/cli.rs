@@ -1240,6 +1240,7 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         match loaded {
             Ok(app) => {
                 info!("Preloaded application {}", cli.app);
+                warn_threads_of_the_import(py);
                 Some(app)
             }
             Err(_) if interrupted && reexec_with_workers => {
@@ -1555,6 +1556,36 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     remove_pidfile();
     leave_app_threads(py, graceful_timeout, code);
     Ok(code)
+}
+
+/// Threads a `--preload` import started run in the master only: a worker
+/// is a fork of the master's main thread, without them, and a lock one of
+/// them held at that moment (a logging handler's, an HTTP pool's) stays
+/// held in the worker for good. Python 3.12 warns of a fork in a process
+/// with threads; so does this, once, with their names.
+fn warn_threads_of_the_import(py: Python<'_>) {
+    let names = || -> PyResult<Vec<String>> {
+        let threading = py.import("threading")?;
+        let main = threading.call_method0("main_thread")?;
+        let mut names = Vec::new();
+        for t in threading.call_method0("enumerate")?.try_iter()? {
+            let t = t?;
+            if !t.is(&main) && t.call_method0("is_alive")?.is_truthy()? {
+                names.push(t.getattr("name")?.to_string());
+            }
+        }
+        Ok(names)
+    };
+    if let Ok(names) = names() {
+        if !names.is_empty() {
+            warn!(
+                "The app's import started thread(s) {} in the master (--preload): they do not run in the \
+                 workers, which are forked without them, and a lock one holds as a worker is forked stays held \
+                 in that worker; start such threads in a `post_fork` hook or at the first request instead",
+                names.join(", ")
+            );
+        }
+    }
 }
 
 /// Python's exit waits for every thread that is not a daemon: one the app
