@@ -714,9 +714,13 @@ fn check_host_port(hostport: &[u8]) -> Result<(), Error> {
     }
     // At most 65535, with leading zeros allowed (RFC 3986 port = *DIGIT).
     let digits = &port[port.iter().position(|&b| b != b'0').unwrap_or(port.len())..];
-    let value =
-        digits.iter().try_fold(0u32, |v, &b| b.is_ascii_digit().then(|| v * 10 + u32::from(b - b'0')));
-    if !port.iter().all(u8::is_ascii_digit) || digits.len() > 5 || value.is_none_or(|v| v > 65535) {
+    // Its length first: the value of a longer run of digits would overflow.
+    let value = (digits.len() <= 5)
+        .then(|| {
+            digits.iter().try_fold(0u32, |v, &b| b.is_ascii_digit().then(|| v * 10 + u32::from(b - b'0')))
+        })
+        .flatten();
+    if !port.iter().all(u8::is_ascii_digit) || value.is_none_or(|v| v > 65535) {
         return Err(Error::Target);
     }
     Ok(())
@@ -1113,6 +1117,9 @@ mod tests {
         (b"GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n", Ok(BodyFraming::None)),
         (b"GET http://a:b:80/ HTTP/1.1\r\n\r\n", Err(Error::Target)),
         (b"GET / HTTP/1.1\r\nHost: a:99999999\r\n\r\n", Err(Error::Host)),
+        // Digits enough to overflow the port's value as it is read.
+        (b"GET http://a:3333333333333333333/ HTTP/1.1\r\n\r\n", Err(Error::Target)),
+        (b"GET / HTTP/1.1\r\nHost: a:3333333333333333333\r\n\r\n", Err(Error::Host)),
         (b"GET / HTTP/1.1\r\nHost: a:65536\r\n\r\n", Err(Error::Host)),
         (b"GET / HTTP/1.1\r\nHost: a:99999\r\n\r\n", Err(Error::Host)),
         (b"GET / HTTP/1.1\r\nHost: a:65535\r\n\r\n", Ok(BodyFraming::None)),
