@@ -379,22 +379,24 @@ pub fn parse_range(v: &[u8], len: u64) -> Ranged {
     if spec.contains(&b',') {
         return Ranged::Whole; // several ranges: answer the whole file, as allowed
     }
+    // Digits only; more than a u64 holds reads as its largest value: a last
+    // position or a suffix past the file is cut to it (RFC 9110 14.1.2), so
+    // a huge one, whatever its size, is no error.
+    let number = |s: &str| -> Option<u64> {
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().unwrap_or(u64::MAX))
+    };
     let parsed = (|| {
         let spec = std::str::from_utf8(spec).ok()?.trim();
         let (a, b) = spec.split_once('-')?;
         if a.is_empty() {
-            let n: u64 = b.parse().ok()?;
+            let n = number(b)?;
             if n == 0 {
                 return None;
             }
             return Some((len.saturating_sub(n), len.saturating_sub(1)));
         }
-        let start: u64 = a.parse().ok()?;
-        let end = if b.is_empty() {
-            len.saturating_sub(1)
-        } else {
-            b.parse::<u64>().ok()?.min(len.saturating_sub(1))
-        };
+        let start = number(a)?;
+        let end = if b.is_empty() { len.saturating_sub(1) } else { number(b)?.min(len.saturating_sub(1)) };
         Some((start, end))
     })();
     match parsed {
@@ -656,6 +658,11 @@ mod tests {
         assert_eq!(parse_range(b"bytes=0-1,5-6", 100), Ranged::Whole);
         assert_eq!(parse_range(b"items=0-1", 100), Ranged::Whole);
         assert_eq!(parse_range(b"bytes=x-1", 100), Ranged::Unsatisfiable);
+        // Positions past what a u64 holds are past the file's end: cut to it.
+        assert_eq!(parse_range(b"bytes=0-99999999999999999999999", 100), Ranged::Part(0, 99));
+        assert_eq!(parse_range(b"bytes=-99999999999999999999999", 100), Ranged::Part(0, 99));
+        assert_eq!(parse_range(b"bytes=99999999999999999999999-", 100), Ranged::Unsatisfiable);
+        assert_eq!(parse_range(b"bytes=+5-9", 100), Ranged::Unsatisfiable);
     }
 
     #[test]
