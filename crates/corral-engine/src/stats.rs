@@ -372,7 +372,7 @@ fn render(method: &[u8], status: &str, ctype: &str, body: &str) -> Vec<u8> {
 /// new code (`--preload`), before it has its own records: the workers from
 /// before the re-exec serve meanwhile, so the process is alive and ready;
 /// the figures wait for the master.
-fn interim_response(request: &[u8]) -> Vec<u8> {
+fn interim_response(request: &[u8], old_workers: &[u32]) -> Vec<u8> {
     let (method, path) = method_and_path(request);
     let (status, body) = match path {
         _ if method != b"GET" && method != b"HEAD" => ("405 Method Not Allowed", "GET or HEAD only\n"),
@@ -380,6 +380,11 @@ fn interim_response(request: &[u8]) -> Vec<u8> {
         // A stop asked for during the import waits, blocked, for the master's
         // loop: the host is leaving all the same.
         b"/readyz" if stop_pending() => ("503 Service Unavailable", "stopping\n"),
+        // No master supervises them meanwhile: gone, they are not replaced.
+        b"/readyz" if !old_worker_serves(old_workers) => (
+            "503 Service Unavailable",
+            "the master is importing the new code (--preload), and no worker from before the reload is left\n",
+        ),
         b"/readyz" => ("200 OK", "ready\n"),
         b"/metrics" | b"/stats" => (
             "503 Service Unavailable",
@@ -389,6 +394,19 @@ fn interim_response(request: &[u8]) -> Vec<u8> {
         _ => ("404 Not Found", "try /metrics, /stats, /healthz or /readyz\n"),
     };
     render(method, status, "text/plain", body)
+}
+
+/// Whether a worker from before the re-exec still runs (one that died
+/// is a zombie until the master's loop reaps it, after the import).
+fn old_worker_serves(pids: &[u32]) -> bool {
+    pids.iter().any(|pid| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                stat.rsplit_once(')').map(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
+            })
+            .unwrap_or(false)
+    })
 }
 
 /// Whether a signal that stops the master (TERM, INT, QUIT) came and waits
@@ -438,9 +456,16 @@ impl Interim {
                 return Err(io::Error::last_os_error());
             }
         }
+        // Read here, before the import, which may change the environment
+        // as the thread would read it.
+        let old_workers: Vec<u32> = std::env::var(crate::supervise::OLD_WORKERS_ENV)
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|p| p.trim().parse().ok())
+            .collect();
         let thread = std::thread::Builder::new()
             .name("corral-stats".into())
-            .spawn(move || interim_loop(listener, stop_fd))?;
+            .spawn(move || interim_loop(listener, stop_fd, &old_workers))?;
         Ok(Interim { stop, thread: Some(thread) })
     }
 
@@ -464,7 +489,8 @@ impl Drop for Interim {
     }
 }
 
-fn interim_loop(listener: RawFd, stop: RawFd) -> Vec<Conn> {
+fn interim_loop(listener: RawFd, stop: RawFd, old_workers: &[u32]) -> Vec<Conn> {
+    let interim_response = |request: &[u8]| interim_response(request, old_workers);
     use std::os::fd::FromRawFd;
     let mut conns: Vec<Conn> = Vec::new();
     loop {
