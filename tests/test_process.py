@@ -365,6 +365,17 @@ def test_a_crashed_request_has_its_access_log_line(start_server, tmp_path):
     )
 
 
+def _served_by_the_replacement(old, *conns):
+    """Requests sent on connections a crashed worker (pid `old`) holds are
+    answered by its replacement."""
+    for i, conn in enumerate(conns):
+        conn.send_request("POST", "/pid", body=bytes([ord("x") + i]) * 1000)
+    for conn in conns:
+        resp = conn.read_response()
+        assert resp.status == 200, resp
+        assert int(resp.body) not in (old, 0)
+
+
 @pytest.mark.parametrize("crash", ["/segfault", "/segfault-without-gil"])
 def test_a_crash_loses_only_the_request_that_crashed(start_server, crash):
     """A segfault in one thread: its client gets a 500; a kept-alive connection
@@ -392,12 +403,7 @@ def test_a_crash_loses_only_the_request_that_crashed(start_server, crash):
             since=mark,
         )
         # Sent while the crashed worker still holds both connections.
-        kept.send_request("POST", "/pid", body=b"x" * 1000)
-        fresh.send_request("POST", "/pid", body=b"y" * 1000)
-        for conn in (kept, fresh):
-            resp = conn.read_response()
-            assert resp.status == 200, resp
-            assert int(resp.body) not in (old, 0)
+        _served_by_the_replacement(old, kept, fresh)
         if crash == "/segfault":
             # ctypes.string_at holds the GIL, so the other thread's request cannot end.
             assert slow.at_eof(30)
@@ -429,12 +435,7 @@ def test_a_crash_in_a_thread_of_the_apps_loses_no_connection(start_server, gil):
         target = "/segfault-in-a-thread" + ("?gil=1" if gil else "")
         assert server.request("GET", target).body == b"started"
         server.wait_for(r"Worker crashed: SIGSEGV in a thread the app started", since=mark)
-        kept.send_request("POST", "/pid", body=b"x" * 1000)
-        fresh.send_request("POST", "/pid", body=b"y" * 1000)
-        for conn in (kept, fresh):
-            resp = conn.read_response()
-            assert resp.status == 200, resp
-            assert int(resp.body) not in (old, 0)
+        _served_by_the_replacement(old, kept, fresh)
         if gil:
             assert slow.at_eof(30)
         else:

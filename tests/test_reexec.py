@@ -621,6 +621,13 @@ def test_health_probes_are_answered_while_a_preload_reload_imports(start_server,
         assert s.recv(4096).startswith(b"HTTP/1.1 200")
 
 
+def _not_ready(stats):
+    """Whether the stats listener's /readyz answers 503."""
+    with socket.create_connection(("127.0.0.1", stats), timeout=2) as s:
+        s.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        return s.recv(4096).startswith(b"HTTP/1.1 503")
+
+
 def test_readiness_is_off_during_a_preload_reloads_import_once_no_old_worker_is_left(start_server, tmp_path):
     """The workers from before the re-exec die while the new master imports
     (nothing replaces them until it has): /readyz says 503 (it said 200
@@ -629,12 +636,7 @@ def test_readiness_is_off_during_a_preload_reloads_import_once_no_old_worker_is_
     for pid in server.worker_pids():
         os.kill(pid, signal.SIGKILL)
 
-    def not_ready():
-        with socket.create_connection(("127.0.0.1", stats), timeout=2) as s:
-            s.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
-            return s.recv(4096).startswith(b"HTTP/1.1 503")
-
-    assert wait_until(not_ready, timeout=3, interval=0.05)
+    assert wait_until(lambda: _not_ready(stats), timeout=3, interval=0.05)
     assert not server.grep(r"Preloaded application", since=mark)
     server.wait_for(r"Preloaded application", since=mark, timeout=30)
     assert wait_until(lambda: server.request("GET", "/").status == 200, 30)
@@ -647,14 +649,9 @@ def test_a_stop_during_a_preload_reloads_import_turns_readiness_off(start_server
     server, stats, mark = _reloading_with_a_slow_import(start_server, tmp_path)
     server.signal(signal.SIGTERM)
 
-    def not_ready():
-        with socket.create_connection(("127.0.0.1", stats), timeout=2) as s:
-            s.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
-            return s.recv(4096).startswith(b"HTTP/1.1 503")
-
     # The signal is taken a moment after kill() returns: a probe sent at
     # once may come before it.
-    assert wait_until(not_ready, timeout=2, interval=0.05)
+    assert wait_until(lambda: _not_ready(stats), timeout=2, interval=0.05)
     assert not server.grep(r"Preloaded application", since=mark)
     assert server.wait_exit(60) == 0
 

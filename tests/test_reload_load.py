@@ -535,6 +535,22 @@ def _inboxes(master_pid):
     ]
 
 
+def _hands_over_a_kept_connection(server):
+    """A kept-alive connection of a worker sent TERM alone (as a reload
+    drains each) goes to a sibling; returns the drained worker's pid and
+    the log's mark before its TERM."""
+    with server.connect() as conn:
+        conn.send(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
+        old = int(conn.read_response().body)
+        mark = server.mark()
+        os.kill(old, signal.SIGTERM)
+        server.wait_for(rf"Worker handed 1 connection\(s\) to other workers: pid={old}", since=mark)
+        conn.send(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
+        new = int(conn.read_response().body)
+        assert new != old and new in server.worker_pids()
+    return old, mark
+
+
 @pytest.mark.parametrize("user", [None, "nobody"])
 def test_hand_over_inboxes_are_in_a_directory_of_the_users_alone(start_server, user):
     """The inboxes a draining worker hands connections to are socket files in
@@ -555,35 +571,13 @@ def test_hand_over_inboxes_are_in_a_directory_of_the_users_alone(start_server, u
     directory = os.stat(os.path.dirname(inboxes[0]))
     assert directory.st_mode & 0o777 == 0o700
     assert directory.st_uid == (pwd.getpwnam(user).pw_uid if user else os.geteuid())
-    # A worker drained (TERM to it alone, as a reload does to each) hands
-    # its connections over through them as before.
-    with server.connect() as conn:
-        conn.send(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
-        old = conn.read_response().body.decode()
-        mark = server.mark()
-        os.kill(int(old), signal.SIGTERM)
-        server.wait_for(rf"Worker handed 1 connection\(s\) to other workers: pid={old}", since=mark)
-        conn.send(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
-        new = int(conn.read_response().body)
-        assert new != int(old) and new in server.worker_pids()
+    old, mark = _hands_over_a_kept_connection(server)
     # The inbox of a worker gone is removed; the directory at exit.
     server.wait_for(rf"\(pid {old}\) exited", since=mark)
     assert not os.path.exists(os.path.join(os.path.dirname(inboxes[0]), f"{server.proc.pid}-{old}"))
     server.signal(signal.SIGTERM)
     assert server.wait_exit(30) == 0
     assert not os.path.exists(os.path.dirname(inboxes[0]))
-
-
-def _hands_over_a_kept_connection(server):
-    """A kept-alive connection of a worker sent TERM alone goes to a sibling."""
-    with server.connect() as conn:
-        conn.send(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
-        old = conn.read_response().body.decode()
-        mark = server.mark()
-        os.kill(int(old), signal.SIGTERM)
-        server.wait_for(rf"Worker handed 1 connection\(s\) to other workers: pid={old}", since=mark)
-        conn.send(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert conn.read_response().body.decode() != old
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="--user needs root")

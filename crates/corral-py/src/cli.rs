@@ -588,18 +588,7 @@ fn parse_positive_secs(s: &str) -> Result<Duration, String> {
 /// there. They are opened on /dev/null first, as daemons do, and Python's
 /// sys.stdin, sys.stdout and sys.stderr (None then) are files on them.
 fn reserve_stdio(py: Python<'_>) {
-    for fd in 0..3 {
-        if unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1 {
-            continue;
-        }
-        let null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
-        if null >= 0 && null != fd {
-            unsafe {
-                libc::dup2(null, fd);
-                libc::close(null);
-            }
-        }
-    }
+    crate::load::null_on_closed_stdio();
     let Ok(sys) = py.import("sys") else { return };
     for (name, fd, mode) in [("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")] {
         if !sys.getattr(name).is_ok_and(|s| s.is_none()) {

@@ -164,8 +164,22 @@ pub fn load_app(py: Python<'_>, spec: &AppSpec) -> Result<PyObject, String> {
 /// would go into them. A request that closes them is repaired the same way
 /// by the connections kept off 0-2.
 fn reopen_stdio_the_import_closed() {
+    let names = ["standard input", "standard output", "standard error"];
+    let closed: Vec<&str> = null_on_closed_stdio().into_iter().map(|fd| names[fd as usize]).collect();
+    if !closed.is_empty() {
+        tracing::warn!(
+            "The app closed {} while it loaded; /dev/null is there again, so that the server's own \
+             descriptors do not take those numbers (what the app writes there is lost)",
+            closed.join(", ")
+        );
+    }
+}
+
+/// Opens /dev/null on each of descriptors 0, 1 and 2 that is closed;
+/// returns those it found closed.
+pub(crate) fn null_on_closed_stdio() -> Vec<libc::c_int> {
     let mut closed = Vec::new();
-    for (fd, name) in [(0, "standard input"), (1, "standard output"), (2, "standard error")] {
+    for fd in 0..3 {
         if unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1 {
             continue;
         }
@@ -176,15 +190,9 @@ fn reopen_stdio_the_import_closed() {
                 libc::close(null);
             }
         }
-        closed.push(name);
+        closed.push(fd);
     }
-    if !closed.is_empty() {
-        tracing::warn!(
-            "The app closed {} while it loaded; /dev/null is there again, so that the server's own \
-             descriptors do not take those numbers (what the app writes there is lost)",
-            closed.join(", ")
-        );
-    }
+    closed
 }
 
 /// Runs a Python file as the module `name` (in sys.modules, as an import

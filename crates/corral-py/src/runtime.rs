@@ -737,24 +737,13 @@ fn enable_faulthandler(py: Python<'_>) {
 /// `corral_engine::worker`): such a handler runs only when the main thread
 /// runs Python, which a worker's never does while it serves.
 fn python_handlers_that_never_run(py: Python<'_>) -> PyResult<Vec<String>> {
-    const WORKERS_OWN: [libc::c_int; 9] = [
-        libc::SIGTERM,
-        libc::SIGINT,
-        libc::SIGQUIT,
-        libc::SIGUSR1,
-        libc::SIGUSR2,
-        libc::SIGHUP,
-        libc::SIGTTIN,
-        libc::SIGTTOU,
-        libc::SIGWINCH,
-    ];
     let signal = py.import("signal")?;
     let (dfl, ign) = (signal.getattr("SIG_DFL")?, signal.getattr("SIG_IGN")?);
     let mut names = Vec::new();
     for sig in signal.call_method0("valid_signals")?.try_iter()? {
         let sig = sig?;
         let Ok(num) = sig.extract::<libc::c_int>() else { continue };
-        if WORKERS_OWN.contains(&num) {
+        if corral_engine::worker::WORKER_SIGNALS.contains(&num) {
             continue;
         }
         let Ok(handler) = signal.call_method1("getsignal", (&sig,)) else { continue };

@@ -21,7 +21,7 @@ pub fn prepare_signals(sigint: SigintMode) -> io::Result<()> {
 }
 
 /// The signals whose handlers [`WorkerSignals::install`] sets.
-pub(super) const WORKER_SIGNALS: [libc::c_int; 9] = [
+pub const WORKER_SIGNALS: [libc::c_int; 9] = [
     libc::SIGTERM,
     libc::SIGINT,
     libc::SIGQUIT,
