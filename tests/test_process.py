@@ -490,6 +490,16 @@ def test_a_python_signal_handler_that_cannot_run_in_a_worker_is_warned_about(sta
     assert [m.group(1) for m in warned] == ["SIGALRM"], server.log
 
 
+def test_a_thread_of_the_apps_crashing_while_the_app_loads_ends_the_worker_at_once(start_server):
+    """A crash in a thread the app's import started, before the worker
+    serves: no main loop would take it, and the thread holds the GIL the
+    import waits for, so the worker dies of it at once, as it did, rather
+    than hang until --timeout."""
+    server = start_server("thread_crash_at_import:application", "--timeout", "120", workers=1, wait=False)
+    server.wait_for(r"was killed by signal 11 \(SIGSEGV\) while booting", timeout=30)
+    assert not server.grep(r"Worker crashed: SIGSEGV in a thread the app started"), server.log
+
+
 def test_the_stack_of_a_request_past_timeout_that_runs_python_all_along(start_server):
     """Its frames change all the time; the stack is read in a copy of the worker
     taken at one instant, so it is whole, and the worker is replaced as usual."""

@@ -65,6 +65,18 @@ const MAX_SERVING: usize = 1024;
 /// corral's, and the others could not go on without them.
 static OWN: [AtomicI32; 4] = [const { AtomicI32::new(0) }; 4];
 
+/// Set while the worker's main loop runs, the one that takes a crash from
+/// there: a thread of the app's that crashed while the app loaded, or as
+/// the worker exits, would be parked with nobody to end the process (and,
+/// holding the GIL, leave the import or the exit waiting for good). It
+/// dies of its signal at once then, as before.
+static APP_THREADS_TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// See [`APP_THREADS_TAKEN`].
+pub(crate) fn take_app_thread_crashes(on: bool) {
+    APP_THREADS_TAKEN.store(on, Ordering::Release);
+}
+
 /// Marks the calling thread as one of corral's own (see [`OWN`]).
 pub(crate) fn enter_own() {
     let tid = gettid();
@@ -200,7 +212,12 @@ extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut lib
     let which = match SERVING.iter().position(|s| s.load(Ordering::Acquire) == tid) {
         Some(t) => Some(t as u64 + 1),
         // The app's own thread: neither the main thread nor another of corral's.
-        None if tid != pid && !OWN.iter().any(|s| s.load(Ordering::Acquire) == tid) => Some(APP_THREAD),
+        None if tid != pid
+            && APP_THREADS_TAKEN.load(Ordering::Acquire)
+            && !OWN.iter().any(|s| s.load(Ordering::Acquire) == tid) =>
+        {
+            Some(APP_THREAD)
+        }
         None => None,
     };
     // The kernel's own fault (si_code > 0), or a signal this process sent

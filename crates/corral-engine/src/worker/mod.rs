@@ -751,7 +751,9 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
         }
     }
     check_descriptors_left();
+    crate::crash::take_app_thread_crashes(true);
     let code = or_exit(|| main_loop(&shared, &signals));
+    crate::crash::take_app_thread_crashes(false);
     // However the loop ended, a crashed worker runs nothing more (the
     // embedding's exit would wait for the lock the crashed thread may
     // hold) and dies of its signal.

@@ -236,9 +236,8 @@ impl WorkerSignals {
             signal_hook::low_level::pipe::register_raw(sig, write.try_clone()?.into_raw_fd())?;
         }
         // Signals meant for the master alone: a worker ignores them rather
-        // than die of their default action when a whole group is signalled.
-        // With a handler that does nothing, not SIG_IGN: an ignored signal
-        // stays ignored in the programs the app runs, a handler does not.
+        // than die of their default action when a whole group is signalled
+        // (see set_note_handler).
         for sig in MASTERS_SIGNALS {
             set_note_handler(sig);
         }
