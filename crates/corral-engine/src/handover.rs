@@ -150,7 +150,7 @@ impl Note {
 }
 
 fn address(master: libc::pid_t, worker: libc::pid_t) -> io::Result<UnixAddr> {
-    if !DIR_READY.load(Ordering::Relaxed) {
+    if !dir_ready() {
         return Err(io::Error::other("the directory of the inboxes is not ready"));
     }
     Ok(UnixAddr::new(format!("{}{worker}", inbox_prefix(master)).as_str())?)
@@ -250,7 +250,7 @@ fn make_private_dir(dir: &std::path::Path) -> Result<(), String> {
 /// Makes the directory of inboxes again if it went (a clean-up of /tmp),
 /// before a worker starts: the workers started after would have no inbox.
 pub(crate) fn ensure_inbox_dir() {
-    if DIR_READY.load(Ordering::Relaxed) && !inbox_dir().exists() {
+    if dir_ready() && !inbox_dir().exists() {
         if let Err(e) = make_private_dir(inbox_dir()) {
             tracing::warn!("Workers cannot hand connections to each other: {e}");
         }
@@ -300,14 +300,14 @@ fn remove_stale_dirs(base: &std::path::Path, ours: &std::path::Path) {
 /// Removes the inbox of a worker that is gone (one killed outright could
 /// not), so that the directory does not fill up with a file per worker.
 pub(crate) fn forget_inbox(master: libc::pid_t, worker: libc::pid_t) {
-    if DIR_READY.load(Ordering::Relaxed) {
+    if dir_ready() {
         let _ = std::fs::remove_file(format!("{}{worker}", inbox_prefix(master)));
     }
 }
 
 /// Removes the pool's directory of inboxes, when the master stops for good.
 pub fn remove_inbox_dir() {
-    if DIR_READY.load(Ordering::Relaxed) {
+    if dir_ready() {
         let _ = std::fs::remove_dir_all(inbox_dir());
     }
 }

@@ -1553,27 +1553,14 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
 /// held in the worker for good. Python 3.12 warns of a fork in a process
 /// with threads; so does this, once, with their names.
 fn warn_threads_of_the_import(py: Python<'_>) {
-    let names = || -> PyResult<Vec<String>> {
-        let threading = py.import("threading")?;
-        let main = threading.call_method0("main_thread")?;
-        let mut names = Vec::new();
-        for t in threading.call_method0("enumerate")?.try_iter()? {
-            let t = t?;
-            if !t.is(&main) && t.call_method0("is_alive")?.is_truthy()? {
-                names.push(t.getattr("name")?.to_string());
-            }
-        }
-        Ok(names)
-    };
-    if let Ok(names) = names() {
-        if !names.is_empty() {
-            warn!(
-                "The app's import started thread(s) {} in the master (--preload): they do not run in the \
-                 workers, which are forked without them, and a lock one holds as a worker is forked stays held \
-                 in that worker; start such threads in a `post_fork` hook or at the first request instead",
-                names.join(", ")
-            );
-        }
+    let threads = py.import("threading").and_then(|t| crate::runtime::app_threads(&t, false));
+    if let Some(threads) = threads.ok().filter(|t| !t.is_empty()) {
+        warn!(
+            "The app's import started thread(s) {} in the master (--preload): they do not run in the workers, \
+             which are forked without them, and a lock one holds as a worker is forked stays held in that \
+             worker; start such threads in a `post_fork` hook or at the first request instead",
+            crate::runtime::thread_names(&threads).join(", ")
+        );
     }
 }
 
@@ -1583,28 +1570,9 @@ fn warn_threads_of_the_import(py: Python<'_>) {
 /// "Shutdown complete". They get `--graceful-timeout`, as a worker's do,
 /// and the master then exits without them, saying so.
 fn leave_app_threads(py: Python<'_>, timeout: Duration, code: i32) {
-    let stray = || -> PyResult<Vec<Bound<'_, PyAny>>> {
-        let threading = py.import("threading")?;
-        let main = threading.call_method0("main_thread")?;
-        let mut left = Vec::new();
-        for t in threading.call_method0("enumerate")?.try_iter()? {
-            let t = t?;
-            if !t.is(&main)
-                && !t.getattr("daemon")?.is_truthy()?
-                && t.call_method0("is_alive")?.is_truthy()?
-            {
-                left.push(t);
-            }
-        }
-        Ok(left)
-    };
-    let names = |threads: &[Bound<'_, PyAny>]| {
-        threads
-            .iter()
-            .map(|t| t.getattr("name").map_or_else(|_| "?".to_string(), |n| n.to_string()))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let Ok(threading) = py.import("threading") else { return };
+    let stray = || crate::runtime::app_threads(&threading, true);
+    let names = |threads: &[Bound<'_, PyAny>]| crate::runtime::thread_names(threads).join(", ");
     let Ok(threads) = stray() else { return };
     if threads.is_empty() {
         return;

@@ -660,6 +660,34 @@ impl Hooks for Runtime {
     }
 }
 
+/// The threads the app started that are alive, those without `daemon=True`
+/// only if `non_daemon_only`: not the main thread, nor threads Python did
+/// not start (the serving threads, dummies to it).
+pub(crate) fn app_threads<'py>(
+    threading: &Bound<'py, PyAny>,
+    non_daemon_only: bool,
+) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    let main = threading.call_method0("main_thread")?;
+    let dummy = threading.getattr("_DummyThread")?;
+    let mut threads = Vec::new();
+    for t in threading.call_method0("enumerate")?.try_iter()? {
+        let t = t?;
+        if !t.is(&main)
+            && !t.is_instance(&dummy)?
+            && (!non_daemon_only || !t.getattr("daemon")?.is_truthy()?)
+            && t.call_method0("is_alive")?.is_truthy()?
+        {
+            threads.push(t);
+        }
+    }
+    Ok(threads)
+}
+
+/// The names of `threads`, for the log.
+pub(crate) fn thread_names(threads: &[Bound<'_, PyAny>]) -> Vec<String> {
+    threads.iter().map(|t| t.getattr("name").map_or_else(|_| "?".to_string(), |n| n.to_string())).collect()
+}
+
 /// Waits for the threads the app started without `daemon=True`, as Python
 /// does before it exits (`threading._shutdown`, which also runs what
 /// `concurrent.futures` registered to finish its queued work): the app means
@@ -672,24 +700,7 @@ fn wait_for_app_threads(py: Python<'_>) {
         return;
     };
     let threading: Bound<'_, PyAny> = threading;
-    let names: Vec<String> = (|| -> PyResult<Vec<String>> {
-        let main = threading.call_method0("main_thread")?;
-        // The serving threads (dummies to Python), done by now.
-        let dummy = threading.getattr("_DummyThread")?;
-        let mut names = Vec::new();
-        for t in threading.call_method0("enumerate")?.try_iter()? {
-            let t = t?;
-            if !t.is(&main)
-                && !t.is_instance(&dummy)?
-                && !t.getattr("daemon")?.is_truthy()?
-                && t.call_method0("is_alive")?.is_truthy()?
-            {
-                names.push(t.getattr("name")?.extract()?);
-            }
-        }
-        Ok(names)
-    })()
-    .unwrap_or_default();
+    let names = app_threads(&threading, true).map(|t| thread_names(&t)).unwrap_or_default();
     if !names.is_empty() {
         info!(
             "Worker waiting for {} thread{} the app started (not daemon) to finish before it exits: {}",
