@@ -457,6 +457,7 @@ def test_the_master_leaves_the_exit_status_of_the_apps_commands_to_the_app(start
         workers=1,
         env={"CORRAL_TEST_STATUS_FILE": str(status)},
     )
+    (tmp_path / "status.go").touch()  # the worker is up: no fork meanwhile
     assert wait_until(lambda: status.exists() and len(status.read_text().split()) == 20, 30)
     assert status.read_text().split() == ["3"] * 20
 
