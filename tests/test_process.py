@@ -985,6 +985,41 @@ def test_a_server_started_in_the_current_symlink_follows_a_deploy_without_chdir(
     assert wait_until(lambda: server.request("GET", "/").body == b"r2 in r2", timeout=15), server.log[mark:]
 
 
+@pytest.mark.parametrize("how", ["hup", "preload-hup"])
+def test_a_reload_after_a_deploy_moved_a_new_release_into_the_start_directory_serves_it_there(
+    start_server, tmp_path, how
+):
+    """A deploy that moves the old release aside (`mv app app.old; mkdir app`)
+    and reloads, with no --chdir: the new workers run in the new directory
+    of the same name, as gunicorn's do, not in the old one the master was
+    started in (its code from one release, its files from the other)."""
+    source = (
+        "import os\n"
+        "def application(environ, start_response):\n"
+        "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+        "    with open('data.txt') as f:\n"
+        "        return [f'{RELEASE} {f.read().strip()} {os.path.basename(os.getcwd())}'.encode()]\n"
+    )
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "moved_app.py").write_text("RELEASE = 'code1'\n" + source)
+    (app / "data.txt").write_text("data1")
+    args = ["--preload"] if how == "preload-hup" else []
+    server = start_server(
+        "moved_app:application", *args, cwd=app, env={"PWD": str(app)}, pythonpath=None, workers=1
+    )
+    assert server.request("GET", "/").body == b"code1 data1 app"
+    app.rename(tmp_path / "app.old")
+    app.mkdir()
+    (app / "moved_app.py").write_text("RELEASE = 'code2'\n" + source)
+    (app / "data.txt").write_text("data2")
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    server.wait_for(READY_RE.pattern, since=mark, timeout=30)
+    assert wait_until(lambda: server.request("GET", "/").body != b"code1 data1 app", timeout=15)
+    assert server.request("GET", "/").body == b"code2 data2 app", server.log[mark:]
+
+
 def test_ttin_ttou_change_the_worker_count(start_server):
     server = start_server("behaviour:application", workers=1)
     mark = server.mark()

@@ -68,6 +68,50 @@ def test_missing_attribute(start_server):
     assert "no_such_callable" in server.log
 
 
+def test_an_error_raised_while_looking_the_app_up_is_shown_with_its_traceback(start_server, tmp_path):
+    """An app built by a module's __getattr__ (PEP 562) or a property whose
+    code fails: the error and its line are shown, as gunicorn shows them,
+    not a "has no attribute" that sends the user looking for a typo."""
+    (tmp_path / "lazy_app.py").write_text(
+        "import os\n"
+        "def create_app():\n"
+        "    url = os.environ['CORRAL_TEST_NO_SUCH_SETTING']\n"
+        "    return None\n"
+        "def __getattr__(name):\n"
+        "    if name == 'app':\n"
+        "        return create_app()\n"
+        "    raise AttributeError(name)\n"
+    )
+    server = _fails_fast(start_server, "lazy_app:app", pythonpath=None, cwd=tmp_path)
+    assert "KeyError: 'CORRAL_TEST_NO_SUCH_SETTING'" in server.log, server.log
+    assert re.search(r'lazy_app\.py", line 3, in create_app', server.log), server.log
+    assert "no attribute" not in server.log
+    # A name the module's __getattr__ refuses is still a missing attribute.
+    other = _fails_fast(start_server, "lazy_app:other", pythonpath=None, cwd=tmp_path)
+    assert re.search(r'has no attribute "other"', other.log), other.log
+
+
+@pytest.mark.parametrize("preload", [False, True])
+def test_an_apps_own_module_named_as_one_tracebacks_need_keeps_the_tracebacks(
+    start_server, tmp_path, preload
+):
+    """An app with a `token.py` of its own (tokenize, linecache and
+    traceback's other needs alike): the traceback of a failed import and of
+    a request's error is still logged whole, with its file and line."""
+    (tmp_path / "token.py").write_text("SECRET = 'x'\n")
+    (tmp_path / "shadow_import.py").write_text("x = 1\nimport corral_tests_no_such_dependency\n")
+    (tmp_path / "shadow_request.py").write_text(
+        "import inspect\ndef application(environ, start_response):\n    return {}['x']\n"
+    )
+    args = ["--preload"] if preload else []
+    failed = _fails_fast(start_server, "shadow_import:application", *args, pythonpath=None, cwd=tmp_path)
+    assert re.search(r'shadow_import\.py", line 2, in <module>', failed.log), failed.log
+    server = start_server("shadow_request:application", *args, pythonpath=None, cwd=tmp_path)
+    assert server.request("GET", "/").status == 500
+    server.wait_for(r"KeyError: 'x'")
+    assert re.search(r'shadow_request\.py", line 3, in application', server.log), server.log
+
+
 def test_not_callable(start_server):
     server = _fails_fast(start_server, "not_callable:application")
     assert re.search(r"(?i)not callable", server.log), server.log
@@ -306,6 +350,27 @@ def test_pythonpath(start_server, tmp_path):
         "path_app:application", "--pythonpath", str(one), "--pythonpath", str(two), pythonpath=None, cwd="/"
     )
     assert server.request("GET", "/").body == b"path_app /"
+
+
+def test_a_relative_pythonpath_is_made_absolute(start_server, tmp_path):
+    """As gunicorn does: an app that changes directory, then starts a child
+    with multiprocessing's spawn (which imports from sys.path), still finds
+    its modules."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "work_lib.py").write_text("def times21(x):\n    return x * 21\n")
+    (tmp_path / "src" / "spawn_app.py").write_text(
+        "import multiprocessing, os, sys\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "import work_lib\n"
+        "os.chdir('/')\n"
+        "def application(environ, start_response):\n"
+        "    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as ex:\n"
+        "        result = ex.submit(work_lib.times21, 2).result()\n"
+        "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+        "    return [f'{result} {sys.path[0]}'.encode()]\n"
+    )
+    server = start_server("spawn_app:application", "--pythonpath", "src", pythonpath=None, cwd=tmp_path)
+    assert server.request("GET", "/", timeout=60).body == f"42 {tmp_path / 'src'}".encode()
 
 
 def test_settings_from_environment_variables(start_server):

@@ -11,7 +11,7 @@ use pyo3::prelude::*;
 use tracing::{debug, error, info, warn};
 
 use crate::load::{load_app, AppSpec};
-use crate::runtime::Runtime;
+use crate::runtime::{AppDir, Runtime};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -895,15 +895,11 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         }
     };
 
-    // As named, symlinks unresolved: each new worker goes there again, so a
-    // reload after a deploy that switched a `current -> releases/N` link
-    // serves the new release (as gunicorn's and uWSGI's reloads do).
-    // Without --chdir, the directory it started in, if that was named through
-    // a symlink (`cd /srv/app/current`, systemd's WorkingDirectory), as
-    // gunicorn takes it from $PWD.
+    // Each new worker enters it again by name (as gunicorn's and uWSGI's
+    // reloads do): see AppDir.
     let chdir_named = match cli.chdir.as_deref() {
-        Some(d) => Some(std::path::absolute(d).unwrap_or_else(|_| d.to_path_buf())),
-        None => start_dir.clone().filter(|named| std::env::current_dir().is_ok_and(|real| real != *named)),
+        Some(d) => Some(AppDir::Chdir(std::path::absolute(d).unwrap_or_else(|_| d.to_path_buf()))),
+        None => start_dir.clone().map(AppDir::Started),
     };
     match prepare_import(py, &cli)? {
         Ok(warnings) => warnings.iter().for_each(|w| warn!("{w}")),
@@ -1729,6 +1725,11 @@ fn prepare_import(py: Python<'_>, cli: &Cli) -> PyResult<Result<Vec<String>, Str
             return Ok(Err(format!("--chdir {}: {e}", dir.display())));
         }
     }
+    // traceback (with linecache, tokenize and token) is imported before the
+    // app's directory goes first on sys.path: an app's own `token.py` would
+    // otherwise be taken for the standard one, and every traceback logged
+    // would come out as its last line only.
+    py.import("traceback")?;
     let sys_path = py.import("sys")?.getattr("path")?;
     sys_path.call_method1("insert", (0, cwd.as_str()))?;
     for dir in cli.pythonpath.iter().rev() {
@@ -1736,6 +1737,9 @@ fn prepare_import(py: Python<'_>, cli: &Cli) -> PyResult<Result<Vec<String>, Str
             // Else the import's ModuleNotFoundError is all the user sees.
             warnings.push(format!("--pythonpath {}: no such directory (from {cwd})", dir.display()));
         }
+        // Absolute: a child the app spawns (multiprocessing's spawn) reads
+        // sys.path after the app may have changed directory.
+        let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
         sys_path.call_method1("insert", (0, dir.display().to_string()))?;
     }
     Ok(Ok(warnings))

@@ -140,8 +140,18 @@ pub fn load_app(py: Python<'_>, spec: &AppSpec) -> Result<PyObject, String> {
     })?;
     let mut obj = module.clone().into_any();
     for part in spec.attr.split('.') {
-        obj = obj.getattr(part).map_err(|_| {
-            format!("Module {:?} has no attribute {:?} (APP is {spec})", spec.module, spec.attr)
+        obj = obj.getattr(part).map_err(|e| {
+            if e.is_instance_of::<pyo3::exceptions::PyAttributeError>(py) {
+                format!("Module {:?} has no attribute {:?} (APP is {spec})", spec.module, spec.attr)
+            } else {
+                // A module's __getattr__ or a property that builds the app.
+                format!(
+                    "Looking up {:?} in module {:?} raised:\n{}",
+                    spec.attr,
+                    spec.module,
+                    format_exception(py, &e)
+                )
+            }
         })?;
     }
     if let Some(args) = &spec.factory {

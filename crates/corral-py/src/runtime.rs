@@ -27,8 +27,9 @@ pub struct Runtime {
     /// re-exec, a reload re-executes to try again).
     preload: bool,
     mount: String,
-    /// --chdir as named (symlinks unresolved), for each worker to enter.
-    chdir: Option<std::path::PathBuf>,
+    /// The app's directory as named (symlinks unresolved), for each worker
+    /// to enter: --chdir, else the directory the master started in.
+    chdir: Option<AppDir>,
     multiprocess: bool,
     multithread: bool,
     /// sys.executable and sys.orig_argv: how to start this master again.
@@ -160,6 +161,17 @@ struct Printed {
     stderr: Vec<u8>,
 }
 
+/// The directory each worker enters before it imports the app, as named
+/// (symlinks unresolved): a reload after a deploy that switched a
+/// `current -> releases/N` link, or moved a new release into the place of
+/// the old one, then serves the new release in its own directory.
+pub enum AppDir {
+    /// --chdir: a worker that cannot enter it fails to boot.
+    Chdir(std::path::PathBuf),
+    /// The directory the master started in, as gunicorn takes it from $PWD.
+    Started(std::path::PathBuf),
+}
+
 /// The pid file of the program a re-exec replaced (see [`Reexec::pidfile`]).
 pub const PREVIOUS_PIDFILE_ENV: &str = "CORRAL_PREVIOUS_PIDFILE";
 
@@ -169,7 +181,7 @@ impl Runtime {
         preloaded: Option<PyObject>,
         preload: bool,
         mount: String,
-        chdir: Option<std::path::PathBuf>,
+        chdir: Option<AppDir>,
         config: &Config,
         reexec: Reexec,
     ) -> Runtime {
@@ -374,11 +386,21 @@ impl Hooks for Runtime {
         // The master entered --chdir when it started; a deploy may have
         // switched a symlink on the way since. A preloaded app is the code of
         // the directory the master entered, and stays there.
-        if let (None, Some(dir)) = (&self.preloaded, &self.chdir) {
-            if let Err(e) = std::env::set_current_dir(dir) {
-                error!("--chdir {}: {e}", dir.display());
-                return EXIT_APP_LOAD_FAILED;
+        match (&self.preloaded, &self.chdir) {
+            (None, Some(AppDir::Chdir(dir))) => {
+                if let Err(e) = std::env::set_current_dir(dir) {
+                    error!("--chdir {}: {e}", dir.display());
+                    return EXIT_APP_LOAD_FAILED;
+                }
             }
+            (None, Some(AppDir::Started(dir))) => {
+                // Gone (a deploy removed it): the app's imports name it too,
+                // and the import says what is missing if anything is.
+                if let Err(e) = std::env::set_current_dir(dir) {
+                    warn!("Worker {} stays in the master's directory: {}: {e}", ctx.slot, dir.display());
+                }
+            }
+            _ => {}
         }
         // threading takes the thread that first imports it for the main one
         // and waits for it at exit (`_shutdown`): first imported by a serving
