@@ -846,6 +846,83 @@ def test_reexec_with_broken_code_keeps_the_old_workers_then_fixed_code_loads(sta
     assert not load.failures, load.failures[:10]
 
 
+SEGFAULT = "import ctypes\nctypes.string_at(0)\n"
+
+
+@pytest.mark.parametrize(
+    "how, crash, said",
+    [
+        ("hup-preload", SEGFAULT, r"killed by signal 11 \(SIGSEGV\)"),
+        ("hup-preload", "import os\nos._exit(9)\n", r"it exited with status 9 before the import ended"),
+        ("usr2", SEGFAULT, None),
+    ],
+)
+def test_a_reexec_whose_import_kills_its_process_keeps_the_old_workers(
+    start_server, tmp_path, how, crash, said
+):
+    """HUP with --preload re-executes the master, which imports the new code
+    itself: an import that kills its process (a crash in a C extension, an
+    abort, os._exit) would take the master, and with it every worker of the
+    previous code, down. It is tried in a child first. After any re-exec the
+    new workers that die importing it are retried with a growing wait, not
+    given up on: the old workers keep serving, and fixed code loads at a
+    later try, as with a Python error."""
+    app = tmp_path / "versioned.py"
+    _write_app(app, 1)
+    preload = ("--preload",) if how == "hup-preload" else ()
+    server = start_server(
+        "versioned:application", *preload, "--chdir", str(tmp_path), workers=2, pythonpath=None
+    )
+    load = Load(server)
+    try:
+        app.write_text(crash + app.read_text())
+        mark = server.mark()
+        server.signal(signal.SIGHUP if how == "hup-preload" else signal.SIGUSR2)
+        if said:
+            server.wait_for(
+                r"The new code's import ended the process that tried it first: " + said,
+                since=mark,
+                timeout=30,
+            )
+        server.wait_for(
+            r"while booting \(failure 6 in a row\); the 2 worker\(s\) from before the re-exec keep serving the "
+            r"previous code",
+            since=mark,
+            timeout=60,
+        )
+        seen = load.count()
+        assert wait_until(lambda: load.count() > seen + 20, 10)
+        with load.lock:
+            assert set(load.bodies[seen:]) == {b"version 1"}
+        assert server.running()
+        _write_app(app, 2)
+        mark = server.mark()
+        server.wait_for(r"from before the re-exec exited", count=2, since=mark, timeout=60)
+        assert wait_until(lambda: server.request("GET", "/").body == b"version 2", 10)
+        assert server.running()
+    finally:
+        load.finish()
+    assert not load.failures, load.failures[:10]
+
+
+def test_a_stop_while_a_preload_reload_tries_the_import_in_a_child_stops_it(start_server, tmp_path):
+    """TERM while the new code's import is tried in a child: the child is
+    killed and the master stops with the workers from before, at once."""
+    app = tmp_path / "versioned.py"
+    _write_app(app, 1)
+    server = start_server(
+        "versioned:application", "--preload", "--chdir", str(tmp_path), workers=1, pythonpath=None
+    )
+    app.write_text("import time\ntime.sleep(600)\n" + app.read_text())
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    server.wait_for(r"re-executing the master", since=mark)
+    time.sleep(1)
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(20) == 0, server.log[mark:]
+    server.wait_for(r"Stopped while the new code was being imported", since=mark)
+
+
 def test_thousands_of_idle_keep_alive_connections_all_survive_a_hup(start_server):
     """The new worker's inbox holds few messages at once (the kernel's
     net.unix.max_dgram_qlen, often 10): a draining worker with thousands of

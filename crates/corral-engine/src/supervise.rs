@@ -1743,6 +1743,23 @@ impl<'a, H: Hooks> Master<'a, H> {
                     self.boot_failures += 1;
                     self.boot_failed_at = Some(Instant::now());
                 }
+                if others == 0 && !self.inherited.is_empty() {
+                    // After a re-exec whose new code kills the worker that
+                    // imports it (a crash in a C extension, os._exit): the
+                    // workers from before go on serving the previous code,
+                    // as they do when the new code raises.
+                    let backoff =
+                        Duration::from_millis(100 << self.boot_failures.min(9)).min(REPLACE_RETRY_MAX);
+                    error!(
+                        "Worker {} (pid {pid}) {how} while booting (failure {} in a row); the {} worker(s) from \
+                         before the re-exec keep serving the previous code; trying again in {backoff:?}",
+                        w.slot,
+                        self.boot_failures,
+                        self.inherited.len()
+                    );
+                    self.respawn_at = Some(Instant::now() + backoff);
+                    continue;
+                }
                 if others > 0 {
                     // Others loaded the app and serve: they go on, as they
                     // do when the app's import raises after the start, and

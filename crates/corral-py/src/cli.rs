@@ -10,7 +10,7 @@ use corral_proto::http1::{Limits, HARD_MAX_HEADERS};
 use pyo3::prelude::*;
 use tracing::{debug, error, info, warn};
 
-use crate::load::{load_app, AppSpec};
+use crate::load::{load_app, AppSpec, Tried};
 use crate::runtime::{AppDir, Runtime};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -1200,7 +1200,21 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     // Probes the import's thread held when the import ended, for the
     // master's loop to answer.
     let mut interim_conns = Vec::new();
+    fn interrupt_import() {
+        if !crate::load::stop_import_child() {
+            // SAFETY: async-signal-safe, as CPython documents it.
+            unsafe { pyo3::ffi::PyErr_SetInterruptEx(libc::SIGINT) };
+        }
+    }
     let preloaded = if cli.preload {
+        // Before the thread that answers probes starts: this forks.
+        let tried = match reexec_with_workers {
+            true => crate::load::import_in_child(py, &spec, interrupt_import).unwrap_or_else(|e| {
+                warn!("Cannot try the new code's import in a child first ({e}); importing it here");
+                Tried::Survived
+            }),
+            false => Tried::Survived,
+        };
         // The import of a re-exec may take long, and the master's loop does
         // not run meanwhile: health probes are answered by a thread, which
         // ends with the import, before anything forks.
@@ -1213,14 +1227,19 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
                 None
             }
         });
-        fn interrupt_import() {
-            // SAFETY: async-signal-safe, as CPython documents it.
-            unsafe { pyo3::ffi::PyErr_SetInterruptEx(libc::SIGINT) };
-        }
-        corral_engine::supervise::importing(true, interrupt_import);
-        *ENV_AT_IMPORT.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::env::vars_os().collect());
-        let loaded = load_app(py, &spec);
-        let interrupted = corral_engine::supervise::importing(false, interrupt_import);
+        let (loaded, interrupted) = match tried {
+            Tried::Died(how) => {
+                (Err(format!("The new code's import ended the process that tried it first: {how}")), false)
+            }
+            Tried::Stopped => (Err(String::new()), true),
+            Tried::Survived => {
+                corral_engine::supervise::importing(true, interrupt_import);
+                *ENV_AT_IMPORT.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(std::env::vars_os().collect());
+                let loaded = load_app(py, &spec);
+                (loaded, corral_engine::supervise::importing(false, interrupt_import))
+            }
+        };
         interim_conns = interim.map(|i| i.finish()).unwrap_or_default();
         match loaded {
             Ok(app) => {

@@ -1,6 +1,8 @@
 //! Finding the WSGI callable from `MODULE:NAME`, with errors that say exactly
 //! what went wrong (and the import's traceback).
 
+use std::os::fd::{AsRawFd, FromRawFd};
+
 use pyo3::prelude::*;
 use pyo3::types::{PyString, PyTuple};
 
@@ -165,6 +167,101 @@ pub fn load_app(py: Python<'_>, spec: &AppSpec) -> Result<PyObject, String> {
         return Err(format!("{spec} is not callable (it is a {ty} object); a WSGI app is a callable"));
     }
     Ok(obj.unbind())
+}
+
+/// How an import of the app tried in a child process ended (see
+/// [`import_in_child`]).
+pub enum Tried {
+    /// It loaded there, or raised a Python exception (which the import in
+    /// this process then shows): this process may import it.
+    Survived,
+    /// The child died in it, as this process would have (a crash in a C
+    /// extension, `os._exit()`, an abort): how it ended.
+    Died(String),
+    /// A stop signal came meanwhile (the child was killed).
+    Stopped,
+}
+
+/// The child of [`import_in_child`] while it runs, for [`stop_import_child`].
+static IMPORT_CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// Kills the child of [`import_in_child`], if one runs; whether one did.
+/// Async-signal-safe.
+pub fn stop_import_child() -> bool {
+    let pid = IMPORT_CHILD.load(std::sync::atomic::Ordering::Relaxed);
+    // Never 0 or -1 to kill(2), which would name a whole group.
+    pid > 0 && unsafe { libc::kill(pid, libc::SIGKILL) } == 0
+}
+
+/// Imports the app in a forked child, which then exits: a master that
+/// re-executes itself to preload new code (HUP with --preload, --reload)
+/// keeps the workers of the previous code only as long as it lives, and an
+/// import that kills its process (a segfault in a C extension, an abort,
+/// `os._exit()`) would take every worker down with it, where a Python
+/// exception leaves them serving. The cost is a second import.
+///
+/// Forks, so it must be called with no other thread running. `interrupt`
+/// is what [`corral_engine::supervise::importing`] calls at a stop signal:
+/// it must call [`stop_import_child`].
+pub fn import_in_child(py: Python<'_>, spec: &AppSpec, interrupt: fn()) -> Result<Tried, String> {
+    let mut fds = [0; 2];
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: the GIL is held (`py`), as CPython's fork hooks need; no other
+    // thread runs, so the child holds no lock another thread held.
+    unsafe { pyo3::ffi::PyOS_BeforeFork() };
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        unsafe {
+            pyo3::ffi::PyOS_AfterFork_Child();
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            libc::close(fds[0]);
+        }
+        let verdict: u8 = if load_app(py, spec).is_ok() { b'1' } else { b'0' };
+        // Nothing of this process's may run at its exit: no Rust or Python
+        // exit handlers, no buffers flushed twice.
+        unsafe {
+            libc::write(fds[1], (&verdict as *const u8).cast(), 1);
+            libc::_exit(0);
+        }
+    }
+    unsafe { pyo3::ffi::PyOS_AfterFork_Parent() };
+    unsafe { libc::close(fds[1]) };
+    let read_end = unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[0]) };
+    if pid < 0 {
+        return Err(format!("fork: {}", std::io::Error::last_os_error()));
+    }
+    IMPORT_CHILD.store(pid, std::sync::atomic::Ordering::Relaxed);
+    corral_engine::supervise::importing(true, interrupt);
+    let mut status = 0;
+    // Restarted after the signals' handlers (SA_RESTART); ends when the
+    // child does, killed at a stop signal included.
+    let waited = py.allow_threads(|| loop {
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            break r == pid;
+        }
+    });
+    let stopped = corral_engine::supervise::importing(false, interrupt);
+    IMPORT_CHILD.store(0, std::sync::atomic::Ordering::Relaxed);
+    if stopped {
+        return Ok(Tried::Stopped);
+    }
+    if !waited {
+        return Err(format!("waitpid: {}", std::io::Error::last_os_error()));
+    }
+    let mut verdict = 0u8;
+    let got = unsafe { libc::read(read_end.as_raw_fd(), (&mut verdict as *mut u8).cast(), 1) };
+    if got == 1 && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+        return Ok(Tried::Survived);
+    }
+    Ok(Tried::Died(if libc::WIFSIGNALED(status) {
+        let sig = libc::WTERMSIG(status);
+        format!("killed by signal {sig} ({})", corral_engine::supervise::signal_name(sig))
+    } else {
+        format!("it exited with status {} before the import ended", libc::WEXITSTATUS(status))
+    }))
 }
 
 /// Puts /dev/null back on descriptors 0, 1 and 2 that the app's import
