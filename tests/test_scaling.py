@@ -7,7 +7,7 @@ import signal
 import socket
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 from support import CORRAL, READY_RE, wait_until
 
@@ -228,6 +228,43 @@ def test_max_connections_sheds_with_503(start_server, tmp_path):
     assert re.search(r"--max-connections 3", server.log)
     # Over HTTP: nothing about FastCGI, which only the FastCGI listener's lines say.
     assert "FastCGI" not in server.log, server.log
+
+
+GATE_APP = """
+import os, time
+
+def application(environ, start_response):
+    query = dict(p.split("=", 1) for p in environ["QUERY_STRING"].split("&") if "=" in p)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    if environ["PATH_INFO"] == "/hold":
+        environ["wsgi.errors"].write("hold started\\n")
+        environ["wsgi.errors"].flush()
+        deadline = time.monotonic() + 120
+        while not os.path.exists(query["marker"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return [b"released"]
+    time.sleep(0.3)
+    return [str(os.getpid()).encode()]
+"""
+
+
+def test_a_worker_whose_threads_are_all_busy_leaves_queued_connections_to_a_sibling(start_server, tmp_path):
+    """A worker whose only thread holds a long request (a stream, a long poll)
+    does not take connections that wait in the accept queue while its
+    sibling is busy: they would wait there for the whole long request, while
+    the sibling serves the others in a moment (uWSGI's behaviour)."""
+    (tmp_path / "gate_app.py").write_text(GATE_APP)
+    server = start_server("gate_app:application", workers=2, threads=1, pythonpath=None, cwd=tmp_path)
+    marker = tmp_path / "release"
+    with ThreadPoolExecutor(7) as pool:
+        held = pool.submit(server.request, "GET", f"/hold?marker={marker}", timeout=150)
+        server.wait_for(r"hold started")
+        shorts = [pool.submit(server.request, "GET", f"/short?id={i}", timeout=150) for i in range(6)]
+        done, _ = wait(shorts, timeout=60)
+        marker.touch()
+        assert held.result().body == b"released"
+        assert len(done) == 6, server.log
+        assert all(f.result().status == 200 for f in shorts)
 
 
 def test_a_full_worker_leaves_new_clients_to_a_sibling_with_room(start_server):

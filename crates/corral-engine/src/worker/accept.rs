@@ -446,9 +446,17 @@ fn listener_gone<A: App>(w: &Shared<A>, idx: usize, e: &io::Error) {
 /// went to a worker that could not take them (one whose listening
 /// descriptor the app closed, which the kernel goes on waking), and no
 /// other wake-up comes until the next connection arrives. Parked, they are
-/// served like any other.
+/// served like any other. Not while every thread here is busy: they wait
+/// in the queue as well as here, and there the first worker with a thread
+/// free takes them (taken here, one waited for the whole of a stream that
+/// held this worker's only thread, while its sibling served the others).
 pub(super) fn take_unannounced<A: App>(w: &Shared<A>, before: &mut [bool]) {
-    if draining() || ACCEPT_PAUSED_AT.load(Ordering::Relaxed) != 0 || LISTENER_GONE.load(Ordering::Relaxed) {
+    let all_busy = w.in_pass.iter().all(|busy| busy.load(Ordering::Relaxed));
+    if all_busy
+        || draining()
+        || ACCEPT_PAUSED_AT.load(Ordering::Relaxed) != 0
+        || LISTENER_GONE.load(Ordering::Relaxed)
+    {
         before.iter_mut().for_each(|b| *b = false);
         return;
     }
