@@ -636,6 +636,70 @@ def test_a_graceful_stop_names_the_requests_its_timeout_cuts(start_server):
     server.wait_exit(30)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGQUIT])
+def test_requests_cut_at_the_graceful_timeout_end_as_cut_for_their_clients_and_in_the_logs(
+    start_server, tmp_path, sig
+):
+    """At --graceful-timeout of a stop (and at a quick stop), each request still running ends for
+    its client as one past --timeout does: 503 if nothing was sent, and a
+    reset if its response had started, so that no client or front end takes
+    a truncated body for a whole one (a plain close ended a cut stream as if
+    it were complete). Each gets its access log line and a line naming its
+    client, and a request no thread had begun is named too."""
+    access = tmp_path / "access.log"
+    marker = tmp_path / "never"
+    server = start_server(
+        "behaviour:application", "--graceful-timeout", "2", "--access-log", str(access), workers=1, threads=2
+    )
+    mark = server.mark()
+    quiet = server.connect(timeout=30)
+    streaming = server.connect(timeout=30)
+    waiting = server.connect(timeout=30)
+    try:
+        quiet.send_request("GET", "/slow?secs=60&id=quiet", {"Host": "x"})
+        server.wait_for("slow request started: quiet", since=mark)
+        streaming.send_request("GET", f"/pause?marker={marker}", {"Host": "x"})
+        head = streaming.read_head()
+        assert head.status == 200
+        assert streaming.read_line() == b"6"  # the first chunk's size line
+        waiting.send_request("GET", "/fixed", {"Host": "x"})
+        server.signal(sig)
+        resp = quiet.read_response()
+        assert resp.status == 503, resp
+        # Reset: the bytes after the first chunk never end the body.
+        with pytest.raises((ConnectionResetError, IncompleteResponse)):
+            streaming.sock.settimeout(30)
+            while True:
+                data = streaming.sock.recv(65536)
+                if not data:
+                    raise AssertionError("a plain end of stream, not a reset: " + repr(streaming.buf))
+                assert not data.endswith(b"0\r\n\r\n")
+        assert waiting.at_eof(30)
+    finally:
+        for conn in (quiet, streaming, waiting):
+            conn.close()
+    assert server.wait_exit(30) == 0
+    when = "Graceful timeout" if sig == signal.SIGTERM else "Quick stop"
+    server.wait_for(
+        when + r": GET /slow\?secs=60&id=quiet from 127\.0\.0\.1:\d+ cut [\d.]+ s in: the client got 503",
+        since=mark,
+    )
+    server.wait_for(
+        when + r": GET /pause\?marker=\S+ from 127\.0\.0\.1:\d+ cut [\d.]+ s in: its response had "
+        r"started, so the connection was cut",
+        since=mark,
+    )
+    server.wait_for(
+        when + r": 1 request\(s\) no thread had begun are not served; their connections close "
+        r"unanswered \(from 127\.0\.0\.1:\d+\)",
+        since=mark,
+    )
+    assert not server.grep(r"killing them|SIGKILL", since=mark), server.log[mark:]
+    logged = access.read_text()
+    assert re.search(r'"GET /slow\?secs=60&id=quiet HTTP/1\.1" 503 ', logged), logged
+    assert re.search(r'"GET /pause\?marker=\S+ HTTP/1\.1" 200 ', logged), logged
+
+
 def _refused(server):
     try:
         server.request("GET", "/fixed", timeout=2)

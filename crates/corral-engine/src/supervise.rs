@@ -263,6 +263,9 @@ pub struct Master<'a, H: Hooks> {
     /// a reload whose new code does not load (the previous workers serve):
     /// it would otherwise stay "reloading" for as long as the code is broken.
     told_reload_failed: bool,
+    /// The stop's kill was put off once, past --graceful-timeout, for
+    /// workers still ending their own requests (see [`CUT_GRACE`]).
+    stop_kill_put_off: bool,
     /// The pool was ready once: the app loaded and served. Unlike
     /// `told_ready`, a reload does not reset it.
     served: bool,
@@ -387,6 +390,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             replace_after: None,
             told_ready: false,
             told_reload_failed: false,
+            stop_kill_put_off: false,
             served: false,
             inherited: take_inherited_workers(),
             inherited_released: false,
@@ -964,6 +968,17 @@ impl<'a, H: Hooks> Master<'a, H> {
                     return Some(self.exit_code);
                 }
                 if Instant::now() >= deadline {
+                    // Each worker ends its requests itself at the same
+                    // moment, for its clients and in the logs; killed now, it
+                    // would not.
+                    let now_ms = crate::date::mono_ms();
+                    let serving =
+                        self.workers.values().any(|w| !self.scoreboard.in_flight(w.slot, now_ms).is_empty());
+                    if serving && !self.stop_kill_put_off {
+                        self.stop_kill_put_off = true;
+                        self.phase = Phase::Draining { deadline: Instant::now() + CUT_GRACE };
+                        return None;
+                    }
                     warn!(
                         "{} worker(s) still running after the graceful timeout; killing them",
                         self.workers.len()

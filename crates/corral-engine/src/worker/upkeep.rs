@@ -35,6 +35,9 @@ pub(super) fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
                 warn!("Worker exiting at once (quick stop){what}: pid={}", std::process::id());
             }
             STOPPED_AT_ONCE.store(true, Ordering::Relaxed);
+            if crate::crash::crashed().is_none() {
+                end_cut_requests(w, mono_ms(), "Quick stop");
+            }
             if let Some(log) = &w.access {
                 log.flush();
             }
@@ -203,6 +206,12 @@ pub(super) fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
                     "Worker stopping with {live} connection(s) still open after the graceful timeout{cut}: pid={}",
                     std::process::id()
                 );
+                if crash.is_none() {
+                    end_cut_requests(w, now, "Graceful timeout");
+                }
+                if let Some(log) = &w.access {
+                    log.flush();
+                }
                 if let Some(c) = crash {
                     crate::crash::die(c);
                 }
@@ -435,6 +444,76 @@ pub(super) fn check_timeouts<A: App>(w: &Shared<A>, now: u64) {
         w.scoreboard.request_retire(w.slot, Retire::Timeout);
         w.scoreboard.count(w.slot, crate::scoreboard::C_TIMEOUTS, 1);
         rescue_held(w, t, true);
+    }
+}
+
+/// At the graceful timeout or a quick stop (`when`), before the worker exits: each request still
+/// running ends for its client as one past --timeout does (503 if nothing
+/// was sent, else the connection cut, so that neither a client nor a front
+/// end takes a truncated body for a whole one), with its access log line
+/// and a line naming its client; connections whose request no thread had
+/// begun are named too (they close unanswered, which a front end may retry
+/// elsewhere, as it may not a response).
+fn end_cut_requests<A: App>(w: &Shared<A>, now: u64, when: &str) {
+    for t in 0..w.timed_out.len() {
+        if w.timed_out[t].load(Ordering::Acquire) {
+            continue;
+        }
+        let Some((what, since)) = w.scoreboard.thread_request(w.slot, t) else {
+            continue;
+        };
+        // The client as the access log names it (behind a front end, the
+        // address the front end gave), and the connection's peer.
+        let client = w.current[t].lock().unwrap().as_ref().map(|(fd, _, _, note)| {
+            let peer = peer_of(*fd);
+            match note {
+                Some(note) if !peer.starts_with(&format!("{}:", note.remote)) => {
+                    format!("{} via {peer}", note.remote)
+                }
+                _ => peer,
+            }
+        });
+        if let Some(answered) = abandon_request(w, t, now, since, 503, "the server is shutting down", true) {
+            warn!(
+                "{when}: {what} from {} cut {:.1} s in: {answered}",
+                client.unwrap_or_default(),
+                now.saturating_sub(since) as f64 / 1000.0
+            );
+        }
+    }
+    let reg = w.registry.lock().unwrap();
+    let waiting: Vec<String> = reg
+        .entries
+        .iter()
+        .flatten()
+        .filter(|e| {
+            e.state.load() == ConnState::Idle
+                && !e.handed.load(Ordering::Relaxed)
+                && (e.begun.load() != Begun::Not || pending_bytes(e.fd) > 0)
+        })
+        .map(|e| peer_of(e.fd))
+        .collect();
+    if !waiting.is_empty() {
+        warn!(
+            "{when}: {} request(s) no thread had begun are not served; their connections close unanswered \
+             (from {})",
+            waiting.len(),
+            waiting.join(", ")
+        );
+    }
+}
+
+/// The address of a connection's peer, as a log line names it: the
+/// client, or a front end in front of it.
+fn peer_of(fd: RawFd) -> String {
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    if unsafe { libc::getpeername(fd, &mut addr as *mut _ as *mut libc::sockaddr, &mut len) } != 0 {
+        return "an unknown peer".to_string();
+    }
+    match super::accept::peer_strings(&addr, addr.ss_family as i32 == libc::AF_UNIX) {
+        (ip, _) if ip.is_empty() => "a unix socket peer".to_string(),
+        (ip, port) => format!("{ip}:{port}"),
     }
 }
 
