@@ -700,6 +700,37 @@ def test_requests_cut_at_the_graceful_timeout_end_as_cut_for_their_clients_and_i
     assert re.search(r'"GET /pause\?marker=\S+ HTTP/1\.1" 200 ', logged), logged
 
 
+def test_a_worker_stopped_with_sigstop_is_killed_and_replaced_after_the_timeout(start_server):
+    """A worker that cannot end a request past --timeout itself, because it
+    does not run at all (SIGSTOP, a frozen cgroup, a debugger holding it),
+    is killed by the master once it has not been heard from for longer than
+    --timeout, as gunicorn's master kills it, and replaced: its requests
+    would hang for good."""
+    server = start_server("behaviour:application", "--timeout", "2", workers=1, threads=1)
+    (stopped,) = server.worker_pids()
+    mark = server.mark()
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(server.request, "GET", "/slow?secs=1&id=frozen", timeout=60)
+        server.wait_for("slow request started: frozen", since=mark)
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            server.wait_for(
+                rf"Worker 0 \(pid {stopped}\) was not heard from for [\d.]+ s, past --timeout 2s \(stopped with "
+                r"SIGSTOP, frozen, or held by a debugger\?\) while serving GET /slow\?secs=1&id=frozen \(\d+ ms in\); "
+                r"killing it",
+                since=mark,
+                timeout=30,
+            )
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stopped, signal.SIGCONT)
+        with pytest.raises((OSError, IncompleteResponse)):
+            future.result(timeout=30)
+    server.wait_for(READY_RE.pattern, since=mark, timeout=30)
+    assert server.request("GET", "/fixed").status == 200
+    assert stopped not in server.worker_pids(since=mark)
+
+
 def _refused(server):
     try:
         server.request("GET", "/fixed", timeout=2)

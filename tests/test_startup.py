@@ -112,6 +112,20 @@ def test_an_apps_own_module_named_as_one_tracebacks_need_keeps_the_tracebacks(
     assert re.search(r'shadow_request\.py", line 3, in application', server.log), server.log
 
 
+def test_a_worker_that_cannot_start_its_threads_fails_its_boot_before_it_says_it_is_ready(start_server):
+    """A serving thread that cannot start (a limit on threads or address
+    space) fails the worker's boot, counted and backed off as any, until the
+    master gives up: the worker had said it was ready first, then exited
+    "while idle" and was replaced for ever (and a reload retired a healthy
+    worker for it)."""
+    command = ["prlimit", "--as=400000000", *CORRAL]
+    server = start_server("behaviour:application", command=command, threads=64, wait=False)
+    assert server.wait_exit(60) == 3, server.log
+    assert re.search(r"Worker 0 cannot start its serving thread \d+ of 64: ", server.log), server.log
+    assert "5 boot failures in a row, giving up" in server.log
+    assert not server.grep(r"Worker ready")
+
+
 def test_not_callable(start_server):
     server = _fails_fast(start_server, "not_callable:application")
     assert re.search(r"(?i)not callable", server.log), server.log

@@ -85,6 +85,9 @@ struct WorkerHeader {
     /// New connections parked for their first request, which (for a moment
     /// after the accept) a thread of the worker is counted on to serve.
     promised: AtomicU32,
+    /// Monotonic ms of the worker's main loop's last round (see
+    /// [`Scoreboard::beat`]); 0 before its first.
+    beat_ms: AtomicU64,
     /// Counters for the metrics, indexed by the `C_*` constants.
     counters: [AtomicU64; COUNTERS],
     /// The last exception the app raised, as text (truncated).
@@ -249,6 +252,7 @@ impl Scoreboard {
         h.announcing.store(0, Ordering::Relaxed);
         h.load_error.store(0, Ordering::Relaxed);
         h.promised.store(0, Ordering::Relaxed);
+        h.beat_ms.store(0, Ordering::Relaxed);
         for c in &h.counters {
             c.store(0, Ordering::Relaxed);
         }
@@ -296,6 +300,19 @@ impl Scoreboard {
         unsafe {
             libc::send(self.nudge[1], b"!".as_ptr().cast(), 1, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
         };
+    }
+
+    /// Says the worker in `slot` is alive and its main loop runs, at
+    /// `now_ms` (monotonic): a worker that stops saying it (stopped with
+    /// SIGSTOP, a frozen cgroup, a debugger holding it) cannot end a request
+    /// past --timeout itself, and the master ends it.
+    pub fn beat(&self, slot: usize, now_ms: u64) {
+        self.header(slot).beat_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// When the worker in `slot` last said it was alive (see [`Self::beat`]); 0 if never.
+    pub fn last_beat(&self, slot: usize) -> u64 {
+        self.header(slot).beat_ms.load(Ordering::Relaxed)
     }
 
     pub fn state(&self, slot: usize) -> WorkerState {

@@ -266,6 +266,8 @@ pub struct Master<'a, H: Hooks> {
     /// The stop's kill was put off once, past --graceful-timeout, for
     /// workers still ending their own requests (see [`CUT_GRACE`]).
     stop_kill_put_off: bool,
+    /// Monotonic ms of this loop's last look at the workers' heartbeats.
+    beats_seen_ms: u64,
     /// The pool was ready once: the app loaded and served. Unlike
     /// `told_ready`, a reload does not reset it.
     served: bool,
@@ -391,6 +393,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             told_ready: false,
             told_reload_failed: false,
             stop_kill_put_off: false,
+            beats_seen_ms: 0,
             served: false,
             inherited: take_inherited_workers(),
             inherited_released: false,
@@ -1005,6 +1008,53 @@ impl<'a, H: Hooks> Master<'a, H> {
         }
     }
 
+    /// Kills the serving workers not heard from (see
+    /// [`Scoreboard::beat`](crate::scoreboard::Scoreboard::beat)) for longer
+    /// than --timeout: stopped (SIGSTOP), in a frozen cgroup, held by a
+    /// debugger, a worker ends no request past --timeout itself, and its
+    /// requests would hang for good (gunicorn's master kills such a worker
+    /// too). Not when this loop itself was held as long: the whole group
+    /// was frozen (`docker pause`), and its workers get a round to say they
+    /// live again.
+    fn kill_unheard_workers(&mut self, limit: Duration) {
+        let now_ms = crate::date::mono_ms();
+        let held = now_ms.saturating_sub(self.beats_seen_ms) > UNHEARD_LOOP_GAP_MS;
+        self.beats_seen_ms = now_ms;
+        if held {
+            return;
+        }
+        let limit_ms = limit.as_millis() as u64;
+        let unheard: Vec<(libc::pid_t, usize, u64)> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| {
+                !w.retiring
+                    && w.kill_at.is_none()
+                    && w.killed.is_none()
+                    && self.scoreboard.state(w.slot) == WorkerState::Ready
+            })
+            .filter_map(|(p, w)| {
+                let beat = self.scoreboard.last_beat(w.slot);
+                let silent = now_ms.saturating_sub(beat);
+                (beat != 0 && silent > limit_ms).then_some((*p, w.slot, silent))
+            })
+            .collect();
+        for (pid, slot, silent) in unheard {
+            let serving =
+                describe_serving(&self.scoreboard.in_flight(slot, now_ms), self.scoreboard.offloaded(slot));
+            error!(
+                "Worker {slot} (pid {pid}) was not heard from for {:.1} s, past --timeout {}s (stopped with \
+                 SIGSTOP, frozen, or held by a debugger?){serving}; killing it",
+                silent as f64 / 1000.0,
+                secs(limit)
+            );
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            if let Some(w) = self.workers.get_mut(&pid) {
+                w.killed = Some("it was not heard from within --timeout");
+            }
+        }
+    }
+
     /// Starts replacements for workers that ask for one, retires the
     /// workers whose replacement is ready, and kills retiring workers past
     /// their deadline.
@@ -1104,6 +1154,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                     w.kill_at = Some(now + BOOT_ABORT_GRACE);
                 }
             }
+            self.kill_unheard_workers(limit);
             // One that outlived its SIGABRT (the app blocked or caught it).
             let unended: Vec<libc::pid_t> = self
                 .workers
@@ -2200,6 +2251,10 @@ fn title(role: &str, name: &str) -> String {
         _ => format!("corral: {role} [{name}]"),
     }
 }
+
+/// A gap between two looks at the workers' heartbeats past which the
+/// master takes itself for held too (see `kill_unheard_workers`).
+const UNHEARD_LOOP_GAP_MS: u64 = 2000;
 
 /// How much longer than --graceful-timeout a retiring worker still
 /// serving requests is given: its own drain ends at the same moment, cutting

@@ -721,22 +721,30 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
     if shared.config.reload_on_rss.is_some() {
         FRESH_RSS.store(rss_bytes(), Ordering::Relaxed);
     }
-    // Ready before any thread can accept: the master kills a replacement
-    // still booting outright (a reload that supersedes it), which must not
-    // take a connection with it. Said first: the master, seeing every
-    // worker ready, may tell a waiting `-D` command so before this line
-    // would otherwise be in the log.
-    info!("Worker ready: pid={} threads={}", std::process::id(), threads);
-    shared.scoreboard.set_state(shared.slot, WorkerState::Ready);
+    // Every thread is started before the worker says it is ready (one that
+    // cannot start, for want of threads under a pids limit, fails the boot
+    // rather than the ready worker a reload retires its predecessor for),
+    // and held until then: none may accept before, since the master kills
+    // a replacement still booting outright (a reload that supersedes it),
+    // which must not take a connection with it.
+    let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
     let stack = app_stack_size();
     for (t, holder) in holders.into_iter().enumerate() {
         let s = shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("corral-{t}"))
-            .stack_size(stack)
-            .spawn(move || or_exit(|| thread_main(&s, t, holder)));
+        let gate = gate.clone();
+        let spawned =
+            std::thread::Builder::new().name(format!("corral-{t}")).stack_size(stack).spawn(move || {
+                let (open, opened) = &*gate;
+                drop(opened.wait_while(open.lock().unwrap(), |open| !*open).unwrap());
+                or_exit(|| thread_main(&s, t, holder))
+            });
         if let Err(e) = spawned {
-            error!("cannot start worker thread: {e}");
+            error!(
+                "Worker {} cannot start its serving thread {} of {threads}: {e}; lower --threads, or raise the \
+                 limit on threads or address space (ulimit -u or -v, systemd's TasksMax, a container's pids limit)",
+                shared.slot,
+                t + 1
+            );
             return 1;
         }
     }
@@ -746,10 +754,17 @@ pub fn run_worker<A: App>(app: A, ctx: WorkerCtx) -> i32 {
             crate::crash::enter_own();
             or_exit(|| offload_main(&s))
         }) {
-            error!("cannot start the offload thread: {e}");
+            error!("Worker {} cannot start its offload thread: {e}", shared.slot);
             return 1;
         }
     }
+    // Said first: the master, seeing every worker ready, may tell a waiting
+    // `-D` command so before this line would otherwise be in the log.
+    info!("Worker ready: pid={} threads={}", std::process::id(), threads);
+    shared.scoreboard.beat(shared.slot, mono_ms());
+    shared.scoreboard.set_state(shared.slot, WorkerState::Ready);
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
     check_descriptors_left();
     crate::crash::take_app_thread_crashes(true);
     let code = or_exit(|| main_loop(&shared, &signals));

@@ -53,6 +53,7 @@ pub(super) fn main_loop<A: App>(w: &Shared<A>, signals: &WorkerSignals) -> i32 {
             begin_drain(w);
         }
         let now = mono_ms();
+        w.scoreboard.beat(w.slot, now);
         let crash = crate::crash::crashed();
         if let Some(c) = crash {
             match crash_seen {
