@@ -731,6 +731,44 @@ def test_a_worker_stopped_with_sigstop_is_killed_and_replaced_after_the_timeout(
     assert stopped not in server.worker_pids(since=mark)
 
 
+PIDS_CGROUPS = Path("/sys/fs/cgroup/pids")
+
+
+@pytest.mark.skipif(
+    not (PIDS_CGROUPS.is_dir() and os.access(PIDS_CGROUPS, os.W_OK)),
+    reason="needs a writable cgroup v1 pids hierarchy",
+)
+def test_a_fork_refused_by_a_limit_on_processes_is_retried_with_a_growing_wait(start_server, tmp_path):
+    """A worker that cannot be forked (EAGAIN under systemd's TasksMax or a
+    container's pids limit) is tried again with a doubling wait, one line
+    each, not on every pass of the master's loop (ten lines a second per
+    missing worker), and starts once the limit allows it."""
+    group = PIDS_CGROUPS / f"corral-test-{os.getpid()}-{tmp_path.name}"
+    group.mkdir()
+    # The master and its workers in the group, from their start.
+    command = ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh", *CORRAL]
+    server = start_server("behaviour:application", command=command, workers=1, threads=1)
+    try:
+        (victim,) = server.worker_pids()
+        mark = server.mark()
+        (group / "pids.max").write_text("1")
+        os.kill(victim, signal.SIGKILL)
+        server.wait_for(r"Cannot fork worker 0: .*failure 3 in a row", since=mark, timeout=30)
+        waits = re.findall(
+            r"Cannot fork worker 0: .*failure (\d+) in a row.*trying again in (\S+)",
+            "\n".join(server.lines[mark:]),
+        )
+        assert waits[:3] == [("1", "200ms"), ("2", "400ms"), ("3", "800ms")], waits
+        (group / "pids.max").write_text("max")
+        server.wait_for(READY_RE.pattern, since=mark, timeout=30)
+        assert server.request("GET", "/fixed").status == 200
+    finally:
+        (group / "pids.max").write_text("max")
+        server.signal(signal.SIGTERM)
+        server.wait_exit(30)
+        group.rmdir()
+
+
 def _refused(server):
     try:
         server.request("GET", "/fixed", timeout=2)

@@ -268,6 +268,10 @@ pub struct Master<'a, H: Hooks> {
     stop_kill_put_off: bool,
     /// Monotonic ms of this loop's last look at the workers' heartbeats.
     beats_seen_ms: u64,
+    /// Forks that failed in a row (EAGAIN under a limit on processes), and
+    /// when the next may be tried.
+    fork_failures: u32,
+    fork_retry_at: Option<Instant>,
     /// The pool was ready once: the app loaded and served. Unlike
     /// `told_ready`, a reload does not reset it.
     served: bool,
@@ -394,6 +398,8 @@ impl<'a, H: Hooks> Master<'a, H> {
             told_reload_failed: false,
             stop_kill_put_off: false,
             beats_seen_ms: 0,
+            fork_failures: 0,
+            fork_retry_at: None,
             served: false,
             inherited: take_inherited_workers(),
             inherited_released: false,
@@ -1121,7 +1127,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             for (pid, slot) in stale {
                 // Without a free slot spawn_replacing says so, once in a
                 // while, and the next pass tries again.
-                if !self.free_slots.is_empty() {
+                if !self.free_slots.is_empty() && !self.fork_backing_off() {
                     info!("Worker {slot} (pid {pid}) still serves the code from before the reload; starting a replacement");
                 }
                 self.spawn_replacing(Some(pid));
@@ -1503,7 +1509,15 @@ impl<'a, H: Hooks> Master<'a, H> {
         self.workers.values().any(|w| w.replaces == Some(pid))
     }
 
+    /// Whether forks wait after failing (see `fork_retry_at`).
+    fn fork_backing_off(&self) -> bool {
+        self.fork_retry_at.is_some_and(|at| Instant::now() < at)
+    }
+
     fn spawn_replacing(&mut self, replaces: Option<libc::pid_t>) {
+        if self.fork_backing_off() {
+            return;
+        }
         let Some(slot) = self.free_slots.pop() else {
             // Retried on every pass until a slot frees: one line in a while.
             let now = Instant::now();
@@ -1547,9 +1561,21 @@ impl<'a, H: Hooks> Master<'a, H> {
         let pid = unsafe { libc::fork() };
         if pid < 0 {
             self.hooks.after_fork_parent();
-            error!("fork: {}", io::Error::last_os_error());
+            let e = io::Error::last_os_error();
+            self.fork_failures += 1;
+            let backoff = Duration::from_millis(100 << self.fork_failures.min(9)).min(REPLACE_RETRY_MAX);
+            self.fork_retry_at = Some(Instant::now() + backoff);
+            error!(
+                "Cannot fork worker {slot}: {e} (failure {} in a row; a limit on processes: ulimit -u, systemd's \
+                 TasksMax, a container's pids limit?); trying again in {backoff:?}",
+                self.fork_failures
+            );
             self.free_slots.push(slot);
             return;
+        }
+        if pid > 0 {
+            self.fork_failures = 0;
+            self.fork_retry_at = None;
         }
         if pid == 0 {
             crate::proctitle::set(&title(&format!("worker {slot}"), &self.config.name));
