@@ -436,6 +436,8 @@ fn stop_pending() -> bool {
 pub struct Interim {
     stop: OwnedFd,
     thread: Option<std::thread::JoinHandle<Vec<Conn>>>,
+    /// Held by the thread except while it waits (see [`Interim::quiet`]).
+    busy: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 impl Interim {
@@ -463,10 +465,19 @@ impl Interim {
             .split(',')
             .filter_map(|p| p.trim().parse().ok())
             .collect();
+        let busy = std::sync::Arc::new(std::sync::Mutex::new(()));
+        let held = busy.clone();
         let thread = std::thread::Builder::new()
             .name("corral-stats".into())
-            .spawn(move || interim_loop(listener, stop_fd, &old_workers))?;
-        Ok(Interim { stop, thread: Some(thread) })
+            .spawn(move || interim_loop(listener, stop_fd, &old_workers, &held))?;
+        Ok(Interim { stop, thread: Some(thread), busy })
+    }
+
+    /// Holds the thread in its wait, where it holds nothing else: a fork
+    /// while the guard lives leaves the child no lock the thread held (the
+    /// allocator's, the log's).
+    pub fn quiet(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.busy.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Stops the thread and gives back the connections it held, a probe's
@@ -489,11 +500,13 @@ impl Drop for Interim {
     }
 }
 
-fn interim_loop(listener: RawFd, stop: RawFd, old_workers: &[u32]) -> Vec<Conn> {
+fn interim_loop(listener: RawFd, stop: RawFd, old_workers: &[u32], busy: &std::sync::Mutex<()>) -> Vec<Conn> {
     let interim_response = |request: &[u8]| interim_response(request, old_workers);
     use std::os::fd::FromRawFd;
     let mut conns: Vec<Conn> = Vec::new();
+    let hold = || busy.lock().unwrap_or_else(|p| p.into_inner());
     loop {
+        let guard = hold();
         let mut fds = vec![
             libc::pollfd { fd: stop, events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: listener, events: libc::POLLIN, revents: 0 },
@@ -501,7 +514,9 @@ fn interim_loop(listener: RawFd, stop: RawFd, old_workers: &[u32]) -> Vec<Conn> 
         fds.extend(conns.iter().map(|c| libc::pollfd { fd: c.fd(), events: c.events(), revents: 0 }));
         let now = crate::date::mono_ms();
         let timeout = conns.iter().map(|c| c.deadline().saturating_sub(now) as i32 + 1).min().unwrap_or(-1);
+        drop(guard);
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        let _guard = hold();
         if fds[0].revents != 0 {
             return conns;
         }

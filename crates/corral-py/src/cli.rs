@@ -1207,14 +1207,6 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         }
     }
     let preloaded = if cli.preload {
-        // Before the thread that answers probes starts: this forks.
-        let tried = match reexec_with_workers {
-            true => crate::load::import_in_child(py, &spec, interrupt_import).unwrap_or_else(|e| {
-                warn!("Cannot try the new code's import in a child first ({e}); importing it here");
-                Tried::Survived
-            }),
-            false => Tried::Survived,
-        };
         // The import of a re-exec may take long, and the master's loop does
         // not run meanwhile: health probes are answered by a thread, which
         // ends with the import, before anything forks.
@@ -1227,6 +1219,14 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
                 None
             }
         });
+        let tried = match reexec_with_workers {
+            true => crate::load::import_in_child(py, &spec, interrupt_import, interim.as_ref())
+                .unwrap_or_else(|e| {
+                    warn!("Cannot try the new code's import in a child first ({e}); importing it here");
+                    Tried::Survived
+                }),
+            false => Tried::Survived,
+        };
         let (loaded, interrupted) = match tried {
             Tried::Died(how) => {
                 (Err(format!("The new code's import ended the process that tried it first: {how}")), false)

@@ -200,16 +200,24 @@ pub fn stop_import_child() -> bool {
 /// `os._exit()`) would take every worker down with it, where a Python
 /// exception leaves them serving. The cost is a second import.
 ///
-/// Forks, so it must be called with no other thread running. `interrupt`
+/// Forks, so it must be called with no other thread running than
+/// `interim`'s. `interrupt`
 /// is what [`corral_engine::supervise::importing`] calls at a stop signal:
 /// it must call [`stop_import_child`].
-pub fn import_in_child(py: Python<'_>, spec: &AppSpec, interrupt: fn()) -> Result<Tried, String> {
+pub fn import_in_child(
+    py: Python<'_>,
+    spec: &AppSpec,
+    interrupt: fn(),
+    interim: Option<&corral_engine::stats::Interim>,
+) -> Result<Tried, String> {
     let mut fds = [0; 2];
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(format!("pipe: {}", std::io::Error::last_os_error()));
     }
-    // SAFETY: the GIL is held (`py`), as CPython's fork hooks need; no other
-    // thread runs, so the child holds no lock another thread held.
+    // SAFETY: the GIL is held (`py`), as CPython's fork hooks need; the one
+    // other thread (answering probes) is held where it holds no lock, so
+    // the child holds none another thread held.
+    let quiet = interim.map(|i| i.quiet());
     unsafe { pyo3::ffi::PyOS_BeforeFork() };
     let pid = unsafe { libc::fork() };
     if pid == 0 {
@@ -227,6 +235,7 @@ pub fn import_in_child(py: Python<'_>, spec: &AppSpec, interrupt: fn()) -> Resul
         }
     }
     unsafe { pyo3::ffi::PyOS_AfterFork_Parent() };
+    drop(quiet);
     unsafe { libc::close(fds[1]) };
     let read_end = unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[0]) };
     if pid < 0 {
