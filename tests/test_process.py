@@ -247,7 +247,10 @@ def test_an_app_that_blocks_the_workers_signals_or_drops_the_crash_handler_at_im
     with contextlib.suppress(OSError, IncompleteResponse):
         server.request("GET", "/segfault")
     server.wait_for(r"Fatal Python error: Segmentation fault", since=mark)
-    server.wait_for(r"Worker crashed: SIGSEGV in thread \d while it served GET /segfault", since=mark)
+    server.wait_for(
+        r"Worker crashed: SIGSEGV in thread \d \(the app.s corral-thread-\d\) while it served GET /segfault",
+        since=mark,
+    )
     assert wait_until(lambda: _serves(server), timeout=30)
     mark = server.mark()
     started = time.monotonic()
@@ -399,7 +402,7 @@ def test_a_crash_loses_only_the_request_that_crashed(start_server, crash):
         resp = bad.read_response()
         assert resp.status == 500, resp
         server.wait_for(
-            rf"Worker crashed: SIGSEGV in thread \d while it served GET {crash}; the client got 500",
+            rf"Worker crashed: SIGSEGV in thread \d \(the app.s corral-thread-\d\) while it served GET {crash}; the client got 500",
             since=mark,
         )
         # Sent while the crashed worker still holds both connections.
@@ -729,6 +732,26 @@ def test_a_worker_stopped_with_sigstop_is_killed_and_replaced_after_the_timeout(
     server.wait_for(READY_RE.pattern, since=mark, timeout=30)
     assert server.request("GET", "/fixed").status == 200
     assert stopped not in server.worker_pids(since=mark)
+
+
+def test_a_timeout_names_the_stuck_thread_as_the_app_does(start_server, tmp_path):
+    """The thread a --timeout line names is the one the app knows by that
+    number (its threading name), not the one before it."""
+    (tmp_path / "named_app.py").write_text(
+        "import threading, time\n"
+        "def application(environ, start_response):\n"
+        "    environ['wsgi.errors'].write(f'stuck in {threading.current_thread().name}\\n')\n"
+        "    environ['wsgi.errors'].flush()\n"
+        "    time.sleep(30)\n"
+        "    start_response('200 OK', [])\n"
+        "    return [b'late']\n"
+    )
+    server = start_server(
+        "named_app:application", "--timeout", "1", workers=1, threads=2, pythonpath=None, cwd=tmp_path
+    )
+    assert server.request("GET", "/", timeout=30).status == 504
+    (name,) = re.findall(r"stuck in corral-thread-(\d)", server.log)
+    server.wait_for(rf"Request timeout: GET / ran for .* thread {name} \(the app's corral-thread-{name}\);")
 
 
 PIDS_CGROUPS = Path("/sys/fs/cgroup/pids")
@@ -1618,7 +1641,10 @@ def test_a_stack_overflow_in_c_is_handled_as_a_crash(start_server):
     mark = server.mark()
     resp = server.request("GET", "/deep?depth=1000000", timeout=60)
     assert resp.status == 500, resp
-    server.wait_for(r"Worker crashed: SIGSEGV in thread \d while it served GET /deep", since=mark)
+    server.wait_for(
+        r"Worker crashed: SIGSEGV in thread \d \(the app.s corral-thread-\d\) while it served GET /deep",
+        since=mark,
+    )
     assert wait_until(lambda: _serves(server), timeout=30)
 
 

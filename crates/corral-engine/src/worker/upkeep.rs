@@ -435,11 +435,14 @@ pub(super) fn check_timeouts<A: App>(w: &Shared<A>, now: u64) {
         };
         error!(
             "Request timeout: {what} ran for {:.1} s{client}, over --timeout {:.1} s, in worker {} (pid {}), \
-             thread {t}; {answered}. The worker is being replaced. Stack of the stuck thread:\n{}",
+             thread {} (the app's corral-thread-{}); {answered}. The worker is being replaced. Stack of the stuck \
+             thread:\n{}",
             app_ms as f64 / 1000.0,
             limit.as_secs_f64(),
             w.slot,
             std::process::id(),
+            t + 1,
+            t + 1,
             traceback.trim_end()
         );
         w.scoreboard.request_retire(w.slot, Retire::Timeout);
@@ -689,6 +692,8 @@ pub(super) fn on_crash<A: App>(w: &Shared<A>, c: crate::crash::Crash, now: u64) 
         }
         (None, _) => "between requests".to_string(),
     };
+    // Numbered from 1, as the app's names for its serving threads are.
+    let n = t + 1;
     let others = if c.held_lock {
         "; it held the interpreter lock, so the requests of the other threads cannot end and are cut once \
          the replacement is ready"
@@ -696,7 +701,7 @@ pub(super) fn on_crash<A: App>(w: &Shared<A>, c: crate::crash::Crash, now: u64) 
         ""
     };
     error!(
-        "Worker crashed: {signal} in thread {t} {request}. The worker is being replaced; it accepts nothing \
+        "Worker crashed: {signal} in thread {n} (the app's corral-thread-{n}) {request}. The worker is being replaced; it accepts nothing \
          more, and the connections no thread serves go to a worker that serves{others}: pid={}",
         std::process::id()
     );
