@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from front_ends import free_port
 from support import APPS, CORRAL, READY_RE, IncompleteResponse, RawConn, read_hashed, slow_reader, wait_until
 
 
@@ -1397,3 +1398,36 @@ def test_metrics_say_when_their_counters_began(start_server):
     server.wait_for(r"from before the re-exec exited", since=mark, timeout=30)
     text = _get(stats, "/metrics")[1].decode()
     assert _metric(text, "corral_start_time_seconds") > first + 1
+
+
+@pytest.mark.parametrize("option", ["--access-log", "--error-log"])
+def test_a_log_that_is_a_named_pipe_with_no_reader_is_refused_at_once(start_server, tmp_path, option):
+    """A named pipe nobody reads yet: the open for writing would wait for a
+    reader, deaf to TERM and Ctrl-C, with nothing said. It is refused with a
+    line saying why; with its reader there, the log goes through it."""
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    server = start_server("behaviour:application", option, str(fifo), wait=False)
+    assert server.wait_exit(20) != 0
+    assert re.search(
+        r"log\.fifo: it is a named pipe \(FIFO\) that no process reads: start its reader first", server.log
+    ), server.log
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    port = free_port()
+    server = start_server("behaviour:application", option, str(fifo), http=f"127.0.0.1:{port}", wait=False)
+    try:
+        expected = b"GET /fixed" if option == "--access-log" else b"Worker ready"
+        got = b""
+        deadline = time.monotonic() + 20
+        while expected not in got and time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"GET /fixed HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                assert s.recv(4096).startswith(b"HTTP/1.1 200")
+            with contextlib.suppress(BlockingIOError):
+                got += os.read(reader, 65536)
+            time.sleep(0.05)
+        assert expected in got, got
+    finally:
+        server.signal(signal.SIGTERM)
+        server.wait_exit(20)
+        os.close(reader)

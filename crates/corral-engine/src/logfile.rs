@@ -188,9 +188,25 @@ pub fn take_created(path: &str) -> Option<File> {
 /// Opens a log file for appending, creating it if needed (the error log
 /// and the access log alike).
 pub fn open_append(path: &PathBuf) -> std::io::Result<File> {
+    open_append_waiting(path).and_then(blocking_again).map_err(|e| match e.raw_os_error() {
+        Some(libc::ENXIO) => std::io::Error::other(
+            "it is a named pipe (FIFO) that no process reads: start its reader first (an open for writing \
+             would wait for one, deaf to TERM)",
+        ),
+        _ => e,
+    })
+}
+
+/// The open of [`open_append`], with O_NONBLOCK: a named pipe with no
+/// reader fails (ENXIO) rather than wait for one.
+fn open_append_waiting(path: &PathBuf) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     if !NO_FOLLOW.load(Ordering::Relaxed) {
-        return std::fs::OpenOptions::new().create(true).append(true).open(path);
+        return std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path);
     }
     let refuse_link = |e: std::io::Error| match e.raw_os_error() {
         Some(libc::ELOOP) => std::io::Error::other(LINK_REFUSED),
@@ -202,7 +218,7 @@ pub fn open_append(path: &PathBuf) -> std::io::Result<File> {
         match std::fs::OpenOptions::new()
             .append(true)
             .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(path)
         {
             Ok(file) => {
@@ -216,7 +232,11 @@ pub fn open_append(path: &PathBuf) -> std::io::Result<File> {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(refuse_link(e)),
         }
-        match std::fs::OpenOptions::new().append(true).custom_flags(libc::O_NOFOLLOW).open(path) {
+        match std::fs::OpenOptions::new()
+            .append(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+        {
             Ok(file) => return Ok(file),
             // Removed in between: create it after all.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -224,4 +244,15 @@ pub fn open_append(path: &PathBuf) -> std::io::Result<File> {
         }
     }
     Err(std::io::Error::other("it keeps appearing and disappearing"))
+}
+
+/// Writes to the file wait again as they did (O_NONBLOCK was for the open).
+fn blocking_again(file: File) -> std::io::Result<File> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file)
 }
