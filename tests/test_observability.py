@@ -1431,3 +1431,46 @@ def test_a_log_that_is_a_named_pipe_with_no_reader_is_refused_at_once(start_serv
         server.signal(signal.SIGTERM)
         server.wait_exit(20)
         os.close(reader)
+
+
+def test_access_log_lines_lost_to_a_full_disk_are_counted_and_no_line_is_torn(start_server, tmp_path):
+    """The disk under the access log fills: the lines that do not fit are
+    lost, but none is cut into the next one, and once the disk has room
+    again a line says how many were lost and why."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)]
+    if subprocess.run(mount, check=False, capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        log = disk / "access.log"
+        server = start_server("behaviour:application", "--access-log", str(log))
+        assert server.request("GET", "/fixed?n=first").status == 200
+        assert wait_until(lambda: b"first" in log.read_bytes(), timeout=10)
+        filler = disk / "filler"
+        with contextlib.suppress(OSError), open(filler, "wb", buffering=0) as f:
+            while True:
+                f.write(b"x" * 100)
+        for i in range(40):
+            assert server.request("GET", f"/fixed?n=lost{i:02d}-" + "y" * 200).status == 200
+        server.wait_for(r"writing the access log: No space left on device")
+        filler.unlink()
+        assert server.request("GET", "/fixed?n=after").status == 200
+        assert wait_until(lambda: b"log line(s) lost" in log.read_bytes(), timeout=10), log.read_text()
+        server.signal(signal.SIGTERM)
+        server.wait_exit(20)
+        lines = [line for line in log.read_text().split("\n") if line]
+        notes = [line for line in lines if "log line(s) lost" in line]
+        assert len(notes) == 1, lines
+        assert re.search(r"\[WARNING\] \d+ log line\(s\) lost: No space left on device", notes[0]), notes
+        # Every other line is one request's, whole, or the start of one cut
+        # short and ended there: never two run together.
+        requests = [line for line in lines if line not in notes]
+        assert all(line.startswith("127.0.0.1 - - [") and line.count('"GET ') == 1 for line in requests), (
+            requests
+        )
+        assert re.fullmatch(
+            r'127\.0\.0\.1 - - \[[^]]+\] "GET /fixed\?n=after HTTP/1\.1" 200 .*', requests[-1]
+        ), requests
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -13,6 +13,9 @@ use std::sync::Mutex;
 use crate::nowait::Target;
 
 static ERROR_LOG: Mutex<Option<(PathBuf, File)>> = Mutex::new(None);
+/// What writes to the error log file lost (a full disk), said once they go through again.
+static ERROR_LOG_LOSSES: Mutex<crate::nowait::Losses> =
+    Mutex::new(crate::nowait::Losses { cut: false, lines: 0, why: String::new() });
 
 /// A copy of standard error, for the log that goes there: an app that
 /// closes descriptors 0-2 (a daemonizing library does) leaves number 2 to
@@ -127,7 +130,8 @@ pub fn write(data: &[u8]) {
     let mut guard = ERROR_LOG.lock().unwrap_or_else(|p| p.into_inner());
     match guard.as_mut() {
         Some((_, file)) => {
-            let _ = file.write_all(data);
+            // Nowhere to say it failed but in the next line that goes through.
+            let _ = ERROR_LOG_LOSSES.lock().unwrap_or_else(|p| p.into_inner()).write(file, data);
         }
         None => match STDERR_COPY.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
             Some(copy) => {

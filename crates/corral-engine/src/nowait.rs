@@ -50,6 +50,73 @@ pub struct Target {
     /// What was written last ended inside a line: the next write ends it.
     cut: bool,
     dropped: u64,
+    /// For a file: what a failing write (a full disk) lost.
+    lost: Losses,
+}
+
+/// Lines a log file lost to failing writes (a full disk), and whether the
+/// last one was cut: the next write that goes through ends the cut line,
+/// then says how many were lost and why.
+#[derive(Default)]
+pub struct Losses {
+    pub(crate) cut: bool,
+    pub(crate) lines: u64,
+    pub(crate) why: String,
+}
+
+impl Losses {
+    /// Writes `data` (whole lines) to `file`; on an error, counts the lines
+    /// it did not write whole and returns the error.
+    pub fn write(&mut self, file: &mut File, data: &[u8]) -> io::Result<()> {
+        let count = |b: &[u8]| b.iter().filter(|&&c| c == b'\n').count().max(1) as u64;
+        if self.cut {
+            if let Err(e) = file.write_all(b"\n") {
+                self.lines += count(data);
+                return Err(e);
+            }
+            self.cut = false;
+        }
+        let mut written = 0;
+        while written < data.len() {
+            match file.write(&data[written..]) {
+                Ok(0) => return Err(self.lose(data, written, io::ErrorKind::WriteZero.into())),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.lose(data, written, e)),
+            }
+        }
+        if self.lines > 0 {
+            let note = note_line(&format!("{} log line(s) lost: {}", self.lines, self.why));
+            if file.write_all(note.as_bytes()).is_ok() {
+                self.lines = 0;
+            }
+        }
+        Ok(())
+    }
+
+    fn lose(&mut self, data: &[u8], written: usize, e: io::Error) -> io::Error {
+        // The line cut short counts as lost, with those after it.
+        let from = data[..written].iter().rposition(|&c| c == b'\n').map_or(0, |i| i + 1);
+        self.lines += data[from..].iter().filter(|&&c| c == b'\n').count().max(1) as u64;
+        self.cut |= written > from;
+        self.why = e.to_string();
+        e
+    }
+}
+
+/// A warning line like the log's others, saying which process wrote it.
+fn note_line(message: &str) -> String {
+    let pid = std::process::id();
+    if crate::logfile::json() {
+        format!(
+            "{{\"time\":\"{}\",\"level\":\"WARNING\",\"pid\":{pid},\"message\":{}}}\n",
+            crate::access::iso_time(),
+            crate::access::json_string(message)
+        )
+    } else {
+        let ((y, mo, d, h, mi, sec), off) = crate::date::local(crate::date::now_secs());
+        format!("[{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{sec:02} {off}] [{pid}] [WARNING] {message}\n")
+    }
 }
 
 impl Target {
@@ -68,7 +135,7 @@ impl Target {
             },
             _ => (file, None, Way::Blocking),
         };
-        Target { file, given, way, stalled: false, cut: false, dropped: 0 }
+        Target { file, given, way, stalled: false, cut: false, dropped: 0, lost: Losses::default() }
     }
 
     /// Lines dropped and not yet said to be (see [`Target::write`]), for a
@@ -100,7 +167,7 @@ impl Target {
     /// a full pipe or socket are returned.
     pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
         if self.way == Way::Blocking {
-            return self.file.write_all(data);
+            return self.lost.write(&mut self.file, data);
         }
         let deadline = Instant::now() + if self.stalled { Duration::ZERO } else { STALL_WAIT };
         let lines = |b: &[u8]| b.iter().filter(|&&c| c == b'\n').count().max(1) as u64;
@@ -135,18 +202,7 @@ impl Target {
                 self.dropped,
                 STALL_WAIT.as_secs()
             );
-            // A line like the log's others, saying which process dropped them.
-            let pid = std::process::id();
-            let note = if crate::logfile::json() {
-                format!(
-                    "{{\"time\":\"{}\",\"level\":\"WARNING\",\"pid\":{pid},\"message\":{}}}\n",
-                    crate::access::iso_time(),
-                    crate::access::json_string(&message)
-                )
-            } else {
-                let ((y, mo, d, h, mi, sec), off) = crate::date::local(crate::date::now_secs());
-                format!("[{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{sec:02} {off}] [{pid}] [WARNING] {message}\n")
-            };
+            let note = note_line(&message);
             // The count stays until the note is out.
             if self.write_piece(note.as_bytes(), Instant::now())? {
                 self.stalled = false;
@@ -222,6 +278,28 @@ mod tests {
         let mut fds = [0; 2];
         assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
         unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
+    }
+
+    #[test]
+    fn a_file_that_fails_writes_counts_the_lost_lines_and_says_so_once_it_takes_them_again() {
+        let mut losses = Losses::default();
+        let mut full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+        assert!(losses.write(&mut full, b"one\ntwo\n").is_err());
+        assert_eq!((losses.lines, losses.cut), (2, false));
+        // A write that went out in part: the line it cut is lost, and ended later.
+        losses.lose(b"three\nfour\n", 8, io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!((losses.lines, losses.cut), (3, true));
+        let path = std::env::temp_dir().join(format!("corral-losses-{}", std::process::id()));
+        let mut file = File::create(&path).unwrap();
+        losses.write(&mut file, b"five\n").unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(text.starts_with("\nfive\n["), "{text}");
+        assert!(
+            text.ends_with("[WARNING] 3 log line(s) lost: No space left on device (os error 28)\n"),
+            "{text}"
+        );
+        assert_eq!((losses.lines, losses.cut), (0, false));
     }
 
     #[test]
