@@ -7,6 +7,7 @@ import os
 import pty
 import re
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -1474,3 +1475,36 @@ def test_access_log_lines_lost_to_a_full_disk_are_counted_and_no_line_is_torn(st
         ), requests
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_log_reopen_that_fails_is_said_on_standard_error_too(start_server, tmp_path):
+    """USR1 after the log directory was removed: the reopen fails, and the
+    line saying so goes to standard error as well, not only to the old
+    file, which nobody reads any more; serving goes on."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    port = free_port()
+    server = start_server(
+        "behaviour:application",
+        "--error-log",
+        str(logs / "error.log"),
+        "--access-log",
+        str(logs / "access.log"),
+        http=f"127.0.0.1:{port}",
+        wait=False,
+    )
+    error_log = logs / "error.log"
+    assert wait_until(lambda: error_log.exists() and b"Worker ready" in error_log.read_bytes(), timeout=20)
+    shutil.rmtree(logs)
+    server.signal(signal.SIGUSR1)
+    server.wait_for(
+        r"\[ERROR\] Received SIGUSR1: reopening the error log \S+error\.log: No such file or directory"
+    )
+    server.wait_for(
+        r"\[ERROR\] Received SIGUSR1: the access log: reopening \S+access\.log: No such file or directory"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /fixed HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(20) == 0

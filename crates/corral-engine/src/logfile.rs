@@ -105,6 +105,26 @@ pub fn reopen() -> Result<bool, String> {
     Ok(true)
 }
 
+/// Logs `message` as an error, and when the error log is a file, writes it
+/// to standard error too: a failure to reopen the log after it was rotated
+/// or its directory removed would otherwise go only to the old file, which
+/// nobody reads any more.
+pub fn error_also_to_stderr(message: &str) {
+    tracing::error!("{message}");
+    if ERROR_LOG.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
+        return;
+    }
+    let line = crate::nowait::log_line("ERROR", message);
+    match STDERR_COPY.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+        Some(copy) => {
+            let _ = copy.write(line.as_bytes());
+        }
+        None => {
+            let _ = std::io::stderr().write_all(line.as_bytes());
+        }
+    }
+}
+
 /// Whether a line can be written without waiting: false in a forked child
 /// when another thread of the parent held the log at the fork (that thread
 /// does not exist in the child, so waiting would be for ever).

@@ -106,16 +106,21 @@ impl Losses {
 
 /// A warning line like the log's others, saying which process wrote it.
 fn note_line(message: &str) -> String {
+    log_line("WARNING", message)
+}
+
+/// A line at `level` like the log's others, saying which process wrote it.
+pub(crate) fn log_line(level: &str, message: &str) -> String {
     let pid = std::process::id();
     if crate::logfile::json() {
         format!(
-            "{{\"time\":\"{}\",\"level\":\"WARNING\",\"pid\":{pid},\"message\":{}}}\n",
+            "{{\"time\":\"{}\",\"level\":\"{level}\",\"pid\":{pid},\"message\":{}}}\n",
             crate::access::iso_time(),
             crate::access::json_string(message)
         )
     } else {
         let ((y, mo, d, h, mi, sec), off) = crate::date::local(crate::date::now_secs());
-        format!("[{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{sec:02} {off}] [{pid}] [WARNING] {message}\n")
+        format!("[{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{sec:02} {off}] [{pid}] [{level}] {message}\n")
     }
 }
 

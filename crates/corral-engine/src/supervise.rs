@@ -788,7 +788,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                 match crate::logfile::reopen() {
                     Ok(true) => info!("Received {name}: reopened the error log"),
                     Ok(false) => {}
-                    Err(e) => error!("Received {name}: {e}"),
+                    Err(e) => crate::logfile::error_also_to_stderr(&format!("Received {name}: {e}")),
                 }
                 self.reopen_access_log(&name);
                 let old: Vec<libc::pid_t> = self
@@ -864,7 +864,7 @@ impl<'a, H: Hooks> Master<'a, H> {
                 match crate::logfile::reopen() {
                     Ok(true) => info!("Received {name}: reopened the error log; workers reopen their logs"),
                     Ok(false) => info!("Received {name}: workers reopen their log files"),
-                    Err(e) => error!("Received {name}: {e}"),
+                    Err(e) => crate::logfile::error_also_to_stderr(&format!("Received {name}: {e}")),
                 }
                 self.reopen_access_log(&name);
                 self.signal_all(libc::SIGUSR1);
@@ -881,9 +881,9 @@ impl<'a, H: Hooks> Master<'a, H> {
             return;
         };
         if let Err(e) = sink.reopen() {
-            error!(
+            crate::logfile::error_also_to_stderr(&format!(
                 "Received {name}: the access log: {e}; workers that cannot open it keep writing to the old file"
-            );
+            ));
         }
     }
 
