@@ -709,3 +709,25 @@ def test_hup_with_a_gunicorn_config_that_no_longer_runs_reloads_with_its_setting
     server.wait_for(READY_RE.pattern, since=mark, timeout=20)
     assert not server.grep(r"re-execut", since=mark)
     assert server.request("GET", "/fixed").status == 200
+
+
+def test_the_servers_own_variables_never_reach_the_app_or_its_programs(start_server, tmp_path):
+    """The pool's name and the process name corral passes itself across a
+    re-exec are not in the app's os.environ nor in the environment of the
+    programs it starts, before and after a USR2: another corral started by
+    the app took the pool for its own, and removed its inboxes as it exited."""
+    (tmp_path / "env_app.py").write_text(
+        "import os, subprocess\n"
+        "def application(environ, start_response):\n"
+        "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+        "    child = subprocess.run(['env'], capture_output=True, text=True).stdout\n"
+        "    mine = sorted(k for k in os.environ if k.startswith('CORRAL_'))\n"
+        "    theirs = sorted(line.split('=')[0] for line in child.splitlines() if line.startswith('CORRAL_'))\n"
+        "    return [f'{mine} {theirs}'.encode()]\n"
+    )
+    server = start_server("env_app:application", "--env", "CORRAL_TEST_SET=1", pythonpath=None, cwd=tmp_path)
+    assert server.request("GET", "/").body == b"['CORRAL_TEST_SET'] ['CORRAL_TEST_SET']"
+    mark = server.mark()
+    server.signal(signal.SIGUSR2)
+    server.wait_for(r"from before the re-exec exited", since=mark, timeout=30)
+    assert server.request("GET", "/").body == b"['CORRAL_TEST_SET'] ['CORRAL_TEST_SET']"

@@ -319,25 +319,33 @@ pub fn remove_inbox_dir() {
 /// abstract socket names, while each numbers its processes from 1.
 pub const POOL_ENV: &str = "CORRAL_POOL";
 
-/// Gives this master's pool its name, unless a previous program of it did.
-/// Called before any worker (or thread) exists.
+/// This master's pool's name (see [`name_pool`]).
+static POOL: OnceLock<String> = OnceLock::new();
+
+/// Gives this master's pool its name, unless a previous program of it did
+/// (the re-exec passes it in [`POOL_ENV`]). The variable leaves the
+/// environment: a program the app starts, another corral say, must not
+/// take the pool for its own (one that did removed this pool's inboxes at
+/// its exit). Called before any worker (or thread) exists.
 pub fn name_pool() {
-    if std::env::var(POOL_ENV).is_ok_and(|v| !v.is_empty()) {
-        return;
-    }
-    let mut bytes = [0u8; 8];
-    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    let mut name = u64::from_ne_bytes(bytes);
-    if n != bytes.len() as isize {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        name = now.as_nanos() as u64 ^ u64::from(std::process::id()) << 32;
-    }
-    std::env::set_var(POOL_ENV, format!("{name:016x}"));
+    let given = std::env::var(POOL_ENV).ok().filter(|v| !v.is_empty());
+    std::env::remove_var(POOL_ENV);
+    let name = given.unwrap_or_else(|| {
+        let mut bytes = [0u8; 8];
+        let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+        let mut name = u64::from_ne_bytes(bytes);
+        if n != bytes.len() as isize {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            name = now.as_nanos() as u64 ^ u64::from(std::process::id()) << 32;
+        }
+        format!("{name:016x}")
+    });
+    let _ = POOL.set(name);
 }
 
-fn pool() -> &'static str {
-    static POOL: OnceLock<String> = OnceLock::new();
-    POOL.get_or_init(|| std::env::var(POOL_ENV).unwrap_or_default())
+/// The pool's name, for the program a re-exec runs (in [`POOL_ENV`]).
+pub fn pool() -> &'static str {
+    POOL.get().map_or("", String::as_str)
 }
 
 fn datagram_socket() -> io::Result<OwnedFd> {

@@ -32,7 +32,7 @@ pub mod worker;
 pub use app::{App, ListenerInfo, Meta, Request};
 pub use config::Config;
 pub use exchange::{BodyError, Exchange, ResponseError};
-pub use handover::name_pool;
+pub use handover::{name_pool, POOL_ENV};
 pub use listen::{Addr, BindOptions, Listener, Protocol};
 pub use supervise::{Hooks, Master};
 pub use worker::{run_worker, WorkerCtx};

@@ -1259,6 +1259,7 @@ impl<'a, H: Hooks> Master<'a, H> {
         );
         std::env::set_var(INHERIT_ENV, inherit.join(";"));
         std::env::set_var(OLD_WORKERS_ENV, workers.join(","));
+        std::env::set_var(crate::handover::POOL_ENV, crate::handover::pool());
         let extra = self.hooks.reexec_env();
         let before: Vec<Option<std::ffi::OsString>> =
             extra.iter().map(|(k, _)| std::env::var_os(k)).collect();
@@ -1287,6 +1288,7 @@ impl<'a, H: Hooks> Master<'a, H> {
         error!("re-exec of {} failed: {e}; this master keeps running", program.to_string_lossy());
         std::env::remove_var(INHERIT_ENV);
         std::env::remove_var(OLD_WORKERS_ENV);
+        std::env::remove_var(crate::handover::POOL_ENV);
         for ((k, _), old) in extra.iter().zip(before) {
             match old {
                 Some(v) => std::env::set_var(k, v),

@@ -692,6 +692,13 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     corral_engine::name_pool();
     // Before any fork or thread: see there.
     corral_engine::proctitle::init();
+    // Both took their variable out of the environment; Python's copy of it
+    // (os.environ, made as the interpreter started) loses them too, for the
+    // app, and what it starts with os.environ, never to see them.
+    let python_environ = py.import("os")?.getattr("environ")?.getattr("_data")?;
+    for name in [corral_engine::POOL_ENV, corral_engine::proctitle::NAME_ENV] {
+        python_environ.call_method1("pop", (pyo3::types::PyBytes::new(py, name.as_bytes()), py.None()))?;
+    }
     // Before anything opens a descriptor.
     reserve_stdio(py);
     let cmd = crate::config_file::without_env_of_other_pool_kind(Cli::command(), &argv);
