@@ -1508,3 +1508,36 @@ def test_a_log_reopen_that_fails_is_said_on_standard_error_too(start_server, tmp
         assert s.recv(4096).startswith(b"HTTP/1.1 200")
     server.signal(signal.SIGTERM)
     assert server.wait_exit(20) == 0
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_the_access_log_counts_only_the_body_bytes_that_went_out(start_server, tmp_path, framing):
+    """A client that stops reading a large block: the write is given up
+    after --socket-timeout, and the access log counts what went out of it,
+    not the whole block (it was counted before it was written)."""
+    size = 32 * 1024 * 1024
+    (tmp_path / "block_app.py").write_text(
+        "def application(environ, start_response):\n"
+        f"    headers = [('Content-Length', '{size}')] if environ['QUERY_STRING'] == 'length' else []\n"
+        "    start_response('200 OK', [('Content-Type', 'application/octet-stream'), *headers])\n"
+        f"    return iter([b'x' * {size}])\n"
+    )
+    access = tmp_path / "access.log"
+    server = start_server(
+        "block_app:application",
+        "--socket-timeout",
+        "1",
+        "--access-log",
+        str(access),
+        "--access-log-format",
+        "%(s)s %(B)s",
+        pythonpath=None,
+        cwd=tmp_path,
+    )
+    with slow_reader(server) as conn:
+        conn.send_request("GET", f"/?{framing}", {"Host": "x"})
+        server.wait_for(r"GET /\?\w+ from 127\.0\.0\.1:\d+: gave up on the client", timeout=30)
+    assert wait_until(lambda: access.read_text().strip(), timeout=10)
+    status, sent = access.read_text().split()
+    assert status == "200"
+    assert 0 < int(sent) < size, sent

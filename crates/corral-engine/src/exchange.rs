@@ -328,6 +328,9 @@ pub(crate) struct Io {
     /// The app set its own Date header, so the server adds none.
     pub app_date: bool,
     pub bytes_sent: u64,
+    /// Bytes the last failed write left unwritten (0 after one that went
+    /// out whole): the body bytes among them are not counted as sent.
+    unwritten: usize,
     /// Bytes read from the socket since the metrics last took them.
     pub read_total: u64,
     /// Response headers as the app gave them, kept only when the access
@@ -436,6 +439,7 @@ impl Io {
             app_length: None,
             app_date: false,
             bytes_sent: 0,
+            unwritten: 0,
             logged_headers: None,
             logged_environ: Vec::new(),
             hold: false,
@@ -1035,6 +1039,7 @@ impl Io {
         blocking: fn(&mut dyn FnMut()),
     ) -> Result<(), ResponseError> {
         if self.broken {
+            self.unwritten = parts.iter().map(|p| p.len()).sum();
             return Err(ResponseError::ClientGone("connection already failed".into()));
         }
         let mut iov: [libc::iovec; 4] = unsafe { std::mem::zeroed() };
@@ -1052,6 +1057,7 @@ impl Io {
         iov: &mut [libc::iovec],
         blocking: fn(&mut dyn FnMut()),
     ) -> Result<(), ResponseError> {
+        self.unwritten = iov.iter().map(|v| v.iov_len).sum();
         if self.broken {
             return Err(ResponseError::ClientGone("connection already failed".into()));
         }
@@ -1088,6 +1094,8 @@ impl Io {
     ) -> Result<(), ResponseError> {
         let cnt = iov.len();
         let mut first = 0;
+        let left = |iov: &[libc::iovec], first: usize| iov[first..].iter().map(|v| v.iov_len).sum::<usize>();
+        self.unwritten = 0;
         while first < cnt {
             let batch = (cnt - first).min(1024);
             let n = unsafe { libc::writev(self.fd, iov[first..].as_ptr(), batch as i32) };
@@ -1098,6 +1106,7 @@ impl Io {
                         if !self.wait_writable(blocking) {
                             self.broken = true;
                             self.stalled = true;
+                            self.unwritten = left(iov, first);
                             return Err(ResponseError::ClientGone(crate::exchange::STALLED_READER.into()));
                         }
                         continue;
@@ -1105,6 +1114,7 @@ impl Io {
                     io::ErrorKind::Interrupted => continue,
                     _ => {
                         self.broken = true;
+                        self.unwritten = left(iov, first);
                         return Err(ResponseError::ClientGone(e.to_string()));
                     }
                 }
@@ -1383,7 +1393,9 @@ impl Io {
             RespFraming::NoBody => self.emit(&[head], trailer, blocking),
             RespFraming::Close | RespFraming::Raw => {
                 self.bytes_sent += data.len() as u64;
-                self.emit(&[head, data], trailer, blocking)
+                let sent = self.emit(&[head, data], trailer, blocking);
+                self.uncount_unwritten(&sent, data.len(), 0);
+                sent
             }
             RespFraming::Length(left) => {
                 // Bytes past the declared length would be read as the next
@@ -1397,7 +1409,9 @@ impl Io {
                 }
                 self.framing = RespFraming::Length(left - n as u64);
                 self.bytes_sent += n as u64;
-                self.emit(&[head, &data[..n]], trailer, blocking)
+                let sent = self.emit(&[head, &data[..n]], trailer, blocking);
+                self.uncount_unwritten(&sent, n, 0);
+                sent
             }
             RespFraming::Chunked => {
                 if data.is_empty() {
@@ -1406,8 +1420,21 @@ impl Io {
                 let mut size = [0u8; 18];
                 let len = hex_line(data.len(), &mut size);
                 self.bytes_sent += data.len() as u64;
-                self.write_parts(&[head, &size[..len], data, b"\r\n"], blocking)
+                let sent = self.write_parts(&[head, &size[..len], data, b"\r\n"], blocking);
+                self.uncount_unwritten(&sent, data.len(), 2);
+                sent
             }
+        }
+    }
+
+    /// After a write of a body block of `len` bytes followed by `after`
+    /// bytes of framing failed: the block's bytes that did not go out are
+    /// taken off the count the access log shows. (Behind FastCGI, whose
+    /// records interleave headers with the body, the count stays as it was.)
+    fn uncount_unwritten(&mut self, sent: &Result<(), ResponseError>, len: usize, after: usize) {
+        if sent.is_err() && !matches!(self.wire, Wire::FastCgi { .. }) {
+            let lost = self.unwritten.saturating_sub(after).min(len);
+            self.bytes_sent = self.bytes_sent.saturating_sub(lost as u64);
         }
     }
 
