@@ -697,3 +697,14 @@ def test_a_backlog_past_the_kernels_somaxconn_is_warned_about(start_server):
         rf"listener's queue holds {somaxconn} connections"
     )
     assert server.request("GET", "/fixed").status == 200
+
+
+def test_an_argument_that_is_not_utf8_gets_a_clear_error(tmp_path):
+    """A path whose name is not UTF-8 (Latin-1 bytes): one line saying so,
+    exit 2, rather than a Python traceback."""
+    odd = os.fsdecode(bytes(tmp_path) + b"/caf\xe9")
+    proc = subprocess.run(
+        [*CORRAL, "--chdir", odd, "app:application"], check=False, capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "is not valid UTF-8" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

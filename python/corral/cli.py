@@ -42,6 +42,18 @@ def main() -> None:
         from corral import control
 
         sys.exit(control.signal_main(args[1], args[2]))
+    for arg in args:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            # Bytes the file system encoding could not decode (a path named in
+            # Latin-1, say) come as lone surrogates, which the server cannot take.
+            shown = arg.encode("utf-8", "backslashreplace").decode()
+            print(
+                f"corral: the argument {shown!r} is not valid UTF-8; name the path another way",
+                file=sys.stderr,
+            )
+            sys.exit(2)
     sys.exit(_main(["corral", *args]))
 
 
