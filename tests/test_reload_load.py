@@ -810,17 +810,39 @@ def test_hup_with_preload_reexecutes_and_loads_new_code(start_server, tmp_path):
     assert not load.failures, load.failures[:10]
 
 
-@pytest.mark.parametrize("how", ["hup-preload", "usr2"])
-def test_reexec_with_broken_code_keeps_the_old_workers_then_fixed_code_loads(start_server, tmp_path, how):
-    """A re-exec (HUP with --preload, USR2) whose new code fails to import: the
-    workers from before it keep serving the previous code, the master stays up,
-    and the new code is tried again until it loads."""
+def _versioned_server(start_server, tmp_path, how):
+    """Two workers serving version 1 of versioned.py, preloaded for a HUP's re-exec."""
     app = tmp_path / "versioned.py"
     _write_app(app, 1)
     preload = ("--preload",) if how == "hup-preload" else ()
     server = start_server(
         "versioned:application", *preload, "--chdir", str(tmp_path), workers=2, pythonpath=None
     )
+    return app, server
+
+
+def _old_workers_serve_then_fixed_code_loads(server, app, load):
+    """After a re-exec whose new code did not load: the workers from before
+    it serve the previous code under load, and fixed code loads at a later
+    try, with the master up throughout."""
+    seen = load.count()
+    assert wait_until(lambda: load.count() > seen + 20, 10)
+    with load.lock:
+        assert set(load.bodies[seen:]) == {b"version 1"}
+    assert server.running()
+    _write_app(app, 2)
+    mark = server.mark()
+    server.wait_for(r"from before the re-exec exited", count=2, since=mark, timeout=60)
+    assert wait_until(lambda: server.request("GET", "/").body == b"version 2", 10)
+    assert server.running()
+
+
+@pytest.mark.parametrize("how", ["hup-preload", "usr2"])
+def test_reexec_with_broken_code_keeps_the_old_workers_then_fixed_code_loads(start_server, tmp_path, how):
+    """A re-exec (HUP with --preload, USR2) whose new code fails to import: the
+    workers from before it keep serving the previous code, the master stays up,
+    and the new code is tried again until it loads."""
+    app, server = _versioned_server(start_server, tmp_path, how)
     load = Load(server)
     try:
         app.write_text("def application(environ, start_response):\n    return [b'unclosed'\n")
@@ -831,16 +853,7 @@ def test_reexec_with_broken_code_keeps_the_old_workers_then_fixed_code_loads(sta
         )
         if how == "hup-preload":
             assert server.grep(r"The new code could not be preloaded", since=mark)
-        seen = load.count()
-        assert wait_until(lambda: load.count() > seen + 20, 10)
-        with load.lock:
-            assert set(load.bodies[seen:]) == {b"version 1"}
-        assert server.running()
-        _write_app(app, 2)
-        mark = server.mark()
-        server.wait_for(r"from before the re-exec exited", count=2, since=mark, timeout=30)
-        assert wait_until(lambda: server.request("GET", "/").body == b"version 2", 10)
-        assert server.running()
+        _old_workers_serve_then_fixed_code_loads(server, app, load)
     finally:
         load.finish()
     assert not load.failures, load.failures[:10]
@@ -867,12 +880,7 @@ def test_a_reexec_whose_import_kills_its_process_keeps_the_old_workers(
     new workers that die importing it are retried with a growing wait, not
     given up on: the old workers keep serving, and fixed code loads at a
     later try, as with a Python error."""
-    app = tmp_path / "versioned.py"
-    _write_app(app, 1)
-    preload = ("--preload",) if how == "hup-preload" else ()
-    server = start_server(
-        "versioned:application", *preload, "--chdir", str(tmp_path), workers=2, pythonpath=None
-    )
+    app, server = _versioned_server(start_server, tmp_path, how)
     load = Load(server)
     try:
         app.write_text(crash + app.read_text())
@@ -890,16 +898,7 @@ def test_a_reexec_whose_import_kills_its_process_keeps_the_old_workers(
             since=mark,
             timeout=60,
         )
-        seen = load.count()
-        assert wait_until(lambda: load.count() > seen + 20, 10)
-        with load.lock:
-            assert set(load.bodies[seen:]) == {b"version 1"}
-        assert server.running()
-        _write_app(app, 2)
-        mark = server.mark()
-        server.wait_for(r"from before the re-exec exited", count=2, since=mark, timeout=60)
-        assert wait_until(lambda: server.request("GET", "/").body == b"version 2", 10)
-        assert server.running()
+        _old_workers_serve_then_fixed_code_loads(server, app, load)
     finally:
         load.finish()
     assert not load.failures, load.failures[:10]
