@@ -105,6 +105,13 @@ pub fn reopen() -> Result<bool, String> {
     Ok(true)
 }
 
+/// In a worker just forked: the master's error log losses not said yet are
+/// the master's to say, not each worker's too.
+pub fn forget_losses() {
+    let mut losses = ERROR_LOG_LOSSES.lock().unwrap_or_else(|p| p.into_inner());
+    losses.lines = 0;
+}
+
 /// Logs `message` as an error, and when the error log is a file, writes it
 /// to standard error too: a failure to reopen the log after it was rotated
 /// or its directory removed would otherwise go only to the old file, which
@@ -212,12 +219,20 @@ pub fn take_created(path: &str) -> Option<File> {
 /// Opens a log file for appending, creating it if needed (the error log
 /// and the access log alike).
 pub fn open_append(path: &PathBuf) -> std::io::Result<File> {
-    open_append_waiting(path).and_then(blocking_again).map_err(|e| match e.raw_os_error() {
-        Some(libc::ENXIO) => std::io::Error::other(
-            "it is a named pipe (FIFO) that no process reads: start its reader first (an open for writing \
-             would wait for one, deaf to TERM)",
-        ),
-        _ => e,
+    use std::os::unix::fs::FileTypeExt;
+    open_append_waiting(path).and_then(blocking_again).map_err(|e| {
+        let kind = std::fs::metadata(path).map(|m| m.file_type());
+        match (e.raw_os_error(), kind) {
+            (Some(libc::ENXIO), Ok(kind)) if kind.is_fifo() => std::io::Error::other(
+                "it is a named pipe (FIFO) that no process reads: start its reader first (an open for writing \
+                 would wait for one, deaf to TERM)",
+            ),
+            (Some(libc::ENXIO), Ok(kind)) if kind.is_socket() => std::io::Error::other(format!(
+                "{e}: it is a socket, which cannot be opened by its name (standard output given to systemd's \
+                 journal, say); for standard output give `-`"
+            )),
+            _ => e,
+        }
     })
 }
 

@@ -983,9 +983,13 @@ impl<'a, H: Hooks> Master<'a, H> {
                     let now_ms = crate::date::mono_ms();
                     let serving =
                         self.workers.values().any(|w| !self.scoreboard.in_flight(w.slot, now_ms).is_empty());
-                    if serving && !self.stop_kill_put_off {
+                    // Those past their requests are a moment from exiting
+                    // (their cut just ended them) or held by the app (a
+                    // thread, an atexit handler): a moment more.
+                    if !self.stop_kill_put_off {
                         self.stop_kill_put_off = true;
-                        self.phase = Phase::Draining { deadline: Instant::now() + CUT_GRACE };
+                        let grace = if serving { CUT_GRACE } else { STOP_EXIT_GRACE };
+                        self.phase = Phase::Draining { deadline: Instant::now() + grace };
                         return None;
                     }
                     warn!(
@@ -1029,7 +1033,7 @@ impl<'a, H: Hooks> Master<'a, H> {
         if held {
             return;
         }
-        let limit_ms = limit.as_millis() as u64;
+        let limit_ms = limit.max(UNHEARD_MIN).as_millis() as u64;
         let unheard: Vec<(libc::pid_t, usize, u64)> = self
             .workers
             .iter()
@@ -1565,7 +1569,7 @@ impl<'a, H: Hooks> Master<'a, H> {
             self.hooks.after_fork_parent();
             let e = io::Error::last_os_error();
             self.fork_failures += 1;
-            let backoff = Duration::from_millis(100 << self.fork_failures.min(9)).min(REPLACE_RETRY_MAX);
+            let backoff = Duration::from_millis(100 << self.fork_failures.min(9)).min(FORK_RETRY_MAX);
             self.fork_retry_at = Some(Instant::now() + backoff);
             error!(
                 "Cannot fork worker {slot}: {e} (failure {} in a row; a limit on processes: ulimit -u, systemd's \
@@ -1581,6 +1585,7 @@ impl<'a, H: Hooks> Master<'a, H> {
         }
         if pid == 0 {
             crate::proctitle::set(&title(&format!("worker {slot}"), &self.config.name));
+            crate::logfile::forget_losses();
             crate::daemon::forget();
             // Still blocked here: the master's forwarding handler goes before
             // the worker's own are set, which would otherwise chain to it.
@@ -2279,6 +2284,18 @@ fn title(role: &str, name: &str) -> String {
         _ => format!("corral: {role} [{name}]"),
     }
 }
+
+/// The longest wait between two tries at a fork the system refused: the
+/// limit may lift at any moment, and a try costs little.
+const FORK_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// How long past --graceful-timeout a stop waits for workers that have no
+/// request left before it kills them (see `CUT_GRACE` for those that have).
+const STOP_EXIT_GRACE: Duration = Duration::from_secs(1);
+
+/// The least silence of a worker the master takes for one that does not
+/// run, whatever --timeout says: workers say they live four times a second.
+const UNHEARD_MIN: Duration = Duration::from_secs(2);
 
 /// A gap between two looks at the workers' heartbeats past which the
 /// master takes itself for held too (see `kill_unheard_workers`).

@@ -211,7 +211,9 @@ pub fn import_in_child(
     interim: Option<&corral_engine::stats::Interim>,
 ) -> Result<Tried, String> {
     let mut fds = [0; 2];
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+    // Not waited on: a process the import forked may hold the writing end
+    // long after the child that says the verdict is gone.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
         return Err(format!("pipe: {}", std::io::Error::last_os_error()));
     }
     // SAFETY: the GIL is held (`py`), as CPython's fork hooks need; the one

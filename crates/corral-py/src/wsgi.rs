@@ -723,7 +723,8 @@ impl WsgiApp {
                 if why == corral_engine::exchange::STALLED_READER {
                     info!("{what} from {}: {why}", req.peer());
                     ex.stall_logged();
-                } else {
+                } else if !corral_engine::worker::cut_at_exit() {
+                    // (A cut as the worker exits is logged as such already.)
                     info!("{what} from {}: client disconnected ({why})", req.peer());
                 }
             }

@@ -76,6 +76,7 @@ pub(crate) use hand_over::fastcgi_conn_may_stay;
 pub(crate) use refusal::cgi_error_response;
 pub use refusal::{error_response, reason};
 pub use signals::{left_idle, prepare_signals, stopped_at_once, WORKER_SIGNALS};
+pub use upkeep::cut_at_exit;
 pub(crate) use upkeep::waiting_on_client;
 
 /// epoll tokens below this are listener indexes; the inbox token sits just

@@ -128,7 +128,9 @@ pub(super) fn handle_request<A: App>(
     };
     let keep = if timed_out {
         w.stuck.fetch_sub(1, Ordering::AcqRel);
-        warn!("Timed-out request {} returned after all", req.describe());
+        if !super::upkeep::cut_at_exit() {
+            warn!("Timed-out request {} returned after all", req.describe());
+        }
         false
     } else {
         let mut io = conn.io.lock().unwrap();
@@ -537,6 +539,7 @@ pub(super) fn complete_locked(conn: &Conn, listener: &ListenerInfo, req: &Reques
             Err(ResponseError::ClientGone(why)) if why == crate::exchange::STALLED_READER => {
                 info!("{} from {}: {why}", req.describe(), req.peer())
             }
+            Err(ResponseError::ClientGone(_)) if super::upkeep::cut_at_exit() => {}
             Err(ResponseError::ClientGone(why)) => {
                 info!("{} from {}: client disconnected ({why})", req.describe(), req.peer())
             }

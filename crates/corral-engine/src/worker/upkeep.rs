@@ -459,6 +459,7 @@ pub(super) fn check_timeouts<A: App>(w: &Shared<A>, now: u64) {
 /// begun are named too (they close unanswered, which a front end may retry
 /// elsewhere, as it may not a response).
 fn end_cut_requests<A: App>(w: &Shared<A>, now: u64, when: &str) {
+    CUT_AT_EXIT.store(true, Ordering::Relaxed);
     for t in 0..w.timed_out.len() {
         if w.timed_out[t].load(Ordering::Acquire) {
             continue;
@@ -505,6 +506,16 @@ fn end_cut_requests<A: App>(w: &Shared<A>, now: u64, when: &str) {
             waiting.join(", ")
         );
     }
+}
+
+/// Set once [`end_cut_requests`] runs: the serving threads' writes that
+/// fail from then on failed because of the cut, which is logged already,
+/// not because their client went away or their request timed out.
+static CUT_AT_EXIT: AtomicBool = AtomicBool::new(false);
+
+/// Whether the worker has cut its requests as it exits (see [`CUT_AT_EXIT`]).
+pub fn cut_at_exit() -> bool {
+    CUT_AT_EXIT.load(Ordering::Relaxed)
 }
 
 /// The address of a connection's peer, as a log line names it: the
@@ -591,11 +602,42 @@ pub(super) fn abandon_request<A: App>(
             };
             (answered, io.status, io.bytes_sent)
         }
-        // The thread is inside a socket wait of its own: what it sent is
-        // not known here, and the request counts as failed.
+        // The thread is inside a socket wait of its own (a client that
+        // reads slowly, or sends its body slowly), with the lock held: the
+        // connection is aborted first, a reset over TCP (it may carry a
+        // response begun, which a plain end would pass for whole), which
+        // ends the wait. The thread then lets go of the lock, and what the
+        // client got is read for the log; failing that, the request counts
+        // as failed.
         Err(_) => {
-            w.scoreboard.record(w.slot, protocol as usize, status, micros, 0, 0);
-            ("the connection was cut".to_string(), status, 0)
+            abort_connection(fd);
+            let started = Instant::now();
+            let mut got = None;
+            while got.is_none() && started.elapsed() < ABORT_LOCK_WAIT {
+                match io.try_lock() {
+                    Ok(mut io) => {
+                        io.broken = true;
+                        io.keep_alive = false;
+                        let begun = io.phase >= RespPhase::Sent;
+                        got = Some((begun, io.status, io.bytes_sent, std::mem::take(&mut io.read_total)));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+            match got {
+                Some((begun, status, sent, bytes_in)) => {
+                    w.scoreboard.record(w.slot, protocol as usize, status, micros, bytes_in, sent);
+                    let answered = match begun {
+                        true => "its response had started, so the connection was cut",
+                        false => "the connection was cut",
+                    };
+                    (answered.to_string(), status, sent)
+                }
+                None => {
+                    w.scoreboard.record(w.slot, protocol as usize, status, micros, 0, 0);
+                    ("the connection was cut".to_string(), status, 0)
+                }
+            }
         }
     };
     // Sends what is queued (the answer), then ends the connection, which
@@ -608,6 +650,24 @@ pub(super) fn abandon_request<A: App>(
         note.log(log, status, sent, micros);
     }
     Some(answered)
+}
+
+/// How long [`abandon_request`] waits for the lock of a request whose
+/// thread was in a socket wait, once the connection is aborted.
+const ABORT_LOCK_WAIT: Duration = Duration::from_millis(200);
+
+/// Aborts a connection another thread may be waiting on, without closing
+/// its descriptor: a reset over TCP (see [`cut_short`]), a shutdown over a
+/// unix socket, which has none.
+fn abort_connection(fd: RawFd) {
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let got = unsafe { libc::getsockname(fd, &mut addr as *mut _ as *mut libc::sockaddr, &mut len) };
+    if got == 0 && matches!(addr.ss_family as i32, libc::AF_INET | libc::AF_INET6) {
+        let unspec = libc::sockaddr { sa_family: libc::AF_UNSPEC as libc::sa_family_t, sa_data: [0; 14] };
+        unsafe { libc::connect(fd, &unspec, std::mem::size_of::<libc::sockaddr>() as libc::socklen_t) };
+    }
+    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
 }
 
 /// Makes a response cut short look so to the peer, as a response the app
