@@ -811,6 +811,15 @@ def test_a_timeout_names_the_stuck_thread_as_the_app_does(start_server, tmp_path
     server.wait_for(rf"Request timeout: GET / ran for .* thread {name} \(the app's corral-thread-{name}\);")
 
 
+def test_a_timeout_shorter_than_the_heartbeat_kills_no_idle_worker(start_server):
+    """Workers say they live four times a second: a --timeout below that does
+    not make the master take an idle worker for a stopped one."""
+    server = start_server("behaviour:application", "--timeout", "0.2", workers=1)
+    time.sleep(3)
+    assert server.request("GET", "/fixed").status == 200
+    assert not server.grep(r"not heard from"), server.log
+
+
 PIDS_CGROUPS = Path("/sys/fs/cgroup/pids")
 
 

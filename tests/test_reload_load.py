@@ -904,6 +904,23 @@ def test_a_reexec_whose_import_kills_its_process_keeps_the_old_workers(
     assert not load.failures, load.failures[:10]
 
 
+def test_a_process_the_failing_import_forked_does_not_hold_the_master(start_server, tmp_path):
+    """The new code's import forks a process that lives on, then dies: the
+    master reads the verdict without waiting for that process (which holds
+    the pipe's writing end), says why, and hears TERM at once."""
+    app, server = _versioned_server(start_server, tmp_path, "hup-preload")
+    app.write_text("import os, time\nif os.fork() == 0:\n    time.sleep(20)\n    os._exit(0)\nos._exit(7)\n")
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    server.wait_for(
+        r"The new code's import ended the process that tried it first: it exited with status 7",
+        since=mark,
+        timeout=15,
+    )
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(15) == 0
+
+
 def test_a_stop_while_a_preload_reload_tries_the_import_in_a_child_stops_it(start_server, tmp_path):
     """TERM while the new code's import is tried in a child: the child is
     killed and the master stops with the workers from before, at once."""
