@@ -201,9 +201,8 @@ pub fn stop_import_child() -> bool {
 /// exception leaves them serving. The cost is a second import.
 ///
 /// Forks, so it must be called with no other thread running than
-/// `interim`'s. `interrupt`
-/// is what [`corral_engine::supervise::importing`] calls at a stop signal:
-/// it must call [`stop_import_child`].
+/// `interim`'s. `interrupt` is what [`corral_engine::supervise::importing`]
+/// calls at a stop signal: it must call [`stop_import_child`].
 pub fn import_in_child(
     py: Python<'_>,
     spec: &AppSpec,

@@ -451,33 +451,46 @@ pub(super) fn check_timeouts<A: App>(w: &Shared<A>, now: u64) {
     }
 }
 
-/// At the graceful timeout or a quick stop (`when`), before the worker exits: each request still
-/// running ends for its client as one past --timeout does (503 if nothing
-/// was sent, else the connection cut, so that neither a client nor a front
-/// end takes a truncated body for a whole one), with its access log line
-/// and a line naming its client; connections whose request no thread had
-/// begun are named too (they close unanswered, which a front end may retry
-/// elsewhere, as it may not a response).
+/// At the graceful timeout or a quick stop (`when`), before the worker
+/// exits: each request still running ends for its client as one past
+/// --timeout does (503 if nothing was sent, else the connection cut, so
+/// that neither a client nor a front end takes a truncated body for a whole
+/// one), with its access log line and a line naming its client;
+/// connections whose request no thread had begun are named too (they close
+/// unanswered, which a front end may retry elsewhere, as it may not a
+/// response).
 fn end_cut_requests<A: App>(w: &Shared<A>, now: u64, when: &str) {
     CUT_AT_EXIT.store(true, Ordering::Relaxed);
-    for t in 0..w.timed_out.len() {
+    // The client of each request as the access log names it (behind a
+    // front end, the address the front end gave), with the connection's
+    // peer, while it has one. Those whose thread waits on its client are
+    // then aborted all at once, so that their threads let go of them
+    // together, not one after another as each is come to (a quick stop
+    // must be quick).
+    let clients: Vec<Option<String>> = (0..w.timed_out.len())
+        .map(|t| {
+            // Under the `current` lock: the thread cannot close the descriptor meanwhile.
+            let current = w.current[t].lock().unwrap();
+            let (fd, io, _, note) = current.as_ref()?;
+            let peer = peer_of(*fd);
+            if io.try_lock().is_err() {
+                abort_connection(*fd);
+            }
+            Some(match note {
+                Some(note) if !peer.starts_with(&format!("{}:", note.remote)) => {
+                    format!("{} via {peer}", note.remote)
+                }
+                _ => peer,
+            })
+        })
+        .collect();
+    for (t, client) in clients.into_iter().enumerate() {
         if w.timed_out[t].load(Ordering::Acquire) {
             continue;
         }
         let Some((what, since)) = w.scoreboard.thread_request(w.slot, t) else {
             continue;
         };
-        // The client as the access log names it (behind a front end, the
-        // address the front end gave), and the connection's peer.
-        let client = w.current[t].lock().unwrap().as_ref().map(|(fd, _, _, note)| {
-            let peer = peer_of(*fd);
-            match note {
-                Some(note) if !peer.starts_with(&format!("{}:", note.remote)) => {
-                    format!("{} via {peer}", note.remote)
-                }
-                _ => peer,
-            }
-        });
         if let Some(answered) = abandon_request(w, t, now, since, 503, "the server is shutting down", true) {
             warn!(
                 "{when}: {what} from {} cut {:.1} s in: {answered}",
@@ -761,8 +774,9 @@ pub(super) fn on_crash<A: App>(w: &Shared<A>, c: crate::crash::Crash, now: u64) 
         ""
     };
     error!(
-        "Worker crashed: {signal} in thread {n} (the app's corral-thread-{n}) {request}. The worker is being replaced; it accepts nothing \
-         more, and the connections no thread serves go to a worker that serves{others}: pid={}",
+        "Worker crashed: {signal} in thread {n} (the app's corral-thread-{n}) {request}. The worker is being \
+         replaced; it accepts nothing more, and the connections no thread serves go to a worker that \
+         serves{others}: pid={}",
         std::process::id()
     );
     // Last: it frees memory, which a crash inside malloc may have locked.
