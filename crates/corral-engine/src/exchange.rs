@@ -1057,11 +1057,16 @@ impl Io {
         iov: &mut [libc::iovec],
         blocking: fn(&mut dyn FnMut()),
     ) -> Result<(), ResponseError> {
-        self.unwritten = iov.iter().map(|v| v.iov_len).sum();
+        // Counted only when nothing of `iov` goes out: not on every write.
+        let whole = |iov: &[libc::iovec]| iov.iter().map(|v| v.iov_len).sum();
         if self.broken {
+            self.unwritten = whole(iov);
             return Err(ResponseError::ClientGone("connection already failed".into()));
         }
-        self.finish_pending_file(blocking)?;
+        if let Err(e) = self.finish_pending_file(blocking) {
+            self.unwritten = whole(iov);
+            return Err(e);
+        }
         // Held only with the promise that it goes out within the flusher's HOLD.
         if self.holding && self.arm() {
             self.out.reserve(iov.iter().map(|v| v.iov_len).sum());
@@ -1094,8 +1099,8 @@ impl Io {
     ) -> Result<(), ResponseError> {
         let cnt = iov.len();
         let mut first = 0;
+        // Set on each failure (the only time it is read), not on each success.
         let left = |iov: &[libc::iovec], first: usize| iov[first..].iter().map(|v| v.iov_len).sum::<usize>();
-        self.unwritten = 0;
         while first < cnt {
             let batch = (cnt - first).min(1024);
             let n = unsafe { libc::writev(self.fd, iov[first..].as_ptr(), batch as i32) };

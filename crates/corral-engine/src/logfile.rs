@@ -14,8 +14,7 @@ use crate::nowait::Target;
 
 static ERROR_LOG: Mutex<Option<(PathBuf, File)>> = Mutex::new(None);
 /// What writes to the error log file lost (a full disk), said once they go through again.
-static ERROR_LOG_LOSSES: Mutex<crate::nowait::Losses> =
-    Mutex::new(crate::nowait::Losses { cut: false, lines: 0, why: String::new() });
+static ERROR_LOG_LOSSES: Mutex<crate::nowait::Losses> = Mutex::new(crate::nowait::Losses::new());
 
 /// A copy of standard error, for the log that goes there: an app that
 /// closes descriptors 0-2 (a daemonizing library does) leaves number 2 to
@@ -108,8 +107,7 @@ pub fn reopen() -> Result<bool, String> {
 /// In a worker just forked: the master's error log losses not said yet are
 /// the master's to say, not each worker's too.
 pub fn forget_losses() {
-    let mut losses = ERROR_LOG_LOSSES.lock().unwrap_or_else(|p| p.into_inner());
-    losses.lines = 0;
+    ERROR_LOG_LOSSES.lock().unwrap_or_else(|p| p.into_inner()).forget();
 }
 
 /// Logs `message` as an error, and when the error log is a file, writes it
@@ -121,15 +119,7 @@ pub fn error_also_to_stderr(message: &str) {
     if ERROR_LOG.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
         return;
     }
-    let line = crate::nowait::log_line("ERROR", message);
-    match STDERR_COPY.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-        Some(copy) => {
-            let _ = copy.write(line.as_bytes());
-        }
-        None => {
-            let _ = std::io::stderr().write_all(line.as_bytes());
-        }
-    }
+    write_stderr(crate::nowait::log_line("ERROR", message).as_bytes());
 }
 
 /// Whether a line can be written without waiting: false in a forked child
@@ -160,14 +150,20 @@ pub fn write(data: &[u8]) {
             // Nowhere to say it failed but in the next line that goes through.
             let _ = ERROR_LOG_LOSSES.lock().unwrap_or_else(|p| p.into_inner()).write(file, data);
         }
-        None => match STDERR_COPY.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-            Some(copy) => {
-                let _ = copy.write(data);
-            }
-            None => {
-                let _ = std::io::stderr().write_all(data);
-            }
-        },
+        None => write_stderr(data),
+    }
+}
+
+/// Writes to standard error, through this process's own copy of it if it
+/// has one (see `STDERR_COPY`).
+fn write_stderr(data: &[u8]) {
+    match STDERR_COPY.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+        Some(copy) => {
+            let _ = copy.write(data);
+        }
+        None => {
+            let _ = std::io::stderr().write_all(data);
+        }
     }
 }
 

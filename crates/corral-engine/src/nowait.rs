@@ -59,12 +59,22 @@ pub struct Target {
 /// then says how many were lost and why.
 #[derive(Default)]
 pub struct Losses {
-    pub(crate) cut: bool,
-    pub(crate) lines: u64,
-    pub(crate) why: String,
+    cut: bool,
+    lines: u64,
+    why: String,
 }
 
 impl Losses {
+    pub const fn new() -> Losses {
+        Losses { cut: false, lines: 0, why: String::new() }
+    }
+
+    /// Leaves the count of lost lines to another process to say (see
+    /// [`crate::logfile::forget_losses`]).
+    pub fn forget(&mut self) {
+        self.lines = 0;
+    }
+
     /// Writes `data` (whole lines) to `file`; on an error, counts the lines
     /// it did not write whole and returns the error.
     pub fn write(&mut self, file: &mut File, data: &[u8]) -> io::Result<()> {
@@ -140,7 +150,7 @@ impl Target {
             },
             _ => (file, None, Way::Blocking),
         };
-        Target { file, given, way, stalled: false, cut: false, dropped: 0, lost: Losses::default() }
+        Target { file, given, way, stalled: false, cut: false, dropped: 0, lost: Losses::new() }
     }
 
     /// Lines dropped and not yet said to be (see [`Target::write`]), for a

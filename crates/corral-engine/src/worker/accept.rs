@@ -649,6 +649,17 @@ pub(super) fn accepted_on(fd: RawFd, listener: &ListenerInfo) -> bool {
     }
 }
 
+/// The address and port of a connected socket's peer ([`peer_strings`]);
+/// the error when it has none (reset on the way).
+pub(super) fn peer_of_socket(fd: RawFd) -> std::io::Result<(String, String)> {
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    if unsafe { libc::getpeername(fd, &mut addr as *mut _ as *mut libc::sockaddr, &mut len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(peer_strings(&addr, addr.ss_family as i32 == libc::AF_UNIX))
+}
+
 pub(super) fn peer_strings(addr: &libc::sockaddr_storage, is_unix: bool) -> (String, String) {
     if is_unix {
         return (String::new(), String::new());

@@ -128,25 +128,15 @@ pub(super) fn receive_handed_over<A: App>(w: &Shared<A>, taken: &mut Vec<Box<Con
                 let (remote_addr, remote_port) = if is_unix {
                     (String::new(), String::new())
                 } else {
-                    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-                    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-                    let rc = unsafe {
-                        libc::getpeername(
-                            fd.as_raw_fd(),
-                            &mut addr as *mut _ as *mut libc::sockaddr,
-                            &mut len,
-                        )
-                    };
-                    // Reset by its client on the way (ENOTCONN): nothing is
-                    // left to answer, and no address to name it by.
-                    if rc != 0 {
-                        debug!(
-                            "a connection handed over was reset by its client on the way ({}); closing it",
-                            std::io::Error::last_os_error()
-                        );
-                        continue;
+                    match peer_of_socket(fd.as_raw_fd()) {
+                        Ok(peer) => peer,
+                        // Reset by its client on the way (ENOTCONN): nothing is
+                        // left to answer, and no address to name it by.
+                        Err(e) => {
+                            debug!("a connection handed over was reset by its client on the way ({e}); closing it");
+                            continue;
+                        }
                     }
-                    peer_strings(&addr, false)
                 };
                 let mut conn = adopt(w, fd.into_raw_fd(), idx, remote_addr, remote_port, note.fresh);
                 conn.handed_in = true;

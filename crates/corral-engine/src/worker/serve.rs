@@ -452,15 +452,8 @@ pub(super) fn close<A: App>(w: &Shared<A>, conn: Box<Conn>, reset: bool) {
         if (APP_FORKED.load(Ordering::Relaxed) || conn.handed_in)
             && !conn.entry.handed.load(Ordering::Relaxed)
         {
-            // shutdown() would send a FIN, which a reset must not be: over
-            // TCP a disconnect (connect to AF_UNSPEC) sends the RST.
-            let disconnected = reset && !w.listeners[conn.listener].1.is_unix && {
-                let unspec =
-                    libc::sockaddr { sa_family: libc::AF_UNSPEC as libc::sa_family_t, sa_data: [0; 14] };
-                unsafe {
-                    libc::connect(fd, &unspec, std::mem::size_of::<libc::sockaddr>() as libc::socklen_t) == 0
-                }
-            };
+            // shutdown() would send a FIN, which a reset must not be.
+            let disconnected = reset && !w.listeners[conn.listener].1.is_unix && super::upkeep::reset_tcp(fd);
             if !disconnected {
                 unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
             }

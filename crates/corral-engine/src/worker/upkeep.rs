@@ -534,14 +534,10 @@ pub fn cut_at_exit() -> bool {
 /// The address of a connection's peer, as a log line names it: the
 /// client, or a front end in front of it.
 fn peer_of(fd: RawFd) -> String {
-    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    if unsafe { libc::getpeername(fd, &mut addr as *mut _ as *mut libc::sockaddr, &mut len) } != 0 {
-        return "an unknown peer".to_string();
-    }
-    match super::accept::peer_strings(&addr, addr.ss_family as i32 == libc::AF_UNIX) {
-        (ip, _) if ip.is_empty() => "a unix socket peer".to_string(),
-        (ip, port) => format!("{ip}:{port}"),
+    match super::accept::peer_of_socket(fd) {
+        Err(_) => "an unknown peer".to_string(),
+        Ok((ip, _)) if ip.is_empty() => "a unix socket peer".to_string(),
+        Ok((ip, port)) => format!("{ip}:{port}"),
     }
 }
 
@@ -673,14 +669,18 @@ const ABORT_LOCK_WAIT: Duration = Duration::from_millis(200);
 /// its descriptor: a reset over TCP (see [`cut_short`]), a shutdown over a
 /// unix socket, which has none.
 fn abort_connection(fd: RawFd) {
-    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    let got = unsafe { libc::getsockname(fd, &mut addr as *mut _ as *mut libc::sockaddr, &mut len) };
-    if got == 0 && matches!(addr.ss_family as i32, libc::AF_INET | libc::AF_INET6) {
-        let unspec = libc::sockaddr { sa_family: libc::AF_UNSPEC as libc::sa_family_t, sa_data: [0; 14] };
-        unsafe { libc::connect(fd, &unspec, std::mem::size_of::<libc::sockaddr>() as libc::socklen_t) };
+    if !reset_tcp(fd) {
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
     }
-    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+}
+
+/// Aborts a TCP connection with a reset, without closing its descriptor:
+/// a disconnect (connect to AF_UNSPEC) sends the RST, where shutdown()
+/// would send a FIN. False for a unix socket, which has no reset (the
+/// connect fails there and changes nothing).
+pub(super) fn reset_tcp(fd: RawFd) -> bool {
+    let unspec = libc::sockaddr { sa_family: libc::AF_UNSPEC as libc::sa_family_t, sa_data: [0; 14] };
+    unsafe { libc::connect(fd, &unspec, std::mem::size_of::<libc::sockaddr>() as libc::socklen_t) == 0 }
 }
 
 /// Makes a response cut short look so to the peer, as a response the app
@@ -694,8 +694,7 @@ fn abort_connection(fd: RawFd) {
 /// the response still held goes with the cut.
 fn cut_short(io: &Io, fd: RawFd) {
     if io.tcp {
-        let unspec = libc::sockaddr { sa_family: libc::AF_UNSPEC as libc::sa_family_t, sa_data: [0; 14] };
-        unsafe { libc::connect(fd, &unspec, std::mem::size_of::<libc::sockaddr>() as libc::socklen_t) };
+        reset_tcp(fd);
     } else if let Wire::FastCgi { id, .. } = io.wire {
         let [hi, lo] = id.to_be_bytes();
         let header = [0, 6, hi, lo, 0, 0, 0, 0];
